@@ -1,0 +1,51 @@
+# tradecanvas — the two commands a fresh machine needs are `make run` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cat setup.cfg pyproject.toml | cksum | cut -d' ' -f1)
+
+.PHONY: run test lint typecheck unit e2e doc-audit deploy-check bench test-data clean
+
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+## run: create .venv, install, start `tradecanvas serve` with the defaults
+run: $(STAMP)
+	$(BIN)/tradecanvas serve
+
+## test: ruff, mypy --strict, pytest, the deploy unit checks, the e2e replay and the doc audit
+test: lint typecheck unit
+
+lint: $(STAMP)
+	$(BIN)/ruff check tradecanvas tests
+	$(BIN)/ruff format --check tradecanvas tests
+
+typecheck: $(STAMP)
+	$(BIN)/mypy --strict tradecanvas tests
+
+unit: $(STAMP)
+	$(BIN)/pytest -q
+
+deploy-check: $(STAMP)
+	bash scripts/deploy_check.sh
+
+e2e: $(STAMP)
+	bash scripts/e2e_acceptance.sh
+
+doc-audit:
+	bash scripts/doc_audit.sh
+
+## bench: the benchmarks under bench/ (ratios against a baseline measured in the same run)
+bench: $(STAMP)
+	$(BIN)/python -m bench
+
+## test-data: download Binance's public daily kline archives (checksums verified) into .cache/
+test-data:
+	bash scripts/fetch_test_data.sh
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache *.egg-info

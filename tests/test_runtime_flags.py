@@ -1,0 +1,205 @@
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tradecanvas.errors import FlagError
+from tradecanvas.runtime_flags import (
+    FLAG_SPECS,
+    KNOWN_VARIABLES,
+    build_runtime_flags,
+    describe_flags,
+)
+
+TOKEN = "s3cret-token-0123456789"
+
+
+def test_defaults_match_design() -> None:
+    flags = build_runtime_flags({}).flags
+    assert [str(s) for s in flags.series] == ["binance:futures:BTC/USDT:1m"]
+    assert [tf.text for tf in flags.derived_timeframes] == ["5m"]
+    assert flags.db_path == Path("var/market.sqlite3")
+    assert (flags.ws_host, flags.ws_port, flags.http_host, flags.http_port) == (
+        "127.0.0.1",
+        8765,
+        "127.0.0.1",
+        8766,
+    )
+    assert flags.binance_futures_ws_url == "wss://fstream.binance.com/market"
+    assert flags.binance_spot_ws_url == "wss://stream.binance.com:9443"
+    assert flags.binance_futures_rest_url == "https://fapi.binance.com"
+    assert flags.binance_spot_rest_url == "https://api.binance.com"
+    assert flags.enable_ingest_ws_pipeline_publish is False
+    assert (flags.binance_ws_batch_max, flags.binance_ws_flush_s) == (200, 0.5)
+    assert flags.market_forming_min_interval_ms == 250
+    assert flags.market_ws_catchup_limit == 5000
+    assert flags.initial_backfill_candles == 1440
+    assert flags.late_close_s == 10
+    assert flags.stale_timeout_s == 60
+    assert (flags.subscriber_queue_max, flags.subscriber_send_timeout_s) == (1024, 10)
+    assert flags.max_subscriptions == 64
+    assert "http://localhost" in flags.ws_allowed_origins
+    assert flags.ingest_token is None
+    assert (flags.log_format, flags.log_level) == ("text", "INFO")
+    assert flags.notify_socket is None
+
+
+def test_every_design_variable_is_known() -> None:
+    design = (Path(__file__).resolve().parents[2] / "shared" / "DESIGN.md").read_text()
+    section = design.split("## 7.")[1].split("## 8.")[0]
+    import re
+
+    names = set(re.findall(r"TRADE_CANVAS_[A-Z_]+", section))
+    names |= {
+        f"TRADE_CANVAS_BINANCE_{m}_{k}_URL" for m in ("SPOT", "FUTURES") for k in ("WS", "REST")
+    }
+    names -= {"TRADE_CANVAS_BINANCE_"}  # the "..._SPOT_WS_URL" abbreviation in the table
+    names = {n for n in names if not n.endswith("_")}
+    assert names <= KNOWN_VARIABLES, names - KNOWN_VARIABLES
+
+
+PARSE_ERROR_CASES: list[tuple[str, str, str]] = [
+    ("TRADE_CANVAS_SERIES", "binance:futures:BTCUSDT:1m", "bad symbol"),
+    ("TRADE_CANVAS_SERIES", "binance:futures:BTC/USDT:5m", "must be 1m"),
+    ("TRADE_CANVAS_SERIES", "kraken:spot:BTC/USD:1m", "unknown exchange"),
+    ("TRADE_CANVAS_DERIVED_TIMEFRAMES", "5x", "bad timeframe"),
+    ("TRADE_CANVAS_DERIVED_TIMEFRAMES", "7m", "cannot be derived"),
+    ("TRADE_CANVAS_WS_PORT", "http", "not an integer"),
+    ("TRADE_CANVAS_WS_PORT", "70000", "out of range"),
+    ("TRADE_CANVAS_HTTP_PORT", "-1", "out of range"),
+    ("TRADE_CANVAS_BINANCE_FUTURES_WS_URL", "fstream.binance.com", "not a WebSocket URL"),
+    ("TRADE_CANVAS_BINANCE_SPOT_REST_URL", "ftp://x", "not an HTTP URL"),
+    ("TRADE_CANVAS_BINANCE_FUTURES_REST_URL", "wss://x", "not an HTTP URL"),
+    ("TRADE_CANVAS_BINANCE_SPOT_WS_URL", "stream.binance.com", "not a WebSocket URL"),
+    ("TRADE_CANVAS_ENABLE_INGEST_WS_PIPELINE_PUBLISH", "2", "not a boolean"),
+    ("TRADE_CANVAS_BINANCE_WS_BATCH_MAX", "0", "out of range"),
+    ("TRADE_CANVAS_BINANCE_WS_FLUSH_S", "abc", "not a number"),
+    ("TRADE_CANVAS_BINANCE_WS_FLUSH_S", "nan", "out of range"),
+    ("TRADE_CANVAS_MARKET_FORMING_MIN_INTERVAL_MS", "1.5", "not an integer"),
+    ("TRADE_CANVAS_MARKET_WS_CATCHUP_LIMIT", "0", "out of range"),
+    ("TRADE_CANVAS_INITIAL_BACKFILL_CANDLES", "-5", "out of range"),
+    ("TRADE_CANVAS_LATE_CLOSE_S", "soon", "not a number"),
+    ("TRADE_CANVAS_STALE_TIMEOUT_S", "0", "out of range"),
+    ("TRADE_CANVAS_SUBSCRIBER_QUEUE_MAX", "0", "out of range"),
+    ("TRADE_CANVAS_SUBSCRIBER_SEND_TIMEOUT_S", "-1", "out of range"),
+    ("TRADE_CANVAS_MAX_SUBSCRIPTIONS", "0", "out of range"),
+    ("TRADE_CANVAS_WS_ALLOWED_ORIGINS", "localhost", "not an origin"),
+    ("TRADE_CANVAS_INGEST_TOKEN", "short", "too short"),
+    ("TRADE_CANVAS_LOG_FORMAT", "xml", "allowed: text, json"),
+    ("TRADE_CANVAS_LOG_LEVEL", "loud", "allowed: DEBUG"),
+    ("TRADE_CANVAS_DB_PATH", " ", "empty path"),
+]
+
+
+@pytest.mark.parametrize(("variable", "value", "fragment"), PARSE_ERROR_CASES)
+def test_parse_errors_name_the_variable(variable: str, value: str, fragment: str) -> None:
+    with pytest.raises(FlagError) as info:
+        build_runtime_flags({variable: value})
+    assert info.value.variable == variable
+    assert str(info.value).startswith(f"{variable}: ")
+    assert fragment in str(info.value)
+
+
+def test_every_flag_has_a_parse_error_case() -> None:
+    tested = {
+        "TRADE_CANVAS_" + spec.field.upper()
+        for spec in FLAG_SPECS
+        if spec.field not in ("ws_host", "http_host")  # only whitespace is refused there
+    }
+    cases = {variable for variable, _, _ in PARSE_ERROR_CASES}
+    assert tested <= cases, tested - cases
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("0", False), ("1", True), ("true", True), ("YES", True), ("on", True), ("off", False)],
+)
+def test_kill_switch_values(text: str, expected: bool) -> None:
+    flags = build_runtime_flags({"TRADE_CANVAS_ENABLE_INGEST_WS_PIPELINE_PUBLISH": text}).flags
+    assert flags.enable_ingest_ws_pipeline_publish is expected
+
+
+def test_unknown_variable_warns_with_closest_name() -> None:
+    loaded = build_runtime_flags({"TRADE_CANVAS_SERIEZ": "x", "OTHER": "y"})
+    assert loaded.warnings == (
+        "TRADE_CANVAS_SERIEZ: unknown variable, ignored; did you mean TRADE_CANVAS_SERIES?",
+    )
+
+
+def test_overrides_beat_environment_and_lists_parse() -> None:
+    flags = build_runtime_flags(
+        {
+            "TRADE_CANVAS_WS_PORT": "9000",
+            "TRADE_CANVAS_SERIES": "binance:futures:BTC/USDT:1m, binance:spot:ETH/USDT:1m",
+            "TRADE_CANVAS_DERIVED_TIMEFRAMES": "1d,15m,1h,4h,5m",
+        },
+        {"ws_port": "0"},
+    ).flags
+    assert flags.ws_port == 0
+    assert [str(s) for s in flags.series] == [
+        "binance:futures:BTC/USDT:1m",
+        "binance:spot:ETH/USDT:1m",
+    ]
+    assert [tf.text for tf in flags.derived_timeframes] == ["5m", "15m", "1h", "4h", "1d"]
+    assert str(flags.derived_series()[0]) == "binance:futures:BTC/USDT:5m"
+
+
+def test_state_directory_and_credentials(tmp_path: Path) -> None:
+    (tmp_path / "ingest-token").write_text(TOKEN + "\n")
+    flags = build_runtime_flags(
+        {"STATE_DIRECTORY": "/var/lib/tradecanvas", "CREDENTIALS_DIRECTORY": str(tmp_path)}
+    ).flags
+    assert flags.db_path == Path("/var/lib/tradecanvas/market.sqlite3")
+    assert flags.ingest_token == TOKEN
+    assert TOKEN not in repr(flags)
+    assert ("TRADE_CANVAS_INGEST_TOKEN", "<redacted>") in describe_flags(flags)
+
+
+def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("TRADE_CANVAS_")}
+    return subprocess.run(
+        [sys.executable, "-m", "tradecanvas", *args],
+        env={**clean, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_cli_flags_bad_value_exits_2() -> None:
+    proc = _cli({"TRADE_CANVAS_BINANCE_WS_FLUSH_S": "abc"}, "flags")
+    assert proc.returncode == 2
+    assert "TRADE_CANVAS_BINANCE_WS_FLUSH_S:" in proc.stderr
+    assert proc.stdout == ""
+
+
+def test_cli_flags_prints_effective_values_token_redacted() -> None:
+    proc = _cli({"TRADE_CANVAS_INGEST_TOKEN": TOKEN, "TRADE_CANVAS_TYPO": "1"}, "flags")
+    assert proc.returncode == 0, proc.stderr
+    assert TOKEN not in proc.stdout + proc.stderr
+    assert "TRADE_CANVAS_INGEST_TOKEN" in proc.stdout and "<redacted>" in proc.stdout
+    assert "TRADE_CANVAS_TYPO: unknown variable" in proc.stderr
+    assert len(proc.stdout.splitlines()) == len(FLAG_SPECS)
+
+
+def test_cli_option_overrides_variable() -> None:
+    proc = _cli({"TRADE_CANVAS_WS_PORT": "1234"}, "flags", "--ws-port", "4321")
+    assert proc.returncode == 0
+    assert any(
+        line.split() == ["TRADE_CANVAS_WS_PORT", "4321"] for line in proc.stdout.splitlines()
+    )
+
+
+def test_only_runtime_flags_reads_the_environment() -> None:
+    package = Path(__file__).resolve().parent.parent / "tradecanvas"
+    readers = sorted(
+        p.name
+        for p in package.glob("*.py")
+        if "os.environ" in p.read_text() or "getenv" in p.read_text()
+    )
+    assert readers == ["runtime_flags.py"]

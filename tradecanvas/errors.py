@@ -1,0 +1,72 @@
+"""The project's error tree. Third-party errors are translated once, where they enter.
+
+::
+
+    TradeCanvasError
+    ├── FlagError          a RuntimeFlags variable does not parse (exit code 2)
+    ├── BadInputError      input we refuse; nothing is changed
+    │   ├── SeriesIdError  a malformed series_id / timeframe (names the bad part)
+    │   ├── CandleError    a candle that is misaligned, inverted or negative
+    │   └── WireError      a malformed upstream (Binance) frame or REST row
+    ├── StoreError         SQLite failed (disk full, read-only, corrupt): fatal for the daemon
+    ├── PublishError       a strict publish had a failing step (candles are committed)
+    └── UpstreamError      Binance REST/WS failed in a way retries did not cure
+"""
+
+from __future__ import annotations
+
+
+class TradeCanvasError(Exception):
+    """Base of every error tradecanvas raises on purpose."""
+
+
+class FlagError(TradeCanvasError):
+    """A flag (environment variable or ``serve`` option) has a bad value.
+
+    ``str(err)`` is ``TRADE_CANVAS_X: <what is wrong, what is allowed>``.
+    """
+
+    def __init__(self, variable: str, problem: str) -> None:
+        super().__init__(f"{variable}: {problem}")
+        self.variable = variable
+        self.problem = problem
+
+
+class BadInputError(TradeCanvasError, ValueError):
+    """Input that is refused with a clear message; nothing is changed."""
+
+
+class SeriesIdError(BadInputError):
+    """A series_id or timeframe that does not parse; the message names the bad part."""
+
+
+class CandleError(BadInputError):
+    """A candle that is not aligned to its timeframe, has high < low, or a negative volume."""
+
+
+class WireError(BadInputError):
+    """A malformed upstream frame or REST row; ``reason`` is a short kind for counting."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+class StoreError(TradeCanvasError):
+    """The candle store failed. The batch in flight was rolled back; the daemon stops."""
+
+
+class PublishError(TradeCanvasError):
+    """A strict publish (``best_effort=False``) had a failing step.
+
+    The candles are committed already; healthy subscribers heal from the store.
+    """
+
+    def __init__(self, failures: list[str]) -> None:
+        super().__init__("publish failed: " + "; ".join(failures))
+        self.failures = failures
+
+
+class UpstreamError(TradeCanvasError):
+    """Binance answered in a way our retries could not cure."""

@@ -1,0 +1,350 @@
+"""RuntimeFlags: every setting, read once from the environment before ``trio.run``.
+
+This is the only module that reads ``os.environ`` (DESIGN §1.5). Each flag is one row of
+:data:`FLAG_SPECS`, which drives the environment parsing, the ``serve`` options, ``tradecanvas
+flags`` and the documentation audit. A bad value raises :class:`FlagError`
+(``TRADE_CANVAS_X: <what is wrong, what is allowed>``); the CLI turns it into exit code 2.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, Final
+
+import attrs
+
+from tradecanvas.errors import FlagError, SeriesIdError
+from tradecanvas.model import SeriesId, Timeframe
+
+PREFIX: Final = "TRADE_CANVAS_"
+DEFAULT_ALLOWED_ORIGINS: Final = (
+    "http://localhost",
+    "http://127.0.0.1",
+    "https://localhost",
+    "https://127.0.0.1",
+)
+_TRUE: Final = ("1", "true", "yes", "on")
+_FALSE: Final = ("0", "false", "no", "off")
+LOG_FORMATS: Final = ("text", "json")
+LOG_LEVELS: Final = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def _redacted(value: str | None) -> str:
+    return "<unset>" if value is None else "<redacted>"
+
+
+@attrs.frozen
+class RuntimeFlags:
+    """The daemon's settings (DESIGN §7). Frozen: a change means restarting the unit."""
+
+    series: tuple[SeriesId, ...]
+    derived_timeframes: tuple[Timeframe, ...]
+    db_path: Path
+    ws_host: str
+    ws_port: int
+    http_host: str
+    http_port: int
+    binance_futures_ws_url: str
+    binance_spot_ws_url: str
+    binance_futures_rest_url: str
+    binance_spot_rest_url: str
+    enable_ingest_ws_pipeline_publish: bool
+    binance_ws_batch_max: int
+    binance_ws_flush_s: float
+    market_forming_min_interval_ms: int
+    market_ws_catchup_limit: int
+    initial_backfill_candles: int
+    late_close_s: float
+    stale_timeout_s: float
+    subscriber_queue_max: int
+    subscriber_send_timeout_s: float
+    max_subscriptions: int
+    ws_allowed_origins: tuple[str, ...]
+    ingest_token: str | None = attrs.field(repr=_redacted)
+    log_format: str
+    log_level: str
+    # systemd's own variables, read here so that no other module touches the environment
+    notify_socket: str | None = None
+    watchdog_usec: int | None = None
+
+    def derived_series(self) -> tuple[SeriesId, ...]:
+        """Every derived series: for each base series, each derived timeframe in order."""
+        return tuple(
+            base.with_timeframe(tf) for base in self.series for tf in self.derived_timeframes
+        )
+
+    def all_series(self) -> tuple[SeriesId, ...]:
+        return self.series + self.derived_series()
+
+    def derivation_fingerprint(self) -> str:
+        """What the store was built with; a change emits ``factor.rebuild`` (fingerprint)."""
+        tfs = ",".join(tf.text for tf in self.derived_timeframes)
+        return f"binance-exact-v1;derived={tfs}"
+
+
+# --- parsers: each returns the value or raises ValueError with "what is allowed" ----------
+
+
+def _parse_int(lo: int, hi: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text.strip(), 10)
+        except ValueError:
+            raise ValueError(f"{text!r} is not an integer; allowed: {lo}..{hi}") from None
+        if not lo <= value <= hi:
+            raise ValueError(f"{value} is out of range; allowed: {lo}..{hi}")
+        return value
+
+    return parse
+
+
+def _parse_float(lo: float, hi: float) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = float(text.strip())
+        except ValueError:
+            raise ValueError(f"{text!r} is not a number; allowed: {lo}..{hi} seconds") from None
+        if not lo <= value <= hi:  # also rejects nan
+            raise ValueError(f"{text.strip()} is out of range; allowed: {lo}..{hi}")
+        return value
+
+    return parse
+
+
+def parse_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in _TRUE:
+        return True
+    if lowered in _FALSE:
+        return False
+    raise ValueError(f"{text!r} is not a boolean; allowed: 1/true/yes/on or 0/false/no/off")
+
+
+def _parse_series(text: str) -> tuple[SeriesId, ...]:
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    if not items:
+        raise ValueError("no series given; allowed: comma-separated series_ids")
+    result: list[SeriesId] = []
+    for item in items:
+        try:
+            sid = SeriesId.parse(item)
+        except SeriesIdError as exc:
+            raise ValueError(str(exc)) from None
+        if sid.timeframe.text != "1m":
+            raise ValueError(f"{item}: base series must be 1m (higher ones are derived)")
+        if sid in result:
+            raise ValueError(f"{item} is listed twice")
+        result.append(sid)
+    return tuple(result)
+
+
+def _parse_timeframes(text: str) -> tuple[Timeframe, ...]:
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    result: list[Timeframe] = []
+    for item in items:
+        try:
+            tf = Timeframe.parse(item)
+        except SeriesIdError as exc:
+            raise ValueError(str(exc)) from None
+        if tf.seconds <= 60 or 86400 % tf.seconds:
+            raise ValueError(
+                f"{item} cannot be derived from 1m bars aligned to UTC days;"
+                " allowed: minutes/hours dividing a day (5m, 15m, 1h, 4h, …) or 1d"
+            )
+        if tf in result:
+            raise ValueError(f"{item} is listed twice")
+        result.append(tf)
+    return tuple(sorted(result))
+
+
+def _parse_ws_url(text: str) -> str:
+    text = text.strip().rstrip("/")
+    if not text.startswith(("wss://", "ws://", "https://", "http://")):
+        raise ValueError(f"{text!r} is not a WebSocket URL; allowed: wss://, ws://, http(s)://")
+    return text
+
+
+def _parse_http_url(text: str) -> str:
+    text = text.strip().rstrip("/")
+    if not text.startswith(("https://", "http://")):
+        raise ValueError(f"{text!r} is not an HTTP URL; allowed: https:// or http://")
+    return text
+
+
+def _parse_host(text: str) -> str:
+    text = text.strip()
+    if not text or any(c.isspace() for c in text):
+        raise ValueError(f"{text!r} is not a host; allowed: an IP address or host name")
+    return text
+
+
+def _parse_origins(text: str) -> tuple[str, ...]:
+    items = tuple(item.strip().rstrip("/") for item in text.split(",") if item.strip())
+    for item in items:
+        if item != "*" and not item.startswith(("http://", "https://")):
+            raise ValueError(f"{item!r} is not an origin; allowed: http(s)://host[:port] or *")
+    return items
+
+
+def _parse_choice(choices: tuple[str, ...], *, upper: bool = False) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        value = text.strip().upper() if upper else text.strip().lower()
+        if value not in choices:
+            raise ValueError(f"{text!r} is not allowed; allowed: {', '.join(choices)}")
+        return value
+
+    return parse
+
+
+def _parse_token(text: str) -> str:
+    if len(text.strip()) < 16:
+        raise ValueError("the token is too short; allowed: at least 16 characters")
+    return text.strip()
+
+
+def _parse_path(text: str) -> Path:
+    if not text.strip():
+        raise ValueError("empty path; allowed: a file path")
+    return Path(text.strip())
+
+
+@attrs.frozen
+class FlagSpec:
+    """One flag: its field on RuntimeFlags, its variable, its default (as text) and parser."""
+
+    field: str
+    default: str | None
+    parse: Callable[[str], Any]
+    help: str
+
+    @property
+    def variable(self) -> str:
+        return PREFIX + self.field.upper()
+
+    @property
+    def option(self) -> str:
+        return "--" + self.field.replace("_", "-")
+
+
+FLAG_SPECS: Final[tuple[FlagSpec, ...]] = (
+    FlagSpec("series", "binance:futures:BTC/USDT:1m", _parse_series, "comma-separated base 1m series"),
+    FlagSpec("derived_timeframes", "5m", _parse_timeframes, "timeframes derived from 1m"),
+    FlagSpec("db_path", None, _parse_path, "SQLite file (default $STATE_DIRECTORY/market.sqlite3, else ./var/market.sqlite3)"),
+    FlagSpec("ws_host", "127.0.0.1", _parse_host, "/ws/market listen address"),
+    FlagSpec("ws_port", "8765", _parse_int(0, 65535), "/ws/market listen port (0 = any)"),
+    FlagSpec("http_host", "127.0.0.1", _parse_host, "HTTP API listen address"),
+    FlagSpec("http_port", "8766", _parse_int(0, 65535), "HTTP API listen port (0 = any)"),
+    FlagSpec("binance_futures_ws_url", "wss://fstream.binance.com/market", _parse_ws_url, "USDⓈ-M futures WS base (routed /market path)"),
+    FlagSpec("binance_spot_ws_url", "wss://stream.binance.com:9443", _parse_ws_url, "spot WS base"),
+    FlagSpec("binance_futures_rest_url", "https://fapi.binance.com", _parse_http_url, "USDⓈ-M futures REST base"),
+    FlagSpec("binance_spot_rest_url", "https://api.binance.com", _parse_http_url, "spot REST base"),
+    FlagSpec("enable_ingest_ws_pipeline_publish", "0", parse_bool, "kill-switch: 1 = publish through IngestPipeline.publish, 0 = legacy loop publish"),
+    FlagSpec("binance_ws_batch_max", "200", _parse_int(1, 100_000), "closed klines per flush at most"),
+    FlagSpec("binance_ws_flush_s", "0.5", _parse_float(0.0, 60.0), "flush when the oldest buffered close is this old"),
+    FlagSpec("market_forming_min_interval_ms", "250", _parse_int(0, 60_000), "forming updates per series at most every N ms"),
+    FlagSpec("market_ws_catchup_limit", "5000", _parse_int(1, 100_000), "candles per catch-up message; the null-since catch-up size"),
+    FlagSpec("initial_backfill_candles", "1440", _parse_int(0, 1_000_000), "REST history fetched for an empty store"),
+    FlagSpec("late_close_s", "10", _parse_float(0.0, 3600.0), "exchange seconds after a minute before its close is fetched from REST"),
+    FlagSpec("stale_timeout_s", "60", _parse_float(1.0, 3600.0), "replace an upstream connection silent this long"),
+    FlagSpec("subscriber_queue_max", "1024", _parse_int(1, 1_000_000), "messages queued per subscriber"),
+    FlagSpec("subscriber_send_timeout_s", "10", _parse_float(0.01, 3600.0), "close a subscriber whose send takes longer (4008)"),
+    FlagSpec("max_subscriptions", "64", _parse_int(1, 10_000), "subscriptions per connection"),
+    FlagSpec("ws_allowed_origins", ",".join(DEFAULT_ALLOWED_ORIGINS), _parse_origins, "allowed Origin headers (any port of these hosts); * allows all"),
+    FlagSpec("ingest_token", None, _parse_token, "bearer token of POST /api/market/ingest/candle_closed (or $CREDENTIALS_DIRECTORY/ingest-token)"),
+    FlagSpec("log_format", "text", _parse_choice(LOG_FORMATS), "text or json"),
+    FlagSpec("log_level", "INFO", _parse_choice(LOG_LEVELS, upper=True), "DEBUG, INFO, WARNING, ERROR"),
+)  # fmt: skip
+
+KNOWN_VARIABLES: Final = frozenset(spec.variable for spec in FLAG_SPECS)
+
+
+@attrs.frozen
+class LoadedFlags:
+    flags: RuntimeFlags
+    warnings: tuple[str, ...]
+
+
+def unknown_variable_warnings(environ: Mapping[str, str]) -> tuple[str, ...]:
+    """A warning per unknown ``TRADE_CANVAS_*`` variable, naming the closest known one."""
+    warnings: list[str] = []
+    for name in sorted(environ):
+        if name.startswith(PREFIX) and name not in KNOWN_VARIABLES:
+            close = difflib.get_close_matches(name, sorted(KNOWN_VARIABLES), n=1, cutoff=0.0)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            warnings.append(f"{name}: unknown variable, ignored{hint}")
+    return tuple(warnings)
+
+
+def build_runtime_flags(
+    environ: Mapping[str, str], overrides: Mapping[str, str] | None = None
+) -> LoadedFlags:
+    """Parse flags from ``environ`` with ``overrides`` (``serve`` options, by field) on top.
+
+    Raises FlagError naming the first bad variable.
+    """
+    overrides = overrides or {}
+    values: dict[str, Any] = {}
+    for spec in FLAG_SPECS:
+        text = overrides.get(spec.field, environ.get(spec.variable))
+        if text is None:
+            text = spec.default
+        if text is None:
+            values[spec.field] = None
+            continue
+        try:
+            values[spec.field] = spec.parse(text)
+        except ValueError as exc:
+            raise FlagError(spec.variable, str(exc)) from None
+    if values["db_path"] is None:
+        state_dir = environ.get("STATE_DIRECTORY")
+        base = Path(state_dir.split(":")[0]) if state_dir else Path("var")
+        values["db_path"] = base / "market.sqlite3"
+    if values["ingest_token"] is None and environ.get("CREDENTIALS_DIRECTORY"):
+        token_file = Path(environ["CREDENTIALS_DIRECTORY"]) / "ingest-token"
+        if token_file.is_file():
+            try:
+                values["ingest_token"] = _parse_token(token_file.read_text())
+            except (OSError, ValueError) as exc:
+                raise FlagError("TRADE_CANVAS_INGEST_TOKEN", f"{token_file}: {exc}") from None
+    notify_socket = environ.get("NOTIFY_SOCKET") or None
+    watchdog_usec: int | None = None
+    if environ.get("WATCHDOG_USEC"):
+        try:
+            watchdog_usec = int(environ["WATCHDOG_USEC"])
+        except ValueError:
+            raise FlagError("WATCHDOG_USEC", "not an integer (set by systemd)") from None
+        watchdog_pid = environ.get("WATCHDOG_PID")
+        if watchdog_pid and watchdog_pid != str(os.getpid()):
+            watchdog_usec = None  # the watchdog is meant for another process
+    flags = RuntimeFlags(notify_socket=notify_socket, watchdog_usec=watchdog_usec, **values)
+    return LoadedFlags(flags, unknown_variable_warnings(environ))
+
+
+def load_runtime_flags(overrides: Mapping[str, str] | None = None) -> LoadedFlags:
+    """Build RuntimeFlags from this process's environment (the one place that reads it)."""
+    return build_runtime_flags(os.environ, overrides)
+
+
+def data_dir_from_environment() -> str | None:
+    """``TRADECANVAS_DATA_DIR``: where ``tradecanvas replay`` looks for relative data names."""
+    return os.environ.get("TRADECANVAS_DATA_DIR")
+
+
+def describe_flags(flags: RuntimeFlags) -> list[tuple[str, str]]:
+    """(variable, effective value) rows for ``tradecanvas flags``; the token redacted."""
+    rows: list[tuple[str, str]] = []
+    for spec in FLAG_SPECS:
+        value = getattr(flags, spec.field)
+        if spec.field == "ingest_token":
+            text = _redacted(value)
+        elif isinstance(value, tuple):
+            text = ",".join(str(v) for v in value)
+        elif isinstance(value, bool):
+            text = "1" if value else "0"
+        else:
+            text = str(value)
+        rows.append((spec.variable, text))
+    return rows
