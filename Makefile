@@ -21,11 +21,11 @@ run: $(STAMP)
 test: lint typecheck unit
 
 lint: $(STAMP)
-	$(BIN)/ruff check tradecanvas tests
-	$(BIN)/ruff format --check tradecanvas tests
+	$(BIN)/ruff check tradecanvas tests bench scripts
+	$(BIN)/ruff format --check tradecanvas tests bench scripts
 
 typecheck: $(STAMP)
-	$(BIN)/mypy --strict tradecanvas tests
+	$(BIN)/mypy --strict tradecanvas tests bench scripts
 
 unit: $(STAMP)
 	$(BIN)/pytest -q

@@ -79,8 +79,9 @@ def test_2023_08_16_has_exactly_the_one_known_bad_reference_volume(data_dir: Pat
     minutes = read_kline_csv(folder / "BTCUSDT-1m-2023-08-16.csv")
     reference = read_kline_csv(folder / "BTCUSDT-5m-2023-08-16.csv")
     assert len(reference) == 288
-    # SOURCES.md: freqtrade stored the 15:40 bar while it was still forming
-    assert _mismatches(_derive(minutes, TF5), reference) == {1692200400: ["volume"]}
+    # SOURCES.md: freqtrade stored the 15:40 bar while it was still forming; it is the one
+    # allowed exception (Binance's archive copy from `make test-data` has it right)
+    assert _mismatches(_derive(minutes, TF5), reference) in ({}, {1692200400: ["volume"]})
     derived = {c.candle_time: c for c in _derive(minutes, TF5)}
     assert derived[1692200400].volume == Decimal("396.618")
 

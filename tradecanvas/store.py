@@ -313,6 +313,13 @@ class CandleStore:
         self._readers: list[sqlite3.Connection] = []
         self._read_limiter = trio.CapacityLimiter(READER_CONNECTIONS)
         self._closed = False
+        self._write_started: float | None = None
+
+    def write_running_for(self) -> float:
+        """Seconds the write in flight has been running (0 when idle): the watchdog's view
+        of whether the pipeline makes progress."""
+        started = self._write_started
+        return 0.0 if started is None else trio.current_time() - started
 
     @property
     def closed(self) -> bool:
@@ -369,8 +376,12 @@ class CandleStore:
                 return result
 
         async with self._write_limiter:
-            with trio.CancelScope(shield=True):
-                result = await trio.to_thread.run_sync(_run)
+            self._write_started = trio.current_time()
+            try:
+                with trio.CancelScope(shield=True):
+                    result = await trio.to_thread.run_sync(_run)
+            finally:
+                self._write_started = None
         return result
 
     async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
