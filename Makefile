@@ -18,7 +18,7 @@ run: $(STAMP)
 	$(BIN)/tradecanvas serve
 
 ## test: ruff, mypy --strict, pytest, the deploy unit checks, the e2e replay and the doc audit
-test: lint typecheck unit
+test: lint typecheck unit deploy-check
 
 lint: $(STAMP)
 	$(BIN)/ruff check tradecanvas tests bench scripts

@@ -203,3 +203,13 @@ def test_only_runtime_flags_reads_the_environment() -> None:
         if "os.environ" in p.read_text() or "getenv" in p.read_text()
     )
     assert readers == ["runtime_flags.py"]
+
+
+def test_blank_credential_means_no_token(tmp_path: Path) -> None:
+    """The unit's SetCredential= fallback is a blank file: the write endpoint stays off."""
+    (tmp_path / "ingest-token").write_text(" ")
+    flags = build_runtime_flags({"CREDENTIALS_DIRECTORY": str(tmp_path)}).flags
+    assert flags.ingest_token is None
+    (tmp_path / "ingest-token").write_text("short\n")
+    with pytest.raises(FlagError, match="TRADE_CANVAS_INGEST_TOKEN: .*too short"):
+        build_runtime_flags({"CREDENTIALS_DIRECTORY": str(tmp_path)})

@@ -304,7 +304,8 @@ def build_runtime_flags(
         values["db_path"] = base / "market.sqlite3"
     if values["ingest_token"] is None and environ.get("CREDENTIALS_DIRECTORY"):
         token_file = Path(environ["CREDENTIALS_DIRECTORY"]) / "ingest-token"
-        if token_file.is_file():
+        # a blank credential (the unit's SetCredential= fallback) means "no token"
+        if token_file.is_file() and token_file.read_text().strip():
             try:
                 values["ingest_token"] = _parse_token(token_file.read_text())
             except (OSError, ValueError) as exc:

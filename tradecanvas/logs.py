@@ -1,0 +1,152 @@
+"""Logging to stderr for journald: one line per record, text or JSON (DESIGN §7).
+
+``configure_logging(flags)`` installs a single stderr handler on the root logger, at
+``TRADE_CANVAS_LOG_LEVEL``, formatting each record as a text line or as one JSON object
+(``TRADE_CANVAS_LOG_FORMAT=json``, encoded with orjson). journald adds the timestamp, the
+unit and the PID, so the text line carries only level, logger and message.
+
+The ingest token must never reach a log line. Nothing of ours logs it, and two guards make
+sure of it anyway: :class:`RedactingFilter` rewrites every record that reaches the handler
+(message, arguments, exception text) and the formatters redact their final output, both
+replacing the configured token and anything that looks like a bearer credential.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+import traceback
+from datetime import UTC, datetime
+from typing import IO, Any, Final
+
+import orjson
+
+from tradecanvas.runtime_flags import RuntimeFlags
+
+REDACTED: Final = "<redacted>"
+TEXT_FORMAT: Final = "%(levelname)s %(name)s: %(message)s"
+# ``Authorization: Bearer abc`` or ``bearer=abc`` anywhere in a line: not ours to print
+_BEARER_RE: Final = re.compile(r"(?i)(bearer[\s=:]+)[^\s\"',;]+")
+# Chatty third-party loggers: httpx logs every request at INFO (one per REST backfill page),
+# Hypercorn says "Running on … (CTRL + C to quit)" (the HTTP API logs its own line)
+_QUIET_LOGGERS: Final = (
+    "httpx",
+    "httpcore",
+    "hpack",
+    "trio-websocket",
+    "hypercorn.access",
+    "hypercorn.error",
+)
+# LogRecord's own attributes; anything else on a record came from ``extra=`` and goes to JSON
+_RECORD_ATTRS: Final = frozenset(
+    logging.LogRecord("", 0, "", 0, "", None, None).__dict__.keys() | {"message", "asctime"}
+)
+
+
+class Redactor:
+    """Removes the ingest token (when one is configured) and bearer credentials from text."""
+
+    def __init__(self, secret: str | None) -> None:
+        self._secret = secret or None
+
+    def __call__(self, text: str) -> str:
+        if self._secret is not None and self._secret in text:
+            text = text.replace(self._secret, REDACTED)
+        return _BEARER_RE.sub(rf"\g<1>{REDACTED}", text)
+
+
+class RedactingFilter(logging.Filter):
+    """A handler filter that renders each record's message and exception text redacted.
+
+    Installed on the handler (not a logger), so it sees records propagated from every
+    logger. It never drops a record.
+    """
+
+    def __init__(self, redact: Redactor) -> None:
+        super().__init__()
+        self.redact = redact
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # a bad format string must not lose the record
+            message = f"{record.msg!r} % {record.args!r}"
+        record.msg = self.redact(message)
+        record.args = None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = "".join(traceback.format_exception(*record.exc_info)).rstrip()
+        if record.exc_text:
+            record.exc_text = self.redact(record.exc_text)
+        if record.stack_info:
+            record.stack_info = self.redact(record.stack_info)
+        return True
+
+
+class TextFormatter(logging.Formatter):
+    """``LEVEL logger: message`` (plus the traceback), redacted once more at the end."""
+
+    def __init__(self, redact: Redactor) -> None:
+        super().__init__(TEXT_FORMAT)
+        self.redact = redact
+
+    def format(self, record: logging.LogRecord) -> str:
+        return self.redact(super().format(record))
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ``ts`` (UTC ISO 8601), ``level``, ``logger``, ``message``,
+    ``exc_info`` when there is a traceback, and every ``extra=`` field (non-JSON values as
+    their ``str``). The encoded line is redacted once more at the end."""
+
+    def __init__(self, redact: Redactor) -> None:
+        super().__init__()
+        self.redact = redact
+
+    def format(self, record: logging.LogRecord) -> str:
+        doc: dict[str, Any] = {
+            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:
+            doc["exc_info"] = record.exc_text
+        if record.stack_info:
+            doc["stack_info"] = record.stack_info
+        for key, value in record.__dict__.items():
+            if key not in _RECORD_ATTRS and key not in doc and not key.startswith("_"):
+                doc[key] = value
+        line = orjson.dumps(doc, default=str, option=orjson.OPT_NON_STR_KEYS).decode()
+        return self.redact(line)
+
+
+def build_handler(flags: RuntimeFlags, stream: IO[str] | None = None) -> logging.Handler:
+    """The stderr handler ``configure_logging`` installs (``stream`` for tests)."""
+    redact = Redactor(flags.ingest_token)
+    handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
+    formatter: logging.Formatter = (
+        JsonFormatter(redact) if flags.log_format == "json" else TextFormatter(redact)
+    )
+    handler.setFormatter(formatter)
+    handler.addFilter(RedactingFilter(redact))
+    return handler
+
+
+def configure_logging(flags: RuntimeFlags, *, stream: IO[str] | None = None) -> None:
+    """Send every log record to stderr (or ``stream``) in the configured format and level.
+
+    Replaces whatever handlers the root logger had (the CLI's early ``basicConfig``).
+    """
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(build_handler(flags, stream))
+    level: int = logging.getLevelNamesMapping()[flags.log_level]
+    root.setLevel(level)
+    # their per-request INFO lines only help when debugging
+    quiet = logging.INFO if level <= logging.DEBUG else max(level, logging.WARNING)
+    for name in _QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(quiet)
