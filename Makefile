@@ -4,7 +4,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat setup.cfg pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: run test lint typecheck unit e2e doc-audit deploy-check bench test-data clean
+## install: create .venv and install tradecanvas with the dev extra
+install: $(STAMP)
+
+.PHONY: install run test lint typecheck unit e2e doc-audit deploy-check bench test-data clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,7 +21,7 @@ run: $(STAMP)
 	$(BIN)/tradecanvas serve
 
 ## test: ruff, mypy --strict, pytest, the deploy unit checks, the e2e replay and the doc audit
-test: lint typecheck unit deploy-check
+test: lint typecheck unit deploy-check e2e
 
 lint: $(STAMP)
 	$(BIN)/ruff check tradecanvas tests bench scripts

@@ -211,5 +211,5 @@ def test_blank_credential_means_no_token(tmp_path: Path) -> None:
     flags = build_runtime_flags({"CREDENTIALS_DIRECTORY": str(tmp_path)}).flags
     assert flags.ingest_token is None
     (tmp_path / "ingest-token").write_text("short\n")
-    with pytest.raises(FlagError, match="TRADE_CANVAS_INGEST_TOKEN: .*too short"):
+    with pytest.raises(FlagError, match=r"TRADE_CANVAS_INGEST_TOKEN: .*too short"):
         build_runtime_flags({"CREDENTIALS_DIRECTORY": str(tmp_path)})

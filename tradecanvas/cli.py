@@ -7,6 +7,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from tradecanvas import replay, subscribe_client
 from tradecanvas.errors import FlagError
 from tradecanvas.runtime_flags import (
     FLAG_SPECS,
@@ -49,6 +50,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_flag_options(serve)
     flags = sub.add_parser("flags", help="print the effective RuntimeFlags and exit")
     _add_flag_options(flags)
+    replay_parser = sub.add_parser(
+        "replay", help="serve recorded Binance data on loopback (a stand-in for Binance)"
+    )
+    replay.configure_parser(replay_parser)
+    subscribe_parser = sub.add_parser(
+        "subscribe", help="subscribe to /ws/market and print the messages"
+    )
+    subscribe_client.configure_parser(subscribe_parser)
     return parser
 
 
@@ -76,4 +85,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from tradecanvas.daemon import serve
 
         return serve(loaded.flags)
+    if args.command == "replay":
+        return replay.run_replay(args)
+    if args.command == "subscribe":
+        return subscribe_client.run_subscribe(args)
     parser.error(f"unknown command {args.command}")

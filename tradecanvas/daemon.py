@@ -1,15 +1,258 @@
-"""``tradecanvas serve``: market_runtime_builder and the daemon's nursery tree (DESIGN §4)."""
+"""``tradecanvas serve``: ``market_runtime_builder`` and the daemon's nursery tree (DESIGN §4).
+
+::
+
+    tradecanvas serve → RuntimeFlags (from env) → market_runtime_builder(flags)
+    └─ daemon nursery: signals, sd_notify/watchdog
+       ├─ IngestSupervisor   one task per Binance connection
+       ├─ Hub + WS server    /ws/market, a task per subscriber
+       └─ HTTP API           /api/market/*, /healthz, /readyz, /metrics
+
+One store, one hub, one pipeline: every ingest path (the Binance loop, REST repair, the HTTP
+write) goes through the same :class:`IngestPipeline` instance.
+
+Lifecycle. READY=1 only after the store is open and both listeners are bound. SIGTERM or
+SIGINT: STOPPING=1; the ingest supervisor is cancelled first and commits its pending closed
+candles (shielded, bounded); then the WS server closes every subscriber with 1001 and the
+HTTP server drains; the store is closed; exit 0, all within :data:`DRAIN_DEADLINE_S`. A
+second signal exits at once. A store failure (disk full, read-only, corrupt file) ends the
+daemon with one log line and exit code :data:`EXIT_STORE_FAILURE` so systemd restarts it;
+the batch in flight was rolled back, never half written.
+"""
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, Final, final
 
+import attrs
+import trio
+from starlette.applications import Starlette
+
+from tradecanvas.binance_ingest import IngestSupervisor
+from tradecanvas.errors import StoreError
+from tradecanvas.http_api import build_http_app, serve_http
+from tradecanvas.hub import Hub
+from tradecanvas.logs import configure_logging
+from tradecanvas.metrics import Metrics
+from tradecanvas.pipeline import IngestPipeline
 from tradecanvas.runtime_flags import RuntimeFlags
+from tradecanvas.sd_notify import SdNotifier, run_watchdog
+from tradecanvas.store import CandleStore
+from tradecanvas.ws_server import serve_ws_market
 
 log = logging.getLogger(__name__)
 
+# systemd's TimeoutStopSec in deploy/tradecanvas.service sits above this.
+DRAIN_DEADLINE_S: Final = 10.0
+# Of the drain: the ingest flush first, then subscribers and HTTP share what is left.
+INGEST_DRAIN_S: Final = 5.0
+EXIT_OK: Final = 0
+EXIT_FAILURE: Final = 1
+EXIT_STORE_FAILURE: Final = 3
+# A write running longer than this means the pipeline is stuck: stop feeding the watchdog.
+STUCK_WRITE_S: Final = 20.0
+
+
+@final
+@attrs.define
+class MarketRuntime:
+    """Everything ``serve`` runs, built once by :func:`market_runtime_builder`."""
+
+    flags: RuntimeFlags
+    metrics: Metrics
+    store: CandleStore
+    hub: Hub
+    pipeline: IngestPipeline
+    supervisor: IngestSupervisor
+    http_app: Starlette
+    notifier: SdNotifier
+    listening: dict[str, int] = attrs.field(factory=dict)
+
+    def readiness(self) -> Mapping[str, bool]:
+        return {
+            "store_open": not self.store.closed,
+            "listeners_bound": {"ws", "http"} <= set(self.listening),
+            "upstream_connected": self.supervisor.upstream_connected(),
+        }
+
+    def pipeline_progressing(self) -> bool:
+        return self.store.write_running_for() < STUCK_WRITE_S
+
+
+async def market_runtime_builder(flags: RuntimeFlags) -> MarketRuntime:
+    """Open the store and build the single hub, pipeline, supervisor and HTTP app."""
+    metrics = Metrics()
+    store = await CandleStore.open(flags.db_path)
+    hub = Hub(
+        store,
+        series=flags.all_series(),
+        queue_max=flags.subscriber_queue_max,
+        send_timeout_s=flags.subscriber_send_timeout_s,
+        catchup_limit=flags.market_ws_catchup_limit,
+        metrics=metrics,
+    )
+    pipeline = IngestPipeline(store, hub, flags.derived_timeframes, flags.derivation_fingerprint())
+    supervisor = IngestSupervisor(
+        flags,
+        pipeline,
+        hub,
+        metrics,
+        enable_pipeline_publish=flags.enable_ingest_ws_pipeline_publish,
+    )
+    runtime_ref: list[MarketRuntime] = []
+    http_app = build_http_app(
+        store=store,
+        pipeline=pipeline,
+        flags=flags,
+        metrics=metrics,
+        readiness=lambda: runtime_ref[0].readiness(),
+    )
+    notifier = SdNotifier(flags.notify_socket, watchdog_usec=flags.watchdog_usec)
+    runtime = MarketRuntime(flags, metrics, store, hub, pipeline, supervisor, http_app, notifier)
+    runtime_ref.append(runtime)
+    return runtime
+
+
+async def _run_in_scope(
+    scope: trio.CancelScope,
+    done: trio.Event,
+    service: Callable[..., Awaitable[Any]],
+    *,
+    task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run a startable service inside ``scope`` so the daemon can stop it on its own."""
+    try:
+        with scope:
+            await service(task_status=task_status)
+    finally:
+        done.set()
+
+
+async def _wait_for_signal(stop: trio.Event) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            if stop.is_set():
+                log.warning("second %s: exiting at once", signal.Signals(signum).name)
+                logging.shutdown()
+                os._exit(128 + signum)
+            log.info("%s: shutting down", signal.Signals(signum).name)
+            stop.set()
+
+
+async def run_daemon(
+    runtime: MarketRuntime,
+    *,
+    stop: trio.Event | None = None,
+    task_status: trio.TaskStatus[Mapping[str, int]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """The daemon nursery. ``started()`` reports the bound ports after READY=1."""
+    flags = runtime.flags
+    stop = stop or trio.Event()
+    ingest_scope, ws_scope, http_scope = trio.CancelScope(), trio.CancelScope(), trio.CancelScope()
+    ingest_done, ws_done, http_done = trio.Event(), trio.Event(), trio.Event()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_wait_for_signal, stop)
+        runtime.listening["ws"] = await nursery.start(
+            _run_in_scope,
+            ws_scope,
+            ws_done,
+            functools.partial(
+                serve_ws_market,
+                runtime.hub,
+                host=flags.ws_host,
+                port=flags.ws_port,
+                allowed_origins=flags.ws_allowed_origins,
+                max_subscriptions=flags.max_subscriptions,
+            ),
+        )
+        runtime.listening["http"] = await nursery.start(
+            _run_in_scope,
+            http_scope,
+            http_done,
+            functools.partial(
+                serve_http, runtime.http_app, host=flags.http_host, port=flags.http_port
+            ),
+        )
+        await nursery.start(_run_in_scope, ingest_scope, ingest_done, runtime.supervisor.run)
+        ws, http = runtime.listening["ws"], runtime.listening["http"]
+        runtime.notifier.ready()
+        runtime.notifier.status(f"ingesting {len(flags.series)} series; ws :{ws} http :{http}")
+        log.info(
+            "tradecanvas ready ws=ws://%s:%d/ws/market http=http://%s:%d db=%s publish_path=%s",
+            flags.ws_host,
+            ws,
+            flags.http_host,
+            http,
+            flags.db_path,
+            "pipeline" if flags.enable_ingest_ws_pipeline_publish else "legacy",
+        )
+        if flags.watchdog_usec:
+            nursery.start_soon(
+                functools.partial(
+                    run_watchdog,
+                    runtime.notifier,
+                    interval_s=flags.watchdog_usec / 1e6 / 2,
+                    is_progressing=runtime.pipeline_progressing,
+                )
+            )
+        task_status.started(dict(runtime.listening))
+        await stop.wait()
+
+        runtime.notifier.stopping()
+        deadline = trio.current_time() + DRAIN_DEADLINE_S
+        # 1. stop the source; it commits what it holds (shielded and bounded inside)
+        ingest_scope.cancel(reason="shutdown")
+        with trio.move_on_at(trio.current_time() + INGEST_DRAIN_S):
+            await ingest_done.wait()
+        # 2. subscribers get 1001, HTTP drains
+        ws_scope.cancel(reason="shutdown")
+        http_scope.cancel(reason="shutdown")
+        with trio.move_on_at(deadline - 0.5):
+            await ws_done.wait()
+            await http_done.wait()
+        nursery.cancel_scope.cancel(reason="shutdown")
+
 
 def serve(flags: RuntimeFlags) -> int:
-    """Run the daemon until SIGTERM/SIGINT. (Being wired: ingest, hub and servers.)"""
-    log.error("tradecanvas serve: the daemon is not wired up in this build yet")
-    return 1
+    """``tradecanvas serve``: run until SIGTERM/SIGINT; the exit code for systemd."""
+    configure_logging(flags)
+
+    async def main() -> None:
+        runtime = await market_runtime_builder(flags)
+        try:
+            await run_daemon(runtime)
+        finally:
+            with trio.CancelScope(shield=True):
+                await runtime.store.aclose()
+        log.info("tradecanvas stopped")
+
+    try:
+        trio.run(main)
+    except StoreError as exc:
+        log.critical("store failure, stopping: %s", exc)
+        return EXIT_STORE_FAILURE
+    except BaseExceptionGroup as group:
+        store_errors, rest = group.split(StoreError)
+        if store_errors is not None and rest is None:
+            log.critical("store failure, stopping: %s", _first(store_errors))
+            return EXIT_STORE_FAILURE
+        log.critical("tradecanvas failed", exc_info=group)
+        return EXIT_FAILURE
+    except OSError as exc:
+        log.critical("cannot start: %s", exc)
+        return EXIT_FAILURE
+    sys.stderr.flush()
+    return EXIT_OK
+
+
+def _first(group: BaseExceptionGroup[Any]) -> BaseException:
+    exc: BaseException = group
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc

@@ -1,0 +1,607 @@
+"""The acceptance replay behind scripts/e2e_acceptance.sh (see there).
+
+Per kill-switch value (0 = legacy publish, 1 = pipeline publish):
+
+1. ``tradecanvas replay`` serves the real USDⓈ-M BTCUSDT 1m week: the first UTC day as REST
+   history (the daemon's initial backfill), the other six days on the WebSocket at full speed,
+   with a dropped connection and skipped bars, omitted closes and duplicated closes.
+2. ``tradecanvas serve`` ingests it; real subscribers (trio-websocket clients) watch: a batch
+   subscriber from the start, a per-candle 5m subscriber, a mid-way joiner with ``since``, a
+   subscriber that never reads, and a client sending garbage.
+3. The HTTP write path, /metrics, SIGTERM, and a restart on the same database are checked.
+
+Each check prints one line; the run ends with ``N passed, M failed``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, Final
+
+import httpx
+import orjson
+import trio
+import trio_websocket
+
+ROOT: Final = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tradecanvas.codec import read_kline_csv  # noqa: E402
+from tradecanvas.model import Candle  # noqa: E402
+
+BIN: Final = ROOT / ".venv" / "bin" / "tradecanvas"
+BASE: Final = "binance:futures:BTC/USDT:1m"
+FIVE: Final = "binance:futures:BTC/USDT:5m"
+TOKEN: Final = "e2e-acceptance-token-0123456789"
+DAY_BARS: Final = 1440
+# faults: the drop and the omitted/duplicated closes all fall inside the streamed days
+DROP_AT: Final = 3000
+SKIP: Final = 7
+WAIT_ALL_S: Final = 240.0
+OBJ = dict[str, Any]
+
+
+def five_floor(t: int) -> int:
+    return t - t % 300
+
+
+def data_dir() -> Path:
+    explicit = os.environ.get("TRADECANVAS_DATA_DIR")
+    for candidate in [
+        *([Path(explicit)] if explicit else []),
+        ROOT.parent / "shared" / "data" / "binance",
+        ROOT / ".cache" / "binance",
+    ]:
+        if candidate.is_dir():
+            return candidate
+    raise SystemExit("e2e: no Binance data (TRADECANVAS_DATA_DIR, ../shared, make test-data)")
+
+
+class Report:
+    def __init__(self) -> None:
+        self.passed = 0
+        self.failed = 0
+
+    def check(self, name: str, ok: bool, detail: str = "") -> bool:
+        if ok:
+            self.passed += 1
+        else:
+            self.failed += 1
+        suffix = f" — {detail}" if detail else ""
+        print(f"{'PASS' if ok else 'FAIL'} {name}{suffix}", flush=True)
+        return ok
+
+
+class Processes:
+    """Every child runs in its own process group, killed on the way out whatever happens."""
+
+    def __init__(self) -> None:
+        self.children: list[subprocess.Popen[bytes]] = []
+
+    def start(self, args: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
+        with log.open("wb") as out:
+            proc = subprocess.Popen(
+                args, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            )
+        self.children.append(proc)
+        return proc
+
+    def kill_all(self) -> None:
+        for proc in self.children:
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+async def wait_for_line(log: Path, pattern: str, proc: subprocess.Popen[bytes]) -> re.Match[str]:
+    with trio.fail_after(60):
+        while True:
+            match = re.search(pattern, log.read_text(errors="replace"))
+            if match:
+                return match
+            if proc.poll() is not None:
+                raise RuntimeError(f"{log.name}: exited {proc.returncode}:\n{log.read_text()}")
+            await trio.sleep(0.05)  # polling a log file for a line; not a race
+
+
+class Subscriber:
+    """A real /ws/market client that records every message."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.messages: list[OBJ] = []
+        self.closed_code: int | None = None
+        self.changed = trio.Event()
+
+    def closed_times(self, series: str) -> list[int]:
+        times: list[int] = []
+        for m in self.messages:
+            if m.get("series_id") != series:
+                continue
+            if m["type"] == "candles_batch":
+                times.extend(c["candle_time"] for c in m["candles"])
+            elif m["type"] == "candle_closed":
+                times.append(m["candle"]["candle_time"])
+        return times
+
+    def closed_candles(self, series: str) -> dict[int, OBJ]:
+        result: dict[int, OBJ] = {}
+        for m in self.messages:
+            if m.get("series_id") != series:
+                continue
+            for c in m["candles"] if m["type"] == "candles_batch" else [m.get("candle")]:
+                if c is not None and m["type"] in ("candles_batch", "candle_closed"):
+                    result[c["candle_time"]] = c
+        return result
+
+    def of_type(self, kind: str) -> list[OBJ]:
+        return [m for m in self.messages if m["type"] == kind]
+
+    async def run(
+        self,
+        url: str,
+        subscribe: list[OBJ],
+        *,
+        task_status: trio.TaskStatus[trio_websocket.WebSocketConnection] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        async with trio_websocket.open_websocket_url(url) as ws:
+            for message in subscribe:
+                await ws.send_message(orjson.dumps(message).decode())
+            task_status.started(ws)
+            try:
+                while True:
+                    raw = await ws.get_message()
+                    self.messages.append(orjson.loads(raw))
+                    self.changed.set()
+                    self.changed = trio.Event()
+            except trio_websocket.ConnectionClosed as exc:
+                self.closed_code = exc.reason.code if exc.reason else None
+                self.changed.set()
+
+    async def wait_until(self, condition: Callable[[], bool], timeout: float) -> bool:
+        with trio.move_on_after(timeout):
+            while not condition():
+                if self.closed_code is not None:
+                    return condition()
+                await self.changed.wait()
+            return True
+        return condition()
+
+
+def schema(messages: list[OBJ]) -> dict[str, tuple[str, ...]]:
+    """Message type → its sorted keys (and the candle object's keys)."""
+    result: dict[str, tuple[str, ...]] = {}
+    for m in messages:
+        keys = sorted(m)
+        if m["type"] == "candles_batch" and m["candles"]:
+            keys += ["candle:" + k for k in sorted(m["candles"][0])]
+        if m["type"] == "candle_closed":
+            keys += ["candle:" + k for k in sorted(m["candle"])]
+        if m["type"] == "system":
+            keys += ["data:" + k for k in sorted(m["data"])]
+        result[m["type"]] = tuple(keys)
+    return result
+
+
+def equal_candle(wire: OBJ, ref: Candle) -> bool:
+    return (
+        all(wire[f] == float(getattr(ref, f)) for f in ("open", "high", "low", "close", "volume"))
+        and wire["candle_time"] == ref.candle_time
+    )
+
+
+def metric(text: str, name: str, labels: str = "") -> float:
+    pattern = rf"^{re.escape(name)}{re.escape(labels)} ([0-9.e+-]+)$"
+    match = re.search(pattern, text, re.M)
+    return float(match.group(1)) if match else -1.0
+
+
+class Run:
+    def __init__(self, report: Report, procs: Processes, work: Path, flag: str) -> None:
+        self.report = report
+        self.procs = procs
+        self.work = work
+        self.flag = flag
+        folder = data_dir() / "klines_1m_5m" / "futures_um"
+        self.csv = folder / "BTCUSDT-1m-2025-07-06_2025-07-12.csv"
+        self.minutes = read_kline_csv(self.csv)
+        self.fives = read_kline_csv(folder / "BTCUSDT-5m-2025-07-06_2025-07-12.csv")
+        self.db = work / f"market-{flag}.sqlite3"
+        self.schemas: dict[str, tuple[str, ...]] = {}
+
+    def check(self, name: str, ok: bool, detail: str = "") -> bool:
+        return self.report.check(f"[publish={self.flag}] {name}", ok, detail)
+
+    def env(self, *, token: bool, rest: str, ws: str) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("TRADE_CANVAS_")}
+        env.update(
+            TRADE_CANVAS_DB_PATH=str(self.db),
+            TRADE_CANVAS_WS_PORT="0",
+            TRADE_CANVAS_HTTP_PORT="0",
+            TRADE_CANVAS_BINANCE_FUTURES_WS_URL=ws,
+            TRADE_CANVAS_BINANCE_FUTURES_REST_URL=rest,
+            TRADE_CANVAS_ENABLE_INGEST_WS_PIPELINE_PUBLISH=self.flag,
+            TRADE_CANVAS_INITIAL_BACKFILL_CANDLES=str(DAY_BARS),
+            TRADE_CANVAS_MARKET_WS_CATCHUP_LIMIT="5000",
+            TRADE_CANVAS_SUBSCRIBER_SEND_TIMEOUT_S="2",
+        )
+        if token:
+            env["TRADE_CANVAS_INGEST_TOKEN"] = TOKEN
+        return env
+
+    async def start_serve(
+        self, env: dict[str, str], log: Path
+    ) -> tuple[subprocess.Popen[bytes], str, str]:
+        proc = self.procs.start([str(BIN), "serve"], log, env)
+        match = await wait_for_line(log, r"tradecanvas ready ws=(ws://\S+) http=(http://\S+)", proc)
+        return proc, match.group(1), match.group(2)
+
+    async def stop(self, proc: subprocess.Popen[bytes]) -> tuple[int | None, float]:
+        start = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        with trio.move_on_after(15):
+            while proc.poll() is None:
+                await trio.sleep(0.05)  # waiting for a child to exit
+        return proc.poll(), time.monotonic() - start
+
+    async def main(self) -> None:
+        replay_log = self.work / f"replay-{self.flag}.log"
+        replay = self.procs.start(
+            [
+                str(BIN), "replay", str(self.csv), "--speed", "max",
+                "--start-at", str(DAY_BARS),
+                "--drop-at", str(DROP_AT), "--skip", str(SKIP),
+                "--omit-close-every", "97", "--duplicate-close-every", "89",
+            ],
+            replay_log,
+            {**os.environ},
+        )  # fmt: skip
+        match = await wait_for_line(replay_log, r"replay ws=(\S+) rest=(\S+)", replay)
+        replay_ws, replay_rest = match.group(1), match.group(2)
+        serve_log = self.work / f"serve-{self.flag}.log"
+        env = self.env(token=True, rest=replay_rest, ws=replay_ws)
+        serve, ws_url, http_url = await self.start_serve(env, serve_log)
+        self.check("serve starts against the replay and reports ready", True, ws_url)
+
+        first, last = self.minutes[0].candle_time, self.minutes[-1].candle_time
+        batch_sub, five_sub, midway, garbage = (
+            Subscriber("batch"), Subscriber("five"), Subscriber("midway"), Subscriber("garbage")
+        )  # fmt: skip
+        async with trio.open_nursery() as nursery:
+            await nursery.start(
+                batch_sub.run,
+                ws_url,
+                [{"type": "subscribe", "series_id": BASE, "since": first - 60,
+                  "supports_batch": True}],
+            )  # fmt: skip
+            await nursery.start(
+                five_sub.run,
+                ws_url,
+                [{"type": "subscribe", "series_id": FIVE, "since": first - 300}],
+            )
+            # a subscriber that never reads anything
+            idle = await trio_websocket.connect_websocket_url(
+                nursery, ws_url, message_queue_size=0, max_message_size=2**20
+            )
+            await idle.send_message(orjson.dumps({"type": "subscribe", "series_id": BASE,
+                                                  "since": first - 60}).decode())  # fmt: skip
+            # a mid-way joiner, once live candles flow, with a cursor in the past
+            await batch_sub.wait_until(lambda: len(batch_sub.closed_times(BASE)) > 5000, 120)
+            cursor = first + 60 * 3000
+            await nursery.start(
+                midway.run,
+                ws_url,
+                [{"type": "subscribe", "series_id": BASE, "since": cursor,
+                  "supports_batch": True}],
+            )  # fmt: skip
+            got_all = await batch_sub.wait_until(
+                lambda: (
+                    bool(batch_sub.closed_times(BASE)) and batch_sub.closed_times(BASE)[-1] >= last
+                ),
+                WAIT_ALL_S,
+            )
+            await five_sub.wait_until(
+                lambda: len(five_sub.closed_times(FIVE)) >= len(self.fives), 30
+            )
+            await midway.wait_until(
+                lambda: bool(midway.closed_times(BASE)) and midway.closed_times(BASE)[-1] >= last,
+                30,
+            )
+            self.check_stream(batch_sub, five_sub, midway, got_all, cursor)
+
+            await self.check_garbage(nursery, garbage, ws_url)
+            await self.check_metrics_and_http(http_url, batch_sub, five_sub, last)
+            self.schemas = schema(batch_sub.messages + five_sub.messages + garbage.messages)
+
+            code, took = await self.stop(serve)
+            await batch_sub.wait_until(lambda: batch_sub.closed_code is not None, 5)
+            self.check(
+                "SIGTERM: exit 0 within 10 s and subscribers closed with 1001",
+                code == 0 and took < 10 and batch_sub.closed_code == 1001
+                and five_sub.closed_code == 1001,
+                f"exit={code} in {took:.1f}s, close={batch_sub.closed_code}/{five_sub.closed_code}",
+            )  # fmt: skip
+            nursery.cancel_scope.cancel()
+
+        await self.check_restart(replay_rest, replay_ws, last)
+
+    def check_stream(
+        self,
+        batch_sub: Subscriber,
+        five_sub: Subscriber,
+        midway: Subscriber,
+        got_all: bool,
+        cursor: int,
+    ) -> None:
+        times = batch_sub.closed_times(BASE)
+        expected = [m.candle_time for m in self.minutes]
+        self.check(
+            "1m closed candles arrive exactly once, in order, for the whole week",
+            got_all and times == expected,
+            f"{len(times)} received, {len(expected)} expected, "
+            f"{len(times) - len(set(times))} duplicates",
+        )
+        received = batch_sub.closed_candles(BASE)
+        bad = [
+            m.candle_time
+            for m in self.minutes
+            if not equal_candle(
+                received.get(
+                    m.candle_time,
+                    {
+                        "candle_time": -1,
+                        "open": None,
+                        "high": None,
+                        "low": None,
+                        "close": None,
+                        "volume": None,
+                    },
+                ),
+                m,
+            )
+        ]
+        self.check("1m candles equal the Binance data", not bad, f"{len(bad)} differ")
+        fives = five_sub.closed_times(FIVE)
+        got5 = five_sub.closed_candles(FIVE)
+        bad5 = [
+            f.candle_time
+            for f in self.fives
+            if f.candle_time not in got5 or not equal_candle(got5[f.candle_time], f)
+        ]
+        self.check(
+            "derived 5m candles equal Binance's own 5m bars, once each, in order",
+            not bad5 and fives == [f.candle_time for f in self.fives],
+            f"{len(fives)} received, {len(bad5)} differ",
+        )
+        self.check(
+            "per-candle subscriber gets candle_closed, never candles_batch",
+            bool(five_sub.of_type("candle_closed")) and not five_sub.of_type("candles_batch"),
+        )
+        gaps = batch_sub.of_type("gap") + five_sub.of_type("gap")
+        self.check("no gap: the dropped connection and omitted closes were repaired", not gaps,
+                   f"{len(gaps)} gaps")  # fmt: skip
+        mid = midway.closed_times(BASE)
+        want = [t for t in expected if t > cursor]
+        self.check(
+            "a subscriber joining mid-way with since gets a seamless stream",
+            mid == want and not midway.of_type("gap"),
+            f"{len(mid)} received from since={cursor}, {len(want)} expected",
+        )
+
+    async def check_garbage(self, nursery: trio.Nursery, garbage: Subscriber, ws_url: str) -> None:
+        ws = await nursery.start(garbage.run, ws_url, [])
+        bad = [
+            "not json",
+            "[1, 2]",
+            '{"type": "dance"}',
+            '{"type": "subscribe", "series_id": "binance:futures:BTC/USDT:1m", "since": true}',
+            '{"type": "subscribe", "series_id": "binance:futures:DOGE/USDT:1m"}',
+            '{"type": "subscribe", "series_id": "nonsense"}',
+        ]
+        for text in bad:
+            await ws.send_message(text)
+        await ws.send_message('{"type": "ping"}')
+        ok = await garbage.wait_until(lambda: bool(garbage.of_type("pong")), 10)
+        errors = garbage.of_type("error")
+        codes = [e.get("code") for e in errors]
+        self.check(
+            "garbage messages get error replies and the connection stays up",
+            ok and len(errors) == len(bad) and garbage.closed_code is None
+            and codes.count("unknown_series") == 1,
+            ", ".join(str(c) for c in codes),
+        )  # fmt: skip
+
+    async def check_metrics_and_http(
+        self, http_url: str, sub: Subscriber, five_sub: Subscriber, last: int
+    ) -> None:
+        async with httpx.AsyncClient(base_url=http_url, timeout=10) as client:
+            text = (await client.get("/metrics")).text
+            legacy = metric(text, "tradecanvas_publish_total", '{path="legacy"}')
+            pipeline = metric(text, "tradecanvas_publish_total", '{path="pipeline"}')
+            counts = f"legacy={legacy} pipeline={pipeline}"
+            if self.flag == "0":
+                self.check(
+                    "kill-switch 0: the legacy path publishes, the pipeline path never",
+                    legacy > 0 and pipeline == 0,
+                    counts,
+                )
+            else:
+                self.check(
+                    "kill-switch 1: the pipeline path publishes, the legacy path never",
+                    pipeline > 0 and legacy == 0,
+                    counts,
+                )
+            t = last + 60
+            body = {"series_id": BASE, "candle": {"candle_time": t, "open": "100",
+                    "high": "101", "low": "99", "close": "100.5", "volume": "2"}}  # fmt: skip
+            refused = await client.post("/api/market/ingest/candle_closed", json=body)
+            wrong = await client.post(
+                "/api/market/ingest/candle_closed", json=body,
+                headers={"Authorization": "Bearer not-the-token-at-all"},
+            )  # fmt: skip
+            ok = await client.post(
+                "/api/market/ingest/candle_closed", json=body,
+                headers={"Authorization": f"Bearer {TOKEN}"},
+            )  # fmt: skip
+            arrived = await sub.wait_until(lambda: t in sub.closed_times(BASE), 10)
+            text = (await client.get("/metrics")).text
+            http_count = metric(text, "tradecanvas_publish_total", '{path="http"}')
+            self.check(
+                "HTTP write with the token publishes strictly and reaches subscribers",
+                ok.status_code == 200 and arrived and http_count == 1,
+                f"status={ok.status_code} arrived={arrived} publish_total(http)={http_count}",
+            )
+            self.check(
+                "HTTP write without a valid token is refused",
+                refused.status_code == 401 and wrong.status_code == 401,
+                f"{refused.status_code}/{wrong.status_code}",
+            )
+            # a corrected bar (a revision) must reach subscribers as factor.rebuild events
+            # for the base series and the 5m bar above it
+            ref = self.minutes[-1]
+            body = {"series_id": BASE, "candle": {"candle_time": ref.candle_time,
+                    "open": str(ref.open), "high": str(ref.high + 1), "low": str(ref.low),
+                    "close": str(ref.close), "volume": str(ref.volume)}}  # fmt: skip
+            revised = await client.post(
+                "/api/market/ingest/candle_closed", json=body,
+                headers={"Authorization": f"Bearer {TOKEN}"},
+            )  # fmt: skip
+
+            def reasons() -> set[tuple[str, str]]:
+                return {
+                    (m["series_id"], m["data"]["reason"])
+                    for m in sub.of_type("system")
+                    if m.get("event") == "factor.rebuild"
+                }
+
+            await sub.wait_until(lambda: (BASE, "revision") in reasons(), 10)
+            await five_sub.wait_until(
+                lambda: any(m["data"]["reason"] == "revision" for m in five_sub.of_type("system")),
+                10,
+            )
+            five_events = [
+                m for m in five_sub.of_type("system") if m["data"]["reason"] == "revision"
+            ]
+            self.check(
+                "factor.rebuild system events arrive (new_series on start, revision on a"
+                " corrected bar, for 1m and 5m)",
+                revised.status_code == 200
+                and {(BASE, "new_series"), (BASE, "revision")} <= reasons()
+                and bool(five_events)
+                and five_events[0]["data"]["from_time"] == five_floor(ref.candle_time),
+                ", ".join(sorted(f"{s.split(':')[-1]}:{r}" for s, r in reasons())),
+            )
+
+    async def check_restart(self, rest: str, ws: str, last: int) -> None:
+        log = self.work / f"serve-{self.flag}-restart.log"
+        serve, ws_url, http_url = await self.start_serve(
+            self.env(token=False, rest=rest, ws=ws), log
+        )
+        since = last - 600
+        resumed = Subscriber("resumed")
+        async with trio.open_nursery() as nursery:
+            await nursery.start(
+                resumed.run,
+                ws_url,
+                [{"type": "subscribe", "series_id": BASE, "since": since, "supports_batch": True}],
+            )
+            want = [t for t in range(since + 60, last + 61, 60)] + [last + 60]
+            want = sorted(set(want))
+            await resumed.wait_until(lambda: len(resumed.closed_times(BASE)) >= len(want), 20)
+            got = resumed.closed_times(BASE)
+            self.check(
+                "after a restart on the same database a resuming subscriber gets exactly"
+                " the candles after its since",
+                got == want,
+                f"{len(got)} received, {len(want)} expected",
+            )
+            async with httpx.AsyncClient(base_url=http_url, timeout=10) as client:
+                body = {"series_id": BASE, "candle": {"candle_time": last + 120, "open": 1,
+                        "high": 1, "low": 1, "close": 1, "volume": 1}}  # fmt: skip
+                answer = await client.post(
+                    "/api/market/ingest/candle_closed", json=body,
+                    headers={"Authorization": f"Bearer {TOKEN}"},
+                )  # fmt: skip
+            self.check(
+                "HTTP write with no token configured is refused (403)",
+                answer.status_code == 403,
+                str(answer.status_code),
+            )
+            code, took = await self.stop(serve)
+            self.check("second SIGTERM run exits 0", code == 0, f"exit={code} in {took:.1f}s")
+            nursery.cancel_scope.cancel()
+        counts = sqlite_counts(self.db)
+        self.check(
+            "the store holds every 1m and 5m bar exactly once",
+            # +1: the HTTP-written minute after the data (its 5m bucket is still open)
+            counts.get(BASE) == len(self.minutes) + 1 and counts.get(FIVE) == len(self.fives),
+            f"{counts}",
+        )
+
+
+def sqlite_counts(db: Path) -> dict[str, int]:
+    import sqlite3
+
+    conn = sqlite3.connect(db)
+    try:
+        return dict(conn.execute("SELECT series_id, COUNT(*) FROM candles GROUP BY series_id"))
+    finally:
+        conn.close()
+
+
+@contextlib.contextmanager
+def terminated_on_signals(procs: Processes) -> Iterator[None]:
+    def handler(signum: int, _: object) -> None:
+        procs.kill_all()
+        raise SystemExit(128 + signum)
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        procs.kill_all()
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def main() -> int:
+    report = Report()
+    procs = Processes()
+    schemas: dict[str, dict[str, tuple[str, ...]]] = {}
+    with terminated_on_signals(procs), tempfile.TemporaryDirectory(prefix="tc-e2e-") as tmp:
+        for flag in ("0", "1"):
+            run = Run(report, procs, Path(tmp), flag)
+            try:
+                trio.run(run.main)
+            except Exception as exc:  # a crash is a failed check, and the run goes on
+                report.check(
+                    f"[publish={flag}] run completed", False, f"{type(exc).__name__}: {exc}"
+                )
+                for log in sorted(Path(tmp).glob(f"*-{flag}*.log")):
+                    print(
+                        f"--- {log.name} (tail)\n" + "\n".join(log.read_text().splitlines()[-15:])
+                    )
+            procs.kill_all()
+            schemas[flag] = run.schemas
+        report.check(
+            "payload schemas (candles_batch, candle_closed, system, error, pong) are identical"
+            " in both modes",
+            bool(schemas["0"]) and schemas["0"] == schemas["1"],
+            ", ".join(sorted(schemas["0"])),
+        )
+    print(f"{report.passed} passed, {report.failed} failed")
+    return 1 if report.failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,436 @@
+"""The sans-IO core of the Binance ingest loop: hole tracking, batching, forming throttle.
+
+Nothing here imports trio or does I/O; times are passed in. Two clocks appear and are never
+mixed (DESIGN §1.2):
+
+- *exchange time* (kline open times, frame event times ``E``) decides which minutes are
+  missing and when a close is late — :class:`SeriesTracker` only ever sees those;
+- *monotonic time* (``now``, from ``trio.current_time()`` in the shell) is used only for
+  timeouts: batch age, the forming throttle, the pause after a failed REST fill and how long
+  held candles may wait for a REST fill that keeps failing.
+
+Data flow (one :class:`SeriesTracker` per series)::
+
+    closed kline ─▶ SeriesTracker.on_closed ─▶ Released (in time order, no holes)
+                         │  a hole below it?                       │
+                         ▼                                         ▼
+                    held + FillRequest ──REST──▶ on_fill_result   ClosedBatcher ─▶ pipeline
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Hashable, Iterable, Sequence
+from decimal import Decimal
+from typing import Final, Generic, Literal, TypeVar
+
+import attrs
+
+from tradecanvas.model import Candle, SeriesId, Timeframe
+
+MINUTE: Final = 60
+MINUTE_MS: Final = 60_000
+# a reconnect after a long outage is fetched in chunks of this many minutes, so one REST
+# answer confirms (or fills) a bounded range and memory stays bounded
+FILL_CHUNK_MINUTES: Final = 10_000
+# released candles remembered per series to drop repeated closes (renewal overlaps,
+# duplicated frames) without a store round trip; a few minutes of history is plenty
+RECENT_KEEP: Final = 64
+
+IngestSource = Literal["ws", "rest"]
+FillReason = Literal["initial", "reconnect", "late_close", "hole", "retry"]
+# fills that repair a close that did not arrive while the connection was up
+REPAIR_REASONS: Final = frozenset({"late_close", "hole"})
+
+K = TypeVar("K", bound=Hashable)
+
+
+@attrs.frozen
+class Released:
+    """A closed candle cleared for commit, in time order for its series."""
+
+    candle: Candle
+    source: IngestSource
+    received_at: float | None = None  # monotonic time the frame arrived (ws only)
+    reason: FillReason | None = None  # why REST was asked (rest only)
+
+
+@attrs.frozen
+class FillRequest:
+    """Fetch the base minutes with ``start <= open time < end`` from REST."""
+
+    start: int
+    end: int
+    reason: FillReason
+
+
+@attrs.define
+class TrackerCounters:
+    duplicates: int = 0
+    rest_released: int = 0
+    repaired: int = 0  # REST candles released by a late-close / hole fill
+    fills: int = 0
+    fill_failures: int = 0
+    forced_releases: int = 0
+
+
+class SeriesTracker:
+    """Keeps one series' closed candles in time order without holes.
+
+    ``head`` is the open time up to which everything is settled: released for commit, or
+    confirmed absent at the exchange by REST. A closed candle at ``head + 60`` is released at
+    once; one above it is *held* while REST fills the hole below it (:meth:`next_fill`); once
+    REST has answered for the range, the REST candles and the held ones are released in
+    order, and minutes REST did not have are skipped (a real exchange hole: the store keeps
+    it and the Hub reports ``gap``).
+
+    REST is asked for ``[head + 60, want_upto)`` where ``want_upto`` is raised by: the first
+    frame of a new connection (``reconnect``: nothing is replayed after a disconnect), an
+    empty store's first frame (``initial``), exchange time passing ``late_close`` seconds
+    after a minute's end without its close (``late_close``), and a held candle (``hole``).
+    """
+
+    def __init__(
+        self,
+        *,
+        head: int | None,
+        initial_backfill: int,
+        late_close_ms: int,
+        recent_keep: int = RECENT_KEEP,
+    ) -> None:
+        self.head = head
+        self.initial_backfill = initial_backfill
+        self.late_close_ms = late_close_ms
+        self.counters = TrackerCounters()
+        self.held_since: float | None = None
+        self.retry_at = 0.0
+        self.failures = 0
+        self._held: dict[int, Released] = {}
+        self._want_upto = 0
+        self._want_reason: FillReason = "late_close"
+        self._inflight: FillRequest | None = None
+        self._unresolved: list[tuple[int, int]] = []
+        self._recent: OrderedDict[int, Candle] = OrderedDict()
+        self._recent_keep = recent_keep
+
+    # --- inputs ------------------------------------------------------------------------
+
+    def on_live_frame(self, open_time: int, *, new_connection: bool) -> None:
+        """A kline frame (forming or closed) for ``open_time`` arrived.
+
+        The shell calls this before :meth:`on_closed`, with ``new_connection`` true for the
+        first frame of this series on a connection.
+        """
+        if self.head is None:
+            # empty store: the history before the first live minute comes from REST
+            self.head = open_time - MINUTE * (self.initial_backfill + 1)
+            self._raise_want(open_time, "initial")
+        elif new_connection:
+            self._raise_want(open_time, "reconnect")
+
+    def on_exchange_time(self, event_time_ms: int) -> None:
+        """Exchange time reached ``event_time_ms``: closes due ``late_close`` ago are late."""
+        if self.head is None:
+            return
+        upto = (event_time_ms - self.late_close_ms) // MINUTE_MS * MINUTE
+        self._raise_want(upto, "late_close")
+
+    def on_closed(
+        self,
+        candle: Candle,
+        *,
+        now: float,
+        source: IngestSource = "ws",
+        received_at: float | None = None,
+    ) -> list[Released]:
+        """A closed kline arrived at ``now`` (monotonic); returns the candles now cleared,
+        ascending."""
+        if self.head is None:
+            self.on_live_frame(candle.candle_time, new_connection=True)
+        assert self.head is not None
+        t = candle.candle_time
+        if t <= self.head:
+            if self._is_recent_duplicate(candle):
+                self.counters.duplicates += 1
+                return []
+            # a late copy below the head (a revision, or a minute REST did not have):
+            # the pipeline stores it and tells consumers (factor.rebuild)
+            self._remember(candle)
+            return [Released(candle, source, received_at)]
+        held = self._held.get(t)
+        if held is not None and held.candle.same_values(candle):
+            self.counters.duplicates += 1
+            return []
+        self._held[t] = Released(candle, source, received_at)
+        released = self._advance(confirmed_upto=0)
+        if self._held:
+            self._raise_want(min(self._held), "hole")
+            if self.held_since is None:
+                self.held_since = now
+        return released
+
+    def held_count(self) -> int:
+        return len(self._held)
+
+    # --- REST fills --------------------------------------------------------------------
+
+    def wants_fill(self) -> bool:
+        if self._inflight is not None or self.head is None:
+            return False
+        return self.head + MINUTE < self._want_upto or bool(self._unresolved)
+
+    def next_fill(self, now: float) -> FillRequest | None:
+        """The next REST range to fetch (marked in flight), or None."""
+        if not self.wants_fill() or now < self.retry_at:
+            return None
+        assert self.head is not None
+        start = self.head + MINUTE
+        if start < self._want_upto:
+            end = min(self._want_upto, start + FILL_CHUNK_MINUTES * MINUTE)
+            request = FillRequest(start, end, self._want_reason)
+        else:
+            start, end = self._unresolved[0]
+            request = FillRequest(start, end, "retry")
+        self._inflight = request
+        self.counters.fills += 1
+        return request
+
+    def on_fill_result(
+        self, request: FillRequest, candles: Iterable[Candle], *, now: float
+    ) -> list[Released]:
+        """REST answered ``request``: release what is now in order.
+
+        Minutes of the range REST did not return are absent at the exchange; they are
+        skipped (the hole is real).
+        """
+        assert self.head is not None
+        self._inflight = None
+        self.failures = 0
+        self.retry_at = 0.0
+        in_range = sorted(
+            (c for c in candles if request.start <= c.candle_time < request.end),
+            key=lambda c: c.candle_time,
+        )
+        released: list[Released] = []
+        if request.reason == "retry":
+            if (request.start, request.end) in self._unresolved:
+                self._unresolved.remove((request.start, request.end))
+            for c in in_range:
+                if c.candle_time <= self.head and c.candle_time not in self._recent:
+                    self._remember(c)
+                    released.append(Released(c, "rest", reason="retry"))
+            self._count_rest(released)
+            return released
+        for c in in_range:
+            t = c.candle_time
+            if t <= self.head:
+                # the live close came while REST was busy; keep the live copy
+                if t not in self._recent:
+                    self._remember(c)
+                    released.append(Released(c, "rest", reason=request.reason))
+            elif t not in self._held:
+                self._held[t] = Released(c, "rest", reason=request.reason)
+        released.extend(self._advance(confirmed_upto=request.end))
+        if self._held and self.held_since is None:
+            self.held_since = now
+        self._count_rest(released)
+        return released
+
+    def on_fill_failed(self, request: FillRequest, now: float, retry_after_s: float) -> None:
+        """REST failed for ``request``; ask again after ``retry_after_s`` (monotonic)."""
+        if self._inflight == request:
+            self._inflight = None
+        self.failures += 1
+        self.counters.fill_failures += 1
+        self.retry_at = now + retry_after_s
+
+    def release_held(self) -> list[Released]:
+        """Release every held candle now, recording the holes under them as unresolved.
+
+        Used when REST keeps failing for too long, and at shutdown: a candle that reached
+        the daemon is committed, and the hole below it is retried later (``retry`` fills
+        insert below the head, which consumers learn as ``factor.rebuild``/backfill).
+        """
+        if not self._held:
+            return []
+        assert self.head is not None
+        released: list[Released] = []
+        for t in sorted(self._held):
+            if t > self.head + MINUTE:
+                self._unresolved.append((self.head + MINUTE, t))
+            item = self._held.pop(t)
+            self._remember(item.candle)
+            released.append(item)
+            self.head = t
+        self.held_since = None
+        self.counters.forced_releases += 1
+        self._count_rest(released)
+        return released
+
+    # --- internals ---------------------------------------------------------------------
+
+    def _raise_want(self, upto: int, reason: FillReason) -> None:
+        if upto > self._want_upto:
+            self._want_upto = upto
+            self._want_reason = reason
+
+    def _advance(self, *, confirmed_upto: int) -> list[Released]:
+        """Release held candles contiguous with the head, skipping confirmed-absent
+        minutes below ``confirmed_upto``."""
+        assert self.head is not None
+        released: list[Released] = []
+        while True:
+            nxt = self.head + MINUTE
+            item = self._held.pop(nxt, None)
+            if item is not None:
+                self._remember(item.candle)
+                released.append(item)
+                self.head = nxt
+                continue
+            if nxt < confirmed_upto:
+                above = [t for t in self._held if t > nxt]
+                limit = min(confirmed_upto, min(above)) if above else confirmed_upto
+                self.head = limit - MINUTE
+                continue
+            break
+        if not self._held:
+            self.held_since = None
+        return released
+
+    def _remember(self, candle: Candle) -> None:
+        self._recent[candle.candle_time] = candle
+        self._recent.move_to_end(candle.candle_time)
+        while len(self._recent) > self._recent_keep:
+            self._recent.popitem(last=False)
+
+    def _is_recent_duplicate(self, candle: Candle) -> bool:
+        known = self._recent.get(candle.candle_time)
+        return known is not None and known.same_values(candle)
+
+    def _count_rest(self, released: Sequence[Released]) -> None:
+        for item in released:
+            if item.source == "rest":
+                self.counters.rest_released += 1
+                if item.reason in REPAIR_REASONS:
+                    self.counters.repaired += 1
+
+
+@attrs.frozen
+class BatchItem:
+    series: SeriesId
+    released: Released
+    added_at: float
+
+
+class ClosedBatcher:
+    """Closed candles waiting for the pipeline, in release order.
+
+    Due when ``max_size`` are buffered or the oldest is ``flush_s`` old (monotonic).
+    :meth:`take` returns at most ``max_size`` items from the front that share one source,
+    so each pipeline run has one ``source`` and every series stays in time order.
+    """
+
+    def __init__(self, max_size: int, flush_s: float) -> None:
+        self.max_size = max_size
+        self.flush_s = flush_s
+        self._items: list[BatchItem] = []
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def add(self, series: SeriesId, released: Iterable[Released], now: float) -> None:
+        self._items.extend(BatchItem(series, r, now) for r in released)
+
+    def due_at(self) -> float | None:
+        """Monotonic time the next flush is due (``-inf`` when full), None when empty."""
+        if not self._items:
+            return None
+        if len(self._items) >= self.max_size:
+            return float("-inf")
+        return self._items[0].added_at + self.flush_s
+
+    def take(self) -> list[BatchItem]:
+        if not self._items:
+            return []
+        source = self._items[0].released.source
+        count = 0
+        for item in self._items[: self.max_size]:
+            if item.released.source != source:
+                break
+            count += 1
+        taken, self._items = self._items[:count], self._items[count:]
+        return taken
+
+
+class FormingThrottle(Generic[K]):
+    """At most one forming update per key every ``min_interval_s`` (monotonic).
+
+    An update inside the interval replaces the pending one, which is emitted when the
+    interval ends (so the last state before a quiet spell is never lost).
+    """
+
+    def __init__(self, min_interval_s: float) -> None:
+        self.min_interval_s = min_interval_s
+        self._last: dict[K, float] = {}
+        self._pending: dict[K, Candle] = {}
+
+    def offer(self, key: K, candle: Candle, now: float) -> Candle | None:
+        """The candle to emit now, or None when it is kept pending."""
+        last = self._last.get(key)
+        if last is None or now - last >= self.min_interval_s:
+            self._last[key] = now
+            self._pending.pop(key, None)
+            return candle
+        self._pending[key] = candle
+        return None
+
+    def discard(self, key: K, upto_time: int) -> None:
+        """Forget a pending update for a bar at or before ``upto_time`` (it has closed)."""
+        pending = self._pending.get(key)
+        if pending is not None and pending.candle_time <= upto_time:
+            del self._pending[key]
+
+    def next_due(self) -> float | None:
+        if not self._pending:
+            return None
+        return min(self._last[k] + self.min_interval_s for k in self._pending)
+
+    def due(self, now: float) -> list[tuple[K, Candle]]:
+        ready = [
+            (k, c) for k, c in self._pending.items() if now - self._last[k] >= self.min_interval_s
+        ]
+        for k, _ in ready:
+            del self._pending[k]
+            self._last[k] = now
+        return ready
+
+
+class MinuteCache:
+    """The recent committed base minutes of each series, for forming derived candles.
+
+    Keeps ``span_s`` seconds below the newest minute: the largest derived bucket plus the
+    minute before it, whose close an all-empty bucket is flat at.
+    """
+
+    def __init__(self, span_s: int) -> None:
+        self.span_s = span_s
+        self._minutes: dict[SeriesId, dict[int, Candle]] = {}
+
+    def add(self, series: SeriesId, candles: Iterable[Candle]) -> None:
+        minutes = self._minutes.setdefault(series, {})
+        for c in candles:
+            minutes[c.candle_time] = c
+        if minutes:
+            floor = max(minutes) - self.span_s
+            for t in [t for t in minutes if t < floor]:
+                del minutes[t]
+
+    def bucket(
+        self, series: SeriesId, timeframe: Timeframe, t: int
+    ) -> tuple[list[Candle], Decimal | None]:
+        """Stored minutes of ``t``'s bucket before ``t``, and the close before the bucket."""
+        minutes = self._minutes.get(series, {})
+        start = timeframe.floor(t)
+        inside = [minutes[m] for m in range(start, t, MINUTE) if m in minutes]
+        before = minutes.get(start - MINUTE)
+        return inside, before.close if before is not None else None
