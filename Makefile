@@ -21,7 +21,7 @@ run: $(STAMP)
 	$(BIN)/tradecanvas serve
 
 ## test: ruff, mypy --strict, pytest, the deploy unit checks, the e2e replay and the doc audit
-test: lint typecheck unit deploy-check e2e
+test: lint typecheck unit deploy-check e2e doc-audit
 
 lint: $(STAMP)
 	$(BIN)/ruff check tradecanvas tests bench scripts

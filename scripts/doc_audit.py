@@ -20,7 +20,9 @@ def slug(heading: str) -> str:
 def sections(markdown: str) -> dict[str, str]:
     """Heading text → the body up to the next heading of the same or higher level."""
     result: dict[str, str] = {}
-    matches = list(re.finditer(r"^(#{1,6}) (.+)$", markdown, re.M))
+    # headings inside fenced code (shell comments, Prometheus # HELP lines) are not headings
+    masked = re.sub(r"```.*?```", lambda m: re.sub(r"[^\n]", " ", m.group(0)), markdown, flags=re.S)
+    matches = list(re.finditer(r"^(#{1,6}) (.+)$", masked, re.M))
     for i, m in enumerate(matches):
         level = len(m.group(1))
         end = len(markdown)
@@ -69,7 +71,9 @@ def check_api(problems: list[str]) -> None:
         ]
         if not examples:
             problems.append(f"docs/api.md: the {route} section has no curl or WebSocket example")
-        if not any(lang == "json" for lang, _ in blocks):
+        # /metrics answers in Prometheus' text format, so its example is that text
+        prometheus = route == "/metrics" and any("# TYPE " in b for _, b in blocks)
+        if not prometheus and not any(lang == "json" for lang, _ in blocks):
             problems.append(f"docs/api.md: the {route} section has no example JSON")
 
 
