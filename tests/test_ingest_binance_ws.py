@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import AsyncIterator, Callable, Sequence
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from tradecanvas.binance_ingest import (
     build_combined_stream_url,
     connection_groups,
 )
+from tradecanvas.binance_rest import RestPolicy
 from tradecanvas.codec import KlineEvent, decode_frame, dumps, kline_frame, read_kline_csv
 from tradecanvas.errors import StoreError
 from tradecanvas.metrics import Metrics
@@ -157,6 +159,7 @@ async def ingest_rig(
     hub: RecordingHub | None = None,
     enable_pipeline_publish: bool = False,
     policy: IngestPolicy = FAST,
+    rest_policy: RestPolicy | None = None,
     **env: str,
 ) -> AsyncIterator[Rig]:
     """Replay (unless URLs are given) + IngestSupervisor + real store and pipeline."""
@@ -165,7 +168,7 @@ async def ingest_rig(
         handle: ReplayHandle | None = None
         if replay is not None:
             handle = await nursery.start(serve_replay, replay)
-            ws_url, rest_url = handle.ws_url, handle.rest_url
+            ws_url, rest_url = ws_url or handle.ws_url, rest_url or handle.rest_url
         flags = make_flags(tmp_path, ws_url, rest_url, **env)
         store = await CandleStore.open(flags.db_path)
         pipeline = IngestPipeline(store, hub, flags.derived_timeframes, "test-fingerprint")
@@ -177,6 +180,7 @@ async def ingest_rig(
             metrics,
             enable_pipeline_publish=enable_pipeline_publish,
             policy=policy,
+            rest_policy=rest_policy,
         )
         rig = Rig(hub, store, pipeline, supervisor, metrics, flags, handle)
 
@@ -451,6 +455,23 @@ class ScriptedUpstream:
         return f"ws://127.0.0.1:{server.port}"
 
 
+@contextlib.contextmanager
+def real_time_limit(seconds: float) -> Iterator[None]:
+    """Fail a test that runs longer than ``seconds`` of real time, whatever its clock (an
+    autojump clock can jump for ever when something hangs)."""
+    token = trio.lowlevel.current_trio_token()
+    scope = trio.CancelScope()
+    timer = threading.Timer(seconds, lambda: token.run_sync_soon(scope.cancel))
+    timer.start()
+    try:
+        with scope:
+            yield
+    finally:
+        timer.cancel()
+    if scope.cancelled_caught:
+        raise AssertionError(f"the test ran longer than {seconds} s of real time")
+
+
 def frame(candle: Candle, *, closed: bool, event_time_ms: int) -> str:
     return dumps(kline_frame(BTC, candle, closed=closed, event_time_ms=event_time_ms))
 
@@ -458,15 +479,21 @@ def frame(candle: Candle, *, closed: bool, event_time_ms: int) -> str:
 async def test_late_close_is_repaired_by_exchange_time_not_wall_clock(
     tmp_path: Path, data_dir: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
+    # the autojump clock jumps to the next deadline whenever SQLite works in a thread, so
+    # this test sets no deadline of its own (a real-time one guards against a hang), and
+    # reads the store only once the repair is done
+    hub = RecordingHub(timeout_s=None)
+    with real_time_limit(WAIT_S):
+        await _late_close_scenario(tmp_path, data_dir, hub)
+
+
+async def _late_close_scenario(tmp_path: Path, data_dir: Path, hub: RecordingHub) -> None:
     rows = day_rows(data_dir)
     bar0, bar1 = rows[600:602]
     t0 = bar0.candle_time
     upstream = ScriptedUpstream()
     csv = data_dir / "klines_1m_5m" / "futures_um" / "BTCUSDT-1m-2023-08-16.csv"
     history = ReplayConfig(files=(parse_file_argument(str(csv), None, stream=False),))
-    # the autojump clock jumps to the next deadline whenever SQLite works in a thread, so
-    # this test sets none of its own
-    hub = RecordingHub(timeout_s=None)
     async with trio.open_nursery() as nursery:
         rest: ReplayHandle = await nursery.start(serve_replay, history)
         ws_url = await upstream.start(nursery)
@@ -489,7 +516,7 @@ async def test_late_close_is_repaired_by_exchange_time_not_wall_clock(
             await upstream.send.send(frame(bar1, closed=False, event_time_ms=deadline_ms - 1))
             await hub.wait_for(lambda: len(hub.of_type("candle_forming", str(BTC))) == 2)
             assert rest.statistics().rest_requests == 0
-            assert await rig.stored(str(BTC)) == []
+            assert hub.closed_times(str(BTC)) == []
             # exchange time reaching bar0's end + late_close_s fetches it from REST
             await upstream.send.send(frame(bar1, closed=False, event_time_ms=deadline_ms))
             await hub.wait_closed(str(BTC), t0)
@@ -554,6 +581,28 @@ async def test_an_exchange_hole_is_committed_around_once_rest_confirms_it(
         assert [s.complete for s in stored_5m] == [False]
 
 
+async def test_held_candles_are_committed_when_rest_stays_down(
+    tmp_path: Path, data_dir: Path
+) -> None:
+    """Nothing received is lost: with REST unreachable, the candles held above a hole are
+    committed after IngestPolicy.hold_max_s, in order, and the hole stays for a retry."""
+    rows = day_rows(data_dir)
+    config = day_replay(data_dir, start_at=1420, omit_closes=frozenset({1425}))
+    async with ingest_rig(
+        tmp_path,
+        replay=config,
+        rest_url="http://127.0.0.1:1",  # nothing listens there
+        policy=attrs.evolve(FAST, hold_max_s=0.3),
+        rest_policy=RestPolicy(max_attempts=1),
+    ) as rig:
+        await rig.hub.wait_closed(str(BTC), DAY + 1439 * 60)
+        expected = rows[1420:1425] + rows[1426:]
+        assert same_bars(await rig.stored(str(BTC)), expected)
+        assert rig.hub.closed_times(str(BTC)) == [c.candle_time for c in expected]
+        stats = rig.supervisor.statistics()
+        assert stats.held_candles == 0 and stats.backfilled_candles == 0
+
+
 # --- connection lifetime -----------------------------------------------------------
 
 
@@ -561,6 +610,11 @@ async def test_a_silent_connection_is_replaced_after_stale_timeout(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
     upstream = ScriptedUpstream()
+    with real_time_limit(WAIT_S):
+        await _stale_scenario(tmp_path, upstream)
+
+
+async def _stale_scenario(tmp_path: Path, upstream: ScriptedUpstream) -> None:
     async with trio.open_nursery() as nursery:
         ws_url = await upstream.start(nursery)
         async with ingest_rig(

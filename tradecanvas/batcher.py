@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Hashable, Iterable, Sequence
 from decimal import Decimal
-from typing import Final, Generic, Literal, TypeVar
+from typing import Final, Generic, Literal, TypeVar, final
 
 import attrs
 
@@ -74,6 +74,7 @@ class TrackerCounters:
     forced_releases: int = 0
 
 
+@final
 class SeriesTracker:
     """Keeps one series' closed candles in time order without holes.
 
@@ -322,6 +323,7 @@ class BatchItem:
     added_at: float
 
 
+@final
 class ClosedBatcher:
     """Closed candles waiting for the pipeline, in release order.
 
@@ -362,6 +364,7 @@ class ClosedBatcher:
         return taken
 
 
+@final
 class FormingThrottle(Generic[K]):
     """At most one forming update per key every ``min_interval_s`` (monotonic).
 
@@ -405,6 +408,7 @@ class FormingThrottle(Generic[K]):
         return ready
 
 
+@final
 class MinuteCache:
     """The recent committed base minutes of each series, for forming derived candles.
 

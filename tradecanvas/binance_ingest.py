@@ -489,8 +489,11 @@ class _IngestLoop:
             last_attempt = -math.inf
             previous: _Connection | None = None
             while True:
-                delay = policy.jitter(policy.reconnect_base_s, policy.reconnect_cap_s, failures)
-                delay = delay if failures else 0.0
+                delay = (
+                    policy.jitter(policy.reconnect_base_s, policy.reconnect_cap_s, failures)
+                    if failures
+                    else 0.0
+                )
                 delay = max(
                     delay, last_attempt + policy.min_connect_interval_s - trio.current_time()
                 )
@@ -567,17 +570,20 @@ class _IngestLoop:
         """Read until the connection closes or goes stale. Never waits on anything but the
         frames channel (see the module docstring)."""
         stale_s = self.flags.stale_timeout_s
-        while True:
-            with trio.move_on_after(stale_s) as scope:
+        # one scope whose deadline moves with every frame (cheaper than one per frame);
+        # only the wait for Binance counts, never the wait for the processor
+        with trio.CancelScope() as scope:
+            while True:
+                scope.deadline = trio.current_time() + stale_s
                 try:
                     message = await ws.get_message()
                 except trio_websocket.ConnectionClosed as exc:
                     return f"closed by Binance: {exc.reason}"
-            if scope.cancelled_caught:
-                self.counters.stale_replacements += 1
-                return f"stale: no frame for {stale_s:g} s"
-            conn.first_frame.set()
-            await self._frames_send.send(_Frame(conn.generation, message, trio.current_time()))
+                scope.deadline = math.inf
+                conn.first_frame.set()
+                await self._frames_send.send(_Frame(conn.generation, message, trio.current_time()))
+        self.counters.stale_replacements += 1
+        return f"stale: no frame for {stale_s:g} s"
 
     # --- processing (sync per frame) ---------------------------------------------------
 

@@ -86,6 +86,8 @@ from tradecanvas.model import Candle, SeriesId
 from tradecanvas.pipeline import SystemEvent
 
 log = logging.getLogger(__name__)
+# close codes with which a client ends its connection normally (RFC 6455 §7.4.1)
+CLIENT_GOODBYE_CODES: Final = (1000, 1001)
 
 CLOSE_NORMAL: Final = 1000
 CLOSE_GOING_AWAY: Final = 1001
@@ -638,11 +640,18 @@ class Hub:
                 f"slow consumer: a send took longer than {self.send_timeout_s:g}s",
                 disconnect_reason="slow_consumer",
             )
-        except (
-            trio_websocket.ConnectionClosed,
-            trio.BrokenResourceError,
-            trio.ClosedResourceError,
-        ) as exc:
+        except trio_websocket.ConnectionClosed as exc:
+            if exc.reason is not None and exc.reason.code in CLIENT_GOODBYE_CODES:
+                # the client said goodbye while we were sending: a normal end, not a
+                # delivery failure (a strict publish must not fail because a chart closed)
+                subscriber.mark_client_closed()
+                subscriber.cancel_scope.cancel()
+            elif not subscriber.closing:
+                subscriber.fail(
+                    f"delivery failed: {type(exc).__name__} {exc}".strip(),
+                    disconnect_reason="send_failed",
+                )
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             if not subscriber.closing:
                 subscriber.fail(
                     f"delivery failed: {type(exc).__name__} {exc}".strip(),
