@@ -781,9 +781,11 @@ class _IngestLoop:
         items = self.batcher.take()
         if not items:
             return
+        started = trio.current_time()
         result = await self._run_pipeline(items)
         if result is None:
             return
+        committed_at = trio.current_time()
         for sid in {item.series for item in items}:
             self.minutes.add(sid, [i.released.candle for i in items if i.series == sid])
         self.counters.committed += result.committed
@@ -810,6 +812,18 @@ class _IngestLoop:
         for item in items:
             if item.released.received_at is not None:
                 self.metrics.ingest_latency_seconds.observe(now - item.released.received_at)
+        log.info(
+            "%s: flush %d received, %d committed, %d duplicates, %d events;"
+            " commit %.1f ms, publish %.1f ms (%s)",
+            self._name,
+            result.received,
+            result.committed,
+            result.duplicates_dropped,
+            len(result.events),
+            (committed_at - started) * 1e3,
+            (now - committed_at) * 1e3,
+            "pipeline" if self.enable_pipeline_publish else "legacy",
+        )
 
     async def _run_pipeline(self, items: Sequence[BatchItem]) -> PipelineResult | None:
         source = items[0].released.source

@@ -153,7 +153,8 @@ async def run_daemon(
 ) -> None:
     """The daemon nursery. ``started()`` reports the bound ports after READY=1."""
     flags = runtime.flags
-    stop = stop or trio.Event()
+    if stop is None:
+        stop = trio.Event()
     ingest_scope, ws_scope, http_scope = trio.CancelScope(), trio.CancelScope(), trio.CancelScope()
     ingest_done, ws_done, http_done = trio.Event(), trio.Event(), trio.Event()
     async with trio.open_nursery() as nursery:
