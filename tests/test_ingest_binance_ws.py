@@ -828,3 +828,33 @@ async def test_replayed_week_with_faults_lands_exactly_once_equal_to_binance(
         stats = rig.supervisor.statistics()
         assert stats.reconnects == 1 and stats.malformed_frames == 0
         assert stats.late_closes_repaired >= 85 and stats.duplicates_dropped >= 90
+
+
+async def test_derived_forming_includes_closed_minutes_not_yet_flushed(
+    tmp_path: Path, data_dir: Path
+) -> None:
+    """A 5m forming bar counts every closed minute of its bucket at once, even while the
+    closes wait in the batch: its volume never goes down within a bucket."""
+    config = day_replay(data_dir, forming_per_bar=2, start_at=0)
+    async with ingest_rig(
+        tmp_path,
+        replay=config,
+        binance_ws_flush_s="60",
+        binance_ws_batch_max="100000",
+        market_forming_min_interval_ms="0",
+    ) as rig:
+        await rig.hub.wait_for(lambda: len(rig.hub.of_type("candle_forming", BTC_5M)) >= 40)
+        forming = rig.hub.of_type("candle_forming", BTC_5M)
+        assert not rig.hub.closed_times(str(BTC))  # nothing flushed yet: all still batched
+    rows = {c.candle_time: c for c in day_rows(data_dir)}
+    by_bucket: dict[int, list[float]] = {}
+    for message in forming[:40]:
+        by_bucket.setdefault(message["candle"]["candle_time"], []).append(
+            message["candle"]["volume"]
+        )
+    for bucket, volumes in by_bucket.items():
+        assert volumes == sorted(volumes), f"5m forming volume went down in {bucket}"
+        # the last forming update of a full bucket has at least the first four closed minutes
+        if len(volumes) == 10:
+            closed = sum(float(rows[bucket + 60 * i].volume) for i in range(4))
+            assert volumes[-1] >= closed - 1e-9

@@ -677,6 +677,9 @@ class _IngestLoop:
     def _enqueue(self, sid: SeriesId, released: Sequence[Released]) -> None:
         if not released:
             return
+        # forming derived candles need these minutes now, not after the batch is flushed
+        # (else a 5m forming bar's volume dips for up to binance_ws_flush_s)
+        self.minutes.add(sid, [r.candle for r in released])
         self.batcher.add(sid, released, trio.current_time())
         self._batch_wakeup.set()
 
