@@ -24,12 +24,14 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from tradecanvas.binance_ingest import StoreBanMemory
 from tradecanvas.binance_rest import BinanceRestClient, RestPolicy, klines_weight
 from tradecanvas.codec import candle_to_rest_row, dumps, read_kline_csv
 from tradecanvas.errors import UpstreamError, WireError
 from tradecanvas.metrics import Metrics
 from tradecanvas.model import Candle, SeriesId, Timeframe
 from tradecanvas.replay import ReplayConfig, ReplayHandle, parse_file_argument, serve_replay
+from tradecanvas.store import CandleStore
 
 FUTURES = SeriesId.parse("binance:futures:BTC/USDT:1m")
 SPOT = SeriesId.parse("binance:spot:BTC/USDT:1m")
@@ -295,3 +297,31 @@ async def test_weight_near_the_limit_waits_for_binances_next_minute(
         assert 10.0 <= second - first <= 11.5  # 60 - 50 s, plus a second of rounding
         assert client.statistics().weight_waits == 1
         nursery.cancel_scope.cancel()
+
+
+async def test_a_ban_is_remembered_across_a_restart(
+    tmp_path: Path, http: httpx.AsyncClient
+) -> None:
+    """BINANCE.md: asking again during a 418 ban lengthens it, so a restarted daemon must
+    not. The ban's end lives in the store; a new client honours it before any request."""
+    binance = ScriptedBinance([rows_reply(418, retry_after="7200"), rows_reply()])
+    store = await CandleStore.open(tmp_path / "m.sqlite3")
+    async with trio.open_nursery() as nursery:
+        base = await binance.start(nursery)
+        first = BinanceRestClient(http, {"futures": base}, policy=FAST, bans=StoreBanMemory(store))
+        with pytest.raises(UpstreamError, match="stay away"):
+            await first.klines(FUTURES, 1692144000, 1692144120)
+        assert len(binance.calls) == 1
+        # "restart": a new client on the same store
+        second = BinanceRestClient(http, {"futures": base}, policy=FAST, bans=StoreBanMemory(store))
+        await second.restore_bans()
+        with pytest.raises(UpstreamError, match="stay away"):
+            await second.klines(FUTURES, 1692144000, 1692144120)
+        assert len(binance.calls) == 1  # the restarted client did not knock
+        # an expired ban is ignored
+        await StoreBanMemory(store).save("futures", 1.0)
+        third = BinanceRestClient(http, {"futures": base}, policy=FAST, bans=StoreBanMemory(store))
+        await third.restore_bans()
+        assert len(await third.klines(FUTURES, 1692144000, 1692144120)) == 2
+        nursery.cancel_scope.cancel()
+    await store.aclose()

@@ -64,9 +64,10 @@ from tradecanvas.errors import (
     WireError,
 )
 from tradecanvas.metrics import Metrics
-from tradecanvas.model import Candle, Market, SeriesId, Timeframe
+from tradecanvas.model import MARKETS, Candle, Market, SeriesId, Timeframe
 from tradecanvas.pipeline import IngestBatch, IngestPipeline, MarketSink, PipelineResult
 from tradecanvas.runtime_flags import RuntimeFlags
+from tradecanvas.store import CandleStore
 
 log = logging.getLogger(__name__)
 
@@ -893,6 +894,29 @@ async def run_binance_ws_ingest_loop(
 
 
 @final
+class StoreBanMemory:
+    """Keeps the end of a Binance IP ban (418) in the store's meta table, so that a restart
+    inside the ban does not call Binance again (which would lengthen it)."""
+
+    KEY: Final = "rest_ban_until:"
+
+    def __init__(self, store: CandleStore) -> None:
+        self.store = store
+
+    async def load(self) -> dict[Market, float]:
+        result: dict[Market, float] = {}
+        for market in MARKETS:
+            text = await self.store.get_meta(self.KEY + market)
+            if text is not None:
+                with contextlib.suppress(ValueError):
+                    result[market] = float(text)
+        return result
+
+    async def save(self, market: Market, until_unix: float) -> None:
+        await self.store.write(lambda txn: txn.set_meta(self.KEY + market, repr(until_unix)))
+
+
+@final
 class IngestSupervisor:
     """Owns the Binance connections of ``flags.series``: one run_binance_ws_ingest_loop per
     connection of at most 200 streams per market, and the shared httpx client.
@@ -932,8 +956,13 @@ class IngestSupervisor:
             headers={"user-agent": "tradecanvas"},
         ) as http:
             self.rest = BinanceRestClient.from_flags(
-                http, self.flags, metrics=self.metrics, policy=self.rest_policy
+                http,
+                self.flags,
+                metrics=self.metrics,
+                policy=self.rest_policy,
+                bans=StoreBanMemory(self.pipeline.store),
             )
+            await self.rest.restore_bans()
             async with trio.open_nursery() as nursery:
                 for group, counters in zip(self.groups, self._counters, strict=True):
                     nursery.start_soon(

@@ -21,8 +21,9 @@ from __future__ import annotations
 import email.utils
 import logging
 import random
+import time
 from collections.abc import Mapping
-from typing import Final, final
+from typing import Final, Protocol, final
 
 import attrs
 import httpx
@@ -124,6 +125,14 @@ def _retry_after(response: httpx.Response) -> float:
     return max(0.0, value)
 
 
+class BanMemory(Protocol):
+    """Where a 418 ban's end (unix seconds) survives a restart (the store's meta table)."""
+
+    async def load(self) -> Mapping[Market, float]: ...
+
+    async def save(self, market: Market, until_unix: float) -> None: ...
+
+
 @final
 class BinanceRestClient:
     """Owns Binance REST access for the daemon: one shared ``httpx.AsyncClient`` (passed in;
@@ -140,8 +149,10 @@ class BinanceRestClient:
         *,
         metrics: Metrics | None = None,
         policy: RestPolicy | None = None,
+        bans: BanMemory | None = None,
     ) -> None:
         self.http = http
+        self.bans = bans
         self.base_urls = {m: url.rstrip("/") for m, url in base_urls.items()}
         self.metrics = metrics
         self.policy = policy or RestPolicy()
@@ -160,13 +171,32 @@ class BinanceRestClient:
         *,
         metrics: Metrics | None = None,
         policy: RestPolicy | None = None,
+        bans: BanMemory | None = None,
     ) -> BinanceRestClient:
         return cls(
             http,
             {"futures": flags.binance_futures_rest_url, "spot": flags.binance_spot_rest_url},
             metrics=metrics,
             policy=policy,
+            bans=bans,
         )
+
+    async def restore_bans(self) -> None:
+        """Honour a ban (418) a previous run of the daemon was given and that still runs:
+        asking again during a ban only lengthens it."""
+        if self.bans is None:
+            return
+        for market, until_unix in (await self.bans.load()).items():
+            left = until_unix - time.time()  # a ban ends in wall-clock time
+            if left > 0:
+                gate = self._gate(market)
+                gate.blocked_until = max(gate.blocked_until, trio.current_time() + left)
+                log.warning(
+                    "Binance %s REST: an IP ban from a previous run lasts %.0f s more;"
+                    " not calling it until then",
+                    market,
+                    left,
+                )
 
     def statistics(self) -> RestStatistics:
         return RestStatistics(
@@ -331,6 +361,8 @@ class BinanceRestClient:
                         self._banned += 1
                     gate.blocked_until = max(gate.blocked_until, trio.current_time() + wait)
                     log.warning("%s: %s; every request waits %.0f s", what, problem, wait)
+                    if status == 418 and self.bans is not None:
+                        await self.bans.save(market, time.time() + wait)
                     continue
                 if status < 500:
                     raise UpstreamError(f"{what} {dict(params)}: {problem}")
