@@ -154,3 +154,32 @@ def test_bad_flag_stops_serve_with_exit_2() -> None:
     )
     assert proc.returncode == 2
     assert proc.stderr.startswith("tradecanvas: TRADE_CANVAS_WS_PORT: ")
+
+
+async def test_a_second_signal_exits_at_once(tmp_path: Path) -> None:
+    """While the first SIGTERM's drain waits on a client that never answers the close
+    handshake, a second SIGTERM ends the process at once."""
+    env = _env(
+        TRADE_CANVAS_DB_PATH=str(tmp_path / "m.sqlite3"),
+        # no upstream here: an unreachable loopback port keeps the ingest reconnecting
+        TRADE_CANVAS_BINANCE_FUTURES_WS_URL="ws://127.0.0.1:9",
+        TRADE_CANVAS_BINANCE_FUTURES_REST_URL="http://127.0.0.1:9",
+    )
+    log = tmp_path / "serve.log"
+    with _process(["serve"], env, log) as serve:
+        port = int((await _line(log, r"ready ws=ws://[\d.]+:(\d+)", serve)).group(1))
+        # a client that upgrades and then never reads or answers anything
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        await stream.send_all(
+            b"GET /ws/market HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            b"Sec-WebSocket-Version: 13\r\n\r\n"
+        )
+        assert b"101" in await stream.receive_some(4096)
+        serve.send_signal(signal.SIGTERM)
+        await _line(log, r"SIGTERM: shutting down", serve)
+        assert serve.poll() is None  # still draining: the silent client holds the close
+        serve.send_signal(signal.SIGTERM)
+        assert await _exit_code(serve, within=2) == 128 + signal.SIGTERM
+        await stream.aclose()
+    assert "second SIGTERM: exiting at once" in log.read_text()
