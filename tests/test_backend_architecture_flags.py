@@ -128,6 +128,7 @@ async def test_kill_switch_reaches_the_ingest_loop(
         with trio.fail_after(30):
             await enough.wait()
         assert runtime.supervisor.statistics().loops_enable_pipeline_publish == (expected,)
+        assert runtime.status_line().startswith("upstream 1/1 connected, 1 streams; ")
         label, other = ("pipeline", "legacy") if expected else ("legacy", "pipeline")
         assert runtime.metrics.publish_total.labels(path=label)._value.get() >= 3
         assert runtime.metrics.publish_total.labels(path=other)._value.get() == 0

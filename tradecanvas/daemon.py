@@ -57,6 +57,8 @@ EXIT_FAILURE: Final = 1
 EXIT_STORE_FAILURE: Final = 3
 # A write running longer than this means the pipeline is stuck: stop feeding the watchdog.
 STUCK_WRITE_S: Final = 20.0
+# How often the STATUS= line shown by `systemctl status` is refreshed.
+STATUS_INTERVAL_S: Final = 10.0
 
 
 @final
@@ -83,6 +85,24 @@ class MarketRuntime:
 
     def pipeline_progressing(self) -> bool:
         return self.store.write_running_for() < STUCK_WRITE_S
+
+    def status_line(self) -> str:
+        """One line of ingest state for systemd's STATUS=."""
+        ingest = self.supervisor.statistics()
+        hub = self.hub.statistics()
+        return (
+            f"upstream {ingest.connected}/{ingest.connections} connected, "
+            f"{ingest.streams} streams; {ingest.committed_candles} candles committed, "
+            f"{ingest.held_candles} held, {ingest.reconnects} reconnects; "
+            f"{hub.subscribers} subscribers"
+        )
+
+
+async def _report_status(runtime: MarketRuntime) -> None:
+    """Refresh STATUS= while the daemon runs (only under systemd)."""
+    while True:
+        await trio.sleep(STATUS_INTERVAL_S)
+        runtime.notifier.status(runtime.status_line())
 
 
 async def market_runtime_builder(flags: RuntimeFlags) -> MarketRuntime:
@@ -184,6 +204,8 @@ async def run_daemon(
         ws, http = runtime.listening["ws"], runtime.listening["http"]
         runtime.notifier.ready()
         runtime.notifier.status(f"ingesting {len(flags.series)} series; ws :{ws} http :{http}")
+        if runtime.notifier.enabled:
+            nursery.start_soon(_report_status, runtime)
         log.info(
             "tradecanvas ready ws=ws://%s:%d/ws/market http=http://%s:%d db=%s publish_path=%s",
             flags.ws_host,
