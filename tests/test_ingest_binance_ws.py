@@ -389,6 +389,10 @@ async def test_legacy_publish_failure_is_counted_and_never_touches_upstream(
         if failing == BTC_5M:
             # derived publishes are best-effort: the base series still reached subscribers
             assert_contiguous(hub.closed_times(str(BTC)), DAY + 1425 * 60, DAY + 1439 * 60)
+        else:
+            # a failing base step is raised only after the other steps ran: the derived
+            # candles still reached subscribers
+            assert_contiguous(hub.closed_times(BTC_5M), DAY + 1425 * 60, DAY + 1435 * 60, 300)
         failed = rig.metrics.registry.get_sample_value(
             "tradecanvas_publish_failed_steps_total", {"path": "legacy"}
         )

@@ -160,3 +160,30 @@ async def test_sqlite_failure_is_a_store_error_and_nothing_is_half_written(
     await store.aclose()
     with pytest.raises(StoreError, match="closed"):
         await store.upsert(SID, [candle(120, "1", "1", "1", "1")], "ws")
+
+
+async def test_a_write_waiting_for_the_writer_survives_cancellation(tmp_path: Path) -> None:
+    """A caller cancelled while another write runs still gets its write committed: it may
+    already have taken the candles out of its own buffer."""
+    store = await CandleStore.open(tmp_path / "m.sqlite3")
+    write_started = trio.Event()
+    release = trio.Event()
+    token = trio.lowlevel.current_trio_token()
+
+    def long_write(txn: object) -> None:
+        trio.from_thread.run_sync(write_started.set, trio_token=token)
+        trio.from_thread.run(release.wait, trio_token=token)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(store.write, long_write)
+        await write_started.wait()
+        with trio.CancelScope() as scope:
+
+            async def cancel_then_release() -> None:
+                scope.cancel()  # cancelled while waiting for the writer
+                release.set()
+
+            nursery.start_soon(cancel_then_release)
+            await store.upsert(SID, [candle(60, "1", "1", "1", "1")], "ws")
+    assert await store.head_time(SID) == 60
+    await store.aclose()

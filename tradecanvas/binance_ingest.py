@@ -291,9 +291,10 @@ def _publish_pipeline_result_from_ws(
     number of failed steps.
 
     ``True`` (pipeline): ``IngestPipeline.publish(result, best_effort=True)``.
-    ``False`` (legacy): base series first, strict — a failing step raises PublishError
-    at once; then derived series in configured order and the system events, base first,
-    each best-effort. Both send the same messages; one ``publish_total`` count per call.
+    ``False`` (legacy): base series first, strict — a failing base step raises
+    PublishError, after the remaining steps have run; then derived series in configured
+    order and the system events, base first, each best-effort. Both send the same
+    messages; one ``publish_total`` count per call.
     """
     if enable_pipeline_publish:
         metrics.publish_total.labels(path="pipeline").inc()
@@ -303,6 +304,7 @@ def _publish_pipeline_result_from_ws(
         return failed
     metrics.publish_total.labels(path="legacy").inc()
     failed = 0
+    strict_failures: list[str] = []
     for update in result.in_legacy_order():
         problems = _legacy_step(
             f"closed {update.series_id}",
@@ -312,11 +314,16 @@ def _publish_pipeline_result_from_ws(
             failed += 1
             metrics.publish_failed_steps_total.labels(path="legacy").inc()
             if not update.derived:
-                raise PublishError([f"closed {update.series_id}: {p}" for p in problems])
+                strict_failures.extend(f"closed {update.series_id}: {p}" for p in problems)
     for event in result.events_base_first():
         if _legacy_step(f"system {event.series_id}", functools.partial(hub.publish_system, event)):
             failed += 1
             metrics.publish_failed_steps_total.labels(path="legacy").inc()
+    if strict_failures:
+        # strict for the base series, but raised only after every other step ran: one dead
+        # subscriber must not keep other series' candles or the rebuild events from the
+        # healthy ones (system events are not stored, so a skipped one would be lost)
+        raise PublishError(strict_failures)
     return failed
 
 
@@ -999,7 +1006,20 @@ class IngestSupervisor:
                 self._fatal = exc
                 scope.cancel()
                 return
-            except Exception:
+            except Exception as exc:
+                store_errors = (
+                    exc.split(StoreError)[0] if isinstance(exc, BaseExceptionGroup) else None
+                )
+                if store_errors is not None:
+                    # a store failure inside one of the loop's own nurseries is fatal too
+                    first = store_errors.exceptions[0]
+                    while isinstance(first, BaseExceptionGroup):
+                        first = first.exceptions[0]
+                    assert isinstance(first, StoreError)
+                    log.critical("the candle store failed; stopping the ingest: %s", first)
+                    self._fatal = first
+                    scope.cancel()
+                    return
                 log.exception("ingest loop for %s crashed; restarting", [str(s) for s in group])
             else:
                 log.error("ingest loop for %s returned; restarting", [str(s) for s in group])

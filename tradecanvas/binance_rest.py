@@ -30,7 +30,7 @@ import httpx
 import trio
 
 from tradecanvas.codec import decode_rest_klines, loads
-from tradecanvas.errors import UpstreamError, WireError
+from tradecanvas.errors import TradeCanvasError, UpstreamError, WireError
 from tradecanvas.metrics import Metrics
 from tradecanvas.model import Candle, Market, SeriesId
 from tradecanvas.runtime_flags import RuntimeFlags
@@ -347,6 +347,8 @@ class BinanceRestClient:
                 problem = f"timed out ({type(exc).__name__})"
             except httpx.TransportError as exc:
                 problem = f"transport error: {type(exc).__name__}: {exc}"
+            except httpx.HTTPError as exc:  # decoding, redirects: not worth a retry
+                raise UpstreamError(f"{what}: {type(exc).__name__}: {exc}") from exc
             else:
                 self._observe(gate, response, weight)
                 status = response.status_code
@@ -362,7 +364,10 @@ class BinanceRestClient:
                     gate.blocked_until = max(gate.blocked_until, trio.current_time() + wait)
                     log.warning("%s: %s; every request waits %.0f s", what, problem, wait)
                     if status == 418 and self.bans is not None:
-                        await self.bans.save(market, time.time() + wait)
+                        try:
+                            await self.bans.save(market, time.time() + wait)
+                        except TradeCanvasError as exc:  # best effort: the ban holds anyway
+                            log.error("could not remember the ban: %s", exc)
                     continue
                 if status < 500:
                     raise UpstreamError(f"{what} {dict(params)}: {problem}")

@@ -375,13 +375,16 @@ class CandleStore:
                     raise
                 return result
 
-        async with self._write_limiter:
-            self._write_started = trio.current_time()
-            try:
-                with trio.CancelScope(shield=True):
+        # Shielded from the wait for the writer on: a caller that already took candles out
+        # of its buffer must not lose them to a cancellation while another write runs.
+        # Writes are short, so the shield is bounded in practice.
+        with trio.CancelScope(shield=True):
+            async with self._write_limiter:
+                self._write_started = trio.current_time()
+                try:
                     result = await trio.to_thread.run_sync(_run)
-            finally:
-                self._write_started = None
+                finally:
+                    self._write_started = None
         return result
 
     async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
