@@ -200,3 +200,19 @@ async def test_strict_raises_after_the_failing_step(tmp_path: Path) -> None:
     # the candles were committed anyway
     assert await p.store.head_time(str(BTC)) == 240
     await p.store.aclose()
+
+
+async def test_history_starting_inside_a_bucket_gives_no_partial_first_bar(
+    tmp_path: Path,
+) -> None:
+    """An initial backfill from 04:02 must not publish a 5m bar for 04:00 built from three
+    of its five minutes; once the earlier minutes are backfilled, the bar appears."""
+    p = await _pipeline(tmp_path)
+    result = await p.run(IngestBatch.of(BTC, list(flat_minutes(120, 10)), "rest"))
+    assert [c.candle_time for u in result.updates if u.derived for c in u.candles] == [300]
+    assert [s.candle.candle_time for s in await p.store.range(BTC5, 0, 10_000)] == [300]
+    result = await p.run(IngestBatch.of(BTC, list(flat_minutes(0, 2)), "rest"))
+    assert [s.candle.candle_time for s in await p.store.range(BTC5, 0, 10_000)] == [0, 300]
+    (first,) = await p.store.range(BTC5, 0, 300)
+    assert first.complete
+    await p.store.aclose()

@@ -289,6 +289,11 @@ class IngestPipeline:
             if not complete and head < end:
                 continue  # still filling; finalised when a later minute is stored
             before = txn.last_before(base_sid, bucket)
+            if not complete and before is None and minutes[0].candle_time > bucket:
+                # the store's history starts inside this bucket (an initial backfill from
+                # a minute that is not bucket-aligned): Binance's bar holds minutes we never
+                # fetched, so a bar from ours would be wrong; leave it out
+                continue
             result = derive_bucket(bucket, tf, minutes, before.candle.close if before else None)
             if result is not None:
                 derived.append((result.candle, result.complete))
