@@ -28,6 +28,17 @@ from tradecanvas.runtime_flags import RuntimeFlags, build_runtime_flags
 WEEK = "klines_1m_5m/futures_um/BTCUSDT-1m-2025-07-06_2025-07-12.csv"
 BASE = "binance:futures:BTC/USDT:1m"
 TOKEN = "architecture-test-token-0123"
+HTTP_TIME = 60 * 10**7  # far after the replayed data: only the HTTP write stores it
+
+
+async def post_candle(client: httpx.AsyncClient, t: int) -> httpx.Response:
+    """The strict write path, with the token."""
+    candle = {"candle_time": t, "open": 1, "high": 1, "low": 1, "close": 1, "volume": 1}
+    return await client.post(
+        "/api/market/ingest/candle_closed",
+        json={"series_id": BASE, "candle": candle},
+        headers={"Authorization": f"Bearer {TOKEN}"},
+    )
 
 
 def _flags(tmp_path: Path, replay: ReplayHandle, kill_switch: str) -> RuntimeFlags:
@@ -78,24 +89,10 @@ async def test_one_store_hub_and_pipeline_shared_by_every_path(tmp_path: Path) -
         # the HTTP write path runs through the same pipeline instance
         runs_before = runtime.pipeline.statistics().runs
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{ports['http']}") as client:
-            answer = await client.post(
-                "/api/market/ingest/candle_closed",
-                json={
-                    "series_id": BASE,
-                    "candle": {
-                        "candle_time": 60 * 10**7,
-                        "open": 1,
-                        "high": 1,
-                        "low": 1,
-                        "close": 1,
-                        "volume": 1,
-                    },
-                },
-                headers={"Authorization": f"Bearer {TOKEN}"},
-            )
+            answer = await post_candle(client, HTTP_TIME)
         assert answer.status_code == 200, answer.text
         assert runtime.pipeline.statistics().runs == runs_before + 1
-        assert await runtime.store.head_time(BASE) == 60 * 10**7
+        assert await runtime.store.head_time(BASE) == HTTP_TIME
 
 
 @pytest.mark.parametrize(("kill_switch", "expected"), [("0", False), ("1", True)])
@@ -144,7 +141,7 @@ async def test_http_path_is_strict(tmp_path: Path) -> None:
         original = runtime.pipeline.publish
 
         def spy(result: PipelineResult, *, best_effort: bool) -> int:
-            if result.updates and result.updates[0].candles[0].candle_time == 60 * 10**7:
+            if result.updates and result.updates[0].candles[0].candle_time == HTTP_TIME:
                 calls.append(best_effort)
             return original(result, best_effort=best_effort)
 
@@ -155,33 +152,19 @@ async def test_http_path_is_strict(tmp_path: Path) -> None:
                     {
                         "type": "subscribe",
                         "series_id": BASE,
-                        "since": 60 * 10**7 - 60,
+                        "since": HTTP_TIME - 60,
                         "supports_batch": True,
                     }
                 )
             )
             async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{ports['http']}") as client:
-                answer = await client.post(
-                    "/api/market/ingest/candle_closed",
-                    json={
-                        "series_id": BASE,
-                        "candle": {
-                            "candle_time": 60 * 10**7,
-                            "open": 1,
-                            "high": 1,
-                            "low": 1,
-                            "close": 1,
-                            "volume": 1,
-                        },
-                    },
-                    headers={"Authorization": f"Bearer {TOKEN}"},
-                )
+                answer = await post_candle(client, HTTP_TIME)
             assert answer.status_code == 200
             with trio.fail_after(10):
                 while True:
                     message: dict[str, Any] = loads(await ws.get_message())
                     if message["type"] == "candles_batch":
-                        assert [c["candle_time"] for c in message["candles"]] == [60 * 10**7]
+                        assert [c["candle_time"] for c in message["candles"]] == [HTTP_TIME]
                         break
         assert calls == [False]
         assert runtime.metrics.publish_total.labels(path="http")._value.get() == 1

@@ -8,7 +8,6 @@ malformed raises :class:`~tradecanvas.errors.WireError` with a short ``reason``.
 from __future__ import annotations
 
 import csv
-from collections.abc import Sequence
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, Final
@@ -300,10 +299,6 @@ def dumps(obj: object) -> str:
 def loads(raw: bytes | str) -> Any:
     """Our JSON in; raises ``orjson.JSONDecodeError`` (a ValueError)."""
     return orjson.loads(raw)
-
-
-def candles_to_wire(candles: Sequence[Candle]) -> list[dict[str, int | float]]:
-    return [c.to_wire() for c in candles]
 
 
 def read_kline_csv(path: Path) -> list[Candle]:

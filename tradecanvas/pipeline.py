@@ -24,7 +24,6 @@ from tradecanvas.store import CandleStore, Source, StoreTxn, UpsertOutcome
 log = logging.getLogger(__name__)
 
 FACTOR_REBUILD: Final = "factor.rebuild"
-REBUILD_REASONS: Final = ("new_series", "backfill", "revision", "fingerprint")
 
 
 @attrs.frozen

@@ -29,7 +29,6 @@ from tradecanvas.errors import StoreError
 from tradecanvas.model import Candle
 
 Source = Literal["ws", "rest", "http", "derived"]
-SOURCES: Final = ("ws", "rest", "http", "derived")
 # Readers run in parallel threads; two cores here, and reads are short index range scans.
 READER_CONNECTIONS: Final = 4
 T = TypeVar("T")
