@@ -127,11 +127,57 @@ def test_long_outages_are_fetched_in_chunks() -> None:
     tr = tracker(head=T0)
     end = T0 + 60 * (FILL_CHUNK_MINUTES * 2 + 10)
     tr.on_live_frame(end, new_connection=True)
+    tr.on_exchange_time(end * 1000 + 500)
     first = tr.next_fill(now=0.0)
     assert first is not None and first.end - first.start == FILL_CHUNK_MINUTES * 60
     tr.on_fill_result(first, [], now=0.0)
     second = tr.next_fill(now=0.0)
     assert second is not None and second.start == first.end
+
+
+def test_a_minute_rest_does_not_have_yet_is_not_called_absent_until_it_is_late() -> None:
+    """Reconnect half a second into a minute: the minute that just closed may not be in
+    REST yet, and no live close will come for it on the new connection."""
+    tr = tracker(head=T0)
+    live = T0 + 600
+    tr.on_live_frame(live, new_connection=True)
+    tr.on_exchange_time(live * 1000 + 500)
+    request = tr.next_fill(now=0.0)
+    assert request == FillRequest(T0 + 60, live, "reconnect")
+    bars = minutes(T0 + 60, 9)  # T0+60 .. T0+540; REST lags on the last one
+    out = tr.on_fill_result(request, bars[:-1], now=0.0)
+    assert times(out) == [T0 + 60 * i for i in range(1, 9)]
+    assert tr.head == T0 + 480  # T0+540 is not skipped as an exchange hole
+    assert tr.next_fill(now=0.0) is None  # and REST is not hammered while it is recent
+    tr.on_exchange_time((T0 + 609) * 1000 + 999)
+    assert tr.next_fill(now=0.0) is None
+    # late_close after its end, in exchange time, it is asked for again
+    tr.on_exchange_time((T0 + 610) * 1000)
+    again = tr.next_fill(now=0.0)
+    assert again is not None and again.start == T0 + 540
+    # the live close of the forming minute is held above it meanwhile
+    assert tr.on_closed(minutes(live, 1)[0], now=0.0) == []
+    out = tr.on_fill_result(again, bars[-1:], now=0.0)
+    assert times(out) == [T0 + 540, live]
+    assert not tr.wants_fill()
+
+
+def test_a_minute_still_missing_once_late_is_an_exchange_hole() -> None:
+    tr = tracker(head=T0)
+    live = T0 + 300
+    tr.on_live_frame(live, new_connection=True)
+    tr.on_exchange_time(live * 1000 + 200)
+    request = tr.next_fill(now=0.0)
+    assert request is not None
+    bars = minutes(T0 + 60, 4)
+    # minute T0+120 is missing below one REST returned: absent, whatever its age
+    tr.on_fill_result(request, [bars[0], bars[2]], now=0.0)
+    assert tr.head == T0 + 180
+    tr.on_exchange_time((live + 10) * 1000)
+    again = tr.next_fill(now=0.0)
+    assert again == FillRequest(T0 + 240, live, "reconnect")
+    assert tr.on_fill_result(again, [], now=0.0) == []
+    assert tr.head == live - 60 and not tr.wants_fill()
 
 
 def test_a_failed_fill_is_retried_after_its_pause() -> None:

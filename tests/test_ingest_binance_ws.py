@@ -570,6 +570,33 @@ async def test_429_retry_after_is_honoured_and_backfill_never_blocks_forming(
         assert kinds.index("candle_forming") < kinds.index("candles_batch")
 
 
+async def test_rate_limits_are_read_from_exchange_info_at_start(
+    tmp_path: Path, data_dir: Path
+) -> None:
+    config = day_replay(data_dir, start_at=1430, weight_limit=1200)
+    async with ingest_rig(tmp_path, replay=config) as rig:
+        with trio.fail_after(WAIT_S):
+            await rig.supervisor.rate_limits_loaded.wait()
+        assert rig.supervisor.rest is not None
+        assert rig.supervisor.rest.statistics().weight_limit == {"futures": 1200}
+
+
+async def test_rate_limits_stay_at_the_usual_values_when_exchange_info_fails(
+    tmp_path: Path, data_dir: Path
+) -> None:
+    async with ingest_rig(
+        tmp_path,
+        replay=day_replay(data_dir, start_at=1430),
+        rest_url="http://127.0.0.1:1",  # nothing listens there
+        rest_policy=RestPolicy(max_attempts=1),
+    ) as rig:
+        with trio.fail_after(WAIT_S):
+            await rig.supervisor.rate_limits_loaded.wait()
+        await rig.hub.wait_closed(str(BTC), DAY + 1439 * 60)  # the live stream goes on
+        assert rig.supervisor.rest is not None
+        assert rig.supervisor.rest.statistics().weight_limit == {"futures": 2400}
+
+
 async def test_an_exchange_hole_is_committed_around_once_rest_confirms_it(
     tmp_path: Path, data_dir: Path
 ) -> None:
@@ -605,6 +632,20 @@ async def test_held_candles_are_committed_when_rest_stays_down(
         assert rig.hub.closed_times(str(BTC)) == [c.candle_time for c in expected]
         stats = rig.supervisor.statistics()
         assert stats.held_candles == 0 and stats.backfilled_candles == 0
+    # the hole outlives the process, and the next start asks REST for it again
+    store = await CandleStore.open(tmp_path / "market.sqlite3")
+    try:
+        saved = await store.get_meta(f"unresolved_holes:{BTC}")
+    finally:
+        await store.aclose()
+    assert saved is not None and orjson.loads(saved) == [[DAY + 1425 * 60, DAY + 1426 * 60]]
+    async with ingest_rig(tmp_path, replay=day_replay(data_dir, start_at=1439)) as rig:
+        await rig.hub.wait_for(lambda: bool(rig.hub.of_type("system")))
+        assert same_bars(await rig.stored(str(BTC)), rows[1420:])
+        rebuild = rig.hub.of_type("system")[0]
+        assert rebuild["event"] == "factor.rebuild" and rebuild["series_id"] == str(BTC)
+        assert await rig.store.get_meta(f"unresolved_holes:{BTC}") == "[]"
+        assert rig.supervisor.statistics().backfilled_candles == 1
 
 
 # --- connection lifetime -----------------------------------------------------------

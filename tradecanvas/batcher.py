@@ -89,6 +89,11 @@ class SeriesTracker:
     frame of a new connection (``reconnect``: nothing is replayed after a disconnect), an
     empty store's first frame (``initial``), exchange time passing ``late_close`` seconds
     after a minute's end without its close (``late_close``), and a held candle (``hole``).
+
+    A minute missing from a REST answer counts as absent at the exchange only when REST
+    cannot merely be behind: it is below a minute the same answer returned, or it ended at
+    least ``late_close`` ago in exchange time. A just-closed minute REST does not have yet
+    stays unsettled, and is asked for again once it is that old (or its close arrives).
     """
 
     def __init__(
@@ -98,6 +103,7 @@ class SeriesTracker:
         initial_backfill: int,
         late_close_ms: int,
         recent_keep: int = RECENT_KEEP,
+        unresolved: Iterable[tuple[int, int]] = (),
     ) -> None:
         self.head = head
         self.initial_backfill = initial_backfill
@@ -109,8 +115,14 @@ class SeriesTracker:
         self._held: dict[int, Released] = {}
         self._want_upto = 0
         self._want_reason: FillReason = "late_close"
+        self._exchange_ms: int | None = None
+        # REST answered without the minute at ``head + 60`` while it was too recent to call
+        # absent; the next fill waits until exchange time makes it old enough
+        self._unsettled: int | None = None
         self._inflight: FillRequest | None = None
-        self._unresolved: list[tuple[int, int]] = []
+        # holes left under candles committed by release_held, to retry (kept by the shell
+        # across restarts)
+        self._unresolved: list[tuple[int, int]] = sorted(set(unresolved))
         self._recent: OrderedDict[int, Candle] = OrderedDict()
         self._recent_keep = recent_keep
 
@@ -131,10 +143,10 @@ class SeriesTracker:
 
     def on_exchange_time(self, event_time_ms: int) -> None:
         """Exchange time reached ``event_time_ms``: closes due ``late_close`` ago are late."""
+        self._note_exchange_time(event_time_ms)
         if self.head is None:
             return
-        upto = (event_time_ms - self.late_close_ms) // MINUTE_MS * MINUTE
-        self._raise_want(upto, "late_close")
+        self._raise_want(self._late_upto(), "late_close")
 
     def on_closed(
         self,
@@ -158,6 +170,8 @@ class SeriesTracker:
             # the pipeline stores it and tells consumers (factor.rebuild)
             self._remember(candle)
             return [Released(candle, source, received_at)]
+        # a close for this minute means exchange time has passed its end
+        self._note_exchange_time((t + MINUTE) * 1000)
         held = self._held.get(t)
         if held is not None and held.candle.same_values(candle):
             self.counters.duplicates += 1
@@ -173,12 +187,28 @@ class SeriesTracker:
     def held_count(self) -> int:
         return len(self._held)
 
+    @property
+    def unresolved(self) -> tuple[tuple[int, int], ...]:
+        """Holes under force-released candles that REST has not answered for yet."""
+        return tuple(self._unresolved)
+
     # --- REST fills --------------------------------------------------------------------
 
     def wants_fill(self) -> bool:
         if self._inflight is not None or self.head is None:
             return False
-        return self.head + MINUTE < self._want_upto or bool(self._unresolved)
+        return self._wants_forward_fill() or bool(self._unresolved)
+
+    def _wants_forward_fill(self) -> bool:
+        assert self.head is not None
+        start = self.head + MINUTE
+        if start >= self._want_upto:
+            return False
+        if self._unsettled is not None:
+            if start == self._unsettled and self._late_upto() <= start:
+                return False  # REST did not have it yet, and it is not late yet
+            self._unsettled = None
+        return True
 
     def next_fill(self, now: float) -> FillRequest | None:
         """The next REST range to fetch (marked in flight), or None."""
@@ -186,7 +216,7 @@ class SeriesTracker:
             return None
         assert self.head is not None
         start = self.head + MINUTE
-        if start < self._want_upto:
+        if self._wants_forward_fill():
             end = min(self._want_upto, start + FILL_CHUNK_MINUTES * MINUTE)
             request = FillRequest(start, end, self._want_reason)
         else:
@@ -201,8 +231,9 @@ class SeriesTracker:
     ) -> list[Released]:
         """REST answered ``request``: release what is now in order.
 
-        Minutes of the range REST did not return are absent at the exchange; they are
-        skipped (the hole is real).
+        Minutes of the range REST did not return are absent at the exchange, and skipped
+        (the hole is real), when REST cannot just be behind (see the class docstring);
+        the rest of the range is asked for again later.
         """
         assert self.head is not None
         self._inflight = None
@@ -231,7 +262,12 @@ class SeriesTracker:
                     released.append(Released(c, "rest", reason=request.reason))
             elif t not in self._held:
                 self._held[t] = Released(c, "rest", reason=request.reason)
-        released.extend(self._advance(confirmed_upto=request.end))
+        settled = self._late_upto()
+        if in_range:
+            settled = max(settled, in_range[-1].candle_time)
+        released.extend(self._advance(confirmed_upto=min(request.end, settled)))
+        if self.head + MINUTE < request.end:
+            self._unsettled = self.head + MINUTE
         if self._held and self.held_since is None:
             self.held_since = now
         self._count_rest(released)
@@ -257,7 +293,7 @@ class SeriesTracker:
         assert self.head is not None
         released: list[Released] = []
         for t in sorted(self._held):
-            if t > self.head + MINUTE:
+            if t > self.head + MINUTE and (self.head + MINUTE, t) not in self._unresolved:
                 self._unresolved.append((self.head + MINUTE, t))
             item = self._held.pop(t)
             self._remember(item.candle)
@@ -269,6 +305,17 @@ class SeriesTracker:
         return released
 
     # --- internals ---------------------------------------------------------------------
+
+    def _note_exchange_time(self, event_time_ms: int) -> None:
+        if self._exchange_ms is None or event_time_ms > self._exchange_ms:
+            self._exchange_ms = event_time_ms
+
+    def _late_upto(self) -> int:
+        """Open times below this ended ``late_close`` ago in exchange time (a close still
+        missing is late; a minute REST does not have is absent)."""
+        if self._exchange_ms is None:
+            return -1
+        return (self._exchange_ms - self.late_close_ms) // MINUTE_MS * MINUTE
 
     def _raise_want(self, upto: int, reason: FillReason) -> None:
         if upto > self._want_upto:

@@ -40,6 +40,7 @@ from typing import Final, final
 
 import attrs
 import httpx
+import orjson
 import trio
 import trio_websocket
 
@@ -414,6 +415,7 @@ class _IngestLoop:
         self.streams = {s.stream_name: s for s in self.series}
         self.derived: tuple[Timeframe, ...] = tuple(flags.derived_timeframes)
         self.trackers: dict[SeriesId, SeriesTracker] = {}
+        self.holes = StoreHoleMemory(pipeline.store)
         self.batcher = ClosedBatcher(flags.binance_ws_batch_max, flags.binance_ws_flush_s)
         self.throttle: FormingThrottle[SeriesId] = FormingThrottle(
             flags.market_forming_min_interval_ms / 1000
@@ -453,14 +455,19 @@ class _IngestLoop:
             raise self._fatal
 
     async def _load_state(self) -> None:
-        """Heads and the recent minutes from the store (before any frame is read)."""
+        """Heads, unresolved holes and the recent minutes from the store (before any frame
+        is read)."""
         span = self.minutes.span_s
         for sid in self.series:
             head = await self.pipeline.store.head_time(str(sid))
+            unresolved = await self.holes.load(sid)
+            if unresolved:
+                log.info("%s: %d unresolved holes from before; retrying", sid, len(unresolved))
             self.trackers[sid] = SeriesTracker(
                 head=head,
                 initial_backfill=self.flags.initial_backfill_candles,
                 late_close_ms=self._late_close_ms,
+                unresolved=unresolved,
             )
             if head is not None:
                 stored = await self.pipeline.store.range(str(sid), head - span, head + MINUTE)
@@ -477,6 +484,8 @@ class _IngestLoop:
             now = trio.current_time()
             for sid, tracker in self.trackers.items():
                 self.batcher.add(sid, tracker.release_held(), now)
+            for sid, tracker in self.trackers.items():
+                await self.holes.save(sid, tracker.unresolved)
             self._sync_tracker_counters()
             while len(self.batcher) and self._fatal is None:
                 await self._commit_once()
@@ -728,6 +737,7 @@ class _IngestLoop:
                                 tracker.held_count(),
                             )
                             self._enqueue(sid, tracker.release_held())
+                            await self.holes.save(sid, tracker.unresolved)
                         else:
                             wake_at = min(wake_at, release_at)
                 self._sync_tracker_counters()
@@ -761,6 +771,8 @@ class _IngestLoop:
                 sum(r.reason in ("late_close", "hole") for r in released)
             )
             self._enqueue(sid, released)
+            if request.reason == "retry":
+                await self.holes.save(sid, tracker.unresolved)
         self._sync_tracker_counters()
         self._fill_wakeup.set()
 
@@ -924,6 +936,49 @@ class StoreBanMemory:
 
 
 @final
+class StoreHoleMemory:
+    """Keeps each series' unresolved holes (under candles committed while REST kept
+    failing, or at shutdown) in the store's meta table, so a restart retries them instead
+    of leaving them as holes for good.
+
+    Saving is best effort: a failure is logged, and the hole is retried while the daemon
+    runs.
+    """
+
+    KEY: Final = "unresolved_holes:"
+
+    def __init__(self, store: CandleStore) -> None:
+        self.store = store
+        self._saved: dict[SeriesId, tuple[tuple[int, int], ...]] = {}
+
+    async def load(self, sid: SeriesId) -> tuple[tuple[int, int], ...]:
+        text = await self.store.get_meta(self.KEY + str(sid))
+        holes: tuple[tuple[int, int], ...] = ()
+        if text is not None:
+            try:
+                holes = tuple(
+                    (int(start), int(end))
+                    for start, end in orjson.loads(text)
+                    if int(start) < int(end)
+                )
+            except (orjson.JSONDecodeError, TypeError, ValueError):
+                log.warning("%s: ignoring unreadable unresolved holes %r", sid, text[:200])
+        self._saved[sid] = holes
+        return holes
+
+    async def save(self, sid: SeriesId, holes: tuple[tuple[int, int], ...]) -> None:
+        if self._saved.get(sid, ()) == holes:
+            return
+        value = orjson.dumps([list(hole) for hole in holes]).decode()
+        try:
+            await self.store.write(lambda txn: txn.set_meta(self.KEY + str(sid), value))
+        except StoreError as exc:
+            log.warning("%s: could not save the unresolved holes: %s", sid, exc)
+            return
+        self._saved[sid] = holes
+
+
+@final
 class IngestSupervisor:
     """Owns the Binance connections of ``flags.series``: one run_binance_ws_ingest_loop per
     connection of at most 200 streams per market, and the shared httpx client.
@@ -956,6 +1011,8 @@ class IngestSupervisor:
         self._restarts = 0
         self._fatal: StoreError | None = None
         self.rest: BinanceRestClient | None = None
+        # set once exchangeInfo's weight limits were read (or could not be) for every market
+        self.rate_limits_loaded = trio.Event()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with httpx.AsyncClient(
@@ -971,6 +1028,8 @@ class IngestSupervisor:
             )
             await self.rest.restore_bans()
             async with trio.open_nursery() as nursery:
+                # in the background: live frames and backfill never wait for it
+                nursery.start_soon(self._load_rate_limits, self.rest)
                 for group, counters in zip(self.groups, self._counters, strict=True):
                     nursery.start_soon(
                         self._supervise, group, counters, self.rest, nursery.cancel_scope
@@ -978,6 +1037,25 @@ class IngestSupervisor:
                 task_status.started()
         if self._fatal is not None:
             raise self._fatal
+
+    async def _load_rate_limits(self, rest: BinanceRestClient) -> None:
+        """Best effort: on failure the usual limits stay in use (BINANCE.md), and the
+        ``X-MBX-USED-WEIGHT-1M`` of every answer still paces the requests."""
+        try:
+            for market in sorted({group[0].market for group in self.groups}):
+                try:
+                    limit = await rest.load_rate_limits(market)
+                except (UpstreamError, WireError) as exc:
+                    log.warning(
+                        "binance %s: exchangeInfo rate limits unavailable (%s); using %d/min",
+                        market,
+                        exc,
+                        rest.statistics().weight_limit.get(market, 0),
+                    )
+                else:
+                    log.info("binance %s: request weight limit %d/min", market, limit)
+        finally:
+            self.rate_limits_loaded.set()
 
     async def _supervise(
         self,

@@ -49,7 +49,7 @@ DEFAULT_WEIGHT_LIMIT: Final[Mapping[Market, int]] = {"futures": 2400, "spot": 60
 WEIGHT_HEADER: Final = "x-mbx-used-weight-1m"
 # Binance's defaults when a 429/418 comes without a usable Retry-After
 DEFAULT_RETRY_AFTER_S: Final[Mapping[int, float]] = {429: 60.0, 418: 120.0}
-EXCHANGE_INFO_WEIGHT: Final = 1  # futures 1, spot 20; it is called once at start-up
+EXCHANGE_INFO_WEIGHT: Final[Mapping[Market, int]] = {"futures": 1, "spot": 20}
 TIME_WEIGHT: Final = 1
 
 
@@ -90,6 +90,7 @@ class RestStatistics:
     banned: int  # 418 answers
     weight_waits: int  # times a request waited for the weight window to roll over
     used_weight: Mapping[str, int]  # last X-MBX-USED-WEIGHT-1M per market
+    weight_limit: Mapping[str, int]  # REQUEST_WEIGHT per minute in use, per market
 
 
 @attrs.define
@@ -206,6 +207,7 @@ class BinanceRestClient:
             banned=self._banned,
             weight_waits=self._weight_waits,
             used_weight={m: g.used for m, g in self._gates.items()},
+            weight_limit={m: g.weight_limit for m, g in self._gates.items()},
         )
 
     # --- public calls ------------------------------------------------------------------
@@ -254,9 +256,10 @@ class BinanceRestClient:
         return value
 
     async def load_rate_limits(self, market: Market) -> int:
-        """Read REQUEST_WEIGHT per minute from exchangeInfo and use it from now on."""
+        """Read REQUEST_WEIGHT per minute from exchangeInfo and use it from now on
+        (IngestSupervisor calls it once per market at start-up)."""
         response = await self._get(
-            market, EXCHANGE_INFO_PATH[market], {}, weight=EXCHANGE_INFO_WEIGHT
+            market, EXCHANGE_INFO_PATH[market], {}, weight=EXCHANGE_INFO_WEIGHT[market]
         )
         doc = loads(response.content)
         limits = doc.get("rateLimits") if isinstance(doc, dict) else None

@@ -115,6 +115,7 @@ class ReplayConfig:
     exchange_holes: tuple[tuple[int, int], ...] = ()
     rest_429_first: bool = False
     retry_after_s: int = 1
+    weight_limit: int | None = None  # exchangeInfo's REQUEST_WEIGHT/min; None: Binance's usual
 
 
 @attrs.frozen
@@ -620,7 +621,7 @@ class ReplayServer:
                         "rateLimitType": "REQUEST_WEIGHT",
                         "interval": "MINUTE",
                         "intervalNum": 1,
-                        "limit": WEIGHT_LIMIT[market],
+                        "limit": self.config.weight_limit or WEIGHT_LIMIT[market],
                     }
                 ],
                 "symbols": [{"symbol": s, "status": "TRADING"} for s in symbols],
@@ -800,6 +801,12 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--retry-after", type=int, default=1, metavar="S", help="Retry-After of that 429"
     )
+    parser.add_argument(
+        "--weight-limit",
+        type=int,
+        metavar="N",
+        help="REQUEST_WEIGHT per minute that exchangeInfo reports (default: Binance's usual)",
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> ReplayConfig:
@@ -836,6 +843,8 @@ def config_from_args(args: argparse.Namespace) -> ReplayConfig:
             raise ReplayError(f"{name} must be at least 1")
     if args.forming_per_bar < 0 or args.skip < 0 or args.start_at < 0:
         raise ReplayError("--forming-per-bar, --skip and --start-at must not be negative")
+    if args.weight_limit is not None and args.weight_limit < 1:
+        raise ReplayError("--weight-limit must be at least 1")
     return ReplayConfig(
         files=files,
         host=args.host,
@@ -854,6 +863,7 @@ def config_from_args(args: argparse.Namespace) -> ReplayConfig:
         exchange_holes=tuple(holes),
         rest_429_first=args.rest_429_first,
         retry_after_s=args.retry_after,
+        weight_limit=args.weight_limit,
     )
 
 
