@@ -639,16 +639,17 @@ async def test_a_strict_publish_raises_and_healthy_subscribers_still_get_every_c
         with pytest.raises(PublishError) as info:
             pipeline.publish(result, best_effort=False)
         assert "delivery" in str(info.value) or "connection lost" in str(info.value)
-        # the 1m step delivered to the healthy one; the 5m step never ran
+        # the failing 1m step still delivered to the healthy one, and the steps after it
+        # (the 5m series, the new_series events) ran before the error was raised
         first = await until_pong(healthy)
         assert closed_times(first, SID_1M) == [c.candle_time for c in minutes[:5]]
-        assert closed_times(first, SID_5M) == []
-        # the next publish: the 5m hole is healed from the store before the new bar
+        assert closed_times(first, SID_5M) == [fives[0].candle_time]
+        assert {m["series_id"] for m in first if m["type"] == "system"} == {SID_1M, SID_5M}
         result = await pipeline.run(IngestBatch.of(SERIES_1M, minutes[5:], "ws"))
         assert pipeline.publish(result, best_effort=False) == 0
         second = await until_pong(healthy)
         assert closed_times(second, SID_1M) == [c.candle_time for c in minutes[5:]]
-        assert closed_times(second, SID_5M) == [c.candle_time for c in fives]
+        assert closed_times(second, SID_5M) == [fives[1].candle_time]
         assert gaps(second) == []
 
 

@@ -190,13 +190,17 @@ async def test_best_effort_continues_after_failing_step(tmp_path: Path) -> None:
     await p.store.aclose()
 
 
-async def test_strict_raises_after_the_failing_step(tmp_path: Path) -> None:
+async def test_strict_raises_once_every_step_has_run(tmp_path: Path) -> None:
+    """The failing step does not keep the other series or the system events (which are
+    not stored, so could not be healed) from the healthy subscribers."""
     target = RecordingTarget(failing=[str(BTC)])
     p = await _pipeline(tmp_path, target)
     result = await p.run(IngestBatch.of(BTC, list(flat_minutes(0, 5)), "http"))
-    with pytest.raises(PublishError, match="subscriber 1 of"):
+    with pytest.raises(PublishError, match="subscriber 1 of") as info:
         p.publish(result, best_effort=False)
-    assert [sid for _, sid, _ in target.log] == [str(BTC)]  # the later steps did not run
+    assert [kind for kind, _, _ in target.log] == ["closed", "closed", "system", "system"]
+    assert len(info.value.failures) == 1 and info.value.failures[0].startswith(f"closed {BTC}")
+    assert p.statistics().publish_failed_steps == 1
     # the candles were committed anyway
     assert await p.store.head_time(str(BTC)) == 240
     await p.store.aclose()

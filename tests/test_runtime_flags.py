@@ -144,8 +144,10 @@ def test_overrides_beat_environment_and_lists_parse() -> None:
         "binance:futures:BTC/USDT:1m",
         "binance:spot:ETH/USDT:1m",
     ]
-    assert [tf.text for tf in flags.derived_timeframes] == ["5m", "15m", "1h", "4h", "1d"]
-    assert str(flags.derived_series()[0]) == "binance:futures:BTC/USDT:5m"
+    # configured order (the legacy publish order); the fingerprint does not depend on it
+    assert [tf.text for tf in flags.derived_timeframes] == ["1d", "15m", "1h", "4h", "5m"]
+    assert str(flags.derived_series()[0]) == "binance:futures:BTC/USDT:1d"
+    assert flags.derivation_fingerprint() == "binance-exact-v1;derived=5m,15m,1h,4h,1d"
 
 
 def test_state_directory_and_credentials(tmp_path: Path) -> None:

@@ -35,7 +35,7 @@ import math
 import random
 import ssl
 import urllib.parse
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from typing import Final, final
 
 import attrs
@@ -66,7 +66,14 @@ from tradecanvas.errors import (
 )
 from tradecanvas.metrics import Metrics
 from tradecanvas.model import MARKETS, Candle, Market, SeriesId, Timeframe
-from tradecanvas.pipeline import IngestBatch, IngestPipeline, MarketSink, PipelineResult
+from tradecanvas.pipeline import (
+    IngestBatch,
+    IngestPipeline,
+    MarketSink,
+    PipelineResult,
+    PublishStep,
+    run_publish_steps,
+)
 from tradecanvas.runtime_flags import RuntimeFlags
 from tradecanvas.store import CandleStore
 
@@ -304,39 +311,24 @@ def _publish_pipeline_result_from_ws(
             metrics.publish_failed_steps_total.labels(path="pipeline").inc(failed)
         return failed
     metrics.publish_total.labels(path="legacy").inc()
-    failed = 0
-    strict_failures: list[str] = []
-    for update in result.in_legacy_order():
-        problems = _legacy_step(
+    steps = [
+        PublishStep(
             f"closed {update.series_id}",
             functools.partial(hub.publish_closed, update.series_id, update.candles),
+            strict=not update.derived,
         )
-        if problems:
-            failed += 1
-            metrics.publish_failed_steps_total.labels(path="legacy").inc()
-            if not update.derived:
-                strict_failures.extend(f"closed {update.series_id}: {p}" for p in problems)
-    for event in result.events_base_first():
-        if _legacy_step(f"system {event.series_id}", functools.partial(hub.publish_system, event)):
-            failed += 1
-            metrics.publish_failed_steps_total.labels(path="legacy").inc()
-    if strict_failures:
-        # strict for the base series, but raised only after every other step ran: one dead
-        # subscriber must not keep other series' candles or the rebuild events from the
-        # healthy ones (system events are not stored, so a skipped one would be lost)
-        raise PublishError(strict_failures)
-    return failed
-
-
-def _legacy_step(name: str, call: Callable[[], Sequence[str]]) -> list[str]:
-    try:
-        problems = [str(p) for p in call()]
-    except Exception as exc:
-        log.exception("legacy publish step %s raised", name)
-        return [f"{type(exc).__name__}: {exc}"]
-    if problems:
-        log.warning("legacy publish step %s: %d delivery failure(s)", name, len(problems))
-    return problems
+        for update in result.in_legacy_order()
+    ]
+    steps += [
+        PublishStep(f"system {event.series_id}", functools.partial(hub.publish_system, event))
+        for event in result.events_base_first()
+    ]
+    outcome = run_publish_steps(steps)
+    if outcome.failed:
+        metrics.publish_failed_steps_total.labels(path="legacy").inc(outcome.failed)
+    # strict for the base series, but raised only after every other step ran
+    outcome.raise_if_strict_failed()
+    return outcome.failed
 
 
 class _Wakeup:

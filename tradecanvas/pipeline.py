@@ -107,6 +107,55 @@ class PipelineResult:
         ]
 
 
+@attrs.frozen
+class PublishStep:
+    """One publish call (one series' closed candles, or one system event)."""
+
+    name: str
+    call: Callable[[], Sequence[str]]
+    strict: bool = False  # a failure makes the whole publish raise PublishError
+
+
+@attrs.frozen
+class PublishOutcome:
+    steps: int
+    failed: int
+    strict_failures: tuple[str, ...]
+
+    def raise_if_strict_failed(self) -> None:
+        if self.strict_failures:
+            raise PublishError(list(self.strict_failures))
+
+
+def run_publish_steps(steps: Iterable[PublishStep]) -> PublishOutcome:
+    """Run every step in order, whatever failed before it.
+
+    A failing step (the target reports failed deliveries, or raises) is logged and counted;
+    the target has already isolated the failing subscriber. Later steps still run because
+    a skipped step would be lost for the healthy subscribers: candles could be healed from
+    the store, but system events are not stored. The caller raises for strict failures
+    (:meth:`PublishOutcome.raise_if_strict_failed`) once everything has been queued.
+    """
+    count = failed = 0
+    strict: list[str] = []
+    for step in steps:
+        count += 1
+        try:
+            problems = [str(p) for p in step.call()]
+        except Exception as exc:
+            problems = [f"{type(exc).__name__}: {exc}"]
+            log.exception("publish step %s raised", step.name)
+        if not problems:
+            continue
+        failed += 1
+        log.warning(
+            "publish step %s: %d delivery failure(s): %s", step.name, len(problems), problems[:3]
+        )
+        if step.strict:
+            strict.extend(f"{step.name}: {p}" for p in problems)
+    return PublishOutcome(count, failed, tuple(strict))
+
+
 class PublishTarget(Protocol):
     """Where results go (the Hub). Both calls only queue messages and never block.
 
@@ -332,40 +381,27 @@ class IngestPipeline:
         """Queue ``result``: series in ``series_id`` order, then the system events.
 
         A failing step is isolated (the target closes the failing subscriber), counted and
-        logged. ``best_effort=True`` carries on; ``best_effort=False`` raises PublishError
-        after the failing step. Returns the number of failed steps.
+        logged, and the remaining steps still run. ``best_effort=False`` then raises
+        PublishError; ``best_effort=True`` returns the number of failed steps.
         """
-        failures = 0
-        for update in result.in_series_id_order():
-            failures += self._step(
+        steps = [
+            PublishStep(
                 f"closed {update.series_id}",
                 functools.partial(self.target.publish_closed, update.series_id, update.candles),
-                best_effort,
+                strict=not best_effort,
             )
-        return failures + self.publish_system_rebuilds(result.events, best_effort=best_effort)
-
-    def publish_system_rebuilds(self, events: Sequence[SystemEvent], *, best_effort: bool) -> int:
-        """Queue each ``factor.rebuild`` event, in order; same failure rules as publish."""
-        failures = 0
-        for event in events:
-            failures += self._step(
+            for update in result.in_series_id_order()
+        ]
+        steps += [
+            PublishStep(
                 f"system {event.series_id} {event.reason}",
                 functools.partial(self.target.publish_system, event),
-                best_effort,
+                strict=not best_effort,
             )
-        return failures
-
-    def _step(self, name: str, call: Callable[[], Sequence[str]], best_effort: bool) -> int:
-        self._steps += 1
-        try:
-            failed = list(call())
-        except Exception as exc:
-            failed = [f"{type(exc).__name__}: {exc}"]
-            log.exception("publish step %s raised", name)
-        if not failed:
-            return 0
-        self._failed_steps += 1
-        log.warning("publish step %s: %d delivery failure(s): %s", name, len(failed), failed[:3])
-        if not best_effort:
-            raise PublishError([f"{name}: {f}" for f in failed])
-        return 1
+            for event in result.events
+        ]
+        outcome = run_publish_steps(steps)
+        self._steps += outcome.steps
+        self._failed_steps += outcome.failed
+        outcome.raise_if_strict_failed()
+        return outcome.failed

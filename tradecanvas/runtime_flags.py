@@ -81,7 +81,7 @@ class RuntimeFlags:
 
     def derivation_fingerprint(self) -> str:
         """What the store was built with; a change emits ``factor.rebuild`` (fingerprint)."""
-        tfs = ",".join(tf.text for tf in self.derived_timeframes)
+        tfs = ",".join(tf.text for tf in sorted(self.derived_timeframes))
         return f"binance-exact-v1;derived={tfs}"
 
 
@@ -157,7 +157,7 @@ def _parse_timeframes(text: str) -> tuple[Timeframe, ...]:
         if tf in result:
             raise ValueError(f"{item} is listed twice")
         result.append(tf)
-    return tuple(sorted(result))
+    return tuple(result)  # configured order: the legacy publish sends derived series in it
 
 
 def _parse_ws_url(text: str) -> str:
