@@ -39,13 +39,13 @@ import trio_websocket
 
 from bench.common import Result
 from tests.conftest import binance_data_dir
-from tradecanvas.binance_ingest import open_websocket_client
 from tradecanvas.codec import dumps, loads, read_kline_csv
 from tradecanvas.hub import Hub
 from tradecanvas.metrics import Metrics
 from tradecanvas.model import Candle, SeriesId
 from tradecanvas.runtime_flags import DEFAULT_ALLOWED_ORIGINS
 from tradecanvas.store import CandleStore
+from tradecanvas.ws_client import open_websocket_client
 from tradecanvas.ws_server import serve_ws_market
 
 WEEK: Final = "klines_1m_5m/futures_um/BTCUSDT-1m-2025-07-06_2025-07-12.csv"

@@ -18,7 +18,6 @@ import trio
 import trio.testing
 import trio_websocket
 
-from tradecanvas.binance_ingest import open_websocket_client
 from tradecanvas.codec import KlineEvent, decode_frame, read_kline_csv
 from tradecanvas.model import Candle
 from tradecanvas.replay import (
@@ -30,6 +29,7 @@ from tradecanvas.replay import (
     parse_file_argument,
     serve_replay,
 )
+from tradecanvas.ws_client import open_websocket_client
 
 DAY = 1_692_144_000  # 2023-08-16 00:00 UTC, the futures day file
 STREAM = "btcusdt@kline_1m"

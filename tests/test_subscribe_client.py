@@ -19,10 +19,10 @@ from tradecanvas.store import CandleStore
 from tradecanvas.subscribe_client import (
     configure_parser,
     format_pretty,
-    parse_ws_url,
     run_subscribe,
     subscribe_and_print,
 )
+from tradecanvas.ws_client import parse_ws_url
 
 T0: Final = 1751760000
 REPO: Final = Path(__file__).resolve().parent.parent
@@ -196,7 +196,7 @@ async def test_connection_problems_exit_1(store: CandleStore) -> None:
     code, _, err = await run_client(f"ws://127.0.0.1:{port}/ws/market", [SID_1M])
     assert code == 1 and "cannot connect" in err
     code, _, err = await run_client("http://127.0.0.1/ws/market", [SID_1M])
-    assert code == 2 and "not a WebSocket URL" in err
+    assert code == 2 and "not a ws:// or wss:// URL" in err
 
 
 async def test_the_client_as_a_subprocess(store: CandleStore) -> None:

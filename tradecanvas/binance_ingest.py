@@ -33,9 +33,7 @@ import itertools
 import logging
 import math
 import random
-import ssl
-import urllib.parse
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Final, final
 
 import attrs
@@ -76,6 +74,7 @@ from tradecanvas.pipeline import (
 )
 from tradecanvas.runtime_flags import RuntimeFlags
 from tradecanvas.store import CandleStore
+from tradecanvas.ws_client import open_websocket_client
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +83,6 @@ MAX_STREAMS_PER_CONNECTION: Final = 200  # BINANCE.md: futures docs disagree, 20
 # 200 streams are 800 frames/s: this is about five seconds of the busiest connection,
 # far more than the processor (pure CPU, microseconds per frame) ever falls behind.
 FRAME_BUFFER: Final = 4096
-MAX_FRAME_BYTES: Final = 1 << 20
 # REST fills of one loop running at once; the REST client paces per host on top of this
 FILL_CONCURRENCY: Final = 4
 HTTP_TIMEOUT_S: Final = 10.0
@@ -107,89 +105,6 @@ def build_combined_stream_url(base_url: str, streams: Sequence[str]) -> str:
     if not base.startswith(("ws://", "wss://")):
         raise ValueError(f"{base_url!r} is not a ws://, wss://, http:// or https:// URL")
     return f"{base}/stream?streams={'/'.join(streams)}"
-
-
-@contextlib.asynccontextmanager
-async def open_websocket_client(
-    url: str,
-    *,
-    connect_timeout: float = 10.0,
-    disconnect_timeout: float = 2.0,
-    max_message_size: int = MAX_FRAME_BYTES,
-) -> AsyncIterator[trio_websocket.WebSocketConnection]:
-    """``trio_websocket.open_websocket_url``, except that we own the TCP stream and always
-    close it.
-
-    trio-websocket 0.12 leaves a client's socket open when the server closes first: the
-    client waits for the server's TCP close and then never closes its own end, leaking one
-    descriptor per Binance-side disconnect. Raises ``HandshakeError`` (``ConnectionTimeout``,
-    ``ConnectionRejected``) when the connection cannot be opened.
-    """
-    parts = urllib.parse.urlsplit(url)
-    host = parts.hostname
-    if parts.scheme not in ("ws", "wss") or not host:
-        raise ValueError(f"{url!r} is not a ws:// or wss:// URL")
-    tls = parts.scheme == "wss"
-    port = parts.port or (443 if tls else 80)
-    resource = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    host_header = host if port in (80, 443) else f"{host}:{port}"
-    stream: trio.SocketStream | trio.SSLStream[trio.SocketStream]
-    try:
-        with trio.fail_after(connect_timeout):
-            if tls:
-                stream = await trio.open_ssl_over_tcp_stream(
-                    host, port, ssl_context=ssl.create_default_context(), https_compatible=True
-                )
-            else:
-                stream = await trio.open_tcp_stream(host, port)
-    except trio.TooSlowError:
-        raise trio_websocket.ConnectionTimeout from None
-    except OSError as exc:
-        raise trio_websocket.HandshakeError(f"{host}:{port}: {exc}") from exc
-    opened = False
-    try:
-        async with trio.open_nursery() as nursery:
-            with trio.fail_after(connect_timeout):
-                ws = await trio_websocket.wrap_client_stream(
-                    nursery, stream, host_header, resource, max_message_size=max_message_size
-                )
-            opened = True
-            graceful = True
-            try:
-                yield ws
-            except BaseException as exc:
-                # cancelled from outside, trio-websocket's reader task is being cancelled
-                # too and could not read Binance's close reply: just close the socket
-                graceful = not _only_cancelled(exc)
-                raise
-            finally:
-                if graceful:
-                    with trio.CancelScope(
-                        shield=True, deadline=trio.current_time() + disconnect_timeout
-                    ):
-                        await ws.aclose()
-                nursery.cancel_scope.cancel()
-    except BaseExceptionGroup as group:
-        # trio-websocket's reader task (a rejected handshake) or our handshake deadline
-        failures, others = group.split(Exception)
-        if opened or others is not None or failures is None:
-            raise
-        first: BaseException = failures
-        while isinstance(first, BaseExceptionGroup):
-            first = first.exceptions[0]
-        if isinstance(first, trio.TooSlowError):
-            raise trio_websocket.ConnectionTimeout from group
-        if isinstance(first, trio_websocket.HandshakeError):
-            raise first from group
-        raise trio_websocket.HandshakeError(f"{host}:{port}: {first!r}") from group
-    finally:
-        await trio.aclose_forcefully(stream)
-
-
-def _only_cancelled(exc: BaseException) -> bool:
-    if isinstance(exc, BaseExceptionGroup):
-        return all(_only_cancelled(e) for e in exc.exceptions)
-    return isinstance(exc, trio.Cancelled)
 
 
 def ws_base_url(flags: RuntimeFlags, market: Market) -> str:

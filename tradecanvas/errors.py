@@ -70,3 +70,19 @@ class PublishError(TradeCanvasError):
 
 class UpstreamError(TradeCanvasError):
     """Binance answered in a way our retries could not cure."""
+
+
+class ClientMessageError(BadInputError):
+    """A client message we answer with an ``error``; ``code`` is the protocol code."""
+
+    def __init__(self, code: str, message: str, series_id: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.series_id = series_id
+
+    def to_wire(self) -> dict[str, object]:
+        wire: dict[str, object] = {"type": "error", "code": self.code, "message": self.message}
+        if self.series_id is not None:
+            wire["series_id"] = self.series_id
+        return wire

@@ -64,7 +64,7 @@ publish of one of its series) and then forgets it; an exception raised while que
 subscriber isolates that subscriber (close 1011) and is reported the same way. The caller
 (``IngestPipeline.publish``) decides between best effort and ``PublishError``.
 
-Errors: :class:`SubscriptionRefused` (a ``BadInputError`` with a protocol ``code``) from
+Errors: :class:`~tradecanvas.errors.ClientMessageError` (with a protocol ``code``) from
 :meth:`Hub.subscribe`. Nothing else is raised to publishers.
 """
 
@@ -80,7 +80,7 @@ import trio
 import trio_websocket
 
 from tradecanvas.codec import dumps
-from tradecanvas.errors import BadInputError, StoreError
+from tradecanvas.errors import ClientMessageError, StoreError
 from tradecanvas.metrics import Metrics
 from tradecanvas.model import Candle, SeriesId
 from tradecanvas.pipeline import SystemEvent
@@ -101,16 +101,6 @@ DEFAULT_MAX_LAG_FACTOR: Final = 3.0
 EMPTY_STORE_CURSOR: Final = -1
 # failure descriptions returned by one publish call at most (the rest are summarised)
 MAX_FAILURES_LISTED: Final = 20
-
-
-class SubscriptionRefused(BadInputError):
-    """A subscribe the Hub will not take; ``code`` is the protocol error code."""
-
-    def __init__(self, code: str, message: str, series_id: str | None = None) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.series_id = series_id
 
 
 class CandleReader(Protocol):
@@ -528,18 +518,18 @@ class Hub:
     ) -> None:
         """Register (or replace) a subscription at once and queue its catch-up.
 
-        Raises SubscriptionRefused (``unknown_series``, ``too_many_subscriptions``)."""
+        Raises ClientMessageError (``unknown_series``, ``too_many_subscriptions``)."""
         sid = str(series)
         if sid not in self.series:
             served = ", ".join(sorted(self.series)[:10])
-            raise SubscriptionRefused(
+            raise ClientMessageError(
                 "unknown_series",
                 f"{sid} is not ingested or derived by this daemon; served: {served}",
                 sid,
             )
         old = subscriber.subscriptions.get(sid)
         if old is None and len(subscriber.subscriptions) >= subscriber.max_subscriptions:
-            raise SubscriptionRefused(
+            raise ClientMessageError(
                 "too_many_subscriptions",
                 f"at most {subscriber.max_subscriptions} subscriptions per connection;"
                 f" unsubscribe from one before subscribing to {sid}",
@@ -886,5 +876,4 @@ __all__ = [
     "Subscriber",
     "SubscriberStatistics",
     "Subscription",
-    "SubscriptionRefused",
 ]

@@ -56,6 +56,8 @@ from starlette.responses import Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
+from tradecanvas.batcher import MINUTE_MS
+from tradecanvas.binance_rest import DEFAULT_WEIGHT_LIMIT, KLINES_LIMIT, klines_weight
 from tradecanvas.codec import (
     KlineEvent,
     candle_to_rest_row,
@@ -70,11 +72,8 @@ from tradecanvas.runtime_flags import data_dir_from_environment
 log = logging.getLogger(__name__)
 
 ONE_MINUTE: Final = Timeframe.parse("1m")
-MINUTE_MS: Final = 60_000
 CLOSE_DELAY_MS: Final = 201  # a closed frame's E after the bar's close time T
-REST_LIMIT: Final = {"futures": 1500, "spot": 1000}
 REST_DEFAULT_LIMIT: Final = 500
-WEIGHT_LIMIT: Final = {"futures": 2400, "spot": 6000}
 # frames queued per client; at --speed max the timeline waits for the slowest client
 CLIENT_BUFFER: Final = 256
 KNOWN_QUOTES: Final = ("FDUSD", "USDT", "USDC", "BUSD", "TUSD", "BTC", "ETH", "BNB", "EUR", "TRY")
@@ -589,7 +588,7 @@ class ReplayServer:
             end = int(q["endTime"]) if "endTime" in q else None
         except ValueError:
             return self._error(-1100, "Illegal characters found in a parameter.")
-        if not 1 <= limit <= REST_LIMIT[market]:
+        if not 1 <= limit <= KLINES_LIMIT[market]:
             return self._error(-1130, "Data sent for parameter 'limit' is not valid.")
         available = [
             c
@@ -599,12 +598,9 @@ class ReplayServer:
             and (end is None or c.candle_time * 1000 <= end)
         ]
         rows = available[:limit] if start is not None else available[-limit:]
-        weight = (
-            2
-            if market == "spot"
-            else (1 if limit < 100 else 2 if limit < 500 else 5 if limit <= 1000 else 10)
+        return self._json(
+            [candle_to_rest_row(c, ONE_MINUTE) for c in rows], weight=klines_weight(market, limit)
         )
-        return self._json([candle_to_rest_row(c, ONE_MINUTE) for c in rows], weight=weight)
 
     async def server_time(self, request: Request) -> Response:
         return self._json({"serverTime": self.now_ms})
@@ -621,7 +617,7 @@ class ReplayServer:
                         "rateLimitType": "REQUEST_WEIGHT",
                         "interval": "MINUTE",
                         "intervalNum": 1,
-                        "limit": self.config.weight_limit or WEIGHT_LIMIT[market],
+                        "limit": self.config.weight_limit or DEFAULT_WEIGHT_LIMIT[market],
                     }
                 ],
                 "symbols": [{"symbol": s, "status": "TRADING"} for s in symbols],

@@ -13,20 +13,18 @@ code (the code and reason go to stderr); 2 for bad arguments; 130 on Ctrl-C.
 from __future__ import annotations
 
 import argparse
-import ssl
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Final, TextIO, final
-from urllib.parse import urlsplit
 
-import attrs
 import trio
 import trio_websocket
 
 from tradecanvas.codec import dumps, loads
 from tradecanvas.errors import SeriesIdError
 from tradecanvas.model import SeriesId
+from tradecanvas.ws_client import open_websocket_client, parse_ws_url
 
 DEFAULT_URL: Final = "ws://127.0.0.1:8765/ws/market"
 CONNECT_TIMEOUT_S: Final = 10.0
@@ -156,27 +154,6 @@ def format_pretty(message: object) -> list[str]:
 # --- the client -----------------------------------------------------------------------
 
 
-@attrs.frozen
-class WsTarget:
-    host: str
-    port: int
-    resource: str
-    secure: bool
-
-
-def parse_ws_url(url: str) -> WsTarget:
-    """``ws://host[:port]/path[?query]`` (or ``wss://``). Raises ValueError saying why not."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("ws", "wss"):
-        raise ValueError(f"{url!r} is not a WebSocket URL; expected ws://host:port/ws/market")
-    if not parts.hostname:
-        raise ValueError(f"{url!r} has no host")
-    secure = parts.scheme == "wss"
-    port = parts.port or (443 if secure else 80)  # .port raises ValueError for a bad one
-    resource = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    return WsTarget(parts.hostname, port, resource, secure)
-
-
 async def subscribe_and_print(
     url: str,
     series: Sequence[SeriesId],
@@ -192,45 +169,25 @@ async def subscribe_and_print(
 
     The client owns its TCP stream and closes it whoever ends the connection."""
     try:
-        target = parse_ws_url(url)
+        parse_ws_url(url)
     except ValueError as exc:
-        err.write(f"tradecanvas subscribe: {exc}\n")
+        err.write(f"tradecanvas subscribe: {exc}; expected ws://host:port/ws/market\n")
         return EXIT_USAGE
-    try:
-        with trio.fail_after(CONNECT_TIMEOUT_S):
-            stream: trio.abc.Stream
-            if target.secure:
-                stream = await trio.open_ssl_over_tcp_stream(
-                    target.host, target.port, ssl_context=ssl.create_default_context()
-                )
-            else:
-                stream = await trio.open_tcp_stream(target.host, target.port)
-    except (OSError, trio.TooSlowError) as exc:
-        err.write(f"tradecanvas subscribe: cannot connect to {url}: {exc or 'timed out'}\n")
-        return EXIT_FAILED
     session = _Session(
         series, since=since, batch=batch, pretty=pretty, count=count, out=out, err=err
     )
-    code = EXIT_FAILED
     try:
-        async with trio.open_nursery() as nursery:  # owns trio-websocket's reader task
-            with trio.fail_after(CONNECT_TIMEOUT_S):
-                ws = await trio_websocket.wrap_client_stream(
-                    nursery, stream, target.host, target.resource
-                )
-            code = await session.run(ws)
-            with trio.move_on_after(CONNECT_TIMEOUT_S):
-                await ws.aclose()
-            nursery.cancel_scope.cancel()
-    except* trio_websocket.ConnectionRejected as group:
-        rejected = group.exceptions[0]
-        status = getattr(rejected, "status_code", "?")
-        err.write(f"tradecanvas subscribe: {url} refused the connection: HTTP {status}\n")
-    except* (trio_websocket.HandshakeError, trio.TooSlowError, OSError) as group:
-        err.write(f"tradecanvas subscribe: cannot connect to {url}: {group.exceptions[0]!r}\n")
-    finally:
-        await stream.aclose()
-    return code
+        async with open_websocket_client(
+            url, connect_timeout=CONNECT_TIMEOUT_S, disconnect_timeout=CONNECT_TIMEOUT_S
+        ) as ws:
+            return await session.run(ws)
+    except trio_websocket.ConnectionRejected as exc:
+        err.write(f"tradecanvas subscribe: {url} refused the connection: HTTP {exc.status_code}\n")
+    except trio_websocket.ConnectionTimeout:
+        err.write(f"tradecanvas subscribe: cannot connect to {url}: timed out\n")
+    except trio_websocket.HandshakeError as exc:
+        err.write(f"tradecanvas subscribe: cannot connect to {url}: {exc}\n")
+    return EXIT_FAILED
 
 
 @final

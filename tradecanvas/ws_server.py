@@ -45,7 +45,7 @@ import trio
 import trio_websocket
 
 from tradecanvas.codec import loads
-from tradecanvas.errors import BadInputError, SeriesIdError
+from tradecanvas.errors import ClientMessageError, SeriesIdError
 from tradecanvas.hub import (
     CLOSE_GOING_AWAY,
     CLOSE_NORMAL,
@@ -53,7 +53,6 @@ from tradecanvas.hub import (
     CLOSE_TOO_BIG,
     Hub,
     Subscriber,
-    SubscriptionRefused,
 )
 from tradecanvas.model import SeriesId
 
@@ -76,22 +75,6 @@ CLIENT_TYPES: Final = ("subscribe", "unsubscribe", "ping")
 
 
 # --- protocol: client messages ---------------------------------------------------------
-
-
-class ClientMessageError(BadInputError):
-    """A client message we answer with an ``error``; ``code`` is the protocol code."""
-
-    def __init__(self, code: str, message: str, series_id: str | None = None) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.series_id = series_id
-
-    def to_wire(self) -> dict[str, object]:
-        wire: dict[str, object] = {"type": "error", "code": self.code, "message": self.message}
-        if self.series_id is not None:
-            wire["series_id"] = self.series_id
-        return wire
 
 
 @attrs.frozen
@@ -519,12 +502,8 @@ class _MarketServer:
                 )
             else:
                 self._unsubscribe(subscriber, request.series)
-        except ClientMessageError as exc:
+        except ClientMessageError as exc:  # ours, or the Hub refusing a subscribe
             subscriber.send_control(exc.to_wire())
-        except SubscriptionRefused as exc:
-            subscriber.send_control(
-                ClientMessageError(exc.code, exc.message, exc.series_id).to_wire()
-            )
 
     def _unsubscribe(self, subscriber: Subscriber, series: SeriesId) -> None:
         sid = str(series)

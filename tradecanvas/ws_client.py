@@ -1,0 +1,117 @@
+"""A WebSocket client connection that always closes its socket (the Binance ingest loop,
+``tradecanvas subscribe``, tests and benchmarks use it)."""
+
+from __future__ import annotations
+
+import contextlib
+import ssl
+from collections.abc import AsyncIterator
+from typing import Final
+from urllib.parse import urlsplit
+
+import attrs
+import trio
+import trio_websocket
+
+# trio-websocket's own default; Binance frames and /ws/market catch-up batches fit easily
+MAX_MESSAGE_BYTES: Final = 1 << 20
+
+
+@attrs.frozen
+class WsTarget:
+    host: str
+    port: int
+    resource: str
+    secure: bool
+
+
+def parse_ws_url(url: str) -> WsTarget:
+    """``ws://host[:port]/path[?query]`` (or ``wss://``). Raises ValueError saying why not."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("ws", "wss"):
+        raise ValueError(f"{url!r} is not a ws:// or wss:// URL")
+    if not parts.hostname:
+        raise ValueError(f"{url!r} has no host")
+    secure = parts.scheme == "wss"
+    port = parts.port or (443 if secure else 80)  # .port raises ValueError for a bad one
+    resource = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    return WsTarget(parts.hostname, port, resource, secure)
+
+
+@contextlib.asynccontextmanager
+async def open_websocket_client(
+    url: str,
+    *,
+    connect_timeout: float = 10.0,
+    disconnect_timeout: float = 2.0,
+    max_message_size: int = MAX_MESSAGE_BYTES,
+) -> AsyncIterator[trio_websocket.WebSocketConnection]:
+    """``trio_websocket.open_websocket_url``, except that we own the TCP stream and always
+    close it.
+
+    trio-websocket 0.12 leaves a client's socket open when the server closes first: the
+    client waits for the server's TCP close and then never closes its own end, leaking one
+    descriptor per Binance-side disconnect. Raises ValueError for a URL that is not ws(s)://,
+    ``HandshakeError`` (``ConnectionTimeout``, ``ConnectionRejected``) when the connection
+    cannot be opened.
+    """
+    target = parse_ws_url(url)
+    host, port, tls = target.host, target.port, target.secure
+    host_header = host if port in (80, 443) else f"{host}:{port}"
+    stream: trio.SocketStream | trio.SSLStream[trio.SocketStream]
+    try:
+        with trio.fail_after(connect_timeout):
+            if tls:
+                stream = await trio.open_ssl_over_tcp_stream(
+                    host, port, ssl_context=ssl.create_default_context(), https_compatible=True
+                )
+            else:
+                stream = await trio.open_tcp_stream(host, port)
+    except trio.TooSlowError:
+        raise trio_websocket.ConnectionTimeout from None
+    except OSError as exc:
+        raise trio_websocket.HandshakeError(f"{host}:{port}: {exc}") from exc
+    opened = False
+    try:
+        async with trio.open_nursery() as nursery:
+            with trio.fail_after(connect_timeout):
+                ws = await trio_websocket.wrap_client_stream(
+                    nursery, stream, host_header, target.resource, max_message_size=max_message_size
+                )
+            opened = True
+            graceful = True
+            try:
+                yield ws
+            except BaseException as exc:
+                # cancelled from outside, trio-websocket's reader task is being cancelled
+                # too and could not read the server's close reply: just close the socket
+                graceful = not _only_cancelled(exc)
+                raise
+            finally:
+                if graceful:
+                    with trio.CancelScope(
+                        shield=True, deadline=trio.current_time() + disconnect_timeout
+                    ):
+                        await ws.aclose()
+                nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        # trio-websocket's reader task (a rejected handshake) or our handshake deadline
+        failures, others = group.split(Exception)
+        if opened or others is not None or failures is None:
+            raise
+        first: BaseException = failures
+        while isinstance(first, BaseExceptionGroup):
+            first = first.exceptions[0]
+        if isinstance(first, trio.TooSlowError):
+            raise trio_websocket.ConnectionTimeout from group
+        if isinstance(first, trio_websocket.HandshakeError):
+            raise first from group
+        raise trio_websocket.HandshakeError(f"{host}:{port}: {first!r}") from group
+    finally:
+        await trio.aclose_forcefully(stream)
+
+
+def _only_cancelled(exc: BaseException) -> bool:
+    if isinstance(exc, BaseExceptionGroup):
+        return all(_only_cancelled(e) for e in exc.exceptions)
+    return isinstance(exc, trio.Cancelled)
