@@ -89,6 +89,7 @@ def test_rest_confirming_a_hole_releases_the_held_candles() -> None:
     out = tr.on_fill_result(request, [bars[2]], now=0.0)
     assert times(out) == [T0 + 120, T0 + 240, T0 + 300]
     assert tr.head == T0 + 300 and not tr.wants_fill()
+    assert tr.counters.absent_minutes == 2
 
 
 def test_late_close_is_decided_by_exchange_time_never_wall_clock() -> None:

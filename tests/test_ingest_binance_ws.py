@@ -201,6 +201,16 @@ async def ingest_rig(
         nursery.cancel_scope.cancel()
 
 
+def reconnect_counts(rig: Rig) -> dict[str, float]:
+    """tradecanvas_upstream_reconnects_total by reason, without the zeros."""
+    counts = {}
+    for metric in rig.metrics.registry.collect():
+        for sample in metric.samples:
+            if sample.name == "tradecanvas_upstream_reconnects_total" and sample.value:
+                counts[sample.labels["reason"]] = sample.value
+    return counts
+
+
 def day_replay(data_dir: Path, **changes: Any) -> ReplayConfig:
     path = data_dir / "klines_1m_5m" / "futures_um" / "BTCUSDT-1m-2023-08-16.csv"
     config = ReplayConfig(files=(parse_file_argument(str(path), None),), speed=None)
@@ -411,8 +421,7 @@ async def test_reconnect_and_backfill_leave_no_hole(tmp_path: Path, data_dir: Pa
         assert_contiguous(rig.hub.closed_times(str(BTC)), DAY + 1300 * 60, DAY + 1439 * 60)
         stats = rig.supervisor.statistics()
         assert stats.reconnects == 1 and stats.backfilled_candles == 11  # bars 1350..1360
-        reconnects = rig.metrics.registry.get_sample_value("tradecanvas_upstream_reconnects_total")
-        assert reconnects == 1
+        assert reconnect_counts(rig) == {"dropped": 1}
 
 
 async def test_duplicate_closes_are_dropped(tmp_path: Path, data_dir: Path) -> None:
@@ -607,6 +616,11 @@ async def test_an_exchange_hole_is_committed_around_once_rest_confirms_it(
         expected = rows[1420:1425] + rows[1428:]
         assert same_bars(await rig.stored(str(BTC)), expected)
         assert rig.hub.closed_times(str(BTC)) == [c.candle_time for c in expected]
+        assert rig.supervisor.statistics().exchange_missing_minutes == 3
+        missing = rig.metrics.registry.get_sample_value(
+            "tradecanvas_exchange_missing_minutes_total"
+        )
+        assert missing == 3
         # the 5m bucket with the hole is finalised from the minutes present, incomplete
         stored_5m = await rig.store.range(BTC_5M, DAY + 1425 * 60, DAY + 1430 * 60)
         assert [s.complete for s in stored_5m] == [False]
@@ -673,6 +687,7 @@ async def _stale_scenario(tmp_path: Path, upstream: ScriptedUpstream) -> None:
             assert 60 <= trio.current_time() - first < 62
             stats = rig.supervisor.statistics()
             assert stats.stale_replacements == 1 and stats.reconnects == 1
+            assert reconnect_counts(rig) == {"stale": 1}
             assert upstream.connections == 2
         nursery.cancel_scope.cancel()
 
@@ -690,6 +705,7 @@ async def test_connection_is_rotated_make_before_break_without_loss(
         assert_contiguous(rig.hub.closed_times(str(BTC)), DAY + 1360 * 60, DAY + 1439 * 60)
         stats = rig.supervisor.statistics()
         assert stats.rotations >= 2
+        assert set(reconnect_counts(rig)) == {"rotation"}
         assert rig.replay is not None and rig.replay.statistics().ws_connections >= 3
 
 
@@ -709,6 +725,7 @@ async def test_server_shutdown_event_rotates_the_connection(tmp_path: Path, data
         await rig.hub.wait_closed(str(BTC), rows[-1].candle_time)
         assert same_bars(await rig.stored(str(BTC)), rows)
         assert rig.supervisor.statistics().rotations == 1
+        assert reconnect_counts(rig) == {"server_shutdown": 1}
 
 
 # --- bad input, crashes, shutdown ------------------------------------------------------

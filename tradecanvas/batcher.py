@@ -72,6 +72,7 @@ class TrackerCounters:
     fills: int = 0
     fill_failures: int = 0
     forced_releases: int = 0
+    absent_minutes: int = 0  # minutes REST confirmed missing at the exchange
 
 
 @final
@@ -338,6 +339,7 @@ class SeriesTracker:
             if nxt < confirmed_upto:
                 above = [t for t in self._held if t > nxt]
                 limit = min(confirmed_upto, min(above)) if above else confirmed_upto
+                self.counters.absent_minutes += (limit - nxt) // MINUTE
                 self.head = limit - MINUTE
                 continue
             break

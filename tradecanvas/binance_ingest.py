@@ -107,6 +107,13 @@ def build_combined_stream_url(base_url: str, streams: Sequence[str]) -> str:
     return f"{base}/stream?streams={'/'.join(streams)}"
 
 
+def reconnect_reason(ended: bool, end_reason: str) -> str:
+    """The ``reason`` label of ``tradecanvas_upstream_reconnects_total``."""
+    if ended:
+        return "stale" if end_reason.startswith("stale") else "dropped"
+    return "server_shutdown" if end_reason == "serverShutdown" else "rotation"
+
+
 def ws_base_url(flags: RuntimeFlags, market: Market) -> str:
     return flags.binance_futures_ws_url if market == "futures" else flags.binance_spot_ws_url
 
@@ -170,6 +177,7 @@ class LoopCounters:
     backfilled: int = 0
     late_repaired: int = 0
     held: int = 0
+    absent: int = 0
     committed: int = 0
     publishes: int = 0
     publish_failures: int = 0
@@ -193,6 +201,7 @@ class IngestStatistics:
     backfilled_candles: int
     late_closes_repaired: int
     held_candles: int
+    exchange_missing_minutes: int  # confirmed missing at the exchange by REST
     committed_candles: int
     publishes: int
     publish_failures: int
@@ -442,7 +451,9 @@ class _IngestLoop:
                 with trio.move_on_after(policy.rotate_after_s):
                     await conn.replace_wanted.wait()
                 self.counters.reconnects += 1
-                self.metrics.upstream_reconnects_total.inc()
+                self.metrics.upstream_reconnects_total.labels(
+                    reason=reconnect_reason(conn.ended.is_set(), conn.end_reason)
+                ).inc()
                 if conn.ended.is_set():
                     lived = trio.current_time() - conn.connected_at
                     failures = 1 if lived >= policy.healthy_after_s else failures + 1
@@ -663,7 +674,18 @@ class _IngestLoop:
             tracker.on_fill_failed(request, trio.current_time(), max(delay, 0.1))
             log.warning("%s: REST fill %s failed: %s", sid, request, exc)
         else:
+            absent_before = tracker.counters.absent_minutes
             released = tracker.on_fill_result(request, candles, now=trio.current_time())
+            absent = tracker.counters.absent_minutes - absent_before
+            if absent:
+                self.metrics.exchange_missing_minutes_total.inc(absent)
+                log.warning(
+                    "%s: %d minute(s) in %d..%d are missing at the exchange (a gap)",
+                    sid,
+                    absent,
+                    request.start,
+                    request.end,
+                )
             if request.reason in ("initial", "reconnect", "retry"):
                 log.info(
                     "%s: %s backfill %d..%d: %d candles",
@@ -687,6 +709,7 @@ class _IngestLoop:
         self.counters.backfilled = sum(t.counters.rest_released for t in self.trackers.values())
         self.counters.late_repaired = sum(t.counters.repaired for t in self.trackers.values())
         self.counters.held = sum(t.held_count() for t in self.trackers.values())
+        self.counters.absent = sum(t.counters.absent_minutes for t in self.trackers.values())
 
     # --- commit and publish ------------------------------------------------------------
 
@@ -1038,6 +1061,7 @@ class IngestSupervisor:
             backfilled_candles=sum(c.backfilled for c in cs),
             late_closes_repaired=sum(c.late_repaired for c in cs),
             held_candles=sum(c.held for c in cs),
+            exchange_missing_minutes=sum(c.absent for c in cs),
             committed_candles=sum(c.committed for c in cs),
             publishes=sum(c.publishes for c in cs),
             publish_failures=sum(c.publish_failures for c in cs),

@@ -17,6 +17,7 @@ from prometheus_client import (
 disable_created_metrics()  # type: ignore[no-untyped-call]
 
 PUBLISH_PATHS: Final = ("legacy", "pipeline", "http")
+RECONNECT_REASONS: Final = ("dropped", "stale", "rotation", "server_shutdown")
 # frame received → committed → queued: milliseconds on a healthy box, seconds when REST
 # has to repair a hole first
 LATENCY_BUCKETS: Final = (
@@ -73,8 +74,13 @@ class Metrics:
             registry=r,
         )
         self.upstream_reconnects_total = Counter(
-            "tradecanvas_upstream_reconnects", "Binance WS reconnects", registry=r
+            "tradecanvas_upstream_reconnects",
+            "Binance WS reconnects by reason (dropped, stale, rotation, server_shutdown)",
+            ["reason"],
+            registry=r,
         )
+        for reason in RECONNECT_REASONS:
+            self.upstream_reconnects_total.labels(reason=reason)
         self.backfill_candles_total = Counter(
             "tradecanvas_backfill_candles", "Candles fetched from Binance REST", registry=r
         )
@@ -90,7 +96,12 @@ class Metrics:
             registry=r,
         )
         self.gaps_total = Counter(
-            "tradecanvas_gaps", "Holes confirmed at the exchange (gap messages)", registry=r
+            "tradecanvas_gaps", "gap messages sent to subscribers (one per subscriber)", registry=r
+        )
+        self.exchange_missing_minutes_total = Counter(
+            "tradecanvas_exchange_missing_minutes",
+            "Base minutes REST confirmed missing at the exchange (holes kept in the store)",
+            registry=r,
         )
         self.ingest_latency_seconds = Histogram(
             "tradecanvas_ingest_latency_seconds",
