@@ -208,9 +208,16 @@ class RateLimiter:
         self.bucket = TokenBucket(limits.messages_per_s, limits.burst, now)
         self.limited_since: float | None = None
         self.last_refusal = -math.inf
+        self.last_answer = -math.inf
 
     def check(self, now: float) -> str:
-        """``"ok"``, ``"limited"`` (answer rate_limited) or ``"abuse"`` (close 1008)."""
+        """``"ok"``, ``"limited"`` (answer rate_limited), ``"ignored"`` (refused without an
+        answer) or ``"abuse"`` (close 1008).
+
+        At most one ``rate_limited`` answer per ``quiet_s``: answering every refused message
+        would let a flooding client that does not read fill its own queue, and be cut off
+        as a slow consumer (4008) instead of for abuse (1008).
+        """
         if now - self.last_refusal > self.limits.quiet_s:
             self.limited_since = None
         if self.bucket.take(now):
@@ -220,7 +227,10 @@ class RateLimiter:
         self.last_refusal = now
         if now - self.limited_since >= self.limits.abuse_after_s:
             return "abuse"
-        return "limited"
+        if now - self.last_answer >= self.limits.quiet_s:
+            self.last_answer = now
+            return "limited"
+        return "ignored"
 
 
 def origin_allowed(origin: str | None, allowed: Sequence[str]) -> bool:
@@ -488,6 +498,8 @@ class _MarketServer:
                         f" (bursts of {self.limits.burst}); this one was ignored",
                     ).to_wire()
                 )
+                continue
+            if verdict == "ignored":
                 continue
             self._handle_message(subscriber, raw)
 
