@@ -424,6 +424,28 @@ async def test_reconnect_and_backfill_leave_no_hole(tmp_path: Path, data_dir: Pa
         assert reconnect_counts(rig) == {"dropped": 1}
 
 
+async def test_rest_fills_wait_while_the_commit_backlog_is_full(
+    tmp_path: Path, data_dir: Path
+) -> None:
+    """A slow store bounds memory: no REST fill starts while backlog_max closed candles
+    wait for a commit, and nothing is lost or reordered by the pause."""
+    rows = day_rows(data_dir)
+    config = day_replay(data_dir, start_at=1300, drop_at=(1350,), skip=30)
+    async with ingest_rig(
+        tmp_path,
+        replay=config,
+        policy=attrs.evolve(FAST, backlog_max=1),
+        initial_backfill_candles="200",
+        binance_ws_batch_max="7",
+        binance_ws_flush_s="0.2",
+    ) as rig:
+        await rig.hub.wait_closed(str(BTC), DAY + 1439 * 60)
+        assert same_bars(await rig.stored(str(BTC)), rows[1100:])
+        assert_contiguous(rig.hub.closed_times(str(BTC)), DAY + 1100 * 60, DAY + 1439 * 60)
+        stats = rig.supervisor.statistics()
+        assert stats.backfilled_candles == 200 + 31 and stats.fills_deferred > 0
+
+
 async def test_duplicate_closes_are_dropped(tmp_path: Path, data_dir: Path) -> None:
     rows = day_rows(data_dir)
     config = day_replay(data_dir, start_at=1380, duplicate_close_every=3)

@@ -152,6 +152,9 @@ class IngestPolicy:
     flush_deadline_s: float = 5.0  # the shutdown flush
     restart_base_s: float = 1.0  # supervisor: a crashed loop restarts after this (doubling)
     restart_cap_s: float = 60.0
+    # closed candles waiting for a commit; no REST fill starts while more are waiting, so a
+    # slow disk bounds memory at about this plus FILL_CONCURRENCY fill chunks
+    backlog_max: int = 50_000
 
     def jitter(self, base: float, cap: float, attempt: int) -> float:
         """Capped exponential backoff with full jitter."""
@@ -178,6 +181,7 @@ class LoopCounters:
     late_repaired: int = 0
     held: int = 0
     absent: int = 0
+    fills_deferred: int = 0  # REST fills put off while the commit backlog was full
     committed: int = 0
     publishes: int = 0
     publish_failures: int = 0
@@ -202,6 +206,7 @@ class IngestStatistics:
     late_closes_repaired: int
     held_candles: int
     exchange_missing_minutes: int  # confirmed missing at the exchange by REST
+    fills_deferred: int  # REST fills put off while IngestPolicy.backlog_max were waiting
     committed_candles: int
     publishes: int
     publish_failures: int
@@ -639,12 +644,17 @@ class _IngestLoop:
             while True:
                 now = trio.current_time()
                 wake_at = math.inf
+                backlogged = len(self.batcher) >= self.policy.backlog_max
                 for sid, tracker in self.trackers.items():
-                    request = tracker.next_fill(now)
+                    # backlogged: commits wake this loop up as they drain the batcher
+                    request = None if backlogged else tracker.next_fill(now)
                     if request is not None:
                         nursery.start_soon(self._fill, sid, request)
                     elif tracker.wants_fill():
-                        wake_at = min(wake_at, tracker.retry_at)
+                        if backlogged:
+                            self.counters.fills_deferred += 1
+                        else:
+                            wake_at = min(wake_at, tracker.retry_at)
                     if tracker.held_since is not None and tracker.failures:
                         release_at = tracker.held_since + self.policy.hold_max_s
                         if now >= release_at:
@@ -734,6 +744,8 @@ class _IngestLoop:
         items = self.batcher.take()
         if not items:
             return
+        if len(self.batcher) + len(items) >= self.policy.backlog_max:
+            self._fill_wakeup.set()  # fills paused for the backlog may go on after this
         started = trio.current_time()
         result = await self._run_pipeline(items)
         if result is None:
@@ -1062,6 +1074,7 @@ class IngestSupervisor:
             late_closes_repaired=sum(c.late_repaired for c in cs),
             held_candles=sum(c.held for c in cs),
             exchange_missing_minutes=sum(c.absent for c in cs),
+            fills_deferred=sum(c.fills_deferred for c in cs),
             committed_candles=sum(c.committed for c in cs),
             publishes=sum(c.publishes for c in cs),
             publish_failures=sum(c.publish_failures for c in cs),
