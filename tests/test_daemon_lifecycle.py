@@ -19,7 +19,7 @@ import trio
 from tests.conftest import binance_data_dir
 from tests.test_ws_server import connect
 from tradecanvas.codec import dumps, loads
-from tradecanvas.daemon import EXIT_STORE_FAILURE
+from tradecanvas.errors import EXIT_STORE_FAILURE
 
 WEEK = "klines_1m_5m/futures_um/BTCUSDT-1m-2025-07-06_2025-07-12.csv"
 BASE = "binance:futures:BTC/USDT:1m"

@@ -116,9 +116,15 @@ async def test_incomplete_last_bucket_waits_for_a_later_minute(tmp_path: Path) -
 async def test_revision_event(tmp_path: Path) -> None:
     p = await _pipeline(tmp_path)
     await p.run(IngestBatch.of(BTC, list(flat_minutes(0, 5)), "ws"))
-    result = await p.run(IngestBatch.of(BTC, [candle(120, "100", "130", "100", "100")], "rest"))
+    result = await p.run(
+        IngestBatch.of(
+            BTC, [candle(120, "100", "130", "100", "100"), *flat_minutes(300, 1)], "rest"
+        )
+    )
     assert _reasons(result.events) == [(str(BTC), "revision", 120, 120), (BTC5, "revision", 0, 0)]
-    assert result.updates[1].candles[0].high == Decimal(130)
+    base, derived = result.updates
+    assert [c.candle_time for c in base.candles] == [120, 300] and base.revised == 1
+    assert derived.candles[0].high == Decimal(130) and derived.revised == 1
     await p.store.aclose()
 
 

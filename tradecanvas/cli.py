@@ -7,7 +7,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from tradecanvas import replay, subscribe_client
+from tradecanvas import backfill, replay, subscribe_client
 from tradecanvas.errors import FlagError
 from tradecanvas.runtime_flags import (
     FLAG_SPECS,
@@ -58,6 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
         "subscribe", help="subscribe to /ws/market and print the messages"
     )
     subscribe_client.configure_parser(subscribe_parser)
+    backfill_parser = sub.add_parser(
+        "backfill", help="import a series' history from Binance REST, with a progress bar"
+    )
+    backfill.configure_parser(backfill_parser)
+    _add_flag_options(backfill_parser)
     return parser
 
 
@@ -72,7 +77,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if args.command in ("serve", "flags"):
+    if args.command in ("serve", "flags", "backfill"):
         try:
             loaded = _load_flags(args)
         except FlagError as exc:
@@ -82,6 +87,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             log.warning("%s", warning)
         if args.command == "flags":
             return _cmd_flags(loaded)
+        if args.command == "backfill":
+            return backfill.run_backfill(args, loaded.flags)
         from tradecanvas.daemon import serve
 
         return serve(loaded.flags)

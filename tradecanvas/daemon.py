@@ -35,7 +35,7 @@ import trio
 from starlette.applications import Starlette
 
 from tradecanvas.binance_ingest import IngestSupervisor
-from tradecanvas.errors import StoreError
+from tradecanvas.errors import EXIT_STORE_FAILURE, StoreError
 from tradecanvas.http_api import build_http_app, serve_http
 from tradecanvas.hub import Hub
 from tradecanvas.logs import configure_logging
@@ -54,7 +54,6 @@ DRAIN_DEADLINE_S: Final = 10.0
 INGEST_DRAIN_S: Final = 5.0
 EXIT_OK: Final = 0
 EXIT_FAILURE: Final = 1
-EXIT_STORE_FAILURE: Final = 3
 # A write running longer than this means the pipeline is stuck: stop feeding the watchdog.
 STUCK_WRITE_S: Final = 20.0
 # How often the STATUS= line shown by `systemctl status` is refreshed.
@@ -117,7 +116,7 @@ async def market_runtime_builder(flags: RuntimeFlags) -> MarketRuntime:
         catchup_limit=flags.market_ws_catchup_limit,
         metrics=metrics,
     )
-    pipeline = IngestPipeline(store, hub, flags.derived_timeframes, flags.derivation_fingerprint())
+    pipeline = IngestPipeline.from_flags(store, hub, flags)
     supervisor = IngestSupervisor(
         flags,
         pipeline,

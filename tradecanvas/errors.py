@@ -15,6 +15,8 @@
 
 from __future__ import annotations
 
+from typing import Final
+
 
 class TradeCanvasError(Exception):
     """Base of every error tradecanvas raises on purpose."""
@@ -55,6 +57,10 @@ class WireError(BadInputError):
 
 class StoreError(TradeCanvasError):
     """The candle store failed. The batch in flight was rolled back; the daemon stops."""
+
+
+# the exit code of ``serve`` and ``backfill`` when the store fails (systemd restarts serve)
+EXIT_STORE_FAILURE: Final = 3
 
 
 class PublishError(TradeCanvasError):

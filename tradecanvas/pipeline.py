@@ -19,6 +19,7 @@ import attrs
 from tradecanvas.derive import BASE_SECONDS, derive_bucket
 from tradecanvas.errors import CandleError, PublishError
 from tradecanvas.model import Candle, SeriesId, Timeframe, validate_candle
+from tradecanvas.runtime_flags import RuntimeFlags
 from tradecanvas.store import CandleStore, Source, StoreTxn, UpsertOutcome
 
 log = logging.getLogger(__name__)
@@ -66,6 +67,7 @@ class SeriesUpdate:
     series_id: str
     candles: tuple[Candle, ...]
     derived: bool
+    revised: int = 0  # of ``candles``, how many replaced a different stored value (not new)
 
 
 @attrs.frozen
@@ -248,6 +250,14 @@ class IngestPipeline:
         self._failed_steps = 0
         self._events = 0
 
+    @classmethod
+    def from_flags(
+        cls, store: CandleStore, target: PublishTarget, flags: RuntimeFlags
+    ) -> IngestPipeline:
+        """The pipeline ``serve`` and ``backfill`` use: the flags' derived timeframes and
+        derivation fingerprint."""
+        return cls(store, target, flags.derived_timeframes, flags.derivation_fingerprint())
+
     def statistics(self) -> PipelineStatistics:
         return PipelineStatistics(
             runs=self._runs,
@@ -302,7 +312,8 @@ class IngestPipeline:
             events.extend(rebuild_events_for(sid, previous_head, candles, outcomes))
             if not changed:
                 continue
-            updates.append(SeriesUpdate(sid, tuple(changed), derived=False))
+            revised = sum(o is UpsertOutcome.REVISED for o in outcomes)
+            updates.append(SeriesUpdate(sid, tuple(changed), derived=False, revised=revised))
             head = txn.head_time(sid)
             assert head is not None
             for tf in self.derived_timeframes:
@@ -356,7 +367,9 @@ class IngestPipeline:
         changed = tuple(
             c for c, o in zip(candles, outcomes, strict=True) if o is not UpsertOutcome.UNCHANGED
         )
-        return (SeriesUpdate(sid, changed, derived=True) if changed else None), events
+        revised = sum(o is UpsertOutcome.REVISED for o in outcomes)
+        update = SeriesUpdate(sid, changed, derived=True, revised=revised) if changed else None
+        return update, events
 
     def _fingerprint_events(
         self, txn: StoreTxn, series_id: str, previous_head: int | None
