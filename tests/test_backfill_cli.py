@@ -28,13 +28,14 @@ from tests.conftest import binance_data_dir, read_kline_csv
 from tradecanvas.backfill import (
     BackfillPlan,
     BackfillTally,
+    page_alignment,
     parse_time,
     plan_backfill,
     render_bar,
 )
 from tradecanvas.binance_ingest import StoreBanMemory
 from tradecanvas.errors import EXIT_STORE_FAILURE, BadInputError
-from tradecanvas.model import Candle, SeriesId
+from tradecanvas.model import Candle, SeriesId, Timeframe
 from tradecanvas.replay import ReplayConfig, ReplayHandle, parse_file_argument, serve_replay
 from tradecanvas.store import CandleStore, StoredCandle
 
@@ -183,6 +184,46 @@ async def test_imports_binance_bars_over_several_pages_derives_5m_and_is_idempot
         }
         assert "nothing new" in second.stdout.decode()
         assert table_dump(db) == before
+
+
+async def test_history_behind_a_live_head_gets_whole_long_derived_bars_counted_once(
+    tmp_path: Path,
+) -> None:
+    """Importing history behind the daemon's live minutes: every bucket below the live head
+    is written, so a page ending inside a 4h or 1d bucket would write it from part of its
+    minutes first. Pages end on day boundaries (1440, 1440, 220 minutes, not 1500, 1500,
+    100), and each bar is counted once."""
+    minutes = 3100  # 2 days and 220 minutes
+    all_rows = csv_rows("BTCUSDT-1m-2025-07-06_2025-07-12.csv")
+    rows = all_rows[:minutes]
+    db = tmp_path / "market.sqlite3"
+    store = await CandleStore.open(db)
+    try:
+        await store.upsert(BASE, [all_rows[3 * 1440]], "ws")  # the live head, on day 4
+    finally:
+        await store.aclose()
+    async with binance_replay(
+        replay_config("BTCUSDT-1m-2025-07-06_2025-07-12.csv", start_at=3 * 1440 + 60)
+    ) as replay:
+        env = cli_env(db, replay.rest_url, TRADE_CANVAS_DERIVED_TIMEFRAMES="5m,4h,1d")
+        done = await run_backfill(env, BASE, "--from", str(WEEK), "--to", str(WEEK + minutes * 60))
+        assert done.returncode == 0, done.stderr.decode()
+        assert replay.statistics().rest_requests == 3
+    out = done.stdout.decode()
+    assert "binance:futures:BTC/USDT:4h: 13 derived bars written" in out  # ceil(3100 / 240)
+    assert "binance:futures:BTC/USDT:1d: 3 derived bars written" in out
+    days = await stored(db, "binance:futures:BTC/USDT:1d")
+    assert [s.complete for s in days] == [True, True, False]  # the third: 220 minutes imported
+    for day in days:  # each day aggregated from exactly its own Binance minutes
+        own = [
+            r
+            for r in rows
+            if day.candle.candle_time <= r.candle_time < day.candle.candle_time + 86400
+        ]
+        assert (day.candle.open, day.candle.close) == (own[0].open, own[-1].close)
+        assert day.candle.high == max(r.high for r in own)
+        assert day.candle.low == min(r.low for r in own)
+        assert day.candle.volume == sum(r.volume for r in own)
 
 
 async def test_minutes_already_stored_are_kept_or_revised_to_binance_values(
@@ -584,7 +625,8 @@ def test_plan_defaults_to_now_and_never_reaches_the_forming_minute() -> None:
     now = DAY + 3600 + 42.5
     plan = plan_backfill(BASE, str(DAY), None, now)
     assert (plan.start, plan.end, plan.to_given) == (DAY, DAY + 3600, False)
-    assert plan_backfill(BASE, str(DAY), str(DAY + 7200), now).end == DAY + 3600
+    # an explicit --to is left to Binance's clock (cap_at_exchange), not this machine's
+    assert plan_backfill(BASE, str(DAY), str(DAY + 7200), now).end == DAY + 7200
     with pytest.raises(BadInputError, match=r"^--from: .* is not before --to"):
         plan_backfill(BASE, str(DAY + 3600), None, now)
 
@@ -594,6 +636,22 @@ def test_pages_follow_binance_limits() -> None:
     assert [(b - a) // 60 for a, b in futures.chunks()] == [1500, 1500, 100]
     spot = BackfillPlan(SeriesId.parse("binance:spot:BTC/USDT:1m"), DAY, DAY + 2000 * 60)
     assert [(b - a) // 60 for a, b in spot.chunks()] == [1000, 1000]
+
+
+def test_pages_align_to_the_derived_timeframes_when_they_fit() -> None:
+    tfs = [Timeframe.parse(t) for t in ("5m", "15m", "1h", "4h", "1d")]
+    futures_page, spot_page = 1500 * 60, 1000 * 60
+    assert page_alignment(tfs, futures_page) == 86400  # a day fits a futures page
+    assert page_alignment(tfs, spot_page) == 4 * 3600  # not a spot page: the longest that does
+    assert page_alignment([Timeframe.parse("5m")], spot_page) == 300
+    assert page_alignment([], spot_page) == 60
+    plan = BackfillPlan(SeriesId.parse(BASE), DAY + 600, DAY + 3 * 86400, align=86400)
+    chunks = list(plan.chunks())
+    assert chunks[0] == (DAY + 600, DAY + 86400)  # the first page ends at the next midnight
+    assert all(b - a <= 1500 * 60 for a, b in chunks)
+    assert [a for a, _ in chunks[1:]] == [b for _, b in chunks[:-1]]  # contiguous
+    assert chunks[-1][1] == DAY + 3 * 86400
+    assert all(b % 86400 == 0 for _, b in chunks)
 
 
 def test_progress_bar_line() -> None:

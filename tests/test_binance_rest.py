@@ -79,7 +79,12 @@ class ScriptedBinance:
         return reply(request)
 
     async def start(self, nursery: trio.Nursery) -> str:
-        app = Starlette(routes=[Route("/fapi/v1/klines", self.klines)])
+        app = Starlette(
+            routes=[
+                Route(path, self.klines)
+                for path in ("/fapi/v1/klines", "/fapi/v1/time", "/fapi/v1/exchangeInfo")
+            ]
+        )
         config = hypercorn.config.Config()
         config.bind = ["127.0.0.1:0"]
         config.accesslog = None
@@ -280,6 +285,29 @@ async def test_other_4xx_is_not_retried_and_bad_bodies_are_wire_errors(
             await client.klines(FUTURES, 1692144000, 1692144120)
         with pytest.raises(UpstreamError, match="no REST base URL"):
             await client.klines(SPOT, 1692144000, 1692144120)
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_200_that_is_not_json_is_a_wire_error_on_every_call(
+    http: httpx.AsyncClient,
+) -> None:
+    """A proxy or maintenance page answering 200 with HTML must not escape as a bare
+    ValueError: the supervisor's best-effort exchangeInfo read catches WireError only."""
+
+    def maintenance(request: Request) -> Response:
+        return Response(b"<html>maintenance</html>", 200, media_type="text/html")
+
+    async with trio.open_nursery() as nursery:
+        binance = ScriptedBinance([maintenance])
+        client = BinanceRestClient(http, {"futures": await binance.start(nursery)})
+        with pytest.raises(WireError, match="not_json"):
+            await client.load_rate_limits("futures")
+        with pytest.raises(WireError, match="not_json"):
+            await client.server_time_ms("futures")
+        with pytest.raises(WireError, match="not_json"):
+            await client.klines(FUTURES, 1692144000, 1692144120)
+        assert len(binance.calls) == 3  # a bad body is not retried
+        assert client.statistics().weight_limit == {"futures": 2400}
         nursery.cancel_scope.cancel()
 
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import re
 import signal
@@ -124,6 +125,9 @@ class BackfillPlan:
     start: int
     end: int
     to_given: bool = True  # False: ``--to`` defaulted to now
+    # pages end on multiples of this (seconds), so a derived bucket is seldom split across two
+    # commits (see page_alignment)
+    align: int = MINUTE
 
     @property
     def minutes(self) -> int:
@@ -135,9 +139,17 @@ class BackfillPlan:
         return KLINES_LIMIT[self.series.market]
 
     def chunks(self) -> Iterator[tuple[int, int]]:
+        """The pages: at most one REST call each, ending on a multiple of ``align`` when one
+        lies inside the page."""
         step = self.page_minutes * MINUTE
-        for start in range(self.start, self.end, step):
-            yield start, min(self.end, start + step)
+        cursor = self.start
+        while cursor < self.end:
+            stop = cursor + step
+            aligned = stop - stop % self.align
+            if aligned > cursor:
+                stop = aligned
+            yield cursor, min(self.end, stop)
+            cursor = stop
 
     def describe(self) -> str:
         return f"{self.series} [{iso_minute(self.start)}, {iso_minute(self.end)})"
@@ -146,9 +158,9 @@ class BackfillPlan:
 def plan_backfill(
     series_text: str, from_text: str, to_text: str | None, now: float
 ) -> BackfillPlan:
-    """Check the command's arguments (no I/O); ``now`` is the wall clock in unix seconds.
-
-    An explicit ``--to`` after the current minute is brought back to it (with a log line).
+    """Check the command's arguments (no I/O); ``now`` is the wall clock in unix seconds,
+    used only for the default ``--to``. An explicit ``--to`` after the current minute is kept:
+    :func:`cap_at_exchange` ends the range at Binance's current minute.
     Raises BadInputError whose message names the argument.
     """
     try:
@@ -168,22 +180,28 @@ def plan_backfill(
         end = current_minute
         to_shown = f"{iso_minute(end)}, now"
     else:
+        # kept as given: only Binance's clock (cap_at_exchange) says which minute is forming,
+        # and this machine's clock may run behind it
         end = parse_time("--to", to_text)
         to_shown = iso_minute(end)
-        if end > current_minute:
-            log.warning(
-                "--to %s is after the current minute; importing up to %s (the forming minute"
-                " is never imported)",
-                iso_minute(end),
-                iso_minute(current_minute),
-            )
-            end = current_minute
-            to_shown = f"{iso_minute(end)}, now"
     if start >= end:
         raise BadInputError(
             f"--from: {iso_minute(start)} is not before --to ({to_shown}); the range is [from, to)"
         )
     return BackfillPlan(series, start, end, to_given=to_given)
+
+
+def page_alignment(derived: Sequence[Timeframe], page_s: int) -> int:
+    """Where pages should end so that each derived bucket is committed whole, in one page:
+    a multiple of every derived timeframe if such a page fits (``1d`` covers 5m…4h, and one
+    day fits a futures page), else of the longest one that fits. A bucket still split across
+    two pages is finalised from its first part and corrected by the second (the store keeps
+    the last write)."""
+    lengths = [tf.seconds for tf in derived]
+    common = math.lcm(MINUTE, *lengths)
+    if common <= page_s:
+        return common
+    return max((s for s in lengths if s <= page_s), default=MINUTE)
 
 
 @final
@@ -199,7 +217,10 @@ class BackfillTally:
     revised: int = 0
     missing: int = 0
     missing_ranges: list[tuple[int, int]] = attrs.Factory(list)  # first, last open time
-    derived: dict[str, int] = attrs.Factory(dict)  # derived series → bars written
+    derived: dict[str, int] = attrs.Factory(dict)  # derived series → distinct bars written
+    # derived series → open time of the last bar written: a bucket split across two pages
+    # is written twice but counted once
+    _last_derived: dict[str, int] = attrs.Factory(dict)
     committed_up_to: int | None = None  # end (exclusive) of the last page done
 
     @property
@@ -209,6 +230,13 @@ class BackfillTally:
     @property
     def complete(self) -> bool:
         return self.done_minutes >= self.plan.minutes
+
+    def _count_derived(self, sid: str, times: Sequence[int]) -> None:
+        if not times:
+            return
+        again = 1 if self._last_derived.get(sid) == times[0] else 0
+        self.derived[sid] = self.derived.get(sid, 0) + len(times) - again
+        self._last_derived[sid] = times[-1]
 
     def record(
         self,
@@ -224,9 +252,7 @@ class BackfillTally:
         if result is not None:
             for update in result.updates:
                 if update.derived:
-                    self.derived[update.series_id] = self.derived.get(update.series_id, 0) + len(
-                        update.candles
-                    )
+                    self._count_derived(update.series_id, [c.candle_time for c in update.candles])
                 elif update.series_id == sid:
                     changed += len(update.candles)
                     revised += update.revised
@@ -485,6 +511,9 @@ async def _open_and_import(
                     f"--from: {iso_minute(tally.plan.start)} is not before Binance's current"
                     " minute (its /time); nothing to import"
                 )
+            plan = attrs.evolve(
+                plan, align=page_alignment(flags.derived_timeframes, plan.page_minutes * MINUTE)
+            )
             tally.plan = plan
             await _load_rate_limits(rest, plan)
             pipeline = IngestPipeline.from_flags(store, _NoSubscribers(), flags)

@@ -29,7 +29,7 @@ import attrs
 import httpx
 import trio
 
-from tradecanvas.codec import decode_rest_klines, loads
+from tradecanvas.codec import decode_rest_klines, decode_wire_json
 from tradecanvas.errors import TradeCanvasError, UpstreamError, WireError
 from tradecanvas.metrics import Metrics
 from tradecanvas.model import Candle, Market, SeriesId
@@ -249,7 +249,7 @@ class BinanceRestClient:
 
     async def server_time_ms(self, market: Market) -> int:
         response = await self._get(market, TIME_PATH[market], {}, weight=TIME_WEIGHT)
-        doc = loads(response.content)
+        doc = decode_wire_json(response.content)
         value = doc.get("serverTime") if isinstance(doc, dict) else None
         if isinstance(value, bool) or not isinstance(value, int):
             raise WireError("bad_server_time", f"{response.text[:120]!r}")
@@ -261,7 +261,7 @@ class BinanceRestClient:
         response = await self._get(
             market, EXCHANGE_INFO_PATH[market], {}, weight=EXCHANGE_INFO_WEIGHT[market]
         )
-        doc = loads(response.content)
+        doc = decode_wire_json(response.content)
         limits = doc.get("rateLimits") if isinstance(doc, dict) else None
         for item in limits if isinstance(limits, list) else []:
             if (

@@ -158,7 +158,9 @@ def make_binance_converter() -> cattrs.Converter:
 _CONVERTER: Final = make_binance_converter()
 
 
-def _parse_json(raw: bytes | str) -> Any:
+def decode_wire_json(raw: bytes | str) -> Any:
+    """JSON from Binance (or anything upstream): a body that is not JSON, such as an HTML
+    maintenance page behind a 200, raises WireError like every other malformed answer."""
     try:
         return orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
@@ -167,7 +169,7 @@ def _parse_json(raw: bytes | str) -> Any:
 
 def decode_frame(raw: bytes | str) -> KlineEvent | ControlFrame:
     """Decode one WS frame, combined (``{"stream","data"}``) or raw. Raises WireError."""
-    doc = _parse_json(raw)
+    doc = decode_wire_json(raw)
     if not isinstance(doc, dict):
         raise WireError("not_object", f"frame is a {type(doc).__name__}")
     stream: str | None = None
@@ -232,7 +234,7 @@ def candle_from_rest_row(row: object, timeframe: Timeframe) -> Candle:
 
 
 def decode_rest_klines(body: bytes, timeframe: Timeframe) -> list[Candle]:
-    doc = _parse_json(body)
+    doc = decode_wire_json(body)
     if not isinstance(doc, list):
         raise WireError("bad_rest_body", f"expected a JSON array, got {type(doc).__name__}")
     return [candle_from_rest_row(row, timeframe) for row in doc]
