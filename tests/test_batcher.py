@@ -222,6 +222,69 @@ def test_release_held_keeps_the_hole_for_a_later_retry() -> None:
     assert not tr.wants_fill()
 
 
+def test_a_retry_keeps_the_minutes_rest_may_only_be_behind_on() -> None:
+    """REST answering a retry without a minute that ended less than late_close ago has
+    not confirmed it absent: the range stays unresolved and is asked for again once that
+    minute is late (else a minute the exchange has would be dropped for good)."""
+    tr = SeriesTracker(head=T0 - 60, initial_backfill=0, late_close_ms=120_000)
+    bars = minutes(T0, 3)
+    tr.on_closed(bars[0], now=0.0)
+    tr.on_closed(bars[2], now=0.0)  # exchange time: T0 + 180 s
+    request = tr.next_fill(now=0.0)
+    assert request is not None
+    tr.on_fill_failed(request, now=0.0, retry_after_s=0.0)
+    assert times(tr.release_held()) == [T0 + 120]
+    retry = tr.next_fill(now=0.0)
+    assert retry == FillRequest(T0 + 60, T0 + 120, "retry")
+    assert tr.on_fill_result(retry, [], now=0.0) == []  # REST is behind
+    assert tr.unresolved == ((T0 + 60, T0 + 120),)
+    assert tr.counters.absent_minutes == 0
+    assert not tr.wants_fill() and tr.next_fill(now=1.0) is None  # no hammering
+    tr.on_exchange_time((T0 + 120) * 1000 + 119_999)
+    assert not tr.wants_fill()
+    tr.on_exchange_time((T0 + 120) * 1000 + 120_000)  # the minute is late now
+    again = tr.next_fill(now=1.0)
+    assert again == retry
+    assert times(tr.on_fill_result(again, bars[1:2], now=1.0)) == [T0 + 60]
+    assert list(tr.unresolved) == []
+    assert not tr.wants_fill()
+
+
+def test_a_retry_confirms_absent_minutes_once_they_are_old_enough() -> None:
+    tr = SeriesTracker(
+        head=T0 + 300, initial_backfill=0, late_close_ms=LATE_MS, unresolved=[(T0, T0 + 300)]
+    )
+    tr.on_exchange_time((T0 + 400) * 1000)
+    retry = tr.next_fill(now=0.0)
+    assert retry == FillRequest(T0, T0 + 300, "retry")
+    bars = minutes(T0, 5)
+    # minutes 1 and 3 are missing, below a returned one or old enough: absent for good
+    out = tr.on_fill_result(retry, [bars[0], bars[2], bars[4]], now=0.0)
+    assert times(out) == [T0, T0 + 120, T0 + 240]
+    assert tr.counters.absent_minutes == 2
+    assert tr.unresolved == () and not tr.wants_fill()
+
+
+def test_long_retries_are_fetched_in_bounded_chunks() -> None:
+    end = T0 + (FILL_CHUNK_MINUTES + 5) * 60
+    tr = SeriesTracker(head=end, initial_backfill=0, late_close_ms=LATE_MS, unresolved=[(T0, end)])
+    tr.on_exchange_time((end + 60) * 1000 + LATE_MS)  # the live stream is at the head
+    first = tr.next_fill(now=0.0)
+    middle = T0 + FILL_CHUNK_MINUTES * 60
+    assert first == FillRequest(T0, middle, "retry")
+    assert first.minutes == FILL_CHUNK_MINUTES
+    assert len(tr.on_fill_result(first, minutes(T0, FILL_CHUNK_MINUTES), now=0.0)) == (
+        FILL_CHUNK_MINUTES
+    )
+    assert tr.unresolved == ((middle, end),)
+    second = tr.next_fill(now=0.0)
+    assert second == FillRequest(middle, end, "retry")
+    assert times(tr.on_fill_result(second, minutes(middle, 5), now=0.0)) == [
+        middle + 60 * i for i in range(5)
+    ]
+    assert not tr.unresolved
+
+
 @settings(max_examples=200, deadline=None)
 @given(
     count=st.integers(min_value=1, max_value=40),
@@ -254,6 +317,68 @@ def test_any_arrival_pattern_releases_every_existing_minute_once_in_order(
     serve_fills()
     assert times(out) == sorted(truth)
     assert tr.held_count() == 0
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    count=st.integers(min_value=1, max_value=30),
+    lost=st.sets(st.integers(min_value=0, max_value=29)),
+    exchange_holes=st.sets(st.integers(min_value=0, max_value=29)),
+    rest_down=st.sets(st.integers(min_value=0, max_value=29)),
+    back_at_once=st.booleans(),
+    lag_s=st.integers(min_value=0, max_value=115),
+)
+def test_rest_outages_and_a_lagging_rest_lose_no_minute(
+    count: int,
+    lost: set[int],
+    exchange_holes: set[int],
+    rest_down: set[int],
+    back_at_once: bool,
+    lag_s: int,
+) -> None:
+    """REST down at some minutes (held candles then committed over the hole and retried)
+    and REST lagging the exchange by up to late_close: every minute the exchange has is
+    released exactly once, and none it has is confirmed absent."""
+    late_ms = 120_000
+    truth = {c.candle_time: c for i, c in enumerate(minutes(T0, count)) if i not in exchange_holes}
+    tr = SeriesTracker(head=T0 - 60, initial_backfill=0, late_close_ms=late_ms)
+    out: list[Released] = []
+    exchange_ms = T0 * 1000
+
+    def serve_fills(up: bool) -> None:
+        while (request := tr.next_fill(now=0.0)) is not None:
+            if not up:
+                tr.on_fill_failed(request, now=0.0, retry_after_s=0.0)
+                return
+            known = [
+                c
+                for t, c in truth.items()
+                if request.start <= t < request.end and (t + 60 + lag_s) * 1000 <= exchange_ms
+            ]
+            out.extend(tr.on_fill_result(request, known, now=0.0))
+
+    for i in range(count):
+        t = T0 + 60 * i
+        exchange_ms = (t + 60) * 1000 + 500
+        tr.on_exchange_time(exchange_ms)
+        if t in truth and i not in lost:
+            out.extend(tr.on_closed(truth[t], now=0.0))
+        serve_fills(up=i not in rest_down)
+        if i in rest_down:
+            out.extend(tr.release_held())  # hold_max_s passed with REST down
+            if back_at_once:  # REST answers the retry at once, still behind the exchange
+                serve_fills(up=True)
+    for step in range(1, 5):  # exchange time moves on; REST is back
+        exchange_ms = (T0 + 60 * count) * 1000 + step * late_ms
+        tr.on_exchange_time(exchange_ms)
+        serve_fills(up=True)
+    released = times(out)
+    assert sorted(released) == sorted(truth)
+    assert len(released) == len(set(released))
+    assert tr.held_count() == 0 and tr.unresolved == ()
+    # absent: the exchange holes, and the minutes after the data whose time has passed
+    late_upto = (exchange_ms - late_ms) // 60_000 * 60
+    assert tr.counters.absent_minutes == sum(t not in truth for t in range(T0, late_upto, 60))
 
 
 def test_batcher_flushes_by_size_and_age_one_source_at_a_time() -> None:

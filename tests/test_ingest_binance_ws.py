@@ -34,7 +34,7 @@ from tradecanvas.codec import KlineEvent, decode_frame, dumps, kline_frame, read
 from tradecanvas.errors import StoreError
 from tradecanvas.metrics import Metrics
 from tradecanvas.model import Candle, SeriesId
-from tradecanvas.pipeline import IngestPipeline, PipelineResult, SystemEvent
+from tradecanvas.pipeline import IngestBatch, IngestPipeline, PipelineResult, SystemEvent
 from tradecanvas.replay import ReplayConfig, ReplayHandle, parse_file_argument, serve_replay
 from tradecanvas.runtime_flags import RuntimeFlags, build_runtime_flags
 from tradecanvas.store import CandleStore
@@ -649,12 +649,16 @@ async def test_an_exchange_hole_is_committed_around_once_rest_confirms_it(
 
 
 async def test_held_candles_are_committed_when_rest_stays_down(
-    tmp_path: Path, data_dir: Path
+    tmp_path: Path, data_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Nothing received is lost: with REST unreachable, the candles held above a hole are
-    committed after IngestPolicy.hold_max_s, in order, and the hole stays for a retry."""
+    committed after IngestPolicy.hold_max_s, in order, and the hole stays for a retry —
+    recorded in the store in the very transaction that commits the first candle above it,
+    and forgotten only in the one that commits the candle the retry brought."""
     rows = day_rows(data_dir)
+    hole = [[DAY + 1425 * 60, DAY + 1426 * 60]]
     config = day_replay(data_dir, start_at=1420, omit_closes=frozenset({1425}))
+    carried: list[tuple[list[int], tuple[tuple[str, str], ...]]] = []
     async with ingest_rig(
         tmp_path,
         replay=config,
@@ -662,19 +666,60 @@ async def test_held_candles_are_committed_when_rest_stays_down(
         policy=attrs.evolve(FAST, hold_max_s=0.3),
         rest_policy=RestPolicy(max_attempts=1),
     ) as rig:
+        original = rig.pipeline.run
+
+        async def watched(batch: IngestBatch) -> PipelineResult:
+            carried.append(([(c.candle_time - DAY) // 60 for _, c in batch.candles], batch.meta))
+            return await original(batch)
+
+        monkeypatch.setattr(rig.pipeline, "run", watched)
         await rig.hub.wait_closed(str(BTC), DAY + 1439 * 60)
         expected = rows[1420:1425] + rows[1426:]
         assert same_bars(await rig.stored(str(BTC)), expected)
         assert rig.hub.closed_times(str(BTC)) == [c.candle_time for c in expected]
         stats = rig.supervisor.statistics()
         assert stats.held_candles == 0 and stats.backfilled_candles == 0
-    # the hole outlives the process, and the next start asks REST for it again
-    store = await CandleStore.open(tmp_path / "market.sqlite3")
-    try:
-        saved = await store.get_meta(f"unresolved_holes:{BTC}")
-    finally:
+    # recorded once, in the transaction of the first candle above the hole
+    first_above = next(meta for minutes, meta in carried if max(minutes) > 1425)
+    assert first_above == ((f"unresolved_holes:{BTC}", orjson.dumps(hole).decode()),)
+    assert sum(bool(meta) for _, meta in carried) == 1
+
+    async def saved_holes() -> Any:
+        store = await CandleStore.open(tmp_path / "market.sqlite3")
+        try:
+            saved = await store.get_meta(f"unresolved_holes:{BTC}")
+        finally:
+            await store.aclose()
+        return None if saved is None else orjson.loads(saved)
+
+    # the hole outlives the process; a restart whose commit of the retried candle fails
+    # keeps it recorded
+    assert await saved_holes() == hole
+
+    async with trio.open_nursery() as nursery:
+        replay: ReplayHandle = await nursery.start(
+            serve_replay, day_replay(data_dir, start_at=1439)
+        )
+        flags = make_flags(tmp_path, replay.ws_url, replay.rest_url)
+        store = await CandleStore.open(flags.db_path)
+        pipeline = IngestPipeline(store, RecordingHub(), flags.derived_timeframes, "fp")
+        real_run = pipeline.run
+
+        async def failing(batch: IngestBatch) -> PipelineResult:
+            if batch.source == "rest":
+                raise StoreError("disk full")
+            return await real_run(batch)
+
+        monkeypatch.setattr(pipeline, "run", failing)
+        supervisor = IngestSupervisor(
+            flags, pipeline, RecordingHub(), Metrics(), enable_pipeline_publish=False, policy=FAST
+        )
+        with trio.fail_after(WAIT_S), pytest.raises(StoreError, match="disk full"):
+            await supervisor.run()
         await store.aclose()
-    assert saved is not None and orjson.loads(saved) == [[DAY + 1425 * 60, DAY + 1426 * 60]]
+        nursery.cancel_scope.cancel()
+    assert await saved_holes() == hole
+    # and the next start asks REST for it again
     async with ingest_rig(tmp_path, replay=day_replay(data_dir, start_at=1439)) as rig:
         await rig.hub.wait_for(lambda: bool(rig.hub.of_type("system")))
         assert same_bars(await rig.stored(str(BTC)), rows[1420:])

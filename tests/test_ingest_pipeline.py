@@ -162,6 +162,23 @@ async def test_bad_candle_rejects_whole_batch(tmp_path: Path, bad: Candle, messa
     await p.store.aclose()
 
 
+async def test_batch_meta_is_stored_with_the_candles_or_not_at_all(tmp_path: Path) -> None:
+    p = await _pipeline(tmp_path)
+    refused = IngestBatch(
+        ((BTC, candle(0, "1", "1", "1", "1")), (BTC, candle(61, "1", "1", "1", "1"))),
+        "ws",
+        meta=(("unresolved_holes:x", "[[0,60]]"),),
+    )
+    with pytest.raises(CandleError):
+        await p.run(refused)
+    assert await p.store.get_meta("unresolved_holes:x") is None
+    good = IngestBatch(refused.candles[:1], "ws", meta=refused.meta)
+    await p.run(good)
+    assert await p.store.get_meta("unresolved_holes:x") == "[[0,60]]"
+    assert [s.candle.candle_time for s in await p.store.range(str(BTC), 0, 600)] == [0]
+    await p.store.aclose()
+
+
 async def test_publish_order_series_id_then_system(tmp_path: Path) -> None:
     target = RecordingTarget()
     p = await _pipeline(tmp_path, target)

@@ -63,6 +63,10 @@ class FillRequest:
     end: int
     reason: FillReason
 
+    @property
+    def minutes(self) -> int:
+        return (self.end - self.start) // MINUTE
+
 
 @attrs.define
 class TrackerCounters:
@@ -95,6 +99,11 @@ class SeriesTracker:
     cannot merely be behind: it is below a minute the same answer returned, or it ended at
     least ``late_close`` ago in exchange time. A just-closed minute REST does not have yet
     stays unsettled, and is asked for again once it is that old (or its close arrives).
+
+    Holes left under candles committed without them (:meth:`release_held`) are *unresolved*
+    and retried (``retry`` fills, in chunks of FILL_CHUNK_MINUTES) by the same rule: the part
+    of a range a retry could not settle stays unresolved and is asked for again once exchange
+    time makes its first minute old enough.
     """
 
     def __init__(
@@ -124,6 +133,9 @@ class SeriesTracker:
         # holes left under candles committed by release_held, to retry (kept by the shell
         # across restarts)
         self._unresolved: list[tuple[int, int]] = sorted(set(unresolved))
+        # unresolved ranges a retry answered while their first minute was too recent to
+        # call absent: asked for again once it is late (see _retry_range)
+        self._retry_waiting: set[tuple[int, int]] = set()
         self._recent: OrderedDict[int, Candle] = OrderedDict()
         self._recent_keep = recent_keep
 
@@ -198,7 +210,7 @@ class SeriesTracker:
     def wants_fill(self) -> bool:
         if self._inflight is not None or self.head is None:
             return False
-        return self._wants_forward_fill() or bool(self._unresolved)
+        return self._wants_forward_fill() or self._retry_range() is not None
 
     def _wants_forward_fill(self) -> bool:
         assert self.head is not None
@@ -221,7 +233,10 @@ class SeriesTracker:
             end = min(self._want_upto, start + FILL_CHUNK_MINUTES * MINUTE)
             request = FillRequest(start, end, self._want_reason)
         else:
-            start, end = self._unresolved[0]
+            retry = self._retry_range()
+            assert retry is not None
+            start = retry[0]
+            end = min(retry[1], start + FILL_CHUNK_MINUTES * MINUTE)
             request = FillRequest(start, end, "retry")
         self._inflight = request
         self.counters.fills += 1
@@ -246,8 +261,7 @@ class SeriesTracker:
         )
         released: list[Released] = []
         if request.reason == "retry":
-            if (request.start, request.end) in self._unresolved:
-                self._unresolved.remove((request.start, request.end))
+            self._settle_retry(request, in_range)
             for c in in_range:
                 if c.candle_time <= self.head and c.candle_time not in self._recent:
                     self._remember(c)
@@ -318,6 +332,41 @@ class SeriesTracker:
             return -1
         return (self._exchange_ms - self.late_close_ms) // MINUTE_MS * MINUTE
 
+    def _retry_range(self) -> tuple[int, int] | None:
+        """The first unresolved range a retry may ask for now."""
+        late_upto = self._late_upto()
+        for entry in self._unresolved:
+            if entry not in self._retry_waiting or entry[0] < late_upto:
+                return entry
+        return None
+
+    def _settle_retry(self, request: FillRequest, in_range: Sequence[Candle]) -> None:
+        """Shrink the unresolved range ``request`` was cut from to what REST could not
+        settle: minutes below the last one returned, or old enough, are present or absent
+        for good; the rest stays for a later retry."""
+        settled = self._late_upto()
+        if in_range:
+            settled = max(settled, in_range[-1].candle_time + MINUTE)
+        settled = max(request.start, min(settled, request.end))
+        returned = {c.candle_time for c in in_range}
+        self.counters.absent_minutes += sum(
+            t not in returned for t in range(request.start, settled, MINUTE)
+        )
+        index = next(
+            (i for i, entry in enumerate(self._unresolved) if entry[0] == request.start), None
+        )
+        if index is None:
+            return
+        entry = self._unresolved[index]
+        self._retry_waiting.discard(entry)
+        if settled >= entry[1]:
+            del self._unresolved[index]
+            return
+        remaining = (settled, entry[1])
+        self._unresolved[index] = remaining
+        if settled < request.end:
+            self._retry_waiting.add(remaining)  # REST may be behind: wait until it is late
+
     def _raise_want(self, upto: int, reason: FillReason) -> None:
         if upto > self._want_upto:
             self._want_upto = upto
@@ -370,6 +419,10 @@ class BatchItem:
     series: SeriesId
     released: Released
     added_at: float
+    # the series' unresolved holes to keep (in the store) once this item is committed:
+    # a hole is recorded with the first candle above it, and forgotten with the last
+    # candle a retry brought for it; None: no record to write
+    holes: tuple[tuple[int, int], ...] | None = None
 
 
 @final
@@ -389,8 +442,17 @@ class ClosedBatcher:
     def __len__(self) -> int:
         return len(self._items)
 
-    def add(self, series: SeriesId, released: Iterable[Released], now: float) -> None:
-        self._items.extend(BatchItem(series, r, now) for r in released)
+    def add(
+        self,
+        series: SeriesId,
+        released: Iterable[Released],
+        now: float,
+        holes: tuple[tuple[int, int], ...] | None = None,
+    ) -> None:
+        self._items.extend(BatchItem(series, r, now, holes) for r in released)
+
+    def holds(self, series: SeriesId) -> bool:
+        return any(item.series == series for item in self._items)
 
     def due_at(self) -> float | None:
         """Monotonic time the next flush is due (``-inf`` when full), None when empty."""

@@ -48,6 +48,7 @@ from tradecanvas.batcher import (
     ClosedBatcher,
     FillRequest,
     FormingThrottle,
+    IngestSource,
     MinuteCache,
     Released,
     SeriesTracker,
@@ -152,8 +153,9 @@ class IngestPolicy:
     flush_deadline_s: float = 5.0  # the shutdown flush
     restart_base_s: float = 1.0  # supervisor: a crashed loop restarts after this (doubling)
     restart_cap_s: float = 60.0
-    # closed candles waiting for a commit; no REST fill starts while more are waiting, so a
-    # slow disk bounds memory at about this plus FILL_CONCURRENCY fill chunks
+    # closed candles waiting for a commit plus the minutes of the REST fills in flight; no
+    # fill starts while they reach this, so a slow disk bounds the candles in memory at
+    # this plus one fill chunk (FILL_CHUNK_MINUTES)
     backlog_max: int = 50_000
 
     def jitter(self, base: float, cap: float, attempt: int) -> float:
@@ -181,7 +183,7 @@ class LoopCounters:
     late_repaired: int = 0
     held: int = 0
     absent: int = 0
-    fills_deferred: int = 0  # REST fills put off while the commit backlog was full
+    fills_deferred: int = 0  # REST fills put off by a full commit backlog (once per wait)
     committed: int = 0
     publishes: int = 0
     publish_failures: int = 0
@@ -206,7 +208,7 @@ class IngestStatistics:
     late_closes_repaired: int
     held_candles: int
     exchange_missing_minutes: int  # confirmed missing at the exchange by REST
-    fills_deferred: int  # REST fills put off while IngestPolicy.backlog_max were waiting
+    fills_deferred: int  # REST fills put off by IngestPolicy.backlog_max (once per wait)
     committed_candles: int
     publishes: int
     publish_failures: int
@@ -348,6 +350,7 @@ class _IngestLoop:
         self._batch_wakeup = _Wakeup()
         self._fill_wakeup = _Wakeup()
         self._fill_limiter = trio.CapacityLimiter(FILL_CONCURRENCY)
+        self._fill_minutes_in_flight = 0
         self._generations = itertools.count(1)
         self._connections: dict[int, _Connection] = {}
         self._seen_generation: dict[SeriesId, int] = {}
@@ -404,12 +407,12 @@ class _IngestLoop:
                 self._handle_frame(frame)
             now = trio.current_time()
             for sid, tracker in self.trackers.items():
-                self.batcher.add(sid, tracker.release_held(), now)
-            for sid, tracker in self.trackers.items():
-                await self.holes.save(sid, tracker.unresolved)
+                self.batcher.add(sid, tracker.release_held(), now, tracker.unresolved)
             self._sync_tracker_counters()
             while len(self.batcher) and self._fatal is None:
                 await self._commit_once()
+            for sid in self.trackers:
+                await self._save_holes_if_idle(sid)
         except StoreError as exc:
             self._fatal = exc
             log.error("shutdown flush failed: %s", exc)
@@ -614,14 +617,40 @@ class _IngestLoop:
                 tracker.on_exchange_time(self._exchange_time_ms)
             self._fill_wakeup.set()
 
-    def _enqueue(self, sid: SeriesId, released: Sequence[Released]) -> None:
+    def _enqueue(
+        self,
+        sid: SeriesId,
+        released: Sequence[Released],
+        *,
+        holes_until_last: tuple[tuple[int, int], ...] | None = None,
+    ) -> None:
+        """Queue ``released`` for commit with the series' unresolved holes to store with
+        them; ``holes_until_last``: what to keep stored until the last of them commits (the
+        holes before a retry, which its candles fill)."""
         if not released:
             return
         # forming derived candles need these minutes now, not after the batch is flushed
         # (else a 5m forming bar's volume dips for up to binance_ws_flush_s)
         self.minutes.add(sid, [r.candle for r in released])
-        self.batcher.add(sid, released, trio.current_time())
+        now = trio.current_time()
+        holes = self.trackers[sid].unresolved
+        if holes_until_last is not None and len(released) > 1:
+            self.batcher.add(sid, released[:-1], now, holes_until_last)
+            released = released[-1:]
+        self.batcher.add(sid, released, now, holes)
         self._batch_wakeup.set()
+
+    async def _save_holes_if_idle(self, sid: SeriesId) -> None:
+        """Store the series' unresolved holes now if no queued candle will carry them (a
+        retry that found every minute absent at the exchange)."""
+        if self.batcher.holds(sid):
+            return
+        try:
+            await self.holes.save(sid, self.trackers[sid].unresolved)
+        except StoreError as exc:
+            # harmless: what is stored lists more holes than there are, and a retry of
+            # those after a restart stores nothing
+            log.warning("%s: could not save the unresolved holes: %s", sid, exc)
 
     def _emit_forming(self, sid: SeriesId, candle: Candle) -> None:
         """Forming base and derived candles to the hub (only queued; never stored)."""
@@ -639,22 +668,31 @@ class _IngestLoop:
 
     # --- REST fills ----------------------------------------------------------------------
 
+    def _backlogged(self) -> bool:
+        """Closed candles waiting for a commit, plus the minutes of the fills in flight,
+        have reached IngestPolicy.backlog_max."""
+        return len(self.batcher) + self._fill_minutes_in_flight >= self.policy.backlog_max
+
     async def _run_fills(self) -> None:
+        deferred: set[SeriesId] = set()  # put off by the backlog since their last fill
         async with trio.open_nursery() as nursery:
             while True:
                 now = trio.current_time()
                 wake_at = math.inf
-                backlogged = len(self.batcher) >= self.policy.backlog_max
                 for sid, tracker in self.trackers.items():
                     # backlogged: commits wake this loop up as they drain the batcher
+                    backlogged = self._backlogged()
                     request = None if backlogged else tracker.next_fill(now)
                     if request is not None:
+                        deferred.discard(sid)
+                        self._fill_minutes_in_flight += request.minutes
                         nursery.start_soon(self._fill, sid, request)
                     elif tracker.wants_fill():
-                        if backlogged:
-                            self.counters.fills_deferred += 1
-                        else:
+                        if not backlogged:
                             wake_at = min(wake_at, tracker.retry_at)
+                        elif sid not in deferred:
+                            deferred.add(sid)
+                            self.counters.fills_deferred += 1
                     if tracker.held_since is not None and tracker.failures:
                         release_at = tracker.held_since + self.policy.hold_max_s
                         if now >= release_at:
@@ -665,7 +703,6 @@ class _IngestLoop:
                                 tracker.held_count(),
                             )
                             self._enqueue(sid, tracker.release_held())
-                            await self.holes.save(sid, tracker.unresolved)
                         else:
                             wake_at = min(wake_at, release_at)
                 self._sync_tracker_counters()
@@ -673,6 +710,13 @@ class _IngestLoop:
                     await self._fill_wakeup.wait()
 
     async def _fill(self, sid: SeriesId, request: FillRequest) -> None:
+        try:
+            await self._fill_once(sid, request)
+        finally:
+            self._fill_minutes_in_flight -= request.minutes
+            self._fill_wakeup.set()
+
+    async def _fill_once(self, sid: SeriesId, request: FillRequest) -> None:
         tracker = self.trackers[sid]
         try:
             async with self._fill_limiter:
@@ -685,6 +729,7 @@ class _IngestLoop:
             log.warning("%s: REST fill %s failed: %s", sid, request, exc)
         else:
             absent_before = tracker.counters.absent_minutes
+            holes_before = tracker.unresolved
             released = tracker.on_fill_result(request, candles, now=trio.current_time())
             absent = tracker.counters.absent_minutes - absent_before
             if absent:
@@ -709,11 +754,12 @@ class _IngestLoop:
             self.metrics.late_closes_repaired_total.inc(
                 sum(r.reason in ("late_close", "hole") for r in released)
             )
-            self._enqueue(sid, released)
             if request.reason == "retry":
-                await self.holes.save(sid, tracker.unresolved)
+                self._enqueue(sid, released, holes_until_last=holes_before)
+                await self._save_holes_if_idle(sid)
+            else:
+                self._enqueue(sid, released)
         self._sync_tracker_counters()
-        self._fill_wakeup.set()
 
     def _sync_tracker_counters(self) -> None:
         self.counters.backfilled = sum(t.counters.rest_released for t in self.trackers.values())
@@ -739,6 +785,23 @@ class _IngestLoop:
                 self._fatal = exc
                 loop_scope.cancel()
                 return
+
+    async def _run_batch(self, items: Sequence[BatchItem], source: IngestSource) -> PipelineResult:
+        """Commit ``items`` with the unresolved-hole records they carry, in one transaction."""
+        holes: dict[SeriesId, tuple[tuple[int, int], ...]] = {}
+        for item in items:
+            if item.holes is not None:
+                holes[item.series] = item.holes  # the last one of each series counts
+        meta = tuple(
+            entry
+            for sid, value in holes.items()
+            if (entry := self.holes.record(sid, value)) is not None
+        )
+        batch = IngestBatch(tuple((i.series, i.released.candle) for i in items), source, meta)
+        result = await self.pipeline.run(batch)
+        for sid, value in holes.items():
+            self.holes.committed(sid, value)
+        return result
 
     async def _commit_once(self) -> None:
         items = self.batcher.take()
@@ -792,20 +855,15 @@ class _IngestLoop:
 
     async def _run_pipeline(self, items: Sequence[BatchItem]) -> PipelineResult | None:
         source = items[0].released.source
-        batch = IngestBatch(tuple((i.series, i.released.candle) for i in items), source)
         try:
-            return await self.pipeline.run(batch)
+            return await self._run_batch(items, source)
         except CandleError as exc:
             # decode already validated every candle; if one still fails, commit the rest
             log.error("%s: a batch was refused (%s); committing candle by candle", self._name, exc)
         results: list[PipelineResult] = []
         for item in items:
             try:
-                results.append(
-                    await self.pipeline.run(
-                        IngestBatch(((item.series, item.released.candle),), source)
-                    )
-                )
+                results.append(await self._run_batch([item], source))
             except CandleError as exc:
                 self._malformed("bad_candle", str(exc))
         if not results:
@@ -883,8 +941,11 @@ class StoreHoleMemory:
     failing, or at shutdown) in the store's meta table, so a restart retries them instead
     of leaving them as holes for good.
 
-    Saving is best effort: a failure is logged, and the hole is retried while the daemon
-    runs.
+    A hole is recorded in the transaction that commits the first candle above it, and
+    forgotten in the one that commits the last candle a retry brought for it
+    (:meth:`record` and :meth:`committed`, through ``IngestBatch.meta``), so neither a
+    crash nor a failed commit can lose one. What is stored may briefly list a hole already
+    filled: retrying it stores nothing.
     """
 
     KEY: Final = "unresolved_holes:"
@@ -908,15 +969,23 @@ class StoreHoleMemory:
         self._saved[sid] = holes
         return holes
 
-    async def save(self, sid: SeriesId, holes: tuple[tuple[int, int], ...]) -> None:
+    def record(self, sid: SeriesId, holes: tuple[tuple[int, int], ...]) -> tuple[str, str] | None:
+        """The meta entry that stores ``holes`` for ``sid``; None when already stored."""
         if self._saved.get(sid, ()) == holes:
+            return None
+        return self.KEY + str(sid), orjson.dumps([list(hole) for hole in holes]).decode()
+
+    def committed(self, sid: SeriesId, holes: tuple[tuple[int, int], ...]) -> None:
+        """The transaction carrying :meth:`record`'s entry has committed."""
+        self._saved[sid] = holes
+
+    async def save(self, sid: SeriesId, holes: tuple[tuple[int, int], ...]) -> None:
+        """Store ``holes`` on their own (when no candle of ``sid`` waits to carry them)."""
+        entry = self.record(sid, holes)
+        if entry is None:
             return
-        value = orjson.dumps([list(hole) for hole in holes]).decode()
-        try:
-            await self.store.write(lambda txn: txn.set_meta(self.KEY + str(sid), value))
-        except StoreError as exc:
-            log.warning("%s: could not save the unresolved holes: %s", sid, exc)
-            return
+        key, value = entry
+        await self.store.write(lambda txn: txn.set_meta(key, value))
         self._saved[sid] = holes
 
 

@@ -76,6 +76,9 @@ class IngestBatch:
 
     candles: tuple[tuple[SeriesId, Candle], ...]
     source: Source
+    # store meta entries (key, value) set in the same transaction as the candles: state
+    # that must be durable exactly when they are (the ingest loop's unresolved holes)
+    meta: tuple[tuple[str, str], ...] = ()
 
     @classmethod
     def of(cls, series: SeriesId, candles: Iterable[Candle], source: Source) -> IngestBatch:
@@ -297,6 +300,8 @@ class IngestPipeline:
         derived_updates: list[SeriesUpdate] = []
         events: list[SystemEvent] = []
         dropped_total = 0
+        for key, value in batch.meta:
+            txn.set_meta(key, value)
         for series in sorted(grouped):
             candles, dropped = dedupe(grouped[series])
             dropped_total += dropped
