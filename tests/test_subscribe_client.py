@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import io
+import signal
+import subprocess
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -26,6 +28,7 @@ from tradecanvas.ws_client import parse_ws_url
 
 T0: Final = 1751760000
 REPO: Final = Path(__file__).resolve().parent.parent
+WAIT_S: Final = 30  # an upper bound; a hang fails instead of blocking
 
 
 @pytest.fixture
@@ -222,6 +225,31 @@ async def test_the_client_as_a_subprocess(store: CandleStore) -> None:
     assert done.returncode == 0, done.stderr
     lines = done.stdout.decode().splitlines()
     assert [loads(line)["candle"]["candle_time"] for line in lines] == [T0 + 480, T0 + 540]
+
+
+async def test_ctrl_c_exits_130_without_a_traceback(store: CandleStore) -> None:
+    async with running_market(store) as market:
+        proc = await trio.lowlevel.open_process(
+            [sys.executable, "-m", "tradecanvas", "subscribe", SID_1M, "--url", market.url],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            cwd=REPO,
+        )
+        assert proc.stdout is not None and proc.stderr is not None
+        try:
+            with trio.fail_after(WAIT_S):
+                seen = b""
+                while b"\n" not in seen:  # subscribed: the catch-up has arrived
+                    seen += await proc.stdout.receive_some()
+                proc.send_signal(signal.SIGINT)
+                err = b""
+                while chunk := await proc.stderr.receive_some():
+                    err += chunk
+                code = await proc.wait()
+        finally:
+            proc.kill()
+    assert code == 130, err.decode()
+    assert b"Traceback" not in err
 
 
 @pytest.mark.e2e

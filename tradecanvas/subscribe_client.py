@@ -301,6 +301,12 @@ def run_subscribe(args: argparse.Namespace) -> int:
         )
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
+    except BaseExceptionGroup as group:
+        # Ctrl-C raised inside trio-websocket's nursery arrives grouped with the
+        # cancellation of its reader task
+        if group.subgroup(KeyboardInterrupt) is not None:
+            return EXIT_INTERRUPTED
+        raise
 
 
 def main(argv: Sequence[str] | None = None) -> int:
