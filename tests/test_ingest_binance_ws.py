@@ -26,6 +26,7 @@ import trio_websocket
 from tradecanvas.binance_ingest import (
     IngestPolicy,
     IngestSupervisor,
+    _IngestLoop,
     build_combined_stream_url,
     connection_groups,
 )
@@ -456,8 +457,11 @@ async def test_duplicate_closes_are_dropped(tmp_path: Path, data_dir: Path) -> N
         assert rig.supervisor.statistics().duplicates_dropped == 20  # bars 1382, 1385, …
 
 
+CLOSE_NOW = "<close>"  # sent to ScriptedUpstream: close the connection (1001) here
+
+
 class ScriptedUpstream:
-    """A Binance WS stand-in whose frames the test sends one by one."""
+    """A Binance WS stand-in whose frames the test sends one by one (CLOSE_NOW closes)."""
 
     def __init__(self) -> None:
         self.send, self._frames = trio.open_memory_channel[str](100)
@@ -479,6 +483,9 @@ class ScriptedUpstream:
     async def _forward(self, ws: trio_websocket.WebSocketConnection) -> None:
         with contextlib.suppress(trio_websocket.ConnectionClosed):
             async for text in self._frames:
+                if text == CLOSE_NOW:
+                    await ws.aclose(code=1001, reason="going away")
+                    return
                 await ws.send_message(text)
 
     async def start(self, nursery: trio.Nursery) -> str:
@@ -793,6 +800,45 @@ async def test_server_shutdown_event_rotates_the_connection(tmp_path: Path, data
         assert same_bars(await rig.stored(str(BTC)), rows)
         assert rig.supervisor.statistics().rotations == 1
         assert reconnect_counts(rig) == {"server_shutdown": 1}
+
+
+async def test_server_shutdown_then_an_immediate_close_reconnects_at_once(
+    tmp_path: Path, data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Binance may close right after serverShutdown, before the frame is processed: it is
+    still a server shutdown (not a drop), the reconnect does not back off, and the minutes
+    around it are all there."""
+    # the frame processor never gets to the serverShutdown frame before the close
+    monkeypatch.setattr(_IngestLoop, "_handle_control", lambda self, control: None)
+    rows = day_rows(data_dir)[1400:1404]
+    upstream = ScriptedUpstream()
+    async with trio.open_nursery() as nursery:
+        ws_url = await upstream.start(nursery)
+        async with ingest_rig(
+            tmp_path,
+            ws_url=ws_url,
+            rest_url="http://127.0.0.1:9",
+            policy=attrs.evolve(FAST, reconnect_base_s=30.0, min_connect_interval_s=0.0),
+        ) as rig:
+            await upstream.connected.wait()
+            for bar in rows[:2]:
+                await upstream.send.send(
+                    frame(bar, closed=True, event_time_ms=bar.candle_time * 1000 + 60_100)
+                )
+            shutdown_at = rows[1].candle_time * 1000 + 60_200
+            await upstream.send.send(dumps({"e": "serverShutdown", "E": shutdown_at}))
+            await upstream.send.send(CLOSE_NOW)
+            with trio.fail_after(5):  # far below the 30 s backoff of a failing connection
+                await upstream.connected.wait()
+            for bar in rows[1:]:  # the new connection starts where the old one ended
+                await upstream.send.send(
+                    frame(bar, closed=True, event_time_ms=bar.candle_time * 1000 + 60_100)
+                )
+            await rig.hub.wait_closed(str(BTC), rows[-1].candle_time)
+            assert same_bars(await rig.stored(str(BTC)), rows)
+            assert reconnect_counts(rig) == {"server_shutdown": 1}
+            assert upstream.connections == 2
+        nursery.cancel_scope.cancel()
 
 
 # --- bad input, crashes, shutdown ------------------------------------------------------

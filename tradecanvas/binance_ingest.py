@@ -108,11 +108,13 @@ def build_combined_stream_url(base_url: str, streams: Sequence[str]) -> str:
     return f"{base}/stream?streams={'/'.join(streams)}"
 
 
-def reconnect_reason(ended: bool, end_reason: str) -> str:
+def reconnect_reason(ended: bool, end_reason: str, *, shutdown_announced: bool = False) -> str:
     """The ``reason`` label of ``tradecanvas_upstream_reconnects_total``."""
+    if shutdown_announced:
+        return "server_shutdown"  # whether Binance closed before we rotated or not
     if ended:
         return "stale" if end_reason.startswith("stale") else "dropped"
-    return "server_shutdown" if end_reason == "serverShutdown" else "rotation"
+    return "rotation"
 
 
 def ws_base_url(flags: RuntimeFlags, market: Market) -> str:
@@ -286,6 +288,7 @@ class _Connection:
     ended: trio.Event = attrs.Factory(trio.Event)
     connected_at: float = 0.0
     end_reason: str = ""
+    shutdown_announced: bool = False  # Binance sent serverShutdown on this connection
 
 
 @attrs.frozen
@@ -296,6 +299,13 @@ class _Frame:
 
 
 _CONNECT_ERRORS: Final = (trio_websocket.HandshakeError, OSError)
+
+
+def _mentions_server_shutdown(message: str | bytes) -> bool:
+    """A cheap pre-check the reader runs on every frame (a substring search; no decode)."""
+    if isinstance(message, str):
+        return "serverShutdown" in message
+    return b"serverShutdown" in message
 
 
 @final
@@ -460,9 +470,18 @@ class _IngestLoop:
                     await conn.replace_wanted.wait()
                 self.counters.reconnects += 1
                 self.metrics.upstream_reconnects_total.labels(
-                    reason=reconnect_reason(conn.ended.is_set(), conn.end_reason)
+                    reason=reconnect_reason(
+                        conn.ended.is_set(),
+                        conn.end_reason,
+                        shutdown_announced=conn.shutdown_announced,
+                    )
                 ).inc()
-                if conn.ended.is_set():
+                if conn.ended.is_set() and conn.shutdown_announced:
+                    # announced, then closed before the new connection was up: Binance
+                    # asks for a reconnect at once, and this is no failure of ours
+                    failures = 0
+                    log.info("%s: closed after serverShutdown; reconnecting", self._name)
+                elif conn.ended.is_set():
                     lived = trio.current_time() - conn.connected_at
                     failures = 1 if lived >= policy.healthy_after_s else failures + 1
                     log.warning(
@@ -524,9 +543,25 @@ class _IngestLoop:
                     return f"closed by Binance: {exc.reason}"
                 scope.deadline = math.inf
                 conn.first_frame.set()
+                if _mentions_server_shutdown(message):
+                    self._note_server_shutdown(conn, message)
                 await self._frames_send.send(_Frame(conn.generation, message, trio.current_time()))
         self.counters.stale_replacements += 1
         return f"stale: no frame for {stale_s:g} s"
+
+    def _note_server_shutdown(self, conn: _Connection, message: str | bytes) -> None:
+        """Seen by the reader itself, not after the frame queue: Binance may close the
+        connection right after it, before the processor reaches the frame."""
+        try:
+            decoded = decode_frame(message)
+        except WireError:
+            return  # the processor counts it as malformed
+        if isinstance(decoded, ControlFrame) and decoded.kind == "server_shutdown":
+            if not conn.shutdown_announced:
+                log.info("%s: Binance announced serverShutdown", self._name)
+            conn.shutdown_announced = True
+            conn.end_reason = "serverShutdown"
+            conn.replace_wanted.set()
 
     # --- processing (sync per frame) ---------------------------------------------------
 
@@ -555,7 +590,7 @@ class _IngestLoop:
             self._malformed(exc.reason, exc.detail)
             return
         if isinstance(decoded, ControlFrame):
-            self._handle_control(decoded, frame.generation)
+            self._handle_control(decoded)
             return
         sid = self.streams.get(decoded.stream_name)
         if sid is None or decoded.kline.interval != sid.timeframe.text:
@@ -563,16 +598,11 @@ class _IngestLoop:
             return
         self._handle_kline(sid, decoded, frame)
 
-    def _handle_control(self, control: ControlFrame, generation: int) -> None:
+    def _handle_control(self, control: ControlFrame) -> None:
+        # serverShutdown was acted on by the reader already (_note_server_shutdown)
         if control.kind == "ack":
             self.counters.acks += 1
-        elif control.kind == "server_shutdown":
-            conn = self._connections.get(generation)
-            if conn is not None:
-                log.info("%s: Binance announced serverShutdown", self._name)
-                conn.end_reason = "serverShutdown"
-                conn.replace_wanted.set()
-        else:
+        elif control.kind != "server_shutdown":
             self.counters.ignored += 1
 
     def _handle_kline(self, sid: SeriesId, event: KlineEvent, frame: _Frame) -> None:
