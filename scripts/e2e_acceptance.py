@@ -157,8 +157,14 @@ class Subscriber:
         async with trio_websocket.open_websocket_url(url) as ws:
             for message in subscribe:
                 await ws.send_message(orjson.dumps(message).decode())
-            task_status.started(ws)
             try:
+                if subscribe:
+                    # the server handles a client's messages in order: the pong means
+                    # every subscription is in place
+                    await ws.send_message('{"type": "ping"}')
+                    while not self.of_type("pong"):
+                        self.messages.append(orjson.loads(await ws.get_message()))
+                task_status.started(ws)
                 while True:
                     raw = await ws.get_message()
                     self.messages.append(orjson.loads(raw))
@@ -258,7 +264,7 @@ class Run:
         replay_log = self.work / f"replay-{self.flag}.log"
         replay = self.procs.start(
             [
-                str(BIN), "replay", str(self.csv), "--speed", "max",
+                str(BIN), "replay", str(self.csv), "--speed", "max", "--paused",
                 "--start-at", str(DAY_BARS),
                 "--drop-at", str(DROP_AT), "--skip", str(SKIP),
                 "--omit-close-every", "97", "--duplicate-close-every", "89",
@@ -295,6 +301,9 @@ class Run:
             )
             await idle.send_message(orjson.dumps({"type": "subscribe", "series_id": BASE,
                                                   "since": first - 60}).decode())  # fmt: skip
+            # only now the market starts: these subscribers see every event from the first
+            replay.send_signal(signal.SIGUSR1)
+            await wait_for_line(replay_log, r"replay resumed", replay)
             # a mid-way joiner, once live candles flow, with a cursor in the past
             await batch_sub.wait_until(lambda: len(batch_sub.closed_times(BASE)) > 5000, 120)
             cursor = first + 60 * 3000
@@ -480,7 +489,7 @@ class Run:
             def reasons() -> set[tuple[str, str]]:
                 return {
                     (m["series_id"], m["data"]["reason"])
-                    for m in sub.of_type("system")
+                    for m in sub.of_type("system") + five_sub.of_type("system")
                     if m.get("event") == "factor.rebuild"
                 }
 
@@ -496,7 +505,7 @@ class Run:
                 "factor.rebuild system events arrive (new_series on start, revision on a"
                 " corrected bar, for 1m and 5m)",
                 revised.status_code == 200
-                and {(BASE, "new_series"), (BASE, "revision")} <= reasons()
+                and {(BASE, "new_series"), (BASE, "revision"), (FIVE, "new_series")} <= reasons()
                 and bool(five_events)
                 and five_events[0]["data"]["from_time"] == five_floor(ref.candle_time),
                 ", ".join(sorted(f"{s.split(':')[-1]}:{r}" for s, r in reasons())),

@@ -279,6 +279,34 @@ async def test_speed_is_a_multiple_of_exchange_time(
         nursery.cancel_scope.cancel()
 
 
+async def test_a_paused_replay_sends_nothing_until_resumed_and_loses_no_bar(
+    day_csv: Path, day_rows: list[Candle]
+) -> None:
+    async with trio.open_nursery() as nursery:
+        replay: ReplayHandle = await nursery.start(
+            serve_replay, config_for(day_csv, start_at=1436, paused=True)
+        )
+        async with open_websocket_client(f"{replay.ws_url}/stream?streams={STREAM}") as ws:
+            # the answer to a request sent after connecting comes first: no frame went out
+            await ws.send_message('{"method":"LIST_SUBSCRIPTIONS","id":1}')
+            assert orjson.loads(await ws.get_message()) == {"result": [STREAM], "id": 1}
+            stats = replay.statistics()
+            assert stats.clients == 1 and stats.frames_sent == 0
+            assert stats.now_ms == day_rows[1436].candle_time * 1000
+            async with httpx.AsyncClient(base_url=replay.rest_url) as http:
+                query: dict[str, str | int] = {"symbol": "BTCUSDT", "interval": "1m", "limit": 2}
+                rows = (await http.get("/fapi/v1/klines", params=query)).json()
+            assert [r[0] // 1000 for r in rows] == [t.candle_time for t in day_rows[1434:1436]]
+            replay.resume()
+            events = await read_events(ws, 4 * 4)
+        closed = [e.kline.to_candle() for e in events if e.kline.closed]
+        assert [c.candle_time for c in closed] == [r.candle_time for r in day_rows[1436:]]
+        assert (
+            not events[0].kline.closed and events[0].kline.open_time_ms // 1000 == DAY + 1436 * 60
+        )
+        nursery.cancel_scope.cancel()
+
+
 def run_cli(*args: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", "tradecanvas.replay", *args],
@@ -303,6 +331,29 @@ async def test_cli_prints_its_urls_serves_and_stops_on_sigterm(day_csv: Path) ->
             assert sum(e.kline.closed for e in events) == 2
             done = await trio.to_thread.run_sync(process.stdout.readline)
             assert done.startswith("replay finished bars=1440")
+        finally:
+            process.send_signal(signal.SIGTERM)
+            code = await trio.to_thread.run_sync(process.wait, 20)
+    assert code == 0
+
+
+async def test_cli_paused_starts_on_sigusr1(day_csv: Path) -> None:
+    with run_cli(str(day_csv), "--speed", "max", "--start-at", "1438", "--paused") as process:
+        try:
+            assert process.stdout is not None
+            line = await trio.to_thread.run_sync(process.stdout.readline)
+            assert line.rstrip().endswith(" paused (SIGUSR1 starts it)")
+            ws_url = line.split()[1].removeprefix("ws=")
+            async with open_websocket_client(f"{ws_url}/stream?streams={STREAM}") as ws:
+                await ws.send_message('{"method":"LIST_SUBSCRIPTIONS","id":1}')
+                assert orjson.loads(await ws.get_message())["id"] == 1  # before any frame
+                process.send_signal(signal.SIGUSR1)
+                assert await trio.to_thread.run_sync(process.stdout.readline) == "replay resumed\n"
+                events = await read_events(ws, 8)
+            assert [e.kline.open_time_ms // 1000 for e in events if e.kline.closed] == [
+                DAY + 1438 * 60,
+                DAY + 1439 * 60,
+            ]
         finally:
             process.send_signal(signal.SIGTERM)
             code = await trio.to_thread.run_sync(process.wait, 20)

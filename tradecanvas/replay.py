@@ -27,6 +27,10 @@ bars I..I+N-1 from WebSocket and REST (a hole at the exchange); ``--rest-429-fir
 the first klines call with 429 and ``Retry-After``. The last bar's close is always sent, and a
 client that connects after the data is over gets each stream's last closed frame, so it
 learns where the exchange stands and can backfill what it missed.
+
+``--paused`` holds the timeline (no frame, the clock stands at ``--start-at``; REST answers
+from there) until SIGUSR1 or :meth:`ReplayHandle.resume`: a daemon can be started and its
+subscribers attached before the first candle exists, so they see everything it publishes.
 """
 
 from __future__ import annotations
@@ -115,6 +119,7 @@ class ReplayConfig:
     rest_429_first: bool = False
     retry_after_s: int = 1
     weight_limit: int | None = None  # exchangeInfo's REQUEST_WEIGHT/min; None: Binance's usual
+    paused: bool = False  # hold the timeline until resume()
 
 
 @attrs.frozen
@@ -342,6 +347,9 @@ class ReplayServer:
         self.config = config
         self.data = data
         self.finished = trio.Event()
+        self.resumed = trio.Event()
+        if not config.paused:
+            self.resumed.set()
         self._index_of = {t: i for i, t in enumerate(data.minutes)}
         self._holes = _hole_times(config, data.minutes)
         self._clients: set[_Client] = set()
@@ -411,6 +419,7 @@ class ReplayServer:
         drops = sorted(i for i in config.drop_at if i < last_minute)
         skip_below = -1  # bars below this index are skipped (after a drop)
         previous_e: int | None = None
+        await self.resumed.wait()
         for item in self._items():
             if item.minute < config.start_at or item.minute < skip_below:
                 continue
@@ -656,6 +665,10 @@ class ReplayHandle:
     def statistics(self) -> ReplayStatistics:
         return self.server.statistics()
 
+    def resume(self) -> None:
+        """Start a ``paused`` timeline (idempotent)."""
+        self.server.resumed.set()
+
 
 def _port_of(bind: str) -> int:
     return int(bind.rsplit(":", 1)[1])
@@ -798,6 +811,11 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "--retry-after", type=int, default=1, metavar="S", help="Retry-After of that 429"
     )
     parser.add_argument(
+        "--paused",
+        action="store_true",
+        help="send nothing until SIGUSR1 (attach consumers first); REST answers meanwhile",
+    )
+    parser.add_argument(
         "--weight-limit",
         type=int,
         metavar="N",
@@ -860,14 +878,16 @@ def config_from_args(args: argparse.Namespace) -> ReplayConfig:
         rest_429_first=args.rest_429_first,
         retry_after_s=args.retry_after,
         weight_limit=args.weight_limit,
+        paused=args.paused,
     )
 
 
 async def _serve_until_signalled(config: ReplayConfig, data: _Data) -> None:
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGUSR1) as signals:
         async with trio.open_nursery() as nursery:
             handle: ReplayHandle = await nursery.start(_serve, config, data)
-            sys.stdout.write(f"replay ws={handle.ws_url} rest={handle.rest_url}\n")
+            paused = " paused (SIGUSR1 starts it)" if config.paused else ""
+            sys.stdout.write(f"replay ws={handle.ws_url} rest={handle.rest_url}{paused}\n")
             sys.stdout.flush()
 
             async def report_finish() -> None:
@@ -877,13 +897,19 @@ async def _serve_until_signalled(config: ReplayConfig, data: _Data) -> None:
                 sys.stdout.flush()
 
             nursery.start_soon(report_finish)
-            async for _ in signals:
-                nursery.cancel_scope.cancel()
-                break
+            async for signum in signals:
+                if signum != signal.SIGUSR1:
+                    nursery.cancel_scope.cancel()
+                    break
+                if not handle.server.resumed.is_set():
+                    handle.resume()
+                    sys.stdout.write("replay resumed\n")
+                    sys.stdout.flush()
 
 
 def run_replay(args: argparse.Namespace) -> int:
-    """``tradecanvas replay``: serve until SIGINT/SIGTERM; exit 0, or 2 for bad input."""
+    """``tradecanvas replay``: serve until SIGINT/SIGTERM (SIGUSR1 resumes ``--paused``);
+    exit 0, or 2 for bad input."""
     try:
         config = config_from_args(args)
         data = load_data(config)  # bad files are reported before anything listens
