@@ -18,6 +18,7 @@ from tradecanvas.batcher import (
     MinuteCache,
     Released,
     SeriesTracker,
+    subtract_ranges,
 )
 from tradecanvas.codec import read_kline_csv
 from tradecanvas.derive import derive_bucket, derive_forming
@@ -396,6 +397,25 @@ def test_batcher_flushes_by_size_and_age_one_source_at_a_time() -> None:
     second = batcher.take()
     assert [i.released.candle.candle_time for i in second] == [T0 + 120, T0 + 180]
     assert batcher.take() == []
+
+
+def test_minutes_found_absent_leave_the_hole_records_of_queued_candles() -> None:
+    other = SeriesId.parse("binance:futures:ETH/USDT:1m")
+    holes = ((T0, T0 + 300), (T0 + 600, T0 + 660))
+    batcher = ClosedBatcher(max_size=10, flush_s=0.5)
+    batcher.add(SID, [Released(c, "ws") for c in minutes(T0 + 900, 2)], 0.0, holes)
+    batcher.add(other, [Released(c, "ws") for c in minutes(T0 + 900, 1)], 0.0, holes)
+    batcher.add(SID, [Released(c, "ws") for c in minutes(T0 + 1020, 1)], 0.0)
+    # a retry of the first hole's first three minutes found them absent
+    batcher.forget_holes(SID, [(T0, T0 + 60), (T0 + 120, T0 + 180)])
+    assert [i.holes for i in batcher.take()] == [
+        ((T0 + 60, T0 + 120), (T0 + 180, T0 + 300), (T0 + 600, T0 + 660)),
+        ((T0 + 60, T0 + 120), (T0 + 180, T0 + 300), (T0 + 600, T0 + 660)),
+        holes,  # another series' holes are its own
+        None,  # no record to write stays so
+    ]
+    assert subtract_ranges(holes, [(T0 - 60, T0 + 900)]) == ()
+    assert subtract_ranges(holes, []) == holes
 
 
 def test_forming_throttle_keeps_the_latest_and_sends_it_when_due() -> None:

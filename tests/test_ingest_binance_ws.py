@@ -17,20 +17,24 @@ from pathlib import Path
 from typing import Any
 
 import attrs
+import httpx
 import orjson
 import pytest
 import trio
 import trio.testing
 import trio_websocket
 
+from tradecanvas.batcher import FillRequest
 from tradecanvas.binance_ingest import (
     IngestPolicy,
     IngestSupervisor,
+    LoopCounters,
     _IngestLoop,
     build_combined_stream_url,
     connection_groups,
+    failures_after_end,
 )
-from tradecanvas.binance_rest import RestPolicy
+from tradecanvas.binance_rest import BinanceRestClient, RestPolicy
 from tradecanvas.codec import KlineEvent, decode_frame, dumps, kline_frame, read_kline_csv
 from tradecanvas.errors import StoreError
 from tradecanvas.metrics import Metrics
@@ -736,6 +740,64 @@ async def test_held_candles_are_committed_when_rest_stays_down(
         assert rig.supervisor.statistics().backfilled_candles == 1
 
 
+async def test_a_hole_found_absent_is_not_recorded_again_by_a_candle_queued_before(
+    tmp_path: Path, data_dir: Path
+) -> None:
+    """A retry that finds a whole hole missing at the exchange releases nothing; a live
+    candle queued before it must not store the settled hole again (a restart would retry
+    it and count its minutes twice)."""
+    rows = day_rows(data_dir)
+    key = f"unresolved_holes:{BTC}"
+    hole = (rows[1425].candle_time, rows[1428].candle_time)
+    async with trio.open_nursery() as nursery:
+        replay: ReplayHandle = await nursery.start(
+            serve_replay, day_replay(data_dir, start_at=1439, exchange_holes=((1425, 3),))
+        )
+        flags = make_flags(tmp_path, replay.ws_url, replay.rest_url)
+        store = await CandleStore.open(flags.db_path)
+        await store.upsert(str(BTC), rows[1420:1425] + rows[1428:1433], "ws")
+        await store.write(lambda txn: txn.set_meta(key, orjson.dumps([hole]).decode()))
+        async with httpx.AsyncClient() as http:
+            hub = RecordingHub()
+            loop = _IngestLoop(
+                [BTC],
+                flags=flags,
+                rest=BinanceRestClient.from_flags(http, flags),
+                pipeline=IngestPipeline(store, hub, flags.derived_timeframes, "fp"),
+                hub=hub,
+                metrics=Metrics(),
+                enable_pipeline_publish=False,
+                policy=FAST,
+                counters=LoopCounters(),
+            )
+            await loop._load_state()
+            tracker = loop.trackers[BTC]
+            tracker.on_exchange_time(rows[1434].candle_time * 1000 + 100)  # 1433 just closed
+            # a live close is queued, carrying the holes as they are now
+            loop._enqueue(BTC, tracker.on_closed(rows[1433], now=0.0))
+            request = tracker.next_fill(now=0.0)
+            assert request == FillRequest(hole[0], hole[1], "retry")
+            await loop._fill_once(BTC, request)  # REST has none of the three minutes
+            assert tracker.unresolved == () and tracker.counters.absent_minutes == 3
+            await loop._commit_once()
+        assert await store.get_meta(key) == "[]"
+        stored = [c.candle_time for c in await store.since(str(BTC), 0, 100)]
+        assert stored == [r.candle_time for r in rows[1420:1425] + rows[1428:1434]]
+        await store.aclose()
+        nursery.cancel_scope.cancel()
+
+
+def test_backoff_after_a_connection_ended() -> None:
+    healthy = {"lived_s": 3600.0, "healthy_after_s": 60.0}
+    short = {"lived_s": 0.5, "healthy_after_s": 60.0}
+    # serverShutdown after a healthy hour: reconnect at once
+    assert failures_after_end(3, shutdown_announced=True, **healthy) == 0
+    assert failures_after_end(3, shutdown_announced=False, **healthy) == 1
+    # an endpoint announcing shutdown right after every connect is backed off like a drop
+    assert failures_after_end(3, shutdown_announced=True, **short) == 4
+    assert failures_after_end(3, shutdown_announced=False, **short) == 4
+
+
 # --- connection lifetime -----------------------------------------------------------
 
 
@@ -818,7 +880,9 @@ async def test_server_shutdown_then_an_immediate_close_reconnects_at_once(
             tmp_path,
             ws_url=ws_url,
             rest_url="http://127.0.0.1:9",
-            policy=attrs.evolve(FAST, reconnect_base_s=30.0, min_connect_interval_s=0.0),
+            policy=attrs.evolve(
+                FAST, reconnect_base_s=30.0, min_connect_interval_s=0.0, healthy_after_s=0.0
+            ),
         ) as rig:
             await upstream.connected.wait()
             for bar in rows[:2]:

@@ -136,6 +136,8 @@ class SeriesTracker:
         # unresolved ranges a retry answered while their first minute was too recent to
         # call absent: asked for again once it is late (see _retry_range)
         self._retry_waiting: set[tuple[int, int]] = set()
+        # the minutes the last retry confirmed absent at the exchange, as [start, end) runs
+        self.last_absent: tuple[tuple[int, int], ...] = ()
         self._recent: OrderedDict[int, Candle] = OrderedDict()
         self._recent_keep = recent_keep
 
@@ -349,9 +351,9 @@ class SeriesTracker:
             settled = max(settled, in_range[-1].candle_time + MINUTE)
         settled = max(request.start, min(settled, request.end))
         returned = {c.candle_time for c in in_range}
-        self.counters.absent_minutes += sum(
-            t not in returned for t in range(request.start, settled, MINUTE)
-        )
+        absent = [t for t in range(request.start, settled, MINUTE) if t not in returned]
+        self.counters.absent_minutes += len(absent)
+        self.last_absent = _runs(absent)
         index = next(
             (i for i, entry in enumerate(self._unresolved) if entry[0] == request.start), None
         )
@@ -414,6 +416,39 @@ class SeriesTracker:
                     self.counters.repaired += 1
 
 
+def _runs(times: Sequence[int]) -> tuple[tuple[int, int], ...]:
+    """Ascending minute times as maximal ``[start, end)`` runs."""
+    runs: list[tuple[int, int]] = []
+    for t in times:
+        if runs and runs[-1][1] == t:
+            runs[-1] = (runs[-1][0], t + MINUTE)
+        else:
+            runs.append((t, t + MINUTE))
+    return tuple(runs)
+
+
+def subtract_ranges(
+    ranges: Sequence[tuple[int, int]], removed: Sequence[tuple[int, int]]
+) -> tuple[tuple[int, int], ...]:
+    """``ranges`` without ``removed`` (both ``[start, end)``), in the order of ``ranges``."""
+    result: list[tuple[int, int]] = []
+    for start, end in ranges:
+        pieces = [(start, end)]
+        for cut_start, cut_end in removed:
+            kept: list[tuple[int, int]] = []
+            for lo, hi in pieces:
+                if cut_end <= lo or cut_start >= hi:
+                    kept.append((lo, hi))
+                    continue
+                if lo < cut_start:
+                    kept.append((lo, cut_start))
+                if cut_end < hi:
+                    kept.append((cut_end, hi))
+            pieces = kept
+        result.extend(pieces)
+    return tuple(result)
+
+
 @attrs.frozen
 class BatchItem:
     series: SeriesId
@@ -453,6 +488,19 @@ class ClosedBatcher:
 
     def holds(self, series: SeriesId) -> bool:
         return any(item.series == series for item in self._items)
+
+    def forget_holes(self, series: SeriesId, absent: Sequence[tuple[int, int]]) -> None:
+        """Drop ``absent`` (minutes confirmed missing at the exchange, so never to be
+        committed) from the hole records the queued items of ``series`` carry: queued
+        before the retry that settled them, they would store them again."""
+        if not absent:
+            return
+        self._items = [
+            attrs.evolve(item, holes=subtract_ranges(item.holes, absent))
+            if item.series == series and item.holes
+            else item
+            for item in self._items
+        ]
 
     def due_at(self) -> float | None:
         """Monotonic time the next flush is due (``-inf`` when full), None when empty."""

@@ -117,6 +117,21 @@ def reconnect_reason(ended: bool, end_reason: str, *, shutdown_announced: bool =
     return "rotation"
 
 
+def failures_after_end(
+    failures: int, *, lived_s: float, healthy_after_s: float, shutdown_announced: bool
+) -> int:
+    """The reconnect backoff step after a connection ended (0: reconnect at once).
+
+    A healthy connection (one that lived ``healthy_after_s``) restarts the backoff: at once
+    when Binance announced the close (serverShutdown), else after one small jittered step.
+    A short-lived one backs off further, announced or not, so an endpoint that announces a
+    shutdown right after every connect cannot drive us into its connection-rate limit.
+    """
+    if lived_s >= healthy_after_s:
+        return 0 if shutdown_announced else 1
+    return failures + 1
+
+
 def ws_base_url(flags: RuntimeFlags, market: Market) -> str:
     return flags.binance_futures_ws_url if market == "futures" else flags.binance_spot_ws_url
 
@@ -476,17 +491,19 @@ class _IngestLoop:
                         shutdown_announced=conn.shutdown_announced,
                     )
                 ).inc()
-                if conn.ended.is_set() and conn.shutdown_announced:
-                    # announced, then closed before the new connection was up: Binance
-                    # asks for a reconnect at once, and this is no failure of ours
-                    failures = 0
-                    log.info("%s: closed after serverShutdown; reconnecting", self._name)
-                elif conn.ended.is_set():
-                    lived = trio.current_time() - conn.connected_at
-                    failures = 1 if lived >= policy.healthy_after_s else failures + 1
-                    log.warning(
-                        "%s: connection ended (%s); reconnecting", self._name, conn.end_reason
+                if conn.ended.is_set():
+                    failures = failures_after_end(
+                        failures,
+                        lived_s=trio.current_time() - conn.connected_at,
+                        healthy_after_s=policy.healthy_after_s,
+                        shutdown_announced=conn.shutdown_announced,
                     )
+                    if conn.shutdown_announced:
+                        log.info("%s: closed after serverShutdown; reconnecting", self._name)
+                    else:
+                        log.warning(
+                            "%s: connection ended (%s); reconnecting", self._name, conn.end_reason
+                        )
                 else:
                     # Binance's 24 h cut is near, or it announced serverShutdown: open the
                     # new connection first and close this one once the new one delivers
@@ -723,6 +740,8 @@ class _IngestLoop:
                         elif sid not in deferred:
                             deferred.add(sid)
                             self.counters.fills_deferred += 1
+                    else:
+                        deferred.discard(sid)  # a later backlog is a new deferral
                     if tracker.held_since is not None and tracker.failures:
                         release_at = tracker.held_since + self.policy.hold_max_s
                         if now >= release_at:
@@ -785,6 +804,7 @@ class _IngestLoop:
                 sum(r.reason in ("late_close", "hole") for r in released)
             )
             if request.reason == "retry":
+                self.batcher.forget_holes(sid, tracker.last_absent)
                 self._enqueue(sid, released, holes_until_last=holes_before)
                 await self._save_holes_if_idle(sid)
             else:
@@ -837,7 +857,7 @@ class _IngestLoop:
         items = self.batcher.take()
         if not items:
             return
-        if len(self.batcher) + len(items) >= self.policy.backlog_max:
+        if len(self.batcher) + len(items) + self._fill_minutes_in_flight >= self.policy.backlog_max:
             self._fill_wakeup.set()  # fills paused for the backlog may go on after this
         started = trio.current_time()
         result = await self._run_pipeline(items)
