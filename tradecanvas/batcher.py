@@ -431,21 +431,18 @@ def subtract_ranges(
     ranges: Sequence[tuple[int, int]], removed: Sequence[tuple[int, int]]
 ) -> tuple[tuple[int, int], ...]:
     """``ranges`` without ``removed`` (both ``[start, end)``), in the order of ``ranges``."""
+    cuts = sorted(removed)
     result: list[tuple[int, int]] = []
     for start, end in ranges:
-        pieces = [(start, end)]
-        for cut_start, cut_end in removed:
-            kept: list[tuple[int, int]] = []
-            for lo, hi in pieces:
-                if cut_end <= lo or cut_start >= hi:
-                    kept.append((lo, hi))
-                    continue
-                if lo < cut_start:
-                    kept.append((lo, cut_start))
-                if cut_end < hi:
-                    kept.append((cut_end, hi))
-            pieces = kept
-        result.extend(pieces)
+        lo = start  # what is left of this range starts here
+        for cut_start, cut_end in cuts:
+            if cut_end <= lo or cut_start >= end:
+                continue
+            if lo < cut_start:
+                result.append((lo, cut_start))
+            lo = cut_end
+        if lo < end:
+            result.append((lo, end))
     return tuple(result)
 
 

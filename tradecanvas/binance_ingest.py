@@ -854,10 +854,11 @@ class _IngestLoop:
         return result
 
     async def _commit_once(self) -> None:
+        backlogged = self._backlogged()
         items = self.batcher.take()
         if not items:
             return
-        if len(self.batcher) + len(items) + self._fill_minutes_in_flight >= self.policy.backlog_max:
+        if backlogged:
             self._fill_wakeup.set()  # fills paused for the backlog may go on after this
         started = trio.current_time()
         result = await self._run_pipeline(items)

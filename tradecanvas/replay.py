@@ -665,9 +665,12 @@ class ReplayHandle:
     def statistics(self) -> ReplayStatistics:
         return self.server.statistics()
 
-    def resume(self) -> None:
-        """Start a ``paused`` timeline (idempotent)."""
+    def resume(self) -> bool:
+        """Start a ``paused`` timeline; False if it was running already."""
+        if self.server.resumed.is_set():
+            return False
         self.server.resumed.set()
+        return True
 
 
 def _port_of(bind: str) -> int:
@@ -901,8 +904,7 @@ async def _serve_until_signalled(config: ReplayConfig, data: _Data) -> None:
                 if signum != signal.SIGUSR1:
                     nursery.cancel_scope.cancel()
                     break
-                if not handle.server.resumed.is_set():
-                    handle.resume()
+                if handle.resume():
                     sys.stdout.write("replay resumed\n")
                     sys.stdout.flush()
 
