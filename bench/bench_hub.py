@@ -39,14 +39,14 @@ import trio_websocket
 
 from bench.common import Result
 from tests.conftest import binance_data_dir
-from tradecanvas.codec import dumps, loads, read_kline_csv
-from tradecanvas.hub import Hub
-from tradecanvas.metrics import Metrics
 from tradecanvas.model import Candle, SeriesId
+from tradecanvas.ops.metrics import Metrics
 from tradecanvas.runtime_flags import DEFAULT_ALLOWED_ORIGINS
-from tradecanvas.store import CandleStore
-from tradecanvas.ws_client import open_websocket_client
-from tradecanvas.ws_server import serve_ws_market
+from tradecanvas.serve.hub import Hub
+from tradecanvas.serve.ws_server import serve_ws_market
+from tradecanvas.store.sqlite import CandleStore
+from tradecanvas.upstream.ws_client import open_websocket_client
+from tradecanvas.wire.binance import dumps, loads, read_kline_csv
 
 WEEK: Final = "klines_1m_5m/futures_um/BTCUSDT-1m-2025-07-06_2025-07-12.csv"
 SERIES: Final = SeriesId.parse("binance:futures:BTC/USDT:1m")

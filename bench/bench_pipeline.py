@@ -16,11 +16,11 @@ import trio
 
 from bench.common import Result, best_of
 from tests.conftest import binance_data_dir
-from tradecanvas.codec import read_kline_csv
-from tradecanvas.derive import derive_series
 from tradecanvas.model import Candle, SeriesId, Timeframe
-from tradecanvas.pipeline import IngestBatch, IngestPipeline, SystemEvent
-from tradecanvas.store import CandleStore
+from tradecanvas.pipeline.commit import IngestBatch, IngestPipeline, SystemEvent
+from tradecanvas.pipeline.derive import derive_series
+from tradecanvas.store.sqlite import CandleStore
+from tradecanvas.wire.binance import read_kline_csv
 
 WEEK = "klines_1m_5m/futures_um/BTCUSDT-1m-2025-07-06_2025-07-12.csv"
 BATCH = 200

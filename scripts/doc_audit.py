@@ -37,7 +37,7 @@ def sections(markdown: str) -> dict[str, str]:
 def routes() -> list[str]:
     """Every HTTP route and WS path the package serves, read from the source."""
     found: set[str] = set()
-    for path in (ROOT / "tradecanvas").glob("*.py"):
+    for path in (ROOT / "tradecanvas").rglob("*.py"):
         text = path.read_text()
         found.update(re.findall(r"""Route\(\s*["'](/[^"']*)["']""", text))
         found.update(re.findall(r"""WS_PATH\b[^=\n]*=\s*["'](/[^"']*)["']""", text))

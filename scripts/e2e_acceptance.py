@@ -35,8 +35,8 @@ import trio_websocket
 ROOT: Final = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tradecanvas.codec import read_kline_csv  # noqa: E402
 from tradecanvas.model import Candle  # noqa: E402
+from tradecanvas.wire.binance import read_kline_csv  # noqa: E402
 
 BIN: Final = ROOT / ".venv" / "bin" / "tradecanvas"
 BASE: Final = "binance:futures:BTC/USDT:1m"

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tradecanvas.codec import read_kline_csv
 from tradecanvas.model import Candle
+from tradecanvas.wire.binance import read_kline_csv
 
 __all__ = ["read_kline_csv"]
 

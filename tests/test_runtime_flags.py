@@ -197,16 +197,6 @@ def test_cli_option_overrides_variable() -> None:
     )
 
 
-def test_only_runtime_flags_reads_the_environment() -> None:
-    package = Path(__file__).resolve().parent.parent / "tradecanvas"
-    readers = sorted(
-        p.name
-        for p in package.glob("*.py")
-        if "os.environ" in p.read_text() or "getenv" in p.read_text()
-    )
-    assert readers == ["runtime_flags.py"]
-
-
 def test_blank_credential_means_no_token(tmp_path: Path) -> None:
     """The unit's SetCredential= fallback is a blank file: the write endpoint stays off."""
     (tmp_path / "ingest-token").write_text(" ")

@@ -7,7 +7,6 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from tradecanvas import backfill, replay, subscribe_client
 from tradecanvas.errors import FlagError
 from tradecanvas.runtime_flags import (
     FLAG_SPECS,
@@ -15,6 +14,8 @@ from tradecanvas.runtime_flags import (
     describe_flags,
     load_runtime_flags,
 )
+from tradecanvas.tools import backfill, replay
+from tradecanvas.tools import subscribe as subscribe_client
 
 EXIT_BAD_FLAGS = 2
 log = logging.getLogger("tradecanvas")

@@ -34,17 +34,17 @@ import attrs
 import trio
 from starlette.applications import Starlette
 
-from tradecanvas.binance_ingest import IngestSupervisor
 from tradecanvas.errors import EXIT_STORE_FAILURE, StoreError
-from tradecanvas.http_api import build_http_app, serve_http
-from tradecanvas.hub import Hub
-from tradecanvas.logs import configure_logging
-from tradecanvas.metrics import Metrics
-from tradecanvas.pipeline import IngestPipeline
+from tradecanvas.ingest.loop import IngestSupervisor
+from tradecanvas.ops.logs import configure_logging
+from tradecanvas.ops.metrics import Metrics
+from tradecanvas.ops.sd_notify import SdNotifier, run_watchdog
+from tradecanvas.pipeline.commit import IngestPipeline
 from tradecanvas.runtime_flags import RuntimeFlags
-from tradecanvas.sd_notify import SdNotifier, run_watchdog
-from tradecanvas.store import CandleStore
-from tradecanvas.ws_server import serve_ws_market
+from tradecanvas.serve.http_api import build_http_app, serve_http
+from tradecanvas.serve.hub import Hub
+from tradecanvas.serve.ws_server import serve_ws_market
+from tradecanvas.store.sqlite import CandleStore
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,662 @@
+"""The /ws/market server: protocol parsing, limits, Origin, close codes, shutdown.
+
+Real trio-websocket clients against a real server on 127.0.0.1 port 0 and a real SQLite
+store; the helpers at the top are shared with tests/serve/test_hub.py and
+tests/tools/test_subscribe.py.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import socket
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, Final
+
+import attrs
+import pytest
+import trio
+import trio_websocket
+
+from tests.conftest import binance_data_dir, read_kline_csv
+from tradecanvas.model import Candle, SeriesId, Timeframe
+from tradecanvas.ops.metrics import Metrics
+from tradecanvas.pipeline.commit import SystemEvent
+from tradecanvas.runtime_flags import DEFAULT_ALLOWED_ORIGINS
+from tradecanvas.serve.hub import Hub
+from tradecanvas.serve.ws_server import (
+    MAX_MESSAGE_BYTES,
+    ClientMessageError,
+    FrameSafeStream,
+    InboundLimits,
+    PingRequest,
+    RateLimiter,
+    SubscribeRequest,
+    TokenBucket,
+    UnsubscribeRequest,
+    origin_allowed,
+    parse_client_message,
+    serve_ws_market,
+)
+from tradecanvas.store.sqlite import CandleStore
+from tradecanvas.wire.binance import dumps, loads
+
+SERIES_1M: Final = SeriesId.parse("binance:futures:BTC/USDT:1m")
+SERIES_5M: Final = SERIES_1M.with_timeframe(Timeframe.parse("5m"))
+SID_1M: Final = str(SERIES_1M)
+SID_5M: Final = str(SERIES_5M)
+FUTURES_WEEK: Final = "klines_1m_5m/futures_um/BTCUSDT-{tf}-2025-07-06_2025-07-12.csv"
+# a safety net against a hung test, not a wait for anything
+RECEIVE_TIMEOUT_S: Final = 10.0
+
+
+# --- shared helpers -------------------------------------------------------------------
+
+
+@functools.cache
+def real_candles(tf: str = "1m") -> tuple[Candle, ...]:
+    """A week of real USDⓈ-M BTCUSDT candles (2025-07-06 … 07-12)."""
+    return tuple(read_kline_csv(binance_data_dir() / FUTURES_WEEK.format(tf=tf)))
+
+
+@attrs.frozen
+class Market:
+    hub: Hub
+    metrics: Metrics
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/ws/market"
+
+
+@asynccontextmanager
+async def running_market(
+    store: Any,
+    *,
+    series: Sequence[SeriesId] = (SERIES_1M, SERIES_5M),
+    queue_max: int = 1024,
+    send_timeout_s: float = 5.0,
+    catchup_limit: int = 5000,
+    max_lag_s: float | None = None,
+    allowed_origins: Sequence[str] = DEFAULT_ALLOWED_ORIGINS,
+    max_subscriptions: int = 64,
+    limits: InboundLimits | None = None,
+) -> AsyncIterator[Market]:
+    """A Hub and serve_ws_market on 127.0.0.1 port 0, cancelled on exit."""
+    metrics = Metrics()
+    hub = Hub(
+        store,
+        series=series,
+        queue_max=queue_max,
+        send_timeout_s=send_timeout_s,
+        catchup_limit=catchup_limit,
+        metrics=metrics,
+        max_lag_s=max_lag_s,
+    )
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(
+            functools.partial(
+                serve_ws_market,
+                hub,
+                host="127.0.0.1",
+                port=0,
+                allowed_origins=allowed_origins,
+                max_subscriptions=max_subscriptions,
+                limits=limits,
+            )
+        )
+        yield Market(hub, metrics, port)
+        nursery.cancel_scope.cancel()
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[CandleStore]:
+    opened = await CandleStore.open(tmp_path / "market.sqlite3")
+    yield opened
+    await opened.aclose()
+
+
+async def send(ws: trio_websocket.WebSocketConnection, message: object) -> None:
+    await ws.send_message(message if isinstance(message, str | bytes) else dumps(message))
+
+
+async def receive(ws: trio_websocket.WebSocketConnection) -> dict[str, Any]:
+    with trio.fail_after(RECEIVE_TIMEOUT_S):
+        raw = await ws.get_message()
+    doc = loads(raw)
+    assert isinstance(doc, dict), raw
+    return doc
+
+
+async def until_pong(ws: trio_websocket.WebSocketConnection) -> list[dict[str, Any]]:
+    """Ping and collect everything before the pong (the server answers in order)."""
+    await send(ws, {"type": "ping"})
+    messages: list[dict[str, Any]] = []
+    while (message := await receive(ws))["type"] != "pong":
+        messages.append(message)
+    return messages
+
+
+async def close_code_of(ws: trio_websocket.WebSocketConnection) -> int | None:
+    """Read until the server closes; the close code it sent."""
+    with trio.fail_after(RECEIVE_TIMEOUT_S):
+        try:
+            while True:
+                await ws.get_message()
+        except trio_websocket.ConnectionClosed as exc:
+            return exc.reason.code if exc.reason is not None else None
+
+
+def closed_times(messages: Sequence[dict[str, Any]], series_id: str | None = None) -> list[int]:
+    times: list[int] = []
+    for m in messages:
+        if series_id is not None and m.get("series_id") != series_id:
+            continue
+        if m["type"] == "candles_batch":
+            times.extend(c["candle_time"] for c in m["candles"])
+        elif m["type"] == "candle_closed":
+            times.append(m["candle"]["candle_time"])
+    return times
+
+
+def subscribe_msg(
+    series_id: str = SID_1M, since: int | None = None, batch: bool = False
+) -> dict[str, object]:
+    return {"type": "subscribe", "series_id": series_id, "since": since, "supports_batch": batch}
+
+
+@asynccontextmanager
+async def connect(
+    port: int,
+    *,
+    path: str = "/ws/market",
+    origin: bytes | None = None,
+    receive_buffer: int | None = None,
+    message_queue_size: int = 8,
+) -> AsyncIterator[trio_websocket.WebSocketConnection]:
+    """A trio-websocket client on a TCP stream we own and always close (trio-websocket's
+    own client leaves its socket open when the server closes first).
+
+    ``receive_buffer`` shrinks the kernel receive buffer: with a 1-message queue and no
+    reads, the server's sends back up after a few messages."""
+    sock = trio.socket.socket()
+    if receive_buffer is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+    stream = trio.SocketStream(sock)
+    try:
+        await sock.connect(("127.0.0.1", port))
+        async with trio.open_nursery() as nursery:
+            ws = await trio_websocket.wrap_client_stream(
+                nursery,
+                stream,
+                "127.0.0.1",
+                path,
+                extra_headers=[(b"Origin", origin)] if origin is not None else None,
+                message_queue_size=message_queue_size,
+            )
+            try:
+                yield ws
+            finally:
+                with trio.CancelScope(shield=True, deadline=trio.current_time() + 2):
+                    await ws.aclose()
+                nursery.cancel_scope.cancel()
+    finally:
+        await stream.aclose()
+
+
+# --- parsing (sans-IO) ----------------------------------------------------------------
+
+
+def test_parse_valid_messages() -> None:
+    assert parse_client_message('{"type":"ping"}') == PingRequest()
+    assert parse_client_message(b'{"type":"ping","id":7}') == PingRequest()
+    assert parse_client_message(
+        dumps({"type": "subscribe", "series_id": SID_1M, "since": 1751760000})
+    ) == SubscribeRequest(SERIES_1M, 1751760000, False)
+    assert parse_client_message(dumps(subscribe_msg(SID_5M, None, True))) == SubscribeRequest(
+        SERIES_5M, None, True
+    )
+    assert parse_client_message(
+        dumps({"type": "subscribe", "series_id": SID_1M, "supports_batch": None})
+    ) == SubscribeRequest(SERIES_1M, None, False)
+    assert parse_client_message(
+        dumps({"type": "unsubscribe", "series_id": SID_5M})
+    ) == UnsubscribeRequest(SERIES_5M)
+
+
+BAD_MESSAGES: Final = [
+    ("not json at all", "not valid JSON"),
+    ("", "not valid JSON"),
+    (b"\xff\xfe", "not valid JSON"),
+    ("[1, 2]", "got a JSON array"),
+    ('"subscribe"', "got a JSON string"),
+    ("42", "got a JSON number"),
+    ("null", "got a JSON null"),
+    ("{}", 'has no "type"'),
+    ('{"series_id":"binance:futures:BTC/USDT:1m"}', 'has no "type"'),
+    ('{"type":null}', "unknown type null"),
+    ('{"type":7}', "unknown type number 7"),
+    ('{"type":"subscribe_all"}', "unknown type string 'subscribe_all'"),
+    ('{"type":"subscribe"}', "subscribe needs a series_id"),
+    ('{"type":"unsubscribe"}', "unsubscribe needs a series_id"),
+    ('{"type":"subscribe","series_id":5}', "series_id must be a non-empty string"),
+    ('{"type":"subscribe","series_id":""}', "series_id must be a non-empty string"),
+    ('{"type":"subscribe","series_id":"BTCUSDT"}', "expected exchange:market:symbol:timeframe"),
+    ('{"type":"subscribe","series_id":"okx:futures:BTC/USDT:1m"}', "unknown exchange 'okx'"),
+    ('{"type":"subscribe","series_id":"binance:margin:BTC/USDT:1m"}', "unknown market 'margin'"),
+    ('{"type":"subscribe","series_id":"binance:futures:btcusdt:1m"}', "bad symbol 'btcusdt'"),
+    ('{"type":"subscribe","series_id":"binance:futures:BTC/USDT:7x"}', "bad timeframe '7x'"),
+    ('{"type":"subscribe","series_id":"binance:futures:BTC/USDT:0m"}', "bad timeframe '0m'"),
+    (f'{{"type":"subscribe","series_id":"{SID_1M}","since":true}}', "got a boolean true"),
+    (f'{{"type":"subscribe","series_id":"{SID_1M}","since":false}}', "got a boolean false"),
+    (f'{{"type":"subscribe","series_id":"{SID_1M}","since":1.5}}', "got a number 1.5"),
+    (f'{{"type":"subscribe","series_id":"{SID_1M}","since":1751760000.0}}', "got a number"),
+    (f'{{"type":"subscribe","series_id":"{SID_1M}","since":"1751760000"}}', "got a string"),
+    (f'{{"type":"subscribe","series_id":"{SID_1M}","since":[1]}}', "got a array"),
+    (f'{{"type":"subscribe","series_id":"{SID_1M}","since":-60}}', "must not be negative"),
+    (f'{{"type":"subscribe","series_id":"{SID_1M}","since":1751760000000}}', "not milliseconds"),
+    (f'{{"type":"subscribe","series_id":"{SID_1M}","supports_batch":1}}', "supports_batch"),
+    (f'{{"type":"subscribe","series_id":"{SID_1M}","supports_batch":"yes"}}', "true or false"),
+]
+
+
+@pytest.mark.parametrize(("raw", "says"), BAD_MESSAGES)
+def test_parse_rejects_bad_messages_saying_what_is_wrong(raw: str | bytes, says: str) -> None:
+    with pytest.raises(ClientMessageError) as info:
+        parse_client_message(raw)
+    assert info.value.code == "bad_request"
+    assert says in info.value.message
+
+
+def test_token_bucket_and_abuse_rule() -> None:
+    bucket = TokenBucket(rate=20, burst=40, now=0.0)
+    assert all(bucket.take(0.0) for _ in range(40))
+    assert not bucket.take(0.0)
+    assert bucket.take(0.05)  # one token per 1/20 s
+    assert not bucket.take(0.05)
+    assert sum(bucket.take(100.0) for _ in range(100)) == 40  # never more than the burst
+    limits = InboundLimits(messages_per_s=20, burst=40, abuse_after_s=5, quiet_s=1)
+    # a chart subscribing to a dozen series, twice a second, never meets the limit
+    calm = RateLimiter(limits, now=0.0)
+    assert all(calm.check(i * 0.5) == "ok" for i in range(12 * 20))
+    # one burst too many: refused, then forgiven after a quiet second
+    burst = RateLimiter(limits, now=0.0)
+    assert [burst.check(0.0) for _ in range(42)][-3:] == ["ok", "limited", "ignored"]
+    assert burst.check(2.0) == "ok" and burst.limited_since is None
+    # a flood of 100 messages/s: 20/s still pass, the rest are refused; closed after 5 s
+    flood = RateLimiter(limits, now=0.0)
+    verdicts = [(i / 100, flood.check(i / 100)) for i in range(700)]
+    first_refusal = next(t for t, v in verdicts if v == "limited")
+    abuse = [t for t, v in verdicts if v == "abuse"]
+    assert abuse and abuse[0] == pytest.approx(first_refusal + 5, abs=0.011)
+    assert {v for t, v in verdicts if t < first_refusal + 5} == {"ok", "limited", "ignored"}
+    # answered at most once a second (the client that floods need not read them all)
+    answered = [t for t, v in verdicts if v == "limited"]
+    assert len(answered) == 5
+    assert all(b - a >= 1.0 for a, b in itertools.pairwise(answered))
+
+
+@pytest.mark.parametrize(
+    ("origin", "allowed"),
+    [
+        (None, True),
+        ("http://localhost", True),
+        ("http://localhost:3000", True),
+        ("https://127.0.0.1:8443", True),
+        ("HTTP://LOCALHOST:5173", True),
+        ("http://evil.example", False),
+        ("http://localhost.evil.example", False),
+        ("null", False),
+        ("ftp://localhost", False),
+        ("http://localhost:notaport", False),
+    ],
+)
+def test_origin_allow_list(origin: str | None, allowed: bool) -> None:
+    assert origin_allowed(origin, DEFAULT_ALLOWED_ORIGINS) is allowed
+
+
+def test_origin_allow_list_with_port_and_star() -> None:
+    exact = ["https://charts.example:8443"]
+    assert origin_allowed("https://charts.example:8443", exact)
+    assert not origin_allowed("https://charts.example:9000", exact)
+    assert not origin_allowed("http://charts.example:8443", exact)
+    assert origin_allowed("http://anything.example", ["*"])
+
+
+async def test_frame_safe_stream_finishes_a_cancelled_write_first() -> None:
+    left, right = trio.socket.socketpair()
+    writer = FrameSafeStream(trio.SocketStream(left))
+    reader = trio.SocketStream(right)
+    payload = bytes(range(256)) * 40_000  # ~10 MB: far more than the socket buffers hold
+    with trio.move_on_after(0.05) as scope:
+        await writer.send_all(payload)  # blocks: nobody reads yet
+    assert scope.cancelled_caught
+    received = bytearray()
+
+    async def read_all() -> None:
+        while chunk := await reader.receive_some(1 << 16):
+            received.extend(chunk)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(read_all)
+        await writer.send_all(b"<next frame>")
+        await writer.aclose()
+    # the started write was completed before the next one: nothing lost, nothing torn
+    assert bytes(received) == payload + b"<next frame>"
+    await reader.aclose()
+
+
+async def test_frame_safe_stream_drops_a_write_that_never_started() -> None:
+    left, right = trio.socket.socketpair()
+    writer = FrameSafeStream(trio.SocketStream(left))
+    reader = trio.SocketStream(right)
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        await writer.send_all(b"never started")
+    await writer.send_all(b"second")
+    await writer.aclose()
+    assert await reader.receive_some(100) == b"second"
+    await reader.aclose()
+
+
+# --- the server, with real clients ----------------------------------------------------
+
+
+async def test_round_trip_of_every_message_type(store: CandleStore) -> None:
+    minutes = real_candles("1m")[:12]
+    fives = real_candles("5m")[:2]
+    await store.upsert(SID_1M, minutes[:10], "ws")
+    await store.upsert(SID_5M, fives[:1], "derived")
+    t = [c.candle_time for c in minutes]
+    async with (
+        running_market(store) as market,
+        connect(market.port) as ws,
+    ):
+        # subscribe (batch) → candles_batch; subscribe (plain) → candle_closed
+        await send(ws, subscribe_msg(SID_1M, since=t[7], batch=True))
+        await send(ws, subscribe_msg(SID_5M, since=None, batch=False))
+        caught_up = await until_pong(ws)
+        assert caught_up[0] == {
+            "type": "candles_batch",
+            "series_id": SID_1M,
+            "candles": [minutes[8].to_wire(), minutes[9].to_wire()],
+        }
+        assert caught_up[1] == {
+            "type": "candle_closed",
+            "series_id": SID_5M,
+            "candle": fives[0].to_wire(),
+        }
+        assert len(caught_up) == 2
+        # candle_forming
+        market.hub.publish_forming(SID_1M, minutes[10])
+        assert await receive(ws) == {
+            "type": "candle_forming",
+            "series_id": SID_1M,
+            "candle": minutes[10].to_wire(),
+        }
+        # gap: the store has no minute 10 either, so minute 11 comes after a gap
+        await store.upsert(SID_1M, [minutes[11]], "ws")
+        assert market.hub.publish_closed(SID_1M, [minutes[11]]) == []
+        assert await receive(ws) == {
+            "type": "gap",
+            "series_id": SID_1M,
+            "expected_next_time": t[10],
+            "actual_time": t[11],
+        }
+        assert closed_times([await receive(ws)]) == [t[11]]
+        # system
+        event = SystemEvent(SID_1M, "backfill", t[10], t[10])
+        market.hub.publish_system(event)
+        assert await receive(ws) == event.to_wire()
+        # error, then unsubscribe, then pong
+        await send(ws, {"type": "subscribe"})
+        error = await receive(ws)
+        assert error["type"] == "error" and error["code"] == "bad_request"
+        await send(ws, {"type": "unsubscribe", "series_id": SID_1M})
+        assert await until_pong(ws) == []
+        market.hub.publish_forming(SID_1M, minutes[11])
+        market.hub.publish_forming(SID_5M, fives[1])
+        assert (await receive(ws))["series_id"] == SID_5M
+
+
+@pytest.mark.parametrize(("raw", "says"), BAD_MESSAGES)
+async def test_every_bad_message_gets_an_error_and_the_connection_stays_up(
+    store: CandleStore, raw: str | bytes, says: str
+) -> None:
+    async with (
+        running_market(store) as market,
+        connect(market.port) as ws,
+    ):
+        await send(ws, raw)
+        error = await receive(ws)
+        assert error["type"] == "error"
+        assert error["code"] == "bad_request"
+        assert says in error["message"]
+        await send(ws, subscribe_msg(SID_1M))
+        assert await until_pong(ws) == []
+        assert market.hub.statistics().subscriptions == 1
+
+
+async def test_unknown_series_and_too_many_subscriptions(store: CandleStore) -> None:
+    eth = "binance:futures:ETH/USDT:1m"
+    async with (
+        running_market(store, max_subscriptions=1) as market,
+        connect(market.port) as ws,
+    ):
+        for request in (subscribe_msg(eth), {"type": "unsubscribe", "series_id": eth}):
+            await send(ws, request)
+            error = await receive(ws)
+            assert error["code"] == "unknown_series" and error["series_id"] == eth
+            assert "not ingested or derived" in error["message"]
+        await send(ws, subscribe_msg(SID_1M))
+        await send(ws, subscribe_msg(SID_1M, since=5))  # a replacement is not one more
+        await send(ws, subscribe_msg(SID_5M))
+        error = await receive(ws)
+        assert error["code"] == "too_many_subscriptions" and error["series_id"] == SID_5M
+        assert "at most 1 subscriptions" in error["message"]
+        await send(ws, {"type": "unsubscribe", "series_id": SID_1M})
+        await send(ws, subscribe_msg(SID_5M))
+        assert await until_pong(ws) == []
+        assert market.hub.subscribers()[0].statistics().cursors == ((SID_5M, -1),)
+
+
+async def test_subscribing_again_replaces_the_cursor(store: CandleStore) -> None:
+    minutes = real_candles()[:6]
+    await store.upsert(SID_1M, minutes, "ws")
+    t = [c.candle_time for c in minutes]
+    async with (
+        running_market(store) as market,
+        connect(market.port) as ws,
+    ):
+        await send(ws, subscribe_msg(SID_1M, since=t[3]))
+        assert closed_times(await until_pong(ws)) == t[4:]
+        await send(ws, subscribe_msg(SID_1M, since=t[1], batch=True))
+        again = await until_pong(ws)
+        assert [m["type"] for m in again] == ["candles_batch"]
+        assert closed_times(again) == t[2:]
+
+
+async def handshake_rejection(
+    port: int, path: str, origin: bytes | None = None
+) -> trio_websocket.ConnectionRejected:
+    """Open a WebSocket to ``path``; the server's rejection. (Our own TCP stream, closed here:
+    trio-websocket's open_websocket_url leaves a rejected client socket open.)"""
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    headers = [(b"Origin", origin)] if origin is not None else []
+    rejections: list[trio_websocket.ConnectionRejected] = []
+    try:
+        async with trio.open_nursery() as nursery:
+            with trio.fail_after(RECEIVE_TIMEOUT_S):
+                await trio_websocket.wrap_client_stream(
+                    nursery, stream, "127.0.0.1", path, extra_headers=headers
+                )
+    except* trio_websocket.ConnectionRejected as group:
+        rejections.extend(
+            e for e in group.exceptions if isinstance(e, trio_websocket.ConnectionRejected)
+        )
+    finally:
+        await stream.aclose()
+    assert len(rejections) == 1, "the handshake was not rejected"
+    return rejections[0]
+
+
+async def test_other_paths_get_404_and_bad_origins_403(store: CandleStore) -> None:
+    async with running_market(store) as market:
+        for path in ("/", "/ws", "/ws/market/x", "/api/market/candles"):
+            rejected = await handshake_rejection(market.port, path)
+            assert rejected.status_code == 404
+            assert rejected.body is not None and b"/ws/market" in rejected.body
+        for origin in (b"http://evil.example", b"null", b"http://localhost.evil.example"):
+            rejected = await handshake_rejection(market.port, "/ws/market", origin)
+            assert rejected.status_code == 403
+        for allowed in (b"http://localhost:5173", b"https://127.0.0.1"):
+            async with connect(market.port, path="/ws/market?client=chart", origin=allowed) as ws:
+                assert await until_pong(ws) == []
+        assert market.hub.statistics().subscribers <= 2
+
+
+async def test_star_allows_any_origin(store: CandleStore) -> None:
+    async with (
+        running_market(store, allowed_origins=["*"]) as market,
+        connect(market.port, origin=b"https://charts.example") as ws,
+    ):
+        assert await until_pong(ws) == []
+
+
+async def test_a_message_over_64_kib_closes_with_1009_and_others_carry_on(
+    store: CandleStore,
+) -> None:
+    async with (
+        running_market(store) as market,
+        connect(market.port) as other,
+        connect(market.port) as ws,
+    ):
+        # exactly the limit is still a message (and gets an answer)
+        await send(ws, " " * (MAX_MESSAGE_BYTES - 2) + "{}")
+        assert (await receive(ws))["code"] == "bad_request"
+        await send(ws, '{"type":"ping","pad":"' + "x" * MAX_MESSAGE_BYTES + '"}')
+        assert await close_code_of(ws) == 1009
+        assert await until_pong(other) == []
+        await market.hub.wait_subscribers(1)
+        text = market.metrics.render().decode()
+        assert 'tradecanvas_subscriber_disconnects_total{reason="message_too_big"} 1.0' in text
+
+
+async def test_rate_limit_answers_rate_limited_then_closes_1008(store: CandleStore) -> None:
+    limits = InboundLimits(messages_per_s=5, burst=10, abuse_after_s=0.3)
+    async with (
+        running_market(store, limits=limits) as market,
+        connect(market.port) as ws,
+    ):
+        for _ in range(15):
+            await send(ws, {"type": "ping"})
+        # the burst goes through; the first refused one is answered, the others are
+        # ignored (a token may come back while the 15 are sent: another pong)
+        answers = [await receive(ws) for _ in range(11)]
+        assert answers[:10] == [{"type": "pong"}] * 10
+        while answers[-1]["type"] == "pong":
+            answers.append(await receive(ws))
+        assert answers[-1]["code"] == "rate_limited"
+        assert "at most 5/s" in answers[-1]["message"]
+        # keep flooding: after 0.3 s over the limit the server closes with 1008
+        got: list[int | None] = []
+
+        async def read_until_closed() -> None:
+            got.append(await close_code_of(ws))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read_until_closed)
+            with trio.fail_after(RECEIVE_TIMEOUT_S):
+                try:
+                    while not got:
+                        await send(ws, {"type": "ping"})
+                except trio_websocket.ConnectionClosed:
+                    pass
+        assert got == [1008]
+        await market.hub.wait_subscribers(0)
+        text = market.metrics.render().decode()
+        assert 'tradecanvas_subscriber_disconnects_total{reason="rate_limited"} 1.0' in text
+
+
+async def test_binary_frames_are_json_too(store: CandleStore) -> None:
+    async with (
+        running_market(store) as market,
+        connect(market.port) as ws,
+    ):
+        await send(ws, b'{"type":"ping"}')
+        assert await receive(ws) == {"type": "pong"}
+
+
+async def test_shutdown_closes_every_subscriber_with_1001(store: CandleStore) -> None:
+    metrics_holder: list[Market] = []
+    codes: list[int | None] = []
+    async with trio.open_nursery() as clients, running_market(store) as market:
+        metrics_holder.append(market)
+
+        ready: list[None] = []
+        all_ready = trio.Event()
+
+        async def client() -> None:
+            async with connect(market.port) as ws:
+                await send(ws, subscribe_msg())
+                await until_pong(ws)
+                ready.append(None)
+                if len(ready) == 3:
+                    all_ready.set()
+                codes.append(await close_code_of(ws))
+
+        for _ in range(3):
+            clients.start_soon(client)
+        await all_ready.wait()
+        # leaving running_market cancelled serve_ws_market
+    assert codes == [1001, 1001, 1001]
+    market = metrics_holder[0]
+    assert market.hub.statistics().subscribers == 0
+    text = market.metrics.render().decode()
+    assert 'tradecanvas_subscriber_disconnects_total{reason="shutdown"} 3.0' in text
+    assert "tradecanvas_subscribers 0.0" in text
+
+
+async def test_client_close_is_counted_and_frees_the_subscriber(store: CandleStore) -> None:
+    async with running_market(store) as market:
+        async with connect(market.port) as ws:
+            await send(ws, subscribe_msg())
+            await until_pong(ws)
+            assert market.hub.statistics().subscriptions == 1
+        await market.hub.wait_subscribers(0)
+        assert market.hub.statistics().subscriptions == 0
+        text = market.metrics.render().decode()
+        assert 'tradecanvas_subscriber_disconnects_total{reason="client_closed"} 1.0' in text
+        # nothing is reported for a clean close
+        assert market.hub.publish_closed(SID_1M, real_candles()[:1]) == []
+
+
+async def test_the_port_is_reported_only_once_listening(store: CandleStore) -> None:
+    async with running_market(store) as market:
+        stream = await trio.open_tcp_stream("127.0.0.1", market.port)
+        await stream.aclose()
+    with pytest.raises(OSError, match="connect"):
+        await trio.open_tcp_stream("127.0.0.1", market.port)
+
+
+async def test_garbage_and_plain_http_do_not_disturb_subscribers(store: CandleStore) -> None:
+    async with running_market(store) as market, connect(market.port) as ws:
+        await send(ws, subscribe_msg())
+        for request in (
+            b"GET /ws/market HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+            b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(100),  # a TLS hello
+            b"not http at all\r\n\r\n",
+        ):
+            stream = await trio.open_tcp_stream("127.0.0.1", market.port)
+            await stream.send_all(request)
+            answer = b""
+            with trio.fail_after(RECEIVE_TIMEOUT_S):
+                while chunk := await stream.receive_some(4096):
+                    answer += chunk
+            await stream.aclose()
+            assert answer == b"" or answer.startswith(b"HTTP/1.1 4"), answer
+        assert await until_pong(ws) == []
+        assert market.hub.statistics().subscribers == 1

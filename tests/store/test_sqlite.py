@@ -1,0 +1,189 @@
+from __future__ import annotations
+
+import sqlite3
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+import trio
+
+from tests.conftest import candle, flat_minutes
+from tradecanvas.errors import StoreError
+from tradecanvas.store.sqlite import SCHEMA_VERSION, CandleStore, UpsertOutcome
+
+SID = "binance:futures:BTC/USDT:1m"
+
+
+async def test_upsert_is_idempotent_and_detects_revisions(tmp_path: Path) -> None:
+    store = await CandleStore.open(tmp_path / "m.sqlite3")
+    first = [candle(60, "1.0", "2", "1", "2"), candle(120, "2", "3", "2", "3")]
+    assert await store.upsert(SID, first, "ws") == [UpsertOutcome.NEW, UpsertOutcome.NEW]
+    assert await store.upsert(SID, first, "ws") == [UpsertOutcome.UNCHANGED] * 2
+    # the same values written differently are the same candle
+    same = [candle(60, "1.00", "2.0", "1", "2.000")]
+    assert await store.upsert(SID, same, "rest") == [UpsertOutcome.UNCHANGED]
+    changed = [candle(120, "2", "3.5", "2", "3")]
+    assert await store.upsert(SID, changed, "rest") == [UpsertOutcome.REVISED]
+    stored = await store.range(SID, 0, 1000)
+    assert [s.candle.high for s in stored] == [Decimal(2), Decimal("3.5")]
+    assert [s.source for s in stored] == ["ws", "rest"]
+    # the exact text first received is kept
+    assert str(stored[0].candle.open) == "1.0"
+    await store.aclose()
+
+
+async def test_reads_tail_since_range_head(tmp_path: Path) -> None:
+    store = await CandleStore.open(tmp_path / "m.sqlite3")
+    await store.upsert(SID, list(flat_minutes(0, 10)), "rest")
+    assert await store.head_time(SID) == 540
+    assert await store.head_time("binance:spot:ETH/USDT:1m") is None
+    assert [c.candle_time for c in await store.tail(SID, 3)] == [420, 480, 540]
+    assert [c.candle_time for c in await store.since(SID, 120, 2)] == [180, 240]
+    assert [c.candle_time for c in await store.since(SID, 540, 10)] == []
+    assert [s.candle.candle_time for s in await store.range(SID, 60, 180)] == [60, 120]
+    heads = await store.heads()
+    assert (heads[SID].head_time, heads[SID].first_time, heads[SID].count) == (540, 0, 10)
+    await store.aclose()
+
+
+async def test_reopen_keeps_everything_and_extras(tmp_path: Path) -> None:
+    path = tmp_path / "m.sqlite3"
+    store = await CandleStore.open(path)
+    c = candle(60, "1", "2", "1", "2")
+    await store.upsert(SID, [c], "ws")
+    # a later copy with Binance's extras fills them in without being a revision
+    import attrs
+
+    rich = attrs.evolve(c, trades=7, quote_volume=Decimal("3.5"))
+    assert await store.upsert(SID, [rich], "rest") == [UpsertOutcome.UNCHANGED]
+    await store.upsert("x:derived", [c], "derived", complete=False)
+    await store.aclose()
+    store = await CandleStore.open(path)
+    (stored,) = await store.range(SID, 0, 120)
+    assert stored.candle.trades == 7 and stored.candle.quote_volume == Decimal("3.5")
+    (derived,) = await store.range("x:derived", 0, 120)
+    assert derived.complete is False and derived.source == "derived"
+    await store.aclose()
+
+
+async def test_migration_from_an_empty_file(tmp_path: Path) -> None:
+    path = tmp_path / "empty.sqlite3"
+    path.touch()
+    store = await CandleStore.open(path)
+    await store.aclose()
+    conn = sqlite3.connect(path)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    conn.close()
+
+
+async def test_newer_schema_and_corrupt_file_are_refused(tmp_path: Path) -> None:
+    newer = tmp_path / "newer.sqlite3"
+    conn = sqlite3.connect(newer)
+    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    conn.close()
+    with pytest.raises(StoreError, match="newer than this tradecanvas"):
+        await CandleStore.open(newer)
+    corrupt = tmp_path / "corrupt.sqlite3"
+    corrupt.write_bytes(b"this is not a database" * 100)
+    with pytest.raises(StoreError, match=r"corrupt\.sqlite3"):
+        await CandleStore.open(corrupt)
+
+
+async def test_failed_write_rolls_back_whole_transaction(tmp_path: Path) -> None:
+    store = await CandleStore.open(tmp_path / "m.sqlite3")
+
+    def half_then_fail(txn: object) -> None:
+        from tradecanvas.store.sqlite import StoreTxn
+
+        assert isinstance(txn, StoreTxn)
+        txn.upsert(SID, [candle(60, "1", "1", "1", "1")], "ws")
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError):
+        await store.write(half_then_fail)
+    assert await store.head_time(SID) is None
+    await store.aclose()
+
+
+async def test_read_while_a_large_write_runs(tmp_path: Path) -> None:
+    """A reader sees the last commit and finishes while a long write transaction is open."""
+    store = await CandleStore.open(tmp_path / "m.sqlite3")
+    await store.upsert(SID, list(flat_minutes(0, 5)), "ws")
+    write_started = trio.Event()
+    release = trio.Event()
+    token = trio.lowlevel.current_trio_token()
+
+    def long_write(txn: object) -> None:
+        from tradecanvas.store.sqlite import StoreTxn
+
+        assert isinstance(txn, StoreTxn)
+        txn.upsert(SID, list(flat_minutes(300, 20_000)), "rest")
+        trio.from_thread.run_sync(write_started.set, trio_token=token)
+        trio.from_thread.run(release.wait, trio_token=token)
+
+    reads: list[int | None] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(store.write, long_write)
+        await write_started.wait()
+        # the write is open and uncommitted: reads must not wait for it
+        with trio.fail_after(5):
+            reads.append(await store.head_time(SID))
+            reads.append(len(await store.tail(SID, 100)))
+        release.set()
+    assert reads == [240, 5]
+    assert await store.head_time(SID) == 300 + 60 * 19_999
+    await store.aclose()
+
+
+async def test_sqlite_failure_is_a_store_error_and_nothing_is_half_written(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "m.sqlite3"
+    store = await CandleStore.open(path)
+    await store.upsert(SID, [candle(60, "1", "1", "1", "1")], "ws")
+
+    def write_then_hit_read_only(txn: object) -> None:
+        from tradecanvas.store.sqlite import StoreTxn
+
+        assert isinstance(txn, StoreTxn)
+        txn.upsert(SID, [candle(120, "1", "1", "1", "1")], "ws")
+        txn._conn.execute("PRAGMA query_only = ON")
+        try:
+            txn.upsert(SID, [candle(180, "1", "1", "1", "1")], "ws")
+        finally:
+            txn._conn.execute("PRAGMA query_only = OFF")
+
+    with pytest.raises(StoreError, match="readonly"):
+        await store.write(write_then_hit_read_only)
+    assert await store.head_time(SID) == 60
+    await store.aclose()
+    with pytest.raises(StoreError, match="closed"):
+        await store.upsert(SID, [candle(120, "1", "1", "1", "1")], "ws")
+
+
+async def test_a_write_waiting_for_the_writer_survives_cancellation(tmp_path: Path) -> None:
+    """A caller cancelled while another write runs still gets its write committed: it may
+    already have taken the candles out of its own buffer."""
+    store = await CandleStore.open(tmp_path / "m.sqlite3")
+    write_started = trio.Event()
+    release = trio.Event()
+    token = trio.lowlevel.current_trio_token()
+
+    def long_write(txn: object) -> None:
+        trio.from_thread.run_sync(write_started.set, trio_token=token)
+        trio.from_thread.run(release.wait, trio_token=token)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(store.write, long_write)
+        await write_started.wait()
+        with trio.CancelScope() as scope:
+
+            async def cancel_then_release() -> None:
+                scope.cancel()  # cancelled while waiting for the writer
+                release.set()
+
+            nursery.start_soon(cancel_then_release)
+            await store.upsert(SID, [candle(60, "1", "1", "1", "1")], "ws")
+    assert await store.head_time(SID) == 60
+    await store.aclose()

@@ -1,0 +1,185 @@
+"""The real ``tradecanvas serve`` in a subprocess: READY/STOPPING over a real notify socket,
+SIGTERM during a flush loses nothing, a store failure is one log line and a non-zero exit."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import trio
+
+from tests.conftest import binance_data_dir
+from tests.serve.test_ws_server import connect
+from tradecanvas.errors import EXIT_STORE_FAILURE
+from tradecanvas.wire.binance import dumps, loads
+
+WEEK = "klines_1m_5m/futures_um/BTCUSDT-1m-2025-07-06_2025-07-12.csv"
+BASE = "binance:futures:BTC/USDT:1m"
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRADE_CANVAS_")}
+    env.pop("NOTIFY_SOCKET", None)
+    env.update({"TRADE_CANVAS_WS_PORT": "0", "TRADE_CANVAS_HTTP_PORT": "0"})
+    env.update(extra)
+    return env
+
+
+@contextmanager
+def _process(args: list[str], env: dict[str, str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tradecanvas", *args],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+async def _line(log: Path, pattern: str, proc: subprocess.Popen[bytes]) -> re.Match[str]:
+    """Wait for a line in a child's log (a file: the child must never block on a pipe)."""
+    with trio.fail_after(60):
+        while (match := re.search(pattern, await trio.Path(log).read_text())) is None:
+            assert proc.poll() is None, await trio.Path(log).read_text()
+            await trio.sleep(0.02)
+    return match
+
+
+async def _exit_code(proc: subprocess.Popen[bytes], within: float) -> int:
+    with trio.fail_after(within):
+        return await trio.to_thread.run_sync(proc.wait, abandon_on_cancel=True)
+
+
+async def test_sigterm_during_a_flush_loses_nothing_and_notifies_systemd(tmp_path: Path) -> None:
+    notify = trio.socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    await notify.bind(str(tmp_path / "notify.sock"))
+    csv = binance_data_dir() / WEEK
+    with (
+        _process(
+            ["replay", "--speed", "240", "--start-at", "30", str(csv)],
+            _env(),
+            tmp_path / "replay.log",
+        ) as replay,
+    ):
+        url = (await _line(tmp_path / "replay.log", r"replay ws=(\S+) rest", replay)).group(1)
+        db = tmp_path / "m.sqlite3"
+        env = _env(
+            TRADE_CANVAS_DB_PATH=str(db),
+            TRADE_CANVAS_BINANCE_FUTURES_WS_URL=url,
+            TRADE_CANVAS_BINANCE_FUTURES_REST_URL=url.replace("ws://", "http://"),
+            TRADE_CANVAS_INITIAL_BACKFILL_CANDLES="30",
+            # closed klines pile up in the batch: nothing is flushed before the SIGTERM
+            TRADE_CANVAS_BINANCE_WS_FLUSH_S="60",
+            TRADE_CANVAS_BINANCE_WS_BATCH_MAX="100000",
+            NOTIFY_SOCKET=str(tmp_path / "notify.sock"),
+        )
+        with _process(["serve"], env, tmp_path / "serve.log") as serve:
+            with trio.fail_after(30):
+                assert b"READY=1" in await notify.recv(4096)
+            ws_port = int(
+                (await _line(tmp_path / "serve.log", r"ready ws=ws://[\d.]+:(\d+)", serve)).group(1)
+            )
+            forming_max = 0
+            async with connect(ws_port) as ws:
+                await ws.send_message(dumps({"type": "subscribe", "series_id": BASE}))
+                with trio.fail_after(30):
+                    # a forming candle of minute t means the replay sent the closes before t
+                    while forming_max < 1751760000 + 60 * 40:
+                        message = loads(await ws.get_message())
+                        if message["type"] == "candle_forming":
+                            forming_max = max(forming_max, message["candle"]["candle_time"])
+                serve.send_signal(signal.SIGTERM)
+                assert await _exit_code(serve, within=10) == 0
+            statuses: list[bytes] = []
+            with trio.move_on_after(2):
+                while b"STOPPING=1" not in b"".join(statuses):
+                    statuses.append(await notify.recv(4096))
+            assert any(b"STOPPING=1" in s for s in statuses)
+    notify.close()
+    conn = sqlite3.connect(db)
+    times = [
+        t for (t,) in conn.execute(
+            "SELECT candle_time FROM candles WHERE series_id = ? ORDER BY candle_time", (BASE,)
+        )
+    ]  # fmt: skip
+    conn.close()
+    # every minute from the first through the last one closed before the SIGTERM is stored
+    expected = list(range(1751760000, forming_max, 60))
+    assert times[: len(expected)] == expected
+    assert len(times) >= 40
+
+
+def test_store_failure_is_one_clear_line_and_a_non_zero_exit(tmp_path: Path) -> None:
+    db = tmp_path / "market.sqlite3"
+    db.write_bytes(b"definitely not an SQLite file " * 200)
+    proc = subprocess.run(
+        [sys.executable, "-m", "tradecanvas", "serve"],
+        env=_env(TRADE_CANVAS_DB_PATH=str(db)),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == EXIT_STORE_FAILURE
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert "store failure" in lines[0]
+    assert str(db) in lines[0]
+    assert db.read_bytes().startswith(b"definitely not")  # nothing was written to it
+
+
+def test_bad_flag_stops_serve_with_exit_2() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "tradecanvas", "serve"],
+        env=_env(TRADE_CANVAS_WS_PORT="eighty"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("tradecanvas: TRADE_CANVAS_WS_PORT: ")
+
+
+async def test_a_second_signal_exits_at_once(tmp_path: Path) -> None:
+    """While the first SIGTERM's drain waits on a client that never answers the close
+    handshake, a second SIGTERM ends the process at once."""
+    env = _env(
+        TRADE_CANVAS_DB_PATH=str(tmp_path / "m.sqlite3"),
+        # no upstream here: an unreachable loopback port keeps the ingest reconnecting
+        TRADE_CANVAS_BINANCE_FUTURES_WS_URL="ws://127.0.0.1:9",
+        TRADE_CANVAS_BINANCE_FUTURES_REST_URL="http://127.0.0.1:9",
+    )
+    log = tmp_path / "serve.log"
+    with _process(["serve"], env, log) as serve:
+        port = int((await _line(log, r"ready ws=ws://[\d.]+:(\d+)", serve)).group(1))
+        # a client that upgrades and then never reads or answers anything
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        await stream.send_all(
+            b"GET /ws/market HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            b"Sec-WebSocket-Version: 13\r\n\r\n"
+        )
+        assert b"101" in await stream.receive_some(4096)
+        serve.send_signal(signal.SIGTERM)
+        await _line(log, r"SIGTERM: shutting down", serve)
+        assert serve.poll() is None  # still draining: the silent client holds the close
+        serve.send_signal(signal.SIGTERM)
+        assert await _exit_code(serve, within=2) == 128 + signal.SIGTERM
+        await stream.aclose()
+    assert "second SIGTERM: exiting at once" in log.read_text()

@@ -1,0 +1,368 @@
+"""``tradecanvas replay``: the loopback Binance, over real sockets and as a real process."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import attrs
+import httpx
+import orjson
+import pytest
+import trio
+import trio.testing
+import trio_websocket
+
+from tradecanvas.model import Candle
+from tradecanvas.tools.replay import (
+    ReplayConfig,
+    ReplayError,
+    ReplayHandle,
+    forming_steps,
+    infer_series,
+    parse_file_argument,
+    serve_replay,
+)
+from tradecanvas.upstream.ws_client import open_websocket_client
+from tradecanvas.wire.binance import KlineEvent, decode_frame, read_kline_csv
+
+DAY = 1_692_144_000  # 2023-08-16 00:00 UTC, the futures day file
+STREAM = "btcusdt@kline_1m"
+
+
+@pytest.fixture
+def day_csv(data_dir: Path) -> Path:
+    return data_dir / "klines_1m_5m" / "futures_um" / "BTCUSDT-1m-2023-08-16.csv"
+
+
+@pytest.fixture
+def day_rows(day_csv: Path) -> list[Candle]:
+    return read_kline_csv(day_csv)
+
+
+@pytest.fixture
+def frames_jsonl(data_dir: Path) -> Path:
+    return data_dir / "ws" / "futures_um" / "kline_1m_frames_2021-07-22T22-25Z.jsonl"
+
+
+def config_for(path: Path, **changes: Any) -> ReplayConfig:
+    config = ReplayConfig(files=(parse_file_argument(str(path), None),), speed=None)
+    return attrs.evolve(config, **changes)
+
+
+async def read_events(ws: trio_websocket.WebSocketConnection, count: int) -> list[KlineEvent]:
+    events: list[KlineEvent] = []
+    for _ in range(count):
+        decoded = decode_frame(await ws.get_message())
+        assert isinstance(decoded, KlineEvent)
+        events.append(decoded)
+    return events
+
+
+def test_series_and_market_come_from_the_file_name_and_path(day_csv: Path) -> None:
+    assert str(parse_file_argument(str(day_csv), None).series) == "binance:futures:BTC/USDT:1m"
+    spot = Path("spot/ETHBTC-1m-2020-01-01.csv")
+    assert str(infer_series(spot, "spot")) == "binance:spot:ETH/BTC:1m"
+    named = parse_file_argument(f"binance:spot:BTC/USDT:USDT:1m={day_csv}", None)
+    assert named.market == "spot" and named.series is not None
+    assert named.series.stream_name == STREAM
+    with pytest.raises(ReplayError, match="1m klines"):
+        infer_series(Path("BTCUSDT-5m-2023-08-16.csv"), "futures")
+    with pytest.raises(ReplayError, match="no such file"):
+        parse_file_argument("nowhere/BTCUSDT-1m.csv", None)
+
+
+def test_forming_steps_are_valid_growing_states_of_the_bar(day_rows: list[Candle]) -> None:
+    bar = day_rows[100]
+    steps = forming_steps(bar, 3)
+    assert [s.candle_time for s in steps] == [bar.candle_time] * 3
+    assert steps[-1].close == bar.close and all(s.open == bar.open for s in steps)
+    assert [s.volume for s in steps] == sorted(s.volume for s in steps)
+    assert all(s.volume <= bar.volume and s.low <= s.close <= s.high for s in steps)
+
+
+async def test_csv_bars_become_forming_and_closed_frames_in_exchange_time(
+    day_csv: Path, day_rows: list[Candle]
+) -> None:
+    async with trio.open_nursery() as nursery:
+        replay: ReplayHandle = await nursery.start(
+            serve_replay, config_for(day_csv, start_at=1436, forming_per_bar=3)
+        )
+        url = f"{replay.ws_url}/market/stream?streams={STREAM}"
+        async with open_websocket_client(url) as ws:
+            events = await read_events(ws, 4 * 4)
+        assert [e.stream for e in events] == [STREAM] * 16
+        first = day_rows[1436]
+        t_ms = first.candle_time * 1000
+        assert [e.event_time_ms - t_ms for e in events[:5]] == [15000, 30000, 45000, 60200, 75000]
+        assert [e.kline.closed for e in events[:4]] == [False, False, False, True]
+        closed = [e.kline.to_candle() for e in events if e.kline.closed]
+        assert all(
+            c.same_values(r) for c, r in zip(closed, day_rows[1436:], strict=True)
+        )  # the closed frames carry Binance's bars exactly
+        await replay.finished.wait()
+        assert replay.statistics().frames_sent == 16
+        nursery.cancel_scope.cancel()
+
+
+async def test_raw_streams_and_subscribe_acks(day_csv: Path) -> None:
+    async with trio.open_nursery() as nursery:
+        replay: ReplayHandle = await nursery.start(serve_replay, config_for(day_csv, start_at=1438))
+        # a raw stream carries the payload without the combined wrapper
+        async with open_websocket_client(f"{replay.ws_url}/ws/{STREAM}") as raw:
+            doc = orjson.loads(await raw.get_message())
+            assert doc["e"] == "kline" and "stream" not in doc
+        async with open_websocket_client(f"{replay.ws_url}/ws") as ws:
+            await ws.send_message('{"method":"SUBSCRIBE","params":["btcusdt@kline_1m"],"id":7}')
+            assert orjson.loads(await ws.get_message()) == {"result": None, "id": 7}
+            await ws.send_message('{"method":"LIST_SUBSCRIPTIONS","id":8}')
+            assert orjson.loads(await ws.get_message()) == {"result": [STREAM], "id": 8}
+            await ws.send_message("not json")
+            assert "error" in orjson.loads(await ws.get_message())
+        nursery.cancel_scope.cancel()
+
+
+async def test_rest_serves_only_closed_bars_with_binance_paging(
+    day_csv: Path, day_rows: list[Candle]
+) -> None:
+    async with trio.open_nursery() as nursery:
+        replay: ReplayHandle = await nursery.start(serve_replay, config_for(day_csv, start_at=600))
+        async with httpx.AsyncClient(base_url=replay.rest_url) as http:
+
+            async def klines(**params: str | int) -> httpx.Response:
+                query = {"symbol": "BTCUSDT", "interval": "1m", **params}
+                return await http.get("/fapi/v1/klines", params=query)
+
+            # nothing streamed yet: the exchange clock is at bar 600
+            rows = (await klines(startTime=DAY * 1000, limit=1500)).json()
+            assert len(rows) == 600 and rows[0][0] == DAY * 1000
+            assert rows[0][1:6] == [
+                str(day_rows[0].open),
+                str(day_rows[0].high),
+                str(day_rows[0].low),
+                str(day_rows[0].close),
+                str(day_rows[0].volume),
+            ]
+            assert rows[0][6] == DAY * 1000 + 59_999
+            # no startTime: the latest `limit` rows up to endTime
+            rows = (await klines(endTime=(DAY + 3000) * 1000, limit=3)).json()
+            assert [r[0] // 1000 for r in rows] == [DAY + 2880, DAY + 2940, DAY + 3000]
+            response = await klines(limit=1501)
+            assert response.status_code == 400 and response.json()["code"] == -1130
+            assert (await klines(symbol="ETHUSDT")).json()["code"] == -1121
+            assert (await klines(interval="5m")).json()["code"] == -1120
+            spot = await http.get("/api/v3/klines", params={"symbol": "BTCUSDT", "interval": "1m"})
+            assert spot.json()["code"] == -1121  # the file is futures
+            assert int(response.headers["x-mbx-used-weight-1m"]) > 0
+            time = (await http.get("/fapi/v1/time")).json()
+            assert time == {"serverTime": (DAY + 600 * 60) * 1000}
+        nursery.cancel_scope.cancel()
+
+
+async def test_faults_omit_duplicate_drop_and_skip(day_csv: Path) -> None:
+    config = config_for(
+        day_csv,
+        start_at=1420,
+        forming_per_bar=1,
+        omit_closes=frozenset({1421}),
+        duplicate_closes=frozenset({1422}),
+        drop_at=(1424,),
+        skip=2,
+        rest_429_first=True,
+        retry_after_s=3,
+    )
+    async with trio.open_nursery() as nursery:
+        replay: ReplayHandle = await nursery.start(serve_replay, config)
+        url = f"{replay.ws_url}/stream?streams={STREAM}"
+        seen: list[tuple[int, bool]] = []
+
+        async def read_until_closed(ws: trio_websocket.WebSocketConnection) -> None:
+            while True:
+                event = (await read_events(ws, 1))[0]
+                seen.append(((event.kline.open_time_ms // 1000 - DAY) // 60, event.kline.closed))
+
+        async with open_websocket_client(url) as ws:
+            with pytest.raises(trio_websocket.ConnectionClosed) as closed:
+                await read_until_closed(ws)
+        assert closed.value.reason is not None and closed.value.reason.code == 1001
+        assert seen == [
+            (1420, False),
+            (1420, True),
+            (1421, False),  # 1421's close omitted
+            (1422, False),
+            (1422, True),
+            (1422, True),  # duplicated
+            (1423, False),
+            (1423, True),
+            (1424, False),  # dropped before 1424's close
+        ]
+        async with open_websocket_client(url) as ws:
+            event = (await read_events(ws, 1))[0]
+            assert event.kline.open_time_ms // 1000 == DAY + 1427 * 60  # 1425, 1426 skipped
+        async with httpx.AsyncClient(base_url=replay.rest_url) as http:
+            params: dict[str, str | int] = {
+                "symbol": "BTCUSDT",
+                "interval": "1m",
+                "startTime": (DAY + 1420 * 60) * 1000,
+            }
+            first = await http.get("/fapi/v1/klines", params=params)
+            assert first.status_code == 429 and first.headers["retry-after"] == "3"
+            rows = (await http.get("/fapi/v1/klines", params=params)).json()
+            # the skipped bars (and whatever closed since) exist at the exchange
+            minutes = [(r[0] // 1000 - DAY) // 60 for r in rows]
+            assert minutes == list(range(1420, 1420 + len(minutes))) and len(minutes) >= 7
+        stats = replay.statistics()
+        assert (stats.closes_omitted, stats.closes_duplicated, stats.drops) == (1, 1, 1)
+        assert stats.ws_connections == 2 and stats.rest_429 == 1
+        nursery.cancel_scope.cancel()
+
+
+async def test_exchange_hole_is_missing_on_ws_and_rest(day_csv: Path) -> None:
+    config = config_for(day_csv, start_at=1430, forming_per_bar=0, exchange_holes=((1432, 2),))
+    async with trio.open_nursery() as nursery:
+        replay: ReplayHandle = await nursery.start(serve_replay, config)
+        async with open_websocket_client(f"{replay.ws_url}/stream?streams={STREAM}") as ws:
+            events = await read_events(ws, 8)
+        minutes = [(e.kline.open_time_ms // 1000 - DAY) // 60 for e in events]
+        assert minutes == [1430, 1431, 1434, 1435, 1436, 1437, 1438, 1439]
+        await replay.finished.wait()
+        async with httpx.AsyncClient(base_url=replay.rest_url) as http:
+            params: dict[str, str | int] = {
+                "symbol": "BTCUSDT",
+                "interval": "1m",
+                "startTime": (DAY + 1430 * 60) * 1000,
+            }
+            rows = (await http.get("/fapi/v1/klines", params=params)).json()
+        assert [(r[0] // 1000 - DAY) // 60 for r in rows] == minutes
+        nursery.cancel_scope.cancel()
+
+
+async def test_recorded_jsonl_frames_are_sent_verbatim(frames_jsonl: Path) -> None:
+    text = await trio.Path(frames_jsonl).read_text()
+    lines = [line for line in text.splitlines() if line.strip()]
+    streams = sorted({orjson.loads(line)["stream"] for line in lines})
+    async with trio.open_nursery() as nursery:
+        replay: ReplayHandle = await nursery.start(serve_replay, config_for(frames_jsonl))
+        url = f"{replay.ws_url}/market/stream?streams={'/'.join(streams)}"
+        async with open_websocket_client(url) as ws:
+            got = [await ws.get_message() for _ in lines]
+        assert got == lines
+        async with httpx.AsyncClient(base_url=replay.rest_url) as http:
+            params: dict[str, str | int] = {"symbol": "CTKUSDT", "interval": "1m", "startTime": 0}
+            rows = (await http.get("/fapi/v1/klines", params=params)).json()
+        closed = [orjson.loads(line)["data"]["k"] for line in lines if '"x":true' in line]
+        ctk = [k for k in closed if k["s"] == "CTKUSDT"]
+        assert [r[:6] for r in rows] == [
+            [k["t"], k["o"], k["h"], k["l"], k["c"], k["v"]] for k in ctk
+        ]
+        nursery.cancel_scope.cancel()
+
+
+async def test_speed_is_a_multiple_of_exchange_time(
+    day_csv: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    config = config_for(day_csv, start_at=1437, speed=4.0, forming_per_bar=3)
+    async with trio.open_nursery() as nursery:
+        replay: ReplayHandle = await nursery.start(serve_replay, config)
+        async with open_websocket_client(f"{replay.ws_url}/stream?streams={STREAM}") as ws:
+            arrivals: list[tuple[float, int]] = []
+            for _ in range(12):
+                event = (await read_events(ws, 1))[0]
+                arrivals.append((trio.current_time(), event.event_time_ms))
+        for (t1, e1), (t2, e2) in itertools.pairwise(arrivals):
+            assert t2 - t1 == pytest.approx((e2 - e1) / 1000 / 4.0, abs=0.01)
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_paused_replay_sends_nothing_until_resumed_and_loses_no_bar(
+    day_csv: Path, day_rows: list[Candle]
+) -> None:
+    async with trio.open_nursery() as nursery:
+        replay: ReplayHandle = await nursery.start(
+            serve_replay, config_for(day_csv, start_at=1436, paused=True)
+        )
+        async with open_websocket_client(f"{replay.ws_url}/stream?streams={STREAM}") as ws:
+            # the answer to a request sent after connecting comes first: no frame went out
+            await ws.send_message('{"method":"LIST_SUBSCRIPTIONS","id":1}')
+            assert orjson.loads(await ws.get_message()) == {"result": [STREAM], "id": 1}
+            stats = replay.statistics()
+            assert stats.clients == 1 and stats.frames_sent == 0
+            assert stats.now_ms == day_rows[1436].candle_time * 1000
+            async with httpx.AsyncClient(base_url=replay.rest_url) as http:
+                query: dict[str, str | int] = {"symbol": "BTCUSDT", "interval": "1m", "limit": 2}
+                rows = (await http.get("/fapi/v1/klines", params=query)).json()
+            assert [r[0] // 1000 for r in rows] == [t.candle_time for t in day_rows[1434:1436]]
+            replay.resume()
+            events = await read_events(ws, 4 * 4)
+        closed = [e.kline.to_candle() for e in events if e.kline.closed]
+        assert [c.candle_time for c in closed] == [r.candle_time for r in day_rows[1436:]]
+        assert (
+            not events[0].kline.closed and events[0].kline.open_time_ms // 1000 == DAY + 1436 * 60
+        )
+        nursery.cancel_scope.cancel()
+
+
+def run_cli(*args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "tradecanvas.tools.replay", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+
+
+async def test_cli_prints_its_urls_serves_and_stops_on_sigterm(day_csv: Path) -> None:
+    with run_cli(str(day_csv), "--speed", "max", "--start-at", "1438", "--port", "0") as process:
+        try:
+            assert process.stdout is not None
+            line = await trio.to_thread.run_sync(process.stdout.readline)
+            assert line.startswith("replay ws=ws://127.0.0.1:")
+            assert " rest=http://127.0.0.1:" in line
+            ws_url = line.split()[1].removeprefix("ws=")
+            url = f"{ws_url}/stream?streams={STREAM}"
+            async with open_websocket_client(url) as ws:
+                events = await read_events(ws, 8)
+            assert sum(e.kline.closed for e in events) == 2
+            done = await trio.to_thread.run_sync(process.stdout.readline)
+            assert done.startswith("replay finished bars=1440")
+        finally:
+            process.send_signal(signal.SIGTERM)
+            code = await trio.to_thread.run_sync(process.wait, 20)
+    assert code == 0
+
+
+async def test_cli_paused_starts_on_sigusr1(day_csv: Path) -> None:
+    with run_cli(str(day_csv), "--speed", "max", "--start-at", "1438", "--paused") as process:
+        try:
+            assert process.stdout is not None
+            line = await trio.to_thread.run_sync(process.stdout.readline)
+            assert line.rstrip().endswith(" paused (SIGUSR1 starts it)")
+            ws_url = line.split()[1].removeprefix("ws=")
+            async with open_websocket_client(f"{ws_url}/stream?streams={STREAM}") as ws:
+                await ws.send_message('{"method":"LIST_SUBSCRIPTIONS","id":1}')
+                assert orjson.loads(await ws.get_message())["id"] == 1  # before any frame
+                process.send_signal(signal.SIGUSR1)
+                assert await trio.to_thread.run_sync(process.stdout.readline) == "replay resumed\n"
+                events = await read_events(ws, 8)
+            assert [e.kline.open_time_ms // 1000 for e in events if e.kline.closed] == [
+                DAY + 1438 * 60,
+                DAY + 1439 * 60,
+            ]
+        finally:
+            process.send_signal(signal.SIGTERM)
+            code = await trio.to_thread.run_sync(process.wait, 20)
+    assert code == 0
+
+
+async def test_cli_refuses_bad_input_with_exit_code_2(day_csv: Path) -> None:
+    for args in (["missing.csv"], [str(day_csv), "--speed", "fast"], []):
+        with run_cli(*args) as process:
+            _, err = await trio.to_thread.run_sync(process.communicate, None, 20)
+        assert process.returncode == 2, (args, err)
+        assert err.startswith("tradecanvas replay: ")

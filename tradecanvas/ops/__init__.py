@@ -1,0 +1,1 @@
+"""Operations: systemd notify and watchdog, logging, Prometheus metrics."""

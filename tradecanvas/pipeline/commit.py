@@ -1,0 +1,425 @@
+"""IngestPipeline: commit → derive → rebuild events, then publish (DESIGN §4).
+
+``run(batch)`` is one store transaction: the batch's base candles, every derived candle of
+the buckets they touch (recomputed from the *stored* minutes, so backfilled and
+out-of-order minutes give the right bars), and the ``factor.rebuild`` events. It returns a
+:class:`PipelineResult`; publishing is the separate, synchronous :meth:`IngestPipeline.publish`,
+which only queues messages (it never awaits a subscriber).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable, Iterable, Sequence
+from typing import Final, Protocol, final
+
+import attrs
+
+from tradecanvas.errors import CandleError, PublishError
+from tradecanvas.model import Candle, SeriesId, Timeframe, validate_candle
+from tradecanvas.pipeline.derive import BASE_SECONDS, derive_bucket
+from tradecanvas.runtime_flags import RuntimeFlags
+from tradecanvas.store.sqlite import CandleStore, Source, StoreTxn, UpsertOutcome
+
+log = logging.getLogger(__name__)
+
+FACTOR_REBUILD: Final = "factor.rebuild"
+
+
+@attrs.frozen
+class SystemEvent:
+    """A ``system`` message: ``factor.rebuild`` with ``data = {series_id, reason, from_time,
+    to_time}``."""
+
+    series_id: str
+    reason: str
+    from_time: int
+    to_time: int
+    event: str = FACTOR_REBUILD
+
+    @property
+    def message(self) -> str:
+        return (
+            f"{self.series_id}: stored history changed ({self.reason},"
+            f" {self.from_time}..{self.to_time}); recompute anything derived from it"
+        )
+
+    def to_wire(self) -> dict[str, object]:
+        return {
+            "type": "system",
+            "series_id": self.series_id,
+            "event": self.event,
+            "message": self.message,
+            "data": {
+                "series_id": self.series_id,
+                "reason": self.reason,
+                "from_time": self.from_time,
+                "to_time": self.to_time,
+            },
+        }
+
+
+@attrs.frozen
+class SeriesUpdate:
+    """The closed candles of one series that a batch made new or changed, ascending."""
+
+    series_id: str
+    candles: tuple[Candle, ...]
+    derived: bool
+    revised: int = 0  # of ``candles``, how many replaced a different stored value (not new)
+
+
+@attrs.frozen
+class IngestBatch:
+    """Closed base candles to commit, with where they came from."""
+
+    candles: tuple[tuple[SeriesId, Candle], ...]
+    source: Source
+    # store meta entries (key, value) set in the same transaction as the candles: state
+    # that must be durable exactly when they are (the ingest loop's unresolved holes)
+    meta: tuple[tuple[str, str], ...] = ()
+
+    @classmethod
+    def of(cls, series: SeriesId, candles: Iterable[Candle], source: Source) -> IngestBatch:
+        return cls(tuple((series, c) for c in candles), source)
+
+
+@attrs.frozen
+class PipelineResult:
+    """What one ``run`` committed: per-series updates and the system events."""
+
+    updates: tuple[SeriesUpdate, ...]  # base series first, then derived, as produced
+    events: tuple[SystemEvent, ...]
+    received: int
+    duplicates_dropped: int
+
+    @property
+    def committed(self) -> int:
+        return sum(len(u.candles) for u in self.updates)
+
+    def in_series_id_order(self) -> list[SeriesUpdate]:
+        return sorted(self.updates, key=lambda u: u.series_id)
+
+    def in_legacy_order(self) -> list[SeriesUpdate]:
+        """Base series first, then derived series in configured order (as produced)."""
+        return [u for u in self.updates if not u.derived] + [u for u in self.updates if u.derived]
+
+    def events_base_first(self) -> list[SystemEvent]:
+        derived = {u.series_id for u in self.updates if u.derived}
+        return [e for e in self.events if e.series_id not in derived] + [
+            e for e in self.events if e.series_id in derived
+        ]
+
+
+@attrs.frozen
+class PublishStep:
+    """One publish call (one series' closed candles, or one system event)."""
+
+    name: str
+    call: Callable[[], Sequence[str]]
+    strict: bool = False  # a failure makes the whole publish raise PublishError
+
+
+@attrs.frozen
+class PublishOutcome:
+    steps: int
+    failed: int
+    strict_failures: tuple[str, ...]
+
+    def raise_if_strict_failed(self) -> None:
+        if self.strict_failures:
+            raise PublishError(list(self.strict_failures))
+
+
+def run_publish_steps(steps: Iterable[PublishStep]) -> PublishOutcome:
+    """Run every step in order, whatever failed before it.
+
+    A failing step (the target reports failed deliveries, or raises) is logged and counted;
+    the target has already isolated the failing subscriber. Later steps still run because
+    a skipped step would be lost for the healthy subscribers: candles could be healed from
+    the store, but system events are not stored. The caller raises for strict failures
+    (:meth:`PublishOutcome.raise_if_strict_failed`) once everything has been queued.
+    """
+    count = failed = 0
+    strict: list[str] = []
+    for step in steps:
+        count += 1
+        try:
+            problems = [str(p) for p in step.call()]
+        except Exception as exc:
+            problems = [f"{type(exc).__name__}: {exc}"]
+            log.exception("publish step %s raised", step.name)
+        if not problems:
+            continue
+        failed += 1
+        log.warning(
+            "publish step %s: %d delivery failure(s): %s", step.name, len(problems), problems[:3]
+        )
+        if step.strict:
+            strict.extend(f"{step.name}: {p}" for p in problems)
+    return PublishOutcome(count, failed, tuple(strict))
+
+
+class PublishTarget(Protocol):
+    """Where results go (the Hub). Both calls only queue messages and never block.
+
+    Each returns a description per delivery that failed (the failing subscriber is already
+    isolated by the target); raising counts as a failure of the whole step.
+    """
+
+    def publish_closed(self, series_id: str, candles: Sequence[Candle]) -> Sequence[str]: ...
+
+    def publish_system(self, event: SystemEvent) -> Sequence[str]: ...
+
+
+class MarketSink(PublishTarget, Protocol):
+    """The Hub as the ingest side sees it: closed and system publishes plus forming updates.
+
+    ``publish_forming`` only queues (never blocks) and is never stored.
+    """
+
+    def publish_forming(self, series_id: str, candle: Candle) -> None: ...
+
+
+@attrs.frozen
+class PipelineStatistics:
+    runs: int
+    candles_received: int
+    candles_committed: int
+    duplicates_dropped: int
+    publish_steps: int
+    publish_failed_steps: int
+    rebuild_events: int
+
+
+def rebuild_events_for(
+    series_id: str,
+    previous_head: int | None,
+    candles: Sequence[Candle],
+    outcomes: Sequence[UpsertOutcome],
+) -> list[SystemEvent]:
+    """The ``factor.rebuild`` events one upsert of a series calls for."""
+    new = [c.candle_time for c, o in zip(candles, outcomes, strict=True) if o is UpsertOutcome.NEW]
+    revised = [
+        c.candle_time for c, o in zip(candles, outcomes, strict=True) if o is UpsertOutcome.REVISED
+    ]
+    events: list[SystemEvent] = []
+    if new and previous_head is None:
+        events.append(SystemEvent(series_id, "new_series", min(new), max(new)))
+    elif new and previous_head is not None:
+        below = [t for t in new if t < previous_head]
+        if below:
+            events.append(SystemEvent(series_id, "backfill", min(below), max(below)))
+    if revised:
+        events.append(SystemEvent(series_id, "revision", min(revised), max(revised)))
+    return events
+
+
+def dedupe(candles: Iterable[Candle]) -> tuple[list[Candle], int]:
+    """Ascending, one candle per time (the last one given wins); count of dropped repeats."""
+    by_time: dict[int, Candle] = {}
+    dropped = 0
+    for candle in candles:
+        if candle.candle_time in by_time:
+            dropped += 1
+        by_time[candle.candle_time] = candle
+    return [by_time[t] for t in sorted(by_time)], dropped
+
+
+@final
+class IngestPipeline:
+    """Owns the commit/derive/rebuild step and the publish step. Shared by every ingest
+    path (Binance WS loop, REST backfill, HTTP write). Raises StoreError from ``run`` (the
+    transaction is rolled back) and PublishError from a strict ``publish``."""
+
+    def __init__(
+        self,
+        store: CandleStore,
+        target: PublishTarget,
+        derived_timeframes: Sequence[Timeframe],
+        fingerprint: str,
+    ) -> None:
+        self.store = store
+        self.target = target
+        self.derived_timeframes = tuple(derived_timeframes)
+        self.fingerprint = fingerprint
+        self._fingerprint_checked: set[str] = set()
+        self._runs = 0
+        self._received = 0
+        self._committed = 0
+        self._dropped = 0
+        self._steps = 0
+        self._failed_steps = 0
+        self._events = 0
+
+    @classmethod
+    def from_flags(
+        cls, store: CandleStore, target: PublishTarget, flags: RuntimeFlags
+    ) -> IngestPipeline:
+        """The pipeline ``serve`` and ``backfill`` use: the flags' derived timeframes and
+        derivation fingerprint."""
+        return cls(store, target, flags.derived_timeframes, flags.derivation_fingerprint())
+
+    def statistics(self) -> PipelineStatistics:
+        return PipelineStatistics(
+            runs=self._runs,
+            candles_received=self._received,
+            candles_committed=self._committed,
+            duplicates_dropped=self._dropped,
+            publish_steps=self._steps,
+            publish_failed_steps=self._failed_steps,
+            rebuild_events=self._events,
+        )
+
+    async def run(self, batch: IngestBatch) -> PipelineResult:
+        """Commit ``batch`` and everything derived from it in one transaction.
+
+        Every candle is validated first: one bad candle (CandleError) rejects the whole
+        batch and nothing is stored.
+        """
+        for series, candle in batch.candles:
+            if series.timeframe.seconds != BASE_SECONDS:
+                raise CandleError(f"{series} is not a base (1m) series; only 1m is ingested")
+            validate_candle(candle, series.timeframe)
+        result = await self.store.write(lambda txn: self._run_in_txn(txn, batch))
+        # the fingerprint is settled once the transaction that checked it has committed
+        self._fingerprint_checked.update(u.series_id for u in result.updates)
+        self._runs += 1
+        self._received += result.received
+        self._committed += result.committed
+        self._dropped += result.duplicates_dropped
+        self._events += len(result.events)
+        return result
+
+    def _run_in_txn(self, txn: StoreTxn, batch: IngestBatch) -> PipelineResult:
+        grouped: dict[SeriesId, list[Candle]] = {}
+        for series, candle in batch.candles:
+            grouped.setdefault(series, []).append(candle)
+        updates: list[SeriesUpdate] = []
+        derived_updates: list[SeriesUpdate] = []
+        events: list[SystemEvent] = []
+        dropped_total = 0
+        for key, value in batch.meta:
+            txn.set_meta(key, value)
+        for series in sorted(grouped):
+            candles, dropped = dedupe(grouped[series])
+            dropped_total += dropped
+            sid = str(series)
+            previous_head = txn.head_time(sid)
+            outcomes = txn.upsert(sid, candles, batch.source)
+            changed = [
+                c
+                for c, o in zip(candles, outcomes, strict=True)
+                if o is not UpsertOutcome.UNCHANGED
+            ]
+            events.extend(self._fingerprint_events(txn, sid, previous_head))
+            events.extend(rebuild_events_for(sid, previous_head, candles, outcomes))
+            if not changed:
+                continue
+            revised = sum(o is UpsertOutcome.REVISED for o in outcomes)
+            updates.append(SeriesUpdate(sid, tuple(changed), derived=False, revised=revised))
+            head = txn.head_time(sid)
+            assert head is not None
+            for tf in self.derived_timeframes:
+                buckets = {tf.floor(c.candle_time) for c in changed}
+                if previous_head is not None and head > previous_head:
+                    # the bucket of the old head may have been waiting for a confirmed hole
+                    buckets.add(tf.floor(previous_head))
+                update, tf_events = self._derive(txn, series, tf, sorted(buckets), head)
+                events.extend(tf_events)
+                if update is not None:
+                    derived_updates.append(update)
+        return PipelineResult(
+            updates=tuple(updates + derived_updates),
+            events=tuple(events),
+            received=len(batch.candles),
+            duplicates_dropped=dropped_total,
+        )
+
+    def _derive(
+        self, txn: StoreTxn, base: SeriesId, tf: Timeframe, buckets: Sequence[int], head: int
+    ) -> tuple[SeriesUpdate | None, list[SystemEvent]]:
+        base_sid = str(base)
+        sid = str(base.with_timeframe(tf))
+        previous_head = txn.head_time(sid)
+        derived: list[tuple[Candle, bool]] = []
+        for bucket in buckets:
+            end = bucket + tf.seconds
+            minutes = [s.candle for s in txn.range(base_sid, bucket, end)]
+            if not minutes:
+                continue
+            complete = len(minutes) == tf.seconds // 60
+            if not complete and head < end:
+                continue  # still filling; finalised when a later minute is stored
+            before = txn.last_before(base_sid, bucket)
+            if not complete and before is None and minutes[0].candle_time > bucket:
+                # the store's history starts inside this bucket (an initial backfill from
+                # a minute that is not bucket-aligned): Binance's bar holds minutes we never
+                # fetched, so a bar from ours would be wrong; leave it out
+                continue
+            result = derive_bucket(bucket, tf, minutes, before.candle.close if before else None)
+            if result is not None:
+                derived.append((result.candle, result.complete))
+        if not derived:
+            return None, []
+        candles = [c for c, _ in derived]
+        outcomes: list[UpsertOutcome] = []
+        for candle, complete in derived:
+            outcomes.extend(txn.upsert(sid, [candle], "derived", complete=complete))
+        events = self._fingerprint_events(txn, sid, previous_head)
+        events.extend(rebuild_events_for(sid, previous_head, candles, outcomes))
+        changed = tuple(
+            c for c, o in zip(candles, outcomes, strict=True) if o is not UpsertOutcome.UNCHANGED
+        )
+        revised = sum(o is UpsertOutcome.REVISED for o in outcomes)
+        update = SeriesUpdate(sid, changed, derived=True, revised=revised) if changed else None
+        return update, events
+
+    def _fingerprint_events(
+        self, txn: StoreTxn, series_id: str, previous_head: int | None
+    ) -> list[SystemEvent]:
+        """Once per series per process: does the store hold it under other settings?"""
+        if series_id in self._fingerprint_checked:
+            return []
+        key = f"fingerprint:{series_id}"
+        stored = txn.get_meta(key)
+        if stored == self.fingerprint:
+            return []
+        txn.set_meta(key, self.fingerprint)
+        if stored is None or previous_head is None:
+            return []
+        first = txn.range(series_id, 0, previous_head + 1)[:1]
+        start = first[0].candle.candle_time if first else previous_head
+        return [SystemEvent(series_id, "fingerprint", start, previous_head)]
+
+    # --- publishing --------------------------------------------------------------------
+
+    def publish(self, result: PipelineResult, *, best_effort: bool) -> int:
+        """Queue ``result``: series in ``series_id`` order, then the system events.
+
+        A failing step is isolated (the target closes the failing subscriber), counted and
+        logged, and the remaining steps still run. ``best_effort=False`` then raises
+        PublishError; ``best_effort=True`` returns the number of failed steps.
+        """
+        steps = [
+            PublishStep(
+                f"closed {update.series_id}",
+                functools.partial(self.target.publish_closed, update.series_id, update.candles),
+                strict=not best_effort,
+            )
+            for update in result.in_series_id_order()
+        ]
+        steps += [
+            PublishStep(
+                f"system {event.series_id} {event.reason}",
+                functools.partial(self.target.publish_system, event),
+                strict=not best_effort,
+            )
+            for event in result.events
+        ]
+        outcome = run_publish_steps(steps)
+        self._steps += outcome.steps
+        self._failed_steps += outcome.failed
+        outcome.raise_if_strict_failed()
+        return outcome.failed

@@ -1,0 +1,1 @@
+"""Commands beside the daemon: replay (a loopback Binance), backfill, subscribe."""

@@ -1,0 +1,3 @@
+"""Bytes and JSON ↔ model:
+Binance frames and REST payloads, /ws/market messages, kline CSV. No I/O.
+"""
