@@ -46,7 +46,8 @@ from tradecanvas.serve.hub import Hub
 from tradecanvas.serve.ws_server import serve_ws_market
 from tradecanvas.store.sqlite import CandleStore
 from tradecanvas.upstream.ws_client import open_websocket_client
-from tradecanvas.wire.binance import dumps, loads, read_kline_csv
+from tradecanvas.wire.json import dumps, loads
+from tradecanvas.wire.kline_csv import read_kline_csv
 
 WEEK: Final = "klines_1m_5m/futures_um/BTCUSDT-1m-2025-07-06_2025-07-12.csv"
 SERIES: Final = SeriesId.parse("binance:futures:BTC/USDT:1m")

@@ -20,7 +20,7 @@ from tradecanvas.model import Candle, SeriesId, Timeframe
 from tradecanvas.pipeline.commit import IngestBatch, IngestPipeline, SystemEvent
 from tradecanvas.pipeline.derive import derive_series
 from tradecanvas.store.sqlite import CandleStore
-from tradecanvas.wire.binance import read_kline_csv
+from tradecanvas.wire.kline_csv import read_kline_csv
 
 WEEK = "klines_1m_5m/futures_um/BTCUSDT-1m-2025-07-06_2025-07-12.csv"
 BATCH = 200

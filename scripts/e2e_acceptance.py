@@ -36,7 +36,8 @@ ROOT: Final = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from tradecanvas.model import Candle  # noqa: E402
-from tradecanvas.wire.binance import read_kline_csv  # noqa: E402
+from tradecanvas.runtime_flags import binance_data_dir  # noqa: E402
+from tradecanvas.wire.kline_csv import read_kline_csv  # noqa: E402
 
 BIN: Final = ROOT / ".venv" / "bin" / "tradecanvas"
 BASE: Final = "binance:futures:BTC/USDT:1m"
@@ -55,15 +56,10 @@ def five_floor(t: int) -> int:
 
 
 def data_dir() -> Path:
-    explicit = os.environ.get("TRADECANVAS_DATA_DIR")
-    for candidate in [
-        *([Path(explicit)] if explicit else []),
-        ROOT.parent / "shared" / "data" / "binance",
-        ROOT / ".cache" / "binance",
-    ]:
-        if candidate.is_dir():
-            return candidate
-    raise SystemExit("e2e: no Binance data (TRADECANVAS_DATA_DIR, ../shared, make test-data)")
+    found = binance_data_dir()
+    if found is None:
+        raise SystemExit("e2e: no Binance data (TRADE_CANVAS_DATA_DIR, ../shared, make test-data)")
+    return found
 
 
 class Report:

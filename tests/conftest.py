@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from tradecanvas.model import Candle
-from tradecanvas.wire.binance import read_kline_csv
+from tradecanvas.runtime_flags import binance_data_dir as find_data_dir
+from tradecanvas.wire.kline_csv import read_kline_csv
 
 __all__ = ["read_kline_csv"]
 
@@ -17,20 +18,15 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def binance_data_dir() -> Path:
-    """``$TRADECANVAS_DATA_DIR``, else ``../shared/data/binance`` beside the checkout, else
-    ``.cache/binance`` (``make test-data``). Missing data is an error, never a skip."""
-    import os
-
-    explicit = os.environ.get("TRADECANVAS_DATA_DIR")
-    candidates = [Path(explicit)] if explicit else []
-    candidates += [REPO.parent / "shared" / "data" / "binance", REPO / ".cache" / "binance"]
-    for candidate in candidates:
-        if candidate.is_dir():
-            return candidate
-    raise RuntimeError(
-        "no Binance test data: set TRADECANVAS_DATA_DIR, put ../shared/data/binance beside"
-        " the checkout, or run `make test-data`"
-    )
+    """Real Binance data (``runtime_flags.binance_data_dir``). Missing data is an error,
+    never a skip."""
+    found = find_data_dir()
+    if found is None:
+        raise RuntimeError(
+            "no Binance test data: set TRADE_CANVAS_DATA_DIR, put ../shared/data/binance beside"
+            " the checkout, or run `make test-data`"
+        )
+    return found
 
 
 @pytest.fixture(scope="session")

@@ -18,8 +18,8 @@ import trio
 
 from tests.conftest import binance_data_dir
 from tests.serve.test_ws_server import connect
-from tradecanvas.errors import EXIT_STORE_FAILURE
-from tradecanvas.wire.binance import dumps, loads
+from tradecanvas.errors import ExitCode
+from tradecanvas.wire.json import dumps, loads
 
 WEEK = "klines_1m_5m/futures_um/BTCUSDT-1m-2025-07-06_2025-07-12.csv"
 BASE = "binance:futures:BTC/USDT:1m"
@@ -135,7 +135,7 @@ def test_store_failure_is_one_clear_line_and_a_non_zero_exit(tmp_path: Path) -> 
         timeout=60,
         check=False,
     )
-    assert proc.returncode == EXIT_STORE_FAILURE
+    assert proc.returncode == ExitCode.STORE_FAILURE
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, proc.stderr
     assert "store failure" in lines[0]

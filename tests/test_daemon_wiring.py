@@ -23,7 +23,7 @@ from tradecanvas.model import Candle
 from tradecanvas.pipeline.commit import IngestPipeline, PipelineResult
 from tradecanvas.runtime_flags import RuntimeFlags, build_runtime_flags
 from tradecanvas.tools.replay import ReplayConfig, ReplayHandle, parse_file_argument, serve_replay
-from tradecanvas.wire.binance import dumps, loads
+from tradecanvas.wire.json import dumps, loads
 
 WEEK = "klines_1m_5m/futures_um/BTCUSDT-1m-2025-07-06_2025-07-12.csv"
 BASE = "binance:futures:BTC/USDT:1m"

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from tradecanvas import runtime_flags
 from tradecanvas.errors import FlagError
 from tradecanvas.runtime_flags import (
     FLAG_SPECS,
@@ -205,3 +206,25 @@ def test_blank_credential_means_no_token(tmp_path: Path) -> None:
     (tmp_path / "ingest-token").write_text("short\n")
     with pytest.raises(FlagError, match=r"TRADE_CANVAS_INGEST_TOKEN: .*too short"):
         build_runtime_flags({"CREDENTIALS_DIRECTORY": str(tmp_path)})
+
+
+def test_data_dir_prefers_the_new_variable_and_reads_the_old_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    new, old = tmp_path / "new", tmp_path / "old"
+    new.mkdir()
+    old.mkdir()
+    both = {"TRADE_CANVAS_DATA_DIR": str(new), "TRADECANVAS_DATA_DIR": str(old)}
+    assert runtime_flags.binance_data_dir(both) == new
+    runtime_flags._warned_old_data_dir = False
+    with caplog.at_level("WARNING"):
+        assert runtime_flags.binance_data_dir({"TRADECANVAS_DATA_DIR": str(old)}) == old
+    assert "TRADECANVAS_DATA_DIR is deprecated; use TRADE_CANVAS_DATA_DIR" in caplog.text
+    # a missing explicit folder falls through to the defaults beside the checkout
+    assert runtime_flags.data_dir_candidates({"TRADE_CANVAS_DATA_DIR": str(tmp_path / "x")})[
+        1:
+    ] == runtime_flags.data_dir_candidates({})
+
+
+def test_the_data_dir_variable_is_not_an_unknown_flag() -> None:
+    assert runtime_flags.unknown_variable_warnings({"TRADE_CANVAS_DATA_DIR": "/x"}) == ()

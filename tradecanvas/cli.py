@@ -7,7 +7,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from tradecanvas.errors import FlagError
+from tradecanvas.errors import ExitCode, FlagError
 from tradecanvas.runtime_flags import (
     FLAG_SPECS,
     LoadedFlags,
@@ -17,7 +17,6 @@ from tradecanvas.runtime_flags import (
 from tradecanvas.tools import backfill, replay
 from tradecanvas.tools import subscribe as subscribe_client
 
-EXIT_BAD_FLAGS = 2
 log = logging.getLogger("tradecanvas")
 
 
@@ -83,7 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             loaded = _load_flags(args)
         except FlagError as exc:
             sys.stderr.write(f"tradecanvas: {exc}\n")
-            return EXIT_BAD_FLAGS
+            return ExitCode.USAGE
         for warning in loaded.warnings:
             log.warning("%s", warning)
         if args.command == "flags":

@@ -16,7 +16,7 @@ SIGINT: STOPPING=1; the ingest supervisor is cancelled first and commits its pen
 candles (shielded, bounded); then the WS server closes every subscriber with 1001 and the
 HTTP server drains; the store is closed; exit 0, all within :data:`DRAIN_DEADLINE_S`. A
 second signal exits at once. A store failure (disk full, read-only, corrupt file) ends the
-daemon with one log line and exit code :data:`EXIT_STORE_FAILURE` so systemd restarts it;
+daemon with one log line and exit code :data:`ExitCode.STORE_FAILURE` so systemd restarts it;
 the batch in flight was rolled back, never half written.
 """
 
@@ -34,14 +34,15 @@ import attrs
 import trio
 from starlette.applications import Starlette
 
-from tradecanvas.errors import EXIT_STORE_FAILURE, StoreError
+from tradecanvas.errors import ExitCode, StoreError, first_leaf
 from tradecanvas.ingest.loop import IngestSupervisor
 from tradecanvas.ops.logs import configure_logging
 from tradecanvas.ops.metrics import Metrics
 from tradecanvas.ops.sd_notify import SdNotifier, run_watchdog
 from tradecanvas.pipeline.commit import IngestPipeline
 from tradecanvas.runtime_flags import RuntimeFlags
-from tradecanvas.serve.http_api import build_http_app, serve_http
+from tradecanvas.serve.http_api import build_http_app
+from tradecanvas.serve.http_server import serve_http
 from tradecanvas.serve.hub import Hub
 from tradecanvas.serve.ws_server import serve_ws_market
 from tradecanvas.store.sqlite import CandleStore
@@ -52,8 +53,6 @@ log = logging.getLogger(__name__)
 DRAIN_DEADLINE_S: Final = 10.0
 # Of the drain: the ingest flush first, then subscribers and HTTP share what is left.
 INGEST_DRAIN_S: Final = 5.0
-EXIT_OK: Final = 0
-EXIT_FAILURE: Final = 1
 # A write running longer than this means the pipeline is stuck: stop feeding the watchdog.
 STUCK_WRITE_S: Final = 20.0
 # How often the STATUS= line shown by `systemctl status` is refreshed.
@@ -258,23 +257,16 @@ def serve(flags: RuntimeFlags) -> int:
         trio.run(main)
     except StoreError as exc:
         log.critical("store failure, stopping: %s", exc)
-        return EXIT_STORE_FAILURE
+        return ExitCode.STORE_FAILURE
     except BaseExceptionGroup as group:
         store_errors, rest = group.split(StoreError)
         if store_errors is not None and rest is None:
-            log.critical("store failure, stopping: %s", _first(store_errors))
-            return EXIT_STORE_FAILURE
+            log.critical("store failure, stopping: %s", first_leaf(store_errors))
+            return ExitCode.STORE_FAILURE
         log.critical("tradecanvas failed", exc_info=group)
-        return EXIT_FAILURE
+        return ExitCode.FAILED
     except OSError as exc:
         log.critical("cannot start: %s", exc)
-        return EXIT_FAILURE
+        return ExitCode.FAILED
     sys.stderr.flush()
-    return EXIT_OK
-
-
-def _first(group: BaseExceptionGroup[Any]) -> BaseException:
-    exc: BaseException = group
-    while isinstance(exc, BaseExceptionGroup):
-        exc = exc.exceptions[0]
-    return exc
+    return ExitCode.OK

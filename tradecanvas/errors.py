@@ -11,11 +11,48 @@
     ├── StoreError         SQLite failed (disk full, read-only, corrupt): fatal for the daemon
     ├── PublishError       a strict publish had a failing step (candles are committed)
     └── UpstreamError      Binance REST/WS failed in a way retries did not cure
+
+Also here: :class:`ExitCode`, the exit status of every ``tradecanvas`` command, and the two
+helpers that look inside trio's exception groups (:func:`first_leaf`, :func:`find_in_group`).
 """
 
 from __future__ import annotations
 
-from typing import Final
+import enum
+from typing import TypeVar
+
+E = TypeVar("E", bound=BaseException)
+
+
+class ExitCode(enum.IntEnum):
+    """Exit status of every ``tradecanvas`` command (documented in docs/operations.md)."""
+
+    OK = 0
+    FAILED = 1  # the command could not do its job (Binance failed for good, a bug)
+    USAGE = 2  # bad flags or arguments; nothing was changed
+    STORE_FAILURE = 3  # the store failed (disk full, read-only, corrupt); systemd restarts serve
+    INTERRUPTED = 130  # Ctrl-C (128 + SIGINT)
+    TERMINATED = 143  # SIGTERM (128 + SIGTERM) for the one-shot tools
+
+
+def first_leaf(exc: BaseException) -> BaseException:
+    """The first exception inside (nested) exception groups, or ``exc`` itself."""
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
+
+
+def find_in_group(exc: BaseException, kind: type[E]) -> E | None:
+    """The first ``kind`` exception in ``exc`` or anywhere inside its groups, else None."""
+    if isinstance(exc, kind):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        matched, _ = exc.split(kind)
+        if matched is not None:
+            leaf = first_leaf(matched)
+            assert isinstance(leaf, kind)
+            return leaf
+    return None
 
 
 class TradeCanvasError(Exception):
@@ -57,10 +94,6 @@ class WireError(BadInputError):
 
 class StoreError(TradeCanvasError):
     """The candle store failed. The batch in flight was rolled back; the daemon stops."""
-
-
-# the exit code of ``serve`` and ``backfill`` when the store fails (systemd restarts serve)
-EXIT_STORE_FAILURE: Final = 3
 
 
 class PublishError(TradeCanvasError):

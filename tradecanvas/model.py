@@ -10,12 +10,18 @@ import attrs
 
 from tradecanvas.errors import CandleError, SeriesIdError
 
+# Time units. Candle times are unix seconds; Binance's are milliseconds.
+MS: Final = 1000  # milliseconds in a second
+MINUTE: Final = 60  # the base timeframe, in seconds
+MINUTE_MS: Final = MINUTE * MS
+DAY: Final = 86_400
+
 EXCHANGES: Final = ("binance",)
 MARKETS: Final = ("futures", "spot")
 Market = Literal["futures", "spot"]
 
 _TIMEFRAME_RE: Final = re.compile(r"^([1-9][0-9]{0,3})([mhd])$")
-_UNIT_SECONDS: Final = {"m": 60, "h": 3600, "d": 86400}
+_UNIT_SECONDS: Final = {"m": MINUTE, "h": 60 * MINUTE, "d": DAY}
 _SYMBOL_RE: Final = re.compile(r"^[A-Z0-9]{1,20}/[A-Z0-9]{1,20}(:[A-Z0-9]{1,20})?$")
 
 

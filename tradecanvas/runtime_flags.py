@@ -9,6 +9,7 @@ flags`` and the documentation audit. A bad value raises :class:`FlagError`
 from __future__ import annotations
 
 import difflib
+import logging
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -17,7 +18,9 @@ from typing import Any, Final
 import attrs
 
 from tradecanvas.errors import FlagError, SeriesIdError
-from tradecanvas.model import SeriesId, Timeframe
+from tradecanvas.model import DAY, MINUTE, SeriesId, Timeframe
+
+log = logging.getLogger(__name__)
 
 PREFIX: Final = "TRADE_CANVAS_"
 DEFAULT_ALLOWED_ORIGINS: Final = (
@@ -149,7 +152,7 @@ def _parse_timeframes(text: str) -> tuple[Timeframe, ...]:
             tf = Timeframe.parse(item)
         except SeriesIdError as exc:
             raise ValueError(str(exc)) from None
-        if tf.seconds <= 60 or 86400 % tf.seconds:
+        if tf.seconds <= MINUTE or DAY % tf.seconds:
             raise ValueError(
                 f"{item} cannot be derived from 1m bars aligned to UTC days;"
                 " allowed: minutes/hours dividing a day (5m, 15m, 1h, 4h, …) or 1d"
@@ -258,7 +261,9 @@ FLAG_SPECS: Final[tuple[FlagSpec, ...]] = (
     FlagSpec("log_level", "INFO", _parse_choice(LOG_LEVELS, upper=True), "DEBUG, INFO, WARNING, ERROR"),
 )  # fmt: skip
 
-KNOWN_VARIABLES: Final = frozenset(spec.variable for spec in FLAG_SPECS)
+# not flags of the daemon, but read from the environment by the tools and tests
+TOOL_VARIABLES: Final = ("TRADE_CANVAS_DATA_DIR",)
+KNOWN_VARIABLES: Final = frozenset(spec.variable for spec in FLAG_SPECS) | set(TOOL_VARIABLES)
 
 
 @attrs.frozen
@@ -329,9 +334,39 @@ def load_runtime_flags(overrides: Mapping[str, str] | None = None) -> LoadedFlag
     return build_runtime_flags(os.environ, overrides)
 
 
-def data_dir_from_environment() -> str | None:
-    """``TRADECANVAS_DATA_DIR``: where ``tradecanvas replay`` looks for relative data names."""
-    return os.environ.get("TRADECANVAS_DATA_DIR")
+DATA_DIR_VARIABLE: Final = PREFIX + "DATA_DIR"
+# the name used before the one prefix; still read, with a deprecation warning
+OLD_DATA_DIR_VARIABLE: Final = "TRADECANVAS_DATA_DIR"
+# the checkout (or the installed package's parent): the shared data lies beside it
+PROJECT_ROOT: Final = Path(__file__).resolve().parent.parent
+_warned_old_data_dir = False
+
+
+def data_dir_candidates(environ: Mapping[str, str] | None = None) -> list[Path]:
+    """Where real Binance data is looked for, in order (DESIGN §9): ``$TRADE_CANVAS_DATA_DIR``
+    (or the deprecated ``$TRADECANVAS_DATA_DIR``), ``../shared/data/binance`` beside the
+    checkout, ``.cache/binance`` (``make test-data``)."""
+    global _warned_old_data_dir
+    env = os.environ if environ is None else environ
+    explicit = env.get(DATA_DIR_VARIABLE)
+    if not explicit and env.get(OLD_DATA_DIR_VARIABLE):
+        explicit = env[OLD_DATA_DIR_VARIABLE]
+        if not _warned_old_data_dir:
+            _warned_old_data_dir = True
+            log.warning(
+                "%s is deprecated; use %s instead", OLD_DATA_DIR_VARIABLE, DATA_DIR_VARIABLE
+            )
+    candidates = [Path(explicit)] if explicit else []
+    candidates += [
+        PROJECT_ROOT.parent / "shared" / "data" / "binance",
+        PROJECT_ROOT / ".cache" / "binance",
+    ]
+    return candidates
+
+
+def binance_data_dir(environ: Mapping[str, str] | None = None) -> Path | None:
+    """The first existing folder of :func:`data_dir_candidates`, or None."""
+    return next((c for c in data_dir_candidates(environ) if c.is_dir()), None)
 
 
 def describe_flags(flags: RuntimeFlags) -> list[tuple[str, str]]:

@@ -22,7 +22,7 @@ from tradecanvas.ingest.batcher import (
 )
 from tradecanvas.model import Candle, SeriesId, Timeframe
 from tradecanvas.pipeline.derive import derive_bucket, derive_forming
-from tradecanvas.wire.binance import read_kline_csv
+from tradecanvas.wire.kline_csv import read_kline_csv
 
 SID = SeriesId.parse("binance:futures:BTC/USDT:1m")
 T0 = 1_751_760_000  # 2025-07-06 00:00 UTC, a 5m (and day) boundary

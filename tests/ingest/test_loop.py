@@ -42,7 +42,9 @@ from tradecanvas.runtime_flags import RuntimeFlags, build_runtime_flags
 from tradecanvas.store.sqlite import CandleStore
 from tradecanvas.tools.replay import ReplayConfig, ReplayHandle, parse_file_argument, serve_replay
 from tradecanvas.upstream.rest import BinanceRestClient, RestPolicy
-from tradecanvas.wire.binance import KlineEvent, decode_frame, dumps, kline_frame, read_kline_csv
+from tradecanvas.wire.binance import KlineEvent, decode_frame, kline_frame
+from tradecanvas.wire.json import dumps
+from tradecanvas.wire.kline_csv import read_kline_csv
 
 BTC = SeriesId.parse("binance:futures:BTC/USDT:1m")
 BTC_5M = "binance:futures:BTC/USDT:5m"

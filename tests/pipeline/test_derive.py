@@ -10,7 +10,7 @@ import pytest
 from tests.conftest import candle
 from tradecanvas.model import Candle, Timeframe
 from tradecanvas.pipeline.derive import derive_bucket, derive_forming, derive_series
-from tradecanvas.wire.binance import read_kline_csv
+from tradecanvas.wire.kline_csv import read_kline_csv
 
 TF5 = Timeframe.parse("5m")
 FIELDS = ("open", "high", "low", "close", "volume")

@@ -30,8 +30,8 @@ from tradecanvas.serve.http_api import (
     MAX_BODY_BYTES,
     MAX_LIMIT,
     build_http_app,
-    serve_http,
 )
+from tradecanvas.serve.http_server import serve_http
 from tradecanvas.store.sqlite import CandleStore
 
 TOKEN = "test-ingest-token-0123456789abcdef"

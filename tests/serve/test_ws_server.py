@@ -41,7 +41,7 @@ from tradecanvas.serve.ws_server import (
     serve_ws_market,
 )
 from tradecanvas.store.sqlite import CandleStore
-from tradecanvas.wire.binance import dumps, loads
+from tradecanvas.wire.json import dumps, loads
 
 SERIES_1M: Final = SeriesId.parse("binance:futures:BTC/USDT:1m")
 SERIES_5M: Final = SERIES_1M.with_timeframe(Timeframe.parse("5m"))

@@ -25,7 +25,7 @@ import pytest
 import trio
 
 from tests.conftest import binance_data_dir, read_kline_csv
-from tradecanvas.errors import EXIT_STORE_FAILURE, BadInputError
+from tradecanvas.errors import BadInputError, ExitCode
 from tradecanvas.ingest.loop import StoreBanMemory
 from tradecanvas.model import Candle, SeriesId, Timeframe
 from tradecanvas.store.sqlite import CandleStore, StoredCandle
@@ -450,7 +450,7 @@ async def test_a_store_failure_exits_3_like_serve(tmp_path: Path) -> None:
     db = tmp_path / "market.sqlite3"
     db.write_bytes(b"definitely not an SQLite file " * 200)
     done = await run_backfill(cli_env(db, UNREACHABLE), BASE, "--from", "2023-08-16")
-    assert done.returncode == EXIT_STORE_FAILURE == 3
+    assert done.returncode == ExitCode.STORE_FAILURE
     assert "tradecanvas backfill: store failure: " in done.stderr.decode()
     assert db.read_bytes().startswith(b"definitely not")
 

@@ -29,7 +29,8 @@ from tradecanvas.tools.replay import (
     serve_replay,
 )
 from tradecanvas.upstream.ws_client import open_websocket_client
-from tradecanvas.wire.binance import KlineEvent, decode_frame, read_kline_csv
+from tradecanvas.wire.binance import KlineEvent, decode_frame
+from tradecanvas.wire.kline_csv import read_kline_csv
 
 DAY = 1_692_144_000  # 2023-08-16 00:00 UTC, the futures day file
 STREAM = "btcusdt@kline_1m"

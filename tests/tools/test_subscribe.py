@@ -24,7 +24,7 @@ from tradecanvas.tools.subscribe import (
     subscribe_and_print,
 )
 from tradecanvas.upstream.ws_client import parse_ws_url
-from tradecanvas.wire.binance import loads
+from tradecanvas.wire.json import loads
 
 T0: Final = 1751760000
 REPO: Final = Path(__file__).resolve().parents[2]

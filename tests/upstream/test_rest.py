@@ -31,7 +31,9 @@ from tradecanvas.ops.metrics import Metrics
 from tradecanvas.store.sqlite import CandleStore
 from tradecanvas.tools.replay import ReplayConfig, ReplayHandle, parse_file_argument, serve_replay
 from tradecanvas.upstream.rest import BinanceRestClient, RestPolicy, klines_weight
-from tradecanvas.wire.binance import candle_to_rest_row, dumps, read_kline_csv
+from tradecanvas.wire.binance import candle_to_rest_row
+from tradecanvas.wire.json import dumps
+from tradecanvas.wire.kline_csv import read_kline_csv
 
 FUTURES = SeriesId.parse("binance:futures:BTC/USDT:1m")
 SPOT = SeriesId.parse("binance:spot:BTC/USDT:1m")

@@ -26,10 +26,8 @@ from typing import Final, Generic, Literal, TypeVar, final
 
 import attrs
 
-from tradecanvas.model import Candle, SeriesId, Timeframe
+from tradecanvas.model import MINUTE, MINUTE_MS, MS, Candle, SeriesId, Timeframe
 
-MINUTE: Final = 60
-MINUTE_MS: Final = 60_000
 # a reconnect after a long outage is fetched in chunks of this many minutes, so one REST
 # answer confirms (or fills) a bounded range and memory stays bounded
 FILL_CHUNK_MINUTES: Final = 10_000
@@ -186,7 +184,7 @@ class SeriesTracker:
             self._remember(candle)
             return [Released(candle, source, received_at)]
         # a close for this minute means exchange time has passed its end
-        self._note_exchange_time((t + MINUTE) * 1000)
+        self._note_exchange_time((t + MINUTE) * MS)
         held = self._held.get(t)
         if held is not None and held.candle.same_values(candle):
             self.counters.duplicates += 1

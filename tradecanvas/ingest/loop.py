@@ -32,12 +32,10 @@ import functools
 import itertools
 import logging
 import math
-import random
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Final, final
 
 import attrs
-import httpx
 import orjson
 import trio
 import trio_websocket
@@ -48,9 +46,9 @@ from tradecanvas.errors import (
     StoreError,
     UpstreamError,
     WireError,
+    find_in_group,
 )
 from tradecanvas.ingest.batcher import (
-    MINUTE,
     BatchItem,
     ClosedBatcher,
     FillRequest,
@@ -60,7 +58,7 @@ from tradecanvas.ingest.batcher import (
     Released,
     SeriesTracker,
 )
-from tradecanvas.model import MARKETS, Candle, Market, SeriesId, Timeframe
+from tradecanvas.model import MARKETS, MINUTE, MINUTE_MS, MS, Candle, Market, SeriesId, Timeframe
 from tradecanvas.ops.metrics import Metrics
 from tradecanvas.pipeline.commit import (
     IngestBatch,
@@ -73,7 +71,8 @@ from tradecanvas.pipeline.commit import (
 from tradecanvas.pipeline.derive import derive_forming
 from tradecanvas.runtime_flags import RuntimeFlags
 from tradecanvas.store.sqlite import CandleStore
-from tradecanvas.upstream.rest import BinanceRestClient, RestPolicy
+from tradecanvas.upstream.backoff import Backoff
+from tradecanvas.upstream.rest import BinanceRestClient, RestPolicy, open_rest_client
 from tradecanvas.upstream.ws_client import open_websocket_client
 from tradecanvas.wire.binance import ControlFrame, KlineEvent, decode_frame
 
@@ -86,7 +85,6 @@ MAX_STREAMS_PER_CONNECTION: Final = 200  # BINANCE.md: futures docs disagree, 20
 FRAME_BUFFER: Final = 4096
 # REST fills of one loop running at once; the REST client paces per host on top of this
 FILL_CONCURRENCY: Final = 4
-HTTP_TIMEOUT_S: Final = 10.0
 
 
 def build_combined_stream_url(base_url: str, streams: Sequence[str]) -> str:
@@ -175,9 +173,17 @@ class IngestPolicy:
     # this plus one fill chunk (FILL_CHUNK_MINUTES)
     backlog_max: int = 50_000
 
-    def jitter(self, base: float, cap: float, attempt: int) -> float:
-        """Capped exponential backoff with full jitter."""
-        return random.uniform(0.0, min(cap, base * 2 ** max(0, attempt - 1)))
+    @property
+    def reconnect_backoff(self) -> Backoff:
+        return Backoff(self.reconnect_base_s, self.reconnect_cap_s)
+
+    @property
+    def fill_backoff(self) -> Backoff:
+        return Backoff(self.fill_retry_base_s, self.fill_retry_cap_s)
+
+    @property
+    def restart_backoff(self) -> Backoff:
+        return Backoff(self.restart_base_s, self.restart_cap_s)
 
 
 @attrs.define
@@ -366,11 +372,11 @@ class _IngestLoop:
         self.holes = StoreHoleMemory(pipeline.store)
         self.batcher = ClosedBatcher(flags.binance_ws_batch_max, flags.binance_ws_flush_s)
         self.throttle: FormingThrottle[SeriesId] = FormingThrottle(
-            flags.market_forming_min_interval_ms / 1000
+            flags.market_forming_min_interval_ms / MS
         )
         span = max((tf.seconds for tf in self.derived), default=MINUTE) + MINUTE
         self.minutes = MinuteCache(span)
-        self._late_close_ms = round(flags.late_close_s * 1000)
+        self._late_close_ms = round(flags.late_close_s * MS)
         self._frames_send, self._frames_recv = trio.open_memory_channel[_Frame](FRAME_BUFFER)
         self._batch_wakeup = _Wakeup()
         self._fill_wakeup = _Wakeup()
@@ -455,11 +461,7 @@ class _IngestLoop:
             last_attempt = -math.inf
             previous: _Connection | None = None
             while True:
-                delay = (
-                    policy.jitter(policy.reconnect_base_s, policy.reconnect_cap_s, failures)
-                    if failures
-                    else 0.0
-                )
+                delay = policy.reconnect_backoff.delay(failures) if failures else 0.0
                 delay = max(
                     delay, last_attempt + policy.min_connect_interval_s - trio.current_time()
                 )
@@ -657,7 +659,7 @@ class _IngestLoop:
         """Exchange time is one clock for the whole connection: a quiet symbol's late close
         is noticed from the other streams' frames."""
         self._exchange_time_ms = max(self._exchange_time_ms, event_time_ms)
-        minute = (self._exchange_time_ms - self._late_close_ms) // 60_000
+        minute = (self._exchange_time_ms - self._late_close_ms) // MINUTE_MS
         if minute > self._exchange_minute:
             self._exchange_minute = minute
             for tracker in self.trackers.values():
@@ -771,9 +773,7 @@ class _IngestLoop:
             async with self._fill_limiter:
                 candles = await self.rest.klines(sid, request.start, request.end)
         except (UpstreamError, WireError) as exc:
-            delay = self.policy.jitter(
-                self.policy.fill_retry_base_s, self.policy.fill_retry_cap_s, tracker.failures + 1
-            )
+            delay = self.policy.fill_backoff.delay(tracker.failures + 1)
             tracker.on_fill_failed(request, trio.current_time(), max(delay, 0.1))
             log.warning("%s: REST fill %s failed: %s", sid, request, exc)
         else:
@@ -1077,18 +1077,13 @@ class IngestSupervisor:
         self.rate_limits_loaded = trio.Event()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        async with httpx.AsyncClient(
-            timeout=httpx.Timeout(HTTP_TIMEOUT_S),
-            headers={"user-agent": "tradecanvas"},
-        ) as http:
-            self.rest = BinanceRestClient.from_flags(
-                http,
-                self.flags,
-                metrics=self.metrics,
-                policy=self.rest_policy,
-                bans=StoreBanMemory(self.pipeline.store),
-            )
-            await self.rest.restore_bans()
+        async with open_rest_client(
+            self.flags,
+            metrics=self.metrics,
+            policy=self.rest_policy,
+            bans=StoreBanMemory(self.pipeline.store),
+        ) as rest:
+            self.rest = rest
             async with trio.open_nursery() as nursery:
                 # in the background: live frames and backfill never wait for it
                 nursery.start_soon(self._load_rate_limits, self.rest)
@@ -1147,17 +1142,11 @@ class IngestSupervisor:
                 scope.cancel()
                 return
             except Exception as exc:
-                store_errors = (
-                    exc.split(StoreError)[0] if isinstance(exc, BaseExceptionGroup) else None
-                )
-                if store_errors is not None:
+                store_error = find_in_group(exc, StoreError)
+                if store_error is not None:
                     # a store failure inside one of the loop's own nurseries is fatal too
-                    first = store_errors.exceptions[0]
-                    while isinstance(first, BaseExceptionGroup):
-                        first = first.exceptions[0]
-                    assert isinstance(first, StoreError)
-                    log.critical("the candle store failed; stopping the ingest: %s", first)
-                    self._fatal = first
+                    log.critical("the candle store failed; stopping the ingest: %s", store_error)
+                    self._fatal = store_error
                     scope.cancel()
                     return
                 log.exception("ingest loop for %s crashed; restarting", [str(s) for s in group])
@@ -1166,9 +1155,7 @@ class IngestSupervisor:
             self._restarts += 1
             ran = trio.current_time() - started_at
             crashes = 1 if ran >= self.policy.healthy_after_s else crashes + 1
-            await trio.sleep(
-                self.policy.jitter(self.policy.restart_base_s, self.policy.restart_cap_s, crashes)
-            )
+            await trio.sleep(self.policy.restart_backoff.delay(crashes))
 
     def upstream_connected(self) -> bool:
         """True when every connection has an open socket (for /readyz)."""

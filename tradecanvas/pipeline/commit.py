@@ -17,8 +17,8 @@ from typing import Final, Protocol, final
 import attrs
 
 from tradecanvas.errors import CandleError, PublishError
-from tradecanvas.model import Candle, SeriesId, Timeframe, validate_candle
-from tradecanvas.pipeline.derive import BASE_SECONDS, derive_bucket
+from tradecanvas.model import MINUTE, Candle, SeriesId, Timeframe, validate_candle
+from tradecanvas.pipeline.derive import derive_bucket
 from tradecanvas.runtime_flags import RuntimeFlags
 from tradecanvas.store.sqlite import CandleStore, Source, StoreTxn, UpsertOutcome
 
@@ -279,7 +279,7 @@ class IngestPipeline:
         batch and nothing is stored.
         """
         for series, candle in batch.candles:
-            if series.timeframe.seconds != BASE_SECONDS:
+            if series.timeframe.seconds != MINUTE:
                 raise CandleError(f"{series} is not a base (1m) series; only 1m is ingested")
             validate_candle(candle, series.timeframe)
         result = await self.store.write(lambda txn: self._run_in_txn(txn, batch))
@@ -349,7 +349,7 @@ class IngestPipeline:
             minutes = [s.candle for s in txn.range(base_sid, bucket, end)]
             if not minutes:
                 continue
-            complete = len(minutes) == tf.seconds // 60
+            complete = len(minutes) == tf.seconds // MINUTE
             if not complete and head < end:
                 continue  # still filling; finalised when a later minute is stored
             before = txn.last_before(base_sid, bucket)

@@ -13,9 +13,7 @@ from decimal import Decimal
 
 import attrs
 
-from tradecanvas.model import Candle, Timeframe
-
-BASE_SECONDS = 60
+from tradecanvas.model import MINUTE, Candle, Timeframe
 
 
 @attrs.frozen
@@ -65,7 +63,7 @@ def derive_bucket(
         taker_buy_base=_sum_known([m.taker_buy_base for m in minutes]),
         taker_buy_quote=_sum_known([m.taker_buy_quote for m in minutes]),
     )
-    complete = len({m.candle_time for m in minutes}) == timeframe.seconds // BASE_SECONDS
+    complete = len({m.candle_time for m in minutes}) == timeframe.seconds // MINUTE
     return DerivedCandle(candle, complete)
 
 

@@ -39,18 +39,13 @@ import contextlib
 import hmac
 import logging
 import re
-import socket
 import time
 from collections.abc import Callable, Mapping
 from decimal import Decimal
-from typing import Any, Final, cast
+from typing import Any, Final
 
 import attrs
-import hypercorn.config
-import hypercorn.trio
 import orjson
-import trio
-from hypercorn.typing import ASGIFramework
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.datastructures import QueryParams
@@ -58,7 +53,6 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
-from starlette.types import ASGIApp
 
 from tradecanvas.errors import CandleError, PublishError, SeriesIdError, StoreError
 from tradecanvas.model import Candle, SeriesId, Timeframe, validate_candle
@@ -72,12 +66,6 @@ log = logging.getLogger(__name__)
 MAX_BODY_BYTES: Final = 1 << 20  # 1 MiB: one candle is ~200 bytes; anything near this is abuse
 DEFAULT_LIMIT: Final = 500
 MAX_LIMIT: Final = 5000
-# Graceful drain of in-flight requests on shutdown. The daemon must exit within 10 s of
-# SIGTERM (the unit's TimeoutStopSec is above that) and other services drain alongside.
-HTTP_DRAIN_S: Final = 5.0
-# Hypercorn drains for HTTP_DRAIN_S itself; this is the hard stop on top of it (lifespan
-# shutdown, closing sockets) before its whole scope is cancelled.
-_HARD_STOP_GRACE_S: Final = 1.0
 BASE_TIMEFRAME: Final = Timeframe.parse("1m")
 _CANDLE_FIELDS: Final = ("candle_time", "open", "high", "low", "close", "volume")
 _DECIMAL_RE: Final = re.compile(r"^[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?$")
@@ -532,92 +520,3 @@ def build_http_app(
         routes=routes,
         exception_handlers={RequestRefused: refused, HTTPException: http_error},
     )
-
-
-# --- serving -------------------------------------------------------------------------------
-
-
-def _bind_text(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-async def bind_socket(host: str, port: int) -> socket.socket:
-    """A TCP socket bound to ``host:port`` (not yet listening). Raises OSError; a socket
-    whose bind fails is closed (Hypercorn's own binding leaks it)."""
-    infos = await trio.socket.getaddrinfo(
-        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-    )
-    if not infos:
-        raise OSError(f"cannot resolve HTTP host {host!r}")
-    family, type_, proto, _, address = infos[0]
-    sock = socket.socket(family, type_, proto)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.bind(address)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
-def hypercorn_config(bind: str, drain_s: float) -> hypercorn.config.Config:
-    config = hypercorn.config.Config()
-    config.bind = [bind]
-    config.graceful_timeout = drain_s
-    # our own logging setup formats Hypercorn's messages; no access log (journald volume)
-    config.errorlog = logging.getLogger("hypercorn.error")
-    config.accesslog = None
-    config.include_server_header = False
-    return config
-
-
-async def serve_http(
-    app: ASGIApp,
-    *,
-    host: str,
-    port: int,
-    drain_s: float = HTTP_DRAIN_S,
-    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    """Serve ``app`` with Hypercorn's trio worker until cancelled; then drain.
-
-    We bind the socket ourselves (so ``port=0`` gives a known port and a failed bind
-    raises OSError here, before anything starts) and hand its descriptor to Hypercorn as
-    ``fd://N``; Hypercorn owns it from then on, listens on it and closes it when it stops
-    accepting. ``task_status.started(port)`` is called once Hypercorn reports the socket
-    listening.
-
-    On cancellation Hypercorn's ``shutdown_trigger`` fires: it closes the listener (new
-    connections are refused), closes idle keep-alive connections and lets in-flight
-    requests finish for up to ``drain_s`` seconds; the whole server is cancelled
-    ``_HARD_STOP_GRACE_S`` after that at the latest. The server runs in a shielded scope
-    so that the caller's cancellation becomes this bounded drain instead of an instant
-    cancel.
-    """
-    sock = await bind_socket(host, port)
-    bound = sock.getsockname()[1]
-    config = hypercorn_config(f"fd://{sock.detach()}", drain_s)
-    shutdown = trio.Event()
-    server_scope = trio.CancelScope(shield=True)
-
-    async def run_server(task_status: trio.TaskStatus[list[str]]) -> None:
-        with server_scope:
-            await hypercorn.trio.serve(
-                # Starlette's and Hypercorn's ASGI type aliases are spelt differently
-                cast("ASGIFramework", app),
-                config,
-                shutdown_trigger=shutdown.wait,
-                task_status=task_status,
-            )
-
-    async with trio.open_nursery() as nursery:
-        try:
-            await nursery.start(run_server)
-            log.info("HTTP API listening on http://%s", _bind_text(host, bound))
-            task_status.started(bound)
-            await trio.sleep_forever()
-        finally:
-            shutdown.set()
-            hard_stop = trio.current_time() + drain_s + _HARD_STOP_GRACE_S
-            server_scope.deadline = min(server_scope.deadline, hard_stop)

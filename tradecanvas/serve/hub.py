@@ -83,7 +83,7 @@ from tradecanvas.errors import ClientMessageError, StoreError
 from tradecanvas.model import Candle, SeriesId
 from tradecanvas.ops.metrics import Metrics
 from tradecanvas.pipeline.commit import SystemEvent
-from tradecanvas.wire.binance import dumps
+from tradecanvas.wire.json import dumps
 
 log = logging.getLogger(__name__)
 # close codes with which a client ends its connection normally (RFC 6455 §7.4.1)

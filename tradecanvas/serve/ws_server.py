@@ -54,7 +54,7 @@ from tradecanvas.serve.hub import (
     Hub,
     Subscriber,
 )
-from tradecanvas.wire.binance import loads
+from tradecanvas.wire.json import loads
 
 log = logging.getLogger(__name__)
 

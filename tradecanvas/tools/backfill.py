@@ -41,31 +41,25 @@ from datetime import UTC, datetime, timedelta
 from typing import Final, TextIO, final
 
 import attrs
-import httpx
 import trio
 
 from tradecanvas.errors import (
-    EXIT_STORE_FAILURE,
     BadInputError,
+    ExitCode,
     SeriesIdError,
     StoreError,
     UpstreamError,
 )
-from tradecanvas.ingest.loop import HTTP_TIMEOUT_S, StoreBanMemory
-from tradecanvas.model import Candle, SeriesId, Timeframe
+from tradecanvas.ingest.loop import StoreBanMemory
+from tradecanvas.model import MINUTE, MS, Candle, SeriesId, Timeframe
 from tradecanvas.ops.logs import configure_logging
 from tradecanvas.pipeline.commit import IngestBatch, IngestPipeline, PipelineResult, SystemEvent
 from tradecanvas.runtime_flags import RuntimeFlags
 from tradecanvas.store.sqlite import CandleStore
-from tradecanvas.upstream.rest import KLINES_LIMIT, BinanceRestClient, RestPolicy
+from tradecanvas.upstream.rest import KLINES_LIMIT, BinanceRestClient, RestPolicy, open_rest_client
 
 log = logging.getLogger(__name__)
 
-EXIT_OK: Final = 0
-EXIT_FAILED: Final = 1
-EXIT_USAGE: Final = 2
-EXIT_INTERRUPTED: Final = 130
-MINUTE: Final = 60
 # A unix time above this is surely milliseconds (it would be the year 5138 in seconds).
 MAX_UNIX_SECONDS: Final = 99_999_999_999
 # Of Binance's per-minute request weight: the daemon keeps to 80%, so a bulk import beside it
@@ -448,7 +442,7 @@ async def _stop_on_signal(
 async def cap_at_exchange(plan: BackfillPlan, rest: BinanceRestClient) -> BackfillPlan | None:
     """End the range at Binance's current minute (its ``/time``), so the forming minute is
     never requested; None when the whole range lies at or after it."""
-    server_s = await rest.server_time_ms(plan.series.market) // 1000
+    server_s = await rest.server_time_ms(plan.series.market) // MS
     exchange_minute = server_s - server_s % MINUTE
     if plan.end <= exchange_minute:
         return plan
@@ -496,18 +490,12 @@ async def _open_and_import(
     try:
         store = await CandleStore.open(flags.db_path)
     except StoreError as exc:
-        return EXIT_STORE_FAILURE, f"store failure: {exc}"
+        return ExitCode.STORE_FAILURE, f"store failure: {exc}"
     try:
-        async with httpx.AsyncClient(
-            timeout=httpx.Timeout(HTTP_TIMEOUT_S), headers={"user-agent": "tradecanvas"}
-        ) as http:
-            rest = BinanceRestClient.from_flags(
-                http, flags, policy=policy, bans=StoreBanMemory(store)
-            )
-            await rest.restore_bans()
+        async with open_rest_client(flags, policy=policy, bans=StoreBanMemory(store)) as rest:
             plan = await cap_at_exchange(tally.plan, rest)
             if plan is None:
-                return EXIT_USAGE, (
+                return ExitCode.USAGE, (
                     f"--from: {iso_minute(tally.plan.start)} is not before Binance's current"
                     " minute (its /time); nothing to import"
                 )
@@ -528,11 +516,11 @@ async def _open_and_import(
             )
             await import_history(plan, pipeline, rest, tally, progress)
     except UpstreamError as exc:
-        return EXIT_FAILED, f"Binance REST failed: {exc}; {tally.committed_text()}"
+        return ExitCode.FAILED, f"Binance REST failed: {exc}; {tally.committed_text()}"
     except BadInputError as exc:  # WireError, CandleError: the page was not stored
-        return EXIT_FAILED, f"Binance sent data we refuse: {exc}; {tally.committed_text()}"
+        return ExitCode.FAILED, f"Binance sent data we refuse: {exc}; {tally.committed_text()}"
     except StoreError as exc:
-        return EXIT_STORE_FAILURE, f"store failure: {exc}; {tally.committed_text()}"
+        return ExitCode.STORE_FAILURE, f"store failure: {exc}; {tally.committed_text()}"
     finally:
         with trio.CancelScope(shield=True):
             await store.aclose()
@@ -559,7 +547,7 @@ async def run_import(
         return BackfillOutcome(failure[0], tally, failure[1])
     if caught:
         return BackfillOutcome(128 + caught[0], tally, f"interrupted; {tally.committed_text()}")
-    return BackfillOutcome(EXIT_OK, tally)
+    return BackfillOutcome(ExitCode.OK, tally)
 
 
 # --- command line --------------------------------------------------------------------
@@ -621,7 +609,7 @@ def run_backfill(
         plan = plan_backfill(args.series, args.from_time, args.to_time, time.time())
     except BadInputError as exc:
         err.write(f"tradecanvas backfill: {exc}\n")
-        return EXIT_USAGE
+        return ExitCode.USAGE
     if plan.series not in flags.series:
         log.warning(
             "%s is not in TRADE_CANVAS_SERIES: the daemon does not serve it until it is",
@@ -637,8 +625,8 @@ def run_backfill(
     except KeyboardInterrupt:  # before the signal handler was installed: nothing started
         progress.finish()
         err.write("tradecanvas backfill: interrupted; nothing committed\n")
-        return EXIT_INTERRUPTED
-    if outcome.code != EXIT_USAGE:  # a range wholly after Binance's clock: nothing was tried
+        return ExitCode.INTERRUPTED
+    if outcome.code != ExitCode.USAGE:  # a range wholly after Binance's clock: nothing was tried
         for line in outcome.tally.summary_lines():
             out.write(line + "\n")
         out.flush()

@@ -46,12 +46,9 @@ import sys
 from collections.abc import Iterator, Sequence
 from decimal import ROUND_DOWN, Decimal
 from pathlib import Path
-from typing import Any, Final, Literal, cast, final
+from typing import Any, Final, Literal, final
 
 import attrs
-import hypercorn.config
-import hypercorn.trio
-import hypercorn.typing
 import orjson
 import trio
 from starlette.applications import Starlette
@@ -60,18 +57,13 @@ from starlette.responses import Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from tradecanvas.errors import TradeCanvasError, WireError
-from tradecanvas.ingest.batcher import MINUTE_MS
-from tradecanvas.model import MARKETS, Candle, Market, SeriesId, Timeframe
-from tradecanvas.runtime_flags import data_dir_from_environment
+from tradecanvas.errors import ExitCode, TradeCanvasError, WireError
+from tradecanvas.model import MARKETS, MINUTE, MINUTE_MS, MS, Candle, Market, SeriesId, Timeframe
+from tradecanvas.runtime_flags import DATA_DIR_VARIABLE, data_dir_candidates
+from tradecanvas.serve.http_server import hypercorn_config, serve_asgi
 from tradecanvas.upstream.rest import DEFAULT_WEIGHT_LIMIT, KLINES_LIMIT, klines_weight
-from tradecanvas.wire.binance import (
-    KlineEvent,
-    candle_to_rest_row,
-    decode_frame,
-    kline_frame,
-    read_kline_csv,
-)
+from tradecanvas.wire.binance import KlineEvent, candle_to_rest_row, decode_frame, kline_frame
+from tradecanvas.wire.kline_csv import read_kline_csv
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +74,6 @@ REST_DEFAULT_LIMIT: Final = 500
 CLIENT_BUFFER: Final = 256
 KNOWN_QUOTES: Final = ("FDUSD", "USDT", "USDC", "BUSD", "TUSD", "BTC", "ETH", "BNB", "EUR", "TRY")
 DROP_CLOSE_CODE: Final = 1001
-EXIT_BAD_ARGS: Final = 2
 
 FrameKind = Literal["forming", "closed", "other"]
 
@@ -189,17 +180,15 @@ def infer_series(path: Path, market: Market) -> SeriesId:
 
 
 def resolve_path(text: str) -> Path:
-    """As given, else under ``$TRADECANVAS_DATA_DIR``, else ``../shared/data/binance``
+    """As given, else under ``$TRADE_CANVAS_DATA_DIR``, else ``../shared/data/binance``
     beside the checkout."""
     path = Path(text)
     if path.exists():
         return path
-    roots = [data_dir_from_environment()]
-    roots.append(str(Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "binance"))
-    for root in roots:
-        if root and (Path(root) / text).exists():
-            return Path(root) / text
-    raise ReplayError(f"{text}: no such file (also looked under $TRADECANVAS_DATA_DIR)")
+    for root in data_dir_candidates():
+        if (root / text).exists():
+            return root / text
+    raise ReplayError(f"{text}: no such file (also looked under ${DATA_DIR_VARIABLE})")
 
 
 def parse_file_argument(
@@ -308,7 +297,7 @@ def _read_jsonl(item: ReplayFile, data: _Data) -> list[tuple[int, FrameKind, str
             stream = str(doc["stream"])
             payload = doc["data"]
             last_e = int(payload["E"])
-            last_t = int(payload["k"]["t"]) // 1000
+            last_t = int(payload["k"]["t"]) // MS
             kind = "closed" if payload["k"]["x"] is True else "forming"
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
             pass
@@ -356,7 +345,7 @@ class ReplayServer:
         self._client_arrived = trio.Event()
         self._last_closed: dict[str, _Item] = {}
         start = min(config.start_at, len(data.minutes))
-        self.now_ms = data.minutes[start] * 1000 if start < len(data.minutes) else 0
+        self.now_ms = data.minutes[start] * MS if start < len(data.minutes) else 0
         self._frames_sent = 0
         self._omitted = 0
         self._duplicated = 0
@@ -404,7 +393,7 @@ class ReplayServer:
             if candle.candle_time in self._holes:
                 continue
             minute = self._index_of[candle.candle_time]
-            open_ms = candle.candle_time * 1000
+            open_ms = candle.candle_time * MS
             for k, step in enumerate(forming_steps(candle, n)):
                 e = open_ms + (k + 1) * MINUTE_MS // (n + 1) + order
                 frame = kline_frame(series, step, closed=False, event_time_ms=e)
@@ -430,7 +419,7 @@ class ReplayServer:
                 self._drops += 1
                 skip_below = resume
                 if resume <= last_minute:
-                    self.now_ms = max(self.now_ms, self.data.minutes[resume] * 1000)
+                    self.now_ms = max(self.now_ms, self.data.minutes[resume] * MS)
                 previous_e = None
                 if item.minute < skip_below:
                     continue
@@ -445,7 +434,7 @@ class ReplayServer:
                 await self._client_arrived.wait()
                 self._client_arrived = trio.Event()
             if config.speed is not None and previous_e is not None and item.event_ms > previous_e:
-                await trio.sleep((item.event_ms - previous_e) / 1000 / config.speed)
+                await trio.sleep((item.event_ms - previous_e) / MS / config.speed)
             previous_e = item.event_ms
             self.now_ms = max(self.now_ms, item.event_ms)
             await self._broadcast(item)
@@ -455,7 +444,7 @@ class ReplayServer:
                 self._duplicated += 1
                 await self._broadcast(item)
         self.now_ms = max(
-            self.now_ms, (self.data.minutes[-1] + 60) * 1000 if self.data.minutes else 0
+            self.now_ms, (self.data.minutes[-1] + MINUTE) * MS if self.data.minutes else 0
         )
         self.finished.set()
 
@@ -602,9 +591,9 @@ class ReplayServer:
         available = [
             c
             for c in bars
-            if (c.candle_time + 60) * 1000 <= self.now_ms
-            and (start is None or c.candle_time * 1000 >= start)
-            and (end is None or c.candle_time * 1000 <= end)
+            if (c.candle_time + MINUTE) * MS <= self.now_ms
+            and (start is None or c.candle_time * MS >= start)
+            and (end is None or c.candle_time * MS <= end)
         ]
         rows = available[:limit] if start is not None else available[-limit:]
         return self._json(
@@ -694,20 +683,12 @@ async def _serve(
     server = ReplayServer(config, data)
     ws_port = config.ws_port if config.ws_port is not None else config.port
     rest_port = config.rest_port if config.rest_port is not None else config.port
-    hconfig = hypercorn.config.Config()
-    hconfig.bind = [f"{config.host}:{ws_port}"]
+    binds = [f"{config.host}:{ws_port}"]
     if rest_port != ws_port:
-        hconfig.bind.append(f"{config.host}:{rest_port}")
-    hconfig.accesslog = None
-    hconfig.graceful_timeout = 1.0
-    hconfig.loglevel = "WARNING"
+        binds.append(f"{config.host}:{rest_port}")
+    hconfig = hypercorn_config(binds, drain_s=1.0)
     async with trio.open_nursery() as nursery:
-        binds: list[str] = await nursery.start(
-            # Starlette is an ASGI 3 app; its scope types are declared apart from hypercorn's
-            functools.partial(
-                hypercorn.trio.serve, cast(hypercorn.typing.ASGIFramework, server.app()), hconfig
-            )
-        )
+        binds = await nursery.start(functools.partial(serve_asgi, server.app(), hconfig))
         ws = _port_of(binds[0])
         rest = _port_of(binds[1]) if len(binds) > 1 else ws
         host = config.host
@@ -920,7 +901,7 @@ def run_replay(args: argparse.Namespace) -> int:
         trio.run(_serve_until_signalled, config, data)
     except ReplayError as exc:
         sys.stderr.write(f"tradecanvas replay: {exc}\n")
-        return EXIT_BAD_ARGS
+        return ExitCode.USAGE
     return 0
 
 

@@ -21,17 +21,13 @@ from typing import Final, TextIO, final
 import trio
 import trio_websocket
 
-from tradecanvas.errors import SeriesIdError
+from tradecanvas.errors import ExitCode, SeriesIdError
 from tradecanvas.model import SeriesId
 from tradecanvas.upstream.ws_client import open_websocket_client, parse_ws_url
-from tradecanvas.wire.binance import dumps, loads
+from tradecanvas.wire.json import dumps, loads
 
 DEFAULT_URL: Final = "ws://127.0.0.1:8765/ws/market"
 CONNECT_TIMEOUT_S: Final = 10.0
-EXIT_OK: Final = 0
-EXIT_FAILED: Final = 1
-EXIT_USAGE: Final = 2
-EXIT_INTERRUPTED: Final = 130
 NORMAL_CLOSE_CODES: Final = (1000, 1001)
 REFUSAL_CODES: Final = ("bad_request", "unknown_series", "too_many_subscriptions")
 
@@ -172,7 +168,7 @@ async def subscribe_and_print(
         parse_ws_url(url)
     except ValueError as exc:
         err.write(f"tradecanvas subscribe: {exc}; expected ws://host:port/ws/market\n")
-        return EXIT_USAGE
+        return ExitCode.USAGE
     session = _Session(
         series, since=since, batch=batch, pretty=pretty, count=count, out=out, err=err
     )
@@ -187,7 +183,7 @@ async def subscribe_and_print(
         err.write(f"tradecanvas subscribe: cannot connect to {url}: timed out\n")
     except trio_websocket.HandshakeError as exc:
         err.write(f"tradecanvas subscribe: cannot connect to {url}: {exc}\n")
-    return EXIT_FAILED
+    return ExitCode.FAILED
 
 
 @final
@@ -249,9 +245,9 @@ class _Session:
                     f" {message.get('code')}: {message.get('message')}\n"
                 )
                 if refused >= wanted:
-                    return EXIT_FAILED
+                    return ExitCode.FAILED
             if self.count is not None and printed >= self.count:
-                return EXIT_OK
+                return ExitCode.OK
 
 
 def _parse(text: str) -> object:
@@ -274,9 +270,9 @@ def _closed(reason: trio_websocket.CloseReason | None, err: TextIO) -> int:
     why = f" {reason.reason}" if reason is not None and reason.reason else ""
     if code in NORMAL_CLOSE_CODES:
         err.write(f"tradecanvas subscribe: the daemon closed the connection ({code}{why})\n")
-        return EXIT_OK
+        return ExitCode.OK
     err.write(f"tradecanvas subscribe: connection closed: {code}{why}\n")
-    return EXIT_FAILED
+    return ExitCode.FAILED
 
 
 def run_subscribe(args: argparse.Namespace) -> int:
@@ -285,7 +281,7 @@ def run_subscribe(args: argparse.Namespace) -> int:
         series = [SeriesId.parse(text) for text in args.series]
     except SeriesIdError as exc:
         sys.stderr.write(f"tradecanvas subscribe: {exc}\n")
-        return EXIT_USAGE
+        return ExitCode.USAGE
     try:
         return trio.run(
             lambda: subscribe_and_print(
@@ -300,12 +296,12 @@ def run_subscribe(args: argparse.Namespace) -> int:
             )
         )
     except KeyboardInterrupt:
-        return EXIT_INTERRUPTED
+        return ExitCode.INTERRUPTED
     except BaseExceptionGroup as group:
         # Ctrl-C raised inside trio-websocket's nursery arrives grouped with the
         # cancellation of its reader task
         if group.subgroup(KeyboardInterrupt) is not None:
-            return EXIT_INTERRUPTED
+            return ExitCode.INTERRUPTED
         raise
 
 

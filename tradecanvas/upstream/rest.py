@@ -18,11 +18,11 @@ from the response's ``Date`` header, which is Binance's clock.
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
 import logging
-import random
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import Final, Protocol, final
 
 import attrs
@@ -30,9 +30,10 @@ import httpx
 import trio
 
 from tradecanvas.errors import TradeCanvasError, UpstreamError, WireError
-from tradecanvas.model import Candle, Market, SeriesId
+from tradecanvas.model import MS, Candle, Market, SeriesId
 from tradecanvas.ops.metrics import Metrics
 from tradecanvas.runtime_flags import RuntimeFlags
+from tradecanvas.upstream.backoff import Backoff
 from tradecanvas.wire.binance import decode_rest_klines, decode_wire_json
 
 log = logging.getLogger(__name__)
@@ -77,9 +78,9 @@ class RestPolicy:
     weight_budget: float = 0.8  # of the per-minute limit; the rest is for other tools on the IP
     max_wait_s: float = 300.0  # a longer Retry-After is a ban: fail fast until it ends
 
-    def backoff(self, attempt: int) -> float:
-        """Full jitter: uniform in [0, min(cap, base * 2**attempt)]."""
-        return random.uniform(0.0, min(self.backoff_cap_s, self.backoff_base_s * 2**attempt))
+    @property
+    def backoff(self) -> Backoff:
+        return Backoff(self.backoff_base_s, self.backoff_cap_s)
 
 
 @attrs.frozen
@@ -132,6 +133,29 @@ class BanMemory(Protocol):
     async def load(self) -> Mapping[Market, float]: ...
 
     async def save(self, market: Market, until_unix: float) -> None: ...
+
+
+HTTP_TIMEOUT_S: Final = 10.0
+
+
+@contextlib.asynccontextmanager
+async def open_rest_client(
+    flags: RuntimeFlags,
+    *,
+    metrics: Metrics | None = None,
+    policy: RestPolicy | None = None,
+    bans: BanMemory | None = None,
+) -> AsyncIterator[BinanceRestClient]:
+    """The daemon's and the tools' Binance REST client: one ``httpx.AsyncClient`` (closed on
+    exit) for the flags' REST base URLs, with any ban a previous run was given restored."""
+    async with httpx.AsyncClient(
+        timeout=httpx.Timeout(HTTP_TIMEOUT_S), headers={"user-agent": "tradecanvas"}
+    ) as http:
+        client = BinanceRestClient.from_flags(
+            http, flags, metrics=metrics, policy=policy, bans=bans
+        )
+        await client.restore_bans()
+        yield client
 
 
 @final
@@ -229,8 +253,8 @@ class BinanceRestClient:
                 {
                     "symbol": series.rest_symbol,
                     "interval": tf.text,
-                    "startTime": cursor * 1000,
-                    "endTime": end * 1000 - 1,
+                    "startTime": cursor * MS,
+                    "endTime": end * MS - 1,
                     "limit": limit,
                 },
                 weight=klines_weight(market, limit),
@@ -376,7 +400,7 @@ class BinanceRestClient:
                     raise UpstreamError(f"{what} {dict(params)}: {problem}")
             finally:
                 gate.reserved -= weight
-            delay = self.policy.backoff(attempt)
+            delay = self.policy.backoff.delay(attempt + 1)
             log.warning("%s: %s; retrying in %.2f s", what, problem, delay)
             await trio.sleep(delay)
         raise UpstreamError(f"{what}: gave up after {self.policy.max_attempts} attempts: {problem}")

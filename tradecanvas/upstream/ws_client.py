@@ -13,6 +13,8 @@ import attrs
 import trio
 import trio_websocket
 
+from tradecanvas.errors import first_leaf
+
 # trio-websocket's own default; Binance frames and /ws/market catch-up batches fit easily
 MAX_MESSAGE_BYTES: Final = 1 << 20
 
@@ -99,9 +101,7 @@ async def open_websocket_client(
         failures, others = group.split(Exception)
         if opened or others is not None or failures is None:
             raise
-        first: BaseException = failures
-        while isinstance(first, BaseExceptionGroup):
-            first = first.exceptions[0]
+        first = first_leaf(failures)
         if isinstance(first, trio.TooSlowError):
             raise trio_websocket.ConnectionTimeout from group
         if isinstance(first, trio_websocket.HandshakeError):

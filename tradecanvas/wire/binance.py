@@ -1,4 +1,4 @@
-"""Binance wire formats → model, and model → our own wire (DESIGN §2, BINANCE.md).
+"""Binance's wire formats ↔ model: kline frames and REST kline rows (DESIGN §2, BINANCE.md).
 
 All of Binance's one-letter keys and string decimals live in the single converter built
 by :func:`make_binance_converter`; the attrs classes below carry Pythonic names. Anything
@@ -7,9 +7,7 @@ malformed raises :class:`~tradecanvas.errors.WireError` with a short ``reason``.
 
 from __future__ import annotations
 
-import csv
 from decimal import Decimal, InvalidOperation
-from pathlib import Path
 from typing import Any, Final
 
 import attrs
@@ -18,9 +16,7 @@ import orjson
 from cattrs.gen import make_dict_structure_fn, override
 
 from tradecanvas.errors import CandleError, WireError
-from tradecanvas.model import Candle, SeriesId, Timeframe, validate_candle
-
-MS: Final = 1000
+from tradecanvas.model import MS, Candle, SeriesId, Timeframe, validate_candle
 
 
 @attrs.frozen
@@ -291,45 +287,3 @@ def kline_frame(
             },
         },
     }
-
-
-def dumps(obj: object) -> str:
-    """Our JSON out (orjson), as text for WebSocket text frames."""
-    return orjson.dumps(obj).decode()
-
-
-def loads(raw: bytes | str) -> Any:
-    """Our JSON in; raises ``orjson.JSONDecodeError`` (a ValueError)."""
-    return orjson.loads(raw)
-
-
-def read_kline_csv(path: Path) -> list[Candle]:
-    """Read a kline CSV in either layout Binance data comes in: a header
-    ``open_time,open,high,low,close,volume`` (ms), or the 12-column data.binance.vision dump
-    without a header. Raises WireError naming the line of a bad row."""
-    rows: list[Candle] = []
-    with path.open(newline="") as f:
-        for number, row in enumerate(csv.reader(f), start=1):
-            if not row or (number == 1 and not row[0].strip().isdigit()):
-                continue
-            try:
-                open_ms = int(row[0])
-                open_ms = open_ms // 1000 if open_ms > 10**15 else open_ms  # µs dumps (2025+)
-                extras = len(row) >= 11
-                rows.append(
-                    Candle(
-                        candle_time=open_ms // MS,
-                        open=Decimal(row[1]),
-                        high=Decimal(row[2]),
-                        low=Decimal(row[3]),
-                        close=Decimal(row[4]),
-                        volume=Decimal(row[5]),
-                        quote_volume=Decimal(row[7]) if extras else None,
-                        trades=int(row[8]) if extras else None,
-                        taker_buy_base=Decimal(row[9]) if extras else None,
-                        taker_buy_quote=Decimal(row[10]) if extras else None,
-                    )
-                )
-            except (ValueError, IndexError, InvalidOperation) as exc:
-                raise WireError("bad_csv_row", f"{path}:{number}: {exc}") from None
-    return rows
