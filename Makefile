@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-$(shell cat setup.cfg pyproject.toml | cksum | cut -
 ## install: create .venv and install tradecanvas with the dev extra
 install: $(STAMP)
 
-.PHONY: install run test lint typecheck unit e2e doc-audit deploy-check bench test-data clean
+.PHONY: install run check test lint typecheck unit unit-fast e2e doc-audit deploy-check bench test-data clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,6 +19,9 @@ $(STAMP): setup.cfg pyproject.toml
 ## run: create .venv, install, start `tradecanvas serve` with the defaults
 run: $(STAMP)
 	$(BIN)/tradecanvas serve
+
+## check: the inner loop (under a minute): lint, types, the unit tests without the end-to-end ones
+check: lint typecheck unit-fast
 
 ## test: ruff, mypy --strict, pytest, the deploy unit checks, the e2e replay and the doc audit
 test: lint typecheck unit deploy-check e2e doc-audit
@@ -32,6 +35,9 @@ typecheck: $(STAMP)
 
 unit: $(STAMP)
 	$(BIN)/pytest -q
+
+unit-fast: $(STAMP)
+	$(BIN)/pytest -q -m "not e2e and not slow"
 
 deploy-check: $(STAMP)
 	bash scripts/deploy_check.sh

@@ -39,7 +39,7 @@ from tradecanvas.ingest.loop import IngestSupervisor
 from tradecanvas.ops.logs import configure_logging
 from tradecanvas.ops.metrics import Metrics
 from tradecanvas.ops.sd_notify import SdNotifier, run_watchdog
-from tradecanvas.pipeline.commit import IngestPipeline
+from tradecanvas.pipeline import IngestPipeline
 from tradecanvas.runtime_flags import RuntimeFlags
 from tradecanvas.serve.http_api import build_http_app
 from tradecanvas.serve.http_server import serve_http
@@ -131,7 +131,7 @@ async def market_runtime_builder(flags: RuntimeFlags) -> MarketRuntime:
         metrics=metrics,
         readiness=lambda: runtime_ref[0].readiness(),
     )
-    notifier = SdNotifier(flags.notify_socket, watchdog_usec=flags.watchdog_usec)
+    notifier = SdNotifier.from_flags(flags)
     runtime = MarketRuntime(flags, metrics, store, hub, pipeline, supervisor, http_app, notifier)
     runtime_ref.append(runtime)
     return runtime

@@ -37,7 +37,7 @@ from tradecanvas.ingest.loop import (
 )
 from tradecanvas.model import Candle, SeriesId
 from tradecanvas.ops.metrics import Metrics
-from tradecanvas.pipeline.commit import IngestBatch, IngestPipeline, PipelineResult, SystemEvent
+from tradecanvas.pipeline import IngestBatch, IngestPipeline, PipelineResult, SystemEvent
 from tradecanvas.runtime_flags import RuntimeFlags, build_runtime_flags
 from tradecanvas.store.sqlite import CandleStore
 from tradecanvas.tools.replay import ReplayConfig, ReplayHandle, parse_file_argument, serve_replay

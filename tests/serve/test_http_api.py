@@ -23,7 +23,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from tests.conftest import candle, flat_minutes
 from tradecanvas.model import Candle, SeriesId
 from tradecanvas.ops.metrics import Metrics
-from tradecanvas.pipeline.commit import IngestBatch, IngestPipeline, SystemEvent
+from tradecanvas.pipeline import IngestBatch, IngestPipeline, SystemEvent
 from tradecanvas.runtime_flags import build_runtime_flags
 from tradecanvas.serve.http_api import (
     DEFAULT_LIMIT,

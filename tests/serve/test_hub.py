@@ -39,7 +39,7 @@ from tests.serve.test_ws_server import (
 from tradecanvas.errors import PublishError
 from tradecanvas.model import Candle, Timeframe
 from tradecanvas.ops.metrics import Metrics
-from tradecanvas.pipeline.commit import IngestBatch, IngestPipeline, SystemEvent
+from tradecanvas.pipeline import IngestBatch, IngestPipeline, SystemEvent
 from tradecanvas.serve.hub import Hub
 from tradecanvas.serve.ws_server import FrameSafeStream
 from tradecanvas.store.sqlite import CandleStore

@@ -23,7 +23,7 @@ import trio_websocket
 from tests.conftest import binance_data_dir, read_kline_csv
 from tradecanvas.model import Candle, SeriesId, Timeframe
 from tradecanvas.ops.metrics import Metrics
-from tradecanvas.pipeline.commit import SystemEvent
+from tradecanvas.pipeline import SystemEvent
 from tradecanvas.runtime_flags import DEFAULT_ALLOWED_ORIGINS
 from tradecanvas.serve.hub import Hub
 from tradecanvas.serve.ws_server import (

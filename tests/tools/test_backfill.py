@@ -26,8 +26,8 @@ import trio
 
 from tests.conftest import binance_data_dir, read_kline_csv
 from tradecanvas.errors import BadInputError, ExitCode
-from tradecanvas.ingest.loop import StoreBanMemory
 from tradecanvas.model import Candle, SeriesId, Timeframe
+from tradecanvas.store.records import StoreBanMemory
 from tradecanvas.store.sqlite import CandleStore, StoredCandle
 from tradecanvas.tools.backfill import (
     BackfillPlan,

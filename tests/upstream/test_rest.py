@@ -25,9 +25,9 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from tradecanvas.errors import UpstreamError, WireError
-from tradecanvas.ingest.loop import StoreBanMemory
 from tradecanvas.model import Candle, SeriesId, Timeframe
 from tradecanvas.ops.metrics import Metrics
+from tradecanvas.store.records import StoreBanMemory
 from tradecanvas.store.sqlite import CandleStore
 from tradecanvas.tools.replay import ReplayConfig, ReplayHandle, parse_file_argument, serve_replay
 from tradecanvas.upstream.rest import BinanceRestClient, RestPolicy, klines_weight

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 from tradecanvas.pipeline.commit import (
-    FACTOR_REBUILD,
     IngestBatch,
     IngestPipeline,
-    MarketSink,
     PipelineResult,
     PipelineStatistics,
+    SeriesUpdate,
+)
+from tradecanvas.pipeline.events import FACTOR_REBUILD, SystemEvent, rebuild_events_for
+from tradecanvas.pipeline.publish import (
+    MarketSink,
+    PublishOutcome,
     PublishStep,
     PublishTarget,
-    SeriesUpdate,
-    SystemEvent,
     run_publish_steps,
 )
 
@@ -23,9 +25,11 @@ __all__ = [
     "MarketSink",
     "PipelineResult",
     "PipelineStatistics",
+    "PublishOutcome",
     "PublishStep",
     "PublishTarget",
     "SeriesUpdate",
     "SystemEvent",
+    "rebuild_events_for",
     "run_publish_steps",
 ]

@@ -11,53 +11,20 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable, Iterable, Sequence
-from typing import Final, Protocol, final
+from collections.abc import Iterable, Sequence
+from typing import final
 
 import attrs
 
-from tradecanvas.errors import CandleError, PublishError
+from tradecanvas.errors import CandleError
 from tradecanvas.model import MINUTE, Candle, SeriesId, Timeframe, validate_candle
 from tradecanvas.pipeline.derive import derive_bucket
+from tradecanvas.pipeline.events import SystemEvent, rebuild_events_for
+from tradecanvas.pipeline.publish import PublishStep, PublishTarget, run_publish_steps
 from tradecanvas.runtime_flags import RuntimeFlags
 from tradecanvas.store.sqlite import CandleStore, Source, StoreTxn, UpsertOutcome
 
 log = logging.getLogger(__name__)
-
-FACTOR_REBUILD: Final = "factor.rebuild"
-
-
-@attrs.frozen
-class SystemEvent:
-    """A ``system`` message: ``factor.rebuild`` with ``data = {series_id, reason, from_time,
-    to_time}``."""
-
-    series_id: str
-    reason: str
-    from_time: int
-    to_time: int
-    event: str = FACTOR_REBUILD
-
-    @property
-    def message(self) -> str:
-        return (
-            f"{self.series_id}: stored history changed ({self.reason},"
-            f" {self.from_time}..{self.to_time}); recompute anything derived from it"
-        )
-
-    def to_wire(self) -> dict[str, object]:
-        return {
-            "type": "system",
-            "series_id": self.series_id,
-            "event": self.event,
-            "message": self.message,
-            "data": {
-                "series_id": self.series_id,
-                "reason": self.reason,
-                "from_time": self.from_time,
-                "to_time": self.to_time,
-            },
-        }
 
 
 @attrs.frozen
@@ -113,76 +80,6 @@ class PipelineResult:
 
 
 @attrs.frozen
-class PublishStep:
-    """One publish call (one series' closed candles, or one system event)."""
-
-    name: str
-    call: Callable[[], Sequence[str]]
-    strict: bool = False  # a failure makes the whole publish raise PublishError
-
-
-@attrs.frozen
-class PublishOutcome:
-    steps: int
-    failed: int
-    strict_failures: tuple[str, ...]
-
-    def raise_if_strict_failed(self) -> None:
-        if self.strict_failures:
-            raise PublishError(list(self.strict_failures))
-
-
-def run_publish_steps(steps: Iterable[PublishStep]) -> PublishOutcome:
-    """Run every step in order, whatever failed before it.
-
-    A failing step (the target reports failed deliveries, or raises) is logged and counted;
-    the target has already isolated the failing subscriber. Later steps still run because
-    a skipped step would be lost for the healthy subscribers: candles could be healed from
-    the store, but system events are not stored. The caller raises for strict failures
-    (:meth:`PublishOutcome.raise_if_strict_failed`) once everything has been queued.
-    """
-    count = failed = 0
-    strict: list[str] = []
-    for step in steps:
-        count += 1
-        try:
-            problems = [str(p) for p in step.call()]
-        except Exception as exc:
-            problems = [f"{type(exc).__name__}: {exc}"]
-            log.exception("publish step %s raised", step.name)
-        if not problems:
-            continue
-        failed += 1
-        log.warning(
-            "publish step %s: %d delivery failure(s): %s", step.name, len(problems), problems[:3]
-        )
-        if step.strict:
-            strict.extend(f"{step.name}: {p}" for p in problems)
-    return PublishOutcome(count, failed, tuple(strict))
-
-
-class PublishTarget(Protocol):
-    """Where results go (the Hub). Both calls only queue messages and never block.
-
-    Each returns a description per delivery that failed (the failing subscriber is already
-    isolated by the target); raising counts as a failure of the whole step.
-    """
-
-    def publish_closed(self, series_id: str, candles: Sequence[Candle]) -> Sequence[str]: ...
-
-    def publish_system(self, event: SystemEvent) -> Sequence[str]: ...
-
-
-class MarketSink(PublishTarget, Protocol):
-    """The Hub as the ingest side sees it: closed and system publishes plus forming updates.
-
-    ``publish_forming`` only queues (never blocks) and is never stored.
-    """
-
-    def publish_forming(self, series_id: str, candle: Candle) -> None: ...
-
-
-@attrs.frozen
 class PipelineStatistics:
     runs: int
     candles_received: int
@@ -191,29 +88,6 @@ class PipelineStatistics:
     publish_steps: int
     publish_failed_steps: int
     rebuild_events: int
-
-
-def rebuild_events_for(
-    series_id: str,
-    previous_head: int | None,
-    candles: Sequence[Candle],
-    outcomes: Sequence[UpsertOutcome],
-) -> list[SystemEvent]:
-    """The ``factor.rebuild`` events one upsert of a series calls for."""
-    new = [c.candle_time for c, o in zip(candles, outcomes, strict=True) if o is UpsertOutcome.NEW]
-    revised = [
-        c.candle_time for c, o in zip(candles, outcomes, strict=True) if o is UpsertOutcome.REVISED
-    ]
-    events: list[SystemEvent] = []
-    if new and previous_head is None:
-        events.append(SystemEvent(series_id, "new_series", min(new), max(new)))
-    elif new and previous_head is not None:
-        below = [t for t in new if t < previous_head]
-        if below:
-            events.append(SystemEvent(series_id, "backfill", min(below), max(below)))
-    if revised:
-        events.append(SystemEvent(series_id, "revision", min(revised), max(revised)))
-    return events
 
 
 def dedupe(candles: Iterable[Candle]) -> tuple[list[Candle], int]:

@@ -57,7 +57,7 @@ from starlette.routing import Route
 from tradecanvas.errors import CandleError, PublishError, SeriesIdError, StoreError
 from tradecanvas.model import Candle, SeriesId, Timeframe, validate_candle
 from tradecanvas.ops.metrics import Metrics
-from tradecanvas.pipeline.commit import IngestBatch, IngestPipeline
+from tradecanvas.pipeline import IngestBatch, IngestPipeline
 from tradecanvas.runtime_flags import RuntimeFlags
 from tradecanvas.store.sqlite import CandleStore
 

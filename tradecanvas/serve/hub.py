@@ -82,7 +82,7 @@ import trio_websocket
 from tradecanvas.errors import ClientMessageError, StoreError
 from tradecanvas.model import Candle, SeriesId
 from tradecanvas.ops.metrics import Metrics
-from tradecanvas.pipeline.commit import SystemEvent
+from tradecanvas.pipeline import SystemEvent
 from tradecanvas.wire.json import dumps
 
 log = logging.getLogger(__name__)

@@ -50,11 +50,11 @@ from tradecanvas.errors import (
     StoreError,
     UpstreamError,
 )
-from tradecanvas.ingest.loop import StoreBanMemory
 from tradecanvas.model import MINUTE, MS, Candle, SeriesId, Timeframe
 from tradecanvas.ops.logs import configure_logging
-from tradecanvas.pipeline.commit import IngestBatch, IngestPipeline, PipelineResult, SystemEvent
+from tradecanvas.pipeline import IngestBatch, IngestPipeline, PipelineResult, SystemEvent
 from tradecanvas.runtime_flags import RuntimeFlags
+from tradecanvas.store.records import StoreBanMemory
 from tradecanvas.store.sqlite import CandleStore
 from tradecanvas.upstream.rest import KLINES_LIMIT, BinanceRestClient, RestPolicy, open_rest_client
 
