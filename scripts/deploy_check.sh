@@ -119,12 +119,14 @@ import re
 import sys
 from pathlib import Path
 
-from tradecanvas.runtime_flags import FLAG_SPECS, KNOWN_VARIABLES, build_runtime_flags
+from tradecanvas.runtime_flags import FLAG_SPECS, build_runtime_flags
+
+FLAGS = {spec.variable for spec in FLAG_SPECS}
 
 text = Path(sys.argv[1]).read_text()
 listed = dict(re.findall(r"^#?(TRADE_CANVAS_[A-Z0-9_]+)=(.*)$", text, flags=re.M))
-problems = [f"{v} is not listed" for v in sorted(KNOWN_VARIABLES - set(listed))]
-problems += [f"{v} is not a flag" for v in sorted(set(listed) - KNOWN_VARIABLES)]
+problems = [f"{v} is not listed" for v in sorted(FLAGS - set(listed))]
+problems += [f"{v} is not a flag" for v in sorted(set(listed) - FLAGS)]
 active = re.findall(r"^(TRADE_CANVAS_[A-Z0-9_]+)=", text, flags=re.M)
 problems += [f"{v} is not commented out (the example must change nothing)" for v in active]
 # under systemd, StateDirectory= sets STATE_DIRECTORY; the token has no default
