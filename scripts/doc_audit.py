@@ -77,14 +77,57 @@ def check_api(problems: list[str]) -> None:
             problems.append(f"docs/api.md: the {route} section has no example JSON")
 
 
-def check_configuration(problems: list[str]) -> None:
+CONFIG_TABLE_HEADER = (
+    "| variable | `serve` option | default | meaning |\n|---|---|---|---|\n"
+)
+
+
+def config_table() -> str:
+    """The variables table of docs/configuration.md, generated from runtime_flags.FLAG_SPECS
+    (``scripts/doc_audit.sh --write-config-table`` rewrites it in place)."""
     from tradecanvas.runtime_flags import FLAG_SPECS
+
+    rows = []
+    for spec in FLAG_SPECS:
+        default = "—" if spec.default is None else f"`{spec.default}`"
+        rows.append(f"| `{spec.variable}` | `{spec.option}` | {default} | {spec.help} |")
+    return CONFIG_TABLE_HEADER + "\n".join(rows) + "\n"
+
+
+def _config_table_span(text: str) -> tuple[int, int] | None:
+    start = text.find(CONFIG_TABLE_HEADER)
+    if start < 0:
+        return None
+    end = text.find("\n\n", start)
+    return start, (len(text) if end < 0 else end + 1)
+
+
+def check_configuration(problems: list[str]) -> None:
+    """docs/configuration.md's variables table is exactly the one the code generates, and
+    every variable the code knows (flags and tools variables) is documented."""
+    from tradecanvas.runtime_flags import KNOWN_VARIABLES
 
     doc = ROOT / "docs" / "configuration.md"
     text = doc.read_text() if doc.is_file() else ""
-    for spec in FLAG_SPECS:
-        if f"`{spec.variable}`" not in text:
-            problems.append(f"docs/configuration.md: {spec.variable} is not documented")
+    span = _config_table_span(text)
+    if span is None:
+        problems.append("docs/configuration.md: no variables table")
+    elif text[span[0] : span[1]] != config_table():
+        problems.append(
+            "docs/configuration.md: the variables table differs from runtime_flags.FLAG_SPECS;"
+            " run scripts/doc_audit.sh --write-config-table"
+        )
+    for variable in sorted(KNOWN_VARIABLES):
+        if f"`{variable}`" not in text:
+            problems.append(f"docs/configuration.md: {variable} is not documented")
+
+
+def write_config_table() -> None:
+    doc = ROOT / "docs" / "configuration.md"
+    text = doc.read_text()
+    span = _config_table_span(text)
+    assert span is not None, "docs/configuration.md has no variables table to replace"
+    doc.write_text(text[: span[0]] + config_table() + text[span[1] :])
 
 
 def check_make_targets(problems: list[str]) -> None:
@@ -116,6 +159,8 @@ def check_links(problems: list[str]) -> None:
 
 
 def main() -> int:
+    if sys.argv[1:] == ["--write-config-table"]:
+        write_config_table()
     problems: list[str] = []
     for check in (check_api, check_configuration, check_make_targets, check_links):
         check(problems)
