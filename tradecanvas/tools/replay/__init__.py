@@ -32,6 +32,10 @@ learns where the exchange stands and can backfill what it missed.
 from there) until SIGUSR1 or :meth:`ReplayHandle.resume`: a daemon can be started and its
 subscribers attached before the first candle exists, so they see everything it publishes.
 
+Exit codes (:data:`~tradecanvas.tools.replay.cli.EXIT_CODES`, also in ``--help``): 0 when
+SIGINT (Ctrl-C) or SIGTERM stops it, the normal end of a replay; 1 when it cannot serve (a
+port in use); 2 for a bad option, or a file that is missing, unreadable or holds no klines.
+
 The modules, none with sockets but ``server``: ``data`` names and reads the files
 (:func:`load_data`); ``core`` is what the exchange does with them (the frames in exchange
 time, the fault plan, the REST view of the bars, the answers to WebSocket requests);
