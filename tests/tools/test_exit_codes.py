@@ -42,7 +42,9 @@ def test_help_ends_with_the_command_exit_codes(command: str) -> None:
     table = COMMANDS[command]
     assert all(isinstance(code, ExitCode) for code, _ in table)
     assert [int(code) for code, _ in table] == sorted(int(code) for code, _ in table)
-    assert _help(command).rstrip().endswith(exit_codes_epilog(table))
+    epilog = exit_codes_epilog(table)
+    assert _help(command).rstrip().endswith(epilog)
+    assert max(len(line) for line in epilog.splitlines()) < 80  # not reflowed: keep it short
 
 
 @pytest.mark.parametrize("tool", sorted(TOOLS))

@@ -34,10 +34,7 @@ NORMAL_CLOSE_CODES: Final = (1000, 1001)
 REFUSAL_CODES: Final = ("bad_request", "unknown_series", "too_many_subscriptions")
 EXIT_CODES: Final[ExitCodeTable] = (
     (ExitCode.OK, "after --count messages, or the daemon closed normally (1000/1001)"),
-    (
-        ExitCode.FAILED,
-        "cannot connect, every series refused, or closed with another code (see stderr)",
-    ),
+    (ExitCode.FAILED, "cannot connect, every series refused, or another close code"),
     (ExitCode.USAGE, "bad arguments (a series_id or URL)"),
     (ExitCode.INTERRUPTED, "Ctrl-C"),
 )

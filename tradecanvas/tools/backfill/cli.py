@@ -51,12 +51,8 @@ log = logging.getLogger(__package__)
 BACKFILL_WEIGHT_BUDGET: Final = 0.5
 EXIT_CODES: Final[ExitCodeTable] = (
     (ExitCode.OK, "done"),
-    (
-        ExitCode.FAILED,
-        "Binance REST failed for good, or sent something we refuse; the pages committed"
-        " before stay committed",
-    ),
-    (ExitCode.USAGE, "bad arguments or flags, or a range after Binance's clock; nothing changed"),
+    (ExitCode.FAILED, "Binance REST failed for good or sent data we refuse (pages done stay)"),
+    (ExitCode.USAGE, "bad arguments or flags, or a range after Binance's clock (no change)"),
     (ExitCode.STORE_FAILURE, "the store failed (disk full, read-only, corrupt), as for serve"),
     (ExitCode.INTERRUPTED, "Ctrl-C: the page being committed is finished, the rest is not"),
     (ExitCode.TERMINATED, "SIGTERM, as Ctrl-C"),
