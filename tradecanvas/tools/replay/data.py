@@ -34,6 +34,8 @@ class ReplayError(TradeCanvasError):
 
 @attrs.frozen
 class ReplayFile:
+    """One FILE (or ``--history`` FILE) argument, named and located."""
+
     path: Path
     market: Market
     series: SeriesId | None = None  # CSV: the series it holds; JSONL: named by its frames

@@ -55,6 +55,8 @@ DRAIN_S: Final = 1.0
 
 @attrs.frozen
 class ReplayStatistics:
+    """What the replay has done so far; ``now_ms`` is its exchange clock."""
+
     bars: int
     frames_sent: int
     closes_omitted: int
@@ -70,6 +72,9 @@ class ReplayStatistics:
 
 @attrs.define(eq=False)
 class _Client:
+    """A connected WebSocket: its streams (changed by SUBSCRIBE), raw or combined frames,
+    and the sending end of its own channel."""
+
     streams: set[str]
     raw: bool
     send: trio.MemorySendChannel[str | None]
