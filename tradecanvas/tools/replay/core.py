@@ -138,6 +138,12 @@ class Step:
     omitted: bool = False  # an ``--omit-close`` close
 
 
+# the steps without a drop, shared (Step is frozen): the timeline asks for one per frame
+_SKIP: Final = Step(sends=0)
+_SEND: Final = Step(sends=1)
+_SEND_TWICE: Final = Step(sends=2)
+
+
 @final
 @attrs.define
 class FaultPlan:
@@ -162,7 +168,7 @@ class FaultPlan:
         config = self.config
         last = len(self.minutes) - 1
         if frame.minute < config.start_at or frame.minute < self._skip_below:
-            return Step(sends=0)
+            return _SKIP
         drop = False
         clock_ms: int | None = None
         closed = frame.kind == "closed"
@@ -182,7 +188,9 @@ class FaultPlan:
         duplicated = closed and chosen(
             frame.minute, config.duplicate_closes, config.duplicate_close_every
         )
-        return Step(sends=2 if duplicated else 1, drop=drop, clock_ms=clock_ms)
+        if drop:
+            return Step(sends=2 if duplicated else 1, drop=drop, clock_ms=clock_ms)
+        return _SEND_TWICE if duplicated else _SEND
 
 
 def closed_bars(
