@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import pytest
 import trio
 
 from tests.conftest import binance_data_dir
@@ -23,6 +24,8 @@ from tradecanvas.wire.json import dumps, loads
 
 WEEK = "klines_1m_5m/futures_um/BTCUSDT-1m-2025-07-06_2025-07-12.csv"
 BASE = "binance:futures:BTC/USDT:1m"
+
+pytestmark = pytest.mark.e2e  # every test here runs the real CLI in subprocesses
 
 
 def _env(**extra: str) -> dict[str, str]:

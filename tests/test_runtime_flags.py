@@ -174,6 +174,7 @@ def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.e2e
 def test_cli_flags_bad_value_exits_2() -> None:
     proc = _cli({"TRADE_CANVAS_BINANCE_WS_FLUSH_S": "abc"}, "flags")
     assert proc.returncode == 2
@@ -181,6 +182,7 @@ def test_cli_flags_bad_value_exits_2() -> None:
     assert proc.stdout == ""
 
 
+@pytest.mark.e2e
 def test_cli_flags_prints_effective_values_token_redacted() -> None:
     proc = _cli({"TRADE_CANVAS_INGEST_TOKEN": TOKEN, "TRADE_CANVAS_TYPO": "1"}, "flags")
     assert proc.returncode == 0, proc.stderr
@@ -190,6 +192,7 @@ def test_cli_flags_prints_effective_values_token_redacted() -> None:
     assert len(proc.stdout.splitlines()) == len(FLAG_SPECS)
 
 
+@pytest.mark.e2e
 def test_cli_option_overrides_variable() -> None:
     proc = _cli({"TRADE_CANVAS_WS_PORT": "1234"}, "flags", "--ws-port", "4321")
     assert proc.returncode == 0

@@ -1,4 +1,10 @@
-"""The ``tradecanvas`` command line (DESIGN §8)."""
+"""The ``tradecanvas`` command line (DESIGN §8).
+
+Each command's ``--help`` ends with the exit codes it uses, all :class:`ExitCode` members:
+``serve`` and ``flags`` here (:data:`SERVE_EXIT_CODES`, :data:`FLAGS_EXIT_CODES`), the tools
+in their modules (``EXIT_CODES``). ``serve`` imports the daemon only when it runs, so the
+one-shot tools start without loading it.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +12,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from typing import Final
 
 from tradecanvas.errors import ExitCode, FlagError
 from tradecanvas.runtime_flags import (
@@ -16,8 +23,36 @@ from tradecanvas.runtime_flags import (
 )
 from tradecanvas.tools import backfill, replay
 from tradecanvas.tools import subscribe as subscribe_client
+from tradecanvas.tools.exit_codes import HELP_FORMATTER, ExitCodeTable, exit_codes_epilog
 
 log = logging.getLogger("tradecanvas")
+
+SERVE_EXIT_CODES: Final[ExitCodeTable] = (
+    (ExitCode.OK, "stopped by SIGTERM or SIGINT after a clean drain"),
+    (ExitCode.FAILED, "could not start (such as a port in use) or failed unexpectedly"),
+    (ExitCode.USAGE, "a bad flag; nothing was started"),
+    (ExitCode.STORE_FAILURE, "the store failed (disk full, read-only, corrupt): restart it"),
+    (ExitCode.INTERRUPTED, "a second SIGINT during the drain: exits at once"),
+    (ExitCode.TERMINATED, "a second SIGTERM during the drain: exits at once"),
+)
+FLAGS_EXIT_CODES: Final[ExitCodeTable] = (
+    (ExitCode.OK, "the flags were printed"),
+    (ExitCode.USAGE, "a bad flag (the message names it)"),
+)
+
+
+def _add_command(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser],
+    name: str,
+    help_text: str,
+    exit_codes: ExitCodeTable,
+) -> argparse.ArgumentParser:
+    return sub.add_parser(
+        name,
+        help=help_text,
+        epilog=exit_codes_epilog(exit_codes),
+        formatter_class=HELP_FORMATTER,
+    )
 
 
 def _add_flag_options(parser: argparse.ArgumentParser) -> None:
@@ -46,20 +81,31 @@ def build_parser() -> argparse.ArgumentParser:
         description="Binance kline ingest daemon with a /ws/market re-publisher.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    serve = sub.add_parser("serve", help="run the daemon")
+    serve = _add_command(sub, "serve", "run the daemon", SERVE_EXIT_CODES)
     _add_flag_options(serve)
-    flags = sub.add_parser("flags", help="print the effective RuntimeFlags and exit")
+    flags = _add_command(
+        sub, "flags", "print the effective RuntimeFlags and exit", FLAGS_EXIT_CODES
+    )
     _add_flag_options(flags)
-    replay_parser = sub.add_parser(
-        "replay", help="serve recorded Binance data on loopback (a stand-in for Binance)"
+    replay_parser = _add_command(
+        sub,
+        "replay",
+        "serve recorded Binance data on loopback (a stand-in for Binance)",
+        replay.EXIT_CODES,
     )
     replay.configure_parser(replay_parser)
-    subscribe_parser = sub.add_parser(
-        "subscribe", help="subscribe to /ws/market and print the messages"
+    subscribe_parser = _add_command(
+        sub,
+        "subscribe",
+        "subscribe to /ws/market and print the messages",
+        subscribe_client.EXIT_CODES,
     )
     subscribe_client.configure_parser(subscribe_parser)
-    backfill_parser = sub.add_parser(
-        "backfill", help="import a series' history from Binance REST, with a progress bar"
+    backfill_parser = _add_command(
+        sub,
+        "backfill",
+        "import a series' history from Binance REST, with a progress bar",
+        backfill.EXIT_CODES,
     )
     backfill.configure_parser(backfill_parser)
     _add_flag_options(backfill_parser)
@@ -70,10 +116,11 @@ def _cmd_flags(loaded: LoadedFlags) -> int:
     width = max(len(name) for name, _ in describe_flags(loaded.flags))
     for name, value in describe_flags(loaded.flags):
         sys.stdout.write(f"{name.ljust(width)}  {value}\n")
-    return 0
+    return ExitCode.OK
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; returns its exit code (argparse exits with 2 for bad usage)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

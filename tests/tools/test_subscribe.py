@@ -1,4 +1,5 @@
-"""``tradecanvas subscribe``: in-process against a real server, and as a real subprocess."""
+"""``tradecanvas subscribe``: in-process against a real server, and as a real subprocess
+(``e2e``)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from tradecanvas.store.sqlite import CandleStore
 from tradecanvas.tools.subscribe import (
     configure_parser,
     format_pretty,
+    interrupted,
     run_subscribe,
     subscribe_and_print,
 )
@@ -202,6 +204,7 @@ async def test_connection_problems_exit_1(store: CandleStore) -> None:
     assert code == 2 and "not a ws:// or wss:// URL" in err
 
 
+@pytest.mark.e2e
 async def test_the_client_as_a_subprocess(store: CandleStore) -> None:
     async with running_market(store) as market:
         done = await trio.run_process(
@@ -227,6 +230,15 @@ async def test_the_client_as_a_subprocess(store: CandleStore) -> None:
     assert [loads(line)["candle"]["candle_time"] for line in lines] == [T0 + 480, T0 + 540]
 
 
+def test_ctrl_c_is_recognised_alone_and_grouped_with_other_errors() -> None:
+    assert interrupted(KeyboardInterrupt())
+    grouped = BaseExceptionGroup("reader", [RuntimeError("cancelled"), KeyboardInterrupt()])
+    assert interrupted(BaseExceptionGroup("outer", [grouped]))
+    assert not interrupted(ExceptionGroup("reader", [RuntimeError("boom")]))
+    assert not interrupted(SystemExit(1))
+
+
+@pytest.mark.e2e
 async def test_ctrl_c_exits_130_without_a_traceback(store: CandleStore) -> None:
     async with running_market(store) as market:
         proc = await trio.lowlevel.open_process(

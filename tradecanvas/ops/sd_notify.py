@@ -56,6 +56,8 @@ def notify_address(notify_socket: str | None) -> str | bytes | None:
 
 @attrs.frozen
 class NotifierStatistics:
+    """Datagrams handed to the kernel, sends that failed, and the last STATUS= text."""
+
     sent: int
     failed: int
     last_status: str | None
@@ -80,6 +82,8 @@ class SdNotifier:
 
     @classmethod
     def from_flags(cls, flags: RuntimeFlags) -> SdNotifier:
+        """The daemon's notifier: ``NOTIFY_SOCKET`` and ``WATCHDOG_USEC`` as RuntimeFlags
+        read them."""
         return cls(flags.notify_socket, watchdog_usec=flags.watchdog_usec)
 
     @property

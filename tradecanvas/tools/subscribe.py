@@ -5,9 +5,10 @@ one JSON object per line exactly as received (``--pretty``: a readable table ins
 answers nothing and never sends more than the subscribes and its final close, so what it
 prints is what any plain WebSocket client would get.
 
-Exit codes: 0 after ``--count`` messages or when the daemon closes normally (1000/1001);
-1 when it cannot connect, the daemon refuses every requested series, or closes with another
-code (the code and reason go to stderr); 2 for bad arguments; 130 on Ctrl-C.
+Exit codes (:data:`EXIT_CODES`, also in ``--help``): 0 after ``--count`` messages or when
+the daemon closes normally (1000/1001); 1 when it cannot connect, the daemon refuses every
+requested series, or closes with another code (the code and reason go to stderr); 2 for bad
+arguments; 130 on Ctrl-C.
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ from typing import Final, TextIO, final
 import trio
 import trio_websocket
 
-from tradecanvas.errors import ExitCode, SeriesIdError
+from tradecanvas.errors import ExitCode, SeriesIdError, find_in_group
 from tradecanvas.model import SeriesId
+from tradecanvas.tools.exit_codes import HELP_FORMATTER, ExitCodeTable, exit_codes_epilog
 from tradecanvas.upstream.ws_client import open_websocket_client, parse_ws_url
 from tradecanvas.wire.json import dumps, loads
 
@@ -30,6 +32,12 @@ DEFAULT_URL: Final = "ws://127.0.0.1:8765/ws/market"
 CONNECT_TIMEOUT_S: Final = 10.0
 NORMAL_CLOSE_CODES: Final = (1000, 1001)
 REFUSAL_CODES: Final = ("bad_request", "unknown_series", "too_many_subscriptions")
+EXIT_CODES: Final[ExitCodeTable] = (
+    (ExitCode.OK, "after --count messages, or the daemon closed normally (1000/1001)"),
+    (ExitCode.FAILED, "cannot connect, every series refused, or another close code"),
+    (ExitCode.USAGE, "bad arguments (a series_id or URL)"),
+    (ExitCode.INTERRUPTED, "Ctrl-C"),
+)
 
 
 def _since_arg(text: str) -> int:
@@ -276,7 +284,8 @@ def _closed(reason: trio_websocket.CloseReason | None, err: TextIO) -> int:
 
 
 def run_subscribe(args: argparse.Namespace) -> int:
-    """Run the ``subscribe`` command with the arguments from :func:`configure_parser`."""
+    """Run the ``subscribe`` command with the arguments from :func:`configure_parser`;
+    returns one of :data:`EXIT_CODES`."""
     try:
         series = [SeriesId.parse(text) for text in args.series]
     except SeriesIdError as exc:
@@ -295,20 +304,25 @@ def run_subscribe(args: argparse.Namespace) -> int:
                 err=sys.stderr,
             )
         )
-    except KeyboardInterrupt:
-        return ExitCode.INTERRUPTED
-    except BaseExceptionGroup as group:
-        # Ctrl-C raised inside trio-websocket's nursery arrives grouped with the
-        # cancellation of its reader task
-        if group.subgroup(KeyboardInterrupt) is not None:
+    except (KeyboardInterrupt, BaseExceptionGroup) as exc:
+        if interrupted(exc):
             return ExitCode.INTERRUPTED
         raise
+
+
+def interrupted(exc: BaseException) -> bool:
+    """Is ``exc`` Ctrl-C, alone or grouped? Ctrl-C raised inside trio-websocket's nursery
+    arrives grouped with the cancellation of its reader task."""
+    return find_in_group(exc, KeyboardInterrupt) is not None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Stand-alone entry point (``python -m tradecanvas.tools.subscribe``)."""
     parser = argparse.ArgumentParser(
-        prog="tradecanvas subscribe", description="Print what /ws/market sends."
+        prog="tradecanvas subscribe",
+        description="Print what /ws/market sends.",
+        epilog=exit_codes_epilog(EXIT_CODES),
+        formatter_class=HELP_FORMATTER,
     )
     configure_parser(parser)
     return run_subscribe(parser.parse_args(argv))

@@ -1,4 +1,5 @@
-"""``tradecanvas backfill``: the real CLI in a subprocess against ``tradecanvas replay``.
+"""``tradecanvas backfill`` against ``tradecanvas replay``: :func:`run_import` in this
+process, and the real CLI in a subprocess (``e2e``) for output, signals and exit codes.
 
 Binance is played by the replay, run in this process (its REST serves the bars that closed
 before its clock, so ``start_at`` sets how much history there is); the store is real SQLite
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import io
 import os
 import re
 import signal
@@ -25,19 +27,20 @@ import pytest
 import trio
 
 from tests.conftest import binance_data_dir, read_kline_csv
-from tradecanvas.errors import BadInputError, ExitCode
-from tradecanvas.model import Candle, SeriesId, Timeframe
+from tradecanvas.errors import ExitCode
+from tradecanvas.model import Candle
+from tradecanvas.runtime_flags import RuntimeFlags, build_runtime_flags
 from tradecanvas.store.records import StoreBanMemory
 from tradecanvas.store.sqlite import CandleStore, StoredCandle
 from tradecanvas.tools.backfill import (
-    BackfillPlan,
-    BackfillTally,
-    page_alignment,
-    parse_time,
+    BACKFILL_WEIGHT_BUDGET,
+    BackfillOutcome,
+    Progress,
     plan_backfill,
-    render_bar,
+    run_import,
 )
 from tradecanvas.tools.replay import ReplayConfig, ReplayHandle, parse_file_argument, serve_replay
+from tradecanvas.upstream.rest import RestPolicy
 
 BASE = "binance:futures:BTC/USDT:1m"
 BASE_5M = "binance:futures:BTC/USDT:5m"
@@ -132,9 +135,72 @@ def same_bars(got: list[StoredCandle], expected: list[Candle]) -> bool:
     )
 
 
-# --- the import -----------------------------------------------------------------------
+# --- the import in this process ----------------------------------------------------------
 
 
+async def import_in_process(
+    db: Path, rest_url: str, from_text: str, to_text: str | None, **env: str
+) -> BackfillOutcome:
+    """:func:`run_import` as ``run_backfill`` calls it, without the subprocess."""
+    flags: RuntimeFlags = build_runtime_flags(
+        {
+            "TRADE_CANVAS_DB_PATH": str(db),
+            "TRADE_CANVAS_BINANCE_FUTURES_REST_URL": rest_url,
+            **env,
+        }
+    ).flags
+    plan = plan_backfill(BASE, from_text, to_text, time.time())
+    policy = RestPolicy(max_attempts=1, weight_budget=BACKFILL_WEIGHT_BUDGET)
+    with trio.fail_after(WAIT_S):
+        return await run_import(plan, flags, policy, Progress(io.StringIO(), tty=False))
+
+
+async def test_run_import_commits_page_after_page_and_tallies_them(tmp_path: Path) -> None:
+    minutes = 3100
+    rows = csv_rows("BTCUSDT-1m-2025-07-06_2025-07-12.csv")[:minutes]
+    db = tmp_path / "market.sqlite3"
+    config = replay_config("BTCUSDT-1m-2025-07-06_2025-07-12.csv", start_at=minutes)
+    async with binance_replay(config) as replay:
+        outcome = await import_in_process(db, replay.rest_url, str(WEEK), None)
+        assert replay.statistics().rest_requests == 3  # one klines call per page
+    assert (outcome.code, outcome.error) == (ExitCode.OK, None)
+    tally = outcome.tally
+    assert (tally.plan.end, tally.fetched, tally.new, tally.missing) == (
+        WEEK + minutes * 60,  # capped at the replay's clock
+        minutes,
+        minutes,
+        0,
+    )
+    assert tally.derived == {BASE_5M: minutes // 5}
+    assert same_bars(await stored(db, BASE), rows)
+
+
+async def test_run_import_refuses_a_range_after_binance_clock(tmp_path: Path) -> None:
+    db = tmp_path / "market.sqlite3"
+    async with binance_replay(replay_config("BTCUSDT-1m-2023-08-16.csv", start_at=30)) as replay:
+        outcome = await import_in_process(db, replay.rest_url, str(DAY + 1800), str(DAY + 3600))
+        assert replay.statistics().rest_requests == 0
+    assert outcome.code == ExitCode.USAGE
+    assert outcome.error is not None and "is not before Binance's current minute" in outcome.error
+
+
+async def test_run_import_reports_a_store_failure_and_a_rest_failure(tmp_path: Path) -> None:
+    db = tmp_path / "market.sqlite3"
+    db.write_bytes(b"definitely not an SQLite file " * 200)
+    outcome = await import_in_process(db, UNREACHABLE, "2023-08-16", "2023-08-17")
+    assert outcome.code == ExitCode.STORE_FAILURE
+    assert outcome.error is not None and outcome.error.startswith("store failure: ")
+    outcome = await import_in_process(tmp_path / "new.sqlite3", UNREACHABLE, "2023-08-16", None)
+    assert outcome.code == ExitCode.FAILED
+    assert outcome.error is not None
+    assert outcome.error.startswith("Binance REST failed: GET /fapi/v1/time")
+    assert outcome.error.endswith("; nothing committed")
+
+
+# --- the import, by the real CLI ------------------------------------------------------------
+
+
+@pytest.mark.e2e
 async def test_imports_binance_bars_over_several_pages_derives_5m_and_is_idempotent(
     tmp_path: Path,
 ) -> None:
@@ -186,6 +252,7 @@ async def test_imports_binance_bars_over_several_pages_derives_5m_and_is_idempot
         assert table_dump(db) == before
 
 
+@pytest.mark.e2e
 async def test_history_behind_a_live_head_gets_whole_long_derived_bars_counted_once(
     tmp_path: Path,
 ) -> None:
@@ -226,6 +293,7 @@ async def test_history_behind_a_live_head_gets_whole_long_derived_bars_counted_o
         assert day.candle.volume == sum(r.volume for r in own)
 
 
+@pytest.mark.e2e
 async def test_minutes_already_stored_are_kept_or_revised_to_binance_values(
     tmp_path: Path,
 ) -> None:
@@ -255,6 +323,7 @@ async def test_minutes_already_stored_are_kept_or_revised_to_binance_values(
     assert same_bars(await stored(db, BASE), rows)
 
 
+@pytest.mark.e2e
 async def test_an_exchange_hole_is_reported_as_missing_minutes(tmp_path: Path) -> None:
     rows = csv_rows("BTCUSDT-1m-2023-08-16.csv")
     rows_5m = csv_rows("BTCUSDT-5m-2023-08-16.csv")
@@ -291,6 +360,7 @@ async def test_an_exchange_hole_is_reported_as_missing_minutes(tmp_path: Path) -
     assert all(s.candle.same_values(e) for i, (s, e) in enumerate(pairs) if i != 20)
 
 
+@pytest.mark.e2e
 async def test_a_range_past_binance_clock_ends_at_its_current_minute(tmp_path: Path) -> None:
     """``--to`` defaults to now; Binance's ``/time`` (here the replay's clock) caps it, so
     the forming minute is never requested."""
@@ -306,6 +376,7 @@ async def test_a_range_past_binance_clock_ends_at_its_current_minute(tmp_path: P
     ]
 
 
+@pytest.mark.e2e
 async def test_a_range_wholly_after_binance_clock_is_refused(tmp_path: Path) -> None:
     db = tmp_path / "market.sqlite3"
     async with binance_replay(replay_config("BTCUSDT-1m-2023-08-16.csv", start_at=30)) as replay:
@@ -324,6 +395,7 @@ async def test_a_range_wholly_after_binance_clock_is_refused(tmp_path: Path) -> 
 # --- bad input changes nothing --------------------------------------------------------
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     ("args", "extra_env", "expected"),
     [
@@ -411,6 +483,7 @@ async def test_bad_arguments_exit_2_and_leave_the_store_alone(
 # --- failures ----------------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 async def test_unreachable_rest_exits_1_with_a_clear_message(tmp_path: Path) -> None:
     db = tmp_path / "market.sqlite3"
     done = await run_backfill(
@@ -431,6 +504,7 @@ async def test_unreachable_rest_exits_1_with_a_clear_message(tmp_path: Path) -> 
     assert await stored(db, BASE) == []
 
 
+@pytest.mark.e2e
 async def test_a_stored_ban_is_honoured_without_calling_binance(tmp_path: Path) -> None:
     db = tmp_path / "market.sqlite3"
     store = await CandleStore.open(db)
@@ -446,6 +520,7 @@ async def test_a_stored_ban_is_honoured_without_calling_binance(tmp_path: Path) 
     assert await stored(db, BASE) == []
 
 
+@pytest.mark.e2e
 async def test_a_store_failure_exits_3_like_serve(tmp_path: Path) -> None:
     db = tmp_path / "market.sqlite3"
     db.write_bytes(b"definitely not an SQLite file " * 200)
@@ -455,6 +530,7 @@ async def test_a_store_failure_exits_3_like_serve(tmp_path: Path) -> None:
     assert db.read_bytes().startswith(b"definitely not")
 
 
+@pytest.mark.e2e
 async def test_ctrl_c_stops_cleanly_with_exit_130(tmp_path: Path) -> None:
     """A Binance that accepts the connection and never answers: Ctrl-C drops the request in
     flight, closes the store and exits 130, saying what was committed."""
@@ -522,6 +598,7 @@ async def _stalling_proxy(
     await trio.serve_listeners(relay, listeners)
 
 
+@pytest.mark.e2e
 async def test_ctrl_c_in_the_middle_keeps_the_pages_committed(tmp_path: Path) -> None:
     rows = csv_rows("BTCUSDT-1m-2025-07-06_2025-07-12.csv")
     rows_5m = csv_rows("BTCUSDT-5m-2025-07-06_2025-07-12.csv")
@@ -558,6 +635,7 @@ async def test_ctrl_c_in_the_middle_keeps_the_pages_committed(tmp_path: Path) ->
     assert same_bars(await stored(db, BASE_5M), rows_5m[:300])
 
 
+@pytest.mark.e2e
 async def test_on_a_terminal_the_progress_is_one_line_rewritten(tmp_path: Path) -> None:
     db = tmp_path / "market.sqlite3"
     parent, child = os.openpty()
@@ -606,67 +684,3 @@ async def test_on_a_terminal_the_progress_is_one_line_rewritten(tmp_path: Path) 
         f"{BASE}  [####################]  100%  3100/3100 min  3,100 stored",
     ]
     assert "3,100 new" in done.stdout.decode()  # the summary still goes to stdout
-
-
-# --- the parts without I/O -------------------------------------------------------------
-
-
-def test_times_are_unix_seconds_or_iso_utc_on_a_minute() -> None:
-    for text in ("1692144000", "2023-08-16", "2023-08-16T00:00", "2023-08-16T00:00Z"):
-        assert parse_time("--from", text) == DAY
-    assert parse_time("--from", "2023-08-16T02:00+02:00") == DAY
-    assert parse_time("--to", "2023-08-16 00:01:00") == DAY + 60
-    for bad in ("", "-60", "2023-08-16T00:00:00.5", "1692144001", "16.9e8", "1969-12-31"):
-        with pytest.raises(BadInputError, match=r"^--from: "):
-            parse_time("--from", bad)
-
-
-def test_plan_defaults_to_now_and_never_reaches_the_forming_minute() -> None:
-    now = DAY + 3600 + 42.5
-    plan = plan_backfill(BASE, str(DAY), None, now)
-    assert (plan.start, plan.end, plan.to_given) == (DAY, DAY + 3600, False)
-    # an explicit --to is left to Binance's clock (cap_at_exchange), not this machine's
-    assert plan_backfill(BASE, str(DAY), str(DAY + 7200), now).end == DAY + 7200
-    with pytest.raises(BadInputError, match=r"^--from: .* is not before --to"):
-        plan_backfill(BASE, str(DAY + 3600), None, now)
-
-
-def test_pages_follow_binance_limits() -> None:
-    futures = BackfillPlan(SeriesId.parse(BASE), DAY, DAY + 3100 * 60)
-    assert [(b - a) // 60 for a, b in futures.chunks()] == [1500, 1500, 100]
-    spot = BackfillPlan(SeriesId.parse("binance:spot:BTC/USDT:1m"), DAY, DAY + 2000 * 60)
-    assert [(b - a) // 60 for a, b in spot.chunks()] == [1000, 1000]
-
-
-def test_pages_align_to_the_derived_timeframes_when_they_fit() -> None:
-    tfs = [Timeframe.parse(t) for t in ("5m", "15m", "1h", "4h", "1d")]
-    futures_page, spot_page = 1500 * 60, 1000 * 60
-    assert page_alignment(tfs, futures_page) == 86400  # a day fits a futures page
-    assert page_alignment(tfs, spot_page) == 4 * 3600  # not a spot page: the longest that does
-    assert page_alignment([Timeframe.parse("5m")], spot_page) == 300
-    assert page_alignment([], spot_page) == 60
-    plan = BackfillPlan(SeriesId.parse(BASE), DAY + 600, DAY + 3 * 86400, align=86400)
-    chunks = list(plan.chunks())
-    assert chunks[0] == (DAY + 600, DAY + 86400)  # the first page ends at the next midnight
-    assert all(b - a <= 1500 * 60 for a, b in chunks)
-    assert [a for a, _ in chunks[1:]] == [b for _, b in chunks[:-1]]  # contiguous
-    assert chunks[-1][1] == DAY + 3 * 86400
-    assert all(b % 86400 == 0 for _, b in chunks)
-
-
-def test_progress_bar_line() -> None:
-    assert render_bar(BASE, 4320, 9600, 3950) == (
-        "binance:futures:BTC/USDT:1m  [#########-----------]   45%  4320/9600 min  3,950 stored"
-    )
-    assert render_bar(BASE, 9600, 9600, 0).count("#") == 20
-
-
-def test_summary_names_what_was_stopped() -> None:
-    tally = BackfillTally(BackfillPlan(SeriesId.parse(BASE), DAY, DAY + 3000 * 60))
-    assert tally.committed_text() == "nothing committed"
-    tally.record(DAY, DAY + 120, [], None)
-    assert tally.committed_text().startswith("committed up to 2023-08-16T00:02Z")
-    assert "2 done" in tally.summary_lines()[0]
-    assert "missing at the exchange: 2023-08-16T00:00Z..2023-08-16T00:01Z (2)" in (
-        tally.summary_lines()
-    )

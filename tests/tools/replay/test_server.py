@@ -1,16 +1,10 @@
-"""``tradecanvas replay``: the loopback Binance, over real sockets and as a real process."""
+"""The replay on real sockets: the WebSocket streams, REST, faults, speed and pause."""
 
 from __future__ import annotations
 
 import itertools
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
-from typing import Any
 
-import attrs
 import httpx
 import orjson
 import pytest
@@ -18,73 +12,10 @@ import trio
 import trio.testing
 import trio_websocket
 
+from tests.tools.replay.conftest import DAY, STREAM, config_for, read_events
 from tradecanvas.model import Candle
-from tradecanvas.tools.replay import (
-    ReplayConfig,
-    ReplayError,
-    ReplayHandle,
-    forming_steps,
-    infer_series,
-    parse_file_argument,
-    serve_replay,
-)
+from tradecanvas.tools.replay import ReplayHandle, serve_replay
 from tradecanvas.upstream.ws_client import open_websocket_client
-from tradecanvas.wire.binance import KlineEvent, decode_frame
-from tradecanvas.wire.kline_csv import read_kline_csv
-
-DAY = 1_692_144_000  # 2023-08-16 00:00 UTC, the futures day file
-STREAM = "btcusdt@kline_1m"
-
-
-@pytest.fixture
-def day_csv(data_dir: Path) -> Path:
-    return data_dir / "klines_1m_5m" / "futures_um" / "BTCUSDT-1m-2023-08-16.csv"
-
-
-@pytest.fixture
-def day_rows(day_csv: Path) -> list[Candle]:
-    return read_kline_csv(day_csv)
-
-
-@pytest.fixture
-def frames_jsonl(data_dir: Path) -> Path:
-    return data_dir / "ws" / "futures_um" / "kline_1m_frames_2021-07-22T22-25Z.jsonl"
-
-
-def config_for(path: Path, **changes: Any) -> ReplayConfig:
-    config = ReplayConfig(files=(parse_file_argument(str(path), None),), speed=None)
-    return attrs.evolve(config, **changes)
-
-
-async def read_events(ws: trio_websocket.WebSocketConnection, count: int) -> list[KlineEvent]:
-    events: list[KlineEvent] = []
-    for _ in range(count):
-        decoded = decode_frame(await ws.get_message())
-        assert isinstance(decoded, KlineEvent)
-        events.append(decoded)
-    return events
-
-
-def test_series_and_market_come_from_the_file_name_and_path(day_csv: Path) -> None:
-    assert str(parse_file_argument(str(day_csv), None).series) == "binance:futures:BTC/USDT:1m"
-    spot = Path("spot/ETHBTC-1m-2020-01-01.csv")
-    assert str(infer_series(spot, "spot")) == "binance:spot:ETH/BTC:1m"
-    named = parse_file_argument(f"binance:spot:BTC/USDT:USDT:1m={day_csv}", None)
-    assert named.market == "spot" and named.series is not None
-    assert named.series.stream_name == STREAM
-    with pytest.raises(ReplayError, match="1m klines"):
-        infer_series(Path("BTCUSDT-5m-2023-08-16.csv"), "futures")
-    with pytest.raises(ReplayError, match="no such file"):
-        parse_file_argument("nowhere/BTCUSDT-1m.csv", None)
-
-
-def test_forming_steps_are_valid_growing_states_of_the_bar(day_rows: list[Candle]) -> None:
-    bar = day_rows[100]
-    steps = forming_steps(bar, 3)
-    assert [s.candle_time for s in steps] == [bar.candle_time] * 3
-    assert steps[-1].close == bar.close and all(s.open == bar.open for s in steps)
-    assert [s.volume for s in steps] == sorted(s.volume for s in steps)
-    assert all(s.volume <= bar.volume and s.low <= s.close <= s.high for s in steps)
 
 
 async def test_csv_bars_become_forming_and_closed_frames_in_exchange_time(
@@ -306,64 +237,3 @@ async def test_a_paused_replay_sends_nothing_until_resumed_and_loses_no_bar(
             not events[0].kline.closed and events[0].kline.open_time_ms // 1000 == DAY + 1436 * 60
         )
         nursery.cancel_scope.cancel()
-
-
-def run_cli(*args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "tradecanvas.tools.replay", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-
-
-async def test_cli_prints_its_urls_serves_and_stops_on_sigterm(day_csv: Path) -> None:
-    with run_cli(str(day_csv), "--speed", "max", "--start-at", "1438", "--port", "0") as process:
-        try:
-            assert process.stdout is not None
-            line = await trio.to_thread.run_sync(process.stdout.readline)
-            assert line.startswith("replay ws=ws://127.0.0.1:")
-            assert " rest=http://127.0.0.1:" in line
-            ws_url = line.split()[1].removeprefix("ws=")
-            url = f"{ws_url}/stream?streams={STREAM}"
-            async with open_websocket_client(url) as ws:
-                events = await read_events(ws, 8)
-            assert sum(e.kline.closed for e in events) == 2
-            done = await trio.to_thread.run_sync(process.stdout.readline)
-            assert done.startswith("replay finished bars=1440")
-        finally:
-            process.send_signal(signal.SIGTERM)
-            code = await trio.to_thread.run_sync(process.wait, 20)
-    assert code == 0
-
-
-async def test_cli_paused_starts_on_sigusr1(day_csv: Path) -> None:
-    with run_cli(str(day_csv), "--speed", "max", "--start-at", "1438", "--paused") as process:
-        try:
-            assert process.stdout is not None
-            line = await trio.to_thread.run_sync(process.stdout.readline)
-            assert line.rstrip().endswith(" paused (SIGUSR1 starts it)")
-            ws_url = line.split()[1].removeprefix("ws=")
-            async with open_websocket_client(f"{ws_url}/stream?streams={STREAM}") as ws:
-                await ws.send_message('{"method":"LIST_SUBSCRIPTIONS","id":1}')
-                assert orjson.loads(await ws.get_message())["id"] == 1  # before any frame
-                process.send_signal(signal.SIGUSR1)
-                assert await trio.to_thread.run_sync(process.stdout.readline) == "replay resumed\n"
-                events = await read_events(ws, 8)
-            assert [e.kline.open_time_ms // 1000 for e in events if e.kline.closed] == [
-                DAY + 1438 * 60,
-                DAY + 1439 * 60,
-            ]
-        finally:
-            process.send_signal(signal.SIGTERM)
-            code = await trio.to_thread.run_sync(process.wait, 20)
-    assert code == 0
-
-
-async def test_cli_refuses_bad_input_with_exit_code_2(day_csv: Path) -> None:
-    for args in (["missing.csv"], [str(day_csv), "--speed", "fast"], []):
-        with run_cli(*args) as process:
-            _, err = await trio.to_thread.run_sync(process.communicate, None, 20)
-        assert process.returncode == 2, (args, err)
-        assert err.startswith("tradecanvas replay: ")

@@ -1,0 +1,189 @@
+"""``tradecanvas backfill``'s pure part: times, the plan and its pages, the tally."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+import pytest
+
+from tradecanvas.errors import BadInputError
+from tradecanvas.model import Candle, SeriesId, Timeframe
+from tradecanvas.pipeline import PipelineResult, SeriesUpdate
+from tradecanvas.tools.backfill import (
+    BackfillPlan,
+    BackfillTally,
+    page_alignment,
+    parse_time,
+    plan_backfill,
+)
+
+BASE = "binance:futures:BTC/USDT:1m"
+BASE_5M = "binance:futures:BTC/USDT:5m"
+DAY = 1_692_144_000  # 2023-08-16
+
+
+def test_times_are_unix_seconds_or_iso_utc_on_a_minute() -> None:
+    for text in ("1692144000", "2023-08-16", "2023-08-16T00:00", "2023-08-16T00:00Z"):
+        assert parse_time("--from", text) == DAY
+    assert parse_time("--from", "2023-08-16T02:00+02:00") == DAY
+    assert parse_time("--to", "2023-08-16 00:01:00") == DAY + 60
+    for bad in ("", "-60", "2023-08-16T00:00:00.5", "1692144001", "16.9e8", "1969-12-31"):
+        with pytest.raises(BadInputError, match=r"^--from: "):
+            parse_time("--from", bad)
+
+
+def test_plan_defaults_to_now_and_never_reaches_the_forming_minute() -> None:
+    now = DAY + 3600 + 42.5
+    plan = plan_backfill(BASE, str(DAY), None, now)
+    assert (plan.start, plan.end, plan.to_given) == (DAY, DAY + 3600, False)
+    # an explicit --to is left to Binance's clock (cap_at_exchange), not this machine's
+    assert plan_backfill(BASE, str(DAY), str(DAY + 7200), now).end == DAY + 7200
+    with pytest.raises(BadInputError, match=r"^--from: .* is not before --to"):
+        plan_backfill(BASE, str(DAY + 3600), None, now)
+
+
+def test_pages_follow_binance_limits() -> None:
+    futures = BackfillPlan(SeriesId.parse(BASE), DAY, DAY + 3100 * 60)
+    assert [(b - a) // 60 for a, b in futures.chunks()] == [1500, 1500, 100]
+    spot = BackfillPlan(SeriesId.parse("binance:spot:BTC/USDT:1m"), DAY, DAY + 2000 * 60)
+    assert [(b - a) // 60 for a, b in spot.chunks()] == [1000, 1000]
+
+
+def test_pages_align_to_the_derived_timeframes_when_they_fit() -> None:
+    tfs = [Timeframe.parse(t) for t in ("5m", "15m", "1h", "4h", "1d")]
+    futures_page, spot_page = 1500 * 60, 1000 * 60
+    assert page_alignment(tfs, futures_page) == 86400  # a day fits a futures page
+    assert page_alignment(tfs, spot_page) == 4 * 3600  # not a spot page: the longest that does
+    assert page_alignment([Timeframe.parse("5m")], spot_page) == 300
+    assert page_alignment([], spot_page) == 60
+    plan = BackfillPlan(SeriesId.parse(BASE), DAY + 600, DAY + 3 * 86400, align=86400)
+    chunks = list(plan.chunks())
+    assert chunks[0] == (DAY + 600, DAY + 86400)  # the first page ends at the next midnight
+    assert all(b - a <= 1500 * 60 for a, b in chunks)
+    assert [a for a, _ in chunks[1:]] == [b for _, b in chunks[:-1]]  # contiguous
+    assert chunks[-1][1] == DAY + 3 * 86400
+    assert all(b % 86400 == 0 for _, b in chunks)
+
+
+def test_summary_names_what_was_stopped() -> None:
+    tally = BackfillTally(BackfillPlan(SeriesId.parse(BASE), DAY, DAY + 3000 * 60))
+    assert tally.committed_text() == "nothing committed"
+    tally.record(DAY, DAY + 120, [], None)
+    assert tally.committed_text().startswith("committed up to 2023-08-16T00:02Z")
+    assert "2 done" in tally.summary_lines()[0]
+    assert "missing at the exchange: 2023-08-16T00:00Z..2023-08-16T00:01Z (2)" in (
+        tally.summary_lines()
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        pytest.param(
+            [BASE, "2023-08-16T00:00:30Z", "2023-08-16T01:00Z"],
+            "--from: '2023-08-16T00:00:30Z' is not on a minute boundary",
+            id="unaligned-from",
+        ),
+        pytest.param([BASE, str(DAY), str(DAY + 90)], "--to: ", id="unaligned-to"),
+        pytest.param(
+            [BASE, "2023-08-16T01:00Z", "2023-08-16T01:00Z"],
+            "--from: 2023-08-16T01:00Z is not before --to",
+            id="from-not-before-to",
+        ),
+        pytest.param(
+            [BASE_5M, "2023-08-16", "2023-08-17"],
+            "SERIES: binance:futures:BTC/USDT:5m is not a base series",
+            id="derived-series",
+        ),
+        pytest.param(
+            ["binance:futures:BTCUSDT:1m", "2023-08-16", None],
+            "SERIES: bad series_id",
+            id="malformed-series",
+        ),
+        pytest.param(
+            [BASE, "last tuesday", None], "--from: 'last tuesday' is not a time", id="garbage-time"
+        ),
+        pytest.param(
+            [BASE, str(DAY * 1000), None],
+            "--from: '1692144000000' looks like milliseconds",
+            id="milliseconds",
+        ),
+    ],
+)
+def test_bad_arguments_are_refused_naming_the_argument(
+    args: list[str | None], expected: str
+) -> None:
+    series, from_text, to_text = args
+    assert series is not None and from_text is not None
+    with pytest.raises(BadInputError) as refused:
+        plan_backfill(series, from_text, to_text, DAY + 86400 * 2)
+    assert str(refused.value).startswith(expected), str(refused.value)
+
+
+def test_the_plan_ends_at_binance_current_minute() -> None:
+    plan = BackfillPlan(SeriesId.parse(BASE), DAY, DAY + 3600)
+    assert plan.capped_at(DAY + 3600) is plan
+    assert plan.capped_at(DAY + 7200) is plan
+    capped = plan.capped_at(DAY + 1800)
+    assert capped is not None and (capped.start, capped.end) == (DAY, DAY + 1800)
+    assert plan.capped_at(DAY) is None  # the whole range is at or after Binance's clock
+
+
+def bar(t: int) -> Candle:
+    return Candle(t, Decimal(1), Decimal(1), Decimal(1), Decimal(1), Decimal(1))
+
+
+def result(*updates: SeriesUpdate) -> PipelineResult:
+    return PipelineResult(updates, (), sum(len(u.candles) for u in updates), 0)
+
+
+def test_the_tally_counts_new_unchanged_revised_and_missing_minutes() -> None:
+    tally = BackfillTally(BackfillPlan(SeriesId.parse(BASE), DAY, DAY + 600))
+    fetched = [bar(DAY + 60 * i) for i in range(10) if i not in (4, 5)]
+    # of the 8 fetched, 5 were stored: 2 of them revised a different stored value
+    tally.record(DAY, DAY + 600, fetched, result(SeriesUpdate(BASE, tuple(fetched[:5]), False, 2)))
+    assert (tally.fetched, tally.new, tally.revised, tally.unchanged) == (8, 3, 2, 3)
+    assert tally.stored == 5 and tally.complete
+    assert (tally.missing, tally.missing_ranges) == (2, [(DAY + 240, DAY + 300)])
+    assert tally.summary_lines()[0] == (
+        "binance:futures:BTC/USDT:1m [2023-08-16T00:00Z, 2023-08-16T00:10Z): 10 minutes"
+        " requested, 8 fetched, 3 new, 3 already stored (unchanged), 2 revised, 2 missing at"
+        " the exchange"
+    )
+    assert "missing at the exchange: 2023-08-16T00:04Z..2023-08-16T00:05Z (2)" in (
+        tally.summary_lines()
+    )
+
+
+def test_a_derived_bar_split_across_two_pages_is_counted_once() -> None:
+    tally = BackfillTally(BackfillPlan(SeriesId.parse(BASE), DAY, DAY + 600))
+    first = [bar(DAY + 60 * i) for i in range(7)]
+    tally.record(
+        DAY,
+        DAY + 420,
+        first,
+        result(
+            SeriesUpdate(BASE, tuple(first), False),
+            SeriesUpdate(BASE_5M, (bar(DAY), bar(DAY + 300)), True),
+        ),
+    )
+    rest = [bar(DAY + 60 * i) for i in range(7, 10)]
+    tally.record(
+        DAY + 420,
+        DAY + 600,
+        rest,
+        result(
+            SeriesUpdate(BASE, tuple(rest), False), SeriesUpdate(BASE_5M, (bar(DAY + 300),), True)
+        ),
+    )
+    assert tally.derived == {BASE_5M: 2}
+    assert f"{BASE_5M}: 2 derived bars written" in tally.summary_lines()
+
+
+def test_many_missing_ranges_are_summarised() -> None:
+    tally = BackfillTally(BackfillPlan(SeriesId.parse(BASE), DAY, DAY + 1200))
+    every_other = [bar(DAY + 120 * i) for i in range(10)]
+    tally.record(DAY, DAY + 1200, every_other, None)
+    assert len(tally.missing_ranges) == 10
+    assert tally.summary_lines()[-2].endswith(" and 5 more ranges")
+    assert tally.summary_lines()[-1].startswith("nothing new: the store already held")

@@ -1,0 +1,73 @@
+"""``tradecanvas backfill SERIES --from T [--to T]``: REST history import (DESIGN §8).
+
+Imports the closed 1m candles of one base series for ``[from, to)`` from Binance REST klines
+into the store, a page at a time (futures 1500 minutes, spot 1000), each page committed
+through the same :class:`~tradecanvas.pipeline.IngestPipeline` the daemon uses — with the
+flags' derived timeframes and derivation fingerprint — so the derived bars of every touched
+bucket are recomputed from the stored minutes, and a second run of the same range stores
+nothing new. Nothing is published: this process has no subscribers. A running daemon's
+subscribers get the imported history from the store when they (re)subscribe; running beside
+the daemon is safe (one SQLite file in WAL mode, each writer waits up to the store's
+``busy_timeout`` for the other's short transaction).
+
+Time: ``--to`` defaults to now (wall clock) floored to the minute, and the end is then capped
+at Binance's own current minute (``/time``, DESIGN §1.2), so the forming minute is never
+requested even when the local clock runs ahead; every minute of the range has closed at the
+exchange, so a minute the REST answer lacks is missing at the exchange and reported as such.
+
+Progress goes to stderr: one ``\\r``-rewritten line on a terminal, else a log line at most
+every :data:`~tradecanvas.tools.backfill.progress.PROGRESS_LOG_INTERVAL_S` and one at the
+end. The summary (minutes requested, candles fetched, new, already stored, revised, missing at
+the exchange) goes to stdout.
+
+Exit codes (:data:`~tradecanvas.tools.backfill.cli.EXIT_CODES`, also in ``--help``): 0 done;
+1 Binance REST failed for good (UpstreamError) or sent something we refuse (WireError,
+CandleError) — the pages committed before stay committed; 2 bad arguments or flags (nothing is
+changed); 3 the store failed (as ``serve``); 130 on Ctrl-C (143 on SIGTERM): the page being
+committed is finished, the one being fetched is dropped. A second Ctrl-C exits at once;
+SQLite rolls back a commit it interrupts.
+
+The modules: ``plan`` is the pure part (arguments, pages, the tally and its summary),
+``progress`` the display on stderr, ``cli`` the trio shell and the command line.
+"""
+
+from __future__ import annotations
+
+from tradecanvas.tools.backfill.cli import (
+    BACKFILL_WEIGHT_BUDGET,
+    EXIT_CODES,
+    BackfillOutcome,
+    cap_at_exchange,
+    configure_parser,
+    import_history,
+    run_backfill,
+    run_import,
+)
+from tradecanvas.tools.backfill.plan import (
+    BackfillPlan,
+    BackfillTally,
+    iso_minute,
+    page_alignment,
+    parse_time,
+    plan_backfill,
+)
+from tradecanvas.tools.backfill.progress import Progress, render_bar
+
+__all__ = [
+    "BACKFILL_WEIGHT_BUDGET",
+    "EXIT_CODES",
+    "BackfillOutcome",
+    "BackfillPlan",
+    "BackfillTally",
+    "Progress",
+    "cap_at_exchange",
+    "configure_parser",
+    "import_history",
+    "iso_minute",
+    "page_alignment",
+    "parse_time",
+    "plan_backfill",
+    "render_bar",
+    "run_backfill",
+    "run_import",
+]

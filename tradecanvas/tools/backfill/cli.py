@@ -1,0 +1,323 @@
+"""``tradecanvas backfill``'s trio shell and command line: fetch, commit, signals, exit codes.
+
+:func:`run_backfill` checks the arguments (:func:`~tradecanvas.tools.backfill.plan.plan_backfill`),
+then :func:`run_import` opens the store and a REST client, ends the range at Binance's clock
+(:func:`cap_at_exchange`) and :func:`import_history` commits page after page through an
+:class:`~tradecanvas.pipeline.IngestPipeline`, updating the tally and the progress display.
+
+Ctrl-C or SIGTERM stops the import after the page being committed (the one being fetched is
+dropped); a second one exits at once, and SQLite rolls back a commit it interrupts. Every
+exit code is one of :data:`EXIT_CODES`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from typing import Final, TextIO, final
+
+import attrs
+import trio
+
+from tradecanvas.errors import BadInputError, ExitCode, StoreError, UpstreamError
+from tradecanvas.model import MINUTE, MS, Candle
+from tradecanvas.ops.logs import configure_logging
+from tradecanvas.pipeline import IngestBatch, IngestPipeline, PipelineResult, SystemEvent
+from tradecanvas.runtime_flags import RuntimeFlags
+from tradecanvas.store.records import StoreBanMemory
+from tradecanvas.store.sqlite import CandleStore
+from tradecanvas.tools.backfill.plan import (
+    TIME_EXAMPLES,
+    BackfillPlan,
+    BackfillTally,
+    iso_minute,
+    page_alignment,
+    plan_backfill,
+)
+from tradecanvas.tools.backfill.progress import ClearProgressFilter, Progress
+from tradecanvas.tools.exit_codes import ExitCodeTable
+from tradecanvas.upstream.rest import BinanceRestClient, RestPolicy, open_rest_client
+
+# the command's one logger: its lines name ``tradecanvas.tools.backfill``
+log = logging.getLogger(__package__)
+
+# Of Binance's per-minute request weight: the daemon keeps to 80%, so a bulk import beside it
+# stops at half and leaves the daemon room for its own repairs.
+BACKFILL_WEIGHT_BUDGET: Final = 0.5
+EXIT_CODES: Final[ExitCodeTable] = (
+    (ExitCode.OK, "done"),
+    (ExitCode.FAILED, "Binance REST failed for good or sent data we refuse (pages done stay)"),
+    (ExitCode.USAGE, "bad arguments or flags, or a range after Binance's clock (no change)"),
+    (ExitCode.STORE_FAILURE, "the store failed (disk full, read-only, corrupt), as for serve"),
+    (ExitCode.INTERRUPTED, "Ctrl-C: the page being committed is finished, the rest is not"),
+    (ExitCode.TERMINATED, "SIGTERM, as Ctrl-C"),
+)
+# the exit code of a stop by signal
+SIGNAL_EXIT_CODES: Final = {
+    signal.SIGINT: ExitCode.INTERRUPTED,
+    signal.SIGTERM: ExitCode.TERMINATED,
+}
+
+
+@final
+class _NoSubscribers:
+    """The pipeline's publish target in this process: there is nobody to tell. The import
+    never calls ``IngestPipeline.publish``; this only satisfies the constructor."""
+
+    def publish_closed(self, series_id: str, candles: Sequence[Candle]) -> Sequence[str]:
+        return ()
+
+    def publish_system(self, event: SystemEvent) -> Sequence[str]:
+        return ()
+
+
+async def import_history(
+    plan: BackfillPlan,
+    pipeline: IngestPipeline,
+    rest: BinanceRestClient,
+    tally: BackfillTally,
+    progress: Progress,
+) -> None:
+    """Fetch and commit each page of ``plan`` in order, updating ``tally`` after each commit.
+
+    Raises UpstreamError, WireError (REST) and CandleError (a row we refuse: the page is not
+    stored), StoreError. Cancellation stops it between commits: a fetch is dropped, a commit
+    that started runs to its end.
+    """
+    for start, end in plan.chunks():
+        candles = await rest.klines(plan.series, start, end)
+        result: PipelineResult | None = None
+        if candles:
+            # store.write shields the transaction already; the shield here also keeps the
+            # tally in step with what was committed
+            with trio.CancelScope(shield=True):
+                result = await pipeline.run(IngestBatch.of(plan.series, candles, "rest"))
+        tally.record(start, end, candles, result)
+        progress.update(tally, trio.current_time())
+
+
+async def _stop_on_signal(
+    work: trio.CancelScope,
+    caught: list[int],
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Ctrl-C/SIGTERM: stop the import after the commit in flight; a second one: at once."""
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        task_status.started()
+        async for signum in signals:
+            if caught:
+                sys.stderr.write("\ntradecanvas backfill: second signal, exiting at once\n")
+                sys.stderr.flush()
+                os._exit(SIGNAL_EXIT_CODES[signal.Signals(signum)])
+            caught.append(signum)
+            log.warning(
+                "%s: stopping after the page in flight (again to exit at once)",
+                signal.Signals(signum).name,
+            )
+            work.cancel(reason="interrupted")
+
+
+async def cap_at_exchange(plan: BackfillPlan, rest: BinanceRestClient) -> BackfillPlan | None:
+    """End the range at Binance's current minute (its ``/time``), so the forming minute is
+    never requested; None when the whole range lies at or after it."""
+    server_s = await rest.server_time_ms(plan.series.market) // MS
+    exchange_minute = server_s - server_s % MINUTE
+    capped = plan.capped_at(exchange_minute)
+    if capped is None or capped.end == plan.end:
+        return capped
+    # a default --to one minute ahead is only this machine's clock running a little fast
+    level = (
+        logging.WARNING if plan.to_given or plan.end - exchange_minute > MINUTE else logging.INFO
+    )
+    log.log(
+        level,
+        "Binance's clock is at %s: importing up to it, not up to %s (the forming minute is"
+        " never imported)",
+        iso_minute(exchange_minute),
+        iso_minute(plan.end),
+    )
+    return capped
+
+
+async def _load_rate_limits(rest: BinanceRestClient, plan: BackfillPlan) -> None:
+    """Best effort, as the daemon: Binance's usual limits stay in use if it fails."""
+    market = plan.series.market
+    try:
+        limit = await rest.load_rate_limits(market)
+    except (UpstreamError, BadInputError) as exc:
+        log.warning("binance %s: exchangeInfo rate limits unavailable (%s)", market, exc)
+    else:
+        log.debug("binance %s: request weight limit %d/min", market, limit)
+
+
+@attrs.frozen
+class BackfillOutcome:
+    """How the import ended: the exit code, the tally, and the one-line error if any."""
+
+    code: ExitCode
+    tally: BackfillTally
+    error: str | None = None
+
+
+async def _open_and_import(
+    tally: BackfillTally, flags: RuntimeFlags, policy: RestPolicy, progress: Progress
+) -> tuple[ExitCode, str] | None:
+    """The import proper; returns (exit code, error line) for the failures the exit codes
+    cover, None when it is done (or was cancelled)."""
+    try:
+        store = await CandleStore.open(flags.db_path)
+    except StoreError as exc:
+        return ExitCode.STORE_FAILURE, f"store failure: {exc}"
+    try:
+        async with open_rest_client(flags, policy=policy, bans=StoreBanMemory(store)) as rest:
+            plan = await cap_at_exchange(tally.plan, rest)
+            if plan is None:
+                return ExitCode.USAGE, (
+                    f"--from: {iso_minute(tally.plan.start)} is not before Binance's current"
+                    " minute (its /time); nothing to import"
+                )
+            plan = attrs.evolve(
+                plan, align=page_alignment(flags.derived_timeframes, plan.page_minutes * MINUTE)
+            )
+            tally.plan = plan
+            await _load_rate_limits(rest, plan)
+            pipeline = IngestPipeline.from_flags(store, _NoSubscribers(), flags)
+            pages = len(list(plan.chunks()))
+            log.info(
+                "backfill %s: %d minutes in %d REST page%s into %s",
+                plan.describe(),
+                plan.minutes,
+                pages,
+                "" if pages == 1 else "s",
+                flags.db_path,
+            )
+            await import_history(plan, pipeline, rest, tally, progress)
+    except UpstreamError as exc:
+        return ExitCode.FAILED, f"Binance REST failed: {exc}; {tally.committed_text()}"
+    except BadInputError as exc:  # WireError, CandleError: the page was not stored
+        return ExitCode.FAILED, f"Binance sent data we refuse: {exc}; {tally.committed_text()}"
+    except StoreError as exc:
+        return ExitCode.STORE_FAILURE, f"store failure: {exc}; {tally.committed_text()}"
+    finally:
+        with trio.CancelScope(shield=True):
+            await store.aclose()
+    return None
+
+
+async def run_import(
+    plan: BackfillPlan, flags: RuntimeFlags, policy: RestPolicy, progress: Progress
+) -> BackfillOutcome:
+    """Import ``plan`` with Ctrl-C/SIGTERM handled; raises nothing the exit codes cover."""
+    tally = BackfillTally(plan)
+    caught: list[int] = []
+    work = trio.CancelScope()
+    failure: tuple[ExitCode, str] | None = None
+    async with trio.open_nursery() as nursery:
+        await nursery.start(_stop_on_signal, work, caught)
+        try:
+            with work:
+                failure = await _open_and_import(tally, flags, policy, progress)
+        finally:
+            progress.finish()
+            nursery.cancel_scope.cancel()
+    if failure is not None:
+        return BackfillOutcome(failure[0], tally, failure[1])
+    if caught:
+        return BackfillOutcome(
+            SIGNAL_EXIT_CODES[signal.Signals(caught[0])],
+            tally,
+            f"interrupted; {tally.committed_text()}",
+        )
+    return BackfillOutcome(ExitCode.OK, tally)
+
+
+# --- command line --------------------------------------------------------------------
+
+
+def _attempts_arg(text: str) -> int:
+    try:
+        value = int(text, 10)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 1 <= value <= 100:
+        raise argparse.ArgumentTypeError(f"{value} is out of range; allowed: 1..100")
+    return value
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    """Add the ``backfill`` arguments to ``parser`` (the flag options are added by the CLI)."""
+    parser.add_argument(
+        "series",
+        metavar="SERIES",
+        help="base 1m series_id, such as binance:futures:BTC/USDT:1m",
+    )
+    parser.add_argument(
+        "--from",
+        dest="from_time",
+        required=True,
+        metavar="T",
+        help=f"first minute to import: {TIME_EXAMPLES}",
+    )
+    parser.add_argument(
+        "--to",
+        dest="to_time",
+        default=None,
+        metavar="T",
+        help="end of the range, exclusive (default: now, floored to the minute)",
+    )
+    parser.add_argument(
+        "--attempts",
+        type=_attempts_arg,
+        default=RestPolicy().max_attempts,
+        metavar="N",
+        help="REST attempts per request before giving up; timeouts, 5xx and 429/418 waits"
+        f" count (default {RestPolicy().max_attempts})",
+    )
+
+
+def run_backfill(
+    args: argparse.Namespace,
+    flags: RuntimeFlags,
+    *,
+    out: TextIO | None = None,
+    err: TextIO | None = None,
+) -> int:
+    """Run the ``backfill`` command with the arguments from :func:`configure_parser`;
+    returns one of :data:`EXIT_CODES`."""
+    out = out or sys.stdout
+    err = err or sys.stderr
+    configure_logging(flags, stream=err)
+    try:
+        plan = plan_backfill(args.series, args.from_time, args.to_time, time.time())
+    except BadInputError as exc:
+        err.write(f"tradecanvas backfill: {exc}\n")
+        return ExitCode.USAGE
+    if plan.series not in flags.series:
+        log.warning(
+            "%s is not in TRADE_CANVAS_SERIES: the daemon does not serve it until it is",
+            plan.series,
+        )
+    progress = Progress(err, tty=err.isatty())
+    if progress.tty:
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(ClearProgressFilter(progress))
+    policy = RestPolicy(max_attempts=args.attempts, weight_budget=BACKFILL_WEIGHT_BUDGET)
+    try:
+        outcome = trio.run(run_import, plan, flags, policy, progress)
+    except KeyboardInterrupt:  # before the signal handler was installed: nothing started
+        progress.finish()
+        err.write("tradecanvas backfill: interrupted; nothing committed\n")
+        return ExitCode.INTERRUPTED
+    if outcome.code != ExitCode.USAGE:  # a range wholly after Binance's clock: nothing was tried
+        for line in outcome.tally.summary_lines():
+            out.write(line + "\n")
+        out.flush()
+    if outcome.error is not None:
+        err.write(f"tradecanvas backfill: {outcome.error}\n")
+    return outcome.code

@@ -1,0 +1,273 @@
+"""``tradecanvas backfill``'s pure part: the arguments, the range and its pages, the tally.
+
+No I/O and no clock: :func:`plan_backfill` checks the arguments (``now`` is passed in) and
+returns a :class:`BackfillPlan`; :meth:`BackfillPlan.chunks` are its REST pages, ending on
+:func:`page_alignment` boundaries; :meth:`BackfillPlan.capped_at` ends it at Binance's
+current minute; :class:`BackfillTally` counts what each committed page did and writes the
+summary. Raises BadInputError whose message names the argument.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Final, final
+
+import attrs
+
+from tradecanvas.errors import BadInputError, SeriesIdError
+from tradecanvas.model import MINUTE, Candle, SeriesId, Timeframe
+from tradecanvas.pipeline import PipelineResult
+from tradecanvas.upstream.rest import KLINES_LIMIT
+
+# A unix time above this is surely milliseconds (it would be the year 5138 in seconds).
+MAX_UNIX_SECONDS: Final = 99_999_999_999
+MISSING_RANGES_SHOWN: Final = 5
+TIME_EXAMPLES: Final = "unix seconds or ISO-8601 UTC such as 2025-07-06, 2025-07-06T12:00Z"
+_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def iso_minute(t: int) -> str:
+    """``2025-07-06T12:00Z``: how times are shown to the user."""
+    return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%dT%H:%MZ")
+
+
+def parse_time(option: str, text: str) -> int:
+    """``--from``/``--to``: unix seconds or ISO-8601 (UTC unless an offset is given), on a
+    minute boundary. Raises BadInputError naming ``option``."""
+    value = text.strip()
+    if re.fullmatch(r"[0-9]+", value):
+        seconds = int(value)
+        if seconds > MAX_UNIX_SECONDS:
+            raise BadInputError(f"{option}: {text!r} looks like milliseconds; give {TIME_EXAMPLES}")
+    else:
+        try:
+            moment = datetime.fromisoformat(value)
+        except ValueError:
+            raise BadInputError(f"{option}: {text!r} is not a time; give {TIME_EXAMPLES}") from None
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=UTC)
+        delta = moment - _EPOCH
+        if delta < timedelta(0):
+            raise BadInputError(f"{option}: {text!r} is before 1970; give {TIME_EXAMPLES}")
+        if delta % timedelta(seconds=1):
+            raise BadInputError(f"{option}: {text!r} is not on a minute boundary")
+        seconds = delta // timedelta(seconds=1)
+    if seconds % MINUTE:
+        floor = seconds - seconds % MINUTE
+        raise BadInputError(
+            f"{option}: {text!r} is not on a minute boundary; use {iso_minute(floor)}"
+            f" or {iso_minute(floor + MINUTE)}"
+        )
+    return seconds
+
+
+@attrs.frozen
+class BackfillPlan:
+    """The base series and the half-open range ``[start, end)`` to import, in seconds."""
+
+    series: SeriesId
+    start: int
+    end: int
+    to_given: bool = True  # False: ``--to`` defaulted to now
+    # pages end on multiples of this (seconds), so a derived bucket is seldom split across two
+    # commits (see page_alignment)
+    align: int = MINUTE
+
+    @property
+    def minutes(self) -> int:
+        return max(0, (self.end - self.start) // MINUTE)
+
+    @property
+    def page_minutes(self) -> int:
+        """One REST page per chunk: Binance's klines limit for the market."""
+        return KLINES_LIMIT[self.series.market]
+
+    def chunks(self) -> Iterator[tuple[int, int]]:
+        """The pages: at most one REST call each, ending on a multiple of ``align`` when one
+        lies inside the page."""
+        step = self.page_minutes * MINUTE
+        cursor = self.start
+        while cursor < self.end:
+            stop = cursor + step
+            aligned = stop - stop % self.align
+            if aligned > cursor:
+                stop = aligned
+            yield cursor, min(self.end, stop)
+            cursor = stop
+
+    def capped_at(self, exchange_minute: int) -> BackfillPlan | None:
+        """The plan ending at ``exchange_minute`` (Binance's current, forming minute) if it
+        reaches past it; None when the whole range lies at or after it."""
+        if self.end <= exchange_minute:
+            return self
+        if self.start >= exchange_minute:
+            return None
+        return attrs.evolve(self, end=exchange_minute)
+
+    def describe(self) -> str:
+        return f"{self.series} [{iso_minute(self.start)}, {iso_minute(self.end)})"
+
+
+def plan_backfill(
+    series_text: str, from_text: str, to_text: str | None, now: float
+) -> BackfillPlan:
+    """Check the command's arguments (no I/O); ``now`` is the wall clock in unix seconds,
+    used only for the default ``--to``. An explicit ``--to`` after the current minute is kept:
+    :meth:`BackfillPlan.capped_at` ends the range at Binance's current minute.
+    Raises BadInputError whose message names the argument.
+    """
+    try:
+        series = SeriesId.parse(series_text)
+    except SeriesIdError as exc:
+        raise BadInputError(f"SERIES: {exc}") from None
+    if series.timeframe.seconds != MINUTE:
+        base = series.with_timeframe(Timeframe.parse("1m"))
+        raise BadInputError(
+            f"SERIES: {series} is not a base series; only 1m candles are imported (derived"
+            f" timeframes are recomputed from them): use {base}"
+        )
+    start = parse_time("--from", from_text)
+    current_minute = int(now) - int(now) % MINUTE
+    to_given = to_text is not None
+    if to_text is None:
+        end = current_minute
+        to_shown = f"{iso_minute(end)}, now"
+    else:
+        # kept as given: only Binance's clock (capped_at) says which minute is forming,
+        # and this machine's clock may run behind it
+        end = parse_time("--to", to_text)
+        to_shown = iso_minute(end)
+    if start >= end:
+        raise BadInputError(
+            f"--from: {iso_minute(start)} is not before --to ({to_shown}); the range is [from, to)"
+        )
+    return BackfillPlan(series, start, end, to_given=to_given)
+
+
+def page_alignment(derived: Sequence[Timeframe], page_s: int) -> int:
+    """Where pages should end so that each derived bucket is committed whole, in one page:
+    a multiple of every derived timeframe if such a page fits (``1d`` covers 5m…4h, and one
+    day fits a futures page), else of the longest one that fits. A bucket still split across
+    two pages is finalised from its first part and corrected by the second (the store keeps
+    the last write)."""
+    lengths = [tf.seconds for tf in derived]
+    common = math.lcm(MINUTE, *lengths)
+    if common <= page_s:
+        return common
+    return max((s for s in lengths if s <= page_s), default=MINUTE)
+
+
+@final
+@attrs.define
+class BackfillTally:
+    """What the import did so far; updated after each committed page."""
+
+    plan: BackfillPlan
+    done_minutes: int = 0
+    fetched: int = 0
+    new: int = 0
+    unchanged: int = 0
+    revised: int = 0
+    missing: int = 0
+    missing_ranges: list[tuple[int, int]] = attrs.Factory(list)  # first, last open time
+    derived: dict[str, int] = attrs.Factory(dict)  # derived series → distinct bars written
+    # derived series → open time of the last bar written: a bucket split across two pages
+    # is written twice but counted once
+    _last_derived: dict[str, int] = attrs.Factory(dict)
+    committed_up_to: int | None = None  # end (exclusive) of the last page done
+
+    @property
+    def stored(self) -> int:
+        return self.new + self.revised
+
+    @property
+    def complete(self) -> bool:
+        return self.done_minutes >= self.plan.minutes
+
+    def _count_derived(self, sid: str, times: Sequence[int]) -> None:
+        if not times:
+            return
+        again = 1 if self._last_derived.get(sid) == times[0] else 0
+        self.derived[sid] = self.derived.get(sid, 0) + len(times) - again
+        self._last_derived[sid] = times[-1]
+
+    def record(
+        self,
+        start: int,
+        end: int,
+        fetched: Sequence[Candle],
+        result: PipelineResult | None,
+    ) -> None:
+        """Account for the page ``[start, end)``: ``fetched`` from REST, ``result`` of the
+        commit (None: nothing to commit)."""
+        sid = str(self.plan.series)
+        changed = revised = 0
+        if result is not None:
+            for update in result.updates:
+                if update.derived:
+                    self._count_derived(update.series_id, [c.candle_time for c in update.candles])
+                elif update.series_id == sid:
+                    changed += len(update.candles)
+                    revised += update.revised
+        self.fetched += len(fetched)
+        self.new += changed - revised
+        self.revised += revised
+        self.unchanged += len(fetched) - changed
+        present = {c.candle_time for c in fetched}
+        for t in range(start, end, MINUTE):
+            if t not in present:
+                self._add_missing(t)
+        self.done_minutes += (end - start) // MINUTE
+        self.committed_up_to = end
+
+    def _add_missing(self, t: int) -> None:
+        self.missing += 1
+        if self.missing_ranges and self.missing_ranges[-1][1] == t - MINUTE:
+            self.missing_ranges[-1] = (self.missing_ranges[-1][0], t)
+        else:
+            self.missing_ranges.append((t, t))
+
+    def summary_lines(self) -> list[str]:
+        """The summary printed on stdout."""
+        head = f"{self.plan.describe()}: {self.plan.minutes:,} minutes requested"
+        if not self.complete:
+            head += f", {self.done_minutes:,} done"
+        lines = [
+            f"{head}, {self.fetched:,} fetched, {self.new:,} new,"
+            f" {self.unchanged:,} already stored (unchanged), {self.revised:,} revised,"
+            f" {self.missing:,} missing at the exchange"
+        ]
+        for sid in sorted(self.derived):
+            lines.append(f"{sid}: {self.derived[sid]:,} derived bars written")
+        if self.missing_ranges:
+            shown = [
+                f"{iso_minute(a)}..{iso_minute(b)} ({(b - a) // MINUTE + 1})"
+                if b > a
+                else iso_minute(a)
+                for a, b in self.missing_ranges[:MISSING_RANGES_SHOWN]
+            ]
+            more = len(self.missing_ranges) - MISSING_RANGES_SHOWN
+            lines.append(
+                "missing at the exchange: "
+                + ", ".join(shown)
+                + (f" and {more} more ranges" if more > 0 else "")
+            )
+        if self.done_minutes and self.stored == 0:
+            lines.append(
+                "nothing new: the store already held every candle Binance has for"
+                + (" this range" if self.complete else " the part done")
+            )
+        return lines
+
+    def committed_text(self) -> str:
+        """For a stop before the end: how far the import got."""
+        if self.committed_up_to is None:
+            return "nothing committed"
+        return (
+            f"committed up to {iso_minute(self.committed_up_to)} (from"
+            f" {iso_minute(self.plan.start)}); that stays stored, run the same command again"
+            " to finish"
+        )

@@ -1,0 +1,387 @@
+"""The replay's trio shell: the timeline task and one Starlette app for WS and REST.
+
+:class:`ReplayServer` owns the exchange clock (``now_ms``), the connected WebSocket clients
+and the REST answers; :func:`serve_replay` runs it on Hypercorn's trio worker and reports a
+:class:`ReplayHandle` once it listens. What to send, when, and what to answer comes from
+the pure core, :mod:`~tradecanvas.tools.replay.core`.
+
+Channel contract: each WebSocket client has its own bounded channel of :data:`CLIENT_BUFFER`
+frames; the timeline awaits the slowest client (``--speed max`` runs as fast as clients read)
+and a ``None`` in a client's channel closes that connection with :data:`DROP_CLOSE_CODE`
+after the frames queued before it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from typing import Final, final
+
+import attrs
+import orjson
+import trio
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from tradecanvas.model import MINUTE, MS, Market
+from tradecanvas.serve.http_server import hypercorn_config, serve_asgi
+from tradecanvas.tools.replay.core import (
+    FaultPlan,
+    ReplayFrame,
+    answer_request,
+    closed_bars,
+    timeline_frames,
+)
+from tradecanvas.tools.replay.data import (
+    ONE_MINUTE,
+    ReplayConfig,
+    ReplayData,
+    ReplayError,
+    load_data,
+)
+from tradecanvas.upstream.rest import DEFAULT_WEIGHT_LIMIT, KLINES_LIMIT, klines_weight
+from tradecanvas.wire.binance import candle_to_rest_row
+
+REST_DEFAULT_LIMIT: Final = 500
+# frames queued per client; at --speed max the timeline waits for the slowest client
+CLIENT_BUFFER: Final = 256
+DROP_CLOSE_CODE: Final = 1001
+# Hypercorn's graceful drain when the replay is cancelled
+DRAIN_S: Final = 1.0
+
+
+@attrs.frozen
+class ReplayStatistics:
+    """What the replay has done so far; ``now_ms`` is its exchange clock."""
+
+    bars: int
+    frames_sent: int
+    closes_omitted: int
+    closes_duplicated: int
+    drops: int
+    ws_connections: int
+    clients: int
+    rest_requests: int
+    rest_429: int
+    now_ms: int
+    finished: bool
+
+
+@attrs.define(eq=False)
+class _Client:
+    """A connected WebSocket: its streams (changed by SUBSCRIBE), raw or combined frames,
+    and the sending end of its own channel."""
+
+    streams: set[str]
+    raw: bool
+    send: trio.MemorySendChannel[str | None]
+
+
+@final
+class ReplayServer:
+    """Owns the replay's exchange clock, its WebSocket clients and its REST answers.
+
+    The clock (``now_ms``) is the event time of the last frame sent; REST serves the bars
+    closed by it. :meth:`run_timeline` sends the frames; the Starlette :meth:`app` routes
+    to :meth:`websocket` and the REST handlers."""
+
+    def __init__(self, config: ReplayConfig, data: ReplayData) -> None:
+        self.config = config
+        self.data = data
+        self.finished = trio.Event()
+        self.resumed = trio.Event()
+        if not config.paused:
+            self.resumed.set()
+        self._clients: set[_Client] = set()
+        self._client_arrived = trio.Event()
+        self._last_closed: dict[str, ReplayFrame] = {}
+        start = min(config.start_at, len(data.minutes))
+        self.now_ms = data.minutes[start] * MS if start < len(data.minutes) else 0
+        self._frames_sent = 0
+        self._omitted = 0
+        self._duplicated = 0
+        self._drops = 0
+        self._ws_connections = 0
+        self._rest_requests = 0
+        self._rest_429 = 0
+        self._answered_429 = False
+        self._weight_window = -1
+        self._weight_used = 0
+
+    def statistics(self) -> ReplayStatistics:
+        return ReplayStatistics(
+            bars=len(self.data.minutes),
+            frames_sent=self._frames_sent,
+            closes_omitted=self._omitted,
+            closes_duplicated=self._duplicated,
+            drops=self._drops,
+            ws_connections=self._ws_connections,
+            clients=len(self._clients),
+            rest_requests=self._rest_requests,
+            rest_429=self._rest_429,
+            now_ms=self.now_ms,
+            finished=self.finished.is_set(),
+        )
+
+    # --- the timeline --------------------------------------------------------------------
+
+    async def run_timeline(self) -> None:
+        """Send every frame once resumed, waiting while no client is connected and, at a
+        ``speed``, for the frames' exchange-time distance; ``finished`` at the end."""
+        config = self.config
+        plan = FaultPlan.of(config, self.data.minutes)
+        previous_e: int | None = None
+        await self.resumed.wait()
+        for frame in timeline_frames(config, self.data):
+            step = plan.step(frame)
+            if step.drop:
+                await self._drop_clients()
+                self._drops += 1
+                if step.clock_ms is not None:
+                    self.now_ms = max(self.now_ms, step.clock_ms)
+                previous_e = None
+            if step.omitted:
+                self._omitted += 1
+            if not step.sends:
+                continue
+            while not self._clients:
+                await self._client_arrived.wait()
+                self._client_arrived = trio.Event()
+            if config.speed is not None and previous_e is not None and frame.event_ms > previous_e:
+                await trio.sleep((frame.event_ms - previous_e) / MS / config.speed)
+            previous_e = frame.event_ms
+            self.now_ms = max(self.now_ms, frame.event_ms)
+            await self._broadcast(frame)
+            if step.sends > 1:
+                self._duplicated += 1
+                await self._broadcast(frame)
+        self.now_ms = max(
+            self.now_ms, (self.data.minutes[-1] + MINUTE) * MS if self.data.minutes else 0
+        )
+        self.finished.set()
+
+    async def _broadcast(self, frame: ReplayFrame) -> None:
+        self._frames_sent += 1
+        if frame.kind == "closed":
+            self._last_closed[frame.stream] = frame
+        for client in list(self._clients):
+            if frame.stream not in client.streams and (frame.stream or frame.kind != "other"):
+                continue  # a frame without a stream (serverShutdown, …) goes to everyone
+            try:
+                await client.send.send(frame.raw_text() if client.raw else frame.text)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self._clients.discard(client)
+
+    async def _drop_clients(self) -> None:
+        for client in list(self._clients):
+            self._clients.discard(client)
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                await client.send.send(None)  # after the frames already queued
+        self._client_arrived = trio.Event()
+
+    # --- WebSocket -----------------------------------------------------------------------
+
+    async def websocket(self, websocket: WebSocket) -> None:
+        """One client: combined (``/stream?streams=…``) or raw (``/ws/<stream>``, ``/ws``)."""
+        path = websocket.url.path.removeprefix("/market")
+        streams: set[str] = set()
+        raw = False
+        if path.startswith("/ws/"):
+            streams.add(path.removeprefix("/ws/"))
+            raw = True
+        elif path == "/ws":
+            raw = True
+        else:
+            query = websocket.query_params.get("streams", "")
+            streams.update(s for s in query.split("/") if s)
+        await websocket.accept()
+        send, receive = trio.open_memory_channel[str | None](CLIENT_BUFFER)
+        client = _Client(streams, raw, send)
+        if self.finished.is_set():
+            # the data is over: a late joiner gets each stream's last close, so that it
+            # learns where the exchange is (and backfills what it missed from REST)
+            for stream in sorted(streams):
+                last = self._last_closed.get(stream)
+                if last is not None:
+                    send.send_nowait(last.raw_text() if raw else last.text)
+        self._ws_connections += 1
+        self._clients.add(client)
+        self._client_arrived.set()
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._client_requests, websocket, client, nursery.cancel_scope)
+                async with receive:
+                    async for text in receive:
+                        if text is None:
+                            await websocket.close(DROP_CLOSE_CODE, "replay: connection dropped")
+                            break
+                        await websocket.send_text(text)
+                nursery.cancel_scope.cancel()
+        except (WebSocketDisconnect, OSError, RuntimeError):
+            pass  # the client went away
+        finally:
+            self._clients.discard(client)
+            send.close()
+
+    async def _client_requests(
+        self, websocket: WebSocket, client: _Client, scope: trio.CancelScope
+    ) -> None:
+        """SUBSCRIBE / UNSUBSCRIBE / LIST_SUBSCRIPTIONS, answered as Binance does."""
+        try:
+            while True:
+                text = await websocket.receive_text()
+                await websocket.send_text(answer_request(text, client.streams))
+        except (WebSocketDisconnect, RuntimeError, OSError):
+            scope.cancel()
+
+    # --- REST ----------------------------------------------------------------------------
+
+    def _weigh(self, weight: int) -> int:
+        window = int(trio.current_time() // MINUTE)
+        if window != self._weight_window:
+            self._weight_window, self._weight_used = window, 0
+        self._weight_used += weight
+        return self._weight_used
+
+    def _json(self, doc: object, status: int = 200, weight: int = 1) -> Response:
+        return Response(
+            orjson.dumps(doc),
+            status_code=status,
+            media_type="application/json",
+            headers={"X-MBX-USED-WEIGHT-1M": str(self._weigh(weight))},
+        )
+
+    def _error(self, code: int, msg: str, status: int = 400) -> Response:
+        return self._json({"code": code, "msg": msg}, status)
+
+    async def klines(self, request: Request) -> Response:
+        market: Market = "futures" if request.url.path.startswith("/fapi") else "spot"
+        self._rest_requests += 1
+        if self.config.rest_429_first and not self._answered_429:
+            self._answered_429 = True
+            self._rest_429 += 1
+            response = self._error(-1003, "Too many requests; please use the websocket.", 429)
+            response.headers["Retry-After"] = str(self.config.retry_after_s)
+            return response
+        q = request.query_params
+        symbol = q.get("symbol", "")
+        if q.get("interval") != ONE_MINUTE.text:
+            return self._error(-1120, "Invalid interval.")
+        bars = self.data.bars.get((market, symbol))
+        if bars is None:
+            return self._error(-1121, "Invalid symbol.")
+        try:
+            limit = int(q.get("limit", REST_DEFAULT_LIMIT))
+            start = int(q["startTime"]) if "startTime" in q else None
+            end = int(q["endTime"]) if "endTime" in q else None
+        except ValueError:
+            return self._error(-1100, "Illegal characters found in a parameter.")
+        if not 1 <= limit <= KLINES_LIMIT[market]:
+            return self._error(-1130, "Data sent for parameter 'limit' is not valid.")
+        rows = closed_bars(bars, self.now_ms, start, end, limit)
+        return self._json(
+            [candle_to_rest_row(c, ONE_MINUTE) for c in rows], weight=klines_weight(market, limit)
+        )
+
+    async def server_time(self, request: Request) -> Response:
+        return self._json({"serverTime": self.now_ms})
+
+    async def exchange_info(self, request: Request) -> Response:
+        market: Market = "futures" if request.url.path.startswith("/fapi") else "spot"
+        symbols = sorted(s for m, s in self.data.bars if m == market)
+        return self._json(
+            {
+                "timezone": "UTC",
+                "serverTime": self.now_ms,
+                "rateLimits": [
+                    {
+                        "rateLimitType": "REQUEST_WEIGHT",
+                        "interval": "MINUTE",
+                        "intervalNum": 1,
+                        "limit": self.config.weight_limit or DEFAULT_WEIGHT_LIMIT[market],
+                    }
+                ],
+                "symbols": [{"symbol": s, "status": "TRADING"} for s in symbols],
+            }
+        )
+
+    def app(self) -> Starlette:
+        ws_paths = (
+            "/stream",
+            "/market/stream",
+            "/ws",
+            "/ws/{name}",
+            "/market/ws",
+            "/market/ws/{name}",
+        )
+        routes: list[Route | WebSocketRoute] = [WebSocketRoute(p, self.websocket) for p in ws_paths]
+        for prefix in ("/fapi/v1", "/api/v3"):
+            routes.append(Route(f"{prefix}/klines", self.klines))
+            routes.append(Route(f"{prefix}/time", self.server_time))
+            routes.append(Route(f"{prefix}/exchangeInfo", self.exchange_info))
+        return Starlette(routes=routes)
+
+
+@attrs.frozen
+class ReplayHandle:
+    """What :func:`serve_replay` reports once it listens."""
+
+    ws_url: str
+    rest_url: str
+    server: ReplayServer
+
+    @property
+    def finished(self) -> trio.Event:
+        return self.server.finished
+
+    def statistics(self) -> ReplayStatistics:
+        return self.server.statistics()
+
+    def resume(self) -> bool:
+        """Start a ``paused`` timeline; False if it was running already."""
+        if self.server.resumed.is_set():
+            return False
+        self.server.resumed.set()
+        return True
+
+
+def _port_of(bind: str) -> int:
+    return int(bind.rsplit(":", 1)[1])
+
+
+async def serve_replay(
+    config: ReplayConfig, *, task_status: trio.TaskStatus[ReplayHandle] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Serve ``config`` until cancelled; ``started(ReplayHandle)`` once listening.
+    Raises ReplayError (before ``started``) for unusable files."""
+    data = await trio.to_thread.run_sync(load_data, config)
+    await serve_replay_data(config, data, task_status=task_status)
+
+
+async def serve_replay_data(
+    config: ReplayConfig,
+    data: ReplayData,
+    *,
+    task_status: trio.TaskStatus[ReplayHandle] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """:func:`serve_replay` with the files read already (the CLI reads them before it
+    listens, to report bad files first). Raises ReplayError when they hold no klines."""
+    if not data.minutes:
+        raise ReplayError("the replay files hold no klines")
+    server = ReplayServer(config, data)
+    ws_port = config.ws_port if config.ws_port is not None else config.port
+    rest_port = config.rest_port if config.rest_port is not None else config.port
+    binds = [f"{config.host}:{ws_port}"]
+    if rest_port != ws_port:
+        binds.append(f"{config.host}:{rest_port}")
+    hconfig = hypercorn_config(binds, drain_s=DRAIN_S)
+    async with trio.open_nursery() as nursery:
+        binds = await nursery.start(functools.partial(serve_asgi, server.app(), hconfig))
+        ws = _port_of(binds[0])
+        rest = _port_of(binds[1]) if len(binds) > 1 else ws
+        host = config.host
+        nursery.start_soon(server.run_timeline)
+        task_status.started(ReplayHandle(f"ws://{host}:{ws}", f"http://{host}:{rest}", server))
