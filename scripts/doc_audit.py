@@ -77,9 +77,7 @@ def check_api(problems: list[str]) -> None:
             problems.append(f"docs/api.md: the {route} section has no example JSON")
 
 
-CONFIG_TABLE_HEADER = (
-    "| variable | `serve` option | default | meaning |\n|---|---|---|---|\n"
-)
+CONFIG_TABLE_HEADER = "| variable | `serve` option | default | meaning |\n|---|---|---|---|\n"
 
 
 def config_table() -> str:
