@@ -242,6 +242,16 @@ async def test_5xx_is_retried_with_backoff_and_gives_up_in_the_end(
         with pytest.raises(UpstreamError, match="gave up after 6 attempts: HTTP 500"):
             await client.klines(FUTURES, 1692144000, 1692144120)
         assert len(broken.calls) == 6
+        # after the last attempt it gives up at once, without a backoff wait
+        once = BinanceRestClient(
+            http,
+            {"futures": await broken.start(nursery)},
+            policy=RestPolicy(max_attempts=1, backoff_base_s=1000, backoff_cap_s=1000),
+        )
+        before = trio.current_time()
+        with pytest.raises(UpstreamError, match="gave up after 1 attempts"):
+            await once.klines(FUTURES, 1692144000, 1692144120)
+        assert trio.current_time() - before < 1
         nursery.cancel_scope.cancel()
 
 

@@ -400,6 +400,8 @@ class BinanceRestClient:
                     raise UpstreamError(f"{what} {dict(params)}: {problem}")
             finally:
                 gate.reserved -= weight
+            if attempt + 1 == self.policy.max_attempts:
+                break  # no point waiting before giving up
             delay = self.policy.backoff.delay(attempt + 1)
             log.warning("%s: %s; retrying in %.2f s", what, problem, delay)
             await trio.sleep(delay)
