@@ -40,8 +40,8 @@ from tradecanvas.errors import PublishError
 from tradecanvas.model import Candle, Timeframe
 from tradecanvas.ops.metrics import Metrics
 from tradecanvas.pipeline import IngestBatch, IngestPipeline, SystemEvent
+from tradecanvas.serve.frame_safe_stream import FrameSafeStream
 from tradecanvas.serve.hub import Hub
-from tradecanvas.serve.ws_server import FrameSafeStream
 from tradecanvas.store.sqlite import CandleStore
 
 T0: Final = 1751760000  # 2025-07-06 00:00 UTC, the first candle of the real futures week
