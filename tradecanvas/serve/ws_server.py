@@ -45,7 +45,8 @@ import trio_websocket
 from tradecanvas.errors import ClientMessageError
 from tradecanvas.model import SeriesId
 from tradecanvas.serve.frame_safe_stream import FrameSafeStream
-from tradecanvas.serve.hub import Hub, Subscriber
+from tradecanvas.serve.hub import Hub
+from tradecanvas.serve.subscriber import Subscriber
 from tradecanvas.serve.ws_protocol import (
     CLOSE_GOING_AWAY,
     CLOSE_NORMAL,
