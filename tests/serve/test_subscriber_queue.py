@@ -1,9 +1,10 @@
 """The subscriber queue's rules, synchronously: catch-up, healing, gaps, coalescing, cursors and
-the slow-consumer policy. No trio, no sockets: the tests answer the plan's store reads from a
-dict."""
+the slow-consumer policy (focused examples), then hypothesis over random offers, drains and
+stalls. No trio, no sockets: the tests answer the plan's store reads from a dict."""
 
 from __future__ import annotations
 
+import itertools
 import math
 import subprocess
 import sys
@@ -12,16 +13,22 @@ from decimal import Decimal
 from typing import Final
 
 import attrs
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tests.conftest import flat_minutes
 from tests.serve.test_ws_server import SID_1M, SID_5M, real_candles
 from tradecanvas.model import Candle
 from tradecanvas.serve.outgoing import (
+    Action,
     ClosedCandles,
     FormingCandle,
     Gap,
     Outgoing,
+    Plan,
     ReadStore,
+    Send,
+    WholeMessage,
 )
 from tradecanvas.serve.subscriber_queue import CloseDecision, SubscriberQueue
 
@@ -473,3 +480,311 @@ def test_no_room_for_a_control_message_is_a_4008() -> None:
     decision = rig.queue.offer_message("three", now=0.0)
     assert decision == CloseDecision(4008, "slow consumer: queue full", "slow_consumer")
     assert rig.queue.closing and rig.queue.queued == 2
+
+
+# --- hypothesis: random offers, drains and stalls ---------------------------------------
+
+
+SERIES: Final = (SID_1M, SID_5M)
+
+
+@attrs.define
+class Model:
+    """Drives one queue through random operations, checking its rules as it goes.
+
+    The publish task is modelled one step at a time — start a drain, take a store read's
+    snapshot, answer it, carry out a Send — so that offers and time land between any two
+    of them, as they do between the publish task's awaits."""
+
+    rig: Rig
+    since: dict[str, int | None]
+    max_lag_s: float
+    now: float = 0.0
+    next_time: dict[str, int] = attrs.field(factory=dict)
+    held: dict[str, list[Candle]] = attrs.field(factory=dict)
+    published: dict[str, set[int]] = attrs.field(factory=dict)
+    sent: dict[str, list[int]] = attrs.field(factory=dict)
+    cursor: dict[str, int | None] = attrs.field(factory=dict)
+    messages: list[Outgoing] = attrs.field(factory=list)
+    accepted: list[str] = attrs.field(factory=list)
+    emitted: list[str] = attrs.field(factory=list)
+    # a system message's text → the closed candles it must not overtake
+    owed_before: dict[str, tuple[str, set[int]]] = attrs.field(factory=dict)
+    lag_start: float | None = None
+    decision: CloseDecision | None = None
+    plan: Plan | None = None
+    action: Action | None = None
+    snapshot: list[Candle] | None = None
+    counter: itertools.count[int] = attrs.field(factory=itertools.count)
+
+    @property
+    def queue(self) -> SubscriberQueue:
+        return self.rig.queue
+
+    # --- operations -------------------------------------------------------------------
+
+    def make(self, sid: str, count: int) -> list[Candle]:
+        start = self.next_time[sid]
+        made = [
+            Candle(start + TF[sid] * i, *(Decimal(start % 97 + i),) * 4, Decimal(1))
+            for i in range(count)
+        ]
+        self.next_time[sid] = start + TF[sid] * count
+        return made
+
+    def publish(self, sid: str, candles: list[Candle]) -> None:
+        if not candles:
+            return
+        sub = self.queue.subscriptions[sid]
+        fresh = [c for c in candles if sub.cursor is None or c.candle_time > sub.cursor]
+        added = sum(1 for c in fresh if c.candle_time not in sub.pending)
+        formings = sum(s.forming is not None for s in self.queue.subscriptions.values())
+        room = self.queue.queue_max - (self.queue.queued - formings)
+        must_lag = bool(fresh) and sub.heal_target is None and added > room
+        was_lagging = self.queue.lagging_since is not None
+        fits = self.queue.queued + added <= self.queue.queue_max or sub.heal_target is not None
+        before = {s: x.forming for s, x in self.queue.subscriptions.items()}
+        self.published[sid].update(c.candle_time for c in candles)
+        self.queue.offer_closed(sid, candles, self.now)
+        assert (self.queue.lagging_since is not None) == (was_lagging or must_lag)
+        if fits:
+            # no room needed (or lagging already: not queued): the forming candles stay
+            assert {s: x.forming for s, x in self.queue.subscriptions.items()} == before
+
+    def outstanding(self) -> int:
+        """Whole messages accepted and not yet taken out by the plan (a Send being carried
+        out has left the queue)."""
+        in_flight = self.action.messages if isinstance(self.action, Send) else ()
+        taken = sum(isinstance(m, WholeMessage) for m in in_flight)
+        return len(self.accepted) - len(self.emitted) - taken
+
+    def offer_message(self, text: str, sid: str | None) -> None:
+        outstanding = self.outstanding()
+        decision = self.queue.offer_message(text, self.now)
+        # forming and closed candles can all be dropped; whole messages cannot
+        assert (decision is not None) == (outstanding + 1 > self.queue.queue_max)
+        if decision is not None:
+            assert decision.code == 4008
+            self.decision = decision
+            return
+        self.accepted.append(text)
+        if sid is not None:
+            self.owed_before[text] = (sid, set(self.published[sid]))
+
+    def run(self, op: tuple[str, int, int]) -> None:
+        kind, index, n = op
+        sid = SERIES[index]
+        if kind == "publish":
+            candles = self.make(sid, n)
+            self.rig.store.upsert(sid, candles)
+            self.publish(sid, candles)
+        elif kind == "commit":  # its publish comes late (or a strict publish aborted)
+            candles = self.make(sid, n)
+            self.rig.store.upsert(sid, candles)
+            self.held[sid].extend(candles)
+        elif kind == "publish_late":
+            self.publish(sid, self.held[sid])
+            self.held[sid] = []
+        elif kind == "skip":  # missing at the exchange: a hole in the store too
+            self.next_time[sid] += TF[sid] * n
+        elif kind == "forming":
+            candle = self.make(sid, 1)[0]
+            self.next_time[sid] -= TF[sid]
+            self.queue.offer_forming(sid, candle)
+        elif kind == "system":
+            self.offer_message(f"system {sid} {next(self.counter)}", sid)
+        elif kind == "control":
+            self.offer_message(f"pong {next(self.counter)}", None)
+        elif kind == "step":
+            for _ in range(n):
+                self.step()
+        else:  # stall: time passes without the publish task running
+            self.now += n
+            # lagging for max_lag_s: the shell's lag deadline fires
+            expect = self.lag_start is not None and self.now >= self.lag_start + self.max_lag_s
+            assert (self.now >= self.queue.lag_deadline) == expect
+            if expect:
+                self.decision = self.queue.lagged_out()
+                assert (self.decision.code, self.queue.closing) == (4008, True)
+
+    # --- the publish task, one step at a time -------------------------------------------
+
+    def step(self) -> None:
+        if self.plan is None:
+            if not self.rig.woken:
+                return
+            self.rig.woken = False
+            self.plan = self.queue.drain()
+            self.resume(None)
+        elif isinstance(self.action, ReadStore) and self.snapshot is None:
+            self.snapshot = self.rig.store.read(self.action)
+        elif isinstance(self.action, ReadStore):
+            rows, self.snapshot = self.snapshot, None
+            self.resume(rows)
+        else:
+            assert isinstance(self.action, Send)
+            for message in self.action.messages:
+                self.emit(message)
+            self.resume(None)
+
+    def resume(self, answer: Sequence[Candle] | None) -> None:
+        assert self.plan is not None
+        try:
+            self.action = self.plan.send(answer)
+        except StopIteration:
+            self.plan = self.action = None
+
+    def emit(self, message: Outgoing) -> None:
+        self.messages.append(message)
+        if isinstance(message, ClosedCandles):
+            sid = message.series_id
+            times = [c.candle_time for c in message.candles]
+            assert times == sorted(set(times))
+            cursor = self.cursor[sid]
+            assert cursor is None or times[0] > cursor, "at or below the cursor"
+            assert not set(times) & set(self.sent[sid]), "sent twice"
+            self.sent[sid].extend(times)
+            self.cursor[sid] = times[-1]
+        elif isinstance(message, Gap):
+            cursor = self.cursor[message.series_id]
+            assert (
+                cursor is not None and message.expected_next_time == cursor + TF[message.series_id]
+            )
+        elif isinstance(message, FormingCandle):
+            cursor = self.cursor[message.series_id]
+            assert cursor is None or message.candle.candle_time > cursor
+        else:
+            self.emitted.append(message.text)
+            assert self.emitted == self.accepted[: len(self.emitted)], "messages reordered"
+            owed = self.owed_before.get(message.text)
+            if owed is not None:
+                sid, published = owed
+                since = self.since[sid]
+                # since: null: the catch-up was the newest catchup_limit
+                floor = min(self.sent[sid], default=math.inf) - 1 if since is None else since
+                missing = {t for t in published if t > floor} - set(self.sent[sid])
+                assert not missing, f"{message.text} overtook closed candles {missing}"
+
+    # --- invariants ---------------------------------------------------------------------
+
+    def check(self) -> None:
+        queue = self.queue
+        subs = queue.subscriptions.values()
+        assert queue.queued <= queue.queue_max
+        held = sum(len(s.pending) + (s.forming is not None) for s in subs)
+        assert queue.queued == held + self.outstanding()
+        lagging = queue.lagging_since is not None
+        if self.lag_start is None and lagging:
+            self.lag_start = self.now
+        elif not lagging:
+            self.lag_start = None
+        assert queue.lagging_since == self.lag_start
+        assert lagging == any(s.heal_target is not None for s in subs)
+        if self.plan is None:
+            for sid, sub in queue.subscriptions.items():
+                self.check_covered(sid, sub.pending, sub.heal_target)
+
+    def check_covered(self, sid: str, pending: dict[int, Candle], target: int | None) -> None:
+        """Everything owed is sent, queued, or below a hole or heal target still to come
+        from the store: a candle dropped for lag is under its subscription's heal target."""
+        since = self.since[sid]
+        if since is None or not self.published[sid]:
+            return
+        newest = max(self.published[sid])
+        owed = {t for t in self.rig.store.times(sid) if since < t <= newest}
+        for t in sorted(owed - set(self.sent[sid])):
+            covered = (
+                t in pending or (target is not None and t <= target) or t < max(pending, default=-1)
+            )
+            assert covered, f"{sid} {t} neither sent, queued nor to be healed"
+            assert self.rig.woken, "owed candles but no drain to come"
+
+    def finish(self) -> None:
+        """Publish what was held and one more candle per series, drain until idle, and
+        compare what was sent with the store."""
+        for index in range(len(SERIES)):
+            self.run(("publish_late", index, 0))
+            self.check()
+            self.run(("publish", index, 1))
+            self.check()
+        while self.decision is None and (self.plan is not None or self.rig.woken):
+            self.step()
+            self.check()
+        if self.decision is not None:
+            return
+        assert self.accepted == self.emitted
+        for sid in SERIES:
+            stored, times, since = self.rig.store.times(sid), self.sent[sid], self.since[sid]
+            if since is None:
+                assert times, "the final publish must arrive"
+                assert times == [t for t in stored if t >= times[0]]
+                anchored: list[int] = []
+            else:
+                assert times == [t for t in stored if t > since]
+                anchored = [since] if since in stored else []
+            delivered = anchored + times
+            expected = [
+                (a + TF[sid], b) for a, b in itertools.pairwise(delivered) if b - a > TF[sid]
+            ]
+            got = [
+                (m.expected_next_time, m.actual_time)
+                for m in self.messages
+                if isinstance(m, Gap) and m.series_id == sid
+            ]
+            assert got == expected
+
+
+OPS: Final = st.one_of(
+    st.tuples(st.just("publish"), st.integers(0, 1), st.integers(1, 4)),
+    st.tuples(st.just("commit"), st.integers(0, 1), st.integers(1, 3)),
+    st.tuples(st.just("publish_late"), st.integers(0, 1), st.just(0)),
+    st.tuples(st.just("skip"), st.integers(0, 1), st.integers(1, 2)),
+    st.tuples(st.just("forming"), st.integers(0, 1), st.just(0)),
+    st.tuples(st.just("system"), st.integers(0, 1), st.just(0)),
+    st.tuples(st.just("control"), st.just(0), st.just(0)),
+    st.tuples(st.just("step"), st.just(0), st.integers(1, 6)),
+    st.tuples(st.just("stall"), st.just(0), st.integers(1, 3)),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    history=st.tuples(st.integers(0, 8), st.integers(0, 3)),
+    since_choice=st.tuples(*[st.sampled_from(["stored", "before", "null", "head"])] * 2),
+    batch=st.tuples(st.booleans(), st.booleans()),
+    queue_max=st.sampled_from([1, 2, 3, 5, 8, 1000]),
+    catchup_limit=st.sampled_from([1, 2, 3, 50]),
+    ops=st.lists(OPS, max_size=40),
+)
+def test_random_offers_drains_and_stalls_keep_every_rule(
+    history: tuple[int, int],
+    since_choice: tuple[str, str],
+    batch: tuple[bool, bool],
+    queue_max: int,
+    catchup_limit: int,
+    ops: list[tuple[str, int, int]],
+) -> None:
+    max_lag_s = 3.0
+    rig = Rig(queue_max=queue_max, catchup_limit=catchup_limit, max_lag_s=max_lag_s)
+    model = Model(rig, {}, max_lag_s)
+    for index, sid in enumerate(SERIES):
+        model.next_time[sid] = T0
+        model.held[sid], model.published[sid], model.sent[sid] = [], set(), []
+        stored = model.make(sid, history[index])
+        rig.store.upsert(sid, stored)
+        times = [c.candle_time for c in stored]
+        since = {
+            "stored": times[len(times) // 2] if times else None,
+            "before": T0 - 10 * TF[sid],
+            "null": None,
+            "head": times[-1] if times else None,
+        }[since_choice[index]]
+        model.since[sid] = model.cursor[sid] = since
+        rig.queue.subscribe(sid, TF[sid], since, batch[index])
+    model.check()
+    for op in ops:
+        model.run(op)
+        if model.decision is not None:
+            return
+        model.check()
+    model.finish()
