@@ -1,14 +1,15 @@
-"""The /ws/market server: protocol parsing, limits, Origin, close codes, shutdown.
+"""The /ws/market server, the trio shell: every message type on the wire, refusals, 404 and
+Origin 403, 1009, the rate limit's 1008, shutdown 1001, client closes.
 
 Real trio-websocket clients against a real server on 127.0.0.1 port 0 and a real SQLite
-store; the helpers at the top are shared with tests/serve/test_hub.py and
-tests/tools/test_subscribe.py.
+store; the helpers at the top are shared with the other tests under tests/serve,
+tests/tools/test_subscribe.py and the daemon tests. The protocol rules themselves are tested
+without sockets in tests/serve/test_ws_protocol.py.
 """
 
 from __future__ import annotations
 
 import functools
-import itertools
 import socket
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -21,25 +22,17 @@ import trio
 import trio_websocket
 
 from tests.conftest import binance_data_dir, read_kline_csv
+from tests.serve.test_ws_protocol import BAD_MESSAGES
 from tradecanvas.model import Candle, SeriesId, Timeframe
 from tradecanvas.ops.metrics import Metrics
 from tradecanvas.pipeline import SystemEvent
 from tradecanvas.runtime_flags import DEFAULT_ALLOWED_ORIGINS
 from tradecanvas.serve.hub import Hub
-from tradecanvas.serve.ws_server import (
+from tradecanvas.serve.ws_protocol import (
     MAX_MESSAGE_BYTES,
-    ClientMessageError,
-    FrameSafeStream,
     InboundLimits,
-    PingRequest,
-    RateLimiter,
-    SubscribeRequest,
-    TokenBucket,
-    UnsubscribeRequest,
-    origin_allowed,
-    parse_client_message,
-    serve_ws_market,
 )
+from tradecanvas.serve.ws_server import serve_ws_market
 from tradecanvas.store.sqlite import CandleStore
 from tradecanvas.wire.json import dumps, loads
 
@@ -162,6 +155,11 @@ def closed_times(messages: Sequence[dict[str, Any]], series_id: str | None = Non
     return times
 
 
+def subscription_count(hub: Hub) -> int:
+    """Subscriptions held by every attached connection."""
+    return sum(len(subscriber.queue.subscriptions) for subscriber in hub.subscribers())
+
+
 def subscribe_msg(
     series_id: str = SID_1M, since: int | None = None, batch: bool = False
 ) -> dict[str, object]:
@@ -205,161 +203,6 @@ async def connect(
                 nursery.cancel_scope.cancel()
     finally:
         await stream.aclose()
-
-
-# --- parsing (sans-IO) ----------------------------------------------------------------
-
-
-def test_parse_valid_messages() -> None:
-    assert parse_client_message('{"type":"ping"}') == PingRequest()
-    assert parse_client_message(b'{"type":"ping","id":7}') == PingRequest()
-    assert parse_client_message(
-        dumps({"type": "subscribe", "series_id": SID_1M, "since": 1751760000})
-    ) == SubscribeRequest(SERIES_1M, 1751760000, False)
-    assert parse_client_message(dumps(subscribe_msg(SID_5M, None, True))) == SubscribeRequest(
-        SERIES_5M, None, True
-    )
-    assert parse_client_message(
-        dumps({"type": "subscribe", "series_id": SID_1M, "supports_batch": None})
-    ) == SubscribeRequest(SERIES_1M, None, False)
-    assert parse_client_message(
-        dumps({"type": "unsubscribe", "series_id": SID_5M})
-    ) == UnsubscribeRequest(SERIES_5M)
-
-
-BAD_MESSAGES: Final = [
-    ("not json at all", "not valid JSON"),
-    ("", "not valid JSON"),
-    (b"\xff\xfe", "not valid JSON"),
-    ("[1, 2]", "got a JSON array"),
-    ('"subscribe"', "got a JSON string"),
-    ("42", "got a JSON number"),
-    ("null", "got a JSON null"),
-    ("{}", 'has no "type"'),
-    ('{"series_id":"binance:futures:BTC/USDT:1m"}', 'has no "type"'),
-    ('{"type":null}', "unknown type null"),
-    ('{"type":7}', "unknown type number 7"),
-    ('{"type":"subscribe_all"}', "unknown type string 'subscribe_all'"),
-    ('{"type":"subscribe"}', "subscribe needs a series_id"),
-    ('{"type":"unsubscribe"}', "unsubscribe needs a series_id"),
-    ('{"type":"subscribe","series_id":5}', "series_id must be a non-empty string"),
-    ('{"type":"subscribe","series_id":""}', "series_id must be a non-empty string"),
-    ('{"type":"subscribe","series_id":"BTCUSDT"}', "expected exchange:market:symbol:timeframe"),
-    ('{"type":"subscribe","series_id":"okx:futures:BTC/USDT:1m"}', "unknown exchange 'okx'"),
-    ('{"type":"subscribe","series_id":"binance:margin:BTC/USDT:1m"}', "unknown market 'margin'"),
-    ('{"type":"subscribe","series_id":"binance:futures:btcusdt:1m"}', "bad symbol 'btcusdt'"),
-    ('{"type":"subscribe","series_id":"binance:futures:BTC/USDT:7x"}', "bad timeframe '7x'"),
-    ('{"type":"subscribe","series_id":"binance:futures:BTC/USDT:0m"}', "bad timeframe '0m'"),
-    (f'{{"type":"subscribe","series_id":"{SID_1M}","since":true}}', "got a boolean true"),
-    (f'{{"type":"subscribe","series_id":"{SID_1M}","since":false}}', "got a boolean false"),
-    (f'{{"type":"subscribe","series_id":"{SID_1M}","since":1.5}}', "got a number 1.5"),
-    (f'{{"type":"subscribe","series_id":"{SID_1M}","since":1751760000.0}}', "got a number"),
-    (f'{{"type":"subscribe","series_id":"{SID_1M}","since":"1751760000"}}', "got a string"),
-    (f'{{"type":"subscribe","series_id":"{SID_1M}","since":[1]}}', "got a array"),
-    (f'{{"type":"subscribe","series_id":"{SID_1M}","since":-60}}', "must not be negative"),
-    (f'{{"type":"subscribe","series_id":"{SID_1M}","since":1751760000000}}', "not milliseconds"),
-    (f'{{"type":"subscribe","series_id":"{SID_1M}","supports_batch":1}}', "supports_batch"),
-    (f'{{"type":"subscribe","series_id":"{SID_1M}","supports_batch":"yes"}}', "true or false"),
-]
-
-
-@pytest.mark.parametrize(("raw", "says"), BAD_MESSAGES)
-def test_parse_rejects_bad_messages_saying_what_is_wrong(raw: str | bytes, says: str) -> None:
-    with pytest.raises(ClientMessageError) as info:
-        parse_client_message(raw)
-    assert info.value.code == "bad_request"
-    assert says in info.value.message
-
-
-def test_token_bucket_and_abuse_rule() -> None:
-    bucket = TokenBucket(rate=20, burst=40, now=0.0)
-    assert all(bucket.take(0.0) for _ in range(40))
-    assert not bucket.take(0.0)
-    assert bucket.take(0.05)  # one token per 1/20 s
-    assert not bucket.take(0.05)
-    assert sum(bucket.take(100.0) for _ in range(100)) == 40  # never more than the burst
-    limits = InboundLimits(messages_per_s=20, burst=40, abuse_after_s=5, quiet_s=1)
-    # a chart subscribing to a dozen series, twice a second, never meets the limit
-    calm = RateLimiter(limits, now=0.0)
-    assert all(calm.check(i * 0.5) == "ok" for i in range(12 * 20))
-    # one burst too many: refused, then forgiven after a quiet second
-    burst = RateLimiter(limits, now=0.0)
-    assert [burst.check(0.0) for _ in range(42)][-3:] == ["ok", "limited", "ignored"]
-    assert burst.check(2.0) == "ok" and burst.limited_since is None
-    # a flood of 100 messages/s: 20/s still pass, the rest are refused; closed after 5 s
-    flood = RateLimiter(limits, now=0.0)
-    verdicts = [(i / 100, flood.check(i / 100)) for i in range(700)]
-    first_refusal = next(t for t, v in verdicts if v == "limited")
-    abuse = [t for t, v in verdicts if v == "abuse"]
-    assert abuse and abuse[0] == pytest.approx(first_refusal + 5, abs=0.011)
-    assert {v for t, v in verdicts if t < first_refusal + 5} == {"ok", "limited", "ignored"}
-    # answered at most once a second (the client that floods need not read them all)
-    answered = [t for t, v in verdicts if v == "limited"]
-    assert len(answered) == 5
-    assert all(b - a >= 1.0 for a, b in itertools.pairwise(answered))
-
-
-@pytest.mark.parametrize(
-    ("origin", "allowed"),
-    [
-        (None, True),
-        ("http://localhost", True),
-        ("http://localhost:3000", True),
-        ("https://127.0.0.1:8443", True),
-        ("HTTP://LOCALHOST:5173", True),
-        ("http://evil.example", False),
-        ("http://localhost.evil.example", False),
-        ("null", False),
-        ("ftp://localhost", False),
-        ("http://localhost:notaport", False),
-    ],
-)
-def test_origin_allow_list(origin: str | None, allowed: bool) -> None:
-    assert origin_allowed(origin, DEFAULT_ALLOWED_ORIGINS) is allowed
-
-
-def test_origin_allow_list_with_port_and_star() -> None:
-    exact = ["https://charts.example:8443"]
-    assert origin_allowed("https://charts.example:8443", exact)
-    assert not origin_allowed("https://charts.example:9000", exact)
-    assert not origin_allowed("http://charts.example:8443", exact)
-    assert origin_allowed("http://anything.example", ["*"])
-
-
-async def test_frame_safe_stream_finishes_a_cancelled_write_first() -> None:
-    left, right = trio.socket.socketpair()
-    writer = FrameSafeStream(trio.SocketStream(left))
-    reader = trio.SocketStream(right)
-    payload = bytes(range(256)) * 40_000  # ~10 MB: far more than the socket buffers hold
-    with trio.move_on_after(0.05) as scope:
-        await writer.send_all(payload)  # blocks: nobody reads yet
-    assert scope.cancelled_caught
-    received = bytearray()
-
-    async def read_all() -> None:
-        while chunk := await reader.receive_some(1 << 16):
-            received.extend(chunk)
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(read_all)
-        await writer.send_all(b"<next frame>")
-        await writer.aclose()
-    # the started write was completed before the next one: nothing lost, nothing torn
-    assert bytes(received) == payload + b"<next frame>"
-    await reader.aclose()
-
-
-async def test_frame_safe_stream_drops_a_write_that_never_started() -> None:
-    left, right = trio.socket.socketpair()
-    writer = FrameSafeStream(trio.SocketStream(left))
-    reader = trio.SocketStream(right)
-    with trio.CancelScope() as scope:
-        scope.cancel()
-        await writer.send_all(b"never started")
-    await writer.send_all(b"second")
-    await writer.aclose()
-    assert await reader.receive_some(100) == b"second"
-    await reader.aclose()
 
 
 # --- the server, with real clients ----------------------------------------------------
@@ -422,8 +265,14 @@ async def test_round_trip_of_every_message_type(store: CandleStore) -> None:
         assert (await receive(ws))["series_id"] == SID_5M
 
 
-@pytest.mark.parametrize(("raw", "says"), BAD_MESSAGES)
-async def test_every_bad_message_gets_an_error_and_the_connection_stays_up(
+# every bad message's parsing is tests/serve/test_ws_protocol.py's; a sample of kinds here
+BAD_ON_THE_WIRE: Final = [
+    m for m in BAD_MESSAGES if m[1] in ("not valid JSON", "got a JSON array", "got a boolean true")
+]
+
+
+@pytest.mark.parametrize(("raw", "says"), BAD_ON_THE_WIRE)
+async def test_bad_messages_get_an_error_and_the_connection_stays_up(
     store: CandleStore, raw: str | bytes, says: str
 ) -> None:
     async with (
@@ -437,7 +286,7 @@ async def test_every_bad_message_gets_an_error_and_the_connection_stays_up(
         assert says in error["message"]
         await send(ws, subscribe_msg(SID_1M))
         assert await until_pong(ws) == []
-        assert market.hub.statistics().subscriptions == 1
+        assert subscription_count(market.hub) == 1
 
 
 async def test_unknown_series_and_too_many_subscriptions(store: CandleStore) -> None:
@@ -460,7 +309,9 @@ async def test_unknown_series_and_too_many_subscriptions(store: CandleStore) -> 
         await send(ws, {"type": "unsubscribe", "series_id": SID_1M})
         await send(ws, subscribe_msg(SID_5M))
         assert await until_pong(ws) == []
-        assert market.hub.subscribers()[0].statistics().cursors == ((SID_5M, -1),)
+        (subscriber,) = market.hub.subscribers()
+        cursors = {sid: sub.cursor for sid, sub in subscriber.queue.subscriptions.items()}
+        assert cursors == {SID_5M: -1}
 
 
 async def test_subscribing_again_replaces_the_cursor(store: CandleStore) -> None:
@@ -625,9 +476,9 @@ async def test_client_close_is_counted_and_frees_the_subscriber(store: CandleSto
         async with connect(market.port) as ws:
             await send(ws, subscribe_msg())
             await until_pong(ws)
-            assert market.hub.statistics().subscriptions == 1
+            assert subscription_count(market.hub) == 1
         await market.hub.wait_subscribers(0)
-        assert market.hub.statistics().subscriptions == 0
+        assert subscription_count(market.hub) == 0
         text = market.metrics.render().decode()
         assert 'tradecanvas_subscriber_disconnects_total{reason="client_closed"} 1.0' in text
         # nothing is reported for a clean close

@@ -1,0 +1,306 @@
+"""Validation of HTTP API requests (DESIGN §5), without I/O: query parameters, the write
+body, the bearer token. Each refusal is a :class:`RequestRefused` carrying its status, its
+error code and every :class:`Problem` found, so a client with two bad parameters learns about
+both at once; ``tradecanvas.serve.http_api`` (the Starlette app) turns it into the answer.
+
+Tokens are compared with :func:`hmac.compare_digest`; nothing here logs.
+"""
+
+from __future__ import annotations
+
+import hmac
+import re
+from collections.abc import Mapping
+from decimal import Decimal
+from typing import Any, Final, Protocol
+
+import attrs
+import orjson
+
+from tradecanvas.errors import CandleError, SeriesIdError
+from tradecanvas.model import Candle, SeriesId, Timeframe, validate_candle
+
+DEFAULT_LIMIT: Final = 500
+MAX_LIMIT: Final = 5000
+BASE_TIMEFRAME: Final = Timeframe.parse("1m")
+_CANDLE_FIELDS: Final = ("candle_time", "open", "high", "low", "close", "volume")
+_DECIMAL_RE: Final = re.compile(r"^[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?$")
+_DECIMAL_MAX_CHARS: Final = 64
+# |adjusted exponent| above this is not a price or volume; it would also store huge text
+_DECIMAL_MAX_EXPONENT: Final = 30
+_INT_RE: Final = re.compile(r"^-?[0-9]{1,18}$")  # always fits SQLite's 64-bit INTEGER
+# candle_time above this is milliseconds (year 5138 in seconds), a common client mistake
+_MAX_CANDLE_TIME: Final = 100_000_000_000
+_SINCE_HELP: Final = "an integer candle_time in seconds (exclusive cursor)"
+_INGEST_DISABLED_MESSAGE: Final = (
+    "the write endpoint is disabled: no ingest token is configured. Set"
+    " TRADE_CANVAS_INGEST_TOKEN (at least 16 characters) or give the unit a credential named"
+    " ingest-token (LoadCredential=ingest-token:/etc/tradecanvas/ingest-token), then restart"
+)
+
+
+class QueryLike(Protocol):
+    """The query string as Starlette's ``QueryParams`` gives it."""
+
+    def get(self, key: str, /) -> str | None: ...
+
+    def getlist(self, key: str, /) -> list[str]: ...
+
+
+@attrs.frozen
+class Problem:
+    """One thing wrong with a request: which parameter or body field, and what."""
+
+    field: str
+    message: str
+
+    def to_wire(self) -> dict[str, str]:
+        return {"field": self.field, "message": self.message}
+
+
+class RequestRefused(Exception):
+    """A request we answer with ``status`` and an error document (:meth:`to_wire`)."""
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        *,
+        problems: tuple[Problem, ...] = (),
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.problems = problems
+        self.headers = dict(headers or {})
+
+    @classmethod
+    def unprocessable(cls, problems: list[Problem], code: str = "bad_request") -> RequestRefused:
+        message = "; ".join(p.message for p in problems)
+        return cls(422, code, message, problems=tuple(problems))
+
+    def to_wire(self) -> dict[str, Any]:
+        """The error document: ``error``, ``message`` and, for a 422, every problem."""
+        doc: dict[str, Any] = {"error": self.code, "message": self.message}
+        if self.problems:
+            doc["errors"] = [p.to_wire() for p in self.problems]
+        return doc
+
+
+def parse_candles_query(
+    params: QueryLike, served: frozenset[SeriesId]
+) -> tuple[SeriesId, int | None, int]:
+    """``(series, since, limit)`` from the query, or RequestRefused naming every bad part.
+
+    A well-formed series that is not served is 404 ``unknown_series``.
+    """
+    problems: list[Problem] = []
+    for name in ("series_id", "since", "limit"):
+        if len(params.getlist(name)) > 1:
+            problems.append(Problem(name, f"{name}: given more than once"))
+    series: SeriesId | None = None
+    raw_series = params.get("series_id")
+    if raw_series is None or raw_series == "":
+        problems.append(
+            Problem("series_id", "series_id: required, such as binance:futures:BTC/USDT:1m")
+        )
+    else:
+        try:
+            series = SeriesId.parse(raw_series)
+        except SeriesIdError as exc:
+            problems.append(Problem("series_id", f"series_id: {exc}"))
+    since: int | None = None
+    raw_since = params.get("since")
+    if raw_since is not None and raw_since != "":
+        if _INT_RE.match(raw_since):
+            since = int(raw_since)
+        else:
+            problems.append(Problem("since", f"since: {raw_since!r} is not {_SINCE_HELP}"))
+    limit = DEFAULT_LIMIT
+    raw_limit = params.get("limit")
+    if raw_limit is not None and raw_limit != "":
+        if _INT_RE.match(raw_limit) and 1 <= int(raw_limit) <= MAX_LIMIT:
+            limit = int(raw_limit)
+        else:
+            problems.append(
+                Problem("limit", f"limit: {raw_limit!r} is not an integer in 1..{MAX_LIMIT}")
+            )
+    if problems:
+        raise RequestRefused.unprocessable(problems)
+    assert series is not None
+    if series not in served:
+        raise RequestRefused(
+            404,
+            "unknown_series",
+            f"series_id: {series} is not served by this daemon; GET /api/market/series lists"
+            " the served ones",
+            problems=(Problem("series_id", f"{series} is not served"),),
+        )
+    return series, since, limit
+
+
+def parse_decimal(field: str, value: object) -> Decimal:
+    """A JSON number or decimal string as an exact Decimal (floats via their repr).
+    Raises ValueError naming ``field``."""
+    if isinstance(value, bool):
+        raise ValueError(f"{field}: expected a number or a decimal string, got {value!r}")
+    if isinstance(value, int):
+        result = Decimal(value)
+    elif isinstance(value, float):
+        # repr is the shortest text that round-trips: 0.1 → "0.1", not 0.1000000000000000055…
+        result = Decimal(repr(value))
+    elif isinstance(value, str):
+        text = value.strip()
+        if len(text) > _DECIMAL_MAX_CHARS or not _DECIMAL_RE.match(text):
+            raise ValueError(f"{field}: {value!r} is not a decimal number")
+        result = Decimal(text)
+    else:
+        raise ValueError(f"{field}: expected a number or a decimal string, got {value!r}")
+    if not result.is_finite():
+        raise ValueError(f"{field}: {value!r} is not a finite number")
+    if result == 0:
+        return Decimal(0)
+    if abs(result.adjusted()) > _DECIMAL_MAX_EXPONENT:
+        raise ValueError(
+            f"{field}: {value!r} is out of range (magnitude 1e±{_DECIMAL_MAX_EXPONENT})"
+        )
+    return result
+
+
+def parse_candle_time(value: object) -> int:
+    """``candle.candle_time`` of a write: an integer of seconds. Raises ValueError."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(
+            f"candle.candle_time: expected an integer (the bar's open time in unix seconds),"
+            f" got {value!r}"
+        )
+    if value < 0:
+        raise ValueError(f"candle.candle_time: must not be negative, got {value}")
+    if value >= _MAX_CANDLE_TIME:
+        raise ValueError(
+            f"candle.candle_time: {value} is too large; it is in seconds, not milliseconds"
+        )
+    return value
+
+
+def parse_ingest_body(raw: bytes, writable: frozenset[SeriesId]) -> tuple[SeriesId, Candle]:
+    """The write body ``{series_id, candle: {candle_time, open, high, low, close, volume}}``.
+
+    Raises RequestRefused (422) naming every bad field; the candle's own rules (alignment to
+    1m, high ≥ low, prices within [low, high], non-negative volume) are checked last.
+    """
+    try:
+        doc = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise RequestRefused.unprocessable(
+            [Problem("body", f"body: not valid JSON ({exc})")]
+        ) from None
+    if not isinstance(doc, dict):
+        raise RequestRefused.unprocessable(
+            [Problem("body", f"body: expected a JSON object, got {type(doc).__name__}")]
+        )
+    problems: list[Problem] = []
+    unknown = sorted(set(doc) - {"series_id", "candle"})
+    if unknown:
+        problems.append(Problem("body", f"body: unknown field(s) {', '.join(unknown)}"))
+    series: SeriesId | None = None
+    if "series_id" not in doc:
+        problems.append(Problem("series_id", "series_id: required"))
+    else:
+        try:
+            series = SeriesId.parse(doc["series_id"])
+        except SeriesIdError as exc:
+            problems.append(Problem("series_id", f"series_id: {exc}"))
+    values: dict[str, Any] = {}
+    raw_candle = doc.get("candle")
+    if "candle" not in doc:
+        problems.append(
+            Problem("candle", "candle: required, an object with " + ", ".join(_CANDLE_FIELDS))
+        )
+    elif not isinstance(raw_candle, dict):
+        problems.append(Problem("candle", f"candle: expected an object, got {raw_candle!r}"))
+    else:
+        extra = sorted(set(raw_candle) - set(_CANDLE_FIELDS))
+        if extra:
+            problems.append(Problem("candle", f"candle: unknown field(s) {', '.join(extra)}"))
+        for name in _CANDLE_FIELDS:
+            field = f"candle.{name}"
+            if name not in raw_candle:
+                problems.append(Problem(field, f"{field}: required"))
+                continue
+            try:
+                if name == "candle_time":
+                    values[name] = parse_candle_time(raw_candle[name])
+                else:
+                    values[name] = parse_decimal(field, raw_candle[name])
+            except ValueError as exc:
+                problems.append(Problem(field, str(exc)))
+    if series is not None and series not in writable:
+        if series.timeframe != BASE_TIMEFRAME:
+            message = (
+                f"series_id: {series} is not a base 1m series; only base 1m series accept"
+                " writes (higher timeframes are derived from them)"
+            )
+            problems.append(Problem("series_id", message))
+        elif not problems:
+            raise RequestRefused.unprocessable(
+                [Problem("series_id", f"series_id: {series} is not served by this daemon")],
+                code="unknown_series",
+            )
+        else:
+            problems.append(
+                Problem("series_id", f"series_id: {series} is not served by this daemon")
+            )
+    if problems:
+        raise RequestRefused.unprocessable(problems)
+    assert series is not None
+    candle = Candle(**values)
+    try:
+        validate_candle(candle, BASE_TIMEFRAME)
+    except CandleError as exc:
+        raise RequestRefused.unprocessable([Problem("candle", f"candle: {exc}")]) from None
+    return series, candle
+
+
+def check_bearer(authorization: str | None, token: str | None) -> None:
+    """Refuse unless ``authorization`` is ``Bearer <token>``. 403 when no token is set."""
+    if token is None:
+        raise RequestRefused(403, "ingest_disabled", _INGEST_DISABLED_MESSAGE)
+    challenge = 'Bearer realm="tradecanvas"'
+    if not authorization:
+        raise RequestRefused(
+            401,
+            "unauthorized",
+            "missing Authorization: Bearer <token> header",
+            headers={"WWW-Authenticate": challenge},
+        )
+    scheme, _, given = authorization.strip().partition(" ")
+    # compare_digest takes the same time whatever prefix matches; bytes so that non-ASCII
+    # input is compared rather than raising
+    if scheme.lower() != "bearer" or not hmac.compare_digest(
+        given.strip().encode("utf-8", "surrogateescape"), token.encode("utf-8")
+    ):
+        raise RequestRefused(
+            401,
+            "unauthorized",
+            "invalid bearer token",
+            headers={"WWW-Authenticate": f'{challenge}, error="invalid_token"'},
+        )
+
+
+__all__ = [
+    "BASE_TIMEFRAME",
+    "DEFAULT_LIMIT",
+    "MAX_LIMIT",
+    "Problem",
+    "QueryLike",
+    "RequestRefused",
+    "check_bearer",
+    "parse_candle_time",
+    "parse_candles_query",
+    "parse_decimal",
+    "parse_ingest_body",
+]

@@ -1,0 +1,126 @@
+"""What a subscriber's drain plan asks of the publish task, and the wire text of each message
+(DESIGN §3). Plain data and functions, no I/O.
+
+A plan (:mod:`tradecanvas.serve.subscriber_queue`) yields :class:`ReadStore` (answer with
+the candles read) and :class:`Send` (send these messages in order); the Hub carries them out
+and turns each :data:`Outgoing` into wire texts with :func:`encode`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator, Sequence
+
+import attrs
+
+from tradecanvas.model import Candle
+from tradecanvas.wire.json import dumps
+
+
+@attrs.frozen
+class ReadStore:
+    """Read closed candles of ``series_id``: with ``since`` None the newest ``limit``
+    (``CandleStore.tail``), else at most ``limit`` after ``since`` (``CandleStore.since``).
+    The publish task answers with the candles read, ascending."""
+
+    series_id: str
+    since: int | None
+    limit: int
+
+
+@attrs.frozen(eq=False)
+class WholeMessage:
+    """A queued system, pong or error message, already encoded; identity is its place."""
+
+    text: str
+
+
+@attrs.frozen
+class ClosedCandles:
+    """Closed candles of one series (ascending): ``candles_batch`` messages of at most
+    ``catchup_limit`` candles for a ``batch`` subscription, else one ``candle_closed`` each."""
+
+    series_id: str
+    candles: tuple[Candle, ...]
+    batch: bool
+
+
+@attrs.frozen
+class Gap:
+    """A hole the store has too: the time expected next and the time that came."""
+
+    series_id: str
+    expected_next_time: int
+    actual_time: int
+
+
+@attrs.frozen
+class FormingCandle:
+    series_id: str
+    candle: Candle
+
+
+Outgoing = WholeMessage | ClosedCandles | Gap | FormingCandle
+
+
+@attrs.frozen
+class Send:
+    """Send these messages in this order; the publish task resumes the plan with None."""
+
+    messages: tuple[Outgoing, ...]
+
+
+Action = ReadStore | Send
+# the publish task resumes a plan with the candles a ReadStore asked for, None after a Send
+Plan = Generator[Action, Sequence[Candle] | None, None]
+
+
+def encode(message: Outgoing, catchup_limit: int) -> list[str]:
+    """The wire texts of one message (a batch of closed candles may take several)."""
+    if isinstance(message, WholeMessage):
+        return [message.text]
+    sid = message.series_id
+    if isinstance(message, Gap):
+        return [
+            dumps(
+                {
+                    "type": "gap",
+                    "series_id": sid,
+                    "expected_next_time": message.expected_next_time,
+                    "actual_time": message.actual_time,
+                }
+            )
+        ]
+    if isinstance(message, FormingCandle):
+        return [
+            dumps({"type": "candle_forming", "series_id": sid, "candle": message.candle.to_wire()})
+        ]
+    candles = message.candles
+    if not message.batch:
+        return [
+            dumps({"type": "candle_closed", "series_id": sid, "candle": c.to_wire()})
+            for c in candles
+        ]
+    return [
+        dumps(
+            {
+                "type": "candles_batch",
+                "series_id": sid,
+                "candles": [c.to_wire() for c in candles[start : start + catchup_limit]],
+            }
+        )
+        for start in range(0, len(candles), catchup_limit)
+    ]
+
+
+__all__ = [
+    "Action",
+    "ClosedCandles",
+    "FormingCandle",
+    "Gap",
+    "Outgoing",
+    "Plan",
+    "ReadStore",
+    "Send",
+    "WholeMessage",
+    "encode",
+]

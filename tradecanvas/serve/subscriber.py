@@ -1,0 +1,131 @@
+"""One /ws/market connection as the Hub sees it (DESIGN §3, §6): its subscriber queue, its
+cancel scopes, its wake-up event and how it ended.
+
+The trio half of a subscriber: the rules of what is queued and dropped are the
+:class:`~tradecanvas.serve.subscriber_queue.SubscriberQueue`'s; this object turns the queue's
+callbacks into a wake-up :class:`trio.Event` and the lag deadline of :attr:`lag_scope`, and
+its close decisions into a cancelled :attr:`cancel_scope`. The Hub makes it
+(``Hub.attach``), its publish task drains it, the WS server reads how it ended
+(:attr:`close_code`, :attr:`close_reason`, :attr:`disconnect_reason`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Protocol, final
+
+import trio
+
+from tradecanvas.serve.subscriber_queue import CloseDecision, SubscriberQueue
+from tradecanvas.serve.ws_protocol import CLOSE_GOING_AWAY
+from tradecanvas.wire.json import dumps
+
+log = logging.getLogger(__name__)
+
+
+class MessageSocket(Protocol):
+    """What the publish task needs from a connection (a ``trio_websocket`` connection).
+
+    ``send_message`` raises ``trio_websocket.ConnectionClosed`` once the connection is gone.
+    """
+
+    async def send_message(self, message: str) -> None: ...
+
+
+@final
+class Subscriber:
+    """One /ws/market connection as the Hub sees it: its :attr:`queue` (subscriptions and
+    what is queued for them), its cancel scopes and how it ended. Made by
+    :meth:`Hub.attach`; the WS server calls :meth:`Hub.subscribe`, :meth:`Hub.unsubscribe`
+    and :meth:`send_control` from its reader."""
+
+    def __init__(
+        self,
+        socket: MessageSocket,
+        peer: str,
+        max_subscriptions: int,
+        *,
+        queue_max: int,
+        max_lag_s: float,
+        catchup_limit: int,
+    ) -> None:
+        self.socket = socket
+        self.peer = peer
+        self.max_subscriptions = max_subscriptions
+        self.cancel_scope = trio.CancelScope()
+        # the publish task runs inside it; its deadline is the queue's lag deadline
+        self.lag_scope = trio.CancelScope()
+        self._wakeup = trio.Event()
+        self.queue = SubscriberQueue(
+            queue_max=queue_max,
+            max_lag_s=max_lag_s,
+            catchup_limit=catchup_limit,
+            wake=self._wake,
+            lag_changed=self._lag_changed,
+        )
+        self.close_code: int | None = None
+        self.close_reason: str | None = None
+        self.disconnect_reason: str | None = None
+        self.failure: str | None = None
+        self.detached = False
+
+    @property
+    def closing(self) -> bool:
+        return self.queue.closing
+
+    def _wake(self) -> None:
+        if not self._wakeup.is_set():
+            self._wakeup.set()
+
+    async def wait_ready(self) -> None:
+        """Wait until something was queued since the last call (the publish task's wait)."""
+        await self._wakeup.wait()
+        self._wakeup = trio.Event()
+
+    def _lag_changed(self, deadline: float) -> None:
+        self.lag_scope.deadline = deadline
+        if deadline < math.inf:
+            log.info("subscriber %s is lagging; it will heal from the store", self.peer)
+        else:
+            log.info("subscriber %s healed from the store", self.peer)
+
+    def close(self, code: int, reason: str, *, disconnect_reason: str) -> None:
+        """Decide to close with ``code`` (the first decision wins) and cancel the connection.
+
+        The WS server sends the close frame once the scope has unwound."""
+        if self.close_code is None and self.failure is None:
+            self.close_code = code
+            self.close_reason = reason
+            self.disconnect_reason = disconnect_reason
+            level = logging.DEBUG if code == CLOSE_GOING_AWAY else logging.INFO
+            log.log(level, "closing subscriber %s: %s %s", self.peer, code, reason)
+        self.queue.mark_closing()
+        self.cancel_scope.cancel()
+
+    def close_for(self, decision: CloseDecision) -> None:
+        """:meth:`close` as the subscriber queue decided."""
+        self.close(decision.code, decision.reason, disconnect_reason=decision.disconnect_reason)
+
+    def fail(self, description: str, *, disconnect_reason: str) -> None:
+        """The connection broke: isolate this subscriber; the next publish step reports it."""
+        if self.failure is None and self.close_code is None:
+            self.failure = description
+            self.disconnect_reason = disconnect_reason
+            log.info("subscriber %s failed: %s", self.peer, description)
+        self.queue.mark_closing()
+        self.cancel_scope.cancel()
+
+    def mark_client_closed(self) -> None:
+        """The peer closed the connection with a close frame (a normal end)."""
+        if self.disconnect_reason is None:
+            self.disconnect_reason = "client_closed"
+
+    def send_control(self, message: dict[str, object]) -> None:
+        """Queue a pong or error for this connection (never blocks)."""
+        decision = self.queue.offer_message(dumps(message), trio.current_time())
+        if decision is not None:
+            self.close_for(decision)
+
+
+__all__ = ["MessageSocket", "Subscriber"]

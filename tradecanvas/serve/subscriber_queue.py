@@ -1,0 +1,429 @@
+"""One subscriber's queue without I/O: what it holds, what it drops, what it sends next
+(DESIGN §3, §6). No trio, no sockets: time is passed in, store reads and sends are asked for.
+
+The Hub (``tradecanvas.serve.hub``) is the trio shell around it: it owns the wake-up events,
+the cancel scopes, the publish task, the store reads, the encoding, the sends and their
+deadlines. It puts work on a queue with the ``offer_*`` methods (synchronous, never blocking:
+the Hub's ``send_nowait``) and its publish task carries out the :class:`Plan` that
+:meth:`SubscriberQueue.drain` returns.
+
+What the queue holds
+--------------------
+Per subscription (one series on one connection): the pending closed candles keyed by time and
+the newest forming candle; plus an insertion-ordered "ready" list of subscriptions and whole
+messages (system, pong, error) that fixes the order in which they go out. Its size is counted
+in messages as a non-batch client would get them — one per closed candle, one per forming
+candle, one per other message — and never exceeds ``queue_max``.
+
+Draining and coalescing
+-----------------------
+A drain takes everything ready and, per subscription, asks for the closed candles as ONE
+``ClosedCandles`` message (split only at a ``Gap``; the encoding splits a batch every
+``catchup_limit`` candles) then the newest ``FormingCandle`` if it is still above the
+cursor. A whole message goes out in its place in the ready list, so a system message for a
+series never overtakes the candles published before it.
+
+Cursors, catch-up and healing
+-----------------------------
+A subscription's cursor is the last closed ``candle_time`` sent; it only moves forward and a
+forming candle is sent only above it (one at or below it is not even queued). Subscribing
+registers the subscription at once (live candles from then on are buffered) and marks it
+ready for its catch-up: the drain asks the store (``ReadStore``: ``since`` exclusive, at
+most ``catchup_limit`` a read and a message; ``since: null`` means the newest
+``catchup_limit``), sends that, and then the buffered live candles, dropping anything at or
+below the cursor. Every candle is committed before it is published, so a candle is either in
+a store read that started after registration, or in the buffer: no loss, no duplicate.
+
+A hole in what a subscriber would receive (next time > cursor + timeframe, once the cursor is
+anchored on a real candle) is first healed from the store (``since`` = the cursor); only a
+hole the store itself has is reported as a gap, and delivery continues after it.
+
+Slow consumers
+--------------
+When an offer would overflow the queue, its queued forming candles are dropped first. If that
+is not enough the subscriber starts **lagging**: its queued closed candles are dropped (they
+are in the store) and, per subscription, the highest dropped time is remembered as the heal
+target; further closed candles for a lagging subscription are not queued but only raise its
+target. The drain heals each such subscription from the store up to its target, and the
+subscriber stops lagging when none is left to heal. The subscriber is to be closed with 4008
+(a :class:`CloseDecision`) when it has been lagging for ``max_lag_s`` (the shell's clock
+reaches :attr:`SubscriberQueue.lag_deadline`: :meth:`SubscriberQueue.lagged_out`), or when
+even the dropping leaves no room for a whole message (:meth:`SubscriberQueue.offer_message`).
+The send timeout is the shell's.
+
+The plan's vocabulary (:class:`~tradecanvas.serve.outgoing.ReadStore`, ``Send`` and the
+outgoing messages) is in :mod:`tradecanvas.serve.outgoing`; the cursor rules of one
+subscription in :mod:`tradecanvas.serve.subscription`.
+
+Only misuse raises: the constructor (ValueError for a bound below 1), a plan resumed without
+the candles it asked for (TypeError). The callbacks ``wake`` (something became ready) and
+``lag_changed`` (the lag deadline, ``math.inf`` once healed) must not raise.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Generator, Iterable, Sequence
+from typing import Final, final
+
+import attrs
+
+from tradecanvas.model import Candle
+from tradecanvas.serve.outgoing import (
+    Action,
+    FormingCandle,
+    Plan,
+    ReadStore,
+    Send,
+    WholeMessage,
+)
+from tradecanvas.serve.subscription import (
+    EMPTY_STORE_CURSOR,
+    Subscription,
+    has_hole,
+    plan_closed,
+    split_at_unverified_hole,
+)
+from tradecanvas.serve.ws_protocol import CLOSE_SLOW_CONSUMER
+
+SLOW_CONSUMER: Final = "slow_consumer"  # the disconnect reason of every 4008
+
+
+@attrs.frozen
+class CloseDecision:
+    """Close the subscriber with ``code`` and ``reason``; ``disconnect_reason`` labels
+    ``tradecanvas_subscriber_disconnects_total``."""
+
+    code: int
+    reason: str
+    disconnect_reason: str
+
+
+def _nothing() -> None:
+    pass
+
+
+def _ignore_deadline(deadline: float) -> None:
+    pass
+
+
+# --- the queue --------------------------------------------------------------------------
+
+
+@final
+class SubscriberQueue:
+    """One subscriber's bounded queue and slow-consumer policy (see the module docstring).
+
+    Owns its :class:`Subscription` objects (:attr:`subscriptions`, by series id). ``wake``
+    is called whenever something becomes ready to drain; ``lag_changed(deadline)`` when the
+    subscriber starts lagging (the time it must be healed by) and when it stops (``inf``).
+    """
+
+    def __init__(
+        self,
+        *,
+        queue_max: int,
+        max_lag_s: float,
+        catchup_limit: int,
+        wake: Callable[[], None] = _nothing,
+        lag_changed: Callable[[float], None] = _ignore_deadline,
+    ) -> None:
+        if queue_max < 1 or catchup_limit < 1:
+            raise ValueError("queue_max and catchup_limit must be >= 1")
+        self.queue_max = queue_max
+        self.max_lag_s = max_lag_s
+        self.catchup_limit = catchup_limit
+        self._wake = wake
+        self._lag_changed = lag_changed
+        self.subscriptions: dict[str, Subscription] = {}
+        self._ready: dict[Subscription | WholeMessage, None] = {}
+        self._queued = 0
+        self.lagging_since: float | None = None
+        # set by a close decision here or the shell's (a closing queue takes nothing more)
+        self.closing = False
+
+    # --- state ----------------------------------------------------------------------
+
+    @property
+    def queued(self) -> int:
+        """Messages held, counted as a non-batch client would get them."""
+        return self._queued
+
+    @property
+    def lag_deadline(self) -> float:
+        """When a lagging subscriber is to be closed with 4008; ``inf`` when not lagging."""
+        if self.lagging_since is None:
+            return math.inf
+        return self.lagging_since + self.max_lag_s
+
+    def mark_closing(self) -> None:
+        """The subscriber is being closed: offers are ignored and the drain stops."""
+        self.closing = True
+
+    def lagged_out(self) -> CloseDecision:
+        """The 4008 decision for lagging too long: the shell's clock reached
+        :attr:`lag_deadline` while lagging (closing even if the lag ended meanwhile, since
+        the publish task was cancelled for it)."""
+        return self._decide(f"slow consumer: lagging for more than {self.max_lag_s:g}s")
+
+    def _decide(self, reason: str) -> CloseDecision:
+        self.closing = True
+        return CloseDecision(CLOSE_SLOW_CONSUMER, reason, SLOW_CONSUMER)
+
+    # --- subscriptions --------------------------------------------------------------
+
+    def subscribe(self, series_id: str, tf_seconds: int, since: int | None, batch: bool) -> None:
+        """Register (or replace) a subscription at once and make its catch-up ready."""
+        old = self.subscriptions.get(series_id)
+        if old is not None:
+            self._drop(old)
+        sub = Subscription(series_id, tf_seconds, since, batch)
+        self.subscriptions[series_id] = sub
+        self._mark(sub)
+
+    def unsubscribe(self, series_id: str) -> bool:
+        """Drop a subscription and what it has queued; False when there was none."""
+        sub = self.subscriptions.pop(series_id, None)
+        if sub is None:
+            return False
+        self._drop(sub)
+        return True
+
+    def drop_all(self) -> None:
+        """Drop every subscription (the connection ended)."""
+        for sub in list(self.subscriptions.values()):
+            self._drop(sub)
+        self.subscriptions.clear()
+
+    def _drop(self, sub: Subscription) -> None:
+        sub.active = False
+        sub.heal_target = None
+        self._queued -= len(sub.pending) + (sub.forming is not None)
+        sub.pending.clear()
+        sub.forming = None
+        self._ready.pop(sub, None)
+        self._end_lagging_if_healed()
+
+    # --- offers (synchronous, never blocking) ---------------------------------------
+
+    def _mark(self, key: Subscription | WholeMessage) -> None:
+        if key not in self._ready:
+            self._ready[key] = None
+        self._wake()
+
+    def offer_message(self, text: str, now: float) -> CloseDecision | None:
+        """Queue a whole message (system, pong, error). With no room even after dropping
+        forming and closed candles: the 4008 decision (and nothing is queued)."""
+        if self.closing:
+            return None
+        if self._queued + 1 > self.queue_max:
+            self._make_room(1)
+            if self._queued + 1 > self.queue_max:
+                self._start_lagging(now)
+            if self._queued + 1 > self.queue_max:
+                return self._decide("slow consumer: queue full")
+        self._queued += 1
+        self._mark(WholeMessage(text))
+        return None
+
+    def offer_closed(self, series_id: str, candles: Sequence[Candle], now: float) -> None:
+        """Queue closed candles above the cursor, or lag and raise the heal target."""
+        sub = self.subscriptions.get(series_id)
+        if sub is None or self.closing:
+            return
+        cursor = sub.cursor
+        fresh = [c for c in candles if cursor is None or c.candle_time > cursor]
+        if not fresh:
+            return
+        newest = max(c.candle_time for c in fresh)
+        if sub.heal_target is not None:
+            # lagging: the store has them; raise the target instead of queueing
+            sub.heal_target = max(sub.heal_target, newest)
+            self._mark(sub)
+            return
+        added = sum(1 for c in fresh if c.candle_time not in sub.pending)
+        if self._queued + added > self.queue_max:
+            self._make_room(added)
+            if self._queued + added > self.queue_max:
+                self._start_lagging(now)
+                sub.heal_target = max(sub.heal_target or newest, newest)
+                sub.needs_sync = True
+                self._mark(sub)
+                return
+        for c in fresh:
+            sub.pending[c.candle_time] = c
+        self._queued += added
+        self._mark(sub)
+
+    def offer_forming(self, series_id: str, candle: Candle) -> None:
+        """Keep the newest forming candle above the cursor; with no room it is dropped
+        (forming goes first; never worth lagging for)."""
+        sub = self.subscriptions.get(series_id)
+        if sub is None or self.closing:
+            return
+        if sub.cursor is not None and candle.candle_time <= sub.cursor:
+            return
+        if sub.forming is None:
+            if self._queued + 1 > self.queue_max:
+                return
+            self._queued += 1
+        sub.forming = candle
+        self._mark(sub)
+
+    def _make_room(self, needed: int) -> None:
+        """Drop queued forming candles (the first thing a full queue gives up)."""
+        for sub in self.subscriptions.values():
+            if sub.forming is not None:
+                sub.forming = None
+                self._queued -= 1
+                if self._queued + needed <= self.queue_max:
+                    return
+
+    def _start_lagging(self, now: float) -> None:
+        """Drop every queued closed candle; each subscription heals from the store later."""
+        if self.lagging_since is None:
+            self.lagging_since = now
+            self._lag_changed(self.lag_deadline)
+        for sub in self.subscriptions.values():
+            if sub.pending:
+                top = max(sub.pending)
+                sub.heal_target = top if sub.heal_target is None else max(sub.heal_target, top)
+                sub.needs_sync = True
+                self._queued -= len(sub.pending)
+                sub.pending.clear()
+                self._mark(sub)
+
+    def _end_lagging_if_healed(self) -> None:
+        if self.lagging_since is not None and all(
+            s.heal_target is None for s in self.subscriptions.values() if s.active
+        ):
+            self.lagging_since = None
+            self._lag_changed(math.inf)
+
+    # --- the drain --------------------------------------------------------------------
+
+    def drain(self) -> Plan:
+        """Take everything ready now; the plan that sends it (see the module docstring).
+
+        The publish task answers each :class:`ReadStore` with the candles read and resumes
+        after each :class:`Send`; offers may come in between. The plan ends early once the
+        queue is closing; a subscription dropped meanwhile is skipped.
+        """
+        items = list(self._ready)
+        self._ready.clear()
+        return self._plan(items)
+
+    def _plan(self, items: Iterable[Subscription | WholeMessage]) -> Plan:
+        for item in items:
+            if self.closing:
+                return
+            if isinstance(item, WholeMessage):
+                self._queued -= 1
+                yield Send((item,))
+            elif item.active:
+                yield from self._flush(item)
+
+    def _stale(self, sub: Subscription) -> bool:
+        """After a yield: was the subscription replaced/dropped, or the queue closed?"""
+        return not sub.active or self.closing
+
+    def _take_pending(self, sub: Subscription) -> list[Candle]:
+        taken = [sub.pending[t] for t in sorted(sub.pending)]
+        self._queued -= len(sub.pending)
+        sub.pending.clear()
+        cursor = sub.cursor
+        return [c for c in taken if cursor is None or c.candle_time > cursor]
+
+    def _flush(self, sub: Subscription) -> Plan:
+        carry: list[Candle] = []
+        while True:
+            if carry or sub.needs_sync or has_hole(sub):
+                yield from self._sync(sub, carry[-1].candle_time if carry else -1)
+                if self._stale(sub):
+                    return
+            pending = {c.candle_time: c for c in carry}
+            pending.update((c.candle_time, c) for c in self._take_pending(sub))
+            # a hole before a candle a store read has already covered is the store's own
+            # (a gap); one before a newer candle needs another read first
+            ready, carry = split_at_unverified_hole(sub, [pending[t] for t in sorted(pending)])
+            yield from self._send_closed(sub, ready)
+            if self._stale(sub):
+                return
+            if not carry:
+                break
+        forming = sub.forming
+        if forming is not None and sub.active:
+            sub.forming = None
+            self._queued -= 1
+            if sub.cursor is None or forming.candle_time > sub.cursor:
+                yield Send((FormingCandle(sub.series_id, forming),))
+
+    def _sync(self, sub: Subscription, carried_upto: int) -> Plan:
+        """Send from the store what the subscription is missing: its catch-up, a heal after
+        lagging, or a hole. Live candles published meanwhile wait in the pending buffer (or
+        raise the heal target while lagging); the caller sends them afterwards.
+
+        Sets ``sub.verified_upto``: every candle published before the last read started
+        (the pending ones, and ``carried_upto`` the caller holds) was committed before it,
+        so a hole below them that the read did not fill is the store's own."""
+        limit = self.catchup_limit
+        while True:
+            target_before_read = sub.heal_target
+            sub.verified_upto = max(carried_upto, max(sub.pending, default=-1))
+            if sub.use_tail or sub.cursor is None:
+                sub.use_tail = False
+                chunk = yield from _read(ReadStore(sub.series_id, None, limit))
+                complete = True
+                if not chunk and sub.cursor is None:
+                    # nothing stored yet: everything committed from now on is live for this
+                    # subscriber, so a later hole heals from the very start of the store
+                    sub.cursor = EMPTY_STORE_CURSOR
+            elif sub.probe_anchor:
+                sub.probe_anchor = False
+                # read from just below the cursor: a stored candle AT the cursor anchors gaps
+                raw = yield from _read(ReadStore(sub.series_id, sub.cursor - 1, limit + 1))
+                complete = len(raw) <= limit
+                if raw and raw[0].candle_time == sub.cursor:
+                    sub.anchored = True
+                    raw = raw[1:]
+                chunk = raw[:limit]
+            else:
+                chunk = yield from _read(ReadStore(sub.series_id, sub.cursor, limit))
+                complete = len(chunk) < limit
+            if self._stale(sub):
+                return
+            yield from self._send_closed(sub, chunk)
+            if self._stale(sub):
+                return
+            target = sub.heal_target
+            if complete and (
+                target is None
+                or (sub.cursor is not None and sub.cursor >= target)
+                # the store ends below a target that a read started after it was set: a
+                # candle that was never committed cannot be healed (defensive; not expected)
+                or (not chunk and target == target_before_read)
+            ):
+                break
+        sub.heal_target = None
+        sub.needs_sync = False
+        self._end_lagging_if_healed()
+
+    def _send_closed(self, sub: Subscription, candles: Sequence[Candle]) -> Plan:
+        """Send ``candles`` above the cursor (moving it); nothing to send: no yield."""
+        messages = plan_closed(sub, candles)
+        if messages:
+            yield Send(tuple(messages))
+
+
+def _read(read: ReadStore) -> Generator[Action, Sequence[Candle] | None, list[Candle]]:
+    rows = yield read
+    if rows is None:
+        raise TypeError("a ReadStore is answered with the candles read, not None")
+    return list(rows)
+
+
+__all__ = [
+    "SLOW_CONSUMER",
+    "CloseDecision",
+    "SubscriberQueue",
+]

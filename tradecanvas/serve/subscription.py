@@ -1,0 +1,121 @@
+"""One series on one connection: its cursor and what it has queued, and the cursor rules —
+which closed candles go out, where a gap is, where a hole still needs a store read.
+Plain data and functions, no I/O; :mod:`tradecanvas.serve.subscriber_queue` (its module
+docstring has the rules in full) owns the subscriptions and counts what they hold.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Final, final
+
+from tradecanvas.model import Candle
+from tradecanvas.serve.outgoing import ClosedCandles, Gap, Outgoing
+
+# the cursor of a ``since: null`` subscription whose catch-up found the store empty
+EMPTY_STORE_CURSOR: Final = -1
+
+
+@final
+class Subscription:
+    """One series on one connection: its cursor and its part of the subscriber's queue."""
+
+    __slots__ = (
+        "active",
+        "anchored",
+        "batch",
+        "cursor",
+        "forming",
+        "heal_target",
+        "needs_sync",
+        "pending",
+        "probe_anchor",
+        "series_id",
+        "tf_seconds",
+        "use_tail",
+        "verified_upto",
+    )
+
+    def __init__(self, series_id: str, tf_seconds: int, since: int | None, batch: bool) -> None:
+        self.series_id = series_id
+        self.tf_seconds = tf_seconds
+        self.batch = batch
+        # last closed candle_time sent; None until the first one for ``since: null``
+        self.cursor: int | None = since
+        # gaps are only reported relative to a cursor that is a real stored/sent candle
+        self.anchored = False
+        # the first read of a ``since`` subscription looks for a stored candle AT the cursor
+        self.probe_anchor = since is not None
+        self.use_tail = since is None
+        self.pending: dict[int, Candle] = {}
+        self.forming: Candle | None = None
+        self.needs_sync = True
+        # lagging: the newest closed candle dropped from the queue (the store has it)
+        self.heal_target: int | None = None
+        # the newest buffered candle that a store read started after
+        self.verified_upto = -1
+        # False once unsubscribed or replaced
+        self.active = True
+
+
+def plan_closed(sub: Subscription, candles: Sequence[Candle]) -> list[Outgoing]:
+    """The messages for ``candles`` (ascending) above the cursor, with a gap at each hole
+    after an anchored cursor; moves the cursor to the last one."""
+    messages: list[Outgoing] = []
+    run: list[Candle] = []
+    tf = sub.tf_seconds
+    for candle in candles:
+        t = candle.candle_time
+        cursor = sub.cursor
+        if cursor is not None and t <= cursor:
+            continue
+        if sub.anchored and cursor is not None and t > cursor + tf:
+            if run:
+                messages.append(ClosedCandles(sub.series_id, tuple(run), sub.batch))
+                run = []
+            messages.append(Gap(sub.series_id, cursor + tf, t))
+        run.append(candle)
+        sub.cursor = t
+        sub.anchored = True
+    if run:
+        messages.append(ClosedCandles(sub.series_id, tuple(run), sub.batch))
+    return messages
+
+
+def split_at_unverified_hole(
+    sub: Subscription, candles: list[Candle]
+) -> tuple[list[Candle], list[Candle]]:
+    """``candles`` (ascending) up to the first hole that no store read has covered yet."""
+    previous = sub.cursor
+    for index, candle in enumerate(candles):
+        t = candle.candle_time
+        if previous is not None and t <= previous:
+            continue
+        if previous is not None and t > previous + sub.tf_seconds and t > sub.verified_upto:
+            return candles[:index], candles[index:]
+        previous = t
+    return candles, []
+
+
+def has_hole(sub: Subscription) -> bool:
+    """Would the buffered candles leave a hole after the cursor? (Healing does not need an
+    anchored cursor: ``since`` asks for everything after it; only a gap does.)"""
+    if sub.cursor is None or not sub.pending:
+        return False
+    previous = sub.cursor
+    for t in sorted(sub.pending):
+        if t <= previous:
+            continue
+        if t > previous + sub.tf_seconds:
+            return True
+        previous = t
+    return False
+
+
+__all__ = [
+    "EMPTY_STORE_CURSOR",
+    "Subscription",
+    "has_hole",
+    "plan_closed",
+    "split_at_unverified_hole",
+]
