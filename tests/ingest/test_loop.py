@@ -309,6 +309,7 @@ async def test_omitted_closes_in_a_fast_replay_are_all_repaired(
         assert metric(rig, "tradecanvas_late_closes_repaired_total") == 14
 
 
+@pytest.mark.slow  # over a second of real time
 async def test_429_retry_after_is_honoured_and_backfill_never_blocks_forming(
     tmp_path: Path, data_dir: Path
 ) -> None:
@@ -509,6 +510,7 @@ async def _stale_scenario(tmp_path: Path, upstream: ScriptedUpstream) -> None:
         nursery.cancel_scope.cancel()
 
 
+@pytest.mark.slow  # over a second of real time
 async def test_connection_is_rotated_make_before_break_without_loss(
     tmp_path: Path, data_dir: Path
 ) -> None:
@@ -688,6 +690,7 @@ async def test_shutdown_commits_and_publishes_pending_closed_candles(
 # --- the acceptance gate ---------------------------------------------------------------
 
 
+@pytest.mark.slow  # over a second of real time
 async def test_replayed_week_with_faults_lands_exactly_once_equal_to_binance(
     tmp_path: Path, data_dir: Path
 ) -> None:

@@ -58,6 +58,7 @@ async def test_rate_limits_stay_at_the_usual_values_when_exchange_info_fails(
         assert rig.supervisor.rest.statistics().weight_limit == {"futures": 2400}
 
 
+@pytest.mark.slow  # over a second of real time
 async def test_a_crashed_loop_is_restarted_and_heals_from_the_store(
     tmp_path: Path,
     data_dir: Path,
