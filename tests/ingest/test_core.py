@@ -522,8 +522,10 @@ def test_shutdown_queues_held_candles_over_their_hole() -> None:
     driver.send(close_of(BTC, rows[0]))
     driver.send(close_of(BTC, rows[3]))
     assert driver.core.held_count() == 1
-    assert driver.core.release_all_held(driver.now)
-    assert not driver.core.release_all_held(driver.now)
+    driver.core.release_all_held(driver.now)
+    assert driver.core.queued == 2 and driver.core.held_count() == 0
+    driver.core.release_all_held(driver.now)
+    assert driver.core.queued == 2
     driver.commit()
     assert driver.times() == [T0, T0 + 180]
     assert driver.committed[-1].holes == ((T0 + 60, T0 + 180),)

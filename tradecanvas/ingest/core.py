@@ -355,13 +355,11 @@ class IngestCore:
         for sid in {item.series for item in items}:
             self.minutes.add(sid, [i.released.candle for i in items if i.series == sid])
 
-    def release_all_held(self, now: float) -> bool:
+    def release_all_held(self, now: float) -> None:
         """Shutdown: queue every held candle over its hole (the hole stays unresolved and
-        is retried after the restart). True when anything was queued."""
-        queued = False
+        is retried after the restart)."""
         for sid, tracker in self.trackers.items():
-            queued |= self._enqueue(sid, tracker.release_held(), now)
-        return queued
+            self._enqueue(sid, tracker.release_held(), now)
 
     def _enqueue(
         self,

@@ -95,7 +95,6 @@ class SeriesTracker:
         head: int | None,
         initial_backfill: int,
         late_close_ms: int,
-        recent_keep: int = RECENT_KEEP,
         unresolved: Iterable[tuple[int, int]] = (),
     ) -> None:
         self.head = head
@@ -123,7 +122,6 @@ class SeriesTracker:
         # the minutes the last retry confirmed absent at the exchange, as [start, end) runs
         self.last_absent: tuple[tuple[int, int], ...] = ()
         self._recent: OrderedDict[int, Candle] = OrderedDict()
-        self._recent_keep = recent_keep
 
     # --- inputs ------------------------------------------------------------------------
 
@@ -377,7 +375,7 @@ class SeriesTracker:
     def _remember(self, candle: Candle) -> None:
         self._recent[candle.candle_time] = candle
         self._recent.move_to_end(candle.candle_time)
-        while len(self._recent) > self._recent_keep:
+        while len(self._recent) > RECENT_KEEP:
             self._recent.popitem(last=False)
 
     def _is_recent_duplicate(self, candle: Candle) -> bool:
