@@ -35,7 +35,7 @@ import trio
 from starlette.applications import Starlette
 
 from tradecanvas.errors import ExitCode, StoreError, first_leaf
-from tradecanvas.ingest.loop import IngestSupervisor
+from tradecanvas.ingest.supervisor import IngestSupervisor
 from tradecanvas.ops.logs import configure_logging
 from tradecanvas.ops.metrics import Metrics
 from tradecanvas.ops.sd_notify import SdNotifier, run_watchdog

@@ -1,3 +1,5 @@
-"""Binance frames → closed candles in order:
-the pure core, the batcher, the trio loop and its supervisor.
+"""Binance frames → closed candles in order, along the data flow:
+tracker and batcher (pure) → core (pure, every decision) → loop (trio shell) → supervisor.
+
+Imports nothing itself, so ``tradecanvas.ingest.core`` loads without trio.
 """

@@ -1,0 +1,220 @@
+"""The connection slot (upstream.binance_ws) over real sockets on 127.0.0.1, against a
+scripted trio-websocket server; the autojump clock stands in for the hours that pass.
+
+ScriptedUpstream and real_time_limit are also used by tests/ingest/test_loop.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import threading
+from collections.abc import AsyncIterator, Iterator
+
+import attrs
+import trio
+import trio.testing
+import trio_websocket
+
+from tests.conftest import candle
+from tradecanvas.model import SeriesId
+from tradecanvas.ops.metrics import Metrics
+from tradecanvas.upstream.binance_ws import ConnectionCounters, Frame, run_binance_ws_connections
+from tradecanvas.upstream.plan import ConnectionPolicy
+from tradecanvas.wire.binance import kline_frame
+from tradecanvas.wire.json import dumps
+
+CLOSE_NOW = "<close>"  # sent to ScriptedUpstream: close the connection (1001) here
+WAIT_S = 60  # real seconds: an autojump clock can jump for ever when something hangs
+BTC = SeriesId.parse("binance:futures:BTC/USDT:1m")
+T0 = 1_751_760_000
+
+
+class ScriptedUpstream:
+    """A Binance WS stand-in whose frames the test sends one by one (CLOSE_NOW closes).
+
+    ``send`` goes to whichever connection reads next; ``sockets[i]`` is connection ``i``
+    (to script one of two at once) and ``ended[i]`` is set once it is gone.
+    """
+
+    def __init__(self) -> None:
+        self.send, self._frames = trio.open_memory_channel[str](100)
+        self.connections = 0
+        self.connected = trio.Event()
+        self.sockets: list[trio_websocket.WebSocketConnection] = []
+        self.ended: list[trio.Event] = []
+
+    async def handler(self, request: trio_websocket.WebSocketRequest) -> None:
+        ws = await request.accept()
+        ended = trio.Event()
+        self.sockets.append(ws)
+        self.ended.append(ended)
+        self.connections += 1
+        self.connected.set()
+        self.connected = trio.Event()
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._forward, ws)
+                with contextlib.suppress(trio_websocket.ConnectionClosed):
+                    while True:  # until the client goes away
+                        await ws.get_message()
+                nursery.cancel_scope.cancel()
+        finally:
+            ended.set()
+
+    async def _forward(self, ws: trio_websocket.WebSocketConnection) -> None:
+        with contextlib.suppress(trio_websocket.ConnectionClosed):
+            async for text in self._frames:
+                if text == CLOSE_NOW:
+                    await ws.aclose(code=1001, reason="going away")
+                    return
+                await ws.send_message(text)
+
+    async def start(self, nursery: trio.Nursery) -> str:
+        server: trio_websocket.WebSocketServer = await nursery.start(
+            functools.partial(
+                trio_websocket.serve_websocket, self.handler, "127.0.0.1", 0, ssl_context=None
+            )
+        )
+        return f"ws://127.0.0.1:{server.port}"
+
+
+@contextlib.contextmanager
+def real_time_limit(seconds: float) -> Iterator[None]:
+    """Fail a test that runs longer than ``seconds`` of real time, whatever its clock (an
+    autojump clock can jump for ever when something hangs)."""
+    token = trio.lowlevel.current_trio_token()
+    scope = trio.CancelScope()
+    timer = threading.Timer(seconds, lambda: token.run_sync_soon(scope.cancel))
+    timer.start()
+    try:
+        with scope:
+            yield
+    finally:
+        timer.cancel()
+    if scope.cancelled_caught:
+        raise AssertionError(f"the test ran longer than {seconds} s of real time")
+
+
+@attrs.define
+class Slot:
+    upstream: ScriptedUpstream
+    frames: trio.MemoryReceiveChannel[Frame]
+    counters: ConnectionCounters
+    metrics: Metrics
+
+    def reconnects(self) -> dict[str, float]:
+        """tradecanvas_upstream_reconnects_total by reason, without the zeros."""
+        return {
+            sample.labels["reason"]: sample.value
+            for family in self.metrics.registry.collect()
+            for sample in family.samples
+            if sample.name == "tradecanvas_upstream_reconnects_total" and sample.value
+        }
+
+
+@contextlib.asynccontextmanager
+async def connection_slot(policy: ConnectionPolicy, stale_timeout_s: float) -> AsyncIterator[Slot]:
+    upstream = ScriptedUpstream()
+    send, receive = trio.open_memory_channel[Frame](100)
+    slot = Slot(upstream, receive, ConnectionCounters(), Metrics())
+    with real_time_limit(WAIT_S):
+        async with trio.open_nursery() as nursery:
+            url = await upstream.start(nursery)
+            nursery.start_soon(
+                functools.partial(
+                    run_binance_ws_connections,
+                    url,
+                    send,
+                    policy=policy,
+                    stale_timeout_s=stale_timeout_s,
+                    metrics=slot.metrics,
+                    counters=slot.counters,
+                    name="test",
+                )
+            )
+            await upstream.connected.wait()
+            yield slot
+            nursery.cancel_scope.cancel()
+
+
+def kline(minute: int, *, closed: bool = True) -> str:
+    bar = candle(T0 + 60 * minute, "1", "1", "1", "1")
+    return dumps(kline_frame(BTC, bar, closed=closed, event_time_ms=(T0 + 60 * minute + 60) * 1000))
+
+
+SHUTDOWN = dumps({"e": "serverShutdown", "E": T0 * 1000})
+
+
+async def test_frames_reach_the_channel_tagged_with_their_connection(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with connection_slot(ConnectionPolicy(), stale_timeout_s=60) as slot:
+        await slot.upstream.send.send(kline(0))
+        frame = await slot.frames.receive()
+        assert frame.generation == 1 and frame.raw == kline(0)
+        assert slot.counters.connected == 1 and slot.counters.reconnects == 0
+
+
+async def test_a_silent_connection_is_replaced_after_stale_timeout(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with connection_slot(ConnectionPolicy(), stale_timeout_s=60) as slot:
+        first = trio.current_time()
+        await slot.upstream.connected.wait()
+        assert 60 <= trio.current_time() - first < 62
+        assert slot.reconnects() == {"stale": 1} and slot.counters.reconnects == 1
+        await slot.upstream.ended[0].wait()
+        await slot.upstream.sockets[1].send_message(kline(0))
+        assert (await slot.frames.receive()).generation == 2
+
+
+async def test_server_shutdown_is_noticed_by_the_reader_even_if_nobody_reads_frames(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Binance may close right after serverShutdown: the reader itself has seen it, so
+    this is a server_shutdown reconnect without backoff, not a drop — although nothing
+    consumes the frames channel here."""
+    policy = ConnectionPolicy(reconnect_base_s=30.0, min_connect_interval_s=0.0, healthy_after_s=0)
+    async with connection_slot(policy, stale_timeout_s=3600) as slot:
+        await slot.upstream.send.send(SHUTDOWN)
+        await slot.upstream.send.send(CLOSE_NOW)
+        start = trio.current_time()
+        await slot.upstream.connected.wait()
+        assert trio.current_time() - start < 1  # far below the 30 s of a failing connection
+        assert slot.reconnects() == {"server_shutdown": 1}
+
+
+async def test_server_shutdown_rotates_make_before_break() -> None:
+    """Without a close, serverShutdown opens the next connection first; the old one is
+    closed only once the new one delivered a frame."""
+    policy = ConnectionPolicy(min_connect_interval_s=0.0)
+    async with connection_slot(policy, stale_timeout_s=3600) as slot:
+        await slot.upstream.sockets[0].send_message(SHUTDOWN)
+        assert (await slot.frames.receive()).generation == 1
+        await slot.upstream.connected.wait()
+        assert not slot.upstream.ended[0].is_set()  # both are open now
+        await slot.upstream.sockets[0].send_message(kline(0))  # the old one still delivers
+        assert (await slot.frames.receive()).generation == 1
+        await slot.upstream.sockets[1].send_message(kline(1))
+        assert (await slot.frames.receive()).generation == 2
+        with trio.fail_after(WAIT_S):
+            await slot.upstream.ended[0].wait()
+        await trio.testing.wait_all_tasks_blocked()  # the client's side is closed too
+        assert slot.reconnects() == {"server_shutdown": 1}
+        assert slot.counters.connected == 1
+
+
+async def test_an_old_connection_is_rotated_before_binances_24_hour_cut(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    policy = ConnectionPolicy(rotate_after_s=23.5 * 3600, overlap_max_s=10)
+    async with connection_slot(policy, stale_timeout_s=1e9) as slot:
+        start = trio.current_time()
+        await slot.upstream.connected.wait()
+        assert trio.current_time() - start == 23.5 * 3600
+        # the new connection sends nothing: the old one is closed after overlap_max_s
+        await slot.upstream.ended[0].wait()
+        assert trio.current_time() - start >= 23.5 * 3600 + 10
+        await trio.testing.wait_all_tasks_blocked()  # the client's side is closed too
+        assert slot.reconnects() == {"rotation": 1} and slot.counters.connected == 1

@@ -1,0 +1,147 @@
+"""BatchCommitter: the committer task's one step, a batch into the store and out to the hub.
+
+::
+
+    IngestCore.take_batch ─▶ BatchCommitter.commit(items)
+        ├─ IngestPipeline.run(IngestBatch)   with the unresolved-hole records the items
+        │                                    carry (StoreHoleMemory), in one transaction
+        ├─ IngestCore.on_committed(items)
+        └─ publish_pipeline_result_from_ws   the path the kill-switch chooses
+
+It owns the loop's StoreHoleMemory, so unresolved holes are loaded, recorded with candles
+and saved on their own in one place. Raises StoreError (the loop stops); a subscriber's
+failure is counted and logged, never raised.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import final
+
+import trio
+
+from tradecanvas.errors import CandleError, PublishError, StoreError
+from tradecanvas.ingest.batcher import BatchItem, Holes, hole_records
+from tradecanvas.ingest.core import IngestCore, Malformed
+from tradecanvas.ingest.publish import publish_pipeline_result_from_ws
+from tradecanvas.ingest.tracker import IngestSource
+from tradecanvas.model import SeriesId
+from tradecanvas.ops.metrics import Metrics
+from tradecanvas.pipeline import IngestBatch, IngestPipeline, MarketSink, PipelineResult
+from tradecanvas.store.records import StoreHoleMemory
+
+log = logging.getLogger(__name__)
+
+
+@final
+class BatchCommitter:
+    """Commits and publishes the batches of one ingest loop; ``name`` prefixes its log
+    lines and ``report_malformed`` counts a candle the store refused."""
+
+    def __init__(
+        self,
+        core: IngestCore,
+        *,
+        pipeline: IngestPipeline,
+        hub: MarketSink,
+        metrics: Metrics,
+        enable_pipeline_publish: bool,
+        report_malformed: Callable[[Malformed], None],
+        name: str,
+    ) -> None:
+        self.core = core
+        self.pipeline = pipeline
+        self.hub = hub
+        self.metrics = metrics
+        self.enable_pipeline_publish = enable_pipeline_publish
+        self.report_malformed = report_malformed
+        self.name = name
+        self.holes = StoreHoleMemory(pipeline.store)
+
+    async def commit(self, items: Sequence[BatchItem]) -> int:
+        """Commit and publish ``items`` (one source); returns the candles committed."""
+        started = trio.current_time()
+        result = await self._run_pipeline(items)
+        if result is None:
+            return 0
+        committed_at = trio.current_time()
+        self.core.on_committed(items)
+        self.metrics.candles_committed_total.inc(result.committed)
+        if result.committed or result.events:
+            try:
+                publish_pipeline_result_from_ws(
+                    result,
+                    pipeline=self.pipeline,
+                    hub=self.hub,
+                    metrics=self.metrics,
+                    enable_pipeline_publish=self.enable_pipeline_publish,
+                )
+            except PublishError as exc:
+                # a subscriber failed (already isolated by the hub); the candles are
+                # committed and healthy subscribers heal from the store. Never a reason
+                # to touch the upstream connection.
+                log.warning("%s: legacy publish failed: %s", self.name, exc)
+        now = trio.current_time()
+        for item in items:
+            if item.released.received_at is not None:
+                self.metrics.ingest_latency_seconds.observe(now - item.released.received_at)
+        log.info(
+            "%s: flush %d received, %d committed, %d duplicates, %d events;"
+            " commit %.1f ms, publish %.1f ms (%s)",
+            self.name,
+            result.received,
+            result.committed,
+            result.duplicates_dropped,
+            len(result.events),
+            (committed_at - started) * 1e3,
+            (now - committed_at) * 1e3,
+            "pipeline" if self.enable_pipeline_publish else "legacy",
+        )
+        return result.committed
+
+    async def save_holes(self, sid: SeriesId, holes: Holes) -> None:
+        """Store the series' unresolved holes on their own (no queued candle carries them:
+        a retry found every minute absent at the exchange)."""
+        try:
+            await self.holes.save(sid, holes)
+        except StoreError as exc:
+            # harmless: what is stored lists more holes than there are, and a retry of
+            # those after a restart stores nothing
+            log.warning("%s: could not save the unresolved holes: %s", sid, exc)
+
+    async def _run_pipeline(self, items: Sequence[BatchItem]) -> PipelineResult | None:
+        source = items[0].released.source
+        try:
+            return await self._run_batch(items, source)
+        except CandleError as exc:
+            # decode already validated every candle; if one still fails, commit the rest
+            log.error("%s: a batch was refused (%s); committing candle by candle", self.name, exc)
+        results: list[PipelineResult] = []
+        for item in items:
+            try:
+                results.append(await self._run_batch([item], source))
+            except CandleError as exc:
+                self.report_malformed(self.core.malformed("bad_candle", str(exc)))
+        if not results:
+            return None
+        return PipelineResult(
+            updates=tuple(u for r in results for u in r.updates),
+            events=tuple(e for r in results for e in r.events),
+            received=sum(r.received for r in results),
+            duplicates_dropped=sum(r.duplicates_dropped for r in results),
+        )
+
+    async def _run_batch(self, items: Sequence[BatchItem], source: IngestSource) -> PipelineResult:
+        """Commit ``items`` with the unresolved-hole records they carry, in one transaction."""
+        holes = hole_records(items)
+        meta = tuple(
+            entry
+            for sid, value in holes.items()
+            if (entry := self.holes.record(sid, value)) is not None
+        )
+        batch = IngestBatch(tuple((i.series, i.released.candle) for i in items), source, meta)
+        result = await self.pipeline.run(batch)
+        for sid, value in holes.items():
+            self.holes.committed(sid, value)
+        return result

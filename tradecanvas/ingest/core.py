@@ -1,0 +1,385 @@
+"""IngestCore: every decision of one Binance ingest loop, without I/O (pure).
+
+Nothing here imports trio, a socket or an HTTP library; the trio shell
+(:mod:`tradecanvas.ingest.loop`) passes in the raw frames, the REST answers and the time,
+and carries out what the core returns. Two clocks appear and are never mixed (DESIGN §1.2):
+*exchange time* (the frames' ``E`` and kline times) decides which minutes are missing and
+when a close is late; *monotonic time* (``now``, ``received_at``) only times batches, the
+forming throttle, REST retries and how long held candles wait.
+
+One candle's path through the core::
+
+    on_frame(raw) ─ decode ─┬─ control frame: nothing (serverShutdown is the reader's)
+                            ├─ forming ─ FormingThrottle ─▶ FrameOutcome.forming
+                            │            (forming_updates adds the derived ones, MinuteCache)
+                            └─ closed ─ SeriesTracker ─ Released ─▶ ClosedBatcher
+    next_fills(now) ─▶ FillPlan: REST ranges to fetch, when to look again, forced releases
+    on_fill_result / on_fill_failed ─ SeriesTracker ─ Released ─▶ ClosedBatcher
+    take_batch() ─▶ CommitBatch ─▶ (shell: IngestPipeline.run) ─▶ on_committed(items)
+
+The frames of all series on one connection share one exchange clock, so a quiet symbol's
+late close is noticed from the other streams' frames.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from decimal import Decimal
+from typing import Final, final
+
+import attrs
+
+from tradecanvas.errors import WireError
+from tradecanvas.ingest.batcher import BatchItem, ClosedBatcher, FormingThrottle, Holes, MinuteCache
+from tradecanvas.ingest.policy import IngestPolicy
+from tradecanvas.ingest.tracker import REPAIR_REASONS, FillRequest, Released, SeriesTracker
+from tradecanvas.model import MINUTE, MINUTE_MS, MS, Candle, SeriesId, Timeframe
+from tradecanvas.runtime_flags import RuntimeFlags
+from tradecanvas.wire.binance import ControlFrame, KlineEvent, decode_frame
+
+# ``tradecanvas.pipeline.derive.derive_forming``, passed in by the shell: importing it from
+# here would load the pipeline package, whose ``__init__`` pulls the store and trio in
+DeriveForming = Callable[[Timeframe, Sequence[Candle], Candle, Decimal | None], Candle | None]
+# the shortest pause before a failed REST fill is asked for again (the backoff's full
+# jitter may draw 0, and a REST that fails at once must not be hammered)
+FILL_RETRY_MIN_S: Final = 0.1
+
+
+@attrs.frozen
+class Malformed:
+    """A frame dropped as malformed: count it under ``reason``; log it when ``first``."""
+
+    reason: str
+    detail: str
+    first: bool  # the first of its kind on this loop
+
+
+@attrs.frozen
+class FrameOutcome:
+    """What one frame asks of the shell."""
+
+    forming: tuple[tuple[SeriesId, Candle], ...] = ()  # publish (with forming_updates)
+    malformed: Malformed | None = None
+    wake_fills: bool = False  # the fill task has something new to look at
+    wake_committer: bool = False  # closed candles were queued
+
+
+@attrs.frozen
+class FillPlan:
+    """What :meth:`IngestCore.next_fills` decided."""
+
+    start: tuple[tuple[SeriesId, FillRequest], ...]  # fetch these now (marked in flight)
+    wake_at: float  # look again at this monotonic time at the latest (inf: on a wake-up)
+    # held candles committed over their hole because REST kept failing: (series, count)
+    forced: tuple[tuple[SeriesId, int], ...] = ()
+
+
+@attrs.frozen
+class FillOutcome:
+    """What one REST answer released."""
+
+    rest_released: int  # candles from REST queued for commit
+    repaired: int  # of them, closes that did not arrive while connected (late_close, hole)
+    absent: int  # minutes REST confirmed missing at the exchange
+    wake_committer: bool
+    # store these unresolved holes now: a retry settled them and no queued candle of the
+    # series will carry the record (None: nothing to store)
+    save_holes: Holes | None = None
+
+
+@attrs.frozen
+class CommitBatch:
+    """Closed candles for one ``IngestPipeline.run``, all of one source."""
+
+    items: tuple[BatchItem, ...]
+    wake_fills: bool  # fills paused for the commit backlog may go on once this is taken
+
+
+@final
+class IngestCore:
+    """The state of one loop's series: a SeriesTracker each, the ClosedBatcher, the forming
+    throttle, the recent minutes, the exchange clock and the REST fills in flight.
+
+    Serves one market, 1m series only (ValueError otherwise). Call :meth:`load_series`
+    for every series before the first frame. Raises nothing else: bad frames come back as
+    :class:`Malformed`.
+    """
+
+    def __init__(
+        self,
+        series: Sequence[SeriesId],
+        *,
+        flags: RuntimeFlags,
+        policy: IngestPolicy,
+        derive_forming: DeriveForming,
+    ) -> None:
+        markets = {s.market for s in series}
+        if len(markets) != 1:
+            raise ValueError(f"one loop serves one market, got {sorted(markets)}")
+        for sid in series:
+            if sid.timeframe.seconds != MINUTE:
+                raise ValueError(f"{sid}: only 1m series are ingested")
+        self.series = tuple(series)
+        self.streams = {s.stream_name: s for s in self.series}
+        self.derived: tuple[Timeframe, ...] = tuple(flags.derived_timeframes)
+        self.initial_backfill = flags.initial_backfill_candles
+        self.late_close_ms = round(flags.late_close_s * MS)
+        self.policy = policy
+        self.trackers: dict[SeriesId, SeriesTracker] = {}
+        self.batcher = ClosedBatcher(flags.binance_ws_batch_max, flags.binance_ws_flush_s)
+        self.throttle: FormingThrottle[SeriesId] = FormingThrottle(
+            flags.market_forming_min_interval_ms / MS
+        )
+        span = max((tf.seconds for tf in self.derived), default=MINUTE) + MINUTE
+        self.minutes = MinuteCache(span)
+        self._derive_forming = derive_forming
+        self._seen_generation: dict[SeriesId, int] = {}
+        self._exchange_time_ms = 0
+        self._exchange_minute = -1  # (E - late_close) // 60 s last applied to the trackers
+        self._fill_minutes_in_flight = 0
+        self._reported: set[str] = set()
+
+    # --- start-up ------------------------------------------------------------------------
+
+    @property
+    def recent_span_s(self) -> int:
+        """How far below the head the shell loads stored minutes for :meth:`load_series`."""
+        return self.minutes.span_s
+
+    def load_series(
+        self, sid: SeriesId, *, head: int | None, unresolved: Holes, recent: Iterable[Candle]
+    ) -> None:
+        """The store's state of ``sid``: its head, its unresolved holes and its minutes
+        within :attr:`recent_span_s` below the head."""
+        self.trackers[sid] = SeriesTracker(
+            head=head,
+            initial_backfill=self.initial_backfill,
+            late_close_ms=self.late_close_ms,
+            unresolved=unresolved,
+        )
+        self.minutes.add(sid, recent)
+
+    # --- frames --------------------------------------------------------------------------
+
+    def on_frame(
+        self, raw: str | bytes, *, generation: int, received_at: float, now: float
+    ) -> FrameOutcome:
+        """One raw frame of connection ``generation`` (counting up), received at
+        ``received_at`` and processed at ``now``."""
+        try:
+            decoded = decode_frame(raw)
+        except WireError as exc:
+            return FrameOutcome(malformed=self.malformed(exc.reason, exc.detail))
+        if isinstance(decoded, ControlFrame):
+            # acks and other events change nothing; serverShutdown was acted on by the
+            # connection's reader (upstream.binance_ws)
+            return FrameOutcome()
+        sid = self.streams.get(decoded.stream_name)
+        if sid is None or decoded.kline.interval != sid.timeframe.text:
+            return FrameOutcome(malformed=self.malformed("unknown_stream", decoded.stream_name))
+        return self._on_kline(sid, decoded, generation, received_at, now)
+
+    def malformed(self, reason: str, detail: str) -> Malformed:
+        """A malformed input of kind ``reason`` (also a candle the store refused)."""
+        return Malformed(reason, detail, self.first_report(reason))
+
+    def first_report(self, kind: str) -> bool:
+        """True the first time ``kind`` is reported on this loop (log once per kind)."""
+        if kind in self._reported:
+            return False
+        self._reported.add(kind)
+        return True
+
+    def _on_kline(
+        self, sid: SeriesId, event: KlineEvent, generation: int, received_at: float, now: float
+    ) -> FrameOutcome:
+        tracker = self.trackers[sid]
+        kline = event.kline
+        candle = kline.to_candle()
+        # the first frame of this series on a newer connection: nothing is replayed after
+        # a disconnect, so the tracker asks REST for what the old one missed
+        new_connection = self._seen_generation.get(sid, 0) < generation
+        if new_connection:
+            self._seen_generation[sid] = generation
+        had_head = tracker.head is not None
+        tracker.on_live_frame(candle.candle_time, new_connection=new_connection)
+        wake_fills = new_connection or not had_head
+        wake_fills |= self._advance_exchange_time(event.event_time_ms)
+        if kline.closed:
+            self.throttle.discard(sid, candle.candle_time)
+            released = tracker.on_closed(
+                candle, now=received_at, source="ws", received_at=received_at
+            )
+            queued = self._enqueue(sid, released, now)
+            return FrameOutcome(
+                wake_fills=wake_fills or tracker.held_count() > 0, wake_committer=queued
+            )
+        forming: tuple[tuple[SeriesId, Candle], ...] = ()
+        head = tracker.head
+        if head is None or candle.candle_time > head:  # never a bar already closed
+            emit = self.throttle.offer(sid, candle, received_at)
+            if emit is not None:
+                forming = ((sid, emit),)
+        return FrameOutcome(forming=forming, wake_fills=wake_fills)
+
+    def _advance_exchange_time(self, event_time_ms: int) -> bool:
+        """Move the connection's exchange clock; True when it entered a new late-close
+        minute (the trackers then may want a ``late_close`` fill)."""
+        self._exchange_time_ms = max(self._exchange_time_ms, event_time_ms)
+        minute = (self._exchange_time_ms - self.late_close_ms) // MINUTE_MS
+        if minute <= self._exchange_minute:
+            return False
+        self._exchange_minute = minute
+        for tracker in self.trackers.values():
+            tracker.on_exchange_time(self._exchange_time_ms)
+        return True
+
+    # --- forming -------------------------------------------------------------------------
+
+    def next_forming_due(self) -> float | None:
+        """Monotonic time a throttled forming update is due, None when none waits."""
+        return self.throttle.next_due()
+
+    def due_forming(self, now: float) -> list[tuple[SeriesId, Candle]]:
+        """Throttled forming updates whose interval has passed (publish them)."""
+        return self.throttle.due(now)
+
+    def forming_updates(self, sid: SeriesId, candle: Candle) -> Iterator[tuple[str, Candle]]:
+        """The forming messages of one forming base candle: ``(series_id, candle)`` of the
+        base series, then of each derived timeframe, built from the bucket's minutes
+        (closed ones still waiting for their commit included). Never stored."""
+        yield str(sid), candle
+        for tf in self.derived:
+            minutes, previous_close = self.minutes.bucket(sid, tf, candle.candle_time)
+            derived = self._derive_forming(tf, minutes, candle, previous_close)
+            if derived is not None:
+                yield str(sid.with_timeframe(tf)), derived
+
+    # --- REST fills ----------------------------------------------------------------------
+
+    def backlogged(self) -> bool:
+        """Closed candles waiting for a commit, plus the minutes of the fills in flight,
+        have reached IngestPolicy.backlog_max: no fill starts."""
+        queued = len(self.batcher) + self._fill_minutes_in_flight
+        return queued >= self.policy.backlog_max
+
+    def next_fills(self, now: float) -> FillPlan:
+        """The REST fills to start now, and held candles that waited ``hold_max_s`` for a
+        REST that keeps failing, which are queued over their hole (retried later)."""
+        start: list[tuple[SeriesId, FillRequest]] = []
+        forced: list[tuple[SeriesId, int]] = []
+        wake_at = math.inf
+        for sid, tracker in self.trackers.items():
+            # backlogged: the commits wake the fill task up as they drain the batcher
+            backlogged = self.backlogged()
+            request = None if backlogged else tracker.next_fill(now)
+            if request is not None:
+                self._fill_minutes_in_flight += request.minutes
+                start.append((sid, request))
+            elif tracker.wants_fill() and not backlogged:
+                wake_at = min(wake_at, tracker.retry_at)
+            if tracker.held_since is not None and tracker.failures:
+                release_at = tracker.held_since + self.policy.hold_max_s
+                if now >= release_at:
+                    forced.append((sid, tracker.held_count()))
+                    self._enqueue(sid, tracker.release_held(), now)
+                else:
+                    wake_at = min(wake_at, release_at)
+        return FillPlan(tuple(start), wake_at, tuple(forced))
+
+    def on_fill_failed(self, sid: SeriesId, request: FillRequest, now: float) -> None:
+        """REST failed for ``request`` (from :meth:`next_fills`): retry after a backoff."""
+        self._fill_minutes_in_flight -= request.minutes
+        tracker = self.trackers[sid]
+        delay = self.policy.fill_backoff.delay(tracker.failures + 1)
+        tracker.on_fill_failed(request, now, max(delay, FILL_RETRY_MIN_S))
+
+    def on_fill_result(
+        self, sid: SeriesId, request: FillRequest, candles: Iterable[Candle], now: float
+    ) -> FillOutcome:
+        """REST answered ``request`` (from :meth:`next_fills`) with ``candles``."""
+        self._fill_minutes_in_flight -= request.minutes
+        tracker = self.trackers[sid]
+        absent_before = tracker.absent_minutes
+        holes_before = tracker.unresolved
+        released = tracker.on_fill_result(request, candles, now=now)
+        save_holes = None
+        if request.reason == "retry":
+            # candles queued before this retry must not store the holes it settled again
+            self.batcher.forget_holes(sid, tracker.last_absent)
+            queued = self._enqueue(sid, released, now, holes_until_last=holes_before)
+            save_holes = self.holes_to_save(sid)
+        else:
+            queued = self._enqueue(sid, released, now)
+        return FillOutcome(
+            rest_released=sum(r.source == "rest" for r in released),
+            repaired=sum(r.reason in REPAIR_REASONS for r in released),
+            absent=tracker.absent_minutes - absent_before,
+            wake_committer=queued,
+            save_holes=save_holes,
+        )
+
+    def holes_to_save(self, sid: SeriesId) -> Holes | None:
+        """The series' unresolved holes to store on their own, or None when a queued
+        candle of the series will carry them into the store."""
+        if self.batcher.holds(sid):
+            return None
+        return self.trackers[sid].unresolved
+
+    def held_count(self) -> int:
+        """Closed candles held above a hole, in all series."""
+        return sum(t.held_count() for t in self.trackers.values())
+
+    # --- commits -------------------------------------------------------------------------
+
+    @property
+    def queued(self) -> int:
+        """Closed candles waiting for a commit."""
+        return len(self.batcher)
+
+    def batch_due_at(self) -> float | None:
+        """Monotonic time the next commit is due (``-inf``: now), None when none waits."""
+        return self.batcher.due_at()
+
+    def take_batch(self) -> CommitBatch | None:
+        """The next closed candles to commit, or None."""
+        backlogged = self.backlogged()
+        items = self.batcher.take()
+        if not items:
+            return None
+        return CommitBatch(tuple(items), wake_fills=backlogged)
+
+    def on_committed(self, items: Sequence[BatchItem]) -> None:
+        """``items`` were committed (their minutes stay for forming derived candles)."""
+        for sid in {item.series for item in items}:
+            self.minutes.add(sid, [i.released.candle for i in items if i.series == sid])
+
+    def release_all_held(self, now: float) -> None:
+        """Shutdown: queue every held candle over its hole (the hole stays unresolved and
+        is retried after the restart)."""
+        for sid, tracker in self.trackers.items():
+            self._enqueue(sid, tracker.release_held(), now)
+
+    def _enqueue(
+        self,
+        sid: SeriesId,
+        released: Sequence[Released],
+        now: float,
+        *,
+        holes_until_last: Holes | None = None,
+    ) -> bool:
+        """Queue ``released`` for commit with the series' unresolved holes to store with
+        them; ``holes_until_last``: what to keep stored until the last of them commits (the
+        holes before a retry, which its candles fill). True when anything was queued."""
+        if not released:
+            return False
+        # forming derived candles need these minutes now, not after the batch is flushed
+        # (else a 5m forming bar's volume dips for up to binance_ws_flush_s)
+        self.minutes.add(sid, [r.candle for r in released])
+        holes = self.trackers[sid].unresolved
+        if holes_until_last is not None and len(released) > 1:
+            self.batcher.add(sid, released[:-1], now, holes_until_last)
+            released = released[-1:]
+        self.batcher.add(sid, released, now, holes)
+        return True

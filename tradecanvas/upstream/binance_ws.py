@@ -1,0 +1,228 @@
+"""One Binance combined-stream connection slot, kept open (the trio shell of upstream.plan).
+
+Task tree of :func:`run_binance_ws_connections`::
+
+    run_binance_ws_connections       connect / reconnect with backoff / rotate make-before-break
+    └─ reader (one per open socket)  get_message → frames channel; stale → replace
+
+Channel contract: every reader puts :class:`Frame` on ``frames`` (bounded; the caller owns
+both ends and the capacity) and never awaits anything else — the store, REST and
+subscribers are never reached from here — so a reader waits only while the consumer is busy,
+and trio-websocket keeps answering Binance's pings. ``frames`` is never closed here.
+
+A connection ends when Binance closes it, when it is silent for ``stale_timeout_s`` (the
+reader replaces it), or when it is rotated: before Binance's 24 h cut, or once Binance
+announced ``serverShutdown`` — noticed by the reader itself, since Binance may close right
+after it, before the consumer reaches the frame. A rotation opens the new connection first
+and closes the old one once the new one delivered a frame (or ``overlap_max_s`` passed).
+
+Every socket is closed when the function is cancelled; it never returns otherwise and
+raises nothing but what trio raises for bugs.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+from typing import Final, final
+
+import attrs
+import trio
+import trio_websocket
+
+from tradecanvas.ops.metrics import Metrics
+from tradecanvas.upstream.plan import (
+    ConnectionPolicy,
+    announces_server_shutdown,
+    failures_after_end,
+    reconnect_reason,
+)
+from tradecanvas.upstream.ws_client import open_websocket_client
+
+log = logging.getLogger(__name__)
+
+_CONNECT_ERRORS: Final = (trio_websocket.HandshakeError, OSError)
+
+
+@attrs.frozen
+class Frame:
+    """One raw frame as received: which connection (``generation``, counting up from 1 per
+    call) and when (``received_at``, monotonic)."""
+
+    generation: int
+    raw: str | bytes
+    received_at: float
+
+
+@attrs.define
+class ConnectionCounters:
+    """Live state of one connection slot, read by IngestSupervisor."""
+
+    connected: int = 0  # sockets open now (two for a moment during a rotation)
+    reconnects: int = 0
+
+
+async def run_binance_ws_connections(
+    url: str,
+    frames: trio.MemorySendChannel[Frame],
+    *,
+    policy: ConnectionPolicy,
+    stale_timeout_s: float,
+    metrics: Metrics,
+    counters: ConnectionCounters,
+    name: str,
+) -> None:
+    """Keep one connection to ``url`` open until cancelled, its frames going to ``frames``
+    (see the module docstring). ``name`` prefixes the log lines."""
+    slot = _ConnectionSlot(url, frames, policy, stale_timeout_s, metrics, counters, name)
+    await slot.maintain()
+
+
+@attrs.define(eq=False)
+class _Connection:
+    generation: int
+    cancel_scope: trio.CancelScope = attrs.Factory(trio.CancelScope)
+    first_frame: trio.Event = attrs.Factory(trio.Event)
+    replace_wanted: trio.Event = attrs.Factory(trio.Event)
+    ended: trio.Event = attrs.Factory(trio.Event)
+    connected_at: float = 0.0
+    end_reason: str = ""
+    shutdown_announced: bool = False  # Binance sent serverShutdown on this connection
+
+
+@final
+class _ConnectionSlot:
+    def __init__(
+        self,
+        url: str,
+        frames: trio.MemorySendChannel[Frame],
+        policy: ConnectionPolicy,
+        stale_timeout_s: float,
+        metrics: Metrics,
+        counters: ConnectionCounters,
+        name: str,
+    ) -> None:
+        self.url = url
+        self.frames = frames
+        self.policy = policy
+        self.stale_timeout_s = stale_timeout_s
+        self.metrics = metrics
+        self.counters = counters
+        self.name = name
+        self._generations = itertools.count(1)
+        self._open: set[int] = set()  # generations with an open socket
+
+    async def maintain(self) -> None:
+        policy = self.policy
+        async with trio.open_nursery() as nursery:
+            failures = 0
+            last_attempt = -math.inf
+            previous: _Connection | None = None
+            while True:
+                delay = policy.reconnect_backoff.delay(failures) if failures else 0.0
+                delay = max(
+                    delay, last_attempt + policy.min_connect_interval_s - trio.current_time()
+                )
+                if delay > 0:
+                    await trio.sleep(delay)
+                if previous is not None and previous.ended.is_set():
+                    previous = None
+                last_attempt = trio.current_time()
+                conn = _Connection(next(self._generations))
+                try:
+                    await nursery.start(self._run_connection, conn)
+                except _CONNECT_ERRORS as exc:
+                    failures += 1
+                    log.warning("%s: connect failed (%s): %s", self.name, failures, exc)
+                    continue
+                if previous is not None:
+                    with trio.move_on_after(policy.overlap_max_s):
+                        await conn.first_frame.wait()
+                    previous.cancel_scope.cancel()
+                    previous = None
+                with trio.move_on_after(policy.rotate_after_s):
+                    await conn.replace_wanted.wait()
+                self.counters.reconnects += 1
+                self.metrics.upstream_reconnects_total.labels(
+                    reason=reconnect_reason(
+                        conn.ended.is_set(),
+                        conn.end_reason,
+                        shutdown_announced=conn.shutdown_announced,
+                    )
+                ).inc()
+                if conn.ended.is_set():
+                    failures = failures_after_end(
+                        failures,
+                        lived_s=trio.current_time() - conn.connected_at,
+                        healthy_after_s=policy.healthy_after_s,
+                        shutdown_announced=conn.shutdown_announced,
+                    )
+                    if conn.shutdown_announced:
+                        log.info("%s: closed after serverShutdown; reconnecting", self.name)
+                    else:
+                        log.warning(
+                            "%s: connection ended (%s); reconnecting", self.name, conn.end_reason
+                        )
+                else:
+                    # Binance's 24 h cut is near, or it announced serverShutdown: open the
+                    # new connection first and close this one once the new one delivers
+                    failures = 0
+                    previous = conn
+                    log.info(
+                        "%s: rotating the connection (%s)", self.name, conn.end_reason or "age"
+                    )
+
+    async def _run_connection(
+        self, conn: _Connection, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        started = False
+        try:
+            async with open_websocket_client(
+                self.url,
+                connect_timeout=self.policy.connect_timeout_s,
+                disconnect_timeout=self.policy.disconnect_timeout_s,
+            ) as ws:
+                started = True
+                conn.connected_at = trio.current_time()
+                self._open.add(conn.generation)
+                self.counters.connected = len(self._open)
+                task_status.started()
+                with conn.cancel_scope:
+                    conn.end_reason = await self._read_frames(ws, conn)
+        except Exception as exc:
+            if not started:
+                raise
+            conn.end_reason = f"{type(exc).__name__}: {exc}"
+        finally:
+            self._open.discard(conn.generation)
+            self.counters.connected = len(self._open)
+            conn.ended.set()
+            conn.replace_wanted.set()
+
+    async def _read_frames(self, ws: trio_websocket.WebSocketConnection, conn: _Connection) -> str:
+        """Read until the connection closes or goes stale. Never waits on anything but the
+        frames channel (see the module docstring)."""
+        stale_s = self.stale_timeout_s
+        # one scope whose deadline moves with every frame (cheaper than one per frame);
+        # only the wait for Binance counts, never the wait for the consumer
+        with trio.CancelScope() as scope:
+            while True:
+                scope.deadline = trio.current_time() + stale_s
+                try:
+                    message = await ws.get_message()
+                except trio_websocket.ConnectionClosed as exc:
+                    return f"closed by Binance: {exc.reason}"
+                scope.deadline = math.inf
+                conn.first_frame.set()
+                if announces_server_shutdown(message):
+                    self._note_server_shutdown(conn)
+                await self.frames.send(Frame(conn.generation, message, trio.current_time()))
+        return f"stale: no frame for {stale_s:g} s"
+
+    def _note_server_shutdown(self, conn: _Connection) -> None:
+        if not conn.shutdown_announced:
+            log.info("%s: Binance announced serverShutdown", self.name)
+        conn.shutdown_announced = True
+        conn.end_reason = "serverShutdown"
+        conn.replace_wanted.set()

@@ -1,0 +1,122 @@
+"""The Binance WebSocket connection plan (pure): which streams share a connection, its URL,
+the reconnect timing, and how a connection's end is named and backed off.
+
+Nothing here imports trio or does I/O; :mod:`tradecanvas.upstream.binance_ws` is the trio
+shell that follows this plan.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Final
+
+import attrs
+
+from tradecanvas.errors import WireError
+from tradecanvas.model import Market, SeriesId
+from tradecanvas.runtime_flags import RuntimeFlags
+from tradecanvas.upstream.backoff import Backoff
+from tradecanvas.wire.binance import ControlFrame, decode_frame
+
+MAX_STREAMS_PER_CONNECTION: Final = 200  # BINANCE.md: futures docs disagree, 200 is safe
+
+
+@attrs.frozen
+class ConnectionPolicy:
+    """Wall-clock timing of one Binance connection slot (never exchange time).
+
+    Not flags: they follow Binance's connection rules. ``IngestPolicy.connection`` builds
+    one; tests pass smaller values.
+    """
+
+    reconnect_base_s: float = 1.0
+    reconnect_cap_s: float = 60.0
+    healthy_after_s: float = 60.0  # a connection that lived this long resets the backoff
+    min_connect_interval_s: float = 1.0  # BINANCE.md: pace connects >= 1 s apart
+    connect_timeout_s: float = 10.0
+    disconnect_timeout_s: float = 2.0
+    rotate_after_s: float = 23.5 * 3600  # before Binance's 24 h cut
+    overlap_max_s: float = 10.0  # make-before-break: wait this long for the new first frame
+
+    @property
+    def reconnect_backoff(self) -> Backoff:
+        return Backoff(self.reconnect_base_s, self.reconnect_cap_s)
+
+
+def build_combined_stream_url(base_url: str, streams: Sequence[str]) -> str:
+    """``{base}/stream?streams=a/b``. ``http(s)://`` bases become ``ws(s)://``; the
+    futures base keeps its ``/market`` route (without it Binance sends no klines)."""
+    if not streams:
+        raise ValueError("no streams to subscribe to")
+    if len(streams) > MAX_STREAMS_PER_CONNECTION:
+        raise ValueError(
+            f"{len(streams)} streams on one connection; at most {MAX_STREAMS_PER_CONNECTION}"
+        )
+    base = base_url.strip().rstrip("/")
+    if base.startswith("https://"):
+        base = "wss://" + base.removeprefix("https://")
+    elif base.startswith("http://"):
+        base = "ws://" + base.removeprefix("http://")
+    if not base.startswith(("ws://", "wss://")):
+        raise ValueError(f"{base_url!r} is not a ws://, wss://, http:// or https:// URL")
+    return f"{base}/stream?streams={'/'.join(streams)}"
+
+
+def ws_base_url(flags: RuntimeFlags, market: Market) -> str:
+    """The configured WebSocket base URL of ``market``."""
+    return flags.binance_futures_ws_url if market == "futures" else flags.binance_spot_ws_url
+
+
+def connection_groups(series: Iterable[SeriesId]) -> list[tuple[SeriesId, ...]]:
+    """The configured series split into connections: per market, at most 200 streams each,
+    in configured order."""
+    by_market: dict[Market, list[SeriesId]] = {}
+    for sid in series:
+        by_market.setdefault(sid.market, []).append(sid)
+    groups: list[tuple[SeriesId, ...]] = []
+    for items in by_market.values():
+        for i in range(0, len(items), MAX_STREAMS_PER_CONNECTION):
+            groups.append(tuple(items[i : i + MAX_STREAMS_PER_CONNECTION]))
+    return groups
+
+
+def announces_server_shutdown(message: str | bytes) -> bool:
+    """Whether a raw frame is Binance's ``serverShutdown`` event.
+
+    The reader runs this on every frame, so a substring search comes first and only a
+    frame that mentions it is decoded; a malformed one is not (the processor counts it).
+    """
+    mentioned = (
+        "serverShutdown" in message if isinstance(message, str) else b"serverShutdown" in message
+    )
+    if not mentioned:
+        return False
+    try:
+        decoded = decode_frame(message)
+    except WireError:
+        return False
+    return isinstance(decoded, ControlFrame) and decoded.kind == "server_shutdown"
+
+
+def reconnect_reason(ended: bool, end_reason: str, *, shutdown_announced: bool = False) -> str:
+    """The ``reason`` label of ``tradecanvas_upstream_reconnects_total``."""
+    if shutdown_announced:
+        return "server_shutdown"  # whether Binance closed before we rotated or not
+    if ended:
+        return "stale" if end_reason.startswith("stale") else "dropped"
+    return "rotation"
+
+
+def failures_after_end(
+    failures: int, *, lived_s: float, healthy_after_s: float, shutdown_announced: bool
+) -> int:
+    """The reconnect backoff step after a connection ended (0: reconnect at once).
+
+    A healthy connection (one that lived ``healthy_after_s``) restarts the backoff: at once
+    when Binance announced the close (serverShutdown), else after one small jittered step.
+    A short-lived one backs off further, announced or not, so an endpoint that announces a
+    shutdown right after every connect cannot drive us into its connection-rate limit.
+    """
+    if lived_s >= healthy_after_s:
+        return 0 if shutdown_announced else 1
+    return failures + 1
