@@ -17,8 +17,9 @@ import trio
 from bench.common import Result, best_of
 from tests.conftest import binance_data_dir
 from tradecanvas.model import Candle, SeriesId, Timeframe
-from tradecanvas.pipeline import IngestBatch, IngestPipeline, SystemEvent
+from tradecanvas.pipeline.commit import IngestBatch, IngestPipeline
 from tradecanvas.pipeline.derive import derive_series
+from tradecanvas.pipeline.events import SystemEvent
 from tradecanvas.store.sqlite import CandleStore
 from tradecanvas.wire.kline_csv import read_kline_csv
 

@@ -18,9 +18,9 @@ import trio
 from tests.conftest import binance_data_dir
 from tests.serve.test_ws_server import connect
 from tradecanvas.daemon import MarketRuntime, market_runtime_builder, run_daemon
-from tradecanvas.ingest.loop import IngestSupervisor
+from tradecanvas.ingest.supervisor import IngestSupervisor
 from tradecanvas.model import Candle
-from tradecanvas.pipeline import IngestPipeline, PipelineResult
+from tradecanvas.pipeline.commit import IngestPipeline, PipelineResult
 from tradecanvas.runtime_flags import RuntimeFlags, build_runtime_flags
 from tradecanvas.tools.replay import ReplayConfig, ReplayHandle, parse_file_argument, serve_replay
 from tradecanvas.wire.json import dumps, loads

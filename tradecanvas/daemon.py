@@ -39,7 +39,7 @@ from tradecanvas.ingest.supervisor import IngestSupervisor
 from tradecanvas.ops.logs import configure_logging
 from tradecanvas.ops.metrics import Metrics
 from tradecanvas.ops.sd_notify import SdNotifier, run_watchdog
-from tradecanvas.pipeline import IngestPipeline
+from tradecanvas.pipeline.commit import IngestPipeline
 from tradecanvas.runtime_flags import RuntimeFlags
 from tradecanvas.serve.http_api import build_http_app
 from tradecanvas.serve.http_server import serve_http
@@ -158,7 +158,7 @@ async def _wait_for_signal(stop: trio.Event) -> None:
             if stop.is_set():
                 log.warning("second %s: exiting at once", signal.Signals(signum).name)
                 logging.shutdown()
-                os._exit(128 + signum)
+                os._exit(ExitCode.for_signal(signum))
             log.info("%s: shutting down", signal.Signals(signum).name)
             stop.set()
 
@@ -213,12 +213,13 @@ async def run_daemon(
             flags.db_path,
             "pipeline" if flags.enable_ingest_ws_pipeline_publish else "legacy",
         )
-        if flags.watchdog_usec:
+        watchdog_interval_s = runtime.notifier.watchdog_interval_s
+        if watchdog_interval_s is not None:
             nursery.start_soon(
                 functools.partial(
                     run_watchdog,
                     runtime.notifier,
-                    interval_s=flags.watchdog_usec / 1e6 / 2,
+                    interval_s=watchdog_interval_s,
                     is_progressing=runtime.pipeline_progressing,
                 )
             )

@@ -34,6 +34,11 @@ class ExitCode(enum.IntEnum):
     INTERRUPTED = 130  # Ctrl-C (128 + SIGINT)
     TERMINATED = 143  # SIGTERM (128 + SIGTERM) for the one-shot tools
 
+    @classmethod
+    def for_signal(cls, signum: int) -> ExitCode:
+        """The shell's convention, 128 + the signal: SIGINT 130, SIGTERM 143."""
+        return cls(128 + signum)
+
 
 def first_leaf(exc: BaseException) -> BaseException:
     """The first exception inside (nested) exception groups, or ``exc`` itself."""

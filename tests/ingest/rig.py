@@ -19,7 +19,8 @@ from tradecanvas.ingest.policy import IngestPolicy
 from tradecanvas.ingest.supervisor import IngestSupervisor
 from tradecanvas.model import Candle, SeriesId
 from tradecanvas.ops.metrics import Metrics
-from tradecanvas.pipeline import IngestPipeline, SystemEvent
+from tradecanvas.pipeline.commit import IngestPipeline
+from tradecanvas.pipeline.events import SystemEvent
 from tradecanvas.runtime_flags import RuntimeFlags, build_runtime_flags
 from tradecanvas.store.sqlite import CandleStore
 from tradecanvas.tools.replay import ReplayConfig, ReplayHandle, parse_file_argument, serve_replay

@@ -19,8 +19,7 @@ from tradecanvas.ingest.policy import IngestPolicy
 from tradecanvas.ingest.tracker import Released
 from tradecanvas.model import SeriesId, Timeframe
 from tradecanvas.ops.metrics import Metrics
-from tradecanvas.pipeline import IngestPipeline
-from tradecanvas.pipeline.derive import derive_forming
+from tradecanvas.pipeline.commit import IngestPipeline
 from tradecanvas.runtime_flags import build_runtime_flags
 from tradecanvas.store.sqlite import CandleStore
 
@@ -39,7 +38,7 @@ class Rig:
 @asynccontextmanager
 async def committer(tmp_path: Path) -> AsyncIterator[Rig]:
     flags = build_runtime_flags({}).flags
-    core = IngestCore([BTC], flags=flags, policy=IngestPolicy(), derive_forming=derive_forming)
+    core = IngestCore([BTC], flags=flags, policy=IngestPolicy())
     core.load_series(BTC, head=None, unresolved=(), recent=())
     store = await CandleStore.open(tmp_path / "market.sqlite3")
     hub = RecordingHub()

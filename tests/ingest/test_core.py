@@ -24,7 +24,6 @@ from tradecanvas.ingest.core import FrameOutcome, IngestCore
 from tradecanvas.ingest.policy import IngestPolicy
 from tradecanvas.ingest.tracker import FillRequest
 from tradecanvas.model import Candle, SeriesId, Timeframe
-from tradecanvas.pipeline.derive import derive_forming
 from tradecanvas.runtime_flags import build_runtime_flags
 from tradecanvas.wire.binance import KlineEvent, decode_frame, kline_frame
 from tradecanvas.wire.json import dumps
@@ -77,9 +76,7 @@ def make_core(
     }
     environ.update({f"TRADE_CANVAS_{k.upper()}": v for k, v in env.items()})
     flags = build_runtime_flags(environ).flags
-    core = IngestCore(
-        series, flags=flags, policy=policy or IngestPolicy(), derive_forming=derive_forming
-    )
+    core = IngestCore(series, flags=flags, policy=policy or IngestPolicy())
     for sid in series:
         core.load_series(sid, head=head, unresolved=unresolved, recent=())
     return core

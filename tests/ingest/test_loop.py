@@ -46,7 +46,7 @@ from tradecanvas.ingest.loop import LoopCounters, _IngestLoop
 from tradecanvas.ingest.supervisor import IngestSupervisor
 from tradecanvas.ingest.tracker import FillRequest
 from tradecanvas.ops.metrics import Metrics
-from tradecanvas.pipeline import IngestBatch, IngestPipeline, PipelineResult
+from tradecanvas.pipeline.commit import IngestBatch, IngestPipeline, PipelineResult
 from tradecanvas.store.sqlite import CandleStore
 from tradecanvas.tools.replay import ReplayConfig, ReplayHandle, parse_file_argument, serve_replay
 from tradecanvas.upstream.binance_ws import Frame

@@ -12,7 +12,8 @@ from tradecanvas.errors import PublishError
 from tradecanvas.ingest.publish import publish_pipeline_result_from_ws
 from tradecanvas.model import Candle
 from tradecanvas.ops.metrics import Metrics
-from tradecanvas.pipeline import IngestPipeline, PipelineResult, SeriesUpdate, SystemEvent
+from tradecanvas.pipeline.commit import IngestPipeline, PipelineResult, SeriesUpdate
+from tradecanvas.pipeline.events import SystemEvent
 
 BASE = "binance:futures:BTC/USDT:1m"
 FIVE = "binance:futures:BTC/USDT:5m"

@@ -25,7 +25,7 @@ from tests.ingest.rig import (
 from tradecanvas.errors import StoreError
 from tradecanvas.ingest.supervisor import IngestSupervisor
 from tradecanvas.ops.metrics import Metrics
-from tradecanvas.pipeline import IngestPipeline, PipelineResult
+from tradecanvas.pipeline.commit import IngestPipeline, PipelineResult
 from tradecanvas.store.sqlite import CandleStore
 from tradecanvas.tools.replay import ReplayHandle, serve_replay
 from tradecanvas.upstream.rest import RestPolicy

@@ -9,7 +9,8 @@ import pytest
 from tests.conftest import candle, flat_minutes
 from tradecanvas.errors import CandleError, PublishError
 from tradecanvas.model import Candle, SeriesId, Timeframe
-from tradecanvas.pipeline import IngestBatch, IngestPipeline, SystemEvent
+from tradecanvas.pipeline.commit import IngestBatch, IngestPipeline
+from tradecanvas.pipeline.events import SystemEvent
 from tradecanvas.store.sqlite import CandleStore
 
 BTC = SeriesId.parse("binance:futures:BTC/USDT:1m")

@@ -24,7 +24,8 @@ from tests.conftest import candle, flat_minutes
 from tests.serve.test_http_validation import BAD_BODIES, BTC, BTC5, ETH, T0, body_for
 from tradecanvas.model import Candle, SeriesId
 from tradecanvas.ops.metrics import Metrics
-from tradecanvas.pipeline import IngestBatch, IngestPipeline, SystemEvent
+from tradecanvas.pipeline.commit import IngestBatch, IngestPipeline
+from tradecanvas.pipeline.events import SystemEvent
 from tradecanvas.runtime_flags import build_runtime_flags
 from tradecanvas.serve.http_api import MAX_BODY_BYTES, build_http_app
 from tradecanvas.serve.http_server import serve_http

@@ -46,7 +46,8 @@ from tests.serve.test_ws_server import (
 from tradecanvas.errors import PublishError, StoreError
 from tradecanvas.model import Candle, Timeframe
 from tradecanvas.ops.metrics import Metrics
-from tradecanvas.pipeline import IngestBatch, IngestPipeline, SystemEvent
+from tradecanvas.pipeline.commit import IngestBatch, IngestPipeline
+from tradecanvas.pipeline.events import SystemEvent
 from tradecanvas.serve.frame_safe_stream import FrameSafeStream
 from tradecanvas.serve.hub import CandleReader, Hub
 from tradecanvas.serve.subscriber import Subscriber

@@ -25,7 +25,7 @@ from tests.conftest import binance_data_dir, read_kline_csv
 from tests.serve.test_ws_protocol import BAD_MESSAGES
 from tradecanvas.model import Candle, SeriesId, Timeframe
 from tradecanvas.ops.metrics import Metrics
-from tradecanvas.pipeline import SystemEvent
+from tradecanvas.pipeline.events import SystemEvent
 from tradecanvas.runtime_flags import DEFAULT_ALLOWED_ORIGINS
 from tradecanvas.serve.hub import Hub
 from tradecanvas.serve.ws_protocol import (

@@ -28,7 +28,8 @@ from tradecanvas.ingest.publish import publish_pipeline_result_from_ws
 from tradecanvas.ingest.tracker import IngestSource
 from tradecanvas.model import SeriesId
 from tradecanvas.ops.metrics import Metrics
-from tradecanvas.pipeline import IngestBatch, IngestPipeline, MarketSink, PipelineResult
+from tradecanvas.pipeline.commit import IngestBatch, IngestPipeline, PipelineResult
+from tradecanvas.pipeline.publish import MarketSink
 from tradecanvas.store.records import StoreHoleMemory
 
 log = logging.getLogger(__name__)

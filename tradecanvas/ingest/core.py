@@ -24,8 +24,7 @@ late close is noticed from the other streams' frames.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from decimal import Decimal
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Final, final
 
 import attrs
@@ -35,12 +34,10 @@ from tradecanvas.ingest.batcher import BatchItem, ClosedBatcher, FormingThrottle
 from tradecanvas.ingest.policy import IngestPolicy
 from tradecanvas.ingest.tracker import REPAIR_REASONS, FillRequest, Released, SeriesTracker
 from tradecanvas.model import MINUTE, MINUTE_MS, MS, Candle, SeriesId, Timeframe
+from tradecanvas.pipeline.derive import derive_forming
 from tradecanvas.runtime_flags import RuntimeFlags
 from tradecanvas.wire.binance import ControlFrame, KlineEvent, decode_frame
 
-# ``tradecanvas.pipeline.derive.derive_forming``, passed in by the shell: importing it from
-# here would load the pipeline package, whose ``__init__`` pulls the store and trio in
-DeriveForming = Callable[[Timeframe, Sequence[Candle], Candle, Decimal | None], Candle | None]
 # the shortest pause before a failed REST fill is asked for again (the backoff's full
 # jitter may draw 0, and a REST that fails at once must not be hammered)
 FILL_RETRY_MIN_S: Final = 0.1
@@ -112,7 +109,6 @@ class IngestCore:
         *,
         flags: RuntimeFlags,
         policy: IngestPolicy,
-        derive_forming: DeriveForming,
     ) -> None:
         markets = {s.market for s in series}
         if len(markets) != 1:
@@ -133,7 +129,6 @@ class IngestCore:
         )
         span = max((tf.seconds for tf in self.derived), default=MINUTE) + MINUTE
         self.minutes = MinuteCache(span)
-        self._derive_forming = derive_forming
         self._seen_generation: dict[SeriesId, int] = {}
         self._exchange_time_ms = 0
         self._exchange_minute = -1  # (E - late_close) // 60 s last applied to the trackers
@@ -252,7 +247,7 @@ class IngestCore:
         yield str(sid), candle
         for tf in self.derived:
             minutes, previous_close = self.minutes.bucket(sid, tf, candle.candle_time)
-            derived = self._derive_forming(tf, minutes, candle, previous_close)
+            derived = derive_forming(tf, minutes, candle, previous_close)
             if derived is not None:
                 yield str(sid.with_timeframe(tf)), derived
 

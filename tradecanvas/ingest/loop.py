@@ -34,7 +34,7 @@ import functools
 import logging
 import math
 from collections.abc import Sequence
-from typing import Any, Final, final
+from typing import Final, final
 
 import attrs
 import trio
@@ -46,8 +46,8 @@ from tradecanvas.ingest.policy import IngestPolicy
 from tradecanvas.ingest.tracker import REPAIR_REASONS, FillRequest
 from tradecanvas.model import MINUTE, Candle, SeriesId
 from tradecanvas.ops.metrics import Metrics
-from tradecanvas.pipeline import IngestPipeline, MarketSink
-from tradecanvas.pipeline.derive import derive_forming
+from tradecanvas.pipeline.commit import IngestPipeline
+from tradecanvas.pipeline.publish import MarketSink
 from tradecanvas.runtime_flags import RuntimeFlags
 from tradecanvas.upstream.binance_ws import ConnectionCounters, Frame, run_binance_ws_connections
 from tradecanvas.upstream.plan import build_combined_stream_url, ws_base_url
@@ -142,7 +142,7 @@ class _IngestLoop:
         policy: IngestPolicy,
         counters: LoopCounters,
     ) -> None:
-        self.core = IngestCore(series, flags=flags, policy=policy, derive_forming=derive_forming)
+        self.core = IngestCore(series, flags=flags, policy=policy)
         self.series = self.core.series
         self.flags = flags
         self.rest = rest
@@ -375,13 +375,3 @@ class _IngestLoop:
         if batch.wake_fills:
             self._fill_wakeup.set()  # fills paused for the backlog may go on after this
         self.counters.committed += await self.committer.commit(batch.items)
-
-
-def __getattr__(name: str) -> Any:
-    # IngestSupervisor lives in ingest.supervisor (which imports this module, so it is
-    # loaded lazily); tests/test_daemon_wiring.py still imports it from here
-    if name == "IngestSupervisor":
-        from tradecanvas.ingest.supervisor import IngestSupervisor
-
-        return IngestSupervisor
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

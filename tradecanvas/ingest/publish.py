@@ -9,13 +9,8 @@ from __future__ import annotations
 import functools
 
 from tradecanvas.ops.metrics import Metrics
-from tradecanvas.pipeline import (
-    IngestPipeline,
-    MarketSink,
-    PipelineResult,
-    PublishStep,
-    run_publish_steps,
-)
+from tradecanvas.pipeline.commit import IngestPipeline, PipelineResult
+from tradecanvas.pipeline.publish import MarketSink, PublishStep, run_publish_steps
 
 
 def publish_pipeline_result_from_ws(

@@ -20,7 +20,8 @@ from tradecanvas.ingest.loop import LoopCounters, run_binance_ws_ingest_loop
 from tradecanvas.ingest.policy import IngestPolicy
 from tradecanvas.model import SeriesId
 from tradecanvas.ops.metrics import Metrics
-from tradecanvas.pipeline import IngestPipeline, MarketSink
+from tradecanvas.pipeline.commit import IngestPipeline
+from tradecanvas.pipeline.publish import MarketSink
 from tradecanvas.runtime_flags import RuntimeFlags
 from tradecanvas.store.records import StoreBanMemory
 from tradecanvas.upstream.plan import connection_groups

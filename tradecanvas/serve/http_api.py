@@ -53,7 +53,7 @@ from starlette.routing import Route
 from tradecanvas.errors import PublishError, StoreError
 from tradecanvas.model import SeriesId
 from tradecanvas.ops.metrics import Metrics
-from tradecanvas.pipeline import IngestBatch, IngestPipeline
+from tradecanvas.pipeline.commit import IngestBatch, IngestPipeline
 from tradecanvas.runtime_flags import RuntimeFlags
 from tradecanvas.serve.http_validation import (
     RequestRefused,

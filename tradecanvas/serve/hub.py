@@ -47,7 +47,7 @@ import trio_websocket
 from tradecanvas.errors import ClientMessageError, StoreError
 from tradecanvas.model import Candle, SeriesId
 from tradecanvas.ops.metrics import Metrics
-from tradecanvas.pipeline import SystemEvent
+from tradecanvas.pipeline.events import SystemEvent
 from tradecanvas.serve.outgoing import Gap, Outgoing, Plan, ReadStore, encode
 from tradecanvas.serve.subscriber import MessageSocket, Subscriber
 from tradecanvas.serve.subscriber_queue import CloseDecision, SubscriberQueue

@@ -8,7 +8,7 @@ import pytest
 
 from tradecanvas.errors import BadInputError
 from tradecanvas.model import Candle, SeriesId, Timeframe
-from tradecanvas.pipeline import PipelineResult, SeriesUpdate
+from tradecanvas.pipeline.commit import PipelineResult, SeriesUpdate
 from tradecanvas.tools.backfill import (
     BackfillPlan,
     BackfillTally,

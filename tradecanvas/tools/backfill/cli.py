@@ -27,7 +27,8 @@ import trio
 from tradecanvas.errors import BadInputError, ExitCode, StoreError, UpstreamError
 from tradecanvas.model import MINUTE, MS, Candle
 from tradecanvas.ops.logs import configure_logging
-from tradecanvas.pipeline import IngestBatch, IngestPipeline, PipelineResult, SystemEvent
+from tradecanvas.pipeline.commit import IngestBatch, IngestPipeline, PipelineResult
+from tradecanvas.pipeline.events import SystemEvent
 from tradecanvas.runtime_flags import RuntimeFlags
 from tradecanvas.store.records import StoreBanMemory
 from tradecanvas.store.sqlite import CandleStore
@@ -58,10 +59,6 @@ EXIT_CODES: Final[ExitCodeTable] = (
     (ExitCode.TERMINATED, "SIGTERM, as Ctrl-C"),
 )
 # the exit code of a stop by signal
-SIGNAL_EXIT_CODES: Final = {
-    signal.SIGINT: ExitCode.INTERRUPTED,
-    signal.SIGTERM: ExitCode.TERMINATED,
-}
 
 
 @final
@@ -114,7 +111,7 @@ async def _stop_on_signal(
             if caught:
                 sys.stderr.write("\ntradecanvas backfill: second signal, exiting at once\n")
                 sys.stderr.flush()
-                os._exit(SIGNAL_EXIT_CODES[signal.Signals(signum)])
+                os._exit(ExitCode.for_signal(signum))
             caught.append(signum)
             log.warning(
                 "%s: stopping after the page in flight (again to exit at once)",
@@ -230,7 +227,7 @@ async def run_import(
         return BackfillOutcome(failure[0], tally, failure[1])
     if caught:
         return BackfillOutcome(
-            SIGNAL_EXIT_CODES[signal.Signals(caught[0])],
+            ExitCode.for_signal(caught[0]),
             tally,
             f"interrupted; {tally.committed_text()}",
         )

@@ -19,7 +19,7 @@ import attrs
 
 from tradecanvas.errors import BadInputError, SeriesIdError
 from tradecanvas.model import MINUTE, Candle, SeriesId, Timeframe
-from tradecanvas.pipeline import PipelineResult
+from tradecanvas.pipeline.commit import PipelineResult
 from tradecanvas.upstream.rest import KLINES_LIMIT
 
 # A unix time above this is surely milliseconds (it would be the year 5138 in seconds).
