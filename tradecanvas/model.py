@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Mapping
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Final, Literal
 
@@ -20,14 +22,35 @@ EXCHANGES: Final = ("binance",)
 MARKETS: Final = ("futures", "spot")
 Market = Literal["futures", "spot"]
 
-_TIMEFRAME_RE: Final = re.compile(r"^([1-9][0-9]{0,3})([mhd])$")
-_UNIT_SECONDS: Final = {"m": MINUTE, "h": 60 * MINUTE, "d": DAY}
+WEEK: Final = 7 * DAY
+# 1970-01-01 was a Thursday: Binance's weeks open on Mondays, 4 days after the epoch
+_WEEK_OFFSET: Final = 4 * DAY
+# the nominal length of 1M, for ordering and spans only: its longest month
+_MONTH_NOMINAL: Final = 31 * DAY
+
+_TIMEFRAME_RE: Final = re.compile(r"^([1-9][0-9]{0,3})([mhdwM])$")
+_UNIT_SECONDS: Final = {"m": MINUTE, "h": 60 * MINUTE, "d": DAY, "w": WEEK}
 _SYMBOL_RE: Final = re.compile(r"^[A-Z0-9]{1,20}/[A-Z0-9]{1,20}(:[A-Z0-9]{1,20})?$")
+# Binance's kline intervals above 1s (BINANCE.md)
+BINANCE_INTERVALS: Final = (
+    "1m", "3m", "5m", "15m", "30m", "1h", "2h", "4h", "6h", "8h", "12h", "1d", "3d", "1w", "1M",
+)  # fmt: skip
 
 
 @attrs.frozen(order=True)
 class Timeframe:
-    """A bar length such as ``1m``, ``5m``, ``4h``, ``1d``. Ordered by length."""
+    """A bar length such as ``1m``, ``5m``, ``4h``, ``1d``, ``3d``, ``1w``, ``1M``, ordered by
+    length, with the bucket arithmetic of Binance's own bars (BINANCE.md):
+
+    - minutes, hours and ``1d``: open times are multiples of the length since the epoch;
+    - ``1w``: Mondays 00:00 UTC; ``1M``: the 1st of the month 00:00 UTC;
+    - multi-day lengths such as ``3d``: a grid of that many days whose *phase* (the open time
+      of any one bar, modulo the length) is the symbol's own — Binance starts it at the
+      symbol's first daily bar. Pass the phase in seconds; see :attr:`phased`.
+
+    ``seconds`` is exact for every length but ``1M``, where it is the longest month (31 days):
+    use :meth:`next_open` for the end of a bucket, never ``open + seconds``.
+    """
 
     seconds: int
     text: str = attrs.field(order=False)
@@ -37,16 +60,90 @@ class Timeframe:
         match = _TIMEFRAME_RE.match(text) if isinstance(text, str) else None
         if match is None:
             raise SeriesIdError(
-                f"bad timeframe {text!r}: expected <n>m, <n>h or <n>d, such as 1m, 5m, 1h, 1d"
+                f"bad timeframe {text!r}: expected <n>m, <n>h, <n>d, 1w or 1M, such as 1m, 5m,"
+                " 1h, 1d, 1M (1M is a month, 1m a minute)"
             )
-        return cls(int(match.group(1)) * _UNIT_SECONDS[match.group(2)], text)
+        count, unit = int(match.group(1)), match.group(2)
+        if unit == "M":
+            if count != 1:
+                raise SeriesIdError(f"bad timeframe {text!r}: the only month length is 1M")
+            return cls(_MONTH_NOMINAL, text)
+        if unit == "w" and count != 1:
+            raise SeriesIdError(f"bad timeframe {text!r}: the only week length is 1w")
+        return cls(count * _UNIT_SECONDS[unit], text)
 
-    def floor(self, t: int) -> int:
-        """The open time of the bucket holding ``t`` (UTC-aligned)."""
+    @property
+    def is_month(self) -> bool:
+        return self.text == "1M"
+
+    @property
+    def is_week(self) -> bool:
+        return self.text == "1w"
+
+    @property
+    def phased(self) -> bool:
+        """A grid of several days (Binance's ``3d``): its phase is the symbol's own."""
+        return not self.is_month and not self.is_week and self.seconds > DAY
+
+    @property
+    def fixed(self) -> bool:
+        """Every bucket has the same length (all but ``1M``)."""
+        return not self.is_month
+
+    def floor(self, t: int, phase: int = 0) -> int:
+        """The open time of the bucket holding ``t``; ``phase`` (seconds) only for
+        :attr:`phased` lengths."""
+        if self.is_month:
+            moment = datetime.fromtimestamp(t, UTC)
+            return int(datetime(moment.year, moment.month, 1, tzinfo=UTC).timestamp())
+        if self.is_week:
+            return t - (t - _WEEK_OFFSET) % WEEK
+        if self.phased:
+            return t - (t - phase) % self.seconds
         return t - t % self.seconds
+
+    def next_open(self, open_time: int) -> int:
+        """The open time of the bucket after the one opening at ``open_time``."""
+        if self.is_month:
+            moment = datetime.fromtimestamp(open_time, UTC)
+            year, month = divmod(moment.year * 12 + moment.month, 12)
+            return int(datetime(year, month + 1, 1, tzinfo=UTC).timestamp())
+        return open_time + self.seconds
+
+    def is_open_time(self, t: int, phase: int = 0) -> bool:
+        return self.floor(t, phase) == t
+
+    def minutes_in(self, open_time: int) -> int:
+        """Base minutes in the bucket opening at ``open_time``."""
+        return (self.next_open(open_time) - open_time) // MINUTE
+
+    def nests_in(self, other: Timeframe) -> bool:
+        """Every bucket of ``other`` is a whole number of buckets of ``self`` (for every
+        phase): ``self`` can be summed into ``other``."""
+        if self == other or self.is_month or self.seconds > other.seconds:
+            return False
+        if self.phased:
+            return False  # its grid depends on the symbol; nothing is built from it
+        if other.is_month or other.is_week or other.phased:
+            return DAY % self.seconds == 0  # those open at midnight
+        return other.seconds % self.seconds == 0
 
     def __str__(self) -> str:
         return self.text
+
+
+BASE_TIMEFRAME: Final = Timeframe.parse("1m")
+
+
+def derivation_sources(derived: Iterable[Timeframe]) -> Mapping[Timeframe, Timeframe]:
+    """For each derived timeframe, the one it is summed from: the longest of 1m and the
+    shorter derived timeframes that nests in it (:meth:`Timeframe.nests_in`)."""
+    ordered = sorted(set(derived))
+    sources: dict[Timeframe, Timeframe] = {}
+    for index, tf in enumerate(ordered):
+        candidates = [BASE_TIMEFRAME, *(s for s in ordered[:index] if s.nests_in(tf))]
+        sources[tf] = max(candidates, key=lambda s: s.seconds)
+    return sources
 
 
 @attrs.frozen(order=True)
@@ -162,10 +259,10 @@ def validate_candle(candle: Candle, timeframe: Timeframe) -> None:
     t = candle.candle_time
     if isinstance(t, bool) or not isinstance(t, int) or t < 0:
         raise CandleError(f"candle_time must be a non-negative integer of seconds, got {t!r}")
-    if t % timeframe.seconds:
+    if not timeframe.phased and not timeframe.is_open_time(t):
         raise CandleError(
-            f"candle_time {t} is not aligned to {timeframe}: it must be a multiple of"
-            f" {timeframe.seconds} (the bar's open time in seconds)"
+            f"candle_time {t} is not aligned to {timeframe}: it must be the open time of a"
+            f" {timeframe} bar in seconds (such as {timeframe.floor(t)})"
         )
     for name in ("open", "high", "low", "close", "volume"):
         value = getattr(candle, name)

@@ -18,7 +18,7 @@ from typing import Any, Final
 import attrs
 
 from tradecanvas.errors import FlagError, SeriesIdError
-from tradecanvas.model import DAY, MINUTE, SeriesId, Timeframe
+from tradecanvas.model import DAY, MINUTE, SeriesId, Timeframe, derivation_sources
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +144,10 @@ def _parse_series(text: str) -> tuple[SeriesId, ...]:
     return tuple(result)
 
 
+# a derived bar is summed from at most this many bars of its source at each commit
+MAX_PARTS_PER_BAR: Final = 1440
+
+
 def _parse_timeframes(text: str) -> tuple[Timeframe, ...]:
     items = [item.strip() for item in text.split(",") if item.strip()]
     result: list[Timeframe] = []
@@ -152,14 +156,24 @@ def _parse_timeframes(text: str) -> tuple[Timeframe, ...]:
             tf = Timeframe.parse(item)
         except SeriesIdError as exc:
             raise ValueError(str(exc)) from None
-        if tf.seconds <= MINUTE or DAY % tf.seconds:
+        calendar = tf.is_week or tf.is_month or tf.text == "3d"
+        if not calendar and (tf.seconds <= MINUTE or DAY % tf.seconds):
             raise ValueError(
-                f"{item} cannot be derived from 1m bars aligned to UTC days;"
-                " allowed: minutes/hours dividing a day (5m, 15m, 1h, 4h, …) or 1d"
+                f"{item} cannot be derived from 1m bars as Binance aligns them; allowed:"
+                " minutes/hours dividing a day (3m, 5m, 15m, 30m, 1h, 2h, 4h, 6h, 8h, 12h),"
+                " 1d, 3d, 1w, 1M"
             )
         if tf in result:
             raise ValueError(f"{item} is listed twice")
         result.append(tf)
+    for tf, source in derivation_sources(result).items():
+        parts = tf.seconds // source.seconds
+        if parts > MAX_PARTS_PER_BAR:
+            raise ValueError(
+                f"{tf} would be summed from {parts} {source} bars at every commit; add 1d (or"
+                f" another timeframe dividing a day, such as 4h) to the list: {tf} is built"
+                " from it"
+            )
     return tuple(result)  # configured order: the legacy publish sends derived series in it
 
 
@@ -234,7 +248,7 @@ class FlagSpec:
 
 FLAG_SPECS: Final[tuple[FlagSpec, ...]] = (
     FlagSpec("series", "binance:futures:BTC/USDT:1m", _parse_series, "comma-separated base 1m series"),
-    FlagSpec("derived_timeframes", "5m", _parse_timeframes, "timeframes derived from 1m"),
+    FlagSpec("derived_timeframes", "5m,15m,1h,4h,1d", _parse_timeframes, "timeframes derived from 1m (any of 3m … 1M)"),
     FlagSpec("db_path", None, _parse_path, "SQLite file (default $STATE_DIRECTORY/market.sqlite3, else ./var/market.sqlite3)"),
     FlagSpec("ws_host", "127.0.0.1", _parse_host, "/ws/market listen address"),
     FlagSpec("ws_port", "8765", _parse_int(0, 65535), "/ws/market listen port (0 = any)"),

@@ -17,8 +17,15 @@ from typing import final
 import attrs
 
 from tradecanvas.errors import CandleError
-from tradecanvas.model import MINUTE, Candle, SeriesId, Timeframe, validate_candle
-from tradecanvas.pipeline.derive import derive_bucket
+from tradecanvas.model import (
+    MINUTE,
+    Candle,
+    SeriesId,
+    Timeframe,
+    derivation_sources,
+    validate_candle,
+)
+from tradecanvas.pipeline.derive import Part, derive_parts, parts_in
 from tradecanvas.pipeline.events import SystemEvent, rebuild_events_for
 from tradecanvas.pipeline.publish import PublishStep, PublishTarget, run_publish_steps
 from tradecanvas.runtime_flags import RuntimeFlags
@@ -117,7 +124,13 @@ class IngestPipeline:
         self.store = store
         self.target = target
         self.derived_timeframes = tuple(derived_timeframes)
+        # derived in ascending length, each from its source (already derived in the same
+        # transaction); results are reported in configured order
+        self.sources = derivation_sources(self.derived_timeframes)
+        self._order = {tf: i for i, tf in enumerate(self.derived_timeframes)}
         self.fingerprint = fingerprint
+        # the phase (seconds) of each symbol's multi-day grid (3d), by (market, symbol)
+        self._phases: dict[tuple[str, str], int] = {}
         self._fingerprint_checked: set[str] = set()
         self._runs = 0
         self._received = 0
@@ -134,6 +147,14 @@ class IngestPipeline:
         """The pipeline ``serve`` and ``backfill`` use: the flags' derived timeframes and
         derivation fingerprint."""
         return cls(store, target, flags.derived_timeframes, flags.derivation_fingerprint())
+
+    def set_phase(self, series: SeriesId, phase: int) -> None:
+        """The symbol's multi-day grid (Binance's 3d) opens at ``phase`` modulo its length
+        (seconds). Until a symbol's phase is known its phased timeframes are not derived."""
+        self._phases[(series.market, series.symbol)] = phase
+
+    def phase_of(self, series: SeriesId) -> int | None:
+        return self._phases.get((series.market, series.symbol))
 
     def statistics(self) -> PipelineStatistics:
         return PipelineStatistics(
@@ -195,15 +216,20 @@ class IngestPipeline:
             updates.append(SeriesUpdate(sid, tuple(changed), derived=False, revised=revised))
             head = txn.head_time(sid)
             assert head is not None
-            for tf in self.derived_timeframes:
-                buckets = {tf.floor(c.candle_time) for c in changed}
+            series_updates: list[tuple[int, SeriesUpdate]] = []
+            for tf in sorted(self.derived_timeframes):
+                phase = self.phase_of(series) if tf.phased else 0
+                if phase is None:
+                    continue  # the symbol's grid is not known yet (see set_phase)
+                buckets = {tf.floor(c.candle_time, phase) for c in changed}
                 if previous_head is not None and head > previous_head:
                     # the bucket of the old head may have been waiting for a confirmed hole
-                    buckets.add(tf.floor(previous_head))
+                    buckets.add(tf.floor(previous_head, phase))
                 update, tf_events = self._derive(txn, series, tf, sorted(buckets), head)
                 events.extend(tf_events)
                 if update is not None:
-                    derived_updates.append(update)
+                    series_updates.append((self._order[tf], update))
+            derived_updates.extend(u for _, u in sorted(series_updates, key=lambda x: x[0]))
         return PipelineResult(
             updates=tuple(updates + derived_updates),
             events=tuple(events),
@@ -214,27 +240,41 @@ class IngestPipeline:
     def _derive(
         self, txn: StoreTxn, base: SeriesId, tf: Timeframe, buckets: Sequence[int], head: int
     ) -> tuple[SeriesUpdate | None, list[SystemEvent]]:
-        base_sid = str(base)
+        source = self.sources[tf]
+        source_sid = str(base.with_timeframe(source))
         sid = str(base.with_timeframe(tf))
         previous_head = txn.head_time(sid)
         derived: list[tuple[Candle, bool]] = []
         for bucket in buckets:
-            end = bucket + tf.seconds
-            minutes = [s.candle for s in txn.range(base_sid, bucket, end)]
-            if not minutes:
+            end = tf.next_open(bucket)
+            stored = txn.range(source_sid, bucket, end)
+            if not stored:
                 continue
-            complete = len(minutes) == tf.seconds // MINUTE
-            if not complete and head < end:
+            result = derive_parts(
+                bucket,
+                parts_in(source, tf, bucket),
+                [Part(s.candle, s.complete) for s in stored],
+                None,  # set below, only when needed
+            )
+            assert result is not None
+            if not result.complete and head < end:
                 continue  # still filling; finalised when a later minute is stored
-            before = txn.last_before(base_sid, bucket)
-            if not complete and before is None and minutes[0].candle_time > bucket:
+            before = txn.last_before(source_sid, bucket)
+            if not result.complete and before is None and stored[0].candle.candle_time > bucket:
                 # the store's history starts inside this bucket (an initial backfill from
                 # a minute that is not bucket-aligned): Binance's bar holds minutes we never
                 # fetched, so a bar from ours would be wrong; leave it out
                 continue
-            result = derive_bucket(bucket, tf, minutes, before.candle.close if before else None)
-            if result is not None:
-                derived.append((result.candle, result.complete))
+            if before is not None and all(s.candle.volume == 0 for s in stored):
+                # an all-empty bucket is flat at the previous close
+                result = derive_parts(
+                    bucket,
+                    parts_in(source, tf, bucket),
+                    [Part(s.candle, s.complete) for s in stored],
+                    before.candle.close,
+                )
+                assert result is not None
+            derived.append((result.candle, result.complete))
         if not derived:
             return None, []
         candles = [c for c, _ in derived]
