@@ -22,7 +22,7 @@ TOKEN = "s3cret-token-0123456789"
 def test_defaults_match_design() -> None:
     flags = build_runtime_flags({}).flags
     assert [str(s) for s in flags.series] == ["binance:futures:BTC/USDT:1m"]
-    assert [tf.text for tf in flags.derived_timeframes] == ["5m"]
+    assert [tf.text for tf in flags.derived_timeframes] == ["5m", "15m", "1h", "4h", "1d"]
     assert flags.db_path == Path("var/market.sqlite3")
     assert (flags.ws_host, flags.ws_port, flags.http_host, flags.http_port) == (
         "127.0.0.1",
@@ -69,6 +69,8 @@ PARSE_ERROR_CASES: list[tuple[str, str, str]] = [
     ("TRADE_CANVAS_SERIES", "kraken:spot:BTC/USD:1m", "unknown exchange"),
     ("TRADE_CANVAS_DERIVED_TIMEFRAMES", "5x", "bad timeframe"),
     ("TRADE_CANVAS_DERIVED_TIMEFRAMES", "7m", "cannot be derived"),
+    ("TRADE_CANVAS_DERIVED_TIMEFRAMES", "2w", "the only week length is 1w"),
+    ("TRADE_CANVAS_DERIVED_TIMEFRAMES", "5m,1w", "add 1d"),
     ("TRADE_CANVAS_WS_PORT", "http", "not an integer"),
     ("TRADE_CANVAS_WS_PORT", "70000", "out of range"),
     ("TRADE_CANVAS_HTTP_PORT", "-1", "out of range"),
@@ -88,6 +90,8 @@ PARSE_ERROR_CASES: list[tuple[str, str, str]] = [
     ("TRADE_CANVAS_SUBSCRIBER_QUEUE_MAX", "0", "out of range"),
     ("TRADE_CANVAS_SUBSCRIBER_SEND_TIMEOUT_S", "-1", "out of range"),
     ("TRADE_CANVAS_MAX_SUBSCRIPTIONS", "0", "out of range"),
+    ("TRADE_CANVAS_EVENT_RETENTION_DAYS", "0", "out of range"),
+    ("TRADE_CANVAS_EVENT_RETENTION_MAX", "10", "out of range"),
     ("TRADE_CANVAS_WS_ALLOWED_ORIGINS", "localhost", "not an origin"),
     ("TRADE_CANVAS_INGEST_TOKEN", "short", "too short"),
     ("TRADE_CANVAS_LOG_FORMAT", "xml", "allowed: text, json"),

@@ -66,6 +66,8 @@ class RuntimeFlags:
     subscriber_send_timeout_s: float
     max_subscriptions: int
     ws_allowed_origins: tuple[str, ...]
+    event_retention_days: float
+    event_retention_max: int
     ingest_token: str | None = attrs.field(repr=_redacted)
     log_format: str
     log_level: str
@@ -270,6 +272,8 @@ FLAG_SPECS: Final[tuple[FlagSpec, ...]] = (
     FlagSpec("subscriber_send_timeout_s", "10", _parse_float(0.01, 3600.0), "close a subscriber whose send takes longer (4008)"),
     FlagSpec("max_subscriptions", "64", _parse_int(1, 10_000), "subscriptions per connection"),
     FlagSpec("ws_allowed_origins", ",".join(DEFAULT_ALLOWED_ORIGINS), _parse_origins, "allowed Origin headers (any port of these hosts); * allows all"),
+    FlagSpec("event_retention_days", "7", _parse_float(0.01, 3650.0), "keep system events (the event log) this many days at most"),
+    FlagSpec("event_retention_max", "100000", _parse_int(100, 100_000_000), "keep at most this many system events"),
     FlagSpec("ingest_token", None, _parse_token, "bearer token of POST /api/market/ingest/candle_closed (or $CREDENTIALS_DIRECTORY/ingest-token)"),
     FlagSpec("log_format", "text", _parse_choice(LOG_FORMATS), "text or json"),
     FlagSpec("log_level", "INFO", _parse_choice(LOG_LEVELS, upper=True), "DEBUG, INFO, WARNING, ERROR"),

@@ -51,7 +51,7 @@ async def _pipeline(
     )
 
 
-def _reasons(events: Sequence[SystemEvent]) -> list[tuple[str, str, int, int]]:
+def _reasons(events: Sequence[SystemEvent]) -> list[tuple[str, str, int | None, int | None]]:
     return [(e.series_id, e.reason, e.from_time, e.to_time) for e in events]
 
 

@@ -40,7 +40,7 @@ def test_series_id_parsing_and_stream_names() -> None:
         ("kraken:futures:BTC/USDT:1m", "unknown exchange 'kraken'"),
         ("binance:margin:BTC/USDT:1m", "unknown market 'margin'"),
         ("binance:spot:btc/usdt:1m", "bad symbol 'btc/usdt'"),
-        ("binance:spot:BTC/USDT:1w", "bad timeframe '1w'"),
+        ("binance:spot:BTC/USDT:1y", "bad timeframe '1y'"),
         ("binance:spot:BTC/USDT:0m", "bad timeframe '0m'"),
         ("", "non-empty string"),
     ],

@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Iterable, Sequence
-from typing import final
+import math
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Final, final
 
 import attrs
+import orjson
 
 from tradecanvas.errors import CandleError
 from tradecanvas.model import (
@@ -26,12 +29,20 @@ from tradecanvas.model import (
     validate_candle,
 )
 from tradecanvas.pipeline.derive import Part, derive_parts, parts_in
-from tradecanvas.pipeline.events import SystemEvent, rebuild_events_for
+from tradecanvas.pipeline.events import (
+    SystemEvent,
+    gap_event,
+    rebuild_events_for,
+    served_series_events,
+)
 from tradecanvas.pipeline.publish import PublishStep, PublishTarget, run_publish_steps
 from tradecanvas.runtime_flags import RuntimeFlags
 from tradecanvas.store.sqlite import CandleStore, Source, StoreTxn, UpsertOutcome
 
 log = logging.getLogger(__name__)
+
+# the event log retention runs at most this often (wall-clock seconds)
+PRUNE_INTERVAL_S: Final = 60.0
 
 
 @attrs.frozen
@@ -53,6 +64,9 @@ class IngestBatch:
     # store meta entries (key, value) set in the same transaction as the candles: state
     # that must be durable exactly when they are (the ingest loop's unresolved holes)
     meta: tuple[tuple[str, str], ...] = ()
+    # base minutes Binance REST confirmed missing, as [start, end) per series: recorded as
+    # ``gap`` events with the candles above them
+    absent: tuple[tuple[SeriesId, int, int], ...] = ()
 
     @classmethod
     def of(cls, series: SeriesId, candles: Iterable[Candle], source: Source) -> IngestBatch:
@@ -84,6 +98,15 @@ class PipelineResult:
         return [e for e in self.events if e.series_id not in derived] + [
             e for e in self.events if e.series_id in derived
         ]
+
+
+@attrs.frozen
+class EventRetention:
+    """How long the event log keeps events: the newest ``max_events`` of those younger than
+    ``max_age_s`` (DESIGN §10; the defaults are the flags' defaults)."""
+
+    max_events: int = 100_000
+    max_age_s: float = 7 * 86_400.0
 
 
 @attrs.frozen
@@ -120,6 +143,9 @@ class IngestPipeline:
         target: PublishTarget,
         derived_timeframes: Sequence[Timeframe],
         fingerprint: str,
+        *,
+        retention: EventRetention | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
         self.target = target
@@ -131,6 +157,11 @@ class IngestPipeline:
         self.fingerprint = fingerprint
         # the phase (seconds) of each symbol's multi-day grid (3d), by (market, symbol)
         self._phases: dict[tuple[str, str], int] = {}
+        self.retention = retention or EventRetention()
+        # wall clock: event timestamps and the retention (nothing else here reads it)
+        self._clock = clock
+        self._next_prune = -math.inf
+        self.events_pruned_upto = 0
         self._fingerprint_checked: set[str] = set()
         self._runs = 0
         self._received = 0
@@ -146,7 +177,15 @@ class IngestPipeline:
     ) -> IngestPipeline:
         """The pipeline ``serve`` and ``backfill`` use: the flags' derived timeframes and
         derivation fingerprint."""
-        return cls(store, target, flags.derived_timeframes, flags.derivation_fingerprint())
+        return cls(
+            store,
+            target,
+            flags.derived_timeframes,
+            flags.derivation_fingerprint(),
+            retention=EventRetention(
+                flags.event_retention_max, flags.event_retention_days * 86_400
+            ),
+        )
 
     def set_phase(self, series: SeriesId, phase: int) -> None:
         """The symbol's multi-day grid (Binance's 3d) opens at ``phase`` modulo its length
@@ -197,6 +236,9 @@ class IngestPipeline:
         dropped_total = 0
         for key, value in batch.meta:
             txn.set_meta(key, value)
+        for series, start, end in batch.absent:
+            if end > start:
+                events.append(gap_event(str(series), "exchange", start, end - MINUTE))
         for series in sorted(grouped):
             candles, dropped = dedupe(grouped[series])
             dropped_total += dropped
@@ -232,10 +274,40 @@ class IngestPipeline:
             derived_updates.extend(u for _, u in sorted(series_updates, key=lambda x: x[0]))
         return PipelineResult(
             updates=tuple(updates + derived_updates),
-            events=tuple(events),
+            events=self._log_events(txn, events),
             received=len(batch.candles),
             duplicates_dropped=dropped_total,
         )
+
+    def _log_events(self, txn: StoreTxn, events: Sequence[SystemEvent]) -> tuple[SystemEvent, ...]:
+        """Write ``events`` to the event log (their ids) and apply the retention (at most
+        once every PRUNE_INTERVAL_S)."""
+        now = self._clock()
+        logged = tuple(
+            attrs.evolve(e, event_id=txn.append_event(e.series_id, e.event, e.data, now))
+            for e in events
+        )
+        if now >= self._next_prune:
+            self._next_prune = now + PRUNE_INTERVAL_S
+            self.events_pruned_upto = txn.prune_events(
+                self.retention.max_events, now - self.retention.max_age_s
+            )
+        return logged
+
+    async def record_served_series(self, series_ids: Sequence[str]) -> tuple[SystemEvent, ...]:
+        """Log ``series.added`` / ``series.removed`` for the served set against the one the
+        store was last served with (at start-up, before anything is published)."""
+        key = "served_series"
+
+        def record(txn: StoreTxn) -> tuple[SystemEvent, ...]:
+            stored = txn.get_meta(key)
+            previously = orjson.loads(stored) if stored is not None else None
+            events = served_series_events(previously, series_ids)
+            if events or previously is None:
+                txn.set_meta(key, orjson.dumps(sorted(series_ids)).decode())
+            return self._log_events(txn, events)
+
+        return await self.store.write(record)
 
     def _derive(
         self, txn: StoreTxn, base: SeriesId, tf: Timeframe, buckets: Sequence[int], head: int
@@ -245,6 +317,15 @@ class IngestPipeline:
         sid = str(base.with_timeframe(tf))
         previous_head = txn.head_time(sid)
         derived: list[tuple[Candle, bool]] = []
+        incomplete_before = (
+            {
+                s.candle.candle_time
+                for s in txn.range(sid, buckets[0], tf.next_open(buckets[-1]))
+                if not s.complete
+            }
+            if buckets
+            else set()
+        )
         for bucket in buckets:
             end = tf.next_open(bucket)
             stored = txn.range(source_sid, bucket, end)
@@ -281,8 +362,17 @@ class IngestPipeline:
         outcomes: list[UpsertOutcome] = []
         for candle, complete in derived:
             outcomes.extend(txn.upsert(sid, [candle], "derived", complete=complete))
+        completed = [
+            c.candle_time for c, done in derived if done and c.candle_time in incomplete_before
+        ]
         events = self._fingerprint_events(txn, sid, previous_head)
-        events.extend(rebuild_events_for(sid, previous_head, candles, outcomes))
+        events.extend(rebuild_events_for(sid, previous_head, candles, outcomes, completed))
+        for (candle, done), outcome in zip(derived, outcomes, strict=True):
+            if not done and (
+                outcome is not UpsertOutcome.UNCHANGED
+                or candle.candle_time not in incomplete_before
+            ):
+                events.append(gap_event(sid, "incomplete", candle.candle_time, candle.candle_time))
         changed = tuple(
             c for c, o in zip(candles, outcomes, strict=True) if o is not UpsertOutcome.UNCHANGED
         )
