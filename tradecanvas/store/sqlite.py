@@ -259,6 +259,9 @@ class CandleStore:
         events."""
         return await self._read(events_pruned_upto)
 
+    async def set_meta(self, key: str, value: str) -> None:
+        await self.write(lambda txn: txn.set_meta(key, value))
+
     async def get_meta(self, key: str) -> str | None:
         def q(conn: sqlite3.Connection) -> str | None:
             row = conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()

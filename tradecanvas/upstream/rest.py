@@ -271,6 +271,19 @@ class BinanceRestClient:
             cursor = following
         return [by_time[t] for t in sorted(by_time)]
 
+    async def latest_open_time(self, series: SeriesId) -> int | None:
+        """The open time (seconds) of the newest ``series`` bar Binance has (one klines call,
+        ``limit=1``), None when it has none: how a multi-day grid's phase is learned."""
+        market = series.market
+        response = await self._get(
+            market,
+            KLINES_PATH[market],
+            {"symbol": series.rest_symbol, "interval": series.timeframe.text, "limit": 1},
+            weight=klines_weight(market, 1),
+        )
+        rows = decode_rest_klines(response.content, series.timeframe)
+        return rows[-1].candle_time if rows else None
+
     async def server_time_ms(self, market: Market) -> int:
         response = await self._get(market, TIME_PATH[market], {}, weight=TIME_WEIGHT)
         doc = decode_wire_json(response.content)
