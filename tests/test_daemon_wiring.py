@@ -51,6 +51,7 @@ def _flags(tmp_path: Path, replay: ReplayHandle, kill_switch: str) -> RuntimeFla
             "TRADE_CANVAS_BINANCE_FUTURES_REST_URL": replay.rest_url,
             "TRADE_CANVAS_ENABLE_INGEST_WS_PIPELINE_PUBLISH": kill_switch,
             "TRADE_CANVAS_INITIAL_BACKFILL_CANDLES": "60",
+            "TRADE_CANVAS_DERIVED_TIMEFRAMES": "5m",
             "TRADE_CANVAS_INGEST_TOKEN": TOKEN,
         }
     ).flags

@@ -39,7 +39,14 @@ PURE_MODULES: Final = (
     "tradecanvas.ingest.batcher",
     "tradecanvas.ingest.core",
     "tradecanvas.serve.subscriber_queue",
+    "tradecanvas.serve.drain",
+    "tradecanvas.serve.subscription",
+    "tradecanvas.serve.outgoing",
     "tradecanvas.serve.ws_protocol",
+    "tradecanvas.serve.http_validation",
+    "tradecanvas.pipeline.events",
+    "tradecanvas.store.types",
+    "tradecanvas.upstream.plan",
 )
 IO_LIBRARIES: Final = ("trio", "trio_websocket", "httpx", "hypercorn", "starlette", "sqlite3")
 

@@ -110,6 +110,7 @@ def make_flags(tmp_path: Path, ws_url: str, rest_url: str, **env: str) -> Runtim
         "TRADE_CANVAS_BINANCE_SPOT_REST_URL": rest_url,
         "TRADE_CANVAS_DB_PATH": str(tmp_path / "market.sqlite3"),
         "TRADE_CANVAS_INITIAL_BACKFILL_CANDLES": "0",
+        "TRADE_CANVAS_DERIVED_TIMEFRAMES": "5m",
         # quick flushes, so that real-time tests stay short (tests of batching set their own)
         "TRADE_CANVAS_BINANCE_WS_FLUSH_S": "0.05",
     }

@@ -72,6 +72,7 @@ def make_core(
     environ = {
         "TRADE_CANVAS_LATE_CLOSE_S": str(LATE_S),
         "TRADE_CANVAS_INITIAL_BACKFILL_CANDLES": "0",
+        "TRADE_CANVAS_DERIVED_TIMEFRAMES": "5m",
         "TRADE_CANVAS_MARKET_FORMING_MIN_INTERVAL_MS": "0",
     }
     environ.update({f"TRADE_CANVAS_{k.upper()}": v for k, v in env.items()})

@@ -11,8 +11,8 @@ from tests.conftest import candle, flat_minutes
 from tests.pipeline.test_commit import RecordingTarget
 from tradecanvas.errors import CandleError
 from tradecanvas.model import SeriesId, Timeframe
-from tradecanvas.pipeline import IngestBatch, IngestPipeline, SystemEvent
-from tradecanvas.pipeline.commit import EventRetention
+from tradecanvas.pipeline.commit import EventRetention, IngestBatch, IngestPipeline
+from tradecanvas.pipeline.events import SystemEvent
 from tradecanvas.store.sqlite import CandleStore
 
 BTC = SeriesId.parse("binance:futures:BTC/USDT:1m")

@@ -21,7 +21,7 @@ from tradecanvas.model import (
     Timeframe,
     derivation_sources,
 )
-from tradecanvas.pipeline import IngestBatch, IngestPipeline
+from tradecanvas.pipeline.commit import IngestBatch, IngestPipeline
 from tradecanvas.pipeline.derive import Part, aggregate, derive_parts, derive_series, parts_in
 from tradecanvas.store.sqlite import CandleStore
 from tradecanvas.wire.kline_csv import read_kline_csv

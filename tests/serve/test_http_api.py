@@ -688,3 +688,25 @@ async def test_drain_is_bounded_by_a_deadline(tmp_path: Path) -> None:
                 clients.cancel_scope.cancel()
         assert drain_s * 0.9 <= elapsed < drain_s + 1.5
         assert await store.range(BTC, 0, 2**40) == []
+
+
+async def test_events_are_paged_by_cursor_and_filtered_by_series(tmp_path: Path) -> None:
+    async with running_api(tmp_path) as api:
+        btc, eth = SeriesId.parse(BTC), SeriesId.parse(ETH)
+        await api.pipeline.run(IngestBatch.of(btc, flat_minutes(1_700_000_100, 6), "ws"))
+        await api.pipeline.run(IngestBatch.of(eth, flat_minutes(1_700_000_100, 6), "ws"))
+        everything = (await api.client.get("/api/market/events")).json()
+        ids = [e["event_id"] for e in everything["events"]]
+        assert ids == sorted(ids) and len(ids) == 4  # new_series of 1m and 5m, each symbol
+        assert everything["truncated"] is False and everything["next_after"] == ids[-1]
+        assert {e["type"] for e in everything["events"]} == {"system"}
+        page = (await api.client.get(f"/api/market/events?after={ids[0]}&limit=2")).json()
+        assert [e["event_id"] for e in page["events"]] == ids[1:3]
+        assert page["more"] is True and page["next_after"] == ids[2]
+        only_eth = (await api.client.get(f"/api/market/events?series_id={ETH}")).json()
+        assert {e["series_id"] for e in only_eth["events"]} == {ETH}
+        bad = await api.client.get("/api/market/events?after=-1&limit=0")
+        assert bad.status_code == 422
+        assert {p["field"] for p in bad.json()["errors"]} == {"after", "limit"}
+        unknown = await api.client.get("/api/market/events?series_id=binance:spot:XRP/USDT:1m")
+        assert unknown.status_code == 404

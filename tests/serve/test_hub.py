@@ -52,6 +52,7 @@ from tradecanvas.serve.frame_safe_stream import FrameSafeStream
 from tradecanvas.serve.hub import CandleReader, Hub
 from tradecanvas.serve.subscriber import Subscriber
 from tradecanvas.store.sqlite import CandleStore
+from tradecanvas.store.types import StoredEvent
 from tradecanvas.wire.json import loads
 
 T0: Final = 1751760000  # 2025-07-06 00:00 UTC, the first candle of the real futures week
@@ -97,6 +98,16 @@ class MemoryReader:
         if self.fail:
             raise StoreError("disk I/O error")
         return [c for c in self.candles.get(series_id, []) if c.candle_time > since][:limit]
+
+    async def events_after(
+        self, after: int, series_ids: Sequence[str] | None = None, limit: int = 1000
+    ) -> list[StoredEvent]:
+        await trio.lowlevel.checkpoint()
+        return []
+
+    async def events_pruned_upto(self) -> int:
+        await trio.lowlevel.checkpoint()
+        return 0
 
 
 @final

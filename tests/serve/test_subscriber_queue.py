@@ -21,13 +21,18 @@ from tests.serve.test_ws_server import SID_1M, SID_5M, real_candles
 from tradecanvas.model import Candle
 from tradecanvas.serve.outgoing import (
     Action,
+    Answer,
     ClosedCandles,
+    EventsRead,
+    EventsTruncated,
     FormingCandle,
     Gap,
     Outgoing,
     Plan,
+    ReadEvents,
     ReadStore,
     Send,
+    StoredEventText,
     WholeMessage,
 )
 from tradecanvas.serve.subscriber_queue import CloseDecision, SubscriberQueue
@@ -42,12 +47,28 @@ class MemoryStore:
 
     rows: dict[str, dict[int, Candle]] = attrs.field(factory=dict)
     reads: list[ReadStore] = attrs.field(factory=list)
+    # the event log: (event_id, series_id, text), and the highest id the retention dropped
+    events: list[tuple[int, str, str]] = attrs.field(factory=list)
+    pruned_upto: int = 0
 
     def upsert(self, series_id: str, candles: Iterable[Candle]) -> None:
         self.rows.setdefault(series_id, {}).update((c.candle_time, c) for c in candles)
 
     def times(self, series_id: str) -> list[int]:
         return sorted(self.rows.get(series_id, {}))
+
+    def log_event(self, series_id: str, text: str) -> int:
+        event_id = (self.events[-1][0] if self.events else self.pruned_upto) + 1
+        self.events.append((event_id, series_id, text))
+        return event_id
+
+    def read_events(self, read: ReadEvents) -> EventsRead:
+        found = [
+            StoredEventText(i, text)
+            for i, sid, text in self.events
+            if i > read.after and sid == read.series_id
+        ]
+        return EventsRead(tuple(found[: read.limit]), self.pruned_upto)
 
     def read(self, read: ReadStore) -> list[Candle]:
         self.reads.append(read)
@@ -88,7 +109,7 @@ class Rig:
         while self.woken:
             self.woken = False
             plan = self.queue.drain()
-            answer: Sequence[Candle] | None = None
+            answer: Answer = None
             while True:
                 try:
                     action = plan.send(answer)
@@ -96,6 +117,8 @@ class Rig:
                     break
                 if isinstance(action, ReadStore):
                     answer = self.store.read(action)
+                elif isinstance(action, ReadEvents):
+                    answer = self.store.read_events(action)
                 else:
                     answer = None
                     sent.extend(action.messages)
@@ -116,6 +139,8 @@ def summary(sent: Sequence[Outgoing]) -> list[tuple[object, ...]]:
             out.append(("gap", m.series_id, m.expected_next_time, m.actual_time))
         elif isinstance(m, FormingCandle):
             out.append(("forming", m.series_id, m.candle.candle_time))
+        elif isinstance(m, EventsTruncated):
+            out.append(("truncated", m.series_id, m.events_after, m.pruned_upto))
         else:
             out.append(("message", m.text))
     return out
@@ -653,7 +678,7 @@ class Model:
         elif isinstance(message, FormingCandle):
             cursor = self.cursor[message.series_id]
             assert cursor is None or message.candle.candle_time > cursor
-        else:
+        elif isinstance(message, WholeMessage):
             self.emitted.append(message.text)
             assert self.emitted == self.accepted[: len(self.emitted)], "messages reordered"
             owed = self.owed_before.get(message.text)
@@ -788,3 +813,96 @@ def test_random_offers_drains_and_stalls_keep_every_rule(
             return
         model.check()
     model.finish()
+
+
+# --- the event-log cursor (events_after) -----------------------------------------------
+
+
+def _event(rig: Rig, sid: str, name: str) -> int:
+    """Log an event (as the pipeline does in its transaction); its id."""
+    return rig.store.log_event(sid, f"event {name}")
+
+
+def _messages(sent: Sequence[Outgoing]) -> list[object]:
+    return [
+        ("truncated", m.events_after, m.pruned_upto)
+        if isinstance(m, EventsTruncated)
+        else m.text
+        if isinstance(m, WholeMessage)
+        else ("closed", closed_times([m]))
+        if isinstance(m, ClosedCandles)
+        else type(m).__name__
+        for m in sent
+    ]
+
+
+def test_stored_events_come_first_then_catch_up_then_live_with_no_doubles() -> None:
+    rig = Rig()
+    rig.store.upsert(SID_1M, flat_minutes(T0, 3))
+    _event(rig, SID_1M, "a")
+    second = _event(rig, SID_1M, "b")
+    _event(rig, SID_5M, "other series")
+    rig.queue.subscribe(SID_1M, 60, T0, True, events_after=0)
+    # published while the subscription waits for its stored events: one the read has too,
+    # and a newer one
+    rig.queue.offer_event(SID_1M, second, "event b", 0.0)
+    third = _event(rig, SID_1M, "c")
+    rig.queue.offer_event(SID_1M, third, "event c", 0.0)
+    assert _messages(rig.drain()) == [
+        "event a",
+        "event b",
+        "event c",
+        ("closed", [T0 + 60, T0 + 120]),
+    ]
+    # a live event the cursor is past is not sent again; a new one is
+    rig.queue.offer_event(SID_1M, second, "event b", 0.0)
+    fourth = _event(rig, SID_1M, "d")
+    rig.queue.offer_event(SID_1M, fourth, "event d", 0.0)
+    assert _messages(rig.drain()) == ["event d"]
+    assert rig.queue.queued == 0
+
+
+def test_a_cursor_older_than_the_retention_gets_events_truncated_once() -> None:
+    rig = Rig()
+    rig.store.pruned_upto = 7
+    kept = _event(rig, SID_1M, "kept")
+    rig.queue.subscribe(SID_1M, 60, None, True, events_after=3)
+    assert _messages(rig.drain())[:2] == [("truncated", 3, 7), "event kept"]
+    assert kept == 8
+    # a cursor at the retention's edge lost nothing
+    rig.queue.subscribe(SID_1M, 60, None, True, events_after=7)
+    assert "truncated" not in str(_messages(rig.drain()))
+
+
+def test_without_events_after_only_live_events_and_no_read() -> None:
+    rig = Rig()
+    _event(rig, SID_1M, "old")
+    rig.queue.subscribe(SID_1M, 60, None, True)
+    rig.drain()
+    live = _event(rig, SID_1M, "live")
+    rig.queue.offer_event(SID_1M, live, "event live", 0.0)
+    assert _messages(rig.drain()) == ["event live"]
+
+
+def test_stored_events_are_read_in_pages_of_catchup_limit() -> None:
+    rig = Rig(catchup_limit=2)
+    names = [str(i) for i in range(5)]
+    for name in names:
+        _event(rig, SID_1M, name)
+    rig.queue.subscribe(SID_1M, 60, None, True, events_after=0)
+    assert [m for m in _messages(rig.drain()) if isinstance(m, str)] == [
+        f"event {n}" for n in names
+    ]
+
+
+def test_resubscribing_with_a_cursor_keeps_stored_events_before_queued_live_ones() -> None:
+    rig = Rig()
+    rig.queue.subscribe(SID_1M, 60, None, True)
+    rig.drain()
+    first = _event(rig, SID_1M, "1")
+    second = _event(rig, SID_1M, "2")
+    rig.queue.offer_event(SID_1M, second, "event 2", 0.0)  # queued for the old subscription
+    rig.queue.subscribe(SID_1M, 60, None, True, events_after=0)
+    sent = [m for m in _messages(rig.drain()) if isinstance(m, str)]
+    assert sent == ["event 1", "event 2"]
+    assert first < second

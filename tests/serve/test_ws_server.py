@@ -22,9 +22,11 @@ import trio
 import trio_websocket
 
 from tests.conftest import binance_data_dir, read_kline_csv
+from tests.pipeline.test_commit import RecordingTarget
 from tests.serve.test_ws_protocol import BAD_MESSAGES
 from tradecanvas.model import Candle, SeriesId, Timeframe
 from tradecanvas.ops.metrics import Metrics
+from tradecanvas.pipeline.commit import IngestBatch, IngestPipeline
 from tradecanvas.pipeline.events import SystemEvent
 from tradecanvas.runtime_flags import DEFAULT_ALLOWED_ORIGINS
 from tradecanvas.serve.hub import Hub
@@ -511,3 +513,41 @@ async def test_garbage_and_plain_http_do_not_disturb_subscribers(store: CandleSt
             assert answer == b"" or answer.startswith(b"HTTP/1.1 4"), answer
         assert await until_pong(ws) == []
         assert market.hub.statistics().subscribers == 1
+
+
+async def test_events_resume_by_cursor_across_a_restart(tmp_path: Path) -> None:
+    """Stored events after ``events_after`` come first, in order, then live ones; a reopened
+    store (a restarted daemon) keeps ids and events; an old cursor is told it is truncated."""
+    path = tmp_path / "events.sqlite3"
+    store = await CandleStore.open(path)
+    pipeline = IngestPipeline(store, RecordingTarget(), [Timeframe.parse("5m")], "fp")
+    minutes = list(real_candles())
+    first = await pipeline.run(IngestBatch.of(SERIES_1M, minutes[:10], "ws"))
+    revised = [attrs.evolve(minutes[3], volume=minutes[3].volume + 1)]
+    second = await pipeline.run(IngestBatch.of(SERIES_1M, revised, "rest"))
+    await store.aclose()
+    store = await CandleStore.open(path)  # the daemon restarted
+    try:
+        ids = [e.event_id for e in (*first.events, *second.events) if e.series_id == SID_1M]
+        async with running_market(store) as market, connect(market.port) as ws:
+            await send(
+                ws, subscribe_msg(SID_1M, since=minutes[9].candle_time) | {"events_after": 0}
+            )
+            got = await until_pong(ws)
+            assert [m["event_id"] for m in got if m["type"] == "system"] == ids
+            assert [m["data"]["reason"] for m in got if m["type"] == "system"] == [
+                "new_series",
+                "revision",
+            ]
+            # the cursor resumes after the first: only the second comes again
+            await send(
+                ws, subscribe_msg(SID_1M, since=minutes[9].candle_time) | {"events_after": ids[0]}
+            )
+            again = await until_pong(ws)
+            assert [m["event_id"] for m in again if m["type"] == "system"] == ids[1:]
+            # a malformed cursor is refused and changes nothing
+            await send(ws, subscribe_msg(SID_1M) | {"events_after": "x"})
+            refused = await receive(ws)
+            assert refused["type"] == "error" and "events_after" in refused["message"]
+    finally:
+        await store.aclose()

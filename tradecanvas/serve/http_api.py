@@ -54,11 +54,13 @@ from tradecanvas.errors import PublishError, StoreError
 from tradecanvas.model import SeriesId
 from tradecanvas.ops.metrics import Metrics
 from tradecanvas.pipeline.commit import IngestBatch, IngestPipeline
+from tradecanvas.pipeline.events import SystemEvent
 from tradecanvas.runtime_flags import RuntimeFlags
 from tradecanvas.serve.http_validation import (
     RequestRefused,
     check_bearer,
     parse_candles_query,
+    parse_events_query,
     parse_ingest_body,
 )
 from tradecanvas.store.sqlite import CandleStore
@@ -140,6 +142,28 @@ def build_http_app(
                 "series_id": sid,
                 "server_head_time": head,
                 "candles": [c.to_wire() for c in rows],
+            }
+        )
+
+    async def events(request: Request) -> Response:
+        after, series, limit = parse_events_query(request.query_params, served)
+        series_ids = None if series is None else [str(series)]
+        try:
+            # the prune mark first: an event pruned after it was read is still in the read
+            pruned_upto = await store.events_pruned_upto()
+            stored = await store.events_after(after, series_ids, limit)
+        except StoreError as exc:
+            log.error("GET events after %d: %s", after, exc)
+            raise RequestRefused(500, "store_failed", f"the candle store failed: {exc}") from None
+        return JsonResponse(
+            {
+                "after": after,
+                "series_id": None if series is None else str(series),
+                "events": [SystemEvent.from_stored(s).to_wire() for s in stored],
+                "next_after": stored[-1].event_id if stored else after,
+                "more": len(stored) == limit,
+                "pruned_upto": pruned_upto,
+                "truncated": after < pruned_upto,
             }
         )
 
@@ -253,6 +277,7 @@ def build_http_app(
         Route("/api/market/candles", candles, methods=["GET"]),
         Route("/api/market/ingest/candle_closed", ingest_candle_closed, methods=["POST"]),
         Route("/api/market/series", series_list, methods=["GET"]),
+        Route("/api/market/events", events, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
         Route("/metrics", metrics_text, methods=["GET"]),

@@ -142,6 +142,57 @@ def parse_candles_query(
     return series, since, limit
 
 
+def parse_events_query(
+    params: QueryLike, served: frozenset[SeriesId]
+) -> tuple[int, SeriesId | None, int]:
+    """``(after, series or None, limit)`` for ``GET /api/market/events``, or RequestRefused
+    naming every bad part (404 ``unknown_series`` for a well-formed unserved series)."""
+    problems: list[Problem] = []
+    for name in ("after", "series_id", "limit"):
+        if len(params.getlist(name)) > 1:
+            problems.append(Problem(name, f"{name}: given more than once"))
+    after = 0
+    raw_after = params.get("after")
+    if raw_after is not None and raw_after != "":
+        if _INT_RE.match(raw_after) and int(raw_after) >= 0:
+            after = int(raw_after)
+        else:
+            problems.append(
+                Problem(
+                    "after",
+                    f"after: {raw_after!r} is not an event_id (a non-negative integer; 0 for"
+                    " every stored event)",
+                )
+            )
+    series: SeriesId | None = None
+    raw_series = params.get("series_id")
+    if raw_series:
+        try:
+            series = SeriesId.parse(raw_series)
+        except SeriesIdError as exc:
+            problems.append(Problem("series_id", f"series_id: {exc}"))
+    limit = DEFAULT_LIMIT
+    raw_limit = params.get("limit")
+    if raw_limit is not None and raw_limit != "":
+        if _INT_RE.match(raw_limit) and 1 <= int(raw_limit) <= MAX_LIMIT:
+            limit = int(raw_limit)
+        else:
+            problems.append(
+                Problem("limit", f"limit: {raw_limit!r} is not an integer in 1..{MAX_LIMIT}")
+            )
+    if problems:
+        raise RequestRefused.unprocessable(problems)
+    if series is not None and series not in served:
+        raise RequestRefused(
+            404,
+            "unknown_series",
+            f"series_id: {series} is not served by this daemon; GET /api/market/series lists"
+            " the served ones",
+            problems=(Problem("series_id", f"{series} is not served"),),
+        )
+    return after, series, limit
+
+
 def parse_decimal(field: str, value: object) -> Decimal:
     """A JSON number or decimal string as an exact Decimal (floats via their repr).
     Raises ValueError naming ``field``."""

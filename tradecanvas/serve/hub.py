@@ -48,7 +48,17 @@ from tradecanvas.errors import ClientMessageError, StoreError
 from tradecanvas.model import Candle, SeriesId
 from tradecanvas.ops.metrics import Metrics
 from tradecanvas.pipeline.events import SystemEvent
-from tradecanvas.serve.outgoing import Gap, Outgoing, Plan, ReadStore, encode
+from tradecanvas.serve.outgoing import (
+    Answer,
+    EventsRead,
+    Gap,
+    Outgoing,
+    Plan,
+    ReadEvents,
+    ReadStore,
+    StoredEventText,
+    encode,
+)
 from tradecanvas.serve.subscriber import MessageSocket, Subscriber
 from tradecanvas.serve.subscriber_queue import CloseDecision, SubscriberQueue
 from tradecanvas.serve.ws_protocol import (
@@ -56,6 +66,7 @@ from tradecanvas.serve.ws_protocol import (
     CLOSE_INTERNAL_ERROR,
     CLOSE_SLOW_CONSUMER,
 )
+from tradecanvas.store.types import StoredEvent
 from tradecanvas.wire.json import dumps
 
 log = logging.getLogger(__name__)
@@ -67,11 +78,17 @@ MAX_FAILURES_LISTED: Final = 20
 
 
 class CandleReader(Protocol):
-    """The reads the Hub makes (``CandleStore`` has them): ascending lists of candles."""
+    """The reads the Hub makes (``CandleStore`` has them): ascending candles and events."""
 
     async def tail(self, series_id: str, limit: int) -> list[Candle]: ...
 
     async def since(self, series_id: str, since: int, limit: int) -> list[Candle]: ...
+
+    async def events_after(
+        self, after: int, series_ids: Sequence[str] | None = None, limit: int = ...
+    ) -> list[StoredEvent]: ...
+
+    async def events_pruned_upto(self) -> int: ...
 
 
 @attrs.frozen
@@ -187,9 +204,16 @@ class Hub:
             subscriber.close(code, reason, disconnect_reason=disconnect_reason)
 
     def subscribe(
-        self, subscriber: Subscriber, series: SeriesId, since: int | None, batch: bool
+        self,
+        subscriber: Subscriber,
+        series: SeriesId,
+        since: int | None,
+        batch: bool,
+        *,
+        events_after: int | None = None,
     ) -> None:
-        """Register (or replace) a subscription at once and queue its catch-up.
+        """Register (or replace) a subscription at once and queue its catch-up (and, with
+        ``events_after``, the stored events after that cursor first).
 
         Raises ClientMessageError (``unknown_series``, ``too_many_subscriptions``)."""
         sid = str(series)
@@ -212,7 +236,7 @@ class Hub:
             return
         # a replacement goes to the end of the series' fan-out order, like a new one
         self._remove_from_index(sid, subscriber)
-        subscriber.queue.subscribe(sid, series.timeframe.seconds, since, batch)
+        subscriber.queue.subscribe(sid, series.timeframe.seconds, since, batch, events_after)
         self._index.setdefault(sid, {})[subscriber] = None
 
     def unsubscribe(self, subscriber: Subscriber, series: SeriesId) -> bool:
@@ -234,7 +258,8 @@ class Hub:
     def publish_system(self, event: SystemEvent) -> Sequence[str]:
         text = dumps(event.to_wire())
         now = trio.current_time()
-        return self._fan_out(event.series_id, lambda q: q.offer_message(text, now))
+        sid, event_id = event.series_id, event.event_id
+        return self._fan_out(sid, lambda q: q.offer_event(sid, event_id, text, now))
 
     def publish_forming(self, series_id: str, candle: Candle) -> None:
         subscribers = self._index.get(series_id)
@@ -331,7 +356,7 @@ class Hub:
 
     async def _carry_out(self, subscriber: Subscriber, plan: Plan) -> None:
         """Run a drain plan: answer its store reads, encode and send its messages."""
-        answer: Sequence[Candle] | None = None
+        answer: Answer = None
         try:
             while True:
                 try:
@@ -340,12 +365,26 @@ class Hub:
                     return
                 if isinstance(action, ReadStore):
                     answer = await self._read(action)
+                elif isinstance(action, ReadEvents):
+                    answer = await self._read_events(action)
                 else:
                     answer = None
                     for text in self._encode(action.messages):
                         await self._send(subscriber, text)
         finally:
             plan.close()
+
+    async def _read_events(self, read: ReadEvents) -> EventsRead:
+        # the prune mark first: an event pruned after it was read is still in the read
+        pruned_upto = await self.store.events_pruned_upto()
+        stored = await self.store.events_after(read.after, [read.series_id], read.limit)
+        return EventsRead(
+            tuple(
+                StoredEventText(s.event_id, dumps(SystemEvent.from_stored(s).to_wire()))
+                for s in stored
+            ),
+            pruned_upto,
+        )
 
     async def _read(self, read: ReadStore) -> list[Candle]:
         if read.since is None:

@@ -27,11 +27,49 @@ class ReadStore:
     limit: int
 
 
+@attrs.frozen
+class ReadEvents:
+    """Read the event log of ``series_id`` after ``after`` (at most ``limit`` events). The
+    publish task answers with an :class:`EventsRead`."""
+
+    series_id: str
+    after: int
+    limit: int
+
+
+@attrs.frozen
+class StoredEventText:
+    event_id: int
+    text: str
+
+
+@attrs.frozen
+class EventsRead:
+    """The answer to :class:`ReadEvents`: the events (ascending, encoded) and the highest
+    event_id the retention has dropped."""
+
+    events: tuple[StoredEventText, ...]
+    pruned_upto: int
+
+
 @attrs.frozen(eq=False)
 class WholeMessage:
-    """A queued system, pong or error message, already encoded; identity is its place."""
+    """A queued system, pong or error message, already encoded; identity is its place. A
+    system event carries its series and ``event_id`` (it moves that subscription's event
+    cursor, and is skipped when the cursor is past it)."""
 
     text: str
+    series_id: str | None = None
+    event_id: int | None = None
+
+
+@attrs.frozen
+class EventsTruncated:
+    """The event cursor is older than the retention: events after it were dropped."""
+
+    series_id: str
+    events_after: int
+    pruned_upto: int
 
 
 @attrs.frozen
@@ -59,7 +97,7 @@ class FormingCandle:
     candle: Candle
 
 
-Outgoing = WholeMessage | ClosedCandles | Gap | FormingCandle
+Outgoing = WholeMessage | ClosedCandles | Gap | FormingCandle | EventsTruncated
 
 
 @attrs.frozen
@@ -69,9 +107,11 @@ class Send:
     messages: tuple[Outgoing, ...]
 
 
-Action = ReadStore | Send
-# the publish task resumes a plan with the candles a ReadStore asked for, None after a Send
-Plan = Generator[Action, Sequence[Candle] | None, None]
+Action = ReadStore | ReadEvents | Send
+# the publish task resumes a plan with the candles a ReadStore asked for, the EventsRead a
+# ReadEvents asked for, None after a Send
+Answer = Sequence[Candle] | EventsRead | None
+Plan = Generator[Action, Answer, None]
 
 
 def encode(message: Outgoing, catchup_limit: int) -> list[str]:
@@ -87,6 +127,21 @@ def encode(message: Outgoing, catchup_limit: int) -> list[str]:
                     "series_id": sid,
                     "expected_next_time": message.expected_next_time,
                     "actual_time": message.actual_time,
+                }
+            )
+        ]
+    if isinstance(message, EventsTruncated):
+        return [
+            dumps(
+                {
+                    "type": "events_truncated",
+                    "series_id": sid,
+                    "events_after": message.events_after,
+                    "pruned_upto": message.pruned_upto,
+                    "message": (
+                        f"events after {message.events_after} up to {message.pruned_upto} are"
+                        " older than the retention and no longer stored: reload the series"
+                    ),
                 }
             )
         ]
@@ -114,13 +169,18 @@ def encode(message: Outgoing, catchup_limit: int) -> list[str]:
 
 __all__ = [
     "Action",
+    "Answer",
     "ClosedCandles",
+    "EventsRead",
+    "EventsTruncated",
     "FormingCandle",
     "Gap",
     "Outgoing",
     "Plan",
+    "ReadEvents",
     "ReadStore",
     "Send",
+    "StoredEventText",
     "WholeMessage",
     "encode",
 ]

@@ -34,6 +34,16 @@ most ``catchup_limit`` a read and a message; ``since: null`` means the newest
 below the cursor. Every candle is committed before it is published, so a candle is either in
 a store read that started after registration, or in the buffer: no loss, no duplicate.
 
+The event log
+-------------
+A subscription made with ``events_after`` (an event_id) first gets the stored system events of
+its series after that cursor (``ReadEvents``, at most ``catchup_limit`` a read), preceded by
+one ``EventsTruncated`` when the retention has dropped events after the cursor; live events
+published meanwhile wait in the subscription and follow, minus any the reads had. From then on
+a system event goes out in its place in the ready list and moves the subscription's event
+cursor; one at or below the cursor is skipped. Without ``events_after`` only live events are
+sent. Every event is committed before it is published, so none is lost or doubled.
+
 A hole in what a subscriber would receive (next time > cursor + timeframe, once the cursor is
 anchored on a real candle) is first healed from the store (``since`` = the cursor); only a
 hole the store itself has is reported as a gap, and delivery continues after it.
@@ -63,26 +73,19 @@ the candles it asked for (TypeError). The callbacks ``wake`` (something became r
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Generator, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Final, final
 
 import attrs
 
 from tradecanvas.model import Candle
+from tradecanvas.serve.drain import drain_plan
 from tradecanvas.serve.outgoing import (
-    Action,
-    FormingCandle,
     Plan,
-    ReadStore,
-    Send,
     WholeMessage,
 )
 from tradecanvas.serve.subscription import (
-    EMPTY_STORE_CURSOR,
     Subscription,
-    has_hole,
-    plan_closed,
-    split_at_unverified_hole,
 )
 from tradecanvas.serve.ws_protocol import CLOSE_SLOW_CONSUMER
 
@@ -172,12 +175,20 @@ class SubscriberQueue:
 
     # --- subscriptions --------------------------------------------------------------
 
-    def subscribe(self, series_id: str, tf_seconds: int, since: int | None, batch: bool) -> None:
-        """Register (or replace) a subscription at once and make its catch-up ready."""
+    def subscribe(
+        self,
+        series_id: str,
+        tf_seconds: int,
+        since: int | None,
+        batch: bool,
+        events_after: int | None = None,
+    ) -> None:
+        """Register (or replace) a subscription at once and make its catch-up ready (with
+        ``events_after``, the stored events after it come first)."""
         old = self.subscriptions.get(series_id)
         if old is not None:
             self._drop(old)
-        sub = Subscription(series_id, tf_seconds, since, batch)
+        sub = Subscription(series_id, tf_seconds, since, batch, events_after)
         self.subscriptions[series_id] = sub
         self._mark(sub)
 
@@ -198,8 +209,9 @@ class SubscriberQueue:
     def _drop(self, sub: Subscription) -> None:
         sub.active = False
         sub.heal_target = None
-        self._queued -= len(sub.pending) + (sub.forming is not None)
+        self._queued -= len(sub.pending) + (sub.forming is not None) + len(sub.pending_events)
         sub.pending.clear()
+        sub.pending_events.clear()
         sub.forming = None
         self._ready.pop(sub, None)
         self._end_lagging_if_healed()
@@ -216,14 +228,43 @@ class SubscriberQueue:
         forming and closed candles: the 4008 decision (and nothing is queued)."""
         if self.closing:
             return None
+        decision = self._room_for_one(now)
+        if decision is None:
+            self._queued += 1
+            self._mark(WholeMessage(text))
+        return decision
+
+    def _room_for_one(self, now: float) -> CloseDecision | None:
+        """Make room for one whole message: drop forming, then lag; else decide 4008."""
         if self._queued + 1 > self.queue_max:
             self._make_room(1)
             if self._queued + 1 > self.queue_max:
                 self._start_lagging(now)
             if self._queued + 1 > self.queue_max:
                 return self._decide("slow consumer: queue full")
+        return None
+
+    def offer_event(
+        self, series_id: str, event_id: int | None, text: str, now: float
+    ) -> CloseDecision | None:
+        """Queue a system event of ``series_id`` (already encoded). While the subscription's
+        stored events are still to be read it waits in the subscription (sent after them,
+        unless the read had it); else it goes out as a whole message in its place, skipped
+        when the event cursor is already past it. No room: as :meth:`offer_message`."""
+        sub = self.subscriptions.get(series_id)
+        if sub is None or self.closing:
+            return None
+        if event_id is not None and sub.event_cursor is not None and event_id <= sub.event_cursor:
+            return None
+        decision = self._room_for_one(now)
+        if decision is not None:
+            return decision
         self._queued += 1
-        self._mark(WholeMessage(text))
+        if sub.needs_events and event_id is not None:
+            sub.pending_events[event_id] = text
+            self._mark(sub)
+        else:
+            self._mark(WholeMessage(text, series_id, event_id))
         return None
 
     def offer_closed(self, series_id: str, candles: Sequence[Candle], now: float) -> None:
@@ -311,115 +352,72 @@ class SubscriberQueue:
         """
         items = list(self._ready)
         self._ready.clear()
-        return self._plan(items)
+        return drain_plan(self, items)
 
-    def _plan(self, items: Iterable[Subscription | WholeMessage]) -> Plan:
-        for item in items:
-            if self.closing:
-                return
-            if isinstance(item, WholeMessage):
-                self._queued -= 1
-                yield Send((item,))
-            elif item.active:
-                yield from self._flush(item)
+    def take_whole(self, message: WholeMessage) -> bool:
+        """The drain reached ``message``: True to send it now. A system event waits instead
+        when its subscription was replaced since and waits for its stored events (it joins
+        the live ones buffered behind them), and is skipped when its subscription is gone or
+        its event cursor is past it; sending it moves that cursor."""
+        if self._defer_event(message):
+            return False
+        self._queued -= 1
+        return self._event_is_due(message)
 
-    def _stale(self, sub: Subscription) -> bool:
-        """After a yield: was the subscription replaced/dropped, or the queue closed?"""
-        return not sub.active or self.closing
+    def take_pending_events(self, sub: Subscription) -> list[tuple[int, str]]:
+        """The live events buffered while ``sub``'s stored events were read (taken)."""
+        live = sorted(sub.pending_events.items())
+        self._queued -= len(sub.pending_events)
+        sub.pending_events.clear()
+        return live
 
-    def _take_pending(self, sub: Subscription) -> list[Candle]:
+    def take_forming(self, sub: Subscription) -> Candle | None:
+        forming = sub.forming
+        if forming is not None:
+            sub.forming = None
+            self._queued -= 1
+        return forming
+
+    def end_lagging_if_healed(self) -> None:
+        """Every subscription has healed: the subscriber stops lagging."""
+        self._end_lagging_if_healed()
+
+    def _defer_event(self, message: WholeMessage) -> bool:
+        """A system event queued for a subscription that was replaced since, and now waits
+        for its stored events, joins the live ones buffered behind them (stored first)."""
+        if message.series_id is None or message.event_id is None:
+            return False
+        sub = self.subscriptions.get(message.series_id)
+        if sub is None or not sub.needs_events:
+            return False
+        sub.pending_events[message.event_id] = message.text
+        self._mark(sub)
+        return True
+
+    def _event_is_due(self, message: WholeMessage) -> bool:
+        """A system event goes out unless its subscription is gone or already past it; it
+        moves the subscription's event cursor."""
+        if message.series_id is None:
+            return True  # pong, error
+        sub = self.subscriptions.get(message.series_id)
+        if sub is None:
+            return False
+        if message.event_id is None:
+            return True
+        if sub.event_cursor is not None and message.event_id <= sub.event_cursor:
+            return False
+        sub.event_cursor = message.event_id
+        return True
+
+    # --- what the drain takes (tradecanvas.serve.drain) -----------------------------
+
+    def take_pending(self, sub: Subscription) -> list[Candle]:
+        """The closed candles buffered for ``sub`` above its cursor, ascending (taken)."""
         taken = [sub.pending[t] for t in sorted(sub.pending)]
         self._queued -= len(sub.pending)
         sub.pending.clear()
         cursor = sub.cursor
         return [c for c in taken if cursor is None or c.candle_time > cursor]
-
-    def _flush(self, sub: Subscription) -> Plan:
-        carry: list[Candle] = []
-        while True:
-            if carry or sub.needs_sync or has_hole(sub):
-                yield from self._sync(sub, carry[-1].candle_time if carry else -1)
-                if self._stale(sub):
-                    return
-            pending = {c.candle_time: c for c in carry}
-            pending.update((c.candle_time, c) for c in self._take_pending(sub))
-            # a hole before a candle a store read has already covered is the store's own
-            # (a gap); one before a newer candle needs another read first
-            ready, carry = split_at_unverified_hole(sub, [pending[t] for t in sorted(pending)])
-            yield from self._send_closed(sub, ready)
-            if self._stale(sub):
-                return
-            if not carry:
-                break
-        forming = sub.forming
-        if forming is not None and sub.active:
-            sub.forming = None
-            self._queued -= 1
-            if sub.cursor is None or forming.candle_time > sub.cursor:
-                yield Send((FormingCandle(sub.series_id, forming),))
-
-    def _sync(self, sub: Subscription, carried_upto: int) -> Plan:
-        """Send from the store what the subscription is missing: its catch-up, a heal after
-        lagging, or a hole. Live candles published meanwhile wait in the pending buffer (or
-        raise the heal target while lagging); the caller sends them afterwards.
-
-        Sets ``sub.verified_upto``: every candle published before the last read started
-        (the pending ones, and ``carried_upto`` the caller holds) was committed before it,
-        so a hole below them that the read did not fill is the store's own."""
-        limit = self.catchup_limit
-        while True:
-            target_before_read = sub.heal_target
-            sub.verified_upto = max(carried_upto, max(sub.pending, default=-1))
-            if sub.use_tail or sub.cursor is None:
-                sub.use_tail = False
-                chunk = yield from _read(ReadStore(sub.series_id, None, limit))
-                complete = True
-                if not chunk and sub.cursor is None:
-                    # nothing stored yet: everything committed from now on is live for this
-                    # subscriber, so a later hole heals from the very start of the store
-                    sub.cursor = EMPTY_STORE_CURSOR
-            elif sub.probe_anchor:
-                sub.probe_anchor = False
-                # read from just below the cursor: a stored candle AT the cursor anchors gaps
-                raw = yield from _read(ReadStore(sub.series_id, sub.cursor - 1, limit + 1))
-                complete = len(raw) <= limit
-                if raw and raw[0].candle_time == sub.cursor:
-                    sub.anchored = True
-                    raw = raw[1:]
-                chunk = raw[:limit]
-            else:
-                chunk = yield from _read(ReadStore(sub.series_id, sub.cursor, limit))
-                complete = len(chunk) < limit
-            if self._stale(sub):
-                return
-            yield from self._send_closed(sub, chunk)
-            if self._stale(sub):
-                return
-            target = sub.heal_target
-            if complete and (
-                target is None
-                or (sub.cursor is not None and sub.cursor >= target)
-                # the store ends below a target that a read started after it was set: a
-                # candle that was never committed cannot be healed (defensive; not expected)
-                or (not chunk and target == target_before_read)
-            ):
-                break
-        sub.heal_target = None
-        sub.needs_sync = False
-        self._end_lagging_if_healed()
-
-    def _send_closed(self, sub: Subscription, candles: Sequence[Candle]) -> Plan:
-        """Send ``candles`` above the cursor (moving it); nothing to send: no yield."""
-        messages = plan_closed(sub, candles)
-        if messages:
-            yield Send(tuple(messages))
-
-
-def _read(read: ReadStore) -> Generator[Action, Sequence[Candle] | None, list[Candle]]:
-    rows = yield read
-    if rows is None:
-        raise TypeError("a ReadStore is answered with the candles read, not None")
-    return list(rows)
 
 
 __all__ = [

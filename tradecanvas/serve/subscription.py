@@ -25,10 +25,14 @@ class Subscription:
         "anchored",
         "batch",
         "cursor",
+        "event_cursor",
+        "events_after",
         "forming",
         "heal_target",
+        "needs_events",
         "needs_sync",
         "pending",
+        "pending_events",
         "probe_anchor",
         "series_id",
         "tf_seconds",
@@ -36,7 +40,14 @@ class Subscription:
         "verified_upto",
     )
 
-    def __init__(self, series_id: str, tf_seconds: int, since: int | None, batch: bool) -> None:
+    def __init__(
+        self,
+        series_id: str,
+        tf_seconds: int,
+        since: int | None,
+        batch: bool,
+        events_after: int | None = None,
+    ) -> None:
         self.series_id = series_id
         self.tf_seconds = tf_seconds
         self.batch = batch
@@ -54,6 +65,13 @@ class Subscription:
         self.heal_target: int | None = None
         # the newest buffered candle that a store read started after
         self.verified_upto = -1
+        # the event-log cursor: the last event_id sent; None: live events only, none skipped
+        self.events_after = events_after
+        self.event_cursor: int | None = events_after
+        # stored events after the cursor are still to be read and sent (before anything else)
+        self.needs_events = events_after is not None
+        # live events published while that read is pending, by event_id (encoded)
+        self.pending_events: dict[int, str] = {}
         # False once unsubscribed or replaced
         self.active = True
 

@@ -27,6 +27,8 @@ WS_PATH: Final = "/ws/market"
 MAX_MESSAGE_BYTES: Final = 64 * 1024
 # since beyond this is not a time in seconds (year 5138): most likely milliseconds
 MAX_SINCE: Final = 10**11
+# event ids are SQLite/PostgreSQL 64-bit integers
+MAX_EVENT_ID: Final = 2**63 - 1
 CLIENT_TYPES: Final = ("subscribe", "unsubscribe", "ping")
 
 CLOSE_NORMAL: Final = 1000
@@ -47,6 +49,8 @@ class SubscribeRequest:
     series: SeriesId
     since: int | None
     supports_batch: bool
+    # the event-log cursor: stored events of the series after it come first; None: live only
+    events_after: int | None = None
 
 
 @attrs.frozen
@@ -125,7 +129,18 @@ def parse_client_message(raw: str | bytes) -> ClientRequest:
         batch = False
     if not isinstance(batch, bool):
         raise _bad(f"supports_batch must be true or false, got a {_json_kind(batch)}", sid_text)
-    return SubscribeRequest(series, since, batch)
+    events_after = doc.get("events_after")
+    if events_after is not None and (
+        isinstance(events_after, bool)
+        or not isinstance(events_after, int)
+        or not 0 <= events_after <= MAX_EVENT_ID
+    ):
+        raise _bad(
+            "events_after must be null or a non-negative integer (the last event_id you"
+            f" received, 0 for every stored event), got a {_json_kind(events_after)}",
+            sid_text,
+        )
+    return SubscribeRequest(series, since, batch, events_after)
 
 
 # --- inbound limits --------------------------------------------------------------------

@@ -260,7 +260,11 @@ class _MarketServer:
                 subscriber.send_control({"type": "pong"})
             elif isinstance(request, SubscribeRequest):
                 self.hub.subscribe(
-                    subscriber, request.series, request.since, request.supports_batch
+                    subscriber,
+                    request.series,
+                    request.since,
+                    request.supports_batch,
+                    events_after=request.events_after,
                 )
             else:
                 self._unsubscribe(subscriber, request.series)

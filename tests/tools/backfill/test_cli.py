@@ -76,6 +76,8 @@ def cli_env(db: Path, rest_url: str, **extra: str) -> dict[str, str]:
         TRADE_CANVAS_DB_PATH=str(db),
         TRADE_CANVAS_BINANCE_FUTURES_REST_URL=rest_url,
         TRADE_CANVAS_BINANCE_SPOT_REST_URL=rest_url,
+        # the page arithmetic below assumes 5m (the default set aligns pages to days)
+        TRADE_CANVAS_DERIVED_TIMEFRAMES="5m",
     )
     env.update(extra)
     return env
@@ -146,6 +148,7 @@ async def import_in_process(
         {
             "TRADE_CANVAS_DB_PATH": str(db),
             "TRADE_CANVAS_BINANCE_FUTURES_REST_URL": rest_url,
+            "TRADE_CANVAS_DERIVED_TIMEFRAMES": "5m",
             **env,
         }
     ).flags
