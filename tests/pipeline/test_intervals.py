@@ -250,3 +250,26 @@ async def test_3d_waits_for_the_symbols_phase(tmp_path: Path) -> None:
         assert len(await store.range("binance:spot:ETH/USDT:1d", 0, 2**40)) == 3
     finally:
         await store.aclose()
+
+
+async def test_3d_history_is_derived_once_the_phase_is_learned(tmp_path: Path) -> None:
+    from tests.conftest import flat_minutes
+
+    store = await CandleStore.open(tmp_path / "p.sqlite3")
+    series = SeriesId.parse("binance:spot:ETH/USDT:1m")
+    pipeline = IngestPipeline(
+        store, RecordingTarget(), [Timeframe.parse(t) for t in ("1d", "3d")], "test"
+    )
+    try:
+        start = _at("2020-01-01T00:00:00")
+        await pipeline.run(IngestBatch.of(series, list(flat_minutes(start, 6 * 1440 + 1)), "rest"))
+        pipeline.set_phase(series, DAY)  # 2020-01-01 opens a bar
+        result = await pipeline.derive_history(series, Timeframe.parse("3d"))
+        bars = await store.range("binance:spot:ETH/USDT:3d", 0, 2**40)
+        assert [b.candle.candle_time for b in bars] == [start, start + 3 * DAY]
+        assert [u.series_id for u in result.updates] == ["binance:spot:ETH/USDT:3d"]
+        assert [e.reason for e in result.events] == ["new_series"]
+        again = await pipeline.derive_history(series, Timeframe.parse("3d"))
+        assert again.updates == () and again.events == ()
+    finally:
+        await store.aclose()

@@ -294,6 +294,34 @@ class IngestPipeline:
             )
         return logged
 
+    async def derive_history(self, series: SeriesId, timeframe: Timeframe) -> PipelineResult:
+        """Derive every ``timeframe`` bucket of the base ``series``' stored history in one
+        transaction (a symbol's 3d bars once its grid phase is known). Publish the result like
+        any other; nothing is derived while the phase is unknown."""
+        phase = self.phase_of(series) if timeframe.phased else 0
+
+        def derive(txn: StoreTxn) -> PipelineResult:
+            base = str(series)
+            head = txn.head_time(base)
+            first = txn.range(base, 0, head + 1)[:1] if head is not None else []
+            update: SeriesUpdate | None = None
+            events: list[SystemEvent] = []
+            if phase is not None and head is not None and first:
+                buckets = []
+                bucket = timeframe.floor(first[0].candle.candle_time, phase)
+                while bucket <= head:
+                    buckets.append(bucket)
+                    bucket = timeframe.next_open(bucket)
+                update, events = self._derive(txn, series, timeframe, buckets, head)
+            return PipelineResult(
+                updates=() if update is None else (update,),
+                events=self._log_events(txn, events),
+                received=0,
+                duplicates_dropped=0,
+            )
+
+        return await self.store.write(derive)
+
     async def record_served_series(self, series_ids: Sequence[str]) -> tuple[SystemEvent, ...]:
         """Log ``series.added`` / ``series.removed`` for the served set against the one the
         store was last served with (at start-up, before anything is published)."""
