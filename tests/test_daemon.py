@@ -3,20 +3,17 @@ SIGTERM during a flush loses nothing, a store failure is one log line and a non-
 
 from __future__ import annotations
 
-import os
-import re
 import signal
 import socket
 import sqlite3
 import subprocess
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import trio
 
+from tests.cli_rig import cli_env, exit_code_within, run_cli, wait_for_line
 from tests.conftest import binance_data_dir
 from tests.serve.test_ws_server import connect
 from tradecanvas.errors import ExitCode
@@ -28,60 +25,22 @@ BASE = "binance:futures:BTC/USDT:1m"
 pytestmark = pytest.mark.e2e  # every test here runs the real CLI in subprocesses
 
 
-def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TRADE_CANVAS_")}
-    env.pop("NOTIFY_SOCKET", None)
-    env.update({"TRADE_CANVAS_WS_PORT": "0", "TRADE_CANVAS_HTTP_PORT": "0"})
-    env.update(extra)
-    return env
-
-
-@contextmanager
-def _process(args: list[str], env: dict[str, str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "tradecanvas", *args],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=env,
-            start_new_session=True,
-        )
-    try:
-        yield proc
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-
-
-async def _line(log: Path, pattern: str, proc: subprocess.Popen[bytes]) -> re.Match[str]:
-    """Wait for a line in a child's log (a file: the child must never block on a pipe)."""
-    with trio.fail_after(60):
-        while (match := re.search(pattern, await trio.Path(log).read_text())) is None:
-            assert proc.poll() is None, await trio.Path(log).read_text()
-            await trio.sleep(0.02)
-    return match
-
-
-async def _exit_code(proc: subprocess.Popen[bytes], within: float) -> int:
-    with trio.fail_after(within):
-        return await trio.to_thread.run_sync(proc.wait, abandon_on_cancel=True)
-
-
 async def test_sigterm_during_a_flush_loses_nothing_and_notifies_systemd(tmp_path: Path) -> None:
     notify = trio.socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     await notify.bind(str(tmp_path / "notify.sock"))
     csv = binance_data_dir() / WEEK
     with (
-        _process(
+        run_cli(
             ["replay", "--speed", "240", "--start-at", "30", str(csv)],
-            _env(),
+            cli_env(),
             tmp_path / "replay.log",
         ) as replay,
     ):
-        url = (await _line(tmp_path / "replay.log", r"replay ws=(\S+) rest", replay)).group(1)
+        url = (await wait_for_line(tmp_path / "replay.log", r"replay ws=(\S+) rest", replay)).group(
+            1
+        )
         db = tmp_path / "m.sqlite3"
-        env = _env(
+        env = cli_env(
             TRADE_CANVAS_DB_PATH=str(db),
             TRADE_CANVAS_BINANCE_FUTURES_WS_URL=url,
             TRADE_CANVAS_BINANCE_FUTURES_REST_URL=url.replace("ws://", "http://"),
@@ -91,11 +50,15 @@ async def test_sigterm_during_a_flush_loses_nothing_and_notifies_systemd(tmp_pat
             TRADE_CANVAS_BINANCE_WS_BATCH_MAX="100000",
             NOTIFY_SOCKET=str(tmp_path / "notify.sock"),
         )
-        with _process(["serve"], env, tmp_path / "serve.log") as serve:
+        with run_cli(["serve"], env, tmp_path / "serve.log") as serve:
             with trio.fail_after(30):
                 assert b"READY=1" in await notify.recv(4096)
             ws_port = int(
-                (await _line(tmp_path / "serve.log", r"ready ws=ws://[\d.]+:(\d+)", serve)).group(1)
+                (
+                    await wait_for_line(
+                        tmp_path / "serve.log", r"ready ws=ws://[\d.]+:(\d+)", serve
+                    )
+                ).group(1)
             )
             forming_max = 0
             async with connect(ws_port) as ws:
@@ -107,7 +70,7 @@ async def test_sigterm_during_a_flush_loses_nothing_and_notifies_systemd(tmp_pat
                         if message["type"] == "candle_forming":
                             forming_max = max(forming_max, message["candle"]["candle_time"])
                 serve.send_signal(signal.SIGTERM)
-                assert await _exit_code(serve, within=10) == 0
+                assert await exit_code_within(serve, within=10) == 0
             statuses: list[bytes] = []
             with trio.move_on_after(2):
                 while b"STOPPING=1" not in b"".join(statuses):
@@ -132,7 +95,7 @@ def test_store_failure_is_one_clear_line_and_a_non_zero_exit(tmp_path: Path) -> 
     db.write_bytes(b"definitely not an SQLite file " * 200)
     proc = subprocess.run(
         [sys.executable, "-m", "tradecanvas", "serve"],
-        env=_env(TRADE_CANVAS_DB_PATH=str(db)),
+        env=cli_env(TRADE_CANVAS_DB_PATH=str(db)),
         capture_output=True,
         text=True,
         timeout=60,
@@ -149,7 +112,7 @@ def test_store_failure_is_one_clear_line_and_a_non_zero_exit(tmp_path: Path) -> 
 def test_bad_flag_stops_serve_with_exit_2() -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "tradecanvas", "serve"],
-        env=_env(TRADE_CANVAS_WS_PORT="eighty"),
+        env=cli_env(TRADE_CANVAS_WS_PORT="eighty"),
         capture_output=True,
         text=True,
         timeout=60,
@@ -162,15 +125,15 @@ def test_bad_flag_stops_serve_with_exit_2() -> None:
 async def test_a_second_signal_exits_at_once(tmp_path: Path) -> None:
     """While the first SIGTERM's drain waits on a client that never answers the close
     handshake, a second SIGTERM ends the process at once."""
-    env = _env(
+    env = cli_env(
         TRADE_CANVAS_DB_PATH=str(tmp_path / "m.sqlite3"),
         # no upstream here: an unreachable loopback port keeps the ingest reconnecting
         TRADE_CANVAS_BINANCE_FUTURES_WS_URL="ws://127.0.0.1:9",
         TRADE_CANVAS_BINANCE_FUTURES_REST_URL="http://127.0.0.1:9",
     )
     log = tmp_path / "serve.log"
-    with _process(["serve"], env, log) as serve:
-        port = int((await _line(log, r"ready ws=ws://[\d.]+:(\d+)", serve)).group(1))
+    with run_cli(["serve"], env, log) as serve:
+        port = int((await wait_for_line(log, r"ready ws=ws://[\d.]+:(\d+)", serve)).group(1))
         # a client that upgrades and then never reads or answers anything
         stream = await trio.open_tcp_stream("127.0.0.1", port)
         await stream.send_all(
@@ -180,9 +143,9 @@ async def test_a_second_signal_exits_at_once(tmp_path: Path) -> None:
         )
         assert b"101" in await stream.receive_some(4096)
         serve.send_signal(signal.SIGTERM)
-        await _line(log, r"SIGTERM: shutting down", serve)
+        await wait_for_line(log, r"SIGTERM: shutting down", serve)
         assert serve.poll() is None  # still draining: the silent client holds the close
         serve.send_signal(signal.SIGTERM)
-        assert await _exit_code(serve, within=2) == 128 + signal.SIGTERM
+        assert await exit_code_within(serve, within=2) == 128 + signal.SIGTERM
         await stream.aclose()
     assert "second SIGTERM: exiting at once" in log.read_text()

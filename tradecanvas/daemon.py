@@ -118,7 +118,7 @@ async def market_runtime_builder(flags: RuntimeFlags) -> MarketRuntime:
     pipeline = IngestPipeline.from_flags(store, hub, flags)
     # series.added / series.removed against the set the store was last served with
     for event in await pipeline.record_served_series([str(s) for s in flags.all_series()]):
-        log.info("%s: %s", event.series_id, event.message)
+        log.info("%s", event.message)
     supervisor = IngestSupervisor(
         flags,
         pipeline,
