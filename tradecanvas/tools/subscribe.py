@@ -47,8 +47,8 @@ NORMAL_CLOSE_CODES: Final = (1000, 1001)
 RESUMABLE_CLOSE_CODES: Final = (None, 1000, 1001, 1006, 1011, 1012, 1013, 4008)
 # refused upgrades worth trying again: the daemon is shutting down, or a proxy's upstream is
 RETRY_STATUSES: Final = (502, 503, 504)
-# a restarting daemon is back within seconds; a longer outage is polled every 10 s at most
-RECONNECT_BACKOFF: Final = Backoff(base_s=0.5, cap_s=10.0)
+# a restarting daemon is back within seconds; a longer outage is polled every 5 s at most
+RECONNECT_BACKOFF: Final = Backoff(base_s=0.5, cap_s=5.0)
 MAX_EVENT_ID: Final = 2**63 - 1
 EXIT_CODES: Final[ExitCodeTable] = (
     (ExitCode.OK, "after --count messages; with --no-reconnect, a normal close too"),
