@@ -178,16 +178,19 @@ async def serve_http(
         with server_scope:
             await _serve_connections(app, config, listener, shutdown, task_status=task_status)
 
-    async with trio.open_nursery() as nursery:
-        try:
-            await nursery.start(run_server)
-            log.info("HTTP API listening on http://%s", _bind_text(host, bound))
-            task_status.started(bound)
-            await trio.sleep_forever()
-        finally:
-            shutdown.set()
-            hard_stop = trio.current_time() + drain_s + _HARD_STOP_GRACE_S
-            server_scope.deadline = min(server_scope.deadline, hard_stop)
+    try:
+        async with trio.open_nursery() as nursery:
+            try:
+                await nursery.start(run_server)
+                log.info("HTTP API listening on http://%s", _bind_text(host, bound))
+                task_status.started(bound)
+                await trio.sleep_forever()
+            finally:
+                shutdown.set()
+                hard_stop = trio.current_time() + drain_s + _HARD_STOP_GRACE_S
+                server_scope.deadline = min(server_scope.deadline, hard_stop)
+    finally:
+        listener.socket.close()  # the drain closed it already, unless it never started
 
 
 async def _serve_connections(
