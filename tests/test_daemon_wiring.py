@@ -30,7 +30,7 @@ from tradecanvas.wire.json import dumps, loads
 WEEK = "klines_1m_5m/futures_um/BTCUSDT-1m-2025-07-06_2025-07-12.csv"
 BASE = "binance:futures:BTC/USDT:1m"
 TOKEN = "architecture-test-token-0123"
-HTTP_TIME = 60 * 10**7  # far after the replayed data: only the HTTP write stores it
+HTTP_TIME = 60 * 10**7  # 1989, far before the replayed data: only the HTTP write stores it
 
 
 async def post_candle(client: httpx.AsyncClient, t: int) -> httpx.Response:
