@@ -6,9 +6,12 @@ Per kill-switch value (0 = legacy publish, 1 = pipeline publish):
    history (the daemon's initial backfill), the other six days on the WebSocket at full speed,
    with a dropped connection and skipped bars, omitted closes and duplicated closes.
 2. ``tradecanvas serve`` ingests it; real subscribers (trio-websocket clients) watch: a batch
-   subscriber from the start, a per-candle 5m subscriber, a mid-way joiner with ``since``, a
-   subscriber that never reads, and a client sending garbage.
-3. The HTTP write path, /metrics, SIGTERM, and a restart on the same database are checked.
+   subscriber from the start, a per-candle 5m subscriber connected through the HTTP port's
+   /ws/market (one origin), a mid-way joiner with ``since``, a subscriber that never reads, a
+   client sending garbage, and one that follows the event log and leaves half-way.
+3. The HTTP write path, /metrics, SIGTERM, and a restart on the same database are checked;
+   after the restart, the one that left resumes with ``events_after`` and gets exactly the
+   events it missed.
 
 Each check prints one line; the run ends with ``N passed, M failed``.
 """
@@ -111,13 +114,25 @@ async def wait_for_line(log: Path, pattern: str, proc: subprocess.Popen[bytes]) 
 
 
 class Subscriber:
-    """A real /ws/market client that records every message."""
+    """A real /ws/market client that records every message (until :meth:`leave`)."""
 
     def __init__(self, name: str) -> None:
         self.name = name
         self.messages: list[OBJ] = []
         self.closed_code: int | None = None
         self.changed = trio.Event()
+        self.scope = trio.CancelScope()
+
+    def leave(self) -> None:
+        """Disconnect now (as a client that goes away would)."""
+        self.scope.cancel()
+
+    def event_ids(self, series: str) -> list[int]:
+        return [
+            m["event_id"]
+            for m in self.messages
+            if m["type"] == "system" and m.get("series_id") == series and "event_id" in m
+        ]
 
     def closed_times(self, series: str) -> list[int]:
         times: list[int] = []
@@ -149,6 +164,15 @@ class Subscriber:
         subscribe: list[OBJ],
         *,
         task_status: trio.TaskStatus[trio_websocket.WebSocketConnection] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        with self.scope:
+            await self._run(url, subscribe, task_status)
+
+    async def _run(
+        self,
+        url: str,
+        subscribe: list[OBJ],
+        task_status: trio.TaskStatus[trio_websocket.WebSocketConnection],
     ) -> None:
         async with trio_websocket.open_websocket_url(url) as ws:
             for message in subscribe:
@@ -274,11 +298,14 @@ class Run:
         env = self.env(token=True, rest=replay_rest, ws=replay_ws)
         serve, ws_url, http_url = await self.start_serve(env, serve_log)
         self.check("serve starts against the replay and reports ready", True, ws_url)
+        # one origin: /ws/market answers on the HTTP port as well
+        http_ws_url = http_url.replace("http://", "ws://", 1) + "/ws/market"
 
         first, last = self.minutes[0].candle_time, self.minutes[-1].candle_time
         batch_sub, five_sub, midway, garbage = (
             Subscriber("batch"), Subscriber("five"), Subscriber("midway"), Subscriber("garbage")
         )  # fmt: skip
+        leaver = Subscriber("leaver")
         async with trio.open_nursery() as nursery:
             await nursery.start(
                 batch_sub.run,
@@ -288,9 +315,16 @@ class Run:
             )  # fmt: skip
             await nursery.start(
                 five_sub.run,
-                ws_url,
+                http_ws_url,
                 [{"type": "subscribe", "series_id": FIVE, "since": first - 300}],
             )
+            # follows BASE's event log from the start (no candles: its cursor is past them)
+            await nursery.start(
+                leaver.run,
+                http_ws_url,
+                [{"type": "subscribe", "series_id": BASE, "since": last + 10**6,
+                  "events_after": 0}],
+            )  # fmt: skip
             # a subscriber that never reads anything
             idle = await trio_websocket.connect_websocket_url(
                 nursery, ws_url, message_queue_size=0, max_message_size=2**20
@@ -323,6 +357,10 @@ class Run:
                 30,
             )
             self.check_stream(batch_sub, five_sub, midway, got_all, cursor)
+            # the leaver goes away with the events so far; what follows it must resume
+            await leaver.wait_until(lambda: bool(leaver.event_ids(BASE)), 10)
+            leaver.leave()
+            left_at = max(leaver.event_ids(BASE), default=-1)
 
             await self.check_garbage(nursery, garbage, ws_url)
             await self.check_metrics_and_http(http_url, batch_sub, five_sub, last)
@@ -338,7 +376,8 @@ class Run:
             )  # fmt: skip
             nursery.cancel_scope.cancel()
 
-        await self.check_restart(replay_rest, replay_ws, last)
+        missed = [i for i in batch_sub.event_ids(BASE) if i > left_at]
+        await self.check_restart(replay_rest, replay_ws, last, left_at, missed)
 
     def check_stream(
         self,
@@ -384,7 +423,8 @@ class Run:
             if f.candle_time not in got5 or not equal_candle(got5[f.candle_time], f)
         ]
         self.check(
-            "derived 5m candles equal Binance's own 5m bars, once each, in order",
+            "derived 5m candles equal Binance's own 5m bars, once each, in order"
+            " (to a subscriber on the HTTP port's /ws/market)",
             not bad5 and fives == [f.candle_time for f in self.fives],
             f"{len(fives)} received, {len(bad5)} differ",
         )
@@ -507,7 +547,9 @@ class Run:
                 ", ".join(sorted(f"{s.split(':')[-1]}:{r}" for s, r in reasons())),
             )
 
-    async def check_restart(self, rest: str, ws: str, last: int) -> None:
+    async def check_restart(
+        self, rest: str, ws: str, last: int, left_at: int, missed: list[int]
+    ) -> None:
         log = self.work / f"serve-{self.flag}-restart.log"
         serve, ws_url, http_url = await self.start_serve(
             self.env(token=False, rest=rest, ws=ws), log
@@ -515,6 +557,7 @@ class Run:
         since = last - 600
         resumed = Subscriber("resumed")
         async with trio.open_nursery() as nursery:
+            await self.check_events_resume(nursery, (ws_url, http_url), last, left_at, missed)
             await nursery.start(
                 resumed.run,
                 ws_url,
@@ -552,6 +595,39 @@ class Run:
             counts.get(BASE) == len(self.minutes) + 1 and counts.get(FIVE) == len(self.fives),
             f"{counts}",
         )
+
+    async def check_events_resume(
+        self,
+        nursery: trio.Nursery,
+        urls: tuple[str, str],
+        last: int,
+        left_at: int,
+        missed: list[int],
+    ) -> None:
+        """The subscriber that left before the revision resumes from its last event_id: it
+        gets the events it missed — the ones the batch subscriber saw live, the ones the
+        event log holds — once each, in order."""
+        ws_url, http_url = urls
+        async with httpx.AsyncClient(base_url=http_url, timeout=10) as client:
+            page = (
+                await client.get("/api/market/events", params={"after": left_at, "series_id": BASE})
+            ).json()
+        stored = [e["event_id"] for e in page["events"]]
+        back = Subscriber("back")
+        await nursery.start(
+            back.run,
+            ws_url,
+            [{"type": "subscribe", "series_id": BASE, "since": last + 10**6,
+              "events_after": left_at}],
+        )  # fmt: skip
+        got = back.event_ids(BASE)
+        self.check(
+            "a subscriber resuming with events_after after the restart gets exactly the events"
+            " it missed",
+            left_at > 0 and bool(missed) and got == missed == stored,
+            f"after {left_at}: got {got}, missed live {missed}, stored {stored}",
+        )
+        back.leave()
 
 
 def sqlite_counts(db: Path) -> dict[str, int]:

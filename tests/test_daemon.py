@@ -1,5 +1,7 @@
 """The real ``tradecanvas serve`` in a subprocess: READY/STOPPING over a real notify socket,
-SIGTERM during a flush loses nothing, a store failure is one log line and a non-zero exit."""
+SIGTERM during a flush loses nothing, SIGTERM closes /ws/market subscribers on both ports
+with 1001 and exits in time whatever a client does, a store failure is one log line and a
+non-zero exit."""
 
 from __future__ import annotations
 
@@ -15,12 +17,18 @@ import trio
 
 from tests.cli_rig import cli_env, exit_code_within, run_cli, wait_for_line
 from tests.conftest import binance_data_dir
-from tests.serve.test_ws_server import connect
+from tests.serve.test_ws_server import close_code_of, connect, until_pong
 from tradecanvas.errors import ExitCode
 from tradecanvas.wire.json import dumps, loads
 
 WEEK = "klines_1m_5m/futures_um/BTCUSDT-1m-2025-07-06_2025-07-12.csv"
 BASE = "binance:futures:BTC/USDT:1m"
+# an upgrade request for /ws/market, sent raw by a client that then never reads or answers
+SILENT_UPGRADE = (
+    b"GET /ws/market HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+    b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+    b"Sec-WebSocket-Version: 13\r\n\r\n"
+)
 
 pytestmark = pytest.mark.e2e  # every test here runs the real CLI in subprocesses
 
@@ -136,11 +144,7 @@ async def test_a_second_signal_exits_at_once(tmp_path: Path) -> None:
         port = int((await wait_for_line(log, r"ready ws=ws://[\d.]+:(\d+)", serve)).group(1))
         # a client that upgrades and then never reads or answers anything
         stream = await trio.open_tcp_stream("127.0.0.1", port)
-        await stream.send_all(
-            b"GET /ws/market HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
-            b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-            b"Sec-WebSocket-Version: 13\r\n\r\n"
-        )
+        await stream.send_all(SILENT_UPGRADE)
         assert b"101" in await stream.receive_some(4096)
         serve.send_signal(signal.SIGTERM)
         await wait_for_line(log, r"SIGTERM: shutting down", serve)
@@ -149,3 +153,46 @@ async def test_a_second_signal_exits_at_once(tmp_path: Path) -> None:
         assert await exit_code_within(serve, within=2) == 128 + signal.SIGTERM
         await stream.aclose()
     assert "second SIGTERM: exiting at once" in log.read_text()
+
+
+async def test_sigterm_closes_subscribers_on_both_ports_and_exits_in_time(tmp_path: Path) -> None:
+    """A subscriber on the WS port and one on the HTTP port get 1001; a client on the HTTP
+    port that never reads or answers holds nothing up: its close is abandoned, its
+    connection aborted, and the daemon exits 0 within its 10 s."""
+    env = _env(
+        TRADE_CANVAS_DB_PATH=str(tmp_path / "m.sqlite3"),
+        TRADE_CANVAS_BINANCE_FUTURES_WS_URL="ws://127.0.0.1:9",
+        TRADE_CANVAS_BINANCE_FUTURES_REST_URL="http://127.0.0.1:9",
+    )
+    log = tmp_path / "serve.log"
+    with _process(["serve"], env, log) as serve:
+        ready = await _line(
+            log, r"ready ws=ws://[\d.]+:(\d+)/ws/market http=http://[\d.]+:(\d+)", serve
+        )
+        ports = {"ws": int(ready.group(1)), "http": int(ready.group(2))}
+        silent = await trio.open_tcp_stream("127.0.0.1", ports["http"])
+        await silent.send_all(SILENT_UPGRADE)
+        assert (await silent.receive_some(4096)).startswith(b"HTTP/1.1 101")
+        codes: dict[str, int | None] = {}
+        async with trio.open_nursery() as nursery:
+            subscribed = {name: trio.Event() for name in ports}
+
+            async def subscriber(name: str) -> None:
+                async with connect(ports[name]) as ws:
+                    await ws.send_message(dumps({"type": "subscribe", "series_id": BASE}))
+                    await until_pong(ws)
+                    subscribed[name].set()
+                    codes[name] = await close_code_of(ws)
+
+            for name in ports:
+                nursery.start_soon(subscriber, name)
+            with trio.fail_after(30):
+                for event in subscribed.values():
+                    await event.wait()
+            began = trio.current_time()
+            serve.send_signal(signal.SIGTERM)
+            assert await _exit_code(serve, within=10) == 0
+            took = trio.current_time() - began
+        await silent.aclose()
+    assert codes == {"ws": 1001, "http": 1001}
+    assert took < 10

@@ -1,6 +1,7 @@
 """The wiring of ``market_runtime_builder``: one store, hub and pipeline shared by every
-path; the kill-switch reaching ``run_binance_ws_ingest_loop``; the HTTP path strict; only
-runtime_flags reading the environment. Real parts: the replay stands in for Binance."""
+path; /ws/market on both ports by one endpoint; the kill-switch reaching
+``run_binance_ws_ingest_loop``; the HTTP path strict; only runtime_flags reading the
+environment. Real parts: the replay stands in for Binance."""
 
 from __future__ import annotations
 
@@ -14,9 +15,10 @@ from typing import Any
 import httpx
 import pytest
 import trio
+import trio_websocket
 
 from tests.conftest import binance_data_dir
-from tests.serve.test_ws_server import connect
+from tests.serve.test_ws_server import connect, until_pong
 from tradecanvas.daemon import MarketRuntime, market_runtime_builder, run_daemon
 from tradecanvas.ingest.supervisor import IngestSupervisor
 from tradecanvas.model import Candle
@@ -28,7 +30,7 @@ from tradecanvas.wire.json import dumps, loads
 WEEK = "klines_1m_5m/futures_um/BTCUSDT-1m-2025-07-06_2025-07-12.csv"
 BASE = "binance:futures:BTC/USDT:1m"
 TOKEN = "architecture-test-token-0123"
-HTTP_TIME = 60 * 10**7  # far after the replayed data: only the HTTP write stores it
+HTTP_TIME = 60 * 10**7  # 1989, far before the replayed data: only the HTTP write stores it
 
 
 async def post_candle(client: httpx.AsyncClient, t: int) -> httpx.Response:
@@ -94,6 +96,60 @@ async def test_one_store_hub_and_pipeline_shared_by_every_path(tmp_path: Path) -
         assert answer.status_code == 200, answer.text
         assert runtime.pipeline.statistics().runs == runs_before + 1
         assert await runtime.store.head_time(BASE) == HTTP_TIME
+
+
+async def test_ws_market_on_both_ports_by_one_endpoint(tmp_path: Path) -> None:
+    """A subscriber on the WS port and one on the HTTP port: the same hub, the same
+    candles, both counted and both closed with 1001 when the daemon stops."""
+    ports_used = ("ws", "http")
+    codes: dict[str, int | None] = {}
+    received: dict[str, list[int]] = {name: [] for name in ports_used}
+    subscribed = {name: trio.Event() for name in ports_used}
+    got_it = {name: trio.Event() for name in ports_used}
+    async with trio.open_nursery() as clients:
+        async with running_daemon(tmp_path, "1") as (runtime, ports):
+
+            async def subscriber(name: str) -> None:
+                async with connect(ports[name]) as ws:
+                    subscribe = {"type": "subscribe", "series_id": BASE, "since": HTTP_TIME - 60}
+                    await ws.send_message(dumps(subscribe | {"supports_batch": True}))
+                    await until_pong(ws)
+                    subscribed[name].set()
+                    try:
+                        while True:
+                            message = loads(await ws.get_message())
+                            if message["type"] == "candles_batch":
+                                received[name] += [c["candle_time"] for c in message["candles"]]
+                                got_it[name].set()
+                    except trio_websocket.ConnectionClosed as exc:
+                        codes[name] = exc.reason.code if exc.reason is not None else None
+
+            for name in ports_used:
+                clients.start_soon(subscriber, name)
+            with trio.fail_after(10):
+                for event in subscribed.values():
+                    await event.wait()
+            assert runtime.market.hub is runtime.hub
+            assert runtime.hub.statistics().subscribers == 2
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{ports['http']}") as client:
+                assert (await post_candle(client, HTTP_TIME)).status_code == 200
+                ready = (await client.get("/readyz")).json()
+                metrics = (await client.get("/metrics")).text
+            assert ready["checks"]["listeners_bound"] is True
+            assert "tradecanvas_subscribers 2.0" in metrics
+            with trio.fail_after(10):
+                for event in got_it.values():
+                    await event.wait()
+            began = trio.current_time()
+        took = trio.current_time() - began  # the daemon's own shutdown path ran
+    for times in received.values():
+        # the HTTP write first, then whatever the replay committed meanwhile (its candles
+        # are later than HTTP_TIME), in order, once each
+        assert times[0] == HTTP_TIME and times == sorted(set(times))
+    assert codes == {"ws": 1001, "http": 1001}
+    assert took < 10
+    shutdowns = runtime.metrics.subscriber_disconnects_total.labels(reason="shutdown")
+    assert shutdowns._value.get() == 2
 
 
 @pytest.mark.parametrize(("kill_switch", "expected"), [("0", False), ("1", True)])

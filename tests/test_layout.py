@@ -47,6 +47,7 @@ PURE_MODULES: Final = (
     "tradecanvas.pipeline.events",
     "tradecanvas.store.types",
     "tradecanvas.upstream.plan",
+    "tradecanvas.tools.subscribe_cursors",
 )
 IO_LIBRARIES: Final = ("trio", "trio_websocket", "httpx", "hypercorn", "starlette", "sqlite3")
 

@@ -5,16 +5,18 @@
     tradecanvas serve → RuntimeFlags (from env) → market_runtime_builder(flags)
     └─ daemon nursery: signals, sd_notify/watchdog
        ├─ IngestSupervisor   one task per Binance connection
-       ├─ Hub + WS server    /ws/market, a task per subscriber
-       └─ HTTP API           /api/market/*, /healthz, /readyz, /metrics
+       ├─ WS server          /ws/market on the WS port, a session per subscriber
+       └─ HTTP API           /api/market/*, /healthz, /readyz, /metrics, and /ws/market again
 
 One store, one hub, one pipeline: every ingest path (the Binance loop, REST repair, the HTTP
-write) goes through the same :class:`IngestPipeline` instance.
+write) goes through the same :class:`IngestPipeline` instance; one :class:`MarketEndpoint`
+over the hub serves /ws/market on both ports (DESIGN §10, one origin).
 
 Lifecycle. READY=1 only after the store is open and both listeners are bound. SIGTERM or
 SIGINT: STOPPING=1; the ingest supervisor is cancelled first and commits its pending closed
-candles (shielded, bounded); then the WS server closes every subscriber with 1001 and the
-HTTP server drains; the store is closed; exit 0, all within :data:`DRAIN_DEADLINE_S`. A
+candles (shielded, bounded); then every subscriber, on either port, is closed with 1001, the
+WS server drains its connections and the HTTP server its requests (bounded; what is left is
+aborted); the store is closed; exit 0, all within :data:`DRAIN_DEADLINE_S`. A
 second signal exits at once. A store failure (disk full, read-only, corrupt file) ends the
 daemon with one log line and exit code :data:`ExitCode.STORE_FAILURE` so systemd restarts it;
 the batch in flight was rolled back, never half written.
@@ -44,7 +46,8 @@ from tradecanvas.runtime_flags import RuntimeFlags
 from tradecanvas.serve.http_api import build_http_app
 from tradecanvas.serve.http_server import serve_http
 from tradecanvas.serve.hub import Hub
-from tradecanvas.serve.ws_server import serve_ws_market
+from tradecanvas.serve.ws_server import serve_ws_port
+from tradecanvas.serve.ws_session import MarketEndpoint
 from tradecanvas.store.sqlite import CandleStore
 
 log = logging.getLogger(__name__)
@@ -68,6 +71,7 @@ class MarketRuntime:
     metrics: Metrics
     store: CandleStore
     hub: Hub
+    market: MarketEndpoint
     pipeline: IngestPipeline
     supervisor: IngestSupervisor
     http_app: Starlette
@@ -104,7 +108,8 @@ async def _report_status(runtime: MarketRuntime) -> None:
 
 
 async def market_runtime_builder(flags: RuntimeFlags) -> MarketRuntime:
-    """Open the store and build the single hub, pipeline, supervisor and HTTP app."""
+    """Open the store and build the single hub, /ws/market endpoint, pipeline, supervisor
+    and HTTP app."""
     metrics = Metrics()
     store = await CandleStore.open(flags.db_path)
     hub = Hub(
@@ -114,6 +119,9 @@ async def market_runtime_builder(flags: RuntimeFlags) -> MarketRuntime:
         send_timeout_s=flags.subscriber_send_timeout_s,
         catchup_limit=flags.market_ws_catchup_limit,
         metrics=metrics,
+    )
+    market = MarketEndpoint(
+        hub, allowed_origins=flags.ws_allowed_origins, max_subscriptions=flags.max_subscriptions
     )
     pipeline = IngestPipeline.from_flags(store, hub, flags)
     # series.added / series.removed against the set the store was last served with
@@ -133,9 +141,12 @@ async def market_runtime_builder(flags: RuntimeFlags) -> MarketRuntime:
         flags=flags,
         metrics=metrics,
         readiness=lambda: runtime_ref[0].readiness(),
+        market=market,
     )
     notifier = SdNotifier.from_flags(flags)
-    runtime = MarketRuntime(flags, metrics, store, hub, pipeline, supervisor, http_app, notifier)
+    runtime = MarketRuntime(
+        flags, metrics, store, hub, market, pipeline, supervisor, http_app, notifier
+    )
     runtime_ref.append(runtime)
     return runtime
 
@@ -185,12 +196,7 @@ async def run_daemon(
             ws_scope,
             ws_done,
             functools.partial(
-                serve_ws_market,
-                runtime.hub,
-                host=flags.ws_host,
-                port=flags.ws_port,
-                allowed_origins=flags.ws_allowed_origins,
-                max_subscriptions=flags.max_subscriptions,
+                serve_ws_port, runtime.market, host=flags.ws_host, port=flags.ws_port
             ),
         )
         runtime.listening["http"] = await nursery.start(
@@ -216,6 +222,9 @@ async def run_daemon(
             flags.db_path,
             "pipeline" if flags.enable_ingest_ws_pipeline_publish else "legacy",
         )
+        log.info(
+            "/ws/market is served on the HTTP port too: ws://%s:%d/ws/market", flags.http_host, http
+        )
         watchdog_interval_s = runtime.notifier.watchdog_interval_s
         if watchdog_interval_s is not None:
             nursery.start_soon(
@@ -235,7 +244,8 @@ async def run_daemon(
         ingest_scope.cancel(reason="shutdown")
         with trio.move_on_at(trio.current_time() + INGEST_DRAIN_S):
             await ingest_done.wait()
-        # 2. subscribers get 1001, HTTP drains
+        # 2. every subscriber, on either port, gets 1001; both servers drain
+        runtime.market.shutdown()
         ws_scope.cancel(reason="shutdown")
         http_scope.cancel(reason="shutdown")
         with trio.move_on_at(deadline - 0.5):

@@ -21,6 +21,7 @@ from tradecanvas.serve.ws_protocol import (
     header,
     origin_allowed,
     parse_client_message,
+    refuse_handshake,
     request_path,
 )
 from tradecanvas.wire.json import dumps
@@ -166,3 +167,20 @@ def test_rate_limited_answer_names_the_limits() -> None:
         "code": "rate_limited",
         "message": "too many messages: at most 5/s (bursts of 10); this one was ignored",
     }
+
+
+def test_the_handshake_answer_path_then_origin_then_shutdown() -> None:
+    allowed = DEFAULT_ALLOWED_ORIGINS
+    chart = "http://localhost:5173"
+    assert refuse_handshake("/ws/market?client=chart", chart, allowed, closing=False) is None
+    assert refuse_handshake("/ws/market", None, allowed, closing=False) is None
+    not_found = refuse_handshake("/ws/market/", "http://evil.example", allowed, closing=True)
+    assert not_found is not None and not_found.status == 404
+    assert b"/ws/market" in not_found.body and "'/ws/market/'" in not_found.why
+    forbidden = refuse_handshake("/ws/market", "http://evil.example", allowed, closing=True)
+    assert forbidden is not None and (forbidden.status, forbidden.body) == (
+        403,
+        b"origin not allowed\n",
+    )
+    closing = refuse_handshake("/ws/market", None, allowed, closing=True)
+    assert closing is not None and closing.status == 503

@@ -1,5 +1,5 @@
 """``tradecanvas subscribe``: in-process against a real server, and as a real subprocess
-(``e2e``)."""
+(``e2e``); across a restart of the server, in both ways, with nothing lost or doubled."""
 
 from __future__ import annotations
 
@@ -8,15 +8,25 @@ import io
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Final
+from typing import Any, Final, Protocol, TextIO, cast, final
 
+import attrs
 import pytest
 import trio
 
-from tests.serve.test_ws_server import SID_1M, SID_5M, real_candles, running_market
-from tradecanvas.model import SeriesId
+from tests.pipeline.test_commit import RecordingTarget
+from tests.serve.test_ws_server import (
+    SERIES_1M,
+    SID_1M,
+    SID_5M,
+    closed_times,
+    real_candles,
+    running_market,
+)
+from tradecanvas.model import Candle, SeriesId
+from tradecanvas.pipeline.commit import IngestBatch, IngestPipeline
 from tradecanvas.store.sqlite import CandleStore
 from tradecanvas.tools.subscribe import (
     configure_parser,
@@ -25,6 +35,7 @@ from tradecanvas.tools.subscribe import (
     run_subscribe,
     subscribe_and_print,
 )
+from tradecanvas.upstream.backoff import Backoff
 from tradecanvas.upstream.ws_client import parse_ws_url
 from tradecanvas.wire.json import loads
 
@@ -50,6 +61,7 @@ async def run_client(
     batch: bool = False,
     pretty: bool = False,
     count: int | None = None,
+    reconnect: bool = True,
 ) -> tuple[int, str, str]:
     out, err = io.StringIO(), io.StringIO()
     with trio.fail_after(10):
@@ -62,6 +74,7 @@ async def run_client(
             count=count,
             out=out,
             err=err,
+            reconnect=reconnect,
         )
     return code, out.getvalue(), err.getvalue()
 
@@ -77,7 +90,11 @@ def test_arguments() -> None:
     assert args.series == [SID_1M, SID_5M]
     assert (args.since, args.batch, args.pretty, args.count) == (1751760000, True, False, 3)
     assert args.url == "ws://127.0.0.1:8765/ws/market"
-    for bad in (["--since", "1.5"], ["--since", "-1"], ["--count", "0"], []):
+    assert (args.events_after, args.reconnect) == (None, True)
+    args = parse_args([SID_1M, "--events-after", "0", "--no-reconnect"])
+    assert (args.events_after, args.reconnect) == (0, False)
+    bad_ids = (["--events-after", "-1"], ["--events-after", str(2**63)], ["--events-after", "x"])
+    for bad in (["--since", "1.5"], ["--since", "-1"], ["--count", "0"], *bad_ids, []):
         with pytest.raises(SystemExit):
             parse_args([SID_1M, *bad] if bad else bad)
 
@@ -118,6 +135,8 @@ def test_pretty_rows_for_every_message_type() -> None:
     assert format_pretty(system)[0].endswith("  m")
     error = {"type": "error", "code": "bad_request", "message": "why"}
     assert "bad_request: why" in format_pretty(error)[0]
+    truncated = {"type": "events_truncated", "series_id": SID_1M, "message": "reload it"}
+    assert format_pretty(truncated)[0].endswith("truncated  " + f"{SID_1M:<30}  reload it")
     assert "pong" in format_pretty({"type": "pong"})[0]
 
 
@@ -179,12 +198,16 @@ async def test_refused_series_exit_1_and_say_why(store: CandleStore) -> None:
     assert "binance:spot:ETH/USDT:1m: unknown_series: " in err
 
 
-async def test_daemon_shutdown_ends_the_client_with_0(store: CandleStore) -> None:
+async def test_without_reconnect_a_daemon_shutdown_ends_the_client_with_0(
+    store: CandleStore,
+) -> None:
     result: list[tuple[int, str, str]] = []
     async with trio.open_nursery() as nursery, running_market(store) as market:
 
         async def client() -> None:
-            result.append(await run_client(market.url, [SID_1M], since=T0 + 60 * 9))
+            result.append(
+                await run_client(market.url, [SID_1M], since=T0 + 60 * 9, reconnect=False)
+            )
 
         nursery.start_soon(client)
         await market.hub.wait_subscribers(1)
@@ -291,3 +314,148 @@ async def test_tradecanvas_subscribe_cli(store: CandleStore) -> None:
     message = loads(done.stdout)
     assert message["type"] == "candles_batch"
     assert [c["candle_time"] for c in message["candles"]] == [T0 + 540]
+
+
+# --- across a restart of the daemon -----------------------------------------------------
+
+
+@final
+class Printed:
+    """Lines a client prints, with a wait for the next one (in-process: its ``out``; a
+    subprocess: a reader task feeds it)."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self._more = trio.Event()
+        self._partial = ""
+
+    def write(self, text: str) -> int:
+        *complete, self._partial = (self._partial + text).split("\n")
+        if complete:
+            self.lines.extend(complete)
+            self._more.set()
+            self._more = trio.Event()
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+    async def wait_for(self, condition: Callable[[list[Any]], bool]) -> None:
+        with trio.fail_after(WAIT_S):
+            while not condition([loads(line) for line in self.lines]):
+                await self._more.wait()
+
+
+def closed_of(messages: list[Any]) -> list[int]:
+    return closed_times([m for m in messages if isinstance(m, dict)])
+
+
+def event_ids_of(messages: list[Any]) -> list[int]:
+    return [m["event_id"] for m in messages if m.get("type") == "system"]
+
+
+async def _restart_scenario(tmp_path: Path, client: RestartClient) -> None:
+    """Candles and events arrive before, during and after the daemon is down; the client's
+    output has each exactly once, in order (``client`` runs it and feeds ``Printed``)."""
+    minutes = list(real_candles()[:17])
+    t = [c.candle_time for c in minutes]
+    store = await CandleStore.open(tmp_path / "restart.sqlite3")
+    printed = Printed()
+
+    def pipeline_to(target: Any) -> IngestPipeline:
+        return IngestPipeline(store, target, [], "fp")
+
+    async def commit(target: Any, candles: list[Candle], publish: bool) -> list[int]:
+        pipeline = pipeline_to(target)
+        result = await pipeline.run(IngestBatch.of(SERIES_1M, candles, "ws"))
+        if publish:
+            pipeline.publish(result, best_effort=False)
+        return [e.event_id for e in result.events if e.event_id is not None]
+
+    def revised(c: Candle) -> Candle:
+        return attrs.evolve(c, volume=c.volume + 1)
+
+    try:
+        (new_series,) = await commit(RecordingTarget(), minutes[:10], publish=False)
+        async with trio.open_nursery() as nursery:
+            async with running_market(store) as first:
+                port = first.port
+                done = await nursery.start(client, first.url, printed)
+                # the catch-up: the stored event first, then the candles after since
+                await printed.wait_for(lambda m: len(closed_of(m)) == 5)
+                (live_revision,) = await commit(first.hub, [revised(minutes[3])], publish=True)
+                await printed.wait_for(lambda m: event_ids_of(m) == [new_series, live_revision])
+            # the daemon is down: candles and a revision are committed meanwhile
+            (missed_revision,) = await commit(RecordingTarget(), [revised(minutes[4])], False)
+            await commit(RecordingTarget(), minutes[10:15], publish=False)
+            async with running_market(store, ws_port=port) as second:
+                await printed.wait_for(lambda m: len(closed_of(m)) == 10)
+                await commit(second.hub, minutes[15:], publish=True)
+                with trio.fail_after(WAIT_S):
+                    await done.wait()
+    finally:
+        await store.aclose()
+    messages = [loads(line) for line in printed.lines]
+    assert closed_of(messages) == t[5:]
+    assert event_ids_of(messages) == [new_series, live_revision, missed_revision]
+    assert [m for m in messages if m["type"] not in ("candle_closed", "system")] == []
+
+
+class RestartClient(Protocol):
+    async def __call__(
+        self, url: str, printed: Printed, *, task_status: trio.TaskStatus[trio.Event]
+    ) -> None: ...
+
+
+async def test_the_cursor_survives_a_daemon_restart(tmp_path: Path) -> None:
+    errors = io.StringIO()
+
+    async def client(
+        url: str, printed: Printed, *, task_status: trio.TaskStatus[trio.Event]
+    ) -> None:
+        done = trio.Event()
+        task_status.started(done)
+        code = await subscribe_and_print(
+            url,
+            [SERIES_1M],
+            since=T0 + 60 * 4,
+            events_after=0,
+            batch=False,
+            pretty=False,
+            count=15,  # 12 candles and 3 events
+            out=cast("TextIO", printed),
+            err=errors,
+            backoff=Backoff(base_s=0.05, cap_s=0.2),
+        )
+        assert code == 0, errors.getvalue()
+        done.set()
+
+    await _restart_scenario(tmp_path, client)
+    assert "connection closed: 1001 server shutdown; reconnecting" in errors.getvalue()
+    assert "reconnected; resuming 1 series" in errors.getvalue()
+
+
+@pytest.mark.e2e
+async def test_the_cli_keeps_its_cursor_across_a_daemon_restart(tmp_path: Path) -> None:
+    async def client(
+        url: str, printed: Printed, *, task_status: trio.TaskStatus[trio.Event]
+    ) -> None:
+        done = trio.Event()
+        args = [SID_1M, "--since", str(T0 + 60 * 4), "--events-after", "0", "--count", "15"]
+        proc = await trio.lowlevel.open_process(
+            [sys.executable, "-m", "tradecanvas", "subscribe", *args, "--url", url],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            cwd=REPO,
+        )
+        assert proc.stdout is not None
+        task_status.started(done)
+        try:
+            while chunk := await proc.stdout.receive_some():
+                printed.write(chunk.decode())
+            assert await proc.wait() == 0
+        finally:
+            proc.kill()
+        done.set()
+
+    await _restart_scenario(tmp_path, client)

@@ -8,6 +8,8 @@ Routes::
     GET  /healthz                                       the process is alive
     GET  /readyz                                        store open, listeners bound, upstream
     GET  /metrics                                       Prometheus text exposition
+    WS   /ws/market                                     the subscriber protocol (``ws_asgi``),
+                                                        when the app is given the endpoint
 
 Every answer is JSON except ``/metrics``. An error is ``{"error": code, "message": text}``;
 a 422 also lists every problem found as ``errors: [{"field", "message"}]``, so a client
@@ -48,7 +50,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Route
 
 from tradecanvas.errors import PublishError, StoreError
 from tradecanvas.model import SeriesId
@@ -63,6 +65,8 @@ from tradecanvas.serve.http_validation import (
     parse_events_query,
     parse_ingest_body,
 )
+from tradecanvas.serve.ws_asgi import market_websocket_routes
+from tradecanvas.serve.ws_session import MarketEndpoint
 from tradecanvas.store.sqlite import CandleStore
 
 log = logging.getLogger(__name__)
@@ -111,11 +115,13 @@ def build_http_app(
     metrics: Metrics,
     readiness: Callable[[], Mapping[str, bool]],
     clock: Callable[[], float] = time.time,
+    market: MarketEndpoint | None = None,
 ) -> Starlette:
     """The Starlette app for DESIGN §5. ``readiness()`` names each readiness check (e.g.
     ``listeners_bound``, ``upstream_connected``) with its state; ``store_open`` is added
     here. ``clock`` is the wall clock for ``lag_seconds`` (freshness is a wall-clock
-    notion; nothing else here reads it)."""
+    notion; nothing else here reads it). With ``market``, /ws/market is served here too
+    (DESIGN §10, one origin), by the same endpoint as on the WS port."""
     served: frozenset[SeriesId] = frozenset(flags.all_series())
     writable: frozenset[SeriesId] = frozenset(flags.series)
     base_of = {
@@ -273,7 +279,7 @@ def build_http_app(
             headers=exc.headers,
         )
 
-    routes = [
+    routes: list[BaseRoute] = [
         Route("/api/market/candles", candles, methods=["GET"]),
         Route("/api/market/ingest/candle_closed", ingest_candle_closed, methods=["POST"]),
         Route("/api/market/series", series_list, methods=["GET"]),
@@ -282,6 +288,8 @@ def build_http_app(
         Route("/readyz", readyz, methods=["GET"]),
         Route("/metrics", metrics_text, methods=["GET"]),
     ]
+    if market is not None:
+        routes.extend(market_websocket_routes(market))
     return Starlette(
         routes=routes,
         exception_handlers={RequestRefused: refused, HTTPException: http_error},

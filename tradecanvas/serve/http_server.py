@@ -1,31 +1,61 @@
 """Serving ASGI apps with Hypercorn's trio worker: the one place its configuration lives
-(the daemon's HTTP API and ``tradecanvas replay`` both use it).
+(the daemon's HTTP API — with /ws/market on the same port — and ``tradecanvas replay`` both
+use it).
 
 :func:`serve_http` binds the socket itself (``port=0`` gives a known port and a failed bind
-raises OSError before anything starts), hands it to Hypercorn and drains on cancellation.
+raises OSError before anything starts) and runs the accept loop itself, handing each TCP
+connection to Hypercorn's per-connection server, so that it can keep hold of the
+connections and bound the drain::
+
+    serve_http                    waits for cancellation, then drains (shielded, bounded)
+    └─ _serve_connections         lifespan, then the connections
+       ├─ accept loop             until the drain starts; then the listener is closed
+       └─ one hypercorn TCPServer per connection (a ServedConnection, reachable from the
+          ASGI scope: :func:`served_connection`)
+
+Why not ``hypercorn.trio.serve``: Hypercorn writes to a socket in a shielded scope, so a
+peer that stops reading (a WebSocket subscriber, a large answer) blocks its connection — and
+the cancellation at the end of the drain — for as long as the peer lives. Closing the socket
+(:meth:`ServedConnection.abort`) ends such a write at once; the drain does that to every
+connection still open at its deadline, and the /ws/market session to its own connection when
+its close cannot get through.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import socket
-from collections.abc import Awaitable, Callable
-from typing import Final, cast
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from typing import Any, Final, cast, final
 
 import hypercorn.config
 import hypercorn.trio
 import trio
-from hypercorn.typing import ASGIFramework
+from hypercorn.trio.lifespan import Lifespan
+from hypercorn.trio.tcp_server import TCPServer
+from hypercorn.trio.worker_context import WorkerContext
+from hypercorn.typing import ASGIFramework, ConnectionState
+from hypercorn.utils import wrap_app
 from starlette.types import ASGIApp
+
+from tradecanvas.serve.ws_protocol import MAX_MESSAGE_BYTES
 
 log = logging.getLogger(__name__)
 
 # Graceful drain of in-flight requests on shutdown. The daemon must exit within 10 s of
 # SIGTERM (the unit's TimeoutStopSec is above that) and other services drain alongside.
 HTTP_DRAIN_S: Final = 5.0
-# Hypercorn drains for HTTP_DRAIN_S itself; this is the hard stop on top of it (lifespan
-# shutdown, closing sockets) before its whole scope is cancelled.
+# The drain ends HTTP_DRAIN_S after it starts (connections still open are aborted); this is
+# the hard stop on top of it (the lifespan's shutdown) before its whole scope is cancelled.
 _HARD_STOP_GRACE_S: Final = 1.0
+# Hypercorn's own WebSocket message limit: a backstop above /ws/market's 64 KiB, which the
+# session checks itself so that its 1009 is counted like the WS port's (a message over this
+# one is still closed with 1009, by Hypercorn, but looks like a plain close to the session)
+WEBSOCKET_BACKSTOP_BYTES: Final = 4 * MAX_MESSAGE_BYTES
+# where a connection's ServedConnection is found in the ASGI scope's "state"
+CONNECTION_STATE_KEY: Final = "tradecanvas.connection"
 
 
 def _bind_text(host: str, port: int) -> str:
@@ -61,7 +91,58 @@ def hypercorn_config(binds: list[str], drain_s: float) -> hypercorn.config.Confi
     config.errorlog = logging.getLogger("hypercorn.error")
     config.accesslog = None
     config.include_server_header = False
+    config.websocket_max_message_size = WEBSOCKET_BACKSTOP_BYTES
     return config
+
+
+@final
+class ServedConnection:
+    """One TCP connection :func:`serve_http` hands to Hypercorn."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self._stream = stream
+
+    def abort(self) -> None:
+        """Close the socket now, whatever Hypercorn is doing with it: a write waiting for a
+        peer that does not read fails at once (with ``ClosedResourceError``, which Hypercorn
+        takes as the connection's end) instead of waiting out its shield."""
+        self._stream.socket.close()
+
+
+def served_connection(scope: Mapping[str, Any]) -> ServedConnection | None:
+    """The connection an ASGI request or WebSocket arrived on, when :func:`serve_http`
+    serves it (None under another server)."""
+    state = scope.get("state")
+    found = state.get(CONNECTION_STATE_KEY) if isinstance(state, Mapping) else None
+    return found if isinstance(found, ServedConnection) else None
+
+
+@final
+class _Connections:
+    """The open connections of one server: tracked, waited for, aborted."""
+
+    def __init__(self) -> None:
+        self._open: set[ServedConnection] = set()
+        self._changed = trio.Event()
+
+    @contextlib.contextmanager
+    def tracking(self, connection: ServedConnection) -> Iterator[None]:
+        self._open.add(connection)
+        try:
+            yield
+        finally:
+            self._open.discard(connection)
+            self._changed.set()
+            self._changed = trio.Event()
+
+    async def wait_closed(self) -> None:
+        while self._open:
+            await self._changed.wait()
+
+    def abort_all(self) -> int:
+        for connection in list(self._open):
+            connection.abort()
+        return len(self._open)
 
 
 async def serve_http(
@@ -72,41 +153,93 @@ async def serve_http(
     drain_s: float = HTTP_DRAIN_S,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve ``app`` with Hypercorn's trio worker until cancelled; then drain.
+    """Serve ``app`` with Hypercorn until cancelled; then drain.
 
-    We bind the socket ourselves (so ``port=0`` gives a known port and a failed bind
-    raises OSError here, before anything starts) and hand its descriptor to Hypercorn as
-    ``fd://N``; Hypercorn owns it from then on, listens on it and closes it when it stops
-    accepting. ``task_status.started(port)`` is called once Hypercorn reports the socket
-    listening.
-
-    On cancellation Hypercorn's ``shutdown_trigger`` fires: it closes the listener (new
-    connections are refused), closes idle keep-alive connections and lets in-flight
-    requests finish for up to ``drain_s`` seconds; the whole server is cancelled
-    ``_HARD_STOP_GRACE_S`` after that at the latest. The server runs in a shielded scope
-    so that the caller's cancellation becomes this bounded drain instead of an instant
-    cancel.
+    ``task_status.started(port)`` once the socket listens. On cancellation the listener
+    closes (new connections are refused), idle keep-alive connections close, and requests
+    and WebSockets in flight get up to ``drain_s`` seconds; then every connection still open
+    is aborted and the server cancelled. The server runs in a shielded scope, so that the
+    caller's cancellation becomes this bounded drain instead of an instant cancel; the
+    whole of it is cancelled ``_HARD_STOP_GRACE_S`` after the drain at the latest.
     """
     sock = await bind_socket(host, port)
     bound = sock.getsockname()[1]
-    config = hypercorn_config([f"fd://{sock.detach()}"], drain_s)
+    try:
+        sock.listen(hypercorn.config.Config.backlog)
+    except BaseException:
+        sock.close()
+        raise
+    listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+    config = hypercorn_config([f"http://{_bind_text(host, bound)}"], drain_s)
     shutdown = trio.Event()
     server_scope = trio.CancelScope(shield=True)
 
-    async def run_server(task_status: trio.TaskStatus[list[str]]) -> None:
+    async def run_server(task_status: trio.TaskStatus[None]) -> None:
         with server_scope:
-            await serve_asgi(app, config, shutdown_trigger=shutdown.wait, task_status=task_status)
+            await _serve_connections(app, config, listener, shutdown, task_status=task_status)
 
-    async with trio.open_nursery() as nursery:
-        try:
-            await nursery.start(run_server)
-            log.info("HTTP API listening on http://%s", _bind_text(host, bound))
-            task_status.started(bound)
-            await trio.sleep_forever()
-        finally:
-            shutdown.set()
-            hard_stop = trio.current_time() + drain_s + _HARD_STOP_GRACE_S
-            server_scope.deadline = min(server_scope.deadline, hard_stop)
+    try:
+        async with trio.open_nursery() as nursery:
+            try:
+                await nursery.start(run_server)
+                log.info("HTTP API listening on http://%s", _bind_text(host, bound))
+                task_status.started(bound)
+                await trio.sleep_forever()
+            finally:
+                shutdown.set()
+                hard_stop = trio.current_time() + drain_s + _HARD_STOP_GRACE_S
+                server_scope.deadline = min(server_scope.deadline, hard_stop)
+    finally:
+        listener.socket.close()  # the drain closed it already, unless it never started
+
+
+async def _serve_connections(
+    app: ASGIApp,
+    config: hypercorn.config.Config,
+    listener: trio.SocketListener,
+    shutdown: trio.Event,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """``hypercorn.trio.run.worker_serve`` for one plain-TCP listener, keeping hold of the
+    connections (see the module docstring); ends once drained after ``shutdown``."""
+    # Starlette's and Hypercorn's ASGI type aliases are spelt differently
+    asgi = wrap_app(cast("ASGIFramework", app), config.wsgi_max_body_size, "asgi")
+    lifespan_state: dict[str, Any] = {}
+    lifespan = Lifespan(asgi, config, lifespan_state)
+    context = WorkerContext(None)
+    connections = _Connections()
+
+    async def serve_connection(stream: trio.SocketStream) -> None:
+        connection = ServedConnection(stream)
+        state = ConnectionState({**lifespan_state, CONNECTION_STATE_KEY: connection})
+        with connections.tracking(connection):
+            # typed for TLS streams; a plain one is what Hypercorn's own worker passes too
+            await TCPServer(asgi, config, context, state, cast("Any", stream)).run()
+
+    async with trio.open_nursery() as lifespan_nursery:
+        await lifespan_nursery.start(lifespan.handle_lifespan)
+        await lifespan.wait_for_startup()
+        async with trio.open_nursery() as handlers:
+            async with trio.open_nursery() as accepting:
+                await accepting.start(
+                    functools.partial(
+                        trio.serve_listeners, serve_connection, [listener], handler_nursery=handlers
+                    )
+                )
+                task_status.started()
+                await shutdown.wait()
+                accepting.cancel_scope.cancel()
+            await listener.aclose()  # new connections are refused from here on
+            await context.terminated.set()  # idle keep-alive connections close themselves
+            with trio.move_on_after(config.graceful_timeout):
+                await connections.wait_closed()
+            aborted = connections.abort_all()
+            if aborted:
+                log.info("HTTP drain: aborted %d connection(s) still open", aborted)
+            handlers.cancel_scope.cancel()
+        await lifespan.wait_for_shutdown()
+        lifespan_nursery.cancel_scope.cancel()
 
 
 async def serve_asgi(

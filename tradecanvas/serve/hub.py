@@ -6,11 +6,11 @@ queue rules: bounds, coalescing, cursors, catch-up, healing and the slow-consume
 Ownership and tasks
 -------------------
 The Hub owns the one subscriber registry: which connections are attached, and which of them
-subscribe to each series. It owns no task and no nursery. The WS server
-(``tradecanvas.serve.ws_server``) owns each connection's lifetime: it calls :meth:`Hub.attach`,
-runs :meth:`Hub.run_publisher` — the connection's one **publish task** — next to its reader
-inside the :attr:`Subscriber.cancel_scope`, calls :meth:`Hub.detach` at the end, and
-:meth:`Hub.close_all` (1001) when it shuts down.
+subscribe to each series. It owns no task and no nursery. Each connection's session
+(``tradecanvas.serve.ws_session``, whichever port carries it) owns that connection's lifetime:
+it calls :meth:`Hub.attach`, runs :meth:`Hub.run_publisher` — the connection's one **publish
+task** — next to its reader inside the :attr:`Subscriber.cancel_scope`, and calls
+:meth:`Hub.detach` at the end; :meth:`Hub.close_all` (1001) closes them all at shutdown.
 
 Publishing (``publish_closed``, ``publish_system``, ``publish_forming``) is synchronous: it
 only offers work to each subscriber's own bounded :class:`SubscriberQueue` (the Hub's
@@ -42,7 +42,6 @@ from typing import Final, Protocol, final
 
 import attrs
 import trio
-import trio_websocket
 
 from tradecanvas.errors import ClientMessageError, StoreError
 from tradecanvas.model import Candle, SeriesId
@@ -59,7 +58,7 @@ from tradecanvas.serve.outgoing import (
     StoredEventText,
     encode,
 )
-from tradecanvas.serve.subscriber import MessageSocket, Subscriber
+from tradecanvas.serve.subscriber import MessageSocket, Subscriber, TransportClosed
 from tradecanvas.serve.subscriber_queue import CloseDecision, SubscriberQueue
 from tradecanvas.serve.ws_protocol import (
     CLIENT_GOODBYE_CODES,
@@ -319,8 +318,8 @@ class Hub:
                 f"slow consumer: a send took longer than {self.send_timeout_s:g}s",
                 disconnect_reason="slow_consumer",
             )
-        except trio_websocket.ConnectionClosed as exc:
-            if exc.reason is not None and exc.reason.code in CLIENT_GOODBYE_CODES:
+        except TransportClosed as exc:
+            if exc.code in CLIENT_GOODBYE_CODES:
                 # the client said goodbye while we were sending: a normal end, not a
                 # delivery failure (a strict publish must not fail because a chart closed)
                 subscriber.mark_client_closed()
@@ -413,4 +412,5 @@ __all__ = [
     "HubStatistics",
     "MessageSocket",
     "Subscriber",
+    "TransportClosed",
 ]

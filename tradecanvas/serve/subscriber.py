@@ -5,8 +5,9 @@ The trio half of a subscriber: the rules of what is queued and dropped are the
 :class:`~tradecanvas.serve.subscriber_queue.SubscriberQueue`'s; this object turns the queue's
 callbacks into a wake-up :class:`trio.Event` and the lag deadline of :attr:`lag_scope`, and
 its close decisions into a cancelled :attr:`cancel_scope`. The Hub makes it
-(``Hub.attach``), its publish task drains it, the WS server reads how it ended
-(:attr:`close_code`, :attr:`close_reason`, :attr:`disconnect_reason`).
+(``Hub.attach``), its publish task drains it, the connection's session
+(``tradecanvas.serve.ws_session``) reads how it ended (:attr:`close_code`,
+:attr:`close_reason`, :attr:`disconnect_reason`).
 """
 
 from __future__ import annotations
@@ -24,10 +25,26 @@ from tradecanvas.wire.json import dumps
 log = logging.getLogger(__name__)
 
 
-class MessageSocket(Protocol):
-    """What the publish task needs from a connection (a ``trio_websocket`` connection).
+class TransportClosed(Exception):
+    """The peer ended the connection. Each transport translates its library's "closed"
+    into this, once (``ws_server`` from trio-websocket, ``ws_asgi`` from the ASGI server).
 
-    ``send_message`` raises ``trio_websocket.ConnectionClosed`` once the connection is gone.
+    ``code`` is the close code the peer sent; None when the connection ended without a close
+    handshake (lost). A transport that cannot tell says :data:`~.ws_protocol.CLOSE_NO_STATUS`.
+    """
+
+    def __init__(self, code: int | None, reason: str | None = None) -> None:
+        super().__init__(f"connection closed ({code if code is not None else 'lost'})")
+        self.code = code
+        self.reason = reason
+
+
+class MessageSocket(Protocol):
+    """What the publish task needs from a connection: one text message sent (a whole frame,
+    or none of it if cancelled before it began).
+
+    ``send_message`` raises :class:`TransportClosed` once the connection is gone (or
+    ``trio.BrokenResourceError`` / ``trio.ClosedResourceError`` from the stream under it).
     """
 
     async def send_message(self, message: str) -> None: ...
@@ -37,7 +54,7 @@ class MessageSocket(Protocol):
 class Subscriber:
     """One /ws/market connection as the Hub sees it: its :attr:`queue` (subscriptions and
     what is queued for them), its cancel scopes and how it ended. Made by
-    :meth:`Hub.attach`; the WS server calls :meth:`Hub.subscribe`, :meth:`Hub.unsubscribe`
+    :meth:`Hub.attach`; the session calls :meth:`Hub.subscribe`, :meth:`Hub.unsubscribe`
     and :meth:`send_control` from its reader."""
 
     def __init__(
@@ -93,7 +110,7 @@ class Subscriber:
     def close(self, code: int, reason: str, *, disconnect_reason: str) -> None:
         """Decide to close with ``code`` (the first decision wins) and cancel the connection.
 
-        The WS server sends the close frame once the scope has unwound."""
+        The session sends the close frame once the scope has unwound."""
         if self.close_code is None and self.failure is None:
             self.close_code = code
             self.close_reason = reason
@@ -128,4 +145,4 @@ class Subscriber:
             self.close_for(decision)
 
 
-__all__ = ["MessageSocket", "Subscriber"]
+__all__ = ["MessageSocket", "Subscriber", "TransportClosed"]

@@ -1,8 +1,9 @@
 """The /ws/market protocol without I/O (DESIGN §3, §6): close codes, client messages, inbound
-limits and the Origin check.
+limits and the handshake (path, Origin, shutdown).
 
-Plain functions and classes, tested without sockets; ``tradecanvas.serve.ws_server`` is the
-trio shell that wires them to connections, and ``tradecanvas.serve.subscriber_queue`` takes
+Plain functions and classes, tested without sockets; ``tradecanvas.serve.ws_session`` is the
+trio shell that wires them to a connection, whichever transport carries it (the WS port's
+``ws_server``, the HTTP port's ``ws_asgi``), and ``tradecanvas.serve.subscriber_queue`` takes
 its slow-consumer close code from here. Time is passed in (``now``) wherever a rule needs it.
 
 Errors: :func:`parse_client_message` raises :class:`~tradecanvas.errors.ClientMessageError`
@@ -33,6 +34,10 @@ CLIENT_TYPES: Final = ("subscribe", "unsubscribe", "ping")
 
 CLOSE_NORMAL: Final = 1000
 CLOSE_GOING_AWAY: Final = 1001
+# "no status code was present" (RFC 6455 §7.4.1): the peer closed, its code is not known
+CLOSE_NO_STATUS: Final = 1005
+# the connection ended without a close handshake (never sent on the wire)
+CLOSE_ABNORMAL: Final = 1006
 CLOSE_POLICY: Final = 1008
 CLOSE_TOO_BIG: Final = 1009
 CLOSE_INTERNAL_ERROR: Final = 1011
@@ -227,6 +232,34 @@ class RateLimiter:
 # --- the handshake ---------------------------------------------------------------------
 
 
+@attrs.frozen
+class HandshakeRefusal:
+    """An upgrade answered with an HTTP error instead: ``status``, a plain-text ``body``, and
+    ``why`` for the log."""
+
+    status: int
+    body: bytes
+    why: str
+
+
+def refuse_handshake(
+    target: str, origin: str | None, allowed: Sequence[str], *, closing: bool
+) -> HandshakeRefusal | None:
+    """Why an upgrade request for ``target`` (a path, maybe with a query string) with this
+    ``Origin`` header is refused, or None to accept it: 404 for another path than
+    :data:`WS_PATH`, 403 for an Origin not in ``allowed``, 503 while shutting down."""
+    path = request_path(target)
+    if path != WS_PATH:
+        return HandshakeRefusal(
+            404, f"not found: only {WS_PATH} is served\n".encode(), f"404 for path {path[:200]!r}"
+        )
+    if not origin_allowed(origin, allowed):
+        return HandshakeRefusal(403, b"origin not allowed\n", f"403 for Origin {origin!r:.200}")
+    if closing:
+        return HandshakeRefusal(503, b"shutting down\n", "503 while shutting down")
+    return None
+
+
 def origin_allowed(origin: str | None, allowed: Sequence[str]) -> bool:
     """No Origin (not a browser) is allowed; ``*`` allows all; ``scheme://host`` allows any
     port of that host; ``scheme://host:port`` exactly that port."""
@@ -268,9 +301,11 @@ def request_path(target: str) -> str:
 __all__ = [
     "CLIENT_GOODBYE_CODES",
     "CLIENT_TYPES",
+    "CLOSE_ABNORMAL",
     "CLOSE_GOING_AWAY",
     "CLOSE_INTERNAL_ERROR",
     "CLOSE_NORMAL",
+    "CLOSE_NO_STATUS",
     "CLOSE_POLICY",
     "CLOSE_SLOW_CONSUMER",
     "CLOSE_TOO_BIG",
@@ -278,6 +313,7 @@ __all__ = [
     "MAX_SINCE",
     "WS_PATH",
     "ClientRequest",
+    "HandshakeRefusal",
     "InboundLimits",
     "PingRequest",
     "RateLimiter",
@@ -288,5 +324,6 @@ __all__ = [
     "header",
     "origin_allowed",
     "parse_client_message",
+    "refuse_handshake",
     "request_path",
 ]

@@ -1,13 +1,21 @@
-"""``tradecanvas subscribe SERIES… [--since T] [--batch] [--pretty]`` (DESIGN §8).
+"""``tradecanvas subscribe SERIES… [--since T] [--events-after ID] [--batch] [--pretty]``
+(DESIGN §8, §10).
 
 A /ws/market client: it subscribes to each SERIES and prints every message the daemon sends,
 one JSON object per line exactly as received (``--pretty``: a readable table instead). It
 answers nothing and never sends more than the subscribes and its final close, so what it
 prints is what any plain WebSocket client would get.
 
-Exit codes (:data:`EXIT_CODES`, also in ``--help``): 0 after ``--count`` messages or when
-the daemon closes normally (1000/1001); 1 when it cannot connect, the daemon refuses every
-requested series, or closes with another code (the code and reason go to stderr); 2 for bad
+It keeps its cursors across reconnects (:mod:`tradecanvas.tools.subscribe_cursors`): when
+the connection drops or the daemon restarts, it reconnects with backoff
+(:data:`RECONNECT_BACKOFF`) and resubscribes each series with ``since`` (the last closed
+candle received) and ``events_after`` (the last event received), so its output has nothing
+lost or doubled. ``--no-reconnect`` ends at the first close instead.
+
+Exit codes (:data:`EXIT_CODES`, also in ``--help``): 0 after ``--count`` messages, or (with
+``--no-reconnect``) when the daemon closes normally (1000/1001); 1 when it cannot connect
+the first time, the daemon refuses every requested series or the connection for good, or
+closes with a code no reconnect can help (the code and reason go to stderr); 2 for bad
 arguments; 130 on Ctrl-C.
 """
 
@@ -19,22 +27,32 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Final, TextIO, final
 
+import attrs
 import trio
 import trio_websocket
 
 from tradecanvas.errors import ExitCode, SeriesIdError, find_in_group
 from tradecanvas.model import SeriesId
 from tradecanvas.tools.exit_codes import HELP_FORMATTER, ExitCodeTable, exit_codes_epilog
+from tradecanvas.tools.subscribe_cursors import SubscribeCursors
+from tradecanvas.upstream.backoff import Backoff
 from tradecanvas.upstream.ws_client import open_websocket_client, parse_ws_url
 from tradecanvas.wire.json import dumps, loads
 
 DEFAULT_URL: Final = "ws://127.0.0.1:8765/ws/market"
 CONNECT_TIMEOUT_S: Final = 10.0
 NORMAL_CLOSE_CODES: Final = (1000, 1001)
-REFUSAL_CODES: Final = ("bad_request", "unknown_series", "too_many_subscriptions")
+# closes a reconnect continues from: normal, going away (a restart), lost, server error,
+# service restart, try again later, slow consumer
+RESUMABLE_CLOSE_CODES: Final = (None, 1000, 1001, 1006, 1011, 1012, 1013, 4008)
+# refused upgrades worth trying again: the daemon is shutting down, or a proxy's upstream is
+RETRY_STATUSES: Final = (502, 503, 504)
+# a restarting daemon is back within seconds; a longer outage is polled every 5 s at most
+RECONNECT_BACKOFF: Final = Backoff(base_s=0.5, cap_s=5.0)
+MAX_EVENT_ID: Final = 2**63 - 1
 EXIT_CODES: Final[ExitCodeTable] = (
-    (ExitCode.OK, "after --count messages, or the daemon closed normally (1000/1001)"),
-    (ExitCode.FAILED, "cannot connect, every series refused, or another close code"),
+    (ExitCode.OK, "after --count messages; with --no-reconnect, a normal close too"),
+    (ExitCode.FAILED, "cannot connect, every series refused, or a close no reconnect can help"),
     (ExitCode.USAGE, "bad arguments (a series_id or URL)"),
     (ExitCode.INTERRUPTED, "Ctrl-C"),
 )
@@ -49,6 +67,16 @@ def _since_arg(text: str) -> int:
         ) from None
     if value < 0:
         raise argparse.ArgumentTypeError(f"{value} is negative; give unix seconds")
+    return value
+
+
+def _event_id_arg(text: str) -> int:
+    try:
+        value = int(text, 10)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an event_id (a whole number)") from None
+    if not 0 <= value <= MAX_EVENT_ID:
+        raise argparse.ArgumentTypeError(f"{value} is not an event_id: 0 up to 2**63-1")
     return value
 
 
@@ -77,6 +105,21 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         metavar="T",
         help="exclusive cursor, a candle_time in unix seconds: closed candles after T,"
         " then live (default: the newest catchup_limit candles, then live)",
+    )
+    parser.add_argument(
+        "--events-after",
+        type=_event_id_arg,
+        default=None,
+        metavar="ID",
+        help="event-log cursor, the last event_id you have: the stored events of each series"
+        " after it first, then live ones (default: live events only; 0: every stored event)",
+    )
+    parser.add_argument(
+        "--reconnect",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="when the connection drops or the daemon restarts, reconnect with backoff and"
+        " resume each series from the last candle and event received (default: on)",
     )
     parser.add_argument(
         "--batch",
@@ -152,6 +195,8 @@ def format_pretty(message: object) -> list[str]:
         return [
             f"{'':<19}  {'error':<8}  {sid!s:<30}  {message.get('code')}: {message.get('message')}"
         ]
+    if kind == "events_truncated":
+        return [f"{'':<19}  {'truncated':<8}  {sid!s:<30}  {message.get('message', '')}"]
     return [f"{'':<19}  {kind!s:<8}  {sid!s:<30}  {dumps(message)}"]
 
 
@@ -168,94 +213,139 @@ async def subscribe_and_print(
     count: int | None,
     out: TextIO,
     err: TextIO,
+    events_after: int | None = None,
+    reconnect: bool = True,
+    backoff: Backoff = RECONNECT_BACKOFF,
 ) -> int:
     """Subscribe to ``series`` at ``url`` and print what arrives; returns the exit code.
 
-    The client owns its TCP stream and closes it whoever ends the connection."""
+    With ``reconnect``, a dropped connection (or a daemon restart) is reopened after
+    ``backoff`` and every series resubscribed from its cursors. The client owns its TCP
+    stream and closes it whoever ends the connection."""
     try:
         parse_ws_url(url)
     except ValueError as exc:
         err.write(f"tradecanvas subscribe: {exc}; expected ws://host:port/ws/market\n")
         return ExitCode.USAGE
-    session = _Session(
-        series, since=since, batch=batch, pretty=pretty, count=count, out=out, err=err
+    cursors = SubscribeCursors(
+        [str(s) for s in series], since=since, events_after=events_after, batch=batch
     )
-    try:
-        async with open_websocket_client(
-            url, connect_timeout=CONNECT_TIMEOUT_S, disconnect_timeout=CONNECT_TIMEOUT_S
-        ) as ws:
-            return await session.run(ws)
-    except trio_websocket.ConnectionRejected as exc:
-        err.write(f"tradecanvas subscribe: {url} refused the connection: HTTP {exc.status_code}\n")
-    except trio_websocket.ConnectionTimeout:
-        err.write(f"tradecanvas subscribe: cannot connect to {url}: timed out\n")
-    except trio_websocket.HandshakeError as exc:
-        err.write(f"tradecanvas subscribe: cannot connect to {url}: {exc}\n")
-    return ExitCode.FAILED
+    printer = _Printer(pretty=pretty, count=count, out=out, err=err)
+    failures = 0  # connection attempts in a row that delivered nothing
+    while True:
+        try:
+            async with open_websocket_client(
+                url, connect_timeout=CONNECT_TIMEOUT_S, disconnect_timeout=CONNECT_TIMEOUT_S
+            ) as ws:
+                end = await _follow(ws, cursors, printer)
+        except trio_websocket.ConnectionRejected as exc:
+            why = f"{url} refused the connection: HTTP {exc.status_code}"
+            if not printer.connected or exc.status_code not in RETRY_STATUSES:
+                err.write(f"tradecanvas subscribe: {why}\n")
+                return ExitCode.FAILED
+        except (trio_websocket.ConnectionTimeout, trio_websocket.HandshakeError) as exc:
+            why = f"cannot connect to {url}: {exc or 'timed out'}"
+            if not printer.connected:
+                err.write(f"tradecanvas subscribe: {why}\n")
+                return ExitCode.FAILED
+        else:
+            if isinstance(end, int):
+                return end
+            why = f"connection closed: {end}"
+            if not reconnect or end.code not in RESUMABLE_CLOSE_CODES:
+                return _closed(end, err)
+            if end.delivered:
+                failures = 0
+        failures += 1
+        delay = backoff.delay(failures)
+        err.write(f"tradecanvas subscribe: {why}; reconnecting in {delay:.1f}s\n")
+        err.flush()
+        await trio.sleep(delay)
+
+
+@attrs.frozen
+class _Closed:
+    """How one connection ended: the daemon's close code and reason (None: lost), and
+    whether it delivered any message."""
+
+    code: int | None
+    reason: str
+    delivered: bool
+
+    def __str__(self) -> str:
+        return f"{self.code}{' ' + self.reason if self.reason else ''}"
 
 
 @final
-class _Session:
-    """Sends the subscribes, prints what comes back, decides the exit code."""
+class _Printer:
+    """Prints the messages of every connection in one output, and counts them."""
 
-    def __init__(
-        self,
-        series: Sequence[SeriesId],
-        *,
-        since: int | None,
-        batch: bool,
-        pretty: bool,
-        count: int | None,
-        out: TextIO,
-        err: TextIO,
-    ) -> None:
-        self.series = list(dict.fromkeys(str(s) for s in series))
-        self.since = since
-        self.batch = batch
+    def __init__(self, *, pretty: bool, count: int | None, out: TextIO, err: TextIO) -> None:
         self.pretty = pretty
         self.count = count
         self.out = out
         self.err = err
+        self.printed = 0
+        self.connected = False  # a connection has been opened before
 
-    async def run(self, ws: trio_websocket.WebSocketConnection) -> int:
-        wanted = set(self.series)
-        refused: set[str] = set()
-        printed = 0
+    def print(self, text: str, message: object) -> None:
         if self.pretty:
-            self.out.write(_TABLE_HEADER + "\n")
-            self.out.flush()
-        for sid in self.series:
-            request = {
-                "type": "subscribe",
-                "series_id": sid,
-                "since": self.since,
-                "supports_batch": self.batch,
-            }
+            for row in format_pretty(message):
+                self.out.write(row + "\n")
+        else:
+            self.out.write(text + "\n")
+        self.out.flush()
+        self.printed += 1
+
+    @property
+    def done(self) -> bool:
+        return self.count is not None and self.printed >= self.count
+
+
+async def _follow(
+    ws: trio_websocket.WebSocketConnection, cursors: SubscribeCursors, printer: _Printer
+) -> int | _Closed:
+    """One connection: send the subscribes from the cursors, print what comes back. An
+    exit code, or how the connection closed."""
+    if printer.pretty and not printer.connected:
+        printer.out.write(_TABLE_HEADER + "\n")
+        printer.out.flush()
+    if printer.connected:
+        printer.err.write(
+            f"tradecanvas subscribe: reconnected; resuming {len(cursors.active)} series\n"
+        )
+    printer.connected = True
+    delivered = False
+    try:
+        for request in cursors.subscribe_messages():
             await ws.send_message(dumps(request))
         while True:
-            try:
-                raw = await ws.get_message()
-            except trio_websocket.ConnectionClosed as exc:
-                return _closed(exc.reason, self.err)
-            text = raw.decode(errors="replace") if isinstance(raw, bytes) else raw
-            message = _parse(text)
-            if self.pretty:
-                for row in format_pretty(message):
-                    self.out.write(row + "\n")
-            else:
-                self.out.write(text + "\n")
-            self.out.flush()
-            printed += 1
-            if isinstance(message, dict) and _is_refusal(message, wanted):
-                refused.add(str(message.get("series_id")))
-                self.err.write(
-                    f"tradecanvas subscribe: {message.get('series_id')}:"
-                    f" {message.get('code')}: {message.get('message')}\n"
-                )
-                if refused >= wanted:
-                    return ExitCode.FAILED
-            if self.count is not None and printed >= self.count:
-                return ExitCode.OK
+            raw = await ws.get_message()
+            delivered = True
+            end = _take(raw, cursors, printer)
+            if end is not None:
+                return end
+    except trio_websocket.ConnectionClosed as exc:
+        reason = exc.reason
+        if reason is None:
+            return _Closed(None, "", delivered)
+        return _Closed(reason.code, reason.reason or "", delivered)
+
+
+def _take(raw: str | bytes, cursors: SubscribeCursors, printer: _Printer) -> int | None:
+    """Print one message unless it is a repeat; an exit code when the run is over."""
+    text = raw.decode(errors="replace") if isinstance(raw, bytes) else raw
+    message = _parse(text)
+    if not cursors.take(message):
+        return None  # a repeat the resubscription was bound to send (a gap)
+    printer.print(text, message)
+    if isinstance(message, dict) and message.get("type") == "error":
+        sid, code, why = message.get("series_id"), message.get("code"), message.get("message")
+        if sid in cursors.refused:
+            printer.err.write(f"tradecanvas subscribe: {sid}: {code}: {why}\n")
+            if not cursors.active:
+                return ExitCode.FAILED
+    return ExitCode.OK if printer.done else None
 
 
 def _parse(text: str) -> object:
@@ -265,21 +355,11 @@ def _parse(text: str) -> object:
         return text
 
 
-def _is_refusal(message: dict[str, object], wanted: set[str]) -> bool:
-    return (
-        message.get("type") == "error"
-        and message.get("code") in REFUSAL_CODES
-        and message.get("series_id") in wanted
-    )
-
-
-def _closed(reason: trio_websocket.CloseReason | None, err: TextIO) -> int:
-    code = reason.code if reason is not None else None
-    why = f" {reason.reason}" if reason is not None and reason.reason else ""
-    if code in NORMAL_CLOSE_CODES:
-        err.write(f"tradecanvas subscribe: the daemon closed the connection ({code}{why})\n")
+def _closed(end: _Closed, err: TextIO) -> int:
+    if end.code in NORMAL_CLOSE_CODES:
+        err.write(f"tradecanvas subscribe: the daemon closed the connection ({end})\n")
         return ExitCode.OK
-    err.write(f"tradecanvas subscribe: connection closed: {code}{why}\n")
+    err.write(f"tradecanvas subscribe: connection closed: {end}\n")
     return ExitCode.FAILED
 
 
@@ -302,6 +382,8 @@ def run_subscribe(args: argparse.Namespace) -> int:
                 count=args.count,
                 out=sys.stdout,
                 err=sys.stderr,
+                events_after=args.events_after,
+                reconnect=args.reconnect,
             )
         )
     except (KeyboardInterrupt, BaseExceptionGroup) as exc:

@@ -1,0 +1,105 @@
+"""serve_http's own accept loop around Hypercorn: each connection reachable from its ASGI
+scope, and a drain that stays bounded when peers stop reading (Hypercorn's writes are
+shielded from cancellation, so only aborting the connection ends them).
+
+The HTTP API's drain of requests in flight is tested in tests/serve/test_http_api.py.
+"""
+
+from __future__ import annotations
+
+import functools
+import socket
+from typing import Final
+
+import httpx
+import trio
+import trio_websocket
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket
+
+from tradecanvas.serve.http_server import serve_http, served_connection
+
+BIG: Final = b"x" * (8 << 20)  # far more than both sides' socket buffers take
+
+
+def app_with_stuck_writers(answering: trio.Event, flooding: trio.Event) -> Starlette:
+    async def big(request: Request) -> Response:
+        answering.set()
+        return Response(BIG, media_type="application/octet-stream")
+
+    async def flood(websocket: WebSocket) -> None:
+        await websocket.accept()
+        flooding.set()
+        # not `while True`: once Hypercorn has closed a WebSocket its send returns at once,
+        # without a checkpoint, and such a loop would never yield
+        for start in range(0, len(BIG), 1 << 20):
+            await websocket.send_bytes(BIG[start : start + (1 << 20)])
+
+    async def connection(request: Request) -> Response:
+        return JSONResponse({"served": served_connection(request.scope) is not None})
+
+    return Starlette(
+        routes=[
+            Route("/big", big),
+            Route("/connection", connection),
+            WebSocketRoute("/flood", flood),
+        ]
+    )
+
+
+async def never_reading(port: int) -> trio.SocketStream:
+    sock = trio.socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    await sock.connect(("127.0.0.1", port))
+    return trio.SocketStream(sock)
+
+
+async def test_each_connection_is_reachable_from_its_scope() -> None:
+    async with trio.open_nursery() as nursery:
+        app = app_with_stuck_writers(trio.Event(), trio.Event())
+        port = await nursery.start(functools.partial(serve_http, app, host="127.0.0.1", port=0))
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+            assert (await client.get("/connection")).json() == {"served": True}
+        nursery.cancel_scope.cancel()
+    assert served_connection({"type": "http", "state": {}}) is None
+    assert served_connection({"type": "http"}) is None
+
+
+async def test_the_drain_aborts_connections_whose_writes_never_finish() -> None:
+    """A WebSocket flooding a peer that does not read, and an answer its client never reads:
+    Hypercorn's shielded writes would hold the server for as long as the peers live."""
+    drain_s = 0.3
+    answering, flooding = trio.Event(), trio.Event()
+    app = app_with_stuck_writers(answering, flooding)
+    server_scope = trio.CancelScope()
+    done = trio.Event()
+
+    async def server(task_status: trio.TaskStatus[int]) -> None:
+        with server_scope:
+            await serve_http(
+                app, host="127.0.0.1", port=0, drain_s=drain_s, task_status=task_status
+            )
+        done.set()
+
+    async with trio.open_nursery() as nursery:
+        port: int = await nursery.start(server)
+        http_peer = await never_reading(port)
+        await http_peer.send_all(b"GET /big HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        ws_peer = await never_reading(port)
+        async with trio.open_nursery() as client:
+            await trio_websocket.wrap_client_stream(client, ws_peer, "127.0.0.1", "/flood")
+            client.cancel_scope.cancel()  # nobody reads from here on
+        with trio.fail_after(10):
+            await answering.wait()
+            await flooding.wait()
+        began = trio.current_time()
+        server_scope.cancel()
+        with trio.fail_after(drain_s + 5):
+            await done.wait()
+        elapsed = trio.current_time() - began
+        for stream in (http_peer, ws_peer):
+            await stream.aclose()
+    assert drain_s * 0.9 <= elapsed < drain_s + 1.0

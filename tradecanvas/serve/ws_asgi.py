@@ -1,0 +1,175 @@
+"""/ws/market on the HTTP port (DESIGN §10, one origin): a Starlette WebSocket under Hypercorn
+as a transport of the session in :mod:`tradecanvas.serve.ws_session`, so a page served by
+the daemon, or a frontend behind one address, needs no proxy.
+
+:func:`market_websocket_routes` gives the routes for the HTTP app: every WebSocket request
+goes to one endpoint, which answers the upgrade with :meth:`MarketEndpoint.refusal` — 404
+for another path, 403 for a disallowed ``Origin``, 503 while shutting down — as an HTTP
+response (the ASGI WebSocket denial-response extension, which Hypercorn supports), and runs
+the session for the rest. Task tree of one accepted connection::
+
+    _serve_websocket                      Hypercorn's task for this WebSocket
+    └─ connection nursery
+       ├─ AsgiTransport.write_frames      the only task that writes to Hypercorn
+       └─ MarketEndpoint.serve            the session: publish task and reader loop
+
+Where Hypercorn differs from trio-websocket, and what this module does about it:
+
+- **Writes cannot be cancelled.** Hypercorn writes a frame to the socket in a shielded
+  scope, so a send to a peer that stopped reading would ignore the Hub's send timeout. Every
+  frame goes through one writer task instead; the session waits for the writer, and that
+  wait is cancellable: the Hub's timeout works (4008), and a frame whose write has begun is
+  finished first, never torn. If even the close frame cannot get out within the session's
+  close deadline, the connection is aborted (:meth:`ServedConnection.abort`).
+- **The peer's close code is not passed on.** Hypercorn 0.18 reports every close from the
+  peer, clean or not, as 1006 (pgjones/hypercorn#127). It is taken as a close without a
+  known code (1005): a goodbye, not a delivery failure — else every closed chart would fail
+  the next strict publish. A connection lost without a close handshake is counted the same.
+- **The 64 KiB limit** is the session's own check (Hypercorn's limit is a looser backstop,
+  ``http_server.WEBSOCKET_BACKSTOP_BYTES``), so that its 1009 is counted like the WS port's.
+
+Shutdown: the daemon calls :meth:`MarketEndpoint.shutdown` (every session gets 1001) before
+the HTTP server drains; what is still open when the drain ends is aborted by the server.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Final, final
+
+import trio
+from starlette.responses import Response
+from starlette.routing import BaseRoute, WebSocketRoute
+from starlette.types import Message
+from starlette.websockets import WebSocket
+
+from tradecanvas.serve.http_server import ServedConnection, served_connection
+from tradecanvas.serve.subscriber import TransportClosed
+from tradecanvas.serve.ws_protocol import CLOSE_ABNORMAL, CLOSE_NO_STATUS
+from tradecanvas.serve.ws_session import MarketEndpoint
+
+log = logging.getLogger(__name__)
+
+# every WebSocket path: the endpoint answers another path than /ws/market with 404 itself
+ANY_WEBSOCKET_PATH: Final = "/{path:path}"
+
+
+def market_websocket_routes(endpoint: MarketEndpoint) -> list[BaseRoute]:
+    """The routes that serve ``endpoint`` in a Starlette app (put them after its HTTP
+    routes: they take every WebSocket request, and only WebSocket requests)."""
+    return [WebSocketRoute(ANY_WEBSOCKET_PATH, functools.partial(_serve_websocket, endpoint))]
+
+
+def _peer(websocket: WebSocket) -> str:
+    client = websocket.client
+    return f"{client.host}:{client.port}" if client is not None else "?"
+
+
+async def _serve_websocket(endpoint: MarketEndpoint, websocket: WebSocket) -> None:
+    peer = _peer(websocket)
+    refusal = endpoint.refusal(str(websocket.scope["path"]), websocket.headers.get("origin"))
+    if refusal is not None:
+        log.info("ws %s (HTTP port): %s", peer, refusal.why)
+        await websocket.send_denial_response(
+            Response(refusal.body, status_code=refusal.status, media_type="text/plain")
+        )
+        return
+    await websocket.accept()
+    transport = AsgiTransport(websocket, served_connection(websocket.scope))
+    async with trio.open_nursery() as connection:
+        connection.start_soon(transport.write_frames)
+        await endpoint.serve(transport, f"{peer} (HTTP port)")
+        connection.cancel_scope.cancel()
+
+
+@final
+class AsgiTransport:
+    """An accepted Starlette WebSocket as a session transport (``SessionTransport``).
+
+    Frames are written by :meth:`write_frames`, one at a time and in order; ``send_message``
+    and ``aclose`` hand a frame over and wait until it is written (see the module docstring).
+    After the peer has left, sends are dropped (Hypercorn drops them too) and the reader's
+    ``TransportClosed`` ends the session. ``connection`` is what an unfinished close aborts
+    (None under another server than ``serve_http``: the close is then only abandoned).
+    """
+
+    def __init__(self, websocket: WebSocket, connection: ServedConnection | None) -> None:
+        self._websocket = websocket
+        self._connection = connection
+        # capacity 0: handing a frame over waits until the writer has finished the last one
+        self._frames_in, self._frames_out = trio.open_memory_channel[Message](0)
+        self._handed = 0
+        self._written = 0
+        self._progress = trio.Event()
+        self._peer_left = False
+        self._close_sent = False
+        self._write_failed: str | None = None
+
+    async def write_frames(self) -> None:
+        """The writer task: runs until cancelled. A frame Starlette or Hypercorn refuses
+        makes the connection broken (later sends raise ``TransportClosed(None)``)."""
+        async with self._frames_out:
+            async for frame in self._frames_out:
+                if self._write_failed is None:
+                    try:
+                        await self._websocket.send(frame)
+                    except Exception as exc:  # their errors (state, protocol): this one's end
+                        self._write_failed = f"{type(exc).__name__}: {exc}"
+                        log.info("ws %s: write failed: %s", _peer(self._websocket), exc)
+                self._written += 1
+                self._progress.set()
+                self._progress = trio.Event()
+
+    async def _write(self, frame: Message) -> None:
+        await self._frames_in.send(frame)
+        self._handed += 1
+        ticket = self._handed
+        while self._written < ticket:
+            await self._progress.wait()
+
+    async def send_message(self, message: str) -> None:
+        if self._write_failed is None and not (self._peer_left or self._close_sent):
+            await self._write({"type": "websocket.send", "text": message})
+        else:
+            await trio.lowlevel.checkpoint()
+        if self._write_failed is not None:
+            raise TransportClosed(None, self._write_failed)
+
+    async def get_message(self) -> str | bytes:
+        if self._peer_left:
+            raise TransportClosed(CLOSE_NO_STATUS)
+        message = await self._websocket.receive()
+        if message["type"] == "websocket.disconnect":
+            self._peer_left = True
+            code = message.get("code")
+            # Hypercorn's 1006 stands for any close by the peer (module docstring)
+            raise TransportClosed(
+                CLOSE_NO_STATUS if code in (None, CLOSE_ABNORMAL) else int(code),
+                message.get("reason"),
+            )
+        text = message.get("text")
+        if text is not None:
+            return str(text)
+        data = message.get("bytes")
+        return bytes(data) if data is not None else b""
+
+    async def aclose(self, code: int, reason: str | None) -> None:
+        try:
+            if not self._peer_left and not self._close_sent and self._write_failed is None:
+                self._close_sent = True
+                await self._write({"type": "websocket.close", "code": code, "reason": reason or ""})
+                # the closing handshake: what the peer still sends, then its close
+                while not self._peer_left and self._write_failed is None:
+                    if (await self._websocket.receive())["type"] == "websocket.disconnect":
+                        self._peer_left = True
+            else:
+                await trio.lowlevel.checkpoint()
+        except trio.Cancelled:
+            # the close did not get through in time (a peer that does not read): drop it
+            if self._connection is not None and not self._peer_left:
+                self._connection.abort()
+            raise
+
+
+__all__ = ["ANY_WEBSOCKET_PATH", "AsgiTransport", "market_websocket_routes"]

@@ -1,0 +1,201 @@
+"""The /ws/market endpoint, whichever transport carries it (DESIGN §3, §6, §10): one
+:class:`MarketEndpoint` for the daemon, served on the WS port (``ws_server``, trio-websocket)
+and on the HTTP port (``ws_asgi``, Starlette under Hypercorn) with the same Hub, the same
+rules and the same session code.
+
+What a transport does: it answers the upgrade request with :meth:`MarketEndpoint.refusal`
+(404 for another path, 403 for a disallowed ``Origin``, 503 while shutting down), accepts the
+rest, and hands the connection to :meth:`MarketEndpoint.serve` as a :class:`SessionTransport`
+— one text message sent, one message received, a bounded close — translating its library's
+"closed" into :class:`~tradecanvas.serve.subscriber.TransportClosed` once.
+
+What the session does, per connection (task tree of :meth:`MarketEndpoint.serve`)::
+
+    serve                                  attach to the Hub; at the end detach, then close
+    └─ subscriber.cancel_scope
+       ├─ Hub.run_publisher                the only task that sends (candles, system, pong, error)
+       └─ reader loop                      client messages; never awaits a send
+
+The rules themselves are pure, in ``ws_protocol``: message parsing, the token bucket, the
+handshake. Inbound limits: a message over 64 KiB closes with 1009 (the transports' own limit,
+and this session's check for a transport whose limit is a looser backstop); every other bad
+message gets an ``error`` and the connection stays up; a client over the rate limit for 5 s
+is closed with 1008.
+
+Closing: the first close decision wins (the Subscriber keeps it); the session sends the close
+frame once its tasks have unwound, within :data:`CLOSE_TIMEOUT_S` (shielded): a peer that does
+not read in time has its connection dropped by the transport. :meth:`MarketEndpoint.shutdown`
+refuses new connections and closes every session, on both ports, with 1001.
+
+Errors: none escape :meth:`MarketEndpoint.serve` but cancellation; a failing connection is
+that connection's end, counted by its disconnect reason.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Final, Protocol, final
+
+import trio
+
+from tradecanvas.errors import ClientMessageError
+from tradecanvas.model import SeriesId
+from tradecanvas.serve.hub import Hub
+from tradecanvas.serve.subscriber import MessageSocket, Subscriber, TransportClosed
+from tradecanvas.serve.ws_protocol import (
+    CLOSE_ABNORMAL,
+    CLOSE_GOING_AWAY,
+    CLOSE_NORMAL,
+    CLOSE_POLICY,
+    CLOSE_TOO_BIG,
+    MAX_MESSAGE_BYTES,
+    HandshakeRefusal,
+    InboundLimits,
+    PingRequest,
+    RateLimiter,
+    SubscribeRequest,
+    parse_client_message,
+    refuse_handshake,
+)
+
+log = logging.getLogger(__name__)
+
+# a closing handshake that takes longer is abandoned and the connection dropped
+CLOSE_TIMEOUT_S: Final = 2.0
+
+
+class SessionTransport(MessageSocket, Protocol):
+    """One accepted WebSocket connection, as a session uses it.
+
+    ``send_message`` (the Hub's :class:`MessageSocket`) and ``get_message`` raise
+    :class:`TransportClosed` once the peer has ended the connection. ``aclose`` sends the
+    close frame and waits for the peer's answer; the caller bounds it, and a transport
+    cancelled inside it drops the connection (so no close outlives its deadline)."""
+
+    async def get_message(self) -> str | bytes: ...
+
+    async def aclose(self, code: int, reason: str | None) -> None: ...
+
+
+@final
+class MarketEndpoint:
+    """/ws/market for every transport: the handshake rules, one session per connection, and
+    the shutdown of them all. Owns no task: each transport runs :meth:`serve` in its own
+    connection's task; the Hub owns the registry of the sessions' subscribers."""
+
+    def __init__(
+        self,
+        hub: Hub,
+        *,
+        allowed_origins: Sequence[str],
+        max_subscriptions: int,
+        limits: InboundLimits | None = None,
+    ) -> None:
+        self.hub = hub
+        self.allowed_origins = tuple(allowed_origins)
+        self.max_subscriptions = max_subscriptions
+        self.limits = limits or InboundLimits()
+        self._closing = False
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
+    def refusal(self, target: str, origin: str | None) -> HandshakeRefusal | None:
+        """The HTTP answer to an upgrade request for ``target`` with this ``Origin``
+        header, or None to accept it (:func:`~.ws_protocol.refuse_handshake`)."""
+        return refuse_handshake(target, origin, self.allowed_origins, closing=self._closing)
+
+    def shutdown(self) -> None:
+        """Refuse new connections (503) and close every session with 1001. Idempotent;
+        the transports wait (bounded) for their connections to end."""
+        self._closing = True
+        self.hub.close_all(CLOSE_GOING_AWAY, "server shutdown", disconnect_reason="shutdown")
+
+    async def serve(self, transport: SessionTransport, peer: str) -> None:
+        """Run one accepted connection's session until it ends, then close it (bounded,
+        shielded). ``peer`` names it in logs and in publish failures."""
+        subscriber = self.hub.attach(transport, peer=peer, max_subscriptions=self.max_subscriptions)
+        log.debug("ws %s: connected", peer)
+        if self._closing:  # shut down while this connection was being accepted
+            subscriber.close(CLOSE_GOING_AWAY, "server shutdown", disconnect_reason="shutdown")
+        try:
+            with subscriber.cancel_scope:
+                async with trio.open_nursery() as tasks:
+                    tasks.start_soon(self.hub.run_publisher, subscriber)
+                    await self._read_loop(transport, subscriber)
+                    tasks.cancel_scope.cancel()
+        finally:
+            self.hub.detach(subscriber)
+            code = subscriber.close_code or CLOSE_NORMAL
+            with trio.CancelScope(shield=True, deadline=trio.current_time() + CLOSE_TIMEOUT_S):
+                await transport.aclose(code, subscriber.close_reason)
+            log.debug("ws %s: closed (%s)", peer, subscriber.disconnect_reason)
+
+    async def _read_loop(self, transport: SessionTransport, subscriber: Subscriber) -> None:
+        limiter = RateLimiter(self.limits, trio.current_time())
+        while True:
+            try:
+                raw = await transport.get_message()
+            except TransportClosed as exc:
+                if exc.code == CLOSE_TOO_BIG:  # the transport's own size limit
+                    subscriber.close(
+                        CLOSE_TOO_BIG, "message too big", disconnect_reason="message_too_big"
+                    )
+                elif exc.code is None or exc.code == CLOSE_ABNORMAL:
+                    subscriber.fail(
+                        "connection lost without a close handshake",
+                        disconnect_reason="connection_lost",
+                    )
+                else:
+                    subscriber.mark_client_closed()
+                return
+            if len(raw) > MAX_MESSAGE_BYTES:  # counted like trio-websocket: characters of text
+                subscriber.close(
+                    CLOSE_TOO_BIG, "message too big", disconnect_reason="message_too_big"
+                )
+                return
+            verdict = limiter.check(trio.current_time())
+            if verdict == "abuse":
+                subscriber.close(
+                    CLOSE_POLICY,
+                    f"over the message rate limit for {self.limits.abuse_after_s:g}s",
+                    disconnect_reason="rate_limited",
+                )
+                return
+            if verdict == "limited":
+                subscriber.send_control(self.limits.rate_limited_error().to_wire())
+                continue
+            if verdict == "ignored":
+                continue
+            self._handle_message(subscriber, raw)
+
+    def _handle_message(self, subscriber: Subscriber, raw: str | bytes) -> None:
+        try:
+            request = parse_client_message(raw)
+            if isinstance(request, PingRequest):
+                subscriber.send_control({"type": "pong"})
+            elif isinstance(request, SubscribeRequest):
+                self.hub.subscribe(
+                    subscriber,
+                    request.series,
+                    request.since,
+                    request.supports_batch,
+                    events_after=request.events_after,
+                )
+            else:
+                self._unsubscribe(subscriber, request.series)
+        except ClientMessageError as exc:  # ours, or the Hub refusing a subscribe
+            subscriber.send_control(exc.to_wire())
+
+    def _unsubscribe(self, subscriber: Subscriber, series: SeriesId) -> None:
+        sid = str(series)
+        if sid not in self.hub.series:
+            raise ClientMessageError(
+                "unknown_series", f"{sid} is not ingested or derived by this daemon", sid
+            )
+        self.hub.unsubscribe(subscriber, series)
+
+
+__all__ = ["CLOSE_TIMEOUT_S", "MarketEndpoint", "SessionTransport", "TransportClosed"]
