@@ -159,14 +159,14 @@ async def test_sigterm_closes_subscribers_on_both_ports_and_exits_in_time(tmp_pa
     """A subscriber on the WS port and one on the HTTP port get 1001; a client on the HTTP
     port that never reads or answers holds nothing up: its close is abandoned, its
     connection aborted, and the daemon exits 0 within its 10 s."""
-    env = _env(
+    env = cli_env(
         TRADE_CANVAS_DB_PATH=str(tmp_path / "m.sqlite3"),
         TRADE_CANVAS_BINANCE_FUTURES_WS_URL="ws://127.0.0.1:9",
         TRADE_CANVAS_BINANCE_FUTURES_REST_URL="http://127.0.0.1:9",
     )
     log = tmp_path / "serve.log"
-    with _process(["serve"], env, log) as serve:
-        ready = await _line(
+    with run_cli(["serve"], env, log) as serve:
+        ready = await wait_for_line(
             log, r"ready ws=ws://[\d.]+:(\d+)/ws/market http=http://[\d.]+:(\d+)", serve
         )
         ports = {"ws": int(ready.group(1)), "http": int(ready.group(2))}
@@ -191,7 +191,7 @@ async def test_sigterm_closes_subscribers_on_both_ports_and_exits_in_time(tmp_pa
                     await event.wait()
             began = trio.current_time()
             serve.send_signal(signal.SIGTERM)
-            assert await _exit_code(serve, within=10) == 0
+            assert await exit_code_within(serve, within=10) == 0
             took = trio.current_time() - began
         await silent.aclose()
     assert codes == {"ws": 1001, "http": 1001}
