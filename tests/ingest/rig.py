@@ -86,6 +86,26 @@ class RecordingHub:
             for c in m["candles"]
         ]
 
+    def overtaken(self) -> list[tuple[int, int, str]]:
+        """Per series, every closed candle recorded after a forming candle of a later bar,
+        as (forming time, closed time, series_id): a charting client would drop it, so this
+        must stay empty (DESIGN §10; the same check as tests/ingest/driver.overtaken)."""
+        newest: dict[str, int] = {}
+        found: list[tuple[int, int, str]] = []
+        for m in self.messages:
+            sid = m.get("series_id", "")
+            if m["type"] == "candle_forming":
+                newest[sid] = max(
+                    newest.get(sid, m["candle"]["candle_time"]), m["candle"]["candle_time"]
+                )
+            elif m["type"] == "candles_batch":
+                found += [
+                    (newest[sid], c["candle_time"], sid)
+                    for c in m["candles"]
+                    if sid in newest and c["candle_time"] < newest[sid]
+                ]
+        return found
+
     def of_type(self, kind: str, series_id: str | None = None) -> list[dict[str, Any]]:
         return [
             m
