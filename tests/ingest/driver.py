@@ -182,6 +182,20 @@ class Driver:
             self.publish(batch.items)
             self.emit(self.core.on_committed(batch.items, self.now))
 
+    def take(self) -> Sequence[BatchItem] | None:
+        """Start committing the next batch if one is due (the committer is then busy until
+        :meth:`finish`)."""
+        due = self.core.batch_due_at()
+        if due is None or due > self.now:
+            return None
+        batch = self.core.take_batch()
+        return None if batch is None else batch.items
+
+    def finish(self, items: Sequence[BatchItem]) -> None:
+        """The commit of ``items`` (from :meth:`take`) is done: publish, then the core."""
+        self.publish(items)
+        self.emit(self.core.on_committed(items, self.now))
+
     def publish(self, items: Sequence[BatchItem]) -> None:
         self.committed.extend(items)
         for item in items:
