@@ -225,7 +225,7 @@ async def test_reconnect_and_backfill_leave_no_hole(tmp_path: Path, data_dir: Pa
         assert_contiguous(rig.hub.closed_times(str(BTC)), DAY + 1300 * 60, DAY + 1439 * 60)
         assert rig.supervisor.statistics().reconnects == 1
         assert metric(rig, "tradecanvas_backfill_candles_total") == 11  # bars 1350..1360
-        assert reconnect_counts(rig) == {"dropped": 1}
+        assert reconnect_counts(rig) == {"drop": 1}
 
 
 async def test_rest_fills_wait_while_the_commit_backlog_is_full(
