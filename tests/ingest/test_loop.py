@@ -760,13 +760,15 @@ async def test_replayed_week_with_faults_lands_exactly_once_equal_to_binance(
         assert metric(rig, "tradecanvas_late_closes_repaired_total") >= 85
 
 
+@pytest.mark.slow  # over a second of real time
 async def test_derived_forming_counts_every_closed_minute_and_closes_skip_the_timer(
     tmp_path: Path, data_dir: Path
 ) -> None:
     """With nothing else pending (one series, the committer idle) a close is committed at
     once, not after binance_ws_flush_s (a minute here); a 5m forming bar counts every closed
-    minute of its bucket: its volume never goes down within a bucket."""
-    config = day_replay(data_dir, forming_per_bar=2, start_at=0)
+    minute of its bucket: its volume never goes down within a bucket. (A bar every 50 ms:
+    at full speed most forming updates would be superseded while a close is committed.)"""
+    config = day_replay(data_dir, forming_per_bar=2, start_at=0, speed=1200.0)
     async with ingest_rig(
         tmp_path,
         replay=config,
