@@ -720,6 +720,93 @@ async def test_shutdown_commits_and_publishes_pending_closed_candles(
         assert rig.hub.overtaken() == []
 
 
+# --- order per subscription (DESIGN §10) ---------------------------------------------------
+
+
+@pytest.mark.slow  # over a second of real time
+@pytest.mark.parametrize("enabled", [False, True], ids=["legacy", "pipeline"])
+async def test_a_chart_merging_what_the_hub_got_ends_equal_to_the_store(
+    tmp_path: Path, data_dir: Path, enabled: bool
+) -> None:
+    """A start-up backfill, a dropped connection with skipped bars, omitted closes (REST
+    repairs), an exchange hole at the end of a 5m bucket, at a bar every 20 ms: what the
+    hub was handed, merged the way charting clients merge (the newest bar wins, an older
+    close is dropped), ends equal to the store for 1m and 5m — on both publish paths."""
+    rows = day_rows(data_dir)
+    config = day_replay(
+        data_dir,
+        start_at=1380,
+        drop_at=(1400,),
+        skip=3,
+        omit_close_every=7,
+        exchange_holes=((1413, 2),),  # minutes 3 and 4 of the 5m bucket of 1410
+        speed=3000.0,
+    )
+    async with ingest_rig(
+        tmp_path / str(enabled),
+        replay=config,
+        enable_pipeline_publish=enabled,
+        initial_backfill_candles="60",
+        market_forming_min_interval_ms="0",
+    ) as rig:
+        await rig.hub.wait_closed(str(BTC), DAY + 1439 * 60)
+        await rig.hub.wait_closed(BTC_5M, DAY + 1435 * 60)
+        assert rig.hub.overtaken() == []
+        for sid in (str(BTC), BTC_5M):
+            stored = [c.to_wire() for c in await rig.stored(sid)]
+            chart = rig.hub.chart(sid)
+            assert [chart[int(c["candle_time"])] for c in stored] == stored
+            assert max(chart) == stored[-1]["candle_time"]  # no bar beyond the data
+        assert len(await rig.stored(str(BTC))) == 1440 - 1320 - 2
+        assert [c.candle_time for c in await rig.stored(str(BTC))][:1] == [rows[1320].candle_time]
+        gaps = [(m["series_id"], m["data"]["reason"]) for m in rig.hub.of_type("system")]
+        assert (str(BTC), "exchange") in gaps and (BTC_5M, "incomplete") in gaps
+
+
+@pytest.mark.slow  # over a second of real time
+@pytest.mark.parametrize("enabled", [False, True], ids=["legacy", "pipeline"])
+async def test_a_rest_repaired_close_and_the_live_closes_after_it_reach_the_hub_at_once(
+    tmp_path: Path, data_dir: Path, enabled: bool
+) -> None:
+    """Every fifth close never comes and is repaired over REST; the live closes after it
+    wait above it meanwhile. Each of them reaches the hub within a second of being stored
+    (and every live close within a second of its frame) although binance_ws_flush_s is a
+    minute: nothing waits for a flush timer when nothing else is pending."""
+    config = day_replay(data_dir, start_at=1410, omit_close_every=5, speed=600.0)
+    stored_at: dict[int, float] = {}
+    async with ingest_rig(
+        tmp_path,
+        replay=config,
+        enable_pipeline_publish=enabled,
+        binance_ws_flush_s="60",
+        late_close_s="5",
+    ) as rig:
+        original = rig.pipeline.run
+
+        async def timed(batch: IngestBatch) -> PipelineResult:
+            result = await original(batch)
+            for _, candle in batch.candles:
+                stored_at[candle.candle_time] = trio.current_time()
+            return result
+
+        rig.pipeline.run = timed  # type: ignore[method-assign]
+        await rig.hub.wait_closed(str(BTC), DAY + 1439 * 60)
+        published_at = {
+            c["candle_time"]: at
+            for m, at in zip(rig.hub.messages, rig.hub.times, strict=True)
+            if m["type"] == "candles_batch" and m["series_id"] == str(BTC)
+            for c in m["candles"]
+        }
+        # 1414, 1419, …, 1434 (the last bar's close always comes)
+        assert metric(rig, "tradecanvas_late_closes_repaired_total") == 5
+        assert_contiguous(sorted(published_at), DAY + 1410 * 60, DAY + 1439 * 60)
+        delays = {t: published_at[t] - stored_at[t] for t in published_at}
+        assert max(delays.values()) < 1.0, delays
+        within_a_second = metric(rig, "tradecanvas_ingest_latency_seconds_bucket", le="1.0")
+        observed = metric(rig, "tradecanvas_ingest_latency_seconds_count")
+        assert observed >= 20 and within_a_second == observed
+
+
 # --- the acceptance gate ---------------------------------------------------------------
 
 
