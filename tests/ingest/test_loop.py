@@ -373,6 +373,19 @@ async def test_an_exchange_hole_is_committed_around_once_rest_confirms_it(
         # the 5m bucket with the hole is finalised from the minutes present, incomplete
         stored_5m = await rig.store.range(BTC_5M, DAY + 1425 * 60, DAY + 1430 * 60)
         assert [s.complete for s in stored_5m] == [False]
+        # both are gap events, logged (event_id) and published with the commit that
+        # settles the hole, before anything above it
+        gaps = [
+            (m["series_id"], m["data"]["reason"], m["data"]["from_time"], m["data"]["to_time"])
+            for m in rig.hub.of_type("system")
+            if m["event"] == "gap"
+        ]
+        assert gaps == [
+            (str(BTC), "exchange", DAY + 1425 * 60, DAY + 1427 * 60),
+            (BTC_5M, "incomplete", DAY + 1425 * 60, DAY + 1425 * 60),
+        ]
+        assert all("event_id" in m for m in rig.hub.of_type("system"))
+        assert rig.hub.overtaken() == []
 
 
 async def test_held_candles_are_committed_when_rest_stays_down(
