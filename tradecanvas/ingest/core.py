@@ -461,7 +461,7 @@ class IngestCore:
         items += [BatchItem(sid, None, now, holes, run) for run in tracker.take_absent()]
         if not items:
             return False
-        items.sort(key=lambda item: item.time)  # stable: a run sorts before the candle above it
+        items.sort(key=lambda item: item.time)  # a run sorts before the candles above it
         if holes_until_last is not None:
             items = [attrs.evolve(i, holes=holes_until_last) for i in items[:-1]] + items[-1:]
         # forming derived candles need these minutes now, not after the batch is flushed
