@@ -49,7 +49,13 @@ from tradecanvas.model import SeriesId
 from tradecanvas.ops.metrics import Metrics
 from tradecanvas.pipeline.commit import IngestBatch, IngestPipeline, PipelineResult
 from tradecanvas.store.sqlite import CandleStore
-from tradecanvas.tools.replay import ReplayConfig, ReplayHandle, parse_file_argument, serve_replay
+from tradecanvas.tools.replay import (
+    ReplayConfig,
+    ReplayHandle,
+    forming_steps,
+    parse_file_argument,
+    serve_replay,
+)
 from tradecanvas.upstream.binance_ws import Frame
 from tradecanvas.upstream.plan import ConnectionPolicy, announces_server_shutdown
 from tradecanvas.upstream.rest import BinanceRestClient, RestPolicy
@@ -181,9 +187,13 @@ async def test_kill_switch_chooses_the_publish_path_with_identical_messages(
     ]
     # forming updates: which ones the closes made superfluous while they waited for their
     # commit (DESIGN §10) depends on how fast each commit was, at this speed; both paths
-    # keep the order
+    # keep the order, and every 1m one that went out is a state the replay streamed
+    rows = {c.candle_time: c for c in day_rows(data_dir)}
     for rig in (legacy_rig, pipeline_rig):
         assert rig.hub.overtaken() == []
+        for m in rig.hub.of_type("candle_forming", str(BTC)):
+            bar = rows[m["candle"]["candle_time"]]
+            assert m["candle"] in [c.to_wire() for c in forming_steps(bar, 3)]
     reasons = [m["data"]["reason"] for m in legacy if m["type"] == "system"]
     assert reasons == ["new_series", "new_series"]
 
