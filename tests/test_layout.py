@@ -37,6 +37,7 @@ PURE_MODULES: Final = (
     "tradecanvas.pipeline.derive",
     "tradecanvas.ingest.tracker",
     "tradecanvas.ingest.batcher",
+    "tradecanvas.ingest.ordering",
     "tradecanvas.ingest.core",
     "tradecanvas.serve.subscriber_queue",
     "tradecanvas.serve.drain",

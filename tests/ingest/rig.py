@@ -55,11 +55,13 @@ class RecordingHub:
     ) -> None:
         self.timeout_s = timeout_s
         self.messages: list[dict[str, Any]] = []
+        self.times: list[float] = []  # trio.current_time() of each message
         self.fail_closed_for = set(fail_closed_for)
         self._changed = trio.Event()
 
     def _record(self, message: dict[str, Any]) -> None:
         self.messages.append(message)
+        self.times.append(trio.current_time())
         self._changed.set()
         self._changed = trio.Event()
 
@@ -85,6 +87,43 @@ class RecordingHub:
             if m["type"] == "candles_batch" and m["series_id"] == series_id
             for c in m["candles"]
         ]
+
+    def overtaken(self) -> list[tuple[int, int, str]]:
+        """Per series, every closed candle recorded after a forming candle of a later bar,
+        as (forming time, closed time, series_id): a charting client would drop it, so this
+        must stay empty (DESIGN §10; the same check as tests/ingest/driver.overtaken)."""
+        newest: dict[str, int] = {}
+        found: list[tuple[int, int, str]] = []
+        for m in self.messages:
+            sid = m.get("series_id", "")
+            if m["type"] == "candle_forming":
+                newest[sid] = max(
+                    newest.get(sid, m["candle"]["candle_time"]), m["candle"]["candle_time"]
+                )
+            elif m["type"] == "candles_batch":
+                found += [
+                    (newest[sid], c["candle_time"], sid)
+                    for c in m["candles"]
+                    if sid in newest and c["candle_time"] < newest[sid]
+                ]
+        return found
+
+    def chart(self, series_id: str) -> dict[int, dict[str, Any]]:
+        """The bars a charting client following ``series_id`` ends with when it merges
+        what it was sent the common way: keep the newest bar, let a forming or closed
+        candle replace a bar at or after it, and drop any candle older than the newest."""
+        bars: dict[int, dict[str, Any]] = {}
+        for m in self.messages:
+            if m.get("series_id") != series_id or m["type"] not in (
+                "candles_batch",
+                "candle_forming",
+            ):
+                continue
+            for candle in m.get("candles", [m.get("candle")]):
+                t = candle["candle_time"]
+                if not bars or t >= max(bars):
+                    bars[t] = candle
+        return bars
 
     def of_type(self, kind: str, series_id: str | None = None) -> list[dict[str, Any]]:
         return [

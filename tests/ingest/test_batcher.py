@@ -6,6 +6,7 @@ from pathlib import Path
 
 from tests.conftest import candle, flat_minutes
 from tradecanvas.ingest.batcher import (
+    BatchItem,
     ClosedBatcher,
     FormingThrottle,
     MinuteCache,
@@ -34,10 +35,10 @@ def test_batcher_flushes_by_size_and_age_one_source_at_a_time() -> None:
     batcher.add(SID, rest, now=10.2)
     assert batcher.due_at() == float("-inf")  # full
     first = batcher.take()
-    assert [i.released.source for i in first] == ["ws", "ws"]
+    assert [i.released.source for i in first if i.released] == ["ws", "ws"]
     assert batcher.due_at() == 10.7  # the oldest left is from 10.2
     second = batcher.take()
-    assert [i.released.candle.candle_time for i in second] == [T0 + 120, T0 + 180]
+    assert [i.time for i in second] == [T0 + 120, T0 + 180]
     assert batcher.take() == []
 
 
@@ -108,3 +109,21 @@ def test_forming_5m_from_cached_minutes_matches_binance(data_dir: Path) -> None:
     # older minutes are trimmed
     assert cache.bucket(SID, tf, one[0].candle_time + 60)[0] == []
     assert derive_bucket(five[0].candle_time, tf, one[:5]) is not None
+
+
+def test_absent_runs_go_with_either_source_in_release_order() -> None:
+    batcher = ClosedBatcher(max_size=10, flush_s=0.5)
+    batcher.add_items([BatchItem(SID, None, 0.0, (), (T0, T0 + 120))])
+    batcher.add(SID, [Released(c, "rest") for c in minutes(T0 + 120, 1)], 0.0)
+    batcher.add_items([BatchItem(SID, None, 0.0, (), (T0 + 180, T0 + 240))])
+    batcher.add(SID, [Released(c, "ws") for c in minutes(T0 + 240, 1)], 0.0)
+    first = batcher.take()
+    assert [(i.time, i.absent is not None) for i in first] == [
+        (T0, True),
+        (T0 + 120, False),
+        (T0 + 180, True),
+    ]
+    assert [i.time for i in batcher.take()] == [T0 + 240]
+    only_absent = ClosedBatcher(max_size=10, flush_s=0.5)
+    only_absent.add_items([BatchItem(SID, None, 0.0, None, (T0, T0 + 60))])
+    assert [i.candle for i in only_absent.take()] == [None]

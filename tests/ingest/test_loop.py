@@ -45,14 +45,21 @@ from tradecanvas.ingest.core import FrameOutcome, IngestCore
 from tradecanvas.ingest.loop import LoopCounters, _IngestLoop
 from tradecanvas.ingest.supervisor import IngestSupervisor
 from tradecanvas.ingest.tracker import FillRequest
+from tradecanvas.model import SeriesId
 from tradecanvas.ops.metrics import Metrics
 from tradecanvas.pipeline.commit import IngestBatch, IngestPipeline, PipelineResult
 from tradecanvas.store.sqlite import CandleStore
-from tradecanvas.tools.replay import ReplayConfig, ReplayHandle, parse_file_argument, serve_replay
+from tradecanvas.tools.replay import (
+    ReplayConfig,
+    ReplayHandle,
+    forming_steps,
+    parse_file_argument,
+    serve_replay,
+)
 from tradecanvas.upstream.binance_ws import Frame
 from tradecanvas.upstream.plan import ConnectionPolicy, announces_server_shutdown
 from tradecanvas.upstream.rest import BinanceRestClient, RestPolicy
-from tradecanvas.wire.binance import KlineEvent, decode_frame
+from tradecanvas.wire.binance import KlineEvent, decode_frame, kline_frame
 from tradecanvas.wire.json import dumps
 from tradecanvas.wire.kline_csv import read_kline_csv
 
@@ -73,18 +80,26 @@ async def test_real_captured_frames_are_decoded_forming_published_closes_stored(
     ) as rig:
         for symbol in symbols:
             await rig.hub.wait_closed(f"binance:futures:{symbol}/USDT:1m", 1626992700)
-        await rig.hub.wait_for(
-            lambda: len(rig.hub.of_type("candle_forming")) >= 2 * (len(events) - 4)
-        )
+        for symbol in symbols:  # the last forming update of each stream is never superseded
+            sid = f"binance:futures:{symbol}/USDT:1m"
+            last = [e for e in events if e.symbol == f"{symbol}USDT"][-1].kline.to_candle()
+            wire = last.to_wire()
+
+            def seen(sid: str = sid, wire: dict[str, Any] = wire) -> bool:
+                return any(m["candle"] == wire for m in rig.hub.of_type("candle_forming", sid))
+
+            await rig.hub.wait_for(seen)
+        assert rig.hub.overtaken() == []
         for symbol in symbols:
             sid = f"binance:futures:{symbol}/USDT:1m"
             mine = [e for e in events if e.symbol == f"{symbol}USDT"]
             closed = [e.kline.to_candle() for e in mine if e.kline.closed]
             assert await rig.stored(sid) == closed  # every field, exactly as sent
-            forming = rig.hub.of_type("candle_forming", sid)
-            assert [m["candle"] for m in forming] == [
-                e.kline.to_candle().to_wire() for e in mine if not e.kline.closed
-            ]
+            forming = [m["candle"] for m in rig.hub.of_type("candle_forming", sid)]
+            # exactly as sent; only an update that came while a close before it waited for
+            # its commit was superseded by a newer one
+            sent = iter(e.kline.to_candle().to_wire() for e in mine if not e.kline.closed)
+            assert all(any(c == w for w in sent) for c in forming)
             # a forming 5m candle for each forming minute, never stored
             assert len(rig.hub.of_type("candle_forming", sid.replace(":1m", ":5m"))) == len(forming)
             assert await rig.stored(sid.replace(":1m", ":5m")) == []
@@ -162,13 +177,23 @@ async def test_kill_switch_chooses_the_publish_path_with_identical_messages(
     assert pipeline_calls and all(pipeline_calls)
     assert pipeline_rig.publish_count("pipeline") == len(pipeline_calls)
     assert pipeline_rig.publish_count("legacy") == 0
-    # the same messages: schemas, candles per series, forming updates and system events
-    assert {schema(m) for m in legacy} == {schema(m) for m in pipeline}
+    # the same messages: schemas, candles per series and system events
+    settled = [[m for m in run if m["type"] != "candle_forming"] for run in (legacy, pipeline)]
+    assert {schema(m) for m in settled[0]} == {schema(m) for m in settled[1]}
     for sid in (str(BTC), BTC_5M):
         assert legacy_rig.hub.closed_times(sid) == pipeline_rig.hub.closed_times(sid)
-    assert [m for m in legacy if m["type"] != "candles_batch"] == [
-        m for m in pipeline if m["type"] != "candles_batch"
+    assert [m for m in legacy if m["type"] == "system"] == [
+        m for m in pipeline if m["type"] == "system"
     ]
+    # forming updates: which ones the closes made superfluous while they waited for their
+    # commit (DESIGN §10) depends on how fast each commit was, at this speed; both paths
+    # keep the order, and every 1m one that went out is a state the replay streamed
+    rows = {c.candle_time: c for c in day_rows(data_dir)}
+    for rig in (legacy_rig, pipeline_rig):
+        assert rig.hub.overtaken() == []
+        for m in rig.hub.of_type("candle_forming", str(BTC)):
+            bar = rows[m["candle"]["candle_time"]]
+            assert m["candle"] in [c.to_wire() for c in forming_steps(bar, 3)]
     reasons = [m["data"]["reason"] for m in legacy if m["type"] == "system"]
     assert reasons == ["new_series", "new_series"]
 
@@ -210,7 +235,7 @@ async def test_reconnect_and_backfill_leave_no_hole(tmp_path: Path, data_dir: Pa
         assert_contiguous(rig.hub.closed_times(str(BTC)), DAY + 1300 * 60, DAY + 1439 * 60)
         assert rig.supervisor.statistics().reconnects == 1
         assert metric(rig, "tradecanvas_backfill_candles_total") == 11  # bars 1350..1360
-        assert reconnect_counts(rig) == {"dropped": 1}
+        assert reconnect_counts(rig) == {"drop": 1}
 
 
 async def test_rest_fills_wait_while_the_commit_backlog_is_full(
@@ -280,15 +305,23 @@ async def _late_close_scenario(tmp_path: Path, data_dir: Path, hub: RecordingHub
             # bar0's close never comes. Ten minutes of wall-clock time change nothing …
             await trio.sleep(600)
             assert rest.statistics().rest_requests == 0
-            # … nor does exchange time up to one millisecond before the deadline
+            # … nor does exchange time up to one millisecond before the deadline (bar0's
+            # last update, sent that late, still goes out: nothing before bar0 is owed)
             deadline_ms = (t0 + 60 + 10) * 1000
-            await upstream.send.send(frame(bar1, closed=False, event_time_ms=deadline_ms - 1))
+            await upstream.send.send(frame(bar0, closed=False, event_time_ms=deadline_ms - 1))
             await hub.wait_for(lambda: len(hub.of_type("candle_forming", str(BTC))) == 2)
             assert rest.statistics().rest_requests == 0
             assert hub.closed_times(str(BTC)) == []
-            # exchange time reaching bar0's end + late_close_s fetches it from REST
+            # exchange time reaching bar0's end + late_close_s fetches it from REST; bar1's
+            # forming update waits for it (a chart would drop a close older than its bar)
             await upstream.send.send(frame(bar1, closed=False, event_time_ms=deadline_ms))
-            await hub.wait_closed(str(BTC), t0)
+            await hub.wait_for(lambda: len(hub.of_type("candle_forming", str(BTC))) == 3)
+            base = [m for m in hub.messages if m["series_id"] == str(BTC)]
+            assert [(m["type"], m.get("candle", {}).get("candle_time")) for m in base][-3:] == [
+                ("candles_batch", None),
+                ("system", None),  # new_series
+                ("candle_forming", t0 + 60),
+            ]
             assert rest.statistics().rest_requests == 1
             assert same_bars(await rig.stored(str(BTC)), [bar0])
             assert metric(rig, "tradecanvas_backfill_candles_total") == 1
@@ -310,11 +343,11 @@ async def test_omitted_closes_in_a_fast_replay_are_all_repaired(
 
 
 @pytest.mark.slow  # over a second of real time
-async def test_429_retry_after_is_honoured_and_backfill_never_blocks_forming(
+async def test_429_retry_after_is_honoured_and_forming_waits_for_the_backfill(
     tmp_path: Path, data_dir: Path
 ) -> None:
     rows = day_rows(data_dir)
-    config = day_replay(data_dir, start_at=1410, rest_429_first=True, retry_after_s=1)
+    config = day_replay(data_dir, start_at=1410, rest_429_first=True, retry_after_s=1, speed=600.0)
     async with ingest_rig(
         tmp_path,
         replay=config,
@@ -328,9 +361,12 @@ async def test_429_retry_after_is_honoured_and_backfill_never_blocks_forming(
         assert rig.replay is not None and rig.replay.statistics().rest_429 == 1
         assert rig.supervisor.rest is not None
         assert rig.supervisor.rest.statistics().rate_limited == 1
-        # live forming updates went out while the backfill was waiting out the 429
+        # the live frames were read all along (their closes are stored), but no forming
+        # update went out before the history under it: a chart opened during the start-up
+        # backfill would otherwise keep its newest bar and drop the history (DESIGN §10)
         kinds = [m["type"] for m in rig.hub.messages]
-        assert kinds.index("candle_forming") < kinds.index("candles_batch")
+        assert kinds.index("candles_batch") < kinds.index("candle_forming")
+        assert rig.hub.overtaken() == []
 
 
 async def test_an_exchange_hole_is_committed_around_once_rest_confirms_it(
@@ -347,6 +383,19 @@ async def test_an_exchange_hole_is_committed_around_once_rest_confirms_it(
         # the 5m bucket with the hole is finalised from the minutes present, incomplete
         stored_5m = await rig.store.range(BTC_5M, DAY + 1425 * 60, DAY + 1430 * 60)
         assert [s.complete for s in stored_5m] == [False]
+        # both are gap events, logged (event_id) and published with the commit that
+        # settles the hole, before anything above it
+        gaps = [
+            (m["series_id"], m["data"]["reason"], m["data"]["from_time"], m["data"]["to_time"])
+            for m in rig.hub.of_type("system")
+            if m["event"] == "gap"
+        ]
+        assert gaps == [
+            (str(BTC), "exchange", DAY + 1425 * 60, DAY + 1427 * 60),
+            (BTC_5M, "incomplete", DAY + 1425 * 60, DAY + 1425 * 60),
+        ]
+        assert all("event_id" in m for m in rig.hub.of_type("system"))
+        assert rig.hub.overtaken() == []
 
 
 async def test_held_candles_are_committed_when_rest_stays_down(
@@ -460,6 +509,7 @@ async def test_a_hole_found_absent_is_not_recorded_again_by_a_candle_queued_befo
                 enable_pipeline_publish=False,
                 policy=FAST,
                 counters=LoopCounters(),
+                phases={},
             )
             await loop._load_state()
             tracker = loop.core.trackers[BTC]
@@ -656,35 +706,128 @@ async def test_malformed_frames_are_counted_and_skipped(tmp_path: Path, data_dir
 async def test_shutdown_commits_and_publishes_pending_closed_candles(
     tmp_path: Path, data_dir: Path
 ) -> None:
+    """BTC's closes wait in the batch for ETH's, which never come (ETH sends forming frames
+    for every minute, so its close is expected; late_close is an hour, so REST is not asked):
+    nothing would be flushed for a minute, only the shutdown commits them."""
     rows = day_rows(data_dir)[700:711]
+    eth, sol = (SeriesId.parse(f"binance:futures:{s}/USDT:1m") for s in ("ETH", "SOL"))
     lines = []
     for bar in rows[:10]:
         t = bar.candle_time * 1000
         lines.append(frame(bar, closed=False, event_time_ms=t + 30_000))
+        lines.append(dumps(kline_frame(eth, bar, closed=False, event_time_ms=t + 30_001)))
         lines.append(frame(bar, closed=True, event_time_ms=t + 60_200))
+    # the last frame: a forming update of a series with nothing owed goes out at once, so
+    # once it is at the hub every frame before it was processed
     last = rows[10]
-    lines.append(frame(last, closed=False, event_time_ms=last.candle_time * 1000 + 1000))
+    lines.append(
+        dumps(kline_frame(sol, last, closed=False, event_time_ms=last.candle_time * 1000 + 1000))
+    )
     path = tmp_path / "frames.jsonl"
     await trio.Path(path).write_text("\n".join(lines) + "\n")
     config = ReplayConfig(files=(parse_file_argument(str(path), "futures"),), speed=None)
-    # nothing would be flushed for a minute: only the shutdown commits these
     async with ingest_rig(
         tmp_path,
         replay=config,
+        series=",".join(str(s) for s in (BTC, eth, sol)),
         binance_ws_flush_s="60",
         binance_ws_batch_max="1000",
+        late_close_s="3600",
         market_forming_min_interval_ms="0",
     ) as rig:
-        await rig.hub.wait_for(
-            lambda: any(
-                m["candle"]["candle_time"] == last.candle_time
-                for m in rig.hub.of_type("candle_forming")
-            )
-        )
+        await rig.hub.wait_for(lambda: bool(rig.hub.of_type("candle_forming", str(sol))))
         assert await rig.stored(str(BTC)) == []
         await rig.stop_ingest()
         assert same_bars(await rig.stored(str(BTC)), rows[:10])
         assert_contiguous(rig.hub.closed_times(str(BTC)), rows[0].candle_time, rows[9].candle_time)
+        assert rig.hub.overtaken() == []
+
+
+# --- order per subscription (DESIGN §10) ---------------------------------------------------
+
+
+@pytest.mark.slow  # over a second of real time
+@pytest.mark.parametrize("enabled", [False, True], ids=["legacy", "pipeline"])
+async def test_a_chart_merging_what_the_hub_got_ends_equal_to_the_store(
+    tmp_path: Path, data_dir: Path, enabled: bool
+) -> None:
+    """A start-up backfill, a dropped connection with skipped bars, omitted closes (REST
+    repairs), an exchange hole at the end of a 5m bucket, at a bar every 20 ms: what the
+    hub was handed, merged the way charting clients merge (the newest bar wins, an older
+    close is dropped), ends equal to the store for 1m and 5m — on both publish paths."""
+    rows = day_rows(data_dir)
+    config = day_replay(
+        data_dir,
+        start_at=1380,
+        drop_at=(1400,),
+        skip=3,
+        omit_close_every=7,
+        exchange_holes=((1413, 2),),  # minutes 3 and 4 of the 5m bucket of 1410
+        speed=3000.0,
+    )
+    async with ingest_rig(
+        tmp_path / str(enabled),
+        replay=config,
+        enable_pipeline_publish=enabled,
+        initial_backfill_candles="60",
+        market_forming_min_interval_ms="0",
+    ) as rig:
+        await rig.hub.wait_closed(str(BTC), DAY + 1439 * 60)
+        await rig.hub.wait_closed(BTC_5M, DAY + 1435 * 60)
+        assert rig.hub.overtaken() == []
+        for sid in (str(BTC), BTC_5M):
+            stored = [c.to_wire() for c in await rig.stored(sid)]
+            chart = rig.hub.chart(sid)
+            assert [chart[int(c["candle_time"])] for c in stored] == stored
+            assert max(chart) == stored[-1]["candle_time"]  # no bar beyond the data
+        assert len(await rig.stored(str(BTC))) == 1440 - 1320 - 2
+        assert [c.candle_time for c in await rig.stored(str(BTC))][:1] == [rows[1320].candle_time]
+        gaps = [(m["series_id"], m["data"]["reason"]) for m in rig.hub.of_type("system")]
+        assert (str(BTC), "exchange") in gaps and (BTC_5M, "incomplete") in gaps
+
+
+@pytest.mark.slow  # over a second of real time
+@pytest.mark.parametrize("enabled", [False, True], ids=["legacy", "pipeline"])
+async def test_a_rest_repaired_close_and_the_live_closes_after_it_reach_the_hub_at_once(
+    tmp_path: Path, data_dir: Path, enabled: bool
+) -> None:
+    """Every fifth close never comes and is repaired over REST; the live closes after it
+    wait above it meanwhile. Each of them reaches the hub within a second of being stored
+    (and every live close within a second of its frame) although binance_ws_flush_s is a
+    minute: nothing waits for a flush timer when nothing else is pending."""
+    config = day_replay(data_dir, start_at=1410, omit_close_every=5, speed=600.0)
+    stored_at: dict[int, float] = {}
+    async with ingest_rig(
+        tmp_path,
+        replay=config,
+        enable_pipeline_publish=enabled,
+        binance_ws_flush_s="60",
+        late_close_s="5",
+    ) as rig:
+        original = rig.pipeline.run
+
+        async def timed(batch: IngestBatch) -> PipelineResult:
+            result = await original(batch)
+            for _, candle in batch.candles:
+                stored_at[candle.candle_time] = trio.current_time()
+            return result
+
+        rig.pipeline.run = timed  # type: ignore[method-assign]
+        await rig.hub.wait_closed(str(BTC), DAY + 1439 * 60)
+        published_at = {
+            c["candle_time"]: at
+            for m, at in zip(rig.hub.messages, rig.hub.times, strict=True)
+            if m["type"] == "candles_batch" and m["series_id"] == str(BTC)
+            for c in m["candles"]
+        }
+        # 1414, 1419, …, 1434 (the last bar's close always comes)
+        assert metric(rig, "tradecanvas_late_closes_repaired_total") == 5
+        assert_contiguous(sorted(published_at), DAY + 1410 * 60, DAY + 1439 * 60)
+        delays = {t: published_at[t] - stored_at[t] for t in published_at}
+        assert max(delays.values()) < 1.0, delays
+        within_a_second = metric(rig, "tradecanvas_ingest_latency_seconds_bucket", le="1.0")
+        observed = metric(rig, "tradecanvas_ingest_latency_seconds_count")
+        assert observed >= 20 and within_a_second == observed
 
 
 # --- the acceptance gate ---------------------------------------------------------------
@@ -727,12 +870,15 @@ async def test_replayed_week_with_faults_lands_exactly_once_equal_to_binance(
         assert metric(rig, "tradecanvas_late_closes_repaired_total") >= 85
 
 
-async def test_derived_forming_includes_closed_minutes_not_yet_flushed(
+@pytest.mark.slow  # over a second of real time
+async def test_derived_forming_counts_every_closed_minute_and_closes_skip_the_timer(
     tmp_path: Path, data_dir: Path
 ) -> None:
-    """A 5m forming bar counts every closed minute of its bucket at once, even while the
-    closes wait in the batch: its volume never goes down within a bucket."""
-    config = day_replay(data_dir, forming_per_bar=2, start_at=0)
+    """With nothing else pending (one series, the committer idle) a close is committed at
+    once, not after binance_ws_flush_s (a minute here); a 5m forming bar counts every closed
+    minute of its bucket: its volume never goes down within a bucket. (A bar every 50 ms:
+    at full speed most forming updates would be superseded while a close is committed.)"""
+    config = day_replay(data_dir, forming_per_bar=2, start_at=0, speed=1200.0)
     async with ingest_rig(
         tmp_path,
         replay=config,
@@ -740,9 +886,11 @@ async def test_derived_forming_includes_closed_minutes_not_yet_flushed(
         binance_ws_batch_max="100000",
         market_forming_min_interval_ms="0",
     ) as rig:
+        with trio.fail_after(30):  # far below the flush timer of the 20 closes
+            await rig.hub.wait_closed(BTC_5M, DAY + 15 * 60)
         await rig.hub.wait_for(lambda: len(rig.hub.of_type("candle_forming", BTC_5M)) >= 40)
         forming = rig.hub.of_type("candle_forming", BTC_5M)
-        assert not rig.hub.closed_times(str(BTC))  # nothing flushed yet: all still batched
+        assert rig.hub.overtaken() == []
     rows = {c.candle_time: c for c in day_rows(data_dir)}
     by_bucket: dict[int, list[float]] = {}
     for message in forming[:40]:

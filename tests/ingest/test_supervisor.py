@@ -1,5 +1,5 @@
 """IngestSupervisor over real sockets (tests/ingest/rig.py): exchangeInfo's rate limits,
-restarts after a crash, and the store failure that stops it."""
+restarts after a crash, the store failure that stops it, and the 3d grid learned at start."""
 
 from __future__ import annotations
 
@@ -25,10 +25,12 @@ from tests.ingest.rig import (
 from tradecanvas.errors import StoreError
 from tradecanvas.ingest.supervisor import IngestSupervisor
 from tradecanvas.ops.metrics import Metrics
-from tradecanvas.pipeline.commit import IngestPipeline, PipelineResult
+from tradecanvas.pipeline.commit import IngestBatch, IngestPipeline, PipelineResult
+from tradecanvas.pipeline.derive import aggregate
 from tradecanvas.store.sqlite import CandleStore
-from tradecanvas.tools.replay import ReplayHandle, serve_replay
+from tradecanvas.tools.replay import ReplayConfig, ReplayHandle, parse_file_argument, serve_replay
 from tradecanvas.upstream.rest import RestPolicy
+from tradecanvas.wire.kline_csv import read_kline_csv
 
 
 async def test_rate_limits_are_read_from_exchange_info_at_start(
@@ -105,3 +107,57 @@ async def test_store_failure_stops_the_supervisor(
             await supervisor.run()
         await store.aclose()
         nursery.cancel_scope.cancel()
+
+
+async def test_3d_history_is_derived_on_the_learned_grid_and_published_first(
+    tmp_path: Path, data_dir: Path
+) -> None:
+    """With 3d configured, the supervisor asks Binance (the replay) for one 3d bar in the
+    background, keeps the phase in the store, derives the 3d history and publishes it; the
+    3d bars equal Binance's 1d bars summed on futures BTCUSDT's grid (day mod 3 = 2), and
+    forming 3d candles go out only after them."""
+    folder = data_dir / "klines_1m_5m" / "futures_um"
+    week = folder / "BTCUSDT-1m-2025-07-06_2025-07-12.csv"
+    minutes = read_kline_csv(week)
+    days = read_kline_csv(data_dir / "klines_higher" / "futures_um" / week.name.replace("1m", "1d"))
+    config = ReplayConfig(
+        files=(parse_file_argument(str(week), None),), speed=None, start_at=10078, paused=True
+    )
+    hub = RecordingHub()
+    three_d = "binance:futures:BTC/USDT:3d"
+    async with trio.open_nursery() as nursery:
+        replay: ReplayHandle = await nursery.start(serve_replay, config)
+        flags = make_flags(
+            tmp_path,
+            replay.ws_url,
+            replay.rest_url,
+            derived_timeframes="1d,3d",
+            market_forming_min_interval_ms="0",
+        )
+        store = await CandleStore.open(flags.db_path)
+        pipeline = IngestPipeline(store, hub, flags.derived_timeframes, "fp")
+        await pipeline.run(IngestBatch.of(BTC, minutes[:10078], "rest"))  # up to 23:57 on 07-12
+        hub.messages.clear()
+        supervisor = IngestSupervisor(
+            flags, pipeline, hub, Metrics(), enable_pipeline_publish=False, policy=FAST
+        )
+        await nursery.start(supervisor.run)
+        with trio.fail_after(WAIT_S):
+            await supervisor.phases_learned.wait()
+        assert supervisor.phases == {BTC: 2 * 86_400}
+        assert await store.get_meta(f"phase:3d:futures:{BTC.symbol}") == str(2 * 86_400)
+        # 07-07..07-09 is complete; 07-10..07-12 lacks its last two minutes yet, and the
+        # bucket of 07-04 started before the stored history: neither is derived yet
+        assert hub.closed_times(three_d) == [days[1].candle_time]
+        replay.resume()
+        await hub.wait_closed(three_d, days[4].candle_time)
+        stored = [s.candle for s in await store.range(three_d, 0, 2**40)]
+        expected = [
+            aggregate(days[1].candle_time, days[1:4]),
+            aggregate(days[4].candle_time, days[4:7]),
+        ]
+        assert [c.candle_time for c in stored] == [days[1].candle_time, days[4].candle_time]
+        assert all(a.same_values(b) for a, b in zip(stored, expected, strict=True))
+        assert hub.of_type("candle_forming", three_d) and hub.overtaken() == []
+        nursery.cancel_scope.cancel()
+    await store.aclose()

@@ -84,6 +84,23 @@ def test_rest_confirming_a_hole_releases_the_held_candles() -> None:
     assert times(out) == [T0 + 120, T0 + 240, T0 + 300]
     assert tr.head == T0 + 300 and not tr.wants_fill()
     assert tr.absent_minutes == 2
+    # the runs confirmed absent, for the store's gap events, taken once
+    assert tr.take_absent() == ((T0 + 60, T0 + 120), (T0 + 180, T0 + 240))
+    assert tr.take_absent() == ()
+
+
+def test_minutes_before_an_empty_stores_first_bar_are_not_a_hole() -> None:
+    """The symbol's history starts after the initial backfill window begins: the minutes
+    before its first bar are counted absent, but are no hole (no gap); those after are."""
+    tr = tracker(head=None, initial=10)
+    tr.on_live_frame(T0 + 600, new_connection=True)
+    request = tr.next_fill(now=0.0)
+    assert request == FillRequest(T0, T0 + 600, "initial")
+    listed = minutes(T0 + 300, 5)
+    out = tr.on_fill_result(request, listed[:2] + listed[3:], now=0.0)
+    assert times(out) == [T0 + 300, T0 + 360, T0 + 480, T0 + 540]
+    assert tr.absent_minutes == 6
+    assert tr.take_absent() == ((T0 + 420, T0 + 480),)
 
 
 def test_late_close_is_decided_by_exchange_time_never_wall_clock() -> None:
@@ -257,6 +274,7 @@ def test_a_retry_confirms_absent_minutes_once_they_are_old_enough() -> None:
     assert times(out) == [T0, T0 + 120, T0 + 240]
     assert tr.absent_minutes == 2
     assert tr.unresolved == () and not tr.wants_fill()
+    assert tr.take_absent() == ((T0 + 60, T0 + 120), (T0 + 180, T0 + 240))
 
 
 def test_long_retries_are_fetched_in_bounded_chunks() -> None:
@@ -373,6 +391,10 @@ def test_rest_outages_and_a_lagging_rest_lose_no_minute(
     # absent: the exchange holes, and the minutes after the data whose time has passed
     late_upto = (exchange_ms - late_ms) // 60_000 * 60
     assert tr.absent_minutes == sum(t not in truth for t in range(T0, late_upto, 60))
+    # and each of them is reported once, in a run, for the store's gap events
+    runs = tr.take_absent()
+    reported = [t for start, end in runs for t in range(start, end, 60)]
+    assert sorted(reported) == [t for t in range(T0, late_upto, 60) if t not in truth]
 
 
 @settings(max_examples=100, deadline=None)

@@ -114,6 +114,51 @@ async def test_incomplete_last_bucket_waits_for_a_later_minute(tmp_path: Path) -
     await p.store.aclose()
 
 
+async def test_an_absent_run_settles_the_bucket_it_ends_without_a_candle_above(
+    tmp_path: Path,
+) -> None:
+    """The ingest loop commits minutes confirmed absent at the live edge on their own: the
+    5m bucket they end is finalised (incomplete, with a gap) in that transaction, before
+    the next bucket's first minute exists — so its forming bar cannot overtake it."""
+    p = await _pipeline(tmp_path)
+    await p.run(IngestBatch.of(BTC, list(flat_minutes(0, 3)), "ws"))
+    result = await p.run(IngestBatch((), "rest", absent=((BTC, 180, 300),)))
+    assert [(u.series_id, [c.candle_time for c in u.candles]) for u in result.updates] == [
+        (BTC5, [0])
+    ]
+    assert [(e.event, e.series_id, e.reason) for e in result.events] == [
+        ("gap", str(BTC), "exchange"),
+        ("factor.rebuild", BTC5, "new_series"),
+        ("gap", BTC5, "incomplete"),
+    ]
+    (stored,) = await p.store.range(BTC5, 0, 300)
+    assert stored.complete is False
+    # the minute above the hole: nothing about bucket 0 again
+    result = await p.run(IngestBatch.of(BTC, list(flat_minutes(300, 1)), "ws"))
+    assert [u.series_id for u in result.updates] == [str(BTC)]
+    assert [e.event for e in result.events] == []
+    await p.store.aclose()
+
+
+async def test_an_incomplete_bucket_is_final_once_its_last_minute_is_stored(
+    tmp_path: Path,
+) -> None:
+    """Its last minute stored, the loop's tracker has settled every minute before it: the
+    bar goes out with that minute, not one minute later."""
+    p = await _pipeline(tmp_path)
+    await p.run(IngestBatch.of(BTC, list(flat_minutes(0, 2)), "ws"))
+    result = await p.run(
+        IngestBatch(
+            ((BTC, candle(240, "100", "100", "100", "100")),), "ws", absent=((BTC, 120, 240),)
+        )
+    )
+    assert [(u.series_id, [c.candle_time for c in u.candles]) for u in result.updates] == [
+        (str(BTC), [240]),
+        (BTC5, [0]),
+    ]
+    await p.store.aclose()
+
+
 async def test_revision_event(tmp_path: Path) -> None:
     p = await _pipeline(tmp_path)
     await p.run(IngestBatch.of(BTC, list(flat_minutes(0, 5)), "ws"))

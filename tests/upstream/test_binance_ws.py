@@ -218,3 +218,38 @@ async def test_an_old_connection_is_rotated_before_binances_24_hour_cut(
         assert trio.current_time() - start >= 23.5 * 3600 + 10
         await trio.testing.wait_all_tasks_blocked()  # the client's side is closed too
         assert slot.reconnects() == {"rotation": 1} and slot.counters.connected == 1
+
+
+async def test_a_connection_ended_by_an_exception_is_an_error_reconnect(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Not a drop by Binance: here the consumer's end of the frames channel is gone, so the
+    reader's send fails."""
+    async with connection_slot(ConnectionPolicy(), stale_timeout_s=3600) as slot:
+        await slot.frames.aclose()
+        await slot.upstream.send.send(kline(0))
+        await slot.upstream.connected.wait()
+        assert slot.reconnects() == {"error": 1} and slot.counters.reconnects == 1
+
+
+async def test_a_failed_connect_is_counted_as_an_error(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    metrics, counters = Metrics(), ConnectionCounters()
+    send, _receive = trio.open_memory_channel[Frame](1)
+    policy = ConnectionPolicy(reconnect_base_s=1.0, reconnect_cap_s=1.0)
+    with real_time_limit(WAIT_S), trio.move_on_after(10.5):
+        await run_binance_ws_connections(
+            "ws://127.0.0.1:1",  # nothing listens there
+            send,
+            policy=policy,
+            stale_timeout_s=60,
+            metrics=metrics,
+            counters=counters,
+            name="test",
+        )
+    failed = metrics.registry.get_sample_value(
+        "tradecanvas_upstream_reconnects_total", {"reason": "error"}
+    )
+    assert failed is not None and failed >= 5 and counters.connected == 0
+    assert counters.reconnects == failed

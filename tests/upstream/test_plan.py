@@ -6,7 +6,9 @@ import orjson
 import pytest
 
 from tradecanvas.model import SeriesId
+from tradecanvas.ops import metrics
 from tradecanvas.upstream.plan import (
+    RECONNECT_REASONS,
     announces_server_shutdown,
     build_combined_stream_url,
     connection_groups,
@@ -59,12 +61,15 @@ def test_backoff_after_a_connection_ended() -> None:
 
 
 def test_reconnect_reasons() -> None:
-    assert reconnect_reason(True, "closed by Binance: going away") == "dropped"
-    assert reconnect_reason(True, "stale: no frame for 60 s") == "stale"
-    assert reconnect_reason(False, "") == "rotation"
+    assert reconnect_reason("drop") == "drop"
+    assert reconnect_reason("stale") == "stale"
+    assert reconnect_reason("error") == "error"
+    assert reconnect_reason(None) == "rotation"  # replaced while open: planned
     # announced, whether Binance closed before we rotated or not
-    assert reconnect_reason(True, "closed", shutdown_announced=True) == "server_shutdown"
-    assert reconnect_reason(False, "serverShutdown", shutdown_announced=True) == "server_shutdown"
+    assert reconnect_reason("drop", shutdown_announced=True) == "server_shutdown"
+    assert reconnect_reason(None, shutdown_announced=True) == "server_shutdown"
+    # the metric is created with every reason at 0
+    assert metrics.RECONNECT_REASONS == RECONNECT_REASONS
 
 
 @pytest.mark.parametrize("as_bytes", [False, True])

@@ -27,15 +27,31 @@ Holes = tuple[tuple[int, int], ...]  # unresolved holes of a series, [start, end
 
 @attrs.frozen
 class BatchItem:
-    """One released closed candle of ``series`` waiting for a commit since ``added_at``."""
+    """One entry waiting for a commit since ``added_at``: a released closed candle of
+    ``series``, or (``released`` None) a run of its minutes confirmed ``absent`` at the
+    exchange, ``[start, end)``, which the commit records as a ``gap`` and which settles the
+    derived buckets it ends (see :class:`~tradecanvas.pipeline.commit.IngestBatch`)."""
 
     series: SeriesId
-    released: Released
+    released: Released | None
     added_at: float
     # the series' unresolved holes to keep (in the store) once this item is committed:
     # a hole is recorded with the first candle above it, and forgotten with the last
     # candle a retry brought for it; None: no record to write
     holes: Holes | None = None
+    absent: tuple[int, int] | None = None
+
+    @property
+    def candle(self) -> Candle | None:
+        return None if self.released is None else self.released.candle
+
+    @property
+    def time(self) -> int:
+        """The open time it is ordered by: the candle's, or the first absent minute."""
+        if self.released is not None:
+            return self.released.candle.candle_time
+        assert self.absent is not None
+        return self.absent[0]
 
 
 def hole_records(items: Iterable[BatchItem]) -> dict[SeriesId, Holes]:
@@ -52,9 +68,11 @@ def hole_records(items: Iterable[BatchItem]) -> dict[SeriesId, Holes]:
 class ClosedBatcher:
     """Closed candles waiting for the pipeline, in release order.
 
-    Due when ``max_size`` are buffered or the oldest is ``flush_s`` old (monotonic).
-    :meth:`take` returns at most ``max_size`` items from the front that share one source,
-    so each pipeline run has one ``source`` and every series stays in time order.
+    Due when ``max_size`` are buffered or the oldest is ``flush_s`` old (monotonic);
+    :class:`~tradecanvas.ingest.core.IngestCore` flushes at once when nothing else is
+    pending for its connection group. :meth:`take` returns at most ``max_size`` items from
+    the front whose candles share one source (absent runs go with any source), so each
+    pipeline run has one ``source`` and every series stays in time order.
     """
 
     def __init__(self, max_size: int, flush_s: float) -> None:
@@ -74,8 +92,8 @@ class ClosedBatcher:
     ) -> None:
         self._items.extend(BatchItem(series, r, now, holes) for r in released)
 
-    def holds(self, series: SeriesId) -> bool:
-        return any(item.series == series for item in self._items)
+    def add_items(self, items: Iterable[BatchItem]) -> None:
+        self._items.extend(items)
 
     def forget_holes(self, series: SeriesId, absent: Sequence[tuple[int, int]]) -> None:
         """Drop ``absent`` (minutes confirmed missing at the exchange, so never to be
@@ -101,10 +119,11 @@ class ClosedBatcher:
     def take(self) -> list[BatchItem]:
         if not self._items:
             return []
-        source = self._items[0].released.source
+        front = self._items[: self.max_size]
+        source = next((i.released.source for i in front if i.released is not None), None)
         count = 0
-        for item in self._items[: self.max_size]:
-            if item.released.source != source:
+        for item in front:
+            if item.released is not None and item.released.source != source:
                 break
             count += 1
         taken, self._items = self._items[:count], self._items[count:]
@@ -139,6 +158,12 @@ class FormingThrottle(Generic[K]):
         pending = self._pending.get(key)
         if pending is not None and pending.candle_time <= upto_time:
             del self._pending[key]
+
+    def note_sent(self, key: K, now: float) -> None:
+        """An update of ``key`` went out at ``now`` by another way (a held one released):
+        the interval starts again, and a pending one is superseded."""
+        self._last[key] = now
+        self._pending.pop(key, None)
 
     def next_due(self) -> float | None:
         if not self._pending:
@@ -177,11 +202,12 @@ class MinuteCache:
                 del minutes[t]
 
     def bucket(
-        self, series: SeriesId, timeframe: Timeframe, t: int
+        self, series: SeriesId, timeframe: Timeframe, t: int, phase: int = 0
     ) -> tuple[list[Candle], Decimal | None]:
-        """Stored minutes of ``t``'s bucket before ``t``, and the close before the bucket."""
+        """Stored minutes of ``t``'s bucket before ``t``, and the close before the bucket
+        (``phase``: of a phased timeframe's grid, seconds)."""
         minutes = self._minutes.get(series, {})
-        start = timeframe.floor(t)
+        start = timeframe.floor(t, phase)
         inside = [minutes[m] for m in range(start, t, MINUTE) if m in minutes]
         before = minutes.get(start - MINUTE)
         return inside, before.close if before is not None else None

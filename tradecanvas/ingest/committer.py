@@ -3,10 +3,12 @@
 ::
 
     IngestCore.take_batch ─▶ BatchCommitter.commit(items)
-        ├─ IngestPipeline.run(IngestBatch)   with the unresolved-hole records the items
-        │                                    carry (StoreHoleMemory), in one transaction
-        ├─ IngestCore.on_committed(items)
-        └─ publish_pipeline_result_from_ws   the path the kill-switch chooses
+        ├─ IngestPipeline.run(IngestBatch)   the candles, the absent runs (gap events) and
+        │                                    the unresolved-hole records the items carry
+        │                                    (StoreHoleMemory), in one transaction
+        ├─ publish_pipeline_result_from_ws   the path the kill-switch chooses
+        └─ IngestCore.on_committed(items)    only now: the forming candles it held for
+                                             these items go out, after their closes
 
 It owns the loop's StoreHoleMemory, so unresolved holes are loaded, recorded with candles
 and saved on their own in one place. Raises StoreError (the loop stops); a subscriber's
@@ -26,7 +28,7 @@ from tradecanvas.ingest.batcher import BatchItem, Holes, hole_records
 from tradecanvas.ingest.core import IngestCore, Malformed
 from tradecanvas.ingest.publish import publish_pipeline_result_from_ws
 from tradecanvas.ingest.tracker import IngestSource
-from tradecanvas.model import SeriesId
+from tradecanvas.model import Candle, SeriesId
 from tradecanvas.ops.metrics import Metrics
 from tradecanvas.pipeline.commit import IngestBatch, IngestPipeline, PipelineResult
 from tradecanvas.pipeline.publish import MarketSink
@@ -38,7 +40,8 @@ log = logging.getLogger(__name__)
 @final
 class BatchCommitter:
     """Commits and publishes the batches of one ingest loop; ``name`` prefixes its log
-    lines and ``report_malformed`` counts a candle the store refused."""
+    lines, ``report_malformed`` counts a candle the store refused and ``emit_forming``
+    publishes a forming candle the core held until this commit was published."""
 
     def __init__(
         self,
@@ -49,6 +52,7 @@ class BatchCommitter:
         metrics: Metrics,
         enable_pipeline_publish: bool,
         report_malformed: Callable[[Malformed], None],
+        emit_forming: Callable[[SeriesId, Candle], None],
         name: str,
     ) -> None:
         self.core = core
@@ -57,6 +61,7 @@ class BatchCommitter:
         self.metrics = metrics
         self.enable_pipeline_publish = enable_pipeline_publish
         self.report_malformed = report_malformed
+        self.emit_forming = emit_forming
         self.name = name
         self.holes = StoreHoleMemory(pipeline.store)
 
@@ -64,28 +69,18 @@ class BatchCommitter:
         """Commit and publish ``items`` (one source); returns the candles committed."""
         started = trio.current_time()
         result = await self._run_pipeline(items)
+        committed_at = trio.current_time()
+        if result is not None:
+            self._publish(result)
+        # after the publish: what subscribers are owed has reached the hub, so the forming
+        # candles the core held for it may follow (a refused candle is owed no more either)
+        for sid, candle in self.core.on_committed(items, trio.current_time()):
+            self.emit_forming(sid, candle)
         if result is None:
             return 0
-        committed_at = trio.current_time()
-        self.core.on_committed(items)
-        self.metrics.candles_committed_total.inc(result.committed)
-        if result.committed or result.events:
-            try:
-                publish_pipeline_result_from_ws(
-                    result,
-                    pipeline=self.pipeline,
-                    hub=self.hub,
-                    metrics=self.metrics,
-                    enable_pipeline_publish=self.enable_pipeline_publish,
-                )
-            except PublishError as exc:
-                # a subscriber failed (already isolated by the hub); the candles are
-                # committed and healthy subscribers heal from the store. Never a reason
-                # to touch the upstream connection.
-                log.warning("%s: legacy publish failed: %s", self.name, exc)
         now = trio.current_time()
         for item in items:
-            if item.released.received_at is not None:
+            if item.released is not None and item.released.received_at is not None:
                 self.metrics.ingest_latency_seconds.observe(now - item.released.received_at)
         log.info(
             "%s: flush %d received, %d committed, %d duplicates, %d events;"
@@ -101,6 +96,23 @@ class BatchCommitter:
         )
         return result.committed
 
+    def _publish(self, result: PipelineResult) -> None:
+        self.metrics.candles_committed_total.inc(result.committed)
+        if result.committed or result.events:
+            try:
+                publish_pipeline_result_from_ws(
+                    result,
+                    pipeline=self.pipeline,
+                    hub=self.hub,
+                    metrics=self.metrics,
+                    enable_pipeline_publish=self.enable_pipeline_publish,
+                )
+            except PublishError as exc:
+                # a subscriber failed (already isolated by the hub); the candles are
+                # committed and healthy subscribers heal from the store. Never a reason
+                # to touch the upstream connection.
+                log.warning("%s: legacy publish failed: %s", self.name, exc)
+
     async def save_holes(self, sid: SeriesId, holes: Holes) -> None:
         """Store the series' unresolved holes on their own (no queued candle carries them:
         a retry found every minute absent at the exchange)."""
@@ -112,7 +124,10 @@ class BatchCommitter:
             log.warning("%s: could not save the unresolved holes: %s", sid, exc)
 
     async def _run_pipeline(self, items: Sequence[BatchItem]) -> PipelineResult | None:
-        source = items[0].released.source
+        # absent runs go with any source; a batch of them alone stores no candle
+        source: IngestSource = next(
+            (i.released.source for i in items if i.released is not None), "rest"
+        )
         try:
             return await self._run_batch(items, source)
         except CandleError as exc:
@@ -134,14 +149,20 @@ class BatchCommitter:
         )
 
     async def _run_batch(self, items: Sequence[BatchItem], source: IngestSource) -> PipelineResult:
-        """Commit ``items`` with the unresolved-hole records they carry, in one transaction."""
+        """Commit ``items`` with the absent runs and unresolved-hole records they carry, in
+        one transaction."""
         holes = hole_records(items)
         meta = tuple(
             entry
             for sid, value in holes.items()
             if (entry := self.holes.record(sid, value)) is not None
         )
-        batch = IngestBatch(tuple((i.series, i.released.candle) for i in items), source, meta)
+        batch = IngestBatch(
+            tuple((i.series, c) for i in items if (c := i.candle) is not None),
+            source,
+            meta,
+            absent=tuple((i.series, *i.absent) for i in items if i.absent is not None),
+        )
         result = await self.pipeline.run(batch)
         for sid, value in holes.items():
             self.holes.committed(sid, value)

@@ -10,15 +10,42 @@ forming throttle, REST retries and how long held candles wait.
 One candle's path through the core::
 
     on_frame(raw) ─ decode ─┬─ control frame: nothing (serverShutdown is the reader's)
-                            ├─ forming ─ FormingThrottle ─▶ FrameOutcome.forming
+                            ├─ forming ─ FormingGate ─ FormingThrottle ─▶ FrameOutcome.forming
                             │            (forming_updates adds the derived ones, MinuteCache)
                             └─ closed ─ SeriesTracker ─ Released ─▶ ClosedBatcher
     next_fills(now) ─▶ FillPlan: REST ranges to fetch, when to look again, forced releases
-    on_fill_result / on_fill_failed ─ SeriesTracker ─ Released ─▶ ClosedBatcher
-    take_batch() ─▶ CommitBatch ─▶ (shell: IngestPipeline.run) ─▶ on_committed(items)
+    on_fill_result / on_fill_failed ─ SeriesTracker ─ Released, absent runs ─▶ ClosedBatcher
+    take_batch() ─▶ CommitBatch ─▶ (shell: IngestPipeline.run, publish) ─▶ on_committed(items)
+                                                         ─▶ held forming candles to publish
 
 The frames of all series on one connection share one exchange clock, so a quiet symbol's
 late close is noticed from the other streams' frames.
+
+**Order per subscription** (DESIGN §10, :mod:`~tradecanvas.ingest.ordering`): a forming
+candle of bar ``t`` is held (the newest only) while anything before ``t`` of its series is
+owed — its tracker's head is below ``t - 60``, or something of the series is queued for a
+commit or in the batch being committed — and released by :meth:`IngestCore.on_committed`,
+which the shell calls *after* publishing that commit, so the closed candles always reach
+the hub first. Derived forming bars are built with their base candle and held with it.
+
+**Exchange holes and derived bars.** A derived bucket whose last minutes are missing at the
+exchange is finalised (stored incomplete, with a ``gap``) by the pipeline run that settles
+its last minute. When the tracker confirms a run of minutes absent, the run goes into the
+batcher as an entry of its own, in time order with the series' candles; the commit that
+takes it passes it as ``IngestBatch.absent`` (a ``gap`` event, and the pipeline counts the
+run as settled, so the bucket it ends is finalised in that same transaction). Usually the
+candle above the hole is released by the same REST answer and shares the commit; at the
+live edge (the minutes before the next close are confirmed absent by exchange time) the run
+is committed on its own. Either way it is owed like a close, so the next bucket's forming
+bar waits for it. This keeps the rule in one place — the pipeline finalises a bucket when
+its last minute is settled — instead of holding derived forming bars for a whole minute
+until the first candle above the hole closes.
+
+**Flushes.** The batcher is flushed at once when nothing else is pending for the group
+(:func:`~tradecanvas.ingest.ordering.group_settled`: every live series has settled the
+newest minute; the committer task asks only when it is idle), else when ``batch_max`` are
+queued, else once the oldest entry is ``binance_ws_flush_s`` old — the longest a close
+waits for the rest of its minute's closes, so a minute's closes still commit together.
 """
 
 from __future__ import annotations
@@ -31,6 +58,7 @@ import attrs
 
 from tradecanvas.errors import WireError
 from tradecanvas.ingest.batcher import BatchItem, ClosedBatcher, FormingThrottle, Holes, MinuteCache
+from tradecanvas.ingest.ordering import FormingGate, group_settled
 from tradecanvas.ingest.policy import IngestPolicy
 from tradecanvas.ingest.tracker import REPAIR_REASONS, FillRequest, Released, SeriesTracker
 from tradecanvas.model import MINUTE, MINUTE_MS, MS, Candle, SeriesId, Timeframe
@@ -56,7 +84,8 @@ class Malformed:
 class FrameOutcome:
     """What one frame asks of the shell."""
 
-    forming: tuple[tuple[SeriesId, Candle], ...] = ()  # publish (with forming_updates)
+    # publish (with forming_updates): the frame's own, or held ones it released
+    forming: tuple[tuple[SeriesId, Candle], ...] = ()
     malformed: Malformed | None = None
     wake_fills: bool = False  # the fill task has something new to look at
     wake_committer: bool = False  # closed candles were queued
@@ -83,6 +112,8 @@ class FillOutcome:
     # store these unresolved holes now: a retry settled them and no queued candle of the
     # series will carry the record (None: nothing to store)
     save_holes: Holes | None = None
+    # held forming candles that may go out now (publish them with forming_updates)
+    forming: tuple[tuple[SeriesId, Candle], ...] = ()
 
 
 @attrs.frozen
@@ -96,7 +127,7 @@ class CommitBatch:
 @final
 class IngestCore:
     """The state of one loop's series: a SeriesTracker each, the ClosedBatcher, the forming
-    throttle, the recent minutes, the exchange clock and the REST fills in flight.
+    gate and throttle, the recent minutes, the exchange clock and the REST fills in flight.
 
     Serves one market, 1m series only (ValueError otherwise). Call :meth:`load_series`
     for every series before the first frame. Raises nothing else: bad frames come back as
@@ -129,7 +160,9 @@ class IngestCore:
         )
         span = max((tf.seconds for tf in self.derived), default=MINUTE) + MINUTE
         self.minutes = MinuteCache(span)
+        self.gate = FormingGate()
         self._seen_generation: dict[SeriesId, int] = {}
+        self._last_open: dict[SeriesId, int] = {}  # the newest kline open time seen
         self._exchange_time_ms = 0
         self._exchange_minute = -1  # (E - late_close) // 60 s last applied to the trackers
         self._fill_minutes_in_flight = 0
@@ -198,11 +231,14 @@ class IngestCore:
         if new_connection:
             self._seen_generation[sid] = generation
         had_head = tracker.head is not None
-        tracker.on_live_frame(candle.candle_time, new_connection=new_connection)
+        t = candle.candle_time
+        self._last_open[sid] = max(self._last_open.get(sid, t), t)
+        tracker.on_live_frame(t, new_connection=new_connection)
         wake_fills = new_connection or not had_head
         wake_fills |= self._advance_exchange_time(event.event_time_ms)
         if kline.closed:
-            self.throttle.discard(sid, candle.candle_time)
+            self.throttle.discard(sid, t)
+            self.gate.drop(sid, t)
             released = tracker.on_closed(
                 candle, now=received_at, source="ws", received_at=received_at
             )
@@ -212,11 +248,31 @@ class IngestCore:
             )
         forming: tuple[tuple[SeriesId, Candle], ...] = ()
         head = tracker.head
-        if head is None or candle.candle_time > head:  # never a bar already closed
-            emit = self.throttle.offer(sid, candle, received_at)
-            if emit is not None:
-                forming = ((sid, emit),)
+        if head is None or t > head:  # never a bar already closed
+            forming = self._offer_forming(sid, candle, received_at)
         return FrameOutcome(forming=forming, wake_fills=wake_fills)
+
+    def _offer_forming(
+        self, sid: SeriesId, candle: Candle, now: float
+    ) -> tuple[tuple[SeriesId, Candle], ...]:
+        """Through the gate (held while something before it is owed), then the throttle."""
+        if not self.gate.allows(sid, candle.candle_time, self.trackers[sid].head):
+            self.gate.hold(sid, candle)
+            self.throttle.discard(sid, candle.candle_time)  # superseded by the held one
+            return ()
+        self.gate.drop(sid)  # an older held one is superseded
+        emit = self.throttle.offer(sid, candle, now)
+        return () if emit is None else ((sid, emit),)
+
+    def _release_forming(self, now: float) -> tuple[tuple[SeriesId, Candle], ...]:
+        """Held forming candles nothing is owed for any more (publish them now; they pass
+        the throttle, which counts them as sent)."""
+        if not len(self.gate):
+            return ()
+        released = self.gate.release({sid: tr.head for sid, tr in self.trackers.items()})
+        for sid, _ in released:
+            self.throttle.note_sent(sid, now)
+        return tuple(released)
 
     def _advance_exchange_time(self, event_time_ms: int) -> bool:
         """Move the connection's exchange clock; True when it entered a new late-close
@@ -237,17 +293,30 @@ class IngestCore:
         return self.throttle.next_due()
 
     def due_forming(self, now: float) -> list[tuple[SeriesId, Candle]]:
-        """Throttled forming updates whose interval has passed (publish them)."""
-        return self.throttle.due(now)
+        """Throttled forming updates whose interval has passed (publish them); one that
+        something was queued for since is held instead."""
+        due: list[tuple[SeriesId, Candle]] = []
+        for sid, candle in self.throttle.due(now):
+            if self.gate.allows(sid, candle.candle_time, self.trackers[sid].head):
+                due.append((sid, candle))
+            else:
+                self.gate.hold(sid, candle)
+        return due
 
-    def forming_updates(self, sid: SeriesId, candle: Candle) -> Iterator[tuple[str, Candle]]:
+    def forming_updates(
+        self, sid: SeriesId, candle: Candle, phase: int | None = None
+    ) -> Iterator[tuple[str, Candle]]:
         """The forming messages of one forming base candle: ``(series_id, candle)`` of the
         base series, then of each derived timeframe, built from the bucket's minutes
-        (closed ones still waiting for their commit included). Never stored."""
+        (closed ones still waiting for their commit included). Never stored. A phased
+        timeframe (3d) needs the symbol's ``phase`` (seconds): without it, none is built."""
         yield str(sid), candle
         for tf in self.derived:
-            minutes, previous_close = self.minutes.bucket(sid, tf, candle.candle_time)
-            derived = derive_forming(tf, minutes, candle, previous_close)
+            tf_phase = phase if tf.phased else 0
+            if tf_phase is None:
+                continue
+            minutes, previous_close = self.minutes.bucket(sid, tf, candle.candle_time, tf_phase)
+            derived = derive_forming(tf, minutes, candle, previous_close, tf_phase)
             if derived is not None:
                 yield str(sid.with_timeframe(tf)), derived
 
@@ -313,12 +382,14 @@ class IngestCore:
             absent=tracker.absent_minutes - absent_before,
             wake_committer=queued,
             save_holes=save_holes,
+            forming=self._release_forming(now),
         )
 
     def holes_to_save(self, sid: SeriesId) -> Holes | None:
-        """The series' unresolved holes to store on their own, or None when a queued
-        candle of the series will carry them into the store."""
-        if self.batcher.holds(sid):
+        """The series' unresolved holes to store on their own, or None when an entry of the
+        series queued or being committed will carry them into the store (or its commit
+        failed: what the store holds is then unknown)."""
+        if self.gate.owes(sid):
             return None
         return self.trackers[sid].unresolved
 
@@ -334,8 +405,18 @@ class IngestCore:
         return len(self.batcher)
 
     def batch_due_at(self) -> float | None:
-        """Monotonic time the next commit is due (``-inf``: now), None when none waits."""
-        return self.batcher.due_at()
+        """Monotonic time the next commit is due (``-inf``: now), None when none waits.
+
+        Ask when the committer is idle: at once when every live series of the group has
+        settled the newest minute (:func:`~tradecanvas.ingest.ordering.group_settled`),
+        else by size, else by age (``binance_ws_flush_s``)."""
+        due = self.batcher.due_at()
+        if due is None or due == -math.inf:
+            return due
+        heads = {sid: tracker.head for sid, tracker in self.trackers.items()}
+        if group_settled(heads, self._last_open):
+            return -math.inf
+        return due
 
     def take_batch(self) -> CommitBatch | None:
         """The next closed candles to commit, or None."""
@@ -345,10 +426,16 @@ class IngestCore:
             return None
         return CommitBatch(tuple(items), wake_fills=backlogged)
 
-    def on_committed(self, items: Sequence[BatchItem]) -> None:
-        """``items`` were committed (their minutes stay for forming derived candles)."""
+    def on_committed(
+        self, items: Sequence[BatchItem], now: float
+    ) -> tuple[tuple[SeriesId, Candle], ...]:
+        """``items`` (from :meth:`take_batch`) were committed *and published*: returns the
+        held forming candles that may go out now (publish them with forming_updates)."""
         for sid in {item.series for item in items}:
-            self.minutes.add(sid, [i.released.candle for i in items if i.series == sid])
+            mine = [i for i in items if i.series == sid]
+            self.minutes.add(sid, [c for i in mine if (c := i.candle) is not None])
+            self.gate.settle(sid, len(mine))
+        return self._release_forming(now)
 
     def release_all_held(self, now: float) -> None:
         """Shutdown: queue every held candle over its hole (the hole stays unresolved and
@@ -364,17 +451,22 @@ class IngestCore:
         *,
         holes_until_last: Holes | None = None,
     ) -> bool:
-        """Queue ``released`` for commit with the series' unresolved holes to store with
-        them; ``holes_until_last``: what to keep stored until the last of them commits (the
-        holes before a retry, which its candles fill). True when anything was queued."""
-        if not released:
+        """Queue ``released`` and the runs the tracker confirmed absent meanwhile, in time
+        order, for commit with the series' unresolved holes to store with them;
+        ``holes_until_last``: what to keep stored until the last of them commits (the holes
+        before a retry, which its candles fill). True when anything was queued."""
+        tracker = self.trackers[sid]
+        holes = tracker.unresolved
+        items = [BatchItem(sid, r, now, holes) for r in released]
+        items += [BatchItem(sid, None, now, holes, run) for run in tracker.take_absent()]
+        if not items:
             return False
+        items.sort(key=lambda item: item.time)  # a run sorts before the candles above it
+        if holes_until_last is not None:
+            items = [attrs.evolve(i, holes=holes_until_last) for i in items[:-1]] + items[-1:]
         # forming derived candles need these minutes now, not after the batch is flushed
         # (else a 5m forming bar's volume dips for up to binance_ws_flush_s)
         self.minutes.add(sid, [r.candle for r in released])
-        holes = self.trackers[sid].unresolved
-        if holes_until_last is not None and len(released) > 1:
-            self.batcher.add(sid, released[:-1], now, holes_until_last)
-            released = released[-1:]
-        self.batcher.add(sid, released, now, holes)
+        self.batcher.add_items(items)
+        self.gate.owe(sid, len(items))
         return True

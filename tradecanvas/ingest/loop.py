@@ -9,6 +9,7 @@ Task tree of one loop (one per Binance connection of at most 200 streams)::
     │                                                       closed → the core's batcher
     ├─ fills         IngestCore.next_fills → REST klines (own tasks) → on_fill_result
     └─ committer     IngestCore.take_batch → BatchCommitter: IngestPipeline.run → publish
+                     → IngestCore.on_committed → the forming candles it held → hub
 
 Every decision is the core's; this module owns the tasks, the channel, the clock, the
 metrics, the logs and the REST calls (the store and the hub: BatchCommitter).
@@ -33,7 +34,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Final, final
 
 import attrs
@@ -85,6 +86,7 @@ async def run_binance_ws_ingest_loop(
     enable_pipeline_publish: bool,
     policy: IngestPolicy | None = None,
     counters: LoopCounters | None = None,
+    phases: Mapping[SeriesId, int] | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Ingest ``series`` (one market, at most 200) over one Binance combined-stream
@@ -92,7 +94,10 @@ async def run_binance_ws_ingest_loop(
     into ``pipeline`` and publishing them by the path ``enable_pipeline_publish`` chooses
     (the kill-switch; recorded in ``counters.enable_pipeline_publish``).
 
-    ``started()`` once the store heads are loaded and the tasks run (not yet connected).
+    ``phases`` maps a base series to its 3d grid phase (seconds) once its 3d history has
+    been published (IngestSupervisor fills it in the background); until then no forming 3d
+    candle is built for it. ``started()`` once the store heads are loaded and the tasks run
+    (not yet connected).
     On cancellation, pending closed candles are committed (shielded, bounded). Raises
     StoreError; any other exception is a bug the supervisor restarts the loop for.
     """
@@ -106,6 +111,7 @@ async def run_binance_ws_ingest_loop(
         enable_pipeline_publish=enable_pipeline_publish,
         policy=policy or IngestPolicy(),
         counters=counters if counters is not None else LoopCounters(),
+        phases=phases if phases is not None else {},
     )
     await loop.run(task_status)
 
@@ -141,8 +147,10 @@ class _IngestLoop:
         enable_pipeline_publish: bool,
         policy: IngestPolicy,
         counters: LoopCounters,
+        phases: Mapping[SeriesId, int],
     ) -> None:
         self.core = IngestCore(series, flags=flags, policy=policy)
+        self.phases = phases
         self.series = self.core.series
         self.flags = flags
         self.rest = rest
@@ -169,6 +177,7 @@ class _IngestLoop:
             metrics=metrics,
             enable_pipeline_publish=enable_pipeline_publish,
             report_malformed=self._count_malformed,
+            emit_forming=self._emit_forming,
             name=self._name,
         )
 
@@ -281,7 +290,8 @@ class _IngestLoop:
     def _emit_forming(self, sid: SeriesId, candle: Candle) -> None:
         """Forming base and derived candles to the hub (only queued; never stored)."""
         try:
-            for series_id, update in self.core.forming_updates(sid, candle):
+            phase = self.phases.get(sid)
+            for series_id, update in self.core.forming_updates(sid, candle, phase):
                 self.hub.publish_forming(series_id, update)
         except Exception:
             if self.core.first_report("forming_publish"):
@@ -323,6 +333,8 @@ class _IngestLoop:
             log.warning("%s: REST fill %s failed: %s", sid, request, exc)
             return
         outcome = self.core.on_fill_result(sid, request, candles, trio.current_time())
+        for forming_sid, candle in outcome.forming:
+            self._emit_forming(forming_sid, candle)
         self.counters.held = self.core.held_count()
         if outcome.absent:
             self.metrics.exchange_missing_minutes_total.inc(outcome.absent)

@@ -4,6 +4,9 @@ Task tree::
 
     IngestSupervisor.run             the shared REST client (httpx) for every loop
     ├─ rate limits                   exchangeInfo's weight limits, once, in the background
+    ├─ 3d phases                     when a phased timeframe (3d) is configured, in the
+    │                                background: each base series' grid phase (learn_phase),
+    │                                then its 3d history derived and published
     └─ one per connection_groups()   run_binance_ws_ingest_loop, restarted after a crash
 """
 
@@ -15,15 +18,17 @@ from typing import final
 import attrs
 import trio
 
-from tradecanvas.errors import StoreError, UpstreamError, WireError, find_in_group
+from tradecanvas.errors import PublishError, StoreError, UpstreamError, WireError, find_in_group
 from tradecanvas.ingest.loop import LoopCounters, run_binance_ws_ingest_loop
 from tradecanvas.ingest.policy import IngestPolicy
+from tradecanvas.ingest.publish import publish_pipeline_result_from_ws
 from tradecanvas.model import SeriesId
 from tradecanvas.ops.metrics import Metrics
 from tradecanvas.pipeline.commit import IngestPipeline
 from tradecanvas.pipeline.publish import MarketSink
 from tradecanvas.runtime_flags import RuntimeFlags
 from tradecanvas.store.records import StoreBanMemory
+from tradecanvas.upstream.phases import learn_phase
 from tradecanvas.upstream.plan import connection_groups
 from tradecanvas.upstream.rest import BinanceRestClient, RestPolicy, open_rest_client
 
@@ -52,6 +57,11 @@ class IngestSupervisor:
     A loop that crashes is restarted after a capped, jittered backoff; a crash never takes
     the daemon down — except StoreError, which :meth:`run` raises (the store is gone).
     Cancel :meth:`run` to stop: every loop commits its pending closed candles first.
+
+    A phased timeframe (Binance's 3d) needs each symbol's grid phase: it is learned in the
+    background (live frames never wait for it); then ``pipeline.set_phase``, the series' 3d
+    history is derived and published, and only then does the series' loop build forming 3d
+    candles (``phases``), so none goes out before the closed 3d bars below it.
     """
 
     def __init__(
@@ -74,6 +84,10 @@ class IngestSupervisor:
         self.rest_policy = rest_policy
         self.groups = connection_groups(flags.series)
         self._counters = [LoopCounters(streams=len(g)) for g in self.groups]
+        # base series → its 3d grid phase (seconds), once its 3d history is published; the
+        # loops read it for their forming 3d candles
+        self.phases: dict[SeriesId, int] = {}
+        self.phases_learned = trio.Event()  # set once every series was tried
         self._fatal: StoreError | None = None
         self.rest: BinanceRestClient | None = None
         # set once exchangeInfo's weight limits were read (or could not be) for every market
@@ -90,6 +104,7 @@ class IngestSupervisor:
             async with trio.open_nursery() as nursery:
                 # in the background: live frames and backfill never wait for it
                 nursery.start_soon(self._load_rate_limits, self.rest)
+                nursery.start_soon(self._derive_phased, self.rest, nursery.cancel_scope)
                 for group, counters in zip(self.groups, self._counters, strict=True):
                     nursery.start_soon(
                         self._supervise, group, counters, self.rest, nursery.cancel_scope
@@ -117,6 +132,42 @@ class IngestSupervisor:
         finally:
             self.rate_limits_loaded.set()
 
+    async def _derive_phased(self, rest: BinanceRestClient, scope: trio.CancelScope) -> None:
+        """For a configured phased timeframe (3d): each base series' phase, from Binance or
+        the store's memory (``learn_phase`` logs where it came from); then the series' 3d
+        history is derived and published by the kill-switch's path. A series whose phase
+        nobody knows gets no 3d bars (learn_phase warns). Raises nothing: a StoreError
+        stops the ingest as in the loops."""
+        phased = [tf for tf in self.flags.derived_timeframes if tf.phased]
+        try:
+            for sid in self.flags.series if phased else ():
+                phase: int | None = None
+                for tf in phased:
+                    phase = await learn_phase(sid, tf, rest, self.pipeline.store)
+                    if phase is None:
+                        break
+                    self.pipeline.set_phase(sid, phase)
+                    result = await self.pipeline.derive_history(sid, tf)
+                    try:
+                        publish_pipeline_result_from_ws(
+                            result,
+                            pipeline=self.pipeline,
+                            hub=self.hub,
+                            metrics=self.metrics,
+                            enable_pipeline_publish=self.enable_pipeline_publish,
+                        )
+                    except PublishError as exc:  # isolated by the hub; the store has them
+                        log.warning("%s %s history: publish failed: %s", sid, tf, exc)
+                    log.info("%s: %s history derived (%d bars)", sid, tf, result.committed)
+                if phase is not None:
+                    self.phases[sid] = phase
+        except StoreError as exc:
+            log.critical("the candle store failed; stopping the ingest: %s", exc)
+            self._fatal = exc
+            scope.cancel()
+        finally:
+            self.phases_learned.set()
+
     async def _supervise(
         self,
         group: tuple[SeriesId, ...],
@@ -138,6 +189,7 @@ class IngestSupervisor:
                     enable_pipeline_publish=self.enable_pipeline_publish,
                     policy=self.policy,
                     counters=counters,
+                    phases=self.phases,
                 )
             except StoreError as exc:
                 log.critical("the candle store failed; stopping the ingest: %s", exc)

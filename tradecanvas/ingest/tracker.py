@@ -87,6 +87,11 @@ class SeriesTracker:
     and retried (``retry`` fills, in chunks of FILL_CHUNK_MINUTES) by the same rule: the part
     of a range a retry could not settle stays unresolved and is asked for again once exchange
     time makes its first minute old enough.
+
+    Every run of minutes confirmed absent is also kept, as ``[start, end)``, until
+    :meth:`take_absent` (the store records it as a ``gap``) — except the minutes an empty
+    store's first backfill finds before the symbol's first bar: they are no hole, the
+    series' history simply starts later.
     """
 
     def __init__(
@@ -121,6 +126,11 @@ class SeriesTracker:
         self._retry_waiting: set[tuple[int, int]] = set()
         # the minutes the last retry confirmed absent at the exchange, as [start, end) runs
         self.last_absent: tuple[tuple[int, int], ...] = ()
+        # runs confirmed absent since the last take_absent(), ascending
+        self._absent_runs: list[tuple[int, int]] = []
+        # an empty store: minutes absent before the first candle released are before the
+        # series' history, not a hole in it
+        self._before_history = head is None
         self._recent: OrderedDict[int, Candle] = OrderedDict()
 
     # --- inputs ------------------------------------------------------------------------
@@ -181,6 +191,12 @@ class SeriesTracker:
 
     def held_count(self) -> int:
         return len(self._held)
+
+    def take_absent(self) -> tuple[tuple[int, int], ...]:
+        """The runs of minutes confirmed absent at the exchange since the last call, as
+        ascending ``[start, end)`` ranges (each one is to be stored as a ``gap``)."""
+        runs, self._absent_runs = tuple(self._absent_runs), []
+        return runs
 
     @property
     def unresolved(self) -> tuple[tuple[int, int], ...]:
@@ -328,6 +344,7 @@ class SeriesTracker:
         absent = [t for t in range(request.start, settled, MINUTE) if t not in returned]
         self.absent_minutes += len(absent)
         self.last_absent = _runs(absent)
+        self._absent_runs.extend(self.last_absent)
         index = next(
             (i for i, entry in enumerate(self._unresolved) if entry[0] == request.start), None
         )
@@ -365,6 +382,8 @@ class SeriesTracker:
                 above = [t for t in self._held if t > nxt]
                 limit = min(confirmed_upto, min(above)) if above else confirmed_upto
                 self.absent_minutes += (limit - nxt) // MINUTE
+                if not self._before_history:
+                    self._absent_runs.append((nxt, limit))
                 self.head = limit - MINUTE
                 continue
             break
@@ -373,6 +392,7 @@ class SeriesTracker:
         return released
 
     def _remember(self, candle: Candle) -> None:
+        self._before_history = False
         self._recent[candle.candle_time] = candle
         self._recent.move_to_end(candle.candle_time)
         while len(self._recent) > RECENT_KEEP:

@@ -17,7 +17,9 @@ from prometheus_client import (
 disable_created_metrics()  # type: ignore[no-untyped-call]
 
 PUBLISH_PATHS: Final = ("legacy", "pipeline", "http")
-RECONNECT_REASONS: Final = ("dropped", "stale", "rotation", "server_shutdown")
+# the reconnect reasons of upstream.plan.RECONNECT_REASONS (ops comes first in the import
+# order, so they are listed here, and a test checks they are the same)
+RECONNECT_REASONS: Final = ("rotation", "drop", "stale", "server_shutdown", "error")
 # frame received → committed → queued: milliseconds on a healthy box, seconds when REST
 # has to repair a hole first
 LATENCY_BUCKETS: Final = (
@@ -75,7 +77,8 @@ class Metrics:
         )
         self.upstream_reconnects_total = Counter(
             "tradecanvas_upstream_reconnects",
-            "Binance WS reconnects by reason (dropped, stale, rotation, server_shutdown)",
+            "Binance WS reconnects by reason: rotation (planned), drop, stale,"
+            " server_shutdown, error (ended by an exception, or the connect failed)",
             ["reason"],
             registry=r,
         )

@@ -65,7 +65,8 @@ class IngestBatch:
     # that must be durable exactly when they are (the ingest loop's unresolved holes)
     meta: tuple[tuple[str, str], ...] = ()
     # base minutes Binance REST confirmed missing, as [start, end) per series: recorded as
-    # ``gap`` events with the candles above them
+    # ``gap`` events, and settled: a derived bucket whose last minute they cover is
+    # finalised (incomplete) in this transaction, with or without a candle above them
     absent: tuple[tuple[SeriesId, int, int], ...] = ()
 
     @classmethod
@@ -236,28 +237,37 @@ class IngestPipeline:
         dropped_total = 0
         for key, value in batch.meta:
             txn.set_meta(key, value)
+        absent: dict[SeriesId, list[tuple[int, int]]] = {}
         for series, start, end in batch.absent:
             if end > start:
                 events.append(gap_event(str(series), "exchange", start, end - MINUTE))
-        for series in sorted(grouped):
-            candles, dropped = dedupe(grouped[series])
+                absent.setdefault(series, []).append((start, end))
+        for series in sorted(grouped.keys() | absent.keys()):
+            candles, dropped = dedupe(grouped.get(series, ()))
             dropped_total += dropped
             sid = str(series)
             previous_head = txn.head_time(sid)
-            outcomes = txn.upsert(sid, candles, batch.source)
-            changed = [
-                c
-                for c, o in zip(candles, outcomes, strict=True)
-                if o is not UpsertOutcome.UNCHANGED
-            ]
-            events.extend(self._fingerprint_events(txn, sid, previous_head))
-            events.extend(rebuild_events_for(sid, previous_head, candles, outcomes))
-            if not changed:
-                continue
-            revised = sum(o is UpsertOutcome.REVISED for o in outcomes)
-            updates.append(SeriesUpdate(sid, tuple(changed), derived=False, revised=revised))
+            changed: list[Candle] = []
+            if candles:
+                outcomes = txn.upsert(sid, candles, batch.source)
+                changed = [
+                    c
+                    for c, o in zip(candles, outcomes, strict=True)
+                    if o is not UpsertOutcome.UNCHANGED
+                ]
+                events.extend(self._fingerprint_events(txn, sid, previous_head))
+                events.extend(rebuild_events_for(sid, previous_head, candles, outcomes))
+                if changed:
+                    revised = sum(o is UpsertOutcome.REVISED for o in outcomes)
+                    updates.append(
+                        SeriesUpdate(sid, tuple(changed), derived=False, revised=revised)
+                    )
             head = txn.head_time(sid)
-            assert head is not None
+            holes = absent.get(series, [])
+            if head is None or not (changed or holes):
+                continue
+            # settled: every minute up to here is stored or confirmed absent at the exchange
+            settled = max([head] + [end - MINUTE for _, end in holes])
             series_updates: list[tuple[int, SeriesUpdate]] = []
             for tf in sorted(self.derived_timeframes):
                 phase = self.phase_of(series) if tf.phased else 0
@@ -267,7 +277,9 @@ class IngestPipeline:
                 if previous_head is not None and head > previous_head:
                     # the bucket of the old head may have been waiting for a confirmed hole
                     buckets.add(tf.floor(previous_head, phase))
-                update, tf_events = self._derive(txn, series, tf, sorted(buckets), head)
+                for start, end in holes:  # the buckets an absent run ends or follows
+                    buckets.update(tf.floor(t, phase) for t in (start - MINUTE, end - MINUTE))
+                update, tf_events = self._derive(txn, series, tf, sorted(buckets), settled)
                 events.extend(tf_events)
                 if update is not None:
                     series_updates.append((self._order[tf], update))
@@ -340,6 +352,9 @@ class IngestPipeline:
     def _derive(
         self, txn: StoreTxn, base: SeriesId, tf: Timeframe, buckets: Sequence[int], head: int
     ) -> tuple[SeriesUpdate | None, list[SystemEvent]]:
+        """Derive ``tf``'s ``buckets`` from the stored source bars; ``head``: the base series
+        is settled (stored or confirmed absent) up to this minute, so a bucket whose last
+        minute it reached is final even if incomplete."""
         source = self.sources[tf]
         source_sid = str(base.with_timeframe(source))
         sid = str(base.with_timeframe(tf))
@@ -366,8 +381,8 @@ class IngestPipeline:
                 None,  # set below, only when needed
             )
             assert result is not None
-            if not result.complete and head < end:
-                continue  # still filling; finalised when a later minute is stored
+            if not result.complete and head < end - MINUTE:
+                continue  # still filling; finalised once its last minute is settled
             before = txn.last_before(source_sid, bucket)
             if not result.complete and before is None and stored[0].candle.candle_time > bucket:
                 # the store's history starts inside this bucket (an initial backfill from

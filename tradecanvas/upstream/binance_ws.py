@@ -15,6 +15,8 @@ reader replaces it), or when it is rotated: before Binance's 24 h cut, or once B
 announced ``serverShutdown`` — noticed by the reader itself, since Binance may close right
 after it, before the consumer reaches the frame. A rotation opens the new connection first
 and closes the old one once the new one delivered a frame (or ``overlap_max_s`` passed).
+Every replacement, and every connect that failed, is counted by reason
+(``tradecanvas_upstream_reconnects_total``, :data:`~tradecanvas.upstream.plan.RECONNECT_REASONS`).
 
 Every socket is closed when the function is cancelled; it never returns otherwise and
 raises nothing but what trio raises for bugs.
@@ -33,6 +35,7 @@ import trio_websocket
 
 from tradecanvas.ops.metrics import Metrics
 from tradecanvas.upstream.plan import (
+    ConnectionEnd,
     ConnectionPolicy,
     announces_server_shutdown,
     failures_after_end,
@@ -87,7 +90,8 @@ class _Connection:
     replace_wanted: trio.Event = attrs.Factory(trio.Event)
     ended: trio.Event = attrs.Factory(trio.Event)
     connected_at: float = 0.0
-    end_reason: str = ""
+    end_reason: str = ""  # for the log
+    end: ConnectionEnd | None = None  # how it ended on its own (None: open, or rotated)
     shutdown_announced: bool = False  # Binance sent serverShutdown on this connection
 
 
@@ -134,6 +138,7 @@ class _ConnectionSlot:
                     await nursery.start(self._run_connection, conn)
                 except _CONNECT_ERRORS as exc:
                     failures += 1
+                    self._count_reconnect("error")
                     log.warning("%s: connect failed (%s): %s", self.name, failures, exc)
                     continue
                 if previous is not None:
@@ -143,14 +148,10 @@ class _ConnectionSlot:
                     previous = None
                 with trio.move_on_after(policy.rotate_after_s):
                     await conn.replace_wanted.wait()
-                self.counters.reconnects += 1
-                self.metrics.upstream_reconnects_total.labels(
-                    reason=reconnect_reason(
-                        conn.ended.is_set(),
-                        conn.end_reason,
-                        shutdown_announced=conn.shutdown_announced,
-                    )
-                ).inc()
+                end = conn.end if conn.ended.is_set() else None
+                self._count_reconnect(
+                    reconnect_reason(end, shutdown_announced=conn.shutdown_announced)
+                )
                 if conn.ended.is_set():
                     failures = failures_after_end(
                         failures,
@@ -173,6 +174,10 @@ class _ConnectionSlot:
                         "%s: rotating the connection (%s)", self.name, conn.end_reason or "age"
                     )
 
+    def _count_reconnect(self, reason: str) -> None:
+        self.counters.reconnects += 1
+        self.metrics.upstream_reconnects_total.labels(reason=reason).inc()
+
     async def _run_connection(
         self, conn: _Connection, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
@@ -189,20 +194,22 @@ class _ConnectionSlot:
                 self.counters.connected = len(self._open)
                 task_status.started()
                 with conn.cancel_scope:
-                    conn.end_reason = await self._read_frames(ws, conn)
+                    conn.end, conn.end_reason = await self._read_frames(ws, conn)
         except Exception as exc:
             if not started:
                 raise
-            conn.end_reason = f"{type(exc).__name__}: {exc}"
+            conn.end, conn.end_reason = "error", f"{type(exc).__name__}: {exc}"
         finally:
             self._open.discard(conn.generation)
             self.counters.connected = len(self._open)
             conn.ended.set()
             conn.replace_wanted.set()
 
-    async def _read_frames(self, ws: trio_websocket.WebSocketConnection, conn: _Connection) -> str:
-        """Read until the connection closes or goes stale. Never waits on anything but the
-        frames channel (see the module docstring)."""
+    async def _read_frames(
+        self, ws: trio_websocket.WebSocketConnection, conn: _Connection
+    ) -> tuple[ConnectionEnd, str]:
+        """Read until the connection closes or goes stale (how it ended, and why in words).
+        Never waits on anything but the frames channel (see the module docstring)."""
         stale_s = self.stale_timeout_s
         # one scope whose deadline moves with every frame (cheaper than one per frame);
         # only the wait for Binance counts, never the wait for the consumer
@@ -212,13 +219,13 @@ class _ConnectionSlot:
                 try:
                     message = await ws.get_message()
                 except trio_websocket.ConnectionClosed as exc:
-                    return f"closed by Binance: {exc.reason}"
+                    return "drop", f"closed by Binance: {exc.reason}"
                 scope.deadline = math.inf
                 conn.first_frame.set()
                 if announces_server_shutdown(message):
                     self._note_server_shutdown(conn)
                 await self.frames.send(Frame(conn.generation, message, trio.current_time()))
-        return f"stale: no frame for {stale_s:g} s"
+        return "stale", f"stale: no frame for {stale_s:g} s"
 
     def _note_server_shutdown(self, conn: _Connection) -> None:
         if not conn.shutdown_announced:

@@ -8,7 +8,7 @@ shell that follows this plan.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Final
+from typing import Final, Literal
 
 import attrs
 
@@ -19,6 +19,13 @@ from tradecanvas.upstream.backoff import Backoff
 from tradecanvas.wire.binance import ControlFrame, decode_frame
 
 MAX_STREAMS_PER_CONNECTION: Final = 200  # BINANCE.md: futures docs disagree, 200 is safe
+
+# how a connection ended on its own: Binance (or the network) closed it, it went silent
+# for stale_timeout, or it ended with an exception
+ConnectionEnd = Literal["drop", "stale", "error"]
+# the ``reason`` label of tradecanvas_upstream_reconnects_total: a planned ``rotation`` (before
+# Binance's 24 h cut) is not an incident; ``error`` also counts a connect that failed
+RECONNECT_REASONS: Final = ("rotation", "drop", "stale", "server_shutdown", "error")
 
 
 @attrs.frozen
@@ -98,13 +105,12 @@ def announces_server_shutdown(message: str | bytes) -> bool:
     return isinstance(decoded, ControlFrame) and decoded.kind == "server_shutdown"
 
 
-def reconnect_reason(ended: bool, end_reason: str, *, shutdown_announced: bool = False) -> str:
-    """The ``reason`` label of ``tradecanvas_upstream_reconnects_total``."""
+def reconnect_reason(end: ConnectionEnd | None, *, shutdown_announced: bool = False) -> str:
+    """The ``reason`` label (:data:`RECONNECT_REASONS`) of a connection replaced after it
+    ended as ``end``, or (None) rotated while still open."""
     if shutdown_announced:
         return "server_shutdown"  # whether Binance closed before we rotated or not
-    if ended:
-        return "stale" if end_reason.startswith("stale") else "dropped"
-    return "rotation"
+    return "rotation" if end is None else end
 
 
 def failures_after_end(

@@ -326,6 +326,51 @@ async def test_minutes_already_stored_are_kept_or_revised_to_binance_values(
     assert same_bars(await stored(db, BASE), rows)
 
 
+async def test_exchange_holes_inside_the_history_are_stored_as_gap_events(
+    tmp_path: Path,
+) -> None:
+    """Minutes 100..102 are missing at the exchange: a gap event, stored with the first
+    candle above them; the 5m bar they leave incomplete has its own."""
+    db = tmp_path / "market.sqlite3"
+    config = replay_config("BTCUSDT-1m-2023-08-16.csv", start_at=1439, exchange_holes=((100, 3),))
+    async with binance_replay(config) as replay:
+        outcome = await import_in_process(db, replay.rest_url, str(DAY), str(DAY + 200 * 60))
+    assert outcome.code == ExitCode.OK and outcome.tally.missing == 3
+    store = await CandleStore.open(db)
+    try:
+        events = [(e.series_id, e.event, e.data["reason"]) for e in await store.events_after(0)]
+        gaps = [e for e in await store.events_after(0) if e.event == "gap"]
+    finally:
+        await store.aclose()
+    assert [(e.series_id, e.data["from_time"], e.data["to_time"]) for e in gaps] == [
+        (BASE, DAY + 100 * 60, DAY + 102 * 60),
+        (BASE_5M, DAY + 100 * 60, DAY + 100 * 60),
+    ]
+    assert (BASE_5M, "gap", "incomplete") in events
+
+
+async def test_3d_is_derived_on_the_symbols_grid_learned_as_the_daemon_learns_it(
+    tmp_path: Path,
+) -> None:
+    week = csv_rows("BTCUSDT-1m-2025-07-06_2025-07-12.csv")
+    db = tmp_path / "market.sqlite3"
+    config = replay_config("BTCUSDT-1m-2025-07-06_2025-07-12.csv", start_at=len(week) - 1)
+    async with binance_replay(config) as replay:
+        outcome = await import_in_process(
+            db, replay.rest_url, str(WEEK), None, TRADE_CANVAS_DERIVED_TIMEFRAMES="1d,3d"
+        )
+    assert outcome.code == ExitCode.OK
+    three_d = await stored(db, "binance:futures:BTC/USDT:3d")
+    # futures BTCUSDT's grid opens on days mod 3 = 2: 07-07 (07-04's bucket began before
+    # the history, and 07-10's lacks the minute not yet closed at the replay's clock)
+    assert [(s.candle.candle_time, s.complete) for s in three_d] == [(WEEK + 86_400, True)]
+    store = await CandleStore.open(db)
+    try:
+        assert await store.get_meta("phase:3d:futures:BTC/USDT") == str(2 * 86_400)
+    finally:
+        await store.aclose()
+
+
 @pytest.mark.e2e
 async def test_an_exchange_hole_is_reported_as_missing_minutes(tmp_path: Path) -> None:
     rows = csv_rows("BTCUSDT-1m-2023-08-16.csv")

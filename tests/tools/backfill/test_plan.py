@@ -12,6 +12,7 @@ from tradecanvas.pipeline.commit import PipelineResult, SeriesUpdate
 from tradecanvas.tools.backfill import (
     BackfillPlan,
     BackfillTally,
+    HoleFinder,
     page_alignment,
     parse_time,
     plan_backfill,
@@ -187,3 +188,24 @@ def test_many_missing_ranges_are_summarised() -> None:
     assert len(tally.missing_ranges) == 10
     assert tally.summary_lines()[-2].endswith(" and 5 more ranges")
     assert tally.summary_lines()[-1].startswith("nothing new: the store already held")
+
+
+def test_holes_are_the_missing_minutes_inside_the_series_history() -> None:
+    """A run is recorded with the first candle above it, and only with one below it too."""
+    m = 60
+    finder = HoleFinder(candle_below=False)
+    # before the symbol's first bar (nothing below): not a hole; 3..4 is one
+    assert finder.page(0, 10 * m, [2 * m, 5 * m, 6 * m, 7 * m]) == ((3 * m, 5 * m),)
+    # 8..9 at the page's end waits for the next page; a page with nothing adds to it
+    assert finder.page(10 * m, 20 * m, []) == ()
+    assert finder.page(20 * m, 30 * m, [22 * m, 29 * m]) == (
+        (8 * m, 10 * m),
+        (10 * m, 20 * m),
+        (20 * m, 22 * m),
+        (23 * m, 29 * m),
+    )
+    # after the last bar of the range: nothing above, not recorded
+    assert finder.page(30 * m, 40 * m, []) == ()
+    # with a candle stored below the range, the leading run is a hole too
+    assert HoleFinder(candle_below=True).page(0, 5 * m, [3 * m]) == ((0, 3 * m),)
+    assert HoleFinder(candle_below=True).page(0, 3 * m, [0, m, 2 * m]) == ()

@@ -53,6 +53,16 @@ def test_options_become_the_config(day_csv: Path) -> None:
     assert config.omit_closes == frozenset({3, 5, 9}) and config.duplicate_close_every == 4
     assert config.exchange_holes == ((10, 2), (20, 1)) and config.drop_at == (7,)
     assert config_from_args(parse(str(day_csv), "--speed", "2.5")).speed == 2.5
+    assert config.phase_3d_days is None
+    assert config_from_args(parse(str(day_csv), "--phase-3d", "1")).phase_3d_days == 1
+
+
+def test_a_3d_phase_other_than_0_1_or_2_is_a_usage_error(
+    day_csv: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        parse(str(day_csv), "--phase-3d", "3")
+    assert exited.value.code == 2 and "--phase-3d" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

@@ -5,6 +5,7 @@ from __future__ import annotations
 from decimal import Decimal
 from pathlib import Path
 
+import attrs
 import orjson
 from hypothesis import given
 from hypothesis import strategies as st
@@ -18,9 +19,12 @@ from tradecanvas.tools.replay import (
     answer_request,
     closed_bars,
     forming_steps,
+    interval_bars,
     load_data,
+    phase_3d,
     timeline_frames,
 )
+from tradecanvas.wire.kline_csv import read_kline_csv
 
 SID = SeriesId.parse("binance:futures:BTC/USDT:1m")
 
@@ -180,3 +184,40 @@ def test_subscription_requests_are_answered_as_binance_does() -> None:
             "error": {"code": 2, "msg": "Invalid request"}
         }
     assert streams == {"b@kline_1m"}
+
+
+def test_longer_intervals_are_binances_own_bars(data_dir: Path) -> None:
+    """The REST view of 15m … 1d summed from the futures week's 1m bars is bit-equal to
+    Binance's own bars of that week; paging by open time as for 1m."""
+    folder = data_dir / "klines_1m_5m" / "futures_um"
+    minutes = read_kline_csv(folder / "BTCUSDT-1m-2025-07-06_2025-07-12.csv")
+    now_ms = (minutes[-1].candle_time + 60) * 1000
+    for interval in ("15m", "1h", "4h", "1d"):
+        tf = Timeframe.parse(interval)
+        theirs = read_kline_csv(
+            data_dir
+            / "klines_higher"
+            / "futures_um"
+            / f"BTCUSDT-{interval}-2025-07-06_2025-07-12.csv"
+        )
+        ours = interval_bars(minutes, tf, 0, now_ms, minutes[0].candle_time * 1000, None, 1500)
+        assert len(ours) == len(theirs) and all(
+            a.same_values(b) for a, b in zip(ours, theirs, strict=True)
+        ), interval
+        newest = interval_bars(minutes, tf, 0, now_ms, None, None, 2)
+        assert all(a.same_values(b) for a, b in zip(newest, theirs[-2:], strict=True)), interval
+    # at an earlier exchange time the newest 1d bar is the one forming
+    day = Timeframe.parse("1d")
+    (forming,) = interval_bars(
+        minutes, day, 0, (minutes[0].candle_time + 600) * 1000, None, None, 1
+    )
+    assert forming.candle_time == minutes[0].candle_time
+    assert forming.volume == sum((m.volume for m in minutes[:10]), Decimal(0))
+
+
+def test_the_3d_phase_is_the_option_else_the_documented_one_else_0() -> None:
+    config = ReplayConfig(files=())
+    assert phase_3d(config, "futures", "BTCUSDT") == 2 * 86_400
+    assert phase_3d(config, "spot", "BTCUSDT") == 86_400
+    assert phase_3d(config, "spot", "DOGEUSDT") == 0
+    assert phase_3d(attrs.evolve(config, phase_3d_days=0), "futures", "BTCUSDT") == 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from decimal import Decimal
 from pathlib import Path
 
 import httpx
@@ -87,12 +88,45 @@ async def test_rest_serves_only_closed_bars_with_binance_paging(
             response = await klines(limit=1501)
             assert response.status_code == 400 and response.json()["code"] == -1130
             assert (await klines(symbol="ETHUSDT")).json()["code"] == -1121
-            assert (await klines(interval="5m")).json()["code"] == -1120
+            assert (await klines(interval="7m")).json()["code"] == -1120
+            assert (await klines(interval="1s")).json()["code"] == -1120
             spot = await http.get("/api/v3/klines", params={"symbol": "BTCUSDT", "interval": "1m"})
             assert spot.json()["code"] == -1121  # the file is futures
             assert int(response.headers["x-mbx-used-weight-1m"]) > 0
             time = (await http.get("/fapi/v1/time")).json()
             assert time == {"serverTime": (DAY + 600 * 60) * 1000}
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize(("phase_days", "expected"), [(None, 2), (0, 0), (1, 1)])
+async def test_rest_serves_longer_intervals_summed_from_the_1m_bars(
+    day_csv: Path, day_rows: list[Candle], phase_days: int | None, expected: int
+) -> None:
+    """``interval=3d&limit=1`` (how the daemon learns a symbol's grid) opens on the symbol's
+    3d grid: futures BTCUSDT's documented phase (day mod 3 = 2) unless --phase-3d says
+    otherwise; the newest bar is the one still forming, as at Binance."""
+    config = config_for(day_csv, start_at=700, phase_3d_days=phase_days)
+    async with trio.open_nursery() as nursery:
+        replay: ReplayHandle = await nursery.start(serve_replay, config)
+        async with httpx.AsyncClient(base_url=replay.rest_url) as http:
+
+            async def klines(**params: str | int) -> list[list[object]]:
+                query = {"symbol": "BTCUSDT", **params}
+                rows: list[list[object]] = (await http.get("/fapi/v1/klines", params=query)).json()
+                return rows
+
+            (bar,) = await klines(interval="3d", limit=1)
+            open_s = int(str(bar[0])) // 1000
+            assert open_s % (3 * 86_400) == expected * 86_400
+            assert open_s <= DAY < open_s + 3 * 86_400
+            # the forming 3d bar holds the 700 closed minutes so far
+            assert Decimal(str(bar[5])) == sum((r.volume for r in day_rows[:700]), Decimal(0))
+            five = await klines(interval="5m", startTime=DAY * 1000, limit=3)
+            assert [int(str(r[0])) // 1000 for r in five] == [DAY, DAY + 300, DAY + 600]
+            assert [r[4] for r in five] == [str(day_rows[4 + 5 * i].close) for i in range(3)]
+            assert int(str(five[0][6])) == (DAY + 300) * 1000 - 1
+            hours = await klines(interval="1h", limit=2)
+            assert [int(str(r[0])) // 1000 for r in hours] == [DAY + 36_000, DAY + 39_600]
         nursery.cancel_scope.cancel()
 
 

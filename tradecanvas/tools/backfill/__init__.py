@@ -3,9 +3,11 @@
 Imports the closed 1m candles of one base series for ``[from, to)`` from Binance REST klines
 into the store, a page at a time (futures 1500 minutes, spot 1000), each page committed
 through the same :class:`~tradecanvas.pipeline.IngestPipeline` the daemon uses — with the
-flags' derived timeframes and derivation fingerprint — so the derived bars of every touched
-bucket are recomputed from the stored minutes, and a second run of the same range stores
-nothing new. Nothing is published: this process has no subscribers. A running daemon's
+flags' derived timeframes and derivation fingerprint (3d on the symbol's grid, learned as
+the daemon learns it) — so the derived bars of every touched bucket are recomputed from the
+stored minutes, and a second run of the same range stores nothing new. Minutes missing at
+the exchange inside the series' history are stored as ``gap`` events with the first candle
+above them. Nothing is published: this process has no subscribers. A running daemon's
 subscribers get the imported history from the store when they (re)subscribe; running beside
 the daemon is safe (one SQLite file in WAL mode, each writer waits up to the store's
 ``busy_timeout`` for the other's short transaction).
@@ -39,13 +41,16 @@ from tradecanvas.tools.backfill.cli import (
     BackfillOutcome,
     cap_at_exchange,
     configure_parser,
+    find_holes,
     import_history,
+    learn_phases,
     run_backfill,
     run_import,
 )
 from tradecanvas.tools.backfill.plan import (
     BackfillPlan,
     BackfillTally,
+    HoleFinder,
     iso_minute,
     page_alignment,
     parse_time,
@@ -59,11 +64,14 @@ __all__ = [
     "BackfillOutcome",
     "BackfillPlan",
     "BackfillTally",
+    "HoleFinder",
     "Progress",
     "cap_at_exchange",
     "configure_parser",
+    "find_holes",
     "import_history",
     "iso_minute",
+    "learn_phases",
     "page_alignment",
     "parse_time",
     "plan_backfill",

@@ -2,8 +2,12 @@
 
 :func:`run_backfill` checks the arguments (:func:`~tradecanvas.tools.backfill.plan.plan_backfill`),
 then :func:`run_import` opens the store and a REST client, ends the range at Binance's clock
-(:func:`cap_at_exchange`) and :func:`import_history` commits page after page through an
-:class:`~tradecanvas.pipeline.IngestPipeline`, updating the tally and the progress display.
+(:func:`cap_at_exchange`), learns the symbol's 3d grid when 3d is derived
+(:func:`~tradecanvas.upstream.phases.learn_phase`, as the daemon does) and
+:func:`import_history` commits page after page through an
+:class:`~tradecanvas.pipeline.IngestPipeline` — with the exchange holes each page shows
+(:class:`~tradecanvas.tools.backfill.plan.HoleFinder`) as ``gap`` events — updating the tally
+and the progress display.
 
 Ctrl-C or SIGTERM stops the import after the page being committed (the one being fetched is
 dropped); a second one exits at once, and SQLite rolls back a commit it interrupts. Every
@@ -36,12 +40,14 @@ from tradecanvas.tools.backfill.plan import (
     TIME_EXAMPLES,
     BackfillPlan,
     BackfillTally,
+    HoleFinder,
     iso_minute,
     page_alignment,
     plan_backfill,
 )
 from tradecanvas.tools.backfill.progress import ClearProgressFilter, Progress
 from tradecanvas.tools.exit_codes import ExitCodeTable
+from tradecanvas.upstream.phases import learn_phase
 from tradecanvas.upstream.rest import BinanceRestClient, RestPolicy, open_rest_client
 
 # the command's one logger: its lines name ``tradecanvas.tools.backfill``
@@ -79,23 +85,53 @@ async def import_history(
     rest: BinanceRestClient,
     tally: BackfillTally,
     progress: Progress,
+    holes: HoleFinder | None = None,
 ) -> None:
-    """Fetch and commit each page of ``plan`` in order, updating ``tally`` after each commit.
+    """Fetch and commit each page of ``plan`` in order, updating ``tally`` after each commit;
+    the minutes a page lacks that ``holes`` says are exchange holes are committed with it
+    (``gap`` events; None: the store's history decides, see :func:`find_holes`).
 
     Raises UpstreamError, WireError (REST) and CandleError (a row we refuse: the page is not
     stored), StoreError. Cancellation stops it between commits: a fetch is dropped, a commit
     that started runs to its end.
     """
+    if holes is None:
+        holes = await find_holes(plan, pipeline)
     for start, end in plan.chunks():
         candles = await rest.klines(plan.series, start, end)
+        absent = holes.page(start, end, [c.candle_time for c in candles])
         result: PipelineResult | None = None
-        if candles:
+        if candles or absent:
+            batch = IngestBatch(
+                tuple((plan.series, c) for c in candles),
+                "rest",
+                absent=tuple((plan.series, a, b) for a, b in absent),
+            )
             # store.write shields the transaction already; the shield here also keeps the
             # tally in step with what was committed
             with trio.CancelScope(shield=True):
-                result = await pipeline.run(IngestBatch.of(plan.series, candles, "rest"))
+                result = await pipeline.run(batch)
         tally.record(start, end, candles, result)
         progress.update(tally, trio.current_time())
+
+
+async def find_holes(plan: BackfillPlan, pipeline: IngestPipeline) -> HoleFinder:
+    """A HoleFinder for ``plan``: does the store hold a candle of the series below it?"""
+    earliest = await pipeline.store.since(str(plan.series), -1, 1)
+    return HoleFinder(candle_below=bool(earliest) and earliest[0].candle_time < plan.start)
+
+
+async def learn_phases(
+    plan: BackfillPlan, pipeline: IngestPipeline, rest: BinanceRestClient
+) -> None:
+    """The symbol's grid phase for each phased timeframe derived (3d), learned as the daemon
+    learns it (Binance, else the store's memory, else the documented table); without it
+    those bars are not derived (learn_phase warns). Raises StoreError."""
+    for timeframe in pipeline.derived_timeframes:
+        if timeframe.phased:
+            phase = await learn_phase(plan.series, timeframe, rest, pipeline.store)
+            if phase is not None:
+                pipeline.set_phase(plan.series, phase)
 
 
 async def _stop_on_signal(
@@ -185,6 +221,7 @@ async def _open_and_import(
             tally.plan = plan
             await _load_rate_limits(rest, plan)
             pipeline = IngestPipeline.from_flags(store, _NoSubscribers(), flags)
+            await learn_phases(plan, pipeline, rest)
             pages = len(list(plan.chunks()))
             log.info(
                 "backfill %s: %d minutes in %d REST page%s into %s",

@@ -3,8 +3,9 @@
 No I/O and no clock: :func:`plan_backfill` checks the arguments (``now`` is passed in) and
 returns a :class:`BackfillPlan`; :meth:`BackfillPlan.chunks` are its REST pages, ending on
 :func:`page_alignment` boundaries; :meth:`BackfillPlan.capped_at` ends it at Binance's
-current minute; :class:`BackfillTally` counts what each committed page did and writes the
-summary. Raises BadInputError whose message names the argument.
+current minute; :class:`HoleFinder` says which minutes a page lacks are exchange holes to
+record; :class:`BackfillTally` counts what each committed page did and writes the summary.
+Raises BadInputError whose message names the argument.
 """
 
 from __future__ import annotations
@@ -158,6 +159,49 @@ def page_alignment(derived: Sequence[Timeframe], page_s: int) -> int:
     if common <= page_s:
         return common
     return max((s for s in lengths if s <= page_s), default=MINUTE)
+
+
+@final
+@attrs.define
+class HoleFinder:
+    """Which minutes missing from the REST pages are holes at the exchange, recorded as
+    ``gap`` events (``IngestBatch.absent``) with the first candle above them.
+
+    Every minute of the range has closed at the exchange, so a minute a page lacks is
+    missing there. It is a *hole* only inside the series' history: with a candle below it
+    (stored before the range — ``candle_below`` — or imported from an earlier page) and one
+    above it (this page's, or a later page's: a run at a page's end waits for it). The
+    minutes before a symbol's first bar, or after the last one in the range, are not.
+    """
+
+    candle_below: bool
+    _waiting: list[tuple[int, int]] = attrs.Factory(list)
+
+    def page(self, start: int, end: int, present: Sequence[int]) -> tuple[tuple[int, int], ...]:
+        """The page ``[start, end)`` holds the minutes ``present`` (ascending): the runs to
+        record with its commit, as ``[start, end)`` ranges."""
+        runs = _missing_runs(start, end, present)
+        if not present:
+            self._waiting.extend(runs)
+            return ()
+        first, last = present[0], present[-1]
+        below = self._waiting + [r for r in runs if r[1] <= first]
+        inside = [r for r in runs if first < r[0] and r[1] <= last]
+        self._waiting = [r for r in runs if r[0] > last]
+        record = (below if self.candle_below else []) + inside
+        self.candle_below = True
+        return tuple(record)
+
+
+def _missing_runs(start: int, end: int, present: Sequence[int]) -> list[tuple[int, int]]:
+    """The minutes of ``[start, end)`` not in ``present``, as maximal ``[start, end)`` runs."""
+    runs: list[tuple[int, int]] = []
+    cursor = start
+    for t in [*present, end]:
+        if t > cursor:
+            runs.append((cursor, min(t, end)))
+        cursor = max(cursor, t + MINUTE)
+    return runs
 
 
 @final

@@ -7,7 +7,10 @@ Serves, from recorded combined-stream JSONL frames or kline CSVs (either layout
   futures path), raw ``/ws/<stream>`` and ``/market/ws/<stream>``, and ``SUBSCRIBE`` /
   ``UNSUBSCRIBE`` / ``LIST_SUBSCRIPTIONS`` messages with Binance's acks;
 - REST ``/fapi/v1/klines`` and ``/api/v3/klines`` (Binance's paging rules and limits 1500 and
-  1000), ``…/time`` and ``…/exchangeInfo``, with ``X-MBX-USED-WEIGHT-1M``.
+  1000) for 1m and every longer Binance interval (3m … 1M, summed from the 1m bars by
+  Binance's rule; 3d on the symbol's grid: ``--phase-3d DAYS``, by default the documented
+  phase of a known symbol, else 0), ``…/time`` and ``…/exchangeInfo``, with
+  ``X-MBX-USED-WEIGHT-1M``.
 
 One Starlette app on Hypercorn's trio worker serves both; ``--ws-port`` and ``--rest-port``
 bind it twice when they differ.
@@ -60,6 +63,8 @@ from tradecanvas.tools.replay.core import (
     answer_request,
     closed_bars,
     forming_steps,
+    interval_bars,
+    phase_3d,
     timeline_frames,
 )
 from tradecanvas.tools.replay.data import (
@@ -100,9 +105,11 @@ __all__ = [
     "forming_steps",
     "infer_market",
     "infer_series",
+    "interval_bars",
     "load_data",
     "main",
     "parse_file_argument",
+    "phase_3d",
     "resolve_path",
     "run_replay",
     "serve_replay",

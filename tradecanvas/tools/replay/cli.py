@@ -139,6 +139,14 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         help="send nothing until SIGUSR1 (attach consumers first); REST answers meanwhile",
     )
     parser.add_argument(
+        "--phase-3d",
+        type=int,
+        choices=(0, 1, 2),
+        metavar="DAYS",
+        help="3d bars open on days with (days since 1970) mod 3 = DAYS (0, 1 or 2; default:"
+        " the documented phase of a known symbol, else 0)",
+    )
+    parser.add_argument(
         "--weight-limit",
         type=int,
         metavar="N",
@@ -202,6 +210,7 @@ def config_from_args(args: argparse.Namespace) -> ReplayConfig:
         retry_after_s=args.retry_after,
         weight_limit=args.weight_limit,
         paused=args.paused,
+        phase_3d_days=args.phase_3d,
     )
 
 

@@ -3,13 +3,15 @@
 :func:`timeline_frames` turns :class:`~tradecanvas.tools.replay.data.ReplayData` into every
 frame the exchange would send, in event-time order; :class:`FaultPlan` decides, frame by
 frame, what the configured faults do with it; :func:`closed_bars` is the REST view of the
-bars at a given exchange time; :func:`answer_request` answers a WebSocket client's
-``SUBSCRIBE`` / ``UNSUBSCRIBE`` / ``LIST_SUBSCRIPTIONS`` as Binance does.
+bars at a given exchange time, :func:`interval_bars` the same summed into a longer interval
+(on the symbol's 3d grid: :func:`phase_3d`); :func:`answer_request` answers a WebSocket
+client's ``SUBSCRIBE`` / ``UNSUBSCRIBE`` / ``LIST_SUBSCRIPTIONS`` as Binance does.
 :mod:`~tradecanvas.tools.replay.server` runs them on real sockets.
 """
 
 from __future__ import annotations
 
+import bisect
 import heapq
 from collections.abc import Iterator, Sequence
 from decimal import ROUND_DOWN, Decimal
@@ -18,8 +20,10 @@ from typing import Final, final
 import attrs
 import orjson
 
-from tradecanvas.model import MINUTE, MINUTE_MS, MS, Candle, SeriesId
+from tradecanvas.model import DAY, MINUTE, MINUTE_MS, MS, Candle, Market, SeriesId, Timeframe
+from tradecanvas.pipeline.derive import derive_series
 from tradecanvas.tools.replay.data import FrameKind, ReplayConfig, ReplayData, hole_times
+from tradecanvas.upstream.phases import KNOWN_PHASES
 from tradecanvas.wire.binance import kline_frame
 
 CLOSE_DELAY_MS: Final = 201  # a closed frame's E after the bar's close time T
@@ -207,6 +211,56 @@ def closed_bars(
         and (end_ms is None or c.candle_time * MS <= end_ms)
     ]
     return available[:limit] if start_ms is not None else available[-limit:]
+
+
+def phase_3d(config: ReplayConfig, market: Market, rest_symbol: str) -> int:
+    """The phase (seconds) of a symbol's 3d grid: ``--phase-3d``, else the documented one
+    of a known symbol, else 0."""
+    if config.phase_3d_days is not None:
+        return config.phase_3d_days * DAY
+    for (known_market, symbol), phase in KNOWN_PHASES.items():
+        if known_market == market and symbol.split(":")[0].replace("/", "") == rest_symbol:
+            return phase
+    return 0
+
+
+def interval_bars(
+    bars: Sequence[Candle],
+    timeframe: Timeframe,
+    phase: int,
+    now_ms: int,
+    start_ms: int | None,
+    end_ms: int | None,
+    limit: int,
+) -> list[Candle]:
+    """REST klines of a longer ``timeframe`` at exchange time ``now_ms``: the 1m ``bars``
+    (ascending) closed by then, summed by Binance's rule (``pipeline.derive``) on its grid
+    (``phase``: of a phased one, seconds). The newest may still be forming, as Binance's
+    is. Paged as :func:`closed_bars`, by open time."""
+    times = [c.candle_time for c in bars]
+    hi = bisect.bisect_right(times, now_ms // MS - MINUTE)  # closed by now
+    if end_ms is not None:
+        end = timeframe.next_open(timeframe.floor(end_ms // MS, phase))
+        hi = min(hi, bisect.bisect_left(times, end))
+    lo = 0
+    if start_ms is not None:
+        lo = bisect.bisect_left(times, timeframe.floor(start_ms // MS, phase))
+    elif timeframe.fixed and hi:  # only the newest ``limit`` buckets are asked for
+        newest = timeframe.floor(times[hi - 1], phase)
+        lo = bisect.bisect_left(times, newest - (limit - 1) * timeframe.seconds)
+    if lo >= hi:
+        return []
+    first = timeframe.floor(times[lo], phase)
+    # from one minute before: the close an all-empty first bucket is flat at
+    derived = derive_series(timeframe, bars[max(lo - 1, 0) : hi], complete_only=False, phase=phase)
+    rows = [
+        d.candle
+        for d in derived
+        if d.candle.candle_time >= first
+        and (start_ms is None or d.candle.candle_time * MS >= start_ms)
+        and (end_ms is None or d.candle.candle_time * MS <= end_ms)
+    ]
+    return rows[:limit] if start_ms is not None else rows[-limit:]
 
 
 def answer_request(text: str, streams: set[str]) -> str:

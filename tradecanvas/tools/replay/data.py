@@ -21,7 +21,7 @@ from tradecanvas.runtime_flags import DATA_DIR_VARIABLE, data_dir_candidates
 from tradecanvas.wire.binance import KlineEvent, decode_frame
 from tradecanvas.wire.kline_csv import read_kline_csv
 
-# the replay serves the base timeframe only, on WS and REST alike
+# the replay streams the base timeframe only; REST sums it into Binance's longer intervals
 ONE_MINUTE: Final = Timeframe(MINUTE, "1m")
 KNOWN_QUOTES: Final = ("FDUSD", "USDT", "USDC", "BUSD", "TUSD", "BTC", "ETH", "BNB", "EUR", "TRY")
 
@@ -66,6 +66,9 @@ class ReplayConfig:
     retry_after_s: int = 1
     weight_limit: int | None = None  # exchangeInfo's REQUEST_WEIGHT/min; None: Binance's usual
     paused: bool = False  # hold the timeline until resume()
+    # the 3d grid's phase in days (0, 1 or 2: its open day modulo 3); None: the documented
+    # phase of a known symbol (upstream.phases.KNOWN_PHASES), else 0
+    phase_3d_days: int | None = None
 
 
 @attrs.frozen

@@ -26,13 +26,16 @@ from starlette.responses import Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from tradecanvas.model import MINUTE, MS, Market
+from tradecanvas.errors import SeriesIdError
+from tradecanvas.model import BINANCE_INTERVALS, MINUTE, MS, Market, Timeframe
 from tradecanvas.serve.http_server import hypercorn_config, serve_asgi
 from tradecanvas.tools.replay.core import (
     FaultPlan,
     ReplayFrame,
     answer_request,
     closed_bars,
+    interval_bars,
+    phase_3d,
     timeline_frames,
 )
 from tradecanvas.tools.replay.data import (
@@ -268,7 +271,11 @@ class ReplayServer:
             return response
         q = request.query_params
         symbol = q.get("symbol", "")
-        if q.get("interval") != ONE_MINUTE.text:
+        try:
+            timeframe = Timeframe.parse(q.get("interval", ""))
+        except SeriesIdError:
+            return self._error(-1120, "Invalid interval.")
+        if timeframe.text not in BINANCE_INTERVALS:
             return self._error(-1120, "Invalid interval.")
         bars = self.data.bars.get((market, symbol))
         if bars is None:
@@ -281,9 +288,13 @@ class ReplayServer:
             return self._error(-1100, "Illegal characters found in a parameter.")
         if not 1 <= limit <= KLINES_LIMIT[market]:
             return self._error(-1130, "Data sent for parameter 'limit' is not valid.")
-        rows = closed_bars(bars, self.now_ms, start, end, limit)
+        if timeframe == ONE_MINUTE:
+            rows = closed_bars(bars, self.now_ms, start, end, limit)
+        else:
+            phase = phase_3d(self.config, market, symbol) if timeframe.phased else 0
+            rows = interval_bars(bars, timeframe, phase, self.now_ms, start, end, limit)
         return self._json(
-            [candle_to_rest_row(c, ONE_MINUTE) for c in rows], weight=klines_weight(market, limit)
+            [candle_to_rest_row(c, timeframe) for c in rows], weight=klines_weight(market, limit)
         )
 
     async def server_time(self, request: Request) -> Response:
