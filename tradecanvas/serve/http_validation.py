@@ -18,11 +18,10 @@ import attrs
 import orjson
 
 from tradecanvas.errors import CandleError, SeriesIdError
-from tradecanvas.model import Candle, SeriesId, Timeframe, validate_candle
+from tradecanvas.model import BASE_TIMEFRAME, Candle, SeriesId, validate_candle
 
 DEFAULT_LIMIT: Final = 500
 MAX_LIMIT: Final = 5000
-BASE_TIMEFRAME: Final = Timeframe.parse("1m")
 _CANDLE_FIELDS: Final = ("candle_time", "open", "high", "low", "close", "volume")
 _DECIMAL_RE: Final = re.compile(r"^[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?$")
 _DECIMAL_MAX_CHARS: Final = 64
@@ -343,7 +342,6 @@ def check_bearer(authorization: str | None, token: str | None) -> None:
 
 
 __all__ = [
-    "BASE_TIMEFRAME",
     "DEFAULT_LIMIT",
     "MAX_LIMIT",
     "Problem",

@@ -246,7 +246,7 @@ def candle_to_rest_row(candle: Candle, timeframe: Timeframe) -> list[object]:
         str(candle.low),
         str(candle.close),
         str(candle.volume),
-        open_ms + timeframe.seconds * MS - 1,
+        timeframe.next_open(candle.candle_time) * MS - 1,
         str(candle.quote_volume or 0),
         candle.trades or 0,
         str(candle.taker_buy_base or 0),
@@ -268,7 +268,7 @@ def kline_frame(
             "s": series.rest_symbol,
             "k": {
                 "t": open_ms,
-                "T": open_ms + series.timeframe.seconds * MS - 1,
+                "T": series.timeframe.next_open(candle.candle_time) * MS - 1,
                 "s": series.rest_symbol,
                 "i": series.timeframe.text,
                 "f": -1 if not candle.trades else 1,

@@ -19,7 +19,7 @@ from typing import Final, final
 import attrs
 
 from tradecanvas.errors import BadInputError, SeriesIdError
-from tradecanvas.model import MINUTE, Candle, SeriesId, Timeframe
+from tradecanvas.model import BASE_TIMEFRAME, MINUTE, Candle, SeriesId, Timeframe
 from tradecanvas.pipeline.commit import PipelineResult
 from tradecanvas.upstream.rest import KLINES_LIMIT
 
@@ -125,7 +125,7 @@ def plan_backfill(
     except SeriesIdError as exc:
         raise BadInputError(f"SERIES: {exc}") from None
     if series.timeframe.seconds != MINUTE:
-        base = series.with_timeframe(Timeframe.parse("1m"))
+        base = series.with_timeframe(BASE_TIMEFRAME)
         raise BadInputError(
             f"SERIES: {series} is not a base series; only 1m candles are imported (derived"
             f" timeframes are recomputed from them): use {base}"

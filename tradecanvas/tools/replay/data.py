@@ -16,13 +16,13 @@ import attrs
 import orjson
 
 from tradecanvas.errors import TradeCanvasError, WireError
-from tradecanvas.model import MINUTE, MS, Candle, Market, SeriesId, Timeframe
+from tradecanvas.model import BASE_TIMEFRAME, MS, Candle, Market, SeriesId
 from tradecanvas.runtime_flags import DATA_DIR_VARIABLE, data_dir_candidates
 from tradecanvas.wire.binance import KlineEvent, decode_frame
 from tradecanvas.wire.kline_csv import read_kline_csv
 
 # the replay streams the base timeframe only; REST sums it into Binance's longer intervals
-ONE_MINUTE: Final = Timeframe(MINUTE, "1m")
+ONE_MINUTE: Final = BASE_TIMEFRAME
 KNOWN_QUOTES: Final = ("FDUSD", "USDT", "USDC", "BUSD", "TUSD", "BTC", "ETH", "BNB", "EUR", "TRY")
 
 FrameKind = Literal["forming", "closed", "other"]
