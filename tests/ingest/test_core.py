@@ -314,10 +314,14 @@ def test_no_fill_starts_while_the_commit_backlog_is_full() -> None:
         assert driver.candles(sid) == list(truth[sid].values())[:11]
 
 
-def test_held_candles_go_over_the_hole_when_rest_keeps_failing_and_the_hole_is_retried() -> None:
+def test_held_candles_go_over_the_hole_when_rest_keeps_failing_and_the_hole_is_retried(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """Nothing received is lost: with REST failing, the candles held above a hole are
     queued after hold_max_s with the hole recorded (on the first candle above it); a later
     retry brings the missing minute and the last candle it brings forgets the record."""
+    # the backoff's longest pause every time (no jitter): the same fills every run
+    monkeypatch.setattr("tradecanvas.upstream.backoff.random.uniform", lambda lo, hi: hi)
     policy = IngestPolicy(hold_max_s=120.0)
     truth = truth_of(6)
     rows = list(truth.values())
