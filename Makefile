@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-$(shell cat setup.cfg pyproject.toml | cksum | cut -
 ## install: create .venv and install tradecanvas with the dev extra
 install: $(STAMP)
 
-.PHONY: install run check test lint typecheck unit unit-fast e2e doc-audit deploy-check bench test-data clean
+.PHONY: install run check test lint typecheck unit unit-fast e2e browser doc-audit deploy-check bench test-data clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -38,6 +38,10 @@ unit: $(STAMP)
 
 unit-fast: $(STAMP)
 	$(BIN)/pytest -q -m "not e2e and not slow"
+
+## browser: the chart page's tests in headless Chromium (also part of `make unit`, so of make test)
+browser: $(STAMP)
+	$(BIN)/pytest -q -m browser
 
 deploy-check: $(STAMP)
 	bash scripts/deploy_check.sh
