@@ -105,3 +105,92 @@ def test_the_timeframe_switcher_shows_binance_5m_bars(tmp_path: Path, browser: B
             assert chart.page.url.endswith("?series=binance%3Afutures%3ABTC%2FUSDT%3A5m")
             assert chart.console_errors == []
             chart.screenshot("chart-5m")
+
+
+def test_an_exchange_hole_is_shaded_and_a_rebuild_redraws_the_revised_bar(
+    tmp_path: Path, browser: Browser
+) -> None:
+    data, bars = trimmed_week(tmp_path, HISTORY + STREAMED)
+    hole_at, hole_len = HISTORY + 10, 5  # the minutes 00:10..00:14 of the second day
+    missing = [b.time for b in bars[hole_at : hole_at + hole_len]]
+    present = [b for b in bars if b.time not in missing]
+    with market(
+        tmp_path, data, "--start-at", str(HISTORY), "--exchange-hole", f"{hole_at}:{hole_len}"
+    ) as m:
+        with chart_page(browser, m.http_url) as chart:
+            chart.open(BASE)
+            chart.wait_live()
+            m.resume_replay()
+            _last_closed_is(chart, bars[-1].time)
+            assert chart.bars(BASE) == present
+            # live: the `gap` message (or event) shaded the hole
+            chart.wait_until(
+                "([sid, times]) => times.every((t) => window.tradecanvasChart.gaps(sid)"
+                ".includes(t))",
+                [BASE, missing],
+            )
+            assert chart.console_errors == []
+
+        with chart_page(browser, m.http_url) as chart:
+            # a fresh page shades the hole from the history and the event log
+            chart.open(FIVE)
+            chart.wait_live()
+            assert chart.call(f"() => window.tradecanvasChart.gaps({FIVE!r})") == [missing[0]]
+            chart.page.get_by_role("button", name="1m", exact=True).click()
+            chart.wait_until(f"() => window.tradecanvasChart.seriesId() === {BASE!r}")
+            chart.wait_live()
+            assert chart.call(f"() => window.tradecanvasChart.gaps({BASE!r})") == missing
+
+            # a stored bar is revised (the HTTP write path): factor.rebuild redraws it
+            old = bars[-5]
+            revised = attrs.evolve(old, high=old.high + 50, close=old.high + 50)
+            m.ingest(BASE, revised)
+            chart.wait_until(
+                "([sid, t, close]) => window.tradecanvasChart.data(sid)"
+                ".some((b) => b.time === t && b.close === close)",
+                [BASE, revised.time, revised.close],
+            )
+            assert chart.call("() => window.tradecanvasChart.rebuilds()") == [
+                {"reason": "revision", "from_time": revised.time, "to_time": revised.time}
+            ]
+            expected = [revised if b.time == old.time else b for b in present]
+            assert chart.bars(BASE) == expected[-1000:]
+            assert chart.bars(BASE) == m.stored(BASE)[-1000:]
+            assert chart.console_errors == []
+            chart.screenshot("chart-gap")
+
+
+def test_the_page_recovers_after_the_daemon_restarts(tmp_path: Path, browser: Browser) -> None:
+    data, bars = trimmed_week(tmp_path, HISTORY + STREAMED)
+    with market(tmp_path, data, "--start-at", str(HISTORY)) as m:
+        m.resume_replay()
+        with chart_page(browser, m.http_url) as chart:
+            chart.open(BASE)
+            chart.wait_live()
+            _last_closed_is(chart, bars[-1].time)
+            events_before = chart.call("() => window.tradecanvasChart.lastEventId()")
+            assert m.stop_serve() == 0
+            chart.wait_until("() => window.tradecanvasChart.state() === 'reconnecting'")
+            assert "reconnecting" in chart.page.locator("#state").inner_text()
+            errors_before_restart = len(chart.console_errors)
+            # while the page is cut off, the restarted daemon stores two more closes
+            m.start_serve()
+            later = [
+                attrs.evolve(bars[-1], time=bars[-1].time + 60 * i, volume=float(i)) for i in (1, 2)
+            ]
+            for bar in later:
+                m.ingest(BASE, bar)
+            chart.wait_live()
+            _last_closed_is(chart, later[-1].time)
+            # resumed from its cursors: nothing missed, nothing doubled
+            shown = chart.bars(BASE)
+            assert len(shown) >= 1000 + 2
+            assert shown == m.stored(BASE)[-len(shown) :]
+            assert chart.bars(BASE)[-3:] == [bars[-1], *later]
+            assert chart.call("() => window.tradecanvasChart.lastEventId()") >= events_before
+            # the only console errors are the browser's own reports of refused reconnects
+            assert all("WebSocket connection to" in e for e in chart.console_errors), (
+                chart.console_errors
+            )
+            assert len(chart.console_errors) >= errors_before_restart
+            chart.screenshot("chart-after-restart")
