@@ -34,7 +34,7 @@ BASE: Final = "binance:futures:BTC/USDT:1m"
 FIVE: Final = "binance:futures:BTC/USDT:5m"
 TOKEN: Final = "browser-test-ingest-token-0123456789"
 # the distribution's Chromium (Debian: apt-get install chromium; .ci/run installs it)
-CHROMIUM: Final = os.environ.get("TRADE_CANVAS_TEST_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM: Final = os.environ.get("TRADECANVAS_TEST_CHROMIUM", "/usr/bin/chromium")
 # screenshots of the pages under test, kept for a person to look at (gitignored)
 ARTIFACTS: Final = REPO / "test-artifacts"
 WAIT_S: Final = 60.0  # a wait for the daemon or the page; a healthy run needs a few seconds
@@ -112,6 +112,7 @@ class Market:
     replay_rest: str
     publish: str
     http_port: int
+    extra_env: dict[str, str] = attrs.Factory(dict)
     serve: subprocess.Popen[bytes] | None = None
     http_url: str = ""
     starts: int = 0
@@ -128,6 +129,7 @@ class Market:
             TRADE_CANVAS_INITIAL_BACKFILL_CANDLES="1440",
             TRADE_CANVAS_DERIVED_TIMEFRAMES="5m,1h",
             TRADE_CANVAS_INGEST_TOKEN=TOKEN,
+            **self.extra_env,
         )
         self.serve = self.stack.enter_context(run_cli(["serve"], env, log))
         ready = wait_for_line(log, r"tradecanvas ready ws=\S+ http=(\S+)", self.serve)
@@ -177,8 +179,11 @@ def _ohlcv(bar: Bar) -> dict[str, str]:
 
 
 @contextmanager
-def market(tmp_path: Path, data: Path, *replay_args: str, publish: str = "1") -> Iterator[Market]:
-    """``tradecanvas replay DATA --paused`` and ``tradecanvas serve`` against it."""
+def market(
+    tmp_path: Path, data: Path, *replay_args: str, publish: str = "1", **serve_env: str
+) -> Iterator[Market]:
+    """``tradecanvas replay DATA --paused`` and ``tradecanvas serve`` against it (with
+    ``serve_env`` added to its environment)."""
     with ExitStack() as stack:
         replay = stack.enter_context(
             run_cli(
@@ -188,7 +193,9 @@ def market(tmp_path: Path, data: Path, *replay_args: str, publish: str = "1") ->
             )
         )
         found = wait_for_line(tmp_path / "replay.log", r"replay ws=(\S+) rest=(\S+)", replay)
-        m = Market(tmp_path, stack, replay, found.group(1), found.group(2), publish, free_port())
+        m = Market(
+            tmp_path, stack, replay, found.group(1), found.group(2), publish, free_port(), serve_env
+        )
         m.start_serve()
         yield m
 
@@ -234,7 +241,7 @@ def chromium() -> Iterator[Browser]:
     if shutil.which(CHROMIUM) is None:
         raise RuntimeError(
             f"no Chromium at {CHROMIUM}: apt-get install chromium (.ci/run does), or set"
-            " TRADE_CANVAS_TEST_CHROMIUM to its path"
+            " TRADECANVAS_TEST_CHROMIUM to its path"
         )
     with sync_playwright() as p:
         browser = launch(p)

@@ -194,3 +194,22 @@ def test_the_page_recovers_after_the_daemon_restarts(tmp_path: Path, browser: Br
             )
             assert len(chart.console_errors) >= errors_before_restart
             chart.screenshot("chart-after-restart")
+
+
+def test_a_page_origin_outside_the_allow_list_gets_no_stream(
+    tmp_path: Path, browser: Browser
+) -> None:
+    data, _ = trimmed_week(tmp_path, HISTORY + STREAMED)
+    with market(tmp_path, data, TRADE_CANVAS_WS_ALLOWED_ORIGINS="https://charts.example") as m:
+        with chart_page(browser, m.http_url) as chart:
+            # the page and the HTTP API load; its /ws/market upgrade is refused (403)
+            chart.open(BASE)
+            chart.wait_until(
+                "() => document.querySelector('#notice').textContent"
+                ".includes('TRADE_CANVAS_WS_ALLOWED_ORIGINS')"
+            )
+            assert chart.call("() => window.tradecanvasChart.state()") == "reconnecting"
+            assert chart.console_errors
+            assert all("WebSocket connection to" in e for e in chart.console_errors)
+        refused = f"403 for Origin '{m.http_url}'"
+        assert refused in (tmp_path / "serve-1.log").read_text()
