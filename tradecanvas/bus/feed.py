@@ -36,7 +36,7 @@ from coredis.response.types import StreamEntry
 
 from tradecanvas.bus.cursors import CandleGap, EdgeCursors, EventGap
 from tradecanvas.bus.ids import StreamId, StreamKeys, candle_time_of, event_id_of
-from tradecanvas.bus.redis_io import BusHealth, describe, open_redis, redis_failure
+from tradecanvas.bus.redis_io import BusHealth, describe, failure_or_raise, open_redis
 from tradecanvas.errors import WireError
 from tradecanvas.model import Candle
 from tradecanvas.pipeline.events import SystemEvent
@@ -129,6 +129,7 @@ class EdgeFeed:
         self._fill_events = fill_events
         self._connected = {"closed": False, "forming": False}
         self._ready = {"closed": trio.Event(), "forming": trio.Event()}
+        self._health_changed = trio.Event()
         self._last_error: str | None = None
         self._counts = dict.fromkeys(attrs.fields_dict(FeedStatistics), 0)
 
@@ -137,6 +138,17 @@ class EdgeFeed:
 
     def statistics(self) -> FeedStatistics:
         return FeedStatistics(**self._counts)
+
+    async def wait_connected(self, connected: bool = True) -> None:
+        """Wait until both tasks are connected to Redis (or, with False, one is not)."""
+        while self.health().connected is not connected:
+            await self._health_changed.wait()
+        await trio.lowlevel.checkpoint()
+
+    def _set_connected(self, name: str, connected: bool) -> None:
+        self._connected[name] = connected
+        self._health_changed.set()
+        self._health_changed = trio.Event()
 
     async def wait_ready(self) -> None:
         """Wait until both tasks have connected once (the stores' tails are delivered and
@@ -170,14 +182,12 @@ class EdgeFeed:
                         self._counts["reconnects"] += 1
                         log.info("edge feed (%s): reconnected to Redis at %s", name, self.url)
                     attempt = 0
-                    self._connected[name] = True
+                    self._set_connected(name, True)
                     await body(client, sink)
-            except Exception as exc:
-                failure = redis_failure(exc)
-                if failure is None:
-                    raise
-                self._connected[name] = False
+            except BaseException as exc:
+                failure = failure_or_raise(exc)
                 self._last_error = describe(failure)
+                self._set_connected(name, False)
                 log.warning("edge feed (%s): Redis failed (%s), retrying", name, self._last_error)
             attempt += 1
             await trio.sleep(self.settings.backoff.delay(attempt))

@@ -43,9 +43,9 @@ from tradecanvas.bus.outbox import (
 from tradecanvas.bus.redis_io import (
     BusHealth,
     describe,
+    failure_or_raise,
     is_refusal,
     open_redis,
-    redis_failure,
 )
 from tradecanvas.model import Candle
 from tradecanvas.pipeline.commit import PipelineResult
@@ -110,7 +110,7 @@ class BusPublisher:
         self._work = trio.Event()
         self._settled = trio.Event()  # set (and replaced) after every batch is answered
         self._connected = False
-        self._connected_event = trio.Event()
+        self._health_changed = trio.Event()
         self._last_error: str | None = None
         self._closing = False
         self._batches = 0
@@ -167,9 +167,16 @@ class BusPublisher:
             self._outbox.statistics(), self._batches, self._reconnects, self._events_without_id
         )
 
-    async def wait_connected(self) -> None:
-        """Wait until the publisher has connected to Redis (once)."""
-        await self._connected_event.wait()
+    async def wait_connected(self, connected: bool = True) -> None:
+        """Wait until the publisher is connected to Redis (or, with False, is not)."""
+        while self._connected is not connected:
+            await self._health_changed.wait()
+        await trio.lowlevel.checkpoint()
+
+    def _set_connected(self, connected: bool) -> None:
+        self._connected = connected
+        self._health_changed.set()
+        self._health_changed = trio.Event()
 
     async def wait_drained(self) -> None:
         """Wait until every entry queued so far is answered by Redis (tests, shutdown)."""
@@ -198,16 +205,13 @@ class BusPublisher:
                         self._reconnects += 1
                         log.info("bus publisher: reconnected to Redis at %s", self.url)
                     attempt = 0
-                    self._connected = True
-                    self._connected_event.set()
+                    self._set_connected(True)
                     await self._send_until_closed(client)
                     return
-            except Exception as exc:
-                failure = redis_failure(exc)
-                if failure is None:
-                    raise
-                self._connected = False
+            except BaseException as exc:
+                failure = failure_or_raise(exc)
                 self._last_error = describe(failure)
+                self._set_connected(False)
                 log.warning(
                     "bus publisher: Redis failed (%s); %d entries wait, retrying",
                     self._last_error,

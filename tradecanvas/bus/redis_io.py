@@ -66,6 +66,20 @@ def redis_failure(exc: BaseException) -> BaseException | None:
     return None
 
 
+def failure_or_raise(exc: BaseException) -> BaseException:
+    """The Redis failure in ``exc``, to retry after; re-raises ``exc`` when it holds none,
+    and only the cancellation when it holds one too (coredis's clean-up of a connection can
+    fail while it is being cancelled: the cancellation is what happened)."""
+    failure = redis_failure(exc)
+    if failure is None:
+        raise exc
+    if isinstance(exc, BaseExceptionGroup):
+        cancelled, _ = exc.split(trio.Cancelled)
+        if cancelled is not None:
+            raise cancelled from None
+    return failure
+
+
 def describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
