@@ -17,7 +17,7 @@ or resynchronise from the store on reconnecting, see :mod:`tradecanvas.bus.curso
 
 from __future__ import annotations
 
-from typing import Final
+from typing import Final, NamedTuple
 
 import attrs
 
@@ -27,9 +27,9 @@ from tradecanvas.model import MS, Timeframe
 DEFAULT_PREFIX: Final = "tradecanvas:"
 
 
-@attrs.frozen(order=True)
-class StreamId:
-    """A Redis stream entry ID ``<ms>-<seq>``, ordered as Redis orders them."""
+class StreamId(NamedTuple):
+    """A Redis stream entry ID ``<ms>-<seq>``, ordered as Redis orders them (a tuple: the
+    publisher compares one per candle)."""
 
     ms: int
     seq: int = 0

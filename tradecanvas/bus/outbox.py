@@ -26,7 +26,7 @@ from __future__ import annotations
 import enum
 import itertools
 from collections.abc import Sequence
-from typing import Final
+from typing import Final, NamedTuple
 
 import attrs
 
@@ -41,8 +41,9 @@ class Answer(enum.Enum):
     FAILED = "failed"  # another error for this entry; dropped, edges fill from the store
 
 
-@attrs.frozen
-class Entry:
+class Entry(NamedTuple):
+    """One XADD (a tuple: one is made per candle)."""
+
     stream: str
     entry_id: StreamId
     payload: bytes
