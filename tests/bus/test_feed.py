@@ -23,6 +23,7 @@ from tests.bus.rig import (
     stored,
     stored_events,
 )
+from tradecanvas.bus.feed import system_event_from_stored
 from tradecanvas.bus.ids import StreamId, StreamKeys, candle_entry_id
 from tradecanvas.bus.publisher import BusPublisher, PublisherSettings
 from tradecanvas.bus.redis_io import open_redis
@@ -67,6 +68,9 @@ async def test_publish_to_feed_in_order_exactly_once(
         assert sink.closed[BTC1] == want1
         assert sink.closed[BTC5] == want5
         assert [e.event_id for e in sink.events] == events
+        # what the events stream carried is what the event log holds (a hole's fill)
+        logged = await pipeline.store.events_after(0, limit=1000)
+        assert sink.events == [system_event_from_stored(e) for e in logged]
         stats = publisher.statistics()
         # the five backfilled minutes and the 5m bar they completed
         assert stats.outbox.already_published == 6 and stats.outbox.appended > 0
