@@ -7,6 +7,7 @@ from pathlib import Path
 
 import trio
 
+from tests.bus.conftest import PrivateRedis
 from tests.bus.rig import (
     BTC1,
     T0,
@@ -136,5 +137,36 @@ async def test_a_hole_in_the_events_stream_is_filled_from_the_event_log(
             nursery.cancel_scope.cancel()
         assert [e.event_id for e in sink.events] == events
         assert sink.closed == {}
+    finally:
+        await pipeline.store.aclose()
+
+
+async def test_started_without_redis_it_holds_a_bounded_backlog_and_edges_fill_the_rest(
+    private_redis: PrivateRedis, tmp_path: Path
+) -> None:
+    keys = StreamKeys("down:")
+    url = private_redis.url  # nothing listens there yet
+    publisher = BusPublisher(url, PublisherSettings(keys=keys, max_backlog=10))
+    pipeline = await open_pipeline(tmp_path, publisher)
+    sink = RecordingSink()
+    history = minutes(T0, 30)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(publisher.run)  # started at once: ingest never waits on Redis
+            await commit_and_publish(pipeline, history)  # 30 minutes and 6 bars of 5m
+            assert not publisher.health().connected
+            assert publisher.health().backlog == 10
+            # 30 minutes, 6 bars of 5m and 2 new_series events: the oldest 28 are dropped
+            assert publisher.statistics().outbox.dropped == 38 - 10
+            await private_redis.start()
+            await publisher.wait_drained()
+            async with open_redis(url) as client:
+                assert await client.xlen(keys.series(BTC1)) < 30
+            feed = edge_feed(url, pipeline.store, keys, series={BTC1: T0 - 60})
+            await nursery.start(feed.run, sink)
+            await sink.wait_for(lambda: sink.times(BTC1)[-1:] == [history[-1].candle_time])
+            nursery.cancel_scope.cancel()
+        assert sink.closed[BTC1] == history
+        assert publisher.statistics().reconnects >= 1
     finally:
         await pipeline.store.aclose()
