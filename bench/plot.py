@@ -3,6 +3,7 @@ and a short text summary of a py-spy profile (the functions with the most sample
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from pathlib import Path
 from typing import Final
@@ -59,7 +60,8 @@ def summarize_profile(raw: Path, top: int = 25) -> Path:
             continue
         count = int(count_text)
         total += count
-        frames = stack.split(";")
+        # "function (file:line)" → "function (file)": a function's lines summed
+        frames = [re.sub(r":\d+\)$", ")", f) for f in stack.split(";")]
         for name in set(frames):
             inclusive[name] += count
         own[frames[-1]] += count
