@@ -69,11 +69,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         for figure in BENCHES[name](sizes, rounds, args.profile):
             figures.append(figure)
             sys.stdout.write(figure.line() + "\n")
+            sys.stdout.write(f"     {json.dumps(figure.raw, default=str)[:600]}\n")
             sys.stdout.flush()
         seconds[name] = round(time.monotonic() - start, 1)
+        # after every benchmark, so that an interrupted run keeps what it measured
+        _write(out, args.smoke, rounds, only, seconds, figures)
+    sys.stdout.write(f"wrote {out}\n")
+    return 0
+
+
+def _write(
+    out: Path,
+    smoke: bool,
+    rounds: int | None,
+    only: list[str],
+    seconds: dict[str, float],
+    figures: list[Figure],
+) -> None:
     summary = {
         "date": utc_now(),
-        "smoke": args.smoke,
+        "smoke": smoke,
         "rounds": rounds,
         "benchmarks_run": only,
         "seconds_per_benchmark": seconds,
@@ -83,9 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "keys": {f.key: f.to_json() for f in figures},
     }
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(summary, indent=2, sort_keys=False) + "\n")
-    sys.stdout.write(f"wrote {out}\n")
-    return 0
+    out.write_text(json.dumps(summary, indent=2) + "\n")
 
 
 if __name__ == "__main__":

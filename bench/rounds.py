@@ -95,12 +95,13 @@ async def run_round(
     *,
     speed: str,
     forming_per_bar: int = 0,
-    observe: bool = False,
+    observe: Sequence[str] = (),
     profile: Path | None = None,
     serve_flags: dict[str, str] | None = None,
 ) -> RoundData:
     """Run the whole replay through ``system`` (``daemon``, ``naive`` or ``raw``) to
-    ``clients``, until each has the last bar on every series."""
+    ``clients``, until each has the last bar on every series; the observer follows the
+    ``observe`` streams (none: no observer)."""
     with tempfile.TemporaryDirectory(prefix=f"bench-{system}-") as d:
         work = Path(d)
         async with children() as kids:
@@ -120,7 +121,7 @@ async def run_round(
             observer = Observer()
             async with trio.open_nursery() as nursery:
                 if observe:
-                    await nursery.start(observer.run, replay_ws, list(market.streams))
+                    await nursery.start(observer.run, replay_ws, list(observe))
                 plan = work / "plan.json"
                 plan.write_text(
                     json.dumps(
