@@ -23,7 +23,7 @@ from bench.sizes import FULL, SMOKE, Sizes
 # key → the function that measures it (several keys share one scenario)
 Bench = Callable[[Sizes, int | None, bool], list[Figure]]
 BENCHES: Final[dict[str, Bench]] = {
-    "commit": lambda s, r, p: [micro.bench_commit(r or s.micro_rounds, s.commit_minutes)],
+    "commit": lambda s, r, p: [micro.bench_commit(r or s.commit_rounds, s.commit_minutes)],
     "derive": lambda s, r, p: [micro.bench_derive(r or s.micro_rounds, s.derive_minutes)],
     "parse": lambda s, r, p: [micro.bench_parse(r or s.micro_rounds, s.parse_repeat)],
     "burst": lambda s, r, p: scenarios.bench_burst(s, r, profile=p),

@@ -197,6 +197,8 @@ def bench_derive(rounds: int, minutes: int) -> Figure:
             "derive_us_per_minute": ours_s / len(week) * 1e6,
             "naive_s": naive_s,
             "naive_us_per_minute": naive_s / len(week) * 1e6,
+            "rounds": rounds,
+            "min_ratio": min(ours) / min(naive),
         },
     )
 
@@ -278,5 +280,7 @@ def bench_parse(rounds: int, repeat: int) -> Figure:
             "distinct_frames": len(frames),
             "ours_frames_per_s": ours_fps,
             "cryptofeed_frames_per_s": theirs_fps,
+            "rounds": rounds,
+            "min_ratio": min(base) / min(ours),
         },
     )

@@ -26,14 +26,22 @@ def latency_png(points: dict[str, list[dict[str, float]]], sizes: Sizes) -> str:
 
     out = FULL_PNG if sizes == FULL else SMOKE_PNG
     fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=110)
+    colors = {"daemon": "tab:red", "naive": "tab:blue"}
     for system, rows in points.items():
+        rows = sorted(rows, key=lambda r: r["achieved_load"])
         loads = [r["achieved_load"] for r in rows]
-        for q, style in (("p99_ms", "-o"), ("p50_ms", "--o")):
-            ax.plot(loads, [r[q] for r in rows], style, label=f"{LABELS[system]} {q[:3]}")
+        for q, style in (("p99_ms", "-o"), ("p50_ms", "--s")):
+            ax.plot(
+                loads,
+                [r[q] for r in rows],
+                style,
+                color=colors.get(system),
+                label=f"{LABELS[system]} {q[:3]}",
+            )
     ax.axhline(5.0, color="grey", linewidth=0.8, linestyle=":", label="p99 target (5 ms)")
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xlabel("closed candles/s sent by the replay")
+    ax.set_xlabel("closed candles/s the replay achieved (each point one load setting)")
     ax.set_ylabel("close frame sent → subscriber received (ms)")
     ax.set_title(
         f"Delivery latency vs load: {sizes.latency_series} series, "

@@ -8,7 +8,8 @@ import attrs
 
 @attrs.frozen
 class Sizes:
-    micro_rounds: int  # commit, derive, parse
+    micro_rounds: int  # derive and parse: many short rounds, finely interleaved
+    commit_rounds: int
     commit_minutes: int  # batches of 400 candles
     derive_minutes: int
     parse_repeat: int  # passes over the captured frames
@@ -41,10 +42,11 @@ class Sizes:
 
 
 FULL = Sizes(
-    micro_rounds=5,
+    micro_rounds=15,
+    commit_rounds=5,
     commit_minutes=20,
     derive_minutes=10080,
-    parse_repeat=300,
+    parse_repeat=60,
     burst_symbols=400,
     burst_subscribers=1000,
     burst_series_per_subscriber=3,
@@ -52,7 +54,7 @@ FULL = Sizes(
     burst_boundaries=4,
     burst_speed=15,
     burst_rounds=2,
-    fanout=((50, 400), (1000, 30)),
+    fanout=((50, 400), (1000, 60)),
     fanout_rounds=2,
     latency_series=100,
     latency_subscribers=50,
@@ -70,6 +72,7 @@ FULL = Sizes(
 
 SMOKE = Sizes(
     micro_rounds=1,
+    commit_rounds=1,
     commit_minutes=2,
     derive_minutes=100,
     parse_repeat=1,
