@@ -38,7 +38,9 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--smoke", action="store_true", help="tiny sizes; checks no numbers")
     parser.add_argument(
-        "--only", default="", help=f"comma-separated benchmarks (default all: {','.join(BENCHES)})"
+        "--only",
+        default="",
+        help=f"comma-separated benchmarks or summary keys (default all: {','.join(BENCHES)})",
     )
     parser.add_argument(
         "--rounds", type=int, help="rounds per side (default: per benchmark, bench/sizes.py)"
@@ -52,7 +54,13 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parse(argv)
-    only = [k for k in args.only.split(",") if k] or list(BENCHES)
+    # a benchmark's name, or a summary key it measures (burst_ratio_vs_naive_relay → burst)
+    only: list[str] = []
+    for name in [k for k in args.only.split(",") if k] or list(BENCHES):
+        first_word = name.split("_", 1)[0]
+        name = first_word if first_word in BENCHES else name
+        if name not in only:
+            only.append(name)
     unknown = [k for k in only if k not in BENCHES]
     if unknown:
         sys.stderr.write(f"unknown benchmark(s): {', '.join(unknown)}\n")
