@@ -28,8 +28,8 @@ def latency_png(points: dict[str, list[dict[str, float]]], sizes: Sizes) -> str:
     fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=110)
     colors = {"daemon": "tab:red", "naive": "tab:blue"}
     for system, rows in points.items():
-        rows = sorted(rows, key=lambda r: r["achieved_load"])
-        loads = [r["achieved_load"] for r in rows]
+        rows = sorted(rows, key=lambda r: r["load"])
+        loads = [r["load"] for r in rows]
         for q, style in (("p99_ms", "-o"), ("p50_ms", "--s")):
             ax.plot(
                 loads,
@@ -38,10 +38,21 @@ def latency_png(points: dict[str, list[dict[str, float]]], sizes: Sizes) -> str:
                 color=colors.get(system),
                 label=f"{LABELS[system]} {q[:3]}",
             )
+        # what the replay achieved with this system behind it (a system that cannot keep
+        # up slows the replay down: its reads set the pace)
+        for r in rows:
+            ax.annotate(
+                f"{r['achieved_load']:,.0f}/s",
+                (r["load"], r["p99_ms"]),
+                textcoords="offset points",
+                xytext=(4, 6),
+                fontsize=7,
+                color=colors.get(system),
+            )
     ax.axhline(5.0, color="grey", linewidth=0.8, linestyle=":", label="p99 target (5 ms)")
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xlabel("closed candles/s the replay achieved (each point one load setting)")
+    ax.set_xlabel("closed candles/s requested of the replay (labels: what it achieved, closes/s)")
     ax.set_ylabel("close frame sent → subscriber received (ms)")
     ax.set_title(
         f"Delivery latency vs load: {sizes.latency_series} series, "
