@@ -70,6 +70,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     out: Path = args.out or (RESULTS / ("smoke-summary.json" if args.smoke else "summary.json"))
     figures: list[Figure] = []
     seconds: dict[str, float] = {}
+    # the commit measured, not a later one
+    started: dict[str, object] = {"date": utc_now(), "versions": versions()}
     for name in only:
         start = time.monotonic()
         sys.stdout.write(f"== {name}\n")
@@ -81,13 +83,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             sys.stdout.flush()
         seconds[name] = round(time.monotonic() - start, 1)
         # after every benchmark, so that an interrupted run keeps what it measured
-        _write(out, args.smoke, rounds, only, seconds, figures)
+        _write(out, started, args.smoke, rounds, only, seconds, figures)
     sys.stdout.write(f"wrote {out}\n")
     return 0
 
 
 def _write(
     out: Path,
+    started: dict[str, object],
     smoke: bool,
     rounds: int | None,
     only: list[str],
@@ -95,13 +98,14 @@ def _write(
     figures: list[Figure],
 ) -> None:
     summary = {
-        "date": utc_now(),
+        "date": started["date"],
+        "finished": utc_now(),
         "smoke": smoke,
         "rounds": rounds,
         "benchmarks_run": only,
         "seconds_per_benchmark": seconds,
         "machine": machine(),
-        "versions": versions(),
+        "versions": started["versions"],
         "all_pass": all(f.passed is not False for f in figures),
         "keys": {f.key: f.to_json() for f in figures},
     }
