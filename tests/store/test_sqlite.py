@@ -9,7 +9,7 @@ import trio
 
 from tests.conftest import candle, flat_minutes
 from tradecanvas.errors import StoreError
-from tradecanvas.store.sqlite import SCHEMA_VERSION, CandleStore, UpsertOutcome
+from tradecanvas.store.sqlite import SCHEMA_VERSION, CandleStore, StoredCandle, UpsertOutcome
 
 SID = "binance:futures:BTC/USDT:1m"
 
@@ -186,4 +186,33 @@ async def test_a_write_waiting_for_the_writer_survives_cancellation(tmp_path: Pa
             nursery.start_soon(cancel_then_release)
             await store.upsert(SID, [candle(60, "1", "1", "1", "1")], "ws")
     assert await store.head_time(SID) == 60
+    await store.aclose()
+
+
+async def test_upsert_of_scattered_times_reads_them_exactly(tmp_path: Path) -> None:
+    """Times far apart are looked up by value (not one scan of everything between)."""
+    store = await CandleStore.open(tmp_path / "m.sqlite3")
+    await store.upsert(SID, list(flat_minutes(0, 50)), "rest")
+    far = [candle(60, "100", "100", "100", "100"), candle(600_000, "1", "1", "1", "1")]
+    far += [candle(60 * 40, "100", "101", "100", "100")]
+    outcomes = await store.upsert(SID, sorted(far, key=lambda c: c.candle_time), "ws")
+    assert outcomes == [UpsertOutcome.UNCHANGED, UpsertOutcome.REVISED, UpsertOutcome.NEW]
+    assert [s.candle.high for s in await store.range(SID, 2400, 2401)] == [Decimal(101)]
+    await store.aclose()
+
+
+async def test_write_rows_first_time_and_the_sequence(tmp_path: Path) -> None:
+    store = await CandleStore.open(tmp_path / "m.sqlite3")
+    rows = [StoredCandle(c, "derived", i % 2 == 0) for i, c in enumerate(flat_minutes(120, 3))]
+    assert await store.write(lambda txn: txn.first_time(SID)) is None
+    await store.write(lambda txn: txn.write_rows(SID, rows))
+    assert await store.range(SID, 0, 1000) == rows
+    assert await store.write(lambda txn: txn.first_time(SID)) == 120
+    # one more per write transaction; more when another connection committed in between
+    first = await store.write(lambda txn: txn.sequence)
+    assert await store.write(lambda txn: txn.sequence) == first + 1
+    other = await CandleStore.open(tmp_path / "m.sqlite3")
+    await other.set_meta("k", "v")
+    await other.aclose()
+    assert await store.write(lambda txn: txn.sequence) > first + 2
     await store.aclose()
