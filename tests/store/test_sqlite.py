@@ -9,6 +9,7 @@ import trio
 
 from tests.conftest import candle, flat_minutes
 from tradecanvas.errors import StoreError
+from tradecanvas.model import Candle
 from tradecanvas.store.sqlite import SCHEMA_VERSION, CandleStore, StoredCandle, UpsertOutcome
 
 SID = "binance:futures:BTC/USDT:1m"
@@ -216,3 +217,18 @@ async def test_write_rows_first_time_and_the_sequence(tmp_path: Path) -> None:
     await other.aclose()
     assert await store.write(lambda txn: txn.sequence) > first + 2
     await store.aclose()
+
+
+async def test_decimals_are_stored_as_plain_text_never_in_exponent_form(tmp_path: Path) -> None:
+    store = await CandleStore.open(tmp_path / "m.sqlite3")
+    c = Candle(60, Decimal("1E+2"), Decimal("1E+2"), Decimal("0.0000001"), Decimal("5E+1"),
+               Decimal("0E-8"), Decimal("1.50"), 3, None, Decimal("2E-7"))  # fmt: skip
+    await store.upsert(SID, [c], "ws")
+    await store.aclose()
+    conn = sqlite3.connect(tmp_path / "m.sqlite3")
+    row = conn.execute(
+        "SELECT open, high, low, close, volume, quote_volume, taker_buy_base, taker_buy_quote"
+        " FROM candles"
+    ).fetchone()
+    conn.close()
+    assert row == ("100", "100", "0.0000001", "50", "0.00000000", "1.50", None, "0.0000002")

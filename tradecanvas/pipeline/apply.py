@@ -17,6 +17,7 @@ plain reference implementation):
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Final, final
 
@@ -30,7 +31,7 @@ from tradecanvas.model import (
     derivation_sources,
 )
 from tradecanvas.pipeline.batch import IngestBatch, SeriesUpdate, dedupe
-from tradecanvas.pipeline.derive import Part, derive_parts, parts_in
+from tradecanvas.pipeline.derive import aggregate, parts_in
 from tradecanvas.pipeline.events import SystemEvent, gap_event, rebuild_events_for
 from tradecanvas.pipeline.recent import RecentBars
 from tradecanvas.store.txn import StoreTxn
@@ -128,12 +129,13 @@ class BatchCommit:
                 continue
             # settled: every minute up to here is stored or confirmed absent at the exchange
             settled = max([head] + [end - MINUTE for _, end in holes])
+            changed_times = [c.candle_time for c in changed]
             series_updates: list[tuple[int, SeriesUpdate]] = []
             for tf in sorted(self.plan.derived):
                 phase = self.phase_of(series) if tf.phased else 0
                 if phase is None:
                     continue  # the symbol's grid is not known yet (see set_phase)
-                buckets = _buckets_of(tf, phase, [c.candle_time for c in changed])
+                buckets = _buckets_of(tf, phase, changed_times)
                 if previous_head is not None and head > previous_head:
                     # the bucket of the old head may have been waiting for a confirmed hole
                     buckets.add(tf.floor(previous_head, phase))
@@ -248,26 +250,24 @@ class BatchCommit:
         """The bar of one bucket from its stored source bars (non-empty), or None when it is
         not to be stored (yet)."""
         expected = parts_in(source, tf, bucket)
-        parts = [Part(s.candle, s.complete) for s in stored]
-        result = derive_parts(bucket, expected, parts, None)  # previous close: below
-        assert result is not None
-        if not result.complete and head < tf.next_open(bucket) - MINUTE:
+        candles = [s.candle for s in stored]
+        # the rows are the store's: distinct times, so complete means all there and complete
+        complete = len(stored) == expected and all(s.complete for s in stored)
+        if not complete and head < tf.next_open(bucket) - MINUTE:
             return None  # still filling; finalised once its last minute is settled
-        all_empty = all(s.candle.volume == 0 for s in stored)
-        starts_late = stored[0].candle.candle_time > bucket
+        all_empty = all(c.volume == 0 for c in candles)
+        starts_late = candles[0].candle_time > bucket
         before = None
-        if all_empty or (not result.complete and starts_late):
+        if all_empty or (not complete and starts_late):
             before = self.recent.last_before(self.txn, source_sid, bucket)
-        if not result.complete and before is None and starts_late:
+        if not complete and before is None and starts_late:
             # the store's history starts inside this bucket (an initial backfill from a
             # minute that is not bucket-aligned): Binance's bar holds minutes we never
             # fetched, so a bar from ours would be wrong; leave it out
             return None
-        if before is not None and all_empty:
-            # an all-empty bucket is flat at the previous close
-            result = derive_parts(bucket, expected, parts, before.candle.close)
-            assert result is not None
-        return result.candle, result.complete
+        # an all-empty bucket is flat at the previous close
+        previous_close = before.candle.close if before is not None and all_empty else None
+        return aggregate(bucket, candles, previous_close), complete
 
     def fingerprint_events(self, series_id: str, previous_head: int | None) -> list[SystemEvent]:
         """Once per series per process: does the store hold it under other settings?"""
@@ -301,12 +301,15 @@ class BatchCommit:
 
 
 def _buckets_of(tf: Timeframe, phase: int, times: Sequence[int]) -> set[int]:
-    """``{tf.floor(t, phase) for t in times}``, by plain arithmetic for fixed lengths."""
-    if not tf.fixed:
-        return {tf.floor(t, phase) for t in times}
-    length = tf.seconds
-    offset = tf.floor(length * 1000, phase) % length  # any open time, modulo the length
-    return {t - (t - offset) % length for t in times}
+    """``{tf.floor(t, phase) for t in times}`` for ascending ``times``: one floor per bucket,
+    the bucket's other times skipped by bisection."""
+    buckets: set[int] = set()
+    i, count = 0, len(times)
+    while i < count:
+        bucket = tf.floor(times[i], phase)
+        buckets.add(bucket)
+        i = bisect.bisect_left(times, tf.next_open(bucket), i + 1)
+    return buckets
 
 
 def _runs(times: Sequence[int], gap: int) -> Iterator[tuple[int, int]]:

@@ -19,7 +19,7 @@ is forgotten. A failed transaction must call :meth:`forget` (what it put in was 
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Final, Protocol, final
 
 from tradecanvas.store.types import StoredCandle
@@ -170,18 +170,30 @@ class RecentBars:
             known.cover(row.candle.candle_time, t)
         return row
 
-    def wrote(self, series_id: str, rows: Iterable[StoredCandle]) -> None:
+    def wrote(self, series_id: str, rows: Sequence[StoredCandle]) -> None:
         """``rows`` are now stored as given (the transaction wrote them)."""
+        if not rows:
+            return
         known = self._known(series_id)
+        head = known.head
+        newest = max(row.candle.candle_time for row in rows)
+        if known.head_known and (head is None or newest > head):
+            # nothing was stored above the old head: all of it up to the newest is known now
+            known.cover(_LOW if head is None else head + 1, newest + 1)
+            known.head = newest
+        times = known.times
+        stored = known.rows
         for row in rows:
             t = row.candle.candle_time
-            known.put(row)
-            if known.head_known and (known.head is None or t > known.head):
-                # nothing was stored above the old head: all of it up to t is known now
-                known.cover(_LOW if known.head is None else known.head + 1, t + 1)
-                known.head = t
-            elif known.gaps(t, t + 1):
-                known.cover(t, t + 1)
+            if t not in stored:
+                if not times or t > times[-1]:
+                    times.append(t)
+                else:
+                    bisect.insort(times, t)
+                # below the old head: known only if it was read first
+                if (head is None or t <= head) and known.gaps(t, t + 1):
+                    known.cover(t, t + 1)
+            stored[t] = row
 
     def trim(self, series_id: str, keep_from: int | None) -> None:
         """Forget the series' rows before ``keep_from`` (all of them for None), and all but

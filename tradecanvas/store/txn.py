@@ -31,7 +31,45 @@ _IN_CHUNK: Final = 500
 
 
 def _text(value: Decimal | None) -> str | None:
-    return None if value is None else format(value, "f")
+    return None if value is None else _plain(value)
+
+
+def _plain(value: Decimal) -> str:
+    """The decimal's text without an exponent (``format(value, "f")``; ``str`` is three
+    times faster and the same unless it chose scientific notation)."""
+    text = str(value)
+    return format(value, "f") if "E" in text else text
+
+
+def _row_values(series_id: str, row: StoredCandle) -> tuple[object, ...]:
+    """The ``candles`` row of ``row``: decimals as plain text (see :func:`_plain`), built
+    inline since it runs for every candle written."""
+    c = row.candle
+    o, h, lo, cl, v = str(c.open), str(c.high), str(c.low), str(c.close), str(c.volume)
+    q, tb, tq = c.quote_volume, c.taker_buy_base, c.taker_buy_quote
+    qt = None if q is None else str(q)
+    tbt = None if tb is None else str(tb)
+    tqt = None if tq is None else str(tq)
+    if "E" in o + h + lo + cl + v + (qt or "") + (tbt or "") + (tqt or ""):
+        # str chose scientific notation somewhere: the store keeps plain decimals
+        o, h, lo, cl, v = (_plain(x) for x in (c.open, c.high, c.low, c.close, c.volume))
+        qt, tbt, tqt = _text(q), _text(tb), _text(tq)
+    source: str = row.source
+    return (
+        series_id,
+        c.candle_time,
+        o,
+        h,
+        lo,
+        cl,
+        v,
+        qt,
+        c.trades,
+        tbt,
+        tqt,
+        source,
+        int(row.complete),
+    )
 
 
 def _dec(text: str | None) -> Decimal | None:
@@ -127,25 +165,7 @@ class StoreTxn:
         self._conn.executemany(
             f"INSERT OR REPLACE INTO candles (series_id, {_COLUMNS})"  # noqa: S608
             " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            [
-                (
-                    series_id,
-                    c.candle_time,
-                    format(c.open, "f"),
-                    format(c.high, "f"),
-                    format(c.low, "f"),
-                    format(c.close, "f"),
-                    format(c.volume, "f"),
-                    _text(c.quote_volume),
-                    c.trades,
-                    _text(c.taker_buy_base),
-                    _text(c.taker_buy_quote),
-                    row.source,
-                    int(row.complete),
-                )
-                for row in rows
-                for c in (row.candle,)
-            ],
+            [_row_values(series_id, row) for row in rows],
         )
 
     def range(self, series_id: str, start: int, end: int) -> list[StoredCandle]:
