@@ -45,7 +45,7 @@ def test_answers_equal_the_store(
     initial: list[tuple[int, int]], script: list[tuple[str, object, int]]
 ) -> None:
     txn = _txn()
-    txn.write_rows(SID, [row(t, p) for t, p in dict(initial).items()])
+    txn.write_rows([(SID, row(t, p)) for t, p in dict(initial).items()])
     recent = RecentBars()
     for op, arg, n in script:
         if op == "write":
@@ -55,7 +55,7 @@ def test_answers_equal_the_store(
                 recent.range(txn, SID, t, t + 1)
             recent.head(txn, SID)
             rows = [row(t, n) for t in sorted(set(arg))]
-            txn.write_rows(SID, rows)
+            txn.write_rows([(SID, r) for r in rows])
             recent.wrote(SID, rows)
         elif op == "range":
             assert isinstance(arg, int)
@@ -73,7 +73,7 @@ def test_answers_equal_the_store(
 
 def test_reads_only_the_gaps_and_nothing_above_a_known_head() -> None:
     txn = _txn()
-    txn.write_rows(SID, [row(t) for t in range(0, 600, 60)])
+    txn.write_rows([(SID, row(t)) for t in range(0, 600, 60)])
     recent = RecentBars()
     assert recent.head(txn, SID) == 540
     assert len(recent.range(txn, SID, 120, 300)) == 3
@@ -95,7 +95,7 @@ def test_trim_keeps_a_bounded_tail_and_begin_forgets_after_a_gap_in_sequence() -
     recent.begin(1)
     assert recent.head(txn, SID) is None
     rows = [row(60 * i) for i in range(MAX_ROWS_PER_SERIES + 10)]
-    txn.write_rows(SID, rows)
+    txn.write_rows([(SID, r) for r in rows])
     recent.wrote(SID, rows)
     recent.trim(SID, 0)
     assert len(recent.cached_rows(SID)) == MAX_ROWS_PER_SERIES

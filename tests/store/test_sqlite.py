@@ -206,7 +206,7 @@ async def test_write_rows_first_time_and_the_sequence(tmp_path: Path) -> None:
     store = await CandleStore.open(tmp_path / "m.sqlite3")
     rows = [StoredCandle(c, "derived", i % 2 == 0) for i, c in enumerate(flat_minutes(120, 3))]
     assert await store.write(lambda txn: txn.first_time(SID)) is None
-    await store.write(lambda txn: txn.write_rows(SID, rows))
+    await store.write(lambda txn: txn.write_rows([(SID, r) for r in rows]))
     assert await store.range(SID, 0, 1000) == rows
     assert await store.write(lambda txn: txn.first_time(SID)) == 120
     # one more per write transaction; more when another connection committed in between

@@ -45,6 +45,34 @@ SOURCE_BARS_PER_STEP: Final = 4096
 
 
 @attrs.frozen
+class Level:
+    """One derived timeframe with what its commit asks of it every time, worked out once."""
+
+    tf: Timeframe
+    source: Timeframe
+    order: int  # in the configured list
+    # fixed grids that do not depend on the symbol: bucket = t - (t - offset) % length
+    length: int | None
+    offset: int
+    parts: int | None  # source bars in a bucket (None: it varies, a month)
+
+    @classmethod
+    def of(cls, tf: Timeframe, source: Timeframe, order: int) -> Level:
+        grid = tf.fixed and not tf.phased
+        offset = tf.floor(tf.seconds * 1000) % tf.seconds if grid else 0
+        parts = tf.seconds // source.seconds if tf.fixed else None
+        return cls(tf, source, order, tf.seconds if grid else None, offset, parts)
+
+    def floor(self, t: int, phase: int) -> int:
+        if self.length is None:
+            return self.tf.floor(t, phase)
+        return t - (t - self.offset) % self.length
+
+    def next_open(self, bucket: int) -> int:
+        return self.tf.next_open(bucket) if self.length is None else bucket + self.length
+
+
+@attrs.frozen
 class DerivationPlan:
     """Which timeframes are derived, each from which (:func:`derivation_sources`), and for
     each timeframe the ones built from it (whose current bucket RecentBars keeps)."""
@@ -53,6 +81,10 @@ class DerivationPlan:
     sources: Mapping[Timeframe, Timeframe]
     order: Mapping[Timeframe, int]
     consumers: Mapping[Timeframe, tuple[Timeframe, ...]]
+    ascending: tuple[Timeframe, ...] = ()  # derived, shortest first (each after its source)
+    levels: tuple[Level, ...] = ()  # in ``ascending`` order
+    # by a timeframe's text: the levels built from it (whose current bucket RecentBars keeps)
+    consumed_by: Mapping[str, tuple[Level, ...]] = attrs.field(factory=dict)
 
     @classmethod
     def of(cls, derived: Sequence[Timeframe]) -> DerivationPlan:
@@ -60,7 +92,14 @@ class DerivationPlan:
         consumers: dict[Timeframe, tuple[Timeframe, ...]] = {}
         for tf, source in sources.items():
             consumers[source] = (*consumers.get(source, ()), tf)
-        return cls(tuple(derived), sources, {tf: i for i, tf in enumerate(derived)}, consumers)
+        order = {tf: i for i, tf in enumerate(derived)}
+        ascending = tuple(sorted(derived))
+        levels = tuple(Level.of(tf, sources[tf], order[tf]) for tf in ascending)
+        consumed_by = {
+            source.text: tuple(level for level in levels if level.source == source)
+            for source in consumers
+        }
+        return cls(tuple(derived), sources, order, consumers, ascending, levels, consumed_by)
 
 
 @final
@@ -75,6 +114,7 @@ class BatchCommit:
         phase_of: Callable[[SeriesId], int | None],
         fingerprint: str,
         fingerprint_checked: set[str],
+        names: dict[tuple[str, str], tuple[SeriesId, str]] | None = None,
     ) -> None:
         self.txn = txn
         self.recent = recent
@@ -82,7 +122,12 @@ class BatchCommit:
         self.phase_of = phase_of
         self.fingerprint = fingerprint
         self.fingerprint_checked = fingerprint_checked
+        self.names = names if names is not None else {}
         self._touched: dict[str, SeriesId] = {}
+        # rows planned but not yet written: the rows of every series go in one executemany,
+        # written before any read of the store (and before RecentBars forgets anything)
+        self._pending: list[tuple[str, StoredCandle]] = []
+        self.reader = _FlushingReader(txn, self.flush)
 
     def commit(self, batch: IngestBatch) -> tuple[list[SeriesUpdate], list[SystemEvent], int]:
         """Store ``batch`` and derive from it: the updates (base series first, then derived),
@@ -102,28 +147,40 @@ class BatchCommit:
             if end > start:
                 events.append(gap_event(str(series), "exchange", start, end - MINUTE))
                 absent.setdefault(series, []).append((start, end))
-        for series in sorted(grouped.keys() | absent.keys()):
-            candles, dropped = dedupe(grouped.get(series, ()))
-            dropped_total += dropped
+        for series in sorted(grouped.keys() | absent.keys(), key=_series_order):
+            given = grouped.get(series, ())
+            if len(given) == 1:
+                candles: Sequence[Candle] = given
+            else:
+                candles, dropped = dedupe(given)
+                dropped_total += dropped
             sid = str(series)
             self._touched[sid] = series
-            previous_head = self.recent.head(txn, sid)
-            changed: list[Candle] = []
+            previous_head = self.recent.head(self.reader, sid)
+            changed: Sequence[Candle] = ()
             if candles:
-                outcomes = self._upsert_base(sid, candles, batch)
-                changed = [
-                    c
-                    for c, o in zip(candles, outcomes, strict=True)
-                    if o is not UpsertOutcome.UNCHANGED
-                ]
-                events.extend(self.fingerprint_events(sid, previous_head))
-                events.extend(rebuild_events_for(sid, previous_head, candles, outcomes))
+                if previous_head is None or candles[0].candle_time > previous_head:
+                    # all above the head (the live minute): new, and nothing to read
+                    outcomes = [UpsertOutcome.NEW] * len(candles)
+                    self._write(sid, [StoredCandle(c, batch.source, True) for c in candles])
+                    changed = candles
+                else:
+                    outcomes = self._upsert_base(sid, candles, batch)
+                    changed = [
+                        c
+                        for c, o in zip(candles, outcomes, strict=True)
+                        if o is not UpsertOutcome.UNCHANGED
+                    ]
+                if sid not in self.fingerprint_checked:
+                    events.extend(self.fingerprint_events(sid, previous_head))
+                if changed is not candles or previous_head is None:
+                    events.extend(rebuild_events_for(sid, previous_head, candles, outcomes))
                 if changed:
                     revised = sum(o is UpsertOutcome.REVISED for o in outcomes)
                     updates.append(
                         SeriesUpdate(sid, tuple(changed), derived=False, revised=revised)
                     )
-            head = self.recent.head(txn, sid)
+            head = self.recent.head(self.reader, sid)
             holes = absent.get(series, [])
             if head is None or not (changed or holes):
                 continue
@@ -131,20 +188,29 @@ class BatchCommit:
             settled = max([head] + [end - MINUTE for _, end in holes])
             changed_times = [c.candle_time for c in changed]
             series_updates: list[tuple[int, SeriesUpdate]] = []
-            for tf in sorted(self.plan.derived):
-                phase = self.phase_of(series) if tf.phased else 0
+            single = len(changed_times) == 1 and not holes
+            for level in self.plan.levels:
+                phase = self.phase_of(series) if level.tf.phased else 0
                 if phase is None:
                     continue  # the symbol's grid is not known yet (see set_phase)
-                buckets = _buckets_of(tf, phase, changed_times)
+                if single:  # the live minute
+                    buckets = {level.floor(changed_times[0], phase)}
+                else:
+                    buckets = _buckets_of(level.tf, phase, changed_times)
                 if previous_head is not None and head > previous_head:
                     # the bucket of the old head may have been waiting for a confirmed hole
-                    buckets.add(tf.floor(previous_head, phase))
+                    buckets.add(level.floor(previous_head, phase))
                 for start, end in holes:  # the buckets an absent run ends or follows
-                    buckets.update(tf.floor(t, phase) for t in (start - MINUTE, end - MINUTE))
-                update, tf_events = self.derive(series, tf, sorted(buckets), settled)
+                    buckets.update(level.floor(t, phase) for t in (start - MINUTE, end - MINUTE))
+                # only a bucket whose last minute is settled can give a bar: complete needs
+                # that minute stored, incomplete waits for it (the rule in _bar)
+                due = [b for b in sorted(buckets) if level.next_open(b) - MINUTE <= settled]
+                if not due:
+                    continue
+                update, tf_events = self.derive(series, level, due, settled, base_sid=sid)
                 events.extend(tf_events)
                 if update is not None:
-                    series_updates.append((self.plan.order[tf], update))
+                    series_updates.append((level.order, update))
             derived_updates.extend(u for _, u in sorted(series_updates, key=lambda x: x[0]))
         return updates + derived_updates, events, dropped_total
 
@@ -156,7 +222,8 @@ class BatchCommit:
         stored: dict[int, StoredCandle] = {}
         for first, last in _runs([c.candle_time for c in candles], RUN_GAP_S):
             stored.update(
-                (s.candle.candle_time, s) for s in self.recent.range(self.txn, sid, first, last + 1)
+                (s.candle.candle_time, s)
+                for s in self.recent.range(self.reader, sid, first, last + 1)
             )
         outcomes: list[UpsertOutcome] = []
         rows: list[StoredCandle] = []
@@ -165,50 +232,86 @@ class BatchCommit:
             outcomes.append(outcome)
             if row is not None:
                 rows.append(row)
-        self.txn.write_rows(sid, rows)
-        self.recent.wrote(sid, rows)
+        self._write(sid, rows)
         return outcomes
 
+    def _write(self, sid: str, rows: list[StoredCandle]) -> None:
+        if rows:
+            self.recent.wrote(sid, rows)
+            self._pending.extend((sid, row) for row in rows)
+
+    def flush(self) -> None:
+        """Write the pending rows (one ``executemany`` for all series)."""
+        if self._pending:
+            pending, self._pending = self._pending, []
+            self.txn.write_rows(pending)
+
+    def _name(self, base: SeriesId, base_sid: str, tf: Timeframe) -> tuple[SeriesId, str]:
+        """``base`` in ``tf`` and its id text (remembered: asked once per series and batch)."""
+        key = (base_sid, tf.text)
+        found = self.names.get(key)
+        if found is None:
+            series = base.with_timeframe(tf)
+            found = self.names[key] = (series, str(series))
+        return found
+
     def derive(
-        self, base: SeriesId, tf: Timeframe, buckets: Sequence[int], head: int
+        self,
+        base: SeriesId,
+        level: Level,
+        buckets: Sequence[int],
+        head: int,
+        *,
+        base_sid: str | None = None,
     ) -> tuple[SeriesUpdate | None, list[SystemEvent]]:
         """Derive ``tf``'s ``buckets`` (ascending) from the stored source bars; ``head``: the
         base series is settled (stored or confirmed absent) up to this minute, so a bucket
         whose last minute it reached is final even if incomplete."""
-        source = self.plan.sources[tf]
-        source_sid = str(base.with_timeframe(source))
-        series = base.with_timeframe(tf)
-        sid = str(series)
+        tf, source = level.tf, level.source
+        base_sid = str(base) if base_sid is None else base_sid
+        if source.text == base.timeframe.text:
+            source_sid = base_sid
+        else:
+            source_sid = self._name(base, base_sid, source)[1]
+        series, sid = self._name(base, base_sid, tf)
         self._touched[sid] = series
-        previous_head = self.recent.head(self.txn, sid)
         derived: list[tuple[Candle, bool]] = []
-        old: dict[int, StoredCandle] = {}
-        for run in _bucket_runs(
-            tf, buckets, max(1, SOURCE_BARS_PER_STEP * source.seconds // tf.seconds)
-        ):
-            run_end = tf.next_open(run[-1])
-            old.update(
-                (s.candle.candle_time, s) for s in self.recent.range(self.txn, sid, run[0], run_end)
-            )
-            rows = self.recent.range(self.txn, source_sid, run[0], run_end)
+        runs: list[tuple[int, int]] = []  # the [start, end) of each run of buckets with bars
+        step = max(1, SOURCE_BARS_PER_STEP * source.seconds // tf.seconds)
+        long = len(buckets) > step
+        for run in _bucket_runs(level, buckets, step):
+            run_end = level.next_open(run[-1])
+            rows = self.recent.range(self.reader, source_sid, run[0], run_end)
+            count = len(derived)
             i = 0
             for bucket in run:
-                end = tf.next_open(bucket)
+                end = level.next_open(bucket)
                 while i < len(rows) and rows[i].candle.candle_time < bucket:
                     i += 1
                 j = i
                 while j < len(rows) and rows[j].candle.candle_time < end:
                     j += 1
                 if j > i:
-                    bar = self._bar(source_sid, source, tf, bucket, rows[i:j], head)
+                    bar = self._bar(source_sid, level, bucket, end, rows[i:j], head)
                     if bar is not None:
                         derived.append(bar)
                 i = j
-            if len(buckets) > 1 and run[-1] != buckets[-1]:
+            if len(derived) > count:
+                runs.append((derived[count][0].candle_time, run_end))
+            if long:
                 # a long derivation: what the next step needs starts at its first bucket
+                self.flush()
                 self.recent.trim(source_sid, run_end)
         if not derived:
             return None, []
+        previous_head = self.recent.head(self.reader, sid)
+        old: dict[int, StoredCandle] = {}
+        for start, end in runs:
+            old.update(
+                (s.candle.candle_time, s) for s in self.recent.range(self.reader, sid, start, end)
+            )
+            if long:
+                self.recent.trim(sid, end)
         candles = [c for c, _ in derived]
         outcomes: list[UpsertOutcome] = []
         writes: list[StoredCandle] = []
@@ -217,8 +320,7 @@ class BatchCommit:
             outcomes.append(outcome)
             if row is not None:
                 writes.append(row)
-        self.txn.write_rows(sid, writes)
-        self.recent.wrote(sid, writes)
+        self._write(sid, writes)
         incomplete_before = {t for t, s in old.items() if not s.complete}
         completed = [
             c.candle_time for c, done in derived if done and c.candle_time in incomplete_before
@@ -241,25 +343,25 @@ class BatchCommit:
     def _bar(
         self,
         source_sid: str,
-        source: Timeframe,
-        tf: Timeframe,
+        level: Level,
         bucket: int,
+        end: int,
         stored: Sequence[StoredCandle],
         head: int,
     ) -> tuple[Candle, bool] | None:
-        """The bar of one bucket from its stored source bars (non-empty), or None when it is
-        not to be stored (yet)."""
-        expected = parts_in(source, tf, bucket)
+        """The bar of bucket [``bucket``, ``end``) from its stored source bars (non-empty), or
+        None when it is not to be stored (yet)."""
+        expected = level.parts or parts_in(level.source, level.tf, bucket)
         candles = [s.candle for s in stored]
         # the rows are the store's: distinct times, so complete means all there and complete
         complete = len(stored) == expected and all(s.complete for s in stored)
-        if not complete and head < tf.next_open(bucket) - MINUTE:
+        if not complete and head < end - MINUTE:
             return None  # still filling; finalised once its last minute is settled
         all_empty = all(c.volume == 0 for c in candles)
         starts_late = candles[0].candle_time > bucket
         before = None
         if all_empty or (not complete and starts_late):
-            before = self.recent.last_before(self.txn, source_sid, bucket)
+            before = self.recent.last_before(self.reader, source_sid, bucket)
         if not complete and before is None and starts_late:
             # the store's history starts inside this bucket (an initial backfill from a
             # minute that is not bucket-aligned): Binance's bar holds minutes we never
@@ -280,21 +382,24 @@ class BatchCommit:
         self.txn.set_meta(key, self.fingerprint)
         if stored is None or previous_head is None:
             return []
+        self.flush()
         first = self.txn.first_time(series_id)
         start = first if first is not None and first <= previous_head else previous_head
         return [SystemEvent(series_id, "fingerprint", start, previous_head)]
 
     def finish(self) -> None:
         """Let RecentBars forget what no coming commit needs: of each series this transaction
-        touched, it keeps the current bucket of every timeframe built from it."""
+        touched, it keeps the current bucket of every timeframe built from it. Writes what
+        is pending: call it last in the transaction."""
+        self.flush()
         for sid, series in self._touched.items():
-            head = self.recent.head(self.txn, sid)
+            head = self.recent.head(self.reader, sid)
             if head is None:
                 self.recent.trim(sid, None)
                 continue
             keep_from = head
-            for consumer in self.plan.consumers.get(series.timeframe, ()):
-                phase = self.phase_of(series) if consumer.phased else 0
+            for consumer in self.plan.consumed_by.get(series.timeframe.text, ()):
+                phase = self.phase_of(series) if consumer.tf.phased else 0
                 if phase is not None:
                     keep_from = min(keep_from, consumer.floor(head, phase))
             self.recent.trim(sid, keep_from)
@@ -312,6 +417,32 @@ def _buckets_of(tf: Timeframe, phase: int, times: Sequence[int]) -> set[int]:
     return buckets
 
 
+def _series_order(series: SeriesId) -> tuple[str, str, str, int]:
+    """SeriesId's own order (attrs compares the fields in turn), as a cheap key."""
+    return (series.exchange, series.market, series.symbol, series.timeframe.seconds)
+
+
+@final
+class _FlushingReader:
+    """The transaction's reads, after the pending writes (RecentBars reads through it)."""
+
+    def __init__(self, txn: StoreTxn, flush: Callable[[], None]) -> None:
+        self._txn = txn
+        self._flush = flush
+
+    def range(self, series_id: str, start: int, end: int) -> list[StoredCandle]:
+        self._flush()
+        return self._txn.range(series_id, start, end)
+
+    def last_before(self, series_id: str, t: int) -> StoredCandle | None:
+        self._flush()
+        return self._txn.last_before(series_id, t)
+
+    def head_time(self, series_id: str) -> int | None:
+        self._flush()
+        return self._txn.head_time(series_id)
+
+
 def _runs(times: Sequence[int], gap: int) -> Iterator[tuple[int, int]]:
     """(first, last) of each run of ascending ``times`` whose neighbours are <= ``gap`` apart."""
     first = last = times[0]
@@ -323,11 +454,14 @@ def _runs(times: Sequence[int], gap: int) -> Iterator[tuple[int, int]]:
     yield first, last
 
 
-def _bucket_runs(tf: Timeframe, buckets: Sequence[int], most: int) -> Iterator[Sequence[int]]:
+def _bucket_runs(level: Level, buckets: Sequence[int], most: int) -> Iterator[Sequence[int]]:
     """Runs of consecutive ``buckets`` (ascending), at most ``most`` each."""
+    if len(buckets) == 1:
+        yield buckets
+        return
     run: list[int] = []
     for bucket in buckets:
-        if run and (tf.next_open(run[-1]) != bucket or len(run) >= most):
+        if run and (level.next_open(run[-1]) != bucket or len(run) >= most):
             yield run
             run = []
         run.append(bucket)
@@ -335,4 +469,4 @@ def _bucket_runs(tf: Timeframe, buckets: Sequence[int], most: int) -> Iterator[S
         yield run
 
 
-__all__ = ["BatchCommit", "DerivationPlan"]
+__all__ = ["BatchCommit", "DerivationPlan", "Level"]

@@ -90,6 +90,8 @@ class IngestPipeline:
         self.sources = self._plan.sources
         # what the pipeline's own commits wrote and read of the recent bars (write-through)
         self._recent = RecentBars()
+        # derived series ids by (base, timeframe): built once, not per commit
+        self._names: dict[tuple[str, str], tuple[SeriesId, str]] = {}
         self.fingerprint = fingerprint
         # the phase (seconds) of each symbol's multi-day grid (3d), by (market, symbol)
         self._phases: dict[tuple[str, str], int] = {}
@@ -172,6 +174,7 @@ class IngestPipeline:
             self.phase_of,
             self.fingerprint,
             self._fingerprint_checked,
+            self._names,
         )
 
     async def _write(self, fn: Callable[[StoreTxn], T]) -> T:
@@ -227,7 +230,8 @@ class IngestPipeline:
                 while bucket <= head:
                     buckets.append(bucket)
                     bucket = timeframe.next_open(bucket)
-                update, events = work.derive(series, timeframe, buckets, head)
+                level = next(lv for lv in self._plan.levels if lv.tf == timeframe)
+                update, events = work.derive(series, level, buckets, head)
             work.finish()
             return PipelineResult(
                 updates=() if update is None else (update,),

@@ -202,6 +202,13 @@ class RecentBars:
         if known is None:
             return
         times = known.times
+        if (
+            keep_from is not None
+            and len(times) <= MAX_ROWS_PER_SERIES
+            and (not times or times[0] >= keep_from)
+            and (not known.spans or known.spans[0][0] >= keep_from)
+        ):
+            return  # nothing to forget
         if keep_from is None:
             cut, floor = len(times), None
         else:

@@ -132,13 +132,13 @@ class StoreTxn:
             return []
         existing = self._stored_at(series_id, [c.candle_time for c in candles])
         outcomes: list[UpsertOutcome] = []
-        rows: list[StoredCandle] = []
+        rows: list[tuple[str, StoredCandle]] = []
         for candle in candles:
             outcome, row = plan_upsert(existing.get(candle.candle_time), candle, source, complete)
             outcomes.append(outcome)
             if row is not None:
-                rows.append(row)
-        self.write_rows(series_id, rows)
+                rows.append((series_id, row))
+        self.write_rows(rows)
         return outcomes
 
     def _stored_at(self, series_id: str, times: Sequence[int]) -> dict[int, StoredCandle]:
@@ -156,16 +156,17 @@ class StoreTxn:
             found.update((s.candle.candle_time, s) for s in rows)
         return found
 
-    def write_rows(self, series_id: str, rows: Sequence[StoredCandle]) -> None:
-        """Insert or replace ``rows`` exactly as given (text of the decimals, source, mark),
-        in one ``executemany``: for a caller that planned them with :func:`plan_upsert`
-        against rows it already knows."""
+    def write_rows(self, rows: Sequence[tuple[str, StoredCandle]]) -> None:
+        """Insert or replace ``(series_id, row)`` pairs exactly as given (text of the
+        decimals, source, mark; a later pair for the same key wins), in one ``executemany``:
+        for a caller that planned them with :func:`plan_upsert` against rows it knows, and
+        writes the rows of many series at once."""
         if not rows:
             return
         self._conn.executemany(
             f"INSERT OR REPLACE INTO candles (series_id, {_COLUMNS})"  # noqa: S608
             " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            [_row_values(series_id, row) for row in rows],
+            [_row_values(series_id, row) for series_id, row in rows],
         )
 
     def range(self, series_id: str, start: int, end: int) -> list[StoredCandle]:
