@@ -35,11 +35,14 @@ from tradecanvas.pipeline.derive import aggregate, parts_in
 from tradecanvas.pipeline.events import SystemEvent, gap_event, rebuild_events_for
 from tradecanvas.pipeline.recent import RecentBars
 from tradecanvas.store.txn import StoreTxn
-from tradecanvas.store.types import StoredCandle, UpsertOutcome, plan_upsert
+from tradecanvas.store.types import Source, StoredCandle, UpsertOutcome, plan_upsert
 
 # base times further apart than this are read as separate ranges (a revision far back and
 # today's minutes are two short reads, not one of everything in between)
 RUN_GAP_S: Final = 64 * MINUTE
+# a transaction that wrote this many rows per series it touched (history) trims RecentBars
+# at once; others every RecentBars.TRIM_EVERY transactions
+TRIM_ROWS_PER_SERIES: Final = 8
 # source bars derived per step of a long derivation (derive_history): bounds the memory
 SOURCE_BARS_PER_STEP: Final = 4096
 
@@ -127,6 +130,9 @@ class BatchCommit:
         # rows planned but not yet written: the rows of every series go in one executemany,
         # written before any read of the store (and before RecentBars forgets anything)
         self._pending: list[tuple[str, StoredCandle]] = []
+        self._written = 0
+        # every derived grid is fixed and the same for all symbols (no 3d, no 1M)
+        self._grid_only = all(level.length is not None for level in plan.levels)
         self.reader = _FlushingReader(txn, self.flush)
 
     def commit(self, batch: IngestBatch) -> tuple[list[SeriesUpdate], list[SystemEvent], int]:
@@ -149,12 +155,19 @@ class BatchCommit:
                 absent.setdefault(series, []).append((start, end))
         for series in sorted(grouped.keys() | absent.keys(), key=_series_order):
             given = grouped.get(series, ())
+            sid = str(series)
+            if (
+                len(given) == 1
+                and not absent
+                and self._live_minute(series, sid, given[0], batch.source)
+            ):
+                updates.append(SeriesUpdate(sid, (given[0],), derived=False))
+                continue
             if len(given) == 1:
                 candles: Sequence[Candle] = given
             else:
                 candles, dropped = dedupe(given)
                 dropped_total += dropped
-            sid = str(series)
             self._touched[sid] = series
             previous_head = self.recent.head(self.reader, sid)
             changed: Sequence[Candle] = ()
@@ -198,8 +211,13 @@ class BatchCommit:
                 else:
                     buckets = _buckets_of(level.tf, phase, changed_times)
                 if previous_head is not None and head > previous_head:
-                    # the bucket of the old head may have been waiting for a confirmed hole
-                    buckets.add(level.floor(previous_head, phase))
+                    # the bucket of the old head may have been waiting for a confirmed hole;
+                    # not if its bar is stored complete (none of its parts changed here)
+                    waiting = level.floor(previous_head, phase)
+                    if waiting not in buckets and not self.recent.holds_complete(
+                        self._name(series, sid, level.tf)[1], waiting
+                    ):
+                        buckets.add(waiting)
                 for start, end in holes:  # the buckets an absent run ends or follows
                     buckets.update(level.floor(t, phase) for t in (start - MINUTE, end - MINUTE))
                 # only a bucket whose last minute is settled can give a bar: complete needs
@@ -213,6 +231,34 @@ class BatchCommit:
                     series_updates.append((level.order, update))
             derived_updates.extend(u for _, u in sorted(series_updates, key=lambda x: x[0]))
         return updates + derived_updates, events, dropped_total
+
+    def _live_minute(self, series: SeriesId, sid: str, candle: Candle, source: Source) -> bool:
+        """The short way for a live minute: one new candle above the series' known head that
+        makes no bar due (every timeframe's bucket still filling) and no event. It does what
+        the long way would do then — store it — and says whether it applied."""
+        if not self._grid_only or sid not in self.fingerprint_checked:
+            return False
+        head = self.recent.known_head(sid)
+        t = candle.candle_time
+        if head is None or t <= head:
+            return False
+        for level in self.plan.levels:
+            length = level.length
+            assert length is not None  # _grid_only
+            bucket = t - (t - level.offset) % length
+            if bucket + length - MINUTE <= t:
+                return False  # a bar is due: the long way
+            waiting = head - (head - level.offset) % length
+            if waiting != bucket and not self.recent.holds_complete(
+                self._name(series, sid, level.tf)[1], waiting
+            ):
+                return False  # the old head's bucket may be owed its bar
+        row = StoredCandle(candle, source, True)
+        self._written += 1
+        self.recent.wrote_above_head(sid, row)
+        self._pending.append((sid, row))
+        self._touched[sid] = series
+        return True
 
     def _upsert_base(
         self, sid: str, candles: Sequence[Candle], batch: IngestBatch
@@ -236,6 +282,7 @@ class BatchCommit:
         return outcomes
 
     def _write(self, sid: str, rows: list[StoredCandle]) -> None:
+        self._written += len(rows)
         if rows:
             self.recent.wrote(sid, rows)
             self._pending.extend((sid, row) for row in rows)
@@ -392,6 +439,10 @@ class BatchCommit:
         touched, it keeps the current bucket of every timeframe built from it. Writes what
         is pending: call it last in the transaction."""
         self.flush()
+        if not (self.recent.trim_due or self._written >= TRIM_ROWS_PER_SERIES * len(self._touched)):
+            # a live minute (a row or two per series): a few more rows kept until the next
+            # trim, cheaper than trimming every series every minute
+            return
         for sid, series in self._touched.items():
             head = self.recent.head(self.reader, sid)
             if head is None:

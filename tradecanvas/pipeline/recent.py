@@ -28,6 +28,7 @@ from tradecanvas.store.types import StoredCandle
 _LOW: Final = -(2**62)
 # the most rows kept per series after a trim: a bound on memory whatever the timeframes
 MAX_ROWS_PER_SERIES: Final = 1500
+TRIM_EVERY: Final = 8
 
 
 class BarReader(Protocol):
@@ -81,6 +82,11 @@ class _Known:
     def cover(self, lo: int, hi: int) -> None:
         if lo >= hi:
             return
+        spans = self.spans
+        if spans and spans[-1][0] <= lo <= spans[-1][1]:  # extends the newest span (usual)
+            if hi > spans[-1][1]:
+                spans[-1] = (spans[-1][0], hi)
+            return
         merged: list[tuple[int, int]] = []
         for a, b in self.spans:
             if b < lo or a > hi:
@@ -109,6 +115,7 @@ class RecentBars:
     def __init__(self) -> None:
         self._series: dict[str, _Known] = {}
         self._sequence: int | None = None
+        self._transactions = 0
         self.reads = 0  # store reads made to fill gaps (tests and benchmarks look)
 
     def begin(self, sequence: int) -> None:
@@ -116,6 +123,20 @@ class RecentBars:
         if self._sequence is None or sequence != self._sequence + 1:
             self._series.clear()
         self._sequence = sequence
+        self._transactions += 1
+
+    @property
+    def trim_due(self) -> bool:
+        """Every TRIM_EVERY transactions the pipeline trims what it touched (in between, a
+        series keeps a few more rows than it needs)."""
+        return self._transactions % TRIM_EVERY == 0
+
+    def holds_complete(self, series_id: str, t: int) -> bool:
+        """Known to be stored at ``t`` with its ``complete`` mark (no read: False when not
+        known)."""
+        known = self._series.get(series_id)
+        row = None if known is None else known.rows.get(t)
+        return row is not None and row.complete
 
     def forget(self) -> None:
         """Drop everything (a transaction failed: what it put in was rolled back)."""
@@ -169,6 +190,21 @@ class RecentBars:
             known.put(row)
             known.cover(row.candle.candle_time, t)
         return row
+
+    def known_head(self, series_id: str) -> int | None:
+        """The series' head when it is known and something is stored (no read), else None."""
+        known = self._series.get(series_id)
+        return None if known is None or not known.head_known else known.head
+
+    def wrote_above_head(self, series_id: str, row: StoredCandle) -> None:
+        """:meth:`wrote` for one row above the series' known head (:meth:`known_head`)."""
+        known = self._series[series_id]
+        t = row.candle.candle_time
+        assert known.head is not None and t > known.head
+        known.cover(known.head + 1, t + 1)
+        known.head = t
+        known.times.append(t)
+        known.rows[t] = row
 
     def wrote(self, series_id: str, rows: Sequence[StoredCandle]) -> None:
         """``rows`` are now stored as given (the transaction wrote them)."""
