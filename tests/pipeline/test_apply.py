@@ -17,9 +17,10 @@ from hypothesis import strategies as st
 
 from tests.pipeline.reference import ReferenceCommit
 from tradecanvas.model import DAY, Candle, SeriesId, Timeframe
-from tradecanvas.pipeline.apply import BatchCommit, DerivationPlan
+from tradecanvas.pipeline.apply import BatchCommit
 from tradecanvas.pipeline.batch import IngestBatch, SeriesUpdate
 from tradecanvas.pipeline.events import SystemEvent
+from tradecanvas.pipeline.levels import DerivationPlan
 from tradecanvas.pipeline.recent import TRIM_EVERY, RecentBars
 from tradecanvas.store.schema import migrate
 from tradecanvas.store.txn import StoreTxn

@@ -17,22 +17,26 @@ plain reference implementation):
 
 from __future__ import annotations
 
-import bisect
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Final, final
-
-import attrs
 
 from tradecanvas.model import (
     MINUTE,
     Candle,
     SeriesId,
     Timeframe,
-    derivation_sources,
 )
 from tradecanvas.pipeline.batch import IngestBatch, SeriesUpdate, dedupe
 from tradecanvas.pipeline.derive import aggregate, parts_in
 from tradecanvas.pipeline.events import SystemEvent, gap_event, rebuild_events_for
+from tradecanvas.pipeline.levels import (
+    DerivationPlan,
+    Level,
+    bucket_runs,
+    buckets_of,
+    runs_of,
+    series_order,
+)
 from tradecanvas.pipeline.recent import RecentBars
 from tradecanvas.store.txn import StoreTxn
 from tradecanvas.store.types import Source, StoredCandle, UpsertOutcome, plan_upsert
@@ -45,64 +49,6 @@ RUN_GAP_S: Final = 64 * MINUTE
 TRIM_ROWS_PER_SERIES: Final = 8
 # source bars derived per step of a long derivation (derive_history): bounds the memory
 SOURCE_BARS_PER_STEP: Final = 4096
-
-
-@attrs.frozen
-class Level:
-    """One derived timeframe with what its commit asks of it every time, worked out once."""
-
-    tf: Timeframe
-    source: Timeframe
-    order: int  # in the configured list
-    # fixed grids that do not depend on the symbol: bucket = t - (t - offset) % length
-    length: int | None
-    offset: int
-    parts: int | None  # source bars in a bucket (None: it varies, a month)
-
-    @classmethod
-    def of(cls, tf: Timeframe, source: Timeframe, order: int) -> Level:
-        grid = tf.fixed and not tf.phased
-        offset = tf.floor(tf.seconds * 1000) % tf.seconds if grid else 0
-        parts = tf.seconds // source.seconds if tf.fixed else None
-        return cls(tf, source, order, tf.seconds if grid else None, offset, parts)
-
-    def floor(self, t: int, phase: int) -> int:
-        if self.length is None:
-            return self.tf.floor(t, phase)
-        return t - (t - self.offset) % self.length
-
-    def next_open(self, bucket: int) -> int:
-        return self.tf.next_open(bucket) if self.length is None else bucket + self.length
-
-
-@attrs.frozen
-class DerivationPlan:
-    """Which timeframes are derived, each from which (:func:`derivation_sources`), and for
-    each timeframe the ones built from it (whose current bucket RecentBars keeps)."""
-
-    derived: tuple[Timeframe, ...]  # configured order
-    sources: Mapping[Timeframe, Timeframe]
-    order: Mapping[Timeframe, int]
-    consumers: Mapping[Timeframe, tuple[Timeframe, ...]]
-    ascending: tuple[Timeframe, ...] = ()  # derived, shortest first (each after its source)
-    levels: tuple[Level, ...] = ()  # in ``ascending`` order
-    # by a timeframe's text: the levels built from it (whose current bucket RecentBars keeps)
-    consumed_by: Mapping[str, tuple[Level, ...]] = attrs.field(factory=dict)
-
-    @classmethod
-    def of(cls, derived: Sequence[Timeframe]) -> DerivationPlan:
-        sources = derivation_sources(derived)
-        consumers: dict[Timeframe, tuple[Timeframe, ...]] = {}
-        for tf, source in sources.items():
-            consumers[source] = (*consumers.get(source, ()), tf)
-        order = {tf: i for i, tf in enumerate(derived)}
-        ascending = tuple(sorted(derived))
-        levels = tuple(Level.of(tf, sources[tf], order[tf]) for tf in ascending)
-        consumed_by = {
-            source.text: tuple(level for level in levels if level.source == source)
-            for source in consumers
-        }
-        return cls(tuple(derived), sources, order, consumers, ascending, levels, consumed_by)
 
 
 @final
@@ -153,7 +99,7 @@ class BatchCommit:
             if end > start:
                 events.append(gap_event(str(series), "exchange", start, end - MINUTE))
                 absent.setdefault(series, []).append((start, end))
-        for series in sorted(grouped.keys() | absent.keys(), key=_series_order):
+        for series in sorted(grouped.keys() | absent.keys(), key=series_order):
             given = grouped.get(series, ())
             sid = str(series)
             if (
@@ -209,7 +155,7 @@ class BatchCommit:
                 if single:  # the live minute
                     buckets = {level.floor(changed_times[0], phase)}
                 else:
-                    buckets = _buckets_of(level.tf, phase, changed_times)
+                    buckets = buckets_of(level.tf, phase, changed_times)
                 if previous_head is not None and head > previous_head:
                     # the bucket of the old head may have been waiting for a confirmed hole;
                     # not if its bar is stored complete (none of its parts changed here)
@@ -266,7 +212,7 @@ class BatchCommit:
         """Upsert ascending, distinct ``candles``: one read per run of nearby times (only of
         what RecentBars does not know), one write."""
         stored: dict[int, StoredCandle] = {}
-        for first, last in _runs([c.candle_time for c in candles], RUN_GAP_S):
+        for first, last in runs_of([c.candle_time for c in candles], RUN_GAP_S):
             stored.update(
                 (s.candle.candle_time, s)
                 for s in self.recent.range(self.reader, sid, first, last + 1)
@@ -326,7 +272,7 @@ class BatchCommit:
         runs: list[tuple[int, int]] = []  # the [start, end) of each run of buckets with bars
         step = max(1, SOURCE_BARS_PER_STEP * source.seconds // tf.seconds)
         long = len(buckets) > step
-        for run in _bucket_runs(level, buckets, step):
+        for run in bucket_runs(level, buckets, step):
             run_end = level.next_open(run[-1])
             rows = self.recent.range(self.reader, source_sid, run[0], run_end)
             count = len(derived)
@@ -456,23 +402,6 @@ class BatchCommit:
             self.recent.trim(sid, keep_from)
 
 
-def _buckets_of(tf: Timeframe, phase: int, times: Sequence[int]) -> set[int]:
-    """``{tf.floor(t, phase) for t in times}`` for ascending ``times``: one floor per bucket,
-    the bucket's other times skipped by bisection."""
-    buckets: set[int] = set()
-    i, count = 0, len(times)
-    while i < count:
-        bucket = tf.floor(times[i], phase)
-        buckets.add(bucket)
-        i = bisect.bisect_left(times, tf.next_open(bucket), i + 1)
-    return buckets
-
-
-def _series_order(series: SeriesId) -> tuple[str, str, str, int]:
-    """SeriesId's own order (attrs compares the fields in turn), as a cheap key."""
-    return (series.exchange, series.market, series.symbol, series.timeframe.seconds)
-
-
 @final
 class _FlushingReader:
     """The transaction's reads, after the pending writes (RecentBars reads through it)."""
@@ -494,30 +423,4 @@ class _FlushingReader:
         return self._txn.head_time(series_id)
 
 
-def _runs(times: Sequence[int], gap: int) -> Iterator[tuple[int, int]]:
-    """(first, last) of each run of ascending ``times`` whose neighbours are <= ``gap`` apart."""
-    first = last = times[0]
-    for t in times[1:]:
-        if t - last > gap:
-            yield first, last
-            first = t
-        last = t
-    yield first, last
-
-
-def _bucket_runs(level: Level, buckets: Sequence[int], most: int) -> Iterator[Sequence[int]]:
-    """Runs of consecutive ``buckets`` (ascending), at most ``most`` each."""
-    if len(buckets) == 1:
-        yield buckets
-        return
-    run: list[int] = []
-    for bucket in buckets:
-        if run and (level.next_open(run[-1]) != bucket or len(run) >= most):
-            yield run
-            run = []
-        run.append(bucket)
-    if run:
-        yield run
-
-
-__all__ = ["BatchCommit", "DerivationPlan", "Level"]
+__all__ = ["BatchCommit"]

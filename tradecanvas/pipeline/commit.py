@@ -27,12 +27,13 @@ from tradecanvas.model import (
     Timeframe,
     validate_candle,
 )
-from tradecanvas.pipeline.apply import BatchCommit, DerivationPlan
+from tradecanvas.pipeline.apply import BatchCommit
 from tradecanvas.pipeline.batch import IngestBatch, PipelineResult, SeriesUpdate, dedupe
 from tradecanvas.pipeline.events import (
     SystemEvent,
     served_series_events,
 )
+from tradecanvas.pipeline.levels import DerivationPlan
 from tradecanvas.pipeline.publish import PublishStep, PublishTarget, run_publish_steps
 from tradecanvas.pipeline.recent import RecentBars
 from tradecanvas.runtime_flags import RuntimeFlags
