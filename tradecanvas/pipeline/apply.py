@@ -6,7 +6,11 @@ The fast path of issue 14, with the rules of the original unchanged (the tests h
 plain reference implementation):
 
 - each series' candles are planned against the stored rows at their times
-  (:func:`plan_upsert`) and written with one ``executemany`` (``StoreTxn.write_rows``);
+  (:func:`plan_upsert`); the rows of every series are written together, one
+  ``executemany`` (``StoreTxn.write_rows``), before any read of the store and at the end;
+- a minute above a known head is new without a read; a live minute that makes no bar due
+  (every timeframe's bucket still filling) takes a short way (:meth:`_live_minute`);
+- only a bucket whose last minute is settled can give a bar, so no other is derived;
 - a derived bucket is built from its source bars as they are *now*, taken from what this
   transaction wrote and what :class:`RecentBars` knows of the store, so only the parts of a
   bucket nobody has seen are read (a live minute reads nothing; a batch of history reads

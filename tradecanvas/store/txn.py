@@ -100,7 +100,10 @@ class StoreTxn:
     This is the interface every backend's transaction offers (the pipeline uses nothing
     else): ``upsert``, ``write_rows``, ``range``, ``last_before``, ``head_time``,
     ``first_time``, ``sequence``, the event log (``append_event``, ``prune_events``) and
-    ``get_meta``/``set_meta``.
+    ``get_meta``/``set_meta``. Issue 14 added ``write_rows`` (rows planned by the caller
+    with :func:`plan_upsert`, many series in one statement), ``first_time`` and
+    ``sequence`` (so the pipeline can keep a cache of recent bars); ``upsert`` keeps its
+    contract and now reads the stored rows once and writes once.
     """
 
     def __init__(self, conn: sqlite3.Connection, sequence: int = 0) -> None:
