@@ -323,7 +323,9 @@ class BatchCommit:
             c.candle_time for c, done in derived if done and c.candle_time in incomplete_before
         ]
         events = self.fingerprint_events(sid, previous_head)
-        events.extend(rebuild_events_for(sid, previous_head, candles, outcomes, completed))
+        if previous_head is None or old or candles[0].candle_time <= previous_head:
+            # (bars all new above the head — the live case — call for no rebuild)
+            events.extend(rebuild_events_for(sid, previous_head, candles, outcomes, completed))
         for (candle, done), outcome in zip(derived, outcomes, strict=True):
             if not done and (
                 outcome is not UpsertOutcome.UNCHANGED
