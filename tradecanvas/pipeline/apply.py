@@ -103,8 +103,11 @@ class BatchCommit:
             if end > start:
                 events.append(gap_event(str(series), "exchange", start, end - MINUTE))
                 absent.setdefault(series, []).append((start, end))
-        for series in sorted(grouped.keys() | absent.keys(), key=series_order):
-            given = grouped.get(series, ())
+        if absent:
+            for series in absent.keys() - grouped.keys():
+                grouped[series] = []
+        # (items, not keys then lookups: a SeriesId hashes its fields every time)
+        for series, given in sorted(grouped.items(), key=_by_series):
             sid = str(series)
             if (
                 len(given) == 1
@@ -144,7 +147,7 @@ class BatchCommit:
                         SeriesUpdate(sid, tuple(changed), derived=False, revised=revised)
                     )
             head = self.recent.head(self.reader, sid)
-            holes = absent.get(series, [])
+            holes = absent.get(series, []) if absent else []
             if head is None or not (changed or holes):
                 continue
             # settled: every minute up to here is stored or confirmed absent at the exchange
@@ -406,6 +409,10 @@ class BatchCommit:
                 if phase is not None:
                     keep_from = min(keep_from, consumer.floor(head, phase))
             self.recent.trim(sid, keep_from)
+
+
+def _by_series(item: tuple[SeriesId, list[Candle]]) -> tuple[str, str, str, int]:
+    return series_order(item[0])
 
 
 @final
