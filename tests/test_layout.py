@@ -37,6 +37,8 @@ PURE_MODULES: Final = (
     "tradecanvas.wire.json",
     "tradecanvas.wire.kline_csv",
     "tradecanvas.pipeline.derive",
+    "tradecanvas.pipeline.levels",
+    "tradecanvas.pipeline.recent",
     "tradecanvas.ingest.tracker",
     "tradecanvas.ingest.batcher",
     "tradecanvas.ingest.ordering",
