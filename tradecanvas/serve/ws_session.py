@@ -42,7 +42,7 @@ import trio
 from tradecanvas.errors import ClientMessageError
 from tradecanvas.model import SeriesId
 from tradecanvas.serve.hub import Hub
-from tradecanvas.serve.subscriber import MessageSocket, Subscriber, TransportClosed
+from tradecanvas.serve.subscriber import FrameWriter, MessageSocket, Subscriber, TransportClosed
 from tradecanvas.serve.ws_protocol import (
     CLOSE_ABNORMAL,
     CLOSE_GOING_AWAY,
@@ -76,6 +76,11 @@ class SessionTransport(MessageSocket, Protocol):
     async def get_message(self) -> str | bytes: ...
 
     async def aclose(self, code: int, reason: str | None) -> None: ...
+
+    @property
+    def frames(self) -> FrameWriter | None:
+        """Its pre-framed writer (the WS port's transport), or None (the HTTP port's)."""
+        ...
 
 
 @final
@@ -116,7 +121,12 @@ class MarketEndpoint:
     async def serve(self, transport: SessionTransport, peer: str) -> None:
         """Run one accepted connection's session until it ends, then close it (bounded,
         shielded). ``peer`` names it in logs and in publish failures."""
-        subscriber = self.hub.attach(transport, peer=peer, max_subscriptions=self.max_subscriptions)
+        subscriber = self.hub.attach(
+            transport,
+            peer=peer,
+            max_subscriptions=self.max_subscriptions,
+            frames=transport.frames,
+        )
         log.debug("ws %s: connected", peer)
         if self._closing:  # shut down while this connection was being accepted
             subscriber.close(CLOSE_GOING_AWAY, "server shutdown", disconnect_reason="shutdown")
