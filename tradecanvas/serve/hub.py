@@ -329,7 +329,8 @@ class Hub:
             subscriber.wake()
             if batch is not None:
                 subscriber.owe(batch)
-        elif batch is not None:
+        elif batch is not None and batch.last_sent is None:
+            # the publish's end times it (DeliveryTimer.publishing): one clock read a batch
             self.metrics.delivery.sent_at_once(batch, trio.current_time())
         return True
 
