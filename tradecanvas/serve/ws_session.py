@@ -13,8 +13,12 @@ What the session does, per connection (task tree of :meth:`MarketEndpoint.serve`
 
     serve                                  attach to the Hub; at the end detach, then close
     └─ subscriber.cancel_scope
-       ├─ Hub.run_publisher                the only task that sends (candles, system, pong, error)
+       ├─ Hub.run_publisher                sends what is queued (candles, system, pong, error)
        └─ reader loop                      client messages; never awaits a send
+
+Besides its publish task, the Hub's publishing itself writes to the connection's
+``frames`` (the transport's pre-framed writer, WS port only) when the subscriber is idle and
+caught up and the socket takes the bytes at once (``tradecanvas.serve.hub``).
 
 The rules themselves are pure, in ``ws_protocol``: message parsing, the token bucket, the
 handshake. Inbound limits: a message over 64 KiB closes with 1009 (the transports' own limit,
