@@ -47,6 +47,7 @@ PURE_MODULES: Final = (
     "tradecanvas.serve.drain",
     "tradecanvas.serve.subscription",
     "tradecanvas.serve.outgoing",
+    "tradecanvas.serve.encoded",
     "tradecanvas.serve.ws_protocol",
     "tradecanvas.serve.http_validation",
     "tradecanvas.pipeline.events",
