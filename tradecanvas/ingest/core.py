@@ -204,7 +204,7 @@ class IngestCore:
             # connection's reader (upstream.binance_ws)
             return FrameOutcome()
         sid = self.streams.get(decoded.stream_name)
-        if sid is None or decoded.kline.interval != sid.timeframe.text:
+        if sid is None or decoded.interval != sid.timeframe.text:
             return FrameOutcome(malformed=self.malformed("unknown_stream", decoded.stream_name))
         return self._on_kline(sid, decoded, generation, received_at, now)
 
@@ -223,8 +223,7 @@ class IngestCore:
         self, sid: SeriesId, event: KlineEvent, generation: int, received_at: float, now: float
     ) -> FrameOutcome:
         tracker = self.trackers[sid]
-        kline = event.kline
-        candle = kline.to_candle()
+        candle = event.candle
         # the first frame of this series on a newer connection: nothing is replayed after
         # a disconnect, so the tracker asks REST for what the old one missed
         new_connection = self._seen_generation.get(sid, 0) < generation
@@ -236,7 +235,7 @@ class IngestCore:
         tracker.on_live_frame(t, new_connection=new_connection)
         wake_fills = new_connection or not had_head
         wake_fills |= self._advance_exchange_time(event.event_time_ms)
-        if kline.closed:
+        if event.closed:
             self.throttle.discard(sid, t)
             self.gate.drop(sid, t)
             released = tracker.on_closed(

@@ -222,7 +222,7 @@ def _read_jsonl(item: ReplayFile, data: ReplayData) -> list[RecordedFrame]:
                 continue
             if isinstance(event, KlineEvent):
                 key = (item.market, event.symbol)
-                data.bars.setdefault(key, []).append(event.kline.to_candle())
+                data.bars.setdefault(key, []).append(event.candle)
     return frames
 
 

@@ -46,7 +46,7 @@ from tradecanvas.tools.replay.data import (
     load_data,
 )
 from tradecanvas.upstream.rest import DEFAULT_WEIGHT_LIMIT, KLINES_LIMIT, klines_weight
-from tradecanvas.wire.binance import candle_to_rest_row
+from tradecanvas.wire.binance_rest import candle_to_rest_row
 
 REST_DEFAULT_LIMIT: Final = 500
 # frames queued per client; at --speed max the timeline waits for the slowest client
