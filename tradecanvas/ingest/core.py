@@ -314,7 +314,9 @@ class IngestCore:
             tf_phase = phase if tf.phased else 0
             if tf_phase is None:
                 continue
-            minutes, previous_close = self.minutes.bucket(sid, tf, candle.candle_time, tf_phase)
+            minutes, previous_close = self.minutes.bucket_part(
+                sid, tf, candle.candle_time, tf_phase
+            )
             derived = derive_forming(tf, minutes, candle, previous_close, tf_phase)
             if derived is not None:
                 yield str(sid.with_timeframe(tf)), derived

@@ -253,11 +253,18 @@ class _IngestLoop:
     # --- processing (sync per frame) ---------------------------------------------------
 
     async def _process_frames(self) -> None:
+        frames = self._frames_recv
         while True:
             due = self.core.next_forming_due()
             with trio.move_on_at(due if due is not None else math.inf):
-                frame = await self._frames_recv.receive()
-                self._handle_frame(frame)
+                frame = await frames.receive()
+                # then every frame already here: one wake-up (and scope) per burst
+                while True:
+                    self._handle_frame(frame)
+                    try:
+                        frame = frames.receive_nowait()
+                    except trio.WouldBlock:
+                        break
             for sid, candle in self.core.due_forming(trio.current_time()):
                 self._emit_forming(sid, candle)
 
