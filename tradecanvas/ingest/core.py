@@ -432,8 +432,10 @@ class IngestCore:
     ) -> tuple[tuple[SeriesId, Candle], ...]:
         """``items`` (from :meth:`take_batch`) were committed *and published*: returns the
         held forming candles that may go out now (publish them with forming_updates)."""
-        for sid in {item.series for item in items}:
-            mine = [i for i in items if i.series == sid]
+        by_series: dict[SeriesId, list[BatchItem]] = {}
+        for item in items:
+            by_series.setdefault(item.series, []).append(item)
+        for sid, mine in by_series.items():
             self.minutes.add(sid, [c for i in mine if (c := i.candle) is not None])
             self.gate.settle(sid, len(mine))
         return self._release_forming(now)
