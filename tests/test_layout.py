@@ -23,6 +23,8 @@ STAGES: Final = (
     ("tradecanvas.store",),
     ("tradecanvas.pipeline",),
     ("tradecanvas.ingest",),
+    # the publisher is a pipeline sink; the feed is read by serve (an edge's Hub)
+    ("tradecanvas.bus",),
     ("tradecanvas.serve",),
     ("tradecanvas.daemon",),
     ("tradecanvas.tools",),
@@ -50,8 +52,21 @@ PURE_MODULES: Final = (
     "tradecanvas.store.types",
     "tradecanvas.upstream.plan",
     "tradecanvas.tools.subscribe_cursors",
+    "tradecanvas.wire.bus",
+    "tradecanvas.bus.ids",
+    "tradecanvas.bus.outbox",
+    "tradecanvas.bus.cursors",
 )
-IO_LIBRARIES: Final = ("trio", "trio_websocket", "httpx", "hypercorn", "starlette", "sqlite3")
+IO_LIBRARIES: Final = (
+    "trio",
+    "trio_websocket",
+    "httpx",
+    "hypercorn",
+    "starlette",
+    "sqlite3",
+    "coredis",
+    "anyio",
+)
 
 
 def _modules() -> list[tuple[str, Path]]:
