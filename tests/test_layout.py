@@ -34,6 +34,7 @@ STAGES: Final = (
 PURE_MODULES: Final = (
     "tradecanvas.model",
     "tradecanvas.wire.binance",
+    "tradecanvas.wire.binance_rest",
     "tradecanvas.wire.json",
     "tradecanvas.wire.kline_csv",
     "tradecanvas.pipeline.derive",
