@@ -117,18 +117,19 @@ async def test_serve_shows_delivery_queue_and_watchdog_metrics_after_traffic(
     notify = trio.socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     await notify.bind(str(tmp_path / "notify.sock"))
     csv = binance_data_dir() / WEEK
-    with run_cli(
-        ["replay", "--speed", "120", "--start-at", "30", "--paused", str(csv)],
-        cli_env(),
-        tmp_path / "replay.log",
-    ) as replay:
-        url = (await wait_for_line(tmp_path / "replay.log", r"replay ws=(\S+) rest", replay)).group(
-            1
-        )
+    with (
+        notify,
+        run_cli(
+            ["replay", "--speed", "120", "--start-at", "30", "--paused", str(csv)],
+            cli_env(),
+            tmp_path / "replay.log",
+        ) as replay,
+    ):
+        found = await wait_for_line(tmp_path / "replay.log", r"replay ws=(\S+) rest=(\S+)", replay)
         env = cli_env(
             TRADE_CANVAS_DB_PATH=str(tmp_path / "m.sqlite3"),
-            TRADE_CANVAS_BINANCE_FUTURES_WS_URL=url,
-            TRADE_CANVAS_BINANCE_FUTURES_REST_URL=url.replace("ws://", "http://"),
+            TRADE_CANVAS_BINANCE_FUTURES_WS_URL=found.group(1),
+            TRADE_CANVAS_BINANCE_FUTURES_REST_URL=found.group(2),
             TRADE_CANVAS_INITIAL_BACKFILL_CANDLES="30",
             NOTIFY_SOCKET=str(tmp_path / "notify.sock"),
             WATCHDOG_USEC="2000000",
@@ -157,7 +158,6 @@ async def test_serve_shows_delivery_queue_and_watchdog_metrics_after_traffic(
                             message = loads(await client.get_message())
                             newest = max([newest, *closed_times([message])])
                 text = (await http.get("/metrics")).text
-    notify.close()
     delivery = samples(text, "tradecanvas_delivery_latency_seconds")
     assert delivery["tradecanvas_delivery_latency_seconds_count"] >= 5
     assert delivery["tradecanvas_delivery_latency_seconds_sum"] > 0
