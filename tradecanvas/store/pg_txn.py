@@ -1,0 +1,288 @@
+"""The synchronous view of the PostgreSQL store inside one write transaction (a worker
+thread), and the queries the readers share. The PostgreSQL twin of ``store/txn.py``: the same
+methods, the same outcomes. Raises psycopg errors; the store translates them.
+
+Upserts are batched: one ``SELECT … WHERE candle_time = ANY(…)`` fetches what is stored for
+the batch's times, the outcome of each candle is decided in Python exactly as the SQLite
+store decides it (``Candle.same_values``), then the new candles go in with one ``COPY`` and
+the revised or merged ones with one ``executemany`` (pipelined) ``INSERT … ON CONFLICT DO
+UPDATE``. Deciding in Python is safe because every write transaction holds the store's write
+lock (``pg_schema.WRITE_LOCK_KEY``): no other writer can change a row between the SELECT and
+the write, just as SQLite's ``BEGIN IMMEDIATE`` allows one writer at a time.
+
+Event ids come from the one-row ``event_counter``, updated in the same transaction: its row
+lock is held until the commit, so ids are handed out in commit order (a later commit never
+publishes a smaller id), and a rolled-back transaction never made its ids visible.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from decimal import Decimal
+from typing import Final, final
+
+import orjson
+import psycopg
+
+from tradecanvas.model import Candle
+from tradecanvas.store.txn import EVENTS_PRUNED_KEY
+from tradecanvas.store.types import Source, StoredCandle, StoredEvent, UpsertOutcome
+
+Conn = psycopg.Connection[tuple[object, ...]]
+Row = tuple[object, ...]
+
+COLUMNS: Final = (
+    "candle_time, open, high, low, close, volume, quote_volume, trades,"
+    " taker_buy_base, taker_buy_quote, source, complete"
+)
+_UPSERT: Final = (
+    f"INSERT INTO candles (series_id, {COLUMNS})"  # noqa: S608
+    " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+    " ON CONFLICT (series_id, candle_time) DO UPDATE SET"
+    " open = excluded.open, high = excluded.high, low = excluded.low,"
+    " close = excluded.close, volume = excluded.volume, quote_volume = excluded.quote_volume,"
+    " trades = excluded.trades, taker_buy_base = excluded.taker_buy_base,"
+    " taker_buy_quote = excluded.taker_buy_quote, source = excluded.source,"
+    " complete = excluded.complete"
+)
+
+
+def _num(value: object) -> Decimal:
+    # psycopg loads NUMERIC as Decimal already, with the scale that was stored
+    return value if isinstance(value, Decimal) else Decimal(str(value))
+
+
+def _dec(value: object) -> Decimal | None:
+    return None if value is None else _num(value)
+
+
+def row_to_stored(row: Row) -> StoredCandle:
+    (t, o, h, lo, c, v, q, n, tb, tq, source, complete) = row
+    candle = Candle(
+        candle_time=int(str(t)),
+        open=_num(o),
+        high=_num(h),
+        low=_num(lo),
+        close=_num(c),
+        volume=_num(v),
+        quote_volume=_dec(q),
+        trades=None if n is None else int(str(n)),
+        taker_buy_base=_dec(tb),
+        taker_buy_quote=_dec(tq),
+    )
+    return StoredCandle(candle, source, bool(complete))  # type: ignore[arg-type]
+
+
+def _params(series_id: str, c: Candle, source: Source, complete: bool) -> Row:
+    return (
+        series_id,
+        c.candle_time,
+        c.open,
+        c.high,
+        c.low,
+        c.close,
+        c.volume,
+        c.quote_volume,
+        c.trades,
+        c.taker_buy_base,
+        c.taker_buy_quote,
+        source,
+        complete,
+    )
+
+
+@final
+class PgStoreTxn:
+    """The synchronous view of the store inside one write transaction (a worker thread);
+    the same methods as the SQLite ``StoreTxn``."""
+
+    def __init__(self, conn: Conn) -> None:
+        self._conn = conn
+
+    def upsert(
+        self,
+        series_id: str,
+        candles: Sequence[Candle],
+        source: Source,
+        *,
+        complete: bool = True,
+    ) -> list[UpsertOutcome]:
+        """Insert or update ``candles``; per candle, was it new, unchanged or revised?
+
+        Values are compared numerically, so ``1.0`` and ``1.00`` are the same price. An
+        unchanged candle keeps its stored text and source, but gains extras it lacked and
+        the newer ``complete`` mark.
+        """
+        if not candles:
+            return []
+        times = sorted({c.candle_time for c in candles})
+        existing = {
+            s.candle.candle_time: s
+            for s in select_candles(self._conn, "candle_time = ANY(%s)", (series_id, times))
+        }
+        inserts: dict[int, Row] = {}
+        updates: dict[int, Row] = {}
+        outcomes: list[UpsertOutcome] = []
+        for candle in candles:
+            t = candle.candle_time
+            old = existing.get(t)
+            if old is None:
+                inserts[t] = _params(series_id, candle, source, complete)
+                outcomes.append(UpsertOutcome.NEW)
+            elif not old.candle.same_values(candle):
+                row = _params(series_id, candle, source, complete)
+                # a time first seen in this batch stays an insert, with its latest values
+                (inserts if t in inserts else updates)[t] = row
+                outcomes.append(UpsertOutcome.REVISED)
+            else:
+                if old.complete != complete or _gains_extras(old.candle, candle):
+                    merged = _merge_extras(old.candle, candle)
+                    row = _params(series_id, merged, old.source, complete)
+                    (inserts if t in inserts else updates)[t] = row
+                outcomes.append(UpsertOutcome.UNCHANGED)
+            existing[t] = StoredCandle(candle, source, complete)
+        self._copy_in(inserts.values())
+        if updates:
+            with self._conn.cursor() as cur:
+                cur.executemany(_UPSERT, list(updates.values()))
+        return outcomes
+
+    def _copy_in(self, rows: Iterable[Row]) -> None:
+        rows = list(rows)
+        if not rows:
+            return
+        with (
+            self._conn.cursor() as cur,
+            cur.copy(f"COPY candles (series_id, {COLUMNS}) FROM STDIN") as copy,
+        ):
+            for row in rows:
+                copy.write_row(row)
+
+    def range(self, series_id: str, start: int, end: int) -> list[StoredCandle]:
+        """Stored candles with ``start <= candle_time < end``, ascending."""
+        return select_candles(
+            self._conn,
+            "candle_time >= %s AND candle_time < %s ORDER BY candle_time",
+            (series_id, start, end),
+        )
+
+    def last_before(self, series_id: str, t: int) -> StoredCandle | None:
+        rows = select_candles(
+            self._conn, "candle_time < %s ORDER BY candle_time DESC LIMIT 1", (series_id, t)
+        )
+        return rows[0] if rows else None
+
+    def head_time(self, series_id: str) -> int | None:
+        return head_time(self._conn, series_id)
+
+    def append_event(
+        self, series_id: str, event: str, data: Mapping[str, object], created_at: float
+    ) -> int:
+        """Add an entry to the event log; its ``event_id`` (above every id ever given)."""
+        row = self._conn.execute(
+            "WITH next AS (UPDATE event_counter SET last_id = last_id + 1 RETURNING last_id)"
+            " INSERT INTO events (event_id, series_id, event, data, created_at)"
+            " SELECT last_id, %s, %s, %s, %s FROM next RETURNING event_id",
+            (series_id, event, orjson.dumps(dict(data)).decode(), created_at),
+        ).fetchone()
+        assert row is not None
+        return int(str(row[0]))
+
+    def prune_events(self, keep: int, created_after: float) -> int:
+        """Drop events beyond the newest ``keep`` or created before ``created_after``; return
+        the highest event_id ever pruned (kept in meta: cursors at or below it are older than
+        the retention)."""
+        row = self._conn.execute(
+            "SELECT COALESCE(MAX(event_id), 0) FROM events"
+            " WHERE event_id <= (SELECT COALESCE(MAX(event_id), 0) FROM events) - %s"
+            " OR created_at < %s",
+            (keep, created_after),
+        ).fetchone()
+        upto = 0 if row is None else int(str(row[0]))
+        previous = int(self.get_meta(EVENTS_PRUNED_KEY) or 0)
+        if upto > previous:
+            self._conn.execute("DELETE FROM events WHERE event_id <= %s", (upto,))
+            self.set_meta(EVENTS_PRUNED_KEY, str(upto))
+            return upto
+        return previous
+
+    def get_meta(self, key: str) -> str | None:
+        return get_meta(self._conn, key)
+
+    def set_meta(self, key: str, value: str) -> None:
+        self._conn.execute(
+            "INSERT INTO meta (key, value) VALUES (%s, %s)"
+            " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            (key, value),
+        )
+
+
+def _gains_extras(old: Candle, new: Candle) -> bool:
+    return any(
+        getattr(old, name) is None and getattr(new, name) is not None
+        for name in ("quote_volume", "trades", "taker_buy_base", "taker_buy_quote")
+    )
+
+
+def _merge_extras(old: Candle, new: Candle) -> Candle:
+    return Candle(
+        candle_time=old.candle_time,
+        open=old.open,
+        high=old.high,
+        low=old.low,
+        close=old.close,
+        volume=old.volume,
+        quote_volume=old.quote_volume if old.quote_volume is not None else new.quote_volume,
+        trades=old.trades if old.trades is not None else new.trades,
+        taker_buy_base=old.taker_buy_base if old.taker_buy_base is not None else new.taker_buy_base,
+        taker_buy_quote=old.taker_buy_quote
+        if old.taker_buy_quote is not None
+        else new.taker_buy_quote,
+    )
+
+
+def select_candles(conn: Conn, where: str, params: tuple[object, ...]) -> list[StoredCandle]:
+    cur = conn.execute(
+        f"SELECT {COLUMNS} FROM candles WHERE series_id = %s AND {where}",  # noqa: S608
+        params,
+    )
+    return [row_to_stored(row) for row in cur.fetchall()]
+
+
+def head_time(conn: Conn, series_id: str) -> int | None:
+    row = conn.execute(
+        "SELECT MAX(candle_time) FROM candles WHERE series_id = %s", (series_id,)
+    ).fetchone()
+    return None if row is None or row[0] is None else int(str(row[0]))
+
+
+def get_meta(conn: Conn, key: str) -> str | None:
+    row = conn.execute("SELECT value FROM meta WHERE key = %s", (key,)).fetchone()
+    return None if row is None else str(row[0])
+
+
+def select_events(
+    conn: Conn, after: int, series_ids: Sequence[str] | None, limit: int
+) -> list[StoredEvent]:
+    """Events with ``event_id > after`` (of ``series_ids`` when given), ascending."""
+    if series_ids is None:
+        cur = conn.execute(
+            "SELECT event_id, series_id, event, data, created_at FROM events"
+            " WHERE event_id > %s ORDER BY event_id LIMIT %s",
+            (after, limit),
+        )
+    else:
+        cur = conn.execute(
+            "SELECT event_id, series_id, event, data, created_at FROM events"
+            " WHERE event_id > %s AND series_id = ANY(%s) ORDER BY event_id LIMIT %s",
+            (after, list(series_ids), limit),
+        )
+    return [
+        StoredEvent(int(str(i)), str(s), str(e), orjson.loads(str(d)), float(str(c)))
+        for i, s, e, d, c in cur
+    ]
+
+
+def events_pruned_upto(conn: Conn) -> int:
+    text = get_meta(conn, EVENTS_PRUNED_KEY)
+    return 0 if text is None else int(text)
