@@ -83,6 +83,14 @@ class _translated:
 
 def _open_pool(url: str, size: int) -> ConnectionPool[Conn]:
     where = describe_url(url)
+    # One plain connection first: an unreachable server or a refused login fails at once
+    # with libpq's own reason (the pool would retry quietly until its timeout), and the
+    # migrations run before any pooled connection exists.
+    with (
+        _translated(f"open of {where}"),
+        psycopg.connect(url, autocommit=True, connect_timeout=int(CONNECT_TIMEOUT_S)) as conn,
+    ):
+        migrate(conn, where)
     pool: ConnectionPool[Conn] = ConnectionPool(
         url,
         min_size=1,
@@ -96,8 +104,6 @@ def _open_pool(url: str, size: int) -> ConnectionPool[Conn]:
     try:
         with _translated(f"open of {where}"):
             pool.open(wait=True, timeout=CONNECT_TIMEOUT_S)
-            with pool.connection() as conn:
-                migrate(conn, where)
     except BaseException:
         pool.close()
         raise
