@@ -24,7 +24,7 @@ from typing import Final, final
 import orjson
 import psycopg
 
-from tradecanvas.model import Candle
+from tradecanvas.model import MINUTE, Candle
 from tradecanvas.store.txn import EVENTS_PRUNED_KEY
 from tradecanvas.store.types import Source, StoredCandle, StoredEvent, UpsertOutcome
 
@@ -35,6 +35,7 @@ COLUMNS: Final = (
     "candle_time, open, high, low, close, volume, quote_volume, trades,"
     " taker_buy_base, taker_buy_quote, source, complete"
 )
+_PREFIXED: Final = ", ".join("c." + name.strip() for name in COLUMNS.split(","))
 _UPSERT: Final = (
     f"INSERT INTO candles (series_id, {COLUMNS})"  # noqa: S608
     " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
@@ -73,9 +74,8 @@ def row_to_stored(row: Row) -> StoredCandle:
     return StoredCandle(candle, source, bool(complete))  # type: ignore[arg-type]
 
 
-def _params(series_id: str, c: Candle, source: Source, complete: bool) -> Row:
+def _row(c: Candle, source: Source, complete: bool) -> Row:
     return (
-        series_id,
         c.candle_time,
         c.open,
         c.high,
@@ -116,38 +116,58 @@ class PgStoreTxn:
         if not candles:
             return []
         times = sorted({c.candle_time for c in candles})
-        existing = {
-            s.candle.candle_time: s
-            for s in select_candles(self._conn, "candle_time = ANY(%s)", (series_id, times))
-        }
+        # rows as (candle_time, open … taker_buy_quote, source, complete): compared without
+        # building a Candle for each stored row (the cost that dominates an upsert here)
+        existing = {int(str(row[0])): row for row in self._stored_at(series_id, times)}
         inserts: dict[int, Row] = {}
         updates: dict[int, Row] = {}
         outcomes: list[UpsertOutcome] = []
         for candle in candles:
             t = candle.candle_time
+            new = _row(candle, source, complete)
             old = existing.get(t)
             if old is None:
-                inserts[t] = _params(series_id, candle, source, complete)
+                write: Row | None = new
                 outcomes.append(UpsertOutcome.NEW)
-            elif not old.candle.same_values(candle):
-                row = _params(series_id, candle, source, complete)
-                # a time first seen in this batch stays an insert, with its latest values
-                (inserts if t in inserts else updates)[t] = row
+            elif not _same_values(old, new):
+                write = new
                 outcomes.append(UpsertOutcome.REVISED)
             else:
-                if old.complete != complete or _gains_extras(old.candle, candle):
-                    merged = _merge_extras(old.candle, candle)
-                    row = _params(series_id, merged, old.source, complete)
-                    (inserts if t in inserts else updates)[t] = row
+                write = None
+                if old[11] != complete or _gains_extras(old, new):
+                    write = (*old[:6], *_merged_extras(old, new), old[10], complete)
                 outcomes.append(UpsertOutcome.UNCHANGED)
-            existing[t] = StoredCandle(candle, source, complete)
-        self._copy_in(inserts.values())
+            if write is not None:
+                # a time first seen in this batch stays an insert, with its latest values
+                (updates if old is not None and t not in inserts else inserts)[t] = write
+            existing[t] = new
+        self._copy_in(series_id, inserts.values())
         if updates:
             with self._conn.cursor() as cur:
-                cur.executemany(_UPSERT, list(updates.values()))
+                cur.executemany(_UPSERT, [(series_id, *row) for row in updates.values()])
         return outcomes
 
-    def _copy_in(self, rows: Iterable[Row]) -> None:
+    def _stored_at(self, series_id: str, times: list[int]) -> list[Row]:
+        """The stored rows at ``times`` (ascending, distinct)."""
+        if (times[-1] - times[0]) // MINUTE < 2 * len(times):
+            # dense (a live batch, one derived candle): one index range scan, cheapest
+            rows = self._conn.execute(
+                f"SELECT {COLUMNS} FROM candles WHERE series_id = %s"  # noqa: S608
+                " AND candle_time >= %s AND candle_time <= %s",
+                (series_id, times[0], times[-1]),
+            ).fetchall()
+            wanted = set(times)
+            return [row for row in rows if row[0] in wanted]
+        # sparse: a join with the times, not ``= ANY(…)``: the planner probes the primary
+        # key once per time instead of testing stored rows against the whole array
+        cur = self._conn.execute(
+            f"SELECT {_PREFIXED} FROM unnest(%s::bigint[]) AS t(candle_time)"  # noqa: S608
+            " JOIN candles c ON c.series_id = %s AND c.candle_time = t.candle_time",
+            (times, series_id),
+        )
+        return cur.fetchall()
+
+    def _copy_in(self, series_id: str, rows: Iterable[Row]) -> None:
         rows = list(rows)
         if not rows:
             return
@@ -156,7 +176,7 @@ class PgStoreTxn:
             cur.copy(f"COPY candles (series_id, {COLUMNS}) FROM STDIN") as copy,
         ):
             for row in rows:
-                copy.write_row(row)
+                copy.write_row((series_id, *row))
 
     def range(self, series_id: str, start: int, end: int) -> list[StoredCandle]:
         """Stored candles with ``start <= candle_time < end``, ascending."""
@@ -217,28 +237,19 @@ class PgStoreTxn:
         )
 
 
-def _gains_extras(old: Candle, new: Candle) -> bool:
-    return any(
-        getattr(old, name) is None and getattr(new, name) is not None
-        for name in ("quote_volume", "trades", "taker_buy_base", "taker_buy_quote")
-    )
+def _same_values(old: Row, new: Row) -> bool:
+    """``Candle.same_values`` on rows: OHLCV numerically equal, and every extra both know."""
+    if old[1:6] != new[1:6]:
+        return False
+    return all(a is None or b is None or a == b for a, b in zip(old[6:10], new[6:10], strict=True))
 
 
-def _merge_extras(old: Candle, new: Candle) -> Candle:
-    return Candle(
-        candle_time=old.candle_time,
-        open=old.open,
-        high=old.high,
-        low=old.low,
-        close=old.close,
-        volume=old.volume,
-        quote_volume=old.quote_volume if old.quote_volume is not None else new.quote_volume,
-        trades=old.trades if old.trades is not None else new.trades,
-        taker_buy_base=old.taker_buy_base if old.taker_buy_base is not None else new.taker_buy_base,
-        taker_buy_quote=old.taker_buy_quote
-        if old.taker_buy_quote is not None
-        else new.taker_buy_quote,
-    )
+def _gains_extras(old: Row, new: Row) -> bool:
+    return any(a is None and b is not None for a, b in zip(old[6:10], new[6:10], strict=True))
+
+
+def _merged_extras(old: Row, new: Row) -> Row:
+    return tuple(b if a is None else a for a, b in zip(old[6:10], new[6:10], strict=True))
 
 
 def select_candles(conn: Conn, where: str, params: tuple[object, ...]) -> list[StoredCandle]:
