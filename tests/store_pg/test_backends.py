@@ -50,6 +50,20 @@ async def test_duplicates_within_one_batch(backend: Backend) -> None:
     await store.aclose()
 
 
+async def test_sparse_and_dense_batches(backend: Backend) -> None:
+    """A batch of times far apart (a repair here and there) and a dense one (live minutes)
+    find what is stored the same way."""
+    store = await backend.open()
+    far = [candle(60 * k, "1", "1", "1", "1") for k in (0, 10_000, 500_000)]
+    assert await store.upsert(SID, far, "rest") == [NEW] * 3
+    mixed = [candle(60 * k, "1", "2", "1", "1") for k in (0, 7, 500_000, 500_001)]
+    assert await store.upsert(SID, mixed, "rest") == [REVISED, NEW, REVISED, NEW]
+    dense = [candle(60 * k, "1", "2", "1", "1") for k in range(499_990, 500_002)]
+    assert await store.upsert(SID, dense, "ws") == [NEW] * 10 + [UNCHANGED] * 2
+    assert len(await store.range(SID, 0, 60 * 600_000)) == 3 + 1 + 11
+    await store.aclose()
+
+
 async def test_reads_tail_since_range_head(backend: Backend) -> None:
     store = await backend.open()
     await store.upsert(SID, list(flat_minutes(0, 10)), "rest")

@@ -208,6 +208,25 @@ class PgStoreTxn:
         assert row is not None
         return int(str(row[0]))
 
+    def import_event(self, event: StoredEvent) -> bool:
+        """Store ``event`` under its own id (moving a log from another store); False when
+        that id is taken already. Later ids given by :meth:`append_event` stay above it."""
+        cur = self._conn.execute(
+            "INSERT INTO events (event_id, series_id, event, data, created_at)"
+            " VALUES (%s, %s, %s, %s, %s) ON CONFLICT (event_id) DO NOTHING",
+            (
+                event.event_id,
+                event.series_id,
+                event.event,
+                orjson.dumps(event.data).decode(),
+                event.created_at,
+            ),
+        )
+        self._conn.execute(
+            "UPDATE event_counter SET last_id = GREATEST(last_id, %s)", (event.event_id,)
+        )
+        return cur.rowcount == 1
+
     def prune_events(self, keep: int, created_after: float) -> int:
         """Drop events beyond the newest ``keep`` or created before ``created_after``; return
         the highest event_id ever pruned (kept in meta: cursors at or below it are older than
