@@ -6,6 +6,7 @@ from __future__ import annotations
 import psycopg
 import pytest
 import trio
+from psycopg import sql
 
 from tests.conftest import candle
 from tradecanvas.errors import StoreError
@@ -173,3 +174,47 @@ def test_describe_url_hides_the_password() -> None:
     assert describe_url("postgresql://u:pw@db.example:6543/market") == (
         "postgresql://u@db.example:6543/market"
     )
+
+
+async def test_connections_killed_by_the_server_are_replaced(pg_url: str) -> None:
+    """A server restart, as this store sees it: every connection it holds is terminated.
+    The next calls get new connections (checked on the way out of the pool), and the
+    statistics count the lost ones."""
+    store = await PostgresStore.open(pg_url)
+    await store.upsert(SID, [candle(60, "1", "1", "1", "1")], "ws")
+    assert await store.ping() is True
+    before = store.statistics()
+    assert before.pool_size >= 1
+
+    def terminate_all() -> int:
+        with psycopg.connect(pg_url, autocommit=True) as conn:
+            row = conn.execute(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            ).fetchone()
+        return 0 if row is None else int(row[0])
+
+    assert await trio.to_thread.run_sync(terminate_all) >= 1
+    assert await store.head_time(SID) == 60
+    await store.upsert(SID, [candle(120, "1", "1", "1", "1")], "ws")
+    assert await store.head_time(SID) == 120
+    assert store.statistics().connections_lost > before.connections_lost
+    await store.aclose()
+    assert await store.ping() is False
+
+
+@pytest.mark.slow  # the pool waits CONNECT_TIMEOUT_S for a connection, twice
+async def test_ping_is_false_when_the_server_is_gone(pg_url: str) -> None:
+    store = await PostgresStore.open(pg_url, pool_size=1)
+
+    def drop_database() -> None:
+        with psycopg.connect(pg_url.rsplit("/", 1)[0] + "/postgres", autocommit=True) as conn:
+            name = pg_url.rsplit("/", 1)[1]
+            conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
+
+    await trio.to_thread.run_sync(drop_database)
+    with trio.fail_after(30):  # a bound on a hang, not a timed assertion
+        assert await store.ping() is False
+    with pytest.raises(StoreError, match="read failed"):
+        await store.head_time(SID)
+    await store.aclose()

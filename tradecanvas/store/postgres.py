@@ -23,6 +23,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Final, TypeVar, final
 
+import attrs
 import psycopg
 import trio
 from psycopg.conninfo import conninfo_to_dict
@@ -110,6 +111,17 @@ def _open_pool(url: str, size: int) -> ConnectionPool[Conn]:
     return pool
 
 
+@attrs.frozen
+class PostgresStoreStatistics:
+    """The pool's view (psycopg_pool's counters since the store opened)."""
+
+    pool_size: int  # connections open now
+    pool_available: int  # of them, idle
+    requests_waiting: int  # threads waiting for a connection (0 while the limiter holds)
+    connections_errors: int  # failed connection attempts (server down, refused login)
+    connections_lost: int  # connections found broken and replaced (a server restart)
+
+
 @final
 class PostgresStore:
     """Owns the connection pool. Open with :meth:`open`, close with :meth:`aclose`. Every
@@ -137,6 +149,32 @@ class PostgresStore:
         """Seconds the write in flight has been running (0 when idle)."""
         started = self._write_started
         return 0.0 if started is None else trio.current_time() - started
+
+    def statistics(self) -> PostgresStoreStatistics:
+        stats = self._pool.get_stats()
+        return PostgresStoreStatistics(
+            pool_size=stats.get("pool_size", 0),
+            pool_available=stats.get("pool_available", 0),
+            requests_waiting=stats.get("requests_waiting", 0),
+            connections_errors=stats.get("connections_errors", 0),
+            connections_lost=stats.get("connections_lost", 0),
+        )
+
+    async def ping(self) -> bool:
+        """Does the server answer now? For readiness checks: bound it at the call site
+        (``trio.move_on_after``); a cancelled ping leaves its thread to finish on its own."""
+        if self._closed:
+            return False
+
+        def _ping() -> bool:
+            try:
+                with self._pool.connection() as conn:
+                    conn.execute("SELECT 1")
+            except psycopg.Error:
+                return False
+            return True
+
+        return await trio.to_thread.run_sync(_ping, limiter=self._limiter, abandon_on_cancel=True)
 
     async def aclose(self) -> None:
         if self._closed:
@@ -263,5 +301,6 @@ __all__ = [
     "SCHEMA_VERSION",
     "PgStoreTxn",
     "PostgresStore",
+    "PostgresStoreStatistics",
     "describe_url",
 ]
