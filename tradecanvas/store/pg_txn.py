@@ -6,7 +6,10 @@ Upserts are batched: one ``SELECT … WHERE candle_time = ANY(…)`` fetches wha
 the batch's times, the outcome of each candle is decided in Python exactly as the SQLite
 store decides it (``Candle.same_values``), then the new candles go in with one ``COPY`` and
 the revised or merged ones with one ``executemany`` (pipelined) ``INSERT … ON CONFLICT DO
-UPDATE``. Deciding in Python is safe because every write transaction holds the store's write
+UPDATE``. A single candle (the derivation upserts one bar at a time) takes one statement
+that inserts it unless a row is there, and returns that row; a handful of new candles go in
+with ``executemany`` rather than ``COPY``: on PostgreSQL the cost of the pipeline's many
+small statements is their round trips. Deciding in Python is safe because every write transaction holds the store's write
 lock (``pg_schema.WRITE_LOCK_KEY``): no other writer can change a row between the SELECT and
 the write, just as SQLite's ``BEGIN IMMEDIATE`` allows one writer at a time.
 
@@ -36,6 +39,26 @@ COLUMNS: Final = (
     " taker_buy_base, taker_buy_quote, source, complete"
 )
 _PREFIXED: Final = ", ".join("c." + name.strip() for name in COLUMNS.split(","))
+# fewer new rows than this go in with executemany, more with COPY
+COPY_MIN_ROWS: Final = 32
+_INSERT: Final = (
+    f"INSERT INTO candles (series_id, {COLUMNS})"  # noqa: S608
+    " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+)
+# parameters: series_id then a row; returns the row stored before, if any (then nothing
+# was written). The write lock keeps anyone else from inserting between the two parts.
+_INSERT_IF_ABSENT: Final = (
+    "WITH params AS (SELECT %s::text AS series_id, %s::bigint AS candle_time,"  # noqa: S608
+    " %s::numeric AS open, %s::numeric AS high, %s::numeric AS low, %s::numeric AS close,"
+    " %s::numeric AS volume, %s::numeric AS quote_volume, %s::bigint AS trades,"
+    " %s::numeric AS taker_buy_base, %s::numeric AS taker_buy_quote, %s::text AS source,"
+    " %s::boolean AS complete),"
+    f" old AS (SELECT {_PREFIXED} FROM candles c JOIN params p"
+    "  ON c.series_id = p.series_id AND c.candle_time = p.candle_time),"
+    f" ins AS (INSERT INTO candles (series_id, {COLUMNS}) SELECT * FROM params"
+    "  WHERE NOT EXISTS (SELECT 1 FROM old))"
+    " SELECT * FROM old"
+)
 _UPSERT: Final = (
     f"INSERT INTO candles (series_id, {COLUMNS})"  # noqa: S608
     " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
@@ -115,10 +138,19 @@ class PgStoreTxn:
         """
         if not candles:
             return []
-        times = sorted({c.candle_time for c in candles})
         # rows as (candle_time, open … taker_buy_quote, source, complete): compared without
         # building a Candle for each stored row (the cost that dominates an upsert here)
-        existing = {int(str(row[0])): row for row in self._stored_at(series_id, times)}
+        if len(candles) == 1:
+            # the derivation's case: one statement inserts it unless a row is there already
+            # (then it returns that row), one round trip instead of a SELECT and an INSERT
+            new = _row(candles[0], source, complete)
+            stored = self._conn.execute(_INSERT_IF_ABSENT, (series_id, *new)).fetchone()
+            if stored is None:
+                return [UpsertOutcome.NEW]
+            existing = {new[0]: stored}
+        else:
+            times = sorted({c.candle_time for c in candles})
+            existing = {int(str(row[0])): row for row in self._stored_at(series_id, times)}
         inserts: dict[int, Row] = {}
         updates: dict[int, Row] = {}
         outcomes: list[UpsertOutcome] = []
@@ -169,7 +201,11 @@ class PgStoreTxn:
 
     def _copy_in(self, series_id: str, rows: Iterable[Row]) -> None:
         rows = list(rows)
-        if not rows:
+        if len(rows) < COPY_MIN_ROWS:
+            # COPY costs a few round trips of its own: a pipelined INSERT for a handful
+            if rows:
+                with self._conn.cursor() as cur:
+                    cur.executemany(_INSERT, [(series_id, *row) for row in rows])
             return
         with (
             self._conn.cursor() as cur,
