@@ -2,16 +2,19 @@
 thread), and the queries the readers share. The PostgreSQL twin of ``store/txn.py``: the same
 methods, the same outcomes. Raises psycopg errors; the store translates them.
 
-Upserts are batched: one ``SELECT … WHERE candle_time = ANY(…)`` fetches what is stored for
-the batch's times, the outcome of each candle is decided in Python exactly as the SQLite
-store decides it (``Candle.same_values``), then the new candles go in with one ``COPY`` and
-the revised or merged ones with one ``executemany`` (pipelined) ``INSERT … ON CONFLICT DO
-UPDATE``. A single candle (the derivation upserts one bar at a time) takes one statement
-that inserts it unless a row is there, and returns that row; a handful of new candles go in
-with ``executemany`` rather than ``COPY``: on PostgreSQL the cost of the pipeline's many
-small statements is their round trips. Deciding in Python is safe because every write transaction holds the store's write
-lock (``pg_schema.WRITE_LOCK_KEY``): no other writer can change a row between the SELECT and
-the write, just as SQLite's ``BEGIN IMMEDIATE`` allows one writer at a time.
+Upserts are batched: one query fetches what is stored at the batch's times (an index range
+scan for a dense batch, a join with the times for a sparse one), the outcome of each candle
+is decided in Python exactly as the SQLite store decides it (``Candle.same_values``), then
+the new candles go in with one ``COPY`` and the revised or merged ones with one
+``executemany`` (pipelined) ``INSERT … ON CONFLICT DO UPDATE``. A single candle (the
+derivation upserts one bar at a time) takes one statement that inserts it unless a row is
+there, and returns that row; a handful of new candles go in with ``executemany`` rather
+than ``COPY``: on PostgreSQL the cost of the pipeline's many small statements is their round
+trips.
+
+Deciding in Python is safe because every write transaction holds the store's write lock
+(``pg_schema.WRITE_LOCK_KEY``): no other writer can change a row between the read and the
+write, just as SQLite's ``BEGIN IMMEDIATE`` allows one writer at a time.
 
 Event ids come from the one-row ``event_counter``, updated in the same transaction: its row
 lock is held until the commit, so ids are handed out in commit order (a later commit never
