@@ -4,15 +4,15 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat setup.cfg pyproject.toml | cksum | cut -d' ' -f1)
 
-## install: create .venv and install tradecanvas with the dev extra
+## install: create .venv and install tradecanvas with the dev and bench extras
 install: $(STAMP)
 
-.PHONY: install run check test lint typecheck unit unit-fast e2e doc-audit deploy-check bench test-data clean
+.PHONY: install run check test lint typecheck unit unit-fast e2e browser doc-audit deploy-check bench bench-smoke test-data clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
 	rm -f $(VENV)/.installed-*
 	touch $@
 
@@ -23,8 +23,9 @@ run: $(STAMP)
 ## check: the inner loop (under a minute): lint, types, the unit tests without the end-to-end ones
 check: lint typecheck unit-fast
 
-## test: ruff, mypy --strict, pytest, the deploy unit checks, the e2e replay and the doc audit
-test: lint typecheck unit deploy-check e2e doc-audit
+## test: ruff, mypy --strict, pytest, the deploy unit checks, the e2e replay, the doc audit and
+## the benchmark harness at a tiny size
+test: lint typecheck unit deploy-check e2e doc-audit bench-smoke
 
 lint: $(STAMP)
 	$(BIN)/ruff check tradecanvas tests bench scripts
@@ -39,6 +40,10 @@ unit: $(STAMP)
 unit-fast: $(STAMP)
 	$(BIN)/pytest -q -m "not e2e and not slow"
 
+## browser: the chart page's tests in headless Chromium (also part of `make unit`, so of make test)
+browser: $(STAMP)
+	$(BIN)/pytest -q -m browser
+
 deploy-check: $(STAMP)
 	bash scripts/deploy_check.sh
 
@@ -48,9 +53,14 @@ e2e: $(STAMP)
 doc-audit:
 	bash scripts/doc_audit.sh
 
-## bench: the benchmarks under bench/ (ratios against a baseline measured in the same run)
+## bench: the benchmarks under bench/ (ratios against a baseline measured in the same run);
+## writes bench/results/summary.json and docs/benchmarks-latency.png (docs/benchmarks.md)
 bench: $(STAMP)
 	$(BIN)/python -m bench
+
+## bench-smoke: every benchmark at a tiny size (under a minute); proves the harness runs, checks no numbers
+bench-smoke: $(STAMP)
+	$(BIN)/python -m bench --smoke
 
 ## test-data: download Binance's public daily kline archives (checksums verified) into .cache/
 test-data:

@@ -4,9 +4,13 @@
 #   2. `systemd-analyze verify` finds no error or warning in it;
 #   3. `systemd-analyze security --offline=yes` rates its exposure 2.5 or lower;
 #   4. deploy/tradecanvas.env lists every TRADE_CANVAS_* flag, and its commented-out values
-#      are the real defaults (they parse, and give the same RuntimeFlags as no file at all).
-# Steps 2–3 need systemd-analyze (systemd ≥ 250 for --offline); where it is missing they are
-# reported as SKIPPED, never as passed. Exit status: 0 all checks passed (or skipped), 1 not.
+#      are the real defaults (they parse, and give the same RuntimeFlags as no file at all);
+#   5. the Prometheus alert rules pass `promtool check rules` and their unit tests
+#      (`promtool test rules`), and the Grafana dashboard is valid JSON.
+# Steps 2–3 need systemd-analyze (systemd ≥ 250 for --offline), step 5 promtool (Debian's
+# `prometheus` package; .ci/run installs it); where one is missing its steps are reported as
+# SKIPPED, never as passed. tests/test_deploy_observability.py checks that every metric name
+# the dashboard and the rules use is on a running daemon's /metrics. Exit status: 0 all checks passed (or skipped), 1 not.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -149,6 +153,32 @@ PY
     else
         fail "$ENV_EXAMPLE does not match runtime_flags.FLAG_SPECS"
     fi
+fi
+
+# --- 5. Prometheus rules and the Grafana dashboard ------------------------------------------
+RULES=deploy/prometheus/tradecanvas.rules.yml
+RULES_TEST=deploy/prometheus/tradecanvas.rules.test.yml
+DASHBOARD=deploy/grafana/tradecanvas.json
+if ! command -v promtool >/dev/null 2>&1; then
+    skip "promtool is not installed (apt-get install prometheus): $RULES not checked"
+else
+    if rules_out=$(promtool check rules "$RULES" 2>&1); then
+        pass "promtool check rules $RULES"
+    else
+        fail "promtool check rules $RULES:"
+        echo "$rules_out" >&2
+    fi
+    if tests_out=$(promtool test rules "$RULES_TEST" 2>&1); then
+        pass "promtool test rules $RULES_TEST"
+    else
+        fail "promtool test rules $RULES_TEST:"
+        echo "$tests_out" >&2
+    fi
+fi
+if python3 -m json.tool "$DASHBOARD" >/dev/null; then
+    pass "$DASHBOARD is valid JSON"
+else
+    fail "$DASHBOARD is not valid JSON"
 fi
 
 if [[ $failures -gt 0 ]]; then

@@ -41,7 +41,8 @@ def routes() -> list[str]:
         text = path.read_text()
         found.update(re.findall(r"""Route\(\s*["'](/[^"']*)["']""", text))
         found.update(re.findall(r"""WS_PATH\b[^=\n]*=\s*["'](/[^"']*)["']""", text))
-    return sorted(found)
+    # a path parameter is documented by its name: /assets/{path:path} is /assets/{path}
+    return sorted({re.sub(r"\{(\w+):\w+\}", r"{\1}", route) for route in found})
 
 
 def check_api(problems: list[str]) -> None:
@@ -73,7 +74,12 @@ def check_api(problems: list[str]) -> None:
             problems.append(f"docs/api.md: the {route} section has no curl or WebSocket example")
         # /metrics answers in Prometheus' text format, so its example is that text
         prometheus = route == "/metrics" and any("# TYPE " in b for _, b in blocks)
-        if not prometheus and not any(lang == "json" for lang, _ in blocks):
+        # a route that answers with files (the chart page) shows its answer's headers
+        not_json = any(
+            lang == "http" and re.search(r"(?im)^content-type: (?!application/json)", b)
+            for lang, b in blocks
+        )
+        if not prometheus and not not_json and not any(lang == "json" for lang, _ in blocks):
             problems.append(f"docs/api.md: the {route} section has no example JSON")
 
 

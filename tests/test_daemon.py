@@ -44,14 +44,13 @@ async def test_sigterm_during_a_flush_loses_nothing_and_notifies_systemd(tmp_pat
             tmp_path / "replay.log",
         ) as replay,
     ):
-        url = (await wait_for_line(tmp_path / "replay.log", r"replay ws=(\S+) rest", replay)).group(
-            1
-        )
+        found = await wait_for_line(tmp_path / "replay.log", r"replay ws=(\S+) rest=(\S+)", replay)
+        url, rest_url = found.group(1), found.group(2)
         db = tmp_path / "m.sqlite3"
         env = cli_env(
             TRADE_CANVAS_DB_PATH=str(db),
             TRADE_CANVAS_BINANCE_FUTURES_WS_URL=url,
-            TRADE_CANVAS_BINANCE_FUTURES_REST_URL=url.replace("ws://", "http://"),
+            TRADE_CANVAS_BINANCE_FUTURES_REST_URL=rest_url,
             TRADE_CANVAS_INITIAL_BACKFILL_CANDLES="30",
             # closed klines pile up in the batch: nothing is flushed before the SIGTERM
             TRADE_CANVAS_BINANCE_WS_FLUSH_S="60",

@@ -23,6 +23,8 @@ STAGES: Final = (
     ("tradecanvas.store",),
     ("tradecanvas.pipeline",),
     ("tradecanvas.ingest",),
+    # the publisher is a pipeline sink; the feed is read by serve (an edge's Hub)
+    ("tradecanvas.bus",),
     ("tradecanvas.serve",),
     ("tradecanvas.daemon",),
     ("tradecanvas.tools",),
@@ -32,9 +34,12 @@ STAGES: Final = (
 PURE_MODULES: Final = (
     "tradecanvas.model",
     "tradecanvas.wire.binance",
+    "tradecanvas.wire.binance_rest",
     "tradecanvas.wire.json",
     "tradecanvas.wire.kline_csv",
     "tradecanvas.pipeline.derive",
+    "tradecanvas.pipeline.levels",
+    "tradecanvas.pipeline.recent",
     "tradecanvas.ingest.tracker",
     "tradecanvas.ingest.batcher",
     "tradecanvas.ingest.ordering",
@@ -43,14 +48,28 @@ PURE_MODULES: Final = (
     "tradecanvas.serve.drain",
     "tradecanvas.serve.subscription",
     "tradecanvas.serve.outgoing",
+    "tradecanvas.serve.encoded",
     "tradecanvas.serve.ws_protocol",
     "tradecanvas.serve.http_validation",
     "tradecanvas.pipeline.events",
     "tradecanvas.store.types",
     "tradecanvas.upstream.plan",
     "tradecanvas.tools.subscribe_cursors",
+    "tradecanvas.wire.bus",
+    "tradecanvas.bus.ids",
+    "tradecanvas.bus.outbox",
+    "tradecanvas.bus.cursors",
 )
-IO_LIBRARIES: Final = ("trio", "trio_websocket", "httpx", "hypercorn", "starlette", "sqlite3")
+IO_LIBRARIES: Final = (
+    "trio",
+    "trio_websocket",
+    "httpx",
+    "hypercorn",
+    "starlette",
+    "sqlite3",
+    "coredis",
+    "anyio",
+)
 
 
 def _modules() -> list[tuple[str, Path]]:

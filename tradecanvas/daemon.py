@@ -236,6 +236,7 @@ async def run_daemon(
                     runtime.notifier,
                     interval_s=watchdog_interval_s,
                     is_progressing=runtime.pipeline_progressing,
+                    metrics=runtime.metrics,
                 )
             )
         task_status.started(dict(runtime.listening))

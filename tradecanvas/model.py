@@ -37,7 +37,7 @@ BINANCE_INTERVALS: Final = (
 )  # fmt: skip
 
 
-@attrs.frozen(order=True)
+@attrs.frozen(order=True, cache_hash=True)
 class Timeframe:
     """A bar length such as ``1m``, ``5m``, ``4h``, ``1d``, ``3d``, ``1w``, ``1M``, ordered by
     length, with the bucket arithmetic of Binance's own bars (BINANCE.md):
@@ -146,7 +146,9 @@ def derivation_sources(derived: Iterable[Timeframe]) -> Mapping[Timeframe, Timef
     return sources
 
 
-@attrs.frozen(order=True)
+# cache_hash: a series id keys most of the ingest loop's dicts, looked up several times
+# per frame (its hash, of four fields with a Timeframe among them, cost 0.5 µs a time)
+@attrs.frozen(order=True, cache_hash=True)
 class SeriesId:
     """``{exchange}:{market}:{symbol}:{timeframe}``; the symbol may itself hold a ``:``."""
 

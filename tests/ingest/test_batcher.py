@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from hypothesis import given
+from hypothesis import strategies as st
+
 from tests.conftest import candle, flat_minutes
 from tradecanvas.ingest.batcher import (
     BatchItem,
@@ -127,3 +130,37 @@ def test_absent_runs_go_with_either_source_in_release_order() -> None:
     only_absent = ClosedBatcher(max_size=10, flush_s=0.5)
     only_absent.add_items([BatchItem(SID, None, 0.0, None, (T0, T0 + 60))])
     assert [i.candle for i in only_absent.take()] == [None]
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.integers(0, 40),  # minute
+            st.sampled_from(("0", "1", "2.5")),  # volume (0: an empty minute)
+            st.integers(1, 9),  # price
+            st.booleans(),  # query a forming bar after this add
+        ),
+        max_size=40,
+    ),
+    st.sampled_from(("5m", "15m", "1h")),
+)
+def test_summed_bucket_parts_derive_the_same_forming_bars(
+    steps: list[tuple[int, str, int, bool]], text: str
+) -> None:
+    """bucket_part (minutes summed incrementally) and bucket (the minutes) give the same
+    forming bar, whatever the order minutes arrive in, replaced or not."""
+    tf = Timeframe.parse(text)
+    cache = MinuteCache(span_s=tf.seconds + 60)
+    newest = -1
+    for minute, volume, price, query in steps:
+        p = str(price)
+        cache.add(SID, [candle(T0 + 60 * minute, p, p, p, p, volume)])
+        newest = max(newest, minute)
+        if query:
+            forming = candle(T0 + 60 * (newest + 1), "5", "6", "4", "5", "1")
+            t = forming.candle_time
+            stored, previous_close = cache.bucket(SID, tf, t)
+            expected = derive_forming(tf, stored, forming, previous_close)
+            part, part_previous_close = cache.bucket_part(SID, tf, t)
+            got = derive_forming(tf, part, forming, part_previous_close)
+            assert repr(got) == repr(expected)

@@ -76,10 +76,10 @@ def test_real_captured_frames_give_forming_updates_and_closed_candles(data_dir: 
     assert driver.malformed == [] and overtaken(driver.sent) == []
     for sid in series:
         mine = [e for e in events if e.symbol == sid.rest_symbol]
-        assert driver.candles(sid) == [e.kline.to_candle() for e in mine if e.kline.closed]
+        assert driver.candles(sid) == [e.candle for e in mine if e.closed]
         # every field exactly as sent (no throttle here); only an update that came while
         # a close before it waited for its commit was superseded by a newer one
-        sent = [e.kline.to_candle() for e in mine if not e.kline.closed]
+        sent = [e.candle for e in mine if not e.closed]
         forming = [c for s, c in driver.forming if s == str(sid)]
         assert is_subsequence(forming, sent) and len(forming) >= len(sent) - 4
         five = str(sid.with_timeframe(Timeframe.parse("5m")))

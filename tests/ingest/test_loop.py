@@ -82,7 +82,7 @@ async def test_real_captured_frames_are_decoded_forming_published_closes_stored(
             await rig.hub.wait_closed(f"binance:futures:{symbol}/USDT:1m", 1626992700)
         for symbol in symbols:  # the last forming update of each stream is never superseded
             sid = f"binance:futures:{symbol}/USDT:1m"
-            last = [e for e in events if e.symbol == f"{symbol}USDT"][-1].kline.to_candle()
+            last = [e for e in events if e.symbol == f"{symbol}USDT"][-1].candle
             wire = last.to_wire()
 
             def seen(sid: str = sid, wire: dict[str, Any] = wire) -> bool:
@@ -93,12 +93,12 @@ async def test_real_captured_frames_are_decoded_forming_published_closes_stored(
         for symbol in symbols:
             sid = f"binance:futures:{symbol}/USDT:1m"
             mine = [e for e in events if e.symbol == f"{symbol}USDT"]
-            closed = [e.kline.to_candle() for e in mine if e.kline.closed]
+            closed = [e.candle for e in mine if e.closed]
             assert await rig.stored(sid) == closed  # every field, exactly as sent
             forming = [m["candle"] for m in rig.hub.of_type("candle_forming", sid)]
             # exactly as sent; only an update that came while a close before it waited for
             # its commit was superseded by a newer one
-            sent = iter(e.kline.to_candle().to_wire() for e in mine if not e.kline.closed)
+            sent = iter(e.candle.to_wire() for e in mine if not e.closed)
             assert all(any(c == w for w in sent) for c in forming)
             # a forming 5m candle for each forming minute, never stored
             assert len(rig.hub.of_type("candle_forming", sid.replace(":1m", ":5m"))) == len(forming)
@@ -685,9 +685,7 @@ async def test_malformed_frames_are_counted_and_skipped(tmp_path: Path, data_dir
         await rig.hub.wait_closed(sid, 1626992700)
         assert malformed_total(rig) == len(bad)
         closed = [decode_frame(line) for line in good if '"x":true' in line]
-        assert await rig.stored(sid) == [
-            e.kline.to_candle() for e in closed if isinstance(e, KlineEvent)
-        ]
+        assert await rig.stored(sid) == [e.candle for e in closed if isinstance(e, KlineEvent)]
         reasons = {
             reason: rig.metrics.registry.get_sample_value(
                 "tradecanvas_malformed_frames_total", {"reason": reason}

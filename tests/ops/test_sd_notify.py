@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 import tempfile
@@ -15,6 +16,7 @@ import pytest
 import trio
 import trio.testing
 
+from tradecanvas.ops.metrics import Metrics
 from tradecanvas.ops.sd_notify import SdNotifier, notify_address, run_watchdog
 from tradecanvas.runtime_flags import build_runtime_flags
 
@@ -222,3 +224,39 @@ async def test_a_late_tick_is_reported_as_a_blocked_loop(
 async def test_watchdog_interval_must_be_positive() -> None:
     with pytest.raises(ValueError, match="positive"):
         await run_watchdog(SdNotifier(None), interval_s=0, is_progressing=lambda: True)
+
+
+def ping_age(metrics: Metrics) -> float:
+    for line in metrics.render().decode().splitlines():
+        if line.startswith("tradecanvas_watchdog_last_ping_age_seconds "):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError("no tradecanvas_watchdog_last_ping_age_seconds")
+
+
+async def test_the_watchdog_ping_age_gauge_grows_while_pings_are_withheld(
+    abstract_systemd: FakeSystemd, autojump_clock: trio.testing.MockClock
+) -> None:
+    n = SdNotifier(abstract_systemd.notify_socket)
+    metrics = Metrics()
+    assert math.isnan(ping_age(metrics))  # no watchdog yet
+    progressing = True
+    async with trio.open_nursery() as nursery:
+        await nursery.start(
+            partial(
+                run_watchdog,
+                n,
+                interval_s=2.0,
+                is_progressing=lambda: progressing,
+                metrics=metrics,
+            )
+        )
+        assert ping_age(metrics) == 0
+        await trio.sleep(2.5)
+        assert ping_age(metrics) == 0.5  # pinged at 2.0
+        progressing = False
+        await trio.sleep(6)
+        assert ping_age(metrics) == 6.5  # withheld at 4.0, 6.0 and 8.0
+        progressing = True
+        await trio.sleep(2)
+        assert ping_age(metrics) == 0.5
+        nursery.cancel_scope.cancel()

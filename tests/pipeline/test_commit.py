@@ -5,11 +5,13 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from tests.conftest import candle, flat_minutes
-from tradecanvas.errors import CandleError, PublishError
-from tradecanvas.model import Candle, SeriesId, Timeframe
-from tradecanvas.pipeline.commit import IngestBatch, IngestPipeline
+from tradecanvas.errors import CandleError, PublishError, StoreError
+from tradecanvas.model import Candle, SeriesId, Timeframe, validate_candle
+from tradecanvas.pipeline.commit import IngestBatch, IngestPipeline, _plainly_valid_minute
 from tradecanvas.pipeline.events import SystemEvent
 from tradecanvas.store.sqlite import CandleStore
 
@@ -289,3 +291,83 @@ async def test_history_starting_inside_a_bucket_gives_no_partial_first_bar(
     (first,) = await p.store.range(BTC5, 0, 300)
     assert first.complete
     await p.store.aclose()
+
+
+# --- the fast path's cache of recent bars stays true to the store ------------------------
+
+
+@pytest.mark.parametrize("writer", ["same store", "other connection"])
+async def test_a_write_by_someone_else_between_commits_is_seen(tmp_path: Path, writer: str) -> None:
+    """RecentBars is forgotten when anything but the pipeline wrote: another caller of the
+    same store, or another connection to the file (another process)."""
+    p = await _pipeline(tmp_path)
+    await p.run(IngestBatch.of(BTC, flat_minutes(0, 4), "ws"))
+    revised = [candle(60, "100", "107", "93", "100")]
+    if writer == "same store":
+        await p.store.upsert(str(BTC), revised, "rest")
+    else:
+        other = await CandleStore.open(tmp_path / "m.sqlite3")
+        await other.upsert(str(BTC), revised, "rest")
+        await other.aclose()
+    result = await p.run(IngestBatch.of(BTC, [candle(240, "100", "100", "100", "100")], "ws"))
+    [derived] = [u for u in result.updates if u.derived]
+    assert (derived.candles[0].high, derived.candles[0].low) == (Decimal(107), Decimal(93))
+    await p.store.aclose()
+
+
+async def test_a_failed_commit_leaves_nothing_cached(tmp_path: Path) -> None:
+    p = await _pipeline(tmp_path)
+    await p.run(IngestBatch.of(BTC, flat_minutes(0, 4), "ws"))
+    await p.store.write(
+        lambda txn: txn._conn.execute(  # a real failure late in the transaction
+            "CREATE TRIGGER no_eth BEFORE INSERT ON events WHEN NEW.series_id LIKE '%ETH%'"
+            " BEGIN SELECT RAISE(ABORT, 'refused'); END"
+        )
+    )
+    both = IngestBatch(
+        ((BTC, candle(240, "1", "1", "1", "1")), (ETH, candle(0, "1", "1", "1", "1"))), "ws"
+    )
+    with pytest.raises(StoreError, match="refused"):
+        await p.run(both)
+    # the next commit (the very next transaction) must not trust what the failed one put in
+    result = await p.run(IngestBatch.of(BTC, [candle(240, "1", "1", "1", "1")], "ws"))
+    assert [(u.series_id, [c.candle_time for c in u.candles]) for u in result.updates] == [
+        (str(BTC), [240]),
+        (BTC5, [0]),
+    ]
+    assert [s.candle.candle_time for s in await p.store.range(str(BTC), 0, 600)] == [
+        0, 60, 120, 180, 240,
+    ]  # fmt: skip
+    await p.store.aclose()
+
+
+_decimals = st.sampled_from(
+    [
+        Decimal(x)
+        for x in ("-1", "0", "0.5", "1", "1.0", "2", "9", "NaN", "sNaN", "Infinity", "-Infinity")
+    ]
+)
+
+
+@given(
+    st.builds(
+        Candle,
+        st.one_of(st.integers(-60, 600), st.booleans()),
+        _decimals,
+        _decimals,
+        _decimals,
+        _decimals,
+        _decimals,
+        st.none() | _decimals,
+        st.none() | st.integers(-1, 3),
+        st.none() | _decimals,
+        st.none() | _decimals,
+    )
+)
+def test_the_quick_validity_check_agrees_with_validate_candle(c: Candle) -> None:
+    try:
+        validate_candle(c, BTC.timeframe)
+        valid = True
+    except CandleError:
+        valid = False
+    assert _plainly_valid_minute(c) == valid

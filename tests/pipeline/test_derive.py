@@ -6,10 +6,18 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from tests.conftest import candle
 from tradecanvas.model import Candle, Timeframe
-from tradecanvas.pipeline.derive import derive_bucket, derive_forming, derive_series
+from tradecanvas.pipeline.derive import (
+    aggregate,
+    aggregate_reference,
+    derive_bucket,
+    derive_forming,
+    derive_series,
+)
 from tradecanvas.wire.kline_csv import read_kline_csv
 
 TF5 = Timeframe.parse("5m")
@@ -168,3 +176,58 @@ def test_forming_derived_uses_stored_minutes_plus_forming() -> None:
         Decimal(14),
         Decimal(3),
     )
+
+
+# --- the one-pass fast paths equal the rule written plainly (hypothesis) ------------------
+
+_prices = st.sampled_from([Decimal(x) for x in ("1", "1.5", "2", "2.50", "3")])
+_extras = st.none() | st.sampled_from([Decimal(x) for x in ("0", "0.1", "7")])
+
+
+@st.composite
+def _parts(draw: st.DrawFn, start: int = 0, max_size: int = 12) -> list[Candle]:
+    times = sorted(draw(st.sets(st.integers(0, 59), min_size=1, max_size=max_size)))
+    parts = []
+    for t in times:
+        low, high = sorted((draw(_prices), draw(_prices)))
+        parts.append(
+            Candle(
+                start + 60 * t,
+                draw(st.sampled_from([low, high])),
+                high,
+                low,
+                draw(st.sampled_from([low, high])),
+                draw(st.sampled_from([Decimal(0), Decimal(0), Decimal(1), Decimal("2.5")])),
+                draw(_extras),
+                draw(st.none() | st.integers(0, 5)),
+                draw(_extras),
+                draw(_extras),
+            )
+        )
+    return parts
+
+
+@given(_parts(), st.none() | _prices)
+def test_aggregate_equals_the_plain_rule(parts: list[Candle], previous: Decimal | None) -> None:
+    fast = aggregate(0, parts, previous)
+    plain = aggregate_reference(0, parts, previous)
+    assert fast == plain
+    # the same text too (exact decimals), not only equal values
+    assert [str(getattr(fast, f)) for f in FIELDS] == [str(getattr(plain, f)) for f in FIELDS]
+
+
+@given(_parts(max_size=60), st.sampled_from(["5m", "15m", "1h"]), st.booleans())
+def test_derive_series_equals_bucket_by_bucket(
+    minutes: list[Candle], text: str, complete_only: bool
+) -> None:
+    tf = Timeframe.parse(text)
+    want = []
+    previous: Decimal | None = None
+    for bucket in sorted({tf.floor(m.candle_time) for m in minutes}):
+        piece = [m for m in minutes if tf.floor(m.candle_time) == bucket]
+        complete = len(piece) == tf.minutes_in(bucket)
+        if complete or not complete_only:
+            want.append((aggregate_reference(bucket, piece, previous), complete))
+        previous = piece[-1].close
+    got = derive_series(tf, minutes, complete_only=complete_only)
+    assert [(d.candle, d.complete) for d in got] == want

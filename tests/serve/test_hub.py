@@ -52,6 +52,7 @@ from tradecanvas.pipeline.events import SystemEvent
 from tradecanvas.serve.frame_safe_stream import FrameSafeStream
 from tradecanvas.serve.hub import CandleReader, Hub
 from tradecanvas.serve.subscriber import Subscriber, TransportClosed
+from tradecanvas.serve.subscriber_queue import SubscriberQueue
 from tradecanvas.store.sqlite import CandleStore
 from tradecanvas.store.types import StoredEvent
 from tradecanvas.wire.json import loads
@@ -337,7 +338,7 @@ async def test_an_error_while_queueing_isolates_that_subscriber_with_1011(
         def broken(*args: object) -> None:
             raise RuntimeError("bug")
 
-        monkeypatch.setattr(subscriber.queue, "offer_closed", broken)
+        monkeypatch.setattr(SubscriberQueue, "offer_closed", broken)  # slotted instances
         failures = hub.publish_closed(SID_1M, list(flat_minutes(T0, 1)))
         assert failures == ["subscriber fake:1: RuntimeError: bug"]
         assert (subscriber.close_code, subscriber.disconnect_reason) == (1011, "internal_error")
@@ -736,10 +737,10 @@ async def test_a_send_failure_in_the_publish_task_isolates_only_that_subscriber(
             subscribers = market.hub.subscribers()
             assert len(subscribers) == 2
             target = subscribers[-1]  # attached second
-            ws = vars(target.socket)["_ws"]  # the WS port's transport wraps trio-websocket's
-            assert isinstance(ws, trio_websocket.WebSocketConnection)
-            stream = ws._stream
+            transport: Any = target.socket  # the WS port's transport and its stream
+            stream = transport.stream
             assert isinstance(stream, FrameSafeStream)
+            assert target.frames is transport
             stream.inner.socket.shutdown(socket.SHUT_WR)
             nxt = next(iter(flat_minutes(minutes[-1].candle_time + 60, 1)))
             await store.upsert(SID_1M, [nxt], "ws")

@@ -9,7 +9,8 @@ import trio
 
 from tests.conftest import candle, flat_minutes
 from tradecanvas.errors import StoreError
-from tradecanvas.store.sqlite import SCHEMA_VERSION, CandleStore, UpsertOutcome
+from tradecanvas.model import Candle
+from tradecanvas.store.sqlite import SCHEMA_VERSION, CandleStore, StoredCandle, UpsertOutcome
 
 SID = "binance:futures:BTC/USDT:1m"
 
@@ -187,3 +188,47 @@ async def test_a_write_waiting_for_the_writer_survives_cancellation(tmp_path: Pa
             await store.upsert(SID, [candle(60, "1", "1", "1", "1")], "ws")
     assert await store.head_time(SID) == 60
     await store.aclose()
+
+
+async def test_upsert_of_scattered_times_reads_them_exactly(tmp_path: Path) -> None:
+    """Times far apart are looked up by value (not one scan of everything between)."""
+    store = await CandleStore.open(tmp_path / "m.sqlite3")
+    await store.upsert(SID, list(flat_minutes(0, 50)), "rest")
+    far = [candle(60, "100", "100", "100", "100"), candle(600_000, "1", "1", "1", "1")]
+    far += [candle(60 * 40, "100", "101", "100", "100")]
+    outcomes = await store.upsert(SID, sorted(far, key=lambda c: c.candle_time), "ws")
+    assert outcomes == [UpsertOutcome.UNCHANGED, UpsertOutcome.REVISED, UpsertOutcome.NEW]
+    assert [s.candle.high for s in await store.range(SID, 2400, 2401)] == [Decimal(101)]
+    await store.aclose()
+
+
+async def test_write_rows_first_time_and_the_sequence(tmp_path: Path) -> None:
+    store = await CandleStore.open(tmp_path / "m.sqlite3")
+    rows = [StoredCandle(c, "derived", i % 2 == 0) for i, c in enumerate(flat_minutes(120, 3))]
+    assert await store.write(lambda txn: txn.first_time(SID)) is None
+    await store.write(lambda txn: txn.write_rows([(SID, r) for r in rows]))
+    assert await store.range(SID, 0, 1000) == rows
+    assert await store.write(lambda txn: txn.first_time(SID)) == 120
+    # one more per write transaction; more when another connection committed in between
+    first = await store.write(lambda txn: txn.sequence)
+    assert await store.write(lambda txn: txn.sequence) == first + 1
+    other = await CandleStore.open(tmp_path / "m.sqlite3")
+    await other.set_meta("k", "v")
+    await other.aclose()
+    assert await store.write(lambda txn: txn.sequence) > first + 2
+    await store.aclose()
+
+
+async def test_decimals_are_stored_as_plain_text_never_in_exponent_form(tmp_path: Path) -> None:
+    store = await CandleStore.open(tmp_path / "m.sqlite3")
+    c = Candle(60, Decimal("1E+2"), Decimal("1E+2"), Decimal("0.0000001"), Decimal("5E+1"),
+               Decimal("0E-8"), Decimal("1.50"), 3, None, Decimal("2E-7"))  # fmt: skip
+    await store.upsert(SID, [c], "ws")
+    await store.aclose()
+    conn = sqlite3.connect(tmp_path / "m.sqlite3")
+    row = conn.execute(
+        "SELECT open, high, low, close, volume, quote_volume, taker_buy_base, taker_buy_quote"
+        " FROM candles"
+    ).fetchone()
+    conn.close()
+    assert row == ("100", "100", "0.0000001", "50", "0.00000000", "1.50", None, "0.0000002")

@@ -31,7 +31,7 @@ from tradecanvas.store.records import StoreBanMemory
 from tradecanvas.store.sqlite import CandleStore
 from tradecanvas.tools.replay import ReplayConfig, ReplayHandle, parse_file_argument, serve_replay
 from tradecanvas.upstream.rest import BinanceRestClient, RestPolicy, klines_weight
-from tradecanvas.wire.binance import candle_to_rest_row
+from tradecanvas.wire.binance_rest import candle_to_rest_row
 from tradecanvas.wire.json import dumps
 from tradecanvas.wire.kline_csv import read_kline_csv
 

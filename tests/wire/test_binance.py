@@ -1,20 +1,24 @@
 from __future__ import annotations
 
+from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
+from typing import Any, Final
 
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tests.conftest import candle
 from tradecanvas.errors import SeriesIdError, WireError
-from tradecanvas.model import SeriesId, Timeframe
+from tradecanvas.model import BINANCE_INTERVALS, SeriesId, Timeframe
 from tradecanvas.wire.binance import (
     ControlFrame,
     KlineEvent,
-    candle_from_rest_row,
-    candle_to_rest_row,
+    _fast_kline_event,
     decode_frame,
+    decode_frame_reference,
     kline_frame,
 )
 
@@ -56,14 +60,14 @@ def test_every_captured_kline_frame_decodes(data_dir: Path) -> None:
     assert len(frames) == 67
     events = [f for f in frames if isinstance(f, KlineEvent)]
     assert len(events) == 67
-    closed = [e for e in events if e.kline.closed]
+    closed = [e for e in events if e.closed]
     assert sorted(e.symbol for e in closed) == ["AKROUSDT", "CTKUSDT", "KEEPUSDT", "SUSHIUSDT"]
-    assert all(e.kline.open_time_ms == 1626992700000 for e in closed)
-    assert all(e.event_time_ms > e.kline.close_time_ms for e in closed)  # E > T is normal
+    assert all(e.open_time_ms == 1626992700000 for e in closed)
+    assert all(e.event_time_ms > e.close_time_ms for e in closed)  # E > T is normal
     first = events[0]
     assert first.stream == "ctkusdt@kline_1m"
-    assert first.kline.to_candle().open == Decimal("1.01000")
-    assert first.kline.to_candle().candle_time == 1626992700
+    assert first.candle.open == Decimal("1.01000")
+    assert first.candle.candle_time == 1626992700
 
 
 def test_raw_capture_non_kline_frames_are_ignored(data_dir: Path) -> None:
@@ -139,13 +143,166 @@ def test_missing_key_is_a_wire_error() -> None:
     assert info.value.reason == "bad_kline"
 
 
-def test_rest_rows_round_trip() -> None:
-    c = candle(120, "1.50", "2", "1", "2")
-    row = orjson.loads(orjson.dumps(candle_to_rest_row(c, M1)))
-    back = candle_from_rest_row(row, M1)
-    assert back.same_values(c) and str(back.open) == "1.50"
-    assert row[6] == 120_000 + 59_999
-    with pytest.raises(WireError):
-        candle_from_rest_row([120_000, "1", "0.5", "1", "1", "1"], M1)
-    with pytest.raises(WireError):
-        candle_from_rest_row({"t": 1}, M1)
+# --- the fast decoder equals the reference (cattrs) decoder ---------------------------------
+
+
+def _outcome(decode: Callable[[bytes], object], raw: bytes) -> tuple[object, ...]:
+    """What a decoder makes of ``raw``: the answer, exactly (Decimal digits included), or
+    its error, word for word."""
+    try:
+        return ("answer", repr(decode(raw)))
+    except WireError as exc:
+        return ("error", exc.reason, exc.detail)
+
+
+_ODD_DECIMALS: tuple[str, ...] = ("NaN", "sNaN", "-Infinity", "Infinity", "-0", "0", "1e3")
+_ODD_DECIMALS += ("1E-8", " 1", "1_0", "abc", "", "-1", "-0.001", "0.00000000", "1.01000")
+plain_decimal_texts = st.decimals(min_value=0, max_value=10**9, places=5).map(str)
+decimal_texts = st.one_of(*[plain_decimal_texts] * 4, st.sampled_from(_ODD_DECIMALS))
+_EDGE_INTEGERS = (-1, 0, -60_000, 1, True, "5", 1.5, None)
+_EDGES: dict[str, tuple[object, ...]] = {
+    **{key: (*_ODD_DECIMALS, 1, 1.5, None) for key in "ohlcvqVQ"},
+    **{key: _EDGE_INTEGERS for key in "tTn"},
+    "x": ("true", 1, None, False),
+    "i": ("1w", "1M", "3d", "2m", "7x", 5, None),
+}
+int64 = st.integers(min_value=-(2**63), max_value=2**63 - 1)
+any_value = st.one_of(
+    decimal_texts, int64, st.floats(allow_nan=False), st.booleans(), st.none(), st.just([])
+)
+
+
+@st.composite
+def kline_frames(draw: st.DrawFn) -> bytes:
+    """Mostly well-formed kline frames, some with a key removed or a value replaced, some
+    wrapped oddly: enough of each for both decoders' every branch."""
+    prices = sorted(draw(st.lists(plain_decimal_texts, min_size=4, max_size=4)), key=Decimal)
+    low, open_, close, high = draw(st.sampled_from((prices, prices, prices, prices[::-1])))
+    minute = draw(st.integers(min_value=-2, max_value=40_000_000))
+    minute -= minute % draw(st.sampled_from((1, 1440)))  # a day's open fits every length
+    open_ms = minute * 60_000 + draw(st.sampled_from((0,) * 8 + (1_000, 1)))
+    k: dict[str, object] = {
+        "t": open_ms,
+        "T": open_ms + draw(st.sampled_from((59_999,) * 5 + (-1,))),
+        "s": "BTCUSDT",
+        "i": draw(st.sampled_from((*BINANCE_INTERVALS, "1m", "1m", "2m", "7x", "1s", ""))),
+        "f": 1,
+        "L": 2,
+        "o": open_,
+        "c": close,
+        "h": high,
+        "l": low,
+        "v": draw(plain_decimal_texts),
+        "n": draw(st.integers(min_value=-1, max_value=10**6)),
+        "x": draw(st.booleans()),
+        "q": draw(plain_decimal_texts),
+        "V": draw(plain_decimal_texts),
+        "Q": draw(plain_decimal_texts),
+        "B": "0",
+    }
+    edge = draw(st.sampled_from((None, None, *_EDGES)))
+    if edge is not None:  # one value at the edge of what is allowed
+        k[edge] = draw(st.sampled_from(_EDGES[edge]))
+    mutations = draw(st.sampled_from((0, 0, 0, 1, 2)))
+    for key in draw(
+        st.lists(st.sampled_from(sorted(k)), min_size=mutations, max_size=mutations, unique=True)
+    ):
+        if draw(st.booleans()):
+            del k[key]
+        else:
+            k[key] = draw(any_value)
+    data: dict[str, object] = {"e": "kline", "E": open_ms + 1_000, "s": "BTCUSDT", "k": k}
+    changes = draw(st.sampled_from((0, 0, 0, 0, 1, 2)))
+    keys = st.sampled_from(("e", "E", "s", "k", "result", "id"))
+    for key in draw(st.lists(keys, min_size=changes, max_size=changes, unique=True)):
+        data[key] = draw(any_value)
+    if draw(st.booleans()):
+        return orjson.dumps(data)
+    return orjson.dumps(
+        {"stream": draw(st.sampled_from(("btcusdt@kline_1m",) * 5 + (5,))), "data": data}
+    )
+
+
+@given(kline_frames())
+@settings(max_examples=300, deadline=None)
+def test_fast_decoder_equals_the_reference(raw: bytes) -> None:
+    assert _outcome(decode_frame, raw) == _outcome(decode_frame_reference, raw)
+
+
+def test_fast_decoder_equals_the_reference_on_every_captured_frame(data_dir: Path) -> None:
+    folder = data_dir / "ws" / "futures_um"
+    capture = (folder / "cryptofeed_BINANCE_FUTURES_ws_2021-07-22_raw_capture.txt").read_text()
+    frames = [line.split(": ", 1)[1].encode() for line in capture.splitlines()[1:]]
+    assert len(frames) == 1535
+    for raw in frames:
+        assert _outcome(decode_frame, raw) == _outcome(decode_frame_reference, raw)
+    # and Binance's kline frames take the fast path (else it would be equal, but not fast)
+    klines = [raw for raw in frames if b"@kline_1m" in raw]
+    assert len(klines) == 67
+    assert all(_fast_kline_event(orjson.loads(raw)) is not None for raw in klines)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        _kline(o=1.5),
+        _kline(o="NaN"),
+        _kline(x="true"),
+        _kline(t=60001),
+        _kline(h="0.5"),
+        _kline(v="-1"),
+        _kline(v="-0"),
+        _kline(i="7x"),
+        _kline(i="1w"),
+        _kline(q=None),
+        b'{"stream":"x","data":{"e":"kline","result":null,"id":3}}',
+    ],
+)
+def test_malformed_or_unusual_frames_decode_as_the_reference_says(raw: bytes) -> None:
+    assert _outcome(decode_frame, raw) == _outcome(decode_frame_reference, raw)
+
+
+def test_every_single_edge_on_captured_frames_decodes_as_the_reference(data_dir: Path) -> None:
+    """Each captured kline frame (combined and raw) with one value at an edge, one key
+    removed, or one event key changed: every case, not a sample."""
+    lines = data_dir / "ws" / "futures_um" / "kline_1m_frames_2021-07-22T22-25Z.jsonl"
+    frames = [orjson.loads(line) for line in lines.read_bytes().splitlines() if line.strip()]
+    frames = frames[::4] + [f for f in frames if f["data"]["k"]["x"]]  # every symbol, both kinds
+    cases = 0
+    for frame in frames:
+        for doc in (frame, frame["data"]):
+            k = doc["data"]["k"] if "stream" in doc else doc["k"]
+            variants: list[bytes] = []
+            for key, values in _EDGES.items():
+                for value in (*values, _DELETE):
+                    variants.append(_with(doc, k, key, value))
+            for key in ("e", "E", "s", "k", "result", "id"):
+                for value in ("kline", "x", 1, None, [], _DELETE):
+                    variants.append(_with(doc, doc.get("data", doc), key, value))
+            variants.append(
+                _with(doc, doc.get("data", doc), "result", None).replace(b"{", b'{"id":1,', 2)
+            )
+            for raw in variants:
+                assert _outcome(decode_frame, raw) == _outcome(decode_frame_reference, raw), raw
+                cases += 1
+    assert cases > 5_000
+
+
+_DELETE: Final = object()
+
+
+def _with(doc: dict[str, Any], inner: dict[str, Any], key: str, value: object) -> bytes:
+    """``doc`` encoded with ``inner[key]`` (``inner`` is inside ``doc``) set to ``value``
+    or removed."""
+    had, old = key in inner, inner.get(key)
+    if value is _DELETE:
+        inner.pop(key, None)
+    else:
+        inner[key] = value
+    try:
+        return orjson.dumps(doc)
+    finally:
+        if had:
+            inner[key] = old
+        else:
+            inner.pop(key, None)

@@ -20,6 +20,7 @@ import attrs
 
 from tradecanvas.ingest.tracker import Released, subtract_ranges
 from tradecanvas.model import MINUTE, Candle, SeriesId, Timeframe
+from tradecanvas.pipeline.derive import aggregate
 
 K = TypeVar("K", bound=Hashable)
 Holes = tuple[tuple[int, int], ...]  # unresolved holes of a series, [start, end) open times
@@ -180,26 +181,63 @@ class FormingThrottle(Generic[K]):
         return ready
 
 
+@attrs.define
+class _Fold:
+    """The stored minutes of one bucket in ``[bucket, upto)`` summed into one part."""
+
+    bucket: int
+    upto: int
+    part: Candle | None  # None: none of those minutes is stored
+    version: int  # the series' MinuteCache version it was summed at
+
+
 @final
 class MinuteCache:
     """The recent committed base minutes of each series, for forming derived candles.
 
     Keeps ``span_s`` seconds below the newest minute: the largest derived bucket plus the
     minute before it, whose close an all-empty bucket is flat at.
+
+    :meth:`bucket_part` sums a bucket's minutes incrementally (Binance's rule is
+    associative, :mod:`~tradecanvas.pipeline.derive`): a forming 1d bar costs the minutes
+    added since the last one, not the 1,440 of the day. A minute stored out of order, or
+    stored again with other values, starts the sums of its series over.
     """
 
     def __init__(self, span_s: int) -> None:
         self.span_s = span_s
         self._minutes: dict[SeriesId, dict[int, Candle]] = {}
+        self._newest: dict[SeriesId, int] = {}
+        self._oldest: dict[SeriesId, int] = {}
+        self._versions: dict[SeriesId, int] = {}
+        self._folds: dict[tuple[SeriesId, Timeframe, int], _Fold] = {}
 
     def add(self, series: SeriesId, candles: Iterable[Candle]) -> None:
         minutes = self._minutes.setdefault(series, {})
+        newest, oldest = self._newest.get(series), self._oldest.get(series)
+        changed = False
         for c in candles:
-            minutes[c.candle_time] = c
-        if minutes:
-            floor = max(minutes) - self.span_s
-            for t in [t for t in minutes if t < floor]:
-                del minutes[t]
+            t = c.candle_time
+            if newest is not None and t <= newest:
+                old = minutes.get(t)
+                if old is not c and old != c:
+                    changed = True  # the sums that include it are stale
+            else:
+                newest = t
+            if oldest is None or t < oldest:
+                oldest = t
+            minutes[t] = c
+        if changed:
+            self._versions[series] = self._versions.get(series, 0) + 1
+        if newest is None or oldest is None:
+            return
+        self._newest[series] = newest
+        floor = newest - self.span_s
+        if oldest < floor:  # trim from the oldest up: a minute or two per add, not a scan
+            for t in range(oldest, floor, MINUTE):
+                minutes.pop(t, None)
+            oldest = floor
+        self._oldest[series] = oldest
 
     def bucket(
         self, series: SeriesId, timeframe: Timeframe, t: int, phase: int = 0
@@ -211,3 +249,25 @@ class MinuteCache:
         inside = [minutes[m] for m in range(start, t, MINUTE) if m in minutes]
         before = minutes.get(start - MINUTE)
         return inside, before.close if before is not None else None
+
+    def bucket_part(
+        self, series: SeriesId, timeframe: Timeframe, t: int, phase: int = 0
+    ) -> tuple[list[Candle], Decimal | None]:
+        """:meth:`bucket` with the minutes summed into one part (none when none is stored):
+        deriving the forming bar from it gives the same bar."""
+        minutes = self._minutes.get(series, {})
+        start = timeframe.floor(t, phase)
+        before = minutes.get(start - MINUTE)
+        previous_close = before.close if before is not None else None
+        version = self._versions.get(series, 0)
+        key = (series, timeframe, phase)
+        fold = self._folds.get(key)
+        if fold is None or fold.bucket != start or fold.upto > t or fold.version != version:
+            fold = _Fold(start, start, None, version)
+            self._folds[key] = fold
+        added = [minutes[m] for m in range(fold.upto, t, MINUTE) if m in minutes]
+        if added:
+            parts = added if fold.part is None else [fold.part, *added]
+            fold.part = aggregate(start, parts, previous_close)
+        fold.upto = max(fold.upto, t)
+        return ([] if fold.part is None else [fold.part]), previous_close

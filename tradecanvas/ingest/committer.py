@@ -71,7 +71,15 @@ class BatchCommitter:
         result = await self._run_pipeline(items)
         committed_at = trio.current_time()
         if result is not None:
-            self._publish(result)
+            # timed from the batch's newest frame to its last subscriber's send
+            received = [
+                i.released.received_at
+                for i in items
+                if i.released is not None and i.released.received_at is not None
+            ]
+            newest = max(received) if received else None
+            with self.metrics.delivery.publishing(newest, trio.current_time):
+                self._publish(result)
         # after the publish: what subscribers are owed has reached the hub, so the forming
         # candles the core held for it may follow (a refused candle is owed no more either)
         for sid, candle in self.core.on_committed(items, trio.current_time()):

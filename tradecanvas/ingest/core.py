@@ -204,7 +204,7 @@ class IngestCore:
             # connection's reader (upstream.binance_ws)
             return FrameOutcome()
         sid = self.streams.get(decoded.stream_name)
-        if sid is None or decoded.kline.interval != sid.timeframe.text:
+        if sid is None or decoded.interval != sid.timeframe.text:
             return FrameOutcome(malformed=self.malformed("unknown_stream", decoded.stream_name))
         return self._on_kline(sid, decoded, generation, received_at, now)
 
@@ -223,8 +223,7 @@ class IngestCore:
         self, sid: SeriesId, event: KlineEvent, generation: int, received_at: float, now: float
     ) -> FrameOutcome:
         tracker = self.trackers[sid]
-        kline = event.kline
-        candle = kline.to_candle()
+        candle = event.candle
         # the first frame of this series on a newer connection: nothing is replayed after
         # a disconnect, so the tracker asks REST for what the old one missed
         new_connection = self._seen_generation.get(sid, 0) < generation
@@ -236,7 +235,7 @@ class IngestCore:
         tracker.on_live_frame(t, new_connection=new_connection)
         wake_fills = new_connection or not had_head
         wake_fills |= self._advance_exchange_time(event.event_time_ms)
-        if kline.closed:
+        if event.closed:
             self.throttle.discard(sid, t)
             self.gate.drop(sid, t)
             released = tracker.on_closed(
@@ -315,7 +314,9 @@ class IngestCore:
             tf_phase = phase if tf.phased else 0
             if tf_phase is None:
                 continue
-            minutes, previous_close = self.minutes.bucket(sid, tf, candle.candle_time, tf_phase)
+            minutes, previous_close = self.minutes.bucket_part(
+                sid, tf, candle.candle_time, tf_phase
+            )
             derived = derive_forming(tf, minutes, candle, previous_close, tf_phase)
             if derived is not None:
                 yield str(sid.with_timeframe(tf)), derived
@@ -431,8 +432,10 @@ class IngestCore:
     ) -> tuple[tuple[SeriesId, Candle], ...]:
         """``items`` (from :meth:`take_batch`) were committed *and published*: returns the
         held forming candles that may go out now (publish them with forming_updates)."""
-        for sid in {item.series for item in items}:
-            mine = [i for i in items if i.series == sid]
+        by_series: dict[SeriesId, list[BatchItem]] = {}
+        for item in items:
+            by_series.setdefault(item.series, []).append(item)
+        for sid, mine in by_series.items():
             self.minutes.add(sid, [c for i in mine if (c := i.candle) is not None])
             self.gate.settle(sid, len(mine))
         return self._release_forming(now)

@@ -7,6 +7,7 @@ Task tree of one loop (one per Binance connection of at most 200 streams)::
     │  └─ reader (one per open socket)   get_message → frames channel; stale → replace
     ├─ processor     frames channel → IngestCore.on_frame → forming → hub (never stored)
     │                                                       closed → the core's batcher
+    ├─ forming timer IngestCore.due_forming: throttled forming updates whose time came → hub
     ├─ fills         IngestCore.next_fills → REST klines (own tasks) → on_fill_result
     └─ committer     IngestCore.take_batch → BatchCommitter: IngestPipeline.run → publish
                      → IngestCore.on_committed → the forming candles it held → hub
@@ -167,6 +168,8 @@ class _IngestLoop:
         self._frames_send, self._frames_recv = trio.open_memory_channel[Frame](FRAME_BUFFER)
         self._batch_wakeup = _Wakeup()
         self._fill_wakeup = _Wakeup()
+        self._forming_wakeup = _Wakeup()
+        self._forming_timer_at = math.inf  # when the forming timer wakes up by itself
         self._fill_limiter = trio.CapacityLimiter(FILL_CONCURRENCY)
         self._fatal: StoreError | None = None
         self._name = f"binance {self.series[0].market} ({len(self.series)} streams)"
@@ -188,6 +191,7 @@ class _IngestLoop:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._process_frames)
+                nursery.start_soon(self._emit_due_forming)
                 nursery.start_soon(self._commit_batches, nursery.cancel_scope)
                 nursery.start_soon(self._run_fills)
                 nursery.start_soon(
@@ -253,11 +257,30 @@ class _IngestLoop:
     # --- processing (sync per frame) ---------------------------------------------------
 
     async def _process_frames(self) -> None:
+        frames = self._frames_recv
+        while True:
+            frame = await frames.receive()
+            # then every frame already here: one wake-up per burst, and no cancel scope
+            # (the forming timer has the only deadline)
+            while True:
+                self._handle_frame(frame)
+                try:
+                    frame = frames.receive_nowait()
+                except trio.WouldBlock:
+                    break
+            due = self.core.next_forming_due()
+            if due is not None and due < self._forming_timer_at:
+                self._forming_wakeup.set()
+
+    async def _emit_due_forming(self) -> None:
+        """Throttled forming updates once their interval has passed (the processor wakes
+        this task only when one falls due before the time it waits for)."""
         while True:
             due = self.core.next_forming_due()
-            with trio.move_on_at(due if due is not None else math.inf):
-                frame = await self._frames_recv.receive()
-                self._handle_frame(frame)
+            self._forming_timer_at = due if due is not None else math.inf
+            with trio.move_on_at(self._forming_timer_at):
+                await self._forming_wakeup.wait()
+            self._forming_timer_at = -math.inf  # awake: no need to be woken
             for sid, candle in self.core.due_forming(trio.current_time()):
                 self._emit_forming(sid, candle)
 

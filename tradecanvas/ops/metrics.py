@@ -1,7 +1,15 @@
-"""Prometheus metrics (DESIGN §5), one registry per daemon so tests stay independent."""
+"""Prometheus metrics (DESIGN §5), one registry per daemon so tests stay independent.
+
+Besides the metrics themselves, :class:`DeliveryTimer` keeps the bookkeeping behind
+``tradecanvas_delivery_latency_seconds``: which published batches some subscriber still owes
+a send (docs/operations.md, "Metrics").
+"""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from typing import Final, final
 
 from prometheus_client import (
@@ -38,6 +46,97 @@ LATENCY_BUCKETS: Final = (
     10,
     30,
 )
+
+
+# frame received → the last subscriber's send of its batch: tens of milliseconds in a
+# minute-boundary burst; seconds only for a subscriber that has to heal from the store
+DELIVERY_BUCKETS: Final = (
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.25,
+    0.5,
+    1,
+    2.5,
+    5,
+    10,
+    30,
+)
+
+
+@final
+class DeliveryBatch:
+    """One published batch on its way to subscribers: when its newest frame was received,
+    how many subscribers still owe its send, when the last one that did finished."""
+
+    __slots__ = ("last_sent", "owed", "publishing", "received_at")
+
+    def __init__(self, received_at: float) -> None:
+        self.received_at = received_at
+        self.owed = 0
+        self.publishing = True
+        self.last_sent: float | None = None
+
+
+@final
+class DeliveryTimer:
+    """Times each published batch from the receipt of its newest frame to the send by its
+    last subscriber, into ``tradecanvas_delivery_latency_seconds``.
+
+    The ingest side brackets a batch's publish with :meth:`publishing`; meanwhile the Hub
+    notes each subscriber the batch reached: written at once (:meth:`sent_at_once`), or
+    queued — that subscriber then owes it (``DeliveryBatch.owed``) until its publish task
+    :meth:`settle` s it after the drain that sent it, or :meth:`abandon` s it when the
+    subscriber ended first (a closed subscriber does not hold the figure up). A batch that
+    reached no subscriber is not observed. Times are the caller's clock (trio's).
+    """
+
+    __slots__ = ("_histogram", "current")
+
+    def __init__(self, histogram: Histogram) -> None:
+        self._histogram = histogram
+        # the batch being published right now (publishing is synchronous)
+        self.current: DeliveryBatch | None = None
+
+    @contextmanager
+    def publishing(self, received_at: float | None, clock: Callable[[], float]) -> Iterator[None]:
+        """Bracket one batch's publish; ``received_at``: its newest frame's receipt (None:
+        not from a frame, not timed)."""
+        if received_at is None:
+            yield
+            return
+        batch = DeliveryBatch(received_at)
+        self.current = batch
+        try:
+            yield
+        finally:
+            self.current = None
+            batch.publishing = False
+            if batch.owed == 0 and batch.last_sent is not None:
+                self._histogram.observe(max(batch.last_sent, clock()) - batch.received_at)
+
+    @staticmethod
+    def sent_at_once(batch: DeliveryBatch, now: float) -> None:
+        batch.last_sent = now
+
+    def settle(self, batches: Iterable[DeliveryBatch], now: float) -> None:
+        """A subscriber sent what it owed of ``batches``."""
+        for batch in batches:
+            batch.owed -= 1
+            batch.last_sent = now
+            if batch.owed == 0 and not batch.publishing:
+                self._histogram.observe(now - batch.received_at)
+
+    def abandon(self, batches: Iterable[DeliveryBatch]) -> None:
+        """A subscriber ended before sending what it owed of ``batches``."""
+        for batch in batches:
+            batch.owed -= 1
+            if batch.owed == 0 and not batch.publishing and batch.last_sent is not None:
+                self._histogram.observe(batch.last_sent - batch.received_at)
 
 
 @final
@@ -123,6 +222,28 @@ class Metrics:
             "Last X-MBX-USED-WEIGHT-1M seen from Binance",
             registry=r,
         )
+
+        self.delivery_latency_seconds = Histogram(
+            "tradecanvas_delivery_latency_seconds",
+            "Closed-candle batch: newest frame received → sent by the last subscriber it"
+            " reached (written to the socket)",
+            buckets=DELIVERY_BUCKETS,
+            registry=r,
+        )
+        self.delivery = DeliveryTimer(self.delivery_latency_seconds)
+        self.subscriber_queue_high_water = Gauge(
+            "tradecanvas_subscriber_queue_high_water",
+            "The deepest any connected subscriber's queue has been since it connected"
+            " (messages; the bound is subscriber_queue_max)",
+            registry=r,
+        )
+        self.watchdog_last_ping_age_seconds = Gauge(
+            "tradecanvas_watchdog_last_ping_age_seconds",
+            "Seconds since the systemd watchdog was last pinged (WATCHDOG=1);"
+            " NaN when no watchdog runs",
+            registry=r,
+        )
+        self.watchdog_last_ping_age_seconds.set(math.nan)
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""

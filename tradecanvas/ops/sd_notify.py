@@ -20,6 +20,7 @@ service must not fail for want of a listener. The values come from RuntimeFlags
 from __future__ import annotations
 
 import logging
+import math
 import socket
 from collections.abc import Callable
 from typing import Final, final
@@ -27,6 +28,7 @@ from typing import Final, final
 import attrs
 import trio
 
+from tradecanvas.ops.metrics import Metrics
 from tradecanvas.runtime_flags import RuntimeFlags
 
 log = logging.getLogger(__name__)
@@ -153,6 +155,7 @@ async def run_watchdog(
     *,
     interval_s: float,
     is_progressing: Callable[[], bool],
+    metrics: Metrics | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Send ``WATCHDOG=1`` every ``interval_s`` while the daemon makes progress.
@@ -162,13 +165,29 @@ async def run_watchdog(
     answers False no ping is sent, and systemd restarts the unit after ``WatchdogSec``.
     Runs until cancelled. With a disabled notifier the pings are no-ops, so the caller
     need not special-case it. ``started()`` is called after the first tick.
+
+    With ``metrics``, ``tradecanvas_watchdog_last_ping_age_seconds`` reads the seconds since
+    the last ``WATCHDOG=1`` handed to the kernel (trio's clock, at each scrape; NaN before
+    the first one, and when read outside the event loop).
     """
     if interval_s <= 0:
         raise ValueError(f"watchdog interval must be positive, got {interval_s}")
     stuck = False
+    last_ping: float | None = None
+
+    def ping_age() -> float:
+        if last_ping is None:
+            return math.nan
+        try:
+            return trio.current_time() - last_ping
+        except RuntimeError:  # scraped outside the event loop
+            return math.nan
+
+    if metrics is not None:
+        metrics.watchdog_last_ping_age_seconds.set_function(ping_age)
 
     def tick() -> None:
-        nonlocal stuck
+        nonlocal stuck, last_ping
         if not is_progressing():
             if not stuck:
                 log.error("pipeline is not making progress: withholding the systemd watchdog ping")
@@ -177,7 +196,8 @@ async def run_watchdog(
         if stuck:
             log.warning("pipeline is making progress again: watchdog pings resumed")
             stuck = False
-        notifier.watchdog()
+        if notifier.watchdog():
+            last_ping = trio.current_time()
 
     tick()
     task_status.started()

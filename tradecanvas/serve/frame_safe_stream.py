@@ -1,14 +1,20 @@
-"""A SocketStream for trio-websocket whose cancelled writes never tear a frame.
+"""A SocketStream for trio-websocket whose writes never tear a frame, with a non-blocking write.
 
-trio-websocket writes each frame with one ``send_all``; the Hub's send timeout cancels that
+trio-websocket writes each frame with one ``send_all``; the Hub's send deadline cancels that
 call. On a plain SocketStream a cancelled ``send_all`` may leave half a frame on the wire,
 after which no close frame can be read. :class:`FrameSafeStream` keeps the unsent rest of a
 started frame and sends it first with the next write, so the 4008 close frame that follows a
 timed-out send is still well-formed for a client that reads again in time.
+
+It also serializes its writers (trio-websocket's own writes — pongs, the close frame — and
+the Hub's pre-framed ones, ``tradecanvas.serve.ws_server``), and offers
+:meth:`FrameSafeStream.send_all_nowait`: the Hub's publishing writes a frame straight to an
+idle subscriber's socket without waking its task (``tradecanvas.serve.hub``).
 """
 
 from __future__ import annotations
 
+import os
 from typing import final
 
 import trio
@@ -20,17 +26,65 @@ class FrameSafeStream(trio.abc.HalfCloseableStream):
 
     If a ``send_all`` is cancelled after part of its bytes went out, the rest is kept and
     sent before the next write's bytes; bytes of a write that never started are dropped
-    (that frame was never begun). Everything else is the wrapped SocketStream's. Raises
+    (that frame was never begun). Writers take turns (a FIFO lock), so two tasks' frames
+    never interleave. Everything else is the wrapped SocketStream's. Raises
     ``trio.BrokenResourceError`` / ``trio.ClosedResourceError`` like a SocketStream.
     """
+
+    __slots__ = ("_lock", "_unsent", "inner")
 
     def __init__(self, inner: trio.SocketStream) -> None:
         self.inner = inner
         self._unsent = b""
+        self._lock = trio.StrictFIFOLock()
+
+    @property
+    def needs_flush(self) -> bool:
+        """A write left bytes unsent: :meth:`flush` (or the next ``send_all``) sends them."""
+        return bool(self._unsent)
+
+    def send_all_nowait(self, data: bytes) -> bool:
+        """Write ``data`` now, without blocking: True when the kernel took all of it.
+
+        Raises ``trio.WouldBlock`` (nothing written) while another write is in progress or
+        bytes of an earlier one wait, or when the socket takes nothing now. When it takes
+        part, the rest is kept — the frames are committed, in order — and False is
+        returned: the caller must :meth:`flush` before counting them as sent. Raises
+        ``trio.ClosedResourceError`` / ``trio.BrokenResourceError`` like ``send_all``.
+        """
+        if self._unsent or self._lock.locked():
+            raise trio.WouldBlock
+        socket = self.inner.socket
+        if socket.did_shutdown_SHUT_WR:
+            raise trio.ClosedResourceError("can't send data after sending EOF")
+        fd = socket.fileno()
+        if fd == -1:
+            raise trio.ClosedResourceError("this socket was already closed")
+        try:
+            # write(2) on a connected socket is send(2) without flags; trio made it
+            # non-blocking, and Python ignores SIGPIPE
+            sent = os.write(fd, data)
+        except BlockingIOError:
+            raise trio.WouldBlock from None
+        except OSError as exc:
+            raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
+        if sent == len(data):
+            return True
+        self._unsent = data[sent:]
+        return False
+
+    async def flush(self) -> None:
+        """Send what an earlier write left unsent (a checkpoint when nothing is)."""
+        await self.send_all(b"")
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        async with self._lock:
+            await self._send_all(data)
+
+    async def _send_all(self, data: bytes | bytearray | memoryview) -> None:
         if self.inner.socket.did_shutdown_SHUT_WR:
             raise trio.ClosedResourceError("can't send data after sending EOF")
+        started = len(self._unsent)  # bytes of a frame already begun
         payload = self._unsent + bytes(data) if self._unsent else bytes(data)
         self._unsent = b""
         if not payload:
@@ -45,8 +99,9 @@ class FrameSafeStream(trio.abc.HalfCloseableStream):
                 raise trio.ClosedResourceError("this socket was already closed") from None
             raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
         finally:
-            if 0 < sent < len(payload):
-                self._unsent = payload[sent:]
+            if sent < len(payload):
+                # keep the begun frames' rest; this write's own bytes only once it began
+                self._unsent = payload[sent:] if sent > started else payload[sent:started]
 
     async def wait_send_all_might_not_block(self) -> None:
         await self.inner.wait_send_all_might_not_block()

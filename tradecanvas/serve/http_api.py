@@ -58,6 +58,7 @@ from tradecanvas.ops.metrics import Metrics
 from tradecanvas.pipeline.commit import IngestBatch, IngestPipeline
 from tradecanvas.pipeline.events import SystemEvent
 from tradecanvas.runtime_flags import RuntimeFlags
+from tradecanvas.serve.chart_page import chart_page_routes
 from tradecanvas.serve.http_validation import (
     RequestRefused,
     check_bearer,
@@ -287,6 +288,7 @@ def build_http_app(
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
         Route("/metrics", metrics_text, methods=["GET"]),
+        *chart_page_routes(),  # GET / (the chart page) and /assets/{path}: docs/chart.md
     ]
     if market is not None:
         routes.extend(market_websocket_routes(market))

@@ -12,12 +12,29 @@ it calls :meth:`Hub.attach`, runs :meth:`Hub.run_publisher` — the connection's
 task** — next to its reader inside the :attr:`Subscriber.cancel_scope`, and calls
 :meth:`Hub.detach` at the end; :meth:`Hub.close_all` (1001) closes them all at shutdown.
 
-Publishing (``publish_closed``, ``publish_system``, ``publish_forming``) is synchronous: it
-only offers work to each subscriber's own bounded :class:`SubscriberQueue` (the Hub's
-``send_nowait``), which wakes its publish task; it never awaits a socket. Only the publish
-task touches the socket: it carries out the queue's drain plan — store reads, then the
-messages encoded and sent, each send within ``send_timeout_s``. A lagging subscriber's
-publish task runs under the queue's lag deadline.
+Publishing (``publish_closed``, ``publish_system``, ``publish_forming``) is synchronous and
+never awaits a socket. Each message is encoded once per publish and framed once, shared by
+every subscriber of the series (:class:`~tradecanvas.serve.encoded.SharedEncodings`). Two
+paths, per subscriber:
+
+- **at once** (the fast path): a subscriber whose publish task is parked with an empty
+  queue (:attr:`Subscriber.idle`), whose subscription is caught up and gets the candles
+  right after its cursor (``subscription.in_step``: no store read, no gap) and whose
+  connection takes pre-framed bytes (the WS port's) gets the shared frames written to its
+  socket now, without blocking and without waking its task. Nothing is awaited, so a
+  minute's closes reach a thousand idle subscribers without a thousand task wake-ups.
+- **queued** (everything else: the socket would block, the subscriber is behind or busy, the
+  HTTP port's connections, system events): the work is offered to its own bounded
+  :class:`SubscriberQueue` (the Hub's ``send_nowait``), which wakes its publish task
+  (``tradecanvas.serve.publisher``): it carries out the queue's drain plan — store reads
+  for catch-up and healing only, then the messages — each write within ``send_timeout_s``;
+  a lagging subscriber's publish task runs under the queue's lag deadline.
+
+A message goes at once only when nothing for that subscriber is queued ahead of it, so both
+paths keep each subscription's order (closed candles in time order, a forming candle after
+the closes before it, system events in their place). The delivery of each published batch
+is timed (``ops.metrics.DeliveryTimer``), and the deepest any queue has been is on
+``tradecanvas_subscriber_queue_high_water``.
 
 Failures and ``best_effort``
 ----------------------------
@@ -38,34 +55,21 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from typing import Final, Protocol, final
+from typing import Final, final
 
 import attrs
 import trio
 
-from tradecanvas.errors import ClientMessageError, StoreError
+from tradecanvas.errors import ClientMessageError
 from tradecanvas.model import Candle, SeriesId
-from tradecanvas.ops.metrics import Metrics
+from tradecanvas.ops.metrics import DeliveryBatch, Metrics
 from tradecanvas.pipeline.events import SystemEvent
-from tradecanvas.serve.outgoing import (
-    Answer,
-    EventsRead,
-    Gap,
-    Outgoing,
-    Plan,
-    ReadEvents,
-    ReadStore,
-    StoredEventText,
-    encode,
-)
-from tradecanvas.serve.subscriber import MessageSocket, Subscriber, TransportClosed
+from tradecanvas.serve.encoded import Published, SharedEncodings
+from tradecanvas.serve.publisher import CandleReader, Publisher
+from tradecanvas.serve.subscriber import FrameWriter, MessageSocket, Subscriber, TransportClosed
 from tradecanvas.serve.subscriber_queue import CloseDecision, SubscriberQueue
-from tradecanvas.serve.ws_protocol import (
-    CLIENT_GOODBYE_CODES,
-    CLOSE_INTERNAL_ERROR,
-    CLOSE_SLOW_CONSUMER,
-)
-from tradecanvas.store.types import StoredEvent
+from tradecanvas.serve.subscription import forming_in_step, in_step, sent_in_step
+from tradecanvas.serve.ws_protocol import CLOSE_INTERNAL_ERROR
 from tradecanvas.wire.json import dumps
 
 log = logging.getLogger(__name__)
@@ -76,36 +80,19 @@ DEFAULT_MAX_LAG_FACTOR: Final = 3.0
 MAX_FAILURES_LISTED: Final = 20
 
 
-class CandleReader(Protocol):
-    """The reads the Hub makes (``CandleStore`` has them): ascending candles and events."""
-
-    async def tail(self, series_id: str, limit: int) -> list[Candle]: ...
-
-    async def since(self, series_id: str, since: int, limit: int) -> list[Candle]: ...
-
-    async def events_after(
-        self, after: int, series_ids: Sequence[str] | None = None, limit: int = ...
-    ) -> list[StoredEvent]: ...
-
-    async def events_pruned_upto(self) -> int: ...
-
-
 @attrs.frozen
 class HubStatistics:
     subscribers: int
-
-
-class _SlowSend(Exception):
-    """One send did not complete within send_timeout_s."""
 
 
 @final
 class Hub:
     """The subscriber registry and fan-out (implements ``pipeline.MarketSink``).
 
-    Publishing never blocks and never awaits a socket; each subscriber's publish task
-    (:meth:`run_publisher`) does the store reads and the sending inside that subscriber's
-    cancel scope. See the module docstring.
+    Publishing never blocks and never awaits a socket: it writes at once to idle, caught-up
+    subscribers whose socket takes it, and queues for the rest; each subscriber's publish
+    task (:meth:`run_publisher`) does the store reads and the queued sends inside that
+    subscriber's cancel scope. See the module docstring.
     """
 
     def __init__(
@@ -130,10 +117,19 @@ class Hub:
         self.max_lag_s = (
             max_lag_s if max_lag_s is not None else DEFAULT_MAX_LAG_FACTOR * send_timeout_s
         )
+        self.encodings = SharedEncodings(catchup_limit)
+        self._publisher = Publisher(
+            store, self.encodings, send_timeout_s=send_timeout_s, metrics=metrics
+        )
+        self.run_publisher = self._publisher.run
         self._attached: dict[Subscriber, None] = {}
         self._attached_changed = trio.Event()
         # series id → the subscribers holding a subscription to it (failed ones until reported)
         self._index: dict[str, dict[Subscriber, None]] = {}
+        metrics.subscriber_queue_high_water.set_function(self._queue_high_water)
+
+    def _queue_high_water(self) -> float:
+        return float(max((s.queue.high_water for s in self._attached), default=0))
 
     # --- registry --------------------------------------------------------------------
 
@@ -154,9 +150,17 @@ class Hub:
         self._attached_changed.set()
         self._attached_changed = trio.Event()
 
-    def attach(self, socket: MessageSocket, *, peer: str, max_subscriptions: int) -> Subscriber:
-        """Register a new connection. The caller runs :meth:`run_publisher` for it inside
-        ``subscriber.cancel_scope`` and calls :meth:`detach` when the connection ends."""
+    def attach(
+        self,
+        socket: MessageSocket,
+        *,
+        peer: str,
+        max_subscriptions: int,
+        frames: FrameWriter | None = None,
+    ) -> Subscriber:
+        """Register a new connection (``frames``: its pre-framed writer, if it has one).
+        The caller runs :meth:`run_publisher` for it inside ``subscriber.cancel_scope`` and
+        calls :meth:`detach` when the connection ends."""
         subscriber = Subscriber(
             socket,
             peer,
@@ -164,6 +168,7 @@ class Hub:
             queue_max=self.queue_max,
             max_lag_s=self.max_lag_s,
             catchup_limit=self.catchup_limit,
+            frames=frames,
         )
         self._attached[subscriber] = None
         self.metrics.subscribers.inc()
@@ -182,6 +187,7 @@ class Hub:
         self._notify_attached()
         reason = subscriber.disconnect_reason or "client_closed"
         self.metrics.subscriber_disconnects_total.labels(reason=reason).inc()
+        self.metrics.delivery.abandon(subscriber.take_owed())
         if subscriber.failure is None:
             self._unindex(subscriber)
 
@@ -251,22 +257,41 @@ class Hub:
     def publish_closed(self, series_id: str, candles: Sequence[Candle]) -> Sequence[str]:
         if not candles:
             return ()
+        subscribers = self._index.get(series_id)
+        if not subscribers:
+            return []
+        published = self.encodings.published(series_id, candles)
         now = trio.current_time()
-        return self._fan_out(series_id, lambda q: q.offer_closed(series_id, candles, now))
+        return self._fan_out(
+            subscribers,
+            lambda q: q.offer_closed(series_id, candles, now),
+            lambda s: self._closed_at_once(s, published),
+        )
 
     def publish_system(self, event: SystemEvent) -> Sequence[str]:
+        sid, event_id = event.series_id, event.event_id
+        subscribers = self._index.get(sid)
+        if not subscribers:
+            return []
         text = dumps(event.to_wire())
         now = trio.current_time()
-        sid, event_id = event.series_id, event.event_id
-        return self._fan_out(sid, lambda q: q.offer_event(sid, event_id, text, now))
+        return self._fan_out(subscribers, lambda q: q.offer_event(sid, event_id, text, now))
 
     def publish_forming(self, series_id: str, candle: Candle) -> None:
         subscribers = self._index.get(series_id)
         if not subscribers:
             return
+        frame: bytes | None = None
         for subscriber in list(subscribers):
             if subscriber.failure is None:
                 try:
+                    if subscriber.idle and subscriber.frames is not None:
+                        sub = subscriber.queue.subscriptions.get(series_id)
+                        if sub is not None and forming_in_step(sub, candle):
+                            if frame is None:
+                                frame = self.encodings.forming(series_id, candle).frame
+                            if self._write_at_once(subscriber, subscriber.frames, frame):
+                                continue
                     subscriber.queue.offer_forming(series_id, candle)
                 except Exception:
                     log.exception("queueing a forming candle for %s failed", subscriber.peer)
@@ -274,20 +299,60 @@ class Hub:
                         CLOSE_INTERNAL_ERROR, "internal error", disconnect_reason="internal_error"
                     )
 
+    def _closed_at_once(self, subscriber: Subscriber, published: Published) -> bool:
+        """Write ``published`` to ``subscriber`` now if it is idle and caught up and its
+        socket takes it; False: queue it instead (nothing was written)."""
+        frames = subscriber.frames
+        if frames is None or not subscriber.idle:
+            return False
+        sub = subscriber.queue.subscriptions.get(published.series_id)
+        if sub is None or not in_step(sub, published.candles):
+            return False
+        data = published.frames(sub.batch, self.catchup_limit)
+        if data is None or not self._write_at_once(subscriber, frames, data):
+            return False
+        sent_in_step(sub, published.candles)
+        return True
+
+    def _write_at_once(self, subscriber: Subscriber, frames: FrameWriter, data: bytes) -> bool:
+        """True when ``data`` is committed to the socket (all written, or the rest left for
+        the publish task to flush, which is woken and owes the batch being timed)."""
+        try:
+            complete = frames.write_nowait(data)
+        except trio.WouldBlock:
+            return False
+        except (TransportClosed, trio.BrokenResourceError, trio.ClosedResourceError):
+            # queued instead: the publish task meets the same end and handles it
+            return False
+        batch = self.metrics.delivery.current
+        if not complete:
+            subscriber.wake()
+            if batch is not None:
+                subscriber.owe(batch)
+        elif batch is not None and batch.last_sent is None:
+            # the publish's end times it (DeliveryTimer.publishing): one clock read a batch
+            self.metrics.delivery.sent_at_once(batch, trio.current_time())
+        return True
+
     def _fan_out(
-        self, series_id: str, offer: Callable[[SubscriberQueue], CloseDecision | None]
+        self,
+        subscribers: dict[Subscriber, None],
+        offer: Callable[[SubscriberQueue], CloseDecision | None],
+        at_once: Callable[[Subscriber], bool] | None = None,
     ) -> list[str]:
-        subscribers = self._index.get(series_id)
-        if not subscribers:
-            return []
         failures: list[str] = []
+        batch: DeliveryBatch | None = self.metrics.delivery.current
         for subscriber in list(subscribers):
             if subscriber.failure is not None:
                 failures.append(f"subscriber {subscriber.peer}: {subscriber.failure}")
                 self._unindex(subscriber)  # reported once: forget it
                 continue
             try:
+                if at_once is not None and at_once(subscriber):
+                    continue
                 decision = offer(subscriber.queue)
+                if batch is not None and subscriber.woken:
+                    subscriber.owe(batch)
             except Exception as exc:
                 log.exception("queueing for subscriber %s failed", subscriber.peer)
                 failures.append(f"subscriber {subscriber.peer}: {type(exc).__name__}: {exc}")
@@ -302,112 +367,10 @@ class Hub:
             failures = [*failures[:MAX_FAILURES_LISTED], f"and {more} more subscriber(s)"]
         return failures
 
-    # --- the publish task -------------------------------------------------------------
-
-    async def run_publisher(self, subscriber: Subscriber) -> None:
-        """The subscriber's publish task. Runs until its connection is cancelled; a delivery
-        failure or a slow socket closes this subscriber only, never raises."""
-        try:
-            with subscriber.lag_scope:
-                await self._publish_loop(subscriber)
-            if subscriber.lag_scope.cancelled_caught:
-                subscriber.close_for(subscriber.queue.lagged_out())
-        except _SlowSend:
-            subscriber.close(
-                CLOSE_SLOW_CONSUMER,
-                f"slow consumer: a send took longer than {self.send_timeout_s:g}s",
-                disconnect_reason="slow_consumer",
-            )
-        except TransportClosed as exc:
-            if exc.code in CLIENT_GOODBYE_CODES:
-                # the client said goodbye while we were sending: a normal end, not a
-                # delivery failure (a strict publish must not fail because a chart closed)
-                subscriber.mark_client_closed()
-                subscriber.cancel_scope.cancel()
-            elif not subscriber.closing:
-                subscriber.fail(
-                    f"delivery failed: {type(exc).__name__} {exc}".strip(),
-                    disconnect_reason="send_failed",
-                )
-        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            if not subscriber.closing:
-                subscriber.fail(
-                    f"delivery failed: {type(exc).__name__} {exc}".strip(),
-                    disconnect_reason="send_failed",
-                )
-        except StoreError as exc:
-            # the ingest side stops the daemon on a store failure; here only this one ends
-            log.error("subscriber %s: store read failed: %s", subscriber.peer, exc)
-            subscriber.close(
-                CLOSE_INTERNAL_ERROR, "store unavailable", disconnect_reason="internal_error"
-            )
-        except Exception:
-            # a bug must not take the server (and every other subscriber) down with it
-            log.exception("subscriber %s: publish task failed", subscriber.peer)
-            subscriber.close(
-                CLOSE_INTERNAL_ERROR, "internal error", disconnect_reason="internal_error"
-            )
-
-    async def _publish_loop(self, subscriber: Subscriber) -> None:
-        while True:
-            await subscriber.wait_ready()
-            await self._carry_out(subscriber, subscriber.queue.drain())
-
-    async def _carry_out(self, subscriber: Subscriber, plan: Plan) -> None:
-        """Run a drain plan: answer its store reads, encode and send its messages."""
-        answer: Answer = None
-        try:
-            while True:
-                try:
-                    action = plan.send(answer)
-                except StopIteration:
-                    return
-                if isinstance(action, ReadStore):
-                    answer = await self._read(action)
-                elif isinstance(action, ReadEvents):
-                    answer = await self._read_events(action)
-                else:
-                    answer = None
-                    for text in self._encode(action.messages):
-                        await self._send(subscriber, text)
-        finally:
-            plan.close()
-
-    async def _read_events(self, read: ReadEvents) -> EventsRead:
-        # the prune mark first: an event pruned after it was read is still in the read
-        pruned_upto = await self.store.events_pruned_upto()
-        stored = await self.store.events_after(read.after, [read.series_id], read.limit)
-        return EventsRead(
-            tuple(
-                StoredEventText(s.event_id, dumps(SystemEvent.from_stored(s).to_wire()))
-                for s in stored
-            ),
-            pruned_upto,
-        )
-
-    async def _read(self, read: ReadStore) -> list[Candle]:
-        if read.since is None:
-            return await self.store.tail(read.series_id, read.limit)
-        return await self.store.since(read.series_id, read.since, read.limit)
-
-    def _encode(self, messages: Sequence[Outgoing]) -> list[str]:
-        """The wire texts of ``messages``, in order (counting the gaps as they go out)."""
-        texts: list[str] = []
-        for message in messages:
-            if isinstance(message, Gap):
-                self.metrics.gaps_total.inc()
-            texts.extend(encode(message, self.catchup_limit))
-        return texts
-
-    async def _send(self, subscriber: Subscriber, text: str) -> None:
-        with trio.move_on_after(self.send_timeout_s) as scope:
-            await subscriber.socket.send_message(text)
-        if scope.cancelled_caught:
-            raise _SlowSend
-
 
 __all__ = [
     "CandleReader",
+    "FrameWriter",
     "Hub",
     "HubStatistics",
     "MessageSocket",

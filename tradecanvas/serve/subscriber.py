@@ -18,6 +18,7 @@ from typing import Protocol, final
 
 import trio
 
+from tradecanvas.ops.metrics import DeliveryBatch
 from tradecanvas.serve.subscriber_queue import CloseDecision, SubscriberQueue
 from tradecanvas.serve.ws_protocol import CLOSE_GOING_AWAY
 from tradecanvas.wire.json import dumps
@@ -50,12 +51,56 @@ class MessageSocket(Protocol):
     async def send_message(self, message: str) -> None: ...
 
 
+class FrameWriter(Protocol):
+    """A connection that takes pre-framed WebSocket messages (``encoded.Encoded.frame``):
+    the same bytes for every subscriber, written as they are (the WS port's; the HTTP port's
+    connections have none and get ``send_message``).
+
+    ``write_nowait`` writes at once without blocking: True when all of it went out, False
+    when part did and the rest waits for ``flush`` (it is committed: nothing else is written
+    before it); raises ``trio.WouldBlock`` when nothing could be written now. ``write`` waits
+    until all of it went out. Both raise :class:`TransportClosed` once the connection is
+    closing or closed (and ``trio.BrokenResourceError`` / ``trio.ClosedResourceError``)."""
+
+    @property
+    def needs_flush(self) -> bool: ...
+
+    def write_nowait(self, frames: bytes) -> bool: ...
+
+    async def write(self, frames: bytes) -> None: ...
+
+    async def flush(self) -> None: ...
+
+
 @final
 class Subscriber:
     """One /ws/market connection as the Hub sees it: its :attr:`queue` (subscriptions and
     what is queued for them), its cancel scopes and how it ended. Made by
     :meth:`Hub.attach`; the session calls :meth:`Hub.subscribe`, :meth:`Hub.unsubscribe`
-    and :meth:`send_control` from its reader."""
+    and :meth:`send_control` from its reader.
+
+    ``frames`` is the connection's :class:`FrameWriter`, if it has one: the Hub then writes
+    to it at once, from the publishing task, while the publish task is :attr:`parked` and
+    the queue idle (:attr:`idle`)."""
+
+    __slots__ = (
+        "_wakeup",
+        "cancel_scope",
+        "close_code",
+        "close_reason",
+        "detached",
+        "disconnect_reason",
+        "failure",
+        "frames",
+        "lag_scope",
+        "max_subscriptions",
+        "owed",
+        "parked",
+        "peer",
+        "queue",
+        "send_scope",
+        "socket",
+    )
 
     def __init__(
         self,
@@ -66,13 +111,21 @@ class Subscriber:
         queue_max: int,
         max_lag_s: float,
         catchup_limit: int,
+        frames: FrameWriter | None = None,
     ) -> None:
         self.socket = socket
+        self.frames = frames
         self.peer = peer
         self.max_subscriptions = max_subscriptions
         self.cancel_scope = trio.CancelScope()
         # the publish task runs inside it; its deadline is the queue's lag deadline
         self.lag_scope = trio.CancelScope()
+        # inside the lag scope: its deadline is the send in progress's, else inf
+        self.send_scope = trio.CancelScope()
+        # the publish task waits in wait_ready (nothing of a drain in progress)
+        self.parked = False
+        # batches queued for this subscriber since its last drain began (delivery timing)
+        self.owed: list[DeliveryBatch] = []
         self._wakeup = trio.Event()
         self.queue = SubscriberQueue(
             queue_max=queue_max,
@@ -91,13 +144,42 @@ class Subscriber:
     def closing(self) -> bool:
         return self.queue.closing
 
+    @property
+    def idle(self) -> bool:
+        """The Hub may write to :attr:`frames` at once: the publish task is parked, not
+        woken, and the queue holds nothing (per series, ``subscription.in_step`` decides)."""
+        return self.parked and not self._wakeup.is_set() and self.queue.idle
+
+    @property
+    def woken(self) -> bool:
+        """The publish task has a drain to do (it settles :attr:`owed` after it)."""
+        return self._wakeup.is_set()
+
     def _wake(self) -> None:
         if not self._wakeup.is_set():
             self._wakeup.set()
 
+    def wake(self) -> None:
+        """Make the publish task run a drain (after a write that left bytes to flush)."""
+        self._wake()
+
+    def owe(self, batch: DeliveryBatch) -> None:
+        """This subscriber's publish task will send some of ``batch`` in its next drain."""
+        if not self.owed or self.owed[-1] is not batch:
+            self.owed.append(batch)
+            batch.owed += 1
+
+    def take_owed(self) -> list[DeliveryBatch]:
+        owed, self.owed = self.owed, []
+        return owed
+
     async def wait_ready(self) -> None:
         """Wait until something was queued since the last call (the publish task's wait)."""
-        await self._wakeup.wait()
+        self.parked = True
+        try:
+            await self._wakeup.wait()
+        finally:
+            self.parked = False
         self._wakeup = trio.Event()
 
     def _lag_changed(self, deadline: float) -> None:
@@ -145,4 +227,4 @@ class Subscriber:
             self.close_for(decision)
 
 
-__all__ = ["MessageSocket", "Subscriber", "TransportClosed"]
+__all__ = ["FrameWriter", "MessageSocket", "Subscriber", "TransportClosed"]

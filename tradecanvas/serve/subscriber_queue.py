@@ -122,6 +122,20 @@ class SubscriberQueue:
     subscriber starts lagging (the time it must be healed by) and when it stops (``inf``).
     """
 
+    __slots__ = (
+        "_lag_changed",
+        "_queued",
+        "_ready",
+        "_wake",
+        "catchup_limit",
+        "closing",
+        "high_water",
+        "lagging_since",
+        "max_lag_s",
+        "queue_max",
+        "subscriptions",
+    )
+
     def __init__(
         self,
         *,
@@ -141,11 +155,24 @@ class SubscriberQueue:
         self.subscriptions: dict[str, Subscription] = {}
         self._ready: dict[Subscription | WholeMessage, None] = {}
         self._queued = 0
+        # the most messages held at once so far (tradecanvas_subscriber_queue_high_water)
+        self.high_water = 0
         self.lagging_since: float | None = None
         # set by a close decision here or the shell's (a closing queue takes nothing more)
         self.closing = False
 
     # --- state ----------------------------------------------------------------------
+
+    @property
+    def idle(self) -> bool:
+        """Nothing is ready, nothing is held, not lagging, not closing: what comes next may
+        go out at once, ahead of nothing (``subscription.in_step`` decides per series)."""
+        return (
+            not self._ready
+            and self._queued == 0
+            and self.lagging_since is None
+            and not self.closing
+        )
 
     @property
     def queued(self) -> int:
@@ -231,6 +258,7 @@ class SubscriberQueue:
         decision = self._room_for_one(now)
         if decision is None:
             self._queued += 1
+            self.high_water = max(self.high_water, self._queued)
             self._mark(WholeMessage(text))
         return decision
 
@@ -260,6 +288,7 @@ class SubscriberQueue:
         if decision is not None:
             return decision
         self._queued += 1
+        self.high_water = max(self.high_water, self._queued)
         if sub.needs_events and event_id is not None:
             sub.pending_events[event_id] = text
             self._mark(sub)
@@ -294,6 +323,7 @@ class SubscriberQueue:
         for c in fresh:
             sub.pending[c.candle_time] = c
         self._queued += added
+        self.high_water = max(self.high_water, self._queued)
         self._mark(sub)
 
     def offer_forming(self, series_id: str, candle: Candle) -> None:
@@ -308,6 +338,7 @@ class SubscriberQueue:
             if self._queued + 1 > self.queue_max:
                 return
             self._queued += 1
+            self.high_water = max(self.high_water, self._queued)
         sub.forming = candle
         self._mark(sub)
 

@@ -100,6 +100,49 @@ def plan_closed(sub: Subscription, candles: Sequence[Candle]) -> list[Outgoing]:
     return messages
 
 
+def caught_up(sub: Subscription) -> bool:
+    """Is nothing owed to ``sub`` before what comes next: no catch-up, heal or stored events
+    to read, nothing queued?"""
+    return (
+        sub.active
+        and not sub.needs_sync
+        and not sub.needs_events
+        and sub.heal_target is None
+        and not sub.pending
+        and sub.forming is None
+        and sub.cursor is not None
+    )
+
+
+def in_step(sub: Subscription, candles: Sequence[Candle]) -> bool:
+    """Can ``candles`` (ascending) go to ``sub`` as they are, at once: it is caught up and
+    each candle follows the one before it from the cursor, without a hole (so no store read,
+    no gap, nothing at or below the cursor). The messages are then exactly one
+    :class:`~tradecanvas.serve.outgoing.ClosedCandles` of them; :func:`sent_in_step`."""
+    if not candles or not caught_up(sub):
+        return False
+    previous = sub.cursor
+    assert previous is not None  # caught_up
+    tf = sub.tf_seconds
+    for candle in candles:
+        t = candle.candle_time
+        if t <= previous or t > previous + tf:
+            return False
+        previous = t
+    return True
+
+
+def sent_in_step(sub: Subscription, candles: Sequence[Candle]) -> None:
+    """``candles`` that were :func:`in_step` went out: the cursor moves to the last one."""
+    sub.cursor = candles[-1].candle_time
+    sub.anchored = True
+
+
+def forming_in_step(sub: Subscription, candle: Candle) -> bool:
+    """Can this forming candle go to ``sub`` at once: caught up, and above its cursor?"""
+    return caught_up(sub) and sub.cursor is not None and candle.candle_time > sub.cursor
+
+
 def split_at_unverified_hole(
     sub: Subscription, candles: list[Candle]
 ) -> tuple[list[Candle], list[Candle]]:
@@ -133,7 +176,11 @@ def has_hole(sub: Subscription) -> bool:
 __all__ = [
     "EMPTY_STORE_CURSOR",
     "Subscription",
+    "caught_up",
+    "forming_in_step",
     "has_hole",
+    "in_step",
     "plan_closed",
+    "sent_in_step",
     "split_at_unverified_hole",
 ]

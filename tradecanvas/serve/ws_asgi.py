@@ -106,6 +106,11 @@ class AsgiTransport:
         self._close_sent = False
         self._write_failed: str | None = None
 
+    @property
+    def frames(self) -> None:
+        """No pre-framed writes: Hypercorn frames every message itself."""
+        return None
+
     async def write_frames(self) -> None:
         """The writer task: runs until cancelled. A frame Starlette or Hypercorn refuses
         makes the connection broken (later sends raise ``TransportClosed(None)``)."""

@@ -22,7 +22,9 @@ and waits for this port's connections for at most ``SHUTDOWN_GRACE_S`` (shielded
 
 Each connection's TCP stream is wrapped in a
 :class:`~tradecanvas.serve.frame_safe_stream.FrameSafeStream`, so a send the Hub cancels
-for its timeout never leaves half a frame before the 4008 close frame.
+for its timeout never leaves half a frame before the 4008 close frame; the transport writes
+the Hub's pre-framed messages to it directly (the Hub's fast path and its publish tasks'
+writes), beside trio-websocket's own writes.
 """
 
 from __future__ import annotations
@@ -68,17 +70,49 @@ def _closed(exc: trio_websocket.ConnectionClosed) -> TransportClosed:
 
 @final
 class _TrioWebsocketTransport:
-    """A trio-websocket connection as a session transport. Its ``aclose`` is cancellable:
-    the connection handler then closes the TCP stream (``_handle_stream``'s ``finally``)."""
+    """A trio-websocket connection as a session transport, and its
+    :class:`~tradecanvas.serve.subscriber.FrameWriter`: pre-framed messages go straight to
+    the connection's FrameSafeStream, which serializes them with trio-websocket's own writes
+    (pongs, the close frame), never after a close. trio-websocket negotiates no extension,
+    so a message's frame is the same bytes on every connection. Its ``aclose`` is
+    cancellable: the connection handler then closes the TCP stream (``_handle_stream``'s
+    ``finally``)."""
 
-    def __init__(self, ws: trio_websocket.WebSocketConnection) -> None:
+    __slots__ = ("_ws", "stream")
+
+    def __init__(self, ws: trio_websocket.WebSocketConnection, stream: FrameSafeStream) -> None:
         self._ws = ws
+        self.stream = stream
+
+    @property
+    def frames(self) -> _TrioWebsocketTransport:
+        return self
 
     async def send_message(self, message: str) -> None:
         try:
             await self._ws.send_message(message)
         except trio_websocket.ConnectionClosed as exc:
             raise _closed(exc) from None
+
+    def _check_open(self) -> None:
+        reason = self._ws.closed
+        if reason is not None:
+            raise TransportClosed(reason.code, reason.reason)
+
+    @property
+    def needs_flush(self) -> bool:
+        return self.stream.needs_flush
+
+    def write_nowait(self, frames: bytes) -> bool:
+        self._check_open()
+        return self.stream.send_all_nowait(frames)
+
+    async def write(self, frames: bytes) -> None:
+        self._check_open()
+        await self.stream.send_all(frames)
+
+    async def flush(self) -> None:
+        await self.stream.flush()
 
     async def get_message(self) -> str | bytes:
         try:
@@ -184,7 +218,7 @@ class _MarketServer:
             self._unattached.discard(handshake)
         if handshake.cancelled_caught:
             return
-        await self.endpoint.serve(_TrioWebsocketTransport(ws), peer)
+        await self.endpoint.serve(_TrioWebsocketTransport(ws, stream), peer)
 
 
 async def serve_ws_port(

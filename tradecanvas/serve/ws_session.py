@@ -13,8 +13,12 @@ What the session does, per connection (task tree of :meth:`MarketEndpoint.serve`
 
     serve                                  attach to the Hub; at the end detach, then close
     └─ subscriber.cancel_scope
-       ├─ Hub.run_publisher                the only task that sends (candles, system, pong, error)
+       ├─ Hub.run_publisher                sends what is queued (candles, system, pong, error)
        └─ reader loop                      client messages; never awaits a send
+
+Besides its publish task, the Hub's publishing itself writes to the connection's
+``frames`` (the transport's pre-framed writer, WS port only) when the subscriber is idle and
+caught up and the socket takes the bytes at once (``tradecanvas.serve.hub``).
 
 The rules themselves are pure, in ``ws_protocol``: message parsing, the token bucket, the
 handshake. Inbound limits: a message over 64 KiB closes with 1009 (the transports' own limit,
@@ -42,7 +46,7 @@ import trio
 from tradecanvas.errors import ClientMessageError
 from tradecanvas.model import SeriesId
 from tradecanvas.serve.hub import Hub
-from tradecanvas.serve.subscriber import MessageSocket, Subscriber, TransportClosed
+from tradecanvas.serve.subscriber import FrameWriter, MessageSocket, Subscriber, TransportClosed
 from tradecanvas.serve.ws_protocol import (
     CLOSE_ABNORMAL,
     CLOSE_GOING_AWAY,
@@ -76,6 +80,11 @@ class SessionTransport(MessageSocket, Protocol):
     async def get_message(self) -> str | bytes: ...
 
     async def aclose(self, code: int, reason: str | None) -> None: ...
+
+    @property
+    def frames(self) -> FrameWriter | None:
+        """Its pre-framed writer (the WS port's transport), or None (the HTTP port's)."""
+        ...
 
 
 @final
@@ -116,7 +125,12 @@ class MarketEndpoint:
     async def serve(self, transport: SessionTransport, peer: str) -> None:
         """Run one accepted connection's session until it ends, then close it (bounded,
         shielded). ``peer`` names it in logs and in publish failures."""
-        subscriber = self.hub.attach(transport, peer=peer, max_subscriptions=self.max_subscriptions)
+        subscriber = self.hub.attach(
+            transport,
+            peer=peer,
+            max_subscriptions=self.max_subscriptions,
+            frames=transport.frames,
+        )
         log.debug("ws %s: connected", peer)
         if self._closing:  # shut down while this connection was being accepted
             subscriber.close(CLOSE_GOING_AWAY, "server shutdown", disconnect_reason="shutdown")

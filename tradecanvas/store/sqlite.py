@@ -95,6 +95,10 @@ class CandleStore:
         self._read_limiter = trio.CapacityLimiter(READER_CONNECTIONS)
         self._closed = False
         self._write_started: float | None = None
+        # StoreTxn.sequence: write transactions so far, plus one per change seen from
+        # elsewhere (``PRAGMA data_version`` moves when another connection committed)
+        self._sequence = 0
+        self._data_version: int | None = None
 
     def write_running_for(self) -> float:
         """Seconds the write in flight has been running (0 when idle): the watchdog's view
@@ -148,7 +152,7 @@ class CandleStore:
             with _translated("write"):
                 conn.execute("BEGIN IMMEDIATE")
                 try:
-                    result = fn(StoreTxn(conn))
+                    result = fn(StoreTxn(conn, self._next_sequence(conn)))
                     conn.execute("COMMIT")
                 except BaseException:
                     if conn.in_transaction:
@@ -167,6 +171,15 @@ class CandleStore:
                 finally:
                     self._write_started = None
         return result
+
+    def _next_sequence(self, conn: sqlite3.Connection) -> int:
+        """Number a write transaction (see StoreTxn.sequence); under the write lock."""
+        version = int(conn.execute("PRAGMA data_version").fetchone()[0])
+        if version != self._data_version:
+            self._data_version = version
+            self._sequence += 1
+        self._sequence += 1
+        return self._sequence
 
     async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         if self._closed:

@@ -34,7 +34,8 @@ from tradecanvas.model import MS, Candle, Market, SeriesId
 from tradecanvas.ops.metrics import Metrics
 from tradecanvas.runtime_flags import RuntimeFlags
 from tradecanvas.upstream.backoff import Backoff
-from tradecanvas.wire.binance import decode_rest_klines, decode_wire_json
+from tradecanvas.wire.binance import decode_wire_json
+from tradecanvas.wire.binance_rest import decode_rest_klines
 
 log = logging.getLogger(__name__)
 

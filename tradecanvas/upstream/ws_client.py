@@ -17,6 +17,10 @@ from tradecanvas.errors import first_leaf
 
 # trio-websocket's own default; Binance frames and /ws/market catch-up batches fit easily
 MAX_MESSAGE_BYTES: Final = 1 << 20
+# trio-websocket's defaults: messages its reader task queues for ours (when the queue is full
+# it stops reading, and stops answering pings), and bytes per socket read
+MESSAGE_QUEUE_SIZE: Final = 1
+RECEIVE_BYTES: Final = 4 << 10
 
 
 @attrs.frozen
@@ -47,15 +51,18 @@ async def open_websocket_client(
     connect_timeout: float = 10.0,
     disconnect_timeout: float = 2.0,
     max_message_size: int = MAX_MESSAGE_BYTES,
+    message_queue_size: int = MESSAGE_QUEUE_SIZE,
+    receive_buffer_size: int = RECEIVE_BYTES,
 ) -> AsyncIterator[trio_websocket.WebSocketConnection]:
     """``trio_websocket.open_websocket_url``, except that we own the TCP stream and always
     close it.
 
     trio-websocket 0.12 leaves a client's socket open when the server closes first: the
     client waits for the server's TCP close and then never closes its own end, leaking one
-    descriptor per Binance-side disconnect. Raises ValueError for a URL that is not ws(s)://,
-    ``HandshakeError`` (``ConnectionTimeout``, ``ConnectionRejected``) when the connection
-    cannot be opened.
+    descriptor per Binance-side disconnect. ``message_queue_size`` and
+    ``receive_buffer_size`` are trio-websocket's (see :data:`MESSAGE_QUEUE_SIZE`). Raises
+    ValueError for a URL that is not ws(s)://, ``HandshakeError`` (``ConnectionTimeout``,
+    ``ConnectionRejected``) when the connection cannot be opened.
     """
     target = parse_ws_url(url)
     host, port, tls = target.host, target.port, target.secure
@@ -78,7 +85,13 @@ async def open_websocket_client(
         async with trio.open_nursery() as nursery:
             with trio.fail_after(connect_timeout):
                 ws = await trio_websocket.wrap_client_stream(
-                    nursery, stream, host_header, target.resource, max_message_size=max_message_size
+                    nursery,
+                    stream,
+                    host_header,
+                    target.resource,
+                    max_message_size=max_message_size,
+                    message_queue_size=message_queue_size,
+                    receive_buffer_size=receive_buffer_size,
                 )
             opened = True
             graceful = True
@@ -115,3 +128,18 @@ def _only_cancelled(exc: BaseException) -> bool:
     if isinstance(exc, BaseExceptionGroup):
         return all(_only_cancelled(e) for e in exc.exceptions)
     return isinstance(exc, trio.Cancelled)
+
+
+def get_message_nowait(ws: trio_websocket.WebSocketConnection) -> str | bytes:
+    """The next message trio-websocket's reader task has queued, without waiting (and not a
+    checkpoint): raises ``trio.WouldBlock`` when none is queued, ``ConnectionClosed`` as
+    ``get_message`` does. After one ``await get_message()``, a reader drains the rest of a
+    burst with this in one go, instead of one scheduler round trip per message.
+
+    trio-websocket has no public ``get_message_nowait``; this is ``get_message`` (0.12.2,
+    pinned in setup.cfg) on the same queue with ``receive_nowait`` in place of ``receive``.
+    """
+    try:
+        return ws._recv_channel.receive_nowait()
+    except (trio.ClosedResourceError, trio.EndOfChannel):
+        raise trio_websocket.ConnectionClosed(ws._close_reason) from None

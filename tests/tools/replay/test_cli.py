@@ -110,7 +110,7 @@ async def test_cli_prints_its_urls_serves_and_stops_on_sigterm(day_csv: Path) ->
             url = f"{ws_url}/stream?streams={STREAM}"
             async with open_websocket_client(url) as ws:
                 events = await read_events(ws, 8)
-            assert sum(e.kline.closed for e in events) == 2
+            assert sum(e.closed for e in events) == 2
             done = await trio.to_thread.run_sync(process.stdout.readline)
             assert done.startswith("replay finished bars=1440")
         finally:
@@ -133,7 +133,7 @@ async def test_cli_paused_starts_on_sigusr1(day_csv: Path) -> None:
                 process.send_signal(signal.SIGUSR1)
                 assert await trio.to_thread.run_sync(process.stdout.readline) == "replay resumed\n"
                 events = await read_events(ws, 8)
-            assert [e.kline.open_time_ms // 1000 for e in events if e.kline.closed] == [
+            assert [e.open_time_ms // 1000 for e in events if e.closed] == [
                 DAY + 1438 * 60,
                 DAY + 1439 * 60,
             ]

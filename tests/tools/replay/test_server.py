@@ -33,8 +33,8 @@ async def test_csv_bars_become_forming_and_closed_frames_in_exchange_time(
         first = day_rows[1436]
         t_ms = first.candle_time * 1000
         assert [e.event_time_ms - t_ms for e in events[:5]] == [15000, 30000, 45000, 60200, 75000]
-        assert [e.kline.closed for e in events[:4]] == [False, False, False, True]
-        closed = [e.kline.to_candle() for e in events if e.kline.closed]
+        assert [e.closed for e in events[:4]] == [False, False, False, True]
+        closed = [e.candle for e in events if e.closed]
         assert all(
             c.same_values(r) for c, r in zip(closed, day_rows[1436:], strict=True)
         )  # the closed frames carry Binance's bars exactly
@@ -150,7 +150,7 @@ async def test_faults_omit_duplicate_drop_and_skip(day_csv: Path) -> None:
         async def read_until_closed(ws: trio_websocket.WebSocketConnection) -> None:
             while True:
                 event = (await read_events(ws, 1))[0]
-                seen.append(((event.kline.open_time_ms // 1000 - DAY) // 60, event.kline.closed))
+                seen.append(((event.open_time_ms // 1000 - DAY) // 60, event.closed))
 
         async with open_websocket_client(url) as ws:
             with pytest.raises(trio_websocket.ConnectionClosed) as closed:
@@ -169,7 +169,7 @@ async def test_faults_omit_duplicate_drop_and_skip(day_csv: Path) -> None:
         ]
         async with open_websocket_client(url) as ws:
             event = (await read_events(ws, 1))[0]
-            assert event.kline.open_time_ms // 1000 == DAY + 1427 * 60  # 1425, 1426 skipped
+            assert event.open_time_ms // 1000 == DAY + 1427 * 60  # 1425, 1426 skipped
         async with httpx.AsyncClient(base_url=replay.rest_url) as http:
             params: dict[str, str | int] = {
                 "symbol": "BTCUSDT",
@@ -194,7 +194,7 @@ async def test_exchange_hole_is_missing_on_ws_and_rest(day_csv: Path) -> None:
         replay: ReplayHandle = await nursery.start(serve_replay, config)
         async with open_websocket_client(f"{replay.ws_url}/stream?streams={STREAM}") as ws:
             events = await read_events(ws, 8)
-        minutes = [(e.kline.open_time_ms // 1000 - DAY) // 60 for e in events]
+        minutes = [(e.open_time_ms // 1000 - DAY) // 60 for e in events]
         assert minutes == [1430, 1431, 1434, 1435, 1436, 1437, 1438, 1439]
         await replay.finished.wait()
         async with httpx.AsyncClient(base_url=replay.rest_url) as http:
@@ -265,9 +265,7 @@ async def test_a_paused_replay_sends_nothing_until_resumed_and_loses_no_bar(
             assert [r[0] // 1000 for r in rows] == [t.candle_time for t in day_rows[1434:1436]]
             replay.resume()
             events = await read_events(ws, 4 * 4)
-        closed = [e.kline.to_candle() for e in events if e.kline.closed]
+        closed = [e.candle for e in events if e.closed]
         assert [c.candle_time for c in closed] == [r.candle_time for r in day_rows[1436:]]
-        assert (
-            not events[0].kline.closed and events[0].kline.open_time_ms // 1000 == DAY + 1436 * 60
-        )
+        assert not events[0].closed and events[0].open_time_ms // 1000 == DAY + 1436 * 60
         nursery.cancel_scope.cancel()

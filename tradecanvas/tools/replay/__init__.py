@@ -12,8 +12,11 @@ Serves, from recorded combined-stream JSONL frames or kline CSVs (either layout
   phase of a known symbol, else 0), ``…/time`` and ``…/exchangeInfo``, with
   ``X-MBX-USED-WEIGHT-1M``.
 
-One Starlette app on Hypercorn's trio worker serves both; ``--ws-port`` and ``--rest-port``
-bind it twice when they differ.
+The WebSocket streams have their own listener (:mod:`~tradecanvas.tools.replay.ws`, trio and
+wsproto: each frame framed once for every client, a client's queued frames written at once,
+so ``--speed max`` is not held back by the replay); a Starlette app on Hypercorn's trio worker
+serves REST. ``--port`` (``--ws-port``) is the WebSocket port, REST is on ``--rest-port``,
+by default the port above ``--port`` (any free one when ``--port`` is 0).
 
 Time: the replay has one exchange clock, the event time ``E`` of the last frame sent. CSV
 bars become ``forming_per_bar`` forming frames at ``E = open + k·60/(n+1) s`` and a closed
@@ -39,11 +42,11 @@ Exit codes (:data:`~tradecanvas.tools.replay.cli.EXIT_CODES`, also in ``--help``
 SIGINT (Ctrl-C) or SIGTERM stops it, the normal end of a replay; 1 when it cannot serve (a
 port in use); 2 for a bad option, or a file that is missing, unreadable or holds no klines.
 
-The modules, none with sockets but ``server``: ``data`` names and reads the files
+The modules, none with sockets but ``server`` and ``ws``: ``data`` names and reads the files
 (:func:`load_data`); ``core`` is what the exchange does with them (the frames in exchange
 time, the fault plan, the REST view of the bars, the answers to WebSocket requests);
-``server`` is the trio shell (the timeline task, the Starlette WS and REST app,
-:func:`serve_replay`); ``cli`` the command line and its exit codes
+``server`` is the trio shell (the timeline task, the Starlette REST app,
+:func:`serve_replay`), ``ws`` its WebSocket listener; ``cli`` the command line and its exit codes
 (:data:`~tradecanvas.tools.replay.cli.EXIT_CODES`).
 """
 

@@ -70,9 +70,13 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         help="market of the files (default: from the path, else futures)",
     )
     parser.add_argument("--host", default="127.0.0.1", help="listen address (loopback)")
-    parser.add_argument("--port", type=int, default=0, help="port for WS and REST (0 = any free)")
+    parser.add_argument(
+        "--port", type=int, default=0, help="WebSocket port; REST on the one above (0 = any free)"
+    )
     parser.add_argument("--ws-port", type=int, help="WebSocket port (default: --port)")
-    parser.add_argument("--rest-port", type=int, help="REST port (default: --port)")
+    parser.add_argument(
+        "--rest-port", type=int, help="REST port (default: --port + 1; any free if --port is 0)"
+    )
     parser.add_argument("--speed", default="1", help="a multiple of real time, or max (default 1)")
     parser.add_argument("--forming-per-bar", type=int, default=3, help="forming frames per CSV bar")
     parser.add_argument(

@@ -51,7 +51,7 @@ class ReplayConfig:
     host: str = "127.0.0.1"
     port: int = 0
     ws_port: int | None = None  # None: ``port``
-    rest_port: int | None = None  # None: ``port``
+    rest_port: int | None = None  # None: ``port`` + 1 (any free when ``port`` is 0)
     speed: float | None = None  # a multiple of real time; None: as fast as clients read
     forming_per_bar: int = 3
     start_at: int = 0
@@ -222,7 +222,7 @@ def _read_jsonl(item: ReplayFile, data: ReplayData) -> list[RecordedFrame]:
                 continue
             if isinstance(event, KlineEvent):
                 key = (item.market, event.symbol)
-                data.bars.setdefault(key, []).append(event.kline.to_candle())
+                data.bars.setdefault(key, []).append(event.candle)
     return frames
 
 

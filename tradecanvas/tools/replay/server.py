@@ -1,14 +1,18 @@
-"""The replay's trio shell: the timeline task and one Starlette app for WS and REST.
+"""The replay's trio shell: the timeline task, the WebSocket streams and a Starlette app for
+REST.
 
 :class:`ReplayServer` owns the exchange clock (``now_ms``), the connected WebSocket clients
-and the REST answers; :func:`serve_replay` runs it on Hypercorn's trio worker and reports a
-:class:`ReplayHandle` once it listens. What to send, when, and what to answer comes from
+and the REST answers; :func:`serve_replay` serves the streams on their own listener
+(:mod:`~tradecanvas.tools.replay.ws`) and REST on Hypercorn's trio worker, and reports a
+:class:`ReplayHandle` once both listen. What to send, when, and what to answer comes from
 the pure core, :mod:`~tradecanvas.tools.replay.core`.
 
-Channel contract: each WebSocket client has its own bounded channel of :data:`CLIENT_BUFFER`
-frames; the timeline awaits the slowest client (``--speed max`` runs as fast as clients read)
-and a ``None`` in a client's channel closes that connection with :data:`DROP_CLOSE_CODE`
-after the frames queued before it.
+Channel contract: each WebSocket client has its own bounded channel of
+:data:`~tradecanvas.tools.replay.ws.CLIENT_BUFFER` framed messages; the timeline frames each
+message once for all clients and awaits the slowest client only when its channel is full
+(``--speed max`` runs as fast as clients read), and a ``None`` in a client's channel closes
+that connection with :data:`~tradecanvas.tools.replay.ws.DROP_CLOSE_CODE` after the frames
+queued before it.
 """
 
 from __future__ import annotations
@@ -23,8 +27,7 @@ import trio
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route, WebSocketRoute
-from starlette.websockets import WebSocket, WebSocketDisconnect
+from starlette.routing import Route
 
 from tradecanvas.errors import SeriesIdError
 from tradecanvas.model import BINANCE_INTERVALS, MINUTE, MS, Market, Timeframe
@@ -32,7 +35,6 @@ from tradecanvas.serve.http_server import hypercorn_config, serve_asgi
 from tradecanvas.tools.replay.core import (
     FaultPlan,
     ReplayFrame,
-    answer_request,
     closed_bars,
     interval_bars,
     phase_3d,
@@ -45,13 +47,14 @@ from tradecanvas.tools.replay.data import (
     ReplayError,
     load_data,
 )
+from tradecanvas.tools.replay.ws import WsClient, open_client, serve_replay_ws, ws_text_frame
 from tradecanvas.upstream.rest import DEFAULT_WEIGHT_LIMIT, KLINES_LIMIT, klines_weight
-from tradecanvas.wire.binance import candle_to_rest_row
+from tradecanvas.wire.binance_rest import candle_to_rest_row
 
 REST_DEFAULT_LIMIT: Final = 500
-# frames queued per client; at --speed max the timeline waits for the slowest client
-CLIENT_BUFFER: Final = 256
-DROP_CLOSE_CODE: Final = 1001
+# frames the timeline hands to clients' channels between two checkpoints (it awaits only a
+# full channel; this keeps REST and signals answered while every client keeps up)
+YIELD_EVERY: Final = 64
 # Hypercorn's graceful drain when the replay is cancelled
 DRAIN_S: Final = 1.0
 
@@ -73,23 +76,13 @@ class ReplayStatistics:
     finished: bool
 
 
-@attrs.define(eq=False)
-class _Client:
-    """A connected WebSocket: its streams (changed by SUBSCRIBE), raw or combined frames,
-    and the sending end of its own channel."""
-
-    streams: set[str]
-    raw: bool
-    send: trio.MemorySendChannel[str | None]
-
-
 @final
 class ReplayServer:
     """Owns the replay's exchange clock, its WebSocket clients and its REST answers.
 
     The clock (``now_ms``) is the event time of the last frame sent; REST serves the bars
-    closed by it. :meth:`run_timeline` sends the frames; the Starlette :meth:`app` routes
-    to :meth:`websocket` and the REST handlers."""
+    closed by it. :meth:`run_timeline` sends the frames to the clients :meth:`attach`
+    registered; the Starlette :meth:`app` routes to the REST handlers."""
 
     def __init__(self, config: ReplayConfig, data: ReplayData) -> None:
         self.config = config
@@ -98,7 +91,7 @@ class ReplayServer:
         self.resumed = trio.Event()
         if not config.paused:
             self.resumed.set()
-        self._clients: set[_Client] = set()
+        self._clients: set[WsClient] = set()
         self._client_arrived = trio.Event()
         self._last_closed: dict[str, ReplayFrame] = {}
         start = min(config.start_at, len(data.minutes))
@@ -110,6 +103,7 @@ class ReplayServer:
         self._ws_connections = 0
         self._rest_requests = 0
         self._rest_429 = 0
+        self._unyielded = 0
         self._answered_429 = False
         self._weight_window = -1
         self._weight_used = 0
@@ -170,13 +164,26 @@ class ReplayServer:
         self._frames_sent += 1
         if frame.kind == "closed":
             self._last_closed[frame.stream] = frame
+        combined: bytes | None = None
+        raw: bytes | None = None
         for client in list(self._clients):
             if frame.stream not in client.streams and (frame.stream or frame.kind != "other"):
                 continue  # a frame without a stream (serverShutdown, …) goes to everyone
+            if client.raw:
+                data = raw = raw or ws_text_frame(frame.raw_text())
+            else:
+                data = combined = combined or ws_text_frame(frame.text)
             try:
-                await client.send.send(frame.raw_text() if client.raw else frame.text)
+                try:
+                    client.send.send_nowait(data)
+                except trio.WouldBlock:
+                    await client.send.send(data)  # the slowest client sets the pace
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 self._clients.discard(client)
+        self._unyielded += 1
+        if self._unyielded >= YIELD_EVERY:
+            self._unyielded = 0
+            await trio.lowlevel.checkpoint()
 
     async def _drop_clients(self) -> None:
         for client in list(self._clients):
@@ -187,58 +194,24 @@ class ReplayServer:
 
     # --- WebSocket -----------------------------------------------------------------------
 
-    async def websocket(self, websocket: WebSocket) -> None:
-        """One client: combined (``/stream?streams=…``) or raw (``/ws/<stream>``, ``/ws``)."""
-        path = websocket.url.path.removeprefix("/market")
-        streams: set[str] = set()
-        raw = False
-        if path.startswith("/ws/"):
-            streams.add(path.removeprefix("/ws/"))
-            raw = True
-        elif path == "/ws":
-            raw = True
-        else:
-            query = websocket.query_params.get("streams", "")
-            streams.update(s for s in query.split("/") if s)
-        await websocket.accept()
-        send, receive = trio.open_memory_channel[str | None](CLIENT_BUFFER)
-        client = _Client(streams, raw, send)
+    def attach(self, streams: set[str], raw: bool) -> WsClient:
+        """A WebSocket client whose handshake is done: combined (``/stream?streams=…``) or
+        raw (``/ws/<stream>``, ``/ws``)."""
+        client = open_client(streams, raw)
         if self.finished.is_set():
             # the data is over: a late joiner gets each stream's last close, so that it
             # learns where the exchange is (and backfills what it missed from REST)
             for stream in sorted(streams):
                 last = self._last_closed.get(stream)
                 if last is not None:
-                    send.send_nowait(last.raw_text() if raw else last.text)
+                    client.send.send_nowait(ws_text_frame(last.raw_text() if raw else last.text))
         self._ws_connections += 1
         self._clients.add(client)
         self._client_arrived.set()
-        try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._client_requests, websocket, client, nursery.cancel_scope)
-                async with receive:
-                    async for text in receive:
-                        if text is None:
-                            await websocket.close(DROP_CLOSE_CODE, "replay: connection dropped")
-                            break
-                        await websocket.send_text(text)
-                nursery.cancel_scope.cancel()
-        except (WebSocketDisconnect, OSError, RuntimeError):
-            pass  # the client went away
-        finally:
-            self._clients.discard(client)
-            send.close()
+        return client
 
-    async def _client_requests(
-        self, websocket: WebSocket, client: _Client, scope: trio.CancelScope
-    ) -> None:
-        """SUBSCRIBE / UNSUBSCRIBE / LIST_SUBSCRIPTIONS, answered as Binance does."""
-        try:
-            while True:
-                text = await websocket.receive_text()
-                await websocket.send_text(answer_request(text, client.streams))
-        except (WebSocketDisconnect, RuntimeError, OSError):
-            scope.cancel()
+    def detach(self, client: WsClient) -> None:
+        self._clients.discard(client)
 
     # --- REST ----------------------------------------------------------------------------
 
@@ -320,15 +293,7 @@ class ReplayServer:
         )
 
     def app(self) -> Starlette:
-        ws_paths = (
-            "/stream",
-            "/market/stream",
-            "/ws",
-            "/ws/{name}",
-            "/market/ws",
-            "/market/ws/{name}",
-        )
-        routes: list[Route | WebSocketRoute] = [WebSocketRoute(p, self.websocket) for p in ws_paths]
+        routes: list[Route] = []
         for prefix in ("/fapi/v1", "/api/v3"):
             routes.append(Route(f"{prefix}/klines", self.klines))
             routes.append(Route(f"{prefix}/time", self.server_time))
@@ -382,17 +347,31 @@ async def serve_replay_data(
     listens, to report bad files first). Raises ReplayError when they hold no klines."""
     if not data.minutes:
         raise ReplayError("the replay files hold no klines")
+    ws_port, rest_port = listen_ports(config)
     server = ReplayServer(config, data)
-    ws_port = config.ws_port if config.ws_port is not None else config.port
-    rest_port = config.rest_port if config.rest_port is not None else config.port
-    binds = [f"{config.host}:{ws_port}"]
-    if rest_port != ws_port:
-        binds.append(f"{config.host}:{rest_port}")
-    hconfig = hypercorn_config(binds, drain_s=DRAIN_S)
+    hconfig = hypercorn_config([f"{config.host}:{rest_port}"], drain_s=DRAIN_S)
     async with trio.open_nursery() as nursery:
+        ws = await nursery.start(
+            serve_replay_ws, config.host, ws_port, server.attach, server.detach
+        )
         binds = await nursery.start(functools.partial(serve_asgi, server.app(), hconfig))
-        ws = _port_of(binds[0])
-        rest = _port_of(binds[1]) if len(binds) > 1 else ws
+        rest = _port_of(binds[0])
         host = config.host
         nursery.start_soon(server.run_timeline)
         task_status.started(ReplayHandle(f"ws://{host}:{ws}", f"http://{host}:{rest}", server))
+
+
+def listen_ports(config: ReplayConfig) -> tuple[int, int]:
+    """The WebSocket and REST ports (0: any free): ``--ws-port``, else ``--port``; and
+    ``--rest-port``, else the one above ``--port`` (any free when ``--port`` is 0). They
+    have their own listeners, so they differ; ReplayError when they would not."""
+    ws_port = config.ws_port if config.ws_port is not None else config.port
+    rest_port = config.rest_port
+    if rest_port is None:
+        rest_port = config.port + 1 if config.port else 0
+    if ws_port and ws_port == rest_port:
+        raise ReplayError(
+            f"the WebSocket and REST ports must differ (both {ws_port}): the streams have"
+            " their own listener"
+        )
+    return ws_port, rest_port

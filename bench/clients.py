@@ -1,0 +1,144 @@
+"""``python -m bench.clients PLAN OUT``: the subscribers of a benchmark, in their own process.
+
+PLAN (JSON): ``url``; ``clients``, one list of series ids per client (one connection each);
+``since`` (the cursor of every subscription); ``last_time``: the process ends once every
+client has received that closed ``candle_time`` on each of its series (null: only on
+``stop``); ``concurrency``: handshakes in flight at once.
+
+Each client subscribes (``supports_batch``), sends ``ping`` and waits for the ``pong``:
+then it is registered and caught up. ``clients ready`` is printed when all are. Every closed
+candle received is recorded with the wall-clock time (``time.time()``, the clock every
+process on this machine shares) at which its message came off the socket. A line ``stop``
+on stdin also ends it. OUT (JSON): ``deliveries`` ([time, series id, candle_time], in
+arrival order per client), ``messages``, ``errors``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Final
+
+import orjson
+import trio
+import trio_websocket
+
+MAX_MESSAGE: Final = 64 * 2**20
+DONE_TIMEOUT_S: Final = 600.0
+
+
+class _Run:
+    def __init__(self, plan: dict[str, Any]) -> None:
+        self.url: str = plan["url"]
+        self.clients: list[list[str]] = plan["clients"]
+        self.since: int | None = plan.get("since")
+        self.last_time: int | None = plan.get("last_time")
+        self.handshakes = trio.Semaphore(int(plan.get("concurrency", 50)))
+        self.deliveries: list[tuple[float, str, int]] = []
+        self.messages = 0
+        self.errors: list[str] = []
+        self.ready = 0
+        self.all_ready = trio.Event()
+        self.done = 0
+        self.all_done = trio.Event()
+
+    def _client_done(self) -> None:
+        self.done += 1
+        if self.done == len(self.clients):
+            self.all_done.set()
+
+    async def client(self, nursery: trio.Nursery, series: list[str]) -> None:
+        async with self.handshakes:
+            ws = await trio_websocket.connect_websocket_url(
+                nursery, self.url, max_message_size=MAX_MESSAGE
+            )
+            for sid in series:
+                subscribe = {"type": "subscribe", "series_id": sid, "since": self.since,
+                             "supports_batch": True}  # fmt: skip
+                await ws.send_message(orjson.dumps(subscribe).decode())
+            await ws.send_message('{"type":"ping"}')
+        waiting = {sid: True for sid in series} if self.last_time is not None else {}
+        pending = len(waiting)
+        pong = False
+        deliveries = self.deliveries
+        try:
+            while True:
+                text = await ws.get_message()
+                now = time.time()
+                self.messages += 1
+                message = orjson.loads(text)
+                kind = message["type"]
+                if kind == "candles_batch":
+                    candles = message["candles"]
+                elif kind == "candle_closed":
+                    candles = [message["candle"]]
+                elif kind == "pong" and not pong:
+                    pong = True
+                    self.ready += 1
+                    if self.ready == len(self.clients):
+                        self.all_ready.set()
+                    continue
+                else:
+                    if kind == "error":
+                        self.errors.append(str(text))
+                    continue
+                sid = message["series_id"]
+                for candle in candles:
+                    t = candle["candle_time"]
+                    deliveries.append((now, sid, t))
+                    if pending and t == self.last_time and waiting.get(sid):
+                        waiting[sid] = False
+                        pending -= 1
+                        if not pending:
+                            self._client_done()
+        except trio_websocket.ConnectionClosed as exc:
+            self.errors.append(f"closed: {exc.reason}")
+            if pending:
+                self._client_done()
+
+
+async def _read_stop(stop: trio.Event) -> None:
+    while True:
+        line = await trio.to_thread.run_sync(sys.stdin.readline, abandon_on_cancel=True)
+        if not line or line.strip() == "stop":
+            stop.set()
+            return
+
+
+async def _main(plan: dict[str, Any], out: Path) -> None:
+    run = _Run(plan)
+    stop = trio.Event()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_read_stop, stop)
+        for series in run.clients:
+            nursery.start_soon(run.client, nursery, series)
+        await run.all_ready.wait()
+        sys.stdout.write(f"clients ready {len(run.clients)}\n")
+        sys.stdout.flush()
+
+        async def until_done() -> None:
+            if run.last_time is None:
+                await trio.sleep_forever()
+            await run.all_done.wait()
+            stop.set()
+
+        nursery.start_soon(until_done)
+        with trio.move_on_after(DONE_TIMEOUT_S):
+            await stop.wait()
+        nursery.cancel_scope.cancel()
+    doc = {"deliveries": run.deliveries, "messages": run.messages, "errors": run.errors[:50],
+           "error_count": len(run.errors), "done": run.done}  # fmt: skip
+    out.write_text(json.dumps(doc))
+    sys.stdout.write(f"clients finished done={run.done} messages={run.messages}\n")
+    sys.stdout.flush()
+
+
+def main() -> None:
+    plan = json.loads(Path(sys.argv[1]).read_text())
+    trio.run(_main, plan, Path(sys.argv[2]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,50 @@
+"""The replay side's clock: an extra replay client in the driver process that records the
+wall-clock time (``time.time()``) at which each closed kline frame arrives.
+
+The replay writes each frame to every connected client in turn (each client's own task
+writes its socket), so this arrival time is the frame's send time plus one loopback hop —
+the same hop the daemon's own reader has. Latencies measured from it are therefore slightly
+*under* "frame sent → received" by that hop (tens of µs on an idle core, more when the
+cores are busy); docs/benchmarks.md says so.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Final
+
+import orjson
+import trio
+import trio_websocket
+
+GROUP: Final = 200
+
+
+class Observer:
+    """Close frames seen: (stream, open time in seconds) → arrival time."""
+
+    def __init__(self) -> None:
+        self.closes: dict[tuple[str, int], float] = {}
+
+    async def run(
+        self, replay_ws: str, streams: Sequence[str], *, task_status: trio.TaskStatus[None]
+    ) -> None:
+        names = sorted(streams)
+        async with trio.open_nursery() as nursery:
+            for i in range(0, len(names), GROUP):
+                url = f"{replay_ws}/stream?streams={'/'.join(names[i : i + GROUP])}"
+                await nursery.start(self._read, url)
+            task_status.started()
+
+    async def _read(self, url: str, *, task_status: trio.TaskStatus[None]) -> None:
+        async with trio_websocket.open_websocket_url(url, max_message_size=2**20) as ws:
+            task_status.started()
+            closes = self.closes
+            while True:
+                text = await ws.get_message()
+                now = time.time()
+                doc = orjson.loads(text)
+                k = doc["data"]["k"]
+                if k["x"]:
+                    closes.setdefault((doc["stream"], k["t"] // 1000), now)

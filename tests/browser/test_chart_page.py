@@ -1,0 +1,215 @@
+"""The chart page (``GET /``) in headless Chromium against a real ``tradecanvas serve`` fed by
+``tradecanvas replay`` of real Binance candles (docs/chart.md). The tests read the chart's
+own data (``window.tradecanvasChart``), never pixels, and wait on it, never on a sleep."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Final
+
+import attrs
+import pytest
+from playwright.sync_api import Browser
+
+from tests.browser.rig import (
+    BASE,
+    FIVE,
+    WEEK_5M,
+    Bar,
+    ChartPage,
+    chart_page,
+    chromium,
+    market,
+    read_bars,
+    trimmed_week,
+)
+from tests.conftest import binance_data_dir
+
+pytestmark = [pytest.mark.browser, pytest.mark.e2e]
+
+HISTORY: Final = 1440  # the first UTC day: REST history the daemon backfills
+STREAMED: Final = 30  # then streamed, live to the page
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    with chromium() as b:
+        yield b
+
+
+def _last_closed_is(chart: ChartPage, time_: int) -> None:
+    chart.wait_until("(t) => window.tradecanvasChart.lastClosed() === t", time_)
+
+
+@pytest.mark.parametrize("publish", ["0", "1"])
+def test_the_page_shows_the_replayed_candles_live_and_as_history(
+    tmp_path: Path, browser: Browser, publish: str
+) -> None:
+    data, bars = trimmed_week(tmp_path, HISTORY + STREAMED)
+    with market(tmp_path, data, "--start-at", str(HISTORY), publish=publish) as m:
+        with chart_page(browser, m.http_url) as chart:
+            # the store is empty: the page subscribes, then the market opens
+            chart.open(BASE)
+            chart.wait_live()
+            assert chart.bars(BASE) == []
+            m.resume_replay()
+            _last_closed_is(chart, bars[-1].time)
+            # every bar arrived over /ws/market (the backfilled day, then each close live)
+            # and equals Binance's
+            assert chart.bars(BASE) == bars
+            chosen = next(b for b in bars if b.time == 1751760060)  # 2025-07-06 00:01 UTC
+            assert chosen == Bar(1751760060, 108166.9, 108167.0, 108166.9, 108167.0, 4.633)
+            assert chart.console_errors == []
+            assert all(url.startswith(m.http_url + "/") for url in chart.requests), chart.requests
+
+        with chart_page(browser, m.http_url) as chart:
+            # a fresh page: the newest 1000 bars from HTTP, equal to the CSV's
+            chart.open(BASE)
+            chart.wait_live()
+            assert chart.bars(BASE) == bars[-1000:]
+            # a close published after the page loaded is appended
+            nxt = attrs.evolve(bars[-1], time=bars[-1].time + 60, close=bars[-1].close + 1.5)
+            nxt = attrs.evolve(nxt, high=max(nxt.high, nxt.close))
+            m.ingest(BASE, nxt)
+            _last_closed_is(chart, nxt.time)
+            assert chart.bars(BASE)[-2:] == [bars[-1], nxt]
+            # scrolled back to the oldest bar, the page loads the rest of the day
+            chart.call("() => window.tradecanvasChart.chart.timeScale().scrollToPosition(-2000)")
+            chart.wait_until(
+                "(n) => window.tradecanvasChart.data(window.tradecanvasChart.seriesId()).length"
+                " === n",
+                len(bars) + 1,
+            )
+            assert chart.bars(BASE) == [*bars, nxt]
+            assert chart.console_errors == []
+            chart.screenshot(f"chart-1m-publish{publish}")
+
+
+def test_the_timeframe_switcher_shows_binance_5m_bars(tmp_path: Path, browser: Browser) -> None:
+    data, bars = trimmed_week(tmp_path, HISTORY + STREAMED)
+    five = {b.time: b for b in read_bars(binance_data_dir() / WEEK_5M)}
+    with market(tmp_path, data, "--start-at", str(HISTORY)) as m:
+        m.resume_replay()
+        with chart_page(browser, m.http_url) as chart:
+            chart.open(BASE)
+            chart.wait_live()
+            _last_closed_is(chart, bars[-1].time)
+            chart.page.get_by_role("button", name="5m", exact=True).click()
+            chart.wait_until(f"() => window.tradecanvasChart.seriesId() === {FIVE!r}")
+            chart.wait_until("() => window.tradecanvasChart.ready()")
+            chart.wait_live()
+            shown = chart.bars(FIVE)
+            assert len(shown) == (HISTORY + STREAMED) // 5
+            assert shown == [five[b.time] for b in shown]
+            assert chart.page.url.endswith("?series=binance%3Afutures%3ABTC%2FUSDT%3A5m")
+            assert chart.console_errors == []
+            chart.screenshot("chart-5m")
+
+
+def test_an_exchange_hole_is_shaded_and_a_rebuild_redraws_the_revised_bar(
+    tmp_path: Path, browser: Browser
+) -> None:
+    data, bars = trimmed_week(tmp_path, HISTORY + STREAMED)
+    hole_at, hole_len = HISTORY + 10, 5  # the minutes 00:10..00:14 of the second day
+    missing = [b.time for b in bars[hole_at : hole_at + hole_len]]
+    present = [b for b in bars if b.time not in missing]
+    with market(
+        tmp_path, data, "--start-at", str(HISTORY), "--exchange-hole", f"{hole_at}:{hole_len}"
+    ) as m:
+        with chart_page(browser, m.http_url) as chart:
+            chart.open(BASE)
+            chart.wait_live()
+            m.resume_replay()
+            _last_closed_is(chart, bars[-1].time)
+            assert chart.bars(BASE) == present
+            # live: the `gap` message (or event) shaded the hole
+            chart.wait_until(
+                "([sid, times]) => times.every((t) => window.tradecanvasChart.gaps(sid)"
+                ".includes(t))",
+                [BASE, missing],
+            )
+            assert chart.console_errors == []
+
+        with chart_page(browser, m.http_url) as chart:
+            # a fresh page shades the hole from the history and the event log
+            chart.open(FIVE)
+            chart.wait_live()
+            assert chart.call(f"() => window.tradecanvasChart.gaps({FIVE!r})") == [missing[0]]
+            chart.page.get_by_role("button", name="1m", exact=True).click()
+            chart.wait_until(f"() => window.tradecanvasChart.seriesId() === {BASE!r}")
+            chart.wait_live()
+            assert chart.call(f"() => window.tradecanvasChart.gaps({BASE!r})") == missing
+
+            # a stored bar is revised (the HTTP write path): factor.rebuild redraws it
+            old = bars[-5]
+            revised = attrs.evolve(old, high=old.high + 50, close=old.high + 50)
+            m.ingest(BASE, revised)
+            chart.wait_until(
+                "([sid, t, close]) => window.tradecanvasChart.data(sid)"
+                ".some((b) => b.time === t && b.close === close)",
+                [BASE, revised.time, revised.close],
+            )
+            assert chart.call("() => window.tradecanvasChart.rebuilds()") == [
+                {"reason": "revision", "from_time": revised.time, "to_time": revised.time}
+            ]
+            expected = [revised if b.time == old.time else b for b in present]
+            assert chart.bars(BASE) == expected[-1000:]
+            assert chart.bars(BASE) == m.stored(BASE)[-1000:]
+            assert chart.console_errors == []
+            chart.screenshot("chart-gap")
+
+
+def test_the_page_recovers_after_the_daemon_restarts(tmp_path: Path, browser: Browser) -> None:
+    data, bars = trimmed_week(tmp_path, HISTORY + STREAMED)
+    with market(tmp_path, data, "--start-at", str(HISTORY)) as m:
+        m.resume_replay()
+        with chart_page(browser, m.http_url) as chart:
+            chart.open(BASE)
+            chart.wait_live()
+            _last_closed_is(chart, bars[-1].time)
+            events_before = chart.call("() => window.tradecanvasChart.lastEventId()")
+            assert m.stop_serve() == 0
+            chart.wait_until("() => window.tradecanvasChart.state() === 'reconnecting'")
+            assert "reconnecting" in chart.page.locator("#state").inner_text()
+            errors_before_restart = len(chart.console_errors)
+            # while the page is cut off, the restarted daemon stores two more closes
+            m.start_serve()
+            later = [
+                attrs.evolve(bars[-1], time=bars[-1].time + 60 * i, volume=float(i)) for i in (1, 2)
+            ]
+            for bar in later:
+                m.ingest(BASE, bar)
+            chart.wait_live()
+            _last_closed_is(chart, later[-1].time)
+            # resumed from its cursors: nothing missed, nothing doubled
+            shown = chart.bars(BASE)
+            assert len(shown) >= 1000 + 2
+            assert shown == m.stored(BASE)[-len(shown) :]
+            assert chart.bars(BASE)[-3:] == [bars[-1], *later]
+            assert chart.call("() => window.tradecanvasChart.lastEventId()") >= events_before
+            # the only console errors are the browser's own reports of refused reconnects
+            assert all("WebSocket connection to" in e for e in chart.console_errors), (
+                chart.console_errors
+            )
+            assert len(chart.console_errors) >= errors_before_restart
+            chart.screenshot("chart-after-restart")
+
+
+def test_a_page_origin_outside_the_allow_list_gets_no_stream(
+    tmp_path: Path, browser: Browser
+) -> None:
+    data, _ = trimmed_week(tmp_path, HISTORY + STREAMED)
+    with market(tmp_path, data, TRADE_CANVAS_WS_ALLOWED_ORIGINS="https://charts.example") as m:
+        with chart_page(browser, m.http_url) as chart:
+            # the page and the HTTP API load; its /ws/market upgrade is refused (403)
+            chart.open(BASE)
+            chart.wait_until(
+                "() => document.querySelector('#notice').textContent"
+                ".includes('TRADE_CANVAS_WS_ALLOWED_ORIGINS')"
+            )
+            assert chart.call("() => window.tradecanvasChart.state()") == "reconnecting"
+            assert chart.console_errors
+            assert all("WebSocket connection to" in e for e in chart.console_errors)
+        refused = f"403 for Origin '{m.http_url}'"
+        assert refused in (tmp_path / "serve-1.log").read_text()

@@ -1,0 +1,109 @@
+"""GET / and /assets/{path} through the real HTTP app on Hypercorn (127.0.0.1 port 0): the
+page and its files with their content types and security headers, nothing outside the
+static table, and the vendored lightweight-charts matching its recorded version."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path
+
+import pytest
+
+from tests.serve.test_http_api import running_api
+from tradecanvas.serve.chart_page import (
+    CONTENT_SECURITY_POLICY,
+    STATIC_DIR,
+    StaticFile,
+    chart_page_routes,
+    content_type_of,
+    load_static_files,
+)
+
+VENDOR = STATIC_DIR / "vendor"
+LWC = "lightweight-charts.standalone.production.js"
+
+
+async def test_the_page_and_its_assets_are_served_with_their_types(tmp_path: Path) -> None:
+    async with running_api(tmp_path) as api:
+        page = await api.client.get("/")
+        assert page.status_code == 200
+        assert page.headers["content-type"] == "text/html; charset=utf-8"
+        assert page.headers["content-security-policy"] == CONTENT_SECURITY_POLICY
+        assert page.headers["x-content-type-options"] == "nosniff"
+        # every file the page loads is served, with its type
+        loaded = re.findall(r'(?:src|href)="(/assets/[^"]+)"', page.text)
+        assert "/assets/chart.js" in loaded and f"/assets/vendor/{LWC}" in loaded
+        for path in loaded:
+            r = await api.client.get(path)
+            assert r.status_code == 200, path
+            assert r.headers["content-type"] == content_type_of(path), path
+            assert r.headers["content-security-policy"] == CONTENT_SECURITY_POLICY
+        lwc = await api.client.get(f"/assets/vendor/{LWC}")
+        assert lwc.content == (VENDOR / LWC).read_bytes()
+        assert lwc.headers["content-type"] == "text/javascript; charset=utf-8"
+        head = await api.client.head("/")
+        assert head.status_code == 200 and head.content == b""
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/assets/",
+        "/assets/nope.js",
+        "/assets/../http_api.py",
+        "/assets/%2e%2e/chart_page.py",
+        "/assets/..%2fchart_page.py",
+        "/assets/vendor/../../chart_page.py",
+        "/assets//etc/passwd",
+        "/assets/%2fetc%2fpasswd",
+        "/assets/chart.js/",
+    ],
+)
+async def test_nothing_outside_the_static_files_is_served(tmp_path: Path, path: str) -> None:
+    async with running_api(tmp_path) as api:
+        r = await api.client.get(path)
+        assert r.status_code == 404, r.text
+        assert r.json()["error"] == "not_found"
+
+
+async def test_the_page_has_no_write_path(tmp_path: Path) -> None:
+    async with running_api(tmp_path) as api:
+        assert (await api.client.post("/")).status_code == 405
+        assert (await api.client.put("/assets/chart.js")).status_code == 405
+    script = (STATIC_DIR / "chart.js").read_text()
+    assert "POST" not in script and "Authorization" not in script
+    assert "ingest" not in script
+
+
+def test_the_page_refers_to_its_own_origin_only() -> None:
+    for name in ("index.html", "chart.js", "chart.css"):
+        text = (STATIC_DIR / name).read_text()
+        # the only absolute URL is the attribution link (a link, never loaded)
+        urls = set(re.findall(r"\b(?:https?|wss?)://[^\s\"'`)]+", text))
+        assert urls <= {"https://www.tradingview.com/"}, (name, urls)
+
+
+def test_hidden_and_unknown_kinds_of_files_are_left_out(tmp_path: Path) -> None:
+    (tmp_path / "index.html").write_text("<!doctype html>")
+    (tmp_path / ".secret.js").write_text("x")
+    (tmp_path / "tool.py").write_text("x")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "a.css").write_text("a{}")
+    files = load_static_files(tmp_path)
+    assert sorted(files) == ["index.html", "sub/a.css"]
+    assert files["sub/a.css"] == StaticFile(b"a{}", "text/css; charset=utf-8")
+    with pytest.raises(FileNotFoundError):
+        chart_page_routes({"chart.js": files["sub/a.css"]})
+
+
+def test_the_vendored_chart_library_matches_its_recorded_version() -> None:
+    version, source, checksum = (VENDOR / "VERSION").read_text().splitlines()
+    assert version == "lightweight-charts 5.2.1"
+    assert source.endswith("/lightweight-charts-5.2.1.tgz")
+    digest, name = checksum.removeprefix("sha256 ").split()
+    assert name == LWC
+    body = (VENDOR / LWC).read_bytes()
+    assert hashlib.sha256(body).hexdigest() == digest
+    assert b"TradingView Lightweight Charts\xe2\x84\xa2 v5.2.1" in body[:300]
+    assert "Apache License" in (VENDOR / "lightweight-charts.LICENSE").read_text()

@@ -1,0 +1,394 @@
+"""The two delivery paths of the Hub: written at once from the publish call (idle, caught-up
+subscribers whose socket takes it) and queued for the subscriber's publish task
+(``serve/publisher.py``) — the same messages, in the same order, exactly once; no store read
+while a subscriber is caught up; the delivery timing and the queue high-water mark."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Any, Final, final
+
+import trio
+import trio.testing
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tests.conftest import flat_minutes
+from tests.serve.test_hub import T0, FakeSocket, MemoryReader, make_hub
+from tests.serve.test_ws_server import SERIES_1M, SID_1M
+from tradecanvas.model import Candle
+from tradecanvas.ops.metrics import Metrics
+from tradecanvas.pipeline.events import SystemEvent
+from tradecanvas.serve.hub import Hub
+from tradecanvas.serve.publisher import WRITE_CHUNK_BYTES
+from tradecanvas.serve.subscriber import Subscriber
+from tradecanvas.wire.json import loads
+
+
+def parse_frames(data: bytes) -> list[dict[str, Any]]:
+    """The messages in a run of unmasked server text frames (raises on a torn one)."""
+    messages = []
+    i = 0
+    while i < len(data):
+        assert data[i] == 0x81, f"not a final text frame at {i}"
+        n = data[i + 1]
+        i += 2
+        if n == 126:
+            n, i = int.from_bytes(data[i : i + 2], "big"), i + 2
+        elif n == 127:
+            n, i = int.from_bytes(data[i : i + 8], "big"), i + 8
+        assert i + n <= len(data), "torn frame"
+        messages.append(loads(data[i : i + n]))
+        i += n
+    return messages
+
+
+@final
+class FakeFrames:
+    """A FrameWriter that records the bytes written. ``block``: ``write_nowait`` takes
+    nothing; ``take``: it takes at most that many bytes (the rest waits for ``flush``)."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self.block = False
+        self.take: int | None = None
+        self.at_once = 0
+        self.awaited = 0
+        self.writes: list[int] = []
+        self._unsent = b""
+
+    @property
+    def needs_flush(self) -> bool:
+        return bool(self._unsent)
+
+    def write_nowait(self, frames: bytes) -> bool:
+        if self.block or self._unsent:
+            raise trio.WouldBlock
+        n = len(frames) if self.take is None else min(self.take, len(frames))
+        if n == 0:
+            raise trio.WouldBlock
+        self.data += frames[:n]
+        self._unsent = frames[n:]
+        self.at_once += 1
+        return not self._unsent
+
+    async def write(self, frames: bytes) -> None:
+        await trio.lowlevel.checkpoint()
+        self.data += self._unsent + frames
+        self._unsent = b""
+        self.awaited += 1
+        self.writes.append(len(frames))
+
+    async def flush(self) -> None:
+        await trio.lowlevel.checkpoint()
+        self.data += self._unsent
+        self._unsent = b""
+
+    def messages(self) -> list[dict[str, Any]]:
+        return parse_frames(bytes(self.data))
+
+
+@final
+class CountingReader:
+    """MemoryReader that counts the store reads."""
+
+    def __init__(self, candles: Sequence[Candle]) -> None:
+        self.inner = MemoryReader(candles)
+        self.reads = 0
+
+    async def tail(self, series_id: str, limit: int) -> list[Candle]:
+        self.reads += 1
+        return await self.inner.tail(series_id, limit)
+
+    async def since(self, series_id: str, since: int, limit: int) -> list[Candle]:
+        self.reads += 1
+        return await self.inner.since(series_id, since, limit)
+
+    async def events_after(
+        self, after: int, series_ids: Sequence[str] | None = None, limit: int = 1000
+    ) -> list[Any]:
+        return await self.inner.events_after(after, series_ids, limit)
+
+    async def events_pruned_upto(self) -> int:
+        return await self.inner.events_pruned_upto()
+
+
+@asynccontextmanager
+async def framed(hub: Hub, frames: FakeFrames) -> AsyncIterator[Subscriber]:
+    """A connection with a FrameWriter and its publish task, as the WS port runs it."""
+    subscriber = hub.attach(FakeSocket(), peer="fake:1", max_subscriptions=64, frames=frames)
+
+    async def publish_task() -> None:
+        with subscriber.cancel_scope:
+            await hub.run_publisher(subscriber)
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(publish_task)
+            await trio.testing.wait_all_tasks_blocked()
+            yield subscriber
+            subscriber.cancel_scope.cancel()
+    finally:
+        hub.detach(subscriber)
+
+
+def closed_times(messages: list[dict[str, Any]]) -> list[int]:
+    out: list[int] = []
+    for m in messages:
+        if m["type"] == "candle_closed":
+            out.append(m["candle"]["candle_time"])
+        elif m["type"] == "candles_batch":
+            out.extend(c["candle_time"] for c in m["candles"])
+    return out
+
+
+HISTORY: Final = list(flat_minutes(T0, 3))
+LIVE: Final = list(flat_minutes(T0 + 3 * 60, 20))
+
+
+async def test_a_caught_up_idle_subscriber_gets_a_close_at_once_and_reads_no_store() -> None:
+    reader = CountingReader(HISTORY)
+    hub = make_hub(reader)
+    frames = FakeFrames()
+    async with framed(hub, frames) as subscriber:
+        hub.subscribe(subscriber, SERIES_1M, T0 - 60, batch=False)
+        await trio.testing.wait_all_tasks_blocked()
+        assert closed_times(frames.messages()) == [c.candle_time for c in HISTORY]
+        reads, awaited = reader.reads, frames.awaited
+        assert subscriber.idle
+        for candle in LIVE[:5]:
+            hub.publish_closed(SID_1M, [candle])
+            # written before this task yielded: at once, by the publish call itself
+            assert closed_times(frames.messages())[-1] == candle.candle_time
+        await trio.testing.wait_all_tasks_blocked()
+        assert (reader.reads, frames.awaited) == (reads, awaited)
+        assert frames.messages()[-1] == {
+            "type": "candle_closed",
+            "series_id": SID_1M,
+            "candle": LIVE[4].to_wire(),
+        }
+        assert isinstance(subscriber.socket, FakeSocket) and subscriber.socket.sent == []
+
+
+async def test_a_blocked_socket_queues_and_later_closes_wait_behind_the_queue() -> None:
+    hub = make_hub(MemoryReader(HISTORY))
+    frames = FakeFrames()
+    async with framed(hub, frames) as subscriber:
+        hub.subscribe(subscriber, SERIES_1M, HISTORY[-1].candle_time, batch=True)
+        await trio.testing.wait_all_tasks_blocked()
+        frames.block = True
+        hub.publish_closed(SID_1M, LIVE[:1])  # queued: the socket takes nothing now
+        frames.block = False
+        assert not subscriber.idle
+        hub.publish_closed(SID_1M, LIVE[1:2])  # queued too: behind the first
+        assert frames.messages() == []
+        await trio.testing.wait_all_tasks_blocked()
+        # the publish task sent both, coalesced, in one write; then at once again
+        assert frames.messages() == [
+            {
+                "type": "candles_batch",
+                "series_id": SID_1M,
+                "candles": [c.to_wire() for c in LIVE[:2]],
+            }
+        ]
+        assert (frames.awaited, subscriber.idle) == (1, True)
+        hub.publish_closed(SID_1M, LIVE[2:3])
+        assert closed_times(frames.messages()) == [c.candle_time for c in LIVE[:3]]
+
+
+async def test_a_partial_write_is_finished_by_the_publish_task_before_anything_else() -> None:
+    hub = make_hub(MemoryReader(HISTORY))
+    frames = FakeFrames()
+    async with framed(hub, frames) as subscriber:
+        hub.subscribe(subscriber, SERIES_1M, HISTORY[-1].candle_time, batch=False)
+        await trio.testing.wait_all_tasks_blocked()
+        frames.take = 10
+        hub.publish_closed(SID_1M, LIVE[:2])  # 10 bytes out, the rest committed
+        frames.take = None
+        hub.publish_closed(SID_1M, LIVE[2:3])  # queued: the rest must go first
+        hub.publish_forming(SID_1M, LIVE[3])
+        await trio.testing.wait_all_tasks_blocked()
+        messages = frames.messages()
+        assert closed_times(messages) == [c.candle_time for c in LIVE[:3]]
+        assert messages[-1]["type"] == "candle_forming"
+
+
+async def test_forming_goes_at_once_only_above_the_cursor_and_after_queued_closes() -> None:
+    hub = make_hub(MemoryReader(HISTORY))
+    frames = FakeFrames()
+    async with framed(hub, frames) as subscriber:
+        hub.subscribe(subscriber, SERIES_1M, HISTORY[-1].candle_time, batch=False)
+        await trio.testing.wait_all_tasks_blocked()
+        hub.publish_forming(SID_1M, LIVE[0])
+        assert frames.messages()[-1]["type"] == "candle_forming"
+        hub.publish_forming(SID_1M, HISTORY[-1])  # at the cursor: never sent
+        frames.block = True
+        hub.publish_closed(SID_1M, LIVE[:1])
+        frames.block = False
+        hub.publish_forming(SID_1M, LIVE[1])  # queued behind the close
+        assert [m["type"] for m in frames.messages()] == ["candle_forming"]
+        await trio.testing.wait_all_tasks_blocked()
+        kinds = [(m["type"], m["candle"]["candle_time"]) for m in frames.messages()]
+        assert kinds == [
+            ("candle_forming", LIVE[0].candle_time),
+            ("candle_closed", LIVE[0].candle_time),
+            ("candle_forming", LIVE[1].candle_time),
+        ]
+
+
+async def test_a_hole_is_never_written_at_once_it_heals_from_the_store() -> None:
+    reader = CountingReader(HISTORY)
+    hub = make_hub(reader)
+    frames = FakeFrames()
+    async with framed(hub, frames) as subscriber:
+        hub.subscribe(subscriber, SERIES_1M, HISTORY[-1].candle_time, batch=False)
+        await trio.testing.wait_all_tasks_blocked()
+        assert frames.messages() == []
+        reader.inner.candles[SID_1M].extend(LIVE[:3])  # committed
+        reads = reader.reads
+        hub.publish_closed(SID_1M, LIVE[2:3])  # LIVE[0:2] were never published here
+        assert frames.messages() == []
+        await trio.testing.wait_all_tasks_blocked()
+        assert closed_times(frames.messages()) == [c.candle_time for c in LIVE[:3]]
+        assert reader.reads > reads
+
+
+OPS = st.sampled_from(["close", "close2", "forming", "event", "block", "unblock", "take", "settle"])
+
+
+@settings(max_examples=60, deadline=None)
+@given(ops=st.lists(OPS, max_size=40), batch=st.booleans())
+def test_both_paths_together_deliver_every_close_once_in_order(ops: list[str], batch: bool) -> None:
+    """Whatever the socket does between publishes, a subscriber gets every closed candle
+    once, in order, each forming candle above the closes before it, each event once."""
+    candles = list(flat_minutes(T0 + 3 * 60, 100))
+
+    async def run() -> list[dict[str, Any]]:
+        reader = MemoryReader(HISTORY)
+        hub = make_hub(reader, queue_max=8)
+        frames = FakeFrames()
+        next_index = 0
+        event_id = 0
+        async with framed(hub, frames) as subscriber:
+            hub.subscribe(subscriber, SERIES_1M, HISTORY[-1].candle_time, batch=batch)
+            await trio.testing.wait_all_tasks_blocked()
+            for op in ops:
+                if op in ("close", "close2"):
+                    n = 1 if op == "close" else 2
+                    group = candles[next_index : next_index + n]
+                    next_index += n
+                    reader.candles[SID_1M].extend(group)  # committed before published
+                    hub.publish_closed(SID_1M, group)
+                elif op == "forming":
+                    hub.publish_forming(SID_1M, candles[next_index])
+                elif op == "event":
+                    event_id += 1
+                    hub.publish_system(
+                        SystemEvent(SID_1M, "revised", event_id, event_id, event_id=event_id)
+                    )
+                elif op == "block":
+                    frames.block = True
+                elif op == "unblock":
+                    frames.block, frames.take = False, None
+                elif op == "take":
+                    frames.take = 7
+                else:
+                    await trio.testing.wait_all_tasks_blocked()
+            frames.block, frames.take = False, None
+            subscriber.wake()
+            await trio.testing.wait_all_tasks_blocked()
+            assert subscriber.close_code is None
+        expected = [c.candle_time for c in candles[:next_index]]
+        messages = frames.messages()
+        assert closed_times(messages) == expected
+        assert [m["event_id"] for m in messages if m["type"] == "system"] == list(
+            range(1, event_id + 1)
+        )
+        newest = HISTORY[-1].candle_time
+        for m in messages:
+            if m["type"] == "candle_forming":
+                assert m["candle"]["candle_time"] > newest
+            elif m["type"] in ("candle_closed", "candles_batch"):
+                newest = closed_times([m])[-1]
+        return messages
+
+    trio.run(run)
+
+
+# --- metrics ----------------------------------------------------------------------------
+
+
+def histogram(metrics: Metrics, name: str) -> tuple[float, float]:
+    lines = metrics.render().decode().splitlines()
+    values = {
+        line.split(" ")[0]: float(line.rsplit(" ", 1)[1])
+        for line in lines
+        if line.startswith(name) and "{" not in line
+    }
+    return values[f"{name}_count"], values[f"{name}_sum"]
+
+
+async def test_delivery_latency_is_timed_to_the_last_subscriber_of_a_batch(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    name = "tradecanvas_delivery_latency_seconds"
+    hub = make_hub(MemoryReader(HISTORY))
+    fast, slow = FakeFrames(), FakeFrames()
+    async with framed(hub, fast) as a, framed(hub, slow) as b:
+        for subscriber in (a, b):
+            hub.subscribe(subscriber, SERIES_1M, HISTORY[-1].candle_time, batch=False)
+        await trio.testing.wait_all_tasks_blocked()
+        received_at = trio.current_time()
+        await trio.sleep(0.25)  # commit time
+        with hub.metrics.delivery.publishing(received_at, trio.current_time):
+            hub.publish_closed(SID_1M, LIVE[:1])  # both at once
+        assert histogram(hub.metrics, name) == (1, 0.25)
+        slow.block = True
+        received_at = trio.current_time()
+        with hub.metrics.delivery.publishing(received_at, trio.current_time):
+            hub.publish_closed(SID_1M, LIVE[1:2])  # a at once, b queued
+        slow.block = False
+        assert histogram(hub.metrics, name) == (1, 0.25)  # b still owes it
+        await trio.testing.wait_all_tasks_blocked()
+        assert histogram(hub.metrics, name) == (2, 0.25)  # b sent it; no time passed
+        with hub.metrics.delivery.publishing(None, trio.current_time):
+            hub.publish_closed(SID_1M, LIVE[2:3])  # not from a frame: not timed
+        assert histogram(hub.metrics, name)[0] == 2
+
+
+async def test_queue_high_water_is_the_deepest_connected_queue() -> None:
+    hub = make_hub(MemoryReader(HISTORY))
+    frames = FakeFrames()
+    gauge = "tradecanvas_subscriber_queue_high_water"
+
+    def value() -> float:
+        for line in hub.metrics.render().decode().splitlines():
+            if line.startswith(gauge + " "):
+                return float(line.rsplit(" ", 1)[1])
+        raise AssertionError(gauge)
+
+    async with framed(hub, frames) as subscriber:
+        hub.subscribe(subscriber, SERIES_1M, HISTORY[-1].candle_time, batch=False)
+        await trio.testing.wait_all_tasks_blocked()
+        frames.block = True
+        for candle in LIVE[:5]:
+            hub.publish_closed(SID_1M, [candle])
+        assert value() == 5
+        frames.block = False
+        await trio.testing.wait_all_tasks_blocked()
+        assert value() == 5  # a high-water mark: it stays
+    assert value() == 0  # its subscriber is gone
+
+
+async def test_a_long_catch_up_goes_out_in_chunks_of_whole_frames() -> None:
+    history = list(flat_minutes(T0 - 3000 * 60, 3000))
+    hub = make_hub(MemoryReader(history))
+    frames = FakeFrames()
+    async with framed(hub, frames) as subscriber:
+        hub.subscribe(subscriber, SERIES_1M, history[0].candle_time - 60, batch=False)
+        await trio.testing.wait_all_tasks_blocked()
+    assert closed_times(frames.messages()) == [c.candle_time for c in history]
+    # each write within its own deadline: several writes, none much over the chunk size
+    assert len(frames.writes) > 1
+    assert max(frames.writes) < WRITE_CHUNK_BYTES + 1024

@@ -1,0 +1,351 @@
+"""EdgeFeed: an edge's reader of the bus, feeding its Hub as the pipeline feeds it in the
+single process.
+
+:meth:`EdgeFeed.run` owns two tasks, each with its own Redis connection:
+
+- **closed**: ``XREAD BLOCK`` over every series stream and the events stream, from the edge's
+  own positions (:class:`~tradecanvas.bus.cursors.EdgeCursors`, started from the cursors it
+  was given — normally the store's heads and the event log's last id when the edge starts).
+  Per reply, the series' candles go first (``sink.publish_closed``, ascending, each exactly
+  once), then the events (``sink.publish_system``) — the events only when no series' reply
+  was cut by ``COUNT``, so an event never overtakes the candles its commit published. A hole
+  in a stream (trimmed away, lost in a Redis restart, dropped from a full outbox) is filled
+  through ``fill_candles`` / ``fill_events`` — store reads — before the candles after it;
+  after every (re)connect each series and the events are read from the store past their
+  cursors, since a lost tail shows no hole until the next bar.
+- **forming**: a ``get_message`` loop on the forming channel (at most once); a forming
+  candle is passed on only after the closes before it (see the cursors' docstring).
+
+Faults: a Redis failure is logged, shown in :meth:`EdgeFeed.health`, and followed by a
+reconnect with backoff; nothing is lost (the positions survive, holes are filled from the
+store) and nothing doubles (the cursors only move forward). A malformed entry is logged and
+counted, and its candle comes from the store. Errors of the fill callbacks (StoreError) and
+of the sink propagate: they are not the bus's to cure.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Final, final
+
+import attrs
+import coredis
+import trio
+from coredis.response.types import StreamEntry
+
+from tradecanvas.bus.cursors import CandleGap, EdgeCursors, EventGap
+from tradecanvas.bus.ids import StreamId, StreamKeys, candle_time_of, event_id_of
+from tradecanvas.bus.redis_io import BusHealth, describe, failure_or_raise, open_redis
+from tradecanvas.errors import WireError
+from tradecanvas.model import Candle
+from tradecanvas.pipeline.events import SystemEvent
+from tradecanvas.pipeline.publish import MarketSink
+from tradecanvas.store.types import StoredEvent
+from tradecanvas.upstream.backoff import Backoff
+from tradecanvas.wire.bus import (
+    CANDLE_FIELD,
+    EVENT_FIELD,
+    decode_candle,
+    decode_event,
+    decode_forming,
+    field,
+)
+
+log = logging.getLogger(__name__)
+
+# candles → store reads: (series_id, after, before) → ascending candles with
+# after < candle_time < before (no bound for None); a page may be short, it is asked again
+FillCandles = Callable[[str, int | None, int | None], Awaitable[Sequence[Candle]]]
+# events → event log reads: (after, before) → ascending events with after < id < before
+FillEvents = Callable[[int, int | None], Awaitable[Sequence[SystemEvent]]]
+
+# how long one XREAD blocks (ms): short enough that a dead connection is noticed soon
+DEFAULT_BLOCK_MS: Final = 5_000
+# entries per stream per XREAD
+DEFAULT_COUNT: Final = 1_000
+DEFAULT_BACKOFF: Final = Backoff(base_s=0.1, cap_s=5.0)
+DEFAULT_COMMAND_TIMEOUT_S: Final = 10.0
+
+
+@attrs.frozen
+class FeedSettings:
+    keys: StreamKeys = attrs.field(factory=StreamKeys)
+    block_ms: int = DEFAULT_BLOCK_MS
+    count: int = DEFAULT_COUNT
+    backoff: Backoff = DEFAULT_BACKOFF
+    command_timeout_s: float = DEFAULT_COMMAND_TIMEOUT_S
+
+
+@attrs.frozen
+class FeedStatistics:
+    candles: int
+    events: int
+    forming: int
+    candle_gaps: int
+    event_gaps: int
+    filled_candles: int
+    filled_events: int
+    malformed: int
+    reconnects: int
+
+
+def system_event_from_stored(stored: StoredEvent) -> SystemEvent:
+    """An event log entry as the SystemEvent the sink takes (for ``fill_events``)."""
+    data = stored.data
+    from_time, to_time = data.get("from_time"), data.get("to_time")
+    return SystemEvent(
+        stored.series_id,
+        str(data.get("reason", "")),
+        from_time if isinstance(from_time, int) else None,
+        to_time if isinstance(to_time, int) else None,
+        stored.event,
+        stored.event_id,
+    )
+
+
+@final
+class EdgeFeed:
+    """Owns an edge's cursors on the bus and the two reading tasks (module docstring).
+
+    Channel contract: it calls the sink's publish methods, which only queue (the Hub's never
+    block); each closed candle of each series once, ascending; each event once, ascending.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        series: Mapping[str, int | None],
+        events_after: int,
+        fill_candles: FillCandles,
+        fill_events: FillEvents,
+        settings: FeedSettings | None = None,
+    ) -> None:
+        self.url = url
+        self.settings = settings or FeedSettings()
+        self.cursors = EdgeCursors(series, events_after)
+        self._fill_candles = fill_candles
+        self._fill_events = fill_events
+        self._connected = {"closed": False, "forming": False}
+        self._ready = {"closed": trio.Event(), "forming": trio.Event()}
+        self._health_changed = trio.Event()
+        self._last_error: str | None = None
+        self._counts = dict.fromkeys(attrs.fields_dict(FeedStatistics), 0)
+
+    def health(self) -> BusHealth:
+        return BusHealth(all(self._connected.values()), self._last_error, 0)
+
+    def statistics(self) -> FeedStatistics:
+        return FeedStatistics(**self._counts)
+
+    async def wait_connected(self, connected: bool = True) -> None:
+        """Wait until both tasks are connected to Redis (or, with False, one is not)."""
+        while self.health().connected is not connected:
+            await self._health_changed.wait()
+        await trio.lowlevel.checkpoint()
+
+    def _set_connected(self, name: str, connected: bool) -> None:
+        self._connected[name] = connected
+        self._health_changed.set()
+        self._health_changed = trio.Event()
+
+    async def wait_ready(self) -> None:
+        """Wait until both tasks have connected once (the stores' tails are delivered and
+        the forming channel is subscribed)."""
+        for event in self._ready.values():
+            await event.wait()
+
+    async def run(
+        self, sink: MarketSink, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Feed ``sink`` until cancelled. Started at once; :meth:`health` tells whether Redis
+        is there (an edge still serves its store's history without it)."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._reconnecting, "closed", self._read_closed, sink)
+            nursery.start_soon(self._reconnecting, "forming", self._read_forming, sink)
+            task_status.started()
+
+    async def _reconnecting(
+        self,
+        name: str,
+        body: Callable[[coredis.Redis[bytes], MarketSink], Awaitable[None]],
+        sink: MarketSink,
+    ) -> None:
+        attempt = 0
+        while True:
+            try:
+                async with open_redis(self.url) as client:
+                    with trio.fail_after(self.settings.command_timeout_s):
+                        await client.ping()
+                    if attempt:
+                        self._counts["reconnects"] += 1
+                        log.info("edge feed (%s): reconnected to Redis at %s", name, self.url)
+                    attempt = 0
+                    self._set_connected(name, True)
+                    await body(client, sink)
+            except BaseException as exc:
+                failure = failure_or_raise(exc)
+                self._last_error = describe(failure)
+                self._set_connected(name, False)
+                log.warning("edge feed (%s): Redis failed (%s), retrying", name, self._last_error)
+            attempt += 1
+            await trio.sleep(self.settings.backoff.delay(attempt))
+
+    # --- closed candles and events -----------------------------------------------------
+
+    async def _read_closed(self, client: coredis.Redis[bytes], sink: MarketSink) -> None:
+        for gap in self.cursors.resync():
+            await self._fill_candle_gap(gap, sink)
+        await self._fill_event_gap(self.cursors.resync_events(), sink)
+        self._ready["closed"].set()
+        keys = self.settings.keys
+        timeout = self.settings.block_ms / 1000 + self.settings.command_timeout_s
+        while True:
+            streams: dict[str | bytes, str] = {
+                keys.series(sid): str(position)
+                for sid, position in self.cursors.read_positions().items()
+            }
+            streams[keys.events] = str(self.cursors.events_position())
+            with trio.fail_after(timeout):
+                reply = await client.xread(
+                    streams, count=self.settings.count, block=self.settings.block_ms
+                )
+            if reply:
+                await self._deliver(reply, sink)
+
+    async def _deliver(
+        self, reply: Mapping[bytes, Sequence[StreamEntry]], sink: MarketSink
+    ) -> None:
+        keys = self.settings.keys
+        events_key = keys.events.encode()
+        cut = False
+        for key, entries in reply.items():
+            if key == events_key:
+                continue
+            cut = cut or len(entries) >= self.settings.count
+            series_id = keys.series_of(key)
+            candles = []
+            for entry in entries:
+                entry_id = StreamId.parse(entry.identifier)
+                self.cursors.note_read(series_id, entry_id)
+                try:
+                    candle = decode_candle(field(entry.field_values, CANDLE_FIELD))
+                    if candle.candle_time != candle_time_of(entry_id):
+                        raise WireError("bus", f"entry {entry_id} holds {candle.candle_time}")
+                except WireError as exc:
+                    self._malformed(key, entry_id, exc)
+                    continue
+                candles.append(candle)
+            for run in self.cursors.runs(series_id, candles):
+                if run.gap is not None:
+                    await self._fill_candle_gap(run.gap, sink)
+                self._publish_closed(sink, series_id, self.cursors.accept(series_id, run.candles))
+        entries = reply.get(events_key, ())
+        if cut or not entries:
+            return  # the events wait for the next read, after the candles before them
+        events: dict[int, SystemEvent] = {}
+        for entry in entries:
+            entry_id = StreamId.parse(entry.identifier)
+            self.cursors.note_read(None, entry_id)
+            try:
+                fields = decode_event(field(entry.field_values, EVENT_FIELD))
+                if fields.event_id != event_id_of(entry_id):
+                    raise WireError("bus", f"entry {entry_id} holds event {fields.event_id}")
+            except WireError as exc:
+                self._malformed(events_key, entry_id, exc)
+                continue
+            events[fields.event_id] = SystemEvent(
+                fields.series_id,
+                fields.reason,
+                fields.from_time,
+                fields.to_time,
+                fields.event,
+                fields.event_id,
+            )
+        for event_run in self.cursors.event_runs(sorted(events)):
+            if event_run.gap is not None:
+                await self._fill_event_gap(event_run.gap, sink)
+            for event_id in self.cursors.accept_events(event_run.event_ids):
+                self._publish_system(sink, events[event_id])
+
+    def _malformed(self, key: bytes, entry_id: StreamId, exc: WireError) -> None:
+        self._counts["malformed"] += 1
+        log.warning(
+            "edge feed: malformed entry %s in %s (%s); filled from the store", entry_id, key, exc
+        )
+
+    def _publish_closed(self, sink: MarketSink, series_id: str, candles: Sequence[Candle]) -> None:
+        if candles:
+            self._counts["candles"] += len(candles)
+            sink.publish_closed(series_id, candles)
+        forming = self.cursors.release_forming(series_id)
+        if forming is not None:
+            self._counts["forming"] += 1
+            sink.publish_forming(series_id, forming)
+
+    def _publish_system(self, sink: MarketSink, event: SystemEvent) -> None:
+        self._counts["events"] += 1
+        sink.publish_system(event)
+
+    async def _fill_candle_gap(self, gap: CandleGap, sink: MarketSink) -> None:
+        """Read the hole from the store, page by page, until it gives nothing new."""
+        sid = gap.series_id
+        timeframe = self.cursors.timeframe(sid)
+        if gap.before is not None:
+            self._counts["candle_gaps"] += 1
+        while True:
+            cursor = self.cursors.cursor(sid)
+            if (
+                cursor is not None
+                and gap.before is not None
+                and timeframe.next_open(cursor) >= gap.before
+            ):
+                return  # nothing can lie between
+            filled = self.cursors.accept(
+                sid, await self._fill_candles(sid, cursor, gap.before), before=gap.before
+            )
+            if not filled:
+                return
+            self._counts["filled_candles"] += len(filled)
+            self._publish_closed(sink, sid, filled)
+
+    async def _fill_event_gap(self, gap: EventGap, sink: MarketSink) -> None:
+        if gap.before is not None:
+            self._counts["event_gaps"] += 1
+        while True:
+            after = self.cursors.events_after
+            if gap.before is not None and after + 1 >= gap.before:
+                return
+            got = {e.event_id: e for e in await self._fill_events(after, gap.before) if e.event_id}
+            fresh = self.cursors.accept_events(list(got), before=gap.before)
+            if not fresh:
+                return
+            self._counts["filled_events"] += len(fresh)
+            for event_id in fresh:
+                self._publish_system(sink, got[event_id])
+
+    # --- forming -----------------------------------------------------------------------
+
+    async def _read_forming(self, client: coredis.Redis[bytes], sink: MarketSink) -> None:
+        async with client.pubsub(
+            channels=[self.settings.keys.forming], retry_policy=None, ignore_subscribe_messages=True
+        ) as pubsub:
+            self._ready["forming"].set()
+            while True:
+                message = await pubsub.get_message()
+                if message is None or message["type"] != "message":
+                    continue
+                data = message["data"]
+                try:
+                    if not isinstance(data, bytes | str):
+                        raise WireError("bus", f"forming message data {data!r}")
+                    series_id, candle = decode_forming(data)
+                except WireError as exc:
+                    self._counts["malformed"] += 1
+                    log.warning("edge feed: malformed forming message (%s)", exc)
+                    continue
+                forming = self.cursors.offer_forming(series_id, candle)
+                if forming is not None:
+                    self._counts["forming"] += 1
+                    sink.publish_forming(series_id, forming)

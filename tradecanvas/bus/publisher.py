@@ -1,0 +1,279 @@
+"""BusPublisher: the ingest role's pipeline sink that puts what was committed on Redis Streams.
+
+It implements ``pipeline.MarketSink`` — ``publish_closed``, ``publish_system`` and
+``publish_forming`` only queue into the :class:`~tradecanvas.bus.outbox.Outbox` and never
+block — so it stands where the Hub stands in the single process (or beside it, behind a
+tee). Its one task, :meth:`BusPublisher.run`, takes each tick's batch and sends it as one
+pipeline (no MULTI): an ``XADD key MAXLEN ~ n <open_ms>-0`` per closed candle (one stream per
+series), an XADD per system event on the events stream (``<event_id>-0``), then a PUBLISH per
+forming candle. Redis refusing an ID at or below a stream's top means "already published".
+
+Faults: a Redis failure (connection refused or lost, a command not answered within
+``command_timeout_s``) is logged, shown in :meth:`BusPublisher.health`, and followed by a
+reconnect with capped exponential backoff and jitter; the batch in flight was not settled,
+so it is sent again — the entries Redis had appended before the failure are refused then,
+never duplicated. The committed candles never wait for Redis: the outbox holds them (bounded,
+see its docstring; edges heal anything dropped from the store).
+
+Shutdown: drain by closing — :meth:`BusPublisher.close` (after the ingest stopped) lets
+:meth:`run` return once the outbox is empty; the caller bounds that with a deadline.
+Errors: nothing of Redis's escapes :meth:`run`; any other exception is a bug and propagates.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Final, final
+
+import attrs
+import coredis
+import trio
+from coredis import PureToken
+from coredis.commands.constants import CommandName
+from coredis.response._callbacks import NoopCallback
+
+from tradecanvas.bus.ids import StreamKeys, candle_entry_id, event_entry_id
+from tradecanvas.bus.outbox import (
+    DEFAULT_MAX_BACKLOG,
+    Answer,
+    Batch,
+    Entry,
+    Outbox,
+    OutboxStatistics,
+)
+from tradecanvas.bus.redis_io import (
+    BusHealth,
+    describe,
+    failure_or_raise,
+    is_refusal,
+    open_redis,
+)
+from tradecanvas.model import Candle
+from tradecanvas.pipeline.commit import PipelineResult
+from tradecanvas.pipeline.events import SystemEvent
+from tradecanvas.upstream.backoff import Backoff
+from tradecanvas.wire.bus import (
+    CANDLE_FIELD,
+    EVENT_FIELD,
+    encode_candle,
+    encode_event,
+    encode_forming,
+)
+
+log = logging.getLogger(__name__)
+
+# a week of 1m bars per series stream; an edge further behind fills from the store
+DEFAULT_MAXLEN: Final = 10_080
+DEFAULT_EVENTS_MAXLEN: Final = 100_000
+# entries per pipeline: large enough to amortise the round trip, small enough that one
+# batch's reply stays a few MB
+DEFAULT_BATCH_MAX: Final = 2_000
+DEFAULT_BACKOFF: Final = Backoff(base_s=0.1, cap_s=5.0)
+DEFAULT_COMMAND_TIMEOUT_S: Final = 10.0
+_AS_IS: Final = NoopCallback[object]()
+
+
+@attrs.frozen
+class PublisherSettings:
+    keys: StreamKeys = attrs.field(factory=StreamKeys)
+    maxlen: int = DEFAULT_MAXLEN
+    events_maxlen: int = DEFAULT_EVENTS_MAXLEN
+    batch_max: int = DEFAULT_BATCH_MAX
+    max_backlog: int = DEFAULT_MAX_BACKLOG
+    backoff: Backoff = DEFAULT_BACKOFF
+    command_timeout_s: float = DEFAULT_COMMAND_TIMEOUT_S
+
+
+@attrs.frozen
+class PublisherStatistics:
+    outbox: OutboxStatistics
+    batches: int
+    reconnects: int
+    events_without_id: int
+
+
+@final
+class BusPublisher:
+    """Owns the outbox and the one task that sends it to Redis (see the module docstring).
+
+    Channel contract: the publish calls never block and never fail (they return no failure
+    descriptions); what Redis does with the entries shows in :meth:`health` and
+    :meth:`statistics`.
+    """
+
+    def __init__(self, url: str, settings: PublisherSettings | None = None) -> None:
+        self.url = url
+        self.settings = settings or PublisherSettings()
+        if self.settings.maxlen < 1 or self.settings.events_maxlen < 1:
+            raise ValueError("maxlen and events_maxlen must be >= 1")
+        if self.settings.batch_max < 1:
+            raise ValueError("batch_max must be >= 1")
+        self._outbox = Outbox(self.settings.max_backlog)
+        self._work = trio.Event()
+        self._settled = trio.Event()  # set (and replaced) after every batch is answered
+        self._connected = False
+        self._health_changed = trio.Event()
+        self._last_error: str | None = None
+        self._closing = False
+        self._batches = 0
+        self._reconnects = 0
+        self._events_without_id = 0
+
+    # --- the sink (pipeline.MarketSink) ------------------------------------------------
+
+    def publish_closed(self, series_id: str, candles: Sequence[Candle]) -> Sequence[str]:
+        stream = self.settings.keys.series(series_id)
+        for candle in candles:
+            self._outbox.add(
+                Entry(stream, candle_entry_id(candle.candle_time), encode_candle(candle))
+            )
+        self._work.set()
+        return ()
+
+    def publish_system(self, event: SystemEvent) -> Sequence[str]:
+        if event.event_id is None:
+            # not in the event log, so it has no place on the events stream (a bug upstream)
+            self._events_without_id += 1
+            log.warning("bus: system event without an event_id not published: %s", event)
+            return ()
+        self._outbox.add(
+            Entry(
+                self.settings.keys.events,
+                event_entry_id(event.event_id),
+                encode_event(event),
+                events=True,
+            )
+        )
+        self._work.set()
+        return ()
+
+    def publish_forming(self, series_id: str, candle: Candle) -> None:
+        self._outbox.add_forming(series_id, encode_forming(series_id, candle))
+        self._work.set()
+
+    def publish_result(self, result: PipelineResult) -> None:
+        """A pipeline result as ``IngestPipeline.publish`` sends it: series in ``series_id``
+        order, then the events."""
+        for update in result.in_series_id_order():
+            self.publish_closed(update.series_id, update.candles)
+        for event in result.events:
+            self.publish_system(event)
+
+    # --- state -------------------------------------------------------------------------
+
+    def health(self) -> BusHealth:
+        return BusHealth(self._connected, self._last_error, self._outbox.backlog)
+
+    def statistics(self) -> PublisherStatistics:
+        return PublisherStatistics(
+            self._outbox.statistics(), self._batches, self._reconnects, self._events_without_id
+        )
+
+    async def wait_connected(self, connected: bool = True) -> None:
+        """Wait until the publisher is connected to Redis (or, with False, is not)."""
+        while self._connected is not connected:
+            await self._health_changed.wait()
+        await trio.lowlevel.checkpoint()
+
+    def _set_connected(self, connected: bool) -> None:
+        self._connected = connected
+        self._health_changed.set()
+        self._health_changed = trio.Event()
+
+    async def wait_drained(self) -> None:
+        """Wait until every entry queued so far is answered by Redis (tests, shutdown)."""
+        while self._outbox.backlog:
+            await self._settled.wait()
+        await trio.lowlevel.checkpoint()
+
+    def close(self) -> None:
+        """No more publishes: :meth:`run` returns once the outbox is empty."""
+        self._closing = True
+        self._work.set()
+
+    # --- the task ----------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Send the outbox to Redis until closed and drained. Started at once: the ingest
+        never waits for Redis (``health().connected`` says whether it is there)."""
+        task_status.started()
+        attempt = 0
+        while True:
+            try:
+                async with open_redis(self.url) as client:
+                    with trio.fail_after(self.settings.command_timeout_s):
+                        await client.ping()
+                    if attempt:
+                        self._reconnects += 1
+                        log.info("bus publisher: reconnected to Redis at %s", self.url)
+                    attempt = 0
+                    self._set_connected(True)
+                    await self._send_until_closed(client)
+                    return
+            except BaseException as exc:
+                failure = failure_or_raise(exc)
+                self._last_error = describe(failure)
+                self._set_connected(False)
+                log.warning(
+                    "bus publisher: Redis failed (%s); %d entries wait, retrying",
+                    self._last_error,
+                    self._outbox.backlog,
+                )
+            attempt += 1
+            await trio.sleep(self.settings.backoff.delay(attempt))
+
+    async def _send_until_closed(self, client: coredis.Redis[bytes]) -> None:
+        while True:
+            if not self._outbox.has_work():
+                if self._closing:
+                    return
+                self._work = trio.Event()
+                await self._work.wait()
+                continue
+            batch = self._outbox.take(self.settings.batch_max)
+            with trio.fail_after(self.settings.command_timeout_s):
+                answers = await self._send(client, batch)
+            self._outbox.settle(batch, answers)
+            self._batches += 1
+            self._settled.set()
+            self._settled = trio.Event()
+
+    async def _send(self, client: coredis.Redis[bytes], batch: Batch) -> list[Answer]:
+        settings = self.settings
+        async with client.pipeline(transaction=False, raise_on_error=False) as pipe:
+            for entry in batch.entries:
+                # XADD key MAXLEN ~ n id field payload, stacked directly: coredis's xadd()
+                # validates its keyword arguments per call, which cost three times the
+                # stacking itself (docs/distributed.md, "Throughput")
+                pipe.create_request(
+                    CommandName.XADD,
+                    entry.stream,
+                    PureToken.MAXLEN,
+                    PureToken.APPROXIMATELY,
+                    settings.events_maxlen if entry.events else settings.maxlen,
+                    str(entry.entry_id),
+                    EVENT_FIELD if entry.events else CANDLE_FIELD,
+                    entry.payload,
+                    callback=_AS_IS,
+                )
+            for payload in batch.forming:
+                pipe.publish(settings.keys.forming, payload)
+        results = pipe.results or ()
+        answers: list[Answer] = []
+        for entry, result in zip(batch.entries, results, strict=False):
+            if isinstance(result, TimeoutError):
+                raise result  # the connection's state is unknown: reconnect, send again
+            if is_refusal(result):
+                answers.append(Answer.REFUSED)
+            elif isinstance(result, BaseException):
+                self._last_error = describe(result)
+                log.warning(
+                    "bus publisher: XADD %s %s failed: %s", entry.stream, entry.entry_id, result
+                )
+                answers.append(Answer.FAILED)
+            else:
+                answers.append(Answer.OK)
+        if len(answers) != len(batch.entries):
+            raise TimeoutError("the pipeline answered fewer commands than were sent")
+        return answers

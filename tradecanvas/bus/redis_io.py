@@ -1,0 +1,89 @@
+"""The bus's Redis boundary (coredis on anyio's trio backend): clients, the one place Redis's
+errors are recognised, and the health both bus services report.
+
+coredis raises :class:`coredis.exceptions.RedisError` subclasses, anyio stream errors and
+``OSError`` when Redis goes away, sometimes inside the exception groups of its own task
+groups; :func:`redis_failure` finds them, so the publisher and the feed catch a Redis failure
+(log it, report it in their health, back off, reconnect) and let everything else through.
+Every client is made with coredis's retries off: the bus services own their reconnects.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+import anyio
+import attrs
+import coredis
+import trio
+from coredis.exceptions import RedisError, ResponseError
+from coredis.retry import NoRetryPolicy
+
+from tradecanvas.errors import find_in_group
+
+CONNECT_TIMEOUT_S: Final = 5.0
+# Redis's answer to an XADD whose ID is not above the stream's top
+_REFUSAL: Final = "equal or smaller than the target stream top item"
+_FAILURES: Final = (
+    RedisError,
+    OSError,
+    TimeoutError,
+    trio.TooSlowError,
+    trio.BrokenResourceError,
+    anyio.BrokenResourceError,
+    anyio.ClosedResourceError,
+    anyio.EndOfStream,
+)
+
+
+@attrs.frozen
+class BusHealth:
+    """For /readyz and logs: ``connected`` to Redis now, the ``last_error`` seen (kept after a
+    reconnect, for the operator), ``backlog`` entries waiting for Redis (the publisher's
+    outbox; a feed has none)."""
+
+    connected: bool
+    last_error: str | None
+    backlog: int
+
+
+def open_redis(url: str) -> coredis.Redis[bytes]:
+    """A client for ``url`` (``redis://host:port/db``); use it as ``async with``."""
+    return coredis.Redis.from_url(
+        url,
+        decode_responses=False,
+        retry_policy=NoRetryPolicy(),
+        connect_timeout=CONNECT_TIMEOUT_S,
+    )
+
+
+def redis_failure(exc: BaseException) -> BaseException | None:
+    """The Redis failure in ``exc`` (or in its exception groups), else None."""
+    for kind in _FAILURES:
+        found = find_in_group(exc, kind)
+        if found is not None:
+            return found
+    return None
+
+
+def failure_or_raise(exc: BaseException) -> BaseException:
+    """The Redis failure in ``exc``, to retry after; re-raises ``exc`` when it holds none,
+    and only the cancellation when it holds one too (coredis's clean-up of a connection can
+    fail while it is being cancelled: the cancellation is what happened)."""
+    failure = redis_failure(exc)
+    if failure is None:
+        raise exc
+    if isinstance(exc, BaseExceptionGroup):
+        cancelled, _ = exc.split(trio.Cancelled)
+        if cancelled is not None:
+            raise cancelled from None
+    return failure
+
+
+def describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+def is_refusal(answer: object) -> bool:
+    """True for Redis's refusal of an XADD at or below the stream's top ("already published")."""
+    return isinstance(answer, ResponseError) and _REFUSAL in str(answer)

@@ -1,0 +1,439 @@
+"""BatchCommit: the work of one pipeline transaction — upsert a batch's minutes, derive the
+buckets they touch, and say which system events that calls for (DESIGN §4). Synchronous; it
+runs on the store's writer thread inside ``CandleStore.write``.
+
+The fast path of issue 14, with the rules of the original unchanged (the tests hold it to a
+plain reference implementation):
+
+- each series' candles are planned against the stored rows at their times
+  (:func:`plan_upsert`); the rows of every series are written together, one
+  ``executemany`` (``StoreTxn.write_rows``), before any read of the store and at the end;
+- a minute above a known head is new without a read; a live minute that makes no bar due
+  (every timeframe's bucket still filling) takes a short way (:meth:`_live_minute`);
+- only a bucket whose last minute is settled can give a bar, so no other is derived;
+- a derived bucket is built from its source bars as they are *now*, taken from what this
+  transaction wrote and what :class:`RecentBars` knows of the store, so only the parts of a
+  bucket nobody has seen are read (a live minute reads nothing; a batch of history reads
+  nothing it holds itself);
+- the bar before a bucket is looked up only for the buckets that need it (all empty, or
+  incomplete at the start of the store's history).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Final, final
+
+from tradecanvas.model import (
+    MINUTE,
+    Candle,
+    SeriesId,
+    Timeframe,
+)
+from tradecanvas.pipeline.batch import IngestBatch, SeriesUpdate, dedupe
+from tradecanvas.pipeline.derive import aggregate, parts_in
+from tradecanvas.pipeline.events import SystemEvent, gap_event, rebuild_events_for
+from tradecanvas.pipeline.levels import (
+    DerivationPlan,
+    Level,
+    bucket_runs,
+    buckets_of,
+    runs_of,
+    series_order,
+)
+from tradecanvas.pipeline.recent import RecentBars
+from tradecanvas.store.txn import StoreTxn
+from tradecanvas.store.types import Source, StoredCandle, UpsertOutcome, plan_upsert
+
+# base times further apart than this are read as separate ranges (a revision far back and
+# today's minutes are two short reads, not one of everything in between)
+RUN_GAP_S: Final = 64 * MINUTE
+# a transaction that wrote this many rows per series it touched (history) trims RecentBars
+# at once; others every RecentBars.TRIM_EVERY transactions
+TRIM_ROWS_PER_SERIES: Final = 8
+# source bars derived per step of a long derivation (derive_history): bounds the memory
+SOURCE_BARS_PER_STEP: Final = 4096
+
+
+@final
+class BatchCommit:
+    """One write transaction's commit and derivation. Raises what the store raises."""
+
+    def __init__(
+        self,
+        txn: StoreTxn,
+        recent: RecentBars,
+        plan: DerivationPlan,
+        phase_of: Callable[[SeriesId], int | None],
+        fingerprint: str,
+        fingerprint_checked: set[str],
+        names: dict[tuple[str, str], tuple[SeriesId, str]] | None = None,
+    ) -> None:
+        self.txn = txn
+        self.recent = recent
+        self.plan = plan
+        self.phase_of = phase_of
+        self.fingerprint = fingerprint
+        self.fingerprint_checked = fingerprint_checked
+        self.names = names if names is not None else {}
+        self._touched: dict[str, SeriesId] = {}
+        # rows planned but not yet written: the rows of every series go in one executemany,
+        # written before any read of the store (and before RecentBars forgets anything)
+        self._pending: list[tuple[str, StoredCandle]] = []
+        self._written = 0
+        # every derived grid is fixed and the same for all symbols (no 3d, no 1M)
+        self._grid_only = all(level.length is not None for level in plan.levels)
+        self.reader = _FlushingReader(txn, self.flush)
+
+    def commit(self, batch: IngestBatch) -> tuple[list[SeriesUpdate], list[SystemEvent], int]:
+        """Store ``batch`` and derive from it: the updates (base series first, then derived),
+        the events to log, and the count of repeated candles dropped."""
+        txn = self.txn
+        grouped: dict[SeriesId, list[Candle]] = {}
+        for series, candle in batch.candles:
+            grouped.setdefault(series, []).append(candle)
+        updates: list[SeriesUpdate] = []
+        derived_updates: list[SeriesUpdate] = []
+        events: list[SystemEvent] = []
+        dropped_total = 0
+        for key, value in batch.meta:
+            txn.set_meta(key, value)
+        absent: dict[SeriesId, list[tuple[int, int]]] = {}
+        for series, start, end in batch.absent:
+            if end > start:
+                events.append(gap_event(str(series), "exchange", start, end - MINUTE))
+                absent.setdefault(series, []).append((start, end))
+        if absent:
+            for series in absent.keys() - grouped.keys():
+                grouped[series] = []
+        # (items, not keys then lookups: a SeriesId hashes its fields every time)
+        for series, given in sorted(grouped.items(), key=_by_series):
+            sid = str(series)
+            if (
+                len(given) == 1
+                and not absent
+                and self._live_minute(series, sid, given[0], batch.source)
+            ):
+                updates.append(SeriesUpdate(sid, (given[0],), derived=False))
+                continue
+            if len(given) == 1:
+                candles: Sequence[Candle] = given
+            else:
+                candles, dropped = dedupe(given)
+                dropped_total += dropped
+            self._touched[sid] = series
+            previous_head = self.recent.head(self.reader, sid)
+            changed: Sequence[Candle] = ()
+            if candles:
+                if previous_head is None or candles[0].candle_time > previous_head:
+                    # all above the head (the live minute): new, and nothing to read
+                    outcomes = [UpsertOutcome.NEW] * len(candles)
+                    self._write(sid, [StoredCandle(c, batch.source, True) for c in candles])
+                    changed = candles
+                else:
+                    outcomes = self._upsert_base(sid, candles, batch)
+                    changed = [
+                        c
+                        for c, o in zip(candles, outcomes, strict=True)
+                        if o is not UpsertOutcome.UNCHANGED
+                    ]
+                if sid not in self.fingerprint_checked:
+                    events.extend(self.fingerprint_events(sid, previous_head))
+                if changed is not candles or previous_head is None:
+                    events.extend(rebuild_events_for(sid, previous_head, candles, outcomes))
+                if changed:
+                    revised = sum(o is UpsertOutcome.REVISED for o in outcomes)
+                    updates.append(
+                        SeriesUpdate(sid, tuple(changed), derived=False, revised=revised)
+                    )
+            head = self.recent.head(self.reader, sid)
+            holes = absent.get(series, []) if absent else []
+            if head is None or not (changed or holes):
+                continue
+            # settled: every minute up to here is stored or confirmed absent at the exchange
+            settled = max([head] + [end - MINUTE for _, end in holes])
+            changed_times = [c.candle_time for c in changed]
+            series_updates: list[tuple[int, SeriesUpdate]] = []
+            single = len(changed_times) == 1 and not holes
+            for level in self.plan.levels:
+                phase = self.phase_of(series) if level.tf.phased else 0
+                if phase is None:
+                    continue  # the symbol's grid is not known yet (see set_phase)
+                if single:  # the live minute
+                    buckets = {level.floor(changed_times[0], phase)}
+                else:
+                    buckets = buckets_of(level.tf, phase, changed_times)
+                if previous_head is not None and head > previous_head:
+                    # the bucket of the old head may have been waiting for a confirmed hole;
+                    # not if its bar is stored complete (none of its parts changed here)
+                    waiting = level.floor(previous_head, phase)
+                    if waiting not in buckets and not self.recent.holds_complete(
+                        self._name(series, sid, level.tf)[1], waiting
+                    ):
+                        buckets.add(waiting)
+                for start, end in holes:  # the buckets an absent run ends or follows
+                    buckets.update(level.floor(t, phase) for t in (start - MINUTE, end - MINUTE))
+                # only a bucket whose last minute is settled can give a bar: complete needs
+                # that minute stored, incomplete waits for it (the rule in _bar)
+                due = [b for b in sorted(buckets) if level.next_open(b) - MINUTE <= settled]
+                if not due:
+                    continue
+                update, tf_events = self.derive(series, level, due, settled, base_sid=sid)
+                events.extend(tf_events)
+                if update is not None:
+                    series_updates.append((level.order, update))
+            derived_updates.extend(u for _, u in sorted(series_updates, key=lambda x: x[0]))
+        return updates + derived_updates, events, dropped_total
+
+    def _live_minute(self, series: SeriesId, sid: str, candle: Candle, source: Source) -> bool:
+        """The short way for a live minute: one new candle above the series' known head that
+        makes no bar due (every timeframe's bucket still filling) and no event. It does what
+        the long way would do then — store it — and says whether it applied."""
+        if not self._grid_only or sid not in self.fingerprint_checked:
+            return False
+        head = self.recent.known_head(sid)
+        t = candle.candle_time
+        if head is None or t <= head:
+            return False
+        for level in self.plan.levels:
+            length = level.length
+            assert length is not None  # _grid_only
+            bucket = t - (t - level.offset) % length
+            if bucket + length - MINUTE <= t:
+                return False  # a bar is due: the long way
+            waiting = head - (head - level.offset) % length
+            if waiting != bucket and not self.recent.holds_complete(
+                self._name(series, sid, level.tf)[1], waiting
+            ):
+                return False  # the old head's bucket may be owed its bar
+        row = StoredCandle(candle, source, True)
+        self._written += 1
+        self.recent.wrote_above_head(sid, row)
+        self._pending.append((sid, row))
+        self._touched[sid] = series
+        return True
+
+    def _upsert_base(
+        self, sid: str, candles: Sequence[Candle], batch: IngestBatch
+    ) -> list[UpsertOutcome]:
+        """Upsert ascending, distinct ``candles``: one read per run of nearby times (only of
+        what RecentBars does not know), one write."""
+        stored: dict[int, StoredCandle] = {}
+        for first, last in runs_of([c.candle_time for c in candles], RUN_GAP_S):
+            stored.update(
+                (s.candle.candle_time, s)
+                for s in self.recent.range(self.reader, sid, first, last + 1)
+            )
+        outcomes: list[UpsertOutcome] = []
+        rows: list[StoredCandle] = []
+        for candle in candles:
+            outcome, row = plan_upsert(stored.get(candle.candle_time), candle, batch.source, True)
+            outcomes.append(outcome)
+            if row is not None:
+                rows.append(row)
+        self._write(sid, rows)
+        return outcomes
+
+    def _write(self, sid: str, rows: list[StoredCandle]) -> None:
+        self._written += len(rows)
+        if rows:
+            self.recent.wrote(sid, rows)
+            self._pending.extend((sid, row) for row in rows)
+
+    def flush(self) -> None:
+        """Write the pending rows (one ``executemany`` for all series)."""
+        if self._pending:
+            pending, self._pending = self._pending, []
+            self.txn.write_rows(pending)
+
+    def _name(self, base: SeriesId, base_sid: str, tf: Timeframe) -> tuple[SeriesId, str]:
+        """``base`` in ``tf`` and its id text (remembered: asked once per series and batch)."""
+        key = (base_sid, tf.text)
+        found = self.names.get(key)
+        if found is None:
+            series = base.with_timeframe(tf)
+            found = self.names[key] = (series, str(series))
+        return found
+
+    def derive(
+        self,
+        base: SeriesId,
+        level: Level,
+        buckets: Sequence[int],
+        head: int,
+        *,
+        base_sid: str | None = None,
+    ) -> tuple[SeriesUpdate | None, list[SystemEvent]]:
+        """Derive ``tf``'s ``buckets`` (ascending) from the stored source bars; ``head``: the
+        base series is settled (stored or confirmed absent) up to this minute, so a bucket
+        whose last minute it reached is final even if incomplete."""
+        tf, source = level.tf, level.source
+        base_sid = str(base) if base_sid is None else base_sid
+        if source.text == base.timeframe.text:
+            source_sid = base_sid
+        else:
+            source_sid = self._name(base, base_sid, source)[1]
+        series, sid = self._name(base, base_sid, tf)
+        self._touched[sid] = series
+        derived: list[tuple[Candle, bool]] = []
+        runs: list[tuple[int, int]] = []  # the [start, end) of each run of buckets with bars
+        step = max(1, SOURCE_BARS_PER_STEP * source.seconds // tf.seconds)
+        long = len(buckets) > step
+        for run in bucket_runs(level, buckets, step):
+            run_end = level.next_open(run[-1])
+            rows = self.recent.range(self.reader, source_sid, run[0], run_end)
+            count = len(derived)
+            i = 0
+            for bucket in run:
+                end = level.next_open(bucket)
+                while i < len(rows) and rows[i].candle.candle_time < bucket:
+                    i += 1
+                j = i
+                while j < len(rows) and rows[j].candle.candle_time < end:
+                    j += 1
+                if j > i:
+                    bar = self._bar(source_sid, level, bucket, end, rows[i:j], head)
+                    if bar is not None:
+                        derived.append(bar)
+                i = j
+            if len(derived) > count:
+                runs.append((derived[count][0].candle_time, run_end))
+            if long:
+                # a long derivation: what the next step needs starts at its first bucket
+                self.flush()
+                self.recent.trim(source_sid, run_end)
+        if not derived:
+            return None, []
+        previous_head = self.recent.head(self.reader, sid)
+        old: dict[int, StoredCandle] = {}
+        for start, end in runs:
+            old.update(
+                (s.candle.candle_time, s) for s in self.recent.range(self.reader, sid, start, end)
+            )
+            if long:
+                self.recent.trim(sid, end)
+        candles = [c for c, _ in derived]
+        outcomes: list[UpsertOutcome] = []
+        writes: list[StoredCandle] = []
+        for candle, complete in derived:
+            outcome, row = plan_upsert(old.get(candle.candle_time), candle, "derived", complete)
+            outcomes.append(outcome)
+            if row is not None:
+                writes.append(row)
+        self._write(sid, writes)
+        incomplete_before = {t for t, s in old.items() if not s.complete}
+        completed = [
+            c.candle_time for c, done in derived if done and c.candle_time in incomplete_before
+        ]
+        events = self.fingerprint_events(sid, previous_head)
+        if previous_head is None or old or candles[0].candle_time <= previous_head:
+            # (bars all new above the head — the live case — call for no rebuild)
+            events.extend(rebuild_events_for(sid, previous_head, candles, outcomes, completed))
+        for (candle, done), outcome in zip(derived, outcomes, strict=True):
+            if not done and (
+                outcome is not UpsertOutcome.UNCHANGED
+                or candle.candle_time not in incomplete_before
+            ):
+                events.append(gap_event(sid, "incomplete", candle.candle_time, candle.candle_time))
+        changed = tuple(
+            c for c, o in zip(candles, outcomes, strict=True) if o is not UpsertOutcome.UNCHANGED
+        )
+        revised = sum(o is UpsertOutcome.REVISED for o in outcomes)
+        update = SeriesUpdate(sid, changed, derived=True, revised=revised) if changed else None
+        return update, events
+
+    def _bar(
+        self,
+        source_sid: str,
+        level: Level,
+        bucket: int,
+        end: int,
+        stored: Sequence[StoredCandle],
+        head: int,
+    ) -> tuple[Candle, bool] | None:
+        """The bar of bucket [``bucket``, ``end``) from its stored source bars (non-empty), or
+        None when it is not to be stored (yet)."""
+        expected = level.parts or parts_in(level.source, level.tf, bucket)
+        candles = [s.candle for s in stored]
+        # the rows are the store's: distinct times, so complete means all there and complete
+        complete = len(stored) == expected and all(s.complete for s in stored)
+        if not complete and head < end - MINUTE:
+            return None  # still filling; finalised once its last minute is settled
+        all_empty = all(c.volume == 0 for c in candles)
+        starts_late = candles[0].candle_time > bucket
+        before = None
+        if all_empty or (not complete and starts_late):
+            before = self.recent.last_before(self.reader, source_sid, bucket)
+        if not complete and before is None and starts_late:
+            # the store's history starts inside this bucket (an initial backfill from a
+            # minute that is not bucket-aligned): Binance's bar holds minutes we never
+            # fetched, so a bar from ours would be wrong; leave it out
+            return None
+        # an all-empty bucket is flat at the previous close
+        previous_close = before.candle.close if before is not None and all_empty else None
+        return aggregate(bucket, candles, previous_close), complete
+
+    def fingerprint_events(self, series_id: str, previous_head: int | None) -> list[SystemEvent]:
+        """Once per series per process: does the store hold it under other settings?"""
+        if series_id in self.fingerprint_checked:
+            return []
+        key = f"fingerprint:{series_id}"
+        stored = self.txn.get_meta(key)
+        if stored == self.fingerprint:
+            return []
+        self.txn.set_meta(key, self.fingerprint)
+        if stored is None or previous_head is None:
+            return []
+        self.flush()
+        first = self.txn.first_time(series_id)
+        start = first if first is not None and first <= previous_head else previous_head
+        return [SystemEvent(series_id, "fingerprint", start, previous_head)]
+
+    def finish(self) -> None:
+        """Let RecentBars forget what no coming commit needs: of each series this transaction
+        touched, it keeps the current bucket of every timeframe built from it. Writes what
+        is pending: call it last in the transaction."""
+        self.flush()
+        if not (self.recent.trim_due or self._written >= TRIM_ROWS_PER_SERIES * len(self._touched)):
+            # a live minute (a row or two per series): a few more rows kept until the next
+            # trim, cheaper than trimming every series every minute
+            return
+        for sid, series in self._touched.items():
+            head = self.recent.head(self.reader, sid)
+            if head is None:
+                self.recent.trim(sid, None)
+                continue
+            keep_from = head
+            for consumer in self.plan.consumed_by.get(series.timeframe.text, ()):
+                phase = self.phase_of(series) if consumer.tf.phased else 0
+                if phase is not None:
+                    keep_from = min(keep_from, consumer.floor(head, phase))
+            self.recent.trim(sid, keep_from)
+
+
+def _by_series(item: tuple[SeriesId, list[Candle]]) -> tuple[str, str, str, int]:
+    return series_order(item[0])
+
+
+@final
+class _FlushingReader:
+    """The transaction's reads, after the pending writes (RecentBars reads through it)."""
+
+    def __init__(self, txn: StoreTxn, flush: Callable[[], None]) -> None:
+        self._txn = txn
+        self._flush = flush
+
+    def range(self, series_id: str, start: int, end: int) -> list[StoredCandle]:
+        self._flush()
+        return self._txn.range(series_id, start, end)
+
+    def last_before(self, series_id: str, t: int) -> StoredCandle | None:
+        self._flush()
+        return self._txn.last_before(series_id, t)
+
+    def head_time(self, series_id: str) -> int | None:
+        self._flush()
+        return self._txn.head_time(series_id)
+
+
+__all__ = ["BatchCommit"]

@@ -1,0 +1,78 @@
+"""What goes into a pipeline run and what comes out of it, as plain data (no I/O)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import attrs
+
+from tradecanvas.model import Candle, SeriesId
+from tradecanvas.pipeline.events import SystemEvent
+from tradecanvas.store.types import Source
+
+
+@attrs.frozen
+class SeriesUpdate:
+    """The closed candles of one series that a batch made new or changed, ascending."""
+
+    series_id: str
+    candles: tuple[Candle, ...]
+    derived: bool
+    revised: int = 0  # of ``candles``, how many replaced a different stored value (not new)
+
+
+@attrs.frozen
+class IngestBatch:
+    """Closed base candles to commit, with where they came from."""
+
+    candles: tuple[tuple[SeriesId, Candle], ...]
+    source: Source
+    # store meta entries (key, value) set in the same transaction as the candles: state
+    # that must be durable exactly when they are (the ingest loop's unresolved holes)
+    meta: tuple[tuple[str, str], ...] = ()
+    # base minutes Binance REST confirmed missing, as [start, end) per series: recorded as
+    # ``gap`` events, and settled: a derived bucket whose last minute they cover is
+    # finalised (incomplete) in this transaction, with or without a candle above them
+    absent: tuple[tuple[SeriesId, int, int], ...] = ()
+
+    @classmethod
+    def of(cls, series: SeriesId, candles: Iterable[Candle], source: Source) -> IngestBatch:
+        return cls(tuple((series, c) for c in candles), source)
+
+
+@attrs.frozen
+class PipelineResult:
+    """What one ``run`` committed: per-series updates and the system events."""
+
+    updates: tuple[SeriesUpdate, ...]  # base series first, then derived, as produced
+    events: tuple[SystemEvent, ...]
+    received: int
+    duplicates_dropped: int
+
+    @property
+    def committed(self) -> int:
+        return sum(len(u.candles) for u in self.updates)
+
+    def in_series_id_order(self) -> list[SeriesUpdate]:
+        return sorted(self.updates, key=lambda u: u.series_id)
+
+    def in_legacy_order(self) -> list[SeriesUpdate]:
+        """Base series first, then derived series in configured order (as produced)."""
+        return [u for u in self.updates if not u.derived] + [u for u in self.updates if u.derived]
+
+    def events_base_first(self) -> list[SystemEvent]:
+        derived = {u.series_id for u in self.updates if u.derived}
+        return [e for e in self.events if e.series_id not in derived] + [
+            e for e in self.events if e.series_id in derived
+        ]
+
+
+def dedupe(candles: Iterable[Candle]) -> tuple[list[Candle], int]:
+    """Ascending, one candle per time (the last one given wins); count of dropped repeats."""
+    by_time: dict[int, Candle] = {}
+    dropped = 0
+    for candle in candles:
+        if candle.candle_time in by_time:
+            dropped += 1
+        by_time[candle.candle_time] = candle
+    return [by_time[t] for t in sorted(by_time)], dropped

@@ -1,0 +1,266 @@
+"""RecentBars: a write-through cache of each series' recent stored bars, so the commit of a
+live minute derives its buckets without reading back what earlier commits wrote. Sans-IO: the
+store is reached through the transaction handed in (:class:`BarReader`).
+
+What it holds is *exact knowledge*: per series, spans of ``candle_time`` in which it knows every
+stored row (and so also where there is none), and the series' head. Above a known head nothing
+is stored, so a new minute needs no read to know it is new. A read fills only the parts of the
+asked range it does not know; every row the pipeline writes is put in; :meth:`trim` forgets
+what no coming commit needs (the pipeline keeps each series' current bucket of the timeframes
+built from it). Knowledge is only ever dropped, never guessed, so a miss costs a read and
+nothing else.
+
+Coherence: the pipeline calls :meth:`begin` at the start of each of its write transactions
+with the transaction's ``sequence``; unless it is exactly one more than the previous one
+(nothing else wrote in between: no other caller of the store, no other process), everything
+is forgotten. A failed transaction must call :meth:`forget` (what it put in was rolled back).
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Sequence
+from typing import Final, Protocol, final
+
+from tradecanvas.store.types import StoredCandle
+
+# a lower bound of every candle_time (they are unix seconds, never negative)
+_LOW: Final = -(2**62)
+# the most rows kept per series after a trim: a bound on memory whatever the timeframes
+MAX_ROWS_PER_SERIES: Final = 1500
+TRIM_EVERY: Final = 8
+
+
+class BarReader(Protocol):
+    """The reads RecentBars makes, as the store's transaction (StoreTxn) offers them."""
+
+    def range(self, series_id: str, start: int, end: int) -> list[StoredCandle]: ...
+
+    def last_before(self, series_id: str, t: int) -> StoredCandle | None: ...
+
+    def head_time(self, series_id: str) -> int | None: ...
+
+
+@final
+class _Known:
+    __slots__ = ("head", "head_known", "rows", "spans", "times")
+
+    def __init__(self) -> None:
+        self.times: list[int] = []  # ascending, the keys of ``rows``
+        self.rows: dict[int, StoredCandle] = {}
+        self.spans: list[tuple[int, int]] = []  # ascending, disjoint, not touching: [lo, hi)
+        self.head: int | None = None
+        self.head_known = False
+
+    def above(self) -> int | None:
+        """Where the head's knowledge starts: nothing is stored at or above this time."""
+        if not self.head_known:
+            return None
+        return _LOW if self.head is None else self.head + 1
+
+    def gaps(self, start: int, end: int) -> list[tuple[int, int]]:
+        """The parts of [start, end) this series does not know."""
+        above = self.above()
+        if above is not None:
+            end = min(end, max(start, above))
+        gaps: list[tuple[int, int]] = []
+        at = start
+        for lo, hi in self.spans:
+            if hi <= at:
+                continue
+            if lo >= end:
+                break
+            if lo > at:
+                gaps.append((at, lo))
+            at = max(at, hi)
+            if at >= end:
+                break
+        if at < end:
+            gaps.append((at, end))
+        return gaps
+
+    def cover(self, lo: int, hi: int) -> None:
+        if lo >= hi:
+            return
+        spans = self.spans
+        if spans and spans[-1][0] <= lo <= spans[-1][1]:  # extends the newest span (usual)
+            if hi > spans[-1][1]:
+                spans[-1] = (spans[-1][0], hi)
+            return
+        merged: list[tuple[int, int]] = []
+        for a, b in self.spans:
+            if b < lo or a > hi:
+                merged.append((a, b))
+            else:
+                lo, hi = min(lo, a), max(hi, b)
+        merged.append((lo, hi))
+        merged.sort()
+        self.spans = merged
+
+    def put(self, row: StoredCandle) -> None:
+        t = row.candle.candle_time
+        if t not in self.rows:
+            if not self.times or t > self.times[-1]:
+                self.times.append(t)
+            else:
+                bisect.insort(self.times, t)
+        self.rows[t] = row
+
+
+@final
+class RecentBars:
+    """Per series id: the stored rows of recently used spans and the head (see the module
+    docstring). Used from one write transaction at a time; never raises on its own."""
+
+    def __init__(self) -> None:
+        self._series: dict[str, _Known] = {}
+        self._sequence: int | None = None
+        self._transactions = 0
+        self.reads = 0  # store reads made to fill gaps (tests and benchmarks look)
+
+    def begin(self, sequence: int) -> None:
+        """A write transaction numbered ``sequence`` starts (see ``StoreTxn.sequence``)."""
+        if self._sequence is None or sequence != self._sequence + 1:
+            self._series.clear()
+        self._sequence = sequence
+        self._transactions += 1
+
+    @property
+    def trim_due(self) -> bool:
+        """Every TRIM_EVERY transactions the pipeline trims what it touched (in between, a
+        series keeps a few more rows than it needs)."""
+        return self._transactions % TRIM_EVERY == 0
+
+    def holds_complete(self, series_id: str, t: int) -> bool:
+        """Known to be stored at ``t`` with its ``complete`` mark (no read: False when not
+        known)."""
+        known = self._series.get(series_id)
+        row = None if known is None else known.rows.get(t)
+        return row is not None and row.complete
+
+    def forget(self) -> None:
+        """Drop everything (a transaction failed: what it put in was rolled back)."""
+        self._series.clear()
+        self._sequence = None
+
+    def _known(self, series_id: str) -> _Known:
+        known = self._series.get(series_id)
+        if known is None:
+            known = self._series[series_id] = _Known()
+        return known
+
+    def head(self, reader: BarReader, series_id: str) -> int | None:
+        """The newest stored ``candle_time`` of the series."""
+        known = self._known(series_id)
+        if not known.head_known:
+            self.reads += 1
+            known.head = reader.head_time(series_id)
+            known.head_known = True
+        return known.head
+
+    def range(self, reader: BarReader, series_id: str, start: int, end: int) -> list[StoredCandle]:
+        """Stored rows with ``start <= candle_time < end``, ascending; reads only the gaps."""
+        known = self._known(series_id)
+        for lo, hi in known.gaps(start, end):
+            self.reads += 1
+            for row in reader.range(series_id, lo, hi):
+                known.put(row)
+            known.cover(lo, hi)
+        times = known.times
+        i = bisect.bisect_left(times, start)
+        j = bisect.bisect_left(times, end, i)
+        rows = known.rows
+        return [rows[t] for t in times[i:j]]
+
+    def last_before(self, reader: BarReader, series_id: str, t: int) -> StoredCandle | None:
+        """The newest stored row with ``candle_time < t``."""
+        known = self._known(series_id)
+        i = bisect.bisect_left(known.times, t)
+        if i > 0:
+            below = known.times[i - 1]
+            if not known.gaps(below, t):
+                return known.rows[below]
+        elif not known.gaps(_LOW, t):
+            return None
+        self.reads += 1
+        row = reader.last_before(series_id, t)
+        if row is None:
+            known.cover(_LOW, t)
+        else:
+            known.put(row)
+            known.cover(row.candle.candle_time, t)
+        return row
+
+    def known_head(self, series_id: str) -> int | None:
+        """The series' head when it is known and something is stored (no read), else None."""
+        known = self._series.get(series_id)
+        return None if known is None or not known.head_known else known.head
+
+    def wrote_above_head(self, series_id: str, row: StoredCandle) -> None:
+        """:meth:`wrote` for one row above the series' known head (:meth:`known_head`)."""
+        known = self._series[series_id]
+        t = row.candle.candle_time
+        assert known.head is not None and t > known.head
+        known.cover(known.head + 1, t + 1)
+        known.head = t
+        known.times.append(t)
+        known.rows[t] = row
+
+    def wrote(self, series_id: str, rows: Sequence[StoredCandle]) -> None:
+        """``rows`` are now stored as given (the transaction wrote them)."""
+        if not rows:
+            return
+        known = self._known(series_id)
+        head = known.head
+        newest = max(row.candle.candle_time for row in rows)
+        if known.head_known and (head is None or newest > head):
+            # nothing was stored above the old head: all of it up to the newest is known now
+            known.cover(_LOW if head is None else head + 1, newest + 1)
+            known.head = newest
+        times = known.times
+        stored = known.rows
+        for row in rows:
+            t = row.candle.candle_time
+            if t not in stored:
+                if not times or t > times[-1]:
+                    times.append(t)
+                else:
+                    bisect.insort(times, t)
+                # below the old head: known only if it was read first
+                if (head is None or t <= head) and known.gaps(t, t + 1):
+                    known.cover(t, t + 1)
+            stored[t] = row
+
+    def trim(self, series_id: str, keep_from: int | None) -> None:
+        """Forget the series' rows before ``keep_from`` (all of them for None), and all but
+        the newest MAX_ROWS_PER_SERIES; the head stays known."""
+        known = self._series.get(series_id)
+        if known is None:
+            return
+        times = known.times
+        if (
+            keep_from is not None
+            and len(times) <= MAX_ROWS_PER_SERIES
+            and (not times or times[0] >= keep_from)
+            and (not known.spans or known.spans[0][0] >= keep_from)
+        ):
+            return  # nothing to forget
+        if keep_from is None:
+            cut, floor = len(times), None
+        else:
+            cut, floor = bisect.bisect_left(times, keep_from), keep_from
+        if len(times) - cut > MAX_ROWS_PER_SERIES:
+            cut = len(times) - MAX_ROWS_PER_SERIES
+            floor = times[cut]
+        for t in times[:cut]:
+            del known.rows[t]
+        del times[:cut]
+        if floor is None:
+            known.spans = []
+        else:
+            known.spans = [(max(lo, floor), hi) for lo, hi in known.spans if hi > floor]
+
+    def cached_rows(self, series_id: str) -> Sequence[int]:
+        """The times of the rows held for the series (tests)."""
+        known = self._series.get(series_id)
+        return () if known is None else tuple(known.times)

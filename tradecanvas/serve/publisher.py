@@ -1,0 +1,245 @@
+"""A subscriber's publish task (DESIGN §3, §6): the slow path of the Hub's fan-out.
+
+The Hub (``tradecanvas.serve.hub``) writes what it publishes straight to an idle, caught-up
+subscriber's socket when that takes it at once; everything else — catch-up, healing, the
+event log, a subscriber whose socket would block or whose queue holds something — goes
+through the subscriber's bounded queue, and this task carries out the queue's drain plan:
+the store reads, then the messages, encoded once per publish and shared
+(``tradecanvas.serve.encoded``), written as pre-framed bytes where the connection takes
+them (the WS port) and as text messages elsewhere (the HTTP port).
+
+Deadlines: one cancel scope per task (``Subscriber.send_scope``) whose deadline is set while
+a write is in progress — a write of at most :data:`WRITE_CHUNK_BYTES` that does not complete
+within ``send_timeout_s`` closes the subscriber with 4008 — and the queue's lag deadline on
+``Subscriber.lag_scope`` around it. Each drain settles the delivery timing of the batches
+the subscriber owed when it began (``ops.metrics.DeliveryTimer``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator, Sequence
+from typing import Final, Protocol, final
+
+import trio
+
+from tradecanvas.errors import StoreError
+from tradecanvas.model import Candle
+from tradecanvas.ops.metrics import Metrics
+from tradecanvas.pipeline.events import SystemEvent
+from tradecanvas.serve.encoded import Encoded, SharedEncodings
+from tradecanvas.serve.outgoing import (
+    Answer,
+    EventsRead,
+    Gap,
+    Outgoing,
+    Plan,
+    ReadEvents,
+    ReadStore,
+    StoredEventText,
+)
+from tradecanvas.serve.subscriber import Subscriber, TransportClosed
+from tradecanvas.serve.ws_protocol import (
+    CLIENT_GOODBYE_CODES,
+    CLOSE_INTERNAL_ERROR,
+    CLOSE_SLOW_CONSUMER,
+)
+from tradecanvas.store.types import StoredEvent
+from tradecanvas.wire.json import dumps
+
+log = logging.getLogger(__name__)
+
+# pre-framed messages are written in pieces of about this size, each within send_timeout_s
+# (a catch-up of thousands of messages is not one write that must finish in one timeout)
+WRITE_CHUNK_BYTES: Final = 64 * 1024
+
+
+class CandleReader(Protocol):
+    """The reads the Hub makes (``CandleStore`` has them): ascending candles and events."""
+
+    async def tail(self, series_id: str, limit: int) -> list[Candle]: ...
+
+    async def since(self, series_id: str, since: int, limit: int) -> list[Candle]: ...
+
+    async def events_after(
+        self, after: int, series_ids: Sequence[str] | None = None, limit: int = ...
+    ) -> list[StoredEvent]: ...
+
+    async def events_pruned_upto(self) -> int: ...
+
+
+class _SlowSend(Exception):
+    """One write did not complete within send_timeout_s."""
+
+
+def _chunks(encoded: Sequence[Encoded]) -> Iterator[bytes]:
+    """The frames of ``encoded`` joined into writes of about WRITE_CHUNK_BYTES (whole frames)."""
+    if len(encoded) == 1:
+        yield encoded[0].frame
+        return
+    chunk: list[bytes] = []
+    size = 0
+    for e in encoded:
+        frame = e.frame
+        chunk.append(frame)
+        size += len(frame)
+        if size >= WRITE_CHUNK_BYTES:
+            yield b"".join(chunk)
+            chunk, size = [], 0
+    if chunk:
+        yield b"".join(chunk)
+
+
+@final
+class Publisher:
+    """Runs subscribers' publish tasks (:meth:`run`) for one Hub: owns no task itself."""
+
+    __slots__ = ("encodings", "metrics", "send_timeout_s", "store")
+
+    def __init__(
+        self,
+        store: CandleReader,
+        encodings: SharedEncodings,
+        *,
+        send_timeout_s: float,
+        metrics: Metrics,
+    ) -> None:
+        self.store = store
+        self.encodings = encodings
+        self.send_timeout_s = send_timeout_s
+        self.metrics = metrics
+
+    async def run(self, subscriber: Subscriber) -> None:
+        """The subscriber's publish task. Runs until its connection is cancelled; a delivery
+        failure or a slow socket closes this subscriber only, never raises."""
+        try:
+            with subscriber.lag_scope:
+                with subscriber.send_scope:
+                    await self._publish_loop(subscriber)
+                if subscriber.send_scope.cancelled_caught:
+                    raise _SlowSend
+            if subscriber.lag_scope.cancelled_caught:
+                subscriber.close_for(subscriber.queue.lagged_out())
+        except _SlowSend:
+            subscriber.close(
+                CLOSE_SLOW_CONSUMER,
+                f"slow consumer: a send took longer than {self.send_timeout_s:g}s",
+                disconnect_reason="slow_consumer",
+            )
+        except TransportClosed as exc:
+            if exc.code in CLIENT_GOODBYE_CODES:
+                # the client said goodbye while we were sending: a normal end, not a
+                # delivery failure (a strict publish must not fail because a chart closed)
+                subscriber.mark_client_closed()
+                subscriber.cancel_scope.cancel()
+            elif not subscriber.closing:
+                subscriber.fail(
+                    f"delivery failed: {type(exc).__name__} {exc}".strip(),
+                    disconnect_reason="send_failed",
+                )
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            if not subscriber.closing:
+                subscriber.fail(
+                    f"delivery failed: {type(exc).__name__} {exc}".strip(),
+                    disconnect_reason="send_failed",
+                )
+        except StoreError as exc:
+            # the ingest side stops the daemon on a store failure; here only this one ends
+            log.error("subscriber %s: store read failed: %s", subscriber.peer, exc)
+            subscriber.close(
+                CLOSE_INTERNAL_ERROR, "store unavailable", disconnect_reason="internal_error"
+            )
+        except Exception:
+            # a bug must not take the server (and every other subscriber) down with it
+            log.exception("subscriber %s: publish task failed", subscriber.peer)
+            subscriber.close(
+                CLOSE_INTERNAL_ERROR, "internal error", disconnect_reason="internal_error"
+            )
+        finally:
+            self.metrics.delivery.abandon(subscriber.take_owed())
+
+    async def _publish_loop(self, subscriber: Subscriber) -> None:
+        delivery = self.metrics.delivery
+        while True:
+            await subscriber.wait_ready()
+            owed = subscriber.take_owed()
+            try:
+                frames = subscriber.frames
+                if frames is not None and frames.needs_flush:
+                    # a write at once left bytes behind: they go before anything else
+                    self._start_write(subscriber)
+                    await frames.flush()
+                    subscriber.send_scope.deadline = math.inf
+                await self._carry_out(subscriber, subscriber.queue.drain())
+            except BaseException:
+                delivery.abandon(owed)
+                raise
+            if owed:
+                delivery.settle(owed, trio.current_time())
+
+    def _start_write(self, subscriber: Subscriber) -> None:
+        subscriber.send_scope.deadline = trio.current_time() + self.send_timeout_s
+
+    async def _carry_out(self, subscriber: Subscriber, plan: Plan) -> None:
+        """Run a drain plan: answer its store reads, encode and send its messages."""
+        answer: Answer = None
+        try:
+            while True:
+                try:
+                    action = plan.send(answer)
+                except StopIteration:
+                    return
+                if isinstance(action, ReadStore):
+                    answer = await self._read(action)
+                elif isinstance(action, ReadEvents):
+                    answer = await self._read_events(action)
+                else:
+                    answer = None
+                    await self._send(subscriber, self._encode(action.messages))
+        finally:
+            plan.close()
+
+    async def _read_events(self, read: ReadEvents) -> EventsRead:
+        # the prune mark first: an event pruned after it was read is still in the read
+        pruned_upto = await self.store.events_pruned_upto()
+        stored = await self.store.events_after(read.after, [read.series_id], read.limit)
+        return EventsRead(
+            tuple(
+                StoredEventText(s.event_id, dumps(SystemEvent.from_stored(s).to_wire()))
+                for s in stored
+            ),
+            pruned_upto,
+        )
+
+    async def _read(self, read: ReadStore) -> list[Candle]:
+        if read.since is None:
+            return await self.store.tail(read.series_id, read.limit)
+        return await self.store.since(read.series_id, read.since, read.limit)
+
+    def _encode(self, messages: Sequence[Outgoing]) -> list[Encoded]:
+        """The wire messages of ``messages``, in order (counting the gaps as they go out)."""
+        encoded: list[Encoded] = []
+        for message in messages:
+            if isinstance(message, Gap):
+                self.metrics.gaps_total.inc()
+            encoded.extend(self.encodings.encode(message))
+        return encoded
+
+    async def _send(self, subscriber: Subscriber, encoded: Sequence[Encoded]) -> None:
+        """Write ``encoded`` in order, each write within send_timeout_s (else the send
+        scope is cancelled: 4008)."""
+        frames = subscriber.frames
+        scope = subscriber.send_scope
+        if frames is not None:
+            for chunk in _chunks(encoded):
+                self._start_write(subscriber)
+                await frames.write(chunk)
+        else:
+            for e in encoded:
+                self._start_write(subscriber)
+                await subscriber.socket.send_message(e.text)
+        scope.deadline = math.inf
+
+
+__all__ = ["WRITE_CHUNK_BYTES", "CandleReader", "Publisher"]

@@ -1,0 +1,548 @@
+// The tradecanvas chart page (docs/chart.md). Plain script, no build step: it talks only to
+// the origin it was served from — GET /api/market/series, /api/market/events and
+// /api/market/candles, and the /ws/market WebSocket on the same port — and draws with the
+// vendored TradingView lightweight-charts (window.LightweightCharts).
+//
+// One series is shown at a time. Its closed candles come from HTTP (the newest HISTORY_BARS,
+// older pages when the chart is scrolled back) and then from /ws/market, subscribed with
+// `since` = the newest closed candle_time held, so nothing is missed or doubled; the forming
+// bar is drawn over the newest. Holes are shaded (a `gap` message, a stored `gap` event, or
+// missing bars in what HTTP returned). A `factor.rebuild` reloads its range over HTTP. When
+// the socket drops, the page reconnects with backoff and resubscribes with `since` and
+// `events_after` (the last event_id received), and shows the connection state.
+//
+// window.tradecanvasChart exposes what the chart holds (for tests and the console): they read
+// OHLC values, not pixels.
+"use strict";
+
+(() => {
+  const LWC = window.LightweightCharts;
+  const HISTORY_BARS = 1000; // loaded when a series is shown
+  const PAGE_BARS = 1000; // one scroll-back page
+  const MAX_LIMIT = 5000; // the API's largest `limit`
+  const SCROLL_BACK_MARGIN = 20; // load older bars when fewer than this are left of the view
+  const MAX_SHADED_PER_HOLE = 5000; // a hole wider than this is shaded at its start only
+  const RECONNECT_MIN_MS = 250;
+  const RECONNECT_MAX_MS = 5000;
+  const UNITS = { m: 60, h: 3600, d: 86400, w: 604800 };
+  const COLORS = { up: "#26a69a", down: "#ef5350", gap: "rgba(255, 152, 0, 0.22)" };
+
+  const $ = (id) => document.getElementById(id);
+
+  // --- time frames ------------------------------------------------------------------------
+
+  function parseTimeframe(text) {
+    const m = /^(\d+)([mhdwM])$/.exec(text);
+    if (!m) return null;
+    return { text, count: Number(m[1]), unit: m[2] };
+  }
+
+  // seconds of a bar; months (`1M`) are calendar months, ordered as 31 days
+  function timeframeSeconds(tf) {
+    return tf.unit === "M" ? tf.count * 31 * 86400 : tf.count * UNITS[tf.unit];
+  }
+
+  // the open time of the bar after the one opening at `t`
+  function nextOpen(t, tf) {
+    if (tf.unit !== "M") return t + timeframeSeconds(tf);
+    const d = new Date(t * 1000);
+    return Date.UTC(d.getUTCFullYear(), d.getUTCMonth() + tf.count, 1) / 1000;
+  }
+
+  // --- what is shown ----------------------------------------------------------------------
+
+  const view = {
+    generation: 0, // bumped on every select(): answers for an older selection are dropped
+    seriesId: null,
+    timeframe: null,
+    firstTime: null, // the oldest stored candle_time, from /api/market/series
+    bars: [], // ascending {time, open, high, low, close, volume}; the last may be forming
+    lastClosed: null, // the newest closed candle_time held: the `since` cursor
+    lastEventId: null, // the newest event_id received: the `events_after` cursor
+    gapTimes: new Set(), // bar times shaded as holes
+    ready: false, // history loaded; the subscription may be sent
+    loadingOlder: null, // the pending scroll-back, if any
+    rebuilds: [], // every factor.rebuild applied: {reason, from_time, to_time}
+    errors: [], // `error` messages the daemon sent
+  };
+  let seriesList = [];
+
+  const chart = LWC.createChart($("chart"), {
+    autoSize: true,
+    layout: {
+      background: { type: "solid", color: "#131722" },
+      textColor: "#d1d4dc",
+      attributionLogo: false, // the footer carries the attribution (and the CSP stays strict)
+    },
+    grid: { vertLines: { color: "#1f2430" }, horzLines: { color: "#1f2430" } },
+    timeScale: { timeVisible: true, secondsVisible: false, rightOffset: 5 },
+    crosshair: { mode: LWC.CrosshairMode.Normal },
+  });
+  // a full-height column behind each missing (or incomplete) bar
+  const gapSeries = chart.addSeries(LWC.HistogramSeries, {
+    priceScaleId: "gaps",
+    color: COLORS.gap,
+    lastValueVisible: false,
+    priceLineVisible: false,
+    base: 0,
+  });
+  chart.priceScale("gaps").applyOptions({ visible: false, scaleMargins: { top: 0, bottom: 0 } });
+  const volumeSeries = chart.addSeries(LWC.HistogramSeries, {
+    priceScaleId: "volume",
+    priceFormat: { type: "volume" },
+    lastValueVisible: false,
+    priceLineVisible: false,
+  });
+  chart.priceScale("volume").applyOptions({ scaleMargins: { top: 0.8, bottom: 0 } });
+  const candleSeries = chart.addSeries(LWC.CandlestickSeries, {
+    upColor: COLORS.up,
+    downColor: COLORS.down,
+    borderVisible: false,
+    wickUpColor: COLORS.up,
+    wickDownColor: COLORS.down,
+  });
+  candleSeries.priceScale().applyOptions({ scaleMargins: { top: 0.08, bottom: 0.25 } });
+
+  const toBar = (c) => ({
+    time: c.candle_time,
+    open: c.open,
+    high: c.high,
+    low: c.low,
+    close: c.close,
+    volume: c.volume,
+  });
+  const candlePoint = (b) => ({ time: b.time, open: b.open, high: b.high, low: b.low, close: b.close });
+  const volumePoint = (b) => ({
+    time: b.time,
+    value: b.volume,
+    color: b.close >= b.open ? "rgba(38, 166, 154, 0.45)" : "rgba(239, 83, 80, 0.45)",
+  });
+
+  // the time slots between held bars that have no bar (fixed-length frames only: a month's
+  // length varies, and its holes come from `gap` messages and events)
+  function holesInBars() {
+    const found = [];
+    if (view.timeframe.unit === "M") return found;
+    const step = timeframeSeconds(view.timeframe);
+    for (let i = 1; i < view.bars.length; i++) {
+      let t = view.bars[i - 1].time + step;
+      for (let n = 0; t < view.bars[i].time && n < MAX_SHADED_PER_HOLE; n++, t += step) found.push(t);
+    }
+    return found;
+  }
+
+  function shade(from, toExclusive) {
+    let t = from;
+    for (let n = 0; t < toExclusive && n < MAX_SHADED_PER_HOLE; n++, t = nextOpen(t, view.timeframe)) {
+      view.gapTimes.add(t);
+    }
+  }
+
+  function renderGaps() {
+    const oldest = view.bars.length ? view.bars[0].time : Infinity;
+    const times = [...view.gapTimes, ...holesInBars()].filter((t) => t >= oldest);
+    const unique = [...new Set(times)].sort((a, b) => a - b);
+    gapSeries.setData(unique.map((time) => ({ time, value: 1 })));
+  }
+
+  function render() {
+    candleSeries.setData(view.bars.map(candlePoint));
+    volumeSeries.setData(view.bars.map(volumePoint));
+    renderGaps();
+    showLegend(null);
+  }
+
+  // a candle from the socket: appended, or replacing the newest bar; an older one (never
+  // sent by the daemon: its cursor only moves forward) replaces in place
+  function upsert(bar) {
+    const bars = view.bars;
+    const last = bars.length ? bars[bars.length - 1] : null;
+    let newHole = false;
+    if (last === null || bar.time > last.time) {
+      newHole = last !== null && bar.time > nextOpen(last.time, view.timeframe);
+      bars.push(bar);
+    } else if (bar.time === last.time) {
+      bars[bars.length - 1] = bar;
+    } else {
+      const i = bars.findIndex((b) => b.time >= bar.time);
+      bars.splice(i, bars[i].time === bar.time ? 1 : 0, bar);
+      render();
+      return;
+    }
+    candleSeries.update(candlePoint(bar));
+    volumeSeries.update(volumePoint(bar));
+    if (newHole) renderGaps();
+    showLegend(null);
+  }
+
+  function applyClosed(candle) {
+    if (view.lastClosed !== null && candle.candle_time <= view.lastClosed) return;
+    view.lastClosed = candle.candle_time;
+    upsert(toBar(candle));
+  }
+
+  function applyForming(candle) {
+    if (view.lastClosed !== null && candle.candle_time <= view.lastClosed) return;
+    upsert(toBar(candle));
+  }
+
+  // --- the legend and the notice ----------------------------------------------------------
+
+  const fmt = (x) => (Math.abs(x) >= 1 ? x.toFixed(2) : x.toPrecision(4));
+
+  function showLegend(time) {
+    const bar =
+      time === null
+        ? view.bars[view.bars.length - 1]
+        : view.bars.find((b) => b.time === time);
+    if (!bar) {
+      $("legend").textContent = view.seriesId ? `${view.seriesId} — no candles yet` : "";
+      return;
+    }
+    const when = new Date(bar.time * 1000).toISOString().replace("T", " ").slice(0, 16);
+    $("legend").textContent =
+      `${when} UTC  O ${fmt(bar.open)}  H ${fmt(bar.high)}  L ${fmt(bar.low)}` +
+      `  C ${fmt(bar.close)}  V ${fmt(bar.volume)}`;
+  }
+  chart.subscribeCrosshairMove((param) => showLegend(param.time === undefined ? null : param.time));
+
+  function notice(text) {
+    const el = $("notice");
+    el.textContent = text || "";
+    el.hidden = !text;
+  }
+
+  // --- HTTP -------------------------------------------------------------------------------
+
+  async function getJSON(path) {
+    const response = await fetch(path, { headers: { Accept: "application/json" } });
+    const body = await response.json();
+    if (!response.ok) throw new Error(`${path}: ${response.status} ${body.message || body.error}`);
+    return body;
+  }
+
+  const candlesUrl = (sid, since, limit) =>
+    `/api/market/candles?series_id=${encodeURIComponent(sid)}&limit=${limit}` +
+    (since === null ? "" : `&since=${since}`);
+
+  // closed candles with from <= candle_time <= to, over as many pages as it takes
+  async function candlesBetween(sid, from, to) {
+    const found = [];
+    let since = from - 1;
+    for (;;) {
+      const page = (await getJSON(candlesUrl(sid, since, MAX_LIMIT))).candles;
+      for (const c of page) if (c.candle_time <= to) found.push(c);
+      if (page.length < MAX_LIMIT || page[page.length - 1].candle_time >= to) return found;
+      since = page[page.length - 1].candle_time;
+    }
+  }
+
+  async function refreshSeriesList() {
+    seriesList = (await getJSON("/api/market/series")).series;
+    const shown = seriesList.find((s) => s.series_id === view.seriesId);
+    if (shown) view.firstTime = shown.first_time;
+  }
+
+  // --- choosing a series ------------------------------------------------------------------
+
+  function fillPickers() {
+    const picker = $("series");
+    const bases = [...new Set(seriesList.map((s) => s.base_series_id))];
+    const current = seriesList.find((s) => s.series_id === view.seriesId);
+    picker.replaceChildren(
+      ...bases.map((base) => {
+        const option = document.createElement("option");
+        option.value = base;
+        option.textContent = base.slice(0, base.lastIndexOf(":"));
+        option.selected = current !== undefined && current.base_series_id === base;
+        return option;
+      }),
+    );
+    const frames = seriesList
+      .filter((s) => current !== undefined && s.base_series_id === current.base_series_id)
+      .sort((a, b) => timeframeSeconds(parseTimeframe(a.timeframe)) - timeframeSeconds(parseTimeframe(b.timeframe)));
+    $("timeframes").replaceChildren(
+      ...frames.map((s) => {
+        const button = document.createElement("button");
+        button.type = "button";
+        button.textContent = s.timeframe;
+        button.dataset.seriesId = s.series_id;
+        button.setAttribute("aria-pressed", String(s.series_id === view.seriesId));
+        button.addEventListener("click", () => select(s.series_id));
+        return button;
+      }),
+    );
+  }
+
+  $("series").addEventListener("change", (event) => {
+    const base = event.target.value;
+    const tf = view.timeframe ? view.timeframe.text : null;
+    const same = seriesList.find((s) => s.base_series_id === base && s.timeframe === tf);
+    select(same ? same.series_id : base);
+  });
+
+  async function select(seriesId) {
+    const generation = ++view.generation;
+    const entry = seriesList.find((s) => s.series_id === seriesId);
+    if (!entry) {
+      notice(`${seriesId} is not served by this daemon`);
+      return;
+    }
+    if (view.seriesId !== null && view.seriesId !== seriesId) {
+      send({ type: "unsubscribe", series_id: view.seriesId });
+    }
+    Object.assign(view, {
+      seriesId,
+      timeframe: parseTimeframe(entry.timeframe),
+      firstTime: entry.first_time,
+      bars: [],
+      lastClosed: null,
+      lastEventId: null,
+      gapTimes: new Set(),
+      ready: false,
+      loadingOlder: null,
+      rebuilds: [],
+      errors: [],
+    });
+    const url = new URL(location.href);
+    url.searchParams.set("series", seriesId);
+    history.replaceState(null, "", url);
+    document.title = `${seriesId} — tradecanvas`;
+    fillPickers();
+    render();
+    setState(conn.socket && conn.socket.readyState === WebSocket.OPEN ? "syncing" : conn.state);
+    try {
+      // the event log first: its cursor, and the holes it recorded (events after the cursor
+      // come over the socket, subscribed with events_after)
+      let after = 0;
+      for (;;) {
+        const page = await getJSON(
+          `/api/market/events?series_id=${encodeURIComponent(seriesId)}&after=${after}&limit=${MAX_LIMIT}`,
+        );
+        if (generation !== view.generation) return;
+        for (const event of page.events) noteEvent(event);
+        after = page.next_after;
+        if (!page.more) break;
+      }
+      view.lastEventId = after;
+      const loaded = (await getJSON(candlesUrl(seriesId, null, HISTORY_BARS))).candles;
+      if (generation !== view.generation) return;
+      view.bars = loaded.map(toBar);
+      view.lastClosed = loaded.length ? loaded[loaded.length - 1].candle_time : null;
+    } catch (error) {
+      if (generation === view.generation) notice(`loading ${seriesId} failed: ${error.message}`);
+      return;
+    }
+    notice("");
+    render();
+    chart.timeScale().scrollToRealTime();
+    view.ready = true;
+    subscribe();
+  }
+
+  // older bars when the chart is scrolled back to the oldest one held
+  async function loadOlder() {
+    if (view.loadingOlder) return view.loadingOlder;
+    if (!view.ready || view.bars.length === 0) return;
+    const generation = view.generation;
+    const run = async () => {
+      await refreshSeriesList();
+      const step = timeframeSeconds(view.timeframe);
+      let oldest = view.bars[0].time;
+      let older = [];
+      while (older.length === 0 && view.firstTime !== null && oldest > view.firstTime) {
+        const since = Math.max(view.firstTime - 1, oldest - PAGE_BARS * step - 1);
+        const page = (await getJSON(candlesUrl(view.seriesId, since, PAGE_BARS + 1))).candles;
+        if (generation !== view.generation) return;
+        older = page.filter((c) => c.candle_time < view.bars[0].time);
+        oldest = since + 1;
+      }
+      if (older.length === 0) return;
+      const range = chart.timeScale().getVisibleLogicalRange();
+      view.bars = [...older.map(toBar), ...view.bars];
+      render();
+      if (range) {
+        chart.timeScale().setVisibleLogicalRange({ from: range.from + older.length, to: range.to + older.length });
+      }
+    };
+    view.loadingOlder = run()
+      .catch((error) => notice(`loading older candles failed: ${error.message}`))
+      .finally(() => {
+        if (generation === view.generation) view.loadingOlder = null;
+      });
+    return view.loadingOlder;
+  }
+  chart.timeScale().subscribeVisibleLogicalRangeChange((range) => {
+    if (range && range.from < SCROLL_BACK_MARGIN) loadOlder();
+  });
+
+  // --- events -----------------------------------------------------------------------------
+
+  // an event of the log (stored or live): remember its id, shade what it says is missing
+  function noteEvent(event) {
+    if (typeof event.event_id === "number") {
+      view.lastEventId = Math.max(view.lastEventId || 0, event.event_id);
+    }
+    if (event.event === "gap" && event.data) {
+      shade(event.data.from_time, nextOpen(event.data.to_time, view.timeframe));
+    }
+  }
+
+  // factor.rebuild: the stored history in [from_time, to_time] changed; reload the part held
+  async function rebuild(data) {
+    const generation = view.generation;
+    view.rebuilds.push({ reason: data.reason, from_time: data.from_time, to_time: data.to_time });
+    if (view.bars.length === 0 || data.to_time < view.bars[0].time) return;
+    const from = Math.max(data.from_time, view.bars[0].time);
+    let fresh;
+    try {
+      fresh = (await candlesBetween(view.seriesId, from, data.to_time)).map(toBar);
+    } catch (error) {
+      notice(`reloading after factor.rebuild failed: ${error.message}`);
+      return;
+    }
+    if (generation !== view.generation) return;
+    const kept = view.bars.filter((b) => b.time < from || b.time > data.to_time);
+    view.bars = [...kept, ...fresh].sort((a, b) => a.time - b.time);
+    render();
+  }
+
+  // --- the socket -------------------------------------------------------------------------
+
+  const conn = { socket: null, state: "connecting", attempt: 0, pendingPongs: 0 };
+
+  function setState(state, detail) {
+    conn.state = state;
+    const el = $("state");
+    el.dataset.state = state;
+    el.textContent = detail ? `${state} (${detail})` : state;
+  }
+
+  function send(message) {
+    if (conn.socket && conn.socket.readyState === WebSocket.OPEN) {
+      conn.socket.send(JSON.stringify(message));
+      return true;
+    }
+    return false;
+  }
+
+  // (re)subscribe the shown series from the cursors held, then ping: the daemon answers in
+  // order, so the pong means the catch-up is in
+  function subscribe() {
+    if (!view.ready) return;
+    const subscribed = send({
+      type: "subscribe",
+      series_id: view.seriesId,
+      since: view.lastClosed,
+      events_after: view.lastEventId,
+      supports_batch: true,
+    });
+    if (subscribed && send({ type: "ping" })) {
+      conn.pendingPongs += 1;
+      setState("syncing");
+    }
+  }
+
+  function handle(message) {
+    if (message.type === "pong") {
+      conn.pendingPongs = Math.max(0, conn.pendingPongs - 1);
+      if (conn.pendingPongs === 0) setState("live");
+      return;
+    }
+    if (message.type === "error") {
+      view.errors.push(message);
+      notice(`the daemon refused a message: ${message.code}: ${message.message}`);
+      return;
+    }
+    if (message.series_id !== view.seriesId || !view.ready) return;
+    switch (message.type) {
+      case "candles_batch":
+        for (const candle of message.candles) applyClosed(candle);
+        break;
+      case "candle_closed":
+        applyClosed(message.candle);
+        break;
+      case "candle_forming":
+        applyForming(message.candle);
+        break;
+      case "gap":
+        shade(message.expected_next_time, message.actual_time);
+        renderGaps();
+        break;
+      case "system":
+        noteEvent(message);
+        if (message.event === "factor.rebuild") rebuild(message.data);
+        else if (message.event === "gap") renderGaps();
+        break;
+      case "events_truncated":
+        select(view.seriesId); // events were lost: reload the series
+        break;
+      default:
+        break;
+    }
+    document.title = `${view.bars.length ? fmt(view.bars[view.bars.length - 1].close) + " · " : ""}${view.seriesId} — tradecanvas`;
+  }
+
+  function connect() {
+    setState(conn.attempt === 0 ? "connecting" : "reconnecting", conn.attempt ? `attempt ${conn.attempt}` : "");
+    const scheme = location.protocol === "https:" ? "wss" : "ws";
+    const socket = new WebSocket(`${scheme}://${location.host}/ws/market`);
+    conn.socket = socket;
+    conn.pendingPongs = 0;
+    socket.addEventListener("open", () => {
+      conn.attempt = 0;
+      setState("syncing");
+      subscribe();
+    });
+    socket.addEventListener("message", (event) => handle(JSON.parse(event.data)));
+    socket.addEventListener("close", (event) => {
+      if (conn.socket !== socket) return;
+      conn.socket = null;
+      conn.attempt += 1;
+      const delay = Math.min(RECONNECT_MAX_MS, RECONNECT_MIN_MS * 2 ** (conn.attempt - 1));
+      const why = event.code === 1001 ? "daemon stopped" : `closed ${event.code}`;
+      setState("reconnecting", `${why}; retry ${conn.attempt} in ${(delay / 1000).toFixed(1)} s`);
+      if (conn.attempt >= 4 && event.code === 1006) {
+        notice(
+          "cannot reach /ws/market: is the daemon running, and is this page's origin in" +
+            " TRADE_CANVAS_WS_ALLOWED_ORIGINS?",
+        );
+      }
+      setTimeout(connect, delay);
+    });
+    // an error is always followed by close, which reconnects
+  }
+
+  // --- start ------------------------------------------------------------------------------
+
+  window.tradecanvasChart = {
+    chart, // the lightweight-charts API (scrolling, screenshots)
+    seriesId: () => view.seriesId,
+    // the bars held for `seriesId` (empty when another series is shown), ascending
+    data: (seriesId) => (seriesId === view.seriesId ? view.bars.map((b) => ({ ...b })) : []),
+    lastClosed: () => view.lastClosed,
+    lastEventId: () => view.lastEventId,
+    gaps: (seriesId) =>
+      seriesId === view.seriesId ? gapSeries.data().map((p) => p.time) : [],
+    rebuilds: () => view.rebuilds.map((r) => ({ ...r })),
+    errors: () => view.errors.map((e) => ({ ...e })),
+    state: () => conn.state,
+    ready: () => view.ready,
+    select,
+    loadOlder,
+  };
+
+  (async () => {
+    try {
+      await refreshSeriesList();
+    } catch (error) {
+      notice(`cannot read the series list: ${error.message}`);
+      return;
+    }
+    const wanted = new URL(location.href).searchParams.get("series");
+    const first = seriesList.find((s) => s.series_id === wanted) || seriesList[0];
+    connect();
+    if (first) await select(first.series_id);
+    else notice("this daemon serves no series");
+  })();
+})();
