@@ -4,6 +4,7 @@ and expectations: the one store interface answers the same on both."""
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from decimal import Decimal
 
 import attrs
@@ -15,7 +16,7 @@ from tests.store_pg.conftest import Backend
 from tradecanvas.errors import StoreError
 from tradecanvas.model import Candle
 from tradecanvas.store.interface import WriteTxn
-from tradecanvas.store.types import Source, UpsertOutcome
+from tradecanvas.store.types import Source, StoredCandle, UpsertOutcome
 
 SID = "binance:futures:BTC/USDT:1m"
 NEW, UNCHANGED, REVISED = UpsertOutcome.NEW, UpsertOutcome.UNCHANGED, UpsertOutcome.REVISED
@@ -296,3 +297,31 @@ async def test_a_write_waiting_for_the_writer_survives_cancellation(backend: Bac
             await store.upsert(SID, [candle(60, "1", "1", "1", "1")], "ws")
     assert await store.head_time(SID) == 60
     await store.aclose()
+
+
+async def test_write_sequence_moves_by_one_unless_another_store_wrote(backend: Backend) -> None:
+    """``sequence`` tells the pipeline whether its cache of recent bars still holds: one more
+    than its own last write transaction only if nobody else wrote in between."""
+    mine, other = await backend.open(), await backend.open()
+
+    def number(txn: WriteTxn) -> int:
+        return txn.sequence
+
+    def write_and_number(at: int) -> Callable[[WriteTxn], int]:
+        def run(txn: WriteTxn) -> int:
+            txn.write_rows([(SID, StoredCandle(candle(at, "1", "1", "1", "1"), "ws", True))])
+            return txn.sequence
+
+        return run
+
+    first = await mine.write(write_and_number(60))
+    second = await mine.write(number)
+    assert second == first + 1
+    await other.write(write_and_number(120))
+    third = await mine.write(number)
+    assert third > second + 1
+    # write_rows wrote exactly the rows given, and first_time sees them from both stores
+    assert [s.candle.candle_time for s in await other.range(SID, 0, 1000)] == [60, 120]
+    assert await mine.write(lambda txn: txn.first_time(SID)) == 60
+    await mine.aclose()
+    await other.aclose()

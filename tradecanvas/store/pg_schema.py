@@ -58,6 +58,15 @@ MIGRATIONS: Final[tuple[str, ...]] = (
     );
     INSERT INTO event_counter (only_row, last_id) VALUES (TRUE, 0);
     """,
+    # 2: write transactions so far (StoreTxn.sequence: the pipeline's recent-bars cache
+    # holds only while nobody else wrote between two of its transactions)
+    """
+    CREATE TABLE write_counter (
+        only_row BOOLEAN PRIMARY KEY DEFAULT TRUE CHECK (only_row),
+        last_sequence BIGINT NOT NULL
+    );
+    INSERT INTO write_counter (only_row, last_sequence) VALUES (TRUE, 0);
+    """,
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 

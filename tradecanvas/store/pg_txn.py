@@ -122,8 +122,36 @@ class PgStoreTxn:
     """The synchronous view of the store inside one write transaction (a worker thread);
     the same methods as the SQLite ``StoreTxn``."""
 
-    def __init__(self, conn: Conn) -> None:
+    def __init__(self, conn: Conn, sequence: int = 0) -> None:
         self._conn = conn
+        self._sequence = sequence
+
+    @property
+    def sequence(self) -> int:
+        """This write transaction's number (see the SQLite ``StoreTxn.sequence``): taken
+        from the database's ``write_counter`` under the write lock, so it is one more than
+        the previous write transaction of any process, and a process that sees its own last
+        number plus one knows that nobody else wrote in between."""
+        return self._sequence
+
+    def write_rows(self, rows: Sequence[tuple[str, StoredCandle]]) -> None:
+        """Insert or replace ``(series_id, row)`` pairs exactly as given (a later pair for
+        the same key wins), in one pipelined ``executemany``."""
+        if not rows:
+            return
+        latest: dict[tuple[str, int], tuple[object, ...]] = {}
+        for series_id, row in rows:
+            key = (series_id, row.candle.candle_time)
+            latest[key] = (series_id, *_row(row.candle, row.source, row.complete))
+        with self._conn.cursor() as cur:
+            cur.executemany(_UPSERT, list(latest.values()))
+
+    def first_time(self, series_id: str) -> int | None:
+        """The oldest stored ``candle_time`` of the series (None: nothing stored)."""
+        row = self._conn.execute(
+            "SELECT MIN(candle_time) FROM candles WHERE series_id = %s", (series_id,)
+        ).fetchone()
+        return None if row is None or row[0] is None else int(str(row[0]))
 
     def upsert(
         self,

@@ -196,7 +196,12 @@ class PostgresStore:
         def _run() -> T:
             with _translated("write"), self._pool.connection() as conn, conn.transaction():
                 conn.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK_KEY,))
-                result = fn(PgStoreTxn(conn))
+                number = conn.execute(
+                    "UPDATE write_counter SET last_sequence = last_sequence + 1"
+                    " RETURNING last_sequence"
+                ).fetchone()
+                assert number is not None
+                result = fn(PgStoreTxn(conn, int(str(number[0]))))
             return result
 
         # Shielded from the wait for the writer on, as the SQLite store: a caller that took
