@@ -97,6 +97,7 @@ PARSE_ERROR_CASES: list[tuple[str, str, str]] = [
     ("TRADE_CANVAS_LOG_FORMAT", "xml", "allowed: text, json"),
     ("TRADE_CANVAS_LOG_LEVEL", "loud", "allowed: DEBUG"),
     ("TRADE_CANVAS_DB_PATH", " ", "empty path"),
+    ("TRADE_CANVAS_DATABASE_URL", "mysql://127.0.0.1/market", "not a PostgreSQL URL"),
 ]
 
 

@@ -21,7 +21,7 @@ from tradecanvas.runtime_flags import (
     describe_flags,
     load_runtime_flags,
 )
-from tradecanvas.tools import backfill, replay
+from tradecanvas.tools import backfill, migrate_store, replay
 from tradecanvas.tools import subscribe as subscribe_client
 from tradecanvas.tools.exit_codes import HELP_FORMATTER, ExitCodeTable, exit_codes_epilog
 
@@ -109,6 +109,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     backfill.configure_parser(backfill_parser)
     _add_flag_options(backfill_parser)
+    migrate_parser = _add_command(
+        sub,
+        "migrate-store",
+        "copy a SQLite store into PostgreSQL (idempotent, with progress)",
+        migrate_store.EXIT_CODES,
+    )
+    migrate_store.configure_parser(migrate_parser)
     return parser
 
 
@@ -143,4 +150,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return replay.run_replay(args)
     if args.command == "subscribe":
         return subscribe_client.run_subscribe(args)
+    if args.command == "migrate-store":
+        return migrate_store.run_migrate_store(args)
     parser.error(f"unknown command {args.command}")

@@ -30,7 +30,7 @@ import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, Final, final
+from typing import Any, Final, cast, final
 
 import attrs
 import trio
@@ -48,6 +48,7 @@ from tradecanvas.serve.http_server import serve_http
 from tradecanvas.serve.hub import Hub
 from tradecanvas.serve.ws_server import serve_ws_port
 from tradecanvas.serve.ws_session import MarketEndpoint
+from tradecanvas.store.open import open_store, store_location
 from tradecanvas.store.sqlite import CandleStore
 
 log = logging.getLogger(__name__)
@@ -111,7 +112,9 @@ async def market_runtime_builder(flags: RuntimeFlags) -> MarketRuntime:
     """Open the store and build the single hub, /ws/market endpoint, pipeline, supervisor
     and HTTP app."""
     metrics = Metrics()
-    store = await CandleStore.open(flags.db_path)
+    # SQLite, or PostgreSQL with TRADE_CANVAS_DATABASE_URL. The cast until the pipeline, the
+    # HTTP API and the records name store.interface.MarketStore, which both backends satisfy
+    store = cast(CandleStore, await open_store(store_location(flags.db_path, flags.database_url)))
     hub = Hub(
         store,
         series=flags.all_series(),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import logging
 import os
+import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Final
@@ -39,6 +40,13 @@ def _redacted(value: str | None) -> str:
     return "<unset>" if value is None else "<redacted>"
 
 
+def _url_without_password(url: str | None) -> str:
+    """``postgresql://user:secret@host/db`` as ``postgresql://user:<redacted>@host/db``."""
+    if url is None:
+        return "<unset>"
+    return re.sub(r"(://[^/:@]*):[^/@]*@", r"\1:<redacted>@", url)
+
+
 @attrs.frozen
 class RuntimeFlags:
     """The daemon's settings (DESIGN §7). Frozen: a change means restarting the unit."""
@@ -46,6 +54,7 @@ class RuntimeFlags:
     series: tuple[SeriesId, ...]
     derived_timeframes: tuple[Timeframe, ...]
     db_path: Path
+    database_url: str | None = attrs.field(repr=lambda url: _url_without_password(url))
     ws_host: str
     ws_port: int
     http_host: str
@@ -224,6 +233,15 @@ def _parse_token(text: str) -> str:
     return text.strip()
 
 
+def _parse_database_url(text: str) -> str:
+    text = text.strip()
+    if not text.lower().startswith(("postgresql://", "postgres://")):
+        raise ValueError(
+            "not a PostgreSQL URL; allowed: postgresql://[user[:password]@]host[:port]/dbname"
+        )
+    return text
+
+
 def _parse_path(text: str) -> Path:
     if not text.strip():
         raise ValueError("empty path; allowed: a file path")
@@ -252,6 +270,7 @@ FLAG_SPECS: Final[tuple[FlagSpec, ...]] = (
     FlagSpec("series", "binance:futures:BTC/USDT:1m", _parse_series, "comma-separated base 1m series"),
     FlagSpec("derived_timeframes", "5m,15m,1h,4h,1d", _parse_timeframes, "timeframes derived from 1m (any of 3m … 1M)"),
     FlagSpec("db_path", None, _parse_path, "SQLite file (default $STATE_DIRECTORY/market.sqlite3, else ./var/market.sqlite3)"),
+    FlagSpec("database_url", None, _parse_database_url, "PostgreSQL store (postgresql://…) instead of the SQLite file; migrated at start-up"),
     FlagSpec("ws_host", "127.0.0.1", _parse_host, "/ws/market listen address"),
     FlagSpec("ws_port", "8765", _parse_int(0, 65535), "/ws/market listen port (0 = any)"),
     FlagSpec("http_host", "127.0.0.1", _parse_host, "HTTP API (and /ws/market) listen address"),
@@ -394,6 +413,8 @@ def describe_flags(flags: RuntimeFlags) -> list[tuple[str, str]]:
         value = getattr(flags, spec.field)
         if spec.field == "ingest_token":
             text = _redacted(value)
+        elif spec.field == "database_url":
+            text = _url_without_password(value)
         elif isinstance(value, tuple):
             text = ",".join(str(v) for v in value)
         elif isinstance(value, bool):

@@ -128,9 +128,10 @@ class StoreTxn:
         *,
         complete: bool = True,
     ) -> list[UpsertOutcome]:
-        """Insert or update ``candles`` (distinct times); per candle, was it new, unchanged
-        or revised? The rule is :func:`plan_upsert`'s. One read of the stored rows at those
-        times, then one ``executemany`` of the rows that change."""
+        """Insert or update ``candles``; per candle, was it new, unchanged or revised? The
+        rule is :func:`plan_upsert`'s; a time given twice is judged against the first
+        candle's row (as if upserted one after the other). One read of the stored rows at
+        those times, then one ``executemany`` of the rows that change."""
         if not candles:
             return []
         existing = self._stored_at(series_id, [c.candle_time for c in candles])
@@ -141,6 +142,7 @@ class StoreTxn:
             outcomes.append(outcome)
             if row is not None:
                 rows.append((series_id, row))
+                existing[candle.candle_time] = row
         self.write_rows(rows)
         return outcomes
 

@@ -1,0 +1,211 @@
+"""``tradecanvas migrate-store SQLITE_FILE POSTGRESQL_URL``: moves a SQLite store into
+PostgreSQL (DESIGN §10), idempotently, with progress.
+
+Every candle is upserted with its own source and ``complete`` mark, in batches of
+``--batch`` per transaction, series by series in time order; then the event log, each event
+under its own id (so subscribers' ``events_after`` cursors stay valid, and ids given later
+stay above them); then the meta records (derivation fingerprint, unresolved holes, a
+Binance ban, the retention's mark). Running it again changes nothing (every candle
+UNCHANGED, every event already there). Candles PostgreSQL holds with other values are
+replaced by the SQLite file's (REVISED in the summary); events whose id PostgreSQL holds
+already are kept as they are.
+
+The SQLite file is migrated forward when its schema is older, then only read (its daemon
+may keep running: a later run copies what it added). Ctrl-C stops after the batch being
+committed; what was copied stays and the next run goes on from there.
+
+Exit codes: 0 copied (a second run: nothing changed); 2 bad arguments (no such SQLite file,
+not a PostgreSQL URL); 3 either store failed (what was committed stays: run it again); 130
+Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import logging
+import sqlite3
+import sys
+from collections import Counter
+from collections.abc import Callable, Sequence
+from itertools import groupby
+from pathlib import Path
+from typing import Final, TextIO
+
+import attrs
+import trio
+
+from tradecanvas.errors import ExitCode, StoreError
+from tradecanvas.store.pg_txn import PgStoreTxn
+from tradecanvas.store.postgres import URL_SCHEMES, PostgresStore, describe_url
+from tradecanvas.store.sqlite import CandleStore
+from tradecanvas.store.txn import select_candles, select_events
+from tradecanvas.store.types import StoredCandle, StoredEvent, UpsertOutcome
+from tradecanvas.tools.exit_codes import ExitCodeTable
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BATCH: Final = 50_000
+EXIT_CODES: Final[ExitCodeTable] = (
+    (ExitCode.OK, "everything was copied (again: nothing changed)"),
+    (ExitCode.USAGE, "bad arguments: no such SQLite file, not a PostgreSQL URL"),
+    (ExitCode.STORE_FAILURE, "either store failed; what was committed stays, run it again"),
+    (ExitCode.INTERRUPTED, "Ctrl-C: the batch being committed is finished, the rest is not"),
+)
+
+
+@attrs.define
+class MigrationTally:
+    """What a run did: candles per outcome, events copied or already there, meta entries."""
+
+    candles: Counter[UpsertOutcome] = attrs.field(factory=Counter)
+    series: int = 0
+    events_copied: int = 0
+    events_present: int = 0
+    meta: int = 0
+
+    def summary(self) -> str:
+        return (
+            f"{self.series} series: {self.candles[UpsertOutcome.NEW]:,} new,"
+            f" {self.candles[UpsertOutcome.UNCHANGED]:,} unchanged,"
+            f" {self.candles[UpsertOutcome.REVISED]:,} revised candles;"
+            f" {self.events_copied:,} events copied, {self.events_present:,} already there;"
+            f" {self.meta} meta entries"
+        )
+
+
+def _upsert_as_stored(
+    series_id: str, rows: Sequence[StoredCandle], txn: PgStoreTxn
+) -> list[UpsertOutcome]:
+    outcomes: list[UpsertOutcome] = []
+    # runs of the same source and mark: one upsert each (usually the whole batch)
+    for (source, complete), run in groupby(rows, key=lambda s: (s.source, s.complete)):
+        outcomes += txn.upsert(series_id, [s.candle for s in run], source, complete=complete)
+    return outcomes
+
+
+def _import_events(events: Sequence[StoredEvent], txn: PgStoreTxn) -> int:
+    return sum(txn.import_event(e) for e in events)
+
+
+def _series_counts(conn: sqlite3.Connection) -> list[tuple[str, int]]:
+    cur = conn.execute("SELECT series_id, COUNT(*) FROM candles GROUP BY series_id ORDER BY 1")
+    return [(str(sid), int(n)) for sid, n in cur]
+
+
+def _meta(conn: sqlite3.Connection) -> list[tuple[str, str]]:
+    return [(str(k), str(v)) for k, v in conn.execute("SELECT key, value FROM meta ORDER BY 1")]
+
+
+async def migrate_store(
+    sqlite_path: Path,
+    target: PostgresStore,
+    *,
+    batch: int = DEFAULT_BATCH,
+    progress: Callable[[str, int, int], None] = lambda sid, done, total: None,
+) -> MigrationTally:
+    """Copy everything in ``sqlite_path`` into ``target``; ``progress(series, done, total)``
+    after each batch. Raises StoreError."""
+    lite = await CandleStore.open(sqlite_path)  # migrates an older file forward
+    await lite.aclose()
+
+    def connect() -> sqlite3.Connection:
+        try:
+            return sqlite3.connect(f"file:{sqlite_path}?mode=ro", uri=True, check_same_thread=False)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot read {sqlite_path}: {exc}") from exc
+
+    conn = await trio.to_thread.run_sync(connect)
+    tally = MigrationTally()
+    try:
+        for sid, total in await trio.to_thread.run_sync(_series_counts, conn):
+            tally.series += 1
+            cursor, done = None, 0
+            while True:
+                where, params = (
+                    ("1 ORDER BY candle_time LIMIT ?", (sid, batch))
+                    if cursor is None
+                    else ("candle_time > ? ORDER BY candle_time LIMIT ?", (sid, cursor, batch))
+                )
+                rows = await trio.to_thread.run_sync(select_candles, conn, where, params)
+                if not rows:
+                    break
+                outcomes = await target.write(functools.partial(_upsert_as_stored, sid, rows))
+                tally.candles.update(outcomes)
+                cursor, done = rows[-1].candle.candle_time, done + len(rows)
+                progress(sid, done, total)
+        after = 0
+        while events := await trio.to_thread.run_sync(select_events, conn, after, None, batch):
+            copied = await target.write(functools.partial(_import_events, events))
+            tally.events_copied += copied
+            tally.events_present += len(events) - copied
+            after = events[-1].event_id
+        entries = await trio.to_thread.run_sync(_meta, conn)
+
+        def set_all(txn: PgStoreTxn) -> None:
+            for key, value in entries:
+                txn.set_meta(key, value)
+
+        await target.write(set_all)
+        tally.meta = len(entries)
+    except sqlite3.Error as exc:
+        raise StoreError(f"reading {sqlite_path} failed: {exc}") from exc
+    finally:
+        conn.close()
+    return tally
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("sqlite_file", type=Path, help="the SQLite store to copy from")
+    parser.add_argument("database_url", help="the PostgreSQL store: postgresql://…")
+    parser.add_argument(
+        "--batch",
+        type=int,
+        default=DEFAULT_BATCH,
+        help=f"candles per transaction (default {DEFAULT_BATCH:,})",
+    )
+
+
+async def _run(args: argparse.Namespace, err: TextIO) -> MigrationTally:
+    target = await PostgresStore.open(args.database_url)
+    last: dict[str, int] = {}
+
+    def progress(sid: str, done: int, total: int) -> None:
+        percent = 100 * done // total if total else 100
+        if percent != last.get(sid):  # one line per percent at most
+            last[sid] = percent
+            err.write(f"{sid}: {done:,}/{total:,} candles ({percent}%)\n")
+            err.flush()
+
+    try:
+        return await migrate_store(args.sqlite_file, target, batch=args.batch, progress=progress)
+    finally:
+        await target.aclose()
+
+
+def run_migrate_store(
+    args: argparse.Namespace, *, out: TextIO | None = None, err: TextIO | None = None
+) -> int:
+    """Run the command with :func:`configure_parser`'s arguments; one of :data:`EXIT_CODES`."""
+    out = out or sys.stdout
+    err = err or sys.stderr
+    if not args.sqlite_file.is_file():
+        err.write(f"tradecanvas migrate-store: {args.sqlite_file}: no such file\n")
+        return ExitCode.USAGE
+    if not str(args.database_url).strip().lower().startswith(URL_SCHEMES):
+        err.write("tradecanvas migrate-store: the target must be a postgresql:// URL\n")
+        return ExitCode.USAGE
+    if args.batch < 1:
+        err.write("tradecanvas migrate-store: --batch must be at least 1\n")
+        return ExitCode.USAGE
+    try:
+        tally = trio.run(_run, args, err)
+    except KeyboardInterrupt:
+        err.write("tradecanvas migrate-store: interrupted; run it again to finish\n")
+        return ExitCode.INTERRUPTED
+    except StoreError as exc:
+        err.write(f"tradecanvas migrate-store: {exc}\n")
+        return ExitCode.STORE_FAILURE
+    out.write(f"migrated {args.sqlite_file} to {describe_url(args.database_url)}: ")
+    out.write(tally.summary() + "\n")
+    return ExitCode.OK
