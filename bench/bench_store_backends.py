@@ -80,7 +80,7 @@ async def pipeline_rate(store: MarketStore, candles: list[Candle], size: int) ->
     """IngestPipeline.run over ``candles`` in batches: upsert, derive 5m…1d, events."""
     tfs = [Timeframe.parse(t) for t in ("5m", "15m", "1h", "4h", "1d")]
     # the pipeline names the SQLite class today; both backends have its methods
-    pipeline = IngestPipeline(store, _Nobody(), tfs, "bench")  # type: ignore[arg-type]
+    pipeline = IngestPipeline(store, _Nobody(), tfs, "bench")
     start = time.perf_counter()
     for batch in batches(candles, size):
         await pipeline.run(IngestBatch.of(BTC, batch, "ws"))
@@ -91,7 +91,7 @@ async def pipeline_many_series_rate(store: MarketStore, series: int, minutes_n: 
     """Live-like: each batch is one minute of ``series`` symbols (every bucket is touched
     by every batch), through IngestPipeline.run with 5m…1d derived."""
     tfs = [Timeframe.parse(t) for t in ("5m", "15m", "1h", "4h", "1d")]
-    pipeline = IngestPipeline(store, _Nobody(), tfs, "bench")  # type: ignore[arg-type]
+    pipeline = IngestPipeline(store, _Nobody(), tfs, "bench")
     sids = [SeriesId.parse(f"binance:futures:S{i}/USDT:1m") for i in range(series)]
     rows = minutes(0, minutes_n)
     start = time.perf_counter()

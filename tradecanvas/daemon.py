@@ -30,7 +30,7 @@ import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, Final, cast, final
+from typing import Any, Final, final
 
 import attrs
 import trio
@@ -48,8 +48,8 @@ from tradecanvas.serve.http_server import serve_http
 from tradecanvas.serve.hub import Hub
 from tradecanvas.serve.ws_server import serve_ws_port
 from tradecanvas.serve.ws_session import MarketEndpoint
-from tradecanvas.store.open import open_store, store_location
-from tradecanvas.store.sqlite import CandleStore
+from tradecanvas.store.interface import MarketStore
+from tradecanvas.store.open import describe_location, open_store, store_location
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ class MarketRuntime:
 
     flags: RuntimeFlags
     metrics: Metrics
-    store: CandleStore
+    store: MarketStore
     hub: Hub
     market: MarketEndpoint
     pipeline: IngestPipeline
@@ -112,9 +112,8 @@ async def market_runtime_builder(flags: RuntimeFlags) -> MarketRuntime:
     """Open the store and build the single hub, /ws/market endpoint, pipeline, supervisor
     and HTTP app."""
     metrics = Metrics()
-    # SQLite, or PostgreSQL with TRADE_CANVAS_DATABASE_URL. The cast until the pipeline, the
-    # HTTP API and the records name store.interface.MarketStore, which both backends satisfy
-    store = cast(CandleStore, await open_store(store_location(flags.db_path, flags.database_url)))
+    # SQLite, or PostgreSQL with TRADE_CANVAS_DATABASE_URL
+    store = await open_store(store_location(flags.db_path, flags.database_url))
     hub = Hub(
         store,
         series=flags.all_series(),
@@ -222,7 +221,7 @@ async def run_daemon(
             ws,
             flags.http_host,
             http,
-            flags.db_path,
+            describe_location(store_location(flags.db_path, flags.database_url)),
             "pipeline" if flags.enable_ingest_ws_pipeline_publish else "legacy",
         )
         log.info(

@@ -16,6 +16,7 @@ from tradecanvas.model import Candle, SeriesId, Timeframe
 from tradecanvas.pipeline.commit import IngestBatch, IngestPipeline
 from tradecanvas.pipeline.events import SystemEvent
 from tradecanvas.pipeline.publish import PublishTarget
+from tradecanvas.store.interface import MarketStore
 from tradecanvas.store.sqlite import CandleStore
 
 BTC: Final = SeriesId.parse("binance:futures:BTC/USDT:1m")
@@ -87,7 +88,7 @@ async def commit_and_publish(pipeline: IngestPipeline, candles: Sequence[Candle]
 
 def edge_feed(
     url: str,
-    store: CandleStore,
+    store: MarketStore,
     keys: StreamKeys,
     *,
     series: dict[str, int | None],
@@ -114,9 +115,9 @@ def edge_feed(
     )
 
 
-async def stored(store: CandleStore, series_id: str) -> list[Candle]:
+async def stored(store: MarketStore, series_id: str) -> list[Candle]:
     return await store.since(series_id, -1, 100_000)
 
 
-async def stored_events(store: CandleStore) -> list[int]:
+async def stored_events(store: MarketStore) -> list[int]:
     return [e.event_id for e in await store.events_after(0, limit=100_000)]

@@ -3,6 +3,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from decimal import Decimal
 from pathlib import Path
+from typing import cast
 
 import pytest
 from hypothesis import given
@@ -14,6 +15,7 @@ from tradecanvas.model import Candle, SeriesId, Timeframe, validate_candle
 from tradecanvas.pipeline.commit import IngestBatch, IngestPipeline, _plainly_valid_minute
 from tradecanvas.pipeline.events import SystemEvent
 from tradecanvas.store.sqlite import CandleStore
+from tradecanvas.store.txn import StoreTxn
 
 BTC = SeriesId.parse("binance:futures:BTC/USDT:1m")
 ETH = SeriesId.parse("binance:futures:ETH/USDT:1m")
@@ -319,7 +321,7 @@ async def test_a_failed_commit_leaves_nothing_cached(tmp_path: Path) -> None:
     p = await _pipeline(tmp_path)
     await p.run(IngestBatch.of(BTC, flat_minutes(0, 4), "ws"))
     await p.store.write(
-        lambda txn: txn._conn.execute(  # a real failure late in the transaction
+        lambda txn: cast(StoreTxn, txn)._conn.execute(  # a real failure late in the txn
             "CREATE TRIGGER no_eth BEFORE INSERT ON events WHEN NEW.series_id LIKE '%ETH%'"
             " BEGIN SELECT RAISE(ABORT, 'refused'); END"
         )

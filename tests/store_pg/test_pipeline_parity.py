@@ -43,8 +43,7 @@ def _summary(result: PipelineResult) -> object:
 
 
 async def _run_day(store: MarketStore, day: list[Candle]) -> tuple[list[object], list[object]]:
-    # the pipeline names the SQLite class today; store.interface.MarketStore is what it takes
-    pipeline = IngestPipeline(store, NullTarget(), TFS, FP, clock=lambda: 1_700_000_000.0)  # type: ignore[arg-type]
+    pipeline = IngestPipeline(store, NullTarget(), TFS, FP, clock=lambda: 1_700_000_000.0)
     summaries: list[object] = []
     later, earlier = day[720:], day[:700]  # minutes 700..719 are "missing" for a while
     for i in range(0, len(later), 200):

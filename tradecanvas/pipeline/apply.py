@@ -42,7 +42,7 @@ from tradecanvas.pipeline.levels import (
     series_order,
 )
 from tradecanvas.pipeline.recent import RecentBars
-from tradecanvas.store.txn import StoreTxn
+from tradecanvas.store.interface import WriteTxn
 from tradecanvas.store.types import Source, StoredCandle, UpsertOutcome, plan_upsert
 
 # base times further apart than this are read as separate ranges (a revision far back and
@@ -61,7 +61,7 @@ class BatchCommit:
 
     def __init__(
         self,
-        txn: StoreTxn,
+        txn: WriteTxn,
         recent: RecentBars,
         plan: DerivationPlan,
         phase_of: Callable[[SeriesId], int | None],
@@ -419,7 +419,7 @@ def _by_series(item: tuple[SeriesId, list[Candle]]) -> tuple[str, str, str, int]
 class _FlushingReader:
     """The transaction's reads, after the pending writes (RecentBars reads through it)."""
 
-    def __init__(self, txn: StoreTxn, flush: Callable[[], None]) -> None:
+    def __init__(self, txn: WriteTxn, flush: Callable[[], None]) -> None:
         self._txn = txn
         self._flush = flush
 

@@ -37,7 +37,7 @@ from tradecanvas.pipeline.levels import DerivationPlan
 from tradecanvas.pipeline.publish import PublishStep, PublishTarget, run_publish_steps
 from tradecanvas.pipeline.recent import RecentBars
 from tradecanvas.runtime_flags import RuntimeFlags
-from tradecanvas.store.sqlite import CandleStore, StoreTxn
+from tradecanvas.store.interface import MarketStore, WriteTxn
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -74,7 +74,7 @@ class IngestPipeline:
 
     def __init__(
         self,
-        store: CandleStore,
+        store: MarketStore,
         target: PublishTarget,
         derived_timeframes: Sequence[Timeframe],
         fingerprint: str,
@@ -112,7 +112,7 @@ class IngestPipeline:
 
     @classmethod
     def from_flags(
-        cls, store: CandleStore, target: PublishTarget, flags: RuntimeFlags
+        cls, store: MarketStore, target: PublishTarget, flags: RuntimeFlags
     ) -> IngestPipeline:
         """The pipeline ``serve`` and ``backfill`` use: the flags' derived timeframes and
         derivation fingerprint."""
@@ -166,7 +166,7 @@ class IngestPipeline:
         self._events += len(result.events)
         return result
 
-    def _batch_commit(self, txn: StoreTxn) -> BatchCommit:
+    def _batch_commit(self, txn: WriteTxn) -> BatchCommit:
         self._recent.begin(txn.sequence)
         return BatchCommit(
             txn,
@@ -178,7 +178,7 @@ class IngestPipeline:
             self._names,
         )
 
-    async def _write(self, fn: Callable[[StoreTxn], T]) -> T:
+    async def _write(self, fn: Callable[[WriteTxn], T]) -> T:
         """Every write of the pipeline: RecentBars forgets what a failed one put in."""
         try:
             return await self.store.write(fn)
@@ -186,7 +186,7 @@ class IngestPipeline:
             self._recent.forget()
             raise
 
-    def _run_in_txn(self, txn: StoreTxn, batch: IngestBatch) -> PipelineResult:
+    def _run_in_txn(self, txn: WriteTxn, batch: IngestBatch) -> PipelineResult:
         work = self._batch_commit(txn)
         updates, events, dropped = work.commit(batch)
         work.finish()
@@ -197,7 +197,7 @@ class IngestPipeline:
             duplicates_dropped=dropped,
         )
 
-    def _log_events(self, txn: StoreTxn, events: Sequence[SystemEvent]) -> tuple[SystemEvent, ...]:
+    def _log_events(self, txn: WriteTxn, events: Sequence[SystemEvent]) -> tuple[SystemEvent, ...]:
         """Write ``events`` to the event log (their ids) and apply the retention (at most
         once every PRUNE_INTERVAL_S)."""
         now = self._clock()
@@ -218,7 +218,7 @@ class IngestPipeline:
         any other; nothing is derived while the phase is unknown."""
         phase = self.phase_of(series) if timeframe.phased else 0
 
-        def derive(txn: StoreTxn) -> PipelineResult:
+        def derive(txn: WriteTxn) -> PipelineResult:
             work = self._batch_commit(txn)
             base = str(series)
             head = txn.head_time(base)
@@ -248,7 +248,7 @@ class IngestPipeline:
         store was last served with (at start-up, before anything is published)."""
         key = "served_series"
 
-        def record(txn: StoreTxn) -> tuple[SystemEvent, ...]:
+        def record(txn: WriteTxn) -> tuple[SystemEvent, ...]:
             stored = txn.get_meta(key)
             previously = orjson.loads(stored) if stored is not None else None
             events = served_series_events(previously, series_ids)

@@ -68,7 +68,7 @@ from tradecanvas.serve.http_validation import (
 )
 from tradecanvas.serve.ws_asgi import market_websocket_routes
 from tradecanvas.serve.ws_session import MarketEndpoint
-from tradecanvas.store.sqlite import CandleStore
+from tradecanvas.store.interface import MarketStore
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ async def read_body_limited(request: Request, limit: int = MAX_BODY_BYTES) -> by
 
 def build_http_app(
     *,
-    store: CandleStore,
+    store: MarketStore,
     pipeline: IngestPipeline,
     flags: RuntimeFlags,
     metrics: Metrics,

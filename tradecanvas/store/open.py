@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from tradecanvas.store.interface import MarketStore
-from tradecanvas.store.postgres import URL_SCHEMES, PostgresStore
+from tradecanvas.store.postgres import URL_SCHEMES, PostgresStore, describe_url
 from tradecanvas.store.sqlite import CandleStore
 
 
@@ -24,3 +24,8 @@ async def open_store(location: str | Path) -> MarketStore:
     if is_database_url(location):
         return await PostgresStore.open(str(location).strip())
     return await CandleStore.open(location)
+
+
+def describe_location(location: str | Path) -> str:
+    """The store's location for log lines: the SQLite path, or the URL without its password."""
+    return describe_url(str(location).strip()) if is_database_url(location) else str(location)

@@ -10,7 +10,7 @@ from typing import Final, final
 import orjson
 
 from tradecanvas.model import MARKETS, Market, SeriesId
-from tradecanvas.store.sqlite import CandleStore
+from tradecanvas.store.interface import MarketStore
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +22,7 @@ class StoreBanMemory:
 
     KEY: Final = "rest_ban_until:"
 
-    def __init__(self, store: CandleStore) -> None:
+    def __init__(self, store: MarketStore) -> None:
         self.store = store
 
     async def load(self) -> dict[Market, float]:
@@ -53,7 +53,7 @@ class StoreHoleMemory:
 
     KEY: Final = "unresolved_holes:"
 
-    def __init__(self, store: CandleStore) -> None:
+    def __init__(self, store: MarketStore) -> None:
         self.store = store
         self._saved: dict[SeriesId, tuple[tuple[int, int], ...]] = {}
 

@@ -23,7 +23,7 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
-from typing import Final, TextIO, cast, final
+from typing import Final, TextIO, final
 
 import attrs
 import trio
@@ -34,9 +34,8 @@ from tradecanvas.ops.logs import configure_logging
 from tradecanvas.pipeline.commit import IngestBatch, IngestPipeline, PipelineResult
 from tradecanvas.pipeline.events import SystemEvent
 from tradecanvas.runtime_flags import RuntimeFlags
-from tradecanvas.store.open import open_store, store_location
+from tradecanvas.store.open import describe_location, open_store, store_location
 from tradecanvas.store.records import StoreBanMemory
-from tradecanvas.store.sqlite import CandleStore
 from tradecanvas.tools.backfill.plan import (
     TIME_EXAMPLES,
     BackfillPlan,
@@ -205,10 +204,8 @@ async def _open_and_import(
     """The import proper; returns (exit code, error line) for the failures the exit codes
     cover, None when it is done (or was cancelled)."""
     try:
-        # the daemon's store: PostgreSQL with TRADE_CANVAS_DATABASE_URL (cast: see daemon.py)
-        store = cast(
-            CandleStore, await open_store(store_location(flags.db_path, flags.database_url))
-        )
+        # the daemon's store: PostgreSQL with TRADE_CANVAS_DATABASE_URL
+        store = await open_store(store_location(flags.db_path, flags.database_url))
     except StoreError as exc:
         return ExitCode.STORE_FAILURE, f"store failure: {exc}"
     try:
@@ -233,7 +230,7 @@ async def _open_and_import(
                 plan.minutes,
                 pages,
                 "" if pages == 1 else "s",
-                flags.db_path,
+                describe_location(store_location(flags.db_path, flags.database_url)),
             )
             await import_history(plan, pipeline, rest, tally, progress)
     except UpstreamError as exc:
