@@ -8,8 +8,10 @@ plain reference implementation):
 - each series' candles are planned against the stored rows at their times
   (:func:`plan_upsert`); the rows of every series are written together, one
   ``executemany`` (``StoreTxn.write_rows``), before any read of the store and at the end;
-- a minute above a known head is new without a read; a live minute that makes no bar due
-  (every timeframe's bucket still filling) takes a short way (:meth:`_live_minute`);
+- a minute above a known head is new without a read; a live minute takes a short way
+  (:meth:`_live_minute`) when it makes no bar due (every timeframe's bucket still filling)
+  or only bars built from 1m out of minutes RecentBars holds, all complete (the minute
+  that completes a 5m bar: a fifth of live minutes);
 - only a bucket whose last minute is settled can give a bar, so no other is derived;
 - a derived bucket is built from its source bars as they are *now*, taken from what this
   transaction wrote and what :class:`RecentBars` knows of the store, so only the parts of a
@@ -109,13 +111,14 @@ class BatchCommit:
         # (items, not keys then lookups: a SeriesId hashes its fields every time)
         for series, given in sorted(grouped.items(), key=_by_series):
             sid = str(series)
-            if (
-                len(given) == 1
-                and not absent
-                and self._live_minute(series, sid, given[0], batch.source)
-            ):
-                updates.append(SeriesUpdate(sid, (given[0],), derived=False))
-                continue
+            if len(given) == 1 and not absent:
+                made = self._live_minute(series, sid, given[0], batch.source)
+                if made is not None:
+                    updates.append(SeriesUpdate(sid, (given[0],), derived=False))
+                    if made:
+                        made.sort(key=_by_order)
+                        derived_updates.extend(u for _, u in made)
+                    continue
             if len(given) == 1:
                 candles: Sequence[Candle] = given
             else:
@@ -182,36 +185,80 @@ class BatchCommit:
                 events.extend(tf_events)
                 if update is not None:
                     series_updates.append((level.order, update))
-            derived_updates.extend(u for _, u in sorted(series_updates, key=lambda x: x[0]))
+            derived_updates.extend(u for _, u in sorted(series_updates, key=_by_order))
         return updates + derived_updates, events, dropped_total
 
-    def _live_minute(self, series: SeriesId, sid: str, candle: Candle, source: Source) -> bool:
+    def _live_minute(
+        self, series: SeriesId, sid: str, candle: Candle, source: Source
+    ) -> list[tuple[int, SeriesUpdate]] | None:
         """The short way for a live minute: one new candle above the series' known head that
-        makes no bar due (every timeframe's bucket still filling) and no event. It does what
-        the long way would do then — store it — and says whether it applied."""
+        raises no event, whose due bars (if any) are complete from known minutes of this
+        series. It does what the long way would do then — store the minute and the bars —
+        and returns the bars' updates with their configured order (None: not applied, take
+        the long way)."""
         if not self._grid_only or sid not in self.fingerprint_checked:
-            return False
-        head = self.recent.known_head(sid)
+            return None
+        recent = self.recent
+        head = recent.known_head(sid)
         t = candle.candle_time
         if head is None or t <= head:
-            return False
+            return None
+        due: list[tuple[Level, int, tuple[SeriesId, str]]] = []
         for level in self.plan.levels:
             length = level.length
             assert length is not None  # _grid_only
             bucket = t - (t - level.offset) % length
-            if bucket + length - MINUTE <= t:
-                return False  # a bar is due: the long way
             waiting = head - (head - level.offset) % length
-            if waiting != bucket and not self.recent.holds_complete(
-                self._name(series, sid, level.tf)[1], waiting
-            ):
-                return False  # the old head's bucket may be owed its bar
+            is_due = bucket + length - MINUTE <= t
+            if waiting != bucket or is_due:
+                name = self._name(series, sid, level.tf)
+                if waiting != bucket and not recent.holds_complete(name[1], waiting):
+                    return None  # the old head's bucket may be owed its bar
+                if is_due:
+                    due.append((level, bucket, name))
+        bars = self._due_bars(sid, candle, due) if due else []
+        if bars is None:
+            return None
         row = StoredCandle(candle, source, True)
-        self._written += 1
-        self.recent.wrote_above_head(sid, row)
-        self._pending.append((sid, row))
+        recent.wrote_above_head(sid, row)
+        pending = self._pending
+        pending.append((sid, row))
         self._touched[sid] = series
-        return True
+        made: list[tuple[int, SeriesUpdate]] = []
+        for (level, _, (derived, dsid)), bar in zip(due, bars, strict=True):
+            derived_row = StoredCandle(bar, "derived", True)
+            recent.wrote_above_head(dsid, derived_row)
+            pending.append((dsid, derived_row))
+            self._touched[dsid] = derived
+            made.append((level.order, SeriesUpdate(dsid, (bar,), derived=True)))
+        self._written += 1 + len(bars)
+        return made
+
+    def _due_bars(
+        self, sid: str, candle: Candle, due: Sequence[tuple[Level, int, tuple[SeriesId, str]]]
+    ) -> list[Candle] | None:
+        """The bars ``candle`` completes, each new above its series' known head and built
+        from minutes of this series all known, complete and not all empty — what the long
+        way would make of them, with no event — or None (take the long way)."""
+        t = candle.candle_time
+        bars: list[Candle] = []
+        for level, bucket, (_, dsid) in due:
+            if level.source.seconds != MINUTE or dsid not in self.fingerprint_checked:
+                return None  # built from another derived timeframe, or not yet checked
+            derived_head = self.recent.known_head(dsid)
+            if derived_head is None or derived_head >= bucket:
+                return None
+            rows = self.recent.known_range(sid, bucket, t)
+            if rows is None or len(rows) + 1 != level.parts:
+                return None
+            parts = [r.candle for r in rows if r.complete]
+            if len(parts) != len(rows):
+                return None
+            parts.append(candle)
+            if all(c.volume == 0 for c in parts):
+                return None  # flat at the previous close: the long way looks it up
+            bars.append(aggregate(bucket, parts))
+        return bars
 
     def _upsert_base(
         self, sid: str, candles: Sequence[Candle], batch: IngestBatch
@@ -409,6 +456,10 @@ class BatchCommit:
                 if phase is not None:
                     keep_from = min(keep_from, consumer.floor(head, phase))
             self.recent.trim(sid, keep_from)
+
+
+def _by_order(item: tuple[int, SeriesUpdate]) -> int:
+    return item[0]
 
 
 def _by_series(item: tuple[SeriesId, list[Candle]]) -> tuple[str, str, str, int]:

@@ -191,6 +191,17 @@ class RecentBars:
             known.cover(row.candle.candle_time, t)
         return row
 
+    def known_range(self, series_id: str, start: int, end: int) -> list[StoredCandle] | None:
+        """:meth:`range` when it needs no read (every part of [start, end) known), else None."""
+        known = self._series.get(series_id)
+        if known is None or known.gaps(start, end):
+            return None
+        times = known.times
+        i = bisect.bisect_left(times, start)
+        j = bisect.bisect_left(times, end, i)
+        rows = known.rows
+        return [rows[t] for t in times[i:j]]
+
     def known_head(self, series_id: str) -> int | None:
         """The series' head when it is known and something is stored (no read), else None."""
         known = self._series.get(series_id)
