@@ -43,7 +43,7 @@ from tradecanvas.pipeline.levels import (
     runs_of,
     series_order,
 )
-from tradecanvas.pipeline.recent import RecentBars
+from tradecanvas.pipeline.recent import FlushingReader, RecentBars
 from tradecanvas.store.txn import StoreTxn
 from tradecanvas.store.types import Source, StoredCandle, UpsertOutcome, plan_upsert
 
@@ -70,6 +70,7 @@ class BatchCommit:
         fingerprint: str,
         fingerprint_checked: set[str],
         names: dict[tuple[str, str], tuple[SeriesId, str]] | None = None,
+        ids: dict[SeriesId, tuple[str, tuple[str, str, str, int]]] | None = None,
     ) -> None:
         self.txn = txn
         self.recent = recent
@@ -78,6 +79,9 @@ class BatchCommit:
         self.fingerprint = fingerprint
         self.fingerprint_checked = fingerprint_checked
         self.names = names if names is not None else {}
+        # a base series' id text and order key, by series: kept by the pipeline, so worked
+        # out once per series, not per series and batch
+        self.ids = ids if ids is not None else {}
         self._touched: dict[str, SeriesId] = {}
         # rows planned but not yet written: the rows of every series go in one executemany,
         # written before any read of the store (and before RecentBars forgets anything)
@@ -85,7 +89,7 @@ class BatchCommit:
         self._written = 0
         # every derived grid is fixed and the same for all symbols (no 3d, no 1M)
         self._grid_only = all(level.length is not None for level in plan.levels)
-        self.reader = _FlushingReader(txn, self.flush)
+        self.reader = FlushingReader(txn, self.flush)
 
     def commit(self, batch: IngestBatch) -> tuple[list[SeriesUpdate], list[SystemEvent], int]:
         """Store ``batch`` and derive from it: the updates (base series first, then derived),
@@ -108,16 +112,22 @@ class BatchCommit:
         if absent:
             for series in absent.keys() - grouped.keys():
                 grouped[series] = []
-        # (items, not keys then lookups: a SeriesId hashes its fields every time)
-        for series, given in sorted(grouped.items(), key=_by_series):
-            sid = str(series)
+        # (items, not keys then lookups: a SeriesId hash is cached but costs a call)
+        ids = self.ids
+        named: list[tuple[tuple[str, tuple[str, str, str, int]], SeriesId, list[Candle]]] = []
+        for series, given in grouped.items():
+            found = ids.get(series)
+            if found is None:
+                found = ids[series] = (str(series), series_order(series))
+            named.append((found, series, given))
+        named.sort(key=_by_series)
+        for (sid, _), series, given in named:
             if len(given) == 1 and not absent:
                 made = self._live_minute(series, sid, given[0], batch.source)
                 if made is not None:
                     updates.append(SeriesUpdate(sid, (given[0],), derived=False))
                     if made:
-                        made.sort(key=_by_order)
-                        derived_updates.extend(u for _, u in made)
+                        derived_updates.extend(u for _, u in sorted(made, key=_by_order))
                     continue
             if len(given) == 1:
                 candles: Sequence[Candle] = given
@@ -190,7 +200,7 @@ class BatchCommit:
 
     def _live_minute(
         self, series: SeriesId, sid: str, candle: Candle, source: Source
-    ) -> list[tuple[int, SeriesUpdate]] | None:
+    ) -> Sequence[tuple[int, SeriesUpdate]] | None:
         """The short way for a live minute: one new candle above the series' known head that
         raises no event, whose due bars (if any) are complete from known minutes of this
         series. It does what the long way would do then — store the minute and the bars —
@@ -203,7 +213,7 @@ class BatchCommit:
         t = candle.candle_time
         if head is None or t <= head:
             return None
-        due: list[tuple[Level, int, tuple[SeriesId, str]]] = []
+        due: list[tuple[Level, int, tuple[SeriesId, str]]] | None = None
         for level in self.plan.levels:
             length = level.length
             assert length is not None  # _grid_only
@@ -215,8 +225,10 @@ class BatchCommit:
                 if waiting != bucket and not recent.holds_complete(name[1], waiting):
                     return None  # the old head's bucket may be owed its bar
                 if is_due:
+                    if due is None:
+                        due = []
                     due.append((level, bucket, name))
-        bars = self._due_bars(sid, candle, due) if due else []
+        bars = [] if due is None else self._due_bars(sid, candle, due)
         if bars is None:
             return None
         row = StoredCandle(candle, source, True)
@@ -224,6 +236,9 @@ class BatchCommit:
         pending = self._pending
         pending.append((sid, row))
         self._touched[sid] = series
+        if due is None:  # (no bar due: the usual live minute)
+            self._written += 1
+            return _NO_BARS
         made: list[tuple[int, SeriesUpdate]] = []
         for (level, _, (derived, dsid)), bar in zip(due, bars, strict=True):
             derived_row = StoredCandle(bar, "derived", True)
@@ -458,33 +473,17 @@ class BatchCommit:
             self.recent.trim(sid, keep_from)
 
 
+_NO_BARS: Final[tuple[tuple[int, SeriesUpdate], ...]] = ()
+
+
 def _by_order(item: tuple[int, SeriesUpdate]) -> int:
     return item[0]
 
 
-def _by_series(item: tuple[SeriesId, list[Candle]]) -> tuple[str, str, str, int]:
-    return series_order(item[0])
-
-
-@final
-class _FlushingReader:
-    """The transaction's reads, after the pending writes (RecentBars reads through it)."""
-
-    def __init__(self, txn: StoreTxn, flush: Callable[[], None]) -> None:
-        self._txn = txn
-        self._flush = flush
-
-    def range(self, series_id: str, start: int, end: int) -> list[StoredCandle]:
-        self._flush()
-        return self._txn.range(series_id, start, end)
-
-    def last_before(self, series_id: str, t: int) -> StoredCandle | None:
-        self._flush()
-        return self._txn.last_before(series_id, t)
-
-    def head_time(self, series_id: str) -> int | None:
-        self._flush()
-        return self._txn.head_time(series_id)
+def _by_series(
+    item: tuple[tuple[str, tuple[str, str, str, int]], SeriesId, list[Candle]],
+) -> tuple[str, str, str, int]:
+    return item[0][1]
 
 
 __all__ = ["BatchCommit"]
