@@ -9,6 +9,7 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Iterator
 from decimal import Decimal
+from typing import Any
 
 import attrs
 import pytest
@@ -20,7 +21,7 @@ from tradecanvas.model import DAY, Candle, SeriesId, Timeframe
 from tradecanvas.pipeline.apply import BatchCommit
 from tradecanvas.pipeline.batch import IngestBatch, SeriesUpdate
 from tradecanvas.pipeline.events import SystemEvent
-from tradecanvas.pipeline.levels import DerivationPlan
+from tradecanvas.pipeline.levels import DerivationPlan, Level
 from tradecanvas.pipeline.recent import TRIM_EVERY, RecentBars
 from tradecanvas.store.schema import migrate
 from tradecanvas.store.txn import StoreTxn
@@ -31,6 +32,7 @@ BTC = SeriesId.parse("binance:futures:BTC/USDT:1m")
 ETH = SeriesId.parse("binance:futures:ETH/USDT:1m")
 DERIVED = tuple(Timeframe.parse(t) for t in ("5m", "15m", "1h", "1d", "3d"))
 GRID_ONLY = DERIVED[:-1]
+FIVE_ONLY = DERIVED[:1]
 
 
 def phase_of(series: SeriesId) -> int | None:
@@ -158,12 +160,13 @@ def run_both(
 
 
 @settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(scripts(), st.sampled_from([DERIVED, GRID_ONLY]))
+@given(scripts(), st.sampled_from([DERIVED, GRID_ONLY, FIVE_ONLY]))
 def test_fast_path_equals_the_reference(
     script: list[IngestBatch | tuple[str, Candle]], derived: tuple[Timeframe, ...]
 ) -> None:
     """With a 3d (a phased grid) every minute takes the long way; without, a live minute
-    that makes no bar due takes the short one (BatchCommit._live_minute)."""
+    takes the short one (BatchCommit._live_minute) when it makes no bar due, or only bars
+    of timeframes built from 1m (with 5m alone, every bar)."""
     for got, want, fast, ref in run_both(script, derived):
         assert got == want
         assert dump(fast.conn) == dump(ref.conn)
@@ -185,6 +188,44 @@ def test_a_live_minute_reads_nothing_back() -> None:
     # what is kept: the current bucket of each timeframe built from a series, and what came
     # since the last trim
     assert len(fast.recent.cached_rows(str(BTC))) <= 5 + TRIM_EVERY
+
+
+@pytest.mark.parametrize("derived", [FIVE_ONLY, GRID_ONLY])
+def test_a_live_minute_that_completes_a_bar_takes_the_short_way(
+    derived: tuple[Timeframe, ...], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Live minutes on two series, one of them with a quiet (empty) bucket: once each
+    series and its bars are known, a minute that completes a 5m bar from 1m derives it the
+    short way (BatchCommit.derive is not called) unless the bucket is all empty; a bar of
+    a timeframe built from another derived one (15m from 5m) takes the long way."""
+    fast, ref = FastRig(derived), ReferenceRig(derived)
+    long_way: list[tuple[str, int]] = []
+    derive = BatchCommit.derive
+
+    def spy(self: BatchCommit, base: SeriesId, level: Level, *args: Any, **kw: Any) -> Any:
+        long_way.append((base.symbol, level.tf.seconds))
+        return derive(self, base, level, *args, **kw)
+
+    monkeypatch.setattr(BatchCommit, "derive", spy)
+    for i in range(60):
+        quiet = 0 if 20 <= i < 25 else 1
+        batch = IngestBatch(
+            ((BTC, minute(i, 100 + i % 3, 1, True, 0)), (ETH, minute(i, 100, quiet, False, 0))),
+            "ws",
+        )
+        before = len(long_way)
+        assert fast.run(batch) == ref.run(batch)
+        if i >= 10 and i % 5 == 4:
+            want = [("ETH/USDT", 300)] if i == 24 else []
+            if len(derived) > 1 and i % 15 == 14:
+                want = [
+                    (symbol, tf.seconds)
+                    for symbol in ("BTC/USDT", "ETH/USDT")
+                    for tf in derived
+                    if (i + 1) % (tf.seconds // 60) == 0
+                ]
+            assert long_way[before:] == want, f"minute {i}"
+    assert dump(fast.conn) == dump(ref.conn)
 
 
 def test_history_in_batches_reads_nothing_back_and_keeps_little() -> None:

@@ -7,9 +7,11 @@ plain reference implementation):
 
 - each series' candles are planned against the stored rows at their times
   (:func:`plan_upsert`); the rows of every series are written together, one
-  ``executemany`` (``StoreTxn.write_rows``), before any read of the store and at the end;
-- a minute above a known head is new without a read; a live minute that makes no bar due
-  (every timeframe's bucket still filling) takes a short way (:meth:`_live_minute`);
+  ``executemany`` (``WriteTxn.write_rows``), before any read of the store and at the end;
+- a minute above a known head is new without a read; a live minute takes a short way
+  (:meth:`_live_minute`) when it makes no bar due (every timeframe's bucket still filling)
+  or only bars built from 1m out of minutes RecentBars holds, all complete (the minute
+  that completes a 5m bar: a fifth of live minutes);
 - only a bucket whose last minute is settled can give a bar, so no other is derived;
 - a derived bucket is built from its source bars as they are *now*, taken from what this
   transaction wrote and what :class:`RecentBars` knows of the store, so only the parts of a
@@ -41,7 +43,7 @@ from tradecanvas.pipeline.levels import (
     runs_of,
     series_order,
 )
-from tradecanvas.pipeline.recent import RecentBars
+from tradecanvas.pipeline.recent import FlushingReader, RecentBars
 from tradecanvas.store.interface import WriteTxn
 from tradecanvas.store.types import Source, StoredCandle, UpsertOutcome, plan_upsert
 
@@ -68,6 +70,7 @@ class BatchCommit:
         fingerprint: str,
         fingerprint_checked: set[str],
         names: dict[tuple[str, str], tuple[SeriesId, str]] | None = None,
+        ids: dict[SeriesId, tuple[str, tuple[str, str, str, int]]] | None = None,
     ) -> None:
         self.txn = txn
         self.recent = recent
@@ -76,6 +79,9 @@ class BatchCommit:
         self.fingerprint = fingerprint
         self.fingerprint_checked = fingerprint_checked
         self.names = names if names is not None else {}
+        # a base series' id text and order key, by series: kept by the pipeline, so worked
+        # out once per series, not per series and batch
+        self.ids = ids if ids is not None else {}
         self._touched: dict[str, SeriesId] = {}
         # rows planned but not yet written: the rows of every series go in one executemany,
         # written before any read of the store (and before RecentBars forgets anything)
@@ -83,7 +89,7 @@ class BatchCommit:
         self._written = 0
         # every derived grid is fixed and the same for all symbols (no 3d, no 1M)
         self._grid_only = all(level.length is not None for level in plan.levels)
-        self.reader = _FlushingReader(txn, self.flush)
+        self.reader = FlushingReader(txn, self.flush)
 
     def commit(self, batch: IngestBatch) -> tuple[list[SeriesUpdate], list[SystemEvent], int]:
         """Store ``batch`` and derive from it: the updates (base series first, then derived),
@@ -106,16 +112,23 @@ class BatchCommit:
         if absent:
             for series in absent.keys() - grouped.keys():
                 grouped[series] = []
-        # (items, not keys then lookups: a SeriesId hashes its fields every time)
-        for series, given in sorted(grouped.items(), key=_by_series):
-            sid = str(series)
-            if (
-                len(given) == 1
-                and not absent
-                and self._live_minute(series, sid, given[0], batch.source)
-            ):
-                updates.append(SeriesUpdate(sid, (given[0],), derived=False))
-                continue
+        # (items, not keys then lookups: a SeriesId hash is cached but costs a call)
+        ids = self.ids
+        named: list[tuple[tuple[str, tuple[str, str, str, int]], SeriesId, list[Candle]]] = []
+        for series, given in grouped.items():
+            found = ids.get(series)
+            if found is None:
+                found = ids[series] = (str(series), series_order(series))
+            named.append((found, series, given))
+        named.sort(key=_by_series)
+        for (sid, _), series, given in named:
+            if len(given) == 1 and not absent:
+                made = self._live_minute(series, sid, given[0], batch.source)
+                if made is not None:
+                    updates.append(SeriesUpdate(sid, (given[0],), derived=False))
+                    if made:
+                        derived_updates.extend(u for _, u in sorted(made, key=_by_order))
+                    continue
             if len(given) == 1:
                 candles: Sequence[Candle] = given
             else:
@@ -182,36 +195,85 @@ class BatchCommit:
                 events.extend(tf_events)
                 if update is not None:
                     series_updates.append((level.order, update))
-            derived_updates.extend(u for _, u in sorted(series_updates, key=lambda x: x[0]))
+            derived_updates.extend(u for _, u in sorted(series_updates, key=_by_order))
         return updates + derived_updates, events, dropped_total
 
-    def _live_minute(self, series: SeriesId, sid: str, candle: Candle, source: Source) -> bool:
+    def _live_minute(
+        self, series: SeriesId, sid: str, candle: Candle, source: Source
+    ) -> Sequence[tuple[int, SeriesUpdate]] | None:
         """The short way for a live minute: one new candle above the series' known head that
-        makes no bar due (every timeframe's bucket still filling) and no event. It does what
-        the long way would do then — store it — and says whether it applied."""
+        raises no event, whose due bars (if any) are complete from known minutes of this
+        series. It does what the long way would do then — store the minute and the bars —
+        and returns the bars' updates with their configured order (None: not applied, take
+        the long way)."""
         if not self._grid_only or sid not in self.fingerprint_checked:
-            return False
-        head = self.recent.known_head(sid)
+            return None
+        recent = self.recent
+        head = recent.known_head(sid)
         t = candle.candle_time
         if head is None or t <= head:
-            return False
+            return None
+        due: list[tuple[Level, int, tuple[SeriesId, str]]] | None = None
         for level in self.plan.levels:
             length = level.length
             assert length is not None  # _grid_only
             bucket = t - (t - level.offset) % length
-            if bucket + length - MINUTE <= t:
-                return False  # a bar is due: the long way
             waiting = head - (head - level.offset) % length
-            if waiting != bucket and not self.recent.holds_complete(
-                self._name(series, sid, level.tf)[1], waiting
-            ):
-                return False  # the old head's bucket may be owed its bar
+            is_due = bucket + length - MINUTE <= t
+            if waiting != bucket or is_due:
+                name = self._name(series, sid, level.tf)
+                if waiting != bucket and not recent.holds_complete(name[1], waiting):
+                    return None  # the old head's bucket may be owed its bar
+                if is_due:
+                    if due is None:
+                        due = []
+                    due.append((level, bucket, name))
+        bars = [] if due is None else self._due_bars(sid, candle, due)
+        if bars is None:
+            return None
         row = StoredCandle(candle, source, True)
-        self._written += 1
-        self.recent.wrote_above_head(sid, row)
-        self._pending.append((sid, row))
+        recent.wrote_above_head(sid, row)
+        pending = self._pending
+        pending.append((sid, row))
         self._touched[sid] = series
-        return True
+        if due is None:  # (no bar due: the usual live minute)
+            self._written += 1
+            return _NO_BARS
+        made: list[tuple[int, SeriesUpdate]] = []
+        for (level, _, (derived, dsid)), bar in zip(due, bars, strict=True):
+            derived_row = StoredCandle(bar, "derived", True)
+            recent.wrote_above_head(dsid, derived_row)
+            pending.append((dsid, derived_row))
+            self._touched[dsid] = derived
+            made.append((level.order, SeriesUpdate(dsid, (bar,), derived=True)))
+        self._written += 1 + len(bars)
+        return made
+
+    def _due_bars(
+        self, sid: str, candle: Candle, due: Sequence[tuple[Level, int, tuple[SeriesId, str]]]
+    ) -> list[Candle] | None:
+        """The bars ``candle`` completes, each new above its series' known head and built
+        from minutes of this series all known, complete and not all empty — what the long
+        way would make of them, with no event — or None (take the long way)."""
+        t = candle.candle_time
+        bars: list[Candle] = []
+        for level, bucket, (_, dsid) in due:
+            if level.source.seconds != MINUTE or dsid not in self.fingerprint_checked:
+                return None  # built from another derived timeframe, or not yet checked
+            derived_head = self.recent.known_head(dsid)
+            if derived_head is None or derived_head >= bucket:
+                return None
+            rows = self.recent.known_range(sid, bucket, t)
+            if rows is None or len(rows) + 1 != level.parts:
+                return None
+            parts = [r.candle for r in rows if r.complete]
+            if len(parts) != len(rows):
+                return None
+            parts.append(candle)
+            if all(c.volume == 0 for c in parts):
+                return None  # flat at the previous close: the long way looks it up
+            bars.append(aggregate(bucket, parts))
+        return bars
 
     def _upsert_base(
         self, sid: str, candles: Sequence[Candle], batch: IngestBatch
@@ -411,29 +473,17 @@ class BatchCommit:
             self.recent.trim(sid, keep_from)
 
 
-def _by_series(item: tuple[SeriesId, list[Candle]]) -> tuple[str, str, str, int]:
-    return series_order(item[0])
+_NO_BARS: Final[tuple[tuple[int, SeriesUpdate], ...]] = ()
 
 
-@final
-class _FlushingReader:
-    """The transaction's reads, after the pending writes (RecentBars reads through it)."""
+def _by_order(item: tuple[int, SeriesUpdate]) -> int:
+    return item[0]
 
-    def __init__(self, txn: WriteTxn, flush: Callable[[], None]) -> None:
-        self._txn = txn
-        self._flush = flush
 
-    def range(self, series_id: str, start: int, end: int) -> list[StoredCandle]:
-        self._flush()
-        return self._txn.range(series_id, start, end)
-
-    def last_before(self, series_id: str, t: int) -> StoredCandle | None:
-        self._flush()
-        return self._txn.last_before(series_id, t)
-
-    def head_time(self, series_id: str) -> int | None:
-        self._flush()
-        return self._txn.head_time(series_id)
+def _by_series(
+    item: tuple[tuple[str, tuple[str, str, str, int]], SeriesId, list[Candle]],
+) -> tuple[str, str, str, int]:
+    return item[0][1]
 
 
 __all__ = ["BatchCommit"]

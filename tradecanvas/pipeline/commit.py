@@ -93,6 +93,8 @@ class IngestPipeline:
         self._recent = RecentBars()
         # derived series ids by (base, timeframe): built once, not per commit
         self._names: dict[tuple[str, str], tuple[SeriesId, str]] = {}
+        # base series ids' text and order key (BatchCommit.ids)
+        self._ids: dict[SeriesId, tuple[str, tuple[str, str, str, int]]] = {}
         self.fingerprint = fingerprint
         # the phase (seconds) of each symbol's multi-day grid (3d), by (market, symbol)
         self._phases: dict[tuple[str, str], int] = {}
@@ -176,6 +178,7 @@ class IngestPipeline:
             self.fingerprint,
             self._fingerprint_checked,
             self._names,
+            self._ids,
         )
 
     async def _write(self, fn: Callable[[WriteTxn], T]) -> T:
@@ -310,10 +313,10 @@ def _plainly_valid_minute(c: Candle) -> bool:
             and c.low <= c.close <= c.high
             and c.volume >= 0
             and (c.trades is None or c.trades >= 0)
-            and all(
-                v is None or (v.is_finite() and v >= 0)
-                for v in (c.quote_volume, c.taker_buy_base, c.taker_buy_quote)
-            )
+            # (the extras one by one: a generator per candle cost a fifth of the check)
+            and ((q := c.quote_volume) is None or (q.is_finite() and q >= 0))
+            and ((b := c.taker_buy_base) is None or (b.is_finite() and b >= 0))
+            and ((bq := c.taker_buy_quote) is None or (bq.is_finite() and bq >= 0))
         )
     except ArithmeticError:
         return False

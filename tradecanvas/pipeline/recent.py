@@ -19,7 +19,7 @@ is forgotten. A failed transaction must call :meth:`forget` (what it put in was 
 from __future__ import annotations
 
 import bisect
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Final, Protocol, final
 
 from tradecanvas.store.types import StoredCandle
@@ -191,6 +191,30 @@ class RecentBars:
             known.cover(row.candle.candle_time, t)
         return row
 
+    def known_range(self, series_id: str, start: int, end: int) -> list[StoredCandle] | None:
+        """:meth:`range` when it needs no read (every part of [start, end) known), else None."""
+        known = self._series.get(series_id)
+        if known is None:
+            return None
+        spans = known.spans
+        # the usual case first (a live bucket): from inside the newest span, which reaches
+        # the head (or ``end``): nothing is stored above the head
+        if spans:
+            lo, hi = spans[-1]
+            head = known.head
+            inside = lo <= start and (
+                end <= hi or (known.head_known and (head is None or hi > head))
+            )
+        else:
+            inside = False
+        if not inside and known.gaps(start, end):
+            return None
+        times = known.times
+        i = bisect.bisect_left(times, start)
+        j = bisect.bisect_left(times, end, i)
+        rows = known.rows
+        return [rows[t] for t in times[i:j]]
+
     def known_head(self, series_id: str) -> int | None:
         """The series' head when it is known and something is stored (no read), else None."""
         known = self._series.get(series_id)
@@ -200,8 +224,13 @@ class RecentBars:
         """:meth:`wrote` for one row above the series' known head (:meth:`known_head`)."""
         known = self._series[series_id]
         t = row.candle.candle_time
-        assert known.head is not None and t > known.head
-        known.cover(known.head + 1, t + 1)
+        head = known.head
+        assert head is not None and t > head
+        spans = known.spans
+        if spans and spans[-1][0] <= head + 1 <= spans[-1][1]:  # extends the newest span
+            spans[-1] = (spans[-1][0], max(spans[-1][1], t + 1))
+        else:
+            known.cover(head + 1, t + 1)
         known.head = t
         known.times.append(t)
         known.rows[t] = row
@@ -264,3 +293,25 @@ class RecentBars:
         """The times of the rows held for the series (tests)."""
         known = self._series.get(series_id)
         return () if known is None else tuple(known.times)
+
+
+@final
+class FlushingReader:
+    """A transaction's reads (a :class:`BarReader`, the store's ``StoreTxn``), each after
+    ``flush`` (the commit's pending writes): what RecentBars reads through in a commit."""
+
+    def __init__(self, reader: BarReader, flush: Callable[[], None]) -> None:
+        self._reader = reader
+        self._flush = flush
+
+    def range(self, series_id: str, start: int, end: int) -> list[StoredCandle]:
+        self._flush()
+        return self._reader.range(series_id, start, end)
+
+    def last_before(self, series_id: str, t: int) -> StoredCandle | None:
+        self._flush()
+        return self._reader.last_before(series_id, t)
+
+    def head_time(self, series_id: str) -> int | None:
+        self._flush()
+        return self._reader.head_time(series_id)
