@@ -1,4 +1,5 @@
-"""The roles end to end (issue 15, DESIGN §10): ``tradecanvas replay`` as Binance →
+"""The roles (issue 15, DESIGN §10): what ``market_runtime_builder`` wires per role, an edge's
+/readyz following Redis, and end to end: ``tradecanvas replay`` as Binance →
 ``tradecanvas serve --role ingest`` → real Redis → two ``tradecanvas serve --role edge``, all
 on one shared store (a PostgreSQL database of the test's own, or one SQLite file).
 
@@ -9,6 +10,7 @@ edges once (its pipeline publishes to the bus only)."""
 
 from __future__ import annotations
 
+import functools
 import signal
 import subprocess
 from collections.abc import Callable
@@ -20,14 +22,15 @@ import pytest
 import trio
 import trio_websocket
 
+from tests.bus.conftest import PrivateRedis
 from tests.cli_rig import cli_env, run_cli, wait_for_line
 from tests.conftest import binance_data_dir
 from tradecanvas.bus.ids import StreamKeys
+from tradecanvas.daemon import market_runtime_builder, run_daemon
 from tradecanvas.model import Candle
+from tradecanvas.runtime_flags import RuntimeFlags, build_runtime_flags
 from tradecanvas.wire.json import dumps, loads
 from tradecanvas.wire.kline_csv import read_kline_csv
-
-pytestmark = pytest.mark.e2e
 
 BASE: Final = "binance:futures:BTC/USDT:1m"
 FIVE: Final = "binance:futures:BTC/USDT:5m"
@@ -108,6 +111,80 @@ def same(wire: list[OBJ], ref: list[Candle]) -> bool:
     )
 
 
+def _flags(tmp_path: Path, role: str, redis_url: str) -> RuntimeFlags:
+    return build_runtime_flags(
+        {
+            "TRADE_CANVAS_ROLE": role,
+            "TRADE_CANVAS_REDIS_URL": redis_url,
+            "TRADE_CANVAS_DB_PATH": str(tmp_path / "m.sqlite3"),
+            "TRADE_CANVAS_WS_PORT": "0",
+            "TRADE_CANVAS_HTTP_PORT": "0",
+            "TRADE_CANVAS_DERIVED_TIMEFRAMES": "5m",
+            # nothing answers there: the ingest's connections only retry
+            "TRADE_CANVAS_BINANCE_FUTURES_WS_URL": "ws://127.0.0.1:9",
+            "TRADE_CANVAS_BINANCE_FUTURES_REST_URL": "http://127.0.0.1:9",
+        }
+    ).flags
+
+
+async def test_what_each_role_runs(tmp_path: Path) -> None:
+    url = "redis://127.0.0.1:9/0"  # not connected to: nothing runs here
+    ingest = await market_runtime_builder(_flags(tmp_path, "ingest", url))
+    try:
+        assert ingest.own_hub is None and ingest.own_market is None and ingest.edge_feed is None
+        assert ingest.bus_publisher is not None
+        assert ingest.pipeline.target is ingest.bus_publisher
+        assert ingest.supervisor.hub is ingest.bus_publisher
+    finally:
+        await ingest.store.aclose()
+    edge = await market_runtime_builder(_flags(tmp_path, "edge", url))
+    try:
+        assert edge.ingest is None and edge.edge_feed is not None
+        # the strict write path publishes to the bus only: the hub hears it from the feed
+        assert edge.pipeline.target is edge.bus_publisher
+        assert edge.market.hub is edge.hub
+        with pytest.raises(LookupError):
+            edge.supervisor  # noqa: B018
+    finally:
+        await edge.store.aclose()
+    single = await market_runtime_builder(_flags(tmp_path, "all", url))
+    try:
+        assert single.bus_publisher is None and single.edge_feed is None
+        assert single.pipeline.target is single.hub
+    finally:
+        await single.store.aclose()
+
+
+async def test_an_edge_is_not_ready_while_redis_is_down(
+    tmp_path: Path, private_redis: PrivateRedis
+) -> None:
+    await private_redis.start()
+    runtime = await market_runtime_builder(_flags(tmp_path, "edge", private_redis.url))
+    feed = runtime.edge_feed
+    assert feed is not None
+    stop = trio.Event()
+    async with trio.open_nursery() as nursery:
+        ports = await nursery.start(functools.partial(run_daemon, runtime, stop=stop))
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{ports['http']}") as client:
+            with trio.fail_after(WAIT_S):
+                await feed.wait_connected()
+            ready = await client.get("/readyz")
+            assert ready.status_code == 200, ready.text
+            private_redis.stop()
+            with trio.fail_after(WAIT_S):
+                await feed.wait_connected(False)
+            down = await client.get("/readyz")
+            assert down.status_code == 503
+            assert down.json()["checks"]["bus_feed_connected"] is False
+            assert down.json()["checks"]["store_open"] is True
+            await private_redis.start()
+            with trio.fail_after(WAIT_S):
+                await feed.wait_connected()
+            assert (await client.get("/readyz")).status_code == 200
+        stop.set()
+    await runtime.store.aclose()
+
+
 @pytest.fixture(params=["postgresql", "sqlite"])
 def shared_store(request: pytest.FixtureRequest, tmp_path: Path) -> dict[str, str]:
     """The store every process opens: TRADE_CANVAS_DATABASE_URL, or one SQLite file."""
@@ -116,8 +193,14 @@ def shared_store(request: pytest.FixtureRequest, tmp_path: Path) -> dict[str, st
     return {"TRADE_CANVAS_DB_PATH": str(tmp_path / "shared.sqlite3")}
 
 
+@pytest.mark.e2e
+@pytest.mark.parametrize("publish_path", ["1", "0"], ids=["pipeline", "legacy"])
 async def test_one_ingest_two_edges(
-    tmp_path: Path, redis_url: str, keys: StreamKeys, shared_store: dict[str, str]
+    tmp_path: Path,
+    redis_url: str,
+    keys: StreamKeys,
+    shared_store: dict[str, str],
+    publish_path: str,
 ) -> None:
     folder = binance_data_dir() / FOLDER
     week = (folder / "BTCUSDT-1m-2025-07-06_2025-07-12.csv").read_text().splitlines()
@@ -142,7 +225,7 @@ async def test_one_ingest_two_edges(
             TRADE_CANVAS_BINANCE_FUTURES_REST_URL=found.group(2),
             TRADE_CANVAS_INITIAL_BACKFILL_CANDLES=str(HISTORY_BARS),
             TRADE_CANVAS_DERIVED_TIMEFRAMES="5m",
-            TRADE_CANVAS_ENABLE_INGEST_WS_PIPELINE_PUBLISH="1",
+            TRADE_CANVAS_ENABLE_INGEST_WS_PIPELINE_PUBLISH=publish_path,
             TRADE_CANVAS_INGEST_TOKEN=TOKEN,
             **shared_store,
         )
