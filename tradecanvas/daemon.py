@@ -224,7 +224,25 @@ async def market_runtime_builder(flags: RuntimeFlags) -> MarketRuntime:
         edge_feed=feed,
     )
     runtime_ref.append(runtime)
+    _watch_dependencies(runtime)
     return runtime
+
+
+def _watch_dependencies(runtime: MarketRuntime) -> None:
+    """Metrics per dependency, read from the services when /metrics is scraped."""
+    metrics, store = runtime.metrics, runtime.store
+    metrics.dependency_up.labels(dependency="store").set_function(lambda: float(not store.closed))
+    publisher, feed = runtime.bus_publisher, runtime.edge_feed
+    if publisher is not None:
+        metrics.dependency_up.labels(dependency="redis_publisher").set_function(
+            lambda: float(publisher.health().connected)
+        )
+        metrics.bus_backlog.set_function(lambda: float(publisher.health().backlog))
+    if feed is not None:
+        metrics.dependency_up.labels(dependency="redis_feed").set_function(
+            lambda: float(feed.health().connected)
+        )
+        metrics.bus_filled_candles.set_function(lambda: float(feed.statistics().filled_candles))
 
 
 async def _run_in_scope(

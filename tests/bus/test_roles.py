@@ -170,10 +170,15 @@ async def test_an_edge_is_not_ready_while_redis_is_down(
                 await feed.wait_connected()
             ready = await client.get("/readyz")
             assert ready.status_code == 200, ready.text
+            metrics = (await client.get("/metrics")).text
+            assert 'tradecanvas_dependency_up{dependency="redis_feed"} 1.0' in metrics
             private_redis.stop()
             with trio.fail_after(WAIT_S):
                 await feed.wait_connected(False)
             down = await client.get("/readyz")
+            metrics = (await client.get("/metrics")).text
+            assert 'tradecanvas_dependency_up{dependency="redis_feed"} 0.0' in metrics
+            assert 'tradecanvas_dependency_up{dependency="store"} 1.0' in metrics
             assert down.status_code == 503
             assert down.json()["checks"]["bus_feed_connected"] is False
             assert down.json()["checks"]["store_open"] is True
