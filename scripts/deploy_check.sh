@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Checks the deploy files (`make deploy-check`):
-#   1. deploy/tradecanvas.service keeps the settings the design relies on (Type=notify, …);
+#   1. deploy/tradecanvas.service (and the roles' template deploy/tradecanvas@.service) keeps the settings the design relies on (Type=notify, …);
 #   2. `systemd-analyze verify` finds no error or warning in it;
 #   3. `systemd-analyze security --offline=yes` rates its exposure 2.5 or lower;
 #   4. deploy/tradecanvas.env lists every TRADE_CANVAS_* flag, and its commented-out values
@@ -14,7 +14,6 @@
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
-UNIT=deploy/tradecanvas.service
 ENV_EXAMPLE=deploy/tradecanvas.env
 MAX_EXPOSURE=2.5
 INSTALLED_EXEC=/opt/tradecanvas/.venv/bin/tradecanvas
@@ -25,6 +24,12 @@ fail() { echo "FAIL: $*" >&2; failures=$((failures + 1)); }
 pass() { echo "ok:   $*"; }
 skip() { echo "SKIPPED: $*"; }
 
+# steps 1–3 for one unit file: check_unit FILE NAME STATE_LINE — NAME is the file name the
+# verify copy gets (a template is verified as one of its instances)
+check_unit() {
+UNIT=$1
+unit_name=$2
+state_line=$3
 # --- 1. the settings the daemon and the docs rely on --------------------------------------
 for line in \
     "Type=notify" \
@@ -32,7 +37,7 @@ for line in \
     "WatchdogSec=30" \
     "Restart=on-failure" \
     "DynamicUser=yes" \
-    "StateDirectory=tradecanvas" \
+    "$state_line" \
     "EnvironmentFile=-/etc/tradecanvas/tradecanvas.env" \
     "LoadCredential=ingest-token:/etc/tradecanvas/ingest-token" \
     "ExecStart=$INSTALLED_EXEC serve" \
@@ -56,7 +61,8 @@ if ! command -v systemd-analyze >/dev/null 2>&1; then
     skip "systemd-analyze is not installed: unit verify and security rating not run"
 else
     workdir=$(mktemp -d)
-    trap 'rm -rf "$workdir"' EXIT
+    # shellcheck disable=SC2064  # expand now: each unit has its own folder
+    trap "rm -rf '$workdir'" EXIT
     # verify insists that ExecStart's program exists and is executable, and in a checkout
     # /opt/tradecanvas does not. So we verify a copy that differs from the unit in that one
     # path: it points at this checkout's own installed `tradecanvas` (same program, same
@@ -68,18 +74,18 @@ else
         stand_in=$(command -v true)
         echo "note: .venv/bin/tradecanvas not built yet; ExecStart verified with $stand_in"
     fi
-    sed "s#^ExecStart=$INSTALLED_EXEC #ExecStart=$stand_in #" "$UNIT" >"$workdir/tradecanvas.service"
-    if ! grep -q "^ExecStart=$stand_in serve$" "$workdir/tradecanvas.service"; then
+    sed "s#^ExecStart=$INSTALLED_EXEC #ExecStart=$stand_in #" "$UNIT" >"$workdir/$unit_name"
+    if ! grep -q "^ExecStart=$stand_in serve$" "$workdir/$unit_name"; then
         fail "could not point ExecStart of the verify copy at $stand_in"
     fi
     set +e
     verify_out=$(systemd-analyze verify --man=no --recursive-errors=no \
-        "$workdir/tradecanvas.service" 2>&1)
+        "$workdir/$unit_name" 2>&1)
     verify_rc=$?
     set -e
     # verify exits 0 on mere warnings (an unknown key is "ignoring"), so any line about our
     # unit counts as a failure too
-    ours=$(grep -F "tradecanvas.service" <<<"$verify_out" || true)
+    ours=$(grep -F "$unit_name" <<<"$verify_out" || true)
     if [[ $verify_rc -ne 0 || -n "$ours" ]]; then
         fail "systemd-analyze verify (exit $verify_rc):"
         echo "${verify_out//$workdir\//}" >&2
@@ -96,7 +102,7 @@ else
         set +e
         # --threshold is the exposure × 10; the exit status is non-zero above it
         security_out=$(systemd-analyze security --offline=yes \
-            --threshold="$(awk -v m="$MAX_EXPOSURE" 'BEGIN { print int(m * 10) }')" "$UNIT" 2>&1)
+            --threshold="$(awk -v m="$MAX_EXPOSURE" 'BEGIN { print int(m * 10) }')" "$workdir/$unit_name" 2>&1)
         security_rc=$?
         set -e
         overall=$(grep -F "Overall exposure level" <<<"$security_out" || true)
@@ -113,6 +119,12 @@ else
         fi
     fi
 fi
+rm -rf "${workdir:-}"
+}
+
+check_unit deploy/tradecanvas.service tradecanvas.service "StateDirectory=tradecanvas"
+# the roles (ingest, edge): one instance per role, verified as tradecanvas@edge-a
+check_unit "deploy/tradecanvas@.service" "tradecanvas@edge-a.service" "StateDirectory=tradecanvas/%i"
 
 # --- 4. the example environment file ------------------------------------------------------
 if [[ ! -x "$PYTHON" ]]; then

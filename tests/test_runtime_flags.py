@@ -47,6 +47,12 @@ def test_defaults_match_design() -> None:
     assert flags.ingest_token is None
     assert (flags.log_format, flags.log_level) == ("text", "INFO")
     assert flags.notify_socket is None
+    assert (flags.role, flags.redis_url, flags.bus_prefix, flags.bus_maxlen) == (
+        "all",
+        None,
+        "tradecanvas",
+        10_080,
+    )
 
 
 def test_every_design_variable_is_known() -> None:
@@ -98,6 +104,10 @@ PARSE_ERROR_CASES: list[tuple[str, str, str]] = [
     ("TRADE_CANVAS_LOG_LEVEL", "loud", "allowed: DEBUG"),
     ("TRADE_CANVAS_DB_PATH", " ", "empty path"),
     ("TRADE_CANVAS_DATABASE_URL", "mysql://127.0.0.1/market", "not a PostgreSQL URL"),
+    ("TRADE_CANVAS_ROLE", "relay", "allowed: all, ingest, edge"),
+    ("TRADE_CANVAS_REDIS_URL", "http://127.0.0.1:6379", "not a Redis URL"),
+    ("TRADE_CANVAS_BUS_PREFIX", "a b", "allowed: letters"),
+    ("TRADE_CANVAS_BUS_MAXLEN", "10", "out of range"),
 ]
 
 
@@ -236,3 +246,26 @@ def test_data_dir_prefers_the_new_variable_and_reads_the_old_with_a_warning(
 
 def test_the_data_dir_variable_is_not_an_unknown_flag() -> None:
     assert runtime_flags.unknown_variable_warnings({"TRADE_CANVAS_DATA_DIR": "/x"}) == ()
+
+
+@pytest.mark.parametrize("role", ["ingest", "edge"])
+def test_the_split_roles_need_redis(role: str) -> None:
+    with pytest.raises(FlagError) as info:
+        build_runtime_flags({"TRADE_CANVAS_ROLE": role})
+    assert info.value.variable == "TRADE_CANVAS_REDIS_URL"
+    assert f"required by role {role}" in str(info.value)
+    url = "redis://:secret@127.0.0.1:6379/0"
+    flags = build_runtime_flags({"TRADE_CANVAS_ROLE": role, "TRADE_CANVAS_REDIS_URL": url}).flags
+    assert (flags.role, flags.redis_url) == (role, url)
+    assert "secret" not in repr(flags)
+    assert ("TRADE_CANVAS_REDIS_URL", "redis://:<redacted>@127.0.0.1:6379/0") in describe_flags(
+        flags
+    )
+
+
+def test_role_all_ignores_redis_and_serve_takes_role() -> None:
+    flags = build_runtime_flags(
+        {"TRADE_CANVAS_REDIS_URL": "redis://127.0.0.1:6379/0"}, {"role": "all"}
+    ).flags
+    assert flags.role == "all"
+    assert build_runtime_flags({"TRADE_CANVAS_BUS_PREFIX": "tc:"}).flags.bus_prefix == "tc"

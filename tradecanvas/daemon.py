@@ -4,13 +4,21 @@
 
     tradecanvas serve → RuntimeFlags (from env) → market_runtime_builder(flags)
     └─ daemon nursery: signals, sd_notify/watchdog
-       ├─ IngestSupervisor   one task per Binance connection
-       ├─ WS server          /ws/market on the WS port, a session per subscriber
+       ├─ IngestSupervisor   one task per Binance connection       (roles all, ingest)
+       ├─ BusPublisher       committed candles, events, forming → Redis  (ingest, edge)
+       ├─ EdgeFeed           Redis Streams (+ store fills) → Hub          (edge)
+       ├─ WS server          /ws/market on the WS port, a session per subscriber (all, edge)
        └─ HTTP API           /api/market/*, /healthz, /readyz, /metrics, and /ws/market again
+                             (/ws/market: all, edge)
 
-One store, one hub, one pipeline: every ingest path (the Binance loop, REST repair, the HTTP
-write) goes through the same :class:`IngestPipeline` instance; one :class:`MarketEndpoint`
-over the hub serves /ws/market on both ports (DESIGN §10, one origin).
+Roles (DESIGN §10, docs/distributed.md): ``all`` publishes to its own Hub; ``ingest``
+publishes to the bus only and serves no /ws/market; ``edge`` has no Binance connection, its
+Hub is fed by the EdgeFeed, and its pipeline (the strict HTTP write path) publishes to the
+bus, so the edge that took a write delivers it from the streams like every other edge: once.
+
+One store, one hub (none on ingest), one pipeline: every ingest path (the Binance loop,
+REST repair, the HTTP write) goes through the same :class:`IngestPipeline` instance; one
+:class:`MarketEndpoint` over the hub serves /ws/market on both ports (DESIGN §10, one origin).
 
 Lifecycle. READY=1 only after the store is open and both listeners are bound. SIGTERM or
 SIGINT: STOPPING=1; the ingest supervisor is cancelled first and commits its pending closed
@@ -36,6 +44,9 @@ import attrs
 import trio
 from starlette.applications import Starlette
 
+from tradecanvas.bus.feed import EdgeFeed
+from tradecanvas.bus.publisher import BusPublisher
+from tradecanvas.bus.roles import edge_feed_from_store, publisher_from_flags
 from tradecanvas.errors import ExitCode, StoreError, first_leaf
 from tradecanvas.ingest.supervisor import IngestSupervisor
 from tradecanvas.ops.logs import configure_logging
@@ -71,34 +82,73 @@ class MarketRuntime:
     flags: RuntimeFlags
     metrics: Metrics
     store: MarketStore
-    hub: Hub
-    market: MarketEndpoint
     pipeline: IngestPipeline
-    supervisor: IngestSupervisor
     http_app: Starlette
     notifier: SdNotifier
+    # what a role runs (module docstring): None where the role has no such part
+    own_hub: Hub | None = None
+    own_market: MarketEndpoint | None = None
+    ingest: IngestSupervisor | None = None
+    bus_publisher: BusPublisher | None = None
+    edge_feed: EdgeFeed | None = None
     listening: dict[str, int] = attrs.field(factory=dict)
 
+    @property
+    def hub(self) -> Hub:
+        if self.own_hub is None:
+            raise LookupError(f"role {self.flags.role} has no hub")
+        return self.own_hub
+
+    @property
+    def market(self) -> MarketEndpoint:
+        if self.own_market is None:
+            raise LookupError(f"role {self.flags.role} serves no /ws/market")
+        return self.own_market
+
+    @property
+    def supervisor(self) -> IngestSupervisor:
+        if self.ingest is None:
+            raise LookupError(f"role {self.flags.role} has no Binance ingest")
+        return self.ingest
+
     def readiness(self) -> Mapping[str, bool]:
-        return {
+        listeners = {"ws", "http"} if self.own_market is not None else {"http"}
+        checks = {
             "store_open": not self.store.closed,
-            "listeners_bound": {"ws", "http"} <= set(self.listening),
-            "upstream_connected": self.supervisor.upstream_connected(),
+            "listeners_bound": listeners <= set(self.listening),
         }
+        if self.ingest is not None:
+            checks["upstream_connected"] = self.ingest.upstream_connected()
+        if self.bus_publisher is not None:
+            checks["bus_publisher_connected"] = self.bus_publisher.health().connected
+        if self.edge_feed is not None:
+            checks["bus_feed_connected"] = self.edge_feed.health().connected
+        return checks
 
     def pipeline_progressing(self) -> bool:
         return self.store.write_running_for() < STUCK_WRITE_S
 
     def status_line(self) -> str:
-        """One line of ingest state for systemd's STATUS=."""
-        ingest = self.supervisor.statistics()
-        hub = self.hub.statistics()
-        return (
-            f"upstream {ingest.connected}/{ingest.connections} connected, "
-            f"{ingest.streams} streams; {ingest.committed_candles} candles committed, "
-            f"{ingest.held_candles} held, {ingest.reconnects} reconnects; "
-            f"{hub.subscribers} subscribers"
-        )
+        """One line of state for systemd's STATUS=."""
+        parts = []
+        if self.ingest is not None:
+            ingest = self.ingest.statistics()
+            parts.append(
+                f"upstream {ingest.connected}/{ingest.connections} connected, "
+                f"{ingest.streams} streams; {ingest.committed_candles} candles committed, "
+                f"{ingest.held_candles} held, {ingest.reconnects} reconnects"
+            )
+        if self.bus_publisher is not None:
+            health = self.bus_publisher.health()
+            state = "connected" if health.connected else "DISCONNECTED"
+            parts.append(f"bus {state}, {health.backlog} waiting")
+        if self.edge_feed is not None:
+            feed = self.edge_feed.statistics()
+            state = "connected" if self.edge_feed.health().connected else "DISCONNECTED"
+            parts.append(f"feed {state}, {feed.candles} candles, {feed.filled_candles} filled")
+        if self.own_hub is not None:
+            parts.append(f"{self.own_hub.statistics().subscribers} subscribers")
+        return "; ".join(parts)
 
 
 async def _report_status(runtime: MarketRuntime) -> None:
@@ -109,33 +159,47 @@ async def _report_status(runtime: MarketRuntime) -> None:
 
 
 async def market_runtime_builder(flags: RuntimeFlags) -> MarketRuntime:
-    """Open the store and build the single hub, /ws/market endpoint, pipeline, supervisor
-    and HTTP app."""
+    """Open the store and build what ``flags.role`` runs: the hub and /ws/market endpoint
+    (all, edge), the pipeline, the supervisor (all, ingest), the bus (ingest, edge) and the
+    HTTP app."""
     metrics = Metrics()
     # SQLite, or PostgreSQL with TRADE_CANVAS_DATABASE_URL
     store = await open_store(store_location(flags.db_path, flags.database_url))
-    hub = Hub(
-        store,
-        series=flags.all_series(),
-        queue_max=flags.subscriber_queue_max,
-        send_timeout_s=flags.subscriber_send_timeout_s,
-        catchup_limit=flags.market_ws_catchup_limit,
-        metrics=metrics,
-    )
-    market = MarketEndpoint(
-        hub, allowed_origins=flags.ws_allowed_origins, max_subscriptions=flags.max_subscriptions
-    )
-    pipeline = IngestPipeline.from_flags(store, hub, flags)
-    # series.added / series.removed against the set the store was last served with
-    for event in await pipeline.record_served_series([str(s) for s in flags.all_series()]):
-        log.info("%s", event.message)
-    supervisor = IngestSupervisor(
-        flags,
-        pipeline,
-        hub,
-        metrics,
-        enable_pipeline_publish=flags.enable_ingest_ws_pipeline_publish,
-    )
+    role = flags.role
+    hub: Hub | None = None
+    market: MarketEndpoint | None = None
+    if role != "ingest":
+        hub = Hub(
+            store,
+            series=flags.all_series(),
+            queue_max=flags.subscriber_queue_max,
+            send_timeout_s=flags.subscriber_send_timeout_s,
+            catchup_limit=flags.market_ws_catchup_limit,
+            metrics=metrics,
+        )
+        market = MarketEndpoint(
+            hub, allowed_origins=flags.ws_allowed_origins, max_subscriptions=flags.max_subscriptions
+        )
+    publisher = publisher_from_flags(flags) if role != "all" else None
+    feed: EdgeFeed | None = None
+    if role == "edge":
+        feed = await edge_feed_from_store(flags, store, [str(s) for s in flags.all_series()])
+    # all: straight to the hub; ingest and edge: to the bus, and an edge's hub from the feed
+    target = hub if publisher is None else publisher
+    assert target is not None
+    pipeline = IngestPipeline.from_flags(store, target, flags)
+    supervisor: IngestSupervisor | None = None
+    if role != "edge":
+        # series.added / series.removed against the set the store was last served with
+        for event in await pipeline.record_served_series([str(s) for s in flags.all_series()]):
+            log.info("%s", event.message)
+        supervisor = IngestSupervisor(
+            flags,
+            pipeline,
+            target,
+            metrics,
+            enable_pipeline_publish=flags.enable_ingest_ws_pipeline_publish,
+        )
     runtime_ref: list[MarketRuntime] = []
     http_app = build_http_app(
         store=store,
@@ -147,10 +211,38 @@ async def market_runtime_builder(flags: RuntimeFlags) -> MarketRuntime:
     )
     notifier = SdNotifier.from_flags(flags)
     runtime = MarketRuntime(
-        flags, metrics, store, hub, market, pipeline, supervisor, http_app, notifier
+        flags,
+        metrics,
+        store,
+        pipeline,
+        http_app,
+        notifier,
+        own_hub=hub,
+        own_market=market,
+        ingest=supervisor,
+        bus_publisher=publisher,
+        edge_feed=feed,
     )
     runtime_ref.append(runtime)
+    _watch_dependencies(runtime)
     return runtime
+
+
+def _watch_dependencies(runtime: MarketRuntime) -> None:
+    """Metrics per dependency, read from the services when /metrics is scraped."""
+    metrics, store = runtime.metrics, runtime.store
+    metrics.dependency_up.labels(dependency="store").set_function(lambda: float(not store.closed))
+    publisher, feed = runtime.bus_publisher, runtime.edge_feed
+    if publisher is not None:
+        metrics.dependency_up.labels(dependency="redis_publisher").set_function(
+            lambda: float(publisher.health().connected)
+        )
+        metrics.bus_backlog.set_function(lambda: float(publisher.health().backlog))
+    if feed is not None:
+        metrics.dependency_up.labels(dependency="redis_feed").set_function(
+            lambda: float(feed.health().connected)
+        )
+        metrics.bus_filled_candles.set_function(lambda: float(feed.statistics().filled_candles))
 
 
 async def _run_in_scope(
@@ -190,17 +282,22 @@ async def run_daemon(
     if stop is None:
         stop = trio.Event()
     ingest_scope, ws_scope, http_scope = trio.CancelScope(), trio.CancelScope(), trio.CancelScope()
+    bus_scope, feed_scope = trio.CancelScope(), trio.CancelScope()
     ingest_done, ws_done, http_done = trio.Event(), trio.Event(), trio.Event()
+    bus_done, feed_done = trio.Event(), trio.Event()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_wait_for_signal, stop)
-        runtime.listening["ws"] = await nursery.start(
-            _run_in_scope,
-            ws_scope,
-            ws_done,
-            functools.partial(
-                serve_ws_port, runtime.market, host=flags.ws_host, port=flags.ws_port
-            ),
-        )
+        if runtime.own_market is not None:
+            runtime.listening["ws"] = await nursery.start(
+                _run_in_scope,
+                ws_scope,
+                ws_done,
+                functools.partial(
+                    serve_ws_port, runtime.own_market, host=flags.ws_host, port=flags.ws_port
+                ),
+            )
+        else:
+            ws_done.set()
         runtime.listening["http"] = await nursery.start(
             _run_in_scope,
             http_scope,
@@ -209,24 +306,47 @@ async def run_daemon(
                 serve_http, runtime.http_app, host=flags.http_host, port=flags.http_port
             ),
         )
-        await nursery.start(_run_in_scope, ingest_scope, ingest_done, runtime.supervisor.run)
-        ws, http = runtime.listening["ws"], runtime.listening["http"]
+        # the bus publisher before its sources; it never waits for Redis to start
+        if runtime.bus_publisher is not None:
+            await nursery.start(_run_in_scope, bus_scope, bus_done, runtime.bus_publisher.run)
+        else:
+            bus_done.set()
+        if runtime.edge_feed is not None:
+            await nursery.start(
+                _run_in_scope,
+                feed_scope,
+                feed_done,
+                functools.partial(runtime.edge_feed.run, runtime.hub),
+            )
+        if runtime.ingest is not None:
+            await nursery.start(_run_in_scope, ingest_scope, ingest_done, runtime.ingest.run)
+        else:
+            ingest_done.set()
+        http = runtime.listening["http"]
+        ws = runtime.listening.get("ws")
         runtime.notifier.ready()
-        runtime.notifier.status(f"ingesting {len(flags.series)} series; ws :{ws} http :{http}")
+        runtime.notifier.status(
+            f"role {flags.role}; {len(flags.series)} series; ws :{ws} http :{http}"
+        )
         if runtime.notifier.enabled:
             nursery.start_soon(_report_status, runtime)
         log.info(
-            "tradecanvas ready ws=ws://%s:%d/ws/market http=http://%s:%d db=%s publish_path=%s",
-            flags.ws_host,
-            ws,
+            # tests and tools parse "ready ws=… http=…": new fields go at the end
+            "tradecanvas ready ws=%s http=http://%s:%d db=%s publish_path=%s role=%s bus=%s",
+            "-" if ws is None else f"ws://{flags.ws_host}:{ws}/ws/market",
             flags.http_host,
             http,
             describe_location(store_location(flags.db_path, flags.database_url)),
             "pipeline" if flags.enable_ingest_ws_pipeline_publish else "legacy",
+            flags.role,
+            "-" if runtime.bus_publisher is None else f"{flags.bus_prefix}:*",
         )
-        log.info(
-            "/ws/market is served on the HTTP port too: ws://%s:%d/ws/market", flags.http_host, http
-        )
+        if ws is not None:
+            log.info(
+                "/ws/market is served on the HTTP port too: ws://%s:%d/ws/market",
+                flags.http_host,
+                http,
+            )
         watchdog_interval_s = runtime.notifier.watchdog_interval_s
         if watchdog_interval_s is not None:
             nursery.start_soon(
@@ -243,17 +363,30 @@ async def run_daemon(
 
         runtime.notifier.stopping()
         deadline = trio.current_time() + DRAIN_DEADLINE_S
-        # 1. stop the source; it commits what it holds (shielded and bounded inside)
+        # 1. stop the sources; the ingest commits what it holds (shielded and bounded inside)
         ingest_scope.cancel(reason="shutdown")
+        feed_scope.cancel(reason="shutdown")
         with trio.move_on_at(trio.current_time() + INGEST_DRAIN_S):
             await ingest_done.wait()
         # 2. every subscriber, on either port, gets 1001; both servers drain
-        runtime.market.shutdown()
+        if runtime.own_market is not None:
+            runtime.own_market.shutdown()
         ws_scope.cancel(reason="shutdown")
         http_scope.cancel(reason="shutdown")
         with trio.move_on_at(deadline - 0.5):
             await ws_done.wait()
             await http_done.wait()
+        # 3. the bus publisher sends what was committed (Redis may be away: bounded)
+        if runtime.bus_publisher is not None:
+            runtime.bus_publisher.close()
+            with trio.move_on_at(deadline - 0.25):
+                await bus_done.wait()
+            if not bus_done.is_set():
+                log.warning(
+                    "bus publisher: %d entries not sent at shutdown (edges read them from "
+                    "the store)",
+                    runtime.bus_publisher.health().backlog,
+                )
         nursery.cancel_scope.cancel(reason="shutdown")
 
 

@@ -34,6 +34,8 @@ _TRUE: Final = ("1", "true", "yes", "on")
 _FALSE: Final = ("0", "false", "no", "off")
 LOG_FORMATS: Final = ("text", "json")
 LOG_LEVELS: Final = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+# DESIGN §10: the single process, or the ingest | edge halves joined by Redis Streams
+ROLES: Final = ("all", "ingest", "edge")
 
 
 def _redacted(value: str | None) -> str:
@@ -80,6 +82,10 @@ class RuntimeFlags:
     ingest_token: str | None = attrs.field(repr=_redacted)
     log_format: str
     log_level: str
+    role: str
+    redis_url: str | None = attrs.field(repr=lambda url: _url_without_password(url))
+    bus_prefix: str
+    bus_maxlen: int
     # systemd's own variables, read here so that no other module touches the environment
     notify_socket: str | None = None
     watchdog_usec: int | None = None
@@ -242,6 +248,20 @@ def _parse_database_url(text: str) -> str:
     return text
 
 
+def _parse_redis_url(text: str) -> str:
+    text = text.strip()
+    if not text.lower().startswith(("redis://", "rediss://")):
+        raise ValueError("not a Redis URL; allowed: redis[s]://[[user]:password@]host[:port][/db]")
+    return text
+
+
+def _parse_bus_prefix(text: str) -> str:
+    text = text.strip().rstrip(":")
+    if not re.fullmatch(r"[A-Za-z0-9_.:-]+", text):
+        raise ValueError(f"{text!r}; allowed: letters, digits and _ . : -")
+    return text
+
+
 def _parse_path(text: str) -> Path:
     if not text.strip():
         raise ValueError("empty path; allowed: a file path")
@@ -296,6 +316,10 @@ FLAG_SPECS: Final[tuple[FlagSpec, ...]] = (
     FlagSpec("ingest_token", None, _parse_token, "bearer token of POST /api/market/ingest/candle_closed (or $CREDENTIALS_DIRECTORY/ingest-token)"),
     FlagSpec("log_format", "text", _parse_choice(LOG_FORMATS), "text or json"),
     FlagSpec("log_level", "INFO", _parse_choice(LOG_LEVELS, upper=True), "DEBUG, INFO, WARNING, ERROR"),
+    FlagSpec("role", "all", _parse_choice(ROLES), "all = one process; ingest = Binance → store → Redis Streams; edge = Redis Streams + store → subscribers"),
+    FlagSpec("redis_url", None, _parse_redis_url, "Redis of the bus (redis://host:port/db); required by the ingest and edge roles, ignored by all"),
+    FlagSpec("bus_prefix", "tradecanvas", _parse_bus_prefix, "key prefix of the bus's streams and channel in Redis (<prefix>:candles:<series>, …)"),
+    FlagSpec("bus_maxlen", "10080", _parse_int(100, 100_000_000), "entries kept per series stream (MAXLEN ~); an edge further behind reads the store"),
 )  # fmt: skip
 
 # not flags of the daemon, but read from the environment by the tools and tests
@@ -352,6 +376,11 @@ def build_runtime_flags(
                 values["ingest_token"] = _parse_token(token_file.read_text())
             except (OSError, ValueError) as exc:
                 raise FlagError("TRADE_CANVAS_INGEST_TOKEN", f"{token_file}: {exc}") from None
+    if values["role"] != "all" and values["redis_url"] is None:
+        raise FlagError(
+            "TRADE_CANVAS_REDIS_URL",
+            f"required by role {values['role']} (the bus); allowed: redis://host:port/db",
+        )
     notify_socket = environ.get("NOTIFY_SOCKET") or None
     watchdog_usec: int | None = None
     if environ.get("WATCHDOG_USEC"):
@@ -413,7 +442,7 @@ def describe_flags(flags: RuntimeFlags) -> list[tuple[str, str]]:
         value = getattr(flags, spec.field)
         if spec.field == "ingest_token":
             text = _redacted(value)
-        elif spec.field == "database_url":
+        elif spec.field in ("database_url", "redis_url"):
             text = _url_without_password(value)
         elif isinstance(value, tuple):
             text = ",".join(str(v) for v in value)

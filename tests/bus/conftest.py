@@ -16,6 +16,7 @@ from typing import Final
 import pytest
 import trio
 
+from tests.store_pg.conftest import pg_url as pg_url  # the roles' shared store (test_roles)
 from tradecanvas.bus.ids import StreamKeys
 from tradecanvas.bus.redis_io import open_redis
 

@@ -244,6 +244,23 @@ class Metrics:
             registry=r,
         )
         self.watchdog_last_ping_age_seconds.set(math.nan)
+        # the roles (DESIGN §10): read from the services when scraped (set_function)
+        self.dependency_up = Gauge(
+            "tradecanvas_dependency_up",
+            "1 while a dependency answers: store; redis_publisher, redis_feed (roles ingest, edge)",
+            ["dependency"],
+            registry=r,
+        )
+        self.bus_backlog = Gauge(
+            "tradecanvas_bus_backlog",
+            "Committed entries waiting for Redis in the bus publisher's outbox",
+            registry=r,
+        )
+        self.bus_filled_candles = Gauge(
+            "tradecanvas_bus_filled_candles",
+            "Closed candles an edge read from the store to fill holes in the streams (total)",
+            registry=r,
+        )
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""

@@ -1,0 +1,81 @@
+"""The bus as the daemon's roles use it: a :class:`BusPublisher` and an :class:`EdgeFeed` made
+from RuntimeFlags, the feed's holes filled from the shared store (DESIGN §10).
+
+- ``ingest`` and ``edge`` both publish through a :func:`publisher_from_flags`: the ingest's
+  pipeline and supervisor, the edge's strict HTTP write path. Every edge — the one that took
+  the write too — gets those candles from the streams, once.
+- ``edge`` feeds its Hub with :func:`edge_feed_from_store`: positions start at the store's
+  head of each served series and the event log's last id (the Hub's subscribers catch up
+  from the store; the feed brings what is committed after that).
+
+Errors: the store reads raise StoreError, which ends the edge as it ends the single process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Final
+
+from tradecanvas.bus.feed import EdgeFeed, FeedSettings, system_event_from_stored
+from tradecanvas.bus.ids import StreamKeys
+from tradecanvas.bus.publisher import BusPublisher, PublisherSettings
+from tradecanvas.model import Candle
+from tradecanvas.pipeline.events import SystemEvent
+from tradecanvas.runtime_flags import RuntimeFlags
+from tradecanvas.store.interface import MarketStore
+
+# store rows per fill read: a trimmed-away week of 1m bars is ten pages
+FILL_PAGE: Final = 1_000
+# event log rows per read while looking for its last id at start-up
+EVENT_SCAN_PAGE: Final = 10_000
+
+
+def stream_keys(flags: RuntimeFlags) -> StreamKeys:
+    return StreamKeys(f"{flags.bus_prefix}:")
+
+
+def _redis_url(flags: RuntimeFlags) -> str:
+    if flags.redis_url is None:  # build_runtime_flags refuses a split role without it
+        raise ValueError(f"role {flags.role} needs TRADE_CANVAS_REDIS_URL")
+    return flags.redis_url
+
+
+def publisher_from_flags(flags: RuntimeFlags) -> BusPublisher:
+    return BusPublisher(
+        _redis_url(flags), PublisherSettings(keys=stream_keys(flags), maxlen=flags.bus_maxlen)
+    )
+
+
+async def last_event_id(store: MarketStore) -> int:
+    """The event log's newest id (0 when it is empty)."""
+    last = 0
+    while page := await store.events_after(last, limit=EVENT_SCAN_PAGE):
+        last = page[-1].event_id
+    return last
+
+
+async def edge_feed_from_store(
+    flags: RuntimeFlags, store: MarketStore, series: Sequence[str]
+) -> EdgeFeed:
+    """An edge's feed of ``series``, positioned at the store's heads now."""
+    heads = await store.heads()
+    positions: dict[str, int | None] = {
+        sid: (heads[sid].head_time if sid in heads else None) for sid in series
+    }
+
+    async def fill_candles(series_id: str, after: int | None, before: int | None) -> list[Candle]:
+        got = await store.since(series_id, -1 if after is None else after, FILL_PAGE)
+        return [c for c in got if before is None or c.candle_time < before]
+
+    async def fill_events(after: int, before: int | None) -> list[SystemEvent]:
+        got = await store.events_after(after, limit=FILL_PAGE)
+        return [system_event_from_stored(e) for e in got if before is None or e.event_id < before]
+
+    return EdgeFeed(
+        _redis_url(flags),
+        series=positions,
+        events_after=await last_event_id(store),
+        fill_candles=fill_candles,
+        fill_events=fill_events,
+        settings=FeedSettings(keys=stream_keys(flags)),
+    )
