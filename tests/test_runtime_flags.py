@@ -35,7 +35,7 @@ def test_defaults_match_design() -> None:
     assert flags.binance_futures_rest_url == "https://fapi.binance.com"
     assert flags.binance_spot_rest_url == "https://api.binance.com"
     assert flags.enable_ingest_ws_pipeline_publish is False
-    assert (flags.binance_ws_batch_max, flags.binance_ws_flush_s) == (200, 0.5)
+    assert (flags.binance_ws_batch_max, flags.binance_ws_flush_s) == (200, 0.0)
     assert flags.market_forming_min_interval_ms == 250
     assert flags.market_ws_catchup_limit == 5000
     assert flags.initial_backfill_candles == 1440

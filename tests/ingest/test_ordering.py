@@ -223,6 +223,31 @@ def test_a_close_is_due_at_once_when_nothing_else_is_pending() -> None:
     assert core.batch_due_at() == -math.inf
 
 
+def test_group_commit_the_closes_queued_during_a_commit_are_the_next_group() -> None:
+    """flush_s 0 (the default): whatever is queued when the committer is idle goes at once,
+    the other live series' closes of the minute not waited for; a forming bar of the next
+    minute still waits for its series' close."""
+    core = make_core([BTC, ETH, SOL])
+    driver = Driver(core, {})
+    for sid in (BTC, ETH, SOL):
+        driver.send(forming_of(sid, bar(T0), 50_000))
+    driver.send(close_of(BTC, bar(T0)))
+    assert core.batch_due_at() == -math.inf  # ETH and SOL are not waited for
+    first = driver.take()
+    assert first is not None and [i.series for i in first] == [BTC]
+    driver.send(close_of(ETH, bar(T0)))  # during the commit: the next group
+    driver.send(close_of(SOL, bar(T0)))
+    driver.send(forming_of(ETH, bar(T0 + 60), 60_000))  # its close is owed: held
+    assert core.queued == 2
+    driver.finish(first)
+    second = driver.take()
+    assert second is not None and [i.series for i in second] == [ETH, SOL]
+    assert [s.kind for s in driver.sent if s.series_id == str(ETH)] == ["forming"]
+    driver.finish(second)
+    assert kinds(driver, str(ETH)) == [("forming", T0), ("closed", T0), ("forming", T0 + 60)]
+    assert overtaken(driver.sent) == []
+
+
 def test_the_closes_of_a_minute_commit_together_when_they_arrive_together() -> None:
     """A close waits for the other live series' closes of its minute, at most flush_s."""
     core = make_core([BTC, ETH, SOL], binance_ws_flush_s="0.5")
@@ -354,7 +379,7 @@ def test_no_forming_candle_ever_overtakes_a_close_of_its_series(
         head=None if empty_store else T0 - 60,
         policy=IngestPolicy(hold_max_s=5.0),
         market_forming_min_interval_ms=throttle_ms,
-        binance_ws_flush_s="0.3",
+        binance_ws_flush_s=data.draw(st.sampled_from(["0", "0.3"])),  # group commit, or not
         initial_backfill_candles="3" if empty_store else "0",
     )
     driver = Driver(core, truths, rest_lag_ms=data.draw(st.sampled_from([0, 5_000])))

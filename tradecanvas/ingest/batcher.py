@@ -69,11 +69,13 @@ def hole_records(items: Iterable[BatchItem]) -> dict[SeriesId, Holes]:
 class ClosedBatcher:
     """Closed candles waiting for the pipeline, in release order.
 
-    Due when ``max_size`` are buffered or the oldest is ``flush_s`` old (monotonic);
-    :class:`~tradecanvas.ingest.core.IngestCore` flushes at once when nothing else is
-    pending for its connection group. :meth:`take` returns at most ``max_size`` items from
-    the front whose candles share one source (absent runs go with any source), so each
-    pipeline run has one ``source`` and every series stays in time order.
+    Due at once with ``flush_s`` 0 (a group commit: whatever is buffered when the
+    committer is idle), else when ``max_size`` are buffered or the oldest is ``flush_s``
+    old (monotonic); :class:`~tradecanvas.ingest.core.IngestCore` then flushes at once when
+    nothing else is pending for its connection group. :meth:`take` returns at most
+    ``max_size`` items from the front whose candles share one source (absent runs go with
+    any source), so each pipeline run has one ``source`` and every series stays in time
+    order.
     """
 
     def __init__(self, max_size: int, flush_s: float) -> None:
@@ -110,10 +112,10 @@ class ClosedBatcher:
         ]
 
     def due_at(self) -> float | None:
-        """Monotonic time the next flush is due (``-inf`` when full), None when empty."""
+        """Monotonic time the next flush is due (``-inf``: now), None when empty."""
         if not self._items:
             return None
-        if len(self._items) >= self.max_size:
+        if len(self._items) >= self.max_size or self.flush_s <= 0:
             return float("-inf")
         return self._items[0].added_at + self.flush_s
 

@@ -41,11 +41,13 @@ bar waits for it. This keeps the rule in one place — the pipeline finalises a 
 its last minute is settled — instead of holding derived forming bars for a whole minute
 until the first candle above the hole closes.
 
-**Flushes.** The batcher is flushed at once when nothing else is pending for the group
-(:func:`~tradecanvas.ingest.ordering.group_settled`: every live series has settled the
-newest minute; the committer task asks only when it is idle), else when ``batch_max`` are
-queued, else once the oldest entry is ``binance_ws_flush_s`` old — the longest a close
-waits for the rest of its minute's closes, so a minute's closes still commit together.
+**Flushes (group commit).** With ``binance_ws_flush_s`` 0 (the default) a batch is due as
+soon as anything is queued: the committer task takes everything queued whenever it is idle,
+so the closes that arrive during a commit form the next group. Above 0, a batch is due at
+once when nothing else is pending for the group
+(:func:`~tradecanvas.ingest.ordering.group_settled`: every live series has settled the newest
+minute), else once the oldest entry is ``binance_ws_flush_s`` old — the longest a close waits
+for the rest of its minute's closes. Either way at most ``batch_max`` go in one commit.
 """
 
 from __future__ import annotations
@@ -408,9 +410,10 @@ class IngestCore:
     def batch_due_at(self) -> float | None:
         """Monotonic time the next commit is due (``-inf``: now), None when none waits.
 
-        Ask when the committer is idle: at once when every live series of the group has
-        settled the newest minute (:func:`~tradecanvas.ingest.ordering.group_settled`),
-        else by size, else by age (``binance_ws_flush_s``)."""
+        Ask when the committer is idle: with ``binance_ws_flush_s`` 0, at once (a group
+        commit); else at once when every live series of the group has settled the newest
+        minute (:func:`~tradecanvas.ingest.ordering.group_settled`), else by size, else by
+        age."""
         due = self.batcher.due_at()
         if due is None or due == -math.inf:
             return due
@@ -468,7 +471,7 @@ class IngestCore:
         if holes_until_last is not None:
             items = [attrs.evolve(i, holes=holes_until_last) for i in items[:-1]] + items[-1:]
         # forming derived candles need these minutes now, not after the batch is flushed
-        # (else a 5m forming bar's volume dips for up to binance_ws_flush_s)
+        # (else a 5m forming bar's volume dips until the batch is committed)
         self.minutes.add(sid, [r.candle for r in released])
         self.batcher.add_items(items)
         self.gate.owe(sid, len(items))

@@ -19,8 +19,9 @@ Derived forming bars go out with their base candle, so they are held with it: a 
 closed bar is committed and published by the same pipeline run as the base minute (or the
 absent run) that completes its bucket.
 
-:func:`group_settled` is the steady-state flush rule: a batch goes to the pipeline at once
-when no series of the connection group is still expected to close the newest minute.
+:func:`group_settled` is the flush rule when ``binance_ws_flush_s`` is above 0: a batch goes
+to the pipeline at once when no series of the connection group is still expected to close
+the newest minute (with 0, the default, every batch goes at once: a group commit).
 """
 
 from __future__ import annotations
