@@ -78,7 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout.flush()
         for figure in BENCHES[name](sizes, rounds, args.profile):
             figures.append(figure)
-            sys.stdout.write(figure.line() + "\n")
+            sys.stdout.write(figure.line(judged=not args.smoke) + "\n")
             sys.stdout.write(f"     {json.dumps(figure.raw, default=str)[:600]}\n")
             sys.stdout.flush()
         seconds[name] = round(time.monotonic() - start, 1)

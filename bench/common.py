@@ -59,8 +59,9 @@ class Figure:
             "raw": self.raw,
         }
 
-    def line(self) -> str:
-        verdict = {True: "PASS", False: "FAIL", None: "    "}[self.passed]
+    def line(self, *, judged: bool = True) -> str:
+        """One line for the terminal; a smoke run's figures are not judged (tiny sizes)."""
+        verdict = {True: "PASS", False: "FAIL", None: "    "}[self.passed] if judged else "    "
         target = "" if self.target is None else f" (target {_target_text(self.goal, self.target)})"
         return f"{verdict} {self.key} = {self.value:.4g}{target}"
 
