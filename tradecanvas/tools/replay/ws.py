@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Final
 from urllib.parse import parse_qs, urlsplit
 
@@ -147,8 +147,10 @@ async def _handle(
         lock = trio.Lock()
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(_write, stream, ws, client, lock, nursery.cancel_scope)
-                nursery.start_soon(_read, stream, ws, client, lock, nursery.cancel_scope)
+                for half in (_write_batches, _answer_requests):
+                    nursery.start_soon(
+                        _one_way, half, stream, ws, client, lock, nursery.cancel_scope
+                    )
         finally:
             detach(client)
             client.send.close()
@@ -165,15 +167,17 @@ async def _read_request(stream: trio.SocketStream, ws: WSConnection) -> Request 
                 return event
 
 
-async def _write(
+async def _one_way(
+    half: Callable[[trio.SocketStream, WSConnection, WsClient, trio.Lock], Awaitable[None]],
     stream: trio.SocketStream,
     ws: WSConnection,
     client: WsClient,
     lock: trio.Lock,
     scope: trio.CancelScope,
 ) -> None:
+    """Run one direction of the connection; when it ends (either way), end the other."""
     with contextlib.suppress(*_ENDS):
-        await _write_batches(stream, ws, client, lock)
+        await half(stream, ws, client, lock)
     scope.cancel()
 
 
@@ -196,18 +200,6 @@ async def _write_batches(
                 reason = "replay: connection dropped"
                 await stream.send_all(ws.send(CloseConnection(DROP_CLOSE_CODE, reason)))
                 return
-
-
-async def _read(
-    stream: trio.SocketStream,
-    ws: WSConnection,
-    client: WsClient,
-    lock: trio.Lock,
-    scope: trio.CancelScope,
-) -> None:
-    with contextlib.suppress(*_ENDS):
-        await _answer_requests(stream, ws, client, lock)
-    scope.cancel()
 
 
 async def _answer_requests(
