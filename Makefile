@@ -63,8 +63,9 @@ bench-smoke: $(STAMP)
 	$(BIN)/python -m bench --smoke
 
 ## test-data: download Binance's public daily kline archives (checksums verified) into .cache/
-test-data:
-	bash scripts/fetch_test_data.sh
+## with `tradecanvas fetch-archive`; BINANCE_ARCHIVE_URL=... for another copy of the archive
+test-data: $(STAMP)
+	PYTHON=$(BIN)/python bash scripts/fetch_test_data.sh
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache *.egg-info

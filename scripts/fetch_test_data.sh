@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # make test-data: fetch real Binance klines from Binance's public archive (data.binance.vision)
-# into .cache/binance/, verifying each daily zip against Binance's own .CHECKSUM, and lay
+# into .cache/binance/ with `tradecanvas fetch-archive` (each daily zip streamed, SHA-256
+# verified against Binance's own .CHECKSUM before it is kept, retried with backoff), and lay
 # them out like ../shared/data/binance/ so tests, replays and the acceptance script can use
-# them on a machine without the shared folder.
+# them on a machine without the shared folder. A re-run fetches only what is missing: the
+# downloaded zips stay in .cache/binance/archive/ and are verified again instead.
 #
 # What it builds (the same days as the shared copies):
 #   klines_1m_5m/futures_um/BTCUSDT-{1m,5m}-2025-07-06_2025-07-12.csv   (7 days, header)
@@ -10,43 +12,24 @@
 #   klines_1m_daily_dump/spot/BTCUSDT-1m-2020-01-0{1,2,3}.{zip,zip.CHECKSUM,csv}
 # The shared folder's OctoBot excerpts and the WS capture come from other projects (see its
 # SOURCES.md) and are not in Binance's archive; tests that need them say so when they fail.
+#
+# BINANCE_ARCHIVE_URL points it at another copy of the archive (default data.binance.vision);
+# PYTHON at another interpreter (default .venv/bin/python).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BASE=${BINANCE_ARCHIVE_URL:-https://data.binance.vision}
+PYTHON=${PYTHON:-.venv/bin/python}
 OUT=.cache/binance
-TMP=$(mktemp -d)
-trap 'rm -rf "$TMP"' EXIT
+UM=$OUT/klines_1m_5m/futures_um
 
-fetch_day() { # market(um|spot) symbol interval day -> extracted csv path on stdout
-  local market=$1 symbol=$2 interval=$3 day=$4 prefix
-  if [ "$market" = spot ]; then prefix=data/spot/daily/klines; else prefix=data/futures/um/daily/klines; fi
-  local name="$symbol-$interval-$day.zip"
-  local url="$BASE/$prefix/$symbol/$interval/$name"
-  curl -fsSL --retry 3 -o "$TMP/$name" "$url"
-  curl -fsSL --retry 3 -o "$TMP/$name.CHECKSUM" "$url.CHECKSUM"
-  (cd "$TMP" && sha256sum -c --quiet "$name.CHECKSUM") >&2
-  unzip -o -q "$TMP/$name" -d "$TMP/x" >&2
-  echo "$TMP/x/$symbol-$interval-$day.csv"
-}
+fetch() { "$PYTHON" -m tradecanvas fetch-archive --base-url "$BASE" "$@"; }
 
-to_six_columns() { # the archive's 12 columns (futures files have a header) -> open_time,...,volume
-  grep -E '^[0-9]' "$1" | cut -d, -f1-6
-}
-
-week() { for d in 06 07 08 09 10 11 12; do echo "2025-07-$d"; done; }
-
-mkdir -p "$OUT/klines_1m_5m/futures_um" "$OUT/klines_1m_daily_dump/spot"
 for interval in 1m 5m; do
-  dest="$OUT/klines_1m_5m/futures_um/BTCUSDT-$interval-2025-07-06_2025-07-12.csv"
-  echo "open_time,open,high,low,close,volume" > "$dest.part"
-  for day in $(week); do to_six_columns "$(fetch_day um BTCUSDT "$interval" "$day")" >> "$dest.part"; done
-  mv "$dest.part" "$dest"
-  dest="$OUT/klines_1m_5m/futures_um/BTCUSDT-$interval-2023-08-16.csv"
-  { echo "open_time,open,high,low,close,volume"; to_six_columns "$(fetch_day um BTCUSDT "$interval" 2023-08-16)"; } > "$dest"
+  fetch BTCUSDT "$interval" --market um --from 2025-07-06 --to 2025-07-12 \
+    --out "$OUT/archive/futures_um" --csv "$UM/BTCUSDT-$interval-2025-07-06_2025-07-12.csv"
+  fetch BTCUSDT "$interval" --market um --from 2023-08-16 \
+    --out "$OUT/archive/futures_um" --csv "$UM/BTCUSDT-$interval-2023-08-16.csv"
 done
-for day in 2020-01-01 2020-01-02 2020-01-03; do
-  csv=$(fetch_day spot BTCUSDT 1m "$day")
-  cp "$csv" "$OUT/klines_1m_daily_dump/spot/"
-  cp "$TMP/BTCUSDT-1m-$day.zip" "$TMP/BTCUSDT-1m-$day.zip.CHECKSUM" "$OUT/klines_1m_daily_dump/spot/"
-done
+fetch BTCUSDT 1m --market spot --from 2020-01-01 --to 2020-01-03 \
+  --out "$OUT/klines_1m_daily_dump/spot" --extract
 echo "test data in $OUT (checksums verified)"

@@ -21,7 +21,7 @@ from tradecanvas.runtime_flags import (
     describe_flags,
     load_runtime_flags,
 )
-from tradecanvas.tools import backfill, migrate_store, replay
+from tradecanvas.tools import archive_fetch, backfill, migrate_store, replay
 from tradecanvas.tools import subscribe as subscribe_client
 from tradecanvas.tools.exit_codes import HELP_FORMATTER, ExitCodeTable, exit_codes_epilog
 
@@ -116,6 +116,14 @@ def build_parser() -> argparse.ArgumentParser:
         migrate_store.EXIT_CODES,
     )
     migrate_store.configure_parser(migrate_parser)
+    archive_fetch.configure_parser(
+        _add_command(
+            sub,
+            "fetch-archive",
+            "download Binance archive days, SHA-256 verified",
+            archive_fetch.EXIT_CODES,
+        )
+    )
     return parser
 
 
@@ -152,4 +160,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return subscribe_client.run_subscribe(args)
     if args.command == "migrate-store":
         return migrate_store.run_migrate_store(args)
+    if args.command == "fetch-archive":
+        return archive_fetch.run_fetch_archive(args)
     parser.error(f"unknown command {args.command}")

@@ -1,0 +1,466 @@
+"""``tradecanvas fetch-archive SYMBOL INTERVAL --from DAY [--to DAY]``: Binance's public kline
+archive (data.binance.vision), downloaded and SHA-256 verified (DESIGN §8).
+
+Each day is ``{base}/data/{spot|futures/um}/daily/klines/SYMBOL/INTERVAL/SYMBOL-INTERVAL-DAY.zip``
+with ``.CHECKSUM`` beside it (``<sha256>  <name>``, Binance's own digest). A download streams
+into ``<name>.part`` in the output folder, hashing as it goes; only when the digest equals the
+``.CHECKSUM``'s (and the zip opens) is it renamed into place, the ``.CHECKSUM`` written beside
+it and, with ``--extract``, its CSV. A mismatch or a broken zip is refused and nothing of
+that day is kept. A day whose zip and ``.CHECKSUM`` are already there and agree is not fetched
+again, so a re-run (or a run after Ctrl-C) fetches only what is missing. ``--csv FILE`` also
+writes the days' candles joined into one ``open_time,open,high,low,close,volume`` CSV, the
+layout ``tradecanvas replay`` and the tests read. ``make test-data`` runs this command.
+
+Errors (each message names the URL or the file)::
+
+    httpx.TransportError, timeouts, HTTP 5xx, 429 ─ retried with backoff ─▶ ArchiveError
+    HTTP 404 and other 4xx (not in the archive)  ──────────────────────────▶ ArchiveError
+    digest ≠ .CHECKSUM, malformed .CHECKSUM, a zip that does not open ────▶ ArchiveError
+
+Exit codes (:data:`EXIT_CODES`): 0 every day present and verified; 1 a day failed (the days
+verified before it stay); 2 bad arguments; 130 on Ctrl-C (the day being fetched is dropped).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import hashlib
+import logging
+import re
+import sys
+import zipfile
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import date, timedelta
+from pathlib import Path
+from typing import Final, Literal, TextIO, TypeVar, final
+
+import attrs
+import httpx
+import trio
+
+from tradecanvas.errors import ExitCode, TradeCanvasError
+from tradecanvas.tools.exit_codes import ExitCodeTable
+from tradecanvas.upstream.backoff import Backoff
+
+ARCHIVE_URL: Final = "https://data.binance.vision"
+MARKET_PATHS: Final = {"spot": "spot", "um": "futures/um"}
+# the archive's interval names (its month is 1mo)
+INTERVALS: Final = (
+    *("1s", "1m", "3m", "5m", "15m", "30m", "1h", "2h", "4h", "6h", "8h", "12h"),
+    *("1d", "3d", "1w", "1mo"),
+)
+CHUNK_BYTES: Final = 64 * 1024
+HTTP_TIMEOUT_S: Final = 30.0
+MAX_DAYS: Final = 3660  # ten years of daily files: a typo in --from, not a plan
+HEADER: Final = "open_time,open,high,low,close,volume"
+EXIT_CODES: Final[ExitCodeTable] = (
+    (ExitCode.OK, "every day is present and matches Binance's .CHECKSUM"),
+    (ExitCode.FAILED, "a day could not be fetched or failed its checksum (the days before stay)"),
+    (ExitCode.USAGE, "bad arguments; nothing was fetched"),
+    (ExitCode.INTERRUPTED, "Ctrl-C: the day being fetched is dropped"),
+)
+Market = Literal["spot", "um"]
+T = TypeVar("T")
+
+
+class ArchiveError(TradeCanvasError):
+    """A day of the archive could not be fetched, or was refused; the message names the URL
+    (or the file) and why."""
+
+
+@attrs.frozen
+class ArchiveDay:
+    """One daily kline zip of the archive."""
+
+    market: Market
+    symbol: str
+    interval: str
+    day: date
+
+    @property
+    def name(self) -> str:
+        return f"{self.symbol}-{self.interval}-{self.day.isoformat()}.zip"
+
+    @property
+    def csv_name(self) -> str:
+        return self.name.removesuffix(".zip") + ".csv"
+
+    def url(self, base_url: str) -> str:
+        prefix = MARKET_PATHS[self.market]
+        return (
+            f"{base_url.rstrip('/')}/data/{prefix}/daily/klines/"
+            f"{self.symbol}/{self.interval}/{self.name}"
+        )
+
+
+def archive_days(
+    market: Market, symbol: str, interval: str, first: date, last: date
+) -> list[ArchiveDay]:
+    """The days ``first..last``, both included. Raises ArchiveError for a bad symbol, interval
+    or range (the message names the argument)."""
+    if not re.fullmatch(r"[A-Z0-9]{2,30}", symbol):
+        raise ArchiveError(f"SYMBOL: {symbol!r} is not a Binance symbol such as BTCUSDT")
+    if interval not in INTERVALS:
+        raise ArchiveError(f"INTERVAL: {interval!r} is not one of {', '.join(INTERVALS)}")
+    if last < first:
+        raise ArchiveError(f"--to: {last} is before --from ({first})")
+    count = (last - first).days + 1
+    if count > MAX_DAYS:
+        raise ArchiveError(f"--from/--to: {count} days is more than {MAX_DAYS}")
+    return [ArchiveDay(market, symbol, interval, first + timedelta(days=i)) for i in range(count)]
+
+
+def parse_checksum(text: str, name: str, where: str) -> str:
+    """The SHA-256 (lower-case hex) in a ``.CHECKSUM`` file's ``text``: ``<hex>  <name>``.
+    Raises ArchiveError naming ``where`` if it is malformed or names another file."""
+    fields = text.split()
+    if not fields or not re.fullmatch(r"[0-9a-fA-F]{64}", fields[0]):
+        raise ArchiveError(f"{where}: not a SHA-256 checksum file: {text[:100]!r}")
+    if len(fields) > 1 and fields[1].lstrip("*") != name:
+        raise ArchiveError(f"{where}: the checksum is for {fields[1]!r}, not {name!r}")
+    return fields[0].lower()
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify_zip(zip_path: Path, checksum_path: Path) -> None:
+    """Check a zip against the ``.CHECKSUM`` beside it (its digest, then that it opens).
+    Raises ArchiveError naming the file. Blocking: call it from a thread in trio code."""
+    try:
+        expected = parse_checksum(
+            checksum_path.read_text(errors="replace"), zip_path.name, str(checksum_path)
+        )
+    except OSError as exc:
+        raise ArchiveError(f"{checksum_path}: {exc.strerror or exc}") from None
+    actual = file_sha256(zip_path)
+    if actual != expected:
+        raise ArchiveError(f"{zip_path}: SHA-256 {actual} does not match {checksum_path.name}")
+    check_zip(zip_path)
+
+
+def check_zip(zip_path: Path) -> None:
+    """Raises ArchiveError unless ``zip_path`` is a zip whose members all read back."""
+    try:
+        with zipfile.ZipFile(zip_path) as archive:
+            broken = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+        raise ArchiveError(f"{zip_path}: not a readable zip ({exc})") from None
+    if broken is not None:
+        raise ArchiveError(f"{zip_path}: member {broken} is corrupt")
+
+
+def _present(zip_path: Path, checksum_path: Path) -> bool:
+    """Already fetched and still matching its checksum (a re-run skips it)."""
+    if not (zip_path.is_file() and checksum_path.is_file()):
+        return False
+    try:
+        verify_zip(zip_path, checksum_path)
+    except ArchiveError:
+        return False
+    return True
+
+
+def _extract_csv(zip_path: Path, csv_path: Path) -> None:
+    """The zip's CSV member (the archive holds one) written beside it, atomically."""
+    with zipfile.ZipFile(zip_path) as archive:
+        members = [n for n in archive.namelist() if n.endswith(".csv")]
+        if len(members) != 1:
+            raise ArchiveError(f"{zip_path}: expected one CSV inside, found {members}")
+        data = archive.read(members[0])
+    part = csv_path.with_name(csv_path.name + ".part")
+    part.write_bytes(data)
+    part.replace(csv_path)
+
+
+def six_column_rows(zip_path: Path) -> list[str]:
+    """The zip's klines as ``open_time,open,high,low,close,volume`` lines (open time in ms;
+    a header row dropped, microsecond open times of the 2025+ spot files converted)."""
+    with zipfile.ZipFile(zip_path) as archive:
+        text = archive.read(archive.namelist()[0]).decode()
+    lines = []
+    for row in csv_lines(text):
+        fields = row.split(",")
+        open_time = int(fields[0])
+        if open_time > 10**15:
+            open_time //= 1000
+        lines.append(",".join([str(open_time), *fields[1:6]]))
+    return lines
+
+
+def csv_lines(text: str) -> list[str]:
+    """The data rows of an archive CSV (a header row, if any, dropped)."""
+    return [line for line in text.splitlines() if line[:1].isdigit()]
+
+
+@attrs.frozen
+class FetchPolicy:
+    """Attempts per file and the backoff between them (timeouts, transport errors, 5xx, 429)."""
+
+    attempts: int = 4
+    backoff_base_s: float = 0.5
+    backoff_cap_s: float = 8.0
+
+    @property
+    def backoff(self) -> Backoff:
+        return Backoff(self.backoff_base_s, self.backoff_cap_s)
+
+
+@attrs.frozen
+class Fetched:
+    """What became of one day: ``downloaded`` or ``present`` (verified, not fetched again)."""
+
+    day: ArchiveDay
+    path: Path
+    status: Literal["downloaded", "present"]
+    size: int
+
+
+@final
+class ArchiveFetcher:
+    """Fetches archive days into a folder over one ``httpx.AsyncClient`` (passed in; the
+    caller owns it). Raises ArchiveError; never raises httpx errors."""
+
+    def __init__(
+        self,
+        http: httpx.AsyncClient,
+        base_url: str = ARCHIVE_URL,
+        policy: FetchPolicy | None = None,
+    ) -> None:
+        self.http = http
+        self.base_url = base_url.rstrip("/")
+        self.policy = policy or FetchPolicy()
+        self.requests = 0
+
+    async def fetch(self, day: ArchiveDay, out_dir: Path, *, extract: bool = False) -> Fetched:
+        """``day``'s zip and ``.CHECKSUM`` in ``out_dir`` (and its CSV with ``extract``),
+        verified; a day already there and verified is not fetched again."""
+        zip_path = out_dir / day.name
+        checksum_path = out_dir / (day.name + ".CHECKSUM")
+        status: Literal["downloaded", "present"] = "present"
+        if not await trio.to_thread.run_sync(_present, zip_path, checksum_path):
+            await self._download(day, zip_path, checksum_path)
+            status = "downloaded"
+        if extract:
+            csv_path = out_dir / day.csv_name
+            await trio.to_thread.run_sync(_extract_csv, zip_path, csv_path)
+        return Fetched(day, zip_path, status, zip_path.stat().st_size)
+
+    async def _download(self, day: ArchiveDay, zip_path: Path, checksum_path: Path) -> None:
+        url = day.url(self.base_url)
+        checksum_text = (await self._get(url + ".CHECKSUM", _read_body)).decode(errors="replace")
+        expected = parse_checksum(checksum_text, day.name, url + ".CHECKSUM")
+        part = zip_path.with_name(zip_path.name + ".part")
+        try:
+            actual = await self._get(url, functools.partial(_stream_into, part))
+            if actual != expected:
+                raise ArchiveError(
+                    f"{url}: SHA-256 {actual} does not match its .CHECKSUM ({expected});"
+                    " nothing kept"
+                )
+            try:
+                await trio.to_thread.run_sync(check_zip, part)
+            except ArchiveError as exc:
+                raise ArchiveError(f"{url}: {exc}; nothing kept") from None
+            checksum_part = checksum_path.with_name(checksum_path.name + ".part")
+            await trio.Path(checksum_part).write_text(checksum_text)
+            await trio.Path(part).replace(zip_path)
+            await trio.Path(checksum_part).replace(checksum_path)
+        finally:
+            with trio.CancelScope(shield=True):
+                await trio.Path(part).unlink(missing_ok=True)
+
+    async def _get(self, url: str, read: Callable[[httpx.Response], Awaitable[T]]) -> T:
+        """GET ``url`` and ``read`` its 200 response, with retries and backoff."""
+        problem = "no attempt made"
+        for attempt in range(self.policy.attempts):
+            if attempt:
+                await trio.sleep(self.policy.backoff.delay(attempt))
+            self.requests += 1
+            try:
+                async with self.http.stream("GET", url) as response:
+                    status = response.status_code
+                    if status == 200:
+                        return await read(response)
+                    if status == 404:
+                        raise ArchiveError(f"{url}: not in the archive (HTTP 404)")
+                    if status < 500 and status != 429:
+                        raise ArchiveError(f"{url}: HTTP {status}")
+                    problem = f"HTTP {status}"
+            except httpx.TimeoutException as exc:
+                problem = f"timed out ({type(exc).__name__})"
+            except httpx.TransportError as exc:
+                problem = f"cannot reach it: {type(exc).__name__}: {exc}"
+            except httpx.HTTPError as exc:  # decoding, redirects: not worth a retry
+                raise ArchiveError(f"{url}: {type(exc).__name__}: {exc}") from None
+        raise ArchiveError(f"{url}: {problem} (gave up after {self.policy.attempts} attempts)")
+
+
+async def _read_body(response: httpx.Response) -> bytes:
+    return await response.aread()
+
+
+async def _stream_into(path: Path, response: httpx.Response) -> str:
+    """The body streamed into ``path``; returns its SHA-256 (hex)."""
+    digest = hashlib.sha256()
+    async with await trio.open_file(path, "wb") as f:
+        async for chunk in response.aiter_bytes(CHUNK_BYTES):
+            digest.update(chunk)
+            await f.write(chunk)
+    return digest.hexdigest()
+
+
+async def fetch_days(
+    days: Sequence[ArchiveDay],
+    out_dir: Path,
+    *,
+    base_url: str = ARCHIVE_URL,
+    policy: FetchPolicy | None = None,
+    extract: bool = False,
+    report: TextIO | None = None,
+) -> list[Fetched]:
+    """Fetch ``days`` in order into ``out_dir`` (created); one line per day on ``report``.
+    Raises ArchiveError at the first day that fails (the days before it stay)."""
+    await trio.Path(out_dir).mkdir(parents=True, exist_ok=True)
+    done: list[Fetched] = []
+    async with httpx.AsyncClient(
+        timeout=httpx.Timeout(HTTP_TIMEOUT_S), headers={"user-agent": "tradecanvas"}
+    ) as http:
+        fetcher = ArchiveFetcher(http, base_url, policy)
+        for day in days:
+            fetched = await fetcher.fetch(day, out_dir, extract=extract)
+            done.append(fetched)
+            if report is not None:
+                what = "downloaded" if fetched.status == "downloaded" else "already present"
+                report.write(f"{day.name}: {what}, SHA-256 verified ({fetched.size:,} bytes)\n")
+    return done
+
+
+def write_joined_csv(fetched: Sequence[Fetched], csv_path: Path) -> int:
+    """The days' klines, in order, as one six-column CSV with a header (written atomically);
+    returns the number of rows."""
+    rows = [HEADER]
+    for f in fetched:
+        rows.extend(six_column_rows(f.path))
+    csv_path.parent.mkdir(parents=True, exist_ok=True)
+    part = csv_path.with_name(csv_path.name + ".part")
+    part.write_text("\n".join(rows) + "\n")
+    part.replace(csv_path)
+    return len(rows) - 1
+
+
+# --- command line --------------------------------------------------------------------
+
+
+def _day_arg(text: str) -> date:
+    try:
+        return date.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a day such as 2020-01-01") from None
+
+
+def _attempts_arg(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 20:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number in 1..20")
+    return int(text)
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    """Add the ``fetch-archive`` arguments to ``parser``."""
+    parser.add_argument("symbol", metavar="SYMBOL", help="Binance symbol, such as BTCUSDT")
+    parser.add_argument("interval", metavar="INTERVAL", help="kline interval, such as 1m")
+    parser.add_argument(
+        "--from", dest="first", required=True, type=_day_arg, metavar="DAY", help="first day"
+    )
+    parser.add_argument(
+        "--to",
+        dest="last",
+        type=_day_arg,
+        default=None,
+        metavar="DAY",
+        help="last day, included (default: the --from day)",
+    )
+    parser.add_argument(
+        "--market", choices=sorted(MARKET_PATHS), default="spot", help="spot or USDⓈ-M (um)"
+    )
+    parser.add_argument(
+        "--out", type=Path, default=Path("."), metavar="DIR", help="where the zips go (default .)"
+    )
+    parser.add_argument(
+        "--extract", action="store_true", help="also write each day's CSV beside its zip"
+    )
+    parser.add_argument(
+        "--csv",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="also write the days joined as one open_time,open,high,low,close,volume CSV",
+    )
+    parser.add_argument(
+        "--base-url",
+        default=ARCHIVE_URL,
+        metavar="URL",
+        help=f"the archive's address (default {ARCHIVE_URL})",
+    )
+    parser.add_argument(
+        "--attempts",
+        type=_attempts_arg,
+        default=FetchPolicy().attempts,
+        metavar="N",
+        help=f"attempts per file (default {FetchPolicy().attempts})",
+    )
+
+
+def run_fetch_archive(
+    args: argparse.Namespace, *, out: TextIO | None = None, err: TextIO | None = None
+) -> int:
+    """Run the ``fetch-archive`` command; returns one of :data:`EXIT_CODES`."""
+    out = out or sys.stdout
+    err = err or sys.stderr
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request otherwise
+    try:
+        if not re.fullmatch(r"https?://[^\s/]+(/\S*)?", args.base_url):
+            raise ArchiveError(f"--base-url: {args.base_url!r} is not an http(s) URL")
+        days = archive_days(
+            args.market, args.symbol, args.interval, args.first, args.last or args.first
+        )
+    except ArchiveError as exc:
+        err.write(f"tradecanvas fetch-archive: {exc}\n")
+        return ExitCode.USAGE
+    policy = FetchPolicy(attempts=args.attempts)
+    try:
+        fetched = trio.run(
+            functools.partial(
+                fetch_days,
+                days,
+                args.out,
+                base_url=args.base_url,
+                policy=policy,
+                extract=args.extract,
+                report=out,
+            )
+        )
+        if args.csv is not None:
+            rows = write_joined_csv(fetched, args.csv)
+            out.write(f"{args.csv}: {rows:,} candles from {len(fetched)} days\n")
+    except ArchiveError as exc:
+        err.write(f"tradecanvas fetch-archive: {exc}\n")
+        return ExitCode.FAILED
+    except OSError as exc:
+        err.write(f"tradecanvas fetch-archive: {exc}\n")
+        return ExitCode.FAILED
+    except KeyboardInterrupt:
+        err.write("tradecanvas fetch-archive: interrupted; the days verified before stay\n")
+        return ExitCode.INTERRUPTED
+    downloaded = sum(f.status == "downloaded" for f in fetched)
+    out.write(
+        f"{len(fetched)} days in {args.out}: {downloaded} downloaded,"
+        f" {len(fetched) - downloaded} already present; all SHA-256 verified\n"
+    )
+    return ExitCode.OK
