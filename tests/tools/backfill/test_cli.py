@@ -124,9 +124,14 @@ async def stored(db: Path, series_id: str) -> list[StoredCandle]:
 
 
 def table_dump(db: Path) -> list[tuple[object, ...]]:
+    """Every candle, event and meta row of the store."""
     conn = sqlite3.connect(db)
     try:
-        return list(conn.execute("SELECT * FROM candles ORDER BY series_id, candle_time"))
+        return [
+            *conn.execute("SELECT * FROM candles ORDER BY series_id, candle_time"),
+            *conn.execute("SELECT * FROM events ORDER BY rowid"),
+            *conn.execute("SELECT * FROM meta ORDER BY key"),
+        ]
     finally:
         conn.close()
 
@@ -141,7 +146,13 @@ def same_bars(got: list[StoredCandle], expected: list[Candle]) -> bool:
 
 
 async def import_in_process(
-    db: Path, rest_url: str, from_text: str, to_text: str | None, **env: str
+    db: Path,
+    rest_url: str,
+    from_text: str,
+    to_text: str | None,
+    *,
+    refetch: bool = False,
+    **env: str,
 ) -> BackfillOutcome:
     """:func:`run_import` as ``run_backfill`` calls it, without the subprocess."""
     flags: RuntimeFlags = build_runtime_flags(
@@ -155,7 +166,9 @@ async def import_in_process(
     plan = plan_backfill(BASE, from_text, to_text, time.time())
     policy = RestPolicy(max_attempts=1, weight_budget=BACKFILL_WEIGHT_BUDGET)
     with trio.fail_after(WAIT_S):
-        return await run_import(plan, flags, policy, Progress(io.StringIO(), tty=False))
+        return await run_import(
+            plan, flags, policy, Progress(io.StringIO(), tty=False), refetch=refetch
+        )
 
 
 async def test_run_import_commits_page_after_page_and_tallies_them(tmp_path: Path) -> None:
@@ -168,13 +181,15 @@ async def test_run_import_commits_page_after_page_and_tallies_them(tmp_path: Pat
         assert replay.statistics().rest_requests == 3  # one klines call per page
     assert (outcome.code, outcome.error) == (ExitCode.OK, None)
     tally = outcome.tally
-    assert (tally.plan.end, tally.fetched, tally.new, tally.missing) == (
+    assert (tally.plan.end, tally.fetched, tally.counts.new, tally.missing.count) == (
         WEEK + minutes * 60,  # capped at the replay's clock
         minutes,
         minutes,
         0,
     )
-    assert tally.derived == {BASE_5M: minutes // 5}
+    assert tally.counts.derived == {BASE_5M: minutes // 5}
+    assert (tally.pages_fetched, tally.pages_skipped) == (3, 0)
+    assert tally.elapsed_s is not None and tally.elapsed_s > 0
     assert same_bars(await stored(db, BASE), rows)
 
 
@@ -243,15 +258,31 @@ async def test_imports_binance_bars_over_several_pages_derives_5m_and_is_idempot
         before = table_dump(db)
         second = await run_backfill(env, *args)
         assert second.returncode == 0, second.stderr.decode()
+        # every page is stored whole: none is fetched again, and the run says so
+        assert replay.statistics().rest_requests == 3
         assert counts(second.stdout) == {
             "minutes requested": minutes,
-            "fetched": minutes,
+            "fetched": 0,
             "new": 0,
             "already stored (unchanged)": minutes,
             "revised": 0,
             "missing at the exchange": 0,
         }
-        assert "nothing new" in second.stdout.decode()
+        lines = second.stdout.decode().splitlines()
+        assert "resumed: 3,100 minutes in 3 pages were stored already and not fetched again" in (
+            lines
+        )
+        assert re.fullmatch(r"took \d+\.\d s, 0 REST pages", lines[-2]), lines
+        assert lines[-1] == (
+            "nothing changed: the store already held every candle Binance has for this range"
+        )
+        assert table_dump(db) == before
+        # --refetch asks Binance for every page again: still nothing changes
+        third = await run_backfill(env, *args, "--refetch")
+        assert third.returncode == 0, third.stderr.decode()
+        assert replay.statistics().rest_requests == 6
+        assert counts(third.stdout)["fetched"] == minutes
+        assert third.stdout.decode().splitlines()[-1].startswith("nothing changed")
         assert table_dump(db) == before
 
 
@@ -335,7 +366,7 @@ async def test_exchange_holes_inside_the_history_are_stored_as_gap_events(
     config = replay_config("BTCUSDT-1m-2023-08-16.csv", start_at=1439, exchange_holes=((100, 3),))
     async with binance_replay(config) as replay:
         outcome = await import_in_process(db, replay.rest_url, str(DAY), str(DAY + 200 * 60))
-    assert outcome.code == ExitCode.OK and outcome.tally.missing == 3
+    assert outcome.code == ExitCode.OK and outcome.tally.missing.count == 3
     store = await CandleStore.open(db)
     try:
         events = [(e.series_id, e.event, e.data["reason"]) for e in await store.events_after(0)]
@@ -396,7 +427,7 @@ async def test_an_exchange_hole_is_reported_as_missing_minutes(tmp_path: Path) -
         "missing at the exchange": 3,
     }
     assert (
-        "missing at the exchange: 2023-08-16T01:40Z..2023-08-16T01:42Z (3)"
+        "holes at the exchange (1 new gap events): 2023-08-16T01:40Z..2023-08-16T01:42Z (3)"
         in done.stdout.decode().splitlines()
     )
     assert same_bars(await stored(db, BASE), rows[:100] + rows[103:200])
@@ -647,7 +678,9 @@ async def _stalling_proxy(
 
 
 @pytest.mark.e2e
-async def test_ctrl_c_in_the_middle_keeps_the_pages_committed(tmp_path: Path) -> None:
+async def test_ctrl_c_in_the_middle_keeps_the_pages_committed_and_a_rerun_resumes(
+    tmp_path: Path,
+) -> None:
     rows = csv_rows("BTCUSDT-1m-2025-07-06_2025-07-12.csv")
     rows_5m = csv_rows("BTCUSDT-5m-2025-07-06_2025-07-12.csv")
     db = tmp_path / "market.sqlite3"
@@ -673,14 +706,24 @@ async def test_ctrl_c_in_the_middle_keeps_the_pages_committed(tmp_path: Path) ->
             if proc.returncode is None:
                 proc.kill()
                 await proc.wait()
+        # the same command again (Binance answering now): it continues where it stopped
+        again = await run_backfill(
+            cli_env(db, replay.rest_url), BASE, "--from", str(WEEK), "--to", str(WEEK + 4000 * 60)
+        )
+        assert again.returncode == 0, again.stderr.decode()
+        assert replay.statistics().rest_requests == 1 + 2  # page 1 before; pages 2 and 3 now
         nursery.cancel_scope.cancel()
+    assert "resumed: 1,500 minutes in 1 pages were stored already and not fetched again" in (
+        again.stdout.decode().splitlines()
+    )
+    assert counts(again.stdout)["new"] == 2500
+    assert same_bars(await stored(db, BASE), rows[:4000])
+    assert same_bars(await stored(db, BASE_5M), rows_5m[:800])
     assert err.read_text().splitlines()[-1] == (
         "tradecanvas backfill: interrupted; committed up to 2025-07-07T01:00Z (from"
         " 2025-07-06T00:00Z); that stays stored, run the same command again to finish"
     )
     assert "4,000 minutes requested, 1,500 done, 1,500 fetched, 1,500 new" in out.read_text()
-    assert same_bars(await stored(db, BASE), rows[:1500])
-    assert same_bars(await stored(db, BASE_5M), rows_5m[:300])
 
 
 @pytest.mark.e2e

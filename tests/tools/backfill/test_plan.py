@@ -16,6 +16,7 @@ from tradecanvas.tools.backfill import (
     page_alignment,
     parse_time,
     plan_backfill,
+    unrecorded,
 )
 
 BASE = "binance:futures:BTC/USDT:1m"
@@ -72,8 +73,9 @@ def test_summary_names_what_was_stopped() -> None:
     tally.record(DAY, DAY + 120, [], None)
     assert tally.committed_text().startswith("committed up to 2023-08-16T00:02Z")
     assert "2 done" in tally.summary_lines()[0]
-    assert "missing at the exchange: 2023-08-16T00:00Z..2023-08-16T00:01Z (2)" in (
-        tally.summary_lines()
+    assert (
+        "missing before the first candle (not holes: no earlier bar):"
+        " 2023-08-16T00:00Z..2023-08-16T00:01Z (2)" in tally.summary_lines()
     )
 
 
@@ -143,15 +145,16 @@ def test_the_tally_counts_new_unchanged_revised_and_missing_minutes() -> None:
     fetched = [bar(DAY + 60 * i) for i in range(10) if i not in (4, 5)]
     # of the 8 fetched, 5 were stored: 2 of them revised a different stored value
     tally.record(DAY, DAY + 600, fetched, result(SeriesUpdate(BASE, tuple(fetched[:5]), False, 2)))
-    assert (tally.fetched, tally.new, tally.revised, tally.unchanged) == (8, 3, 2, 3)
+    counts = tally.counts
+    assert (tally.fetched, counts.new, counts.revised, counts.unchanged) == (8, 3, 2, 3)
     assert tally.stored == 5 and tally.complete
-    assert (tally.missing, tally.missing_ranges) == (2, [(DAY + 240, DAY + 300)])
+    assert (tally.missing.count, tally.missing.ranges) == (2, [(DAY + 240, DAY + 300)])
     assert tally.summary_lines()[0] == (
         "binance:futures:BTC/USDT:1m [2023-08-16T00:00Z, 2023-08-16T00:10Z): 10 minutes"
         " requested, 8 fetched, 3 new, 3 already stored (unchanged), 2 revised, 2 missing at"
         " the exchange"
     )
-    assert "missing at the exchange: 2023-08-16T00:04Z..2023-08-16T00:05Z (2)" in (
+    assert "holes at the exchange (0 new gap events): 2023-08-16T00:04Z..2023-08-16T00:05Z (2)" in (
         tally.summary_lines()
     )
 
@@ -177,17 +180,64 @@ def test_a_derived_bar_split_across_two_pages_is_counted_once() -> None:
             SeriesUpdate(BASE, tuple(rest), False), SeriesUpdate(BASE_5M, (bar(DAY + 300),), True)
         ),
     )
-    assert tally.derived == {BASE_5M: 2}
+    assert tally.counts.derived == {BASE_5M: 2}
     assert f"{BASE_5M}: 2 derived bars written" in tally.summary_lines()
 
 
 def test_many_missing_ranges_are_summarised() -> None:
+    tally = BackfillTally(BackfillPlan(SeriesId.parse(BASE), DAY, DAY + 3600))
+    every_other = [bar(DAY + 120 * i) for i in range(30)]
+    tally.record(DAY, DAY + 3600, every_other, None)
+    assert len(tally.missing.ranges) == 30
+    lines = tally.summary_lines()
+    assert lines[1].startswith("holes at the exchange (0 new gap events): 2023-08-16T00:01Z, ")
+    assert lines[1].endswith(" and 19 more ranges")  # 29 holes: the first 10 are shown
+    assert lines[2] == "missing after the last candle (a gap once a candle above is stored):" + (
+        " 2023-08-16T00:59Z"
+    )
+    assert lines[-1].startswith("nothing changed: the store already held")
+
+
+def test_missing_minutes_are_told_apart_before_inside_and_after_the_history() -> None:
+    plan = BackfillPlan(SeriesId.parse(BASE), DAY, DAY + 600)
+    present = [bar(DAY + 60 * i) for i in (2, 3, 6)]
+    tally = BackfillTally(plan)
+    tally.record(DAY, DAY + 600, present, None)
+    assert tally.holes() == {
+        "before": [(DAY, DAY + 60)],
+        "holes": [(DAY + 240, DAY + 300)],
+        "after": [(DAY + 420, DAY + 540)],
+    }
+    # with a candle stored below the range, the leading minutes are a hole too
+    below = BackfillTally(plan, candle_below=True)
+    below.record(DAY, DAY + 600, present, None)
+    assert below.holes()["holes"] == [(DAY, DAY + 60), (DAY + 240, DAY + 300)]
+    # no candle at all: nothing yet (before), or everything after the stored history
+    empty = BackfillTally(plan)
+    empty.record(DAY, DAY + 600, [], None)
+    assert empty.holes()["before"] == [(DAY, DAY + 540)]
+    after = BackfillTally(plan, candle_below=True)
+    after.record(DAY, DAY + 600, [], None)
+    assert after.holes()["after"] == [(DAY, DAY + 540)]
+
+
+def test_a_page_stored_whole_is_skipped_and_counted_unchanged() -> None:
     tally = BackfillTally(BackfillPlan(SeriesId.parse(BASE), DAY, DAY + 1200))
-    every_other = [bar(DAY + 120 * i) for i in range(10)]
-    tally.record(DAY, DAY + 1200, every_other, None)
-    assert len(tally.missing_ranges) == 10
-    assert tally.summary_lines()[-2].endswith(" and 5 more ranges")
-    assert tally.summary_lines()[-1].startswith("nothing new: the store already held")
+    tally.skip(DAY, DAY + 600)
+    fetched = [bar(DAY + 600 + 60 * i) for i in range(10)]
+    tally.record(DAY + 600, DAY + 1200, fetched, result(SeriesUpdate(BASE, tuple(fetched), False)))
+    assert (tally.fetched, tally.counts.new, tally.counts.unchanged) == (10, 10, 10)
+    assert (tally.pages_skipped, tally.pages_fetched, tally.minutes_skipped) == (1, 1, 10)
+    tally.elapsed_s = 1.25
+    lines = tally.summary_lines()
+    assert lines[0].endswith(
+        "20 minutes requested, 10 fetched, 10 new, 10 already stored (unchanged), 0 revised,"
+        " 0 missing at the exchange"
+    )
+    assert lines[1:] == [
+        "resumed: 10 minutes in 1 pages were stored already and not fetched again",
+        "took 1.2 s, 1 REST pages",
+    ]
 
 
 def test_holes_are_the_missing_minutes_inside_the_series_history() -> None:
@@ -196,16 +246,25 @@ def test_holes_are_the_missing_minutes_inside_the_series_history() -> None:
     finder = HoleFinder(candle_below=False)
     # before the symbol's first bar (nothing below): not a hole; 3..4 is one
     assert finder.page(0, 10 * m, [2 * m, 5 * m, 6 * m, 7 * m]) == ((3 * m, 5 * m),)
-    # 8..9 at the page's end waits for the next page; a page with nothing adds to it
+    # 8..9 at the page's end waits for the next page; a page with nothing adds to it; the
+    # run across the three pages is one hole
     assert finder.page(10 * m, 20 * m, []) == ()
-    assert finder.page(20 * m, 30 * m, [22 * m, 29 * m]) == (
-        (8 * m, 10 * m),
-        (10 * m, 20 * m),
-        (20 * m, 22 * m),
-        (23 * m, 29 * m),
-    )
-    # after the last bar of the range: nothing above, not recorded
+    assert finder.trailing() == ((8 * m, 20 * m),)
+    assert finder.page(20 * m, 30 * m, [22 * m, 29 * m]) == ((8 * m, 22 * m), (23 * m, 29 * m))
+    # after the last bar of the range: nothing above, not recorded, but trailing
     assert finder.page(30 * m, 40 * m, []) == ()
+    assert finder.trailing() == ((30 * m, 40 * m),)
     # with a candle stored below the range, the leading run is a hole too
     assert HoleFinder(candle_below=True).page(0, 5 * m, [3 * m]) == ((0, 3 * m),)
     assert HoleFinder(candle_below=True).page(0, 3 * m, [0, m, 2 * m]) == ()
+    assert HoleFinder(candle_below=False).page(0, 5 * m, []) == ()
+    assert HoleFinder(candle_below=False).trailing() == ()
+
+
+def test_a_hole_whose_candle_above_was_stored_before_is_not_recorded_again() -> None:
+    m = 60
+    runs = ((0, 2 * m), (3 * m, 5 * m))
+    present = [2 * m, 5 * m, 6 * m]
+    assert unrecorded(runs, present, set()) == runs
+    assert unrecorded(runs, present, {2 * m}) == ((3 * m, 5 * m),)
+    assert unrecorded(runs, present, {2 * m, 5 * m, 6 * m}) == ()

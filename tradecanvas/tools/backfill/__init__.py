@@ -51,12 +51,13 @@ from tradecanvas.tools.backfill.plan import (
     BackfillPlan,
     BackfillTally,
     HoleFinder,
-    iso_minute,
     page_alignment,
     parse_time,
     plan_backfill,
+    unrecorded,
 )
 from tradecanvas.tools.backfill.progress import Progress, render_bar
+from tradecanvas.tools.tally import iso_minute
 
 __all__ = [
     "BACKFILL_WEIGHT_BUDGET",
@@ -78,4 +79,5 @@ __all__ = [
     "render_bar",
     "run_backfill",
     "run_import",
+    "unrecorded",
 ]

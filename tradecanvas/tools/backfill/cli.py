@@ -17,6 +17,7 @@ exit code is one of :data:`EXIT_CODES`.
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import signal
@@ -41,12 +42,13 @@ from tradecanvas.tools.backfill.plan import (
     BackfillPlan,
     BackfillTally,
     HoleFinder,
-    iso_minute,
     page_alignment,
     plan_backfill,
+    unrecorded,
 )
 from tradecanvas.tools.backfill.progress import ClearProgressFilter, Progress
 from tradecanvas.tools.exit_codes import ExitCodeTable
+from tradecanvas.tools.tally import iso_minute
 from tradecanvas.upstream.phases import learn_phase
 from tradecanvas.upstream.rest import BinanceRestClient, RestPolicy, open_rest_client
 
@@ -86,10 +88,18 @@ async def import_history(
     tally: BackfillTally,
     progress: Progress,
     holes: HoleFinder | None = None,
+    *,
+    refetch: bool = False,
 ) -> None:
-    """Fetch and commit each page of ``plan`` in order, updating ``tally`` after each commit;
+    """Fetch and commit each page of ``plan`` in order, updating ``tally`` after each page;
     the minutes a page lacks that ``holes`` says are exchange holes are committed with it
-    (``gap`` events; None: the store's history decides, see :func:`find_holes`).
+    (``gap`` events, each hole once; None: the store's history decides, see
+    :func:`find_holes`).
+
+    Resumable: a page whose every minute the store already holds is skipped without a REST
+    call (``refetch`` fetches it anyway, to pick up revisions), so a run after an
+    interruption continues where the last one stopped, and a second identical run fetches
+    only the pages with minutes missing at the exchange and changes nothing.
 
     Raises UpstreamError, WireError (REST) and CandleError (a row we refuse: the page is not
     stored), StoreError. Cancellation stops it between commits: a fetch is dropped, a commit
@@ -97,9 +107,18 @@ async def import_history(
     """
     if holes is None:
         holes = await find_holes(plan, pipeline)
+    tally.candle_below = holes.candle_below
+    sid = str(plan.series)
     for start, end in plan.chunks():
+        stored = {s.candle.candle_time for s in await pipeline.store.range(sid, start, end)}
+        if not refetch and len(stored) == (end - start) // MINUTE:
+            holes.page(start, end, sorted(stored))  # its holes were recorded with it
+            tally.skip(start, end)
+            progress.update(tally, trio.current_time())
+            continue
         candles = await rest.klines(plan.series, start, end)
-        absent = holes.page(start, end, [c.candle_time for c in candles])
+        present = [c.candle_time for c in candles]
+        absent = unrecorded(holes.page(start, end, present), present, stored)
         result: PipelineResult | None = None
         if candles or absent:
             batch = IngestBatch(
@@ -111,7 +130,7 @@ async def import_history(
             # tally in step with what was committed
             with trio.CancelScope(shield=True):
                 result = await pipeline.run(batch)
-        tally.record(start, end, candles, result)
+        tally.record(start, end, candles, result, holes_recorded=len(absent))
         progress.update(tally, trio.current_time())
 
 
@@ -199,7 +218,12 @@ class BackfillOutcome:
 
 
 async def _open_and_import(
-    tally: BackfillTally, flags: RuntimeFlags, policy: RestPolicy, progress: Progress
+    tally: BackfillTally,
+    flags: RuntimeFlags,
+    policy: RestPolicy,
+    progress: Progress,
+    *,
+    refetch: bool,
 ) -> tuple[ExitCode, str] | None:
     """The import proper; returns (exit code, error line) for the failures the exit codes
     cover, None when it is done (or was cancelled)."""
@@ -232,7 +256,7 @@ async def _open_and_import(
                 "" if pages == 1 else "s",
                 describe_location(store_location(flags.db_path, flags.database_url)),
             )
-            await import_history(plan, pipeline, rest, tally, progress)
+            await import_history(plan, pipeline, rest, tally, progress, refetch=refetch)
     except UpstreamError as exc:
         return ExitCode.FAILED, f"Binance REST failed: {exc}; {tally.committed_text()}"
     except BadInputError as exc:  # WireError, CandleError: the page was not stored
@@ -246,10 +270,17 @@ async def _open_and_import(
 
 
 async def run_import(
-    plan: BackfillPlan, flags: RuntimeFlags, policy: RestPolicy, progress: Progress
+    plan: BackfillPlan,
+    flags: RuntimeFlags,
+    policy: RestPolicy,
+    progress: Progress,
+    *,
+    refetch: bool = False,
 ) -> BackfillOutcome:
-    """Import ``plan`` with Ctrl-C/SIGTERM handled; raises nothing the exit codes cover."""
+    """Import ``plan`` with Ctrl-C/SIGTERM handled (``refetch``: see :func:`import_history`);
+    raises nothing the exit codes cover. The tally says how long it took."""
     tally = BackfillTally(plan)
+    began = trio.current_time()
     caught: list[int] = []
     work = trio.CancelScope()
     failure: tuple[ExitCode, str] | None = None
@@ -257,8 +288,9 @@ async def run_import(
         await nursery.start(_stop_on_signal, work, caught)
         try:
             with work:
-                failure = await _open_and_import(tally, flags, policy, progress)
+                failure = await _open_and_import(tally, flags, policy, progress, refetch=refetch)
         finally:
+            tally.elapsed_s = trio.current_time() - began
             progress.finish()
             nursery.cancel_scope.cancel()
     if failure is not None:
@@ -314,6 +346,12 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         help="REST attempts per request before giving up; timeouts, 5xx and 429/418 waits"
         f" count (default {RestPolicy().max_attempts})",
     )
+    parser.add_argument(
+        "--refetch",
+        action="store_true",
+        help="fetch every page, even one the store holds whole (by default such a page is"
+        " skipped: that is how a run resumes); picks up candles Binance revised",
+    )
 
 
 def run_backfill(
@@ -344,7 +382,9 @@ def run_backfill(
             handler.addFilter(ClearProgressFilter(progress))
     policy = RestPolicy(max_attempts=args.attempts, weight_budget=BACKFILL_WEIGHT_BUDGET)
     try:
-        outcome = trio.run(run_import, plan, flags, policy, progress)
+        outcome = trio.run(
+            functools.partial(run_import, plan, flags, policy, progress, refetch=args.refetch)
+        )
     except KeyboardInterrupt:  # before the signal handler was installed: nothing started
         progress.finish()
         err.write("tradecanvas backfill: interrupted; nothing committed\n")

@@ -10,9 +10,10 @@ Raises BadInputError whose message names the argument.
 
 from __future__ import annotations
 
+import bisect
 import math
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Final, final
 
@@ -20,19 +21,14 @@ import attrs
 
 from tradecanvas.errors import BadInputError, SeriesIdError
 from tradecanvas.model import BASE_TIMEFRAME, MINUTE, Candle, SeriesId, Timeframe
-from tradecanvas.pipeline.commit import PipelineResult
+from tradecanvas.pipeline.batch import PipelineResult
+from tradecanvas.tools.tally import CommitCounts, MinuteRanges, describe_ranges, iso_minute
 from tradecanvas.upstream.rest import KLINES_LIMIT
 
 # A unix time above this is surely milliseconds (it would be the year 5138 in seconds).
 MAX_UNIX_SECONDS: Final = 99_999_999_999
-MISSING_RANGES_SHOWN: Final = 5
 TIME_EXAMPLES: Final = "unix seconds or ISO-8601 UTC such as 2025-07-06, 2025-07-06T12:00Z"
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
-
-
-def iso_minute(t: int) -> str:
-    """``2025-07-06T12:00Z``: how times are shown to the user."""
-    return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%dT%H:%MZ")
 
 
 def parse_time(option: str, text: str) -> int:
@@ -171,7 +167,8 @@ class HoleFinder:
     missing there. It is a *hole* only inside the series' history: with a candle below it
     (stored before the range — ``candle_below`` — or imported from an earlier page) and one
     above it (this page's, or a later page's: a run at a page's end waits for it). The
-    minutes before a symbol's first bar, or after the last one in the range, are not.
+    minutes before a symbol's first bar are not; the ones after the last candle of the range
+    are :meth:`trailing` (recorded by whoever stores the candle above them later).
     """
 
     candle_below: bool
@@ -179,18 +176,46 @@ class HoleFinder:
 
     def page(self, start: int, end: int, present: Sequence[int]) -> tuple[tuple[int, int], ...]:
         """The page ``[start, end)`` holds the minutes ``present`` (ascending): the runs to
-        record with its commit, as ``[start, end)`` ranges."""
-        runs = _missing_runs(start, end, present)
+        record with its commit, as ``[start, end)`` ranges (a run across pages is one)."""
+        runs = _merge(self._waiting + _missing_runs(start, end, present))
         if not present:
-            self._waiting.extend(runs)
+            self._waiting = runs
             return ()
         first, last = present[0], present[-1]
-        below = self._waiting + [r for r in runs if r[1] <= first]
+        below = [r for r in runs if r[1] <= first]
         inside = [r for r in runs if first < r[0] and r[1] <= last]
         self._waiting = [r for r in runs if r[0] > last]
         record = (below if self.candle_below else []) + inside
         self.candle_below = True
         return tuple(record)
+
+    def trailing(self) -> tuple[tuple[int, int], ...]:
+        """The run after the last candle so far, if there is a candle below it."""
+        return tuple(self._waiting) if self.candle_below else ()
+
+
+def _merge(runs: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    merged: list[tuple[int, int]] = []
+    for a, b in runs:
+        if merged and merged[-1][1] == a:
+            merged[-1] = (merged[-1][0], b)
+        else:
+            merged.append((a, b))
+    return merged
+
+
+def unrecorded(
+    runs: Sequence[tuple[int, int]], present: Sequence[int], stored_before: Collection[int]
+) -> tuple[tuple[int, int], ...]:
+    """Of the hole ``runs`` a page found, those not recorded yet: a hole is recorded (as a
+    ``gap`` event) with the first candle above it, so one whose candle above was already
+    stored — by an earlier run of the backfill, or the daemon — is not recorded again."""
+    kept = []
+    for run in runs:
+        above = present[bisect.bisect_left(present, run[1])]
+        if above not in stored_before:
+            kept.append(run)
+    return tuple(kept)
 
 
 def _missing_runs(start: int, end: int, present: Sequence[int]) -> list[tuple[int, int]]:
@@ -207,36 +232,40 @@ def _missing_runs(start: int, end: int, present: Sequence[int]) -> list[tuple[in
 @final
 @attrs.define
 class BackfillTally:
-    """What the import did so far; updated after each committed page."""
+    """What the import did so far; updated after each page.
+
+    A page whose every minute the store already holds is not fetched again (:meth:`skip`):
+    that is how an interrupted import resumes, and why a second identical run asks Binance
+    only for the pages with minutes missing at the exchange.
+    """
 
     plan: BackfillPlan
+    candle_below: bool = False  # the store held a candle of the series before the range
     done_minutes: int = 0
     fetched: int = 0
-    new: int = 0
-    unchanged: int = 0
-    revised: int = 0
-    missing: int = 0
-    missing_ranges: list[tuple[int, int]] = attrs.Factory(list)  # first, last open time
-    derived: dict[str, int] = attrs.Factory(dict)  # derived series → distinct bars written
-    # derived series → open time of the last bar written: a bucket split across two pages
-    # is written twice but counted once
-    _last_derived: dict[str, int] = attrs.Factory(dict)
+    counts: CommitCounts = attrs.Factory(CommitCounts)
+    missing: MinuteRanges = attrs.Factory(MinuteRanges)
+    pages_fetched: int = 0
+    pages_skipped: int = 0
+    minutes_skipped: int = 0
+    holes_recorded: int = 0  # gap events written (new holes)
+    first_seen: int | None = None  # open times of the first and last candle of the range
+    last_seen: int | None = None
     committed_up_to: int | None = None  # end (exclusive) of the last page done
+    elapsed_s: float | None = None
 
     @property
     def stored(self) -> int:
-        return self.new + self.revised
+        return self.counts.stored
 
     @property
     def complete(self) -> bool:
         return self.done_minutes >= self.plan.minutes
 
-    def _count_derived(self, sid: str, times: Sequence[int]) -> None:
-        if not times:
-            return
-        again = 1 if self._last_derived.get(sid) == times[0] else 0
-        self.derived[sid] = self.derived.get(sid, 0) + len(times) - again
-        self._last_derived[sid] = times[-1]
+    def _seen(self, first: int, last: int) -> None:
+        if self.first_seen is None:
+            self.first_seen = first
+        self.last_seen = last
 
     def record(
         self,
@@ -244,35 +273,51 @@ class BackfillTally:
         end: int,
         fetched: Sequence[Candle],
         result: PipelineResult | None,
+        *,
+        holes_recorded: int = 0,
     ) -> None:
-        """Account for the page ``[start, end)``: ``fetched`` from REST, ``result`` of the
-        commit (None: nothing to commit)."""
-        sid = str(self.plan.series)
-        changed = revised = 0
-        if result is not None:
-            for update in result.updates:
-                if update.derived:
-                    self._count_derived(update.series_id, [c.candle_time for c in update.candles])
-                elif update.series_id == sid:
-                    changed += len(update.candles)
-                    revised += update.revised
+        """Account for the fetched page ``[start, end)``: ``fetched`` from REST, ``result``
+        of the commit (None: nothing to commit)."""
+        self.counts.add(str(self.plan.series), len(fetched), result)
         self.fetched += len(fetched)
-        self.new += changed - revised
-        self.revised += revised
-        self.unchanged += len(fetched) - changed
+        self.pages_fetched += 1
+        self.holes_recorded += holes_recorded
         present = {c.candle_time for c in fetched}
         for t in range(start, end, MINUTE):
             if t not in present:
-                self._add_missing(t)
+                self.missing.add(t)
+        if fetched:
+            self._seen(fetched[0].candle_time, fetched[-1].candle_time)
+        self._done(start, end)
+
+    def skip(self, start: int, end: int) -> None:
+        """The page ``[start, end)`` was stored whole already: not fetched again."""
+        minutes = (end - start) // MINUTE
+        self.counts.add_unchanged(minutes)
+        self.pages_skipped += 1
+        self.minutes_skipped += minutes
+        self._seen(start, end - MINUTE)
+        self._done(start, end)
+
+    def _done(self, start: int, end: int) -> None:
         self.done_minutes += (end - start) // MINUTE
         self.committed_up_to = end
 
-    def _add_missing(self, t: int) -> None:
-        self.missing += 1
-        if self.missing_ranges and self.missing_ranges[-1][1] == t - MINUTE:
-            self.missing_ranges[-1] = (self.missing_ranges[-1][0], t)
-        else:
-            self.missing_ranges.append((t, t))
+    def holes(self) -> dict[str, list[tuple[int, int]]]:
+        """The missing minutes as ranges, by kind: ``before`` the series' first candle (not
+        holes), ``holes`` inside its history, ``after`` the last candle of the range."""
+        kinds: dict[str, list[tuple[int, int]]] = {"before": [], "holes": [], "after": []}
+        for a, b in self.missing.ranges:
+            if self.first_seen is None or self.last_seen is None:
+                kind = "after" if self.candle_below else "before"
+            elif b < self.first_seen:
+                kind = "holes" if self.candle_below else "before"
+            elif a > self.last_seen:
+                kind = "after"
+            else:
+                kind = "holes"
+            kinds[kind].append((a, b))
+        return kinds
 
     def summary_lines(self) -> list[str]:
         """The summary printed on stdout."""
@@ -280,28 +325,29 @@ class BackfillTally:
         if not self.complete:
             head += f", {self.done_minutes:,} done"
         lines = [
-            f"{head}, {self.fetched:,} fetched, {self.new:,} new,"
-            f" {self.unchanged:,} already stored (unchanged), {self.revised:,} revised,"
-            f" {self.missing:,} missing at the exchange"
+            f"{head}, {self.fetched:,} fetched, {self.counts.text()},"
+            f" {self.missing.count:,} missing at the exchange"
         ]
-        for sid in sorted(self.derived):
-            lines.append(f"{sid}: {self.derived[sid]:,} derived bars written")
-        if self.missing_ranges:
-            shown = [
-                f"{iso_minute(a)}..{iso_minute(b)} ({(b - a) // MINUTE + 1})"
-                if b > a
-                else iso_minute(a)
-                for a, b in self.missing_ranges[:MISSING_RANGES_SHOWN]
-            ]
-            more = len(self.missing_ranges) - MISSING_RANGES_SHOWN
+        derived = self.counts.derived
+        lines.extend(f"{sid}: {derived[sid]:,} derived bars written" for sid in sorted(derived))
+        holes = self.holes()
+        for kind, label in (
+            ("holes", f"holes at the exchange ({self.holes_recorded:,} new gap events)"),
+            ("after", "missing after the last candle (a gap once a candle above is stored)"),
+            ("before", "missing before the first candle (not holes: no earlier bar)"),
+        ):
+            if holes[kind]:
+                lines.append(f"{label}: {describe_ranges(holes[kind])}")
+        if self.minutes_skipped:
             lines.append(
-                "missing at the exchange: "
-                + ", ".join(shown)
-                + (f" and {more} more ranges" if more > 0 else "")
+                f"resumed: {self.minutes_skipped:,} minutes in {self.pages_skipped:,} pages were"
+                " stored already and not fetched again"
             )
-        if self.done_minutes and self.stored == 0:
+        if self.elapsed_s is not None:
+            lines.append(f"took {self.elapsed_s:.1f} s, {self.pages_fetched:,} REST pages")
+        if self.done_minutes and self.stored == 0 and self.holes_recorded == 0:
             lines.append(
-                "nothing new: the store already held every candle Binance has for"
+                "nothing changed: the store already held every candle Binance has for"
                 + (" this range" if self.complete else " the part done")
             )
         return lines
