@@ -17,10 +17,18 @@ at Binance's own current minute (``/time``, DESIGN §1.2), so the forming minute
 requested even when the local clock runs ahead; every minute of the range has closed at the
 exchange, so a minute the REST answer lacks is missing at the exchange and reported as such.
 
+Resumable and idempotent: a page the store already holds whole (every minute) is skipped
+without a REST call (``--refetch`` fetches it anyway), so a run after an interruption continues
+where the last one stopped, and a second identical run fetches only the pages with exchange
+holes, writes nothing and says ``nothing changed``; a hole whose first candle above was stored
+already is not recorded again.
+
 Progress goes to stderr: one ``\\r``-rewritten line on a terminal, else a log line at most
 every :data:`~tradecanvas.tools.backfill.progress.PROGRESS_LOG_INTERVAL_S` and one at the
-end. The summary (minutes requested, candles fetched, new, already stored, revised, missing at
-the exchange) goes to stdout.
+end. The summary goes to stdout: minutes requested, candles fetched, new, already stored
+(unchanged), revised, missing at the exchange; derived bars written per derived series; the
+missing minutes as ranges — holes (``gap`` events), after the last candle, before the first;
+pages skipped; time taken.
 
 Exit codes (:data:`~tradecanvas.tools.backfill.cli.EXIT_CODES`, also in ``--help``): 0 done;
 1 Binance REST failed for good (UpstreamError) or sent something we refuse (WireError,
@@ -29,7 +37,8 @@ changed); 3 the store failed (as ``serve``); 130 on Ctrl-C (143 on SIGTERM): the
 committed is finished, the one being fetched is dropped. A second Ctrl-C exits at once;
 SQLite rolls back a commit it interrupts.
 
-The modules: ``plan`` is the pure part (arguments, pages, the tally and its summary),
+The modules: ``plan`` is the pure part (arguments, pages, holes, the tally and its summary;
+the counting itself is :mod:`tradecanvas.tools.tally`'s),
 ``progress`` the display on stderr, ``cli`` the trio shell and the command line.
 """
 
