@@ -319,4 +319,4 @@ async def test_the_command_exits_1_naming_the_url_and_2_for_bad_arguments(tmp_pa
     assert code == ExitCode.USAGE and "is not a day such as 2020-01-01" in stderr
     code, _, stderr = await run_fetch("BTCUSDT", "1m", "--from", DAYS[0], "--base-url", "ftp://x")
     assert code == ExitCode.USAGE and "--base-url: 'ftp://x' is not an http(s) URL" in stderr
-    assert await trio.Path(tmp_path).iterdir() == []
+    assert list(await trio.Path(tmp_path).iterdir()) == []

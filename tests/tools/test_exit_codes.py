@@ -11,7 +11,7 @@ import pytest
 
 from tradecanvas import cli
 from tradecanvas.errors import ExitCode
-from tradecanvas.tools import backfill, migrate_store, replay, subscribe
+from tradecanvas.tools import archive_fetch, backfill, migrate_store, replay, subscribe
 from tradecanvas.tools.exit_codes import ExitCodeTable, exit_codes_epilog
 
 TOOLS: dict[str, tuple[ModuleType, ExitCodeTable]] = {
@@ -19,6 +19,7 @@ TOOLS: dict[str, tuple[ModuleType, ExitCodeTable]] = {
     "backfill": (backfill, backfill.EXIT_CODES),
     "subscribe": (subscribe, subscribe.EXIT_CODES),
     "migrate-store": (migrate_store, migrate_store.EXIT_CODES),
+    "fetch-archive": (archive_fetch, archive_fetch.EXIT_CODES),
 }
 COMMANDS: dict[str, ExitCodeTable] = {
     "serve": cli.SERVE_EXIT_CODES,
