@@ -181,13 +181,13 @@ async def test_run_import_commits_page_after_page_and_tallies_them(tmp_path: Pat
         assert replay.statistics().rest_requests == 3  # one klines call per page
     assert (outcome.code, outcome.error) == (ExitCode.OK, None)
     tally = outcome.tally
-    assert (tally.plan.end, tally.fetched, tally.counts.new, tally.missing.count) == (
+    assert (tally.plan.end, tally.fetched, tally.new, tally.missing) == (
         WEEK + minutes * 60,  # capped at the replay's clock
         minutes,
         minutes,
         0,
     )
-    assert tally.counts.derived == {BASE_5M: minutes // 5}
+    assert tally.derived == {BASE_5M: minutes // 5}
     assert (tally.pages_fetched, tally.pages_skipped) == (3, 0)
     assert tally.elapsed_s is not None and tally.elapsed_s > 0
     assert same_bars(await stored(db, BASE), rows)
@@ -366,7 +366,7 @@ async def test_exchange_holes_inside_the_history_are_stored_as_gap_events(
     config = replay_config("BTCUSDT-1m-2023-08-16.csv", start_at=1439, exchange_holes=((100, 3),))
     async with binance_replay(config) as replay:
         outcome = await import_in_process(db, replay.rest_url, str(DAY), str(DAY + 200 * 60))
-    assert outcome.code == ExitCode.OK and outcome.tally.missing.count == 3
+    assert outcome.code == ExitCode.OK and outcome.tally.missing == 3
     store = await CandleStore.open(db)
     try:
         events = [(e.series_id, e.event, e.data["reason"]) for e in await store.events_after(0)]

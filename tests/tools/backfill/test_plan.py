@@ -145,10 +145,9 @@ def test_the_tally_counts_new_unchanged_revised_and_missing_minutes() -> None:
     fetched = [bar(DAY + 60 * i) for i in range(10) if i not in (4, 5)]
     # of the 8 fetched, 5 were stored: 2 of them revised a different stored value
     tally.record(DAY, DAY + 600, fetched, result(SeriesUpdate(BASE, tuple(fetched[:5]), False, 2)))
-    counts = tally.counts
-    assert (tally.fetched, counts.new, counts.revised, counts.unchanged) == (8, 3, 2, 3)
+    assert (tally.fetched, tally.new, tally.revised, tally.unchanged) == (8, 3, 2, 3)
     assert tally.stored == 5 and tally.complete
-    assert (tally.missing.count, tally.missing.ranges) == (2, [(DAY + 240, DAY + 300)])
+    assert (tally.missing, tally.missing_ranges) == (2, [(DAY + 240, DAY + 300)])
     assert tally.summary_lines()[0] == (
         "binance:futures:BTC/USDT:1m [2023-08-16T00:00Z, 2023-08-16T00:10Z): 10 minutes"
         " requested, 8 fetched, 3 new, 3 already stored (unchanged), 2 revised, 2 missing at"
@@ -180,7 +179,7 @@ def test_a_derived_bar_split_across_two_pages_is_counted_once() -> None:
             SeriesUpdate(BASE, tuple(rest), False), SeriesUpdate(BASE_5M, (bar(DAY + 300),), True)
         ),
     )
-    assert tally.counts.derived == {BASE_5M: 2}
+    assert tally.derived == {BASE_5M: 2}
     assert f"{BASE_5M}: 2 derived bars written" in tally.summary_lines()
 
 
@@ -188,7 +187,7 @@ def test_many_missing_ranges_are_summarised() -> None:
     tally = BackfillTally(BackfillPlan(SeriesId.parse(BASE), DAY, DAY + 3600))
     every_other = [bar(DAY + 120 * i) for i in range(30)]
     tally.record(DAY, DAY + 3600, every_other, None)
-    assert len(tally.missing.ranges) == 30
+    assert len(tally.missing_ranges) == 30
     lines = tally.summary_lines()
     assert lines[1].startswith("holes at the exchange (0 new gap events): 2023-08-16T00:01Z, ")
     assert lines[1].endswith(" and 19 more ranges")  # 29 holes: the first 10 are shown
@@ -226,7 +225,7 @@ def test_a_page_stored_whole_is_skipped_and_counted_unchanged() -> None:
     tally.skip(DAY, DAY + 600)
     fetched = [bar(DAY + 600 + 60 * i) for i in range(10)]
     tally.record(DAY + 600, DAY + 1200, fetched, result(SeriesUpdate(BASE, tuple(fetched), False)))
-    assert (tally.fetched, tally.counts.new, tally.counts.unchanged) == (10, 10, 10)
+    assert (tally.fetched, tally.new, tally.unchanged) == (10, 10, 10)
     assert (tally.pages_skipped, tally.pages_fetched, tally.minutes_skipped) == (1, 1, 10)
     tally.elapsed_s = 1.25
     lines = tally.summary_lines()

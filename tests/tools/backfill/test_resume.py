@@ -39,7 +39,7 @@ async def test_an_interrupted_import_continues_where_it_stopped(tmp_path: Path) 
         assert replay.statistics().rest_requests == 3  # pages 2 and 3 only
     tally = again.tally
     assert (again.code, tally.pages_skipped, tally.pages_fetched) == (ExitCode.OK, 1, 2)
-    assert (tally.fetched, tally.counts.new, tally.counts.unchanged) == (1600, 1600, 1500)
+    assert (tally.fetched, tally.new, tally.unchanged) == (1600, 1600, 1500)
     assert "resumed: 1,500 minutes in 1 pages were stored already and not fetched again" in (
         tally.summary_lines()
     )
@@ -60,7 +60,7 @@ async def test_a_second_run_over_exchange_holes_records_each_hole_once(tmp_path:
         assert replay.statistics().rest_requests == 3 + 1
     tally = second.tally
     assert (second.code, tally.pages_fetched, tally.pages_skipped) == (ExitCode.OK, 1, 2)
-    assert (tally.counts.stored, tally.holes_recorded, tally.missing.count) == (0, 0, 3)
+    assert (tally.stored, tally.holes_recorded, tally.missing) == (0, 0, 3)
     lines = tally.summary_lines()
     assert "holes at the exchange (0 new gap events): 2025-07-06T01:40Z..2025-07-06T01:42Z (3)" in (
         lines
@@ -110,9 +110,9 @@ async def test_refetch_fetches_every_page_and_takes_binance_revisions(tmp_path: 
         finally:
             await store.aclose()
         skipped = await import_in_process(db, replay.rest_url, str(WEEK), None)
-        assert skipped.tally.pages_fetched == 0 and skipped.tally.counts.revised == 0
+        assert skipped.tally.pages_fetched == 0 and skipped.tally.revised == 0
         refetched = await import_in_process(db, replay.rest_url, str(WEEK), None, refetch=True)
         assert replay.statistics().rest_requests == 3 + 3
     assert refetched.tally.pages_fetched == 3
-    assert (refetched.tally.counts.revised, refetched.tally.counts.new) == (1, 0)
+    assert (refetched.tally.revised, refetched.tally.new) == (1, 0)
     assert same_bars(await stored(db, BASE), rows[:MINUTES])

@@ -244,7 +244,7 @@ class BackfillTally:
     done_minutes: int = 0
     fetched: int = 0
     counts: CommitCounts = attrs.Factory(CommitCounts)
-    missing: MinuteRanges = attrs.Factory(MinuteRanges)
+    absent: MinuteRanges = attrs.Factory(MinuteRanges)  # minutes missing at the exchange
     pages_fetched: int = 0
     pages_skipped: int = 0
     minutes_skipped: int = 0
@@ -257,6 +257,32 @@ class BackfillTally:
     @property
     def stored(self) -> int:
         return self.counts.stored
+
+    # the counts by their names in the summary
+    @property
+    def new(self) -> int:
+        return self.counts.new
+
+    @property
+    def unchanged(self) -> int:
+        return self.counts.unchanged
+
+    @property
+    def revised(self) -> int:
+        return self.counts.revised
+
+    @property
+    def derived(self) -> dict[str, int]:
+        return self.counts.derived
+
+    @property
+    def missing(self) -> int:
+        return self.absent.count
+
+    @property
+    def missing_ranges(self) -> list[tuple[int, int]]:
+        """The minutes missing at the exchange, as (first, last) open times."""
+        return self.absent.ranges
 
     @property
     def complete(self) -> bool:
@@ -285,7 +311,7 @@ class BackfillTally:
         present = {c.candle_time for c in fetched}
         for t in range(start, end, MINUTE):
             if t not in present:
-                self.missing.add(t)
+                self.absent.add(t)
         if fetched:
             self._seen(fetched[0].candle_time, fetched[-1].candle_time)
         self._done(start, end)
@@ -307,7 +333,7 @@ class BackfillTally:
         """The missing minutes as ranges, by kind: ``before`` the series' first candle (not
         holes), ``holes`` inside its history, ``after`` the last candle of the range."""
         kinds: dict[str, list[tuple[int, int]]] = {"before": [], "holes": [], "after": []}
-        for a, b in self.missing.ranges:
+        for a, b in self.absent.ranges:
             if self.first_seen is None or self.last_seen is None:
                 kind = "after" if self.candle_below else "before"
             elif b < self.first_seen:
@@ -326,7 +352,7 @@ class BackfillTally:
             head += f", {self.done_minutes:,} done"
         lines = [
             f"{head}, {self.fetched:,} fetched, {self.counts.text()},"
-            f" {self.missing.count:,} missing at the exchange"
+            f" {self.missing:,} missing at the exchange"
         ]
         derived = self.counts.derived
         lines.extend(f"{sid}: {derived[sid]:,} derived bars written" for sid in sorted(derived))
