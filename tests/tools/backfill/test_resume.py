@@ -9,6 +9,7 @@ from pathlib import Path
 
 import attrs
 
+from tests.store_pg.conftest import pg_url  # noqa: F401 (the fixture: a fresh database)
 from tests.tools.backfill.test_cli import (
     BASE,
     WEEK,
@@ -21,6 +22,7 @@ from tests.tools.backfill.test_cli import (
     table_dump,
 )
 from tradecanvas.errors import ExitCode
+from tradecanvas.store.open import open_store
 from tradecanvas.store.sqlite import CandleStore
 
 WEEK_1M = "BTCUSDT-1m-2025-07-06_2025-07-12.csv"
@@ -116,3 +118,38 @@ async def test_refetch_fetches_every_page_and_takes_binance_revisions(tmp_path: 
     assert refetched.tally.pages_fetched == 3
     assert (refetched.tally.revised, refetched.tally.new) == (1, 0)
     assert same_bars(await stored(db, BASE), rows[:MINUTES])
+
+
+async def test_resume_and_a_second_run_on_postgresql(
+    tmp_path: Path,
+    pg_url: str,  # noqa: F811 (the fixture imported above)
+) -> None:
+    """The same on the PostgreSQL store: what the store holds decides which pages are
+    fetched, and a second run changes nothing."""
+    rows = csv_rows(WEEK_1M)
+    db = tmp_path / "unused.sqlite3"
+    config = replay_config(WEEK_1M, start_at=MINUTES, exchange_holes=((2000, 2),))
+    async with binance_replay(config) as replay:
+        url = replay.rest_url
+        half_way = str(WEEK + 1500 * 60)
+        half = await import_in_process(
+            db, url, str(WEEK), half_way, TRADE_CANVAS_DATABASE_URL=pg_url
+        )
+        rest = await import_in_process(db, url, str(WEEK), None, TRADE_CANVAS_DATABASE_URL=pg_url)
+        again = await import_in_process(db, url, str(WEEK), None, TRADE_CANVAS_DATABASE_URL=pg_url)
+        assert replay.statistics().rest_requests == 1 + 2 + 1  # the hole's page again
+    assert half.code == rest.code == again.code == ExitCode.OK
+    assert (rest.tally.pages_skipped, rest.tally.new, rest.tally.holes_recorded) == (1, 1598, 1)
+    assert (again.tally.stored, again.tally.holes_recorded, again.tally.pages_skipped) == (0, 0, 2)
+    assert again.tally.summary_lines()[-1].startswith("nothing changed")
+    store = await open_store(pg_url)
+    try:
+        got = await store.range(BASE, 0, 2**40)
+        gaps = [e for e in await store.events_after(0, [BASE]) if e.event == "gap"]
+    finally:
+        await store.aclose()
+    assert same_bars(got, rows[:2000] + rows[2002:MINUTES])
+    assert [(e.data["from_time"], e.data["to_time"]) for e in gaps] == [
+        (WEEK + 2000 * 60, WEEK + 2001 * 60)
+    ]
+    assert not db.exists()
