@@ -8,6 +8,8 @@ import hashlib
 import http.server
 import io
 import os
+import signal
+import subprocess
 import sys
 import threading
 from collections.abc import Iterator
@@ -320,3 +322,84 @@ async def test_the_command_exits_1_naming_the_url_and_2_for_bad_arguments(tmp_pa
     code, _, stderr = await run_fetch("BTCUSDT", "1m", "--from", DAYS[0], "--base-url", "ftp://x")
     assert code == ExitCode.USAGE and "--base-url: 'ftp://x' is not an http(s) URL" in stderr
     assert list(await trio.Path(tmp_path).iterdir()) == []
+
+
+class _StallingHandler(http.server.BaseHTTPRequestHandler):
+    """Answers a zip with the first half of its body, then holds the connection until the
+    test ends: an archive that stops sending in the middle of a download. The .CHECKSUM is
+    served whole."""
+
+    root: Path
+    out: Path
+    part_written: threading.Event
+    release: threading.Event
+
+    def do_GET(self) -> None:
+        data = (self.root / self.path.lstrip("/")).read_bytes()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        if not self.path.endswith(".zip"):
+            self.wfile.write(data)
+            return
+        self.wfile.write(data[: len(data) // 2])
+        self.wfile.flush()
+        part = self.out / (Path(self.path).name + ".part")
+        # the client has the half once its .part file holds it (bounded: WAIT_S)
+        for _ in range(WAIT_S * 100):
+            if (part.exists() and part.stat().st_size > 0) or self.release.wait(0.01):
+                break
+        self.part_written.set()
+        self.release.wait(WAIT_S)
+
+    def log_message(self, format: str, *args: object) -> None:  # quiet
+        pass
+
+
+@pytest.mark.e2e
+async def test_ctrl_c_during_a_download_keeps_nothing_of_it(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    part_written, release = threading.Event(), threading.Event()
+    handler = type(
+        "Stalling",
+        (_StallingHandler,),
+        {
+            "root": archive_root(tmp_path),
+            "out": out,
+            "part_written": part_written,
+            "release": release,
+        },
+    )
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRADE_CANVAS_")}
+    stderr = tmp_path / "stderr"
+    try:
+        with stderr.open("wb") as err:
+            proc = await trio.lowlevel.open_process(
+                [*FETCH, "BTCUSDT", "1m", "--from", DAYS[0], "--out", str(out), "--base-url", base],
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+            )
+        try:
+            with trio.fail_after(WAIT_S):
+                await trio.to_thread.run_sync(part_written.wait)
+                assert (out / f"BTCUSDT-1m-{DAYS[0]}.zip.part").exists()
+                proc.send_signal(signal.SIGINT)
+                assert await proc.wait() == ExitCode.INTERRUPTED
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+    finally:
+        release.set()
+        server.shutdown()
+        server.server_close()
+        thread.join()
+    assert stderr.read_text().splitlines()[-1] == (
+        "tradecanvas fetch-archive: interrupted; the days verified before stay"
+    )
+    assert list(out.iterdir()) == []  # no zip, no .CHECKSUM, no .part

@@ -310,7 +310,7 @@ async def _stream_into(path: Path, response: httpx.Response) -> str:
     """The body streamed into ``path``; returns its SHA-256 (hex)."""
     digest = hashlib.sha256()
     async with await trio.open_file(path, "wb") as f:
-        async for chunk in response.aiter_bytes(CHUNK_BYTES):
+        async for chunk in response.aiter_bytes():  # as they arrive
             digest.update(chunk)
             await f.write(chunk)
     return digest.hexdigest()
