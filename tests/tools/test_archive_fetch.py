@@ -35,6 +35,7 @@ DAYS = ("2020-01-01", "2020-01-02", "2020-01-03")
 PREFIX = "data/spot/daily/klines/BTCUSDT/1m"
 NO_WAIT = FetchPolicy(attempts=3, backoff_base_s=0.0, backoff_cap_s=0.0)
 WAIT_S = 60
+CUT = 0  # queued instead of a status: the connection is cut half-way through the body
 
 
 def shared_spot() -> Path:
@@ -52,7 +53,16 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
         self.requests.append(self.path)
         statuses = self.queued.get(self.path)
         if statuses:
-            self.send_error(statuses.pop(0))
+            status = statuses.pop(0)
+            if status == CUT:  # half the body, then the connection closes
+                data = (Path(self.directory) / self.path.lstrip("/")).read_bytes()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data[: len(data) // 2])
+                self.close_connection = True
+            else:
+                self.send_error(status)
             return
         super().do_GET()
 
@@ -231,9 +241,13 @@ async def test_server_errors_are_retried_and_a_missing_day_is_named(tmp_path: Pa
     out = tmp_path / "out"
     zip_path = f"/{PREFIX}/BTCUSDT-1m-{DAYS[0]}.zip"
     with archive_server(archive_root(tmp_path)) as (base, handler):
-        handler.queued[zip_path] = [503, 500]  # two failures, the third attempt succeeds
+        # a server error, then a connection cut mid-body: the third attempt succeeds
+        handler.queued[zip_path] = [503, CUT]
         await fetch(base, out, spot_days(DAYS[0], DAYS[0]))
         assert handler.requests.count(zip_path) == 3
+        assert (out / f"BTCUSDT-1m-{DAYS[0]}.zip").read_bytes() == (
+            shared_spot() / f"BTCUSDT-1m-{DAYS[0]}.zip"
+        ).read_bytes()
         handler.queued[zip_path + ".CHECKSUM"] = [503, 503, 503]
         (out / f"BTCUSDT-1m-{DAYS[0]}.zip").unlink()
         with pytest.raises(ArchiveError) as gave_up:

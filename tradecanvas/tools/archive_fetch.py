@@ -250,7 +250,7 @@ class ArchiveFetcher:
         if extract:
             csv_path = out_dir / day.csv_name
             await trio.to_thread.run_sync(_extract_csv, zip_path, csv_path)
-        return Fetched(day, zip_path, status, zip_path.stat().st_size)
+        return Fetched(day, zip_path, status, (await trio.Path(zip_path).stat()).st_size)
 
     async def _download(self, day: ArchiveDay, zip_path: Path, checksum_path: Path) -> None:
         url = day.url(self.base_url)
@@ -295,8 +295,10 @@ class ArchiveFetcher:
                     problem = f"HTTP {status}"
             except httpx.TimeoutException as exc:
                 problem = f"timed out ({type(exc).__name__})"
-            except httpx.TransportError as exc:
+            except httpx.ConnectError as exc:
                 problem = f"cannot reach it: {type(exc).__name__}: {exc}"
+            except httpx.TransportError as exc:  # such as the connection cut mid-body
+                problem = f"transfer failed: {type(exc).__name__}: {exc}"
             except httpx.HTTPError as exc:  # decoding, redirects: not worth a retry
                 raise ArchiveError(f"{url}: {type(exc).__name__}: {exc}") from None
         raise ArchiveError(f"{url}: {problem} (gave up after {self.policy.attempts} attempts)")
