@@ -59,9 +59,7 @@ def _add_command(
 STORE_FLAGS: Final = ("derived_timeframes", "db_path", "database_url", "log_level")
 
 
-def _add_flag_options(
-    parser: argparse.ArgumentParser, only: Sequence[str] | None = None
-) -> None:
+def _add_flag_options(parser: argparse.ArgumentParser, only: Sequence[str] | None = None) -> None:
     group = parser.add_argument_group("flags (each overrides its TRADE_CANVAS_* variable)")
     for spec in FLAG_SPECS:
         if only is not None and spec.field not in only:
