@@ -27,6 +27,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.progress import Progress as RichProgress
+from rich.table import Column
 from rich.text import Text
 
 PROGRESS_LOG_INTERVAL_S: Final = 5.0
@@ -63,13 +64,11 @@ class _Series:
 
 @final
 class _RateColumn(ProgressColumn):
-    def __init__(self, unit: str) -> None:
-        super().__init__()
-        self.unit = unit
+    """``12,345/s``: the task's rate over rich's recent samples."""
 
     def render(self, task: Task) -> Text:
         speed = task.finished_speed or task.speed
-        return Text("" if speed is None else f"{speed:,.0f} {self.unit}/s")
+        return Text("" if speed is None else f"{speed:,.0f}/s")
 
 
 @final
@@ -77,16 +76,16 @@ class Progress:
     """Per-series progress of one command: ``start(series, total)``, then ``update(series,
     done)`` with the count done so far, ``finish()`` at the end (also on failure).
 
-    ``tty`` None: whether ``stream`` is a terminal. ``log`` names the command in the plain
-    lines: ``import binance:spot:BTC/USDT:1m: 1,440/4,320 candles (33%), 2,100 candles/s,
-    ETA 0:01``.
+    ``tty`` None: whether ``stream`` is a terminal. Not on one, the plain lines go to ``log``
+    (None: written to ``stream``), naming the command by ``verb``:
+    ``import binance:spot:BTC/USDT:1m: 1440/4320 candles (33%), 2100 candles/s, ETA 0:01``.
     """
 
     def __init__(
         self,
         stream: TextIO,
         *,
-        log: logging.Logger,
+        log: logging.Logger | None,
         verb: str,
         unit: str = "candles",
         tty: bool | None = None,
@@ -107,18 +106,22 @@ class Progress:
     def _display(self) -> RichProgress:
         if self._bars is None:
             console = Console(file=self.stream, force_terminal=True, soft_wrap=False)
+            fixed = Column(no_wrap=True)
             self._bars = RichProgress(
-                TextColumn("{task.description}"),
-                BarColumn(bar_width=24),
+                TextColumn("{task.description}", table_column=fixed),
+                BarColumn(bar_width=None),
                 TaskProgressColumn(),
-                TextColumn("{task.completed:,.0f}/{task.total:,.0f} " + self.unit),
-                _RateColumn(self.unit),
-                TextColumn("ETA"),
+                TextColumn(
+                    "{task.completed:,.0f}/{task.total:,.0f} " + self.unit,
+                    table_column=Column(no_wrap=True),
+                ),
+                _RateColumn(table_column=Column(no_wrap=True)),
                 TimeRemainingColumn(),
                 console=console,
                 auto_refresh=False,
                 transient=False,
-                get_time=self.clock,
+                expand=True,
+                get_time=lambda: self.clock(),
             )
             self._bars.start()
         return self._bars
@@ -138,14 +141,15 @@ class Progress:
                 self._tasks[series] = bars.add_task(series, total=total)
             bars.refresh()
 
-    def update(self, series: str, done: int) -> None:
-        """``done`` of the series' total are through (a count, not an increment)."""
+    def update(self, series: str, done: int, now: float | None = None) -> None:
+        """``done`` of the series' total are through (a count, not an increment); ``now``
+        on the progress' clock (default: read it)."""
         state = self._series.get(series)
         if state is None:
             self.start(series, None)
             state = self._series[series]
         state.done = done
-        now = self.clock()
+        now = self.clock() if now is None else now
         complete = state.total is not None and done >= state.total
         if self.tty:
             bars = self._display()
@@ -157,7 +161,11 @@ class Progress:
             or now - state.logged_at >= self.interval_s
         ):
             state.logged_at = now
-            self.log.info("%s", self.line(series, now))
+            if self.log is None:
+                self.stream.write(self.line(series, now) + "\n")
+                self.stream.flush()
+            else:
+                self.log.info("%s", self.line(series, now))
         state.finished = complete
 
     def line(self, series: str, now: float | None = None) -> str:
@@ -166,14 +174,17 @@ class Progress:
         now = self.clock() if now is None else now
         rate = state.rate(now)
         if state.total:
-            count = (
-                f"{state.done:,}/{state.total:,} {self.unit} ({100 * state.done // state.total}%)"
-            )
+            count = f"{state.done}/{state.total} {self.unit} ({100 * state.done // state.total}%)"
         else:
-            count = f"{state.done:,} {self.unit}"
-        speed = "" if rate is None else f", {rate:,.0f} {self.unit}/s"
+            count = f"{state.done} {self.unit}"
+        speed = "" if rate is None else f", {rate:.0f} {self.unit}/s"
         eta = "" if state.total is None else f", ETA {format_eta(state.eta(now))}"
         return f"{self.verb} {series}: {count}{speed}{eta}"
+
+    @property
+    def drawn(self) -> bool:
+        """Bars are on the terminal now."""
+        return self._bars is not None
 
     def finish(self) -> None:
         """Leave the bars as they are, on their own lines (idempotent)."""
@@ -198,7 +209,7 @@ class Progress:
             yield
             return
         handlers = list(logging.getLogger().handlers)
-        filters = [_AboveBars(self, h) for h in handlers]
+        filters = [LogAboveBars(self, h) for h in handlers]
         for handler, f in zip(handlers, filters, strict=True):
             handler.addFilter(f)
         try:
@@ -209,22 +220,30 @@ class Progress:
 
 
 @final
-class _AboveBars(logging.Filter):
-    """Prints the record through the display instead of the handler's stream while bars are
-    drawn."""
+class LogAboveBars(logging.Filter):
+    """A handler's filter: while bars are drawn, the record is printed above them (in the
+    handler's format) instead of by the handler into them. ``handler`` None: the root
+    logger's handler this filter was added to."""
 
-    def __init__(self, progress: Progress, handler: logging.Handler) -> None:
+    def __init__(self, progress: Progress, handler: logging.Handler | None = None) -> None:
         super().__init__()
         self.progress = progress
         self.handler = handler
 
+    def _handler(self) -> logging.Handler | None:
+        if self.handler is None:
+            self.handler = next(
+                (h for h in logging.getLogger().handlers if self in h.filters), None
+            )
+        return self.handler
+
     def filter(self, record: logging.LogRecord) -> bool:
-        if self.progress._bars is None:
+        handler = self._handler()
+        if not self.progress.drawn or handler is None:
             return True
-        if record.levelno < self.handler.level:
-            return False
-        self.progress.print_log(self.handler.format(record))
+        if record.levelno >= handler.level:
+            self.progress.print_log(handler.format(record))
         return False
 
 
-__all__ = ["PROGRESS_LOG_INTERVAL_S", "Progress", "format_eta"]
+__all__ = ["PROGRESS_LOG_INTERVAL_S", "LogAboveBars", "Progress", "format_eta"]

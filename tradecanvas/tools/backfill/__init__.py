@@ -17,9 +17,10 @@ at Binance's own current minute (``/time``, DESIGN §1.2), so the forming minute
 requested even when the local clock runs ahead; every minute of the range has closed at the
 exchange, so a minute the REST answer lacks is missing at the exchange and reported as such.
 
-Progress goes to stderr: one ``\\r``-rewritten line on a terminal, else a log line at most
-every :data:`~tradecanvas.tools.backfill.progress.PROGRESS_LOG_INTERVAL_S` and one at the
-end. The summary (minutes requested, candles fetched, new, already stored, revised, missing at
+Progress goes to stderr (the shared :mod:`tradecanvas.tools.progress`): a rich bar with the
+rate and the time left on a terminal, else a log line at most every
+:data:`~tradecanvas.tools.progress.PROGRESS_LOG_INTERVAL_S` and one at the end.
+The summary (minutes requested, candles fetched, new, already stored, revised, missing at
 the exchange) goes to stdout.
 
 Exit codes (:data:`~tradecanvas.tools.backfill.cli.EXIT_CODES`, also in ``--help``): 0 done;
@@ -56,7 +57,7 @@ from tradecanvas.tools.backfill.plan import (
     parse_time,
     plan_backfill,
 )
-from tradecanvas.tools.backfill.progress import Progress, render_bar
+from tradecanvas.tools.backfill.progress import Progress
 
 __all__ = [
     "BACKFILL_WEIGHT_BUDGET",
@@ -75,7 +76,6 @@ __all__ = [
     "page_alignment",
     "parse_time",
     "plan_backfill",
-    "render_bar",
     "run_backfill",
     "run_import",
 ]
