@@ -17,7 +17,6 @@ not on a minute, is for another interval and refused.
 
 from __future__ import annotations
 
-import csv
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from datetime import UTC, date, datetime
@@ -27,7 +26,17 @@ from typing import Final
 import attrs
 
 from tradecanvas.errors import SeriesIdError, WireError
-from tradecanvas.model import BASE_TIMEFRAME, DAY, MINUTE, MS, Candle, Market, SeriesId, Timeframe
+from tradecanvas.model import (
+    BASE_TIMEFRAME,
+    DAY,
+    MINUTE,
+    MS,
+    Candle,
+    Market,
+    SeriesId,
+    Timeframe,
+    validate_candle,
+)
 
 # the header Binance's USDⓈ-M files carry (spot files have none)
 ARCHIVE_HEADER: Final = (
@@ -133,57 +142,79 @@ def market_of_path(parts: Sequence[str]) -> Market | None:
     return None
 
 
-def _ms_time(text: str, unit: int) -> int:
-    """``open_time`` text → seconds; ``unit`` is the number of ticks in a second."""
-    value = int(text)
-    if value % (unit * MINUTE):
-        raise ValueError(f"open time {text} is not on a minute (not a 1m kline)")
-    return value // unit
-
-
 def _unit_of(text: str) -> int:
     return US if int(text) >= US_THRESHOLD else MS
+
+
+def plainly_valid(c: Candle) -> bool:
+    """True only when :func:`~tradecanvas.model.validate_candle` would pass a 1m candle whose
+    time is known to be on a minute (False: let it say why). A NaN compares by raising,
+    which counts as False."""
+    try:
+        return (
+            c.high.is_finite()
+            and c.volume.is_finite()
+            and 0 <= c.low <= c.open <= c.high
+            and c.low <= c.close <= c.high
+            and c.volume >= 0
+            and (c.trades is None or c.trades >= 0)
+            and ((q := c.quote_volume) is None or (q.is_finite() and q >= 0))
+            and ((b := c.taker_buy_base) is None or (b.is_finite() and b >= 0))
+            and ((bq := c.taker_buy_quote) is None or (bq.is_finite() and bq >= 0))
+        )
+    except ArithmeticError:
+        return False
+
+
+def _first_row(row: list[str]) -> tuple[int, int]:
+    """The layout (column count) and time unit of a file, from its first row."""
+    width = len(row)
+    if width not in (ARCHIVE_COLUMNS, OHLCV_COLUMNS):
+        raise ValueError(f"{width} columns; a kline row has {ARCHIVE_COLUMNS} (or {OHLCV_COLUMNS})")
+    return width, _unit_of(row[0])
 
 
 def parse_archive_rows(
     lines: Iterable[str], *, span: tuple[int, int] | None = None
 ) -> list[Candle]:
-    """The 1m candles of one archive file's text, in file order (ascending, each minute once).
+    """The 1m candles of one archive file's lines, in file order (ascending, each minute once).
 
     ``span``: the ``[start, end)`` its name says it holds; a row outside it is refused.
     Raises WireError ``bad_archive_row`` with ``line N: why`` for the first bad row (wrong
-    column count, a field that is not a number, not a 1m kline, out of order or repeated).
+    column count, a field that is not a number, not a 1m kline, out of order or repeated, a
+    candle the store refuses such as high below low).
     """
     candles: list[Candle] = []
     append = candles.append
     previous = -1
-    unit = 0
-    width = 0
-    number = 0
+    unit = width = number = 0
+    low, high = span if span is not None else (0, 2**62)
+    dec = Decimal
     try:
-        for number, row in enumerate(csv.reader(lines), start=1):
-            if not row:
-                continue
-            if number == 1 and not row[0].strip().isdigit():
-                if row[0].strip().lower() not in ("open_time", "open time", "timestamp"):
-                    raise ValueError(f"not a kline header or row: {','.join(row)[:80]!r}")
-                continue
+        for number, line in enumerate(lines, start=1):
+            row = line.rstrip("\r\n").split(",")
             if not width:
-                width = len(row)
-                if width not in (ARCHIVE_COLUMNS, OHLCV_COLUMNS):
-                    raise ValueError(
-                        f"{width} columns; a kline row has {ARCHIVE_COLUMNS} (or {OHLCV_COLUMNS})"
-                    )
-                unit = _unit_of(row[0])
-            elif len(row) != width:
+                if row == [""]:
+                    continue
+                if number == 1 and not row[0].strip().isdigit():
+                    if row[0].strip().lower() not in ("open_time", "open time", "timestamp"):
+                        raise ValueError(f"not a kline header or row: {line[:80]!r}")
+                    continue
+                width, unit = _first_row(row)
+            if len(row) != width:
+                if row == [""]:
+                    continue
                 raise ValueError(f"{len(row)} columns where the file has {width}")
-            t = _ms_time(row[0], unit)
+            ticks = int(row[0])
+            t = ticks // unit
+            if ticks % (unit * MINUTE):
+                raise ValueError(f"open time {row[0]} is not on a minute (not a 1m kline)")
             if t <= previous:
                 raise ValueError(
                     f"open time {row[0]} is not after the previous row's (repeated or out of order)"
                 )
             previous = t
-            if span is not None and not span[0] <= t < span[1]:
+            if not low <= t < high:
                 raise ValueError(f"open time {row[0]} is outside the period the file name gives")
             if width == ARCHIVE_COLUMNS:
                 if int(row[6]) != (t + MINUTE) * unit - 1:
@@ -191,32 +222,24 @@ def parse_archive_rows(
                         f"close time {row[6]} is not one minute after open time {row[0]}"
                         " (not a 1m kline)"
                     )
-                append(
-                    Candle(
-                        t,
-                        Decimal(row[1]),
-                        Decimal(row[2]),
-                        Decimal(row[3]),
-                        Decimal(row[4]),
-                        Decimal(row[5]),
-                        Decimal(row[7]) if row[7] else None,
-                        int(row[8]) if row[8] else None,
-                        Decimal(row[9]) if row[9] else None,
-                        Decimal(row[10]) if row[10] else None,
-                    )
+                candle = Candle(
+                    t,
+                    dec(row[1]),
+                    dec(row[2]),
+                    dec(row[3]),
+                    dec(row[4]),
+                    dec(row[5]),
+                    dec(row[7]) if row[7] else None,
+                    int(row[8]) if row[8] else None,
+                    dec(row[9]) if row[9] else None,
+                    dec(row[10]) if row[10] else None,
                 )
             else:
-                append(
-                    Candle(
-                        t,
-                        Decimal(row[1]),
-                        Decimal(row[2]),
-                        Decimal(row[3]),
-                        Decimal(row[4]),
-                        Decimal(row[5]),
-                    )
-                )
-    except (ValueError, InvalidOperation, csv.Error) as exc:
+                candle = Candle(t, dec(row[1]), dec(row[2]), dec(row[3]), dec(row[4]), dec(row[5]))
+            if not plainly_valid(candle):
+                validate_candle(candle, BASE_TIMEFRAME)
+            append(candle)
+    except (ValueError, InvalidOperation) as exc:
         why = "a field is not a number" if isinstance(exc, InvalidOperation) else str(exc)
         raise WireError("bad_archive_row", f"line {number}: {why}") from None
     return candles
@@ -266,6 +289,7 @@ __all__ = [
     "missing_runs",
     "parse_archive_name",
     "parse_archive_rows",
+    "plainly_valid",
     "series_for",
     "split_symbol",
 ]

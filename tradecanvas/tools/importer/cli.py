@@ -14,7 +14,14 @@ from typing import Final, TextIO, final
 
 import trio
 
-from tradecanvas.errors import BadInputError, ExitCode, SeriesIdError, StoreError
+from tradecanvas.errors import (
+    BadInputError,
+    CandleError,
+    ExitCode,
+    SeriesIdError,
+    StoreError,
+    find_in_group,
+)
 from tradecanvas.model import Candle, SeriesId, Timeframe
 from tradecanvas.ops.logs import configure_logging
 from tradecanvas.pipeline.commit import IngestPipeline
@@ -38,7 +45,11 @@ from tradecanvas.upstream.phases import learn_phase
 
 log = logging.getLogger("tradecanvas.tools.importer")
 
-DEFAULT_BATCH: Final = 100_000
+# candles per transaction: large, yet under the pipeline's step for one derivation (4,096 source
+# bars), past which it trims its recent bars and reads its own rows back
+DEFAULT_BATCH: Final = 4_000
+# files read ahead of the one being committed
+READ_AHEAD: Final = 1
 EXIT_CODES: Final[ExitCodeTable] = (
     (ExitCode.OK, "every file imported (again: nothing changed, and the summary says so)"),
     (ExitCode.FAILED, "a file refused (checksum, corrupt zip, bad row, wrong interval): the"
@@ -86,9 +97,10 @@ async def import_files(
     *,
     batch: int = DEFAULT_BATCH,
 ) -> None:
-    """Read each file (on a worker thread) and commit them through ``committer``, a series'
-    files together until ``batch`` candles wait; a file is never split between transactions.
-    Raises ArchiveFileError (the files before it are committed first), StoreError."""
+    """Read each file (on a worker thread) and commit them through ``committer``, in
+    transactions of ``batch`` candles of a series (a file is read and checked whole before any
+    of it is committed). Raises ArchiveFileError (the files before it are committed first),
+    StoreError."""
     totals: dict[str, int | None] = {}
     for f in files:
         sid, rows = str(f.series), f.expected_rows
@@ -105,30 +117,58 @@ async def import_files(
         if not read:
             return
         candles = [c for r in read for c in r.candles]
-        with trio.CancelScope(shield=True):  # what is committed is counted
-            result = await committer.commit(series, candles)
         sid = str(series)
-        tally.record_commit(sid, result.received, result.updates)
+        for start in range(0, len(candles), batch):
+            chunk = candles[start : start + batch]
+            with trio.CancelScope(shield=True):  # what is committed is counted
+                result = await committer.commit(series, chunk, checked=True)
+            tally.record_commit(sid, result.received, result.updates)
+            done[sid] = done.get(sid, 0) + len(chunk)
+            progress.update(sid, done[sid])
         for r in read:
             tally.record_file(sid, verified=r.checksum, holes=r.holes)
-        done[sid] = done.get(sid, 0) + len(candles)
-        progress.update(sid, done[sid])
 
+    # the next file is read (a worker thread) while the one before is committed (another)
+    send, receive = trio.open_memory_channel[ReadFile | ArchiveFileError](READ_AHEAD)
+    refused: ArchiveFileError | None = None
     try:
-        for f in files:
-            read = await trio.to_thread.run_sync(read_file, f)
-            waiting.setdefault(f.series, []).append(read)
-            if sum(len(r.candles) for r in waiting[f.series]) >= batch:
-                await flush(f.series)
-    except ArchiveFileError:
-        for series in list(waiting):
-            await flush(series)
-        raise
-    for series in list(waiting):
-        await flush(series)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_read_ahead, files, send)
+            async with receive:
+                async for read in receive:
+                    if isinstance(read, ArchiveFileError):
+                        refused = read  # raised below, outside the nursery (not in a group)
+                        break
+                    waiting.setdefault(read.file.series, []).append(read)
+                    if sum(len(r.candles) for r in waiting[read.file.series]) >= batch:
+                        await flush(read.file.series)
+            for series in list(waiting):
+                await flush(series)
+    except BaseExceptionGroup as group:
+        failure = find_in_group(group, StoreError) or find_in_group(group, CandleError)
+        if failure is None:
+            raise
+        raise failure from None
+    if refused is not None:
+        raise refused
     for sid, count in done.items():
         progress.start(sid, count)  # the files are read: the total is what they held
         progress.update(sid, count)
+
+
+async def _read_ahead(
+    files: Sequence[ImportFile],
+    send: trio.MemorySendChannel[ReadFile | ArchiveFileError],
+) -> None:
+    """Read the files in order into ``send``; a refused one is sent as its error, last."""
+    async with send:
+        for f in files:
+            try:
+                read = await trio.to_thread.run_sync(read_file, f)
+            except ArchiveFileError as exc:
+                await send.send(exc)
+                return
+            await send.send(read)
 
 
 async def _stop_on_signal(

@@ -29,6 +29,7 @@ from tradecanvas.pipeline.commit import IngestPipeline
 from tradecanvas.pipeline.events import FACTOR_REBUILD, SystemEvent
 from tradecanvas.pipeline.levels import DerivationPlan
 from tradecanvas.store.interface import WriteTxn
+from tradecanvas.wire.archive import plainly_valid
 
 # the meta entry holding the ranges changed by an import not yet finished
 PENDING_KEY: Final = "import_pending"
@@ -99,12 +100,16 @@ class ArchiveCommitter:
         for event in events:
             txn.append_event(event.series_id, event.event, event.data, now)
 
-    async def commit(self, series: SeriesId, candles: Sequence[Candle]) -> ImportCommit:
+    async def commit(
+        self, series: SeriesId, candles: Sequence[Candle], *, checked: bool = False
+    ) -> ImportCommit:
         """Store ``candles`` of the base ``series`` and derive every bucket they touch, in
-        one transaction."""
+        one transaction. ``checked``: every candle passed ``validate_candle`` already (the
+        archive parser checks each row it reads)."""
         timeframe = series.timeframe
-        for candle in candles:
-            validate_candle(candle, timeframe)
+        for candle in () if checked else candles:
+            if not (timeframe.is_open_time(candle.candle_time) and plainly_valid(candle)):
+                validate_candle(candle, timeframe)
         batch = IngestBatch(tuple((series, c) for c in candles), "rest")
         recent = self.pipeline.recent
 
