@@ -280,7 +280,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=DEFAULT_BATCH,
         metavar="N",
-        help=f"candles per transaction, whole files each (default {DEFAULT_BATCH:,})",
+        help=f"candles per transaction (default {DEFAULT_BATCH:,})",
     )
 
 
