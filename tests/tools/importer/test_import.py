@@ -3,7 +3,10 @@ idempotence, the one ``import`` event, overlap with live ingest, derived bars.""
 
 from __future__ import annotations
 
+import io
+import os
 import shutil
+import signal
 import zipfile
 from pathlib import Path
 
@@ -27,7 +30,8 @@ from tradecanvas.errors import BadInputError, ExitCode
 from tradecanvas.model import SeriesId
 from tradecanvas.pipeline.commit import IngestBatch, IngestPipeline
 from tradecanvas.store.open import open_store
-from tradecanvas.tools.importer import PENDING_KEY, ArchiveCommitter, read_file
+from tradecanvas.tools.importer import PENDING_KEY, ArchiveCommitter, read_file, run_import
+from tradecanvas.tools.progress import Progress
 from tradecanvas.wire.archive import parse_archive_rows
 
 FUTURES = Path("klines_1m_5m") / "futures_um"
@@ -230,3 +234,41 @@ class _Nobody:
 
     def publish_system(self, event: object) -> tuple[str, ...]:
         return ()
+
+
+class _InterruptOnFirstLine(io.StringIO):
+    """A progress stream that sends this process SIGINT at the first progress line (after
+    the first commit), as a user's Ctrl-C would."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sent = False
+
+    def write(self, text: str) -> int:
+        if not self.sent and "candles" in text:
+            self.sent = True
+            os.kill(os.getpid(), signal.SIGINT)
+        return super().write(text)
+
+
+async def test_ctrl_c_stops_after_a_commit_and_the_same_command_finishes(tmp_path: Path) -> None:
+    db = tmp_path / "m.sqlite3"
+    files = plan(real_zips())
+    progress = Progress(_InterruptOnFirstLine(), log=None, verb="import", tty=False)
+    code, tally, error = await run_import(
+        files, db, FLAGS.derived_timeframes, FLAGS.derivation_fingerprint(), progress, batch=1440
+    )
+    assert code == ExitCode.INTERRUPTED
+    assert error is not None and "run the same command again" in error
+    stored = len(await rows(db, SPOT_1M))
+    assert 1440 <= stored < 4320 and stored % 1440 == 0  # whole transactions only
+    assert await events(db) == []  # the event is owed, and recorded as such
+    code, tally, _ = await import_into(db, files)
+    assert code == ExitCode.OK and tally.pending_before
+    assert tally.series[SPOT_1M].unchanged == stored
+    assert len(await rows(db, SPOT_1M)) == 4320
+    [event] = [e for e in await events(db) if e.series_id == SPOT_1M]
+    assert (event.data["from_time"], event.data["to_time"]) == (
+        1_577_836_800,
+        1_577_836_800 + 3 * 86_400 - 60,
+    )
