@@ -3,7 +3,7 @@ generated in Binance's archive layout (12 monthly zips with their ``.CHECKSUM``)
 into a fresh store.
 
 - ``import_ratio_vs_bare_sqlite``: the import's time (checksums, unzip, parse, validate,
-  commit through the pipeline's commit step in 100,000-candle transactions, 5m…1d derived,
+  commit through the pipeline's commit step in 4,000-candle transactions, 5m…1d derived,
   the ``import`` events) ÷ a bare ``executemany`` of the same rows into the same schema
   (the same PRAGMAs, the same transaction size; the rows split from the unzipped CSV text
   inside the clock, the unzipping outside it). Target ≤ 2.0.
@@ -41,14 +41,14 @@ from bench.sizes import FULL, SMOKE, Sizes
 from tradecanvas.errors import ExitCode
 from tradecanvas.model import Timeframe
 from tradecanvas.store.sqlite import CandleStore
-from tradecanvas.tools.importer import ImportFile, run_import
+from tradecanvas.tools.importer import DEFAULT_BATCH, ImportFile, run_import
 from tradecanvas.tools.importer.files import find_files, plan_file
 from tradecanvas.tools.progress import Progress
 
 ADMIN_URL: Final = "postgresql://postgres@127.0.0.1:5432/postgres"
 SID: Final = "binance:spot:BTC/USDT:1m"
 DERIVED: Final = tuple(Timeframe.parse(t) for t in ("5m", "15m", "1h", "4h", "1d"))
-BATCH: Final = 100_000
+BATCH: Final = DEFAULT_BATCH  # the import's own transaction size, for both sides
 YEAR_START: Final = 1_672_531_200  # 2023-01-01 00:00 UTC: 365 days, 525,600 minutes
 SMOKE_DAYS: Final = 2
 INSERT: Final = (
