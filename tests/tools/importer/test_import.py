@@ -272,3 +272,26 @@ async def test_ctrl_c_stops_after_a_commit_and_the_same_command_finishes(tmp_pat
         1_577_836_800,
         1_577_836_800 + 3 * 86_400 - 60,
     )
+
+
+@pytest.mark.parametrize(
+    ("name", "symbol"),
+    [("BTCUSDT", "BTC/USDT"), ("ADAUSDT", "ADA/USDT"), ("ADABTC", "ADA/BTC")],
+)
+async def test_derived_5m_equals_binances_on_spot_with_empty_minutes(
+    tmp_path: Path, name: str, symbol: str
+) -> None:
+    folder = binance_data_dir() / "klines_1m_5m" / "spot_octobot"
+    [one] = folder.glob(f"{name}-1m-*_octobot.csv")
+    [five] = folder.glob(f"{name}-5m-*_octobot.csv")
+    db = tmp_path / "m.sqlite3"
+    code, _, _ = await import_into(db, plan([one], series=f"binance:spot:{symbol}:1m"))
+    assert code == ExitCode.OK
+    minutes = {c.candle_time for c in read_kline_csv(one)}
+    # Binance's 5m bars whose five minutes are all in the 1m file
+    covered = [
+        b for b in read_kline_csv(five) if all(b.candle_time + 60 * i in minutes for i in range(5))
+    ]
+    derived = {c.candle_time: c for c in await rows(db, f"binance:spot:{symbol}:5m")}
+    assert len(covered) >= 98
+    assert all(derived[b.candle_time].same_values(b) for b in covered)
