@@ -37,6 +37,7 @@ PURE_MODULES: Final = (
     "tradecanvas.wire.binance_rest",
     "tradecanvas.wire.json",
     "tradecanvas.wire.kline_csv",
+    "tradecanvas.wire.archive",
     "tradecanvas.pipeline.derive",
     "tradecanvas.pipeline.levels",
     "tradecanvas.pipeline.recent",

@@ -21,7 +21,7 @@ from tradecanvas.runtime_flags import (
     describe_flags,
     load_runtime_flags,
 )
-from tradecanvas.tools import archive_fetch, backfill, migrate_store, replay
+from tradecanvas.tools import archive_fetch, backfill, export, importer, migrate_store, replay
 from tradecanvas.tools import subscribe as subscribe_client
 from tradecanvas.tools.exit_codes import HELP_FORMATTER, ExitCodeTable, exit_codes_epilog
 
@@ -55,9 +55,15 @@ def _add_command(
     )
 
 
-def _add_flag_options(parser: argparse.ArgumentParser) -> None:
+# the flags the store tools take as options (the rest come from the environment only)
+STORE_FLAGS: Final = ("derived_timeframes", "db_path", "database_url", "log_level")
+
+
+def _add_flag_options(parser: argparse.ArgumentParser, only: Sequence[str] | None = None) -> None:
     group = parser.add_argument_group("flags (each overrides its TRADE_CANVAS_* variable)")
     for spec in FLAG_SPECS:
+        if only is not None and spec.field not in only:
+            continue
         group.add_argument(
             spec.option,
             dest=f"flag_{spec.field}",
@@ -124,6 +130,22 @@ def build_parser() -> argparse.ArgumentParser:
             archive_fetch.EXIT_CODES,
         )
     )
+    import_parser = _add_command(
+        sub,
+        "import",
+        "import Binance archive kline zips/CSVs (.CHECKSUM verified), with progress",
+        importer.EXIT_CODES,
+    )
+    importer.configure_parser(import_parser)
+    _add_flag_options(import_parser, STORE_FLAGS)
+    export_parser = _add_command(
+        sub,
+        "export",
+        "write a series' stored candles in the archive's CSV layout",
+        export.EXIT_CODES,
+    )
+    export.configure_parser(export_parser)
+    _add_flag_options(export_parser, STORE_FLAGS)
     return parser
 
 
@@ -139,7 +161,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if args.command in ("serve", "flags", "backfill"):
+    if args.command in ("serve", "flags", "backfill", "import", "export"):
         try:
             loaded = _load_flags(args)
         except FlagError as exc:
@@ -151,6 +173,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_flags(loaded)
         if args.command == "backfill":
             return backfill.run_backfill(args, loaded.flags)
+        if args.command == "import":
+            return importer.run_import_command(args, loaded.flags)
+        if args.command == "export":
+            return export.run_export(args, loaded.flags)
         from tradecanvas.daemon import serve
 
         return serve(loaded.flags)

@@ -42,6 +42,7 @@ from tradecanvas.store.sqlite import CandleStore
 from tradecanvas.store.txn import select_candles, select_events
 from tradecanvas.store.types import StoredCandle, StoredEvent, UpsertOutcome
 from tradecanvas.tools.exit_codes import ExitCodeTable
+from tradecanvas.tools.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -168,18 +169,23 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 async def _run(args: argparse.Namespace, err: TextIO) -> MigrationTally:
     target = await PostgresStore.open(args.database_url)
-    last: dict[str, int] = {}
+    # bars on a terminal, else a plain line per series at most every few seconds
+    display = Progress(err, log=None, verb="migrate-store")
+    started: set[str] = set()
 
     def progress(sid: str, done: int, total: int) -> None:
-        percent = 100 * done // total if total else 100
-        if percent != last.get(sid):  # one line per percent at most
-            last[sid] = percent
-            err.write(f"{sid}: {done:,}/{total:,} candles ({percent}%)\n")
-            err.flush()
+        if sid not in started:
+            started.add(sid)
+            display.start(sid, total)
+        display.update(sid, done)
 
     try:
-        return await migrate_store(args.sqlite_file, target, batch=args.batch, progress=progress)
+        with display.capture_logs():
+            return await migrate_store(
+                args.sqlite_file, target, batch=args.batch, progress=progress
+            )
     finally:
+        display.finish()
         await target.aclose()
 
 

@@ -23,9 +23,10 @@ where the last one stopped, and a second identical run fetches only the pages wi
 holes, writes nothing and says ``nothing changed``; a hole whose first candle above was stored
 already is not recorded again.
 
-Progress goes to stderr: one ``\\r``-rewritten line on a terminal, else a log line at most
-every :data:`~tradecanvas.tools.backfill.progress.PROGRESS_LOG_INTERVAL_S` and one at the
-end. The summary goes to stdout: minutes requested, candles fetched, new, already stored
+Progress goes to stderr (the shared :mod:`tradecanvas.tools.progress`): a rich bar with the
+rate and the time left on a terminal, else a log line at most every
+:data:`~tradecanvas.tools.progress.PROGRESS_LOG_INTERVAL_S` and one at the end.
+The summary goes to stdout: minutes requested, candles fetched, new, already stored
 (unchanged), revised, missing at the exchange; derived bars written per derived series; the
 missing minutes as ranges — holes (``gap`` events), after the last candle, before the first;
 pages skipped; time taken.
@@ -65,7 +66,7 @@ from tradecanvas.tools.backfill.plan import (
     plan_backfill,
     unrecorded,
 )
-from tradecanvas.tools.backfill.progress import Progress, render_bar
+from tradecanvas.tools.backfill.progress import Progress
 from tradecanvas.tools.tally import iso_minute
 
 __all__ = [
@@ -85,7 +86,6 @@ __all__ = [
     "page_alignment",
     "parse_time",
     "plan_backfill",
-    "render_bar",
     "run_backfill",
     "run_import",
     "unrecorded",

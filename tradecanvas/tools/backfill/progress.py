@@ -1,89 +1,68 @@
-"""``tradecanvas backfill``'s progress on stderr: a bar on a terminal, else log lines.
-
-The bar is drawn by hand: one line rewritten in place with ``\\r`` and erased to its end,
-taken off the line before any log record (:class:`ClearProgressFilter`) and left on its own
-line at the end.
-"""
+"""``tradecanvas backfill``'s progress on stderr, drawn by the shared
+:class:`tradecanvas.tools.progress.Progress` (rich bars on a terminal, plain log lines
+otherwise): the backfill's tally in minutes of its range."""
 
 from __future__ import annotations
 
 import logging
-from typing import Final, TextIO, final
+from typing import TextIO, final
 
 from tradecanvas.tools.backfill.plan import BackfillTally
+from tradecanvas.tools.progress import PROGRESS_LOG_INTERVAL_S, LogAboveBars
+from tradecanvas.tools.progress import Progress as SharedProgress
 
 # the command's one logger: its lines name ``tradecanvas.tools.backfill``
 log = logging.getLogger(__package__)
 
-PROGRESS_LOG_INTERVAL_S: Final = 5.0
-PROGRESS_BAR_WIDTH: Final = 20
-
-
-def render_bar(series_id: str, done: int, total: int, stored: int) -> str:
-    """``binance:futures:BTC/USDT:1m  [#########-----------]  45%  4320/9600 min  3,950
-    stored``"""
-    fraction = done / total if total else 1.0
-    filled = min(PROGRESS_BAR_WIDTH, int(fraction * PROGRESS_BAR_WIDTH))
-    bar = "#" * filled + "-" * (PROGRESS_BAR_WIDTH - filled)
-    return f"{series_id}  [{bar}]  {int(fraction * 100):3d}%  {done}/{total} min  {stored:,} stored"
-
 
 @final
 class Progress:
-    """Reports the tally on stderr: on a terminal one line rewritten in place, otherwise a
-    log line at most every :data:`PROGRESS_LOG_INTERVAL_S` and one when done."""
+    """The backfill's view of the shared progress: one series, counted in minutes done of
+    the range (``backfill SERIES: 1500/3100 min (48%), … min/s, ETA 0:02`` when not on a
+    terminal). ``update`` takes the trio clock's ``now``."""
 
     def __init__(self, stream: TextIO, *, tty: bool) -> None:
         self.stream = stream
         self.tty = tty
-        self._drawn = False
-        self._last_log: float | None = None
+        self.shared: SharedProgress | None = None
 
     def update(self, tally: BackfillTally, now: float) -> None:
-        sid, total = str(tally.plan.series), tally.plan.minutes
-        if self.tty:
-            line = render_bar(sid, tally.done_minutes, total, tally.stored)
-            self.stream.write(f"\r{line}\x1b[K")
-            self.stream.flush()
-            self._drawn = True
-        elif (
-            tally.complete
-            or self._last_log is None
-            or (now - self._last_log >= PROGRESS_LOG_INTERVAL_S)
-        ):
-            self._last_log = now
-            log.info(
-                "backfill %s: %d/%d min (%d%%), %d stored",
-                sid,
-                tally.done_minutes,
-                total,
-                100 * tally.done_minutes // total if total else 100,
-                tally.stored,
+        sid = str(tally.plan.series)
+        if self.shared is None:
+            self.shared = SharedProgress(
+                self.stream, log=log, verb="backfill", unit="min", tty=self.tty, clock=lambda: now
             )
+            self.shared.start(sid, tally.plan.minutes)
+        self.shared.clock = lambda: now
+        self.shared.update(sid, tally.done_minutes, now)
 
     def clear(self) -> None:
-        """Take the bar off the line (before a log line, and at the end)."""
-        if self._drawn:
-            self.stream.write("\r\x1b[K")
-            self.stream.flush()
-            self._drawn = False
+        """Nothing to take off: log lines are printed above the bars."""
 
     def finish(self) -> None:
-        """Leave the last state of the bar on its own line."""
-        if self._drawn:
-            self.stream.write("\n")
-            self.stream.flush()
-            self._drawn = False
+        """Leave the bars on their own lines."""
+        if self.shared is not None:
+            self.shared.finish()
 
 
 @final
 class ClearProgressFilter(logging.Filter):
-    """On a terminal, a log line must not be written into the middle of the bar."""
+    """On a terminal, a log line is printed above the bars, not into them (add it to the
+    root logger's handlers)."""
 
     def __init__(self, progress: Progress) -> None:
         super().__init__()
         self.progress = progress
+        self._inner: LogAboveBars | None = None
 
     def filter(self, record: logging.LogRecord) -> bool:
-        self.progress.clear()
-        return True
+        shared = self.progress.shared
+        if shared is None:
+            return True
+        if self._inner is None:
+            handler = next((h for h in logging.getLogger().handlers if self in h.filters), None)
+            self._inner = LogAboveBars(shared, handler)
+        return self._inner.filter(record)
+
+
+__all__ = ["PROGRESS_LOG_INTERVAL_S", "ClearProgressFilter", "Progress"]

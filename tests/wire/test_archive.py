@@ -1,0 +1,165 @@
+"""The archive parser and writer (``tradecanvas.wire.archive``): layouts, units, refusals."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from tradecanvas.errors import WireError
+from tradecanvas.model import Candle, Timeframe
+from tradecanvas.wire.archive import (
+    ARCHIVE_HEADER,
+    archive_lines,
+    market_of_path,
+    missing_runs,
+    parse_archive_name,
+    parse_archive_rows,
+    split_symbol,
+)
+
+T0 = 1_577_836_800  # 2020-01-01 00:00 UTC
+SPOT_ROW = (
+    "1577836800000,7195.24000000,7196.25000000,7183.14000000,7186.68000000,51.64281200,"
+    "1577836859999,371233.51835535,493,19.59823000,140888.41428273,0"
+)
+
+
+def row(t: int, *, unit: int = 1000, close: int | None = None, price: str = "1.5") -> str:
+    close_time = (t + 60) * unit - 1 if close is None else close
+    return f"{t * unit},{price},{price},{price},{price},2,{close_time},3,4,1,1.5,0"
+
+
+def test_a_spot_row_without_header_reads_every_column() -> None:
+    [candle] = parse_archive_rows([SPOT_ROW])
+    assert candle == Candle(
+        T0,
+        Decimal("7195.24"),
+        Decimal("7196.25"),
+        Decimal("7183.14"),
+        Decimal("7186.68"),
+        Decimal("51.642812"),
+        Decimal("371233.51835535"),
+        493,
+        Decimal("19.59823"),
+        Decimal("140888.41428273"),
+    )
+
+
+def test_futures_header_and_microseconds_read_the_same_candles() -> None:
+    ms = parse_archive_rows([row(T0), row(T0 + 60)])
+    with_header = parse_archive_rows([ARCHIVE_HEADER, row(T0), row(T0 + 60)])
+    micro = parse_archive_rows([row(T0, unit=1_000_000), row(T0 + 60, unit=1_000_000)])
+    assert ms == with_header == micro
+    assert [c.candle_time for c in ms] == [T0, T0 + 60]
+
+
+def test_the_six_column_layout_with_header_is_read() -> None:
+    [candle] = parse_archive_rows(["open_time,open,high,low,close,volume", f"{T0}000,1,2,1,2,5"])
+    assert candle == Candle(T0, Decimal(1), Decimal(2), Decimal(1), Decimal(2), Decimal(5))
+    assert candle.trades is None
+
+
+@pytest.mark.parametrize(
+    ("lines", "why"),
+    [
+        ([row(T0), "1577836860000,1,2,3"], "line 2: 4 columns where the file has 12"),
+        ([row(T0), row(T0 + 60).replace("1.5", "x", 1)], "line 2: a field is not a number"),
+        ([row(T0), row(T0)], "line 2: open time 1577836800000 is not after"),
+        ([row(T0 + 60), row(T0)], "line 2: open time 1577836800000 is not after"),
+        ([row(T0, close=T0 * 1000 + 299_999)], "line 1: close time 1577837099999 is not one"),
+        ([f"{T0 * 1000 + 30_000},1,1,1,1,1,{T0 * 1000 + 89_999},1,1,1,1,0"], "not on a minute"),
+        (["hello,world"], "line 1: not a kline header or row"),
+        (["1,2,3"], "line 1: 3 columns; a kline row has 12"),
+    ],
+)
+def test_a_bad_row_is_refused_naming_its_line(lines: list[str], why: str) -> None:
+    with pytest.raises(WireError, match="bad_archive_row") as caught:
+        parse_archive_rows(lines)
+    assert why in str(caught.value)
+
+
+def test_a_row_outside_the_named_period_is_refused() -> None:
+    name = parse_archive_name("BTCUSDT-1m-2020-01-01.zip")
+    assert name is not None
+    parse_archive_rows([row(T0 + 86_340)], span=(name.start, name.end))
+    with pytest.raises(WireError, match="line 1: open time 1577923200000 is outside"):
+        parse_archive_rows([row(T0 + 86_400)], span=(name.start, name.end))
+
+
+def test_file_names_give_symbol_interval_and_period() -> None:
+    daily = parse_archive_name("BTCUSDT-1m-2020-01-01.zip")
+    monthly = parse_archive_name("ETHUSDT-1m-2024-02.csv")
+    assert daily is not None and monthly is not None
+    assert (daily.symbol, daily.interval, daily.start, daily.expected_rows) == (
+        "BTCUSDT",
+        "1m",
+        T0,
+        1440,
+    )
+    assert monthly.expected_rows == 29 * 1440  # 2024 is a leap year
+    assert parse_archive_name("BTCUSDT-5m-2020-01-01.zip") is not None
+    for bad in ("BTCUSDT-1m-2020-13-01.zip", "notes.csv", "BTCUSDT-1m-2020-01-01.txt"):
+        assert parse_archive_name(bad) is None
+    assert split_symbol("BTCUSDT") == "BTC/USDT"
+    assert split_symbol("ETHFDUSD") == "ETH/FDUSD"
+    assert split_symbol("XYZ") is None
+
+
+def test_the_market_comes_from_the_nearest_folder() -> None:
+    assert market_of_path(("data", "spot", "daily", "klines")) == "spot"
+    assert market_of_path(("data", "futures", "um", "daily")) == "futures"
+    assert market_of_path(("klines_1m_5m", "futures_um")) == "futures"
+    assert market_of_path(("tmp", "x")) is None
+
+
+def test_missing_runs() -> None:
+    assert missing_runs([T0 + 60, T0 + 240], T0, T0 + 360) == [
+        (T0, T0 + 60),
+        (T0 + 120, T0 + 240),
+        (T0 + 300, T0 + 360),
+    ]
+    assert missing_runs([], T0, T0 + 60) == [(T0, T0 + 60)]
+
+
+def test_lines_of_a_derived_timeframe_close_at_its_end() -> None:
+    candle = Candle(T0, Decimal(1), Decimal(1), Decimal(1), Decimal(1), Decimal(1))
+    [line] = archive_lines([candle], timeframe=Timeframe.parse("5m"))
+    assert line.split(",")[6] == str(T0 * 1000 + 299_999)
+
+
+decimals = st.decimals(min_value=0, max_value=10**9, places=8, allow_nan=False)
+
+
+@st.composite
+def candles(draw: st.DrawFn) -> list[Candle]:
+    minutes = sorted(draw(st.sets(st.integers(0, 5000), min_size=1, max_size=30)))
+    result = []
+    for m in minutes:
+        prices = sorted(draw(st.lists(decimals, min_size=4, max_size=4)))
+        low, a, b, high = prices
+        extras = draw(st.booleans())
+        result.append(
+            Candle(
+                T0 + 60 * m,
+                a,
+                high,
+                low,
+                b,
+                draw(decimals),
+                draw(decimals) if extras else None,
+                draw(st.integers(0, 10**6)) if extras else None,
+                draw(decimals) if extras else None,
+                draw(decimals) if extras else None,
+            )
+        )
+    return result
+
+
+@given(candles(), st.booleans())
+def test_reading_what_was_written_gives_the_same_candles(given: list[Candle], header: bool) -> None:
+    back = parse_archive_rows(list(archive_lines(given, header=header)))
+    assert back == given
+    assert [str(c.open) for c in back] == [str(c.open) for c in given]  # the same text

@@ -1,0 +1,136 @@
+"""``tradecanvas export``: read the store in windows, write the archive's CSV lines."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Final, TextIO
+
+import trio
+
+from tradecanvas.errors import BadInputError, ExitCode, SeriesIdError, StoreError
+from tradecanvas.model import MINUTE, SeriesId
+from tradecanvas.runtime_flags import RuntimeFlags
+from tradecanvas.store.interface import MarketStore
+from tradecanvas.store.open import open_store, store_location
+from tradecanvas.tools.backfill.plan import TIME_EXAMPLES, parse_time
+from tradecanvas.tools.exit_codes import ExitCodeTable
+from tradecanvas.wire.archive import archive_lines
+
+# candles read per store query
+WINDOW_CANDLES: Final = 50_000
+EXIT_CODES: Final[ExitCodeTable] = (
+    (ExitCode.OK, "written (the count goes to stderr)"),
+    (ExitCode.USAGE, "bad arguments: a bad series or time, --to not after --from"),
+    (ExitCode.STORE_FAILURE, "the store failed, or the output file could not be written"),
+)
+
+
+async def export_csv(
+    store: MarketStore,
+    series: SeriesId,
+    start: int,
+    end: int,
+    out: TextIO,
+    *,
+    header: bool = False,
+) -> int:
+    """Write ``series``' candles of ``[start, end)`` to ``out``; returns how many."""
+    written = 0
+    sid = str(series)
+    step = WINDOW_CANDLES * series.timeframe.seconds
+    first = True
+    cursor = start
+    while cursor < end:
+        upto = min(end, cursor + step)
+        stored = await store.range(sid, cursor, upto)
+        out.writelines(
+            archive_lines(
+                (s.candle for s in stored), timeframe=series.timeframe, header=first and header
+            )
+        )
+        first = False
+        written += len(stored)
+        cursor = upto
+    return written
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    """Add the ``export`` arguments (the flag options are added by the CLI)."""
+    parser.add_argument(
+        "series", metavar="SERIES", help="series_id, such as binance:spot:BTC/USDT:1m"
+    )
+    parser.add_argument(
+        "--from",
+        dest="from_time",
+        required=True,
+        metavar="T",
+        help=f"first candle: {TIME_EXAMPLES}",
+    )
+    parser.add_argument(
+        "--to", dest="to_time", required=True, metavar="T", help="end of the range, exclusive"
+    )
+    parser.add_argument(
+        "--format", choices=("csv",), default="csv", help="the archive's CSV layout (the only one)"
+    )
+    parser.add_argument(
+        "--out", type=Path, default=None, metavar="FILE", help="write here (default: stdout)"
+    )
+    parser.add_argument(
+        "--header", action="store_true", help="start with the archive's header row (as USDⓈ-M)"
+    )
+
+
+def _plan(args: argparse.Namespace) -> tuple[SeriesId, int, int]:
+    try:
+        series = SeriesId.parse(args.series)
+    except SeriesIdError as exc:
+        raise BadInputError(str(exc)) from None
+    start = parse_time("--from", args.from_time)
+    end = parse_time("--to", args.to_time)
+    if end <= start:
+        raise BadInputError("--to must be after --from")
+    if series.timeframe.seconds != MINUTE and not series.timeframe.fixed:
+        raise BadInputError(f"{series}: month bars have no fixed close time in this layout")
+    return series, start, end
+
+
+async def _run(
+    location: str | Path, series: SeriesId, start: int, end: int, out: TextIO, header: bool
+) -> int:
+    store = await open_store(location)
+    try:
+        return await export_csv(store, series, start, end, out, header=header)
+    finally:
+        with trio.CancelScope(shield=True):
+            await store.aclose()
+
+
+def run_export(
+    args: argparse.Namespace,
+    flags: RuntimeFlags,
+    *,
+    out: TextIO | None = None,
+    err: TextIO | None = None,
+) -> int:
+    """Run ``export`` with :func:`configure_parser`'s arguments; one of :data:`EXIT_CODES`."""
+    out = out or sys.stdout
+    err = err or sys.stderr
+    try:
+        series, start, end = _plan(args)
+    except BadInputError as exc:
+        err.write(f"tradecanvas export: {exc}\n")
+        return ExitCode.USAGE
+    location = store_location(flags.db_path, flags.database_url)
+    try:
+        if args.out is None:
+            written = trio.run(_run, location, series, start, end, out, args.header)
+        else:
+            with args.out.open("w", encoding="utf-8", newline="") as target:
+                written = trio.run(_run, location, series, start, end, target, args.header)
+    except (StoreError, OSError) as exc:
+        err.write(f"tradecanvas export: {exc}\n")
+        return ExitCode.STORE_FAILURE
+    err.write(f"tradecanvas export: {written:,} candles of {series}\n")
+    return ExitCode.OK

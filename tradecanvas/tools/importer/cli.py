@@ -1,0 +1,353 @@
+"""``tradecanvas import``'s trio shell and command line: read, commit, signals, exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Final, TextIO, final
+
+import trio
+
+from tradecanvas.errors import (
+    BadInputError,
+    CandleError,
+    ExitCode,
+    SeriesIdError,
+    StoreError,
+    find_in_group,
+)
+from tradecanvas.model import Candle, SeriesId, Timeframe
+from tradecanvas.ops.logs import configure_logging
+from tradecanvas.pipeline.commit import IngestPipeline
+from tradecanvas.pipeline.events import SystemEvent
+from tradecanvas.runtime_flags import RuntimeFlags
+from tradecanvas.store.interface import MarketStore
+from tradecanvas.store.open import describe_location, open_store, store_location
+from tradecanvas.tools.exit_codes import ExitCodeTable
+from tradecanvas.tools.importer.commit import ArchiveCommitter
+from tradecanvas.tools.importer.files import (
+    ArchiveFileError,
+    ImportFile,
+    ReadFile,
+    find_files,
+    plan_file,
+    read_file,
+)
+from tradecanvas.tools.importer.tally import ImportTally
+from tradecanvas.tools.progress import Progress
+from tradecanvas.upstream.phases import learn_phase
+
+log = logging.getLogger("tradecanvas.tools.importer")
+
+# candles per transaction: large, yet under the pipeline's step for one derivation (4,096 source
+# bars), past which it trims its recent bars and reads its own rows back
+DEFAULT_BATCH: Final = 4_000
+# files read ahead of the one being committed
+READ_AHEAD: Final = 1
+EXIT_CODES: Final[ExitCodeTable] = (
+    (ExitCode.OK, "every file imported (again: nothing changed, and the summary says so)"),
+    (ExitCode.FAILED, "a file refused (checksum, corrupt zip, bad row, wrong interval): the"
+     " files before it stay imported, nothing of it is stored"),
+    (ExitCode.USAGE, "bad arguments: no such file, a bad --series, a series not inferable"),
+    (ExitCode.STORE_FAILURE, "the store failed (disk full, read-only, corrupt), as for serve"),
+    (ExitCode.INTERRUPTED, "Ctrl-C: the transaction in flight is finished; run it again"),
+    (ExitCode.TERMINATED, "SIGTERM, as Ctrl-C"),
+)  # fmt: skip
+
+
+@final
+class _NoSubscribers:
+    """The pipeline's publish target here: nothing is published by this process."""
+
+    def publish_closed(self, series_id: str, candles: Sequence[Candle]) -> Sequence[str]:
+        return ()
+
+    def publish_system(self, event: SystemEvent) -> Sequence[str]:
+        return ()
+
+
+@final
+class _Offline:
+    """No Binance here: a 3d grid phase comes from the store's memory or the known table."""
+
+    async def latest_open_time(self, series: SeriesId) -> int | None:
+        return None
+
+
+async def _learn_phases(pipeline: IngestPipeline, series: Sequence[SeriesId]) -> None:
+    for sid in series:
+        for timeframe in pipeline.derived_timeframes:
+            if timeframe.phased:
+                phase = await learn_phase(sid, timeframe, _Offline(), pipeline.store)
+                if phase is not None:
+                    pipeline.set_phase(sid, phase)
+
+
+async def import_files(
+    files: Sequence[ImportFile],
+    committer: ArchiveCommitter,
+    tally: ImportTally,
+    progress: Progress,
+    *,
+    batch: int = DEFAULT_BATCH,
+) -> None:
+    """Read each file (on a worker thread) and commit them through ``committer``, in
+    transactions of ``batch`` candles of a series (a file is read and checked whole before any
+    of it is committed). Raises ArchiveFileError (the files before it are committed first),
+    StoreError."""
+    totals: dict[str, int | None] = {}
+    for f in files:
+        sid, rows = str(f.series), f.expected_rows
+        if sid in totals and totals[sid] is None:
+            continue
+        totals[sid] = None if rows is None else (totals.get(sid) or 0) + rows
+    for sid, total in totals.items():
+        progress.start(sid, total)
+    waiting: dict[SeriesId, list[ReadFile]] = {}
+    done: dict[str, int] = {}
+
+    async def flush(series: SeriesId) -> None:
+        read = waiting.pop(series, [])
+        if not read:
+            return
+        candles = [c for r in read for c in r.candles]
+        sid = str(series)
+        for start in range(0, len(candles), batch):
+            chunk = candles[start : start + batch]
+            with trio.CancelScope(shield=True):  # what is committed is counted
+                result = await committer.commit(series, chunk, checked=True)
+            tally.record_commit(sid, result.received, result.updates)
+            done[sid] = done.get(sid, 0) + len(chunk)
+            progress.update(sid, done[sid])
+        for r in read:
+            tally.record_file(sid, verified=r.checksum, holes=r.holes)
+
+    # the next file is read (a worker thread) while the one before is committed (another)
+    send, receive = trio.open_memory_channel[ReadFile | ArchiveFileError](READ_AHEAD)
+    refused: ArchiveFileError | None = None
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_read_ahead, files, send)
+            async with receive:
+                async for read in receive:
+                    if isinstance(read, ArchiveFileError):
+                        refused = read  # raised below, outside the nursery (not in a group)
+                        break
+                    waiting.setdefault(read.file.series, []).append(read)
+                    if sum(len(r.candles) for r in waiting[read.file.series]) >= batch:
+                        await flush(read.file.series)
+            for series in list(waiting):
+                await flush(series)
+    except BaseExceptionGroup as group:
+        failure = find_in_group(group, StoreError) or find_in_group(group, CandleError)
+        if failure is None:
+            raise
+        raise failure from None
+    if refused is not None:
+        raise refused
+    for sid, count in done.items():
+        progress.start(sid, count)  # the files are read: the total is what they held
+        progress.update(sid, count)
+
+
+async def _read_ahead(
+    files: Sequence[ImportFile],
+    send: trio.MemorySendChannel[ReadFile | ArchiveFileError],
+) -> None:
+    """Read the files in order into ``send``; a refused one is sent as its error, last."""
+    async with send:
+        for f in files:
+            try:
+                read = await trio.to_thread.run_sync(read_file, f)
+            except ArchiveFileError as exc:
+                await send.send(exc)
+                return
+            await send.send(read)
+
+
+async def _stop_on_signal(
+    work: trio.CancelScope,
+    caught: list[int],
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        task_status.started()
+        async for signum in signals:
+            if caught:
+                sys.stderr.write("\ntradecanvas import: second signal, exiting at once\n")
+                sys.stderr.flush()
+                os._exit(ExitCode.for_signal(signum))
+            caught.append(signum)
+            log.warning(
+                "%s: stopping after the transaction in flight (again to exit at once)",
+                signal.Signals(signum).name,
+            )
+            work.cancel(reason="interrupted")
+
+
+async def run_import(
+    files: Sequence[ImportFile],
+    location: str | Path,
+    derived: Sequence[Timeframe],
+    fingerprint: str,
+    progress: Progress,
+    *,
+    batch: int = DEFAULT_BATCH,
+) -> tuple[ExitCode, ImportTally, str | None]:
+    """Import ``files`` into the store at ``location``: (exit code, tally, error line)."""
+    tally = ImportTally(files_total=len(files))
+    try:
+        store: MarketStore = await open_store(location)
+    except StoreError as exc:
+        return ExitCode.STORE_FAILURE, tally, f"store failure: {exc}"
+    caught: list[int] = []
+    failure: tuple[ExitCode, str] | None = None
+    work = trio.CancelScope()
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(_stop_on_signal, work, caught)
+            try:
+                with work:
+                    pipeline = IngestPipeline(store, _NoSubscribers(), derived, fingerprint)
+                    committer = ArchiveCommitter(pipeline)
+                    tally.pending_before = bool(await committer.load_pending())
+                    await _learn_phases(pipeline, sorted({f.series for f in files}))
+                    log.info(
+                        "import: %d file%s into %s",
+                        len(files),
+                        "" if len(files) == 1 else "s",
+                        describe_location(location),
+                    )
+                    try:
+                        await import_files(files, committer, tally, progress, batch=batch)
+                    except ArchiveFileError as exc:
+                        failure = (ExitCode.FAILED, str(exc))
+                    with trio.CancelScope(shield=True):
+                        tally.events = len(await committer.finish())
+            except StoreError as exc:
+                failure = (ExitCode.STORE_FAILURE, f"store failure: {exc}")
+            finally:
+                progress.finish()
+                nursery.cancel_scope.cancel()
+    finally:
+        with trio.CancelScope(shield=True):
+            await store.aclose()
+    if failure is not None:
+        return failure[0], tally, failure[1]
+    if caught:
+        return (
+            ExitCode.for_signal(caught[0]),
+            tally,
+            f"interrupted after {tally.files_done} of {tally.files_total} files; what was"
+            " committed stays, run the same command again to finish",
+        )
+    return ExitCode.OK, tally, None
+
+
+# --- command line --------------------------------------------------------------------
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    """Add the ``import`` arguments (the flag options are added by the CLI)."""
+    parser.add_argument(
+        "paths",
+        metavar="FILE|DIR",
+        nargs="+",
+        type=Path,
+        help="archive kline files (.zip with .CHECKSUM beside, or .csv), or folders of them",
+    )
+    parser.add_argument(
+        "--series",
+        default=None,
+        metavar="SERIES",
+        help="the base 1m series every file holds (default: from each file's name)",
+    )
+    parser.add_argument(
+        "--market",
+        choices=("spot", "futures"),
+        default=None,
+        help="the market of files named by symbol (default: from the path, e.g. …/spot/…)",
+    )
+    parser.add_argument(
+        "--batch",
+        type=int,
+        default=DEFAULT_BATCH,
+        metavar="N",
+        help=f"candles per transaction (default {DEFAULT_BATCH:,})",
+    )
+
+
+def plan_import(args: argparse.Namespace) -> list[ImportFile]:
+    """The files to import and their series; raises BadInputError."""
+    if args.batch < 1:
+        raise BadInputError("--batch must be at least 1")
+    series: SeriesId | None = None
+    if args.series is not None:
+        try:
+            series = SeriesId.parse(args.series)
+        except SeriesIdError as exc:
+            raise BadInputError(f"--series: {exc}") from None
+        if series.timeframe.text != "1m":
+            raise BadInputError(f"--series: {series} is not a base (1m) series")
+    return [plan_file(path, series, args.market) for path in find_files(args.paths)]
+
+
+def run_import_command(
+    args: argparse.Namespace,
+    flags: RuntimeFlags,
+    *,
+    out: TextIO | None = None,
+    err: TextIO | None = None,
+) -> int:
+    """Run ``import`` with :func:`configure_parser`'s arguments; one of :data:`EXIT_CODES`."""
+    out = out or sys.stdout
+    err = err or sys.stderr
+    configure_logging(flags, stream=err)
+    started = time.monotonic()
+    try:
+        files = plan_import(args)
+    except BadInputError as exc:
+        err.write(f"tradecanvas import: {exc}\n")
+        return ExitCode.USAGE
+    progress = Progress(err, log=log, verb="import")
+    location = store_location(flags.db_path, flags.database_url)
+    try:
+        with progress.capture_logs():
+            code, tally, error = trio.run(
+                lambda: run_import(
+                    files,
+                    location,
+                    flags.derived_timeframes,
+                    flags.derivation_fingerprint(),
+                    progress,
+                    batch=args.batch,
+                )
+            )
+    except KeyboardInterrupt:
+        progress.finish()
+        err.write("tradecanvas import: interrupted; nothing committed\n")
+        return ExitCode.INTERRUPTED
+    for line in tally.summary_lines(time.monotonic() - started):
+        out.write(line + "\n")
+    out.flush()
+    if error is not None:
+        err.write(f"tradecanvas import: {error}\n")
+    return code
+
+
+__all__ = [
+    "DEFAULT_BATCH",
+    "EXIT_CODES",
+    "configure_parser",
+    "import_files",
+    "plan_import",
+    "run_import",
+    "run_import_command",
+]

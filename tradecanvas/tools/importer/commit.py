@@ -1,0 +1,171 @@
+"""Commits of ``tradecanvas import``: the pipeline's commit/derive step in large
+transactions, with one ``factor.rebuild`` (reason ``import``) per series at the end.
+
+:class:`ArchiveCommitter` wraps an :class:`~tradecanvas.pipeline.IngestPipeline` (its store,
+derived timeframes, fingerprint, grid phases and write-through recent bars) and runs the same
+:class:`~tradecanvas.pipeline.apply.BatchCommit` its ``run`` does, so the candles are stored
+and every touched bucket derived exactly as for live or REST data. What differs is the events:
+the per-transaction ``factor.rebuild`` events (``new_series``, ``backfill``, ``revision``) are
+not logged; instead each transaction records, in the store's meta table, the range of
+``candle_time`` each series changed so far (``import_pending``), and :meth:`finish` logs one
+``factor.rebuild`` with reason ``import`` and that exact range per series, then clears the
+record. An interrupted import leaves the record, so the next run's single event covers what
+both changed. ``gap`` events and ``fingerprint`` rebuilds are logged as ``run`` logs them.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Final, final
+
+import attrs
+import orjson
+
+from tradecanvas.model import Candle, SeriesId, validate_candle
+from tradecanvas.pipeline.apply import BatchCommit
+from tradecanvas.pipeline.batch import IngestBatch, SeriesUpdate
+from tradecanvas.pipeline.commit import IngestPipeline
+from tradecanvas.pipeline.events import FACTOR_REBUILD, SystemEvent
+from tradecanvas.pipeline.levels import DerivationPlan
+from tradecanvas.store.interface import WriteTxn
+from tradecanvas.wire.archive import plainly_valid
+
+# the meta entry holding the ranges changed by an import not yet finished
+PENDING_KEY: Final = "import_pending"
+IMPORT_REASON: Final = "import"
+# the rebuild reasons the one ``import`` event stands for
+_SUPERSEDED: Final = frozenset({"new_series", "backfill", "revision"})
+
+Ranges = dict[str, tuple[int, int]]
+
+
+@attrs.frozen
+class ImportCommit:
+    """What one transaction committed: the updates (changed candles per series) and the
+    count of base candles given."""
+
+    updates: tuple[SeriesUpdate, ...]
+    received: int
+
+
+def merge_ranges(ranges: Ranges, updates: Sequence[SeriesUpdate]) -> Ranges:
+    """``ranges`` widened by the candles ``updates`` changed."""
+    merged = dict(ranges)
+    for update in updates:
+        if not update.candles:
+            continue
+        low, high = update.candles[0].candle_time, update.candles[-1].candle_time
+        if update.series_id in merged:
+            old_low, old_high = merged[update.series_id]
+            low, high = min(low, old_low), max(high, old_high)
+        merged[update.series_id] = (low, high)
+    return merged
+
+
+def _load_ranges(text: str | None) -> Ranges:
+    if not text:
+        return {}
+    try:
+        loaded = orjson.loads(text)
+        return {str(sid): (int(span[0]), int(span[1])) for sid, span in loaded.items()}
+    except (orjson.JSONDecodeError, AttributeError, TypeError, ValueError, IndexError):
+        return {}
+
+
+def _dump_ranges(ranges: Ranges) -> str:
+    return orjson.dumps({sid: list(span) for sid, span in sorted(ranges.items())}).decode()
+
+
+@final
+class ArchiveCommitter:
+    """Large transactions through ``pipeline``'s commit step; raises StoreError (the
+    transaction is rolled back) and CandleError (a refused candle: nothing stored)."""
+
+    def __init__(self, pipeline: IngestPipeline, clock: Callable[[], float] = time.time) -> None:
+        self.pipeline = pipeline
+        self.plan = DerivationPlan.of(pipeline.derived_timeframes)
+        self.clock = clock
+        self._checked: set[str] = set()
+        self._names: dict[tuple[str, str], tuple[SeriesId, str]] = {}
+        self.pending: Ranges = {}
+
+    async def load_pending(self) -> Ranges:
+        """The ranges an earlier, interrupted import changed (its event is still owed)."""
+        self.pending = _load_ranges(await self.pipeline.store.get_meta(PENDING_KEY))
+        return dict(self.pending)
+
+    def _log(self, txn: WriteTxn, events: Sequence[SystemEvent]) -> None:
+        now = self.clock()
+        for event in events:
+            txn.append_event(event.series_id, event.event, event.data, now)
+
+    async def commit(
+        self, series: SeriesId, candles: Sequence[Candle], *, checked: bool = False
+    ) -> ImportCommit:
+        """Store ``candles`` of the base ``series`` and derive every bucket they touch, in
+        one transaction. ``checked``: every candle passed ``validate_candle`` already (the
+        archive parser checks each row it reads)."""
+        timeframe = series.timeframe
+        for candle in () if checked else candles:
+            if not (timeframe.is_open_time(candle.candle_time) and plainly_valid(candle)):
+                validate_candle(candle, timeframe)
+        batch = IngestBatch(tuple((series, c) for c in candles), "rest")
+        recent = self.pipeline.recent
+
+        def in_txn(txn: WriteTxn) -> tuple[ImportCommit, Ranges]:
+            recent.begin(txn.sequence)
+            work = BatchCommit(
+                txn,
+                recent,
+                self.plan,
+                self.pipeline.phase_of,
+                self.pipeline.fingerprint,
+                self._checked,
+                self._names,
+            )
+            updates, events, _ = work.commit(batch)
+            work.finish()
+            ranges = merge_ranges(self.pending, updates)
+            if ranges != self.pending:
+                txn.set_meta(PENDING_KEY, _dump_ranges(ranges))
+            self._log(
+                txn,
+                [e for e in events if not (e.event == FACTOR_REBUILD and e.reason in _SUPERSEDED)],
+            )
+            return ImportCommit(tuple(updates), len(candles)), ranges
+
+        try:
+            done, ranges = await self.pipeline.store.write(in_txn)
+        except BaseException:
+            recent.forget()
+            raise
+        self._checked.add(str(series))
+        self.pending = ranges
+        return done
+
+    async def finish(self) -> tuple[SystemEvent, ...]:
+        """Log the one ``factor.rebuild`` (``import``) per series changed, with its range,
+        and clear the record; nothing when nothing changed."""
+        if not self.pending:
+            return ()
+        events = tuple(
+            SystemEvent(sid, IMPORT_REASON, low, high)
+            for sid, (low, high) in sorted(self.pending.items())
+        )
+
+        def in_txn(txn: WriteTxn) -> tuple[SystemEvent, ...]:
+            now = self.clock()
+            logged = tuple(
+                attrs.evolve(e, event_id=txn.append_event(e.series_id, e.event, e.data, now))
+                for e in events
+            )
+            txn.set_meta(PENDING_KEY, "{}")
+            return logged
+
+        logged = await self.pipeline.store.write(in_txn)
+        self.pending = {}
+        return logged
+
+
+__all__ = ["IMPORT_REASON", "PENDING_KEY", "ArchiveCommitter", "ImportCommit", "merge_ranges"]

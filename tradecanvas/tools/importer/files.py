@@ -1,0 +1,202 @@
+"""The files ``tradecanvas import`` reads: which ones, which series each holds, and their
+candles — a zip's ``.CHECKSUM`` verified before anything of it is read.
+
+Everything here is synchronous (the command runs it on a worker thread). A file that cannot
+be imported raises :class:`ArchiveFileError` naming it (and the line, for a bad row); nothing
+of it has been handed on by then.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import zipfile
+import zlib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Final
+
+import attrs
+
+from tradecanvas.errors import BadInputError, WireError
+from tradecanvas.model import MINUTE, Candle, Market, SeriesId
+from tradecanvas.wire.archive import (
+    ArchiveName,
+    market_of_path,
+    missing_runs,
+    parse_archive_name,
+    parse_archive_rows,
+    series_for,
+)
+
+CHECKSUM_SUFFIX: Final = ".CHECKSUM"
+_READ_CHUNK: Final = 1 << 20
+
+
+class ArchiveFileError(BadInputError):
+    """A file refused: bad checksum, corrupt zip, a bad row, the wrong interval."""
+
+    def __init__(self, path: Path, problem: str) -> None:
+        super().__init__(f"{path}: {problem}")
+        self.path = path
+
+
+@attrs.frozen
+class ImportFile:
+    """One file to import and the series it holds; ``name`` None when its name is not in the
+    archive's layout (``--series`` named the series)."""
+
+    path: Path
+    series: SeriesId
+    name: ArchiveName | None
+
+    @property
+    def expected_rows(self) -> int | None:
+        return None if self.name is None else self.name.expected_rows
+
+
+@attrs.frozen
+class ReadFile:
+    """A file's candles, and the minutes its period lacks (Binance's own holes)."""
+
+    file: ImportFile
+    candles: list[Candle]
+    checksum: bool  # a .CHECKSUM was beside it and matched
+    holes: list[tuple[int, int]]
+
+
+def find_files(arguments: Sequence[Path]) -> list[Path]:
+    """The files named, and the ``.zip``/``.csv`` files under the folders named (sorted). In a
+    folder, a ``.csv`` beside the ``.zip`` it was extracted from is left out (the zip is
+    read). Raises BadInputError for a path that does not exist or a folder with no file."""
+    found: list[Path] = []
+    for argument in arguments:
+        if argument.is_dir():
+            inside = sorted(
+                p
+                for p in argument.rglob("*")
+                if p.is_file() and p.suffix.lower() in (".zip", ".csv")
+            )
+            zips = {p.with_suffix("") for p in inside if p.suffix.lower() == ".zip"}
+            chosen = [
+                p for p in inside if p.suffix.lower() == ".zip" or p.with_suffix("") not in zips
+            ]
+            if not chosen:
+                raise BadInputError(f"{argument}: no .zip or .csv file in this folder")
+            found += chosen
+        elif argument.is_file():
+            found.append(argument)
+        else:
+            raise BadInputError(f"{argument}: no such file or folder")
+    return found
+
+
+def plan_file(path: Path, series: SeriesId | None, market: Market | None) -> ImportFile:
+    """Which series ``path`` holds: ``series`` when given, else from its name and ``market``
+    (else the path's folders). Raises ArchiveFileError."""
+    name = parse_archive_name(path.name)
+    if series is not None:
+        if name is not None and name.interval != "1m":
+            raise ArchiveFileError(path, f"holds {name.interval} klines; only 1m is imported")
+        return ImportFile(path, series, name)
+    if name is None:
+        raise ArchiveFileError(
+            path,
+            "the name is not SYMBOL-INTERVAL-YYYY-MM(-DD).zip|csv: give the series with --series",
+        )
+    market = market or market_of_path(path.resolve().parts)
+    if market is None:
+        raise ArchiveFileError(
+            path, "cannot tell spot from futures by its path: give --market or --series"
+        )
+    try:
+        return ImportFile(path, series_for(name, market), name)
+    except WireError as exc:
+        raise ArchiveFileError(path, exc.detail or str(exc)) from None
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(_READ_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify_checksum(path: Path) -> bool:
+    """Checks ``path`` against the ``.CHECKSUM`` beside it (``<sha256>  <name>``); False when
+    there is none. Raises ArchiveFileError on a mismatch or an unreadable checksum file."""
+    checksum = path.with_name(path.name + CHECKSUM_SUFFIX)
+    if not checksum.is_file():
+        return False
+    try:
+        text = checksum.read_text(encoding="ascii", errors="replace").split()
+    except OSError as exc:
+        raise ArchiveFileError(path, f"cannot read {checksum.name}: {exc}") from None
+    expected = text[0].lower() if text else ""
+    if len(expected) != 64 or any(ch not in "0123456789abcdef" for ch in expected):
+        raise ArchiveFileError(path, f"{checksum.name} holds no SHA-256")
+    actual = _sha256(path)
+    if actual != expected:
+        raise ArchiveFileError(
+            path, f"SHA-256 {actual} does not match {checksum.name} ({expected}): not imported"
+        )
+    return True
+
+
+def _zip_text(path: Path) -> tuple[str, str]:
+    """The one CSV inside a zip: (its name, its text)."""
+    with zipfile.ZipFile(path) as archive:
+        members = [m for m in archive.infolist() if not m.is_dir()]
+        csvs = [m for m in members if m.filename.lower().endswith(".csv")]
+        if len(csvs) != 1:
+            raise ArchiveFileError(
+                path, f"holds {len(csvs)} CSV files; an archive zip holds exactly one"
+            )
+        return csvs[0].filename, archive.read(csvs[0]).decode("utf-8")
+
+
+def read_file(file: ImportFile) -> ReadFile:
+    """Verify (zip: its .CHECKSUM), unpack and parse ``file``. Raises ArchiveFileError."""
+    path = file.path
+    checksum = False
+    try:
+        if path.suffix.lower() == ".zip":
+            checksum = verify_checksum(path)
+            inner, text = _zip_text(path)
+            where = f"{inner} "
+        else:
+            text = path.read_text(encoding="utf-8")
+            where = ""
+    except (zipfile.BadZipFile, zlib.error, EOFError, UnicodeDecodeError) as exc:
+        raise ArchiveFileError(path, f"corrupt or truncated: {exc}") from None
+    except OSError as exc:
+        raise ArchiveFileError(path, f"cannot read it: {exc}") from None
+    span = None if file.name is None else (file.name.start, file.name.end)
+    try:
+        candles = parse_archive_rows(io.StringIO(text), span=span)
+    except WireError as exc:
+        raise ArchiveFileError(path, f"{where}{exc.detail}; nothing of this file stored") from None
+    if not candles:
+        holes = [] if span is None else [span]
+    elif span is None:
+        holes = missing_runs(
+            [c.candle_time for c in candles],
+            candles[0].candle_time,
+            candles[-1].candle_time + MINUTE,
+        )
+    else:
+        holes = missing_runs([c.candle_time for c in candles], *span)
+    return ReadFile(file, candles, checksum, holes)
+
+
+__all__ = [
+    "CHECKSUM_SUFFIX",
+    "ArchiveFileError",
+    "ImportFile",
+    "ReadFile",
+    "find_files",
+    "plan_file",
+    "read_file",
+    "verify_checksum",
+]

@@ -1,0 +1,295 @@
+"""Binance's public kline archive (``data.binance.vision``) as plain data: file names, rows,
+and the CSV text ``tradecanvas export`` writes (DESIGN §8). Pure: no I/O, no trio.
+
+A file holds one symbol's klines of one interval for a day or a month:
+``SYMBOL-INTERVAL-YYYY-MM-DD.csv`` (daily) or ``SYMBOL-INTERVAL-YYYY-MM.csv`` (monthly), each
+zipped beside a ``.CHECKSUM`` (its SHA-256). A row has 12 columns: ``open_time, open, high, low,
+close, volume, close_time, quote_volume, trades, taker_buy_base, taker_buy_quote, ignore``.
+Spot files have no header; USDⓈ-M futures files start with one
+(``open_time,open,high,low,close,volume,close_time,quote_volume,count,…``). Times are
+milliseconds, except spot files from 2025 on, which are microseconds. The 6-column
+``open_time,open,high,low,close,volume`` layout (with its header, ms) is read too.
+
+Only 1m klines are imported (the base series; the store derives the rest): a row whose
+``close_time`` is not one minute after its ``open_time`` less one unit, or whose open time is
+not on a minute, is for another interval and refused.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Iterator, Sequence
+from datetime import UTC, date, datetime
+from decimal import Decimal, InvalidOperation
+from typing import Final
+
+import attrs
+
+from tradecanvas.errors import SeriesIdError, WireError
+from tradecanvas.model import (
+    BASE_TIMEFRAME,
+    DAY,
+    MINUTE,
+    MS,
+    Candle,
+    Market,
+    SeriesId,
+    Timeframe,
+    validate_candle,
+)
+
+# the header Binance's USDⓈ-M files carry (spot files have none)
+ARCHIVE_HEADER: Final = (
+    "open_time,open,high,low,close,volume,close_time,quote_volume,count,"
+    "taker_buy_volume,taker_buy_quote_volume,ignore"
+)
+ARCHIVE_COLUMNS: Final = 12
+OHLCV_COLUMNS: Final = 6
+# a timestamp above this is in microseconds (spot files from 2025 on); ms reach it in 33658
+US_THRESHOLD: Final = 10**15
+US: Final = 1_000_000
+# quote assets, longest match first where one ends another (FDUSD before USD…)
+KNOWN_QUOTES: Final = (
+    "FDUSD", "USDT", "USDC", "BUSD", "TUSD", "BTC", "ETH", "BNB", "EUR", "TRY",
+)  # fmt: skip
+_NAME_RE: Final = re.compile(
+    r"^(?P<symbol>[A-Z0-9]{2,30})-(?P<interval>[0-9]{1,2}(?:s|m|h|d|w|mo|M))-"
+    r"(?P<year>[0-9]{4})-(?P<month>[0-9]{2})(?:-(?P<day>[0-9]{2}))?\.(?:zip|csv)$"
+)
+
+
+@attrs.frozen
+class ArchiveName:
+    """What a file's name says: Binance's symbol, the interval, and the day or month held
+    (``[start, end)`` in unix seconds)."""
+
+    symbol: str
+    interval: str
+    start: int
+    end: int
+
+    @property
+    def daily(self) -> bool:
+        return self.end - self.start == DAY
+
+    @property
+    def expected_rows(self) -> int:
+        """Rows of a full 1m file (Binance's own holes make some shorter)."""
+        return (self.end - self.start) // MINUTE
+
+
+def parse_archive_name(name: str) -> ArchiveName | None:
+    """``BTCUSDT-1m-2020-01-01.zip`` → its parts; None when the name is not in that layout."""
+    match = _NAME_RE.match(name)
+    if match is None:
+        return None
+    year, month = int(match["year"]), int(match["month"])
+    try:
+        if match["day"] is not None:
+            first = date(year, month, int(match["day"]))
+            start = _midnight(first)
+            end = start + DAY
+        else:
+            first = date(year, month, 1)
+            start = _midnight(first)
+            after = date(year + month // 12, month % 12 + 1, 1)
+            end = _midnight(after)
+    except ValueError:
+        return None
+    return ArchiveName(match["symbol"], match["interval"], start, end)
+
+
+def _midnight(day: date) -> int:
+    return int(datetime(day.year, day.month, day.day, tzinfo=UTC).timestamp())
+
+
+def split_symbol(symbol: str) -> str | None:
+    """Binance's ``BTCUSDT`` → ``BTC/USDT``; None when no known quote asset ends it."""
+    for quote in KNOWN_QUOTES:
+        if symbol.endswith(quote) and len(symbol) > len(quote):
+            return f"{symbol[: -len(quote)]}/{quote}"
+    return None
+
+
+def series_for(name: ArchiveName, market: Market) -> SeriesId:
+    """The base series a file's name stands for; raises WireError when it cannot."""
+    if name.interval != "1m":
+        raise WireError(
+            "wrong_interval",
+            f"holds {name.interval} klines; only 1m is imported (the store derives the rest)",
+        )
+    symbol = split_symbol(name.symbol)
+    if symbol is None:
+        raise WireError(
+            "unknown_symbol",
+            f"cannot split {name.symbol} into base and quote; give --series",
+        )
+    try:
+        return SeriesId.parse(f"binance:{market}:{symbol}:1m")
+    except SeriesIdError as exc:
+        raise WireError("unknown_symbol", str(exc)) from None
+
+
+def market_of_path(parts: Sequence[str]) -> Market | None:
+    """``spot`` or ``futures`` from a path's folders (the archive's ``data/spot/…`` and
+    ``data/futures/um/…``), the nearest first; None when none says."""
+    for part in reversed(parts):
+        lowered = part.lower()
+        if lowered == "spot" or lowered.startswith("spot_"):
+            return "spot"
+        if lowered in ("futures", "um") or lowered.startswith(("futures_", "um_")):
+            return "futures"
+    return None
+
+
+def _unit_of(text: str) -> int:
+    return US if int(text) >= US_THRESHOLD else MS
+
+
+def plainly_valid(c: Candle) -> bool:
+    """True only when :func:`~tradecanvas.model.validate_candle` would pass a 1m candle whose
+    time is known to be on a minute (False: let it say why). A NaN compares by raising,
+    which counts as False."""
+    try:
+        return (
+            c.high.is_finite()
+            and c.volume.is_finite()
+            and 0 <= c.low <= c.open <= c.high
+            and c.low <= c.close <= c.high
+            and c.volume >= 0
+            and (c.trades is None or c.trades >= 0)
+            and ((q := c.quote_volume) is None or (q.is_finite() and q >= 0))
+            and ((b := c.taker_buy_base) is None or (b.is_finite() and b >= 0))
+            and ((bq := c.taker_buy_quote) is None or (bq.is_finite() and bq >= 0))
+        )
+    except ArithmeticError:
+        return False
+
+
+def _first_row(row: list[str]) -> tuple[int, int]:
+    """The layout (column count) and time unit of a file, from its first row."""
+    width = len(row)
+    if width not in (ARCHIVE_COLUMNS, OHLCV_COLUMNS):
+        raise ValueError(f"{width} columns; a kline row has {ARCHIVE_COLUMNS} (or {OHLCV_COLUMNS})")
+    return width, _unit_of(row[0])
+
+
+def parse_archive_rows(
+    lines: Iterable[str], *, span: tuple[int, int] | None = None
+) -> list[Candle]:
+    """The 1m candles of one archive file's lines, in file order (ascending, each minute once).
+
+    ``span``: the ``[start, end)`` its name says it holds; a row outside it is refused.
+    Raises WireError ``bad_archive_row`` with ``line N: why`` for the first bad row (wrong
+    column count, a field that is not a number, not a 1m kline, out of order or repeated, a
+    candle the store refuses such as high below low).
+    """
+    candles: list[Candle] = []
+    append = candles.append
+    previous = -1
+    unit = width = number = 0
+    low, high = span if span is not None else (0, 2**62)
+    dec = Decimal
+    try:
+        for number, line in enumerate(lines, start=1):
+            row = line.rstrip("\r\n").split(",")
+            if not width:
+                if row == [""]:
+                    continue
+                if number == 1 and not row[0].strip().isdigit():
+                    if row[0].strip().lower() not in ("open_time", "open time", "timestamp"):
+                        raise ValueError(f"not a kline header or row: {line[:80]!r}")
+                    continue
+                width, unit = _first_row(row)
+            if len(row) != width:
+                if row == [""]:
+                    continue
+                raise ValueError(f"{len(row)} columns where the file has {width}")
+            ticks = int(row[0])
+            t = ticks // unit
+            if ticks % (unit * MINUTE):
+                raise ValueError(f"open time {row[0]} is not on a minute (not a 1m kline)")
+            if t <= previous:
+                raise ValueError(
+                    f"open time {row[0]} is not after the previous row's (repeated or out of order)"
+                )
+            previous = t
+            if not low <= t < high:
+                raise ValueError(f"open time {row[0]} is outside the period the file name gives")
+            if width == ARCHIVE_COLUMNS:
+                if int(row[6]) != (t + MINUTE) * unit - 1:
+                    raise ValueError(
+                        f"close time {row[6]} is not one minute after open time {row[0]}"
+                        " (not a 1m kline)"
+                    )
+                candle = Candle(
+                    t,
+                    dec(row[1]),
+                    dec(row[2]),
+                    dec(row[3]),
+                    dec(row[4]),
+                    dec(row[5]),
+                    dec(row[7]) if row[7] else None,
+                    int(row[8]) if row[8] else None,
+                    dec(row[9]) if row[9] else None,
+                    dec(row[10]) if row[10] else None,
+                )
+            else:
+                candle = Candle(t, dec(row[1]), dec(row[2]), dec(row[3]), dec(row[4]), dec(row[5]))
+            if not plainly_valid(candle):
+                validate_candle(candle, BASE_TIMEFRAME)
+            append(candle)
+    except (ValueError, InvalidOperation) as exc:
+        why = "a field is not a number" if isinstance(exc, InvalidOperation) else str(exc)
+        raise WireError("bad_archive_row", f"line {number}: {why}") from None
+    return candles
+
+
+def _text(value: Decimal | int | None) -> str:
+    return "" if value is None else str(value)
+
+
+def archive_lines(
+    candles: Iterable[Candle], *, timeframe: Timeframe = BASE_TIMEFRAME, header: bool = False
+) -> Iterator[str]:
+    """The archive's 12-column CSV lines (``\\n``-terminated, times in ms) for candles of
+    ``timeframe``: for 1m, what :func:`parse_archive_rows` reads back as the same candles.
+    Extras the candle lacks are left empty (read back as unknown)."""
+    if header:
+        yield ARCHIVE_HEADER + "\n"
+    for c in candles:
+        ms = c.candle_time * MS
+        close_ms = timeframe.next_open(c.candle_time) * MS - 1
+        yield (
+            f"{ms},{c.open},{c.high},{c.low},{c.close},{c.volume},{close_ms},"
+            f"{_text(c.quote_volume)},{_text(c.trades)},"
+            f"{_text(c.taker_buy_base)},{_text(c.taker_buy_quote)},0\n"
+        )
+
+
+def missing_runs(times: Sequence[int], start: int, end: int) -> list[tuple[int, int]]:
+    """The minutes of ``[start, end)`` absent from ascending ``times``, as ``[from, to)`` runs."""
+    runs: list[tuple[int, int]] = []
+    expected = start
+    for t in times:
+        if t > expected:
+            runs.append((expected, t))
+        expected = max(expected, t + MINUTE)
+    if expected < end:
+        runs.append((expected, end))
+    return runs
+
+
+__all__ = [
+    "ARCHIVE_COLUMNS",
+    "ARCHIVE_HEADER",
+    "ArchiveName",
+    "archive_lines",
+    "market_of_path",
+    "missing_runs",
+    "parse_archive_name",
+    "parse_archive_rows",
+    "plainly_valid",
+    "series_for",
+    "split_symbol",
+]
