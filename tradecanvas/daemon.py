@@ -45,8 +45,9 @@ import trio
 from starlette.applications import Starlette
 
 from tradecanvas.bus.feed import EdgeFeed
+from tradecanvas.bus.leader import FencedStore, IngestLeader
 from tradecanvas.bus.publisher import BusPublisher
-from tradecanvas.bus.roles import edge_feed_from_store, publisher_from_flags
+from tradecanvas.bus.roles import edge_feed_from_store, leader_from_flags, publisher_from_flags
 from tradecanvas.errors import ExitCode, StoreError, first_leaf
 from tradecanvas.ingest.supervisor import IngestSupervisor
 from tradecanvas.ops.logs import configure_logging
@@ -91,6 +92,7 @@ class MarketRuntime:
     ingest: IngestSupervisor | None = None
     bus_publisher: BusPublisher | None = None
     edge_feed: EdgeFeed | None = None
+    leader: IngestLeader | None = None  # role ingest: the lease; the supervisor runs once held
     listening: dict[str, int] = attrs.field(factory=dict)
 
     @property
@@ -117,7 +119,7 @@ class MarketRuntime:
             "store_open": not self.store.closed,
             "listeners_bound": listeners <= set(self.listening),
         }
-        if self.ingest is not None:
+        if self.ingest is not None and (self.leader is None or self.leader.leader):
             checks["upstream_connected"] = self.ingest.upstream_connected()
         if self.bus_publisher is not None:
             checks["bus_publisher_connected"] = self.bus_publisher.health().connected
@@ -131,6 +133,8 @@ class MarketRuntime:
     def status_line(self) -> str:
         """One line of state for systemd's STATUS=."""
         parts = []
+        if self.leader is not None:
+            parts.append("ingest leader" if self.leader.leader else "ingest standby")
         if self.ingest is not None:
             ingest = self.ingest.statistics()
             parts.append(
@@ -187,7 +191,13 @@ async def market_runtime_builder(flags: RuntimeFlags) -> MarketRuntime:
     # all: straight to the hub; ingest and edge: to the bus, and an edge's hub from the feed
     target = hub if publisher is None else publisher
     assert target is not None
-    pipeline = IngestPipeline.from_flags(store, target, flags)
+    leader: IngestLeader | None = None
+    pipeline_store: MarketStore = store
+    if role == "ingest":
+        # the ingest's writes are fenced: only the lease holder's commits go in
+        pipeline_store = FencedStore(store)
+        leader = leader_from_flags(flags, pipeline_store, metrics)
+    pipeline = IngestPipeline.from_flags(pipeline_store, target, flags)
     supervisor: IngestSupervisor | None = None
     if role != "edge":
         # series.added / series.removed against the set the store was last served with
@@ -222,6 +232,7 @@ async def market_runtime_builder(flags: RuntimeFlags) -> MarketRuntime:
         ingest=supervisor,
         bus_publisher=publisher,
         edge_feed=feed,
+        leader=leader,
     )
     runtime_ref.append(runtime)
     _watch_dependencies(runtime)
@@ -318,10 +329,24 @@ async def run_daemon(
                 feed_done,
                 functools.partial(runtime.edge_feed.run, runtime.hub),
             )
-        if runtime.ingest is not None:
+        lease_scope, lease_done, ingest_started = trio.CancelScope(), trio.Event(), [False]
+        if runtime.ingest is not None and runtime.leader is not None:
+            # role ingest: the supervisor runs once this node holds the lease
+            supervisor = runtime.ingest
+
+            async def start_ingest() -> None:
+                ingest_started[0] = True
+                await nursery.start(_run_in_scope, ingest_scope, ingest_done, supervisor.run)
+
+            await nursery.start(
+                _run_in_scope,
+                lease_scope,
+                lease_done,
+                functools.partial(runtime.leader.run, start_ingest),
+            )
+        elif runtime.ingest is not None:
+            ingest_started[0] = True
             await nursery.start(_run_in_scope, ingest_scope, ingest_done, runtime.ingest.run)
-        else:
-            ingest_done.set()
         http = runtime.listening["http"]
         ws = runtime.listening.get("ws")
         runtime.notifier.ready()
@@ -364,10 +389,15 @@ async def run_daemon(
         runtime.notifier.stopping()
         deadline = trio.current_time() + DRAIN_DEADLINE_S
         # 1. stop the sources; the ingest commits what it holds (shielded and bounded inside)
+        lease_scope.cancel(reason="shutdown")
         ingest_scope.cancel(reason="shutdown")
         feed_scope.cancel(reason="shutdown")
-        with trio.move_on_at(trio.current_time() + INGEST_DRAIN_S):
-            await ingest_done.wait()
+        if ingest_started[0]:
+            with trio.move_on_at(trio.current_time() + INGEST_DRAIN_S):
+                await ingest_done.wait()
+        if runtime.leader is not None:
+            # after the ingest's last commit: a standby takes over at once
+            await runtime.leader.release()
         # 2. every subscriber, on either port, gets 1001; both servers drain
         if runtime.own_market is not None:
             runtime.own_market.shutdown()

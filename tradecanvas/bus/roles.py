@@ -4,6 +4,8 @@ from RuntimeFlags, the feed's holes filled from the shared store (DESIGN §10).
 - ``ingest`` and ``edge`` both publish through a :func:`publisher_from_flags`: the ingest's
   pipeline and supervisor, the edge's strict HTTP write path. Every edge — the one that took
   the write too — gets those candles from the streams, once.
+- ``ingest`` runs its supervisor only while it holds the lease (:func:`leader_from_flags`,
+  ``bus/lease.py``): two ingest nodes are a holder and a hot standby.
 - ``edge`` feeds its Hub with :func:`edge_feed_from_store`: positions start at the store's
   head of each served series and the event log's last id (the Hub's subscribers catch up
   from the store; the feed brings what is committed after that).
@@ -18,8 +20,11 @@ from typing import Final
 
 from tradecanvas.bus.feed import EdgeFeed, FeedSettings, system_event_from_stored
 from tradecanvas.bus.ids import StreamKeys
+from tradecanvas.bus.leader import FencedStore, IngestLeader
+from tradecanvas.bus.lease import LeaseTiming
 from tradecanvas.bus.publisher import BusPublisher, PublisherSettings
 from tradecanvas.model import Candle
+from tradecanvas.ops.metrics import Metrics
 from tradecanvas.pipeline.events import SystemEvent
 from tradecanvas.runtime_flags import RuntimeFlags
 from tradecanvas.store.interface import MarketStore
@@ -43,6 +48,18 @@ def _redis_url(flags: RuntimeFlags) -> str:
 def publisher_from_flags(flags: RuntimeFlags) -> BusPublisher:
     return BusPublisher(
         _redis_url(flags), PublisherSettings(keys=stream_keys(flags), maxlen=flags.bus_maxlen)
+    )
+
+
+def leader_from_flags(flags: RuntimeFlags, store: FencedStore, metrics: Metrics) -> IngestLeader:
+    """The ingest lease of ``--role ingest`` (``bus/lease.py``): the pipeline's store is
+    ``store``, whose writes the lease fences."""
+    return IngestLeader(
+        _redis_url(flags),
+        stream_keys(flags),
+        store,
+        metrics,
+        timing=LeaseTiming(flags.ingest_lease_ms),
     )
 
 
