@@ -62,6 +62,7 @@ from tradecanvas.serve.ws_server import serve_ws_port
 from tradecanvas.serve.ws_session import MarketEndpoint
 from tradecanvas.store.interface import MarketStore
 from tradecanvas.store.open import describe_location, open_store, store_location
+from tradecanvas.store.postgres import PostgresStore
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,8 @@ INGEST_DRAIN_S: Final = 5.0
 STUCK_WRITE_S: Final = 20.0
 # How often the STATUS= line shown by `systemctl status` is refreshed.
 STATUS_INTERVAL_S: Final = 10.0
+# How often a PostgreSQL store is pinged for /readyz while nothing else reaches it.
+STORE_PING_INTERVAL_S: Final = 2.0
 
 
 @final
@@ -119,6 +122,8 @@ class MarketRuntime:
             "store_open": not self.store.closed,
             "listeners_bound": listeners <= set(self.listening),
         }
+        if isinstance(self.store, PostgresStore):
+            checks["store_reachable"] = self.store.reachable
         if self.ingest is not None and (self.leader is None or self.leader.leader):
             checks["upstream_connected"] = self.ingest.upstream_connected()
         if self.bus_publisher is not None:
@@ -153,6 +158,14 @@ class MarketRuntime:
         if self.own_hub is not None:
             parts.append(f"{self.own_hub.statistics().subscribers} subscribers")
         return "; ".join(parts)
+
+
+async def _watch_store(store: PostgresStore) -> None:
+    """Ping the PostgreSQL store so /readyz and the metric see an outage on a quiet node
+    (an edge may go minutes without a store read)."""
+    while True:
+        await store.ping()
+        await trio.sleep(STORE_PING_INTERVAL_S)
 
 
 async def _report_status(runtime: MarketRuntime) -> None:
@@ -242,7 +255,13 @@ async def market_runtime_builder(flags: RuntimeFlags) -> MarketRuntime:
 def _watch_dependencies(runtime: MarketRuntime) -> None:
     """Metrics per dependency, read from the services when /metrics is scraped."""
     metrics, store = runtime.metrics, runtime.store
-    metrics.dependency_up.labels(dependency="store").set_function(lambda: float(not store.closed))
+    if isinstance(store, PostgresStore):
+        pg = store
+        metrics.dependency_up.labels(dependency="store").set_function(lambda: float(pg.reachable))
+    else:
+        metrics.dependency_up.labels(dependency="store").set_function(
+            lambda: float(not store.closed)
+        )
     publisher, feed = runtime.bus_publisher, runtime.edge_feed
     if publisher is not None:
         metrics.dependency_up.labels(dependency="redis_publisher").set_function(
@@ -298,6 +317,8 @@ async def run_daemon(
     bus_done, feed_done = trio.Event(), trio.Event()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_wait_for_signal, stop)
+        if isinstance(runtime.store, PostgresStore):
+            nursery.start_soon(_watch_store, runtime.store)
         if runtime.own_market is not None:
             runtime.listening["ws"] = await nursery.start(
                 _run_in_scope,
