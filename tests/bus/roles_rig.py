@@ -39,6 +39,9 @@ class Subscriber:
         self.changed = trio.Event()
         self.scope = trio.CancelScope()
         self.finished = trio.Event()
+        # set when the server went away (an edge killed): only with expect_loss
+        self.lost: trio_websocket.ConnectionClosed | None = None
+        self.expect_loss = False
 
     def closed(self, series: str) -> list[OBJ]:
         out: list[OBJ] = []
@@ -64,27 +67,55 @@ class Subscriber:
         with self.scope:
             try:
                 await self._run(url, subscribe, task_status)
+            except trio_websocket.ConnectionClosed as exc:
+                if not self.expect_loss:
+                    raise
+                self.lost = exc
             finally:
                 self.finished.set()
 
     async def _run(
         self, url: str, subscribe: list[OBJ], task_status: trio.TaskStatus[None]
     ) -> None:
-        async with trio_websocket.open_websocket_url(url) as ws:
-            for message in subscribe:
-                await ws.send_message(dumps(message))
-            # messages are handled in order: the pong means the subscriptions are in place
-            await ws.send_message(dumps({"type": "ping"}))
-            started = False
-            while True:
-                message = loads(await ws.get_message())
-                assert isinstance(message, dict)
-                self.messages.append(message)
-                if message["type"] == "pong" and not started:
-                    started = True
-                    task_status.started()
-                self.changed.set()
-                self.changed = trio.Event()
+        # the socket is ours, so it is closed however the server goes away (a killed edge)
+        found = re.fullmatch(r"ws://([^:/]+):(\d+)(/.*)", url)
+        assert found is not None, url
+        host, port, path = found.group(1), int(found.group(2)), found.group(3)
+        async with (
+            await trio.open_tcp_stream(host, port) as stream,
+            trio.open_nursery() as nursery,
+        ):
+            ws = await trio_websocket.wrap_client_stream(nursery, stream, f"{host}:{port}", path)
+            lost: trio_websocket.ConnectionClosed | None = None
+            try:
+                await self._talk(ws, subscribe, task_status)
+            except trio_websocket.ConnectionClosed as exc:
+                lost = exc  # raised outside the nursery, not inside its exception group
+            finally:
+                nursery.cancel_scope.cancel()
+        if lost is not None:
+            raise lost
+
+    async def _talk(
+        self,
+        ws: trio_websocket.WebSocketConnection,
+        subscribe: list[OBJ],
+        task_status: trio.TaskStatus[None],
+    ) -> None:
+        for message in subscribe:
+            await ws.send_message(dumps(message))
+        # messages are handled in order: the pong means the subscriptions are in place
+        await ws.send_message(dumps({"type": "ping"}))
+        started = False
+        while True:
+            message = loads(await ws.get_message())
+            assert isinstance(message, dict)
+            self.messages.append(message)
+            if message["type"] == "pong" and not started:
+                started = True
+                task_status.started()
+            self.changed.set()
+            self.changed = trio.Event()
 
     async def wait_until(self, condition: Callable[[], bool]) -> None:
         with trio.fail_after(WAIT_S):

@@ -158,6 +158,7 @@ async def test_an_edge_killed_while_clients_are_connected(
     ) as c:
         edge_a, edge_b = c.edges
         before, witness = Subscriber(), Subscriber()
+        before.expect_loss = True
         async with trio.open_nursery() as nursery:
             await nursery.start(before.run, edge_a.ws, subscribe_all())
             await nursery.start(witness.run, edge_b.ws, subscribe_all())
@@ -165,6 +166,7 @@ async def test_an_edge_killed_while_clients_are_connected(
             await before.wait_until(lambda: mid(data, 100) in before.times(BASE))
             edge_a.proc.send_signal(signal.SIGKILL)
             await before.finished.wait()  # the connection broke
+            assert before.lost is not None
             # what it had: the cursors of its resumption
             since = {s: before.times(s)[-1] for s in (BASE, FIVE)}
             events_after = max(m["event_id"] for m in before.messages if m["type"] == "system")
