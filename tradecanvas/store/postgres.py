@@ -14,7 +14,7 @@ a time across every process sharing the database, as SQLite's ``BEGIN IMMEDIATE`
 the pipeline's read-derive-write correct when two ingest nodes write the same series, and
 hands out event ids in commit order. Readers take no lock (MVCC: they see the last commit).
 
-Connection loss (docs/operations.md, "PostgreSQL restarting"). A write that loses its
+Connection loss (docs/operations.md, "Faults and what they look like"). A write that loses its
 connection — the server restarting, a network cut, its backend terminated — is tried again,
 with capped backoff, until the server answers: the transaction was rolled back, so nothing
 of it is in. A write whose connection broke *during its COMMIT* may or may not have
