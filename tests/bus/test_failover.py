@@ -22,6 +22,7 @@ from tests.bus.roles_rig import (
     metric,
     metrics_text,
     ready,
+    readyz,
     replay_urls,
     same,
     source,
@@ -72,6 +73,9 @@ async def test_sigkill_of_the_ingesting_node_leaves_no_hole_and_no_duplicate(
                 standby = await metrics_text(second_http)
                 assert metric(standby, "tradecanvas_ingest_leader") == 0.0
                 assert metric(await metrics_text(first_http), "tradecanvas_ingest_leader") == 1.0
+                # a standby holds no Binance connection and is ready as what it is
+                status, doc = await readyz(second_http)
+                assert status == 200 and "upstream_connected" not in doc["checks"], doc
                 with run_cli(["serve", "--role", "edge"], env, logs["edge"]) as edge:
                     edge_ws, _ = await ready(logs["edge"], edge)
                     sub = Subscriber()

@@ -97,6 +97,8 @@ async def test_redis_restarting(tmp_path: Path, private_redis: PrivateRedis, pg_
             nursery.cancel_scope.cancel()
         await stop(edge, ingest)
     assert "bus publisher: Redis failed" in ingest.log.read_text()
+    # the restart lost the lease too: its holder set it again and went on ingesting
+    assert "ingest lease: the lease was gone" in ingest.log.read_text()
     assert "edge feed (closed): Redis failed" in edge.log.read_text()
 
 
