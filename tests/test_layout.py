@@ -60,6 +60,7 @@ PURE_MODULES: Final = (
     "tradecanvas.bus.ids",
     "tradecanvas.bus.outbox",
     "tradecanvas.bus.cursors",
+    "tradecanvas.bus.lease",
 )
 IO_LIBRARIES: Final = (
     "trio",

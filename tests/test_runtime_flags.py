@@ -108,6 +108,7 @@ PARSE_ERROR_CASES: list[tuple[str, str, str]] = [
     ("TRADE_CANVAS_REDIS_URL", "http://127.0.0.1:6379", "not a Redis URL"),
     ("TRADE_CANVAS_BUS_PREFIX", "a b", "allowed: letters"),
     ("TRADE_CANVAS_BUS_MAXLEN", "10", "out of range"),
+    ("TRADE_CANVAS_INGEST_LEASE_MS", "100", "out of range"),
 ]
 
 

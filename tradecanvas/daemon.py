@@ -45,8 +45,9 @@ import trio
 from starlette.applications import Starlette
 
 from tradecanvas.bus.feed import EdgeFeed
+from tradecanvas.bus.leader import FencedStore, IngestLeader
 from tradecanvas.bus.publisher import BusPublisher
-from tradecanvas.bus.roles import edge_feed_from_store, publisher_from_flags
+from tradecanvas.bus.roles import edge_feed_from_store, leader_from_flags, publisher_from_flags
 from tradecanvas.errors import ExitCode, StoreError, first_leaf
 from tradecanvas.ingest.supervisor import IngestSupervisor
 from tradecanvas.ops.logs import configure_logging
@@ -61,6 +62,7 @@ from tradecanvas.serve.ws_server import serve_ws_port
 from tradecanvas.serve.ws_session import MarketEndpoint
 from tradecanvas.store.interface import MarketStore
 from tradecanvas.store.open import describe_location, open_store, store_location
+from tradecanvas.store.postgres import PostgresStore
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +74,8 @@ INGEST_DRAIN_S: Final = 5.0
 STUCK_WRITE_S: Final = 20.0
 # How often the STATUS= line shown by `systemctl status` is refreshed.
 STATUS_INTERVAL_S: Final = 10.0
+# How often a PostgreSQL store is pinged for /readyz while nothing else reaches it.
+STORE_PING_INTERVAL_S: Final = 2.0
 
 
 @final
@@ -91,6 +95,7 @@ class MarketRuntime:
     ingest: IngestSupervisor | None = None
     bus_publisher: BusPublisher | None = None
     edge_feed: EdgeFeed | None = None
+    leader: IngestLeader | None = None  # role ingest: the lease; the supervisor runs once held
     listening: dict[str, int] = attrs.field(factory=dict)
 
     @property
@@ -117,7 +122,9 @@ class MarketRuntime:
             "store_open": not self.store.closed,
             "listeners_bound": listeners <= set(self.listening),
         }
-        if self.ingest is not None:
+        if isinstance(self.store, PostgresStore):
+            checks["store_reachable"] = self.store.reachable
+        if self.ingest is not None and (self.leader is None or self.leader.leader):
             checks["upstream_connected"] = self.ingest.upstream_connected()
         if self.bus_publisher is not None:
             checks["bus_publisher_connected"] = self.bus_publisher.health().connected
@@ -131,6 +138,8 @@ class MarketRuntime:
     def status_line(self) -> str:
         """One line of state for systemd's STATUS=."""
         parts = []
+        if self.leader is not None:
+            parts.append("ingest leader" if self.leader.leader else "ingest standby")
         if self.ingest is not None:
             ingest = self.ingest.statistics()
             parts.append(
@@ -149,6 +158,14 @@ class MarketRuntime:
         if self.own_hub is not None:
             parts.append(f"{self.own_hub.statistics().subscribers} subscribers")
         return "; ".join(parts)
+
+
+async def _watch_store(store: PostgresStore) -> None:
+    """Ping the PostgreSQL store so /readyz and the metric see an outage on a quiet node
+    (an edge may go minutes without a store read)."""
+    while True:
+        await store.ping()
+        await trio.sleep(STORE_PING_INTERVAL_S)
 
 
 async def _report_status(runtime: MarketRuntime) -> None:
@@ -187,7 +204,13 @@ async def market_runtime_builder(flags: RuntimeFlags) -> MarketRuntime:
     # all: straight to the hub; ingest and edge: to the bus, and an edge's hub from the feed
     target = hub if publisher is None else publisher
     assert target is not None
-    pipeline = IngestPipeline.from_flags(store, target, flags)
+    leader: IngestLeader | None = None
+    pipeline_store: MarketStore = store
+    if role == "ingest":
+        # the ingest's writes are fenced: only the lease holder's commits go in
+        pipeline_store = FencedStore(store)
+        leader = leader_from_flags(flags, pipeline_store, metrics)
+    pipeline = IngestPipeline.from_flags(pipeline_store, target, flags)
     supervisor: IngestSupervisor | None = None
     if role != "edge":
         # series.added / series.removed against the set the store was last served with
@@ -222,6 +245,7 @@ async def market_runtime_builder(flags: RuntimeFlags) -> MarketRuntime:
         ingest=supervisor,
         bus_publisher=publisher,
         edge_feed=feed,
+        leader=leader,
     )
     runtime_ref.append(runtime)
     _watch_dependencies(runtime)
@@ -231,7 +255,13 @@ async def market_runtime_builder(flags: RuntimeFlags) -> MarketRuntime:
 def _watch_dependencies(runtime: MarketRuntime) -> None:
     """Metrics per dependency, read from the services when /metrics is scraped."""
     metrics, store = runtime.metrics, runtime.store
-    metrics.dependency_up.labels(dependency="store").set_function(lambda: float(not store.closed))
+    if isinstance(store, PostgresStore):
+        pg = store
+        metrics.dependency_up.labels(dependency="store").set_function(lambda: float(pg.reachable))
+    else:
+        metrics.dependency_up.labels(dependency="store").set_function(
+            lambda: float(not store.closed)
+        )
     publisher, feed = runtime.bus_publisher, runtime.edge_feed
     if publisher is not None:
         metrics.dependency_up.labels(dependency="redis_publisher").set_function(
@@ -287,6 +317,8 @@ async def run_daemon(
     bus_done, feed_done = trio.Event(), trio.Event()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_wait_for_signal, stop)
+        if isinstance(runtime.store, PostgresStore):
+            nursery.start_soon(_watch_store, runtime.store)
         if runtime.own_market is not None:
             runtime.listening["ws"] = await nursery.start(
                 _run_in_scope,
@@ -318,10 +350,24 @@ async def run_daemon(
                 feed_done,
                 functools.partial(runtime.edge_feed.run, runtime.hub),
             )
-        if runtime.ingest is not None:
+        lease_scope, lease_done, ingest_started = trio.CancelScope(), trio.Event(), [False]
+        if runtime.ingest is not None and runtime.leader is not None:
+            # role ingest: the supervisor runs once this node holds the lease
+            supervisor = runtime.ingest
+
+            async def start_ingest() -> None:
+                ingest_started[0] = True
+                await nursery.start(_run_in_scope, ingest_scope, ingest_done, supervisor.run)
+
+            await nursery.start(
+                _run_in_scope,
+                lease_scope,
+                lease_done,
+                functools.partial(runtime.leader.run, start_ingest),
+            )
+        elif runtime.ingest is not None:
+            ingest_started[0] = True
             await nursery.start(_run_in_scope, ingest_scope, ingest_done, runtime.ingest.run)
-        else:
-            ingest_done.set()
         http = runtime.listening["http"]
         ws = runtime.listening.get("ws")
         runtime.notifier.ready()
@@ -364,10 +410,15 @@ async def run_daemon(
         runtime.notifier.stopping()
         deadline = trio.current_time() + DRAIN_DEADLINE_S
         # 1. stop the sources; the ingest commits what it holds (shielded and bounded inside)
+        lease_scope.cancel(reason="shutdown")
         ingest_scope.cancel(reason="shutdown")
         feed_scope.cancel(reason="shutdown")
-        with trio.move_on_at(trio.current_time() + INGEST_DRAIN_S):
-            await ingest_done.wait()
+        if ingest_started[0]:
+            with trio.move_on_at(trio.current_time() + INGEST_DRAIN_S):
+                await ingest_done.wait()
+        if runtime.leader is not None:
+            # after the ingest's last commit: a standby takes over at once
+            await runtime.leader.release()
         # 2. every subscriber, on either port, gets 1001; both servers drain
         if runtime.own_market is not None:
             runtime.own_market.shutdown()

@@ -86,6 +86,8 @@ class RuntimeFlags:
     redis_url: str | None = attrs.field(repr=lambda url: _url_without_password(url))
     bus_prefix: str
     bus_maxlen: int
+    # the ingest lease (issue 15, two ingest nodes; bus/lease.py)
+    ingest_lease_ms: int
     # systemd's own variables, read here so that no other module touches the environment
     notify_socket: str | None = None
     watchdog_usec: int | None = None
@@ -320,6 +322,8 @@ FLAG_SPECS: Final[tuple[FlagSpec, ...]] = (
     FlagSpec("redis_url", None, _parse_redis_url, "Redis of the bus (redis://host:port/db); required by the ingest and edge roles, ignored by all"),
     FlagSpec("bus_prefix", "tradecanvas", _parse_bus_prefix, "key prefix of the bus's streams and channel in Redis (<prefix>:candles:<series>, …)"),
     FlagSpec("bus_maxlen", "10080", _parse_int(100, 100_000_000), "entries kept per series stream (MAXLEN ~); an edge further behind reads the store"),
+    # the ingest lease (issue 15: two ingest nodes, hot standby; docs/distributed.md)
+    FlagSpec("ingest_lease_ms", "5000", _parse_int(500, 600_000), "TTL of the ingest lease in Redis (role ingest): the node holding it ingests, the others stand by and take over within about this long after it stopped"),
 )  # fmt: skip
 
 # not flags of the daemon, but read from the environment by the tools and tests

@@ -15,100 +15,29 @@ import signal
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Final
 
 import httpx
 import pytest
 import trio
-import trio_websocket
 
 from tests.bus.conftest import PrivateRedis
+from tests.bus.roles_rig import (
+    BARS,
+    BASE,
+    FIVE,
+    HISTORY_BARS,
+    OBJ,
+    TOKEN,
+    WAIT_S,
+    Subscriber,
+    same,
+    source,
+)
 from tests.cli_rig import cli_env, run_cli, wait_for_line
-from tests.conftest import binance_data_dir
 from tradecanvas.bus.ids import StreamKeys
 from tradecanvas.daemon import market_runtime_builder, run_daemon
 from tradecanvas.model import Candle
 from tradecanvas.runtime_flags import RuntimeFlags, build_runtime_flags
-from tradecanvas.wire.json import dumps, loads
-from tradecanvas.wire.kline_csv import read_kline_csv
-
-BASE: Final = "binance:futures:BTC/USDT:1m"
-FIVE: Final = "binance:futures:BTC/USDT:5m"
-FOLDER: Final = "klines_1m_5m/futures_um"
-HISTORY_BARS: Final = 60  # served on REST only: the ingest's initial backfill
-BARS: Final = 300  # 60 history + 240 streamed: 60 closed 5m bars
-TOKEN: Final = "roles-test-token-0123456789"
-# bounds every wait: a hang fails, it does not stall CI
-WAIT_S: Final = 120.0
-OBJ = dict[str, Any]
-
-
-class Subscriber:
-    """A real /ws/market client recording every message."""
-
-    def __init__(self) -> None:
-        self.messages: list[OBJ] = []
-        self.changed = trio.Event()
-        self.scope = trio.CancelScope()
-        self.finished = trio.Event()
-
-    def closed(self, series: str) -> list[OBJ]:
-        out: list[OBJ] = []
-        for m in self.messages:
-            if m.get("series_id") != series:
-                continue
-            if m["type"] == "candles_batch":
-                out.extend(m["candles"])
-            elif m["type"] == "candle_closed":
-                out.append(m["candle"])
-        return out
-
-    def times(self, series: str) -> list[int]:
-        return [c["candle_time"] for c in self.closed(series)]
-
-    async def run(
-        self,
-        url: str,
-        subscribe: list[OBJ],
-        *,
-        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
-    ) -> None:
-        with self.scope:
-            try:
-                await self._run(url, subscribe, task_status)
-            finally:
-                self.finished.set()
-
-    async def _run(
-        self, url: str, subscribe: list[OBJ], task_status: trio.TaskStatus[None]
-    ) -> None:
-        async with trio_websocket.open_websocket_url(url) as ws:
-            for message in subscribe:
-                await ws.send_message(dumps(message))
-            # messages are handled in order: the pong means the subscriptions are in place
-            await ws.send_message(dumps({"type": "ping"}))
-            started = False
-            while True:
-                message = loads(await ws.get_message())
-                assert isinstance(message, dict)
-                self.messages.append(message)
-                if message["type"] == "pong" and not started:
-                    started = True
-                    task_status.started()
-                self.changed.set()
-                self.changed = trio.Event()
-
-    async def wait_until(self, condition: Callable[[], bool]) -> None:
-        with trio.fail_after(WAIT_S):
-            while not condition():
-                await self.changed.wait()
-
-
-def same(wire: list[OBJ], ref: list[Candle]) -> bool:
-    fields = ("open", "high", "low", "close", "volume")
-    return [c["candle_time"] for c in wire] == [r.candle_time for r in ref] and all(
-        all(w[f] == float(getattr(r, f)) for f in fields) for w, r in zip(wire, ref, strict=True)
-    )
 
 
 def _flags(tmp_path: Path, role: str, redis_url: str) -> RuntimeFlags:
@@ -207,13 +136,8 @@ async def test_one_ingest_two_edges(
     shared_store: dict[str, str],
     publish_path: str,
 ) -> None:
-    folder = binance_data_dir() / FOLDER
-    week = (folder / "BTCUSDT-1m-2025-07-06_2025-07-12.csv").read_text().splitlines()
-    csv = tmp_path / "BTCUSDT-1m-2025-07-06.csv"
-    csv.write_text("\n".join(week[: BARS + 1]) + "\n")  # the header and BARS bars
-    minutes = read_kline_csv(csv)
-    fives = read_kline_csv(folder / "BTCUSDT-5m-2025-07-06_2025-07-12.csv")[: BARS // 5]
-    assert len(minutes) == BARS and fives[-1].candle_time == minutes[-5].candle_time
+    data = source(tmp_path)
+    csv, minutes, fives = data.csv, data.minutes, data.fives
 
     replay_log = tmp_path / "replay.log"
     with run_cli(

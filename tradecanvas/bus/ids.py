@@ -118,3 +118,8 @@ class StreamKeys:
     @property
     def forming(self) -> str:
         return f"{self.prefix}forming"
+
+    @property
+    def lease(self) -> str:
+        """The ingest lease (``bus/lease.py``): the value is the holding node's name."""
+        return f"{self.prefix}ingest_lease"

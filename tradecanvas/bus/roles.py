@@ -4,25 +4,40 @@ from RuntimeFlags, the feed's holes filled from the shared store (DESIGN §10).
 - ``ingest`` and ``edge`` both publish through a :func:`publisher_from_flags`: the ingest's
   pipeline and supervisor, the edge's strict HTTP write path. Every edge — the one that took
   the write too — gets those candles from the streams, once.
+- ``ingest`` runs its supervisor only while it holds the lease (:func:`leader_from_flags`,
+  ``bus/lease.py``): two ingest nodes are a holder and a hot standby.
 - ``edge`` feeds its Hub with :func:`edge_feed_from_store`: positions start at the store's
   head of each served series and the event log's last id (the Hub's subscribers catch up
   from the store; the feed brings what is committed after that).
 
-Errors: the store reads raise StoreError, which ends the edge as it ends the single process.
+Errors: the store reads at start-up raise StoreError; the feed's fills are tried again
+while the store fails (an outage of PostgreSQL: the edge waits for it, /readyz says so).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Final
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Final, TypeVar
+
+import trio
 
 from tradecanvas.bus.feed import EdgeFeed, FeedSettings, system_event_from_stored
 from tradecanvas.bus.ids import StreamKeys
+from tradecanvas.bus.leader import FencedStore, IngestLeader
+from tradecanvas.bus.lease import LeaseTiming
 from tradecanvas.bus.publisher import BusPublisher, PublisherSettings
+from tradecanvas.errors import StoreError
 from tradecanvas.model import Candle
+from tradecanvas.ops.metrics import Metrics
 from tradecanvas.pipeline.events import SystemEvent
 from tradecanvas.runtime_flags import RuntimeFlags
 from tradecanvas.store.interface import MarketStore
+from tradecanvas.upstream.backoff import Backoff
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+FILL_BACKOFF: Final = Backoff(base_s=0.1, cap_s=5.0)
 
 # store rows per fill read: a trimmed-away week of 1m bars is ten pages
 FILL_PAGE: Final = 1_000
@@ -46,6 +61,41 @@ def publisher_from_flags(flags: RuntimeFlags) -> BusPublisher:
     )
 
 
+async def _patiently(what: str, read: Callable[[], Awaitable[T]]) -> T:
+    """A fill's store read, tried again (capped backoff) while the store fails: the feed
+    cannot deliver past a hole anyway, and ending the edge would drop its subscribers."""
+    attempt = 0
+    while True:
+        try:
+            got = await read()
+        except StoreError as exc:
+            attempt += 1
+            delay = FILL_BACKOFF.ceiling(attempt)
+            log.warning(
+                "edge feed: reading %s from the store failed (%s); again in %.1f s",
+                what,
+                exc,
+                delay,
+            )
+            await trio.sleep(delay)
+            continue
+        if attempt:
+            log.info("edge feed: read %s from the store after %d failures", what, attempt)
+        return got
+
+
+def leader_from_flags(flags: RuntimeFlags, store: FencedStore, metrics: Metrics) -> IngestLeader:
+    """The ingest lease of ``--role ingest`` (``bus/lease.py``): the pipeline's store is
+    ``store``, whose writes the lease fences."""
+    return IngestLeader(
+        _redis_url(flags),
+        stream_keys(flags),
+        store,
+        metrics,
+        timing=LeaseTiming(flags.ingest_lease_ms),
+    )
+
+
 async def last_event_id(store: MarketStore) -> int:
     """The event log's newest id (0 when it is empty)."""
     last = 0
@@ -64,11 +114,16 @@ async def edge_feed_from_store(
     }
 
     async def fill_candles(series_id: str, after: int | None, before: int | None) -> list[Candle]:
-        got = await store.since(series_id, -1 if after is None else after, FILL_PAGE)
+        got = await _patiently(
+            f"candles of {series_id} after {after}",
+            lambda: store.since(series_id, -1 if after is None else after, FILL_PAGE),
+        )
         return [c for c in got if before is None or c.candle_time < before]
 
     async def fill_events(after: int, before: int | None) -> list[SystemEvent]:
-        got = await store.events_after(after, limit=FILL_PAGE)
+        got = await _patiently(
+            f"events after {after}", lambda: store.events_after(after, limit=FILL_PAGE)
+        )
         return [system_event_from_stored(e) for e in got if before is None or e.event_id < before]
 
     return EdgeFeed(

@@ -14,20 +14,36 @@ a time across every process sharing the database, as SQLite's ``BEGIN IMMEDIATE`
 the pipeline's read-derive-write correct when two ingest nodes write the same series, and
 hands out event ids in commit order. Readers take no lock (MVCC: they see the last commit).
 
-Raises :class:`StoreError` for any PostgreSQL failure (unreachable server, schema newer than
-this code, a broken connection mid-transaction: the transaction is rolled back).
+Connection loss (docs/operations.md, "Faults and what they look like"). A write that loses its
+connection — the server restarting, a network cut, its backend terminated — is tried again,
+with capped backoff, until the server answers: the transaction was rolled back, so nothing
+of it is in. A write whose connection broke *during its COMMIT* may or may not have
+committed; its transaction id, taken at its start (``pg_current_xact_id()``), is asked about
+(``pg_xact_status``) once the server answers again: committed, the write's result stands;
+aborted, it is tried again. A retry numbers its transaction three above the last one
+(``StoreTxn.sequence``), so a caller's cache of the store (``pipeline/recent.py``) forgets
+what the failed attempt put in. Reads are not retried: they raise StoreError at once (a
+subscriber's catch-up ends, an HTTP read answers 500; both are read again later).
+:attr:`PostgresStore.reachable` says whether the last statement, or the last :meth:`ping`,
+reached the server: /readyz and ``tradecanvas_dependency_up{dependency="store"}``. Each
+connection has TCP keepalives and ``idle_in_transaction_session_timeout``, so a backend whose
+client vanished mid-transaction lets go of the write lock.
+
+Raises :class:`StoreError` for any other PostgreSQL failure (unreachable server at start-up,
+schema newer than this code, a constraint broken).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
-from typing import Final, TypeVar, final
+from typing import Any, Final, TypeVar, final
 
 import attrs
 import psycopg
 import trio
 from psycopg.conninfo import conninfo_to_dict
-from psycopg_pool import ConnectionPool
+from psycopg_pool import ConnectionPool, PoolTimeout
 
 from tradecanvas.errors import StoreError
 from tradecanvas.model import Candle
@@ -42,6 +58,9 @@ from tradecanvas.store.pg_txn import (
     select_events,
 )
 from tradecanvas.store.types import SeriesHead, Source, StoredCandle, StoredEvent, UpsertOutcome
+from tradecanvas.upstream.backoff import Backoff
+
+log = logging.getLogger(__name__)
 
 # Connections: one writer at a time plus parallel readers (catch-up, HTTP), as SQLite's 1 + 4.
 POOL_SIZE: Final = 5
@@ -49,6 +68,21 @@ POOL_SIZE: Final = 5
 # that cannot be reached fails start-up with a message instead of hanging.
 CONNECT_TIMEOUT_S: Final = 10.0
 URL_SCHEMES: Final = ("postgresql://", "postgres://")
+# a ping (readiness) waits this long for a connection
+PING_TIMEOUT_S: Final = 2.0
+# between attempts of a write that lost its connection
+RETRY_BACKOFF: Final = Backoff(base_s=0.1, cap_s=5.0)
+# a retried write's transaction number jumps by this: never the failed attempt's + 1
+RETRY_SEQUENCE_STEP: Final = 3
+# per connection: a backend whose client vanished gives the write lock back
+CONNECTION_OPTIONS: Final = {
+    "keepalives": 1,
+    "keepalives_idle": 10,
+    "keepalives_interval": 5,
+    "keepalives_count": 3,
+    "options": "-c idle_in_transaction_session_timeout=60000",
+}
+_LOST_STATES: Final = ("57P01", "57P02", "57P03")  # admin shutdown, crash, starting up
 T = TypeVar("T")
 
 
@@ -82,6 +116,30 @@ class _translated:
             ) from exc
 
 
+def connection_lost(exc: BaseException) -> bool:
+    """A failure of the connection, not of the statement: worth trying again."""
+    if isinstance(exc, PoolTimeout):
+        return True
+    if not isinstance(exc, psycopg.OperationalError):
+        return False
+    state = exc.sqlstate
+    return state is None or state.startswith("08") or state in _LOST_STATES
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
+
+
+class _Lost(Exception):
+    """A write's connection broke; ``xid`` is set when it broke during the COMMIT."""
+
+    def __init__(self, cause: psycopg.Error, xid: str | None, result: list[Any]) -> None:
+        super().__init__(_first_line(cause))
+        self.xid = xid
+        self.result = result
+
+
 def _open_pool(url: str, size: int) -> ConnectionPool[Conn]:
     where = describe_url(url)
     # One plain connection first: an unreachable server or a refused login fails at once
@@ -97,7 +155,11 @@ def _open_pool(url: str, size: int) -> ConnectionPool[Conn]:
         min_size=1,
         max_size=size,
         open=False,
-        kwargs={"autocommit": True, "connect_timeout": int(CONNECT_TIMEOUT_S)},
+        kwargs={
+            "autocommit": True,
+            "connect_timeout": int(CONNECT_TIMEOUT_S),
+            **CONNECTION_OPTIONS,
+        },
         check=ConnectionPool.check_connection,
         timeout=CONNECT_TIMEOUT_S,
         name="tradecanvas-store",
@@ -134,6 +196,8 @@ class PostgresStore:
         self._write_limiter = trio.CapacityLimiter(1)
         self._closed = False
         self._write_started: float | None = None
+        self._reachable = True
+        self.last_error: str | None = None
 
     @classmethod
     async def open(cls, url: str, *, pool_size: int = POOL_SIZE) -> PostgresStore:
@@ -144,6 +208,20 @@ class PostgresStore:
     @property
     def closed(self) -> bool:
         return self._closed
+
+    @property
+    def reachable(self) -> bool:
+        """Did the last statement (or ping) reach the server?"""
+        return self._reachable and not self._closed
+
+    def _note(self, reachable: bool, error: str | None = None) -> None:
+        if reachable and not self._reachable:
+            log.warning("candle store: %s answers again", self.location)
+        elif not reachable and self._reachable:
+            log.error("candle store: %s unreachable: %s", self.location, error)
+        self._reachable = reachable
+        if error is not None:
+            self.last_error = error
 
     def write_running_for(self) -> float:
         """Seconds the write in flight has been running (0 when idle)."""
@@ -161,20 +239,22 @@ class PostgresStore:
         )
 
     async def ping(self) -> bool:
-        """Does the server answer now? For readiness checks: bound it at the call site
-        (``trio.move_on_after``); a cancelled ping leaves its thread to finish on its own."""
+        """Does the server answer now (within :data:`PING_TIMEOUT_S` for a connection)?
+        Updates :attr:`reachable`. A cancelled ping leaves its thread to finish on its own."""
         if self._closed:
             return False
 
-        def _ping() -> bool:
+        def _ping() -> str | None:
             try:
-                with self._pool.connection() as conn:
+                with self._pool.connection(timeout=PING_TIMEOUT_S) as conn:
                     conn.execute("SELECT 1")
-            except psycopg.Error:
-                return False
-            return True
+            except psycopg.Error as exc:
+                return _first_line(exc)
+            return None
 
-        return await trio.to_thread.run_sync(_ping, limiter=self._limiter, abandon_on_cancel=True)
+        error = await trio.to_thread.run_sync(_ping, limiter=self._limiter, abandon_on_cancel=True)
+        self._note(error is None, error)
+        return error is None
 
     async def aclose(self) -> None:
         if self._closed:
@@ -188,21 +268,61 @@ class PostgresStore:
         """Run ``fn`` in one transaction holding the store's write lock.
 
         An exception rolls everything back and propagates (psycopg errors as StoreError).
-        The commit is shielded from cancellation: a batch is all in or all out.
+        Each attempt is shielded from cancellation: a batch is all in or all out. A lost
+        connection is waited out (module docstring); the waits between attempts can be
+        cancelled, and then nothing of the write is in.
         """
-        if self._closed:
-            raise StoreError("candle store is closed")
-
-        def _run() -> T:
-            with _translated("write"), self._pool.connection() as conn, conn.transaction():
-                conn.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK_KEY,))
-                number = conn.execute(
-                    "UPDATE write_counter SET last_sequence = last_sequence + 1"
-                    " RETURNING last_sequence"
-                ).fetchone()
-                assert number is not None
-                result = fn(PgStoreTxn(conn, int(str(number[0]))))
+        attempt = 0
+        while True:
+            if self._closed:
+                raise StoreError("candle store is closed")
+            step = 1 if attempt == 0 else RETRY_SEQUENCE_STEP
+            try:
+                result = await self._write_once(fn, step)
+            except _Lost as lost:
+                if lost.xid is not None and await self._committed(lost.xid):
+                    log.warning("candle store: the write's COMMIT lost its answer but went in")
+                    return lost.result[0]  # type: ignore[no-any-return]
+                attempt += 1
+                delay = RETRY_BACKOFF.ceiling(attempt)
+                log.warning(
+                    "candle store: write lost its connection (%s); nothing of it is in, "
+                    "trying again in %.1f s (attempt %d)",
+                    lost,
+                    delay,
+                    attempt + 1,
+                )
+                await trio.sleep(delay)
+                continue
+            self._note(True)
             return result
+
+    async def _write_once(self, fn: Callable[[PgStoreTxn], T], step: int) -> T:
+        def _run() -> T:
+            xid: str | None = None
+            committing = False
+            done: list[T] = []
+            try:
+                with self._pool.connection() as conn, conn.transaction():
+                    got = conn.execute(
+                        "SELECT pg_advisory_xact_lock(%s), pg_current_xact_id()::text",
+                        (WRITE_LOCK_KEY,),
+                    ).fetchone()
+                    assert got is not None
+                    xid = str(got[1])
+                    number = conn.execute(
+                        "UPDATE write_counter SET last_sequence = last_sequence + %s"
+                        " RETURNING last_sequence",
+                        (step,),
+                    ).fetchone()
+                    assert number is not None
+                    done.append(fn(PgStoreTxn(conn, int(str(number[0])))))
+                    committing = True  # leaving the block commits
+                return done[0]
+            except psycopg.Error as exc:
+                if connection_lost(exc):
+                    raise _Lost(exc, xid if committing else None, done) from exc
+                raise StoreError(f"candle store write failed: {_first_line(exc)}") from exc
 
         # Shielded from the wait for the writer on, as the SQLite store: a caller that took
         # candles out of its buffer must not lose them to a cancellation.
@@ -211,9 +331,34 @@ class PostgresStore:
                 self._write_started = trio.current_time()
                 try:
                     result = await trio.to_thread.run_sync(_run, limiter=self._limiter)
+                except _Lost as lost:
+                    self._note(False, str(lost))
+                    raise
                 finally:
                     self._write_started = None
         return result
+
+    async def _committed(self, xid: str) -> bool:
+        """Did transaction ``xid`` commit? Asked until the server answers and knows."""
+        attempt = 0
+        while True:
+
+            def _status() -> str | None:
+                with self._pool.connection() as conn:
+                    row = conn.execute("SELECT pg_xact_status(%s::xid8)", (xid,)).fetchone()
+                return None if row is None or row[0] is None else str(row[0])
+
+            try:
+                status = await trio.to_thread.run_sync(_status, limiter=self._limiter)
+            except psycopg.Error as exc:
+                if not connection_lost(exc):
+                    raise StoreError(f"candle store write failed: {_first_line(exc)}") from exc
+                self._note(False, _first_line(exc))
+                status = "unknown"
+            if status in ("committed", "aborted", None):
+                return status == "committed"
+            attempt += 1  # in progress (its backend has not noticed yet), or no answer
+            await trio.sleep(RETRY_BACKOFF.ceiling(attempt))
 
     async def _read(self, fn: Callable[[Conn], T]) -> T:
         if self._closed:
@@ -224,7 +369,14 @@ class PostgresStore:
                 result = fn(conn)
             return result
 
-        return await trio.to_thread.run_sync(_run, limiter=self._limiter)
+        try:
+            result = await trio.to_thread.run_sync(_run, limiter=self._limiter)
+        except StoreError as exc:
+            if exc.__cause__ is not None and connection_lost(exc.__cause__):
+                self._note(False, str(exc))
+            raise
+        self._note(True)
+        return result
 
     async def upsert(
         self, series_id: str, candles: Sequence[Candle], source: Source, *, complete: bool = True

@@ -1,0 +1,112 @@
+"""The ingest lease's shell (``bus/leader.py``) on the real Redis and a real store: one of two
+nodes ingests, the other takes over once the holder stops renewing, a deposed holder stops,
+and the fence refuses a stale holder's writes (nothing of them goes in)."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import pytest
+import trio
+
+from tests.conftest import candle
+from tradecanvas.bus.ids import StreamKeys
+from tradecanvas.bus.leader import FencedStore, IngestFenced, IngestLeader
+from tradecanvas.bus.lease import FENCE_KEY, FENCE_NODE_KEY, LeaseTiming
+from tradecanvas.bus.redis_io import open_redis
+from tradecanvas.ops.metrics import Metrics
+from tradecanvas.store.sqlite import CandleStore
+
+S = "binance:futures:BTC/USDT:1m"
+T0 = 1_751_760_000
+TIMING = LeaseTiming(400)
+WAIT_S = 30.0
+
+
+async def test_the_fence_refuses_a_stale_holder(tmp_path: Path) -> None:
+    a = FencedStore(await CandleStore.open(tmp_path / "m.sqlite3"))
+    b = FencedStore(await CandleStore.open(tmp_path / "m.sqlite3"))
+    try:
+        await b.upsert(S, [candle(T0, "1", "2", "1", "2", "3")], "ws")  # a standby: unfenced
+        assert await a.take_fence("a") == (1, None)
+        await a.upsert(S, [candle(T0 + 60, "1", "2", "1", "2", "3")], "ws")
+        assert await b.take_fence("b") == (2, "a")
+        with pytest.raises(IngestFenced, match="token is 2 \\(node b\\), this node's 1"):
+            await a.upsert(S, [candle(T0 + 120, "1", "2", "1", "2", "3")], "ws")
+        await b.upsert(S, [candle(T0 + 180, "1", "2", "1", "2", "3")], "ws")
+        assert [c.candle_time for c in await a.since(S, -1, 10)] == [T0, T0 + 60, T0 + 180]
+        assert await a.get_meta(FENCE_KEY) == "2"
+        assert await a.get_meta(FENCE_NODE_KEY) == "b"
+    finally:
+        await a.aclose()
+        await b.aclose()
+
+
+async def test_a_standby_takes_over_and_a_deposed_holder_stops(
+    tmp_path: Path, redis_url: str, keys: StreamKeys
+) -> None:
+    store = await CandleStore.open(tmp_path / "m.sqlite3")
+    started: list[str] = []
+    try:
+        nodes = {
+            name: IngestLeader(
+                redis_url, keys, FencedStore(store), Metrics(), timing=TIMING, node=name
+            )
+            for name in ("a", "b")
+        }
+
+        def on_leader(name: str) -> Callable[[], Awaitable[None]]:
+            async def start() -> None:
+                started.append(name)
+
+            return start
+
+        async with trio.open_nursery() as nursery:
+            async with trio.open_nursery() as a_alive:
+                await a_alive.start(nodes["a"].run, on_leader("a"))
+                with trio.fail_after(WAIT_S):
+                    await nodes["a"].wait_leader()
+                nursery.start_soon(nodes["b"].run, on_leader("b"))
+                # a holds it: b stands by, however often it asks
+                async with open_redis(redis_url) as client:
+                    assert await client.get(keys.lease) == b"a"
+                # a dies without letting go: b gets it once the TTL ran out
+                a_alive.cancel_scope.cancel()
+            with trio.fail_after(WAIT_S):
+                await nodes["b"].wait_leader()
+            assert started == ["a", "b"]
+            assert nodes["b"].store.token == 2
+            # someone else holds the lease now: b's next renewal deposes it
+            async with open_redis(redis_url) as client:
+                await client.set(keys.lease, "c")
+            nursery.cancel_scope.cancel()
+        deposed = IngestLeader(redis_url, keys, FencedStore(store), Metrics(), timing=TIMING)
+        deposed.core.on_acquire(True, None, trio.current_time())
+        with pytest.raises(IngestFenced, match="node c holds the lease now"):
+            with trio.fail_after(WAIT_S):
+                await deposed.run(on_leader("x"))
+    finally:
+        await store.aclose()
+
+
+async def test_release_lets_the_standby_in_at_once(
+    redis_url: str, keys: StreamKeys, tmp_path: Path
+) -> None:
+    store = await CandleStore.open(tmp_path / "m.sqlite3")
+    try:
+        leader = IngestLeader(redis_url, keys, FencedStore(store), Metrics(), timing=TIMING)
+
+        async def nothing() -> None:
+            pass
+
+        async with trio.open_nursery() as nursery:
+            await nursery.start(leader.run, nothing)
+            with trio.fail_after(WAIT_S):
+                await leader.wait_leader()
+            nursery.cancel_scope.cancel()
+        await leader.release()
+        async with open_redis(redis_url) as client:
+            assert await client.get(keys.lease) is None
+    finally:
+        await store.aclose()

@@ -1,0 +1,311 @@
+"""The ingest lease's trio shell (the rules: ``bus/lease.py``): which of the ingest nodes
+ingests, the fencing of its writes, its metrics and log lines.
+
+- :class:`IngestLeader` asks Redis for the lease every quarter TTL while standing by and
+  renews it every third while holding it. On taking it over it takes the next fencing token
+  from the store and calls ``on_leader`` (the daemon starts the ingest supervisor, which
+  loads the store's heads and repairs from them through REST as after any restart). A
+  renewal answered "held by another node" raises :class:`IngestFenced`; so does a write
+  the fence refuses. Both end the daemon with exit code 3 (a StoreError): systemd restarts
+  the node, which stands by.
+- :class:`FencedStore` is the store as the ingest's pipeline sees it: every write first checks,
+  in the same transaction, that the store's fencing token is this node's.
+
+Errors: Redis failures never escape :meth:`IngestLeader.run` (logged, shown as
+``tradecanvas_dependency_up{dependency="redis_lease"}``); store errors do.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Final, TypeVar, final
+
+import trio
+from coredis import PureToken
+from prometheus_client import Counter, Gauge
+
+from tradecanvas.bus.ids import StreamKeys
+from tradecanvas.bus.lease import (
+    FENCE_KEY,
+    FENCE_NODE_KEY,
+    LeaseCore,
+    LeaseTiming,
+    Verdict,
+    fence_allows,
+    next_fence,
+)
+from tradecanvas.bus.redis_io import describe, failure_or_raise, open_redis
+from tradecanvas.errors import StoreError
+from tradecanvas.model import Candle
+from tradecanvas.ops.metrics import Metrics
+from tradecanvas.store.interface import MarketStore, WriteTxn
+from tradecanvas.store.types import SeriesHead, Source, StoredCandle, StoredEvent, UpsertOutcome
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+COMMAND_TIMEOUT_S: Final = 5.0
+# extend the lease if it is ours, set it again if it is gone, else say who holds it
+_RENEW: Final = """
+local v = redis.call('GET', KEYS[1])
+if v == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return {1, v}
+elseif not v then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return {2, ARGV[1]}
+end
+return {0, v}
+"""
+# let the lease go, if it is still ours
+_RELEASE: Final = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+
+class IngestFenced(StoreError):
+    """Another ingest node took over: this one must not write any more."""
+
+
+def node_name() -> str:
+    """This process among the ingest nodes: host, pid and a random part."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+
+
+def _text(value: object) -> str | None:
+    if value is None:
+        return None
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+@final
+class IngestLeader:
+    """Holds, renews and releases the ingest lease (module docstring)."""
+
+    def __init__(
+        self,
+        url: str,
+        keys: StreamKeys,
+        store: FencedStore,
+        metrics: Metrics,
+        *,
+        timing: LeaseTiming | None = None,
+        node: str | None = None,
+    ) -> None:
+        self.url = url
+        self.key = keys.lease
+        self.store = store
+        self.core = LeaseCore(node or node_name(), timing)
+        self._connected = False
+        self._became_leader = trio.Event()
+        registry = metrics.registry
+        Gauge(
+            "tradecanvas_ingest_leader",
+            "1 while this ingest node holds the lease and ingests, 0 while it stands by",
+            registry=registry,
+        ).set_function(lambda: float(self.core.leader))
+        self._takeovers = Counter(
+            "tradecanvas_ingest_takeovers",
+            "Times this ingest node took the lease over (its first start included)",
+            registry=registry,
+        )
+        metrics.dependency_up.labels(dependency="redis_lease").set_function(
+            lambda: float(self._connected)
+        )
+
+    @property
+    def node(self) -> str:
+        return self.core.node
+
+    @property
+    def leader(self) -> bool:
+        return self.core.leader
+
+    async def wait_leader(self) -> None:
+        await self._became_leader.wait()
+
+    async def run(
+        self,
+        on_leader: Callable[[], Awaitable[None]],
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Stand by or lead until cancelled. Raises IngestFenced when deposed."""
+        log.info(
+            "ingest lease: node %s stands by for %s (TTL %d ms)",
+            self.node,
+            self.key,
+            self.core.timing.ttl_ms,
+        )
+        task_status.started()
+        while True:
+            await trio.sleep_until(self.core.next_at())
+            verdict = await self._ask()
+            if verdict is Verdict.TAKE_OVER:
+                await self._take_over(on_leader)
+            elif verdict is Verdict.DEPOSED:
+                raise IngestFenced(
+                    f"ingest lease: node {self.core.holder} holds the lease now; node "
+                    f"{self.node} stops ingesting (restarted, it stands by)"
+                )
+
+    async def _ask(self) -> Verdict:
+        """One exchange with Redis: acquire (standby) or renew (holder)."""
+        core, ttl = self.core, self.core.timing.ttl_ms
+        try:
+            async with open_redis(self.url) as client:
+                with trio.fail_after(COMMAND_TIMEOUT_S):
+                    if core.leader:
+                        got = await client.eval(_RENEW, keys=[self.key], args=[self.node, ttl])
+                        assert isinstance(got, list)
+                        answer, holder = int(str(got[0])), _text(got[1])
+                    else:
+                        taken = await client.set(
+                            self.key, self.node, condition=PureToken.NX, px=ttl
+                        )
+                        holder = None if taken else _text(await client.get(self.key))
+        except BaseException as exc:
+            failure = failure_or_raise(exc)
+            if self._connected or core.leader:
+                log.warning(
+                    "ingest lease: Redis failed (%s); %s",
+                    describe(failure),
+                    "still ingesting (the store's fence guards the writes)"
+                    if core.leader
+                    else "standing by",
+                )
+            self._connected = False
+            return core.on_failure(trio.current_time())
+        if not self._connected:
+            log.info("ingest lease: Redis answers at %s", self.url)
+        self._connected = True
+        now = trio.current_time()
+        if core.leader:
+            if answer == 2:
+                log.warning("ingest lease: the lease was gone (Redis restarted?); set it again")
+            return core.on_renew(answer, holder, now)
+        previous = core.holder
+        verdict = core.on_acquire(bool(taken), holder, now)
+        if verdict is Verdict.STANDBY and holder != previous:
+            log.info("ingest lease: node %s ingests; this node stands by", holder)
+        return verdict
+
+    async def _take_over(self, on_leader: Callable[[], Awaitable[None]]) -> None:
+        token, previous = await self.store.take_fence(self.node)
+        self._takeovers.inc()
+        log.warning(
+            "ingest lease: node %s took the lease over (fence %d, previous holder %s); "
+            "ingesting, repairing from the store's last candles",
+            self.node,
+            token,
+            previous or "none",
+        )
+        self._became_leader.set()
+        await on_leader()
+
+    async def release(self) -> None:
+        """Let the lease go at a clean shutdown, after the ingest stopped: a standby takes
+        over at its next poll instead of a TTL later. Bounded; a failure is only logged."""
+        if not self.core.leader:
+            return
+        self.core.stepped_down()
+        try:
+            with trio.move_on_after(COMMAND_TIMEOUT_S):
+                async with open_redis(self.url) as client:
+                    await client.eval(_RELEASE, keys=[self.key], args=[self.node])
+                    log.info("ingest lease: released by node %s", self.node)
+        except BaseException as exc:
+            failure = failure_or_raise(exc)
+            log.warning("ingest lease: not released (%s); it expires", describe(failure))
+
+
+@final
+class FencedStore:
+    """A MarketStore whose writes check the fencing token first (module docstring). All
+    else is the wrapped store's."""
+
+    def __init__(self, store: MarketStore) -> None:
+        self.inner = store
+        self.token: int | None = None  # None: not a holder (a standby's HTTP write)
+
+    async def take_fence(self, node: str) -> tuple[int, str | None]:
+        """The next fencing token, written with this node's name; (token, previous node)."""
+
+        def take(txn: WriteTxn) -> tuple[int, str | None]:
+            token = next_fence(txn.get_meta(FENCE_KEY))
+            previous = txn.get_meta(FENCE_NODE_KEY)
+            txn.set_meta(FENCE_KEY, str(token))
+            txn.set_meta(FENCE_NODE_KEY, node)
+            return token, previous
+
+        token, previous = await self.inner.write(take)
+        self.token = token
+        return token, previous
+
+    async def write(self, fn: Callable[[WriteTxn], T]) -> T:
+        token = self.token
+
+        def fenced(txn: WriteTxn) -> T:
+            stored = txn.get_meta(FENCE_KEY)
+            if not fence_allows(stored, token):
+                raise IngestFenced(
+                    f"ingest fence: the store's token is {stored} (node "
+                    f"{txn.get_meta(FENCE_NODE_KEY)}), this node's {token}: another node took "
+                    "over; this one stops writing (restarted, it stands by)"
+                )
+            return fn(txn)
+
+        return await self.inner.write(fenced)
+
+    @property
+    def closed(self) -> bool:
+        return self.inner.closed
+
+    def write_running_for(self) -> float:
+        return self.inner.write_running_for()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+    async def upsert(
+        self, series_id: str, candles: Sequence[Candle], source: Source, *, complete: bool = True
+    ) -> list[UpsertOutcome]:
+        return await self.write(
+            lambda txn: txn.upsert(series_id, candles, source, complete=complete)
+        )
+
+    async def tail(self, series_id: str, limit: int) -> list[Candle]:
+        return await self.inner.tail(series_id, limit)
+
+    async def since(self, series_id: str, since: int, limit: int) -> list[Candle]:
+        return await self.inner.since(series_id, since, limit)
+
+    async def range(self, series_id: str, start: int, end: int) -> list[StoredCandle]:
+        return await self.inner.range(series_id, start, end)
+
+    async def head_time(self, series_id: str) -> int | None:
+        return await self.inner.head_time(series_id)
+
+    async def heads(self) -> dict[str, SeriesHead]:
+        return await self.inner.heads()
+
+    async def events_after(
+        self, after: int, series_ids: Sequence[str] | None = None, limit: int = 1000
+    ) -> list[StoredEvent]:
+        return await self.inner.events_after(after, series_ids, limit)
+
+    async def events_pruned_upto(self) -> int:
+        return await self.inner.events_pruned_upto()
+
+    async def set_meta(self, key: str, value: str) -> None:
+        await self.write(lambda txn: txn.set_meta(key, value))
+
+    async def get_meta(self, key: str) -> str | None:
+        return await self.inner.get_meta(key)
