@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Final
 
-from bench import micro, scenarios, standalone
+from bench import micro, scaleout, scenarios, standalone
 from bench.common import RESULTS, Figure, machine, utc_now, versions
 from bench.sizes import FULL, SMOKE, Sizes
 
@@ -31,6 +31,7 @@ BENCHES: Final[dict[str, Bench]] = {
     "fanout": lambda s, r, p: [scenarios.bench_fanout(s, r)],
     "latency": lambda s, r, p: scenarios.bench_latency(s, r),
     "rss": lambda s, r, p: [standalone.bench_rss(s, r)],
+    "scaleout": lambda s, r, p: scaleout.bench_scaleout(s, r),
 }
 
 
