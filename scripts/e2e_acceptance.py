@@ -53,6 +53,7 @@ from e2e_common import (
     same_schemas,
     schema,
     schema_report,
+    sqlite_counts,
     terminated_on_signals,
     wait_for_line,
 )
@@ -223,25 +224,8 @@ class Run:
             f"{len(times)} received, {len(expected)} expected, "
             f"{len(times) - len(set(times))} duplicates",
         )
-        received = batch_sub.closed_candles(BASE)
-        bad = [
-            m.candle_time
-            for m in self.minutes
-            if not equal_candle(
-                received.get(
-                    m.candle_time,
-                    {
-                        "candle_time": -1,
-                        "open": None,
-                        "high": None,
-                        "low": None,
-                        "close": None,
-                        "volume": None,
-                    },
-                ),
-                m,
-            )
-        ]
+        got = batch_sub.closed_candles(BASE).get
+        bad = [m.candle_time for m in self.minutes if not equal_candle(got(m.candle_time), m)]
         self.check("1m candles equal the Binance data", not bad, f"{len(bad)} differ")
         fives = five_sub.closed_times(FIVE)
         got5 = five_sub.closed_candles(FIVE)
@@ -457,16 +441,6 @@ class Run:
             f"after {left_at}: got {got}, missed live {missed}, stored {stored}",
         )
         back.leave()
-
-
-def sqlite_counts(db: Path) -> dict[str, int]:
-    import sqlite3
-
-    conn = sqlite3.connect(db)
-    try:
-        return dict(conn.execute("SELECT series_id, COUNT(*) FROM candles GROUP BY series_id"))
-    finally:
-        conn.close()
 
 
 def single() -> int:

@@ -8,6 +8,7 @@ import contextlib
 import os
 import re
 import signal
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -227,11 +228,23 @@ def schema_report(a: dict[str, tuple[str, ...]], b: dict[str, tuple[str, ...]]) 
     return "; ".join(f"{k}: {verdict(k)}" for k in sorted(a.keys() | b.keys()))
 
 
-def equal_candle(wire: OBJ, ref: Candle) -> bool:
+def equal_candle(wire: OBJ | None, ref: Candle) -> bool:
+    """A received candle (None: not received) equals the Binance bar."""
     return (
-        all(wire[f] == float(getattr(ref, f)) for f in ("open", "high", "low", "close", "volume"))
+        wire is not None
+        and all(
+            wire[f] == float(getattr(ref, f)) for f in ("open", "high", "low", "close", "volume")
+        )
         and wire["candle_time"] == ref.candle_time
     )
+
+
+def sqlite_counts(db: Path) -> dict[str, int]:
+    conn = sqlite3.connect(db)
+    try:
+        return dict(conn.execute("SELECT series_id, COUNT(*) FROM candles GROUP BY series_id"))
+    finally:
+        conn.close()
 
 
 def metric(text: str, name: str, labels: str = "") -> float:

@@ -30,15 +30,13 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Final
-from urllib.parse import urlsplit
 
 import httpx
 import orjson
@@ -64,17 +62,16 @@ from e2e_common import (
     terminated_on_signals,
     wait_for_line,
 )
-from psycopg import sql
-from psycopg.conninfo import conninfo_to_dict
+from e2e_services import (
+    REDIS_URL,
+    database_exists,
+    delete_bus_keys,
+    fresh_database,
+    services_missing,
+)
 
-from tradecanvas.bus.redis_io import open_redis
-from tradecanvas.model import Candle
 from tradecanvas.wire.kline_csv import read_kline_csv
 
-ADMIN_URL: Final = os.environ.get(
-    "TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
-)
-REDIS_URL: Final = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 # the kills, as fractions of the streamed bars a subscriber of edge A has received
 KILL_INGEST_AT: Final = 0.3
 KILL_EDGE_AT: Final = 0.6
@@ -82,62 +79,6 @@ KILL_EDGE_AT: Final = 0.6
 # placed by what a subscriber received, so they land mid-run at any pace
 SPEED: Final = "max"
 READY: Final = r"tradecanvas ready ws=(\S+) http=(\S+)"
-
-
-def services_missing() -> str | None:
-    """Why PostgreSQL or Redis cannot be used (None: both answer)."""
-    try:
-        with psycopg.connect(ADMIN_URL, connect_timeout=5) as conn:
-            conn.execute("SELECT 1")
-    except psycopg.OperationalError as exc:
-        return f"PostgreSQL at {ADMIN_URL} does not answer: {str(exc).strip().splitlines()[0]}"
-    where = urlsplit(REDIS_URL)
-    try:
-        with socket.create_connection((where.hostname, where.port or 6379), timeout=5) as sock:
-            sock.sendall(b"PING\r\n")
-            if not sock.recv(16).startswith(b"+PONG"):
-                return f"Redis at {REDIS_URL} does not answer PING"
-    except OSError as exc:
-        return f"Redis at {REDIS_URL} does not answer: {exc}"
-    return None
-
-
-def _url_for(dbname: str) -> str:
-    """ADMIN_URL with another database name."""
-    parts = conninfo_to_dict(ADMIN_URL)
-    user = f"{parts['user']}@" if parts.get("user") else ""
-    port = f":{parts['port']}" if parts.get("port") else ""
-    return f"postgresql://{user}{parts.get('host', '127.0.0.1')}{port}/{dbname}"
-
-
-@contextlib.contextmanager
-def fresh_database() -> Iterator[tuple[str, str]]:
-    """(name, url) of a new, empty database; dropped afterwards, even with connections left."""
-    name = f"tc_e2e_{uuid.uuid4().hex[:16]}"
-    with psycopg.connect(ADMIN_URL, autocommit=True) as admin:
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    try:
-        yield name, _url_for(name)
-    finally:
-        with psycopg.connect(ADMIN_URL, autocommit=True) as admin:
-            admin.execute(
-                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-            )
-
-
-def database_exists(name: str) -> bool:
-    with psycopg.connect(ADMIN_URL) as admin:
-        row = admin.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone()
-    return row is not None
-
-
-async def delete_bus_keys(prefix: str) -> int:
-    """Delete every key under the prefix; returns how many are left (0)."""
-    async with open_redis(REDIS_URL) as client:
-        found = [key async for key in client.scan_iter(match=f"{prefix}:*")]
-        if found:
-            await client.delete(found)
-        return len([key async for key in client.scan_iter(match=f"{prefix}:*")])
 
 
 class Follower:
@@ -419,7 +360,7 @@ class Run:
             ref = self.minutes if sub.series == BASE else self.fives
             times = sub.times()
             got = sub.view().closed_candles(sub.series)
-            bad = [c.candle_time for c in ref if not _equal(got.get(c.candle_time), c)]
+            bad = [c.candle_time for c in ref if not equal_candle(got.get(c.candle_time), c)]
             holes = f", first missing {bad[0]}, last {bad[-1]}" if bad else ""
             where = "edge A" if key.startswith("a") else "edge B, then edge A"
             self.check(
@@ -507,10 +448,6 @@ def _last_event(sub: Follower, last: list[int]) -> Callable[[], bool]:
 
 def _reconnected(sub: Follower) -> Callable[[], bool]:
     return lambda: sub.connections >= 2
-
-
-def _equal(wire: OBJ | None, ref: Candle) -> bool:
-    return wire is not None and equal_candle(wire, ref)
 
 
 def main() -> int:
