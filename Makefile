@@ -47,8 +47,11 @@ browser: $(STAMP)
 deploy-check: $(STAMP)
 	bash scripts/deploy_check.sh
 
+## e2e: the acceptance replay, single process, then distributed (1 ingest + 2 edges + Redis +
+## PostgreSQL; outside CI skipped with a message when a service does not answer)
 e2e: $(STAMP)
 	bash scripts/e2e_acceptance.sh
+	bash scripts/e2e_acceptance.sh --topology distributed
 
 doc-audit:
 	bash scripts/doc_audit.sh

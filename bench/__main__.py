@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Final
 
-from bench import bench_import, micro, scenarios, standalone
+from bench import bench_import, micro, scaleout, scenarios, standalone
 from bench.common import RESULTS, Figure, machine, utc_now, versions
 from bench.sizes import FULL, SMOKE, Sizes
 
@@ -33,6 +33,7 @@ BENCHES: Final[dict[str, Bench]] = {
     "rss": lambda s, r, p: [standalone.bench_rss(s, r)],
     # issue 16: tradecanvas import of a year of archive zips (bench/bench_import.py)
     "import": lambda s, r, p: bench_import.bench_import(s, r),
+    "scaleout": lambda s, r, p: scaleout.bench_scaleout(s, r),
 }
 
 

@@ -1,0 +1,342 @@
+"""The scale-out benchmarks (issue 15, item 7): the bus path's latency and the burst served by
+two edges, through the real topology: ``tradecanvas replay`` → ``serve --role ingest`` →
+PostgreSQL + Redis Streams → ``serve --role edge`` → subscriber processes.
+
+- ``scaleout_latency_p99_ms``: the latency scenario of ``bench.scenarios`` (closed candles/s
+  over ``latency_series`` series, ``latency_subscribers`` subscribers on 3 series each, at
+  ``latency_key_load``) with the subscribers on one edge; close frame arrival at the
+  replay-side observer → subscriber, p99 (p50 recorded). The single process (``serve``,
+  role ``all``, SQLite) runs the same replay in alternate rounds: its figures are the
+  baseline of the same run (``raw.single_process_*``, ``raw.added_p99_ms``).
+- ``scaleout_burst_ratio_vs_naive_relay``: the burst scenario (``burst_symbols`` close at
+  once, ``burst_subscribers`` × ``burst_series_per_subscriber``), the subscribers split
+  between two edges (one client process each); the naive relay's last-delivery time ÷ ours,
+  in alternate rounds.
+
+Each round has a PostgreSQL database (a unique name, dropped afterwards) and a Redis key
+prefix (deleted afterwards) of its own. PostgreSQL (``TEST_POSTGRES_URL``) and Redis
+(``TEST_REDIS_URL``) must answer: outside CI the benchmark is skipped with the reason, with
+``CI=true`` it fails. See docs/benchmarks.md ("Scale-out").
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Final
+
+import httpx
+import psycopg
+import trio
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict
+
+from bench.common import Figure, median
+from bench.observer import Observer
+from bench.procs import (
+    START_TIMEOUT_S,
+    Child,
+    child_env,
+    children,
+    resume_replay,
+    start_clients,
+    start_replay,
+)
+from bench.rounds import ROUND_TIMEOUT_S, Market, RoundData, run_round, spread_subscriptions
+from bench.scenarios import _burst_boundaries, _latencies, _observed, _percentile
+from bench.sizes import SMOKE, Sizes
+from tradecanvas.bus.redis_io import open_redis
+from tradecanvas.store.open import open_store
+
+ADMIN_URL: Final = os.environ.get(
+    "TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
+REDIS_URL: Final = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+READY: Final = r"tradecanvas ready ws=(\S+) http=(\S+)"
+
+
+def services_missing() -> str | None:
+    """Why PostgreSQL or Redis cannot be used (None: both answer)."""
+    try:
+        with psycopg.connect(ADMIN_URL, connect_timeout=5) as conn:
+            conn.execute("SELECT 1")
+    except psycopg.OperationalError as exc:
+        return f"PostgreSQL at {ADMIN_URL} does not answer: {str(exc).strip().splitlines()[0]}"
+
+    async def ping() -> bool:
+        with trio.move_on_after(5):
+            async with open_redis(REDIS_URL) as client:
+                return bool(await client.ping())
+        return False
+
+    try:
+        if not trio.run(ping):
+            return f"Redis at {REDIS_URL} does not answer PING"
+    except Exception as exc:  # any failure to reach it is the reason
+        return f"Redis at {REDIS_URL} does not answer: {exc}"
+    return None
+
+
+@contextmanager
+def fresh_database() -> Iterator[str]:
+    """The URL of a new, empty database; dropped afterwards (connections left or not)."""
+    name = f"tc_bench_{uuid.uuid4().hex[:16]}"
+    with psycopg.connect(ADMIN_URL, autocommit=True) as admin:
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    parts = conninfo_to_dict(ADMIN_URL)
+    user = f"{parts['user']}@" if parts.get("user") else ""
+    port = f":{parts['port']}" if parts.get("port") else ""
+    try:
+        yield f"postgresql://{user}{parts.get('host', '127.0.0.1')}{port}/{name}"
+    finally:
+        with psycopg.connect(ADMIN_URL, autocommit=True) as admin:
+            admin.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+            )
+
+
+async def _delete_keys(prefix: str) -> None:
+    async with open_redis(REDIS_URL) as client:
+        found = [key async for key in client.scan_iter(match=f"{prefix}:*")]
+        if found:
+            await client.delete(found)
+
+
+async def _start_node(
+    kids: list[Child], work: Path, name: str, role: str, env: dict[str, str]
+) -> tuple[str, str]:
+    """``serve --role`` ready and /readyz 200 (ingest: upstream and Redis; edge: the feed)."""
+    args = [sys.executable, "-m", "tradecanvas", "serve"]
+    child = Child(name, args, work / f"{name}.log", {**env, "TRADE_CANVAS_ROLE": role})
+    kids.append(child)
+    match = await child.wait_line(READY)
+    ws_url, http_url = match.group(1), match.group(2)
+    async with httpx.AsyncClient() as client:
+        with trio.fail_after(START_TIMEOUT_S):
+            while (await client.get(f"{http_url}/readyz")).status_code != 200:
+                await trio.sleep(0.02)  # a child's readiness: polled, outside every clock
+    return ws_url, http_url
+
+
+def split_clients(clients: list[list[str]], edges: int) -> list[list[list[str]]]:
+    """Client i goes to edge i mod ``edges``: each edge gets every edges-th client."""
+    return [clients[i::edges] for i in range(edges)]
+
+
+async def run_scaleout_round(
+    market: Market, clients: list[list[str]], *, edges: int, speed: str, observe: Sequence[str]
+) -> RoundData:
+    """The replay through one ingest and ``edges`` edges; the clients split between the edges
+    (client i on edge i mod ``edges``), one client process per edge."""
+    with tempfile.TemporaryDirectory(prefix="bench-scaleout-") as d, fresh_database() as db:
+        work = Path(d)
+        prefix = f"tcbench-{uuid.uuid4().hex[:16]}"
+        try:
+            async with children() as kids:
+                replay, replay_ws, replay_rest = await start_replay(
+                    kids, work, market.files, speed=speed, forming_per_bar=0
+                )
+                env = child_env(
+                    TRADE_CANVAS_DATABASE_URL=db,
+                    TRADE_CANVAS_REDIS_URL=REDIS_URL,
+                    TRADE_CANVAS_BUS_PREFIX=prefix,
+                    TRADE_CANVAS_SERIES=",".join(market.series),
+                    TRADE_CANVAS_WS_PORT="0",
+                    TRADE_CANVAS_HTTP_PORT="0",
+                    TRADE_CANVAS_BINANCE_FUTURES_WS_URL=replay_ws,
+                    TRADE_CANVAS_BINANCE_FUTURES_REST_URL=replay_rest,
+                    TRADE_CANVAS_INITIAL_BACKFILL_CANDLES="0",
+                    TRADE_CANVAS_LOG_LEVEL="INFO",
+                )
+                # migrated here, so that the nodes can start together (each would migrate)
+                await (await open_store(db)).aclose()
+                urls: list[str] = [""] * edges
+
+                async def edge(i: int) -> None:
+                    urls[i] = (await _start_node(kids, work, f"edge-{i}", "edge", env))[0]
+
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(_start_node, kids, work, "ingest", "ingest", env)
+                    for i in range(edges):
+                        nursery.start_soon(edge, i)
+                observer = Observer()
+                async with trio.open_nursery() as nursery:
+                    if observe:
+                        await nursery.start(observer.run, replay_ws, list(observe))
+                    subscribers = []
+                    for i, (url, share) in enumerate(
+                        zip(urls, split_clients(clients, edges), strict=True)
+                    ):
+                        plan = work / f"plan-{i}.json"
+                        plan.write_text(
+                            json.dumps(
+                                {
+                                    "url": url,
+                                    "clients": share,
+                                    "since": market.bar_times[0] - 60,
+                                    "last_time": market.bar_times[-1],
+                                }
+                            )
+                        )
+                        subscribers.append(await start_clients(kids, work, f"clients-{i}", plan))
+                    resumed_at = time.time()
+                    await resume_replay(replay)
+                    for child in subscribers:
+                        await child.wait_exit(ROUND_TIMEOUT_S)
+                    nursery.cancel_scope.cancel()
+                results = [
+                    json.loads((work / f"clients-{i}.json").read_text()) for i in range(edges)
+                ]
+                async with trio.open_nursery() as nursery:  # all at once, not one by one
+                    for kid in kids:
+                        nursery.start_soon(kid.stop)
+        finally:
+            await _delete_keys(prefix)
+    return RoundData(
+        resumed_at,
+        observer.closes,
+        sorted((float(t), str(s), int(c)) for r in results for t, s, c in r["deliveries"]),
+        [e for r in results for e in r["errors"]],
+        sum(int(r["error_count"]) for r in results),
+        sum(int(r["messages"]) for r in results),
+        None,
+    )
+
+
+def bench_scaleout(sizes: Sizes, rounds: int | None) -> list[Figure]:
+    problem = services_missing()
+    if problem is not None:
+        if os.environ.get("CI") == "true":
+            raise RuntimeError(f"scaleout: {problem} (CI=true: a missing service is a failure)")
+        sys.stdout.write(f"SKIP scaleout: {problem} (with CI=true this is a failure)\n")
+        return []
+    return [_latency(sizes, rounds), _burst(sizes, rounds)]
+
+
+def _latency(sizes: Sizes, rounds: int | None) -> Figure:
+    rounds = rounds or sizes.latency_rounds
+    load, series = sizes.latency_key_load, sizes.latency_series
+    nominal = load * 60 / series
+    bars = 3 + max(5, round(sizes.latency_seconds * load / series))
+    per: dict[str, dict[str, list[float]]] = {
+        s: {"p50": [], "p99": [], "load": []} for s in ("single", "scaleout")
+    }
+    # each side's speed is raised by what its previous round fell short of the load, ≤ 4×
+    speeds = {"single": nominal, "scaleout": nominal}
+    with tempfile.TemporaryDirectory(prefix="bench-market-") as d:
+        market = Market.write(Path(d), series, bars)
+        clients = spread_subscriptions(market.series, sizes.latency_subscribers, 3)
+        observe = _observed(market)
+        # the smoke run proves the harness: the single process's rounds are the latency
+        # benchmark's own, covered there
+        sides = ["scaleout"] if sizes is SMOKE else list(per)
+        for _ in range(rounds):
+            for side in sides:
+                speed = f"{speeds[side]:g}"
+                if side == "single":
+                    go = functools.partial(
+                        run_round, "daemon", market, clients, speed=speed, observe=observe
+                    )
+                else:
+                    go = functools.partial(
+                        run_scaleout_round, market, clients, edges=1, speed=speed, observe=observe
+                    )
+                data = trio.run(go)
+                lat, achieved = _latencies(data, market)
+                if achieved > 0:  # nan compares false: the speed stays
+                    speeds[side] = min(4 * nominal, max(nominal, speeds[side] * load / achieved))
+                per[side]["p50"].append(_percentile(lat, 0.5))
+                per[side]["p99"].append(_percentile(lat, 0.99))
+                per[side]["load"].append(achieved)
+    ours, single = per["scaleout"], per["single"]
+    return Figure(
+        "scaleout_latency_p99_ms",
+        median(ours["p99"]),
+        "max",
+        10.0,
+        f"close frame sent → subscriber on an edge, p99, {load} closed candles/s over {series}"
+        f" series, replay → ingest → PostgreSQL + Redis Streams → edge → "
+        f"{sizes.latency_subscribers} subscribers (3 series each)",
+        {
+            "p50_ms": median(ours["p50"]),
+            "rounds_p99_ms": ours["p99"],
+            "rounds_p50_ms": ours["p50"],
+            "rounds_achieved_load": ours["load"],
+            **_baseline(ours, single),
+            "rounds": rounds,
+        },
+    )
+
+
+def _baseline(ours: dict[str, list[float]], single: dict[str, list[float]]) -> dict[str, object]:
+    """The single process's figures of the same run, and what the bus path adds to them."""
+    if not single["p99"]:
+        return {}
+    return {
+        "single_process_p50_ms": median(single["p50"]),
+        "single_process_p99_ms": median(single["p99"]),
+        "single_process_rounds_achieved_load": single["load"],
+        "added_p50_ms": median(ours["p50"]) - median(single["p50"]),
+        "added_p99_ms": median(ours["p99"]) - median(single["p99"]),
+    }
+
+
+def _burst(sizes: Sizes, rounds: int | None) -> Figure:
+    rounds = rounds or sizes.burst_rounds
+    expected = sizes.burst_subscribers * sizes.burst_series_per_subscriber
+    per: dict[str, list[dict[str, float]]] = {"naive": [], "scaleout": []}
+    errors = dict.fromkeys(per, 0)
+    with tempfile.TemporaryDirectory(prefix="bench-market-") as d:
+        bars = sizes.burst_warmup + sizes.burst_boundaries
+        market = Market.write(Path(d), sizes.burst_symbols, bars)
+        clients = spread_subscriptions(
+            market.series, sizes.burst_subscribers, sizes.burst_series_per_subscriber
+        )
+        speed, observe = str(sizes.burst_speed), list(market.streams)
+        for _ in range(rounds):
+            for side in per:
+                if side == "naive":
+                    go = functools.partial(
+                        run_round, "naive", market, clients, speed=speed, observe=observe
+                    )
+                else:
+                    go = functools.partial(
+                        run_scaleout_round, market, clients, edges=2, speed=speed, observe=observe
+                    )
+                data = trio.run(go)
+                boundaries = _burst_boundaries(data, market, sizes.burst_warmup)
+                short = [b for b in boundaries if b["deliveries"] != expected]
+                if short:
+                    raise RuntimeError(f"{side}: boundaries short of deliveries: {short}")
+                per[side].extend(boundaries)
+                errors[side] += data.error_count
+    ms = {s: median([b["last_delivery_ms"] for b in per[s]]) for s in per}
+    return Figure(
+        "scaleout_burst_ratio_vs_naive_relay",
+        ms["naive"] / ms["scaleout"],
+        "min",
+        1.0,
+        f"naive relay's last-delivery time ÷ two edges' ({sizes.burst_symbols} symbols ×"
+        f" {sizes.burst_subscribers} subscribers × {sizes.burst_series_per_subscriber} series,"
+        " half the subscribers on each edge; replay → ingest → PostgreSQL + Redis → edges)",
+        {
+            "scaleout_last_delivery_ms": ms["scaleout"],
+            "naive_last_delivery_ms": ms["naive"],
+            **{
+                f"{s}_per_boundary_ms": [round(b["last_delivery_ms"], 1) for b in per[s]]
+                for s in per
+            },
+            "overlapped_boundaries": {s: sum(int(b["overlapped"]) for b in per[s]) for s in per},
+            "subscriber_errors": errors,
+            "boundaries_measured": len(per["scaleout"]),
+            "rounds": rounds,
+        },
+    )

@@ -1,0 +1,275 @@
+"""What both topologies of the acceptance replay share (scripts/e2e_acceptance.sh): the
+report, the child processes (each in its own process group, killed on the way out), a real
+/ws/market subscriber, and the comparisons against the Binance data."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import sqlite3
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, Final
+
+import orjson
+import trio
+import trio_websocket
+
+ROOT: Final = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tradecanvas.model import Candle  # noqa: E402
+from tradecanvas.runtime_flags import binance_data_dir  # noqa: E402
+
+BIN: Final = ROOT / ".venv" / "bin" / "tradecanvas"
+BASE: Final = "binance:futures:BTC/USDT:1m"
+FIVE: Final = "binance:futures:BTC/USDT:5m"
+TOKEN: Final = "e2e-acceptance-token-0123456789"
+DAY_BARS: Final = 1440
+# faults: the drop and the omitted/duplicated closes all fall inside the streamed days
+DROP_AT: Final = 3000
+SKIP: Final = 7
+WAIT_ALL_S: Final = 240.0
+OBJ = dict[str, Any]
+
+
+def five_floor(t: int) -> int:
+    return t - t % 300
+
+
+def data_dir() -> Path:
+    found = binance_data_dir()
+    if found is None:
+        raise SystemExit("e2e: no Binance data (TRADE_CANVAS_DATA_DIR, ../shared, make test-data)")
+    return found
+
+
+class Report:
+    def __init__(self) -> None:
+        self.passed = 0
+        self.failed = 0
+
+    def check(self, name: str, ok: bool, detail: str = "") -> bool:
+        if ok:
+            self.passed += 1
+        else:
+            self.failed += 1
+        suffix = f" — {detail}" if detail else ""
+        print(f"{'PASS' if ok else 'FAIL'} {name}{suffix}", flush=True)
+        return ok
+
+
+class Processes:
+    """Every child runs in its own process group, killed on the way out whatever happens."""
+
+    def __init__(self) -> None:
+        self.children: list[subprocess.Popen[bytes]] = []
+
+    def start(self, args: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
+        with log.open("wb") as out:
+            proc = subprocess.Popen(
+                args, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            )
+        self.children.append(proc)
+        return proc
+
+    def kill_all(self) -> None:
+        for proc in self.children:
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+async def wait_for_line(log: Path, pattern: str, proc: subprocess.Popen[bytes]) -> re.Match[str]:
+    with trio.fail_after(60):
+        while True:
+            match = re.search(pattern, log.read_text(errors="replace"))
+            if match:
+                return match
+            if proc.poll() is not None:
+                raise RuntimeError(f"{log.name}: exited {proc.returncode}:\n{log.read_text()}")
+            await trio.sleep(0.05)  # polling a log file for a line; not a race
+
+
+class Subscriber:
+    """A real /ws/market client that records every message (until :meth:`leave`)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.messages: list[OBJ] = []
+        self.closed_code: int | None = None
+        self.changed = trio.Event()
+        self.scope = trio.CancelScope()
+
+    def leave(self) -> None:
+        """Disconnect now (as a client that goes away would)."""
+        self.scope.cancel()
+
+    def event_ids(self, series: str) -> list[int]:
+        return [
+            m["event_id"]
+            for m in self.messages
+            if m["type"] == "system" and m.get("series_id") == series and "event_id" in m
+        ]
+
+    def closed_times(self, series: str) -> list[int]:
+        times: list[int] = []
+        for m in self.messages:
+            if m.get("series_id") != series:
+                continue
+            if m["type"] == "candles_batch":
+                times.extend(c["candle_time"] for c in m["candles"])
+            elif m["type"] == "candle_closed":
+                times.append(m["candle"]["candle_time"])
+        return times
+
+    def closed_candles(self, series: str) -> dict[int, OBJ]:
+        result: dict[int, OBJ] = {}
+        for m in self.messages:
+            if m.get("series_id") != series:
+                continue
+            for c in m["candles"] if m["type"] == "candles_batch" else [m.get("candle")]:
+                if c is not None and m["type"] in ("candles_batch", "candle_closed"):
+                    result[c["candle_time"]] = c
+        return result
+
+    def of_type(self, kind: str) -> list[OBJ]:
+        return [m for m in self.messages if m["type"] == kind]
+
+    async def run(
+        self,
+        url: str,
+        subscribe: list[OBJ],
+        *,
+        task_status: trio.TaskStatus[trio_websocket.WebSocketConnection] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        with self.scope:
+            await self._run(url, subscribe, task_status)
+
+    async def _run(
+        self,
+        url: str,
+        subscribe: list[OBJ],
+        task_status: trio.TaskStatus[trio_websocket.WebSocketConnection],
+    ) -> None:
+        async with trio_websocket.open_websocket_url(url) as ws:
+            for message in subscribe:
+                await ws.send_message(orjson.dumps(message).decode())
+            try:
+                if subscribe:
+                    # the server handles a client's messages in order: the pong means
+                    # every subscription is in place
+                    await ws.send_message('{"type": "ping"}')
+                    while not self.of_type("pong"):
+                        self.messages.append(orjson.loads(await ws.get_message()))
+                task_status.started(ws)
+                while True:
+                    raw = await ws.get_message()
+                    self.messages.append(orjson.loads(raw))
+                    self.changed.set()
+                    self.changed = trio.Event()
+            except trio_websocket.ConnectionClosed as exc:
+                self.closed_code = exc.reason.code if exc.reason else None
+                self.changed.set()
+
+    async def wait_until(self, condition: Callable[[], bool], timeout: float) -> bool:
+        with trio.move_on_after(timeout):
+            while not condition():
+                if self.closed_code is not None:
+                    return condition()
+                await self.changed.wait()
+            return True
+        return condition()
+
+
+def schema(messages: list[OBJ]) -> dict[str, tuple[str, ...]]:
+    """Message kind → its sorted keys (and the candle object's keys).
+
+    A system message's kind includes its event: each event has its own data keys, and
+    which system event came last differs between runs.
+    """
+    result: dict[str, tuple[str, ...]] = {}
+    for m in messages:
+        kind = m["type"] if m["type"] != "system" else f"system:{m.get('event')}"
+        keys = sorted(m)
+        if m["type"] == "candles_batch" and m["candles"]:
+            keys += ["candle:" + k for k in sorted(m["candles"][0])]
+        if m["type"] == "candle_closed":
+            keys += ["candle:" + k for k in sorted(m["candle"])]
+        if m["type"] == "system":
+            keys += ["data:" + k for k in sorted(m["data"])]
+        result[kind] = tuple(keys)
+    return result
+
+
+CORE_KINDS = ("candles_batch", "candle_closed", "error", "pong", "system:factor.rebuild")
+
+
+def same_schemas(a: dict[str, tuple[str, ...]], b: dict[str, tuple[str, ...]]) -> bool:
+    """Both modes sent every core kind, and every kind both sent has the same keys."""
+    if not all(k in a and k in b for k in CORE_KINDS):
+        return False
+    return all(a[k] == b[k] for k in a.keys() & b.keys())
+
+
+def schema_report(a: dict[str, tuple[str, ...]], b: dict[str, tuple[str, ...]]) -> str:
+    def verdict(kind: str) -> str:
+        if kind not in b:
+            return "only with publish=0"
+        if kind not in a:
+            return "only with publish=1"
+        return "same" if a[kind] == b[kind] else "DIFFERENT"
+
+    return "; ".join(f"{k}: {verdict(k)}" for k in sorted(a.keys() | b.keys()))
+
+
+def equal_candle(wire: OBJ | None, ref: Candle) -> bool:
+    """A received candle (None: not received) equals the Binance bar."""
+    return (
+        wire is not None
+        and all(
+            wire[f] == float(getattr(ref, f)) for f in ("open", "high", "low", "close", "volume")
+        )
+        and wire["candle_time"] == ref.candle_time
+    )
+
+
+def sqlite_counts(db: Path) -> dict[str, int]:
+    conn = sqlite3.connect(db)
+    try:
+        return dict(conn.execute("SELECT series_id, COUNT(*) FROM candles GROUP BY series_id"))
+    finally:
+        conn.close()
+
+
+def metric(text: str, name: str, labels: str = "") -> float:
+    pattern = rf"^{re.escape(name)}{re.escape(labels)} ([0-9.e+-]+)$"
+    match = re.search(pattern, text, re.M)
+    return float(match.group(1)) if match else -1.0
+
+
+def print_tails(folder: Path, flag: str, lines: int = 15) -> None:
+    """The last lines of every child's log of one run (after a crash, to see why)."""
+    for log in sorted(folder.glob(f"*-{flag}*.log")):
+        tail = "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+        print(f"--- {log.name} (tail)\n{tail}")
+
+
+@contextlib.contextmanager
+def terminated_on_signals(procs: Processes) -> Iterator[None]:
+    def handler(signum: int, _: object) -> None:
+        procs.kill_all()
+        raise SystemExit(128 + signum)
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        procs.kill_all()
+        for s, h in old.items():
+            signal.signal(s, h)
