@@ -45,7 +45,7 @@ from tradecanvas.serve.hub import Hub
 from tradecanvas.serve.in_flight import InFlight, limit_send_buffer
 from tradecanvas.serve.subscriber import TransportClosed
 from tradecanvas.serve.ws_protocol import MAX_MESSAGE_BYTES, WS_PATH, InboundLimits, header
-from tradecanvas.serve.ws_session import MarketEndpoint
+from tradecanvas.serve.ws_session import DEFAULT_STALL_TIMEOUT_S, MarketEndpoint
 
 log = logging.getLogger(__name__)
 
@@ -271,12 +271,17 @@ async def serve_ws_market(
     allowed_origins: Sequence[str],
     max_subscriptions: int,
     limits: InboundLimits | None = None,
+    stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """:func:`serve_ws_port` for an endpoint of its own over ``hub`` (a Hub served on this
     port only, as the benchmarks do; the daemon shares one endpoint between both ports)."""
     endpoint = MarketEndpoint(
-        hub, allowed_origins=allowed_origins, max_subscriptions=max_subscriptions, limits=limits
+        hub,
+        allowed_origins=allowed_origins,
+        max_subscriptions=max_subscriptions,
+        limits=limits,
+        stall_timeout_s=stall_timeout_s,
     )
     await serve_ws_port(endpoint, host=host, port=port, task_status=task_status)
 
