@@ -17,7 +17,7 @@ import socket
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import attrs
 import pytest
@@ -243,7 +243,8 @@ async def connect(
         async with trio.open_nursery() as nursery:
             ws = await trio_websocket.wrap_client_stream(
                 nursery,
-                QuickAckStream(stream) if quick_ack else stream,
+                # typed for socket streams; any Stream works (it only reads and writes)
+                cast("trio.SocketStream", QuickAckStream(stream)) if quick_ack else stream,
                 "127.0.0.1",
                 path,
                 extra_headers=[(b"Origin", origin)] if origin is not None else None,
