@@ -98,6 +98,7 @@ PARSE_ERROR_CASES: list[tuple[str, str, str]] = [
     ("TRADE_CANVAS_SUBSCRIBER_SEND_TIMEOUT_S", "-1", "out of range"),
     ("TRADE_CANVAS_SUBSCRIBER_STALL_TIMEOUT_S", "0", "out of range"),
     ("TRADE_CANVAS_MAX_SUBSCRIPTIONS", "0", "out of range"),
+    ("TRADE_CANVAS_MAX_CONNECTIONS", "0", "out of range"),
     ("TRADE_CANVAS_EVENT_RETENTION_DAYS", "0", "out of range"),
     ("TRADE_CANVAS_EVENT_RETENTION_MAX", "10", "out of range"),
     ("TRADE_CANVAS_WS_ALLOWED_ORIGINS", "localhost", "not an origin"),

@@ -31,6 +31,8 @@ PUBLISH_PATHS: Final = ("legacy", "pipeline", "http")
 # the causes of serve.subscriber_queue.SLOW_CONSUMER_CAUSES (listed here like the reconnect
 # reasons below; a test checks they are the same)
 SLOW_CONSUMER_CAUSES: Final = ("stalled", "send_timeout", "lagging", "queue_full")
+# serve.ws_protocol.REFUSAL_REASONS, likewise
+WS_REFUSAL_REASONS: Final = ("not_found", "origin", "shutdown", "max_connections")
 # the per-subscriber snapshots on /metrics (SubscriberStatistics): messages queued, bytes
 # unacknowledged (the budget is serve.in_flight.IN_FLIGHT_MAX_BYTES), seconds behind
 QUEUE_DEPTH_BUCKETS: Final = (0, 1, 4, 16, 64, 256, 1024, 4096, 16384)
@@ -263,6 +265,15 @@ class Metrics:
         )
         for cause in SLOW_CONSUMER_CAUSES:
             self.slow_consumer_closes_total.labels(cause=cause)
+        self.ws_refusals_total = Counter(
+            "tradecanvas_ws_refusals",
+            "/ws/market upgrades refused, by reason: not_found (404), origin (403),"
+            " shutdown (503), max_connections (503)",
+            ["reason"],
+            registry=r,
+        )
+        for reason in WS_REFUSAL_REASONS:
+            self.ws_refusals_total.labels(reason=reason)
         self.subscriber_statistics = SubscriberStatistics()
         r.register(self.subscriber_statistics)
         self.upstream_reconnects_total = Counter(

@@ -185,6 +185,9 @@ class InFlight:
 
     def behind(self, now: float) -> float:
         """Sample the socket: seconds behind (see :class:`StallClock`); 0.0 when unknown."""
+        if self._bound == 0:  # nothing written since nothing was in flight: no system call
+            self.behind_s = self._clock.observe(now, 0, 0)
+            return self.behind_s
         acked = acknowledged_bytes(self.sock)
         unacked = self._measure()
         if acked is None:

@@ -126,6 +126,7 @@ class MarketEndpoint:
         max_subscriptions: int,
         limits: InboundLimits | None = None,
         stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S,
+        max_connections: int | None = None,
     ) -> None:
         if stall_timeout_s <= 0:
             raise ValueError("stall_timeout_s must be > 0")
@@ -134,6 +135,8 @@ class MarketEndpoint:
         self.max_subscriptions = max_subscriptions
         self.limits = limits or InboundLimits()
         self.stall_timeout_s = stall_timeout_s
+        # /ws/market connections open at once, both ports together (None: no limit)
+        self.max_connections = max_connections
         self._closing = False
         hub.metrics.subscriber_statistics.source = self._subscriber_samples
 
@@ -166,8 +169,20 @@ class MarketEndpoint:
 
     def refusal(self, target: str, origin: str | None) -> HandshakeRefusal | None:
         """The HTTP answer to an upgrade request for ``target`` with this ``Origin``
-        header, or None to accept it (:func:`~.ws_protocol.refuse_handshake`)."""
-        return refuse_handshake(target, origin, self.allowed_origins, closing=self._closing)
+        header, or None to accept it (:func:`~.ws_protocol.refuse_handshake`; counted by
+        reason). The connection limit counts the sessions attached: handshakes accepted at
+        the same moment may pass it by the few in flight."""
+        refusal = refuse_handshake(
+            target,
+            origin,
+            self.allowed_origins,
+            closing=self._closing,
+            connections=self.hub.statistics().subscribers,
+            max_connections=self.max_connections,
+        )
+        if refusal is not None:
+            self.hub.metrics.ws_refusals_total.labels(reason=refusal.reason).inc()
+        return refusal
 
     def shutdown(self) -> None:
         """Refuse new connections (503) and close every session with 1001. Idempotent;
