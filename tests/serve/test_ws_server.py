@@ -87,6 +87,7 @@ async def running_market(
     over: str = "ws_port",
     ws_port: int = 0,
     stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S,
+    max_connections: int | None = None,
 ) -> AsyncIterator[Market]:
     """A Hub and its endpoint on the WS port (127.0.0.1, ``ws_port``; 0: any) and, with
     ``over="http_port"``, on the HTTP port too; ``Market.port`` is the one ``over`` names.
@@ -109,6 +110,7 @@ async def running_market(
         max_subscriptions=max_subscriptions,
         limits=limits,
         stall_timeout_s=stall_timeout_s,
+        max_connections=max_connections,
     )
     async with trio.open_nursery() as nursery:
         bound_ws = await nursery.start(

@@ -274,6 +274,15 @@ class Metrics:
         )
         for reason in WS_REFUSAL_REASONS:
             self.ws_refusals_total.labels(reason=reason)
+        self.http_refusals_total = Counter(
+            "tradecanvas_http_refusals",
+            "HTTP API requests answered with an error document, by its code"
+            " (unauthorized, ingest_disabled, body_too_large, validation_failed, …)",
+            ["code"],
+            registry=r,
+        )
+        for code in ("unauthorized", "ingest_disabled"):
+            self.http_refusals_total.labels(code=code)
         self.subscriber_statistics = SubscriberStatistics()
         r.register(self.subscriber_statistics)
         self.upstream_reconnects_total = Counter(
