@@ -1,6 +1,6 @@
 """Slow consumers with real clients that stop reading (DESIGN §6), on both ports: a stuck
-client is closed with 4008 within the stall timeout and, when it reads again, gets what was
-sent before in order and then the 4008 close frame; a client that pauses for less, or reads
+client is closed with 4008 within the stall timeout and, when it reads again while the daemon
+waits for its close handshake, gets what was sent before in order and then the 4008 close frame; a client that pauses for less, or reads
 slowly but keeps up, is never closed; the healthy clients beside them get everything in order.
 
 Real trio-websocket clients with default kernel buffers against real servers on 127.0.0.1 and
@@ -118,7 +118,8 @@ async def test_a_stuck_client_is_closed_within_the_stall_time_and_gets_its_4008(
         assert STALL_S - interval <= closed_after <= STALL_S + 2 * interval
         assert slow_closes(market, "stalled") == 1.0
 
-        # it reads again: what was sent before, in order, then the close frame with 4008
+        # it reads again (within the close handshake's 2 s): what was sent before, in
+        # order, then the close frame with 4008
         messages, code = await read_until_closed(stuck)
         assert code == 4008
         times = closed_times(messages)
