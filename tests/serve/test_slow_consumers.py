@@ -1,7 +1,8 @@
 """Slow consumers with real clients that stop reading (DESIGN §6), on both ports: a stuck
 client is closed with 4008 within the stall timeout and, when it reads again while the daemon
-waits for its close handshake, gets what was sent before in order and then the 4008 close frame; a client that pauses for less, or reads
-slowly but keeps up, is never closed; the healthy clients beside them get everything in order.
+waits for its close handshake, gets what was sent before in order and then the 4008 close
+frame; a client that pauses for less, or reads slowly but keeps up, is never closed; the
+healthy clients beside them get everything in order.
 
 Real trio-websocket clients with default kernel buffers against real servers on 127.0.0.1 and
 a real SQLite store, under a mock clock that jumps ahead when idle (the stall timeout passes
