@@ -145,6 +145,11 @@ async def test_a_client_that_pauses_for_less_than_the_stall_time_is_not_closed(
         await trio.sleep(0.6 * STALL_S)  # reads nothing: the catch-up backs up
         (subscriber,) = market.hub.subscribers()
         assert subscriber.in_flight is not None and subscriber.in_flight.behind_s > 0
+        # /metrics shows it: bytes in flight, seconds behind
+        text = market.metrics.render().decode()
+        assert 'tradecanvas_subscriber_in_flight_bytes_bucket{le="0"} 0.0' in text
+        assert 'tradecanvas_subscriber_behind_seconds_bucket{le="0"} 0.0' in text
+        assert "tradecanvas_subscriber_behind_seconds_gcount 1.0" in text
         assert await read_all(pausing, CATCH_UP) == expected_times()
         assert subscriber.close_code is None
         assert sum(slow_closes(market, c) for c in ("stalled", "send_timeout")) == 0
