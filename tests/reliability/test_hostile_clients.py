@@ -25,6 +25,7 @@ import trio_websocket
 
 from tests.conftest import flat_minutes
 from tests.reliability.record import ReliabilityRecord, report, sized
+from tests.reliability.test_subscriber_faults import allow_open_files
 from tests.serve.test_http_api import INGEST, TOKEN, metric_value, running_api
 from tests.serve.test_http_validation import body_for
 from tests.serve.test_ws_server import (
@@ -195,6 +196,7 @@ async def test_hostile_clients_are_answered_counted_and_hurt_nobody(
     store: CandleStore, tmp_path: Path
 ) -> None:
     limit = sized(200, 2000)
+    allow_open_files(2 * limit + 256)
     faults = 0
     async with (
         running_market(store, over="http_port", limits=LIMITS, max_connections=limit) as market,

@@ -19,6 +19,7 @@ the healthy client's socket) and the process's RSS growth. Latency is reported, 
 from __future__ import annotations
 
 import random
+import resource
 import sys
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -70,6 +71,16 @@ class RunFigures:
     p99_s: float
     stuck_closed_4008: int
     rss_growth_kib: int
+
+
+def allow_open_files(count: int) -> None:
+    """Raise this process's open-file limit to ``count`` (within the hard limit): both ends
+    of every connection are here."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = count if hard == resource.RLIM_INFINITY else min(count, hard)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+    assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] >= count, "raise ulimit -Hn"
 
 
 def rss_kib() -> int:
@@ -202,6 +213,7 @@ async def test_healthy_subscribers_get_everything_in_order_beside_stuck_and_slow
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     total = sized(100, 1000)
+    allow_open_files(2 * total + 256)
     stuck = slow = total // 20
     healthy = total - stuck - slow
     async with AsyncExitStack() as stack:
