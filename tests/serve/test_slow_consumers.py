@@ -1,7 +1,7 @@
 """Slow consumers with real clients that stop reading (DESIGN §6), on both ports: a stuck
-client is closed with 4008 within the stall timeout and, when it reads again while the daemon
-waits for its close handshake, gets what was sent before in order and then the 4008 close
-frame; a client that pauses for less, or reads slowly but keeps up, is never closed; the
+client is closed with 4008 within the stall timeout and, when it reads again, even after the
+daemon has closed the TCP connection, gets what was sent before in order and then the 4008
+close frame; a client that pauses for less, or reads slowly but keeps up, is never closed; the
 healthy clients beside them get everything in order.
 
 Real trio-websocket clients with default kernel buffers against real servers on 127.0.0.1 and
@@ -32,7 +32,7 @@ from tests.serve.test_ws_server import (
     send,
     subscribe_msg,
 )
-from tradecanvas.serve.ws_session import STALL_SAMPLES
+from tradecanvas.serve.ws_session import CLOSE_TIMEOUT_S, STALL_SAMPLES
 from tradecanvas.store.sqlite import CandleStore
 from tradecanvas.wire.json import loads
 
@@ -119,8 +119,11 @@ async def test_a_stuck_client_is_closed_within_the_stall_time_and_gets_its_4008(
         assert STALL_S - interval <= closed_after <= STALL_S + 2 * interval
         assert slow_closes(market, "stalled") == 1.0
 
-        # it reads again (within the close handshake's 2 s): what was sent before, in
-        # order, then the close frame with 4008
+        # it reads again only after the daemon has given up on the close handshake and
+        # closed the TCP connection: what was sent before, in order, then the 4008 frame
+        await trio.sleep(CLOSE_TIMEOUT_S + 1)
+        assert stuck_subscriber.in_flight is not None
+        assert stuck_subscriber.in_flight.sock.fileno() == -1  # closed on the daemon's side
         messages, code = await read_until_closed(stuck)
         assert code == 4008
         times = closed_times(messages)

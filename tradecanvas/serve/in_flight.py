@@ -14,6 +14,11 @@ the bound is the daemon's own, the same on every network:
   bigger than the budget goes alone into an empty queue, with the send buffer raised to hold
   all of it (:meth:`InFlight.wait_room`). What is not written waits in the subscriber's own
   bounded queue (``subscriber_queue``), which lags and heals from the store.
+- **Room for the close frame.** trio's SocketStream sets ``TCP_NOTSENT_LOWAT`` (16 KiB),
+  and Linux then refuses writes while that much is unsent — to a peer that stopped reading,
+  everything beyond its window is unsent, so even a 50-byte close frame would wait.
+  :meth:`InFlight.release_for_close` lifts it before the close frame is written: the send
+  buffer, far from full, takes the frame (and the rest of a frame a cancelled write began).
 - **A stall clock.** :class:`StallClock` turns samples of (bytes acknowledged, bytes
   unacknowledged) into "seconds behind": the age of the oldest byte written and not yet
   acknowledged. The session closes a subscriber with 4008 once that reaches
@@ -51,6 +56,9 @@ ROOM_POLL_MAX_S: Final = 0.1
 _SIOCOUTQ: Final = termios.TIOCOUTQ
 # struct tcp_info: tcpi_bytes_acked (u64, Linux ≥ 4.1)
 _TCP_INFO: Final = getattr(socket, "TCP_INFO", None)
+_TCP_NOTSENT_LOWAT: Final = getattr(socket, "TCP_NOTSENT_LOWAT", None)
+# no limit on unsent bytes (what the send buffer holds is the only limit)
+_NO_LOWAT: Final = 2**31 - 1
 _BYTES_ACKED_OFFSET: Final = 120
 _TCP_INFO_LEN: Final = 128
 
@@ -182,6 +190,13 @@ class InFlight:
         while not self.fits(n):
             await trio.sleep(delay)
             delay = min(delay * 2, ROOM_POLL_MAX_S)
+
+    def release_for_close(self) -> None:
+        """Let the kernel take the close frame now, whatever is unsent before it (see the
+        module docstring); only the send buffer limits the writes from here on."""
+        if _TCP_NOTSENT_LOWAT is not None and self.sock.fileno() != -1:
+            with contextlib.suppress(OSError):
+                self.sock.setsockopt(socket.IPPROTO_TCP, _TCP_NOTSENT_LOWAT, _NO_LOWAT)
 
     def behind(self, now: float) -> float:
         """Sample the socket: seconds behind (see :class:`StallClock`); 0.0 when unknown."""

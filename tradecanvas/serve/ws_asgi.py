@@ -184,6 +184,8 @@ class AsgiTransport:
         try:
             if not self._peer_left and not self._close_sent and self._write_failed is None:
                 self._close_sent = True
+                if self._in_flight is not None:
+                    self._in_flight.release_for_close()  # the close frame goes in at once
                 await self._write({"type": "websocket.close", "code": code, "reason": reason or ""})
                 # the closing handshake: what the peer still sends, then its close
                 while not self._peer_left and self._write_failed is None:

@@ -138,6 +138,8 @@ class _TrioWebsocketTransport:
             raise _closed(exc) from None
 
     async def aclose(self, code: int, reason: str | None) -> None:
+        if self.stream.in_flight is not None:
+            self.stream.in_flight.release_for_close()  # the close frame goes in at once
         await self._ws.aclose(code, reason)
 
 
