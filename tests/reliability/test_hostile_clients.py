@@ -225,6 +225,7 @@ async def test_hostile_clients_are_answered_counted_and_hurt_nobody(
         assert metric(market, "tradecanvas_subscriber_disconnects", reason="message_too_big") == 2
         assert metric(market, "tradecanvas_subscriber_disconnects", reason="rate_limited") == 1
         assert metric(market, "tradecanvas_ws_refusals", reason="origin") == 2
+        assert metric(market, "tradecanvas_ws_rate_limited") > 0
         assert metric(market, "tradecanvas_ws_refusals", reason="max_connections") == 2
         published, received = healthy.published, healthy.received
 

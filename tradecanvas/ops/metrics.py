@@ -274,6 +274,12 @@ class Metrics:
         )
         for reason in WS_REFUSAL_REASONS:
             self.ws_refusals_total.labels(reason=reason)
+        self.ws_rate_limited_total = Counter(
+            "tradecanvas_ws_rate_limited",
+            "/ws/market client messages refused by the per-connection rate limit"
+            " (answered with a rate_limited error)",
+            registry=r,
+        )
         self.http_refusals_total = Counter(
             "tradecanvas_http_refusals",
             "HTTP API requests answered with an error document, by its code"

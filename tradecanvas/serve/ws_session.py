@@ -268,6 +268,7 @@ class MarketEndpoint:
                 )
                 return
             if verdict == "limited":
+                self.hub.metrics.ws_rate_limited_total.inc()
                 subscriber.send_control(self.limits.rate_limited_error().to_wire())
                 continue
             if verdict == "ignored":
