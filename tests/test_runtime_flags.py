@@ -42,6 +42,7 @@ def test_defaults_match_design() -> None:
     assert flags.late_close_s == 10
     assert flags.stale_timeout_s == 60
     assert (flags.subscriber_queue_max, flags.subscriber_send_timeout_s) == (1024, 10)
+    assert flags.subscriber_stall_timeout_s == 30
     assert flags.max_subscriptions == 64
     assert "http://localhost" in flags.ws_allowed_origins
     assert flags.ingest_token is None
@@ -95,7 +96,9 @@ PARSE_ERROR_CASES: list[tuple[str, str, str]] = [
     ("TRADE_CANVAS_STALE_TIMEOUT_S", "0", "out of range"),
     ("TRADE_CANVAS_SUBSCRIBER_QUEUE_MAX", "0", "out of range"),
     ("TRADE_CANVAS_SUBSCRIBER_SEND_TIMEOUT_S", "-1", "out of range"),
+    ("TRADE_CANVAS_SUBSCRIBER_STALL_TIMEOUT_S", "0", "out of range"),
     ("TRADE_CANVAS_MAX_SUBSCRIPTIONS", "0", "out of range"),
+    ("TRADE_CANVAS_MAX_CONNECTIONS", "0", "out of range"),
     ("TRADE_CANVAS_EVENT_RETENTION_DAYS", "0", "out of range"),
     ("TRADE_CANVAS_EVENT_RETENTION_MAX", "10", "out of range"),
     ("TRADE_CANVAS_WS_ALLOWED_ORIGINS", "localhost", "not an origin"),

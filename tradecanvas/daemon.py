@@ -195,7 +195,11 @@ async def market_runtime_builder(flags: RuntimeFlags) -> MarketRuntime:
             metrics=metrics,
         )
         market = MarketEndpoint(
-            hub, allowed_origins=flags.ws_allowed_origins, max_subscriptions=flags.max_subscriptions
+            hub,
+            allowed_origins=flags.ws_allowed_origins,
+            max_subscriptions=flags.max_subscriptions,
+            stall_timeout_s=flags.subscriber_stall_timeout_s,
+            max_connections=flags.max_connections,
         )
     publisher = publisher_from_flags(flags) if role != "all" else None
     feed: EdgeFeed | None = None

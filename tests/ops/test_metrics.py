@@ -18,7 +18,7 @@ import trio
 from tests.cli_rig import cli_env, run_cli, wait_for_line
 from tests.conftest import binance_data_dir
 from tests.serve.test_ws_server import closed_times, connect, until_pong
-from tradecanvas.ops.metrics import DeliveryTimer, Metrics
+from tradecanvas.ops.metrics import DeliveryTimer, Metrics, SubscriberSample
 from tradecanvas.wire.json import dumps, loads
 
 WEEK: Final = "klines_1m_5m/futures_um/BTCUSDT-1m-2025-07-06_2025-07-12.csv"
@@ -108,6 +108,39 @@ def test_the_new_metrics_are_exposed_before_any_traffic() -> None:
     }
     age = samples(text, "tradecanvas_watchdog_last_ping_age_seconds")
     assert math.isnan(age["tradecanvas_watchdog_last_ping_age_seconds"])
+
+
+def buckets(text: str, name: str) -> dict[str, float]:
+    """``le`` → value of a (gauge) histogram's buckets in an exposition."""
+    found = {}
+    for line in text.splitlines():
+        if match := re.fullmatch(name + r'_bucket\{le="([^"]+)"\} (\S+)', line):
+            found[match.group(1)] = float(match.group(2))
+    return found
+
+
+def test_subscriber_statistics_are_gauge_histograms_over_the_subscribers_at_a_scrape() -> None:
+    metrics = Metrics()
+    assert "tradecanvas_subscriber_queue_depth" not in metrics.render().decode()  # no source
+    metrics.subscriber_statistics.source = lambda: [
+        SubscriberSample(queued=0, lagging=False, in_flight_bytes=0, behind_s=0.0),
+        SubscriberSample(queued=3, lagging=False, in_flight_bytes=70_000, behind_s=0.4),
+        SubscriberSample(queued=900, lagging=True, in_flight_bytes=131_072, behind_s=12.0),
+    ]
+    text = metrics.render().decode()
+    depth = buckets(text, "tradecanvas_subscriber_queue_depth")
+    assert (depth["0"], depth["4"], depth["1024"], depth["+Inf"]) == (1, 2, 3, 3)
+    in_flight = buckets(text, "tradecanvas_subscriber_in_flight_bytes")
+    assert (in_flight["0"], in_flight["65536"], in_flight["131072"]) == (1, 1, 3)
+    behind = buckets(text, "tradecanvas_subscriber_behind_seconds")
+    assert (behind["0"], behind["0.5"], behind["10"], behind["30"]) == (1, 2, 2, 3)
+    assert samples(text, "tradecanvas_subscriber_queue_depth_gsum") == {
+        "tradecanvas_subscriber_queue_depth_gsum": 903.0
+    }
+    assert samples(text, "tradecanvas_subscribers_lagging") == {
+        "tradecanvas_subscribers_lagging": 1.0
+    }
+    assert 'tradecanvas_slow_consumer_closes_total{cause="stalled"} 0.0' in text
 
 
 @pytest.mark.e2e

@@ -474,7 +474,7 @@ def test_lagging_for_max_lag_s_is_a_4008() -> None:
     assert (rig.queue.lagging_since, rig.queue.lag_deadline) == (10.0, 15.0)
     decision = rig.queue.lagged_out()
     assert decision == CloseDecision(
-        4008, "slow consumer: lagging for more than 5s", "slow_consumer"
+        4008, "slow consumer: lagging for more than 5s", "slow_consumer", "lagging"
     )
     assert rig.queue.closing
     # a closing queue takes nothing more and its drain stops
@@ -503,7 +503,9 @@ def test_no_room_for_a_control_message_is_a_4008() -> None:
     assert rig.queue.lagging_since == 0.0 and rig.queue.queued == 2
     # only whole messages left: no room at all
     decision = rig.queue.offer_message("three", now=0.0)
-    assert decision == CloseDecision(4008, "slow consumer: queue full", "slow_consumer")
+    assert decision == CloseDecision(
+        4008, "slow consumer: queue full", "slow_consumer", "queue_full"
+    )
     assert rig.queue.closing and rig.queue.queued == 2
 
 

@@ -10,8 +10,11 @@ import pytest
 
 from tradecanvas.errors import ClientMessageError
 from tradecanvas.model import SeriesId, Timeframe
+from tradecanvas.ops import metrics
 from tradecanvas.runtime_flags import DEFAULT_ALLOWED_ORIGINS
+from tradecanvas.serve.subscriber_queue import SLOW_CONSUMER_CAUSES
 from tradecanvas.serve.ws_protocol import (
+    REFUSAL_REASONS,
     InboundLimits,
     PingRequest,
     RateLimiter,
@@ -184,3 +187,27 @@ def test_the_handshake_answer_path_then_origin_then_shutdown() -> None:
     )
     closing = refuse_handshake("/ws/market", None, allowed, closing=True)
     assert closing is not None and closing.status == 503
+
+
+def test_the_connection_limit_is_answered_503_after_the_other_rules() -> None:
+    allowed = DEFAULT_ALLOWED_ORIGINS
+    assert refuse_handshake("/ws/market", None, allowed, closing=False, connections=2) is None
+    below = refuse_handshake(
+        "/ws/market", None, allowed, closing=False, connections=2, max_connections=3
+    )
+    assert below is None
+    full = refuse_handshake(
+        "/ws/market", None, allowed, closing=False, connections=3, max_connections=3
+    )
+    assert full is not None and (full.status, full.reason) == (503, "max_connections")
+    assert b"at most 3" in full.body
+    origin_first = refuse_handshake(
+        "/ws/market", "http://evil.example", allowed, closing=False, connections=9,
+        max_connections=3,
+    )  # fmt: skip
+    assert origin_first is not None and origin_first.reason == "origin"
+
+
+def test_the_metrics_know_every_refusal_reason_and_slow_consumer_cause() -> None:
+    assert metrics.WS_REFUSAL_REASONS == REFUSAL_REASONS
+    assert metrics.SLOW_CONSUMER_CAUSES == SLOW_CONSUMER_CAUSES

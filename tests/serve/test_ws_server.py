@@ -17,7 +17,7 @@ import socket
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import attrs
 import pytest
@@ -34,7 +34,7 @@ from tradecanvas.serve.hub import Hub
 from tradecanvas.serve.ws_asgi import market_websocket_routes
 from tradecanvas.serve.ws_protocol import InboundLimits
 from tradecanvas.serve.ws_server import serve_ws_port
-from tradecanvas.serve.ws_session import MarketEndpoint
+from tradecanvas.serve.ws_session import DEFAULT_STALL_TIMEOUT_S, MarketEndpoint
 from tradecanvas.store.sqlite import CandleStore
 from tradecanvas.wire.json import dumps, loads
 
@@ -86,6 +86,8 @@ async def running_market(
     limits: InboundLimits | None = None,
     over: str = "ws_port",
     ws_port: int = 0,
+    stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S,
+    max_connections: int | None = None,
 ) -> AsyncIterator[Market]:
     """A Hub and its endpoint on the WS port (127.0.0.1, ``ws_port``; 0: any) and, with
     ``over="http_port"``, on the HTTP port too; ``Market.port`` is the one ``over`` names.
@@ -103,7 +105,12 @@ async def running_market(
         max_lag_s=max_lag_s,
     )
     endpoint = MarketEndpoint(
-        hub, allowed_origins=allowed_origins, max_subscriptions=max_subscriptions, limits=limits
+        hub,
+        allowed_origins=allowed_origins,
+        max_subscriptions=max_subscriptions,
+        limits=limits,
+        stall_timeout_s=stall_timeout_s,
+        max_connections=max_connections,
     )
     async with trio.open_nursery() as nursery:
         bound_ws = await nursery.start(
@@ -182,6 +189,36 @@ def subscribe_msg(
     return {"type": "subscribe", "series_id": series_id, "since": since, "supports_batch": batch}
 
 
+class QuickAckStream(trio.abc.HalfCloseableStream):
+    """A client's SocketStream that acknowledges what it has read at once (``TCP_QUICKACK``).
+
+    The kernel delays an acknowledgement by up to 40 ms of real time; under the autojump
+    clock the daemon's stall watch would see those milliseconds as seconds of a client
+    acknowledging nothing. A reading client acknowledges at once here, as it effectively
+    does on a real clock."""
+
+    def __init__(self, inner: trio.SocketStream) -> None:
+        self.inner = inner
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        data = await self.inner.receive_some(max_bytes)
+        if self.inner.socket.fileno() != -1:
+            self.inner.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
+        return data
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def send_eof(self) -> None:
+        await self.inner.send_eof()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
 @asynccontextmanager
 async def connect(
     port: int,
@@ -190,12 +227,15 @@ async def connect(
     origin: bytes | None = None,
     receive_buffer: int | None = None,
     message_queue_size: int = 8,
+    quick_ack: bool = False,
 ) -> AsyncIterator[trio_websocket.WebSocketConnection]:
     """A trio-websocket client on a TCP stream we own and always close (trio-websocket's
     own client leaves its socket open when the server closes first).
 
     ``receive_buffer`` shrinks the kernel receive buffer: with a 1-message queue and no
-    reads, the server's sends back up after a few messages."""
+    reads, the server's sends back up after a few messages. ``quick_ack``: acknowledge
+    what is read at once (:class:`QuickAckStream`; for tests of the stall timeout under
+    the autojump clock)."""
     sock = trio.socket.socket()
     if receive_buffer is not None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
@@ -205,7 +245,8 @@ async def connect(
         async with trio.open_nursery() as nursery:
             ws = await trio_websocket.wrap_client_stream(
                 nursery,
-                stream,
+                # typed for socket streams; any Stream works (it only reads and writes)
+                cast("trio.SocketStream", QuickAckStream(stream)) if quick_ack else stream,
                 "127.0.0.1",
                 path,
                 extra_headers=[(b"Origin", origin)] if origin is not None else None,

@@ -8,9 +8,10 @@ a send (docs/operations.md, "Metrics").
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator
+from bisect import bisect_left
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Final, final
+from typing import Final, NamedTuple, final
 
 from prometheus_client import (
     CollectorRegistry,
@@ -20,11 +21,23 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
+from prometheus_client.core import GaugeHistogramMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 # the *_created series only double the exposition; nothing of ours reads them
 disable_created_metrics()  # type: ignore[no-untyped-call]
 
 PUBLISH_PATHS: Final = ("legacy", "pipeline", "http")
+# the causes of serve.subscriber_queue.SLOW_CONSUMER_CAUSES (listed here like the reconnect
+# reasons below; a test checks they are the same)
+SLOW_CONSUMER_CAUSES: Final = ("stalled", "send_timeout", "lagging", "queue_full")
+# serve.ws_protocol.REFUSAL_REASONS, likewise
+WS_REFUSAL_REASONS: Final = ("not_found", "origin", "shutdown", "max_connections")
+# the per-subscriber snapshots on /metrics (SubscriberStatistics): messages queued, bytes
+# unacknowledged (the budget is serve.in_flight.IN_FLIGHT_MAX_BYTES), seconds behind
+QUEUE_DEPTH_BUCKETS: Final = (0, 1, 4, 16, 64, 256, 1024, 4096, 16384)
+IN_FLIGHT_BUCKETS: Final = (0, 1024, 4096, 16384, 65536, 131072, 262144, 1048576)
+BEHIND_BUCKETS: Final = (0, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 # the reconnect reasons of upstream.plan.RECONNECT_REASONS (ops comes first in the import
 # order, so they are listed here, and a test checks they are the same)
 RECONNECT_REASONS: Final = ("rotation", "drop", "stale", "server_shutdown", "error")
@@ -139,6 +152,76 @@ class DeliveryTimer:
                 self._histogram.observe(batch.last_sent - batch.received_at)
 
 
+class SubscriberSample(NamedTuple):
+    """One connected subscriber at a scrape: messages in its queue, whether it is lagging
+    (healing from the store), bytes written to it and not yet acknowledged, and seconds
+    behind (the longer of its lag and the age of its oldest unacknowledged byte)."""
+
+    queued: int
+    lagging: bool
+    in_flight_bytes: int
+    behind_s: float
+
+
+def _gauge_histogram(
+    name: str, doc: str, values: Sequence[float], bounds: Sequence[float]
+) -> GaugeHistogramMetricFamily:
+    counts = [0] * (len(bounds) + 1)
+    for value in values:
+        counts[bisect_left(bounds, value)] += 1
+    buckets: list[tuple[str, float]] = []
+    total = 0
+    for bound, count in zip([*bounds, math.inf], counts, strict=True):
+        total += count
+        label = "+Inf" if bound == math.inf else str(int(bound) if bound == int(bound) else bound)
+        buckets.append((label, float(total)))
+    return GaugeHistogramMetricFamily(name, doc, buckets=buckets, gsum_value=float(sum(values)))
+
+
+@final
+class SubscriberStatistics(Collector):
+    """The connected subscribers' queues and lag, aggregated at each scrape from
+    :attr:`source` (set by whoever owns the subscribers: the /ws/market endpoint):
+    gauge histograms over the subscribers (bucket ``le`` = how many are at or below it now)
+    and the number lagging. Nothing while no source is set."""
+
+    def __init__(self) -> None:
+        self.source: Callable[[], Iterable[SubscriberSample]] | None = None
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+    def collect(self) -> Iterable[Metric]:
+        if self.source is None:
+            return
+        samples = list(self.source())
+        yield _gauge_histogram(
+            "tradecanvas_subscriber_queue_depth",
+            "Connected subscribers by messages in their queue now",
+            [s.queued for s in samples],
+            QUEUE_DEPTH_BUCKETS,
+        )
+        yield _gauge_histogram(
+            "tradecanvas_subscriber_in_flight_bytes",
+            "Connected subscribers by bytes written to them and not yet acknowledged",
+            [s.in_flight_bytes for s in samples],
+            IN_FLIGHT_BUCKETS,
+        )
+        yield _gauge_histogram(
+            "tradecanvas_subscriber_behind_seconds",
+            "Connected subscribers by seconds behind: the longer of their lag (healing from"
+            " the store) and the age of their oldest unacknowledged byte",
+            [s.behind_s for s in samples],
+            BEHIND_BUCKETS,
+        )
+        lagging = GaugeMetricFamily(
+            "tradecanvas_subscribers_lagging",
+            "Connected subscribers lagging: their queue overflowed, they heal from the store",
+        )
+        lagging.add_metric([], float(sum(1 for s in samples if s.lagging)))
+        yield lagging
+
+
 @final
 class Metrics:
     """Owns a CollectorRegistry and every tradecanvas metric. Components take one."""
@@ -174,6 +257,40 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.slow_consumer_closes_total = Counter(
+            "tradecanvas_slow_consumer_closes",
+            "Subscribers closed with 4008, by cause: stalled, send_timeout, lagging, queue_full",
+            ["cause"],
+            registry=r,
+        )
+        for cause in SLOW_CONSUMER_CAUSES:
+            self.slow_consumer_closes_total.labels(cause=cause)
+        self.ws_refusals_total = Counter(
+            "tradecanvas_ws_refusals",
+            "/ws/market upgrades refused, by reason: not_found (404), origin (403),"
+            " shutdown (503), max_connections (503)",
+            ["reason"],
+            registry=r,
+        )
+        for reason in WS_REFUSAL_REASONS:
+            self.ws_refusals_total.labels(reason=reason)
+        self.ws_rate_limited_total = Counter(
+            "tradecanvas_ws_rate_limited",
+            "/ws/market client messages refused by the per-connection rate limit"
+            " (answered with a rate_limited error)",
+            registry=r,
+        )
+        self.http_refusals_total = Counter(
+            "tradecanvas_http_refusals",
+            "HTTP API requests answered with an error document, by its code"
+            " (unauthorized, ingest_disabled, body_too_large, validation_failed, …)",
+            ["code"],
+            registry=r,
+        )
+        for code in ("unauthorized", "ingest_disabled"):
+            self.http_refusals_total.labels(code=code)
+        self.subscriber_statistics = SubscriberStatistics()
+        r.register(self.subscriber_statistics)
         self.upstream_reconnects_total = Counter(
             "tradecanvas_upstream_reconnects",
             "Binance WS reconnects by reason: rotation (planned), drop, stale,"

@@ -19,6 +19,8 @@ from typing import final
 
 import trio
 
+from tradecanvas.serve.in_flight import InFlight
+
 
 @final
 class FrameSafeStream(trio.abc.HalfCloseableStream):
@@ -31,10 +33,11 @@ class FrameSafeStream(trio.abc.HalfCloseableStream):
     ``trio.BrokenResourceError`` / ``trio.ClosedResourceError`` like a SocketStream.
     """
 
-    __slots__ = ("_lock", "_unsent", "inner")
+    __slots__ = ("_lock", "_unsent", "in_flight", "inner")
 
-    def __init__(self, inner: trio.SocketStream) -> None:
+    def __init__(self, inner: trio.SocketStream, in_flight: InFlight | None = None) -> None:
         self.inner = inner
+        self.in_flight = in_flight
         self._unsent = b""
         self._lock = trio.StrictFIFOLock()
 
@@ -68,6 +71,8 @@ class FrameSafeStream(trio.abc.HalfCloseableStream):
             raise trio.WouldBlock from None
         except OSError as exc:
             raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
+        if self.in_flight is not None:
+            self.in_flight.note_written(sent)
         if sent == len(data):
             return True
         self._unsent = data[sent:]
@@ -93,7 +98,10 @@ class FrameSafeStream(trio.abc.HalfCloseableStream):
         sent = 0
         try:
             while sent < len(payload):
-                sent += await self.inner.socket.send(memoryview(payload)[sent:])
+                n = await self.inner.socket.send(memoryview(payload)[sent:])
+                sent += n
+                if self.in_flight is not None:
+                    self.in_flight.note_written(n)
         except OSError as exc:
             if self.inner.socket.fileno() == -1:
                 raise trio.ClosedResourceError("this socket was already closed") from None

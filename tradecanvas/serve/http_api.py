@@ -269,6 +269,7 @@ def build_http_app(
 
     async def refused(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, RequestRefused)
+        metrics.http_refusals_total.labels(code=exc.code).inc()
         return JsonResponse(exc.to_wire(), status_code=exc.status, headers=exc.headers)
 
     async def http_error(request: Request, exc: Exception) -> Response:

@@ -102,6 +102,12 @@ class ServedConnection:
     def __init__(self, stream: trio.SocketStream) -> None:
         self._stream = stream
 
+    @property
+    def socket(self) -> trio.socket.SocketType:
+        """The connection's socket (the /ws/market session caps its send buffer and
+        watches what it has in flight: ``tradecanvas.serve.in_flight``)."""
+        return self._stream.socket
+
     def abort(self) -> None:
         """Close the socket now, whatever Hypercorn is doing with it: a write waiting for a
         peer that does not read fails at once (with ``ClosedResourceError``, which Hypercorn

@@ -19,8 +19,9 @@ from typing import Protocol, final
 import trio
 
 from tradecanvas.ops.metrics import DeliveryBatch
+from tradecanvas.serve.in_flight import InFlight
 from tradecanvas.serve.subscriber_queue import CloseDecision, SubscriberQueue
-from tradecanvas.serve.ws_protocol import CLOSE_GOING_AWAY
+from tradecanvas.serve.ws_protocol import CLOSE_GOING_AWAY, CLOSE_SLOW_CONSUMER
 from tradecanvas.wire.json import dumps
 
 log = logging.getLogger(__name__)
@@ -92,6 +93,7 @@ class Subscriber:
         "disconnect_reason",
         "failure",
         "frames",
+        "in_flight",
         "lag_scope",
         "max_subscriptions",
         "owed",
@@ -99,6 +101,7 @@ class Subscriber:
         "peer",
         "queue",
         "send_scope",
+        "slow_cause",
         "socket",
     )
 
@@ -138,6 +141,10 @@ class Subscriber:
         self.close_reason: str | None = None
         self.disconnect_reason: str | None = None
         self.failure: str | None = None
+        # a 4008's cause (subscriber_queue.SLOW_CONSUMER_CAUSES)
+        self.slow_cause: str | None = None
+        # the connection's in-flight budget and stall clock (set by the session, if any)
+        self.in_flight: InFlight | None = None
         self.detached = False
 
     @property
@@ -189,14 +196,20 @@ class Subscriber:
         else:
             log.info("subscriber %s healed from the store", self.peer)
 
-    def close(self, code: int, reason: str, *, disconnect_reason: str) -> None:
+    def close(
+        self, code: int, reason: str, *, disconnect_reason: str, cause: str | None = None
+    ) -> None:
         """Decide to close with ``code`` (the first decision wins) and cancel the connection.
+        ``cause``: a 4008's (``subscriber_queue.SLOW_CONSUMER_CAUSES``); a 4008 without one
+        is the publish task's send timeout.
 
         The session sends the close frame once the scope has unwound."""
         if self.close_code is None and self.failure is None:
             self.close_code = code
             self.close_reason = reason
             self.disconnect_reason = disconnect_reason
+            if code == CLOSE_SLOW_CONSUMER:
+                self.slow_cause = cause or "send_timeout"
             level = logging.DEBUG if code == CLOSE_GOING_AWAY else logging.INFO
             log.log(level, "closing subscriber %s: %s %s", self.peer, code, reason)
         self.queue.mark_closing()
@@ -204,7 +217,12 @@ class Subscriber:
 
     def close_for(self, decision: CloseDecision) -> None:
         """:meth:`close` as the subscriber queue decided."""
-        self.close(decision.code, decision.reason, disconnect_reason=decision.disconnect_reason)
+        self.close(
+            decision.code,
+            decision.reason,
+            disconnect_reason=decision.disconnect_reason,
+            cause=decision.cause,
+        )
 
     def fail(self, description: str, *, disconnect_reason: str) -> None:
         """The connection broke: isolate this subscriber; the next publish step reports it."""

@@ -90,16 +90,23 @@ from tradecanvas.serve.subscription import (
 from tradecanvas.serve.ws_protocol import CLOSE_SLOW_CONSUMER
 
 SLOW_CONSUMER: Final = "slow_consumer"  # the disconnect reason of every 4008
+# why a subscriber was closed with 4008 (tradecanvas_slow_consumer_closes_total{cause}):
+# stalled — nothing it was sent acknowledged for subscriber_stall_timeout_s (the session);
+# send_timeout — a send waited longer than subscriber_send_timeout_s (the publish task);
+# lagging — lagging for max_lag_s; queue_full — no room even after dropping (here)
+SLOW_CONSUMER_CAUSES: Final = ("stalled", "send_timeout", "lagging", "queue_full")
 
 
 @attrs.frozen
 class CloseDecision:
     """Close the subscriber with ``code`` and ``reason``; ``disconnect_reason`` labels
-    ``tradecanvas_subscriber_disconnects_total``."""
+    ``tradecanvas_subscriber_disconnects_total``, ``cause`` (a 4008's, one of
+    :data:`SLOW_CONSUMER_CAUSES`) ``tradecanvas_slow_consumer_closes_total``."""
 
     code: int
     reason: str
     disconnect_reason: str
+    cause: str | None = None
 
 
 def _nothing() -> None:
@@ -194,11 +201,13 @@ class SubscriberQueue:
         """The 4008 decision for lagging too long: the shell's clock reached
         :attr:`lag_deadline` while lagging (closing even if the lag ended meanwhile, since
         the publish task was cancelled for it)."""
-        return self._decide(f"slow consumer: lagging for more than {self.max_lag_s:g}s")
+        return self._decide(
+            f"slow consumer: lagging for more than {self.max_lag_s:g}s", cause="lagging"
+        )
 
-    def _decide(self, reason: str) -> CloseDecision:
+    def _decide(self, reason: str, *, cause: str) -> CloseDecision:
         self.closing = True
-        return CloseDecision(CLOSE_SLOW_CONSUMER, reason, SLOW_CONSUMER)
+        return CloseDecision(CLOSE_SLOW_CONSUMER, reason, SLOW_CONSUMER, cause)
 
     # --- subscriptions --------------------------------------------------------------
 
@@ -269,7 +278,7 @@ class SubscriberQueue:
             if self._queued + 1 > self.queue_max:
                 self._start_lagging(now)
             if self._queued + 1 > self.queue_max:
-                return self._decide("slow consumer: queue full")
+                return self._decide("slow consumer: queue full", cause="queue_full")
         return None
 
     def offer_event(
@@ -453,6 +462,7 @@ class SubscriberQueue:
 
 __all__ = [
     "SLOW_CONSUMER",
+    "SLOW_CONSUMER_CAUSES",
     "CloseDecision",
     "SubscriberQueue",
 ]

@@ -25,6 +25,10 @@ Where Hypercorn differs from trio-websocket, and what this module does about it:
   peer, clean or not, as 1006 (pgjones/hypercorn#127). It is taken as a close without a
   known code (1005): a goodbye, not a delivery failure — else every closed chart would fail
   the next strict publish. A connection lost without a close handshake is counted the same.
+- **The kernel's buffers are not ours.** The accepted socket's send buffer is capped and
+  every message waits for room in the connection's in-flight budget before it is handed to
+  Hypercorn (``tradecanvas.serve.in_flight``), as on the WS port: a peer that stops reading
+  is noticed by the session's stall watch and its close frame still fits.
 - **The 64 KiB limit** is the session's own check (Hypercorn's limit is a looser backstop,
   ``http_server.WEBSOCKET_BACKSTOP_BYTES``), so that its 1009 is counted like the WS port's.
 
@@ -45,6 +49,7 @@ from starlette.types import Message
 from starlette.websockets import WebSocket
 
 from tradecanvas.serve.http_server import ServedConnection, served_connection
+from tradecanvas.serve.in_flight import InFlight, limit_send_buffer
 from tradecanvas.serve.subscriber import TransportClosed
 from tradecanvas.serve.ws_protocol import CLOSE_ABNORMAL, CLOSE_NO_STATUS
 from tradecanvas.serve.ws_session import MarketEndpoint
@@ -76,7 +81,10 @@ async def _serve_websocket(endpoint: MarketEndpoint, websocket: WebSocket) -> No
         )
         return
     await websocket.accept()
-    transport = AsgiTransport(websocket, served_connection(websocket.scope))
+    served = served_connection(websocket.scope)
+    if served is not None:
+        limit_send_buffer(served.socket)
+    transport = AsgiTransport(websocket, served)
     async with trio.open_nursery() as connection:
         connection.start_soon(transport.write_frames)
         await endpoint.serve(transport, f"{peer} (HTTP port)")
@@ -97,6 +105,9 @@ class AsgiTransport:
     def __init__(self, websocket: WebSocket, connection: ServedConnection | None) -> None:
         self._websocket = websocket
         self._connection = connection
+        self._in_flight = (
+            InFlight(connection.socket, trio.current_time()) if connection is not None else None
+        )
         # capacity 0: handing a frame over waits until the writer has finished the last one
         self._frames_in, self._frames_out = trio.open_memory_channel[Message](0)
         self._handed = 0
@@ -110,6 +121,11 @@ class AsgiTransport:
     def frames(self) -> None:
         """No pre-framed writes: Hypercorn frames every message itself."""
         return None
+
+    @property
+    def in_flight(self) -> InFlight | None:
+        """The connection's in-flight budget and stall clock (None under another server)."""
+        return self._in_flight
 
     async def write_frames(self) -> None:
         """The writer task: runs until cancelled. A frame Starlette or Hypercorn refuses
@@ -135,7 +151,12 @@ class AsgiTransport:
 
     async def send_message(self, message: str) -> None:
         if self._write_failed is None and not (self._peer_left or self._close_sent):
+            if self._in_flight is not None:
+                # characters for bytes: the frame header and non-ASCII are within the reserve
+                await self._in_flight.wait_room(len(message))
             await self._write({"type": "websocket.send", "text": message})
+            if self._in_flight is not None:
+                self._in_flight.note_written(len(message))
         else:
             await trio.lowlevel.checkpoint()
         if self._write_failed is not None:
@@ -163,6 +184,8 @@ class AsgiTransport:
         try:
             if not self._peer_left and not self._close_sent and self._write_failed is None:
                 self._close_sent = True
+                if self._in_flight is not None:
+                    self._in_flight.release_for_close()  # the close frame goes in at once
                 await self._write({"type": "websocket.close", "code": code, "reason": reason or ""})
                 # the closing handshake: what the peer still sends, then its close
                 while not self._peer_left and self._write_failed is None:

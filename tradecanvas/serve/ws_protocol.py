@@ -32,6 +32,9 @@ MAX_SINCE: Final = 10**11
 MAX_EVENT_ID: Final = 2**63 - 1
 CLIENT_TYPES: Final = ("subscribe", "unsubscribe", "ping")
 
+# why an upgrade is refused (tradecanvas_ws_refusals_total{reason})
+REFUSAL_REASONS: Final = ("not_found", "origin", "shutdown", "max_connections")
+
 CLOSE_NORMAL: Final = 1000
 CLOSE_GOING_AWAY: Final = 1001
 # "no status code was present" (RFC 6455 §7.4.1): the peer closed, its code is not known
@@ -234,29 +237,50 @@ class RateLimiter:
 
 @attrs.frozen
 class HandshakeRefusal:
-    """An upgrade answered with an HTTP error instead: ``status``, a plain-text ``body``, and
-    ``why`` for the log."""
+    """An upgrade answered with an HTTP error instead: ``status``, a plain-text ``body``,
+    ``why`` for the log and ``reason`` for ``tradecanvas_ws_refusals_total`` (one of
+    :data:`REFUSAL_REASONS`)."""
 
     status: int
     body: bytes
     why: str
+    reason: str
 
 
 def refuse_handshake(
-    target: str, origin: str | None, allowed: Sequence[str], *, closing: bool
+    target: str,
+    origin: str | None,
+    allowed: Sequence[str],
+    *,
+    closing: bool,
+    connections: int = 0,
+    max_connections: int | None = None,
 ) -> HandshakeRefusal | None:
     """Why an upgrade request for ``target`` (a path, maybe with a query string) with this
     ``Origin`` header is refused, or None to accept it: 404 for another path than
-    :data:`WS_PATH`, 403 for an Origin not in ``allowed``, 503 while shutting down."""
+    :data:`WS_PATH`, 403 for an Origin not in ``allowed``, 503 while shutting down or when
+    ``connections`` are open already and that is ``max_connections``."""
     path = request_path(target)
     if path != WS_PATH:
         return HandshakeRefusal(
-            404, f"not found: only {WS_PATH} is served\n".encode(), f"404 for path {path[:200]!r}"
+            404,
+            f"not found: only {WS_PATH} is served\n".encode(),
+            f"404 for path {path[:200]!r}",
+            "not_found",
         )
     if not origin_allowed(origin, allowed):
-        return HandshakeRefusal(403, b"origin not allowed\n", f"403 for Origin {origin!r:.200}")
+        return HandshakeRefusal(
+            403, b"origin not allowed\n", f"403 for Origin {origin!r:.200}", "origin"
+        )
     if closing:
-        return HandshakeRefusal(503, b"shutting down\n", "503 while shutting down")
+        return HandshakeRefusal(503, b"shutting down\n", "503 while shutting down", "shutdown")
+    if max_connections is not None and connections >= max_connections:
+        return HandshakeRefusal(
+            503,
+            f"too many connections: at most {max_connections}; try again later\n".encode(),
+            f"503: {connections} connections open, the limit",
+            "max_connections",
+        )
     return None
 
 
@@ -311,6 +335,7 @@ __all__ = [
     "CLOSE_TOO_BIG",
     "MAX_MESSAGE_BYTES",
     "MAX_SINCE",
+    "REFUSAL_REASONS",
     "WS_PATH",
     "ClientRequest",
     "HandshakeRefusal",

@@ -20,7 +20,10 @@ Shutdown: cancelling :func:`serve_ws_port` stops accepting, abandons handshakes 
 calls :meth:`MarketEndpoint.shutdown` (every session, on either port, is closed with 1001)
 and waits for this port's connections for at most ``SHUTDOWN_GRACE_S`` (shielded).
 
-Each connection's TCP stream is wrapped in a
+Each accepted socket's send buffer is capped and its data writes kept within the in-flight
+budget of :mod:`tradecanvas.serve.in_flight`, so a subscriber that stops reading holds little
+kernel memory, is noticed by the session's stall watch, and still has room for its close
+frame. Each connection's TCP stream is wrapped in a
 :class:`~tradecanvas.serve.frame_safe_stream.FrameSafeStream`, so a send the Hub cancels
 for its timeout never leaves half a frame before the 4008 close frame; the transport writes
 the Hub's pre-framed messages to it directly (the Hub's fast path and its publish tasks'
@@ -39,9 +42,10 @@ import trio_websocket
 
 from tradecanvas.serve.frame_safe_stream import FrameSafeStream
 from tradecanvas.serve.hub import Hub
+from tradecanvas.serve.in_flight import InFlight, limit_send_buffer
 from tradecanvas.serve.subscriber import TransportClosed
 from tradecanvas.serve.ws_protocol import MAX_MESSAGE_BYTES, WS_PATH, InboundLimits, header
-from tradecanvas.serve.ws_session import MarketEndpoint
+from tradecanvas.serve.ws_session import DEFAULT_STALL_TIMEOUT_S, MarketEndpoint
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +78,9 @@ class _TrioWebsocketTransport:
     :class:`~tradecanvas.serve.subscriber.FrameWriter`: pre-framed messages go straight to
     the connection's FrameSafeStream, which serializes them with trio-websocket's own writes
     (pongs, the close frame), never after a close. trio-websocket negotiates no extension,
-    so a message's frame is the same bytes on every connection. Its ``aclose`` is
+    so a message's frame is the same bytes on every connection. The pre-framed writes keep
+    within the connection's in-flight budget (trio-websocket's own small frames need not:
+    the budget leaves room for them). Its ``aclose`` is
     cancellable: the connection handler then closes the TCP stream (``_handle_stream``'s
     ``finally``)."""
 
@@ -87,6 +93,10 @@ class _TrioWebsocketTransport:
     @property
     def frames(self) -> _TrioWebsocketTransport:
         return self
+
+    @property
+    def in_flight(self) -> InFlight | None:
+        return self.stream.in_flight
 
     async def send_message(self, message: str) -> None:
         try:
@@ -105,10 +115,17 @@ class _TrioWebsocketTransport:
 
     def write_nowait(self, frames: bytes) -> bool:
         self._check_open()
+        in_flight = self.stream.in_flight
+        if in_flight is not None and not in_flight.fits(len(frames)):
+            raise trio.WouldBlock
         return self.stream.send_all_nowait(frames)
 
     async def write(self, frames: bytes) -> None:
         self._check_open()
+        in_flight = self.stream.in_flight
+        if in_flight is not None:
+            await in_flight.wait_room(len(frames))
+            self._check_open()
         await self.stream.send_all(frames)
 
     async def flush(self) -> None:
@@ -121,6 +138,8 @@ class _TrioWebsocketTransport:
             raise _closed(exc) from None
 
     async def aclose(self, code: int, reason: str | None) -> None:
+        if self.stream.in_flight is not None:
+            self.stream.in_flight.release_for_close()  # the close frame goes in at once
         await self._ws.aclose(code, reason)
 
 
@@ -182,7 +201,8 @@ class _MarketServer:
         self._scope.cancel()
 
     async def _handle_stream(self, stream: trio.SocketStream) -> None:
-        safe = FrameSafeStream(stream)
+        limit_send_buffer(stream.socket)
+        safe = FrameSafeStream(stream, InFlight(stream.socket, trio.current_time()))
         peer = _peer(stream)
         try:
             async with trio.open_nursery() as nursery:  # owns trio-websocket's reader task
@@ -253,12 +273,17 @@ async def serve_ws_market(
     allowed_origins: Sequence[str],
     max_subscriptions: int,
     limits: InboundLimits | None = None,
+    stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """:func:`serve_ws_port` for an endpoint of its own over ``hub`` (a Hub served on this
     port only, as the benchmarks do; the daemon shares one endpoint between both ports)."""
     endpoint = MarketEndpoint(
-        hub, allowed_origins=allowed_origins, max_subscriptions=max_subscriptions, limits=limits
+        hub,
+        allowed_origins=allowed_origins,
+        max_subscriptions=max_subscriptions,
+        limits=limits,
+        stall_timeout_s=stall_timeout_s,
     )
     await serve_ws_port(endpoint, host=host, port=port, task_status=task_status)
 

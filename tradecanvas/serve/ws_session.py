@@ -14,6 +14,7 @@ What the session does, per connection (task tree of :meth:`MarketEndpoint.serve`
     serve                                  attach to the Hub; at the end detach, then close
     └─ subscriber.cancel_scope
        ├─ Hub.run_publisher                sends what is queued (candles, system, pong, error)
+       ├─ stall watch                      samples what the socket has unacknowledged
        └─ reader loop                      client messages; never awaits a send
 
 Besides its publish task, the Hub's publishing itself writes to the connection's
@@ -25,6 +26,16 @@ handshake. Inbound limits: a message over 64 KiB closes with 1009 (the transport
 and this session's check for a transport whose limit is a looser backstop); every other bad
 message gets an ``error`` and the connection stays up; a client over the rate limit for 5 s
 is closed with 1008.
+
+Slow consumers (DESIGN §6): besides the queue's rules and the publish task's send timeout,
+the stall watch samples the connection's :class:`~tradecanvas.serve.in_flight.InFlight`
+every ``stall_timeout_s / STALL_SAMPLES`` seconds and closes the subscriber with 4008 once
+the oldest byte written to it has gone unacknowledged for ``stall_timeout_s``
+(``subscriber_stall_timeout_s``): a client that stops reading is closed within that time
+after its receive buffer is full, whatever the buffer sizes, and its close frame fits
+behind the bounded bytes in flight. Every 4008 is counted by cause
+(``tradecanvas_slow_consumer_closes_total``); the subscribers' queues and lag are on
+/metrics at each scrape (``ops.metrics.SubscriberStatistics``).
 
 Closing: the first close decision wins (the Subscriber keeps it); the session sends the close
 frame once its tasks have unwound, within :data:`CLOSE_TIMEOUT_S` (shielded): a peer that does
@@ -45,13 +56,17 @@ import trio
 
 from tradecanvas.errors import ClientMessageError
 from tradecanvas.model import SeriesId
+from tradecanvas.ops.metrics import SubscriberSample
 from tradecanvas.serve.hub import Hub
+from tradecanvas.serve.in_flight import InFlight
 from tradecanvas.serve.subscriber import FrameWriter, MessageSocket, Subscriber, TransportClosed
+from tradecanvas.serve.subscriber_queue import SLOW_CONSUMER
 from tradecanvas.serve.ws_protocol import (
     CLOSE_ABNORMAL,
     CLOSE_GOING_AWAY,
     CLOSE_NORMAL,
     CLOSE_POLICY,
+    CLOSE_SLOW_CONSUMER,
     CLOSE_TOO_BIG,
     MAX_MESSAGE_BYTES,
     HandshakeRefusal,
@@ -67,6 +82,11 @@ log = logging.getLogger(__name__)
 
 # a closing handshake that takes longer is abandoned and the connection dropped
 CLOSE_TIMEOUT_S: Final = 2.0
+# subscriber_stall_timeout_s's default (DESIGN §6, §7)
+DEFAULT_STALL_TIMEOUT_S: Final = 30.0
+# samples of a connection's unacknowledged bytes per stall timeout: a stalled subscriber is
+# closed when the oldest is at most one sample interval younger than the timeout
+STALL_SAMPLES: Final = 10
 
 
 class SessionTransport(MessageSocket, Protocol):
@@ -86,6 +106,11 @@ class SessionTransport(MessageSocket, Protocol):
         """Its pre-framed writer (the WS port's transport), or None (the HTTP port's)."""
         ...
 
+    @property
+    def in_flight(self) -> InFlight | None:
+        """Its socket's in-flight budget and stall clock (None: a transport without one)."""
+        ...
+
 
 @final
 class MarketEndpoint:
@@ -100,12 +125,43 @@ class MarketEndpoint:
         allowed_origins: Sequence[str],
         max_subscriptions: int,
         limits: InboundLimits | None = None,
+        stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S,
+        max_connections: int | None = None,
     ) -> None:
+        if stall_timeout_s <= 0:
+            raise ValueError("stall_timeout_s must be > 0")
         self.hub = hub
         self.allowed_origins = tuple(allowed_origins)
         self.max_subscriptions = max_subscriptions
         self.limits = limits or InboundLimits()
+        self.stall_timeout_s = stall_timeout_s
+        # /ws/market connections open at once, both ports together (None: no limit)
+        self.max_connections = max_connections
         self._closing = False
+        hub.metrics.subscriber_statistics.source = self._subscriber_samples
+
+    def _subscriber_samples(self) -> list[SubscriberSample]:
+        """Each attached subscriber's queue and lag, for /metrics."""
+        try:
+            now = trio.current_time()
+        except RuntimeError:  # scraped outside trio (a test rendering the metrics)
+            now = None
+        samples: list[SubscriberSample] = []
+        for subscriber in self.hub.subscribers():
+            queue = subscriber.queue
+            lag = 0.0
+            if queue.lagging_since is not None and now is not None:
+                lag = now - queue.lagging_since
+            in_flight = subscriber.in_flight
+            samples.append(
+                SubscriberSample(
+                    queued=queue.queued,
+                    lagging=queue.lagging_since is not None,
+                    in_flight_bytes=in_flight.in_flight if in_flight is not None else 0,
+                    behind_s=max(lag, in_flight.behind_s if in_flight is not None else 0.0),
+                )
+            )
+        return samples
 
     @property
     def closing(self) -> bool:
@@ -113,8 +169,20 @@ class MarketEndpoint:
 
     def refusal(self, target: str, origin: str | None) -> HandshakeRefusal | None:
         """The HTTP answer to an upgrade request for ``target`` with this ``Origin``
-        header, or None to accept it (:func:`~.ws_protocol.refuse_handshake`)."""
-        return refuse_handshake(target, origin, self.allowed_origins, closing=self._closing)
+        header, or None to accept it (:func:`~.ws_protocol.refuse_handshake`; counted by
+        reason). The connection limit counts the sessions attached: handshakes accepted at
+        the same moment may pass it by the few in flight."""
+        refusal = refuse_handshake(
+            target,
+            origin,
+            self.allowed_origins,
+            closing=self._closing,
+            connections=self.hub.statistics().subscribers,
+            max_connections=self.max_connections,
+        )
+        if refusal is not None:
+            self.hub.metrics.ws_refusals_total.labels(reason=refusal.reason).inc()
+        return refusal
 
     def shutdown(self) -> None:
         """Refuse new connections (503) and close every session with 1001. Idempotent;
@@ -131,6 +199,7 @@ class MarketEndpoint:
             max_subscriptions=self.max_subscriptions,
             frames=transport.frames,
         )
+        subscriber.in_flight = transport.in_flight
         log.debug("ws %s: connected", peer)
         if self._closing:  # shut down while this connection was being accepted
             subscriber.close(CLOSE_GOING_AWAY, "server shutdown", disconnect_reason="shutdown")
@@ -138,14 +207,34 @@ class MarketEndpoint:
             with subscriber.cancel_scope:
                 async with trio.open_nursery() as tasks:
                     tasks.start_soon(self.hub.run_publisher, subscriber)
+                    if subscriber.in_flight is not None:
+                        tasks.start_soon(self._watch_stall, subscriber, subscriber.in_flight)
                     await self._read_loop(transport, subscriber)
                     tasks.cancel_scope.cancel()
         finally:
             self.hub.detach(subscriber)
+            if subscriber.close_code == CLOSE_SLOW_CONSUMER:
+                cause = subscriber.slow_cause or "send_timeout"
+                self.hub.metrics.slow_consumer_closes_total.labels(cause=cause).inc()
             code = subscriber.close_code or CLOSE_NORMAL
             with trio.CancelScope(shield=True, deadline=trio.current_time() + CLOSE_TIMEOUT_S):
                 await transport.aclose(code, subscriber.close_reason)
             log.debug("ws %s: closed (%s)", peer, subscriber.disconnect_reason)
+
+    async def _watch_stall(self, subscriber: Subscriber, in_flight: InFlight) -> None:
+        """Close ``subscriber`` with 4008 once a byte written to it has gone unacknowledged
+        for the stall timeout (see the module docstring). Runs until cancelled."""
+        interval = self.stall_timeout_s / STALL_SAMPLES
+        while True:
+            await trio.sleep(interval)
+            if in_flight.behind(trio.current_time()) >= self.stall_timeout_s:
+                subscriber.close(
+                    CLOSE_SLOW_CONSUMER,
+                    f"slow consumer: nothing acknowledged for {self.stall_timeout_s:g}s",
+                    disconnect_reason=SLOW_CONSUMER,
+                    cause="stalled",
+                )
+                return
 
     async def _read_loop(self, transport: SessionTransport, subscriber: Subscriber) -> None:
         limiter = RateLimiter(self.limits, trio.current_time())
@@ -179,6 +268,7 @@ class MarketEndpoint:
                 )
                 return
             if verdict == "limited":
+                self.hub.metrics.ws_rate_limited_total.inc()
                 subscriber.send_control(self.limits.rate_limited_error().to_wire())
                 continue
             if verdict == "ignored":
@@ -212,4 +302,10 @@ class MarketEndpoint:
         self.hub.unsubscribe(subscriber, series)
 
 
-__all__ = ["CLOSE_TIMEOUT_S", "MarketEndpoint", "SessionTransport", "TransportClosed"]
+__all__ = [
+    "CLOSE_TIMEOUT_S",
+    "DEFAULT_STALL_TIMEOUT_S",
+    "MarketEndpoint",
+    "SessionTransport",
+    "TransportClosed",
+]

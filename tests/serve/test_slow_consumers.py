@@ -1,0 +1,207 @@
+"""Slow consumers with real clients that stop reading (DESIGN §6), on both ports: a stuck
+client is closed with 4008 within the stall timeout and, when it reads again, even after the
+daemon has closed the TCP connection, gets what was sent before in order and then the 4008
+close frame; a client that pauses for less, or reads slowly but keeps up, is never closed; the
+healthy clients beside them get everything in order.
+
+Real trio-websocket clients with default kernel buffers against real servers on 127.0.0.1 and
+a real SQLite store, under a mock clock that jumps ahead when idle (the stall timeout passes
+in no real time; see the ``clock`` fixture).
+The budget and the stall clock themselves: tests/serve/test_in_flight.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any, Final
+
+import pytest
+import trio
+import trio.testing
+import trio_websocket
+
+from tests.conftest import flat_minutes
+from tests.serve.test_ws_server import (
+    SID_1M,
+    TRANSPORTS,
+    Market,
+    closed_times,
+    connect,
+    running_market,
+    send,
+    subscribe_msg,
+)
+from tradecanvas.serve.ws_session import CLOSE_TIMEOUT_S, STALL_SAMPLES
+from tradecanvas.store.sqlite import CandleStore
+from tradecanvas.wire.json import loads
+
+T0: Final = 1751760000
+STALL_S: Final = 5.0
+# far more than the kernel buffers of a client that stops reading hold (about 2 MB)
+CATCH_UP: Final = 20_000
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[CandleStore]:
+    opened = await CandleStore.open(tmp_path / "market.sqlite3")
+    await opened.upsert(SID_1M, list(flat_minutes(T0, CATCH_UP, price="108123.45")), "ws")
+    yield opened
+    await opened.aclose()
+
+
+@pytest.fixture
+def clock() -> trio.testing.MockClock:
+    """Virtual time that jumps ahead once the test has been idle for 10 ms of real time:
+    not while the daemon reads the store in a thread (trio's autojump_clock would run the
+    stall timeout out in the meantime), and stall timeouts still pass in no time."""
+    return trio.testing.MockClock(autojump_threshold=0.01)
+
+
+def expected_times(count: int = CATCH_UP) -> list[int]:
+    return [T0 + 60 * i for i in range(count)]
+
+
+async def read_all(ws: trio_websocket.WebSocketConnection, count: int) -> list[int]:
+    """The candle times of the next ``count`` closed candles. No deadline: the autojump
+    clock runs ahead while the daemon reads the store in a thread."""
+    times: list[int] = []
+    while len(times) < count:
+        times.extend(closed_times([loads(await ws.get_message())]))
+    return times
+
+
+async def read_until_closed(
+    ws: trio_websocket.WebSocketConnection,
+) -> tuple[list[dict[str, Any]], int | None]:
+    """Everything the client still gets, and the close code that ends it."""
+    messages: list[dict[str, Any]] = []
+    try:
+        while True:
+            messages.append(loads(await ws.get_message()))
+    except trio_websocket.ConnectionClosed as exc:
+        return messages, exc.reason.code if exc.reason is not None else None
+
+
+def slow_closes(market: Market, cause: str) -> float:
+    text = market.metrics.render().decode()
+    line = f'tradecanvas_slow_consumer_closes_total{{cause="{cause}"}} '
+    (value,) = [row[len(line) :] for row in text.splitlines() if row.startswith(line)]
+    return float(value)
+
+
+@pytest.mark.parametrize("over", TRANSPORTS)
+async def test_a_stuck_client_is_closed_within_the_stall_time_and_gets_its_4008(
+    store: CandleStore, over: str, clock: trio.testing.MockClock
+) -> None:
+    async with (
+        running_market(
+            store, catchup_limit=100, send_timeout_s=3600, stall_timeout_s=STALL_S, over=over
+        ) as market,
+        connect(market.port, message_queue_size=1, quick_ack=True) as stuck,
+        connect(market.port, quick_ack=True) as healthy,
+    ):
+        await send(stuck, subscribe_msg(SID_1M, since=T0 - 60, batch=True))
+        await market.hub.wait_subscribers(2)
+        stuck_subscriber = market.hub.subscribers()[0]
+        started = trio.current_time()
+        await send(healthy, subscribe_msg(SID_1M, since=T0 - 60, batch=True))
+        assert await read_all(healthy, CATCH_UP) == expected_times()
+
+        await market.hub.wait_subscribers(1)
+        closed_after = trio.current_time() - started
+        assert stuck_subscriber.close_code == 4008
+        assert stuck_subscriber.slow_cause == "stalled"
+        # the stall clock errs early, by one sample at most; never late
+        # the stall clock errs early, by one sample at most; late by no more than the
+        # time its buffers took to fill
+        interval = STALL_S / STALL_SAMPLES
+        assert STALL_S - interval <= closed_after <= STALL_S + 2 * interval
+        assert slow_closes(market, "stalled") == 1.0
+
+        # it reads again only after the daemon has given up on the close handshake and
+        # closed the TCP connection: what was sent before, in order, then the 4008 frame
+        await trio.sleep(CLOSE_TIMEOUT_S + 1)
+        assert stuck_subscriber.in_flight is not None
+        assert stuck_subscriber.in_flight.sock.fileno() == -1  # closed on the daemon's side
+        messages, code = await read_until_closed(stuck)
+        assert code == 4008
+        times = closed_times(messages)
+        assert 0 < len(times) < CATCH_UP
+        assert times == expected_times(len(times))
+        # the healthy client is still served
+        assert market.hub.subscribers()[0].close_code is None
+
+
+@pytest.mark.parametrize("over", TRANSPORTS)
+async def test_a_client_that_pauses_for_less_than_the_stall_time_is_not_closed(
+    store: CandleStore, over: str, clock: trio.testing.MockClock
+) -> None:
+    async with (
+        running_market(
+            store, catchup_limit=100, send_timeout_s=STALL_S, stall_timeout_s=STALL_S, over=over
+        ) as market,
+        connect(market.port, message_queue_size=1, quick_ack=True) as pausing,
+    ):
+        await send(pausing, subscribe_msg(SID_1M, since=T0 - 60, batch=True))
+        await market.hub.wait_subscribers(1)
+        await trio.sleep(0.6 * STALL_S)  # reads nothing: the catch-up backs up
+        (subscriber,) = market.hub.subscribers()
+        assert subscriber.in_flight is not None and subscriber.in_flight.behind_s > 0
+        # /metrics shows it: bytes in flight, seconds behind
+        text = market.metrics.render().decode()
+        assert 'tradecanvas_subscriber_in_flight_bytes_bucket{le="0"} 0.0' in text
+        assert 'tradecanvas_subscriber_behind_seconds_bucket{le="0"} 0.0' in text
+        assert "tradecanvas_subscriber_behind_seconds_gcount 1.0" in text
+        assert await read_all(pausing, CATCH_UP) == expected_times()
+        assert subscriber.close_code is None
+        assert sum(slow_closes(market, c) for c in ("stalled", "send_timeout")) == 0
+
+
+@pytest.mark.parametrize("over", TRANSPORTS)
+async def test_a_slow_reader_that_keeps_up_is_never_closed(
+    store: CandleStore, over: str, clock: trio.testing.MockClock
+) -> None:
+    """Live batches every second; the client takes most of a second over each message."""
+    seconds = 20
+    per_second = 200
+    live_start = T0 + 60 * CATCH_UP
+    async with (
+        running_market(
+            store, catchup_limit=1000, send_timeout_s=2, stall_timeout_s=2, over=over
+        ) as market,
+        connect(market.port, message_queue_size=1, quick_ack=True) as slow,
+        connect(market.port, quick_ack=True) as healthy,
+    ):
+        for ws in (slow, healthy):
+            await send(ws, subscribe_msg(SID_1M, since=live_start - 60, batch=True))
+        await market.hub.wait_subscribers(2)
+
+        async def produce() -> None:
+            for second in range(seconds):
+                candles = list(
+                    flat_minutes(live_start + 60 * per_second * second, per_second, "108123.45")
+                )
+                await store.upsert(SID_1M, candles, "ws")
+                market.hub.publish_closed(SID_1M, candles)
+                await trio.sleep(1)
+
+        async def read_slowly(into: list[int]) -> None:
+            while len(into) < seconds * per_second:
+                into.extend(closed_times([loads(await slow.get_message())]))
+                await trio.sleep(0.8)
+
+        slow_times: list[int] = []
+        healthy_times: list[int] = []
+
+        async def read_healthy() -> None:
+            healthy_times.extend(await read_all(healthy, seconds * per_second))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(produce)
+            nursery.start_soon(read_slowly, slow_times)
+            nursery.start_soon(read_healthy)
+        want = [live_start + 60 * i for i in range(seconds * per_second)]
+        assert slow_times == want
+        assert healthy_times == want
+        assert [s.close_code for s in market.hub.subscribers()] == [None, None]
