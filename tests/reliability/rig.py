@@ -92,10 +92,12 @@ class Children:
         log: Path,
         env: dict[str, str],
         preexec_fn: Callable[[], None] | None = None,
+        prefix: list[str] | None = None,
     ) -> subprocess.Popen[bytes]:
+        """``tradecanvas ARGS`` (after ``prefix``, a wrapper that execs its arguments)."""
         with log.open("ab") as out:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "tradecanvas", *args],
+                [*(prefix or []), sys.executable, "-m", "tradecanvas", *args],
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 env=env,
@@ -167,10 +169,11 @@ async def start_serve(
     log: Path,
     env: dict[str, str],
     preexec_fn: Callable[[], None] | None = None,
+    prefix: list[str] | None = None,
 ) -> tuple[subprocess.Popen[bytes], str, str]:
     """``tradecanvas serve``; returns it with its ws:// and http:// URLs once ready."""
     after = (await trio.Path(log).stat()).st_size if await trio.Path(log).exists() else 0
-    proc = kids.start(["serve"], log, env, preexec_fn)
+    proc = kids.start(["serve"], log, env, preexec_fn, prefix)
     match = await wait_for_line(log, READY, proc, after=after)
     return proc, match.group(1), match.group(2)
 
