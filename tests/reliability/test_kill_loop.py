@@ -9,8 +9,8 @@ twice; across the run every candle once and equal to the source, every stored ev
 the end the store holds every candle exactly once, equal to the source (exact decimal text),
 and ``PRAGMA integrity_check`` is ok.
 
-Sizes: ``make test`` 4 × 600 candles and 6 kills; ``make soak`` 4 × 2,500 and 200 kills
-(TRADECANVAS_SOAK=1). The issue's 4 × 2,500 × 20 takes about a minute here.
+Sizes: ``make test`` 4 × 2,500 candles and 20 kills (about 75 s on 2 shared cores);
+``make soak`` 4 × 2,500 and 200 kills (TRADECANVAS_SOAK=1).
 """
 
 from __future__ import annotations
@@ -46,8 +46,8 @@ SEED = 1701
 
 
 async def test_kill_minus_9_loop_loses_and_doubles_nothing(tmp_path: Path) -> None:
-    count = sized(600, 2500)
-    kills = sized(6, 200)
+    count = sized(2500, 2500)
+    kills = sized(20, 200)
     source = market_files(tmp_path, SEED, count)
     series = sorted(source)
     total = len(series) * count
