@@ -68,7 +68,8 @@ bench-smoke: $(STAMP)
 SOAK_LINES := var/reliability.jsonl
 soak: $(STAMP)
 	mkdir -p var && rm -f $(SOAK_LINES)
-	TRADECANVAS_SOAK=1 TRADECANVAS_RELIABILITY_OUT=$(CURDIR)/$(SOAK_LINES) $(BIN)/pytest -q tests/reliability
+	TRADECANVAS_SOAK=1 TRADECANVAS_RELIABILITY_OUT=$(CURDIR)/$(SOAK_LINES) \
+		$(BIN)/pytest -q -o faulthandler_timeout=3600 tests/reliability
 	$(BIN)/python scripts/reliability_report.py $(SOAK_LINES) docs/reliability.md
 
 ## test-data: download Binance's public daily kline archives (checksums verified) into .cache/
