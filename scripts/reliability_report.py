@@ -34,6 +34,11 @@ Columns: `faults` the faults injected (kills, stops, refused inputs, …); `atte
 candles (or inputs) the source sent; `stored` what the store holds (or accepted inputs);
 `delivered` what subscribers received (or inputs answered); `lost` and `duplicated` what
 was found missing or doubled (a fuzz test counts crashes as lost). The promise is 0 and 0.
+
+Sizes (`make soak`; `make test` in brackets): `kill_loop` 4 symbols × 2,500 candles and
+200 kills (2,500 and 20); `upstream_faults` 10 seeds × 4 × 2,500 bars (2 × 4 × 400);
+`fuzz` 5,000 examples per input kind (200); `store_faults` 4 × 2,500 (4 × 600);
+`graceful_stop` 1,000 subscribers × 20 runs (100 × 3).
 """
 
 
@@ -55,6 +60,26 @@ TESTS: Final = (
 )  # fmt: skip
 
 
+NOTES: Final = """
+## What the suite found, and what it does not cover
+
+- A store failure is logged twice at CRITICAL: the ingest supervisor's "the candle store
+  failed; stopping the ingest: …" (tradecanvas/ingest/supervisor.py), then the daemon's
+  "store failure, stopping: …" (tradecanvas/daemon.py) with exit code 3. The issue asks for
+  one line; `store_faults` asserts the daemon's line once and no error line about anything
+  else, until the supervisor's line goes.
+- A new series' initial backfill before the exchange's first bar is reported as a `gap`
+  ("N minute(s) … are missing at the exchange"): REST has nothing there either, so it is a
+  gap by the rule, logged and stored as an event.
+- Not covered here: a file system turning read-only under a running daemon (the kernel
+  refuses a read-only remount while files are open for writing; the read-only case is a
+  restart onto one), REST timeouts proper (the client's timeout is a fixed 10 s; 429/418
+  and dropped connections take the same retry path), the distributed topology (ingest and
+  edge processes, PostgreSQL and Redis restarts), subscriber faults and hostile clients
+  (issue 17 items 3 and 4, their own tests).
+"""
+
+
 def tests_table() -> str:
     rows = ["| test | what is done to the daemon |", "|---|---|"]
     rows += [f"| `{name}` | {what} |" for name, what in TESTS]
@@ -71,9 +96,11 @@ def render(records: list[dict[str, Any]], note: str) -> str:
     for record in records:
         lines.append("| " + " | ".join(f"`{record[k]}`" if k == "test" else str(record[k])
                                        for k in KEYS) + " |")  # fmt: skip
-    totals = {k: sum(int(r[k]) for r in records) for k in KEYS[2:]}
-    lines.append("| **total** | | " + " | ".join(str(totals[k]) for k in KEYS[2:]) + " |")
-    return "\n".join(lines) + "\n"
+    lost = sum(int(r["lost"]) for r in records)
+    duplicated = sum(int(r["duplicated"]) for r in records)
+    lines.append(f"| **all {len(records)} lines** | | | | | | {lost} | {duplicated} |")
+    lines.append(NOTES)
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
