@@ -1,5 +1,6 @@
 """Issue 17 item 7: SIGTERM to ``tradecanvas serve`` under load — many subscribers and the
-replay streaming 4 symbols (commits continuously in flight) — run after run on one store.
+replay streaming 4 symbols at a bar a second each (a commit about every second) — run after
+run on one store.
 
 What "received before the signal" means, measured from outside: a ``candle_forming`` for bar
 t of a series reaches a subscriber only after the daemon read bar t-1's close from the same
