@@ -62,8 +62,8 @@ bench: $(STAMP)
 bench-smoke: $(STAMP)
 	$(BIN)/python -m bench --smoke
 
-## soak: the reliability suite (tests/reliability) at full size (TRADECANVAS_SOAK=1, about
-## half an hour on 2 shared cores); its JSON lines go to var/reliability.jsonl and the table
+## soak: the reliability suite (tests/reliability) at full size (TRADECANVAS_SOAK=1, 10 to 20
+## minutes on 2 shared cores); its JSON lines go to var/reliability.jsonl and the table
 ## to docs/reliability.md
 SOAK_LINES := var/reliability.jsonl
 soak: $(STAMP)

@@ -34,6 +34,10 @@ Columns: `faults` the faults injected (kills, stops, refused inputs, …); `atte
 candles (or inputs) the source sent; `stored` what the store holds (or accepted inputs);
 `delivered` what subscribers received (or inputs answered); `lost` and `duplicated` what
 was found missing or doubled (a fuzz test counts crashes as lost). The promise is 0 and 0.
+`upstream_faults` stores and delivers the source less its exchange hole (1–3 bars per
+symbol); `graceful_stop` attempts the bars proven received before each SIGTERM (a forming
+candle of the next bar had reached a subscriber) and delivers closed candles to every one
+of its subscribers.
 
 Sizes (`make soak`; `make test` in brackets): `kill_loop` 4 symbols × 2,500 candles and
 200 kills (2,500 and 20); `upstream_faults` 10 seeds × 4 × 2,500 bars (2 × 4 × 400);
