@@ -256,6 +256,9 @@ class ReplayServer:
         self._rest_requests += 1
         if self._rest_faults:
             status = self._rest_faults.pop(0)
+            if status == 0:  # a request that times out
+                await trio.sleep(self.config.rest_hang_s)
+                status = 504
             self._rest_429 += status == 429
             response = self._error(-1003, f"Replay's REST fault {status}.", status)
             response.headers["Retry-After"] = str(self.config.retry_after_s)
