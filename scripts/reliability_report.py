@@ -51,8 +51,8 @@ TESTS: Final = (
      " `tradecanvas replay` streams 4 symbols, restarted each time; a subscriber resumes with"
      " `since`/`events_after`"),
     ("upstream_faults", "drops with skipped bars, stalls past the stale timeout, REST 429/418"
-     " with `Retry-After`, duplicated, omitted and delayed (out-of-order) closes, rotations,"
-     " an exchange hole"),
+     " with `Retry-After` and a timeout, duplicated, omitted and delayed (out-of-order)"
+     " closes, rotations, an exchange hole"),
     ("fuzz[…]", "hypothesis inputs to the decoders: Binance frames, subscriber messages, HTTP"
      " query strings and write bodies, archive CSV rows"),
     ("fuzz_e2e[…]", "the same against a running daemon, over HTTP (Hypercorn) and /ws/market"),
@@ -77,10 +77,9 @@ NOTES: Final = """
   gap by the rule, logged and stored as an event.
 - Not covered here: a file system turning read-only under a running daemon (the kernel
   refuses a read-only remount while files are open for writing; the read-only case is a
-  restart onto one), REST timeouts proper (the client's timeout is a fixed 10 s; 429/418
-  and dropped connections take the same retry path), the distributed topology (ingest and
-  edge processes, PostgreSQL and Redis restarts), subscriber faults and hostile clients
-  (issue 17 items 3 and 4, their own tests).
+  restart onto one), the distributed topology (ingest and edge processes, PostgreSQL and
+  Redis restarts), subscriber faults and hostile clients (issue 17 items 3 and 4, their own
+  tests).
 """
 
 
