@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-$(shell cat setup.cfg pyproject.toml | cksum | cut -
 ## install: create .venv and install tradecanvas with the dev and bench extras
 install: $(STAMP)
 
-.PHONY: install run check test lint typecheck unit unit-fast e2e browser doc-audit deploy-check bench bench-smoke test-data clean
+.PHONY: install run check test lint typecheck unit unit-fast e2e browser doc-audit deploy-check bench bench-smoke soak test-data clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -64,6 +64,16 @@ bench: $(STAMP)
 ## bench-smoke: every benchmark at a tiny size (under a minute); proves the harness runs, checks no numbers
 bench-smoke: $(STAMP)
 	$(BIN)/python -m bench --smoke
+
+## soak: the reliability suite (tests/reliability) at full size (TRADECANVAS_SOAK=1, 10 to 20
+## minutes on 2 shared cores); its JSON lines go to var/reliability.jsonl and the table
+## to docs/reliability.md
+SOAK_LINES := var/reliability.jsonl
+soak: $(STAMP)
+	mkdir -p var && rm -f $(SOAK_LINES)
+	TRADECANVAS_SOAK=1 TRADECANVAS_RELIABILITY_OUT=$(CURDIR)/$(SOAK_LINES) \
+		$(BIN)/pytest -q -o faulthandler_timeout=3600 tests/reliability
+	$(BIN)/python scripts/reliability_report.py $(SOAK_LINES) docs/reliability.md
 
 ## test-data: download Binance's public daily kline archives (checksums verified) into .cache/
 ## with `tradecanvas fetch-archive`; BINANCE_ARCHIVE_URL=... for another copy of the archive

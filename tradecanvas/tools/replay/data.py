@@ -66,6 +66,16 @@ class ReplayConfig:
     retry_after_s: int = 1
     weight_limit: int | None = None  # exchangeInfo's REQUEST_WEIGHT/min; None: Binance's usual
     paused: bool = False  # hold the timeline until resume()
+    # faults without command-line options (tests/reliability): the timeline goes silent for
+    # ``stall_s`` before the first close at or after each ``stall_at`` bar (connections stay
+    # open); a ``delay_closes`` (BAR, N) close is sent after bar BAR+N's close instead (late
+    # and out of order); the first klines calls are answered, in turn, with ``rest_faults``
+    # statuses (429 or 418, with ``retry_after_s``; 0: no answer for ``rest_hang_s``, then 504)
+    stall_at: tuple[int, ...] = ()
+    stall_s: float = 0.0
+    delay_closes: tuple[tuple[int, int], ...] = ()
+    rest_faults: tuple[int, ...] = ()
+    rest_hang_s: float = 12.0  # past the REST client's timeout
     # the 3d grid's phase in days (0, 1 or 2: its open day modulo 3); None: the documented
     # phase of a known symbol (upstream.phases.KNOWN_PHASES), else 0
     phase_3d_days: int | None = None

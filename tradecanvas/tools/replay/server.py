@@ -105,6 +105,7 @@ class ReplayServer:
         self._rest_429 = 0
         self._unyielded = 0
         self._answered_429 = False
+        self._rest_faults = list(config.rest_faults)
         self._weight_window = -1
         self._weight_used = 0
 
@@ -131,8 +132,19 @@ class ReplayServer:
         config = self.config
         plan = FaultPlan.of(config, self.data.minutes)
         previous_e: int | None = None
+        stalls = sorted(config.stall_at)
+        delays = dict(config.delay_closes)
+        held: list[tuple[int, ReplayFrame]] = []  # delayed closes: (send after bar, frame)
         await self.resumed.wait()
         for frame in timeline_frames(config, self.data):
+            if held and frame.kind == "closed" and held[0][0] < frame.minute:
+                due = [f for after, f in held if after < frame.minute]
+                held = [(after, f) for after, f in held if after >= frame.minute]
+                for late in due:
+                    await self._broadcast(late)
+            if stalls and frame.kind == "closed" and frame.minute >= stalls[0]:
+                stalls.pop(0)
+                await trio.sleep(config.stall_s)
             step = plan.step(frame)
             if step.drop:
                 await self._drop_clients()
@@ -151,10 +163,16 @@ class ReplayServer:
                 await trio.sleep((frame.event_ms - previous_e) / MS / config.speed)
             previous_e = frame.event_ms
             self.now_ms = max(self.now_ms, frame.event_ms)
+            if frame.kind == "closed" and frame.minute in delays:
+                held.append((frame.minute + delays[frame.minute], frame))
+                held.sort(key=lambda item: item[0])
+                continue
             await self._broadcast(frame)
             if step.sends > 1:
                 self._duplicated += 1
                 await self._broadcast(frame)
+        for _, late in held:
+            await self._broadcast(late)
         self.now_ms = max(
             self.now_ms, (self.data.minutes[-1] + MINUTE) * MS if self.data.minutes else 0
         )
@@ -236,6 +254,15 @@ class ReplayServer:
     async def klines(self, request: Request) -> Response:
         market: Market = "futures" if request.url.path.startswith("/fapi") else "spot"
         self._rest_requests += 1
+        if self._rest_faults:
+            status = self._rest_faults.pop(0)
+            if status == 0:  # a request that times out
+                await trio.sleep(self.config.rest_hang_s)
+                status = 504
+            self._rest_429 += status == 429
+            response = self._error(-1003, f"Replay's REST fault {status}.", status)
+            response.headers["Retry-After"] = str(self.config.retry_after_s)
+            return response
         if self.config.rest_429_first and not self._answered_429:
             self._answered_429 = True
             self._rest_429 += 1
