@@ -5,10 +5,12 @@ volume, the optional Binance extras, the ``source`` and a ``complete`` mark for 
 candles. WAL journal with ``synchronous=FULL``: a committed batch survives a power cut.
 
 Concurrency: one writer connection behind a ``CapacityLimiter(1)`` and a small pool of
-reader connections behind their own limiter, all used from worker threads through
-``trio.to_thread.run_sync``. Under WAL a reader sees the last commit and never waits
-behind a long write. :meth:`CandleStore.write` runs a whole function in one transaction, so
-the pipeline commits base and derived candles of a batch together or not at all.
+reader connections behind their own limiter, used from worker threads through
+``trio.to_thread.run_sync`` — except a *quick* write, whose transaction runs on the event
+loop's thread up to its ``COMMIT`` (see :meth:`CandleStore.write`). Under WAL a reader
+sees the last commit and never waits behind a long write. :meth:`CandleStore.write` runs a
+whole function in one transaction, so the pipeline commits base and derived candles of a
+batch together or not at all.
 
 Raises :class:`StoreError` for any SQLite failure (disk full, read-only, corrupt file).
 """
