@@ -72,8 +72,6 @@ INGEST_DRAIN_S: Final = 5.0
 STUCK_WRITE_S: Final = 20.0
 # How often the STATUS= line shown by `systemctl status` is refreshed.
 STATUS_INTERVAL_S: Final = 10.0
-# sys.setswitchinterval of the daemon (CPython's default is 5 ms): see serve()
-GIL_SWITCH_INTERVAL_S: Final = 0.0005
 
 
 @final
@@ -395,10 +393,6 @@ async def run_daemon(
 def serve(flags: RuntimeFlags) -> int:
     """``tradecanvas serve``: run until SIGTERM/SIGINT; the exit code for systemd."""
     configure_logging(flags)
-    # a store worker thread finishing a COMMIT (or a read) waits for the GIL until the
-    # event loop's thread gives it up: at most this long when the loop is busy, instead of
-    # CPython's default 5 ms, which showed in every commit's delivery latency (issue 14)
-    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
 
     async def main() -> None:
         runtime = await market_runtime_builder(flags)
