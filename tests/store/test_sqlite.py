@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
 from tests.conftest import candle, flat_minutes
 from tradecanvas.errors import StoreError
@@ -232,3 +233,60 @@ async def test_decimals_are_stored_as_plain_text_never_in_exponent_form(tmp_path
     ).fetchone()
     conn.close()
     assert row == ("100", "100", "0.0000001", "50", "0.00000000", "1.50", None, "0.0000002")
+
+
+async def test_a_quick_write_commits_or_rolls_back_like_any_other(tmp_path: Path) -> None:
+    """``quick`` runs the transaction's Python on the event loop's thread and only the
+    COMMIT on a worker thread: the same all-or-nothing transaction."""
+    store = await CandleStore.open(tmp_path / "m.sqlite3")
+
+    def write(txn: object) -> int:
+        from tradecanvas.store.sqlite import StoreTxn
+
+        assert isinstance(txn, StoreTxn)
+        txn.upsert(SID, [candle(60, "1", "1", "1", "1")], "ws")
+        return txn.sequence
+
+    def half_then_fail(txn: object) -> None:
+        from tradecanvas.store.sqlite import StoreTxn
+
+        assert isinstance(txn, StoreTxn)
+        txn.upsert(SID, [candle(120, "1", "1", "1", "1")], "ws")
+        raise RuntimeError("boom")
+
+    first = await store.write(write, quick=True)
+    with pytest.raises(RuntimeError):
+        await store.write(half_then_fail, quick=True)
+    assert await store.head_time(SID) == 60
+    # the next write (quick or not) is numbered right after: nothing else was written
+    assert await store.write(lambda txn: txn.sequence) == first + 2
+    assert await store.write(lambda txn: txn.sequence, quick=True) == first + 3
+    await store.aclose()
+
+
+async def test_a_quick_write_waits_for_another_writer_off_the_event_loop(tmp_path: Path) -> None:
+    """When another connection (another process) holds the write lock, a quick write waits
+    for it on a worker thread: the event loop keeps running meanwhile, and the write goes
+    in once the lock is free."""
+    path = tmp_path / "m.sqlite3"
+    store = await CandleStore.open(path)
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    done = trio.Event()
+
+    async def quick_upsert() -> None:
+        await store.write(
+            lambda txn: txn.upsert(SID, [candle(60, "1", "1", "1", "1")], "ws"), quick=True
+        )
+        done.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(quick_upsert)
+        # every task is blocked while the write waits: the loop was never held up by it
+        await trio.testing.wait_all_tasks_blocked()
+        assert not done.is_set()
+        assert await store.head_time(SID) is None  # (a read runs meanwhile)
+        other.execute("COMMIT")
+    other.close()
+    assert await store.head_time(SID) == 60
+    await store.aclose()

@@ -42,6 +42,10 @@ from tradecanvas.store.interface import MarketStore, WriteTxn
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
+# a batch of at most this many entries is committed as a quick write (MarketStore.write):
+# on SQLite its Python runs on the event loop's thread, a few ms at most (a live batch is
+# at most binance_ws_batch_max, 200 by default); a bigger one, a history, on a worker thread
+QUICK_BATCH: Final = 1000
 # the event log retention runs at most this often (wall-clock seconds)
 PRUNE_INTERVAL_S: Final = 60.0
 
@@ -158,7 +162,10 @@ class IngestPipeline:
                 raise CandleError(f"{series} is not a base (1m) series; only 1m is ingested")
             if not _plainly_valid_minute(candle):
                 validate_candle(candle, series.timeframe)
-        result = await self._write(lambda txn: self._run_in_txn(txn, batch))
+        result = await self._write(
+            lambda txn: self._run_in_txn(txn, batch),
+            quick=len(batch.candles) + len(batch.absent) <= QUICK_BATCH,
+        )
         # the fingerprint is settled once the transaction that checked it has committed
         self._fingerprint_checked.update(u.series_id for u in result.updates)
         self._runs += 1
@@ -181,10 +188,11 @@ class IngestPipeline:
             self._ids,
         )
 
-    async def _write(self, fn: Callable[[WriteTxn], T]) -> T:
-        """Every write of the pipeline: RecentBars forgets what a failed one put in."""
+    async def _write(self, fn: Callable[[WriteTxn], T], *, quick: bool = False) -> T:
+        """Every write of the pipeline: RecentBars forgets what a failed one put in.
+        ``quick``: a live batch (see ``MarketStore.write``)."""
         try:
-            return await self.store.write(fn)
+            return await self.store.write(fn, quick=quick)
         except BaseException:
             self._recent.forget()
             raise

@@ -264,8 +264,10 @@ class PostgresStore:
             async with self._write_limiter:
                 await trio.to_thread.run_sync(self._pool.close)
 
-    async def write(self, fn: Callable[[PgStoreTxn], T]) -> T:
-        """Run ``fn`` in one transaction holding the store's write lock.
+    async def write(self, fn: Callable[[PgStoreTxn], T], *, quick: bool = False) -> T:
+        """Run ``fn`` in one transaction holding the store's write lock, on a worker thread
+        (``quick``, a hint the SQLite store uses, changes nothing here: every statement
+        waits on the server).
 
         An exception rolls everything back and propagates (psycopg errors as StoreError).
         Each attempt is shielded from cancellation: a batch is all in or all out. A lost

@@ -5,10 +5,12 @@ volume, the optional Binance extras, the ``source`` and a ``complete`` mark for 
 candles. WAL journal with ``synchronous=FULL``: a committed batch survives a power cut.
 
 Concurrency: one writer connection behind a ``CapacityLimiter(1)`` and a small pool of
-reader connections behind their own limiter, all used from worker threads through
-``trio.to_thread.run_sync``. Under WAL a reader sees the last commit and never waits
-behind a long write. :meth:`CandleStore.write` runs a whole function in one transaction, so
-the pipeline commits base and derived candles of a batch together or not at all.
+reader connections behind their own limiter, used from worker threads through
+``trio.to_thread.run_sync`` — except a *quick* write, whose transaction runs on the event
+loop's thread up to its ``COMMIT`` (see :meth:`CandleStore.write`). Under WAL a reader
+sees the last commit and never waits behind a long write. :meth:`CandleStore.write` runs a
+whole function in one transaction, so the pipeline commits base and derived candles of a
+batch together or not at all.
 
 Raises :class:`StoreError` for any SQLite failure (disk full, read-only, corrupt file).
 """
@@ -36,6 +38,10 @@ from tradecanvas.store.types import SeriesHead, Source, StoredCandle, StoredEven
 
 # Readers run in parallel threads; two cores here, and reads are short index range scans.
 READER_CONNECTIONS: Final = 4
+# how long a connection waits for another's lock before SQLITE_BUSY
+BUSY_TIMEOUT_MS: Final = 30_000
+# SQLITE_BUSY and its extended codes (another connection holds the lock)
+_BUSY: Final = frozenset({5, 261, 517, 773})
 T = TypeVar("T")
 
 
@@ -59,10 +65,46 @@ class _translated:
 
 def _connect(path: Path) -> sqlite3.Connection:
     conn = sqlite3.connect(
-        path, isolation_level=None, check_same_thread=False, timeout=30.0
+        path, isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT_MS / 1e3
     )  # autocommit mode: transactions are explicit
-    conn.execute("PRAGMA busy_timeout = 30000")
+    conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
     return conn
+
+
+def _begin_now(conn: sqlite3.Connection) -> bool:
+    """``BEGIN IMMEDIATE`` without waiting (the writer's ``busy_timeout`` is 0): False when
+    another connection holds the write lock."""
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+    except sqlite3.OperationalError as exc:
+        if exc.sqlite_errorcode in _BUSY and not conn.in_transaction:
+            return False
+        raise
+    return True
+
+
+def _begin_waiting(conn: sqlite3.Connection) -> None:
+    """``BEGIN IMMEDIATE``, waiting up to BUSY_TIMEOUT_MS for the write lock (on a worker
+    thread)."""
+    conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+    finally:
+        conn.execute("PRAGMA busy_timeout = 0")
+
+
+def _commit(conn: sqlite3.Connection) -> None:
+    with _translated("write"):
+        try:
+            conn.execute("COMMIT")
+        except BaseException:
+            _rollback(conn)
+            raise
+
+
+def _rollback(conn: sqlite3.Connection) -> None:
+    if conn.in_transaction:
+        conn.execute("ROLLBACK")
 
 
 def _open_writer(path: Path) -> sqlite3.Connection:
@@ -76,6 +118,9 @@ def _open_writer(path: Path) -> sqlite3.Connection:
         conn.execute("PRAGMA foreign_keys = ON")
         migrate(conn)
         conn.execute("PRAGMA quick_check(1)")
+        # the writer waits for another process's write lock only on a worker thread, in
+        # _begin_waiting; everywhere else it must not block (see CandleStore.write)
+        conn.execute("PRAGMA busy_timeout = 0")
     except BaseException:
         conn.close()
         raise
@@ -138,25 +183,34 @@ class CandleStore:
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(_close_all)
 
-    async def write(self, fn: Callable[[StoreTxn], T]) -> T:
-        """Run ``fn`` in one ``BEGIN IMMEDIATE`` transaction on the writer thread.
+    async def write(self, fn: Callable[[StoreTxn], T], *, quick: bool = False) -> T:
+        """Run ``fn`` in one ``BEGIN IMMEDIATE`` transaction.
 
         An exception rolls everything back and propagates (SQLite errors as StoreError).
         The commit is shielded from cancellation: a batch is all in or all out.
+
+        Everything runs on a worker thread, unless ``quick`` (the caller knows ``fn`` is
+        short: a live batch, not a history): then ``BEGIN`` and ``fn`` run on the event
+        loop's own thread, and only the ``COMMIT`` (its fsync) on a worker thread. ``fn``
+        is Python that holds the GIL either way; on a worker thread it also gives the GIL
+        away and waits to get it back around every statement (each row of an
+        ``executemany``), up to the interpreter's switch interval each time the event
+        loop is busy — that, not the SQL, was most of a live commit's time. ``BEGIN``
+        never waits on the event loop's thread: when another process holds the write
+        lock, it waits on a worker thread (``busy_timeout``), and ``fn`` runs after.
         """
         if self._closed:
             raise StoreError("candle store is closed")
+        conn = self._writer
 
         def _run() -> T:
-            conn = self._writer
             with _translated("write"):
-                conn.execute("BEGIN IMMEDIATE")
+                _begin_waiting(conn)
                 try:
                     result = fn(StoreTxn(conn, self._next_sequence(conn)))
                     conn.execute("COMMIT")
                 except BaseException:
-                    if conn.in_transaction:
-                        conn.execute("ROLLBACK")
+                    _rollback(conn)
                     raise
                 return result
 
@@ -167,9 +221,24 @@ class CandleStore:
             async with self._write_limiter:
                 self._write_started = trio.current_time()
                 try:
-                    result = await trio.to_thread.run_sync(_run)
+                    if quick:
+                        result = await self._write_quick(conn, fn)
+                    else:
+                        result = await trio.to_thread.run_sync(_run)
                 finally:
                     self._write_started = None
+        return result
+
+    async def _write_quick(self, conn: sqlite3.Connection, fn: Callable[[StoreTxn], T]) -> T:
+        with _translated("write"):
+            if not _begin_now(conn):
+                await trio.to_thread.run_sync(_begin_waiting, conn)
+            try:
+                result = fn(StoreTxn(conn, self._next_sequence(conn)))
+            except BaseException:
+                _rollback(conn)
+                raise
+        await trio.to_thread.run_sync(_commit, conn)
         return result
 
     def _next_sequence(self, conn: sqlite3.Connection) -> int:
