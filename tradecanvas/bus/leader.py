@@ -249,7 +249,7 @@ class FencedStore:
         self.token = token
         return token, previous
 
-    async def write(self, fn: Callable[[WriteTxn], T]) -> T:
+    async def write(self, fn: Callable[[WriteTxn], T], *, quick: bool = False) -> T:
         token = self.token
 
         def fenced(txn: WriteTxn) -> T:
@@ -262,7 +262,7 @@ class FencedStore:
                 )
             return fn(txn)
 
-        return await self.inner.write(fenced)
+        return await self.inner.write(fenced, quick=quick)
 
     @property
     def closed(self) -> bool:
