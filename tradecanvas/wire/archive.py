@@ -35,6 +35,7 @@ from tradecanvas.model import (
     Market,
     SeriesId,
     Timeframe,
+    plainly_valid,
     validate_candle,
 )
 
@@ -144,26 +145,6 @@ def market_of_path(parts: Sequence[str]) -> Market | None:
 
 def _unit_of(text: str) -> int:
     return US if int(text) >= US_THRESHOLD else MS
-
-
-def plainly_valid(c: Candle) -> bool:
-    """True only when :func:`~tradecanvas.model.validate_candle` would pass a 1m candle whose
-    time is known to be on a minute (False: let it say why). A NaN compares by raising,
-    which counts as False."""
-    try:
-        return (
-            c.high.is_finite()
-            and c.volume.is_finite()
-            and 0 <= c.low <= c.open <= c.high
-            and c.low <= c.close <= c.high
-            and c.volume >= 0
-            and (c.trades is None or c.trades >= 0)
-            and ((q := c.quote_volume) is None or (q.is_finite() and q >= 0))
-            and ((b := c.taker_buy_base) is None or (b.is_finite() and b >= 0))
-            and ((bq := c.taker_buy_quote) is None or (bq.is_finite() and bq >= 0))
-        )
-    except ArithmeticError:
-        return False
 
 
 def _first_row(row: list[str]) -> tuple[int, int]:
