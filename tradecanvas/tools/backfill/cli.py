@@ -19,8 +19,6 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
-import os
-import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -48,12 +46,15 @@ from tradecanvas.tools.backfill.plan import (
 )
 from tradecanvas.tools.backfill.progress import ClearProgressFilter, Progress
 from tradecanvas.tools.exit_codes import ExitCodeTable
+from tradecanvas.tools.signals import StopOnSignal
 from tradecanvas.tools.tally import iso_minute
 from tradecanvas.upstream.phases import learn_phase
 from tradecanvas.upstream.rest import BinanceRestClient, RestPolicy, open_rest_client
 
 # the command's one logger: its lines name ``tradecanvas.tools.backfill``
 log = logging.getLogger(__package__)
+# Ctrl-C/SIGTERM: stop after the page in flight; a second one: at once
+_SIGNALS: Final = StopOnSignal("backfill", "the page", log)
 
 # Of Binance's per-minute request weight: the daemon keeps to 80%, so a bulk import beside it
 # stops at half and leaves the daemon room for its own repairs.
@@ -151,28 +152,6 @@ async def learn_phases(
             phase = await learn_phase(plan.series, timeframe, rest, pipeline.store)
             if phase is not None:
                 pipeline.set_phase(plan.series, phase)
-
-
-async def _stop_on_signal(
-    work: trio.CancelScope,
-    caught: list[int],
-    *,
-    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    """Ctrl-C/SIGTERM: stop the import after the commit in flight; a second one: at once."""
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        task_status.started()
-        async for signum in signals:
-            if caught:
-                sys.stderr.write("\ntradecanvas backfill: second signal, exiting at once\n")
-                sys.stderr.flush()
-                os._exit(ExitCode.for_signal(signum))
-            caught.append(signum)
-            log.warning(
-                "%s: stopping after the page in flight (again to exit at once)",
-                signal.Signals(signum).name,
-            )
-            work.cancel(reason="interrupted")
 
 
 async def cap_at_exchange(plan: BackfillPlan, rest: BinanceRestClient) -> BackfillPlan | None:
@@ -285,7 +264,7 @@ async def run_import(
     work = trio.CancelScope()
     failure: tuple[ExitCode, str] | None = None
     async with trio.open_nursery() as nursery:
-        await nursery.start(_stop_on_signal, work, caught)
+        await nursery.start(_SIGNALS.watch, work, caught)
         try:
             with work:
                 failure = await _open_and_import(tally, flags, policy, progress, refetch=refetch)

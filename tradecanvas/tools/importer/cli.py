@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -41,9 +39,12 @@ from tradecanvas.tools.importer.files import (
 )
 from tradecanvas.tools.importer.tally import ImportTally
 from tradecanvas.tools.progress import Progress
+from tradecanvas.tools.signals import StopOnSignal
 from tradecanvas.upstream.phases import learn_phase
 
 log = logging.getLogger("tradecanvas.tools.importer")
+# Ctrl-C/SIGTERM: stop after the transaction in flight; a second one: at once
+_SIGNALS: Final = StopOnSignal("import", "the transaction", log)
 
 # candles per transaction: large, yet under the pipeline's step for one derivation (4,096 source
 # bars), past which it trims its recent bars and reads its own rows back
@@ -171,27 +172,6 @@ async def _read_ahead(
             await send.send(read)
 
 
-async def _stop_on_signal(
-    work: trio.CancelScope,
-    caught: list[int],
-    *,
-    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        task_status.started()
-        async for signum in signals:
-            if caught:
-                sys.stderr.write("\ntradecanvas import: second signal, exiting at once\n")
-                sys.stderr.flush()
-                os._exit(ExitCode.for_signal(signum))
-            caught.append(signum)
-            log.warning(
-                "%s: stopping after the transaction in flight (again to exit at once)",
-                signal.Signals(signum).name,
-            )
-            work.cancel(reason="interrupted")
-
-
 async def run_import(
     files: Sequence[ImportFile],
     location: str | Path,
@@ -212,7 +192,7 @@ async def run_import(
     work = trio.CancelScope()
     try:
         async with trio.open_nursery() as nursery:
-            await nursery.start(_stop_on_signal, work, caught)
+            await nursery.start(_SIGNALS.watch, work, caught)
             try:
                 with work:
                     pipeline = IngestPipeline(store, _NoSubscribers(), derived, fingerprint)
