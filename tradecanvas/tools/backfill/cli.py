@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
-import sys
 import time
 from collections.abc import Sequence
 from typing import Final, TextIO, final
@@ -45,6 +44,7 @@ from tradecanvas.tools.backfill.plan import (
     unrecorded,
 )
 from tradecanvas.tools.backfill.progress import ClearProgressFilter, Progress
+from tradecanvas.tools.command import FlagCommand
 from tradecanvas.tools.exit_codes import ExitCodeTable
 from tradecanvas.tools.signals import StopOnSignal
 from tradecanvas.tools.tally import iso_minute
@@ -333,17 +333,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def run_backfill(
-    args: argparse.Namespace,
-    flags: RuntimeFlags,
-    *,
-    out: TextIO | None = None,
-    err: TextIO | None = None,
-) -> int:
+@FlagCommand
+def run_backfill(args: argparse.Namespace, flags: RuntimeFlags, out: TextIO, err: TextIO) -> int:
     """Run the ``backfill`` command with the arguments from :func:`configure_parser`;
     returns one of :data:`EXIT_CODES`."""
-    out = out or sys.stdout
-    err = err or sys.stderr
     configure_logging(flags, stream=err)
     try:
         plan = plan_backfill(args.series, args.from_time, args.to_time, time.time())

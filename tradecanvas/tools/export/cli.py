@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Final, TextIO
 
@@ -15,6 +14,7 @@ from tradecanvas.runtime_flags import RuntimeFlags
 from tradecanvas.store.interface import MarketStore
 from tradecanvas.store.open import open_store, store_location
 from tradecanvas.tools.backfill.plan import TIME_EXAMPLES, parse_time
+from tradecanvas.tools.command import FlagCommand
 from tradecanvas.tools.exit_codes import ExitCodeTable
 from tradecanvas.wire.archive import archive_lines
 
@@ -107,16 +107,9 @@ async def _run(
             await store.aclose()
 
 
-def run_export(
-    args: argparse.Namespace,
-    flags: RuntimeFlags,
-    *,
-    out: TextIO | None = None,
-    err: TextIO | None = None,
-) -> int:
+@FlagCommand
+def run_export(args: argparse.Namespace, flags: RuntimeFlags, out: TextIO, err: TextIO) -> int:
     """Run ``export`` with :func:`configure_parser`'s arguments; one of :data:`EXIT_CODES`."""
-    out = out or sys.stdout
-    err = err or sys.stderr
     try:
         series, start, end = _plan(args)
     except BadInputError as exc:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,6 +26,7 @@ from tradecanvas.pipeline.events import SystemEvent
 from tradecanvas.runtime_flags import RuntimeFlags
 from tradecanvas.store.interface import MarketStore
 from tradecanvas.store.open import describe_location, open_store, store_location
+from tradecanvas.tools.command import FlagCommand
 from tradecanvas.tools.exit_codes import ExitCodeTable
 from tradecanvas.tools.importer.commit import ArchiveCommitter
 from tradecanvas.tools.importer.files import (
@@ -279,16 +279,11 @@ def plan_import(args: argparse.Namespace) -> list[ImportFile]:
     return [plan_file(path, series, args.market) for path in find_files(args.paths)]
 
 
+@FlagCommand
 def run_import_command(
-    args: argparse.Namespace,
-    flags: RuntimeFlags,
-    *,
-    out: TextIO | None = None,
-    err: TextIO | None = None,
+    args: argparse.Namespace, flags: RuntimeFlags, out: TextIO, err: TextIO
 ) -> int:
     """Run ``import`` with :func:`configure_parser`'s arguments; one of :data:`EXIT_CODES`."""
-    out = out or sys.stdout
-    err = err or sys.stderr
     configure_logging(flags, stream=err)
     started = time.monotonic()
     try:
