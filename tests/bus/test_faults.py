@@ -15,14 +15,16 @@ order, equal to Binance's (nothing lost), that /readyz is false and
 
 from __future__ import annotations
 
+import contextlib
 import signal
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
 import pytest
 import trio
 
-from tests.bus.cluster import Node, cluster, stop, wait_dependency, wait_ready
+from tests.bus.cluster import Cluster, Node, cluster, stop, wait_dependency, wait_ready
 from tests.bus.conftest import PrivateRedis
 from tests.bus.roles_rig import (
     BASE,
@@ -70,6 +72,23 @@ def mid(data: Source, streamed: int = 60) -> int:
     return data.minutes[HISTORY_BARS + streamed].candle_time
 
 
+@contextlib.asynccontextmanager
+async def streaming(
+    c: Cluster, data: Source, watch: list[tuple[Subscriber, Node]], streamed: int = 60
+) -> AsyncIterator[trio.Nursery]:
+    """Each subscriber on every series of its node, then the replay streaming; in once the
+    first one has ``streamed`` minutes past the history (the fault lands mid-run). The
+    subscribers are stopped on the way out."""
+    async with trio.open_nursery() as nursery:
+        for sub, node in watch:
+            await nursery.start(sub.run, node.ws, subscribe_all())
+        c.stream()
+        first = watch[0][0]
+        await first.wait_until(lambda: mid(data, streamed) in first.times(BASE))
+        yield nursery
+        nursery.cancel_scope.cancel()
+
+
 async def test_redis_restarting(tmp_path: Path, private_redis: PrivateRedis, pg_url: str) -> None:
     data = source(tmp_path)
     await private_redis.start()
@@ -78,10 +97,7 @@ async def test_redis_restarting(tmp_path: Path, private_redis: PrivateRedis, pg_
     ) as c:
         ingest, edge = c.ingest, c.edges[0]
         sub = Subscriber()
-        async with trio.open_nursery() as nursery:
-            await nursery.start(sub.run, edge.ws, subscribe_all())
-            c.stream()
-            await sub.wait_until(lambda: mid(data) in sub.times(BASE))
+        async with streaming(c, data, [(sub, edge)]):
             private_redis.stop()
             await wait_ready(ingest, "bus_publisher_connected", False)
             await wait_ready(edge, "bus_feed_connected", False)
@@ -94,7 +110,6 @@ async def test_redis_restarting(tmp_path: Path, private_redis: PrivateRedis, pg_
             await wait_ready(edge, "bus_feed_connected", True)
             await wait_ready(ingest, "bus_publisher_connected", True)
             await everything(sub, data)
-            nursery.cancel_scope.cancel()
         await stop(edge, ingest)
     assert "bus publisher: Redis failed" in ingest.log.read_text()
     # the restart lost the lease too: its holder set it again and went on ingesting
@@ -119,10 +134,7 @@ async def test_postgresql_going_away(
         ) as c:
             ingest, edge = c.ingest, c.edges[0]
             sub = Subscriber()
-            async with trio.open_nursery() as nursery:
-                await nursery.start(sub.run, edge.ws, subscribe_all())
-                c.stream()
-                await sub.wait_until(lambda: mid(data) in sub.times(BASE))
+            async with streaming(c, data, [(sub, edge)]):
                 proxy.cut()
                 for node in (ingest, edge):
                     await wait_ready(node, "store_reachable", False)
@@ -135,7 +147,6 @@ async def test_postgresql_going_away(
                 for node in (ingest, edge):
                     await wait_ready(node, "store_reachable", True)
                 await everything(sub, data)
-                nursery.cancel_scope.cancel()
             await stop(edge, ingest)
         outer.cancel_scope.cancel()
     # the ingest's commits waited the outage out: nothing of a failed attempt went in
@@ -167,11 +178,7 @@ async def test_an_edge_killed_while_clients_are_connected(
         edge_a, edge_b = c.edges
         before, witness = Subscriber(), Subscriber()
         before.expect_loss = True
-        async with trio.open_nursery() as nursery:
-            await nursery.start(before.run, edge_a.ws, subscribe_all())
-            await nursery.start(witness.run, edge_b.ws, subscribe_all())
-            c.stream()
-            await before.wait_until(lambda: mid(data, 100) in before.times(BASE))
+        async with streaming(c, data, [(before, edge_a), (witness, edge_b)], 100) as nursery:
             edge_a.proc.send_signal(signal.SIGKILL)
             await before.finished.wait()  # the connection broke
             assert before.lost is not None
@@ -191,7 +198,6 @@ async def test_an_edge_killed_while_clients_are_connected(
             last5 = data.fives[-1].candle_time
             await witness.wait_until(lambda: last5 in witness.times(FIVE))
             await after.wait_until(lambda: last5 in after.times(FIVE))
-            nursery.cancel_scope.cancel()
         for series in (BASE, FIVE):
             # exactly what it missed: before + after is what the witness got, no more
             assert before.times(series) + after.times(series) == witness.times(series)
@@ -221,11 +227,7 @@ async def test_a_slow_edge(tmp_path: Path, redis_url: str, keys: StreamKeys, pg_
     ) as c:
         slow, quick = c.edges
         on_slow, on_quick = Subscriber(), Subscriber()
-        async with trio.open_nursery() as nursery:
-            await nursery.start(on_slow.run, slow.ws, subscribe_all())
-            await nursery.start(on_quick.run, quick.ws, subscribe_all())
-            c.stream()
-            await on_slow.wait_until(lambda: mid(data, 20) in on_slow.times(BASE))
+        async with streaming(c, data, [(on_slow, slow), (on_quick, quick)], 20):
             slow.proc.send_signal(signal.SIGSTOP)
             try:
                 # the other edge serves everything meanwhile: per-edge isolation
@@ -235,7 +237,6 @@ async def test_a_slow_edge(tmp_path: Path, redis_url: str, keys: StreamKeys, pg_
                 slow.proc.send_signal(signal.SIGCONT)
             # woken, it finds its position trimmed away (MAXLEN ~ 100) and fills the store
             await everything(on_slow, data)
-            nursery.cancel_scope.cancel()
         filled = metric(await metrics_text(slow.http), "tradecanvas_bus_filled_candles")
         assert filled is not None and filled > 0
         await stop(slow, quick, c.ingest)

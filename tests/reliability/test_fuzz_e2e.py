@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import signal
 import subprocess
 import time
@@ -35,18 +34,25 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tests.cli_rig import cli_env
-from tests.reliability.record import ReliabilityRecord, report
-from tests.reliability.rig import READY, Children, connect, db_connect, generate_candles, write_csv
+from tests.reliability.rig import (
+    Children,
+    connect,
+    db_connect,
+    generate_candles,
+    start_serve,
+    wait_for_line,
+    write_csv,
+)
 from tests.reliability.test_fuzz import (
     BODY,
     BTC,
-    EXAMPLES,
     JSON,
     QUERY,
     SETTINGS,
     SUBSCRIBE,
     dumps,
     mutated,
+    report_counts,
 )
 from tradecanvas.errors import ClientMessageError
 from tradecanvas.serve.http_validation import RequestRefused, parse_ingest_body
@@ -55,16 +61,6 @@ from tradecanvas.serve.ws_protocol import parse_client_message
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 TOKEN: Final = "reliability-fuzz-token-0123456789"
-
-
-def wait_line(log: Path, pattern: str, proc: subprocess.Popen[bytes]) -> re.Match[str]:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if match := re.search(pattern, log.read_text(errors="replace")):
-            return match
-        assert proc.poll() is None, log.read_text()
-        time.sleep(0.05)  # polling a child's log for a line (a sync fixture)
-    raise AssertionError(f"{log.name}: no {pattern!r}")
 
 
 def stored_count(db: Path) -> int:
@@ -96,7 +92,7 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
         replay = kids.start(
             ["replay", str(csv), "--speed", "max"], tmp / "replay.log", {**os.environ}
         )
-        match = wait_line(tmp / "replay.log", r"replay ws=(\S+) rest=(\S+)", replay)
+        match = trio.run(wait_for_line, tmp / "replay.log", r"replay ws=(\S+) rest=(\S+)", replay)
         db = tmp / "market.sqlite3"
         env = cli_env(
             TRADE_CANVAS_DB_PATH=str(db),
@@ -104,34 +100,17 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
             TRADE_CANVAS_BINANCE_FUTURES_REST_URL=match.group(2),
             TRADE_CANVAS_INGEST_TOKEN=TOKEN,
         )
-        proc = kids.start(["serve"], tmp / "serve.log", env)
-        ready = wait_line(tmp / "serve.log", READY, proc)
+        proc, ws, http = trio.run(start_serve, kids, tmp / "serve.log", env)
         # the replay's data is in: from now on only the fuzzed writes could change the store
-        wait_line(tmp / "replay.log", r"replay finished", replay)
+        trio.run(wait_for_line, tmp / "replay.log", r"replay finished", replay)
         deadline = time.monotonic() + 60
         while stored_count(db) < 300 and time.monotonic() < deadline:
             time.sleep(0.05)  # polling the store until the ingest has committed it all
-        yield Daemon(proc, ready.group(1), ready.group(2), db)
+        yield Daemon(proc, ws, http, db)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=20) == 0
     finally:
         kids.kill_all()
-
-
-def record(name: str, counts: Counter[str]) -> None:
-    report(
-        ReliabilityRecord(
-            test=f"fuzz_e2e[{name}]",
-            seed=0,
-            faults=counts["refused"],
-            attempted=counts["tried"],
-            stored=counts["accepted"],
-            delivered=counts["refused"] + counts["accepted"],
-            lost=counts["crashed"],
-            duplicated=0,
-        )
-    )
-    assert counts["tried"] >= EXAMPLES and counts["crashed"] == 0
 
 
 def test_fuzzed_write_bodies_are_refused_and_write_nothing(daemon: Daemon) -> None:
@@ -166,7 +145,7 @@ def test_fuzzed_write_bodies_are_refused_and_write_nothing(daemon: Daemon) -> No
                 counts["refused"] += 1
 
         one()
-    record("http_body", counts)
+    report_counts("fuzz_e2e[http_body]", counts)
 
 
 def test_fuzzed_query_strings_get_4xx_never_5xx(daemon: Daemon) -> None:
@@ -186,7 +165,7 @@ def test_fuzzed_query_strings_get_4xx_never_5xx(daemon: Daemon) -> None:
                 counts["accepted" if answer.status_code == 200 else "refused"] += 1
 
         one()
-    record("http_query", counts)
+    report_counts("fuzz_e2e[http_query]", counts)
 
 
 async def _errors_for(url: str, message: str | bytes) -> list[dict[str, Any]]:
@@ -229,4 +208,4 @@ def test_fuzzed_subscriber_messages_get_one_error_each(daemon: Daemon) -> None:
             counts["accepted"] += 1
 
     one()
-    record("subscriber_message", counts)
+    report_counts("fuzz_e2e[subscriber_message]", counts)
