@@ -56,6 +56,7 @@ PURE_MODULES: Final = (
     "tradecanvas.store.types",
     "tradecanvas.upstream.plan",
     "tradecanvas.tools.subscribe_cursors",
+    "tradecanvas.tools.tally",
     "tradecanvas.wire.bus",
     "tradecanvas.bus.ids",
     "tradecanvas.bus.outbox",
