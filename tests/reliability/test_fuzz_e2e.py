@@ -44,7 +44,7 @@ from tests.reliability.rig import (
     write_csv,
 )
 from tests.reliability.test_fuzz import (
-    BODY,
+    BODIES,
     BTC,
     JSON,
     QUERY,
@@ -119,12 +119,7 @@ def test_fuzzed_write_bodies_are_refused_and_write_nothing(daemon: Daemon) -> No
     with httpx.Client(base_url=daemon.http, timeout=30) as client:
 
         @SETTINGS
-        @given(
-            st.binary(max_size=300)
-            | JSON.map(dumps)
-            | mutated(BODY).map(dumps)
-            | st.just(BODY).map(dumps)
-        )
+        @given(BODIES)
         def one(raw: bytes) -> None:
             counts["tried"] += 1
             before = daemon.written()
