@@ -21,11 +21,9 @@ PostgreSQL).
 from __future__ import annotations
 
 import argparse
-import os
-import signal
+import functools
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
 import e2e_distributed
@@ -36,58 +34,38 @@ import trio_websocket
 from e2e_common import (
     BASE,
     BIN,
-    DAY_BARS,
-    DROP_AT,
     FIVE,
-    SKIP,
+    READY,
     TOKEN,
     WAIT_ALL_S,
+    FlagRun,
     Processes,
     Report,
     Subscriber,
-    data_dir,
     equal_candle,
     five_floor,
     metric,
-    print_tails,
+    run_each_flag,
     same_schemas,
     schema,
     schema_report,
     sqlite_counts,
+    stop,
     terminated_on_signals,
     wait_for_line,
 )
 
-from tradecanvas.wire.kline_csv import read_kline_csv
 
-
-class Run:
+class Run(FlagRun):
     def __init__(self, report: Report, procs: Processes, work: Path, flag: str) -> None:
-        self.report = report
-        self.procs = procs
-        self.work = work
-        self.flag = flag
-        folder = data_dir() / "klines_1m_5m" / "futures_um"
-        self.csv = folder / "BTCUSDT-1m-2025-07-06_2025-07-12.csv"
-        self.minutes = read_kline_csv(self.csv)
-        self.fives = read_kline_csv(folder / "BTCUSDT-5m-2025-07-06_2025-07-12.csv")
+        super().__init__(report, procs, work, flag)
         self.db = work / f"market-{flag}.sqlite3"
         self.schemas: dict[str, tuple[str, ...]] = {}
 
-    def check(self, name: str, ok: bool, detail: str = "") -> bool:
-        return self.report.check(f"[publish={self.flag}] {name}", ok, detail)
-
-    def env(self, *, token: bool, rest: str, ws: str) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("TRADE_CANVAS_")}
+    def serve_env(self, *, token: bool, rest: str, ws: str) -> dict[str, str]:
+        env = self.env(ws=ws, rest=rest)
         env.update(
             TRADE_CANVAS_DB_PATH=str(self.db),
-            TRADE_CANVAS_WS_PORT="0",
-            TRADE_CANVAS_HTTP_PORT="0",
-            TRADE_CANVAS_BINANCE_FUTURES_WS_URL=ws,
-            TRADE_CANVAS_BINANCE_FUTURES_REST_URL=rest,
-            TRADE_CANVAS_ENABLE_INGEST_WS_PIPELINE_PUBLISH=self.flag,
-            TRADE_CANVAS_INITIAL_BACKFILL_CANDLES=str(DAY_BARS),
-            TRADE_CANVAS_MARKET_WS_CATCHUP_LIMIT="5000",
             TRADE_CANVAS_SUBSCRIBER_SEND_TIMEOUT_S="2",
         )
         if token:
@@ -98,33 +76,13 @@ class Run:
         self, env: dict[str, str], log: Path
     ) -> tuple[subprocess.Popen[bytes], str, str]:
         proc = self.procs.start([str(BIN), "serve"], log, env)
-        match = await wait_for_line(log, r"tradecanvas ready ws=(ws://\S+) http=(http://\S+)", proc)
+        match = await wait_for_line(log, READY, proc)
         return proc, match.group(1), match.group(2)
 
-    async def stop(self, proc: subprocess.Popen[bytes]) -> tuple[int | None, float]:
-        start = time.monotonic()
-        proc.send_signal(signal.SIGTERM)
-        with trio.move_on_after(15):
-            while proc.poll() is None:
-                await trio.sleep(0.05)  # waiting for a child to exit
-        return proc.poll(), time.monotonic() - start
-
     async def main(self) -> None:
-        replay_log = self.work / f"replay-{self.flag}.log"
-        replay = self.procs.start(
-            [
-                str(BIN), "replay", str(self.csv), "--speed", "max", "--paused",
-                "--start-at", str(DAY_BARS),
-                "--drop-at", str(DROP_AT), "--skip", str(SKIP),
-                "--omit-close-every", "97", "--duplicate-close-every", "89",
-            ],
-            replay_log,
-            {**os.environ},
-        )  # fmt: skip
-        match = await wait_for_line(replay_log, r"replay ws=(\S+) rest=(\S+)", replay)
-        replay_ws, replay_rest = match.group(1), match.group(2)
+        replay = await self.start_replay()
         serve_log = self.work / f"serve-{self.flag}.log"
-        env = self.env(token=True, rest=replay_rest, ws=replay_ws)
+        env = self.serve_env(token=True, rest=replay.rest, ws=replay.ws)
         serve, ws_url, http_url = await self.start_serve(env, serve_log)
         self.check("serve starts against the replay and reports ready", True, ws_url)
         # one origin: /ws/market answers on the HTTP port as well
@@ -161,8 +119,7 @@ class Run:
             await idle.send_message(orjson.dumps({"type": "subscribe", "series_id": BASE,
                                                   "since": first - 60}).decode())  # fmt: skip
             # only now the market starts: these subscribers see every event from the first
-            replay.send_signal(signal.SIGUSR1)
-            await wait_for_line(replay_log, r"replay resumed", replay)
+            await replay.resume()
             # a mid-way joiner, once live candles flow, with a cursor in the past
             await batch_sub.wait_until(lambda: len(batch_sub.closed_times(BASE)) > 5000, 120)
             cursor = first + 60 * 3000
@@ -195,7 +152,7 @@ class Run:
             await self.check_metrics_and_http(http_url, batch_sub, five_sub, last)
             self.schemas = schema(batch_sub.messages + five_sub.messages + garbage.messages)
 
-            code, took = await self.stop(serve)
+            code, took = await stop(serve)
             await batch_sub.wait_until(lambda: batch_sub.closed_code is not None, 5)
             self.check(
                 "SIGTERM: exit 0 within 10 s and subscribers closed with 1001",
@@ -206,7 +163,7 @@ class Run:
             nursery.cancel_scope.cancel()
 
         missed = [i for i in batch_sub.event_ids(BASE) if i > left_at]
-        await self.check_restart(replay_rest, replay_ws, last, left_at, missed)
+        await self.check_restart(replay.rest, replay.ws, last, left_at, missed)
 
     def check_stream(
         self,
@@ -364,7 +321,7 @@ class Run:
     ) -> None:
         log = self.work / f"serve-{self.flag}-restart.log"
         serve, ws_url, http_url = await self.start_serve(
-            self.env(token=False, rest=rest, ws=ws), log
+            self.serve_env(token=False, rest=rest, ws=ws), log
         )
         since = last - 600
         resumed = Subscriber("resumed")
@@ -397,7 +354,7 @@ class Run:
                 answer.status_code == 403,
                 str(answer.status_code),
             )
-            code, took = await self.stop(serve)
+            code, took = await stop(serve)
             self.check("second SIGTERM run exits 0", code == 0, f"exit={code} in {took:.1f}s")
             nursery.cancel_scope.cancel()
         counts = sqlite_counts(self.db)
@@ -446,19 +403,9 @@ class Run:
 def single() -> int:
     report = Report()
     procs = Processes()
-    schemas: dict[str, dict[str, tuple[str, ...]]] = {}
     with terminated_on_signals(procs), tempfile.TemporaryDirectory(prefix="tc-e2e-") as tmp:
-        for flag in ("0", "1"):
-            run = Run(report, procs, Path(tmp), flag)
-            try:
-                trio.run(run.main)
-            except Exception as exc:  # a crash is a failed check, and the run goes on
-                report.check(
-                    f"[publish={flag}] run completed", False, f"{type(exc).__name__}: {exc}"
-                )
-                print_tails(Path(tmp), flag)
-            procs.kill_all()
-            schemas[flag] = run.schemas
+        runs = run_each_flag(functools.partial(Run, report, procs, Path(tmp)), procs, Path(tmp))
+        schemas = {flag: run.schemas for flag, run in runs.items()}
         report.check(
             "payload schemas (candles_batch, candle_closed, system, error, pong) are identical"
             " in both modes",

@@ -1,6 +1,7 @@
 """What both topologies of the acceptance replay share (scripts/e2e_acceptance.sh): the
-report, the child processes (each in its own process group, killed on the way out), a real
-/ws/market subscriber, and the comparisons against the Binance data."""
+report, the child processes (each in its own process group, killed on the way out), a run per
+kill-switch value with its replay of the real week, a real /ws/market subscriber, and the
+comparisons against the Binance data."""
 
 from __future__ import annotations
 
@@ -11,9 +12,11 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import orjson
 import trio
@@ -24,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 from tradecanvas.model import Candle  # noqa: E402
 from tradecanvas.runtime_flags import binance_data_dir  # noqa: E402
+from tradecanvas.wire.kline_csv import read_kline_csv  # noqa: E402
 
 BIN: Final = ROOT / ".venv" / "bin" / "tradecanvas"
 BASE: Final = "binance:futures:BTC/USDT:1m"
@@ -34,6 +38,8 @@ DAY_BARS: Final = 1440
 DROP_AT: Final = 3000
 SKIP: Final = 7
 WAIT_ALL_S: Final = 240.0
+# a role without a WebSocket port (the ingest) says ws=-
+READY: Final = r"tradecanvas ready ws=(\S+) http=(\S+)"
 OBJ = dict[str, Any]
 
 
@@ -94,6 +100,108 @@ async def wait_for_line(log: Path, pattern: str, proc: subprocess.Popen[bytes]) 
             if proc.poll() is not None:
                 raise RuntimeError(f"{log.name}: exited {proc.returncode}:\n{log.read_text()}")
             await trio.sleep(0.05)  # polling a log file for a line; not a race
+
+
+async def stop(proc: subprocess.Popen[bytes]) -> tuple[int | None, float]:
+    """SIGTERM; (the exit code, None if still running after 15 s; the seconds it took)."""
+    start = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    with trio.move_on_after(15):
+        while proc.poll() is None:
+            await trio.sleep(0.05)  # waiting for a child to exit
+    return proc.poll(), time.monotonic() - start
+
+
+class Replay:
+    """``tradecanvas replay`` of the week, paused after the first day (the REST history)
+    until :meth:`resume`; with a dropped connection and skipped bars, omitted and duplicated
+    closes in the streamed days."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], log: Path, ws: str, rest: str) -> None:
+        self.proc = proc
+        self.log = log
+        self.ws = ws
+        self.rest = rest
+
+    @classmethod
+    async def start(cls, procs: Processes, csv: Path, log: Path) -> Replay:
+        proc = procs.start(
+            [
+                str(BIN), "replay", str(csv), "--speed", "max", "--paused",
+                "--start-at", str(DAY_BARS),
+                "--drop-at", str(DROP_AT), "--skip", str(SKIP),
+                "--omit-close-every", "97", "--duplicate-close-every", "89",
+            ],
+            log,
+            {**os.environ},
+        )  # fmt: skip
+        match = await wait_for_line(log, r"replay ws=(\S+) rest=(\S+)", proc)
+        return cls(proc, log, match.group(1), match.group(2))
+
+    async def resume(self) -> None:
+        """Start streaming the other six days."""
+        self.proc.send_signal(signal.SIGUSR1)
+        await wait_for_line(self.log, r"replay resumed", self.proc)
+
+
+class FlagRun(ABC):
+    """One run of a topology for one kill-switch value (``flag``, 0 = legacy publish,
+    1 = pipeline publish): its checks, its children, its folder and the real week."""
+
+    # the checks' prefix: "[LABEL=flag] name"
+    LABEL: str = "publish"
+
+    def __init__(self, report: Report, procs: Processes, work: Path, flag: str) -> None:
+        self.report = report
+        self.procs = procs
+        self.work = work
+        self.flag = flag
+        folder = data_dir() / "klines_1m_5m" / "futures_um"
+        self.csv = folder / "BTCUSDT-1m-2025-07-06_2025-07-12.csv"
+        self.minutes = read_kline_csv(self.csv)
+        self.fives = read_kline_csv(folder / "BTCUSDT-5m-2025-07-06_2025-07-12.csv")
+
+    def check(self, name: str, ok: bool, detail: str = "") -> bool:
+        return self.report.check(f"[{self.LABEL}={self.flag}] {name}", ok, detail)
+
+    def env(self, *, ws: str, rest: str) -> dict[str, str]:
+        """The environment of a ``serve`` on the replay: no TRADE_CANVAS_* of the caller's,
+        any free ports, the kill-switch, a day of history."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("TRADE_CANVAS_")}
+        env.update(
+            TRADE_CANVAS_WS_PORT="0",
+            TRADE_CANVAS_HTTP_PORT="0",
+            TRADE_CANVAS_BINANCE_FUTURES_WS_URL=ws,
+            TRADE_CANVAS_BINANCE_FUTURES_REST_URL=rest,
+            TRADE_CANVAS_ENABLE_INGEST_WS_PIPELINE_PUBLISH=self.flag,
+            TRADE_CANVAS_INITIAL_BACKFILL_CANDLES=str(DAY_BARS),
+            TRADE_CANVAS_MARKET_WS_CATCHUP_LIMIT="5000",
+        )
+        return env
+
+    async def start_replay(self) -> Replay:
+        return await Replay.start(self.procs, self.csv, self.work / f"replay-{self.flag}.log")
+
+    @abstractmethod
+    async def main(self) -> None: ...
+
+
+R = TypeVar("R", bound=FlagRun)
+
+
+def run_each_flag(make: Callable[[str], R], procs: Processes, work: Path) -> dict[str, R]:
+    """``make(flag).main()`` for 0, then 1; a crash is a failed check (with the tails of the
+    run's logs), and the next run goes on. Every child is killed after each."""
+    runs: dict[str, R] = {}
+    for flag in ("0", "1"):
+        run = runs[flag] = make(flag)
+        try:
+            trio.run(run.main)
+        except Exception as exc:  # a crash is a failed check, and the run goes on
+            run.check("run completed", False, f"{type(exc).__name__}: {exc}")
+            print_tails(work, flag)
+        procs.kill_all()
+    return runs
 
 
 class Subscriber:

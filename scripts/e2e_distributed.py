@@ -28,11 +28,11 @@ reason (exit 0), except with ``CI=true``, where that is a failure (exit 1).
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import signal
 import subprocess
 import tempfile
-import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -47,18 +47,19 @@ from e2e_common import (
     BASE,
     BIN,
     DAY_BARS,
-    DROP_AT,
     FIVE,
     OBJ,
-    SKIP,
+    READY,
     WAIT_ALL_S,
+    FlagRun,
     Processes,
+    Replay,
     Report,
     Subscriber,
-    data_dir,
     equal_candle,
     metric,
-    print_tails,
+    run_each_flag,
+    stop,
     terminated_on_signals,
     wait_for_line,
 )
@@ -70,15 +71,11 @@ from e2e_services import (
     services_missing,
 )
 
-from tradecanvas.wire.kline_csv import read_kline_csv
-
-# the kills, as fractions of the streamed bars a subscriber of edge A has received
+# the kills, as fractions of the streamed bars a subscriber of edge A has received: so they
+# land mid-run at any pace (the replay streams as fast as the ingest reads, waiting for it
+# while it is down)
 KILL_INGEST_AT: Final = 0.3
 KILL_EDGE_AT: Final = 0.6
-# as fast as the ingest reads (the replay waits for it, and while it is down): the kills are
-# placed by what a subscriber received, so they land mid-run at any pace
-SPEED: Final = "max"
-READY: Final = r"tradecanvas ready ws=(\S+) http=(\S+)"
 
 
 class Follower:
@@ -190,53 +187,34 @@ class Node:
         self.proc.wait()
 
     async def stop(self) -> tuple[int | None, float]:
-        start = time.monotonic()
-        self.proc.send_signal(signal.SIGTERM)
-        with trio.move_on_after(15):
-            while self.proc.poll() is None:
-                await trio.sleep(0.05)  # waiting for a child to exit
-        return self.proc.poll(), time.monotonic() - start
+        return await stop(self.proc)
 
 
-class Run:
+class Run(FlagRun):
+    LABEL = "distributed publish"
+
     def __init__(self, report: Report, procs: Processes, work: Path, flag: str) -> None:
-        self.report = report
-        self.procs = procs
-        self.work = work
-        self.flag = flag
-        folder = data_dir() / "klines_1m_5m" / "futures_um"
-        self.csv = folder / "BTCUSDT-1m-2025-07-06_2025-07-12.csv"
-        self.minutes = read_kline_csv(self.csv)
-        self.fives = read_kline_csv(folder / "BTCUSDT-5m-2025-07-06_2025-07-12.csv")
+        super().__init__(report, procs, work, flag)
         self.prefix = f"tc-e2e-{uuid.uuid4().hex[:16]}"
         self.database = ""
         self.database_url = ""
-        self.replay_urls = ("", "")
+        self.replay: Replay | None = None
 
-    def check(self, name: str, ok: bool, detail: str = "") -> bool:
-        return self.report.check(f"[distributed publish={self.flag}] {name}", ok, detail)
-
-    def env(self, role: str) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("TRADE_CANVAS_")}
+    def role_env(self, role: str) -> dict[str, str]:
+        assert self.replay is not None
+        env = self.env(ws=self.replay.ws, rest=self.replay.rest)
         env.pop("NOTIFY_SOCKET", None)
         env.update(
             TRADE_CANVAS_ROLE=role,
             TRADE_CANVAS_DATABASE_URL=self.database_url,
             TRADE_CANVAS_REDIS_URL=REDIS_URL,
             TRADE_CANVAS_BUS_PREFIX=self.prefix,
-            TRADE_CANVAS_WS_PORT="0",
-            TRADE_CANVAS_HTTP_PORT="0",
-            TRADE_CANVAS_BINANCE_FUTURES_WS_URL=self.replay_urls[0],
-            TRADE_CANVAS_BINANCE_FUTURES_REST_URL=self.replay_urls[1],
-            TRADE_CANVAS_ENABLE_INGEST_WS_PIPELINE_PUBLISH=self.flag,
-            TRADE_CANVAS_INITIAL_BACKFILL_CANDLES=str(DAY_BARS),
-            TRADE_CANVAS_MARKET_WS_CATCHUP_LIMIT="5000",
         )
         return env
 
     async def start_node(self, role: str, name: str) -> Node:
         log = self.work / f"{name}-{self.flag}.log"
-        proc = self.procs.start([str(BIN), "serve", "--role", role], log, self.env(role))
+        proc = self.procs.start([str(BIN), "serve", "--role", role], log, self.role_env(role))
         match = await wait_for_line(log, READY, proc)
         return Node(name, proc, match.group(1), match.group(2))
 
@@ -255,19 +233,7 @@ class Run:
         )
 
     async def topology(self) -> None:
-        replay_log = self.work / f"replay-{self.flag}.log"
-        replay = self.procs.start(
-            [
-                str(BIN), "replay", str(self.csv), "--speed", SPEED, "--paused",
-                "--start-at", str(DAY_BARS),
-                "--drop-at", str(DROP_AT), "--skip", str(SKIP),
-                "--omit-close-every", "97", "--duplicate-close-every", "89",
-            ],
-            replay_log,
-            {**os.environ},
-        )  # fmt: skip
-        match = await wait_for_line(replay_log, r"replay ws=(\S+) rest=(\S+)", replay)
-        self.replay_urls = (match.group(1), match.group(2))
+        replay = self.replay = await self.start_replay()
         # the ingest first: it migrates the new database
         ingest = await self.start_node("ingest", "ingest")
         edges: dict[str, Node] = {}
@@ -297,8 +263,7 @@ class Run:
         async with trio.open_nursery() as nursery:
             for sub in subs.values():
                 await nursery.start(sub.run)
-            replay.send_signal(signal.SIGUSR1)
-            await wait_for_line(replay_log, r"replay resumed", replay)
+            await replay.resume()
             ingest = await self.kill_ingest(ingest, subs["a-1m"])
             await self.kill_edge(edge_b, subs)
             last = self.minutes[-1].candle_time
@@ -461,17 +426,6 @@ def main() -> int:
     report = Report()
     procs = Processes()
     with terminated_on_signals(procs), tempfile.TemporaryDirectory(prefix="tc-e2e-dist-") as tmp:
-        for flag in ("0", "1"):
-            run = Run(report, procs, Path(tmp), flag)
-            try:
-                trio.run(run.main)
-            except Exception as exc:  # a crash is a failed check, and the run goes on
-                report.check(
-                    f"[distributed publish={flag}] run completed",
-                    False,
-                    f"{type(exc).__name__}: {exc}",
-                )
-                print_tails(Path(tmp), flag)
-            procs.kill_all()
+        run_each_flag(functools.partial(Run, report, procs, Path(tmp)), procs, Path(tmp))
     print(f"{report.passed} passed, {report.failed} failed")
     return 1 if report.failed else 0
