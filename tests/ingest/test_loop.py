@@ -121,7 +121,9 @@ async def test_spot_uses_its_own_routes_and_keeps_all_12_columns(
         await rig.hub.wait_closed(sid, rows[-1].candle_time)
         assert await rig.stored(sid) == rows  # 1000 from REST, 440 live
         assert metric(rig, "tradecanvas_backfill_candles_total") == 1000
-        assert rig.replay is not None and rig.replay.statistics().rest_requests == 1
+        # one page, or two when the live frames read before the fill was planned reach
+        # past the 1000th minute (a whole socket read is processed at once)
+        assert rig.replay is not None and rig.replay.statistics().rest_requests in (1, 2)
 
 
 # --- the kill-switch -----------------------------------------------------------------

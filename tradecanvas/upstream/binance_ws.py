@@ -47,10 +47,10 @@ log = logging.getLogger(__name__)
 
 _CONNECT_ERRORS: Final = (trio_websocket.HandshakeError, OSError)
 # Messages trio-websocket's reader task may queue for ours, and bytes per socket read: a
-# whole read of a burst is parsed and queued at once (one wake-up of our reader for many
-# frames, not a hand-over per frame), and trio-websocket keeps reading — and answering
-# Binance's pings — while our reader waits for the processor. 200 streams push 800 frames/s;
-# a minute boundary's burst of 200 closes is about 80 KiB.
+# whole read of a burst is parsed and queued at once (``queue_at_once``: one wake-up of our
+# reader for many frames, not a hand-over per frame), and trio-websocket keeps reading —
+# and answering Binance's pings — while our reader waits for the processor. 200 streams
+# push 800 frames/s; a minute boundary's burst of 200 closes is about 80 KiB.
 READER_QUEUE: Final = 1024
 READ_BYTES: Final = 64 << 10
 
@@ -196,6 +196,7 @@ class _ConnectionSlot:
                 disconnect_timeout=self.policy.disconnect_timeout_s,
                 message_queue_size=READER_QUEUE,
                 receive_buffer_size=READ_BYTES,
+                queue_at_once=True,
             ) as ws:
                 started = True
                 conn.connected_at = trio.current_time()
