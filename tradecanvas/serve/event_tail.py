@@ -110,7 +110,7 @@ class EventTail:
 
     def own_store(self, store: MarketStore | None = None) -> MarketStore:
         """``store`` (default: the tail's) with every write's event ids noted as own."""
-        return _OwnWrites(self, self.store if store is None else store)
+        return OwnWrites(self, self.store if store is None else store)
 
     # --- the daemon's own writes ---------------------------------------------------------
 
@@ -237,7 +237,7 @@ class _NotingTxn:
 
 
 @final
-class _OwnWrites:
+class OwnWrites:
     """A MarketStore whose writes note their event ids with the tail; all else is the
     wrapped store's."""
 
@@ -295,4 +295,4 @@ class _OwnWrites:
         return await self.inner.get_meta(key)
 
 
-__all__ = ["PAGE", "POLL_INTERVAL_S", "EventTail", "TailStep", "next_step"]
+__all__ = ["PAGE", "POLL_INTERVAL_S", "EventTail", "OwnWrites", "TailStep", "next_step"]

@@ -1,24 +1,30 @@
 """``tradecanvas fetch-archive SYMBOL INTERVAL --from DAY [--to DAY]``: Binance's public kline
 archive (data.binance.vision), downloaded and SHA-256 verified (DESIGN §8).
 
-Each day is ``{base}/data/{spot|futures/um}/daily/klines/SYMBOL/INTERVAL/SYMBOL-INTERVAL-DAY.zip``
-with ``.CHECKSUM`` beside it (``<sha256>  <name>``, Binance's own digest). A download streams
+The archive has a zip per day,
+``{base}/data/{spot|futures/um}/daily/klines/SYMBOL/INTERVAL/SYMBOL-INTERVAL-YYYY-MM-DD.zip``,
+and one per month, ``…/monthly/klines/SYMBOL/INTERVAL/SYMBOL-INTERVAL-YYYY-MM.zip``, each
+with ``.CHECKSUM`` beside it (``<sha256>  <name>``, Binance's own digest). The range is
+fetched as a month's zip for each whole calendar month in it and a day's zip for the rest
+(:func:`archive_files`; ``--daily``: days only); a month the archive does not have (404: the
+current month, or one not published yet) is fetched as its days instead. A download streams
 into ``<name>.part`` in the output folder, hashing as it goes; only when the digest equals the
 ``.CHECKSUM``'s (and the zip opens) is it renamed into place, the ``.CHECKSUM`` written beside
 it and, with ``--extract``, its CSV. A mismatch or a broken zip is refused and nothing of
-that day is kept. A day whose zip and ``.CHECKSUM`` are already there and agree is not fetched
-again, so a re-run (or a run after Ctrl-C) fetches only what is missing. ``--csv FILE`` also
-writes the days' candles joined into one ``open_time,open,high,low,close,volume`` CSV, the
-layout ``tradecanvas replay`` and the tests read. ``make test-data`` runs this command.
+that file is kept. A file whose zip and ``.CHECKSUM`` are already there and agree is not
+fetched again, so a re-run (or a run after Ctrl-C) fetches only what is missing. ``--csv
+FILE`` also writes the files' candles joined into one ``open_time,open,high,low,close,volume``
+CSV, the layout ``tradecanvas replay`` and the tests read. ``make test-data`` runs this command.
 
 Errors (each message names the URL or the file)::
 
     httpx.TransportError, timeouts, HTTP 5xx, 429 ─ retried with backoff ─▶ ArchiveError
-    HTTP 404 and other 4xx (not in the archive)  ──────────────────────────▶ ArchiveError
+    HTTP 404 (not in the archive)  ─────────── NotInArchive (an ArchiveError) ─▶ a month: its days
+    other 4xx                      ────────────────────────────────────────▶ ArchiveError
     digest ≠ .CHECKSUM, malformed .CHECKSUM, a zip that does not open ────▶ ArchiveError
 
-Exit codes (:data:`EXIT_CODES`): 0 every day present and verified; 1 a day failed (the days
-verified before it stay); 2 bad arguments; 130 on Ctrl-C (the day being fetched is dropped).
+Exit codes (:data:`EXIT_CODES`): 0 every file present and verified; 1 a file failed (those
+verified before it stay); 2 bad arguments; 130 on Ctrl-C (the file being fetched is dropped).
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import re
 import sys
 import zipfile
 from collections.abc import Awaitable, Callable, Sequence
+from calendar import monthrange
 from datetime import date, timedelta
 from pathlib import Path
 from typing import Final, Literal, TextIO, TypeVar, final
@@ -55,32 +62,54 @@ HTTP_TIMEOUT_S: Final = 30.0
 MAX_DAYS: Final = 3660  # ten years of daily files: a typo in --from, not a plan
 HEADER: Final = "open_time,open,high,low,close,volume"
 EXIT_CODES: Final[ExitCodeTable] = (
-    (ExitCode.OK, "every day is present and matches Binance's .CHECKSUM"),
-    (ExitCode.FAILED, "a day could not be fetched or failed its checksum (the days before stay)"),
+    (ExitCode.OK, "every file is present and matches Binance's .CHECKSUM"),
+    (ExitCode.FAILED, "a file could not be fetched or failed its checksum (those before stay)"),
     (ExitCode.USAGE, "bad arguments; nothing was fetched"),
-    (ExitCode.INTERRUPTED, "Ctrl-C: the day being fetched is dropped"),
+    (ExitCode.INTERRUPTED, "Ctrl-C: the file being fetched is dropped"),
 )
 Market = Literal["spot", "um"]
+Period = Literal["daily", "monthly"]
 T = TypeVar("T")
 
 
 class ArchiveError(TradeCanvasError):
-    """A day of the archive could not be fetched, or was refused; the message names the URL
+    """A file of the archive could not be fetched, or was refused; the message names the URL
     (or the file) and why."""
+
+
+class NotInArchive(ArchiveError):
+    """The archive has no such file (HTTP 404)."""
 
 
 @attrs.frozen
 class ArchiveDay:
-    """One daily kline zip of the archive."""
+    """One kline zip of the archive: a day's, or (``period`` monthly) the month's that
+    ``day``, its first day, opens."""
 
     market: Market
     symbol: str
     interval: str
     day: date
+    period: Period = "daily"
+
+    @property
+    def last_day(self) -> date:
+        if self.period == "daily":
+            return self.day
+        return self.day.replace(day=monthrange(self.day.year, self.day.month)[1])
+
+    @property
+    def days(self) -> list[ArchiveDay]:
+        """The daily files this one covers."""
+        count = (self.last_day - self.day).days + 1
+        return [
+            attrs.evolve(self, day=self.day + timedelta(i), period="daily") for i in range(count)
+        ]
 
     @property
     def name(self) -> str:
-        return f"{self.symbol}-{self.interval}-{self.day.isoformat()}.zip"
+        when = self.day.isoformat() if self.period == "daily" else self.day.strftime("%Y-%m")
+        return f"{self.symbol}-{self.interval}-{when}.zip"
 
     @property
     def csv_name(self) -> str:
@@ -89,16 +118,31 @@ class ArchiveDay:
     def url(self, base_url: str) -> str:
         prefix = MARKET_PATHS[self.market]
         return (
-            f"{base_url.rstrip('/')}/data/{prefix}/daily/klines/"
+            f"{base_url.rstrip('/')}/data/{prefix}/{self.period}/klines/"
             f"{self.symbol}/{self.interval}/{self.name}"
         )
+
+
+def archive_files(
+    market: Market, symbol: str, interval: str, first: date, last: date
+) -> list[ArchiveDay]:
+    """The files of ``first..last`` (both included), in order: a month's zip for each whole
+    calendar month in the range, a day's for every other day. Raises ArchiveError as
+    :func:`archive_days`."""
+    files: list[ArchiveDay] = []
+    for daily in archive_days(market, symbol, interval, first, last):
+        if files and daily.day <= files[-1].last_day:
+            continue  # in the month before
+        month = attrs.evolve(daily, period="monthly")
+        files.append(month if daily.day.day == 1 and month.last_day <= last else daily)
+    return files
 
 
 def archive_days(
     market: Market, symbol: str, interval: str, first: date, last: date
 ) -> list[ArchiveDay]:
-    """The days ``first..last``, both included. Raises ArchiveError for a bad symbol, interval
-    or range (the message names the argument)."""
+    """The days ``first..last``, both included, a daily file each. Raises ArchiveError for a
+    bad symbol, interval or range (the message names the argument)."""
     if not re.fullmatch(r"[A-Z0-9]{2,30}", symbol):
         raise ArchiveError(f"SYMBOL: {symbol!r} is not a Binance symbol such as BTCUSDT")
     if interval not in INTERVALS:
@@ -289,7 +333,7 @@ class ArchiveFetcher:
                     if status == 200:
                         return await read(response)
                     if status == 404:
-                        raise ArchiveError(f"{url}: not in the archive (HTTP 404)")
+                        raise NotInArchive(f"{url}: not in the archive (HTTP 404)")
                     if status < 500 and status != 429:
                         raise ArchiveError(f"{url}: HTTP {status}")
                     problem = f"HTTP {status}"
@@ -327,16 +371,27 @@ async def fetch_days(
     extract: bool = False,
     report: TextIO | None = None,
 ) -> list[Fetched]:
-    """Fetch ``days`` in order into ``out_dir`` (created); one line per day on ``report``.
-    Raises ArchiveError at the first day that fails (the days before it stay)."""
+    """Fetch ``days`` (files: days or months) in order into ``out_dir`` (created); one line
+    per file on ``report``. A month the archive does not have is fetched as its days. Raises
+    ArchiveError at the first file that fails (the files before it stay)."""
     await trio.Path(out_dir).mkdir(parents=True, exist_ok=True)
     done: list[Fetched] = []
     async with httpx.AsyncClient(
         timeout=httpx.Timeout(HTTP_TIMEOUT_S), headers={"user-agent": "tradecanvas"}
     ) as http:
         fetcher = ArchiveFetcher(http, base_url, policy)
-        for day in days:
-            fetched = await fetcher.fetch(day, out_dir, extract=extract)
+        todo = list(reversed(days))
+        while todo:
+            day = todo.pop()
+            try:
+                fetched = await fetcher.fetch(day, out_dir, extract=extract)
+            except NotInArchive:
+                if day.period == "daily":
+                    raise
+                if report is not None:
+                    report.write(f"{day.name}: not in the archive (yet); its days instead\n")
+                todo.extend(reversed(day.days))
+                continue
             done.append(fetched)
             if report is not None:
                 what = "downloaded" if fetched.status == "downloaded" else "already present"
@@ -345,7 +400,7 @@ async def fetch_days(
 
 
 def write_joined_csv(fetched: Sequence[Fetched], csv_path: Path) -> int:
-    """The days' klines, in order, as one six-column CSV with a header (written atomically);
+    """The files' klines, in order, as one six-column CSV with a header (written atomically);
     returns the number of rows."""
     rows = [HEADER]
     for f in fetched:
@@ -395,14 +450,19 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "--out", type=Path, default=Path("."), metavar="DIR", help="where the zips go (default .)"
     )
     parser.add_argument(
-        "--extract", action="store_true", help="also write each day's CSV beside its zip"
+        "--daily",
+        action="store_true",
+        help="daily zips only (default: a month's zip for each whole month in the range)",
+    )
+    parser.add_argument(
+        "--extract", action="store_true", help="also write each file's CSV beside its zip"
     )
     parser.add_argument(
         "--csv",
         type=Path,
         default=None,
         metavar="FILE",
-        help="also write the days joined as one open_time,open,high,low,close,volume CSV",
+        help="also write the files joined as one open_time,open,high,low,close,volume CSV",
     )
     parser.add_argument(
         "--base-url",
@@ -429,9 +489,8 @@ def run_fetch_archive(
     try:
         if not re.fullmatch(r"https?://[^\s/]+(/\S*)?", args.base_url):
             raise ArchiveError(f"--base-url: {args.base_url!r} is not an http(s) URL")
-        days = archive_days(
-            args.market, args.symbol, args.interval, args.first, args.last or args.first
-        )
+        plan = archive_days if args.daily else archive_files
+        days = plan(args.market, args.symbol, args.interval, args.first, args.last or args.first)
     except ArchiveError as exc:
         err.write(f"tradecanvas fetch-archive: {exc}\n")
         return ExitCode.USAGE
@@ -450,7 +509,7 @@ def run_fetch_archive(
         )
         if args.csv is not None:
             rows = write_joined_csv(fetched, args.csv)
-            out.write(f"{args.csv}: {rows:,} candles from {len(fetched)} days\n")
+            out.write(f"{args.csv}: {rows:,} candles from {len(fetched)} files\n")
     except ArchiveError as exc:
         err.write(f"tradecanvas fetch-archive: {exc}\n")
         return ExitCode.FAILED
@@ -461,8 +520,9 @@ def run_fetch_archive(
         err.write("tradecanvas fetch-archive: interrupted; the days verified before stay\n")
         return ExitCode.INTERRUPTED
     downloaded = sum(f.status == "downloaded" for f in fetched)
+    covered = sum(len(f.day.days) for f in fetched)
     out.write(
-        f"{len(fetched)} days in {args.out}: {downloaded} downloaded,"
+        f"{len(fetched)} files ({covered} days) in {args.out}: {downloaded} downloaded,"
         f" {len(fetched) - downloaded} already present; all SHA-256 verified\n"
     )
     return ExitCode.OK
