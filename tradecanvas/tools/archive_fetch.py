@@ -36,8 +36,8 @@ import logging
 import re
 import sys
 import zipfile
-from collections.abc import Awaitable, Callable, Sequence
 from calendar import monthrange
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import date, timedelta
 from pathlib import Path
 from typing import Final, Literal, TextIO, TypeVar, final
