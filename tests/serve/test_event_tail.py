@@ -137,21 +137,23 @@ async def test_other_processes_events_are_published_once_in_order_and_own_never(
 async def test_an_own_write_above_unpublished_ids_returns_after_they_are_published(
     tmp_path: Path,
 ) -> None:
-    """The tail is not running (a long poll interval): the daemon's own write that lands
-    above another process's event publishes that one first, so a subscriber's event cursor
-    never passes it."""
+    """Between two polls, the daemon's own write that lands above another process's event
+    publishes that one first, so a subscriber's event cursor never passes it."""
     db = tmp_path / "m.sqlite3"
     daemon, other = await open_store(db), await open_store(db)
     try:
         sink = Sink()
-        tail = EventTail(daemon, sink, cursor=0)
-        theirs = await append(other, rebuild("import", 0, 60))
-        mine = await append(tail.own_store(), rebuild("backfill", 60, 120))
-        assert sink.ids == theirs  # published before the own write returned
-        assert tail.cursor == theirs[-1] and mine == [theirs[-1] + 1]
-        # the tail later skips the own one
-        await tail._catch_up()
-        assert sink.ids == theirs and tail.cursor == mine[0]
+        tail = EventTail(daemon, sink, cursor=0, poll_interval_s=3600)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(tail.run)  # it read the log; the next read is an hour off
+            theirs = await append(other, rebuild("import", 0, 60))
+            mine = await append(tail.own_store(), rebuild("backfill", 60, 120))
+            assert sink.ids == theirs  # published before the own write returned
+            assert tail.cursor == theirs[-1] and mine == [theirs[-1] + 1]
+            # the tail later skips the own one
+            await tail._catch_up()
+            assert sink.ids == theirs and tail.cursor == mine[0]
+            nursery.cancel_scope.cancel()
     finally:
         await daemon.aclose()
         await other.aclose()

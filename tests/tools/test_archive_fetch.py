@@ -21,12 +21,11 @@ import trio
 
 from tests.conftest import binance_data_dir, read_kline_csv
 from tradecanvas.errors import ExitCode
-from tradecanvas.tools.archive_fetch import (
+from tradecanvas.tools.archive_fetch import FetchPolicy, fetch_days
+from tradecanvas.tools.archive_layout import (
     ArchiveDay,
     ArchiveError,
-    FetchPolicy,
     archive_days,
-    fetch_days,
     parse_checksum,
     verify_zip,
 )

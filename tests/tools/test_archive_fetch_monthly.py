@@ -25,15 +25,8 @@ from tests.tools.test_archive_fetch import (
     shared_spot,
 )
 from tradecanvas.errors import ExitCode
-from tradecanvas.tools.archive_fetch import (
-    ArchiveDay,
-    ArchiveError,
-    Fetched,
-    archive_files,
-    fetch_days,
-    verify_zip,
-    write_joined_csv,
-)
+from tradecanvas.tools.archive_fetch import Fetched, fetch_days, write_joined_csv
+from tradecanvas.tools.archive_layout import ArchiveDay, ArchiveError, archive_files, verify_zip
 
 UM_MONTHLY = "data/futures/um/monthly/klines/BTCUSDT/1m"
 SPOT_MONTHLY = "data/spot/monthly/klines/BTCUSDT/1m"

@@ -107,6 +107,7 @@ class EventTail:
         self._settled = trio.Event()
         self._lock = trio.Lock()
         self._failing = False
+        self._running = False  # run() started (not on a standby): own writes catch up too
 
     def own_store(self, store: MarketStore | None = None) -> MarketStore:
         """``store`` (default: the tail's) with every write's event ids noted as own."""
@@ -127,7 +128,7 @@ class EventTail:
             self._in_flight -= 1
             self._settled.set()
             self._settled = trio.Event()
-        if appended and min(appended) > self.cursor + 1:
+        if self._running and appended and min(appended) > self.cursor + 1:
             await self._catch_up(before=min(appended))
         return result
 
@@ -136,10 +137,12 @@ class EventTail:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Publish other processes' events until cancelled. A failed read is logged and
         tried again at the next poll (the write path reports a broken store)."""
-        task_status.started()
+        self._running = True
+        await self._catch_up()
+        task_status.started()  # caught up with the log as it was
         while True:
-            await self._catch_up()
             await trio.sleep(self.poll_interval_s)
+            await self._catch_up()
 
     async def _catch_up(self, *, before: int | None = None) -> None:
         """Publish the other processes' events after the cursor (below ``before``)."""
