@@ -179,3 +179,18 @@ async def test_a_failed_own_write_leaves_its_id_to_whoever_commits_it(tmp_path: 
     finally:
         await daemon.aclose()
         await other.aclose()
+
+
+async def test_a_tail_not_started_publishes_nothing(tmp_path: Path) -> None:
+    """An ingest standby's tail is not started: its own writes only note their ids."""
+    db = tmp_path / "m.sqlite3"
+    daemon, other = await open_store(db), await open_store(db)
+    try:
+        sink = Sink()
+        tail = EventTail(daemon, sink, cursor=0)
+        await append(other, rebuild("import", 0, 60))
+        mine = await append(tail.own_store(), rebuild("backfill", 60, 120))
+        assert sink.ids == [] and tail.cursor == 0 and mine == [2]
+    finally:
+        await daemon.aclose()
+        await other.aclose()

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Final
 
 import httpx
+import pytest
 import trio
 
 from tests.cli_rig import cli_env, exit_code_within, run_cli, wait_for_line
@@ -30,6 +31,7 @@ async def stored_events(backend: Backend) -> list[StoredEvent]:
         await store.aclose()
 
 
+@pytest.mark.e2e
 async def test_a_running_daemon_publishes_an_imports_rebuild_once(
     tmp_path: Path, backend: Backend
 ) -> None:
