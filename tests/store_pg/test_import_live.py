@@ -13,10 +13,12 @@ import pytest
 import trio
 
 from tests.cli_rig import cli_env, exit_code_within, run_cli, wait_for_line
+from tests.conftest import binance_data_dir
 from tests.serve.test_ws_server import connect, receive, send, until_pong
 from tests.store_pg.conftest import Backend
 from tests.tools.importer.rig import SPOT_1M, SPOT_5M, real_zips
 from tradecanvas.store.types import StoredEvent
+from tradecanvas.tools.replay import ReplayConfig, ReplayHandle, parse_file_argument, serve_replay
 
 TOKEN: Final = "import-live-test-token-0123"
 DAY0: Final = 1577836800  # 2020-01-01T00:00Z, the first minute of the shared zips
@@ -107,3 +109,54 @@ async def test_a_running_daemon_publishes_an_imports_rebuild_once(
         ids = [m["event_id"] for m in system if m["series_id"] == sid]
         assert ids == sorted(ids) and len(set(ids)) == len(ids)
     assert "from another process published" in serve_log.read_text()
+
+
+WEEK: Final = 1_751_760_000  # 2025-07-06, the 7-day futures files
+FUTURES_1M: Final = "binance:futures:BTC/USDT:1m"
+
+
+@pytest.mark.e2e
+async def test_a_running_daemon_publishes_a_backfills_events_once(tmp_path: Path) -> None:
+    """``tradecanvas backfill`` in its own process (Binance REST played by the replay)."""
+    db = tmp_path / "m.sqlite3"
+    env = cli_env(
+        TRADE_CANVAS_DB_PATH=str(db),
+        TRADE_CANVAS_SERIES=FUTURES_1M,
+        TRADE_CANVAS_DERIVED_TIMEFRAMES="5m",
+        TRADE_CANVAS_BINANCE_FUTURES_WS_URL="ws://127.0.0.1:9",
+        TRADE_CANVAS_BINANCE_FUTURES_REST_URL="http://127.0.0.1:9",
+    )
+    week = binance_data_dir() / "klines_1m_5m/futures_um/BTCUSDT-1m-2025-07-06_2025-07-12.csv"
+    config = ReplayConfig(files=(parse_file_argument(str(week), None),), speed=None, start_at=180)
+    serve_log = tmp_path / "serve.log"
+    async with trio.open_nursery() as nursery:
+        replay: ReplayHandle = await nursery.start(serve_replay, config)
+        with run_cli(["serve"], env, serve_log) as serve:
+            ready = await wait_for_line(serve_log, r"ready ws=ws://[\d.]+:(\d+)/ws/market", serve)
+            async with connect(int(ready.group(1))) as ws:
+                await send(ws, {"type": "subscribe", "series_id": FUTURES_1M})
+                await until_pong(ws)
+                # the daemon's own series.added before: not the backfill's
+                before = max(e.event_id for e in await stored_events(Backend("sqlite", db)))
+                args = ["backfill", FUTURES_1M, "--from", str(WEEK), "--to", str(WEEK + 7200)]
+                backfill_env = {**env, "TRADE_CANVAS_BINANCE_FUTURES_REST_URL": replay.rest_url}
+                log = tmp_path / "backfill.log"
+                with run_cli(args, backfill_env, log) as backfill:
+                    assert await exit_code_within(backfill, within=120) == 0, log.read_text()
+                logged = [
+                    e
+                    for e in await stored_events(Backend("sqlite", db))
+                    if e.series_id == FUTURES_1M and e.event_id > before
+                ]
+                assert logged  # the backfill's events for the series (new_series at least)
+                system: list[dict[str, Any]] = []
+                with trio.fail_after(30):
+                    while len(system) < len(logged):
+                        message = await receive(ws)
+                        if message["type"] == "system":
+                            system.append(message)
+                system += [m for m in await until_pong(ws) if m["type"] == "system"]
+        nursery.cancel_scope.cancel()
+    assert [(m["event_id"], m["event"], m["data"]) for m in system] == [
+        (e.event_id, e.event, e.data) for e in logged
+    ]
