@@ -24,6 +24,7 @@ from tradecanvas.ingest.supervisor import IngestSupervisor
 from tradecanvas.model import Candle
 from tradecanvas.pipeline.commit import IngestPipeline, PipelineResult
 from tradecanvas.runtime_flags import RuntimeFlags, build_runtime_flags
+from tradecanvas.serve.event_tail import OwnWrites
 from tradecanvas.tools.replay import ReplayConfig, ReplayHandle, parse_file_argument, serve_replay
 from tradecanvas.wire.json import dumps, loads
 
@@ -82,7 +83,9 @@ async def running_daemon(
 async def test_one_store_hub_and_pipeline_shared_by_every_path(tmp_path: Path) -> None:
     async with running_daemon(tmp_path, "0") as (runtime, ports):
         assert isinstance(runtime.pipeline, IngestPipeline)
-        assert runtime.pipeline.store is runtime.store
+        # the one store (seen through the event tail, which notes the pipeline's event ids)
+        assert isinstance(runtime.pipeline.store, OwnWrites)
+        assert runtime.pipeline.store.inner is runtime.store
         assert runtime.pipeline.target is runtime.hub
         assert isinstance(runtime.supervisor, IngestSupervisor)
         assert runtime.supervisor.pipeline is runtime.pipeline

@@ -7,6 +7,7 @@
        ├─ IngestSupervisor   one task per Binance connection       (roles all, ingest)
        ├─ BusPublisher       committed candles, events, forming → Redis  (ingest, edge)
        ├─ EdgeFeed           Redis Streams (+ store fills) → Hub          (edge)
+       ├─ EventTail          events other processes (import) log → Hub/bus (all; ingest leader)
        ├─ WS server          /ws/market on the WS port, a session per subscriber (all, edge)
        └─ HTTP API           /api/market/*, /healthz, /readyz, /metrics, and /ws/market again
                              (/ws/market: all, edge)
@@ -47,7 +48,12 @@ from starlette.applications import Starlette
 from tradecanvas.bus.feed import EdgeFeed
 from tradecanvas.bus.leader import FencedStore, IngestLeader
 from tradecanvas.bus.publisher import BusPublisher
-from tradecanvas.bus.roles import edge_feed_from_store, leader_from_flags, publisher_from_flags
+from tradecanvas.bus.roles import (
+    edge_feed_from_store,
+    last_event_id,
+    leader_from_flags,
+    publisher_from_flags,
+)
 from tradecanvas.errors import ExitCode, StoreError, first_leaf
 from tradecanvas.ingest.supervisor import IngestSupervisor
 from tradecanvas.ops.logs import configure_logging
@@ -55,6 +61,7 @@ from tradecanvas.ops.metrics import Metrics
 from tradecanvas.ops.sd_notify import SdNotifier, run_watchdog
 from tradecanvas.pipeline.commit import IngestPipeline
 from tradecanvas.runtime_flags import RuntimeFlags
+from tradecanvas.serve.event_tail import EventTail
 from tradecanvas.serve.http_api import build_http_app
 from tradecanvas.serve.http_server import serve_http
 from tradecanvas.serve.hub import Hub
@@ -96,6 +103,8 @@ class MarketRuntime:
     bus_publisher: BusPublisher | None = None
     edge_feed: EdgeFeed | None = None
     leader: IngestLeader | None = None  # role ingest: the lease; the supervisor runs once held
+    # events other processes (import, backfill) append to the store (all; ingest: leader)
+    event_tail: EventTail | None = None
     listening: dict[str, int] = attrs.field(factory=dict)
 
     @property
@@ -214,6 +223,10 @@ async def market_runtime_builder(flags: RuntimeFlags) -> MarketRuntime:
         # the ingest's writes are fenced: only the lease holder's commits go in
         pipeline_store = FencedStore(store)
         leader = leader_from_flags(flags, pipeline_store, metrics)
+    event_tail: EventTail | None = None
+    if role != "edge":
+        event_tail = EventTail(store, target, cursor=await last_event_id(store))
+        pipeline_store = event_tail.own_store(pipeline_store)
     pipeline = IngestPipeline.from_flags(pipeline_store, target, flags)
     supervisor: IngestSupervisor | None = None
     if role != "edge":
@@ -250,6 +263,7 @@ async def market_runtime_builder(flags: RuntimeFlags) -> MarketRuntime:
         bus_publisher=publisher,
         edge_feed=feed,
         leader=leader,
+        event_tail=event_tail,
     )
     runtime_ref.append(runtime)
     _watch_dependencies(runtime)
@@ -361,6 +375,8 @@ async def run_daemon(
 
             async def start_ingest() -> None:
                 ingest_started[0] = True
+                if runtime.event_tail is not None:
+                    nursery.start_soon(runtime.event_tail.run)
                 await nursery.start(_run_in_scope, ingest_scope, ingest_done, supervisor.run)
 
             await nursery.start(
@@ -371,6 +387,8 @@ async def run_daemon(
             )
         elif runtime.ingest is not None:
             ingest_started[0] = True
+            if runtime.event_tail is not None:
+                nursery.start_soon(runtime.event_tail.run)
             await nursery.start(_run_in_scope, ingest_scope, ingest_done, runtime.ingest.run)
         http = runtime.listening["http"]
         ws = runtime.listening.get("ws")

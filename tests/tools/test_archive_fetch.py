@@ -21,12 +21,11 @@ import trio
 
 from tests.conftest import binance_data_dir, read_kline_csv
 from tradecanvas.errors import ExitCode
-from tradecanvas.tools.archive_fetch import (
+from tradecanvas.tools.archive_fetch import FetchPolicy, fetch_days
+from tradecanvas.tools.archive_layout import (
     ArchiveDay,
     ArchiveError,
-    FetchPolicy,
     archive_days,
-    fetch_days,
     parse_checksum,
     verify_zip,
 )
@@ -299,8 +298,8 @@ async def test_the_command_fetches_joins_and_reruns_without_downloading(tmp_path
     with archive_server(archive_root(tmp_path)) as (base, handler):
         code, stdout, stderr = await run_fetch(*args, "--base-url", base, "--csv", str(joined))
         assert code == ExitCode.OK, stderr
-        assert "3 days in" in stdout and "3 downloaded, 0 already present" in stdout
-        assert f"{joined}: 4,320 candles from 3 days" in stdout
+        assert "3 files (3 days) in" in stdout and "3 downloaded, 0 already present" in stdout
+        assert f"{joined}: 4,320 candles from 3 files" in stdout
         expected = [c for d in DAYS for c in read_kline_csv(shared_spot() / f"BTCUSDT-1m-{d}.csv")]
         got = read_kline_csv(joined)
         assert len(got) == 4320

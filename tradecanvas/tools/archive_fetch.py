@@ -1,24 +1,30 @@
 """``tradecanvas fetch-archive SYMBOL INTERVAL --from DAY [--to DAY]``: Binance's public kline
 archive (data.binance.vision), downloaded and SHA-256 verified (DESIGN §8).
 
-Each day is ``{base}/data/{spot|futures/um}/daily/klines/SYMBOL/INTERVAL/SYMBOL-INTERVAL-DAY.zip``
-with ``.CHECKSUM`` beside it (``<sha256>  <name>``, Binance's own digest). A download streams
+The archive has a zip per day,
+``{base}/data/{spot|futures/um}/daily/klines/SYMBOL/INTERVAL/SYMBOL-INTERVAL-YYYY-MM-DD.zip``,
+and one per month, ``…/monthly/klines/SYMBOL/INTERVAL/SYMBOL-INTERVAL-YYYY-MM.zip``, each
+with ``.CHECKSUM`` beside it (``<sha256>  <name>``, Binance's own digest). The range is
+fetched as a month's zip for each whole calendar month in it and a day's zip for the rest
+(:func:`archive_files`; ``--daily``: days only); a month the archive does not have (404: the
+current month, or one not published yet) is fetched as its days instead. A download streams
 into ``<name>.part`` in the output folder, hashing as it goes; only when the digest equals the
 ``.CHECKSUM``'s (and the zip opens) is it renamed into place, the ``.CHECKSUM`` written beside
 it and, with ``--extract``, its CSV. A mismatch or a broken zip is refused and nothing of
-that day is kept. A day whose zip and ``.CHECKSUM`` are already there and agree is not fetched
-again, so a re-run (or a run after Ctrl-C) fetches only what is missing. ``--csv FILE`` also
-writes the days' candles joined into one ``open_time,open,high,low,close,volume`` CSV, the
-layout ``tradecanvas replay`` and the tests read. ``make test-data`` runs this command.
+that file is kept. A file whose zip and ``.CHECKSUM`` are already there and agree is not
+fetched again, so a re-run (or a run after Ctrl-C) fetches only what is missing. ``--csv
+FILE`` also writes the files' candles joined into one ``open_time,open,high,low,close,volume``
+CSV, the layout ``tradecanvas replay`` and the tests read. ``make test-data`` runs this command.
 
 Errors (each message names the URL or the file)::
 
     httpx.TransportError, timeouts, HTTP 5xx, 429 ─ retried with backoff ─▶ ArchiveError
-    HTTP 404 and other 4xx (not in the archive)  ──────────────────────────▶ ArchiveError
+    HTTP 404 (not in the archive)  ─────────── NotInArchive (an ArchiveError) ─▶ a month: its days
+    other 4xx                      ────────────────────────────────────────▶ ArchiveError
     digest ≠ .CHECKSUM, malformed .CHECKSUM, a zip that does not open ────▶ ArchiveError
 
-Exit codes (:data:`EXIT_CODES`): 0 every day present and verified; 1 a day failed (the days
-verified before it stay); 2 bad arguments; 130 on Ctrl-C (the day being fetched is dropped).
+Exit codes (:data:`EXIT_CODES`): 0 every file present and verified; 1 a file failed (those
+verified before it stay); 2 bad arguments; 130 on Ctrl-C (the file being fetched is dropped).
 """
 
 from __future__ import annotations
@@ -29,9 +35,8 @@ import hashlib
 import logging
 import re
 import sys
-import zipfile
 from collections.abc import Awaitable, Callable, Sequence
-from datetime import date, timedelta
+from datetime import date
 from pathlib import Path
 from typing import Final, Literal, TextIO, TypeVar, final
 
@@ -39,164 +44,33 @@ import attrs
 import httpx
 import trio
 
-from tradecanvas.errors import ExitCode, TradeCanvasError
+from tradecanvas.errors import ExitCode
+from tradecanvas.tools.archive_layout import (
+    MARKET_PATHS,
+    ArchiveDay,
+    ArchiveError,
+    NotInArchive,
+    archive_days,
+    archive_files,
+    check_zip,
+    extract_csv,
+    parse_checksum,
+    present,
+    six_column_rows,
+)
 from tradecanvas.tools.exit_codes import ExitCodeTable
 from tradecanvas.upstream.backoff import Backoff
 
 ARCHIVE_URL: Final = "https://data.binance.vision"
-MARKET_PATHS: Final = {"spot": "spot", "um": "futures/um"}
-# the archive's interval names (its month is 1mo)
-INTERVALS: Final = (
-    *("1s", "1m", "3m", "5m", "15m", "30m", "1h", "2h", "4h", "6h", "8h", "12h"),
-    *("1d", "3d", "1w", "1mo"),
-)
-CHUNK_BYTES: Final = 64 * 1024
 HTTP_TIMEOUT_S: Final = 30.0
-MAX_DAYS: Final = 3660  # ten years of daily files: a typo in --from, not a plan
 HEADER: Final = "open_time,open,high,low,close,volume"
 EXIT_CODES: Final[ExitCodeTable] = (
-    (ExitCode.OK, "every day is present and matches Binance's .CHECKSUM"),
-    (ExitCode.FAILED, "a day could not be fetched or failed its checksum (the days before stay)"),
+    (ExitCode.OK, "every file is present and matches Binance's .CHECKSUM"),
+    (ExitCode.FAILED, "a file could not be fetched or failed its checksum (those before stay)"),
     (ExitCode.USAGE, "bad arguments; nothing was fetched"),
-    (ExitCode.INTERRUPTED, "Ctrl-C: the day being fetched is dropped"),
+    (ExitCode.INTERRUPTED, "Ctrl-C: the file being fetched is dropped"),
 )
-Market = Literal["spot", "um"]
 T = TypeVar("T")
-
-
-class ArchiveError(TradeCanvasError):
-    """A day of the archive could not be fetched, or was refused; the message names the URL
-    (or the file) and why."""
-
-
-@attrs.frozen
-class ArchiveDay:
-    """One daily kline zip of the archive."""
-
-    market: Market
-    symbol: str
-    interval: str
-    day: date
-
-    @property
-    def name(self) -> str:
-        return f"{self.symbol}-{self.interval}-{self.day.isoformat()}.zip"
-
-    @property
-    def csv_name(self) -> str:
-        return self.name.removesuffix(".zip") + ".csv"
-
-    def url(self, base_url: str) -> str:
-        prefix = MARKET_PATHS[self.market]
-        return (
-            f"{base_url.rstrip('/')}/data/{prefix}/daily/klines/"
-            f"{self.symbol}/{self.interval}/{self.name}"
-        )
-
-
-def archive_days(
-    market: Market, symbol: str, interval: str, first: date, last: date
-) -> list[ArchiveDay]:
-    """The days ``first..last``, both included. Raises ArchiveError for a bad symbol, interval
-    or range (the message names the argument)."""
-    if not re.fullmatch(r"[A-Z0-9]{2,30}", symbol):
-        raise ArchiveError(f"SYMBOL: {symbol!r} is not a Binance symbol such as BTCUSDT")
-    if interval not in INTERVALS:
-        raise ArchiveError(f"INTERVAL: {interval!r} is not one of {', '.join(INTERVALS)}")
-    if last < first:
-        raise ArchiveError(f"--to: {last} is before --from ({first})")
-    count = (last - first).days + 1
-    if count > MAX_DAYS:
-        raise ArchiveError(f"--from/--to: {count} days is more than {MAX_DAYS}")
-    return [ArchiveDay(market, symbol, interval, first + timedelta(days=i)) for i in range(count)]
-
-
-def parse_checksum(text: str, name: str, where: str) -> str:
-    """The SHA-256 (lower-case hex) in a ``.CHECKSUM`` file's ``text``: ``<hex>  <name>``.
-    Raises ArchiveError naming ``where`` if it is malformed or names another file."""
-    fields = text.split()
-    if not fields or not re.fullmatch(r"[0-9a-fA-F]{64}", fields[0]):
-        raise ArchiveError(f"{where}: not a SHA-256 checksum file: {text[:100]!r}")
-    if len(fields) > 1 and fields[1].lstrip("*") != name:
-        raise ArchiveError(f"{where}: the checksum is for {fields[1]!r}, not {name!r}")
-    return fields[0].lower()
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(CHUNK_BYTES):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def verify_zip(zip_path: Path, checksum_path: Path) -> None:
-    """Check a zip against the ``.CHECKSUM`` beside it (its digest, then that it opens).
-    Raises ArchiveError naming the file. Blocking: call it from a thread in trio code."""
-    try:
-        expected = parse_checksum(
-            checksum_path.read_text(errors="replace"), zip_path.name, str(checksum_path)
-        )
-    except OSError as exc:
-        raise ArchiveError(f"{checksum_path}: {exc.strerror or exc}") from None
-    actual = file_sha256(zip_path)
-    if actual != expected:
-        raise ArchiveError(f"{zip_path}: SHA-256 {actual} does not match {checksum_path.name}")
-    check_zip(zip_path)
-
-
-def check_zip(zip_path: Path) -> None:
-    """Raises ArchiveError unless ``zip_path`` is a zip whose members all read back."""
-    try:
-        with zipfile.ZipFile(zip_path) as archive:
-            broken = archive.testzip()
-    except (zipfile.BadZipFile, OSError, EOFError) as exc:
-        raise ArchiveError(f"{zip_path}: not a readable zip ({exc})") from None
-    if broken is not None:
-        raise ArchiveError(f"{zip_path}: member {broken} is corrupt")
-
-
-def _present(zip_path: Path, checksum_path: Path) -> bool:
-    """Already fetched and still matching its checksum (a re-run skips it)."""
-    if not (zip_path.is_file() and checksum_path.is_file()):
-        return False
-    try:
-        verify_zip(zip_path, checksum_path)
-    except ArchiveError:
-        return False
-    return True
-
-
-def _extract_csv(zip_path: Path, csv_path: Path) -> None:
-    """The zip's CSV member (the archive holds one) written beside it, atomically."""
-    with zipfile.ZipFile(zip_path) as archive:
-        members = [n for n in archive.namelist() if n.endswith(".csv")]
-        if len(members) != 1:
-            raise ArchiveError(f"{zip_path}: expected one CSV inside, found {members}")
-        data = archive.read(members[0])
-    part = csv_path.with_name(csv_path.name + ".part")
-    part.write_bytes(data)
-    part.replace(csv_path)
-
-
-def six_column_rows(zip_path: Path) -> list[str]:
-    """The zip's klines as ``open_time,open,high,low,close,volume`` lines (open time in ms;
-    a header row dropped, microsecond open times of the 2025+ spot files converted)."""
-    with zipfile.ZipFile(zip_path) as archive:
-        text = archive.read(archive.namelist()[0]).decode()
-    lines = []
-    for row in csv_lines(text):
-        fields = row.split(",")
-        open_time = int(fields[0])
-        if open_time > 10**15:
-            open_time //= 1000
-        lines.append(",".join([str(open_time), *fields[1:6]]))
-    return lines
-
-
-def csv_lines(text: str) -> list[str]:
-    """The data rows of an archive CSV (a header row, if any, dropped)."""
-    return [line for line in text.splitlines() if line[:1].isdigit()]
 
 
 @attrs.frozen
@@ -244,12 +118,12 @@ class ArchiveFetcher:
         zip_path = out_dir / day.name
         checksum_path = out_dir / (day.name + ".CHECKSUM")
         status: Literal["downloaded", "present"] = "present"
-        if not await trio.to_thread.run_sync(_present, zip_path, checksum_path):
+        if not await trio.to_thread.run_sync(present, zip_path, checksum_path):
             await self._download(day, zip_path, checksum_path)
             status = "downloaded"
         if extract:
             csv_path = out_dir / day.csv_name
-            await trio.to_thread.run_sync(_extract_csv, zip_path, csv_path)
+            await trio.to_thread.run_sync(extract_csv, zip_path, csv_path)
         return Fetched(day, zip_path, status, (await trio.Path(zip_path).stat()).st_size)
 
     async def _download(self, day: ArchiveDay, zip_path: Path, checksum_path: Path) -> None:
@@ -289,7 +163,7 @@ class ArchiveFetcher:
                     if status == 200:
                         return await read(response)
                     if status == 404:
-                        raise ArchiveError(f"{url}: not in the archive (HTTP 404)")
+                        raise NotInArchive(f"{url}: not in the archive (HTTP 404)")
                     if status < 500 and status != 429:
                         raise ArchiveError(f"{url}: HTTP {status}")
                     problem = f"HTTP {status}"
@@ -327,16 +201,27 @@ async def fetch_days(
     extract: bool = False,
     report: TextIO | None = None,
 ) -> list[Fetched]:
-    """Fetch ``days`` in order into ``out_dir`` (created); one line per day on ``report``.
-    Raises ArchiveError at the first day that fails (the days before it stay)."""
+    """Fetch ``days`` (files: days or months) in order into ``out_dir`` (created); one line
+    per file on ``report``. A month the archive does not have is fetched as its days. Raises
+    ArchiveError at the first file that fails (the files before it stay)."""
     await trio.Path(out_dir).mkdir(parents=True, exist_ok=True)
     done: list[Fetched] = []
     async with httpx.AsyncClient(
         timeout=httpx.Timeout(HTTP_TIMEOUT_S), headers={"user-agent": "tradecanvas"}
     ) as http:
         fetcher = ArchiveFetcher(http, base_url, policy)
-        for day in days:
-            fetched = await fetcher.fetch(day, out_dir, extract=extract)
+        todo = list(reversed(days))
+        while todo:
+            day = todo.pop()
+            try:
+                fetched = await fetcher.fetch(day, out_dir, extract=extract)
+            except NotInArchive:
+                if day.period == "daily":
+                    raise
+                if report is not None:
+                    report.write(f"{day.name}: not in the archive (yet); its days instead\n")
+                todo.extend(reversed(day.days))
+                continue
             done.append(fetched)
             if report is not None:
                 what = "downloaded" if fetched.status == "downloaded" else "already present"
@@ -345,7 +230,7 @@ async def fetch_days(
 
 
 def write_joined_csv(fetched: Sequence[Fetched], csv_path: Path) -> int:
-    """The days' klines, in order, as one six-column CSV with a header (written atomically);
+    """The files' klines, in order, as one six-column CSV with a header (written atomically);
     returns the number of rows."""
     rows = [HEADER]
     for f in fetched:
@@ -395,14 +280,19 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "--out", type=Path, default=Path("."), metavar="DIR", help="where the zips go (default .)"
     )
     parser.add_argument(
-        "--extract", action="store_true", help="also write each day's CSV beside its zip"
+        "--daily",
+        action="store_true",
+        help="daily zips only (default: a month's zip for each whole month in the range)",
+    )
+    parser.add_argument(
+        "--extract", action="store_true", help="also write each file's CSV beside its zip"
     )
     parser.add_argument(
         "--csv",
         type=Path,
         default=None,
         metavar="FILE",
-        help="also write the days joined as one open_time,open,high,low,close,volume CSV",
+        help="also write the files joined as one open_time,open,high,low,close,volume CSV",
     )
     parser.add_argument(
         "--base-url",
@@ -429,9 +319,8 @@ def run_fetch_archive(
     try:
         if not re.fullmatch(r"https?://[^\s/]+(/\S*)?", args.base_url):
             raise ArchiveError(f"--base-url: {args.base_url!r} is not an http(s) URL")
-        days = archive_days(
-            args.market, args.symbol, args.interval, args.first, args.last or args.first
-        )
+        plan = archive_days if args.daily else archive_files
+        days = plan(args.market, args.symbol, args.interval, args.first, args.last or args.first)
     except ArchiveError as exc:
         err.write(f"tradecanvas fetch-archive: {exc}\n")
         return ExitCode.USAGE
@@ -450,7 +339,7 @@ def run_fetch_archive(
         )
         if args.csv is not None:
             rows = write_joined_csv(fetched, args.csv)
-            out.write(f"{args.csv}: {rows:,} candles from {len(fetched)} days\n")
+            out.write(f"{args.csv}: {rows:,} candles from {len(fetched)} files\n")
     except ArchiveError as exc:
         err.write(f"tradecanvas fetch-archive: {exc}\n")
         return ExitCode.FAILED
@@ -461,8 +350,9 @@ def run_fetch_archive(
         err.write("tradecanvas fetch-archive: interrupted; the days verified before stay\n")
         return ExitCode.INTERRUPTED
     downloaded = sum(f.status == "downloaded" for f in fetched)
+    covered = sum(len(f.day.days) for f in fetched)
     out.write(
-        f"{len(fetched)} days in {args.out}: {downloaded} downloaded,"
+        f"{len(fetched)} files ({covered} days) in {args.out}: {downloaded} downloaded,"
         f" {len(fetched) - downloaded} already present; all SHA-256 verified\n"
     )
     return ExitCode.OK

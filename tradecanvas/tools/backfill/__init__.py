@@ -7,8 +7,9 @@ flags' derived timeframes and derivation fingerprint (3d on the symbol's grid, l
 the daemon learns it) — so the derived bars of every touched bucket are recomputed from the
 stored minutes, and a second run of the same range stores nothing new. Minutes missing at
 the exchange inside the series' history are stored as ``gap`` events with the first candle
-above them. Nothing is published: this process has no subscribers. A running daemon's
-subscribers get the imported history from the store when they (re)subscribe; running beside
+above them. Nothing is published: this process has no subscribers. A running daemon on the
+same store sends its events to its subscribers (``serve/event_tail.py``), who reload the
+range, and the history comes from the store when they (re)subscribe; running beside
 the daemon is safe (one SQLite file in WAL mode, each writer waits up to the store's
 ``busy_timeout`` for the other's short transaction).
 

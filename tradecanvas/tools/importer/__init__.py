@@ -15,8 +15,9 @@ of that file is stored, the files before it stay imported, and the command exits
 
 Events: one ``factor.rebuild`` with reason ``import`` per series whose stored history changed,
 with the exact ``candle_time`` range changed, logged at the end (see
-:mod:`~tradecanvas.tools.importer.commit`). Nothing is published by this process; subscribers
-read the event from the event log (``events_after``, ``GET /api/market/events``).
+:mod:`~tradecanvas.tools.importer.commit`). Nothing is published by this process: a daemon on
+the same store sends the event to its live subscribers (``serve/event_tail.py``); resuming
+ones read it from the event log (``events_after``, ``GET /api/market/events``).
 
 Idempotent and resumable: candles are upserted by (series, open time), so a second run of the
 same files stores nothing, logs no event and says so; an interrupted run (Ctrl-C, SIGTERM, a

@@ -1,0 +1,85 @@
+"""The chart page and ``tradecanvas import`` beside the daemon: the import's
+``factor.rebuild`` reaches the open page live (the daemon's event tail) and the page reloads
+the imported range. Headless Chromium, real ``serve`` and ``replay``, the real CLI."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Final
+
+import attrs
+import pytest
+from playwright.sync_api import Browser
+
+from tests.browser.rig import BASE, chart_page, chromium, market, trimmed_week
+from tests.cli_rig import cli_env
+
+pytestmark = [pytest.mark.browser, pytest.mark.e2e]
+
+HISTORY: Final = 120  # the daemon's REST history: the bars the page holds
+STREAMED: Final = 10  # then streamed, live to the page
+REVISED: Final = 10  # minutes of the history the import brings again, changed
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    with chromium() as b:
+        yield b
+
+
+def test_an_import_beside_the_daemon_is_reloaded_by_the_open_page(
+    tmp_path: Path, browser: Browser
+) -> None:
+    data, bars = trimmed_week(tmp_path, HISTORY + STREAMED)
+    with (
+        market(tmp_path, data, "--start-at", str(HISTORY)) as m,
+        chart_page(browser, m.http_url) as chart,
+    ):
+        chart.open(BASE)
+        chart.wait_live()
+        # the archive's six-column layout: ten held minutes, each 50 higher
+        changed = [
+            attrs.evolve(b, high=b.high + 50, close=b.high + 50) for b in bars[50 : 50 + REVISED]
+        ]
+        m.resume_replay()
+        chart.wait_until("(t) => window.tradecanvasChart.lastClosed() === t", bars[-1].time)
+        csv = tmp_path / "revised.csv"
+        csv.write_text(
+            "open_time,open,high,low,close,volume\n"
+            + "".join(
+                f"{b.time * 1000},{b.open!r},{b.high!r},{b.low!r},{b.close!r},{b.volume!r}\n"
+                for b in changed
+            )
+        )
+        env = cli_env(TRADE_CANVAS_DB_PATH=str(tmp_path / "market.sqlite3"))
+        env["TRADE_CANVAS_DERIVED_TIMEFRAMES"] = "5m,1h"
+        done = subprocess.run(
+            [sys.executable, "-m", "tradecanvas", "import", "--series", BASE, str(csv)],
+            env=env,
+            capture_output=True,
+            timeout=120,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr.decode()
+        expected_rebuild = {
+            "reason": "import",
+            "from_time": changed[0].time,
+            "to_time": changed[-1].time,
+        }
+        chart.wait_until(
+            "(r) => window.tradecanvasChart.rebuilds().some((x) => x.reason === r.reason"
+            " && x.from_time === r.from_time && x.to_time === r.to_time)",
+            expected_rebuild,
+        )
+        chart.wait_until(
+            "([sid, t, close]) => window.tradecanvasChart.data(sid)"
+            ".some((b) => b.time === t && b.close === close)",
+            [BASE, changed[-1].time, changed[-1].close],
+        )
+        rebuilds = chart.call("() => window.tradecanvasChart.rebuilds()")
+        assert [r for r in rebuilds if r["reason"] == "import"] == [expected_rebuild]  # once
+        assert chart.bars(BASE) == m.stored(BASE)
+        assert chart.console_errors == []

@@ -1,0 +1,301 @@
+"""The event log's tail: events other processes append to a shared store, published live.
+
+``tradecanvas import`` (and ``backfill``) run as their own processes and write their
+``factor.rebuild`` events (and any ``gap``) to the store's event log only. A daemon on the
+same store (the SQLite file, or PostgreSQL) publishes them to its subscribers through
+:class:`EventTail`:
+
+- **Its own writes** go through :meth:`EventTail.own_store`, a :class:`~tradecanvas.store.
+  interface.MarketStore` over the daemon's store that notes the event ids each committed
+  transaction appended. Those the daemon publishes itself (the pipeline's ``publish``); the
+  tail skips them. A write is counted *in flight* from before it starts until its ids are
+  noted, so an id the tail reads that is neither noted nor past a write in flight belongs to
+  another process.
+- **The tail** (:meth:`EventTail.run`) reads ``events_after(cursor)`` every
+  :data:`POLL_INTERVAL_S` (an indexed read of nothing when nothing was appended) and publishes
+  every other process's event, as :class:`SystemEvent`, through the sink (the Hub; on role
+  ``ingest`` the bus publisher): each once, in ``event_id`` order. The cursor starts at the
+  log's last id when the daemon starts; what was appended while no daemon ran is in the log
+  for ``events_after`` cursors and ``GET /api/market/events``.
+- **Order with its own events.** Event ids are handed out in commit order on both backends
+  (SQLite has one writer; PostgreSQL's counter row is locked to the commit). When a write of
+  the daemon's own appended events above ids it has not published yet, that write returns
+  only after the tail has published those (:meth:`_catch_up`), so the pipeline's own events
+  go out after every older event, and a subscriber's event cursor never passes an event it
+  has yet to get.
+
+The decision per read is the pure :func:`next_step`; the trio shell holds the cursor.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from typing import Final, TypeVar, final
+
+import attrs
+import trio
+
+from tradecanvas.errors import StoreError
+from tradecanvas.model import Candle
+from tradecanvas.pipeline.events import SystemEvent
+from tradecanvas.pipeline.publish import PublishTarget
+from tradecanvas.store.interface import MarketStore, WriteTxn
+from tradecanvas.store.types import SeriesHead, Source, StoredCandle, StoredEvent, UpsertOutcome
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# how often the tail looks for events another process appended (a read of nothing, usually)
+POLL_INTERVAL_S: Final = 1.0
+# events per read
+PAGE: Final = 1000
+
+
+@attrs.frozen
+class TailStep:
+    """What to do with one read of the log (:func:`next_step`)."""
+
+    publish: tuple[StoredEvent, ...]  # another process's events, ascending
+    cursor: int  # the new cursor: every id up to it is dealt with
+    blocked: bool  # stopped at an id a write in flight may hold: read again once it ends
+
+
+def next_step(
+    cursor: int,
+    read: Sequence[StoredEvent],
+    own: set[int] | frozenset[int],
+    writes_in_flight: int,
+    *,
+    before: int | None = None,
+) -> TailStep:
+    """Walk ``read`` (ascending, all after ``cursor``): the daemon's own ids are skipped,
+    the others published; an id not known as own while a write of the daemon's is in flight
+    stops the walk (that write may hold it). ``before``: stop below this id."""
+    publish: list[StoredEvent] = []
+    for stored in read:
+        event_id = stored.event_id
+        if before is not None and event_id >= before:
+            break
+        if event_id not in own:
+            if writes_in_flight:
+                return TailStep(tuple(publish), cursor, blocked=True)
+            publish.append(stored)
+        cursor = event_id
+    return TailStep(tuple(publish), cursor, blocked=False)
+
+
+@final
+class EventTail:
+    """Publishes the event-log entries other processes append (module docstring)."""
+
+    def __init__(
+        self,
+        store: MarketStore,
+        sink: PublishTarget,
+        *,
+        cursor: int,
+        poll_interval_s: float = POLL_INTERVAL_S,
+    ) -> None:
+        self.store = store
+        self.sink = sink
+        self.cursor = cursor
+        self.poll_interval_s = poll_interval_s
+        self.published = 0  # other processes' events published
+        self._own: set[int] = set()
+        self._in_flight = 0
+        self._settled = trio.Event()
+        self._lock = trio.Lock()
+        self._failing = False
+        self._running = False  # run() started (not on a standby): own writes catch up too
+
+    def own_store(self, store: MarketStore | None = None) -> MarketStore:
+        """``store`` (default: the tail's) with every write's event ids noted as own."""
+        return OwnWrites(self, self.store if store is None else store)
+
+    # --- the daemon's own writes ---------------------------------------------------------
+
+    async def _own_write(
+        self, inner: MarketStore, fn: Callable[[WriteTxn], T], *, quick: bool
+    ) -> T:
+        appended: list[int] = []
+        self._in_flight += 1
+        try:
+            result = await inner.write(lambda txn: fn(_NotingTxn(txn, appended)), quick=quick)
+            # committed: these ids are the daemon's (a rolled-back id may come back, to anyone)
+            self._own.update(i for i in appended if i > self.cursor)
+        finally:
+            self._in_flight -= 1
+            self._settled.set()
+            self._settled = trio.Event()
+        if self._running and appended and min(appended) > self.cursor + 1:
+            await self._catch_up(before=min(appended))
+        return result
+
+    # --- the tail --------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Publish other processes' events until cancelled. A failed read is logged and
+        tried again at the next poll (the write path reports a broken store)."""
+        self._running = True
+        await self._catch_up()
+        task_status.started()  # caught up with the log as it was
+        while True:
+            await trio.sleep(self.poll_interval_s)
+            await self._catch_up()
+
+    async def _catch_up(self, *, before: int | None = None) -> None:
+        """Publish the other processes' events after the cursor (below ``before``)."""
+        while True:
+            settled = self._settled
+            try:
+                async with self._lock:
+                    step = await self._advance(before)
+            except StoreError as exc:
+                if not self._failing:
+                    log.warning("event log tail: reading the store failed (%s); retrying", exc)
+                self._failing = True
+                return
+            if self._failing:
+                log.info("event log tail: reading the store again")
+                self._failing = False
+            if step is None:
+                return
+            await settled.wait()  # a write of the daemon's ended: read again
+
+    async def _advance(self, before: int | None) -> TailStep | None:
+        """Read and publish pages until the log (or ``before``) is reached; the blocking
+        step when a write in flight stopped it (None: done)."""
+        while before is None or self.cursor + 1 < before:
+            read = await self.store.events_after(self.cursor, limit=PAGE)
+            step = next_step(self.cursor, read, self._own, self._in_flight, before=before)
+            for stored in step.publish:
+                self.sink.publish_system(SystemEvent.from_stored(stored))
+                log.info(
+                    "event %d from another process published: %s %s",
+                    stored.event_id,
+                    stored.series_id,
+                    stored.event,
+                )
+            self.published += len(step.publish)
+            if step.cursor != self.cursor:
+                self.cursor = step.cursor
+                self._own = {i for i in self._own if i > step.cursor}
+            if step.blocked:
+                return step
+            if len(read) < PAGE or (before is not None and step.cursor < read[-1].event_id):
+                return None
+        return None
+
+
+@final
+class _NotingTxn:
+    """A WriteTxn that notes the ids of the events it appends."""
+
+    __slots__ = ("appended", "txn")
+
+    def __init__(self, txn: WriteTxn, appended: list[int]) -> None:
+        self.txn = txn
+        self.appended = appended
+
+    def append_event(
+        self, series_id: str, event: str, data: Mapping[str, object], created_at: float
+    ) -> int:
+        event_id = self.txn.append_event(series_id, event, data, created_at)
+        self.appended.append(event_id)
+        return event_id
+
+    def upsert(
+        self, series_id: str, candles: Sequence[Candle], source: Source, *, complete: bool = True
+    ) -> list[UpsertOutcome]:
+        return self.txn.upsert(series_id, candles, source, complete=complete)
+
+    @property
+    def sequence(self) -> int:
+        return self.txn.sequence
+
+    def write_rows(self, rows: Sequence[tuple[str, StoredCandle]]) -> None:
+        self.txn.write_rows(rows)
+
+    def first_time(self, series_id: str) -> int | None:
+        return self.txn.first_time(series_id)
+
+    def range(self, series_id: str, start: int, end: int) -> list[StoredCandle]:
+        return self.txn.range(series_id, start, end)
+
+    def last_before(self, series_id: str, t: int) -> StoredCandle | None:
+        return self.txn.last_before(series_id, t)
+
+    def head_time(self, series_id: str) -> int | None:
+        return self.txn.head_time(series_id)
+
+    def prune_events(self, keep: int, created_after: float) -> int:
+        return self.txn.prune_events(keep, created_after)
+
+    def get_meta(self, key: str) -> str | None:
+        return self.txn.get_meta(key)
+
+    def set_meta(self, key: str, value: str) -> None:
+        self.txn.set_meta(key, value)
+
+
+@final
+class OwnWrites:
+    """A MarketStore whose writes note their event ids with the tail; all else is the
+    wrapped store's."""
+
+    def __init__(self, tail: EventTail, inner: MarketStore) -> None:
+        self.owner = tail
+        self.inner = inner
+
+    async def write(self, fn: Callable[[WriteTxn], T], *, quick: bool = False) -> T:
+        return await self.owner._own_write(self.inner, fn, quick=quick)
+
+    async def upsert(
+        self, series_id: str, candles: Sequence[Candle], source: Source, *, complete: bool = True
+    ) -> list[UpsertOutcome]:
+        return await self.write(
+            lambda txn: txn.upsert(series_id, candles, source, complete=complete)
+        )
+
+    @property
+    def closed(self) -> bool:
+        return self.inner.closed
+
+    def write_running_for(self) -> float:
+        return self.inner.write_running_for()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+    async def tail(self, series_id: str, limit: int) -> list[Candle]:
+        return await self.inner.tail(series_id, limit)
+
+    async def since(self, series_id: str, since: int, limit: int) -> list[Candle]:
+        return await self.inner.since(series_id, since, limit)
+
+    async def range(self, series_id: str, start: int, end: int) -> list[StoredCandle]:
+        return await self.inner.range(series_id, start, end)
+
+    async def head_time(self, series_id: str) -> int | None:
+        return await self.inner.head_time(series_id)
+
+    async def heads(self) -> dict[str, SeriesHead]:
+        return await self.inner.heads()
+
+    async def events_after(
+        self, after: int, series_ids: Sequence[str] | None = None, limit: int = 1000
+    ) -> list[StoredEvent]:
+        return await self.inner.events_after(after, series_ids, limit)
+
+    async def events_pruned_upto(self) -> int:
+        return await self.inner.events_pruned_upto()
+
+    async def set_meta(self, key: str, value: str) -> None:
+        await self.write(lambda txn: txn.set_meta(key, value))
+
+    async def get_meta(self, key: str) -> str | None:
+        return await self.inner.get_meta(key)
+
+
+__all__ = ["PAGE", "POLL_INTERVAL_S", "EventTail", "OwnWrites", "TailStep", "next_step"]
