@@ -83,3 +83,41 @@ def test_an_import_beside_the_daemon_is_reloaded_by_the_open_page(
         assert [r for r in rebuilds if r["reason"] == "import"] == [expected_rebuild]  # once
         assert chart.bars(BASE) == m.stored(BASE)
         assert chart.console_errors == []
+
+
+def test_an_import_into_a_series_the_page_shows_empty_fills_the_page(
+    tmp_path: Path, browser: Browser
+) -> None:
+    data, bars = trimmed_week(tmp_path, HISTORY)
+    imported = bars[:HISTORY]
+    with (
+        market(tmp_path, data, "--start-at", "0") as m,
+        chart_page(browser, m.http_url) as chart,
+    ):
+        assert m.stored(BASE) == []  # the replay is paused before its first minute
+        chart.open(BASE)
+        chart.wait_live()
+        assert chart.bars(BASE) == []
+        csv = tmp_path / "history.csv"
+        csv.write_text(
+            "".join(
+                f"{b.time * 1000},{b.open!r},{b.high!r},{b.low!r},{b.close!r},{b.volume!r}\n"
+                for b in imported
+            )
+        )
+        env = cli_env(TRADE_CANVAS_DB_PATH=str(tmp_path / "market.sqlite3"))
+        env["TRADE_CANVAS_DERIVED_TIMEFRAMES"] = "5m,1h"
+        done = subprocess.run(
+            [sys.executable, "-m", "tradecanvas", "import", "--series", BASE, str(csv)],
+            env=env,
+            capture_output=True,
+            timeout=120,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr.decode()
+        chart.wait_until(
+            "([sid, n]) => window.tradecanvasChart.data(sid).length === n", [BASE, len(imported)]
+        )
+        assert chart.bars(BASE) == m.stored(BASE) == imported
+        assert chart.call("() => window.tradecanvasChart.lastClosed()") == imported[-1].time
+        assert chart.console_errors == []

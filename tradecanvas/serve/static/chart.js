@@ -392,7 +392,28 @@
   async function rebuild(data) {
     const generation = view.generation;
     view.rebuilds.push({ reason: data.reason, from_time: data.from_time, to_time: data.to_time });
-    if (view.bars.length === 0 || data.to_time < view.bars[0].time) return;
+    if (view.bars.length === 0) {
+      // nothing on screen yet (an import into an empty series): load the newest bars, as
+      // select() does; bars that arrived live meanwhile are newer and win
+      let loaded;
+      try {
+        loaded = (await getJSON(candlesUrl(view.seriesId, null, HISTORY_BARS))).candles;
+      } catch (error) {
+        notice(`reloading after factor.rebuild failed: ${error.message}`);
+        return;
+      }
+      if (generation !== view.generation) return;
+      const byTime = new Map(loaded.map((c) => [c.candle_time, toBar(c)]));
+      for (const bar of view.bars) byTime.set(bar.time, bar);
+      view.bars = [...byTime.values()].sort((a, b) => a.time - b.time);
+      if (loaded.length && (view.lastClosed === null || view.lastClosed < loaded[loaded.length - 1].candle_time)) {
+        view.lastClosed = loaded[loaded.length - 1].candle_time;
+      }
+      render();
+      chart.timeScale().scrollToRealTime();
+      return;
+    }
+    if (data.to_time < view.bars[0].time) return;
     const from = Math.max(data.from_time, view.bars[0].time);
     let fresh;
     try {
