@@ -370,6 +370,35 @@ class PgStoreTxn:
         )
 
 
+# a write transaction's start (see begin_write)
+_START: Final = "SELECT pg_advisory_xact_lock(%s), pg_current_xact_id()::text"
+_NUMBER: Final = (
+    "UPDATE write_counter SET last_sequence = last_sequence + %s RETURNING last_sequence"
+)
+_META_UNLESS: Final = (
+    "SELECT key, value FROM meta WHERE (SELECT last_sequence FROM write_counter) <> %s"
+)
+
+
+def begin_write(
+    conn: Conn, lock_key: int, step: int, expected: int
+) -> tuple[str, int, int, dict[str, str] | None]:
+    """The start of a write transaction, in one round trip (``conn`` in pipeline mode, in a
+    transaction): take the store's write lock, number the transaction ``step`` above the
+    last one, read the event counter, and the meta table unless the number is ``expected``
+    (nobody else wrote since the caller's last transaction). Returns (transaction id,
+    number, last event id, the meta table or None)."""
+    started = conn.execute(_START, (lock_key,))
+    numbered = conn.execute(_NUMBER, (step,))
+    events = conn.execute("SELECT last_id FROM event_counter")
+    meta_rows = conn.execute(_META_UNLESS, (expected,)).fetchall()  # (waits for all four)
+    got, number, last = started.fetchone(), numbered.fetchone(), events.fetchone()
+    assert got is not None and number is not None and last is not None
+    sequence = int(str(number[0]))
+    meta = None if sequence == expected else {str(k): str(v) for k, v in meta_rows}
+    return str(got[1]), sequence, int(str(last[0])), meta
+
+
 def _columns(rows: Iterable[Row]) -> list[str]:
     """Rows ``(series_id, candle_time, …, source, complete)`` as one array literal per
     column (the parameters of :data:`_INSERT_ROWS`), written here: psycopg's list adapter

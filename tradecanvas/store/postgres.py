@@ -61,6 +61,7 @@ from tradecanvas.store.pg_schema import SCHEMA_VERSION, WRITE_LOCK_KEY, migrate
 from tradecanvas.store.pg_txn import (
     Conn,
     PgStoreTxn,
+    begin_write,
     events_pruned_upto,
     get_meta,
     head_time,
@@ -93,16 +94,6 @@ CONNECTION_OPTIONS: Final = {
     "options": "-c idle_in_transaction_session_timeout=60000",
 }
 _LOST_STATES: Final = ("57P01", "57P02", "57P03")  # admin shutdown, crash, starting up
-# a write transaction's start, sent together (pipeline mode): the store's write lock and the
-# transaction id, the next transaction number, the event counter, and the meta table when
-# the number is not the one expected (another writer came between: what was kept is stale)
-_START: Final = "SELECT pg_advisory_xact_lock(%s), pg_current_xact_id()::text"
-_NUMBER: Final = (
-    "UPDATE write_counter SET last_sequence = last_sequence + %s RETURNING last_sequence"
-)
-_META_UNLESS: Final = (
-    "SELECT key, value FROM meta WHERE (SELECT last_sequence FROM write_counter) <> %s"
-)
 T = TypeVar("T")
 
 
@@ -336,26 +327,13 @@ class PostgresStore:
                 # out with the next one that is waited for, so the transaction costs a round
                 # trip per read it makes, plus one for the start and one for the COMMIT
                 with self._pool.connection() as conn, conn.pipeline(), conn.transaction():
-                    started = conn.execute(_START, (WRITE_LOCK_KEY,))
-                    numbered = conn.execute(_NUMBER, (step,))
-                    events = conn.execute("SELECT last_id FROM event_counter")
-                    # the whole meta table, unless the sequence shows nobody else wrote
-                    meta_rows = conn.execute(_META_UNLESS, (expected,)).fetchall()
-                    got, number, last_event = (
-                        started.fetchone(),
-                        numbered.fetchone(),
-                        events.fetchone(),
+                    xid, sequence, last_event, meta = begin_write(
+                        conn, WRITE_LOCK_KEY, step, expected
                     )
-                    assert got is not None and number is not None and last_event is not None
-                    xid = str(got[1])
-                    sequence = int(str(number[0]))
-                    if sequence == expected and known is not None:
+                    if meta is None:  # nobody else wrote: the table as this store left it
+                        assert known is not None
                         meta = known[1]
-                    else:
-                        meta = {str(k): str(v) for k, v in meta_rows}
-                    txn = PgStoreTxn(
-                        conn, sequence, meta=meta, last_event_id=int(str(last_event[0]))
-                    )
+                    txn = PgStoreTxn(conn, sequence, meta=meta, last_event_id=last_event)
                     done.append(fn(txn))
                     committing = True  # leaving the block commits
                 self._meta = (sequence, meta)
