@@ -21,6 +21,7 @@ prefix (deleted afterwards) of its own. PostgreSQL (``TEST_POSTGRES_URL``) and R
 
 from __future__ import annotations
 
+import argparse
 import functools
 import json
 import os
@@ -50,9 +51,17 @@ from bench.procs import (
     start_clients,
     start_replay,
 )
-from bench.rounds import ROUND_TIMEOUT_S, Market, RoundData, run_round, spread_subscriptions
+from bench.rounds import (
+    ROUND_TIMEOUT_S,
+    Market,
+    RoundData,
+    _start_py_spy,
+    _stop_py_spy,
+    run_round,
+    spread_subscriptions,
+)
 from bench.scenarios import _burst_boundaries, _latencies, _observed, _percentile
-from bench.sizes import SMOKE, Sizes
+from bench.sizes import FULL, SMOKE, Sizes
 from tradecanvas.bus.redis_io import open_redis
 from tradecanvas.store.open import open_store
 
@@ -132,10 +141,17 @@ def split_clients(clients: list[list[str]], edges: int) -> list[list[list[str]]]
 
 
 async def run_scaleout_round(
-    market: Market, clients: list[list[str]], *, edges: int, speed: str, observe: Sequence[str]
+    market: Market,
+    clients: list[list[str]],
+    *,
+    edges: int,
+    speed: str,
+    observe: Sequence[str],
+    profile: Path | None = None,
 ) -> RoundData:
     """The replay through one ingest and ``edges`` edges; the clients split between the edges
-    (client i on edge i mod ``edges``), one client process per edge."""
+    (client i on edge i mod ``edges``), one client process per edge. ``profile``: py-spy on
+    the ingest node while the replay runs, its raw collapsed stacks written there."""
     with tempfile.TemporaryDirectory(prefix="bench-scaleout-") as d, fresh_database() as db:
         work = Path(d)
         prefix = f"tcbench-{uuid.uuid4().hex[:16]}"
@@ -187,10 +203,14 @@ async def run_scaleout_round(
                             )
                         )
                         subscribers.append(await start_clients(kids, work, f"clients-{i}", plan))
+                    ingest = next(kid for kid in kids if kid.name == "ingest")
+                    spy = _start_py_spy(ingest.pid, profile) if profile else None
                     resumed_at = time.time()
                     await resume_replay(replay)
                     for child in subscribers:
                         await child.wait_exit(ROUND_TIMEOUT_S)
+                    if spy is not None:
+                        _stop_py_spy(spy)
                     nursery.cancel_scope.cancel()
                 results = [
                     json.loads((work / f"clients-{i}.json").read_text()) for i in range(edges)
@@ -221,7 +241,15 @@ def bench_scaleout(sizes: Sizes, rounds: int | None) -> list[Figure]:
     return [_latency(sizes, rounds), _burst(sizes, rounds)]
 
 
-def _latency(sizes: Sizes, rounds: int | None) -> Figure:
+def _latency(
+    sizes: Sizes,
+    rounds: int | None,
+    *,
+    with_single: bool = True,
+    profile: Path | None = None,
+) -> Figure:
+    """``with_single``: the single process's alternate rounds too (the baseline); ``profile``:
+    py-spy on the ingest node of each scale-out round (``<profile>.<round>``)."""
     rounds = rounds or sizes.latency_rounds
     load, series = sizes.latency_key_load, sizes.latency_series
     nominal = load * 60 / series
@@ -237,8 +265,8 @@ def _latency(sizes: Sizes, rounds: int | None) -> Figure:
         observe = _observed(market)
         # the smoke run proves the harness: the single process's rounds are the latency
         # benchmark's own, covered there
-        sides = ["scaleout"] if sizes is SMOKE else list(per)
-        for _ in range(rounds):
+        sides = ["scaleout"] if sizes is SMOKE or not with_single else list(per)
+        for round_ in range(rounds):
             for side in sides:
                 speed = f"{speeds[side]:g}"
                 if side == "single":
@@ -247,7 +275,13 @@ def _latency(sizes: Sizes, rounds: int | None) -> Figure:
                     )
                 else:
                     go = functools.partial(
-                        run_scaleout_round, market, clients, edges=1, speed=speed, observe=observe
+                        run_scaleout_round,
+                        market,
+                        clients,
+                        edges=1,
+                        speed=speed,
+                        observe=observe,
+                        profile=None if profile is None else profile.with_suffix(f".{round_}"),
                     )
                 data = trio.run(go)
                 lat, achieved = _latencies(data, market)
@@ -340,3 +374,34 @@ def _burst(sizes: Sizes, rounds: int | None) -> Figure:
             "rounds": rounds,
         },
     )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m bench.scaleout [--smoke] [--rounds N] [--latency-only] [--no-single]
+    [--profile FILE]``: the scale-out figures alone (``--profile``: py-spy on the ingest node
+    of each scale-out latency round, raw collapsed stacks in ``FILE.<round>``)."""
+    parser = argparse.ArgumentParser(prog="python -m bench.scaleout", description=main.__doc__)
+    parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--rounds", type=int)
+    parser.add_argument("--latency-only", action="store_true", help="not the burst")
+    parser.add_argument(
+        "--no-single", action="store_true", help="no single-process baseline rounds"
+    )
+    parser.add_argument("--profile", type=Path, help="py-spy on the ingest node")
+    args = parser.parse_args(argv)
+    sizes = SMOKE if args.smoke else FULL
+    problem = services_missing()
+    if problem is not None:
+        sys.stderr.write(f"scaleout: {problem}\n")
+        return 2
+    figures = [_latency(sizes, args.rounds, with_single=not args.no_single, profile=args.profile)]
+    if not args.latency_only:
+        figures.append(_burst(sizes, args.rounds))
+    for figure in figures:
+        sys.stdout.write(figure.line(judged=not args.smoke) + "\n")
+        sys.stdout.write(f"     {json.dumps(figure.raw, default=str)[:600]}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

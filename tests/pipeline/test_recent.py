@@ -103,3 +103,37 @@ def test_trim_keeps_a_bounded_tail_and_begin_forgets_after_a_gap_in_sequence() -
     assert len(recent.cached_rows(SID)) == MAX_ROWS_PER_SERIES
     recent.begin(4)  # someone else wrote in between (sequence 3)
     assert recent.cached_rows(SID) == ()
+
+
+class _AllHeads:
+    """StoreTxn's reads plus every series' head in one read (as PostgreSQL's txn gives)."""
+
+    def __init__(self, txn: StoreTxn, conn: sqlite3.Connection) -> None:
+        self.txn, self.conn, self.all_heads_reads = txn, conn, 0
+        self.range, self.last_before, self.head_time = txn.range, txn.last_before, txn.head_time
+
+    def all_heads(self) -> dict[str, int]:
+        self.all_heads_reads += 1
+        return dict(self.conn.execute("SELECT series_id, MAX(candle_time) FROM candles GROUP BY 1"))
+
+
+def test_every_head_comes_from_one_read_when_the_reader_gives_them_all() -> None:
+    conn = sqlite3.connect(":memory:", isolation_level=None)
+    migrate(conn)
+    txn = StoreTxn(conn)
+    sids = [f"binance:spot:S{i}/USDT:1m" for i in range(5)]
+    txn.write_rows([(sid, row(60 * (i + 1))) for i, sid in enumerate(sids[:4])])
+    reader = _AllHeads(txn, conn)
+    recent = RecentBars()
+    recent.begin(1)
+    assert recent.head(reader, sids[2]) == 180
+    # the others were named by that read, or are known to have nothing stored (the fifth)
+    assert [recent.head(reader, sid) for sid in sids] == [60, 120, 180, 240, None]
+    assert recent.range(reader, sids[4], 0, 1000) == []  # nothing above a head of None
+    assert recent.reads == 1 and reader.all_heads_reads == 1
+    recent.wrote(sids[4], [row(600)])
+    assert recent.head(reader, sids[4]) == 600
+    recent.begin(3)  # another writer came between: read again, once
+    assert recent.head(reader, sids[0]) == 60
+    assert recent.head(reader, sids[1]) == 120
+    assert recent.reads == 2 and reader.all_heads_reads == 2

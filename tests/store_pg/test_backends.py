@@ -325,3 +325,50 @@ async def test_write_sequence_moves_by_one_unless_another_store_wrote(backend: B
     assert await mine.write(lambda txn: txn.first_time(SID)) == 60
     await mine.aclose()
     await other.aclose()
+
+
+async def test_meta_another_store_wrote_is_seen_and_a_rolled_back_one_is_not(
+    backend: Backend,
+) -> None:
+    """A write transaction sees the meta table as committed, whoever wrote it last (the
+    PostgreSQL store keeps the table between its writes while nobody else writes)."""
+    mine, other = await backend.open(), await backend.open()
+    await mine.set_meta("k", "mine")
+    assert await mine.write(lambda txn: txn.get_meta("k")) == "mine"
+    await other.set_meta("k", "other")
+    assert await mine.write(lambda txn: txn.get_meta("k")) == "other"
+
+    def set_then_fail(txn: WriteTxn) -> None:
+        txn.set_meta("k", "rolled back")
+        txn.set_meta("new", "rolled back")
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError):
+        await mine.write(set_then_fail)
+    assert await mine.write(lambda txn: (txn.get_meta("k"), txn.get_meta("new"))) == (
+        "other",
+        None,
+    )
+    assert await other.write(lambda txn: txn.get_meta("k")) == "other"
+    await mine.aclose()
+    await other.aclose()
+
+
+async def test_write_rows_keep_any_series_id_text_and_every_scale(backend: Backend) -> None:
+    """Rows go in exactly as given: series ids with quotes, backslashes, commas and braces,
+    prices with exponents and trailing zeros, absent extras, both marks."""
+    store = await backend.open()
+    odd = ['we"ird\\id', "a,b{c}", "plain:1m", "NULL", " spaced "]
+    rows = []
+    for i, sid in enumerate(odd):
+        p = Decimal(EXACT[i % len(EXACT)])
+        c = Candle(60 * i, p, p, p, p, Decimal("1E-8"), None if i % 2 else Decimal("2.50"), i)
+        rows.append((sid, StoredCandle(c, "derived" if i % 2 else "ws", bool(i % 2))))
+    await store.write(lambda txn: txn.write_rows(rows))
+    for sid, written in rows:
+        (stored,) = await store.range(sid, 0, 1000)
+        assert stored == written
+        assert [format(v, "f") for v in (stored.candle.open, stored.candle.volume)] == [
+            format(v, "f") for v in (written.candle.open, written.candle.volume)
+        ]
+    await store.aclose()

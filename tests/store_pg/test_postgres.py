@@ -218,3 +218,15 @@ async def test_ping_is_false_when_the_server_is_gone(pg_url: str) -> None:
     with pytest.raises(StoreError, match="read failed"):
         await store.head_time(SID)
     await store.aclose()
+
+
+async def test_every_series_head_in_one_query(pg_url: str) -> None:
+    store = await PostgresStore.open(pg_url)
+    assert await store.write(lambda txn: txn.all_heads()) == {}
+    sids = [f"binance:futures:S{i}/USDT:1m" for i in range(4)]
+    for i, sid in enumerate(sids):
+        await store.upsert(sid, [candle(60 * j, "1", "1", "1", "1") for j in range(i + 1)], "ws")
+    assert await store.write(lambda txn: txn.all_heads()) == {
+        sid: 60 * i for i, sid in enumerate(sids)
+    }
+    await store.aclose()

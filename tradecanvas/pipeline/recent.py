@@ -10,6 +10,12 @@ what no coming commit needs (the pipeline keeps each series' current bucket of t
 built from it). Knowledge is only ever dropped, never guessed, so a miss costs a read and
 nothing else.
 
+Heads: a reader that can give every stored series' head at once (:class:`AllHeadsReader`,
+PostgreSQL's transaction: one round trip however many series) is asked that once, at the
+first head not known, and every series it does not name has nothing stored; the derivation
+of a commit group then costs no read per series. A reader without it (SQLite's, where a read
+is a function call) is asked per series.
+
 Coherence: the pipeline calls :meth:`begin` at the start of each of its write transactions
 with the transaction's ``sequence``; unless it is exactly one more than the previous one
 (nothing else wrote in between: no other caller of the store, no other process), everything
@@ -19,8 +25,8 @@ is forgotten. A failed transaction must call :meth:`forget` (what it put in was 
 from __future__ import annotations
 
 import bisect
-from collections.abc import Callable, Sequence
-from typing import Final, Protocol, final
+from collections.abc import Callable, Mapping, Sequence
+from typing import Final, Protocol, final, runtime_checkable
 
 from tradecanvas.store.types import StoredCandle
 
@@ -39,6 +45,16 @@ class BarReader(Protocol):
     def last_before(self, series_id: str, t: int) -> StoredCandle | None: ...
 
     def head_time(self, series_id: str) -> int | None: ...
+
+
+@runtime_checkable
+class AllHeadsReader(Protocol):
+    """A reader that can give every stored series' head in one read."""
+
+    def all_heads(self) -> Mapping[str, int] | None:
+        """The newest ``candle_time`` of every series with a stored row (None: this reader
+        cannot tell; ask per series)."""
+        ...
 
 
 @final
@@ -114,6 +130,9 @@ class RecentBars:
 
     def __init__(self) -> None:
         self._series: dict[str, _Known] = {}
+        # every stored series' head, when an AllHeadsReader gave them (else None): a series
+        # it does not name has nothing stored
+        self._heads: Mapping[str, int] | None = None
         self._sequence: int | None = None
         self._transactions = 0
         self.reads = 0  # store reads made to fill gaps (tests and benchmarks look)
@@ -122,6 +141,7 @@ class RecentBars:
         """A write transaction numbered ``sequence`` starts (see ``StoreTxn.sequence``)."""
         if self._sequence is None or sequence != self._sequence + 1:
             self._series.clear()
+            self._heads = None
         self._sequence = sequence
         self._transactions += 1
 
@@ -141,12 +161,17 @@ class RecentBars:
     def forget(self) -> None:
         """Drop everything (a transaction failed: what it put in was rolled back)."""
         self._series.clear()
+        self._heads = None
         self._sequence = None
 
     def _known(self, series_id: str) -> _Known:
         known = self._series.get(series_id)
         if known is None:
             known = self._series[series_id] = _Known()
+            heads = self._heads
+            if heads is not None:
+                known.head = heads.get(series_id)
+                known.head_known = True
         return known
 
     def head(self, reader: BarReader, series_id: str) -> int | None:
@@ -154,8 +179,16 @@ class RecentBars:
         known = self._known(series_id)
         if not known.head_known:
             self.reads += 1
-            known.head = reader.head_time(series_id)
-            known.head_known = True
+            heads = reader.all_heads() if isinstance(reader, AllHeadsReader) else None
+            if heads is None:
+                known.head = reader.head_time(series_id)
+                known.head_known = True
+            else:
+                self._heads = heads
+                for sid, other in self._series.items():
+                    if not other.head_known:
+                        other.head = heads.get(sid)
+                        other.head_known = True
         return known.head
 
     def range(self, reader: BarReader, series_id: str, start: int, end: int) -> list[StoredCandle]:
@@ -315,3 +348,11 @@ class FlushingReader:
     def head_time(self, series_id: str) -> int | None:
         self._flush()
         return self._reader.head_time(series_id)
+
+    def all_heads(self) -> Mapping[str, int] | None:
+        """The reader's :meth:`AllHeadsReader.all_heads` (None when it has none)."""
+        reader = self._reader
+        if not isinstance(reader, AllHeadsReader):
+            return None
+        self._flush()
+        return reader.all_heads()

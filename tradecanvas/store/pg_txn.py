@@ -5,20 +5,29 @@ methods, the same outcomes. Raises psycopg errors; the store translates them.
 Upserts are batched: one query fetches what is stored at the batch's times (an index range
 scan for a dense batch, a join with the times for a sparse one), the outcome of each candle
 is decided in Python exactly as the SQLite store decides it (``Candle.same_values``), then
-the new candles go in with one ``COPY`` and the revised or merged ones with one
-``executemany`` (pipelined) ``INSERT … ON CONFLICT DO UPDATE``. A single candle (the
-derivation upserts one bar at a time) takes one statement that inserts it unless a row is
-there, and returns that row; a handful of new candles go in with ``executemany`` rather
-than ``COPY``: on PostgreSQL the cost of the pipeline's many small statements is their round
-trips.
+the new candles go in with one ``INSERT … SELECT FROM unnest(…)`` (one array per column,
+written as array literals: psycopg's list adapter costs ten times ``str``) and the revised or
+merged ones with one more such statement ``… ON CONFLICT DO UPDATE``; ``write_rows`` (the
+pipeline's rows) is one such upsert whatever the number of rows or series. A single candle
+(the derivation upserts one bar at a time) takes one statement that inserts it unless a row
+is there, and returns that row.
+
+The store runs every write transaction in pipeline mode (``store/postgres.py``): a statement
+whose answer is not needed (every write) goes out with the next one that is waited for, so
+a transaction pays a round trip per read, not per statement. Reads that the pipeline would
+make per series are made once: :meth:`PgStoreTxn.all_heads` gives every series' head in one
+query (``RecentBars`` asks it instead of one head per series); the meta table (the fence,
+the derivation fingerprints) and the event counter come with the transaction's start, so
+``get_meta`` and ``append_event`` wait for nothing.
 
 Deciding in Python is safe because every write transaction holds the store's write lock
 (``pg_schema.WRITE_LOCK_KEY``): no other writer can change a row between the read and the
 write, just as SQLite's ``BEGIN IMMEDIATE`` allows one writer at a time.
 
-Event ids come from the one-row ``event_counter``, updated in the same transaction: its row
-lock is held until the commit, so ids are handed out in commit order (a later commit never
-publishes a smaller id), and a rolled-back transaction never made its ids visible.
+Event ids come from the one-row ``event_counter``, read at the transaction's start under the
+write lock and updated with each event in the same transaction: only the writer holding the
+lock hands out ids, so they follow commit order (a later commit never publishes a smaller
+id), and a rolled-back transaction never made its ids visible.
 """
 
 from __future__ import annotations
@@ -42,12 +51,6 @@ COLUMNS: Final = (
     " taker_buy_base, taker_buy_quote, source, complete"
 )
 _PREFIXED: Final = ", ".join("c." + name.strip() for name in COLUMNS.split(","))
-# fewer new rows than this go in with executemany, more with COPY
-COPY_MIN_ROWS: Final = 32
-_INSERT: Final = (
-    f"INSERT INTO candles (series_id, {COLUMNS})"  # noqa: S608
-    " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
-)
 # parameters: series_id then a row; returns the row stored before, if any (then nothing
 # was written). The write lock keeps anyone else from inserting between the two parts.
 _INSERT_IF_ABSENT: Final = (
@@ -62,9 +65,28 @@ _INSERT_IF_ABSENT: Final = (
     "  WHERE NOT EXISTS (SELECT 1 FROM old))"
     " SELECT * FROM old"
 )
-_UPSERT: Final = (
+# every series' head by a loose index scan of the primary key: two index probes per series
+# (the next series id, then its newest time), not a scan of every row
+_ALL_HEADS: Final = (
+    "WITH RECURSIVE ids(series_id) AS ("
+    " SELECT MIN(series_id) FROM candles"
+    " UNION ALL"
+    " SELECT (SELECT MIN(c.series_id) FROM candles c WHERE c.series_id > ids.series_id)"
+    " FROM ids WHERE ids.series_id IS NOT NULL)"
+    " SELECT series_id,"
+    " (SELECT MAX(c.candle_time) FROM candles c WHERE c.series_id = ids.series_id)"
+    " FROM ids WHERE series_id IS NOT NULL"
+)
+# many rows in one statement: one array per column, unnested server-side (a single
+# statement is one plan and one round trip, where an executemany costs the server one
+# statement per row)
+_INSERT_ROWS: Final = (
     f"INSERT INTO candles (series_id, {COLUMNS})"  # noqa: S608
-    " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+    " SELECT * FROM unnest(%s::text[], %s::bigint[], %s::numeric[], %s::numeric[],"
+    " %s::numeric[], %s::numeric[], %s::numeric[], %s::numeric[], %s::bigint[],"
+    " %s::numeric[], %s::numeric[], %s::text[], %s::boolean[])"
+)
+_ON_CONFLICT_UPDATE: Final = (
     " ON CONFLICT (series_id, candle_time) DO UPDATE SET"
     " open = excluded.open, high = excluded.high, low = excluded.low,"
     " close = excluded.close, volume = excluded.volume, quote_volume = excluded.quote_volume,"
@@ -72,6 +94,7 @@ _UPSERT: Final = (
     " taker_buy_quote = excluded.taker_buy_quote, source = excluded.source,"
     " complete = excluded.complete"
 )
+_UPSERT_ROWS: Final = _INSERT_ROWS + _ON_CONFLICT_UPDATE
 
 
 def _num(value: object) -> Decimal:
@@ -122,9 +145,22 @@ class PgStoreTxn:
     """The synchronous view of the store inside one write transaction (a worker thread);
     the same methods as the SQLite ``StoreTxn``."""
 
-    def __init__(self, conn: Conn, sequence: int = 0) -> None:
+    def __init__(
+        self,
+        conn: Conn,
+        sequence: int = 0,
+        *,
+        meta: dict[str, str] | None = None,
+        last_event_id: int | None = None,
+    ) -> None:
+        """``meta``: the whole meta table as this transaction sees it (the store keeps it
+        between its transactions while nobody else writes): read from and written through;
+        None: read from the table. ``last_event_id``: the event counter as read under the
+        write lock: event ids are then handed out without a read; None: each read."""
         self._conn = conn
         self._sequence = sequence
+        self._meta = meta
+        self._last_event_id = last_event_id
 
     @property
     def sequence(self) -> int:
@@ -136,15 +172,14 @@ class PgStoreTxn:
 
     def write_rows(self, rows: Sequence[tuple[str, StoredCandle]]) -> None:
         """Insert or replace ``(series_id, row)`` pairs exactly as given (a later pair for
-        the same key wins), in one pipelined ``executemany``."""
+        the same key wins), in one statement."""
         if not rows:
             return
         latest: dict[tuple[str, int], tuple[object, ...]] = {}
         for series_id, row in rows:
             key = (series_id, row.candle.candle_time)
             latest[key] = (series_id, *_row(row.candle, row.source, row.complete))
-        with self._conn.cursor() as cur:
-            cur.executemany(_UPSERT, list(latest.values()))
+        self._conn.execute(_UPSERT_ROWS, _columns(latest.values()))
 
     def first_time(self, series_id: str) -> int | None:
         """The oldest stored ``candle_time`` of the series (None: nothing stored)."""
@@ -204,10 +239,9 @@ class PgStoreTxn:
                 # a time first seen in this batch stays an insert, with its latest values
                 (updates if old is not None and t not in inserts else inserts)[t] = write
             existing[t] = new
-        self._copy_in(series_id, inserts.values())
+        self._insert(series_id, inserts.values())
         if updates:
-            with self._conn.cursor() as cur:
-                cur.executemany(_UPSERT, [(series_id, *row) for row in updates.values()])
+            self._conn.execute(_UPSERT_ROWS, _columns((series_id, *r) for r in updates.values()))
         return outcomes
 
     def _stored_at(self, series_id: str, times: list[int]) -> list[Row]:
@@ -230,20 +264,10 @@ class PgStoreTxn:
         )
         return cur.fetchall()
 
-    def _copy_in(self, series_id: str, rows: Iterable[Row]) -> None:
-        rows = list(rows)
-        if len(rows) < COPY_MIN_ROWS:
-            # COPY costs a few round trips of its own: a pipelined INSERT for a handful
-            if rows:
-                with self._conn.cursor() as cur:
-                    cur.executemany(_INSERT, [(series_id, *row) for row in rows])
-            return
-        with (
-            self._conn.cursor() as cur,
-            cur.copy(f"COPY candles (series_id, {COLUMNS}) FROM STDIN") as copy,
-        ):
-            for row in rows:
-                copy.write_row((series_id, *row))
+    def _insert(self, series_id: str, rows: Iterable[Row]) -> None:
+        rows = [(series_id, *row) for row in rows]
+        if rows:
+            self._conn.execute(_INSERT_ROWS, _columns(rows))
 
     def range(self, series_id: str, start: int, end: int) -> list[StoredCandle]:
         """Stored candles with ``start <= candle_time < end``, ascending."""
@@ -262,15 +286,31 @@ class PgStoreTxn:
     def head_time(self, series_id: str) -> int | None:
         return head_time(self._conn, series_id)
 
+    def all_heads(self) -> dict[str, int]:
+        """The head of every series with a stored row, in one query (``RecentBars`` asks
+        this once instead of one head per series)."""
+        return {str(sid): int(str(t)) for sid, t in self._conn.execute(_ALL_HEADS)}
+
     def append_event(
         self, series_id: str, event: str, data: Mapping[str, object], created_at: float
     ) -> int:
         """Add an entry to the event log; its ``event_id`` (above every id ever given)."""
+        data_text = orjson.dumps(dict(data)).decode()
+        if self._last_event_id is not None:
+            # the counter was read under the write lock: the id is known, nothing to wait for
+            event_id = self._last_event_id = self._last_event_id + 1
+            self._conn.execute(
+                "WITH counter AS (UPDATE event_counter SET last_id = %s)"
+                " INSERT INTO events (event_id, series_id, event, data, created_at)"
+                " VALUES (%s, %s, %s, %s, %s)",
+                (event_id, event_id, series_id, event, data_text, created_at),
+            )
+            return event_id
         row = self._conn.execute(
             "WITH next AS (UPDATE event_counter SET last_id = last_id + 1 RETURNING last_id)"
             " INSERT INTO events (event_id, series_id, event, data, created_at)"
             " SELECT last_id, %s, %s, %s, %s FROM next RETURNING event_id",
-            (series_id, event, orjson.dumps(dict(data)).decode(), created_at),
+            (series_id, event, data_text, created_at),
         ).fetchone()
         assert row is not None
         return int(str(row[0]))
@@ -280,7 +320,7 @@ class PgStoreTxn:
         that id is taken already. Later ids given by :meth:`append_event` stay above it."""
         cur = self._conn.execute(
             "INSERT INTO events (event_id, series_id, event, data, created_at)"
-            " VALUES (%s, %s, %s, %s, %s) ON CONFLICT (event_id) DO NOTHING",
+            " VALUES (%s, %s, %s, %s, %s) ON CONFLICT (event_id) DO NOTHING RETURNING event_id",
             (
                 event.event_id,
                 event.series_id,
@@ -289,10 +329,13 @@ class PgStoreTxn:
                 event.created_at,
             ),
         )
+        inserted = cur.fetchone() is not None
         self._conn.execute(
             "UPDATE event_counter SET last_id = GREATEST(last_id, %s)", (event.event_id,)
         )
-        return cur.rowcount == 1
+        if self._last_event_id is not None:
+            self._last_event_id = max(self._last_event_id, event.event_id)
+        return inserted
 
     def prune_events(self, keep: int, created_after: float) -> int:
         """Drop events beyond the newest ``keep`` or created before ``created_after``; return
@@ -313,14 +356,74 @@ class PgStoreTxn:
         return previous
 
     def get_meta(self, key: str) -> str | None:
+        if self._meta is not None:
+            return self._meta.get(key)
         return get_meta(self._conn, key)
 
     def set_meta(self, key: str, value: str) -> None:
+        if self._meta is not None:
+            self._meta[key] = value
         self._conn.execute(
             "INSERT INTO meta (key, value) VALUES (%s, %s)"
             " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
             (key, value),
         )
+
+
+# a write transaction's start (see begin_write)
+_START: Final = "SELECT pg_advisory_xact_lock(%s), pg_current_xact_id()::text"
+_NUMBER: Final = (
+    "UPDATE write_counter SET last_sequence = last_sequence + %s RETURNING last_sequence"
+)
+_META_UNLESS: Final = (
+    "SELECT key, value FROM meta WHERE (SELECT last_sequence FROM write_counter) <> %s"
+)
+
+
+def begin_write(
+    conn: Conn, lock_key: int, step: int, expected: int
+) -> tuple[str, int, int, dict[str, str] | None]:
+    """The start of a write transaction, in one round trip (``conn`` in pipeline mode, in a
+    transaction): take the store's write lock, number the transaction ``step`` above the
+    last one, read the event counter, and the meta table unless the number is ``expected``
+    (nobody else wrote since the caller's last transaction). Returns (transaction id,
+    number, last event id, the meta table or None)."""
+    started = conn.execute(_START, (lock_key,))
+    numbered = conn.execute(_NUMBER, (step,))
+    events = conn.execute("SELECT last_id FROM event_counter")
+    meta_rows = conn.execute(_META_UNLESS, (expected,)).fetchall()  # (waits for all four)
+    got, number, last = started.fetchone(), numbered.fetchone(), events.fetchone()
+    assert got is not None and number is not None and last is not None
+    sequence = int(str(number[0]))
+    meta = None if sequence == expected else {str(k): str(v) for k, v in meta_rows}
+    return str(got[1]), sequence, int(str(last[0])), meta
+
+
+def _columns(rows: Iterable[Row]) -> list[str]:
+    """Rows ``(series_id, candle_time, …, source, complete)`` as one array literal per
+    column (the parameters of :data:`_INSERT_ROWS`), written here: psycopg's list adapter
+    costs about 1 µs per value, ``str`` a tenth of that. A number is its ``str`` (a
+    Decimal's keeps its exponent: the scale stored is the scale received, as psycopg's own
+    adapter gives it); the texts are quoted."""
+    columns = list(zip(*rows, strict=True))
+    return [
+        _text_array(columns[0]),
+        *(_number_array(column) for column in columns[1:11]),
+        _text_array(columns[11]),
+        "{" + ",".join("t" if v else "f" for v in columns[12]) + "}",
+    ]
+
+
+def _number_array(values: Iterable[object]) -> str:
+    return "{" + ",".join("NULL" if v is None else str(v) for v in values) + "}"
+
+
+def _text_array(values: Iterable[object]) -> str:
+    return (
+        "{"
+        + ",".join('"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"' for v in values)
+        + "}"
+    )
 
 
 def _same_values(old: Row, new: Row) -> bool:

@@ -14,6 +14,16 @@ a time across every process sharing the database, as SQLite's ``BEGIN IMMEDIATE`
 the pipeline's read-derive-write correct when two ingest nodes write the same series, and
 hands out event ids in commit order. Readers take no lock (MVCC: they see the last commit).
 
+Speed (docs/architecture.md, "PostgreSQL store"). A write transaction runs in psycopg's
+pipeline mode: its start (BEGIN, the write lock, the transaction number, the event counter,
+and the meta table when needed) is one round trip, its writes go out without waiting, and
+its COMMIT is one more; only a read inside it (a range the pipeline's cache of recent bars
+lacks) waits. The meta table is kept between write transactions while the transaction
+number says nobody else wrote (one more than this store's last): a transaction reads and
+writes it in memory (and writes it through), so the fencing token check and the
+derivation fingerprints cost no round trip; a number that jumped (another writer) or a
+failed transaction reads the table again.
+
 Connection loss (docs/operations.md, "Faults and what they look like"). A write that loses its
 connection — the server restarting, a network cut, its backend terminated — is tried again,
 with capped backoff, until the server answers: the transaction was rolled back, so nothing
@@ -51,6 +61,7 @@ from tradecanvas.store.pg_schema import SCHEMA_VERSION, WRITE_LOCK_KEY, migrate
 from tradecanvas.store.pg_txn import (
     Conn,
     PgStoreTxn,
+    begin_write,
     events_pruned_upto,
     get_meta,
     head_time,
@@ -198,6 +209,9 @@ class PostgresStore:
         self._write_started: float | None = None
         self._reachable = True
         self.last_error: str | None = None
+        # (number of the last write transaction, the meta table it left): what the next
+        # one starts from if nobody else wrote in between (None: read it)
+        self._meta: tuple[int, dict[str, str]] | None = None
 
     @classmethod
     async def open(cls, url: str, *, pool_size: int = POOL_SIZE) -> PostgresStore:
@@ -304,22 +318,25 @@ class PostgresStore:
             xid: str | None = None
             committing = False
             done: list[T] = []
+            # the meta table as the previous write left it, good while nobody else wrote
+            known = self._meta
+            self._meta = None  # until this transaction commits
+            expected = -1 if known is None else known[0] + step
             try:
-                with self._pool.connection() as conn, conn.transaction():
-                    got = conn.execute(
-                        "SELECT pg_advisory_xact_lock(%s), pg_current_xact_id()::text",
-                        (WRITE_LOCK_KEY,),
-                    ).fetchone()
-                    assert got is not None
-                    xid = str(got[1])
-                    number = conn.execute(
-                        "UPDATE write_counter SET last_sequence = last_sequence + %s"
-                        " RETURNING last_sequence",
-                        (step,),
-                    ).fetchone()
-                    assert number is not None
-                    done.append(fn(PgStoreTxn(conn, int(str(number[0])))))
+                # pipeline mode: a statement whose answer nobody waits for (every write) goes
+                # out with the next one that is waited for, so the transaction costs a round
+                # trip per read it makes, plus one for the start and one for the COMMIT
+                with self._pool.connection() as conn, conn.pipeline(), conn.transaction():
+                    xid, sequence, last_event, meta = begin_write(
+                        conn, WRITE_LOCK_KEY, step, expected
+                    )
+                    if meta is None:  # nobody else wrote: the table as this store left it
+                        assert known is not None
+                        meta = known[1]
+                    txn = PgStoreTxn(conn, sequence, meta=meta, last_event_id=last_event)
+                    done.append(fn(txn))
                     committing = True  # leaving the block commits
+                self._meta = (sequence, meta)
                 return done[0]
             except psycopg.Error as exc:
                 if connection_lost(exc):
