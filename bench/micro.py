@@ -29,7 +29,7 @@ from tradecanvas.model import Candle, SeriesId, Timeframe
 from tradecanvas.pipeline.commit import IngestBatch, IngestPipeline
 from tradecanvas.pipeline.derive import derive_series
 from tradecanvas.pipeline.events import SystemEvent
-from tradecanvas.store.sqlite import CandleStore
+from tradecanvas.store.sqlite import WRITER_CACHE_KIB, CandleStore
 from tradecanvas.wire.binance import decode_frame
 from tradecanvas.wire.kline_csv import read_kline_csv
 
@@ -109,7 +109,8 @@ def bare_executemany(
     """The bare baseline of the commit and the import: seconds to write each list of
     ``candles`` rows that ``transactions()`` yields in a transaction of its own (``BEGIN``,
     one ``executemany`` of :data:`INSERT`, ``COMMIT``) into a fresh store file's schema
-    (made by ``CandleStore.open``) with the store's PRAGMAs (WAL, ``synchronous=FULL``).
+    (made by ``CandleStore.open``) with the store writer's PRAGMAs (WAL, ``synchronous=FULL``,
+    its page cache).
     The rows are built inside the clock, as the generator yields them (the pipeline and the
     import convert their input inside theirs); ``warmup``'s transactions go first, outside
     it."""
@@ -124,6 +125,7 @@ def bare_executemany(
         try:
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute("PRAGMA synchronous = FULL")
+            conn.execute(f"PRAGMA cache_size = -{WRITER_CACHE_KIB}")
 
             def write(all_rows: Iterable[Rows]) -> None:
                 for rows in all_rows:
