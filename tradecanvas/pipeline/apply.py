@@ -23,6 +23,8 @@ plain reference implementation):
 
 from __future__ import annotations
 
+import itertools
+import operator
 from collections.abc import Callable, Sequence
 from typing import Final, final
 
@@ -95,9 +97,7 @@ class BatchCommit:
         """Store ``batch`` and derive from it: the updates (base series first, then derived),
         the events to log, and the count of repeated candles dropped."""
         txn = self.txn
-        grouped: dict[SeriesId, list[Candle]] = {}
-        for series, candle in batch.candles:
-            grouped.setdefault(series, []).append(candle)
+        grouped = _grouped(batch.candles)
         updates: list[SeriesUpdate] = []
         derived_updates: list[SeriesUpdate] = []
         events: list[SystemEvent] = []
@@ -114,22 +114,27 @@ class BatchCommit:
                 grouped[series] = []
         # (items, not keys then lookups: a SeriesId hash is cached but costs a call)
         ids = self.ids
-        named: list[tuple[tuple[str, tuple[str, str, str, int]], SeriesId, list[Candle]]] = []
+        # sorted by (order key, id text): distinct series never tie on both, so the sort
+        # compares no further (and calls no key function)
+        named: list[tuple[tuple[str, str, str, int], str, SeriesId, list[Candle]]] = []
         for series, given in grouped.items():
             found = ids.get(series)
             if found is None:
                 found = ids[series] = (str(series), series_order(series))
-            named.append((found, series, given))
-        named.sort(key=_by_series)
-        for (sid, _), series, given in named:
+            named.append((found[1], found[0], series, given))
+        named.sort()
+        for _, sid, series, given in named:
             if len(given) == 1 and not absent:
                 made = self._live_minute(series, sid, given[0], batch.source)
                 if made is not None:
-                    updates.append(SeriesUpdate(sid, (given[0],), derived=False))
+                    updates.append(SeriesUpdate(sid, (given[0],), False))
                     if made:
-                        derived_updates.extend(u for _, u in sorted(made, key=_by_order))
+                        if len(made) == 1:
+                            derived_updates.append(made[0][1])
+                        else:
+                            derived_updates.extend(u for _, u in sorted(made, key=_by_order))
                     continue
-            if len(given) == 1:
+            if len(given) == 1 or _ascending(given):
                 candles: Sequence[Candle] = given
             else:
                 candles, dropped = dedupe(given)
@@ -270,7 +275,7 @@ class BatchCommit:
             if len(parts) != len(rows):
                 return None
             parts.append(candle)
-            if all(c.volume == 0 for c in parts):
+            if not any(c.volume for c in parts):  # (a Decimal is true when not 0)
                 return None  # flat at the previous close: the long way looks it up
             bars.append(aggregate(bucket, parts))
         return bars
@@ -300,7 +305,7 @@ class BatchCommit:
         self._written += len(rows)
         if rows:
             self.recent.wrote(sid, rows)
-            self._pending.extend((sid, row) for row in rows)
+            self._pending.extend(zip(itertools.repeat(sid), rows))
 
     def flush(self) -> None:
         """Write the pending rows (one ``executemany`` for all series)."""
@@ -421,7 +426,7 @@ class BatchCommit:
         complete = len(stored) == expected and all(s.complete for s in stored)
         if not complete and head < end - MINUTE:
             return None  # still filling; finalised once its last minute is settled
-        all_empty = all(c.volume == 0 for c in candles)
+        all_empty = not any(c.volume for c in candles)
         starts_late = candles[0].candle_time > bucket
         before = None
         if all_empty or (not complete and starts_late):
@@ -476,14 +481,33 @@ class BatchCommit:
 _NO_BARS: Final[tuple[tuple[int, SeriesUpdate], ...]] = ()
 
 
+def _grouped(pairs: Sequence[tuple[SeriesId, Candle]]) -> dict[SeriesId, list[Candle]]:
+    """The candles of each series, in the order given."""
+    first = pairs[0][0] if pairs else None
+    if len(pairs) > 2 and pairs[-1][0] is first and all(s is first for s, _ in pairs):
+        # one series' history (the import, a backfill page): one list
+        return {pairs[0][0]: [c for _, c in pairs]}
+    # a live batch holds one minute of each series: one list each, in one comprehension
+    grouped = {series: [candle] for series, candle in pairs}
+    if len(grouped) != len(pairs):
+        grouped = {}
+        for series, candle in pairs:
+            found = grouped.get(series)
+            if found is None:
+                grouped[series] = [candle]
+            else:
+                found.append(candle)
+    return grouped
+
+
+def _ascending(candles: Sequence[Candle]) -> bool:
+    """Strictly ascending times (nothing for :func:`dedupe` to do), checked at C speed."""
+    times = [c.candle_time for c in candles]
+    return all(map(operator.lt, times, itertools.islice(times, 1, None)))
+
+
 def _by_order(item: tuple[int, SeriesUpdate]) -> int:
     return item[0]
-
-
-def _by_series(
-    item: tuple[tuple[str, tuple[str, str, str, int]], SeriesId, list[Candle]],
-) -> tuple[str, str, str, int]:
-    return item[0][1]
 
 
 __all__ = ["BatchCommit"]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import itertools
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Final, final
@@ -129,7 +130,7 @@ class ArchiveCommitter:
         for candle in () if checked else candles:
             if not (timeframe.is_open_time(candle.candle_time) and plainly_valid(candle)):
                 validate_candle(candle, timeframe)
-        batch = IngestBatch(tuple((series, c) for c in candles), "rest")
+        batch = IngestBatch(tuple(zip(itertools.repeat(series), candles)), "rest")
         recent = self.pipeline.recent
 
         def in_txn(txn: WriteTxn) -> tuple[ImportCommit, Ranges]:
