@@ -7,7 +7,8 @@ plain reference implementation):
 
 - each series' candles are planned against the stored rows at their times
   (:func:`plan_upsert`); the rows of every series are written together, one
-  ``executemany`` (``WriteTxn.write_rows``), before any read of the store and at the end;
+  ``WriteTxn.write_rows`` (on SQLite multi-row ``INSERT``s), before any read of the store
+  and at the end;
 - a minute above a known head is new without a read; a live minute takes a short way
   (:meth:`_live_minute`) when it makes no bar due (every timeframe's bucket still filling)
   or only bars built from 1m out of minutes RecentBars holds, all complete (the minute
@@ -85,7 +86,7 @@ class BatchCommit:
         # out once per series, not per series and batch
         self.ids = ids if ids is not None else {}
         self._touched: dict[str, SeriesId] = {}
-        # rows planned but not yet written: the rows of every series go in one executemany,
+        # rows planned but not yet written: the rows of every series go in one write_rows,
         # written before any read of the store (and before RecentBars forgets anything)
         self._pending: list[tuple[str, StoredCandle]] = []
         self._written = 0
@@ -308,7 +309,7 @@ class BatchCommit:
             self._pending.extend(zip(itertools.repeat(sid), rows))
 
     def flush(self) -> None:
-        """Write the pending rows (one ``executemany`` for all series)."""
+        """Write the pending rows (one ``write_rows`` for all series)."""
         if self._pending:
             pending, self._pending = self._pending, []
             self.txn.write_rows(pending)

@@ -201,8 +201,9 @@ class CandleStore:
         loop's own thread, and only the ``COMMIT`` (its fsync) on a worker thread. ``fn``
         is Python that holds the GIL either way; on a worker thread it also gives the GIL
         away and waits to get it back around every statement (each row of an
-        ``executemany``), up to the interpreter's switch interval each time the event
-        loop is busy — that, not the SQL, was most of a live commit's time. ``BEGIN``
+        ``executemany``, as ``write_rows`` was then), up to the interpreter's switch
+        interval each time the event loop is busy — that, not the SQL, was most of a live
+        commit's time. ``BEGIN``
         never waits on the event loop's thread: when another process holds the write
         lock, it waits on a worker thread (``busy_timeout``), and ``fn`` runs after.
         """
