@@ -25,7 +25,6 @@ plain reference implementation):
 from __future__ import annotations
 
 import itertools
-import operator
 from collections.abc import Callable, Sequence
 from typing import Final, final
 
@@ -35,7 +34,13 @@ from tradecanvas.model import (
     SeriesId,
     Timeframe,
 )
-from tradecanvas.pipeline.batch import IngestBatch, SeriesUpdate, dedupe
+from tradecanvas.pipeline.batch import (
+    IngestBatch,
+    SeriesUpdate,
+    dedupe,
+    group_by_series,
+    strictly_ascending,
+)
 from tradecanvas.pipeline.derive import aggregate, parts_in
 from tradecanvas.pipeline.events import SystemEvent, gap_event, rebuild_events_for
 from tradecanvas.pipeline.levels import (
@@ -98,7 +103,7 @@ class BatchCommit:
         """Store ``batch`` and derive from it: the updates (base series first, then derived),
         the events to log, and the count of repeated candles dropped."""
         txn = self.txn
-        grouped = _grouped(batch.candles)
+        grouped = group_by_series(batch.candles)
         updates: list[SeriesUpdate] = []
         derived_updates: list[SeriesUpdate] = []
         events: list[SystemEvent] = []
@@ -135,7 +140,7 @@ class BatchCommit:
                         else:
                             derived_updates.extend(u for _, u in sorted(made, key=_by_order))
                     continue
-            if len(given) == 1 or _ascending(given):
+            if len(given) == 1 or strictly_ascending(given):
                 candles: Sequence[Candle] = given
             else:
                 candles, dropped = dedupe(given)
@@ -480,31 +485,6 @@ class BatchCommit:
 
 
 _NO_BARS: Final[tuple[tuple[int, SeriesUpdate], ...]] = ()
-
-
-def _grouped(pairs: Sequence[tuple[SeriesId, Candle]]) -> dict[SeriesId, list[Candle]]:
-    """The candles of each series, in the order given."""
-    first = pairs[0][0] if pairs else None
-    if len(pairs) > 2 and pairs[-1][0] is first and all(s is first for s, _ in pairs):
-        # one series' history (the import, a backfill page): one list
-        return {pairs[0][0]: [c for _, c in pairs]}
-    # a live batch holds one minute of each series: one list each, in one comprehension
-    grouped = {series: [candle] for series, candle in pairs}
-    if len(grouped) != len(pairs):
-        grouped = {}
-        for series, candle in pairs:
-            found = grouped.get(series)
-            if found is None:
-                grouped[series] = [candle]
-            else:
-                found.append(candle)
-    return grouped
-
-
-def _ascending(candles: Sequence[Candle]) -> bool:
-    """Strictly ascending times (nothing for :func:`dedupe` to do), checked at C speed."""
-    times = [c.candle_time for c in candles]
-    return all(map(operator.lt, times, itertools.islice(times, 1, None)))
 
 
 def _by_order(item: tuple[int, SeriesUpdate]) -> int:
