@@ -21,13 +21,12 @@ import hashlib
 import io
 import json
 import logging
-import sqlite3
 import sys
 import tempfile
 import time
 import uuid
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Final
@@ -37,10 +36,10 @@ import trio
 from psycopg import sql
 
 from bench.common import Figure, alternate, median
+from bench.micro import bare_executemany
 from bench.sizes import FULL, SMOKE, Sizes
 from tradecanvas.errors import ExitCode
 from tradecanvas.model import Timeframe
-from tradecanvas.store.sqlite import CandleStore
 from tradecanvas.tools.importer import DEFAULT_BATCH, ImportFile, run_import
 from tradecanvas.tools.importer.files import find_files, plan_file
 from tradecanvas.tools.progress import Progress
@@ -51,11 +50,6 @@ DERIVED: Final = tuple(Timeframe.parse(t) for t in ("5m", "15m", "1h", "4h", "1d
 BATCH: Final = DEFAULT_BATCH  # the import's own transaction size, for both sides
 YEAR_START: Final = 1_672_531_200  # 2023-01-01 00:00 UTC: 365 days, 525,600 minutes
 SMOKE_DAYS: Final = 2
-INSERT: Final = (
-    "INSERT INTO candles (series_id, candle_time, open, high, low, close, volume, quote_volume,"
-    " trades, taker_buy_base, taker_buy_quote, source, complete)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-)
 
 
 def _lines(start: int, minutes: int) -> str:
@@ -132,40 +126,29 @@ def sqlite_import_s(files: Sequence[ImportFile]) -> float:
         return trio.run(_import, Path(d) / "m.sqlite3", files)
 
 
+def _transactions(texts: Sequence[str]) -> Iterator[list[tuple[object, ...]]]:
+    """The rows of ``texts`` in lists of BATCH (the import's transaction size), split as the
+    generator is read."""
+    pending: list[tuple[object, ...]] = []
+    for text in texts:
+        pending += _rows_of(text)
+        while len(pending) >= BATCH:
+            yield pending[:BATCH]
+            del pending[:BATCH]
+    if pending:
+        yield pending
+
+
 def bare_sqlite_s(zips: Sequence[Path]) -> float:
-    """The same rows, split from the unzipped text, by ``executemany`` in BATCH-row
-    transactions into a fresh store file's schema with the store's PRAGMAs."""
+    """The same rows by the commit benchmark's bare ``executemany``
+    (:func:`bench.micro.bare_executemany`) in transactions of BATCH rows, as many as the
+    import's (before, a month's file went in one); unzipped outside the clock, split from
+    the text inside it."""
     texts = []
     for path in zips:
         with zipfile.ZipFile(path) as archive:
             texts.append(archive.read(archive.namelist()[0]).decode())
-    with tempfile.TemporaryDirectory() as d:
-        path = Path(d) / "b.sqlite3"
-
-        async def make_schema() -> None:
-            await (await CandleStore.open(path)).aclose()
-
-        trio.run(make_schema)
-        conn = sqlite3.connect(path, isolation_level=None)
-        try:
-            conn.execute("PRAGMA journal_mode = WAL")
-            conn.execute("PRAGMA synchronous = FULL")
-            start = time.perf_counter()
-            pending: list[tuple[object, ...]] = []
-            for text in texts:
-                pending += _rows_of(text)
-                if len(pending) >= BATCH:
-                    conn.execute("BEGIN")
-                    conn.executemany(INSERT, pending)
-                    conn.execute("COMMIT")
-                    pending = []
-            if pending:
-                conn.execute("BEGIN")
-                conn.executemany(INSERT, pending)
-                conn.execute("COMMIT")
-            return time.perf_counter() - start
-        finally:
-            conn.close()
+    return bare_executemany(lambda: _transactions(texts))
 
 
 def postgres_import_s(files: Sequence[ImportFile]) -> float:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import sqlite3
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, Final
@@ -29,7 +29,7 @@ from tradecanvas.model import Candle, SeriesId, Timeframe
 from tradecanvas.pipeline.commit import IngestBatch, IngestPipeline
 from tradecanvas.pipeline.derive import derive_series
 from tradecanvas.pipeline.events import SystemEvent
-from tradecanvas.store.sqlite import CandleStore
+from tradecanvas.store.sqlite import WRITER_CACHE_KIB, CandleStore
 from tradecanvas.wire.binance import decode_frame
 from tradecanvas.wire.kline_csv import read_kline_csv
 
@@ -100,9 +100,20 @@ def _rows(batch: IngestBatch) -> list[tuple[object, ...]]:
     ]  # fmt: skip
 
 
-def _bare_commit(batches: Sequence[IngestBatch]) -> float:
-    """The same rows into a store file's own schema with the store's PRAGMAs; the rows are
-    built inside the clock (the pipeline converts its candles too)."""
+Rows = list[tuple[object, ...]]
+
+
+def bare_executemany(
+    transactions: Callable[[], Iterable[Rows]], warmup: Sequence[Rows] = ()
+) -> float:
+    """The bare baseline of the commit and the import: seconds to write each list of
+    ``candles`` rows that ``transactions()`` yields in a transaction of its own (``BEGIN``,
+    one ``executemany`` of :data:`INSERT`, ``COMMIT``) into a fresh store file's schema
+    (made by ``CandleStore.open``) with the store writer's PRAGMAs (WAL, ``synchronous=FULL``,
+    its page cache).
+    The rows are built inside the clock, as the generator yields them (the pipeline and the
+    import convert their input inside theirs); ``warmup``'s transactions go first, outside
+    it."""
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "b.sqlite3"
 
@@ -114,19 +125,24 @@ def _bare_commit(batches: Sequence[IngestBatch]) -> float:
         try:
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute("PRAGMA synchronous = FULL")
-            conn.execute("BEGIN")
-            conn.executemany(INSERT, _rows(batches[0]))
-            conn.execute("COMMIT")
+            conn.execute(f"PRAGMA cache_size = -{WRITER_CACHE_KIB}")
 
-            def run() -> None:
-                for batch in batches[1:]:
+            def write(all_rows: Iterable[Rows]) -> None:
+                for rows in all_rows:
                     conn.execute("BEGIN")
-                    conn.executemany(INSERT, _rows(batch))
+                    conn.executemany(INSERT, rows)
                     conn.execute("COMMIT")
 
-            return timed(run)
+            write(warmup)
+            return timed(lambda: write(transactions()))
         finally:
             conn.close()
+
+
+def _bare_commit(batches: Sequence[IngestBatch]) -> float:
+    """The same rows as the pipeline commits, a batch a transaction (the first batch, the
+    pipeline's warm-up, outside the clock)."""
+    return bare_executemany(lambda: map(_rows, batches[1:]), warmup=[_rows(batches[0])])
 
 
 def bench_commit(rounds: int, minutes: int) -> Figure:

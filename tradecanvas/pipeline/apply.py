@@ -7,7 +7,8 @@ plain reference implementation):
 
 - each series' candles are planned against the stored rows at their times
   (:func:`plan_upsert`); the rows of every series are written together, one
-  ``executemany`` (``WriteTxn.write_rows``), before any read of the store and at the end;
+  ``WriteTxn.write_rows`` (on SQLite multi-row ``INSERT``s), before any read of the store
+  and at the end;
 - a minute above a known head is new without a read; a live minute takes a short way
   (:meth:`_live_minute`) when it makes no bar due (every timeframe's bucket still filling)
   or only bars built from 1m out of minutes RecentBars holds, all complete (the minute
@@ -23,6 +24,7 @@ plain reference implementation):
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
 from typing import Final, final
 
@@ -32,7 +34,13 @@ from tradecanvas.model import (
     SeriesId,
     Timeframe,
 )
-from tradecanvas.pipeline.batch import IngestBatch, SeriesUpdate, dedupe
+from tradecanvas.pipeline.batch import (
+    IngestBatch,
+    SeriesUpdate,
+    dedupe,
+    group_by_series,
+    strictly_ascending,
+)
 from tradecanvas.pipeline.derive import aggregate, parts_in
 from tradecanvas.pipeline.events import SystemEvent, gap_event, rebuild_events_for
 from tradecanvas.pipeline.levels import (
@@ -83,7 +91,7 @@ class BatchCommit:
         # out once per series, not per series and batch
         self.ids = ids if ids is not None else {}
         self._touched: dict[str, SeriesId] = {}
-        # rows planned but not yet written: the rows of every series go in one executemany,
+        # rows planned but not yet written: the rows of every series go in one write_rows,
         # written before any read of the store (and before RecentBars forgets anything)
         self._pending: list[tuple[str, StoredCandle]] = []
         self._written = 0
@@ -95,9 +103,7 @@ class BatchCommit:
         """Store ``batch`` and derive from it: the updates (base series first, then derived),
         the events to log, and the count of repeated candles dropped."""
         txn = self.txn
-        grouped: dict[SeriesId, list[Candle]] = {}
-        for series, candle in batch.candles:
-            grouped.setdefault(series, []).append(candle)
+        grouped = group_by_series(batch.candles)
         updates: list[SeriesUpdate] = []
         derived_updates: list[SeriesUpdate] = []
         events: list[SystemEvent] = []
@@ -114,22 +120,27 @@ class BatchCommit:
                 grouped[series] = []
         # (items, not keys then lookups: a SeriesId hash is cached but costs a call)
         ids = self.ids
-        named: list[tuple[tuple[str, tuple[str, str, str, int]], SeriesId, list[Candle]]] = []
+        # sorted by (order key, id text): distinct series never tie on both, so the sort
+        # compares no further (and calls no key function)
+        named: list[tuple[tuple[str, str, str, int], str, SeriesId, list[Candle]]] = []
         for series, given in grouped.items():
             found = ids.get(series)
             if found is None:
                 found = ids[series] = (str(series), series_order(series))
-            named.append((found, series, given))
-        named.sort(key=_by_series)
-        for (sid, _), series, given in named:
+            named.append((found[1], found[0], series, given))
+        named.sort()
+        for _, sid, series, given in named:
             if len(given) == 1 and not absent:
                 made = self._live_minute(series, sid, given[0], batch.source)
                 if made is not None:
-                    updates.append(SeriesUpdate(sid, (given[0],), derived=False))
+                    updates.append(SeriesUpdate(sid, (given[0],), False))
                     if made:
-                        derived_updates.extend(u for _, u in sorted(made, key=_by_order))
+                        if len(made) == 1:
+                            derived_updates.append(made[0][1])
+                        else:
+                            derived_updates.extend(u for _, u in sorted(made, key=_by_order))
                     continue
-            if len(given) == 1:
+            if len(given) == 1 or strictly_ascending(given):
                 candles: Sequence[Candle] = given
             else:
                 candles, dropped = dedupe(given)
@@ -270,7 +281,7 @@ class BatchCommit:
             if len(parts) != len(rows):
                 return None
             parts.append(candle)
-            if all(c.volume == 0 for c in parts):
+            if not any(c.volume for c in parts):  # (a Decimal is true when not 0)
                 return None  # flat at the previous close: the long way looks it up
             bars.append(aggregate(bucket, parts))
         return bars
@@ -300,10 +311,10 @@ class BatchCommit:
         self._written += len(rows)
         if rows:
             self.recent.wrote(sid, rows)
-            self._pending.extend((sid, row) for row in rows)
+            self._pending.extend(zip(itertools.repeat(sid), rows))
 
     def flush(self) -> None:
-        """Write the pending rows (one ``executemany`` for all series)."""
+        """Write the pending rows (one ``write_rows`` for all series)."""
         if self._pending:
             pending, self._pending = self._pending, []
             self.txn.write_rows(pending)
@@ -421,7 +432,7 @@ class BatchCommit:
         complete = len(stored) == expected and all(s.complete for s in stored)
         if not complete and head < end - MINUTE:
             return None  # still filling; finalised once its last minute is settled
-        all_empty = all(c.volume == 0 for c in candles)
+        all_empty = not any(c.volume for c in candles)
         starts_late = candles[0].candle_time > bucket
         before = None
         if all_empty or (not complete and starts_late):
@@ -478,12 +489,6 @@ _NO_BARS: Final[tuple[tuple[int, SeriesUpdate], ...]] = ()
 
 def _by_order(item: tuple[int, SeriesUpdate]) -> int:
     return item[0]
-
-
-def _by_series(
-    item: tuple[tuple[str, tuple[str, str, str, int]], SeriesId, list[Candle]],
-) -> tuple[str, str, str, int]:
-    return item[0][1]
 
 
 __all__ = ["BatchCommit"]

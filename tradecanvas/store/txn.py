@@ -3,6 +3,7 @@ and the row conversions the readers share. Raises sqlite3 errors; the store tran
 
 from __future__ import annotations
 
+import functools
 import itertools
 import sqlite3
 from collections.abc import Mapping, Sequence
@@ -28,6 +29,29 @@ _COLUMNS: Final = (
 )
 # times per ``IN (...)`` read: well under SQLite's smallest limit on bound parameters (999)
 _IN_CHUNK: Final = 500
+
+
+# values of a ``candles`` row (``series_id`` and _COLUMNS)
+_WIDTH: Final = 13
+# rows per INSERT of write_rows: a statement of many rows runs as one ``sqlite3_step``, which
+# releases the GIL once for all of them (an ``executemany`` releases and takes it back around
+# every row: with another thread busy — the import's file reader, the event loop — each row
+# waited for the GIL up to the interpreter's switch interval), and the VM starts once. 256 ×
+# 13 values stays far under SQLite's limit on bound parameters (32,766)
+ROWS_PER_STATEMENT: Final = 256
+
+
+@functools.cache
+def _insert_sql(rows: int) -> str:
+    """``INSERT OR REPLACE`` of ``rows`` rows. Its rows are inserted in order, so a later one
+    for the same key wins, as in an ``executemany``. write_rows uses ROWS_PER_STATEMENT and
+    the powers of two below it: at most 9 statement texts, each prepared once (the
+    connection's statement cache)."""
+    marks = "(" + ", ".join("?" * _WIDTH) + ")"
+    return (
+        f"INSERT OR REPLACE INTO candles (series_id, {_COLUMNS}) VALUES "  # noqa: S608
+        + ", ".join([marks] * rows)
+    )
 
 
 def _text(value: Decimal | None) -> str | None:
@@ -163,16 +187,24 @@ class StoreTxn:
 
     def write_rows(self, rows: Sequence[tuple[str, StoredCandle]]) -> None:
         """Insert or replace ``(series_id, row)`` pairs exactly as given (text of the
-        decimals, source, mark; a later pair for the same key wins), in one ``executemany``:
-        for a caller that planned them with :func:`plan_upsert` against rows it knows, and
-        writes the rows of many series at once."""
+        decimals, source, mark; a later pair for the same key wins): for a caller that
+        planned them with :func:`plan_upsert` against rows it knows, and writes the rows of
+        many series at once. In multi-row ``INSERT`` statements (see :func:`_insert_sql`)."""
         if not rows:
             return
-        self._conn.executemany(
-            f"INSERT OR REPLACE INTO candles (series_id, {_COLUMNS})"  # noqa: S608
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            [_row_values(series_id, row) for series_id, row in rows],
-        )
+        values: list[object] = []
+        extend = values.extend
+        for series_id, row in rows:
+            extend(_row_values(series_id, row))
+        execute = self._conn.execute
+        at, left = 0, len(rows)
+        while left:
+            count = (
+                ROWS_PER_STATEMENT if left >= ROWS_PER_STATEMENT else 1 << (left.bit_length() - 1)
+            )
+            end = at + count * _WIDTH
+            execute(_insert_sql(count), values[at:end])
+            at, left = end, left - count
 
     def range(self, series_id: str, start: int, end: int) -> list[StoredCandle]:
         """Stored candles with ``start <= candle_time < end``, ascending."""

@@ -1,0 +1,37 @@
+"""The import's transactions run with the cyclic GC paused, and leave it as they found it."""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Iterator
+
+import pytest
+
+from tradecanvas.tools.importer.commit import collector_paused
+
+
+@pytest.fixture(autouse=True)
+def _gc_restored() -> Iterator[None]:
+    was = gc.isenabled()
+    yield
+    if was:
+        gc.enable()
+    else:
+        gc.disable()
+
+
+def test_paused_inside_and_enabled_after_even_on_an_error() -> None:
+    gc.enable()
+    with collector_paused():
+        assert not gc.isenabled()
+    assert gc.isenabled()
+    with pytest.raises(RuntimeError), collector_paused():
+        raise RuntimeError("rolled back")
+    assert gc.isenabled()
+
+
+def test_a_collector_the_caller_disabled_stays_disabled() -> None:
+    gc.disable()
+    with collector_paused():
+        assert not gc.isenabled()
+    assert not gc.isenabled()
