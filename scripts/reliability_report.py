@@ -105,7 +105,7 @@ def tests_table() -> str:
 def render(records: list[dict[str, Any]], note: str) -> str:
     when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     lines = [PREFACE.format(tests=tests_table())]
-    lines.append(f"## Figures\n\n{note}Run {when} on {platform.machine()}, Python "
+    lines.append(f"## Figures\n\n{note}Rendered {when} on {platform.machine()}, Python "
                  f"{platform.python_version()}.\n")  # fmt: skip
     lines.append("| " + " | ".join(KEYS) + " |")
     lines.append("|" + "---|" * len(KEYS))
