@@ -65,7 +65,7 @@ bench: $(STAMP)
 bench-smoke: $(STAMP)
 	$(BIN)/python -m bench --smoke
 
-## soak: the reliability suite (tests/reliability) at full size (TRADECANVAS_SOAK=1, 10 to 20
+## soak: the reliability suite (tests/reliability) at full size (TRADECANVAS_SOAK=1, about 30
 ## minutes on 2 shared cores); its JSON lines go to var/reliability.jsonl and the table
 ## to docs/reliability.md
 SOAK_LINES := var/reliability.jsonl

@@ -463,6 +463,10 @@ async def run_daemon(
         nursery.cancel_scope.cancel(reason="shutdown")
 
 
+# a store failure's one log line (the ingest stops without a line of its own)
+STORE_FAILURE_LINE: Final = "store failure, stopping (exit code %d): %s"
+
+
 def serve(flags: RuntimeFlags) -> int:
     """``tradecanvas serve``: run until SIGTERM/SIGINT; the exit code for systemd."""
     configure_logging(flags)
@@ -479,12 +483,12 @@ def serve(flags: RuntimeFlags) -> int:
     try:
         trio.run(main)
     except StoreError as exc:
-        log.critical("store failure, stopping: %s", exc)
+        log.critical(STORE_FAILURE_LINE, ExitCode.STORE_FAILURE, exc)
         return ExitCode.STORE_FAILURE
     except BaseExceptionGroup as group:
         store_errors, rest = group.split(StoreError)
         if store_errors is not None and rest is None:
-            log.critical("store failure, stopping: %s", first_leaf(store_errors))
+            log.critical(STORE_FAILURE_LINE, ExitCode.STORE_FAILURE, first_leaf(store_errors))
             return ExitCode.STORE_FAILURE
         log.critical("tradecanvas failed", exc_info=group)
         return ExitCode.FAILED

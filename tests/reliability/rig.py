@@ -316,3 +316,25 @@ def stored_event_ids(db: Path, series: str) -> list[int]:
             "SELECT event_id FROM events WHERE series_id = ? ORDER BY event_id", (series,)
         )
         return [r[0] for r in rows]
+
+
+def check_resumed(sub: Subscriber, source: dict[str, list[Candle]]) -> tuple[int, int]:
+    """Across its sessions ``sub`` got every candle of ``source`` once, in order, equal to
+    the source, no gap, and each session went on exactly from its cursor (``since``), none
+    skipped or repeated; asserts it and returns (lost, duplicated) for the record."""
+    lost = dup = 0
+    for sid, candles in source.items():
+        times = sub.times[sid]
+        dup += duplicates(times)
+        expected = [c.candle_time for c in candles]
+        lost += len(set(expected) - set(times))
+        assert times == expected, f"{sid}: received out of order, doubled or with a hole"
+        assert all(same_candle(sub.candles[sid][c.candle_time], c) for c in candles), sid
+        had: list[int] = []
+        for k, session in enumerate(sub.sessions):
+            if session[sid]:
+                want = had[-1] + 60 if had else expected[0]
+                assert session[sid][0] == want, (k, sid)
+            had += session[sid]
+    assert not sub.gaps, sub.gaps
+    return lost, dup

@@ -247,11 +247,14 @@ class _IngestLoop:
                 if holes is not None:
                     await self.committer.save_holes(sid, holes)
         except StoreError as exc:
-            self._fatal = exc
-            log.error("shutdown flush failed: %s", exc)
+            self._fatal = exc  # raised: the daemon's one line reports it
+            log.info("shutdown flush failed: %s", exc)
         except Exception:
             log.exception("shutdown flush failed")
-        if self.core.queued:
+        if self.core.queued and self._fatal is not None:
+            # the daemon's one line reports the store failure; a restart repairs them from REST
+            log.info("%d closed candles were not committed (the store failed)", self.core.queued)
+        elif self.core.queued:
             log.error("%d closed candles were not committed at shutdown", self.core.queued)
 
     # --- processing (sync per frame) ---------------------------------------------------

@@ -162,9 +162,7 @@ class IngestSupervisor:
                 if phase is not None:
                     self.phases[sid] = phase
         except StoreError as exc:
-            log.critical("the candle store failed; stopping the ingest: %s", exc)
-            self._fatal = exc
-            scope.cancel()
+            self._stop_on(exc, scope)
         finally:
             self.phases_learned.set()
 
@@ -192,17 +190,13 @@ class IngestSupervisor:
                     phases=self.phases,
                 )
             except StoreError as exc:
-                log.critical("the candle store failed; stopping the ingest: %s", exc)
-                self._fatal = exc
-                scope.cancel()
+                self._stop_on(exc, scope)
                 return
             except Exception as exc:
                 store_error = find_in_group(exc, StoreError)
                 if store_error is not None:
                     # a store failure inside one of the loop's own nurseries is fatal too
-                    log.critical("the candle store failed; stopping the ingest: %s", store_error)
-                    self._fatal = store_error
-                    scope.cancel()
+                    self._stop_on(store_error, scope)
                     return
                 log.exception("ingest loop for %s crashed; restarting", [str(s) for s in group])
             else:
@@ -210,6 +204,13 @@ class IngestSupervisor:
             ran = trio.current_time() - started_at
             crashes = 1 if ran >= self.policy.connection.healthy_after_s else crashes + 1
             await trio.sleep(self.policy.restart_backoff.delay(crashes))
+
+    def _stop_on(self, exc: StoreError, scope: trio.CancelScope) -> None:
+        """A store failure ends the ingest: :meth:`run` raises it and the daemon logs it, in
+        its one line, and exits with ExitCode.STORE_FAILURE (so nothing is logged here)."""
+        log.debug("the candle store failed; stopping the ingest: %s", exc)
+        self._fatal = exc
+        scope.cancel()
 
     def upstream_connected(self) -> bool:
         """True when every connection has an open socket (for /readyz)."""
