@@ -32,6 +32,7 @@ writes), beside trio-websocket's own writes.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 from collections.abc import Sequence
@@ -45,7 +46,7 @@ from tradecanvas.serve.hub import Hub
 from tradecanvas.serve.in_flight import InFlight, limit_send_buffer
 from tradecanvas.serve.subscriber import TransportClosed
 from tradecanvas.serve.ws_protocol import MAX_MESSAGE_BYTES, WS_PATH, InboundLimits, header
-from tradecanvas.serve.ws_session import DEFAULT_STALL_TIMEOUT_S, MarketEndpoint
+from tradecanvas.serve.ws_session import DEFAULT_STALL_TIMEOUT_S, STALL_SAMPLES, MarketEndpoint
 
 log = logging.getLogger(__name__)
 
@@ -238,7 +239,17 @@ class _MarketServer:
             self._unattached.discard(handshake)
         if handshake.cancelled_caught:
             return
+        if stream.in_flight is not None:  # the stall clock counts from pongs (in_flight)
+            interval = self.endpoint.stall_timeout_s / STALL_SAMPLES
+            nursery.start_soon(_prove_reads, ws, stream.in_flight, interval)
         await self.endpoint.serve(_TrioWebsocketTransport(ws, stream), peer)
+
+
+async def _prove_reads(
+    ws: trio_websocket.WebSocketConnection, in_flight: InFlight, interval: float
+) -> None:
+    with contextlib.suppress(trio_websocket.ConnectionClosed):
+        await in_flight.prove_reads(ws.ping, interval)
 
 
 async def serve_ws_port(
