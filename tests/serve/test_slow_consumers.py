@@ -207,8 +207,9 @@ async def test_a_slow_reader_that_keeps_up_is_never_closed(
         assert [s.close_code for s in market.hub.subscribers()] == [None, None]
 
 
+@pytest.mark.parametrize("over", TRANSPORTS)
 async def test_a_stuck_client_with_a_large_receive_buffer_is_closed_within_the_stall_time(
-    store: CandleStore, clock: trio.testing.MockClock
+    store: CandleStore, over: str, clock: trio.testing.MockClock
 ) -> None:
     """A client with a 4 MB receive buffer stops reading while live candles trickle in (two a
     second, a few KB in all): its kernel takes and acknowledges every byte, so nothing stays
@@ -219,7 +220,7 @@ async def test_a_stuck_client_with_a_large_receive_buffer_is_closed_within_the_s
     live_start = T0 + 60 * CATCH_UP
     async with (
         running_market(
-            store, catchup_limit=100, send_timeout_s=3600, stall_timeout_s=STALL_S, over="ws_port"
+            store, catchup_limit=100, send_timeout_s=3600, stall_timeout_s=STALL_S, over=over
         ) as market,
         connect(
             market.port, receive_buffer=4 * 1024 * 1024, message_queue_size=1, quick_ack=True

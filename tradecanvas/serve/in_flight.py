@@ -24,12 +24,12 @@ the bound is the daemon's own, the same on every network:
   session closes a subscriber with 4008 once that reaches ``subscriber_stall_timeout_s``.
 - **Proof of reading.** A TCP acknowledgement says only that the bytes reached the client's
   kernel: a client with a 4 MB receive buffer that stops reading keeps acknowledging until
-  those 4 MB are full — at a trickle of live data, hours. Where the transport can send
-  WebSocket pings (the WS port: :meth:`InFlight.prove_reads`), a byte counts as read once
-  the pong to a ping written after it has come back: a client's WebSocket library answers a
-  ping only when it has read the frames before it. That clock is the same whatever the
-  buffers on either side. Elsewhere (the HTTP port: Hypercorn neither lets the app send pings
-  nor passes pongs on) the TCP acknowledgements stand in for it.
+  those 4 MB are full — at a trickle of live data, hours. So both ports ping
+  (:meth:`InFlight.prove_reads`; on the HTTP port the connection writes the pings and reads
+  the pongs itself, ``http_server.ServedConnection``): a byte counts as read once the pong to
+  a ping written after it has come back, since a client's WebSocket library answers a ping
+  only when it has read the frames before it. That clock is the same whatever the buffers on
+  either side. A transport without pings keeps the TCP acknowledgements instead.
 
 Linux only (``SIOCOUTQ``, ``TCP_INFO``); elsewhere :func:`unacknowledged_bytes` and
 :func:`acknowledged_bytes` answer None and the budget and the TCP stall clock see nothing
@@ -71,6 +71,12 @@ _NO_LOWAT: Final = 2**31 - 1
 # (RFC 6455 §5.2: unmasked, payload under 126 bytes)
 PING_PAYLOAD_BYTES: Final = 8
 PING_FRAME_BYTES: Final = 2 + PING_PAYLOAD_BYTES
+# read-proof pings per stall timeout, at most: a client that reads is never more than about
+# half the timeout behind by the proofs, and one that stops is closed between about half the
+# timeout and the timeout after it stopped. Few, because a client that closes while a ping is
+# on its way may trip over it (trio-websocket answers it in its closing state and fails:
+# python-trio/trio-websocket#184)
+PINGS_PER_STALL: Final = 2
 _BYTES_ACKED_OFFSET: Final = 120
 _TCP_INFO_LEN: Final = 128
 
@@ -185,15 +191,20 @@ class InFlight:
         self._bound += n
         self.written += n
 
-    async def prove_reads(self, ping: Callable[[bytes], Awaitable[None]], interval: float) -> None:
-        """Every ``interval`` s, when something written is not yet proven read, send a ping
+    async def prove_reads(
+        self, ping: Callable[[bytes], Awaitable[None]], stall_timeout_s: float, *, ping_bytes: int
+    ) -> None:
+        """Every ``stall_timeout_s / PINGS_PER_STALL`` s, when something written is not yet
+        proven read, send a ping
         (``ping(payload)`` writes it through this connection and returns once its pong is
-        back) and count everything written before it, and the ping, as read. From the call
+        back) and count everything written before it, and the ping (``ping_bytes``: what
+        :meth:`note_written` is told of a ping's frame), as read. From the call
         on, :meth:`behind` counts from these proofs instead of TCP acknowledgements. Runs
         until cancelled, or until ``ping`` raises (the connection closed): the proof stops
         there, and the stall clock runs on. One ping at a time: a client that does not
         answer is sent no more."""
         self.read_proof = True
+        interval = stall_timeout_s / PINGS_PER_STALL
         serial = 0
         while True:
             await trio.sleep(interval)
@@ -202,7 +213,7 @@ class InFlight:
             serial += 1
             # what another task writes before the ping, after this, is left unproven: the
             # proof errs low (the clock early), never high
-            covered = self.written + PING_FRAME_BYTES
+            covered = self.written + ping_bytes
             await ping(serial.to_bytes(PING_PAYLOAD_BYTES, "big"))
             self.proven = max(self.proven, covered)
 
@@ -271,6 +282,7 @@ class InFlight:
 __all__ = [
     "CLOSE_RESERVE_BYTES",
     "IN_FLIGHT_MAX_BYTES",
+    "PINGS_PER_STALL",
     "PING_FRAME_BYTES",
     "SEND_BUFFER_BYTES",
     "InFlight",
