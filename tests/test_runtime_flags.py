@@ -94,6 +94,7 @@ PARSE_ERROR_CASES: list[tuple[str, str, str]] = [
     ("TRADE_CANVAS_INITIAL_BACKFILL_CANDLES", "-5", "out of range"),
     ("TRADE_CANVAS_LATE_CLOSE_S", "soon", "not a number"),
     ("TRADE_CANVAS_STALE_TIMEOUT_S", "0", "out of range"),
+    ("TRADE_CANVAS_HTTP_BODY_TIMEOUT_S", "0", "out of range"),
     ("TRADE_CANVAS_SUBSCRIBER_QUEUE_MAX", "0", "out of range"),
     ("TRADE_CANVAS_SUBSCRIBER_SEND_TIMEOUT_S", "-1", "out of range"),
     ("TRADE_CANVAS_SUBSCRIBER_STALL_TIMEOUT_S", "0", "out of range"),

@@ -61,6 +61,7 @@ class RuntimeFlags:
     ws_port: int
     http_host: str
     http_port: int
+    http_body_timeout_s: float
     binance_futures_ws_url: str
     binance_spot_ws_url: str
     binance_futures_rest_url: str
@@ -299,6 +300,7 @@ FLAG_SPECS: Final[tuple[FlagSpec, ...]] = (
     FlagSpec("ws_port", "8765", _parse_int(0, 65535), "/ws/market listen port (0 = any)"),
     FlagSpec("http_host", "127.0.0.1", _parse_host, "HTTP API (and /ws/market) listen address"),
     FlagSpec("http_port", "8766", _parse_int(0, 65535), "HTTP API (and /ws/market) listen port (0 = any)"),
+    FlagSpec("http_body_timeout_s", "10", _parse_float(0.1, 3600.0), "answer 408 and close a connection whose request body is not in within this many seconds of its headers"),
     FlagSpec("binance_futures_ws_url", "wss://fstream.binance.com/market", _parse_ws_url, "USDⓈ-M futures WS base (routed /market path)"),
     FlagSpec("binance_spot_ws_url", "wss://stream.binance.com:9443", _parse_ws_url, "spot WS base"),
     FlagSpec("binance_futures_rest_url", "https://fapi.binance.com", _parse_http_url, "USDⓈ-M futures REST base"),
@@ -313,7 +315,7 @@ FLAG_SPECS: Final[tuple[FlagSpec, ...]] = (
     FlagSpec("stale_timeout_s", "60", _parse_float(1.0, 3600.0), "replace an upstream connection silent this long"),
     FlagSpec("subscriber_queue_max", "1024", _parse_int(1, 1_000_000), "messages queued per subscriber"),
     FlagSpec("subscriber_send_timeout_s", "10", _parse_float(0.01, 3600.0), "close a subscriber whose send takes longer (4008)"),
-    FlagSpec("subscriber_stall_timeout_s", "30", _parse_float(0.1, 3600.0), "close a subscriber that has acknowledged nothing sent to it for this long (4008)"),
+    FlagSpec("subscriber_stall_timeout_s", "30", _parse_float(0.1, 3600.0), "close a subscriber that has read nothing sent to it for this long, by its answers to pings (4008)"),
     FlagSpec("max_subscriptions", "64", _parse_int(1, 10_000), "subscriptions per connection"),
     FlagSpec("max_connections", "10000", _parse_int(1, 1_000_000), "/ws/market connections at once, both ports together; more are refused with 503"),
     FlagSpec("ws_allowed_origins", ",".join(DEFAULT_ALLOWED_ORIGINS), _parse_origins, "allowed Origin headers on both ports (any port of these hosts); * allows all"),

@@ -3,6 +3,7 @@ CandleStore in tmp_path and a real IngestPipeline; requests through httpx.AsyncC
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -74,11 +75,13 @@ async def running_api(
     fail_publish: bool = False,
     clock: Callable[[], float] | None = None,
     readiness: Callable[[], dict[str, bool]] | None = None,
+    more_env: dict[str, str] | None = None,
 ) -> AsyncIterator[Api]:
     env = {
         "TRADE_CANVAS_SERIES": f"{BTC},{ETH}",
         "TRADE_CANVAS_DERIVED_TIMEFRAMES": "5m",
         "TRADE_CANVAS_DB_PATH": str(tmp_path / "market.sqlite3"),
+        **(more_env or {}),
     }
     if token is not None:
         env["TRADE_CANVAS_INGEST_TOKEN"] = token
@@ -336,6 +339,47 @@ async def test_bodies_over_one_mebibyte_are_413(tmp_path: Path) -> None:
         )
         assert status == 413
         assert orjson.loads(body)["error"] == "body_too_large"
+        assert await stored_times(api.store) == [T0]
+
+
+async def test_a_body_trickled_past_the_body_timeout_is_408_and_closes(tmp_path: Path) -> None:
+    """Slow-loris on the body: headers at once, then a byte every 50 ms. Each read is quick
+    (Hypercorn would wait forever); the whole body is not: 408, the connection closes,
+    nothing is written, the refusal is counted, and other clients are answered meanwhile."""
+    timeout_s = 0.5
+    more_env = {"TRADE_CANVAS_HTTP_BODY_TIMEOUT_S": f"{timeout_s}"}
+    async with running_api(tmp_path, more_env=more_env) as api:
+        doc = orjson.dumps(body_for())
+        stream = await trio.open_tcp_stream("127.0.0.1", api.port)
+        answer = b""
+        started = trio.current_time()
+        async with stream:
+            await stream.send_all(post_head(f"Content-Length: {len(doc)}\r\n"))
+            # never the last byte: only the timeout can end this request
+            for byte in doc[:-1]:
+                with contextlib.suppress(trio.BrokenResourceError):
+                    await stream.send_all(bytes([byte]))
+                with trio.move_on_after(0.05):  # the trickle's pace, not a wait for the server
+                    if not (data := await stream.receive_some()):
+                        break  # closed by the daemon
+                    answer += data
+                assert (await api.client.get("/healthz")).status_code == 200
+            else:
+                raise AssertionError(f"not closed within {trio.current_time() - started:.1f}s")
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 408 "), answer
+        assert b"connection: close" in head.lower()
+        doc_back = orjson.loads(body)
+        assert doc_back["error"] == "body_timeout"
+        assert f"within {timeout_s:g}s" in doc_back["message"]
+        assert await stored_times(api.store) == []
+        text = (await api.client.get("/metrics")).text
+        assert metric_value(text, "tradecanvas_http_refusals", code="body_timeout") == 1
+        # a body that comes in time, in pieces, is taken
+        status, _ = await raw_exchange(
+            api.port, post_head(f"Content-Length: {len(doc)}\r\n"), [doc[:10], doc[10:]]
+        )
+        assert status == 200
         assert await stored_times(api.store) == [T0]
 
 

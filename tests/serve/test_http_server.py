@@ -8,19 +8,23 @@ The HTTP API's drain of requests in flight is tested in tests/serve/test_http_ap
 from __future__ import annotations
 
 import functools
+import itertools
 import socket
 from typing import Final
 
 import httpx
 import trio
 import trio_websocket
+from hypothesis import given
+from hypothesis import strategies as st
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket
+from wsproto.frame_protocol import FrameProtocol
 
-from tradecanvas.serve.http_server import serve_http, served_connection
+from tradecanvas.serve.http_server import _Pongs, serve_http, served_connection
 
 BIG: Final = b"x" * (8 << 20)  # far more than both sides' socket buffers take
 
@@ -103,3 +107,44 @@ async def test_the_drain_aborts_connections_whose_writes_never_finish() -> None:
         for stream in (http_peer, ws_peer):
             await stream.aclose()
     assert drain_s * 0.9 <= elapsed < drain_s + 1.0
+
+
+# a client's frames, as wsproto's client side writes them (masked): ("text", …), ("binary",
+# …) up to 64 KiB + 1 (every length encoding), ("ping", …) and ("pong", …) up to 125 bytes
+_frames = st.lists(
+    st.one_of(
+        st.tuples(st.just("text"), st.text(max_size=300)),
+        st.tuples(st.just("binary"), st.sampled_from([0, 125, 126, 65535, 65536 + 1])),
+        st.tuples(st.sampled_from(["ping", "pong"]), st.binary(max_size=125)),
+    ),
+    max_size=8,
+)
+
+
+@given(frames=_frames, cuts=st.lists(st.integers(min_value=0), max_size=12))
+def test_the_pongs_of_a_client_are_found_however_its_bytes_arrive(
+    frames: list[tuple[str, object]], cuts: list[int]
+) -> None:
+    client = FrameProtocol(client=True, extensions=[])
+    stream = b""
+    pongs: list[bytes] = []
+    for kind, value in frames:
+        if kind == "text":
+            assert isinstance(value, str)
+            stream += client.send_data(value)
+        elif kind == "binary":
+            assert isinstance(value, int)
+            stream += client.send_data(b"b" * value)
+        elif kind == "ping":
+            assert isinstance(value, bytes)
+            stream += client.ping(value)
+        else:
+            assert isinstance(value, bytes)
+            stream += client.pong(value)
+            pongs.append(value)
+    found: list[bytes] = []
+    scanner = _Pongs(found.append)
+    bounds = sorted({0, len(stream), *(c % (len(stream) + 1) for c in cuts)})
+    for start, end in itertools.pairwise(bounds):
+        scanner.feed(stream[start:end])
+    assert found == pongs

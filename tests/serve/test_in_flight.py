@@ -5,15 +5,19 @@ clients in tests/serve/test_slow_consumers.py."""
 
 from __future__ import annotations
 
+import functools
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import pytest
 import trio
+import trio.testing
 
 from tradecanvas.serve.in_flight import (
     IN_FLIGHT_MAX_BYTES,
+    PING_FRAME_BYTES,
+    PINGS_PER_STALL,
     SEND_BUFFER_BYTES,
     InFlight,
     StallClock,
@@ -144,3 +148,41 @@ async def test_behind_counts_from_when_the_client_stopped_acknowledging(
         while unacknowledged_bytes(server):
             await client.recv(1 << 20)
         assert in_flight.behind(trio.current_time()) == 0.0
+
+
+async def test_read_proofs_count_what_was_written_before_each_answered_ping(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """prove_reads with a client that answers its first ping and then none: what came before
+    the answered ping (and the ping) is read; a ping is sent only for something unproven,
+    one at a time; the clock then counts from the first byte written after the proof."""
+    stall_s = 10.0
+    interval = stall_s / PINGS_PER_STALL
+    answers = [True]  # the client answers once, then stops reading
+    pings: list[bytes] = []
+    async with loopback(4 * 1024 * 1024) as (server, _client):
+        in_flight = InFlight(server, trio.current_time())
+
+        async def ping(payload: bytes) -> None:
+            pings.append(payload)
+            in_flight.note_written(PING_FRAME_BYTES)
+            if not (answers.pop(0) if answers else False):
+                await trio.sleep_forever()
+
+        async with trio.open_nursery() as nursery:
+            in_flight.note_written(100)
+            prove = functools.partial(in_flight.prove_reads, ping_bytes=PING_FRAME_BYTES)
+            nursery.start_soon(prove, ping, stall_s)
+            await trio.sleep(interval + 0.1)
+            assert in_flight.proven == in_flight.written == 100 + PING_FRAME_BYTES
+            assert in_flight.behind(trio.current_time()) == 0.0
+            await trio.sleep(3 * interval)
+            assert len(pings) == 1  # nothing new: no ping
+            stopped = trio.current_time()
+            in_flight.note_written(50)  # never read
+            await trio.sleep(3 * interval)
+            assert len(pings) == 2  # one ping for it, unanswered, and no other
+            assert in_flight.proven == 100 + PING_FRAME_BYTES
+            behind = in_flight.behind(trio.current_time())
+            assert trio.current_time() - stopped <= behind
+            nursery.cancel_scope.cancel()

@@ -205,3 +205,57 @@ async def test_a_slow_reader_that_keeps_up_is_never_closed(
         assert slow_times == want
         assert healthy_times == want
         assert [s.close_code for s in market.hub.subscribers()] == [None, None]
+
+
+@pytest.mark.parametrize("over", TRANSPORTS)
+async def test_a_stuck_client_with_a_large_receive_buffer_is_closed_within_the_stall_time(
+    store: CandleStore, over: str, clock: trio.testing.MockClock
+) -> None:
+    """A client with a 4 MB receive buffer stops reading while live candles trickle in (two a
+    second, a few KB in all): its kernel takes and acknowledges every byte, so nothing stays
+    unacknowledged at the TCP level and the buffers are nowhere near full. The daemon's pings,
+    which the client no longer answers, still show it read nothing: closed with 4008 within
+    the stall time of its last read, whatever its buffers; and when it reads again it gets
+    everything sent before, in order, then the 4008 close frame."""
+    live_start = T0 + 60 * CATCH_UP
+    async with (
+        running_market(
+            store, catchup_limit=100, send_timeout_s=3600, stall_timeout_s=STALL_S, over=over
+        ) as market,
+        connect(
+            market.port, receive_buffer=4 * 1024 * 1024, message_queue_size=1, quick_ack=True
+        ) as stuck,
+    ):
+        await send(stuck, subscribe_msg(SID_1M, since=live_start - 60))
+        await market.hub.wait_subscribers(1)
+        (subscriber,) = market.hub.subscribers()
+        assert subscriber.in_flight is not None
+        published: list[int] = []
+        # (when each candle was published, the bytes written to the client before it)
+        marks: list[tuple[float, int]] = []
+        with trio.fail_after(10 * STALL_S):
+            while subscriber.close_code is None:
+                candles = list(flat_minutes(live_start + 60 * len(published), 1, "108123.45"))
+                await store.upsert(SID_1M, candles, "ws")
+                marks.append((trio.current_time(), subscriber.in_flight.written))
+                market.hub.publish_closed(SID_1M, candles)
+                published.append(candles[0].candle_time)
+                await trio.sleep(0.5)
+            closed_at = trio.current_time()  # at most 0.5 s after the close
+            await market.hub.wait_subscribers(0)
+        assert subscriber.close_code == 4008
+        assert subscriber.slow_cause == "stalled"
+        # its library read a message or a few (and answered the pings among them) before it
+        # stopped: closed the stall time after the first candle it did not read, early by
+        # no more than a sample, late by no more than a sample and the polling
+        first_unread = next(t for t, written in marks if written >= subscriber.in_flight.proven)
+        interval = STALL_S / STALL_SAMPLES
+        assert STALL_S - interval <= closed_at - first_unread <= STALL_S + 2 * interval + 0.5
+        assert subscriber.in_flight.written < 64 * 1024  # nowhere near any buffer's size
+        assert slow_closes(market, "stalled") == 1.0
+
+        messages, code = await read_until_closed(stuck)
+        assert code == 4008
+        times = closed_times(messages)
+        assert times == published[: len(times)]
+        assert len(times) >= len(published) - 1  # all but one publish racing the close

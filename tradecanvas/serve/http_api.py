@@ -18,6 +18,8 @@ with two bad parameters learns about both at once. Codes:
 =====  ===================  ======================================================
  401   ``unauthorized``     missing or wrong bearer token (``WWW-Authenticate: Bearer``)
  403   ``ingest_disabled``  no ingest token configured: the write endpoint is refused
+ 408   ``body_timeout``     a write body not received in full within
+                            ``http_body_timeout_s`` of its headers (the connection closes)
  404   ``unknown_series``   GET for a well-formed series this daemon does not serve
  404   ``not_found``        no such route (405 ``method_not_allowed`` for a wrong method)
  413   ``body_too_large``   a write body over 1 MiB
@@ -45,6 +47,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, Final
 
 import orjson
+import trio
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -84,24 +87,37 @@ class JsonResponse(Response):
         return orjson.dumps(content)
 
 
-async def read_body_limited(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
+async def read_body_limited(
+    request: Request, timeout_s: float, limit: int = MAX_BODY_BYTES
+) -> bytes:
     """The request body, refusing (413) anything over ``limit`` bytes: by Content-Length
-    before reading, and by counting the streamed bytes (chunked bodies have no length)."""
+    before reading, and by counting the streamed bytes (chunked bodies have no length); and
+    (408) a body not received in full within ``timeout_s`` — the whole body, however it
+    trickles in (Hypercorn's own timeouts end only idle connections and silent reads). The
+    408 closes the connection: the rest of the body is never read."""
     too_large = RequestRefused(413, "body_too_large", f"body: larger than the {limit} byte limit")
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise too_large
     chunks: list[bytes] = []
     size = 0
-    try:
-        async with contextlib.aclosing(request.stream()) as stream:
-            async for chunk in stream:
-                size += len(chunk)
-                if size > limit:
-                    raise too_large
-                chunks.append(chunk)
-    except ClientDisconnect:
-        raise RequestRefused(400, "bad_request", "body: the client went away") from None
+    with trio.move_on_after(timeout_s) as deadline:
+        try:
+            async with contextlib.aclosing(request.stream()) as stream:
+                async for chunk in stream:
+                    size += len(chunk)
+                    if size > limit:
+                        raise too_large
+                    chunks.append(chunk)
+        except ClientDisconnect:
+            raise RequestRefused(400, "bad_request", "body: the client went away") from None
+    if deadline.cancelled_caught:
+        raise RequestRefused(
+            408,
+            "body_timeout",
+            f"body: not received in full within {timeout_s:g}s ({size} bytes came)",
+            headers={"connection": "close"},
+        )
     return b"".join(chunks)
 
 
@@ -176,7 +192,7 @@ def build_http_app(
 
     async def ingest_candle_closed(request: Request) -> Response:
         check_bearer(request.headers.get("authorization"), flags.ingest_token)
-        body = await read_body_limited(request)
+        body = await read_body_limited(request, flags.http_body_timeout_s)
         series, candle = parse_ingest_body(body, writable)
         sid = str(series)
         try:

@@ -95,12 +95,136 @@ def hypercorn_config(binds: list[str], drain_s: float) -> hypercorn.config.Confi
     return config
 
 
+# WebSocket opcodes (RFC 6455 §5.2) the read proof uses
+_OP_PING: Final = 0x9
+_OP_PONG: Final = 0xA
+
+
+@final
+class _Pongs:
+    """The pong payloads in what a WebSocket client sends (RFC 6455 §5.2: masked frames),
+    found without touching Hypercorn's own parser: every other frame is skipped."""
+
+    __slots__ = ("_buffer", "_skip", "found")
+
+    def __init__(self, found: Callable[[bytes], None]) -> None:
+        self._buffer = bytearray()
+        self._skip = 0  # payload bytes of a skipped frame still to come
+        self.found = found
+
+    def feed(self, data: bytes) -> None:
+        view = memoryview(data)
+        if self._skip:
+            n = min(self._skip, len(view))
+            self._skip -= n
+            view = view[n:]
+        buffer = self._buffer
+        buffer += view
+        while len(buffer) >= 2:
+            opcode, length, head = buffer[0] & 0x0F, buffer[1] & 0x7F, 2
+            if length >= 126:
+                size = 2 if length == 126 else 8
+                if len(buffer) < head + size:
+                    return
+                length = int.from_bytes(buffer[head : head + size], "big")
+                head += size
+            masked = bool(buffer[1] & 0x80)
+            head += 4 if masked else 0
+            if len(buffer) < head:
+                return
+            if opcode != _OP_PONG:  # skipped, however long
+                taken = min(length, len(buffer) - head)
+                self._skip = length - taken
+                del buffer[: head + taken]
+                continue
+            if len(buffer) < head + length:
+                return
+            payload = bytes(buffer[head : head + length])
+            if masked:
+                key = buffer[head - 4 : head]
+                payload = bytes(b ^ key[i % 4] for i, b in enumerate(payload))
+            del buffer[: head + length]
+            self.found(payload)
+
+
+@final
+class _WatchedStream(trio.abc.HalfCloseableStream):
+    """The stream Hypercorn serves a connection over: the connection's own, plus, once the
+    connection is a WebSocket (:meth:`ServedConnection.watch_pongs`), the pongs its client
+    sends, and pings written between Hypercorn's writes, never inside one."""
+
+    def __init__(self, inner: trio.SocketStream) -> None:
+        self.inner = inner
+        self.socket = inner.socket  # what Hypercorn reads the addresses from
+        self.send_lock = trio.Lock()
+        self.pongs: _Pongs | None = None
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        async with self.send_lock:
+            await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        data = await self.inner.receive_some(max_bytes)
+        if self.pongs is not None:
+            self.pongs.feed(data)
+        return data
+
+    async def send_eof(self) -> None:
+        await self.inner.send_eof()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
 @final
 class ServedConnection:
-    """One TCP connection :func:`serve_http` hands to Hypercorn."""
+    """One TCP connection :func:`serve_http` hands to Hypercorn.
+
+    A WebSocket on it can prove what its client has read (``tradecanvas.serve.in_flight``):
+    Hypercorn neither lets an ASGI app send pings nor passes pongs on, so :meth:`ping` writes
+    the ping frame itself, between Hypercorn's writes, and the pongs are picked out of what
+    the client sends (:meth:`watch_pongs`); Hypercorn ignores both."""
 
     def __init__(self, stream: trio.SocketStream) -> None:
         self._stream = stream
+        self.watched = _WatchedStream(stream)
+        # the pings waiting for their pong, oldest first
+        self._pings: dict[bytes, trio.Event] = {}
+        self._pings_stopped = False
+
+    def watch_pongs(self) -> None:
+        """Look for pongs in what the client sends from here on: call it before the
+        WebSocket is accepted (the client sends no frame before the 101 reaches it)."""
+        if self.watched.pongs is None:
+            self.watched.pongs = _Pongs(self._pong)
+
+    def _pong(self, payload: bytes) -> None:
+        if payload not in self._pings:
+            return  # unsolicited (a heartbeat), or a ping no longer waited for
+        while self._pings:  # a pong answers its ping and every one before it (RFC 6455 §5.5.3)
+            key = next(iter(self._pings))
+            self._pings.pop(key).set()
+            if key == payload:
+                return
+
+    async def ping(self, payload: bytes) -> None:
+        """Write a ping frame with ``payload`` (unique among those waiting, at most 125
+        bytes) and wait for its pong. Raises ``trio.ClosedResourceError`` once
+        :meth:`stop_pings` was called: no ping follows a close frame."""
+        answered = trio.Event()
+        async with self.watched.send_lock:
+            if self._pings_stopped:
+                raise trio.ClosedResourceError("the WebSocket is closing")
+            self._pings[payload] = answered
+            await self._stream.send_all(bytes([0x80 | _OP_PING, len(payload)]) + payload)
+        await answered.wait()
+
+    def stop_pings(self) -> None:
+        """No ping from now on (call it before the close frame is written)."""
+        self._pings_stopped = True
 
     @property
     def socket(self) -> trio.socket.SocketType:
@@ -221,7 +345,7 @@ async def _serve_connections(
         state = ConnectionState({**lifespan_state, CONNECTION_STATE_KEY: connection})
         with connections.tracking(connection):
             # typed for TLS streams; a plain one is what Hypercorn's own worker passes too
-            await TCPServer(asgi, config, context, state, cast("Any", stream)).run()
+            await TCPServer(asgi, config, context, state, cast("Any", connection.watched)).run()
 
     async with trio.open_nursery() as lifespan_nursery:
         await lifespan_nursery.start(lifespan.handle_lifespan)

@@ -19,14 +19,21 @@ the bound is the daemon's own, the same on every network:
   everything beyond its window is unsent, so even a 50-byte close frame would wait.
   :meth:`InFlight.release_for_close` lifts it before the close frame is written: the send
   buffer, far from full, takes the frame (and the rest of a frame a cancelled write began).
-- **A stall clock.** :class:`StallClock` turns samples of (bytes acknowledged, bytes
-  unacknowledged) into "seconds behind": the age of the oldest byte written and not yet
-  acknowledged. The session closes a subscriber with 4008 once that reaches
-  ``subscriber_stall_timeout_s``.
+- **A stall clock.** :class:`StallClock` turns samples of (bytes proven read, bytes not yet)
+  into "seconds behind": the age of the oldest byte written and not yet proven read. The
+  session closes a subscriber with 4008 once that reaches ``subscriber_stall_timeout_s``.
+- **Proof of reading.** A TCP acknowledgement says only that the bytes reached the client's
+  kernel: a client with a 4 MB receive buffer that stops reading keeps acknowledging until
+  those 4 MB are full — at a trickle of live data, hours. So both ports ping
+  (:meth:`InFlight.prove_reads`; on the HTTP port the connection writes the pings and reads
+  the pongs itself, ``http_server.ServedConnection``): a byte counts as read once the pong to
+  a ping written after it has come back, since a client's WebSocket library answers a ping
+  only when it has read the frames before it. That clock is the same whatever the buffers on
+  either side. A transport without pings keeps the TCP acknowledgements instead.
 
 Linux only (``SIOCOUTQ``, ``TCP_INFO``); elsewhere :func:`unacknowledged_bytes` and
-:func:`acknowledged_bytes` answer None and the budget and the stall clock see nothing in
-flight (the send timeout and the queue's lag deadline still apply).
+:func:`acknowledged_bytes` answer None and the budget and the TCP stall clock see nothing
+in flight (the read proof, the send timeout and the queue's lag deadline still apply).
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ import socket
 import struct
 import termios
 from collections import deque
+from collections.abc import Awaitable, Callable
 from typing import Final, final
 
 import trio
@@ -59,6 +67,16 @@ _TCP_INFO: Final = getattr(socket, "TCP_INFO", None)
 _TCP_NOTSENT_LOWAT: Final = getattr(socket, "TCP_NOTSENT_LOWAT", None)
 # no limit on unsent bytes (what the send buffer holds is the only limit)
 _NO_LOWAT: Final = 2**31 - 1
+# a read-proof ping's payload (a serial number); its frame from the server is 2 bytes more
+# (RFC 6455 §5.2: unmasked, payload under 126 bytes)
+PING_PAYLOAD_BYTES: Final = 8
+PING_FRAME_BYTES: Final = 2 + PING_PAYLOAD_BYTES
+# read-proof pings per stall timeout, at most: a client that reads is never more than about
+# half the timeout behind by the proofs, and one that stops is closed between about half the
+# timeout and the timeout after it stopped. Few, because a client that closes while a ping is
+# on its way may trip over it (trio-websocket answers it in its closing state and fails:
+# python-trio/trio-websocket#184)
+PINGS_PER_STALL: Final = 2
 _BYTES_ACKED_OFFSET: Final = 120
 _TCP_INFO_LEN: Final = 128
 
@@ -136,10 +154,22 @@ class InFlight:
     publish task) before a data write and :meth:`note_written` after every write; the
     session's stall watch calls :meth:`behind`. Between measurements the bytes in flight
     are bounded from above by the last measurement plus what was written since, so a
-    subscriber far from its budget costs no system call per write.
+    subscriber far from its budget costs no system call per write. A transport that can
+    ping runs :meth:`prove_reads` beside them.
     """
 
-    __slots__ = ("_bound", "_buffer", "_clock", "behind_s", "budget", "in_flight", "sock")
+    __slots__ = (
+        "_bound",
+        "_buffer",
+        "_clock",
+        "behind_s",
+        "budget",
+        "in_flight",
+        "proven",
+        "read_proof",
+        "sock",
+        "written",
+    )
 
     def __init__(
         self, sock: trio.socket.SocketType, now: float, *, budget: int = IN_FLIGHT_MAX_BYTES
@@ -152,9 +182,40 @@ class InFlight:
         # the last measurements (for /metrics)
         self.in_flight = 0
         self.behind_s = 0.0
+        # bytes written in all, and of them proven read (while read_proof: prove_reads)
+        self.written = 0
+        self.proven = 0
+        self.read_proof = False
 
     def note_written(self, n: int) -> None:
         self._bound += n
+        self.written += n
+
+    async def prove_reads(
+        self, ping: Callable[[bytes], Awaitable[None]], stall_timeout_s: float, *, ping_bytes: int
+    ) -> None:
+        """Every ``stall_timeout_s / PINGS_PER_STALL`` s, when something written is not yet
+        proven read, send a ping
+        (``ping(payload)`` writes it through this connection and returns once its pong is
+        back) and count everything written before it, and the ping (``ping_bytes``: what
+        :meth:`note_written` is told of a ping's frame), as read. From the call
+        on, :meth:`behind` counts from these proofs instead of TCP acknowledgements. Runs
+        until cancelled, or until ``ping`` raises (the connection closed): the proof stops
+        there, and the stall clock runs on. One ping at a time: a client that does not
+        answer is sent no more."""
+        self.read_proof = True
+        interval = stall_timeout_s / PINGS_PER_STALL
+        serial = 0
+        while True:
+            await trio.sleep(interval)
+            if self.written <= self.proven:
+                continue
+            serial += 1
+            # what another task writes before the ping, after this, is left unproven: the
+            # proof errs low (the clock early), never high
+            covered = self.written + ping_bytes
+            await ping(serial.to_bytes(PING_PAYLOAD_BYTES, "big"))
+            self.proven = max(self.proven, covered)
 
     def _measure(self) -> int:
         unacked = unacknowledged_bytes(self.sock)
@@ -199,7 +260,13 @@ class InFlight:
                 self.sock.setsockopt(socket.IPPROTO_TCP, _TCP_NOTSENT_LOWAT, _NO_LOWAT)
 
     def behind(self, now: float) -> float:
-        """Sample the socket: seconds behind (see :class:`StallClock`); 0.0 when unknown."""
+        """Seconds behind (see :class:`StallClock`): from the read proofs when there are
+        any (:meth:`prove_reads`), else from a sample of the socket; 0.0 when unknown."""
+        if self.read_proof:
+            if self._bound != 0:
+                self._measure()  # for /metrics
+            self.behind_s = self._clock.observe(now, self.proven, self.written - self.proven)
+            return self.behind_s
         if self._bound == 0:  # nothing written since nothing was in flight: no system call
             self.behind_s = self._clock.observe(now, 0, 0)
             return self.behind_s
@@ -215,6 +282,8 @@ class InFlight:
 __all__ = [
     "CLOSE_RESERVE_BYTES",
     "IN_FLIGHT_MAX_BYTES",
+    "PINGS_PER_STALL",
+    "PING_FRAME_BYTES",
     "SEND_BUFFER_BYTES",
     "InFlight",
     "StallClock",

@@ -29,6 +29,9 @@ Where Hypercorn differs from trio-websocket, and what this module does about it:
   every message waits for room in the connection's in-flight budget before it is handed to
   Hypercorn (``tradecanvas.serve.in_flight``), as on the WS port: a peer that stops reading
   is noticed by the session's stall watch and its close frame still fits.
+- **No pings through ASGI.** The stall watch counts from pongs (what the client has read,
+  whatever its buffers); Hypercorn neither sends an app's pings nor passes pongs on, so the
+  connection writes them and picks the pongs out itself (``http_server.ServedConnection``).
 - **The 64 KiB limit** is the session's own check (Hypercorn's limit is a looser backstop,
   ``http_server.WEBSOCKET_BACKSTOP_BYTES``), so that its 1009 is counted like the WS port's.
 
@@ -38,6 +41,7 @@ the HTTP server drains; what is still open when the drain ends is aborted by the
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 from typing import Final, final
@@ -80,15 +84,29 @@ async def _serve_websocket(endpoint: MarketEndpoint, websocket: WebSocket) -> No
             Response(refusal.body, status_code=refusal.status, media_type="text/plain")
         )
         return
-    await websocket.accept()
     served = served_connection(websocket.scope)
+    if served is not None:
+        served.watch_pongs()  # before the 101: the client's first frame may be a pong
+    await websocket.accept()
     if served is not None:
         limit_send_buffer(served.socket)
     transport = AsgiTransport(websocket, served)
     async with trio.open_nursery() as connection:
         connection.start_soon(transport.write_frames)
+        if served is not None and transport.in_flight is not None:
+            stall_s = endpoint.stall_timeout_s
+            connection.start_soon(_prove_reads, served, transport.in_flight, stall_s)
         await endpoint.serve(transport, f"{peer} (HTTP port)")
         connection.cancel_scope.cancel()
+
+
+async def _prove_reads(
+    served: ServedConnection, in_flight: InFlight, stall_timeout_s: float
+) -> None:
+    """The read proof of ``tradecanvas.serve.in_flight`` with the connection's own pings (the
+    transport counts what it writes in characters, and no ping among them)."""
+    with contextlib.suppress(trio.ClosedResourceError, trio.BrokenResourceError):
+        await in_flight.prove_reads(served.ping, stall_timeout_s, ping_bytes=0)
 
 
 @final
@@ -181,6 +199,8 @@ class AsgiTransport:
         return bytes(data) if data is not None else b""
 
     async def aclose(self, code: int, reason: str | None) -> None:
+        if self._connection is not None:
+            self._connection.stop_pings()  # none after the close frame
         try:
             if not self._peer_left and not self._close_sent and self._write_failed is None:
                 self._close_sent = True

@@ -32,6 +32,7 @@ writes), beside trio-websocket's own writes.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 from collections.abc import Sequence
@@ -39,10 +40,11 @@ from typing import Final, final
 
 import trio
 import trio_websocket
+from wsproto.utilities import LocalProtocolError
 
 from tradecanvas.serve.frame_safe_stream import FrameSafeStream
 from tradecanvas.serve.hub import Hub
-from tradecanvas.serve.in_flight import InFlight, limit_send_buffer
+from tradecanvas.serve.in_flight import PING_FRAME_BYTES, InFlight, limit_send_buffer
 from tradecanvas.serve.subscriber import TransportClosed
 from tradecanvas.serve.ws_protocol import MAX_MESSAGE_BYTES, WS_PATH, InboundLimits, header
 from tradecanvas.serve.ws_session import DEFAULT_STALL_TIMEOUT_S, MarketEndpoint
@@ -238,7 +240,17 @@ class _MarketServer:
             self._unattached.discard(handshake)
         if handshake.cancelled_caught:
             return
+        if stream.in_flight is not None:  # the stall clock counts from pongs (in_flight)
+            nursery.start_soon(_prove_reads, ws, stream.in_flight, self.endpoint.stall_timeout_s)
         await self.endpoint.serve(_TrioWebsocketTransport(ws, stream), peer)
+
+
+async def _prove_reads(
+    ws: trio_websocket.WebSocketConnection, in_flight: InFlight, stall_timeout_s: float
+) -> None:
+    # closed, or closing (wsproto refuses a ping then): the proofs end, the clock runs on
+    with contextlib.suppress(trio_websocket.ConnectionClosed, LocalProtocolError):
+        await in_flight.prove_reads(ws.ping, stall_timeout_s, ping_bytes=PING_FRAME_BYTES)
 
 
 async def serve_ws_port(

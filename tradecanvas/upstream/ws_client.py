@@ -12,6 +12,7 @@ from urllib.parse import urlsplit
 import attrs
 import trio
 import trio_websocket
+from wsproto.utilities import LocalProtocolError
 
 from tradecanvas.errors import first_leaf
 
@@ -114,6 +115,10 @@ async def open_websocket_client(
                         await ws.aclose()
                 nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
+        if opened and group.split(LocalProtocolError)[1] is None:
+            # after our close frame, trio-websocket's reader answered a ping it read then and
+            # failed (python-trio/trio-websocket#184): the close itself is done
+            return
         # trio-websocket's reader task (a rejected handshake) or our handshake deadline
         failures, others = group.split(Exception)
         if opened or others is not None or failures is None:
