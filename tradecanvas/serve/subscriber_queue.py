@@ -91,7 +91,7 @@ from tradecanvas.serve.ws_protocol import CLOSE_SLOW_CONSUMER
 
 SLOW_CONSUMER: Final = "slow_consumer"  # the disconnect reason of every 4008
 # why a subscriber was closed with 4008 (tradecanvas_slow_consumer_closes_total{cause}):
-# stalled — nothing it was sent acknowledged for subscriber_stall_timeout_s (the session);
+# stalled — nothing it was sent read for subscriber_stall_timeout_s (the session);
 # send_timeout — a send waited longer than subscriber_send_timeout_s (the publish task);
 # lagging — lagging for max_lag_s; queue_full — no room even after dropping (here)
 SLOW_CONSUMER_CAUSES: Final = ("stalled", "send_timeout", "lagging", "queue_full")

@@ -14,7 +14,7 @@ What the session does, per connection (task tree of :meth:`MarketEndpoint.serve`
     serve                                  attach to the Hub; at the end detach, then close
     └─ subscriber.cancel_scope
        ├─ Hub.run_publisher                sends what is queued (candles, system, pong, error)
-       ├─ stall watch                      samples what the socket has unacknowledged
+       ├─ stall watch                      samples what the client has not yet read
        └─ reader loop                      client messages; never awaits a send
 
 Besides its publish task, the Hub's publishing itself writes to the connection's
@@ -30,10 +30,12 @@ is closed with 1008.
 Slow consumers (DESIGN §6): besides the queue's rules and the publish task's send timeout,
 the stall watch samples the connection's :class:`~tradecanvas.serve.in_flight.InFlight`
 every ``stall_timeout_s / STALL_SAMPLES`` seconds and closes the subscriber with 4008 once
-the oldest byte written to it has gone unacknowledged for ``stall_timeout_s``
-(``subscriber_stall_timeout_s``): a client that stops reading is closed within that time
-after its receive buffer is full, whatever the buffer sizes, and its close frame fits
-behind the bounded bytes in flight. Every 4008 is counted by cause
+the oldest byte written to it has gone unread for ``stall_timeout_s``
+(``subscriber_stall_timeout_s``). Read means proven by a pong to a ping written after it
+(``InFlight.prove_reads``, at most one ping per half stall timeout), or acknowledged by TCP
+where a transport has no pings: a client that stops reading is closed within that time of
+stopping, whatever the buffer sizes, and its close frame fits behind the bounded bytes in
+flight. Every 4008 is counted by cause
 (``tradecanvas_slow_consumer_closes_total``); the subscribers' queues and lag are on
 /metrics at each scrape (``ops.metrics.SubscriberStatistics``).
 
@@ -230,7 +232,7 @@ class MarketEndpoint:
             if in_flight.behind(trio.current_time()) >= self.stall_timeout_s:
                 subscriber.close(
                     CLOSE_SLOW_CONSUMER,
-                    f"slow consumer: nothing acknowledged for {self.stall_timeout_s:g}s",
+                    f"slow consumer: nothing read for {self.stall_timeout_s:g}s",
                     disconnect_reason=SLOW_CONSUMER,
                     cause="stalled",
                 )
