@@ -213,28 +213,27 @@ def parse_archive_rows(
             if not low <= t < high:
                 raise ValueError(f"open time {row[0]} is outside the period the file name gives")
             if width == ARCHIVE_COLUMNS:
-                if int(row[6]) != ticks + step - 1:
+                _, o, h, lo, c, v, close, q, n, b, bq, _ = row
+                if int(close) != ticks + step - 1:
                     raise ValueError(
-                        f"close time {row[6]} is not one minute after open time {row[0]}"
+                        f"close time {close} is not one minute after open time {row[0]}"
                         " (not a 1m kline)"
                     )
-                q, n, b, bq = row[7], row[8], row[9], row[10]
                 candle = Candle(
                     t,
-                    price[row[1]],
-                    price[row[2]],
-                    price[row[3]],
-                    price[row[4]],
-                    dec(row[5]),
+                    price[o],
+                    price[h],
+                    price[lo],
+                    price[c],
+                    dec(v),
                     dec(q) if q else None,
                     int(n) if n else None,
                     dec(b) if b else None,
                     dec(bq) if bq else None,
                 )
             else:
-                candle = Candle(
-                    t, price[row[1]], price[row[2]], price[row[3]], price[row[4]], dec(row[5])
-                )
+                _, o, h, lo, c, v = row
+                candle = Candle(t, price[o], price[h], price[lo], price[c], dec(v))
             if not plainly_valid(candle):
                 validate_candle(candle, BASE_TIMEFRAME)
             append(candle)
