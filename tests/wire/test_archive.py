@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tradecanvas.errors import WireError
-from tradecanvas.model import Candle, Timeframe
+from tradecanvas.errors import CandleError, WireError
+from tradecanvas.model import BASE_TIMEFRAME, Candle, Timeframe, validate_candle
 from tradecanvas.wire.archive import (
     ARCHIVE_HEADER,
     archive_lines,
@@ -163,3 +163,60 @@ def test_reading_what_was_written_gives_the_same_candles(given: list[Candle], he
     back = parse_archive_rows(list(archive_lines(given, header=header)))
     assert back == given
     assert [str(c.open) for c in back] == [str(c.open) for c in given]  # the same text
+
+
+# price texts that repeat, some numerically equal in another spelling, some refused
+PRICE_TEXTS = (
+    "0",
+    "0.00",
+    "1.5",
+    "1.50",
+    "1.5E0",
+    "2",
+    "2.00000000",
+    "10",
+    "1e1",
+    "-1",
+    "Inf",
+    "NaN",
+)
+FIELDS = (
+    "open",
+    "high",
+    "low",
+    "close",
+    "volume",
+    "quote_volume",
+    "taker_buy_base",
+    "taker_buy_quote",
+)
+
+
+@given(st.lists(st.tuples(*[st.sampled_from(PRICE_TEXTS)] * 4), min_size=1, max_size=20))
+def test_repeated_price_texts_read_as_each_text_alone(prices: list[tuple[str, ...]]) -> None:
+    """The parser builds a price's Decimal once per distinct text: the candles (values and
+    text) and the refusals are those of a Decimal built for every field and checked by
+    ``validate_candle``."""
+    lines, expected, refusal = [], [], None
+    for i, (o, h, lo, c) in enumerate(prices):
+        t = T0 + 60 * i
+        lines.append(f"{t * 1000},{o},{h},{lo},{c},2,{(t + 60) * 1000 - 1},3,4,1,1.5,0")
+        op, hi, low, cl = (Decimal(x) for x in (o, h, lo, c))
+        candle = Candle(
+            t, op, hi, low, cl, Decimal("2"), Decimal("3"), 4, Decimal("1"), Decimal("1.5")
+        )
+        if refusal is None:
+            try:
+                validate_candle(candle, BASE_TIMEFRAME)
+                expected.append(candle)
+            except CandleError as exc:
+                refusal = f"line {i + 1}: {exc}"
+    if refusal is not None:
+        with pytest.raises(WireError) as caught:
+            parse_archive_rows(lines)
+        assert caught.value.detail == refusal
+    else:
+        back = parse_archive_rows(lines)
+        assert back == expected
+        texts = [[str(getattr(c, f)) for f in FIELDS] for c in back]
+        assert texts == [[str(getattr(c, f)) for f in FIELDS] for c in expected]

@@ -155,6 +155,18 @@ def _first_row(row: list[str]) -> tuple[int, int]:
     return width, _unit_of(row[0])
 
 
+class _Decimals(dict[str, Decimal]):
+    """Each text's Decimal, built once: a file's prices repeat (a minute mostly opens at the
+    last one's close, and its high or low is often one of those), and a Decimal shared is
+    the same as one built again (they are immutable)."""
+
+    __slots__ = ()
+
+    def __missing__(self, text: str) -> Decimal:
+        value = self[text] = Decimal(text)
+        return value
+
+
 def parse_archive_rows(
     lines: Iterable[str], *, span: tuple[int, int] | None = None
 ) -> list[Candle]:
@@ -168,9 +180,11 @@ def parse_archive_rows(
     candles: list[Candle] = []
     append = candles.append
     previous = -1
-    unit = width = number = 0
+    unit = width = number = step = 0
     low, high = span if span is not None else (0, 2**62)
     dec = Decimal
+    # the four prices through a cache (they repeat); the volumes seldom do
+    price = _Decimals()
     try:
         for number, line in enumerate(lines, start=1):
             row = line.rstrip("\r\n").split(",")
@@ -182,14 +196,15 @@ def parse_archive_rows(
                         raise ValueError(f"not a kline header or row: {line[:80]!r}")
                     continue
                 width, unit = _first_row(row)
+                step = unit * MINUTE
             if len(row) != width:
                 if row == [""]:
                     continue
                 raise ValueError(f"{len(row)} columns where the file has {width}")
             ticks = int(row[0])
-            t = ticks // unit
-            if ticks % (unit * MINUTE):
+            if ticks % step:
                 raise ValueError(f"open time {row[0]} is not on a minute (not a 1m kline)")
+            t = ticks // unit
             if t <= previous:
                 raise ValueError(
                     f"open time {row[0]} is not after the previous row's (repeated or out of order)"
@@ -198,25 +213,27 @@ def parse_archive_rows(
             if not low <= t < high:
                 raise ValueError(f"open time {row[0]} is outside the period the file name gives")
             if width == ARCHIVE_COLUMNS:
-                if int(row[6]) != (t + MINUTE) * unit - 1:
+                _, o, h, lo, c, v, close, q, n, b, bq, _ = row
+                if int(close) != ticks + step - 1:
                     raise ValueError(
-                        f"close time {row[6]} is not one minute after open time {row[0]}"
+                        f"close time {close} is not one minute after open time {row[0]}"
                         " (not a 1m kline)"
                     )
                 candle = Candle(
                     t,
-                    dec(row[1]),
-                    dec(row[2]),
-                    dec(row[3]),
-                    dec(row[4]),
-                    dec(row[5]),
-                    dec(row[7]) if row[7] else None,
-                    int(row[8]) if row[8] else None,
-                    dec(row[9]) if row[9] else None,
-                    dec(row[10]) if row[10] else None,
+                    price[o],
+                    price[h],
+                    price[lo],
+                    price[c],
+                    dec(v),
+                    dec(q) if q else None,
+                    int(n) if n else None,
+                    dec(b) if b else None,
+                    dec(bq) if bq else None,
                 )
             else:
-                candle = Candle(t, dec(row[1]), dec(row[2]), dec(row[3]), dec(row[4]), dec(row[5]))
+                _, o, h, lo, c, v = row
+                candle = Candle(t, price[o], price[h], price[lo], price[c], dec(v))
             if not plainly_valid(candle):
                 validate_candle(candle, BASE_TIMEFRAME)
             append(candle)
