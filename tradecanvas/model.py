@@ -290,6 +290,10 @@ def validate_candle(candle: Candle, timeframe: Timeframe) -> None:
         raise CandleError(f"trades must not be negative, got {candle.trades} at {t}")
 
 
+# Decimal against Decimal: about a quarter cheaper than against the int 0 (same answers)
+_ZERO: Final = Decimal(0)
+
+
 def plainly_valid(c: Candle) -> bool:
     """The checks of :func:`validate_candle` on a candle's values (not its time), in one
     expression: True only when they would pass (False: let ``validate_candle`` say why). A
@@ -298,14 +302,14 @@ def plainly_valid(c: Candle) -> bool:
         return (
             c.high.is_finite()
             and c.volume.is_finite()
-            and 0 <= c.low <= c.open <= c.high
+            and _ZERO <= c.low <= c.open <= c.high
             and c.low <= c.close <= c.high
-            and c.volume >= 0
+            and c.volume >= _ZERO
             and (c.trades is None or c.trades >= 0)
             # (the extras one by one: a generator per candle cost a fifth of the check)
-            and ((q := c.quote_volume) is None or (q.is_finite() and q >= 0))
-            and ((b := c.taker_buy_base) is None or (b.is_finite() and b >= 0))
-            and ((bq := c.taker_buy_quote) is None or (bq.is_finite() and bq >= 0))
+            and ((q := c.quote_volume) is None or (q.is_finite() and q >= _ZERO))
+            and ((b := c.taker_buy_base) is None or (b.is_finite() and b >= _ZERO))
+            and ((bq := c.taker_buy_quote) is None or (bq.is_finite() and bq >= _ZERO))
         )
     except ArithmeticError:
         return False
