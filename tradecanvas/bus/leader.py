@@ -21,7 +21,7 @@ import logging
 import os
 import socket
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from typing import Final, TypeVar, final
 
 import trio
@@ -40,10 +40,9 @@ from tradecanvas.bus.lease import (
 )
 from tradecanvas.bus.redis_io import describe, failure_or_raise, open_redis
 from tradecanvas.errors import StoreError
-from tradecanvas.model import Candle
 from tradecanvas.ops.metrics import Metrics
 from tradecanvas.store.interface import MarketStore, WriteTxn
-from tradecanvas.store.types import SeriesHead, Source, StoredCandle, StoredEvent, UpsertOutcome
+from tradecanvas.store.wrapped import WrappedStore
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -227,12 +226,12 @@ class IngestLeader:
 
 
 @final
-class FencedStore:
+class FencedStore(WrappedStore):
     """A MarketStore whose writes check the fencing token first (module docstring). All
     else is the wrapped store's."""
 
     def __init__(self, store: MarketStore) -> None:
-        self.inner = store
+        super().__init__(store)
         self.token: int | None = None  # None: not a holder (a standby's HTTP write)
 
     async def take_fence(self, node: str) -> tuple[int, str | None]:
@@ -263,49 +262,3 @@ class FencedStore:
             return fn(txn)
 
         return await self.inner.write(fenced, quick=quick)
-
-    @property
-    def closed(self) -> bool:
-        return self.inner.closed
-
-    def write_running_for(self) -> float:
-        return self.inner.write_running_for()
-
-    async def aclose(self) -> None:
-        await self.inner.aclose()
-
-    async def upsert(
-        self, series_id: str, candles: Sequence[Candle], source: Source, *, complete: bool = True
-    ) -> list[UpsertOutcome]:
-        return await self.write(
-            lambda txn: txn.upsert(series_id, candles, source, complete=complete)
-        )
-
-    async def tail(self, series_id: str, limit: int) -> list[Candle]:
-        return await self.inner.tail(series_id, limit)
-
-    async def since(self, series_id: str, since: int, limit: int) -> list[Candle]:
-        return await self.inner.since(series_id, since, limit)
-
-    async def range(self, series_id: str, start: int, end: int) -> list[StoredCandle]:
-        return await self.inner.range(series_id, start, end)
-
-    async def head_time(self, series_id: str) -> int | None:
-        return await self.inner.head_time(series_id)
-
-    async def heads(self) -> dict[str, SeriesHead]:
-        return await self.inner.heads()
-
-    async def events_after(
-        self, after: int, series_ids: Sequence[str] | None = None, limit: int = 1000
-    ) -> list[StoredEvent]:
-        return await self.inner.events_after(after, series_ids, limit)
-
-    async def events_pruned_upto(self) -> int:
-        return await self.inner.events_pruned_upto()
-
-    async def set_meta(self, key: str, value: str) -> None:
-        await self.write(lambda txn: txn.set_meta(key, value))
-
-    async def get_meta(self, key: str) -> str | None:
-        return await self.inner.get_meta(key)

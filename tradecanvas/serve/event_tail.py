@@ -41,7 +41,8 @@ from tradecanvas.model import Candle
 from tradecanvas.pipeline.events import SystemEvent
 from tradecanvas.pipeline.publish import PublishTarget
 from tradecanvas.store.interface import MarketStore, WriteTxn
-from tradecanvas.store.types import SeriesHead, Source, StoredCandle, StoredEvent, UpsertOutcome
+from tradecanvas.store.types import Source, StoredCandle, StoredEvent, UpsertOutcome
+from tradecanvas.store.wrapped import WrappedStore
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -240,62 +241,16 @@ class _NotingTxn:
 
 
 @final
-class OwnWrites:
+class OwnWrites(WrappedStore):
     """A MarketStore whose writes note their event ids with the tail; all else is the
     wrapped store's."""
 
     def __init__(self, tail: EventTail, inner: MarketStore) -> None:
+        super().__init__(inner)
         self.owner = tail
-        self.inner = inner
 
     async def write(self, fn: Callable[[WriteTxn], T], *, quick: bool = False) -> T:
         return await self.owner._own_write(self.inner, fn, quick=quick)
-
-    async def upsert(
-        self, series_id: str, candles: Sequence[Candle], source: Source, *, complete: bool = True
-    ) -> list[UpsertOutcome]:
-        return await self.write(
-            lambda txn: txn.upsert(series_id, candles, source, complete=complete)
-        )
-
-    @property
-    def closed(self) -> bool:
-        return self.inner.closed
-
-    def write_running_for(self) -> float:
-        return self.inner.write_running_for()
-
-    async def aclose(self) -> None:
-        await self.inner.aclose()
-
-    async def tail(self, series_id: str, limit: int) -> list[Candle]:
-        return await self.inner.tail(series_id, limit)
-
-    async def since(self, series_id: str, since: int, limit: int) -> list[Candle]:
-        return await self.inner.since(series_id, since, limit)
-
-    async def range(self, series_id: str, start: int, end: int) -> list[StoredCandle]:
-        return await self.inner.range(series_id, start, end)
-
-    async def head_time(self, series_id: str) -> int | None:
-        return await self.inner.head_time(series_id)
-
-    async def heads(self) -> dict[str, SeriesHead]:
-        return await self.inner.heads()
-
-    async def events_after(
-        self, after: int, series_ids: Sequence[str] | None = None, limit: int = 1000
-    ) -> list[StoredEvent]:
-        return await self.inner.events_after(after, series_ids, limit)
-
-    async def events_pruned_upto(self) -> int:
-        return await self.inner.events_pruned_upto()
-
-    async def set_meta(self, key: str, value: str) -> None:
-        await self.write(lambda txn: txn.set_meta(key, value))
-
-    async def get_meta(self, key: str) -> str | None:
-        return await self.inner.get_meta(key)
 
 
 __all__ = ["PAGE", "POLL_INTERVAL_S", "EventTail", "OwnWrites", "TailStep", "next_step"]
