@@ -3,21 +3,12 @@
 from __future__ import annotations
 
 import gc
-from collections.abc import Iterator
 
 import pytest
 
 from tradecanvas.tools.importer.commit import collector_paused
 
-
-@pytest.fixture(autouse=True)
-def _gc_restored() -> Iterator[None]:
-    was = gc.isenabled()
-    yield
-    if was:
-        gc.enable()
-    else:
-        gc.disable()
+pytestmark = pytest.mark.usefixtures("gc_restored")
 
 
 def test_paused_inside_and_enabled_after_even_on_an_error() -> None:

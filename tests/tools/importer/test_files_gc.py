@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gc
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,14 +14,7 @@ SERIES = SeriesId.parse("binance:spot:BTC/USDT:1m")
 T0 = 1_577_836_800  # 2020-01-01 00:00 UTC
 
 
-@pytest.fixture(autouse=True)
-def _gc_restored() -> Iterator[None]:
-    was = gc.isenabled()
-    yield
-    if was:
-        gc.enable()
-    else:
-        gc.disable()
+pytestmark = pytest.mark.usefixtures("gc_restored")
 
 
 def _row(t: int, high: str = "2") -> str:
