@@ -14,7 +14,7 @@ import attrs
 import pytest
 from playwright.sync_api import Browser
 
-from tests.browser.rig import BASE, chart_page, chromium, market, trimmed_week
+from tests.browser.rig import BASE, Bar, chart_page, chromium, market, trimmed_week
 from tests.cli_rig import cli_env
 
 pytestmark = [pytest.mark.browser, pytest.mark.e2e]
@@ -28,6 +28,29 @@ REVISED: Final = 10  # minutes of the history the import brings again, changed
 def browser() -> Iterator[Browser]:
     with chromium() as b:
         yield b
+
+
+def import_bars(tmp_path: Path, name: str, bars: list[Bar], *, header: bool) -> None:
+    """``tradecanvas import`` of ``bars`` as an archive CSV (six columns, ms; with or without
+    the header row) into the market's store, beside the running daemon."""
+    csv = tmp_path / name
+    csv.write_text(
+        ("open_time,open,high,low,close,volume\n" if header else "")
+        + "".join(
+            f"{b.time * 1000},{b.open!r},{b.high!r},{b.low!r},{b.close!r},{b.volume!r}\n"
+            for b in bars
+        )
+    )
+    env = cli_env(TRADE_CANVAS_DB_PATH=str(tmp_path / "market.sqlite3"))
+    env["TRADE_CANVAS_DERIVED_TIMEFRAMES"] = "5m,1h"
+    done = subprocess.run(
+        [sys.executable, "-m", "tradecanvas", "import", "--series", BASE, str(csv)],
+        env=env,
+        capture_output=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr.decode()
 
 
 def test_an_import_beside_the_daemon_is_reloaded_by_the_open_page(
@@ -46,24 +69,7 @@ def test_an_import_beside_the_daemon_is_reloaded_by_the_open_page(
         ]
         m.resume_replay()
         chart.wait_until("(t) => window.tradecanvasChart.lastClosed() === t", bars[-1].time)
-        csv = tmp_path / "revised.csv"
-        csv.write_text(
-            "open_time,open,high,low,close,volume\n"
-            + "".join(
-                f"{b.time * 1000},{b.open!r},{b.high!r},{b.low!r},{b.close!r},{b.volume!r}\n"
-                for b in changed
-            )
-        )
-        env = cli_env(TRADE_CANVAS_DB_PATH=str(tmp_path / "market.sqlite3"))
-        env["TRADE_CANVAS_DERIVED_TIMEFRAMES"] = "5m,1h"
-        done = subprocess.run(
-            [sys.executable, "-m", "tradecanvas", "import", "--series", BASE, str(csv)],
-            env=env,
-            capture_output=True,
-            timeout=120,
-            check=False,
-        )
-        assert done.returncode == 0, done.stderr.decode()
+        import_bars(tmp_path, "revised.csv", changed, header=True)
         expected_rebuild = {
             "reason": "import",
             "from_time": changed[0].time,
@@ -98,23 +104,7 @@ def test_an_import_into_a_series_the_page_shows_empty_fills_the_page(
         chart.open(BASE)
         chart.wait_live()
         assert chart.bars(BASE) == []
-        csv = tmp_path / "history.csv"
-        csv.write_text(
-            "".join(
-                f"{b.time * 1000},{b.open!r},{b.high!r},{b.low!r},{b.close!r},{b.volume!r}\n"
-                for b in imported
-            )
-        )
-        env = cli_env(TRADE_CANVAS_DB_PATH=str(tmp_path / "market.sqlite3"))
-        env["TRADE_CANVAS_DERIVED_TIMEFRAMES"] = "5m,1h"
-        done = subprocess.run(
-            [sys.executable, "-m", "tradecanvas", "import", "--series", BASE, str(csv)],
-            env=env,
-            capture_output=True,
-            timeout=120,
-            check=False,
-        )
-        assert done.returncode == 0, done.stderr.decode()
+        import_bars(tmp_path, "history.csv", imported, header=False)
         chart.wait_until(
             "([sid, n]) => window.tradecanvasChart.data(sid).length === n", [BASE, len(imported)]
         )
