@@ -30,11 +30,11 @@ import e2e_distributed
 import httpx
 import orjson
 import trio
-import trio_websocket
 from e2e_common import (
     BASE,
     BIN,
     FIVE,
+    OBJ,
     READY,
     TOKEN,
     WAIT_ALL_S,
@@ -54,6 +54,19 @@ from e2e_common import (
     terminated_on_signals,
     wait_for_line,
 )
+
+from tradecanvas.upstream.ws_client import open_websocket_client
+
+
+async def idle_subscriber(
+    url: str, subscribe: OBJ, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """A subscriber that sends ``subscribe`` and then never reads anything, until cancelled
+    (its socket is then just closed)."""
+    async with open_websocket_client(url, message_queue_size=0) as ws:
+        await ws.send_message(orjson.dumps(subscribe).decode())
+        task_status.started()
+        await trio.sleep_forever()
 
 
 class Run(FlagRun):
@@ -113,11 +126,8 @@ class Run(FlagRun):
                   "events_after": 0}],
             )  # fmt: skip
             # a subscriber that never reads anything
-            idle = await trio_websocket.connect_websocket_url(
-                nursery, ws_url, message_queue_size=0, max_message_size=2**20
-            )
-            await idle.send_message(orjson.dumps({"type": "subscribe", "series_id": BASE,
-                                                  "since": first - 60}).decode())  # fmt: skip
+            await nursery.start(idle_subscriber, ws_url, {"type": "subscribe",
+                                "series_id": BASE, "since": first - 60})  # fmt: skip
             # only now the market starts: these subscribers see every event from the first
             await replay.resume()
             # a mid-way joiner, once live candles flow, with a cursor in the past

@@ -27,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 from tradecanvas.model import Candle  # noqa: E402
 from tradecanvas.runtime_flags import binance_data_dir  # noqa: E402
+from tradecanvas.upstream.ws_client import open_websocket_client  # noqa: E402
 from tradecanvas.wire.kline_csv import read_kline_csv  # noqa: E402
 
 BIN: Final = ROOT / ".venv" / "bin" / "tradecanvas"
@@ -265,7 +266,9 @@ class Subscriber:
         subscribe: list[OBJ],
         task_status: trio.TaskStatus[trio_websocket.WebSocketConnection],
     ) -> None:
-        async with trio_websocket.open_websocket_url(url) as ws:
+        # the package's client: it owns and always closes its socket, and a close racing
+        # the daemon's read-proof ping ends cleanly (python-trio/trio-websocket#184)
+        async with open_websocket_client(url) as ws:
             for message in subscribe:
                 await ws.send_message(orjson.dumps(message).decode())
             try:

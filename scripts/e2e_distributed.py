@@ -71,6 +71,8 @@ from e2e_services import (
     services_missing,
 )
 
+from tradecanvas.upstream.ws_client import open_websocket_client
+
 # the kills, as fractions of the streamed bars a subscriber of edge A has received: so they
 # land mid-run at any pace (the replay streams as fast as the ingest reads, waiting for it
 # while it is down)
@@ -143,9 +145,11 @@ class Follower:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         started = False
         for url in self.urls:
-            try:
-                async with trio_websocket.open_websocket_url(url) as ws:
-                    self.connections += 1
+            # the package's client: it owns and always closes its socket, and a close racing
+            # the edge's read-proof ping ends cleanly (python-trio/trio-websocket#184)
+            async with open_websocket_client(url) as ws:
+                self.connections += 1
+                try:
                     await ws.send_message(self._subscribe())
                     # messages are handled in order: the pong means the subscription is in
                     await ws.send_message('{"type": "ping"}')
@@ -156,8 +160,8 @@ class Follower:
                             started = True
                             task_status.started()
                         self._poke()
-            except trio_websocket.ConnectionClosed as exc:
-                self.closes.append(str(exc.reason))
+                except trio_websocket.ConnectionClosed as exc:
+                    self.closes.append(str(exc.reason))
             self._poke()
         self.ended = True
         self._poke()

@@ -17,6 +17,7 @@ import trio_websocket
 from tests.cli_rig import wait_for_line
 from tests.conftest import binance_data_dir
 from tradecanvas.model import Candle
+from tradecanvas.upstream.ws_client import open_websocket_client
 from tradecanvas.wire.json import dumps, loads
 from tradecanvas.wire.kline_csv import read_kline_csv
 
@@ -77,22 +78,14 @@ class Subscriber:
     async def _run(
         self, url: str, subscribe: list[OBJ], task_status: trio.TaskStatus[None]
     ) -> None:
-        # the socket is ours, so it is closed however the server goes away (a killed edge)
-        found = re.fullmatch(r"ws://([^:/]+):(\d+)(/.*)", url)
-        assert found is not None, url
-        host, port, path = found.group(1), int(found.group(2)), found.group(3)
-        async with (
-            await trio.open_tcp_stream(host, port) as stream,
-            trio.open_nursery() as nursery,
-        ):
-            ws = await trio_websocket.wrap_client_stream(nursery, stream, f"{host}:{port}", path)
-            lost: trio_websocket.ConnectionClosed | None = None
+        # the package's client: its socket is closed however the server goes away (a killed
+        # edge), and a close racing a read-proof ping ends cleanly (trio-websocket#184)
+        lost: trio_websocket.ConnectionClosed | None = None
+        async with open_websocket_client(url) as ws:
             try:
                 await self._talk(ws, subscribe, task_status)
             except trio_websocket.ConnectionClosed as exc:
-                lost = exc  # raised outside the nursery, not inside its exception group
-            finally:
-                nursery.cancel_scope.cancel()
+                lost = exc  # raised outside the client, not inside its exception group
         if lost is not None:
             raise lost
 

@@ -16,7 +16,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, Final
@@ -28,6 +28,7 @@ import trio_websocket
 from tests.cli_rig import cli_env
 from tradecanvas.errors import find_in_group
 from tradecanvas.model import Candle
+from tradecanvas.upstream.ws_client import open_websocket_client
 
 SYMBOLS: Final = ("BTCUSDT", "ETHUSDT", "SOLUSDT", "BNBUSDT")
 START: Final = 1_751_760_000  # 2025-07-06 00:00 UTC, on every grid
@@ -178,25 +179,18 @@ async def start_serve(
     return proc, match.group(1), match.group(2)
 
 
-@contextlib.asynccontextmanager
-async def connect(url: str) -> AsyncIterator[trio_websocket.WebSocketConnection]:
-    """A client connection whose TCP stream is closed on the way out, however it ends
-    (``open_websocket_url`` leaves the socket to the garbage collector after a reset)."""
-    host, port, resource = re.match(r"ws://([^:/]+):(\d+)(/\S*)", url).groups()  # type: ignore[union-attr]
-    stream = await trio.open_tcp_stream(host, int(port))
-    try:
-        async with trio.open_nursery() as nursery:
-            ws = await trio_websocket.wrap_client_stream(
-                nursery, stream, host, resource, max_message_size=2**26
-            )
-            try:
-                yield ws
-            finally:
-                with trio.CancelScope(shield=True, deadline=trio.current_time() + 2):
-                    await ws.aclose()
-                nursery.cancel_scope.cancel()
-    finally:
-        await trio.aclose_forcefully(stream)
+# catch-up batches of a few thousand candles on every series are bigger than the package's
+# 1 MiB default
+MAX_MESSAGE_BYTES: Final = 1 << 26
+
+
+def connect(url: str) -> contextlib.AbstractAsyncContextManager[trio_websocket.WebSocketConnection]:
+    """A client connection through the package's own client
+    (:func:`~tradecanvas.upstream.ws_client.open_websocket_client`): its TCP stream is
+    closed on the way out however the connection ends, a close racing the daemon's read-proof
+    ping ends cleanly (python-trio/trio-websocket#184), a cancelled client just drops its
+    socket, and a failed handshake raises ``HandshakeError``."""
+    return open_websocket_client(url, max_message_size=MAX_MESSAGE_BYTES)
 
 
 class Subscriber:

@@ -91,7 +91,7 @@ class LoadClient:
         except* trio_websocket.ConnectionClosed as group:
             closed = find_in_group(group, trio_websocket.ConnectionClosed)
             self.close_code = closed.reason.code if closed and closed.reason else None
-        except* OSError:
+        except* (trio_websocket.HandshakeError, OSError):
             self.close_code = -1
         finally:
             self.subscribed.set()
