@@ -4,8 +4,10 @@ process (``python -m tradecanvas.tools.replay``) for signals, output and exit co
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +15,7 @@ from pathlib import Path
 import orjson
 import pytest
 import trio
+import trio_websocket
 
 from tests.tools.replay.conftest import DAY, STREAM, read_events
 from tradecanvas.tools.replay import ReplayError, config_from_args, configure_parser
@@ -88,9 +91,11 @@ def test_bad_options_are_replay_errors_naming_them(
     assert message in str(raised.value)
 
 
-def run_cli(*args: str) -> subprocess.Popen[str]:
+def run_cli(*args: str, entry: str = "tradecanvas.tools.replay") -> subprocess.Popen[str]:
+    """The replay's stand-alone entry point (``entry="tradecanvas"``: the ``tradecanvas``
+    command, then ``args`` begin with ``replay``)."""
     return subprocess.Popen(
-        [sys.executable, "-m", "tradecanvas.tools.replay", *args],
+        [sys.executable, "-m", entry, *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -150,3 +155,59 @@ async def test_cli_refuses_bad_input_with_exit_code_2(day_csv: Path) -> None:
             _, err = await trio.to_thread.run_sync(process.communicate, None, 20)
         assert process.returncode == 2, (args, err)
         assert err.startswith("tradecanvas replay: ")
+
+
+# a REST client that asks for this many 1,440-bar answers (~200 KB each) and reads none:
+# more than its receive buffer and the replay's send buffer (4 MB at most) can hold, so the
+# replay's writer waits on it for as long as it lives
+UNREAD_ANSWERS = 40
+# a safety net against the hang, not a speed check: the drain is DRAIN_S, then the
+# connections still open are aborted
+EXIT_WITHIN_S = 30.0
+
+
+async def _reads_until_closed(url: str, task_status: trio.TaskStatus[None]) -> None:
+    async with open_websocket_client(url) as ws:
+        await ws.get_message()
+        task_status.started()
+        with contextlib.suppress(trio_websocket.ConnectionClosed):
+            while True:
+                await ws.get_message()
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+async def test_the_real_cli_exits_0_on_a_signal_with_a_rest_client_that_stopped_reading(
+    day_csv: Path, signum: signal.Signals
+) -> None:
+    """Hypercorn writes in a shielded scope: a REST client that stops reading used to hold
+    the replay's exit for as long as that client lived (tools/replay/server.py)."""
+    with run_cli("replay", str(day_csv), "--start-at", "1439", entry="tradecanvas") as process:
+        try:
+            assert process.stdout is not None
+            line = ""
+            while not line.startswith("replay ws="):
+                line = await trio.to_thread.run_sync(process.stdout.readline)
+                assert line, "the replay exited before it listened"
+            ws_url, rest_url = (word.split("=", 1)[1] for word in line.split()[1:3])
+            host, port = rest_url.removeprefix("http://").split(":")
+            async with trio.open_nursery() as nursery:
+                # a reading stream client, connected throughout
+                await nursery.start(_reads_until_closed, f"{ws_url}/stream?streams={STREAM}")
+                # and the REST client that stops reading
+                with trio.socket.socket() as sock:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                    await sock.connect((host, int(port)))
+                    request = (
+                        f"GET /fapi/v1/klines?symbol=BTCUSDT&interval=1m&limit=1500 HTTP/1.1\r\n"
+                        f"Host: {host}\r\n\r\n"
+                    ).encode()
+                    await trio.SocketStream(sock).send_all(request * UNREAD_ANSWERS)
+                    await trio.lowlevel.wait_readable(sock)  # the answers have begun
+                    process.send_signal(signum)
+                    with trio.fail_after(EXIT_WITHIN_S):
+                        code = await trio.to_thread.run_sync(process.wait, abandon_on_cancel=True)
+        finally:
+            if process.poll() is None:
+                process.kill()
+    assert code == 0

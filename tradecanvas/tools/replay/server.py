@@ -31,7 +31,7 @@ from starlette.routing import Route
 
 from tradecanvas.errors import SeriesIdError
 from tradecanvas.model import BINANCE_INTERVALS, MINUTE, MS, Market, Timeframe
-from tradecanvas.serve.http_server import hypercorn_config, serve_asgi
+from tradecanvas.serve.http_server import serve_http
 from tradecanvas.tools.replay.core import (
     FaultPlan,
     ReplayFrame,
@@ -55,7 +55,8 @@ REST_DEFAULT_LIMIT: Final = 500
 # frames the timeline hands to clients' channels between two checkpoints (it awaits only a
 # full channel; this keeps REST and signals answered while every client keeps up)
 YIELD_EVERY: Final = 64
-# Hypercorn's graceful drain when the replay is cancelled
+# REST's graceful drain when the replay is cancelled; connections still open after it are
+# aborted (serve_http)
 DRAIN_S: Final = 1.0
 
 
@@ -351,10 +352,6 @@ class ReplayHandle:
         return True
 
 
-def _port_of(bind: str) -> int:
-    return int(bind.rsplit(":", 1)[1])
-
-
 async def serve_replay(
     config: ReplayConfig, *, task_status: trio.TaskStatus[ReplayHandle] = trio.TASK_STATUS_IGNORED
 ) -> None:
@@ -376,14 +373,15 @@ async def serve_replay_data(
         raise ReplayError("the replay files hold no klines")
     ws_port, rest_port = listen_ports(config)
     server = ReplayServer(config, data)
-    hconfig = hypercorn_config([f"{config.host}:{rest_port}"], drain_s=DRAIN_S)
+    host = config.host
     async with trio.open_nursery() as nursery:
-        ws = await nursery.start(
-            serve_replay_ws, config.host, ws_port, server.attach, server.detach
+        ws = await nursery.start(serve_replay_ws, host, ws_port, server.attach, server.detach)
+        # serve_http, not hypercorn.trio.serve: Hypercorn writes in a shielded scope, so a
+        # REST client that stops reading would hold the replay's exit forever; serve_http
+        # aborts the connections still open at the end of its bounded drain
+        rest = await nursery.start(
+            functools.partial(serve_http, server.app(), host=host, port=rest_port, drain_s=DRAIN_S)
         )
-        binds = await nursery.start(functools.partial(serve_asgi, server.app(), hconfig))
-        rest = _port_of(binds[0])
-        host = config.host
         nursery.start_soon(server.run_timeline)
         task_status.started(ReplayHandle(f"ws://{host}:{ws}", f"http://{host}:{rest}", server))
 
