@@ -3,8 +3,10 @@ REST.
 
 :class:`ReplayServer` owns the exchange clock (``now_ms``), the connected WebSocket clients
 and the REST answers; :func:`serve_replay` serves the streams on their own listener
-(:mod:`~tradecanvas.tools.replay.ws`) and REST on Hypercorn's trio worker, and reports a
-:class:`ReplayHandle` once both listen. What to send, when, and what to answer comes from
+(:mod:`~tradecanvas.tools.replay.ws`) and REST on Hypercorn through
+:func:`~tradecanvas.serve.http_server.serve_http` (a bounded drain on cancellation: the
+replay exits even when a REST client stopped reading), and reports a :class:`ReplayHandle`
+once both listen. What to send, when, and what to answer comes from
 the pure core, :mod:`~tradecanvas.tools.replay.core`.
 
 Channel contract: each WebSocket client has its own bounded channel of
