@@ -129,25 +129,41 @@ async def slow_reader(ws: trio_websocket.WebSocketConnection) -> None:
         pass
 
 
+async def hold_connection(
+    port: int,
+    role: str,
+    leave: trio.Event,
+    *,
+    task_status: trio.TaskStatus[trio_websocket.WebSocketConnection],
+) -> None:
+    """One client's connection: subscribed and caught up (nothing is stored yet) when it is
+    reported; closed once ``leave`` is set (or the run fails)."""
+    buffer = None if role == "healthy" else BAD_RECEIVE_BUFFER
+    size = 8 if role == "healthy" else 1
+    async with connect(port, receive_buffer=buffer, message_queue_size=size) as ws:
+        await send(ws, subscribe_msg(SID_1M, since=T0 - 60, batch=True))
+        await until_pong(ws)
+        task_status.started(ws)
+        await leave.wait()
+
+
 async def run(store: CandleStore, healthy: int, stuck: int, slow: int) -> RunFigures:
     """One run: connect everyone, publish BATCHES batches, read; the figures."""
     rng = random.Random(SEED)
     roles = ["healthy"] * healthy + ["stuck"] * stuck + ["slow"] * slow
     rng.shuffle(roles)
     published: dict[int, float] = {}
+    leave = trio.Event()
+    # one nursery, a task per connection (not a stack of 1,000 nested client contexts,
+    # whose unwinding buried a failure under a group per level, or at full size under
+    # "Nursery stack corrupted")
     async with (
         running_market(store, send_timeout_s=5, stall_timeout_s=STALL_S) as market,
-        AsyncExitStack() as clients,
+        trio.open_nursery() as clients,
     ):
         connections: list[tuple[str, trio_websocket.WebSocketConnection]] = []
-        for role in roles:
-            buffer = None if role == "healthy" else BAD_RECEIVE_BUFFER
-            size = 8 if role == "healthy" else 1
-            ws = await clients.enter_async_context(
-                connect(market.port, receive_buffer=buffer, message_queue_size=size)
-            )
-            await send(ws, subscribe_msg(SID_1M, since=T0 - 60, batch=True))
-            await until_pong(ws)  # registered and caught up (nothing stored yet)
+        for role in roles:  # one at a time: the Hub lists its subscribers in this order
+            ws = await clients.start(hold_connection, market.port, role, leave)
             connections.append((role, ws))
         await market.hub.wait_subscribers(len(roles))
         subscribers = market.hub.subscribers()  # oldest first: the order of connections
@@ -182,6 +198,7 @@ async def run(store: CandleStore, healthy: int, stuck: int, slow: int) -> RunFig
                     await event.wait()  # every never-reading client is closed
                 background.cancel_scope.cancel()
         rss_after = rss_kib()
+        leave.set()
     want = [T0 + 60 * i for i in range(PER_BATCH * BATCHES)]
     for t in times:
         assert t == want
