@@ -11,6 +11,7 @@ restarted or flushed.
 from __future__ import annotations
 
 import contextlib
+import signal
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, Final
@@ -18,7 +19,7 @@ from typing import Any, Final
 import psycopg
 
 from tests.bus.cluster import Node
-from tests.reliability.rig import Children, serve_env, wait_for_line
+from tests.reliability.rig import Children, Subscriber, exited, serve_env, wait_for_line
 from tradecanvas.model import Candle
 
 # an ingest role serves no /ws/market: its ws= is "-"
@@ -63,6 +64,13 @@ async def start_role(kids: Children, tmp: Path, role: str, env: dict[str, str]) 
     return Node(role, proc, log, match.group(1), match.group(2))
 
 
+async def stop_nodes(*nodes: Node) -> None:
+    """SIGTERM each node in turn; each exits 0 (else its log's end is the message)."""
+    for node in nodes:
+        node.proc.send_signal(signal.SIGTERM)
+        assert await exited(node.proc) == 0, node.log.read_text()[-3000:]
+
+
 # --- the PostgreSQL store, read-only ----------------------------------------------------
 
 
@@ -93,3 +101,16 @@ def pg_differences(url: str, series: str, source: list[Candle]) -> tuple[int, in
 def pg_event_ids(url: str, series: str) -> list[int]:
     rows = _query(url, "SELECT event_id FROM events WHERE series_id = %s ORDER BY event_id", series)
     return [int(r[0]) for r in rows]
+
+
+def check_pg_stored(url: str, sub: Subscriber, source: dict[str, list[Candle]]) -> int:
+    """Every series of ``source`` is stored whole and equal to it, and ``sub`` got every
+    stored event once, across its sessions, in order; asserts it and returns the candles
+    stored."""
+    stored = 0
+    for sid, candles in sorted(source.items()):
+        n, missing, different = pg_differences(url, sid, candles)
+        stored += n
+        assert (n, missing, different) == (len(candles), 0, 0), sid
+        assert sub.events[sid] == pg_event_ids(url, sid), sid
+    return stored

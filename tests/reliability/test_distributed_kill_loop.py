@@ -30,7 +30,7 @@ import pytest
 import trio
 
 from tests.bus.cluster import Node
-from tests.reliability.distributed import LEASE_MS, pg_differences, pg_event_ids, role_env
+from tests.reliability.distributed import LEASE_MS, check_pg_stored, role_env, stop_nodes
 from tests.reliability.distributed import start_role as start
 from tests.reliability.record import ReliabilityRecord, report, sized
 from tests.reliability.rig import (
@@ -39,7 +39,6 @@ from tests.reliability.rig import (
     check_resumed,
     children,
     csv_files,
-    exited,
     market_files,
     start_replay,
 )
@@ -109,22 +108,14 @@ async def test_distributed_kill_loop_loses_and_doubles_nothing(
             if role == "ingest":
                 await witness.wait_until(lambda: witness.total() >= total)
             outer.cancel_scope.cancel()
-        for node in (edge, ingest):
-            node.proc.send_signal(signal.SIGTERM)
-            assert await exited(node.proc) == 0, node.log.read_text()[-3000:]
+        await stop_nodes(edge, ingest)
 
     lost, dup = check_resumed(sub, source)
     assert len(sub.sessions) == kills + 1
     if role == "ingest":
         assert check_resumed(witness, source) == (0, 0)
         assert len(witness.sessions) == 1
-    stored = 0
-    for sid in series:
-        n, missing, different = pg_differences(pg_url, sid, source[sid])
-        stored += n
-        assert (n, missing, different) == (count, 0, 0), sid
-        # every stored event was delivered once, across the sessions, in order
-        assert sub.events[sid] == pg_event_ids(pg_url, sid), sid
+    stored = check_pg_stored(pg_url, sub, source)
     report(
         ReliabilityRecord(
             test=f"distributed_kill_loop[{role}]",

@@ -29,7 +29,7 @@ import trio
 
 from tests.bus.cluster import Node, wait_ready
 from tests.bus.conftest import PrivateRedis
-from tests.reliability.distributed import pg_differences, pg_event_ids, role_env, start_role
+from tests.reliability.distributed import check_pg_stored, role_env, start_role, stop_nodes
 from tests.reliability.record import ReliabilityRecord, report, sized
 from tests.reliability.rig import (
     START,
@@ -37,7 +37,6 @@ from tests.reliability.rig import (
     check_resumed,
     children,
     csv_files,
-    exited,
     market_files,
     start_replay,
 )
@@ -112,19 +111,12 @@ async def test_redis_and_postgresql_restarts_lose_and_double_nothing(
                     await restart_postgresql(proxy, ingest, edge)
             await sub.wait_until(lambda: sub.total() >= total)
             assert sub.close_code is None  # the subscriber never noticed
-            for node in (edge, ingest):
-                node.proc.send_signal(signal.SIGTERM)
-                assert await exited(node.proc) == 0, node.log.read_text()[-3000:]
+            await stop_nodes(edge, ingest)
             outer.cancel_scope.cancel()
 
     lost, dup = check_resumed(sub, source)
     assert len(sub.sessions) == 1
-    stored = 0
-    for sid in series:
-        n, missing, different = pg_differences(pg_url, sid, source[sid])
-        stored += n
-        assert (n, missing, different) == (count, 0, 0), sid
-        assert sub.events[sid] == pg_event_ids(pg_url, sid), sid
+    stored = check_pg_stored(pg_url, sub, source)
     ingest_log = (tmp_path / "ingest.log").read_text()
     if "postgresql" in kinds:
         assert "unreachable" in ingest_log and "answers again" in ingest_log

@@ -33,6 +33,22 @@ def frames_jsonl(data_dir: Path) -> Path:
     return data_dir / "ws" / "futures_um" / "kline_1m_frames_2021-07-22T22-25Z.jsonl"
 
 
+def faults_config(path: Path, **changes: Any) -> ReplayConfig:
+    """:func:`config_for` with the WS faults both the core's and the server's fault tests
+    check: from bar 1420, one forming frame a bar, bar 1421's close omitted, 1422's sent
+    twice, every connection dropped before 1424's close and the 2 bars after it skipped."""
+    return config_for(
+        path,
+        start_at=1420,
+        forming_per_bar=1,
+        omit_closes=frozenset({1421}),
+        duplicate_closes=frozenset({1422}),
+        drop_at=(1424,),
+        skip=2,
+        **changes,
+    )
+
+
 def config_for(path: Path, **changes: Any) -> ReplayConfig:
     """One file, ``--speed max``, with ``changes``."""
     config = ReplayConfig(files=(parse_file_argument(str(path), None),), speed=None)

@@ -103,6 +103,23 @@ def run_cli(*args: str, entry: str = "tradecanvas.tools.replay") -> subprocess.P
     )
 
 
+# a safety net against a hang, not a speed check: the REST drain is DRAIN_S, then the
+# connections still open are aborted
+EXIT_WITHIN_S = 30.0
+
+
+async def exit_code(process: subprocess.Popen[str], signum: signal.Signals) -> int:
+    """Send ``signum``; the exit code. A replay that does not exit fails the test (and is
+    killed on the way out of ``run_cli``'s block)."""
+    process.send_signal(signum)
+    try:
+        with trio.fail_after(EXIT_WITHIN_S):
+            return await trio.to_thread.run_sync(process.wait, abandon_on_cancel=True)
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
 @pytest.mark.e2e
 async def test_cli_prints_its_urls_serves_and_stops_on_sigterm(day_csv: Path) -> None:
     with run_cli(str(day_csv), "--speed", "max", "--start-at", "1438", "--port", "0") as process:
@@ -119,8 +136,7 @@ async def test_cli_prints_its_urls_serves_and_stops_on_sigterm(day_csv: Path) ->
             done = await trio.to_thread.run_sync(process.stdout.readline)
             assert done.startswith("replay finished bars=1440")
         finally:
-            process.send_signal(signal.SIGTERM)
-            code = await trio.to_thread.run_sync(process.wait, 20)
+            code = await exit_code(process, signal.SIGTERM)
     assert code == 0
 
 
@@ -143,8 +159,7 @@ async def test_cli_paused_starts_on_sigusr1(day_csv: Path) -> None:
                 DAY + 1439 * 60,
             ]
         finally:
-            process.send_signal(signal.SIGTERM)
-            code = await trio.to_thread.run_sync(process.wait, 20)
+            code = await exit_code(process, signal.SIGTERM)
     assert code == 0
 
 
@@ -161,9 +176,6 @@ async def test_cli_refuses_bad_input_with_exit_code_2(day_csv: Path) -> None:
 # more than its receive buffer and the replay's send buffer (4 MB at most) can hold, so the
 # replay's writer waits on it for as long as it lives
 UNREAD_ANSWERS = 40
-# a safety net against the hang, not a speed check: the drain is DRAIN_S, then the
-# connections still open are aborted
-EXIT_WITHIN_S = 30.0
 
 
 async def _reads_until_closed(url: str, task_status: trio.TaskStatus[None]) -> None:
@@ -204,9 +216,7 @@ async def test_the_real_cli_exits_0_on_a_signal_with_a_rest_client_that_stopped_
                     ).encode()
                     await trio.SocketStream(sock).send_all(request * UNREAD_ANSWERS)
                     await trio.lowlevel.wait_readable(sock)  # the answers have begun
-                    process.send_signal(signum)
-                    with trio.fail_after(EXIT_WITHIN_S):
-                        code = await trio.to_thread.run_sync(process.wait, abandon_on_cancel=True)
+                    code = await exit_code(process, signum)
         finally:
             if process.poll() is None:
                 process.kill()

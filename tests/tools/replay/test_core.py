@@ -10,7 +10,7 @@ import orjson
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tests.tools.replay.conftest import DAY, STREAM, config_for
+from tests.tools.replay.conftest import DAY, STREAM, config_for, faults_config
 from tradecanvas.model import Candle, SeriesId, Timeframe, validate_candle
 from tradecanvas.tools.replay import (
     FaultPlan,
@@ -87,15 +87,7 @@ def _sent(config: ReplayConfig, data: ReplayData) -> list[tuple[int, bool] | str
 
 
 def test_faults_omit_duplicate_drop_and_skip(day_csv: Path) -> None:
-    config = config_for(
-        day_csv,
-        start_at=1420,
-        forming_per_bar=1,
-        omit_closes=frozenset({1421}),
-        duplicate_closes=frozenset({1422}),
-        drop_at=(1424,),
-        skip=2,
-    )
+    config = faults_config(day_csv)
     sent = _sent(config, load_data(config))
     assert sent[:12] == [
         (1420, False),

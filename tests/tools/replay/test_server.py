@@ -13,7 +13,7 @@ import trio
 import trio.testing
 import trio_websocket
 
-from tests.tools.replay.conftest import DAY, STREAM, config_for, read_events
+from tests.tools.replay.conftest import DAY, STREAM, config_for, faults_config, read_events
 from tradecanvas.model import Candle
 from tradecanvas.tools.replay import ReplayHandle, serve_replay
 from tradecanvas.upstream.ws_client import open_websocket_client
@@ -131,17 +131,7 @@ async def test_rest_serves_longer_intervals_summed_from_the_1m_bars(
 
 
 async def test_faults_omit_duplicate_drop_and_skip(day_csv: Path) -> None:
-    config = config_for(
-        day_csv,
-        start_at=1420,
-        forming_per_bar=1,
-        omit_closes=frozenset({1421}),
-        duplicate_closes=frozenset({1422}),
-        drop_at=(1424,),
-        skip=2,
-        rest_429_first=True,
-        retry_after_s=3,
-    )
+    config = faults_config(day_csv, rest_429_first=True, retry_after_s=3)
     async with trio.open_nursery() as nursery:
         replay: ReplayHandle = await nursery.start(serve_replay, config)
         url = f"{replay.ws_url}/stream?streams={STREAM}"
