@@ -24,6 +24,13 @@ SYSTEMS: Final = ("daemon", "naive", "raw")
 # --- the minute-boundary burst ----------------------------------------------------------
 
 
+def round_order(r: int) -> tuple[str, ...]:
+    """The systems in round ``r``: the order turns each round, so no system always runs
+    right after the same one."""
+    k = r % len(SYSTEMS)
+    return SYSTEMS[k:] + SYSTEMS[:k]
+
+
 def _burst_boundaries(data: RoundData, market: Market, warmup: int) -> list[dict[str, float]]:
     """Per measured boundary: the last close frame's arrival at the observer, the first and
     last delivery of that minute at any subscriber, and the count of deliveries."""
@@ -66,7 +73,7 @@ def bench_burst(sizes: Sizes, rounds: int | None, *, profile: bool) -> list[Figu
         per: dict[str, list[dict[str, float]]] = {s: [] for s in SYSTEMS}
         errors: dict[str, int] = dict.fromkeys(SYSTEMS, 0)
         for r in range(rounds):
-            for system in SYSTEMS:
+            for system in round_order(r):
                 spy = RESULTS / "profile-burst.raw" if profile and r == 0 else None
                 data = trio.run(
                     functools.partial(

@@ -14,6 +14,7 @@ from bench.plot import summarize_profile
 from bench.relays import text_frame
 from bench.report import table
 from bench.rounds import spread_subscriptions
+from bench.scenarios import SYSTEMS, round_order
 
 
 @pytest.mark.parametrize(
@@ -37,6 +38,14 @@ def test_subscriptions_are_spread_evenly_and_distinct_per_client() -> None:
     followers = Counter(s for c in clients for s in c)
     assert set(followers) == set(series)
     assert max(followers.values()) - min(followers.values()) <= 1
+
+
+def test_burst_rounds_run_every_system_once_each_after_a_different_one() -> None:
+    orders = [round_order(r) for r in range(len(SYSTEMS))]
+    assert all(sorted(o) == sorted(SYSTEMS) for o in orders)
+    # over len(SYSTEMS) rounds each system is first once (runs after another system's round)
+    assert {o[0] for o in orders} == set(SYSTEMS)
+    assert round_order(len(SYSTEMS)) == round_order(0)
 
 
 def test_synthetic_series_are_distinct_binance_futures_symbols() -> None:
