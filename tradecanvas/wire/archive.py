@@ -253,9 +253,9 @@ def parse_archive_text(text: str, *, span: tuple[int, int] | None = None) -> lis
     """The 1m candles of one archive file's whole text: :func:`parse_archive_rows` of its
     lines, the same candles and the same refusals. A file in the archive's own form (12
     columns, every field a plain unsigned number, ``\\n`` line ends, at most the header line
-    besides) goes through a shorter loop first, 20% faster (a month: `docs/benchmarks.md`,
-    Import); anything else, or anything that loop would have to refuse, is read again by
-    :func:`parse_archive_rows`, which says why."""
+    besides) goes through a shorter loop first (about 13% less CPU than the rows one by one:
+    docs/benchmarks.md, Import); anything else, or anything that loop would have to refuse,
+    is read again by :func:`parse_archive_rows`, which says why."""
     plain = _parse_plain(text, span)
     return plain if plain is not None else parse_archive_rows(io.StringIO(text), span=span)
 
