@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from decimal import Decimal
 
 import pytest
@@ -12,11 +13,13 @@ from tradecanvas.errors import CandleError, WireError
 from tradecanvas.model import BASE_TIMEFRAME, Candle, Timeframe, validate_candle
 from tradecanvas.wire.archive import (
     ARCHIVE_HEADER,
+    _parse_plain,
     archive_lines,
     market_of_path,
     missing_runs,
     parse_archive_name,
     parse_archive_rows,
+    parse_archive_text,
     split_symbol,
 )
 
@@ -220,3 +223,70 @@ def test_repeated_price_texts_read_as_each_text_alone(prices: list[tuple[str, ..
         assert back == expected
         texts = [[str(getattr(c, f)) for f in FIELDS] for c in back]
         assert texts == [[str(getattr(c, f)) for f in FIELDS] for c in expected]
+
+
+# fields of a row: plain numbers (the shorter loop's), and what only the row-by-row parser
+# reads or refuses
+PLAIN_PRICES = ("0", "0.00", "1.5", "1.50", "2", "2.00000000", "10")
+FIELD_TEXTS = ("0", "1.5", "2", "2.00000000", "", "-1", "1e1", "NaN", " 3", "1_0", "1.2.3", "x")
+
+
+@st.composite
+def archive_texts(draw: st.DrawFn) -> tuple[str, tuple[int, int] | None]:
+    """A file's text, mostly plain rows (so that the shorter loop often reads it whole),
+    with now and then what it must leave to the row-by-row parser."""
+    unit = draw(st.sampled_from((1000, 1_000_000)))
+    odd = draw(st.integers(0, 3)) == 0  # a quarter of the files get odd fields or rows
+    lines = [ARCHIVE_HEADER] if draw(st.booleans()) else []
+    t = T0 + 60 * draw(st.integers(0, 3))
+    for _ in range(draw(st.integers(0, 6))):
+        texts = st.sampled_from(PRICE_TEXTS[:9] if odd else PLAIN_PRICES)
+        low, a, b, high = sorted(draw(st.lists(texts, min_size=4, max_size=4)), key=Decimal)
+        fields = [str(t * unit), a, high, low, b, "2", str((t + 60) * unit - 1), "3", "4", "1"]
+        fields += ["1.5", "0"]
+        if odd and draw(st.booleans()):
+            fields[draw(st.integers(1, 10))] = draw(st.sampled_from(FIELD_TEXTS))
+        if odd and draw(st.integers(0, 4)) == 0:
+            fields = draw(st.sampled_from((fields[:6], fields[:11], [""], [*fields, "0"])))
+        lines.append(",".join(fields))
+        t += 60 * draw(st.sampled_from((1, 1, 1, 2, 0, -1) if odd else (1, 1, 2)))
+    end = draw(st.sampled_from(("\n", "\r\n", ""))) if odd else "\n"
+    span = draw(st.sampled_from((None, (T0, T0 + 86_400), (T0 + 120, T0 + 300))))
+    return "".join(line + end for line in lines) if end else "\n".join(lines), span
+
+
+@given(archive_texts())
+def test_the_whole_text_reads_as_its_rows_one_by_one(
+    file: tuple[str, tuple[int, int] | None],
+) -> None:
+    """``parse_archive_text`` (the shorter loop, and the row-by-row parser for the rest): the
+    same candles, in the same text, or the same refusal as ``parse_archive_rows``."""
+    text, span = file
+    refusal: str | None = None
+    try:
+        expected = parse_archive_rows(io.StringIO(text), span=span)
+    except WireError as exc:
+        refusal = exc.detail
+    if refusal is not None:
+        with pytest.raises(WireError) as caught:
+            parse_archive_text(text, span=span)
+        assert caught.value.detail == refusal
+        return
+    back = parse_archive_text(text, span=span)
+    assert back == expected
+    texts = [[str(getattr(c, f)) for f in FIELDS] for c in back]
+    assert texts == [[str(getattr(c, f)) for f in FIELDS] for c in expected]
+
+
+@pytest.mark.parametrize("header", [False, True])
+@pytest.mark.parametrize("unit", [1000, 1_000_000])
+def test_the_archive_own_form_takes_the_shorter_loop(header: bool, unit: int) -> None:
+    """A file as Binance writes it (spot or USDⓈ-M, ms or µs) is read by the shorter loop."""
+    text = "".join(archive_lines([c for c in parse_archive_rows([row(T0), row(T0 + 60)])],
+                                 header=header))  # fmt: skip
+    if unit != 1000:
+        text = text.replace("000,", "000000,").replace("999,", "999999,")
+    candles = _parse_plain(text, (T0, T0 + 86_400))
+    assert candles is not None
+    assert candles == parse_archive_rows(io.StringIO(text))
+    assert [c.candle_time for c in candles] == [T0, T0 + 60]

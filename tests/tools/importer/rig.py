@@ -73,3 +73,13 @@ async def events(location: str | Path) -> list[StoredEvent]:
 def identical(a: Sequence[Candle], b: Sequence[Candle]) -> bool:
     """Every field, extras included, numerically equal, in the same order."""
     return len(a) == len(b) and all(x == y for x, y in zip(a, b, strict=True))
+
+
+class Nobody:
+    """The pipeline's publish target in these tests: no subscriber."""
+
+    def publish_closed(self, series_id: str, candles: object) -> tuple[str, ...]:
+        return ()
+
+    def publish_system(self, event: object) -> tuple[str, ...]:
+        return ()

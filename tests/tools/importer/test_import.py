@@ -18,6 +18,7 @@ from tests.tools.importer.rig import (
     FLAGS,
     SPOT_1M,
     SPOT_5M,
+    Nobody,
     dump_dir,
     events,
     identical,
@@ -153,7 +154,7 @@ async def test_import_and_live_ingest_of_overlapping_ranges_give_one_row_per_can
     series = SeriesId.parse(SPOT_1M)
     store = await open_store(db)
     try:  # the daemon's pipeline stored the last hours of day 1 and the first of day 2
-        live = IngestPipeline.from_flags(store, _Nobody(), FLAGS)
+        live = IngestPipeline.from_flags(store, Nobody(), FLAGS)
         day1 = read_kline_csv(dump_dir() / "BTCUSDT-1m-2020-01-01.csv")
         for candle in day1[-120:] + day[:90]:
             await live.run(IngestBatch.of(series, [candle], "ws"))
@@ -185,7 +186,7 @@ async def test_an_interrupted_import_resumes_with_one_event_for_both_runs(tmp_pa
     files = plan(real_zips())
     store = await open_store(db)
     try:  # the first run committed day 1, then died before its event
-        committer = ArchiveCommitter(IngestPipeline.from_flags(store, _Nobody(), FLAGS))
+        committer = ArchiveCommitter(IngestPipeline.from_flags(store, Nobody(), FLAGS))
         await committer.commit(files[0].series, read_file(files[0]).candles)
         assert await store.get_meta(PENDING_KEY) is not None
         assert await store.events_after(0, None, 100) == []
@@ -226,14 +227,6 @@ async def test_a_zip_with_two_csvs_is_refused(tmp_path: Path) -> None:
         archive.writestr("b.csv", "")
     code, _, error = await import_into(tmp_path / "m.sqlite3", plan([path]))
     assert code == ExitCode.FAILED and error is not None and "holds 2 CSV files" in error
-
-
-class _Nobody:
-    def publish_closed(self, series_id: str, candles: object) -> tuple[str, ...]:
-        return ()
-
-    def publish_system(self, event: object) -> tuple[str, ...]:
-        return ()
 
 
 class _InterruptOnFirstLine(io.StringIO):

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import collections
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Final, TextIO, final
 
+import attrs
 import trio
 
 from tradecanvas.errors import (
@@ -90,6 +92,34 @@ async def _learn_phases(pipeline: IngestPipeline, series: Sequence[SeriesId]) ->
                     pipeline.set_phase(sid, phase)
 
 
+@attrs.define
+class _Waiting:
+    """A series' candles read and not yet committed, and the files they came from."""
+
+    candles: list[Candle] = attrs.field(factory=list)
+    # each file not yet committed whole, after how many candles added its last comes
+    files: collections.deque[tuple[int, ReadFile]] = attrs.field(factory=collections.deque)
+    added: int = 0
+    taken: int = 0
+
+    def add(self, read: ReadFile) -> None:
+        self.candles += read.candles
+        self.added += len(read.candles)
+        self.files.append((self.added, read))
+
+    def take(self, count: int) -> list[Candle]:
+        """The first ``count`` candles, taken out to be committed."""
+        chunk = self.candles[:count]
+        del self.candles[:count]
+        self.taken += len(chunk)
+        return chunk
+
+    def finished(self) -> Iterator[ReadFile]:
+        """The files all of whose candles have been taken, taken out."""
+        while self.files and self.files[0][0] <= self.taken:
+            yield self.files.popleft()[1]
+
+
 async def import_files(
     files: Sequence[ImportFile],
     committer: ArchiveCommitter,
@@ -100,8 +130,10 @@ async def import_files(
 ) -> None:
     """Read each file (on a worker thread) and commit them through ``committer``, in
     transactions of ``batch`` candles of a series (a file is read and checked whole before any
-    of it is committed). Raises ArchiveFileError (the files before it are committed first),
-    StoreError."""
+    of it is committed). A file's last candles short of ``batch`` wait for the next file of
+    the series and go in one transaction with its first (the end of the last file goes
+    alone), so a series of N candles takes ⌈N / batch⌉ transactions whatever the files'
+    sizes. Raises ArchiveFileError (the files before it are committed first), StoreError."""
     totals: dict[str, int | None] = {}
     for f in files:
         sid, rows = str(f.series), f.expected_rows
@@ -110,24 +142,24 @@ async def import_files(
         totals[sid] = None if rows is None else (totals.get(sid) or 0) + rows
     for sid, total in totals.items():
         progress.start(sid, total)
-    waiting: dict[SeriesId, list[ReadFile]] = {}
+    waiting: dict[SeriesId, _Waiting] = {}
     done: dict[str, int] = {}
 
-    async def flush(series: SeriesId) -> None:
-        read = waiting.pop(series, [])
-        if not read:
-            return
-        candles = [c for r in read for c in r.candles]
+    async def flush(series: SeriesId, *, rest: bool) -> None:
+        """Commit ``series``' full transactions; ``rest``: also what is left."""
+        queue = waiting[series]
         sid = str(series)
-        for start in range(0, len(candles), batch):
-            chunk = candles[start : start + batch]
+        while len(queue.candles) >= batch or (rest and queue.candles):
+            chunk = queue.take(batch)
             with trio.CancelScope(shield=True):  # what is committed is counted
                 result = await committer.commit(series, chunk, checked=True)
             tally.record_commit(sid, result.received, result.updates)
             done[sid] = done.get(sid, 0) + len(chunk)
             progress.update(sid, done[sid])
-        for r in read:
-            tally.record_file(sid, verified=r.checksum, holes=r.holes)
+            for read in queue.finished():
+                tally.record_file(sid, verified=read.checksum, holes=read.holes)
+        for read in queue.finished():  # a file of no candle
+            tally.record_file(sid, verified=read.checksum, holes=read.holes)
 
     # the next file is read (a worker thread) while the one before is committed (another)
     send, receive = trio.open_memory_channel[ReadFile | ArchiveFileError](READ_AHEAD)
@@ -140,11 +172,10 @@ async def import_files(
                     if isinstance(read, ArchiveFileError):
                         refused = read  # raised below, outside the nursery (not in a group)
                         break
-                    waiting.setdefault(read.file.series, []).append(read)
-                    if sum(len(r.candles) for r in waiting[read.file.series]) >= batch:
-                        await flush(read.file.series)
+                    waiting.setdefault(read.file.series, _Waiting()).add(read)
+                    await flush(read.file.series, rest=False)
             for series in list(waiting):
-                await flush(series)
+                await flush(series, rest=True)
     except BaseExceptionGroup as group:
         failure = find_in_group(group, StoreError) or find_in_group(group, CandleError)
         if failure is None:

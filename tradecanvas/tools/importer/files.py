@@ -9,7 +9,6 @@ of it has been handed on by then.
 from __future__ import annotations
 
 import hashlib
-import io
 import zipfile
 import zlib
 from collections.abc import Sequence
@@ -26,7 +25,7 @@ from tradecanvas.wire.archive import (
     market_of_path,
     missing_runs,
     parse_archive_name,
-    parse_archive_rows,
+    parse_archive_text,
     series_for,
 )
 
@@ -178,7 +177,7 @@ def read_file(file: ImportFile) -> ReadFile:
         # the rows make no reference cycle: the collector's walks over them (and over the
         # candles read before, still waiting) were a seventh of the parse
         with collector_paused():
-            candles = parse_archive_rows(io.StringIO(text), span=span)
+            candles = parse_archive_text(text, span=span)
     except WireError as exc:
         raise ArchiveFileError(path, f"{where}{exc.detail}; nothing of this file stored") from None
     if not candles:

@@ -1,0 +1,95 @@
+"""``import_files``' transactions: ``batch`` candles each across file boundaries, a file
+counted done once all its candles are committed, the files before a refused one committed."""
+
+from __future__ import annotations
+
+import io
+import logging
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import cast
+
+import pytest
+
+from tests.tools.importer.rig import FLAGS, SPOT_1M, Nobody, dump_dir, plan, real_zips, rows
+from tradecanvas.model import Candle, SeriesId
+from tradecanvas.pipeline.commit import IngestPipeline
+from tradecanvas.store.open import open_store
+from tradecanvas.tools.importer import ArchiveCommitter, ArchiveFileError, ImportTally
+from tradecanvas.tools.importer.cli import import_files
+from tradecanvas.tools.importer.commit import ImportCommit
+from tradecanvas.tools.progress import Progress
+
+
+class _Sizes:
+    """A real committer, and the size of each transaction it was given."""
+
+    def __init__(self, inner: ArchiveCommitter, tally: ImportTally) -> None:
+        self.inner = inner
+        self.tally = tally
+        self.sizes: list[int] = []
+        self.files_done: list[int] = []  # files counted done before each transaction
+
+    async def commit(
+        self, series: SeriesId, candles: Sequence[Candle], *, checked: bool = False
+    ) -> ImportCommit:
+        self.sizes.append(len(candles))
+        self.files_done.append(self.tally.files_done)
+        return await self.inner.commit(series, candles, checked=checked)
+
+
+async def _import(db: Path, zips: Sequence[Path], batch: int) -> tuple[_Sizes, ImportTally, bool]:
+    """The transactions, the tally, and whether a file was refused."""
+    store = await open_store(db)
+    tally = ImportTally(files_total=len(zips))
+    refused = False
+    try:
+        committer = _Sizes(
+            ArchiveCommitter(IngestPipeline.from_flags(store, Nobody(), FLAGS)), tally
+        )
+        progress = Progress(io.StringIO(), log=logging.getLogger("test"), verb="import", tty=False)
+        try:
+            await import_files(
+                plan(zips), cast(ArchiveCommitter, committer), tally, progress, batch=batch
+            )
+        except ArchiveFileError:
+            refused = True
+    finally:
+        await store.aclose()
+    return committer, tally, refused
+
+
+async def test_transactions_are_full_across_the_files(tmp_path: Path) -> None:
+    """Three days of 1,440 candles in transactions of 1,000: four full ones and the rest,
+    not two a day; a day is done once its last candle is committed."""
+    db = tmp_path / "m.sqlite3"
+    committer, tally, refused = await _import(db, real_zips(), 1000)
+    assert not refused
+    assert committer.sizes == [1000, 1000, 1000, 1000, 320]
+    assert committer.files_done == [0, 0, 1, 2, 2]  # days end in the 2nd, 3rd and 5th
+    assert tally.files_done == 3 and tally.series[SPOT_1M].verified == 3
+    assert tally.series[SPOT_1M].new == 4320
+    assert len(await rows(db, SPOT_1M)) == 4320
+
+
+async def test_the_rest_before_a_refused_file_is_committed(tmp_path: Path) -> None:
+    folder = tmp_path / "spot"
+    folder.mkdir()
+    for path in real_zips():
+        for name in (path.name, path.name + ".CHECKSUM"):
+            shutil.copyfile(dump_dir() / name, folder / name)
+    zips = sorted(folder.glob("*.zip"))
+    zips[1].with_name(zips[1].name + ".CHECKSUM").write_text("0" * 64 + "\n")
+    db = tmp_path / "m.sqlite3"
+    committer, tally, refused = await _import(db, zips, 1000)
+    assert refused
+    assert committer.sizes == [1000, 440] and tally.files_done == 1
+    assert len(await rows(db, SPOT_1M)) == 1440
+
+
+@pytest.mark.parametrize("batch", [1440, 5000])
+async def test_a_batch_the_size_of_a_file_or_more(tmp_path: Path, batch: int) -> None:
+    committer, tally, _ = await _import(tmp_path / "m.sqlite3", real_zips(), batch)
+    assert committer.sizes == ([1440] * 3 if batch == 1440 else [4320])
+    assert tally.files_done == 3
