@@ -27,7 +27,7 @@ import contextlib
 import functools
 import logging
 import socket
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Final, cast, final
 
 import hypercorn.config
@@ -370,20 +370,3 @@ async def _serve_connections(
             handlers.cancel_scope.cancel()
         await lifespan.wait_for_shutdown()
         lifespan_nursery.cancel_scope.cancel()
-
-
-async def serve_asgi(
-    app: ASGIApp,
-    config: hypercorn.config.Config,
-    *,
-    shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
-    task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    """``hypercorn.trio.serve`` for a Starlette app; ``started(binds)`` once listening."""
-    await hypercorn.trio.serve(
-        # Starlette's and Hypercorn's ASGI type aliases are spelt differently
-        cast("ASGIFramework", app),
-        config,
-        shutdown_trigger=shutdown_trigger,
-        task_status=task_status,
-    )
