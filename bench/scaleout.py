@@ -222,7 +222,8 @@ def _latency(
     profile: Path | None = None,
 ) -> Figure:
     """``with_single``: the single process's alternate rounds too (the baseline); ``profile``:
-    py-spy on the ingest node of each scale-out round (``<profile>.<round>``)."""
+    py-spy on the ingest node and the edge of each scale-out round
+    (``<profile>.<round>.ingest``, ``<profile>.<round>.edge-0``)."""
     rounds = rounds or sizes.latency_rounds
     load, series = sizes.latency_key_load, sizes.latency_series
     nominal = load * 60 / series
@@ -352,7 +353,8 @@ def _burst(sizes: Sizes, rounds: int | None) -> Figure:
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m bench.scaleout [--smoke] [--rounds N] [--latency-only] [--no-single]
     [--profile FILE]``: the scale-out figures alone (``--profile``: py-spy on the ingest node
-    of each scale-out latency round, raw collapsed stacks in ``FILE.<round>``)."""
+    and the edge of each scale-out latency round, raw collapsed stacks in
+    ``FILE.<round>.ingest`` and ``FILE.<round>.edge-0``)."""
     parser = argparse.ArgumentParser(prog="python -m bench.scaleout", description=main.__doc__)
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--rounds", type=int)
@@ -360,7 +362,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--no-single", action="store_true", help="no single-process baseline rounds"
     )
-    parser.add_argument("--profile", type=Path, help="py-spy on the ingest node")
+    parser.add_argument("--profile", type=Path, help="py-spy on the ingest node and the edge")
     args = parser.parse_args(argv)
     sizes = SMOKE if args.smoke else FULL
     problem = services_missing()
