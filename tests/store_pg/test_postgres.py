@@ -106,7 +106,10 @@ async def test_event_ids_follow_commit_order_across_connections(pg_url: str) -> 
             await _wait_for_a_lock_waiter(pg_url)
         assert commits == []  # the second writer is blocked on the write lock
         release_first.set()
-    assert commits == ["first", "second"]
+    # both committed; which task resumes first after its thread is the scheduler's choice
+    # (under load the second's short transaction can come back first): the ids and the
+    # event log show the commit order
+    assert sorted(commits) == ["first", "second"]
     assert ids["first"] < ids["second"]
     events = await second.events_after(0)
     assert [(e.event_id, e.data["who"]) for e in events] == [

@@ -46,7 +46,6 @@ schema newer than this code, a constraint broken).
 from __future__ import annotations
 
 import logging
-import select
 from collections.abc import Callable, Sequence
 from typing import Any, Final, TypeVar, final
 
@@ -58,6 +57,7 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 
 from tradecanvas.errors import StoreError
 from tradecanvas.model import Candle
+from tradecanvas.store.pg_pool import CONNECTION_OPTIONS, check_idle_connection
 from tradecanvas.store.pg_schema import SCHEMA_VERSION, WRITE_LOCK_KEY, migrate
 from tradecanvas.store.pg_txn import (
     Conn,
@@ -86,14 +86,6 @@ PING_TIMEOUT_S: Final = 2.0
 RETRY_BACKOFF: Final = Backoff(base_s=0.1, cap_s=5.0)
 # a retried write's transaction number jumps by this: never the failed attempt's + 1
 RETRY_SEQUENCE_STEP: Final = 3
-# per connection: a backend whose client vanished gives the write lock back
-CONNECTION_OPTIONS: Final = {
-    "keepalives": 1,
-    "keepalives_idle": 10,
-    "keepalives_interval": 5,
-    "keepalives_count": 3,
-    "options": "-c idle_in_transaction_session_timeout=60000",
-}
 _LOST_STATES: Final = ("57P01", "57P02", "57P03")  # admin shutdown, crash, starting up
 T = TypeVar("T")
 
@@ -150,48 +142,6 @@ class _Lost(Exception):
         super().__init__(_first_line(cause))
         self.xid = xid
         self.result = result
-
-
-def check_idle_connection(conn: Conn) -> None:
-    """The pool's check of a connection it hands out, without a round trip in the common case.
-
-    A server says nothing to an idle connection unless it is ending it: a terminated
-    backend (a restart, ``pg_terminate_backend``) sends its FATAL notice and closes the
-    socket, so the socket turns readable. Only then is the connection asked (psycopg_pool's
-    ``check_connection``, an empty query), and it fails if it is gone. A readable socket
-    for another reason (a parameter status, a notice) costs that one round trip. Asking
-    every time, as ``check_connection`` alone does, was one more round trip per
-    transaction and per read. A connection whose peer vanished without a word (a network
-    cut) passes both checks; the statement then fails and the write is tried again
-    (module docstring), as before.
-    """
-    if conn.closed or conn.broken:
-        raise psycopg.OperationalError("the connection is closed")
-    readable, _, _ = select.select([conn.fileno()], [], [], 0)
-    if readable:
-        ConnectionPool.check_connection(conn)
-
-
-# psycopg_pool's WARNINGs that only repeat an outage the store reports itself
-_POOL_OUTAGE_MESSAGES: Final = ("error connecting in", "discarding closed connection")
-
-
-class _QuietReconnects(logging.Filter):
-    """While the server is away psycopg_pool logs a WARNING for each failed attempt of its
-    background reconnection (multi-line libpq messages, one every few seconds for the
-    whole outage) and for each broken connection given back to it. The store already logs
-    the outage once (``unreachable``), each write it tries again, and the end (``answers
-    again``). Those records are lowered to DEBUG."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno == logging.WARNING and str(record.msg).startswith(_POOL_OUTAGE_MESSAGES):
-            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
-            return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
-        return True
-
-
-_POOL_LOG: Final = logging.getLogger("psycopg.pool")
-_POOL_LOG.addFilter(_QuietReconnects())
 
 
 def _open_pool(url: str, size: int) -> ConnectionPool[Conn]:
