@@ -114,7 +114,8 @@ async def run_scaleout_round(
     """The replay through one ingest and ``edges`` edges; the clients split between the edges
     (client i on edge i mod ``edges``), one client process per edge. ``profile``: py-spy on
     the ingest node and each edge while the replay runs, their raw collapsed stacks written
-    to ``<profile>.ingest`` and ``<profile>.edge-<i>``."""
+    to ``<profile>.ingest.raw`` and ``<profile>.edge-<i>.raw`` (py-spy's output beside them,
+    ``.log``)."""
     with (
         tempfile.TemporaryDirectory(prefix="bench-scaleout-") as d,
         services.fresh_database(ADMIN_URL, "tc_bench_") as (_, db),
@@ -171,7 +172,9 @@ async def run_scaleout_round(
                         subscribers.append(await start_clients(kids, work, f"clients-{i}", plan))
                     spies = (
                         [
-                            _start_py_spy(kid.pid, profile.with_name(f"{profile.name}.{kid.name}"))
+                            _start_py_spy(
+                                kid.pid, profile.with_name(f"{profile.name}.{kid.name}.raw")
+                            )
                             for kid in kids
                             if kid.name == "ingest" or kid.name.startswith("edge-")
                         ]
@@ -223,7 +226,7 @@ def _latency(
 ) -> Figure:
     """``with_single``: the single process's alternate rounds too (the baseline); ``profile``:
     py-spy on the ingest node and the edge of each scale-out round
-    (``<profile>.<round>.ingest``, ``<profile>.<round>.edge-0``)."""
+    (``<profile>.<round>.ingest.raw``, ``<profile>.<round>.edge-0.raw``)."""
     rounds = rounds or sizes.latency_rounds
     load, series = sizes.latency_key_load, sizes.latency_series
     nominal = load * 60 / series
@@ -354,7 +357,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``python -m bench.scaleout [--smoke] [--rounds N] [--latency-only] [--no-single]
     [--profile FILE]``: the scale-out figures alone (``--profile``: py-spy on the ingest node
     and the edge of each scale-out latency round, raw collapsed stacks in
-    ``FILE.<round>.ingest`` and ``FILE.<round>.edge-0``)."""
+    ``FILE.<round>.ingest.raw`` and ``FILE.<round>.edge-0.raw``)."""
     parser = argparse.ArgumentParser(prog="python -m bench.scaleout", description=main.__doc__)
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--rounds", type=int)
