@@ -29,16 +29,12 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Final
 
 import httpx
-import psycopg
 import trio
-from psycopg import sql
-from psycopg.conninfo import conninfo_to_dict
 
 from bench.common import Figure, median
 from bench.observer import Observer
@@ -64,6 +60,7 @@ from bench.scenarios import _burst_boundaries, _latencies, _observed, _percentil
 from bench.sizes import FULL, SMOKE, Sizes
 from tradecanvas.bus.redis_io import open_redis
 from tradecanvas.store.open import open_store
+from tradecanvas.tools import services
 
 ADMIN_URL: Final = os.environ.get(
     "TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -74,42 +71,7 @@ READY: Final = r"tradecanvas ready ws=(\S+) http=(\S+)"
 
 def services_missing() -> str | None:
     """Why PostgreSQL or Redis cannot be used (None: both answer)."""
-    try:
-        with psycopg.connect(ADMIN_URL, connect_timeout=5) as conn:
-            conn.execute("SELECT 1")
-    except psycopg.OperationalError as exc:
-        return f"PostgreSQL at {ADMIN_URL} does not answer: {str(exc).strip().splitlines()[0]}"
-
-    async def ping() -> bool:
-        with trio.move_on_after(5):
-            async with open_redis(REDIS_URL) as client:
-                return bool(await client.ping())
-        return False
-
-    try:
-        if not trio.run(ping):
-            return f"Redis at {REDIS_URL} does not answer PING"
-    except Exception as exc:  # any failure to reach it is the reason
-        return f"Redis at {REDIS_URL} does not answer: {exc}"
-    return None
-
-
-@contextmanager
-def fresh_database() -> Iterator[str]:
-    """The URL of a new, empty database; dropped afterwards (connections left or not)."""
-    name = f"tc_bench_{uuid.uuid4().hex[:16]}"
-    with psycopg.connect(ADMIN_URL, autocommit=True) as admin:
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    parts = conninfo_to_dict(ADMIN_URL)
-    user = f"{parts['user']}@" if parts.get("user") else ""
-    port = f":{parts['port']}" if parts.get("port") else ""
-    try:
-        yield f"postgresql://{user}{parts.get('host', '127.0.0.1')}{port}/{name}"
-    finally:
-        with psycopg.connect(ADMIN_URL, autocommit=True) as admin:
-            admin.execute(
-                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-            )
+    return services.services_missing(ADMIN_URL, REDIS_URL)
 
 
 async def _delete_keys(prefix: str) -> None:
@@ -151,8 +113,13 @@ async def run_scaleout_round(
 ) -> RoundData:
     """The replay through one ingest and ``edges`` edges; the clients split between the edges
     (client i on edge i mod ``edges``), one client process per edge. ``profile``: py-spy on
-    the ingest node while the replay runs, its raw collapsed stacks written there."""
-    with tempfile.TemporaryDirectory(prefix="bench-scaleout-") as d, fresh_database() as db:
+    the ingest node and each edge while the replay runs, their raw collapsed stacks written
+    to ``<profile>.ingest.raw`` and ``<profile>.edge-<i>.raw`` (py-spy's output beside them,
+    ``.log``)."""
+    with (
+        tempfile.TemporaryDirectory(prefix="bench-scaleout-") as d,
+        services.fresh_database(ADMIN_URL, "tc_bench_") as (_, db),
+    ):
         work = Path(d)
         prefix = f"tcbench-{uuid.uuid4().hex[:16]}"
         try:
@@ -203,13 +170,22 @@ async def run_scaleout_round(
                             )
                         )
                         subscribers.append(await start_clients(kids, work, f"clients-{i}", plan))
-                    ingest = next(kid for kid in kids if kid.name == "ingest")
-                    spy = _start_py_spy(ingest.pid, profile) if profile else None
+                    spies = (
+                        [
+                            _start_py_spy(
+                                kid.pid, profile.with_name(f"{profile.name}.{kid.name}.raw")
+                            )
+                            for kid in kids
+                            if kid.name == "ingest" or kid.name.startswith("edge-")
+                        ]
+                        if profile
+                        else []
+                    )
                     resumed_at = time.time()
                     await resume_replay(replay)
                     for child in subscribers:
                         await child.wait_exit(ROUND_TIMEOUT_S)
-                    if spy is not None:
+                    for spy in spies:
                         _stop_py_spy(spy)
                     nursery.cancel_scope.cancel()
                 results = [
@@ -249,7 +225,8 @@ def _latency(
     profile: Path | None = None,
 ) -> Figure:
     """``with_single``: the single process's alternate rounds too (the baseline); ``profile``:
-    py-spy on the ingest node of each scale-out round (``<profile>.<round>``)."""
+    py-spy on the ingest node and the edge of each scale-out round
+    (``<profile>.<round>.ingest.raw``, ``<profile>.<round>.edge-0.raw``)."""
     rounds = rounds or sizes.latency_rounds
     load, series = sizes.latency_key_load, sizes.latency_series
     nominal = load * 60 / series
@@ -379,7 +356,8 @@ def _burst(sizes: Sizes, rounds: int | None) -> Figure:
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m bench.scaleout [--smoke] [--rounds N] [--latency-only] [--no-single]
     [--profile FILE]``: the scale-out figures alone (``--profile``: py-spy on the ingest node
-    of each scale-out latency round, raw collapsed stacks in ``FILE.<round>``)."""
+    and the edge of each scale-out latency round, raw collapsed stacks in
+    ``FILE.<round>.ingest.raw`` and ``FILE.<round>.edge-0.raw``)."""
     parser = argparse.ArgumentParser(prog="python -m bench.scaleout", description=main.__doc__)
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--rounds", type=int)
@@ -387,7 +365,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--no-single", action="store_true", help="no single-process baseline rounds"
     )
-    parser.add_argument("--profile", type=Path, help="py-spy on the ingest node")
+    parser.add_argument("--profile", type=Path, help="py-spy on the ingest node and the edge")
     args = parser.parse_args(argv)
     sizes = SMOKE if args.smoke else FULL
     problem = services_missing()

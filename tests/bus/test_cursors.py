@@ -56,6 +56,22 @@ def test_read_positions_pass_the_cursor_and_what_was_read() -> None:
     assert cursors.events_position() == StreamId(9)
 
 
+def test_moved_positions_name_every_stream_once_then_only_those_that_moved() -> None:
+    cursors = EdgeCursors({S1: 60, S5: None}, events_after=5)
+    assert cursors.moved_positions() == {S1: StreamId(60_000), S5: StreamId(0), None: StreamId(5)}
+    assert cursors.moved_positions() == {}
+    cursors.note_read(S1, StreamId(240_000))  # read past (a malformed entry)
+    cursors.note_read(S1, StreamId(180_000))  # not past what was read: no move
+    assert cursors.moved_positions() == {S1: StreamId(240_000)}
+    cursors.accept(S5, [bar(300)])
+    cursors.accept_events([6])
+    assert cursors.moved_positions() == {S5: StreamId(300_000), None: StreamId(6)}
+    assert cursors.accept(S5, [bar(300)]) == []  # nothing new: no move
+    assert cursors.moved_positions() == {}
+    # whatever moved, the positions said so far are read_positions() and events_position()
+    assert cursors.read_positions() == {S1: StreamId(240_000), S5: StreamId(300_000)}
+
+
 def test_event_runs_and_resync() -> None:
     cursors = EdgeCursors({S1: None}, events_after=3)
     runs = cursors.event_runs([2, 3, 4, 7, 8])

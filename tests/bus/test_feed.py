@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import trio
 
 from tests.bus.conftest import PrivateRedis
@@ -23,10 +24,11 @@ from tests.bus.rig import (
     stored,
     stored_events,
 )
-from tradecanvas.bus.feed import system_event_from_stored
+from tradecanvas.bus.feed import entry_field, system_event_from_stored, xread_entries
 from tradecanvas.bus.ids import StreamId, StreamKeys, candle_entry_id
 from tradecanvas.bus.publisher import BusPublisher, PublisherSettings
 from tradecanvas.bus.redis_io import open_redis
+from tradecanvas.errors import WireError
 from tradecanvas.pipeline.commit import IngestBatch
 from tradecanvas.wire.bus import CANDLE_FIELD
 
@@ -248,3 +250,20 @@ async def test_forming_goes_at_most_once_and_after_the_closes_before_it(
         assert publisher.statistics().outbox.forming_sent == 2
     finally:
         await pipeline.store.aclose()
+
+
+def test_an_xread_reply_is_read_as_redis_sends_it() -> None:
+    """The feed takes XREAD's reply without coredis's conversion: RESP3's map or RESP2's
+    list, an entry's fields in any order; anything else is a WireError (a malformed entry
+    is then read past and filled from the store)."""
+    entry = [b"60000-0", [b"x", b"1", CANDLE_FIELD, b"[...]"]]
+    assert xread_entries(None) == {}
+    assert xread_entries({b"k": [entry]}) == xread_entries([[b"k", [entry]]]) == {b"k": [entry]}
+    assert entry_field(entry, CANDLE_FIELD) == b"[...]"
+    bad_replies: list[object] = [b"OK", [[b"k"]], {b"k": b"entries"}, {"k": []}]
+    for bad_reply in bad_replies:
+        with pytest.raises(WireError):
+            xread_entries(bad_reply)
+    for bad_entry in ([b"60000-0"], [b"60000-0", [b"x", b"1"]], [b"60000-0", b"c"]):
+        with pytest.raises(WireError):
+            entry_field(bad_entry, CANDLE_FIELD)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import trio
-from coredis.exceptions import ConnectionError, ResponseError
+from coredis.exceptions import ConnectionError
 
-from tradecanvas.bus.redis_io import describe, failure_or_raise, is_refusal, redis_failure
+from tradecanvas.bus.redis_io import describe, failure_or_raise, redis_failure
 
 
 def test_redis_failures_are_found_inside_groups() -> None:
@@ -38,13 +38,3 @@ async def test_a_cancellation_with_a_failed_clean_up_stays_a_cancellation() -> N
             assert raised.value.split(trio.Cancelled)[1] is None
             raise
     assert scope.cancelled_caught
-
-
-def test_the_refusal_of_an_older_id() -> None:
-    assert is_refusal(
-        ResponseError(
-            "The ID specified in XADD is equal or smaller than the target stream top item"
-        )
-    )
-    assert not is_refusal(ResponseError("WRONGTYPE Operation against a key"))
-    assert not is_refusal(b"1-0")

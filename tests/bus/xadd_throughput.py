@@ -1,4 +1,4 @@
-"""XADD throughput: one awaited XADD per candle vs the BusPublisher's pipelined batches.
+"""XADD throughput: one awaited XADD per candle vs the BusPublisher's batches (one EVAL each).
 
 Not a test (nothing asserts a speed): ``.venv/bin/python -m tests.bus.xadd_throughput``
 against the Redis at 127.0.0.1:6379 (or ``--url``); it prints candles per second for both,
@@ -62,11 +62,11 @@ async def measure(url: str, series: int, count: int) -> tuple[float, float]:
                 publisher.publish_closed(sid, (bar,))
             await trio.lowlevel.checkpoint()  # the ingest yields between commits
         await publisher.wait_drained()
-        pipelined = total / (time.perf_counter() - start)
+        batched = total / (time.perf_counter() - start)
         nursery.cancel_scope.cancel()
     assert publisher.statistics().outbox.appended == total
     await _clean(url, keys.prefix)
-    return single, pipelined
+    return single, batched
 
 
 def main() -> None:
@@ -77,11 +77,11 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     args = parser.parse_args()
     for run in range(args.runs):
-        single, pipelined = trio.run(measure, args.url, args.series, args.candles)
+        single, batched = trio.run(measure, args.url, args.series, args.candles)
         sys.stdout.write(
             f"run {run + 1}: {args.series * args.candles} candles: single awaited XADD"
-            f" {single:,.0f}/s, BusPublisher pipelined {pipelined:,.0f}/s"
-            f" ({pipelined / single:.1f}x)\n"
+            f" {single:,.0f}/s, BusPublisher {batched:,.0f}/s"
+            f" ({batched / single:.1f}x)\n"
         )
 
 

@@ -106,7 +106,10 @@ async def test_event_ids_follow_commit_order_across_connections(pg_url: str) -> 
             await _wait_for_a_lock_waiter(pg_url)
         assert commits == []  # the second writer is blocked on the write lock
         release_first.set()
-    assert commits == ["first", "second"]
+    # both committed; which task resumes first after its thread is the scheduler's choice
+    # (under load the second's short transaction can come back first): the ids and the
+    # event log show the commit order
+    assert sorted(commits) == ["first", "second"]
     assert ids["first"] < ids["second"]
     events = await second.events_after(0)
     assert [(e.event_id, e.data["who"]) for e in events] == [
@@ -178,8 +181,8 @@ def test_describe_url_hides_the_password() -> None:
 
 async def test_connections_killed_by_the_server_are_replaced(pg_url: str) -> None:
     """A server restart, as this store sees it: every connection it holds is terminated.
-    The next calls get new connections (checked on the way out of the pool), and the
-    statistics count the lost ones."""
+    The next calls get new connections (a closed socket is noticed on the way out of the
+    pool, ``check_idle_connection``), and the statistics count the lost ones."""
     store = await PostgresStore.open(pg_url)
     await store.upsert(SID, [candle(60, "1", "1", "1", "1")], "ws")
     assert await store.ping() is True
@@ -189,7 +192,8 @@ async def test_connections_killed_by_the_server_are_replaced(pg_url: str) -> Non
     def terminate_all() -> int:
         with psycopg.connect(pg_url, autocommit=True) as conn:
             row = conn.execute(
-                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                # the timeout: it returns once each backend is gone (its socket closed)
+                "SELECT count(pg_terminate_backend(pid, 10000)) FROM pg_stat_activity"
                 " WHERE datname = current_database() AND pid <> pg_backend_pid()"
             ).fetchone()
         return 0 if row is None else int(row[0])

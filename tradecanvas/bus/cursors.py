@@ -84,6 +84,10 @@ class EdgeCursors:
         # malformed entry is read past without moving the cursor, so the next one shows a
         # hole that the store fills, and XREAD never returns the bad one again
         self._read: dict[str | None, StreamId] = {}
+        # the streams (series id, None: the events) whose read position may have moved
+        # since :meth:`moved_positions` last said: the feed updates only those in the
+        # arguments of its next XREAD, not every stream's
+        self._moved: set[str | None] = {*self._cursors, None}
 
     @property
     def series_ids(self) -> tuple[str, ...]:
@@ -100,6 +104,7 @@ class EdgeCursors:
         current = self._read.get(series_id)
         if current is None or entry_id > current:
             self._read[series_id] = entry_id
+            self._moved.add(series_id)
 
     def read_positions(self) -> dict[str, StreamId]:
         """Series id → where its next XREAD starts: past the cursor (a fill may have moved it
@@ -112,6 +117,23 @@ class EdgeCursors:
     def events_position(self) -> StreamId:
         position = after_event(self.events_after)
         return max(position, self._read.get(None, position))
+
+    def moved_positions(self) -> dict[str | None, StreamId]:
+        """The read position of each stream (series id; None: the events stream) that may
+        have moved since the last call — every stream on the first call. The others are
+        where this said last time: the feed updates only these in its XREAD's arguments."""
+        moved, self._moved = self._moved, set()
+        positions = self.read_positions() if len(moved) > len(self._cursors) // 2 else None
+        out: dict[str | None, StreamId] = {}
+        for sid in moved:
+            if sid is None:
+                out[None] = self.events_position()
+            elif positions is not None:
+                out[sid] = positions[sid]
+            else:
+                cursor = after_candle(self._cursors[sid])
+                out[sid] = max(cursor, self._read.get(sid, cursor))
+        return out
 
     # --- closed candles ----------------------------------------------------------------
 
@@ -152,6 +174,7 @@ class EdgeCursors:
         fresh = [by_time[t] for t in sorted(by_time)]
         if fresh:
             self._cursors[series_id] = fresh[-1].candle_time
+            self._moved.add(series_id)
         return fresh
 
     def resync(self) -> list[CandleGap]:
@@ -186,6 +209,7 @@ class EdgeCursors:
         )
         if fresh:
             self.events_after = fresh[-1]
+            self._moved.add(None)
         return fresh
 
     def resync_events(self) -> EventGap:

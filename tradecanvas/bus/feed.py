@@ -32,7 +32,8 @@ from typing import Final, final
 import attrs
 import coredis
 import trio
-from coredis.response.types import StreamEntry
+from coredis.commands.constants import CommandName
+from coredis.response._callbacks import NoopCallback
 
 from tradecanvas.bus.cursors import CandleGap, EdgeCursors, EventGap
 from tradecanvas.bus.ids import StreamId, StreamKeys, candle_time_of, event_id_of
@@ -49,7 +50,6 @@ from tradecanvas.wire.bus import (
     decode_candle,
     decode_event,
     decode_forming,
-    field,
 )
 
 log = logging.getLogger(__name__)
@@ -66,6 +66,49 @@ DEFAULT_BLOCK_MS: Final = 5_000
 DEFAULT_COUNT: Final = 1_000
 DEFAULT_BACKOFF: Final = Backoff(base_s=0.1, cap_s=5.0)
 DEFAULT_COMMAND_TIMEOUT_S: Final = 10.0
+
+
+_AS_IS: Final = NoopCallback[object]()
+# an XREAD entry as Redis sends it: [id, [field, value, field, value, ...]]
+RawEntry = Sequence[object]
+
+
+def xread_entries(raw: object) -> dict[bytes, Sequence[RawEntry]]:
+    """An XREAD reply (RESP3: a map of stream → entries; RESP2: a list of [stream, entries];
+    nothing new: None) as stream key → entries. WireError for anything else."""
+    if raw is None:
+        return {}
+    pairs = list(raw.items()) if isinstance(raw, dict) else raw
+    if not isinstance(pairs, list):
+        raise WireError("bus", f"unexpected XREAD reply {raw!r:.200}")
+    out: dict[bytes, Sequence[RawEntry]] = {}
+    for pair in pairs:
+        key, entries = pair if isinstance(pair, list | tuple) and len(pair) == 2 else (None, None)
+        if not isinstance(key, bytes) or not isinstance(entries, list):
+            raise WireError("bus", f"unexpected XREAD reply {raw!r:.200}")
+        out[key] = entries
+    return out
+
+
+def _entry_id(entry: RawEntry) -> StreamId:
+    identifier = entry[0] if entry else None
+    if not isinstance(identifier, bytes | str):
+        raise WireError("bus", f"malformed stream entry {entry!r:.200}")
+    return StreamId.parse(identifier)
+
+
+def entry_field(entry: RawEntry, name: bytes) -> bytes | str:
+    """Field ``name`` of an XREAD entry; WireError when the entry is not one or lacks it."""
+    if len(entry) != 2 or not isinstance(entry[1], list):
+        raise WireError("bus", f"malformed stream entry {entry!r:.200}")
+    values = entry[1]
+    for i in range(0, len(values) - 1, 2):
+        if values[i] == name:
+            value = values[i + 1]
+            if isinstance(value, bytes | str):
+                return value
+            break
+    raise WireError("bus", f"stream entry without field {name!r}")
 
 
 @attrs.frozen
@@ -125,6 +168,12 @@ class EdgeFeed:
         self.url = url
         self.settings = settings or FeedSettings()
         self.cursors = EdgeCursors(series, events_after)
+        keys = self.settings.keys
+        self._stream_of = {sid: keys.series(sid) for sid in series}
+        self._series_of = {key.encode(): sid for sid, key in self._stream_of.items()}
+        # the XREAD's streams and positions, kept between reads: each read updates only
+        # the streams that moved (EdgeCursors.moved_positions), not all of them
+        self._xread_streams: dict[str | bytes, str] = {}
         self._fill_candles = fill_candles
         self._fill_events = fill_events
         self._connected = {"closed": False, "forming": False}
@@ -201,22 +250,30 @@ class EdgeFeed:
         self._ready["closed"].set()
         keys = self.settings.keys
         timeout = self.settings.block_ms / 1000 + self.settings.command_timeout_s
+        streams = self._xread_streams
         while True:
-            streams: dict[str | bytes, str] = {
-                keys.series(sid): str(position)
-                for sid, position in self.cursors.read_positions().items()
-            }
-            streams[keys.events] = str(self.cursors.events_position())
+            for sid, position in self.cursors.moved_positions().items():
+                streams[keys.events if sid is None else self._stream_of[sid]] = str(position)
             with trio.fail_after(timeout):
-                reply = await client.xread(
-                    streams, count=self.settings.count, block=self.settings.block_ms
+                # stacked directly and answered as Redis sent it: coredis's xread() checks
+                # its arguments and turns every entry into a StreamEntry with a dict of its
+                # fields, which cost more than the rest of the read (xread_entries reads it)
+                raw = await client.create_request(
+                    CommandName.XREAD,
+                    b"BLOCK",
+                    self.settings.block_ms,
+                    b"COUNT",
+                    self.settings.count,
+                    b"STREAMS",
+                    *streams.keys(),
+                    *streams.values(),
+                    callback=_AS_IS,
                 )
+            reply = xread_entries(raw)
             if reply:
                 await self._deliver(reply, sink)
 
-    async def _deliver(
-        self, reply: Mapping[bytes, Sequence[StreamEntry]], sink: MarketSink
-    ) -> None:
+    async def _deliver(self, reply: Mapping[bytes, Sequence[RawEntry]], sink: MarketSink) -> None:
         keys = self.settings.keys
         events_key = keys.events.encode()
         cut = False
@@ -224,13 +281,13 @@ class EdgeFeed:
             if key == events_key:
                 continue
             cut = cut or len(entries) >= self.settings.count
-            series_id = keys.series_of(key)
+            series_id = self._series_of.get(key) or keys.series_of(key)
             candles = []
             for entry in entries:
-                entry_id = StreamId.parse(entry.identifier)
+                entry_id = _entry_id(entry)
                 self.cursors.note_read(series_id, entry_id)
                 try:
-                    candle = decode_candle(field(entry.field_values, CANDLE_FIELD))
+                    candle = decode_candle(entry_field(entry, CANDLE_FIELD))
                     if candle.candle_time != candle_time_of(entry_id):
                         raise WireError("bus", f"entry {entry_id} holds {candle.candle_time}")
                 except WireError as exc:
@@ -246,10 +303,10 @@ class EdgeFeed:
             return  # the events wait for the next read, after the candles before them
         events: dict[int, SystemEvent] = {}
         for entry in entries:
-            entry_id = StreamId.parse(entry.identifier)
+            entry_id = _entry_id(entry)
             self.cursors.note_read(None, entry_id)
             try:
-                fields = decode_event(field(entry.field_values, EVENT_FIELD))
+                fields = decode_event(entry_field(entry, EVENT_FIELD))
                 if fields.event_id != event_id_of(entry_id):
                     raise WireError("bus", f"entry {entry_id} holds event {fields.event_id}")
             except WireError as exc:

@@ -3,10 +3,14 @@
 It implements ``pipeline.MarketSink`` — ``publish_closed``, ``publish_system`` and
 ``publish_forming`` only queue into the :class:`~tradecanvas.bus.outbox.Outbox` and never
 block — so it stands where the Hub stands in the single process (or beside it, behind a
-tee). Its one task, :meth:`BusPublisher.run`, takes each tick's batch and sends it as one
-pipeline (no MULTI): an ``XADD key MAXLEN ~ n <open_ms>-0`` per closed candle (one stream per
-series), an XADD per system event on the events stream (``<event_id>-0``), then a PUBLISH per
-forming candle. Redis refusing an ID at or below a stream's top means "already published".
+tee). Its one task, :meth:`BusPublisher.run`, takes each tick's batch and sends it in one
+round trip: one EVAL of :data:`XADD_ALL`, which runs an ``XADD key MAXLEN ~ n <open_ms>-0``
+per closed candle (one stream per series) and an XADD per system event on the events stream
+(``<event_id>-0``), in the batch's order, and answers for each; then, in the same pipeline
+(no MULTI), a PUBLISH per forming candle. One script instead of a pipeline of XADDs: coredis's
+work per command was most of the publisher's CPU (docs/distributed.md, "Throughput"), and an
+edge's XREAD wakes once per batch. Redis refusing an ID at or below a stream's top means
+"already published".
 
 Faults: a Redis failure (connection refused or lost, a command not answered within
 ``command_timeout_s``) is logged, shown in :meth:`BusPublisher.health`, and followed by a
@@ -29,7 +33,6 @@ from typing import Final, final
 import attrs
 import coredis
 import trio
-from coredis import PureToken
 from coredis.commands.constants import CommandName
 from coredis.response._callbacks import NoopCallback
 
@@ -43,10 +46,10 @@ from tradecanvas.bus.outbox import (
     OutboxStatistics,
 )
 from tradecanvas.bus.redis_io import (
+    XADD_REFUSAL,
     BusHealth,
     describe,
     failure_or_raise,
-    is_refusal,
     open_redis,
 )
 from tradecanvas.model import Candle
@@ -72,6 +75,28 @@ DEFAULT_BATCH_MAX: Final = 2_000
 DEFAULT_BACKOFF: Final = Backoff(base_s=0.1, cap_s=5.0)
 DEFAULT_COMMAND_TIMEOUT_S: Final = 10.0
 _AS_IS: Final = NoopCallback[object]()
+# One batch's XADDs, run by Redis in one go: KEYS are the streams, ARGV four values per
+# entry (MAXLEN, ID, field, payload). Per entry: 1 appended, 0 refused because the stream is
+# already at or past the ID ("already published"), or the error's text. Each XADD's own
+# error is caught (pcall): one failing entry does not stop the others, as in a pipeline.
+XADD_ALL: Final = """
+local answers = {}
+for i = 1, #KEYS do
+  local a = (i - 1) * 4
+  local r = redis.pcall('XADD', KEYS[i], 'MAXLEN', '~', ARGV[a + 1], ARGV[a + 2],
+    ARGV[a + 3], ARGV[a + 4])
+  if type(r) == 'table' and r.err then
+    if string.find(r.err, 'XADD_REFUSAL', 1, true) then
+      answers[i] = 0
+    else
+      answers[i] = r.err
+    end
+  else
+    answers[i] = 1
+  end
+end
+return answers
+""".replace("XADD_REFUSAL", XADD_REFUSAL)
 
 
 @attrs.frozen
@@ -241,39 +266,48 @@ class BusPublisher:
 
     async def _send(self, client: coredis.Redis[bytes], batch: Batch) -> list[Answer]:
         settings = self.settings
+        keys: list[str] = []
+        args: list[str | bytes | int] = []
+        for entry in batch.entries:
+            keys.append(entry.stream)
+            if entry.events:
+                args += (settings.events_maxlen, str(entry.entry_id), EVENT_FIELD, entry.payload)
+            else:
+                args += (settings.maxlen, str(entry.entry_id), CANDLE_FIELD, entry.payload)
         async with client.pipeline(transaction=False, raise_on_error=False) as pipe:
-            for entry in batch.entries:
-                # XADD key MAXLEN ~ n id field payload, stacked directly: coredis's xadd()
-                # validates its keyword arguments per call, which cost three times the
-                # stacking itself (docs/distributed.md, "Throughput")
+            if keys:
+                # every XADD of the batch in one EVAL (module docstring); stacked directly:
+                # coredis's eval() validates its arguments per call
                 pipe.create_request(
-                    CommandName.XADD,
-                    entry.stream,
-                    PureToken.MAXLEN,
-                    PureToken.APPROXIMATELY,
-                    settings.events_maxlen if entry.events else settings.maxlen,
-                    str(entry.entry_id),
-                    EVENT_FIELD if entry.events else CANDLE_FIELD,
-                    entry.payload,
-                    callback=_AS_IS,
+                    CommandName.EVAL, XADD_ALL, len(keys), *keys, *args, callback=_AS_IS
                 )
             for payload in batch.forming:
                 pipe.publish(settings.keys.forming, payload)
+        if not keys:
+            return []
         results = pipe.results or ()
+        answer = results[0] if results else TimeoutError("no answer to the batch's XADDs")
+        if isinstance(answer, TimeoutError):
+            raise answer  # the connection's state is unknown: reconnect, send again
+        if isinstance(answer, BaseException):
+            # the script as a whole was refused (out of memory, a busy server): as if each
+            # XADD had been
+            self._last_error = describe(answer)
+            log.warning("bus publisher: %d XADDs failed: %s", len(keys), self._last_error)
+            return [Answer.FAILED] * len(keys)
+        if not isinstance(answer, list) or len(answer) != len(keys):
+            raise TimeoutError("the batch's XADDs were answered for fewer entries than sent")
         answers: list[Answer] = []
-        for entry, result in zip(batch.entries, results, strict=False):
-            if isinstance(result, TimeoutError):
-                raise result  # the connection's state is unknown: reconnect, send again
-            if is_refusal(result):
+        for entry, one in zip(batch.entries, answer, strict=True):
+            if one == 1:
+                answers.append(Answer.OK)
+            elif one == 0:
                 answers.append(Answer.REFUSED)
-            elif isinstance(result, BaseException):
-                self._last_error = describe(result)
+            else:
+                text = one.decode("utf-8", "replace") if isinstance(one, bytes) else str(one)
+                self._last_error = f"XADD refused: {text}"
                 log.warning(
-                    "bus publisher: XADD %s %s failed: %s", entry.stream, entry.entry_id, result
+                    "bus publisher: XADD %s %s failed: %s", entry.stream, entry.entry_id, text
                 )
                 answers.append(Answer.FAILED)
-            else:
-                answers.append(Answer.OK)
-        if len(answers) != len(batch.entries):
-            raise TimeoutError("the pipeline answered fewer commands than were sent")
         return answers

@@ -16,14 +16,14 @@ import anyio
 import attrs
 import coredis
 import trio
-from coredis.exceptions import RedisError, ResponseError
+from coredis.exceptions import RedisError
 from coredis.retry import NoRetryPolicy
 
 from tradecanvas.errors import find_in_group
 
 CONNECT_TIMEOUT_S: Final = 5.0
-# Redis's answer to an XADD whose ID is not above the stream's top
-_REFUSAL: Final = "equal or smaller than the target stream top item"
+# Redis's answer to an XADD whose ID is not above the stream's top (bus/publisher.py)
+XADD_REFUSAL: Final = "equal or smaller than the target stream top item"
 _FAILURES: Final = (
     RedisError,
     OSError,
@@ -82,8 +82,3 @@ def failure_or_raise(exc: BaseException) -> BaseException:
 
 def describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-
-
-def is_refusal(answer: object) -> bool:
-    """True for Redis's refusal of an XADD at or below the stream's top ("already published")."""
-    return isinstance(answer, ResponseError) and _REFUSAL in str(answer)

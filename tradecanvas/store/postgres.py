@@ -57,6 +57,7 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 
 from tradecanvas.errors import StoreError
 from tradecanvas.model import Candle
+from tradecanvas.store.pg_pool import CONNECTION_OPTIONS, check_idle_connection
 from tradecanvas.store.pg_schema import SCHEMA_VERSION, WRITE_LOCK_KEY, migrate
 from tradecanvas.store.pg_txn import (
     Conn,
@@ -85,14 +86,6 @@ PING_TIMEOUT_S: Final = 2.0
 RETRY_BACKOFF: Final = Backoff(base_s=0.1, cap_s=5.0)
 # a retried write's transaction number jumps by this: never the failed attempt's + 1
 RETRY_SEQUENCE_STEP: Final = 3
-# per connection: a backend whose client vanished gives the write lock back
-CONNECTION_OPTIONS: Final = {
-    "keepalives": 1,
-    "keepalives_idle": 10,
-    "keepalives_interval": 5,
-    "keepalives_count": 3,
-    "options": "-c idle_in_transaction_session_timeout=60000",
-}
 _LOST_STATES: Final = ("57P01", "57P02", "57P03")  # admin shutdown, crash, starting up
 T = TypeVar("T")
 
@@ -171,7 +164,7 @@ def _open_pool(url: str, size: int) -> ConnectionPool[Conn]:
             "connect_timeout": int(CONNECT_TIMEOUT_S),
             **CONNECTION_OPTIONS,
         },
-        check=ConnectionPool.check_connection,
+        check=check_idle_connection,
         timeout=CONNECT_TIMEOUT_S,
         name="tradecanvas-store",
     )

@@ -1,0 +1,66 @@
+"""The PostgreSQL store's connection pool settings (``store/postgres.py``): what each
+connection is opened with, how the pool checks a connection it hands out, and which of
+psycopg_pool's log records the store's own lines make redundant.
+"""
+
+from __future__ import annotations
+
+import logging
+import select
+from typing import Final
+
+import psycopg
+from psycopg_pool import ConnectionPool
+
+from tradecanvas.store.pg_txn import Conn
+
+# per connection: a backend whose client vanished gives the write lock back
+CONNECTION_OPTIONS: Final = {
+    "keepalives": 1,
+    "keepalives_idle": 10,
+    "keepalives_interval": 5,
+    "keepalives_count": 3,
+    "options": "-c idle_in_transaction_session_timeout=60000",
+}
+
+
+def check_idle_connection(conn: Conn) -> None:
+    """The pool's check of a connection it hands out, without a round trip in the common case.
+
+    A server says nothing to an idle connection unless it is ending it: a terminated
+    backend (a restart, ``pg_terminate_backend``) sends its FATAL notice and closes the
+    socket, so the socket turns readable. Only then is the connection asked (psycopg_pool's
+    ``check_connection``, an empty query), and it fails if it is gone. A readable socket
+    for another reason (a parameter status, a notice) costs that one round trip. Asking
+    every time, as ``check_connection`` alone does, was one more round trip per
+    transaction and per read. A connection whose peer vanished without a word (a network
+    cut) passes both checks; the statement then fails and the write is tried again
+    (``store/postgres.py``), as before.
+    """
+    if conn.closed or conn.broken:
+        raise psycopg.OperationalError("the connection is closed")
+    readable, _, _ = select.select([conn.fileno()], [], [], 0)
+    if readable:
+        ConnectionPool.check_connection(conn)
+
+
+# psycopg_pool's WARNINGs that only repeat an outage the store reports itself
+_POOL_OUTAGE_MESSAGES: Final = ("error connecting in", "discarding closed connection")
+
+
+class _QuietReconnects(logging.Filter):
+    """While the server is away psycopg_pool logs a WARNING for each failed attempt of its
+    background reconnection (multi-line libpq messages, one every few seconds for the
+    whole outage) and for each broken connection given back to it. The store already logs
+    the outage once (``unreachable``), each write it tries again, and the end (``answers
+    again``). Those records are lowered to DEBUG."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno == logging.WARNING and str(record.msg).startswith(_POOL_OUTAGE_MESSAGES):
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+        return True
+
+
+_POOL_LOG: Final = logging.getLogger("psycopg.pool")
+_POOL_LOG.addFilter(_QuietReconnects())
