@@ -18,7 +18,6 @@ from tradecanvas.wire.bus import (
     encode_candle,
     encode_event,
     encode_forming,
-    field,
 )
 
 decimals = st.decimals(
@@ -99,9 +98,3 @@ def test_a_malformed_candle_is_a_wire_error(raw: bytes) -> None:
 def test_a_malformed_event_is_a_wire_error(raw: bytes) -> None:
     with pytest.raises(WireError):
         decode_event(raw)
-
-
-def test_a_missing_field_is_a_wire_error() -> None:
-    assert field({b"c": b"x"}, b"c") == b"x"
-    with pytest.raises(WireError):
-        field({b"e": b"x"}, b"c")

@@ -9,7 +9,6 @@ event as a JSON object of its fields, its ``event_id`` included. Every decoder r
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from decimal import Decimal, InvalidOperation
 from typing import Any, Final, Protocol
 
@@ -162,11 +161,3 @@ def decode_forming(raw: bytes | str) -> tuple[str, Candle]:
     if not isinstance(data, list) or len(data) != 2 or not isinstance(data[0], str):
         raise WireError(_REASON, f"a forming message is [series_id, candle], got {data!r:.120}")
     return data[0], candle_from_list(data[1])
-
-
-def field(fields: Mapping[str | bytes, str | bytes], name: bytes) -> bytes | str:
-    """The value of field ``name`` of a stream entry (WireError when it has none)."""
-    value = fields.get(name)
-    if value is None:
-        raise WireError(_REASON, f"stream entry without field {name!r}")
-    return value
