@@ -25,7 +25,7 @@ plain reference implementation):
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Final, final
 
 from tradecanvas.model import (
@@ -129,7 +129,8 @@ class BatchCommit:
                 found = ids[series] = (str(series), series_order(series))
             named.append((found[1], found[0], series, given))
         named.sort()
-        for _, sid, series, given in named:
+        heads_learned = False
+        for index, (_, sid, series, given) in enumerate(named):
             if len(given) == 1 and not absent:
                 made = self._live_minute(series, sid, given[0], batch.source)
                 if made is not None:
@@ -146,6 +147,12 @@ class BatchCommit:
                 candles, dropped = dedupe(given)
                 dropped_total += dropped
             self._touched[sid] = series
+            if not heads_learned and not self._heads_known(series, sid):
+                # a head to read: those of every series left in the batch, in one read
+                heads_learned = True
+                self.recent.learn_heads(
+                    self.reader, self._head_candidates(s for _, _, s, _ in named[index:])
+                )
             previous_head = self.recent.head(self.reader, sid)
             changed: Sequence[Candle] = ()
             if candles:
@@ -208,6 +215,22 @@ class BatchCommit:
                     series_updates.append((level.order, update))
             derived_updates.extend(u for _, u in sorted(series_updates, key=_by_order))
         return updates + derived_updates, events, dropped_total
+
+    def _heads_known(self, series: SeriesId, sid: str) -> bool:
+        """The heads of ``series`` and of every series derived from it are known."""
+        recent = self.recent
+        return recent.knows_head(sid) and all(
+            recent.knows_head(self._name(series, sid, level.tf)[1]) for level in self.plan.levels
+        )
+
+    def _head_candidates(self, base: Iterable[SeriesId]) -> Iterator[str]:
+        """The ids of the ``base`` series and of every series derived from them."""
+        ids = self.ids
+        for series in base:
+            sid = ids[series][0]
+            yield sid
+            for level in self.plan.levels:
+                yield self._name(series, sid, level.tf)[1]
 
     def _live_minute(
         self, series: SeriesId, sid: str, candle: Candle, source: Source

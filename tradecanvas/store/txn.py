@@ -6,7 +6,7 @@ from __future__ import annotations
 import functools
 import itertools
 import sqlite3
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from decimal import Decimal
 from typing import Final, final
 
@@ -123,11 +123,12 @@ class StoreTxn:
 
     This is the interface every backend's transaction offers (the pipeline uses nothing
     else): ``upsert``, ``write_rows``, ``range``, ``last_before``, ``head_time``,
-    ``first_time``, ``sequence``, the event log (``append_event``, ``prune_events``) and
-    ``get_meta``/``set_meta``. Issue 14 added ``write_rows`` (rows planned by the caller
-    with :func:`plan_upsert`, many series in one statement), ``first_time`` and
-    ``sequence`` (so the pipeline can keep a cache of recent bars); ``upsert`` keeps its
-    contract and now reads the stored rows once and writes once.
+    ``heads_of``, ``first_time``, ``sequence``, the event log (``append_event``,
+    ``prune_events``) and ``get_meta``/``set_meta``. Issue 14 added ``write_rows`` (rows
+    planned by the caller with :func:`plan_upsert`, many series in one statement),
+    ``first_time`` and ``sequence`` (so the pipeline can keep a cache of recent bars);
+    ``upsert`` keeps its contract and now reads the stored rows once and writes once.
+    ``heads_of`` gives the pipeline the heads of a commit's series in one read.
     """
 
     def __init__(self, conn: sqlite3.Connection, sequence: int = 0) -> None:
@@ -225,6 +226,12 @@ class StoreTxn:
         """The newest stored ``candle_time`` of the series (None: nothing stored)."""
         return head_time(self._conn, series_id)
 
+    def heads_of(self, series_ids: Collection[str]) -> dict[str, int]:
+        """The newest stored ``candle_time`` of each of ``series_ids`` that has a row (one
+        with nothing stored is left out): one statement per _IN_CHUNK ids, a probe of the
+        primary key for each id (its newest row), however many rows the store holds."""
+        return heads_of(self._conn, series_ids)
+
     def first_time(self, series_id: str) -> int | None:
         """The oldest stored ``candle_time`` of the series (None: nothing stored)."""
         row = self._conn.execute(
@@ -309,3 +316,21 @@ def head_time(conn: sqlite3.Connection, series_id: str) -> int | None:
         "SELECT MAX(candle_time) FROM candles WHERE series_id = ?", (series_id,)
     ).fetchone()
     return None if row is None or row[0] is None else int(row[0])
+
+
+def heads_of(conn: sqlite3.Connection, series_ids: Collection[str]) -> dict[str, int]:
+    """See :meth:`StoreTxn.heads_of`. A correlated ``MAX`` per id, not ``IN (…) GROUP BY``:
+    SQLite takes the newest row of each series from the primary key only without the
+    ``GROUP BY`` (with it, it reads every row of those series)."""
+    ids = list(series_ids)
+    heads: dict[str, int] = {}
+    for i in range(0, len(ids), _IN_CHUNK):
+        chunk = ids[i : i + _IN_CHUNK]
+        marks = ", ".join(["(?)"] * len(chunk))
+        cur = conn.execute(
+            "SELECT v.column1, (SELECT MAX(candle_time) FROM candles"  # noqa: S608
+            f" WHERE series_id = v.column1) FROM (VALUES {marks}) AS v",
+            chunk,
+        )
+        heads.update((str(sid), int(t)) for sid, t in cur if t is not None)
+    return heads
