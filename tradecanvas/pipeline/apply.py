@@ -132,7 +132,7 @@ class BatchCommit:
         heads_learned = False
         for index, (_, sid, series, given) in enumerate(named):
             if len(given) == 1 and not absent:
-                made = self._live_minute(series, sid, given[0], batch.source)
+                made = self._live_minute(series, sid, given[0], batch.source, events)
                 if made is not None:
                     updates.append(SeriesUpdate(sid, (given[0],), False))
                     if made:
@@ -233,13 +233,19 @@ class BatchCommit:
                 yield self._name(series, sid, level.tf)[1]
 
     def _live_minute(
-        self, series: SeriesId, sid: str, candle: Candle, source: Source
+        self,
+        series: SeriesId,
+        sid: str,
+        candle: Candle,
+        source: Source,
+        events: list[SystemEvent],
     ) -> Sequence[tuple[int, SeriesUpdate]] | None:
-        """The short way for a live minute: one new candle above the series' known head that
-        raises no event, whose due bars (if any) are complete from known minutes of this
-        series. It does what the long way would do then — store the minute and the bars —
-        and returns the bars' updates with their configured order (None: not applied, take
-        the long way)."""
+        """The short way for a live minute: one new candle above the series' known head,
+        whose due bars (if any) are complete from known minutes of this series. It does what
+        the long way would do then — store the minute and the bars, and for a bar that is
+        its series' first, check the fingerprint and add the ``new_series`` event to
+        ``events`` — and returns the bars' updates with their configured order (None: not
+        applied, take the long way)."""
         if not self._grid_only or sid not in self.fingerprint_checked:
             return None
         recent = self.recent
@@ -274,9 +280,15 @@ class BatchCommit:
             self._written += 1
             return _NO_BARS
         made: list[tuple[int, SeriesUpdate]] = []
-        for (level, _, (derived, dsid)), bar in zip(due, bars, strict=True):
+        for (level, _, (derived, dsid)), (bar, first) in zip(due, bars, strict=True):
             derived_row = StoredCandle(bar, "derived", True)
-            recent.wrote_above_head(dsid, derived_row)
+            if first:  # nothing stored: as the long way, fingerprint and new_series
+                recent.wrote(dsid, [derived_row])
+                events.extend(self.fingerprint_events(dsid, None))
+                t = bar.candle_time
+                events.append(SystemEvent(dsid, "new_series", t, t))
+            else:
+                recent.wrote_above_head(dsid, derived_row)
             pending.append((dsid, derived_row))
             self._touched[dsid] = derived
             made.append((level.order, SeriesUpdate(dsid, (bar,), derived=True)))
@@ -285,19 +297,26 @@ class BatchCommit:
 
     def _due_bars(
         self, sid: str, candle: Candle, due: Sequence[tuple[Level, int, tuple[SeriesId, str]]]
-    ) -> list[Candle] | None:
-        """The bars ``candle`` completes, each new above its series' known head and built
-        from minutes of this series all known, complete and not all empty — what the long
-        way would make of them, with no event — or None (take the long way)."""
+    ) -> list[tuple[Candle, bool]] | None:
+        """The bars ``candle`` completes, each new above its series' known head (or its
+        series' first: True beside it) and built from minutes of this series all known,
+        complete and not all empty — what the long way would make of them — or None (take
+        the long way)."""
         t = candle.candle_time
-        bars: list[Candle] = []
+        recent = self.recent
+        bars: list[tuple[Candle, bool]] = []
         for level, bucket, (_, dsid) in due:
-            if level.source.seconds != MINUTE or dsid not in self.fingerprint_checked:
-                return None  # built from another derived timeframe, or not yet checked
-            derived_head = self.recent.known_head(dsid)
-            if derived_head is None or derived_head >= bucket:
+            if level.source.seconds != MINUTE:
+                return None  # built from another derived timeframe
+            derived_head = recent.known_head(dsid)
+            if derived_head is None:
+                if not recent.knows_head(dsid):
+                    return None
+                # nothing stored: its first bar (the fingerprint is checked then, with no
+                # event whatever it finds)
+            elif derived_head >= bucket or dsid not in self.fingerprint_checked:
                 return None
-            rows = self.recent.known_range(sid, bucket, t)
+            rows = recent.known_range(sid, bucket, t)
             if rows is None or len(rows) + 1 != level.parts:
                 return None
             parts = [r.candle for r in rows if r.complete]
@@ -306,7 +325,7 @@ class BatchCommit:
             parts.append(candle)
             if not any(c.volume for c in parts):  # (a Decimal is true when not 0)
                 return None  # flat at the previous close: the long way looks it up
-            bars.append(aggregate(bucket, parts))
+            bars.append((aggregate(bucket, parts), derived_head is None))
         return bars
 
     def _upsert_base(
@@ -474,11 +493,15 @@ class BatchCommit:
         if series_id in self.fingerprint_checked:
             return []
         key = f"fingerprint:{series_id}"
+        if previous_head is None:
+            # nothing stored: no event whatever is stored under the key (no read)
+            self.txn.set_meta(key, self.fingerprint)
+            return []
         stored = self.txn.get_meta(key)
         if stored == self.fingerprint:
             return []
         self.txn.set_meta(key, self.fingerprint)
-        if stored is None or previous_head is None:
+        if stored is None:
             return []
         self.flush()
         first = self.txn.first_time(series_id)
