@@ -28,12 +28,7 @@ import itertools
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Final, final
 
-from tradecanvas.model import (
-    MINUTE,
-    Candle,
-    SeriesId,
-    Timeframe,
-)
+from tradecanvas.model import MINUTE, Candle, SeriesId, Timeframe
 from tradecanvas.pipeline.batch import (
     IngestBatch,
     SeriesUpdate,
@@ -51,6 +46,7 @@ from tradecanvas.pipeline.levels import (
     runs_of,
     series_order,
 )
+from tradecanvas.pipeline.live import due_bars
 from tradecanvas.pipeline.recent import FlushingReader, RecentBars
 from tradecanvas.store.interface import WriteTxn
 from tradecanvas.store.types import Source, StoredCandle, UpsertOutcome, plan_upsert
@@ -147,7 +143,7 @@ class BatchCommit:
                 candles, dropped = dedupe(given)
                 dropped_total += dropped
             self._touched[sid] = series
-            if not heads_learned and not self._heads_known(series, sid):
+            if not heads_learned and not self.recent.knows_head(sid):
                 # a head to read: those of every series left in the batch, in one read
                 heads_learned = True
                 self.recent.learn_heads(
@@ -216,13 +212,6 @@ class BatchCommit:
             derived_updates.extend(u for _, u in sorted(series_updates, key=_by_order))
         return updates + derived_updates, events, dropped_total
 
-    def _heads_known(self, series: SeriesId, sid: str) -> bool:
-        """The heads of ``series`` and of every series derived from it are known."""
-        recent = self.recent
-        return recent.knows_head(sid) and all(
-            recent.knows_head(self._name(series, sid, level.tf)[1]) for level in self.plan.levels
-        )
-
     def _head_candidates(self, base: Iterable[SeriesId]) -> Iterator[str]:
         """The ids of the ``base`` series and of every series derived from them."""
         ids = self.ids
@@ -268,7 +257,7 @@ class BatchCommit:
                     if due is None:
                         due = []
                     due.append((level, bucket, name))
-        bars = [] if due is None else self._due_bars(sid, candle, due)
+        bars = [] if due is None else due_bars(recent, self.fingerprint_checked, sid, candle, due)
         if bars is None:
             return None
         row = StoredCandle(candle, source, True)
@@ -294,39 +283,6 @@ class BatchCommit:
             made.append((level.order, SeriesUpdate(dsid, (bar,), derived=True)))
         self._written += 1 + len(bars)
         return made
-
-    def _due_bars(
-        self, sid: str, candle: Candle, due: Sequence[tuple[Level, int, tuple[SeriesId, str]]]
-    ) -> list[tuple[Candle, bool]] | None:
-        """The bars ``candle`` completes, each new above its series' known head (or its
-        series' first: True beside it) and built from minutes of this series all known,
-        complete and not all empty — what the long way would make of them — or None (take
-        the long way)."""
-        t = candle.candle_time
-        recent = self.recent
-        bars: list[tuple[Candle, bool]] = []
-        for level, bucket, (_, dsid) in due:
-            if level.source.seconds != MINUTE:
-                return None  # built from another derived timeframe
-            derived_head = recent.known_head(dsid)
-            if derived_head is None:
-                if not recent.knows_head(dsid):
-                    return None
-                # nothing stored: its first bar (the fingerprint is checked then, with no
-                # event whatever it finds)
-            elif derived_head >= bucket or dsid not in self.fingerprint_checked:
-                return None
-            rows = recent.known_range(sid, bucket, t)
-            if rows is None or len(rows) + 1 != level.parts:
-                return None
-            parts = [r.candle for r in rows if r.complete]
-            if len(parts) != len(rows):
-                return None
-            parts.append(candle)
-            if not any(c.volume for c in parts):  # (a Decimal is true when not 0)
-                return None  # flat at the previous close: the long way looks it up
-            bars.append((aggregate(bucket, parts), derived_head is None))
-        return bars
 
     def _upsert_base(
         self, sid: str, candles: Sequence[Candle], batch: IngestBatch

@@ -294,10 +294,7 @@ class PgStoreTxn:
         return head_time(self._conn, series_id)
 
     def heads_of(self, series_ids: Collection[str]) -> dict[str, int]:
-        """The head of each of ``series_ids`` that has a stored row, in one query: a probe
-        of the primary key per id (see the SQLite ``StoreTxn.heads_of``)."""
-        if not series_ids:
-            return {}
+        """The head of each of ``series_ids`` with a stored row, in one query."""
         cur = self._conn.execute(_HEADS_OF, (_text_array(series_ids),))
         return {str(sid): int(str(t)) for sid, t in cur if t is not None}
 

@@ -65,37 +65,6 @@ def _plain(value: Decimal) -> str:
     return format(value, "f") if "E" in text else text
 
 
-def _row_values(series_id: str, row: StoredCandle) -> tuple[object, ...]:
-    """The ``candles`` row of ``row``: decimals as plain text (see :func:`_plain`), built
-    inline since it runs for every candle written."""
-    c = row.candle
-    o, h, lo, cl, v = str(c.open), str(c.high), str(c.low), str(c.close), str(c.volume)
-    q, tb, tq = c.quote_volume, c.taker_buy_base, c.taker_buy_quote
-    qt = None if q is None else str(q)
-    tbt = None if tb is None else str(tb)
-    tqt = None if tq is None else str(tq)
-    if "E" in o + h + lo + cl + v + (qt or "") + (tbt or "") + (tqt or ""):
-        # str chose scientific notation somewhere: the store keeps plain decimals
-        o, h, lo, cl, v = (_plain(x) for x in (c.open, c.high, c.low, c.close, c.volume))
-        qt, tbt, tqt = _text(q), _text(tb), _text(tq)
-    source: str = row.source
-    return (
-        series_id,
-        c.candle_time,
-        o,
-        h,
-        lo,
-        cl,
-        v,
-        qt,
-        c.trades,
-        tbt,
-        tqt,
-        source,
-        int(row.complete),
-    )
-
-
 def _dec(text: str | None) -> Decimal | None:
     return None if text is None else Decimal(text)
 
@@ -193,10 +162,24 @@ class StoreTxn:
         many series at once. In multi-row ``INSERT`` statements (see :func:`_insert_sql`)."""
         if not rows:
             return
+        # the ``candles`` row of each pair, built here (it runs for every candle written):
+        # decimals as plain text (see :func:`_plain`)
         values: list[object] = []
         extend = values.extend
-        for series_id, row in rows:
-            extend(_row_values(series_id, row))
+        for series_id, (c, source, complete) in rows:
+            o, h, lo, cl, v = str(c.open), str(c.high), str(c.low), str(c.close), str(c.volume)
+            q, tb, tq = c.quote_volume, c.taker_buy_base, c.taker_buy_quote
+            qt = None if q is None else str(q)
+            tbt = None if tb is None else str(tb)
+            tqt = None if tq is None else str(tq)
+            if "E" in o + h + lo + cl + v + (qt or "") + (tbt or "") + (tqt or ""):
+                # str chose scientific notation somewhere: the store keeps plain decimals
+                o, h, lo, cl, v = (_plain(x) for x in (c.open, c.high, c.low, c.close, c.volume))
+                qt, tbt, tqt = _text(q), _text(tb), _text(tq)
+            extend(
+                (series_id, c.candle_time, o, h, lo, cl, v, qt, c.trades, tbt, tqt, source,
+                 1 if complete else 0)
+            )  # fmt: skip
         execute = self._conn.execute
         at, left = 0, len(rows)
         while left:
