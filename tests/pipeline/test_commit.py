@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import gc
 from collections.abc import Sequence
 from decimal import Decimal
 from pathlib import Path
@@ -12,7 +13,12 @@ from hypothesis import strategies as st
 from tests.conftest import candle, flat_minutes
 from tradecanvas.errors import CandleError, PublishError, StoreError
 from tradecanvas.model import Candle, SeriesId, Timeframe, validate_candle
-from tradecanvas.pipeline.commit import IngestBatch, IngestPipeline, _plainly_valid_minute
+from tradecanvas.pipeline.commit import (
+    IngestBatch,
+    IngestPipeline,
+    _plainly_valid_minute,
+    collector_paused,
+)
 from tradecanvas.pipeline.events import SystemEvent
 from tradecanvas.store.sqlite import CandleStore
 from tradecanvas.store.txn import StoreTxn
@@ -373,3 +379,20 @@ def test_the_quick_validity_check_agrees_with_validate_candle(c: Candle) -> None
     except CandleError:
         valid = False
     assert _plainly_valid_minute(c) == valid
+
+
+def test_the_collector_is_paused_around_a_commit_and_restored_after() -> None:
+    seen: list[bool] = []
+    with collector_paused():
+        seen.append(gc.isenabled())
+    assert seen == [False] and gc.isenabled()
+    with pytest.raises(RuntimeError), collector_paused():
+        raise RuntimeError("the commit failed")
+    assert gc.isenabled()
+    gc.disable()  # paused by someone else: left as it was
+    try:
+        with collector_paused():
+            pass
+        assert not gc.isenabled()
+    finally:
+        gc.enable()

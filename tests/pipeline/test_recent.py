@@ -4,6 +4,7 @@ came before (hypothesis against real SQLite), and reads only what it does not kn
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Collection
 from decimal import Decimal
 
 from hypothesis import given, settings
@@ -105,35 +106,36 @@ def test_trim_keeps_a_bounded_tail_and_begin_forgets_after_a_gap_in_sequence() -
     assert recent.cached_rows(SID) == ()
 
 
-class _AllHeads:
-    """StoreTxn's reads plus every series' head in one read (as PostgreSQL's txn gives)."""
+class _CountingHeads:
+    """StoreTxn's reads, counting the heads_of reads and the ids they named."""
 
-    def __init__(self, txn: StoreTxn, conn: sqlite3.Connection) -> None:
-        self.txn, self.conn, self.all_heads_reads = txn, conn, 0
+    def __init__(self, txn: StoreTxn) -> None:
+        self.txn, self.asked = txn, list[list[str]]()
         self.range, self.last_before, self.head_time = txn.range, txn.last_before, txn.head_time
 
-    def all_heads(self) -> dict[str, int]:
-        self.all_heads_reads += 1
-        return dict(self.conn.execute("SELECT series_id, MAX(candle_time) FROM candles GROUP BY 1"))
+    def heads_of(self, series_ids: Collection[str]) -> dict[str, int]:
+        self.asked.append(sorted(series_ids))
+        return self.txn.heads_of(series_ids)
 
 
-def test_every_head_comes_from_one_read_when_the_reader_gives_them_all() -> None:
-    conn = sqlite3.connect(":memory:", isolation_level=None)
-    migrate(conn)
-    txn = StoreTxn(conn)
+def test_learn_heads_reads_the_heads_not_known_in_one_read() -> None:
+    txn = _txn()
     sids = [f"binance:spot:S{i}/USDT:1m" for i in range(5)]
     txn.write_rows([(sid, row(60 * (i + 1))) for i, sid in enumerate(sids[:4])])
-    reader = _AllHeads(txn, conn)
+    reader = _CountingHeads(txn)
     recent = RecentBars()
     recent.begin(1)
-    assert recent.head(reader, sids[2]) == 180
-    # the others were named by that read, or are known to have nothing stored (the fifth)
+    assert recent.head(reader, sids[0]) == 60 and recent.reads == 1
+    recent.learn_heads(reader, sids)
+    # one read for the four not known; the fifth is known to have nothing stored
+    assert reader.asked == [sids[1:]] and recent.reads == 2
     assert [recent.head(reader, sid) for sid in sids] == [60, 120, 180, 240, None]
     assert recent.range(reader, sids[4], 0, 1000) == []  # nothing above a head of None
-    assert recent.reads == 1 and reader.all_heads_reads == 1
+    recent.learn_heads(reader, sids)  # all known: no read
+    assert recent.reads == 2 and len(reader.asked) == 1
     recent.wrote(sids[4], [row(600)])
     assert recent.head(reader, sids[4]) == 600
     recent.begin(3)  # another writer came between: read again, once
-    assert recent.head(reader, sids[0]) == 60
-    assert recent.head(reader, sids[1]) == 120
-    assert recent.reads == 2 and reader.all_heads_reads == 2
+    recent.learn_heads(reader, sids)
+    assert reader.asked[-1] == sids and recent.reads == 3
+    assert [recent.head(reader, sid) for sid in sids[:2]] == [60, 120]

@@ -220,6 +220,22 @@ async def test_write_rows_first_time_and_the_sequence(tmp_path: Path) -> None:
     await store.aclose()
 
 
+async def test_heads_of_names_each_series_with_rows_and_its_newest_time(tmp_path: Path) -> None:
+    store = await CandleStore.open(tmp_path / "m.sqlite3")
+    # more ids than one statement takes (_IN_CHUNK), every third with nothing stored
+    sids = [f"binance:futures:S{i:04d}/USDT:1m" for i in range(1200)]
+    stored = {sid: 60 * (i % 7 + 1) for i, sid in enumerate(sids) if i % 3}
+    rows = [
+        (sid, StoredCandle(c, "ws", True))
+        for sid, head in stored.items()
+        for c in flat_minutes(60, head // 60)
+    ]
+    await store.write(lambda txn: txn.write_rows(rows))
+    assert await store.write(lambda txn: txn.heads_of(sids)) == stored
+    assert await store.write(lambda txn: txn.heads_of([])) == {}
+    await store.aclose()
+
+
 async def test_decimals_are_stored_as_plain_text_never_in_exponent_form(tmp_path: Path) -> None:
     store = await CandleStore.open(tmp_path / "m.sqlite3")
     c = Candle(60, Decimal("1E+2"), Decimal("1E+2"), Decimal("0.0000001"), Decimal("5E+1"),

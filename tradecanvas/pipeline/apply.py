@@ -25,15 +25,10 @@ plain reference implementation):
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Final, final
 
-from tradecanvas.model import (
-    MINUTE,
-    Candle,
-    SeriesId,
-    Timeframe,
-)
+from tradecanvas.model import MINUTE, Candle, SeriesId, Timeframe
 from tradecanvas.pipeline.batch import (
     IngestBatch,
     SeriesUpdate,
@@ -51,6 +46,7 @@ from tradecanvas.pipeline.levels import (
     runs_of,
     series_order,
 )
+from tradecanvas.pipeline.live import due_bars
 from tradecanvas.pipeline.recent import FlushingReader, RecentBars
 from tradecanvas.store.interface import WriteTxn
 from tradecanvas.store.types import Source, StoredCandle, UpsertOutcome, plan_upsert
@@ -129,9 +125,10 @@ class BatchCommit:
                 found = ids[series] = (str(series), series_order(series))
             named.append((found[1], found[0], series, given))
         named.sort()
-        for _, sid, series, given in named:
+        heads_learned = False
+        for index, (_, sid, series, given) in enumerate(named):
             if len(given) == 1 and not absent:
-                made = self._live_minute(series, sid, given[0], batch.source)
+                made = self._live_minute(series, sid, given[0], batch.source, events)
                 if made is not None:
                     updates.append(SeriesUpdate(sid, (given[0],), False))
                     if made:
@@ -146,6 +143,12 @@ class BatchCommit:
                 candles, dropped = dedupe(given)
                 dropped_total += dropped
             self._touched[sid] = series
+            if not heads_learned and not self.recent.knows_head(sid):
+                # a head to read: those of every series left in the batch, in one read
+                heads_learned = True
+                self.recent.learn_heads(
+                    self.reader, self._head_candidates(s for _, _, s, _ in named[index:])
+                )
             previous_head = self.recent.head(self.reader, sid)
             changed: Sequence[Candle] = ()
             if candles:
@@ -209,14 +212,29 @@ class BatchCommit:
             derived_updates.extend(u for _, u in sorted(series_updates, key=_by_order))
         return updates + derived_updates, events, dropped_total
 
+    def _head_candidates(self, base: Iterable[SeriesId]) -> Iterator[str]:
+        """The ids of the ``base`` series and of every series derived from them."""
+        ids = self.ids
+        for series in base:
+            sid = ids[series][0]
+            yield sid
+            for level in self.plan.levels:
+                yield self._name(series, sid, level.tf)[1]
+
     def _live_minute(
-        self, series: SeriesId, sid: str, candle: Candle, source: Source
+        self,
+        series: SeriesId,
+        sid: str,
+        candle: Candle,
+        source: Source,
+        events: list[SystemEvent],
     ) -> Sequence[tuple[int, SeriesUpdate]] | None:
-        """The short way for a live minute: one new candle above the series' known head that
-        raises no event, whose due bars (if any) are complete from known minutes of this
-        series. It does what the long way would do then — store the minute and the bars —
-        and returns the bars' updates with their configured order (None: not applied, take
-        the long way)."""
+        """The short way for a live minute: one new candle above the series' known head,
+        whose due bars (if any) are complete from known minutes of this series. It does what
+        the long way would do then — store the minute and the bars, and for a bar that is
+        its series' first, check the fingerprint and add the ``new_series`` event to
+        ``events`` — and returns the bars' updates with their configured order (None: not
+        applied, take the long way)."""
         if not self._grid_only or sid not in self.fingerprint_checked:
             return None
         recent = self.recent
@@ -239,7 +257,7 @@ class BatchCommit:
                     if due is None:
                         due = []
                     due.append((level, bucket, name))
-        bars = [] if due is None else self._due_bars(sid, candle, due)
+        bars = [] if due is None else due_bars(recent, self.fingerprint_checked, sid, candle, due)
         if bars is None:
             return None
         row = StoredCandle(candle, source, True)
@@ -251,40 +269,20 @@ class BatchCommit:
             self._written += 1
             return _NO_BARS
         made: list[tuple[int, SeriesUpdate]] = []
-        for (level, _, (derived, dsid)), bar in zip(due, bars, strict=True):
+        for (level, _, (derived, dsid)), (bar, first) in zip(due, bars, strict=True):
             derived_row = StoredCandle(bar, "derived", True)
-            recent.wrote_above_head(dsid, derived_row)
+            if first:  # nothing stored: as the long way, fingerprint and new_series
+                recent.wrote(dsid, [derived_row])
+                events.extend(self.fingerprint_events(dsid, None))
+                t = bar.candle_time
+                events.append(SystemEvent(dsid, "new_series", t, t))
+            else:
+                recent.wrote_above_head(dsid, derived_row)
             pending.append((dsid, derived_row))
             self._touched[dsid] = derived
             made.append((level.order, SeriesUpdate(dsid, (bar,), derived=True)))
         self._written += 1 + len(bars)
         return made
-
-    def _due_bars(
-        self, sid: str, candle: Candle, due: Sequence[tuple[Level, int, tuple[SeriesId, str]]]
-    ) -> list[Candle] | None:
-        """The bars ``candle`` completes, each new above its series' known head and built
-        from minutes of this series all known, complete and not all empty — what the long
-        way would make of them, with no event — or None (take the long way)."""
-        t = candle.candle_time
-        bars: list[Candle] = []
-        for level, bucket, (_, dsid) in due:
-            if level.source.seconds != MINUTE or dsid not in self.fingerprint_checked:
-                return None  # built from another derived timeframe, or not yet checked
-            derived_head = self.recent.known_head(dsid)
-            if derived_head is None or derived_head >= bucket:
-                return None
-            rows = self.recent.known_range(sid, bucket, t)
-            if rows is None or len(rows) + 1 != level.parts:
-                return None
-            parts = [r.candle for r in rows if r.complete]
-            if len(parts) != len(rows):
-                return None
-            parts.append(candle)
-            if not any(c.volume for c in parts):  # (a Decimal is true when not 0)
-                return None  # flat at the previous close: the long way looks it up
-            bars.append(aggregate(bucket, parts))
-        return bars
 
     def _upsert_base(
         self, sid: str, candles: Sequence[Candle], batch: IngestBatch
@@ -451,11 +449,15 @@ class BatchCommit:
         if series_id in self.fingerprint_checked:
             return []
         key = f"fingerprint:{series_id}"
+        if previous_head is None:
+            # nothing stored: no event whatever is stored under the key (no read)
+            self.txn.set_meta(key, self.fingerprint)
+            return []
         stored = self.txn.get_meta(key)
         if stored == self.fingerprint:
             return []
         self.txn.set_meta(key, self.fingerprint)
-        if stored is None or previous_head is None:
+        if stored is None:
             return []
         self.flush()
         first = self.txn.first_time(series_id)

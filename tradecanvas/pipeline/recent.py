@@ -10,11 +10,12 @@ what no coming commit needs (the pipeline keeps each series' current bucket of t
 built from it). Knowledge is only ever dropped, never guessed, so a miss costs a read and
 nothing else.
 
-Heads: a reader that can give every stored series' head at once (:class:`AllHeadsReader`,
-PostgreSQL's transaction: one round trip however many series) is asked that once, at the
-first head not known, and every series it does not name has nothing stored; the derivation
-of a commit group then costs no read per series. A reader without it (SQLite's, where a read
-is a function call) is asked per series.
+Heads: :meth:`learn_heads` asks the reader for the heads of many series in one read
+(``heads_of``: a probe of the primary key per series, never a scan), and a series it does
+not name has nothing stored; the pipeline asks it for every series a commit may touch (the
+batch's series and the series derived from them) the first time one of them is not known,
+so the derivation of a commit group costs no read per series. :meth:`head` of a series still
+not known reads that one head.
 
 Coherence: the pipeline calls :meth:`begin` at the start of each of its write transactions
 with the transaction's ``sequence``; unless it is exactly one more than the previous one
@@ -25,8 +26,8 @@ is forgotten. A failed transaction must call :meth:`forget` (what it put in was 
 from __future__ import annotations
 
 import bisect
-from collections.abc import Callable, Mapping, Sequence
-from typing import Final, Protocol, final, runtime_checkable
+from collections.abc import Callable, Collection, Iterable, Sequence
+from typing import Final, Protocol, final
 
 from tradecanvas.store.types import StoredCandle
 
@@ -46,14 +47,8 @@ class BarReader(Protocol):
 
     def head_time(self, series_id: str) -> int | None: ...
 
-
-@runtime_checkable
-class AllHeadsReader(Protocol):
-    """A reader that can give every stored series' head in one read."""
-
-    def all_heads(self) -> Mapping[str, int] | None:
-        """The newest ``candle_time`` of every series with a stored row (None: this reader
-        cannot tell; ask per series)."""
+    def heads_of(self, series_ids: Collection[str]) -> dict[str, int]:
+        """The head of each of ``series_ids`` that has a stored row, in one read."""
         ...
 
 
@@ -130,9 +125,6 @@ class RecentBars:
 
     def __init__(self) -> None:
         self._series: dict[str, _Known] = {}
-        # every stored series' head, when an AllHeadsReader gave them (else None): a series
-        # it does not name has nothing stored
-        self._heads: Mapping[str, int] | None = None
         self._sequence: int | None = None
         self._transactions = 0
         self.reads = 0  # store reads made to fill gaps (tests and benchmarks look)
@@ -141,7 +133,6 @@ class RecentBars:
         """A write transaction numbered ``sequence`` starts (see ``StoreTxn.sequence``)."""
         if self._sequence is None or sequence != self._sequence + 1:
             self._series.clear()
-            self._heads = None
         self._sequence = sequence
         self._transactions += 1
 
@@ -161,17 +152,12 @@ class RecentBars:
     def forget(self) -> None:
         """Drop everything (a transaction failed: what it put in was rolled back)."""
         self._series.clear()
-        self._heads = None
         self._sequence = None
 
     def _known(self, series_id: str) -> _Known:
         known = self._series.get(series_id)
         if known is None:
             known = self._series[series_id] = _Known()
-            heads = self._heads
-            if heads is not None:
-                known.head = heads.get(series_id)
-                known.head_known = True
         return known
 
     def head(self, reader: BarReader, series_id: str) -> int | None:
@@ -179,17 +165,26 @@ class RecentBars:
         known = self._known(series_id)
         if not known.head_known:
             self.reads += 1
-            heads = reader.all_heads() if isinstance(reader, AllHeadsReader) else None
-            if heads is None:
-                known.head = reader.head_time(series_id)
-                known.head_known = True
-            else:
-                self._heads = heads
-                for sid, other in self._series.items():
-                    if not other.head_known:
-                        other.head = heads.get(sid)
-                        other.head_known = True
+            known.head = reader.head_time(series_id)
+            known.head_known = True
         return known.head
+
+    def knows_head(self, series_id: str) -> bool:
+        """The series' head is known (:meth:`head` needs no read)."""
+        known = self._series.get(series_id)
+        return known is not None and known.head_known
+
+    def learn_heads(self, reader: BarReader, series_ids: Iterable[str]) -> None:
+        """Know the heads of ``series_ids``: those not known yet in one read."""
+        wanted = [sid for sid in series_ids if not self.knows_head(sid)]
+        if not wanted:
+            return
+        self.reads += 1
+        heads = reader.heads_of(wanted)
+        for sid in wanted:
+            known = self._known(sid)
+            known.head = heads.get(sid)
+            known.head_known = True
 
     def range(self, reader: BarReader, series_id: str, start: int, end: int) -> list[StoredCandle]:
         """Stored rows with ``start <= candle_time < end``, ascending; reads only the gaps."""
@@ -349,10 +344,6 @@ class FlushingReader:
         self._flush()
         return self._reader.head_time(series_id)
 
-    def all_heads(self) -> Mapping[str, int] | None:
-        """The reader's :meth:`AllHeadsReader.all_heads` (None when it has none)."""
-        reader = self._reader
-        if not isinstance(reader, AllHeadsReader):
-            return None
+    def heads_of(self, series_ids: Collection[str]) -> dict[str, int]:
         self._flush()
-        return reader.all_heads()
+        return self._reader.heads_of(series_ids)

@@ -30,7 +30,7 @@ The decision per read is the pure :func:`next_step`; the trio shell holds the cu
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Final, TypeVar, final
 
 import attrs
@@ -229,6 +229,9 @@ class _NotingTxn:
 
     def head_time(self, series_id: str) -> int | None:
         return self.txn.head_time(series_id)
+
+    def heads_of(self, series_ids: Collection[str]) -> dict[str, int]:
+        return self.txn.heads_of(series_ids)
 
     def prune_events(self, keep: int, created_after: float) -> int:
         return self.txn.prune_events(keep, created_after)

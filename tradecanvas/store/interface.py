@@ -9,7 +9,7 @@ can name these instead of the SQLite classes.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Protocol, TypeVar
 
 from tradecanvas.model import Candle
@@ -37,6 +37,8 @@ class WriteTxn(Protocol):
     def last_before(self, series_id: str, t: int) -> StoredCandle | None: ...
 
     def head_time(self, series_id: str) -> int | None: ...
+
+    def heads_of(self, series_ids: Collection[str]) -> dict[str, int]: ...
 
     def append_event(
         self, series_id: str, event: str, data: Mapping[str, object], created_at: float

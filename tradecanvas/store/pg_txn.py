@@ -15,10 +15,11 @@ is there, and returns that row.
 The store runs every write transaction in pipeline mode (``store/postgres.py``): a statement
 whose answer is not needed (every write) goes out with the next one that is waited for, so
 a transaction pays a round trip per read, not per statement. Reads that the pipeline would
-make per series are made once: :meth:`PgStoreTxn.all_heads` gives every series' head in one
-query (``RecentBars`` asks it instead of one head per series); the meta table (the fence,
-the derivation fingerprints) and the event counter come with the transaction's start, so
-``get_meta`` and ``append_event`` wait for nothing.
+make per series are made once: :meth:`PgStoreTxn.heads_of` gives the heads of all the
+series a commit touches in one query (``RecentBars.learn_heads``; :meth:`PgStoreTxn.all_heads`
+every stored series' head); the meta table (the fence, the derivation fingerprints) and the
+event counter come with the transaction's start, so ``get_meta`` and ``append_event`` wait
+for nothing.
 
 Deciding in Python is safe because every write transaction holds the store's write lock
 (``pg_schema.WRITE_LOCK_KEY``): no other writer can change a row between the read and the
@@ -32,7 +33,7 @@ id), and a rolled-back transaction never made its ids visible.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from decimal import Decimal
 from typing import Final, final
 
@@ -76,6 +77,12 @@ _ALL_HEADS: Final = (
     " SELECT series_id,"
     " (SELECT MAX(c.candle_time) FROM candles c WHERE c.series_id = ids.series_id)"
     " FROM ids WHERE series_id IS NOT NULL"
+)
+# the head of each of the given series ids: a probe of the primary key per id
+_HEADS_OF: Final = (
+    "SELECT s.series_id,"
+    " (SELECT MAX(c.candle_time) FROM candles c WHERE c.series_id = s.series_id)"
+    " FROM unnest(%s::text[]) AS s(series_id)"
 )
 # many rows in one statement: one array per column, unnested server-side (a single
 # statement is one plan and one round trip, where an executemany costs the server one
@@ -286,9 +293,13 @@ class PgStoreTxn:
     def head_time(self, series_id: str) -> int | None:
         return head_time(self._conn, series_id)
 
+    def heads_of(self, series_ids: Collection[str]) -> dict[str, int]:
+        """The head of each of ``series_ids`` with a stored row, in one query."""
+        cur = self._conn.execute(_HEADS_OF, (_text_array(series_ids),))
+        return {str(sid): int(str(t)) for sid, t in cur if t is not None}
+
     def all_heads(self) -> dict[str, int]:
-        """The head of every series with a stored row, in one query (``RecentBars`` asks
-        this once instead of one head per series)."""
+        """The head of every series with a stored row, in one query."""
         return {str(sid): int(str(t)) for sid, t in self._conn.execute(_ALL_HEADS)}
 
     def append_event(

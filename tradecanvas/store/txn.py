@@ -6,7 +6,7 @@ from __future__ import annotations
 import functools
 import itertools
 import sqlite3
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from decimal import Decimal
 from typing import Final, final
 
@@ -65,37 +65,6 @@ def _plain(value: Decimal) -> str:
     return format(value, "f") if "E" in text else text
 
 
-def _row_values(series_id: str, row: StoredCandle) -> tuple[object, ...]:
-    """The ``candles`` row of ``row``: decimals as plain text (see :func:`_plain`), built
-    inline since it runs for every candle written."""
-    c = row.candle
-    o, h, lo, cl, v = str(c.open), str(c.high), str(c.low), str(c.close), str(c.volume)
-    q, tb, tq = c.quote_volume, c.taker_buy_base, c.taker_buy_quote
-    qt = None if q is None else str(q)
-    tbt = None if tb is None else str(tb)
-    tqt = None if tq is None else str(tq)
-    if "E" in o + h + lo + cl + v + (qt or "") + (tbt or "") + (tqt or ""):
-        # str chose scientific notation somewhere: the store keeps plain decimals
-        o, h, lo, cl, v = (_plain(x) for x in (c.open, c.high, c.low, c.close, c.volume))
-        qt, tbt, tqt = _text(q), _text(tb), _text(tq)
-    source: str = row.source
-    return (
-        series_id,
-        c.candle_time,
-        o,
-        h,
-        lo,
-        cl,
-        v,
-        qt,
-        c.trades,
-        tbt,
-        tqt,
-        source,
-        int(row.complete),
-    )
-
-
 def _dec(text: str | None) -> Decimal | None:
     return None if text is None else Decimal(text)
 
@@ -123,11 +92,12 @@ class StoreTxn:
 
     This is the interface every backend's transaction offers (the pipeline uses nothing
     else): ``upsert``, ``write_rows``, ``range``, ``last_before``, ``head_time``,
-    ``first_time``, ``sequence``, the event log (``append_event``, ``prune_events``) and
-    ``get_meta``/``set_meta``. Issue 14 added ``write_rows`` (rows planned by the caller
-    with :func:`plan_upsert`, many series in one statement), ``first_time`` and
-    ``sequence`` (so the pipeline can keep a cache of recent bars); ``upsert`` keeps its
-    contract and now reads the stored rows once and writes once.
+    ``heads_of``, ``first_time``, ``sequence``, the event log (``append_event``,
+    ``prune_events``) and ``get_meta``/``set_meta``. Issue 14 added ``write_rows`` (rows
+    planned by the caller with :func:`plan_upsert`, many series in one statement),
+    ``first_time`` and ``sequence`` (so the pipeline can keep a cache of recent bars);
+    ``upsert`` keeps its contract and now reads the stored rows once and writes once.
+    ``heads_of`` gives the pipeline the heads of a commit's series in one read.
     """
 
     def __init__(self, conn: sqlite3.Connection, sequence: int = 0) -> None:
@@ -192,10 +162,24 @@ class StoreTxn:
         many series at once. In multi-row ``INSERT`` statements (see :func:`_insert_sql`)."""
         if not rows:
             return
+        # the ``candles`` row of each pair, built here (it runs for every candle written):
+        # decimals as plain text (see :func:`_plain`)
         values: list[object] = []
         extend = values.extend
-        for series_id, row in rows:
-            extend(_row_values(series_id, row))
+        for series_id, (c, source, complete) in rows:
+            o, h, lo, cl, v = str(c.open), str(c.high), str(c.low), str(c.close), str(c.volume)
+            q, tb, tq = c.quote_volume, c.taker_buy_base, c.taker_buy_quote
+            qt = None if q is None else str(q)
+            tbt = None if tb is None else str(tb)
+            tqt = None if tq is None else str(tq)
+            if "E" in o + h + lo + cl + v + (qt or "") + (tbt or "") + (tqt or ""):
+                # str chose scientific notation somewhere: the store keeps plain decimals
+                o, h, lo, cl, v = (_plain(x) for x in (c.open, c.high, c.low, c.close, c.volume))
+                qt, tbt, tqt = _text(q), _text(tb), _text(tq)
+            extend(
+                (series_id, c.candle_time, o, h, lo, cl, v, qt, c.trades, tbt, tqt, source,
+                 1 if complete else 0)
+            )  # fmt: skip
         execute = self._conn.execute
         at, left = 0, len(rows)
         while left:
@@ -224,6 +208,12 @@ class StoreTxn:
     def head_time(self, series_id: str) -> int | None:
         """The newest stored ``candle_time`` of the series (None: nothing stored)."""
         return head_time(self._conn, series_id)
+
+    def heads_of(self, series_ids: Collection[str]) -> dict[str, int]:
+        """The newest stored ``candle_time`` of each of ``series_ids`` that has a row (one
+        with nothing stored is left out): one statement per _IN_CHUNK ids, a probe of the
+        primary key for each id (its newest row), however many rows the store holds."""
+        return heads_of(self._conn, series_ids)
 
     def first_time(self, series_id: str) -> int | None:
         """The oldest stored ``candle_time`` of the series (None: nothing stored)."""
@@ -309,3 +299,21 @@ def head_time(conn: sqlite3.Connection, series_id: str) -> int | None:
         "SELECT MAX(candle_time) FROM candles WHERE series_id = ?", (series_id,)
     ).fetchone()
     return None if row is None or row[0] is None else int(row[0])
+
+
+def heads_of(conn: sqlite3.Connection, series_ids: Collection[str]) -> dict[str, int]:
+    """See :meth:`StoreTxn.heads_of`. A correlated ``MAX`` per id, not ``IN (…) GROUP BY``:
+    SQLite takes the newest row of each series from the primary key only without the
+    ``GROUP BY`` (with it, it reads every row of those series)."""
+    ids = list(series_ids)
+    heads: dict[str, int] = {}
+    for i in range(0, len(ids), _IN_CHUNK):
+        chunk = ids[i : i + _IN_CHUNK]
+        marks = ", ".join(["(?)"] * len(chunk))
+        cur = conn.execute(
+            "SELECT v.column1, (SELECT MAX(candle_time) FROM candles"  # noqa: S608
+            f" WHERE series_id = v.column1) FROM (VALUES {marks}) AS v",
+            chunk,
+        )
+        heads.update((str(sid), int(t)) for sid, t in cur if t is not None)
+    return heads

@@ -1,0 +1,51 @@
+"""The bars a live minute completes, when the short way of ``BatchCommit`` can make them
+from what :class:`RecentBars` knows (no read). Sans-IO."""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+
+from tradecanvas.model import MINUTE, Candle, SeriesId
+from tradecanvas.pipeline.derive import aggregate
+from tradecanvas.pipeline.levels import Level
+from tradecanvas.pipeline.recent import RecentBars
+
+
+def due_bars(
+    recent: RecentBars,
+    checked: Collection[str],
+    sid: str,
+    candle: Candle,
+    due: Sequence[tuple[Level, int, tuple[SeriesId, str]]],
+) -> list[tuple[Candle, bool]] | None:
+    """The bars ``candle`` completes, each new above its series' known head (or its
+    series' first: True beside it) and built from minutes of this series all known,
+    complete and not all empty — what the long way would make of them — or None (take
+    the long way)."""
+    t = candle.candle_time
+    bars: list[tuple[Candle, bool]] = []
+    for level, bucket, (_, dsid) in due:
+        if level.source.seconds != MINUTE:
+            return None  # built from another derived timeframe
+        derived_head = recent.known_head(dsid)
+        if derived_head is None:
+            if not recent.knows_head(dsid):
+                return None
+            # nothing stored: its first bar (the fingerprint is checked then, with no
+            # event whatever it finds)
+        elif derived_head >= bucket or dsid not in checked:
+            return None
+        rows = recent.known_range(sid, bucket, t)
+        if rows is None or len(rows) + 1 != level.parts:
+            return None
+        parts = [r.candle for r in rows if r.complete]
+        if len(parts) != len(rows):
+            return None
+        parts.append(candle)
+        if not any(c.volume for c in parts):  # (a Decimal is true when not 0)
+            return None  # flat at the previous close: the long way looks it up
+        bars.append((aggregate(bucket, parts), derived_head is None))
+    return bars
+
+
+__all__ = ["due_bars"]
