@@ -6,7 +6,7 @@ import gc
 
 import pytest
 
-from tradecanvas.tools.importer.commit import collector_paused
+from tradecanvas.pipeline.commit import collector_paused
 
 pytestmark = pytest.mark.usefixtures("gc_restored")
 

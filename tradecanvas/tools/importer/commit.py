@@ -15,11 +15,9 @@ both changed. ``gap`` events and ``fingerprint`` rebuilds are logged as ``run`` 
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import itertools
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Final, final
 
 import attrs
@@ -28,7 +26,7 @@ import orjson
 from tradecanvas.model import Candle, SeriesId, validate_candle
 from tradecanvas.pipeline.apply import BatchCommit
 from tradecanvas.pipeline.batch import IngestBatch, SeriesUpdate
-from tradecanvas.pipeline.commit import IngestPipeline
+from tradecanvas.pipeline.commit import IngestPipeline, collector_paused
 from tradecanvas.pipeline.events import FACTOR_REBUILD, SystemEvent
 from tradecanvas.pipeline.levels import DerivationPlan
 from tradecanvas.store.interface import WriteTxn
@@ -50,23 +48,6 @@ class ImportCommit:
 
     updates: tuple[SeriesUpdate, ...]
     received: int
-
-
-@contextlib.contextmanager
-def collector_paused() -> Iterator[None]:
-    """Python's cyclic garbage collector paused (as it was after): a transaction of history
-    makes no reference cycle, but allocates a few objects a row (rows, derived bars), and
-    every few hundred allocations the collector walked the young objects — and now and then
-    every live one, the files' candles waiting to be committed included: a sixth of the
-    import's CPU time (``time.process_time``, 3 months, with and without)."""
-    if not gc.isenabled():
-        yield
-        return
-    gc.disable()
-    try:
-        yield
-    finally:
-        gc.enable()
 
 
 def merge_ranges(ranges: Ranges, updates: Sequence[SeriesUpdate]) -> Ranges:

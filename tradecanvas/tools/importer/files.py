@@ -19,7 +19,7 @@ import attrs
 
 from tradecanvas.errors import BadInputError, WireError
 from tradecanvas.model import MINUTE, Candle, Market, SeriesId
-from tradecanvas.tools.importer.commit import collector_paused
+from tradecanvas.pipeline.commit import collector_paused
 from tradecanvas.wire.archive import (
     ArchiveName,
     market_of_path,
