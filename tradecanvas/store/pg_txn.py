@@ -16,8 +16,7 @@ The store runs every write transaction in pipeline mode (``store/postgres.py``):
 whose answer is not needed (every write) goes out with the next one that is waited for, so
 a transaction pays a round trip per read, not per statement. Reads that the pipeline would
 make per series are made once: :meth:`PgStoreTxn.heads_of` gives the heads of all the
-series a commit touches in one query (``RecentBars.learn_heads``; :meth:`PgStoreTxn.all_heads`
-every stored series' head); the meta table (the fence, the derivation fingerprints) and the
+series a commit touches in one query (``RecentBars.learn_heads``); the meta table (the fence, the derivation fingerprints) and the
 event counter come with the transaction's start, so ``get_meta`` and ``append_event`` wait
 for nothing.
 
@@ -65,18 +64,6 @@ _INSERT_IF_ABSENT: Final = (
     f" ins AS (INSERT INTO candles (series_id, {COLUMNS}) SELECT * FROM params"
     "  WHERE NOT EXISTS (SELECT 1 FROM old))"
     " SELECT * FROM old"
-)
-# every series' head by a loose index scan of the primary key: two index probes per series
-# (the next series id, then its newest time), not a scan of every row
-_ALL_HEADS: Final = (
-    "WITH RECURSIVE ids(series_id) AS ("
-    " SELECT MIN(series_id) FROM candles"
-    " UNION ALL"
-    " SELECT (SELECT MIN(c.series_id) FROM candles c WHERE c.series_id > ids.series_id)"
-    " FROM ids WHERE ids.series_id IS NOT NULL)"
-    " SELECT series_id,"
-    " (SELECT MAX(c.candle_time) FROM candles c WHERE c.series_id = ids.series_id)"
-    " FROM ids WHERE series_id IS NOT NULL"
 )
 # the head of each of the given series ids: a probe of the primary key per id
 _HEADS_OF: Final = (
@@ -297,10 +284,6 @@ class PgStoreTxn:
         """The head of each of ``series_ids`` with a stored row, in one query."""
         cur = self._conn.execute(_HEADS_OF, (_text_array(series_ids),))
         return {str(sid): int(str(t)) for sid, t in cur if t is not None}
-
-    def all_heads(self) -> dict[str, int]:
-        """The head of every series with a stored row, in one query."""
-        return {str(sid): int(str(t)) for sid, t in self._conn.execute(_ALL_HEADS)}
 
     def append_event(
         self, series_id: str, event: str, data: Mapping[str, object], created_at: float
