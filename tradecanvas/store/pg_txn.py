@@ -16,9 +16,9 @@ The store runs every write transaction in pipeline mode (``store/postgres.py``):
 whose answer is not needed (every write) goes out with the next one that is waited for, so
 a transaction pays a round trip per read, not per statement. Reads that the pipeline would
 make per series are made once: :meth:`PgStoreTxn.heads_of` gives the heads of all the
-series a commit touches in one query (``RecentBars.learn_heads``); the meta table (the fence, the derivation fingerprints) and the
-event counter come with the transaction's start, so ``get_meta`` and ``append_event`` wait
-for nothing.
+series a commit touches in one query (``RecentBars.learn_heads``); the meta table (the
+fence, the derivation fingerprints) and the event counter come with the transaction's start,
+so ``get_meta`` and ``append_event`` wait for nothing.
 
 Deciding in Python is safe because every write transaction holds the store's write lock
 (``pg_schema.WRITE_LOCK_KEY``): no other writer can change a row between the read and the
