@@ -106,13 +106,15 @@ class EdgeCursors:
             self._read[series_id] = entry_id
             self._moved.add(series_id)
 
+    def read_position(self, series_id: str) -> StreamId:
+        """Where the next XREAD of ``series_id``'s stream starts: past the cursor (a fill may
+        have moved it beyond what was read) and past every entry read."""
+        cursor = after_candle(self._cursors[series_id])
+        return max(cursor, self._read.get(series_id, cursor))
+
     def read_positions(self) -> dict[str, StreamId]:
-        """Series id → where its next XREAD starts: past the cursor (a fill may have moved it
-        beyond what was read) and past every entry read."""
-        return {
-            sid: max(after_candle(c), self._read.get(sid, after_candle(c)))
-            for sid, c in self._cursors.items()
-        }
+        """Series id → :meth:`read_position`."""
+        return {sid: self.read_position(sid) for sid in self._cursors}
 
     def events_position(self) -> StreamId:
         position = after_event(self.events_after)
@@ -123,17 +125,9 @@ class EdgeCursors:
         have moved since the last call — every stream on the first call. The others are
         where this said last time: the feed updates only these in its XREAD's arguments."""
         moved, self._moved = self._moved, set()
-        positions = self.read_positions() if len(moved) > len(self._cursors) // 2 else None
-        out: dict[str | None, StreamId] = {}
-        for sid in moved:
-            if sid is None:
-                out[None] = self.events_position()
-            elif positions is not None:
-                out[sid] = positions[sid]
-            else:
-                cursor = after_candle(self._cursors[sid])
-                out[sid] = max(cursor, self._read.get(sid, cursor))
-        return out
+        return {
+            sid: self.events_position() if sid is None else self.read_position(sid) for sid in moved
+        }
 
     # --- closed candles ----------------------------------------------------------------
 
