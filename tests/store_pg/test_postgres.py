@@ -3,6 +3,8 @@ hands out event ids in commit order across connections and processes, and its er
 
 from __future__ import annotations
 
+import os
+
 import psycopg
 import pytest
 import trio
@@ -12,6 +14,7 @@ from tests.conftest import candle
 from tradecanvas.errors import StoreError
 from tradecanvas.store.interface import WriteTxn
 from tradecanvas.store.open import is_database_url, open_store, store_location
+from tradecanvas.store.pg_pool import check_idle_connection
 from tradecanvas.store.pg_schema import MIGRATIONS, SCHEMA_VERSION
 from tradecanvas.store.postgres import PostgresStore, describe_url
 from tradecanvas.store.sqlite import CandleStore
@@ -235,3 +238,21 @@ async def test_the_heads_of_many_series_in_one_query(pg_url: str) -> None:
         sid: 60 * i for i, sid in enumerate(sids[:3]) if i > 0
     }
     await store.aclose()
+
+
+def test_the_pool_check_works_on_descriptors_above_select_s_limit(pg_url: str) -> None:
+    """A daemon with thousands of subscribers opens its store connections on descriptors
+    above 1024, where ``select.select`` refuses; the check must pass a live connection
+    there and refuse one its server ended."""
+    spare = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    try:
+        with psycopg.connect(pg_url, autocommit=True) as conn:
+            assert conn.fileno() > 1024
+            check_idle_connection(conn)  # alive and quiet: passes without a round trip
+            with psycopg.connect(pg_url, autocommit=True) as killer:
+                killer.execute("SELECT pg_terminate_backend(%s, 10000)", (conn.info.backend_pid,))
+            with pytest.raises(psycopg.OperationalError):
+                check_idle_connection(conn)
+    finally:
+        for fd in spare:
+            os.close(fd)

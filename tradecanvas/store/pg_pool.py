@@ -39,8 +39,11 @@ def check_idle_connection(conn: Conn) -> None:
     """
     if conn.closed or conn.broken:
         raise psycopg.OperationalError("the connection is closed")
-    readable, _, _ = select.select([conn.fileno()], [], [], 0)
-    if readable:
+    # poll, not select: a daemon with thousands of subscribers has descriptors above
+    # select's FD_SETSIZE (1024), where select.select raises ValueError
+    poller = select.poll()
+    poller.register(conn.fileno(), select.POLLIN)
+    if poller.poll(0):
         ConnectionPool.check_connection(conn)
 
 
