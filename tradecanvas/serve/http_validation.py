@@ -96,10 +96,7 @@ def parse_candles_query(
 
     A well-formed series that is not served is 404 ``unknown_series``.
     """
-    problems: list[Problem] = []
-    for name in ("series_id", "since", "limit"):
-        if len(params.getlist(name)) > 1:
-            problems.append(Problem(name, f"{name}: given more than once"))
+    problems = _repeated(params, ("series_id", "since", "limit"))
     series: SeriesId | None = None
     raw_series = params.get("series_id")
     if raw_series is None or raw_series == "":
@@ -118,26 +115,12 @@ def parse_candles_query(
             since = int(raw_since)
         else:
             problems.append(Problem("since", f"since: {raw_since!r} is not {_SINCE_HELP}"))
-    limit = DEFAULT_LIMIT
-    raw_limit = params.get("limit")
-    if raw_limit is not None and raw_limit != "":
-        if _INT_RE.match(raw_limit) and 1 <= int(raw_limit) <= MAX_LIMIT:
-            limit = int(raw_limit)
-        else:
-            problems.append(
-                Problem("limit", f"limit: {raw_limit!r} is not an integer in 1..{MAX_LIMIT}")
-            )
+    limit = _limit(params, problems)
     if problems:
         raise RequestRefused.unprocessable(problems)
     assert series is not None
     if series not in served:
-        raise RequestRefused(
-            404,
-            "unknown_series",
-            f"series_id: {series} is not served by this daemon; GET /api/market/series lists"
-            " the served ones",
-            problems=(Problem("series_id", f"{series} is not served"),),
-        )
+        raise _unknown_series(series)
     return series, since, limit
 
 
@@ -146,10 +129,7 @@ def parse_events_query(
 ) -> tuple[int, SeriesId | None, int]:
     """``(after, series or None, limit)`` for ``GET /api/market/events``, or RequestRefused
     naming every bad part (404 ``unknown_series`` for a well-formed unserved series)."""
-    problems: list[Problem] = []
-    for name in ("after", "series_id", "limit"):
-        if len(params.getlist(name)) > 1:
-            problems.append(Problem(name, f"{name}: given more than once"))
+    problems = _repeated(params, ("after", "series_id", "limit"))
     after = 0
     raw_after = params.get("after")
     if raw_after is not None and raw_after != "":
@@ -170,26 +150,43 @@ def parse_events_query(
             series = SeriesId.parse(raw_series)
         except SeriesIdError as exc:
             problems.append(Problem("series_id", f"series_id: {exc}"))
-    limit = DEFAULT_LIMIT
-    raw_limit = params.get("limit")
-    if raw_limit is not None and raw_limit != "":
-        if _INT_RE.match(raw_limit) and 1 <= int(raw_limit) <= MAX_LIMIT:
-            limit = int(raw_limit)
-        else:
-            problems.append(
-                Problem("limit", f"limit: {raw_limit!r} is not an integer in 1..{MAX_LIMIT}")
-            )
+    limit = _limit(params, problems)
     if problems:
         raise RequestRefused.unprocessable(problems)
     if series is not None and series not in served:
-        raise RequestRefused(
-            404,
-            "unknown_series",
-            f"series_id: {series} is not served by this daemon; GET /api/market/series lists"
-            " the served ones",
-            problems=(Problem("series_id", f"{series} is not served"),),
-        )
+        raise _unknown_series(series)
     return after, series, limit
+
+
+def _repeated(params: QueryLike, names: tuple[str, ...]) -> list[Problem]:
+    """A problem for each of ``names`` given more than once."""
+    return [
+        Problem(name, f"{name}: given more than once")
+        for name in names
+        if len(params.getlist(name)) > 1
+    ]
+
+
+def _limit(params: QueryLike, problems: list[Problem]) -> int:
+    """``limit`` (default :data:`DEFAULT_LIMIT`); a bad one is added to ``problems``."""
+    raw_limit = params.get("limit")
+    if raw_limit is None or raw_limit == "":
+        return DEFAULT_LIMIT
+    if _INT_RE.match(raw_limit) and 1 <= int(raw_limit) <= MAX_LIMIT:
+        return int(raw_limit)
+    problems.append(Problem("limit", f"limit: {raw_limit!r} is not an integer in 1..{MAX_LIMIT}"))
+    return DEFAULT_LIMIT
+
+
+def _unknown_series(series: SeriesId) -> RequestRefused:
+    """404 ``unknown_series`` for a well-formed series this daemon does not serve."""
+    return RequestRefused(
+        404,
+        "unknown_series",
+        f"series_id: {series} is not served by this daemon; GET /api/market/series lists"
+        " the served ones",
+        problems=(Problem("series_id", f"{series} is not served"),),
+    )
 
 
 def parse_decimal(field: str, value: object) -> Decimal:
