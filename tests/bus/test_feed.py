@@ -24,15 +24,11 @@ from tests.bus.rig import (
     stored,
     stored_events,
 )
-from tradecanvas.bus.feed import (
-    FeedSettings,
-    entry_field,
-    system_event_from_stored,
-    xread_entries,
-)
+from tradecanvas.bus.feed import FeedSettings, system_event_from_stored
 from tradecanvas.bus.ids import StreamId, StreamKeys, candle_entry_id
 from tradecanvas.bus.publisher import BusPublisher, PublisherSettings
 from tradecanvas.bus.redis_io import open_redis
+from tradecanvas.bus.replies import entry_field, notice_of, notices_top, xread_entries
 from tradecanvas.errors import WireError
 from tradecanvas.model import Candle
 from tradecanvas.pipeline.commit import IngestBatch
@@ -348,3 +344,16 @@ def test_an_xread_reply_is_read_as_redis_sends_it() -> None:
     for bad_entry in ([b"60000-0"], [b"60000-0", [b"x", b"1"]], [b"60000-0", b"c"]):
         with pytest.raises(WireError):
             entry_field(bad_entry, CANDLE_FIELD)
+
+
+def test_a_batch_notice_and_where_the_notices_stand_are_read_or_refused() -> None:
+    assert notices_top([b"1700000000000-3", b"42"]) == (StreamId(1700000000000, 3), 42)
+    assert notices_top([b"0-0", b"0"]) == (StreamId(0, 0), 0)
+    for bad in (None, [b"0-0"], [b"0-0", None], [b"x", b"1"], [b"0-0", b"-1"]):
+        with pytest.raises(WireError):
+            notices_top(bad)
+    notice = [b"1700000000000-0", [b"n", b"7", b"keys", b"p:candles:a\np:events"]]
+    assert notice_of(notice) == (7, [b"p:candles:a", b"p:events"])
+    for bad_notice in ([b"1-0", [b"n", b"x", b"keys", b"k"]], [b"1-0", [b"n", b"7"]]):
+        with pytest.raises(WireError):
+            notice_of(bad_notice)

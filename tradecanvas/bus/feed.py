@@ -45,15 +45,17 @@ from coredis.commands.constants import CommandName
 from coredis.response._callbacks import NoopCallback
 
 from tradecanvas.bus.cursors import CandleGap, EdgeCursors, EventGap
-from tradecanvas.bus.ids import (
-    NOTICE_KEYS_FIELD,
-    NOTICE_NUMBER_FIELD,
-    StreamId,
-    StreamKeys,
-    candle_time_of,
-    event_id_of,
-)
+from tradecanvas.bus.ids import StreamId, StreamKeys, candle_time_of, event_id_of
 from tradecanvas.bus.redis_io import BusHealth, describe, failure_or_raise, open_redis
+from tradecanvas.bus.replies import (
+    NOTICES_TOP,
+    RawEntry,
+    entry_field,
+    entry_id_of,
+    notice_of,
+    notices_top,
+    xread_entries,
+)
 from tradecanvas.errors import WireError
 from tradecanvas.model import Candle
 from tradecanvas.pipeline.events import SystemEvent
@@ -85,76 +87,6 @@ DEFAULT_COMMAND_TIMEOUT_S: Final = 10.0
 
 
 _AS_IS: Final = NoopCallback[object]()
-# where the batch notices stand (KEYS: the notices stream, its counter): the last entry's
-# ID and the counter, read together (bus/publisher.py writes both in one script)
-NOTICES_TOP: Final = """
-local top = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
-local count = redis.call('GET', KEYS[2])
-return {top[1] and top[1][1] or '0-0', count or '0'}
-"""
-# an XREAD entry as Redis sends it: [id, [field, value, field, value, ...]]
-RawEntry = Sequence[object]
-
-
-def xread_entries(raw: object) -> dict[bytes, Sequence[RawEntry]]:
-    """An XREAD reply (RESP3: a map of stream → entries; RESP2: a list of [stream, entries];
-    nothing new: None) as stream key → entries. WireError for anything else."""
-    if raw is None:
-        return {}
-    pairs = list(raw.items()) if isinstance(raw, dict) else raw
-    if not isinstance(pairs, list):
-        raise WireError("bus", f"unexpected XREAD reply {raw!r:.200}")
-    out: dict[bytes, Sequence[RawEntry]] = {}
-    for pair in pairs:
-        key, entries = pair if isinstance(pair, list | tuple) and len(pair) == 2 else (None, None)
-        if not isinstance(key, bytes) or not isinstance(entries, list):
-            raise WireError("bus", f"unexpected XREAD reply {raw!r:.200}")
-        out[key] = entries
-    return out
-
-
-def _entry_id(entry: RawEntry) -> StreamId:
-    identifier = entry[0] if entry else None
-    if not isinstance(identifier, bytes | str):
-        raise WireError("bus", f"malformed stream entry {entry!r:.200}")
-    return StreamId.parse(identifier)
-
-
-def entry_field(entry: RawEntry, name: bytes) -> bytes | str:
-    """Field ``name`` of an XREAD entry; WireError when the entry is not one or lacks it."""
-    if len(entry) != 2 or not isinstance(entry[1], list):
-        raise WireError("bus", f"malformed stream entry {entry!r:.200}")
-    values = entry[1]
-    for i in range(0, len(values) - 1, 2):
-        if values[i] == name:
-            value = values[i + 1]
-            if isinstance(value, bytes | str):
-                return value
-            break
-    raise WireError("bus", f"stream entry without field {name!r}")
-
-
-def _notices_top(raw: object) -> tuple[StreamId, int]:
-    """:data:`NOTICES_TOP`'s answer: the notices stream's last entry ID (0-0: none) and the
-    number of the last notice (0: none); WireError for anything else."""
-    if (
-        not isinstance(raw, list)
-        or len(raw) != 2
-        or not all(isinstance(v, bytes) and v[:1].isdigit() for v in raw)
-        or not raw[1].isdigit()
-    ):
-        raise WireError("bus", f"unexpected answer {raw!r:.200} about the batch notices")
-    return StreamId.parse(raw[0]), int(raw[1])
-
-
-def _notice(entry: RawEntry) -> tuple[int, list[bytes]]:
-    """A batch notice's number and the stream keys it names; WireError if it is none."""
-    number = entry_field(entry, NOTICE_NUMBER_FIELD)
-    if not number.isdigit():
-        raise WireError("bus", f"batch notice number {number!r}")
-    named = entry_field(entry, NOTICE_KEYS_FIELD)
-    text = named if isinstance(named, bytes) else named.encode()
-    return int(number), text.split(b"\n")
 
 
 @attrs.frozen
@@ -308,7 +240,7 @@ class EdgeFeed:
                 keys.batches_count,
                 callback=_AS_IS,
             )
-        position, last = _notices_top(top)
+        position, last = notices_top(top)
         number: int | None = last
         # the streams to read without waiting: None, every stream; else the ones notices
         # named (or a read cut short by COUNT) that were not read yet
@@ -337,9 +269,9 @@ class EdgeFeed:
                 unread = None
                 continue
             for entry in notices:
-                position = _entry_id(entry)
+                position = entry_id_of(entry)
                 try:
-                    n, named = _notice(entry)
+                    n, named = notice_of(entry)
                 except WireError as exc:
                     self._malformed(notices_key, position, exc)
                     unread, number = None, None
@@ -389,7 +321,7 @@ class EdgeFeed:
             series_id = self._series_of.get(key) or keys.series_of(key)
             candles = []
             for entry in entries:
-                entry_id = _entry_id(entry)
+                entry_id = entry_id_of(entry)
                 self.cursors.note_read(series_id, entry_id)
                 try:
                     candle = decode_candle(entry_field(entry, CANDLE_FIELD))
@@ -412,7 +344,7 @@ class EdgeFeed:
             cut.add(events_key)
         events: dict[int, SystemEvent] = {}
         for entry in entries:
-            entry_id = _entry_id(entry)
+            entry_id = entry_id_of(entry)
             self.cursors.note_read(None, entry_id)
             try:
                 fields = decode_event(entry_field(entry, EVENT_FIELD))
