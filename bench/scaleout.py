@@ -300,7 +300,9 @@ def _baseline(ours: dict[str, list[float]], single: dict[str, list[float]]) -> d
     }
 
 
-def _burst(sizes: Sizes, rounds: int | None) -> Figure:
+def _burst(sizes: Sizes, rounds: int | None, *, profile: Path | None = None) -> Figure:
+    """``profile``: py-spy on the ingest node and both edges of each scale-out round
+    (``<profile>.<round>.ingest.raw``, ``<profile>.<round>.edge-<i>.raw``)."""
     rounds = rounds or sizes.burst_rounds
     expected = sizes.burst_subscribers * sizes.burst_series_per_subscriber
     per: dict[str, list[dict[str, float]]] = {"naive": [], "scaleout": []}
@@ -312,7 +314,7 @@ def _burst(sizes: Sizes, rounds: int | None) -> Figure:
             market.series, sizes.burst_subscribers, sizes.burst_series_per_subscriber
         )
         speed, observe = str(sizes.burst_speed), list(market.streams)
-        for _ in range(rounds):
+        for round_ in range(rounds):
             for side in per:
                 if side == "naive":
                     go = functools.partial(
@@ -320,7 +322,13 @@ def _burst(sizes: Sizes, rounds: int | None) -> Figure:
                     )
                 else:
                     go = functools.partial(
-                        run_scaleout_round, market, clients, edges=2, speed=speed, observe=observe
+                        run_scaleout_round,
+                        market,
+                        clients,
+                        edges=2,
+                        speed=speed,
+                        observe=observe,
+                        profile=None if profile is None else profile.with_suffix(f".{round_}"),
                     )
                 data = trio.run(go)
                 boundaries = _burst_boundaries(data, market, sizes.burst_warmup)
@@ -354,27 +362,37 @@ def _burst(sizes: Sizes, rounds: int | None) -> Figure:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m bench.scaleout [--smoke] [--rounds N] [--latency-only] [--no-single]
-    [--profile FILE]``: the scale-out figures alone (``--profile``: py-spy on the ingest node
-    and the edge of each scale-out latency round, raw collapsed stacks in
-    ``FILE.<round>.ingest.raw`` and ``FILE.<round>.edge-0.raw``)."""
+    """``python -m bench.scaleout [--smoke] [--rounds N] [--latency-only | --burst-only]
+    [--no-single] [--profile FILE]``: the scale-out figures alone (``--profile``: py-spy on
+    the ingest node and the edges of each scale-out round, raw collapsed stacks in
+    ``FILE.<round>.ingest.raw`` and ``FILE.<round>.edge-<i>.raw``; the burst's rounds in
+    ``FILE-burst.<round>.…``)."""
     parser = argparse.ArgumentParser(prog="python -m bench.scaleout", description=main.__doc__)
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--rounds", type=int)
-    parser.add_argument("--latency-only", action="store_true", help="not the burst")
+    only = parser.add_mutually_exclusive_group()
+    only.add_argument("--latency-only", action="store_true", help="not the burst")
+    only.add_argument("--burst-only", action="store_true", help="not the latency")
     parser.add_argument(
         "--no-single", action="store_true", help="no single-process baseline rounds"
     )
-    parser.add_argument("--profile", type=Path, help="py-spy on the ingest node and the edge")
+    parser.add_argument("--profile", type=Path, help="py-spy on the ingest node and the edges")
     args = parser.parse_args(argv)
     sizes = SMOKE if args.smoke else FULL
     problem = services_missing()
     if problem is not None:
         sys.stderr.write(f"scaleout: {problem}\n")
         return 2
-    figures = [_latency(sizes, args.rounds, with_single=not args.no_single, profile=args.profile)]
+    figures = []
+    if not args.burst_only:
+        figures.append(
+            _latency(sizes, args.rounds, with_single=not args.no_single, profile=args.profile)
+        )
     if not args.latency_only:
-        figures.append(_burst(sizes, args.rounds))
+        burst_profile = None
+        if args.profile is not None:
+            burst_profile = args.profile.with_name(f"{args.profile.name}-burst")
+        figures.append(_burst(sizes, args.rounds, profile=burst_profile))
     for figure in figures:
         sys.stdout.write(figure.line(judged=not args.smoke) + "\n")
         sys.stdout.write(f"     {json.dumps(figure.raw, default=str)[:600]}\n")

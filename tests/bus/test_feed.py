@@ -24,13 +24,15 @@ from tests.bus.rig import (
     stored,
     stored_events,
 )
-from tradecanvas.bus.feed import entry_field, system_event_from_stored, xread_entries
+from tradecanvas.bus.feed import FeedSettings, system_event_from_stored
 from tradecanvas.bus.ids import StreamId, StreamKeys, candle_entry_id
 from tradecanvas.bus.publisher import BusPublisher, PublisherSettings
 from tradecanvas.bus.redis_io import open_redis
+from tradecanvas.bus.replies import entry_field, notice_of, notices_top, xread_entries
 from tradecanvas.errors import WireError
+from tradecanvas.model import Candle
 from tradecanvas.pipeline.commit import IngestBatch
-from tradecanvas.wire.bus import CANDLE_FIELD
+from tradecanvas.wire.bus import CANDLE_FIELD, encode_candle
 
 
 def _settings(keys: StreamKeys, **kw: int) -> PublisherSettings:
@@ -252,6 +254,81 @@ async def test_forming_goes_at_most_once_and_after_the_closes_before_it(
         await pipeline.store.aclose()
 
 
+async def _xadd_without_notice(
+    url: str, keys: StreamKeys, series_id: str, bars: list[Candle]
+) -> None:
+    """``bars`` on the series' stream as a writer that sends no batch notice puts them."""
+    async with open_redis(url) as client:
+        for bar in bars:
+            await client.xadd(
+                keys.series(series_id),
+                {CANDLE_FIELD: encode_candle(bar)},
+                identifier=f"{bar.candle_time * 1000}-0",
+            )
+
+
+async def test_the_feed_reads_the_streams_a_notice_names_and_all_after_missed_notices(
+    redis_url: str, keys: StreamKeys, tmp_path: Path
+) -> None:
+    """An edge waits on the batch notices and reads only the streams they name; when a
+    notice's number shows that some were missed, it reads every stream once."""
+    eth = "binance:futures:ETH/USDT:1m"
+    publisher = BusPublisher(redis_url, _settings(keys))
+    pipeline = await open_pipeline(tmp_path, publisher)
+    sink = RecordingSink()
+    history = minutes(T0, 6)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(publisher.run)
+            # no read for want of notices within the test (block_ms): only notices drive it
+            settings = FeedSettings(keys=keys, block_ms=600_000)
+            feed = edge_feed(
+                redis_url,
+                pipeline.store,
+                keys,
+                series={BTC1: T0 - 60, eth: T0 - 60},
+                settings=settings,
+            )
+            await nursery.start(feed.run, sink)
+            await feed.wait_ready()
+            await commit_and_publish(pipeline, history[:2])
+            await sink.wait_for(lambda: sink.times(BTC1) == [T0, T0 + 60])
+            # ETH's bar appended by a writer that sends no notice, then a notice for BTC
+            await _xadd_without_notice(redis_url, keys, eth, history[:1])
+            await commit_and_publish(pipeline, history[2:3])
+            await sink.wait_for(lambda: sink.times(BTC1)[-1:] == [T0 + 120])
+            assert eth not in sink.closed  # not named by any notice: not read
+            # notices missed (as if trimmed away): the next one's number jumps
+            async with open_redis(redis_url) as client:
+                await client.incrby(keys.batches_count, 5)
+            await commit_and_publish(pipeline, history[3:4])
+            await sink.wait_for(lambda: sink.times(eth) == [T0])
+            assert sink.times(BTC1) == [c.candle_time for c in history[:4]]
+            nursery.cancel_scope.cancel()
+    finally:
+        await pipeline.store.aclose()
+
+
+async def test_a_writer_that_sends_no_notice_is_read_within_block_ms(
+    redis_url: str, keys: StreamKeys, tmp_path: Path
+) -> None:
+    """An XADD without a notice (an ingest of an older version) reaches the edge when no
+    notice came for ``block_ms``: then every stream is read once."""
+    pipeline = await open_pipeline(tmp_path, BusPublisher(redis_url, _settings(keys)))
+    sink = RecordingSink()
+    history = minutes(T0, 3)
+    try:
+        async with trio.open_nursery() as nursery:
+            feed = edge_feed(redis_url, pipeline.store, keys, series={BTC1: T0 - 60})
+            await nursery.start(feed.run, sink)
+            await feed.wait_ready()
+            await _xadd_without_notice(redis_url, keys, BTC1, history)
+            await sink.wait_for(lambda: sink.times(BTC1) == [c.candle_time for c in history])
+            nursery.cancel_scope.cancel()
+    finally:
+        await pipeline.store.aclose()
+
+
 def test_an_xread_reply_is_read_as_redis_sends_it() -> None:
     """The feed takes XREAD's reply without coredis's conversion: RESP3's map or RESP2's
     list, an entry's fields in any order; anything else is a WireError (a malformed entry
@@ -267,3 +344,16 @@ def test_an_xread_reply_is_read_as_redis_sends_it() -> None:
     for bad_entry in ([b"60000-0"], [b"60000-0", [b"x", b"1"]], [b"60000-0", b"c"]):
         with pytest.raises(WireError):
             entry_field(bad_entry, CANDLE_FIELD)
+
+
+def test_a_batch_notice_and_where_the_notices_stand_are_read_or_refused() -> None:
+    assert notices_top([b"1700000000000-3", b"42"]) == (StreamId(1700000000000, 3), 42)
+    assert notices_top([b"0-0", b"0"]) == (StreamId(0, 0), 0)
+    for bad in (None, [b"0-0"], [b"0-0", None], [b"x", b"1"], [b"0-0", b"-1"]):
+        with pytest.raises(WireError):
+            notices_top(bad)
+    notice = [b"1700000000000-0", [b"n", b"7", b"keys", b"p:candles:a\np:events"]]
+    assert notice_of(notice) == (7, [b"p:candles:a", b"p:events"])
+    for bad_notice in ([b"1-0", [b"n", b"x", b"keys", b"k"]], [b"1-0", [b"n", b"7"]]):
+        with pytest.raises(WireError):
+            notice_of(bad_notice)

@@ -170,3 +170,31 @@ async def test_started_without_redis_it_holds_a_bounded_backlog_and_edges_fill_t
         assert publisher.statistics().reconnects >= 1
     finally:
         await pipeline.store.aclose()
+
+
+async def test_each_batch_that_appends_leaves_one_numbered_notice_naming_its_streams(
+    redis_url: str, keys: StreamKeys
+) -> None:
+    """What edges wait on: one notice per batch that appended anything, numbered 1, 2, …,
+    naming each stream appended to once; a batch Redis refused entirely leaves none."""
+    eth = "binance:futures:ETH/USDT:1m"
+    publisher = BusPublisher(redis_url, PublisherSettings(keys=keys))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(publisher.run)
+        publisher.publish_closed(BTC1, minutes(T0, 3))
+        publisher.publish_closed(eth, minutes(T0, 2))
+        await publisher.wait_drained()
+        publisher.publish_closed(BTC1, minutes(T0, 3))  # already published: refused
+        await publisher.wait_drained()
+        publisher.publish_closed(eth, minutes(T0 + 120, 1))
+        await publisher.wait_drained()
+        nursery.cancel_scope.cancel()
+    async with open_redis(redis_url) as client:
+        notices = await client.xrange(keys.batches)
+        count = await client.get(keys.batches_count)
+    assert [(n.field_values[b"n"], n.field_values[b"keys"]) for n in notices] == [
+        (b"1", f"{keys.series(BTC1)}\n{keys.series(eth)}".encode()),
+        (b"2", keys.series(eth).encode()),
+    ]
+    assert count == b"2"
+    assert publisher.statistics().outbox.already_published == 3

@@ -3,12 +3,21 @@ single process.
 
 :meth:`EdgeFeed.run` owns two tasks, each with its own Redis connection:
 
-- **closed**: ``XREAD BLOCK`` over every series stream and the events stream, from the edge's
+- **closed**: the series streams and the events stream, read with ``XREAD`` from the edge's
   own positions (:class:`~tradecanvas.bus.cursors.EdgeCursors`, started from the cursors it
   was given — normally the store's heads and the event log's last id when the edge starts).
-  Per reply, the series' candles go first (``sink.publish_closed``, ascending, each exactly
+  It blocks on one stream only, the batch notices (``bus/ids.py``: the publisher adds one
+  per batch, naming the streams the batch appended to, in the same script), and then reads
+  the streams named, without blocking: a wake-up costs what the batch holds, not an XREAD
+  over every series (600 streams for 100 series × 6 timeframes, whose arguments the edge
+  built and Redis parsed, and registered as blocked on, for each read). Every stream is read
+  once after each (re)connect, when a notice's number shows that some were missed (trimmed
+  while the edge was behind, or Redis's counter reset), and when no notice came for
+  ``block_ms`` (a writer that sends none, such as an ingest of an older version). Per
+  reply, the series' candles go first (``sink.publish_closed``, ascending, each exactly
   once), then the events (``sink.publish_system``) — the events only when no series' reply
-  was cut by ``COUNT``, so an event never overtakes the candles its commit published. A hole
+  was cut by ``COUNT`` (the cut streams and the events are read again at once), so an event
+  never overtakes the candles its commit published. A hole
   in a stream (trimmed away, lost in a Redis restart, dropped from a full outbox) is filled
   through ``fill_candles`` / ``fill_events`` — store reads — before the candles after it;
   after every (re)connect each series and the events are read from the store past their
@@ -38,6 +47,15 @@ from coredis.response._callbacks import NoopCallback
 from tradecanvas.bus.cursors import CandleGap, EdgeCursors, EventGap
 from tradecanvas.bus.ids import StreamId, StreamKeys, candle_time_of, event_id_of
 from tradecanvas.bus.redis_io import BusHealth, describe, failure_or_raise, open_redis
+from tradecanvas.bus.replies import (
+    NOTICES_TOP,
+    RawEntry,
+    entry_field,
+    entry_id_of,
+    notice_of,
+    notices_top,
+    xread_entries,
+)
 from tradecanvas.errors import WireError
 from tradecanvas.model import Candle
 from tradecanvas.pipeline.events import SystemEvent
@@ -69,46 +87,6 @@ DEFAULT_COMMAND_TIMEOUT_S: Final = 10.0
 
 
 _AS_IS: Final = NoopCallback[object]()
-# an XREAD entry as Redis sends it: [id, [field, value, field, value, ...]]
-RawEntry = Sequence[object]
-
-
-def xread_entries(raw: object) -> dict[bytes, Sequence[RawEntry]]:
-    """An XREAD reply (RESP3: a map of stream → entries; RESP2: a list of [stream, entries];
-    nothing new: None) as stream key → entries. WireError for anything else."""
-    if raw is None:
-        return {}
-    pairs = list(raw.items()) if isinstance(raw, dict) else raw
-    if not isinstance(pairs, list):
-        raise WireError("bus", f"unexpected XREAD reply {raw!r:.200}")
-    out: dict[bytes, Sequence[RawEntry]] = {}
-    for pair in pairs:
-        key, entries = pair if isinstance(pair, list | tuple) and len(pair) == 2 else (None, None)
-        if not isinstance(key, bytes) or not isinstance(entries, list):
-            raise WireError("bus", f"unexpected XREAD reply {raw!r:.200}")
-        out[key] = entries
-    return out
-
-
-def _entry_id(entry: RawEntry) -> StreamId:
-    identifier = entry[0] if entry else None
-    if not isinstance(identifier, bytes | str):
-        raise WireError("bus", f"malformed stream entry {entry!r:.200}")
-    return StreamId.parse(identifier)
-
-
-def entry_field(entry: RawEntry, name: bytes) -> bytes | str:
-    """Field ``name`` of an XREAD entry; WireError when the entry is not one or lacks it."""
-    if len(entry) != 2 or not isinstance(entry[1], list):
-        raise WireError("bus", f"malformed stream entry {entry!r:.200}")
-    values = entry[1]
-    for i in range(0, len(values) - 1, 2):
-        if values[i] == name:
-            value = values[i + 1]
-            if isinstance(value, bytes | str):
-                return value
-            break
-    raise WireError("bus", f"stream entry without field {name!r}")
 
 
 @attrs.frozen
@@ -169,11 +147,12 @@ class EdgeFeed:
         self.settings = settings or FeedSettings()
         self.cursors = EdgeCursors(series, events_after)
         keys = self.settings.keys
-        self._stream_of = {sid: keys.series(sid) for sid in series}
-        self._series_of = {key.encode(): sid for sid, key in self._stream_of.items()}
-        # the XREAD's streams and positions, kept between reads: each read updates only
-        # the streams that moved (EdgeCursors.moved_positions), not all of them
-        self._xread_streams: dict[str | bytes, str] = {}
+        self._stream_of = {sid: keys.series(sid).encode() for sid in series}
+        self._series_of = {key: sid for sid, key in self._stream_of.items()}
+        self._events_key = keys.events.encode()
+        # every stream's read position, kept between reads: each read updates only the
+        # streams that moved (EdgeCursors.moved_positions), not all of them
+        self._xread_streams: dict[bytes, str] = {}
         self._fill_candles = fill_candles
         self._fill_events = fill_events
         self._connected = {"closed": False, "forming": False}
@@ -249,42 +228,100 @@ class EdgeFeed:
         await self._fill_event_gap(self.cursors.resync_events(), sink)
         self._ready["closed"].set()
         keys = self.settings.keys
+        notices_key = keys.batches.encode()
+        # where the notices stand before the first read of every stream: a batch appended
+        # after it has a notice after it, one appended before is in that read
+        with trio.fail_after(self.settings.command_timeout_s):
+            top = await client.create_request(
+                CommandName.EVAL,
+                NOTICES_TOP,
+                2,
+                keys.batches,
+                keys.batches_count,
+                callback=_AS_IS,
+            )
+        position, last = notices_top(top)
+        number: int | None = last
+        # the streams to read without waiting: None, every stream; else the ones notices
+        # named (or a read cut short by COUNT) that were not read yet
+        unread: set[bytes] | None = None
         timeout = self.settings.block_ms / 1000 + self.settings.command_timeout_s
         streams = self._xread_streams
         while True:
-            for sid, position in self.cursors.moved_positions().items():
-                streams[keys.events if sid is None else self._stream_of[sid]] = str(position)
+            for sid, at in self.cursors.moved_positions().items():
+                streams[self._events_key if sid is None else self._stream_of[sid]] = str(at)
+            if unread is None or unread:
+                wanted = streams if unread is None else {k: streams[k] for k in unread}
+                with trio.fail_after(self.settings.command_timeout_s):
+                    raw = await self._xread(client, wanted)
+                reply = xread_entries(raw)
+                unread = await self._deliver(reply, sink) if reply else set()
+                continue
+            # nothing to read: wait for the next notice (one key, whatever the streams)
             with trio.fail_after(timeout):
-                # stacked directly and answered as Redis sent it: coredis's xread() checks
-                # its arguments and turns every entry into a StreamEntry with a dict of its
-                # fields, which cost more than the rest of the read (xread_entries reads it)
-                raw = await client.create_request(
-                    CommandName.XREAD,
-                    b"BLOCK",
-                    self.settings.block_ms,
-                    b"COUNT",
-                    self.settings.count,
-                    b"STREAMS",
-                    *streams.keys(),
-                    *streams.values(),
-                    callback=_AS_IS,
+                raw = await self._xread(
+                    client, {notices_key: str(position)}, block_ms=self.settings.block_ms
                 )
-            reply = xread_entries(raw)
-            if reply:
-                await self._deliver(reply, sink)
+            notices = xread_entries(raw).get(notices_key, ())
+            if not notices:
+                # no notice for block_ms: every stream once, in case a writer that sends
+                # none (an older version) appended something
+                unread = None
+                continue
+            for entry in notices:
+                position = entry_id_of(entry)
+                try:
+                    n, named = notice_of(entry)
+                except WireError as exc:
+                    self._malformed(notices_key, position, exc)
+                    unread, number = None, None
+                    continue
+                if number is None or n != number + 1:
+                    unread = None  # notices missed (trimmed, or the counter was reset)
+                number = n
+                if unread is not None:
+                    unread.update(k for k in named if k in streams)
 
-    async def _deliver(self, reply: Mapping[bytes, Sequence[RawEntry]], sink: MarketSink) -> None:
+    async def _xread(
+        self,
+        client: coredis.Redis[bytes],
+        streams: Mapping[bytes, str],
+        *,
+        block_ms: int | None = None,
+    ) -> object:
+        """XREAD of ``streams`` from their positions (blocking ``block_ms`` when given),
+        answered as Redis sent it: coredis's xread() checks its arguments and turns every
+        entry into a StreamEntry with a dict of its fields, which cost more than the rest of
+        the read (:func:`xread_entries` reads it)."""
+        block = () if block_ms is None else (b"BLOCK", block_ms)
+        return await client.create_request(
+            CommandName.XREAD,
+            *block,
+            b"COUNT",
+            self.settings.count,
+            b"STREAMS",
+            *streams.keys(),
+            *streams.values(),
+            callback=_AS_IS,
+        )
+
+    async def _deliver(
+        self, reply: Mapping[bytes, Sequence[RawEntry]], sink: MarketSink
+    ) -> set[bytes]:
+        """Deliver what an XREAD returned; the streams to read again at once: those cut
+        short by COUNT, and the events stream when its entries wait for them."""
         keys = self.settings.keys
-        events_key = keys.events.encode()
-        cut = False
+        events_key = self._events_key
+        cut: set[bytes] = set()
         for key, entries in reply.items():
             if key == events_key:
                 continue
-            cut = cut or len(entries) >= self.settings.count
+            if len(entries) >= self.settings.count:
+                cut.add(key)
             series_id = self._series_of.get(key) or keys.series_of(key)
             candles = []
             for entry in entries:
-                entry_id = _entry_id(entry)
+                entry_id = entry_id_of(entry)
                 self.cursors.note_read(series_id, entry_id)
                 try:
                     candle = decode_candle(entry_field(entry, CANDLE_FIELD))
@@ -299,11 +336,15 @@ class EdgeFeed:
                     await self._fill_candle_gap(run.gap, sink)
                 self._publish_closed(sink, series_id, self.cursors.accept(series_id, run.candles))
         entries = reply.get(events_key, ())
-        if cut or not entries:
-            return  # the events wait for the next read, after the candles before them
+        if not entries:
+            return cut
+        if cut:
+            return cut | {events_key}  # the events wait for the candles before them
+        if len(entries) >= self.settings.count:
+            cut.add(events_key)
         events: dict[int, SystemEvent] = {}
         for entry in entries:
-            entry_id = _entry_id(entry)
+            entry_id = entry_id_of(entry)
             self.cursors.note_read(None, entry_id)
             try:
                 fields = decode_event(entry_field(entry, EVENT_FIELD))
@@ -325,6 +366,7 @@ class EdgeFeed:
                 await self._fill_event_gap(event_run.gap, sink)
             for event_id in self.cursors.accept_events(event_run.event_ids):
                 self._publish_system(sink, events[event_id])
+        return cut
 
     def _malformed(self, key: bytes, entry_id: StreamId, exc: WireError) -> None:
         self._counts["malformed"] += 1

@@ -9,6 +9,12 @@ Plain data, no I/O.
 - One events stream, ``{prefix}events``; the entry ID is the event log's ``event_id``,
   ``<event_id>-0``.
 - Forming candles: pub/sub channel ``{prefix}forming`` (at most once).
+- The batch notices, ``{prefix}batches``: one entry per published batch that appended
+  anything, numbered by the counter ``{prefix}batches:count`` and listing the streams it
+  appended to, written in the same script as the batch's entries. An edge waits on this one
+  stream and then reads only the streams a notice names (``bus/feed.py``); a number that
+  does not follow the last one seen means notices were missed, and the edge reads every
+  stream.
 
 Redis keeps a stream's last ID when MAXLEN trims its entries and refuses IDs at or below it
 still; only a restart without persistence forgets it (then edges notice a hole by the IDs,
@@ -25,6 +31,9 @@ from tradecanvas.errors import WireError
 from tradecanvas.model import MS, Timeframe
 
 DEFAULT_PREFIX: Final = "tradecanvas:"
+# a batch notice's fields: its number, and the stream keys appended to (one per line)
+NOTICE_NUMBER_FIELD: Final = b"n"
+NOTICE_KEYS_FIELD: Final = b"keys"
 
 
 class StreamId(NamedTuple):
@@ -114,6 +123,15 @@ class StreamKeys:
     @property
     def events(self) -> str:
         return f"{self.prefix}events"
+
+    @property
+    def batches(self) -> str:
+        return f"{self.prefix}batches"
+
+    @property
+    def batches_count(self) -> str:
+        """The number of the last batch notice (``INCR``ed with each)."""
+        return f"{self.prefix}batches:count"
 
     @property
     def forming(self) -> str:

@@ -6,11 +6,13 @@ block — so it stands where the Hub stands in the single process (or beside it,
 tee). Its one task, :meth:`BusPublisher.run`, takes each tick's batch and sends it in one
 round trip: one EVAL of :data:`XADD_ALL`, which runs an ``XADD key MAXLEN ~ n <open_ms>-0``
 per closed candle (one stream per series) and an XADD per system event on the events stream
-(``<event_id>-0``), in the batch's order, and answers for each; then, in the same pipeline
-(no MULTI), a PUBLISH per forming candle. One script instead of a pipeline of XADDs: coredis's
-work per command was most of the publisher's CPU (docs/distributed.md, "Throughput"), and an
-edge's XREAD wakes once per batch. Redis refusing an ID at or below a stream's top means
-"already published".
+(``<event_id>-0``), in the batch's order, and answers for each; when anything was appended,
+the same script adds the batch's notice (its number and the streams appended to) to the
+notices stream, which is what edges wait on (``bus/ids.py``, ``bus/feed.py``); then, in the
+same pipeline (no MULTI), a PUBLISH per forming candle. One script instead of a pipeline of
+XADDs: coredis's work per command was most of the publisher's CPU (docs/distributed.md,
+"Throughput"), and an edge wakes once per batch. Redis refusing an ID at or below a stream's
+top means "already published".
 
 Faults: a Redis failure (connection refused or lost, a command not answered within
 ``command_timeout_s``) is logged, shown in :meth:`BusPublisher.health`, and followed by a
@@ -36,7 +38,13 @@ import trio
 from coredis.commands.constants import CommandName
 from coredis.response._callbacks import NoopCallback
 
-from tradecanvas.bus.ids import StreamKeys, candle_entry_id, event_entry_id
+from tradecanvas.bus.ids import (
+    NOTICE_KEYS_FIELD,
+    NOTICE_NUMBER_FIELD,
+    StreamKeys,
+    candle_entry_id,
+    event_entry_id,
+)
 from tradecanvas.bus.outbox import (
     DEFAULT_MAX_BACKLOG,
     Answer,
@@ -69,19 +77,26 @@ log = logging.getLogger(__name__)
 # a week of 1m bars per series stream; an edge further behind fills from the store
 DEFAULT_MAXLEN: Final = 10_080
 DEFAULT_EVENTS_MAXLEN: Final = 100_000
+# batch notices (one per batch that appended anything): an edge further behind reads every
+# stream once instead
+DEFAULT_BATCHES_MAXLEN: Final = 1_000
 # entries per pipeline: large enough to amortise the round trip, small enough that one
 # batch's reply stays a few MB
 DEFAULT_BATCH_MAX: Final = 2_000
 DEFAULT_BACKOFF: Final = Backoff(base_s=0.1, cap_s=5.0)
 DEFAULT_COMMAND_TIMEOUT_S: Final = 10.0
 _AS_IS: Final = NoopCallback[object]()
-# One batch's XADDs, run by Redis in one go: KEYS are the streams, ARGV four values per
-# entry (MAXLEN, ID, field, payload). Per entry: 1 appended, 0 refused because the stream is
-# already at or past the ID ("already published"), or the error's text. Each XADD's own
-# error is caught (pcall): one failing entry does not stop the others, as in a pipeline.
-XADD_ALL: Final = """
-local answers = {}
-for i = 1, #KEYS do
+# One batch's XADDs, run by Redis in one go: KEYS are the streams, then the batch notices
+# stream and its counter; ARGV four values per entry (MAXLEN, ID, field, payload), then the
+# notices' MAXLEN. Per entry: 1 appended, 0 refused because the stream is already at or past
+# the ID ("already published"), or the error's text. Each XADD's own error is caught
+# (pcall): one failing entry does not stop the others, as in a pipeline. When anything was
+# appended, one notice (number ``n``, the streams appended to, ``keys``, one per line) goes
+# on the notices stream in the same script: an edge that reads the notice finds the entries.
+_XADD_ALL: Final = """
+local answers, moved, seen = {}, {}, {}
+local entries = #KEYS - 2
+for i = 1, entries do
   local a = (i - 1) * 4
   local r = redis.pcall('XADD', KEYS[i], 'MAXLEN', '~', ARGV[a + 1], ARGV[a + 2],
     ARGV[a + 3], ARGV[a + 4])
@@ -93,10 +108,24 @@ for i = 1, #KEYS do
     end
   else
     answers[i] = 1
+    if not seen[KEYS[i]] then
+      seen[KEYS[i]] = true
+      moved[#moved + 1] = KEYS[i]
+    end
   end
 end
+if #moved > 0 then
+  local n = redis.call('INCR', KEYS[entries + 2])
+  redis.call('XADD', KEYS[entries + 1], 'MAXLEN', '~', ARGV[entries * 4 + 1], '*',
+    'NOTICE_NUMBER', n, 'NOTICE_KEYS', table.concat(moved, '\\n'))
+end
 return answers
-""".replace("XADD_REFUSAL", XADD_REFUSAL)
+"""
+XADD_ALL: Final = (
+    _XADD_ALL.replace("XADD_REFUSAL", XADD_REFUSAL)
+    .replace("NOTICE_NUMBER", NOTICE_NUMBER_FIELD.decode())
+    .replace("NOTICE_KEYS", NOTICE_KEYS_FIELD.decode())
+)
 
 
 @attrs.frozen
@@ -104,6 +133,7 @@ class PublisherSettings:
     keys: StreamKeys = attrs.field(factory=StreamKeys)
     maxlen: int = DEFAULT_MAXLEN
     events_maxlen: int = DEFAULT_EVENTS_MAXLEN
+    batches_maxlen: int = DEFAULT_BATCHES_MAXLEN
     batch_max: int = DEFAULT_BATCH_MAX
     max_backlog: int = DEFAULT_MAX_BACKLOG
     backoff: Backoff = DEFAULT_BACKOFF
@@ -130,8 +160,8 @@ class BusPublisher:
     def __init__(self, url: str, settings: PublisherSettings | None = None) -> None:
         self.url = url
         self.settings = settings or PublisherSettings()
-        if self.settings.maxlen < 1 or self.settings.events_maxlen < 1:
-            raise ValueError("maxlen and events_maxlen must be >= 1")
+        if min(self.settings.maxlen, self.settings.events_maxlen, self.settings.batches_maxlen) < 1:
+            raise ValueError("maxlen, events_maxlen and batches_maxlen must be >= 1")
         if self.settings.batch_max < 1:
             raise ValueError("batch_max must be >= 1")
         self._outbox = Outbox(self.settings.max_backlog)
@@ -276,10 +306,18 @@ class BusPublisher:
                 args += (settings.maxlen, str(entry.entry_id), CANDLE_FIELD, entry.payload)
         async with client.pipeline(transaction=False, raise_on_error=False) as pipe:
             if keys:
-                # every XADD of the batch in one EVAL (module docstring); stacked directly:
-                # coredis's eval() validates its arguments per call
+                # every XADD of the batch in one EVAL (module docstring), with its notice;
+                # stacked directly: coredis's eval() validates its arguments per call
                 pipe.create_request(
-                    CommandName.EVAL, XADD_ALL, len(keys), *keys, *args, callback=_AS_IS
+                    CommandName.EVAL,
+                    XADD_ALL,
+                    len(keys) + 2,
+                    *keys,
+                    settings.keys.batches,
+                    settings.keys.batches_count,
+                    *args,
+                    settings.batches_maxlen,
+                    callback=_AS_IS,
                 )
             for payload in batch.forming:
                 pipe.publish(settings.keys.forming, payload)

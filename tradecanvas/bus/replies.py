@@ -1,0 +1,87 @@
+"""An edge's reading of Redis's replies, as Redis sent them (pure, no I/O): XREAD replies,
+stream entries and their fields, and the batch notices (``bus/ids.py``). Anything else is
+a :class:`~tradecanvas.errors.WireError`.
+
+The feed takes replies without coredis's conversion: coredis's ``xread()`` checks its
+arguments and turns every entry into a ``StreamEntry`` with a dict of its fields, which cost
+more than the rest of the read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Final
+
+from tradecanvas.bus.ids import NOTICE_KEYS_FIELD, NOTICE_NUMBER_FIELD, StreamId
+from tradecanvas.errors import WireError
+
+# where the batch notices stand (KEYS: the notices stream, its counter): the last entry's
+# ID and the counter, read together (bus/publisher.py writes both in one script)
+NOTICES_TOP: Final = """
+local top = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
+local count = redis.call('GET', KEYS[2])
+return {top[1] and top[1][1] or '0-0', count or '0'}
+"""
+# an XREAD entry as Redis sends it: [id, [field, value, field, value, ...]]
+RawEntry = Sequence[object]
+
+
+def xread_entries(raw: object) -> dict[bytes, Sequence[RawEntry]]:
+    """An XREAD reply (RESP3: a map of stream → entries; RESP2: a list of [stream, entries];
+    nothing new: None) as stream key → entries. WireError for anything else."""
+    if raw is None:
+        return {}
+    pairs = list(raw.items()) if isinstance(raw, dict) else raw
+    if not isinstance(pairs, list):
+        raise WireError("bus", f"unexpected XREAD reply {raw!r:.200}")
+    out: dict[bytes, Sequence[RawEntry]] = {}
+    for pair in pairs:
+        key, entries = pair if isinstance(pair, list | tuple) and len(pair) == 2 else (None, None)
+        if not isinstance(key, bytes) or not isinstance(entries, list):
+            raise WireError("bus", f"unexpected XREAD reply {raw!r:.200}")
+        out[key] = entries
+    return out
+
+
+def entry_id_of(entry: RawEntry) -> StreamId:
+    identifier = entry[0] if entry else None
+    if not isinstance(identifier, bytes | str):
+        raise WireError("bus", f"malformed stream entry {entry!r:.200}")
+    return StreamId.parse(identifier)
+
+
+def entry_field(entry: RawEntry, name: bytes) -> bytes | str:
+    """Field ``name`` of an XREAD entry; WireError when the entry is not one or lacks it."""
+    if len(entry) != 2 or not isinstance(entry[1], list):
+        raise WireError("bus", f"malformed stream entry {entry!r:.200}")
+    values = entry[1]
+    for i in range(0, len(values) - 1, 2):
+        if values[i] == name:
+            value = values[i + 1]
+            if isinstance(value, bytes | str):
+                return value
+            break
+    raise WireError("bus", f"stream entry without field {name!r}")
+
+
+def notices_top(raw: object) -> tuple[StreamId, int]:
+    """:data:`NOTICES_TOP`'s answer: the notices stream's last entry ID (0-0: none) and the
+    number of the last notice (0: none); WireError for anything else."""
+    if (
+        not isinstance(raw, list)
+        or len(raw) != 2
+        or not all(isinstance(v, bytes) and v[:1].isdigit() for v in raw)
+        or not raw[1].isdigit()
+    ):
+        raise WireError("bus", f"unexpected answer {raw!r:.200} about the batch notices")
+    return StreamId.parse(raw[0]), int(raw[1])
+
+
+def notice_of(entry: RawEntry) -> tuple[int, list[bytes]]:
+    """A batch notice's number and the stream keys it names; WireError if it is none."""
+    number = entry_field(entry, NOTICE_NUMBER_FIELD)
+    if not number.isdigit():
+        raise WireError("bus", f"batch notice number {number!r}")
+    named = entry_field(entry, NOTICE_KEYS_FIELD)
+    text = named if isinstance(named, bytes) else named.encode()
+    return int(number), text.split(b"\n")
