@@ -172,7 +172,8 @@ class StoreTxn:
             qt = None if q is None else str(q)
             tbt = None if tb is None else str(tb)
             tqt = None if tq is None else str(tq)
-            if "E" in o + h + lo + cl + v + (qt or "") + (tbt or "") + (tqt or ""):
+            # (one f-string: a None shows as "None", which has no "E")
+            if "E" in f"{o}{h}{lo}{cl}{v}{qt}{tbt}{tqt}":
                 # str chose scientific notation somewhere: the store keeps plain decimals
                 o, h, lo, cl, v = (_plain(x) for x in (c.open, c.high, c.low, c.close, c.volume))
                 qt, tbt, tqt = _text(q), _text(tb), _text(tq)
