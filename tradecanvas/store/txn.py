@@ -172,8 +172,14 @@ class StoreTxn:
             qt = None if q is None else str(q)
             tbt = None if tb is None else str(tb)
             tqt = None if tq is None else str(tq)
-            # (one f-string: a None shows as "None", which has no "E")
-            if "E" in f"{o}{h}{lo}{cl}{v}{qt}{tbt}{tqt}":
+            # (an f-string of the five, the extras one by one: formatting a None costs more
+            # than its check)
+            if (
+                "E" in f"{o}{h}{lo}{cl}{v}"
+                or (qt is not None and "E" in qt)
+                or (tbt is not None and "E" in tbt)
+                or (tqt is not None and "E" in tqt)
+            ):
                 # str chose scientific notation somewhere: the store keeps plain decimals
                 o, h, lo, cl, v = (_plain(x) for x in (c.open, c.high, c.low, c.close, c.volume))
                 qt, tbt, tqt = _text(q), _text(tb), _text(tq)
