@@ -1,5 +1,6 @@
-"""RecentBars answers exactly what the store holds, whatever mix of reads, writes and trims
-came before (hypothesis against real SQLite), and reads only what it does not know."""
+"""RecentBars answers exactly what the store holds, whatever mix of reads, writes (above the
+known head too, as a live minute's) and trims came before (hypothesis against real SQLite),
+and reads only what it does not know."""
 
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ ops = st.one_of(
     st.tuples(st.just("before"), times, st.just(0)),
     st.tuples(st.just("head"), st.just(0), st.just(0)),
     st.tuples(st.just("trim"), times, st.just(0)),
+    st.tuples(st.just("above"), st.just(0), st.integers(1, 3)),
 )
 
 
@@ -66,6 +68,15 @@ def test_answers_equal_the_store(
             assert recent.last_before(txn, SID, arg) == txn.last_before(SID, arg)
         elif op == "head":
             assert recent.head(txn, SID) == txn.head_time(SID)
+        elif op == "above":
+            # as the live minute's short way does: one row above the known head
+            head = recent.head(txn, SID)
+            if head is not None:
+                above = row(head + 60 * n, n)
+                txn.write_rows([(SID, above)])
+                recent.wrote_above_head(SID, above)
+                # known without a read: nothing between the old head and the row
+                assert recent.known_range(SID, head + 1, head + 60 * n + 1) == [above]
         else:
             assert isinstance(arg, int)
             recent.trim(SID, arg)

@@ -25,6 +25,10 @@ class SeriesUpdate(NamedTuple):
     revised: int = 0  # of ``candles``, how many replaced a different stored value (not new)
 
 
+_CANDLES = operator.itemgetter(1)  # SeriesUpdate.candles
+SERIES_ID = operator.itemgetter(0)  # SeriesUpdate.series_id
+
+
 @attrs.frozen
 class IngestBatch:
     """Closed base candles to commit, with where they came from."""
@@ -55,7 +59,8 @@ class PipelineResult:
 
     @property
     def committed(self) -> int:
-        return sum(len(u.candles) for u in self.updates)
+        # (C-level maps: a live run has an update per series)
+        return sum(map(len, map(_CANDLES, self.updates)))
 
     def in_series_id_order(self) -> list[SeriesUpdate]:
         return sorted(self.updates, key=lambda u: u.series_id)

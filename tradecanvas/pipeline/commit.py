@@ -31,7 +31,13 @@ from tradecanvas.model import (
     validate_candle,
 )
 from tradecanvas.pipeline.apply import BatchCommit
-from tradecanvas.pipeline.batch import IngestBatch, PipelineResult, SeriesUpdate, dedupe
+from tradecanvas.pipeline.batch import (
+    SERIES_ID,
+    IngestBatch,
+    PipelineResult,
+    SeriesUpdate,
+    dedupe,
+)
 from tradecanvas.pipeline.events import (
     SystemEvent,
     served_series_events,
@@ -170,7 +176,7 @@ class IngestPipeline:
             quick=len(batch.candles) + len(batch.absent) <= QUICK_BATCH,
         )
         # the fingerprint is settled once the transaction that checked it has committed
-        self._fingerprint_checked.update(u.series_id for u in result.updates)
+        self._fingerprint_checked.update(map(SERIES_ID, result.updates))
         self._runs += 1
         self._received += result.received
         self._committed += result.committed

@@ -49,17 +49,25 @@ def aggregate(
 
     Equal to :func:`aggregate_reference` (the rule written plainly; the tests hold them equal
     for all inputs)."""
-    open_: Decimal | None = None
-    high = low = _ZERO  # set from the first part that traded
-    volume = _ZERO
-    quote: Decimal | None = _ZERO
-    base_taker: Decimal | None = _ZERO
-    quote_taker: Decimal | None = _ZERO
-    trades: int | None = 0
-    for p in parts:
+    # the sums start from the first part, not from 0: one Decimal addition fewer per field
+    # (a fifth of a 5m bar's). The same values; the same text too (0 + x has x's digits),
+    # but for a first part of -0, which the store then holds as "-0", not "0"
+    first = parts[0]
+    volume = first.volume
+    quote = first.quote_volume
+    trades = first.trades
+    base_taker = first.taker_buy_base
+    quote_taker = first.taker_buy_quote
+    if volume:  # traded (a valid volume is >= 0; a Decimal's truth is ~5x cheaper than > 0)
+        open_: Decimal | None = first.open
+        high, low = first.high, first.low
+    else:
+        open_ = None
+        high = low = _ZERO  # set from the first part that traded
+    for p in parts[1:]:
         v = p.volume
         volume += v
-        if v:  # traded (a valid volume is >= 0; a Decimal's truth is ~5x cheaper than > 0)
+        if v:
             if open_ is None:
                 open_, high, low = p.open, p.high, p.low
             else:
@@ -81,7 +89,7 @@ def aggregate(
             x = p.taker_buy_quote
             quote_taker = None if x is None else quote_taker + x
     if open_ is None:
-        open_ = high = low = close = previous_close if previous_close is not None else parts[0].open
+        open_ = high = low = close = previous_close if previous_close is not None else first.open
     else:
         close = parts[-1].close
     return Candle(

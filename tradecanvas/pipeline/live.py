@@ -3,12 +3,19 @@ from what :class:`RecentBars` knows (no read). Sans-IO."""
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Collection, Sequence
+from typing import Final
 
 from tradecanvas.model import MINUTE, Candle, SeriesId
 from tradecanvas.pipeline.derive import aggregate
 from tradecanvas.pipeline.levels import Level
 from tradecanvas.pipeline.recent import RecentBars
+
+# (C-level getters: a bar's parts are checked without a Python loop)
+_CANDLE: Final = operator.itemgetter(0)  # StoredCandle.candle
+_COMPLETE: Final = operator.itemgetter(2)  # StoredCandle.complete
+_VOLUME: Final = operator.attrgetter("volume")
 
 
 def due_bars(
@@ -36,13 +43,10 @@ def due_bars(
         elif derived_head >= bucket or dsid not in checked:
             return None
         rows = recent.known_range(sid, bucket, t)
-        if rows is None or len(rows) + 1 != level.parts:
+        if rows is None or len(rows) + 1 != level.parts or not all(map(_COMPLETE, rows)):
             return None
-        parts = [r.candle for r in rows if r.complete]
-        if len(parts) != len(rows):
-            return None
-        parts.append(candle)
-        if not any(c.volume for c in parts):  # (a Decimal is true when not 0)
+        parts = [*map(_CANDLE, rows), candle]
+        if not any(map(_VOLUME, parts)):  # (a Decimal is true when not 0)
             return None  # flat at the previous close: the long way looks it up
         bars.append((aggregate(bucket, parts), derived_head is None))
     return bars

@@ -239,9 +239,7 @@ class RecentBars:
             return None
         times = known.times
         i = bisect.bisect_left(times, start)
-        j = bisect.bisect_left(times, end, i)
-        rows = known.rows
-        return [rows[t] for t in times[i:j]]
+        return list(map(known.rows.__getitem__, times[i : bisect.bisect_left(times, end, i)]))
 
     def known_head(self, series_id: str) -> int | None:
         """The series' head when it is known and something is stored (no read), else None."""
@@ -255,10 +253,12 @@ class RecentBars:
         head = known.head
         assert head is not None and t > head
         spans = known.spans
-        if spans and spans[-1][0] <= head + 1 <= spans[-1][1]:  # extends the newest span
-            spans[-1] = (spans[-1][0], max(spans[-1][1], t + 1))
+        above = head + 1
+        if spans and (last := spans[-1])[0] <= above <= last[1]:  # extends the newest span
+            if t >= last[1]:
+                spans[-1] = (last[0], t + 1)
         else:
-            known.cover(head + 1, t + 1)
+            known.cover(above, t + 1)
         known.head = t
         known.times.append(t)
         known.rows[t] = row

@@ -58,6 +58,35 @@ def _text(value: Decimal | None) -> str | None:
     return None if value is None else _plain(value)
 
 
+def _row_values(rows: Sequence[tuple[str, StoredCandle]]) -> list[object]:
+    """The ``candles`` columns of ``rows``, one after the other, for :func:`_insert_sql`
+    (it runs for every candle written): decimals as plain text (see :func:`_plain`)."""
+    values: list[object] = []
+    extend = values.extend
+    for series_id, (c, source, complete) in rows:
+        o, h, lo, cl, v = str(c.open), str(c.high), str(c.low), str(c.close), str(c.volume)
+        q, tb, tq = c.quote_volume, c.taker_buy_base, c.taker_buy_quote
+        qt = None if q is None else str(q)
+        tbt = None if tb is None else str(tb)
+        tqt = None if tq is None else str(tq)
+        # (an f-string of the five, the extras one by one: formatting a None costs more
+        # than its check)
+        if (
+            "E" in f"{o}{h}{lo}{cl}{v}"
+            or (qt is not None and "E" in qt)
+            or (tbt is not None and "E" in tbt)
+            or (tqt is not None and "E" in tqt)
+        ):
+            # str chose scientific notation somewhere: the store keeps plain decimals
+            o, h, lo, cl, v = (_plain(x) for x in (c.open, c.high, c.low, c.close, c.volume))
+            qt, tbt, tqt = _text(q), _text(tb), _text(tq)
+        extend(
+            (series_id, c.candle_time, o, h, lo, cl, v, qt, c.trades, tbt, tqt, source,
+             1 if complete else 0)
+        )  # fmt: skip
+    return values
+
+
 def _plain(value: Decimal) -> str:
     """The decimal's text without an exponent (``format(value, "f")``; ``str`` is three
     times faster and the same unless it chose scientific notation)."""
@@ -162,33 +191,16 @@ class StoreTxn:
         many series at once. In multi-row ``INSERT`` statements (see :func:`_insert_sql`)."""
         if not rows:
             return
-        # the ``candles`` row of each pair, built here (it runs for every candle written):
-        # decimals as plain text (see :func:`_plain`)
-        values: list[object] = []
-        extend = values.extend
-        for series_id, (c, source, complete) in rows:
-            o, h, lo, cl, v = str(c.open), str(c.high), str(c.low), str(c.close), str(c.volume)
-            q, tb, tq = c.quote_volume, c.taker_buy_base, c.taker_buy_quote
-            qt = None if q is None else str(q)
-            tbt = None if tb is None else str(tb)
-            tqt = None if tq is None else str(tq)
-            if "E" in o + h + lo + cl + v + (qt or "") + (tbt or "") + (tqt or ""):
-                # str chose scientific notation somewhere: the store keeps plain decimals
-                o, h, lo, cl, v = (_plain(x) for x in (c.open, c.high, c.low, c.close, c.volume))
-                qt, tbt, tqt = _text(q), _text(tb), _text(tq)
-            extend(
-                (series_id, c.candle_time, o, h, lo, cl, v, qt, c.trades, tbt, tqt, source,
-                 1 if complete else 0)
-            )  # fmt: skip
         execute = self._conn.execute
         at, left = 0, len(rows)
         while left:
             count = (
                 ROWS_PER_STATEMENT if left >= ROWS_PER_STATEMENT else 1 << (left.bit_length() - 1)
             )
-            end = at + count * _WIDTH
-            execute(_insert_sql(count), values[at:end])
-            at, left = end, left - count
+            # each statement's values built for it (not sliced from one list of all: a copy
+            # of 13 references a row)
+            execute(_insert_sql(count), _row_values(rows[at : at + count]))
+            at, left = at + count, left - count
 
     def range(self, series_id: str, start: int, end: int) -> list[StoredCandle]:
         """Stored candles with ``start <= candle_time < end``, ascending."""
