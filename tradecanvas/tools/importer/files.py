@@ -1,9 +1,11 @@
 """The files ``tradecanvas import`` reads: which ones, which series each holds, and their
 candles — a zip's ``.CHECKSUM`` verified before anything of it is read.
 
-Everything here is synchronous (the command runs it on a worker thread). A file that cannot
-be imported raises :class:`ArchiveFileError` naming it (and the line, for a bad row); nothing
-of it has been handed on by then.
+Everything here is synchronous: the command runs it on a worker thread, or in its reading
+process (:mod:`~tradecanvas.tools.importer.reader`), which is why this module imports
+nothing of the pipeline or the store. A file that cannot be imported raises
+:class:`ArchiveFileError` naming it (and the line, for a bad row); nothing of it has been
+handed on by then.
 """
 
 from __future__ import annotations
@@ -19,9 +21,11 @@ import attrs
 
 from tradecanvas.errors import BadInputError, WireError
 from tradecanvas.model import MINUTE, Candle, Market, SeriesId
-from tradecanvas.pipeline.commit import collector_paused
 from tradecanvas.wire.archive import (
     ArchiveName,
+    CandleColumns,
+    candle_columns,
+    candles_of_columns,
     market_of_path,
     missing_runs,
     parse_archive_name,
@@ -39,6 +43,7 @@ class ArchiveFileError(BadInputError):
     def __init__(self, path: Path, problem: str) -> None:
         super().__init__(f"{path}: {problem}")
         self.path = path
+        self.problem = problem
 
 
 @attrs.frozen
@@ -174,10 +179,7 @@ def read_file(file: ImportFile) -> ReadFile:
         raise ArchiveFileError(path, f"cannot read it: {exc}") from None
     span = None if file.name is None else (file.name.start, file.name.end)
     try:
-        # the rows make no reference cycle: the collector's walks over them (and over the
-        # candles read before, still waiting) were a seventh of the parse
-        with collector_paused():
-            candles = parse_archive_text(text, span=span)
+        candles = parse_archive_text(text, span=span)
     except WireError as exc:
         raise ArchiveFileError(path, f"{where}{exc.detail}; nothing of this file stored") from None
     if not candles:
@@ -195,11 +197,34 @@ def read_file(file: ImportFile) -> ReadFile:
     return ReadFile(file, candles, checksum, holes)
 
 
+@attrs.frozen
+class CheckedFile:
+    """A file verified, unpacked and checked row by row, its candles as columns (what the
+    reading process sends): :meth:`read` builds its :class:`ReadFile` without checking
+    again."""
+
+    file: ImportFile
+    columns: CandleColumns
+    checksum: bool
+    holes: list[tuple[int, int]]
+
+    def read(self) -> ReadFile:
+        return ReadFile(self.file, candles_of_columns(self.columns), self.checksum, self.holes)
+
+
+def check_file(file: ImportFile) -> CheckedFile:
+    """:func:`read_file`, its candles as columns. Raises ArchiveFileError."""
+    read = read_file(file)
+    return CheckedFile(file, candle_columns(read.candles), read.checksum, read.holes)
+
+
 __all__ = [
     "CHECKSUM_SUFFIX",
     "ArchiveFileError",
+    "CheckedFile",
     "ImportFile",
     "ReadFile",
+    "check_file",
     "find_files",
     "plan_file",
     "read_file",
