@@ -17,6 +17,7 @@ cancelled or not.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import pickle
 import subprocess
@@ -93,7 +94,10 @@ class ReadingProcess:
         self._buffer = bytearray()
 
     async def request(self, file: ImportFile) -> None:
-        await self._requests.send_all(frame(file))
+        """Ask for ``file``. To a process that has ended, nothing: the :meth:`receive` of
+        the answer says how it ended."""
+        with contextlib.suppress(trio.BrokenResourceError):
+            await self._requests.send_all(frame(file))
 
     async def _receive_exactly(self, size: int) -> bytes | None:
         buffer = self._buffer
