@@ -14,7 +14,7 @@ from tradecanvas.errors import CandleError, WireError
 from tradecanvas.model import BASE_TIMEFRAME, Candle, Timeframe, validate_candle
 from tradecanvas.wire.archive import (
     ARCHIVE_HEADER,
-    _parse_plain,
+    _plain_columns,
     archive_lines,
     candle_columns,
     candles_of_columns,
@@ -289,8 +289,9 @@ def test_the_archive_own_form_takes_the_shorter_loop(header: bool, unit: int) ->
                                  header=header))  # fmt: skip
     if unit != 1000:
         text = text.replace("000,", "000000,").replace("999,", "999999,")
-    candles = _parse_plain(text, (T0, T0 + 86_400))
-    assert candles is not None
+    columns = _plain_columns(text, (T0, T0 + 86_400))
+    assert columns is not None
+    candles = candles_of_columns(columns)
     assert candles == parse_archive_rows(io.StringIO(text))
     assert [c.candle_time for c in candles] == [T0, T0 + 60]
 

@@ -252,22 +252,56 @@ def parse_archive_rows(
 
 def parse_archive_text(text: str, *, span: tuple[int, int] | None = None) -> list[Candle]:
     """The 1m candles of one archive file's whole text: :func:`parse_archive_rows` of its
-    lines, the same candles and the same refusals. A file in the archive's own form (12
-    columns, every field a plain unsigned number, ``\\n`` line ends, at most the header line
-    besides) goes through a shorter loop first (about 13% less CPU than the rows one by one:
-    docs/benchmarks.md, Import); anything else, or anything that loop would have to refuse,
-    is read again by :func:`parse_archive_rows`, which says why."""
-    plain = _parse_plain(text, span)
-    return plain if plain is not None else parse_archive_rows(io.StringIO(text), span=span)
+    lines, the same candles and the same refusals (the candles of
+    :func:`archive_columns`)."""
+    plain = _plain_columns(text, span)
+    if plain is None:
+        return parse_archive_rows(io.StringIO(text), span=span)
+    return candles_of_columns(plain)
 
 
-def _parse_plain(text: str, span: tuple[int, int] | None) -> list[Candle] | None:
-    """:func:`parse_archive_text`'s shorter loop; None: read it row by row instead.
+def archive_columns(text: str, *, span: tuple[int, int] | None = None) -> CandleColumns:
+    """:func:`parse_archive_text`'s candles as :class:`CandleColumns`, the same refusals. A
+    file in the archive's own form (12 columns, every field a plain unsigned number, ``\\n``
+    line ends, at most the header line besides) goes through a shorter loop, which checks
+    the rows and keeps their fields' text without building a ``Candle``; anything else, or
+    anything that loop would have to refuse, is read again by :func:`parse_archive_rows`,
+    which says why."""
+    plain = _plain_columns(text, span)
+    if plain is None:
+        return candle_columns(parse_archive_rows(io.StringIO(text), span=span))
+    return plain
+
+
+class _Prices(dict[str, int]):
+    """Each distinct price text's index into ``texts`` and ``decimals`` (its Decimal), given
+    at first sight: a file's prices repeat (a minute mostly opens at the last one's close,
+    and its high or low is often one of those)."""
+
+    __slots__ = ("decimals", "texts")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.texts: list[str] = []
+        self.decimals: list[Decimal] = []
+
+    def __missing__(self, text: str) -> int:
+        value = Decimal(text)
+        index = self[text] = len(self.texts)
+        self.texts.append(text)
+        self.decimals.append(value)
+        return index
+
+
+def _plain_columns(text: str, span: tuple[int, int] | None) -> CandleColumns | None:
+    """:func:`archive_columns`' shorter loop; None: read it row by row instead.
 
     Only digits, points and commas in the rows mean every number is finite and not
     negative, so :func:`~tradecanvas.model.plainly_valid` comes down to low ≤ open, close ≤
-    high; ``int`` and ``Decimal`` refuse the rest of what is not a number (an empty field,
-    ``1.2.3``), and a row of another width the unpacking (12 fields)."""
+    high; ``int`` and ``Decimal`` refuse the rest of what is not a number among the times,
+    trades and prices, and a row of another width the unpacking (12 fields). Of such text
+    a volume is a number (``Decimal`` reads it) when it is digits with at most one point
+    among them (not ``""``, ``.`` or ``1.2.3``), which is checked without building it."""
     if not text[:1].isdigit():
         first, _, text = text.partition("\n")
         if first.split(",", 1)[0].strip().lower() not in _HEADER_NAMES:
@@ -280,10 +314,17 @@ def _parse_plain(text: str, span: tuple[int, int] | None) -> list[Candle] | None
     if not lines:
         return None
     low, high = span if span is not None else (0, 2**62)
-    candles: list[Candle] = []
-    append = candles.append
-    price = _Decimals()
-    dec = Decimal
+    prices = _Prices()
+    value = prices.decimals
+    columns = CandleColumns(
+        array.array("q"), prices.texts, array.array("L"), array.array("L"), array.array("L"),
+        array.array("L"), [], [], [], [], [],
+    )  # fmt: skip
+    add_time, add_open = columns.times.append, columns.open.append
+    add_high, add_low, add_close = columns.high.append, columns.low.append, columns.close.append
+    add_volume, add_quote = columns.volume.append, columns.quote_volume.append
+    add_trades, add_base = columns.trades.append, columns.taker_buy_base.append
+    add_base_quote = columns.taker_buy_quote.append
     previous = -1
     try:
         unit = _unit_of(lines[0].split(",", 1)[0])
@@ -296,27 +337,44 @@ def _parse_plain(text: str, span: tuple[int, int] | None) -> list[Candle] | None
             if ticks % step or t <= previous or int(close) - ticks != last:
                 return None
             previous = t
-            op, hi, lw, cl = price[o], price[h], price[lo], price[c]
-            if not (lw <= op <= hi and lw <= cl <= hi):
+            i_open, i_high, i_low, i_close = prices[o], prices[h], prices[lo], prices[c]
+            lw, hi = value[i_low], value[i_high]
+            if not (lw <= value[i_open] <= hi and lw <= value[i_close] <= hi):
                 return None
-            append(Candle(t, op, hi, lw, cl, dec(v), dec(q), int(n), dec(b), dec(bq)))
+            if not (
+                v.replace(".", "", 1).isdigit()
+                and q.replace(".", "", 1).isdigit()
+                and b.replace(".", "", 1).isdigit()
+                and bq.replace(".", "", 1).isdigit()
+            ):
+                return None
+            add_trades(int(n))
+            add_time(t)
+            add_open(i_open)
+            add_high(i_high)
+            add_low(i_low)
+            add_close(i_close)
+            add_volume(v)
+            add_quote(q)
+            add_base(b)
+            add_base_quote(bq)
     except (ValueError, ArithmeticError):  # a row of another width, a field not a number
         return None
-    if candles[0].candle_time < low or previous >= high:
+    if columns.times[0] < low or previous >= high:
         return None
-    return candles
+    return columns
 
 
 @attrs.frozen
 class CandleColumns:
-    """Candles as columns, the form in which ``tradecanvas import``'s reading process sends
-    the candles it checked: a month of them crosses a pipe and unpickles in ~15 ms, where
-    ``Candle`` objects took longer to unpickle than to parse, and :func:`candles_of_columns`
-    builds them back in about half the time of a parse of their text (it splits nothing
-    and checks nothing; the prices repeat, and each distinct one is built once).
+    """Checked candles as columns: what :func:`archive_columns` reads from a file, and the
+    form in which ``tradecanvas import``'s reading process sends them. A month of them
+    crosses a pipe and unpickles in ~15 ms (``Candle`` objects took longer to unpickle than
+    to parse), and :func:`candles_of_columns` builds them in about half the time of a parse
+    of their text: it splits nothing and checks nothing, and builds each distinct price once.
 
-    Each Decimal is kept as its ``str``, which gives back the same Decimal — sign, digits
-    and exponent — so the store writes the same text as for the candles themselves."""
+    Each decimal is kept as text: the file's own, or a Decimal's ``str``, which gives back
+    the same Decimal — sign, digits and exponent — so the store writes the same text."""
 
     times: array.array[int]  # candle_time
     prices: list[str]  # each distinct price text once
@@ -429,6 +487,7 @@ __all__ = [
     "ARCHIVE_HEADER",
     "ArchiveName",
     "CandleColumns",
+    "archive_columns",
     "archive_lines",
     "candle_columns",
     "candles_of_columns",

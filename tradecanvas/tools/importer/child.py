@@ -1,5 +1,5 @@
 """The reading process of a large ``tradecanvas import``: a child that verifies, unpacks and
-checks each file it is asked for and sends back its rows as checked text, so that the parse
+checks each file it is asked for and sends back its candles as columns, so that the parse
 runs on another core than the commit, outside its GIL (docs/benchmarks.md, Import).
 
 Started by :mod:`~tradecanvas.tools.importer.reader` as ``python -c`` of :func:`serve`, with

@@ -24,12 +24,11 @@ from tradecanvas.model import MINUTE, Candle, Market, SeriesId
 from tradecanvas.wire.archive import (
     ArchiveName,
     CandleColumns,
-    candle_columns,
+    archive_columns,
     candles_of_columns,
     market_of_path,
     missing_runs,
     parse_archive_name,
-    parse_archive_text,
     series_for,
 )
 
@@ -161,8 +160,22 @@ def _zip_text(path: Path) -> tuple[str, str]:
         return csvs[0].filename, archive.read(csvs[0]).decode("utf-8")
 
 
-def read_file(file: ImportFile) -> ReadFile:
-    """Verify (zip: its .CHECKSUM), unpack and parse ``file``. Raises ArchiveFileError."""
+@attrs.frozen
+class CheckedFile:
+    """A file verified, unpacked and checked row by row, its candles as columns (what the
+    reading process sends): :meth:`read` builds its :class:`ReadFile`."""
+
+    file: ImportFile
+    columns: CandleColumns
+    checksum: bool
+    holes: list[tuple[int, int]]
+
+    def read(self) -> ReadFile:
+        return ReadFile(self.file, candles_of_columns(self.columns), self.checksum, self.holes)
+
+
+def check_file(file: ImportFile) -> CheckedFile:
+    """Verify (zip: its .CHECKSUM), unpack and check ``file``. Raises ArchiveFileError."""
     path = file.path
     checksum = False
     try:
@@ -179,43 +192,24 @@ def read_file(file: ImportFile) -> ReadFile:
         raise ArchiveFileError(path, f"cannot read it: {exc}") from None
     span = None if file.name is None else (file.name.start, file.name.end)
     try:
-        candles = parse_archive_text(text, span=span)
+        columns = archive_columns(text, span=span)
     except WireError as exc:
         raise ArchiveFileError(path, f"{where}{exc.detail}; nothing of this file stored") from None
-    if not candles:
+    times = columns.times
+    if not times:
         holes = [] if span is None else [span]
     elif span is None:
-        holes = missing_runs(
-            [c.candle_time for c in candles],
-            candles[0].candle_time,
-            candles[-1].candle_time + MINUTE,
-        )
-    elif len(candles) == (span[1] - span[0]) // MINUTE:
+        holes = missing_runs(times, times[0], times[-1] + MINUTE)
+    elif len(times) == (span[1] - span[0]) // MINUTE:
         holes = []  # every minute of the period: the rows are ascending, once each, inside it
     else:
-        holes = missing_runs([c.candle_time for c in candles], *span)
-    return ReadFile(file, candles, checksum, holes)
+        holes = missing_runs(times, *span)
+    return CheckedFile(file, columns, checksum, holes)
 
 
-@attrs.frozen
-class CheckedFile:
-    """A file verified, unpacked and checked row by row, its candles as columns (what the
-    reading process sends): :meth:`read` builds its :class:`ReadFile` without checking
-    again."""
-
-    file: ImportFile
-    columns: CandleColumns
-    checksum: bool
-    holes: list[tuple[int, int]]
-
-    def read(self) -> ReadFile:
-        return ReadFile(self.file, candles_of_columns(self.columns), self.checksum, self.holes)
-
-
-def check_file(file: ImportFile) -> CheckedFile:
-    """:func:`read_file`, its candles as columns. Raises ArchiveFileError."""
-    read = read_file(file)
-    return CheckedFile(file, candle_columns(read.candles), read.checksum, read.holes)
+def read_file(file: ImportFile) -> ReadFile:
+    """Verify (zip: its .CHECKSUM), unpack and parse ``file``. Raises ArchiveFileError."""
+    return check_file(file).read()
 
 
 __all__ = [

@@ -5,8 +5,9 @@ The parse (verify, unzip, split, check every row, build the Decimals and ``Candl
 the GIL the commit's Python needs: the commit's thread waited for it a fifth of the time, and
 the reading cost the import about as much CPU as the bare baseline's whole run
 (docs/benchmarks.md, Import). A large import reads in a child process instead, which checks
-each file and sends its rows as checked text; this process only builds the candles from it.
-A small one (under :data:`CHILD_MIN_ROWS`) reads on a thread: a process costs its start.
+each file and sends its candles as columns of text (``wire.archive.CandleColumns``); this
+process only builds the candles from them, between two commits. A small one (under
+:data:`CHILD_MIN_ROWS`) reads on a thread: a process costs its start.
 
 Errors: a refused file is an :class:`ArchiveFileError` naming it (and the line, for a bad
 row), as on a thread; a reading process that fails or ends while reading a file is a
@@ -41,10 +42,11 @@ from tradecanvas.tools.importer.files import (
 )
 
 log = logging.getLogger("tradecanvas.tools.importer")
-# the rows an import must hold to be read in a child process: its start (an interpreter and
-# the parser's imports, ~0.1 s of CPU) against the parse it takes off this process' GIL
-# (~4 µs a row): a few daily files are read faster here
-CHILD_MIN_ROWS: Final = 50_000
+# the rows an import must hold to be read in a child process (about 70 days of 1m): the
+# child's start (an interpreter, the parser's imports and its first answer: ~0.13 s of CPU)
+# against what it takes off this process (~2.3 µs of CPU a row, and the GIL the commit no
+# longer waits for); a few daily files are read sooner on a thread
+CHILD_MIN_ROWS: Final = 100_000
 # a file without an archive name: its rows guessed from its size (a row is ~130 bytes of CSV)
 _BYTES_PER_ROW: Final = {".csv": 130, ".zip": 30}
 # files the child is asked for ahead of the one being built into candles here: one it
@@ -146,7 +148,7 @@ class ReadingProcess:
 
 
 def build_checked(checked: CheckedFile) -> ReadFile:
-    """A checked file's candles (a worker thread's work: a month is ~0.1 s)."""
+    """A checked file's candles (a worker thread's work: ~2.5 µs a row)."""
     # the candles make no reference cycle (see _read_paused)
     with collector_paused():
         return checked.read()
