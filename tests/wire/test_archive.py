@@ -16,8 +16,6 @@ from tradecanvas.wire.archive import (
     ARCHIVE_HEADER,
     _plain_columns,
     archive_lines,
-    candle_columns,
-    candles_of_columns,
     market_of_path,
     missing_runs,
     parse_archive_name,
@@ -25,6 +23,7 @@ from tradecanvas.wire.archive import (
     parse_archive_text,
     split_symbol,
 )
+from tradecanvas.wire.columns import candle_columns, candles_of_columns
 
 T0 = 1_577_836_800  # 2020-01-01 00:00 UTC
 SPOT_ROW = (

@@ -23,14 +23,13 @@ from tradecanvas.errors import BadInputError, WireError
 from tradecanvas.model import MINUTE, Candle, Market, SeriesId
 from tradecanvas.wire.archive import (
     ArchiveName,
-    CandleColumns,
     archive_columns,
-    candles_of_columns,
     market_of_path,
     missing_runs,
     parse_archive_name,
     series_for,
 )
+from tradecanvas.wire.columns import CandleColumns, candles_of_columns
 
 CHECKSUM_SUFFIX: Final = ".CHECKSUM"
 _READ_CHUNK: Final = 1 << 20

@@ -5,7 +5,7 @@ The parse (verify, unzip, split, check every row, build the Decimals and ``Candl
 the GIL the commit's Python needs: the commit's thread waited for it a fifth of the time, and
 the reading cost the import about as much CPU as the bare baseline's whole run
 (docs/benchmarks.md, Import). A large import reads in a child process instead, which checks
-each file and sends its candles as columns of text (``wire.archive.CandleColumns``); this
+each file and sends its candles as columns of text (``wire.columns.CandleColumns``); this
 process only builds the candles from them, between two commits. A small one (under
 :data:`CHILD_MIN_ROWS`) reads on a thread: a process costs its start.
 
@@ -30,7 +30,6 @@ from typing import Final, final
 
 import trio
 
-import tradecanvas
 from tradecanvas.pipeline.commit import collector_paused
 from tradecanvas.tools.importer.child import FRAME_HEADER, frame
 from tradecanvas.tools.importer.files import (
@@ -56,7 +55,7 @@ CHILD_AHEAD: Final = 2
 CHILD_EXIT_S: Final = 5.0
 _RECEIVE_CHUNK: Final = 1 << 20
 # the reading process' command: this interpreter, the same tradecanvas as this process
-_PACKAGE_ROOT: Final = str(Path(tradecanvas.__file__).resolve().parent.parent)
+_PACKAGE_ROOT: Final = str(Path(__file__).resolve().parents[3])  # (tradecanvas/tools/importer)
 _CHILD_CODE: Final = (
     f"import sys; sys.path.insert(0, {_PACKAGE_ROOT!r}); "
     "from tradecanvas.tools.importer.child import serve; serve()"
