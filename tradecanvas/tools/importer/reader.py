@@ -48,8 +48,8 @@ log = logging.getLogger("tradecanvas.tools.importer")
 CHILD_MIN_ROWS: Final = 100_000
 # a file without an archive name: its rows guessed from its size (a row is ~130 bytes of CSV)
 _BYTES_PER_ROW: Final = {".csv": 130, ".zip": 30}
-# files the child is asked for ahead of the one being built into candles here: one it
-# reads while this process builds (one more waits in the channel to the commit)
+# files the child is asked for before its answer for the first is received: while this
+# process builds and commits one, the next waits in the channel and the child reads another
 CHILD_AHEAD: Final = 2
 # after its stdin is closed, the child ends at once; past this it is killed
 CHILD_EXIT_S: Final = 5.0
