@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import pickle
 from decimal import Decimal
 
 import pytest
@@ -14,7 +13,7 @@ from tradecanvas.errors import CandleError, WireError
 from tradecanvas.model import BASE_TIMEFRAME, Candle, Timeframe, validate_candle
 from tradecanvas.wire.archive import (
     ARCHIVE_HEADER,
-    _plain_columns,
+    _parse_plain,
     archive_lines,
     market_of_path,
     missing_runs,
@@ -23,7 +22,6 @@ from tradecanvas.wire.archive import (
     parse_archive_text,
     split_symbol,
 )
-from tradecanvas.wire.columns import candle_columns, candles_of_columns
 
 T0 = 1_577_836_800  # 2020-01-01 00:00 UTC
 SPOT_ROW = (
@@ -288,42 +286,7 @@ def test_the_archive_own_form_takes_the_shorter_loop(header: bool, unit: int) ->
                                  header=header))  # fmt: skip
     if unit != 1000:
         text = text.replace("000,", "000000,").replace("999,", "999999,")
-    columns = _plain_columns(text, (T0, T0 + 86_400))
-    assert columns is not None
-    candles = candles_of_columns(columns)
+    candles = _parse_plain(text, (T0, T0 + 86_400))
+    assert candles is not None
     assert candles == parse_archive_rows(io.StringIO(text))
     assert [c.candle_time for c in candles] == [T0, T0 + 60]
-
-
-@given(st.decimals(allow_nan=False, allow_infinity=False))
-def test_a_decimal_text_gives_back_the_same_decimal(value: Decimal) -> None:
-    """What the columns rely on: sign, digits and exponent (``1.50``, ``1.5E+3``, ``-0``)."""
-    assert Decimal(str(value)).as_tuple() == value.as_tuple()
-
-
-@given(candles())
-def test_candles_as_columns_come_back_the_same(given: list[Candle]) -> None:
-    back = candles_of_columns(pickle.loads(pickle.dumps(candle_columns(given))))  # noqa: S301
-    assert back == given
-    fields = ("candle_time", *FIELDS, "trades")
-    assert [[repr(getattr(c, f)) for f in fields] for c in back] == [
-        [repr(getattr(c, f)) for f in fields] for c in given
-    ]
-
-
-@given(archive_texts())
-def test_the_parsed_candles_as_columns_come_back_the_same(
-    file: tuple[str, tuple[int, int] | None],
-) -> None:
-    """The candles of any file the parser reads, odd spellings included (``1e1``, ``2.00``),
-    come back from columns with the same values and the same text."""
-    text, span = file
-    try:
-        read = parse_archive_text(text, span=span)
-    except WireError:
-        return
-    back = candles_of_columns(candle_columns(read))
-    assert back == read
-    assert [[repr(getattr(c, f)) for f in FIELDS] for c in back] == [
-        [repr(getattr(c, f)) for f in FIELDS] for c in read
-    ]

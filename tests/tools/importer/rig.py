@@ -18,17 +18,12 @@ from tradecanvas.store.open import open_store
 from tradecanvas.store.types import StoredEvent
 from tradecanvas.tools.importer import ImportFile, ImportTally, run_import
 from tradecanvas.tools.importer.files import find_files, plan_file
-from tradecanvas.tools.importer.reader import CHILD_MIN_ROWS
 from tradecanvas.tools.progress import Progress
 
 SPOT_1M: Final = "binance:spot:BTC/USDT:1m"
 SPOT_5M: Final = "binance:spot:BTC/USDT:5m"
 DUMP: Final = Path("klines_1m_daily_dump") / "spot"
 DAYS: Final = ("2020-01-01", "2020-01-02", "2020-01-03")
-# the ways files are read: on a worker thread (a small import), in a child process (a large
-# one): for ``pytest.mark.parametrize("child_min_rows", READERS, ids=READER_IDS)``
-READERS: Final = (CHILD_MIN_ROWS, 0)
-READER_IDS: Final = ("thread", "child")
 FLAGS: Final = build_runtime_flags({}).flags
 
 
@@ -46,13 +41,8 @@ def plan(paths: Sequence[Path], series: str | None = None) -> list[ImportFile]:
 
 
 async def import_into(
-    location: str | Path,
-    files: Sequence[ImportFile],
-    *,
-    batch: int = 100_000,
-    child_min_rows: int = CHILD_MIN_ROWS,
+    location: str | Path, files: Sequence[ImportFile], *, batch: int = 100_000
 ) -> tuple[ExitCode, ImportTally, str | None]:
-    """Import ``files``; ``child_min_rows=0``: read them in a child process, however few."""
     progress = Progress(io.StringIO(), log=logging.getLogger("test"), verb="import", tty=False)
     return await run_import(
         files,
@@ -61,7 +51,6 @@ async def import_into(
         FLAGS.derivation_fingerprint(),
         progress,
         batch=batch,
-        child_min_rows=child_min_rows,
     )
 
 

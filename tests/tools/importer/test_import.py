@@ -16,8 +16,6 @@ from tests.conftest import binance_data_dir, read_kline_csv
 from tests.tools.importer.rig import (
     DAYS,
     FLAGS,
-    READER_IDS,
-    READERS,
     SPOT_1M,
     SPOT_5M,
     Nobody,
@@ -50,15 +48,12 @@ def copy_zips(target: Path) -> list[Path]:
     return sorted(target.glob("*.zip"))
 
 
-@pytest.mark.parametrize("child_min_rows", READERS, ids=READER_IDS)
-async def test_real_zips_are_verified_and_equal_their_csvs_row_for_row(
-    tmp_path: Path, child_min_rows: int
-) -> None:
+async def test_real_zips_are_verified_and_equal_their_csvs_row_for_row(tmp_path: Path) -> None:
     db = tmp_path / "m.sqlite3"
     files = plan(real_zips())
     assert {str(f.series) for f in files} == {SPOT_1M}  # from the names and the spot folder
     assert all(read_file(f).checksum for f in files)
-    code, tally, error = await import_into(db, files, child_min_rows=child_min_rows)
+    code, tally, error = await import_into(db, files)
     assert (code, error) == (ExitCode.OK, None)
     expected = [
         c
@@ -98,15 +93,12 @@ async def test_a_second_import_changes_nothing_and_says_so(tmp_path: Path) -> No
     assert "nothing changed: every candle was already stored" in tally.summary_lines(0.1)
 
 
-@pytest.mark.parametrize("child_min_rows", READERS, ids=READER_IDS)
-async def test_a_wrong_checksum_is_refused_and_nothing_of_the_file_stored(
-    tmp_path: Path, child_min_rows: int
-) -> None:
+async def test_a_wrong_checksum_is_refused_and_nothing_of_the_file_stored(tmp_path: Path) -> None:
     zips = copy_zips(tmp_path / "spot")
     checksum = zips[1].with_name(zips[1].name + ".CHECKSUM")
     checksum.write_text("0" * 64 + f"  {zips[1].name}\n")
     db = tmp_path / "m.sqlite3"
-    code, tally, error = await import_into(db, plan(zips), batch=1, child_min_rows=child_min_rows)
+    code, tally, error = await import_into(db, plan(zips), batch=1)
     assert code == ExitCode.FAILED
     assert error is not None and str(zips[1]) in error and "does not match" in error
     stored = await rows(db, SPOT_1M)
@@ -114,31 +106,27 @@ async def test_a_wrong_checksum_is_refused_and_nothing_of_the_file_stored(
     assert {c.candle_time // 86_400 for c in stored} == {1_577_836_800 // 86_400}
 
 
-@pytest.mark.parametrize("child_min_rows", READERS, ids=READER_IDS)
-async def test_a_truncated_zip_is_refused(tmp_path: Path, child_min_rows: int) -> None:
+async def test_a_truncated_zip_is_refused(tmp_path: Path) -> None:
     [zip_path, *_] = copy_zips(tmp_path / "spot")
     data = zip_path.read_bytes()
     zip_path.write_bytes(data[: len(data) // 2])
     zip_path.with_name(zip_path.name + ".CHECKSUM").unlink()  # else the checksum refuses it
     db = tmp_path / "m.sqlite3"
-    code, _, error = await import_into(db, plan([zip_path]), child_min_rows=child_min_rows)
+    code, _, error = await import_into(db, plan([zip_path]))
     assert code == ExitCode.FAILED
     assert error is not None and "corrupt or truncated" in error and str(zip_path) in error
     assert await rows(db, SPOT_1M) == []
     assert await events(db) == []
 
 
-@pytest.mark.parametrize("child_min_rows", READERS, ids=READER_IDS)
-async def test_a_csv_with_one_bad_row_is_refused_naming_the_line(
-    tmp_path: Path, child_min_rows: int
-) -> None:
+async def test_a_csv_with_one_bad_row_is_refused_naming_the_line(tmp_path: Path) -> None:
     lines = (dump_dir() / "BTCUSDT-1m-2020-01-02.csv").read_text().splitlines()
     lines[700] = lines[700].replace(".", ",", 1)  # one column too many
     bad = tmp_path / "spot" / "BTCUSDT-1m-2020-01-02.csv"
     bad.parent.mkdir()
     bad.write_text("\n".join(lines) + "\n")
     db = tmp_path / "m.sqlite3"
-    code, _, error = await import_into(db, plan([bad]), child_min_rows=child_min_rows)
+    code, _, error = await import_into(db, plan([bad]))
     assert code == ExitCode.FAILED
     assert (
         error == f"{bad}: line 701: 13 columns where the file has 12; nothing of this file stored"
@@ -146,8 +134,7 @@ async def test_a_csv_with_one_bad_row_is_refused_naming_the_line(
     assert await rows(db, SPOT_1M) == []
 
 
-@pytest.mark.parametrize("child_min_rows", READERS, ids=READER_IDS)
-async def test_a_file_of_another_interval_is_refused(tmp_path: Path, child_min_rows: int) -> None:
+async def test_a_file_of_another_interval_is_refused(tmp_path: Path) -> None:
     five = tmp_path / "spot" / "BTCUSDT-5m-2020-01-01.csv"
     five.parent.mkdir()
     five.write_text("1577836800000,1,1,1,1,1,1577837099999,1,1,1,1,0\n")
@@ -155,9 +142,7 @@ async def test_a_file_of_another_interval_is_refused(tmp_path: Path, child_min_r
         plan([five])
     renamed = five.with_name("BTCUSDT-1m-2020-01-01.csv")
     five.rename(renamed)
-    code, _, error = await import_into(
-        tmp_path / "m.sqlite3", plan([renamed]), child_min_rows=child_min_rows
-    )
+    code, _, error = await import_into(tmp_path / "m.sqlite3", plan([renamed]))
     assert code == ExitCode.FAILED and error is not None and "not a 1m kline" in error
 
 
@@ -217,15 +202,12 @@ async def test_an_interrupted_import_resumes_with_one_event_for_both_runs(tmp_pa
     )
 
 
-@pytest.mark.parametrize("child_min_rows", READERS, ids=READER_IDS)
-async def test_holes_in_a_file_are_listed_as_ranges(tmp_path: Path, child_min_rows: int) -> None:
+async def test_holes_in_a_file_are_listed_as_ranges(tmp_path: Path) -> None:
     lines = (dump_dir() / "BTCUSDT-1m-2020-01-01.csv").read_text().splitlines()
     holed = tmp_path / "spot" / "BTCUSDT-1m-2020-01-01.csv"
     holed.parent.mkdir()
     holed.write_text("\n".join(lines[:600] + lines[605:1439]) + "\n")
-    code, tally, _ = await import_into(
-        tmp_path / "m.sqlite3", plan([holed]), child_min_rows=child_min_rows
-    )
+    code, tally, _ = await import_into(tmp_path / "m.sqlite3", plan([holed]))
     assert code == ExitCode.OK
     t0 = 1_577_836_800
     assert tally.series[SPOT_1M].holes == [
@@ -237,16 +219,13 @@ async def test_holes_in_a_file_are_listed_as_ranges(tmp_path: Path, child_min_ro
     assert "2020-01-01T10:00Z..2020-01-01T10:04Z (5 min), 2020-01-01T23:59Z (1 min)" in text
 
 
-@pytest.mark.parametrize("child_min_rows", READERS, ids=READER_IDS)
-async def test_a_zip_with_two_csvs_is_refused(tmp_path: Path, child_min_rows: int) -> None:
+async def test_a_zip_with_two_csvs_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "spot" / "BTCUSDT-1m-2020-01-01.zip"
     path.parent.mkdir()
     with zipfile.ZipFile(path, "w") as archive:
         archive.writestr("a.csv", "")
         archive.writestr("b.csv", "")
-    code, _, error = await import_into(
-        tmp_path / "m.sqlite3", plan([path]), child_min_rows=child_min_rows
-    )
+    code, _, error = await import_into(tmp_path / "m.sqlite3", plan([path]))
     assert code == ExitCode.FAILED and error is not None and "holds 2 CSV files" in error
 
 
@@ -265,28 +244,19 @@ class _InterruptOnFirstLine(io.StringIO):
         return super().write(text)
 
 
-@pytest.mark.parametrize("child_min_rows", READERS, ids=READER_IDS)
-async def test_ctrl_c_stops_after_a_commit_and_the_same_command_finishes(
-    tmp_path: Path, child_min_rows: int
-) -> None:
+async def test_ctrl_c_stops_after_a_commit_and_the_same_command_finishes(tmp_path: Path) -> None:
     db = tmp_path / "m.sqlite3"
     files = plan(real_zips())
     progress = Progress(_InterruptOnFirstLine(), log=None, verb="import", tty=False)
     code, tally, error = await run_import(
-        files,
-        db,
-        FLAGS.derived_timeframes,
-        FLAGS.derivation_fingerprint(),
-        progress,
-        batch=1440,
-        child_min_rows=child_min_rows,
+        files, db, FLAGS.derived_timeframes, FLAGS.derivation_fingerprint(), progress, batch=1440
     )
     assert code == ExitCode.INTERRUPTED
     assert error is not None and "run the same command again" in error
     stored = len(await rows(db, SPOT_1M))
     assert 1440 <= stored < 4320 and stored % 1440 == 0  # whole transactions only
     assert await events(db) == []  # the event is owed, and recorded as such
-    code, tally, _ = await import_into(db, files, child_min_rows=child_min_rows)
+    code, tally, _ = await import_into(db, files)
     assert code == ExitCode.OK and tally.pending_before
     assert tally.series[SPOT_1M].unchanged == stored
     assert len(await rows(db, SPOT_1M)) == 4320

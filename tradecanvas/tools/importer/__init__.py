@@ -25,59 +25,25 @@ crash) keeps every transaction it committed and the range they changed (meta
 ``import_pending``), and running the same command again goes on: the files already stored
 are read again and come out unchanged, and the one ``import`` event then covers both runs.
 
-Modules: ``files`` (finding, verifying and reading files), ``reader`` (reading them ahead of
-the commit: on a worker thread, or for a large import in a child process, ``child``),
-``commit`` (the transactions and the event), ``tally`` (the summary), ``cli`` (the trio shell
-and the command line); the pure parser is :mod:`tradecanvas.wire.archive`.
-
-The names below are imported when first asked for, so that the reading process, which
-imports ``child`` and ``files`` only, starts without trio, the pipeline or the store.
+Modules: ``files`` (finding, verifying and reading files), ``commit`` (the transactions and
+the event), ``tally`` (the summary), ``cli`` (the trio shell and the command line); the pure
+parser is :mod:`tradecanvas.wire.archive`.
 """
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Final
-
-if TYPE_CHECKING:
-    from tradecanvas.tools.importer.cli import (
-        DEFAULT_BATCH,
-        EXIT_CODES,
-        configure_parser,
-        import_files,
-        plan_import,
-        run_import,
-        run_import_command,
-    )
-    from tradecanvas.tools.importer.commit import IMPORT_REASON, PENDING_KEY, ArchiveCommitter
-    from tradecanvas.tools.importer.files import ArchiveFileError, ImportFile, read_file
-    from tradecanvas.tools.importer.tally import ImportTally
-
-# each name's module
-_HOMES: Final = {
-    "DEFAULT_BATCH": "cli",
-    "EXIT_CODES": "cli",
-    "configure_parser": "cli",
-    "import_files": "cli",
-    "plan_import": "cli",
-    "run_import": "cli",
-    "run_import_command": "cli",
-    "IMPORT_REASON": "commit",
-    "PENDING_KEY": "commit",
-    "ArchiveCommitter": "commit",
-    "ArchiveFileError": "files",
-    "ImportFile": "files",
-    "read_file": "files",
-    "ImportTally": "tally",
-}
-
-
-def __getattr__(name: str) -> object:
-    home = _HOMES.get(name)
-    if home is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f"{__name__}.{home}"), name)
-
+from tradecanvas.tools.importer.cli import (
+    DEFAULT_BATCH,
+    EXIT_CODES,
+    configure_parser,
+    import_files,
+    plan_import,
+    run_import,
+    run_import_command,
+)
+from tradecanvas.tools.importer.commit import IMPORT_REASON, PENDING_KEY, ArchiveCommitter
+from tradecanvas.tools.importer.files import ArchiveFileError, ImportFile, read_file
+from tradecanvas.tools.importer.tally import ImportTally
 
 __all__ = [
     "DEFAULT_BATCH",

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import functools
 import logging
 import time
 from collections.abc import Iterator, Sequence
@@ -34,13 +33,12 @@ from tradecanvas.tools.exit_codes import ExitCodeTable
 from tradecanvas.tools.importer.commit import ArchiveCommitter
 from tradecanvas.tools.importer.files import (
     ArchiveFileError,
-    CheckedFile,
     ImportFile,
     ReadFile,
     find_files,
     plan_file,
+    read_file,
 )
-from tradecanvas.tools.importer.reader import CHILD_MIN_ROWS, build_checked, read_ahead
 from tradecanvas.tools.importer.tally import ImportTally
 from tradecanvas.tools.progress import Progress
 from tradecanvas.tools.signals import StopOnSignal
@@ -129,16 +127,13 @@ async def import_files(
     progress: Progress,
     *,
     batch: int = DEFAULT_BATCH,
-    child_min_rows: int = CHILD_MIN_ROWS,
 ) -> None:
-    """Read each file (:func:`~tradecanvas.tools.importer.reader.read_ahead`: in a child
-    process from ``child_min_rows`` rows, else on a worker thread) and commit them through
-    ``committer``, in transactions of ``batch`` candles of a series (a file is read and
-    checked whole before any of it is committed). A file's last candles short of ``batch``
-    wait for the next file of the series and go in one transaction with its first (the end
-    of the last file goes alone), so a series of N candles takes ⌈N / batch⌉ transactions
-    whatever the files' sizes. Raises ArchiveFileError (the files before it are committed
-    first), StoreError."""
+    """Read each file (on a worker thread) and commit them through ``committer``, in
+    transactions of ``batch`` candles of a series (a file is read and checked whole before any
+    of it is committed). A file's last candles short of ``batch`` wait for the next file of
+    the series and go in one transaction with its first (the end of the last file goes
+    alone), so a series of N candles takes ⌈N / batch⌉ transactions whatever the files'
+    sizes. Raises ArchiveFileError (the files before it are committed first), StoreError."""
     totals: dict[str, int | None] = {}
     for f in files:
         sid, rows = str(f.series), f.expected_rows
@@ -166,22 +161,17 @@ async def import_files(
         for read in queue.finished():  # a file of no candle
             tally.record_file(sid, verified=read.checksum, holes=read.holes)
 
-    # the next file is read (a child process or a worker thread) while the one before is
-    # committed (another thread)
-    send, receive = trio.open_memory_channel[ReadFile | CheckedFile | ArchiveFileError](READ_AHEAD)
+    # the next file is read (a worker thread) while the one before is committed (another)
+    send, receive = trio.open_memory_channel[ReadFile | ArchiveFileError](READ_AHEAD)
     refused: ArchiveFileError | None = None
     try:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(
-                functools.partial(read_ahead, child_min_rows=child_min_rows), files, send
-            )
+            nursery.start_soon(_read_ahead, files, send)
             async with receive:
                 async for read in receive:
                     if isinstance(read, ArchiveFileError):
                         refused = read  # raised below, outside the nursery (not in a group)
                         break
-                    if isinstance(read, CheckedFile):  # (no commit in flight: see read_ahead)
-                        read = await trio.to_thread.run_sync(build_checked, read)
                     waiting.setdefault(read.file.series, _Waiting()).add(read)
                     await flush(read.file.series, rest=False)
             for series in list(waiting):
@@ -198,6 +188,21 @@ async def import_files(
         progress.update(sid, count)
 
 
+async def _read_ahead(
+    files: Sequence[ImportFile],
+    send: trio.MemorySendChannel[ReadFile | ArchiveFileError],
+) -> None:
+    """Read the files in order into ``send``; a refused one is sent as its error, last."""
+    async with send:
+        for f in files:
+            try:
+                read = await trio.to_thread.run_sync(read_file, f)
+            except ArchiveFileError as exc:
+                await send.send(exc)
+                return
+            await send.send(read)
+
+
 async def run_import(
     files: Sequence[ImportFile],
     location: str | Path,
@@ -206,10 +211,8 @@ async def run_import(
     progress: Progress,
     *,
     batch: int = DEFAULT_BATCH,
-    child_min_rows: int = CHILD_MIN_ROWS,
 ) -> tuple[ExitCode, ImportTally, str | None]:
-    """Import ``files`` into the store at ``location``: (exit code, tally, error line);
-    ``child_min_rows``: see :func:`import_files`."""
+    """Import ``files`` into the store at ``location``: (exit code, tally, error line)."""
     tally = ImportTally(files_total=len(files))
     try:
         store: MarketStore = await open_store(location)
@@ -234,14 +237,7 @@ async def run_import(
                         describe_location(location),
                     )
                     try:
-                        await import_files(
-                            files,
-                            committer,
-                            tally,
-                            progress,
-                            batch=batch,
-                            child_min_rows=child_min_rows,
-                        )
+                        await import_files(files, committer, tally, progress, batch=batch)
                     except ArchiveFileError as exc:
                         failure = (ExitCode.FAILED, str(exc))
                     with trio.CancelScope(shield=True):

@@ -1,11 +1,9 @@
 """The files ``tradecanvas import`` reads: which ones, which series each holds, and their
 candles — a zip's ``.CHECKSUM`` verified before anything of it is read.
 
-Everything here is synchronous: the command runs it on a worker thread, or in its reading
-process (:mod:`~tradecanvas.tools.importer.reader`), which is why this module imports
-nothing of the pipeline or the store. A file that cannot be imported raises
-:class:`ArchiveFileError` naming it (and the line, for a bad row); nothing of it has been
-handed on by then.
+Everything here is synchronous (the command runs it on a worker thread). A file that cannot
+be imported raises :class:`ArchiveFileError` naming it (and the line, for a bad row); nothing
+of it has been handed on by then.
 """
 
 from __future__ import annotations
@@ -21,15 +19,15 @@ import attrs
 
 from tradecanvas.errors import BadInputError, WireError
 from tradecanvas.model import MINUTE, Candle, Market, SeriesId
+from tradecanvas.pipeline.commit import collector_paused
 from tradecanvas.wire.archive import (
     ArchiveName,
-    archive_columns,
     market_of_path,
     missing_runs,
     parse_archive_name,
+    parse_archive_text,
     series_for,
 )
-from tradecanvas.wire.columns import CandleColumns, candles_of_columns
 
 CHECKSUM_SUFFIX: Final = ".CHECKSUM"
 _READ_CHUNK: Final = 1 << 20
@@ -41,7 +39,6 @@ class ArchiveFileError(BadInputError):
     def __init__(self, path: Path, problem: str) -> None:
         super().__init__(f"{path}: {problem}")
         self.path = path
-        self.problem = problem
 
 
 @attrs.frozen
@@ -159,22 +156,8 @@ def _zip_text(path: Path) -> tuple[str, str]:
         return csvs[0].filename, archive.read(csvs[0]).decode("utf-8")
 
 
-@attrs.frozen
-class CheckedFile:
-    """A file verified, unpacked and checked row by row, its candles as columns (what the
-    reading process sends): :meth:`read` builds its :class:`ReadFile`."""
-
-    file: ImportFile
-    columns: CandleColumns
-    checksum: bool
-    holes: list[tuple[int, int]]
-
-    def read(self) -> ReadFile:
-        return ReadFile(self.file, candles_of_columns(self.columns), self.checksum, self.holes)
-
-
-def check_file(file: ImportFile) -> CheckedFile:
-    """Verify (zip: its .CHECKSUM), unpack and check ``file``. Raises ArchiveFileError."""
+def read_file(file: ImportFile) -> ReadFile:
+    """Verify (zip: its .CHECKSUM), unpack and parse ``file``. Raises ArchiveFileError."""
     path = file.path
     checksum = False
     try:
@@ -191,33 +174,32 @@ def check_file(file: ImportFile) -> CheckedFile:
         raise ArchiveFileError(path, f"cannot read it: {exc}") from None
     span = None if file.name is None else (file.name.start, file.name.end)
     try:
-        columns = archive_columns(text, span=span)
+        # the rows make no reference cycle: the collector's walks over them (and over the
+        # candles read before, still waiting) were a seventh of the parse
+        with collector_paused():
+            candles = parse_archive_text(text, span=span)
     except WireError as exc:
         raise ArchiveFileError(path, f"{where}{exc.detail}; nothing of this file stored") from None
-    times = columns.times
-    if not times:
+    if not candles:
         holes = [] if span is None else [span]
     elif span is None:
-        holes = missing_runs(times, times[0], times[-1] + MINUTE)
-    elif len(times) == (span[1] - span[0]) // MINUTE:
+        holes = missing_runs(
+            [c.candle_time for c in candles],
+            candles[0].candle_time,
+            candles[-1].candle_time + MINUTE,
+        )
+    elif len(candles) == (span[1] - span[0]) // MINUTE:
         holes = []  # every minute of the period: the rows are ascending, once each, inside it
     else:
-        holes = missing_runs(times, *span)
-    return CheckedFile(file, columns, checksum, holes)
-
-
-def read_file(file: ImportFile) -> ReadFile:
-    """Verify (zip: its .CHECKSUM), unpack and parse ``file``. Raises ArchiveFileError."""
-    return check_file(file).read()
+        holes = missing_runs([c.candle_time for c in candles], *span)
+    return ReadFile(file, candles, checksum, holes)
 
 
 __all__ = [
     "CHECKSUM_SUFFIX",
     "ArchiveFileError",
-    "CheckedFile",
     "ImportFile",
     "ReadFile",
-    "check_file",
     "find_files",
     "plan_file",
     "read_file",
