@@ -197,6 +197,7 @@ class _ConnectionSlot:
                 message_queue_size=READER_QUEUE,
                 receive_buffer_size=READ_BYTES,
                 queue_at_once=True,
+                fast_frames=True,
             ) as ws:
                 started = True
                 conn.connected_at = trio.current_time()
