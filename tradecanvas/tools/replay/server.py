@@ -23,7 +23,7 @@ import collections
 import contextlib
 import functools
 import itertools
-from collections.abc import Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import Final, final
 
 import attrs
@@ -139,10 +139,15 @@ class ReplayServer:
 
     async def run_timeline(self) -> None:
         """Send every frame once resumed, waiting while no client is connected and, at a
-        ``speed``, for the frames' exchange-time distance; ``finished`` at the end."""
+        ``speed``, until each frame's time on a schedule: its exchange-time distance from
+        the first frame ÷ ``speed`` (the time spent sending does not add up over the run;
+        a replay held back by a slow client catches up). Waiting for a client and a
+        ``--stall`` move the schedule on; after a drop it starts again from the next frame.
+        ``finished`` at the end."""
         config = self.config
         plan = FaultPlan.of(config, self.data.minutes)
-        previous_e: int | None = None
+        # (trio time, exchange ms) the schedule counts from; None: from the next frame
+        anchor: tuple[float, int] | None = None
         stalls = sorted(config.stall_at)
         delays = dict(config.delay_closes)
         held: list[tuple[int, ReplayFrame]] = []  # delayed closes: (send after bar, frame)
@@ -158,24 +163,28 @@ class ReplayServer:
                     await self._broadcast(late)
             if stalls and frame.kind == "closed" and frame.minute >= stalls[0]:
                 stalls.pop(0)
-                await trio.sleep(config.stall_s)
+                anchor = await _paused_schedule(
+                    anchor, functools.partial(trio.sleep, config.stall_s)
+                )
             step = plan.step(frame)
             if step.drop:
                 await self._drop_clients()
                 self._drops += 1
                 if step.clock_ms is not None:
                     self.now_ms = max(self.now_ms, step.clock_ms)
-                previous_e = None
+                anchor = None
             if step.omitted:
                 self._omitted += 1
             if not step.sends:
                 continue
-            while not self._clients:
-                await self._client_arrived.wait()
-                self._client_arrived = trio.Event()
-            if config.speed is not None and previous_e is not None and frame.event_ms > previous_e:
-                await trio.sleep((frame.event_ms - previous_e) / MS / config.speed)
-            previous_e = frame.event_ms
+            if not self._clients:
+                anchor = await _paused_schedule(anchor, self._wait_for_a_client)
+            if config.speed is not None:
+                if anchor is None:
+                    anchor = (trio.current_time(), frame.event_ms)
+                send_at = anchor[0] + (frame.event_ms - anchor[1]) / MS / config.speed
+                if send_at > trio.current_time():
+                    await trio.sleep_until(send_at)
             self.now_ms = max(self.now_ms, frame.event_ms)
             if frame.kind == "closed" and frame.minute in delays:
                 held.append((frame.minute + delays[frame.minute], frame))
@@ -191,6 +200,11 @@ class ReplayServer:
             self.now_ms, (self.data.minutes[-1] + MINUTE) * MS if self.data.minutes else 0
         )
         self.finished.set()
+
+    async def _wait_for_a_client(self) -> None:
+        while not self._clients:
+            await self._client_arrived.wait()
+            self._client_arrived = trio.Event()
 
     async def _prepare_while_paused(
         self, frames: Iterator[ReplayFrame]
@@ -359,6 +373,15 @@ class ReplayServer:
             routes.append(Route(f"{prefix}/time", self.server_time))
             routes.append(Route(f"{prefix}/exchangeInfo", self.exchange_info))
         return Starlette(routes=routes)
+
+
+async def _paused_schedule(
+    anchor: tuple[float, int] | None, pause: Callable[[], Awaitable[None]]
+) -> tuple[float, int] | None:
+    """Await ``pause()``; the timeline's schedule moved on by the time it took."""
+    started = trio.current_time()
+    await pause()
+    return None if anchor is None else (anchor[0] + trio.current_time() - started, anchor[1])
 
 
 def _drain(
