@@ -40,6 +40,7 @@ from tradecanvas.serve.http_server import serve_http
 from tradecanvas.tools.replay.core import (
     FaultPlan,
     ReplayFrame,
+    Schedule,
     closed_bars,
     interval_bars,
     phase_3d,
@@ -146,8 +147,7 @@ class ReplayServer:
         ``finished`` at the end."""
         config = self.config
         plan = FaultPlan.of(config, self.data.minutes)
-        # (trio time, exchange ms) the schedule counts from; None: from the next frame
-        anchor: tuple[float, int] | None = None
+        schedule = None if config.speed is None else Schedule(config.speed)
         stalls = sorted(config.stall_at)
         delays = dict(config.delay_closes)
         held: list[tuple[int, ReplayFrame]] = []  # delayed closes: (send after bar, frame)
@@ -163,26 +163,23 @@ class ReplayServer:
                     await self._broadcast(late)
             if stalls and frame.kind == "closed" and frame.minute >= stalls[0]:
                 stalls.pop(0)
-                anchor = await _paused_schedule(
-                    anchor, functools.partial(trio.sleep, config.stall_s)
-                )
+                await _pausing(schedule, functools.partial(trio.sleep, config.stall_s))
             step = plan.step(frame)
             if step.drop:
                 await self._drop_clients()
                 self._drops += 1
                 if step.clock_ms is not None:
                     self.now_ms = max(self.now_ms, step.clock_ms)
-                anchor = None
+                if schedule is not None:
+                    schedule.restart()
             if step.omitted:
                 self._omitted += 1
             if not step.sends:
                 continue
             if not self._clients:
-                anchor = await _paused_schedule(anchor, self._wait_for_a_client)
-            if config.speed is not None:
-                if anchor is None:
-                    anchor = (trio.current_time(), frame.event_ms)
-                send_at = anchor[0] + (frame.event_ms - anchor[1]) / MS / config.speed
+                await _pausing(schedule, self._wait_for_a_client)
+            if schedule is not None:
+                send_at = schedule.send_at(frame.event_ms, trio.current_time())
                 if send_at > trio.current_time():
                     await trio.sleep_until(send_at)
             self.now_ms = max(self.now_ms, frame.event_ms)
@@ -375,13 +372,12 @@ class ReplayServer:
         return Starlette(routes=routes)
 
 
-async def _paused_schedule(
-    anchor: tuple[float, int] | None, pause: Callable[[], Awaitable[None]]
-) -> tuple[float, int] | None:
-    """Await ``pause()``; the timeline's schedule moved on by the time it took."""
+async def _pausing(schedule: Schedule | None, pause: Callable[[], Awaitable[None]]) -> None:
+    """Await ``pause()``; the timeline's schedule (if any) moved on by the time it took."""
     started = trio.current_time()
     await pause()
-    return None if anchor is None else (anchor[0] + trio.current_time() - started, anchor[1])
+    if schedule is not None:
+        schedule.pause(trio.current_time() - started)
 
 
 def _drain(
