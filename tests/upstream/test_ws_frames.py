@@ -19,6 +19,8 @@ from wsproto.events import (
     Event,
     Ping,
     Pong,
+    RejectConnection,
+    RejectData,
     Request,
     TextMessage,
 )
@@ -171,3 +173,24 @@ def test_kline_frames_split_everywhere() -> None:
     assert messages(fast) == messages(plain)
     assert [m[1] for m in messages(fast)[1:]] == sent
     assert all(e.frame_finished for e in fast if isinstance(e, TextMessage))  # never in parts
+
+
+@pytest.mark.parametrize("cut", [0, 30, 60, 90])
+def test_a_rejected_handshake_with_a_body_as_wsproto(cut: int) -> None:
+    """A 404 with a body that looks like frames: all of it is wsproto's (HTTP's)."""
+    events: list[list[Event]] = []
+    for client in (WSConnection(ConnectionType.CLIENT), FastTextFrames()):
+        server = WSConnection(ConnectionType.SERVER)
+        server.receive_data(client.send(Request(host=HANDSHAKE_HOST, target="/")))
+        assert any(isinstance(e, Request) for e in server.events())
+        body = text("not a frame, a body") * 3
+        length = [(b"content-length", str(len(body)).encode())]  # not chunked: bare frames
+        answer = server.send(RejectConnection(status_code=404, headers=length, has_body=True))
+        answer += server.send(RejectData(data=body))
+        events.append(feed(client, split(answer, [cut, cut + 40])))
+    assert events[1] == events[0]
+    assert isinstance(events[0][0], RejectConnection)
+    assert (
+        b"".join(bytes(e.data) for e in events[0] if isinstance(e, RejectData))
+        == text("not a frame, a body") * 3
+    )
