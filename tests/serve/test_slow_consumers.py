@@ -32,7 +32,8 @@ from tests.serve.test_ws_server import (
     send,
     subscribe_msg,
 )
-from tradecanvas.serve.ws_session import CLOSE_TIMEOUT_S, STALL_SAMPLES
+from tradecanvas.serve.stall_watch import STALL_SAMPLES
+from tradecanvas.serve.ws_session import CLOSE_TIMEOUT_S
 from tradecanvas.store.sqlite import CandleStore
 from tradecanvas.wire.json import loads
 
