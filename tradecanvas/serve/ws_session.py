@@ -134,7 +134,6 @@ class MarketEndpoint:
         self.allowed_origins = tuple(allowed_origins)
         self.max_subscriptions = max_subscriptions
         self.limits = limits or InboundLimits()
-        self.stall_timeout_s = stall_timeout_s
         # /ws/market connections open at once, both ports together (None: no limit)
         self.max_connections = max_connections
         self._closing = False
