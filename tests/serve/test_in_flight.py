@@ -154,11 +154,12 @@ async def test_behind_counts_from_when_the_client_stopped_acknowledging(
 async def test_read_proofs_count_what_was_written_before_each_answered_ping(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    """prove_reads with a client that answers its first ping and then none: what came before
-    the answered ping (and the ping) is read; a ping is sent only for something unproven,
-    one at a time; the clock then counts from the first byte written after the proof."""
+    """prove_reads with a client that answers its first ping and then none: a ping goes out
+    only when want_proof asks and one is due (something unproven, none waiting for its pong,
+    the last asked for long enough ago); what came before the answered ping (and the ping)
+    is read; the clock then counts from the first byte written after the proof."""
     stall_s = 10.0
-    interval = stall_s / PINGS_PER_STALL
+    every_s = stall_s / PINGS_PER_STALL
     answers = [True]  # the client answers once, then stops reading
     pings: list[bytes] = []
     async with loopback(4 * 1024 * 1024) as (server, _client):
@@ -170,19 +171,33 @@ async def test_read_proofs_count_what_was_written_before_each_answered_ping(
             if not (answers.pop(0) if answers else False):
                 await trio.sleep_forever()
 
+        async def ask() -> None:
+            in_flight.want_proof(trio.current_time(), every_s)
+            await trio.testing.wait_all_tasks_blocked()
+
         async with trio.open_nursery() as nursery:
-            in_flight.note_written(100)
             prove = functools.partial(in_flight.prove_reads, ping_bytes=PING_FRAME_BYTES)
-            nursery.start_soon(prove, ping, stall_s)
-            await trio.sleep(interval + 0.1)
+            nursery.start_soon(prove, ping)
+            await trio.testing.wait_all_tasks_blocked()
+            in_flight.note_written(100)
+            await ask()
+            assert pings == []  # asked too soon after the connection began
+            await trio.sleep(every_s)
+            await ask()
+            assert len(pings) == 1
             assert in_flight.proven == in_flight.written == 100 + PING_FRAME_BYTES
             assert in_flight.behind(trio.current_time()) == 0.0
-            await trio.sleep(3 * interval)
+            await trio.sleep(3 * every_s)
+            await ask()
             assert len(pings) == 1  # nothing new: no ping
             stopped = trio.current_time()
             in_flight.note_written(50)  # never read
-            await trio.sleep(3 * interval)
-            assert len(pings) == 2  # one ping for it, unanswered, and no other
+            await ask()
+            assert len(pings) == 2  # one ping for it at once (the last is long past)
+            for _ in range(3):
+                await trio.sleep(every_s)
+                await ask()
+            assert len(pings) == 2  # and no other while it waits for its pong
             assert in_flight.proven == 100 + PING_FRAME_BYTES
             behind = in_flight.behind(trio.current_time())
             assert trio.current_time() - stopped <= behind

@@ -12,6 +12,7 @@ The budget and the stall clock themselves: tests/serve/test_in_flight.py.
 
 from __future__ import annotations
 
+import math
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, Final
@@ -32,12 +33,15 @@ from tests.serve.test_ws_server import (
     send,
     subscribe_msg,
 )
-from tradecanvas.serve.ws_session import CLOSE_TIMEOUT_S, STALL_SAMPLES
+from tradecanvas.serve.stall_watch import STALL_SAMPLES
+from tradecanvas.serve.ws_session import CLOSE_TIMEOUT_S
 from tradecanvas.store.sqlite import CandleStore
 from tradecanvas.wire.json import loads
 
 T0: Final = 1751760000
 STALL_S: Final = 5.0
+# real seconds the test is idle before the virtual clock jumps to the next deadline
+AUTOJUMP_S: Final = 0.01
 # far more than the kernel buffers of a client that stops reading hold (about 2 MB)
 CATCH_UP: Final = 20_000
 
@@ -55,7 +59,7 @@ def clock() -> trio.testing.MockClock:
     """Virtual time that jumps ahead once the test has been idle for 10 ms of real time:
     not while the daemon reads the store in a thread (trio's autojump_clock would run the
     stall timeout out in the meantime), and stall timeouts still pass in no time."""
-    return trio.testing.MockClock(autojump_threshold=0.01)
+    return trio.testing.MockClock(autojump_threshold=AUTOJUMP_S)
 
 
 def expected_times(count: int = CATCH_UP) -> list[int]:
@@ -236,7 +240,13 @@ async def test_a_stuck_client_with_a_large_receive_buffer_is_closed_within_the_s
         with trio.fail_after(10 * STALL_S):
             while subscriber.close_code is None:
                 candles = list(flat_minutes(live_start + 60 * len(published), 1, "108123.45"))
+                # the clock stands still while the store writes in a thread: under load that
+                # takes over the 10 ms after which it would jump, to the deadline of the
+                # close handshake (2 s on) once the close is decided, and closed_at would
+                # count the jump
+                clock.autojump_threshold = math.inf
                 await store.upsert(SID_1M, candles, "ws")
+                clock.autojump_threshold = AUTOJUMP_S
                 marks.append((trio.current_time(), subscriber.in_flight.written))
                 market.hub.publish_closed(SID_1M, candles)
                 published.append(candles[0].candle_time)

@@ -21,7 +21,8 @@ the bound is the daemon's own, the same on every network:
   buffer, far from full, takes the frame (and the rest of a frame a cancelled write began).
 - **A stall clock.** :class:`StallClock` turns samples of (bytes proven read, bytes not yet)
   into "seconds behind": the age of the oldest byte written and not yet proven read. The
-  session closes a subscriber with 4008 once that reaches ``subscriber_stall_timeout_s``.
+  endpoint's stall watch (``stall_watch``) closes a subscriber with 4008 once that reaches
+  ``subscriber_stall_timeout_s``.
 - **Proof of reading.** A TCP acknowledgement says only that the bytes reached the client's
   kernel: a client with a 4 MB receive buffer that stops reading keeps acknowledging until
   those 4 MB are full — at a trickle of live data, hours. So both ports ping
@@ -152,16 +153,20 @@ class InFlight:
 
     The writers call :meth:`fits` (the Hub's write at once) or :meth:`wait_room` (the
     publish task) before a data write and :meth:`note_written` after every write; the
-    session's stall watch calls :meth:`behind`. Between measurements the bytes in flight
+    stall watch's sweep (``stall_watch``) calls :meth:`behind` and :meth:`want_proof`
+    at each tick. Between measurements the bytes in flight
     are bounded from above by the last measurement plus what was written since, so a
     subscriber far from its budget costs no system call per write. A transport that can
-    ping runs :meth:`prove_reads` beside them.
+    ping runs :meth:`prove_reads` beside them, which pings when the sweep asks.
     """
 
     __slots__ = (
         "_bound",
         "_buffer",
         "_clock",
+        "_proof_asked",
+        "_proof_wanted",
+        "_proving",
         "behind_s",
         "budget",
         "in_flight",
@@ -186,36 +191,53 @@ class InFlight:
         self.written = 0
         self.proven = 0
         self.read_proof = False
+        # the read proofs' state (want_proof asks, prove_reads pings)
+        self._proof_wanted = trio.Event()
+        self._proof_asked = now
+        self._proving = False
 
     def note_written(self, n: int) -> None:
         self._bound += n
         self.written += n
 
+    def want_proof(self, now: float, every_s: float) -> None:
+        """Ask :meth:`prove_reads` for a ping if one is due at ``now``: something written is
+        not yet proven read, no ping is waiting for its pong, and the last was asked for
+        ``every_s`` or more ago (the stall watch's sweep calls it at each tick)."""
+        if (
+            not self.read_proof
+            or self._proving
+            or self.written <= self.proven
+            or now - self._proof_asked < every_s
+        ):
+            return
+        self._proving = True
+        self._proof_asked = now
+        self._proof_wanted.set()
+
     async def prove_reads(
-        self, ping: Callable[[bytes], Awaitable[None]], stall_timeout_s: float, *, ping_bytes: int
+        self, ping: Callable[[bytes], Awaitable[None]], *, ping_bytes: int
     ) -> None:
-        """Every ``stall_timeout_s / PINGS_PER_STALL`` s, when something written is not yet
-        proven read, send a ping
-        (``ping(payload)`` writes it through this connection and returns once its pong is
-        back) and count everything written before it, and the ping (``ping_bytes``: what
-        :meth:`note_written` is told of a ping's frame), as read. From the call
-        on, :meth:`behind` counts from these proofs instead of TCP acknowledgements. Runs
-        until cancelled, or until ``ping`` raises (the connection closed): the proof stops
-        there, and the stall clock runs on. One ping at a time: a client that does not
-        answer is sent no more."""
+        """Send a ping each time :meth:`want_proof` asks for one (``ping(payload)`` writes
+        it through this connection and returns once its pong is back) and count everything
+        written before it, and the ping (``ping_bytes``: what :meth:`note_written` is told
+        of a ping's frame), as read. From the call on, :meth:`behind` counts from these
+        proofs instead of TCP acknowledgements. Runs until cancelled, or until ``ping``
+        raises (the connection closed): the proof stops there, and the stall clock runs on.
+        One ping at a time: a client that does not answer is sent no more. Waits on an
+        event between pings, not a timer (a thousand connections, a thousand timers)."""
         self.read_proof = True
-        interval = stall_timeout_s / PINGS_PER_STALL
         serial = 0
         while True:
-            await trio.sleep(interval)
-            if self.written <= self.proven:
-                continue
+            await self._proof_wanted.wait()
+            self._proof_wanted = trio.Event()
             serial += 1
             # what another task writes before the ping, after this, is left unproven: the
             # proof errs low (the clock early), never high
             covered = self.written + ping_bytes
             await ping(serial.to_bytes(PING_PAYLOAD_BYTES, "big"))
             self.proven = max(self.proven, covered)
+            self._proving = False
 
     def _measure(self) -> int:
         unacked = unacknowledged_bytes(self.sock)

@@ -94,19 +94,16 @@ async def _serve_websocket(endpoint: MarketEndpoint, websocket: WebSocket) -> No
     async with trio.open_nursery() as connection:
         connection.start_soon(transport.write_frames)
         if served is not None and transport.in_flight is not None:
-            stall_s = endpoint.stall_timeout_s
-            connection.start_soon(_prove_reads, served, transport.in_flight, stall_s)
+            connection.start_soon(_prove_reads, served, transport.in_flight)
         await endpoint.serve(transport, f"{peer} (HTTP port)")
         connection.cancel_scope.cancel()
 
 
-async def _prove_reads(
-    served: ServedConnection, in_flight: InFlight, stall_timeout_s: float
-) -> None:
+async def _prove_reads(served: ServedConnection, in_flight: InFlight) -> None:
     """The read proof of ``tradecanvas.serve.in_flight`` with the connection's own pings (the
     transport counts what it writes in characters, and no ping among them)."""
     with contextlib.suppress(trio.ClosedResourceError, trio.BrokenResourceError):
-        await in_flight.prove_reads(served.ping, stall_timeout_s, ping_bytes=0)
+        await in_flight.prove_reads(served.ping, ping_bytes=0)
 
 
 @final

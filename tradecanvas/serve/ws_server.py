@@ -241,16 +241,14 @@ class _MarketServer:
         if handshake.cancelled_caught:
             return
         if stream.in_flight is not None:  # the stall clock counts from pongs (in_flight)
-            nursery.start_soon(_prove_reads, ws, stream.in_flight, self.endpoint.stall_timeout_s)
+            nursery.start_soon(_prove_reads, ws, stream.in_flight)
         await self.endpoint.serve(_TrioWebsocketTransport(ws, stream), peer)
 
 
-async def _prove_reads(
-    ws: trio_websocket.WebSocketConnection, in_flight: InFlight, stall_timeout_s: float
-) -> None:
+async def _prove_reads(ws: trio_websocket.WebSocketConnection, in_flight: InFlight) -> None:
     # closed, or closing (wsproto refuses a ping then): the proofs end, the clock runs on
     with contextlib.suppress(trio_websocket.ConnectionClosed, LocalProtocolError):
-        await in_flight.prove_reads(ws.ping, stall_timeout_s, ping_bytes=PING_FRAME_BYTES)
+        await in_flight.prove_reads(ws.ping, ping_bytes=PING_FRAME_BYTES)
 
 
 async def serve_ws_port(

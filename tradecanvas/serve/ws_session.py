@@ -14,7 +14,8 @@ What the session does, per connection (task tree of :meth:`MarketEndpoint.serve`
     serve                                  attach to the Hub; at the end detach, then close
     └─ subscriber.cancel_scope
        ├─ Hub.run_publisher                sends what is queued (candles, system, pong, error)
-       ├─ stall watch                      samples what the client has not yet read
+       ├─ StallWatch.watch                 registers the connection's stall clock; one
+       │                                   session at a time runs the sweep for them all
        └─ reader loop                      client messages; never awaits a send
 
 Besides its publish task, the Hub's publishing itself writes to the connection's
@@ -28,16 +29,17 @@ message gets an ``error`` and the connection stays up; a client over the rate li
 is closed with 1008.
 
 Slow consumers (DESIGN §6): besides the queue's rules and the publish task's send timeout,
-the stall watch samples the connection's :class:`~tradecanvas.serve.in_flight.InFlight`
-every ``stall_timeout_s / STALL_SAMPLES`` seconds and closes the subscriber with 4008 once
-the oldest byte written to it has gone unread for ``stall_timeout_s``
-(``subscriber_stall_timeout_s``). Read means proven by a pong to a ping written after it
-(``InFlight.prove_reads``, at most one ping per half stall timeout), or acknowledged by TCP
-where a transport has no pings: a client that stops reading is closed within that time of
-stopping, whatever the buffer sizes, and its close frame fits behind the bounded bytes in
-flight. Every 4008 is counted by cause
-(``tradecanvas_slow_consumer_closes_total``); the subscribers' queues and lag are on
-/metrics at each scrape (``ops.metrics.SubscriberStatistics``).
+the endpoint's :class:`~tradecanvas.serve.stall_watch.StallWatch` samples every
+connection's :class:`~tradecanvas.serve.in_flight.InFlight` in one sweep every
+``stall_timeout_s / STALL_SAMPLES`` seconds and closes a subscriber with 4008 once the
+oldest byte written to it has gone unread for ``stall_timeout_s``
+(``subscriber_stall_timeout_s``), counting every pong the daemon had received by then.
+Read means proven by a pong to a ping written after it (``InFlight.prove_reads``, at most
+one ping per half stall timeout, asked for by the sweep), or acknowledged by TCP where a
+transport has no pings: a client that stops reading is closed within that time of
+stopping, whatever the buffer sizes, and its close frame fits behind the bounded bytes in flight.
+Every 4008 is counted by cause (``tradecanvas_slow_consumer_closes_total``); the
+subscribers' queues and lag are on /metrics at each scrape (``ops.metrics.SubscriberStatistics``).
 
 Closing: the first close decision wins (the Subscriber keeps it); the session sends the close
 frame once its tasks have unwound, within :data:`CLOSE_TIMEOUT_S` (shielded): a peer that does
@@ -61,8 +63,8 @@ from tradecanvas.model import SeriesId
 from tradecanvas.ops.metrics import SubscriberSample
 from tradecanvas.serve.hub import Hub
 from tradecanvas.serve.in_flight import InFlight
+from tradecanvas.serve.stall_watch import StallWatch
 from tradecanvas.serve.subscriber import FrameWriter, MessageSocket, Subscriber, TransportClosed
-from tradecanvas.serve.subscriber_queue import SLOW_CONSUMER
 from tradecanvas.serve.ws_protocol import (
     CLOSE_ABNORMAL,
     CLOSE_GOING_AWAY,
@@ -86,9 +88,6 @@ log = logging.getLogger(__name__)
 CLOSE_TIMEOUT_S: Final = 2.0
 # subscriber_stall_timeout_s's default (DESIGN §6, §7)
 DEFAULT_STALL_TIMEOUT_S: Final = 30.0
-# samples of a connection's unacknowledged bytes per stall timeout: a stalled subscriber is
-# closed when the oldest is at most one sample interval younger than the timeout
-STALL_SAMPLES: Final = 10
 
 
 class SessionTransport(MessageSocket, Protocol):
@@ -130,13 +129,11 @@ class MarketEndpoint:
         stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S,
         max_connections: int | None = None,
     ) -> None:
-        if stall_timeout_s <= 0:
-            raise ValueError("stall_timeout_s must be > 0")
+        self.stalls = StallWatch(stall_timeout_s)
         self.hub = hub
         self.allowed_origins = tuple(allowed_origins)
         self.max_subscriptions = max_subscriptions
         self.limits = limits or InboundLimits()
-        self.stall_timeout_s = stall_timeout_s
         # /ws/market connections open at once, both ports together (None: no limit)
         self.max_connections = max_connections
         self._closing = False
@@ -210,7 +207,7 @@ class MarketEndpoint:
                 async with trio.open_nursery() as tasks:
                     tasks.start_soon(self.hub.run_publisher, subscriber)
                     if subscriber.in_flight is not None:
-                        tasks.start_soon(self._watch_stall, subscriber, subscriber.in_flight)
+                        tasks.start_soon(self.stalls.watch, subscriber, subscriber.in_flight)
                     await self._read_loop(transport, subscriber)
                     tasks.cancel_scope.cancel()
         finally:
@@ -222,21 +219,6 @@ class MarketEndpoint:
             with trio.CancelScope(shield=True, deadline=trio.current_time() + CLOSE_TIMEOUT_S):
                 await transport.aclose(code, subscriber.close_reason)
             log.debug("ws %s: closed (%s)", peer, subscriber.disconnect_reason)
-
-    async def _watch_stall(self, subscriber: Subscriber, in_flight: InFlight) -> None:
-        """Close ``subscriber`` with 4008 once a byte written to it has gone unacknowledged
-        for the stall timeout (see the module docstring). Runs until cancelled."""
-        interval = self.stall_timeout_s / STALL_SAMPLES
-        while True:
-            await trio.sleep(interval)
-            if in_flight.behind(trio.current_time()) >= self.stall_timeout_s:
-                subscriber.close(
-                    CLOSE_SLOW_CONSUMER,
-                    f"slow consumer: nothing read for {self.stall_timeout_s:g}s",
-                    disconnect_reason=SLOW_CONSUMER,
-                    cause="stalled",
-                )
-                return
 
     async def _read_loop(self, transport: SessionTransport, subscriber: Subscriber) -> None:
         limiter = RateLimiter(self.limits, trio.current_time())
