@@ -229,13 +229,13 @@ def _latency(
     (``<profile>.<round>.ingest.raw``, ``<profile>.<round>.edge-0.raw``)."""
     rounds = rounds or sizes.latency_rounds
     load, series = sizes.latency_key_load, sizes.latency_series
-    nominal = load * 60 / series
     bars = 3 + max(5, round(sizes.latency_seconds * load / series))
     per: dict[str, dict[str, list[float]]] = {
         s: {"p50": [], "p99": [], "load": []} for s in ("single", "scaleout")
     }
-    # each side's speed is raised by what its previous round fell short of the load, ≤ 4×
-    speeds = {"single": nominal, "scaleout": nominal}
+    # the replay sends each minute's closes on a schedule, 60/speed s apart (the time it
+    # spends sending does not add up), so the speed is the load's
+    speed = f"{load * 60 / series:g}"
     with tempfile.TemporaryDirectory(prefix="bench-market-") as d:
         market = Market.write(Path(d), series, bars)
         clients = spread_subscriptions(market.series, sizes.latency_subscribers, 3)
@@ -245,7 +245,6 @@ def _latency(
         sides = ["scaleout"] if sizes is SMOKE or not with_single else list(per)
         for round_ in range(rounds):
             for side in sides:
-                speed = f"{speeds[side]:g}"
                 if side == "single":
                     go = functools.partial(
                         run_round, "daemon", market, clients, speed=speed, observe=observe
@@ -262,8 +261,6 @@ def _latency(
                     )
                 data = trio.run(go)
                 lat, achieved = _latencies(data, market)
-                if achieved > 0:  # nan compares false: the speed stays
-                    speeds[side] = min(4 * nominal, max(nominal, speeds[side] * load / achieved))
                 per[side]["p50"].append(_percentile(lat, 0.5))
                 per[side]["p99"].append(_percentile(lat, 0.99))
                 per[side]["load"].append(achieved)
