@@ -250,9 +250,8 @@ def bench_latency(sizes: Sizes, rounds: int | None) -> list[Figure]:
     key_p99: list[float] = []
     key_loads: list[float] = []
     for load in sorted({*sizes.latency_loads, sizes.latency_key_load}):
-        # the replay sleeps 60/speed s between minutes and then spends time sending: the
-        # speed is raised by what the previous round fell short of the load (the naive
-        # relay runs first and keeps up), at most 4×
+        # the replay sends each minute's closes on a schedule, 60/speed s apart (the time
+        # it spends sending does not add up), so the speed is the load's
         speed = load * 60 / sizes.latency_series
         bars = LATENCY_WARMUP + max(5, round(sizes.latency_seconds * load / sizes.latency_series))
         with tempfile.TemporaryDirectory(prefix="bench-market-") as d:
@@ -268,9 +267,6 @@ def bench_latency(sizes: Sizes, rounds: int | None) -> list[Figure]:
                         )
                     )  # fmt: skip
                     lat, achieved = _latencies(data, market)
-                    nominal = load * 60 / sizes.latency_series
-                    if achieved > 0:  # nan compares false: the speed stays
-                        speed = min(4 * nominal, max(nominal, speed * load / achieved))
                     p50s.append(_percentile(lat, 0.5))
                     p99s.append(_percentile(lat, 0.99))
                     loads.append(achieved)

@@ -55,10 +55,15 @@ READER_QUEUE: Final = 1024
 READ_BYTES: Final = 64 << 10
 
 
-@attrs.frozen
+@final
+@attrs.define
 class Frame:
     """One raw frame as received: which connection (``generation``, counting up from 1 per
-    call) and when (``received_at``, monotonic)."""
+    call) and when (``received_at``, monotonic). Never changed once built.
+
+    Not frozen, unlike the other attrs classes: one is built for every frame, and a frozen
+    one builds in about three times the time (0.8 against 0.25 µs, 5 % of the daemon's CPU
+    at ``replay --speed max``)."""
 
     generation: int
     raw: str | bytes
@@ -197,6 +202,7 @@ class _ConnectionSlot:
                 message_queue_size=READER_QUEUE,
                 receive_buffer_size=READ_BYTES,
                 queue_at_once=True,
+                fast_frames=True,
             ) as ws:
                 started = True
                 conn.connected_at = trio.current_time()

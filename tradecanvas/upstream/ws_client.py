@@ -12,9 +12,11 @@ from urllib.parse import urlsplit
 import attrs
 import trio
 import trio_websocket
+from wsproto import ConnectionType, WSConnection
 from wsproto.utilities import LocalProtocolError
 
 from tradecanvas.errors import first_leaf
+from tradecanvas.upstream.ws_frames import FastTextFrames
 
 # trio-websocket's own default; Binance frames and /ws/market catch-up batches fit easily
 MAX_MESSAGE_BYTES: Final = 1 << 20
@@ -55,6 +57,7 @@ async def open_websocket_client(
     message_queue_size: int = MESSAGE_QUEUE_SIZE,
     receive_buffer_size: int = RECEIVE_BYTES,
     queue_at_once: bool = False,
+    fast_frames: bool = False,
 ) -> AsyncIterator[trio_websocket.WebSocketConnection]:
     """``trio_websocket.open_websocket_url``, except that we own the TCP stream and always
     close it.
@@ -63,8 +66,9 @@ async def open_websocket_client(
     client waits for the server's TCP close and then never closes its own end, leaking one
     descriptor per Binance-side disconnect. ``message_queue_size`` and
     ``receive_buffer_size`` are trio-websocket's (see :data:`MESSAGE_QUEUE_SIZE`);
-    ``queue_at_once``: see :func:`queue_messages_at_once`. Raises
-    ValueError for a URL that is not ws(s)://, ``HandshakeError`` (``ConnectionTimeout``,
+    ``queue_at_once``: see :func:`queue_messages_at_once`; ``fast_frames``: wsproto with a
+    fast path for small text frames (:class:`~tradecanvas.upstream.ws_frames.FastTextFrames`).
+    Raises ValueError for a URL that is not ws(s)://, ``HandshakeError`` (``ConnectionTimeout``,
     ``ConnectionRejected``) when the connection cannot be opened.
     """
     target = parse_ws_url(url)
@@ -87,15 +91,18 @@ async def open_websocket_client(
     try:
         async with trio.open_nursery() as nursery:
             with trio.fail_after(connect_timeout):
-                ws = await trio_websocket.wrap_client_stream(
-                    nursery,
+                # trio_websocket.wrap_client_stream, with our WSConnection when asked
+                ws = trio_websocket.WebSocketConnection(
                     stream,
-                    host_header,
-                    target.resource,
+                    FastTextFrames() if fast_frames else WSConnection(ConnectionType.CLIENT),
+                    host=host_header,
+                    path=target.resource,
                     max_message_size=max_message_size,
                     message_queue_size=message_queue_size,
                     receive_buffer_size=receive_buffer_size,
                 )
+                nursery.start_soon(ws._reader_task)
+                await ws._open_handshake.wait()
             if queue_at_once:
                 queue_messages_at_once(ws)
             opened = True

@@ -24,6 +24,7 @@ from tradecanvas.tools.replay import (
     phase_3d,
     timeline_frames,
 )
+from tradecanvas.tools.replay.core import Schedule
 from tradecanvas.wire.kline_csv import read_kline_csv
 
 SID = SeriesId.parse("binance:futures:BTC/USDT:1m")
@@ -213,3 +214,21 @@ def test_the_3d_phase_is_the_option_else_the_documented_one_else_0() -> None:
     assert phase_3d(config, "spot", "BTCUSDT") == 86_400
     assert phase_3d(config, "spot", "DOGEUSDT") == 0
     assert phase_3d(attrs.evolve(config, phase_3d_days=0), "futures", "BTCUSDT") == 0
+
+
+def test_the_schedule_does_not_add_up_the_time_spent_sending() -> None:
+    """At speed 2 a frame 1,000 exchange ms after the first goes 0.5 s after it; a frame
+    sent late does not push the ones after it back, a pause does, a restart starts over."""
+    schedule = Schedule(2.0)
+    e = 1_700_000_000_000
+    assert schedule.send_at(e, now=10.0) == 10.0  # the first frame starts the schedule
+    assert schedule.send_at(e + 1000, now=10.1) == 10.5
+    # sending took long: this one is due already (sent at once) ...
+    assert schedule.send_at(e + 2000, now=12.0) == 11.0
+    # ... and the next one is on the schedule again, not 0.5 s after the late one
+    assert schedule.send_at(e + 5000, now=12.1) == 12.5
+    schedule.pause(3.0)  # waited for a client, or a stall
+    assert schedule.send_at(e + 6000, now=15.6) == 16.0
+    schedule.restart()  # a drop
+    assert schedule.send_at(e + 60_000, now=20.0) == 20.0
+    assert schedule.send_at(e + 61_000, now=20.0) == 20.5

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from decimal import Decimal
 from pathlib import Path
 
+import attrs
 import httpx
 import orjson
 import pytest
@@ -15,7 +17,7 @@ import trio_websocket
 
 from tests.tools.replay.conftest import DAY, STREAM, config_for, faults_config, read_events
 from tradecanvas.model import Candle
-from tradecanvas.tools.replay import ReplayHandle, serve_replay
+from tradecanvas.tools.replay import ReplayConfig, ReplayHandle, serve_replay, server
 from tradecanvas.upstream.ws_client import open_websocket_client
 
 
@@ -259,3 +261,49 @@ async def test_a_paused_replay_sends_nothing_until_resumed_and_loses_no_bar(
         assert [c.candle_time for c in closed] == [r.candle_time for r in day_rows[1436:]]
         assert not events[0].closed and events[0].open_time_ms // 1000 == DAY + 1436 * 60
         nursery.cancel_scope.cancel()
+
+
+async def _all_frames(config: ReplayConfig, *, paused: bool) -> tuple[list[str], list[str]]:
+    """Every frame a combined client of STREAM gets from ``config`` (--speed max), and a
+    raw one too when ``paused`` (resumed once both are connected and the timeline prepared
+    what it would; unpaused, the first client to connect starts the timeline)."""
+    async with trio.open_nursery() as nursery:
+        replay: ReplayHandle = await nursery.start(
+            serve_replay, attrs.evolve(config, paused=paused)
+        )
+        async with contextlib.AsyncExitStack() as stack:
+            urls = [f"{replay.ws_url}/stream?streams={STREAM}"]
+            if paused:
+                urls.append(f"{replay.ws_url}/ws/{STREAM}")
+            clients = [await stack.enter_async_context(open_websocket_client(u)) for u in urls]
+            if paused:
+                await trio.testing.wait_all_tasks_blocked()  # preparing never blocks
+                replay.resume()
+            await replay.finished.wait()
+            count = replay.statistics().frames_sent
+            got = [[str(await ws.get_message()) for _ in range(count)] for ws in clients]
+        nursery.cancel_scope.cancel()
+    return got[0], got[1] if paused else []
+
+
+@pytest.mark.parametrize("prepare_max", [server.PREPARE_MAX, 300])
+async def test_a_paused_replay_sends_what_it_prepared_as_it_would_have(
+    day_csv: Path, prepare_max: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A paused replay builds and frames its first frames before it is resumed (all of
+    them, or the first 300 and the rest on the way): the clients get the very frames, in
+    the same order, faults included, as from a replay that never paused."""
+    monkeypatch.setattr(server, "PREPARE_MAX", prepare_max)
+    config = config_for(
+        day_csv,
+        start_at=1200,
+        forming_per_bar=2,
+        omit_closes=frozenset({1300}),
+        duplicate_closes=frozenset({1301}),
+        delay_closes=((1302, 2),),
+    )
+    expected, _ = await _all_frames(config, paused=False)
+    assert len(expected) > 600  # more than PREPARE_CHUNK and than 300
+    combined, raw = await _all_frames(config, paused=True)
+    assert combined == expected
+    assert raw == [orjson.dumps(orjson.loads(m)["data"]).decode() for m in expected]

@@ -22,8 +22,10 @@ Time: the replay has one exchange clock, the event time ``E`` of the last frame 
 bars become ``forming_per_bar`` forming frames at ``E = open + k·60/(n+1) s`` and a closed
 frame at ``E = close time + 201 ms`` (real closes arrive 0.2–2 s late). REST serves only bars
 that have closed by that clock, so a daemon sees exactly what it would have seen live, at any
-``--speed``. ``--speed max`` sends as fast as the slowest client reads; the timeline waits
-while no client is connected, so runs are deterministic.
+``--speed``. At a ``--speed`` the frames go out on a schedule, each at its exchange-time
+distance from the first ÷ speed (a replay held back by a slow client catches up after);
+``--speed max`` sends as fast as the slowest client reads; the timeline waits while no
+client is connected, so runs are deterministic.
 
 Faults (bar indices count the data's distinct open times from 0):
 ``--drop-at I --skip N`` closes every connection just before bar I's close and skips bars
@@ -37,6 +39,8 @@ learns where the exchange stands and can backfill what it missed.
 ``--paused`` holds the timeline (no frame, the clock stands at ``--start-at``; REST answers
 from there) until SIGUSR1 or :meth:`ReplayHandle.resume`: a daemon can be started and its
 subscribers attached before the first candle exists, so they see everything it publishes.
+Meanwhile the timeline builds and frames its first frames (at most 50,000), so that
+sending them costs no JSON work once resumed.
 
 Exit codes (:data:`~tradecanvas.tools.replay.cli.EXIT_CODES`, also in ``--help``): 0 when
 SIGINT (Ctrl-C) or SIGTERM stops it, the normal end of a replay; 1 when it cannot serve (a

@@ -127,6 +127,35 @@ def timeline_frames(config: ReplayConfig, data: ReplayData) -> Iterator[ReplayFr
     return heapq.merge(*streams, key=lambda f: (f.event_ms, f.order))
 
 
+@final
+@attrs.define
+class Schedule:
+    """When each frame goes out at a ``speed``: at its exchange-time distance from the
+    schedule's first frame ÷ ``speed``, whatever the sending of the frames before it took
+    (a frame whose time has passed goes at once, and the ones after it are on time again).
+
+    :meth:`pause` moves the schedule on (the replay waited for a client, or stalled);
+    after :meth:`restart` the next frame starts a new one."""
+
+    speed: float
+    _anchor: tuple[float, int] | None = None  # (clock s, exchange ms) it counts from
+
+    def send_at(self, event_ms: int, now: float) -> float:
+        """The clock time to send a frame of exchange time ``event_ms`` at (``now``
+        starts the schedule if nothing did)."""
+        if self._anchor is None:
+            self._anchor = (now, event_ms)
+        start, start_ms = self._anchor
+        return start + (event_ms - start_ms) / MS / self.speed
+
+    def pause(self, seconds: float) -> None:
+        if self._anchor is not None:
+            self._anchor = (self._anchor[0] + seconds, self._anchor[1])
+
+    def restart(self) -> None:
+        self._anchor = None
+
+
 def chosen(bar: int, listed: frozenset[int], every: int | None) -> bool:
     """Is ``bar`` listed, or every ``every``-th bar (bars every-1, 2·every-1, …)?"""
     return bar in listed or (every is not None and bar % every == every - 1)

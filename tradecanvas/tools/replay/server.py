@@ -19,8 +19,11 @@ queued before it.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
+import itertools
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import Final, final
 
 import attrs
@@ -37,6 +40,7 @@ from tradecanvas.serve.http_server import serve_http
 from tradecanvas.tools.replay.core import (
     FaultPlan,
     ReplayFrame,
+    Schedule,
     closed_bars,
     interval_bars,
     phase_3d,
@@ -57,6 +61,11 @@ REST_DEFAULT_LIMIT: Final = 500
 # frames the timeline hands to clients' channels between two checkpoints (it awaits only a
 # full channel; this keeps REST and signals answered while every client keeps up)
 YIELD_EVERY: Final = 64
+# frames the timeline builds and frames ahead while ``--paused`` (about 0.8 KiB each): the
+# JSON and framing of each is then done before the replay is resumed, not while it sends
+PREPARE_MAX: Final = 50_000
+# frames prepared between two checkpoints (a few ms: signals and REST stay answered)
+PREPARE_CHUNK: Final = 256
 # REST's graceful drain when the replay is cancelled; connections still open after it are
 # aborted (serve_http)
 DRAIN_S: Final = 1.0
@@ -131,15 +140,22 @@ class ReplayServer:
 
     async def run_timeline(self) -> None:
         """Send every frame once resumed, waiting while no client is connected and, at a
-        ``speed``, for the frames' exchange-time distance; ``finished`` at the end."""
+        ``speed``, until each frame's time on a schedule: its exchange-time distance from
+        the first frame ÷ ``speed`` (the time spent sending does not add up over the run;
+        a replay held back by a slow client catches up). Waiting for a client and a
+        ``--stall`` move the schedule on; after a drop it starts again from the next frame.
+        ``finished`` at the end."""
         config = self.config
         plan = FaultPlan.of(config, self.data.minutes)
-        previous_e: int | None = None
+        schedule = None if config.speed is None else Schedule(config.speed)
         stalls = sorted(config.stall_at)
         delays = dict(config.delay_closes)
         held: list[tuple[int, ReplayFrame]] = []  # delayed closes: (send after bar, frame)
+        frames = timeline_frames(config, self.data)
+        prepared = await self._prepare_while_paused(frames)
         await self.resumed.wait()
-        for frame in timeline_frames(config, self.data):
+        timeline = itertools.chain(_drain(prepared), ((f, None) for f in frames))
+        for frame, framed in timeline:
             if held and frame.kind == "closed" and held[0][0] < frame.minute:
                 due = [f for after, f in held if after < frame.minute]
                 held = [(after, f) for after, f in held if after >= frame.minute]
@@ -147,33 +163,34 @@ class ReplayServer:
                     await self._broadcast(late)
             if stalls and frame.kind == "closed" and frame.minute >= stalls[0]:
                 stalls.pop(0)
-                await trio.sleep(config.stall_s)
+                await _pausing(schedule, functools.partial(trio.sleep, config.stall_s))
             step = plan.step(frame)
             if step.drop:
                 await self._drop_clients()
                 self._drops += 1
                 if step.clock_ms is not None:
                     self.now_ms = max(self.now_ms, step.clock_ms)
-                previous_e = None
+                if schedule is not None:
+                    schedule.restart()
             if step.omitted:
                 self._omitted += 1
             if not step.sends:
                 continue
-            while not self._clients:
-                await self._client_arrived.wait()
-                self._client_arrived = trio.Event()
-            if config.speed is not None and previous_e is not None and frame.event_ms > previous_e:
-                await trio.sleep((frame.event_ms - previous_e) / MS / config.speed)
-            previous_e = frame.event_ms
+            if not self._clients:
+                await _pausing(schedule, self._wait_for_a_client)
+            if schedule is not None:
+                send_at = schedule.send_at(frame.event_ms, trio.current_time())
+                if send_at > trio.current_time():
+                    await trio.sleep_until(send_at)
             self.now_ms = max(self.now_ms, frame.event_ms)
             if frame.kind == "closed" and frame.minute in delays:
                 held.append((frame.minute + delays[frame.minute], frame))
                 held.sort(key=lambda item: item[0])
                 continue
-            await self._broadcast(frame)
+            await self._broadcast(frame, framed)
             if step.sends > 1:
                 self._duplicated += 1
-                await self._broadcast(frame)
+                await self._broadcast(frame, framed)
         for _, late in held:
             await self._broadcast(late)
         self.now_ms = max(
@@ -181,11 +198,35 @@ class ReplayServer:
         )
         self.finished.set()
 
-    async def _broadcast(self, frame: ReplayFrame) -> None:
+    async def _wait_for_a_client(self) -> None:
+        while not self._clients:
+            await self._client_arrived.wait()
+            self._client_arrived = trio.Event()
+
+    async def _prepare_while_paused(
+        self, frames: Iterator[ReplayFrame]
+    ) -> collections.deque[tuple[ReplayFrame, bytes]]:
+        """Until resumed, the first frames of the timeline (at most :data:`PREPARE_MAX`)
+        and each one's combined-stream WebSocket frame: what the timeline then sends first,
+        without building them on the way. The timeline itself (faults, the clock, pacing)
+        is unchanged; not ``--paused``, nothing is prepared."""
+        prepared: collections.deque[tuple[ReplayFrame, bytes]] = collections.deque()
+        while not self.resumed.is_set() and len(prepared) < PREPARE_MAX:
+            size = min(PREPARE_CHUNK, PREPARE_MAX - len(prepared))
+            chunk = [(f, ws_text_frame(f.text)) for f in itertools.islice(frames, size)]
+            prepared.extend(chunk)
+            if len(chunk) < size:
+                break  # the whole timeline is prepared
+            await trio.lowlevel.checkpoint()
+        return prepared
+
+    async def _broadcast(self, frame: ReplayFrame, framed: bytes | None = None) -> None:
+        """Send ``frame`` to its clients (``framed``: its combined-stream frame, if
+        prepared)."""
         self._frames_sent += 1
         if frame.kind == "closed":
             self._last_closed[frame.stream] = frame
-        combined: bytes | None = None
+        combined = framed
         raw: bytes | None = None
         for client in list(self._clients):
             if frame.stream not in client.streams and (frame.stream or frame.kind != "other"):
@@ -329,6 +370,22 @@ class ReplayServer:
             routes.append(Route(f"{prefix}/time", self.server_time))
             routes.append(Route(f"{prefix}/exchangeInfo", self.exchange_info))
         return Starlette(routes=routes)
+
+
+async def _pausing(schedule: Schedule | None, pause: Callable[[], Awaitable[None]]) -> None:
+    """Await ``pause()``; the timeline's schedule (if any) moved on by the time it took."""
+    started = trio.current_time()
+    await pause()
+    if schedule is not None:
+        schedule.pause(trio.current_time() - started)
+
+
+def _drain(
+    items: collections.deque[tuple[ReplayFrame, bytes]],
+) -> Iterable[tuple[ReplayFrame, bytes]]:
+    """``items`` from the first, each let go of as it is taken."""
+    while items:
+        yield items.popleft()
 
 
 @attrs.frozen
