@@ -15,6 +15,7 @@ arrival order per client), ``messages``, ``errors``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
@@ -25,7 +26,12 @@ import orjson
 import trio
 import trio_websocket
 
+from tradecanvas.upstream.ws_client import get_message_nowait, open_websocket_client
+
 MAX_MESSAGE: Final = 64 * 2**20
+# messages trio-websocket's reader queues for a client: the reader queues every message of
+# one socket read at once (``queue_at_once``), the client takes them all in one go
+QUEUE: Final = 64
 DONE_TIMEOUT_S: Final = 600.0
 
 
@@ -49,16 +55,26 @@ class _Run:
         if self.done == len(self.clients):
             self.all_done.set()
 
-    async def client(self, nursery: trio.Nursery, series: list[str]) -> None:
-        async with self.handshakes:
-            ws = await trio_websocket.connect_websocket_url(
-                nursery, self.url, max_message_size=MAX_MESSAGE
-            )
-            for sid in series:
-                subscribe = {"type": "subscribe", "series_id": sid, "since": self.since,
-                             "supports_batch": True}  # fmt: skip
-                await ws.send_message(orjson.dumps(subscribe).decode())
-            await ws.send_message('{"type":"ping"}')
+    async def client(self, series: list[str]) -> None:
+        async with contextlib.AsyncExitStack() as stack:
+            async with self.handshakes:
+                ws = await stack.enter_async_context(
+                    open_websocket_client(
+                        self.url,
+                        max_message_size=MAX_MESSAGE,
+                        message_queue_size=QUEUE,
+                        queue_at_once=True,
+                        fast_frames=True,
+                    )
+                )
+                for sid in series:
+                    subscribe = {"type": "subscribe", "series_id": sid, "since": self.since,
+                                 "supports_batch": True}  # fmt: skip
+                    await ws.send_message(orjson.dumps(subscribe).decode())
+                await ws.send_message('{"type":"ping"}')
+            await self._receive(ws, series)
+
+    async def _receive(self, ws: trio_websocket.WebSocketConnection, series: list[str]) -> None:
         waiting = {sid: True for sid in series} if self.last_time is not None else {}
         pending = len(waiting)
         pong = False
@@ -66,33 +82,37 @@ class _Run:
         try:
             while True:
                 text = await ws.get_message()
-                now = time.time()
-                self.messages += 1
-                message = orjson.loads(text)
-                kind = message["type"]
-                if kind == "candles_batch":
-                    candles = message["candles"]
-                elif kind == "candle_closed":
-                    candles = [message["candle"]]
-                elif kind == "pong" and not pong:
-                    pong = True
-                    self.ready += 1
-                    if self.ready == len(self.clients):
-                        self.all_ready.set()
-                    continue
-                else:
-                    if kind == "error":
+                while True:
+                    now = time.time()
+                    self.messages += 1
+                    message = orjson.loads(text)
+                    kind = message["type"]
+                    candles = None
+                    if kind == "candles_batch":
+                        candles = message["candles"]
+                    elif kind == "candle_closed":
+                        candles = [message["candle"]]
+                    elif kind == "pong" and not pong:
+                        pong = True
+                        self.ready += 1
+                        if self.ready == len(self.clients):
+                            self.all_ready.set()
+                    elif kind == "error":
                         self.errors.append(str(text))
-                    continue
-                sid = message["series_id"]
-                for candle in candles:
-                    t = candle["candle_time"]
-                    deliveries.append((now, sid, t))
-                    if pending and t == self.last_time and waiting.get(sid):
-                        waiting[sid] = False
-                        pending -= 1
-                        if not pending:
-                            self._client_done()
+                    if candles is not None:
+                        sid = message["series_id"]
+                        for candle in candles:
+                            t = candle["candle_time"]
+                            deliveries.append((now, sid, t))
+                            if pending and t == self.last_time and waiting.get(sid):
+                                waiting[sid] = False
+                                pending -= 1
+                                if not pending:
+                                    self._client_done()
+                    try:  # the rest of what the reader queued, without a scheduler round each
+                        text = get_message_nowait(ws)
+                    except trio.WouldBlock:
+                        break
         except trio_websocket.ConnectionClosed as exc:
             self.errors.append(f"closed: {exc.reason}")
             if pending:
@@ -113,7 +133,7 @@ async def _main(plan: dict[str, Any], out: Path) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_read_stop, stop)
         for series in run.clients:
-            nursery.start_soon(run.client, nursery, series)
+            nursery.start_soon(run.client, series)
         await run.all_ready.wait()
         sys.stdout.write(f"clients ready {len(run.clients)}\n")
         sys.stdout.flush()
