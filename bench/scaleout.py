@@ -29,7 +29,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Final
 
@@ -245,20 +245,10 @@ def _latency(
         sides = ["scaleout"] if sizes is SMOKE or not with_single else list(per)
         for round_ in range(rounds):
             for side in sides:
-                if side == "single":
-                    go = functools.partial(
-                        run_round, "daemon", market, clients, speed=speed, observe=observe
-                    )
-                else:
-                    go = functools.partial(
-                        run_scaleout_round,
-                        market,
-                        clients,
-                        edges=1,
-                        speed=speed,
-                        observe=observe,
-                        profile=None if profile is None else profile.with_suffix(f".{round_}"),
-                    )
+                go = _side_round(
+                    "daemon" if side == "single" else None, market, clients, edges=1,
+                    speed=speed, observe=observe, profile=profile, round_=round_,
+                )  # fmt: skip
                 data = trio.run(go)
                 lat, achieved = _latencies(data, market)
                 per[side]["p50"].append(_percentile(lat, 0.5))
@@ -281,6 +271,33 @@ def _latency(
             **_baseline(ours, single),
             "rounds": rounds,
         },
+    )
+
+
+def _side_round(
+    baseline: str | None,
+    market: Market,
+    clients: list[list[str]],
+    *,
+    edges: int,
+    speed: str,
+    observe: Sequence[str],
+    profile: Path | None,
+    round_: int,
+) -> Callable[[], Awaitable[RoundData]]:
+    """One round of a side, for ``trio.run``: ``baseline`` (``"daemon"``, ``"naive"``) as
+    :func:`run_round` runs it, or (None) the split topology with ``edges`` edges, py-spy on
+    its nodes when ``profile`` (``<profile>.<round_>.…``)."""
+    if baseline is not None:
+        return functools.partial(run_round, baseline, market, clients, speed=speed, observe=observe)
+    return functools.partial(
+        run_scaleout_round,
+        market,
+        clients,
+        edges=edges,
+        speed=speed,
+        observe=observe,
+        profile=None if profile is None else profile.with_suffix(f".{round_}"),
     )
 
 
@@ -313,20 +330,10 @@ def _burst(sizes: Sizes, rounds: int | None, *, profile: Path | None = None) -> 
         speed, observe = str(sizes.burst_speed), list(market.streams)
         for round_ in range(rounds):
             for side in per:
-                if side == "naive":
-                    go = functools.partial(
-                        run_round, "naive", market, clients, speed=speed, observe=observe
-                    )
-                else:
-                    go = functools.partial(
-                        run_scaleout_round,
-                        market,
-                        clients,
-                        edges=2,
-                        speed=speed,
-                        observe=observe,
-                        profile=None if profile is None else profile.with_suffix(f".{round_}"),
-                    )
+                go = _side_round(
+                    "naive" if side == "naive" else None, market, clients, edges=2,
+                    speed=speed, observe=observe, profile=profile, round_=round_,
+                )  # fmt: skip
                 data = trio.run(go)
                 boundaries = _burst_boundaries(data, market, sizes.burst_warmup)
                 short = [b for b in boundaries if b["deliveries"] != expected]
