@@ -18,7 +18,7 @@ from tests.bus.roles_rig import (
     BASE,
     FIVE,
     HISTORY_BARS,
-    Subscriber,
+    WAIT_S,
     metric,
     metrics_text,
     ready,
@@ -28,6 +28,7 @@ from tests.bus.roles_rig import (
     source,
 )
 from tests.cli_rig import cli_env, run_cli, wait_for_line
+from tests.recording_subscriber import Subscriber
 from tradecanvas.bus.ids import StreamKeys
 from tradecanvas.model import Candle
 from tradecanvas.store.postgres import PostgresStore
@@ -85,14 +86,14 @@ async def test_sigkill_of_the_ingesting_node_leaves_no_hole_and_no_duplicate(
                         replay.send_signal(signal.SIGUSR1)
                         # mid-run: a third of the streamed bars reached the subscriber
                         mid = data.minutes[HISTORY_BARS + 80].candle_time
-                        await sub.wait_until(lambda: mid in sub.times(BASE))
+                        assert await sub.wait_until(lambda: mid in sub.times(BASE), WAIT_S)
                         first.send_signal(signal.SIGKILL)
                         await trio.to_thread.run_sync(first.wait)
                         took = await wait_for_line(logs["ingest-2"], TOOK_OVER, second)
                         assert took.group(2) == "2"  # the next fencing token
                         last, last5 = data.minutes[-1].candle_time, data.fives[-1].candle_time
-                        await sub.wait_until(lambda: last in sub.times(BASE))
-                        await sub.wait_until(lambda: last5 in sub.times(FIVE))
+                        assert await sub.wait_until(lambda: last in sub.times(BASE), WAIT_S)
+                        assert await sub.wait_until(lambda: last5 in sub.times(FIVE), WAIT_S)
                         nursery.cancel_scope.cancel()
                     assert same(sub.closed(BASE), data.minutes), sub.times(BASE)
                     assert same(sub.closed(FIVE), data.fives), sub.times(FIVE)
