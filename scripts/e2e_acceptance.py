@@ -32,16 +32,13 @@ import orjson
 import trio
 from e2e_common import (
     BASE,
-    BIN,
     FIVE,
     OBJ,
     READY,
     TOKEN,
     WAIT_ALL_S,
     FlagRun,
-    Processes,
     Report,
-    Subscriber,
     equal_candle,
     five_floor,
     metric,
@@ -52,9 +49,10 @@ from e2e_common import (
     sqlite_counts,
     stop,
     terminated_on_signals,
-    wait_for_line,
 )
 
+from tests.cli_rig import Children, wait_for_line
+from tests.recording_subscriber import Subscriber
 from tradecanvas.upstream.ws_client import open_websocket_client
 
 
@@ -70,7 +68,7 @@ async def idle_subscriber(
 
 
 class Run(FlagRun):
-    def __init__(self, report: Report, procs: Processes, work: Path, flag: str) -> None:
+    def __init__(self, report: Report, procs: Children, work: Path, flag: str) -> None:
         super().__init__(report, procs, work, flag)
         self.db = work / f"market-{flag}.sqlite3"
         self.schemas: dict[str, tuple[str, ...]] = {}
@@ -88,7 +86,7 @@ class Run(FlagRun):
     async def start_serve(
         self, env: dict[str, str], log: Path
     ) -> tuple[subprocess.Popen[bytes], str, str]:
-        proc = self.procs.start([str(BIN), "serve"], log, env)
+        proc = self.procs.start(["serve"], log, env)
         match = await wait_for_line(log, READY, proc)
         return proc, match.group(1), match.group(2)
 
@@ -102,10 +100,11 @@ class Run(FlagRun):
         http_ws_url = http_url.replace("http://", "ws://", 1) + "/ws/market"
 
         first, last = self.minutes[0].candle_time, self.minutes[-1].candle_time
-        batch_sub, five_sub, midway, garbage = (
-            Subscriber("batch"), Subscriber("five"), Subscriber("midway"), Subscriber("garbage")
-        )  # fmt: skip
-        leaver = Subscriber("leaver")
+        # the server's close is one of the checks (1001 on SIGTERM), not an error
+        batch_sub, five_sub, midway, garbage, leaver = (
+            Subscriber(name, expect_loss=True)
+            for name in ("batch", "five", "midway", "garbage", "leaver")
+        )
         async with trio.open_nursery() as nursery:
             await nursery.start(
                 batch_sub.run,
@@ -131,7 +130,7 @@ class Run(FlagRun):
             # only now the market starts: these subscribers see every event from the first
             await replay.resume()
             # a mid-way joiner, once live candles flow, with a cursor in the past
-            await batch_sub.wait_until(lambda: len(batch_sub.closed_times(BASE)) > 5000, 120)
+            await batch_sub.wait_until(lambda: len(batch_sub.times(BASE)) > 5000, 120)
             cursor = first + 60 * 3000
             await nursery.start(
                 midway.run,
@@ -140,16 +139,12 @@ class Run(FlagRun):
                   "supports_batch": True}],
             )  # fmt: skip
             got_all = await batch_sub.wait_until(
-                lambda: (
-                    bool(batch_sub.closed_times(BASE)) and batch_sub.closed_times(BASE)[-1] >= last
-                ),
+                lambda: bool(batch_sub.times(BASE)) and batch_sub.times(BASE)[-1] >= last,
                 WAIT_ALL_S,
             )
-            await five_sub.wait_until(
-                lambda: len(five_sub.closed_times(FIVE)) >= len(self.fives), 30
-            )
+            await five_sub.wait_until(lambda: len(five_sub.times(FIVE)) >= len(self.fives), 30)
             await midway.wait_until(
-                lambda: bool(midway.closed_times(BASE)) and midway.closed_times(BASE)[-1] >= last,
+                lambda: bool(midway.times(BASE)) and midway.times(BASE)[-1] >= last,
                 30,
             )
             self.check_stream(batch_sub, five_sub, midway, got_all, cursor)
@@ -183,7 +178,7 @@ class Run(FlagRun):
         got_all: bool,
         cursor: int,
     ) -> None:
-        times = batch_sub.closed_times(BASE)
+        times = batch_sub.times(BASE)
         expected = [m.candle_time for m in self.minutes]
         self.check(
             "1m closed candles arrive exactly once, in order, for the whole week",
@@ -194,7 +189,7 @@ class Run(FlagRun):
         got = batch_sub.closed_candles(BASE).get
         bad = [m.candle_time for m in self.minutes if not equal_candle(got(m.candle_time), m)]
         self.check("1m candles equal the Binance data", not bad, f"{len(bad)} differ")
-        fives = five_sub.closed_times(FIVE)
+        fives = five_sub.times(FIVE)
         got5 = five_sub.closed_candles(FIVE)
         bad5 = [
             f.candle_time
@@ -214,7 +209,7 @@ class Run(FlagRun):
         gaps = batch_sub.of_type("gap") + five_sub.of_type("gap")
         self.check("no gap: the dropped connection and omitted closes were repaired", not gaps,
                    f"{len(gaps)} gaps")  # fmt: skip
-        mid = midway.closed_times(BASE)
+        mid = midway.times(BASE)
         want = [t for t in expected if t > cursor]
         self.check(
             "a subscriber joining mid-way with since gets a seamless stream",
@@ -277,7 +272,7 @@ class Run(FlagRun):
                 "/api/market/ingest/candle_closed", json=body,
                 headers={"Authorization": f"Bearer {TOKEN}"},
             )  # fmt: skip
-            arrived = await sub.wait_until(lambda: t in sub.closed_times(BASE), 10)
+            arrived = await sub.wait_until(lambda: t in sub.times(BASE), 10)
             text = (await client.get("/metrics")).text
             http_count = metric(text, "tradecanvas_publish_total", '{path="http"}')
             self.check(
@@ -334,7 +329,7 @@ class Run(FlagRun):
             self.serve_env(token=False, rest=rest, ws=ws), log
         )
         since = last - 600
-        resumed = Subscriber("resumed")
+        resumed = Subscriber("resumed", expect_loss=True)
         async with trio.open_nursery() as nursery:
             await self.check_events_resume(nursery, (ws_url, http_url), last, left_at, missed)
             await nursery.start(
@@ -344,8 +339,8 @@ class Run(FlagRun):
             )
             want = [t for t in range(since + 60, last + 61, 60)] + [last + 60]
             want = sorted(set(want))
-            await resumed.wait_until(lambda: len(resumed.closed_times(BASE)) >= len(want), 20)
-            got = resumed.closed_times(BASE)
+            await resumed.wait_until(lambda: len(resumed.times(BASE)) >= len(want), 20)
+            got = resumed.times(BASE)
             self.check(
                 "after a restart on the same database a resuming subscriber gets exactly"
                 " the candles after its since",
@@ -393,7 +388,7 @@ class Run(FlagRun):
                 await client.get("/api/market/events", params={"after": left_at, "series_id": BASE})
             ).json()
         stored = [e["event_id"] for e in page["events"]]
-        back = Subscriber("back")
+        back = Subscriber("back", expect_loss=True)
         await nursery.start(
             back.run,
             ws_url,
@@ -412,7 +407,7 @@ class Run(FlagRun):
 
 def single() -> int:
     report = Report()
-    procs = Processes()
+    procs = Children()
     with terminated_on_signals(procs), tempfile.TemporaryDirectory(prefix="tc-e2e-") as tmp:
         runs = run_each_flag(functools.partial(Run, report, procs, Path(tmp)), procs, Path(tmp))
         schemas = {flag: run.schemas for flag, run in runs.items()}

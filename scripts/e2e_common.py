@@ -1,7 +1,7 @@
 """What both topologies of the acceptance replay share (scripts/e2e_acceptance.sh): the
-report, the child processes (each in its own process group, killed on the way out), a run per
-kill-switch value with its replay of the real week, a real /ws/market subscriber, and the
-comparisons against the Binance data."""
+report, a run per kill-switch value with its replay of the real week, and the comparisons
+against the Binance data. The child processes (each in its own process group, killed on the
+way out) are the tests' :class:`tests.cli_rig.Children`."""
 
 from __future__ import annotations
 
@@ -18,19 +18,16 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
-import orjson
 import trio
-import trio_websocket
 
 ROOT: Final = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from tests.cli_rig import Children, wait_for_line  # noqa: E402
 from tradecanvas.model import Candle  # noqa: E402
 from tradecanvas.runtime_flags import binance_data_dir  # noqa: E402
-from tradecanvas.upstream.ws_client import open_websocket_client  # noqa: E402
 from tradecanvas.wire.kline_csv import read_kline_csv  # noqa: E402
 
-BIN: Final = ROOT / ".venv" / "bin" / "tradecanvas"
 BASE: Final = "binance:futures:BTC/USDT:1m"
 FIVE: Final = "binance:futures:BTC/USDT:5m"
 TOKEN: Final = "e2e-acceptance-token-0123456789"
@@ -70,39 +67,6 @@ class Report:
         return ok
 
 
-class Processes:
-    """Every child runs in its own process group, killed on the way out whatever happens."""
-
-    def __init__(self) -> None:
-        self.children: list[subprocess.Popen[bytes]] = []
-
-    def start(self, args: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
-        with log.open("wb") as out:
-            proc = subprocess.Popen(
-                args, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
-            )
-        self.children.append(proc)
-        return proc
-
-    def kill_all(self) -> None:
-        for proc in self.children:
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-
-
-async def wait_for_line(log: Path, pattern: str, proc: subprocess.Popen[bytes]) -> re.Match[str]:
-    with trio.fail_after(60):
-        while True:
-            match = re.search(pattern, log.read_text(errors="replace"))
-            if match:
-                return match
-            if proc.poll() is not None:
-                raise RuntimeError(f"{log.name}: exited {proc.returncode}:\n{log.read_text()}")
-            await trio.sleep(0.05)  # polling a log file for a line; not a race
-
-
 async def stop(proc: subprocess.Popen[bytes]) -> tuple[int | None, float]:
     """SIGTERM; (the exit code, None if still running after 15 s; the seconds it took)."""
     start = time.monotonic()
@@ -125,10 +89,10 @@ class Replay:
         self.rest = rest
 
     @classmethod
-    async def start(cls, procs: Processes, csv: Path, log: Path) -> Replay:
+    async def start(cls, procs: Children, csv: Path, log: Path) -> Replay:
         proc = procs.start(
             [
-                str(BIN), "replay", str(csv), "--speed", "max", "--paused",
+                "replay", str(csv), "--speed", "max", "--paused",
                 "--start-at", str(DAY_BARS),
                 "--drop-at", str(DROP_AT), "--skip", str(SKIP),
                 "--omit-close-every", "97", "--duplicate-close-every", "89",
@@ -152,7 +116,7 @@ class FlagRun(ABC):
     # the checks' prefix: "[LABEL=flag] name"
     LABEL: str = "publish"
 
-    def __init__(self, report: Report, procs: Processes, work: Path, flag: str) -> None:
+    def __init__(self, report: Report, procs: Children, work: Path, flag: str) -> None:
         self.report = report
         self.procs = procs
         self.work = work
@@ -190,7 +154,7 @@ class FlagRun(ABC):
 R = TypeVar("R", bound=FlagRun)
 
 
-def run_each_flag(make: Callable[[str], R], procs: Processes, work: Path) -> dict[str, R]:
+def run_each_flag(make: Callable[[str], R], procs: Children, work: Path) -> dict[str, R]:
     """``make(flag).main()`` for 0, then 1; a crash is a failed check (with the tails of the
     run's logs), and the next run goes on. Every child is killed after each."""
     runs: dict[str, R] = {}
@@ -203,99 +167,6 @@ def run_each_flag(make: Callable[[str], R], procs: Processes, work: Path) -> dic
             print_tails(work, flag)
         procs.kill_all()
     return runs
-
-
-class Subscriber:
-    """A real /ws/market client that records every message (until :meth:`leave`)."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.messages: list[OBJ] = []
-        self.closed_code: int | None = None
-        self.changed = trio.Event()
-        self.scope = trio.CancelScope()
-
-    def leave(self) -> None:
-        """Disconnect now (as a client that goes away would)."""
-        self.scope.cancel()
-
-    def event_ids(self, series: str) -> list[int]:
-        return [
-            m["event_id"]
-            for m in self.messages
-            if m["type"] == "system" and m.get("series_id") == series and "event_id" in m
-        ]
-
-    def closed_times(self, series: str) -> list[int]:
-        times: list[int] = []
-        for m in self.messages:
-            if m.get("series_id") != series:
-                continue
-            if m["type"] == "candles_batch":
-                times.extend(c["candle_time"] for c in m["candles"])
-            elif m["type"] == "candle_closed":
-                times.append(m["candle"]["candle_time"])
-        return times
-
-    def closed_candles(self, series: str) -> dict[int, OBJ]:
-        result: dict[int, OBJ] = {}
-        for m in self.messages:
-            if m.get("series_id") != series:
-                continue
-            for c in m["candles"] if m["type"] == "candles_batch" else [m.get("candle")]:
-                if c is not None and m["type"] in ("candles_batch", "candle_closed"):
-                    result[c["candle_time"]] = c
-        return result
-
-    def of_type(self, kind: str) -> list[OBJ]:
-        return [m for m in self.messages if m["type"] == kind]
-
-    async def run(
-        self,
-        url: str,
-        subscribe: list[OBJ],
-        *,
-        task_status: trio.TaskStatus[trio_websocket.WebSocketConnection] = trio.TASK_STATUS_IGNORED,
-    ) -> None:
-        with self.scope:
-            await self._run(url, subscribe, task_status)
-
-    async def _run(
-        self,
-        url: str,
-        subscribe: list[OBJ],
-        task_status: trio.TaskStatus[trio_websocket.WebSocketConnection],
-    ) -> None:
-        # the package's client: it owns and always closes its socket, and a close racing
-        # the daemon's read-proof ping ends cleanly (python-trio/trio-websocket#184)
-        async with open_websocket_client(url) as ws:
-            for message in subscribe:
-                await ws.send_message(orjson.dumps(message).decode())
-            try:
-                if subscribe:
-                    # the server handles a client's messages in order: the pong means
-                    # every subscription is in place
-                    await ws.send_message('{"type": "ping"}')
-                    while not self.of_type("pong"):
-                        self.messages.append(orjson.loads(await ws.get_message()))
-                task_status.started(ws)
-                while True:
-                    raw = await ws.get_message()
-                    self.messages.append(orjson.loads(raw))
-                    self.changed.set()
-                    self.changed = trio.Event()
-            except trio_websocket.ConnectionClosed as exc:
-                self.closed_code = exc.reason.code if exc.reason else None
-                self.changed.set()
-
-    async def wait_until(self, condition: Callable[[], bool], timeout: float) -> bool:
-        with trio.move_on_after(timeout):
-            while not condition():
-                if self.closed_code is not None:
-                    return condition()
-                await self.changed.wait()
-            return True
-        return condition()
 
 
 def schema(messages: list[OBJ]) -> dict[str, tuple[str, ...]]:
@@ -372,7 +243,7 @@ def print_tails(folder: Path, flag: str, lines: int = 15) -> None:
 
 
 @contextlib.contextmanager
-def terminated_on_signals(procs: Processes) -> Iterator[None]:
+def terminated_on_signals(procs: Children) -> Iterator[None]:
     def handler(signum: int, _: object) -> None:
         procs.kill_all()
         raise SystemExit(128 + signum)

@@ -45,23 +45,19 @@ import trio
 import trio_websocket
 from e2e_common import (
     BASE,
-    BIN,
     DAY_BARS,
     FIVE,
     OBJ,
     READY,
     WAIT_ALL_S,
     FlagRun,
-    Processes,
     Replay,
     Report,
-    Subscriber,
     equal_candle,
     metric,
     run_each_flag,
     stop,
     terminated_on_signals,
-    wait_for_line,
 )
 from e2e_services import (
     REDIS_URL,
@@ -71,6 +67,8 @@ from e2e_services import (
     services_missing,
 )
 
+from tests.cli_rig import Children, wait_for_line
+from tests.recording_subscriber import Subscriber
 from tradecanvas.upstream.ws_client import open_websocket_client
 
 # the kills, as fractions of the streamed bars a subscriber of edge A has received: so they
@@ -197,7 +195,7 @@ class Node:
 class Run(FlagRun):
     LABEL = "distributed publish"
 
-    def __init__(self, report: Report, procs: Processes, work: Path, flag: str) -> None:
+    def __init__(self, report: Report, procs: Children, work: Path, flag: str) -> None:
         super().__init__(report, procs, work, flag)
         self.prefix = f"tc-e2e-{uuid.uuid4().hex[:16]}"
         self.database = ""
@@ -218,7 +216,7 @@ class Run(FlagRun):
 
     async def start_node(self, role: str, name: str) -> Node:
         log = self.work / f"{name}-{self.flag}.log"
-        proc = self.procs.start([str(BIN), "serve", "--role", role], log, self.role_env(role))
+        proc = self.procs.start(["serve", "--role", role], log, self.role_env(role))
         match = await wait_for_line(log, READY, proc)
         return Node(name, proc, match.group(1), match.group(2))
 
@@ -428,7 +426,7 @@ def main() -> int:
         print(f"SKIP distributed topology: {problem} (with CI=true this is a failure)")
         return 0
     report = Report()
-    procs = Processes()
+    procs = Children()
     with terminated_on_signals(procs), tempfile.TemporaryDirectory(prefix="tc-e2e-dist-") as tmp:
         run_each_flag(functools.partial(Run, report, procs, Path(tmp)), procs, Path(tmp))
     print(f"{report.passed} passed, {report.failed} failed")

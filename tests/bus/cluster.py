@@ -49,6 +49,45 @@ class Cluster:
         self.replay.send_signal(signal.SIGUSR1)
 
 
+@attrs.frozen
+class Replay:
+    proc: subprocess.Popen[bytes]
+    ws_url: str
+    rest_url: str
+
+
+@contextlib.asynccontextmanager
+async def paused_replay(tmp_path: Path, data: Source, *args: str) -> AsyncIterator[Replay]:
+    """``tradecanvas replay`` of ``data`` at :data:`SPEED`, paused (SIGUSR1 starts the
+    stream) with :data:`HISTORY_BARS` bars of REST history; killed on the way out."""
+    log = tmp_path / "replay.log"
+    with run_cli(
+        ["replay", str(data.csv), "--port", "0", "--speed", SPEED, "--paused",
+         "--start-at", str(HISTORY_BARS), *args],
+        cli_env(),
+        log,
+    ) as proc:  # fmt: skip
+        ws_url, rest_url = await replay_urls(log, proc)
+        yield Replay(proc, ws_url, rest_url)
+
+
+def roles_env(
+    replay: Replay, *, redis_url: str, prefix: str, database_url: str, **extra: str
+) -> dict[str, str]:
+    """The environment of every role on ``replay``, Redis (key ``prefix``) and PostgreSQL."""
+    return cli_env(
+        TRADE_CANVAS_REDIS_URL=redis_url,
+        TRADE_CANVAS_BUS_PREFIX=prefix,
+        TRADE_CANVAS_DATABASE_URL=database_url,
+        TRADE_CANVAS_BINANCE_FUTURES_WS_URL=replay.ws_url,
+        TRADE_CANVAS_BINANCE_FUTURES_REST_URL=replay.rest_url,
+        TRADE_CANVAS_INITIAL_BACKFILL_CANDLES=str(HISTORY_BARS),
+        TRADE_CANVAS_DERIVED_TIMEFRAMES="5m",
+        TRADE_CANVAS_ENABLE_INGEST_WS_PIPELINE_PUBLISH="1",
+        **extra,
+    )
+
+
 async def _node(
     stack: contextlib.ExitStack, tmp_path: Path, name: str, role: str, env: dict[str, str]
 ) -> Node:
@@ -72,32 +111,15 @@ async def cluster(
 ) -> AsyncIterator[Cluster]:
     """Replay (paused: :meth:`Cluster.stream` starts it), one ingest, ``edges`` edges; all
     stopped (SIGKILL) on the way out."""
-    with contextlib.ExitStack() as stack:
-        replay_log = tmp_path / "replay.log"
-        replay = stack.enter_context(
-            run_cli(
-                ["replay", str(data.csv), "--port", "0", "--speed", SPEED, "--paused",
-                 "--start-at", str(HISTORY_BARS), *replay_args],
-                cli_env(),
-                replay_log,
-            )
-        )  # fmt: skip
-        ws_url, rest_url = await replay_urls(replay_log, replay)
-        env = cli_env(
-            TRADE_CANVAS_REDIS_URL=redis_url,
-            TRADE_CANVAS_BUS_PREFIX=prefix,
-            TRADE_CANVAS_DATABASE_URL=database_url,
-            TRADE_CANVAS_BINANCE_FUTURES_WS_URL=ws_url,
-            TRADE_CANVAS_BINANCE_FUTURES_REST_URL=rest_url,
-            TRADE_CANVAS_INITIAL_BACKFILL_CANDLES=str(HISTORY_BARS),
-            TRADE_CANVAS_DERIVED_TIMEFRAMES="5m",
-            TRADE_CANVAS_ENABLE_INGEST_WS_PIPELINE_PUBLISH="1",
-            **extra,
+    async with paused_replay(tmp_path, data, *replay_args) as replay:
+        env = roles_env(
+            replay, redis_url=redis_url, prefix=prefix, database_url=database_url, **extra
         )
-        # one after the other: each migrates the shared store at start-up
-        ingest = await _node(stack, tmp_path, "ingest", "ingest", env)
-        nodes = [await _node(stack, tmp_path, f"edge-{i}", "edge", env) for i in range(edges)]
-        yield Cluster(replay, env, ingest, nodes)
+        with contextlib.ExitStack() as stack:
+            # one after the other: each migrates the shared store at start-up
+            ingest = await _node(stack, tmp_path, "ingest", "ingest", env)
+            nodes = [await _node(stack, tmp_path, f"edge-{i}", "edge", env) for i in range(edges)]
+            yield Cluster(replay.proc, env, ingest, nodes)
 
 
 async def stop(*nodes: Node) -> None:

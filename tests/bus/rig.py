@@ -1,17 +1,21 @@
 """What the bus tests share: a sink that records what an edge's Hub would get, the store
-reads an edge fills holes with, and a committed history to publish."""
+reads an edge fills holes with, a committed history to publish, and a running publisher with
+its pipeline to publish it through."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Final
 
+import attrs
 import trio
 
 from tests.conftest import candle
 from tradecanvas.bus.feed import EdgeFeed, FeedSettings, system_event_from_stored
 from tradecanvas.bus.ids import StreamKeys
+from tradecanvas.bus.publisher import BusPublisher, PublisherSettings
 from tradecanvas.model import Candle, SeriesId, Timeframe
 from tradecanvas.pipeline.commit import IngestBatch, IngestPipeline
 from tradecanvas.pipeline.events import SystemEvent
@@ -113,6 +117,48 @@ def edge_feed(
         fill_events=fill_events,
         settings=settings or FeedSettings(keys=keys, block_ms=200),
     )
+
+
+@attrs.frozen
+class Publishing:
+    """A running :class:`BusPublisher`, a pipeline on a fresh SQLite store that publishes
+    through it, and the nursery they run in (:func:`publishing`)."""
+
+    publisher: BusPublisher
+    pipeline: IngestPipeline
+    nursery: trio.Nursery
+
+    async def start_feed(
+        self,
+        url: str,
+        keys: StreamKeys,
+        sink: RecordingSink,
+        *,
+        series: dict[str, int | None],
+        settings: FeedSettings | None = None,
+    ) -> EdgeFeed:
+        """An :func:`edge_feed` filling holes from the pipeline's store, once it is ready."""
+        feed = edge_feed(url, self.pipeline.store, keys, series=series, settings=settings)
+        await self.nursery.start(feed.run, sink)
+        await feed.wait_ready()
+        return feed
+
+
+@contextlib.asynccontextmanager
+async def publishing(
+    url: str, tmp_path: Path, settings: PublisherSettings
+) -> AsyncIterator[Publishing]:
+    """The publisher runs while the body does and is cancelled after it (with any feed
+    started in the nursery); the store is closed on the way out."""
+    publisher = BusPublisher(url, settings)
+    pipeline = await open_pipeline(tmp_path, publisher)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(publisher.run)
+            yield Publishing(publisher, pipeline, nursery)
+            nursery.cancel_scope.cancel()
+    finally:
+        await pipeline.store.aclose()
 
 
 async def stored(store: MarketStore, series_id: str) -> list[Candle]:

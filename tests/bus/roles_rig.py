@@ -1,5 +1,6 @@
-"""What the role tests share: the real-data source, a recording /ws/market client, the
-comparison with Binance's bars, and starting ``tradecanvas replay`` and the roles."""
+"""What the role tests share: the real-data source, the comparison with Binance's bars, and
+starting ``tradecanvas replay`` and the roles. Their recording /ws/market client is
+:class:`tests.recording_subscriber.Subscriber`."""
 
 from __future__ import annotations
 
@@ -12,13 +13,10 @@ from typing import Any, Final
 import attrs
 import httpx
 import trio
-import trio_websocket
 
 from tests.cli_rig import wait_for_line
 from tests.conftest import binance_data_dir
 from tradecanvas.model import Candle
-from tradecanvas.upstream.ws_client import open_websocket_client
-from tradecanvas.wire.json import dumps, loads
 from tradecanvas.wire.kline_csv import read_kline_csv
 
 BASE: Final = "binance:futures:BTC/USDT:1m"
@@ -30,90 +28,6 @@ TOKEN: Final = "roles-test-token-0123456789"
 # bounds every wait: a hang fails, it does not stall CI
 WAIT_S: Final = 120.0
 OBJ = dict[str, Any]
-
-
-class Subscriber:
-    """A real /ws/market client recording every message."""
-
-    def __init__(self) -> None:
-        self.messages: list[OBJ] = []
-        self.changed = trio.Event()
-        self.scope = trio.CancelScope()
-        self.finished = trio.Event()
-        # set when the server went away (an edge killed): only with expect_loss
-        self.lost: trio_websocket.ConnectionClosed | None = None
-        self.expect_loss = False
-
-    def closed(self, series: str) -> list[OBJ]:
-        out: list[OBJ] = []
-        for m in self.messages:
-            if m.get("series_id") != series:
-                continue
-            if m["type"] == "candles_batch":
-                out.extend(m["candles"])
-            elif m["type"] == "candle_closed":
-                out.append(m["candle"])
-        return out
-
-    def times(self, series: str) -> list[int]:
-        return [c["candle_time"] for c in self.closed(series)]
-
-    async def run(
-        self,
-        url: str,
-        subscribe: list[OBJ],
-        *,
-        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
-    ) -> None:
-        with self.scope:
-            try:
-                await self._run(url, subscribe, task_status)
-            except trio_websocket.ConnectionClosed as exc:
-                if not self.expect_loss:
-                    raise
-                self.lost = exc
-            finally:
-                self.finished.set()
-
-    async def _run(
-        self, url: str, subscribe: list[OBJ], task_status: trio.TaskStatus[None]
-    ) -> None:
-        # the package's client: its socket is closed however the server goes away (a killed
-        # edge), and a close racing a read-proof ping ends cleanly (trio-websocket#184)
-        lost: trio_websocket.ConnectionClosed | None = None
-        async with open_websocket_client(url) as ws:
-            try:
-                await self._talk(ws, subscribe, task_status)
-            except trio_websocket.ConnectionClosed as exc:
-                lost = exc  # raised outside the client, not inside its exception group
-        if lost is not None:
-            raise lost
-
-    async def _talk(
-        self,
-        ws: trio_websocket.WebSocketConnection,
-        subscribe: list[OBJ],
-        task_status: trio.TaskStatus[None],
-    ) -> None:
-        for message in subscribe:
-            await ws.send_message(dumps(message))
-        # messages are handled in order: the pong means the subscriptions are in place
-        await ws.send_message(dumps({"type": "ping"}))
-        started = False
-        while True:
-            message = loads(await ws.get_message())
-            assert isinstance(message, dict)
-            self.messages.append(message)
-            if message["type"] == "pong" and not started:
-                started = True
-                task_status.started()
-            self.changed.set()
-            self.changed = trio.Event()
-
-    async def wait_until(self, condition: Callable[[], bool]) -> None:
-        with trio.fail_after(WAIT_S):
-            while not condition():
-                await self.changed.wait()
 
 
 def same(wire: list[OBJ], ref: list[Candle]) -> bool:

@@ -14,27 +14,26 @@ from typing import Final
 import pytest
 import trio
 
+from tests.bus.cluster import paused_replay, roles_env
 from tests.bus.roles_rig import (
     BASE,
     FIVE,
     HISTORY_BARS,
-    Subscriber,
+    WAIT_S,
     metric,
     metrics_text,
     ready,
     readyz,
-    replay_urls,
     same,
     source,
 )
-from tests.cli_rig import cli_env, run_cli, wait_for_line
+from tests.cli_rig import run_cli, wait_for_line
+from tests.recording_subscriber import Subscriber
 from tradecanvas.bus.ids import StreamKeys
 from tradecanvas.model import Candle
 from tradecanvas.store.postgres import PostgresStore
 
 LEASE_MS: Final = 2_000
-# a bar every 50 ms: the streamed part lasts about 12 s, so the kill lands mid-run
-SPEED: Final = "1200"
 TOOK_OVER: Final = r"ingest lease: node (\S+) took the lease over \(fence (\d+)"
 
 
@@ -43,23 +42,12 @@ async def test_sigkill_of_the_ingesting_node_leaves_no_hole_and_no_duplicate(
     tmp_path: Path, redis_url: str, keys: StreamKeys, pg_url: str
 ) -> None:
     data = source(tmp_path)
-    replay_log = tmp_path / "replay.log"
-    with run_cli(
-        ["replay", str(data.csv), "--port", "0", "--speed", SPEED, "--paused",
-         "--start-at", str(HISTORY_BARS)],
-        cli_env(),
-        replay_log,
-    ) as replay:  # fmt: skip
-        ws_url, rest_url = await replay_urls(replay_log, replay)
-        env = cli_env(
-            TRADE_CANVAS_REDIS_URL=redis_url,
-            TRADE_CANVAS_BUS_PREFIX=keys.prefix,
-            TRADE_CANVAS_DATABASE_URL=pg_url,
-            TRADE_CANVAS_BINANCE_FUTURES_WS_URL=ws_url,
-            TRADE_CANVAS_BINANCE_FUTURES_REST_URL=rest_url,
-            TRADE_CANVAS_INITIAL_BACKFILL_CANDLES=str(HISTORY_BARS),
-            TRADE_CANVAS_DERIVED_TIMEFRAMES="5m",
-            TRADE_CANVAS_ENABLE_INGEST_WS_PIPELINE_PUBLISH="1",
+    async with paused_replay(tmp_path, data) as replay:
+        env = roles_env(
+            replay,
+            redis_url=redis_url,
+            prefix=keys.prefix,
+            database_url=pg_url,
             TRADE_CANVAS_INGEST_LEASE_MS=str(LEASE_MS),
         )
         logs = {name: tmp_path / f"{name}.log" for name in ("ingest-1", "ingest-2", "edge")}
@@ -82,17 +70,17 @@ async def test_sigkill_of_the_ingesting_node_leaves_no_hole_and_no_duplicate(
                     both = [{"type": "subscribe", "series_id": s, "since": 0} for s in (BASE, FIVE)]
                     async with trio.open_nursery() as nursery:
                         await nursery.start(sub.run, edge_ws, both)
-                        replay.send_signal(signal.SIGUSR1)
+                        replay.proc.send_signal(signal.SIGUSR1)
                         # mid-run: a third of the streamed bars reached the subscriber
                         mid = data.minutes[HISTORY_BARS + 80].candle_time
-                        await sub.wait_until(lambda: mid in sub.times(BASE))
+                        assert await sub.wait_until(lambda: mid in sub.times(BASE), WAIT_S)
                         first.send_signal(signal.SIGKILL)
                         await trio.to_thread.run_sync(first.wait)
                         took = await wait_for_line(logs["ingest-2"], TOOK_OVER, second)
                         assert took.group(2) == "2"  # the next fencing token
                         last, last5 = data.minutes[-1].candle_time, data.fives[-1].candle_time
-                        await sub.wait_until(lambda: last in sub.times(BASE))
-                        await sub.wait_until(lambda: last5 in sub.times(FIVE))
+                        assert await sub.wait_until(lambda: last in sub.times(BASE), WAIT_S)
+                        assert await sub.wait_until(lambda: last5 in sub.times(FIVE), WAIT_S)
                         nursery.cancel_scope.cancel()
                     assert same(sub.closed(BASE), data.minutes), sub.times(BASE)
                     assert same(sub.closed(FIVE), data.fives), sub.times(FIVE)

@@ -31,8 +31,8 @@ from tests.bus.roles_rig import (
     FIVE,
     HISTORY_BARS,
     OBJ,
+    WAIT_S,
     Source,
-    Subscriber,
     metric,
     metrics_text,
     same,
@@ -40,6 +40,7 @@ from tests.bus.roles_rig import (
     wait_for,
 )
 from tests.cli_rig import wait_for_line
+from tests.recording_subscriber import Subscriber
 from tests.store_pg.proxy import TcpProxy
 from tradecanvas.bus.ids import StreamKeys
 
@@ -62,7 +63,9 @@ async def head(node: Node, series: str = BASE) -> int | None:
 
 async def everything(sub: Subscriber, data: Source) -> None:
     last, last5 = data.minutes[-1].candle_time, data.fives[-1].candle_time
-    await sub.wait_until(lambda: last in sub.times(BASE) and last5 in sub.times(FIVE))
+    assert await sub.wait_until(
+        lambda: last in sub.times(BASE) and last5 in sub.times(FIVE), WAIT_S
+    )
     assert same(sub.closed(BASE), data.minutes), sub.times(BASE)
     assert same(sub.closed(FIVE), data.fives), sub.times(FIVE)
     assert not [m for m in sub.messages if m["type"] in ("gap", "error")]
@@ -84,7 +87,7 @@ async def streaming(
             await nursery.start(sub.run, node.ws, subscribe_all())
         c.stream()
         first = watch[0][0]
-        await first.wait_until(lambda: mid(data, streamed) in first.times(BASE))
+        assert await first.wait_until(lambda: mid(data, streamed) in first.times(BASE), WAIT_S)
         yield nursery
         nursery.cancel_scope.cancel()
 
@@ -194,10 +197,10 @@ async def test_an_edge_killed_while_clients_are_connected(
             await nursery.start(after.run, edge_b.ws, resume)
             last = data.minutes[-1].candle_time
             for sub in (witness, after):
-                await sub.wait_until(lambda s=sub: last in s.times(BASE))  # type: ignore[misc]
+                assert await sub.wait_until(lambda s=sub: last in s.times(BASE), WAIT_S)  # type: ignore[misc]
             last5 = data.fives[-1].candle_time
-            await witness.wait_until(lambda: last5 in witness.times(FIVE))
-            await after.wait_until(lambda: last5 in after.times(FIVE))
+            assert await witness.wait_until(lambda: last5 in witness.times(FIVE), WAIT_S)
+            assert await after.wait_until(lambda: last5 in after.times(FIVE), WAIT_S)
         for series in (BASE, FIVE):
             # exactly what it missed: before + after is what the witness got, no more
             assert before.times(series) + after.times(series) == witness.times(series)

@@ -21,6 +21,7 @@ from tests.bus.rig import (
     edge_feed,
     minutes,
     open_pipeline,
+    publishing,
     stored,
     stored_events,
 )
@@ -42,45 +43,37 @@ def _settings(keys: StreamKeys, **kw: int) -> PublisherSettings:
 async def test_publish_to_feed_in_order_exactly_once(
     redis_url: str, keys: StreamKeys, tmp_path: Path
 ) -> None:
-    publisher = BusPublisher(redis_url, _settings(keys, batch_max=50))
-    pipeline = await open_pipeline(tmp_path, publisher)
     sink = RecordingSink()
-    try:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(publisher.run)
-            feed = edge_feed(redis_url, pipeline.store, keys, series={BTC1: None, BTC5: None})
-            await nursery.start(feed.run, sink)
-            await feed.wait_ready()
-            # several commits, then a backfill below the head: refused on the streams, as
-            # a single-process subscriber past it drops it; the factor.rebuild event says it
-            history = minutes(T0, 120)
-            for start in range(0, 100, 17):
-                await commit_and_publish(pipeline, history[start + 5 : start + 22])
-            await commit_and_publish(pipeline, history[:5])
-            await publisher.wait_drained()
-            want1 = [c for c in await stored(pipeline.store, BTC1) if c.candle_time >= T0 + 300]
-            want5 = [c for c in await stored(pipeline.store, BTC5) if c.candle_time >= T0 + 300]
-            events = await stored_events(pipeline.store)
-            await sink.wait_for(
-                lambda: (
-                    sink.times(BTC1)[-1:] == [want1[-1].candle_time]
-                    and sink.times(BTC5)[-1:] == [want5[-1].candle_time]
-                    and [e.event_id for e in sink.events][-1:] == events[-1:]
-                )
+    async with publishing(redis_url, tmp_path, _settings(keys, batch_max=50)) as bus:
+        await bus.start_feed(redis_url, keys, sink, series={BTC1: None, BTC5: None})
+        # several commits, then a backfill below the head: refused on the streams, as
+        # a single-process subscriber past it drops it; the factor.rebuild event says it
+        pipeline, publisher = bus.pipeline, bus.publisher
+        history = minutes(T0, 120)
+        for start in range(0, 100, 17):
+            await commit_and_publish(pipeline, history[start + 5 : start + 22])
+        await commit_and_publish(pipeline, history[:5])
+        await publisher.wait_drained()
+        want1 = [c for c in await stored(pipeline.store, BTC1) if c.candle_time >= T0 + 300]
+        want5 = [c for c in await stored(pipeline.store, BTC5) if c.candle_time >= T0 + 300]
+        events = await stored_events(pipeline.store)
+        await sink.wait_for(
+            lambda: (
+                sink.times(BTC1)[-1:] == [want1[-1].candle_time]
+                and sink.times(BTC5)[-1:] == [want5[-1].candle_time]
+                and [e.event_id for e in sink.events][-1:] == events[-1:]
             )
-            nursery.cancel_scope.cancel()
-        assert sink.closed[BTC1] == want1
-        assert sink.closed[BTC5] == want5
-        assert [e.event_id for e in sink.events] == events
-        # what the events stream carried is what the event log holds (a hole's fill)
+        )
         logged = await pipeline.store.events_after(0, limit=1000)
-        assert sink.events == [system_event_from_stored(e) for e in logged]
-        stats = publisher.statistics()
-        # the five backfilled minutes and the 5m bar they completed
-        assert stats.outbox.already_published == 6 and stats.outbox.appended > 0
-        assert publisher.health().connected and publisher.health().backlog == 0
-    finally:
-        await pipeline.store.aclose()
+    assert sink.closed[BTC1] == want1
+    assert sink.closed[BTC5] == want5
+    assert [e.event_id for e in sink.events] == events
+    # what the events stream carried is what the event log holds (a hole's fill)
+    assert sink.events == [system_event_from_stored(e) for e in logged]
+    stats = publisher.statistics()
+    # the five backfilled minutes and the 5m bar they completed
+    assert stats.outbox.already_published == 6 and stats.outbox.appended > 0
+    assert publisher.health().connected and publisher.health().backlog == 0
 
 
 async def test_a_duplicate_or_older_id_is_refused_and_counts_as_published(
@@ -112,30 +105,23 @@ async def test_a_hole_trimmed_away_is_filled_from_the_store(
     redis_url: str, keys: StreamKeys, tmp_path: Path
 ) -> None:
     # MAXLEN ~ 10 trims whole nodes (100 entries each by default): 600 bars leave ~100
-    publisher = BusPublisher(redis_url, _settings(keys, maxlen=10))
-    pipeline = await open_pipeline(tmp_path, publisher)
     sink = RecordingSink()
-    try:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(publisher.run)
-            history = minutes(T0, 600)
-            await commit_and_publish(pipeline, history[:10])
-            await publisher.wait_drained()
-            # the edge has delivered up to the 10th bar, then is away while 590 more come
-            cursor = history[9].candle_time
-            await commit_and_publish(pipeline, history[10:])
-            await publisher.wait_drained()
-            async with open_redis(redis_url) as client:
-                first = (await client.xrange(keys.series(BTC1), count=1))[0]
-            oldest = StreamId.parse(first.identifier)
-            assert oldest > candle_entry_id(history[10].candle_time)
-            feed = edge_feed(redis_url, pipeline.store, keys, series={BTC1: cursor})
-            await nursery.start(feed.run, sink)
-            await sink.wait_for(lambda: sink.times(BTC1)[-1:] == [history[-1].candle_time])
-            nursery.cancel_scope.cancel()
-        assert sink.closed[BTC1] == history[10:]
-    finally:
-        await pipeline.store.aclose()
+    async with publishing(redis_url, tmp_path, _settings(keys, maxlen=10)) as bus:
+        history = minutes(T0, 600)
+        await commit_and_publish(bus.pipeline, history[:10])
+        await bus.publisher.wait_drained()
+        # the edge has delivered up to the 10th bar, then is away while 590 more come
+        cursor = history[9].candle_time
+        await commit_and_publish(bus.pipeline, history[10:])
+        await bus.publisher.wait_drained()
+        async with open_redis(redis_url) as client:
+            first = (await client.xrange(keys.series(BTC1), count=1))[0]
+        oldest = StreamId.parse(first.identifier)
+        assert oldest > candle_entry_id(history[10].candle_time)
+        feed = edge_feed(redis_url, bus.pipeline.store, keys, series={BTC1: cursor})
+        await bus.nursery.start(feed.run, sink)
+        await sink.wait_for(lambda: sink.times(BTC1)[-1:] == [history[-1].candle_time])
+    assert sink.closed[BTC1] == history[10:]
 
 
 async def test_a_hole_found_while_reading_is_filled_before_the_candles_after_it(
@@ -143,33 +129,24 @@ async def test_a_hole_found_while_reading_is_filled_before_the_candles_after_it(
 ) -> None:
     """A hole in the middle of what the feed reads (an entry dropped from a full outbox, a
     malformed one): the store's bars come first, then the stream's, in order."""
-    publisher = BusPublisher(redis_url, _settings(keys))
-    pipeline = await open_pipeline(tmp_path, publisher)
     sink = RecordingSink()
     history = minutes(T0, 30)
-    try:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(publisher.run)
-            feed = edge_feed(redis_url, pipeline.store, keys, series={BTC1: history[0].candle_time})
-            await nursery.start(feed.run, sink)
-            await feed.wait_ready()
-            # committed but never published (the ingest died in between), then a malformed
-            # entry where bar 12 should be
-            await pipeline.run(IngestBatch.of(BTC, history[:12], "ws"))
-            async with open_redis(redis_url) as client:
-                await client.xadd(
-                    keys.series(BTC1),
-                    {CANDLE_FIELD: b"garbage"},
-                    identifier=f"{history[12].candle_time * 1000}-0",
-                )
-            await commit_and_publish(pipeline, history[12:])
-            await publisher.wait_drained()
-            await sink.wait_for(lambda: sink.times(BTC1)[-1:] == [history[-1].candle_time])
-            nursery.cancel_scope.cancel()
-        assert sink.closed[BTC1] == history[1:]
-        assert feed.statistics().malformed == 1
-    finally:
-        await pipeline.store.aclose()
+    async with publishing(redis_url, tmp_path, _settings(keys)) as bus:
+        feed = await bus.start_feed(redis_url, keys, sink, series={BTC1: history[0].candle_time})
+        # committed but never published (the ingest died in between), then a malformed
+        # entry where bar 12 should be
+        await bus.pipeline.run(IngestBatch.of(BTC, history[:12], "ws"))
+        async with open_redis(redis_url) as client:
+            await client.xadd(
+                keys.series(BTC1),
+                {CANDLE_FIELD: b"garbage"},
+                identifier=f"{history[12].candle_time * 1000}-0",
+            )
+        await commit_and_publish(bus.pipeline, history[12:])
+        await bus.publisher.wait_drained()
+        await sink.wait_for(lambda: sink.times(BTC1)[-1:] == [history[-1].candle_time])
+    assert sink.closed[BTC1] == history[1:]
+    assert feed.statistics().malformed == 1
 
 
 async def test_a_redis_restart_loses_nothing_and_doubles_nothing(
@@ -178,80 +155,64 @@ async def test_a_redis_restart_loses_nothing_and_doubles_nothing(
     await private_redis.start()
     keys = StreamKeys("restart:")
     url = private_redis.url
-    publisher = BusPublisher(url, _settings(keys, batch_max=20))
-    pipeline = await open_pipeline(tmp_path, publisher)
     sink = RecordingSink()
     history = minutes(T0, 90)
-    try:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(publisher.run)
-            feed = edge_feed(url, pipeline.store, keys, series={BTC1: T0 - 60, BTC5: T0 - 300})
-            await nursery.start(feed.run, sink)
-            await feed.wait_ready()
-            await commit_and_publish(pipeline, history[:30])
-            await sink.wait_for(lambda: sink.times(BTC1)[-1:] == [history[29].candle_time])
-            # Redis goes away: commits go on, the publisher holds them
-            private_redis.stop()
-            await commit_and_publish(pipeline, history[30:60])
-            with trio.fail_after(WAIT_S):
-                await publisher.wait_connected(False)
-                await feed.wait_connected(False)
-            assert publisher.health().backlog > 0
-            # back, empty (nothing kept on disk): the held ones and new ones go out
-            await private_redis.start()
-            await commit_and_publish(pipeline, history[60:])
-            await publisher.wait_drained()
-            want5 = await stored(pipeline.store, BTC5)
-            await sink.wait_for(
-                lambda: (
-                    sink.times(BTC1)[-1:] == [history[-1].candle_time]
-                    and sink.times(BTC5)[-1:] == [want5[-1].candle_time]
-                )
+    async with publishing(url, tmp_path, _settings(keys, batch_max=20)) as bus:
+        pipeline, publisher = bus.pipeline, bus.publisher
+        feed = await bus.start_feed(url, keys, sink, series={BTC1: T0 - 60, BTC5: T0 - 300})
+        await commit_and_publish(pipeline, history[:30])
+        await sink.wait_for(lambda: sink.times(BTC1)[-1:] == [history[29].candle_time])
+        # Redis goes away: commits go on, the publisher holds them
+        private_redis.stop()
+        await commit_and_publish(pipeline, history[30:60])
+        with trio.fail_after(WAIT_S):
+            await publisher.wait_connected(False)
+            await feed.wait_connected(False)
+        assert publisher.health().backlog > 0
+        # back, empty (nothing kept on disk): the held ones and new ones go out
+        await private_redis.start()
+        await commit_and_publish(pipeline, history[60:])
+        await publisher.wait_drained()
+        want5 = await stored(pipeline.store, BTC5)
+        await sink.wait_for(
+            lambda: (
+                sink.times(BTC1)[-1:] == [history[-1].candle_time]
+                and sink.times(BTC5)[-1:] == [want5[-1].candle_time]
             )
-            assert publisher.health().connected and publisher.statistics().reconnects >= 1
-            assert publisher.health().last_error is not None
-            with trio.fail_after(WAIT_S):
-                await feed.wait_connected()
-            nursery.cancel_scope.cancel()
-        assert sink.closed[BTC1] == history
-        assert sink.closed[BTC5] == want5
-        assert feed.statistics().reconnects >= 1
-    finally:
-        await pipeline.store.aclose()
+        )
+        assert publisher.health().connected and publisher.statistics().reconnects >= 1
+        assert publisher.health().last_error is not None
+        with trio.fail_after(WAIT_S):
+            await feed.wait_connected()
+    assert sink.closed[BTC1] == history
+    assert sink.closed[BTC5] == want5
+    assert feed.statistics().reconnects >= 1
 
 
 async def test_forming_goes_at_most_once_and_after_the_closes_before_it(
     redis_url: str, keys: StreamKeys, tmp_path: Path
 ) -> None:
-    publisher = BusPublisher(redis_url, _settings(keys))
-    pipeline = await open_pipeline(tmp_path, publisher)
     sink = RecordingSink()
     history = minutes(T0, 10)
-    try:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(publisher.run)
-            feed = edge_feed(redis_url, pipeline.store, keys, series={BTC1: T0 - 60})
-            await nursery.start(feed.run, sink)
-            await feed.wait_ready()
-            await commit_and_publish(pipeline, history[:3])
-            publisher.publish_forming(BTC1, history[3])
-            await sink.wait_for(lambda: len(sink.forming) == 1)
-            # bar 4 and 5 are owed: the forming bar 6 waits for them
-            publisher.publish_forming(BTC1, history[6])
-            await publisher.wait_drained()
-            await commit_and_publish(pipeline, history[3:6])
-            await sink.wait_for(lambda: len(sink.forming) == 2)
-            nursery.cancel_scope.cancel()
-        assert sink.forming == [(BTC1, history[3]), (BTC1, history[6])]
-        second = sink.log.index(("forming", BTC1, history[6].candle_time))
-        closes_before = [
-            t for kind, _, ts in sink.log[:second] if kind == "closed" and isinstance(ts, list)
-            for t in ts
-        ]  # fmt: skip
-        assert closes_before[-1] == history[5].candle_time
-        assert publisher.statistics().outbox.forming_sent == 2
-    finally:
-        await pipeline.store.aclose()
+    async with publishing(redis_url, tmp_path, _settings(keys)) as bus:
+        publisher = bus.publisher
+        await bus.start_feed(redis_url, keys, sink, series={BTC1: T0 - 60})
+        await commit_and_publish(bus.pipeline, history[:3])
+        publisher.publish_forming(BTC1, history[3])
+        await sink.wait_for(lambda: len(sink.forming) == 1)
+        # bar 4 and 5 are owed: the forming bar 6 waits for them
+        publisher.publish_forming(BTC1, history[6])
+        await publisher.wait_drained()
+        await commit_and_publish(bus.pipeline, history[3:6])
+        await sink.wait_for(lambda: len(sink.forming) == 2)
+    assert sink.forming == [(BTC1, history[3]), (BTC1, history[6])]
+    second = sink.log.index(("forming", BTC1, history[6].candle_time))
+    closes_before = [
+        t for kind, _, ts in sink.log[:second] if kind == "closed" and isinstance(ts, list)
+        for t in ts
+    ]  # fmt: skip
+    assert closes_before[-1] == history[5].candle_time
+    assert publisher.statistics().outbox.forming_sent == 2
 
 
 async def _xadd_without_notice(
@@ -273,40 +234,26 @@ async def test_the_feed_reads_the_streams_a_notice_names_and_all_after_missed_no
     """An edge waits on the batch notices and reads only the streams they name; when a
     notice's number shows that some were missed, it reads every stream once."""
     eth = "binance:futures:ETH/USDT:1m"
-    publisher = BusPublisher(redis_url, _settings(keys))
-    pipeline = await open_pipeline(tmp_path, publisher)
     sink = RecordingSink()
     history = minutes(T0, 6)
-    try:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(publisher.run)
-            # no read for want of notices within the test (block_ms): only notices drive it
-            settings = FeedSettings(keys=keys, block_ms=600_000)
-            feed = edge_feed(
-                redis_url,
-                pipeline.store,
-                keys,
-                series={BTC1: T0 - 60, eth: T0 - 60},
-                settings=settings,
-            )
-            await nursery.start(feed.run, sink)
-            await feed.wait_ready()
-            await commit_and_publish(pipeline, history[:2])
-            await sink.wait_for(lambda: sink.times(BTC1) == [T0, T0 + 60])
-            # ETH's bar appended by a writer that sends no notice, then a notice for BTC
-            await _xadd_without_notice(redis_url, keys, eth, history[:1])
-            await commit_and_publish(pipeline, history[2:3])
-            await sink.wait_for(lambda: sink.times(BTC1)[-1:] == [T0 + 120])
-            assert eth not in sink.closed  # not named by any notice: not read
-            # notices missed (as if trimmed away): the next one's number jumps
-            async with open_redis(redis_url) as client:
-                await client.incrby(keys.batches_count, 5)
-            await commit_and_publish(pipeline, history[3:4])
-            await sink.wait_for(lambda: sink.times(eth) == [T0])
-            assert sink.times(BTC1) == [c.candle_time for c in history[:4]]
-            nursery.cancel_scope.cancel()
-    finally:
-        await pipeline.store.aclose()
+    async with publishing(redis_url, tmp_path, _settings(keys)) as bus:
+        # no read for want of notices within the test (block_ms): only notices drive it
+        settings = FeedSettings(keys=keys, block_ms=600_000)
+        series: dict[str, int | None] = {BTC1: T0 - 60, eth: T0 - 60}
+        await bus.start_feed(redis_url, keys, sink, series=series, settings=settings)
+        await commit_and_publish(bus.pipeline, history[:2])
+        await sink.wait_for(lambda: sink.times(BTC1) == [T0, T0 + 60])
+        # ETH's bar appended by a writer that sends no notice, then a notice for BTC
+        await _xadd_without_notice(redis_url, keys, eth, history[:1])
+        await commit_and_publish(bus.pipeline, history[2:3])
+        await sink.wait_for(lambda: sink.times(BTC1)[-1:] == [T0 + 120])
+        assert eth not in sink.closed  # not named by any notice: not read
+        # notices missed (as if trimmed away): the next one's number jumps
+        async with open_redis(redis_url) as client:
+            await client.incrby(keys.batches_count, 5)
+        await commit_and_publish(bus.pipeline, history[3:4])
+        await sink.wait_for(lambda: sink.times(eth) == [T0])
+        assert sink.times(BTC1) == [c.candle_time for c in history[:4]]
 
 
 async def test_a_writer_that_sends_no_notice_is_read_within_block_ms(

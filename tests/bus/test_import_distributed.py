@@ -13,8 +13,9 @@ import pytest
 import trio
 
 from tests.bus.cluster import cluster
-from tests.bus.roles_rig import BASE, FIVE, OBJ, TOKEN, Subscriber, source
+from tests.bus.roles_rig import BASE, FIVE, OBJ, TOKEN, WAIT_S, source
 from tests.cli_rig import exit_code_within, run_cli
+from tests.recording_subscriber import Subscriber
 from tests.tools.importer.rig import real_zips
 from tradecanvas.bus.ids import StreamKeys
 
@@ -53,7 +54,7 @@ async def test_an_import_reaches_an_edges_subscriber_once(
                     if m["type"] == "system" and reason in (None, m["data"]["reason"])
                 ]
 
-            await subscriber.wait_until(lambda: len(system("import")) == 2)
+            assert await subscriber.wait_until(lambda: len(system("import")) == 2, WAIT_S)
             # then an event of the topology's own: the edge's HTTP write revises a minute
             async with httpx.AsyncClient(base_url=topology.edges[0].http) as client:
                 candle = {"candle_time": DAY0, "open": 1, "high": 1, "low": 1, "close": 1}
@@ -63,7 +64,7 @@ async def test_an_import_reaches_an_edges_subscriber_once(
                     headers={"Authorization": f"Bearer {TOKEN}"},
                 )
                 assert answer.status_code == 200, answer.text
-            await subscriber.wait_until(lambda: len(system("revision")) == 2)
+            assert await subscriber.wait_until(lambda: len(system("revision")) == 2, WAIT_S)
             nursery.cancel_scope.cancel()
     # each once (an import event doubled would have come before the revisions)
     reasons = [m["data"]["reason"] for m in system(None)]

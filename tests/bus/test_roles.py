@@ -29,11 +29,11 @@ from tests.bus.roles_rig import (
     OBJ,
     TOKEN,
     WAIT_S,
-    Subscriber,
     same,
     source,
 )
 from tests.cli_rig import cli_env, run_cli, wait_for_line
+from tests.recording_subscriber import Subscriber
 from tradecanvas.bus.ids import StreamKeys
 from tradecanvas.daemon import market_runtime_builder, run_daemon
 from tradecanvas.model import Candle
@@ -218,7 +218,9 @@ async def _check_edges(
         replay.send_signal(signal.SIGUSR1)  # the replay streams now
 
         # the mover leaves edge A half-way and resumes on edge B with since
-        await mover.wait_until(lambda: bool(mover.times(BASE)) and mover.times(BASE)[-1] >= halfway)
+        assert await mover.wait_until(
+            lambda: bool(mover.times(BASE)) and mover.times(BASE)[-1] >= halfway, WAIT_S
+        )
         mover.scope.cancel()
         # a message it was already handed may still be recorded: read the cursor once it left
         await mover.finished.wait()
@@ -229,9 +231,9 @@ async def _check_edges(
 
         last, last5 = minutes[-1].candle_time, fives[-1].candle_time
         for sub in (on_a, on_b):
-            await sub.wait_until(_has(sub, BASE, last))
-            await sub.wait_until(_has(sub, FIVE, last5))
-        await resumed.wait_until(lambda: last in resumed.times(BASE))
+            assert await sub.wait_until(_has(sub, BASE, last), WAIT_S)
+            assert await sub.wait_until(_has(sub, FIVE, last5), WAIT_S)
+        assert await resumed.wait_until(lambda: last in resumed.times(BASE), WAIT_S)
         for sub in (on_a, on_b):
             assert same(sub.closed(BASE), minutes), sub.times(BASE)
             assert same(sub.closed(FIVE), fives), sub.times(FIVE)
@@ -242,12 +244,12 @@ async def _check_edges(
         written = last + 60
         await _write(edge_b[1], written)
         for sub in (on_a, on_b):
-            await sub.wait_until(_has(sub, BASE, written))
+            assert await sub.wait_until(_has(sub, BASE, written), WAIT_S)
         # the edge that took the write delivered it once, as the other one did; a second
         # write behind it shows nothing else was on its way
         await _write(edge_a[1], written + 60)
         for sub in (on_a, on_b):
-            await sub.wait_until(_has(sub, BASE, written + 60))
+            assert await sub.wait_until(_has(sub, BASE, written + 60), WAIT_S)
             assert sub.times(BASE) == [m.candle_time for m in minutes] + [written, written + 60]
 
         for http, dependency in (

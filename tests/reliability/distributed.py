@@ -1,5 +1,5 @@
 """The reliability suite's distributed topology: ``tradecanvas serve --role ingest`` and
-``--role edge`` as real subprocesses (:class:`tests.reliability.rig.Children`, so each can be
+``--role edge`` as real subprocesses (:class:`tests.cli_rig.Children`, so each can be
 killed and started again) on real PostgreSQL and Redis, fed by ``tradecanvas replay``; and
 read-only looks into the PostgreSQL store.
 
@@ -19,7 +19,8 @@ from typing import Any, Final
 import psycopg
 
 from tests.bus.cluster import Node
-from tests.reliability.rig import Children, Subscriber, exited, serve_env, wait_for_line
+from tests.cli_rig import Children, exit_code_within, wait_for_line
+from tests.reliability.rig import WAIT_S, Subscriber, serve_env
 from tradecanvas.model import Candle
 
 # an ingest role serves no /ws/market: its ws= is "-"
@@ -60,7 +61,7 @@ async def start_role(kids: Children, tmp: Path, role: str, env: dict[str, str]) 
     log = tmp / f"{role}.log"
     after = log.stat().st_size if log.exists() else 0
     proc = kids.start(["serve", "--role", role], log, env)
-    match = await wait_for_line(log, ROLE_READY, proc, after=after)
+    match = await wait_for_line(log, ROLE_READY, proc, after=after, within=WAIT_S)
     return Node(role, proc, log, match.group(1), match.group(2))
 
 
@@ -68,7 +69,7 @@ async def stop_nodes(*nodes: Node) -> None:
     """SIGTERM each node in turn; each exits 0 (else its log's end is the message)."""
     for node in nodes:
         node.proc.send_signal(signal.SIGTERM)
-        assert await exited(node.proc) == 0, node.log.read_text()[-3000:]
+        assert await exit_code_within(node.proc, WAIT_S) == 0, node.log.read_text()[-3000:]
 
 
 # --- the PostgreSQL store, read-only ----------------------------------------------------

@@ -2,8 +2,8 @@
 ``tradecanvas serve`` in subprocesses, a recording ``/ws/market`` subscriber that resumes
 with ``since``/``events_after``, and read-only looks into the SQLite file.
 
-Children write to files, never to pipes (``tests/cli_rig.py``), each in its own process
-group, killed on the way out whatever happens.
+Children run through ``tests/cli_rig.py``: they write to files, never to pipes, each in its
+own process group, killed on the way out whatever happens.
 """
 
 from __future__ import annotations
@@ -11,12 +11,9 @@ from __future__ import annotations
 import contextlib
 import os
 import random
-import re
-import signal
 import sqlite3
 import subprocess
-import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, Final
@@ -25,7 +22,7 @@ import orjson
 import trio
 import trio_websocket
 
-from tests.cli_rig import cli_env
+from tests.cli_rig import Children, cli_env, wait_for_line
 from tradecanvas.errors import find_in_group
 from tradecanvas.model import Candle
 from tradecanvas.upstream.ws_client import open_websocket_client
@@ -81,75 +78,13 @@ def market_files(tmp: Path, seed: int, count: int) -> dict[str, list[Candle]]:
     return out
 
 
-class Children:
-    """Every child in its own process group; :meth:`kill_all` on the way out."""
-
-    def __init__(self) -> None:
-        self.procs: list[subprocess.Popen[bytes]] = []
-
-    def start(
-        self,
-        args: list[str],
-        log: Path,
-        env: dict[str, str],
-        preexec_fn: Callable[[], None] | None = None,
-        prefix: list[str] | None = None,
-    ) -> subprocess.Popen[bytes]:
-        """``tradecanvas ARGS`` (after ``prefix``, a wrapper that execs its arguments)."""
-        with log.open("ab") as out:
-            proc = subprocess.Popen(
-                [*(prefix or []), sys.executable, "-m", "tradecanvas", *args],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env=env,
-                start_new_session=True,
-                preexec_fn=preexec_fn,
-            )
-        self.procs.append(proc)
-        return proc
-
-    def kill_all(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-
-
-@contextlib.contextmanager
-def children() -> Iterator[Children]:
-    kids = Children()
-    try:
-        yield kids
-    finally:
-        kids.kill_all()
-
-
-async def wait_for_line(
-    log: Path, pattern: str, proc: subprocess.Popen[bytes], *, after: int = 0
-) -> re.Match[str]:
-    """The first match of ``pattern`` in the child's log past byte ``after``."""
-    with trio.fail_after(WAIT_S):
-        while True:
-            text = (await trio.Path(log).read_bytes())[after:].decode(errors="replace")
-            if (match := re.search(pattern, text)) is not None:
-                return match
-            assert proc.poll() is None, f"{log.name} exited {proc.returncode}:\n{text[-3000:]}"
-            await trio.sleep(0.02)  # polling a child's log file for a line; not a race
-
-
-async def exited(proc: subprocess.Popen[bytes], within: float = WAIT_S) -> int:
-    with trio.fail_after(within):
-        return await trio.to_thread.run_sync(proc.wait, abandon_on_cancel=True)
-
-
 async def start_replay(
     kids: Children, tmp: Path, files: list[Path], *extra: str
 ) -> tuple[subprocess.Popen[bytes], str, str]:
     log = tmp / "replay.log"
     args = ["replay", *map(str, files), "--speed", "max", "--forming-per-bar", "1", *extra]
     proc = kids.start(args, log, dict(os.environ))
-    match = await wait_for_line(log, r"replay ws=(\S+) rest=(\S+)", proc)
+    match = await wait_for_line(log, r"replay ws=(\S+) rest=(\S+)", proc, within=WAIT_S)
     return proc, match.group(1), match.group(2)
 
 
@@ -175,7 +110,7 @@ async def start_serve(
     """``tradecanvas serve``; returns it with its ws:// and http:// URLs once ready."""
     after = (await trio.Path(log).stat()).st_size if await trio.Path(log).exists() else 0
     proc = kids.start(["serve"], log, env, preexec_fn, prefix)
-    match = await wait_for_line(log, READY, proc, after=after)
+    match = await wait_for_line(log, READY, proc, after=after, within=WAIT_S)
     return proc, match.group(1), match.group(2)
 
 

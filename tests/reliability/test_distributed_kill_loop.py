@@ -30,6 +30,7 @@ import pytest
 import trio
 
 from tests.bus.cluster import Node
+from tests.cli_rig import children
 from tests.reliability.distributed import LEASE_MS, check_pg_stored, role_env, stop_nodes
 from tests.reliability.distributed import start_role as start
 from tests.reliability.record import ReliabilityRecord, report, sized
@@ -37,7 +38,6 @@ from tests.reliability.rig import (
     START,
     Subscriber,
     check_resumed,
-    children,
     csv_files,
     market_files,
     start_replay,

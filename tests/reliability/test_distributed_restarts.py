@@ -29,13 +29,13 @@ import trio
 
 from tests.bus.cluster import Node, wait_ready
 from tests.bus.conftest import PrivateRedis
+from tests.cli_rig import children
 from tests.reliability.distributed import check_pg_stored, role_env, start_role, stop_nodes
 from tests.reliability.record import ReliabilityRecord, report, sized
 from tests.reliability.rig import (
     START,
     Subscriber,
     check_resumed,
-    children,
     csv_files,
     market_files,
     start_replay,

@@ -16,6 +16,7 @@ Afterwards the daemon is alive and stops cleanly (exit 0). Seeded; sized like te
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import signal
 import subprocess
@@ -33,14 +34,13 @@ import trio
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tests.cli_rig import cli_env
+from tests.cli_rig import Children, cli_env, wait_for_line
 from tests.reliability.rig import (
-    Children,
+    WAIT_S,
     connect,
     db_connect,
     generate_candles,
     start_serve,
-    wait_for_line,
     write_csv,
 )
 from tests.reliability.test_fuzz import (
@@ -92,7 +92,8 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
         replay = kids.start(
             ["replay", str(csv), "--speed", "max"], tmp / "replay.log", {**os.environ}
         )
-        match = trio.run(wait_for_line, tmp / "replay.log", r"replay ws=(\S+) rest=(\S+)", replay)
+        wait_line = functools.partial(wait_for_line, within=WAIT_S)
+        match = trio.run(wait_line, tmp / "replay.log", r"replay ws=(\S+) rest=(\S+)", replay)
         db = tmp / "market.sqlite3"
         env = cli_env(
             TRADE_CANVAS_DB_PATH=str(db),
@@ -102,7 +103,7 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
         )
         proc, ws, http = trio.run(start_serve, kids, tmp / "serve.log", env)
         # the replay's data is in: from now on only the fuzzed writes could change the store
-        trio.run(wait_for_line, tmp / "replay.log", r"replay finished", replay)
+        trio.run(wait_line, tmp / "replay.log", r"replay finished", replay)
         deadline = time.monotonic() + 60
         while stored_count(db) < 300 and time.monotonic() < deadline:
             time.sleep(0.05)  # polling the store until the ingest has committed it all

@@ -23,14 +23,13 @@ import pytest
 import trio
 import trio_websocket
 
+from tests.cli_rig import children, exit_code_within
 from tests.reliability.record import ReliabilityRecord, report, sized
 from tests.reliability.rig import (
     START,
     WAIT_S,
-    children,
     connect,
     csv_files,
-    exited,
     market_files,
     serve_env,
     start_replay,
@@ -134,7 +133,7 @@ async def test_sigterm_under_load_loses_nothing_and_closes_with_1001(tmp_path: P
                         await progress.event.wait()
                 proc.send_signal(signal.SIGTERM)
                 seen = {s: max(c.forming for c in clients if c.series == s) for s in series}
-                exits.append(await exited(proc, within=10))
+                exits.append(await exit_code_within(proc, within=10))
                 with trio.fail_after(WAIT_S):
                     for client in clients:
                         await client.done.wait()

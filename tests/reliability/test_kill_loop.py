@@ -23,12 +23,12 @@ from pathlib import Path
 import pytest
 import trio
 
+from tests.cli_rig import children
 from tests.reliability.record import ReliabilityRecord, report, sized
 from tests.reliability.rig import (
     START,
     Subscriber,
     check_resumed,
-    children,
     csv_files,
     integrity,
     market_files,

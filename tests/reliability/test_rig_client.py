@@ -1,10 +1,10 @@
-"""The rigs' WebSocket client (``rig.connect``, the package's ``open_websocket_client``, also
-used by ``tests/bus/roles_rig.py`` and the e2e scripts) against python-trio/trio-websocket#184:
-a ping the server sends while the client's close frame is on its way is answered by
-trio-websocket's reader in the client's closing state, and the reader fails with wsproto's
-``LocalProtocolError``. The daemon's read-proof pings make that race real for any client that
-closes first. A raw wsproto server on 127.0.0.1 makes it certain: it answers the client's
-close frame with a ping first, then its own close frame.
+"""The rigs' WebSocket client (``rig.connect``, the package's ``open_websocket_client``, also used
+by ``tests/recording_subscriber.py``, the role tests' and the e2e scripts' subscriber) against
+python-trio/trio-websocket#184: a ping the server sends while the client's close frame is on its
+way is answered by trio-websocket's reader in the client's closing state, and the reader fails
+with wsproto's ``LocalProtocolError``. The daemon's read-proof pings make that race real for any
+client that closes first. A raw wsproto server on 127.0.0.1 makes it certain: it answers the
+client's close frame with a ping first, then its own close frame.
 """
 
 from __future__ import annotations

@@ -35,15 +35,15 @@ from typing import Final
 import pytest
 import trio
 
+from tests.cli_rig import children, exit_code_within
 from tests.reliability.record import ReliabilityRecord, report, sized
 from tests.reliability.rig import (
     START,
+    WAIT_S,
     Subscriber,
-    children,
     csv_files,
     db_connect,
     duplicates,
-    exited,
     integrity,
     market_files,
     serve_env,
@@ -123,7 +123,7 @@ async def test_a_store_failure_exits_3_cleanly_and_a_restart_recovers(
             await nursery.start(sub.session, url)
             await sub.wait_until(lambda: sub.total() >= 40)
             proc.send_signal(signal.SIGTERM)
-            assert await exited(proc) == 0
+            assert await exit_code_within(proc, WAIT_S) == 0
         # run 2: the store fails under the daemon
         before = len((await trio.Path(log).read_text()).splitlines())
         if kind == "full":
@@ -137,7 +137,7 @@ async def test_a_store_failure_exits_3_cleanly_and_a_restart_recovers(
         async with trio.open_nursery() as nursery:
             if url:
                 await nursery.start(sub.session, url)
-            code = await exited(proc)
+            code = await exit_code_within(proc, WAIT_S)
             await sub.wait_until(lambda: not url or sub.close_code is not None)
         lines = (await trio.Path(log).read_text()).splitlines()[before:]
         errors = [line for line in lines if ERROR_LINE.match(line)]
@@ -157,7 +157,7 @@ async def test_a_store_failure_exits_3_cleanly_and_a_restart_recovers(
             await nursery.start(sub.session, url)
             await sub.wait_until(lambda: sub.total() >= len(series) * count)
             proc.send_signal(signal.SIGTERM)
-            assert await exited(proc) == 0
+            assert await exit_code_within(proc, WAIT_S) == 0
 
     lost = dup = stored = 0
     for sid in series:

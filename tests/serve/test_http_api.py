@@ -22,6 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from tests.conftest import candle, flat_minutes
+from tests.serve.http_rig import StoppableServer
 from tests.serve.test_http_validation import BAD_BODIES, BTC, BTC5, ETH, T0, body_for
 from tradecanvas.model import Candle, SeriesId
 from tradecanvas.ops.metrics import Metrics
@@ -672,30 +673,23 @@ async def test_cancel_drains_in_flight_requests_and_refuses_new_ones(tmp_path: P
         app = StartedMarker(inner, INGEST)
         proceed = trio.Event()
         responses: list[httpx.Response] = []
-        server_scope = trio.CancelScope()
-        server_done = trio.Event()
-
-        async def server(task_status: trio.TaskStatus[int]) -> None:
-            with server_scope:
-                await serve_http(app, host="127.0.0.1", port=0, task_status=task_status)
-            server_done.set()
-
+        server = StoppableServer(app)
         async with trio.open_nursery() as nursery:
-            port: int = await nursery.start(server)
+            port: int = await nursery.start(server.run)
             async with (
                 httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client,
                 trio.open_nursery() as clients,
             ):
                 clients.start_soon(_post_in_two_parts, client, proceed, responses)
                 await app.started.wait()
-                server_scope.cancel()
+                server.scope.cancel()
                 await trio.testing.wait_all_tasks_blocked()
-                assert not server_done.is_set()  # draining: the request is in flight
+                assert not server.done.is_set()  # draining: the request is in flight
                 with pytest.raises(OSError, match="connect"):  # but no new connection is accepted
                     await trio.open_tcp_stream("127.0.0.1", port)
                 proceed.set()
             with trio.fail_after(5):
-                await server_done.wait()
+                await server.done.wait()
         assert [r.status_code for r in responses] == [200]
         assert [s.candle.candle_time for s in await store.range(BTC, 0, 2**40)] == [T0]
 
@@ -705,18 +699,9 @@ async def test_drain_is_bounded_by_a_deadline(tmp_path: Path) -> None:
     async with bare_app(tmp_path) as (inner, store):
         app = StartedMarker(inner, INGEST)
         never = trio.Event()
-        server_scope = trio.CancelScope()
-        server_done = trio.Event()
-
-        async def server(task_status: trio.TaskStatus[int]) -> None:
-            with server_scope:
-                await serve_http(
-                    app, host="127.0.0.1", port=0, drain_s=drain_s, task_status=task_status
-                )
-            server_done.set()
-
+        server = StoppableServer(app, drain_s)
         async with trio.open_nursery() as nursery:
-            port: int = await nursery.start(server)
+            port: int = await nursery.start(server.run)
             async with (
                 httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client,
                 trio.open_nursery() as clients,
@@ -725,9 +710,9 @@ async def test_drain_is_bounded_by_a_deadline(tmp_path: Path) -> None:
                 clients.start_soon(_post_in_two_parts, client, never, [])
                 await app.started.wait()
                 began = trio.current_time()
-                server_scope.cancel()
+                server.scope.cancel()
                 with trio.fail_after(drain_s + 5):
-                    await server_done.wait()
+                    await server.done.wait()
                 elapsed = trio.current_time() - began
                 clients.cancel_scope.cancel()
         assert drain_s * 0.9 <= elapsed < drain_s + 1.5

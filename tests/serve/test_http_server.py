@@ -24,6 +24,7 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket
 from wsproto.frame_protocol import FrameProtocol
 
+from tests.serve.http_rig import StoppableServer
 from tradecanvas.serve.http_server import _Pongs, serve_http, served_connection
 
 BIG: Final = b"x" * (8 << 20)  # far more than both sides' socket buffers take
@@ -77,19 +78,9 @@ async def test_the_drain_aborts_connections_whose_writes_never_finish() -> None:
     Hypercorn's shielded writes would hold the server for as long as the peers live."""
     drain_s = 0.3
     answering, flooding = trio.Event(), trio.Event()
-    app = app_with_stuck_writers(answering, flooding)
-    server_scope = trio.CancelScope()
-    done = trio.Event()
-
-    async def server(task_status: trio.TaskStatus[int]) -> None:
-        with server_scope:
-            await serve_http(
-                app, host="127.0.0.1", port=0, drain_s=drain_s, task_status=task_status
-            )
-        done.set()
-
+    server = StoppableServer(app_with_stuck_writers(answering, flooding), drain_s)
     async with trio.open_nursery() as nursery:
-        port: int = await nursery.start(server)
+        port: int = await nursery.start(server.run)
         http_peer = await never_reading(port)
         await http_peer.send_all(b"GET /big HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         ws_peer = await never_reading(port)
@@ -100,9 +91,9 @@ async def test_the_drain_aborts_connections_whose_writes_never_finish() -> None:
             await answering.wait()
             await flooding.wait()
         began = trio.current_time()
-        server_scope.cancel()
+        server.scope.cancel()
         with trio.fail_after(drain_s + 5):
-            await done.wait()
+            await server.done.wait()
         elapsed = trio.current_time() - began
         for stream in (http_peer, ws_peer):
             await stream.aclose()

@@ -51,7 +51,7 @@ from tradecanvas.pipeline.commit import IngestBatch, IngestPipeline
 from tradecanvas.pipeline.events import SystemEvent
 from tradecanvas.serve.frame_safe_stream import FrameSafeStream
 from tradecanvas.serve.hub import CandleReader, Hub
-from tradecanvas.serve.subscriber import Subscriber, TransportClosed
+from tradecanvas.serve.subscriber import FrameWriter, Subscriber, TransportClosed
 from tradecanvas.serve.subscriber_queue import SubscriberQueue
 from tradecanvas.store.sqlite import CandleStore
 from tradecanvas.store.types import StoredEvent
@@ -153,10 +153,12 @@ def make_hub(store: CandleReader, **overrides: Any) -> Hub:
 
 
 @asynccontextmanager
-async def connected(hub: Hub, socket: FakeSocket) -> AsyncIterator[Subscriber]:
-    """Attach a fake connection and run its publish task in its cancel scope, as the WS
-    server does; detach at the end."""
-    subscriber = hub.attach(socket, peer="fake:1", max_subscriptions=64)
+async def connected(
+    hub: Hub, socket: FakeSocket, frames: FrameWriter | None = None
+) -> AsyncIterator[Subscriber]:
+    """Attach a fake connection (with ``frames``, its pre-framed writer) and run its publish
+    task in its cancel scope, as the WS server does; detach at the end."""
+    subscriber = hub.attach(socket, peer="fake:1", max_subscriptions=64, frames=frames)
 
     async def publish_task() -> None:
         with subscriber.cancel_scope:

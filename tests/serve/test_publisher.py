@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import flat_minutes
-from tests.serve.test_hub import T0, FakeSocket, MemoryReader, make_hub
+from tests.serve.test_hub import T0, FakeSocket, MemoryReader, connected, make_hub
 from tests.serve.test_ws_server import SERIES_1M, SID_1M
 from tradecanvas.model import Candle
 from tradecanvas.ops.metrics import Metrics
@@ -117,20 +117,9 @@ class CountingReader:
 @asynccontextmanager
 async def framed(hub: Hub, frames: FakeFrames) -> AsyncIterator[Subscriber]:
     """A connection with a FrameWriter and its publish task, as the WS port runs it."""
-    subscriber = hub.attach(FakeSocket(), peer="fake:1", max_subscriptions=64, frames=frames)
-
-    async def publish_task() -> None:
-        with subscriber.cancel_scope:
-            await hub.run_publisher(subscriber)
-
-    try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(publish_task)
-            await trio.testing.wait_all_tasks_blocked()
-            yield subscriber
-            subscriber.cancel_scope.cancel()
-    finally:
-        hub.detach(subscriber)
+    async with connected(hub, FakeSocket(), frames) as subscriber:
+        await trio.testing.wait_all_tasks_blocked()
+        yield subscriber
 
 
 def closed_times(messages: list[dict[str, Any]]) -> list[int]:

@@ -9,6 +9,7 @@ tested over both in tests/serve/test_ws_session.py and tests/serve/test_hub.py.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, cast, final
 
@@ -70,8 +71,14 @@ class GatedWebSocket:
         return await self.inbox_out.receive()
 
 
-def transport_over(fake: GatedWebSocket) -> AsgiTransport:
-    return AsgiTransport(cast("WebSocket", fake), None)
+@asynccontextmanager
+async def writing(fake: GatedWebSocket) -> AsyncIterator[AsgiTransport]:
+    """A transport over ``fake`` with its writer task running (cancelled on the way out)."""
+    transport = AsgiTransport(cast("WebSocket", fake), None)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(transport.write_frames)
+        yield transport
+        nursery.cancel_scope.cancel()
 
 
 def texts(fake: GatedWebSocket) -> list[Any]:
@@ -82,9 +89,7 @@ async def test_a_cancelled_send_finishes_its_frame_and_keeps_the_order(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     fake = GatedWebSocket()
-    transport = transport_over(fake)
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(transport.write_frames)
+    async with writing(fake) as transport:
         with trio.move_on_after(1) as timed_out:  # the Hub's send timeout
             await transport.send_message("a")
         assert timed_out.cancelled_caught and fake.sent == []  # "a" is in flight
@@ -93,15 +98,12 @@ async def test_a_cancelled_send_finishes_its_frame_and_keeps_the_order(
         fake.gate.set()
         await transport.send_message("c")
         assert texts(fake) == ["a", "c"]
-        nursery.cancel_scope.cancel()
 
 
 async def test_the_peer_leaving_ends_reads_and_drops_later_sends() -> None:
     fake = GatedWebSocket()
     fake.gate.set()
-    transport = transport_over(fake)
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(transport.write_frames)
+    async with writing(fake) as transport:
         await fake.inbox_in.send({"type": "websocket.receive", "text": '{"type":"ping"}'})
         await fake.inbox_in.send({"type": "websocket.receive", "bytes": b"{}"})
         # Hypercorn says 1006 for any close by the peer: a close without a known code
@@ -114,38 +116,31 @@ async def test_the_peer_leaving_ends_reads_and_drops_later_sends() -> None:
         await transport.send_message("dropped")
         await transport.aclose(1000, None)  # nothing left to close
         assert fake.sent == []
-        nursery.cancel_scope.cancel()
 
 
 async def test_close_sends_the_frame_and_waits_for_the_peer() -> None:
     fake = GatedWebSocket()
     fake.gate.set()
-    transport = transport_over(fake)
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(transport.write_frames)
+    async with writing(fake) as transport:
         await fake.inbox_in.send({"type": "websocket.receive", "text": "late"})
         await fake.inbox_in.send({"type": "websocket.disconnect", "code": 1000})
         await transport.aclose(4008, "slow consumer")
         assert fake.sent == [{"type": "websocket.close", "code": 4008, "reason": "slow consumer"}]
         await transport.send_message("after the close")
         assert len(fake.sent) == 1
-        nursery.cancel_scope.cancel()
 
 
 async def test_a_refused_write_is_a_delivery_failure() -> None:
     fake = GatedWebSocket()
     fake.gate.set()
     fake.fail_with = RuntimeError('Cannot call "send" once a close message has been sent.')
-    transport = transport_over(fake)
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(transport.write_frames)
+    async with writing(fake) as transport:
         with pytest.raises(TransportClosed) as closed:
             await transport.send_message("x")
         assert closed.value.code is None and "RuntimeError" in (closed.value.reason or "")
         with pytest.raises(TransportClosed):
             await transport.send_message("y")
         await transport.aclose(1000, None)  # does not try again
-        nursery.cancel_scope.cancel()
 
 
 # --- with real sockets ------------------------------------------------------------------

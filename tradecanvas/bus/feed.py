@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Final, final
+from typing import Final, TypeVar, final
 
 import attrs
 import coredis
@@ -46,7 +46,7 @@ from coredis.response._callbacks import NoopCallback
 
 from tradecanvas.bus.cursors import CandleGap, EdgeCursors, EventGap
 from tradecanvas.bus.ids import StreamId, StreamKeys, candle_time_of, event_id_of
-from tradecanvas.bus.redis_io import BusHealth, describe, failure_or_raise, open_redis
+from tradecanvas.bus.redis_io import BusHealth, describe, reconnecting
 from tradecanvas.bus.replies import (
     NOTICES_TOP,
     RawEntry,
@@ -125,6 +125,31 @@ def system_event_from_stored(stored: StoredEvent) -> SystemEvent:
     )
 
 
+_T = TypeVar("_T")
+
+
+def _candle_of(entry: RawEntry, entry_id: StreamId) -> Candle:
+    candle = decode_candle(entry_field(entry, CANDLE_FIELD))
+    if candle.candle_time != candle_time_of(entry_id):
+        raise WireError("bus", f"entry {entry_id} holds {candle.candle_time}")
+    return candle
+
+
+def _event_of(entry: RawEntry, entry_id: StreamId) -> tuple[int, SystemEvent]:
+    fields = decode_event(entry_field(entry, EVENT_FIELD))
+    if fields.event_id != event_id_of(entry_id):
+        raise WireError("bus", f"entry {entry_id} holds event {fields.event_id}")
+    event = SystemEvent(
+        fields.series_id,
+        fields.reason,
+        fields.from_time,
+        fields.to_time,
+        fields.event,
+        fields.event_id,
+    )
+    return fields.event_id, event
+
+
 @final
 class EdgeFeed:
     """Owns an edge's cursors on the bus and the two reading tasks (module docstring).
@@ -200,25 +225,26 @@ class EdgeFeed:
         body: Callable[[coredis.Redis[bytes], MarketSink], Awaitable[None]],
         sink: MarketSink,
     ) -> None:
-        attempt = 0
-        while True:
-            try:
-                async with open_redis(self.url) as client:
-                    with trio.fail_after(self.settings.command_timeout_s):
-                        await client.ping()
-                    if attempt:
-                        self._counts["reconnects"] += 1
-                        log.info("edge feed (%s): reconnected to Redis at %s", name, self.url)
-                    attempt = 0
-                    self._set_connected(name, True)
-                    await body(client, sink)
-            except BaseException as exc:
-                failure = failure_or_raise(exc)
-                self._last_error = describe(failure)
-                self._set_connected(name, False)
-                log.warning("edge feed (%s): Redis failed (%s), retrying", name, self._last_error)
-            attempt += 1
-            await trio.sleep(self.settings.backoff.delay(attempt))
+        def connected(reconnect: bool) -> None:
+            if reconnect:
+                self._counts["reconnects"] += 1
+                log.info("edge feed (%s): reconnected to Redis at %s", name, self.url)
+            self._set_connected(name, True)
+
+        def failed(failure: BaseException) -> None:
+            self._last_error = describe(failure)
+            self._set_connected(name, False)
+            log.warning("edge feed (%s): Redis failed (%s), retrying", name, self._last_error)
+
+        # the bodies read until a failure: they never return
+        await reconnecting(
+            self.url,
+            lambda client: body(client, sink),
+            command_timeout_s=self.settings.command_timeout_s,
+            backoff=self.settings.backoff,
+            on_connected=connected,
+            on_failure=failed,
+        )
 
     # --- closed candles and events -----------------------------------------------------
 
@@ -319,18 +345,7 @@ class EdgeFeed:
             if len(entries) >= self.settings.count:
                 cut.add(key)
             series_id = self._series_of.get(key) or keys.series_of(key)
-            candles = []
-            for entry in entries:
-                entry_id = entry_id_of(entry)
-                self.cursors.note_read(series_id, entry_id)
-                try:
-                    candle = decode_candle(entry_field(entry, CANDLE_FIELD))
-                    if candle.candle_time != candle_time_of(entry_id):
-                        raise WireError("bus", f"entry {entry_id} holds {candle.candle_time}")
-                except WireError as exc:
-                    self._malformed(key, entry_id, exc)
-                    continue
-                candles.append(candle)
+            candles = self._decoded(key, series_id, entries, _candle_of)
             for run in self.cursors.runs(series_id, candles):
                 if run.gap is not None:
                     await self._fill_candle_gap(run.gap, sink)
@@ -342,31 +357,32 @@ class EdgeFeed:
             return cut | {events_key}  # the events wait for the candles before them
         if len(entries) >= self.settings.count:
             cut.add(events_key)
-        events: dict[int, SystemEvent] = {}
-        for entry in entries:
-            entry_id = entry_id_of(entry)
-            self.cursors.note_read(None, entry_id)
-            try:
-                fields = decode_event(entry_field(entry, EVENT_FIELD))
-                if fields.event_id != event_id_of(entry_id):
-                    raise WireError("bus", f"entry {entry_id} holds event {fields.event_id}")
-            except WireError as exc:
-                self._malformed(events_key, entry_id, exc)
-                continue
-            events[fields.event_id] = SystemEvent(
-                fields.series_id,
-                fields.reason,
-                fields.from_time,
-                fields.to_time,
-                fields.event,
-                fields.event_id,
-            )
+        events = dict(self._decoded(events_key, None, entries, _event_of))
         for event_run in self.cursors.event_runs(sorted(events)):
             if event_run.gap is not None:
                 await self._fill_event_gap(event_run.gap, sink)
             for event_id in self.cursors.accept_events(event_run.event_ids):
                 self._publish_system(sink, events[event_id])
         return cut
+
+    def _decoded(
+        self,
+        key: bytes,
+        series_id: str | None,
+        entries: Sequence[RawEntry],
+        decode: Callable[[RawEntry, StreamId], _T],
+    ) -> list[_T]:
+        """``decode`` of each entry of stream ``key`` (a series' or, with None, the events'),
+        each noted as read; a malformed one is counted and left out (the store fills it)."""
+        out: list[_T] = []
+        for entry in entries:
+            entry_id = entry_id_of(entry)
+            self.cursors.note_read(series_id, entry_id)
+            try:
+                out.append(decode(entry, entry_id))
+            except WireError as exc:
+                self._malformed(key, entry_id, exc)
+        return out
 
     def _malformed(self, key: bytes, entry_id: StreamId, exc: WireError) -> None:
         self._counts["malformed"] += 1

@@ -57,8 +57,7 @@ from tradecanvas.bus.redis_io import (
     XADD_REFUSAL,
     BusHealth,
     describe,
-    failure_or_raise,
-    open_redis,
+    reconnecting,
 )
 from tradecanvas.model import Candle
 from tradecanvas.pipeline.commit import PipelineResult
@@ -253,30 +252,29 @@ class BusPublisher:
         """Send the outbox to Redis until closed and drained. Started at once: the ingest
         never waits for Redis (``health().connected`` says whether it is there)."""
         task_status.started()
-        attempt = 0
-        while True:
-            try:
-                async with open_redis(self.url) as client:
-                    with trio.fail_after(self.settings.command_timeout_s):
-                        await client.ping()
-                    if attempt:
-                        self._reconnects += 1
-                        log.info("bus publisher: reconnected to Redis at %s", self.url)
-                    attempt = 0
-                    self._set_connected(True)
-                    await self._send_until_closed(client)
-                    return
-            except BaseException as exc:
-                failure = failure_or_raise(exc)
-                self._last_error = describe(failure)
-                self._set_connected(False)
-                log.warning(
-                    "bus publisher: Redis failed (%s); %d entries wait, retrying",
-                    self._last_error,
-                    self._outbox.backlog,
-                )
-            attempt += 1
-            await trio.sleep(self.settings.backoff.delay(attempt))
+        await reconnecting(
+            self.url,
+            self._send_until_closed,
+            command_timeout_s=self.settings.command_timeout_s,
+            backoff=self.settings.backoff,
+            on_connected=self._on_connected,
+            on_failure=self._on_failure,
+        )
+
+    def _on_connected(self, reconnect: bool) -> None:
+        if reconnect:
+            self._reconnects += 1
+            log.info("bus publisher: reconnected to Redis at %s", self.url)
+        self._set_connected(True)
+
+    def _on_failure(self, failure: BaseException) -> None:
+        self._last_error = describe(failure)
+        self._set_connected(False)
+        log.warning(
+            "bus publisher: Redis failed (%s); %d entries wait, retrying",
+            self._last_error,
+            self._outbox.backlog,
+        )
 
     async def _send_until_closed(self, client: coredis.Redis[bytes]) -> None:
         while True:

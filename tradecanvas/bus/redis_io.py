@@ -4,12 +4,14 @@ errors are recognised, and the health both bus services report.
 coredis raises :class:`coredis.exceptions.RedisError` subclasses, anyio stream errors and
 ``OSError`` when Redis goes away, sometimes inside the exception groups of its own task
 groups; :func:`redis_failure` finds them, so the publisher and the feed catch a Redis failure
-(log it, report it in their health, back off, reconnect) and let everything else through.
-Every client is made with coredis's retries off: the bus services own their reconnects.
+(log it, report it in their health, back off, reconnect: :func:`reconnecting`) and let
+everything else through. Every client is made with coredis's retries off: the bus services
+own their reconnects.
 """
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Final
 
 import anyio
@@ -20,6 +22,7 @@ from coredis.exceptions import RedisError
 from coredis.retry import NoRetryPolicy
 
 from tradecanvas.errors import find_in_group
+from tradecanvas.upstream.backoff import Backoff
 
 CONNECT_TIMEOUT_S: Final = 5.0
 # Redis's answer to an XADD whose ID is not above the stream's top (bus/publisher.py)
@@ -82,3 +85,35 @@ def failure_or_raise(exc: BaseException) -> BaseException:
 
 def describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+async def reconnecting(
+    url: str,
+    session: Callable[[coredis.Redis[bytes]], Awaitable[None]],
+    *,
+    command_timeout_s: float,
+    backoff: Backoff,
+    on_connected: Callable[[bool], None],
+    on_failure: Callable[[BaseException], None],
+) -> None:
+    """Run ``session`` on a client of ``url`` until it returns, through Redis failures.
+
+    Each connection is checked with a PING (within ``command_timeout_s``), then reported to
+    ``on_connected`` (True when it follows a failure: a reconnect). A Redis failure
+    (:func:`failure_or_raise`; anything else goes through) is reported to ``on_failure``, and
+    the next connection is tried after ``backoff``'s delay.
+    """
+    attempt = 0
+    while True:
+        try:
+            async with open_redis(url) as client:
+                with trio.fail_after(command_timeout_s):
+                    await client.ping()
+                on_connected(attempt > 0)
+                attempt = 0
+                await session(client)
+                return
+        except BaseException as exc:
+            on_failure(failure_or_raise(exc))
+        attempt += 1
+        await trio.sleep(backoff.delay(attempt))

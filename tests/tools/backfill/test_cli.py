@@ -97,6 +97,24 @@ async def run_backfill(env: dict[str, str], *args: str) -> subprocess.CompletedP
         )
 
 
+@contextlib.asynccontextmanager
+async def interruptible_backfill(
+    env: dict[str, str], out: Path, err: Path, *args: str
+) -> AsyncIterator[trio.Process]:
+    """``tradecanvas backfill ARGS`` writing to the files ``out`` and ``err``; killed on the
+    way out if it is still running."""
+    with out.open("wb") as stdout, err.open("wb") as stderr:
+        proc = await trio.lowlevel.open_process(
+            [*BACKFILL, *args], env=env, stdout=stdout, stderr=stderr
+        )
+    try:
+        yield proc
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
 def counts(stdout: bytes) -> dict[str, int]:
     """The numbers of the summary's first line."""
     line = stdout.decode().splitlines()[0]
@@ -617,22 +635,13 @@ async def test_ctrl_c_stops_cleanly_with_exit_130(tmp_path: Path) -> None:
     (listener,) = await trio.open_tcp_listeners(0, host="127.0.0.1")
     port = listener.socket.getsockname()[1]
     out, err = tmp_path / "stdout", tmp_path / "stderr"
-    with out.open("wb") as stdout, err.open("wb") as stderr:
-        proc = await trio.lowlevel.open_process(
-            [*BACKFILL, BASE, "--from", "2023-08-16", "--to", "2023-08-17"],
-            env=cli_env(db, f"http://127.0.0.1:{port}"),
-            stdout=stdout,
-            stderr=stderr,
-        )
-    try:
+    env = cli_env(db, f"http://127.0.0.1:{port}")
+    args = (BASE, "--from", "2023-08-16", "--to", "2023-08-17")
+    async with interruptible_backfill(env, out, err, *args) as proc:
         with trio.fail_after(WAIT_S):
             connection = await listener.accept()  # the first request is on its way
             proc.send_signal(signal.SIGINT)
             assert await proc.wait() == 130
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
     await connection.aclose()
     await listener.aclose()
     lines = err.read_text().splitlines()
@@ -690,22 +699,13 @@ async def test_ctrl_c_in_the_middle_keeps_the_pages_committed_and_a_rerun_resume
     async with binance_replay(config) as replay, trio.open_nursery() as nursery:
         replay_port = int(replay.rest_url.rsplit(":", 1)[1])
         port = await nursery.start(_stalling_proxy, replay_port, 2, stalled)
-        with out.open("wb") as stdout, err.open("wb") as stderr:
-            proc = await trio.lowlevel.open_process(
-                [*BACKFILL, BASE, "--from", str(WEEK), "--to", str(WEEK + 4000 * 60)],
-                env=cli_env(db, f"http://127.0.0.1:{port}"),
-                stdout=stdout,
-                stderr=stderr,
-            )
-        try:
+        env = cli_env(db, f"http://127.0.0.1:{port}")
+        args = (BASE, "--from", str(WEEK), "--to", str(WEEK + 4000 * 60))
+        async with interruptible_backfill(env, out, err, *args) as proc:
             with trio.fail_after(WAIT_S):
                 await stalled.wait()  # page 1 is committed, page 2 hangs at "Binance"
                 proc.send_signal(signal.SIGINT)
                 assert await proc.wait() == 130
-        finally:
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
         # the same command again (Binance answering now): it continues where it stopped
         again = await run_backfill(
             cli_env(db, replay.rest_url), BASE, "--from", str(WEEK), "--to", str(WEEK + 4000 * 60)
