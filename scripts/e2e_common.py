@@ -13,6 +13,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+import traceback
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -164,6 +165,7 @@ def run_each_flag(make: Callable[[str], R], procs: Children, work: Path) -> dict
             trio.run(run.main)
         except Exception as exc:  # a crash is a failed check, and the run goes on
             run.check("run completed", False, f"{type(exc).__name__}: {exc}")
+            traceback.print_exception(exc)  # an ExceptionGroup's message names no cause
             print_tails(work, flag)
         procs.kill_all()
     return runs
