@@ -55,6 +55,9 @@ from tests.cli_rig import Children, wait_for_line
 from tests.recording_subscriber import Subscriber
 from tradecanvas.upstream.ws_client import open_websocket_client
 
+# how long the events_after check waits for the subscriber and the event log to agree
+SETTLE_S = 10.0
+
 
 async def idle_subscriber(
     url: str, subscribe: OBJ, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -65,6 +68,10 @@ async def idle_subscriber(
         await ws.send_message(orjson.dumps(subscribe).decode())
         task_status.started()
         await trio.sleep_forever()
+
+
+def _more_events(sub: Subscriber, than: int) -> bool:
+    return len(sub.event_ids(BASE)) > than
 
 
 class Run(FlagRun):
@@ -383,11 +390,6 @@ class Run(FlagRun):
         batch subscriber saw live first, then any the restarted daemon logged, such as the
         replay's own last close reverting the HTTP correction) — once each, in order."""
         ws_url, http_url = urls
-        async with httpx.AsyncClient(base_url=http_url, timeout=10) as client:
-            page = (
-                await client.get("/api/market/events", params={"after": left_at, "series_id": BASE})
-            ).json()
-        stored = [e["event_id"] for e in page["events"]]
         back = Subscriber("back", expect_loss=True)
         await nursery.start(
             back.run,
@@ -395,7 +397,22 @@ class Run(FlagRun):
             [{"type": "subscribe", "series_id": BASE, "since": last + 10**6,
               "events_after": left_at}],
         )  # fmt: skip
-        got = back.event_ids(BASE)
+        # The restarted daemon may log one more event (the replay's last close reverting the
+        # HTTP correction) after any one read of the log: compare the subscriber with the log
+        # until both have settled (each read is fresh; events are only ever appended).
+        deadline = trio.current_time() + SETTLE_S
+        async with httpx.AsyncClient(base_url=http_url, timeout=10) as client:
+            while True:
+                page = (
+                    await client.get(
+                        "/api/market/events", params={"after": left_at, "series_id": BASE}
+                    )
+                ).json()
+                stored = [e["event_id"] for e in page["events"]]
+                got = back.event_ids(BASE)
+                if got == stored or trio.current_time() > deadline:
+                    break
+                await back.wait_until(functools.partial(_more_events, back, len(got)), 0.5)
         self.check(
             "a subscriber resuming with events_after after the restart gets exactly the events"
             " it missed",
