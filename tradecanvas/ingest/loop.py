@@ -15,7 +15,7 @@ Task tree of one loop (one per Binance connection of at most 200 streams)::
 Every decision is the core's; this module owns the tasks, the channel, the clock, the
 metrics, the logs and the REST calls (the store and the hub: BatchCommitter).
 
-Channel contract: the readers put frames on ``frames`` (bounded, FRAME_BUFFER). The
+Channel contract: the readers put frames on ``frames`` in bursts (bounded, FRAME_BUFFER). The
 processor is the only consumer and never awaits anything but that channel — the store,
 REST and subscribers are only reached from the committer and fill tasks — so a reader waits
 only while the processor is busy with CPU work, and trio-websocket keeps answering pings.
