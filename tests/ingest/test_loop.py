@@ -56,7 +56,7 @@ from tradecanvas.tools.replay import (
     parse_file_argument,
     serve_replay,
 )
-from tradecanvas.upstream.binance_ws import Frame
+from tradecanvas.upstream.binance_ws import FrameBurst
 from tradecanvas.upstream.plan import ConnectionPolicy, announces_server_shutdown
 from tradecanvas.upstream.rest import BinanceRestClient, RestPolicy
 from tradecanvas.wire.binance import KlineEvent, decode_frame, kline_frame
@@ -521,8 +521,8 @@ async def test_a_hole_found_absent_is_not_recorded_again_by_a_candle_queued_befo
             tracker = loop.core.trackers[BTC]
             # a live close of 1433 is queued, carrying the holes as they are now; its
             # event time says 1433 just closed
-            loop._handle_frame(
-                Frame(1, frame(rows[1433], closed=True, event_time_ms=close_ms + 100), 0.0)
+            loop._handle_burst(
+                FrameBurst(1, [frame(rows[1433], closed=True, event_time_ms=close_ms + 100)], 0.0)
             )
             assert loop.core.queued == 1
             plan = loop.core.next_fills(now=0.0)

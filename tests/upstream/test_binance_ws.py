@@ -12,6 +12,7 @@ import threading
 from collections.abc import AsyncIterator, Iterator
 
 import attrs
+import pytest
 import trio
 import trio.testing
 import trio_websocket
@@ -19,7 +20,12 @@ import trio_websocket
 from tests.conftest import candle
 from tradecanvas.model import SeriesId
 from tradecanvas.ops.metrics import Metrics
-from tradecanvas.upstream.binance_ws import ConnectionCounters, Frame, run_binance_ws_connections
+from tradecanvas.upstream.binance_ws import (
+    BURST_MAX,
+    ConnectionCounters,
+    FrameBurst,
+    run_binance_ws_connections,
+)
 from tradecanvas.upstream.plan import ConnectionPolicy
 from tradecanvas.wire.binance import kline_frame
 from tradecanvas.wire.json import dumps
@@ -99,7 +105,7 @@ def real_time_limit(seconds: float) -> Iterator[None]:
 @attrs.define
 class Slot:
     upstream: ScriptedUpstream
-    frames: trio.MemoryReceiveChannel[Frame]
+    frames: trio.MemoryReceiveChannel[FrameBurst]
     counters: ConnectionCounters
     metrics: Metrics
 
@@ -114,9 +120,11 @@ class Slot:
 
 
 @contextlib.asynccontextmanager
-async def connection_slot(policy: ConnectionPolicy, stale_timeout_s: float) -> AsyncIterator[Slot]:
+async def connection_slot(
+    policy: ConnectionPolicy, stale_timeout_s: float, capacity: int = 100
+) -> AsyncIterator[Slot]:
     upstream = ScriptedUpstream()
-    send, receive = trio.open_memory_channel[Frame](100)
+    send, receive = trio.open_memory_channel[FrameBurst](capacity)
     slot = Slot(upstream, receive, ConnectionCounters(), Metrics())
     with real_time_limit(WAIT_S):
         async with trio.open_nursery() as nursery:
@@ -152,8 +160,24 @@ async def test_frames_reach_the_channel_tagged_with_their_connection(
     async with connection_slot(ConnectionPolicy(), stale_timeout_s=60) as slot:
         await slot.upstream.send.send(kline(0))
         frame = await slot.frames.receive()
-        assert frame.generation == 1 and frame.raw == kline(0)
+        assert frame.generation == 1 and frame.raws == [kline(0)]
         assert slot.counters.connected == 1 and slot.counters.reconnects == 0
+
+
+@pytest.mark.parametrize("capacity", [1, 100])
+async def test_every_frame_arrives_in_order_in_bursts_of_at_most_burst_max(capacity: int) -> None:
+    """Frames queued together go in one burst, BURST_MAX at most; a full channel (room
+    for one burst) makes the reader wait, and nothing is lost or reordered."""
+    sent = [kline(i, closed=False) for i in range(3 * BURST_MAX + 5)]
+    async with connection_slot(ConnectionPolicy(), 3600, capacity) as slot:
+        for text in sent:
+            await slot.upstream.send.send(text)
+        got: list[str | bytes] = []
+        while len(got) < len(sent):
+            burst = await slot.frames.receive()
+            assert burst.generation == 1 and 1 <= len(burst.raws) <= BURST_MAX
+            got += burst.raws
+        assert got == sent
 
 
 async def test_a_silent_connection_is_replaced_after_stale_timeout(
@@ -236,7 +260,7 @@ async def test_a_failed_connect_is_counted_as_an_error(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     metrics, counters = Metrics(), ConnectionCounters()
-    send, _receive = trio.open_memory_channel[Frame](1)
+    send, _receive = trio.open_memory_channel[FrameBurst](1)
     policy = ConnectionPolicy(reconnect_base_s=1.0, reconnect_cap_s=1.0)
     with real_time_limit(WAIT_S), trio.move_on_after(10.5):
         await run_binance_ws_connections(

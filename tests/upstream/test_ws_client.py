@@ -102,3 +102,11 @@ async def test_fast_frames_get_every_message_sent_with_the_handshake_answer() ->
     got, at_once = await _read_burst(True, fast_frames=True, with_answer=True)
     assert got == ALL
     assert at_once > 1
+
+
+async def test_fast_frames_with_a_full_queue_wait_for_room() -> None:
+    """The fast frames' texts go straight into the queue; with room for 4 the rest are
+    refused, handed to the reader as events and awaited: all arrive, in order."""
+    got, at_once = await _read_burst(True, queue_size=4, fast_frames=True, with_answer=True)
+    assert got == ALL
+    assert at_once < MESSAGES

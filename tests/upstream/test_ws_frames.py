@@ -194,3 +194,56 @@ def test_a_rejected_handshake_with_a_body_as_wsproto(cut: int) -> None:
         b"".join(bytes(e.data) for e in events[0] if isinstance(e, RejectData))
         == text("not a frame, a body") * 3
     )
+
+
+def delivering(refuse: list[bool]) -> tuple[FastTextFrames, list[Event]]:
+    """A fast client whose deliver callable takes texts as the events trio-websocket's
+    reader would queue from them, in one list with the events yielded; it refuses (the
+    queue is full) the n-th text when ``refuse[n % len(refuse)]``."""
+    fast, out = FastTextFrames(), list[Event]()
+    offered = itertools.count()
+
+    def deliver(data: str) -> bool:
+        if refuse and refuse[next(offered) % len(refuse)]:
+            return False
+        out.append(TextMessage(data=data))
+        return True
+
+    fast.deliver_to(deliver)
+    return fast, out
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    names=st.lists(st.sampled_from(sorted(GOOD)), max_size=12),
+    bad=st.none() | st.sampled_from(sorted(BAD)),
+    cuts=st.lists(st.integers(min_value=0, max_value=1 << 20), max_size=8),
+    refuse=st.lists(st.booleans(), max_size=4),
+)
+def test_delivered_texts_and_events_in_order_as_wsproto(
+    names: list[str], bad: str | None, cuts: list[int], refuse: list[bool]
+) -> None:
+    """deliver_to: the texts handed over and the events yielded, interleaved as they
+    happen, are wsproto's messages in wsproto's order, whichever texts are refused."""
+    stream = b"".join(GOOD[n] for n in names)
+    if bad is not None:
+        stream += BAD[bad] + text("after the bad frame")
+    plain = WSConnection(ConnectionType.CLIENT)
+    expected = feed(plain, split(answer(plain) + stream, cuts))
+    fast, got = delivering(refuse)
+    for data in split(answer(fast) + stream, cuts):
+        fast.receive_data(data)
+        got.extend(fast.events())
+    assert messages(got) == messages(expected)
+
+
+def test_kline_texts_are_delivered_not_yielded() -> None:
+    sent = [f'{{"stream":"s{i}@kline_1m","data":{{"E":{i}}}}}' for i in range(100)]
+    fast, got = delivering([])
+    for data in split(answer(fast) + b"".join(text(s) for s in sent), [5000, 9000]):
+        fast.receive_data(data)
+        for event in fast.events():  # in turn: the texts delivered meanwhile come first
+            assert not isinstance(event, TextMessage)
+            got.append(event)
+    assert isinstance(got[0], AcceptConnection)
+    assert [m[1] for m in messages(got)[1:]] == sent

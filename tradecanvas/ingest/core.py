@@ -136,6 +136,19 @@ class CommitBatch:
 
 
 @final
+@attrs.define
+class _Live:
+    """What a frame of one stream needs, in one lookup by stream name (several SeriesId
+    lookups a frame, each hashing it, were a few % of the daemon's CPU at full speed)."""
+
+    sid: SeriesId
+    interval: str
+    tracker: SeriesTracker
+    generation: int = 0  # the newest connection a frame of it came on
+    last_open: int | None = None  # the newest kline open time seen
+
+
+@final
 class IngestCore:
     """The state of one loop's series: a SeriesTracker each, the ClosedBatcher, the forming
     gate and throttle, the recent minutes, the exchange clock and the REST fills in flight.
@@ -159,7 +172,6 @@ class IngestCore:
             if sid.timeframe.seconds != MINUTE:
                 raise ValueError(f"{sid}: only 1m series are ingested")
         self.series = tuple(series)
-        self.streams = {s.stream_name: s for s in self.series}
         self.derived: tuple[Timeframe, ...] = tuple(flags.derived_timeframes)
         self.initial_backfill = flags.initial_backfill_candles
         self.late_close_ms = round(flags.late_close_s * MS)
@@ -172,8 +184,7 @@ class IngestCore:
         span = max((tf.seconds for tf in self.derived), default=MINUTE) + MINUTE
         self.minutes = MinuteCache(span)
         self.gate = FormingGate()
-        self._seen_generation: dict[SeriesId, int] = {}
-        self._last_open: dict[SeriesId, int] = {}  # the newest kline open time seen
+        self._live: dict[str, _Live] = {}  # stream name → its series (load_series)
         self._exchange_time_ms = 0
         self._exchange_minute = -1  # (E - late_close) // 60 s last applied to the trackers
         self._fill_minutes_in_flight = 0
@@ -191,12 +202,13 @@ class IngestCore:
     ) -> None:
         """The store's state of ``sid``: its head, its unresolved holes and its minutes
         within :attr:`recent_span_s` below the head."""
-        self.trackers[sid] = SeriesTracker(
+        self.trackers[sid] = tracker = SeriesTracker(
             head=head,
             initial_backfill=self.initial_backfill,
             late_close_ms=self.late_close_ms,
             unresolved=unresolved,
         )
+        self._live[sid.stream_name] = _Live(sid, sid.timeframe.text, tracker)
         self.minutes.add(sid, recent)
 
     # --- frames --------------------------------------------------------------------------
@@ -214,10 +226,10 @@ class IngestCore:
             # acks and other events change nothing; serverShutdown was acted on by the
             # connection's reader (upstream.binance_ws)
             return _PLAIN_OUTCOMES[False, False]
-        sid = self.streams.get(decoded.stream_name)
-        if sid is None or decoded.interval != sid.timeframe.text:
+        live = self._live.get(decoded.stream_name)
+        if live is None or decoded.interval != live.interval:
             return FrameOutcome(malformed=self.malformed("unknown_stream", decoded.stream_name))
-        return self._on_kline(sid, decoded, generation, received_at, now)
+        return self._on_kline(live, decoded, generation, received_at, now)
 
     def malformed(self, reason: str, detail: str) -> Malformed:
         """A malformed input of kind ``reason`` (also a candle the store refused)."""
@@ -231,18 +243,19 @@ class IngestCore:
         return True
 
     def _on_kline(
-        self, sid: SeriesId, event: KlineEvent, generation: int, received_at: float, now: float
+        self, live: _Live, event: KlineEvent, generation: int, received_at: float, now: float
     ) -> FrameOutcome:
-        tracker = self.trackers[sid]
+        sid, tracker = live.sid, live.tracker
         candle = event.candle
         # the first frame of this series on a newer connection: nothing is replayed after
         # a disconnect, so the tracker asks REST for what the old one missed
-        new_connection = self._seen_generation.get(sid, 0) < generation
+        new_connection = live.generation < generation
         if new_connection:
-            self._seen_generation[sid] = generation
+            live.generation = generation
         had_head = tracker.head is not None
         t = candle.candle_time
-        self._last_open[sid] = max(self._last_open.get(sid, t), t)
+        if live.last_open is None or t > live.last_open:
+            live.last_open = t
         tracker.on_live_frame(t, new_connection=new_connection)
         wake_fills = new_connection or not had_head
         wake_fills |= self._advance_exchange_time(event.event_time_ms)
@@ -256,16 +269,16 @@ class IngestCore:
             return _PLAIN_OUTCOMES[wake_fills or tracker.held_count() > 0, queued]
         head = tracker.head
         if head is None or t > head:  # never a bar already closed
-            forming = self._offer_forming(sid, candle, received_at)
+            forming = self._offer_forming(sid, candle, head, received_at)
             if forming:
                 return FrameOutcome(forming=forming, wake_fills=wake_fills)
         return _PLAIN_OUTCOMES[wake_fills, False]
 
     def _offer_forming(
-        self, sid: SeriesId, candle: Candle, now: float
+        self, sid: SeriesId, candle: Candle, head: int | None, now: float
     ) -> tuple[tuple[SeriesId, Candle], ...]:
         """Through the gate (held while something before it is owed), then the throttle."""
-        if not self.gate.allows(sid, candle.candle_time, self.trackers[sid].head):
+        if not self.gate.allows(sid, candle.candle_time, head):
             self.gate.hold(sid, candle)
             self.throttle.discard(sid, candle.candle_time)  # superseded by the held one
             return ()
@@ -426,7 +439,8 @@ class IngestCore:
         if due is None or due == -math.inf:
             return due
         heads = {sid: tracker.head for sid, tracker in self.trackers.items()}
-        if group_settled(heads, self._last_open):
+        last_open = {v.sid: v.last_open for v in self._live.values() if v.last_open is not None}
+        if group_settled(heads, last_open):
             return -math.inf
         return due
 

@@ -15,7 +15,7 @@ Task tree of one loop (one per Binance connection of at most 200 streams)::
 Every decision is the core's; this module owns the tasks, the channel, the clock, the
 metrics, the logs and the REST calls (the store and the hub: BatchCommitter).
 
-Channel contract: the readers put frames on ``frames`` (bounded, FRAME_BUFFER). The
+Channel contract: the readers put frames on ``frames`` in bursts (bounded, FRAME_BUFFER). The
 processor is the only consumer and never awaits anything but that channel — the store,
 REST and subscribers are only reached from the committer and fill tasks — so a reader waits
 only while the processor is busy with CPU work, and trio-websocket keeps answering pings.
@@ -51,16 +51,22 @@ from tradecanvas.ops.metrics import Metrics
 from tradecanvas.pipeline.commit import IngestPipeline
 from tradecanvas.pipeline.publish import MarketSink
 from tradecanvas.runtime_flags import RuntimeFlags
-from tradecanvas.upstream.binance_ws import ConnectionCounters, Frame, run_binance_ws_connections
+from tradecanvas.upstream.binance_ws import (
+    ConnectionCounters,
+    FrameBurst,
+    run_binance_ws_connections,
+)
 from tradecanvas.upstream.plan import build_combined_stream_url, ws_base_url
 from tradecanvas.upstream.rest import BinanceRestClient
 
 log = logging.getLogger(__name__)
 
-# Frames between a reader and the processor. Futures push each stream every 250 ms, so
-# 200 streams are 800 frames/s: this is about five seconds of the busiest connection,
-# far more than the processor (pure CPU, microseconds per frame) ever falls behind.
-FRAME_BUFFER: Final = 4096
+# Bursts of frames between a reader and the processor (each 1 to BURST_MAX frames, what
+# the reader found queued at one wake-up). Futures push each stream every 250 ms, so 200
+# streams are 800 frames/s, arriving mostly a frame a read: this is over a second of the
+# busiest connection, far more than the processor (pure CPU, microseconds per frame) ever
+# falls behind, and at most 64 Ki frames (about 25 MiB) when every burst is full.
+FRAME_BUFFER: Final = 1024
 # REST fills of one loop running at once; the REST client paces per host on top of this
 FILL_CONCURRENCY: Final = 4
 
@@ -165,7 +171,7 @@ class _IngestLoop:
         self.url = build_combined_stream_url(
             ws_base_url(flags, self.series[0].market), [s.stream_name for s in self.series]
         )
-        self._frames_send, self._frames_recv = trio.open_memory_channel[Frame](FRAME_BUFFER)
+        self._frames_send, self._frames_recv = trio.open_memory_channel[FrameBurst](FRAME_BUFFER)
         self._batch_wakeup = _Wakeup()
         self._fill_wakeup = _Wakeup()
         self._forming_wakeup = _Wakeup()
@@ -234,10 +240,10 @@ class _IngestLoop:
         try:
             while True:
                 try:
-                    frame = self._frames_recv.receive_nowait()
+                    burst = self._frames_recv.receive_nowait()
                 except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
                     break
-                self._handle_frame(frame)
+                self._handle_burst(burst)
             self.core.release_all_held(trio.current_time())
             self.counters.held = self.core.held_count()
             while self.core.queued and self._fatal is None:
@@ -262,13 +268,13 @@ class _IngestLoop:
     async def _process_frames(self) -> None:
         frames = self._frames_recv
         while True:
-            frame = await frames.receive()
-            # then every frame already here: one wake-up per burst, and no cancel scope
+            burst = await frames.receive()
+            # then every burst already here: one wake-up for them all, and no cancel scope
             # (the forming timer has the only deadline)
             while True:
-                self._handle_frame(frame)
+                self._handle_burst(burst)
                 try:
-                    frame = frames.receive_nowait()
+                    burst = frames.receive_nowait()
                 except trio.WouldBlock:
                     break
             due = self.core.next_forming_due()
@@ -287,21 +293,20 @@ class _IngestLoop:
             for sid, candle in self.core.due_forming(trio.current_time()):
                 self._emit_forming(sid, candle)
 
-    def _handle_frame(self, frame: Frame) -> None:
-        outcome = self.core.on_frame(
-            frame.raw,
-            generation=frame.generation,
-            received_at=frame.received_at,
-            now=trio.current_time(),
-        )
-        if outcome.malformed is not None:
-            self._count_malformed(outcome.malformed)
-        for sid, candle in outcome.forming:
-            self._emit_forming(sid, candle)
-        if outcome.wake_committer:
-            self._batch_wakeup.set()
-        if outcome.wake_fills:
-            self._fill_wakeup.set()
+    def _handle_burst(self, burst: FrameBurst) -> None:
+        on_frame = self.core.on_frame
+        generation, received_at = burst.generation, burst.received_at
+        now = trio.current_time()  # one reading for the burst: it is processed at once
+        for raw in burst.raws:
+            outcome = on_frame(raw, generation=generation, received_at=received_at, now=now)
+            if outcome.malformed is not None:
+                self._count_malformed(outcome.malformed)
+            for sid, candle in outcome.forming:
+                self._emit_forming(sid, candle)
+            if outcome.wake_committer:
+                self._batch_wakeup.set()
+            if outcome.wake_fills:
+                self._fill_wakeup.set()
 
     def _count_malformed(self, malformed: Malformed) -> None:
         self.metrics.malformed_frames_total.labels(reason=malformed.reason).inc()

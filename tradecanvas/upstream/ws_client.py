@@ -144,16 +144,33 @@ async def open_websocket_client(
 class _QueueAtOnce:
     """The sending end of trio-websocket's message queue, as its reader task sees it once
     :func:`queue_messages_at_once` replaced it: ``send`` queues without a checkpoint while
-    the queue has room, and waits (a checkpoint) only when it is full."""
+    the queue has room, and waits (a checkpoint) only when it is full. :meth:`offer` is
+    what the reader does with a whole text message of at most ``max_size`` characters,
+    for :class:`~tradecanvas.upstream.ws_frames.FastTextFrames` to call directly."""
 
-    def __init__(self, channel: trio.MemorySendChannel[str | bytes]) -> None:
+    def __init__(self, channel: trio.MemorySendChannel[str | bytes], max_size: int) -> None:
         self._channel = channel
+        self._max_size = max_size
 
     async def send(self, message: str | bytes) -> None:
         try:
             self._channel.send_nowait(message)
         except trio.WouldBlock:
             await self._channel.send(message)
+
+    def offer(self, text: str) -> bool:
+        """Queue ``text``, a whole message, as the reader would from its event: False when
+        the queue is full or the message too long (the reader must handle the event: wait
+        for room, or close the connection); a closed queue drops it, as the reader does."""
+        if len(text) > self._max_size:
+            return False
+        try:
+            self._channel.send_nowait(text)
+        except trio.WouldBlock:
+            return False
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            pass  # the reader's own answer to a closed queue (0.12.2)
+        return True
 
     async def aclose(self) -> None:
         await self._channel.aclose()
@@ -168,13 +185,19 @@ def queue_messages_at_once(ws: trio_websocket.WebSocketConnection) -> None:
     the first close of a burst, commits it alone). Measured in issue 14's latency
     benchmark (5,000 closes/s) that was about a fifth of the daemon's CPU, and the groups
     of the group commit were 6 closes instead of ~30. The reader still yields at every
-    socket read, and waits when the queue is full (backpressure unchanged).
+    socket read, and waits when the queue is full (backpressure unchanged). With
+    :class:`~tradecanvas.upstream.ws_frames.FastTextFrames`, its fast frames' texts are
+    queued by it directly (:meth:`~tradecanvas.upstream.ws_frames.FastTextFrames.deliver_to`).
 
     Reaches into trio-websocket's reader (its ``_send_channel``, which it looks up at each
-    message), as :func:`get_message_nowait` does its queue: 0.12.2, pinned in setup.cfg.
-    Call it right after the handshake, before the first message is read.
+    message, and ``_max_message_size``), as :func:`get_message_nowait` does its queue:
+    0.12.2, pinned in setup.cfg. Call it right after the handshake, before the first
+    message is read.
     """
-    ws._send_channel = _QueueAtOnce(ws._send_channel)  # type: ignore[assignment]
+    queue = _QueueAtOnce(ws._send_channel, ws._max_message_size)
+    ws._send_channel = queue  # type: ignore[assignment]
+    if isinstance(ws._wsproto, FastTextFrames):
+        ws._wsproto.deliver_to(queue.offer)
 
 
 def _only_cancelled(exc: BaseException) -> bool:
