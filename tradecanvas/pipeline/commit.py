@@ -35,6 +35,7 @@ from tradecanvas.pipeline.batch import (
     SERIES_ID,
     IngestBatch,
     PipelineResult,
+    SeriesNames,
     SeriesUpdate,
     dedupe,
 )
@@ -107,7 +108,7 @@ class IngestPipeline:
         # derived series ids by (base, timeframe): built once, not per commit
         self._names: dict[tuple[str, str], tuple[SeriesId, str]] = {}
         # base series ids' text and order key (BatchCommit.ids)
-        self._ids: dict[SeriesId, tuple[str, tuple[str, str, str, int]]] = {}
+        self._ids = SeriesNames()
         self.fingerprint = fingerprint
         # the phase (seconds) of each symbol's multi-day grid (3d), by (market, symbol)
         self._phases: dict[tuple[str, str], int] = {}
