@@ -16,7 +16,7 @@ from tradecanvas.model import Candle, SeriesId, Timeframe, validate_candle
 from tradecanvas.pipeline.commit import (
     IngestBatch,
     IngestPipeline,
-    _plainly_valid_minute,
+    _plainly_valid_minutes,
     collector_paused,
 )
 from tradecanvas.pipeline.events import SystemEvent
@@ -378,7 +378,10 @@ def test_the_quick_validity_check_agrees_with_validate_candle(c: Candle) -> None
         valid = True
     except CandleError:
         valid = False
-    assert _plainly_valid_minute(c) == valid
+    assert _plainly_valid_minutes([(BTC, c)]) == valid
+    # a series not of minutes fails it (run then refuses the batch), as does any bad pair
+    assert not _plainly_valid_minutes([(BTC, c), (BTC.with_timeframe(Timeframe.parse("5m")), c)])
+    assert _plainly_valid_minutes([(BTC, c), (BTC, c)]) == valid
 
 
 def test_the_collector_is_paused_around_a_commit_and_restored_after() -> None:

@@ -31,6 +31,7 @@ from typing import Final, final
 from tradecanvas.model import MINUTE, Candle, SeriesId, Timeframe
 from tradecanvas.pipeline.batch import (
     IngestBatch,
+    SeriesNames,
     SeriesUpdate,
     dedupe,
     group_by_series,
@@ -44,9 +45,8 @@ from tradecanvas.pipeline.levels import (
     bucket_runs,
     buckets_of,
     runs_of,
-    series_order,
 )
-from tradecanvas.pipeline.live import due_bars
+from tradecanvas.pipeline.live import due_bars, level_marks
 from tradecanvas.pipeline.recent import FlushingReader, RecentBars
 from tradecanvas.store.interface import WriteTxn
 from tradecanvas.store.types import Source, StoredCandle, UpsertOutcome, plan_upsert
@@ -76,7 +76,7 @@ class BatchCommit:
         fingerprint: str,
         fingerprint_checked: set[str],
         names: dict[tuple[str, str], tuple[SeriesId, str]] | None = None,
-        ids: dict[SeriesId, tuple[str, tuple[str, str, str, int]]] | None = None,
+        ids: SeriesNames | None = None,
     ) -> None:
         self.txn = txn
         self.recent = recent
@@ -85,9 +85,9 @@ class BatchCommit:
         self.fingerprint = fingerprint
         self.fingerprint_checked = fingerprint_checked
         self.names = names if names is not None else {}
-        # a base series' id text and order key, by series: kept by the pipeline, so worked
-        # out once per series, not per series and batch
-        self.ids = ids if ids is not None else {}
+        # a base series' id text and order key: kept by the pipeline, so worked out once
+        # per series, not per series and batch
+        self.ids = ids if ids is not None else SeriesNames()
         self._touched: dict[str, SeriesId] = {}
         # rows planned but not yet written: the rows of every series go in one write_rows,
         # written before any read of the store (and before RecentBars forgets anything)
@@ -95,13 +95,14 @@ class BatchCommit:
         self._written = 0
         # every derived grid is fixed and the same for all symbols (no 3d, no 1M)
         self._grid_only = all(level.length is not None for level in plan.levels)
+        self._marks: list[tuple[Level, int, int, bool]] = []
+        self._marks_at: int | None = None
         self.reader = FlushingReader(txn, self.flush)
 
     def commit(self, batch: IngestBatch) -> tuple[list[SeriesUpdate], list[SystemEvent], int]:
         """Store ``batch`` and derive from it: the updates (base series first, then derived),
         the events to log, and the count of repeated candles dropped."""
         txn = self.txn
-        grouped = group_by_series(batch.candles)
         updates: list[SeriesUpdate] = []
         derived_updates: list[SeriesUpdate] = []
         events: list[SystemEvent] = []
@@ -113,20 +114,13 @@ class BatchCommit:
             if end > start:
                 events.append(gap_event(str(series), "exchange", start, end - MINUTE))
                 absent.setdefault(series, []).append((start, end))
-        if absent:
+        # a live batch (a minute a series) is named pair by pair, without a grouping
+        named = None if absent else self.ids.each_once(batch.candles)
+        if named is None:
+            grouped = group_by_series(batch.candles)
             for series in absent.keys() - grouped.keys():
                 grouped[series] = []
-        # (items, not keys then lookups: a SeriesId hash is cached but costs a call)
-        ids = self.ids
-        # sorted by (order key, id text): distinct series never tie on both, so the sort
-        # compares no further (and calls no key function)
-        named: list[tuple[tuple[str, str, str, int], str, SeriesId, list[Candle]]] = []
-        for series, given in grouped.items():
-            found = ids.get(series)
-            if found is None:
-                found = ids[series] = (str(series), series_order(series))
-            named.append((found[1], found[0], series, given))
-        named.sort()
+            named = self.ids.grouped(grouped)
         heads_learned = False
         for index, (_, sid, series, given) in enumerate(named):
             if len(given) == 1 and not absent:
@@ -149,7 +143,7 @@ class BatchCommit:
                 # a head to read: those of every series left in the batch, in one read
                 heads_learned = True
                 self.recent.learn_heads(
-                    self.reader, self._head_candidates(s for _, _, s, _ in named[index:])
+                    self.reader, self._head_candidates((s, i) for _, i, s, _ in named[index:])
                 )
             previous_head = self.recent.head(self.reader, sid)
             changed: Sequence[Candle] = ()
@@ -215,11 +209,10 @@ class BatchCommit:
             derived_updates.extend(u for _, u in sorted(series_updates, key=_by_order))
         return updates + derived_updates, events, dropped_total
 
-    def _head_candidates(self, base: Iterable[SeriesId]) -> Iterator[str]:
-        """The ids of the ``base`` series and of every series derived from them."""
-        ids = self.ids
-        for series in base:
-            sid = ids[series][0]
+    def _head_candidates(self, base: Iterable[tuple[SeriesId, str]]) -> Iterator[str]:
+        """The ids of the ``base`` series (with their id text) and of every series derived
+        from them."""
+        for series, sid in base:
             yield sid
             for level in self.plan.levels:
                 yield self._name(series, sid, level.tf)[1]
@@ -241,17 +234,15 @@ class BatchCommit:
         if not self._grid_only or sid not in self.fingerprint_checked:
             return None
         recent = self.recent
-        head = recent.known_head(sid)
+        known = recent.live(sid)
         t = candle.candle_time
-        if head is None or t <= head:
+        head = None if known is None else known.head
+        if known is None or head is None or t <= head:
             return None
         due: list[tuple[Level, int, tuple[SeriesId, str]]] | None = None
-        for level in self.plan.levels:
-            length = level.length
-            assert length is not None  # _grid_only
-            into = (t - level.offset) % length  # how far into its bucket the minute is
-            bucket = t - into
-            is_due = into >= length - MINUTE  # the bucket's last minute
+        if t != self._marks_at:  # (the same for every series of a live batch)
+            self._marks, self._marks_at = level_marks(self.plan.levels, t), t
+        for level, length, bucket, is_due in self._marks:
             if head < bucket or is_due:  # (head < t: in t's bucket unless below its start)
                 name = self._name(series, sid, level.tf)
                 waiting = head - (head - level.offset) % length  # the old head's bucket
@@ -265,7 +256,7 @@ class BatchCommit:
         if bars is None:
             return None
         row = _tuple(StoredCandle, (candle, source, True))
-        recent.wrote_above_head(sid, row)
+        known.above_head(t, row)
         pending = self._pending
         pending.append((sid, row))
         self._touched[sid] = series

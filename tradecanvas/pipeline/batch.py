@@ -5,12 +5,13 @@ from __future__ import annotations
 import itertools
 import operator
 from collections.abc import Iterable, Sequence
-from typing import NamedTuple
+from typing import Final, NamedTuple, final
 
 import attrs
 
 from tradecanvas.model import Candle, SeriesId
 from tradecanvas.pipeline.events import SystemEvent
+from tradecanvas.pipeline.levels import series_order
 from tradecanvas.store.types import Source
 
 
@@ -111,3 +112,59 @@ def strictly_ascending(candles: Sequence[Candle]) -> bool:
     """Strictly ascending times (nothing for :func:`dedupe` to do), checked at C speed."""
     times = [c.candle_time for c in candles]
     return all(map(operator.lt, times, itertools.islice(times, 1, None)))
+
+
+SeriesOrder = tuple[str, str, str, int]
+# a base series of a batch with its candles, as BatchCommit walks them: (order key, id
+# text, series, candles in the order given)
+Named = tuple[SeriesOrder, str, SeriesId, Sequence[Candle]]
+# SeriesNames starts over past this many SeriesId objects (a caller that makes new ones
+# for every batch would otherwise grow it without end)
+MAX_NAMED: Final = 8192
+_SID: Final = operator.itemgetter(1)  # of a Named
+
+
+@final
+class SeriesNames:
+    """A base series' id text and order key (``series_order``), worked out once per
+    SeriesId object and kept by the object's identity: a SeriesId's hash is a Python call
+    (attrs' cached hash, ~1,600 instructions), an int's is not. It holds the objects it
+    names (so an id is not reused while it is kept), at most MAX_NAMED of them."""
+
+    def __init__(self) -> None:
+        self._by_object: dict[int, tuple[SeriesOrder, str, SeriesId]] = {}
+
+    def of(self, series: SeriesId) -> tuple[SeriesOrder, str, SeriesId]:
+        found = self._by_object.get(id(series))
+        if found is None:
+            if len(self._by_object) >= MAX_NAMED:
+                self._by_object.clear()
+            found = self._by_object[id(series)] = (series_order(series), str(series), series)
+        return found
+
+    def each_once(self, pairs: Sequence[tuple[SeriesId, Candle]]) -> list[Named] | None:
+        """A pair a series, as a live batch has them (one minute of each): each named, in
+        (order key, id text) order — distinct series never tie on both, so the sort compares
+        no further — or None when a series has more than one pair (group them first)."""
+        if len(pairs) > 1 and pairs[0][0] is pairs[-1][0]:
+            return None  # (one series' history: the import, a backfill page)
+        by_object = self._by_object
+        named: list[Named] = []
+        for series, candle in pairs:
+            found = by_object.get(id(series))
+            if found is None:
+                found = self.of(series)
+            named.append((found[0], found[1], series, (candle,)))
+        if len(set(map(_SID, named))) != len(named):
+            return None
+        named.sort()
+        return named
+
+    def grouped(self, grouped: dict[SeriesId, list[Candle]]) -> list[Named]:
+        """Each series of ``grouped`` named, in (order key, id text) order."""
+        named: list[Named] = []
+        for series, given in grouped.items():
+            order, sid, _ = self.of(series)
+            named.append((order, sid, series, given))
+        named.sort()
+        return named

@@ -15,7 +15,7 @@ import gc
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Final, TypeVar, final
 
 import attrs
@@ -35,6 +35,7 @@ from tradecanvas.pipeline.batch import (
     SERIES_ID,
     IngestBatch,
     PipelineResult,
+    SeriesNames,
     SeriesUpdate,
     dedupe,
 )
@@ -107,7 +108,7 @@ class IngestPipeline:
         # derived series ids by (base, timeframe): built once, not per commit
         self._names: dict[tuple[str, str], tuple[SeriesId, str]] = {}
         # base series ids' text and order key (BatchCommit.ids)
-        self._ids: dict[SeriesId, tuple[str, tuple[str, str, str, int]]] = {}
+        self._ids = SeriesNames()
         self.fingerprint = fingerprint
         # the phase (seconds) of each symbol's multi-day grid (3d), by (market, symbol)
         self._phases: dict[tuple[str, str], int] = {}
@@ -166,10 +167,10 @@ class IngestPipeline:
         Every candle is validated first: one bad candle (CandleError) rejects the whole
         batch and nothing is stored.
         """
-        for series, candle in batch.candles:
-            if series.timeframe.seconds != MINUTE:
-                raise CandleError(f"{series} is not a base (1m) series; only 1m is ingested")
-            if not _plainly_valid_minute(candle):
+        if not _plainly_valid_minutes(batch.candles):
+            for series, candle in batch.candles:
+                if series.timeframe.seconds != MINUTE:
+                    raise CandleError(f"{series} is not a base (1m) series; only 1m is ingested")
                 validate_candle(candle, series.timeframe)
         result = await self._write(
             lambda txn: self._run_in_txn(txn, batch),
@@ -345,11 +346,21 @@ def collector_paused() -> Iterator[None]:
         gc.enable()
 
 
-def _plainly_valid_minute(c: Candle) -> bool:
-    """The checks of ``validate_candle`` for a 1m candle: True only when it would pass
-    (False: let it say why)."""
-    t = c.candle_time
-    return type(t) is int and t >= 0 and t % MINUTE == 0 and plainly_valid(c)
+def _plainly_valid_minutes(pairs: Iterable[tuple[SeriesId, Candle]]) -> bool:
+    """The checks of ``run`` and ``validate_candle`` for base minutes, in one loop (no call
+    a candle but ``plainly_valid``): True only when every pair would pass them (False: let
+    them say why)."""
+    for series, c in pairs:
+        t = c.candle_time
+        if not (
+            series.timeframe.seconds == MINUTE
+            and type(t) is int
+            and t >= 0
+            and t % MINUTE == 0
+            and plainly_valid(c)
+        ):
+            return False
+    return True
 
 
 __all__ = [

@@ -4,7 +4,7 @@ from what :class:`RecentBars` knows (no read). Sans-IO."""
 from __future__ import annotations
 
 import operator
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from typing import Final
 
 from tradecanvas.model import MINUTE, Candle, SeriesId
@@ -16,6 +16,18 @@ from tradecanvas.pipeline.recent import RecentBars
 _CANDLE: Final = operator.itemgetter(0)  # StoredCandle.candle
 _COMPLETE: Final = operator.itemgetter(2)  # StoredCandle.complete
 _VOLUME: Final = operator.attrgetter("volume")
+
+
+def level_marks(levels: Iterable[Level], t: int) -> list[tuple[Level, int, int, bool]]:
+    """Per level (every grid fixed): its length, the bucket of the minute ``t`` and whether
+    ``t`` is the bucket's last minute."""
+    marks = []
+    for level in levels:
+        length = level.length
+        assert length is not None
+        into = (t - level.offset) % length  # how far into its bucket the minute is
+        marks.append((level, length, t - into, into >= length - MINUTE))
+    return marks
 
 
 def due_bars(
@@ -52,4 +64,4 @@ def due_bars(
     return bars
 
 
-__all__ = ["due_bars"]
+__all__ = ["due_bars", "level_marks"]

@@ -108,6 +108,20 @@ class _Known:
         merged.sort()
         self.spans = merged
 
+    def above_head(self, t: int, row: StoredCandle) -> None:
+        """Put ``row``, at ``t`` above the known head (not None): ``t`` is the head now."""
+        head = self.head
+        assert head is not None and t > head
+        spans = self.spans
+        # (usually the newest span ends just above the head: it now ends above ``t``)
+        if spans and (last := spans[-1])[1] == head + 1:
+            spans[-1] = (last[0], t + 1)
+        else:
+            self.cover(head + 1, t + 1)
+        self.head = t
+        self.times.append(t)
+        self.rows[t] = row
+
     def put(self, row: StoredCandle) -> None:
         t = row.candle.candle_time
         if t not in self.rows:
@@ -246,22 +260,18 @@ class RecentBars:
         known = self._series.get(series_id)
         return None if known is None or not known.head_known else known.head
 
+    def live(self, series_id: str) -> _Known | None:
+        """The series' record when its head is known and something is stored (the case of
+        :meth:`known_head`), for the live minute: it reads ``head`` and puts a row above it
+        with ``above_head`` (:meth:`wrote_above_head` without a second lookup)."""
+        known = self._series.get(series_id)
+        if known is None or known.head is None or not known.head_known:
+            return None
+        return known
+
     def wrote_above_head(self, series_id: str, row: StoredCandle) -> None:
         """:meth:`wrote` for one row above the series' known head (:meth:`known_head`)."""
-        known = self._series[series_id]
-        t = row.candle.candle_time
-        head = known.head
-        assert head is not None and t > head
-        spans = known.spans
-        above = head + 1
-        if spans and (last := spans[-1])[0] <= above <= last[1]:  # extends the newest span
-            if t >= last[1]:
-                spans[-1] = (last[0], t + 1)
-        else:
-            known.cover(above, t + 1)
-        known.head = t
-        known.times.append(t)
-        known.rows[t] = row
+        self._series[series_id].above_head(row.candle.candle_time, row)
 
     def wrote(self, series_id: str, rows: Sequence[StoredCandle]) -> None:
         """``rows`` are now stored as given (the transaction wrote them)."""
