@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import operator
 import sqlite3
 from collections.abc import Collection, Mapping, Sequence
 from decimal import Decimal
@@ -34,18 +33,6 @@ _IN_CHUNK: Final = 500
 
 # values of a ``candles`` row (``series_id`` and _COLUMNS)
 _WIDTH: Final = 13
-# the columns of a row without extras (the others are NULL, their default): binding a None
-# is not free — CPython's sqlite3 looks an adapter up for it, raising and clearing an
-# AttributeError, ~3,500 instructions a None — so such a row leaves those columns out
-_BARE_COLUMNS: Final = "candle_time, open, high, low, close, volume, source, complete"
-_BARE_WIDTH: Final = 9
-# the extras of a candle, all None for a row of :data:`_BARE_COLUMNS`
-_EXTRAS_OF: Final = operator.attrgetter(
-    "quote_volume", "trades", "taker_buy_base", "taker_buy_quote"
-)
-_NO_EXTRAS: Final = (None, None, None, None)
-_ROW: Final = operator.itemgetter(1)
-_CANDLE: Final = operator.itemgetter(0)
 # rows per INSERT of write_rows: a statement of many rows runs as one ``sqlite3_step``, which
 # releases the GIL once for all of them (an ``executemany`` releases and takes it back around
 # every row: with another thread busy — the import's file reader, the event loop — each row
@@ -55,16 +42,14 @@ ROWS_PER_STATEMENT: Final = 256
 
 
 @functools.cache
-def _insert_sql(rows: int, extras: bool = True) -> str:
-    """``INSERT OR REPLACE`` of ``rows`` rows (of every column, or without ``extras``: see
-    :data:`_BARE_COLUMNS`). Its rows are inserted in order, so a later one for the same key
-    wins, as in an ``executemany``. write_rows uses ROWS_PER_STATEMENT and the powers of two
-    below it: at most 18 statement texts, each prepared once (the connection's statement
-    cache)."""
-    columns, width = (_COLUMNS, _WIDTH) if extras else (_BARE_COLUMNS, _BARE_WIDTH)
-    marks = "(" + ", ".join("?" * width) + ")"
+def _insert_sql(rows: int) -> str:
+    """``INSERT OR REPLACE`` of ``rows`` rows. Its rows are inserted in order, so a later one
+    for the same key wins, as in an ``executemany``. write_rows uses ROWS_PER_STATEMENT and
+    the powers of two below it: at most 9 statement texts, each prepared once (the
+    connection's statement cache)."""
+    marks = "(" + ", ".join("?" * _WIDTH) + ")"
     return (
-        f"INSERT OR REPLACE INTO candles (series_id, {columns}) VALUES "  # noqa: S608
+        f"INSERT OR REPLACE INTO candles (series_id, {_COLUMNS}) VALUES "  # noqa: S608
         + ", ".join([marks] * rows)
     )
 
@@ -99,18 +84,6 @@ def _row_values(rows: Sequence[tuple[str, StoredCandle]]) -> list[object]:
             (series_id, c.candle_time, o, h, lo, cl, v, qt, c.trades, tbt, tqt, source,
              1 if complete else 0)
         )  # fmt: skip
-    return values
-
-
-def _bare_row_values(rows: Sequence[tuple[str, StoredCandle]]) -> list[object]:
-    """:func:`_row_values` of rows without extras, for ``_insert_sql(…, extras=False)``."""
-    values: list[object] = []
-    extend = values.extend
-    for series_id, (c, source, complete) in rows:
-        o, h, lo, cl, v = str(c.open), str(c.high), str(c.low), str(c.close), str(c.volume)
-        if "E" in f"{o}{h}{lo}{cl}{v}":
-            o, h, lo, cl, v = (_plain(x) for x in (c.open, c.high, c.low, c.close, c.volume))
-        extend((series_id, c.candle_time, o, h, lo, cl, v, source, 1 if complete else 0))
     return values
 
 
@@ -218,23 +191,7 @@ class StoreTxn:
         many series at once. In multi-row ``INSERT`` statements (see :func:`_insert_sql`)."""
         if not rows:
             return
-        # rows without extras leave those columns out (see _BARE_COLUMNS); runs of either
-        # kind in the order given, so a later pair for the same key still wins
-        bare = list(map(_NO_EXTRAS.__eq__, map(_EXTRAS_OF, map(_CANDLE, map(_ROW, rows)))))
-        if all(bare):
-            self._write_run(rows, extras=False)
-        elif not any(bare):
-            self._write_run(rows, extras=True)
-        else:
-            at = 0
-            for is_bare, run in itertools.groupby(bare):
-                count = len(list(run))
-                self._write_run(rows[at : at + count], extras=not is_bare)
-                at += count
-
-    def _write_run(self, rows: Sequence[tuple[str, StoredCandle]], *, extras: bool) -> None:
         execute = self._conn.execute
-        values = _row_values if extras else _bare_row_values
         at, left = 0, len(rows)
         while left:
             count = (
@@ -242,7 +199,7 @@ class StoreTxn:
             )
             # each statement's values built for it (not sliced from one list of all: a copy
             # of 13 references a row)
-            execute(_insert_sql(count, extras), values(rows[at : at + count]))
+            execute(_insert_sql(count), _row_values(rows[at : at + count]))
             at, left = at + count, left - count
 
     def range(self, series_id: str, start: int, end: int) -> list[StoredCandle]:
