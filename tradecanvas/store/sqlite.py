@@ -122,6 +122,9 @@ def _open_writer(path: Path) -> sqlite3.Connection:
             raise StoreError(f"candle store {path}: cannot use WAL journal (got {mode})")
         conn.execute("PRAGMA synchronous = FULL")
         conn.execute(f"PRAGMA cache_size = -{WRITER_CACHE_KIB}")
+        # the statement journal of write_rows' multi-row INSERT (a CHECK may abort it
+        # halfway) stays in memory instead of a file in /var/tmp (docs/benchmarks.md, Commit)
+        conn.execute("PRAGMA temp_store = MEMORY")
         conn.execute("PRAGMA foreign_keys = ON")
         migrate(conn)
         conn.execute("PRAGMA quick_check(1)")
