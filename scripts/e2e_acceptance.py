@@ -34,6 +34,7 @@ from e2e_common import (
     BASE,
     FIVE,
     OBJ,
+    PROGRAM,
     READY,
     TOKEN,
     WAIT_ALL_S,
@@ -424,7 +425,7 @@ class Run(FlagRun):
 
 def single() -> int:
     report = Report()
-    procs = Children()
+    procs = Children(PROGRAM)
     with terminated_on_signals(procs), tempfile.TemporaryDirectory(prefix="tc-e2e-") as tmp:
         runs = run_each_flag(functools.partial(Run, report, procs, Path(tmp)), procs, Path(tmp))
         schemas = {flag: run.schemas for flag, run in runs.items()}

@@ -29,6 +29,8 @@ from tradecanvas.model import Candle  # noqa: E402
 from tradecanvas.runtime_flags import binance_data_dir  # noqa: E402
 from tradecanvas.wire.kline_csv import read_kline_csv  # noqa: E402
 
+# the installed console script, as the systemd unit and a user start it
+PROGRAM: Final = (str(ROOT / ".venv" / "bin" / "tradecanvas"),)
 BASE: Final = "binance:futures:BTC/USDT:1m"
 FIVE: Final = "binance:futures:BTC/USDT:5m"
 TOKEN: Final = "e2e-acceptance-token-0123456789"

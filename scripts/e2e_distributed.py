@@ -48,6 +48,7 @@ from e2e_common import (
     DAY_BARS,
     FIVE,
     OBJ,
+    PROGRAM,
     READY,
     WAIT_ALL_S,
     FlagRun,
@@ -426,7 +427,7 @@ def main() -> int:
         print(f"SKIP distributed topology: {problem} (with CI=true this is a failure)")
         return 0
     report = Report()
-    procs = Children()
+    procs = Children(PROGRAM)
     with terminated_on_signals(procs), tempfile.TemporaryDirectory(prefix="tc-e2e-dist-") as tmp:
         run_each_flag(functools.partial(Run, report, procs, Path(tmp)), procs, Path(tmp))
     print(f"{report.passed} passed, {report.failed} failed")

@@ -13,7 +13,7 @@ import re
 import signal
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -29,9 +29,12 @@ def cli_env(**extra: str) -> dict[str, str]:
 
 
 class Children:
-    """Every child in its own process group; :meth:`kill_all` on the way out."""
+    """Every child in its own process group; :meth:`kill_all` on the way out. ``program``
+    is how ``tradecanvas`` is started: ``python -m tradecanvas`` of this interpreter, or
+    the installed console script (the e2e scripts: what a user runs)."""
 
-    def __init__(self) -> None:
+    def __init__(self, program: Sequence[str] = (sys.executable, "-m", "tradecanvas")) -> None:
+        self.program = tuple(program)
         self.procs: list[subprocess.Popen[bytes]] = []
 
     def start(
@@ -46,7 +49,7 @@ class Children:
         output appended to ``log`` (a restart on the same log keeps what came before)."""
         with log.open("ab") as out:
             proc = subprocess.Popen(
-                [*(prefix or []), sys.executable, "-m", "tradecanvas", *args],
+                [*(prefix or []), *self.program, *args],
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 env=env,
