@@ -150,3 +150,28 @@ def test_learn_heads_reads_the_heads_not_known_in_one_read() -> None:
     recent.learn_heads(reader, sids)
     assert reader.asked[-1] == sids and recent.reads == 3
     assert [recent.head(reader, sid) for sid in sids[:2]] == [60, 120]
+
+
+@given(
+    st.lists(times, max_size=8, unique=True),
+    st.lists(times, min_size=1, max_size=8, unique=True),
+    st.booleans(),
+)
+def test_wrote_ascending_rows_equals_the_row_by_row_way(
+    before: list[int], written: list[int], learn_head: bool
+) -> None:
+    """wrote's way for ascending rows after all it keeps (a history's batch) leaves what
+    the row-by-row way leaves (taken for the same rows in descending order)."""
+    txn = _txn()
+    txn.write_rows([(SID, row(t)) for t in before])
+    states = []
+    for order in (sorted, lambda ts: sorted(ts, reverse=True)):
+        recent = RecentBars()
+        if learn_head:
+            recent.head(txn, SID)
+        if before:
+            recent.range(txn, SID, min(before), max(before) + 1)
+        recent.wrote(SID, [row(t, 2) for t in order(written)])
+        known = recent._series[SID]
+        states.append((known.times, known.rows, known.spans, known.head, known.head_known))
+    assert states[0] == states[1]

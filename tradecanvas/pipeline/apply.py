@@ -25,6 +25,8 @@ plain reference implementation):
 from __future__ import annotations
 
 import itertools
+import operator
+from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Final, final
 
@@ -186,7 +188,7 @@ class BatchCommit:
                 if single:  # the live minute
                     buckets = {level.floor(changed_times[0], phase)}
                 else:
-                    buckets = buckets_of(level.tf, phase, changed_times)
+                    buckets = buckets_of(level, phase, changed_times)
                 if previous_head is not None and head > previous_head:
                     # the bucket of the old head may have been waiting for a confirmed hole;
                     # not if its bar is stored complete (none of its parts changed here)
@@ -348,17 +350,20 @@ class BatchCommit:
         for run in bucket_runs(level, buckets, step):
             run_end = level.next_open(run[-1])
             rows = self.recent.range(self.reader, source_sid, run[0], run_end)
+            # the run's candles and times once (a bucket's found by bisection), and whether
+            # all are complete (then no bucket's parts need a look)
+            parts = list(map(_candle_of, rows))
+            times = list(map(_time_of, parts))
+            all_complete = all(map(_complete_of, rows))
             count = len(derived)
             i = 0
             for bucket in run:
                 end = level.next_open(bucket)
-                while i < len(rows) and rows[i].candle.candle_time < bucket:
-                    i += 1
-                j = i
-                while j < len(rows) and rows[j].candle.candle_time < end:
-                    j += 1
+                i = bisect_left(times, bucket, i)
+                j = bisect_left(times, end, i)
                 if j > i:
-                    bar = self._bar(source_sid, level, bucket, end, rows[i:j], head)
+                    complete = all_complete or all(map(_complete_of, rows[i:j]))
+                    bar = self._bar(source_sid, level, bucket, end, parts[i:j], complete, head)
                     if bar is not None:
                         derived.append(bar)
                 i = j
@@ -414,18 +419,18 @@ class BatchCommit:
         level: Level,
         bucket: int,
         end: int,
-        stored: Sequence[StoredCandle],
+        candles: Sequence[Candle],
+        all_complete: bool,
         head: int,
     ) -> tuple[Candle, bool] | None:
-        """The bar of bucket [``bucket``, ``end``) from its stored source bars (non-empty), or
-        None when it is not to be stored (yet)."""
+        """The bar of bucket [``bucket``, ``end``) from its stored source bars (non-empty,
+        ``all_complete``: each stored complete), or None when it is not to be stored (yet)."""
         expected = level.parts or parts_in(level.source, level.tf, bucket)
-        candles = [s.candle for s in stored]
         # the rows are the store's: distinct times, so complete means all there and complete
-        complete = len(stored) == expected and all(s.complete for s in stored)
+        complete = all_complete and len(candles) == expected
         if not complete and head < end - MINUTE:
             return None  # still filling; finalised once its last minute is settled
-        all_empty = not any(c.volume for c in candles)
+        all_empty = not any(map(_volume_of, candles))
         starts_late = candles[0].candle_time > bucket
         before = None
         if all_empty or (not complete and starts_late):
@@ -480,6 +485,10 @@ class BatchCommit:
                     keep_from = min(keep_from, consumer.floor(head, phase))
             self.recent.trim(sid, keep_from)
 
+
+# a StoredCandle's candle and complete, a Candle's time and volume (C calls in derive)
+_candle_of, _complete_of = operator.itemgetter(0), operator.itemgetter(2)
+_time_of, _volume_of = operator.attrgetter("candle_time"), operator.attrgetter("volume")
 
 _NO_BARS: Final[tuple[tuple[int, SeriesUpdate], ...]] = ()
 

@@ -70,15 +70,16 @@ class DerivationPlan:
         return cls(tuple(derived), sources, order, consumers, ascending, levels, consumed_by)
 
 
-def buckets_of(tf: Timeframe, phase: int, times: Sequence[int]) -> set[int]:
-    """``{tf.floor(t, phase) for t in times}`` for ascending ``times``: one floor per bucket,
-    the bucket's other times skipped by bisection."""
+def buckets_of(level: Level, phase: int, times: Sequence[int]) -> set[int]:
+    """``{level.floor(t, phase) for t in times}`` for ascending ``times``: one floor per
+    bucket (arithmetic on a fixed grid), the bucket's other times skipped by bisection."""
     buckets: set[int] = set()
+    add, floor, next_open = buckets.add, level.floor, level.next_open
     i, count = 0, len(times)
     while i < count:
-        bucket = tf.floor(times[i], phase)
-        buckets.add(bucket)
-        i = bisect.bisect_left(times, tf.next_open(bucket), i + 1)
+        bucket = floor(times[i], phase)
+        add(bucket)
+        i = bisect.bisect_left(times, next_open(bucket), i + 1)
     return buckets
 
 

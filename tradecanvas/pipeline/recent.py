@@ -26,6 +26,7 @@ is forgotten. A failed transaction must call :meth:`forget` (what it put in was 
 from __future__ import annotations
 
 import bisect
+import operator
 from collections.abc import Callable, Collection, Iterable, Sequence
 from typing import Final, Protocol, final
 
@@ -279,13 +280,25 @@ class RecentBars:
             return
         known = self._known(series_id)
         head = known.head
-        newest = max(row.candle.candle_time for row in rows)
+        new_times = [row.candle.candle_time for row in rows]
+        newest = max(new_times)
         if known.head_known and (head is None or newest > head):
             # nothing was stored above the old head: all of it up to the newest is known now
             known.cover(_LOW if head is None else head + 1, newest + 1)
             known.head = newest
         times = known.times
         stored = known.rows
+        first = new_times[0]
+        if (
+            (not times or first > times[-1])
+            and (first > head if head is not None else known.head_known)
+            and all(map(operator.lt, new_times, new_times[1:]))
+        ):
+            # a history's rows: ascending, after every row kept and above the old head (or
+            # all covered just now), so none is known yet and none needs a cover
+            times.extend(new_times)
+            stored.update(zip(new_times, rows, strict=True))
+            return
         for row in rows:
             t = row.candle.candle_time
             if t not in stored:
