@@ -374,13 +374,8 @@ class Hub:
         """True when ``data`` is committed to the socket (all written, or the rest left for
         the publish task to flush, which is woken and owes the batch being timed), or held
         for the end of :meth:`corked`."""
-        held = self._held
-        if held is not None:
-            pieces = held.get(subscriber)
-            if pieces is None:
-                held[subscriber] = [data]
-            else:
-                pieces.append(data)
+        if self._held is not None:
+            self._held.setdefault(subscriber, []).append(data)
             return True
         try:
             complete = frames.write_nowait(data)
