@@ -185,6 +185,8 @@ class _IngestLoop:
         self._forming_wakeup = _Wakeup()
         self._forming_timer_at = math.inf  # when the forming timer wakes up by itself
         self._fill_limiter = trio.CapacityLimiter(FILL_CONCURRENCY)
+        # when the committer last finished a commit (a close queued before is a backlog)
+        self._committed_at = -math.inf
         self._fatal: StoreError | None = None
         self._name = f"binance {self.series[0].market} ({len(self.series)} streams)"
         self.committer = BatchCommitter(
@@ -419,16 +421,22 @@ class _IngestLoop:
                 self._fatal = exc
                 loop_scope.cancel()
                 return
+            self._committed_at = trio.current_time()
 
     async def _let_the_burst_settle(self) -> None:
         """Yield until SETTLE_QUIET_ROUNDS scheduler rounds in a row brought nothing new
         (at most ``policy.burst_settle_s``): the closes of a burst still being read go in
-        this commit."""
+        this commit. Not when the committer is behind — closes queued while the last commit
+        ran are a backlog, not a burst being read — nor once a batch is full."""
+        oldest = self.core.oldest_queued_at()
+        if oldest is None or oldest < self._committed_at:
+            return
         deadline = trio.current_time() + self.policy.burst_settle_s
+        full = self.flags.binance_ws_batch_max
         quiet = 0
         queued = self.core.queued
         frames = self._frames_recv
-        while quiet < SETTLE_QUIET_ROUNDS and trio.current_time() < deadline:
+        while quiet < SETTLE_QUIET_ROUNDS and queued < full and trio.current_time() < deadline:
             await trio.lowlevel.checkpoint()
             now_queued = self.core.queued
             if now_queued != queued or frames.statistics().current_buffer_used:
