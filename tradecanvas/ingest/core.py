@@ -428,10 +428,6 @@ class IngestCore:
         """Closed candles waiting for a commit."""
         return len(self.batcher)
 
-    def oldest_queued_at(self) -> float | None:
-        """When the oldest closed candle waiting for a commit was queued (monotonic)."""
-        return self.batcher.oldest_at()
-
     def batch_due_at(self) -> float | None:
         """Monotonic time the next commit is due (``-inf``: now), None when none waits.
 

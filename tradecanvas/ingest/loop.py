@@ -428,7 +428,7 @@ class _IngestLoop:
         (at most ``policy.burst_settle_s``): the closes of a burst still being read go in
         this commit. Not when the committer is behind — closes queued while the last commit
         ran are a backlog, not a burst being read — nor once a batch is full."""
-        oldest = self.core.oldest_queued_at()
+        oldest = self.core.batcher.oldest_at()
         if oldest is None or oldest < self._committed_at:
             return
         deadline = trio.current_time() + self.policy.burst_settle_s
