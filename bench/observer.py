@@ -3,20 +3,21 @@ wall-clock time (``time.time()``) at which each closed kline frame arrives.
 
 The replay writes each frame to every connected client in turn (each client's own task
 writes its socket), so this arrival time is the frame's send time plus one loopback hop —
-the same hop the daemon's own reader has. Latencies measured from it are therefore slightly
-*under* "frame sent → received" by that hop (tens of µs on an idle core, more when the
-cores are busy); docs/benchmarks.md says so.
+the same hop the daemon's own reader has. Like the subscribers' (``bench.clients``), it is
+stamped by the connection's reader as it parses the read that brought the frame. Latencies
+measured from it are therefore slightly *under* "frame sent → received" by that hop (tens
+of µs on an idle core, more when the cores are busy); docs/benchmarks.md says so.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from typing import Final
 
 import orjson
 import trio
 
+from bench.clients import arrival, stamp_at_read
 from tradecanvas.upstream.ws_client import get_message_nowait, open_websocket_client
 
 GROUP: Final = 200
@@ -49,12 +50,13 @@ class Observer:
             queue_at_once=True,
             fast_frames=True,
         ) as ws:
+            stamps = stamp_at_read(ws)
             task_status.started()
             closes = self.closes
             while True:
                 text = await ws.get_message()
                 while True:
-                    now = time.time()
+                    now = arrival(stamps, text)
                     doc = orjson.loads(text)
                     k = doc["data"]["k"]
                     if k["x"]:

@@ -30,16 +30,18 @@ def minutes(start: int, count: int) -> list[Candle]:
 
 def test_batcher_flushes_by_size_and_age_one_source_at_a_time() -> None:
     batcher = ClosedBatcher(max_size=3, flush_s=0.5)
-    assert batcher.due_at() is None
+    assert batcher.due_at() is None and batcher.oldest_at() is None
     ws = [Released(c, "ws") for c in minutes(T0, 2)]
     rest = [Released(c, "rest") for c in minutes(T0 + 120, 2)]
     batcher.add(SID, ws, now=10.0)
     assert batcher.due_at() == 10.5
     batcher.add(SID, rest, now=10.2)
     assert batcher.due_at() == float("-inf")  # full
+    assert batcher.oldest_at() == 10.0
     first = batcher.take()
     assert [i.released.source for i in first if i.released] == ["ws", "ws"]
     assert batcher.due_at() == 10.7  # the oldest left is from 10.2
+    assert batcher.oldest_at() == 10.2
     second = batcher.take()
     assert [i.time for i in second] == [T0 + 120, T0 + 180]
     assert batcher.take() == []

@@ -45,7 +45,7 @@ from tradecanvas.ingest.core import FrameOutcome, IngestCore
 from tradecanvas.ingest.loop import LoopCounters, _IngestLoop
 from tradecanvas.ingest.supervisor import IngestSupervisor
 from tradecanvas.ingest.tracker import FillRequest
-from tradecanvas.model import SeriesId
+from tradecanvas.model import Candle, SeriesId
 from tradecanvas.ops.metrics import Metrics
 from tradecanvas.pipeline.commit import IngestBatch, IngestPipeline, PipelineResult
 from tradecanvas.store.sqlite import CandleStore
@@ -535,6 +535,61 @@ async def test_a_hole_found_absent_is_not_recorded_again_by_a_candle_queued_befo
         assert stored == [r.candle_time for r in rows[1420:1425] + rows[1428:1434]]
         await store.aclose()
         nursery.cancel_scope.cancel()
+
+
+async def test_closes_read_a_few_scheduler_rounds_after_the_first_join_its_commit(
+    tmp_path: Path, data_dir: Path
+) -> None:
+    """A burst's closes come in several socket reads: the commit the first one makes due
+    waits the few scheduler rounds the rest needs to reach the batcher, so they are
+    committed (and published) together, not the rest a whole commit later."""
+    rows = day_rows(data_dir)
+    flags = make_flags(tmp_path, "ws://127.0.0.1:9", "http://127.0.0.1:9")
+    store = await CandleStore.open(flags.db_path)
+    await store.upsert(str(BTC), rows[1420:1430], "ws")
+    hub = RecordingHub()
+    pipeline = IngestPipeline(store, hub, flags.derived_timeframes, "fp")
+    groups: list[int] = []
+    original = pipeline.run
+
+    async def counted(batch: IngestBatch) -> PipelineResult:
+        groups.append(len(batch.candles))
+        return await original(batch)
+
+    pipeline.run = counted  # type: ignore[method-assign]
+    async with httpx.AsyncClient() as http, trio.open_nursery() as nursery:
+        loop = _IngestLoop(
+            [BTC],
+            flags=flags,
+            rest=BinanceRestClient.from_flags(http, flags),
+            pipeline=pipeline,
+            hub=hub,
+            metrics=Metrics(),
+            enable_pipeline_publish=False,
+            policy=attrs.evolve(FAST, burst_settle_s=WAIT_S),  # the rounds decide, not time
+            counters=LoopCounters(),
+            phases={},
+        )
+        await loop._load_state()
+        nursery.start_soon(loop._process_frames)
+        nursery.start_soon(loop._commit_batches, nursery.cancel_scope)
+        await trio.testing.wait_all_tasks_blocked()
+
+        def burst(candle: Candle) -> FrameBurst:
+            close_ms = (candle.candle_time + 60) * 1000
+            return FrameBurst(1, [frame(candle, closed=True, event_time_ms=close_ms)], 0.0)
+
+        loop._frames_send.send_nowait(burst(rows[1430]))
+        # the processor queues it and wakes the committer, which runs the round after:
+        # the second read comes then, and reaches the batcher a round later still
+        await trio.lowlevel.checkpoint()
+        await trio.lowlevel.checkpoint()
+        loop._frames_send.send_nowait(burst(rows[1431]))
+        await hub.wait_closed(str(BTC), rows[1431].candle_time)
+        assert groups == [2]
+        assert hub.closed_times(str(BTC)) == [rows[1430].candle_time, rows[1431].candle_time]
+        nursery.cancel_scope.cancel()
+    await store.aclose()
 
 
 # --- connection lifetime -----------------------------------------------------------

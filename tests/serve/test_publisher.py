@@ -5,6 +5,7 @@ while a subscriber is caught up; the delivery timing and the queue high-water ma
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, Final, final
@@ -243,14 +244,44 @@ async def test_a_hole_is_never_written_at_once_it_heals_from_the_store() -> None
         assert reader.reads > reads
 
 
-OPS = st.sampled_from(["close", "close2", "forming", "event", "block", "unblock", "take", "settle"])
+async def test_corked_publishes_reach_a_subscriber_in_one_write_at_the_end() -> None:
+    hub = make_hub(MemoryReader(HISTORY))
+    frames = FakeFrames()
+    async with framed(hub, frames) as subscriber:
+        hub.subscribe(subscriber, SERIES_1M, HISTORY[-1].candle_time, batch=False)
+        await trio.testing.wait_all_tasks_blocked()
+        with hub.corked():
+            for candle in LIVE[:3]:
+                hub.publish_closed(SID_1M, [candle])
+            assert frames.messages() == []  # held until the block ends
+        assert frames.at_once == 1
+        assert closed_times(frames.messages()) == [c.candle_time for c in LIVE[:3]]
+        # the socket takes nothing when the block ends: the held frames are the publish
+        # task's to write, before what is queued after them
+        frames.block = True
+        with hub.corked():
+            hub.publish_closed(SID_1M, LIVE[3:4])
+        frames.block = False
+        assert not subscriber.idle
+        hub.publish_closed(SID_1M, LIVE[4:5])
+        assert closed_times(frames.messages()) == [c.candle_time for c in LIVE[:3]]
+        await trio.testing.wait_all_tasks_blocked()
+        assert closed_times(frames.messages()) == [c.candle_time for c in LIVE[:5]]
+        assert (subscriber.unsent, subscriber.close_code) == (b"", None)
+
+
+OPS = st.sampled_from(
+    ["close", "close2", "forming", "event", "block", "unblock", "take", "settle", "cork"]
+)
 
 
 @settings(max_examples=60, deadline=None)
 @given(ops=st.lists(OPS, max_size=40), batch=st.booleans())
 def test_both_paths_together_deliver_every_close_once_in_order(ops: list[str], batch: bool) -> None:
-    """Whatever the socket does between publishes, a subscriber gets every closed candle
-    once, in order, each forming candle above the closes before it, each event once."""
+    """Whatever the socket does between publishes, corked or not, a subscriber gets every
+    closed candle once, in order, each forming candle above the closes before it, each event
+    once. (``cork`` opens a ``Hub.corked`` block, the next ``settle`` or the end closes it:
+    the ingest's never spans an await.)"""
     candles = list(flat_minutes(T0 + 3 * 60, 100))
 
     async def run() -> list[dict[str, Any]]:
@@ -259,6 +290,7 @@ def test_both_paths_together_deliver_every_close_once_in_order(ops: list[str], b
         frames = FakeFrames()
         next_index = 0
         event_id = 0
+        cork = contextlib.ExitStack()
         async with framed(hub, frames) as subscriber:
             hub.subscribe(subscriber, SERIES_1M, HISTORY[-1].candle_time, batch=batch)
             await trio.testing.wait_all_tasks_blocked()
@@ -282,8 +314,12 @@ def test_both_paths_together_deliver_every_close_once_in_order(ops: list[str], b
                     frames.block, frames.take = False, None
                 elif op == "take":
                     frames.take = 7
+                elif op == "cork":
+                    cork.enter_context(hub.corked())
                 else:
+                    cork.close()
                     await trio.testing.wait_all_tasks_blocked()
+            cork.close()
             frames.block, frames.take = False, None
             subscriber.wake()
             await trio.testing.wait_all_tasks_blocked()

@@ -111,6 +111,10 @@ class ClosedBatcher:
             for item in self._items
         ]
 
+    def oldest_at(self) -> float | None:
+        """When the oldest entry was added (monotonic), None when empty."""
+        return self._items[0].added_at if self._items else None
+
     def due_at(self) -> float | None:
         """Monotonic time the next flush is due (``-inf``: now), None when empty."""
         if not self._items:

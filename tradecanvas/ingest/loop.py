@@ -69,6 +69,14 @@ log = logging.getLogger(__name__)
 FRAME_BUFFER: Final = 1024
 # REST fills of one loop running at once; the REST client paces per host on top of this
 FILL_CONCURRENCY: Final = 4
+# A commit that falls due lets the rest of a burst already on its way join it: the
+# committer yields scheduler rounds until this many in a row brought no frame to the
+# processor and no close to the batcher (a socket read takes three rounds to get there:
+# trio-websocket's reader, ours, the processor), at most IngestPolicy.burst_settle_s. A
+# minute's closes come in several reads (the replay writes 64 frames at a time; Binance as
+# TCP splits them), and a close that missed its group waited a whole commit and publish
+# more (issue 14's latency p99). A round costs tens of µs when nothing comes.
+SETTLE_QUIET_ROUNDS: Final = 3
 
 
 @attrs.define
@@ -177,6 +185,8 @@ class _IngestLoop:
         self._forming_wakeup = _Wakeup()
         self._forming_timer_at = math.inf  # when the forming timer wakes up by itself
         self._fill_limiter = trio.CapacityLimiter(FILL_CONCURRENCY)
+        # when the committer last finished a commit (a close queued before is a backlog)
+        self._committed_at = -math.inf
         self._fatal: StoreError | None = None
         self._name = f"binance {self.series[0].market} ({len(self.series)} streams)"
         self.committer = BatchCommitter(
@@ -404,12 +414,36 @@ class _IngestLoop:
                 with trio.move_on_at(due):
                     await self._batch_wakeup.wait()
                 continue
+            await self._let_the_burst_settle()
             try:
                 await self._commit_once()
             except StoreError as exc:
                 self._fatal = exc
                 loop_scope.cancel()
                 return
+            self._committed_at = trio.current_time()
+
+    async def _let_the_burst_settle(self) -> None:
+        """Yield until SETTLE_QUIET_ROUNDS scheduler rounds in a row brought nothing new
+        (at most ``policy.burst_settle_s``): the closes of a burst still being read go in
+        this commit. Not when the committer is behind — closes queued while the last commit
+        ran are a backlog, not a burst being read — nor once a batch is full."""
+        oldest = self.core.batcher.oldest_at()
+        if oldest is None or oldest < self._committed_at:
+            return
+        deadline = trio.current_time() + self.policy.burst_settle_s
+        full = self.flags.binance_ws_batch_max
+        quiet = 0
+        queued = self.core.queued
+        frames = self._frames_recv
+        while quiet < SETTLE_QUIET_ROUNDS and queued < full and trio.current_time() < deadline:
+            await trio.lowlevel.checkpoint()
+            now_queued = self.core.queued
+            if now_queued != queued or frames.statistics().current_buffer_used:
+                quiet = 0
+            else:
+                quiet += 1
+            queued = now_queued
 
     async def _commit_once(self) -> None:
         batch = self.core.take_batch()

@@ -29,6 +29,9 @@ class IngestPolicy:
     # fill starts while they reach this, so a slow disk bounds the candles in memory at
     # this plus one fill chunk (FILL_CHUNK_MINUTES)
     backlog_max: int = 50_000
+    # the longest a due commit waits for the rest of a burst still being read (see
+    # ingest.loop.SETTLE_QUIET_ROUNDS); a close that misses its group waits a commit more
+    burst_settle_s: float = 0.002
 
     @property
     def fill_backoff(self) -> Backoff:

@@ -30,6 +30,13 @@ paths, per subscriber:
   for catch-up and healing only, then the messages — each write within ``send_timeout_s``;
   a lagging subscriber's publish task runs under the queue's lag deadline.
 
+Within :meth:`Hub.corked` (the ingest's publish of one committed batch) the frames a
+subscriber gets at once are held and go to its socket in one write when the block ends:
+one system call and one wake-up of the client for the three series a chart follows, not
+three (issue 14's latency). What that write leaves unsent, or all of it when the socket
+takes nothing now, is the subscriber's :attr:`Subscriber.unsent`, which its publish task
+writes before anything else.
+
 A message goes at once only when nothing for that subscriber is queued ahead of it, so both
 paths keep each subscription's order (closed candles in time order, a forming candle after
 the closes before it, system events in their place). The delivery of each published batch
@@ -53,8 +60,9 @@ Errors: :class:`~tradecanvas.errors.ClientMessageError` (with a protocol ``code`
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Final, final
 
 import attrs
@@ -126,6 +134,8 @@ class Hub:
         self._attached_changed = trio.Event()
         # series id → the subscribers holding a subscription to it (failed ones until reported)
         self._index: dict[str, dict[Subscriber, None]] = {}
+        # within corked(): the frames each subscriber got at once, not yet written
+        self._held: dict[Subscriber, list[bytes]] | None = None
         metrics.subscriber_queue_high_water.set_function(self._queue_high_water)
 
     def _queue_high_water(self) -> float:
@@ -254,6 +264,52 @@ class Hub:
 
     # --- publishing (MarketSink): synchronous, never blocks ---------------------------
 
+    @contextlib.contextmanager
+    def corked(self) -> Iterator[None]:
+        """Publishes within the block hold what they write at once; at its end each
+        subscriber's held frames go out in one write (the rest, if the socket does not take
+        it all now, is written by its publish task before anything else). Not nested: an
+        inner block adds to the outer one's writes."""
+        if self._held is not None:
+            yield
+            return
+        held: dict[Subscriber, list[bytes]] = {}
+        self._held = held
+        try:
+            yield
+        finally:
+            self._held = None
+            if held:
+                self._write_held(held)
+
+    def _write_held(self, held: dict[Subscriber, list[bytes]]) -> None:
+        batch = self.metrics.delivery.current
+        sent = False
+        for subscriber, pieces in held.items():
+            frames = subscriber.frames
+            assert frames is not None  # only a FrameWriter's subscriber gets frames at once
+            data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+            try:
+                complete = frames.write_nowait(data)
+            except (
+                trio.WouldBlock,
+                TransportClosed,
+                trio.BrokenResourceError,
+                trio.ClosedResourceError,
+            ):
+                # committed all the same (the cursors moved): its publish task writes it,
+                # or meets the connection's end and handles it as it would any write's
+                subscriber.unsent = data
+                complete = False
+            if complete:
+                sent = True
+            else:
+                subscriber.wake()
+                if batch is not None and not subscriber.detached:
+                    subscriber.owe(batch)
+        if sent and batch is not None and batch.last_sent is None:
+            self.metrics.delivery.sent_at_once(batch, trio.current_time())
+
     def publish_closed(self, series_id: str, candles: Sequence[Candle]) -> Sequence[str]:
         if not candles:
             return ()
@@ -316,7 +372,11 @@ class Hub:
 
     def _write_at_once(self, subscriber: Subscriber, frames: FrameWriter, data: bytes) -> bool:
         """True when ``data`` is committed to the socket (all written, or the rest left for
-        the publish task to flush, which is woken and owes the batch being timed)."""
+        the publish task to flush, which is woken and owes the batch being timed), or held
+        for the end of :meth:`corked`."""
+        if self._held is not None:
+            self._held.setdefault(subscriber, []).append(data)
+            return True
         try:
             complete = frames.write_nowait(data)
         except trio.WouldBlock:

@@ -171,6 +171,12 @@ class Publisher:
                     self._start_write(subscriber)
                     await frames.flush()
                     subscriber.send_scope.deadline = math.inf
+                if frames is not None and subscriber.unsent:
+                    # frames held at once that the socket did not take: before anything else
+                    data, subscriber.unsent = subscriber.unsent, b""
+                    self._start_write(subscriber)
+                    await frames.write(data)
+                    subscriber.send_scope.deadline = math.inf
                 await self._carry_out(subscriber, subscriber.queue.drain())
             except BaseException:
                 delivery.abandon(owed)

@@ -103,6 +103,7 @@ class Subscriber:
         "send_scope",
         "slow_cause",
         "socket",
+        "unsent",
     )
 
     def __init__(
@@ -129,6 +130,9 @@ class Subscriber:
         self.parked = False
         # batches queued for this subscriber since its last drain began (delivery timing)
         self.owed: list[DeliveryBatch] = []
+        # frames the Hub committed to it at once (``Hub.corked``) that its socket did not
+        # take then: the publish task writes them before anything else
+        self.unsent = b""
         self._wakeup = trio.Event()
         self.queue = SubscriberQueue(
             queue_max=queue_max,
@@ -155,7 +159,7 @@ class Subscriber:
     def idle(self) -> bool:
         """The Hub may write to :attr:`frames` at once: the publish task is parked, not
         woken, and the queue holds nothing (per series, ``subscription.in_step`` decides)."""
-        return self.parked and not self._wakeup.is_set() and self.queue.idle
+        return self.parked and not self._wakeup.is_set() and self.queue.idle and not self.unsent
 
     @property
     def woken(self) -> bool:

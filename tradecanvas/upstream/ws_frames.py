@@ -72,6 +72,11 @@ class FastTextFrames(WSConnection):
         parsed, and the caller handles the events in order."""
         self._deliver = deliver
 
+    @property
+    def delivering(self) -> Callable[[str], bool] | None:
+        """What :meth:`deliver_to` installed (a caller may wrap it and install that)."""
+        return self._deliver
+
     def receive_data(self, data: bytes | None) -> None:
         if data is None or self._wsproto_only:
             self._all_to_wsproto()
