@@ -23,8 +23,10 @@ from tradecanvas.bus.feed import EdgeFeed, FeedSettings, system_event_from_store
 from tradecanvas.bus.ids import StreamKeys
 from tradecanvas.bus.publisher import BusPublisher, PublisherSettings
 from tradecanvas.bus.redis_io import open_redis
+from tradecanvas.bus.replies import carried_entries
 from tradecanvas.model import Candle
 from tradecanvas.pipeline.events import SystemEvent
+from tradecanvas.wire.bus import CANDLE_FIELD
 
 
 async def test_close_drains_the_outbox_and_ends_run(redis_url: str, keys: StreamKeys) -> None:
@@ -195,6 +197,20 @@ async def test_each_batch_that_appends_leaves_one_numbered_notice_naming_its_str
     assert [(n.field_values[b"n"], n.field_values[b"keys"]) for n in notices] == [
         (b"1", f"{keys.series(BTC1)}\n{keys.series(eth)}".encode()),
         (b"2", keys.series(eth).encode()),
+    ]
+    # each carries the entries its batch appended, as the streams hold them
+    async with open_redis(redis_url) as client:
+        held = {
+            sid: [(e.identifier, e.field_values[CANDLE_FIELD]) for e in await client.xrange(
+                keys.series(sid)
+            )]
+            for sid in (BTC1, eth)
+        }  # fmt: skip
+    carried = [n.field_values[b"entries"] for n in notices]
+    assert [carried_entries(c) for c in carried if isinstance(c, bytes)] == [
+        [(keys.series(BTC1).encode(), i, p) for i, p in held[BTC1]]
+        + [(keys.series(eth).encode(), i, p) for i, p in held[eth][:2]],
+        [(keys.series(eth).encode(), i, p) for i, p in held[eth][2:]],
     ]
     assert count == b"2"
     assert publisher.statistics().outbox.already_published == 3

@@ -39,6 +39,7 @@ from coredis.commands.constants import CommandName
 from coredis.response._callbacks import NoopCallback
 
 from tradecanvas.bus.ids import (
+    NOTICE_ENTRIES_FIELD,
     NOTICE_KEYS_FIELD,
     NOTICE_NUMBER_FIELD,
     StreamKeys,
@@ -76,9 +77,10 @@ log = logging.getLogger(__name__)
 # a week of 1m bars per series stream; an edge further behind fills from the store
 DEFAULT_MAXLEN: Final = 10_080
 DEFAULT_EVENTS_MAXLEN: Final = 100_000
-# batch notices (one per batch that appended anything): an edge further behind reads every
-# stream once instead
-DEFAULT_BATCHES_MAXLEN: Final = 1_000
+# batch notices (one per batch that appended anything, carrying its entries): an edge further
+# behind reads every stream once instead. 200 notices of a live tick's few hundred entries
+# (about 150 bytes each) are some 10 MB; at 50 batches/s they are 4 s of an edge's lag
+DEFAULT_BATCHES_MAXLEN: Final = 200
 # entries per pipeline: large enough to amortise the round trip, small enough that one
 # batch's reply stays a few MB
 DEFAULT_BATCH_MAX: Final = 2_000
@@ -90,10 +92,12 @@ _AS_IS: Final = NoopCallback[object]()
 # notices' MAXLEN. Per entry: 1 appended, 0 refused because the stream is already at or past
 # the ID ("already published"), or the error's text. Each XADD's own error is caught
 # (pcall): one failing entry does not stop the others, as in a pipeline. When anything was
-# appended, one notice (number ``n``, the streams appended to, ``keys``, one per line) goes
-# on the notices stream in the same script: an edge that reads the notice finds the entries.
+# appended, one notice goes on the notices stream in the same script: its number ``n``, the
+# streams appended to (``keys``, one per line), and the entries appended (``entries``: per
+# entry its stream, ID and payload length, one per line, then the payload), so that an edge
+# that reads the notice has the entries without reading the streams (bus/ids.py).
 _XADD_ALL: Final = """
-local answers, moved, seen = {}, {}, {}
+local answers, moved, seen, carried = {}, {}, {}, {}
 local entries = #KEYS - 2
 for i = 1, entries do
   local a = (i - 1) * 4
@@ -111,12 +115,18 @@ for i = 1, entries do
       seen[KEYS[i]] = true
       moved[#moved + 1] = KEYS[i]
     end
+    local c = #carried
+    carried[c + 1] = KEYS[i]
+    carried[c + 2] = ARGV[a + 2]
+    carried[c + 3] = #ARGV[a + 4]
+    carried[c + 4] = ARGV[a + 4]
   end
 end
 if #moved > 0 then
   local n = redis.call('INCR', KEYS[entries + 2])
   redis.call('XADD', KEYS[entries + 1], 'MAXLEN', '~', ARGV[entries * 4 + 1], '*',
-    'NOTICE_NUMBER', n, 'NOTICE_KEYS', table.concat(moved, '\\n'))
+    'NOTICE_NUMBER', n, 'NOTICE_KEYS', table.concat(moved, '\\n'),
+    'NOTICE_ENTRIES', table.concat(carried, '\\n'))
 end
 return answers
 """
@@ -124,6 +134,7 @@ XADD_ALL: Final = (
     _XADD_ALL.replace("XADD_REFUSAL", XADD_REFUSAL)
     .replace("NOTICE_NUMBER", NOTICE_NUMBER_FIELD.decode())
     .replace("NOTICE_KEYS", NOTICE_KEYS_FIELD.decode())
+    .replace("NOTICE_ENTRIES", NOTICE_ENTRIES_FIELD.decode())
 )
 
 
