@@ -58,6 +58,24 @@ async def test_an_entry_redis_refuses_otherwise_is_dropped_and_the_rest_go(
     assert "WRONGTYPE" in str(publisher.health().last_error)
 
 
+async def test_a_batch_whose_script_fails_as_a_whole_is_counted_as_failed(
+    redis_url: str, keys: StreamKeys
+) -> None:
+    """The script refused as a whole (here its notice, on a key that is no stream): every
+    entry of the batch counts as failed (edges fill them from the store), nothing is sent
+    again, and the error is shown."""
+    async with open_redis(redis_url) as client:
+        await client.set(keys.batches, "not a stream")
+    publisher = BusPublisher(redis_url, PublisherSettings(keys=keys))
+    publisher.publish_closed(BTC1, minutes(T0, 3))
+    publisher.close()
+    with trio.fail_after(WAIT_S):
+        await publisher.run()
+    stats = publisher.statistics()
+    assert (stats.outbox.failed, stats.outbox.appended, stats.batches) == (3, 0, 1)
+    assert "wrong kind of value" in str(publisher.health().last_error)
+
+
 async def test_events_wait_for_the_candles_of_their_commit_when_a_read_is_cut(
     redis_url: str, keys: StreamKeys, tmp_path: Path
 ) -> None:
