@@ -142,30 +142,31 @@ async def test_a_hole_found_while_reading_is_filled_before_the_candles_after_it(
     history = minutes(T0, 30)
     async with publishing(redis_url, tmp_path, _settings(keys)) as bus:
         feed = await bus.start_feed(redis_url, keys, sink, series={BTC1: history[0].candle_time})
-        # committed but never published (the ingest died in between), then a malformed
-        # entry where bar 12 should be, with a notice naming its stream but carrying
-        # nothing (as an older writer's), so that the feed reads the stream
-        await bus.pipeline.run(IngestBatch.of(BTC, history[:12], "ws"))
+        # committed but never published (the ingest died in between), then on the stream a
+        # malformed entry where bar 12 should be and bar 13, with a notice naming the stream
+        # but carrying nothing (as an older writer's), so that the feed reads the stream
+        await bus.pipeline.run(IngestBatch.of(BTC, history[:14], "ws"))
         async with open_redis(redis_url) as client:
-            await client.xadd(
-                keys.series(BTC1),
-                {CANDLE_FIELD: b"garbage"},
-                identifier=f"{history[12].candle_time * 1000}-0",
-            )
+            for bar, payload in ((history[12], b"garbage"), (history[13], b"")):
+                await client.xadd(
+                    keys.series(BTC1),
+                    {CANDLE_FIELD: payload or encode_candle(bar)},
+                    identifier=f"{bar.candle_time * 1000}-0",
+                )
             number = await client.incr(keys.batches_count)
             await client.xadd(keys.batches, {b"n": str(number), b"keys": keys.series(BTC1)})
-        await sink.wait_for(lambda: feed.statistics().malformed == 1)
-        # bars 12 and 13 committed, then a notice that carries bar 13 malformed (the edge
-        # takes the notice's and fills the bar from the store)
-        await bus.pipeline.run(IngestBatch.of(BTC, history[12:14], "ws"))
-        entry = f"{keys.series(BTC1)}\n{history[13].candle_time * 1000}-0\n3\n[1]"
+        await sink.wait_for(lambda: sink.times(BTC1)[-1:] == [history[13].candle_time])
+        assert feed.statistics().malformed == 1
+        # bar 14 committed, and a notice that carries it malformed (not on the stream), then
+        # the rest published: the edge fills bar 14 from the store before the rest
+        await bus.pipeline.run(IngestBatch.of(BTC, history[14:15], "ws"))
+        entry = f"{keys.series(BTC1)}\n{history[14].candle_time * 1000}-0\n3\n[1]"
         async with open_redis(redis_url) as client:
             number = await client.incr(keys.batches_count)
             await client.xadd(
                 keys.batches, {b"n": str(number), b"keys": keys.series(BTC1), b"entries": entry}
             )
-        await sink.wait_for(lambda: feed.statistics().malformed == 2)
-        await commit_and_publish(bus.pipeline, history[14:])
+        await commit_and_publish(bus.pipeline, history[15:])
         await bus.publisher.wait_drained()
         await sink.wait_for(lambda: sink.times(BTC1)[-1:] == [history[-1].candle_time])
     assert sink.closed[BTC1] == history[1:]
