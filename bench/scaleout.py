@@ -102,6 +102,12 @@ def split_clients(clients: list[list[str]], edges: int) -> list[list[list[str]]]
     return [clients[i::edges] for i in range(edges)]
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` so far (``/proc/<pid>/stat``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 async def run_scaleout_round(
     market: Market,
     clients: list[list[str]],
@@ -110,12 +116,14 @@ async def run_scaleout_round(
     speed: str,
     observe: Sequence[str],
     profile: Path | None = None,
+    cpu: dict[str, float] | None = None,
 ) -> RoundData:
     """The replay through one ingest and ``edges`` edges; the clients split between the edges
     (client i on edge i mod ``edges``), one client process per edge. ``profile``: py-spy on
     the ingest node and each edge while the replay runs, their raw collapsed stacks written
     to ``<profile>.ingest.raw`` and ``<profile>.edge-<i>.raw`` (py-spy's output beside them,
-    ``.log``)."""
+    ``.log``). ``cpu``: filled with the CPU seconds the ingest node and each edge spent from
+    the replay's start to the subscribers' end (``ingest``, ``edge-<i>``)."""
     with (
         tempfile.TemporaryDirectory(prefix="bench-scaleout-") as d,
         services.fresh_database(ADMIN_URL, "tc_bench_") as (_, db),
@@ -181,10 +189,14 @@ async def run_scaleout_round(
                         if profile
                         else []
                     )
+                    nodes = [k for k in kids if k.name == "ingest" or k.name.startswith("edge-")]
+                    before = {kid.name: cpu_seconds(kid.pid) for kid in nodes}
                     resumed_at = time.time()
                     await resume_replay(replay)
                     for child in subscribers:
                         await child.wait_exit(ROUND_TIMEOUT_S)
+                    if cpu is not None:
+                        cpu.update({k.name: cpu_seconds(k.pid) - before[k.name] for k in nodes})
                     for spy in spies:
                         _stop_py_spy(spy)
                     nursery.cancel_scope.cancel()
@@ -233,6 +245,7 @@ def _latency(
     per: dict[str, dict[str, list[float]]] = {
         s: {"p50": [], "p99": [], "load": []} for s in ("single", "scaleout")
     }
+    rounds_cpu: list[dict[str, float]] = []
     # the replay sends each minute's closes on a schedule, 60/speed s apart (the time it
     # spends sending does not add up), so the speed is the load's
     speed = f"{load * 60 / series:g}"
@@ -245,11 +258,14 @@ def _latency(
         sides = ["scaleout"] if sizes is SMOKE or not with_single else list(per)
         for round_ in range(rounds):
             for side in sides:
+                cpu: dict[str, float] = {}
                 go = _side_round(
                     "daemon" if side == "single" else None, market, clients, edges=1,
-                    speed=speed, observe=observe, profile=profile, round_=round_,
+                    speed=speed, observe=observe, profile=profile, round_=round_, cpu=cpu,
                 )  # fmt: skip
                 data = trio.run(go)
+                if side == "scaleout":
+                    rounds_cpu.append({k: round(v, 2) for k, v in sorted(cpu.items())})
                 lat, achieved = _latencies(data, market)
                 per[side]["p50"].append(_percentile(lat, 0.5))
                 per[side]["p99"].append(_percentile(lat, 0.99))
@@ -268,6 +284,7 @@ def _latency(
             "rounds_p99_ms": ours["p99"],
             "rounds_p50_ms": ours["p50"],
             "rounds_achieved_load": ours["load"],
+            "rounds_cpu_s": rounds_cpu,
             **_baseline(ours, single),
             "rounds": rounds,
         },
@@ -284,10 +301,11 @@ def _side_round(
     observe: Sequence[str],
     profile: Path | None,
     round_: int,
+    cpu: dict[str, float] | None = None,
 ) -> Callable[[], Awaitable[RoundData]]:
     """One round of a side, for ``trio.run``: ``baseline`` (``"daemon"``, ``"naive"``) as
     :func:`run_round` runs it, or (None) the split topology with ``edges`` edges, py-spy on
-    its nodes when ``profile`` (``<profile>.<round_>.…``)."""
+    its nodes when ``profile`` (``<profile>.<round_>.…``), its nodes' CPU into ``cpu``."""
     if baseline is not None:
         return functools.partial(run_round, baseline, market, clients, speed=speed, observe=observe)
     return functools.partial(
@@ -298,6 +316,7 @@ def _side_round(
         speed=speed,
         observe=observe,
         profile=None if profile is None else profile.with_suffix(f".{round_}"),
+        cpu=cpu,
     )
 
 
@@ -321,6 +340,7 @@ def _burst(sizes: Sizes, rounds: int | None, *, profile: Path | None = None) -> 
     expected = sizes.burst_subscribers * sizes.burst_series_per_subscriber
     per: dict[str, list[dict[str, float]]] = {"naive": [], "scaleout": []}
     errors = dict.fromkeys(per, 0)
+    rounds_cpu: list[dict[str, float]] = []
     with tempfile.TemporaryDirectory(prefix="bench-market-") as d:
         bars = sizes.burst_warmup + sizes.burst_boundaries
         market = Market.write(Path(d), sizes.burst_symbols, bars)
@@ -330,11 +350,14 @@ def _burst(sizes: Sizes, rounds: int | None, *, profile: Path | None = None) -> 
         speed, observe = str(sizes.burst_speed), list(market.streams)
         for round_ in range(rounds):
             for side in per:
+                cpu: dict[str, float] = {}
                 go = _side_round(
                     "naive" if side == "naive" else None, market, clients, edges=2,
-                    speed=speed, observe=observe, profile=profile, round_=round_,
+                    speed=speed, observe=observe, profile=profile, round_=round_, cpu=cpu,
                 )  # fmt: skip
                 data = trio.run(go)
+                if side == "scaleout":
+                    rounds_cpu.append({k: round(v, 2) for k, v in sorted(cpu.items())})
                 boundaries = _burst_boundaries(data, market, sizes.burst_warmup)
                 short = [b for b in boundaries if b["deliveries"] != expected]
                 if short:
@@ -359,6 +382,7 @@ def _burst(sizes: Sizes, rounds: int | None, *, profile: Path | None = None) -> 
             },
             "overlapped_boundaries": {s: sum(int(b["overlapped"]) for b in per[s]) for s in per},
             "subscriber_errors": errors,
+            "rounds_cpu_s": rounds_cpu,
             "boundaries_measured": len(per["scaleout"]),
             "rounds": rounds,
         },

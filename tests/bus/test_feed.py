@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 import trio
+from hypothesis import given
+from hypothesis import strategies as st
 
 from tests.bus.conftest import PrivateRedis
 from tests.bus.rig import (
@@ -29,7 +31,13 @@ from tradecanvas.bus.feed import FeedSettings, system_event_from_stored
 from tradecanvas.bus.ids import StreamId, StreamKeys, candle_entry_id
 from tradecanvas.bus.publisher import BusPublisher, PublisherSettings
 from tradecanvas.bus.redis_io import open_redis
-from tradecanvas.bus.replies import entry_field, notice_of, notices_top, xread_entries
+from tradecanvas.bus.replies import (
+    carried_entries,
+    entry_field,
+    notice_of,
+    notices_top,
+    xread_entries,
+)
 from tradecanvas.errors import WireError
 from tradecanvas.model import Candle
 from tradecanvas.pipeline.commit import IngestBatch
@@ -128,25 +136,41 @@ async def test_a_hole_found_while_reading_is_filled_before_the_candles_after_it(
     redis_url: str, keys: StreamKeys, tmp_path: Path
 ) -> None:
     """A hole in the middle of what the feed reads (an entry dropped from a full outbox, a
-    malformed one): the store's bars come first, then the stream's, in order."""
+    malformed one, on the stream or in a notice): the store's bars come first, then the
+    stream's, in order."""
     sink = RecordingSink()
     history = minutes(T0, 30)
     async with publishing(redis_url, tmp_path, _settings(keys)) as bus:
         feed = await bus.start_feed(redis_url, keys, sink, series={BTC1: history[0].candle_time})
-        # committed but never published (the ingest died in between), then a malformed
-        # entry where bar 12 should be
-        await bus.pipeline.run(IngestBatch.of(BTC, history[:12], "ws"))
+        # committed but never published (the ingest died in between), then on the stream a
+        # malformed entry where bar 12 should be and bar 13, with a notice naming the stream
+        # but carrying nothing (as an older writer's), so that the feed reads the stream
+        await bus.pipeline.run(IngestBatch.of(BTC, history[:14], "ws"))
         async with open_redis(redis_url) as client:
+            for bar, payload in ((history[12], b"garbage"), (history[13], b"")):
+                await client.xadd(
+                    keys.series(BTC1),
+                    {CANDLE_FIELD: payload or encode_candle(bar)},
+                    identifier=f"{bar.candle_time * 1000}-0",
+                )
+            number = await client.incr(keys.batches_count)
+            await client.xadd(keys.batches, {b"n": str(number), b"keys": keys.series(BTC1)})
+        await sink.wait_for(lambda: sink.times(BTC1)[-1:] == [history[13].candle_time])
+        assert feed.statistics().malformed == 1
+        # bar 14 committed, and a notice that carries it malformed (not on the stream), then
+        # the rest published: the edge fills bar 14 from the store before the rest
+        await bus.pipeline.run(IngestBatch.of(BTC, history[14:15], "ws"))
+        entry = f"{keys.series(BTC1)}\n{history[14].candle_time * 1000}-0\n3\n[1]"
+        async with open_redis(redis_url) as client:
+            number = await client.incr(keys.batches_count)
             await client.xadd(
-                keys.series(BTC1),
-                {CANDLE_FIELD: b"garbage"},
-                identifier=f"{history[12].candle_time * 1000}-0",
+                keys.batches, {b"n": str(number), b"keys": keys.series(BTC1), b"entries": entry}
             )
-        await commit_and_publish(bus.pipeline, history[12:])
+        await commit_and_publish(bus.pipeline, history[15:])
         await bus.publisher.wait_drained()
         await sink.wait_for(lambda: sink.times(BTC1)[-1:] == [history[-1].candle_time])
     assert sink.closed[BTC1] == history[1:]
-    assert feed.statistics().malformed == 1
+    assert feed.statistics().malformed == 2
 
 
 async def test_a_redis_restart_loses_nothing_and_doubles_nothing(
@@ -300,7 +324,35 @@ def test_a_batch_notice_and_where_the_notices_stand_are_read_or_refused() -> Non
         with pytest.raises(WireError):
             notices_top(bad)
     notice = [b"1700000000000-0", [b"n", b"7", b"keys", b"p:candles:a\np:events"]]
-    assert notice_of(notice) == (7, [b"p:candles:a", b"p:events"])
-    for bad_notice in ([b"1-0", [b"n", b"x", b"keys", b"k"]], [b"1-0", [b"n", b"7"]]):
+    assert notice_of(notice) == (7, [b"p:candles:a", b"p:events"], None)
+    carrying = [b"1-0", [b"n", b"8", b"keys", b"k", b"entries", b"k\n60000-0\n4\n[\n1]"]]
+    assert notice_of(carrying) == (8, [b"k"], [(b"k", b"60000-0", b"[\n1]")])
+    bad_notices: list[list[object]] = [
+        [b"1-0", [b"n", b"x", b"keys", b"k"]],
+        [b"1-0", [b"n", b"7"]],
+        [b"1-0", [b"n", b"7", b"keys", b"k", b"entries", [b"k"]]],
+    ]
+    for bad_notice in bad_notices:
         with pytest.raises(WireError):
             notice_of(bad_notice)
+    for bad_entries in (b"k", b"k\n1-0", b"k\n1-0\nx\n", b"k\n1-0\n5\nabc", b"k\n1-0\n1\nab"):
+        with pytest.raises(WireError):
+            carried_entries(bad_entries)
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.binary(min_size=1).filter(lambda k: b"\n" not in k),
+            st.builds(lambda ms, seq: f"{ms}-{seq}".encode(), st.integers(0), st.integers(0)),
+            st.binary(),
+        )
+    )
+)
+def test_a_notice_s_entries_are_read_back_as_the_script_joins_them(
+    entries: list[tuple[bytes, bytes, bytes]],
+) -> None:
+    """Whatever the payloads hold (newlines included), the entries come back as written:
+    the publisher's script joins stream, ID, payload length and payload with newlines."""
+    text = b"\n".join(p for k, i, v in entries for p in (k, i, str(len(v)).encode(), v))
+    assert carried_entries(text) == entries

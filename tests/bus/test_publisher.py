@@ -23,8 +23,10 @@ from tradecanvas.bus.feed import EdgeFeed, FeedSettings, system_event_from_store
 from tradecanvas.bus.ids import StreamKeys
 from tradecanvas.bus.publisher import BusPublisher, PublisherSettings
 from tradecanvas.bus.redis_io import open_redis
+from tradecanvas.bus.replies import carried_entries
 from tradecanvas.model import Candle
 from tradecanvas.pipeline.events import SystemEvent
+from tradecanvas.wire.bus import CANDLE_FIELD
 
 
 async def test_close_drains_the_outbox_and_ends_run(redis_url: str, keys: StreamKeys) -> None:
@@ -54,6 +56,24 @@ async def test_an_entry_redis_refuses_otherwise_is_dropped_and_the_rest_go(
     stats = publisher.statistics()
     assert (stats.outbox.failed, stats.outbox.appended, stats.events_without_id) == (2, 3, 1)
     assert "WRONGTYPE" in str(publisher.health().last_error)
+
+
+async def test_a_batch_whose_script_fails_as_a_whole_is_counted_as_failed(
+    redis_url: str, keys: StreamKeys
+) -> None:
+    """The script refused as a whole (here its notice, on a key that is no stream): every
+    entry of the batch counts as failed (edges fill them from the store), nothing is sent
+    again, and the error is shown."""
+    async with open_redis(redis_url) as client:
+        await client.set(keys.batches, "not a stream")
+    publisher = BusPublisher(redis_url, PublisherSettings(keys=keys))
+    publisher.publish_closed(BTC1, minutes(T0, 3))
+    publisher.close()
+    with trio.fail_after(WAIT_S):
+        await publisher.run()
+    stats = publisher.statistics()
+    assert (stats.outbox.failed, stats.outbox.appended, stats.batches) == (3, 0, 1)
+    assert "wrong kind of value" in str(publisher.health().last_error)
 
 
 async def test_events_wait_for_the_candles_of_their_commit_when_a_read_is_cut(
@@ -195,6 +215,20 @@ async def test_each_batch_that_appends_leaves_one_numbered_notice_naming_its_str
     assert [(n.field_values[b"n"], n.field_values[b"keys"]) for n in notices] == [
         (b"1", f"{keys.series(BTC1)}\n{keys.series(eth)}".encode()),
         (b"2", keys.series(eth).encode()),
+    ]
+    # each carries the entries its batch appended, as the streams hold them
+    async with open_redis(redis_url) as client:
+        held = {
+            sid: [(e.identifier, e.field_values[CANDLE_FIELD]) for e in await client.xrange(
+                keys.series(sid)
+            )]
+            for sid in (BTC1, eth)
+        }  # fmt: skip
+    carried = [n.field_values[b"entries"] for n in notices]
+    assert [carried_entries(c) for c in carried if isinstance(c, bytes)] == [
+        [(keys.series(BTC1).encode(), i, p) for i, p in held[BTC1]]
+        + [(keys.series(eth).encode(), i, p) for i, p in held[eth][:2]],
+        [(keys.series(eth).encode(), i, p) for i, p in held[eth][2:]],
     ]
     assert count == b"2"
     assert publisher.statistics().outbox.already_published == 3

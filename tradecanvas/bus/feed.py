@@ -7,13 +7,16 @@ single process.
   own positions (:class:`~tradecanvas.bus.cursors.EdgeCursors`, started from the cursors it
   was given — normally the store's heads and the event log's last id when the edge starts).
   It blocks on one stream only, the batch notices (``bus/ids.py``: the publisher adds one
-  per batch, naming the streams the batch appended to, in the same script), and then reads
-  the streams named, without blocking: a wake-up costs what the batch holds, not an XREAD
-  over every series (600 streams for 100 series × 6 timeframes, whose arguments the edge
-  built and Redis parsed, and registered as blocked on, for each read). Every stream is read
-  once after each (re)connect, when a notice's number shows that some were missed (trimmed
-  while the edge was behind, or Redis's counter reset), and when no notice came for
-  ``block_ms`` (a writer that sends none, such as an ingest of an older version). Per
+  per batch in the same script, naming the streams the batch appended to and carrying the
+  entries it appended), and delivers the entries the notices carry: one read per batch,
+  not an XREAD over every series (600 streams for 100 series × 6 timeframes, whose
+  arguments the edge built and Redis parsed, and registered as blocked on, for each read)
+  nor a second round trip for the streams named. A notice without entries (a writer of an
+  older version) has the edge read the streams it names, without blocking. Every stream is
+  read once after each (re)connect, when a notice's number shows that some were missed
+  (trimmed while the edge was behind, or Redis's counter reset), and when no notice came
+  for ``block_ms`` (a writer that sends none). What a notice carries is what its streams
+  got, so the same cursors apply: per
   reply, the series' candles go first (``sink.publish_closed``, ascending, each exactly
   once), then the events (``sink.publish_system``) — the events only when no series' reply
   was cut by ``COUNT`` (the cut streams and the events are read again at once), so an event
@@ -294,10 +297,13 @@ class EdgeFeed:
                 # none (an older version) appended something
                 unread = None
                 continue
+            # what the notices carry, stream by stream in their order (None: one carried
+            # nothing, so the streams they name are read instead)
+            carried: dict[bytes, list[RawEntry]] | None = {}
             for entry in notices:
                 position = entry_id_of(entry)
                 try:
-                    n, named = notice_of(entry)
+                    n, named, entries = notice_of(entry)
                 except WireError as exc:
                     self._malformed(notices_key, position, exc)
                     unread, number = None, None
@@ -307,6 +313,16 @@ class EdgeFeed:
                 number = n
                 if unread is not None:
                     unread.update(k for k in named if k in streams)
+                if entries is None:
+                    carried = None
+                elif carried is not None:
+                    for key, entry_id, payload in entries:
+                        field = EVENT_FIELD if key == self._events_key else CANDLE_FIELD
+                        carried.setdefault(key, []).append([entry_id, [field, payload]])
+            if unread is not None and carried is not None:
+                # every notice read carries its batch: deliver it, no read of the streams
+                reply = {k: v for k, v in carried.items() if k in streams}
+                unread = await self._deliver(reply, sink, whole=True) if reply else set()
 
     async def _xread(
         self,
@@ -332,17 +348,19 @@ class EdgeFeed:
         )
 
     async def _deliver(
-        self, reply: Mapping[bytes, Sequence[RawEntry]], sink: MarketSink
+        self, reply: Mapping[bytes, Sequence[RawEntry]], sink: MarketSink, *, whole: bool = False
     ) -> set[bytes]:
-        """Deliver what an XREAD returned; the streams to read again at once: those cut
-        short by COUNT, and the events stream when its entries wait for them."""
+        """Deliver what an XREAD returned (``whole``: what batch notices carried, which
+        nothing cut short); the streams to read again at once: those cut short by COUNT, and
+        the events stream when its entries wait for them."""
         keys = self.settings.keys
         events_key = self._events_key
+        limit = None if whole else self.settings.count
         cut: set[bytes] = set()
         for key, entries in reply.items():
             if key == events_key:
                 continue
-            if len(entries) >= self.settings.count:
+            if limit is not None and len(entries) >= limit:
                 cut.add(key)
             series_id = self._series_of.get(key) or keys.series_of(key)
             candles = self._decoded(key, series_id, entries, _candle_of)
@@ -355,7 +373,7 @@ class EdgeFeed:
             return cut
         if cut:
             return cut | {events_key}  # the events wait for the candles before them
-        if len(entries) >= self.settings.count:
+        if limit is not None and len(entries) >= limit:
             cut.add(events_key)
         events = dict(self._decoded(events_key, None, entries, _event_of))
         for event_run in self.cursors.event_runs(sorted(events)):

@@ -10,11 +10,13 @@ Plain data, no I/O.
   ``<event_id>-0``.
 - Forming candles: pub/sub channel ``{prefix}forming`` (at most once).
 - The batch notices, ``{prefix}batches``: one entry per published batch that appended
-  anything, numbered by the counter ``{prefix}batches:count`` and listing the streams it
-  appended to, written in the same script as the batch's entries. An edge waits on this one
-  stream and then reads only the streams a notice names (``bus/feed.py``); a number that
-  does not follow the last one seen means notices were missed, and the edge reads every
-  stream.
+  anything, numbered by the counter ``{prefix}batches:count``, listing the streams it
+  appended to and carrying the entries it appended (stream, ID, payload), written in the
+  same script as the batch's entries. An edge waits on this one stream and takes a
+  notice's entries from the notice itself, one read per batch (``bus/feed.py``); a notice
+  without entries (a writer of an older version) has the edge read the streams it names;
+  a number that does not follow the last one seen means notices were missed, and the edge
+  reads every stream.
 
 Redis keeps a stream's last ID when MAXLEN trims its entries and refuses IDs at or below it
 still; only a restart without persistence forgets it (then edges notice a hole by the IDs,
@@ -31,9 +33,12 @@ from tradecanvas.errors import WireError
 from tradecanvas.model import MS, Timeframe
 
 DEFAULT_PREFIX: Final = "tradecanvas:"
-# a batch notice's fields: its number, and the stream keys appended to (one per line)
+# a batch notice's fields: its number, the stream keys appended to (one per line), and the
+# entries appended: per entry ``<stream>\n<id>\n<payload length>\n<payload>``, joined by
+# ``\n`` (the length, not a separator, ends a payload: it may hold any byte)
 NOTICE_NUMBER_FIELD: Final = b"n"
 NOTICE_KEYS_FIELD: Final = b"keys"
+NOTICE_ENTRIES_FIELD: Final = b"entries"
 
 
 class StreamId(NamedTuple):

@@ -36,9 +36,11 @@ import attrs
 import coredis
 import trio
 from coredis.commands.constants import CommandName
+from coredis.exceptions import ResponseError
 from coredis.response._callbacks import NoopCallback
 
 from tradecanvas.bus.ids import (
+    NOTICE_ENTRIES_FIELD,
     NOTICE_KEYS_FIELD,
     NOTICE_NUMBER_FIELD,
     StreamKeys,
@@ -76,9 +78,10 @@ log = logging.getLogger(__name__)
 # a week of 1m bars per series stream; an edge further behind fills from the store
 DEFAULT_MAXLEN: Final = 10_080
 DEFAULT_EVENTS_MAXLEN: Final = 100_000
-# batch notices (one per batch that appended anything): an edge further behind reads every
-# stream once instead
-DEFAULT_BATCHES_MAXLEN: Final = 1_000
+# batch notices (one per batch that appended anything, carrying its entries): an edge further
+# behind reads every stream once instead. 200 notices of a live tick's few hundred entries
+# (about 150 bytes each) are some 10 MB; at 50 batches/s they are 4 s of an edge's lag
+DEFAULT_BATCHES_MAXLEN: Final = 200
 # entries per pipeline: large enough to amortise the round trip, small enough that one
 # batch's reply stays a few MB
 DEFAULT_BATCH_MAX: Final = 2_000
@@ -86,19 +89,34 @@ DEFAULT_BACKOFF: Final = Backoff(base_s=0.1, cap_s=5.0)
 DEFAULT_COMMAND_TIMEOUT_S: Final = 10.0
 _AS_IS: Final = NoopCallback[object]()
 # One batch's XADDs, run by Redis in one go: KEYS are the streams, then the batch notices
-# stream and its counter; ARGV four values per entry (MAXLEN, ID, field, payload), then the
-# notices' MAXLEN. Per entry: 1 appended, 0 refused because the stream is already at or past
-# the ID ("already published"), or the error's text. Each XADD's own error is caught
-# (pcall): one failing entry does not stop the others, as in a pipeline. When anything was
-# appended, one notice (number ``n``, the streams appended to, ``keys``, one per line) goes
-# on the notices stream in the same script: an edge that reads the notice finds the entries.
+# stream and its counter; ARGV the series streams' MAXLEN, the events stream's, the notices'
+# and the entries, one string: per entry ``<id>\n<field>\n<payload length>\n<payload>``
+# (the length ends a payload, which may hold any byte; one argument instead of four per
+# entry: coredis's work per argument was most of the publisher's). Per entry: 1 appended, 0
+# refused because the stream is already at or past the ID ("already published"), or the
+# error's text. Each XADD's own error is caught (pcall): one failing entry does not stop the
+# others, as in a pipeline. When anything was appended, one notice goes on the notices
+# stream in the same script: its number ``n``, the streams appended to (``keys``, one per
+# line), and the entries appended (``entries``: per entry its stream, ID, payload length and
+# payload, joined by newlines), so that an edge that reads the notice has the entries
+# without reading the streams (bus/ids.py).
 _XADD_ALL: Final = """
-local answers, moved, seen = {}, {}, {}
-local entries = #KEYS - 2
+local answers, moved, seen, carried = {}, {}, {}, {}
+local entries, blob, at = #KEYS - 2, ARGV[4], 1
 for i = 1, entries do
-  local a = (i - 1) * 4
-  local r = redis.pcall('XADD', KEYS[i], 'MAXLEN', '~', ARGV[a + 1], ARGV[a + 2],
-    ARGV[a + 3], ARGV[a + 4])
+  local e1 = string.find(blob, '\\n', at, true)
+  local e2 = string.find(blob, '\\n', e1 + 1, true)
+  local e3 = string.find(blob, '\\n', e2 + 1, true)
+  local id = string.sub(blob, at, e1 - 1)
+  local field = string.sub(blob, e1 + 1, e2 - 1)
+  local length = tonumber(string.sub(blob, e2 + 1, e3 - 1))
+  local payload = string.sub(blob, e3 + 1, e3 + length)
+  at = e3 + length + 1
+  local maxlen = ARGV[1]
+  if field == 'EVENT_FIELD' then
+    maxlen = ARGV[2]
+  end
+  local r = redis.pcall('XADD', KEYS[i], 'MAXLEN', '~', maxlen, id, field, payload)
   if type(r) == 'table' and r.err then
     if string.find(r.err, 'XADD_REFUSAL', 1, true) then
       answers[i] = 0
@@ -111,12 +129,18 @@ for i = 1, entries do
       seen[KEYS[i]] = true
       moved[#moved + 1] = KEYS[i]
     end
+    local c = #carried
+    carried[c + 1] = KEYS[i]
+    carried[c + 2] = id
+    carried[c + 3] = length
+    carried[c + 4] = payload
   end
 end
 if #moved > 0 then
   local n = redis.call('INCR', KEYS[entries + 2])
-  redis.call('XADD', KEYS[entries + 1], 'MAXLEN', '~', ARGV[entries * 4 + 1], '*',
-    'NOTICE_NUMBER', n, 'NOTICE_KEYS', table.concat(moved, '\\n'))
+  redis.call('XADD', KEYS[entries + 1], 'MAXLEN', '~', ARGV[3], '*',
+    'NOTICE_NUMBER', n, 'NOTICE_KEYS', table.concat(moved, '\\n'),
+    'NOTICE_ENTRIES', table.concat(carried, '\\n'))
 end
 return answers
 """
@@ -124,6 +148,8 @@ XADD_ALL: Final = (
     _XADD_ALL.replace("XADD_REFUSAL", XADD_REFUSAL)
     .replace("NOTICE_NUMBER", NOTICE_NUMBER_FIELD.decode())
     .replace("NOTICE_KEYS", NOTICE_KEYS_FIELD.decode())
+    .replace("NOTICE_ENTRIES", NOTICE_ENTRIES_FIELD.decode())
+    .replace("EVENT_FIELD", EVENT_FIELD.decode())
 )
 
 
@@ -294,35 +320,49 @@ class BusPublisher:
 
     async def _send(self, client: coredis.Redis[bytes], batch: Batch) -> list[Answer]:
         settings = self.settings
-        keys: list[str] = []
-        args: list[str | bytes | int] = []
-        for entry in batch.entries:
-            keys.append(entry.stream)
-            if entry.events:
-                args += (settings.events_maxlen, str(entry.entry_id), EVENT_FIELD, entry.payload)
-            else:
-                args += (settings.maxlen, str(entry.entry_id), CANDLE_FIELD, entry.payload)
-        async with client.pipeline(transaction=False, raise_on_error=False) as pipe:
-            if keys:
-                # every XADD of the batch in one EVAL (module docstring), with its notice;
-                # stacked directly: coredis's eval() validates its arguments per call
-                pipe.create_request(
-                    CommandName.EVAL,
-                    XADD_ALL,
-                    len(keys) + 2,
-                    *keys,
-                    settings.keys.batches,
-                    settings.keys.batches_count,
-                    *args,
-                    settings.batches_maxlen,
-                    callback=_AS_IS,
-                )
-            for payload in batch.forming:
-                pipe.publish(settings.keys.forming, payload)
-        if not keys:
-            return []
-        results = pipe.results or ()
-        answer = results[0] if results else TimeoutError("no answer to the batch's XADDs")
+        keys = [entry.stream for entry in batch.entries]
+        # the entries as the script reads them (its comment): one argument
+        blob = b"".join(
+            b"%s\n%s\n%d\n%s"
+            % (
+                str(entry.entry_id).encode(),
+                EVENT_FIELD if entry.events else CANDLE_FIELD,
+                len(entry.payload),
+                entry.payload,
+            )
+            for entry in batch.entries
+        )
+        # every XADD of the batch in one EVAL (module docstring), with its notice; made
+        # directly: coredis's eval() validates its arguments per call
+        xadds: tuple[str | bytes | int, ...] = (
+            XADD_ALL,
+            len(keys) + 2,
+            *keys,
+            settings.keys.batches,
+            settings.keys.batches_count,
+            settings.maxlen,
+            settings.events_maxlen,
+            settings.batches_maxlen,
+            blob,
+        )
+        answer: object
+        if not batch.forming:
+            if not keys:
+                return []
+            try:
+                answer = await client.create_request(CommandName.EVAL, *xadds, callback=_AS_IS)
+            except ResponseError as exc:
+                answer = exc  # the script refused as a whole, as in the pipeline below
+        else:
+            async with client.pipeline(transaction=False, raise_on_error=False) as pipe:
+                if keys:
+                    pipe.create_request(CommandName.EVAL, *xadds, callback=_AS_IS)
+                for payload in batch.forming:
+                    pipe.publish(settings.keys.forming, payload)
+            if not keys:
+                return []
+            results = pipe.results or ()
+            answer = results[0] if results else TimeoutError("no answer to the batch's XADDs")
         if isinstance(answer, TimeoutError):
             raise answer  # the connection's state is unknown: reconnect, send again
         if isinstance(answer, BaseException):

@@ -12,7 +12,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Final
 
-from tradecanvas.bus.ids import NOTICE_KEYS_FIELD, NOTICE_NUMBER_FIELD, StreamId
+from tradecanvas.bus.ids import (
+    NOTICE_ENTRIES_FIELD,
+    NOTICE_KEYS_FIELD,
+    NOTICE_NUMBER_FIELD,
+    StreamId,
+)
 from tradecanvas.errors import WireError
 
 # where the batch notices stand (KEYS: the notices stream, its counter): the last entry's
@@ -52,6 +57,15 @@ def entry_id_of(entry: RawEntry) -> StreamId:
 
 def entry_field(entry: RawEntry, name: bytes) -> bytes | str:
     """Field ``name`` of an XREAD entry; WireError when the entry is not one or lacks it."""
+    value = _field(entry, name)
+    if value is None:
+        raise WireError("bus", f"stream entry without field {name!r}")
+    return value
+
+
+def _field(entry: RawEntry, name: bytes) -> bytes | str | None:
+    """Field ``name`` of an XREAD entry (None: it has none); WireError when the entry is not
+    one or the field is not a string."""
     if len(entry) != 2 or not isinstance(entry[1], list):
         raise WireError("bus", f"malformed stream entry {entry!r:.200}")
     values = entry[1]
@@ -60,8 +74,8 @@ def entry_field(entry: RawEntry, name: bytes) -> bytes | str:
             value = values[i + 1]
             if isinstance(value, bytes | str):
                 return value
-            break
-    raise WireError("bus", f"stream entry without field {name!r}")
+            raise WireError("bus", f"stream entry field {name!r} is {value!r:.80}")
+    return None
 
 
 def notices_top(raw: object) -> tuple[StreamId, int]:
@@ -77,11 +91,45 @@ def notices_top(raw: object) -> tuple[StreamId, int]:
     return StreamId.parse(raw[0]), int(raw[1])
 
 
-def notice_of(entry: RawEntry) -> tuple[int, list[bytes]]:
-    """A batch notice's number and the stream keys it names; WireError if it is none."""
+# what a batch notice carries of each entry it names: (stream key, entry ID, payload)
+Carried = tuple[bytes, bytes, bytes]
+
+
+def notice_of(entry: RawEntry) -> tuple[int, list[bytes], list[Carried] | None]:
+    """A batch notice's number, the stream keys it names and the entries it carries, in the
+    batch's order (None: a notice of an older writer, which carries none); WireError if it
+    is none."""
     number = entry_field(entry, NOTICE_NUMBER_FIELD)
     if not number.isdigit():
         raise WireError("bus", f"batch notice number {number!r}")
     named = entry_field(entry, NOTICE_KEYS_FIELD)
     text = named if isinstance(named, bytes) else named.encode()
-    return int(number), text.split(b"\n")
+    carried = _field(entry, NOTICE_ENTRIES_FIELD)
+    if carried is None:
+        return int(number), text.split(b"\n"), None
+    return (
+        int(number),
+        text.split(b"\n"),
+        carried_entries(carried if isinstance(carried, bytes) else carried.encode()),
+    )
+
+
+def carried_entries(text: bytes) -> list[Carried]:
+    """A notice's ``entries`` field (``bus/ids.py``): per entry its stream key, ID and
+    payload; WireError when the text is not made of such entries."""
+    out: list[Carried] = []
+    at, end = 0, len(text)
+    while at < end:
+        key_end = text.find(b"\n", at)
+        id_end = text.find(b"\n", key_end + 1) if key_end >= 0 else -1
+        length_end = text.find(b"\n", id_end + 1) if id_end >= 0 else -1
+        length = text[id_end + 1 : length_end]
+        if length_end < 0 or not length.isdigit():
+            raise WireError("bus", f"malformed batch notice entries at byte {at}")
+        payload_end = length_end + 1 + int(length)
+        if payload_end > end or (payload_end < end and text[payload_end] != 0x0A):
+            raise WireError("bus", f"malformed batch notice entries at byte {at}")
+        key, entry_id = text[at:key_end], text[key_end + 1 : id_end]
+        out.append((key, entry_id, text[length_end + 1 : payload_end]))
+        at = payload_end + 1
+    return out
