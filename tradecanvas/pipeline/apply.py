@@ -11,9 +11,8 @@ plain reference implementation):
   and at the end;
 - a minute above a known head is new without a read; a live minute takes a short way
   (:meth:`_live_minute`) when it makes no bar due (every timeframe's bucket still filling)
-  or only bars whose parts RecentBars holds, all complete: minutes for a bar built from 1m,
-  and for one built from another derived timeframe (15m from 5m) that timeframe's bars,
-  the last made by this minute (:func:`due_bars`);
+  or only bars whose parts RecentBars holds, all complete (minutes; for 15m from 5m the 5m
+  bars, the last one made by this same minute: :func:`due_bars`);
 - only a bucket whose last minute is settled can give a bar, so no other is derived;
 - a derived bucket is built from its source bars as they are *now*, taken from what this
   transaction wrote and what :class:`RecentBars` knows of the store, so only the parts of a
