@@ -166,7 +166,7 @@ def test_fast_path_equals_the_reference(
 ) -> None:
     """With a 3d (a phased grid) every minute takes the long way; without, a live minute
     takes the short one (BatchCommit._live_minute) when it makes no bar due, or only bars
-    of timeframes built from 1m (with 5m alone, every bar)."""
+    whose parts RecentBars knows (from 1m, or from the bar this minute made of another)."""
     for got, want, fast, ref in run_both(script, derived):
         assert got == want
         assert dump(fast.conn) == dump(ref.conn)
