@@ -11,8 +11,8 @@ plain reference implementation):
   and at the end;
 - a minute above a known head is new without a read; a live minute takes a short way
   (:meth:`_live_minute`) when it makes no bar due (every timeframe's bucket still filling)
-  or only bars built from 1m out of minutes RecentBars holds, all complete (the minute
-  that completes a 5m bar: a fifth of live minutes);
+  or only bars whose parts RecentBars holds, all complete (minutes; for 15m from 5m the 5m
+  bars, the last one made by this same minute: :func:`due_bars`);
 - only a bucket whose last minute is settled can give a bar, so no other is derived;
 - a derived bucket is built from its source bars as they are *now*, taken from what this
   transaction wrote and what :class:`RecentBars` knows of the store, so only the parts of a
@@ -228,7 +228,7 @@ class BatchCommit:
         events: list[SystemEvent],
     ) -> Sequence[tuple[int, SeriesUpdate]] | None:
         """The short way for a live minute: one new candle above the series' known head,
-        whose due bars (if any) are complete from known minutes of this series. It does what
+        whose due bars (if any) are complete from known parts (:func:`due_bars`). It does what
         the long way would do then — store the minute and the bars, and for a bar that is
         its series' first, check the fingerprint and add the ``new_series`` event to
         ``events`` — and returns the bars' updates with their configured order (None: not

@@ -1,5 +1,6 @@
 """The bars a live minute completes, when the short way of ``BatchCommit`` can make them
-from what :class:`RecentBars` knows (no read). Sans-IO."""
+from what :class:`RecentBars` knows (no read): from 1m, or from another derived timeframe
+whose bar this minute completes too (15m from 5m, 1h from 15m). Sans-IO."""
 
 from __future__ import annotations
 
@@ -37,15 +38,16 @@ def due_bars(
     candle: Candle,
     due: Sequence[tuple[Level, int, tuple[SeriesId, str]]],
 ) -> list[tuple[Candle, bool]] | None:
-    """The bars ``candle`` completes, each new above its series' known head (or its
-    series' first: True beside it) and built from minutes of this series all known,
-    complete and not all empty — what the long way would make of them — or None (take
-    the long way)."""
+    """The bars ``candle`` completes (``due``: levels each after its source), each new
+    above its series' known head (or its series' first: True beside it) and built from
+    source bars all known, complete and not all empty — what the long way would make of
+    them — or None (take the long way). A level built from 1m takes this series' minutes;
+    one built from another derived timeframe takes that timeframe's known bars and the bar
+    made of the same bucket end just before in ``due`` (grids nest: it is due too)."""
     t = candle.candle_time
     bars: list[tuple[Candle, bool]] = []
+    made: dict[int, tuple[str, Candle]] = {}  # by timeframe length: its series, its bar here
     for level, bucket, (_, dsid) in due:
-        if level.source.seconds != MINUTE:
-            return None  # built from another derived timeframe
         derived_head = recent.known_head(dsid)
         if derived_head is None:
             if not recent.knows_head(dsid):
@@ -54,13 +56,23 @@ def due_bars(
             # event whatever it finds)
         elif derived_head >= bucket or dsid not in checked:
             return None
-        rows = recent.known_range(sid, bucket, t)
+        if level.source.seconds == MINUTE:
+            last = candle
+            rows = recent.known_range(sid, bucket, t)
+        else:
+            found = made.get(level.source.seconds)
+            if found is None:
+                return None  # (not made here: its source bar is not this minute's)
+            source_sid, last = found
+            rows = recent.known_range(source_sid, bucket, last.candle_time)
         if rows is None or len(rows) + 1 != level.parts or not all(map(_COMPLETE, rows)):
             return None
-        parts = [*map(_CANDLE, rows), candle]
+        parts = [*map(_CANDLE, rows), last]
         if not any(map(_VOLUME, parts)):  # (a Decimal is true when not 0)
             return None  # flat at the previous close: the long way looks it up
-        bars.append((aggregate(bucket, parts), derived_head is None))
+        bar = aggregate(bucket, parts)
+        bars.append((bar, derived_head is None))
+        made[level.tf.seconds] = (dsid, bar)
     return bars
 
 
