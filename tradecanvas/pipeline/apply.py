@@ -32,6 +32,7 @@ from typing import Final, final
 
 from tradecanvas.model import MINUTE, Candle, SeriesId, Timeframe
 from tradecanvas.pipeline.batch import (
+    PAIR_CANDLE,
     IngestBatch,
     SeriesNames,
     SeriesUpdate,
@@ -51,7 +52,14 @@ from tradecanvas.pipeline.levels import (
 from tradecanvas.pipeline.live import due_bars, level_marks
 from tradecanvas.pipeline.recent import FlushingReader, RecentBars
 from tradecanvas.store.interface import WriteTxn
-from tradecanvas.store.types import Source, StoredCandle, UpsertOutcome, plan_upsert
+from tradecanvas.store.types import (
+    Source,
+    StoredCandle,
+    TextedRows,
+    UpsertOutcome,
+    plan_upsert,
+)
+from tradecanvas.wire.archive import RowText
 
 # base times further apart than this are read as separate ranges (a revision far back and
 # today's minutes are two short reads, not one of everything in between)
@@ -94,6 +102,9 @@ class BatchCommit:
         # rows planned but not yet written: the rows of every series go in one write_rows,
         # written before any read of the store (and before RecentBars forgets anything)
         self._pending: list[tuple[str, StoredCandle]] = []
+        # the text of the batch's candles where it gave it, by the candle's id (the batch
+        # holds them throughout): write_rows writes a row holding one of them as given
+        self._texts: dict[int, RowText | None] = {}
         self._written = 0
         # every derived grid is fixed and the same for all symbols (no 3d, no 1M)
         self._grid_only = all(level.length is not None for level in plan.levels)
@@ -111,6 +122,10 @@ class BatchCommit:
         dropped_total = 0
         for key, value in batch.meta:
             txn.set_meta(key, value)
+        if batch.texts is not None:
+            self._texts.update(
+                zip(map(id, map(PAIR_CANDLE, batch.candles)), batch.texts, strict=True)
+            )
         absent: dict[SeriesId, list[tuple[int, int]]] = {}
         for series, start, end in batch.absent:
             if end > start:
@@ -168,7 +183,7 @@ class BatchCommit:
                 if changed is not candles or previous_head is None:
                     events.extend(rebuild_events_for(sid, previous_head, candles, outcomes))
                 if changed:
-                    revised = sum(o is UpsertOutcome.REVISED for o in outcomes)
+                    revised = outcomes.count(UpsertOutcome.REVISED)  # (C: no Python a row)
                     updates.append(
                         SeriesUpdate(sid, tuple(changed), derived=False, revised=revised)
                     )
@@ -312,7 +327,7 @@ class BatchCommit:
         """Write the pending rows (one ``write_rows`` for all series)."""
         if self._pending:
             pending, self._pending = self._pending, []
-            self.txn.write_rows(pending)
+            self.txn.write_rows(TextedRows(pending, self._texts) if self._texts else pending)
 
     def _name(self, base: SeriesId, base_sid: str, tf: Timeframe) -> tuple[SeriesId, str]:
         """``base`` in ``tf`` and its id text (remembered: asked once per series and batch)."""
@@ -384,13 +399,20 @@ class BatchCommit:
             if long:
                 self.recent.trim(sid, end)
         candles = [c for c, _ in derived]
-        outcomes: list[UpsertOutcome] = []
-        writes: list[StoredCandle] = []
-        for candle, complete in derived:
-            outcome, row = plan_upsert(old.get(candle.candle_time), candle, "derived", complete)
-            outcomes.append(outcome)
-            if row is not None:
-                writes.append(row)
+        outcomes: list[UpsertOutcome]
+        writes: list[StoredCandle]
+        if not old:
+            # nothing stored in these runs (history above the head: the import): each bar
+            # new, as plan_upsert would say, without its call and its row's Python __new__
+            outcomes = [UpsertOutcome.NEW] * len(derived)
+            writes = [_tuple(StoredCandle, (c, "derived", done)) for c, done in derived]
+        else:
+            outcomes, writes = [], []
+            for candle, complete in derived:
+                outcome, row = plan_upsert(old.get(candle.candle_time), candle, "derived", complete)
+                outcomes.append(outcome)
+                if row is not None:
+                    writes.append(row)
         self._write(sid, writes)
         incomplete_before = {t for t, s in old.items() if not s.complete}
         completed = [
@@ -406,10 +428,15 @@ class BatchCommit:
                 or candle.candle_time not in incomplete_before
             ):
                 events.append(gap_event(sid, "incomplete", candle.candle_time, candle.candle_time))
-        changed = tuple(
-            c for c, o in zip(candles, outcomes, strict=True) if o is not UpsertOutcome.UNCHANGED
-        )
-        revised = sum(o is UpsertOutcome.REVISED for o in outcomes)
+        if old:
+            changed = tuple(
+                c
+                for c, o in zip(candles, outcomes, strict=True)
+                if o is not UpsertOutcome.UNCHANGED
+            )
+        else:
+            changed = tuple(candles)  # (all new)
+        revised = outcomes.count(UpsertOutcome.REVISED)
         update = SeriesUpdate(sid, changed, derived=True, revised=revised) if changed else None
         return update, events
 
