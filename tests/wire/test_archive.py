@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import re
 from decimal import Decimal
 
 import attrs
@@ -13,8 +12,6 @@ from hypothesis import strategies as st
 
 from tradecanvas.errors import CandleError, WireError
 from tradecanvas.model import BASE_TIMEFRAME, Candle, Timeframe, validate_candle
-from tradecanvas.store.txn import _row_values
-from tradecanvas.store.types import StoredCandle
 from tradecanvas.wire.archive import (
     ARCHIVE_HEADER,
     _build,
@@ -26,7 +23,6 @@ from tradecanvas.wire.archive import (
     parse_archive_name,
     parse_archive_rows,
     parse_archive_text,
-    parse_archive_texts,
     split_symbol,
 )
 
@@ -381,40 +377,3 @@ def test_slots_are_set_directly_only_for_a_plain_attrs_class() -> None:
         value: int
 
     assert not any(map(_plain_attrs_class, (Checked, Converted, Hooked, NoSlots)))
-
-
-# a number's text in the archive's plain form, as the store writes it or not: leading zeros,
-# a point at either end, small numbers ``str`` writes with an exponent
-NUMBER_TEXTS = st.one_of(
-    st.from_regex(r"[0-9]{1,4}(\.[0-9]{1,9})?", fullmatch=True),
-    st.from_regex(r"\.[0-9]{1,9}|[0-9]{1,4}\.", fullmatch=True),
-    st.from_regex(r"0\.0{5,9}[0-9]{1,3}", fullmatch=True),
-    st.sampled_from(("0", "0.00000000", "16500.01000000", "0.00000010", "100")),
-)
-CANONICAL = re.compile(r"(0|[1-9][0-9]*)(\.[0-9]+)?")
-
-
-@given(st.lists(st.tuples(*[NUMBER_TEXTS] * 5), min_size=1, max_size=6), st.booleans())
-def test_texts_read_are_what_the_store_writes_of_the_decimals(
-    rows: list[tuple[str, str, str, str, str]], header: bool
-) -> None:
-    """``parse_archive_texts`` gives a file's own text of each row only when every stored
-    number in it is written as the store writes its Decimal (``store.txn._row_values``:
-    ``str``, or ``format(d, "f")`` for an exponent), and then that text is exactly the
-    store's; the candles are the row-by-row parser's either way."""
-    lines = [ARCHIVE_HEADER] if header else []
-    for i, (price, volume, quote, base, quote_taker) in enumerate(rows):
-        t = T0 + 60 * i
-        lines.append(
-            f"{t * 1000},{price},{price},{price},{price},{volume},{(t + 60) * 1000 - 1},"
-            f"{quote},{i},{base},{quote_taker},0"
-        )
-    text = "\n".join(lines) + "\n"
-    candles, texts = parse_archive_texts(text, span=(T0, T0 + 86_400))
-    assert candles == parse_archive_rows(io.StringIO(text))
-    assert (texts is not None) == all(CANONICAL.fullmatch(x) for r in rows for x in r)
-    if texts is not None:
-        stored = _row_values([("s", StoredCandle(c, "rest", True)) for c in candles])
-        assert [list(x) for x in texts] == [
-            stored[13 * k + 2 : 13 * k + 11] for k in range(len(candles))
-        ]

@@ -2,8 +2,7 @@
 buckets they touch, and say which system events that calls for (DESIGN §4). Synchronous; it
 runs on the store's writer thread inside ``CandleStore.write``.
 
-The fast path of issue 14, with the rules of the original unchanged (the tests hold it to a
-plain reference implementation):
+The fast path of issue 14, the original's rules unchanged (tests hold it to a reference):
 
 - each series' candles are planned against the stored rows at their times
   (:func:`plan_upsert`); the rows of every series are written together, one
@@ -32,7 +31,6 @@ from typing import Final, final
 
 from tradecanvas.model import MINUTE, Candle, SeriesId, Timeframe
 from tradecanvas.pipeline.batch import (
-    PAIR_CANDLE,
     IngestBatch,
     SeriesNames,
     SeriesUpdate,
@@ -40,7 +38,7 @@ from tradecanvas.pipeline.batch import (
     group_by_series,
     strictly_ascending,
 )
-from tradecanvas.pipeline.derive import aggregate, parts_in
+from tradecanvas.pipeline.derive import aggregate, parts_in, plan_bars
 from tradecanvas.pipeline.events import SystemEvent, gap_event, rebuild_events_for
 from tradecanvas.pipeline.levels import (
     DerivationPlan,
@@ -52,14 +50,7 @@ from tradecanvas.pipeline.levels import (
 from tradecanvas.pipeline.live import due_bars, level_marks
 from tradecanvas.pipeline.recent import FlushingReader, RecentBars
 from tradecanvas.store.interface import WriteTxn
-from tradecanvas.store.types import (
-    Source,
-    StoredCandle,
-    TextedRows,
-    UpsertOutcome,
-    plan_upsert,
-)
-from tradecanvas.wire.archive import RowText
+from tradecanvas.store.types import Source, StoredCandle, UpsertOutcome, plan_upsert
 
 # base times further apart than this are read as separate ranges (a revision far back and
 # today's minutes are two short reads, not one of everything in between)
@@ -102,9 +93,6 @@ class BatchCommit:
         # rows planned but not yet written: the rows of every series go in one write_rows,
         # written before any read of the store (and before RecentBars forgets anything)
         self._pending: list[tuple[str, StoredCandle]] = []
-        # the text of the batch's candles where it gave it, by the candle's id (the batch
-        # holds them throughout): write_rows writes a row holding one of them as given
-        self._texts: dict[int, RowText | None] = {}
         self._written = 0
         # every derived grid is fixed and the same for all symbols (no 3d, no 1M)
         self._grid_only = all(level.length is not None for level in plan.levels)
@@ -122,10 +110,6 @@ class BatchCommit:
         dropped_total = 0
         for key, value in batch.meta:
             txn.set_meta(key, value)
-        if batch.texts is not None:
-            self._texts.update(
-                zip(map(id, map(PAIR_CANDLE, batch.candles)), batch.texts, strict=True)
-            )
         absent: dict[SeriesId, list[tuple[int, int]]] = {}
         for series, start, end in batch.absent:
             if end > start:
@@ -327,7 +311,7 @@ class BatchCommit:
         """Write the pending rows (one ``write_rows`` for all series)."""
         if self._pending:
             pending, self._pending = self._pending, []
-            self.txn.write_rows(TextedRows(pending, self._texts) if self._texts else pending)
+            self.txn.write_rows(pending)
 
     def _name(self, base: SeriesId, base_sid: str, tf: Timeframe) -> tuple[SeriesId, str]:
         """``base`` in ``tf`` and its id text (remembered: asked once per series and batch)."""
@@ -399,20 +383,7 @@ class BatchCommit:
             if long:
                 self.recent.trim(sid, end)
         candles = [c for c, _ in derived]
-        outcomes: list[UpsertOutcome]
-        writes: list[StoredCandle]
-        if not old:
-            # nothing stored in these runs (history above the head: the import): each bar
-            # new, as plan_upsert would say, without its call and its row's Python __new__
-            outcomes = [UpsertOutcome.NEW] * len(derived)
-            writes = [_tuple(StoredCandle, (c, "derived", done)) for c, done in derived]
-        else:
-            outcomes, writes = [], []
-            for candle, complete in derived:
-                outcome, row = plan_upsert(old.get(candle.candle_time), candle, "derived", complete)
-                outcomes.append(outcome)
-                if row is not None:
-                    writes.append(row)
+        outcomes, writes = plan_bars(old, derived)
         self._write(sid, writes)
         incomplete_before = {t for t, s in old.items() if not s.complete}
         completed = [
@@ -429,11 +400,8 @@ class BatchCommit:
             ):
                 events.append(gap_event(sid, "incomplete", candle.candle_time, candle.candle_time))
         if old:
-            changed = tuple(
-                c
-                for c, o in zip(candles, outcomes, strict=True)
-                if o is not UpsertOutcome.UNCHANGED
-            )
+            keep = map(operator.is_not, outcomes, itertools.repeat(UpsertOutcome.UNCHANGED))
+            changed = tuple(itertools.compress(candles, keep))
         else:
             changed = tuple(candles)  # (all new)
         revised = outcomes.count(UpsertOutcome.REVISED)
@@ -516,12 +484,8 @@ class BatchCommit:
 # a StoredCandle's candle and complete, a Candle's time and volume (C calls in derive)
 _candle_of, _complete_of = operator.itemgetter(0), operator.itemgetter(2)
 _time_of, _volume_of = operator.attrgetter("candle_time"), operator.attrgetter("volume")
-
+_by_order = operator.itemgetter(0)  # of an (order, update) pair
 _NO_BARS: Final[tuple[tuple[int, SeriesUpdate], ...]] = ()
-
-
-def _by_order(item: tuple[int, SeriesUpdate]) -> int:
-    return item[0]
 
 
 __all__ = ["BatchCommit"]

@@ -13,7 +13,6 @@ from tradecanvas.model import Candle, SeriesId
 from tradecanvas.pipeline.events import SystemEvent
 from tradecanvas.pipeline.levels import series_order
 from tradecanvas.store.types import Source
-from tradecanvas.wire.archive import RowText
 
 
 class SeriesUpdate(NamedTuple):
@@ -44,10 +43,6 @@ class IngestBatch:
     # ``gap`` events, and settled: a derived bucket whose last minute they cover is
     # finalised (incomplete) in this transaction, with or without a candle above them
     absent: tuple[tuple[SeriesId, int, int], ...] = ()
-    # beside each of ``candles`` (the same length), the text its row's columns are written
-    # as when the caller knows it (None: the store turns the Decimals into text): the
-    # import's archive fields, checked to be what the store would write (TextedRows)
-    texts: Sequence[RowText | None] | None = None
 
     @classmethod
     def of(cls, series: SeriesId, candles: Iterable[Candle], source: Source) -> IngestBatch:
@@ -94,7 +89,7 @@ def dedupe(candles: Iterable[Candle]) -> tuple[list[Candle], int]:
 
 
 # a batch's (series, candle) pair's series and candle
-_SERIES, PAIR_CANDLE = operator.itemgetter(0), operator.itemgetter(1)
+_SERIES, _CANDLE = operator.itemgetter(0), operator.itemgetter(1)
 
 
 def group_by_series(pairs: Sequence[tuple[SeriesId, Candle]]) -> dict[SeriesId, list[Candle]]:
@@ -108,7 +103,7 @@ def group_by_series(pairs: Sequence[tuple[SeriesId, Candle]]) -> dict[SeriesId, 
     ):
         # one series' history (the import, a backfill page): one list (C-level maps: no
         # Python a candle)
-        return {pairs[0][0]: list(map(PAIR_CANDLE, pairs))}
+        return {pairs[0][0]: list(map(_CANDLE, pairs))}
     # a live batch holds one minute of each series: one list each, in one comprehension
     grouped = {series: [candle] for series, candle in pairs}
     if len(grouped) != len(pairs):

@@ -17,11 +17,9 @@ from tradecanvas.store.types import (
     Source,
     StoredCandle,
     StoredEvent,
-    TextedRows,
     UpsertOutcome,
     plan_upsert,
 )
-from tradecanvas.wire.archive import RowText
 
 # meta key: the highest event_id the retention has pruned
 EVENTS_PRUNED_KEY: Final = "events_pruned_upto"
@@ -60,25 +58,12 @@ def _text(value: Decimal | None) -> str | None:
     return None if value is None else _plain(value)
 
 
-def _row_values(
-    rows: Sequence[tuple[str, StoredCandle]], texts: Mapping[int, RowText | None] | None = None
-) -> list[object]:
+def _row_values(rows: Sequence[tuple[str, StoredCandle]]) -> list[object]:
     """The ``candles`` columns of ``rows``, one after the other, for :func:`_insert_sql`
-    (it runs for every candle written): decimals as plain text (see :func:`_plain`), or
-    as ``texts`` gives them for a candle (by its id: see :class:`TextedRows`)."""
+    (it runs for every candle written): decimals as plain text (see :func:`_plain`)."""
     values: list[object] = []
     extend = values.extend
-    known = texts.get if texts else None
     for series_id, (c, source, complete) in rows:
-        if known is not None:
-            text = known(id(c))
-            if text is not None:
-                # (the import's base candles: the archive's checked text, no Decimal → str;
-                # unpacked by name, a third faster than ``*text`` in the tuple)
-                xo, xh, xl, xc, xv, xq, xn, xb, xbq = text
-                extend((series_id, c.candle_time, xo, xh, xl, xc, xv, xq, xn, xb, xbq, source,
-                        1 if complete else 0))  # fmt: skip
-                continue
         o, h, lo, cl, v = str(c.open), str(c.high), str(c.low), str(c.close), str(c.volume)
         q, tb, tq = c.quote_volume, c.taker_buy_base, c.taker_buy_quote
         qt = None if q is None else str(q)
@@ -203,12 +188,10 @@ class StoreTxn:
         """Insert or replace ``(series_id, row)`` pairs exactly as given (text of the
         decimals, source, mark; a later pair for the same key wins): for a caller that
         planned them with :func:`plan_upsert` against rows it knows, and writes the rows of
-        many series at once. In multi-row ``INSERT`` statements (see :func:`_insert_sql`);
-        the columns of a candle :class:`TextedRows` gives the text of are written as given."""
+        many series at once. In multi-row ``INSERT`` statements (see :func:`_insert_sql`)."""
         if not rows:
             return
         execute = self._conn.execute
-        texts = rows.texts if type(rows) is TextedRows else None
         at, left = 0, len(rows)
         while left:
             count = (
@@ -216,7 +199,7 @@ class StoreTxn:
             )
             # each statement's values built for it (not sliced from one list of all: a copy
             # of 13 references a row)
-            execute(_insert_sql(count), _row_values(rows[at : at + count], texts))
+            execute(_insert_sql(count), _row_values(rows[at : at + count]))
             at, left = at + count, left - count
 
     def range(self, series_id: str, start: int, end: int) -> list[StoredCandle]:

@@ -4,13 +4,11 @@ the pipeline, which must not load a database driver to name an outcome."""
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
 from typing import Literal, NamedTuple
 
 import attrs
 
 from tradecanvas.model import Candle
-from tradecanvas.wire.archive import RowText
 
 Source = Literal["ws", "rest", "http", "derived"]
 
@@ -29,24 +27,6 @@ class StoredCandle(NamedTuple):
     candle: Candle
     source: Source
     complete: bool
-
-
-class TextedRows(list[tuple[str, StoredCandle]]):
-    """Rows for ``WriteTxn.write_rows`` (``(series_id, row)`` pairs) with the text some of
-    their candles are written as: ``texts`` maps ``id(candle)`` to its
-    :data:`~tradecanvas.wire.archive.RowText` (what the store would make of its Decimals), for
-    candle objects the caller keeps alive until the write returns, so an id found is that
-    candle's. A backend may write those columns as given instead of turning each Decimal
-    back into text (SQLite does), or ignore them. The import's base candles carry the
-    archive's checked text this way (docs/benchmarks.md, Import)."""
-
-    __slots__ = ("texts",)
-
-    def __init__(
-        self, rows: list[tuple[str, StoredCandle]], texts: Mapping[int, RowText | None]
-    ) -> None:
-        super().__init__(rows)
-        self.texts = texts
 
 
 @attrs.frozen

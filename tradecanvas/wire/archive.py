@@ -60,12 +60,6 @@ _HEADER_NAMES: Final = frozenset({"open_time", "open time", "timestamp"})
 _PLAIN: Final = b"0123456789.,\n"
 # rows of a plain file converted at a time (see _plain_chunk)
 _CHUNK: Final = 4096
-# in a plain file, a number written otherwise than the store writes its Decimal: a leading
-# zero before a digit, a leading point, a trailing point. The stored columns are never a
-# line's first or last, so each has a comma on both sides (see _canonical); the points by
-# ``in`` (a third fewer instructions than a regular expression over the text)
-_LEADING_ZERO: Final = re.compile(rb",0[0-9]")
-_POINTS: Final = (b",.", b".,")
 # quote assets, longest match first where one ends another (FDUSD before USD…)
 KNOWN_QUOTES: Final = (
     "FDUSD", "USDT", "USDC", "BUSD", "TUSD", "BTC", "ETH", "BNB", "EUR", "TRY",
@@ -260,12 +254,6 @@ def parse_archive_rows(
     return candles
 
 
-# a candle's stored columns open … taker_buy_quote as the store writes them (the text of its
-# eight decimals, and its trade count): what ``str`` of each Decimal gives, or
-# ``format(d, "f")`` where that has an exponent (``store.txn``'s ``_plain``)
-RowText = tuple[str, str, str, str, str, str, int, str, str]
-
-
 def parse_archive_text(text: str, *, span: tuple[int, int] | None = None) -> list[Candle]:
     """The 1m candles of one archive file's whole text: :func:`parse_archive_rows` of its
     lines, the same candles and the same refusals. A file in the archive's own form (12
@@ -278,43 +266,10 @@ def parse_archive_text(text: str, *, span: tuple[int, int] | None = None) -> lis
     return plain if plain is not None else parse_archive_rows(io.StringIO(text), span=span)
 
 
-def parse_archive_texts(
-    text: str, *, span: tuple[int, int] | None = None
-) -> tuple[list[Candle], list[RowText] | None]:
-    """:func:`parse_archive_text`'s candles, and each one's :data:`RowText` taken from the
-    file as it is, when the file is in the archive's own form (the shorter way) and every
-    number in it is written as the store would write it (:func:`_canonical`; the archive's
-    are: ``16500.01000000``, ``0.00000010``); else None. The store then writes those fields
-    without turning the Decimals back into text (docs/benchmarks.md, Import)."""
-    plain = _parse_plain_texts(text, span, _CHUNK, want_texts=True)
-    if plain is not None:
-        return plain
-    return parse_archive_rows(io.StringIO(text), span=span), None
-
-
-def _canonical(data: bytes) -> bool:
-    """Every number of a plain file's ``data`` (only digits, points, commas and line ends,
-    each line 12 fields) that the store keeps as text is written the way the store writes
-    its Decimal: ``(0|[1-9][0-9]*)(\\.[0-9]+)?`` — no leading point, no zero before another
-    digit at its start, no trailing point. Such a text's Decimal has the text's digits and an
-    exponent of minus its count of decimals, and both ``str`` (when it has no exponent) and
-    ``format(d, "f")`` write exactly those digits back (a property test holds it to the
-    store's conversion). Conservative: a time or trade count with a leading zero fails it."""
-    return not (any(point in data for point in _POINTS) or _LEADING_ZERO.search(data))
-
-
 def _parse_plain(
     text: str, span: tuple[int, int] | None, *, chunk: int = _CHUNK
 ) -> list[Candle] | None:
-    """:func:`parse_archive_text`'s shorter way; None: read it row by row instead."""
-    plain = _parse_plain_texts(text, span, chunk, want_texts=False)
-    return None if plain is None else plain[0]
-
-
-def _parse_plain_texts(
-    text: str, span: tuple[int, int] | None, chunk: int, *, want_texts: bool
-) -> tuple[list[Candle], list[RowText] | None] | None:
-    """:func:`parse_archive_texts`' shorter way; None: read it row by row instead.
+    """:func:`parse_archive_text`'s shorter way; None: read it row by row instead.
 
     Only digits, points and commas in the rows mean every number is finite and not
     negative, so :func:`~tradecanvas.model.plainly_valid` comes down to low ≤ open, close ≤
@@ -325,10 +280,7 @@ def _parse_plain_texts(
         first, _, text = text.partition("\n")
         if first.split(",", 1)[0].strip().lower() not in _HEADER_NAMES:
             return None
-    if not text.isascii():
-        return None
-    data = text.encode("ascii")
-    if data.translate(None, _PLAIN):
+    if not text.isascii() or text.encode("ascii").translate(None, _PLAIN):
         return None
     lines = text.split("\n")
     if lines[-1] == "":
@@ -339,13 +291,12 @@ def _parse_plain_texts(
         return None
     low, high = span if span is not None else (0, 2**62)
     candles: list[Candle] = []
-    texts: list[RowText] | None = [] if want_texts and _canonical(data) else None
     price = _Decimals()
     previous = -1
     try:
         unit = _unit_of(lines[0].split(",", 1)[0])
         for at in range(0, count, chunk):
-            part = _plain_chunk(lines[at : at + chunk], unit, previous, price, texts)
+            part = _plain_chunk(lines[at : at + chunk], unit, previous, price)
             if part is None:
                 return None
             candles += part
@@ -354,19 +305,14 @@ def _parse_plain_texts(
         return None
     if candles[0].candle_time < low or previous >= high:
         return None
-    return candles, texts
+    return candles
 
 
 def _plain_chunk(
-    lines: list[str],
-    unit: int,
-    previous: int,
-    price: _Decimals,
-    texts: list[RowText] | None = None,
+    lines: list[str], unit: int, previous: int, price: _Decimals
 ) -> list[Candle] | None:
     """The candles of plain 12-column ``lines`` (at least one) after the open time
     ``previous``; None when one is not a 1m kline after it or low ≤ open, close ≤ high fails.
-    ``texts``: each candle's :data:`RowText` (its fields as read) is added to it.
 
     Each column is converted by one ``map`` (C loops: no Python per field), and the
     candles are built column by column (:func:`_build`). In chunks, not a file at once: a
@@ -397,8 +343,7 @@ def _plain_chunk(
     if not (all(map(le, lo, o)) and all(map(le, o, h)) and all(map(le, lo, c))
             and all(map(le, c, h))):  # fmt: skip
         return None
-    trades = list(map(int, fields[8::ARCHIVE_COLUMNS]))
-    candles = _build(
+    return _build(
         count,
         times,
         o,
@@ -407,19 +352,10 @@ def _plain_chunk(
         c,
         list(map(Decimal, fields[5::ARCHIVE_COLUMNS])),
         list(map(Decimal, fields[7::ARCHIVE_COLUMNS])),
-        trades,
+        list(map(int, fields[8::ARCHIVE_COLUMNS])),
         list(map(Decimal, fields[9::ARCHIVE_COLUMNS])),
         list(map(Decimal, fields[10::ARCHIVE_COLUMNS])),
     )
-    if texts is not None:
-        texts += zip(
-            *(fields[i::ARCHIVE_COLUMNS] for i in (1, 2, 3, 4, 5, 7)),
-            trades,
-            fields[9::ARCHIVE_COLUMNS],
-            fields[10::ARCHIVE_COLUMNS],
-            strict=True,
-        )
-    return candles
 
 
 def _plain_attrs_class(cls: type) -> bool:
@@ -503,14 +439,12 @@ __all__ = [
     "ARCHIVE_COLUMNS",
     "ARCHIVE_HEADER",
     "ArchiveName",
-    "RowText",
     "archive_lines",
     "market_of_path",
     "missing_runs",
     "parse_archive_name",
     "parse_archive_rows",
     "parse_archive_text",
-    "parse_archive_texts",
     "plainly_valid",
     "series_for",
     "split_symbol",

@@ -20,7 +20,6 @@ from tradecanvas.tools.importer import ArchiveCommitter, ArchiveFileError, Impor
 from tradecanvas.tools.importer.cli import import_files
 from tradecanvas.tools.importer.commit import ImportCommit
 from tradecanvas.tools.progress import Progress
-from tradecanvas.wire.archive import RowText
 
 
 class _Sizes:
@@ -33,17 +32,11 @@ class _Sizes:
         self.files_done: list[int] = []  # files counted done before each transaction
 
     async def commit(
-        self,
-        series: SeriesId,
-        candles: Sequence[Candle],
-        *,
-        checked: bool = False,
-        texts: Sequence[RowText | None] | None = None,
+        self, series: SeriesId, candles: Sequence[Candle], *, checked: bool = False
     ) -> ImportCommit:
         self.sizes.append(len(candles))
         self.files_done.append(self.tally.files_done)
-        assert texts is None or len(texts) == len(candles)
-        return await self.inner.commit(series, candles, checked=checked, texts=texts)
+        return await self.inner.commit(series, candles, checked=checked)
 
 
 async def _import(db: Path, zips: Sequence[Path], batch: int) -> tuple[_Sizes, ImportTally, bool]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import itertools
 import logging
 import time
 from collections.abc import Iterator, Sequence
@@ -24,7 +23,7 @@ from tradecanvas.errors import (
 )
 from tradecanvas.model import Candle, SeriesId, Timeframe
 from tradecanvas.ops.logs import configure_logging
-from tradecanvas.pipeline.commit import IngestPipeline, collector_paused
+from tradecanvas.pipeline.commit import IngestPipeline
 from tradecanvas.pipeline.events import SystemEvent
 from tradecanvas.runtime_flags import RuntimeFlags
 from tradecanvas.store.interface import MarketStore
@@ -44,7 +43,6 @@ from tradecanvas.tools.importer.tally import ImportTally
 from tradecanvas.tools.progress import Progress
 from tradecanvas.tools.signals import StopOnSignal
 from tradecanvas.upstream.phases import learn_phase
-from tradecanvas.wire.archive import RowText
 
 log = logging.getLogger("tradecanvas.tools.importer")
 # Ctrl-C/SIGTERM: stop after the transaction in flight; a second one: at once
@@ -99,8 +97,6 @@ class _Waiting:
     """A series' candles read and not yet committed, and the files they came from."""
 
     candles: list[Candle] = attrs.field(factory=list)
-    # beside each candle, its columns' text when its file gave it (ReadFile.texts)
-    texts: list[RowText | None] = attrs.field(factory=list)
     # each file not yet committed whole, after how many candles added its last comes
     files: collections.deque[tuple[int, ReadFile]] = attrs.field(factory=collections.deque)
     added: int = 0
@@ -108,19 +104,15 @@ class _Waiting:
 
     def add(self, read: ReadFile) -> None:
         self.candles += read.candles
-        if read.texts is not None:
-            self.texts += read.texts
-        else:
-            self.texts += itertools.repeat(None, len(read.candles))
         self.added += len(read.candles)
         self.files.append((self.added, read))
 
-    def take(self, count: int) -> tuple[list[Candle], list[RowText | None]]:
-        """The first ``count`` candles and their texts, taken out to be committed."""
-        chunk, texts = self.candles[:count], self.texts[:count]
-        del self.candles[:count], self.texts[:count]
+    def take(self, count: int) -> list[Candle]:
+        """The first ``count`` candles, taken out to be committed."""
+        chunk = self.candles[:count]
+        del self.candles[:count]
         self.taken += len(chunk)
-        return chunk, texts
+        return chunk
 
     def finished(self) -> Iterator[ReadFile]:
         """The files all of whose candles have been taken, taken out."""
@@ -158,9 +150,9 @@ async def import_files(
         queue = waiting[series]
         sid = str(series)
         while len(queue.candles) >= batch or (rest and queue.candles):
-            chunk, texts = queue.take(batch)
+            chunk = queue.take(batch)
             with trio.CancelScope(shield=True):  # what is committed is counted
-                result = await committer.commit(series, chunk, checked=True, texts=texts)
+                result = await committer.commit(series, chunk, checked=True)
             tally.record_commit(sid, result.received, result.updates)
             done[sid] = done.get(sid, 0) + len(chunk)
             progress.update(sid, done[sid])
@@ -172,24 +164,18 @@ async def import_files(
     # the next file is read (a worker thread) while the one before is committed (another)
     send, receive = trio.open_memory_channel[ReadFile | ArchiveFileError](READ_AHEAD)
     refused: ArchiveFileError | None = None
-    # the cyclic collector paused for the whole import, not only in each transaction and
-    # parse: each time it came back on, the first allocation set off a walk of everything
-    # allocated meanwhile — the candles waiting, the rows RecentBars keeps — 3.4% of a
-    # month's instructions (docs/benchmarks.md, Import). The import makes no cycle worth
-    # collecting meanwhile; what trio makes is collected once it is back on
     try:
-        with collector_paused():
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(_read_ahead, files, send)
-                async with receive:
-                    async for read in receive:
-                        if isinstance(read, ArchiveFileError):
-                            refused = read  # raised below, outside the nursery (no group)
-                            break
-                        waiting.setdefault(read.file.series, _Waiting()).add(read)
-                        await flush(read.file.series, rest=False)
-                for series in list(waiting):
-                    await flush(series, rest=True)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_read_ahead, files, send)
+            async with receive:
+                async for read in receive:
+                    if isinstance(read, ArchiveFileError):
+                        refused = read  # raised below, outside the nursery (not in a group)
+                        break
+                    waiting.setdefault(read.file.series, _Waiting()).add(read)
+                    await flush(read.file.series, rest=False)
+            for series in list(waiting):
+                await flush(series, rest=True)
     except BaseExceptionGroup as group:
         failure = find_in_group(group, StoreError) or find_in_group(group, CandleError)
         if failure is None:

@@ -30,7 +30,7 @@ from tradecanvas.pipeline.commit import IngestPipeline, collector_paused
 from tradecanvas.pipeline.events import FACTOR_REBUILD, SystemEvent
 from tradecanvas.pipeline.levels import DerivationPlan
 from tradecanvas.store.interface import WriteTxn
-from tradecanvas.wire.archive import RowText, plainly_valid
+from tradecanvas.wire.archive import plainly_valid
 
 # the meta entry holding the ranges changed by an import not yet finished
 PENDING_KEY: Final = "import_pending"
@@ -102,26 +102,16 @@ class ArchiveCommitter:
             txn.append_event(event.series_id, event.event, event.data, now)
 
     async def commit(
-        self,
-        series: SeriesId,
-        candles: Sequence[Candle],
-        *,
-        checked: bool = False,
-        texts: Sequence[RowText | None] | None = None,
+        self, series: SeriesId, candles: Sequence[Candle], *, checked: bool = False
     ) -> ImportCommit:
         """Store ``candles`` of the base ``series`` and derive every bucket they touch, in
         one transaction. ``checked``: every candle passed ``validate_candle`` already (the
-        archive parser checks each row it reads). ``texts``: beside each candle, its
-        columns' text as the store would write it, where known (``IngestBatch.texts``)."""
+        archive parser checks each row it reads)."""
         timeframe = series.timeframe
         for candle in () if checked else candles:
             if not (timeframe.is_open_time(candle.candle_time) and plainly_valid(candle)):
                 validate_candle(candle, timeframe)
-        batch = IngestBatch(
-            tuple(zip(itertools.repeat(series), candles)),
-            "rest",
-            texts=None if texts is None else tuple(texts),
-        )
+        batch = IngestBatch(tuple(zip(itertools.repeat(series), candles)), "rest")
         recent = self.pipeline.recent
 
         def in_txn(txn: WriteTxn) -> tuple[ImportCommit, Ranges]:

@@ -22,11 +22,10 @@ from tradecanvas.model import MINUTE, Candle, Market, SeriesId
 from tradecanvas.pipeline.commit import collector_paused
 from tradecanvas.wire.archive import (
     ArchiveName,
-    RowText,
     market_of_path,
     missing_runs,
     parse_archive_name,
-    parse_archive_texts,
+    parse_archive_text,
     series_for,
 )
 
@@ -64,9 +63,6 @@ class ReadFile:
     candles: list[Candle]
     checksum: bool  # a .CHECKSUM was beside it and matched
     holes: list[tuple[int, int]]
-    # each candle's columns as read, when they are what the store would write
-    # (parse_archive_texts); None: the store writes the Decimals as text
-    texts: list[RowText] | None = None
 
 
 def find_files(arguments: Sequence[Path]) -> list[Path]:
@@ -181,7 +177,7 @@ def read_file(file: ImportFile) -> ReadFile:
         # the rows make no reference cycle: the collector's walks over them (and over the
         # candles read before, still waiting) were a seventh of the parse
         with collector_paused():
-            candles, texts = parse_archive_texts(text, span=span)
+            candles = parse_archive_text(text, span=span)
     except WireError as exc:
         raise ArchiveFileError(path, f"{where}{exc.detail}; nothing of this file stored") from None
     if not candles:
@@ -196,7 +192,7 @@ def read_file(file: ImportFile) -> ReadFile:
         holes = []  # every minute of the period: the rows are ascending, once each, inside it
     else:
         holes = missing_runs([c.candle_time for c in candles], *span)
-    return ReadFile(file, candles, checksum, holes, texts)
+    return ReadFile(file, candles, checksum, holes)
 
 
 __all__ = [
