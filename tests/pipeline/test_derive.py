@@ -17,7 +17,9 @@ from tradecanvas.pipeline.derive import (
     derive_bucket,
     derive_forming,
     derive_series,
+    plan_bars,
 )
+from tradecanvas.store.types import StoredCandle, plan_upsert
 from tradecanvas.wire.kline_csv import read_kline_csv
 
 TF5 = Timeframe.parse("5m")
@@ -231,3 +233,23 @@ def test_derive_series_equals_bucket_by_bucket(
         previous = piece[-1].close
     got = derive_series(tf, minutes, complete_only=complete_only)
     assert [(d.candle, d.complete) for d in got] == want
+
+
+@pytest.mark.parametrize("stored", [False, True])
+def test_plan_bars_is_plan_upsert_of_each_bar(stored: bool) -> None:
+    """With nothing stored each bar is new (the short way); with rows stored, as planned one
+    by one: the same outcomes and the same rows, named tuples of the same type."""
+    bars = [(candle(300 * i, "1", "2", "1", str(i + 1)), i % 2 == 0) for i in range(6)]
+    old = (
+        {
+            300 * i: StoredCandle(candle(300 * i, "1", "2", "1", "2"), "derived", True)
+            for i in (1, 4)
+        }
+        if stored
+        else {}
+    )
+    planned = [plan_upsert(old.get(c.candle_time), c, "derived", done) for c, done in bars]
+    outcomes, rows = plan_bars(old, bars)
+    assert outcomes == [outcome for outcome, _ in planned]
+    assert rows == [row for _, row in planned if row is not None]
+    assert all(type(row) is StoredCandle for row in rows)

@@ -2,8 +2,7 @@
 buckets they touch, and say which system events that calls for (DESIGN §4). Synchronous; it
 runs on the store's writer thread inside ``CandleStore.write``.
 
-The fast path of issue 14, with the rules of the original unchanged (the tests hold it to a
-plain reference implementation):
+The fast path of issue 14, the original's rules unchanged (tests hold it to a reference):
 
 - each series' candles are planned against the stored rows at their times
   (:func:`plan_upsert`); the rows of every series are written together, one
@@ -39,7 +38,7 @@ from tradecanvas.pipeline.batch import (
     group_by_series,
     strictly_ascending,
 )
-from tradecanvas.pipeline.derive import aggregate, parts_in
+from tradecanvas.pipeline.derive import aggregate, parts_in, plan_bars
 from tradecanvas.pipeline.events import SystemEvent, gap_event, rebuild_events_for
 from tradecanvas.pipeline.levels import (
     DerivationPlan,
@@ -168,7 +167,7 @@ class BatchCommit:
                 if changed is not candles or previous_head is None:
                     events.extend(rebuild_events_for(sid, previous_head, candles, outcomes))
                 if changed:
-                    revised = sum(o is UpsertOutcome.REVISED for o in outcomes)
+                    revised = outcomes.count(UpsertOutcome.REVISED)  # (C: no Python a row)
                     updates.append(
                         SeriesUpdate(sid, tuple(changed), derived=False, revised=revised)
                     )
@@ -384,13 +383,7 @@ class BatchCommit:
             if long:
                 self.recent.trim(sid, end)
         candles = [c for c, _ in derived]
-        outcomes: list[UpsertOutcome] = []
-        writes: list[StoredCandle] = []
-        for candle, complete in derived:
-            outcome, row = plan_upsert(old.get(candle.candle_time), candle, "derived", complete)
-            outcomes.append(outcome)
-            if row is not None:
-                writes.append(row)
+        outcomes, writes = plan_bars(old, derived)
         self._write(sid, writes)
         incomplete_before = {t for t, s in old.items() if not s.complete}
         completed = [
@@ -406,10 +399,12 @@ class BatchCommit:
                 or candle.candle_time not in incomplete_before
             ):
                 events.append(gap_event(sid, "incomplete", candle.candle_time, candle.candle_time))
-        changed = tuple(
-            c for c, o in zip(candles, outcomes, strict=True) if o is not UpsertOutcome.UNCHANGED
-        )
-        revised = sum(o is UpsertOutcome.REVISED for o in outcomes)
+        if old:
+            keep = map(operator.is_not, outcomes, itertools.repeat(UpsertOutcome.UNCHANGED))
+            changed = tuple(itertools.compress(candles, keep))
+        else:
+            changed = tuple(candles)  # (all new)
+        revised = outcomes.count(UpsertOutcome.REVISED)
         update = SeriesUpdate(sid, changed, derived=True, revised=revised) if changed else None
         return update, events
 
@@ -489,12 +484,8 @@ class BatchCommit:
 # a StoredCandle's candle and complete, a Candle's time and volume (C calls in derive)
 _candle_of, _complete_of = operator.itemgetter(0), operator.itemgetter(2)
 _time_of, _volume_of = operator.attrgetter("candle_time"), operator.attrgetter("volume")
-
+_by_order = operator.itemgetter(0)  # of an (order, update) pair
 _NO_BARS: Final[tuple[tuple[int, SeriesUpdate], ...]] = ()
-
-
-def _by_order(item: tuple[int, SeriesUpdate]) -> int:
-    return item[0]
 
 
 __all__ = ["BatchCommit"]

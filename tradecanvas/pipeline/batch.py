@@ -88,13 +88,22 @@ def dedupe(candles: Iterable[Candle]) -> tuple[list[Candle], int]:
     return [by_time[t] for t in sorted(by_time)], dropped
 
 
+# a batch's (series, candle) pair's series and candle
+_SERIES, _CANDLE = operator.itemgetter(0), operator.itemgetter(1)
+
+
 def group_by_series(pairs: Sequence[tuple[SeriesId, Candle]]) -> dict[SeriesId, list[Candle]]:
     """The candles of each series, in the order given (``BatchCommit`` commits them series
     by series)."""
     first = pairs[0][0] if pairs else None
-    if len(pairs) > 2 and pairs[-1][0] is first and all(s is first for s, _ in pairs):
-        # one series' history (the import, a backfill page): one list
-        return {pairs[0][0]: [c for _, c in pairs]}
+    if (
+        len(pairs) > 2
+        and pairs[-1][0] is first
+        and all(map(operator.is_, map(_SERIES, pairs), itertools.repeat(first)))
+    ):
+        # one series' history (the import, a backfill page): one list (C-level maps: no
+        # Python a candle)
+        return {pairs[0][0]: list(map(_CANDLE, pairs))}
     # a live batch holds one minute of each series: one list each, in one comprehension
     grouped = {series: [candle] for series, candle in pairs}
     if len(grouped) != len(pairs):

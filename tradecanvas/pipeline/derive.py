@@ -22,6 +22,7 @@ from typing import NamedTuple
 import attrs
 
 from tradecanvas.model import MINUTE, Candle, Timeframe, derivation_sources
+from tradecanvas.store.types import StoredCandle, UpsertOutcome, plan_upsert
 
 _ZERO = Decimal(0)
 
@@ -218,6 +219,27 @@ def parts_in(source: Timeframe, timeframe: Timeframe, bucket_time: int) -> int:
     return (timeframe.next_open(bucket_time) - bucket_time) // source.seconds
 
 
+def plan_bars(
+    old: dict[int, StoredCandle], bars: Sequence[tuple[Candle, bool]]
+) -> tuple[list[UpsertOutcome], list[StoredCandle]]:
+    """Each derived bar (with whether it is complete) planned against the stored rows ``old``
+    of its runs (:func:`plan_upsert`): the outcomes, and the rows to write. With nothing
+    stored (the import's history) each is new, without a call a bar."""
+    if not old:
+        # (tuple.__new__: the named tuple's own Python __new__ costs twice as much)
+        return [UpsertOutcome.NEW] * len(bars), [
+            tuple.__new__(StoredCandle, (c, "derived", done)) for c, done in bars
+        ]
+    outcomes: list[UpsertOutcome] = []
+    writes: list[StoredCandle] = []
+    for candle, complete in bars:
+        outcome, row = plan_upsert(old.get(candle.candle_time), candle, "derived", complete)
+        outcomes.append(outcome)
+        if row is not None:
+            writes.append(row)
+    return outcomes, writes
+
+
 __all__ = [
     "DerivedCandle",
     "Part",
@@ -229,4 +251,5 @@ __all__ = [
     "derive_parts",
     "derive_series",
     "parts_in",
+    "plan_bars",
 ]
