@@ -56,6 +56,7 @@ from tradecanvas.bus.roles import (
 )
 from tradecanvas.errors import ExitCode, StoreError, first_leaf
 from tradecanvas.ingest.supervisor import IngestSupervisor
+from tradecanvas.ops.heap import freeze_startup_heap
 from tradecanvas.ops.logs import configure_logging
 from tradecanvas.ops.metrics import Metrics
 from tradecanvas.ops.sd_notify import SdNotifier, run_watchdog
@@ -326,9 +327,7 @@ async def run_daemon(
     task_status: trio.TaskStatus[Mapping[str, int]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """The daemon nursery. ``started()`` reports the bound ports after READY=1."""
-    flags = runtime.flags
-    if stop is None:
-        stop = trio.Event()
+    flags, stop = runtime.flags, trio.Event() if stop is None else stop
     ingest_scope, ws_scope, http_scope = trio.CancelScope(), trio.CancelScope(), trio.CancelScope()
     bus_scope, feed_scope = trio.CancelScope(), trio.CancelScope()
     ingest_done, ws_done, http_done = trio.Event(), trio.Event(), trio.Event()
@@ -392,6 +391,7 @@ async def run_daemon(
             await nursery.start(_run_in_scope, ingest_scope, ingest_done, runtime.ingest.run)
         http = runtime.listening["http"]
         ws = runtime.listening.get("ws")
+        freeze_startup_heap()  # full collections walk what came after, not start-up's heap
         runtime.notifier.ready()
         runtime.notifier.status(
             f"role {flags.role}; {len(flags.series)} series; ws :{ws} http :{http}"
