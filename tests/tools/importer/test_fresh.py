@@ -5,6 +5,7 @@ and mark), events, meta entries and counts as ``BatchCommit`` — and the switch
 
 from __future__ import annotations
 
+import functools
 import random
 import sqlite3
 import tempfile
@@ -148,7 +149,7 @@ def test_the_short_way_stores_what_the_pipeline_commit_stores(
 
 def test_a_fresh_series_goes_the_short_way_and_a_stored_one_does_not() -> None:
     """The short way is taken for a series with nothing stored, and not once the import
-    finds rows of it (or of a bar derived from it)."""
+    finds rows of it, nor after another transaction than its own wrote to the store."""
     minutes = [
         Candle(MONDAY + MINUTE * i, Decimal(1), Decimal(2), Decimal(1), Decimal(2), Decimal(1))
         for i in range(30)
@@ -159,7 +160,7 @@ def test_a_fresh_series_goes_the_short_way_and_a_stored_one_does_not() -> None:
     known = [attrs.evolve(c, quote_volume=one, trades=1, taker_buy_base=one, taker_buy_quote=one)
              for c in minutes]  # fmt: skip
 
-    async def run(db: Path) -> list[bool]:
+    async def run(db: Path, *, between: bool = False) -> list[bool]:
         store = await open_store(db)
         try:
             committer = ArchiveCommitter(
@@ -169,6 +170,8 @@ def test_a_fresh_series_goes_the_short_way_and_a_stored_one_does_not() -> None:
             for part in (known[:10], known[10:20], known[20:]):
                 await committer.commit(SERIES, KlineColumns.of_candles(part), checked=True)
                 taken.append(committer._fresh.get(str(SERIES)) is not None)
+                if between:  # another writer: the short way no longer knows the store
+                    await store.set_meta("elsewhere", "1")
             return taken
         finally:
             await store.aclose()
@@ -177,3 +180,5 @@ def test_a_fresh_series_goes_the_short_way_and_a_stored_one_does_not() -> None:
         db = Path(d) / "s.sqlite3"
         assert trio.run(run, db) == [True, True, True]
         assert trio.run(run, db) == [False, False, False]  # now it holds them
+        other = Path(d) / "other.sqlite3"
+        assert trio.run(functools.partial(run, other, between=True)) == [True, False, False]

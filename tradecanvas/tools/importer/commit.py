@@ -4,13 +4,16 @@ transactions, with one ``factor.rebuild`` (reason ``import``) per series at the 
 :class:`ArchiveCommitter` wraps an :class:`~tradecanvas.pipeline.IngestPipeline` (its store,
 derived timeframes, fingerprint, grid phases and write-through recent bars) and runs the same
 :class:`~tradecanvas.pipeline.apply.BatchCommit` its ``run`` does, so the candles are stored
-and every touched bucket derived exactly as for live or REST data. What differs is the events:
-the per-transaction ``factor.rebuild`` events (``new_series``, ``backfill``, ``revision``) are
-not logged; instead each transaction records, in the store's meta table, the range of
-``candle_time`` each series changed so far (``import_pending``), and :meth:`finish` logs one
-``factor.rebuild`` with reason ``import`` and that exact range per series, then clears the
-record. An interrupted import leaves the record, so the next run's single event covers what
-both changed. ``gap`` events and ``fingerprint`` rebuilds are logged as ``run`` logs them.
+and every touched bucket derived exactly as for live or REST data — or, for a series the
+store does not hold yet, the short way of :mod:`~tradecanvas.tools.importer.fresh`, which
+stores the same rows without a ``Candle`` a row (a test holds the two equal). What differs
+is the events: the per-transaction ``factor.rebuild`` events (``new_series``, ``backfill``,
+``revision``) are not logged; instead each transaction records, in the store's meta table,
+the range of ``candle_time`` each series changed so far (``import_pending``), and
+:meth:`finish` logs one ``factor.rebuild`` with reason ``import`` and that exact range per
+series, then clears the record. An interrupted import leaves the record, so the next run's
+single event covers what both changed. ``gap`` events and ``fingerprint`` rebuilds are
+logged as ``run`` logs them.
 """
 
 from __future__ import annotations
@@ -105,6 +108,9 @@ class ArchiveCommitter:
         self.pending: Ranges = {}
         # each base series' short way while it may be taken (None: no more this import)
         self._fresh: dict[str, FreshSeries | None] = {}
+        # the number of this committer's last transaction (StoreTxn.sequence): the next one
+        # is one more only when nothing else wrote to the store in between
+        self._sequence: int | None = None
 
     async def load_pending(self) -> Ranges:
         """The ranges an earlier, interrupted import changed (its event is still owed)."""
@@ -149,11 +155,17 @@ class ArchiveCommitter:
 
         def in_txn(txn: WriteTxn) -> tuple[ImportCommit, Ranges, Fresh | None]:
             with collector_paused():
+                # the short way knows the store: nothing of the series stored when it starts,
+                # only this committer's transactions since
                 if (
                     fresh is not None
                     and columns is not None
                     and isinstance(txn, StoreTxn)
-                    and (fresh.head is not None or not txn.heads_of(fresh.series_ids()))
+                    and (
+                        not txn.heads_of(fresh.series_ids())
+                        if fresh.head is None
+                        else self._sequence is not None and txn.sequence == self._sequence + 1
+                    )
                 ):
                     done = fresh.commit(txn, txn, columns)
                     return (*self._logged(txn, done.written, done.events, count), done)
@@ -177,7 +189,9 @@ class ArchiveCommitter:
             return self._logged(txn, written_of(updates), events, count)
 
         try:
-            done, ranges, kept = await self.pipeline.store.write(in_txn)
+            done, ranges, kept, self._sequence = await self.pipeline.store.write(
+                lambda txn: (*in_txn(txn), txn.sequence)
+            )
         except BaseException:
             recent.forget()
             raise
