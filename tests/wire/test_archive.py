@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from tradecanvas.errors import CandleError, WireError
 from tradecanvas.model import BASE_TIMEFRAME, Candle, Timeframe, validate_candle
+from tradecanvas.wire import kline_columns
 from tradecanvas.wire.archive import (
     ARCHIVE_HEADER,
     _parse_plain,
@@ -183,16 +184,8 @@ PRICE_TEXTS = (
     "Inf",
     "NaN",
 )
-FIELDS = (
-    "open",
-    "high",
-    "low",
-    "close",
-    "volume",
-    "quote_volume",
-    "taker_buy_base",
-    "taker_buy_quote",
-)
+# a candle's decimal fields
+FIELDS = tuple(f for f in kline_columns.FIELDS if f not in ("candle_time", "trades"))
 
 
 @given(st.lists(st.tuples(*[st.sampled_from(PRICE_TEXTS)] * 4), min_size=1, max_size=20))

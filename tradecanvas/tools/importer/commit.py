@@ -167,7 +167,7 @@ class ArchiveCommitter:
                         else self._sequence is not None and txn.sequence == self._sequence + 1
                     )
                 ):
-                    done = fresh.commit(txn, txn, columns)
+                    done = fresh.commit(txn, columns)
                     return (*self._logged(txn, done.written, done.events, count), done)
                 return (*commit_in(txn), None)
 

@@ -28,7 +28,7 @@ from collections.abc import Callable
 from decimal import Decimal
 from itertools import islice, repeat
 from operator import add, itemgetter, lt, sub
-from typing import Any, Final, NamedTuple, Protocol, final
+from typing import Any, Final, NamedTuple, final
 
 import attrs
 
@@ -36,26 +36,11 @@ from tradecanvas.model import MINUTE, SeriesId
 from tradecanvas.pipeline.derive import aggregate, parts_in
 from tradecanvas.pipeline.events import SystemEvent, gap_event
 from tradecanvas.pipeline.levels import DerivationPlan, Level
-from tradecanvas.store.interface import WriteTxn
-from tradecanvas.store.txn import plain_texts
+from tradecanvas.store.txn import StoreTxn, plain_texts
 from tradecanvas.store.types import Source
 from tradecanvas.wire.kline_columns import FIELDS, KlineColumns, build
 
 _BY_TIME: Final = itemgetter(0)
-
-
-class ColumnWriter(Protocol):
-    """A transaction that writes rows by column (SQLite's ``StoreTxn.write_columns``)."""
-
-    def write_columns(
-        self,
-        series_id: str,
-        source: Source,
-        times: list[int],
-        texts: list[list[str | None]],
-        trades: list[int | None],
-        complete: list[bool],
-    ) -> None: ...
 
 
 class Written(NamedTuple):
@@ -127,7 +112,7 @@ class FreshSeries:
             and columns.all_known()
         )
 
-    def commit(self, txn: WriteTxn, writer: ColumnWriter, columns: KlineColumns) -> Fresh:
+    def commit(self, txn: StoreTxn, columns: KlineColumns) -> Fresh:
         """Write ``columns`` (see :meth:`takes`) and every bar it makes due; the events to
         log. Keep the result with :meth:`kept` once the transaction has committed."""
         written: list[Written] = []
@@ -136,7 +121,7 @@ class FreshSeries:
         times = columns.times
         head = times[-1]
         done = [True] * len(times)
-        _write(writer, self.sid, "rest", columns, done)
+        _write(txn, self.sid, "rest", columns, done)
         written.append(Written(self.sid, False, len(times), times[0], head))
         if self.sid not in fingerprinted:
             txn.set_meta(f"fingerprint:{self.sid}", self.fingerprint)
@@ -153,7 +138,7 @@ class FreshSeries:
             if not bars.times:
                 continue
             sid = self.names[level.tf.text]
-            _write(writer, sid, "derived", bars, complete)
+            _write(txn, sid, "derived", bars, complete)
             written.append(Written(sid, True, len(bars.times), bars.times[0], bars.times[-1]))
             if sid not in fingerprinted:
                 txn.set_meta(f"fingerprint:{sid}", self.fingerprint)
@@ -171,7 +156,7 @@ class FreshSeries:
 
 
 def _write(
-    writer: ColumnWriter, sid: str, source: Source, bars: KlineColumns, complete: list[bool]
+    txn: StoreTxn, sid: str, source: Source, bars: KlineColumns, complete: list[bool]
 ) -> None:
     texts = [
         plain_texts(column)
@@ -186,7 +171,7 @@ def _write(
             bars.taker_buy_quote,
         )
     ]
-    writer.write_columns(sid, source, bars.times, texts, bars.trades, complete)
+    txn.write_columns(sid, source, bars.times, texts, bars.trades, complete)
 
 
 def _derive(
@@ -282,4 +267,4 @@ def _plain_bars(bars: KlineColumns, due: list[tuple[int, int, int]]) -> KlineCol
     )
 
 
-__all__ = ["ColumnWriter", "Fresh", "FreshSeries", "Written"]
+__all__ = ["Fresh", "FreshSeries", "Written"]
