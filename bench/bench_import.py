@@ -3,8 +3,9 @@ generated in Binance's archive layout (12 monthly zips with their ``.CHECKSUM``)
 into a fresh store.
 
 - ``import_ratio_vs_bare_sqlite``: the import's time (checksums, unzip, parse, validate,
-  commit through the pipeline's commit step in 4,000-candle transactions, 5m…1d derived,
-  the ``import`` events) ÷ a bare ``executemany`` of the same rows into the same schema
+  commit in 4,000-candle transactions — the store being fresh, by the import's short way,
+  which stores what the pipeline's commit step would — 5m…1d derived, the ``import``
+  events) ÷ a bare ``executemany`` of the same rows into the same schema
   (the same PRAGMAs, the same transaction size; the rows split from the unzipped CSV text
   inside the clock, the unzipping outside it). Target ≤ 2.0.
 - ``import_candles_per_s``: 1m candles imported per second into SQLite (recorded).

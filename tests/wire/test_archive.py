@@ -5,18 +5,16 @@ from __future__ import annotations
 import io
 from decimal import Decimal
 
-import attrs
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from tradecanvas.errors import CandleError, WireError
 from tradecanvas.model import BASE_TIMEFRAME, Candle, Timeframe, validate_candle
+from tradecanvas.wire import kline_columns
 from tradecanvas.wire.archive import (
     ARCHIVE_HEADER,
-    _build,
     _parse_plain,
-    _plain_attrs_class,
     archive_lines,
     market_of_path,
     missing_runs,
@@ -186,16 +184,8 @@ PRICE_TEXTS = (
     "Inf",
     "NaN",
 )
-FIELDS = (
-    "open",
-    "high",
-    "low",
-    "close",
-    "volume",
-    "quote_volume",
-    "taker_buy_base",
-    "taker_buy_quote",
-)
+# a candle's decimal fields
+FIELDS = tuple(f for f in kline_columns.FIELDS if f not in ("candle_time", "trades"))
 
 
 @given(st.lists(st.tuples(*[st.sampled_from(PRICE_TEXTS)] * 4), min_size=1, max_size=20))
@@ -289,8 +279,9 @@ def test_the_archive_own_form_takes_the_shorter_loop(header: bool, unit: int) ->
                                  header=header))  # fmt: skip
     if unit != 1000:
         text = text.replace("000,", "000000,").replace("999,", "999999,")
-    candles = _parse_plain(text, (T0, T0 + 86_400))
-    assert candles is not None
+    columns = _parse_plain(text, (T0, T0 + 86_400))
+    assert columns is not None
+    candles = columns.candles()
     assert candles == parse_archive_rows(io.StringIO(text))
     assert [c.candle_time for c in candles] == [T0, T0 + 60]
 
@@ -306,7 +297,7 @@ def test_the_shorter_way_reads_the_same_in_chunks_of_any_size(
     whole = _parse_plain(text, span)
     assert _parse_plain(text, span, chunk=chunk) == whole
     if whole is not None:
-        assert whole == parse_archive_rows(io.StringIO(text), span=span)
+        assert whole.candles() == parse_archive_rows(io.StringIO(text), span=span)
 
 
 def test_a_file_longer_than_a_chunk_reads_as_its_rows() -> None:
@@ -314,8 +305,9 @@ def test_a_file_longer_than_a_chunk_reads_as_its_rows() -> None:
     with holes, the order check across chunks): the candles of the row-by-row parser."""
     minutes = [*range(0, 5000), *range(5003, 9000), 9100, *range(9101, 12000)]
     text = "".join(row(T0 + 60 * m) + "\n" for m in minutes)
-    candles = _parse_plain(text, None)
-    assert candles is not None
+    columns = _parse_plain(text, None)
+    assert columns is not None
+    candles = columns.candles()
     assert candles == parse_archive_rows(io.StringIO(text))
     assert [c.candle_time for c in candles] == [T0 + 60 * m for m in minutes]
     # a row repeated at the start of the second chunk: left to the row-by-row parser
@@ -324,56 +316,3 @@ def test_a_file_longer_than_a_chunk_reads_as_its_rows() -> None:
     assert _parse_plain(text, None) is None
     with pytest.raises(WireError, match=r"line 4097: .*not after the previous row"):
         parse_archive_text(text)
-
-
-candle_values = st.builds(
-    Candle,
-    st.integers(0, 2**40),
-    *[st.decimals(allow_nan=False, allow_infinity=False)] * 5,
-    st.none() | st.decimals(allow_nan=False, allow_infinity=False),
-    st.none() | st.integers(0, 10**9),
-    st.none() | st.decimals(allow_nan=False, allow_infinity=False),
-    st.none() | st.decimals(allow_nan=False, allow_infinity=False),
-)
-
-
-@given(st.lists(candle_values, max_size=5))
-def test_candles_built_by_column_are_those_of_the_constructor(candles: list[Candle]) -> None:
-    """``_build`` sets each slot by a ``map`` of its setter: the same candles as
-    ``Candle(...)``, the same objects in every field, frozen like them."""
-    fields = [f.name for f in attrs.fields(Candle)]
-    columns = [[getattr(c, name) for c in candles] for name in fields]
-    built = _build(len(candles), *columns)
-    assert built == candles == list(map(Candle, *columns))
-    for made, given_ in zip(built, candles, strict=True):
-        assert type(made) is Candle
-        assert all(getattr(made, name) is getattr(given_, name) for name in fields)
-        with pytest.raises(attrs.exceptions.FrozenInstanceError):
-            made.open = Decimal(1)  # type: ignore[misc]
-
-
-def test_slots_are_set_directly_only_for_a_plain_attrs_class() -> None:
-    """The setters are used only while ``Candle.__init__`` would do nothing else; a class
-    whose ``__init__`` validates, converts or runs a hook is built by its constructor."""
-    assert _plain_attrs_class(Candle)
-
-    @attrs.frozen
-    class Checked:
-        value: int = attrs.field(validator=attrs.validators.instance_of(int))
-
-    @attrs.frozen
-    class Converted:
-        value: int = attrs.field(converter=int)
-
-    @attrs.frozen
-    class Hooked:
-        value: int
-
-        def __attrs_post_init__(self) -> None:
-            pass
-
-    @attrs.define(slots=False)
-    class NoSlots:
-        value: int
-
-    assert not any(map(_plain_attrs_class, (Checked, Converted, Hooked, NoSlots)))

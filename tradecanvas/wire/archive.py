@@ -19,8 +19,7 @@ from __future__ import annotations
 
 import io
 import re
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import UTC, date, datetime
 from decimal import Decimal, InvalidOperation
 from itertools import islice, repeat
@@ -42,6 +41,7 @@ from tradecanvas.model import (
     plainly_valid,
     validate_candle,
 )
+from tradecanvas.wire.kline_columns import KlineColumns
 
 # the header Binance's USDⓈ-M files carry (spot files have none)
 ARCHIVE_HEADER: Final = (
@@ -256,19 +256,27 @@ def parse_archive_rows(
 
 def parse_archive_text(text: str, *, span: tuple[int, int] | None = None) -> list[Candle]:
     """The 1m candles of one archive file's whole text: :func:`parse_archive_rows` of its
-    lines, the same candles and the same refusals. A file in the archive's own form (12
+    lines, the same candles and the same refusals (:func:`parse_archive_columns`, a
+    ``Candle`` a row)."""
+    return parse_archive_columns(text, span=span).candles()
+
+
+def parse_archive_columns(text: str, *, span: tuple[int, int] | None = None) -> KlineColumns:
+    """:func:`parse_archive_text`'s candles as columns. A file in the archive's own form (12
     columns, every field a plain unsigned number, ``\\n`` line ends, at most the header line
     besides) goes a shorter way first, column by column (:func:`_parse_plain`; a fifth
-    fewer instructions than the rows one by one: docs/benchmarks.md, Import); anything else,
-    or anything that way would have to refuse, is read again by
+    fewer instructions than the rows one by one, and no ``Candle`` a row: docs/benchmarks.md,
+    Import); anything else, or anything that way would have to refuse, is read again by
     :func:`parse_archive_rows`, which says why."""
     plain = _parse_plain(text, span)
-    return plain if plain is not None else parse_archive_rows(io.StringIO(text), span=span)
+    if plain is not None:
+        return plain
+    return KlineColumns.of_candles(parse_archive_rows(io.StringIO(text), span=span))
 
 
 def _parse_plain(
     text: str, span: tuple[int, int] | None, *, chunk: int = _CHUNK
-) -> list[Candle] | None:
+) -> KlineColumns | None:
     """:func:`parse_archive_text`'s shorter way; None: read it row by row instead.
 
     Only digits, points and commas in the rows mean every number is finite and not
@@ -290,7 +298,7 @@ def _parse_plain(
     if not count or list(map(str.count, lines, repeat(",", count))).count(commas) != count:
         return None
     low, high = span if span is not None else (0, 2**62)
-    candles: list[Candle] = []
+    columns = KlineColumns.empty()
     price = _Decimals()
     previous = -1
     try:
@@ -299,34 +307,33 @@ def _parse_plain(
             part = _plain_chunk(lines[at : at + chunk], unit, previous, price)
             if part is None:
                 return None
-            candles += part
-            previous = part[-1].candle_time
+            columns.extend(part)
+            previous = part.times[-1]
     except (ValueError, ArithmeticError):  # a field not a number
         return None
-    if candles[0].candle_time < low or previous >= high:
+    if columns.times[0] < low or previous >= high:
         return None
-    return candles
+    return columns
 
 
 def _plain_chunk(
     lines: list[str], unit: int, previous: int, price: _Decimals
-) -> list[Candle] | None:
+) -> KlineColumns | None:
     """The candles of plain 12-column ``lines`` (at least one) after the open time
     ``previous``; None when one is not a 1m kline after it or low ≤ open, close ≤ high fails.
 
-    Each column is converted by one ``map`` (C loops: no Python per field), and the
-    candles are built column by column (:func:`_build`). In chunks, not a file at once: a
-    ``map`` of ``Decimal`` holds the GIL throughout, and the commit's thread waits for it
-    after each statement (a chunk's column is about a millisecond)."""
+    Each column is converted by one ``map`` (C loops: no Python per field). In chunks, not
+    a file at once: a ``map`` of ``Decimal`` holds the GIL throughout, and the commit's
+    thread waits for it after each statement (a chunk's column is about a millisecond)."""
     count = len(lines)
     fields = ",".join(lines).split(",")
     ticks = list(map(int, fields[0::ARCHIVE_COLUMNS]))
     step = unit * MINUTE
     first = ticks[0]
-    times: Sequence[int]
+    times: list[int]
     if not first % step and ticks == list(range(first, first + count * step, step)):
         # the usual chunk: every minute, once, in order (no Python per row)
-        times = range(first // unit, first // unit + count * MINUTE, MINUTE)
+        times = list(range(first // unit, first // unit + count * MINUTE, MINUTE))
     elif any(map(mod, ticks, repeat(step, count))):
         return None  # an open time not on a minute
     else:
@@ -343,8 +350,7 @@ def _plain_chunk(
     if not (all(map(le, lo, o)) and all(map(le, o, h)) and all(map(le, lo, c))
             and all(map(le, c, h))):  # fmt: skip
         return None
-    return _build(
-        count,
+    return KlineColumns(
         times,
         o,
         h,
@@ -356,48 +362,6 @@ def _plain_chunk(
         list(map(Decimal, fields[9::ARCHIVE_COLUMNS])),
         list(map(Decimal, fields[10::ARCHIVE_COLUMNS])),
     )
-
-
-def _plain_attrs_class(cls: type) -> bool:
-    """True when ``cls``' attrs ``__init__`` does nothing but set each field's slot in turn
-    (slots, no validator, converter, default factory run, post-init or setattr hook)."""
-    return (
-        "__slots__" in cls.__dict__
-        and not hasattr(cls, "__attrs_pre_init__")
-        and not hasattr(cls, "__attrs_post_init__")
-        and all(
-            f.validator is None
-            and f.converter is None
-            and f.init
-            and f.on_setattr in (None, attrs.setters.NO_OP)
-            and f.alias == f.name
-            and type(cls.__dict__.get(f.name)).__name__ == "member_descriptor"
-            for f in attrs.fields(cls)
-        )
-    )
-
-
-# each Candle field's slot setter, in the order of its __init__'s arguments; empty when
-# Candle's __init__ does more than set them (then _build calls it)
-_SETTERS: Final[tuple[Callable[[Candle, object], None], ...]] = (
-    tuple(getattr(Candle, f.name).__set__ for f in attrs.fields(Candle))
-    if _plain_attrs_class(Candle)
-    else ()
-)
-
-
-def _build(count: int, *columns: Iterable[object]) -> list[Candle]:
-    """``count`` Candles of ``columns`` (one a field, in the order of ``Candle``'s
-    arguments): what ``list(map(Candle, *columns))`` gives, with each slot set by a
-    ``map`` of its setter instead of ``Candle.__init__`` per row (attrs' frozen
-    ``__init__`` sets the same slots one ``object.__setattr__`` call at a time, from
-    Python: about 5,500 instructions a candle against 1,000)."""
-    if not _SETTERS:
-        return list(map(Candle, *columns))
-    candles: list[Candle] = list(map(object.__new__, repeat(Candle, count)))
-    for setter, column in zip(_SETTERS, columns, strict=True):
-        deque(map(setter, candles, column), maxlen=0)
-    return candles
 
 
 def _text(value: Decimal | int | None) -> str:
@@ -442,6 +406,7 @@ __all__ = [
     "archive_lines",
     "market_of_path",
     "missing_runs",
+    "parse_archive_columns",
     "parse_archive_name",
     "parse_archive_rows",
     "parse_archive_text",

@@ -43,6 +43,7 @@ from tradecanvas.tools.importer.tally import ImportTally
 from tradecanvas.tools.progress import Progress
 from tradecanvas.tools.signals import StopOnSignal
 from tradecanvas.upstream.phases import learn_phase
+from tradecanvas.wire.kline_columns import KlineColumns
 
 log = logging.getLogger("tradecanvas.tools.importer")
 # Ctrl-C/SIGTERM: stop after the transaction in flight; a second one: at once
@@ -96,21 +97,20 @@ async def _learn_phases(pipeline: IngestPipeline, series: Sequence[SeriesId]) ->
 class _Waiting:
     """A series' candles read and not yet committed, and the files they came from."""
 
-    candles: list[Candle] = attrs.field(factory=list)
+    candles: KlineColumns = attrs.field(factory=KlineColumns.empty)
     # each file not yet committed whole, after how many candles added its last comes
     files: collections.deque[tuple[int, ReadFile]] = attrs.field(factory=collections.deque)
     added: int = 0
     taken: int = 0
 
     def add(self, read: ReadFile) -> None:
-        self.candles += read.candles
-        self.added += len(read.candles)
+        self.candles.extend(read.columns)
+        self.added += len(read.columns)
         self.files.append((self.added, read))
 
-    def take(self, count: int) -> list[Candle]:
+    def take(self, count: int) -> KlineColumns:
         """The first ``count`` candles, taken out to be committed."""
-        chunk = self.candles[:count]
-        del self.candles[:count]
+        chunk = self.candles.take(count)
         self.taken += len(chunk)
         return chunk
 
@@ -149,7 +149,7 @@ async def import_files(
         """Commit ``series``' full transactions; ``rest``: also what is left."""
         queue = waiting[series]
         sid = str(series)
-        while len(queue.candles) >= batch or (rest and queue.candles):
+        while len(queue.candles) >= batch or (rest and len(queue.candles)):
             chunk = queue.take(batch)
             with trio.CancelScope(shield=True):  # what is committed is counted
                 result = await committer.commit(series, chunk, checked=True)

@@ -24,10 +24,11 @@ from tradecanvas.wire.archive import (
     ArchiveName,
     market_of_path,
     missing_runs,
+    parse_archive_columns,
     parse_archive_name,
-    parse_archive_text,
     series_for,
 )
+from tradecanvas.wire.kline_columns import KlineColumns
 
 CHECKSUM_SUFFIX: Final = ".CHECKSUM"
 _READ_CHUNK: Final = 1 << 20
@@ -57,12 +58,17 @@ class ImportFile:
 
 @attrs.frozen
 class ReadFile:
-    """A file's candles, and the minutes its period lacks (Binance's own holes)."""
+    """A file's candles (by column, checked), and the minutes its period lacks (Binance's
+    own holes)."""
 
     file: ImportFile
-    candles: list[Candle]
+    columns: KlineColumns
     checksum: bool  # a .CHECKSUM was beside it and matched
     holes: list[tuple[int, int]]
+
+    @property
+    def candles(self) -> list[Candle]:
+        return self.columns.candles()
 
 
 def find_files(arguments: Sequence[Path]) -> list[Path]:
@@ -177,22 +183,19 @@ def read_file(file: ImportFile) -> ReadFile:
         # the rows make no reference cycle: the collector's walks over them (and over the
         # candles read before, still waiting) were a seventh of the parse
         with collector_paused():
-            candles = parse_archive_text(text, span=span)
+            columns = parse_archive_columns(text, span=span)
     except WireError as exc:
         raise ArchiveFileError(path, f"{where}{exc.detail}; nothing of this file stored") from None
-    if not candles:
+    times = columns.times
+    if not times:
         holes = [] if span is None else [span]
     elif span is None:
-        holes = missing_runs(
-            [c.candle_time for c in candles],
-            candles[0].candle_time,
-            candles[-1].candle_time + MINUTE,
-        )
-    elif len(candles) == (span[1] - span[0]) // MINUTE:
+        holes = missing_runs(times, times[0], times[-1] + MINUTE)
+    elif len(times) == (span[1] - span[0]) // MINUTE:
         holes = []  # every minute of the period: the rows are ascending, once each, inside it
     else:
-        holes = missing_runs([c.candle_time for c in candles], *span)
-    return ReadFile(file, candles, checksum, holes)
+        holes = missing_runs(times, *span)
+    return ReadFile(file, columns, checksum, holes)
 
 
 __all__ = [

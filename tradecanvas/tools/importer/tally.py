@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import attrs
 
 from tradecanvas.model import MINUTE
-from tradecanvas.pipeline.batch import SeriesUpdate
+from tradecanvas.tools.importer.fresh import Written
 from tradecanvas.tools.tally import iso_minute
 
 
@@ -69,15 +69,14 @@ class ImportTally:
         tally.holes = merge_holes([*tally.holes, *holes])
         self.files_done += 1
 
-    def record_commit(self, sid: str, received: int, updates: Sequence[SeriesUpdate]) -> None:
+    def record_commit(self, sid: str, received: int, written: Sequence[Written]) -> None:
         self._of(sid, False).read += received
-        for update in updates:
-            tally = self._of(update.series_id, update.derived)
-            changed = len(update.candles)
-            tally.new += changed - update.revised
-            tally.revised += update.revised
-            if update.derived:
-                tally.read += changed
+        for w in written:
+            tally = self._of(w.series_id, w.derived)
+            tally.new += w.rows - w.revised
+            tally.revised += w.revised
+            if w.derived:
+                tally.read += w.rows
 
     @property
     def changed(self) -> bool:
