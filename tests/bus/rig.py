@@ -71,6 +71,9 @@ class RecordingSink:
         self.log.append(("forming", series_id, candle.candle_time))
         self._note()
 
+    def corked(self) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()
+
     def times(self, series_id: str) -> list[int]:
         return [c.candle_time for c in self.closed.get(series_id, [])]
 

@@ -8,7 +8,7 @@ Shared by test_loop.py and test_supervisor.py.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +57,8 @@ class RecordingHub:
         self.messages: list[dict[str, Any]] = []
         self.times: list[float] = []  # trio.current_time() of each message
         self.fail_closed_for = set(fail_closed_for)
+        # each corked block's messages: (index of its first, index after its last)
+        self.corks: list[tuple[int, int]] = []
         self._changed = trio.Event()
 
     def _record(self, message: dict[str, Any]) -> None:
@@ -79,6 +81,12 @@ class RecordingHub:
 
     def publish_forming(self, series_id: str, candle: Candle) -> None:
         self._record({"type": "candle_forming", "series_id": series_id, "candle": candle.to_wire()})
+
+    @contextlib.contextmanager
+    def corked(self) -> Iterator[None]:
+        first = len(self.messages)
+        yield
+        self.corks.append((first, len(self.messages)))
 
     def closed_times(self, series_id: str) -> list[int]:
         return [

@@ -89,6 +89,17 @@ async def test_a_batch_is_committed_with_its_hole_records_and_published(tmp_path
         assert await rig.store.get_meta(key) == "[]"
 
 
+async def test_a_batch_is_published_in_one_corked_block_of_the_sink(tmp_path: Path) -> None:
+    """Every message of a committed batch (its closes and the derived bar they complete) is
+    published inside one ``corked`` block: the Hub writes each subscriber's share once."""
+    async with committer(tmp_path) as rig:
+        five = [BatchItem(BTC, Released(c, "ws"), 0.0) for c in flat_minutes(T0 + 600, 5)]
+        assert await rig.committer.commit(five) == 6  # with the 5m bar they complete
+        closed = [m for m in rig.hub.messages if m["type"] == "candles_batch"]
+        assert {m["series_id"] for m in closed} == {str(BTC), BTC5}
+        assert rig.hub.corks == [(0, len(rig.hub.messages))]
+
+
 async def test_a_refused_batch_is_committed_candle_by_candle(tmp_path: Path) -> None:
     async with committer(tmp_path) as rig:
         batch = items()

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import cast
 
 import pytest
 
 from tests.conftest import flat_minutes
-from tests.serve.test_hub import MemoryReader, make_hub
 from tradecanvas.errors import PublishError
-from tradecanvas.ingest.publish import Corkable, corked, publish_pipeline_result_from_ws
+from tradecanvas.ingest.publish import publish_pipeline_result_from_ws
 from tradecanvas.model import Candle
 from tradecanvas.ops.metrics import Metrics
 from tradecanvas.pipeline.commit import IngestPipeline, PipelineResult, SeriesUpdate
@@ -38,6 +38,9 @@ class Hub:
 
     def publish_forming(self, series_id: str, candle: Candle) -> None:
         raise AssertionError("no forming here")
+
+    def corked(self) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()
 
 
 class Pipeline:
@@ -108,17 +111,3 @@ def test_legacy_derived_failure_is_best_effort() -> None:
     assert publish(hub, Pipeline(), metrics, False) == 1
     assert len(hub.calls) == 4
     assert count(metrics, "tradecanvas_publish_failed_steps_total", "legacy") == 1
-
-
-def test_a_committed_batch_is_published_corked_where_the_sink_can_cork() -> None:
-    """The Hub holds the writes of a batch's publishes for one write per subscriber; a sink
-    without ``corked`` (this file's Hub) is published to as it is."""
-    real = make_hub(MemoryReader([]))
-    assert isinstance(real, Corkable)
-    with corked(real):
-        assert real._held == {}  # the Hub's own block: writes at once are held
-    plain = Hub()
-    assert not isinstance(plain, Corkable)
-    with corked(plain):
-        assert publish(plain, Pipeline(), Metrics(), enabled=False) == 0
-    assert plain.calls  # published, uncorked

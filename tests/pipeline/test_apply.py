@@ -190,6 +190,28 @@ def test_a_live_minute_reads_nothing_back() -> None:
     assert len(fast.recent.cached_rows(str(BTC))) <= 5 + TRIM_EVERY
 
 
+def test_a_due_trim_waits_out_a_minute_that_completes_bars() -> None:
+    """The trim due every TRIM_EVERY transactions skips a live minute that completes derived
+    bars (the slowest commit): the next transaction trims what both touched. Nothing else
+    changes: the rows and updates are the reference's."""
+    fast, ref = FastRig(FIVE_ONLY), ReferenceRig(FIVE_ONLY)
+    five = str(BTC.with_timeframe(FIVE_ONLY[0]))
+    postponed = 0
+    for i in range(0, 6 * TRIM_EVERY):
+        batch = IngestBatch.of(BTC, [minute(i, 100 + i % 3, 1, True, 0)], "ws")
+        waiting = dict(fast.recent.untrimmed)
+        assert fast.run(batch) == ref.run(batch)
+        if waiting:  # trimmed now, the 5m series with it
+            assert fast.recent.untrimmed == {}
+            assert len(fast.recent.cached_rows(five)) <= 1
+        elif fast.recent.untrimmed:
+            postponed += 1
+            assert (i + 1) % 5 == 0  # a minute that completes a 5m bar
+            assert set(fast.recent.untrimmed) == {str(BTC), five}
+    assert postponed >= 1
+    assert dump(fast.conn) == dump(ref.conn)
+
+
 @pytest.mark.parametrize("derived", [FIVE_ONLY, GRID_ONLY])
 def test_a_live_minute_that_completes_a_bar_takes_the_short_way(
     derived: tuple[Timeframe, ...], monkeypatch: pytest.MonkeyPatch

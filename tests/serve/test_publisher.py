@@ -21,7 +21,7 @@ from tests.serve.test_ws_server import SERIES_1M, SID_1M
 from tradecanvas.model import Candle
 from tradecanvas.ops.metrics import Metrics
 from tradecanvas.pipeline.events import SystemEvent
-from tradecanvas.serve.hub import Hub
+from tradecanvas.serve.hub import CandleReader, Hub
 from tradecanvas.serve.publisher import WRITE_CHUNK_BYTES
 from tradecanvas.serve.subscriber import Subscriber
 from tradecanvas.wire.json import loads
@@ -137,6 +137,21 @@ HISTORY: Final = list(flat_minutes(T0, 3))
 LIVE: Final = list(flat_minutes(T0 + 3 * 60, 20))
 
 
+@asynccontextmanager
+async def caught_up(
+    reader: CandleReader | None = None, *, batch: bool = False, **hub: Any
+) -> AsyncIterator[tuple[Hub, FakeFrames, Subscriber]]:
+    """A hub (``make_hub`` with ``hub``'s settings) over ``reader`` (HISTORY by default) and
+    one framed connection subscribed to SERIES_1M from HISTORY's last minute, its publish
+    task parked: idle and caught up, so a live close may go at once."""
+    made = make_hub(reader if reader is not None else MemoryReader(HISTORY), **hub)
+    frames = FakeFrames()
+    async with framed(made, frames) as subscriber:
+        made.subscribe(subscriber, SERIES_1M, HISTORY[-1].candle_time, batch=batch)
+        await trio.testing.wait_all_tasks_blocked()
+        yield made, frames, subscriber
+
+
 async def test_a_caught_up_idle_subscriber_gets_a_close_at_once_and_reads_no_store() -> None:
     reader = CountingReader(HISTORY)
     hub = make_hub(reader)
@@ -162,11 +177,7 @@ async def test_a_caught_up_idle_subscriber_gets_a_close_at_once_and_reads_no_sto
 
 
 async def test_a_blocked_socket_queues_and_later_closes_wait_behind_the_queue() -> None:
-    hub = make_hub(MemoryReader(HISTORY))
-    frames = FakeFrames()
-    async with framed(hub, frames) as subscriber:
-        hub.subscribe(subscriber, SERIES_1M, HISTORY[-1].candle_time, batch=True)
-        await trio.testing.wait_all_tasks_blocked()
+    async with caught_up(batch=True) as (hub, frames, subscriber):
         frames.block = True
         hub.publish_closed(SID_1M, LIVE[:1])  # queued: the socket takes nothing now
         frames.block = False
@@ -188,11 +199,7 @@ async def test_a_blocked_socket_queues_and_later_closes_wait_behind_the_queue() 
 
 
 async def test_a_partial_write_is_finished_by_the_publish_task_before_anything_else() -> None:
-    hub = make_hub(MemoryReader(HISTORY))
-    frames = FakeFrames()
-    async with framed(hub, frames) as subscriber:
-        hub.subscribe(subscriber, SERIES_1M, HISTORY[-1].candle_time, batch=False)
-        await trio.testing.wait_all_tasks_blocked()
+    async with caught_up() as (hub, frames, _):
         frames.take = 10
         hub.publish_closed(SID_1M, LIVE[:2])  # 10 bytes out, the rest committed
         frames.take = None
@@ -205,11 +212,7 @@ async def test_a_partial_write_is_finished_by_the_publish_task_before_anything_e
 
 
 async def test_forming_goes_at_once_only_above_the_cursor_and_after_queued_closes() -> None:
-    hub = make_hub(MemoryReader(HISTORY))
-    frames = FakeFrames()
-    async with framed(hub, frames) as subscriber:
-        hub.subscribe(subscriber, SERIES_1M, HISTORY[-1].candle_time, batch=False)
-        await trio.testing.wait_all_tasks_blocked()
+    async with caught_up() as (hub, frames, _):
         hub.publish_forming(SID_1M, LIVE[0])
         assert frames.messages()[-1]["type"] == "candle_forming"
         hub.publish_forming(SID_1M, HISTORY[-1])  # at the cursor: never sent
@@ -229,11 +232,7 @@ async def test_forming_goes_at_once_only_above_the_cursor_and_after_queued_close
 
 async def test_a_hole_is_never_written_at_once_it_heals_from_the_store() -> None:
     reader = CountingReader(HISTORY)
-    hub = make_hub(reader)
-    frames = FakeFrames()
-    async with framed(hub, frames) as subscriber:
-        hub.subscribe(subscriber, SERIES_1M, HISTORY[-1].candle_time, batch=False)
-        await trio.testing.wait_all_tasks_blocked()
+    async with caught_up(reader) as (hub, frames, _):
         assert frames.messages() == []
         reader.inner.candles[SID_1M].extend(LIVE[:3])  # committed
         reads = reader.reads
@@ -245,11 +244,7 @@ async def test_a_hole_is_never_written_at_once_it_heals_from_the_store() -> None
 
 
 async def test_corked_publishes_reach_a_subscriber_in_one_write_at_the_end() -> None:
-    hub = make_hub(MemoryReader(HISTORY))
-    frames = FakeFrames()
-    async with framed(hub, frames) as subscriber:
-        hub.subscribe(subscriber, SERIES_1M, HISTORY[-1].candle_time, batch=False)
-        await trio.testing.wait_all_tasks_blocked()
+    async with caught_up() as (hub, frames, subscriber):
         with hub.corked():
             for candle in LIVE[:3]:
                 hub.publish_closed(SID_1M, [candle])
@@ -286,14 +281,10 @@ def test_both_paths_together_deliver_every_close_once_in_order(ops: list[str], b
 
     async def run() -> list[dict[str, Any]]:
         reader = MemoryReader(HISTORY)
-        hub = make_hub(reader, queue_max=8)
-        frames = FakeFrames()
         next_index = 0
         event_id = 0
         cork = contextlib.ExitStack()
-        async with framed(hub, frames) as subscriber:
-            hub.subscribe(subscriber, SERIES_1M, HISTORY[-1].candle_time, batch=batch)
-            await trio.testing.wait_all_tasks_blocked()
+        async with caught_up(reader, batch=batch, queue_max=8) as (hub, frames, subscriber):
             for op in ops:
                 if op in ("close", "close2"):
                     n = 1 if op == "close" else 2

@@ -28,6 +28,7 @@ Errors: nothing of Redis's escapes :meth:`run`; any other exception is a bug and
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Sequence
 from typing import Final, final
@@ -231,6 +232,10 @@ class BusPublisher:
     def publish_forming(self, series_id: str, candle: Candle) -> None:
         self._outbox.add_forming(series_id, encode_forming(series_id, candle))
         self._work.set()
+
+    def corked(self) -> contextlib.AbstractContextManager[None]:
+        """Nothing to hold: the outbox already sends a tick's entries in one batch."""
+        return contextlib.nullcontext()
 
     def publish_result(self, result: PipelineResult) -> None:
         """A pipeline result as ``IngestPipeline.publish`` sends it: series in ``series_id``

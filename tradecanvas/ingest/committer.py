@@ -26,7 +26,7 @@ import trio
 from tradecanvas.errors import CandleError, PublishError, StoreError
 from tradecanvas.ingest.batcher import BatchItem, Holes, hole_records
 from tradecanvas.ingest.core import IngestCore, Malformed
-from tradecanvas.ingest.publish import corked, publish_pipeline_result_from_ws
+from tradecanvas.ingest.publish import publish_pipeline_result_from_ws
 from tradecanvas.ingest.tracker import IngestSource
 from tradecanvas.model import Candle, SeriesId
 from tradecanvas.ops.metrics import Metrics
@@ -78,8 +78,9 @@ class BatchCommitter:
                 if i.released is not None and i.released.received_at is not None
             ]
             newest = max(received) if received else None
-            # corked: each subscriber gets what it is owed of the batch in one write
-            with self.metrics.delivery.publishing(newest, trio.current_time), corked(self.hub):
+            # corked: each subscriber gets what it is owed of the batch in one write (a
+            # chart follows several series)
+            with self.metrics.delivery.publishing(newest, trio.current_time), self.hub.corked():
                 self._publish(result)
         # after the publish: what subscribers are owed has reached the hub, so the forming
         # candles the core held for it may follow (a refused candle is owed no more either)

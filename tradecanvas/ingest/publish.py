@@ -6,27 +6,11 @@
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterator, Sequence
-from typing import Protocol, runtime_checkable
 
 from tradecanvas.ops.metrics import Metrics
 from tradecanvas.pipeline.commit import IngestPipeline, PipelineResult
 from tradecanvas.pipeline.publish import MarketSink, PublishStep, run_publish_steps
-
-
-@runtime_checkable
-class Corkable(Protocol):
-    """A sink that can hold what a block of publishes writes at once and write it per
-    subscriber in one go at the block's end (``serve.hub.Hub.corked``)."""
-
-    def corked(self) -> contextlib.AbstractContextManager[None]: ...
-
-
-def corked(hub: MarketSink) -> contextlib.AbstractContextManager[None]:
-    """``hub.corked()`` where the sink has it, else nothing: the publishes of one committed
-    batch reach each subscriber in one write (a chart follows several series)."""
-    return hub.corked() if isinstance(hub, Corkable) else contextlib.nullcontext()
 
 
 def publish_pipeline_result_from_ws(

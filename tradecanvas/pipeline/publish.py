@@ -3,6 +3,7 @@ protocol the Hub implements (DESIGN §4, ``best_effort``)."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol
@@ -80,7 +81,12 @@ class PublishTarget(Protocol):
 class MarketSink(PublishTarget, Protocol):
     """The Hub as the ingest side sees it: closed and system publishes plus forming updates.
 
-    ``publish_forming`` only queues (never blocks) and is never stored.
+    ``publish_forming`` only queues (never blocks) and is never stored. ``corked`` wraps
+    the publishes of one committed batch: a sink that writes to subscribers may hold what
+    they get and write it per subscriber in one go at the block's end
+    (``serve.hub.Hub.corked``); any other sink returns ``contextlib.nullcontext()``.
     """
 
     def publish_forming(self, series_id: str, candle: Candle) -> None: ...
+
+    def corked(self) -> contextlib.AbstractContextManager[None]: ...

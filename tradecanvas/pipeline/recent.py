@@ -27,9 +27,10 @@ from __future__ import annotations
 
 import bisect
 import operator
-from collections.abc import Callable, Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from typing import Final, Protocol, final
 
+from tradecanvas.model import SeriesId
 from tradecanvas.store.types import StoredCandle
 
 # a row's candle_time (a C call: a history's batch has thousands)
@@ -145,6 +146,9 @@ class RecentBars:
         self._series: dict[str, _Known] = {}
         self._sequence: int | None = None
         self._transactions = 0
+        self._trimmed_at = 0  # the transaction of the last trim
+        # series a transaction touched whose due trim waited for the next (postpone_trim)
+        self.untrimmed: dict[str, SeriesId] = {}
         self.reads = 0  # store reads made to fill gaps (tests and benchmarks look)
 
     def begin(self, sequence: int) -> None:
@@ -156,9 +160,22 @@ class RecentBars:
 
     @property
     def trim_due(self) -> bool:
-        """Every TRIM_EVERY transactions the pipeline trims what it touched (in between, a
-        series keeps a few more rows than it needs)."""
-        return self._transactions % TRIM_EVERY == 0
+        """TRIM_EVERY transactions after the last (:meth:`trimmed`) the pipeline trims what
+        it touched (in between, a series keeps a few more rows than it needs)."""
+        return self._transactions - self._trimmed_at >= TRIM_EVERY
+
+    def postpone_trim(self, touched: Mapping[str, SeriesId]) -> bool:
+        """Let the next transaction's trim take ``touched`` too, once: True when postponed,
+        False when a trim already waited (trim now)."""
+        if self.untrimmed:
+            return False
+        self.untrimmed.update(touched)
+        return True
+
+    def trimmed(self) -> None:
+        """The pipeline trimmed what it touched and what waited."""
+        self._trimmed_at = self._transactions
+        self.untrimmed.clear()
 
     def holds_complete(self, series_id: str, t: int) -> bool:
         """Known to be stored at ``t`` with its ``complete`` mark (no read: False when not

@@ -10,13 +10,15 @@ reader connections behind their own limiter, used from worker threads through
 loop's thread up to its ``COMMIT`` (see :meth:`CandleStore.write`). Under WAL a reader
 sees the last commit and never waits behind a long write. :meth:`CandleStore.write` runs a
 whole function in one transaction, so the pipeline commits base and derived candles of a
-batch together or not at all.
+batch together or not at all. WAL checkpoints run after writes on a thread and connection
+of their own (:mod:`tradecanvas.store.checkpoint`), not inside a ``COMMIT``.
 
 Raises :class:`StoreError` for any SQLite failure (disk full, read-only, corrupt file).
 """
 
 from __future__ import annotations
 
+import functools
 import sqlite3
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -26,6 +28,7 @@ import trio
 
 from tradecanvas.errors import StoreError
 from tradecanvas.model import Candle
+from tradecanvas.store.checkpoint import BACKSTOP_PAGES, Checkpointer
 from tradecanvas.store.schema import SCHEMA_VERSION, migrate
 from tradecanvas.store.txn import (
     StoreTxn,
@@ -121,6 +124,8 @@ def _open_writer(path: Path) -> sqlite3.Connection:
         if str(mode).lower() != "wal":
             raise StoreError(f"candle store {path}: cannot use WAL journal (got {mode})")
         conn.execute("PRAGMA synchronous = FULL")
+        # checkpoints run off the commit path (store.checkpoint); this is only a backstop
+        conn.execute(f"PRAGMA wal_autocheckpoint = {BACKSTOP_PAGES}")
         conn.execute(f"PRAGMA cache_size = -{WRITER_CACHE_KIB}")
         # the statement journal of write_rows' multi-row INSERT (a CHECK may abort it
         # halfway) stays in memory instead of a file in /var/tmp (docs/benchmarks.md, Commit)
@@ -146,6 +151,7 @@ class CandleStore:
         self.path = path
         self._writer = writer
         self._write_limiter = trio.CapacityLimiter(1)
+        self._checkpointer = Checkpointer(functools.partial(_connect, path))
         self._readers: list[sqlite3.Connection] = []
         self._read_limiter = trio.CapacityLimiter(READER_CONNECTIONS)
         self._closed = False
@@ -187,6 +193,7 @@ class CandleStore:
             self._readers.clear()
 
             def _close_all() -> None:
+                self._checkpointer.close()
                 for conn in conns:
                     conn.close()
 
@@ -238,6 +245,7 @@ class CandleStore:
                         result = await trio.to_thread.run_sync(_run)
                 finally:
                     self._write_started = None
+                self._checkpointer.after_write()
         return result
 
     async def _write_quick(self, conn: sqlite3.Connection, fn: Callable[[StoreTxn], T]) -> T:
