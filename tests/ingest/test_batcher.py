@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from tests.conftest import candle, flat_minutes
 from tradecanvas.ingest.batcher import (
+    CATCH_UP_SIZE,
     BatchItem,
     ClosedBatcher,
     FormingThrottle,
@@ -166,3 +167,14 @@ def test_summed_bucket_parts_derive_the_same_forming_bars(
             part, part_previous_close = cache.bucket_part(SID, tf, t)
             got = derive_forming(tf, part, forming, part_previous_close)
             assert repr(got) == repr(expected)
+
+
+def test_a_committer_behind_takes_up_to_the_catch_up_size() -> None:
+    """Up to ``max_size`` waiting: a commit takes them; more (the committer is behind): up
+    to CATCH_UP_SIZE, so the backlog drains instead of growing by each commit's arrivals."""
+    batcher = ClosedBatcher(max_size=3, flush_s=0.0)
+    batcher.add(SID, [Released(c, "ws") for c in minutes(T0, 3)], now=1.0)
+    assert len(batcher.take()) == 3
+    behind = CATCH_UP_SIZE + 5
+    batcher.add(SID, [Released(c, "ws") for c in minutes(T0 + 180, behind)], now=2.0)
+    assert [len(batcher.take()), len(batcher.take())] == [CATCH_UP_SIZE, 5]

@@ -372,3 +372,30 @@ async def test_write_rows_keep_any_series_id_text_and_every_scale(backend: Backe
             format(v, "f") for v in (written.candle.open, written.candle.volume)
         ]
     await store.aclose()
+
+
+async def test_a_write_that_fails_on_this_store_s_last_view_sees_another_store_s_commit(
+    backend: Backend,
+) -> None:
+    """The PostgreSQL store runs a write's function on what its own last write left while
+    the transaction's start is on its way; another store's commit in between (a fence that
+    moved, an event id taken) rolls that attempt back and the function runs again on what
+    is committed."""
+    mine, other = await backend.open(), await backend.open()
+    await mine.set_meta("fence", "1")
+    await other.set_meta("fence", "2")
+    taken = await other.write(lambda txn: txn.append_event(SID, "e", {"by": "other"}, 0.0))
+
+    def fenced(txn: WriteTxn) -> int:
+        if txn.get_meta("fence") != "2":
+            raise RuntimeError("fenced out")
+        return txn.append_event(SID, "e", {"by": "mine"}, 0.0)
+
+    assert await mine.write(fenced) == taken + 1
+    logged = await mine.events_after(0)
+    assert [(e.event_id, e.data) for e in logged] == [
+        (taken, {"by": "other"}),
+        (taken + 1, {"by": "mine"}),
+    ]
+    await mine.aclose()
+    await other.aclose()

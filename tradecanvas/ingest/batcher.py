@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Hashable, Iterable, Sequence
 from decimal import Decimal
-from typing import Generic, TypeVar, final
+from typing import Final, Generic, TypeVar, final
 
 import attrs
 
@@ -65,6 +65,11 @@ def hole_records(items: Iterable[BatchItem]) -> dict[SeriesId, Holes]:
     return holes
 
 
+# a commit of a committer that is behind takes up to this many: a live batch still
+# (pipeline.commit.QUICK_BATCH), several times the default binance_ws_batch_max
+CATCH_UP_SIZE: Final = 1000
+
+
 @final
 class ClosedBatcher:
     """Closed candles waiting for the pipeline, in release order.
@@ -75,11 +80,14 @@ class ClosedBatcher:
     nothing else is pending for its connection group. :meth:`take` returns at most
     ``max_size`` items from the front whose candles share one source (absent runs go with
     any source), so each pipeline run has one ``source`` and every series stays in time
-    order.
+    order — unless more than ``max_size`` are waiting: the committer is behind, and the
+    commit takes up to :data:`CATCH_UP_SIZE`, so that a backlog drains in a few commits
+    instead of growing by what arrives while each commit of ``max_size`` runs.
     """
 
     def __init__(self, max_size: int, flush_s: float) -> None:
         self.max_size = max_size
+        self.catch_up_size = max(max_size, CATCH_UP_SIZE)
         self.flush_s = flush_s
         self._items: list[BatchItem] = []
 
@@ -126,7 +134,8 @@ class ClosedBatcher:
     def take(self) -> list[BatchItem]:
         if not self._items:
             return []
-        front = self._items[: self.max_size]
+        size = self.max_size if len(self._items) <= self.max_size else self.catch_up_size
+        front = self._items[:size]
         source = next((i.released.source for i in front if i.released is not None), None)
         count = 0
         for item in front:

@@ -1,6 +1,7 @@
 """The PostgreSQL store's connection pool settings (``store/postgres.py``): what each
-connection is opened with, how the pool checks a connection it hands out, and which of
-psycopg_pool's log records the store's own lines make redundant.
+connection is opened with, how the pool checks a connection it hands out, which of
+psycopg_pool's log records the store's own lines make redundant, and how the store tells
+a lost connection from a failed statement.
 """
 
 from __future__ import annotations
@@ -10,9 +11,12 @@ import select
 from typing import Final
 
 import psycopg
-from psycopg_pool import ConnectionPool
+from psycopg_pool import ConnectionPool, PoolTimeout
 
+from tradecanvas.errors import StoreError
 from tradecanvas.store.pg_txn import Conn
+
+_LOST_STATES: Final = ("57P01", "57P02", "57P03")  # admin shutdown, crash, starting up
 
 # per connection: a backend whose client vanished gives the write lock back
 CONNECTION_OPTIONS: Final = {
@@ -67,3 +71,37 @@ class _QuietReconnects(logging.Filter):
 
 _POOL_LOG: Final = logging.getLogger("psycopg.pool")
 _POOL_LOG.addFilter(_QuietReconnects())
+
+
+class translated:
+    """Translate psycopg errors into StoreError at the store's edge."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object
+    ) -> None:
+        if isinstance(exc, psycopg.Error):
+            message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise StoreError(
+                f"candle store {self.what} failed: {type(exc).__name__}: {message}"
+            ) from exc
+
+
+def connection_lost(exc: BaseException) -> bool:
+    """A failure of the connection, not of the statement: worth trying again."""
+    if isinstance(exc, PoolTimeout):
+        return True
+    if not isinstance(exc, psycopg.OperationalError):
+        return False
+    state = exc.sqlstate
+    return state is None or state.startswith("08") or state in _LOST_STATES
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__

@@ -17,8 +17,9 @@ whose answer is not needed (every write) goes out with the next one that is wait
 a transaction pays a round trip per read, not per statement. Reads that the pipeline would
 make per series are made once: :meth:`PgStoreTxn.heads_of` gives the heads of all the
 series a commit touches in one query (``RecentBars.learn_heads``); the meta table (the
-fence, the derivation fingerprints) and the event counter come with the transaction's start,
-so ``get_meta`` and ``append_event`` wait for nothing.
+fence, the derivation fingerprints) and the event counter come with the transaction's start
+or from the store's copy (``store/postgres.py``), so ``get_meta`` and ``append_event`` wait
+for nothing.
 
 Deciding in Python is safe because every write transaction holds the store's write lock
 (``pg_schema.WRITE_LOCK_KEY``): no other writer can change a row between the read and the
@@ -163,6 +164,11 @@ class PgStoreTxn:
         the previous write transaction of any process, and a process that sees its own last
         number plus one knows that nobody else wrote in between."""
         return self._sequence
+
+    @property
+    def last_event_id(self) -> int | None:
+        """The event counter as this transaction leaves it (None: not read)."""
+        return self._last_event_id
 
     def write_rows(self, rows: Sequence[tuple[str, StoredCandle]]) -> None:
         """Insert or replace ``(series_id, row)`` pairs exactly as given (a later pair for
@@ -362,35 +368,6 @@ class PgStoreTxn:
             " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
             (key, value),
         )
-
-
-# a write transaction's start (see begin_write)
-_START: Final = "SELECT pg_advisory_xact_lock(%s), pg_current_xact_id()::text"
-_NUMBER: Final = (
-    "UPDATE write_counter SET last_sequence = last_sequence + %s RETURNING last_sequence"
-)
-_META_UNLESS: Final = (
-    "SELECT key, value FROM meta WHERE (SELECT last_sequence FROM write_counter) <> %s"
-)
-
-
-def begin_write(
-    conn: Conn, lock_key: int, step: int, expected: int
-) -> tuple[str, int, int, dict[str, str] | None]:
-    """The start of a write transaction, in one round trip (``conn`` in pipeline mode, in a
-    transaction): take the store's write lock, number the transaction ``step`` above the
-    last one, read the event counter, and the meta table unless the number is ``expected``
-    (nobody else wrote since the caller's last transaction). Returns (transaction id,
-    number, last event id, the meta table or None)."""
-    started = conn.execute(_START, (lock_key,))
-    numbered = conn.execute(_NUMBER, (step,))
-    events = conn.execute("SELECT last_id FROM event_counter")
-    meta_rows = conn.execute(_META_UNLESS, (expected,)).fetchall()  # (waits for all four)
-    got, number, last = started.fetchone(), numbered.fetchone(), events.fetchone()
-    assert got is not None and number is not None and last is not None
-    sequence = int(str(number[0]))
-    meta = None if sequence == expected else {str(k): str(v) for k, v in meta_rows}
-    return str(got[1]), sequence, int(str(last[0])), meta
 
 
 def _columns(rows: Iterable[Row]) -> list[str]:

@@ -16,13 +16,16 @@ hands out event ids in commit order. Readers take no lock (MVCC: they see the la
 
 Speed (docs/architecture.md, "PostgreSQL store"). A write transaction runs in psycopg's
 pipeline mode: its start (BEGIN, the write lock, the transaction number, the event counter,
-and the meta table when needed) is one round trip, its writes go out without waiting, and
-its COMMIT is one more; only a read inside it (a range the pipeline's cache of recent bars
-lacks) waits. The meta table is kept between write transactions while the transaction
-number says nobody else wrote (one more than this store's last): a transaction reads and
-writes it in memory (and writes it through), so the fencing token check and the
-derivation fingerprints cost no round trip; a number that jumped (another writer) or a
-failed transaction reads the table again.
+and the meta table when needed, ``store/pg_start.py``) is sent at once, its writes go out
+without waiting, and its COMMIT is one round trip; only a read inside it (a range the
+pipeline's cache of recent bars lacks) waits. The meta table and the event counter are
+kept between write transactions while the transaction number says nobody else wrote (one
+more than this store's last): a transaction reads and writes the table in memory (and
+writes it through), so the fencing token check and the derivation fingerprints cost no
+round trip, and it runs its function on that guess while the start's answers come back;
+they are checked before the COMMIT is sent. A number that jumped (another writer) rolls the
+guess back and runs the function again on what the tables say (numbered
+``RETRY_SEQUENCE_STEP`` above, see below); a failed transaction reads the tables again.
 
 Connection loss (docs/operations.md, "Faults and what they look like"). A write that loses its
 connection — the server restarting, a network cut, its backend terminated — is tried again,
@@ -45,6 +48,7 @@ schema newer than this code, a constraint broken).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Sequence
 from typing import Any, Final, TypeVar, final
@@ -53,16 +57,22 @@ import attrs
 import psycopg
 import trio
 from psycopg.conninfo import conninfo_to_dict
-from psycopg_pool import ConnectionPool, PoolTimeout
+from psycopg_pool import ConnectionPool
 
 from tradecanvas.errors import StoreError
 from tradecanvas.model import Candle
-from tradecanvas.store.pg_pool import CONNECTION_OPTIONS, check_idle_connection
+from tradecanvas.store.pg_pool import (
+    CONNECTION_OPTIONS,
+    check_idle_connection,
+    connection_lost,
+    first_line,
+    translated,
+)
 from tradecanvas.store.pg_schema import SCHEMA_VERSION, WRITE_LOCK_KEY, migrate
+from tradecanvas.store.pg_start import LastWrite, StaleStart, confirm, send_start
 from tradecanvas.store.pg_txn import (
     Conn,
     PgStoreTxn,
-    begin_write,
     events_pruned_upto,
     get_meta,
     head_time,
@@ -86,7 +96,6 @@ PING_TIMEOUT_S: Final = 2.0
 RETRY_BACKOFF: Final = Backoff(base_s=0.1, cap_s=5.0)
 # a retried write's transaction number jumps by this: never the failed attempt's + 1
 RETRY_SEQUENCE_STEP: Final = 3
-_LOST_STATES: Final = ("57P01", "57P02", "57P03")  # admin shutdown, crash, starting up
 T = TypeVar("T")
 
 
@@ -101,45 +110,11 @@ def describe_url(url: str) -> str:
     return f"postgresql://{user}{parts.get('host', '')}{port}/{parts.get('dbname', '')}"
 
 
-class _translated:
-    """Translate psycopg errors into StoreError at the store's edge."""
-
-    def __init__(self, what: str) -> None:
-        self.what = what
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object
-    ) -> None:
-        if isinstance(exc, psycopg.Error):
-            message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            raise StoreError(
-                f"candle store {self.what} failed: {type(exc).__name__}: {message}"
-            ) from exc
-
-
-def connection_lost(exc: BaseException) -> bool:
-    """A failure of the connection, not of the statement: worth trying again."""
-    if isinstance(exc, PoolTimeout):
-        return True
-    if not isinstance(exc, psycopg.OperationalError):
-        return False
-    state = exc.sqlstate
-    return state is None or state.startswith("08") or state in _LOST_STATES
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
-
-
 class _Lost(Exception):
     """A write's connection broke; ``xid`` is set when it broke during the COMMIT."""
 
     def __init__(self, cause: psycopg.Error, xid: str | None, result: list[Any]) -> None:
-        super().__init__(_first_line(cause))
+        super().__init__(first_line(cause))
         self.xid = xid
         self.result = result
 
@@ -150,7 +125,7 @@ def _open_pool(url: str, size: int) -> ConnectionPool[Conn]:
     # with libpq's own reason (the pool would retry quietly until its timeout), and the
     # migrations run before any pooled connection exists.
     with (
-        _translated(f"open of {where}"),
+        translated(f"open of {where}"),
         psycopg.connect(url, autocommit=True, connect_timeout=int(CONNECT_TIMEOUT_S)) as conn,
     ):
         migrate(conn, where)
@@ -169,7 +144,7 @@ def _open_pool(url: str, size: int) -> ConnectionPool[Conn]:
         name="tradecanvas-store",
     )
     try:
-        with _translated(f"open of {where}"):
+        with translated(f"open of {where}"):
             pool.open(wait=True, timeout=CONNECT_TIMEOUT_S)
     except BaseException:
         pool.close()
@@ -202,9 +177,9 @@ class PostgresStore:
         self._write_started: float | None = None
         self._reachable = True
         self.last_error: str | None = None
-        # (number of the last write transaction, the meta table it left): what the next
-        # one starts from if nobody else wrote in between (None: read it)
-        self._meta: tuple[int, dict[str, str]] | None = None
+        # what the last write transaction left: what the next one starts from if nobody
+        # else wrote in between (None: read it)
+        self._last: LastWrite | None = None
 
     @classmethod
     async def open(cls, url: str, *, pool_size: int = POOL_SIZE) -> PostgresStore:
@@ -256,7 +231,7 @@ class PostgresStore:
                 with self._pool.connection(timeout=PING_TIMEOUT_S) as conn:
                     conn.execute("SELECT 1")
             except psycopg.Error as exc:
-                return _first_line(exc)
+                return first_line(exc)
             return None
 
         error = await trio.to_thread.run_sync(_ping, limiter=self._limiter, abandon_on_cancel=True)
@@ -308,33 +283,17 @@ class PostgresStore:
 
     async def _write_once(self, fn: Callable[[PgStoreTxn], T], step: int) -> T:
         def _run() -> T:
-            xid: str | None = None
-            committing = False
-            done: list[T] = []
-            # the meta table as the previous write left it, good while nobody else wrote
-            known = self._meta
-            self._meta = None  # until this transaction commits
-            expected = -1 if known is None else known[0] + step
-            try:
-                # pipeline mode: a statement whose answer nobody waits for (every write) goes
-                # out with the next one that is waited for, so the transaction costs a round
-                # trip per read it makes, plus one for the start and one for the COMMIT
-                with self._pool.connection() as conn, conn.pipeline(), conn.transaction():
-                    xid, sequence, last_event, meta = begin_write(
-                        conn, WRITE_LOCK_KEY, step, expected
-                    )
-                    if meta is None:  # nobody else wrote: the table as this store left it
-                        assert known is not None
-                        meta = known[1]
-                    txn = PgStoreTxn(conn, sequence, meta=meta, last_event_id=last_event)
-                    done.append(fn(txn))
-                    committing = True  # leaving the block commits
-                self._meta = (sequence, meta)
-                return done[0]
-            except psycopg.Error as exc:
-                if connection_lost(exc):
-                    raise _Lost(exc, xid if committing else None, done) from exc
-                raise StoreError(f"candle store write failed: {_first_line(exc)}") from exc
+            # what the previous write left, good while nobody else wrote
+            known = self._last
+            self._last = None  # until this transaction commits
+            if known is not None and step == 1:
+                try:
+                    return self._transact(fn, step, known, guess=True)
+                except StaleStart:
+                    # another writer committed since: again from what the tables say,
+                    # numbered so that a caller's cache forgets what the guess put in
+                    return self._transact(fn, RETRY_SEQUENCE_STEP, None, guess=False)
+            return self._transact(fn, step, known, guess=False)
 
         # Shielded from the wait for the writer on, as the SQLite store: a caller that took
         # candles out of its buffer must not lose them to a cancellation.
@@ -350,6 +309,61 @@ class PostgresStore:
                     self._write_started = None
         return result
 
+    def _transact(
+        self, fn: Callable[[PgStoreTxn], T], step: int, known: LastWrite | None, *, guess: bool
+    ) -> T:
+        """One attempt of a write, in a worker thread. ``guess``: run ``fn`` on what the
+        previous write left (``known``) while the start's answers are on their way
+        (``store/pg_start.py``), and roll back with StaleStart if they differ."""
+        xid: str | None = None
+        committing = False
+        done: list[T] = []
+        expected = -1 if known is None else known.sequence + step
+        try:
+            # pipeline mode: a statement whose answer nobody waits for (every write) goes
+            # out with the next one that is waited for, so the transaction costs a round
+            # trip per read it makes, plus the start's (overlapping fn when guessing) and
+            # the COMMIT's
+            with self._pool.connection() as conn, conn.pipeline(), conn.transaction():
+                start = send_start(conn, WRITE_LOCK_KEY, step, expected)
+                if guess:
+                    assert known is not None
+                    txn = PgStoreTxn(
+                        conn, expected, meta=known.meta, last_event_id=known.last_event_id
+                    )
+                    try:
+                        done.append(fn(txn))
+                        answers = confirm(start.result(), known)
+                    except StaleStart:
+                        raise
+                    except Exception:
+                        # a failure of a wrong guess (an event id taken, a fence that
+                        # moved) is none: the start's cursors keep the answers they got
+                        with contextlib.suppress(psycopg.Error):
+                            confirm(start.result(), known)
+                        raise
+                    meta = known.meta
+                else:
+                    answers = start.result()
+                    if answers.meta is not None:
+                        meta = answers.meta
+                    else:  # nobody else wrote: the table as this store left it
+                        assert known is not None
+                        meta = known.meta
+                    txn = PgStoreTxn(
+                        conn, answers.sequence, meta=meta, last_event_id=answers.last_event_id
+                    )
+                    done.append(fn(txn))
+                xid = answers.xid
+                committing = True  # leaving the block commits
+            assert txn.last_event_id is not None
+            self._last = LastWrite(answers.sequence, meta, txn.last_event_id)
+            return done[0]
+        except psycopg.Error as exc:
+            if connection_lost(exc):
+                raise _Lost(exc, xid if committing else None, done) from exc
+            raise StoreError(f"candle store write failed: {first_line(exc)}") from exc
+
     async def _committed(self, xid: str) -> bool:
         """Did transaction ``xid`` commit? Asked until the server answers and knows."""
         attempt = 0
@@ -364,8 +378,8 @@ class PostgresStore:
                 status = await trio.to_thread.run_sync(_status, limiter=self._limiter)
             except psycopg.Error as exc:
                 if not connection_lost(exc):
-                    raise StoreError(f"candle store write failed: {_first_line(exc)}") from exc
-                self._note(False, _first_line(exc))
+                    raise StoreError(f"candle store write failed: {first_line(exc)}") from exc
+                self._note(False, first_line(exc))
                 status = "unknown"
             if status in ("committed", "aborted", None):
                 return status == "committed"
@@ -377,7 +391,7 @@ class PostgresStore:
             raise StoreError("candle store is closed")
 
         def _run() -> T:
-            with _translated("read"), self._pool.connection() as conn:
+            with translated("read"), self._pool.connection() as conn:
                 result = fn(conn)
             return result
 
