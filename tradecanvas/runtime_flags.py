@@ -306,7 +306,7 @@ FLAG_SPECS: Final[tuple[FlagSpec, ...]] = (
     FlagSpec("binance_futures_rest_url", "https://fapi.binance.com", _parse_http_url, "USDⓈ-M futures REST base"),
     FlagSpec("binance_spot_rest_url", "https://api.binance.com", _parse_http_url, "spot REST base"),
     FlagSpec("enable_ingest_ws_pipeline_publish", "0", parse_bool, "kill-switch: 1 = publish through IngestPipeline.publish, 0 = legacy loop publish"),
-    FlagSpec("binance_ws_batch_max", "200", _parse_int(1, 100_000), "closed klines per flush at most"),
+    FlagSpec("binance_ws_batch_max", "200", _parse_int(1, 100_000), "closed klines per flush at most while the committer keeps up (behind: up to 1,000)"),
     FlagSpec("binance_ws_flush_s", "0", _parse_float(0.0, 60.0), "longest a close waits for the rest of its minute's closes; 0 = none: group commit (closes go as soon as the previous commit is done)"),
     FlagSpec("market_forming_min_interval_ms", "250", _parse_int(0, 60_000), "forming updates per series at most every N ms"),
     FlagSpec("market_ws_catchup_limit", "5000", _parse_int(1, 100_000), "candles per catch-up message; the null-since catch-up size"),
