@@ -101,6 +101,31 @@ class StoreError(TradeCanvasError):
     """The candle store failed. The batch in flight was rolled back; the daemon stops."""
 
 
+class store_errors_from:
+    """Translate a backend's errors (``kind``: ``sqlite3.Error``, ``psycopg.Error``) raised
+    inside the ``with`` into :class:`StoreError` naming ``what`` was done (the message's
+    first line: libpq's run on over several)."""
+
+    __slots__ = ("kind", "what")
+
+    def __init__(self, kind: type[BaseException], what: str) -> None:
+        self.kind = kind
+        self.what = what
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object
+    ) -> None:
+        if isinstance(exc, self.kind):
+            text = str(exc).strip()
+            message = text.splitlines()[0] if text else ""
+            raise StoreError(
+                f"candle store {self.what} failed: {type(exc).__name__}: {message}"
+            ) from exc
+
+
 class PublishError(TradeCanvasError):
     """A strict publish (``best_effort=False``) had a failing step.
 

@@ -13,7 +13,7 @@ from typing import Final
 import psycopg
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from tradecanvas.errors import StoreError
+from tradecanvas.errors import store_errors_from
 from tradecanvas.store.pg_txn import Conn
 
 _LOST_STATES: Final = ("57P01", "57P02", "57P03")  # admin shutdown, crash, starting up
@@ -73,23 +73,9 @@ _POOL_LOG: Final = logging.getLogger("psycopg.pool")
 _POOL_LOG.addFilter(_QuietReconnects())
 
 
-class translated:
+def translated(what: str) -> store_errors_from:
     """Translate psycopg errors into StoreError at the store's edge."""
-
-    def __init__(self, what: str) -> None:
-        self.what = what
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object
-    ) -> None:
-        if isinstance(exc, psycopg.Error):
-            message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            raise StoreError(
-                f"candle store {self.what} failed: {type(exc).__name__}: {message}"
-            ) from exc
+    return store_errors_from(psycopg.Error, what)
 
 
 def connection_lost(exc: BaseException) -> bool:

@@ -26,7 +26,7 @@ from typing import Final, TypeVar, final
 
 import trio
 
-from tradecanvas.errors import StoreError
+from tradecanvas.errors import StoreError, store_errors_from
 from tradecanvas.model import Candle
 from tradecanvas.store.checkpoint import BACKSTOP_PAGES, Checkpointer
 from tradecanvas.store.schema import SCHEMA_VERSION, migrate
@@ -54,22 +54,9 @@ _BUSY: Final = frozenset({5, 261, 517, 773})
 T = TypeVar("T")
 
 
-class _translated:
+def _translated(what: str) -> store_errors_from:
     """Translate sqlite3 errors into StoreError at the store's edge."""
-
-    def __init__(self, what: str) -> None:
-        self.what = what
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object
-    ) -> None:
-        if isinstance(exc, sqlite3.Error):
-            raise StoreError(
-                f"candle store {self.what} failed: {type(exc).__name__}: {exc}"
-            ) from exc
+    return store_errors_from(sqlite3.Error, what)
 
 
 def _connect(path: Path) -> sqlite3.Connection:
