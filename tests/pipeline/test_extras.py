@@ -12,24 +12,16 @@ from pathlib import Path
 import attrs
 
 from tests.conftest import read_kline_csv
+from tests.pipeline.test_commit import RecordingTarget
 from tradecanvas.model import Candle, SeriesId, Timeframe
 from tradecanvas.pipeline.commit import IngestBatch, IngestPipeline
 from tradecanvas.pipeline.derive import aggregate
-from tradecanvas.pipeline.events import SystemEvent
 from tradecanvas.store.interface import MarketStore
 from tradecanvas.store.open import open_store
 
 BTC = SeriesId.parse("binance:futures:BTC/USDT:1m")
 TFS = [Timeframe.parse(t) for t in ("5m", "15m")]
 BTC5, BTC15 = (str(BTC.with_timeframe(tf)) for tf in TFS)
-
-
-class NullTarget:
-    def publish_closed(self, series_id: str, candles: object) -> list[str]:
-        return []
-
-    def publish_system(self, event: SystemEvent) -> list[str]:
-        return []
 
 
 def without_extras(c: Candle) -> Candle:
@@ -54,7 +46,7 @@ async def extras_arrive_later(store: MarketStore, data_dir: Path) -> None:
     dump = data_dir / "klines_1m_daily_dump" / "spot" / "BTCUSDT-1m-2020-01-01.csv"
     day = read_kline_csv(dump)[:20]
     assert all(c.trades for c in day)
-    pipeline = IngestPipeline(store, NullTarget(), TFS, "fp", clock=lambda: 1_700_000_000.0)
+    pipeline = IngestPipeline(store, RecordingTarget(), TFS, "fp", clock=lambda: 1_700_000_000.0)
     for c in day:
         await pipeline.run(IngestBatch.of(BTC, [without_extras(c)], "http"))
     assert [b.quote_volume for b in await bars(store, BTC5)] == [None] * 4
