@@ -19,9 +19,11 @@ from tradecanvas.store.types import Source, StoredCandle, UpsertOutcome
 
 def upsert_one_by_one(
     conn: sqlite3.Connection, series_id: str, candles: Sequence[Candle], source: Source,
-    complete: bool,
+    complete: bool, rewritten: list[int] | None = None,
 ) -> list[UpsertOutcome]:  # fmt: skip
-    """The store's upsert as it was: a read, then one statement per candle."""
+    """The store's upsert as it was: a read, then one statement per candle. The times of the
+    rows it wrote go to ``rewritten`` (an unchanged candle's too, when it gained extras or
+    its ``complete`` mark changed)."""
     outcomes = []
     for candle in candles:
         rows = select_candles(conn, "candle_time = ?", (series_id, candle.candle_time))
@@ -44,6 +46,8 @@ def upsert_one_by_one(
                 row = StoredCandle(merged, old.source, complete)
         outcomes.append(outcome)
         if row is not None:
+            if rewritten is not None:
+                rewritten.append(candle.candle_time)
             c = row.candle
             conn.execute(
                 f"INSERT OR REPLACE INTO candles (series_id, {_COLUMNS})"  # noqa: S608
@@ -103,8 +107,9 @@ class ReferenceCommit:
             sid = str(series)
             previous_head = txn.head_time(sid)
             changed: list[Candle] = []
+            rewritten: list[int] = []  # the minutes whose row changed, values or extras
             if candles:
-                outcomes = upsert_one_by_one(conn, sid, candles, batch.source, True)
+                outcomes = upsert_one_by_one(conn, sid, candles, batch.source, True, rewritten)
                 changed = [
                     c
                     for c, o in zip(candles, outcomes, strict=True)
@@ -119,7 +124,7 @@ class ReferenceCommit:
                     )
             head = txn.head_time(sid)
             holes = absent.get(series, [])
-            if head is None or not (changed or holes):
+            if head is None or not (rewritten or holes):
                 continue
             settled = max([head] + [end - MINUTE for _, end in holes])
             series_updates: list[tuple[int, SeriesUpdate]] = []
@@ -127,7 +132,8 @@ class ReferenceCommit:
                 phase = self.phase_of(series) if tf.phased else 0
                 if phase is None:
                     continue
-                buckets = {tf.floor(c.candle_time, phase) for c in changed}
+                # a minute that only gained extras changes no value, but its bars' extras
+                buckets = {tf.floor(t, phase) for t in rewritten}
                 if previous_head is not None and head > previous_head:
                     buckets.add(tf.floor(previous_head, phase))
                 for start, end in holes:

@@ -105,9 +105,12 @@ def minute(index: int, price: int, volume: int, extras: bool, text: int) -> Cand
     p = Decimal(price)
     written = Decimal(f"{price}.{'0' * text}") if text else p  # same value, other text
     c = Candle(T0 + 60 * index, written, p + 1, p - 1, p, Decimal(volume))
-    if extras:
-        c = attrs.evolve(c, quote_volume=Decimal(volume * price), trades=volume)
-    return c
+    return with_extras(c) if extras else c
+
+
+def with_extras(c: Candle) -> Candle:
+    """``c`` with the extras :func:`minute` gives (the same values: unchanged, gaining)."""
+    return attrs.evolve(c, quote_volume=c.volume * c.close, trades=int(c.volume))
 
 
 minutes = st.builds(
@@ -138,8 +141,14 @@ def batches(draw: st.DrawFn) -> IngestBatch:
 def scripts(draw: st.DrawFn) -> list[IngestBatch | tuple[str, Candle]]:
     steps: list[IngestBatch | tuple[str, Candle]] = []
     for _ in range(draw(st.integers(1, 7))):
-        if draw(st.integers(0, 5)) == 0:
+        kind = draw(st.integers(0, 6))
+        if kind == 0:
             steps.append((str(draw(symbols)), draw(minutes)))
+        elif kind == 1 and steps and isinstance(steps[-1], IngestBatch):
+            # the last batch's minutes again, with the extras some lacked (the stream or a
+            # repair after the HTTP write path): unchanged, but their bars gain the extras
+            again = tuple((s, with_extras(c)) for s, c in steps[-1].candles)
+            steps.append(IngestBatch(again, draw(st.sampled_from(["ws", "rest"]))))
         else:
             steps.append(draw(batches()))
     return steps
@@ -253,6 +262,7 @@ def live_scripts(draw: st.DrawFn) -> list[IngestBatch | tuple[str, Candle]]:
     day's end), one minute a series a batch, now and then a revision of a recent minute or
     a write by someone else."""
     steps: list[IngestBatch | tuple[str, Candle]] = []
+    sent: dict[int, Candle] = {}  # BTC's live minutes
     first = draw(st.integers(-20, 10))
     for i in range(first, first + draw(st.integers(60, 140))):
         pairs = []
@@ -263,11 +273,16 @@ def live_scripts(draw: st.DrawFn) -> list[IngestBatch | tuple[str, Candle]]:
                 pairs.append((symbol, minute(i, 100 + i % 4, volume, i % 7 != 0, 0)))
         if pairs:
             steps.append(IngestBatch(tuple(pairs), "ws"))
+            sent.update((c.candle_time, c) for s, c in pairs if s == BTC)
         aside = draw(st.integers(0, 40))
         if aside == 0:  # a revision (other values: live volumes are 0 to 3)
             steps.append(IngestBatch.of(BTC, [minute(i, 101, 5, True, 0)], "rest"))
         elif aside == 1:
             steps.append((str(ETH), minute(i - 3, 102, 1, False, 0)))
+        elif aside == 2:  # a recent minute again with its extras (the last 7k lacked them)
+            again = sent.get(T0 + 60 * (i - i % 7 if draw(st.booleans()) else i - 1))
+            if again is not None:
+                steps.append(IngestBatch.of(BTC, [with_extras(again)], "rest"))
     return steps
 
 

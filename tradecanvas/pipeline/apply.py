@@ -149,6 +149,8 @@ class BatchCommit:
                 )
             previous_head = self.recent.head(self.reader, sid)
             changed: Sequence[Candle] = ()
+            # times of the rows written: changed, or unchanged but gaining extras (derive again)
+            rewritten: list[int] = []
             if candles:
                 if previous_head is None or candles[0].candle_time > previous_head:
                     # all above the head (the live minute): new, and nothing to read
@@ -156,8 +158,9 @@ class BatchCommit:
                     rows = [_tuple(StoredCandle, (c, batch.source, True)) for c in candles]
                     self._write(sid, rows)
                     changed = candles
+                    rewritten = [c.candle_time for c in candles]
                 else:
-                    outcomes = self._upsert_base(sid, candles, batch)
+                    outcomes = self._upsert_base(sid, candles, batch, rewritten)
                     changed = [
                         c
                         for c, o in zip(candles, outcomes, strict=True)
@@ -169,26 +172,23 @@ class BatchCommit:
                     events.extend(rebuild_events_for(sid, previous_head, candles, outcomes))
                 if changed:
                     revised = outcomes.count(UpsertOutcome.REVISED)  # (C: no Python a row)
-                    updates.append(
-                        SeriesUpdate(sid, tuple(changed), derived=False, revised=revised)
-                    )
+                    updates.append(_tuple(SeriesUpdate, (sid, tuple(changed), False, revised)))
             head = self.recent.head(self.reader, sid)
             holes = absent.get(series, []) if absent else []
-            if head is None or not (changed or holes):
+            if head is None or not (rewritten or holes):
                 continue
             # settled: every minute up to here is stored or confirmed absent at the exchange
             settled = max([head] + [end - MINUTE for _, end in holes])
-            changed_times = [c.candle_time for c in changed]
             series_updates: list[tuple[int, SeriesUpdate]] = []
-            single = len(changed_times) == 1 and not holes
+            single = len(rewritten) == 1 and not holes
             for level in self.plan.levels:
                 phase = self.phase_of(series) if level.tf.phased else 0
                 if phase is None:
                     continue  # the symbol's grid is not known yet (see set_phase)
                 if single:  # the live minute
-                    buckets = {level.floor(changed_times[0], phase)}
+                    buckets = {level.floor(rewritten[0], phase)}
                 else:
-                    buckets = buckets_of(level, phase, changed_times)
+                    buckets = buckets_of(level, phase, rewritten)
                 if previous_head is not None and head > previous_head:
                     # the bucket of the old head may have been waiting for a confirmed hole;
                     # not if its bar is stored complete (none of its parts changed here)
@@ -283,10 +283,10 @@ class BatchCommit:
         return made
 
     def _upsert_base(
-        self, sid: str, candles: Sequence[Candle], batch: IngestBatch
+        self, sid: str, candles: Sequence[Candle], batch: IngestBatch, rewritten: list[int]
     ) -> list[UpsertOutcome]:
         """Upsert ascending, distinct ``candles``: one read per run of nearby times (only of
-        what RecentBars does not know), one write."""
+        what RecentBars does not know), one write; ``rewritten`` gets the written rows' times."""
         stored: dict[int, StoredCandle] = {}
         for first, last in runs_of([c.candle_time for c in candles], RUN_GAP_S):
             stored.update(
@@ -300,6 +300,7 @@ class BatchCommit:
             outcomes.append(outcome)
             if row is not None:
                 rows.append(row)
+                rewritten.append(candle.candle_time)
         self._write(sid, rows)
         return outcomes
 
