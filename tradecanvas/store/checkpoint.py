@@ -6,14 +6,17 @@ the threshold: in the latency benchmark one live batch in eight paid it, its ``C
 ms instead of 2.4 (median), and the closes of that batch waited for it. Here the writer's
 own threshold is only a backstop (:data:`BACKSTOP_PAGES`), and :class:`Checkpointer` runs a
 ``PASSIVE`` checkpoint — which never waits for the writer or a reader, nor makes them wait —
-on a connection and a thread of its own after a write, at most one at a time and
-:data:`INTERVAL_S` apart: while the ingest publishes what it just committed, before the
-next batch. Durability is the ``COMMIT``'s (the WAL is flushed there), not the checkpoint's.
+after a write, on one long-lived thread and a connection of its own, one at a time and at
+most one started every :data:`INTERVAL_S`: while the ingest publishes what it just
+committed, before the next batch. Writes that come while a checkpoint runs or waits for its
+turn ask for one more checkpoint, not one each. Durability is the ``COMMIT``'s (the WAL is
+flushed there), not the checkpoint's.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import sqlite3
 import threading
 import time
@@ -27,49 +30,97 @@ BACKSTOP_PAGES: Final = 10_000
 # at most one checkpoint started this often (SQLite's threshold came every ~0.16 s of a
 # 5,000 closes/s load; a write seldom waits this long for the next)
 INTERVAL_S: Final = 0.1
+THREAD_NAME: Final = "wal-checkpoint"
 
 
 @final
 class Checkpointer:
-    """Starts ``PASSIVE`` checkpoints on a connection of its own (made by ``connect`` in the
-    first checkpoint's thread), each on a new thread. :meth:`after_write` never blocks;
-    :meth:`close` waits for the one running, then closes the connection. A checkpoint that
-    fails is logged and left to the next one (the writer's backstop remains)."""
+    """Owns one daemon thread (named :data:`THREAD_NAME`, started by the first
+    :meth:`after_write`) and its connection (made by ``connect`` on that thread, closed
+    there when it stops), which runs ``PASSIVE`` checkpoints when writes ask for them, at
+    most one started every ``interval_s``.
 
-    def __init__(self, connect: Callable[[], sqlite3.Connection]) -> None:
+    :meth:`after_write` never blocks on a checkpoint: it sets a flag and wakes the thread.
+    Requests that arrive while a checkpoint runs, or waits out the interval, become one
+    checkpoint. A checkpoint that fails (``sqlite3.Error``, ``connect`` included) is logged
+    and left to the next request, which connects again if ``connect`` failed; nothing is
+    raised to the writer, whose backstop remains. :meth:`close` blocks: it lets the
+    checkpoint running finish, skips any still pending, stops and joins the thread.
+    """
+
+    def __init__(
+        self, connect: Callable[[], sqlite3.Connection], *, interval_s: float = INTERVAL_S
+    ) -> None:
         self._connect = connect
-        self._conn: sqlite3.Connection | None = None
-        self._thread: threading.Thread | None = None
-        self._started = -INTERVAL_S
+        self._interval_s = interval_s
+        self._cond = threading.Condition()
+        # under _cond: a write asked for a checkpoint not started yet / one runs now
+        self._wanted = False
+        self._running = False
         self._closed = False
+        self._thread: threading.Thread | None = None
 
     def after_write(self) -> None:
-        """A write committed: start a checkpoint unless one runs, or one started less than
-        INTERVAL_S ago."""
-        now = time.monotonic()
-        running = self._thread is not None and self._thread.is_alive()
-        if self._closed or running or now - self._started < INTERVAL_S:
-            return
-        self._started = now
-        self._thread = threading.Thread(target=self._run, name="wal-checkpoint", daemon=True)
-        self._thread.start()
+        """A write committed: ask for a checkpoint (never blocks on one; nothing once
+        closed)."""
+        with self._cond:
+            if self._closed:
+                return
+            self._wanted = True
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name=THREAD_NAME, daemon=True)
+                self._thread.start()
+            else:
+                self._cond.notify()
 
-    def _run(self) -> None:
-        try:
-            if self._conn is None:
-                self._conn = self._connect()
-            self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-        except sqlite3.Error as exc:
-            log.warning("WAL checkpoint failed (the next one retries): %s", exc)
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Block until no checkpoint is asked for or running (or the checkpointer is
+        closed); False if ``timeout`` seconds passed first. For tests and tools that need
+        the WAL copied now; the store never waits for it."""
+        with self._cond:
+            return self._cond.wait_for(
+                lambda: self._closed or not (self._wanted or self._running), timeout
+            )
 
     def close(self) -> None:
-        """Wait for the checkpoint running (blocking: call it on a worker thread)."""
-        self._closed = True
-        if self._thread is not None:
-            self._thread.join()
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+        """Let the checkpoint running finish, then stop the thread and wait for it, which
+        closes its connection (blocking: call it on a worker thread). Idempotent."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+            thread = self._thread
+        if thread is not None:
+            thread.join()
+
+    def _run(self) -> None:
+        conn: sqlite3.Connection | None = None
+        last_started = -math.inf
+        try:
+            while True:
+                with self._cond:
+                    self._cond.wait_for(lambda: self._closed or self._wanted)
+                    # the interval runs from the last start; close cuts the wait short
+                    pause = last_started + self._interval_s - time.monotonic()
+                    if pause > 0:
+                        self._cond.wait_for(lambda: self._closed, pause)
+                    if self._closed:
+                        return
+                    self._wanted = False
+                    self._running = True
+                last_started = time.monotonic()
+                try:
+                    if conn is None:
+                        conn = self._connect()
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                except sqlite3.Error as exc:
+                    log.warning("WAL checkpoint failed (the next one retries): %s", exc)
+                finally:
+                    with self._cond:
+                        self._running = False
+                        self._cond.notify_all()
+        finally:
+            if conn is not None:
+                conn.close()
 
 
-__all__ = ["BACKSTOP_PAGES", "INTERVAL_S", "Checkpointer"]
+__all__ = ["BACKSTOP_PAGES", "INTERVAL_S", "THREAD_NAME", "Checkpointer"]
