@@ -28,6 +28,7 @@ from tests.conftest import binance_data_dir
 
 pytestmark = [pytest.mark.browser, pytest.mark.e2e]
 
+HOUR: Final = "binance:futures:BTC/USDT:1h"
 HISTORY: Final = 1440  # the first UTC day: REST history the daemon backfills
 STREAMED: Final = 30  # then streamed, live to the page
 
@@ -103,8 +104,37 @@ def test_the_timeframe_switcher_shows_binance_5m_bars(tmp_path: Path, browser: B
             assert len(shown) == (HISTORY + STREAMED) // 5
             assert shown == [five[b.time] for b in shown]
             assert chart.page.url.endswith("?series=binance%3Afutures%3ABTC%2FUSDT%3A5m")
+            assert (
+                chart.call("() => document.title")
+                == f"{shown[-1].close:.2f} · {FIVE} — tradecanvas"
+            )
             assert chart.console_errors == []
             chart.screenshot("chart-5m")
+            # 1h: 24 bars, fewer than the width holds at the usual spacing, are fitted to it
+            # (not left as a sliver at the right edge)
+            chart.page.get_by_role("button", name="1h", exact=True).click()
+            chart.wait_until(f"() => window.tradecanvasChart.seriesId() === {HOUR!r}")
+            chart.wait_until("() => window.tradecanvasChart.ready()")
+            hours = len(chart.bars(HOUR))
+            assert 20 <= hours <= 25
+            chart.wait_until(
+                "(n) => { const r = window.tradecanvasChart.chart.timeScale()"
+                ".getVisibleLogicalRange(); return r !== null && r.from <= 0 && r.to >= n - 1; }",
+                hours,
+            )
+            spacing = chart.call(
+                "() => window.tradecanvasChart.chart.timeScale().options().barSpacing"
+            )
+            assert spacing > 6
+            # back to 5m: the usual spacing again, the newest bars in view
+            chart.page.get_by_role("button", name="5m", exact=True).click()
+            chart.wait_until(f"() => window.tradecanvasChart.seriesId() === {FIVE!r}")
+            chart.wait_until("() => window.tradecanvasChart.ready()")
+            assert (
+                chart.call("() => window.tradecanvasChart.chart.timeScale().options().barSpacing")
+                == 6
+            )
+            chart.screenshot("chart-1h")
 
 
 def test_an_exchange_hole_is_shaded_and_a_rebuild_redraws_the_revised_bar(
@@ -140,6 +170,12 @@ def test_an_exchange_hole_is_shaded_and_a_rebuild_redraws_the_revised_bar(
             chart.wait_until(f"() => window.tradecanvasChart.seriesId() === {BASE!r}")
             chart.wait_live()
             assert chart.call(f"() => window.tradecanvasChart.gaps({BASE!r})") == missing
+            # the legend over a shaded hole says so; over a bar, its values
+            over_hole = chart.call("(t) => window.tradecanvasChart.legend(t)", missing[0])
+            assert over_hole.endswith("UTC  no candle: a hole in the series"), over_hole
+            before = present[hole_at - 1]
+            over_bar = chart.call("(t) => window.tradecanvasChart.legend(t)", before.time)
+            assert f"C {before.close:.2f}" in over_bar and "hole" not in over_bar, over_bar
 
             # a stored bar is revised (the HTTP write path): factor.rebuild redraws it
             old = bars[-5]
@@ -172,6 +208,11 @@ def test_the_page_recovers_after_the_daemon_restarts(tmp_path: Path, browser: Br
             assert m.stop_serve() == 0
             chart.wait_until("() => window.tradecanvasChart.state() === 'reconnecting'")
             assert "reconnecting" in chart.page.locator("#state").inner_text()
+            # refused a few times in a row (0.25 + 0.5 + 1 + 2 s of backoff): the page says
+            # it cannot reach the daemon
+            chart.wait_until(
+                "() => window.tradecanvasChart.notice().startsWith('cannot reach /ws/market')"
+            )
             errors_before_restart = len(chart.console_errors)
             # while the page is cut off, the restarted daemon stores two more closes
             m.start_serve()
@@ -181,6 +222,9 @@ def test_the_page_recovers_after_the_daemon_restarts(tmp_path: Path, browser: Br
             for bar in later:
                 m.ingest(BASE, bar)
             chart.wait_live()
+            # connected again: the notice is gone
+            assert chart.call("() => window.tradecanvasChart.notice()") == ""
+            assert chart.page.locator("#notice").is_hidden()
             _last_closed_is(chart, later[-1].time)
             # resumed from its cursors: nothing missed, nothing doubled
             shown = chart.bars(BASE)

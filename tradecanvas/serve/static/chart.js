@@ -24,6 +24,8 @@
   const MAX_SHADED_PER_HOLE = 5000; // a hole wider than this is shaded at its start only
   const RECONNECT_MIN_MS = 250;
   const RECONNECT_MAX_MS = 5000;
+  const BAR_SPACING = 6; // px a bar when a series is shown (lightweight-charts' default)
+  const MAX_BAR_SPACING = 40; // a few bars fitted to the width are drawn at most this wide
   const UNITS = { m: 60, h: 3600, d: 86400, w: 604800 };
   const COLORS = { up: "#26a69a", down: "#ef5350", gap: "rgba(255, 152, 0, 0.22)" };
 
@@ -75,7 +77,13 @@
       attributionLogo: false, // the footer carries the attribution (and the CSP stays strict)
     },
     grid: { vertLines: { color: "#1f2430" }, horzLines: { color: "#1f2430" } },
-    timeScale: { timeVisible: true, secondsVisible: false, rightOffset: 5 },
+    timeScale: {
+      timeVisible: true,
+      secondsVisible: false,
+      rightOffset: 5,
+      barSpacing: BAR_SPACING,
+      maxBarSpacing: MAX_BAR_SPACING,
+    },
     crosshair: { mode: LWC.CrosshairMode.Normal },
   });
   // a full-height column behind each missing (or incomplete) bar
@@ -190,26 +198,53 @@
 
   const fmt = (x) => (Math.abs(x) >= 1 ? x.toFixed(2) : x.toPrecision(4));
 
-  function showLegend(time) {
+  const utc = (time) => new Date(time * 1000).toISOString().replace("T", " ").slice(0, 16);
+
+  // the legend for the bar at `time` (null: the newest); the chart's time scale holds the
+  // bars' times and the shaded holes', so a time without a bar is a hole
+  function legendText(time) {
     const bar =
       time === null
         ? view.bars[view.bars.length - 1]
         : view.bars.find((b) => b.time === time);
-    if (!bar) {
-      $("legend").textContent = view.seriesId ? `${view.seriesId} — no candles yet` : "";
-      return;
+    if (bar) {
+      return (
+        `${utc(bar.time)} UTC  O ${fmt(bar.open)}  H ${fmt(bar.high)}  L ${fmt(bar.low)}` +
+        `  C ${fmt(bar.close)}  V ${fmt(bar.volume)}`
+      );
     }
-    const when = new Date(bar.time * 1000).toISOString().replace("T", " ").slice(0, 16);
-    $("legend").textContent =
-      `${when} UTC  O ${fmt(bar.open)}  H ${fmt(bar.high)}  L ${fmt(bar.low)}` +
-      `  C ${fmt(bar.close)}  V ${fmt(bar.volume)}`;
+    if (!view.seriesId) return "";
+    if (time === null || view.bars.length === 0) return `${view.seriesId} — no candles yet`;
+    return `${utc(time)} UTC  no candle: a hole in the series`;
+  }
+
+  function showLegend(time) {
+    $("legend").textContent = legendText(time);
+  }
+
+  // the tab's title: the newest close, then the series
+  function showTitle() {
+    const last = view.bars[view.bars.length - 1];
+    document.title = `${last ? fmt(last.close) + " · " : ""}${view.seriesId} — tradecanvas`;
+  }
+
+  // a series just loaded: its newest bars at the usual spacing, or, when they don't fill
+  // the width at it (a 1d series of a few days), all of them fitted to it
+  function showNewest() {
+    const scale = chart.timeScale();
+    scale.applyOptions({ barSpacing: BAR_SPACING });
+    if (view.bars.length * BAR_SPACING < scale.width()) scale.fitContent();
+    else scale.scrollToRealTime();
   }
   chart.subscribeCrosshairMove((param) => showLegend(param.time === undefined ? null : param.time));
 
-  function notice(text) {
+  // `kind` "socket": the notice of a socket that cannot connect, cleared when one opens
+  let noticeKind = null;
+  function notice(text, kind = "page") {
     const el = $("notice");
     el.textContent = text || "";
     el.hidden = !text;
+    noticeKind = text ? kind : null;
   }
 
   // --- HTTP -------------------------------------------------------------------------------
@@ -307,7 +342,7 @@
     const url = new URL(location.href);
     url.searchParams.set("series", seriesId);
     history.replaceState(null, "", url);
-    document.title = `${seriesId} — tradecanvas`;
+    showTitle();
     fillPickers();
     render();
     setState(conn.socket && conn.socket.readyState === WebSocket.OPEN ? "syncing" : conn.state);
@@ -335,7 +370,8 @@
     }
     notice("");
     render();
-    chart.timeScale().scrollToRealTime();
+    showNewest();
+    showTitle();
     view.ready = true;
     subscribe();
   }
@@ -410,7 +446,7 @@
         view.lastClosed = loaded[loaded.length - 1].candle_time;
       }
       render();
-      chart.timeScale().scrollToRealTime();
+      showNewest();
       return;
     }
     if (data.to_time < view.bars[0].time) return;
@@ -501,7 +537,7 @@
       default:
         break;
     }
-    document.title = `${view.bars.length ? fmt(view.bars[view.bars.length - 1].close) + " · " : ""}${view.seriesId} — tradecanvas`;
+    showTitle();
   }
 
   function connect() {
@@ -512,6 +548,7 @@
     conn.pendingPongs = 0;
     socket.addEventListener("open", () => {
       conn.attempt = 0;
+      if (noticeKind === "socket") notice("");
       setState("syncing");
       subscribe();
     });
@@ -527,6 +564,7 @@
         notice(
           "cannot reach /ws/market: is the daemon running, and is this page's origin in" +
             " TRADE_CANVAS_WS_ALLOWED_ORIGINS?",
+          "socket",
         );
       }
       setTimeout(connect, delay);
@@ -548,6 +586,9 @@
     rebuilds: () => view.rebuilds.map((r) => ({ ...r })),
     errors: () => view.errors.map((e) => ({ ...e })),
     state: () => conn.state,
+    // the legend's text for the bar at `time` (omitted: the newest), and the notice shown
+    legend: (time) => legendText(time === undefined ? null : time),
+    notice: () => ($("notice").hidden ? "" : $("notice").textContent),
     ready: () => view.ready,
     select,
     loadOlder,
