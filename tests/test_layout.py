@@ -45,6 +45,7 @@ PURE_MODULES: Final = (
     "tradecanvas.ingest.batcher",
     "tradecanvas.ingest.ordering",
     "tradecanvas.ingest.core",
+    "tradecanvas.ingest.flush_summary",
     "tradecanvas.serve.subscriber_queue",
     "tradecanvas.serve.drain",
     "tradecanvas.serve.subscription",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from decimal import Decimal
@@ -9,6 +10,9 @@ from pathlib import Path
 
 import attrs
 import orjson
+import pytest
+import trio
+import trio.testing
 
 from tests.conftest import flat_minutes
 from tests.ingest.driver import bar, close_of, forming_of
@@ -152,3 +156,34 @@ async def test_absent_runs_are_committed_as_gap_events_and_finalise_derived_buck
         ]
         assert gaps == [(str(BTC), "exchange", T0 + 720), (BTC5, "incomplete", T0 + 600)]
         assert rig.hub.closed_times(BTC5) == [T0 + 600]
+
+
+async def test_flushes_are_logged_at_debug_and_summed_up_at_info_once_a_minute(
+    tmp_path: Path, mock_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each flush's line is DEBUG; the first flush a minute after the first writes one INFO
+    line with the totals of the three (the clock moves only when the test jumps it)."""
+    caplog.set_level(logging.DEBUG, logger="tradecanvas.ingest.committer")
+    async with committer(tmp_path) as rig:
+        committed = [await rig.committer.commit(items())]  # T0+600..T0+720, new
+        mock_clock.jump(30)
+        # the same again, one of them twice: a duplicate in the batch, nothing new
+        committed.append(await rig.committer.commit([*items(), *items()[:1]]))
+        mock_clock.jump(31)
+        # T0+780, T0+840: the 5m bucket from T0+600 is complete, its bar is committed too
+        last = [BatchItem(BTC, Released(c, "ws"), 0.0) for c in flat_minutes(T0 + 780, 2)]
+        committed.append(await rig.committer.commit(last))
+    assert committed == [3, 0, 3]
+    records = [r for r in caplog.records if r.name == "tradecanvas.ingest.committer"]
+    per_flush = [r for r in records if r.getMessage().startswith("test: flush ")]
+    assert [r.levelno for r in per_flush] == [logging.DEBUG] * 3
+    assert [r.args[1:5] for r in per_flush if isinstance(r.args, tuple)] == [
+        (3, 3, 0, 1),  # received, committed, duplicates, events (1m: new_series)
+        (4, 0, 1, 0),
+        (2, 3, 0, 1),  # the two closes and the 5m bar (5m: new_series)
+    ]
+    (summary,) = [r for r in records if r.levelno == logging.INFO]
+    assert summary.getMessage() == (
+        "test: 3 flushes in the last 61 s: 9 received, 6 committed, 1 duplicates, 2 events;"
+        " commit p50 0.0 ms max 0.0 ms, publish p50 0.0 ms max 0.0 ms (legacy)"
+    )

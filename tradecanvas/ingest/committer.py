@@ -11,8 +11,9 @@
                                              these items go out, after their closes
 
 It owns the loop's StoreHoleMemory, so unresolved holes are loaded, recorded with candles
-and saved on their own in one place. Raises StoreError (the loop stops); a subscriber's
-failure is counted and logged, never raised.
+and saved on their own in one place. Each flush is logged at DEBUG; at INFO a FlushSummary
+(``ingest/flush_summary.py``) sums them up in one line at most once a minute. Raises
+StoreError (the loop stops); a subscriber's failure is counted and logged, never raised.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import trio
 from tradecanvas.errors import CandleError, PublishError, StoreError
 from tradecanvas.ingest.batcher import BatchItem, Holes, hole_records
 from tradecanvas.ingest.core import IngestCore, Malformed
+from tradecanvas.ingest.flush_summary import FlushSummary
 from tradecanvas.ingest.publish import publish_pipeline_result_from_ws
 from tradecanvas.ingest.tracker import IngestSource
 from tradecanvas.model import Candle, SeriesId
@@ -40,8 +42,9 @@ log = logging.getLogger(__name__)
 @final
 class BatchCommitter:
     """Commits and publishes the batches of one ingest loop; ``name`` prefixes its log
-    lines, ``report_malformed`` counts a candle the store refused and ``emit_forming``
-    publishes a forming candle the core held until this commit was published."""
+    lines (each flush at DEBUG, their FlushSummary at INFO), ``report_malformed`` counts a
+    candle the store refused and ``emit_forming`` publishes a forming candle the core held
+    until this commit was published."""
 
     def __init__(
         self,
@@ -64,6 +67,7 @@ class BatchCommitter:
         self.emit_forming = emit_forming
         self.name = name
         self.holes = StoreHoleMemory(pipeline.store)
+        self.summary = FlushSummary(name, "pipeline" if enable_pipeline_publish else "legacy")
 
     async def commit(self, items: Sequence[BatchItem]) -> int:
         """Commit and publish ``items`` (one source); returns the candles committed."""
@@ -92,7 +96,8 @@ class BatchCommitter:
         for item in items:
             if item.released is not None and item.released.received_at is not None:
                 self.metrics.ingest_latency_seconds.observe(now - item.released.received_at)
-        log.info(
+        commit_s, publish_s = committed_at - started, now - committed_at
+        log.debug(
             "%s: flush %d received, %d committed, %d duplicates, %d events;"
             " commit %.1f ms, publish %.1f ms (%s)",
             self.name,
@@ -100,10 +105,21 @@ class BatchCommitter:
             result.committed,
             result.duplicates_dropped,
             len(result.events),
-            (committed_at - started) * 1e3,
-            (now - committed_at) * 1e3,
-            "pipeline" if self.enable_pipeline_publish else "legacy",
+            commit_s * 1e3,
+            publish_s * 1e3,
+            self.summary.path,
         )
+        line = self.summary.add(
+            now,
+            received=result.received,
+            committed=result.committed,
+            duplicates=result.duplicates_dropped,
+            events=len(result.events),
+            commit_s=commit_s,
+            publish_s=publish_s,
+        )
+        if line is not None:
+            log.info("%s", line)
         return result.committed
 
     def _publish(self, result: PipelineResult) -> None:
