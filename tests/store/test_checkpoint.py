@@ -192,35 +192,32 @@ def test_the_interval_spaces_checkpoints_and_close_does_not_wait_it_out(db: Path
     assert len(probe.checkpoints) == 1
 
 
-def test_a_failing_connect_is_logged_and_retried_by_the_next_request(
-    db: Path, caplog: pytest.LogCaptureFixture
+@pytest.mark.parametrize(
+    ("failing", "logged", "connects_after_retry"),
+    [
+        # a failing connect: the next request connects again
+        ({"failing_connects": 1}, "WAL checkpoint failed", 2),
+        # a failing checkpoint: the next one runs on the same connection
+        ({"failing_checkpoints": 1}, "database is locked", 1),
+    ],
+)
+def test_a_failed_checkpoint_is_logged_and_retried_by_the_next_request(
+    db: Path,
+    caplog: pytest.LogCaptureFixture,
+    failing: dict[str, int],
+    logged: str,
+    connects_after_retry: int,
 ) -> None:
-    probe = Probe(db, failing_connects=1)
+    probe = Probe(db, **failing)
     checkpoints = Checkpointer(probe.connect, interval_s=0)
     with caplog.at_level(logging.WARNING, logger="tradecanvas.store.checkpoint"):
         checkpoints.after_write()
         assert checkpoints.wait_idle(TIMEOUT)
-    assert "WAL checkpoint failed" in caplog.text
-    assert (probe.connects, probe.checkpoints) == (1, [])
-    checkpoints.after_write()
-    assert checkpoints.wait_idle(TIMEOUT)
-    assert (probe.connects, len(probe.checkpoints)) == (2, 1)
-    checkpoints.close()
-
-
-def test_a_failing_checkpoint_is_retried_on_the_same_connection(
-    db: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    probe = Probe(db, failing_checkpoints=1)
-    checkpoints = Checkpointer(probe.connect, interval_s=0)
-    with caplog.at_level(logging.WARNING, logger="tradecanvas.store.checkpoint"):
-        checkpoints.after_write()
-        assert checkpoints.wait_idle(TIMEOUT)
-    assert "database is locked" in caplog.text
+    assert logged in caplog.text
     assert probe.checkpoints == []
     checkpoints.after_write()
     assert checkpoints.wait_idle(TIMEOUT)
-    assert (probe.connects, len(probe.checkpoints)) == (1, 1)
+    assert (probe.connects, len(probe.checkpoints)) == (connects_after_retry, 1)
     checkpoints.close()
 
 
