@@ -15,6 +15,11 @@ trades summed from the first part on), every other bucket by ``aggregate`` itsel
 checks of ``BatchCommit._bar`` (incomplete, empty, starting late). Tests hold it to the
 pipeline's commit for any files (``tests/tools/importer/test_fresh.py``).
 
+The sums of whole traded buckets are its own, not ``aggregate``'s: sending every bucket
+through ``aggregate`` (one ``Candle`` a bucket) cost 31 % more of the importer's CPU for a
+year of 1m (4.73–4.77 s → 6.18–6.38 s, ``time.process_time``, 2026-12-04), and an
+``aggregate`` over columns was slower still per call; the tests keep the two equal.
+
 It only runs while it knows the store: from a transaction that found nothing stored for the
 series and all its derived series, through transactions whose minutes are all above the
 last one's, all on this object. Anything else goes back to ``BatchCommit`` for the rest of
