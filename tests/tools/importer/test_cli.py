@@ -83,6 +83,9 @@ async def test_a_bad_checksum_exits_1_naming_the_file(tmp_path: Path) -> None:
     assert done.returncode == ExitCode.FAILED
     assert f"tradecanvas import: {zip_path}: SHA-256 " in done.stderr.decode()
     assert counts(db) == {}
+    # the summary does not claim the refused file's candles were stored already
+    assert "already stored" not in done.stdout.decode()
+    assert "nothing changed in the store" in done.stdout.decode()
 
 
 @pytest.mark.e2e
@@ -101,3 +104,44 @@ async def test_bad_arguments_exit_2(tmp_path: Path) -> None:
         db, "export", SPOT_1M, "--from", "2020-01-02", "--to", "2020-01-01"
     )
     assert backwards.returncode == ExitCode.USAGE
+
+
+@pytest.mark.e2e
+async def test_export_that_fails_leaves_the_output_file_and_the_store_path_alone(
+    tmp_path: Path,
+) -> None:
+    db = tmp_path / "m.sqlite3"
+    assert (await tradecanvas(db, "import", *map(str, real_zips()))).returncode == 0
+    kept = tmp_path / "kept.csv"
+    kept.write_text("an earlier export\n")
+    kept.chmod(0o640)
+    span = ("--from", "2020-01-01", "--to", "2020-01-04", "--out", str(kept))
+
+    # a mistyped store path: refused, and no empty store made there
+    typo = tmp_path / "typo.sqlite3"
+    missing = await tradecanvas(typo, "export", SPOT_1M, *span)
+    assert missing.returncode == ExitCode.STORE_FAILURE
+    assert f"no candle store at {typo}" in missing.stderr.decode()
+    assert not typo.exists()
+
+    # a store that fails to open
+    corrupt = tmp_path / "corrupt.sqlite3"
+    corrupt.write_bytes(b"not a database" * 100)
+    failed = await tradecanvas(corrupt, "export", SPOT_1M, *span)
+    assert failed.returncode == ExitCode.STORE_FAILURE
+
+    # a series the store holds nothing of (a timeframe it does not derive, a typo)
+    for unknown in ("binance:spot:BTC/USDT:7m", "binance:spot:ETH/USDT:1m"):
+        refused = await tradecanvas(db, "export", unknown, *span)
+        assert refused.returncode == ExitCode.USAGE
+        assert f"the store holds no candle of {unknown}" in refused.stderr.decode()
+
+    assert kept.read_text() == "an earlier export\n"
+    assert kept.stat().st_mode & 0o777 == 0o640
+    assert not list(tmp_path.glob(".kept*"))  # noqa: ASYNC240 (the test's own folder)
+
+    # a good export replaces it, keeping its mode
+    done = await tradecanvas(db, "export", SPOT_1M, *span)
+    assert done.returncode == 0, done.stderr.decode()
+    assert len(kept.read_text().splitlines()) == 4320
+    assert kept.stat().st_mode & 0o777 == 0o640

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Final, TextIO
 
@@ -12,7 +16,7 @@ from tradecanvas.errors import BadInputError, ExitCode, SeriesIdError, StoreErro
 from tradecanvas.model import MINUTE, SeriesId
 from tradecanvas.runtime_flags import RuntimeFlags
 from tradecanvas.store.interface import MarketStore
-from tradecanvas.store.open import open_store, store_location
+from tradecanvas.store.open import is_database_url, open_store, store_location
 from tradecanvas.tools.backfill.plan import TIME_EXAMPLES, parse_time
 from tradecanvas.tools.command import FlagCommand
 from tradecanvas.tools.exit_codes import ExitCodeTable
@@ -22,9 +26,21 @@ from tradecanvas.wire.archive import archive_lines
 WINDOW_CANDLES: Final = 50_000
 EXIT_CODES: Final[ExitCodeTable] = (
     (ExitCode.OK, "written (the count goes to stderr)"),
-    (ExitCode.USAGE, "bad arguments: a bad series or time, --to not after --from"),
-    (ExitCode.STORE_FAILURE, "the store failed, or the output file could not be written"),
+    (
+        ExitCode.USAGE,
+        "bad arguments: a bad series or time, --to not after --from, a series the store"
+        " holds no candle of",
+    ),
+    (
+        ExitCode.STORE_FAILURE,
+        "no store at the path, the store failed, or the output file could not be written"
+        " (an existing --out file is left as it was)",
+    ),
 )
+
+
+class UnknownSeriesError(BadInputError):
+    """The store holds no candle of the series (a typo, or a timeframe not derived)."""
 
 
 async def export_csv(
@@ -101,10 +117,35 @@ async def _run(
 ) -> int:
     store = await open_store(location)
     try:
+        if await store.head_time(str(series)) is None:
+            raise UnknownSeriesError(f"the store holds no candle of {series}")
         return await export_csv(store, series, start, end, out, header=header)
     finally:
         with trio.CancelScope(shield=True):
             await store.aclose()
+
+
+@contextlib.contextmanager
+def _replacing(path: Path) -> Iterator[TextIO]:
+    """A new file beside ``path`` that replaces it only when the block ends without an
+    error (else it is removed, and ``path`` stays as it was)."""
+    fd, partial = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+    try:
+        # the mode the file has, or a new file's (mkstemp makes it owner-only)
+        try:
+            mode = path.stat().st_mode & 0o777
+        except FileNotFoundError:
+            umask = os.umask(0)
+            os.umask(umask)
+            mode = 0o666 & ~umask
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as target:
+            yield target
+        os.replace(partial, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(partial)
+        raise
 
 
 @FlagCommand
@@ -116,12 +157,19 @@ def run_export(args: argparse.Namespace, flags: RuntimeFlags, out: TextIO, err: 
         err.write(f"tradecanvas export: {exc}\n")
         return ExitCode.USAGE
     location = store_location(flags.db_path, flags.database_url)
+    if not is_database_url(location) and not Path(location).is_file():
+        # a read: never a new empty store at a mistyped path
+        err.write(f"tradecanvas export: no candle store at {location}\n")
+        return ExitCode.STORE_FAILURE
     try:
         if args.out is None:
             written = trio.run(_run, location, series, start, end, out, args.header)
         else:
-            with args.out.open("w", encoding="utf-8", newline="") as target:
+            with _replacing(args.out) as target:
                 written = trio.run(_run, location, series, start, end, target, args.header)
+    except UnknownSeriesError as exc:
+        err.write(f"tradecanvas export: {exc}\n")
+        return ExitCode.USAGE
     except (StoreError, OSError) as exc:
         err.write(f"tradecanvas export: {exc}\n")
         return ExitCode.STORE_FAILURE

@@ -102,7 +102,13 @@ class ImportTally:
             else:
                 lines.append(f"{sid}: no holes")
         if not self.changed:
-            lines.append("nothing changed: every candle was already stored")
+            # "already stored" only when every file was read: a refused file stored nothing
+            complete = self.files_done == self.files_total
+            lines.append(
+                "nothing changed: every candle was already stored"
+                if complete
+                else "nothing changed in the store"
+            )
         lines.append(
             f"{self.files_done} of {self.files_total} files imported in {elapsed_s:.1f} s;"
             f" {self.events} factor.rebuild event{'s' if self.events != 1 else ''} logged"
