@@ -116,6 +116,30 @@ def test_store_failure_is_one_clear_line_and_a_non_zero_exit(tmp_path: Path) -> 
     assert db.read_bytes().startswith(b"definitely not")  # nothing was written to it
 
 
+@pytest.mark.parametrize("port_role", ["HTTP", "WS"])
+def test_a_port_in_use_is_one_clear_line_and_exit_1(tmp_path: Path, port_role: str) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = subprocess.run(
+            [sys.executable, "-m", "tradecanvas", "serve"],
+            env=cli_env(
+                TRADE_CANVAS_DB_PATH=str(tmp_path / "market.sqlite3"),
+                **{f"TRADE_CANVAS_{port_role}_PORT": str(port)},
+            ),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    assert proc.returncode == ExitCode.FAILED
+    assert "Traceback" not in proc.stderr, proc.stderr
+    what = "HTTP" if port_role == "HTTP" else "WebSocket clients"
+    expected = f"cannot start: cannot listen for {what} on 127.0.0.1:{port}: Address already in use"
+    assert expected in proc.stderr, proc.stderr
+
+
 def test_bad_flag_stops_serve_with_exit_2() -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "tradecanvas", "serve"],

@@ -54,7 +54,7 @@ from tradecanvas.bus.roles import (
     leader_from_flags,
     publisher_from_flags,
 )
-from tradecanvas.errors import ExitCode, StoreError, first_leaf
+from tradecanvas.errors import ExitCode, ListenError, StoreError, first_leaf
 from tradecanvas.ingest.supervisor import IngestSupervisor
 from tradecanvas.ops.heap import freeze_startup_heap
 from tradecanvas.ops.logs import configure_logging
@@ -490,6 +490,10 @@ def serve(flags: RuntimeFlags) -> int:
         if store_errors is not None and rest is None:
             log.critical(STORE_FAILURE_LINE, ExitCode.STORE_FAILURE, first_leaf(store_errors))
             return ExitCode.STORE_FAILURE
+        listen_errors, rest = group.split(ListenError)
+        if listen_errors is not None and rest is None:
+            log.critical("cannot start: %s", first_leaf(listen_errors))
+            return ExitCode.FAILED
         log.critical("tradecanvas failed", exc_info=group)
         return ExitCode.FAILED
     except OSError as exc:

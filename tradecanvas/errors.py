@@ -10,6 +10,7 @@
     │   └── WireError      a malformed upstream (Binance) frame or REST row
     ├── StoreError         SQLite failed (disk full, read-only, corrupt): fatal for the daemon
     ├── PublishError       a strict publish had a failing step (candles are committed)
+    ├── ListenError        a port of the daemon's cannot be listened on (in use, bad host)
     └── UpstreamError      Binance REST/WS failed in a way retries did not cure
 
 Also here: :class:`ExitCode`, the exit status of every ``tradecanvas`` command, and the two
@@ -135,6 +136,18 @@ class PublishError(TradeCanvasError):
     def __init__(self, failures: list[str]) -> None:
         super().__init__("publish failed: " + "; ".join(failures))
         self.failures = failures
+
+
+class ListenError(TradeCanvasError, OSError):
+    """``serve`` cannot listen on one of its ports: it is in use, or its host does not
+    resolve or is not this machine's. The message names the port's role and address."""
+
+    @classmethod
+    def of(cls, what: str, host: str, port: int, exc: OSError) -> ListenError:
+        address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        error = cls(f"cannot listen for {what} on {address}: {exc.strerror or exc}")
+        error.__cause__ = exc
+        return error
 
 
 class UpstreamError(TradeCanvasError):

@@ -40,6 +40,7 @@ from hypercorn.typing import ASGIFramework, ConnectionState
 from hypercorn.utils import wrap_app
 from starlette.types import ASGIApp
 
+from tradecanvas.errors import ListenError
 from tradecanvas.serve.ws_protocol import MAX_MESSAGE_BYTES
 
 log = logging.getLogger(__name__)
@@ -292,10 +293,16 @@ async def serve_http(
     caller's cancellation becomes this bounded drain instead of an instant cancel; the
     whole of it is cancelled ``_HARD_STOP_GRACE_S`` after the drain at the latest.
     """
-    sock = await bind_socket(host, port)
+    try:
+        sock = await bind_socket(host, port)
+    except OSError as exc:
+        raise ListenError.of("HTTP", host, port, exc) from exc
     bound = sock.getsockname()[1]
     try:
         sock.listen(hypercorn.config.Config.backlog)
+    except OSError as exc:
+        sock.close()
+        raise ListenError.of("HTTP", host, port, exc) from exc
     except BaseException:
         sock.close()
         raise

@@ -42,6 +42,7 @@ import trio
 import trio_websocket
 from wsproto.utilities import LocalProtocolError
 
+from tradecanvas.errors import ListenError
 from tradecanvas.serve.frame_safe_stream import FrameSafeStream
 from tradecanvas.serve.hub import Hub
 from tradecanvas.serve.in_flight import PING_FRAME_BYTES, InFlight, limit_send_buffer
@@ -260,8 +261,11 @@ async def serve_ws_port(
 ) -> None:
     """Serve ``endpoint`` at ws://{host}:{port}/ws/market until cancelled; ``started(bound_port)``
     once listening. On cancellation every session is closed with 1001 within a bounded,
-    shielded drain. Raises OSError if the port cannot be bound."""
-    listeners = await trio.open_tcp_listeners(port, host=host)
+    shielded drain. Raises ListenError if the port cannot be listened on."""
+    try:
+        listeners = await trio.open_tcp_listeners(port, host=host)
+    except OSError as exc:
+        raise ListenError.of("WebSocket clients", host, port, exc) from exc
     bound_port = int(listeners[0].socket.getsockname()[1])
     server = _MarketServer(endpoint)
     async with trio.open_nursery() as nursery:
