@@ -76,6 +76,8 @@ PARSE_ERROR_CASES: list[tuple[str, str, str]] = [
     ("TRADE_CANVAS_SERIES", "kraken:spot:BTC/USD:1m", "unknown exchange"),
     ("TRADE_CANVAS_DERIVED_TIMEFRAMES", "5x", "bad timeframe"),
     ("TRADE_CANVAS_DERIVED_TIMEFRAMES", "7m", "cannot be derived"),
+    ("TRADE_CANVAS_DERIVED_TIMEFRAMES", "", "empty; list the timeframes to derive"),
+    ("TRADE_CANVAS_DERIVED_TIMEFRAMES", " , ", "empty; list the timeframes to derive"),
     ("TRADE_CANVAS_DERIVED_TIMEFRAMES", "2w", "the only week length is 1w"),
     ("TRADE_CANVAS_DERIVED_TIMEFRAMES", "5m,1w", "add 1d"),
     ("TRADE_CANVAS_WS_PORT", "http", "not an integer"),
@@ -195,6 +197,13 @@ def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.mark.e2e
+def test_none_derives_nothing() -> None:
+    flags = build_runtime_flags({"TRADE_CANVAS_DERIVED_TIMEFRAMES": " None "}, {}).flags
+    assert flags.derived_timeframes == ()
+    assert not flags.derived_series()
+    assert ("TRADE_CANVAS_DERIVED_TIMEFRAMES", "none") in describe_flags(flags)
+
+
 def test_cli_flags_bad_value_exits_2() -> None:
     proc = _cli({"TRADE_CANVAS_BINANCE_WS_FLUSH_S": "abc"}, "flags")
     assert proc.returncode == 2

@@ -171,7 +171,13 @@ MAX_PARTS_PER_BAR: Final = 1440
 
 
 def _parse_timeframes(text: str) -> tuple[Timeframe, ...]:
+    """The timeframes to derive; ``none`` for none. An empty value is refused: a line
+    blanked in the env file would otherwise stop every derived series without a word."""
+    if text.strip().lower() == "none":
+        return ()
     items = [item.strip() for item in text.split(",") if item.strip()]
+    if not items:
+        raise ValueError("empty; list the timeframes to derive (5m,15m,…), or none")
     result: list[Timeframe] = []
     for item in items:
         try:
@@ -293,7 +299,7 @@ class FlagSpec:
 
 FLAG_SPECS: Final[tuple[FlagSpec, ...]] = (
     FlagSpec("series", "binance:futures:BTC/USDT:1m", _parse_series, "comma-separated base 1m series"),
-    FlagSpec("derived_timeframes", "5m,15m,1h,4h,1d", _parse_timeframes, "timeframes derived from 1m (any of 3m … 1M)"),
+    FlagSpec("derived_timeframes", "5m,15m,1h,4h,1d", _parse_timeframes, "timeframes derived from 1m (any of 3m … 1M; none for none)"),
     FlagSpec("db_path", None, _parse_path, "SQLite file (default $STATE_DIRECTORY/market.sqlite3, else ./var/market.sqlite3)"),
     FlagSpec("database_url", None, _parse_database_url, "PostgreSQL store (postgresql://…) instead of the SQLite file; migrated at start-up"),
     FlagSpec("ws_host", "127.0.0.1", _parse_host, "/ws/market listen address"),
@@ -454,6 +460,8 @@ def describe_flags(flags: RuntimeFlags) -> list[tuple[str, str]]:
             text = _redacted(value)
         elif spec.field in ("database_url", "redis_url"):
             text = _url_without_password(value)
+        elif spec.field == "derived_timeframes" and not value:
+            text = "none"  # (as it is given: an empty value is refused)
         elif isinstance(value, tuple):
             text = ",".join(str(v) for v in value)
         elif isinstance(value, bool):
