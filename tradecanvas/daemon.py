@@ -482,22 +482,18 @@ def serve(flags: RuntimeFlags) -> int:
 
     try:
         trio.run(main)
-    except StoreError as exc:
-        log.critical(STORE_FAILURE_LINE, ExitCode.STORE_FAILURE, exc)
-        return ExitCode.STORE_FAILURE
-    except BaseExceptionGroup as group:
-        store_errors, rest = group.split(StoreError)
-        if store_errors is not None and rest is None:
-            log.critical(STORE_FAILURE_LINE, ExitCode.STORE_FAILURE, first_leaf(store_errors))
+    except BaseException as raised:  # one line for a store failure or a port not listened on
+        grouped = isinstance(raised, BaseExceptionGroup)  # (an OSError alone is the latter)
+        group = BaseExceptionGroup("", [raised])
+        if group.split(StoreError)[1] is None:
+            log.critical(STORE_FAILURE_LINE, ExitCode.STORE_FAILURE, first_leaf(group))
             return ExitCode.STORE_FAILURE
-        listen_errors, rest = group.split(ListenError)
-        if listen_errors is not None and rest is None:
-            log.critical("cannot start: %s", first_leaf(listen_errors))
+        if group.split(ListenError if grouped else OSError)[1] is None:
+            log.critical("cannot start: %s", first_leaf(group))
             return ExitCode.FAILED
-        log.critical("tradecanvas failed", exc_info=group)
-        return ExitCode.FAILED
-    except OSError as exc:
-        log.critical("cannot start: %s", exc)
+        if not grouped:
+            raise
+        log.critical("tradecanvas failed", exc_info=raised)
         return ExitCode.FAILED
     sys.stderr.flush()
     return ExitCode.OK
