@@ -6,11 +6,12 @@ the threshold: in the latency benchmark one live batch in eight paid it, its ``C
 ms instead of 2.4 (median), and the closes of that batch waited for it. Here the writer's
 own threshold is only a backstop (:data:`BACKSTOP_PAGES`), and :class:`Checkpointer` runs a
 ``PASSIVE`` checkpoint — which never waits for the writer or a reader, nor makes them wait —
-after a write, on one long-lived thread and a connection of its own, one at a time and at
-most one started every :data:`INTERVAL_S`: while the ingest publishes what it just
-committed, before the next batch. Writes that come while a checkpoint runs or waits for its
-turn ask for one more checkpoint, not one each. Durability is the ``COMMIT``'s (the WAL is
-flushed there), not the checkpoint's.
+after a write, on one long-lived thread and a connection of its own, one at a time, unless
+one was asked for less than :data:`INTERVAL_S` before: right after a ``COMMIT``, while the
+ingest publishes what it just committed, before the next batch (never at a moment of its
+own, in the middle of a transaction's Python). Writes that come while a checkpoint runs ask
+for one more, not one each. Durability is the ``COMMIT``'s (the WAL is flushed there), not
+the checkpoint's.
 """
 
 from __future__ import annotations
@@ -37,15 +38,16 @@ THREAD_NAME: Final = "wal-checkpoint"
 class Checkpointer:
     """Owns one daemon thread (named :data:`THREAD_NAME`, started by the first
     :meth:`after_write`) and its connection (made by ``connect`` on that thread, closed
-    there when it stops), which runs ``PASSIVE`` checkpoints when writes ask for them, at
-    most one started every ``interval_s``.
+    there when it stops), which runs ``PASSIVE`` checkpoints when writes ask for them.
 
-    :meth:`after_write` never blocks on a checkpoint: it sets a flag and wakes the thread.
-    Requests that arrive while a checkpoint runs, or waits out the interval, become one
-    checkpoint. A checkpoint that fails (``sqlite3.Error``, ``connect`` included) is logged
-    and left to the next request, which connects again if ``connect`` failed; nothing is
-    raised to the writer, whose backstop remains. :meth:`close` blocks: it lets the
-    checkpoint running finish, skips any still pending, stops and joins the thread.
+    :meth:`after_write` never blocks on a checkpoint: it asks for one, unless it asked less
+    than ``interval_s`` ago (then that write's pages wait for the next write's checkpoint),
+    and wakes the thread if it is waiting. Requests that arrive while a checkpoint runs
+    become one more checkpoint. A checkpoint that fails (``sqlite3.Error``, ``connect``
+    included) is logged and left to the next request, which connects again if ``connect``
+    failed; nothing is raised to the writer, whose backstop remains. :meth:`close` blocks:
+    it lets the checkpoint running finish, skips any still pending, stops and joins the
+    thread.
     """
 
     def __init__(
@@ -54,23 +56,31 @@ class Checkpointer:
         self._connect = connect
         self._interval_s = interval_s
         self._cond = threading.Condition()
-        # under _cond: a write asked for a checkpoint not started yet / one runs now
+        # under _cond: a write asked for a checkpoint not started yet / one runs now / the
+        # thread waits for a request (only then does a write wake it) / the last request
         self._wanted = False
         self._running = False
+        self._idle = False
+        self._asked_at = -math.inf
         self._closed = False
         self._thread: threading.Thread | None = None
 
     def after_write(self) -> None:
         """A write committed: ask for a checkpoint (never blocks on one; nothing once
         closed)."""
+        now = time.monotonic()
         with self._cond:
-            if self._closed:
+            if self._closed or self._wanted or now - self._asked_at < self._interval_s:
                 return
+            self._asked_at = now
             self._wanted = True
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name=THREAD_NAME, daemon=True)
                 self._thread.start()
-            else:
+            elif self._idle:
+                # only a thread waiting for a request is woken: one running a checkpoint
+                # sees the flag when it is done (a wake-up for nothing takes the GIL from
+                # the writer)
                 self._cond.notify()
 
     def wait_idle(self, timeout: float | None = None) -> bool:
@@ -94,20 +104,16 @@ class Checkpointer:
 
     def _run(self) -> None:
         conn: sqlite3.Connection | None = None
-        last_started = -math.inf
         try:
             while True:
                 with self._cond:
+                    self._idle = True
                     self._cond.wait_for(lambda: self._closed or self._wanted)
-                    # the interval runs from the last start; close cuts the wait short
-                    pause = last_started + self._interval_s - time.monotonic()
-                    if pause > 0:
-                        self._cond.wait_for(lambda: self._closed, pause)
+                    self._idle = False
                     if self._closed:
                         return
                     self._wanted = False
                     self._running = True
-                last_started = time.monotonic()
                 try:
                     if conn is None:
                         conn = self._connect()
