@@ -140,14 +140,13 @@ class PublishError(TradeCanvasError):
 
 class ListenError(TradeCanvasError, OSError):
     """``serve`` cannot listen on one of its ports: it is in use, or its host does not
-    resolve or is not this machine's. The message names the port's role and address."""
+    resolve or is not this machine's. The message names the port's role and address (raise
+    it ``from`` the OSError)."""
 
     @classmethod
     def of(cls, what: str, host: str, port: int, exc: OSError) -> ListenError:
         address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        error = cls(f"cannot listen for {what} on {address}: {exc.strerror or exc}")
-        error.__cause__ = exc
-        return error
+        return cls(f"cannot listen for {what} on {address}: {exc.strerror or exc}")
 
 
 class UpstreamError(TradeCanvasError):

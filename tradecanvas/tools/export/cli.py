@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import tempfile
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Final, TextIO
@@ -127,24 +127,18 @@ async def _run(
 
 @contextlib.contextmanager
 def _replacing(path: Path) -> Iterator[TextIO]:
-    """A new file beside ``path`` that replaces it only when the block ends without an
-    error (else it is removed, and ``path`` stays as it was)."""
-    fd, partial = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+    """A new file beside ``path`` (made as any new file, with its mode if it exists) that
+    replaces it only when the block ends without an error; else it is removed, and ``path``
+    stays as it was."""
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
     try:
-        # the mode the file has, or a new file's (mkstemp makes it owner-only)
-        try:
-            mode = path.stat().st_mode & 0o777
-        except FileNotFoundError:
-            umask = os.umask(0)
-            os.umask(umask)
-            mode = 0o666 & ~umask
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as target:
+        with partial.open("x", encoding="utf-8", newline="") as target:
             yield target
-        os.replace(partial, path)
+        if path.exists():
+            shutil.copymode(path, partial)
+        partial.replace(path)
     except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(partial)
+        partial.unlink(missing_ok=True)
         raise
 
 
