@@ -4,6 +4,7 @@ and reads only what it does not know."""
 
 from __future__ import annotations
 
+import itertools
 import sqlite3
 from collections.abc import Collection
 from decimal import Decimal
@@ -12,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tradecanvas.model import Candle
-from tradecanvas.pipeline.recent import MAX_ROWS_PER_SERIES, RecentBars
+from tradecanvas.pipeline.recent import MAX_ROWS_PER_SERIES, RecentBars, _Known
 from tradecanvas.store.schema import migrate
 from tradecanvas.store.txn import StoreTxn
 from tradecanvas.store.types import StoredCandle
@@ -175,3 +176,26 @@ def test_wrote_ascending_rows_equals_the_row_by_row_way(
         known = recent._series[SID]
         states.append((known.times, known.rows, known.spans, known.head, known.head_known))
     assert states[0] == states[1]
+
+
+@given(
+    st.lists(st.tuples(st.integers(0, 60), st.integers(0, 60)), max_size=30),
+    st.integers(0, 60),
+    st.integers(0, 60),
+)
+def test_spans_hold_exactly_what_was_covered(
+    covers: list[tuple[int, int]], start: int, end: int
+) -> None:
+    """The known spans (found by bisection) against a set of the times covered: ascending,
+    disjoint, not touching, and the gaps of any range are the times not covered."""
+    known, covered = _Known(), set[int]()
+    for lo, hi in covers:
+        known.cover(lo, hi)
+        covered.update(range(lo, hi))
+    spans = known.spans
+    assert all(lo < hi for lo, hi in spans)
+    assert all(hi < lo for (_, hi), (lo, _) in itertools.pairwise(spans))
+    assert {t for lo, hi in spans for t in range(lo, hi)} == covered
+    gaps = known.gaps(start, end)
+    assert all(lo < hi for lo, hi in gaps)
+    assert {t for lo, hi in gaps for t in range(lo, hi)} == set(range(start, end)) - covered

@@ -38,6 +38,8 @@ _ROW_TIME: Final = operator.attrgetter("candle.candle_time")
 
 # a lower bound of every candle_time (they are unix seconds, never negative)
 _LOW: Final = -(2**62)
+_LO: Final = operator.itemgetter(0)
+_HI: Final = operator.itemgetter(1)
 # the most rows kept per series after a trim: a bound on memory whatever the timeframes
 MAX_ROWS_PER_SERIES: Final = 1500
 TRIM_EVERY: Final = 8
@@ -81,9 +83,11 @@ class _Known:
             end = min(end, max(start, above))
         gaps: list[tuple[int, int]] = []
         at = start
-        for lo, hi in self.spans:
-            if hi <= at:
-                continue
+        spans = self.spans
+        # from the first span ending after ``start`` (the ends ascend too): a history written
+        # below the head is a span a row, so no walk from the oldest
+        for k in range(bisect.bisect_right(spans, start, key=_HI), len(spans)):
+            lo, hi = spans[k]
             if lo >= end:
                 break
             if lo > at:
@@ -103,15 +107,13 @@ class _Known:
             if hi > spans[-1][1]:
                 spans[-1] = (spans[-1][0], hi)
             return
-        merged: list[tuple[int, int]] = []
-        for a, b in self.spans:
-            if b < lo or a > hi:
-                merged.append((a, b))
-            else:
-                lo, hi = min(lo, a), max(hi, b)
-        merged.append((lo, hi))
-        merged.sort()
-        self.spans = merged
+        # the spans it overlaps or touches, [first, stop), become one (bisection: spans
+        # a row each, below the head, made this a walk of all of them a row)
+        first = bisect.bisect_left(spans, lo, key=_HI)
+        stop = bisect.bisect_right(spans, hi, key=_LO)
+        if first < stop:
+            lo, hi = min(lo, spans[first][0]), max(hi, spans[stop - 1][1])
+        spans[first:stop] = [(lo, hi)]
 
     def above_head(self, t: int, row: StoredCandle) -> None:
         """Put ``row``, at ``t`` above the known head (not None): ``t`` is the head now."""
