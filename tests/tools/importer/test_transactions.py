@@ -1,5 +1,7 @@
-"""``import_files``' transactions: ``batch`` candles each across file boundaries, a file
-counted done once all its candles are committed, the files before a refused one committed."""
+"""``import_files``' transactions: about ``batch`` candles each across file boundaries,
+ending where no derived bucket goes on (history behind a stored series then logs no
+``incomplete`` gap and counts nothing revised), a file counted done once all its candles are
+committed, the files before a refused one committed."""
 
 from __future__ import annotations
 
@@ -12,9 +14,21 @@ from typing import cast
 
 import pytest
 
-from tests.tools.importer.rig import FLAGS, SPOT_1M, Nobody, dump_dir, plan, real_zips, rows
+from tests.tools.importer.rig import (
+    FLAGS,
+    SPOT_1M,
+    SPOT_5M,
+    Nobody,
+    dump_dir,
+    events,
+    identical,
+    plan,
+    real_zips,
+    rows,
+)
 from tradecanvas.model import Candle, SeriesId
 from tradecanvas.pipeline.commit import IngestPipeline
+from tradecanvas.pipeline.levels import Level
 from tradecanvas.store.open import open_store
 from tradecanvas.tools.importer import ArchiveCommitter, ArchiveFileError, ImportTally
 from tradecanvas.tools.importer.cli import import_files
@@ -30,6 +44,9 @@ class _Sizes:
         self.tally = tally
         self.sizes: list[int] = []
         self.files_done: list[int] = []  # files counted done before each transaction
+
+    def levels_of(self, series: SeriesId) -> list[tuple[Level, int]]:
+        return self.inner.levels_of(series)
 
     async def commit(
         self, series: SeriesId, candles: Sequence[Candle], *, checked: bool = False
@@ -61,16 +78,39 @@ async def _import(db: Path, zips: Sequence[Path], batch: int) -> tuple[_Sizes, I
 
 
 async def test_transactions_are_full_across_the_files(tmp_path: Path) -> None:
-    """Three days of 1,440 candles in transactions of 1,000: four full ones and the rest,
-    not two a day; a day is done once its last candle is committed."""
-    db = tmp_path / "m.sqlite3"
-    committer, tally, refused = await _import(db, real_zips(), 1000)
+    """Three days in transactions of about 2,000 or 3,000 candles: each ends at the last
+    midnight before its 2,000th (3,000th) candle, the 1d bucket's end, across the files; a
+    file is done once its last candle is committed."""
+    committer, tally, refused = await _import(tmp_path / "m.sqlite3", real_zips(), 2000)
     assert not refused
-    assert committer.sizes == [1000, 1000, 1000, 1000, 320]
-    assert committer.files_done == [0, 0, 1, 2, 2]  # days end in the 2nd, 3rd and 5th
+    assert committer.sizes == [1440, 1440, 1440]
+    assert committer.files_done == [0, 1, 2]
+    committer, tally, refused = await _import(tmp_path / "n.sqlite3", real_zips(), 3000)
+    assert committer.sizes == [2880, 1440]  # two days, then the files end
+    assert committer.files_done == [0, 2]
     assert tally.files_done == 3 and tally.series[SPOT_1M].verified == 3
     assert tally.series[SPOT_1M].new == 4320
-    assert len(await rows(db, SPOT_1M)) == 4320
+    assert len(await rows(tmp_path / "n.sqlite3", SPOT_1M)) == 4320
+
+
+async def test_history_behind_a_stored_series_is_whole_buckets(tmp_path: Path) -> None:
+    """Days 1 and 2 imported behind day 3 (history behind the live edge), in transactions
+    of 1,000 (smaller than the 1d bucket): no ``incomplete`` gap event, no derived bar
+    counted revised (each is new), and the same rows as one import of the three days.
+    Cut at every 1,000th candle, each transaction derived the bucket it ended inside from
+    its first part, logged it as incomplete, and the next one revised it."""
+    behind, whole = tmp_path / "behind.sqlite3", tmp_path / "whole.sqlite3"
+    zips = real_zips()
+    await _import(behind, zips[2:], 1000)
+    committer, tally, _ = await _import(behind, zips[:2], 1000)
+    assert committer.sizes == [1440, 1440]
+    assert [e.event for e in await events(behind)].count("gap") == 0
+    derived = {sid: t for sid, t in tally.series.items() if t.derived}
+    assert derived and all(t.revised == 0 for t in derived.values())
+    assert tally.series[SPOT_5M].new == 576
+    await _import(whole, zips, 1000)
+    for sid in (SPOT_1M, *derived):
+        assert identical(await rows(behind, sid), await rows(whole, sid)), sid
 
 
 async def test_the_rest_before_a_refused_file_is_committed(tmp_path: Path) -> None:
@@ -84,7 +124,7 @@ async def test_the_rest_before_a_refused_file_is_committed(tmp_path: Path) -> No
     db = tmp_path / "m.sqlite3"
     committer, tally, refused = await _import(db, zips, 1000)
     assert refused
-    assert committer.sizes == [1000, 440] and tally.files_done == 1
+    assert committer.sizes == [1440] and tally.files_done == 1
     assert len(await rows(db, SPOT_1M)) == 1440
 
 

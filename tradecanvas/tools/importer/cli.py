@@ -31,6 +31,7 @@ from tradecanvas.store.open import describe_location, open_store, store_location
 from tradecanvas.tools.command import FlagCommand
 from tradecanvas.tools.exit_codes import ExitCodeTable
 from tradecanvas.tools.importer.commit import ArchiveCommitter
+from tradecanvas.tools.importer.cuts import transaction_end
 from tradecanvas.tools.importer.files import (
     ArchiveFileError,
     ImportFile,
@@ -129,11 +130,13 @@ async def import_files(
     batch: int = DEFAULT_BATCH,
 ) -> None:
     """Read each file (on a worker thread) and commit them through ``committer``, in
-    transactions of ``batch`` candles of a series (a file is read and checked whole before any
-    of it is committed). A file's last candles short of ``batch`` wait for the next file of
-    the series and go in one transaction with its first (the end of the last file goes
-    alone), so a series of N candles takes ⌈N / batch⌉ transactions whatever the files'
-    sizes. Raises ArchiveFileError (the files before it are committed first), StoreError."""
+    transactions of about ``batch`` candles of a series (a file is read and checked whole
+    before any of it is committed), each ending where no derived bucket goes on
+    (:func:`~tradecanvas.tools.importer.cuts.transaction_end`: with the default timeframes,
+    the last midnight before the ``batch``-th candle). A file's last candles wait for the next
+    file of the series and go in one transaction with its first (the end of the last file
+    goes alone), so the transactions do not follow the files' sizes. Raises
+    ArchiveFileError (the files before it are committed first), StoreError."""
     totals: dict[str, int | None] = {}
     for f in files:
         sid, rows = str(f.series), f.expected_rows
@@ -149,8 +152,12 @@ async def import_files(
         """Commit ``series``' full transactions; ``rest``: also what is left."""
         queue = waiting[series]
         sid = str(series)
+        levels = committer.levels_of(series)
         while len(queue.candles) >= batch or (rest and len(queue.candles)):
-            chunk = queue.take(batch)
+            end = transaction_end(queue.candles.times, batch, levels, rest=rest)
+            if not end:
+                break  # a derived bucket goes on in the next file
+            chunk = queue.take(end)
             with trio.CancelScope(shield=True):  # what is committed is counted
                 result = await committer.commit(series, chunk, checked=True)
             tally.record_commit(sid, result.received, result.updates)
@@ -291,7 +298,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=DEFAULT_BATCH,
         metavar="N",
-        help=f"candles per transaction (default {DEFAULT_BATCH:,})",
+        help=f"about this many candles per transaction, each ending at a derived bucket's"
+        f" end (default {DEFAULT_BATCH:,})",
     )
 
 

@@ -31,7 +31,7 @@ from tradecanvas.pipeline.apply import BatchCommit
 from tradecanvas.pipeline.batch import IngestBatch, SeriesUpdate
 from tradecanvas.pipeline.commit import IngestPipeline, collector_paused
 from tradecanvas.pipeline.events import FACTOR_REBUILD, SystemEvent
-from tradecanvas.pipeline.levels import DerivationPlan
+from tradecanvas.pipeline.levels import DerivationPlan, Level
 from tradecanvas.store.interface import WriteTxn
 from tradecanvas.store.txn import StoreTxn
 from tradecanvas.tools.importer.fresh import Fresh, FreshSeries, Written
@@ -111,6 +111,15 @@ class ArchiveCommitter:
         # the number of this committer's last transaction (StoreTxn.sequence): the next one
         # is one more only when nothing else wrote to the store in between
         self._sequence: int | None = None
+
+    def levels_of(self, series: SeriesId) -> list[tuple[Level, int]]:
+        """The levels derived from the base ``series``, shortest first, each with its phase
+        (a phased one whose phase is not known yet is not derived: left out)."""
+        phase = self.pipeline.phase_of(series)
+        levels = self.plan.levels
+        if phase is None:
+            return [(level, 0) for level in levels if not level.tf.phased]
+        return [(level, phase if level.tf.phased else 0) for level in levels]
 
     async def load_pending(self) -> Ranges:
         """The ranges an earlier, interrupted import changed (its event is still owed)."""
