@@ -44,10 +44,12 @@ def test_the_default_timeframes_end_at_the_last_midnight_before_the_batch() -> N
 
 
 def test_a_bucket_longer_than_the_batch_waits_for_the_next_file_then_goes_whole() -> None:
-    day = minutes(1440)
-    assert transaction_end(day, 1000, DEFAULT, rest=False) == 0
+    part = minutes(1000)
+    assert transaction_end(part, 800, DEFAULT, rest=False) == 0
+    assert transaction_end(part, 800, DEFAULT, rest=True) == 1000  # the files end there
     assert transaction_end(minutes(2000), 1000, DEFAULT, rest=False) == 1440
-    assert transaction_end(day, 1000, DEFAULT, rest=True) == 1440  # the files end there
+    # a file that ends with the day ends the transaction: no wait for the next one
+    assert transaction_end(minutes(1440), 1000, DEFAULT, rest=False) == 1440
 
 
 def test_week_and_month_with_no_common_boundary_in_reach_fall_back_to_the_week() -> None:

@@ -78,16 +78,20 @@ async def _import(db: Path, zips: Sequence[Path], batch: int) -> tuple[_Sizes, I
 
 
 async def test_transactions_are_full_across_the_files(tmp_path: Path) -> None:
-    """Three days in transactions of about 2,000 or 3,000 candles: each ends at the last
-    midnight before its 2,000th (3,000th) candle, the 1d bucket's end, across the files; a
-    file is done once its last candle is committed."""
-    committer, tally, refused = await _import(tmp_path / "m.sqlite3", real_zips(), 2000)
-    assert not refused
-    assert committer.sizes == [1440, 1440, 1440]
+    """Three days in transactions of about 2,000 candles, across the files: into a store
+    that holds the series (behind day 3), each ends at the last midnight before its 2,000th
+    candle (the 1d bucket's end); into an empty one, the first does, and the others (the
+    short way, which carries a bucket over) are 2,000 each. A file is done once its last
+    candle is committed."""
+    zips = real_zips()
+    db = tmp_path / "m.sqlite3"
+    await _import(db, zips[2:], 2000)
+    committer, tally, refused = await _import(db, zips[:2], 2000)
+    assert not refused and committer.sizes == [1440, 1440]
+    assert committer.files_done == [0, 1]
+    committer, tally, refused = await _import(tmp_path / "n.sqlite3", zips, 2000)
+    assert committer.sizes == [1440, 2000, 880]
     assert committer.files_done == [0, 1, 2]
-    committer, tally, refused = await _import(tmp_path / "n.sqlite3", real_zips(), 3000)
-    assert committer.sizes == [2880, 1440]  # two days, then the files end
-    assert committer.files_done == [0, 2]
     assert tally.files_done == 3 and tally.series[SPOT_1M].verified == 3
     assert tally.series[SPOT_1M].new == 4320
     assert len(await rows(tmp_path / "n.sqlite3", SPOT_1M)) == 4320

@@ -113,8 +113,13 @@ class ArchiveCommitter:
         self._sequence: int | None = None
 
     def levels_of(self, series: SeriesId) -> list[tuple[Level, int]]:
-        """The levels derived from the base ``series``, shortest first, each with its phase
-        (a phased one whose phase is not known yet is not derived: left out)."""
+        """The levels whose buckets a transaction of the base ``series`` must not cut
+        (:func:`~tradecanvas.tools.importer.cuts.transaction_end`), shortest first, each with
+        its phase (a phased one whose phase is not known yet is not derived: left out); none
+        while the series takes the short way, which carries a bucket's sums over to the next
+        transaction (:mod:`~tradecanvas.tools.importer.fresh`)."""
+        if self._fresh.get(str(series)) is not None:
+            return []
         phase = self.pipeline.phase_of(series)
         levels = self.plan.levels
         if phase is None:

@@ -23,6 +23,7 @@ from bisect import bisect_left
 from collections.abc import Sequence
 from typing import Final
 
+from tradecanvas.model import MINUTE
 from tradecanvas.pipeline.levels import Level
 
 # the most candles one transaction takes to end at a boundary: a month of minutes fits
@@ -69,14 +70,20 @@ def transaction_end(
         return 0
     if count <= batch and rest:
         return count
-    last = min(batch, count - 1)  # the first candle of the next transaction, at the latest
+
+    def start_of(k: int) -> int:
+        """Where the candles from the ``k``-th on start: the queue's end is the minute
+        after its last candle (a file that ends with a bucket ends a transaction)."""
+        return times[k] if k < count else times[-1] + MINUTE
+
+    last = min(batch, count)  # where the next transaction starts, at the latest
     for used in range(len(levels), 0, -1):
         some = levels[:used]
-        boundary = _floor_all(some, times[last])
+        boundary = _floor_all(some, start_of(last))
         if boundary > times[0]:
             return bisect_left(times, boundary)
-        reach = min(count - 1, MAX_TRANSACTION)
-        after = _ceil_all(some, times[last], times[reach])
+        reach = min(count, MAX_TRANSACTION)
+        after = _ceil_all(some, start_of(last), start_of(reach))
         if after is not None:
             return bisect_left(times, after)
         if count <= MAX_TRANSACTION:
