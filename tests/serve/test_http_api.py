@@ -459,9 +459,7 @@ async def test_candles_since_limit_and_tail(tmp_path: Path) -> None:
         assert r.json()["candles"] == []
         assert r.json()["server_head_time"] == head
 
-        r = await api.client.get(
-            CANDLES, params={"series_id": BTC, "since": -1, "limit": MAX_LIMIT}
-        )
+        r = await api.client.get(CANDLES, params={"series_id": BTC, "since": 0, "limit": MAX_LIMIT})
         assert len(r.json()["candles"]) == 600
 
         r = await api.client.get(CANDLES, params={"series_id": BTC5, "limit": 2})
@@ -491,15 +489,15 @@ async def test_bad_candle_queries_are_422_naming_each_parameter(
 
 async def test_unknown_series_is_404(tmp_path: Path) -> None:
     async with running_api(tmp_path) as api:
-        for sid in (
-            "binance:futures:SOL/USDT:1m",
-            "binance:spot:BTC/USDT:1m",
-            "binance:futures:BTC/USDT:15m",
+        for sid, hint in (
+            ("binance:futures:SOL/USDT:1m", "/api/market/series"),
+            ("binance:spot:BTC/USDT:1m", "/api/market/series"),
+            ("binance:futures:BTC/USDT:15m", "binance:futures:BTC/USDT is served in 1m, 5m"),
         ):
             r = await api.client.get(CANDLES, params={"series_id": sid})
             assert r.status_code == 404
             assert r.json()["error"] == "unknown_series"
-            assert "/api/market/series" in r.json()["message"]
+            assert hint in r.json()["message"]
 
 
 async def test_series_lists_base_and_derived_with_head_and_lag(tmp_path: Path) -> None:

@@ -182,13 +182,34 @@ def test_candle_queries() -> None:
         None,
         DEFAULT_LIMIT,
     )
-    query = QueryParams({"series_id": BTC, "since": "-1", "limit": str(MAX_LIMIT)})
-    assert parse_candles_query(query, SERVED) == (btc, -1, MAX_LIMIT)
-    for sid in ("binance:futures:SOL/USDT:1m", "binance:futures:BTC/USDT:15m"):
+    query = QueryParams({"series_id": BTC, "since": "0", "limit": str(MAX_LIMIT)})
+    assert parse_candles_query(query, SERVED) == (btc, 0, MAX_LIMIT)
+    for sid, hint in (
+        ("binance:futures:SOL/USDT:1m", "/api/market/series"),
+        ("binance:futures:BTC/USDT:15m", "binance:futures:BTC/USDT is served in 1m, 5m"),
+    ):
         with pytest.raises(RequestRefused) as info:
             parse_candles_query(QueryParams({"series_id": sid}), SERVED)
         assert (info.value.status, info.value.code) == (404, "unknown_series")
-        assert "/api/market/series" in info.value.message
+        assert hint in info.value.message
+
+
+@pytest.mark.parametrize(
+    ("since", "message"),
+    [
+        ("-1", "since: must not be negative, got -1"),
+        ("1751760000000", "1751760000000 is too large: candle_time is in seconds, not milli"),
+    ],
+)
+def test_a_since_negative_or_in_milliseconds_is_refused_as_on_the_socket(
+    since: str, message: str
+) -> None:
+    """Milliseconds (Binance's unit) read an empty history, a negative cursor the whole of
+    it, without a word; /ws/market refuses both."""
+    with pytest.raises(RequestRefused) as info:
+        parse_candles_query(QueryParams({"series_id": BTC, "since": since}), SERVED)
+    assert (info.value.status, info.value.code) == (422, "bad_request")
+    assert message in info.value.message
 
 
 # --- the bearer token --------------------------------------------------------------------

@@ -149,6 +149,7 @@ async def test_unknown_series_and_too_many_subscriptions(store: CandleStore, ove
             error = await receive(ws)
             assert error["code"] == "unknown_series" and error["series_id"] == eth
             assert "not ingested or derived" in error["message"]
+            assert "served: binance:futures:BTC/USDT, each in its timeframes" in error["message"]
         await send(ws, subscribe_msg(SID_1M))
         await send(ws, subscribe_msg(SID_1M, since=5))  # a replacement is not one more
         await send(ws, subscribe_msg(SID_5M))

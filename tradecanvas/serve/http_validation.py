@@ -19,6 +19,7 @@ import orjson
 
 from tradecanvas.errors import CandleError, SeriesIdError
 from tradecanvas.model import BASE_TIMEFRAME, Candle, SeriesId, validate_candle
+from tradecanvas.serve.served import describe_served
 
 DEFAULT_LIMIT: Final = 500
 MAX_LIMIT: Final = 5000
@@ -111,16 +112,24 @@ def parse_candles_query(
     since: int | None = None
     raw_since = params.get("since")
     if raw_since is not None and raw_since != "":
-        if _INT_RE.match(raw_since):
-            since = int(raw_since)
-        else:
+        if not _INT_RE.match(raw_since):
             problems.append(Problem("since", f"since: {raw_since!r} is not {_SINCE_HELP}"))
+        elif (since := int(raw_since)) < 0:
+            negative = f"since: must not be negative, got {since} (0 reads from the first)"
+            problems.append(Problem("since", negative))
+        elif since >= _MAX_CANDLE_TIME:
+            problems.append(
+                Problem(
+                    "since",
+                    f"since: {since} is too large: candle_time is in seconds, not milliseconds",
+                )
+            )
     limit = _limit(params, problems)
     if problems:
         raise RequestRefused.unprocessable(problems)
     assert series is not None
     if series not in served:
-        raise _unknown_series(series)
+        raise _unknown_series(series, served)
     return series, since, limit
 
 
@@ -154,7 +163,7 @@ def parse_events_query(
     if problems:
         raise RequestRefused.unprocessable(problems)
     if series is not None and series not in served:
-        raise _unknown_series(series)
+        raise _unknown_series(series, served)
     return after, series, limit
 
 
@@ -178,13 +187,13 @@ def _limit(params: QueryLike, problems: list[Problem]) -> int:
     return DEFAULT_LIMIT
 
 
-def _unknown_series(series: SeriesId) -> RequestRefused:
+def _unknown_series(series: SeriesId, served: frozenset[SeriesId]) -> RequestRefused:
     """404 ``unknown_series`` for a well-formed series this daemon does not serve."""
+    what = describe_served(str(series), [str(s) for s in served])
     return RequestRefused(
         404,
         "unknown_series",
-        f"series_id: {series} is not served by this daemon; GET /api/market/series lists"
-        " the served ones",
+        f"series_id: {series} is not served by this daemon; {what}",
         problems=(Problem("series_id", f"{series} is not served"),),
     )
 

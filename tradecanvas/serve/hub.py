@@ -74,6 +74,7 @@ from tradecanvas.ops.metrics import DeliveryBatch, Metrics
 from tradecanvas.pipeline.events import SystemEvent
 from tradecanvas.serve.encoded import Published, SharedEncodings
 from tradecanvas.serve.publisher import CandleReader, Publisher
+from tradecanvas.serve.served import describe_served
 from tradecanvas.serve.subscriber import FrameWriter, MessageSocket, Subscriber, TransportClosed
 from tradecanvas.serve.subscriber_queue import CloseDecision, SubscriberQueue
 from tradecanvas.serve.subscription import forming_in_step, in_step, sent_in_step
@@ -233,10 +234,10 @@ class Hub:
         Raises ClientMessageError (``unknown_series``, ``too_many_subscriptions``)."""
         sid = str(series)
         if sid not in self.series:
-            served = ", ".join(sorted(self.series)[:10])
             raise ClientMessageError(
                 "unknown_series",
-                f"{sid} is not ingested or derived by this daemon; served: {served}",
+                f"{sid} is not ingested or derived by this daemon;"
+                f" {describe_served(sid, self.series)}",
                 sid,
             )
         subscriptions = subscriber.queue.subscriptions

@@ -63,6 +63,7 @@ from tradecanvas.model import SeriesId
 from tradecanvas.ops.metrics import SubscriberSample
 from tradecanvas.serve.hub import Hub
 from tradecanvas.serve.in_flight import InFlight
+from tradecanvas.serve.served import describe_served
 from tradecanvas.serve.stall_watch import StallWatch
 from tradecanvas.serve.subscriber import FrameWriter, MessageSocket, Subscriber, TransportClosed
 from tradecanvas.serve.ws_protocol import (
@@ -281,7 +282,10 @@ class MarketEndpoint:
         sid = str(series)
         if sid not in self.hub.series:
             raise ClientMessageError(
-                "unknown_series", f"{sid} is not ingested or derived by this daemon", sid
+                "unknown_series",
+                f"{sid} is not ingested or derived by this daemon;"
+                f" {describe_served(sid, self.hub.series)}",
+                sid,
             )
         self.hub.unsubscribe(subscriber, series)
 
