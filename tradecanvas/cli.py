@@ -57,6 +57,15 @@ def _add_command(
 
 # the flags the store tools take as options (the rest come from the environment only)
 STORE_FLAGS: Final = ("derived_timeframes", "db_path", "database_url", "log_level")
+# backfill's: the store's, the series the daemon serves (it warns of one outside them), the
+# REST base URLs and the log format (serve's listeners, limits and bus are not its business)
+BACKFILL_FLAGS: Final = (
+    *STORE_FLAGS,
+    "series",
+    "binance_futures_rest_url",
+    "binance_spot_rest_url",
+    "log_format",
+)
 
 
 def _add_flag_options(parser: argparse.ArgumentParser, only: Sequence[str] | None = None) -> None:
@@ -114,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
         backfill.EXIT_CODES,
     )
     backfill.configure_parser(backfill_parser)
-    _add_flag_options(backfill_parser)
+    _add_flag_options(backfill_parser, BACKFILL_FLAGS)
     migrate_parser = _add_command(
         sub,
         "migrate-store",

@@ -27,6 +27,7 @@ import pytest
 import trio
 
 from tests.conftest import binance_data_dir, read_kline_csv
+from tradecanvas.cli import build_parser
 from tradecanvas.errors import ExitCode
 from tradecanvas.model import Candle
 from tradecanvas.runtime_flags import RuntimeFlags, build_runtime_flags
@@ -773,3 +774,17 @@ async def test_on_a_terminal_the_progress_is_one_line_rewritten(tmp_path: Path) 
     for count in ("48% 1,500/3,100 min", "97% 3,000/3,100 min", "100% 3,100/3,100 min"):
         assert f"{BASE} " in shown and count in shown
     assert "3,100 new" in done.stdout.decode()  # the summary still goes to stdout
+
+
+def test_backfill_takes_its_own_flags_as_options_not_serves() -> None:
+    """Its store, the REST base URLs, the series and logging; not serve's listeners, limits
+    or bus (they did nothing, and its --help listed 30 of them)."""
+    parser = build_parser()
+    args = parser.parse_args(
+        ["backfill", BASE, "--from", "2025-07-06", "--db-path", "m.sqlite3",
+         "--binance-futures-rest-url", "http://127.0.0.1:1", "--log-format", "json"]
+    )  # fmt: skip
+    assert (args.flag_db_path, args.flag_log_format) == ("m.sqlite3", "json")
+    for serve_only in ("--ws-port", "--max-connections", "--redis-url", "--role"):
+        with pytest.raises(SystemExit), contextlib.redirect_stderr(io.StringIO()):
+            parser.parse_args(["backfill", BASE, "--from", "2025-07-06", serve_only, "1"])
