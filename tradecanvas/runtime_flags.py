@@ -12,6 +12,7 @@ import difflib
 import logging
 import os
 import re
+import urllib.parse
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Final
@@ -250,19 +251,43 @@ def _parse_token(text: str) -> str:
     return text.strip()
 
 
-def _parse_database_url(text: str) -> str:
+_DATABASE_URL_FORM: Final = "postgresql://[user[:password]@]host[:port]/dbname"
+_REDIS_URL_FORM: Final = "redis[s]://[[user]:password@]host[:port][/db]"
+
+
+def _url_parts(text: str, form: str) -> urllib.parse.SplitResult:
+    """``text`` split, its port checked (a number in 1..65535 when given)."""
+    parts = urllib.parse.urlsplit(text)
+    try:
+        port = parts.port
+    except ValueError:
+        raise ValueError(f"a bad port in {parts.netloc!r}; allowed: {form}") from None
+    if port == 0:
+        raise ValueError(f"port 0 in {parts.netloc!r}; allowed: {form}")
+    return parts
+
+
+def parse_database_url(text: str) -> str:
+    """A PostgreSQL URL that names its database (without one, libpq takes the user's
+    name: the store's tables would land in ``postgres``, the server's own database)."""
     text = text.strip()
     if not text.lower().startswith(("postgresql://", "postgres://")):
-        raise ValueError(
-            "not a PostgreSQL URL; allowed: postgresql://[user[:password]@]host[:port]/dbname"
-        )
+        raise ValueError(f"not a PostgreSQL URL; allowed: {_DATABASE_URL_FORM}")
+    parts = _url_parts(text, _DATABASE_URL_FORM)
+    named = parts.path.strip("/") or urllib.parse.parse_qs(parts.query).get("dbname")
+    if not named:
+        raise ValueError(f"no database name; allowed: {_DATABASE_URL_FORM}")
     return text
 
 
 def _parse_redis_url(text: str) -> str:
     text = text.strip()
     if not text.lower().startswith(("redis://", "rediss://")):
-        raise ValueError("not a Redis URL; allowed: redis[s]://[[user]:password@]host[:port][/db]")
+        raise ValueError(f"not a Redis URL; allowed: {_REDIS_URL_FORM}")
+    parts = _url_parts(text, _REDIS_URL_FORM)
+    db = parts.path.strip("/")
+    if db and not db.isdigit():
+        raise ValueError(f"database {db!r} is not a number; allowed: {_REDIS_URL_FORM}")
     return text
 
 
@@ -301,7 +326,7 @@ FLAG_SPECS: Final[tuple[FlagSpec, ...]] = (
     FlagSpec("series", "binance:futures:BTC/USDT:1m", _parse_series, "comma-separated base 1m series"),
     FlagSpec("derived_timeframes", "5m,15m,1h,4h,1d", _parse_timeframes, "timeframes derived from 1m (any of 3m … 1M; none for none)"),
     FlagSpec("db_path", None, _parse_path, "SQLite file (default $STATE_DIRECTORY/market.sqlite3, else ./var/market.sqlite3)"),
-    FlagSpec("database_url", None, _parse_database_url, "PostgreSQL store (postgresql://…) instead of the SQLite file; migrated at start-up"),
+    FlagSpec("database_url", None, parse_database_url, "PostgreSQL store (postgresql://…) instead of the SQLite file; migrated at start-up"),
     FlagSpec("ws_host", "127.0.0.1", _parse_host, "/ws/market listen address"),
     FlagSpec("ws_port", "8765", _parse_int(0, 65535), "/ws/market listen port (0 = any)"),
     FlagSpec("http_host", "127.0.0.1", _parse_host, "HTTP API (and /ws/market) listen address"),

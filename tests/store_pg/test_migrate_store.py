@@ -91,6 +91,10 @@ def test_the_command_reports_and_refuses_bad_arguments(tmp_path: Path, pg_url: s
     assert run_migrate_store(missing, out=out, err=err) == ExitCode.USAGE
     not_pg = argparse.Namespace(sqlite_file=path, database_url="mysql://x/y", batch=10)
     assert run_migrate_store(not_pg, out=out, err=err) == ExitCode.USAGE
+    # no database name: the tables would go into the server's own database
+    unnamed = argparse.Namespace(sqlite_file=path, database_url="postgresql://127.0.0.1/", batch=1)
+    assert run_migrate_store(unnamed, out=out, err=err) == ExitCode.USAGE
+    assert "the target: no database name" in err.getvalue()
     down = argparse.Namespace(sqlite_file=path, database_url="postgresql://127.0.0.1:1/x", batch=1)
     assert run_migrate_store(down, out=out, err=err) == ExitCode.STORE_FAILURE
     assert "127.0.0.1:1/x" in err.getvalue()
@@ -99,3 +103,25 @@ def test_the_command_reports_and_refuses_bad_arguments(tmp_path: Path, pg_url: s
     assert module.__doc__ is not None
     paragraph = module.__doc__.split("Exit codes")[1].split("\n\n")[0]
     assert {int(n) for n in re.findall(r"\b\d+\b", paragraph)} == {int(c) for c, _ in EXIT_CODES}
+
+
+async def test_another_event_under_a_taken_id_stops_the_run(tmp_path: Path, pg_url: str) -> None:
+    """A daemon wrote its own events to the database first: the SQLite file's events under
+    the same ids are not counted "already there" (lost); the run stops with exit 1 and the
+    target's log keeps its own."""
+    path = tmp_path / "m.sqlite3"
+    await _fill(path)
+    target = await PostgresStore.open(pg_url)
+    own = await target.write(
+        lambda txn: [txn.append_event(BTC5, "series.added", {"n": i}, 1.0) for i in range(4)]
+    )
+    before = await target.events_after(0)
+    await target.aclose()
+    out, err = io.StringIO(), io.StringIO()
+    args = argparse.Namespace(sqlite_file=path, database_url=pg_url, batch=1000)
+    code = await trio.to_thread.run_sync(lambda: run_migrate_store(args, out=out, err=err))
+    assert code == ExitCode.FAILED
+    assert f"holds another event under event_id {own[2]}" in err.getvalue()
+    target = await PostgresStore.open(pg_url)
+    assert await target.events_after(0) == before
+    await target.aclose()

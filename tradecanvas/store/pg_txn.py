@@ -315,9 +315,11 @@ class PgStoreTxn:
         assert row is not None
         return int(str(row[0]))
 
-    def import_event(self, event: StoredEvent) -> bool:
-        """Store ``event`` under its own id (moving a log from another store); False when
-        that id is taken already. Later ids given by :meth:`append_event` stay above it."""
+    def import_event(self, event: StoredEvent) -> bool | None:
+        """Store ``event`` under its own id (moving a log from another store): True; False
+        when the same event is there already; None when that id holds another event (the
+        log has entries of its own: nothing is written). Later ids given by
+        :meth:`append_event` stay above it."""
         cur = self._conn.execute(
             "INSERT INTO events (event_id, series_id, event, data, created_at)"
             " VALUES (%s, %s, %s, %s, %s) ON CONFLICT (event_id) DO NOTHING RETURNING event_id",
@@ -330,6 +332,14 @@ class PgStoreTxn:
             ),
         )
         inserted = cur.fetchone() is not None
+        if not inserted:
+            row = self._conn.execute(
+                "SELECT series_id, event, data FROM events WHERE event_id = %s",
+                (event.event_id,),
+            ).fetchone()
+            stored = None if row is None else (str(row[0]), str(row[1]), orjson.loads(str(row[2])))
+            if stored != (event.series_id, event.event, dict(event.data)):
+                return None
         self._conn.execute(
             "UPDATE event_counter SET last_id = GREATEST(last_id, %s)", (event.event_id,)
         )

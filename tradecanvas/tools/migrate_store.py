@@ -7,15 +7,17 @@ under its own id (so subscribers' ``events_after`` cursors stay valid, and ids g
 stay above them); then the meta records (derivation fingerprint, unresolved holes, a
 Binance ban, the retention's mark). Running it again changes nothing (every candle
 UNCHANGED, every event already there). Candles PostgreSQL holds with other values are
-replaced by the SQLite file's (REVISED in the summary); events whose id PostgreSQL holds
-already are kept as they are.
+replaced by the SQLite file's (REVISED in the summary). An event whose id PostgreSQL holds
+already is counted "already there" when it is the same event; another event there (a daemon
+wrote to the database first) stops the run with exit 1, the candles copied.
 
 The SQLite file is migrated forward when its schema is older, then only read (its daemon
 may keep running: a later run copies what it added). Ctrl-C stops after the batch being
 committed; what was copied stays and the next run goes on from there.
 
-Exit codes: 0 copied (a second run: nothing changed); 2 bad arguments (no such SQLite file,
-not a PostgreSQL URL); 3 either store failed (what was committed stays: run it again); 130
+Exit codes: 0 copied (a second run: nothing changed); 1 the target's event log has other
+events under the same ids; 2 bad arguments (no such SQLite file, not a PostgreSQL URL); 3
+either store failed (what was committed stays: run it again); 130
 Ctrl-C.
 """
 
@@ -36,8 +38,9 @@ import attrs
 import trio
 
 from tradecanvas.errors import ExitCode, StoreError
+from tradecanvas.runtime_flags import parse_database_url
 from tradecanvas.store.pg_txn import PgStoreTxn
-from tradecanvas.store.postgres import URL_SCHEMES, PostgresStore, describe_url
+from tradecanvas.store.postgres import PostgresStore, describe_url
 from tradecanvas.store.sqlite import CandleStore
 from tradecanvas.store.txn import select_candles, select_events
 from tradecanvas.store.types import StoredCandle, StoredEvent, UpsertOutcome
@@ -50,6 +53,7 @@ DEFAULT_BATCH: Final = 50_000
 EXIT_CODES: Final[ExitCodeTable] = (
     (ExitCode.OK, "everything was copied (again: nothing changed)"),
     (ExitCode.USAGE, "bad arguments: no such SQLite file, not a PostgreSQL URL"),
+    (ExitCode.FAILED, "the target's event log has events of its own under the same ids"),
     (ExitCode.STORE_FAILURE, "either store failed; what was committed stays, run it again"),
     (ExitCode.INTERRUPTED, "Ctrl-C: the batch being committed is finished, the rest is not"),
 )
@@ -85,8 +89,27 @@ def _upsert_as_stored(
     return outcomes
 
 
+class EventIdTaken(Exception):
+    """The target's event log holds another event under an id the SQLite file uses."""
+
+    def __init__(self, event: StoredEvent) -> None:
+        super().__init__(
+            f"the target's event log holds another event under event_id {event.event_id}"
+            f" (the SQLite file's is {event.event} of {event.series_id}): it has events of its"
+            " own, so copying under the same ids would lose some and moving the ids would"
+            " break subscribers' events_after cursors. Migrate into a new database, before"
+            " any daemon writes to it; nothing of the event log was copied in this batch"
+        )
+
+
 def _import_events(events: Sequence[StoredEvent], txn: PgStoreTxn) -> int:
-    return sum(txn.import_event(e) for e in events)
+    copied = 0
+    for event in events:
+        outcome = txn.import_event(event)
+        if outcome is None:
+            raise EventIdTaken(event)
+        copied += outcome
+    return copied
 
 
 def _series_counts(conn: sqlite3.Connection) -> list[tuple[str, int]]:
@@ -198,8 +221,10 @@ def run_migrate_store(
     if not args.sqlite_file.is_file():
         err.write(f"tradecanvas migrate-store: {args.sqlite_file}: no such file\n")
         return ExitCode.USAGE
-    if not str(args.database_url).strip().lower().startswith(URL_SCHEMES):
-        err.write("tradecanvas migrate-store: the target must be a postgresql:// URL\n")
+    try:
+        parse_database_url(str(args.database_url))
+    except ValueError as exc:
+        err.write(f"tradecanvas migrate-store: the target: {exc}\n")
         return ExitCode.USAGE
     if args.batch < 1:
         err.write("tradecanvas migrate-store: --batch must be at least 1\n")
@@ -212,6 +237,9 @@ def run_migrate_store(
     except StoreError as exc:
         err.write(f"tradecanvas migrate-store: {exc}\n")
         return ExitCode.STORE_FAILURE
+    except EventIdTaken as exc:
+        err.write(f"tradecanvas migrate-store: {exc}\n")
+        return ExitCode.FAILED
     out.write(f"migrated {args.sqlite_file} to {describe_url(args.database_url)}: ")
     out.write(tally.summary() + "\n")
     return ExitCode.OK
