@@ -52,13 +52,23 @@ def check_idle_connection(conn: Conn) -> None:
 
 
 # psycopg_pool's WARNINGs that only repeat an outage the store reports itself
-_POOL_OUTAGE_MESSAGES: Final = ("error connecting in", "discarding closed connection")
+_POOL_OUTAGE_MESSAGES: Final = (
+    "error connecting in",
+    "discarding closed connection",
+    "reconnection attempt in pool",
+)
+# psycopg_pool's background reconnection doubles its wait after each failed attempt (1, 2, 4,
+# … s) until it gives up after this long; the next write starts a new one at 1 s. Left at its
+# default (300 s) the waits grew to 32 and 64 s, so after a long outage the store stayed
+# away up to a minute after the server answered again (seen: 2–53 s); now up to ~4 s.
+RECONNECT_WINDOW_S: Final = 8.0
 
 
 class _QuietReconnects(logging.Filter):
     """While the server is away psycopg_pool logs a WARNING for each failed attempt of its
     background reconnection (multi-line libpq messages, one every few seconds for the
-    whole outage) and for each broken connection given back to it. The store already logs
+    whole outage), for each broken connection given back to it, and each time one
+    reconnection gives up (every RECONNECT_WINDOW_S). The store already logs
     the outage once (``unreachable``), each write it tries again, and the end (``answers
     again``). Those records are lowered to DEBUG."""
 

@@ -63,6 +63,7 @@ from tradecanvas.errors import StoreError
 from tradecanvas.model import Candle
 from tradecanvas.store.pg_pool import (
     CONNECTION_OPTIONS,
+    RECONNECT_WINDOW_S,
     check_idle_connection,
     connection_lost,
     first_line,
@@ -141,6 +142,7 @@ def _open_pool(url: str, size: int) -> ConnectionPool[Conn]:
         },
         check=check_idle_connection,
         timeout=CONNECT_TIMEOUT_S,
+        reconnect_timeout=RECONNECT_WINDOW_S,
         name="tradecanvas-store",
     )
     try:
