@@ -20,6 +20,7 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Final, TypeVar
 
+import orjson
 import trio
 
 from tradecanvas.bus.feed import EdgeFeed, FeedSettings, system_event_from_stored
@@ -30,6 +31,7 @@ from tradecanvas.bus.publisher import BusPublisher, PublisherSettings
 from tradecanvas.errors import StoreError
 from tradecanvas.model import Candle
 from tradecanvas.ops.metrics import Metrics
+from tradecanvas.pipeline.commit import SERVED_SERIES_KEY
 from tradecanvas.pipeline.events import SystemEvent
 from tradecanvas.runtime_flags import RuntimeFlags
 from tradecanvas.store.interface import MarketStore
@@ -96,6 +98,18 @@ def leader_from_flags(flags: RuntimeFlags, store: FencedStore, metrics: Metrics)
     )
 
 
+def unserved_by_ingest(series: Sequence[str], served_text: str | None) -> list[str]:
+    """Of an edge's ``series``, those not in the set the ingest last served (the store's
+    ``served_series`` record, JSON); none when there is no record yet (no ingest started)."""
+    if served_text is None:
+        return []
+    try:
+        served = set(orjson.loads(served_text))
+    except (orjson.JSONDecodeError, TypeError):
+        return []
+    return sorted(set(series) - served)
+
+
 async def last_event_id(store: MarketStore) -> int:
     """The event log's newest id (0 when it is empty)."""
     last = 0
@@ -107,7 +121,17 @@ async def last_event_id(store: MarketStore) -> int:
 async def edge_feed_from_store(
     flags: RuntimeFlags, store: MarketStore, series: Sequence[str]
 ) -> EdgeFeed:
-    """An edge's feed of ``series``, positioned at the store's heads now."""
+    """An edge's feed of ``series``, positioned at the store's heads now (with a warning
+    for each of them the ingest does not serve: see :func:`unserved_by_ingest`)."""
+    unserved = unserved_by_ingest(series, await store.get_meta(SERVED_SERIES_KEY))
+    if unserved:
+        log.warning(
+            "this edge serves %d series the ingest does not (the store's last served set): %s."
+            " They will stay empty: give the edges the ingest's TRADE_CANVAS_SERIES and"
+            " TRADE_CANVAS_DERIVED_TIMEFRAMES",
+            len(unserved),
+            ", ".join(unserved[:10]) + (" …" if len(unserved) > 10 else ""),
+        )
     heads = await store.heads()
     positions: dict[str, int | None] = {
         sid: (heads[sid].head_time if sid in heads else None) for sid in series

@@ -69,6 +69,10 @@ class EventRetention:
     max_age_s: float = 7 * 86_400.0
 
 
+# the meta record of the series the store was last served with (JSON, sorted)
+SERVED_SERIES_KEY: Final = "served_series"
+
+
 @attrs.frozen
 class PipelineStatistics:
     runs: int
@@ -276,7 +280,7 @@ class IngestPipeline:
     async def record_served_series(self, series_ids: Sequence[str]) -> tuple[SystemEvent, ...]:
         """Log ``series.added`` / ``series.removed`` for the served set against the one the
         store was last served with (at start-up, before anything is published)."""
-        key = "served_series"
+        key = SERVED_SERIES_KEY
 
         def record(txn: WriteTxn) -> tuple[SystemEvent, ...]:
             stored = txn.get_meta(key)
