@@ -58,7 +58,7 @@ async def test_everything_is_copied_and_a_second_run_changes_nothing(
     tally = await migrate_store(path, target, batch=100, progress=lambda *a: seen.append(a))
     assert tally.candles == {UpsertOutcome.NEW: 252}
     assert (tally.series, tally.events_copied, tally.events_present) == (2, 3, 0)
-    assert seen[:3] == [(BTC, 100, 251), (BTC, 200, 251), (BTC, 251, 251)]
+    assert seen[:4] == [(BTC, 0, 251), (BTC, 100, 251), (BTC, 200, 251), (BTC, 251, 251)]
     source = await CandleStore.open(path)
     for sid in (BTC, BTC5):
         lite, pg = await source.range(sid, 0, 10**9), await target.range(sid, 0, 10**9)
@@ -89,6 +89,11 @@ def test_the_command_reports_and_refuses_bad_arguments(tmp_path: Path, pg_url: s
     assert f"{BTC}: 251/251 candles (100%)" in err.getvalue()
     missing = argparse.Namespace(sqlite_file=tmp_path / "nope", database_url=pg_url, batch=10)
     assert run_migrate_store(missing, out=out, err=err) == ExitCode.USAGE
+    (tmp_path / "notes.txt").write_text("not a database\n")
+    for bad, why in ((tmp_path / "notes.txt", "not a SQLite file"), (tmp_path, "a folder")):
+        args = argparse.Namespace(sqlite_file=bad, database_url=pg_url, batch=10)
+        assert run_migrate_store(args, out=out, err=err) == ExitCode.USAGE
+        assert f"{bad}: {why}" in err.getvalue()
     not_pg = argparse.Namespace(sqlite_file=path, database_url="mysql://x/y", batch=10)
     assert run_migrate_store(not_pg, out=out, err=err) == ExitCode.USAGE
     # no database name: the tables would go into the server's own database

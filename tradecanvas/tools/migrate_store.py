@@ -50,10 +50,13 @@ from tradecanvas.tools.progress import Progress
 log = logging.getLogger(__name__)
 
 DEFAULT_BATCH: Final = 50_000
+# the first bytes of every SQLite database file
+SQLITE_HEADER: Final = b"SQLite format 3\x00"
+
 EXIT_CODES: Final[ExitCodeTable] = (
     (ExitCode.OK, "everything was copied (again: nothing changed)"),
-    (ExitCode.USAGE, "bad arguments: no such SQLite file, not a PostgreSQL URL"),
     (ExitCode.FAILED, "the target's event log has events of its own under the same ids"),
+    (ExitCode.USAGE, "bad arguments: no such SQLite file (or not one), a bad PostgreSQL URL"),
     (ExitCode.STORE_FAILURE, "either store failed; what was committed stays, run it again"),
     (ExitCode.INTERRUPTED, "Ctrl-C: the batch being committed is finished, the rest is not"),
 )
@@ -145,6 +148,7 @@ async def migrate_store(
         for sid, total in await trio.to_thread.run_sync(_series_counts, conn):
             tally.series += 1
             cursor, done = None, 0
+            progress(sid, done, total)  # the clock of its rate starts before the first batch
             while True:
                 where, params = (
                     ("1 ORDER BY candle_time LIMIT ?", (sid, batch))
@@ -212,14 +216,27 @@ async def _run(args: argparse.Namespace, err: TextIO) -> MigrationTally:
         await target.aclose()
 
 
+def _not_sqlite(path: Path) -> str | None:
+    """What keeps ``path`` from being a SQLite file to migrate, None when nothing does."""
+    if path.is_dir():
+        return "a folder, not a SQLite file"
+    if not path.is_file():
+        return "no such file"
+    with path.open("rb") as file:
+        if file.read(len(SQLITE_HEADER)) != SQLITE_HEADER:
+            return "not a SQLite file"
+    return None
+
+
 def run_migrate_store(
     args: argparse.Namespace, *, out: TextIO | None = None, err: TextIO | None = None
 ) -> int:
     """Run the command with :func:`configure_parser`'s arguments; one of :data:`EXIT_CODES`."""
     out = out or sys.stdout
     err = err or sys.stderr
-    if not args.sqlite_file.is_file():
-        err.write(f"tradecanvas migrate-store: {args.sqlite_file}: no such file\n")
+    problem = _not_sqlite(args.sqlite_file)
+    if problem is not None:
+        err.write(f"tradecanvas migrate-store: {args.sqlite_file}: {problem}\n")
         return ExitCode.USAGE
     try:
         parse_database_url(str(args.database_url))
