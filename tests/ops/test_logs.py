@@ -83,6 +83,16 @@ def test_text_format_is_one_line_per_record_with_level_and_logger() -> None:
     assert out.getvalue() == "DEBUG tradecanvas.x: hello world\n"
 
 
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_exc_info_without_an_exception_adds_no_line(fmt: str) -> None:
+    """coredis logs "Connection closed unexpectedly!" with exc_info=True and no exception:
+    logging printed a second line, "NoneType: None"."""
+    out = io.StringIO()
+    configure_logging(flags(fmt, "INFO"), stream=out)
+    logging.getLogger("coredis").info("Connection closed unexpectedly!", exc_info=True)
+    assert "NoneType" not in out.getvalue() and len(out.getvalue().splitlines()) == 1
+
+
 def test_level_filters_and_chatty_libraries_are_quieted() -> None:
     out = io.StringIO()
     configure_logging(flags("text", "WARNING"), stream=out)

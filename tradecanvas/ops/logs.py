@@ -74,6 +74,10 @@ class RedactingFilter(logging.Filter):
             message = f"{record.msg!r} % {record.args!r}"
         record.msg = self.redact(message)
         record.args = None
+        if record.exc_info and record.exc_info[0] is None:
+            # exc_info=True with no exception (coredis does so on a closed connection):
+            # nothing to show, where logging would print a line "NoneType: None"
+            record.exc_info = None
         if record.exc_info and not record.exc_text:
             record.exc_text = "".join(traceback.format_exception(*record.exc_info)).rstrip()
         if record.exc_text:
