@@ -393,9 +393,8 @@ async def run_daemon(
         ws = runtime.listening.get("ws")
         freeze_startup_heap()  # full collections walk what came after, not start-up's heap
         runtime.notifier.ready()
-        runtime.notifier.status(
-            f"role {flags.role}; {len(flags.series)} series; ws :{ws} http :{http}"
-        )
+        ports = f"ws :{ws} http :{http}" if ws is not None else f"http :{http}"
+        runtime.notifier.status(f"role {flags.role}; {len(flags.series)} series; {ports}")
         if runtime.notifier.enabled:
             nursery.start_soon(_report_status, runtime)
         log.info(
