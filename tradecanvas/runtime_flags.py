@@ -356,7 +356,7 @@ FLAG_SPECS: Final[tuple[FlagSpec, ...]] = (
     FlagSpec("log_format", "text", _parse_choice(LOG_FORMATS), "text or json"),
     FlagSpec("log_level", "INFO", _parse_choice(LOG_LEVELS, upper=True), "DEBUG, INFO, WARNING, ERROR"),
     FlagSpec("role", "all", _parse_choice(ROLES), "all = one process; ingest = Binance → store → Redis Streams; edge = Redis Streams + store → subscribers"),
-    FlagSpec("redis_url", None, _parse_redis_url, "Redis of the bus (redis://host:port/db); required by the ingest and edge roles, ignored by all"),
+    FlagSpec("redis_url", None, _parse_redis_url, "Redis of the bus (redis://host:port/db); required by the ingest and edge roles, not used by all (but checked)"),
     FlagSpec("bus_prefix", "tradecanvas", _parse_bus_prefix, "key prefix of the bus's streams and channel in Redis (<prefix>:candles:<series>, …)"),
     FlagSpec("bus_maxlen", "10080", _parse_int(100, 100_000_000), "entries kept per series stream (MAXLEN ~); an edge further behind reads the store"),
     # the ingest lease (issue 15: two ingest nodes, hot standby; docs/distributed.md)
