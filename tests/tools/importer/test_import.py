@@ -30,6 +30,7 @@ from tests.tools.importer.rig import (
 from tradecanvas.errors import BadInputError, ExitCode
 from tradecanvas.model import SeriesId
 from tradecanvas.pipeline.commit import IngestBatch, IngestPipeline
+from tradecanvas.runtime_flags import build_runtime_flags
 from tradecanvas.store.open import open_store
 from tradecanvas.tools.importer import PENDING_KEY, ArchiveCommitter, read_file, run_import
 from tradecanvas.tools.progress import Progress
@@ -288,3 +289,21 @@ async def test_derived_5m_equals_binances_on_spot_with_empty_minutes(
     derived = {c.candle_time: c for c in await rows(db, f"binance:spot:{symbol}:5m")}
     assert len(covered) >= 98
     assert all(derived[b.candle_time].same_values(b) for b in covered)
+
+
+async def test_the_summary_counts_every_rebuild_event_it_logged(tmp_path: Path) -> None:
+    """Imported again with 15m added to the derived timeframes: the fingerprint rebuild the
+    import logged is counted with its import event (it said 0 while it had logged one)."""
+    db = tmp_path / "m.sqlite3"
+    files = plan(real_zips()[:1])
+    for derived in ("5m", "5m,15m"):
+        flags = build_runtime_flags({"TRADE_CANVAS_DERIVED_TIMEFRAMES": derived}).flags
+        before = len(await events(db)) if db.exists() else 0
+        progress = Progress(io.StringIO(), log=None, verb="import", tty=False)
+        code, tally, _ = await run_import(
+            files, db, flags.derived_timeframes, flags.derivation_fingerprint(), progress
+        )
+        assert code == ExitCode.OK
+        logged = [e for e in (await events(db))[before:] if e.event == "factor.rebuild"]
+        assert tally.events == len(logged)
+    assert logged and {e.data["reason"] for e in logged} == {"fingerprint"}

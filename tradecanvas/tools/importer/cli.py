@@ -248,7 +248,8 @@ async def run_import(
                     except ArchiveFileError as exc:
                         failure = (ExitCode.FAILED, str(exc))
                     with trio.CancelScope(shield=True):
-                        tally.events = len(await committer.finish())
+                        finished = await committer.finish()
+                        tally.events = committer.rebuilds_logged + len(finished)
             except StoreError as exc:
                 failure = (ExitCode.STORE_FAILURE, f"store failure: {exc}")
             finally:

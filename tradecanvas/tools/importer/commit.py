@@ -54,6 +54,7 @@ class ImportCommit:
 
     updates: tuple[Written, ...]
     received: int
+    rebuilds: int = 0  # factor.rebuild events logged with it (a fingerprint rebuild)
 
 
 def written_of(updates: Sequence[SeriesUpdate]) -> list[Written]:
@@ -106,6 +107,8 @@ class ArchiveCommitter:
         self._checked: set[str] = set()
         self._names: dict[tuple[str, str], tuple[SeriesId, str]] = {}
         self.pending: Ranges = {}
+        # factor.rebuild events the transactions logged (the one of finish aside)
+        self.rebuilds_logged = 0
         # each base series' short way while it may be taken (None: no more this import)
         self._fresh: dict[str, FreshSeries | None] = {}
         # the number of this committer's last transaction (StoreTxn.sequence): the next one
@@ -217,6 +220,7 @@ class ArchiveCommitter:
             self._fresh[sid] = fresh
         self._checked.add(sid)
         self.pending = ranges
+        self.rebuilds_logged += done.rebuilds
         return done
 
     def _logged(
@@ -231,11 +235,10 @@ class ArchiveCommitter:
         ranges = merge_ranges(self.pending, written)
         if ranges != self.pending:
             txn.set_meta(PENDING_KEY, _dump_ranges(ranges))
-        self._log(
-            txn,
-            [e for e in events if not (e.event == FACTOR_REBUILD and e.reason in _SUPERSEDED)],
-        )
-        return ImportCommit(tuple(written), received), ranges
+        logged = [e for e in events if not (e.event == FACTOR_REBUILD and e.reason in _SUPERSEDED)]
+        self._log(txn, logged)
+        rebuilds = sum(e.event == FACTOR_REBUILD for e in logged)
+        return ImportCommit(tuple(written), received, rebuilds), ranges
 
     async def finish(self) -> tuple[SystemEvent, ...]:
         """Log the one ``factor.rebuild`` (``import``) per series changed, with its range,
