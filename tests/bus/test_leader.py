@@ -13,7 +13,7 @@ import trio
 from tests.conftest import candle
 from tradecanvas.bus.ids import StreamKeys
 from tradecanvas.bus.leader import FencedStore, IngestFenced, IngestLeader
-from tradecanvas.bus.lease import FENCE_KEY, FENCE_NODE_KEY, LeaseTiming
+from tradecanvas.bus.lease import FENCE_KEY, FENCE_NODE_KEY, LeaseTiming, Verdict
 from tradecanvas.bus.redis_io import open_redis
 from tradecanvas.ops.metrics import Metrics
 from tradecanvas.store.sqlite import CandleStore
@@ -108,5 +108,44 @@ async def test_release_lets_the_standby_in_at_once(
         await leader.release()
         async with open_redis(redis_url) as client:
             assert await client.get(keys.lease) is None
+    finally:
+        await store.aclose()
+
+
+async def test_a_node_that_starts_without_redis_says_so_once(
+    tmp_path: Path, keys: StreamKeys, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Redis refused from the start: one 'Redis failed' line beside 'stands by' (alone it
+    read as if another node held the lease), not one per attempt."""
+    store = await CandleStore.open(tmp_path / "m.sqlite3")
+    node = IngestLeader(
+        "redis://127.0.0.1:1/0", keys, FencedStore(store), Metrics(), timing=TIMING, node="a"
+    )
+
+    async def never() -> None:
+        raise AssertionError("no lease without Redis")
+
+    def failures() -> list[str]:
+        return [r.getMessage() for r in caplog.records if "Redis failed" in r.getMessage()]
+
+    asked = trio.Semaphore(0)
+    ask = node._ask
+
+    async def counted() -> Verdict:  # the real exchange, counted
+        try:
+            return await ask()
+        finally:
+            asked.release()
+
+    node._ask = counted  # type: ignore[method-assign]
+    try:
+        with caplog.at_level("INFO", logger="tradecanvas.bus.leader"):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(node.run, never)
+                with trio.fail_after(WAIT_S):
+                    for _ in range(3):  # several attempts, all refused
+                        await asked.acquire()
+                nursery.cancel_scope.cancel()
+        assert len(failures()) == 1 and failures()[0].endswith("standing by")
     finally:
         await store.aclose()

@@ -103,6 +103,7 @@ class IngestLeader:
         self.store = store
         self.core = LeaseCore(node or node_name(), timing)
         self._connected = False
+        self._failed_once = False  # a failure was logged since the start
         self._became_leader = trio.Event()
         registry = metrics.registry
         Gauge(
@@ -172,7 +173,9 @@ class IngestLeader:
                         holder = None if taken else _text(await client.get(self.key))
         except BaseException as exc:
             failure = failure_or_raise(exc)
-            if self._connected or core.leader:
+            # logged once an outage: the first failure (at start-up too: "stands by" alone
+            # read as if another node held the lease), and while holding it
+            if self._connected or core.leader or not self._failed_once:
                 log.warning(
                     "ingest lease: Redis failed (%s); %s",
                     describe(failure),
@@ -180,7 +183,7 @@ class IngestLeader:
                     if core.leader
                     else "standing by",
                 )
-            self._connected = False
+            self._connected, self._failed_once = False, True
             return core.on_failure(trio.current_time())
         if not self._connected:
             log.info("ingest lease: Redis answers at %s", self.url)
