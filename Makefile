@@ -20,7 +20,7 @@ $(STAMP): setup.cfg pyproject.toml
 run: $(STAMP)
 	$(BIN)/tradecanvas serve
 
-## check: the inner loop (under a minute): lint, types, the unit tests without the end-to-end ones
+## check: the inner loop (two to three minutes): lint, types, the unit tests without the end-to-end ones
 check: lint typecheck unit-fast
 
 ## test: ruff, mypy --strict, pytest, the deploy unit checks, the e2e replay, the doc audit and

@@ -36,6 +36,7 @@ for line in \
     "NotifyAccess=main" \
     "WatchdogSec=30" \
     "Restart=on-failure" \
+    "RestartPreventExitStatus=2" \
     "DynamicUser=yes" \
     "$state_line" \
     "EnvironmentFile=-/etc/tradecanvas/tradecanvas.env" \
