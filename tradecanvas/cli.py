@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from typing import Final
@@ -166,10 +167,22 @@ def _cmd_flags(loaded: LoadedFlags) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run one command; returns its exit code (argparse exits with 2 for bad usage)."""
+    """Run one command; returns its exit code (argparse exits with 2 for bad usage). A
+    reader of its output that goes away (``tradecanvas flags | head``) ends it quietly."""
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return _run(parser, args)
+    except (BrokenPipeError, BaseExceptionGroup) as exc:
+        if isinstance(exc, BaseExceptionGroup) and exc.split(BrokenPipeError)[1] is not None:
+            raise
+        # the rest of the output has nowhere to go, the flush at exit included
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return ExitCode.OK
+
+
+def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if args.command in ("serve", "flags", "backfill", "import", "export"):
         try:
             loaded = _load_flags(args)

@@ -28,12 +28,12 @@ from tradecanvas.tools.replay.data import (
     load_data,
     parse_file_argument,
 )
-from tradecanvas.tools.replay.server import ReplayHandle, serve_replay_data
+from tradecanvas.tools.replay.server import ReplayHandle, listen_ports, serve_replay_data
 
 SUMMARY: Final = "``tradecanvas replay FILE…``: a loopback stand-in for Binance (DESIGN §8)."
 EXIT_CODES: Final[ExitCodeTable] = (
     (ExitCode.OK, "stopped by SIGINT (Ctrl-C) or SIGTERM, the normal end of a replay"),
-    (ExitCode.FAILED, "it could not serve (such as a port in use; the traceback says why)"),
+    (ExitCode.FAILED, "it could not serve (such as a port in use; one line says why)"),
     (ExitCode.USAGE, "a bad option, or a file that is missing, unreadable or holds no klines"),
 )
 
@@ -256,7 +256,33 @@ def run_replay(args: argparse.Namespace) -> int:
     except ReplayError as exc:
         sys.stderr.write(f"tradecanvas replay: {exc}\n")
         return ExitCode.USAGE
+    except (OSError, BaseExceptionGroup) as exc:
+        # a port in use or an address not this machine's: one line, not nested groups
+        failures = [exc] if isinstance(exc, OSError) else _only_os_errors(exc)
+        if failures is None:
+            raise
+        ws_port, rest_port = listen_ports(config)
+        where = f"{config.host}, ports {ws_port} (WebSocket) and {rest_port} (REST)"
+        for failure in dict.fromkeys(str(f) for f in failures):
+            sys.stderr.write(f"tradecanvas replay: cannot listen on {where}: {failure}\n")
+        return ExitCode.FAILED
     return ExitCode.OK
+
+
+def _only_os_errors(group: BaseExceptionGroup[BaseException]) -> list[OSError] | None:
+    """The OSErrors of ``group`` when they are all it holds, else None."""
+    found: list[OSError] = []
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            inner = _only_os_errors(exc)
+            if inner is None:
+                return None
+            found.extend(inner)
+        elif isinstance(exc, OSError):
+            found.append(exc)
+        else:
+            return None
+    return found
 
 
 def main(argv: Sequence[str] | None = None) -> int:
