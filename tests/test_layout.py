@@ -17,7 +17,7 @@ MAX_LINES: Final = 500
 STAGES: Final = (
     ("tradecanvas.errors", "tradecanvas.model"),
     ("tradecanvas.wire",),
-    ("tradecanvas.runtime_flags",),
+    ("tradecanvas.runtime_flags", "tradecanvas.service_urls"),
     ("tradecanvas.ops",),
     ("tradecanvas.upstream",),
     ("tradecanvas.store",),
@@ -33,6 +33,7 @@ STAGES: Final = (
 # pure cores: rules only, time passed in; they load without trio or any socket library
 PURE_MODULES: Final = (
     "tradecanvas.model",
+    "tradecanvas.service_urls",
     "tradecanvas.wire.binance",
     "tradecanvas.wire.binance_rest",
     "tradecanvas.wire.json",

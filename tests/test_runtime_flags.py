@@ -288,3 +288,18 @@ def test_role_all_ignores_redis_and_serve_takes_role() -> None:
     ).flags
     assert flags.role == "all"
     assert build_runtime_flags({"TRADE_CANVAS_BUS_PREFIX": "tc:"}).flags.bus_prefix == "tc"
+
+
+def test_the_ws_and_http_ports_on_one_address_must_differ() -> None:
+    """Both listeners on 127.0.0.1:18997 refused each other at start-up with "address already
+    in use", as if another program held the port."""
+    same = {"TRADE_CANVAS_WS_PORT": "18997", "TRADE_CANVAS_HTTP_PORT": "18997"}
+    with pytest.raises(FlagError) as info:
+        build_runtime_flags(same)
+    assert info.value.variable == "TRADE_CANVAS_HTTP_PORT"
+    assert "18997 is TRADE_CANVAS_WS_PORT too" in str(info.value)
+    with pytest.raises(FlagError):
+        build_runtime_flags({**same, "TRADE_CANVAS_HTTP_HOST": "0.0.0.0"})
+    apart = build_runtime_flags({**same, "TRADE_CANVAS_HTTP_HOST": "127.0.0.2"}).flags
+    assert (apart.ws_port, apart.http_port) == (18997, 18997)
+    assert build_runtime_flags({"TRADE_CANVAS_WS_PORT": "0", "TRADE_CANVAS_HTTP_PORT": "0"})

@@ -64,7 +64,7 @@ from tradecanvas.pipeline.commit import IngestPipeline
 from tradecanvas.runtime_flags import RuntimeFlags
 from tradecanvas.serve.event_tail import EventTail
 from tradecanvas.serve.http_api import build_http_app
-from tradecanvas.serve.http_server import serve_http
+from tradecanvas.serve.http_server import check_listenable, serve_http
 from tradecanvas.serve.hub import Hub
 from tradecanvas.serve.ws_server import serve_ws_port
 from tradecanvas.serve.ws_session import MarketEndpoint
@@ -471,6 +471,7 @@ def serve(flags: RuntimeFlags) -> int:
     configure_logging(flags)
 
     async def main() -> None:
+        await check_listenable(flags)  # a port in use: said before the store is written
         runtime = await market_runtime_builder(flags)
         try:
             await run_daemon(runtime)

@@ -12,7 +12,6 @@ import difflib
 import logging
 import os
 import re
-import urllib.parse
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Final
@@ -21,6 +20,7 @@ import attrs
 
 from tradecanvas.errors import FlagError, SeriesIdError
 from tradecanvas.model import DAY, MINUTE, SeriesId, Timeframe, derivation_sources
+from tradecanvas.service_urls import parse_database_url, parse_redis_url
 
 log = logging.getLogger(__name__)
 
@@ -251,44 +251,19 @@ def _parse_token(text: str) -> str:
     return text.strip()
 
 
-_DATABASE_URL_FORM: Final = "postgresql://[user[:password]@]host[:port]/dbname"
-_REDIS_URL_FORM: Final = "redis[s]://[[user]:password@]host[:port][/db]"
+_ANY_HOST: Final = frozenset({"", "0.0.0.0", "::", "*"})
 
 
-def _url_parts(text: str, form: str) -> urllib.parse.SplitResult:
-    """``text`` split, its port checked (a number in 1..65535 when given)."""
-    parts = urllib.parse.urlsplit(text)
-    try:
-        port = parts.port
-    except ValueError:
-        raise ValueError(f"a bad port in {parts.netloc!r}; allowed: {form}") from None
-    if port == 0:
-        raise ValueError(f"port 0 in {parts.netloc!r}; allowed: {form}")
-    return parts
-
-
-def parse_database_url(text: str) -> str:
-    """A PostgreSQL URL that names its database (without one, libpq takes the user's
-    name: the store's tables would land in ``postgres``, the server's own database)."""
-    text = text.strip()
-    if not text.lower().startswith(("postgresql://", "postgres://")):
-        raise ValueError(f"not a PostgreSQL URL; allowed: {_DATABASE_URL_FORM}")
-    parts = _url_parts(text, _DATABASE_URL_FORM)
-    named = parts.path.strip("/") or urllib.parse.parse_qs(parts.query).get("dbname")
-    if not named:
-        raise ValueError(f"no database name; allowed: {_DATABASE_URL_FORM}")
-    return text
-
-
-def _parse_redis_url(text: str) -> str:
-    text = text.strip()
-    if not text.lower().startswith(("redis://", "rediss://")):
-        raise ValueError(f"not a Redis URL; allowed: {_REDIS_URL_FORM}")
-    parts = _url_parts(text, _REDIS_URL_FORM)
-    db = parts.path.strip("/")
-    if db and not db.isdigit():
-        raise ValueError(f"database {db!r} is not a number; allowed: {_REDIS_URL_FORM}")
-    return text
+def _check_ports_differ(values: Mapping[str, Any]) -> None:
+    """The WS and HTTP listeners on one address and port would refuse each other at start-up
+    (it said "address already in use", as if another program held it)."""
+    port, hosts = values["http_port"], {values["ws_host"], values["http_host"]}
+    if port and port == values["ws_port"] and (len(hosts) == 1 or hosts & _ANY_HOST):
+        raise FlagError(
+            "TRADE_CANVAS_HTTP_PORT",
+            f"{port} is TRADE_CANVAS_WS_PORT too; allowed: another port (the HTTP API serves"
+            " /ws/market as well, on its own listener)",
+        )
 
 
 def _parse_bus_prefix(text: str) -> str:
@@ -356,7 +331,7 @@ FLAG_SPECS: Final[tuple[FlagSpec, ...]] = (
     FlagSpec("log_format", "text", _parse_choice(LOG_FORMATS), "text or json"),
     FlagSpec("log_level", "INFO", _parse_choice(LOG_LEVELS, upper=True), "DEBUG, INFO, WARNING, ERROR"),
     FlagSpec("role", "all", _parse_choice(ROLES), "all = one process; ingest = Binance → store → Redis Streams; edge = Redis Streams + store → subscribers"),
-    FlagSpec("redis_url", None, _parse_redis_url, "Redis of the bus (redis://host:port/db); required by the ingest and edge roles, not used by all (but checked)"),
+    FlagSpec("redis_url", None, parse_redis_url, "Redis of the bus (redis://host:port/db); required by the ingest and edge roles, not used by all (but checked)"),
     FlagSpec("bus_prefix", "tradecanvas", _parse_bus_prefix, "key prefix of the bus's streams and channel in Redis (<prefix>:candles:<series>, …)"),
     FlagSpec("bus_maxlen", "10080", _parse_int(100, 100_000_000), "entries kept per series stream (MAXLEN ~); an edge further behind reads the store"),
     # the ingest lease (issue 15: two ingest nodes, hot standby; docs/distributed.md)
@@ -422,6 +397,7 @@ def build_runtime_flags(
             "TRADE_CANVAS_REDIS_URL",
             f"required by role {values['role']} (the bus); allowed: redis://host:port/db",
         )
+    _check_ports_differ(values)
     notify_socket = environ.get("NOTIFY_SOCKET") or None
     watchdog_usec: int | None = None
     if environ.get("WATCHDOG_USEC"):

@@ -41,6 +41,7 @@ from hypercorn.utils import wrap_app
 from starlette.types import ASGIApp
 
 from tradecanvas.errors import ListenError
+from tradecanvas.runtime_flags import RuntimeFlags
 from tradecanvas.serve.ws_protocol import MAX_MESSAGE_BYTES
 
 log = logging.getLogger(__name__)
@@ -81,6 +82,22 @@ async def bind_socket(host: str, port: int) -> socket.socket:
         sock.close()
         raise
     return sock
+
+
+async def check_listenable(flags: RuntimeFlags) -> None:
+    """Bind and let go of each port ``flags.role`` listens on (HTTP; /ws/market's but on an
+    ingest node), so that a port in use or a host not this machine's is one ListenError
+    before the store is opened or written (``series.added``). Port 0 (any free) always
+    binds. The listeners bind again for good later, and say the same if one was taken since."""
+    targets = [("HTTP", flags.http_host, flags.http_port)]
+    if flags.role != "ingest":
+        targets.append(("WebSocket clients", flags.ws_host, flags.ws_port))
+    for what, host, port in targets:
+        if port:
+            try:
+                (await bind_socket(host, port)).close()
+            except OSError as exc:
+                raise ListenError.of(what, host, port, exc) from exc
 
 
 def hypercorn_config(binds: list[str], drain_s: float) -> hypercorn.config.Config:

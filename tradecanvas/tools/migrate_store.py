@@ -38,7 +38,7 @@ import attrs
 import trio
 
 from tradecanvas.errors import ExitCode, StoreError
-from tradecanvas.runtime_flags import parse_database_url
+from tradecanvas.service_urls import parse_database_url
 from tradecanvas.store.pg_txn import PgStoreTxn
 from tradecanvas.store.postgres import PostgresStore, describe_url
 from tradecanvas.store.sqlite import CandleStore
