@@ -196,6 +196,38 @@ def test_an_exchange_hole_is_shaded_and_a_rebuild_redraws_the_revised_bar(
             chart.screenshot("chart-gap")
 
 
+def test_scrolling_back_over_a_hole_keeps_the_bars_in_view(
+    tmp_path: Path, browser: Browser
+) -> None:
+    """A page opened on the newest 1,000 of 1,440 stored minutes; the page before them has a
+    hole of 30 at the exchange. Loading it keeps the view on the same bars: the hole's
+    shaded slots are points of the time scale too, and the view moved back by their number
+    (90 minutes of a 1m chart for a 90-minute hole, as a user saw)."""
+    data, bars = trimmed_week(tmp_path, HISTORY + STREAMED)
+    hole_at, hole_len = 150, 30
+    missing = {b.time for b in bars[hole_at : hole_at + hole_len]}
+    present = [b for b in bars if b.time not in missing]
+    with (
+        market(
+            tmp_path, data, "--start-at", str(HISTORY), "--exchange-hole", f"{hole_at}:{hole_len}"
+        ) as m,
+        chart_page(browser, m.http_url) as chart,
+    ):
+        chart.open(BASE)
+        chart.wait_live()
+        m.resume_replay()
+        _last_closed_is(chart, bars[-1].time)
+        chart.open(BASE)  # again: the newest 1,000 from the store, the rest older
+        chart.wait_live()
+        assert chart.bars(BASE) == present[-1000:]
+        in_view = chart.call("() => window.tradecanvasChart.visibleTimes()")
+        chart.call("() => window.tradecanvasChart.loadOlder()")
+        assert chart.bars(BASE) == present == m.stored(BASE)
+        assert chart.call("() => window.tradecanvasChart.visibleTimes()") == in_view
+        assert sorted(missing) == chart.call(f"() => window.tradecanvasChart.gaps({BASE!r})")
+        assert chart.console_errors == []
+
+
 def test_the_page_recovers_after_the_daemon_restarts(tmp_path: Path, browser: Browser) -> None:
     data, bars = trimmed_week(tmp_path, HISTORY + STREAMED)
     with market(tmp_path, data, "--start-at", str(HISTORY)) as m:

@@ -146,18 +146,21 @@
     }
   }
 
+  // the shaded times (each a point of the time scale too); returned for loadOlder
   function renderGaps() {
     const oldest = view.bars.length ? view.bars[0].time : Infinity;
     const times = [...view.gapTimes, ...holesInBars()].filter((t) => t >= oldest);
     const unique = [...new Set(times)].sort((a, b) => a - b);
     gapSeries.setData(unique.map((time) => ({ time, value: 1 })));
+    return unique;
   }
 
   function render() {
     candleSeries.setData(view.bars.map(candlePoint));
     volumeSeries.setData(view.bars.map(volumePoint));
-    renderGaps();
+    const gaps = renderGaps();
     showLegend(null);
+    return gaps;
   }
 
   // a candle from the socket: appended, or replacing the newest bar; an older one (never
@@ -395,10 +398,14 @@
       }
       if (older.length === 0) return;
       const range = chart.timeScale().getVisibleLogicalRange();
+      const held = view.bars[0].time;
       view.bars = [...older.map(toBar), ...view.bars];
-      render();
+      const gaps = render();
       if (range) {
-        chart.timeScale().setVisibleLogicalRange({ from: range.from + older.length, to: range.to + older.length });
+        // the points now before the bars held: the older bars and the shaded hole slots
+        // among them (each a point of the time scale), so the bars in view stay put
+        const added = new Set([...older.map((c) => c.candle_time), ...gaps.filter((t) => t < held)]).size;
+        chart.timeScale().setVisibleLogicalRange({ from: range.from + added, to: range.to + added });
       }
     };
     view.loadingOlder = run()
@@ -590,6 +597,8 @@
     legend: (time) => legendText(time === undefined ? null : time),
     notice: () => ($("notice").hidden ? "" : $("notice").textContent),
     ready: () => view.ready,
+    // the times at the edges of the view ({from, to}), null before any bar
+    visibleTimes: () => chart.timeScale().getVisibleRange(),
     select,
     loadOlder,
   };
