@@ -20,6 +20,7 @@ import orjson
 from tradecanvas.errors import CandleError, SeriesIdError
 from tradecanvas.model import BASE_TIMEFRAME, Candle, SeriesId, validate_candle
 from tradecanvas.serve.served import describe_served
+from tradecanvas.serve.ws_protocol import since_problem
 
 DEFAULT_LIMIT: Final = 500
 MAX_LIMIT: Final = 5000
@@ -114,16 +115,8 @@ def parse_candles_query(
     if raw_since is not None and raw_since != "":
         if not _INT_RE.match(raw_since):
             problems.append(Problem("since", f"since: {raw_since!r} is not {_SINCE_HELP}"))
-        elif (since := int(raw_since)) < 0:
-            negative = f"since: must not be negative, got {since} (0 reads from the first)"
-            problems.append(Problem("since", negative))
-        elif since >= _MAX_CANDLE_TIME:
-            problems.append(
-                Problem(
-                    "since",
-                    f"since: {since} is too large: candle_time is in seconds, not milliseconds",
-                )
-            )
+        elif (problem := since_problem(since := int(raw_since))) is not None:
+            problems.append(Problem("since", f"since: {problem}"))
     limit = _limit(params, problems)
     if problems:
         raise RequestRefused.unprocessable(problems)

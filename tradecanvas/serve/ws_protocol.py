@@ -30,6 +30,18 @@ MAX_MESSAGE_BYTES: Final = 64 * 1024
 MAX_SINCE: Final = 10**11
 # event ids are SQLite/PostgreSQL 64-bit integers
 MAX_EVENT_ID: Final = 2**63 - 1
+
+
+def since_problem(since: int) -> str | None:
+    """What keeps an integer ``since`` from being a cursor in seconds (the socket's and the
+    HTTP API's words, after "since"), None when nothing does."""
+    if since < 0:
+        return f"must not be negative, got {since}"
+    if since > MAX_SINCE:
+        return f"{since} is too large: candle_time is in seconds, not milliseconds"
+    return None
+
+
 CLIENT_TYPES: Final = ("subscribe", "unsubscribe", "ping")
 
 # why an upgrade is refused (tradecanvas_ws_refusals_total{reason})
@@ -125,13 +137,9 @@ def parse_client_message(raw: str | bytes) -> ClientRequest:
                 f" got a {_json_kind(since)}",
                 sid_text,
             )
-        if since < 0:
-            raise _bad(f"since must not be negative, got {since}", sid_text)
-        if since > MAX_SINCE:
-            raise _bad(
-                f"since {since} is too large: candle_time is in seconds, not milliseconds",
-                sid_text,
-            )
+        problem = since_problem(since)
+        if problem is not None:
+            raise _bad(f"since {problem}", sid_text)
     batch = doc.get("supports_batch", False)
     if batch is None:
         batch = False
@@ -351,4 +359,5 @@ __all__ = [
     "parse_client_message",
     "refuse_handshake",
     "request_path",
+    "since_problem",
 ]
