@@ -6,6 +6,8 @@ from __future__ import annotations
 import urllib.parse
 from typing import Final
 
+# a store location starting with one of these is PostgreSQL (else a SQLite file)
+POSTGRES_URL_SCHEMES: Final = ("postgresql://", "postgres://")
 _DATABASE_URL_FORM: Final = "postgresql://[user[:password]@]host[:port]/dbname"
 _REDIS_URL_FORM: Final = "redis[s]://[[user]:password@]host[:port][/db]"
 
@@ -26,7 +28,7 @@ def parse_database_url(text: str) -> str:
     """A PostgreSQL URL that names its database (without one, libpq takes the user's
     name: the store's tables would land in ``postgres``, the server's own database)."""
     text = text.strip()
-    if not text.lower().startswith(("postgresql://", "postgres://")):
+    if not text.lower().startswith(POSTGRES_URL_SCHEMES):
         raise ValueError(f"not a PostgreSQL URL; allowed: {_DATABASE_URL_FORM}")
     parts = _url_parts(text, _DATABASE_URL_FORM)
     named = parts.path.strip("/") or urllib.parse.parse_qs(parts.query).get("dbname")
@@ -46,4 +48,4 @@ def parse_redis_url(text: str) -> str:
     return text
 
 
-__all__ = ["parse_database_url", "parse_redis_url"]
+__all__ = ["POSTGRES_URL_SCHEMES", "parse_database_url", "parse_redis_url"]

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from tradecanvas.service_urls import POSTGRES_URL_SCHEMES
 from tradecanvas.store.interface import MarketStore
-from tradecanvas.store.postgres import URL_SCHEMES, PostgresStore, describe_url
+from tradecanvas.store.postgres import PostgresStore, describe_url
 from tradecanvas.store.sqlite import CandleStore
 
 
 def is_database_url(location: str | Path) -> bool:
-    return isinstance(location, str) and location.strip().lower().startswith(URL_SCHEMES)
+    return isinstance(location, str) and location.strip().lower().startswith(POSTGRES_URL_SCHEMES)
 
 
 def store_location(db_path: Path, database_url: str | None) -> str | Path:

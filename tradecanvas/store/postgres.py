@@ -90,7 +90,6 @@ POOL_SIZE: Final = 5
 # Longest wait for the server at start-up, and for a connection after one broke: a store
 # that cannot be reached fails start-up with a message instead of hanging.
 CONNECT_TIMEOUT_S: Final = 10.0
-URL_SCHEMES: Final = ("postgresql://", "postgres://")
 # a ping (readiness) waits this long for a connection
 PING_TIMEOUT_S: Final = 2.0
 # between attempts of a write that lost its connection
