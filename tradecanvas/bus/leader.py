@@ -102,8 +102,7 @@ class IngestLeader:
         self.key = keys.lease
         self.store = store
         self.core = LeaseCore(node or node_name(), timing)
-        self._connected = False
-        self._failed_once = False  # a failure was logged since the start
+        self._connected: bool | None = None  # None: Redis not asked yet
         self._became_leader = trio.Event()
         registry = metrics.registry
         Gauge(
@@ -117,7 +116,7 @@ class IngestLeader:
             registry=registry,
         )
         metrics.dependency_up.labels(dependency="redis_lease").set_function(
-            lambda: float(self._connected)
+            lambda: float(bool(self._connected))
         )
 
     @property
@@ -175,7 +174,7 @@ class IngestLeader:
             failure = failure_or_raise(exc)
             # logged once an outage: the first failure (at start-up too: "stands by" alone
             # read as if another node held the lease), and while holding it
-            if self._connected or core.leader or not self._failed_once:
+            if self._connected is not False or core.leader:
                 log.warning(
                     "ingest lease: Redis failed (%s); %s",
                     describe(failure),
@@ -183,7 +182,7 @@ class IngestLeader:
                     if core.leader
                     else "standing by",
                 )
-            self._connected, self._failed_once = False, True
+            self._connected = False
             return core.on_failure(trio.current_time())
         if not self._connected:
             log.info("ingest lease: Redis answers at %s", self.url)

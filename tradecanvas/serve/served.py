@@ -13,18 +13,10 @@ from __future__ import annotations
 from collections.abc import Collection
 from typing import Final
 
-from tradecanvas.errors import SeriesIdError
 from tradecanvas.model import Timeframe
 
 MAX_LISTED: Final = 10
 FULL_LIST: Final = "GET /api/market/series lists every series"
-
-
-def _timeframe_key(text: str) -> tuple[int, str]:
-    try:
-        return Timeframe.parse(text).seconds, text
-    except SeriesIdError:
-        return 2**62, text
 
 
 def _listed(items: list[str]) -> str:
@@ -44,7 +36,7 @@ def describe_served(series_id: str, served: Collection[str]) -> str:
         by_symbol.setdefault(prefix, []).append(timeframe)
     timeframes = by_symbol.get(symbol)
     if timeframes:
-        listed = ", ".join(sorted(timeframes, key=_timeframe_key))
+        listed = ", ".join(sorted(timeframes, key=Timeframe.parse))  # shortest first
         return f"{symbol} is served in {listed}"
     symbols = sorted(by_symbol)
     return f"served: {_listed(symbols)}, each in its timeframes ({FULL_LIST})"

@@ -18,7 +18,7 @@ from typing import Final
 
 import trio
 
-from tradecanvas.errors import ExitCode
+from tradecanvas.errors import ExitCode, first_leaf
 from tradecanvas.model import MARKETS
 from tradecanvas.tools.exit_codes import HELP_FORMATTER, ExitCodeTable, exit_codes_epilog
 from tradecanvas.tools.replay.data import (
@@ -258,31 +258,14 @@ def run_replay(args: argparse.Namespace) -> int:
         return ExitCode.USAGE
     except (OSError, BaseExceptionGroup) as exc:
         # a port in use or an address not this machine's: one line, not nested groups
-        failures = [exc] if isinstance(exc, OSError) else _only_os_errors(exc)
-        if failures is None:
+        group = BaseExceptionGroup("", [exc])
+        if group.split(OSError)[1] is not None:
             raise
         ws_port, rest_port = listen_ports(config)
         where = f"{config.host}, ports {ws_port} (WebSocket) and {rest_port} (REST)"
-        for failure in dict.fromkeys(str(f) for f in failures):
-            sys.stderr.write(f"tradecanvas replay: cannot listen on {where}: {failure}\n")
+        sys.stderr.write(f"tradecanvas replay: cannot listen on {where}: {first_leaf(group)}\n")
         return ExitCode.FAILED
     return ExitCode.OK
-
-
-def _only_os_errors(group: BaseExceptionGroup[BaseException]) -> list[OSError] | None:
-    """The OSErrors of ``group`` when they are all it holds, else None."""
-    found: list[OSError] = []
-    for exc in group.exceptions:
-        if isinstance(exc, BaseExceptionGroup):
-            inner = _only_os_errors(exc)
-            if inner is None:
-                return None
-            found.extend(inner)
-        elif isinstance(exc, OSError):
-            found.append(exc)
-        else:
-            return None
-    return found
 
 
 def main(argv: Sequence[str] | None = None) -> int:
