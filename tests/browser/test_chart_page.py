@@ -272,6 +272,44 @@ def test_the_page_recovers_after_the_daemon_restarts(tmp_path: Path, browser: Br
             chart.screenshot("chart-after-restart")
 
 
+def test_the_badge_says_stale_when_no_market_data_comes(tmp_path: Path, browser: Browser) -> None:
+    data, bars = trimmed_week(tmp_path, HISTORY + STREAMED)
+    with (
+        market(tmp_path, data, "--start-at", str(HISTORY)) as m,
+        chart_page(browser, m.http_url) as chart,
+    ):
+        # the page's clock is Playwright's: minutes of silence without waiting for them
+        chart.page.clock.install()
+        chart.open(BASE)
+        chart.wait_live()
+        # the replay is paused: connected to the daemon, which is connected upstream,
+        # but no market data; after 90 s the badge says so, and not that the daemon
+        # lost the exchange
+        chart.page.clock.fast_forward(80_000)
+        assert chart.call("() => window.tradecanvasChart.state()") == "live"
+        chart.page.clock.fast_forward(15_000)
+        chart.wait_until("() => window.tradecanvasChart.state() === 'stale'")
+        badge = chart.call("() => window.tradecanvasChart.badge()")
+        assert badge.startswith("stale (no data for 1 min 3"), badge
+        assert "unreachable" not in badge
+        # market data again: live
+        m.resume_replay()
+        _last_closed_is(chart, bars[-1].time)
+        chart.wait_live()
+        assert chart.call("() => window.tradecanvasChart.badge()") == "live"
+        # the exchange goes away: the daemon's upstream is down, and the badge says it
+        m.replay.kill()
+        m.replay.wait(timeout=30)
+        chart.page.clock.fast_forward(95_000)
+        chart.wait_until("() => window.tradecanvasChart.badge().endsWith('; Binance unreachable)')")
+        assert chart.call("() => window.tradecanvasChart.state()") == "stale"
+        # the only console errors are the browser's own reports of /readyz's 503
+        assert all("503" in e and "/readyz" in e for e in chart.console_errors), (
+            chart.console_errors
+        )
+        chart.screenshot("chart-stale")
+
+
 def test_a_page_origin_outside_the_allow_list_gets_no_stream(
     tmp_path: Path, browser: Browser
 ) -> None:

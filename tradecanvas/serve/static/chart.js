@@ -24,6 +24,9 @@
   const MAX_SHADED_PER_HOLE = 5000; // a hole wider than this is shaded at its start only
   const RECONNECT_MIN_MS = 250;
   const RECONNECT_MAX_MS = 5000;
+  // a live page whose series has had no market message for this long says so on the badge
+  const STALE_AFTER_MS = 90_000;
+  const FRESHNESS_CHECK_MS = 5_000;
   const BAR_SPACING = 6; // px a bar when a series is shown (lightweight-charts' default)
   const MAX_BAR_SPACING = 40; // a few bars fitted to the width are drawn at most this wide
   const UNITS = { m: 60, h: 3600, d: 86400, w: 604800 };
@@ -475,12 +478,74 @@
 
   const conn = { socket: null, state: "connecting", attempt: 0, pendingPongs: 0 };
 
+  // the badge: the connection's state, or `stale` while it is live but no market data came
   function setState(state, detail) {
     conn.state = state;
-    const el = $("state");
-    el.dataset.state = state;
-    el.textContent = detail ? `${state} (${detail})` : state;
+    showBadge(state, detail);
   }
+
+  function showBadge(shown, detail) {
+    const el = $("state");
+    el.dataset.state = shown;
+    el.textContent = detail ? `${shown} (${detail})` : shown;
+    el.title = "";
+  }
+
+  // --- freshness --------------------------------------------------------------------------
+
+  // Binance closes a bar every minute and sends a forming update every few seconds while
+  // there are trades, so a live series with no market message for STALE_AFTER_MS is a quiet
+  // market or a daemon that lost the exchange: the badge says `stale` with the age, and
+  // with what /readyz says of the daemon's upstream (an edge does not know its ingest's, so
+  // there the age alone). Times are the page's clock since the last message (history may
+  // be replayed: the bars' own times say nothing of now).
+  const fresh = { at: Date.now(), upstream: null, asking: false };
+
+  function marketMessage() {
+    fresh.at = Date.now();
+    if (conn.state === "live" && $("state").dataset.state === "stale") showBadge("live");
+  }
+
+  function duration(ms) {
+    const s = Math.floor(ms / 1000);
+    if (s < 60) return `${s} s`;
+    const m = Math.floor(s / 60);
+    return m < 60 ? `${m} min ${s % 60} s` : `${Math.floor(m / 60)} h ${m % 60} min`;
+  }
+
+  async function askUpstream() {
+    if (fresh.asking) return;
+    fresh.asking = true;
+    try {
+      // 503 while a check fails: its body still lists the checks
+      const body = await (await fetch("/readyz", { cache: "no-store" })).json();
+      const connected = body && body.checks ? body.checks.upstream_connected : undefined;
+      fresh.upstream = typeof connected === "boolean" ? connected : null;
+    } catch (error) {
+      fresh.upstream = null;
+    } finally {
+      fresh.asking = false;
+    }
+    checkFreshness(false);
+  }
+
+  function checkFreshness(ask = true) {
+    if (conn.state !== "live") return;
+    const age = Date.now() - fresh.at;
+    if (age < STALE_AFTER_MS) {
+      if ($("state").dataset.state === "stale") showBadge("live");
+      return;
+    }
+    if (ask) askUpstream();
+    const lost = fresh.upstream === false;
+    showBadge("stale", `no data for ${duration(age)}${lost ? "; Binance unreachable" : ""}`);
+    $("state").title =
+      `No market message for this series for ${duration(age)}. ` +
+      (lost
+        ? "The daemon is not connected to Binance (/readyz: upstream_connected false)."
+        : "A quiet market, or the daemon's source is down (see /readyz).");
+  }
+  setInterval(checkFreshness, FRESHNESS_CHECK_MS);
 
   function send(message) {
     if (conn.socket && conn.socket.readyState === WebSocket.OPEN) {
@@ -510,7 +575,10 @@
   function handle(message) {
     if (message.type === "pong") {
       conn.pendingPongs = Math.max(0, conn.pendingPongs - 1);
-      if (conn.pendingPongs === 0) setState("live");
+      if (conn.pendingPongs === 0) {
+        fresh.at = Date.now(); // caught up: the age counts from now
+        setState("live");
+      }
       return;
     }
     if (message.type === "error") {
@@ -522,12 +590,15 @@
     switch (message.type) {
       case "candles_batch":
         for (const candle of message.candles) applyClosed(candle);
+        marketMessage();
         break;
       case "candle_closed":
         applyClosed(message.candle);
+        marketMessage();
         break;
       case "candle_forming":
         applyForming(message.candle);
+        marketMessage();
         break;
       case "gap":
         shade(message.expected_next_time, message.actual_time);
@@ -592,7 +663,10 @@
       seriesId === view.seriesId ? gapSeries.data().map((p) => p.time) : [],
     rebuilds: () => view.rebuilds.map((r) => ({ ...r })),
     errors: () => view.errors.map((e) => ({ ...e })),
-    state: () => conn.state,
+    // the badge's state: connecting, syncing, live, stale (live, no market data for
+    // STALE_AFTER_MS) or reconnecting; badge() its whole text
+    state: () => $("state").dataset.state,
+    badge: () => $("state").textContent,
     // the legend's text for the bar at `time` (omitted: the newest), and the notice shown
     legend: (time) => legendText(time === undefined ? null : time),
     notice: () => ($("notice").hidden ? "" : $("notice").textContent),
