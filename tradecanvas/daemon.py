@@ -49,12 +49,13 @@ from tradecanvas.bus.feed import EdgeFeed
 from tradecanvas.bus.leader import FencedStore, IngestLeader
 from tradecanvas.bus.publisher import BusPublisher
 from tradecanvas.bus.roles import (
+    check_redis_settings,
     edge_feed_from_store,
     last_event_id,
     leader_from_flags,
     publisher_from_flags,
 )
-from tradecanvas.errors import ExitCode, ListenError, StoreError, first_leaf
+from tradecanvas.errors import ExitCode, start_failure
 from tradecanvas.ingest.supervisor import IngestSupervisor
 from tradecanvas.ops.heap import freeze_startup_heap
 from tradecanvas.ops.logs import configure_logging
@@ -462,16 +463,13 @@ async def run_daemon(
         nursery.cancel_scope.cancel(reason="shutdown")
 
 
-# a store failure's one log line (the ingest stops without a line of its own)
-STORE_FAILURE_LINE: Final = "store failure, stopping (exit code %d): %s"
-
-
 def serve(flags: RuntimeFlags) -> int:
     """``tradecanvas serve``: run until SIGTERM/SIGINT; the exit code for systemd."""
     configure_logging(flags)
 
     async def main() -> None:
         await check_listenable(flags)  # a port in use: said before the store is written
+        await check_redis_settings(flags)  # and a Redis refusing the URL's database
         runtime = await market_runtime_builder(flags)
         try:
             await run_daemon(runtime)
@@ -482,18 +480,12 @@ def serve(flags: RuntimeFlags) -> int:
 
     try:
         trio.run(main)
-    except BaseException as raised:  # one line for a store failure or a port not listened on
-        grouped = isinstance(raised, BaseExceptionGroup)  # (an OSError alone is the latter)
-        group = BaseExceptionGroup("", [raised])
-        if group.split(StoreError)[1] is None:
-            log.critical(STORE_FAILURE_LINE, ExitCode.STORE_FAILURE, first_leaf(group))
-            return ExitCode.STORE_FAILURE
-        if group.split(ListenError if grouped else OSError)[1] is None:
-            log.critical("cannot start: %s", first_leaf(group))
-            return ExitCode.FAILED
-        if not grouped:
+    except BaseException as raised:  # one line: a store failure, a refused flag or port
+        failure = start_failure(raised)
+        if failure is None:
             raise
-        log.critical("tradecanvas failed", exc_info=raised)
-        return ExitCode.FAILED
+        code, line, traceback = failure
+        log.critical("%s", line, exc_info=raised if traceback else None)
+        return code
     sys.stderr.flush()
     return ExitCode.OK

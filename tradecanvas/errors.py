@@ -48,6 +48,25 @@ def first_leaf(exc: BaseException) -> BaseException:
     return exc
 
 
+def start_failure(raised: BaseException) -> tuple[ExitCode, str, bool] | None:
+    """What ``serve`` says of what stopped it, and its exit code: (code, one log line, whether
+    the traceback goes with it); None: re-raise ``raised`` (a bug outside any task group).
+    A store failure is 3; a flag refused at start-up (:class:`FlagError`) 2; a port not
+    listened on (:class:`ListenError`, or an OSError alone) 1; anything else in a task
+    group 1 with its traceback."""
+    grouped = isinstance(raised, BaseExceptionGroup)
+    group = BaseExceptionGroup("", [raised])
+    leaf = first_leaf(group)
+    if group.split(StoreError)[1] is None:
+        code = ExitCode.STORE_FAILURE
+        return code, f"store failure, stopping (exit code {code:d}): {leaf}", False
+    listen = ListenError if grouped else OSError
+    for refused, code in ((FlagError, ExitCode.USAGE), (listen, ExitCode.FAILED)):
+        if group.split(refused)[1] is None:
+            return code, f"cannot start: {leaf}", False
+    return (ExitCode.FAILED, "tradecanvas failed", True) if grouped else None
+
+
 def find_in_group(exc: BaseException, kind: type[E]) -> E | None:
     """The first ``kind`` exception in ``exc`` or anywhere inside its groups, else None."""
     if isinstance(exc, kind):

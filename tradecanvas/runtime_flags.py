@@ -43,7 +43,7 @@ def _redacted(value: str | None) -> str:
     return "<unset>" if value is None else "<redacted>"
 
 
-def _url_without_password(url: str | None) -> str:
+def url_without_password(url: str | None) -> str:
     """``postgresql://user:secret@host/db`` as ``postgresql://user:<redacted>@host/db``."""
     if url is None:
         return "<unset>"
@@ -57,7 +57,7 @@ class RuntimeFlags:
     series: tuple[SeriesId, ...]
     derived_timeframes: tuple[Timeframe, ...]
     db_path: Path
-    database_url: str | None = attrs.field(repr=lambda url: _url_without_password(url))
+    database_url: str | None = attrs.field(repr=lambda url: url_without_password(url))
     ws_host: str
     ws_port: int
     http_host: str
@@ -87,7 +87,7 @@ class RuntimeFlags:
     log_format: str
     log_level: str
     role: str
-    redis_url: str | None = attrs.field(repr=lambda url: _url_without_password(url))
+    redis_url: str | None = attrs.field(repr=lambda url: url_without_password(url))
     bus_prefix: str
     bus_maxlen: int
     # the ingest lease (issue 15, two ingest nodes; bus/lease.py)
@@ -460,7 +460,7 @@ def describe_flags(flags: RuntimeFlags) -> list[tuple[str, str]]:
         if spec.field == "ingest_token":
             text = _redacted(value)
         elif spec.field in ("database_url", "redis_url"):
-            text = _url_without_password(value)
+            text = url_without_password(value)
         elif spec.field == "derived_timeframes" and not value:
             text = "none"  # (as it is given: an empty value is refused)
         elif isinstance(value, tuple):

@@ -18,7 +18,7 @@ import anyio
 import attrs
 import coredis
 import trio
-from coredis.exceptions import RedisError
+from coredis.exceptions import RedisError, ResponseError
 from coredis.retry import NoRetryPolicy
 
 from tradecanvas.errors import find_in_group
@@ -58,6 +58,26 @@ def open_redis(url: str) -> coredis.Redis[bytes]:
         retry_policy=NoRetryPolicy(),
         connect_timeout=CONNECT_TIMEOUT_S,
     )
+
+
+async def refused_settings(url: str) -> str | None:
+    """Why the Redis at ``url`` refuses the URL's own settings — its database index, its user
+    and password, a command its ACL denies — which no retry cures; None when it takes them,
+    or cannot be reached now (the bus services wait for it and say so). Redis answers such a
+    refusal with an error reply (:class:`ResponseError`) to the connection's handshake or
+    to PING; a server still loading its data answers ``BusyLoadingError``, a connection
+    failure, not that."""
+    try:
+        async with open_redis(url) as client:
+            with trio.fail_after(CONNECT_TIMEOUT_S):
+                await client.ping()
+    except BaseException as exc:
+        refusal = find_in_group(exc, ResponseError)
+        if refusal is None:
+            failure_or_raise(exc)  # anything but a Redis failure goes through
+            return None
+        return str(refusal) or type(refusal).__name__
+    return None
 
 
 def redis_failure(exc: BaseException) -> BaseException | None:

@@ -28,12 +28,13 @@ from tradecanvas.bus.ids import StreamKeys
 from tradecanvas.bus.leader import FencedStore, IngestLeader
 from tradecanvas.bus.lease import LeaseTiming
 from tradecanvas.bus.publisher import BusPublisher, PublisherSettings
-from tradecanvas.errors import StoreError
+from tradecanvas.bus.redis_io import refused_settings
+from tradecanvas.errors import FlagError, StoreError
 from tradecanvas.model import Candle
 from tradecanvas.ops.metrics import Metrics
 from tradecanvas.pipeline.commit import SERVED_SERIES_KEY
 from tradecanvas.pipeline.events import SystemEvent
-from tradecanvas.runtime_flags import RuntimeFlags
+from tradecanvas.runtime_flags import RuntimeFlags, url_without_password
 from tradecanvas.store.interface import MarketStore
 from tradecanvas.upstream.backoff import Backoff
 
@@ -55,6 +56,18 @@ def _redis_url(flags: RuntimeFlags) -> str:
     if flags.redis_url is None:  # build_runtime_flags refuses a split role without it
         raise ValueError(f"role {flags.role} needs TRADE_CANVAS_REDIS_URL")
     return flags.redis_url
+
+
+async def check_redis_settings(flags: RuntimeFlags) -> None:
+    """FlagError (exit 2, before the store is opened) when the Redis of an ingest or edge
+    refuses the URL's own settings (a database index it lacks, a wrong password): the bus
+    would retry that for ever. A Redis that does not answer yet is waited for, as later."""
+    if flags.role == "all" or flags.redis_url is None:
+        return
+    refusal = await refused_settings(flags.redis_url)
+    if refusal is not None:
+        where = url_without_password(flags.redis_url)
+        raise FlagError("TRADE_CANVAS_REDIS_URL", f"the Redis at {where} refuses it: {refusal}")
 
 
 def publisher_from_flags(flags: RuntimeFlags) -> BusPublisher:
