@@ -18,6 +18,7 @@ test_fuzz_e2e.py.
 from __future__ import annotations
 
 import json
+import time
 from collections import Counter
 from collections.abc import Callable
 from decimal import Decimal
@@ -243,7 +244,7 @@ def test_http_write_bodies() -> None:
             counts["tried"] += 1
             refused: RequestRefused | None = None
             try:
-                series, candle = parse_ingest_body(raw, frozenset({BTC}))
+                series, candle = parse_ingest_body(raw, frozenset({BTC}), now=time.time())
             except RequestRefused as exc:
                 refused = exc
             if refused is not None:

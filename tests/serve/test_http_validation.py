@@ -12,6 +12,7 @@ from starlette.datastructures import QueryParams
 
 from tradecanvas.model import Candle, SeriesId
 from tradecanvas.serve.http_validation import (
+    CLOCK_SKEW_S,
     DEFAULT_LIMIT,
     MAX_LIMIT,
     RequestRefused,
@@ -29,6 +30,7 @@ T0: Final = 1_751_760_000  # 2025-07-06 00:00 UTC, aligned to 5m
 TOKEN: Final = "test-ingest-token-0123456789abcdef"
 # what tests/serve/test_http_api.py's daemon serves: BTC and ETH, each with 5m derived
 WRITABLE: Final = frozenset(SeriesId.parse(s) for s in (BTC, ETH))
+NOW: Final = T0 + 86_400.5  # the daemon's wall clock: a day after T0
 SERVED: Final = WRITABLE | frozenset(SeriesId.parse(s) for s in (BTC5, "binance:spot:ETH/USDT:5m"))
 
 
@@ -100,7 +102,7 @@ BAD_BODIES: list[tuple[str, bytes, str, str]] = [
 )
 def test_bad_bodies_are_422_naming_the_field(raw: bytes, field: str, fragment: str) -> None:
     with pytest.raises(RequestRefused) as info:
-        parse_ingest_body(raw, WRITABLE)
+        parse_ingest_body(raw, WRITABLE, now=NOW)
     refusal = info.value
     assert (refusal.status, refusal.code) == (422, "bad_request")
     doc = refusal.to_wire()
@@ -110,7 +112,7 @@ def test_bad_bodies_are_422_naming_the_field(raw: bytes, field: str, fragment: s
 
 def test_every_bad_candle_field_is_reported_at_once() -> None:
     with pytest.raises(RequestRefused) as info:
-        parse_ingest_body(orjson.dumps(body_for(1.5, open="x", volume=None)), WRITABLE)
+        parse_ingest_body(orjson.dumps(body_for(1.5, open="x", volume=None)), WRITABLE, now=NOW)
     assert [p.field for p in info.value.problems] == [
         "candle.candle_time",
         "candle.open",
@@ -120,13 +122,15 @@ def test_every_bad_candle_field_is_reported_at_once() -> None:
 
 def test_an_unserved_base_series_is_422_unknown_series() -> None:
     with pytest.raises(RequestRefused) as info:
-        parse_ingest_body(orjson.dumps(body_for(series_id="binance:futures:SOL/USDT:1m")), WRITABLE)
+        parse_ingest_body(
+            orjson.dumps(body_for(series_id="binance:futures:SOL/USDT:1m")), WRITABLE, now=NOW
+        )
     assert (info.value.status, info.value.code) == (422, "unknown_series")
 
 
 def test_a_good_body_keeps_values_exactly() -> None:
     raw = orjson.dumps(body_for(open=0.1, high="65000.10", low=0.007, close=1e-2, volume=3))
-    series, candle = parse_ingest_body(raw, WRITABLE)
+    series, candle = parse_ingest_body(raw, WRITABLE, now=NOW)
     assert series == SeriesId.parse(BTC)
     assert candle == Candle(
         T0, Decimal("0.1"), Decimal("65000.10"), Decimal("0.007"), Decimal("0.01"), Decimal(3)
@@ -250,3 +254,19 @@ def test_the_token_is_accepted_with_any_case_of_scheme_and_refused_when_unset() 
         check_bearer(f"Bearer {TOKEN}", None)
     assert (info.value.status, info.value.code) == (403, "ingest_disabled")
     assert "TRADE_CANVAS_INGEST_TOKEN" in info.value.message
+
+
+def test_a_candle_that_has_not_closed_yet_is_refused() -> None:
+    # closes at most CLOCK_SKEW_S after now: taken (clocks differ); a second later: refused
+    last = int(NOW + CLOCK_SKEW_S - 60) // 60 * 60
+    _, candle = parse_ingest_body(orjson.dumps(body_for(last)), WRITABLE, now=NOW)
+    assert candle.candle_time == last
+    for future in (last + 60, 32_503_680_000):  # the next minute; the year 3000
+        with pytest.raises(RequestRefused) as info:
+            parse_ingest_body(orjson.dumps(body_for(future)), WRITABLE, now=NOW)
+        assert (info.value.status, info.value.code) == (422, "bad_request")
+        [problem] = info.value.problems
+        assert problem.field == "candle.candle_time"
+        assert "only closed candles are written" in problem.message
+    message = info.value.to_wire()["message"]
+    assert "3000-01-01 00:00:00 UTC" in message and "2025-07-07 00:00:00 UTC" in message

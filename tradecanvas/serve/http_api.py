@@ -193,7 +193,7 @@ def build_http_app(
     async def ingest_candle_closed(request: Request) -> Response:
         check_bearer(request.headers.get("authorization"), flags.ingest_token)
         body = await read_body_limited(request, flags.http_body_timeout_s)
-        series, candle = parse_ingest_body(body, writable)
+        series, candle = parse_ingest_body(body, writable, now=clock())
         sid = str(series)
         try:
             result = await pipeline.run(IngestBatch.of(series, [candle], "http"))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hmac
 import re
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any, Final, Protocol
 
@@ -32,6 +33,8 @@ _DECIMAL_MAX_EXPONENT: Final = 30
 _INT_RE: Final = re.compile(r"^-?[0-9]{1,18}$")  # always fits SQLite's 64-bit INTEGER
 # candle_time above this is milliseconds (year 5138 in seconds), a common client mistake
 _MAX_CANDLE_TIME: Final = 100_000_000_000
+# a written candle may close this much after the daemon's clock says now (clocks differ)
+CLOCK_SKEW_S: Final = 60
 _SINCE_HELP: Final = "an integer candle_time in seconds (exclusive cursor)"
 _INGEST_DISABLED_MESSAGE: Final = (
     "the write endpoint is disabled: no ingest token is configured. Set"
@@ -235,11 +238,30 @@ def parse_candle_time(value: object) -> int:
     return value
 
 
-def parse_ingest_body(raw: bytes, writable: frozenset[SeriesId]) -> tuple[SeriesId, Candle]:
+def _check_closed(candle_time: int, now: float) -> None:
+    closes = candle_time + BASE_TIMEFRAME.seconds
+    if closes > now + CLOCK_SKEW_S:
+        raise ValueError(
+            f"candle.candle_time: {candle_time} ({_utc(candle_time)}) closes at"
+            f" {_utc(closes)}, after now ({_utc(int(now))} by this daemon's clock): only"
+            " closed candles are written"
+        )
+
+
+def _utc(t: int) -> str:
+    return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def parse_ingest_body(
+    raw: bytes, writable: frozenset[SeriesId], *, now: float
+) -> tuple[SeriesId, Candle]:
     """The write body ``{series_id, candle: {candle_time, open, high, low, close, volume}}``.
 
     Raises RequestRefused (422) naming every bad field; the candle's own rules (alignment to
-    1m, high ≥ low, prices within [low, high], non-negative volume) are checked last.
+    1m, high ≥ low, prices within [low, high], non-negative volume) are checked last. A
+    closed candle has closed: one that closes after ``now`` (the wall clock, unix seconds)
+    plus :data:`CLOCK_SKEW_S` is refused — stored, it would be the series' head, and every
+    live minute after it would be a revision below it.
     """
     try:
         doc = orjson.loads(raw)
@@ -283,6 +305,7 @@ def parse_ingest_body(raw: bytes, writable: frozenset[SeriesId]) -> tuple[Series
             try:
                 if name == "candle_time":
                     values[name] = parse_candle_time(raw_candle[name])
+                    _check_closed(values[name], now)
                 else:
                     values[name] = parse_decimal(field, raw_candle[name])
             except ValueError as exc:

@@ -496,7 +496,7 @@
   // Binance closes a bar every minute and sends a forming update every few seconds while
   // there are trades, so a live series with no market message for STALE_AFTER_MS is a quiet
   // market or a daemon that lost the exchange: the badge says `stale` with the age, and
-  // with what /readyz says of the daemon's upstream (an edge does not know its ingest's, so
+  // with what /readyz says of the daemon's upstream (an edge has no such check, so
   // there the age alone). Times are the page's clock since the last message (history may
   // be replayed: the bars' own times say nothing of now).
   const fresh = { at: Date.now(), upstream: null, asking: false };
