@@ -20,7 +20,7 @@ helpers that look inside trio's exception groups (:func:`first_leaf`, :func:`fin
 from __future__ import annotations
 
 import enum
-from typing import TypeVar
+from typing import Final, TypeVar
 
 E = TypeVar("E", bound=BaseException)
 
@@ -172,6 +172,10 @@ class UpstreamError(TradeCanvasError):
     """Binance answered in a way our retries could not cure."""
 
 
+# the most of a refused series_id an error message echoes back
+ECHO_MAX: Final = 200
+
+
 class ClientMessageError(BadInputError):
     """A client message we answer with an ``error``; ``code`` is the protocol code."""
 
@@ -184,5 +188,6 @@ class ClientMessageError(BadInputError):
     def to_wire(self) -> dict[str, object]:
         wire: dict[str, object] = {"type": "error", "code": self.code, "message": self.message}
         if self.series_id is not None:
-            wire["series_id"] = self.series_id
+            # the echo lets a client match the refusal to its message; no valid id is longer
+            wire["series_id"] = self.series_id[:ECHO_MAX]
         return wire

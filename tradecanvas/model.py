@@ -37,6 +37,20 @@ BINANCE_INTERVALS: Final = (
 )  # fmt: skip
 
 
+# the most of a bad input a message repeats (a 60 KB series_id came back three times)
+SHOWN_MAX: Final = 80
+
+
+def shown(value: object) -> str:
+    """``repr(value)`` for an error message, cut to about :data:`SHOWN_MAX` characters (a
+    longer one says how long it was)."""
+    text = repr(value)
+    if len(text) <= SHOWN_MAX:
+        return text
+    length = f" ({len(value)} characters)" if isinstance(value, str) else ""
+    return f"{text[:SHOWN_MAX]}…{length}"
+
+
 @attrs.frozen(order=True, cache_hash=True)
 class Timeframe:
     """A bar length such as ``1m``, ``5m``, ``4h``, ``1d``, ``3d``, ``1w``, ``1M``, ordered by
@@ -60,16 +74,16 @@ class Timeframe:
         match = _TIMEFRAME_RE.match(text) if isinstance(text, str) else None
         if match is None:
             raise SeriesIdError(
-                f"bad timeframe {text!r}: expected <n>m, <n>h, <n>d, 1w or 1M, such as 1m, 5m,"
+                f"bad timeframe {shown(text)}: expected <n>m, <n>h, <n>d, 1w or 1M, such as 1m, 5m,"
                 " 1h, 1d, 1M (1M is a month, 1m a minute)"
             )
         count, unit = int(match.group(1)), match.group(2)
         if unit == "M":
             if count != 1:
-                raise SeriesIdError(f"bad timeframe {text!r}: the only month length is 1M")
+                raise SeriesIdError(f"bad timeframe {shown(text)}: the only month length is 1M")
             return cls(_MONTH_NOMINAL, text)
         if unit == "w" and count != 1:
-            raise SeriesIdError(f"bad timeframe {text!r}: the only week length is 1w")
+            raise SeriesIdError(f"bad timeframe {shown(text)}: the only week length is 1w")
         return cls(count * _UNIT_SECONDS[unit], text)
 
     @property
@@ -160,32 +174,33 @@ class SeriesId:
     @classmethod
     def parse(cls, text: object) -> SeriesId:
         if not isinstance(text, str) or not text:
-            raise SeriesIdError(f"series_id must be a non-empty string, got {text!r}")
+            raise SeriesIdError(f"series_id must be a non-empty string, got {shown(text)}")
         parts = text.split(":")
         if len(parts) < 4:
             raise SeriesIdError(
-                f"bad series_id {text!r}: expected exchange:market:symbol:timeframe,"
+                f"bad series_id {shown(text)}: expected exchange:market:symbol:timeframe,"
                 " such as binance:futures:BTC/USDT:1m"
             )
         exchange, market, tf = parts[0], parts[1], parts[-1]
         symbol = ":".join(parts[2:-1])
         if exchange not in EXCHANGES:
             raise SeriesIdError(
-                f"bad series_id {text!r}: unknown exchange {exchange!r}, allowed: binance"
+                f"bad series_id {shown(text)}: unknown exchange {shown(exchange)}, allowed: binance"
             )
         if market not in MARKETS:
             raise SeriesIdError(
-                f"bad series_id {text!r}: unknown market {market!r}, allowed: futures, spot"
+                f"bad series_id {shown(text)}: unknown market {shown(market)}, allowed: futures,"
+                " spot"
             )
         if not _SYMBOL_RE.match(symbol):
             raise SeriesIdError(
-                f"bad series_id {text!r}: bad symbol {symbol!r}, expected BASE/QUOTE or"
+                f"bad series_id {shown(text)}: bad symbol {shown(symbol)}, expected BASE/QUOTE or"
                 " BASE/QUOTE:SETTLE in upper case, such as BTC/USDT"
             )
         try:
             timeframe = Timeframe.parse(tf)
         except SeriesIdError as exc:
-            raise SeriesIdError(f"bad series_id {text!r}: {exc}") from None
+            raise SeriesIdError(f"bad series_id {shown(text)}: {exc}") from None
         return cls(exchange, market, symbol, timeframe)  # type: ignore[arg-type]
 
     def with_timeframe(self, timeframe: Timeframe) -> SeriesId:

@@ -10,6 +10,7 @@ import orjson
 import pytest
 from starlette.datastructures import QueryParams
 
+from tradecanvas.errors import ClientMessageError
 from tradecanvas.model import Candle, SeriesId
 from tradecanvas.serve.http_validation import (
     CLOCK_SKEW_S,
@@ -20,8 +21,10 @@ from tradecanvas.serve.http_validation import (
     parse_candle_time,
     parse_candles_query,
     parse_decimal,
+    parse_events_query,
     parse_ingest_body,
 )
+from tradecanvas.serve.ws_protocol import MAX_EVENT_ID, parse_client_message
 
 BTC: Final = "binance:futures:BTC/USDT:1m"
 BTC5: Final = "binance:futures:BTC/USDT:5m"
@@ -270,3 +273,27 @@ def test_a_candle_that_has_not_closed_yet_is_refused() -> None:
         assert "only closed candles are written" in problem.message
     message = info.value.to_wire()["message"]
     assert "3000-01-01 00:00:00 UTC" in message and "2025-07-07 00:00:00 UTC" in message
+
+
+def test_after_takes_every_event_id_events_after_takes() -> None:
+    served = frozenset(WRITABLE)
+    assert parse_events_query(QueryParams(f"after={MAX_EVENT_ID}"), served)[0] == MAX_EVENT_ID
+    subscribe = {"type": "subscribe", "series_id": BTC, "events_after": MAX_EVENT_ID}
+    assert parse_client_message(orjson.dumps(subscribe).decode()) is not None
+    for bad in (MAX_EVENT_ID + 1, -1):
+        with pytest.raises(RequestRefused) as info:
+            parse_events_query(QueryParams(f"after={bad}"), served)
+        [problem] = info.value.problems
+        assert f"an integer from 0 to {MAX_EVENT_ID}" in problem.message
+
+
+def test_a_huge_bad_series_id_is_not_echoed_whole() -> None:
+    huge = "x" * 60_000
+    with pytest.raises(ClientMessageError) as info:
+        parse_client_message(orjson.dumps({"type": "subscribe", "series_id": huge}).decode())
+    wire = orjson.dumps(info.value.to_wire())
+    assert len(wire) < 1_000, len(wire)
+    assert "(60000 characters)" in info.value.message
+    with pytest.raises(RequestRefused) as refused:
+        parse_ingest_body(orjson.dumps(body_for(series_id=huge)), WRITABLE, now=NOW)
+    assert len(orjson.dumps(refused.value.to_wire())) < 1_000

@@ -19,9 +19,9 @@ import attrs
 import orjson
 
 from tradecanvas.errors import CandleError, SeriesIdError
-from tradecanvas.model import BASE_TIMEFRAME, Candle, SeriesId, validate_candle
+from tradecanvas.model import BASE_TIMEFRAME, Candle, SeriesId, shown, validate_candle
 from tradecanvas.serve.served import describe_served
-from tradecanvas.serve.ws_protocol import since_problem
+from tradecanvas.serve.ws_protocol import MAX_EVENT_ID, since_problem
 
 DEFAULT_LIMIT: Final = 500
 MAX_LIMIT: Final = 5000
@@ -31,6 +31,7 @@ _DECIMAL_MAX_CHARS: Final = 64
 # |adjusted exponent| above this is not a price or volume; it would also store huge text
 _DECIMAL_MAX_EXPONENT: Final = 30
 _INT_RE: Final = re.compile(r"^-?[0-9]{1,18}$")  # always fits SQLite's 64-bit INTEGER
+_EVENT_ID_RE: Final = re.compile(r"^[0-9]{1,19}$")  # then at most MAX_EVENT_ID
 # candle_time above this is milliseconds (year 5138 in seconds), a common client mistake
 _MAX_CANDLE_TIME: Final = 100_000_000_000
 # a written candle may close this much after the daemon's clock says now (clocks differ)
@@ -138,14 +139,14 @@ def parse_events_query(
     after = 0
     raw_after = params.get("after")
     if raw_after is not None and raw_after != "":
-        if _INT_RE.match(raw_after) and int(raw_after) >= 0:
+        if _EVENT_ID_RE.match(raw_after) and int(raw_after) <= MAX_EVENT_ID:
             after = int(raw_after)
         else:
             problems.append(
                 Problem(
                     "after",
-                    f"after: {raw_after!r} is not an event_id (a non-negative integer; 0 for"
-                    " every stored event)",
+                    f"after: {shown(raw_after)} is not an event_id (an integer from 0 to"
+                    f" {MAX_EVENT_ID}, as events_after on /ws/market; 0 for every stored event)",
                 )
             )
     series: SeriesId | None = None
