@@ -323,7 +323,7 @@ FLAG_SPECS: Final[tuple[FlagSpec, ...]] = (
     FlagSpec("subscriber_send_timeout_s", "10", _parse_float(0.01, 3600.0), "close a subscriber whose send takes longer (4008)"),
     FlagSpec("subscriber_stall_timeout_s", "30", _parse_float(0.1, 3600.0), "close a subscriber that has read nothing sent to it for this long, by its answers to pings (4008)"),
     FlagSpec("max_subscriptions", "64", _parse_int(1, 10_000), "subscriptions per connection"),
-    FlagSpec("max_connections", "10000", _parse_int(1, 1_000_000), "/ws/market connections at once, both ports together; more are refused with 503"),
+    FlagSpec("max_connections", "10000", _parse_int(1, 1_000_000), "/ws/market connections at once, both ports together, counted from the admitted upgrade (before the 101); more are refused with 503"),
     FlagSpec("ws_allowed_origins", ",".join(DEFAULT_ALLOWED_ORIGINS), _parse_origins, "allowed Origin headers on both ports (any port of these hosts); * allows all"),
     FlagSpec("event_retention_days", "7", _parse_float(0.01, 3650.0), "keep system events (the event log) this many days at most"),
     FlagSpec("event_retention_max", "100000", _parse_int(100, 100_000_000), "keep at most this many system events"),

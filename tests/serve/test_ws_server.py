@@ -34,7 +34,7 @@ from tradecanvas.serve.http_server import serve_http
 from tradecanvas.serve.hub import Hub
 from tradecanvas.serve.ws_asgi import market_websocket_routes
 from tradecanvas.serve.ws_protocol import InboundLimits
-from tradecanvas.serve.ws_server import serve_ws_port
+from tradecanvas.serve.ws_server import MAX_PENDING_HANDSHAKES, serve_ws_port
 from tradecanvas.serve.ws_session import DEFAULT_STALL_TIMEOUT_S, MarketEndpoint
 from tradecanvas.store.sqlite import CandleStore
 from tradecanvas.wire.json import dumps, loads
@@ -89,6 +89,7 @@ async def running_market(
     ws_port: int = 0,
     stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S,
     max_connections: int | None = None,
+    max_pending_handshakes: int = MAX_PENDING_HANDSHAKES,
 ) -> AsyncIterator[Market]:
     """A Hub and its endpoint on the WS port (127.0.0.1, ``ws_port``; 0: any) and, with
     ``over="http_port"``, on the HTTP port too; ``Market.port`` is the one ``over`` names.
@@ -115,7 +116,13 @@ async def running_market(
     )
     async with trio.open_nursery() as nursery:
         bound_ws = await nursery.start(
-            functools.partial(serve_ws_port, endpoint, host="127.0.0.1", port=ws_port)
+            functools.partial(
+                serve_ws_port,
+                endpoint,
+                host="127.0.0.1",
+                port=ws_port,
+                max_pending_handshakes=max_pending_handshakes,
+            )
         )
         http_port: int | None = None
         if over == "http_port":

@@ -274,6 +274,16 @@ class Metrics:
         )
         for reason in WS_REFUSAL_REASONS:
             self.ws_refusals_total.labels(reason=reason)
+        self.ws_handshakes_pending = Gauge(
+            "tradecanvas_ws_handshakes_pending",
+            "TCP connections on the WS port whose /ws/market upgrade is not answered yet",
+            registry=r,
+        )
+        self.ws_handshakes_shed_total = Counter(
+            "tradecanvas_ws_handshakes_shed",
+            "TCP connections on the WS port closed at accept: too many handshakes pending",
+            registry=r,
+        )
         self.ws_rate_limited_total = Counter(
             "tradecanvas_ws_rate_limited",
             "/ws/market client messages refused by the per-connection rate limit"

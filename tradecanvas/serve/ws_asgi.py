@@ -3,8 +3,10 @@ as a transport of the session in :mod:`tradecanvas.serve.ws_session`, so a page 
 the daemon, or a frontend behind one address, needs no proxy.
 
 :func:`market_websocket_routes` gives the routes for the HTTP app: every WebSocket request
-goes to one endpoint, which answers the upgrade with :meth:`MarketEndpoint.refusal` — 404
-for another path, 403 for a disallowed ``Origin``, 503 while shutting down — as an HTTP
+goes to one endpoint, which answers the upgrade with :meth:`MarketEndpoint.admit` — 404
+for another path, 403 for a disallowed ``Origin``, 503 while shutting down or at the
+connection limit (the slot is taken before the 101 and given back however the connection
+ends) — as an HTTP
 response (the ASGI WebSocket denial-response extension, which Hypercorn supports), and runs
 the session for the rest. Task tree of one accepted connection::
 
@@ -55,7 +57,7 @@ from starlette.websockets import WebSocket
 from tradecanvas.serve.http_server import ServedConnection, served_connection
 from tradecanvas.serve.in_flight import InFlight, limit_send_buffer
 from tradecanvas.serve.subscriber import TransportClosed
-from tradecanvas.serve.ws_protocol import CLOSE_ABNORMAL, CLOSE_NO_STATUS
+from tradecanvas.serve.ws_protocol import CLOSE_ABNORMAL, CLOSE_NO_STATUS, HandshakeRefusal
 from tradecanvas.serve.ws_session import MarketEndpoint
 
 log = logging.getLogger(__name__)
@@ -77,26 +79,29 @@ def _peer(websocket: WebSocket) -> str:
 
 async def _serve_websocket(endpoint: MarketEndpoint, websocket: WebSocket) -> None:
     peer = _peer(websocket)
-    refusal = endpoint.refusal(str(websocket.scope["path"]), websocket.headers.get("origin"))
-    if refusal is not None:
-        log.info("ws %s (HTTP port): %s", peer, refusal.why)
+    admitted = endpoint.admit(str(websocket.scope["path"]), websocket.headers.get("origin"))
+    if isinstance(admitted, HandshakeRefusal):
+        log.info("ws %s (HTTP port): %s", peer, admitted.why)
         await websocket.send_denial_response(
-            Response(refusal.body, status_code=refusal.status, media_type="text/plain")
+            Response(admitted.body, status_code=admitted.status, media_type="text/plain")
         )
         return
-    served = served_connection(websocket.scope)
-    if served is not None:
-        served.watch_pongs()  # before the 101: the client's first frame may be a pong
-    await websocket.accept()
-    if served is not None:
-        limit_send_buffer(served.socket)
-    transport = AsgiTransport(websocket, served)
-    async with trio.open_nursery() as connection:
-        connection.start_soon(transport.write_frames)
-        if served is not None and transport.in_flight is not None:
-            connection.start_soon(_prove_reads, served, transport.in_flight)
-        await endpoint.serve(transport, f"{peer} (HTTP port)")
-        connection.cancel_scope.cancel()
+    try:  # the slot is the session's once it runs; ours if the accept fails or is cancelled
+        served = served_connection(websocket.scope)
+        if served is not None:
+            served.watch_pongs()  # before the 101: the client's first frame may be a pong
+        await websocket.accept()
+        if served is not None:
+            limit_send_buffer(served.socket)
+        transport = AsgiTransport(websocket, served)
+        async with trio.open_nursery() as connection:
+            connection.start_soon(transport.write_frames)
+            if served is not None and transport.in_flight is not None:
+                connection.start_soon(_prove_reads, served, transport.in_flight)
+            await endpoint.serve(transport, f"{peer} (HTTP port)", admitted)
+            connection.cancel_scope.cancel()
+    finally:
+        admitted.release()
 
 
 async def _prove_reads(served: ServedConnection, in_flight: InFlight) -> None:

@@ -11,10 +11,19 @@ Task tree of :func:`serve_ws_port`::
              ├─ trio-websocket reader task (inbound frames, WS pings)
              └─ MarketEndpoint.serve      the session: publish task and reader loop
 
-This module owns the sockets: the handshake (answered with :meth:`MarketEndpoint.refusal`,
+This module owns the sockets: the handshake (answered with :meth:`MarketEndpoint.admit`,
 within ``HANDSHAKE_TIMEOUT_S``), trio-websocket's 64 KiB message limit (1009), and the
 translation of trio-websocket's ``ConnectionClosed`` into ``TransportClosed``. Everything a
 connection does once accepted is the session's, the same on the HTTP port (``ws_asgi``).
+
+Pending handshakes: a TCP connection counts as pending from its accept until its upgrade is
+admitted (it then holds a slot under ``max_connections``) or the connection ends. At most
+``max_pending_handshakes`` (:data:`MAX_PENDING_HANDSHAKES`) are pending at once; a connection
+accepted beyond that is closed at once, with a reset, inside the accept loop (no task, no
+buffer: :class:`_SheddingListener`), counted in ``tradecanvas_ws_handshakes_shed_total``
+and logged at most once per :data:`SHED_LOG_INTERVAL_S`. Connections that never finish
+their request so cost at most that many times a handshake's memory, and no more accept
+work than an accept and a close.
 
 Shutdown: cancelling :func:`serve_ws_port` stops accepting, abandons handshakes in progress,
 calls :meth:`MarketEndpoint.shutdown` (every session, on either port, is closed with 1001)
@@ -35,7 +44,10 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-from collections.abc import Sequence
+import math
+import socket
+import struct
+from collections.abc import Callable, Sequence
 from typing import Final, final
 
 import trio
@@ -43,12 +55,19 @@ import trio_websocket
 from wsproto.utilities import LocalProtocolError
 
 from tradecanvas.errors import ListenError
+from tradecanvas.ops.metrics import Metrics
 from tradecanvas.serve.frame_safe_stream import FrameSafeStream
 from tradecanvas.serve.hub import Hub
 from tradecanvas.serve.in_flight import PING_FRAME_BYTES, InFlight, limit_send_buffer
 from tradecanvas.serve.subscriber import TransportClosed
-from tradecanvas.serve.ws_protocol import MAX_MESSAGE_BYTES, WS_PATH, InboundLimits, header
-from tradecanvas.serve.ws_session import DEFAULT_STALL_TIMEOUT_S, MarketEndpoint
+from tradecanvas.serve.ws_protocol import (
+    MAX_MESSAGE_BYTES,
+    WS_PATH,
+    HandshakeRefusal,
+    InboundLimits,
+    header,
+)
+from tradecanvas.serve.ws_session import DEFAULT_STALL_TIMEOUT_S, Admission, MarketEndpoint
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +75,15 @@ log = logging.getLogger(__name__)
 # handles each one without awaiting, so a few are plenty
 INBOUND_QUEUE: Final = 4
 HANDSHAKE_TIMEOUT_S: Final = 10.0
+# TCP connections on the WS port whose upgrade is not admitted yet, at most; beyond it a new
+# connection is reset at accept. A burst of this many clients (re)connecting at once is
+# served; a pending handshake holds about 10 KiB (its parser, buffers and tasks)
+MAX_PENDING_HANDSHAKES: Final = 1024
+# connections shed at accept are logged at most once per this many seconds (the metric counts
+# each one)
+SHED_LOG_INTERVAL_S: Final = 10.0
+# SO_LINGER on, timeout 0: close() resets the connection (no FIN handshake, no TIME_WAIT)
+_RESET_ON_CLOSE: Final = struct.pack("ii", 1, 0)
 # the whole drain at shutdown; longer than one ws_session.CLOSE_TIMEOUT_S so every close
 # gets its chance
 SHUTDOWN_GRACE_S: Final = 5.0
@@ -150,11 +178,71 @@ class _TrioWebsocketTransport:
 
 
 @final
+class _Pending:
+    """The count of connections in their handshake, and the cap at accept."""
+
+    def __init__(self, limit: int, metrics: Metrics) -> None:
+        self.limit = limit
+        self.count = 0
+        self._metrics = metrics
+        self._shed_unlogged = 0
+        self._next_log = -math.inf
+
+    def enter(self) -> None:
+        self.count += 1
+        self._metrics.ws_handshakes_pending.set(self.count)
+
+    def leave(self) -> None:
+        self.count -= 1
+        self._metrics.ws_handshakes_pending.set(self.count)
+
+    def shed(self, stream: trio.SocketStream) -> None:
+        """Close ``stream`` at once, with a reset; count it, and log now and then."""
+        with contextlib.suppress(OSError):
+            stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET_ON_CLOSE)
+        stream.socket.close()
+        self._metrics.ws_handshakes_shed_total.inc()
+        self._shed_unlogged += 1
+        now = trio.current_time()
+        if now >= self._next_log:
+            log.warning(
+                "ws port: %d connection(s) closed at accept: %d handshakes pending, the limit",
+                self._shed_unlogged,
+                self.limit,
+            )
+            self._shed_unlogged = 0
+            self._next_log = now + SHED_LOG_INTERVAL_S
+
+
+@final
+class _SheddingListener(trio.abc.Listener[trio.SocketStream]):
+    """A SocketListener whose ``accept`` returns only connections under the pending cap: the
+    others are closed inside it, before ``trio.serve_listeners`` would start a task for
+    them. A connection returned is counted as pending (the handler must ``leave``)."""
+
+    def __init__(self, inner: trio.SocketListener, pending: _Pending) -> None:
+        self._inner = inner
+        self._pending = pending
+
+    async def accept(self) -> trio.SocketStream:
+        while True:
+            stream = await self._inner.accept()  # a checkpoint each time: no starving
+            if self._pending.count < self._pending.limit:
+                self._pending.enter()
+                return stream
+            self._pending.shed(stream)
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
+@final
 class _MarketServer:
     """One /ws/market listener set: owns its connections' nursery (inside ``run``)."""
 
-    def __init__(self, endpoint: MarketEndpoint) -> None:
+    def __init__(self, endpoint: MarketEndpoint, max_pending_handshakes: int) -> None:
         self.endpoint = endpoint
+        self._pending = _Pending(max_pending_handshakes, endpoint.hub.metrics)
         self._scope = trio.CancelScope(shield=True)
         self._accept_scope = trio.CancelScope()
         self._unattached: set[trio.CancelScope] = set()
@@ -187,7 +275,7 @@ class _MarketServer:
                     functools.partial(
                         trio.serve_listeners,
                         self._handle_stream,
-                        listeners,
+                        [_SheddingListener(listener, self._pending) for listener in listeners],
                         handler_nursery=connections,
                     )
                 )
@@ -204,25 +292,42 @@ class _MarketServer:
         self._scope.cancel()
 
     async def _handle_stream(self, stream: trio.SocketStream) -> None:
-        limit_send_buffer(stream.socket)
-        safe = FrameSafeStream(stream, InFlight(stream.socket, trio.current_time()))
-        peer = _peer(stream)
+        # counted as pending by _SheddingListener.accept, until admitted or closed
+        still_pending = True
+
+        def admitted() -> None:
+            nonlocal still_pending
+            still_pending = False
+            self._pending.leave()
+
         try:
-            async with trio.open_nursery() as nursery:  # owns trio-websocket's reader task
-                await self._serve_stream(nursery, safe, peer)
-                nursery.cancel_scope.cancel()
-        except Exception:
-            # one connection's failure (a bug, a library error) never reaches the others
-            log.exception("ws %s: connection handler failed", peer)
+            limit_send_buffer(stream.socket)
+            safe = FrameSafeStream(stream, InFlight(stream.socket, trio.current_time()))
+            peer = _peer(stream)
+            try:
+                async with trio.open_nursery() as nursery:  # owns trio-websocket's reader task
+                    await self._serve_stream(nursery, safe, peer, admitted)
+                    nursery.cancel_scope.cancel()
+            except Exception:
+                # one connection's failure (a bug, a library error) never reaches the others
+                log.exception("ws %s: connection handler failed", peer)
+            finally:
+                with trio.CancelScope(shield=True):
+                    await safe.aclose()
         finally:
-            with trio.CancelScope(shield=True):
-                await safe.aclose()
+            if still_pending:
+                self._pending.leave()
 
     async def _serve_stream(
-        self, nursery: trio.Nursery, stream: FrameSafeStream, peer: str
+        self,
+        nursery: trio.Nursery,
+        stream: FrameSafeStream,
+        peer: str,
+        admitted: Callable[[], None],
     ) -> None:
         handshake = trio.CancelScope(deadline=trio.current_time() + HANDSHAKE_TIMEOUT_S)
         self._unattached.add(handshake)
+        admission: Admission | None = None
         try:
             with handshake:
                 request = await trio_websocket.wrap_server_stream(
@@ -231,19 +336,24 @@ class _MarketServer:
                     message_queue_size=INBOUND_QUEUE,
                     max_message_size=MAX_MESSAGE_BYTES,
                 )
-                refusal = self.endpoint.refusal(request.path, header(request.headers, b"origin"))
-                if refusal is not None:
-                    log.info("ws %s: %s", peer, refusal.why)
-                    await request.reject(refusal.status, body=refusal.body)
+                verdict = self.endpoint.admit(request.path, header(request.headers, b"origin"))
+                if isinstance(verdict, HandshakeRefusal):
+                    log.info("ws %s: %s", peer, verdict.why)
+                    await request.reject(verdict.status, body=verdict.body)
                     return
+                admission = verdict
+                admitted()
                 ws = await request.accept()
+            self._unattached.discard(handshake)
+            if handshake.cancelled_caught or admission is None:
+                return
+            if stream.in_flight is not None:  # the stall clock counts from pongs (in_flight)
+                nursery.start_soon(_prove_reads, ws, stream.in_flight)
+            await self.endpoint.serve(_TrioWebsocketTransport(ws, stream), peer, admission)
         finally:
             self._unattached.discard(handshake)
-        if handshake.cancelled_caught:
-            return
-        if stream.in_flight is not None:  # the stall clock counts from pongs (in_flight)
-            nursery.start_soon(_prove_reads, ws, stream.in_flight)
-        await self.endpoint.serve(_TrioWebsocketTransport(ws, stream), peer)
+            if admission is not None:  # the accept failed or was cancelled: not attached
+                admission.release()
 
 
 async def _prove_reads(ws: trio_websocket.WebSocketConnection, in_flight: InFlight) -> None:
@@ -257,17 +367,19 @@ async def serve_ws_port(
     *,
     host: str,
     port: int,
+    max_pending_handshakes: int = MAX_PENDING_HANDSHAKES,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``endpoint`` at ws://{host}:{port}/ws/market until cancelled; ``started(bound_port)``
-    once listening. On cancellation every session is closed with 1001 within a bounded,
-    shielded drain. Raises ListenError if the port cannot be listened on."""
+    once listening. At most ``max_pending_handshakes`` connections are in their handshake at
+    once (more are reset at accept). On cancellation every session is closed with 1001
+    within a bounded, shielded drain. Raises ListenError if the port cannot be listened on."""
     try:
         listeners = await trio.open_tcp_listeners(port, host=host)
     except OSError as exc:
         raise ListenError.of("WebSocket clients", host, port, exc) from exc
     bound_port = int(listeners[0].socket.getsockname()[1])
-    server = _MarketServer(endpoint)
+    server = _MarketServer(endpoint, max_pending_handshakes)
     async with trio.open_nursery() as nursery:
         await nursery.start(server.run, listeners)
         log.info("serving ws://%s:%d%s", host, bound_port, WS_PATH)
@@ -302,4 +414,4 @@ async def serve_ws_market(
     await serve_ws_port(endpoint, host=host, port=port, task_status=task_status)
 
 
-__all__ = ["serve_ws_market", "serve_ws_port"]
+__all__ = ["MAX_PENDING_HANDSHAKES", "SHED_LOG_INTERVAL_S", "serve_ws_market", "serve_ws_port"]

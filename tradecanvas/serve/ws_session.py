@@ -3,11 +3,19 @@
 and on the HTTP port (``ws_asgi``, Starlette under Hypercorn) with the same Hub, the same
 rules and the same session code.
 
-What a transport does: it answers the upgrade request with :meth:`MarketEndpoint.refusal`
-(404 for another path, 403 for a disallowed ``Origin``, 503 while shutting down), accepts the
-rest, and hands the connection to :meth:`MarketEndpoint.serve` as a :class:`SessionTransport`
-— one text message sent, one message received, a bounded close — translating its library's
-"closed" into :class:`~tradecanvas.serve.subscriber.TransportClosed` once.
+What a transport does: it answers the upgrade request with :meth:`MarketEndpoint.admit`
+(404 for another path, 403 for a disallowed ``Origin``, 503 while shutting down or with
+``max_connections`` admitted already), accepts the rest, and hands the connection to
+:meth:`MarketEndpoint.serve` as a :class:`SessionTransport` — one text message sent, one
+message received, a bounded close — translating its library's "closed" into
+:class:`~tradecanvas.serve.subscriber.TransportClosed` once.
+
+The connection limit counts admissions (:class:`Admission`), not attached subscribers: the
+slot is taken when the upgrade is admitted, before the transport's 101 is written, so
+handshakes admitted at the same moment cannot pass the limit. It is given back once: by
+:meth:`MarketEndpoint.serve` when the session detaches, or by the transport (its
+``finally``) when the connection ends before the session starts — a failed, cancelled or
+abandoned accept.
 
 What the session does, per connection (task tree of :meth:`MarketEndpoint.serve`)::
 
@@ -53,7 +61,7 @@ that connection's end, counted by its disconnect reason.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Final, Protocol, final
 
 import trio
@@ -115,6 +123,24 @@ class SessionTransport(MessageSocket, Protocol):
 
 
 @final
+class Admission:
+    """One connection's slot under :attr:`MarketEndpoint.max_connections`, taken by
+    :meth:`MarketEndpoint.admit`. :meth:`release` gives it back; only the first call counts,
+    so the session and the transport's ``finally`` may both call it."""
+
+    __slots__ = ("_give_back", "_released")
+
+    def __init__(self, give_back: Callable[[], None]) -> None:
+        self._give_back = give_back
+        self._released = False
+
+    def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self._give_back()
+
+
+@final
 class MarketEndpoint:
     """/ws/market for every transport: the handshake rules, one session per connection, and
     the shutdown of them all. Owns no task: each transport runs :meth:`serve` in its own
@@ -138,6 +164,7 @@ class MarketEndpoint:
         # /ws/market connections open at once, both ports together (None: no limit)
         self.max_connections = max_connections
         self._closing = False
+        self._admitted = 0
         hub.metrics.subscriber_statistics.source = self._subscriber_samples
 
     def _subscriber_samples(self) -> list[SubscriberSample]:
@@ -167,22 +194,32 @@ class MarketEndpoint:
     def closing(self) -> bool:
         return self._closing
 
-    def refusal(self, target: str, origin: str | None) -> HandshakeRefusal | None:
-        """The HTTP answer to an upgrade request for ``target`` with this ``Origin``
-        header, or None to accept it (:func:`~.ws_protocol.refuse_handshake`; counted by
-        reason). The connection limit counts the sessions attached: handshakes accepted at
-        the same moment may pass it by the few in flight."""
+    @property
+    def admitted(self) -> int:
+        """Connections holding an :class:`Admission`: accepting, or in session."""
+        return self._admitted
+
+    def admit(self, target: str, origin: str | None) -> Admission | HandshakeRefusal:
+        """Admit an upgrade request for ``target`` with this ``Origin`` header — a slot
+        under ``max_connections``, which the caller must release (passing it to
+        :meth:`serve` does) — or the HTTP answer that refuses it
+        (:func:`~.ws_protocol.refuse_handshake`; counted by reason)."""
         refusal = refuse_handshake(
             target,
             origin,
             self.allowed_origins,
             closing=self._closing,
-            connections=self.hub.statistics().subscribers,
+            connections=self._admitted,
             max_connections=self.max_connections,
         )
         if refusal is not None:
             self.hub.metrics.ws_refusals_total.labels(reason=refusal.reason).inc()
-        return refusal
+            return refusal
+        self._admitted += 1
+        return Admission(self._release)
+
+    def _release(self) -> None:
+        self._admitted -= 1
 
     def shutdown(self) -> None:
         """Refuse new connections (503) and close every session with 1001. Idempotent;
@@ -190,9 +227,10 @@ class MarketEndpoint:
         self._closing = True
         self.hub.close_all(CLOSE_GOING_AWAY, "server shutdown", disconnect_reason="shutdown")
 
-    async def serve(self, transport: SessionTransport, peer: str) -> None:
+    async def serve(self, transport: SessionTransport, peer: str, admission: Admission) -> None:
         """Run one accepted connection's session until it ends, then close it (bounded,
-        shielded). ``peer`` names it in logs and in publish failures."""
+        shielded); ``admission`` (from :meth:`admit`) is released when the session detaches.
+        ``peer`` names it in logs and in publish failures."""
         subscriber = self.hub.attach(
             transport,
             peer=peer,
@@ -213,6 +251,7 @@ class MarketEndpoint:
                     tasks.cancel_scope.cancel()
         finally:
             self.hub.detach(subscriber)
+            admission.release()
             if subscriber.close_code == CLOSE_SLOW_CONSUMER:
                 cause = subscriber.slow_cause or "send_timeout"
                 self.hub.metrics.slow_consumer_closes_total.labels(cause=cause).inc()
@@ -293,6 +332,7 @@ class MarketEndpoint:
 __all__ = [
     "CLOSE_TIMEOUT_S",
     "DEFAULT_STALL_TIMEOUT_S",
+    "Admission",
     "MarketEndpoint",
     "SessionTransport",
     "TransportClosed",
