@@ -191,6 +191,7 @@ async def market_runtime_builder(flags: RuntimeFlags) -> MarketRuntime:
     (all, edge), the pipeline, the supervisor (all, ingest), the bus (ingest, edge) and the
     HTTP app."""
     metrics = Metrics()
+    metrics.role_info.labels(role=flags.role).set(1)
     # SQLite, or PostgreSQL with TRADE_CANVAS_DATABASE_URL
     store = await open_store(store_location(flags.db_path, flags.database_url))
     role = flags.role

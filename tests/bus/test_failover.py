@@ -60,6 +60,7 @@ async def test_sigkill_of_the_ingesting_node_leaves_no_hole_and_no_duplicate(
                 await wait_for_line(logs["ingest-2"], r"this node stands by", second)
                 standby = await metrics_text(second_http)
                 assert metric(standby, "tradecanvas_ingest_leader") == 0.0
+                assert 'tradecanvas_role_info{role="ingest"} 1.0' in standby
                 assert metric(await metrics_text(first_http), "tradecanvas_ingest_leader") == 1.0
                 # a standby holds no Binance connection and is ready as what it is
                 status, doc = await readyz(second_http)

@@ -101,6 +101,7 @@ async def test_an_edge_is_not_ready_while_redis_is_down(
             assert ready.status_code == 200, ready.text
             metrics = (await client.get("/metrics")).text
             assert 'tradecanvas_dependency_up{dependency="redis_feed"} 1.0' in metrics
+            assert 'tradecanvas_role_info{role="edge"} 1.0' in metrics
             private_redis.stop()
             with trio.fail_after(WAIT_S):
                 await feed.wait_connected(False)

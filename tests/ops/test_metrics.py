@@ -16,9 +16,9 @@ import pytest
 import trio
 
 from tests.cli_rig import cli_env, run_cli, wait_for_line
-from tests.conftest import binance_data_dir
+from tests.conftest import REPO, binance_data_dir
 from tests.serve.test_ws_server import closed_times, connect, until_pong
-from tradecanvas.ops.metrics import DeliveryTimer, Metrics, SubscriberSample
+from tradecanvas.ops.metrics import DISCONNECT_REASONS, DeliveryTimer, Metrics, SubscriberSample
 from tradecanvas.wire.json import dumps, loads
 
 WEEK: Final = "klines_1m_5m/futures_um/BTCUSDT-1m-2025-07-06_2025-07-12.csv"
@@ -108,6 +108,29 @@ def test_the_new_metrics_are_exposed_before_any_traffic() -> None:
     }
     age = samples(text, "tradecanvas_watchdog_last_ping_age_seconds")
     assert math.isnan(age["tradecanvas_watchdog_last_ping_age_seconds"])
+
+
+def test_the_disconnect_reasons_the_alerts_count_are_there_before_the_first_one() -> None:
+    """increase() does not count a series' first sample: a reason that appears only with
+    its first disconnect would hide that one (and a whole first burst) from the alert."""
+    text = Metrics().render().decode()
+    for reason in DISCONNECT_REASONS:
+        assert f'tradecanvas_subscriber_disconnects_total{{reason="{reason}"}} 0.0' in text
+    passed = {
+        reason
+        for path in (REPO / "tradecanvas" / "serve").glob("*.py")
+        for reason in re.findall(r'disconnect_reason="(\w+)"', path.read_text())
+    }
+    assert "slow_consumer" in passed  # the source pattern still matches
+    assert passed <= set(DISCONNECT_REASONS)
+
+
+def test_process_start_time_and_role_info_are_exposed() -> None:
+    metrics = Metrics()
+    metrics.role_info.labels(role="edge").set(1)
+    text = metrics.render().decode()
+    assert samples(text, "process_start_time_seconds")["process_start_time_seconds"] > 0
+    assert 'tradecanvas_role_info{role="edge"} 1.0' in text
 
 
 def buckets(text: str, name: str) -> dict[str, float]:

@@ -18,6 +18,7 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    ProcessCollector,
     disable_created_metrics,
     generate_latest,
 )
@@ -32,6 +33,18 @@ PUBLISH_PATHS: Final = ("legacy", "pipeline", "http")
 # reasons below; a test checks they are the same)
 SLOW_CONSUMER_CAUSES: Final = ("stalled", "send_timeout", "lagging", "queue_full")
 # serve.ws_protocol.REFUSAL_REASONS, likewise
+# every disconnect_reason the serve package passes (a test reads them from its source), and
+# the Hub's default client_closed: pre-initialised, so the first one counts in increase()
+DISCONNECT_REASONS: Final = (
+    "client_closed",
+    "slow_consumer",
+    "rate_limited",
+    "message_too_big",
+    "connection_lost",
+    "send_failed",
+    "internal_error",
+    "shutdown",
+)
 WS_REFUSAL_REASONS: Final = ("not_found", "origin", "shutdown", "max_connections")
 # the per-subscriber snapshots on /metrics (SubscriberStatistics): messages queued, bytes
 # unacknowledged (the budget is serve.in_flight.IN_FLIGHT_MAX_BYTES), seconds behind
@@ -229,6 +242,15 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
+        # process_start_time_seconds (the restart alert), CPU, memory, open files
+        ProcessCollector(registry=r)
+        # 1 for the role this process runs (the daemon sets it; the alerts join on it)
+        self.role_info = Gauge(
+            "tradecanvas_role_info",
+            "1 for this process's role: all, ingest or edge",
+            ["role"],
+            registry=r,
+        )
         self.publish_total = Counter(
             "tradecanvas_publish",
             "Publish calls, by path (legacy loop, pipeline, HTTP strict)",
@@ -257,6 +279,8 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        for reason in DISCONNECT_REASONS:
+            self.subscriber_disconnects_total.labels(reason=reason)
         self.slow_consumer_closes_total = Counter(
             "tradecanvas_slow_consumer_closes",
             "Subscribers closed with 4008, by cause: stalled, send_timeout, lagging, queue_full",
@@ -374,7 +398,8 @@ class Metrics:
         # the roles (DESIGN §10): read from the services when scraped (set_function)
         self.dependency_up = Gauge(
             "tradecanvas_dependency_up",
-            "1 while a dependency answers: store; redis_publisher, redis_feed (roles ingest, edge)",
+            "1 while a dependency answers: store; redis_publisher, redis_feed, redis_lease"
+            " (roles ingest, edge)",
             ["dependency"],
             registry=r,
         )
