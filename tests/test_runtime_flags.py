@@ -216,6 +216,16 @@ def test_cli_flags_bad_value_exits_2() -> None:
     assert proc.stdout == ""
 
 
+def test_a_bad_option_is_named_as_typed() -> None:
+    # given as --series it is named so; the same value in the environment names the variable
+    typed = _cli({}, "flags", "--series", "foo")
+    assert typed.returncode == 2
+    named = "tradecanvas: --series (over TRADE_CANVAS_SERIES): bad series_id"
+    assert typed.stderr.startswith(named)
+    from_env = _cli({"TRADE_CANVAS_SERIES": "foo"}, "flags")
+    assert from_env.stderr.startswith("tradecanvas: TRADE_CANVAS_SERIES: bad series_id")
+
+
 @pytest.mark.e2e
 def test_cli_flags_prints_effective_values_token_redacted() -> None:
     proc = _cli({"TRADE_CANVAS_INGEST_TOKEN": TOKEN, "TRADE_CANVAS_TYPO": "1"}, "flags")

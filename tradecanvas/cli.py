@@ -78,7 +78,8 @@ def _add_flag_options(parser: argparse.ArgumentParser, only: Sequence[str] | Non
             spec.option,
             dest=f"flag_{spec.field}",
             metavar="VALUE",
-            help=f"{spec.help} [{spec.variable}]",
+            help=f"{spec.help} [{spec.variable}"
+            + ("]" if spec.default is None else f"; default {spec.default or 'empty'}]"),
         )
 
 
@@ -89,6 +90,14 @@ def _load_flags(args: argparse.Namespace) -> LoadedFlags:
         if (value := getattr(args, f"flag_{spec.field}", None)) is not None
     }
     return load_runtime_flags(overrides)
+
+
+def _as_typed(exc: FlagError, args: argparse.Namespace) -> str:
+    """The refusal of a flag, named as the user gave it: the option when it came from one."""
+    for spec in FLAG_SPECS:
+        if spec.variable == exc.variable and getattr(args, f"flag_{spec.field}", None) is not None:
+            return f"{spec.option} (over {spec.variable}): {exc.problem}"
+    return str(exc)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -187,7 +196,7 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         try:
             loaded = _load_flags(args)
         except FlagError as exc:
-            sys.stderr.write(f"tradecanvas: {exc}\n")
+            sys.stderr.write(f"tradecanvas: {_as_typed(exc, args)}\n")
             return ExitCode.USAGE
         for warning in loaded.warnings:
             log.warning("%s", warning)

@@ -306,3 +306,11 @@ async def test_a_quick_write_waits_for_another_writer_off_the_event_loop(tmp_pat
     other.close()
     assert await store.head_time(SID) == 60
     await store.aclose()
+
+
+async def test_a_file_in_the_way_of_the_folder_is_named(tmp_path: Path) -> None:
+    # a path through a file: mkdir says "File exists", which names the wrong problem
+    (tmp_path / "notes").write_text("a file")
+    with pytest.raises(StoreError, match=r"notes is a file, not a folder$"):
+        await CandleStore.open(tmp_path / "notes" / "deeper" / "market.sqlite3")
+    assert (tmp_path / "notes").read_text() == "a file"

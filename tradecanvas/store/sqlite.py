@@ -166,6 +166,11 @@ class CandleStore:
             with _translated(f"open of {path}"):
                 try:
                     return _open_writer(path)
+                except (FileExistsError, NotADirectoryError) as exc:
+                    # mkdir of the folder met a file on the way ("File exists")
+                    blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+                    what = f"{blocker} is a file, not a folder" if blocker else str(exc)
+                    raise StoreError(f"candle store open of {path} failed: {what}") from exc
                 except OSError as exc:
                     raise StoreError(f"candle store open of {path} failed: {exc}") from exc
 
