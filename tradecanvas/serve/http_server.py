@@ -38,7 +38,7 @@ from hypercorn.trio.tcp_server import TCPServer
 from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import ASGIFramework, ConnectionState
 from hypercorn.utils import wrap_app
-from starlette.types import ASGIApp
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tradecanvas.errors import ListenError
 from tradecanvas.runtime_flags import RuntimeFlags
@@ -169,13 +169,22 @@ class _Pongs:
 class _WatchedStream(trio.abc.HalfCloseableStream):
     """The stream Hypercorn serves a connection over: the connection's own, plus, once the
     connection is a WebSocket (:meth:`ServedConnection.watch_pongs`), the pongs its client
-    sends, and pings written between Hypercorn's writes, never inside one."""
+    sends, and pings written between Hypercorn's writes, never inside one.
+
+    Every write, the end of output (``send_eof``) included, holds ``send_lock``: trio
+    refuses a second writer on one stream (``BusyResourceError``), and Hypercorn ends a
+    connection (``send_eof``) from its reading task while an answer may be being written
+    from the app's. The end of input waits for an answer being written (``answering``):
+    Hypercorn takes a client's half-close before its request body is complete for the
+    connection's end and would close it under the answer."""
 
     def __init__(self, inner: trio.SocketStream) -> None:
         self.inner = inner
         self.socket = inner.socket  # what Hypercorn reads the addresses from
         self.send_lock = trio.Lock()
         self.pongs: _Pongs | None = None
+        # set while an HTTP answer is being written (from its start to the app's end)
+        self.answering: trio.Event | None = None
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         async with self.send_lock:
@@ -188,10 +197,13 @@ class _WatchedStream(trio.abc.HalfCloseableStream):
         data = await self.inner.receive_some(max_bytes)
         if self.pongs is not None:
             self.pongs.feed(data)
+        if not data and self.answering is not None:
+            await self.answering.wait()  # the answer first, then Hypercorn sees the end
         return data
 
     async def send_eof(self) -> None:
-        await self.inner.send_eof()
+        async with self.send_lock:
+            await self.inner.send_eof()
 
     async def aclose(self) -> None:
         await self.inner.aclose()
@@ -263,6 +275,45 @@ def served_connection(scope: Mapping[str, Any]) -> ServedConnection | None:
     state = scope.get("state")
     found = state.get(CONNECTION_STATE_KEY) if isinstance(state, Mapping) else None
     return found if isinstance(found, ServedConnection) else None
+
+
+def _answers_tracked(app: ASGIApp) -> ASGIApp:
+    """``app``, marking on its connection's stream (``_WatchedStream.answering``) each HTTP
+    answer from its start until the app is done with the request, or reads its request
+    again (an app that waits for more of the body must see its end)."""
+
+    async def tracked(scope: Scope, receive: Receive, send: Send) -> None:
+        connection = served_connection(scope)
+        if scope["type"] != "http" or connection is None:
+            await app(scope, receive, send)
+            return
+        stream = connection.watched
+        answering: trio.Event | None = None
+
+        def done() -> None:
+            nonlocal answering
+            if answering is not None:
+                answering.set()
+                if stream.answering is answering:
+                    stream.answering = None
+                answering = None
+
+        async def receive_tracked() -> Message:
+            done()
+            return await receive()
+
+        async def send_tracked(message: Message) -> None:
+            nonlocal answering
+            if message["type"] == "http.response.start":
+                answering = stream.answering = trio.Event()
+            await send(message)
+
+        try:
+            await app(scope, receive_tracked, send_tracked)
+        finally:
+            done()
+
+    return tracked
 
 
 @final
@@ -358,7 +409,7 @@ async def _serve_connections(
     """``hypercorn.trio.run.worker_serve`` for one plain-TCP listener, keeping hold of the
     connections (see the module docstring); ends once drained after ``shutdown``."""
     # Starlette's and Hypercorn's ASGI type aliases are spelt differently
-    asgi = wrap_app(cast("ASGIFramework", app), config.wsgi_max_body_size, "asgi")
+    asgi = wrap_app(cast("ASGIFramework", _answers_tracked(app)), config.wsgi_max_body_size, "asgi")
     lifespan_state: dict[str, Any] = {}
     lifespan = Lifespan(asgi, config, lifespan_state)
     context = WorkerContext(None)
