@@ -58,6 +58,9 @@ _HARD_STOP_GRACE_S: Final = 1.0
 WEBSOCKET_BACKSTOP_BYTES: Final = 4 * MAX_MESSAGE_BYTES
 # where a connection's ServedConnection is found in the ASGI scope's "state"
 CONNECTION_STATE_KEY: Final = "tradecanvas.connection"
+# The send deadline (serve_http's send_timeout_s) is on each step of this many bytes of a
+# write: a client that reads, however slowly, is not disconnected by a large answer
+SEND_STEP_BYTES: Final = 64 * 1024
 
 
 def _bind_text(host: str, port: int) -> str:
@@ -176,7 +179,13 @@ class _WatchedStream(trio.abc.HalfCloseableStream):
     connection (``send_eof``) from its reading task while an answer may be being written
     from the app's. The end of input waits for an answer being written (``answering``):
     Hypercorn takes a client's half-close before its request body is complete for the
-    connection's end and would close it under the answer."""
+    connection's end and would close it under the answer.
+
+    With ``send_timeout_s``, a write whose next :data:`SEND_STEP_BYTES` are not taken by the
+    client within that many seconds closes the connection (``BrokenResourceError``, which
+    Hypercorn takes as the connection's end): Hypercorn's writes are shielded and would
+    otherwise wait, holding the answer in memory, for as long as the client lives. None for
+    a WebSocket (the /ws/market session bounds its own writes)."""
 
     def __init__(self, inner: trio.SocketStream) -> None:
         self.inner = inner
@@ -185,10 +194,25 @@ class _WatchedStream(trio.abc.HalfCloseableStream):
         self.pongs: _Pongs | None = None
         # set while an HTTP answer is being written (from its start to the app's end)
         self.answering: trio.Event | None = None
+        self.send_timeout_s: float | None = None
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         async with self.send_lock:
-            await self.inner.send_all(data)
+            timeout_s = self.send_timeout_s
+            if timeout_s is None or len(data) == 0:
+                await self.inner.send_all(data)
+                return
+            with memoryview(data) as view:
+                for start in range(0, len(view), SEND_STEP_BYTES):
+                    with trio.move_on_after(timeout_s) as waited:
+                        await self.inner.send_all(view[start : start + SEND_STEP_BYTES])
+                    if waited.cancelled_caught:
+                        self.inner.socket.close()
+                        log.info(
+                            "HTTP: closed a connection whose client took nothing for %gs",
+                            timeout_s,
+                        )
+                        raise trio.BrokenResourceError("the client does not read")
 
     async def wait_send_all_might_not_block(self) -> None:
         await self.inner.wait_send_all_might_not_block()
@@ -218,9 +242,10 @@ class ServedConnection:
     the ping frame itself, between Hypercorn's writes, and the pongs are picked out of what
     the client sends (:meth:`watch_pongs`); Hypercorn ignores both."""
 
-    def __init__(self, stream: trio.SocketStream) -> None:
+    def __init__(self, stream: trio.SocketStream, send_timeout_s: float | None = None) -> None:
         self._stream = stream
         self.watched = _WatchedStream(stream)
+        self.watched.send_timeout_s = send_timeout_s
         # the pings waiting for their pong, oldest first
         self._pings: dict[bytes, trio.Event] = {}
         self._pings_stopped = False
@@ -284,6 +309,8 @@ def _answers_tracked(app: ASGIApp) -> ASGIApp:
 
     async def tracked(scope: Scope, receive: Receive, send: Send) -> None:
         connection = served_connection(scope)
+        if scope["type"] == "websocket" and connection is not None:
+            connection.watched.send_timeout_s = None  # the session bounds its own writes
         if scope["type"] != "http" or connection is None:
             await app(scope, receive, send)
             return
@@ -350,9 +377,13 @@ async def serve_http(
     host: str,
     port: int,
     drain_s: float = HTTP_DRAIN_S,
+    send_timeout_s: float | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``app`` with Hypercorn until cancelled; then drain.
+
+    With ``send_timeout_s``, an HTTP client that takes none of the next 64 KiB of an answer
+    within that many seconds is disconnected (``_WatchedStream``).
 
     ``task_status.started(port)`` once the socket listens. On cancellation the listener
     closes (new connections are refused), idle keep-alive connections close, and requests
@@ -381,7 +412,9 @@ async def serve_http(
 
     async def run_server(task_status: trio.TaskStatus[None]) -> None:
         with server_scope:
-            await _serve_connections(app, config, listener, shutdown, task_status=task_status)
+            await _serve_connections(
+                app, config, listener, shutdown, send_timeout_s, task_status=task_status
+            )
 
     try:
         async with trio.open_nursery() as nursery:
@@ -403,6 +436,7 @@ async def _serve_connections(
     config: hypercorn.config.Config,
     listener: trio.SocketListener,
     shutdown: trio.Event,
+    send_timeout_s: float | None,
     *,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -416,7 +450,7 @@ async def _serve_connections(
     connections = _Connections()
 
     async def serve_connection(stream: trio.SocketStream) -> None:
-        connection = ServedConnection(stream)
+        connection = ServedConnection(stream, send_timeout_s)
         state = ConnectionState({**lifespan_state, CONNECTION_STATE_KEY: connection})
         with connections.tracking(connection):
             # typed for TLS streams; a plain one is what Hypercorn's own worker passes too
