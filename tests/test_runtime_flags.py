@@ -43,6 +43,7 @@ def test_defaults_match_design() -> None:
     assert flags.stale_timeout_s == 60
     assert (flags.subscriber_queue_max, flags.subscriber_send_timeout_s) == (1024, 10)
     assert flags.subscriber_stall_timeout_s == 30
+    assert (flags.http_body_timeout_s, flags.http_send_timeout_s) == (10, 30)
     assert flags.max_subscriptions == 64
     assert "http://localhost" in flags.ws_allowed_origins
     assert flags.ingest_token is None
@@ -97,6 +98,7 @@ PARSE_ERROR_CASES: list[tuple[str, str, str]] = [
     ("TRADE_CANVAS_LATE_CLOSE_S", "soon", "not a number"),
     ("TRADE_CANVAS_STALE_TIMEOUT_S", "0", "out of range"),
     ("TRADE_CANVAS_HTTP_BODY_TIMEOUT_S", "0", "out of range"),
+    ("TRADE_CANVAS_HTTP_SEND_TIMEOUT_S", "0", "out of range"),
     ("TRADE_CANVAS_SUBSCRIBER_QUEUE_MAX", "0", "out of range"),
     ("TRADE_CANVAS_SUBSCRIBER_SEND_TIMEOUT_S", "-1", "out of range"),
     ("TRADE_CANVAS_SUBSCRIBER_STALL_TIMEOUT_S", "0", "out of range"),

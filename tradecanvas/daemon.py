@@ -354,7 +354,11 @@ async def run_daemon(
             http_scope,
             http_done,
             functools.partial(
-                serve_http, runtime.http_app, host=flags.http_host, port=flags.http_port
+                serve_http,
+                runtime.http_app,
+                host=flags.http_host,
+                port=flags.http_port,
+                send_timeout_s=flags.http_send_timeout_s,
             ),
         )
         # the bus publisher before its sources; it never waits for Redis to start

@@ -31,6 +31,8 @@ with two bad parameters learns about both at once. Codes:
  503   ``publish_failed``   committed, but a subscriber delivery failed (they heal from the
                             store); the body says ``"committed": true``
  503   ``not_ready``        ``/readyz`` with a failing check
+ 503   ``busy``             every candle/event read slot taken and the queue full
+                            (``Retry-After: 1``; ``tradecanvas.serve.read_slots``)
 =====  ===================  ======================================================
 
 The request validation (every 401/403/404/422 above) is plain functions in
@@ -69,6 +71,7 @@ from tradecanvas.serve.http_validation import (
     parse_events_query,
     parse_ingest_body,
 )
+from tradecanvas.serve.read_slots import ReadSlots
 from tradecanvas.serve.ws_asgi import market_websocket_routes
 from tradecanvas.serve.ws_session import MarketEndpoint
 from tradecanvas.store.interface import MarketStore
@@ -133,12 +136,15 @@ def build_http_app(
     readiness: Callable[[], Mapping[str, bool]],
     clock: Callable[[], float] = time.time,
     market: MarketEndpoint | None = None,
+    reads: ReadSlots | None = None,
 ) -> Starlette:
     """The Starlette app for DESIGN §5. ``readiness()`` names each readiness check (e.g.
     ``listeners_bound``, ``upstream_connected``) with its state; ``store_open`` is added
     here. ``clock`` is the wall clock for ``lag_seconds`` (freshness is a wall-clock
     notion; nothing else here reads it). With ``market``, /ws/market is served here too
-    (DESIGN §10, one origin), by the same endpoint as on the WS port."""
+    (DESIGN §10, one origin), by the same endpoint as on the WS port. ``reads`` bounds the
+    candle and event reads running at once (``tradecanvas.serve.read_slots``)."""
+    slots = ReadSlots() if reads is None else reads
     served: frozenset[SeriesId] = frozenset(flags.all_series())
     writable: frozenset[SeriesId] = frozenset(flags.series)
     base_of = {
@@ -150,45 +156,51 @@ def build_http_app(
     async def candles(request: Request) -> Response:
         series, since, limit = parse_candles_query(request.query_params, served)
         sid = str(series)
-        try:
-            if since is None:
-                rows = await store.tail(sid, limit)
-            else:
-                rows = await store.since(sid, since, limit)
-            # read after the candles, so the head is never below the last candle returned
-            head = await store.head_time(sid)
-        except StoreError as exc:
-            log.error("GET candles %s: %s", sid, exc)
-            raise RequestRefused(500, "store_failed", f"the candle store failed: {exc}") from None
-        return JsonResponse(
-            {
-                "series_id": sid,
-                "server_head_time": head,
-                "candles": [c.to_wire() for c in rows],
-            }
-        )
+        async with slots.slot():  # the read and the encoding: up to 5,000 candles
+            try:
+                if since is None:
+                    rows = await store.tail(sid, limit)
+                else:
+                    rows = await store.since(sid, since, limit)
+                # read after the candles, so the head is never below the last candle returned
+                head = await store.head_time(sid)
+            except StoreError as exc:
+                log.error("GET candles %s: %s", sid, exc)
+                raise RequestRefused(
+                    500, "store_failed", f"the candle store failed: {exc}"
+                ) from None
+            return JsonResponse(
+                {
+                    "series_id": sid,
+                    "server_head_time": head,
+                    "candles": [c.to_wire() for c in rows],
+                }
+            )
 
     async def events(request: Request) -> Response:
         after, series, limit = parse_events_query(request.query_params, served)
         series_ids = None if series is None else [str(series)]
-        try:
-            # the prune mark first: an event pruned after it was read is still in the read
-            pruned_upto = await store.events_pruned_upto()
-            stored = await store.events_after(after, series_ids, limit)
-        except StoreError as exc:
-            log.error("GET events after %d: %s", after, exc)
-            raise RequestRefused(500, "store_failed", f"the candle store failed: {exc}") from None
-        return JsonResponse(
-            {
-                "after": after,
-                "series_id": None if series is None else str(series),
-                "events": [SystemEvent.from_stored(s).to_wire() for s in stored],
-                "next_after": stored[-1].event_id if stored else after,
-                "more": len(stored) == limit,
-                "pruned_upto": pruned_upto,
-                "truncated": after < pruned_upto,
-            }
-        )
+        async with slots.slot():
+            try:
+                # the prune mark first: an event pruned after it was read is still in the read
+                pruned_upto = await store.events_pruned_upto()
+                stored = await store.events_after(after, series_ids, limit)
+            except StoreError as exc:
+                log.error("GET events after %d: %s", after, exc)
+                raise RequestRefused(
+                    500, "store_failed", f"the candle store failed: {exc}"
+                ) from None
+            return JsonResponse(
+                {
+                    "after": after,
+                    "series_id": None if series is None else str(series),
+                    "events": [SystemEvent.from_stored(s).to_wire() for s in stored],
+                    "next_after": stored[-1].event_id if stored else after,
+                    "more": len(stored) == limit,
+                    "pruned_upto": pruned_upto,
+                    "truncated": after < pruned_upto,
+                }
+            )
 
     async def ingest_candle_closed(request: Request) -> Response:
         check_bearer(request.headers.get("authorization"), flags.ingest_token)

@@ -38,7 +38,7 @@ from hypercorn.trio.tcp_server import TCPServer
 from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import ASGIFramework, ConnectionState
 from hypercorn.utils import wrap_app
-from starlette.types import ASGIApp
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tradecanvas.errors import ListenError
 from tradecanvas.runtime_flags import RuntimeFlags
@@ -58,6 +58,9 @@ _HARD_STOP_GRACE_S: Final = 1.0
 WEBSOCKET_BACKSTOP_BYTES: Final = 4 * MAX_MESSAGE_BYTES
 # where a connection's ServedConnection is found in the ASGI scope's "state"
 CONNECTION_STATE_KEY: Final = "tradecanvas.connection"
+# The send deadline (serve_http's send_timeout_s) is on each step of this many bytes of a
+# write: a client that reads, however slowly, is not disconnected by a large answer
+SEND_STEP_BYTES: Final = 64 * 1024
 
 
 def _bind_text(host: str, port: int) -> str:
@@ -169,17 +172,47 @@ class _Pongs:
 class _WatchedStream(trio.abc.HalfCloseableStream):
     """The stream Hypercorn serves a connection over: the connection's own, plus, once the
     connection is a WebSocket (:meth:`ServedConnection.watch_pongs`), the pongs its client
-    sends, and pings written between Hypercorn's writes, never inside one."""
+    sends, and pings written between Hypercorn's writes, never inside one.
+
+    Every write, the end of output (``send_eof``) included, holds ``send_lock``: trio
+    refuses a second writer on one stream (``BusyResourceError``), and Hypercorn ends a
+    connection (``send_eof``) from its reading task while an answer may be being written
+    from the app's. The end of input waits for an answer being written (``answering``):
+    Hypercorn takes a client's half-close before its request body is complete for the
+    connection's end and would close it under the answer.
+
+    With ``send_timeout_s``, a write whose next :data:`SEND_STEP_BYTES` are not taken by the
+    client within that many seconds closes the connection (``BrokenResourceError``, which
+    Hypercorn takes as the connection's end): Hypercorn's writes are shielded and would
+    otherwise wait, holding the answer in memory, for as long as the client lives. None for
+    a WebSocket (the /ws/market session bounds its own writes)."""
 
     def __init__(self, inner: trio.SocketStream) -> None:
         self.inner = inner
         self.socket = inner.socket  # what Hypercorn reads the addresses from
         self.send_lock = trio.Lock()
         self.pongs: _Pongs | None = None
+        # set while an HTTP answer is being written (from its start to the app's end)
+        self.answering: trio.Event | None = None
+        self.send_timeout_s: float | None = None
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         async with self.send_lock:
-            await self.inner.send_all(data)
+            timeout_s = self.send_timeout_s
+            if timeout_s is None or len(data) == 0:
+                await self.inner.send_all(data)
+                return
+            with memoryview(data) as view:
+                for start in range(0, len(view), SEND_STEP_BYTES):
+                    with trio.move_on_after(timeout_s) as waited:
+                        await self.inner.send_all(view[start : start + SEND_STEP_BYTES])
+                    if waited.cancelled_caught:
+                        self.inner.socket.close()
+                        log.info(
+                            "HTTP: closed a connection whose client took nothing for %gs",
+                            timeout_s,
+                        )
+                        raise trio.BrokenResourceError("the client does not read")
 
     async def wait_send_all_might_not_block(self) -> None:
         await self.inner.wait_send_all_might_not_block()
@@ -188,10 +221,13 @@ class _WatchedStream(trio.abc.HalfCloseableStream):
         data = await self.inner.receive_some(max_bytes)
         if self.pongs is not None:
             self.pongs.feed(data)
+        if not data and self.answering is not None:
+            await self.answering.wait()  # the answer first, then Hypercorn sees the end
         return data
 
     async def send_eof(self) -> None:
-        await self.inner.send_eof()
+        async with self.send_lock:
+            await self.inner.send_eof()
 
     async def aclose(self) -> None:
         await self.inner.aclose()
@@ -206,9 +242,10 @@ class ServedConnection:
     the ping frame itself, between Hypercorn's writes, and the pongs are picked out of what
     the client sends (:meth:`watch_pongs`); Hypercorn ignores both."""
 
-    def __init__(self, stream: trio.SocketStream) -> None:
+    def __init__(self, stream: trio.SocketStream, send_timeout_s: float | None = None) -> None:
         self._stream = stream
         self.watched = _WatchedStream(stream)
+        self.watched.send_timeout_s = send_timeout_s
         # the pings waiting for their pong, oldest first
         self._pings: dict[bytes, trio.Event] = {}
         self._pings_stopped = False
@@ -265,6 +302,47 @@ def served_connection(scope: Mapping[str, Any]) -> ServedConnection | None:
     return found if isinstance(found, ServedConnection) else None
 
 
+def _answers_tracked(app: ASGIApp) -> ASGIApp:
+    """``app``, marking on its connection's stream (``_WatchedStream.answering``) each HTTP
+    answer from its start until the app is done with the request, or reads its request
+    again (an app that waits for more of the body must see its end)."""
+
+    async def tracked(scope: Scope, receive: Receive, send: Send) -> None:
+        connection = served_connection(scope)
+        if scope["type"] == "websocket" and connection is not None:
+            connection.watched.send_timeout_s = None  # the session bounds its own writes
+        if scope["type"] != "http" or connection is None:
+            await app(scope, receive, send)
+            return
+        stream = connection.watched
+        answering: trio.Event | None = None
+
+        def done() -> None:
+            nonlocal answering
+            if answering is not None:
+                answering.set()
+                if stream.answering is answering:
+                    stream.answering = None
+                answering = None
+
+        async def receive_tracked() -> Message:
+            done()
+            return await receive()
+
+        async def send_tracked(message: Message) -> None:
+            nonlocal answering
+            if message["type"] == "http.response.start":
+                answering = stream.answering = trio.Event()
+            await send(message)
+
+        try:
+            await app(scope, receive_tracked, send_tracked)
+        finally:
+            done()
+
+    return tracked
+
+
 @final
 class _Connections:
     """The open connections of one server: tracked, waited for, aborted."""
@@ -299,9 +377,13 @@ async def serve_http(
     host: str,
     port: int,
     drain_s: float = HTTP_DRAIN_S,
+    send_timeout_s: float | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``app`` with Hypercorn until cancelled; then drain.
+
+    With ``send_timeout_s``, an HTTP client that takes none of the next 64 KiB of an answer
+    within that many seconds is disconnected (``_WatchedStream``).
 
     ``task_status.started(port)`` once the socket listens. On cancellation the listener
     closes (new connections are refused), idle keep-alive connections close, and requests
@@ -330,7 +412,9 @@ async def serve_http(
 
     async def run_server(task_status: trio.TaskStatus[None]) -> None:
         with server_scope:
-            await _serve_connections(app, config, listener, shutdown, task_status=task_status)
+            await _serve_connections(
+                app, config, listener, shutdown, send_timeout_s, task_status=task_status
+            )
 
     try:
         async with trio.open_nursery() as nursery:
@@ -352,20 +436,21 @@ async def _serve_connections(
     config: hypercorn.config.Config,
     listener: trio.SocketListener,
     shutdown: trio.Event,
+    send_timeout_s: float | None,
     *,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """``hypercorn.trio.run.worker_serve`` for one plain-TCP listener, keeping hold of the
     connections (see the module docstring); ends once drained after ``shutdown``."""
     # Starlette's and Hypercorn's ASGI type aliases are spelt differently
-    asgi = wrap_app(cast("ASGIFramework", app), config.wsgi_max_body_size, "asgi")
+    asgi = wrap_app(cast("ASGIFramework", _answers_tracked(app)), config.wsgi_max_body_size, "asgi")
     lifespan_state: dict[str, Any] = {}
     lifespan = Lifespan(asgi, config, lifespan_state)
     context = WorkerContext(None)
     connections = _Connections()
 
     async def serve_connection(stream: trio.SocketStream) -> None:
-        connection = ServedConnection(stream)
+        connection = ServedConnection(stream, send_timeout_s)
         state = ConnectionState({**lifespan_state, CONNECTION_STATE_KEY: connection})
         with connections.tracking(connection):
             # typed for TLS streams; a plain one is what Hypercorn's own worker passes too
