@@ -25,7 +25,8 @@ from starlette.websockets import WebSocket
 from wsproto.frame_protocol import FrameProtocol
 
 from tests.serve.http_rig import StoppableServer
-from tradecanvas.serve.http_server import _Pongs, serve_http, served_connection
+from tradecanvas.serve.client_frames import ClientFrames
+from tradecanvas.serve.http_server import serve_http, served_connection
 
 BIG: Final = b"x" * (8 << 20)  # far more than both sides' socket buffers take
 
@@ -113,12 +114,13 @@ _frames = st.lists(
 
 
 @given(frames=_frames, cuts=st.lists(st.integers(min_value=0), max_size=12))
-def test_the_pongs_of_a_client_are_found_however_its_bytes_arrive(
+def test_the_pongs_and_pings_of_a_client_are_found_however_its_bytes_arrive(
     frames: list[tuple[str, object]], cuts: list[int]
 ) -> None:
     client = FrameProtocol(client=True, extensions=[])
     stream = b""
     pongs: list[bytes] = []
+    pings = 0
     for kind, value in frames:
         if kind == "text":
             assert isinstance(value, str)
@@ -129,13 +131,16 @@ def test_the_pongs_of_a_client_are_found_however_its_bytes_arrive(
         elif kind == "ping":
             assert isinstance(value, bytes)
             stream += client.ping(value)
+            pings += 1
         else:
             assert isinstance(value, bytes)
             stream += client.pong(value)
             pongs.append(value)
     found: list[bytes] = []
-    scanner = _Pongs(found.append)
+    pinged: list[None] = []
+    scanner = ClientFrames(on_pong=found.append, on_ping=lambda: pinged.append(None))
     bounds = sorted({0, len(stream), *(c % (len(stream) + 1) for c in cuts)})
     for start, end in itertools.pairwise(bounds):
         scanner.feed(stream[start:end])
     assert found == pongs
+    assert len(pinged) == pings

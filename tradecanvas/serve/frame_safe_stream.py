@@ -6,6 +6,9 @@ after which no close frame can be read. :class:`FrameSafeStream` keeps the unsen
 started frame and sends it first with the next write, so the 4008 close frame that follows a
 timed-out send is still well-formed for a client that reads again in time.
 
+Once the WebSocket is open (:meth:`FrameSafeStream.watch_pings`) it counts the client's pings
+(``tradecanvas.serve.client_frames``) and closes the connection (1008) of one over the limit.
+
 It also serializes its writers (trio-websocket's own writes — pongs, the close frame — and
 the Hub's pre-framed ones, ``tradecanvas.serve.ws_server``), and offers
 :meth:`FrameSafeStream.send_all_nowait`: the Hub's publishing writes a frame straight to an
@@ -14,12 +17,23 @@ idle subscriber's socket without waking its task (``tradecanvas.serve.hub``).
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 from typing import final
 
 import trio
 
+from tradecanvas.serve.client_frames import (
+    CLOSE_POLICY,
+    ClientFrames,
+    PingFlood,
+    close_frame,
+    ping_limit,
+)
 from tradecanvas.serve.in_flight import InFlight
+
+log = logging.getLogger(__name__)
 
 
 @final
@@ -33,13 +47,22 @@ class FrameSafeStream(trio.abc.HalfCloseableStream):
     ``trio.BrokenResourceError`` / ``trio.ClosedResourceError`` like a SocketStream.
     """
 
-    __slots__ = ("_lock", "_unsent", "in_flight", "inner")
+    __slots__ = ("_frames", "_lock", "_peer", "_unsent", "in_flight", "inner")
 
     def __init__(self, inner: trio.SocketStream, in_flight: InFlight | None = None) -> None:
         self.inner = inner
         self.in_flight = in_flight
         self._unsent = b""
         self._lock = trio.StrictFIFOLock()
+        self._frames: ClientFrames | None = None
+        self._peer = "?"
+
+    def watch_pings(self, peer: str) -> None:
+        """Count the client's pings from here on (call it before the 101 is sent); one
+        over the limit gets a 1008 close frame, if its socket takes it now, and the read
+        fails (``trio.BrokenResourceError``: trio-websocket aborts the connection)."""
+        self._frames = ClientFrames(on_ping=ping_limit(trio.current_time))
+        self._peer = peer
 
     @property
     def needs_flush(self) -> bool:
@@ -118,7 +141,19 @@ class FrameSafeStream(trio.abc.HalfCloseableStream):
         await self.inner.send_eof()
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        return await self.inner.receive_some(max_bytes)
+        data = await self.inner.receive_some(max_bytes)
+        if self._frames is not None:
+            try:
+                self._frames.feed(data)
+            except PingFlood as flood:
+                # if the socket takes it now; else the connection ends without it
+                with contextlib.suppress(
+                    trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError
+                ):
+                    self.send_all_nowait(close_frame(CLOSE_POLICY, str(flood)))
+                log.warning("ws %s: closed 1008: %s", self._peer, flood)
+                raise trio.BrokenResourceError(str(flood)) from flood
+        return data
 
     async def aclose(self) -> None:
         await self.inner.aclose()

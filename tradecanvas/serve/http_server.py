@@ -27,8 +27,8 @@ import contextlib
 import functools
 import logging
 import socket
-from collections.abc import Callable, Iterator, Mapping
-from typing import Any, Final, cast, final
+from collections.abc import Iterator, Mapping
+from typing import Any, Final, NoReturn, cast, final
 
 import hypercorn.config
 import hypercorn.trio
@@ -42,6 +42,16 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tradecanvas.errors import ListenError
 from tradecanvas.runtime_flags import RuntimeFlags
+from tradecanvas.serve.client_frames import (
+    CLOSE_POLICY,
+    FLOOD_CLOSE_S,
+    OP_PING,
+    ClientFrames,
+    PingFlood,
+    close_frame,
+    peer_of,
+    ping_limit,
+)
 from tradecanvas.serve.ws_protocol import MAX_MESSAGE_BYTES
 
 log = logging.getLogger(__name__)
@@ -116,58 +126,6 @@ def hypercorn_config(binds: list[str], drain_s: float) -> hypercorn.config.Confi
     return config
 
 
-# WebSocket opcodes (RFC 6455 §5.2) the read proof uses
-_OP_PING: Final = 0x9
-_OP_PONG: Final = 0xA
-
-
-@final
-class _Pongs:
-    """The pong payloads in what a WebSocket client sends (RFC 6455 §5.2: masked frames),
-    found without touching Hypercorn's own parser: every other frame is skipped."""
-
-    __slots__ = ("_buffer", "_skip", "found")
-
-    def __init__(self, found: Callable[[bytes], None]) -> None:
-        self._buffer = bytearray()
-        self._skip = 0  # payload bytes of a skipped frame still to come
-        self.found = found
-
-    def feed(self, data: bytes) -> None:
-        view = memoryview(data)
-        if self._skip:
-            n = min(self._skip, len(view))
-            self._skip -= n
-            view = view[n:]
-        buffer = self._buffer
-        buffer += view
-        while len(buffer) >= 2:
-            opcode, length, head = buffer[0] & 0x0F, buffer[1] & 0x7F, 2
-            if length >= 126:
-                size = 2 if length == 126 else 8
-                if len(buffer) < head + size:
-                    return
-                length = int.from_bytes(buffer[head : head + size], "big")
-                head += size
-            masked = bool(buffer[1] & 0x80)
-            head += 4 if masked else 0
-            if len(buffer) < head:
-                return
-            if opcode != _OP_PONG:  # skipped, however long
-                taken = min(length, len(buffer) - head)
-                self._skip = length - taken
-                del buffer[: head + taken]
-                continue
-            if len(buffer) < head + length:
-                return
-            payload = bytes(buffer[head : head + length])
-            if masked:
-                key = buffer[head - 4 : head]
-                payload = bytes(b ^ key[i % 4] for i, b in enumerate(payload))
-            del buffer[: head + length]
-            self.found(payload)
-
-
 @final
 class _WatchedStream(trio.abc.HalfCloseableStream):
     """The stream Hypercorn serves a connection over: the connection's own, plus, once the
@@ -191,7 +149,7 @@ class _WatchedStream(trio.abc.HalfCloseableStream):
         self.inner = inner
         self.socket = inner.socket  # what Hypercorn reads the addresses from
         self.send_lock = trio.Lock()
-        self.pongs: _Pongs | None = None
+        self.frames: ClientFrames | None = None  # a WebSocket's: pongs, and pings counted
         # set while an HTTP answer is being written (from its start to the app's end)
         self.answering: trio.Event | None = None
         self.send_timeout_s: float | None = None
@@ -219,11 +177,24 @@ class _WatchedStream(trio.abc.HalfCloseableStream):
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         data = await self.inner.receive_some(max_bytes)
-        if self.pongs is not None:
-            self.pongs.feed(data)
+        if self.frames is not None:
+            try:
+                self.frames.feed(data)
+            except PingFlood as flood:
+                await self._close_flooded(flood)
         if not data and self.answering is not None:
             await self.answering.wait()  # the answer first, then Hypercorn sees the end
         return data
+
+    async def _close_flooded(self, flood: PingFlood) -> NoReturn:
+        # the close frame if the client takes it soon (between Hypercorn's frames), then the
+        # end of the connection: Hypercorn takes BrokenResourceError for it
+        with trio.move_on_after(FLOOD_CLOSE_S), contextlib.suppress(trio.TooSlowError, OSError):
+            async with self.send_lock:
+                await self.inner.send_all(close_frame(CLOSE_POLICY, str(flood)))
+        log.warning("ws %s (HTTP port): closed 1008: %s", peer_of(self.socket), flood)
+        self.inner.socket.close()
+        raise trio.BrokenResourceError(str(flood)) from flood
 
     async def send_eof(self) -> None:
         async with self.send_lock:
@@ -253,8 +224,10 @@ class ServedConnection:
     def watch_pongs(self) -> None:
         """Look for pongs in what the client sends from here on: call it before the
         WebSocket is accepted (the client sends no frame before the 101 reaches it)."""
-        if self.watched.pongs is None:
-            self.watched.pongs = _Pongs(self._pong)
+        if self.watched.frames is None:
+            self.watched.frames = ClientFrames(
+                on_pong=self._pong, on_ping=ping_limit(trio.current_time)
+            )
 
     def _pong(self, payload: bytes) -> None:
         if payload not in self._pings:
@@ -274,7 +247,7 @@ class ServedConnection:
             if self._pings_stopped:
                 raise trio.ClosedResourceError("the WebSocket is closing")
             self._pings[payload] = answered
-            await self._stream.send_all(bytes([0x80 | _OP_PING, len(payload)]) + payload)
+            await self._stream.send_all(bytes([0x80 | OP_PING, len(payload)]) + payload)
         await answered.wait()
 
     def stop_pings(self) -> None:

@@ -56,6 +56,7 @@ from wsproto.utilities import LocalProtocolError
 
 from tradecanvas.errors import ListenError
 from tradecanvas.ops.metrics import Metrics
+from tradecanvas.serve.client_frames import peer_of
 from tradecanvas.serve.frame_safe_stream import FrameSafeStream
 from tradecanvas.serve.hub import Hub
 from tradecanvas.serve.in_flight import PING_FRAME_BYTES, InFlight, limit_send_buffer
@@ -90,11 +91,7 @@ SHUTDOWN_GRACE_S: Final = 5.0
 
 
 def _peer(stream: trio.SocketStream) -> str:
-    try:
-        host, port, *_ = stream.socket.getpeername()
-    except OSError:
-        return "?"
-    return f"{host}:{port}"
+    return peer_of(stream.socket)
 
 
 def _closed(exc: trio_websocket.ConnectionClosed) -> TransportClosed:
@@ -343,6 +340,7 @@ class _MarketServer:
                     return
                 admission = verdict
                 admitted()
+                stream.watch_pings(peer)  # the client sends no frame before the 101
                 ws = await request.accept()
             self._unattached.discard(handshake)
             if handshake.cancelled_caught or admission is None:

@@ -1,0 +1,86 @@
+"""A client's pings have a limit (``tradecanvas.serve.client_frames``): the rule itself with
+explicit times, then a real client flooding pings on each port — closed with 1008 — while a
+calm client on the same endpoint goes on being served."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import trio
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import AcceptConnection, CloseConnection, Ping, Request
+
+from tests.serve.test_ws_server import (
+    RECEIVE_TIMEOUT_S,
+    TRANSPORTS,
+    connect,
+    running_market,
+    until_pong,
+)
+from tradecanvas.serve.client_frames import PING_FLOOD, PINGS_BURST, PINGS_PER_S, PingGuard
+from tradecanvas.store.sqlite import CandleStore
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[CandleStore]:
+    s = await CandleStore.open(tmp_path / "market.sqlite3")
+    yield s
+    await s.aclose()
+
+
+def test_pings_within_the_rate_pass_and_a_flood_does_not() -> None:
+    guard = PingGuard(now=0.0)
+    assert all(guard.allows(0.0) for _ in range(PINGS_BURST))  # a burst, saved up
+    assert not guard.allows(0.0)
+    steady = PingGuard(now=0.0)  # at the rate for ten minutes: never refused
+    assert all(steady.allows(i / PINGS_PER_S) for i in range(600 * PINGS_PER_S))
+    recovered = PingGuard(now=0.0)
+    for _ in range(PINGS_BURST):
+        recovered.allows(0.0)
+    assert recovered.allows(1.0 / PINGS_PER_S)  # the bucket fills again
+
+
+async def flood(port: int, pings: int) -> list[object]:
+    """A raw WebSocket client (wsproto) that sends ``pings`` ping frames in one write once
+    the 101 is in, then reads until the server ends the connection: the events it read."""
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    client = WSConnection(ConnectionType.CLIENT)
+    events: list[object] = []
+    try:
+        await stream.send_all(client.send(Request(host="127.0.0.1", target="/ws/market")))
+        with trio.fail_after(RECEIVE_TIMEOUT_S):
+            while not any(isinstance(e, AcceptConnection) for e in events):
+                client.receive_data(await stream.receive_some(65536))
+                events.extend(client.events())
+            await stream.send_all(b"".join(client.send(Ping(b"%d" % i)) for i in range(pings)))
+            while True:
+                try:
+                    data = await stream.receive_some(65536)
+                except trio.BrokenResourceError:  # reset: the same end
+                    break
+                if not data:
+                    break
+                client.receive_data(data)
+                events.extend(client.events())
+    finally:
+        await stream.aclose()
+    return events
+
+
+@pytest.mark.parametrize("over", TRANSPORTS)
+async def test_a_ping_flood_is_closed_with_1008_and_a_calm_client_is_served(
+    store: CandleStore, over: str
+) -> None:
+    async with running_market(store, over=over) as market, connect(market.port) as calm:
+        # a client library's keep-alive pings are answered
+        for _ in range(3):
+            with trio.fail_after(RECEIVE_TIMEOUT_S):
+                await calm.ping()
+        events = await flood(market.port, pings=PINGS_BURST + 30)
+        closes = [e for e in events if isinstance(e, CloseConnection)]
+        assert [(c.code, c.reason) for c in closes] == [(1008, PING_FLOOD)], events
+        # the calm client on the same endpoint still gets its answers
+        with trio.fail_after(RECEIVE_TIMEOUT_S):
+            assert await until_pong(calm) == []  # nothing subscribed: the pong alone
