@@ -308,7 +308,7 @@ FLAG_SPECS: Final[tuple[FlagSpec, ...]] = (
     FlagSpec("http_host", "127.0.0.1", _parse_host, "HTTP API (and /ws/market) listen address"),
     FlagSpec("http_port", "8766", _parse_int(0, 65535), "HTTP API (and /ws/market) listen port (0 = any)"),
     FlagSpec("http_body_timeout_s", "10", _parse_float(0.1, 3600.0), "answer 408 and close a connection whose request body is not in within this many seconds of its headers"),
-    FlagSpec("http_send_timeout_s", "30", _parse_float(0.1, 3600.0), "close an HTTP connection whose client takes none of the next 64 KiB of an answer for this many seconds"),
+    FlagSpec("http_send_timeout_s", "30", _parse_float(0.1, 3600.0), "close an HTTP connection whose client takes less than the next 64 KiB of an answer in this many seconds"),
     FlagSpec("binance_futures_ws_url", "wss://fstream.binance.com/market", _parse_ws_url, "USDⓈ-M futures WS base (routed /market path)"),
     FlagSpec("binance_spot_ws_url", "wss://stream.binance.com:9443", _parse_ws_url, "spot WS base"),
     FlagSpec("binance_futures_rest_url", "https://fapi.binance.com", _parse_http_url, "USDⓈ-M futures REST base"),

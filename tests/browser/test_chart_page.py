@@ -221,8 +221,12 @@ def test_scrolling_back_over_a_hole_keeps_the_bars_in_view(
         chart.wait_live()
         assert chart.bars(BASE) == present[-1000:]
         in_view = chart.call("() => window.tradecanvasChart.visibleTimes()")
+        asked_before = len(chart.requests)
         chart.call("() => window.tradecanvasChart.loadOlder()")
         assert chart.bars(BASE) == present == m.stored(BASE)
+        # one request for the page, whatever the holes in it (it walked them in windows)
+        pages = [u for u in chart.requests[asked_before:] if "/api/market/candles" in u]
+        assert len(pages) == 1 and f"before={present[-1000].time}" in pages[0], pages
         assert chart.call("() => window.tradecanvasChart.visibleTimes()") == in_view
         assert sorted(missing) == chart.call(f"() => window.tradecanvasChart.gaps({BASE!r})")
         assert chart.console_errors == []

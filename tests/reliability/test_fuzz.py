@@ -201,7 +201,7 @@ def test_subscriber_messages() -> None:
     run_checked("subscriber_message", check)
 
 
-QUERY_KEYS: Final = st.sampled_from(["series_id", "since", "limit", "after", "x", ""])
+QUERY_KEYS: Final = st.sampled_from(["series_id", "since", "before", "limit", "after", "x", ""])
 QUERY: Final = st.text(max_size=120) | st.lists(
     st.tuples(QUERY_KEYS, st.text(max_size=20) | TRICKY.map(str)), max_size=5
 ).map(lambda pairs: "&".join(f"{k}={v}" for k, v in pairs))

@@ -462,6 +462,21 @@ async def test_candles_since_limit_and_tail(tmp_path: Path) -> None:
         r = await api.client.get(CANDLES, params={"series_id": BTC, "since": 0, "limit": MAX_LIMIT})
         assert len(r.json()["candles"]) == 600
 
+        # before: the newest below it (paging back in one request, holes or not); with
+        # since, the window between, the oldest first
+        r = await api.client.get(CANDLES, params={"series_id": BTC, "before": T0 + 600, "limit": 3})
+        assert [c["candle_time"] for c in r.json()["candles"]] == [T0 + 420, T0 + 480, T0 + 540]
+        r = await api.client.get(CANDLES, params={"series_id": BTC, "before": T0})
+        assert r.json()["candles"] == []
+        window: dict[str, str | int] = {
+            "series_id": BTC,
+            "since": T0 + 60,
+            "before": T0 + 300,
+            "limit": 100,
+        }
+        r = await api.client.get(CANDLES, params=window)
+        assert [c["candle_time"] for c in r.json()["candles"]] == [T0 + 120, T0 + 180, T0 + 240]
+
         r = await api.client.get(CANDLES, params={"series_id": BTC5, "limit": 2})
         assert [c["candle_time"] for c in r.json()["candles"]] == [T0 + 118 * 300, T0 + 119 * 300]
         assert r.json()["candles"][-1]["volume"] == 10.0

@@ -13,6 +13,7 @@ from typing import Final
 import httpx
 import pytest
 import trio
+import trio.testing
 from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
@@ -31,6 +32,12 @@ def app() -> Starlette:
     async def small(request: Request) -> Response:
         return Response(SMALL, status_code=422)
 
+    async def awaiting(request: Request) -> Response:
+        # answers after an await (as the API's store reads), once the server has read the
+        # end of input and every task waits
+        await trio.testing.wait_all_tasks_blocked()
+        return Response(SMALL, status_code=422)
+
     async def echo(request: Request) -> Response:  # reads the body first
         try:
             return Response(await request.body())
@@ -41,6 +48,7 @@ def app() -> Starlette:
         routes=[
             Route("/big", big, methods=["GET", "POST"]),
             Route("/small", small, methods=["GET", "POST"]),
+            Route("/awaiting", awaiting, methods=["GET"]),
             Route("/echo", echo, methods=["POST"]),
         ]
     )
@@ -79,6 +87,8 @@ async def test_a_half_closed_request_gets_the_whole_answer_and_nothing_is_logged
                 for method in ("GET", "POST"):
                     answer = await half_closed(port, method, "/small")
                     assert split(answer) == ("HTTP/1.1 422 ", SMALL)
+                answer = await half_closed(port, "GET", "/awaiting")
+                assert split(answer) == ("HTTP/1.1 422 ", SMALL)
             # an app waiting for the rest of the body: Hypercorn's own 400
             status, body = split(await half_closed(port, "POST", "/echo"))
             assert (status, body) == ("HTTP/1.1 400 ", b"")

@@ -16,6 +16,7 @@ from tradecanvas.serve.http_validation import (
     CLOCK_SKEW_S,
     DEFAULT_LIMIT,
     MAX_LIMIT,
+    CandlesQuery,
     RequestRefused,
     check_bearer,
     parse_candle_time,
@@ -170,6 +171,9 @@ def test_decimals_and_candle_times() -> None:
         ({"series_id": BTC, "limit": str(MAX_LIMIT + 1)}, ["limit"]),
         ({"series_id": BTC, "limit": "ten"}, ["limit"]),
         ({"series_id": "nope", "since": "x", "limit": "-1"}, ["series_id", "since", "limit"]),
+        ({"series_id": BTC, "before": "-60"}, ["before"]),
+        ({"series_id": BTC, "before": "1751760000000", "since": "1.5"}, ["since", "before"]),
+        ([("series_id", BTC), ("before", "1"), ("before", "2")], ["before"]),
         ([("series_id", BTC), ("series_id", ETH)], ["series_id"]),
     ],
 )
@@ -184,13 +188,13 @@ def test_bad_candle_queries_are_422_naming_each_parameter(params: Any, fields: l
 
 def test_candle_queries() -> None:
     btc = SeriesId.parse(BTC)
-    assert parse_candles_query(QueryParams({"series_id": BTC}), SERVED) == (
-        btc,
-        None,
-        DEFAULT_LIMIT,
+    assert parse_candles_query(QueryParams({"series_id": BTC}), SERVED) == CandlesQuery(
+        btc, None, DEFAULT_LIMIT
     )
     query = QueryParams({"series_id": BTC, "since": "0", "limit": str(MAX_LIMIT)})
-    assert parse_candles_query(query, SERVED) == (btc, 0, MAX_LIMIT)
+    assert parse_candles_query(query, SERVED) == CandlesQuery(btc, 0, MAX_LIMIT)
+    query = QueryParams({"series_id": BTC, "before": str(T0), "since": ""})
+    assert parse_candles_query(query, SERVED) == CandlesQuery(btc, None, DEFAULT_LIMIT, T0)
     for sid, hint in (
         ("binance:futures:SOL/USDT:1m", "/api/market/series"),
         ("binance:futures:BTC/USDT:15m", "binance:futures:BTC/USDT is served in 1m, 5m"),

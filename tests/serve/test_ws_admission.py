@@ -10,6 +10,7 @@ clock.
 
 from __future__ import annotations
 
+import logging
 import socket
 import struct
 from collections.abc import AsyncIterator, Callable
@@ -156,7 +157,7 @@ async def test_concurrent_handshakes_admit_exactly_the_limit(store: CandleStore,
 
 @pytest.mark.parametrize("over", TRANSPORTS)
 async def test_clients_vanishing_mid_handshake_leave_no_slot_taken(
-    store: CandleStore, over: str
+    store: CandleStore, over: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     limit = 2
     async with running_market(store, over=over, max_connections=limit) as market:
@@ -171,6 +172,9 @@ async def test_clients_vanishing_mid_handshake_leave_no_slot_taken(
             await until_pong(first)
             await until_pong(second)
             assert (await handshake_rejection(market.port, "/ws/market")).status_code == 503
+    # a client gone mid-handshake is no error of the daemon's: nothing logged above DEBUG
+    logged = [r for r in caplog.records if r.levelno >= logging.INFO]
+    assert logged == [], [r.getMessage() for r in logged]
 
 
 @pytest.mark.parametrize("over", TRANSPORTS)

@@ -65,7 +65,7 @@ async def test_sparse_and_dense_batches(backend: Backend) -> None:
     await store.aclose()
 
 
-async def test_reads_tail_since_range_head(backend: Backend) -> None:
+async def test_reads_tail_since_before_range_head(backend: Backend) -> None:
     store = await backend.open()
     await store.upsert(SID, list(flat_minutes(0, 10)), "rest")
     assert await store.head_time(SID) == 540
@@ -73,6 +73,9 @@ async def test_reads_tail_since_range_head(backend: Backend) -> None:
     assert [c.candle_time for c in await store.tail(SID, 3)] == [420, 480, 540]
     assert [c.candle_time for c in await store.since(SID, 120, 2)] == [180, 240]
     assert await store.since(SID, 540, 10) == []
+    assert [c.candle_time for c in await store.before(SID, 300, 2)] == [180, 240]
+    assert [c.candle_time for c in await store.before(SID, 10**9, 2)] == [480, 540]
+    assert await store.before(SID, 0, 10) == []
     assert [s.candle.candle_time for s in await store.range(SID, 60, 180)] == [60, 120]
     heads = await store.heads()
     assert (heads[SID].head_time, heads[SID].first_time, heads[SID].count) == (540, 0, 10)

@@ -45,7 +45,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any, Final
 
 import orjson
@@ -153,22 +153,33 @@ def build_http_app(
         for d in (b, *(b.with_timeframe(t) for t in flags.derived_timeframes))
     }
 
-    async def candles(request: Request) -> Response:
-        series, since, limit = parse_candles_query(request.query_params, served)
-        sid = str(series)
-        async with slots.slot():  # the read and the encoding: up to 5,000 candles
+    @contextlib.asynccontextmanager
+    async def store_read(what: str) -> AsyncIterator[None]:
+        """A read slot for a read and its encoding (up to 5,000 rows); a store failure is
+        500 ``store_failed``, logged with ``what``."""
+        async with slots.slot():
             try:
-                if since is None:
-                    rows = await store.tail(sid, limit)
-                else:
-                    rows = await store.since(sid, since, limit)
-                # read after the candles, so the head is never below the last candle returned
-                head = await store.head_time(sid)
+                yield
             except StoreError as exc:
-                log.error("GET candles %s: %s", sid, exc)
+                log.error("GET %s: %s", what, exc)
                 raise RequestRefused(
                     500, "store_failed", f"the candle store failed: {exc}"
                 ) from None
+
+    async def candles(request: Request) -> Response:
+        query = parse_candles_query(request.query_params, served)
+        sid, since, before, limit = str(query.series), query.since, query.before, query.limit
+        async with store_read(f"candles {sid}"):
+            if since is not None:
+                rows = await store.since(sid, since, limit)
+                # the oldest after since: those below before are all of the window's
+                rows = rows if before is None else [c for c in rows if c.candle_time < before]
+            elif before is not None:
+                rows = await store.before(sid, before, limit)
+            else:
+                rows = await store.tail(sid, limit)
+            # read after the candles, so the head is never below the last candle returned
+            head = await store.head_time(sid)
             return JsonResponse(
                 {
                     "series_id": sid,
@@ -180,16 +191,10 @@ def build_http_app(
     async def events(request: Request) -> Response:
         after, series, limit = parse_events_query(request.query_params, served)
         series_ids = None if series is None else [str(series)]
-        async with slots.slot():
-            try:
-                # the prune mark first: an event pruned after it was read is still in the read
-                pruned_upto = await store.events_pruned_upto()
-                stored = await store.events_after(after, series_ids, limit)
-            except StoreError as exc:
-                log.error("GET events after %d: %s", after, exc)
-                raise RequestRefused(
-                    500, "store_failed", f"the candle store failed: {exc}"
-                ) from None
+        async with store_read(f"events after {after}"):
+            # the prune mark first: an event pruned after it was read is still in the read
+            pruned_upto = await store.events_pruned_upto()
+            stored = await store.events_after(after, series_ids, limit)
             return JsonResponse(
                 {
                     "after": after,

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import math
 import socket
 from collections.abc import Iterator, Mapping
 from typing import Any, Final, NoReturn, cast, final
@@ -69,8 +70,11 @@ WEBSOCKET_BACKSTOP_BYTES: Final = 4 * MAX_MESSAGE_BYTES
 # where a connection's ServedConnection is found in the ASGI scope's "state"
 CONNECTION_STATE_KEY: Final = "tradecanvas.connection"
 # The send deadline (serve_http's send_timeout_s) is on each step of this many bytes of a
-# write: a client that reads, however slowly, is not disconnected by a large answer
+# write: a large answer takes as long as it takes, for a client reading at least this much
+# each send_timeout_s (2 KiB/s at the default 30 s; slower is a dead or hostile client)
 SEND_STEP_BYTES: Final = 64 * 1024
+# at most one log line this often for the clients cut off by it (the others are counted)
+SLOW_READER_LOG_S: Final = 10.0
 
 
 def _bind_text(host: str, port: int) -> str:
@@ -127,6 +131,33 @@ def hypercorn_config(binds: list[str], drain_s: float) -> hypercorn.config.Confi
 
 
 @final
+class _SlowReaders:
+    """The log of the connections the send deadline closes: a line at most every
+    :data:`SLOW_READER_LOG_S`, with how many were closed since the last one."""
+
+    def __init__(self) -> None:
+        self.unlogged = 0
+        self.next_log = -math.inf
+
+    def closed(self, timeout_s: float) -> None:
+        self.unlogged += 1
+        now = trio.current_time()
+        if now >= self.next_log:
+            log.info(
+                "HTTP: closed %d connection(s) whose client took less than %d KiB of an answer"
+                " in %gs",
+                self.unlogged,
+                SEND_STEP_BYTES // 1024,
+                timeout_s,
+            )
+            self.unlogged = 0
+            self.next_log = now + SLOW_READER_LOG_S
+
+
+_SLOW_READERS: Final = _SlowReaders()
+
+
+@final
 class _WatchedStream(trio.abc.HalfCloseableStream):
     """The stream Hypercorn serves a connection over: the connection's own, plus, once the
     connection is a WebSocket (:meth:`ServedConnection.watch_pongs`), the pongs its client
@@ -166,10 +197,7 @@ class _WatchedStream(trio.abc.HalfCloseableStream):
                         await self.inner.send_all(view[start : start + SEND_STEP_BYTES])
                     if waited.cancelled_caught:
                         self.inner.socket.close()
-                        log.info(
-                            "HTTP: closed a connection whose client took nothing for %gs",
-                            timeout_s,
-                        )
+                        _SLOW_READERS.closed(timeout_s)
                         raise trio.BrokenResourceError("the client does not read")
 
     async def wait_send_all_might_not_block(self) -> None:
@@ -277,8 +305,9 @@ def served_connection(scope: Mapping[str, Any]) -> ServedConnection | None:
 
 def _answers_tracked(app: ASGIApp) -> ASGIApp:
     """``app``, marking on its connection's stream (``_WatchedStream.answering``) each HTTP
-    answer from its start until the app is done with the request, or reads its request
-    again (an app that waits for more of the body must see its end)."""
+    request while the app owes its answer: from the app's start (it may await a store read
+    before it answers) until it is done, except while it waits for more of the body (it
+    must see the body's end), marked again once the body is complete."""
 
     async def tracked(scope: Scope, receive: Receive, send: Send) -> None:
         connection = served_connection(scope)
@@ -290,6 +319,10 @@ def _answers_tracked(app: ASGIApp) -> ASGIApp:
         stream = connection.watched
         answering: trio.Event | None = None
 
+        def arm() -> None:
+            nonlocal answering
+            answering = stream.answering = trio.Event()
+
         def done() -> None:
             nonlocal answering
             if answering is not None:
@@ -300,16 +333,14 @@ def _answers_tracked(app: ASGIApp) -> ASGIApp:
 
         async def receive_tracked() -> Message:
             done()
-            return await receive()
+            message = await receive()
+            if message["type"] == "http.request" and not message.get("more_body", False):
+                arm()  # the body is complete: what is left is the answer
+            return message
 
-        async def send_tracked(message: Message) -> None:
-            nonlocal answering
-            if message["type"] == "http.response.start":
-                answering = stream.answering = trio.Event()
-            await send(message)
-
+        arm()
         try:
-            await app(scope, receive_tracked, send_tracked)
+            await app(scope, receive_tracked, send)
         finally:
             done()
 
@@ -355,7 +386,7 @@ async def serve_http(
 ) -> None:
     """Serve ``app`` with Hypercorn until cancelled; then drain.
 
-    With ``send_timeout_s``, an HTTP client that takes none of the next 64 KiB of an answer
+    With ``send_timeout_s``, an HTTP client that takes less than the next 64 KiB of an answer
     within that many seconds is disconnected (``_WatchedStream``).
 
     ``task_status.started(port)`` once the socket listens. On cancellation the listener

@@ -36,7 +36,7 @@ _EVENT_ID_RE: Final = re.compile(r"^[0-9]{1,19}$")  # then at most MAX_EVENT_ID
 _MAX_CANDLE_TIME: Final = 100_000_000_000
 # a written candle may close this much after the daemon's clock says now (clocks differ)
 CLOCK_SKEW_S: Final = 60
-_SINCE_HELP: Final = "an integer candle_time in seconds (exclusive cursor)"
+_BOUND_HELP: Final = "an integer candle_time in seconds (an exclusive bound)"
 _INGEST_DISABLED_MESSAGE: Final = (
     "the write endpoint is disabled: no ingest token is configured. Set"
     " TRADE_CANVAS_INGEST_TOKEN (at least 16 characters) or give the unit a credential named"
@@ -95,14 +95,22 @@ class RequestRefused(Exception):
         return doc
 
 
-def parse_candles_query(
-    params: QueryLike, served: frozenset[SeriesId]
-) -> tuple[SeriesId, int | None, int]:
-    """``(series, since, limit)`` from the query, or RequestRefused naming every bad part.
+@attrs.frozen
+class CandlesQuery:
+    """``GET /api/market/candles``: the ``limit`` candles of ``series`` after ``since`` (the
+    oldest first) or, without it, the newest ones; both exclusive bounds, with ``before``
+    below (None: no bound)."""
 
-    A well-formed series that is not served is 404 ``unknown_series``.
-    """
-    problems = _repeated(params, ("series_id", "since", "limit"))
+    series: SeriesId
+    since: int | None
+    limit: int
+    before: int | None = None
+
+
+def parse_candles_query(params: QueryLike, served: frozenset[SeriesId]) -> CandlesQuery:
+    """The query, or RequestRefused naming every bad part. A well-formed series that is not
+    served is 404 ``unknown_series``."""
+    problems = _repeated(params, ("series_id", "since", "before", "limit"))
     series: SeriesId | None = None
     raw_series = params.get("series_id")
     if raw_series is None or raw_series == "":
@@ -114,20 +122,28 @@ def parse_candles_query(
             series = SeriesId.parse(raw_series)
         except SeriesIdError as exc:
             problems.append(Problem("series_id", f"series_id: {exc}"))
-    since: int | None = None
-    raw_since = params.get("since")
-    if raw_since is not None and raw_since != "":
-        if not _INT_RE.match(raw_since):
-            problems.append(Problem("since", f"since: {raw_since!r} is not {_SINCE_HELP}"))
-        elif (problem := since_problem(since := int(raw_since))) is not None:
-            problems.append(Problem("since", f"since: {problem}"))
+    since, before = _bound(params, "since", problems), _bound(params, "before", problems)
     limit = _limit(params, problems)
     if problems:
         raise RequestRefused.unprocessable(problems)
     assert series is not None
     if series not in served:
         raise _unknown_series(series, served)
-    return series, since, limit
+    return CandlesQuery(series, since, limit, before)
+
+
+def _bound(params: QueryLike, name: str, problems: list[Problem]) -> int | None:
+    """``since`` or ``before``: a candle_time in seconds, exclusive; None when absent."""
+    raw = params.get(name)
+    if raw is None or raw == "":
+        return None
+    if not _INT_RE.match(raw):
+        problems.append(Problem(name, f"{name}: {shown(raw)} is not {_BOUND_HELP}"))
+        return None
+    if (problem := since_problem(value := int(raw))) is not None:
+        problems.append(Problem(name, f"{name}: {problem}"))
+        return None
+    return value
 
 
 def parse_events_query(
@@ -367,6 +383,7 @@ def check_bearer(authorization: str | None, token: str | None) -> None:
 __all__ = [
     "DEFAULT_LIMIT",
     "MAX_LIMIT",
+    "CandlesQuery",
     "Problem",
     "QueryLike",
     "RequestRefused",

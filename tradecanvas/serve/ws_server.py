@@ -90,6 +90,14 @@ _RESET_ON_CLOSE: Final = struct.pack("ii", 1, 0)
 SHUTDOWN_GRACE_S: Final = 5.0
 
 
+# what trio-websocket raises when the client's connection ends during the handshake
+_GONE: Final = (
+    trio_websocket.ConnectionClosed,
+    trio.BrokenResourceError,
+    trio.ClosedResourceError,
+)
+
+
 def _peer(stream: trio.SocketStream) -> str:
     return peer_of(stream.socket)
 
@@ -305,7 +313,11 @@ class _MarketServer:
                 async with trio.open_nursery() as nursery:  # owns trio-websocket's reader task
                     await self._serve_stream(nursery, safe, peer, admitted)
                     nursery.cancel_scope.cancel()
-            except Exception:
+            except* _GONE:
+                # the client went away before its session began (the session's own end is
+                # its business): nothing the daemon did wrong
+                log.debug("ws %s: the client went away during the handshake", peer)
+            except* Exception:
                 # one connection's failure (a bug, a library error) never reaches the others
                 log.exception("ws %s: connection handler failed", peer)
             finally:

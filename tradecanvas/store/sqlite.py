@@ -297,21 +297,26 @@ class CandleStore:
 
     async def tail(self, series_id: str, limit: int) -> list[Candle]:
         """The newest ``limit`` candles, ascending."""
-
-        def q(conn: sqlite3.Connection) -> list[Candle]:
-            rows = select_candles(conn, "1 ORDER BY candle_time DESC LIMIT ?", (series_id, limit))
-            return [r.candle for r in reversed(rows)]
-
-        return await self._read(q)
+        return await self._candles(series_id, "1", (), limit, newest=True)
 
     async def since(self, series_id: str, since: int, limit: int) -> list[Candle]:
         """Up to ``limit`` candles with ``candle_time > since`` (exclusive), ascending."""
+        return await self._candles(series_id, "candle_time > ?", (since,), limit, newest=False)
+
+    async def before(self, series_id: str, before: int, limit: int) -> list[Candle]:
+        """The newest ``limit`` candles with ``candle_time < before`` (exclusive), ascending."""
+        return await self._candles(series_id, "candle_time < ?", (before,), limit, newest=True)
+
+    async def _candles(
+        self, series_id: str, where: str, params: tuple[int, ...], limit: int, *, newest: bool
+    ) -> list[Candle]:
+        order = "DESC" if newest else "ASC"
 
         def q(conn: sqlite3.Connection) -> list[Candle]:
             rows = select_candles(
-                conn, "candle_time > ? ORDER BY candle_time LIMIT ?", (series_id, since, limit)
+                conn, f"{where} ORDER BY candle_time {order} LIMIT ?", (series_id, *params, limit)
             )
-            return [r.candle for r in rows]
+            return [r.candle for r in (reversed(rows) if newest else rows)]
 
         return await self._read(q)
 

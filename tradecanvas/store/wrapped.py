@@ -51,6 +51,9 @@ class WrappedStore(ABC):
     async def since(self, series_id: str, since: int, limit: int) -> list[Candle]:
         return await self.inner.since(series_id, since, limit)
 
+    async def before(self, series_id: str, before: int, limit: int) -> list[Candle]:
+        return await self.inner.before(series_id, before, limit)
+
     async def range(self, series_id: str, start: int, end: int) -> list[StoredCandle]:
         return await self.inner.range(series_id, start, end)
 

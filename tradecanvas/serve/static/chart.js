@@ -262,9 +262,10 @@
     return body;
   }
 
-  const candlesUrl = (sid, since, limit) =>
+  const candlesUrl = (sid, since, limit, before = null) =>
     `/api/market/candles?series_id=${encodeURIComponent(sid)}&limit=${limit}` +
-    (since === null ? "" : `&since=${since}`);
+    (since === null ? "" : `&since=${since}`) +
+    (before === null ? "" : `&before=${before}`);
 
   // closed candles with from <= candle_time <= to, over as many pages as it takes
   async function candlesBetween(sid, from, to) {
@@ -389,19 +390,14 @@
     const generation = view.generation;
     const run = async () => {
       await refreshSeriesList();
-      const step = timeframeSeconds(view.timeframe);
-      let oldest = view.bars[0].time;
-      let older = [];
-      while (older.length === 0 && view.firstTime !== null && oldest > view.firstTime) {
-        const since = Math.max(view.firstTime - 1, oldest - PAGE_BARS * step - 1);
-        const page = (await getJSON(candlesUrl(view.seriesId, since, PAGE_BARS + 1))).candles;
-        if (generation !== view.generation) return;
-        older = page.filter((c) => c.candle_time < view.bars[0].time);
-        oldest = since + 1;
-      }
+      if (view.firstTime === null || view.bars[0].time <= view.firstTime) return;
+      // the PAGE_BARS stored before the oldest held, across any hole, in one request
+      const held = view.bars[0].time;
+      const page = (await getJSON(candlesUrl(view.seriesId, null, PAGE_BARS, held))).candles;
+      if (generation !== view.generation || view.bars.length === 0) return;
+      const older = page.filter((c) => c.candle_time < view.bars[0].time);
       if (older.length === 0) return;
       const range = chart.timeScale().getVisibleLogicalRange();
-      const held = view.bars[0].time;
       view.bars = [...older.map(toBar), ...view.bars];
       const gaps = render();
       if (range) {
