@@ -141,7 +141,8 @@ def test_an_exchange_hole_is_shaded_and_a_rebuild_redraws_the_revised_bar(
     tmp_path: Path, browser: Browser
 ) -> None:
     data, bars = trimmed_week(tmp_path, HISTORY + STREAMED)
-    hole_at, hole_len = HISTORY + 10, 5  # the minutes 00:10..00:14 of the second day
+    # the minutes 00:12..00:16 of the second day: the 5m bars of 00:10 and 00:15 incomplete
+    hole_at, hole_len = HISTORY + 12, 5
     missing = [b.time for b in bars[hole_at : hole_at + hole_len]]
     present = [b for b in bars if b.time not in missing]
     with market(
@@ -165,7 +166,17 @@ def test_an_exchange_hole_is_shaded_and_a_rebuild_redraws_the_revised_bar(
             # a fresh page shades the hole from the history and the event log
             chart.open(FIVE)
             chart.wait_live()
-            assert chart.call(f"() => window.tradecanvasChart.gaps({FIVE!r})") == [missing[0]]
+            partial = [missing[0] - 120, missing[0] + 180]
+            assert chart.call(f"() => window.tradecanvasChart.gaps({FIVE!r})") == partial
+            # the bars are there, shaded, and the legend says why
+            held = {b.time for b in chart.bars(FIVE)}
+            assert set(partial) <= held
+            legend = chart.call("(t) => window.tradecanvasChart.legend(t)", partial[0])
+            assert legend.endswith("· incomplete: some of its minutes are missing"), legend
+            # the oldest bar held is the series' first (a day and a half of 5m: all held)
+            first = min(held)
+            legend = chart.call("(t) => window.tradecanvasChart.legend(t)", first)
+            assert legend.endswith("· the first stored bar"), legend
             chart.page.get_by_role("button", name="1m", exact=True).click()
             chart.wait_until(f"() => window.tradecanvasChart.seriesId() === {BASE!r}")
             chart.wait_live()

@@ -214,10 +214,15 @@
         ? view.bars[view.bars.length - 1]
         : view.bars.find((b) => b.time === time);
     if (bar) {
-      return (
+      const values =
         `${utc(bar.time)} UTC  O ${fmt(bar.open)}  H ${fmt(bar.high)}  L ${fmt(bar.low)}` +
-        `  C ${fmt(bar.close)}  V ${fmt(bar.volume)}`
-      );
+        `  C ${fmt(bar.close)}  V ${fmt(bar.volume)}`;
+      // a bar shaded as a hole is a derived bar some of whose minutes do not exist
+      const notes = view.gapTimes.has(bar.time) ? ["incomplete: some of its minutes are missing"] : [];
+      if (bar === view.bars[0] && view.firstTime !== null && bar.time <= view.firstTime) {
+        notes.push("the first stored bar");
+      }
+      return [values, ...notes].join("  · ");
     }
     if (!view.seriesId) return "";
     if (time === null || view.bars.length === 0) return `${view.seriesId} — no candles yet`;
