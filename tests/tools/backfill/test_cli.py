@@ -548,7 +548,7 @@ async def test_a_range_wholly_after_binance_clock_is_refused(tmp_path: Path) -> 
         pytest.param(
             [BASE, "--from", "2023-08-16", "--derived-timeframes", "7m"],
             {},
-            "tradecanvas: TRADE_CANVAS_DERIVED_TIMEFRAMES: ",
+            "tradecanvas: --derived-timeframes (over TRADE_CANVAS_DERIVED_TIMEFRAMES): ",
             id="bad-flag-option",
         ),
         pytest.param(
