@@ -15,6 +15,9 @@ from tradecanvas.errors import CandleError, SeriesIdError
 # Time units. Candle times are unix seconds; Binance's are milliseconds.
 MS: Final = 1000  # milliseconds in a second
 MINUTE: Final = 60  # the base timeframe, in seconds
+# a candle given as closed may close this much after this machine's clock says now (clocks
+# differ); one closing later is refused (the HTTP write path, import)
+CLOCK_SKEW_S: Final = 60
 MINUTE_MS: Final = MINUTE * MS
 DAY: Final = 86_400
 

@@ -11,9 +11,8 @@ import pytest
 from starlette.datastructures import QueryParams
 
 from tradecanvas.errors import ClientMessageError
-from tradecanvas.model import Candle, SeriesId
+from tradecanvas.model import CLOCK_SKEW_S, Candle, SeriesId
 from tradecanvas.serve.http_validation import (
-    CLOCK_SKEW_S,
     DEFAULT_LIMIT,
     MAX_LIMIT,
     CandlesQuery,

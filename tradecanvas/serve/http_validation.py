@@ -19,7 +19,14 @@ import attrs
 import orjson
 
 from tradecanvas.errors import CandleError, SeriesIdError
-from tradecanvas.model import BASE_TIMEFRAME, Candle, SeriesId, shown, validate_candle
+from tradecanvas.model import (
+    BASE_TIMEFRAME,
+    CLOCK_SKEW_S,
+    Candle,
+    SeriesId,
+    shown,
+    validate_candle,
+)
 from tradecanvas.serve.served import describe_served
 from tradecanvas.serve.ws_protocol import MAX_EVENT_ID, since_problem
 
@@ -34,8 +41,6 @@ _INT_RE: Final = re.compile(r"^-?[0-9]{1,18}$")  # always fits SQLite's 64-bit I
 _EVENT_ID_RE: Final = re.compile(r"^[0-9]{1,19}$")  # then at most MAX_EVENT_ID
 # candle_time above this is milliseconds (year 5138 in seconds), a common client mistake
 _MAX_CANDLE_TIME: Final = 100_000_000_000
-# a written candle may close this much after the daemon's clock says now (clocks differ)
-CLOCK_SKEW_S: Final = 60
 _BOUND_HELP: Final = "an integer candle_time in seconds (an exclusive bound)"
 _INGEST_DISABLED_MESSAGE: Final = (
     "the write endpoint is disabled: no ingest token is configured. Set"

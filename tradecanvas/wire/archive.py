@@ -54,7 +54,7 @@ OHLCV_COLUMNS: Final = 6
 US_THRESHOLD: Final = 10**15
 US: Final = 1_000_000
 # the first field of a header line
-_HEADER_NAMES: Final = frozenset({"open_time", "open time", "timestamp"})
+HEADER_NAMES: Final = frozenset({"open_time", "open time", "timestamp"})
 # the characters of a plain archive file's rows: digits, the decimal point, the commas and
 # the line ends (no sign, exponent, NaN, infinity, space or ``\r``)
 _PLAIN: Final = b"0123456789.,\n"
@@ -203,7 +203,7 @@ def parse_archive_rows(
                 if row == [""]:
                     continue
                 if number == 1 and not row[0].strip().isdigit():
-                    if row[0].strip().lower() not in _HEADER_NAMES:
+                    if row[0].strip().lower() not in HEADER_NAMES:
                         raise ValueError(f"not a kline header or row: {line[:80]!r}")
                     continue
                 width, unit = _first_row(row)
@@ -286,7 +286,7 @@ def _parse_plain(
     ``chunk`` rows at a time (see :func:`_plain_chunk`)."""
     if not text[:1].isdigit():
         first, _, text = text.partition("\n")
-        if first.split(",", 1)[0].strip().lower() not in _HEADER_NAMES:
+        if first.split(",", 1)[0].strip().lower() not in HEADER_NAMES:
             return None
     if not text.isascii() or text.encode("ascii").translate(None, _PLAIN):
         return None
@@ -402,6 +402,7 @@ def missing_runs(times: Sequence[int], start: int, end: int) -> list[tuple[int, 
 __all__ = [
     "ARCHIVE_COLUMNS",
     "ARCHIVE_HEADER",
+    "HEADER_NAMES",
     "ArchiveName",
     "archive_lines",
     "market_of_path",

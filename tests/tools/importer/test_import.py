@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 import zipfile
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -28,13 +29,14 @@ from tests.tools.importer.rig import (
     rows,
 )
 from tradecanvas.errors import BadInputError, ExitCode
-from tradecanvas.model import SeriesId
+from tradecanvas.model import CLOCK_SKEW_S, SeriesId
 from tradecanvas.pipeline.commit import IngestBatch, IngestPipeline
 from tradecanvas.runtime_flags import build_runtime_flags
 from tradecanvas.store.open import open_store
 from tradecanvas.tools.importer import PENDING_KEY, ArchiveCommitter, read_file, run_import
+from tradecanvas.tools.importer.files import ArchiveFileError, plan_file
 from tradecanvas.tools.progress import Progress
-from tradecanvas.wire.archive import parse_archive_rows
+from tradecanvas.wire.archive import ARCHIVE_HEADER, parse_archive_rows
 
 FUTURES = Path("klines_1m_5m") / "futures_um"
 
@@ -132,6 +134,37 @@ async def test_a_csv_with_one_bad_row_is_refused_naming_the_line(tmp_path: Path)
     assert (
         error == f"{bad}: line 701: 13 columns where the file has 12; nothing of this file stored"
     )
+    assert await rows(db, SPOT_1M) == []
+
+
+async def test_a_kline_that_has_not_closed_yet_is_refused_naming_the_line(
+    tmp_path: Path,
+) -> None:
+    # rows from the future (a corrupt or hand-made file): stored, a year-3000 bar would be
+    # the series' head; the file is refused at its first such row, with a clock's skew
+    def write(path: Path, times: list[int]) -> Path:
+        body = "".join(f"{t * 1000},1,2,1,1,5,{(t + 60) * 1000 - 1},5,1,1,1,0\n" for t in times)
+        path.write_text(ARCHIVE_HEADER + "\n" + body)
+        return path
+
+    t = 1_700_000_040  # three rows: the last closes at t + 120
+    planned = plan_file(
+        write(tmp_path / "rows.csv", [t - 60, t, t + 60]), SeriesId.parse(SPOT_1M), None
+    )
+    assert len(read_file(planned, now=t + 120 - CLOCK_SKEW_S).candles) == 3
+    with pytest.raises(ArchiveFileError) as refused:
+        read_file(planned, now=t + 119 - CLOCK_SKEW_S)
+    opens = datetime.fromtimestamp(t + 60, UTC).strftime("%Y-%m-%d %H:%M UTC")
+    assert str(refused.value) == (
+        f"{planned.path}: line 4: the kline opening at {opens} has not closed yet by this"
+        " machine's clock; nothing of this file stored"
+    )
+    # through the command, by today's clock: nothing of the file stored
+    future = write(tmp_path / "future.csv", [t - 60, t, 32_503_680_000])
+    db = tmp_path / "m.sqlite3"
+    code, _, error = await import_into(db, plan([future], series=SPOT_1M))
+    assert code == ExitCode.FAILED
+    assert error is not None and "line 4: the kline opening at 3000-01-01 00:00 UTC" in error
     assert await rows(db, SPOT_1M) == []
 
 

@@ -8,19 +8,23 @@ of it has been handed on by then.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
+import time
 import zipfile
 import zlib
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Final
 
 import attrs
 
 from tradecanvas.errors import BadInputError, WireError
-from tradecanvas.model import MINUTE, Candle, Market, SeriesId
+from tradecanvas.model import CLOCK_SKEW_S, MINUTE, Candle, Market, SeriesId
 from tradecanvas.pipeline.commit import collector_paused
 from tradecanvas.wire.archive import (
+    HEADER_NAMES,
     ArchiveName,
     market_of_path,
     missing_runs,
@@ -162,8 +166,11 @@ def _zip_text(path: Path) -> tuple[str, str]:
         return csvs[0].filename, archive.read(csvs[0]).decode("utf-8")
 
 
-def read_file(file: ImportFile) -> ReadFile:
-    """Verify (zip: its .CHECKSUM), unpack and parse ``file``. Raises ArchiveFileError."""
+def read_file(file: ImportFile, now: float | None = None) -> ReadFile:
+    """Verify (zip: its .CHECKSUM), unpack and parse ``file``. Raises ArchiveFileError, also
+    for a kline that closes more than CLOCK_SKEW_S after ``now`` (the wall clock, unix
+    seconds; None: the time now): an archive holds closed klines, and one from the future,
+    stored, would be its series' head, every live minute after it a revision below it."""
     path = file.path
     checksum = False
     try:
@@ -187,6 +194,7 @@ def read_file(file: ImportFile) -> ReadFile:
     except WireError as exc:
         raise ArchiveFileError(path, f"{where}{exc.detail}; nothing of this file stored") from None
     times = columns.times
+    _check_closed(path, times, time.time() if now is None else now, text, where)
     if not times:
         holes = [] if span is None else [span]
     elif span is None:
@@ -196,6 +204,19 @@ def read_file(file: ImportFile) -> ReadFile:
     else:
         holes = missing_runs(times, *span)
     return ReadFile(file, columns, checksum, holes)
+
+
+def _check_closed(path: Path, times: Sequence[int], now: float, text: str, where: str) -> None:
+    first = bisect.bisect_right(times, now + CLOCK_SKEW_S - MINUTE)  # closes after now + skew
+    if first == len(times):
+        return
+    header = text.split(",", 1)[0].strip().lower() in HEADER_NAMES
+    opens = datetime.fromtimestamp(times[first], UTC).strftime("%Y-%m-%d %H:%M UTC")
+    raise ArchiveFileError(
+        path,
+        f"{where}line {first + 1 + header}: the kline opening at {opens} has not closed yet"
+        " by this machine's clock; nothing of this file stored",
+    )
 
 
 __all__ = [
