@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import orjson
 import pytest
 
-from tradecanvas.ops.logs import REDACTED, configure_logging
+from tradecanvas.ops.logs import REDACTED, ThrottledCount, configure_logging
 from tradecanvas.runtime_flags import RuntimeFlags, build_runtime_flags
 
 TOKEN = "log-test-token-0123456789abcdef"
@@ -154,3 +154,12 @@ def test_stderr_is_the_default_stream() -> None:
     doc = orjson.loads(proc.stderr)
     assert doc["message"] == f"tok {REDACTED}"
     assert TOKEN not in proc.stderr
+
+
+def test_a_throttled_count_logs_the_first_then_what_came_since_once_an_interval() -> None:
+    count = ThrottledCount(10.0)
+    assert count.add(100.0) == 1  # the first is said at once
+    assert [count.add(t) for t in (101.0, 105.0, 109.9)] == [None, None, None]
+    assert count.add(110.0) == 4  # the three held back and this one
+    assert count.add(115.0) is None
+    assert count.add(500.0) == 2

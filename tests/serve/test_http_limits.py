@@ -75,17 +75,21 @@ async def read_all(stream: trio.SocketStream, pause: Callable[[], float]) -> int
             await trio.sleep(pause())
 
 
+async def serve_big(nursery: trio.Nursery, big: BigAnswer) -> int:
+    """serve_http of ``big`` at ``/big`` with the test's send deadline; its port."""
+    app = Starlette(routes=[Route("/big", big)])
+    port: int = await nursery.start(
+        functools.partial(serve_http, app, host="127.0.0.1", port=0, send_timeout_s=SEND_TIMEOUT_S)
+    )
+    return port
+
+
 async def test_a_client_that_takes_none_of_an_answer_is_disconnected_after_the_deadline(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     big = BigAnswer()
-    app = Starlette(routes=[Route("/big", big)])
     async with trio.open_nursery() as nursery:
-        port = await nursery.start(
-            functools.partial(
-                serve_http, app, host="127.0.0.1", port=0, send_timeout_s=SEND_TIMEOUT_S
-            )
-        )
+        port = await serve_big(nursery, big)
         began = trio.current_time()
         stream = await request_big(port, rcvbuf=4096)
         with trio.fail_after(10 * SEND_TIMEOUT_S):
@@ -103,13 +107,8 @@ async def test_a_client_that_reads_slowly_gets_the_whole_answer(
     """The deadline is on each 64 KiB of progress, not on the whole answer: 8 MiB read 256
     KiB at a time, two thirds of the deadline apart, take far longer than the deadline."""
     big = BigAnswer()
-    app = Starlette(routes=[Route("/big", big)])
     async with trio.open_nursery() as nursery:
-        port = await nursery.start(
-            functools.partial(
-                serve_http, app, host="127.0.0.1", port=0, send_timeout_s=SEND_TIMEOUT_S
-            )
-        )
+        port = await serve_big(nursery, big)
         began = trio.current_time()
         async with await request_big(port, rcvbuf=None) as stream:
             with trio.fail_after(1000 * SEND_TIMEOUT_S):

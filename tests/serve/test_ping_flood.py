@@ -19,7 +19,13 @@ from tests.serve.test_ws_server import (
     running_market,
     until_pong,
 )
-from tradecanvas.serve.client_frames import PING_FLOOD, PINGS_BURST, PINGS_PER_S, PingGuard
+from tradecanvas.serve.client_frames import (
+    PING_FLOOD,
+    PINGS_BURST,
+    PINGS_PER_S,
+    PingFlood,
+    ping_limit,
+)
 from tradecanvas.store.sqlite import CandleStore
 
 
@@ -31,15 +37,19 @@ async def store(tmp_path: Path) -> AsyncIterator[CandleStore]:
 
 
 def test_pings_within_the_rate_pass_and_a_flood_does_not() -> None:
-    guard = PingGuard(now=0.0)
-    assert all(guard.allows(0.0) for _ in range(PINGS_BURST))  # a burst, saved up
-    assert not guard.allows(0.0)
-    steady = PingGuard(now=0.0)  # at the rate for ten minutes: never refused
-    assert all(steady.allows(i / PINGS_PER_S) for i in range(600 * PINGS_PER_S))
-    recovered = PingGuard(now=0.0)
-    for _ in range(PINGS_BURST):
-        recovered.allows(0.0)
-    assert recovered.allows(1.0 / PINGS_PER_S)  # the bucket fills again
+    now = [0.0]  # the clock the limit reads
+    burst = ping_limit(lambda: now[0])
+    for _ in range(PINGS_BURST):  # a burst, saved up
+        burst()
+    with pytest.raises(PingFlood, match=PING_FLOOD):
+        burst()
+    now[0] = 1.0 / PINGS_PER_S
+    burst()  # the bucket fills again
+    steady_now = [0.0]
+    steady = ping_limit(lambda: steady_now[0])
+    for i in range(600 * PINGS_PER_S):  # at the rate for ten minutes: never refused
+        steady_now[0] = i / PINGS_PER_S
+        steady()
 
 
 async def flood(port: int, pings: int) -> list[object]:

@@ -14,11 +14,12 @@ replacing the configured token and anything that looks like a bearer credential.
 from __future__ import annotations
 
 import logging
+import math
 import re
 import sys
 import traceback
 from datetime import UTC, datetime
-from typing import IO, Any, Final
+from typing import IO, Any, Final, final
 
 import orjson
 
@@ -125,6 +126,26 @@ class JsonFormatter(logging.Formatter):
                 doc[key] = value
         line = orjson.dumps(doc, default=str, option=orjson.OPT_NON_STR_KEYS).decode()
         return self.redact(line)
+
+
+@final
+class ThrottledCount:
+    """Events logged in one line at most every ``interval_s`` (a flood of them would be a flood
+    of lines): :meth:`add` counts one and returns how many came since the last line when a
+    line is due now, else None."""
+
+    def __init__(self, interval_s: float) -> None:
+        self.interval_s = interval_s
+        self._unlogged = 0
+        self._next_at = -math.inf
+
+    def add(self, now: float) -> int | None:
+        self._unlogged += 1
+        if now < self._next_at:
+            return None
+        count, self._unlogged = self._unlogged, 0
+        self._next_at = now + self.interval_s
+        return count
 
 
 def build_handler(flags: RuntimeFlags, stream: IO[str] | None = None) -> logging.Handler:

@@ -7,7 +7,7 @@ sending pings as fast as it can had one core answering them (about 75 µs a ping
 80,000 in 8 s), past the message rate limit, which counts only messages (DESIGN §6).
 :class:`ClientFrames` reads the frames' headers as the bytes arrive (RFC 6455 §5.2; every
 other frame is skipped, however long) and reports each ping and each pong's payload;
-:class:`PingGuard` says when a client has pinged more than :data:`PINGS_PER_S` a second
+:func:`ping_limit` says when a client has pinged more than :data:`PINGS_PER_S` a second
 (bursts of :data:`PINGS_BURST`). A client library pings every few seconds and a browser
 never does, so the guard closes such a connection at once (1008, :func:`close_frame`).
 Sans-IO: the transports feed the bytes and pass the time in.
@@ -97,27 +97,13 @@ class ClientFrames:
             self.on_pong(payload)
 
 
-@final
-class PingGuard:
-    """A client's pings against :data:`PINGS_PER_S` (bursts of :data:`PINGS_BURST`)."""
-
-    __slots__ = ("_bucket",)
-
-    def __init__(self, now: float) -> None:
-        self._bucket = TokenBucket(PINGS_PER_S, PINGS_BURST, now)
-
-    def allows(self, now: float) -> bool:
-        """Count one ping; False once the client is over the limit."""
-        return self._bucket.take(now)
-
-
 def ping_limit(clock: Callable[[], float]) -> Callable[[], None]:
     """An ``on_ping`` for :class:`ClientFrames` that raises :class:`PingFlood` once the
-    client is over the limit (a :class:`PingGuard` started now)."""
-    guard = PingGuard(clock())
+    client is over :data:`PINGS_PER_S` (bursts of :data:`PINGS_BURST`), counted from now."""
+    bucket = TokenBucket(PINGS_PER_S, PINGS_BURST, clock())
 
     def on_ping() -> None:
-        if not guard.allows(clock()):
+        if not bucket.take(clock()):
             raise PingFlood(PING_FLOOD)
 
     return on_ping
@@ -149,7 +135,6 @@ __all__ = [
     "PING_FLOOD",
     "ClientFrames",
     "PingFlood",
-    "PingGuard",
     "close_frame",
     "peer_of",
     "ping_limit",

@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import math
 import socket
 from collections.abc import Iterator, Mapping
 from typing import Any, Final, NoReturn, cast, final
@@ -42,6 +41,7 @@ from hypercorn.utils import wrap_app
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tradecanvas.errors import ListenError
+from tradecanvas.ops.logs import ThrottledCount
 from tradecanvas.runtime_flags import RuntimeFlags
 from tradecanvas.serve.client_frames import (
     CLOSE_POLICY,
@@ -130,31 +130,8 @@ def hypercorn_config(binds: list[str], drain_s: float) -> hypercorn.config.Confi
     return config
 
 
-@final
-class _SlowReaders:
-    """The log of the connections the send deadline closes: a line at most every
-    :data:`SLOW_READER_LOG_S`, with how many were closed since the last one."""
-
-    def __init__(self) -> None:
-        self.unlogged = 0
-        self.next_log = -math.inf
-
-    def closed(self, timeout_s: float) -> None:
-        self.unlogged += 1
-        now = trio.current_time()
-        if now >= self.next_log:
-            log.info(
-                "HTTP: closed %d connection(s) whose client took less than %d KiB of an answer"
-                " in %gs",
-                self.unlogged,
-                SEND_STEP_BYTES // 1024,
-                timeout_s,
-            )
-            self.unlogged = 0
-            self.next_log = now + SLOW_READER_LOG_S
-
-
-_SLOW_READERS: Final = _SlowReaders()
+# the connections the send deadline closes: a line at most every SLOW_READER_LOG_S
+_SLOW_READERS: Final = ThrottledCount(SLOW_READER_LOG_S)
 
 
 @final
@@ -197,7 +174,14 @@ class _WatchedStream(trio.abc.HalfCloseableStream):
                         await self.inner.send_all(view[start : start + SEND_STEP_BYTES])
                     if waited.cancelled_caught:
                         self.inner.socket.close()
-                        _SLOW_READERS.closed(timeout_s)
+                        if (closed := _SLOW_READERS.add(trio.current_time())) is not None:
+                            log.info(
+                                "HTTP: closed %d connection(s) whose client took less than"
+                                " %d KiB of an answer in %gs",
+                                closed,
+                                SEND_STEP_BYTES // 1024,
+                                timeout_s,
+                            )
                         raise trio.BrokenResourceError("the client does not read")
 
     async def wait_send_all_might_not_block(self) -> None:

@@ -44,7 +44,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import math
 import socket
 import struct
 from collections.abc import Callable, Sequence
@@ -55,6 +54,7 @@ import trio_websocket
 from wsproto.utilities import LocalProtocolError
 
 from tradecanvas.errors import ListenError
+from tradecanvas.ops.logs import ThrottledCount
 from tradecanvas.ops.metrics import Metrics
 from tradecanvas.serve.client_frames import peer_of
 from tradecanvas.serve.frame_safe_stream import FrameSafeStream
@@ -190,8 +190,7 @@ class _Pending:
         self.limit = limit
         self.count = 0
         self._metrics = metrics
-        self._shed_unlogged = 0
-        self._next_log = -math.inf
+        self._shed_log = ThrottledCount(SHED_LOG_INTERVAL_S)
 
     def enter(self) -> None:
         self.count += 1
@@ -207,16 +206,12 @@ class _Pending:
             stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET_ON_CLOSE)
         stream.socket.close()
         self._metrics.ws_handshakes_shed_total.inc()
-        self._shed_unlogged += 1
-        now = trio.current_time()
-        if now >= self._next_log:
+        if (shed := self._shed_log.add(trio.current_time())) is not None:
             log.warning(
                 "ws port: %d connection(s) closed at accept: %d handshakes pending, the limit",
-                self._shed_unlogged,
+                shed,
                 self.limit,
             )
-            self._shed_unlogged = 0
-            self._next_log = now + SHED_LOG_INTERVAL_S
 
 
 @final
