@@ -148,6 +148,7 @@ def test_every_alert_has_a_unit_test() -> None:
         "TradecanvasDown",
         "TradecanvasRestarted",
         "TradecanvasNoIngestLeader",
+        "TradecanvasTwoIngestLeaders",
         "TradecanvasDependencyDown",
         "TradecanvasBusBacklogGrowing",
     }

@@ -243,6 +243,8 @@ async def market_runtime_builder(flags: RuntimeFlags) -> MarketRuntime:
             metrics,
             enable_pipeline_publish=flags.enable_ingest_ws_pipeline_publish,
         )
+        if leader is not None:  # the lease holder tells the edges of Binance
+            leader.upstream_connected = supervisor.upstream_connected
     runtime_ref: list[MarketRuntime] = []
     http_app = build_http_app(
         store=store,
@@ -250,6 +252,7 @@ async def market_runtime_builder(flags: RuntimeFlags) -> MarketRuntime:
         flags=flags,
         metrics=metrics,
         readiness=lambda: runtime_ref[0].readiness(),
+        about=lambda: {} if feed is None else feed.ingest_report.readyz_fields(),
         market=market,
     )
     notifier = SdNotifier.from_flags(flags)

@@ -52,10 +52,15 @@ def _missing(what: str) -> None:
     pytest.skip(what)
 
 
-@pytest.fixture(scope="session")
-def redis_url() -> str:
+def require_redis() -> None:
+    """Skip (fail with CI=true) when the shared Redis does not answer."""
     if not _answers(6379):
         _missing("no Redis answering at 127.0.0.1:6379")
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    require_redis()
     return SHARED_URL
 
 

@@ -31,6 +31,7 @@ from tests.bus.roles_rig import (
     WAIT_S,
     same,
     source,
+    wait_for,
 )
 from tests.cli_rig import cli_env, run_cli, wait_for_line
 from tests.recording_subscriber import Subscriber
@@ -97,8 +98,10 @@ async def test_an_edge_is_not_ready_while_redis_is_down(
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{ports['http']}") as client:
             with trio.fail_after(WAIT_S):
                 await feed.wait_connected()
+                await feed.ingest_report.wait_read()
             ready = await client.get("/readyz")
             assert ready.status_code == 200, ready.text
+            assert ready.json()["ingest"] is None  # no ingest node holds the lease
             metrics = (await client.get("/metrics")).text
             assert 'tradecanvas_dependency_up{dependency="redis_feed"} 1.0' in metrics
             assert 'tradecanvas_role_info{role="edge"} 1.0' in metrics
@@ -201,6 +204,11 @@ async def _readyz(http: str) -> OBJ:
     return doc
 
 
+async def _reported_connected(http: str) -> bool:
+    ingest = (await _readyz(http)).get("ingest")
+    return isinstance(ingest, dict) and ingest["upstream_connected"] is True
+
+
 async def _check_edges(
     replay: subprocess.Popen[bytes],
     minutes: list[Candle],
@@ -260,4 +268,12 @@ async def _check_edges(
         ):
             doc = await _readyz(http)
             assert doc["checks"][dependency] is True, doc
+        # the edges show what the lease holder says of Binance (bus/ingest_report.py)
+        ingest = await _readyz(ingest_http)
+        assert "ingest" not in ingest and ingest["checks"]["upstream_connected"] is True
+        for _, edge_http in (edge_a, edge_b):
+            # the report is renewed every third of the lease's TTL, read every second
+            shown = functools.partial(_reported_connected, edge_http)
+            await wait_for(shown, f"{edge_http} /readyz ingest")
+            assert "upstream_connected" not in (await _readyz(edge_http))["checks"]
         nursery.cancel_scope.cancel()

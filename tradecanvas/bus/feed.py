@@ -49,6 +49,7 @@ from coredis.response._callbacks import NoopCallback
 
 from tradecanvas.bus.cursors import CandleGap, EdgeCursors, EventGap
 from tradecanvas.bus.ids import StreamId, StreamKeys, candle_time_of, event_id_of
+from tradecanvas.bus.ingest_report import IngestReportWatch
 from tradecanvas.bus.redis_io import BusHealth, describe, reconnecting
 from tradecanvas.bus.replies import (
     NOTICES_TOP,
@@ -188,6 +189,8 @@ class EdgeFeed:
         self._health_changed = trio.Event()
         self._last_error: str | None = None
         self._counts = dict.fromkeys(attrs.fields_dict(FeedStatistics), 0)
+        # what the ingest lease holder says of Binance, for /readyz (bus/ingest_report.py)
+        self.ingest_report = IngestReportWatch(url, keys)
 
     def health(self) -> BusHealth:
         return BusHealth(all(self._connected.values()), self._last_error, 0)
@@ -220,6 +223,7 @@ class EdgeFeed:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._reconnecting, "closed", self._read_closed, sink)
             nursery.start_soon(self._reconnecting, "forming", self._read_forming, sink)
+            nursery.start_soon(self.ingest_report.run)
             task_status.started()
 
     async def _reconnecting(

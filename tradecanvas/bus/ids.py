@@ -146,3 +146,8 @@ class StreamKeys:
     def lease(self) -> str:
         """The ingest lease (``bus/lease.py``): the value is the holding node's name."""
         return f"{self.prefix}ingest_lease"
+
+    @property
+    def ingest_report(self) -> str:
+        """What the lease holder says of its Binance connections (``bus/ingest_report.py``)."""
+        return f"{self.prefix}ingest_report"

@@ -25,13 +25,15 @@ from collections.abc import Awaitable, Callable
 from typing import Final, TypeVar, final
 
 import trio
-from coredis import PureToken
+from coredis import PureToken, Redis
 from prometheus_client import Counter, Gauge
 
 from tradecanvas.bus.ids import StreamKeys
+from tradecanvas.bus.ingest_report import IngestReport
 from tradecanvas.bus.lease import (
     FENCE_KEY,
     FENCE_NODE_KEY,
+    HELD_BY_OTHER,
     LeaseCore,
     LeaseTiming,
     Verdict,
@@ -100,6 +102,10 @@ class IngestLeader:
     ) -> None:
         self.url = url
         self.key = keys.lease
+        self.report_key = keys.ingest_report
+        # whether Binance is connected, for the report written with each renewal (the
+        # daemon sets it once the supervisor exists; bus/ingest_report.py)
+        self.upstream_connected: Callable[[], bool] = lambda: False
         self.store = store
         self.core = LeaseCore(node or node_name(), timing)
         self._connected: bool | None = None  # None: Redis not asked yet
@@ -165,11 +171,15 @@ class IngestLeader:
                         got = await client.eval(_RENEW, keys=[self.key], args=[self.node, ttl])
                         assert isinstance(got, list)
                         answer, holder = int(str(got[0])), _text(got[1])
+                        if answer != HELD_BY_OTHER:  # still ours: tell the edges of Binance
+                            await self._report(client, ttl)
                     else:
                         taken = await client.set(
                             self.key, self.node, condition=PureToken.NX, px=ttl
                         )
                         holder = None if taken else _text(await client.get(self.key))
+                        if taken:
+                            await self._report(client, ttl)
         except BaseException as exc:
             failure = failure_or_raise(exc)
             # logged once an outage: the first failure (at start-up too: "stands by" alone
@@ -197,6 +207,11 @@ class IngestLeader:
         if verdict is Verdict.STANDBY and holder != previous:
             log.info("ingest lease: node %s ingests; this node stands by", holder)
         return verdict
+
+    async def _report(self, client: Redis[bytes], ttl_ms: int) -> None:
+        """The holder's report to the edges, expiring with the lease (bus/ingest_report.py)."""
+        report = IngestReport(self.node, self.upstream_connected())
+        await client.set(self.report_key, report.encode(), px=ttl_ms)
 
     async def _take_over(self, on_leader: Callable[[], Awaitable[None]]) -> None:
         token, previous = await self.store.take_fence(self.node)

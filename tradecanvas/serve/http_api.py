@@ -134,13 +134,15 @@ def build_http_app(
     flags: RuntimeFlags,
     metrics: Metrics,
     readiness: Callable[[], Mapping[str, bool]],
+    about: Callable[[], Mapping[str, Any]] = dict,
     clock: Callable[[], float] = time.time,
     market: MarketEndpoint | None = None,
     reads: ReadSlots | None = None,
 ) -> Starlette:
     """The Starlette app for DESIGN §5. ``readiness()`` names each readiness check (e.g.
     ``listeners_bound``, ``upstream_connected``) with its state; ``store_open`` is added
-    here. ``clock`` is the wall clock for ``lag_seconds`` (freshness is a wall-clock
+    here; ``about()`` adds fields to /readyz's body that are not checks (an edge's ``ingest``).
+    ``clock`` is the wall clock for ``lag_seconds`` (freshness is a wall-clock
     notion; nothing else here reads it). With ``market``, /ws/market is served here too
     (DESIGN §10, one origin), by the same endpoint as on the WS port. ``reads`` bounds the
     candle and event reads running at once (``tradecanvas.serve.read_slots``)."""
@@ -291,7 +293,7 @@ def build_http_app(
             log.exception("readiness check raised")
             checks["readiness_check"] = False
         ready = all(checks.values())
-        body: dict[str, Any] = {"ready": ready, "checks": checks}
+        body: dict[str, Any] = {"ready": ready, "checks": checks, **about()}
         if not ready:
             failing = sorted(k for k, v in checks.items() if not v)
             body.update(error="not_ready", message="not ready: " + ", ".join(failing))

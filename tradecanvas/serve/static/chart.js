@@ -497,10 +497,29 @@
   // Binance closes a bar every minute and sends a forming update every few seconds while
   // there are trades, so a live series with no market message for STALE_AFTER_MS is a quiet
   // market or a daemon that lost the exchange: the badge says `stale` with the age, and
-  // with what /readyz says of the daemon's upstream (an edge has no such check, so
-  // there the age alone). Times are the page's clock since the last message (history may
-  // be replayed: the bars' own times say nothing of now).
-  const fresh = { at: Date.now(), upstream: null, asking: false };
+  // with what /readyz says of Binance: the daemon's own upstream check, or on an edge (no
+  // Binance connection of its own) what the ingest node holding the lease reports, null
+  // there when no ingest node runs. Times are the page's clock since the last message
+  // (history may be replayed: the bars' own times say nothing of now).
+  const fresh = { at: Date.now(), source: null, asking: false };
+  const SOURCE_NOTE = {
+    lost: ["; Binance unreachable", "The daemon is not connected to Binance (/readyz)."],
+    no_ingest: [
+      "; no ingest node running",
+      "This edge hears from no ingest node: none holds the lease (/readyz: ingest null).",
+    ],
+  };
+
+  // "connected", "lost", "no_ingest", or null when /readyz does not say
+  function sourceOf(body) {
+    const checks = (body && body.checks) || {};
+    let connected = checks.upstream_connected;
+    if (typeof connected !== "boolean" && body && "ingest" in body) {
+      if (body.ingest === null) return "no_ingest";
+      connected = body.ingest.upstream_connected;
+    }
+    return typeof connected === "boolean" ? (connected ? "connected" : "lost") : null;
+  }
 
   function marketMessage() {
     fresh.at = Date.now();
@@ -519,11 +538,9 @@
     fresh.asking = true;
     try {
       // 503 while a check fails: its body still lists the checks
-      const body = await (await fetch("/readyz", { cache: "no-store" })).json();
-      const connected = body && body.checks ? body.checks.upstream_connected : undefined;
-      fresh.upstream = typeof connected === "boolean" ? connected : null;
+      fresh.source = sourceOf(await (await fetch("/readyz", { cache: "no-store" })).json());
     } catch (error) {
-      fresh.upstream = null;
+      fresh.source = null;
     } finally {
       fresh.asking = false;
     }
@@ -538,13 +555,12 @@
       return;
     }
     if (ask) askUpstream();
-    const lost = fresh.upstream === false;
-    showBadge("stale", `no data for ${duration(age)}${lost ? "; Binance unreachable" : ""}`);
-    $("state").title =
-      `No market message for this series for ${duration(age)}. ` +
-      (lost
-        ? "The daemon is not connected to Binance (/readyz: upstream_connected false)."
-        : "A quiet market, or the daemon's source is down (see /readyz).");
+    const [suffix, why] = SOURCE_NOTE[fresh.source] || [
+      "",
+      "A quiet market, or the daemon's source is down (see /readyz).",
+    ];
+    showBadge("stale", `no data for ${duration(age)}${suffix}`);
+    $("state").title = `No market message for this series for ${duration(age)}. ${why}`;
   }
   setInterval(checkFreshness, FRESHNESS_CHECK_MS);
 
