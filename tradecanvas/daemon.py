@@ -54,6 +54,7 @@ from tradecanvas.bus.roles import (
     last_event_id,
     leader_from_flags,
     publisher_from_flags,
+    watch_dependencies,
 )
 from tradecanvas.errors import ExitCode, start_failure
 from tradecanvas.ingest.supervisor import IngestSupervisor
@@ -272,31 +273,8 @@ async def market_runtime_builder(flags: RuntimeFlags) -> MarketRuntime:
         event_tail=event_tail,
     )
     runtime_ref.append(runtime)
-    _watch_dependencies(runtime)
+    watch_dependencies(metrics, store, publisher, feed)
     return runtime
-
-
-def _watch_dependencies(runtime: MarketRuntime) -> None:
-    """Metrics per dependency, read from the services when /metrics is scraped."""
-    metrics, store = runtime.metrics, runtime.store
-    if isinstance(store, PostgresStore):
-        pg = store
-        metrics.dependency_up.labels(dependency="store").set_function(lambda: float(pg.reachable))
-    else:
-        metrics.dependency_up.labels(dependency="store").set_function(
-            lambda: float(not store.closed)
-        )
-    publisher, feed = runtime.bus_publisher, runtime.edge_feed
-    if publisher is not None:
-        metrics.dependency_up.labels(dependency="redis_publisher").set_function(
-            lambda: float(publisher.health().connected)
-        )
-        metrics.bus_backlog.set_function(lambda: float(publisher.health().backlog))
-    if feed is not None:
-        metrics.dependency_up.labels(dependency="redis_feed").set_function(
-            lambda: float(feed.health().connected)
-        )
-        metrics.bus_filled_candles.set_function(lambda: float(feed.statistics().filled_candles))
 
 
 async def _run_in_scope(
@@ -374,7 +352,9 @@ async def run_daemon(
                 _run_in_scope,
                 feed_scope,
                 feed_done,
-                functools.partial(runtime.edge_feed.run, runtime.hub),
+                functools.partial(
+                    runtime.edge_feed.run, runtime.hub, delivery=runtime.metrics.delivery
+                ),
             )
         lease_scope, lease_done, ingest_started = trio.CancelScope(), trio.Event(), [False]
         if runtime.ingest is not None and runtime.leader is not None:

@@ -13,7 +13,7 @@ import attrs
 import trio
 
 from tests.conftest import candle
-from tradecanvas.bus.feed import EdgeFeed, FeedSettings, system_event_from_stored
+from tradecanvas.bus.feed import EdgeFeed, FeedSettings
 from tradecanvas.bus.ids import StreamKeys
 from tradecanvas.bus.publisher import BusPublisher, PublisherSettings
 from tradecanvas.model import Candle, SeriesId, Timeframe
@@ -110,7 +110,7 @@ def edge_feed(
 
     async def fill_events(after: int, before: int | None) -> list[SystemEvent]:
         got = await store.events_after(after, limit=3)
-        return [system_event_from_stored(e) for e in got if before is None or e.event_id < before]
+        return [SystemEvent.from_stored(e) for e in got if before is None or e.event_id < before]
 
     return EdgeFeed(
         url,

@@ -27,7 +27,7 @@ from tests.bus.rig import (
     stored,
     stored_events,
 )
-from tradecanvas.bus.feed import FeedSettings, system_event_from_stored
+from tradecanvas.bus.feed import FeedSettings
 from tradecanvas.bus.ids import StreamId, StreamKeys, candle_entry_id
 from tradecanvas.bus.publisher import BusPublisher, PublisherSettings
 from tradecanvas.bus.redis_io import open_redis
@@ -41,6 +41,7 @@ from tradecanvas.bus.replies import (
 from tradecanvas.errors import WireError
 from tradecanvas.model import Candle
 from tradecanvas.pipeline.commit import IngestBatch
+from tradecanvas.pipeline.events import SystemEvent
 from tradecanvas.wire.bus import CANDLE_FIELD, encode_candle
 
 
@@ -77,7 +78,7 @@ async def test_publish_to_feed_in_order_exactly_once(
     assert sink.closed[BTC5] == want5
     assert [e.event_id for e in sink.events] == events
     # what the events stream carried is what the event log holds (a hole's fill)
-    assert sink.events == [system_event_from_stored(e) for e in logged]
+    assert sink.events == [SystemEvent.from_stored(e) for e in logged]
     stats = publisher.statistics()
     # the five backfilled minutes and the 5m bar they completed
     assert stats.outbox.already_published == 6 and stats.outbox.appended > 0

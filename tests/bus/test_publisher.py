@@ -19,7 +19,7 @@ from tests.bus.rig import (
     open_pipeline,
     stored_events,
 )
-from tradecanvas.bus.feed import EdgeFeed, FeedSettings, system_event_from_stored
+from tradecanvas.bus.feed import EdgeFeed, FeedSettings
 from tradecanvas.bus.ids import StreamKeys
 from tradecanvas.bus.publisher import BusPublisher, PublisherSettings
 from tradecanvas.bus.redis_io import open_redis
@@ -100,7 +100,7 @@ async def test_events_wait_for_the_candles_of_their_commit_when_a_read_is_cut(
             resynced.add("events")
             return []
         got = await pipeline.store.events_after(after, limit=1000)
-        return [system_event_from_stored(e) for e in got]
+        return [SystemEvent.from_stored(e) for e in got]
 
     feed = EdgeFeed(
         redis_url,

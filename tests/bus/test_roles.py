@@ -29,6 +29,8 @@ from tests.bus.roles_rig import (
     OBJ,
     TOKEN,
     WAIT_S,
+    metric,
+    metrics_text,
     same,
     source,
     wait_for,
@@ -276,4 +278,9 @@ async def _check_edges(
             shown = functools.partial(_reported_connected, edge_http)
             await wait_for(shown, f"{edge_http} /readyz ingest")
             assert "upstream_connected" not in (await _readyz(edge_http))["checks"]
+            # the edge times its deliveries from the bus read (docs/operations.md)
+            timed = metric(
+                await metrics_text(edge_http), "tradecanvas_delivery_latency_seconds_count"
+            )
+            assert timed is not None and timed > 0
         nursery.cancel_scope.cancel()

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from typing import Final, TypeVar, final
 
 import attrs
@@ -62,9 +63,9 @@ from tradecanvas.bus.replies import (
 )
 from tradecanvas.errors import WireError
 from tradecanvas.model import Candle
+from tradecanvas.ops.metrics import DeliveryTimer
 from tradecanvas.pipeline.events import SystemEvent
 from tradecanvas.pipeline.publish import MarketSink
-from tradecanvas.store.types import StoredEvent
 from tradecanvas.upstream.backoff import Backoff
 from tradecanvas.wire.bus import (
     CANDLE_FIELD,
@@ -113,20 +114,6 @@ class FeedStatistics:
     filled_events: int
     malformed: int
     reconnects: int
-
-
-def system_event_from_stored(stored: StoredEvent) -> SystemEvent:
-    """An event log entry as the SystemEvent the sink takes (for ``fill_events``)."""
-    data = stored.data
-    from_time, to_time = data.get("from_time"), data.get("to_time")
-    return SystemEvent(
-        stored.series_id,
-        str(data.get("reason", "")),
-        from_time if isinstance(from_time, int) else None,
-        to_time if isinstance(to_time, int) else None,
-        stored.event,
-        stored.event_id,
-    )
 
 
 _T = TypeVar("_T")
@@ -191,6 +178,7 @@ class EdgeFeed:
         self._counts = dict.fromkeys(attrs.fields_dict(FeedStatistics), 0)
         # what the ingest lease holder says of Binance, for /readyz (bus/ingest_report.py)
         self.ingest_report = IngestReportWatch(url, keys)
+        self._delivery: DeliveryTimer | None = None
 
     def health(self) -> BusHealth:
         return BusHealth(all(self._connected.values()), self._last_error, 0)
@@ -216,10 +204,16 @@ class EdgeFeed:
             await event.wait()
 
     async def run(
-        self, sink: MarketSink, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+        self,
+        sink: MarketSink,
+        *,
+        delivery: DeliveryTimer | None = None,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Feed ``sink`` until cancelled. Started at once; :meth:`health` tells whether Redis
-        is there (an edge still serves its store's history without it)."""
+        is there (an edge still serves its store's history without it). With ``delivery``,
+        each read's candles are timed from the read to their last subscriber's send."""
+        self._delivery = delivery
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._reconnecting, "closed", self._read_closed, sink)
             nursery.start_soon(self._reconnecting, "forming", self._read_forming, sink)
@@ -288,7 +282,8 @@ class EdgeFeed:
                 with trio.fail_after(self.settings.command_timeout_s):
                     raw = await self._xread(client, wanted)
                 reply = xread_entries(raw)
-                unread = await self._deliver(reply, sink) if reply else set()
+                with self._timed():
+                    unread = await self._deliver(reply, sink) if reply else set()
                 continue
             # nothing to read: wait for the next notice (one key, whatever the streams)
             with trio.fail_after(timeout):
@@ -326,7 +321,14 @@ class EdgeFeed:
             if unread is not None and carried is not None:
                 # every notice read carries its batch: deliver it, no read of the streams
                 reply = {k: v for k, v in carried.items() if k in streams}
-                unread = await self._deliver(reply, sink, whole=True) if reply else set()
+                with self._timed():
+                    unread = await self._deliver(reply, sink, whole=True) if reply else set()
+
+    def _timed(self) -> AbstractContextManager[None]:
+        """Brackets one read's delivery for ``tradecanvas_delivery_latency_seconds``."""
+        if self._delivery is None:
+            return nullcontext()
+        return self._delivery.publishing(trio.current_time(), trio.current_time)
 
     async def _xread(
         self,

@@ -23,7 +23,7 @@ from typing import Final, TypeVar
 import orjson
 import trio
 
-from tradecanvas.bus.feed import EdgeFeed, FeedSettings, system_event_from_stored
+from tradecanvas.bus.feed import EdgeFeed, FeedSettings
 from tradecanvas.bus.ids import StreamKeys
 from tradecanvas.bus.leader import FencedStore, IngestLeader
 from tradecanvas.bus.lease import LeaseTiming
@@ -36,6 +36,7 @@ from tradecanvas.pipeline.commit import SERVED_SERIES_KEY
 from tradecanvas.pipeline.events import SystemEvent
 from tradecanvas.runtime_flags import RuntimeFlags, url_without_password
 from tradecanvas.store.interface import MarketStore
+from tradecanvas.store.postgres import PostgresStore
 from tradecanvas.upstream.backoff import Backoff
 
 log = logging.getLogger(__name__)
@@ -161,7 +162,7 @@ async def edge_feed_from_store(
         got = await _patiently(
             f"events after {after}", lambda: store.events_after(after, limit=FILL_PAGE)
         )
-        return [system_event_from_stored(e) for e in got if before is None or e.event_id < before]
+        return [SystemEvent.from_stored(e) for e in got if before is None or e.event_id < before]
 
     return EdgeFeed(
         _redis_url(flags),
@@ -171,3 +172,26 @@ async def edge_feed_from_store(
         fill_events=fill_events,
         settings=FeedSettings(keys=stream_keys(flags)),
     )
+
+
+def watch_dependencies(
+    metrics: Metrics,
+    store: MarketStore,
+    publisher: BusPublisher | None,
+    feed: EdgeFeed | None,
+) -> None:
+    """Metrics per dependency, read from the services when /metrics is scraped."""
+    up = metrics.dependency_up
+    if isinstance(store, PostgresStore):
+        pg = store
+        up.labels(dependency="store").set_function(lambda: float(pg.reachable))
+    else:
+        up.labels(dependency="store").set_function(lambda: float(not store.closed))
+    if publisher is not None:
+        up.labels(dependency="redis_publisher").set_function(
+            lambda: float(publisher.health().connected)
+        )
+        metrics.bus_backlog.set_function(lambda: float(publisher.health().backlog))
+    if feed is not None:
+        up.labels(dependency="redis_feed").set_function(lambda: float(feed.health().connected))
+        metrics.bus_filled_candles.set_function(lambda: float(feed.statistics().filled_candles))
