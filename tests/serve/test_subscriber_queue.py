@@ -348,6 +348,87 @@ def test_forming_is_sent_only_above_the_cursor() -> None:
     assert rig.queue.queued == 0
 
 
+def test_a_forming_candle_above_unpublished_closes_brings_them_from_the_store_first() -> None:
+    # closes another process stored (an import) that the live path found already there and
+    # never published: the forming candle after them must not overtake them
+    rig = Rig()
+    history, imported = minutes(T0, 5), minutes(T0 + 300, 5)
+    rig.store.upsert(SID_1M, history)
+    subscribe(rig, SID_1M, since=history[-1].candle_time)
+    assert rig.drain() == []
+    rig.store.upsert(SID_1M, imported)  # committed, never offered
+    reads = len(rig.store.reads)
+    forming = minutes(T0 + 600, 1)[0]
+    rig.queue.offer_forming(SID_1M, forming)
+    assert summary(rig.drain()) == [
+        ("closed", SID_1M, [c.candle_time for c in imported], True),
+        ("forming", SID_1M, forming.candle_time),
+    ]
+    assert rig.store.reads[reads:] == [ReadStore(SID_1M, history[-1].candle_time, 5000)]
+    # the next forming update of that minute follows the cursor: no read
+    rig.queue.offer_forming(SID_1M, attrs.evolve(forming, close=Decimal(101)))
+    assert summary(rig.drain()) == [("forming", SID_1M, forming.candle_time)]
+    assert len(rig.store.reads) == reads + 1
+
+
+def test_a_forming_candle_after_a_hole_at_the_exchange_reads_once_then_goes() -> None:
+    rig = Rig()
+    history = minutes(T0, 5)
+    rig.store.upsert(SID_1M, history)
+    subscribe(rig, SID_1M, since=history[-1].candle_time)
+    assert rig.drain() == []
+    reads = len(rig.store.reads)
+    after_hole = minutes(T0 + 900, 1)[0]  # ten minutes the exchange never had
+    for price in ("100", "101", "102"):
+        rig.queue.offer_forming(SID_1M, attrs.evolve(after_hole, close=Decimal(price)))
+        assert summary(rig.drain()) == [("forming", SID_1M, after_hole.candle_time)]
+    # one read showed the hole is the store's own; the later updates go without one
+    assert len(rig.store.reads) == reads + 1
+    # its close is reported as a gap, as any hole after an anchored cursor
+    rig.store.upsert(SID_1M, [after_hole])
+    rig.queue.offer_closed(SID_1M, [after_hole], now=0.0)
+    assert summary(rig.drain()) == [
+        ("gap", SID_1M, T0 + 300, after_hole.candle_time),
+        ("closed", SID_1M, [after_hole.candle_time], True),
+    ]
+
+
+def test_closes_published_during_the_read_go_before_the_forming_candle() -> None:
+    rig = Rig()
+    history, imported = minutes(T0, 3), minutes(T0 + 180, 3)
+    rig.store.upsert(SID_1M, history)
+    subscribe(rig, SID_1M, since=history[-1].candle_time)
+    assert rig.drain() == []
+    rig.store.upsert(SID_1M, imported)
+    forming = minutes(T0 + 420, 1)[0]
+    rig.queue.offer_forming(SID_1M, forming)
+    rig.woken = False
+    plan = rig.queue.drain()
+    read = plan.send(None)
+    assert isinstance(read, ReadStore)
+    answer: Answer = rig.store.read(read)
+    # while the read's answer is on its way, the minute before the forming one closes
+    closing = minutes(T0 + 360, 1)
+    rig.store.upsert(SID_1M, closing)
+    rig.queue.offer_closed(SID_1M, closing, now=0.0)
+    sent: list[Outgoing] = []
+    while True:
+        try:
+            action = plan.send(answer)
+        except StopIteration:
+            break
+        assert isinstance(action, Send)
+        sent.extend(action.messages)
+        answer = None
+    sent.extend(rig.drain())
+    assert summary(sent) == [
+        ("closed", SID_1M, [c.candle_time for c in imported], True),
+        ("closed", SID_1M, [closing[0].candle_time], True),
+        ("forming", SID_1M, forming.candle_time),
+    ]
+    assert rig.queue.queued == 0
+
+
 def test_system_messages_follow_the_candles_published_before_them() -> None:
     rig = Rig()
     ones, fives = real_candles()[:5], real_candles("5m")[:1]
@@ -678,8 +759,7 @@ class Model:
                 cursor is not None and message.expected_next_time == cursor + TF[message.series_id]
             )
         elif isinstance(message, FormingCandle):
-            cursor = self.cursor[message.series_id]
-            assert cursor is None or message.candle.candle_time > cursor
+            self.check_forming(message)
         elif isinstance(message, WholeMessage):
             self.emitted.append(message.text)
             assert self.emitted == self.accepted[: len(self.emitted)], "messages reordered"
@@ -691,6 +771,17 @@ class Model:
                 floor = min(self.sent[sid], default=math.inf) - 1 if since is None else since
                 missing = {t for t in published if t > floor} - set(self.sent[sid])
                 assert not missing, f"{message.text} overtook closed candles {missing}"
+
+    def check_forming(self, message: FormingCandle) -> None:
+        sid, t = message.series_id, message.candle.candle_time
+        cursor = self.cursor[sid]
+        assert cursor is None or t > cursor
+        # every close stored before it is sent first, published or not (committed by
+        # "commit" and published late: another process's writes, say)
+        since = self.since[sid]
+        floor = min(self.sent[sid], default=t) - 1 if since is None else since
+        owed = {s for s in self.rig.store.times(sid) if floor < s < t} - set(self.sent[sid])
+        assert not owed, f"forming {t} overtook {owed}"
 
     # --- invariants ---------------------------------------------------------------------
 

@@ -27,6 +27,7 @@ from tradecanvas.serve.outgoing import (
 from tradecanvas.serve.subscription import (
     EMPTY_STORE_CURSOR,
     Subscription,
+    forming_follows,
     has_hole,
     plan_closed,
     split_at_unverified_hole,
@@ -74,7 +75,19 @@ def _flush(queue: SubscriberQueue, sub: Subscription) -> Plan:
         if not carry:
             break
     forming = queue.take_forming(sub) if sub.active else None
-    if forming is not None and (sub.cursor is None or forming.candle_time > sub.cursor):
+    if forming is None:
+        return
+    if not forming_follows(sub, forming):
+        # closes owed before it that were never published (stored by another process):
+        # the store has them, since they were committed before the forming was offered
+        yield from _sync(queue, sub, -1)
+        if _stale(queue, sub):
+            return
+        sub.forming_verified = max(sub.forming_verified, forming.candle_time)
+        if sub.pending:  # closes published during the read go first; it follows them
+            queue.requeue_forming(sub, forming)
+            return
+    if sub.cursor is None or forming.candle_time > sub.cursor:
         yield Send((FormingCandle(sub.series_id, forming),))
 
 

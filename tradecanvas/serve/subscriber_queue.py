@@ -26,7 +26,11 @@ series never overtakes the candles published before it.
 Cursors, catch-up and healing
 -----------------------------
 A subscription's cursor is the last closed ``candle_time`` sent; it only moves forward and a
-forming candle is sent only above it (one at or below it is not even queued). Subscribing
+forming candle is sent only above it (one at or below it is not even queued), and only once
+no close is owed before it: when its bar does not follow the cursor, the drain reads the
+store first (closes another process stored — an import — which the live path found already
+there and did not publish; a hole the read leaves is the store's own, and later updates of
+that bar go without a read). Subscribing
 registers the subscription at once (live candles from then on are buffered) and marks it
 ready for its catch-up: the drain asks the store (``ReadStore``: ``since`` exclusive, at
 most ``catchup_limit`` a read and a message; ``since: null`` means the newest
@@ -417,6 +421,11 @@ class SubscriberQueue:
             sub.forming = None
             self._queued -= 1
         return forming
+
+    def requeue_forming(self, sub: Subscription, candle: Candle) -> None:
+        """Put back a forming candle taken by a drain, unless a newer one came meanwhile."""
+        if sub.forming is None and sub.active:
+            self.offer_forming(sub.series_id, candle)
 
     def end_lagging_if_healed(self) -> None:
         """Every subscription has healed: the subscriber stops lagging."""

@@ -28,6 +28,7 @@ class Subscription:
         "event_cursor",
         "events_after",
         "forming",
+        "forming_verified",
         "heal_target",
         "needs_events",
         "needs_sync",
@@ -65,6 +66,8 @@ class Subscription:
         self.heal_target: int | None = None
         # the newest buffered candle that a store read started after
         self.verified_upto = -1
+        # the newest forming candle_time a store read started after (forming_follows)
+        self.forming_verified = -1
         # the event-log cursor: the last event_id sent; None: live events only, none skipped
         self.events_after = events_after
         self.event_cursor: int | None = events_after
@@ -139,8 +142,26 @@ def sent_in_step(sub: Subscription, candles: Sequence[Candle]) -> None:
 
 
 def forming_in_step(sub: Subscription, candle: Candle) -> bool:
-    """Can this forming candle go to ``sub`` at once: caught up, and above its cursor?"""
-    return caught_up(sub) and sub.cursor is not None and candle.candle_time > sub.cursor
+    """Can this forming candle go to ``sub`` at once: caught up, above its cursor, and
+    :func:`forming_follows`?"""
+    return (
+        caught_up(sub)
+        and sub.cursor is not None
+        and candle.candle_time > sub.cursor
+        and forming_follows(sub, candle)
+    )
+
+
+def forming_follows(sub: Subscription, candle: Candle) -> bool:
+    """Is no closed candle owed before this forming one: the bar before it is at or below
+    the cursor, or a store read that started after it was offered left the hole (the
+    store's own: every close before a forming candle is committed before it is offered).
+    A hole under a forming candle otherwise means closes the live path never published —
+    stored by another process, an import, and found already there — so it is read first."""
+    if sub.cursor is None:
+        return False
+    t = candle.candle_time
+    return t - sub.tf_seconds <= sub.cursor or t <= sub.forming_verified
 
 
 def split_at_unverified_hole(
@@ -177,6 +198,7 @@ __all__ = [
     "EMPTY_STORE_CURSOR",
     "Subscription",
     "caught_up",
+    "forming_follows",
     "forming_in_step",
     "has_hole",
     "in_step",
