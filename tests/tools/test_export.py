@@ -4,6 +4,8 @@ imported into a fresh store come back the same (a hypothesis property), on real 
 from __future__ import annotations
 
 import io
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -11,6 +13,7 @@ import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.cli_rig import cli_env
 from tests.tools.importer.rig import FLAGS, SPOT_1M, import_into, plan, rows
 from tests.wire.test_archive import candles
 from tradecanvas.errors import ExitCode
@@ -71,3 +74,49 @@ def test_export_of_nothing_writes_nothing(tmp_path: Path) -> None:
             await store.aclose()
 
     assert trio.run(main) == 0
+
+
+# the archive's own digits: zeros and prices below 1e-6 as data.binance.vision writes them
+PLAIN = (
+    "1577836800000,0.00000050,0.00000055,0.00000049,0.00000052,5.00000000,1577836859999,"
+    "0.00000260,2,5.00000000,0.00000260,0\n"
+    "1580515080000,0.00000060,0.00000061,0.00000059,0.00000060,0.00000000,1580515139999,"
+    "0.00000000,0,0.00000000,0.00000000,0\n"
+    "1580515140000,0.00000060,0.00000062,0.00000060,0.00000061,1250.00000000,1580515199999,"
+    "0.00076250,3,600.00000000,0.00036600,0\n"
+    "1580515200000,0.00000061,0.00000061,0.00000061,0.00000061,10.00000000,1580515259999,"
+    "0.00000610,1,0.00000000,0.00000000,0\n"
+)
+SHIB = "binance:spot:SHIB/BTC"
+
+
+def test_export_writes_the_archives_digits_and_month_bars(tmp_path: Path) -> None:
+    """No exponent (``0E-8``, ``6.0E-7``): a file imported and exported again is the same
+    bytes; a 1M series exports with each month's own close time."""
+    archive = tmp_path / "shib-minutes.csv"  # no period in the name: it spans two
+    archive.write_text(PLAIN)
+    db = tmp_path / "m.sqlite3"
+    env = cli_env(TRADE_CANVAS_DB_PATH=str(db), TRADE_CANVAS_DERIVED_TIMEFRAMES="5m,1d,1M")
+
+    def tradecanvas(*args: str) -> str:
+        done = subprocess.run(
+            [sys.executable, "-m", "tradecanvas", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    tradecanvas("import", "--series", f"{SHIB}:1m", str(archive))
+    window = ("--from", "2020-01-01", "--to", "2020-03-01")
+    assert tradecanvas("export", f"{SHIB}:1m", *window) == PLAIN
+    months = tradecanvas("export", f"{SHIB}:1M", *window).splitlines()
+    # January (its history starts on its first minute; February's bar is not due yet),
+    # closing a millisecond before February
+    assert [m.split(",")[:7] for m in months] == [
+        ["1577836800000", "0.00000050", "0.00000062", "0.00000049", "0.00000061",
+         "1255.00000000", "1580515199999"]
+    ]  # fmt: skip

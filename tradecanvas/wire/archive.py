@@ -365,7 +365,11 @@ def _plain_chunk(
 
 
 def _text(value: Decimal | int | None) -> str:
-    return "" if value is None else str(value)
+    """A column as the archive writes it: plain digits, never an exponent (``str`` of a
+    Decimal gives ``0E-8`` for ``0.00000000`` and ``6.0E-7`` for ``0.00000060``)."""
+    if value is None:
+        return ""
+    return format(value, "f") if isinstance(value, Decimal) else str(value)
 
 
 def archive_lines(
@@ -380,7 +384,7 @@ def archive_lines(
         ms = c.candle_time * MS
         close_ms = timeframe.next_open(c.candle_time) * MS - 1
         yield (
-            f"{ms},{c.open},{c.high},{c.low},{c.close},{c.volume},{close_ms},"
+            f"{ms},{c.open:f},{c.high:f},{c.low:f},{c.close:f},{c.volume:f},{close_ms},"
             f"{_text(c.quote_volume)},{_text(c.trades)},"
             f"{_text(c.taker_buy_base)},{_text(c.taker_buy_quote)},0\n"
         )

@@ -13,7 +13,7 @@ from typing import Final, TextIO
 import trio
 
 from tradecanvas.errors import BadInputError, ExitCode, SeriesIdError, StoreError
-from tradecanvas.model import MINUTE, SeriesId
+from tradecanvas.model import SeriesId
 from tradecanvas.runtime_flags import RuntimeFlags
 from tradecanvas.store.interface import MarketStore
 from tradecanvas.store.open import is_database_url, open_store, store_location
@@ -107,8 +107,6 @@ def _plan(args: argparse.Namespace) -> tuple[SeriesId, int, int]:
     end = parse_time("--to", args.to_time)
     if end <= start:
         raise BadInputError("--to must be after --from")
-    if series.timeframe.seconds != MINUTE and not series.timeframe.fixed:
-        raise BadInputError(f"{series}: month bars have no fixed close time in this layout")
     return series, start, end
 
 
