@@ -8,9 +8,10 @@ Tokens are compared with :func:`hmac.compare_digest`; nothing here logs.
 
 from __future__ import annotations
 
+import difflib
 import hmac
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any, Final, Protocol
@@ -32,6 +33,8 @@ from tradecanvas.serve.ws_protocol import MAX_EVENT_ID, since_problem
 
 DEFAULT_LIMIT: Final = 500
 MAX_LIMIT: Final = 5000
+# Binance's /klines parameters: given here, they would be ignored without a word
+_BINANCE_PARAMETERS: Final = frozenset({"symbol", "interval", "startTime", "endTime", "timeZone"})
 _CANDLE_FIELDS: Final = ("candle_time", "open", "high", "low", "close", "volume")
 _DECIMAL_RE: Final = re.compile(r"^[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?$")
 _DECIMAL_MAX_CHARS: Final = 64
@@ -55,6 +58,8 @@ class QueryLike(Protocol):
     def get(self, key: str, /) -> str | None: ...
 
     def getlist(self, key: str, /) -> list[str]: ...
+
+    def keys(self) -> Iterable[str]: ...
 
 
 @attrs.frozen
@@ -115,7 +120,7 @@ class CandlesQuery:
 def parse_candles_query(params: QueryLike, served: frozenset[SeriesId]) -> CandlesQuery:
     """The query, or RequestRefused naming every bad part. A well-formed series that is not
     served is 404 ``unknown_series``."""
-    problems = _repeated(params, ("series_id", "since", "before", "limit"))
+    problems = _shape(params, ("series_id", "since", "before", "limit"))
     series: SeriesId | None = None
     raw_series = params.get("series_id")
     if raw_series is None or raw_series == "":
@@ -129,6 +134,11 @@ def parse_candles_query(params: QueryLike, served: frozenset[SeriesId]) -> Candl
             problems.append(Problem("series_id", f"series_id: {exc}"))
     since, before = _bound(params, "since", problems), _bound(params, "before", problems)
     limit = _limit(params, problems)
+    if since is not None and before is not None and before <= since + 1:
+        problems.append(
+            Problem("before", f"before: {before} leaves nothing after since {since} (both are"
+                    " exclusive: before must be above since + 1)")
+        )  # fmt: skip
     if problems:
         raise RequestRefused.unprocessable(problems)
     assert series is not None
@@ -156,7 +166,7 @@ def parse_events_query(
 ) -> tuple[int, SeriesId | None, int]:
     """``(after, series or None, limit)`` for ``GET /api/market/events``, or RequestRefused
     naming every bad part (404 ``unknown_series`` for a well-formed unserved series)."""
-    problems = _repeated(params, ("after", "series_id", "limit"))
+    problems = _shape(params, ("after", "series_id", "limit"))
     after = 0
     raw_after = params.get("after")
     if raw_after is not None and raw_after != "":
@@ -185,9 +195,20 @@ def parse_events_query(
     return after, series, limit
 
 
-def _repeated(params: QueryLike, names: tuple[str, ...]) -> list[Problem]:
-    """A problem for each of ``names`` given more than once."""
+def _shape(params: QueryLike, names: tuple[str, ...]) -> list[Problem]:
+    """A problem for each parameter that looks meant for one of ``names`` — a near miss
+    such as ``befor`` or ``Since``, or Binance's own kline parameters — which would
+    otherwise answer a different window without a word; and for each of ``names`` given
+    more than once. Other unknown parameters (a cache buster such as ``_=…``) are ignored."""
+    mistaken = sorted(
+        key
+        for key in set(params.keys()) - set(names)
+        if key in _BINANCE_PARAMETERS or difflib.get_close_matches(key.lower(), names, 1, 0.7)
+    )
+    named = [key if key.isidentifier() else shown(key) for key in mistaken]
     return [
+        Problem(key, f"{key}: not a parameter here (they are {', '.join(names)})") for key in named
+    ] + [
         Problem(name, f"{name}: given more than once")
         for name in names
         if len(params.getlist(name)) > 1
