@@ -76,9 +76,15 @@ class Timeframe:
     def parse(cls, text: str) -> Timeframe:
         match = _TIMEFRAME_RE.match(text) if isinstance(text, str) else None
         if match is None:
+            seconds = isinstance(text, str) and text.endswith("s") and text[:-1].isdigit()
             raise SeriesIdError(
                 f"bad timeframe {shown(text)}: expected <n>m, <n>h, <n>d, 1w or 1M, such as 1m, 5m,"
                 " 1h, 1d, 1M (1M is a month, 1m a minute)"
+                + (
+                    "; seconds are finer than the 1m klines everything is built from"
+                    if seconds
+                    else ""
+                )
             )
         count, unit = int(match.group(1)), match.group(2)
         if unit == "M":

@@ -273,3 +273,8 @@ async def test_3d_history_is_derived_once_the_phase_is_learned(tmp_path: Path) -
         assert again.updates == () and again.events == ()
     finally:
         await store.aclose()
+
+
+def test_binances_second_bars_are_refused_saying_why() -> None:
+    with pytest.raises(ValueError, match="seconds are finer than the 1m klines"):
+        Timeframe.parse("1s")
