@@ -5,6 +5,7 @@ non-zero exit."""
 
 from __future__ import annotations
 
+import re
 import signal
 import socket
 import sqlite3
@@ -221,3 +222,30 @@ async def test_sigterm_closes_subscribers_on_both_ports_and_exits_in_time(tmp_pa
         await silent.aclose()
     assert codes == {"ws": 1001, "http": 1001}
     assert took < 10
+
+
+async def test_sighup_is_ignored_saying_so_and_a_deleted_store_stops_the_daemon(
+    tmp_path: Path,
+) -> None:
+    """SIGHUP (sent for a reload by habit) used to kill the process without a word; a store
+    file deleted under the daemon took every later commit with it, silently."""
+    db = tmp_path / "m.sqlite3"
+    env = cli_env(
+        TRADE_CANVAS_DB_PATH=str(db),
+        TRADE_CANVAS_BINANCE_FUTURES_WS_URL="ws://127.0.0.1:9",
+        TRADE_CANVAS_BINANCE_FUTURES_REST_URL="http://127.0.0.1:9",
+    )
+    log = tmp_path / "serve.log"
+    with run_cli(["serve"], env, log) as serve:
+        await wait_for_line(log, r"tradecanvas ready", serve)
+        assert "created a new, empty store" in log.read_text()
+        serve.send_signal(signal.SIGHUP)
+        await wait_for_line(log, r"SIGHUP ignored: settings are read once", serve)
+        assert serve.poll() is None
+        db.unlink()
+        assert await exit_code_within(serve, within=30) == ExitCode.STORE_FAILURE
+    assert re.search(
+        r"CRITICAL .*store failure, stopping \(exit code 3\): candle store \S+m\.sqlite3 was"
+        r" deleted while the daemon had it open",
+        log.read_text(),
+    ), log.read_text()

@@ -73,6 +73,7 @@ from tradecanvas.serve.ws_session import MarketEndpoint
 from tradecanvas.store.interface import MarketStore
 from tradecanvas.store.open import describe_location, open_store, store_location
 from tradecanvas.store.postgres import PostgresStore
+from tradecanvas.store.sqlite import CandleStore
 
 log = logging.getLogger(__name__)
 
@@ -293,8 +294,11 @@ async def _run_in_scope(
 
 
 async def _wait_for_signal(stop: trio.Event) -> None:
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async for signum in signals:
+            if signum == signal.SIGHUP:  # often sent for a reload: it would have killed us
+                log.warning("SIGHUP ignored: settings are read once, at start; restart to apply")
+                continue
             if stop.is_set():
                 log.warning("second %s: exiting at once", signal.Signals(signum).name)
                 logging.shutdown()
@@ -319,6 +323,8 @@ async def run_daemon(
         nursery.start_soon(_wait_for_signal, stop)
         if isinstance(runtime.store, PostgresStore):
             nursery.start_soon(_watch_store, runtime.store)
+        elif isinstance(runtime.store, CandleStore):  # deleted or replaced under it: stop
+            nursery.start_soon(runtime.store.watch_file)
         if runtime.own_market is not None:
             runtime.listening["ws"] = await nursery.start(
                 _run_in_scope,

@@ -19,6 +19,8 @@ Raises :class:`StoreError` for any SQLite failure (disk full, read-only, corrupt
 from __future__ import annotations
 
 import functools
+import logging
+import os
 import sqlite3
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -40,7 +42,11 @@ from tradecanvas.store.txn import (
 from tradecanvas.store.types import SeriesHead, Source, StoredCandle, StoredEvent, UpsertOutcome
 
 # Readers run in parallel threads; two cores here, and reads are short index range scans.
+log = logging.getLogger(__name__)
+
 READER_CONNECTIONS: Final = 4
+# how often the daemon checks that the path still names the open file (CandleStore.watch_file)
+FILE_CHECK_INTERVAL_S: Final = 2.0
 # how long a connection waits for another's lock before SQLITE_BUSY
 BUSY_TIMEOUT_MS: Final = 30_000
 # the writer's page cache (KiB; SQLite's default is 2,000): a live batch writes at the end of
@@ -105,6 +111,12 @@ def _rollback(conn: sqlite3.Connection) -> None:
 
 def _open_writer(path: Path) -> sqlite3.Connection:
     path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.exists():
+        log.warning(
+            "candle store %s: no file there; created a new, empty store (history comes"
+            " from the backfill; to keep older history, stop and restore a backup here)",
+            path,
+        )
     conn = _connect(path)
     try:
         mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
@@ -119,7 +131,13 @@ def _open_writer(path: Path) -> sqlite3.Connection:
         conn.execute("PRAGMA temp_store = MEMORY")
         conn.execute("PRAGMA foreign_keys = ON")
         migrate(conn)
-        conn.execute("PRAGMA quick_check(1)")
+        # a damaged page answers a line saying where, not an error
+        (verdict,) = conn.execute("PRAGMA quick_check(1)").fetchone()
+        if verdict != "ok":
+            raise StoreError(
+                f"candle store {path} failed its integrity check ({verdict}): restore a"
+                f" backup, or recover what is left with: sqlite3 {path} .recover"
+            )
         # the writer waits for another process's write lock only on a worker thread, in
         # _begin_waiting; everywhere else it must not block (see CandleStore.write)
         conn.execute("PRAGMA busy_timeout = 0")
@@ -127,6 +145,11 @@ def _open_writer(path: Path) -> sqlite3.Connection:
         conn.close()
         raise
     return conn
+
+
+def _identity(path: Path) -> tuple[int, int]:
+    stat = os.stat(path)
+    return stat.st_dev, stat.st_ino
 
 
 @final
@@ -147,6 +170,7 @@ class CandleStore:
         # elsewhere (``PRAGMA data_version`` moves when another connection committed)
         self._sequence = 0
         self._data_version: int | None = None
+        self._identity: tuple[int, int] | None = None  # the file's (device, inode)
 
     def write_running_for(self) -> float:
         """Seconds the write in flight has been running (0 when idle): the watchdog's view
@@ -174,7 +198,35 @@ class CandleStore:
                 except OSError as exc:
                     raise StoreError(f"candle store open of {path} failed: {exc}") from exc
 
-        return cls(path, await trio.to_thread.run_sync(_open))
+        store = cls(path, await trio.to_thread.run_sync(_open))
+        store._identity = _identity(path)
+        return store
+
+    def file_problem(self) -> str | None:
+        """Why the path no longer names the file this store has open — deleted, or replaced
+        (a ``mv`` over it, a restore while running): what is committed from then on would
+        go to a file nobody can open again. None while it still does."""
+        try:
+            now = _identity(self.path)
+        except FileNotFoundError:
+            return "was deleted while the daemon had it open"
+        except OSError as exc:
+            return f"cannot be checked: {exc}"
+        if now != self._identity:
+            return "was replaced by another file while the daemon had it open"
+        return None
+
+    async def watch_file(self, interval_s: float = FILE_CHECK_INTERVAL_S) -> None:
+        """Raise StoreError once :meth:`file_problem` finds one (the daemon then stops with
+        exit code 3 before another commit is lost; a restart opens what is there now)."""
+        while not self._closed:
+            problem = self.file_problem()
+            if problem is not None:
+                raise StoreError(
+                    f"candle store {self.path} {problem}; stopping before anything more is"
+                    " committed to it"
+                )
+            await trio.sleep(interval_s)
 
     async def aclose(self) -> None:
         if self._closed:

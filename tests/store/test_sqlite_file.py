@@ -1,0 +1,79 @@
+"""The SQLite store's file under an operator's hands (review of day-2 faults): a damaged file
+is refused at open, a new empty store is said out loud, and a file deleted or replaced under
+a running store is noticed before anything more is committed to it."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from pathlib import Path
+
+import pytest
+import trio
+
+from tests.conftest import flat_minutes
+from tradecanvas.errors import StoreError
+from tradecanvas.store.sqlite import CandleStore
+
+S = "binance:futures:BTC/USDT:1m"
+T0 = 1_751_760_000
+
+
+async def _filled(path: Path, minutes: int = 3000) -> None:
+    store = await CandleStore.open(path)
+    try:
+        await store.upsert(S, list(flat_minutes(T0, minutes)), "ws")
+    finally:
+        await store.aclose()
+
+
+async def test_a_new_store_is_announced(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "m.sqlite3"
+    with caplog.at_level(logging.WARNING):
+        store = await CandleStore.open(path)
+        await store.aclose()
+        store = await CandleStore.open(path)  # there now: nothing said
+        await store.aclose()
+    said = [
+        r.getMessage() for r in caplog.records if "created a new, empty store" in r.getMessage()
+    ]
+    assert len(said) == 1 and str(path) in said[0]
+
+
+async def test_a_damaged_page_is_refused_at_open_naming_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "m.sqlite3"
+    await _filled(path)
+    size = path.stat().st_size
+    assert size > 20 * 4096
+    with path.open("r+b") as f:  # a page in the middle of the candles' tree
+        f.seek((size // 4096 // 2) * 4096)
+        f.write(b"\xa5" * 4096)
+    with pytest.raises(StoreError, match="failed its integrity check") as info:
+        await CandleStore.open(path)
+    assert str(path) in str(info.value) and ".recover" in str(info.value)
+
+
+async def test_a_file_deleted_or_replaced_under_the_store_stops_it(tmp_path: Path) -> None:
+    path = tmp_path / "m.sqlite3"
+    store = await CandleStore.open(path)
+    try:
+        assert store.file_problem() is None
+        for suffix in ("", "-wal", "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(f"{path}{suffix}")
+        assert store.file_problem() == "was deleted while the daemon had it open"
+        with pytest.raises(StoreError, match=r"m\.sqlite3 was deleted .*stopping before"):
+            with trio.fail_after(10):
+                await store.watch_file(interval_s=0.01)
+    finally:
+        await store.aclose()
+    # a restore while running: another file moved over the path
+    store = await CandleStore.open(path)
+    try:
+        other = tmp_path / "backup.sqlite3"
+        await _filled(other, 10)
+        os.replace(other, path)
+        assert store.file_problem() == "was replaced by another file while the daemon had it open"
+    finally:
+        await store.aclose()
