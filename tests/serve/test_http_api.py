@@ -752,3 +752,9 @@ async def test_events_are_paged_by_cursor_and_filtered_by_series(tmp_path: Path)
         assert {p["field"] for p in bad.json()["errors"]} == {"after", "limit"}
         unknown = await api.client.get("/api/market/events?series_id=binance:spot:XRP/USDT:1m")
         assert unknown.status_code == 404
+        # at the newest id: nothing more, nothing wrong
+        done = (await api.client.get(f"/api/market/events?after={ids[-1]}")).json()
+        assert (done["events"], done["next_after"], done["truncated"]) == ([], ids[-1], False)
+        # above it (a store restored from an older backup): start over from the newest
+        ahead = (await api.client.get(f"/api/market/events?after={ids[-1] + 50}")).json()
+        assert (ahead["events"], ahead["next_after"], ahead["truncated"]) == ([], ids[-1], True)

@@ -114,6 +114,9 @@ class CountingReader:
     async def events_pruned_upto(self) -> int:
         return await self.inner.events_pruned_upto()
 
+    async def events_newest_id(self) -> int:
+        return await self.inner.events_newest_id()
+
 
 @asynccontextmanager
 async def framed(hub: Hub, frames: FakeFrames) -> AsyncIterator[Subscriber]:

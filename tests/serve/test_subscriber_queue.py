@@ -68,7 +68,8 @@ class MemoryStore:
             for i, sid, text in self.events
             if i > read.after and sid == read.series_id
         ]
-        return EventsRead(tuple(found[: read.limit]), self.pruned_upto)
+        newest = self.events[-1][0] if self.events else self.pruned_upto
+        return EventsRead(tuple(found[: read.limit]), self.pruned_upto, newest)
 
     def read(self, read: ReadStore) -> list[Candle]:
         self.reads.append(read)
@@ -965,6 +966,21 @@ def test_a_cursor_older_than_the_retention_gets_events_truncated_once() -> None:
     # a cursor at the retention's edge lost nothing
     rig.queue.subscribe(SID_1M, 60, None, True, events_after=7)
     assert "truncated" not in str(_messages(rig.drain()))
+
+
+def test_a_cursor_above_the_newest_event_starts_over_from_it() -> None:
+    # a store restored from an older backup gives ids again that a client already passed
+    rig = Rig()
+    for name in ("a", "b", "c"):
+        _event(rig, SID_1M, name)
+    rig.queue.subscribe(SID_1M, 60, None, True, events_after=10)
+    sent = rig.drain()
+    [truncated] = [m for m in sent if isinstance(m, EventsTruncated)]
+    assert (truncated.events_after, truncated.pruned_upto, truncated.ahead) == (10, 3, True)
+    # the next event of this log (id 4, below the old cursor) reaches the client
+    new = _event(rig, SID_1M, "after the restore")
+    rig.queue.offer_event(SID_1M, new, "event after the restore", now=0.0)
+    assert _messages(rig.drain()) == ["event after the restore"]
 
 
 def test_without_events_after_only_live_events_and_no_read() -> None:

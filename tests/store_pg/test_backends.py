@@ -193,6 +193,7 @@ async def test_random_upserts_give_these_outcomes_and_rows(backend: Backend, see
 
 async def test_event_log_ids_filters_and_retention(backend: Backend) -> None:
     store = await backend.open()
+    assert await store.events_newest_id() == 0
 
     def append(txn: WriteTxn) -> list[int]:
         return [
@@ -201,6 +202,7 @@ async def test_event_log_ids_filters_and_retention(backend: Backend) -> None:
         ]
 
     ids = await store.write(append)
+    assert await store.events_newest_id() == ids[-1]
     assert ids == sorted(ids) and len(set(ids)) == 4
     events = await store.events_after(0)
     assert [(e.event_id, e.series_id, e.data) for e in events][:1] == [
@@ -215,6 +217,7 @@ async def test_event_log_ids_filters_and_retention(backend: Backend) -> None:
     assert [e.event_id for e in await store.events_after(0)] == ids[2:]
     # pruning everything never lets an id be given again, even after a reopen
     assert await store.write(lambda txn: txn.prune_events(100, 10_000.0)) == ids[3]
+    assert await store.events_newest_id() == ids[3]  # the newest given, though pruned
     await store.aclose()
     store = await backend.open()
     (next_id,) = await store.write(lambda txn: [txn.append_event("a", "gap", {}, 1.0)])

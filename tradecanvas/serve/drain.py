@@ -104,8 +104,13 @@ def _sync_events(queue: SubscriberQueue, sub: Subscription) -> Plan:
         if _stale(queue, sub):
             return
         messages: list[WholeMessage | EventsTruncated] = []
-        if first and sub.events_after is not None and answer.pruned_upto > sub.events_after:
-            messages.append(EventsTruncated(sub.series_id, sub.events_after, answer.pruned_upto))
+        after = sub.events_after
+        if first and after is not None and answer.newest is not None and after > answer.newest:
+            # a cursor from another log: start over from this one's newest id
+            messages.append(EventsTruncated(sub.series_id, after, answer.newest, ahead=True))
+            sub.event_cursor = cursor = answer.newest
+        elif first and after is not None and answer.pruned_upto > after:
+            messages.append(EventsTruncated(sub.series_id, after, answer.pruned_upto))
         first = False
         for stored in answer.events:
             if stored.event_id > cursor:

@@ -197,15 +197,18 @@ def build_http_app(
             # the prune mark first: an event pruned after it was read is still in the read
             pruned_upto = await store.events_pruned_upto()
             stored = await store.events_after(after, series_ids, limit)
+            # a cursor above every id this log gave comes from another log (a restored
+            # backup): start over from its newest
+            newest = after if stored else await store.events_newest_id()
             return JsonResponse(
                 {
                     "after": after,
                     "series_id": None if series is None else str(series),
                     "events": [SystemEvent.from_stored(s).to_wire() for s in stored],
-                    "next_after": stored[-1].event_id if stored else after,
+                    "next_after": stored[-1].event_id if stored else min(after, newest),
                     "more": len(stored) == limit,
                     "pruned_upto": pruned_upto,
-                    "truncated": after < pruned_upto,
+                    "truncated": after < pruned_upto or after > newest,
                 }
             )
 

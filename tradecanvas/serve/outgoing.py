@@ -50,6 +50,8 @@ class EventsRead:
 
     events: tuple[StoredEventText, ...]
     pruned_upto: int
+    # the highest event_id ever given (None: not read): a cursor above it is from another log
+    newest: int | None = None
 
 
 @attrs.frozen(eq=False)
@@ -65,11 +67,14 @@ class WholeMessage:
 
 @attrs.frozen
 class EventsTruncated:
-    """The event cursor is older than the retention: events after it were dropped."""
+    """The event cursor is older than the retention (events after it were dropped), or
+    ``ahead`` of the log's newest id (a store restored from an older backup): either way the
+    client reloads the series and goes on after ``pruned_upto``."""
 
     series_id: str
     events_after: int
     pruned_upto: int
+    ahead: bool = False
 
 
 @attrs.frozen
@@ -139,8 +144,12 @@ def encode(message: Outgoing, catchup_limit: int) -> list[str]:
                     "events_after": message.events_after,
                     "pruned_upto": message.pruned_upto,
                     "message": (
-                        f"events after {message.events_after} up to {message.pruned_upto} are"
-                        " older than the retention and no longer stored: reload the series"
+                        f"events_after {message.events_after} is above this store's newest"
+                        f" event {message.pruned_upto} (restored from an older backup?): reload"
+                        " the series"
+                        if message.ahead
+                        else f"events after {message.events_after} up to {message.pruned_upto}"
+                        " are older than the retention and no longer stored: reload the series"
                     ),
                 }
             )

@@ -68,6 +68,8 @@ class CandleReader(Protocol):
 
     async def events_pruned_upto(self) -> int: ...
 
+    async def events_newest_id(self) -> int: ...
+
 
 class _SlowSend(Exception):
     """One write did not complete within send_timeout_s."""
@@ -210,12 +212,14 @@ class Publisher:
         # the prune mark first: an event pruned after it was read is still in the read
         pruned_upto = await self.store.events_pruned_upto()
         stored = await self.store.events_after(read.after, [read.series_id], read.limit)
+        newest = None if stored else await self.store.events_newest_id()
         return EventsRead(
             tuple(
                 StoredEventText(s.event_id, dumps(SystemEvent.from_stored(s).to_wire()))
                 for s in stored
             ),
             pruned_upto,
+            newest,
         )
 
     async def _read(self, read: ReadStore) -> list[Candle]:

@@ -464,6 +464,11 @@ def select_events(
     ]
 
 
+def events_newest_id(conn: Conn) -> int:
+    row = conn.execute("SELECT last_id FROM event_counter").fetchone()
+    return 0 if row is None else int(str(row[0]))
+
+
 def events_pruned_upto(conn: Conn) -> int:
     text = get_meta(conn, EVENTS_PRUNED_KEY)
     return 0 if text is None else int(text)

@@ -74,6 +74,7 @@ from tradecanvas.store.pg_start import LastWrite, StaleStart, confirm, send_star
 from tradecanvas.store.pg_txn import (
     Conn,
     PgStoreTxn,
+    events_newest_id,
     events_pruned_upto,
     get_meta,
     head_time,
@@ -475,6 +476,10 @@ class PostgresStore:
     async def events_pruned_upto(self) -> int:
         """The highest event_id the retention dropped (0: none)."""
         return await self._read(events_pruned_upto)
+
+    async def events_newest_id(self) -> int:
+        """The highest event_id ever given (0: none), as the counter holds it."""
+        return await self._read(events_newest_id)
 
     async def set_meta(self, key: str, value: str) -> None:
         await self.write(lambda txn: txn.set_meta(key, value))

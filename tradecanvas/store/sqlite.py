@@ -34,6 +34,7 @@ from tradecanvas.store.checkpoint import BACKSTOP_PAGES, Checkpointer
 from tradecanvas.store.schema import SCHEMA_VERSION, migrate
 from tradecanvas.store.txn import (
     StoreTxn,
+    events_newest_id,
     events_pruned_upto,
     head_time,
     select_candles,
@@ -408,6 +409,11 @@ class CandleStore:
         """The highest event_id the retention dropped (0: none): a cursor below it has lost
         events."""
         return await self._read(events_pruned_upto)
+
+    async def events_newest_id(self) -> int:
+        """The highest event_id ever given (0: none), pruned or not: a cursor above it
+        comes from another log (a store restored from an older backup)."""
+        return await self._read(events_newest_id)
 
     async def set_meta(self, key: str, value: str) -> None:
         await self.write(lambda txn: txn.set_meta(key, value))

@@ -337,6 +337,12 @@ def select_events(
     return [StoredEvent(int(i), str(s), str(e), orjson.loads(d), float(c)) for i, s, e, d, c in cur]
 
 
+def events_newest_id(conn: sqlite3.Connection) -> int:
+    """AUTOINCREMENT's record of the highest id ever given (0 before the first event)."""
+    row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'events'").fetchone()
+    return 0 if row is None else int(row[0])
+
+
 def events_pruned_upto(conn: sqlite3.Connection) -> int:
     row = conn.execute("SELECT value FROM meta WHERE key = ?", (EVENTS_PRUNED_KEY,)).fetchone()
     return 0 if row is None else int(row[0])

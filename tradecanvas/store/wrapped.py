@@ -71,5 +71,8 @@ class WrappedStore(ABC):
     async def events_pruned_upto(self) -> int:
         return await self.inner.events_pruned_upto()
 
+    async def events_newest_id(self) -> int:
+        return await self.inner.events_newest_id()
+
     async def get_meta(self, key: str) -> str | None:
         return await self.inner.get_meta(key)
