@@ -77,3 +77,21 @@ async def test_a_file_deleted_or_replaced_under_the_store_stops_it(tmp_path: Pat
         assert store.file_problem() == "was replaced by another file while the daemon had it open"
     finally:
         await store.aclose()
+
+
+async def test_a_file_this_process_cannot_write_is_refused_at_open(tmp_path: Path) -> None:
+    """SQLite opens it read-only without a word, and the first commit failed instead. An
+    immutable file (chattr +i) stands for one owned by another user: root is refused too."""
+    path = tmp_path / "m.sqlite3"
+    await _filled(path, 10)
+    chattr = await trio.run_process(["chattr", "+i", str(path)], check=False, capture_stderr=True)
+    if chattr.returncode != 0:
+        pytest.skip("chattr +i does not work on this file system")
+    try:
+        with pytest.raises(StoreError, match="cannot be written by this process") as info:
+            await CandleStore.open(path)
+        assert str(path) in str(info.value)
+    finally:
+        await trio.run_process(["chattr", "-i", str(path)])
+    store = await CandleStore.open(path)  # writable again
+    await store.aclose()

@@ -131,7 +131,16 @@ def _open_writer(path: Path) -> sqlite3.Connection:
         # halfway) stays in memory instead of a file in /var/tmp (docs/benchmarks.md, Commit)
         conn.execute("PRAGMA temp_store = MEMORY")
         conn.execute("PRAGMA foreign_keys = ON")
-        migrate(conn)
+        version = migrate(conn)
+        # SQLite opens a file it may not write read-only, without a word: the first commit
+        # would fail instead. Writing the header's schema version as it is says it now.
+        try:
+            conn.execute(f"PRAGMA user_version = {int(version)}")
+        except sqlite3.OperationalError as exc:
+            raise StoreError(
+                f"candle store {path} cannot be written by this process (uid {os.getuid()}):"
+                f" {exc}; give the file and its folder to the user the daemon runs as"
+            ) from exc
         # a damaged page answers a line saying where, not an error
         (verdict,) = conn.execute("PRAGMA quick_check(1)").fetchone()
         if verdict != "ok":
