@@ -6,12 +6,15 @@ from __future__ import annotations
 import argparse
 import io
 import re
+import signal
 from decimal import Decimal
 from pathlib import Path
 
 import attrs
+import pytest
 import trio
 
+from tests.cli_rig import cli_env, exit_code_within, run_cli
 from tests.conftest import candle, flat_minutes
 from tradecanvas.errors import ExitCode
 from tradecanvas.store.postgres import PostgresStore
@@ -130,3 +133,48 @@ async def test_another_event_under_a_taken_id_stops_the_run(tmp_path: Path, pg_u
     target = await PostgresStore.open(pg_url)
     assert await target.events_after(0) == before
     await target.aclose()
+
+
+async def test_a_read_only_copy_migrates_and_sigterm_stops_after_the_batch(
+    tmp_path: Path, pg_url: str
+) -> None:
+    """A backup the user may not write is only read (chattr +i stands for another owner);
+    SIGTERM stops after the batch in flight with 143 and a line saying so (it used to exit
+    without a word), and the next run finishes."""
+    path = tmp_path / "m.sqlite3"
+    store = await CandleStore.open(path)
+    await store.upsert(BTC, list(flat_minutes(0, 40_000)), "rest")
+    await store.aclose()
+    if (await trio.run_process(["chattr", "+i", str(path)], check=False)).returncode != 0:
+        pytest.skip("chattr +i does not work on this file system")
+    try:
+        log = tmp_path / "migrate.log"
+        args = ["migrate-store", str(path), pg_url, "--batch", "100"]
+        with run_cli(args, cli_env(), log) as proc:
+            await _until_copied(pg_url, at_least=1)
+            proc.send_signal(signal.SIGTERM)
+            assert await exit_code_within(proc, 60) == ExitCode.TERMINATED
+        assert "interrupted; what was copied stays, run it again to finish" in log.read_text()
+        copied = await _copied(pg_url)
+        assert 0 < copied < 40_000
+        with run_cli(args, cli_env(), tmp_path / "again.log") as proc:
+            assert await exit_code_within(proc, 120) == ExitCode.OK
+        assert await _copied(pg_url) == 40_000
+    finally:
+        await trio.run_process(["chattr", "-i", str(path)])
+
+
+async def _copied(pg_url: str) -> int:
+    target = await PostgresStore.open(pg_url)
+    try:
+        return len(await target.range(BTC, 0, 10**9))
+    finally:
+        await target.aclose()
+
+
+async def _until_copied(pg_url: str, at_least: int) -> None:
+    with trio.fail_after(60):
+        while True:
+            if await _copied(pg_url) >= at_least:
+                return
+            await trio.sleep(0.05)  # polling the target's rows, not waiting out a race

@@ -17,8 +17,8 @@ committed; what was copied stays and the next run goes on from there.
 
 Exit codes: 0 copied (a second run: nothing changed); 1 the target's event log has other
 events under the same ids; 2 bad arguments (no such SQLite file, not a PostgreSQL URL); 3
-either store failed (what was committed stays: run it again); 130
-Ctrl-C.
+either store failed (what was committed stays: run it again); 130 Ctrl-C, 143 SIGTERM (the
+batch in flight is finished; a second signal exits at once).
 """
 
 from __future__ import annotations
@@ -41,13 +41,17 @@ from tradecanvas.errors import ExitCode, StoreError
 from tradecanvas.service_urls import parse_database_url
 from tradecanvas.store.pg_txn import PgStoreTxn
 from tradecanvas.store.postgres import PostgresStore, describe_url
+from tradecanvas.store.schema import SCHEMA_VERSION
 from tradecanvas.store.sqlite import CandleStore
 from tradecanvas.store.txn import select_candles, select_events
 from tradecanvas.store.types import StoredCandle, StoredEvent, UpsertOutcome
 from tradecanvas.tools.exit_codes import ExitCodeTable
 from tradecanvas.tools.progress import Progress
+from tradecanvas.tools.signals import StopOnSignal
 
 log = logging.getLogger(__name__)
+# Ctrl-C/SIGTERM: stop after the batch in flight; a second one: at once
+_SIGNALS: Final = StopOnSignal("migrate-store", "the batch", log)
 
 DEFAULT_BATCH: Final = 50_000
 # the first bytes of every SQLite database file
@@ -59,6 +63,7 @@ EXIT_CODES: Final[ExitCodeTable] = (
     (ExitCode.USAGE, "bad arguments: no such SQLite file (or not one), a bad PostgreSQL URL"),
     (ExitCode.STORE_FAILURE, "either store failed; what was committed stays, run it again"),
     (ExitCode.INTERRUPTED, "Ctrl-C: the batch being committed is finished, the rest is not"),
+    (ExitCode.TERMINATED, "SIGTERM: as Ctrl-C"),
 )
 
 
@@ -133,8 +138,9 @@ async def migrate_store(
 ) -> MigrationTally:
     """Copy everything in ``sqlite_path`` into ``target``; ``progress(series, done, total)``
     after each batch. Raises StoreError."""
-    lite = await CandleStore.open(sqlite_path)  # migrates an older file forward
-    await lite.aclose()
+    if await trio.to_thread.run_sync(_schema_version, sqlite_path) != SCHEMA_VERSION:
+        lite = await CandleStore.open(sqlite_path)  # migrates an older file, refuses a newer
+        await lite.aclose()
 
     def connect() -> sqlite3.Connection:
         try:
@@ -183,6 +189,18 @@ async def migrate_store(
     return tally
 
 
+def _schema_version(path: Path) -> int:
+    """The file's schema version, read only (a copy the user may not write is fine)."""
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            return int(conn.execute("PRAGMA user_version").fetchone()[0])
+        finally:
+            conn.close()
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot read {path}: {exc}") from exc
+
+
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("sqlite_file", type=Path, help="the SQLite store to copy from")
     parser.add_argument("database_url", help="the PostgreSQL store: postgresql://…")
@@ -206,14 +224,36 @@ async def _run(args: argparse.Namespace, err: TextIO) -> MigrationTally:
             display.start(sid, total)
         display.update(sid, done)
 
+    caught: list[int] = []
+    work = trio.CancelScope()
     try:
-        with display.capture_logs():
-            return await migrate_store(
-                args.sqlite_file, target, batch=args.batch, progress=progress
-            )
+        async with trio.open_nursery() as nursery:
+            await nursery.start(_SIGNALS.watch, work, caught)
+            with work, display.capture_logs():
+                tally = await migrate_store(
+                    args.sqlite_file, target, batch=args.batch, progress=progress
+                )
+            nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        # the run's own failure (the signal watch raises nothing), as migrate_store raised it
+        if len(group.exceptions) == 1 and isinstance(group.exceptions[0], Exception):
+            raise group.exceptions[0] from None
+        raise
     finally:
         display.finish()
-        await target.aclose()
+        with trio.CancelScope(shield=True):
+            await target.aclose()
+    if caught:
+        raise Interrupted(caught[0])
+    return tally
+
+
+class Interrupted(Exception):
+    """SIGINT or SIGTERM stopped the run after the batch in flight."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
 
 
 def _not_sqlite(path: Path) -> str | None:
@@ -248,9 +288,15 @@ def run_migrate_store(
         return ExitCode.USAGE
     try:
         tally = trio.run(_run, args, err)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # before the signal watch started
         err.write("tradecanvas migrate-store: interrupted; run it again to finish\n")
         return ExitCode.INTERRUPTED
+    except Interrupted as exc:
+        err.write(
+            "tradecanvas migrate-store: interrupted; what was copied stays, run it again to"
+            " finish\n"
+        )
+        return ExitCode.for_signal(exc.signum)
     except StoreError as exc:
         err.write(f"tradecanvas migrate-store: {exc}\n")
         return ExitCode.STORE_FAILURE

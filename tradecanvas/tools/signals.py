@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 
 import attrs
 import trio
@@ -31,7 +32,12 @@ class StopOnSignal:
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Until cancelled: the first SIGINT/SIGTERM goes into ``caught`` and cancels
-        ``work``; a second one exits the process with :meth:`ExitCode.for_signal`'s code."""
+        ``work``; a second one exits the process with :meth:`ExitCode.for_signal`'s code.
+        Off the main thread (a caller running the command on a worker thread) signals are
+        not this run's to take: it only waits."""
+        if threading.current_thread() is not threading.main_thread():
+            task_status.started()
+            await trio.sleep_forever()
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             task_status.started()
             async for signum in signals:
