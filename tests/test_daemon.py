@@ -5,6 +5,7 @@ non-zero exit."""
 
 from __future__ import annotations
 
+import functools
 import re
 import signal
 import socket
@@ -13,14 +14,19 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
 import trio
 
 from tests.cli_rig import cli_env, exit_code_within, run_cli, wait_for_line
 from tests.conftest import binance_data_dir
 from tests.serve.test_ws_server import close_code_of, connect, until_pong
+from tradecanvas.daemon import market_runtime_builder, run_daemon
 from tradecanvas.errors import ExitCode
+from tradecanvas.runtime_flags import build_runtime_flags
 from tradecanvas.wire.json import dumps, loads
+
+TOKEN = "daemon-test-ingest-token-0123456789"
 
 WEEK = "klines_1m_5m/futures_um/BTCUSDT-1m-2025-07-06_2025-07-12.csv"
 BASE = "binance:futures:BTC/USDT:1m"
@@ -249,3 +255,62 @@ async def test_sighup_is_ignored_saying_so_and_a_deleted_store_stops_the_daemon(
         r" deleted while the daemon had it open",
         log.read_text(),
     ), log.read_text()
+
+
+async def test_a_write_waiting_on_another_process_lock_shows_on_readyz(tmp_path: Path) -> None:
+    """A `sqlite3` shell left inside a transaction holds the write lock: the daemon's commit
+    waits for it (up to 30 s, then exit 3). It used to look healthy meanwhile."""
+    db = tmp_path / "m.sqlite3"
+    flags = build_runtime_flags(
+        {
+            "TRADE_CANVAS_DB_PATH": str(db),
+            "TRADE_CANVAS_WS_PORT": "0",
+            "TRADE_CANVAS_HTTP_PORT": "0",
+            "TRADE_CANVAS_INGEST_TOKEN": TOKEN,
+            "TRADE_CANVAS_BINANCE_FUTURES_WS_URL": "ws://127.0.0.1:9",
+            "TRADE_CANVAS_BINANCE_FUTURES_REST_URL": "http://127.0.0.1:9",
+        }
+    ).flags
+    runtime = await market_runtime_builder(flags)
+    stop = trio.Event()
+    written: list[int] = []
+    done = trio.Event()
+    async with trio.open_nursery() as nursery:
+        ports = await nursery.start(functools.partial(run_daemon, runtime, stop=stop))
+        base = f"http://127.0.0.1:{ports['http']}"
+        async with httpx.AsyncClient(base_url=base, timeout=60) as client:
+
+            async def progressing() -> bool:
+                doc = (await client.get("/readyz")).json()
+                return bool(doc["checks"]["store_writes_progressing"])
+
+            async def write() -> None:
+                candle = {"candle_time": 1_751_760_000, "open": 1, "high": 2, "low": 1,
+                          "close": 2, "volume": 3}  # fmt: skip
+                answer = await client.post(
+                    "/api/market/ingest/candle_closed",
+                    json={"series_id": "binance:futures:BTC/USDT:1m", "candle": candle},
+                    headers={"Authorization": f"Bearer {TOKEN}"},
+                )
+                written.append(answer.status_code)
+                done.set()
+
+            assert await progressing()
+            lock = sqlite3.connect(db, isolation_level=None)
+            lock.execute("BEGIN EXCLUSIVE")
+            nursery.start_soon(write)
+            with trio.fail_after(30):
+                while True:
+                    if not await progressing():
+                        break
+                    await trio.sleep(0.2)  # polling /readyz, as a balancer does
+            metrics = (await client.get("/metrics")).text
+            running = re.search(r"^tradecanvas_store_write_running_seconds (\S+)$", metrics, re.M)
+            assert running is not None and float(running.group(1)) >= 5
+            lock.execute("ROLLBACK")
+            lock.close()
+            with trio.fail_after(30):
+                await done.wait()
+            assert written == [200] and await progressing()
+        stop.set()
+    await runtime.store.aclose()

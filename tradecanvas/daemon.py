@@ -83,6 +83,8 @@ DRAIN_DEADLINE_S: Final = 10.0
 INGEST_DRAIN_S: Final = 5.0
 # A write running longer than this means the pipeline is stuck: stop feeding the watchdog.
 STUCK_WRITE_S: Final = 20.0
+# /readyz says a write is slow past this (a lock held elsewhere; a commit is milliseconds)
+SLOW_WRITE_S: Final = 5.0
 # How often the STATUS= line shown by `systemctl status` is refreshed.
 STATUS_INTERVAL_S: Final = 10.0
 # How often a PostgreSQL store is pinged for /readyz while nothing else reaches it.
@@ -133,6 +135,8 @@ class MarketRuntime:
         listeners = {"ws", "http"} if self.own_market is not None else {"http"}
         checks = {
             "store_open": not self.store.closed,
+            # a write waiting on another process's lock (SQLite: 30 s, then exit 3)
+            "store_writes_progressing": self.store.write_running_for() < SLOW_WRITE_S,
             "listeners_bound": listeners <= set(self.listening),
         }
         if isinstance(self.store, PostgresStore):

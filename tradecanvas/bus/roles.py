@@ -182,6 +182,7 @@ def watch_dependencies(
 ) -> None:
     """Metrics per dependency, read from the services when /metrics is scraped."""
     up = metrics.dependency_up
+    metrics.store_write_running_seconds.set_function(store.write_running_for)
     if isinstance(store, PostgresStore):
         pg = store
         up.labels(dependency="store").set_function(lambda: float(pg.reachable))

@@ -413,6 +413,12 @@ class Metrics:
             "Closed candles an edge read from the store to fill holes in the streams (total)",
             registry=r,
         )
+        self.store_write_running_seconds = Gauge(
+            "tradecanvas_store_write_running_seconds",
+            "How long the store write in flight has been running (0 when idle): one waiting"
+            " for another process's write lock grows here",
+            registry=r,
+        )
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""
