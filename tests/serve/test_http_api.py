@@ -732,6 +732,23 @@ async def test_drain_is_bounded_by_a_deadline(tmp_path: Path) -> None:
         assert await store.range(BTC, 0, 2**40) == []
 
 
+async def test_a_derived_bar_with_minutes_missing_says_so(tmp_path: Path) -> None:
+    async with running_api(tmp_path) as api:
+        btc = SeriesId.parse(BTC)
+        minutes = list(flat_minutes(T0, 5))
+        # the fourth minute is missing: the 5m bar is derived from four
+        await api.pipeline.run(IngestBatch.of(btc, minutes[:3] + minutes[4:], "ws"))
+        url = f"/api/market/candles?series_id={BTC5}"
+        [bar] = (await api.client.get(url)).json()["candles"]
+        assert bar["candle_time"] == T0 and bar["complete"] is False
+        # the base series' candles carry no mark
+        assert all("complete" not in c for c in (await api.client.get(
+            f"/api/market/candles?series_id={BTC}")).json()["candles"])  # fmt: skip
+        await api.pipeline.run(IngestBatch.of(btc, minutes[3:4], "rest"))
+        [bar] = (await api.client.get(url)).json()["candles"]
+        assert bar["candle_time"] == T0 and "complete" not in bar
+
+
 async def test_events_are_paged_by_cursor_and_filtered_by_series(tmp_path: Path) -> None:
     async with running_api(tmp_path) as api:
         btc, eth = SeriesId.parse(BTC), SeriesId.parse(ETH)

@@ -20,7 +20,6 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from tests.serve.test_http_api import RecordingTarget, metric_value
-from tradecanvas.model import Candle
 from tradecanvas.ops.metrics import Metrics
 from tradecanvas.pipeline.commit import IngestPipeline
 from tradecanvas.runtime_flags import build_runtime_flags
@@ -28,6 +27,7 @@ from tradecanvas.serve.http_api import build_http_app
 from tradecanvas.serve.http_server import serve_http
 from tradecanvas.serve.read_slots import ReadSlots
 from tradecanvas.store.sqlite import CandleStore
+from tradecanvas.store.types import StoredCandle
 
 BIG: Final = b"x" * (8 << 20)  # far more than both sides' socket buffers take
 SEND_TIMEOUT_S: Final = 30.0
@@ -131,12 +131,14 @@ class GatedStore:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
-    async def tail(self, series_id: str, limit: int) -> list[Candle]:
+    async def window(
+        self, series_id: str, since: int | None, before: int | None, limit: int
+    ) -> list[StoredCandle]:
         self.running += 1
         self.peak = max(self.peak, self.running)
         try:
             await self.gate.wait()
-            return await self.inner.tail(series_id, limit)
+            return await self.inner.window(series_id, since, before, limit)
         finally:
             self.running -= 1
 

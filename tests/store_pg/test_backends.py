@@ -77,6 +77,20 @@ async def test_reads_tail_since_before_range_head(backend: Backend) -> None:
     assert [c.candle_time for c in await store.before(SID, 10**9, 2)] == [480, 540]
     assert await store.before(SID, 0, 10) == []
     assert [s.candle.candle_time for s in await store.range(SID, 60, 180)] == [60, 120]
+    # the HTTP read: since (oldest first), before (newest first), both, neither; ascending
+    for since, before, limit, times in (
+        (120, None, 2, [180, 240]),
+        (None, 300, 2, [180, 240]),
+        (60, 300, 2, [120, 180]),
+        (60, 200, 10, [120, 180]),
+        (None, None, 3, [420, 480, 540]),
+        (540, None, 5, []),
+    ):
+        window = await store.window(SID, since, before, limit)
+        assert [s.candle.candle_time for s in window] == times, (since, before, limit)
+        assert all(s.complete for s in window)
+    await store.upsert("x:5m", [candle(0, "1", "2", "1", "2")], "derived", complete=False)
+    assert [s.complete for s in await store.window("x:5m", None, None, 5)] == [False]
     heads = await store.heads()
     assert (heads[SID].head_time, heads[SID].first_time, heads[SID].count) == (540, 0, 10)
 

@@ -75,6 +75,7 @@ from tradecanvas.serve.read_slots import ReadSlots
 from tradecanvas.serve.ws_asgi import market_websocket_routes
 from tradecanvas.serve.ws_session import MarketEndpoint
 from tradecanvas.store.interface import MarketStore
+from tradecanvas.store.types import StoredCandle
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +128,15 @@ async def read_body_limited(
 # --- the app -------------------------------------------------------------------------------
 
 
+def _wire(row: StoredCandle) -> dict[str, int | float | bool]:
+    """A candle as HTTP gives it; a derived bar some of whose minutes are missing (at the
+    exchange, or not stored yet) says so with ``complete: false``."""
+    wire: dict[str, int | float | bool] = dict(row.candle.to_wire())
+    if not row.complete:
+        wire["complete"] = False
+    return wire
+
+
 def build_http_app(
     *,
     store: MarketStore,
@@ -172,21 +182,14 @@ def build_http_app(
         query = parse_candles_query(request.query_params, served)
         sid, since, before, limit = str(query.series), query.since, query.before, query.limit
         async with store_read(f"candles {sid}"):
-            if since is not None:
-                rows = await store.since(sid, since, limit)
-                # the oldest after since: those below before are all of the window's
-                rows = rows if before is None else [c for c in rows if c.candle_time < before]
-            elif before is not None:
-                rows = await store.before(sid, before, limit)
-            else:
-                rows = await store.tail(sid, limit)
+            rows = await store.window(sid, since, before, limit)
             # read after the candles, so the head is never below the last candle returned
             head = await store.head_time(sid)
             return JsonResponse(
                 {
                     "series_id": sid,
                     "server_head_time": head,
-                    "candles": [c.to_wire() for c in rows],
+                    "candles": [_wire(r) for r in rows],
                 }
             )
 

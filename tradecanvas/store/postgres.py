@@ -56,7 +56,6 @@ from typing import Any, Final, TypeVar, final
 import attrs
 import psycopg
 import trio
-from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import ConnectionPool
 
 from tradecanvas.errors import StoreError
@@ -66,6 +65,7 @@ from tradecanvas.store.pg_pool import (
     RECONNECT_WINDOW_S,
     check_idle_connection,
     connection_lost,
+    describe_url,
     first_line,
     translated,
 )
@@ -81,7 +81,14 @@ from tradecanvas.store.pg_txn import (
     select_candles,
     select_events,
 )
-from tradecanvas.store.types import SeriesHead, Source, StoredCandle, StoredEvent, UpsertOutcome
+from tradecanvas.store.types import (
+    SeriesHead,
+    Source,
+    StoredCandle,
+    StoredEvent,
+    UpsertOutcome,
+    window_where,
+)
 from tradecanvas.upstream.backoff import Backoff
 
 log = logging.getLogger(__name__)
@@ -98,17 +105,6 @@ RETRY_BACKOFF: Final = Backoff(base_s=0.1, cap_s=5.0)
 # a retried write's transaction number jumps by this: never the failed attempt's + 1
 RETRY_SEQUENCE_STEP: Final = 3
 T = TypeVar("T")
-
-
-def describe_url(url: str) -> str:
-    """``postgresql://user@host:port/dbname`` without the password, for messages."""
-    try:
-        parts = conninfo_to_dict(url)
-    except psycopg.ProgrammingError:
-        return "postgresql://<unparsable URL>"
-    user = f"{parts['user']}@" if parts.get("user") else ""
-    port = f":{parts['port']}" if parts.get("port") else ""
-    return f"postgresql://{user}{parts.get('host', '')}{port}/{parts.get('dbname', '')}"
 
 
 class _Lost(Exception):
@@ -415,26 +411,30 @@ class PostgresStore:
 
     async def tail(self, series_id: str, limit: int) -> list[Candle]:
         """The newest ``limit`` candles, ascending."""
-        return await self._candles(series_id, "TRUE", (), limit, newest=True)
+        return [r.candle for r in await self.window(series_id, None, None, limit)]
 
     async def since(self, series_id: str, since: int, limit: int) -> list[Candle]:
         """Up to ``limit`` candles with ``candle_time > since`` (exclusive), ascending."""
-        return await self._candles(series_id, "candle_time > %s", (since,), limit, newest=False)
+        return [r.candle for r in await self.window(series_id, since, None, limit)]
 
     async def before(self, series_id: str, before: int, limit: int) -> list[Candle]:
         """The newest ``limit`` candles with ``candle_time < before`` (exclusive), ascending."""
-        return await self._candles(series_id, "candle_time < %s", (before,), limit, newest=True)
+        return [r.candle for r in await self.window(series_id, None, before, limit)]
 
-    async def _candles(
-        self, series_id: str, where: str, params: tuple[int, ...], limit: int, *, newest: bool
-    ) -> list[Candle]:
+    async def window(
+        self, series_id: str, since: int | None, before: int | None, limit: int
+    ) -> list[StoredCandle]:
+        """The candles between ``since`` and ``before`` (each exclusive; None: no bound),
+        with their ``complete`` marks, ascending: with ``since`` the oldest ``limit`` of
+        them, without it the newest."""
+        where, bounds = window_where(since, before, "%s")
+        newest = since is None
         order = "DESC" if newest else "ASC"
 
-        def q(conn: Conn) -> list[Candle]:
-            rows = select_candles(
-                conn, f"{where} ORDER BY candle_time {order} LIMIT %s", (series_id, *params, limit)
-            )
-            return [r.candle for r in (reversed(rows) if newest else rows)]
+        def q(conn: Conn) -> list[StoredCandle]:
+            sql = f"{where} ORDER BY candle_time {order} LIMIT %s"
+            rows = select_candles(conn, sql, (series_id, *bounds, limit))
+            return rows[::-1] if newest else rows
 
         return await self._read(q)
 

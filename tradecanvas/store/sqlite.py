@@ -40,7 +40,14 @@ from tradecanvas.store.txn import (
     select_candles,
     select_events,
 )
-from tradecanvas.store.types import SeriesHead, Source, StoredCandle, StoredEvent, UpsertOutcome
+from tradecanvas.store.types import (
+    SeriesHead,
+    Source,
+    StoredCandle,
+    StoredEvent,
+    UpsertOutcome,
+    window_where,
+)
 
 # Readers run in parallel threads; two cores here, and reads are short index range scans.
 log = logging.getLogger(__name__)
@@ -359,26 +366,30 @@ class CandleStore:
 
     async def tail(self, series_id: str, limit: int) -> list[Candle]:
         """The newest ``limit`` candles, ascending."""
-        return await self._candles(series_id, "1", (), limit, newest=True)
+        return [r.candle for r in await self.window(series_id, None, None, limit)]
 
     async def since(self, series_id: str, since: int, limit: int) -> list[Candle]:
         """Up to ``limit`` candles with ``candle_time > since`` (exclusive), ascending."""
-        return await self._candles(series_id, "candle_time > ?", (since,), limit, newest=False)
+        return [r.candle for r in await self.window(series_id, since, None, limit)]
 
     async def before(self, series_id: str, before: int, limit: int) -> list[Candle]:
         """The newest ``limit`` candles with ``candle_time < before`` (exclusive), ascending."""
-        return await self._candles(series_id, "candle_time < ?", (before,), limit, newest=True)
+        return [r.candle for r in await self.window(series_id, None, before, limit)]
 
-    async def _candles(
-        self, series_id: str, where: str, params: tuple[int, ...], limit: int, *, newest: bool
-    ) -> list[Candle]:
+    async def window(
+        self, series_id: str, since: int | None, before: int | None, limit: int
+    ) -> list[StoredCandle]:
+        """The candles between ``since`` and ``before`` (each exclusive; None: no bound),
+        with their ``complete`` marks, ascending: with ``since`` the oldest ``limit`` of
+        them, without it the newest."""
+        where, bounds = window_where(since, before, "?")
+        newest = since is None
         order = "DESC" if newest else "ASC"
 
-        def q(conn: sqlite3.Connection) -> list[Candle]:
-            rows = select_candles(
-                conn, f"{where} ORDER BY candle_time {order} LIMIT ?", (series_id, *params, limit)
-            )
-            return [r.candle for r in (reversed(rows) if newest else rows)]
+        def q(conn: sqlite3.Connection) -> list[StoredCandle]:
+            sql = f"{where} ORDER BY candle_time {order} LIMIT ?"
+            rows = select_candles(conn, sql, (series_id, *bounds, limit))
+            return rows[::-1] if newest else rows
 
         return await self._read(q)
 

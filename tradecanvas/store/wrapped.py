@@ -54,6 +54,11 @@ class WrappedStore(ABC):
     async def before(self, series_id: str, before: int, limit: int) -> list[Candle]:
         return await self.inner.before(series_id, before, limit)
 
+    async def window(
+        self, series_id: str, since: int | None, before: int | None, limit: int
+    ) -> list[StoredCandle]:
+        return await self.inner.window(series_id, since, before, limit)
+
     async def range(self, series_id: str, start: int, end: int) -> list[StoredCandle]:
         return await self.inner.range(series_id, start, end)
 
