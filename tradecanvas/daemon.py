@@ -84,7 +84,7 @@ INGEST_DRAIN_S: Final = 5.0
 # A write running longer than this means the pipeline is stuck: stop feeding the watchdog.
 STUCK_WRITE_S: Final = 20.0
 # /readyz says a write is slow past this (a lock held elsewhere; a commit is milliseconds)
-SLOW_WRITE_S: Final = 5.0
+SLOW_WRITE_S: Final = 10.0
 # How often the STATUS= line shown by `systemctl status` is refreshed.
 STATUS_INTERVAL_S: Final = 10.0
 # How often a PostgreSQL store is pinged for /readyz while nothing else reaches it.

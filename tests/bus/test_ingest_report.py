@@ -107,6 +107,16 @@ async def test_the_holder_reports_binance_and_the_report_goes_with_the_lease(
             await _until(watch, lambda f: f == {"ingest": None})
             async with open_redis(redis_url) as client:
                 assert await client.get(keys.lease) is None  # gone with the same TTL
+            # a clean stop lets both go at once (the TTL is long here: no expiry helps)
+            slow = IngestLeader(
+                redis_url, keys, FencedStore(store), Metrics(), timing=LeaseTiming(60_000)
+            )
+            async with trio.open_nursery() as alive:
+                await alive.start(slow.run, nothing)
+                await _until(watch, lambda f: f.get("ingest") is not None)
+                alive.cancel_scope.cancel()
+            await slow.release()
+            await _until(watch, lambda f: f == {"ingest": None})
             nursery.cancel_scope.cancel()
     finally:
         await store.aclose()

@@ -174,8 +174,8 @@ def test_decimals_and_candle_times() -> None:
         ({"series_id": BTC, "before": "1751760000000", "since": "1.5"}, ["since", "before"]),
         ([("series_id", BTC), ("before", "1"), ("before", "2")], ["before"]),
         ([("series_id", BTC), ("series_id", ETH)], ["series_id"]),
-        # a window that cannot hold a candle (both bounds exclusive)
-        ({"series_id": BTC, "since": "100", "before": "101"}, ["before"]),
+        # an inverted window (an empty one, since=t&before=t+1, is a paging loop's last step)
+        ({"series_id": BTC, "since": "100", "before": "100"}, ["before"]),
         ({"series_id": BTC, "since": "100", "before": "40"}, ["before"]),
         # near misses and Binance's own parameters would answer another window silently
         ({"series_id": BTC, "befor": "1751760000"}, ["befor"]),
@@ -201,6 +201,8 @@ def test_candle_queries() -> None:
     assert parse_candles_query(query, SERVED) == CandlesQuery(btc, 0, MAX_LIMIT)
     query = QueryParams({"series_id": BTC, "before": str(T0), "since": ""})
     assert parse_candles_query(query, SERVED) == CandlesQuery(btc, None, DEFAULT_LIMIT, T0)
+    query = QueryParams({"series_id": BTC, "since": "100", "before": "101"})
+    assert parse_candles_query(query, SERVED) == CandlesQuery(btc, 100, DEFAULT_LIMIT, 101)
     # another unknown parameter (a cache buster) is ignored
     query = QueryParams({"series_id": BTC, "_": "1751760000123", "since": "0", "before": "2"})
     assert parse_candles_query(query, SERVED) == CandlesQuery(btc, 0, DEFAULT_LIMIT, 2)

@@ -968,6 +968,73 @@ def test_a_cursor_older_than_the_retention_gets_events_truncated_once() -> None:
     assert "truncated" not in str(_messages(rig.drain()))
 
 
+def test_closes_published_during_a_send_go_before_the_forming_candle_without_a_read() -> None:
+    # a busy moment (a replay at speed, a REST repair): the next close and the forming
+    # candle after it are offered while the drain sends; what is owed is in memory
+    rig = Rig()
+    history = minutes(T0, 3)
+    rig.store.upsert(SID_1M, history)
+    subscribe(rig, SID_1M, since=history[-1].candle_time)
+    assert rig.drain() == []
+    reads = len(rig.store.reads)
+    sent: list[Outgoing] = []
+    for i in range(3, 40, 2):
+        close, nxt, forming = minutes(T0 + 60 * i, 3)
+        rig.store.upsert(SID_1M, [close])
+        rig.queue.offer_closed(SID_1M, [close], now=0.0)
+        rig.woken = False
+        plan = rig.queue.drain()
+        action = plan.send(None)
+        assert isinstance(action, Send)
+        sent.extend(action.messages)
+        # while that send is out, the next minute closes and the one after it forms
+        rig.store.upsert(SID_1M, [nxt])
+        rig.queue.offer_closed(SID_1M, [nxt], now=0.0)
+        rig.queue.offer_forming(SID_1M, forming)
+        for _ in plan:
+            raise AssertionError("nothing more in this plan")
+        sent.extend(rig.drain())
+    assert len(rig.store.reads) == reads  # no read: every close owed was published
+    assert closed_times(sent) == sorted(set(closed_times(sent)))
+    overtaken = [
+        m.candle.candle_time
+        for k, m in enumerate(sent)
+        if isinstance(m, FormingCandle)
+        and m.candle.candle_time - 60 > max(closed_times(sent[:k]), default=0)
+    ]
+    assert overtaken == []
+
+
+def test_an_event_published_while_the_stored_ones_are_read_is_not_lost() -> None:
+    # the cursor may move back (above the log's newest id): one queued meanwhile must stay
+    rig = Rig()
+    for name in ("a", "b", "c", "d"):
+        _event(rig, SID_1M, name)
+    rig.queue.subscribe(SID_1M, 60, None, True, events_after=10)
+    rig.woken = False
+    plan = rig.queue.drain()
+    read = plan.send(None)
+    assert isinstance(read, ReadEvents)
+    answer = rig.store.read_events(read)
+    live = _event(rig, SID_1M, "live")
+    rig.queue.offer_event(SID_1M, live, "event live", now=0.0)
+    sent: list[Outgoing] = []
+    step: Answer = answer
+    while True:
+        try:
+            action = plan.send(step)
+        except StopIteration:
+            break
+        if isinstance(action, ReadStore):  # the candles' catch-up (none stored)
+            step = rig.store.read(action)
+            continue
+        assert isinstance(action, Send)
+        sent.extend(action.messages)
+        step = None
+    sent.extend(rig.drain())
+    assert _messages(sent) == [("truncated", 10, 4), "event live"]
+
+
 def test_a_cursor_above_the_newest_event_starts_over_from_it() -> None:
     # a store restored from an older backup gives ids again that a client already passed
     rig = Rig()

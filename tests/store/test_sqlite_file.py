@@ -91,6 +91,10 @@ async def test_a_file_this_process_cannot_write_is_refused_at_open(tmp_path: Pat
         with pytest.raises(StoreError, match="cannot be written by this process") as info:
             await CandleStore.open(path)
         assert str(path) in str(info.value)
+        # a reader (export) is not refused
+        reader = await CandleStore.open(path, writes=False)
+        assert len(await reader.tail(S, 100)) == 10
+        await reader.aclose()
     finally:
         await trio.run_process(["chattr", "-i", str(path)])
     store = await CandleStore.open(path)  # writable again

@@ -62,13 +62,16 @@ elseif not v then
 end
 return {0, v}
 """
-# let the lease go, if it is still ours
+# let the lease go, if it is still ours, and the report to the edges with it
 _RELEASE: Final = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('DEL', KEYS[2])
   return redis.call('DEL', KEYS[1])
 end
 return 0
 """
+# the report is advisory: its write never holds the lease's exchange up for long
+REPORT_TIMEOUT_S: Final = 1.0
 
 
 class IngestFenced(StoreError):
@@ -209,9 +212,17 @@ class IngestLeader:
         return verdict
 
     async def _report(self, client: Redis[bytes], ttl_ms: int) -> None:
-        """The holder's report to the edges, expiring with the lease (bus/ingest_report.py)."""
+        """The holder's report to the edges, expiring with the lease (bus/ingest_report.py).
+        Advisory: a failure is logged, never taken for the lease's (its verdict stands)."""
         report = IngestReport(self.node, self.upstream_connected())
-        await client.set(self.report_key, report.encode(), px=ttl_ms)
+        try:
+            with trio.move_on_after(REPORT_TIMEOUT_S) as scope:
+                await client.set(self.report_key, report.encode(), px=ttl_ms)
+        except BaseException as exc:
+            log.debug("ingest report not written (%s)", describe(failure_or_raise(exc)))
+            return
+        if scope.cancelled_caught:
+            log.debug("ingest report not written within %.1f s", REPORT_TIMEOUT_S)
 
     async def _take_over(self, on_leader: Callable[[], Awaitable[None]]) -> None:
         token, previous = await self.store.take_fence(self.node)
@@ -235,7 +246,7 @@ class IngestLeader:
         try:
             with trio.move_on_after(COMMAND_TIMEOUT_S):
                 async with open_redis(self.url) as client:
-                    await client.eval(_RELEASE, keys=[self.key], args=[self.node])
+                    await client.eval(_RELEASE, keys=[self.key, self.report_key], args=[self.node])
                     log.info("ingest lease: released by node %s", self.node)
         except BaseException as exc:
             failure = failure_or_raise(exc)

@@ -134,10 +134,10 @@ def parse_candles_query(params: QueryLike, served: frozenset[SeriesId]) -> Candl
             problems.append(Problem("series_id", f"series_id: {exc}"))
     since, before = _bound(params, "since", problems), _bound(params, "before", problems)
     limit = _limit(params, problems)
-    if since is not None and before is not None and before <= since + 1:
+    if since is not None and before is not None and before <= since:
         problems.append(
-            Problem("before", f"before: {before} leaves nothing after since {since} (both are"
-                    " exclusive: before must be above since + 1)")
+            Problem("before", f"before: {before} is not above since {since} (a window's"
+                    " lower bound is since, its upper bound before)")
         )  # fmt: skip
     if problems:
         raise RequestRefused.unprocessable(problems)

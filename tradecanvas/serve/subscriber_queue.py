@@ -295,7 +295,14 @@ class SubscriberQueue:
         sub = self.subscriptions.get(series_id)
         if sub is None or self.closing:
             return None
-        if event_id is not None and sub.event_cursor is not None and event_id <= sub.event_cursor:
+        # (while the stored events are read the cursor may yet move back — a cursor above
+        # the log's newest id — so the read's end filters those queued meanwhile)
+        if (
+            event_id is not None
+            and sub.event_cursor is not None
+            and event_id <= sub.event_cursor
+            and not sub.needs_events
+        ):
             return None
         decision = self._room_for_one(now)
         if decision is not None:

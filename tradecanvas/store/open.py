@@ -20,11 +20,12 @@ def store_location(db_path: Path, database_url: str | None) -> str | Path:
     return database_url if database_url else db_path
 
 
-async def open_store(location: str | Path) -> MarketStore:
-    """Open (and migrate) the store at ``location``. Raises StoreError."""
+async def open_store(location: str | Path, *, writes: bool = True) -> MarketStore:
+    """Open (and migrate) the store at ``location``; ``writes=False`` for a caller that only
+    reads. Raises StoreError."""
     if is_database_url(location):
         return await PostgresStore.open(str(location).strip())
-    return await CandleStore.open(location)
+    return await CandleStore.open(location, writes=writes)
 
 
 def describe_location(location: str | Path) -> str:

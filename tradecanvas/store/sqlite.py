@@ -117,8 +117,15 @@ def _rollback(conn: sqlite3.Connection) -> None:
         conn.execute("ROLLBACK")
 
 
-def _open_writer(path: Path) -> sqlite3.Connection:
+def _open_writer(path: Path, *, writes: bool = True) -> sqlite3.Connection:
     path.parent.mkdir(parents=True, exist_ok=True)
+    # SQLite opens a file it may not write (another owner, chattr +i, a read-only mount)
+    # read-only without a word, and the first commit failed instead
+    if writes and path.exists() and not os.access(path, os.W_OK):
+        raise StoreError(
+            f"candle store {path} cannot be written by this process (uid {os.getuid()}):"
+            " give the file and its folder to the user the daemon runs as"
+        )
     if not path.exists():
         log.warning(
             "candle store %s: no file there; created a new, empty store (history comes"
@@ -138,16 +145,7 @@ def _open_writer(path: Path) -> sqlite3.Connection:
         # halfway) stays in memory instead of a file in /var/tmp (docs/benchmarks.md, Commit)
         conn.execute("PRAGMA temp_store = MEMORY")
         conn.execute("PRAGMA foreign_keys = ON")
-        version = migrate(conn)
-        # SQLite opens a file it may not write read-only, without a word: the first commit
-        # would fail instead. Writing the header's schema version as it is says it now.
-        try:
-            conn.execute(f"PRAGMA user_version = {int(version)}")
-        except sqlite3.OperationalError as exc:
-            raise StoreError(
-                f"candle store {path} cannot be written by this process (uid {os.getuid()}):"
-                f" {exc}; give the file and its folder to the user the daemon runs as"
-            ) from exc
+        migrate(conn)
         # a damaged page answers a line saying where, not an error
         (verdict,) = conn.execute("PRAGMA quick_check(1)").fetchone()
         if verdict != "ok":
@@ -200,13 +198,15 @@ class CandleStore:
         return self._closed
 
     @classmethod
-    async def open(cls, path: Path | str) -> CandleStore:
+    async def open(cls, path: Path | str, *, writes: bool = True) -> CandleStore:
+        """Open (and migrate) the store; ``writes=False``: the caller only reads (export),
+        so a file it may not write is not refused."""
         path = Path(path)
 
         def _open() -> sqlite3.Connection:
             with _translated(f"open of {path}"):
                 try:
-                    return _open_writer(path)
+                    return _open_writer(path, writes=writes)
                 except (FileExistsError, NotADirectoryError) as exc:
                     # mkdir of the folder met a file on the way ("File exists")
                     blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), None)

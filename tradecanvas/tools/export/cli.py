@@ -113,7 +113,7 @@ def _plan(args: argparse.Namespace) -> tuple[SeriesId, int, int]:
 async def _run(
     location: str | Path, series: SeriesId, start: int, end: int, out: TextIO, header: bool
 ) -> int:
-    store = await open_store(location)
+    store = await open_store(location, writes=False)
     try:
         if await store.head_time(str(series)) is None:
             raise UnknownSeriesError(f"the store holds no candle of {series}")
