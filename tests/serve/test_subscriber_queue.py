@@ -164,6 +164,16 @@ def minutes(start: int, count: int, price: str = "100") -> list[Candle]:
     return list(flat_minutes(start, count, price=price))
 
 
+def caught_up(count: int) -> tuple[Rig, list[Candle]]:
+    """A rig whose 1m subscription is caught up at the last of ``count`` stored minutes."""
+    rig = Rig()
+    history = minutes(T0, count)
+    rig.store.upsert(SID_1M, history)
+    subscribe(rig, SID_1M, since=history[-1].candle_time)
+    assert rig.drain() == []
+    return rig, history
+
+
 # --- purity ---------------------------------------------------------------------------
 
 
@@ -352,11 +362,8 @@ def test_forming_is_sent_only_above_the_cursor() -> None:
 def test_a_forming_candle_above_unpublished_closes_brings_them_from_the_store_first() -> None:
     # closes another process stored (an import) that the live path found already there and
     # never published: the forming candle after them must not overtake them
-    rig = Rig()
-    history, imported = minutes(T0, 5), minutes(T0 + 300, 5)
-    rig.store.upsert(SID_1M, history)
-    subscribe(rig, SID_1M, since=history[-1].candle_time)
-    assert rig.drain() == []
+    rig, history = caught_up(5)
+    imported = minutes(T0 + 300, 5)
     rig.store.upsert(SID_1M, imported)  # committed, never offered
     reads = len(rig.store.reads)
     forming = minutes(T0 + 600, 1)[0]
@@ -373,11 +380,7 @@ def test_a_forming_candle_above_unpublished_closes_brings_them_from_the_store_fi
 
 
 def test_a_forming_candle_after_a_hole_at_the_exchange_reads_once_then_goes() -> None:
-    rig = Rig()
-    history = minutes(T0, 5)
-    rig.store.upsert(SID_1M, history)
-    subscribe(rig, SID_1M, since=history[-1].candle_time)
-    assert rig.drain() == []
+    rig, _history = caught_up(5)
     reads = len(rig.store.reads)
     after_hole = minutes(T0 + 900, 1)[0]  # ten minutes the exchange never had
     for price in ("100", "101", "102"):
@@ -395,11 +398,8 @@ def test_a_forming_candle_after_a_hole_at_the_exchange_reads_once_then_goes() ->
 
 
 def test_closes_published_during_the_read_go_before_the_forming_candle() -> None:
-    rig = Rig()
-    history, imported = minutes(T0, 3), minutes(T0 + 180, 3)
-    rig.store.upsert(SID_1M, history)
-    subscribe(rig, SID_1M, since=history[-1].candle_time)
-    assert rig.drain() == []
+    rig, _history = caught_up(3)
+    imported = minutes(T0 + 180, 3)
     rig.store.upsert(SID_1M, imported)
     forming = minutes(T0 + 420, 1)[0]
     rig.queue.offer_forming(SID_1M, forming)
@@ -971,11 +971,7 @@ def test_a_cursor_older_than_the_retention_gets_events_truncated_once() -> None:
 def test_closes_published_during_a_send_go_before_the_forming_candle_without_a_read() -> None:
     # a busy moment (a replay at speed, a REST repair): the next close and the forming
     # candle after it are offered while the drain sends; what is owed is in memory
-    rig = Rig()
-    history = minutes(T0, 3)
-    rig.store.upsert(SID_1M, history)
-    subscribe(rig, SID_1M, since=history[-1].candle_time)
-    assert rig.drain() == []
+    rig, _history = caught_up(3)
     reads = len(rig.store.reads)
     sent: list[Outgoing] = []
     for i in range(3, 40, 2):
