@@ -10,6 +10,7 @@ from typing import Final
 
 import attrs
 import pytest
+import trio
 from playwright.sync_api import Browser
 
 from tests.browser.rig import (
@@ -23,8 +24,12 @@ from tests.browser.rig import (
     market,
     read_bars,
     trimmed_week,
+    wait_for_line,
 )
-from tests.conftest import binance_data_dir
+from tests.cli_rig import cli_env, run_cli
+from tests.conftest import binance_data_dir, flat_minutes
+from tradecanvas.pipeline.derive import aggregate
+from tradecanvas.store.sqlite import CandleStore
 
 pytestmark = [pytest.mark.browser, pytest.mark.e2e]
 
@@ -342,3 +347,40 @@ def test_a_page_origin_outside_the_allow_list_gets_no_stream(
             assert all("WebSocket connection to" in e for e in chart.console_errors)
         refused = f"403 for Origin '{m.http_url}'"
         assert refused in (tmp_path / "serve-1.log").read_text()
+
+
+def test_a_bar_marked_incomplete_is_shaded_without_its_event(
+    tmp_path: Path, browser: Browser
+) -> None:
+    """The event log keeps 7 days; a derived bar's `complete: false` on the HTTP read keeps
+    its shading after that. Here a store holds such a bar and no event at all."""
+    db = tmp_path / "market.sqlite3"
+    minutes = [m for m in flat_minutes(1_751_760_000, 10) if m.candle_time != 1_751_760_120]
+
+    async def fill() -> None:
+        store = await CandleStore.open(db)
+        try:
+            await store.upsert(BASE, minutes, "ws")
+            whole = aggregate(1_751_760_300, minutes[4:], None)
+            part = aggregate(1_751_760_000, minutes[:4], None)
+            await store.upsert(FIVE, [part], "derived", complete=False)
+            await store.upsert(FIVE, [whole], "derived")
+        finally:
+            await store.aclose()
+
+    trio.run(fill)
+    env = cli_env(
+        TRADE_CANVAS_DB_PATH=str(db),
+        TRADE_CANVAS_DERIVED_TIMEFRAMES="5m",
+        TRADE_CANVAS_BINANCE_FUTURES_WS_URL="ws://127.0.0.1:9",  # no exchange here
+        TRADE_CANVAS_BINANCE_FUTURES_REST_URL="http://127.0.0.1:9",
+    )
+    with run_cli(["serve"], env, tmp_path / "serve.log") as serve:
+        origin = wait_for_line(tmp_path / "serve.log", r"ready ws=\S+ http=(\S+)", serve).group(1)
+        with chart_page(browser, origin) as chart:
+            chart.open(FIVE)
+            chart.wait_until("() => window.tradecanvasChart.ready()")
+            assert [b.time for b in chart.bars(FIVE)] == [1_751_760_000, 1_751_760_300]
+            assert chart.call(f"() => window.tradecanvasChart.gaps({FIVE!r})") == [1_751_760_000]
+            legend = chart.call("(t) => window.tradecanvasChart.legend(t)", 1_751_760_000)
+            assert "incomplete: some of its minutes are missing" in legend, legend

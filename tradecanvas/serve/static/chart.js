@@ -142,6 +142,16 @@
     return found;
   }
 
+  // the HTTP read marks a derived bar with minutes missing (`complete: false`): shaded as
+  // the `gap` event of it would be — that event may be pruned from the log by now — and a
+  // bar read back complete (a hole filled by a repair or an import) is shaded no more
+  function markCompleteness(candles) {
+    for (const c of candles) {
+      if (c.complete === false) view.gapTimes.add(c.candle_time);
+      else view.gapTimes.delete(c.candle_time);
+    }
+  }
+
   function shade(from, toExclusive) {
     let t = from;
     for (let n = 0; t < toExclusive && n < MAX_SHADED_PER_HOLE; n++, t = nextOpen(t, view.timeframe)) {
@@ -375,6 +385,7 @@
       const loaded = (await getJSON(candlesUrl(seriesId, null, HISTORY_BARS))).candles;
       if (generation !== view.generation) return;
       view.bars = loaded.map(toBar);
+      markCompleteness(loaded);
       view.lastClosed = loaded.length ? loaded[loaded.length - 1].candle_time : null;
     } catch (error) {
       if (generation === view.generation) notice(`loading ${seriesId} failed: ${error.message}`);
@@ -404,6 +415,7 @@
       if (older.length === 0) return;
       const range = chart.timeScale().getVisibleLogicalRange();
       view.bars = [...older.map(toBar), ...view.bars];
+      markCompleteness(older);
       const gaps = render();
       if (range) {
         // the points now before the bars held: the older bars and the shaded hole slots
@@ -450,6 +462,7 @@
         return;
       }
       if (generation !== view.generation) return;
+      markCompleteness(loaded);
       const byTime = new Map(loaded.map((c) => [c.candle_time, toBar(c)]));
       for (const bar of view.bars) byTime.set(bar.time, bar);
       view.bars = [...byTime.values()].sort((a, b) => a.time - b.time);
@@ -462,14 +475,16 @@
     }
     if (data.to_time < view.bars[0].time) return;
     const from = Math.max(data.from_time, view.bars[0].time);
-    let fresh;
+    let read;
     try {
-      fresh = (await candlesBetween(view.seriesId, from, data.to_time)).map(toBar);
+      read = await candlesBetween(view.seriesId, from, data.to_time);
     } catch (error) {
       notice(`reloading after factor.rebuild failed: ${error.message}`);
       return;
     }
     if (generation !== view.generation) return;
+    markCompleteness(read);
+    const fresh = read.map(toBar);
     const kept = view.bars.filter((b) => b.time < from || b.time > data.to_time);
     view.bars = [...kept, ...fresh].sort((a, b) => a.time - b.time);
     render();
