@@ -115,7 +115,11 @@ async def _store(http: httpx.AsyncClient, series_id: str) -> dict[int, dict[str,
             "/api/market/candles", params={"series_id": series_id, "since": since, "limit": 5000}
         )
         candles = reply.json()["candles"]
-        bars.update((c["candle_time"], c) for c in candles)
+        # the HTTP read's `complete: false` of a derived bar with minutes missing is not a
+        # candle field: /ws/market sends the bar without it
+        bars.update(
+            (c["candle_time"], {k: v for k, v in c.items() if k != "complete"}) for c in candles
+        )
         if len(candles) < 5000:
             return bars
         since = candles[-1]["candle_time"]
