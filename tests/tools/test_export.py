@@ -120,3 +120,19 @@ def test_export_writes_the_archives_digits_and_month_bars(tmp_path: Path) -> Non
         ["1577836800000", "0.00000050", "0.00000062", "0.00000049", "0.00000061",
          "1255.00000000", "1580515199999"]
     ]  # fmt: skip
+
+
+def test_import_says_it_did_not_ask_binance_for_a_3d_grid(tmp_path: Path) -> None:
+    """`import` reads files only: its warning about an unknown 3d grid said "Binance has no
+    bar", as if it had asked."""
+    archive = tmp_path / "shib-minutes.csv"
+    archive.write_text(PLAIN)
+    env = cli_env(TRADE_CANVAS_DB_PATH=str(tmp_path / "m.sqlite3"))
+    done = subprocess.run(
+        [sys.executable, "-m", "tradecanvas", "import", "--series", f"{SHIB}:1m",
+         "--derived-timeframes", "1d,3d", str(archive)],
+        env=env, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "grid phase unknown (Binance: not asked: import reads files only" in done.stderr
+    assert "Binance has no bar" not in done.stderr

@@ -19,6 +19,7 @@ from tradecanvas.errors import (
     ExitCode,
     SeriesIdError,
     StoreError,
+    TradeCanvasError,
     find_in_group,
 )
 from tradecanvas.model import Candle, SeriesId, Timeframe
@@ -82,7 +83,9 @@ class _Offline:
     """No Binance here: a 3d grid phase comes from the store's memory or the known table."""
 
     async def latest_open_time(self, series: SeriesId) -> int | None:
-        return None
+        raise TradeCanvasError(
+            "not asked: import reads files only; a daemon on this store learns the phase"
+        )
 
 
 async def _learn_phases(pipeline: IngestPipeline, series: Sequence[SeriesId]) -> None:
