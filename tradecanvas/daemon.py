@@ -26,9 +26,11 @@ SIGINT: STOPPING=1; the ingest supervisor is cancelled first and commits its pen
 candles (shielded, bounded); then every subscriber, on either port, is closed with 1001, the
 WS server drains its connections and the HTTP server its requests (bounded; what is left is
 aborted); the store is closed; exit 0, all within :data:`DRAIN_DEADLINE_S`. A
-second signal exits at once. A store failure (disk full, read-only, corrupt file) ends the
-daemon with one log line and exit code :data:`ExitCode.STORE_FAILURE` so systemd restarts it;
-the batch in flight was rolled back, never half written.
+second signal exits at once. A store failure ends the daemon with exit code
+:data:`ExitCode.STORE_FAILURE` so systemd restarts it; the batch in flight was rolled back,
+never half written. One the ingest meets while running that waiting cures (a full disk, a
+read-only file system, a lock held elsewhere) first stops the ingest only: the daemon serves
+what is stored, ``/readyz`` false, until a write goes through (``ingest/store_outage.py``).
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ from tradecanvas.bus.roles import (
     watch_dependencies,
 )
 from tradecanvas.errors import ExitCode, start_failure
+from tradecanvas.ingest.store_outage import StoreOutage
 from tradecanvas.ingest.supervisor import IngestSupervisor
 from tradecanvas.ops.heap import freeze_startup_heap
 from tradecanvas.ops.logs import configure_logging
@@ -109,6 +112,7 @@ class MarketRuntime:
     bus_publisher: BusPublisher | None = None
     edge_feed: EdgeFeed | None = None
     leader: IngestLeader | None = None  # role ingest: the lease; the supervisor runs once held
+    outage: StoreOutage | None = None  # the ingest through a store that takes no writes
     # events other processes (import, backfill) append to the store (all; ingest: leader)
     event_tail: EventTail | None = None
     listening: dict[str, int] = attrs.field(factory=dict)
@@ -141,6 +145,8 @@ class MarketRuntime:
         }
         if isinstance(self.store, PostgresStore):
             checks["store_reachable"] = self.store.reachable
+        if self.outage is not None:
+            checks["store_writable"] = self.outage.writable()
         if self.ingest is not None and (self.leader is None or self.leader.leader):
             checks["upstream_connected"] = self.ingest.upstream_connected()
         if self.bus_publisher is not None:
@@ -367,15 +373,16 @@ async def run_daemon(
                 ),
             )
         lease_scope, lease_done, ingest_started = trio.CancelScope(), trio.Event(), [False]
+        if runtime.ingest is not None:
+            outage = runtime.outage = StoreOutage(runtime.store)
+            ingest_run = functools.partial(outage.run_ingest, runtime.ingest.run)
         if runtime.ingest is not None and runtime.leader is not None:
             # role ingest: the supervisor runs once this node holds the lease
-            supervisor = runtime.ingest
-
             async def start_ingest() -> None:
                 ingest_started[0] = True
                 if runtime.event_tail is not None:
                     nursery.start_soon(runtime.event_tail.run)
-                await nursery.start(_run_in_scope, ingest_scope, ingest_done, supervisor.run)
+                await nursery.start(_run_in_scope, ingest_scope, ingest_done, ingest_run)
 
             await nursery.start(
                 _run_in_scope,
@@ -387,7 +394,7 @@ async def run_daemon(
             ingest_started[0] = True
             if runtime.event_tail is not None:
                 nursery.start_soon(runtime.event_tail.run)
-            await nursery.start(_run_in_scope, ingest_scope, ingest_done, runtime.ingest.run)
+            await nursery.start(_run_in_scope, ingest_scope, ingest_done, ingest_run)
         http = runtime.listening["http"]
         ws = runtime.listening.get("ws")
         freeze_startup_heap()  # full collections walk what came after, not start-up's heap

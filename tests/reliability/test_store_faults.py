@@ -32,10 +32,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Final
 
+import httpx
 import pytest
 import trio
 
-from tests.cli_rig import children, exit_code_within
+from tests.cli_rig import children, exit_code_within, wait_for_line
 from tests.reliability.record import ReliabilityRecord, report, sized
 from tests.reliability.rig import (
     START,
@@ -60,15 +61,26 @@ ERROR_LINE: Final = re.compile(r"^(CRITICAL|ERROR)\b")
 STORE_LINE: Final = re.compile(
     r"CRITICAL tradecanvas\.daemon: store failure, stopping \(exit code 3\): \S"
 )
+OUTAGE_LINE: Final = r"CRITICAL tradecanvas\.ingest\.store_outage: store failure, ingest stopped"
 BIND_RO: Final = 'mount --bind "$0" "$0" && mount -o remount,ro,bind "$0" && exec "$@"'
 
 
 def size_limit(limit: int) -> Callable[[], None]:
     def preexec() -> None:
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG, as ENOSPC, not a core dump
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+        # the soft limit only: the test lifts it again (prlimit) as freeing space would
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
 
     return preexec
+
+
+async def outage_is_shown(http: str, series: str) -> None:
+    """/readyz is 503 with store_writable false, and stored candles are still served."""
+    async with httpx.AsyncClient(base_url=http, timeout=WAIT_S) as client:
+        ready = await client.get("/readyz")
+        assert ready.status_code == 503 and ready.json()["checks"]["store_writable"] is False
+        read = await client.get("/api/market/candles", params={"series_id": series})
+        assert read.status_code == 200 and read.json()["candles"], read.text
 
 
 def need_namespaces() -> None:
@@ -128,7 +140,7 @@ async def test_a_store_failure_exits_3_cleanly_and_a_restart_recovers(
         before = len((await trio.Path(log).read_text()).splitlines())
         if kind == "full":
             limit = max(p.stat().st_size for p in data.iterdir()) + 256 * 1024
-            proc, url, _ = await start_serve(kids, log, env, size_limit(limit))
+            proc, url, http = await start_serve(kids, log, env, size_limit(limit))
         else:
             untouched = digest(data)
             wrap = ["unshare", "-m", "--propagation", "private", "sh", "-c", BIND_RO, str(data)]
@@ -137,13 +149,23 @@ async def test_a_store_failure_exits_3_cleanly_and_a_restart_recovers(
         async with trio.open_nursery() as nursery:
             if url:
                 await nursery.start(sub.session, url)
+            if kind == "full":
+                # the ingest stops, the daemon stays up serving what is stored, /readyz says
+                # why; once the disk takes writes again, it restarts (exit 3) to repair
+                await wait_for_line(log, OUTAGE_LINE, proc, within=WAIT_S)
+                await outage_is_shown(http, series[0])
+                infinity = resource.RLIM_INFINITY
+                resource.prlimit(proc.pid, resource.RLIMIT_FSIZE, (infinity, infinity))
             code = await exit_code_within(proc, WAIT_S)
             await sub.wait_until(lambda: not url or sub.close_code is not None)
         lines = (await trio.Path(log).read_text()).splitlines()[before:]
         errors = [line for line in lines if ERROR_LINE.match(line)]
         assert code == ExitCode.STORE_FAILURE, "\n".join(lines[-30:])
-        # exactly one error line: the daemon's, naming the failure and the exit code
-        assert len(errors) == 1 and STORE_LINE.search(errors[0]), errors
+        # the error lines: the outage's (full disk only), then the daemon's stop, naming
+        # the failure and the exit code
+        outage = [OUTAGE_LINE] if kind == "full" else []
+        assert len(errors) == len(outage) + 1 and STORE_LINE.search(errors[-1]), errors
+        assert all(re.search(p, e) for p, e in zip(outage, errors, strict=False)), errors
         if kind == "read-only":
             assert digest(data) == untouched
         assert integrity(db) == "ok"
