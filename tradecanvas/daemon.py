@@ -278,6 +278,7 @@ async def market_runtime_builder(flags: RuntimeFlags) -> MarketRuntime:
         own_hub=hub,
         own_market=market,
         ingest=supervisor,
+        outage=None if supervisor is None else StoreOutage(store),
         bus_publisher=publisher,
         edge_feed=feed,
         leader=leader,
@@ -373,9 +374,8 @@ async def run_daemon(
                 ),
             )
         lease_scope, lease_done, ingest_started = trio.CancelScope(), trio.Event(), [False]
-        if runtime.ingest is not None:
-            outage = runtime.outage = StoreOutage(runtime.store)
-            ingest_run = functools.partial(outage.run_ingest, runtime.ingest.run)
+        if runtime.ingest is not None and runtime.outage is not None:
+            ingest_run = functools.partial(runtime.outage.run_ingest, runtime.ingest.run)
         if runtime.ingest is not None and runtime.leader is not None:
             # role ingest: the supervisor runs once this node holds the lease
             async def start_ingest() -> None:

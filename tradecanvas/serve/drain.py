@@ -77,12 +77,12 @@ def _flush(queue: SubscriberQueue, sub: Subscription) -> Plan:
     forming = queue.take_forming(sub) if sub.active else None
     if forming is None:
         return
-    if not forming_follows(sub, forming) and sub.pending:
-        # closes published while the drain was sending: they go first, and may be all it
-        # was owed (no read for what is in memory)
-        queue.requeue_forming(sub, forming)
-        return
     if not forming_follows(sub, forming):
+        if sub.pending:
+            # closes published while the drain was sending: they go first, and may be all
+            # it was owed (no read for what is in memory)
+            queue.requeue_forming(sub, forming)
+            return
         # closes owed before it that were never published (stored by another process):
         # the store has them, since they were committed before the forming was offered
         yield from _sync(queue, sub, -1)

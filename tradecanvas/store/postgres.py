@@ -87,8 +87,8 @@ from tradecanvas.store.types import (
     StoredCandle,
     StoredEvent,
     UpsertOutcome,
-    window_where,
 )
+from tradecanvas.store.window import WindowReads
 from tradecanvas.upstream.backoff import Backoff
 
 log = logging.getLogger(__name__)
@@ -162,9 +162,11 @@ class PostgresStoreStatistics:
 
 
 @final
-class PostgresStore:
+class PostgresStore(WindowReads):
     """Owns the connection pool. Open with :meth:`open`, close with :meth:`aclose`. Every
     method is a trio checkpoint and runs psycopg in a worker thread."""
+
+    placeholder = "%s"
 
     def __init__(self, url: str, pool: ConnectionPool[Conn], size: int) -> None:
         self.location = describe_url(url)
@@ -409,44 +411,9 @@ class PostgresStore:
             lambda txn: txn.upsert(series_id, candles, source, complete=complete)
         )
 
-    async def tail(self, series_id: str, limit: int) -> list[Candle]:
-        """The newest ``limit`` candles, ascending."""
-        return [r.candle for r in await self.window(series_id, None, None, limit)]
-
-    async def since(self, series_id: str, since: int, limit: int) -> list[Candle]:
-        """Up to ``limit`` candles with ``candle_time > since`` (exclusive), ascending."""
-        return [r.candle for r in await self.window(series_id, since, None, limit)]
-
-    async def before(self, series_id: str, before: int, limit: int) -> list[Candle]:
-        """The newest ``limit`` candles with ``candle_time < before`` (exclusive), ascending."""
-        return [r.candle for r in await self.window(series_id, None, before, limit)]
-
-    async def window(
-        self, series_id: str, since: int | None, before: int | None, limit: int
-    ) -> list[StoredCandle]:
-        """The candles between ``since`` and ``before`` (each exclusive; None: no bound),
-        with their ``complete`` marks, ascending: with ``since`` the oldest ``limit`` of
-        them, without it the newest."""
-        where, bounds = window_where(since, before, "%s")
-        newest = since is None
-        order = "DESC" if newest else "ASC"
-
-        def q(conn: Conn) -> list[StoredCandle]:
-            sql = f"{where} ORDER BY candle_time {order} LIMIT %s"
-            rows = select_candles(conn, sql, (series_id, *bounds, limit))
-            return rows[::-1] if newest else rows
-
-        return await self._read(q)
-
-    async def range(self, series_id: str, start: int, end: int) -> list[StoredCandle]:
-        """Candles with ``start <= candle_time < end``, ascending, with source and mark."""
-        return await self._read(
-            lambda conn: select_candles(
-                conn,
-                "candle_time >= %s AND candle_time < %s ORDER BY candle_time",
-                (series_id, start, end),
-            )
-        )
+    async def select(self, where: str, params: tuple[object, ...]) -> list[StoredCandle]:
+        """The rows of ``series_id = %s AND <where>`` (WindowReads' query)."""
+        return await self._read(lambda conn: select_candles(conn, where, params))
 
     async def head_time(self, series_id: str) -> int | None:
         return await self._read(lambda conn: head_time(conn, series_id))

@@ -46,8 +46,8 @@ from tradecanvas.store.types import (
     StoredCandle,
     StoredEvent,
     UpsertOutcome,
-    window_where,
 )
+from tradecanvas.store.window import WindowReads
 
 # Readers run in parallel threads; two cores here, and reads are short index range scans.
 log = logging.getLogger(__name__)
@@ -168,9 +168,11 @@ def _identity(path: Path) -> tuple[int, int]:
 
 
 @final
-class CandleStore:
+class CandleStore(WindowReads):
     """Owns the SQLite file and its connections. Open with :meth:`open`, close with
     :meth:`aclose`. Every method is a trio checkpoint and runs SQLite in a worker thread."""
+
+    placeholder = "?"
 
     def __init__(self, path: Path, writer: sqlite3.Connection) -> None:
         self.path = path
@@ -364,44 +366,9 @@ class CandleStore:
             lambda txn: txn.upsert(series_id, candles, source, complete=complete)
         )
 
-    async def tail(self, series_id: str, limit: int) -> list[Candle]:
-        """The newest ``limit`` candles, ascending."""
-        return [r.candle for r in await self.window(series_id, None, None, limit)]
-
-    async def since(self, series_id: str, since: int, limit: int) -> list[Candle]:
-        """Up to ``limit`` candles with ``candle_time > since`` (exclusive), ascending."""
-        return [r.candle for r in await self.window(series_id, since, None, limit)]
-
-    async def before(self, series_id: str, before: int, limit: int) -> list[Candle]:
-        """The newest ``limit`` candles with ``candle_time < before`` (exclusive), ascending."""
-        return [r.candle for r in await self.window(series_id, None, before, limit)]
-
-    async def window(
-        self, series_id: str, since: int | None, before: int | None, limit: int
-    ) -> list[StoredCandle]:
-        """The candles between ``since`` and ``before`` (each exclusive; None: no bound),
-        with their ``complete`` marks, ascending: with ``since`` the oldest ``limit`` of
-        them, without it the newest."""
-        where, bounds = window_where(since, before, "?")
-        newest = since is None
-        order = "DESC" if newest else "ASC"
-
-        def q(conn: sqlite3.Connection) -> list[StoredCandle]:
-            sql = f"{where} ORDER BY candle_time {order} LIMIT ?"
-            rows = select_candles(conn, sql, (series_id, *bounds, limit))
-            return rows[::-1] if newest else rows
-
-        return await self._read(q)
-
-    async def range(self, series_id: str, start: int, end: int) -> list[StoredCandle]:
-        """Candles with ``start <= candle_time < end``, ascending, with source and mark."""
-        return await self._read(
-            lambda conn: select_candles(
-                conn,
-                "candle_time >= ? AND candle_time < ? ORDER BY candle_time",
-                (series_id, start, end),
-            )
-        )
+    async def select(self, where: str, params: tuple[object, ...]) -> list[StoredCandle]:
+        """The rows of ``series_id = ? AND <where>`` (WindowReads' query)."""
+        return await self._read(lambda conn: select_candles(conn, where, params))
 
     async def head_time(self, series_id: str) -> int | None:
         return await self._read(lambda conn: head_time(conn, series_id))

@@ -79,16 +79,3 @@ def _gains_extras(old: Candle, new: Candle) -> bool:
 
 def _merge_extras(old: Candle, new: Candle) -> Candle:
     return attrs.evolve(old, **{n: getattr(new, n) for n in _EXTRAS if getattr(old, n) is None})
-
-
-def window_where(
-    since: int | None, before: int | None, placeholder: str
-) -> tuple[str, tuple[int, ...]]:
-    """The condition of a window read after its series' (``candle_time`` above ``since``
-    and below ``before``, each exclusive; None: no bound) and its parameters."""
-    kept = [
-        (f"candle_time {op} {placeholder}", value)
-        for op, value in ((">", since), ("<", before))
-        if value is not None
-    ]
-    return " AND ".join(c for c, _ in kept) or "TRUE", tuple(v for _, v in kept)
