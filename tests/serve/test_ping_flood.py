@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 import trio
-from wsproto import ConnectionType, WSConnection
-from wsproto.events import AcceptConnection, CloseConnection, Ping, Request
+from wsproto.events import CloseConnection
+from wsproto.frame_protocol import FrameProtocol
 
+from tests.serve.test_client_faults import send_raw
 from tests.serve.test_ws_server import (
     RECEIVE_TIMEOUT_S,
     TRANSPORTS,
@@ -53,30 +54,10 @@ def test_pings_within_the_rate_pass_and_a_flood_does_not() -> None:
 
 
 async def flood(port: int, pings: int) -> list[object]:
-    """A raw WebSocket client (wsproto) that sends ``pings`` ping frames in one write once
-    the 101 is in, then reads until the server ends the connection: the events it read."""
-    stream = await trio.open_tcp_stream("127.0.0.1", port)
-    client = WSConnection(ConnectionType.CLIENT)
-    events: list[object] = []
-    try:
-        await stream.send_all(client.send(Request(host="127.0.0.1", target="/ws/market")))
-        with trio.fail_after(RECEIVE_TIMEOUT_S):
-            while not any(isinstance(e, AcceptConnection) for e in events):
-                client.receive_data(await stream.receive_some(65536))
-                events.extend(client.events())
-            await stream.send_all(b"".join(client.send(Ping(b"%d" % i)) for i in range(pings)))
-            while True:
-                try:
-                    data = await stream.receive_some(65536)
-                except trio.BrokenResourceError:  # reset: the same end
-                    break
-                if not data:
-                    break
-                client.receive_data(data)
-                events.extend(client.events())
-    finally:
-        await stream.aclose()
-    return events
+    """A raw WebSocket client that sends ``pings`` ping frames in one write once the 101 is
+    in, then reads until the server ends the connection: the events it read."""
+    client = FrameProtocol(client=True, extensions=[])
+    return await send_raw(port, b"".join(bytes(client.ping(b"%d" % i)) for i in range(pings)))
 
 
 @pytest.mark.parametrize("over", TRANSPORTS)

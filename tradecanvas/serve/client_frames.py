@@ -1,27 +1,38 @@
-"""The control frames a WebSocket client sends, found in its byte stream beside the library
-that parses it (trio-websocket on the WS port, Hypercorn on the HTTP port), and the limit
-on its pings.
+"""What a WebSocket client sends, read a second time beside the library that serves it
+(trio-websocket on the WS port, Hypercorn on the HTTP port): its control frames, the limit
+on its pings, and the frames that break the protocol.
 
 Both libraries answer every ping at once, and neither lets the daemon see them: a client
 sending pings as fast as it can had one core answering them (about 75 µs a ping, some
 80,000 in 8 s), past the message rate limit, which counts only messages (DESIGN §6).
-:class:`ClientFrames` reads the frames' headers as the bytes arrive (RFC 6455 §5.2; every
-other frame is skipped, however long) and reports each ping and each pong's payload;
-:func:`ping_limit` says when a client has pinged more than :data:`PINGS_PER_S` a second
-(bursts of :data:`PINGS_BURST`). A client library pings every few seconds and a browser
-never does, so the guard closes such a connection at once (1008, :func:`close_frame`).
-Sans-IO: the transports feed the bytes and pass the time in.
+:class:`ClientFrames` parses the client's bytes as they arrive with wsproto's own frame
+decoder (the one both libraries use, so its verdicts are theirs) and reports each ping and
+each pong's payload; :func:`ping_limit` says when a client has pinged more than
+:data:`PINGS_PER_S` a second (bursts of :data:`PINGS_BURST`). A client library pings every
+few seconds and a browser never does, so the guard closes such a connection at once (1008,
+:func:`close_frame`).
+
+A frame that breaks RFC 6455 (a reserved bit or opcode, an unmasked frame, a fragmented or
+oversized control frame, a continuation out of place, text that is not UTF-8, a malformed
+close) raises :class:`ProtocolViolation` with the code wsproto gives it, 1002 or 1007. The
+libraries would only drop the TCP connection (wsproto reports such a frame as a close the
+client never sent); the transports send the close frame the RFC asks for (§7.1.7) first, so
+a client developer sees why. Sans-IO: the transports feed the bytes and pass the time in.
 """
 
 from __future__ import annotations
 
+import logging
 import socket
 from collections.abc import Callable
 from typing import Final, final
 
 import trio
+from wsproto.frame_protocol import FrameProtocol, Opcode, ParseFailed
 
 from tradecanvas.serve.ws_protocol import TokenBucket
+
+log = logging.getLogger(__name__)
 
 # WebSocket opcodes (RFC 6455 §5.2)
 OP_CLOSE: Final = 0x8
@@ -36,18 +47,36 @@ CLOSE_POLICY: Final = 1008
 FLOOD_CLOSE_S: Final = 1.0
 
 
-class PingFlood(Exception):
+class ClientFault(Exception):
+    """What a client sent ends its connection: the transport writes a close frame with
+    ``code`` and the exception's text, then ends the connection."""
+
+    code: int = CLOSE_POLICY
+
+
+class PingFlood(ClientFault):
     """A client pinged over the limit: raised out of :meth:`ClientFrames.feed` by the
     ``on_ping`` of :func:`ping_limit`; the transport closes the connection (1008)."""
+
+
+class ProtocolViolation(ClientFault):
+    """A frame that breaks RFC 6455, with wsproto's close code for it (1002, or 1007 for
+    text that is not UTF-8)."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
 
 
 @final
 class ClientFrames:
     """Feed it what a client sends once its WebSocket is open: it calls ``on_ping`` for
-    each ping frame (as soon as its header is in) and ``on_pong`` with each pong's payload
-    (unmasked). ``on_ping`` may raise: the exception goes to the caller of :meth:`feed`."""
+    each ping frame and ``on_pong`` with each pong's payload, and raises
+    :class:`ProtocolViolation` at the first frame that breaks the protocol. ``on_ping`` may
+    raise: the exception goes to the caller of :meth:`feed`. After the client's close frame,
+    or an error, the rest is not read (the library ends the connection)."""
 
-    __slots__ = ("_buffer", "_skip", "on_ping", "on_pong")
+    __slots__ = ("_done", "_frames", "on_ping", "on_pong")
 
     def __init__(
         self,
@@ -55,46 +84,31 @@ class ClientFrames:
         on_pong: Callable[[bytes], None] | None = None,
         on_ping: Callable[[], None] | None = None,
     ) -> None:
-        self._buffer = bytearray()
-        self._skip = 0  # payload bytes of a skipped frame still to come
+        self._frames = FrameProtocol(client=False, extensions=[])
+        self._done = False
         self.on_pong = on_pong
         self.on_ping = on_ping
 
     def feed(self, data: bytes) -> None:
-        view = memoryview(data)
-        if self._skip:
-            n = min(self._skip, len(view))
-            self._skip -= n
-            view = view[n:]
-        buffer = self._buffer
-        buffer += view
-        while len(buffer) >= 2:
-            opcode, length, head = buffer[0] & 0x0F, buffer[1] & 0x7F, 2
-            if length >= 126:
-                size = 2 if length == 126 else 8
-                if len(buffer) < head + size:
-                    return
-                length = int.from_bytes(buffer[head : head + size], "big")
-                head += size
-            masked = bool(buffer[1] & 0x80)
-            head += 4 if masked else 0
-            if len(buffer) < head:
-                return
-            if opcode != OP_PONG or self.on_pong is None:  # skipped, however long
-                taken = min(length, len(buffer) - head)
-                self._skip = length - taken
-                del buffer[: head + taken]
-                if opcode == OP_PING and self.on_ping is not None:
-                    self.on_ping()
-                continue
-            if len(buffer) < head + length:
-                return
-            payload = bytes(buffer[head : head + length])
-            if masked:
-                key = buffer[head - 4 : head]
-                payload = bytes(b ^ key[i % 4] for i, b in enumerate(payload))
-            del buffer[: head + length]
-            self.on_pong(payload)
+        if self._done or not data:
+            return
+        self._frames.receive_bytes(data)
+        try:
+            for frame in self._frames.received_frames():
+                if frame.opcode is Opcode.PING:
+                    if self.on_ping is not None:
+                        self.on_ping()
+                elif frame.opcode is Opcode.PONG:
+                    if self.on_pong is not None:
+                        self.on_pong(bytes(frame.payload))  # type: ignore[arg-type]
+                elif frame.opcode is Opcode.CLOSE:
+                    self._done = True
+        except ParseFailed as exc:
+            self._done = True
+            raise ProtocolViolation(int(exc.code), str(exc)) from None
+        except ClientFault:
+            self._done = True
+            raise
 
 
 def ping_limit(clock: Callable[[], float]) -> Callable[[], None]:
@@ -118,10 +132,18 @@ def peer_of(sock: socket.socket | trio.socket.SocketType) -> str:
     return f"{host}:{port}"
 
 
+def log_client_fault(peer: str, fault: ClientFault) -> None:
+    """The log line of a connection a :class:`ClientFault` closed: a warning for a flood
+    (abuse), an info line for a broken frame (a client's bug)."""
+    level = logging.WARNING if isinstance(fault, PingFlood) else logging.INFO
+    log.log(level, "ws %s: closed %d: %s", peer, fault.code, fault)
+
+
 def close_frame(code: int, reason: str) -> bytes:
     """A server's close frame (unmasked, RFC 6455 §5.5.1) with ``code`` and ``reason``
     (at most 123 bytes of UTF-8)."""
-    payload = code.to_bytes(2, "big") + reason.encode()[:123]
+    text = reason.encode()[:123].decode(errors="ignore").encode()  # no character cut in two
+    payload = code.to_bytes(2, "big") + text
     return bytes([0x80 | OP_CLOSE, len(payload)]) + payload
 
 
@@ -133,9 +155,12 @@ __all__ = [
     "PINGS_BURST",
     "PINGS_PER_S",
     "PING_FLOOD",
+    "ClientFault",
     "ClientFrames",
     "PingFlood",
+    "ProtocolViolation",
     "close_frame",
+    "log_client_fault",
     "peer_of",
     "ping_limit",
 ]

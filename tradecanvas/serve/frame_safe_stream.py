@@ -25,10 +25,11 @@ from typing import final
 import trio
 
 from tradecanvas.serve.client_frames import (
-    CLOSE_POLICY,
+    FLOOD_CLOSE_S,
+    ClientFault,
     ClientFrames,
-    PingFlood,
     close_frame,
+    log_client_fault,
     ping_limit,
 )
 from tradecanvas.serve.in_flight import InFlight
@@ -58,9 +59,10 @@ class FrameSafeStream(trio.abc.HalfCloseableStream):
         self._peer = "?"
 
     def watch_pings(self, peer: str) -> None:
-        """Count the client's pings from here on (call it before the 101 is sent); one
-        over the limit gets a 1008 close frame, if its socket takes it now, and the read
-        fails (``trio.BrokenResourceError``: trio-websocket aborts the connection)."""
+        """Read the client's frames from here on (call it before the 101 is sent): a ping
+        over the limit (1008) or a frame that breaks the protocol (1002, 1007) gets a close
+        frame, if the client takes it within ``FLOOD_CLOSE_S``, and the read fails
+        (``trio.BrokenResourceError``: trio-websocket aborts the connection)."""
         self._frames = ClientFrames(on_ping=ping_limit(trio.current_time))
         self._peer = peer
 
@@ -145,14 +147,16 @@ class FrameSafeStream(trio.abc.HalfCloseableStream):
         if self._frames is not None:
             try:
                 self._frames.feed(data)
-            except PingFlood as flood:
-                # if the socket takes it now; else the connection ends without it
-                with contextlib.suppress(
-                    trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError
+            except ClientFault as fault:
+                # the close frame after any write in progress, if the client takes it soon;
+                # else the connection ends without it
+                with (
+                    trio.move_on_after(FLOOD_CLOSE_S),
+                    contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError),
                 ):
-                    self.send_all_nowait(close_frame(CLOSE_POLICY, str(flood)))
-                log.warning("ws %s: closed 1008: %s", self._peer, flood)
-                raise trio.BrokenResourceError(str(flood)) from flood
+                    await self.send_all(close_frame(fault.code, str(fault)))
+                log_client_fault(self._peer, fault)
+                raise trio.BrokenResourceError(str(fault)) from fault
         return data
 
     async def aclose(self) -> None:

@@ -44,12 +44,12 @@ from tradecanvas.errors import ListenError
 from tradecanvas.ops.logs import ThrottledCount
 from tradecanvas.runtime_flags import RuntimeFlags
 from tradecanvas.serve.client_frames import (
-    CLOSE_POLICY,
     FLOOD_CLOSE_S,
     OP_PING,
+    ClientFault,
     ClientFrames,
-    PingFlood,
     close_frame,
+    log_client_fault,
     peer_of,
     ping_limit,
 )
@@ -192,21 +192,21 @@ class _WatchedStream(trio.abc.HalfCloseableStream):
         if self.frames is not None:
             try:
                 self.frames.feed(data)
-            except PingFlood as flood:
-                await self._close_flooded(flood)
+            except ClientFault as fault:
+                await self._close_for(fault)
         if not data and self.answering is not None:
             await self.answering.wait()  # the answer first, then Hypercorn sees the end
         return data
 
-    async def _close_flooded(self, flood: PingFlood) -> NoReturn:
+    async def _close_for(self, fault: ClientFault) -> NoReturn:
         # the close frame if the client takes it soon (between Hypercorn's frames), then the
         # end of the connection: Hypercorn takes BrokenResourceError for it
         with trio.move_on_after(FLOOD_CLOSE_S), contextlib.suppress(trio.TooSlowError, OSError):
             async with self.send_lock:
-                await self.inner.send_all(close_frame(CLOSE_POLICY, str(flood)))
-        log.warning("ws %s (HTTP port): closed 1008: %s", peer_of(self.socket), flood)
+                await self.inner.send_all(close_frame(fault.code, str(fault)))
+        log_client_fault(f"{peer_of(self.socket)} (HTTP port)", fault)
         self.inner.socket.close()
-        raise trio.BrokenResourceError(str(flood)) from flood
+        raise trio.BrokenResourceError(str(fault)) from fault
 
     async def send_eof(self) -> None:
         async with self.send_lock:
