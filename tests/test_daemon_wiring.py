@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ast
 import functools
+import resource
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -25,6 +26,7 @@ from tradecanvas.model import Candle
 from tradecanvas.pipeline.commit import IngestPipeline, PipelineResult
 from tradecanvas.runtime_flags import RuntimeFlags, build_runtime_flags
 from tradecanvas.serve.event_tail import OwnWrites
+from tradecanvas.serve.shedding import RESERVED_DESCRIPTORS
 from tradecanvas.tools.replay import ReplayConfig, ReplayHandle, parse_file_argument, serve_replay
 from tradecanvas.wire.json import dumps, loads
 
@@ -140,8 +142,14 @@ async def test_ws_market_on_both_ports_by_one_endpoint(tmp_path: Path) -> None:
                 assert (await post_candle(client, HTTP_TIME)).status_code == 200
                 ready = (await client.get("/readyz")).json()
                 metrics = (await client.get("/metrics")).text
+                # both ports share one budget of client sockets: 2 sessions and this client
+                assert runtime.client_sockets.count == 3
             assert ready["checks"]["listeners_bound"] is True
             assert "tradecanvas_subscribers 2.0" in metrics
+            # the session on the HTTP port is not one of its plain connections
+            assert "tradecanvas_http_connections 1.0" in metrics
+            soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+            assert runtime.client_sockets.limit == soft - RESERVED_DESCRIPTORS
             with trio.fail_after(10):
                 for event in got_it.values():
                     await event.wait()

@@ -37,11 +37,9 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
-import signal
 import sys
-from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, Final, final
+from collections.abc import Mapping
+from typing import Final, final
 
 import attrs
 import trio
@@ -65,13 +63,15 @@ from tradecanvas.ops.heap import freeze_startup_heap
 from tradecanvas.ops.logs import configure_logging
 from tradecanvas.ops.metrics import Metrics
 from tradecanvas.ops.sd_notify import SdNotifier, run_watchdog
+from tradecanvas.ops.services import run_in_scope, wait_for_signal
 from tradecanvas.pipeline.commit import IngestPipeline
 from tradecanvas.runtime_flags import RuntimeFlags
 from tradecanvas.serve.event_tail import EventTail
 from tradecanvas.serve.http_api import build_http_app
 from tradecanvas.serve.http_server import check_listenable, serve_http
 from tradecanvas.serve.hub import Hub
-from tradecanvas.serve.ws_server import serve_ws_port
+from tradecanvas.serve.shedding import MAX_HTTP_CONNECTIONS, ClientSockets, http_gate
+from tradecanvas.serve.ws_server import MAX_PENDING_HANDSHAKES, serve_ws_port
 from tradecanvas.serve.ws_session import MarketEndpoint
 from tradecanvas.store.interface import MarketStore
 from tradecanvas.store.open import describe_location, open_store, store_location
@@ -115,6 +115,8 @@ class MarketRuntime:
     outage: StoreOutage | None = None  # the ingest through a store that takes no writes
     # events other processes (import, backfill) append to the store (all; ingest: leader)
     event_tail: EventTail | None = None
+    # the client sockets both ports may hold together (the open-file limit's budget)
+    client_sockets: ClientSockets = attrs.field(factory=lambda: ClientSockets(None))
     listening: dict[str, int] = attrs.field(factory=dict)
 
     @property
@@ -283,39 +285,14 @@ async def market_runtime_builder(flags: RuntimeFlags) -> MarketRuntime:
         edge_feed=feed,
         leader=leader,
         event_tail=event_tail,
+        client_sockets=ClientSockets.within_open_files_limit(
+            MAX_HTTP_CONNECTIONS
+            + (0 if role == "ingest" else flags.max_connections + MAX_PENDING_HANDSHAKES)
+        ),
     )
     runtime_ref.append(runtime)
     watch_dependencies(metrics, store, publisher, feed)
     return runtime
-
-
-async def _run_in_scope(
-    scope: trio.CancelScope,
-    done: trio.Event,
-    service: Callable[..., Awaitable[Any]],
-    *,
-    task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    """Run a startable service inside ``scope`` so the daemon can stop it on its own."""
-    try:
-        with scope:
-            await service(task_status=task_status)
-    finally:
-        done.set()
-
-
-async def _wait_for_signal(stop: trio.Event) -> None:
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-        async for signum in signals:
-            if signum == signal.SIGHUP:  # often sent for a reload: it would have killed us
-                log.warning("SIGHUP ignored: settings are read once, at start; restart to apply")
-                continue
-            if stop.is_set():
-                log.warning("second %s: exiting at once", signal.Signals(signum).name)
-                logging.shutdown()
-                os._exit(ExitCode.for_signal(signum))
-            log.info("%s: shutting down", signal.Signals(signum).name)
-            stop.set()
 
 
 async def run_daemon(
@@ -331,24 +308,28 @@ async def run_daemon(
     ingest_done, ws_done, http_done = trio.Event(), trio.Event(), trio.Event()
     bus_done, feed_done = trio.Event(), trio.Event()
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_wait_for_signal, stop)
+        nursery.start_soon(wait_for_signal, stop)
         if isinstance(runtime.store, PostgresStore):
             nursery.start_soon(_watch_store, runtime.store)
         elif isinstance(runtime.store, CandleStore):  # deleted or replaced under it: stop
             nursery.start_soon(runtime.store.watch_file)
         if runtime.own_market is not None:
             runtime.listening["ws"] = await nursery.start(
-                _run_in_scope,
+                run_in_scope,
                 ws_scope,
                 ws_done,
                 functools.partial(
-                    serve_ws_port, runtime.own_market, host=flags.ws_host, port=flags.ws_port
+                    serve_ws_port,
+                    runtime.own_market,
+                    host=flags.ws_host,
+                    port=flags.ws_port,
+                    sockets=runtime.client_sockets,
                 ),
             )
         else:
             ws_done.set()
         runtime.listening["http"] = await nursery.start(
-            _run_in_scope,
+            run_in_scope,
             http_scope,
             http_done,
             functools.partial(
@@ -357,16 +338,17 @@ async def run_daemon(
                 host=flags.http_host,
                 port=flags.http_port,
                 send_timeout_s=flags.http_send_timeout_s,
+                gate=http_gate(runtime.client_sockets, runtime.metrics),
             ),
         )
         # the bus publisher before its sources; it never waits for Redis to start
         if runtime.bus_publisher is not None:
-            await nursery.start(_run_in_scope, bus_scope, bus_done, runtime.bus_publisher.run)
+            await nursery.start(run_in_scope, bus_scope, bus_done, runtime.bus_publisher.run)
         else:
             bus_done.set()
         if runtime.edge_feed is not None:
             await nursery.start(
-                _run_in_scope,
+                run_in_scope,
                 feed_scope,
                 feed_done,
                 functools.partial(
@@ -382,10 +364,10 @@ async def run_daemon(
                 ingest_started[0] = True
                 if runtime.event_tail is not None:
                     nursery.start_soon(runtime.event_tail.run)
-                await nursery.start(_run_in_scope, ingest_scope, ingest_done, ingest_run)
+                await nursery.start(run_in_scope, ingest_scope, ingest_done, ingest_run)
 
             await nursery.start(
-                _run_in_scope,
+                run_in_scope,
                 lease_scope,
                 lease_done,
                 functools.partial(runtime.leader.run, start_ingest),
@@ -394,7 +376,7 @@ async def run_daemon(
             ingest_started[0] = True
             if runtime.event_tail is not None:
                 nursery.start_soon(runtime.event_tail.run)
-            await nursery.start(_run_in_scope, ingest_scope, ingest_done, ingest_run)
+            await nursery.start(run_in_scope, ingest_scope, ingest_done, ingest_run)
         http = runtime.listening["http"]
         ws = runtime.listening.get("ws")
         freeze_startup_heap()  # full collections walk what came after, not start-up's heap

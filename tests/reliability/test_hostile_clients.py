@@ -1,5 +1,6 @@
 """Hostile clients (issue 17, item 4; DESIGN §3, §5, §6): oversize frames, floods of
-subscribe messages, more idle connections than the limit, a wrong ``Origin``, writes without
+subscribe messages, more idle connections than the limit, frames that break the protocol,
+more TCP connections than the open-file budget leaves, a wrong ``Origin``, writes without
 or with a wrong token, slow-loris HTTP. Each is answered with a clear error or close code and
 counted on /metrics, and a healthy subscriber beside them gets every candle once and in order.
 
@@ -22,12 +23,15 @@ import pytest
 import trio
 import trio.lowlevel
 import trio_websocket
+from wsproto.events import CloseConnection
 
 from tests.conftest import flat_minutes
 from tests.reliability.record import ReliabilityRecord, report, sized
 from tests.reliability.test_subscriber_faults import allow_open_files
+from tests.serve.test_client_faults import masked, send_raw
 from tests.serve.test_http_api import INGEST, TOKEN, metric_value, running_api
 from tests.serve.test_http_validation import body_for
+from tests.serve.test_ws_admission import closed_unanswered, raw_streams, until
 from tests.serve.test_ws_server import (
     SID_1M,
     Market,
@@ -42,6 +46,7 @@ from tests.serve.test_ws_server import (
     until_pong,
 )
 from tradecanvas.serve.http_server import hypercorn_config
+from tradecanvas.serve.shedding import ClientSockets
 from tradecanvas.serve.ws_protocol import MAX_MESSAGE_BYTES, InboundLimits
 from tradecanvas.store.sqlite import CandleStore
 from tradecanvas.wire.json import loads
@@ -174,6 +179,40 @@ async def slow_loris(port: int) -> int:
     return 1
 
 
+async def broken_frames(market: Market) -> int:
+    """Frames that break RFC 6455 on each port: closed with 1002, or 1007 for text that is
+    not UTF-8."""
+    for port in (market.ws_port, market.port):
+        for data, code in [(masked(0xC1, b"{}"), 1002), (masked(0x81, b"\xc3("), 1007)]:
+            closes = [e for e in await send_raw(port, data) if isinstance(e, CloseConnection)]
+            assert [c.code for c in closes] == [code]
+    return 4
+
+
+async def socket_flood(market: Market, sockets: ClientSockets) -> int:
+    """Plain TCP connections on both ports until every client socket of the budget is taken:
+    each one more is reset at accept, and the sockets come back when they close."""
+    assert sockets.limit is not None and market.http_port is not None
+    shed_before = metric(market, "tradecanvas_ws_handshakes_shed") + metric(
+        market, "tradecanvas_http_connections_shed"
+    )
+    await until(lambda: sockets.count == 1)  # the healthy subscriber's, nothing else
+    async with AsyncExitStack() as held:
+        ports = [market.ws_port, market.http_port]
+        while sockets.count < sockets.limit:
+            expected = sockets.count + 1
+            await held.enter_async_context(raw_streams(ports[expected % 2], 1))
+            await until(lambda: sockets.count == expected)  # noqa: B023 (awaited here)
+        for port in ports * 5:
+            assert await closed_unanswered(port)
+    shed = metric(market, "tradecanvas_ws_handshakes_shed") + metric(
+        market, "tradecanvas_http_connections_shed"
+    )
+    assert shed - shed_before == 10
+    await until(lambda: sockets.count == 1)  # every place given back
+    return 10
+
+
 async def bad_tokens(tmp_path: Path) -> tuple[int, float, float]:
     """Writes without a token and with a wrong one: 401; with no token configured: 403.
     Nothing is written either way. Returns (attempts, 401s counted, 403s counted)."""
@@ -196,10 +235,14 @@ async def test_hostile_clients_are_answered_counted_and_hurt_nobody(
     store: CandleStore, tmp_path: Path
 ) -> None:
     limit = sized(200, 2000)
-    allow_open_files(2 * limit + 256)
+    allow_open_files(2 * limit + 512)
+    # the client sockets both ports may hold: room for the idle connections' case
+    sockets = ClientSockets(limit + 40)
     faults = 0
     async with (
-        running_market(store, over="http_port", limits=LIMITS, max_connections=limit) as market,
+        running_market(
+            store, over="http_port", limits=LIMITS, max_connections=limit, sockets=sockets
+        ) as market,
         connect(market.ws_port) as healthy_ws,
     ):
         await send(healthy_ws, subscribe_msg(SID_1M, since=T0 - 60, batch=True))
@@ -217,6 +260,12 @@ async def test_hostile_clients_are_answered_counted_and_hurt_nobody(
         await healthy.still_served()
         with trio.fail_after(CASE_TIMEOUT_S):
             faults += await idle_connections(market, limit)
+        await healthy.still_served()
+        with trio.fail_after(CASE_TIMEOUT_S):
+            faults += await broken_frames(market)
+        await healthy.still_served()
+        with trio.fail_after(CASE_TIMEOUT_S):
+            faults += await socket_flood(market, sockets)
         await healthy.still_served()
         assert market.http_port is not None
         faults += await slow_loris(market.http_port)

@@ -32,6 +32,7 @@ from tradecanvas.ops.metrics import Metrics
 from tradecanvas.runtime_flags import DEFAULT_ALLOWED_ORIGINS
 from tradecanvas.serve.http_server import serve_http
 from tradecanvas.serve.hub import Hub
+from tradecanvas.serve.shedding import MAX_HTTP_CONNECTIONS, ClientSockets, http_gate
 from tradecanvas.serve.ws_asgi import market_websocket_routes
 from tradecanvas.serve.ws_protocol import InboundLimits
 from tradecanvas.serve.ws_server import MAX_PENDING_HANDSHAKES, serve_ws_port
@@ -90,11 +91,14 @@ async def running_market(
     stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S,
     max_connections: int | None = None,
     max_pending_handshakes: int = MAX_PENDING_HANDSHAKES,
+    max_http_connections: int = MAX_HTTP_CONNECTIONS,
+    sockets: ClientSockets | None = None,
 ) -> AsyncIterator[Market]:
     """A Hub and its endpoint on the WS port (127.0.0.1, ``ws_port``; 0: any) and, with
     ``over="http_port"``, on the HTTP port too; ``Market.port`` is the one ``over`` names.
-    On exit it stops as the daemon does: every session closed with 1001, then both servers
-    cancelled."""
+    Both ports share ``sockets`` (no limit by default), as in the daemon. On exit it stops
+    as the daemon does: every session closed with 1001, then both servers cancelled."""
+    sockets = ClientSockets(None) if sockets is None else sockets
     assert over in TRANSPORTS
     metrics = Metrics()
     hub = Hub(
@@ -122,13 +126,20 @@ async def running_market(
                 host="127.0.0.1",
                 port=ws_port,
                 max_pending_handshakes=max_pending_handshakes,
+                sockets=sockets,
             )
         )
         http_port: int | None = None
         if over == "http_port":
             app = Starlette(routes=market_websocket_routes(endpoint))
             http_port = await nursery.start(
-                functools.partial(serve_http, app, host="127.0.0.1", port=0)
+                functools.partial(
+                    serve_http,
+                    app,
+                    host="127.0.0.1",
+                    port=0,
+                    gate=http_gate(sockets, metrics, limit=max_http_connections),
+                )
             )
         port = bound_ws if http_port is None else http_port
         yield Market(hub, endpoint, metrics, port, bound_ws, http_port)

@@ -305,7 +305,19 @@ class Metrics:
         )
         self.ws_handshakes_shed_total = Counter(
             "tradecanvas_ws_handshakes_shed",
-            "TCP connections on the WS port closed at accept: too many handshakes pending",
+            "TCP connections on the WS port closed at accept: too many handshakes pending, or"
+            " every client socket the open-file limit leaves in use",
+            registry=r,
+        )
+        self.http_connections = Gauge(
+            "tradecanvas_http_connections",
+            "TCP connections open on the HTTP port that are not /ws/market sessions",
+            registry=r,
+        )
+        self.http_connections_shed_total = Counter(
+            "tradecanvas_http_connections_shed",
+            "TCP connections on the HTTP port closed at accept: 1024 open already, or every"
+            " client socket the open-file limit leaves in use",
             registry=r,
         )
         self.ws_rate_limited_total = Counter(

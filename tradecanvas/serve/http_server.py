@@ -27,7 +27,7 @@ import contextlib
 import functools
 import logging
 import socket
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Final, NoReturn, cast, final
 
 import hypercorn.config
@@ -53,6 +53,7 @@ from tradecanvas.serve.client_frames import (
     peer_of,
     ping_limit,
 )
+from tradecanvas.serve.shedding import Gate, SheddingListener
 from tradecanvas.serve.ws_protocol import MAX_MESSAGE_BYTES
 
 log = logging.getLogger(__name__)
@@ -225,13 +226,28 @@ class ServedConnection:
     the ping frame itself, between Hypercorn's writes, and the pongs are picked out of what
     the client sends (:meth:`watch_pongs`); Hypercorn ignores both."""
 
-    def __init__(self, stream: trio.SocketStream, send_timeout_s: float | None = None) -> None:
+    def __init__(
+        self,
+        stream: trio.SocketStream,
+        send_timeout_s: float | None = None,
+        on_session: Callable[[], None] | None = None,
+    ) -> None:
         self._stream = stream
         self.watched = _WatchedStream(stream)
         self.watched.send_timeout_s = send_timeout_s
         # the pings waiting for their pong, oldest first
         self._pings: dict[bytes, trio.Event] = {}
         self._pings_stopped = False
+        # an admitted /ws/market session (capped by max_connections, not the port's gate)
+        self.session = False
+        self._on_session = on_session
+
+    def became_session(self) -> None:
+        """The connection's WebSocket was admitted: from now on it counts as a session."""
+        if not self.session:
+            self.session = True
+            if self._on_session is not None:
+                self._on_session()
 
     def watch_pongs(self) -> None:
         """Look for pongs in what the client sends from here on: call it before the
@@ -366,12 +382,16 @@ async def serve_http(
     port: int,
     drain_s: float = HTTP_DRAIN_S,
     send_timeout_s: float | None = None,
+    gate: Gate | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``app`` with Hypercorn until cancelled; then drain.
 
     With ``send_timeout_s``, an HTTP client that takes less than the next 64 KiB of an answer
-    within that many seconds is disconnected (``_WatchedStream``).
+    within that many seconds is disconnected (``_WatchedStream``). With ``gate``, a
+    connection accepted beyond its caps is reset at once (``tradecanvas.serve.shedding``): a
+    connection is pending there until it ends or becomes an admitted /ws/market session
+    (:meth:`ServedConnection.became_session`).
 
     ``task_status.started(port)`` once the socket listens. On cancellation the listener
     closes (new connections are refused), idle keep-alive connections close, and requests
@@ -401,7 +421,7 @@ async def serve_http(
     async def run_server(task_status: trio.TaskStatus[None]) -> None:
         with server_scope:
             await _serve_connections(
-                app, config, listener, shutdown, send_timeout_s, task_status=task_status
+                app, config, listener, shutdown, send_timeout_s, gate, task_status=task_status
             )
 
     try:
@@ -425,6 +445,7 @@ async def _serve_connections(
     listener: trio.SocketListener,
     shutdown: trio.Event,
     send_timeout_s: float | None,
+    gate: Gate | None,
     *,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -438,11 +459,21 @@ async def _serve_connections(
     connections = _Connections()
 
     async def serve_connection(stream: trio.SocketStream) -> None:
-        connection = ServedConnection(stream, send_timeout_s)
+        # entered into the gate (if any) by SheddingListener.accept
+        on_session = None if gate is None else gate.admitted
+        connection = ServedConnection(stream, send_timeout_s, on_session)
         state = ConnectionState({**lifespan_state, CONNECTION_STATE_KEY: connection})
-        with connections.tracking(connection):
-            # typed for TLS streams; a plain one is what Hypercorn's own worker passes too
-            await TCPServer(asgi, config, context, state, cast("Any", connection.watched)).run()
+        try:
+            with connections.tracking(connection):
+                # typed for TLS streams; a plain one is what Hypercorn's own worker passes too
+                await TCPServer(asgi, config, context, state, cast("Any", connection.watched)).run()
+        finally:
+            if gate is not None:
+                gate.closed(pending=not connection.session)
+
+    accepted: trio.abc.Listener[trio.SocketStream] = (
+        listener if gate is None else SheddingListener(listener, gate)
+    )
 
     async with trio.open_nursery() as lifespan_nursery:
         await lifespan_nursery.start(lifespan.handle_lifespan)
@@ -451,7 +482,7 @@ async def _serve_connections(
             async with trio.open_nursery() as accepting:
                 await accepting.start(
                     functools.partial(
-                        trio.serve_listeners, serve_connection, [listener], handler_nursery=handlers
+                        trio.serve_listeners, serve_connection, [accepted], handler_nursery=handlers
                     )
                 )
                 task_status.started()

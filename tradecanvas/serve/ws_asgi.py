@@ -89,6 +89,7 @@ async def _serve_websocket(endpoint: MarketEndpoint, websocket: WebSocket) -> No
     try:  # the slot is the session's once it runs; ours if the accept fails or is cancelled
         served = served_connection(websocket.scope)
         if served is not None:
+            served.became_session()  # under max_connections now, not the port's own cap
             served.watch_pongs()  # before the 101: the client's first frame may be a pong
         await websocket.accept()
         if served is not None:

@@ -19,11 +19,13 @@ connection does once accepted is the session's, the same on the HTTP port (``ws_
 Pending handshakes: a TCP connection counts as pending from its accept until its upgrade is
 admitted (it then holds a slot under ``max_connections``) or the connection ends. At most
 ``max_pending_handshakes`` (:data:`MAX_PENDING_HANDSHAKES`) are pending at once; a connection
-accepted beyond that is closed at once, with a reset, inside the accept loop (no task, no
-buffer: :class:`_SheddingListener`), counted in ``tradecanvas_ws_handshakes_shed_total``
-and logged at most once per :data:`SHED_LOG_INTERVAL_S`. Connections that never finish
-their request so cost at most that many times a handshake's memory, and no more accept
-work than an accept and a close.
+accepted beyond that — or beyond the client sockets the open-file limit leaves, a budget
+shared with the HTTP port — is closed at once, with a reset, inside the accept loop (no task,
+no buffer: :mod:`tradecanvas.serve.shedding`), counted in
+``tradecanvas_ws_handshakes_shed_total`` and logged at most once per
+``shedding.SHED_LOG_INTERVAL_S``. Connections that never finish their request so cost at
+most that many times a handshake's memory, and no more accept work than an accept and a
+close.
 
 Shutdown: cancelling :func:`serve_ws_port` stops accepting, abandons handshakes in progress,
 calls :meth:`MarketEndpoint.shutdown` (every session, on either port, is closed with 1001)
@@ -44,8 +46,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import socket
-import struct
 from collections.abc import Callable, Sequence
 from typing import Final, final
 
@@ -54,12 +54,11 @@ import trio_websocket
 from wsproto.utilities import LocalProtocolError
 
 from tradecanvas.errors import ListenError
-from tradecanvas.ops.logs import ThrottledCount
-from tradecanvas.ops.metrics import Metrics
 from tradecanvas.serve.client_frames import peer_of
 from tradecanvas.serve.frame_safe_stream import FrameSafeStream
 from tradecanvas.serve.hub import Hub
 from tradecanvas.serve.in_flight import PING_FRAME_BYTES, InFlight, limit_send_buffer
+from tradecanvas.serve.shedding import ClientSockets, Gate, SheddingListener
 from tradecanvas.serve.subscriber import TransportClosed
 from tradecanvas.serve.ws_protocol import (
     MAX_MESSAGE_BYTES,
@@ -80,11 +79,6 @@ HANDSHAKE_TIMEOUT_S: Final = 10.0
 # connection is reset at accept. A burst of this many clients (re)connecting at once is
 # served; a pending handshake holds about 10 KiB (its parser, buffers and tasks)
 MAX_PENDING_HANDSHAKES: Final = 1024
-# connections shed at accept are logged at most once per this many seconds (the metric counts
-# each one)
-SHED_LOG_INTERVAL_S: Final = 10.0
-# SO_LINGER on, timeout 0: close() resets the connection (no FIN handshake, no TIME_WAIT)
-_RESET_ON_CLOSE: Final = struct.pack("ii", 1, 0)
 # the whole drain at shutdown; longer than one ws_session.CLOSE_TIMEOUT_S so every close
 # gets its chance
 SHUTDOWN_GRACE_S: Final = 5.0
@@ -183,66 +177,12 @@ class _TrioWebsocketTransport:
 
 
 @final
-class _Pending:
-    """The count of connections in their handshake, and the cap at accept."""
-
-    def __init__(self, limit: int, metrics: Metrics) -> None:
-        self.limit = limit
-        self.count = 0
-        self._metrics = metrics
-        self._shed_log = ThrottledCount(SHED_LOG_INTERVAL_S)
-
-    def enter(self) -> None:
-        self.count += 1
-        self._metrics.ws_handshakes_pending.set(self.count)
-
-    def leave(self) -> None:
-        self.count -= 1
-        self._metrics.ws_handshakes_pending.set(self.count)
-
-    def shed(self, stream: trio.SocketStream) -> None:
-        """Close ``stream`` at once, with a reset; count it, and log now and then."""
-        with contextlib.suppress(OSError):
-            stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET_ON_CLOSE)
-        stream.socket.close()
-        self._metrics.ws_handshakes_shed_total.inc()
-        if (shed := self._shed_log.add(trio.current_time())) is not None:
-            log.warning(
-                "ws port: %d connection(s) closed at accept: %d handshakes pending, the limit",
-                shed,
-                self.limit,
-            )
-
-
-@final
-class _SheddingListener(trio.abc.Listener[trio.SocketStream]):
-    """A SocketListener whose ``accept`` returns only connections under the pending cap: the
-    others are closed inside it, before ``trio.serve_listeners`` would start a task for
-    them. A connection returned is counted as pending (the handler must ``leave``)."""
-
-    def __init__(self, inner: trio.SocketListener, pending: _Pending) -> None:
-        self._inner = inner
-        self._pending = pending
-
-    async def accept(self) -> trio.SocketStream:
-        while True:
-            stream = await self._inner.accept()  # a checkpoint each time: no starving
-            if self._pending.count < self._pending.limit:
-                self._pending.enter()
-                return stream
-            self._pending.shed(stream)
-
-    async def aclose(self) -> None:
-        await self._inner.aclose()
-
-
-@final
 class _MarketServer:
     """One /ws/market listener set: owns its connections' nursery (inside ``run``)."""
 
-    def __init__(self, endpoint: MarketEndpoint, max_pending_handshakes: int) -> None:
+    def __init__(self, endpoint: MarketEndpoint, gate: Gate) -> None:
         self.endpoint = endpoint
-        self._pending = _Pending(max_pending_handshakes, endpoint.hub.metrics)
+        self._gate = gate
         self._scope = trio.CancelScope(shield=True)
         self._accept_scope = trio.CancelScope()
         self._unattached: set[trio.CancelScope] = set()
@@ -275,7 +215,7 @@ class _MarketServer:
                     functools.partial(
                         trio.serve_listeners,
                         self._handle_stream,
-                        [_SheddingListener(listener, self._pending) for listener in listeners],
+                        [SheddingListener(listener, self._gate) for listener in listeners],
                         handler_nursery=connections,
                     )
                 )
@@ -292,13 +232,13 @@ class _MarketServer:
         self._scope.cancel()
 
     async def _handle_stream(self, stream: trio.SocketStream) -> None:
-        # counted as pending by _SheddingListener.accept, until admitted or closed
+        # entered into the gate by SheddingListener.accept: pending until admitted
         still_pending = True
 
         def admitted() -> None:
             nonlocal still_pending
             still_pending = False
-            self._pending.leave()
+            self._gate.admitted()
 
         try:
             limit_send_buffer(stream.socket)
@@ -319,8 +259,7 @@ class _MarketServer:
                 with trio.CancelScope(shield=True):
                     await safe.aclose()
         finally:
-            if still_pending:
-                self._pending.leave()
+            self._gate.closed(pending=still_pending)
 
     async def _serve_stream(
         self,
@@ -373,18 +312,30 @@ async def serve_ws_port(
     host: str,
     port: int,
     max_pending_handshakes: int = MAX_PENDING_HANDSHAKES,
+    sockets: ClientSockets | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``endpoint`` at ws://{host}:{port}/ws/market until cancelled; ``started(bound_port)``
     once listening. At most ``max_pending_handshakes`` connections are in their handshake at
-    once (more are reset at accept). On cancellation every session is closed with 1001
-    within a bounded, shielded drain. Raises ListenError if the port cannot be listened on."""
+    once, and with ``sockets`` (the budget shared with the HTTP port) at most its limit of
+    client sockets are open; more are reset at accept. On cancellation every session is
+    closed with 1001 within a bounded, shielded drain. Raises ListenError if the port cannot
+    be listened on."""
     try:
         listeners = await trio.open_tcp_listeners(port, host=host)
     except OSError as exc:
         raise ListenError.of("WebSocket clients", host, port, exc) from exc
     bound_port = int(listeners[0].socket.getsockname()[1])
-    server = _MarketServer(endpoint, max_pending_handshakes)
+    metrics = endpoint.hub.metrics
+    gate = Gate(
+        "ws port",
+        max_pending_handshakes,
+        ClientSockets(None) if sockets is None else sockets,
+        pending_what="handshakes pending",
+        pending_gauge=metrics.ws_handshakes_pending,
+        shed_total=metrics.ws_handshakes_shed_total,
+    )
+    server = _MarketServer(endpoint, gate)
     async with trio.open_nursery() as nursery:
         await nursery.start(server.run, listeners)
         log.info("serving ws://%s:%d%s", host, bound_port, WS_PATH)
@@ -419,4 +370,4 @@ async def serve_ws_market(
     await serve_ws_port(endpoint, host=host, port=port, task_status=task_status)
 
 
-__all__ = ["MAX_PENDING_HANDSHAKES", "SHED_LOG_INTERVAL_S", "serve_ws_market", "serve_ws_port"]
+__all__ = ["MAX_PENDING_HANDSHAKES", "serve_ws_market", "serve_ws_port"]
