@@ -281,37 +281,58 @@ class Candle:
 
 
 def validate_candle(candle: Candle, timeframe: Timeframe) -> None:
-    """Refuse a candle that cannot be a real bar of ``timeframe``. Raises CandleError."""
-    t = candle.candle_time
+    """Refuse a candle that cannot be a real bar of ``timeframe``. Raises CandleError with
+    the first of its :func:`candle_problems`."""
+    problems = candle_problems(candle, timeframe)
+    if problems:
+        raise CandleError(problems[0][1])
+
+
+def candle_time_problem(t: object, timeframe: Timeframe) -> str | None:
+    """Why ``t`` cannot be the ``candle_time`` of a ``timeframe`` bar; None when it can."""
     if isinstance(t, bool) or not isinstance(t, int) or t < 0:
-        raise CandleError(f"candle_time must be a non-negative integer of seconds, got {t!r}")
+        return f"candle_time must be a non-negative integer of seconds, got {t!r}"
     if not timeframe.phased and not timeframe.is_open_time(t):
-        raise CandleError(
+        return (
             f"candle_time {t} is not aligned to {timeframe}: it must be the open time of a"
             f" {timeframe} bar in seconds (such as {timeframe.floor(t)})"
         )
+    return None
+
+
+def candle_problems(candle: Candle, timeframe: Timeframe) -> list[tuple[str, str]]:
+    """Every reason ``candle`` cannot be a real bar of ``timeframe``, each as (the field it
+    is about, the message); empty when it can."""
+    t = candle.candle_time
+    wrong_time = candle_time_problem(t, timeframe)
+    problems = [] if wrong_time is None else [("candle_time", wrong_time)]
+    finite = True
     for name in ("open", "high", "low", "close", "volume"):
         value = getattr(candle, name)
         if not value.is_finite():
-            raise CandleError(f"{name} must be a finite number, got {value}")
+            problems.append((name, f"{name} must be a finite number, got {value}"))
+            finite = False
+    if not finite:
+        return problems  # a NaN cannot be compared
     if candle.high < candle.low:
-        raise CandleError(f"high {candle.high} is below low {candle.low} at {t}")
-    for name in ("open", "close"):
-        value = getattr(candle, name)
-        if not candle.low <= value <= candle.high:
-            raise CandleError(
-                f"{name} {value} is outside [low {candle.low}, high {candle.high}] at {t}"
-            )
+        problems.append(("high", f"high {candle.high} is below low {candle.low} at {t}"))
+    else:
+        for name in ("open", "close"):
+            value = getattr(candle, name)
+            if not candle.low <= value <= candle.high:
+                bounds = f"[low {candle.low}, high {candle.high}]"
+                problems.append((name, f"{name} {value} is outside {bounds} at {t}"))
     if candle.low < 0:
-        raise CandleError(f"prices must not be negative, got low {candle.low} at {t}")
+        problems.append(("low", f"prices must not be negative, got low {candle.low} at {t}"))
     if candle.volume < 0:
-        raise CandleError(f"volume must not be negative, got {candle.volume} at {t}")
+        problems.append(("volume", f"volume must not be negative, got {candle.volume} at {t}"))
     for name in ("quote_volume", "taker_buy_base", "taker_buy_quote"):
         value = getattr(candle, name)
         if value is not None and (not value.is_finite() or value < 0):
-            raise CandleError(f"{name} must not be negative, got {value} at {t}")
+            problems.append((name, f"{name} must not be negative, got {value} at {t}"))
     if candle.trades is not None and candle.trades < 0:
-        raise CandleError(f"trades must not be negative, got {candle.trades} at {t}")
+        problems.append(("trades", f"trades must not be negative, got {candle.trades} at {t}"))
+    return problems
 
 
 # Decimal against Decimal: about a quarter cheaper than against the int 0 (same answers)

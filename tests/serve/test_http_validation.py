@@ -4,6 +4,7 @@ bearer token, each refusal naming every problem (DESIGN §5)."""
 from __future__ import annotations
 
 from decimal import Decimal
+from pathlib import Path
 from typing import Any, Final
 
 import orjson
@@ -82,14 +83,14 @@ BAD_BODIES: list[tuple[str, bytes, str, str]] = [
     ),
     ("unknown candle field", bad(close_time=1), "candle", "unknown field(s) close_time"),
     ("no volume", orjson.dumps(NO_VOLUME), "candle.volume", "required"),
-    ("misaligned time", bad(T0 + 61), "candle", "not aligned to 1m"),
+    ("misaligned time", bad(T0 + 61), "candle.candle_time", "not aligned to 1m"),
     ("float time", bad(float(T0)), "candle.candle_time", "expected an integer"),
     ("string time", bad(str(T0)), "candle.candle_time", "expected an integer"),
     ("negative time", bad(-60), "candle.candle_time", "negative"),
     ("milliseconds", bad(T0 * 1000), "candle.candle_time", "milliseconds"),
-    ("high below low", bad(high="99", low="100", open="99", close="99"), "candle", "below low"),
-    ("open above high", bad(open="102"), "candle", "outside"),
-    ("negative volume", bad(volume="-1"), "candle", "volume must not be negative"),
+    ("high below low", bad(high="9", low="10", open="9", close="9"), "candle.high", "below low"),
+    ("open above high", bad(open="102"), "candle.open", "outside"),
+    ("negative volume", bad(volume="-1"), "candle.volume", "volume must not be negative"),
     ("text price", bad(open="abc"), "candle.open", "not a decimal number"),
     ("bool price", bad(open=True), "candle.open", "expected a number"),
     ("null price", bad(close=None), "candle.close", "expected a number"),
@@ -121,6 +122,21 @@ def test_every_bad_candle_field_is_reported_at_once() -> None:
         "candle.open",
         "candle.volume",
     ]
+
+
+def test_every_problem_of_the_values_is_reported_at_once() -> None:
+    """The rules between values (high and low, the range, signs) and a misaligned time,
+    each under its field, however many there are."""
+    cases = [
+        (body_for(high="1", low="2", open="1", close="1", volume="-1"), ["high", "volume"]),
+        (body_for(T0 + 61, volume="-1"), ["candle_time", "volume"]),
+        (body_for(T0 + 61, open="NaN"), ["open", "candle_time"]),
+        (body_for(open="102", close="0.5", volume="-2"), ["open", "close", "volume"]),
+    ]
+    for body, fields in cases:
+        with pytest.raises(RequestRefused) as info:
+            parse_ingest_body(orjson.dumps(body), WRITABLE, now=NOW)
+        assert [p.field for p in info.value.problems] == [f"candle.{f}" for f in fields]
 
 
 def test_an_unserved_base_series_is_422_unknown_series() -> None:
@@ -312,3 +328,14 @@ def test_a_huge_bad_series_id_is_not_echoed_whole() -> None:
     with pytest.raises(RequestRefused) as refused:
         parse_ingest_body(orjson.dumps(body_for(series_id=huge)), WRITABLE, now=NOW)
     assert len(orjson.dumps(refused.value.to_wire())) < 1_000
+
+
+def test_the_documented_error_example_is_what_the_api_answers() -> None:
+    """docs/api.md's example of a 422 listing two bad parameters, word for word."""
+    api = (Path(__file__).parents[2] / "docs" / "api.md").read_text()
+    errors = api[api.index('An error is `{"error": <code>') :]
+    start = errors.index("```json") + len("```json")
+    block = errors[start : errors.index("\n```", start)]
+    with pytest.raises(RequestRefused) as info:
+        parse_candles_query(QueryParams(f"series_id={BTC}&since=abc&limit=0"), WRITABLE)
+    assert info.value.to_wire() == orjson.loads(block)

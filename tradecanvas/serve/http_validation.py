@@ -19,14 +19,15 @@ from typing import Any, Final, Protocol
 import attrs
 import orjson
 
-from tradecanvas.errors import CandleError, SeriesIdError
+from tradecanvas.errors import SeriesIdError
 from tradecanvas.model import (
     BASE_TIMEFRAME,
     CLOCK_SKEW_S,
     Candle,
     SeriesId,
+    candle_problems,
+    candle_time_problem,
     shown,
-    validate_candle,
 )
 from tradecanvas.serve.served import describe_served
 from tradecanvas.serve.ws_protocol import MAX_EVENT_ID, since_problem
@@ -353,6 +354,7 @@ def parse_ingest_body(
                     values[name] = parse_decimal(field, raw_candle[name])
             except ValueError as exc:
                 problems.append(Problem(field, str(exc)))
+        problems += _value_problems(values)
     if series is not None and series not in writable:
         if series.timeframe != BASE_TIMEFRAME:
             message = (
@@ -372,12 +374,21 @@ def parse_ingest_body(
     if problems:
         raise RequestRefused.unprocessable(problems)
     assert series is not None
-    candle = Candle(**values)
-    try:
-        validate_candle(candle, BASE_TIMEFRAME)
-    except CandleError as exc:
-        raise RequestRefused.unprocessable([Problem("candle", f"candle: {exc}")]) from None
-    return series, candle
+    return series, Candle(**values)
+
+
+def _value_problems(values: dict[str, Any]) -> list[Problem]:
+    """The rules between a candle's values, each parsed on its own (high and low, the
+    range, signs), and its time's alignment: every one broken, under its field. With a value
+    missing, only the time's."""
+    if len(values) == len(_CANDLE_FIELDS):
+        wrong = candle_problems(Candle(**values), BASE_TIMEFRAME)
+    elif "candle_time" in values:
+        time_problem = candle_time_problem(values["candle_time"], BASE_TIMEFRAME)
+        wrong = [] if time_problem is None else [("candle_time", time_problem)]
+    else:
+        wrong = []
+    return [Problem(f"candle.{name}", f"candle.{name}: {message}") for name, message in wrong]
 
 
 def check_bearer(authorization: str | None, token: str | None) -> None:
