@@ -68,8 +68,9 @@ from tradecanvas.pipeline.commit import IngestPipeline
 from tradecanvas.runtime_flags import RuntimeFlags
 from tradecanvas.serve.event_tail import EventTail
 from tradecanvas.serve.http_api import build_http_app
-from tradecanvas.serve.http_server import check_listenable, serve_http
+from tradecanvas.serve.http_server import serve_http
 from tradecanvas.serve.hub import Hub
+from tradecanvas.serve.listening import check_listenable
 from tradecanvas.serve.shedding import MAX_HTTP_CONNECTIONS, ClientSockets, http_gate
 from tradecanvas.serve.ws_server import MAX_PENDING_HANDSHAKES, serve_ws_port
 from tradecanvas.serve.ws_session import MarketEndpoint

@@ -8,9 +8,13 @@ from __future__ import annotations
 import itertools
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Final
 
 import pytest
 import trio
+from h2.config import H2Configuration
+from h2.connection import H2Connection
+from h2.events import ConnectionTerminated, DataReceived, ResponseReceived, StreamReset
 from hypothesis import given
 from hypothesis import strategies as st
 from wsproto import ConnectionType, WSConnection
@@ -23,6 +27,7 @@ from wsproto.events import (
     Request,
     TextMessage,
 )
+from wsproto.extensions import PerMessageDeflate
 from wsproto.frame_protocol import FrameProtocol
 
 from tests.serve.test_ws_server import (
@@ -32,7 +37,12 @@ from tests.serve.test_ws_server import (
     running_market,
     until_pong,
 )
-from tradecanvas.serve.client_frames import ClientFrames, ProtocolViolation, close_frame
+from tradecanvas.serve.client_frames import (
+    ClientFrames,
+    ProtocolViolation,
+    close_frame,
+    hypercorn_extensions,
+)
 from tradecanvas.store.sqlite import CandleStore
 
 
@@ -189,3 +199,124 @@ async def test_a_broken_frame_gets_its_close_code_and_a_good_client_is_served(
             assert not any(isinstance(e, TextMessage) for e in events)
         with trio.fail_after(RECEIVE_TIMEOUT_S):
             assert await until_pong(good) == []  # nothing subscribed: the pong alone
+
+
+OFFER: Final = b"permessage-deflate; client_max_window_bits"
+
+
+def test_a_browser_s_compressed_frames_are_read_as_hypercorn_reads_them() -> None:
+    """Browsers offer permessage-deflate, Hypercorn agrees, and every message then comes
+    compressed (RSV1 set): read with the extension agreed the way Hypercorn agrees to it,
+    such frames are no violation; read without it, the same bytes are."""
+    client_side = PerMessageDeflate()
+    answer = PerMessageDeflate().accept(OFFER.decode())
+    assert isinstance(answer, str)
+    client_side.finalize(answer)
+    client = FrameProtocol(client=True, extensions=[client_side])
+    stream = b"".join(
+        [
+            bytes(client.send_data('{"type": "ping"}' * 20)),
+            bytes(client.ping(b"p")),
+            bytes(client.send_data("é" * 300)),
+        ]
+    )
+    assert stream[0] & 0x40  # RSV1: compressed
+    pings: list[None] = []
+    agreed = hypercorn_extensions([(b"Sec-WebSocket-Extensions", OFFER)])
+    ClientFrames(on_ping=lambda: pings.append(None), extensions=agreed).feed(stream)
+    assert pings == [None]
+    nothing_agreed = hypercorn_extensions([(b"host", b"127.0.0.1")])
+    with pytest.raises(ProtocolViolation, match="Reserved bit"):
+        ClientFrames(extensions=nothing_agreed).feed(stream)
+
+
+async def test_a_compressing_client_is_served_on_the_http_port(store: CandleStore) -> None:
+    """A client that compresses (as every browser does) over Hypercorn: served, not closed."""
+    async with running_market(store, over="http_port") as market:
+        stream = await trio.open_tcp_stream("127.0.0.1", market.port)
+        client = WSConnection(ConnectionType.CLIENT)
+        events: list[object] = []
+        request = Request(host="127.0.0.1", target="/ws/market", extensions=[PerMessageDeflate()])
+        try:
+            await stream.send_all(client.send(request))
+            with trio.fail_after(RECEIVE_TIMEOUT_S):
+                while not any(isinstance(e, AcceptConnection) for e in events):
+                    client.receive_data(await stream.receive_some(65536))
+                    events.extend(client.events())
+                (accepted,) = [e for e in events if isinstance(e, AcceptConnection)]
+                assert [x.name for x in accepted.extensions] == ["permessage-deflate"]
+                await stream.send_all(client.send(TextMessage('{"type": "ping"}')))
+                texts: list[str] = []
+                while not texts:
+                    client.receive_data(await stream.receive_some(65536))
+                    for event in client.events():
+                        assert not isinstance(event, CloseConnection), event
+                        if isinstance(event, TextMessage):
+                            texts.append(event.data)
+            assert '"pong"' in texts[0]
+        finally:
+            await stream.aclose()
+
+
+async def test_a_websocket_over_cleartext_http2_is_served(store: CandleStore) -> None:
+    """Hypercorn takes WebSockets over HTTP/2 (RFC 8441; a proxy may speak it): the TCP
+    connection carries HTTP/2 frames, not WebSocket frames, and is not read as such."""
+    async with running_market(store, over="http_port") as market:
+        stream = await trio.open_tcp_stream("127.0.0.1", market.port)
+        h2 = H2Connection(H2Configuration(client_side=True))
+        h2.initiate_connection()
+        received = b""
+        try:
+            await stream.send_all(h2.data_to_send())
+            headers = [
+                (":method", "CONNECT"),
+                (":protocol", "websocket"),
+                (":scheme", "http"),
+                (":path", "/ws/market"),
+                (":authority", f"127.0.0.1:{market.port}"),
+                ("sec-websocket-version", "13"),
+            ]
+            h2.send_headers(1, headers)
+            await stream.send_all(h2.data_to_send())
+            with trio.fail_after(RECEIVE_TIMEOUT_S):
+                while b"pong" not in received:
+                    data = await stream.receive_some(65536)
+                    assert data, "the connection ended"
+                    for event in h2.receive_data(data):
+                        assert not isinstance(event, (StreamReset, ConnectionTerminated)), event
+                        if isinstance(event, ResponseReceived):  # the data after the 200
+                            assert (b":status", b"200") in event.headers
+                            h2.send_data(1, masked(0x81, b'{"type": "ping"}'))
+                        elif isinstance(event, DataReceived):
+                            received += event.data
+                            h2.acknowledge_received_data(event.flow_controlled_length, 1)
+                    await stream.send_all(h2.data_to_send())
+        finally:
+            await stream.aclose()
+
+
+async def test_a_pipelined_second_upgrade_ends_its_connection_not_the_server(
+    store: CandleStore,
+) -> None:
+    """An upgrade refused (403) with a second one right behind it in the same write: h11
+    refuses the second answer; that one connection ends and the server serves on."""
+    async with running_market(store, over="http_port") as market:
+        upgrade = (
+            b"GET /ws/market HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            b"Sec-WebSocket-Version: 13\r\nOrigin: %s\r\n\r\n"
+        )
+        for _ in range(3):
+            stream = await trio.open_tcp_stream("127.0.0.1", market.port)
+            try:
+                await stream.send_all(
+                    upgrade % b"http://evil.example" + upgrade % b"http://127.0.0.1"
+                )
+                with trio.fail_after(RECEIVE_TIMEOUT_S):
+                    answer = await stream.receive_some(65536)
+                assert answer == b"" or answer.startswith(b"HTTP/1.1 4"), answer
+            finally:
+                await stream.aclose()
+        async with connect(market.port) as ws:
+            with trio.fail_after(RECEIVE_TIMEOUT_S):
+                assert await until_pong(ws) == []

@@ -24,11 +24,14 @@ from __future__ import annotations
 
 import logging
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Final, final
 
 import trio
+from wsproto.extensions import Extension, PerMessageDeflate
 from wsproto.frame_protocol import FrameProtocol, Opcode, ParseFailed
+from wsproto.handshake import server_extensions_handshake
+from wsproto.utilities import split_comma_header
 
 from tradecanvas.serve.ws_protocol import TokenBucket
 
@@ -83,8 +86,10 @@ class ClientFrames:
         *,
         on_pong: Callable[[bytes], None] | None = None,
         on_ping: Callable[[], None] | None = None,
+        extensions: Sequence[Extension] = (),
     ) -> None:
-        self._frames = FrameProtocol(client=False, extensions=[])
+        # the extensions the connection's handshake agreed to (their RSV bits are legal)
+        self._frames = FrameProtocol(client=False, extensions=list(extensions))
         self._done = False
         self.on_pong = on_pong
         self.on_ping = on_ping
@@ -109,6 +114,23 @@ class ClientFrames:
         except ClientFault:
             self._done = True
             raise
+
+
+def hypercorn_extensions(headers: Iterable[tuple[bytes, bytes]]) -> list[Extension]:
+    """The extensions Hypercorn agrees to for a WebSocket request with these headers, made
+    the way its handshake makes them (``hypercorn.protocol.ws_stream.Handshake``: it offers
+    permessage-deflate and takes the last ``Sec-WebSocket-Extensions`` header), so that
+    :class:`ClientFrames` reads the client's frames as Hypercorn does. Browsers offer
+    permessage-deflate and then compress their messages (RSV1 set). trio-websocket, on the
+    WS port, agrees to none."""
+    extensions: list[Extension] = [PerMessageDeflate()]
+    offers: list[str] | None = None
+    for name, value in headers:
+        if name.lower() == b"sec-websocket-extensions":
+            offers = split_comma_header(value)
+    if offers is not None:
+        server_extensions_handshake(offers, extensions)
+    return extensions
 
 
 def ping_limit(clock: Callable[[], float]) -> Callable[[], None]:
@@ -160,6 +182,7 @@ __all__ = [
     "PingFlood",
     "ProtocolViolation",
     "close_frame",
+    "hypercorn_extensions",
     "log_client_fault",
     "peer_of",
     "ping_limit",

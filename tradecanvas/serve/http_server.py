@@ -26,8 +26,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import socket
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Final, NoReturn, cast, final
 
 import hypercorn.config
@@ -42,17 +41,18 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tradecanvas.errors import ListenError
 from tradecanvas.ops.logs import ThrottledCount
-from tradecanvas.runtime_flags import RuntimeFlags
 from tradecanvas.serve.client_frames import (
     FLOOD_CLOSE_S,
     OP_PING,
     ClientFault,
     ClientFrames,
     close_frame,
+    hypercorn_extensions,
     log_client_fault,
     peer_of,
     ping_limit,
 )
+from tradecanvas.serve.listening import bind_socket, bind_text
 from tradecanvas.serve.shedding import Gate, SheddingListener
 from tradecanvas.serve.ws_protocol import MAX_MESSAGE_BYTES
 
@@ -78,46 +78,6 @@ SEND_STEP_BYTES: Final = 64 * 1024
 SLOW_READER_LOG_S: Final = 10.0
 
 
-def _bind_text(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-async def bind_socket(host: str, port: int) -> socket.socket:
-    """A TCP socket bound to ``host:port`` (not yet listening). Raises OSError; a socket
-    whose bind fails is closed (Hypercorn's own binding leaks it)."""
-    infos = await trio.socket.getaddrinfo(
-        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-    )
-    if not infos:
-        raise OSError(f"cannot resolve HTTP host {host!r}")
-    family, type_, proto, _, address = infos[0]
-    sock = socket.socket(family, type_, proto)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.bind(address)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
-async def check_listenable(flags: RuntimeFlags) -> None:
-    """Bind and let go of each port ``flags.role`` listens on (HTTP; /ws/market's but on an
-    ingest node), so that a port in use or a host not this machine's is one ListenError
-    before the store is opened or written (``series.added``). Port 0 (any free) always
-    binds. The listeners bind again for good later, and say the same if one was taken since."""
-    targets = [("HTTP", flags.http_host, flags.http_port)]
-    if flags.role != "ingest":
-        targets.append(("WebSocket clients", flags.ws_host, flags.ws_port))
-    for what, host, port in targets:
-        if port:
-            try:
-                (await bind_socket(host, port)).close()
-            except OSError as exc:
-                raise ListenError.of(what, host, port, exc) from exc
-
-
 def hypercorn_config(binds: list[str], drain_s: float) -> hypercorn.config.Config:
     """Hypercorn for our servers: the given binds, a bounded graceful drain, our logging."""
     config = hypercorn.config.Config()
@@ -133,6 +93,8 @@ def hypercorn_config(binds: list[str], drain_s: float) -> hypercorn.config.Confi
 
 # the connections the send deadline closes: a line at most every SLOW_READER_LOG_S
 _SLOW_READERS: Final = ThrottledCount(SLOW_READER_LOG_S)
+# connections Hypercorn failed on (a client can provoke h11's LocalProtocolError): likewise
+_FAILED_CONNECTIONS: Final = ThrottledCount(SLOW_READER_LOG_S)
 
 
 @final
@@ -249,12 +211,15 @@ class ServedConnection:
             if self._on_session is not None:
                 self._on_session()
 
-    def watch_pongs(self) -> None:
-        """Look for pongs in what the client sends from here on: call it before the
-        WebSocket is accepted (the client sends no frame before the 101 reaches it)."""
+    def watch_pongs(self, headers: Iterable[tuple[bytes, bytes]]) -> None:
+        """Read what the client sends from here on (pongs, pings, broken frames), its
+        WebSocket request having had ``headers``: call it before the WebSocket is accepted
+        (the client sends no frame before the 101 reaches it)."""
         if self.watched.frames is None:
             self.watched.frames = ClientFrames(
-                on_pong=self._pong, on_ping=ping_limit(trio.current_time)
+                on_pong=self._pong,
+                on_ping=ping_limit(trio.current_time),
+                extensions=hypercorn_extensions(headers),
             )
 
     def _pong(self, payload: bytes) -> None:
@@ -284,8 +249,7 @@ class ServedConnection:
 
     @property
     def socket(self) -> trio.socket.SocketType:
-        """The connection's socket (the /ws/market session caps its send buffer and
-        watches what it has in flight: ``tradecanvas.serve.in_flight``)."""
+        """The connection's socket (``tradecanvas.serve.in_flight`` watches it)."""
         return self._stream.socket
 
     def abort(self) -> None:
@@ -414,7 +378,7 @@ async def serve_http(
         sock.close()
         raise
     listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
-    config = hypercorn_config([f"http://{_bind_text(host, bound)}"], drain_s)
+    config = hypercorn_config([f"http://{bind_text(host, bound)}"], drain_s)
     shutdown = trio.Event()
     server_scope = trio.CancelScope(shield=True)
 
@@ -428,7 +392,7 @@ async def serve_http(
         async with trio.open_nursery() as nursery:
             try:
                 await nursery.start(run_server)
-                log.info("HTTP API listening on http://%s", _bind_text(host, bound))
+                log.info("HTTP API listening on http://%s", bind_text(host, bound))
                 task_status.started(bound)
                 await trio.sleep_forever()
             finally:
@@ -467,6 +431,9 @@ async def _serve_connections(
             with connections.tracking(connection):
                 # typed for TLS streams; a plain one is what Hypercorn's own worker passes too
                 await TCPServer(asgi, config, context, state, cast("Any", connection.watched)).run()
+        except Exception as exc:  # one connection's failure never reaches the server
+            if (failed := _FAILED_CONNECTIONS.add(trio.current_time())) is not None:
+                log.error("HTTP: %d connection(s) ended by a server error: %r", failed, exc)
         finally:
             if gate is not None:
                 gate.closed(pending=not connection.session)

@@ -30,6 +30,7 @@ import logging
 import resource
 import socket
 import struct
+import sys
 from typing import Final, final
 
 import trio
@@ -51,14 +52,21 @@ SHED_LOG_INTERVAL_S: Final = 10.0
 _RESET_ON_CLOSE: Final = struct.pack("ii", 1, 0)
 
 
+# the soft limit asked for where the hard one is unlimited (not on Linux, whose hard limit
+# is at most fs.nr_open)
+_UNLIMITED_HARD_SOFT: Final = 65536
+
+
 def raise_open_files_limit() -> int:
-    """Raise the soft open-file limit to the hard one; the soft limit now in force (an
-    unlimited hard limit leaves the soft one as it is)."""
+    """Raise the soft open-file limit to the hard one; the soft limit now in force."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard != resource.RLIM_INFINITY and soft < hard:
+    if soft == resource.RLIM_INFINITY:
+        return sys.maxsize
+    wanted = _UNLIMITED_HARD_SOFT if hard == resource.RLIM_INFINITY else hard
+    if soft < wanted:
         with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-            soft = hard
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            soft = wanted
     return soft
 
 

@@ -87,10 +87,15 @@ async def _serve_websocket(endpoint: MarketEndpoint, websocket: WebSocket) -> No
         )
         return
     try:  # the slot is the session's once it runs; ours if the accept fails or is cancelled
+        # the TCP connection is the WebSocket's alone over HTTP/1.1; over HTTP/2 (cleartext,
+        # from a proxy) it carries other streams: neither its bytes nor its socket are ours
         served = served_connection(websocket.scope)
+        if websocket.scope.get("http_version") != "1.1":
+            served = None
         if served is not None:
             served.became_session()  # under max_connections now, not the port's own cap
-            served.watch_pongs()  # before the 101: the client's first frame may be a pong
+            # before the 101: the client's first frame may be a pong
+            served.watch_pongs(websocket.scope["headers"])
         await websocket.accept()
         if served is not None:
             limit_send_buffer(served.socket)
