@@ -24,6 +24,12 @@
   const MAX_SHADED_PER_HOLE = 5000; // a hole wider than this is shaded at its start only
   const RECONNECT_MIN_MS = 250;
   const RECONNECT_MAX_MS = 5000;
+  // a series whose loading failed (the daemon down, say) is loaded again this often
+  const RELOAD_RETRY_MS = 2000;
+  // messages sent to the daemon, at most: half its rate limit (20/s, bursts of 40), so
+  // that quick clicking through timeframes never has a message ignored (docs/api.md)
+  const SEND_PER_S = 10;
+  const SEND_BURST = 20;
   // a live page whose series has had no market message for this long says so on the badge
   const STALE_AFTER_MS = 90_000;
   const FRESHNESS_CHECK_MS = 5_000;
@@ -61,6 +67,7 @@
     seriesId: null,
     timeframe: null,
     firstTime: null, // the oldest stored candle_time, from /api/market/series
+    baseFirstTime: null, // the oldest stored minute of the series it is derived from
     bars: [], // ascending {time, open, high, low, close, volume}; the last may be forming
     lastClosed: null, // the newest closed candle_time held: the `since` cursor
     lastEventId: null, // the newest event_id received: the `events_after` cursor
@@ -172,7 +179,7 @@
     candleSeries.setData(view.bars.map(candlePoint));
     volumeSeries.setData(view.bars.map(volumePoint));
     const gaps = renderGaps();
-    showLegend(null);
+    showLegend(hovered);
     return gaps;
   }
 
@@ -196,18 +203,39 @@
     candleSeries.update(candlePoint(bar));
     volumeSeries.update(volumePoint(bar));
     if (newHole) renderGaps();
-    showLegend(null);
+    showLegend(hovered);
+  }
+
+  // A forming bar the daemon went past without closing it was never stored — a derived
+  // bucket that began before the stored history, a minute Binance does not have — and a
+  // reload would not show it: dropped (the daemon sends a bar's close before any later bar)
+  function dropUnclosedBefore(time) {
+    const last = view.bars[view.bars.length - 1];
+    if (!last || last.time >= time || (view.lastClosed !== null && last.time <= view.lastClosed)) {
+      return false;
+    }
+    view.bars.pop();
+    view.gapTimes.delete(last.time);
+    return true;
   }
 
   function applyClosed(candle) {
     if (view.lastClosed !== null && candle.candle_time <= view.lastClosed) return;
+    const dropped = dropUnclosedBefore(candle.candle_time);
     view.lastClosed = candle.candle_time;
     upsert(toBar(candle));
+    if (dropped) render();
   }
 
   function applyForming(candle) {
     if (view.lastClosed !== null && candle.candle_time <= view.lastClosed) return;
+    const dropped = dropUnclosedBefore(candle.candle_time);
+    // a derived bucket that began before the first stored minute is built from part of it
+    if (view.baseFirstTime !== null && candle.candle_time < view.baseFirstTime) {
+      view.gapTimes.add(candle.candle_time);
+    }
     upsert(toBar(candle));
+    if (dropped || view.gapTimes.has(candle.candle_time)) render();
   }
 
   // --- the legend and the notice ----------------------------------------------------------
@@ -257,7 +285,13 @@
     if (view.bars.length * BAR_SPACING < scale.width()) scale.fitContent();
     else scale.scrollToRealTime();
   }
-  chart.subscribeCrosshairMove((param) => showLegend(param.time === undefined ? null : param.time));
+  // the bar under the cursor (null: none, the legend shows the newest); kept while live
+  // updates come, so that a past bar's values can be read
+  let hovered = null;
+  chart.subscribeCrosshairMove((param) => {
+    hovered = param.time === undefined ? null : param.time;
+    showLegend(hovered);
+  });
 
   // `kind` "socket": the notice of a socket that cannot connect, cleared when one opens
   let noticeKind = null;
@@ -345,13 +379,15 @@
       notice(`${seriesId} is not served by this daemon`);
       return;
     }
-    if (view.seriesId !== null && view.seriesId !== seriesId) {
-      send({ type: "unsubscribe", series_id: view.seriesId });
+    if (view.ready && view.seriesId !== seriesId) {
+      send({ type: "unsubscribe", series_id: view.seriesId }); // subscribed once ready
     }
+    const base = seriesList.find((s) => s.series_id === entry.base_series_id);
     Object.assign(view, {
       seriesId,
       timeframe: parseTimeframe(entry.timeframe),
       firstTime: entry.first_time,
+      baseFirstTime: base && base.series_id !== seriesId ? base.first_time : null,
       bars: [],
       lastClosed: null,
       lastEventId: null,
@@ -388,7 +424,12 @@
       markCompleteness(loaded);
       view.lastClosed = loaded.length ? loaded[loaded.length - 1].candle_time : null;
     } catch (error) {
-      if (generation === view.generation) notice(`loading ${seriesId} failed: ${error.message}`);
+      if (generation !== view.generation) return;
+      notice(`loading ${seriesId} failed: ${error.message}; trying again`);
+      // the daemon may be restarting: load it again until it answers or another is chosen
+      setTimeout(() => {
+        if (generation === view.generation) select(seriesId);
+      }, RELOAD_RETRY_MS);
       return;
     }
     notice("");
@@ -579,12 +620,42 @@
   }
   setInterval(checkFreshness, FRESHNESS_CHECK_MS);
 
-  function send(message) {
-    if (conn.socket && conn.socket.readyState === WebSocket.OPEN) {
-      conn.socket.send(JSON.stringify(message));
-      return true;
+  // What the page sends goes out at most SEND_PER_S a second (bursts of SEND_BURST); the
+  // rest waits in `outbox`, where a series' subscribe and its ping not sent yet are taken
+  // back by its unsubscribe (quick clicking through timeframes sends only what is left).
+  const outbox = [];
+  const pace = { tokens: SEND_BURST, at: Date.now(), timer: null };
+
+  function pump() {
+    pace.timer = null;
+    const now = Date.now();
+    pace.tokens = Math.min(SEND_BURST, pace.tokens + ((now - pace.at) / 1000) * SEND_PER_S);
+    pace.at = now;
+    const socket = conn.socket;
+    while (outbox.length && pace.tokens >= 1 && socket && socket.readyState === WebSocket.OPEN) {
+      const message = outbox.shift();
+      socket.send(JSON.stringify(message));
+      pace.tokens -= 1;
+      if (message.type === "ping") conn.pendingPongs += 1;
     }
-    return false;
+    if (outbox.length && socket) pace.timer = setTimeout(pump, 1000 / SEND_PER_S);
+  }
+
+  function send(message) {
+    if (!conn.socket || conn.socket.readyState !== WebSocket.OPEN) return false;
+    if (message.type === "unsubscribe") {
+      const queued = outbox.findIndex(
+        (m) => m.type === "subscribe" && m.series_id === message.series_id,
+      );
+      if (queued !== -1) {
+        // never sent: neither it nor its ping (the next message) need go
+        outbox.splice(queued, outbox[queued + 1] && outbox[queued + 1].type === "ping" ? 2 : 1);
+        return true;
+      }
+    }
+    outbox.push(message);
+    if (pace.timer === null) pump();
+    return true;
   }
 
   // (re)subscribe the shown series from the cursors held, then ping: the daemon answers in
@@ -598,16 +669,13 @@
       events_after: view.lastEventId,
       supports_batch: true,
     });
-    if (subscribed && send({ type: "ping" })) {
-      conn.pendingPongs += 1;
-      setState("syncing");
-    }
+    if (subscribed && send({ type: "ping" })) setState("syncing");
   }
 
   function handle(message) {
     if (message.type === "pong") {
       conn.pendingPongs = Math.max(0, conn.pendingPongs - 1);
-      if (conn.pendingPongs === 0) {
+      if (conn.pendingPongs === 0 && !outbox.some((m) => m.type === "ping")) {
         fresh.at = Date.now(); // caught up: the age counts from now
         setState("live");
       }
@@ -616,6 +684,8 @@
     if (message.type === "error") {
       view.errors.push(message);
       notice(`the daemon refused a message: ${message.code}: ${message.message}`);
+      // a message it ignored may be a subscribe or a ping: start again from the cursors
+      if (message.code === "rate_limited" && conn.socket) conn.socket.close(4000, "resync");
       return;
     }
     if (message.series_id !== view.seriesId || !view.ready) return;
@@ -656,6 +726,7 @@
     const socket = new WebSocket(`${scheme}://${location.host}/ws/market`);
     conn.socket = socket;
     conn.pendingPongs = 0;
+    outbox.length = 0; // what the last connection had not sent: subscribe() sends it anew
     socket.addEventListener("open", () => {
       conn.attempt = 0;
       if (noticeKind === "socket") notice("");
@@ -721,5 +792,8 @@
     connect();
     if (first) await select(first.series_id);
     else notice("this daemon serves no series");
+    if (first && wanted !== null && wanted !== first.series_id) {
+      notice(`${wanted} is not served by this daemon: showing ${first.series_id}`);
+    }
   })();
 })();
