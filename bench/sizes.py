@@ -43,7 +43,7 @@ class Sizes:
 
 FULL = Sizes(
     micro_rounds=15,
-    commit_rounds=5,
+    commit_rounds=15,
     commit_minutes=20,
     derive_minutes=10080,
     parse_repeat=60,
