@@ -31,7 +31,13 @@ from tests.reliability.test_subscriber_faults import allow_open_files
 from tests.serve.test_client_faults import masked, send_raw
 from tests.serve.test_http_api import INGEST, TOKEN, metric_value, running_api
 from tests.serve.test_http_validation import body_for
-from tests.serve.test_ws_admission import closed_unanswered, raw_streams, until
+from tests.serve.test_ws_admission import (
+    UPGRADE,
+    closed_unanswered,
+    raw_streams,
+    status_of,
+    until,
+)
 from tests.serve.test_ws_server import (
     SID_1M,
     Market,
@@ -201,7 +207,13 @@ async def socket_flood(market: Market, sockets: ClientSockets) -> int:
         ports = [market.ws_port, market.http_port]
         while sockets.count < sockets.limit:
             expected = sockets.count + 1
-            await held.enter_async_context(raw_streams(ports[expected % 2], 1))
+            port = ports[expected % 2]
+            (stream,) = await held.enter_async_context(raw_streams(port, 1))
+            if port == market.ws_port:
+                # a session: its end is seen at once (one that ends during its handshake
+                # holds its place until the handshake timeout)
+                await stream.send_all(UPGRADE)
+                assert await status_of(stream) == 101
             await until(lambda: sockets.count == expected)  # noqa: B023 (awaited here)
         for port in ports * 5:
             assert await closed_unanswered(port)
