@@ -26,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Final, NoReturn, cast, final
 
 import hypercorn.config
@@ -53,7 +53,7 @@ from tradecanvas.serve.client_frames import (
     ping_limit,
 )
 from tradecanvas.serve.listening import bind_socket, bind_text
-from tradecanvas.serve.shedding import Gate, SheddingListener
+from tradecanvas.serve.shedding import Gate, Place, SheddingListener
 from tradecanvas.serve.ws_protocol import MAX_MESSAGE_BYTES
 
 log = logging.getLogger(__name__)
@@ -192,7 +192,7 @@ class ServedConnection:
         self,
         stream: trio.SocketStream,
         send_timeout_s: float | None = None,
-        on_session: Callable[[], None] | None = None,
+        place: Place | None = None,
     ) -> None:
         self._stream = stream
         self.watched = _WatchedStream(stream)
@@ -200,16 +200,13 @@ class ServedConnection:
         # the pings waiting for their pong, oldest first
         self._pings: dict[bytes, trio.Event] = {}
         self._pings_stopped = False
-        # an admitted /ws/market session (capped by max_connections, not the port's gate)
-        self.session = False
-        self._on_session = on_session
+        self._place = place  # at the port's gate (serve_http), until a session
 
     def became_session(self) -> None:
-        """The connection's WebSocket was admitted: from now on it counts as a session."""
-        if not self.session:
-            self.session = True
-            if self._on_session is not None:
-                self._on_session()
+        """The connection's WebSocket was admitted: from now on it counts as a session
+        (capped by max_connections, not by the port's gate)."""
+        if self._place is not None:
+            self._place.admitted()
 
     def watch_pongs(self, headers: Iterable[tuple[bytes, bytes]]) -> None:
         """Read what the client sends from here on (pongs, pings, broken frames), its
@@ -423,24 +420,22 @@ async def _serve_connections(
     connections = _Connections()
 
     async def serve_connection(stream: trio.SocketStream) -> None:
-        # entered into the gate (if any) by SheddingListener.accept
-        on_session = None if gate is None else gate.admitted
-        connection = ServedConnection(stream, send_timeout_s, on_session)
-        state = ConnectionState({**lifespan_state, CONNECTION_STATE_KEY: connection})
-        try:
-            with connections.tracking(connection):
-                # typed for TLS streams; a plain one is what Hypercorn's own worker passes too
-                await TCPServer(asgi, config, context, state, cast("Any", connection.watched)).run()
-        except Exception as exc:  # one connection's failure never reaches the server
-            if (failed := _FAILED_CONNECTIONS.add(trio.current_time())) is not None:
-                log.error("HTTP: %d connection(s) ended by a server error: %r", failed, exc)
-        finally:
-            if gate is not None:
-                gate.closed(pending=not connection.session)
+        # entered into the gate by SheddingListener.accept
+        with shedding.place() as place:
+            connection = ServedConnection(stream, send_timeout_s, place)
+            state = ConnectionState({**lifespan_state, CONNECTION_STATE_KEY: connection})
+            try:
+                with connections.tracking(connection):
+                    # typed for TLS streams; a plain one is what Hypercorn's worker passes too
+                    await TCPServer(
+                        asgi, config, context, state, cast("Any", connection.watched)
+                    ).run()
+            except Exception as exc:  # one connection's failure never reaches the server
+                if (failed := _FAILED_CONNECTIONS.add(trio.current_time())) is not None:
+                    log.error("HTTP: %d connection(s) ended by a server error: %r", failed, exc)
 
-    accepted: trio.abc.Listener[trio.SocketStream] = (
-        listener if gate is None else SheddingListener(listener, gate)
-    )
+    shedding = Gate.unlimited("HTTP port") if gate is None else gate
+    accepted = SheddingListener(listener, shedding)
 
     async with trio.open_nursery() as lifespan_nursery:
         await lifespan_nursery.start(lifespan.handle_lifespan)

@@ -31,6 +31,7 @@ import resource
 import socket
 import struct
 import sys
+from collections.abc import Iterator
 from typing import Final, final
 
 import trio
@@ -105,11 +106,33 @@ class ClientSockets:
 
 
 @final
+class Place:
+    """One accepted connection's place at its :class:`Gate`: pending until :meth:`admitted`
+    (the connection became a session; idempotent), given back by :meth:`close`."""
+
+    __slots__ = ("_gate", "pending")
+
+    def __init__(self, gate: Gate) -> None:
+        self._gate = gate
+        self.pending = True
+
+    def admitted(self) -> None:
+        if self.pending:
+            self.pending = False
+            self._gate.pending -= 1
+            self._gate.show()
+
+    def close(self) -> None:
+        self.admitted()
+        self._gate.sockets.count -= 1
+
+
+@final
 class Gate:
     """One port's accounting at accept: its connections not yet sessions (``pending``,
-    capped at ``limit``) and its share of the :class:`ClientSockets`. The listener calls
-    :meth:`enter` for each connection it returns; its handler calls :meth:`admitted` once
-    the connection becomes a session and :meth:`closed` when it ends."""
+    capped at ``limit``) and its share of the :class:`ClientSockets`. The listener enters
+    each connection it returns (:meth:`enter`); its handler holds the :class:`Place` that
+    :meth:`place` gives, and closes it when the connection ends."""
 
     def __init__(
         self,
@@ -138,22 +161,26 @@ class Gate:
             return f"{self.sockets.limit} client sockets open, all the open-file limit leaves"
         return None
 
+    @classmethod
+    def unlimited(cls, port: str) -> Gate:
+        """A gate that sheds nothing and reports nowhere (a server without caps)."""
+        return cls(port, sys.maxsize, ClientSockets(None), pending_what="connections")
+
     def enter(self) -> None:
         self.pending += 1
         self.sockets.count += 1
-        self._show()
+        self.show()
 
-    def admitted(self) -> None:
-        self.pending -= 1
-        self._show()
+    @contextlib.contextmanager
+    def place(self) -> Iterator[Place]:
+        """The place of a connection :meth:`enter` counted, given back on the way out."""
+        held = Place(self)
+        try:
+            yield held
+        finally:
+            held.close()
 
-    def closed(self, *, pending: bool) -> None:
-        if pending:
-            self.pending -= 1
-            self._show()
-        self.sockets.count -= 1
-
-    def _show(self) -> None:
+    def show(self) -> None:
         if self._gauge is not None:
             self._gauge.set(self.pending)
 
@@ -178,6 +205,19 @@ def http_gate(sockets: ClientSockets, metrics: Metrics, limit: int = MAX_HTTP_CO
         pending_what="connections open",
         pending_gauge=metrics.http_connections,
         shed_total=metrics.http_connections_shed_total,
+    )
+
+
+def ws_gate(sockets: ClientSockets, metrics: Metrics, limit: int) -> Gate:
+    """The WS port's gate: ``limit`` connections in their handshake, and its share of
+    ``sockets``."""
+    return Gate(
+        "ws port",
+        limit,
+        sockets,
+        pending_what="handshakes pending",
+        pending_gauge=metrics.ws_handshakes_pending,
+        shed_total=metrics.ws_handshakes_shed_total,
     )
 
 
@@ -210,7 +250,9 @@ __all__ = [
     "SHED_LOG_INTERVAL_S",
     "ClientSockets",
     "Gate",
+    "Place",
     "SheddingListener",
     "http_gate",
     "raise_open_files_limit",
+    "ws_gate",
 ]

@@ -58,7 +58,7 @@ from tradecanvas.serve.client_frames import peer_of
 from tradecanvas.serve.frame_safe_stream import FrameSafeStream
 from tradecanvas.serve.hub import Hub
 from tradecanvas.serve.in_flight import PING_FRAME_BYTES, InFlight, limit_send_buffer
-from tradecanvas.serve.shedding import ClientSockets, Gate, SheddingListener
+from tradecanvas.serve.shedding import ClientSockets, Gate, SheddingListener, ws_gate
 from tradecanvas.serve.subscriber import TransportClosed
 from tradecanvas.serve.ws_protocol import (
     MAX_MESSAGE_BYTES,
@@ -233,20 +233,13 @@ class _MarketServer:
 
     async def _handle_stream(self, stream: trio.SocketStream) -> None:
         # entered into the gate by SheddingListener.accept: pending until admitted
-        still_pending = True
-
-        def admitted() -> None:
-            nonlocal still_pending
-            still_pending = False
-            self._gate.admitted()
-
-        try:
+        with self._gate.place() as place:
             limit_send_buffer(stream.socket)
             safe = FrameSafeStream(stream, InFlight(stream.socket, trio.current_time()))
             peer = _peer(stream)
             try:
                 async with trio.open_nursery() as nursery:  # owns trio-websocket's reader task
-                    await self._serve_stream(nursery, safe, peer, admitted)
+                    await self._serve_stream(nursery, safe, peer, place.admitted)
                     nursery.cancel_scope.cancel()
             except* _GONE:
                 # the client went away before its session began (the session's own end is
@@ -258,8 +251,6 @@ class _MarketServer:
             finally:
                 with trio.CancelScope(shield=True):
                     await safe.aclose()
-        finally:
-            self._gate.closed(pending=still_pending)
 
     async def _serve_stream(
         self,
@@ -326,15 +317,8 @@ async def serve_ws_port(
     except OSError as exc:
         raise ListenError.of("WebSocket clients", host, port, exc) from exc
     bound_port = int(listeners[0].socket.getsockname()[1])
-    metrics = endpoint.hub.metrics
-    gate = Gate(
-        "ws port",
-        max_pending_handshakes,
-        ClientSockets(None) if sockets is None else sockets,
-        pending_what="handshakes pending",
-        pending_gauge=metrics.ws_handshakes_pending,
-        shed_total=metrics.ws_handshakes_shed_total,
-    )
+    sockets = ClientSockets(None) if sockets is None else sockets
+    gate = ws_gate(sockets, endpoint.hub.metrics, max_pending_handshakes)
     server = _MarketServer(endpoint, gate)
     async with trio.open_nursery() as nursery:
         await nursery.start(server.run, listeners)
