@@ -262,3 +262,20 @@ async def test_handshakes_beyond_the_pending_cap_are_shed_at_accept_and_it_recov
                     await stream.send_all(UPGRADE)
                 assert [await status_of(stream) for stream in streams] == [101] * cap
             assert shed(market) == 3
+
+
+@pytest.mark.parametrize("sent", [b"", REQUEST_LINE], ids=["nothing", "a request line"])
+async def test_a_client_gone_during_its_handshake_frees_its_place_at_once(
+    store: CandleStore, autojump_clock: trio.testing.MockClock, sent: bytes
+) -> None:
+    async with running_market(store, max_pending_handshakes=1) as market:
+        async with raw_streams(market.port, 1) as (gone,):
+            await gone.send_all(sent)
+            await until(lambda: pending(market) == 1)
+        # the end of its input, not the handshake timeout, frees the place (virtual time:
+        # the clock moves only once every task waits)
+        await trio.sleep(HANDSHAKE_TIMEOUT_S / 10)
+        assert pending(market) == 0
+        async with connect(market.port) as ws:
+            await until_pong(ws)
+        assert shed(market) == 0

@@ -13,6 +13,9 @@ It also serializes its writers (trio-websocket's own writes — pongs, the close
 the Hub's pre-framed ones, ``tradecanvas.serve.ws_server``), and offers
 :meth:`FrameSafeStream.send_all_nowait`: the Hub's publishing writes a frame straight to an
 idle subscriber's socket without waking its task (``tradecanvas.serve.hub``).
+
+:attr:`FrameSafeStream.input_ended` is set once a read finds the end of the client's input
+(or a broken connection): the WS port ends a handshake then, which trio-websocket does not.
 """
 
 from __future__ import annotations
@@ -48,7 +51,7 @@ class FrameSafeStream(trio.abc.HalfCloseableStream):
     ``trio.BrokenResourceError`` / ``trio.ClosedResourceError`` like a SocketStream.
     """
 
-    __slots__ = ("_frames", "_lock", "_peer", "_unsent", "in_flight", "inner")
+    __slots__ = ("_frames", "_lock", "_peer", "_unsent", "in_flight", "inner", "input_ended")
 
     def __init__(self, inner: trio.SocketStream, in_flight: InFlight | None = None) -> None:
         self.inner = inner
@@ -57,6 +60,7 @@ class FrameSafeStream(trio.abc.HalfCloseableStream):
         self._lock = trio.StrictFIFOLock()
         self._frames: ClientFrames | None = None
         self._peer = "?"
+        self.input_ended = trio.Event()
 
     def watch_pings(self, peer: str) -> None:
         """Read the client's frames from here on (call it before the 101 is sent): a ping
@@ -143,7 +147,13 @@ class FrameSafeStream(trio.abc.HalfCloseableStream):
         await self.inner.send_eof()
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        data = await self.inner.receive_some(max_bytes)
+        try:
+            data = await self.inner.receive_some(max_bytes)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self.input_ended.set()
+            raise
+        if not data:
+            self.input_ended.set()
         if self._frames is not None:
             try:
                 self._frames.feed(data)

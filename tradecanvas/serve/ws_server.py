@@ -262,6 +262,8 @@ class _MarketServer:
         handshake = trio.CancelScope(deadline=trio.current_time() + HANDSHAKE_TIMEOUT_S)
         self._unattached.add(handshake)
         admission: Admission | None = None
+        # trio-websocket waits for the request even after the client's input has ended
+        watch: trio.CancelScope = await nursery.start(_end_at_end_of_input, stream, handshake)
         try:
             with handshake:
                 request = await trio_websocket.wrap_server_stream(
@@ -279,6 +281,7 @@ class _MarketServer:
                 admitted()
                 stream.watch_pings(peer)  # the client sends no frame before the 101
                 ws = await request.accept()
+            watch.cancel()
             self._unattached.discard(handshake)
             if handshake.cancelled_caught or admission is None:
                 return
@@ -286,9 +289,22 @@ class _MarketServer:
                 nursery.start_soon(_prove_reads, ws, stream.in_flight)
             await self.endpoint.serve(_TrioWebsocketTransport(ws, stream), peer, admission)
         finally:
+            watch.cancel()
             self._unattached.discard(handshake)
             if admission is not None:  # the accept failed or was cancelled: not attached
                 admission.release()
+
+
+async def _end_at_end_of_input(
+    stream: FrameSafeStream,
+    handshake: trio.CancelScope,
+    task_status: trio.TaskStatus[trio.CancelScope] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    # a client gone before its 101 frees its place now, not at the handshake timeout
+    with trio.CancelScope() as watch:
+        task_status.started(watch)
+        await stream.input_ended.wait()
+        handshake.cancel()
 
 
 async def _prove_reads(ws: trio_websocket.WebSocketConnection, in_flight: InFlight) -> None:
