@@ -192,7 +192,8 @@ def test_a_new_connection_backfills_from_the_head_to_its_first_frame() -> None:
     # the connection drops; minutes 10..19 are never sent; a new one starts at 20
     for candle in rows[20:]:
         driver.send(close_of(BTC, candle), generation=2)
-    assert driver.fills == [FillRequest(T0 + 600, T0 + 1200, "reconnect")]
+    # up to the held close of minute 20: REST returning it proves what it lacks below
+    assert driver.fills == [FillRequest(T0 + 600, T0 + 1260, "reconnect")]
     driver.answer()
     driver.commit()
     assert driver.candles() == rows
@@ -258,14 +259,32 @@ def test_an_exchange_hole_is_committed_around_once_rest_confirms_it() -> None:
     driver = Driver(make_core(), {BTC: truth})
     for candle in truth.values():
         driver.send(close_of(BTC, candle))
-    # minute 8 is held until REST answered for 5..7
-    # (by the time minute 8 closes, minute 7's close is late too)
-    assert driver.fills[0] == FillRequest(T0 + 300, T0 + 480, "late_close")
+    # minute 8 is held until REST answered for 5..7 (asked up to minute 8: REST returning
+    # it proves 5..7 absent); by the time minute 8 closes, minute 7's close is late too
+    assert driver.fills[0] == FillRequest(T0 + 300, T0 + 540, "late_close")
     assert driver.times() == [] and driver.core.held_count() >= 1
     driver.answer()
     driver.commit()
     assert driver.candles() == list(truth.values())
     assert driver.absent == 3 and driver.core.trackers[BTC].unresolved == ()
+
+
+def test_a_minute_a_lagging_rest_lacked_is_stored_once_rechecked() -> None:
+    """REST 90 s behind the exchange (late_close is 10 s): a lost close's minute is
+    called absent on exchange time alone and the candles above it go on; asked for once
+    more REST_LAG_MAX_MS after its end, it is stored (below the head: a backfill)."""
+    truth = truth_of(8)
+    driver = Driver(make_core(), {BTC: truth}, rest_lag_ms=90_000)
+    for i, candle in enumerate(truth.values()):
+        if i != 2:  # minute 2's close is lost
+            driver.send(close_of(BTC, candle))
+        driver.answer()
+        driver.commit()
+    assert driver.absent == 1 and driver.absent_runs() == [(T0 + 120, T0 + 180)]
+    rechecks = [f for f in driver.fills if f.reason == "recheck"]
+    assert rechecks == [FillRequest(T0 + 120, T0 + 180, "recheck")]
+    assert sorted(driver.times()) == sorted(truth)
+    assert driver.times().index(T0 + 120) > driver.times().index(T0 + 180)
 
 
 def test_an_empty_store_fetches_the_initial_history_first() -> None:
@@ -299,8 +318,8 @@ def test_no_fill_starts_while_the_commit_backlog_is_full() -> None:
     assert batch is not None and batch.wake_fills  # a commit made room: look again
     driver.committed.extend(batch.items)
     driver.plan()
-    # 3 queued + the 7 minutes of BTC's fill in flight: ETH's waits for it
-    assert driver.fills == [FillRequest(T0 + 180, T0 + 600, "reconnect")]
+    # 3 queued + the 8 minutes of BTC's fill in flight (up to its held close): ETH's waits
+    assert driver.fills == [FillRequest(T0 + 180, T0 + 660, "reconnect")]
     assert core.backlogged()
     driver.answer()  # BTC's 7 minutes and its held close are queued: still full
     driver.plan()
@@ -395,8 +414,9 @@ def test_a_failed_fill_is_asked_again_after_a_backoff() -> None:
     driver.answer()
     plan = driver.core.next_fills(0.0)
     assert plan.start == () and plan.wake_at == 0.1  # FILL_RETRY_MIN_S
-    # the first frame of a connection: the range is asked for as a reconnect's
-    assert driver.core.next_fills(0.1).start == ((BTC, FillRequest(T0, T0 + 120, "reconnect")),)
+    # the first frame of a connection: the range is asked for as a reconnect's, up to the
+    # held close
+    assert driver.core.next_fills(0.1).start == ((BTC, FillRequest(T0, T0 + 180, "reconnect")),)
 
 
 def test_shutdown_queues_held_candles_over_their_hole() -> None:

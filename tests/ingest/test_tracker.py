@@ -6,12 +6,14 @@ from collections.abc import Sequence
 from decimal import Decimal
 
 import attrs
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import flat_minutes
 from tradecanvas.ingest.tracker import (
     FILL_CHUNK_MINUTES,
+    REST_LAG_MAX_MS,
     FillRequest,
     Released,
     SeriesTracker,
@@ -61,9 +63,10 @@ def test_a_close_above_a_hole_is_held_until_rest_fills_it() -> None:
     since = tr.held_since
     assert tr.held_count() == 1 and since == 5.0
     request = tr.next_fill(now=5.0)
-    assert request == FillRequest(T0 + 60, T0 + 180, "hole")
+    # up to the held minute: REST returning it too would prove any minute it lacks below
+    assert request == FillRequest(T0 + 60, T0 + 240, "hole")
     assert tr.next_fill(now=5.0) is None  # one fill in flight per series
-    out = tr.on_fill_result(request, bars[1:3], now=6.0)
+    out = tr.on_fill_result(request, bars[1:], now=6.0)
     assert times(out) == [T0 + 60, T0 + 120, T0 + 180]
     assert [r.source for r in out] == ["rest", "rest", "ws"]
     assert [r.reason for r in out] == ["hole", "hole", None]  # repairs (a metric counts them)
@@ -78,9 +81,9 @@ def test_rest_confirming_a_hole_releases_the_held_candles() -> None:
     tr.on_closed(bars[4], now=0.0)
     tr.on_closed(bars[5], now=0.0)
     request = tr.next_fill(now=0.0)
-    assert request == FillRequest(T0 + 60, T0 + 240, "hole")
-    # REST has only minute 2 (1 and 3 are missing at the exchange)
-    out = tr.on_fill_result(request, [bars[2]], now=0.0)
+    assert request == FillRequest(T0 + 60, T0 + 360, "hole")
+    # REST has minute 2 and the held ones (1 and 3 are missing at the exchange)
+    out = tr.on_fill_result(request, [bars[2], bars[4], bars[5]], now=0.0)
     assert times(out) == [T0 + 120, T0 + 240, T0 + 300]
     assert tr.head == T0 + 300 and not tr.wants_fill()
     assert tr.absent_minutes == 2
@@ -91,7 +94,7 @@ def test_rest_confirming_a_hole_releases_the_held_candles() -> None:
 
 def test_minutes_before_an_empty_stores_first_bar_are_not_a_hole() -> None:
     """The symbol's history starts after the initial backfill window begins: the minutes
-    before its first bar are counted absent, but are no hole (no gap); those after are."""
+    before its first bar are no hole (not counted, no gap); those after are."""
     tr = tracker(head=None, initial=10)
     tr.on_live_frame(T0 + 600, new_connection=True)
     request = tr.next_fill(now=0.0)
@@ -99,7 +102,7 @@ def test_minutes_before_an_empty_stores_first_bar_are_not_a_hole() -> None:
     listed = minutes(T0 + 300, 5)
     out = tr.on_fill_result(request, listed[:2] + listed[3:], now=0.0)
     assert times(out) == [T0 + 300, T0 + 360, T0 + 480, T0 + 540]
-    assert tr.absent_minutes == 6
+    assert tr.absent_minutes == 1
     assert tr.take_absent() == ((T0 + 420, T0 + 480),)
 
 
@@ -190,6 +193,41 @@ def test_a_minute_still_missing_once_late_is_an_exchange_hole() -> None:
     assert again == FillRequest(T0 + 240, live, "reconnect")
     assert tr.on_fill_result(again, [], now=0.0) == []
     assert tr.head == live - 60 and not tr.wants_fill()
+
+
+@pytest.mark.parametrize("rest_has_it", [True, False])
+def test_a_minute_called_absent_on_time_alone_is_asked_for_once_more(rest_has_it: bool) -> None:
+    """REST lagging longer than late_close: the minute it lacks is called absent on
+    exchange time alone (a gap), and asked for once more REST_LAG_MAX_MS after its end;
+    what REST has by then is released below the head (a backfill)."""
+    tr = tracker(head=T0)
+    live = T0 + 300
+    tr.on_live_frame(live, new_connection=True)
+    tr.on_exchange_time(live * 1000 + 200)
+    request = tr.next_fill(now=0.0)
+    assert request == FillRequest(T0 + 60, live, "reconnect")
+    lagged = minutes(T0 + 240, 1)[0]
+    tr.on_fill_result(request, minutes(T0 + 60, 3), now=0.0)
+    tr.on_exchange_time((live + 10) * 1000)
+    again = tr.next_fill(now=0.0)
+    assert again == FillRequest(T0 + 240, live, "reconnect")
+    assert tr.on_fill_result(again, [], now=0.0) == []
+    assert tr.take_absent() == ((T0 + 240, live),) and tr.absent_minutes == 1
+    # the live close goes on meanwhile
+    for bar in minutes(live, 1):
+        tr.on_exchange_time((bar.candle_time + 60) * 1000 + 100)
+        assert times(tr.on_closed(bar, now=0.0)) == [bar.candle_time]
+    tr.on_exchange_time(live * 1000 + REST_LAG_MAX_MS - 1)
+    assert tr.next_fill(now=0.0) is None
+    tr.on_exchange_time(live * 1000 + REST_LAG_MAX_MS)
+    recheck = tr.next_fill(now=0.0)
+    assert recheck == FillRequest(T0 + 240, live, "recheck")
+    out = tr.on_fill_result(recheck, [lagged] if rest_has_it else [], now=0.0)
+    assert [(r.candle, r.source, r.reason) for r in out] == (
+        [(lagged, "rest", "recheck")] if rest_has_it else []
+    )
+    # asked once: nothing more to fetch, nothing counted twice
+    assert not tr.wants_fill() and tr.absent_minutes == 1 and tr.take_absent() == ()
 
 
 def test_a_failed_fill_is_retried_after_its_pause() -> None:

@@ -29,12 +29,16 @@ from tradecanvas.model import MINUTE, MINUTE_MS, MS, Candle
 # a reconnect after a long outage is fetched in chunks of this many minutes, so one REST
 # answer confirms (or fills) a bounded range and memory stays bounded
 FILL_CHUNK_MINUTES: Final = 10_000
+# REST may lag the exchange (closes can come 10-30 s late, REST with them): a minute called
+# absent on exchange time alone (no later minute in the same answer proved it) is asked for
+# once more this long after its end, and stored if REST has it by then
+REST_LAG_MAX_MS: Final = 120_000
 # released candles remembered per series to drop repeated closes (renewal overlaps,
 # duplicated frames) without a store round trip; a few minutes of history is plenty
 RECENT_KEEP: Final = 64
 
 IngestSource = Literal["ws", "rest"]
-FillReason = Literal["initial", "reconnect", "late_close", "hole", "retry"]
+FillReason = Literal["initial", "reconnect", "late_close", "hole", "retry", "recheck"]
 # fills that repair a close that did not arrive while the connection was up
 REPAIR_REASONS: Final = frozenset({"late_close", "hole"})
 
@@ -79,9 +83,12 @@ class SeriesTracker:
     after a minute's end without its close (``late_close``), and a held candle (``hole``).
 
     A minute missing from a REST answer counts as absent at the exchange only when REST
-    cannot merely be behind: it is below a minute the same answer returned, or it ended at
-    least ``late_close`` ago in exchange time. A just-closed minute REST does not have yet
-    stays unsettled, and is asked for again once it is that old (or its close arrives).
+    cannot merely be behind: it is below a minute the same answer returned (a fill asks up
+    to the newest held close, for that proof), or it ended at least ``late_close`` ago in
+    exchange time. A just-closed minute REST does not have yet stays unsettled, and is asked
+    for again once it is that old (or its close arrives). A minute called absent on exchange
+    time alone is asked for once more (``recheck``) ``REST_LAG_MAX_MS`` after its end: REST
+    may have lagged, and what it has then is stored below the head (a backfill).
 
     Holes left under candles committed without them (:meth:`release_held`) are *unresolved*
     and retried (``retry`` fills, in chunks of FILL_CHUNK_MINUTES) by the same rule: the part
@@ -124,6 +131,9 @@ class SeriesTracker:
         # unresolved ranges a retry answered while their first minute was too recent to
         # call absent: asked for again once it is late (see _retry_range)
         self._retry_waiting: set[tuple[int, int]] = set()
+        # runs called absent on exchange time alone, asked for once more (recheck) when
+        # exchange time passes the third value
+        self._recheck: list[tuple[int, int, int]] = []
         # the minutes the last retry confirmed absent at the exchange, as [start, end) runs
         self.last_absent: tuple[tuple[int, int], ...] = ()
         # runs confirmed absent since the last take_absent(), ascending
@@ -208,7 +218,11 @@ class SeriesTracker:
     def wants_fill(self) -> bool:
         if self._inflight is not None or self.head is None:
             return False
-        return self._wants_forward_fill() or self._retry_range() is not None
+        return (
+            self._wants_forward_fill()
+            or self._retry_range() is not None
+            or self._due_recheck() is not None
+        )
 
     def _wants_forward_fill(self) -> bool:
         assert self.head is not None
@@ -228,14 +242,18 @@ class SeriesTracker:
         assert self.head is not None
         start = self.head + MINUTE
         if self._wants_forward_fill():
-            end = min(self._want_upto, start + FILL_CHUNK_MINUTES * MINUTE)
+            # up to the newest held close: REST returning it proves what it lacks below
+            upto = max(self._want_upto, max(self._held, default=0) + MINUTE)
+            end = min(upto, start + FILL_CHUNK_MINUTES * MINUTE)
             request = FillRequest(start, end, self._want_reason)
-        else:
-            retry = self._retry_range()
-            assert retry is not None
+        elif (retry := self._retry_range()) is not None:
             start = retry[0]
             end = min(retry[1], start + FILL_CHUNK_MINUTES * MINUTE)
             request = FillRequest(start, end, "retry")
+        else:
+            recheck = self._due_recheck()
+            assert recheck is not None
+            request = FillRequest(recheck[0], recheck[1], "recheck")
         self._inflight = request
         return request
 
@@ -257,6 +275,14 @@ class SeriesTracker:
             key=lambda c: c.candle_time,
         )
         released: list[Released] = []
+        if request.reason == "recheck":
+            # asked once more; what REST has now goes below the head, the rest stays absent
+            self._recheck = [r for r in self._recheck if r[:2] != (request.start, request.end)]
+            for c in in_range:
+                if c.candle_time <= self.head and c.candle_time not in self._recent:
+                    self._remember(c)
+                    released.append(Released(c, "rest", reason="recheck"))
+            return released
         if request.reason == "retry":
             self._settle_retry(request, in_range)
             for c in in_range:
@@ -273,10 +299,11 @@ class SeriesTracker:
                     released.append(Released(c, "rest", reason=request.reason))
             elif t not in self._held:
                 self._held[t] = Released(c, "rest", reason=request.reason)
-        settled = self._late_upto()
-        if in_range:
-            settled = max(settled, in_range[-1].candle_time)
+        proven = in_range[-1].candle_time if in_range else request.start
+        settled = max(self._late_upto(), proven)
+        runs_before = len(self._absent_runs)
         released.extend(self._advance(confirmed_upto=min(request.end, settled)))
+        self._to_recheck(self._absent_runs[runs_before:], proven)
         if self.head + MINUTE < request.end:
             self._unsettled = self.head + MINUTE
         if self._held and self.held_since is None:
@@ -345,6 +372,7 @@ class SeriesTracker:
         self.absent_minutes += len(absent)
         self.last_absent = _runs(absent)
         self._absent_runs.extend(self.last_absent)
+        self._to_recheck(self.last_absent, in_range[-1].candle_time if in_range else 0)
         index = next(
             (i for i, entry in enumerate(self._unresolved) if entry[0] == request.start), None
         )
@@ -359,6 +387,22 @@ class SeriesTracker:
         self._unresolved[index] = remaining
         if settled < request.end:
             self._retry_waiting.add(remaining)  # REST may be behind: wait until it is late
+
+    def _to_recheck(self, runs: Iterable[tuple[int, int]], proven: int) -> None:
+        """Keep for one more ask the minutes of ``runs`` at or above ``proven``: called
+        absent on exchange time alone (no minute REST returned lies above them)."""
+        for start, end in runs:
+            start = max(start, proven)
+            if start < end:
+                self._recheck.append((start, end, end * MS + REST_LAG_MAX_MS))
+
+    def _due_recheck(self) -> tuple[int, int] | None:
+        if self._exchange_ms is None:
+            return None
+        for start, end, due_ms in self._recheck:
+            if self._exchange_ms >= due_ms:
+                return start, end
+        return None
 
     def _raise_want(self, upto: int, reason: FillReason) -> None:
         if upto > self._want_upto:
@@ -381,8 +425,8 @@ class SeriesTracker:
             if nxt < confirmed_upto:
                 above = [t for t in self._held if t > nxt]
                 limit = min(confirmed_upto, min(above)) if above else confirmed_upto
-                self.absent_minutes += (limit - nxt) // MINUTE
-                if not self._before_history:
+                if not self._before_history:  # else no hole: the history starts later
+                    self.absent_minutes += (limit - nxt) // MINUTE
                     self._absent_runs.append((nxt, limit))
                 self.head = limit - MINUTE
                 continue
