@@ -4,6 +4,8 @@ imported into a fresh store come back the same (a hypothesis property), on real 
 from __future__ import annotations
 
 import io
+import os
+import stat
 import subprocess
 import sys
 import tempfile
@@ -120,6 +122,42 @@ def test_export_writes_the_archives_digits_and_month_bars(tmp_path: Path) -> Non
         ["1577836800000", "0.00000050", "0.00000062", "0.00000049", "0.00000061",
          "1255.00000000", "1580515199999"]
     ]  # fmt: skip
+
+
+def test_out_through_a_link_or_into_a_fifo_is_written_never_replaced(tmp_path: Path) -> None:
+    """``--out`` replaces a regular file whole; a symbolic link's file is the one replaced
+    (the link stays), and a FIFO is written to (a device such as /dev/full was replaced by
+    a regular file before)."""
+    archive = tmp_path / "shib-minutes.csv"
+    archive.write_text(PLAIN)
+    env = cli_env(TRADE_CANVAS_DB_PATH=str(tmp_path / "m.sqlite3"))
+    command = [sys.executable, "-m", "tradecanvas"]
+    window = ["--from", "2020-01-01", "--to", "2020-03-01"]
+    subprocess.run(
+        [*command, "import", "--series", f"{SHIB}:1m", str(archive)],
+        env=env, capture_output=True, timeout=120, check=True,
+    )  # fmt: skip
+
+    def export(out: Path) -> subprocess.Popen[str]:
+        return subprocess.Popen(
+            [*command, "export", f"{SHIB}:1m", *window, "--out", str(out)],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True,
+        )  # fmt: skip
+
+    real, link = tmp_path / "real.csv", tmp_path / "link.csv"
+    real.write_text("old\n")
+    link.symlink_to(real)
+    with export(link) as done:
+        assert done.wait(timeout=120) == 0
+    assert link.is_symlink() and real.read_text() == PLAIN
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    with export(fifo) as writer:
+        with fifo.open() as reader:  # opens once the export opens it for writing
+            received = reader.read()
+        assert writer.wait(timeout=120) == 0
+    assert received == PLAIN and stat.S_ISFIFO(fifo.lstat().st_mode)
 
 
 def test_import_says_it_did_not_ask_binance_for_a_3d_grid(tmp_path: Path) -> None:

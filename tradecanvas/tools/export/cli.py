@@ -124,6 +124,20 @@ async def _run(
 
 
 @contextlib.contextmanager
+def _output(path: Path) -> Iterator[TextIO]:
+    """Where ``--out`` writes: a regular file (or none yet) is replaced whole
+    (:func:`_replacing`); through a symbolic link, the file it points to; anything else —
+    a device, a FIFO, a terminal — is written through, never replaced."""
+    target = Path(os.path.realpath(path))
+    if target.exists() and not target.is_file():
+        with target.open("w", encoding="utf-8", newline="") as stream:
+            yield stream
+    else:
+        with _replacing(target) as stream:
+            yield stream
+
+
+@contextlib.contextmanager
 def _replacing(path: Path) -> Iterator[TextIO]:
     """A new file beside ``path`` (made as any new file, with its mode if it exists) that
     replaces it only when the block ends without an error; else it is removed, and ``path``
@@ -157,7 +171,7 @@ def run_export(args: argparse.Namespace, flags: RuntimeFlags, out: TextIO, err: 
         if args.out is None:
             written = trio.run(_run, location, series, start, end, out, args.header)
         else:
-            with _replacing(args.out) as target:
+            with _output(args.out) as target:
                 written = trio.run(_run, location, series, start, end, target, args.header)
     except UnknownSeriesError as exc:
         err.write(f"tradecanvas export: {exc}\n")
