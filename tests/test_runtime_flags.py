@@ -108,6 +108,8 @@ PARSE_ERROR_CASES: list[tuple[str, str, str]] = [
     ("TRADE_CANVAS_EVENT_RETENTION_MAX", "10", "out of range"),
     ("TRADE_CANVAS_WS_ALLOWED_ORIGINS", "localhost", "not an origin"),
     ("TRADE_CANVAS_INGEST_TOKEN", "short", "too short"),
+    ("TRADE_CANVAS_INGEST_TOKEN", "pässwörd-0123456789ab", "printable ASCII"),
+    ("TRADE_CANVAS_INGEST_TOKEN", "two words 0123456789ab", "printable ASCII"),
     ("TRADE_CANVAS_LOG_FORMAT", "xml", "allowed: text, json"),
     ("TRADE_CANVAS_LOG_LEVEL", "loud", "allowed: DEBUG"),
     ("TRADE_CANVAS_DB_PATH", " ", "empty path"),

@@ -247,9 +247,15 @@ def _parse_choice(choices: tuple[str, ...], *, upper: bool = False) -> Callable[
 
 
 def _parse_token(text: str) -> str:
-    if len(text.strip()) < 16:
+    token = text.strip()
+    if len(token) < 16:
         raise ValueError("the token is too short; allowed: at least 16 characters")
-    return text.strip()
+    if not all("!" <= c <= "~" for c in token):
+        # a header carries bytes: a client could never send other characters as configured
+        raise ValueError(
+            "the token has a character a header cannot carry; allowed: printable ASCII, no spaces"
+        )
+    return token
 
 
 _ANY_HOST: Final = frozenset({"", "0.0.0.0", "::", "*"})
