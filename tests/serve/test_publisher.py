@@ -45,7 +45,6 @@ def parse_frames(data: bytes) -> list[dict[str, Any]]:
     return messages
 
 
-@final
 class FakeFrames:
     """A FrameWriter that records the bytes written. ``block``: ``write_nowait`` takes
     nothing; ``take``: it takes at most that many bytes (the rest waits for ``flush``)."""
@@ -411,3 +410,44 @@ async def test_a_long_catch_up_goes_out_in_chunks_of_whole_frames() -> None:
     # each write within its own deadline: several writes, none much over the chunk size
     assert len(frames.writes) > 1
     assert max(frames.writes) < WRITE_CHUNK_BYTES + 1024
+
+
+@final
+class StuckFrames(FakeFrames):
+    """A client that does not read: writes wait until ``reading`` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reading = trio.Event()
+        self.block = True
+
+    async def write(self, frames: bytes) -> None:
+        await self.reading.wait()
+        await super().write(frames)
+
+
+async def test_catch_ups_waiting_on_sockets_are_bounded_and_the_rest_wait_their_turn() -> None:
+    """Clients that subscribe with a catch-up and do not read hold at most
+    catchups_at_once store reads (and their messages) at a time; another subscriber's
+    catch-up waits for a place and is served once one is given back."""
+    reader = CountingReader(HISTORY)
+    hub = make_hub(reader, catchups_at_once=2)
+    stuck = [StuckFrames() for _ in range(3)]
+    async with (
+        framed(hub, stuck[0]) as a,
+        framed(hub, stuck[1]) as b,
+        framed(hub, stuck[2]) as c,
+    ):
+        for subscriber in (a, b, c):
+            hub.subscribe(subscriber, SERIES_1M, None, batch=False)
+        await trio.testing.wait_all_tasks_blocked()
+        assert reader.reads == 2  # the third catch-up waits for a place
+        stuck[0].reading.set()  # one client reads: its place goes to the third
+        await trio.testing.wait_all_tasks_blocked()
+        assert reader.reads == 3
+        assert closed_times(stuck[0].messages()) == [h.candle_time for h in HISTORY]
+        for frames in stuck[1:]:
+            frames.reading.set()
+        await trio.testing.wait_all_tasks_blocked()
+        for frames in stuck:
+            assert closed_times(frames.messages()) == [h.candle_time for h in HISTORY]

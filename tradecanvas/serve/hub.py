@@ -73,7 +73,7 @@ from tradecanvas.model import Candle, SeriesId
 from tradecanvas.ops.metrics import DeliveryBatch, Metrics
 from tradecanvas.pipeline.events import SystemEvent
 from tradecanvas.serve.encoded import Published, SharedEncodings
-from tradecanvas.serve.publisher import CandleReader, Publisher
+from tradecanvas.serve.publisher import CATCHUPS_AT_ONCE, CandleReader, Publisher
 from tradecanvas.serve.served import describe_served
 from tradecanvas.serve.subscriber import FrameWriter, MessageSocket, Subscriber, TransportClosed
 from tradecanvas.serve.subscriber_queue import CloseDecision, SubscriberQueue
@@ -114,6 +114,7 @@ class Hub:
         catchup_limit: int,
         metrics: Metrics,
         max_lag_s: float | None = None,
+        catchups_at_once: int = CATCHUPS_AT_ONCE,
     ) -> None:
         if queue_max < 1 or catchup_limit < 1 or send_timeout_s <= 0:
             raise ValueError("queue_max and catchup_limit must be >= 1, send_timeout_s > 0")
@@ -128,7 +129,11 @@ class Hub:
         )
         self.encodings = SharedEncodings(catchup_limit)
         self._publisher = Publisher(
-            store, self.encodings, send_timeout_s=send_timeout_s, metrics=metrics
+            store,
+            self.encodings,
+            send_timeout_s=send_timeout_s,
+            metrics=metrics,
+            catchups_at_once=catchups_at_once,
         )
         self.run_publisher = self._publisher.run
         self._attached: dict[Subscriber, None] = {}

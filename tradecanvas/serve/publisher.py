@@ -8,6 +8,13 @@ the store reads, then the messages, encoded once per publish and shared
 (``tradecanvas.serve.encoded``), written as pre-framed bytes where the connection takes
 them (the WS port) and as text messages elsewhere (the HTTP port).
 
+Catch-ups at once: a store read and the messages made of it (a catch-up, a heal, events)
+hold one of :data:`CATCHUPS_AT_ONCE` places, shared by every subscriber of the Hub, until
+those messages are written. A client that stops reading keeps its place only until its
+send times out (4008), and the memory of catch-ups waiting on sockets is bounded by about
+that many catch-ups of ``catchup_limit`` candles; other subscribers' catch-ups wait their
+turn. Live candles written at once by the Hub take no place.
+
 Deadlines: one cancel scope per task (``Subscriber.send_scope``) whose deadline is set while
 a write is in progress — a write of at most :data:`WRITE_CHUNK_BYTES` that does not complete
 within ``send_timeout_s`` closes the subscriber with 4008 — and the queue's lag deadline on
@@ -53,6 +60,10 @@ log = logging.getLogger(__name__)
 # pre-framed messages are written in pieces of about this size, each within send_timeout_s
 # (a catch-up of thousands of messages is not one write that must finish in one timeout)
 WRITE_CHUNK_BYTES: Final = 64 * 1024
+# store reads (with the messages made of them) in progress at once, across the Hub's
+# subscribers: without a bound, clients that subscribe with a long catch-up and never read
+# each held a catch-up's candles and bytes (1.6 MB a session was measured)
+CATCHUPS_AT_ONCE: Final = 64
 
 
 class CandleReader(Protocol):
@@ -97,7 +108,7 @@ def _chunks(encoded: Sequence[Encoded]) -> Iterator[bytes]:
 class Publisher:
     """Runs subscribers' publish tasks (:meth:`run`) for one Hub: owns no task itself."""
 
-    __slots__ = ("encodings", "metrics", "send_timeout_s", "store")
+    __slots__ = ("catchups", "encodings", "metrics", "send_timeout_s", "store")
 
     def __init__(
         self,
@@ -106,11 +117,13 @@ class Publisher:
         *,
         send_timeout_s: float,
         metrics: Metrics,
+        catchups_at_once: int = CATCHUPS_AT_ONCE,
     ) -> None:
         self.store = store
         self.encodings = encodings
         self.send_timeout_s = send_timeout_s
         self.metrics = metrics
+        self.catchups = trio.CapacityLimiter(catchups_at_once)
 
     async def run(self, subscriber: Subscriber) -> None:
         """The subscriber's publish task. Runs until its connection is cancelled; a delivery
@@ -190,14 +203,19 @@ class Publisher:
         subscriber.send_scope.deadline = trio.current_time() + self.send_timeout_s
 
     async def _carry_out(self, subscriber: Subscriber, plan: Plan) -> None:
-        """Run a drain plan: answer its store reads, encode and send its messages."""
+        """Run a drain plan: answer its store reads, encode and send its messages (a read
+        holds a place among :data:`CATCHUPS_AT_ONCE` until the next messages are written)."""
         answer: Answer = None
+        holding = False
         try:
             while True:
                 try:
                     action = plan.send(answer)
                 except StopIteration:
                     return
+                if isinstance(action, ReadStore | ReadEvents) and not holding:
+                    await self.catchups.acquire()
+                    holding = True
                 if isinstance(action, ReadStore):
                     answer = await self._read(action)
                 elif isinstance(action, ReadEvents):
@@ -205,7 +223,12 @@ class Publisher:
                 else:
                     answer = None
                     await self._send(subscriber, self._encode(action.messages))
+                    if holding:
+                        self.catchups.release()
+                        holding = False
         finally:
+            if holding:
+                self.catchups.release()
             plan.close()
 
     async def _read_events(self, read: ReadEvents) -> EventsRead:
@@ -252,4 +275,4 @@ class Publisher:
         scope.deadline = math.inf
 
 
-__all__ = ["WRITE_CHUNK_BYTES", "CandleReader", "Publisher"]
+__all__ = ["CATCHUPS_AT_ONCE", "WRITE_CHUNK_BYTES", "CandleReader", "Publisher"]
