@@ -1,14 +1,18 @@
-"""The connection plan (pure): stream URLs, connection groups, reconnect naming and backoff."""
+"""The connection plan (pure): stream URLs, connection groups, reconnect naming, backoff
+and pacing."""
 
 from __future__ import annotations
 
 import orjson
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from tradecanvas.model import SeriesId
 from tradecanvas.ops import metrics
 from tradecanvas.upstream.plan import (
     RECONNECT_REASONS,
+    ConnectPacer,
     announces_server_shutdown,
     build_combined_stream_url,
     connection_groups,
@@ -50,14 +54,77 @@ def test_stream_urls_for_futures_and_spot() -> None:
 
 
 def test_backoff_after_a_connection_ended() -> None:
-    healthy = {"lived_s": 3600.0, "healthy_after_s": 60.0}
-    short = {"lived_s": 0.5, "healthy_after_s": 60.0}
+    def step(lived_s: float, *, announced: bool, still_open: bool = False) -> int:
+        return failures_after_end(
+            3,
+            lived_s=lived_s,
+            healthy_after_s=60.0,
+            shutdown_announced=announced,
+            still_open=still_open,
+        )
+
     # serverShutdown after a healthy hour: reconnect at once
-    assert failures_after_end(3, shutdown_announced=True, **healthy) == 0
-    assert failures_after_end(3, shutdown_announced=False, **healthy) == 1
+    assert step(3600.0, announced=True) == 0
+    assert step(3600.0, announced=False) == 1
     # an endpoint announcing shutdown right after every connect is backed off like a drop
-    assert failures_after_end(3, shutdown_announced=True, **short) == 4
-    assert failures_after_end(3, shutdown_announced=False, **short) == 4
+    assert step(0.5, announced=True) == 4
+    assert step(0.5, announced=False) == 4
+    # rotated while still open (serverShutdown, or the 24 h cut): at once only when healthy
+    assert step(3600.0, announced=True, still_open=True) == 0
+    assert step(3600.0, announced=False, still_open=True) == 0
+    assert step(0.5, announced=True, still_open=True) == 4
+
+
+@given(
+    failures=st.integers(0, 1000),
+    lived_s=st.floats(0.0, 1e6),
+    healthy_after_s=st.floats(0.0, 1e4),
+    shutdown_announced=st.booleans(),
+    still_open=st.booleans(),
+)
+def test_only_a_healthy_connection_restarts_the_backoff(
+    failures: int,
+    lived_s: float,
+    healthy_after_s: float,
+    shutdown_announced: bool,
+    still_open: bool,
+) -> None:
+    """Whatever ended it — announced, rotated while open, dropped — a connection that did
+    not live ``healthy_after_s`` backs off one step further; a healthy one restarts the
+    backoff, at once when its end was announced or planned."""
+    step = failures_after_end(
+        failures,
+        lived_s=lived_s,
+        healthy_after_s=healthy_after_s,
+        shutdown_announced=shutdown_announced,
+        still_open=still_open,
+    )
+    if lived_s < healthy_after_s:
+        assert step == failures + 1
+    else:
+        assert step == (0 if shutdown_announced or still_open else 1)
+
+
+@given(
+    asked=st.lists(st.floats(0.0, 1000.0), min_size=1, max_size=50),
+    interval_s=st.one_of(st.just(0.0), st.floats(1e-3, 10.0)),
+)
+def test_connect_turns_are_an_interval_apart_and_no_later_than_needed(
+    asked: list[float], interval_s: float
+) -> None:
+    """However many slots ask, and when: every turn is at or after its request, at least
+    the interval after the turn before it, and exactly the later of the two."""
+    pacer = ConnectPacer()
+    turns: list[float] = []
+    for now in sorted(asked):  # the callers' clock only moves forward
+        turn = pacer.reserve(now, interval_s)
+        assert turn >= now
+        if turns:
+            assert turn - turns[-1] >= interval_s - 1e-9  # float rounding of the sum
+            assert turn == max(now, turns[-1] + interval_s)
+        else:
+            assert turn == now
+        turns.append(turn)
 
 
 def test_reconnect_reasons() -> None:

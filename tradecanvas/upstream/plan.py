@@ -1,5 +1,5 @@
 """The Binance WebSocket connection plan (pure): which streams share a connection, its URL,
-the reconnect timing, and how a connection's end is named and backed off.
+the reconnect timing and pacing, and how a connection's end is named and backed off.
 
 Nothing here imports trio or does I/O; :mod:`tradecanvas.upstream.binance_ws` is the trio
 shell that follows this plan.
@@ -7,8 +7,9 @@ shell that follows this plan.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
-from typing import Final, Literal
+from typing import Final, Literal, final
 
 import attrs
 
@@ -48,6 +49,29 @@ class ConnectionPolicy:
     @property
     def reconnect_backoff(self) -> Backoff:
         return Backoff(self.reconnect_base_s, self.reconnect_cap_s)
+
+
+@final
+class ConnectPacer:
+    """When each connection attempt to one Binance host may start: never earlier than
+    asked, and at least the interval after the attempt before it, whichever connection slot
+    made it. Binance counts connection attempts per IP (300 per 5 min; BINANCE.md: pace
+    connects >= 1 s apart), so the slots of one process share one pacer per host
+    (:func:`tradecanvas.upstream.binance_ws.connect_pacer`).
+
+    A turn, once given, is spent even if its holder is cancelled before it starts: waiting
+    longer is safe, connecting sooner is not.
+    """
+
+    def __init__(self) -> None:
+        self._last_start = -math.inf
+
+    def reserve(self, now: float, interval_s: float) -> float:
+        """The earliest time at or after ``now`` that is ``interval_s`` after the last turn
+        given; it becomes the last turn."""
+        start = max(now, self._last_start + interval_s)
+        self._last_start = start
+        return start
 
 
 def build_combined_stream_url(base_url: str, streams: Sequence[str]) -> str:
@@ -114,15 +138,25 @@ def reconnect_reason(end: ConnectionEnd | None, *, shutdown_announced: bool = Fa
 
 
 def failures_after_end(
-    failures: int, *, lived_s: float, healthy_after_s: float, shutdown_announced: bool
+    failures: int,
+    *,
+    lived_s: float,
+    healthy_after_s: float,
+    shutdown_announced: bool,
+    still_open: bool = False,
 ) -> int:
-    """The reconnect backoff step after a connection ended (0: reconnect at once).
+    """The reconnect backoff step after a connection ended or is being replaced (0:
+    reconnect at once). ``still_open``: it is rotated while open (make-before-break: before
+    Binance's 24 h cut, or once Binance announced serverShutdown).
 
-    A healthy connection (one that lived ``healthy_after_s``) restarts the backoff: at once
-    when Binance announced the close (serverShutdown), else after one small jittered step.
-    A short-lived one backs off further, announced or not, so an endpoint that announces a
-    shutdown right after every connect cannot drive us into its connection-rate limit.
+    Only a healthy connection — one that lived ``healthy_after_s`` (a minute: Binance's
+    quiet markets go up to 35 s without a frame, so a shorter life proves little) — restarts
+    the backoff: at once when its end was planned (rotated while open) or announced
+    (serverShutdown), else after one small jittered step. A short-lived one backs off
+    further whatever ended it, announced or rotated included, so an endpoint that announces
+    a shutdown right after every connect cannot drive us into its connection-rate limit
+    (300 attempts per 5 min per IP): its waits double up to the cap (a minute).
     """
     if lived_s >= healthy_after_s:
-        return 0 if shutdown_announced else 1
+        return 0 if shutdown_announced or still_open else 1
     return failures + 1
