@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import itertools
+import logging
 import threading
 from collections.abc import AsyncIterator, Iterator
 
@@ -28,7 +29,7 @@ from tradecanvas.upstream.binance_ws import (
     FrameBurst,
     run_binance_ws_connections,
 )
-from tradecanvas.upstream.plan import ConnectionPolicy
+from tradecanvas.upstream.plan import SILENT_WARN_AFTER, ConnectionPolicy
 from tradecanvas.wire.binance import kline_frame
 from tradecanvas.wire.json import dumps
 
@@ -368,3 +369,30 @@ async def test_connections_to_one_host_start_at_least_a_second_apart(
     gaps = [b - a for a, b in itertools.pairwise(upstream.connected_at)]
     assert min(gaps) >= 1.0, gaps
     assert upstream.connected_at[2] - upstream.connected_at[0] < 2.5  # no more than needed
+
+
+async def test_a_slot_that_never_gets_a_frame_names_the_likely_cause(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An unrouted futures URL (no /market) is accepted by Binance, which then sends
+    nothing: after three stale ends without a single frame, the log says why."""
+    with caplog.at_level(logging.WARNING, logger="tradecanvas.upstream.binance_ws"):
+        async with connection_slot(ConnectionPolicy(), stale_timeout_s=10) as slot:
+            while slot.upstream.connections < SILENT_WARN_AFTER + 1:
+                await slot.upstream.connected.wait()
+    hints = [r.getMessage() for r in caplog.records if "/market route" in r.getMessage()]
+    assert len(hints) == 1
+    assert "test: no frame has ever arrived (3 connections went stale)" in hints[0]
+    assert "TRADE_CANVAS_BINANCE_FUTURES_WS_URL" in hints[0]
+
+
+async def test_a_slot_that_got_frames_before_going_stale_blames_no_route(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="tradecanvas.upstream.binance_ws"):
+        async with connection_slot(ConnectionPolicy(), stale_timeout_s=10) as slot:
+            await slot.upstream.send.send(kline(0))
+            while slot.upstream.connections < SILENT_WARN_AFTER + 2:
+                await slot.upstream.connected.wait()
+    assert slot.reconnects() == {"stale": SILENT_WARN_AFTER + 1}
+    assert not [r for r in caplog.records if "no frame has ever arrived" in r.getMessage()]

@@ -22,7 +22,9 @@ connection that lived ``healthy_after_s`` is replaced at once, so an endpoint an
 ``serverShutdown`` right after every connect is backed off like one that drops it (the old
 connection, still open, keeps delivering meanwhile). Every connection attempt also waits
 for its turn at the host's :class:`~tradecanvas.upstream.plan.ConnectPacer`, shared by all
-the slots of the process (:func:`connect_pacer`): Binance limits attempts per IP.
+the slots of the process (:func:`connect_pacer`): Binance limits attempts per IP. A slot
+whose connections keep going stale without ever delivering a frame says what is likely
+wrong (:func:`~tradecanvas.upstream.plan.silent_slot_warning`).
 
 Every replacement, and every connect that failed, is counted by reason
 (``tradecanvas_upstream_reconnects_total``, :data:`~tradecanvas.upstream.plan.RECONNECT_REASONS`).
@@ -49,6 +51,7 @@ from tradecanvas.upstream.plan import (
     announces_server_shutdown,
     failures_after_end,
     reconnect_reason,
+    silent_slot_warning,
 )
 from tradecanvas.upstream.ws_client import (
     get_message_nowait,
@@ -169,6 +172,8 @@ class _ConnectionSlot:
         self._generations = itertools.count(1)
         self._open: set[int] = set()  # generations with an open socket
         self.pacer = pacer
+        self._framed = False  # some connection of this slot delivered a frame
+        self._silent_stale_ends = 0  # stale ends while none ever did
 
     async def maintain(self) -> None:
         policy = self.policy
@@ -211,6 +216,8 @@ class _ConnectionSlot:
                     shutdown_announced=conn.shutdown_announced,
                     still_open=not ended,
                 )
+                if end == "stale":
+                    self._note_stale_end()
                 if ended and conn.shutdown_announced:
                     log.info("%s: closed after serverShutdown; reconnecting", self.name)
                 elif ended:
@@ -233,6 +240,16 @@ class _ConnectionSlot:
                         lived_s,
                         failures,
                     )
+
+    def _note_stale_end(self) -> None:
+        """Count a stale end of a slot that never received a frame, and say, now and then,
+        what the likely cause is (:func:`~tradecanvas.upstream.plan.silent_slot_warning`)."""
+        if self._framed:
+            return
+        self._silent_stale_ends += 1
+        warning = silent_slot_warning(self.url, self._silent_stale_ends)
+        if warning is not None:
+            log.warning("%s: %s", self.name, warning)
 
     def _count_reconnect(self, reason: str) -> None:
         self.counters.reconnects += 1
@@ -298,6 +315,7 @@ class _ConnectionSlot:
                     listening_since = now = trio.current_time()
                     if not conn.first_frame.is_set():
                         conn.first_frame.set()
+                        self._framed = True
                     # this message and every one already queued, without a checkpoint in
                     # between, in bursts: the processor wakes once for them all
                     raws = [message]
