@@ -162,6 +162,33 @@ def test_bad_flag_stops_serve_with_exit_2() -> None:
     assert proc.stderr.startswith("tradecanvas: TRADE_CANVAS_WS_PORT: ")
 
 
+def test_binances_futures_host_without_the_market_route_stops_serve_with_exit_2(
+    tmp_path: Path,
+) -> None:
+    """It would connect and never get a kline (BINANCE.md): refused at start-up, in one
+    line, before the store is opened."""
+    db = tmp_path / "market.sqlite3"
+    proc = subprocess.run(
+        [sys.executable, "-m", "tradecanvas", "serve"],
+        env=cli_env(
+            TRADE_CANVAS_DB_PATH=str(db),
+            TRADE_CANVAS_BINANCE_FUTURES_WS_URL="wss://fstream.binance.com",
+        ),
+        capture_output=True,
+        text=True,
+        timeout=20,
+        check=False,
+    )
+    assert proc.returncode == ExitCode.USAGE
+    assert proc.stderr.splitlines() == [
+        "CRITICAL tradecanvas.daemon: cannot start: TRADE_CANVAS_BINANCE_FUTURES_WS_URL:"
+        " 'wss://fstream.binance.com' lacks the /market route: fstream.binance.com sends an"
+        " unrouted futures connection no kline frames (since 2026-04-23); allowed:"
+        " wss://fstream.binance.com/market"
+    ], proc.stderr
+    assert not db.exists()
+
+
 async def test_a_second_signal_exits_at_once(tmp_path: Path) -> None:
     """While the first SIGTERM's drain waits on a client that never answers the close
     handshake, a second SIGTERM ends the process at once."""

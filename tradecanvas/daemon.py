@@ -78,6 +78,7 @@ from tradecanvas.store.interface import MarketStore
 from tradecanvas.store.open import describe_location, open_store, store_location
 from tradecanvas.store.postgres import PostgresStore
 from tradecanvas.store.sqlite import CandleStore
+from tradecanvas.upstream.plan import futures_ws_route_warning
 
 log = logging.getLogger(__name__)
 
@@ -456,6 +457,9 @@ def serve(flags: RuntimeFlags) -> int:
     configure_logging(flags)
 
     async def main() -> None:
+        route_warning = futures_ws_route_warning(flags)  # Binance's host without /market: 2
+        if route_warning is not None:
+            log.warning("%s", route_warning)
         await check_listenable(flags)  # a port in use: said before the store is written
         await check_redis_settings(flags)  # and a Redis refusing the URL's database
         runtime = await market_runtime_builder(flags)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
+import logging
 import threading
 from collections.abc import AsyncIterator, Iterator
 
@@ -20,13 +22,14 @@ import trio_websocket
 from tests.conftest import candle
 from tradecanvas.model import SeriesId
 from tradecanvas.ops.metrics import Metrics
+from tradecanvas.upstream.backoff import Backoff
 from tradecanvas.upstream.binance_ws import (
     BURST_MAX,
     ConnectionCounters,
     FrameBurst,
     run_binance_ws_connections,
 )
-from tradecanvas.upstream.plan import ConnectionPolicy
+from tradecanvas.upstream.plan import SILENT_WARN_AFTER, ConnectionPolicy
 from tradecanvas.wire.binance import kline_frame
 from tradecanvas.wire.json import dumps
 
@@ -47,11 +50,13 @@ class ScriptedUpstream:
         self.send, self._frames = trio.open_memory_channel[str](100)
         self.connections = 0
         self.connected = trio.Event()
+        self.connected_at: list[float] = []  # when each connection was accepted
         self.sockets: list[trio_websocket.WebSocketConnection] = []
         self.ended: list[trio.Event] = []
 
     async def handler(self, request: trio_websocket.WebSocketRequest) -> None:
         ws = await request.accept()
+        self.connected_at.append(trio.current_time())
         ended = trio.Event()
         self.sockets.append(ws)
         self.ended.append(ended)
@@ -211,8 +216,9 @@ async def test_server_shutdown_is_noticed_by_the_reader_even_if_nobody_reads_fra
 
 async def test_server_shutdown_rotates_make_before_break() -> None:
     """Without a close, serverShutdown opens the next connection first; the old one is
-    closed only once the new one delivered a frame."""
-    policy = ConnectionPolicy(min_connect_interval_s=0.0)
+    closed only once the new one delivered a frame (``healthy_after_s=0``: the connection
+    counts as healthy at once; a young one would back off first, see below)."""
+    policy = ConnectionPolicy(min_connect_interval_s=0.0, healthy_after_s=0.0)
     async with connection_slot(policy, stale_timeout_s=3600) as slot:
         await slot.upstream.sockets[0].send_message(SHUTDOWN)
         assert (await slot.frames.receive()).generation == 1
@@ -277,3 +283,116 @@ async def test_a_failed_connect_is_counted_as_an_error(
     )
     assert failed is not None and failed >= 5 and counters.connected == 0
     assert counters.reconnects == failed
+
+
+async def test_server_shutdown_after_an_hour_rotates_at_once(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A connection that proved healthy (lived ``healthy_after_s``) is replaced at once when
+    Binance announces serverShutdown, make-before-break: no hole, and the old connection
+    goes only once the new one delivered."""
+    async with connection_slot(ConnectionPolicy(), stale_timeout_s=1e9) as slot:
+        await trio.sleep(3600)
+        announced = trio.current_time()
+        connected = slot.upstream.connected
+        await slot.upstream.sockets[0].send_message(SHUTDOWN)
+        await connected.wait()
+        assert trio.current_time() - announced < 0.5
+        assert not slot.upstream.ended[0].is_set()
+        await slot.upstream.sockets[1].send_message(kline(0))
+        assert [(await slot.frames.receive()).generation for _ in range(2)] == [1, 2]
+        await slot.upstream.ended[0].wait()
+        assert slot.reconnects() == {"server_shutdown": 1}
+
+
+async def test_server_shutdown_right_after_every_connect_is_backed_off(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An endpoint announcing serverShutdown right after every connect (and never closing)
+    is backed off like one that drops: the waits double up to the cap, instead of a connect
+    a second for ever (600 per 5 min with two connections; Binance allows 300 per IP). The
+    old connection stays open, and delivers, until its successor does: no hole."""
+    monkeypatch.setattr(Backoff, "delay", Backoff.ceiling)  # the longest wait of each step
+    policy = ConnectionPolicy(reconnect_base_s=1.0, reconnect_cap_s=60.0, healthy_after_s=60)
+    async with connection_slot(policy, stale_timeout_s=1e9) as slot:
+        upstream = slot.upstream
+        start = trio.current_time()
+        while trio.current_time() - start < 300:
+            newest = upstream.sockets[-1]
+            connected = upstream.connected
+            await newest.send_message(SHUTDOWN)
+            assert (await slot.frames.receive()).raws == [SHUTDOWN]
+            await newest.send_message(kline(0))  # backing off: the old one still delivers
+            assert (await slot.frames.receive()).raws == [kline(0)]
+            await connected.wait()
+            assert not upstream.ended[-2].is_set()  # make-before-break
+            await upstream.sockets[-1].send_message(kline(1))
+            assert (await slot.frames.receive()).raws == [kline(1)]
+            await upstream.ended[-2].wait()
+        gaps = [round(b - a) for a, b in itertools.pairwise(upstream.connected_at)]
+        assert gaps == [1, 2, 4, 8, 16, 32, 60, 60, 60, 60]  # 11 connects in 5 min, not 300
+        assert slot.reconnects() == {"server_shutdown": len(gaps)}
+
+
+async def test_connections_to_one_host_start_at_least_a_second_apart(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Binance limits connection attempts per IP: the slots of one process (more than 200
+    streams are several connections) share one pacer per host, at start-up and when they
+    all lose their connections at once."""
+    upstream = ScriptedUpstream()
+    with real_time_limit(WAIT_S):
+        async with trio.open_nursery() as nursery:
+            url = await upstream.start(nursery)
+            for i in range(3):
+                send, _receive = trio.open_memory_channel[FrameBurst](100)
+                nursery.start_soon(
+                    functools.partial(
+                        run_binance_ws_connections,
+                        url,
+                        send,
+                        policy=ConnectionPolicy(),
+                        stale_timeout_s=1e9,
+                        metrics=Metrics(),
+                        counters=ConnectionCounters(),
+                        name=f"test {i}",
+                    )
+                )
+            while upstream.connections < 3:
+                await upstream.connected.wait()
+            await trio.sleep(3600)  # healthy: the drops below back off one small step
+            for ws in upstream.sockets:
+                await ws.aclose(code=1001, reason="going away")
+            while upstream.connections < 6:
+                await upstream.connected.wait()
+            nursery.cancel_scope.cancel()
+    gaps = [b - a for a, b in itertools.pairwise(upstream.connected_at)]
+    assert min(gaps) >= 1.0, gaps
+    assert upstream.connected_at[2] - upstream.connected_at[0] < 2.5  # no more than needed
+
+
+async def test_a_slot_that_never_gets_a_frame_names_the_likely_cause(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An unrouted futures URL (no /market) is accepted by Binance, which then sends
+    nothing: after three stale ends without a single frame, the log says why."""
+    with caplog.at_level(logging.WARNING, logger="tradecanvas.upstream.binance_ws"):
+        async with connection_slot(ConnectionPolicy(), stale_timeout_s=10) as slot:
+            while slot.upstream.connections < SILENT_WARN_AFTER + 1:
+                await slot.upstream.connected.wait()
+    hints = [r.getMessage() for r in caplog.records if "/market route" in r.getMessage()]
+    assert len(hints) == 1
+    assert "test: no frame has ever arrived (3 connections went stale)" in hints[0]
+    assert "TRADE_CANVAS_BINANCE_FUTURES_WS_URL" in hints[0]
+
+
+async def test_a_slot_that_got_frames_before_going_stale_blames_no_route(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="tradecanvas.upstream.binance_ws"):
+        async with connection_slot(ConnectionPolicy(), stale_timeout_s=10) as slot:
+            await slot.upstream.send.send(kline(0))
+            while slot.upstream.connections < SILENT_WARN_AFTER + 2:
+                await slot.upstream.connected.wait()
+    assert slot.reconnects() == {"stale": SILENT_WARN_AFTER + 1}
+    assert not [r for r in caplog.records if "no frame has ever arrived" in r.getMessage()]

@@ -365,3 +365,27 @@ async def test_a_ban_is_remembered_across_a_restart(
         assert len(await third.klines(FUTURES, 1692144000, 1692144120)) == 2
         nursery.cancel_scope.cancel()
     await store.aclose()
+
+
+async def test_a_429s_retry_after_is_remembered_across_a_restart(
+    autojump_clock: trio.testing.MockClock, tmp_path: Path, http: httpx.AsyncClient
+) -> None:
+    """BINANCE.md: asking again inside a 429's Retry-After earns a 418. A daemon restarted
+    within it waits for the rest of it before its first request, as after a ban."""
+    binance = ScriptedBinance([rows_reply(429, retry_after="60"), rows_reply()])
+    store = await CandleStore.open(tmp_path / "m.sqlite3")
+    async with trio.open_nursery() as nursery:
+        base = await binance.start(nursery)
+        first = BinanceRestClient(http, {"futures": base}, policy=FAST, bans=StoreBanMemory(store))
+        with trio.move_on_after(1):  # the first run stops inside the wait
+            await first.klines(FUTURES, 1692144000, 1692144120)
+        (rate_limited_at, _), *retried = binance.calls
+        assert retried == []
+        second = BinanceRestClient(http, {"futures": base}, policy=FAST, bans=StoreBanMemory(store))
+        await second.restore_bans()
+        assert len(await second.klines(FUTURES, 1692144000, 1692144120)) == 2
+        (_, _), (asked_again_at, _) = binance.calls
+        # the wall clock moved a little in between: the rest of the minute, give or take
+        assert asked_again_at - rate_limited_at >= 59
+        nursery.cancel_scope.cancel()
+    await store.aclose()

@@ -2,7 +2,8 @@
 
 Task tree of :func:`run_binance_ws_connections`::
 
-    run_binance_ws_connections       connect / reconnect with backoff / rotate make-before-break
+    run_binance_ws_connections       connect (paced) / reconnect with backoff / rotate
+                                     make-before-break
     └─ reader (one per open socket)  get_message → frames channel; stale → replace
 
 Channel contract: every reader puts :class:`FrameBurst` on ``frames`` (bounded; the caller owns
@@ -15,6 +16,16 @@ reader replaces it), or when it is rotated: before Binance's 24 h cut, or once B
 announced ``serverShutdown`` — noticed by the reader itself, since Binance may close right
 after it, before the consumer reaches the frame. A rotation opens the new connection first
 and closes the old one once the new one delivered a frame (or ``overlap_max_s`` passed).
+
+Reconnects back off (:func:`~tradecanvas.upstream.plan.failures_after_end`): only a
+connection that lived ``healthy_after_s`` is replaced at once, so an endpoint announcing
+``serverShutdown`` right after every connect is backed off like one that drops it (the old
+connection, still open, keeps delivering meanwhile). Every connection attempt also waits
+for its turn at the host's :class:`~tradecanvas.upstream.plan.ConnectPacer`, shared by all
+the slots of the process (:func:`connect_pacer`): Binance limits attempts per IP. A slot
+whose connections keep going stale without ever delivering a frame says what is likely
+wrong (:func:`~tradecanvas.upstream.plan.silent_slot_warning`).
+
 Every replacement, and every connect that failed, is counted by reason
 (``tradecanvas_upstream_reconnects_total``, :data:`~tradecanvas.upstream.plan.RECONNECT_REASONS`).
 
@@ -26,7 +37,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import math
 from typing import Final, final
 
 import attrs
@@ -37,11 +47,17 @@ from tradecanvas.ops.metrics import Metrics
 from tradecanvas.upstream.plan import (
     ConnectionEnd,
     ConnectionPolicy,
+    ConnectPacer,
     announces_server_shutdown,
     failures_after_end,
     reconnect_reason,
+    silent_slot_warning,
 )
-from tradecanvas.upstream.ws_client import get_message_nowait, open_websocket_client
+from tradecanvas.upstream.ws_client import (
+    get_message_nowait,
+    open_websocket_client,
+    parse_ws_url,
+)
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +73,23 @@ READ_BYTES: Final = 64 << 10
 # the processor as one item (one hand-over, not one per frame), up to this many; so a
 # frames channel of N items holds at most N × BURST_MAX frames.
 BURST_MAX: Final = 64
+
+
+_PACERS: trio.lowlevel.RunVar[dict[str, ConnectPacer]] = trio.lowlevel.RunVar(
+    "tradecanvas_connect_pacers"
+)
+
+
+def connect_pacer(url: str) -> ConnectPacer:
+    """The pacer this ``trio.run`` (the daemon's process) shares for ``url``'s host, whatever
+    the port or path: every connection slot to a host takes its turns from it without the
+    slots being wired together."""
+    try:
+        pacers = _PACERS.get()
+    except LookupError:
+        pacers = {}
+        _PACERS.set(pacers)
+    return pacers.setdefault(parse_ws_url(url).host.lower(), ConnectPacer())
 
 
 @final
@@ -92,10 +125,14 @@ async def run_binance_ws_connections(
     metrics: Metrics,
     counters: ConnectionCounters,
     name: str,
+    pacer: ConnectPacer | None = None,
 ) -> None:
     """Keep one connection to ``url`` open until cancelled, its frames going to ``frames``
-    (see the module docstring). ``name`` prefixes the log lines."""
-    slot = _ConnectionSlot(url, frames, policy, stale_timeout_s, metrics, counters, name)
+    (see the module docstring). ``name`` prefixes the log lines. Every connection attempt
+    waits for its turn at ``pacer`` (default: the one this ``trio.run`` shares for the
+    host, :func:`~tradecanvas.upstream.pacing.connect_pacer`)."""
+    pacer = connect_pacer(url) if pacer is None else pacer
+    slot = _ConnectionSlot(url, frames, policy, stale_timeout_s, metrics, counters, name, pacer)
     await slot.maintain()
 
 
@@ -123,6 +160,7 @@ class _ConnectionSlot:
         metrics: Metrics,
         counters: ConnectionCounters,
         name: str,
+        pacer: ConnectPacer,
     ) -> None:
         self.url = url
         self.frames = frames
@@ -133,23 +171,23 @@ class _ConnectionSlot:
         self.name = name
         self._generations = itertools.count(1)
         self._open: set[int] = set()  # generations with an open socket
+        self.pacer = pacer
+        self._framed = False  # some connection of this slot delivered a frame
+        self._silent_stale_ends = 0  # stale ends while none ever did
 
     async def maintain(self) -> None:
         policy = self.policy
         async with trio.open_nursery() as nursery:
             failures = 0
-            last_attempt = -math.inf
             previous: _Connection | None = None
             while True:
-                delay = policy.reconnect_backoff.delay(failures) if failures else 0.0
-                delay = max(
-                    delay, last_attempt + policy.min_connect_interval_s - trio.current_time()
-                )
-                if delay > 0:
-                    await trio.sleep(delay)
+                if failures:
+                    await trio.sleep(policy.reconnect_backoff.delay(failures))
+                # every slot to the host waits for its turn (a checkpoint even when it is now)
+                now = trio.current_time()
+                await trio.sleep_until(self.pacer.reserve(now, policy.min_connect_interval_s))
                 if previous is not None and previous.ended.is_set():
                     previous = None
-                last_attempt = trio.current_time()
                 conn = _Connection(next(self._generations))
                 try:
                     await nursery.start(self._run_connection, conn)
@@ -165,31 +203,53 @@ class _ConnectionSlot:
                     previous = None
                 with trio.move_on_after(policy.rotate_after_s):
                     await conn.replace_wanted.wait()
-                end = conn.end if conn.ended.is_set() else None
+                ended = conn.ended.is_set()
+                end = conn.end if ended else None
                 self._count_reconnect(
                     reconnect_reason(end, shutdown_announced=conn.shutdown_announced)
                 )
-                if conn.ended.is_set():
-                    failures = failures_after_end(
-                        failures,
-                        lived_s=trio.current_time() - conn.connected_at,
-                        healthy_after_s=policy.healthy_after_s,
-                        shutdown_announced=conn.shutdown_announced,
+                lived_s = trio.current_time() - conn.connected_at
+                failures = failures_after_end(
+                    failures,
+                    lived_s=lived_s,
+                    healthy_after_s=policy.healthy_after_s,
+                    shutdown_announced=conn.shutdown_announced,
+                    still_open=not ended,
+                )
+                if end == "stale":
+                    self._note_stale_end()
+                if ended and conn.shutdown_announced:
+                    log.info("%s: closed after serverShutdown; reconnecting", self.name)
+                elif ended:
+                    log.warning(
+                        "%s: connection ended (%s); reconnecting", self.name, conn.end_reason
                     )
-                    if conn.shutdown_announced:
-                        log.info("%s: closed after serverShutdown; reconnecting", self.name)
-                    else:
-                        log.warning(
-                            "%s: connection ended (%s); reconnecting", self.name, conn.end_reason
-                        )
                 else:
                     # Binance's 24 h cut is near, or it announced serverShutdown: open the
-                    # new connection first and close this one once the new one delivers
-                    failures = 0
+                    # new connection first (at once if this one proved healthy, else after
+                    # the backoff; it keeps delivering meanwhile) and close this one once
+                    # the new one delivers
                     previous = conn
                     log.info(
                         "%s: rotating the connection (%s)", self.name, conn.end_reason or "age"
                     )
+                if failures and lived_s < policy.healthy_after_s:
+                    log.info(
+                        "%s: the connection lived %.1f s only; backing off (step %d)",
+                        self.name,
+                        lived_s,
+                        failures,
+                    )
+
+    def _note_stale_end(self) -> None:
+        """Count a stale end of a slot that never received a frame, and say, now and then,
+        what the likely cause is (:func:`~tradecanvas.upstream.plan.silent_slot_warning`)."""
+        if self._framed:
+            return
+        self._silent_stale_ends += 1
+        warning = silent_slot_warning(self.url, self._silent_stale_ends)
+        if warning is not None:
+            log.warning("%s: %s", self.name, warning)
 
     def _count_reconnect(self, reason: str) -> None:
         self.counters.reconnects += 1
@@ -255,6 +315,7 @@ class _ConnectionSlot:
                     listening_since = now = trio.current_time()
                     if not conn.first_frame.is_set():
                         conn.first_frame.set()
+                        self._framed = True
                     # this message and every one already queued, without a checkpoint in
                     # between, in bursts: the processor wakes once for them all
                     raws = [message]

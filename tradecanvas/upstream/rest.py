@@ -8,7 +8,8 @@ under Binance's per-minute limit (``X-MBX-USED-WEIGHT-1M``) and holds every call
     HTTP 5xx (outcome unknown at Binance)        ─ retried with backoff ─▶ UpstreamError
     HTTP 429 / 418                               ─ wait Retry-After, retry; a ban longer than
                                                    RestPolicy.max_wait_s ─▶ UpstreamError at
-                                                   once (every caller, until it ends)
+                                                   once (every caller, until it ends); its
+                                                   end kept across restarts (BanMemory)
     any other HTTP status (400 bad symbol, 403 WAF, …)              ─▶ UpstreamError at once
     a body that is not Binance's JSON                                ─▶ WireError (codec)
 
@@ -129,7 +130,8 @@ def _retry_after(response: httpx.Response) -> float:
 
 
 class BanMemory(Protocol):
-    """Where a 418 ban's end (unix seconds) survives a restart (the store's meta table)."""
+    """Where the end (unix seconds) of a Retry-After survives a restart (the store's meta
+    table): a 418 ban's, and a 429's, since asking again inside a 429 earns a 418."""
 
     async def load(self) -> Mapping[Market, float]: ...
 
@@ -208,8 +210,9 @@ class BinanceRestClient:
         )
 
     async def restore_bans(self) -> None:
-        """Honour a ban (418) a previous run of the daemon was given and that still runs:
-        asking again during a ban only lengthens it."""
+        """Honour a Retry-After (a 418 ban, or a 429) a previous run of the daemon was given
+        and that still runs: asking again inside a 429 earns a ban, inside a ban lengthens
+        it."""
         if self.bans is None:
             return
         for market, until_unix in (await self.bans.load()).items():
@@ -218,8 +221,8 @@ class BinanceRestClient:
                 gate = self._gate(market)
                 gate.blocked_until = max(gate.blocked_until, trio.current_time() + left)
                 log.warning(
-                    "Binance %s REST: an IP ban from a previous run lasts %.0f s more;"
-                    " not calling it until then",
+                    "Binance %s REST: a Retry-After (429/418) from a previous run lasts"
+                    " %.0f s more; not calling it until then",
                     market,
                     left,
                 )
@@ -317,6 +320,16 @@ class BinanceRestClient:
 
     # --- the one request path ----------------------------------------------------------
 
+    async def _remember_wait(self, market: Market, left_s: float) -> None:
+        """Keep the end of a Retry-After (429 or 418) in the ban memory, so that a restart
+        inside it waits for the rest of it. Best effort: the wait holds in this run anyway."""
+        if self.bans is None:
+            return
+        try:
+            await self.bans.save(market, time.time() + left_s)  # it ends in wall-clock time
+        except TradeCanvasError as exc:
+            log.error("could not remember Binance's Retry-After: %s", exc)
+
     def _gate(self, market: Market) -> _HostGate:
         gate = self._gates.get(market)
         if gate is None:
@@ -402,13 +415,11 @@ class BinanceRestClient:
                         self._rate_limited += 1
                     else:
                         self._banned += 1
-                    gate.blocked_until = max(gate.blocked_until, trio.current_time() + wait)
+                    now = trio.current_time()
+                    gate.blocked_until = max(gate.blocked_until, now + wait)
                     log.warning("%s: %s; every request waits %.0f s", what, problem, wait)
-                    if status == 418 and self.bans is not None:
-                        try:
-                            await self.bans.save(market, time.time() + wait)
-                        except TradeCanvasError as exc:  # best effort: the ban holds anyway
-                            log.error("could not remember the ban: %s", exc)
+                    # a 429's wait too: asking again inside it earns a 418 (BINANCE.md)
+                    await self._remember_wait(market, gate.blocked_until - now)
                     continue
                 if status < 500:
                     raise UpstreamError(f"{what} {dict(params)}: {problem}")
