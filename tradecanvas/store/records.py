@@ -17,8 +17,9 @@ log = logging.getLogger(__name__)
 
 @final
 class StoreBanMemory:
-    """Keeps the end of a Binance IP ban (418) in the store's meta table, so that a restart
-    inside the ban does not call Binance again (which would lengthen it)."""
+    """Keeps the end of a Binance IP ban (418) or of a 429's Retry-After in the store's meta
+    table, so that a restart inside it does not call Binance again (which would earn or
+    lengthen a ban)."""
 
     KEY: Final = "rest_ban_until:"
 
