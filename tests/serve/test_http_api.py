@@ -177,7 +177,10 @@ async def test_missing_or_bad_token_is_401_with_a_bearer_challenge(
         assert api.target.closed == []
 
 
-async def test_good_token_commits_derives_and_publishes(tmp_path: Path) -> None:
+async def test_good_token_commits_derives_and_publishes(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="tradecanvas.serve.http_api")
     async with running_api(tmp_path) as api:
         for i in range(5):
             # the scheme is case-insensitive
@@ -200,6 +203,10 @@ async def test_good_token_commits_derives_and_publishes(tmp_path: Path) -> None:
         r = await api.client.post(INGEST, json=body_for(T0), headers=AUTH)
         assert r.status_code == 200
         assert r.json()["committed"] == 0
+    # every accepted write is on the record: who, which series and minute, what it changed
+    writes = [r.getMessage() for r in caplog.records if r.getMessage().startswith("HTTP write")]
+    assert len(writes) == 6
+    assert writes[-1] == f"HTTP write from 127.0.0.1: {BTC} at {T0} (0 row(s) committed)"
 
 
 async def test_values_are_kept_exactly_numbers_strings_and_float_reprs(tmp_path: Path) -> None:

@@ -250,6 +250,14 @@ def build_http_app(
                 },
                 status_code=503,
             )
+        # a write changes what every chart shows: each accepted one is on the record
+        log.info(
+            "HTTP write from %s: %s at %d (%d row(s) committed)",
+            request.client.host if request.client else "?",
+            sid,
+            candle.candle_time,
+            result.committed,
+        )
         return JsonResponse(
             {
                 "ok": True,
