@@ -293,7 +293,8 @@ async def market_runtime_builder(flags: RuntimeFlags) -> MarketRuntime:
         ),
     )
     runtime_ref.append(runtime)
-    watch_dependencies(metrics, store, publisher, feed)
+    outage = runtime.outage  # a store taking no writes is down (the alert), as on /readyz
+    watch_dependencies(metrics, store, publisher, feed, outage.writable if outage else None)
     return runtime
 
 

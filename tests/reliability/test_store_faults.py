@@ -166,6 +166,8 @@ async def test_a_store_failure_exits_3_cleanly_and_a_restart_recovers(
         outage = [OUTAGE_LINE] if kind == "full" else []
         assert len(errors) == len(outage) + 1 and STORE_LINE.search(errors[-1]), errors
         assert all(re.search(p, e) for p, e in zip(outage, errors, strict=False)), errors
+        if kind == "full":  # the stop at the end of the outage says it is the recovery
+            assert "this restart is the recovery" in errors[-1], errors
         if kind == "read-only":
             assert digest(data) == untouched
         assert integrity(db) == "ok"

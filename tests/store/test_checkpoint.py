@@ -220,6 +220,26 @@ def test_a_failed_checkpoint_is_logged_and_retried_by_the_next_request(
     checkpoints.close()
 
 
+def test_repeated_failures_are_counted_and_said_once_per_kind(
+    db: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """On a full disk every checkpoint fails, up to 10 a second: it was a line each."""
+    probe = Probe(db, failing_connects=1, failing_checkpoints=5)
+    checkpoints = Checkpointer(probe.connect, interval_s=0)
+    with caplog.at_level(logging.WARNING, logger="tradecanvas.store.checkpoint"):
+        for _ in range(7):
+            checkpoints.after_write()
+            assert checkpoints.wait_idle(TIMEOUT)
+    lines = [r.getMessage() for r in caplog.records]
+    # one line for the failing connect, one for the first failing checkpoint; the four
+    # after it wait for the interval (and their count goes in the next line)
+    assert len(lines) == 2, lines
+    assert "unable to open database file (1 time since" in lines[0]
+    assert "database is locked (1 time since" in lines[1]
+    assert checkpoints.failures == 6 and len(probe.checkpoints) == 1
+    checkpoints.close()
+
+
 def test_a_failing_checkpoint_leaves_the_writer_alone(tmp_path: Path) -> None:
     path = tmp_path / "db.sqlite3"
     writer = wal_writer(path)

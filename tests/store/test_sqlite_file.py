@@ -13,6 +13,7 @@ import pytest
 import trio
 
 from tests.conftest import flat_minutes
+from tests.store.full_disk import on_full_disk
 from tradecanvas.errors import StoreError
 from tradecanvas.store.sqlite import CandleStore
 
@@ -99,3 +100,72 @@ async def test_a_file_this_process_cannot_write_is_refused_at_open(tmp_path: Pat
         await trio.run_process(["chattr", "-i", str(path)])
     store = await CandleStore.open(path)  # writable again
     await store.aclose()
+
+
+async def test_a_deleted_or_replaced_wal_stops_the_store_too(tmp_path: Path) -> None:
+    """What was committed since the last checkpoint lives in the -wal: deleted under a
+    running store it went unnoticed (the check looked at the main file only)."""
+    path = tmp_path / "m.sqlite3"
+    wal = Path(f"{path}-wal")
+    for replace in (False, True):
+        store = await CandleStore.open(path)
+        try:
+            await store.upsert(S, list(flat_minutes(T0, 10)), "ws")
+            assert store.file_problem() is None
+            if replace:
+                os.replace(tmp_path / "other-wal", wal)
+            else:
+                os.rename(wal, tmp_path / "other-wal")
+            problem = store.file_problem()
+            assert (
+                problem
+                == f"lost its -wal file: {wal} was "
+                + ("replaced by another file" if replace else "deleted")
+                + " while the daemon had it open"
+            )
+            with pytest.raises(StoreError, match=r"m\.sqlite3 lost its -wal file: .*stopping"):
+                with trio.fail_after(10):
+                    await store.watch_file(interval_s=0.01)
+        finally:
+            await store.aclose()
+
+
+async def test_a_folder_or_wal_this_process_cannot_write_is_refused_naming_it(
+    tmp_path: Path,
+) -> None:
+    """SQLite said only "attempt to write a readonly database". Immutable (chattr +i) stands
+    for another owner's: root is refused too."""
+    folder = tmp_path / "data"
+    folder.mkdir()
+    path = folder / "m.sqlite3"
+    await _filled(path, 10)
+    for target, named in (
+        (folder, f"its folder {folder} (where SQLite creates the -wal and -shm files)"),
+        (Path(f"{path}-wal"), f"its -wal file {path}-wal"),
+    ):
+        target.touch()
+        chattr = await trio.run_process(
+            ["chattr", "+i", str(target)], check=False, capture_stderr=True
+        )
+        if chattr.returncode != 0:
+            pytest.skip("chattr +i does not work on this file system")
+        try:
+            with pytest.raises(StoreError) as info:
+                await CandleStore.open(path)
+            assert str(info.value) == (
+                f"candle store {path}: {named} cannot be written by this process (uid"
+                f" {os.getuid()}): give the file and its folder to the user the daemon runs as"
+            )
+        finally:
+            await trio.run_process(["chattr", "-i", str(target)])
+        if target != folder:
+            target.unlink()
+
+
+async def test_a_store_opened_on_a_full_disk_says_the_disk_is_full(tmp_path: Path) -> None:
+    """SQLite said "disk I/O error" of a store closed cleanly (its -shm cannot grow), which
+    reads as failing hardware. A real 4 MiB tmpfs, filled to the last byte."""
+    found = on_full_disk("open", tmp_path / "mnt")
+    assert found["error"] is not None
+    assert "failed: the disk is full (0 KiB free on the store's file system" in found["error"]
+    assert "free space there" in found["error"]

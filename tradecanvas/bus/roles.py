@@ -37,6 +37,7 @@ from tradecanvas.pipeline.events import SystemEvent
 from tradecanvas.runtime_flags import RuntimeFlags, url_without_password
 from tradecanvas.store.interface import MarketStore
 from tradecanvas.store.postgres import PostgresStore
+from tradecanvas.store.sqlite import CandleStore
 from tradecanvas.upstream.backoff import Backoff
 
 log = logging.getLogger(__name__)
@@ -179,15 +180,24 @@ def watch_dependencies(
     store: MarketStore,
     publisher: BusPublisher | None,
     feed: EdgeFeed | None,
+    store_writable: Callable[[], bool] | None = None,
 ) -> None:
-    """Metrics per dependency, read from the services when /metrics is scraped."""
+    """Metrics per dependency, read from the services when /metrics is scraped. The store
+    is down while unreachable (PostgreSQL), closed, or taking no writes
+    (``store_writable``: the ingest's store outage, as ``/readyz``'s ``store_writable``)."""
     up = metrics.dependency_up
+    writable = store_writable or (lambda: True)
     metrics.store_write_running_seconds.set_function(store.write_running_for)
     if isinstance(store, PostgresStore):
         pg = store
-        up.labels(dependency="store").set_function(lambda: float(pg.reachable))
+        up.labels(dependency="store").set_function(lambda: float(pg.reachable and writable()))
     else:
-        up.labels(dependency="store").set_function(lambda: float(not store.closed))
+        up.labels(dependency="store").set_function(lambda: float(not store.closed and writable()))
+        if isinstance(store, CandleStore):
+            sqlite = store
+            metrics.store_checkpoint_failures.set_function(
+                lambda: float(sqlite.checkpoint_failures())
+            )
     if publisher is not None:
         up.labels(dependency="redis_publisher").set_function(
             lambda: float(publisher.health().connected)

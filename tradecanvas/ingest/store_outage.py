@@ -11,9 +11,12 @@ store failure (after it started: a failure at start-up still stops the daemon) i
 - logs it once (CRITICAL), stops ingesting (what the failed batch held was rolled back; the
   restart repairs it over REST, as after any restart), and says so on ``/readyz``
   (``store_writable`` false) — the HTTP and WS reads go on serving what is stored;
-- tries a small write every :data:`PROBE_INTERVAL_S`;
-- once one goes through, raises the failure again: the daemon stops with exit code 3 and
-  systemd's one restart repairs the hole from Binance REST.
+- every :data:`PROBE_INTERVAL_S`, checks that a SQLite store's file system has room for
+  the restart's writes (:func:`~tradecanvas.store.files.short_of_room`: SQLite reuses an
+  old WAL from its start, so a small write goes through on a disk with no byte free, and
+  the restart that followed failed again at once), then tries a small write;
+- once both go through, raises :class:`StoreError` saying so: the daemon stops with exit
+  code 3, and systemd's one restart is the recovery — it repairs the hole from Binance REST.
 
 A failure that waiting does not cure (a damaged file, a fenced-off ingest node) is raised at
 once, as before. Nothing here is lost either way: what was committed stays, and the rest
@@ -30,7 +33,9 @@ from typing import Any, Final, final
 import trio
 
 from tradecanvas.errors import StoreError, find_in_group
+from tradecanvas.store.files import DiskSpace, short_of_room
 from tradecanvas.store.interface import MarketStore
+from tradecanvas.store.sqlite import CandleStore
 
 log = logging.getLogger(__name__)
 
@@ -73,10 +78,20 @@ class _Started:
 class StoreOutage:
     """Runs the ingest through a store outage (module docstring)."""
 
-    def __init__(self, store: MarketStore, *, probe_interval_s: float = PROBE_INTERVAL_S) -> None:
+    def __init__(
+        self,
+        store: MarketStore,
+        *,
+        probe_interval_s: float = PROBE_INTERVAL_S,
+        disk_space: Callable[[], DiskSpace] | None = None,
+    ) -> None:
         self.store = store
         self.probe_interval_s = probe_interval_s
         self.failure: str | None = None  # while the store takes no writes
+        # the room on a SQLite store's file system (PostgreSQL's disk is the server's)
+        if disk_space is None and isinstance(store, CandleStore):
+            disk_space = store.disk_space
+        self.disk_space = disk_space
 
     def writable(self) -> bool:
         return self.failure is None
@@ -105,18 +120,38 @@ class StoreOutage:
                 self.probe_interval_s,
             )
             await self._until_writable()
-            log.warning("the store takes writes again: restarting (exit code 3)")
-            raise
+            raise StoreError(
+                "the store takes writes again after the outage: this restart is the"
+                " recovery (it repairs the minutes missed from Binance REST)"
+            ) from failure
 
     async def _until_writable(self) -> None:
+        room_said = False
         while True:
             await trio.sleep(self.probe_interval_s)
+            short = await self._short_of_room()
+            if short is not None:
+                if not room_said:
+                    log.warning("store outage: %s before restarting; still waiting", short)
+                    room_said = True
+                continue
             try:
                 await self.store.set_meta(PROBE_KEY, f"{time.time():.3f}")
             except StoreError as exc:
                 log.debug("store still takes no writes: %s", exc)
                 continue
             return
+
+    async def _short_of_room(self) -> str | None:
+        """Why the store's file system has too little room (None: enough, or not known)."""
+        if self.disk_space is None:
+            return None
+        try:
+            space = await trio.to_thread.run_sync(self.disk_space)
+        except OSError as exc:
+            log.debug("the store's file system cannot be asked for its room: %s", exc)
+            return None
+        return short_of_room(space)
 
 
 __all__ = ["PROBE_INTERVAL_S", "StoreOutage", "waits_out"]

@@ -425,6 +425,12 @@ class Metrics:
             "Closed candles an edge read from the store to fill holes in the streams (total)",
             registry=r,
         )
+        self.store_checkpoint_failures = Gauge(
+            "tradecanvas_store_checkpoint_failures",
+            "WAL checkpoints of the SQLite store that failed since start (total; a full disk"
+            " fails each one, and the WAL grows)",
+            registry=r,
+        )
         self.store_write_running_seconds = Gauge(
             "tradecanvas_store_write_running_seconds",
             "How long the store write in flight has been running (0 when idle): one waiting"

@@ -24,6 +24,8 @@ import time
 from collections.abc import Callable
 from typing import Final, final
 
+from tradecanvas.ops.logs import ThrottledCount
+
 log = logging.getLogger(__name__)
 
 # the writer's own wal_autocheckpoint: only if the checkpoints here cannot keep up
@@ -32,6 +34,9 @@ BACKSTOP_PAGES: Final = 10_000
 # 5,000 closes/s load; a write seldom waits this long for the next)
 INTERVAL_S: Final = 0.1
 THREAD_NAME: Final = "wal-checkpoint"
+# a failing checkpoint (a full disk) fails at every write, up to 10 times a second: one line
+# per kind of failure at most this often, with the count
+FAILURE_LOG_INTERVAL_S: Final = 60.0
 
 
 @final
@@ -44,8 +49,10 @@ class Checkpointer:
     than ``interval_s`` ago (then that write's pages wait for the next write's checkpoint),
     and wakes the thread if it is waiting. Requests that arrive while a checkpoint runs
     become one more checkpoint. A checkpoint that fails (``sqlite3.Error``, ``connect``
-    included) is logged and left to the next request, which connects again if ``connect``
-    failed; nothing is raised to the writer, whose backstop remains. :meth:`close` blocks:
+    included) is counted (:attr:`failures`), logged (one line per kind of failure at most
+    every :data:`FAILURE_LOG_INTERVAL_S`, with the count) and left to the next request,
+    which connects again if ``connect`` failed; nothing is raised to the writer, whose
+    backstop remains. :meth:`close` blocks:
     it lets the checkpoint running finish, skips any still pending, stops and joins the
     thread.
     """
@@ -64,6 +71,8 @@ class Checkpointer:
         self._asked_at = -math.inf
         self._closed = False
         self._thread: threading.Thread | None = None
+        self.failures = 0  # checkpoints that failed (written by the thread only)
+        self._failure_lines: dict[str, ThrottledCount] = {}
 
     def after_write(self) -> None:
         """A write committed: ask for a checkpoint (never blocks on one; nothing once
@@ -119,7 +128,7 @@ class Checkpointer:
                         conn = self._connect()
                     conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
                 except sqlite3.Error as exc:
-                    log.warning("WAL checkpoint failed (the next one retries): %s", exc)
+                    self._failed(str(exc))
                 finally:
                     with self._cond:
                         self._running = False
@@ -128,5 +137,19 @@ class Checkpointer:
             if conn is not None:
                 conn.close()
 
+    def _failed(self, why: str) -> None:
+        self.failures += 1
+        line = self._failure_lines.setdefault(why, ThrottledCount(FAILURE_LOG_INTERVAL_S))
+        count = line.add(time.monotonic())
+        if count is not None:
+            log.warning(
+                "WAL checkpoint failed (the next one retries; said at most every %.0f s):"
+                " %s (%d time%s since it was last said)",
+                FAILURE_LOG_INTERVAL_S,
+                why,
+                count,
+                "" if count == 1 else "s",
+            )
 
-__all__ = ["BACKSTOP_PAGES", "INTERVAL_S", "THREAD_NAME", "Checkpointer"]
+
+__all__ = ["BACKSTOP_PAGES", "FAILURE_LOG_INTERVAL_S", "INTERVAL_S", "THREAD_NAME", "Checkpointer"]

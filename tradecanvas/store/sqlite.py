@@ -30,6 +30,7 @@ import trio
 
 from tradecanvas.errors import StoreError, store_errors_from
 from tradecanvas.model import Candle
+from tradecanvas.store import files
 from tradecanvas.store.checkpoint import BACKSTOP_PAGES, Checkpointer
 from tradecanvas.store.schema import SCHEMA_VERSION, migrate
 from tradecanvas.store.txn import (
@@ -126,6 +127,12 @@ def _open_writer(path: Path, *, writes: bool = True) -> sqlite3.Connection:
             f"candle store {path} cannot be written by this process (uid {os.getuid()}):"
             " give the file and its folder to the user the daemon runs as"
         )
+    # SQLite's word for these is a bare "attempt to write a readonly database"
+    if writes and (part := files.unwritable_part(path)) is not None:
+        raise StoreError(
+            f"candle store {path}: {part} cannot be written by this process (uid"
+            f" {os.getuid()}): give the file and its folder to the user the daemon runs as"
+        )
     if not path.exists():
         log.warning(
             "candle store %s: no file there; created a new, empty store (history comes"
@@ -162,11 +169,6 @@ def _open_writer(path: Path, *, writes: bool = True) -> sqlite3.Connection:
     return conn
 
 
-def _identity(path: Path) -> tuple[int, int]:
-    stat = os.stat(path)
-    return stat.st_dev, stat.st_ino
-
-
 @final
 class CandleStore(WindowReads):
     """Owns the SQLite file and its connections. Open with :meth:`open`, close with
@@ -188,6 +190,7 @@ class CandleStore(WindowReads):
         self._sequence = 0
         self._data_version: int | None = None
         self._identity: tuple[int, int] | None = None  # the file's (device, inode)
+        self._wal_identity: tuple[int, int] | None = None  # its -wal's, open with it
 
     def write_running_for(self) -> float:
         """Seconds the write in flight has been running (0 when idle): the watchdog's view
@@ -205,34 +208,68 @@ class CandleStore(WindowReads):
         so a file it may not write is not refused."""
         path = Path(path)
 
-        def _open() -> sqlite3.Connection:
-            with _translated(f"open of {path}"):
-                try:
-                    return _open_writer(path, writes=writes)
-                except (FileExistsError, NotADirectoryError) as exc:
-                    # mkdir of the folder met a file on the way ("File exists")
-                    blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
-                    what = f"{blocker} is a file, not a folder" if blocker else str(exc)
-                    raise StoreError(f"candle store open of {path} failed: {what}") from exc
-                except OSError as exc:
-                    raise StoreError(f"candle store open of {path} failed: {exc}") from exc
+        def _open() -> tuple[sqlite3.Connection, tuple[int, int], tuple[int, int] | None]:
+            try:
+                with _translated(f"open of {path}"):
+                    conn = _open_writer(path, writes=writes)
+            except (FileExistsError, NotADirectoryError) as exc:
+                # mkdir of the folder met a file on the way ("File exists")
+                blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+                what = f"{blocker} is a file, not a folder" if blocker else str(exc)
+                raise StoreError(f"candle store open of {path} failed: {what}") from exc
+            except (OSError, StoreError) as exc:
+                # SQLite's own failure (not one of the checks above): on a full disk it says
+                # "disk I/O error" of a store that exists (its -shm cannot grow), which
+                # reads as failing hardware
+                ours = isinstance(exc, StoreError) and exc.__cause__ is None
+                full = None if ours else files.full_disk(path.parent)
+                if isinstance(exc, StoreError) and full is None:
+                    raise
+                cause = exc.__cause__ if isinstance(exc, StoreError) else exc
+                what = str(exc) if full is None else f"{full} ({type(cause).__name__}: {cause})"
+                raise StoreError(f"candle store open of {path} failed: {what}") from exc
+            wal = Path(f"{path}{files.WAL_SUFFIX}")
+            try:
+                return conn, files.identity(path), files.identity(wal) if wal.exists() else None
+            except BaseException:
+                conn.close()
+                raise
 
-        store = cls(path, await trio.to_thread.run_sync(_open))
-        store._identity = _identity(path)
+        conn, identity, wal_identity = await trio.to_thread.run_sync(_open)
+        store = cls(path, conn)
+        store._identity, store._wal_identity = identity, wal_identity
         return store
+
+    def checkpoint_failures(self) -> int:
+        """WAL checkpoints that failed since the store opened (a full disk, a lock)."""
+        return self._checkpointer.failures
+
+    def disk_space(self) -> files.DiskSpace:
+        """The room on the store's file system (blocking; raises OSError)."""
+        return files.disk_space(self.path.parent)
 
     def file_problem(self) -> str | None:
         """Why the path no longer names the file this store has open — deleted, or replaced
         (a ``mv`` over it, a restore while running): what is committed from then on would
-        go to a file nobody can open again. None while it still does."""
-        try:
-            now = _identity(self.path)
-        except FileNotFoundError:
-            return "was deleted while the daemon had it open"
-        except OSError as exc:
-            return f"cannot be checked: {exc}"
-        if now != self._identity:
-            return "was replaced by another file while the daemon had it open"
+        go to a file nobody can open again; the same of its ``-wal`` file. None while both
+        still do."""
+        wal = f"{self.path}{files.WAL_SUFFIX}"
+        for path, known, name in (
+            (self.path, self._identity, ""),
+            # the WAL holds what was committed since the last checkpoint: deleted, that
+            # goes with this process, and another process opening the store starts anew
+            (wal, self._wal_identity, f"lost its {files.WAL_SUFFIX} file: {wal} "),
+        ):
+            if known is None:
+                continue
+            try:
+                now = files.identity(path)
+            except FileNotFoundError:
+                return f"{name}was deleted while the daemon had it open"
+            except OSError as exc:
+                return f"{name}cannot be checked: {exc}"
+            if now != known:
+                return f"{name}was replaced by another file while the daemon had it open"
         return None
 
     async def watch_file(self, interval_s: float = FILE_CHECK_INTERVAL_S) -> None:
