@@ -36,6 +36,9 @@ Where Hypercorn differs from trio-websocket, and what this module does about it:
   connection writes them and picks the pongs out itself (``http_server.ServedConnection``).
 - **The 64 KiB limit** is the session's own check (Hypercorn's limit is a looser backstop,
   ``http_server.WEBSOCKET_BACKSTOP_BYTES``), so that its 1009 is counted like the WS port's.
+  A message far over it (past ``client_frames.MAX_READ_MESSAGE_BYTES``, inflated) is closed
+  with 1009 by the connection before Hypercorn reads it (Hypercorn would read and inflate
+  it all), and reported to the session as its own 1009.
 
 Shutdown: the daemon calls :meth:`MarketEndpoint.shutdown` (every session gets 1001) before
 the HTTP server drains; what is still open when the drain ends is aborted by the server.
@@ -194,6 +197,9 @@ class AsgiTransport:
         message = await self._websocket.receive()
         if message["type"] == "websocket.disconnect":
             self._peer_left = True
+            fault = self._connection.fault if self._connection is not None else None
+            if fault is not None:  # the connection's own close (a 1009 counts as the session's)
+                raise TransportClosed(fault.code, str(fault))
             code = message.get("code")
             # Hypercorn's 1006 stands for any close by the peer (module docstring)
             raise TransportClosed(
