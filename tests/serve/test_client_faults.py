@@ -15,9 +15,6 @@ from typing import Final
 
 import pytest
 import trio
-from h2.config import H2Configuration
-from h2.connection import H2Connection
-from h2.events import ConnectionTerminated, DataReceived, ResponseReceived, StreamReset
 from hypothesis import given
 from hypothesis import strategies as st
 from wsproto import ConnectionType, WSConnection
@@ -277,43 +274,6 @@ async def test_a_compressing_client_is_served_on_the_http_port(store: CandleStor
                         if isinstance(event, TextMessage):
                             texts.append(event.data)
             assert '"pong"' in texts[0]
-        finally:
-            await stream.aclose()
-
-
-async def test_a_websocket_over_cleartext_http2_is_served(store: CandleStore) -> None:
-    """Hypercorn takes WebSockets over HTTP/2 (RFC 8441; a proxy may speak it): the TCP
-    connection carries HTTP/2 frames, not WebSocket frames, and is not read as such."""
-    async with running_market(store, over="http_port") as market:
-        stream = await trio.open_tcp_stream("127.0.0.1", market.port)
-        h2 = H2Connection(H2Configuration(client_side=True))
-        h2.initiate_connection()
-        received = b""
-        try:
-            await stream.send_all(h2.data_to_send())
-            headers = [
-                (":method", "CONNECT"),
-                (":protocol", "websocket"),
-                (":scheme", "http"),
-                (":path", "/ws/market"),
-                (":authority", f"127.0.0.1:{market.port}"),
-                ("sec-websocket-version", "13"),
-            ]
-            h2.send_headers(1, headers)
-            await stream.send_all(h2.data_to_send())
-            with trio.fail_after(RECEIVE_TIMEOUT_S):
-                while b"pong" not in received:
-                    data = await stream.receive_some(65536)
-                    assert data, "the connection ended"
-                    for event in h2.receive_data(data):
-                        assert not isinstance(event, (StreamReset, ConnectionTerminated)), event
-                        if isinstance(event, ResponseReceived):  # the data after the 200
-                            assert (b":status", b"200") in event.headers
-                            h2.send_data(1, masked(0x81, b'{"type": "ping"}'))
-                        elif isinstance(event, DataReceived):
-                            received += event.data
-                            h2.acknowledge_received_data(event.flow_controlled_length, 1)
-                    await stream.send_all(h2.data_to_send())
         finally:
             await stream.aclose()
 

@@ -10,8 +10,9 @@ connections and bound the drain::
     serve_http                    waits for cancellation, then drains (shielded, bounded)
     └─ _serve_connections         lifespan, then the connections
        ├─ accept loop             until the drain starts; then the listener is closed
-       └─ one hypercorn TCPServer per connection (a ServedConnection, reachable from the
-          ASGI scope: :func:`served_connection`)
+       └─ one hypercorn TCPServer per connection, HTTP/1.1 only
+          (``tradecanvas.serve.http1_only``; a ServedConnection, reachable from the ASGI
+          scope: :func:`served_connection`)
 
 Why not ``hypercorn.trio.serve``: Hypercorn writes to a socket in a shielded scope, so a
 peer that stops reading (a WebSocket subscriber, a large answer) blocks its connection — and
@@ -33,7 +34,6 @@ import hypercorn.config
 import hypercorn.trio
 import trio
 from hypercorn.trio.lifespan import Lifespan
-from hypercorn.trio.tcp_server import TCPServer
 from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import ASGIFramework, ConnectionState
 from hypercorn.utils import wrap_app
@@ -53,6 +53,7 @@ from tradecanvas.serve.client_frames import (
     peer_of,
     ping_limit,
 )
+from tradecanvas.serve.http1_only import Http11Server
 from tradecanvas.serve.listening import bind_socket, bind_text
 from tradecanvas.serve.shedding import Gate, Place, SheddingListener
 
@@ -437,7 +438,7 @@ async def _serve_connections(
             try:
                 with connections.tracking(connection):
                     # typed for TLS streams; a plain one is what Hypercorn's worker passes too
-                    await TCPServer(
+                    await Http11Server(
                         asgi, config, context, state, cast("Any", connection.watched)
                     ).run()
             except Exception as exc:  # one connection's failure never reaches the server

@@ -39,6 +39,8 @@ Where Hypercorn differs from trio-websocket, and what this module does about it:
   A message far over it (past ``client_frames.MAX_READ_MESSAGE_BYTES``, inflated) is closed
   with 1009 by the connection before Hypercorn reads it (Hypercorn would read and inflate
   it all), and reported to the session as its own 1009.
+- **HTTP/1.1 only.** A WebSocket over HTTP/2 (RFC 8441) would share its TCP connection with
+  other streams, and none of the above could hold; ``serve_http`` never speaks HTTP/2.
 
 Shutdown: the daemon calls :meth:`MarketEndpoint.shutdown` (every session gets 1001) before
 the HTTP server drains; what is still open when the drain ends is aborted by the server.
@@ -90,11 +92,8 @@ async def _serve_websocket(endpoint: MarketEndpoint, websocket: WebSocket) -> No
         )
         return
     try:  # the slot is the session's once it runs; ours if the accept fails or is cancelled
-        # the TCP connection is the WebSocket's alone over HTTP/1.1; over HTTP/2 (cleartext,
-        # from a proxy) it carries other streams: neither its bytes nor its socket are ours
+        # the TCP connection is the WebSocket's alone: serve_http speaks HTTP/1.1 only
         served = served_connection(websocket.scope)
-        if websocket.scope.get("http_version") != "1.1":
-            served = None
         if served is not None:
             served.became_session()  # under max_connections now, not the port's own cap
             # before the 101: the client's first frame may be a pong
