@@ -24,11 +24,12 @@ import trio
 import trio.lowlevel
 import trio_websocket
 from wsproto.events import CloseConnection
+from wsproto.extensions import PerMessageDeflate
 
 from tests.conftest import flat_minutes
 from tests.reliability.record import ReliabilityRecord, report, sized
 from tests.reliability.test_subscriber_faults import allow_open_files
-from tests.serve.test_client_faults import masked, send_raw
+from tests.serve.test_client_faults import BOMB_BYTES, deflate_bomb, masked, send_raw
 from tests.serve.test_http_api import INGEST, TOKEN, metric_value, running_api
 from tests.serve.test_http_validation import body_for
 from tests.serve.test_ws_admission import (
@@ -100,12 +101,20 @@ def metric(market: Market, family: str, **labels: str) -> float:
 
 
 async def oversize_frames(market: Market) -> int:
-    """A message over 64 KiB on each port: closed with 1009."""
+    """A message over 64 KiB and one of 16 MiB on each port, and a permessage-deflate
+    message inflating to 32 MiB on the HTTP port (the only one agreeing to compression):
+    closed with 1009."""
+    huge = masked(0x81, b"x" * (16 << 20))
+    bomb = masked(0xC1, deflate_bomb(BOMB_BYTES))
     for port in (market.ws_port, market.port):
         async with connect(port) as ws:
             await send(ws, "x" * (MAX_MESSAGE_BYTES + 1))
             assert await close_code_of(ws) == 1009
-    return 2
+        closes = [e for e in await send_raw(port, huge) if isinstance(e, CloseConnection)]
+        assert [c.code for c in closes] == [1009]
+    events = await send_raw(market.port, bomb, [PerMessageDeflate()])
+    assert [e.code for e in events if isinstance(e, CloseConnection)] == [1009]
+    return 5
 
 
 async def subscribe_flood(market: Market) -> int:
@@ -283,7 +292,7 @@ async def test_hostile_clients_are_answered_counted_and_hurt_nobody(
         faults += await slow_loris(market.http_port)
         await healthy.still_served()
 
-        assert metric(market, "tradecanvas_subscriber_disconnects", reason="message_too_big") == 2
+        assert metric(market, "tradecanvas_subscriber_disconnects", reason="message_too_big") == 5
         assert metric(market, "tradecanvas_subscriber_disconnects", reason="rate_limited") == 1
         assert metric(market, "tradecanvas_ws_refusals", reason="origin") == 2
         assert metric(market, "tradecanvas_ws_rate_limited") > 0

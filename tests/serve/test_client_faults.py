@@ -5,16 +5,16 @@ alone only dropped the TCP connection. The verdicts of ``ClientFrames`` are wspr
 
 from __future__ import annotations
 
+import contextlib
 import itertools
-from collections.abc import AsyncIterator
+import tracemalloc
+import zlib
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Final
 
 import pytest
 import trio
-from h2.config import H2Configuration
-from h2.connection import H2Connection
-from h2.events import ConnectionTerminated, DataReceived, ResponseReceived, StreamReset
 from hypothesis import given
 from hypothesis import strategies as st
 from wsproto import ConnectionType, WSConnection
@@ -27,18 +27,22 @@ from wsproto.events import (
     Request,
     TextMessage,
 )
-from wsproto.extensions import PerMessageDeflate
+from wsproto.extensions import Extension, PerMessageDeflate
 from wsproto.frame_protocol import FrameProtocol
 
+from tests.serve.test_http_api import metric_value
 from tests.serve.test_ws_server import (
     RECEIVE_TIMEOUT_S,
     TRANSPORTS,
+    Market,
     connect,
     running_market,
     until_pong,
 )
 from tradecanvas.serve.client_frames import (
+    MAX_READ_MESSAGE_BYTES,
     ClientFrames,
+    MessageTooBig,
     ProtocolViolation,
     close_frame,
     hypercorn_extensions,
@@ -52,11 +56,18 @@ def masked(
     """One frame as a client writes it: ``first`` is the FIN/RSV/opcode byte."""
     if len(payload) < 126:
         head = bytes([first, (0x80 if mask else 0) | len(payload)])
-    else:
+    elif len(payload) < 1 << 16:
         head = bytes([first, (0x80 if mask else 0) | 126]) + len(payload).to_bytes(2, "big")
+    else:
+        head = bytes([first, (0x80 if mask else 0) | 127]) + len(payload).to_bytes(8, "big")
     if not mask:
         return head + payload
-    return head + key + bytes(b ^ key[i % 4] for i, b in enumerate(payload))
+    keys = key * (len(payload) // 4 + 1)
+    return (
+        head
+        + key
+        + (int.from_bytes(payload) ^ int.from_bytes(keys[: len(payload)])).to_bytes(len(payload))
+    )
 
 
 # frames a careless or hostile client writes: any first byte (FIN, RSV, opcode), masked or
@@ -156,28 +167,37 @@ async def store(tmp_path: Path) -> AsyncIterator[CandleStore]:
     await s.aclose()
 
 
-async def send_raw(port: int, data: bytes) -> list[object]:
-    """A raw client (wsproto) that writes ``data`` once the 101 is in, then reads until the
-    server ends the connection: the events it read."""
+async def send_raw(port: int, data: bytes, extensions: Sequence[Extension] = ()) -> list[object]:
+    """A raw client (wsproto, offering ``extensions``) that writes ``data`` once the 101 is
+    in while it reads until the server ends the connection: the events it read. What the
+    server refuses of ``data`` (it ended the connection) is not an error."""
     stream = await trio.open_tcp_stream("127.0.0.1", port)
     client = WSConnection(ConnectionType.CLIENT)
     events: list[object] = []
+    request = Request(host="127.0.0.1", target="/ws/market", extensions=list(extensions))
+
+    async def write() -> None:
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await stream.send_all(data)
+
     try:
-        await stream.send_all(client.send(Request(host="127.0.0.1", target="/ws/market")))
+        await stream.send_all(client.send(request))
         with trio.fail_after(RECEIVE_TIMEOUT_S):
             while not any(isinstance(e, AcceptConnection) for e in events):
                 client.receive_data(await stream.receive_some(65536))
                 events.extend(client.events())
-            await stream.send_all(data)
-            while True:
-                try:
-                    received = await stream.receive_some(65536)
-                except trio.BrokenResourceError:
-                    break
-                if not received:
-                    break
-                client.receive_data(received)
-                events.extend(client.events())
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(write)
+                while True:
+                    try:
+                        received = await stream.receive_some(65536)
+                    except trio.BrokenResourceError:
+                        break
+                    if not received:
+                        break
+                    client.receive_data(received)
+                    events.extend(client.events())
+                nursery.cancel_scope.cancel()
     finally:
         await stream.aclose()
     return events
@@ -258,43 +278,6 @@ async def test_a_compressing_client_is_served_on_the_http_port(store: CandleStor
             await stream.aclose()
 
 
-async def test_a_websocket_over_cleartext_http2_is_served(store: CandleStore) -> None:
-    """Hypercorn takes WebSockets over HTTP/2 (RFC 8441; a proxy may speak it): the TCP
-    connection carries HTTP/2 frames, not WebSocket frames, and is not read as such."""
-    async with running_market(store, over="http_port") as market:
-        stream = await trio.open_tcp_stream("127.0.0.1", market.port)
-        h2 = H2Connection(H2Configuration(client_side=True))
-        h2.initiate_connection()
-        received = b""
-        try:
-            await stream.send_all(h2.data_to_send())
-            headers = [
-                (":method", "CONNECT"),
-                (":protocol", "websocket"),
-                (":scheme", "http"),
-                (":path", "/ws/market"),
-                (":authority", f"127.0.0.1:{market.port}"),
-                ("sec-websocket-version", "13"),
-            ]
-            h2.send_headers(1, headers)
-            await stream.send_all(h2.data_to_send())
-            with trio.fail_after(RECEIVE_TIMEOUT_S):
-                while b"pong" not in received:
-                    data = await stream.receive_some(65536)
-                    assert data, "the connection ended"
-                    for event in h2.receive_data(data):
-                        assert not isinstance(event, (StreamReset, ConnectionTerminated)), event
-                        if isinstance(event, ResponseReceived):  # the data after the 200
-                            assert (b":status", b"200") in event.headers
-                            h2.send_data(1, masked(0x81, b'{"type": "ping"}'))
-                        elif isinstance(event, DataReceived):
-                            received += event.data
-                            h2.acknowledge_received_data(event.flow_controlled_length, 1)
-                    await stream.send_all(h2.data_to_send())
-        finally:
-            await stream.aclose()
-
-
 async def test_a_pipelined_second_upgrade_ends_its_connection_not_the_server(
     store: CandleStore,
 ) -> None:
@@ -320,3 +303,167 @@ async def test_a_pipelined_second_upgrade_ends_its_connection_not_the_server(
         async with connect(market.port) as ws:
             with trio.fail_after(RECEIVE_TIMEOUT_S):
                 assert await until_pong(ws) == []
+
+
+# offers a client may make: each one agreed to as Hypercorn agrees (None: no extension)
+_OFFERS: Final = (
+    None,
+    "permessage-deflate",
+    "permessage-deflate; client_max_window_bits",
+    "permessage-deflate; client_max_window_bits=10",
+    "permessage-deflate; client_no_context_takeover",
+)
+# a small limit, so that the property reaches past it often
+_LIMIT: Final = 1000
+
+
+def agreed_client(offer: str | None) -> tuple[FrameProtocol, list[Extension]]:
+    """A client's frame writer after a handshake offering ``offer``, and the extensions the
+    server agreed to (what ClientFrames is given)."""
+    if offer is None:
+        return FrameProtocol(client=True, extensions=[]), []
+    answer = PerMessageDeflate().accept(offer)
+    assert isinstance(answer, str)
+    client_side = PerMessageDeflate()
+    client_side.finalize(answer)
+    agreed = hypercorn_extensions([(b"sec-websocket-extensions", offer.encode())])
+    return FrameProtocol(client=True, extensions=[client_side]), agreed
+
+
+# messages of any size up to a few times the limit, compressible or not, text or binary
+_messages = st.one_of(
+    st.builds(lambda unit, n: unit * n, st.text(min_size=1, max_size=8), st.integers(0, 700)),
+    st.text(max_size=1500),
+    st.binary(max_size=1500),
+)
+
+
+@given(
+    offer=st.sampled_from(_OFFERS),
+    messages=st.lists(st.tuples(_messages, st.integers(1, 3), st.booleans()), max_size=5),
+    cuts=st.lists(st.integers(min_value=0), max_size=8),
+)
+def test_a_message_over_the_limit_is_refused_whether_compressed_or_not(
+    offer: str | None, messages: list[tuple[str | bytes, int, bool]], cuts: list[int]
+) -> None:
+    """Each message counts its bytes (inflated, if compressed), in however many frames and
+    however the bytes arrive: within the limit it is read like any other, past it the read
+    ends with 1009 there (the pings before it counted, none after)."""
+    client, agreed = agreed_client(offer)
+    parts: list[bytes] = []
+    over_at: int | None = None  # the pings sent before the first message over the limit
+    pings = 0
+    for message, pieces, then_ping in messages:
+        size = len(message.encode() if isinstance(message, str) else message)
+        if over_at is None and size > _LIMIT:
+            over_at = pings
+        step = len(message) // pieces + 1
+        for start in range(0, len(message) or 1, step):
+            end = start + step
+            parts.append(bytes(client.send_data(message[start:end], fin=end >= len(message))))
+        if then_ping:
+            parts.append(bytes(client.ping(b"p")))
+            pings += 1
+    stream = b"".join(parts)
+    counted: list[None] = []
+    frames = ClientFrames(
+        on_ping=lambda: counted.append(None), extensions=agreed, max_message_bytes=_LIMIT
+    )
+    bounds = sorted({0, len(stream), *(c % (len(stream) + 1) for c in cuts)})
+    code: int | None = None
+    try:
+        for start, end in itertools.pairwise(bounds):
+            frames.feed(stream[start:end])
+    except MessageTooBig as fault:
+        code = fault.code
+    assert code == (None if over_at is None else 1009)
+    assert len(counted) == (pings if over_at is None else over_at)
+
+
+def deflate_bomb(inflated: int) -> bytes:
+    """A permessage-deflate text message's payload inflating to ``inflated`` bytes and
+    more (about a thousandth of that on the wire)."""
+    deflate = zlib.compressobj(9, zlib.DEFLATED, -15)
+    parts = [deflate.compress(b'{"type": "ping", "pad": "')]
+    block = b"x" * (1 << 20)
+    parts.extend(deflate.compress(block) for _ in range(inflated >> 20))
+    parts.append(deflate.compress(b'"}') + deflate.flush(zlib.Z_SYNC_FLUSH))
+    return b"".join(parts)[: -len(b"\x00\x00\xff\xff")]
+
+
+BOMB_BYTES: Final = 32 << 20  # inflated; 32 KiB on the wire
+# what reading a bomb or an oversized message may take in memory, all told: a few times the
+# limit (the libraries' buffers, one read of 64 KiB); reading it all took far more than this
+READ_BOUND_BYTES: Final = 8 << 20
+
+
+def feed_in_reads(frames: ClientFrames, wire: bytes) -> None:
+    """Feed ``wire`` as a server reads it: 64 KiB at a time."""
+    for start in range(0, len(wire), 1 << 16):
+        frames.feed(wire[start : start + (1 << 16)])
+
+
+def test_a_deflate_bomb_is_refused_without_being_inflated() -> None:
+    wire = masked(0xC1, deflate_bomb(BOMB_BYTES))
+    assert len(wire) < BOMB_BYTES // 500
+    frames = ClientFrames(extensions=hypercorn_extensions([(b"sec-websocket-extensions", OFFER)]))
+    tracemalloc.start()
+    try:
+        with pytest.raises(MessageTooBig, match="message too big"):
+            feed_in_reads(frames, wire)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * MAX_READ_MESSAGE_BYTES
+
+
+async def read_with_memory(port: int, wire: bytes, *offered: Extension) -> tuple[list[object], int]:
+    """:func:`send_raw`, and the most memory (traced, this process: the server's too) it
+    took beyond what was in use before."""
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        events = await send_raw(port, wire, offered)
+        return events, tracemalloc.get_traced_memory()[1] - before
+    finally:
+        tracemalloc.stop()
+
+
+async def until_counted(market: Market, reason: str, count: float) -> None:
+    with trio.fail_after(RECEIVE_TIMEOUT_S):
+        while True:
+            text = market.metrics.render().decode()
+            if metric_value(text, "tradecanvas_subscriber_disconnects", reason=reason) == count:
+                return
+            await trio.sleep(0.01)
+
+
+async def test_a_deflate_bomb_is_closed_with_1009_before_it_is_inflated(
+    store: CandleStore,
+) -> None:
+    """A browser-like client (permessage-deflate, agreed on the HTTP port) sends a message of
+    32 KiB that inflates to 32 MiB: closed with 1009, counted as a message too big, and the
+    daemon's memory never holds more than a few times the limit (Hypercorn and the frame
+    check each inflated all of it, and Hypercorn read on after its own 1009)."""
+    async with running_market(store, over="http_port") as market:
+        wire = masked(0xC1, deflate_bomb(BOMB_BYTES))
+        events, grown = await read_with_memory(market.port, wire * 2, PerMessageDeflate())
+        closes = [e for e in events if isinstance(e, CloseConnection)]
+        assert [(c.code, c.reason) for c in closes] == [(1009, "message too big")], events
+        assert grown < READ_BOUND_BYTES
+        await until_counted(market, "message_too_big", 1)
+        async with connect(market.port) as good:
+            with trio.fail_after(RECEIVE_TIMEOUT_S):
+                assert await until_pong(good) == []
+
+
+@pytest.mark.parametrize("over", TRANSPORTS)
+async def test_a_message_far_over_the_limit_is_not_read_on(store: CandleStore, over: str) -> None:
+    """16 MiB in one text frame: the connection is closed with 1009 and ends after the
+    first few hundred KiB; the rest is not read (Hypercorn read all of it)."""
+    async with running_market(store, over=over) as market:
+        wire = masked(0x81, b"x" * (16 << 20))
+        events, grown = await read_with_memory(market.port, wire)
+        closes = [e for e in events if isinstance(e, CloseConnection)]
+        assert [c.code for c in closes] == [1009], events
+        assert grown < READ_BOUND_BYTES

@@ -10,8 +10,9 @@ connections and bound the drain::
     serve_http                    waits for cancellation, then drains (shielded, bounded)
     └─ _serve_connections         lifespan, then the connections
        ├─ accept loop             until the drain starts; then the listener is closed
-       └─ one hypercorn TCPServer per connection (a ServedConnection, reachable from the
-          ASGI scope: :func:`served_connection`)
+       └─ one hypercorn TCPServer per connection, HTTP/1.1 only
+          (``tradecanvas.serve.http1_only``; a ServedConnection, reachable from the ASGI
+          scope: :func:`served_connection`)
 
 Why not ``hypercorn.trio.serve``: Hypercorn writes to a socket in a shielded scope, so a
 peer that stops reading (a WebSocket subscriber, a large answer) blocks its connection — and
@@ -33,7 +34,6 @@ import hypercorn.config
 import hypercorn.trio
 import trio
 from hypercorn.trio.lifespan import Lifespan
-from hypercorn.trio.tcp_server import TCPServer
 from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import ASGIFramework, ConnectionState
 from hypercorn.utils import wrap_app
@@ -43,6 +43,7 @@ from tradecanvas.errors import ListenError
 from tradecanvas.ops.logs import ThrottledCount
 from tradecanvas.serve.client_frames import (
     FLOOD_CLOSE_S,
+    MAX_READ_MESSAGE_BYTES,
     OP_PING,
     ClientFault,
     ClientFrames,
@@ -52,9 +53,9 @@ from tradecanvas.serve.client_frames import (
     peer_of,
     ping_limit,
 )
+from tradecanvas.serve.http1_only import Http11Server
 from tradecanvas.serve.listening import bind_socket, bind_text
 from tradecanvas.serve.shedding import Gate, Place, SheddingListener
-from tradecanvas.serve.ws_protocol import MAX_MESSAGE_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -64,10 +65,12 @@ HTTP_DRAIN_S: Final = 5.0
 # The drain ends HTTP_DRAIN_S after it starts (connections still open are aborted); this is
 # the hard stop on top of it (the lifespan's shutdown) before its whole scope is cancelled.
 _HARD_STOP_GRACE_S: Final = 1.0
-# Hypercorn's own WebSocket message limit: a backstop above /ws/market's 64 KiB, which the
-# session checks itself so that its 1009 is counted like the WS port's (a message over this
-# one is still closed with 1009, by Hypercorn, but looks like a plain close to the session)
-WEBSOCKET_BACKSTOP_BYTES: Final = 4 * MAX_MESSAGE_BYTES
+# Hypercorn's own WebSocket message limit (characters of text): a backstop above /ws/market's
+# 64 KiB, which the session checks itself so that its 1009 is counted like the WS port's. The
+# connection's ClientFrames closes a message past MAX_READ_MESSAGE_BYTES (bytes, inflated)
+# before Hypercorn gets them, so this one is never reached: Hypercorn reads on after its own
+# 1009, and inflates and keeps all it reads
+WEBSOCKET_BACKSTOP_BYTES: Final = MAX_READ_MESSAGE_BYTES
 # where a connection's ServedConnection is found in the ASGI scope's "state"
 CONNECTION_STATE_KEY: Final = "tradecanvas.connection"
 # The send deadline (serve_http's send_timeout_s) is on each step of this many bytes of a
@@ -121,6 +124,7 @@ class _WatchedStream(trio.abc.HalfCloseableStream):
         self.socket = inner.socket  # what Hypercorn reads the addresses from
         self.send_lock = trio.Lock()
         self.frames: ClientFrames | None = None  # a WebSocket's: pongs, and pings counted
+        self.fault: ClientFault | None = None  # what the client sent that ended it
         # set while an HTTP answer is being written (from its start to the app's end)
         self.answering: trio.Event | None = None
         self.send_timeout_s: float | None = None
@@ -163,7 +167,8 @@ class _WatchedStream(trio.abc.HalfCloseableStream):
 
     async def _close_for(self, fault: ClientFault) -> NoReturn:
         # the close frame if the client takes it soon (between Hypercorn's frames), then the
-        # end of the connection: Hypercorn takes BrokenResourceError for it
+        # end of the connection: Hypercorn takes BrokenResourceError for it, and reads no more
+        self.fault = fault
         with trio.move_on_after(FLOOD_CLOSE_S), contextlib.suppress(trio.TooSlowError, OSError):
             async with self.send_lock:
                 await self.inner.send_all(close_frame(fault.code, str(fault)))
@@ -218,6 +223,12 @@ class ServedConnection:
                 on_ping=ping_limit(trio.current_time),
                 extensions=hypercorn_extensions(headers),
             )
+
+    @property
+    def fault(self) -> ClientFault | None:
+        """What the client sent that ended its WebSocket (read by ``watch_pongs``), if that
+        is how it ended: Hypercorn reports it as a connection lost."""
+        return self.watched.fault
 
     def _pong(self, payload: bytes) -> None:
         if payload not in self._pings:
@@ -427,7 +438,7 @@ async def _serve_connections(
             try:
                 with connections.tracking(connection):
                     # typed for TLS streams; a plain one is what Hypercorn's worker passes too
-                    await TCPServer(
+                    await Http11Server(
                         asgi, config, context, state, cast("Any", connection.watched)
                     ).run()
             except Exception as exc:  # one connection's failure never reaches the server

@@ -36,6 +36,11 @@ Where Hypercorn differs from trio-websocket, and what this module does about it:
   connection writes them and picks the pongs out itself (``http_server.ServedConnection``).
 - **The 64 KiB limit** is the session's own check (Hypercorn's limit is a looser backstop,
   ``http_server.WEBSOCKET_BACKSTOP_BYTES``), so that its 1009 is counted like the WS port's.
+  A message far over it (past ``client_frames.MAX_READ_MESSAGE_BYTES``, inflated) is closed
+  with 1009 by the connection before Hypercorn reads it (Hypercorn would read and inflate
+  it all), and reported to the session as its own 1009.
+- **HTTP/1.1 only.** A WebSocket over HTTP/2 (RFC 8441) would share its TCP connection with
+  other streams, and none of the above could hold; ``serve_http`` never speaks HTTP/2.
 
 Shutdown: the daemon calls :meth:`MarketEndpoint.shutdown` (every session gets 1001) before
 the HTTP server drains; what is still open when the drain ends is aborted by the server.
@@ -87,11 +92,8 @@ async def _serve_websocket(endpoint: MarketEndpoint, websocket: WebSocket) -> No
         )
         return
     try:  # the slot is the session's once it runs; ours if the accept fails or is cancelled
-        # the TCP connection is the WebSocket's alone over HTTP/1.1; over HTTP/2 (cleartext,
-        # from a proxy) it carries other streams: neither its bytes nor its socket are ours
+        # the TCP connection is the WebSocket's alone: serve_http speaks HTTP/1.1 only
         served = served_connection(websocket.scope)
-        if websocket.scope.get("http_version") != "1.1":
-            served = None
         if served is not None:
             served.became_session()  # under max_connections now, not the port's own cap
             # before the 101: the client's first frame may be a pong
@@ -194,6 +196,9 @@ class AsgiTransport:
         message = await self._websocket.receive()
         if message["type"] == "websocket.disconnect":
             self._peer_left = True
+            fault = self._connection.fault if self._connection is not None else None
+            if fault is not None:  # the connection's own close (a 1009 counts as the session's)
+                raise TransportClosed(fault.code, str(fault))
             code = message.get("code")
             # Hypercorn's 1006 stands for any close by the peer (module docstring)
             raise TransportClosed(
