@@ -15,7 +15,7 @@ from typing import Final
 
 import pytest
 import trio
-from hypothesis import given
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from wsproto import ConnectionType, WSConnection
 from wsproto.connection import Connection, ConnectionState
@@ -117,6 +117,7 @@ def wsproto_verdict(stream: bytes) -> tuple[int | None, int, list[bytes]]:
     return None, pings, pongs
 
 
+@settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])  # a loaded machine
 @given(stream=_streams(), cuts=st.lists(st.integers(min_value=0), max_size=8))
 def test_the_violations_found_are_wsproto_s_however_the_bytes_arrive(
     stream: bytes, cuts: list[int]
