@@ -150,14 +150,14 @@ class Market:
         return answer.json()
 
     def stored(self, series_id: str) -> list[Bar]:
-        """Every stored closed candle of a series, ascending."""
+        """Every stored closed candle of a series, ascending: paged forward from ``since=0``
+        (without ``since`` the API answers the newest ``limit`` only)."""
         found: list[Bar] = []
-        since: int | None = None
+        since = 0
         while True:
-            params: dict[str, str | int] = {"series_id": series_id, "limit": 5000}
-            if since is not None:
-                params["since"] = since
-            page = self.get("/api/market/candles", **params)["candles"]
+            page = self.get("/api/market/candles", series_id=series_id, limit=5000, since=since)[
+                "candles"
+            ]
             found += [Bar.from_json(c) for c in page]
             if len(page) < 5000:
                 return found
