@@ -9,6 +9,7 @@ own data (``page.wait_for_function``), never on a sleep."""
 from __future__ import annotations
 
 import csv
+import json
 import os
 import re
 import shutil
@@ -256,8 +257,15 @@ def launch(p: Playwright) -> Browser:
 
 
 @contextmanager
-def chart_page(browser: Browser, origin: str) -> Iterator[ChartPage]:
-    context = browser.new_context(viewport={"width": 1280, "height": 720})
+def chart_page(
+    browser: Browser, origin: str, *, timing: dict[str, int] | None = None, **device: Any
+) -> Iterator[ChartPage]:
+    """A tab on ``origin``; ``device`` are Playwright context options (a phone's viewport,
+    ``has_touch``, …; a 1280×720 desktop window without), ``timing`` the page's connection
+    timings in ms (``window.tradecanvasTiming``: ``heartbeatMs``, ``pongTimeoutMs``, …)."""
+    context = browser.new_context(**({"viewport": {"width": 1280, "height": 720}} | device))
+    if timing is not None:
+        context.add_init_script(f"window.tradecanvasTiming = {json.dumps(timing)};")
     page = context.new_page()
     chart = ChartPage(page, origin)
 
