@@ -9,6 +9,7 @@ own data (``page.wait_for_function``), never on a sleep."""
 from __future__ import annotations
 
 import csv
+import json
 import os
 import re
 import shutil
@@ -150,14 +151,14 @@ class Market:
         return answer.json()
 
     def stored(self, series_id: str) -> list[Bar]:
-        """Every stored closed candle of a series, ascending."""
+        """Every stored closed candle of a series, ascending: paged forward from ``since=0``
+        (without ``since`` the API answers the newest ``limit`` only)."""
         found: list[Bar] = []
-        since: int | None = None
+        since = 0
         while True:
-            params: dict[str, str | int] = {"series_id": series_id, "limit": 5000}
-            if since is not None:
-                params["since"] = since
-            page = self.get("/api/market/candles", **params)["candles"]
+            page = self.get("/api/market/candles", series_id=series_id, limit=5000, since=since)[
+                "candles"
+            ]
             found += [Bar.from_json(c) for c in page]
             if len(page) < 5000:
                 return found
@@ -256,8 +257,15 @@ def launch(p: Playwright) -> Browser:
 
 
 @contextmanager
-def chart_page(browser: Browser, origin: str) -> Iterator[ChartPage]:
-    context = browser.new_context(viewport={"width": 1280, "height": 720})
+def chart_page(
+    browser: Browser, origin: str, *, timing: dict[str, int] | None = None, **device: Any
+) -> Iterator[ChartPage]:
+    """A tab on ``origin``; ``device`` are Playwright context options (a phone's viewport,
+    ``has_touch``, …; a 1280×720 desktop window without), ``timing`` the page's connection
+    timings in ms (``window.tradecanvasTiming``: ``heartbeatMs``, ``pongTimeoutMs``, …)."""
+    context = browser.new_context(**({"viewport": {"width": 1280, "height": 720}} | device))
+    if timing is not None:
+        context.add_init_script(f"window.tradecanvasTiming = {json.dumps(timing)};")
     page = context.new_page()
     chart = ChartPage(page, origin)
 

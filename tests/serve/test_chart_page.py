@@ -1,20 +1,28 @@
 """GET / and /assets/{path} through the real HTTP app on Hypercorn (127.0.0.1 port 0): the
-page and its files with their content types and security headers, nothing outside the
-static table, and the vendored lightweight-charts matching its recorded version."""
+page and its files with their content types and security headers, gzip-compressed when asked
+and answered 304 while the client's copy is current, nothing outside the static table, and
+the vendored lightweight-charts matching its recorded version."""
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import re
 from pathlib import Path
 
+import httpx
 import pytest
 
+from tests.conftest import flat_minutes
 from tests.serve.test_http_api import running_api
+from tests.serve.test_http_validation import BTC, T0
+from tradecanvas.model import SeriesId
+from tradecanvas.pipeline.commit import IngestBatch
 from tradecanvas.serve.chart_page import (
     CONTENT_SECURITY_POLICY,
     STATIC_DIR,
     StaticFile,
+    accepts_gzip,
     chart_page_routes,
     content_type_of,
     load_static_files,
@@ -46,6 +54,90 @@ async def test_the_page_and_its_assets_are_served_with_their_types(tmp_path: Pat
         assert head.status_code == 200 and head.content == b""
 
 
+async def _raw(
+    client: httpx.AsyncClient, path: str, **headers: str
+) -> tuple[httpx.Response, bytes]:
+    """An answer and its body as it came over the socket (httpx would decode the gzip)."""
+    async with client.stream("GET", path, headers=headers) as r:
+        return r, b"".join([chunk async for chunk in r.aiter_raw()])
+
+
+@pytest.mark.parametrize(
+    "path", ["/", "/assets/chart.js", "/assets/chart.css", f"/assets/vendor/{LWC}"]
+)
+async def test_the_files_go_gzipped_when_asked_and_304_while_current(
+    tmp_path: Path, path: str
+) -> None:
+    name = "index.html" if path == "/" else path.removeprefix("/assets/")
+    plain_bytes = (STATIC_DIR / name).read_bytes()
+    async with running_api(tmp_path) as api:
+        zipped, body = await _raw(api.client, path, **{"Accept-Encoding": "gzip, deflate, br"})
+        assert zipped.status_code == 200
+        assert zipped.headers["content-encoding"] == "gzip"
+        assert gzip.decompress(body) == plain_bytes
+        assert len(body) < len(plain_bytes) * 0.6
+        assert zipped.headers["vary"] == "Accept-Encoding"
+        plain, body = await _raw(api.client, path, **{"Accept-Encoding": "identity"})
+        assert "content-encoding" not in plain.headers and body == plain_bytes
+        assert plain.headers["vary"] == "Accept-Encoding"
+        # two representations, two validators, both from the bytes
+        assert zipped.headers["etag"] != plain.headers["etag"]
+        for answer in (zipped, plain):
+            assert answer.headers["content-security-policy"] == CONTENT_SECURITY_POLICY
+            assert answer.headers["x-content-type-options"] == "nosniff"
+            assert answer.headers["cache-control"] == "no-cache"
+            assert answer.headers["content-type"] == content_type_of(name)
+            # a reload: the copy held is current, nothing is sent again
+            again, body = await _raw(
+                api.client,
+                path,
+                **{"Accept-Encoding": "gzip", "If-None-Match": answer.headers["etag"]},
+            )
+            assert again.status_code == 304 and body == b""
+            assert again.headers["etag"] == zipped.headers["etag"]
+            assert again.headers["content-security-policy"] == CONTENT_SECURITY_POLICY
+        changed, body = await _raw(
+            api.client, path, **{"Accept-Encoding": "gzip", "If-None-Match": '"an-older-copy"'}
+        )
+        assert changed.status_code == 200 and gzip.decompress(body) == plain_bytes
+
+
+async def test_json_answers_go_gzipped_when_asked(tmp_path: Path) -> None:
+    async with running_api(tmp_path) as api:
+        await api.pipeline.run(IngestBatch.of(SeriesId.parse(BTC), flat_minutes(T0, 300), "rest"))
+        path = f"/api/market/candles?series_id={BTC}&limit=300"
+        zipped, body = await _raw(api.client, path, **{"Accept-Encoding": "gzip"})
+        assert zipped.headers["content-encoding"] == "gzip"
+        assert zipped.headers["content-type"] == "application/json"
+        plain, plain_body = await _raw(api.client, path, **{"Accept-Encoding": "identity"})
+        assert "content-encoding" not in plain.headers
+        assert gzip.decompress(body) == plain_body and len(body) < len(plain_body) / 5
+        assert zipped.headers["vary"] == plain.headers["vary"] == "Accept-Encoding"
+        # a small answer is not worth it
+        small, _ = await _raw(api.client, "/healthz", **{"Accept-Encoding": "gzip"})
+        assert "content-encoding" not in small.headers
+
+
+@pytest.mark.parametrize(
+    ("header", "allowed"),
+    [
+        ("gzip, deflate, br", True),
+        ("br;q=1.0, gzip;q=0.8", True),
+        ("*", True),
+        ("x-gzip", True),
+        ("", False),
+        ("identity", False),
+        ("br", False),
+        ("gzip;q=0", False),
+        ("gzip; q=0.000, br", False),
+        ("*;q=0", False),
+        ("gzip;q=nonsense", False),
+    ],
+)
+def test_accept_encoding_is_read_with_its_qualities(header: str, allowed: bool) -> None:
+    assert accepts_gzip(header) is allowed
+
+
 @pytest.mark.parametrize(
     "path",
     [
@@ -71,14 +163,14 @@ async def test_the_page_has_no_write_path(tmp_path: Path) -> None:
     async with running_api(tmp_path) as api:
         assert (await api.client.post("/")).status_code == 405
         assert (await api.client.put("/assets/chart.js")).status_code == 405
-    script = (STATIC_DIR / "chart.js").read_text()
+    script = (STATIC_DIR / "chart.js").read_text() + (STATIC_DIR / "connection.js").read_text()
     assert "POST" not in script and "Authorization" not in script
     # the write endpoints (the page reads /readyz's "ingest" report, nothing else of ingest)
     assert "/api/market/ingest" not in script
 
 
 def test_the_page_refers_to_its_own_origin_only() -> None:
-    for name in ("index.html", "chart.js", "chart.css"):
+    for name in ("index.html", "chart.js", "connection.js", "chart.css"):
         text = (STATIC_DIR / name).read_text()
         # the only absolute URL is the attribution link (a link, never loaded)
         urls = set(re.findall(r"\b(?:https?|wss?)://[^\s\"'`)]+", text))

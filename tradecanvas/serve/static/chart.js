@@ -22,14 +22,8 @@
   const MAX_LIMIT = 5000; // the API's largest `limit`
   const SCROLL_BACK_MARGIN = 20; // load older bars when fewer than this are left of the view
   const MAX_SHADED_PER_HOLE = 5000; // a hole wider than this is shaded at its start only
-  const RECONNECT_MIN_MS = 250;
-  const RECONNECT_MAX_MS = 5000;
   // a series whose loading failed (the daemon down, say) is loaded again this often
   const RELOAD_RETRY_MS = 2000;
-  // messages sent to the daemon, at most: half its rate limit (20/s, bursts of 40), so
-  // that quick clicking through timeframes never has a message ignored (docs/api.md)
-  const SEND_PER_S = 10;
-  const SEND_BURST = 20;
   // a live page whose series has had no market message for this long says so on the badge
   const STALE_AFTER_MS = 90_000;
   const FRESHNESS_CHECK_MS = 5_000;
@@ -95,6 +89,8 @@
       maxBarSpacing: MAX_BAR_SPACING,
     },
     crosshair: { mode: LWC.CrosshairMode.Normal },
+    // a vertical swipe on the chart scrolls the page (a phone's short screen), not the prices
+    handleScroll: { vertTouchDrag: false },
   });
   // a full-height column behind each missing (or incomplete) bar
   const gapSeries = chart.addSeries(LWC.HistogramSeries, {
@@ -244,31 +240,40 @@
 
   const utc = (time) => new Date(time * 1000).toISOString().replace("T", " ").slice(0, 16);
 
-  // the legend for the bar at `time` (null: the newest); the chart's time scale holds the
+  // the legend for the bar at `time` (null: the newest), in groups that never break inside
+  // (a label stays with its value on a narrow screen); the chart's time scale holds the
   // bars' times and the shaded holes', so a time without a bar is a hole
-  function legendText(time) {
+  function legendGroups(time) {
     const bar =
       time === null
         ? view.bars[view.bars.length - 1]
         : view.bars.find((b) => b.time === time);
     if (bar) {
-      const values =
-        `${utc(bar.time)} UTC  O ${fmt(bar.open)}  H ${fmt(bar.high)}  L ${fmt(bar.low)}` +
-        `  C ${fmt(bar.close)}  V ${fmt(bar.volume)}`;
+      const groups = [`${utc(bar.time)} UTC`, ...["open", "high", "low", "close", "volume"].map(
+        (k) => `${k[0].toUpperCase()} ${fmt(bar[k])}`,
+      )];
       // a bar shaded as a hole is a derived bar some of whose minutes do not exist
-      const notes = view.gapTimes.has(bar.time) ? ["incomplete: some of its minutes are missing"] : [];
+      if (view.gapTimes.has(bar.time)) groups.push("· incomplete: some of its minutes are missing");
       if (bar === view.bars[0] && view.firstTime !== null && bar.time <= view.firstTime) {
-        notes.push("the first stored bar");
+        groups.push("· the first stored bar");
       }
-      return [values, ...notes].join("  · ");
+      return groups;
     }
-    if (!view.seriesId) return "";
-    if (time === null || view.bars.length === 0) return `${view.seriesId} — no candles yet`;
-    return `${utc(time)} UTC  no candle: a hole in the series`;
+    if (!view.seriesId) return [];
+    if (time === null || view.bars.length === 0) return [`${view.seriesId} — no candles yet`];
+    return [`${utc(time)} UTC`, "no candle: a hole in the series"];
   }
 
+  const legendText = (time) => legendGroups(time).join("  ");
+
   function showLegend(time) {
-    $("legend").textContent = legendText(time);
+    $("legend").replaceChildren(
+      ...legendGroups(time).flatMap((text, i) => {
+        const group = document.createElement("span");
+        group.textContent = text;
+        return i === 0 ? [group] : ["  ", group];
+      }),
+    );
   }
 
   // the tab's title: the newest close, then the series
@@ -285,13 +290,31 @@
     if (view.bars.length * BAR_SPACING < scale.width()) scale.fitContent();
     else scale.scrollToRealTime();
   }
-  // the bar under the cursor (null: none, the legend shows the newest); kept while live
-  // updates come, so that a past bar's values can be read
+  // The bar under the cursor or the finger (null: none, the legend shows the newest). While
+  // the pointer rests, live bars move the bars under it: the crosshair moves without a
+  // `sourceEvent`, and the legend stays on the bar the pointer chose. A finger lifted ends
+  // the reading: the crosshair goes (the library would leave it where the finger was) and
+  // the legend shows the newest bar again, as when the mouse leaves.
   let hovered = null;
+  let touching = false; // a finger (or pen) is down on the chart
   chart.subscribeCrosshairMove((param) => {
+    const moved = param.sourceEvent !== undefined; // by the pointer, not by new bars
+    if (!moved && hovered !== null && (touching || param.time !== undefined)) return;
     hovered = param.time === undefined ? null : param.time;
     showLegend(hovered);
   });
+  $("chart").addEventListener("pointerdown", (event) => {
+    touching = event.pointerType !== "mouse";
+  });
+  const lifted = (event) => {
+    if (event.pointerType === "mouse") return;
+    touching = false;
+    chart.clearCrosshairPosition();
+    hovered = null;
+    showLegend(null);
+  };
+  $("chart").addEventListener("pointerup", lifted);
+  $("chart").addEventListener("pointercancel", lifted);
 
   // `kind` "socket": the notice of a socket that cannot connect, cleared when one opens
   let noticeKind = null;
@@ -380,7 +403,7 @@
       return;
     }
     if (view.ready && view.seriesId !== seriesId) {
-      send({ type: "unsubscribe", series_id: view.seriesId }); // subscribed once ready
+      link.send({ type: "unsubscribe", series_id: view.seriesId }); // subscribed once ready
     }
     const base = seriesList.find((s) => s.series_id === entry.base_series_id);
     Object.assign(view, {
@@ -403,7 +426,7 @@
     showTitle();
     fillPickers();
     render();
-    setState(conn.socket && conn.socket.readyState === WebSocket.OPEN ? "syncing" : conn.state);
+    if (link.isOpen()) setState("syncing");
     try {
       // the event log first: its cursor, and the holes it recorded (events after the cursor
       // come over the socket, subscribed with events_after)
@@ -533,20 +556,50 @@
 
   // --- the socket -------------------------------------------------------------------------
 
-  const conn = { socket: null, state: "connecting", attempt: 0, pendingPongs: 0 };
+  // connecting, syncing, live, reconnecting or offline (connection.js says which)
+  let connState = "connecting";
 
   // the badge: the connection's state, or `stale` while it is live but no market data came
   function setState(state, detail) {
-    conn.state = state;
+    connState = state;
     showBadge(state, detail);
   }
 
-  function showBadge(shown, detail) {
+  // what each state means, for the badge's title and the line a tap on it shows
+  const EXPLAIN = {
+    connecting: "Opening the stream from the daemon.",
+    syncing: "Connected; catching up with what the daemon sent meanwhile.",
+    live: "Connected and up to date.",
+    reconnecting: "The stream dropped: the page reconnects and goes on where it stopped.",
+    offline: "This device has no network: the page reconnects when it is back.",
+  };
+
+  function showBadge(shown, detail, why = EXPLAIN[shown]) {
     const el = $("state");
     el.dataset.state = shown;
     el.textContent = detail ? `${shown} (${detail})` : shown;
-    el.title = "";
+    el.title = why || "";
+    if (!$("why").hidden) explainBadge();
   }
+
+  // a tap on the badge (its title is a hover tooltip, which a phone cannot show) opens a
+  // line with its whole text and what it means; another tap closes it
+  function explainBadge() {
+    const el = $("state");
+    $("why").textContent = `${el.textContent}: ${el.title}`;
+  }
+  function toggleExplanation() {
+    const open = $("why").hidden;
+    $("why").hidden = !open;
+    $("state").setAttribute("aria-expanded", String(open));
+    if (open) explainBadge();
+  }
+  $("state").addEventListener("click", toggleExplanation);
+  $("state").addEventListener("keydown", (event) => {
+    if (event.key !== "Enter" && event.key !== " ") return;
+    event.preventDefault();
+    toggleExplanation();
+  });
 
   // --- freshness --------------------------------------------------------------------------
 
@@ -557,7 +610,8 @@
   // Binance connection of its own) what the ingest node holding the lease reports, null
   // there when no ingest node runs. Times are the page's clock since the last message
   // (history may be replayed: the bars' own times say nothing of now).
-  const fresh = { at: Date.now(), source: null, asking: false };
+  // fromCatchUp: the sync ping awaited is a new subscription's (its catch-up resets the age)
+  const fresh = { at: Date.now(), source: null, asking: false, fromCatchUp: false };
   const SOURCE_NOTE = {
     lost: ["; Binance unreachable", "The daemon is not connected to Binance (/readyz)."],
     no_ingest: [
@@ -579,7 +633,7 @@
 
   function marketMessage() {
     fresh.at = Date.now();
-    if (conn.state === "live" && $("state").dataset.state === "stale") showBadge("live");
+    if (connState === "live" && $("state").dataset.state === "stale") showBadge("live");
   }
 
   function duration(ms) {
@@ -604,7 +658,7 @@
   }
 
   function checkFreshness(ask = true) {
-    if (conn.state !== "live") return;
+    if (connState !== "live") return;
     const age = Date.now() - fresh.at;
     if (age < STALE_AFTER_MS) {
       if ($("state").dataset.state === "stale") showBadge("live");
@@ -613,79 +667,46 @@
     if (ask) askUpstream();
     const [suffix, why] = SOURCE_NOTE[fresh.source] || [
       "",
-      "A quiet market, or the daemon's source is down (see /readyz).",
+      "The connection answers: a quiet market, or the daemon's source is down (see /readyz).",
     ];
-    showBadge("stale", `no data for ${duration(age)}${suffix}`);
-    $("state").title = `No market message for this series for ${duration(age)}. ${why}`;
+    showBadge(
+      "stale",
+      `no data for ${duration(age)}${suffix}`,
+      `No market message for this series for ${duration(age)}. ${why}`,
+    );
   }
   setInterval(checkFreshness, FRESHNESS_CHECK_MS);
 
-  // What the page sends goes out at most SEND_PER_S a second (bursts of SEND_BURST); the
-  // rest waits in `outbox`, where a series' subscribe and its ping not sent yet are taken
-  // back by its unsubscribe (quick clicking through timeframes sends only what is left).
-  const outbox = [];
-  const pace = { tokens: SEND_BURST, at: Date.now(), timer: null };
-
-  function pump() {
-    pace.timer = null;
-    const now = Date.now();
-    pace.tokens = Math.min(SEND_BURST, pace.tokens + ((now - pace.at) / 1000) * SEND_PER_S);
-    pace.at = now;
-    const socket = conn.socket;
-    while (outbox.length && pace.tokens >= 1 && socket && socket.readyState === WebSocket.OPEN) {
-      const message = outbox.shift();
-      socket.send(JSON.stringify(message));
-      pace.tokens -= 1;
-      if (message.type === "ping") conn.pendingPongs += 1;
-    }
-    if (outbox.length && socket) pace.timer = setTimeout(pump, 1000 / SEND_PER_S);
-  }
-
-  function send(message) {
-    if (!conn.socket || conn.socket.readyState !== WebSocket.OPEN) return false;
-    if (message.type === "unsubscribe") {
-      const queued = outbox.findIndex(
-        (m) => m.type === "subscribe" && m.series_id === message.series_id,
-      );
-      if (queued !== -1) {
-        // never sent: neither it nor its ping (the next message) need go
-        outbox.splice(queued, outbox[queued + 1] && outbox[queued + 1].type === "ping" ? 2 : 1);
-        return true;
-      }
-    }
-    outbox.push(message);
-    if (pace.timer === null) pump();
-    return true;
-  }
-
-  // (re)subscribe the shown series from the cursors held, then ping: the daemon answers in
-  // order, so the pong means the catch-up is in
+  // (re)subscribe the shown series from the cursors held, then a `sync` ping: the daemon
+  // answers in order, so its pong means the catch-up is in
   function subscribe() {
     if (!view.ready) return;
-    const subscribed = send({
+    const subscribed = link.send({
       type: "subscribe",
       series_id: view.seriesId,
       since: view.lastClosed,
       events_after: view.lastEventId,
       supports_batch: true,
     });
-    if (subscribed && send({ type: "ping" })) setState("syncing");
+    if (subscribed && link.sync()) fresh.fromCatchUp = true;
+  }
+
+  // the last `sync` ping answered: everything sent before it is in
+  function caughtUp() {
+    // a new subscription's age counts from now; after a check of a sleeping page's
+    // connection, from the last market message still
+    if (fresh.fromCatchUp) fresh.at = Date.now();
+    fresh.fromCatchUp = false;
+    setState("live");
+    checkFreshness();
   }
 
   function handle(message) {
-    if (message.type === "pong") {
-      conn.pendingPongs = Math.max(0, conn.pendingPongs - 1);
-      if (conn.pendingPongs === 0 && !outbox.some((m) => m.type === "ping")) {
-        fresh.at = Date.now(); // caught up: the age counts from now
-        setState("live");
-      }
-      return;
-    }
     if (message.type === "error") {
       view.errors.push(message);
       notice(`the daemon refused a message: ${message.code}: ${message.message}`);
       // a message it ignored may be a subscribe or a ping: start again from the cursors
-      if (message.code === "rate_limited" && conn.socket) conn.socket.close(4000, "resync");
+      if (message.code === "rate_limited") link.restart("resync");
       return;
     }
     if (message.series_id !== view.seriesId || !view.ready) return;
@@ -720,38 +741,18 @@
     showTitle();
   }
 
-  function connect() {
-    setState(conn.attempt === 0 ? "connecting" : "reconnecting", conn.attempt ? `attempt ${conn.attempt}` : "");
-    const scheme = location.protocol === "https:" ? "wss" : "ws";
-    const socket = new WebSocket(`${scheme}://${location.host}/ws/market`);
-    conn.socket = socket;
-    conn.pendingPongs = 0;
-    outbox.length = 0; // what the last connection had not sent: subscribe() sends it anew
-    socket.addEventListener("open", () => {
-      conn.attempt = 0;
-      if (noticeKind === "socket") notice("");
-      setState("syncing");
-      subscribe();
-    });
-    socket.addEventListener("message", (event) => handle(JSON.parse(event.data)));
-    socket.addEventListener("close", (event) => {
-      if (conn.socket !== socket) return;
-      conn.socket = null;
-      conn.attempt += 1;
-      const delay = Math.min(RECONNECT_MAX_MS, RECONNECT_MIN_MS * 2 ** (conn.attempt - 1));
-      const why = event.code === 1001 ? "daemon stopped" : `closed ${event.code}`;
-      setState("reconnecting", `${why}; retry ${conn.attempt} in ${(delay / 1000).toFixed(1)} s`);
-      if (conn.attempt >= 4 && event.code === 1006) {
-        notice(
-          "cannot reach /ws/market: is the daemon running, and is this page's origin in" +
-            " TRADE_CANVAS_WS_ALLOWED_ORIGINS?",
-          "socket",
-        );
-      }
-      setTimeout(connect, delay);
-    });
-    // an error is always followed by close, which reconnects
-  }
+  const link = window.tradecanvasConnect({
+    opened: subscribe,
+    message: handle,
+    caughtUp,
+    state: setState,
+    live: () => connState === "live",
+    // the socket's notice (cannot connect), cleared when one opens: only its own
+    notice: (text) => {
+      if (text) notice(text, "socket");
+      else if (noticeKind === "socket") notice("");
+    },
+  });
 
   // --- start ------------------------------------------------------------------------------
 
@@ -789,7 +790,7 @@
     }
     const wanted = new URL(location.href).searchParams.get("series");
     const first = seriesList.find((s) => s.series_id === wanted) || seriesList[0];
-    connect();
+    link.start();
     if (first) await select(first.series_id);
     else notice("this daemon serves no series");
     if (first && wanted !== null && wanted !== first.series_id) {
