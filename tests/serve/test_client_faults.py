@@ -326,7 +326,8 @@ def agreed_client(offer: str | None) -> tuple[FrameProtocol, list[Extension]]:
     answer = PerMessageDeflate().accept(offer)
     assert isinstance(answer, str)
     client_side = PerMessageDeflate()
-    client_side.finalize(answer)
+    # the response header's value, the extension's name first (accept() gives the rest)
+    client_side.finalize(f"{client_side.name}; {answer}")
     agreed = hypercorn_extensions([(b"sec-websocket-extensions", offer.encode())])
     return FrameProtocol(client=True, extensions=[client_side]), agreed
 
