@@ -279,3 +279,12 @@ async def test_a_client_gone_during_its_handshake_frees_its_place_at_once(
         async with connect(market.port) as ws:
             await until_pong(ws)
         assert shed(market) == 0
+
+
+async def test_a_client_that_half_closes_after_its_whole_request_is_answered(
+    store: CandleStore,
+) -> None:
+    async with running_market(store) as market, raw_streams(market.port, 1) as (stream,):
+        await stream.send_all(UPGRADE)
+        await stream.send_eof()  # nothing more to say, as `nc -N` does
+        assert await status_of(stream) == 101

@@ -14,8 +14,10 @@ the Hub's pre-framed ones, ``tradecanvas.serve.ws_server``), and offers
 :meth:`FrameSafeStream.send_all_nowait`: the Hub's publishing writes a frame straight to an
 idle subscriber's socket without waking its task (``tradecanvas.serve.hub``).
 
-:attr:`FrameSafeStream.input_ended` is set once a read finds the end of the client's input
-(or a broken connection): the WS port ends a handshake then, which trio-websocket does not.
+:attr:`FrameSafeStream.request_abandoned` is set when the client's input ends (or the
+connection breaks) before the end of its HTTP request's head: the WS port ends that
+handshake then, which trio-websocket does not (a client that half-closes after a whole
+request still gets its answer).
 """
 
 from __future__ import annotations
@@ -51,7 +53,16 @@ class FrameSafeStream(trio.abc.HalfCloseableStream):
     ``trio.BrokenResourceError`` / ``trio.ClosedResourceError`` like a SocketStream.
     """
 
-    __slots__ = ("_frames", "_lock", "_peer", "_unsent", "in_flight", "inner", "input_ended")
+    __slots__ = (
+        "_frames",
+        "_head_tail",
+        "_lock",
+        "_peer",
+        "_unsent",
+        "in_flight",
+        "inner",
+        "request_abandoned",
+    )
 
     def __init__(self, inner: trio.SocketStream, in_flight: InFlight | None = None) -> None:
         self.inner = inner
@@ -60,7 +71,9 @@ class FrameSafeStream(trio.abc.HalfCloseableStream):
         self._lock = trio.StrictFIFOLock()
         self._frames: ClientFrames | None = None
         self._peer = "?"
-        self.input_ended = trio.Event()
+        self.request_abandoned = trio.Event()
+        # the last bytes read while the request's head is not complete (None: it is)
+        self._head_tail: bytes | None = b""
 
     def watch_pings(self, peer: str) -> None:
         """Read the client's frames from here on (call it before the 101 is sent): a ping
@@ -150,10 +163,13 @@ class FrameSafeStream(trio.abc.HalfCloseableStream):
         try:
             data = await self.inner.receive_some(max_bytes)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
-            self.input_ended.set()
+            self._input_ended()
             raise
         if not data:
-            self.input_ended.set()
+            self._input_ended()
+        elif self._head_tail is not None:
+            seen = self._head_tail + data
+            self._head_tail = None if b"\r\n\r\n" in seen else seen[-3:]
         if self._frames is not None:
             try:
                 self._frames.feed(data)
@@ -168,6 +184,10 @@ class FrameSafeStream(trio.abc.HalfCloseableStream):
                 log_client_fault(self._peer, fault)
                 raise trio.BrokenResourceError(str(fault)) from fault
         return data
+
+    def _input_ended(self) -> None:
+        if self._head_tail is not None:
+            self.request_abandoned.set()
 
     async def aclose(self) -> None:
         await self.inner.aclose()

@@ -300,10 +300,11 @@ async def _end_at_end_of_input(
     handshake: trio.CancelScope,
     task_status: trio.TaskStatus[trio.CancelScope] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    # a client gone before its 101 frees its place now, not at the handshake timeout
+    # a client gone before its whole request frees its place now, not at the handshake
+    # timeout
     with trio.CancelScope() as watch:
         task_status.started(watch)
-        await stream.input_ended.wait()
+        await stream.request_abandoned.wait()
         handshake.cancel()
 
 
