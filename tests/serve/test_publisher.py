@@ -22,7 +22,7 @@ from tradecanvas.model import Candle
 from tradecanvas.ops.metrics import Metrics
 from tradecanvas.pipeline.events import SystemEvent
 from tradecanvas.serve.hub import CandleReader, Hub
-from tradecanvas.serve.publisher import WRITE_CHUNK_BYTES
+from tradecanvas.serve.publisher import CONTENDED_WRITE_S, WRITE_CHUNK_BYTES
 from tradecanvas.serve.subscriber import Subscriber
 from tradecanvas.wire.json import loads
 
@@ -456,3 +456,30 @@ async def test_catch_ups_waiting_on_sockets_are_bounded_and_the_rest_wait_their_
         await trio.testing.wait_all_tasks_blocked()
         for frames in stuck:
             assert closed_times(frames.messages()) == [h.candle_time for h in HISTORY]
+
+
+async def test_a_holder_that_does_not_read_is_cut_after_the_contended_write_time(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Alone, a catch-up's write may take the whole send timeout; once another catch-up
+    waits for its place, the write must finish within CONTENDED_WRITE_S (4008 if not), and
+    the waiting one goes on."""
+    reader = CountingReader(HISTORY)
+    hub = make_hub(reader, catchups_at_once=1, send_timeout_s=30.0)
+    stuck, reading = StuckFrames(), FakeFrames()
+    reading.block = True  # everything through the publish task
+    async with framed(hub, stuck) as hog, framed(hub, reading) as other:
+        hub.subscribe(hog, SERIES_1M, None, batch=False)
+        await trio.sleep(CONTENDED_WRITE_S * 2)  # alone: not cut
+        assert (hog.close_code, reader.reads) == (None, 1)
+        started = trio.current_time()
+        hub.subscribe(other, SERIES_1M, None, batch=False)
+        await trio.sleep(CONTENDED_WRITE_S + 0.1)
+        assert hog.close_code == 4008
+        assert hog.close_reason == (
+            f"slow consumer: a catch-up write took longer than {CONTENDED_WRITE_S:g}s"
+            " while other catch-ups waited"
+        )
+        assert trio.current_time() - started < 30.0
+        await trio.testing.wait_all_tasks_blocked()
+        assert closed_times(reading.messages()) == [h.candle_time for h in HISTORY]

@@ -10,10 +10,11 @@ them (the WS port) and as text messages elsewhere (the HTTP port).
 
 Catch-ups at once: a store read and the messages made of it (a catch-up, a heal, events)
 hold one of :data:`CATCHUPS_AT_ONCE` places, shared by every subscriber of the Hub, until
-those messages are written. A client that stops reading keeps its place only until its
-send times out (4008), and the memory of catch-ups waiting on sockets is bounded by about
-that many catch-ups of ``catchup_limit`` candles; other subscribers' catch-ups wait their
-turn. Live candles written at once by the Hub take no place.
+those messages are written: the memory of catch-ups waiting on sockets is bounded by about
+that many catch-ups of ``catchup_limit`` candles. While another catch-up waits for a place,
+each write of a place's holder must finish within :data:`CONTENDED_WRITE_S` (not
+``send_timeout_s``), else that client is closed with 4008: clients that do not read cannot
+keep the others waiting for long. Live candles written at once by the Hub take no place.
 
 Deadlines: one cancel scope per task (``Subscriber.send_scope``) whose deadline is set while
 a write is in progress — a write of at most :data:`WRITE_CHUNK_BYTES` that does not complete
@@ -64,6 +65,10 @@ WRITE_CHUNK_BYTES: Final = 64 * 1024
 # subscribers: without a bound, clients that subscribe with a long catch-up and never read
 # each held a catch-up's candles and bytes (1.6 MB a session was measured)
 CATCHUPS_AT_ONCE: Final = 64
+# while a catch-up waits for a place, a holder's write of at most WRITE_CHUNK_BYTES must
+# finish within this (32 KiB/s): 64 clients that never read held every place for the whole
+# send timeout, again and again, and every other client's catch-up waited behind them
+CONTENDED_WRITE_S: Final = 2.0
 
 
 class CandleReader(Protocol):
@@ -108,7 +113,15 @@ def _chunks(encoded: Sequence[Encoded]) -> Iterator[bytes]:
 class Publisher:
     """Runs subscribers' publish tasks (:meth:`run`) for one Hub: owns no task itself."""
 
-    __slots__ = ("catchups", "encodings", "metrics", "send_timeout_s", "store")
+    __slots__ = (
+        "_holders",
+        "_hurried",
+        "catchups",
+        "encodings",
+        "metrics",
+        "send_timeout_s",
+        "store",
+    )
 
     def __init__(
         self,
@@ -124,6 +137,8 @@ class Publisher:
         self.send_timeout_s = send_timeout_s
         self.metrics = metrics
         self.catchups = trio.CapacityLimiter(catchups_at_once)
+        self._holders: dict[Subscriber, None] = {}  # the subscribers holding a place
+        self._hurried: set[Subscriber] = set()  # holders on CONTENDED_WRITE_S
 
     async def run(self, subscriber: Subscriber) -> None:
         """The subscriber's publish task. Runs until its connection is cancelled; a delivery
@@ -139,7 +154,12 @@ class Publisher:
         except _SlowSend:
             subscriber.close(
                 CLOSE_SLOW_CONSUMER,
-                f"slow consumer: a send took longer than {self.send_timeout_s:g}s",
+                (
+                    f"slow consumer: a catch-up write took longer than {CONTENDED_WRITE_S:g}s"
+                    " while other catch-ups waited"
+                    if subscriber in self._hurried
+                    else f"slow consumer: a send took longer than {self.send_timeout_s:g}s"
+                ),
                 disconnect_reason="slow_consumer",
             )
         except TransportClosed as exc:
@@ -172,6 +192,7 @@ class Publisher:
                 CLOSE_INTERNAL_ERROR, "internal error", disconnect_reason="internal_error"
             )
         finally:
+            self._hurried.discard(subscriber)
             self.metrics.delivery.abandon(subscriber.take_owed())
 
     async def _publish_loop(self, subscriber: Subscriber) -> None:
@@ -200,7 +221,19 @@ class Publisher:
                 delivery.settle(owed, trio.current_time())
 
     def _start_write(self, subscriber: Subscriber) -> None:
-        subscriber.send_scope.deadline = trio.current_time() + self.send_timeout_s
+        timeout = self.send_timeout_s
+        if subscriber in self._hurried:
+            timeout = min(timeout, CONTENDED_WRITE_S)
+        subscriber.send_scope.deadline = trio.current_time() + timeout
+
+    def _hurry_holders(self) -> None:
+        """A catch-up is about to wait for a place: every holder's write must finish within
+        CONTENDED_WRITE_S from now on (the one in progress included)."""
+        soon = trio.current_time() + CONTENDED_WRITE_S
+        for holder in self._holders:
+            self._hurried.add(holder)
+            scope = holder.send_scope
+            scope.deadline = min(scope.deadline, soon)
 
     async def _carry_out(self, subscriber: Subscriber, plan: Plan) -> None:
         """Run a drain plan: answer its store reads, encode and send its messages (a read
@@ -214,8 +247,11 @@ class Publisher:
                 except StopIteration:
                     return
                 if isinstance(action, ReadStore | ReadEvents) and not holding:
+                    if self.catchups.available_tokens < 1:
+                        self._hurry_holders()
                     await self.catchups.acquire()
                     holding = True
+                    self._holders[subscriber] = None
                 if isinstance(action, ReadStore):
                     answer = await self._read(action)
                 elif isinstance(action, ReadEvents):
@@ -224,12 +260,18 @@ class Publisher:
                     answer = None
                     await self._send(subscriber, self._encode(action.messages))
                     if holding:
-                        self.catchups.release()
+                        self._give_back(subscriber)
                         holding = False
         finally:
             if holding:
-                self.catchups.release()
+                self._give_back(subscriber)
             plan.close()
+
+    def _give_back(self, subscriber: Subscriber) -> None:
+        del self._holders[subscriber]
+        if not subscriber.send_scope.cancel_called:  # else run() names the reason first
+            self._hurried.discard(subscriber)
+        self.catchups.release()
 
     async def _read_events(self, read: ReadEvents) -> EventsRead:
         # the prune mark first: an event pruned after it was read is still in the read
@@ -275,4 +317,10 @@ class Publisher:
         scope.deadline = math.inf
 
 
-__all__ = ["CATCHUPS_AT_ONCE", "WRITE_CHUNK_BYTES", "CandleReader", "Publisher"]
+__all__ = [
+    "CATCHUPS_AT_ONCE",
+    "CONTENDED_WRITE_S",
+    "WRITE_CHUNK_BYTES",
+    "CandleReader",
+    "Publisher",
+]
