@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from tests.conftest import flat_minutes
 from tradecanvas.ingest.tracker import (
     FILL_CHUNK_MINUTES,
+    RECENT_KEEP,
     REST_LAG_MAX_MS,
     FillRequest,
     Released,
@@ -228,6 +229,32 @@ def test_a_minute_called_absent_on_time_alone_is_asked_for_once_more(rest_has_it
     )
     # asked once: nothing more to fetch, nothing counted twice
     assert not tr.wants_fill() and tr.absent_minutes == 1 and tr.take_absent() == ()
+
+
+def test_a_late_close_of_a_minute_called_absent_takes_it_out_of_its_recheck() -> None:
+    """The recheck asks only for the minutes still missing: one whose close came late
+    below the head is not released again (after _recent forgot it)."""
+    tr = tracker(head=T0)
+    live = T0 + 300
+    tr.on_live_frame(live, new_connection=True)
+    tr.on_exchange_time(live * 1000 + 200)
+    request = tr.next_fill(now=0.0)
+    assert request is not None
+    tr.on_fill_result(request, minutes(T0 + 60, 2), now=0.0)  # REST lags on 180 and 240
+    tr.on_exchange_time((live + 10) * 1000)
+    again = tr.next_fill(now=0.0)
+    assert again is not None and tr.on_fill_result(again, [], now=0.0) == []
+    assert tr.take_absent() == ((T0 + 180, T0 + 240), (T0 + 240, live))
+    late = minutes(T0 + 180, 1)[0]
+    assert times(tr.on_closed(late, now=0.0)) == [T0 + 180]  # its close, late: stored
+    for bar in minutes(live, RECENT_KEEP + 1):  # the live minutes go on; _recent forgets it
+        tr.on_exchange_time((bar.candle_time + 60) * 1000)
+        tr.on_closed(bar, now=0.0)
+    recheck = tr.next_fill(now=0.0)
+    assert recheck == FillRequest(T0 + 240, live, "recheck")
+    out = tr.on_fill_result(recheck, minutes(T0 + 180, 2), now=0.0)
+    assert times(out) == [T0 + 240]
+    assert not tr.wants_fill()
 
 
 def test_a_failed_fill_is_retried_after_its_pause() -> None:

@@ -185,6 +185,11 @@ class SeriesTracker:
             # a late copy below the head (a revision, or a minute REST did not have):
             # the pipeline stores it and tells consumers (factor.rebuild)
             self._remember(candle)
+            self._recheck = [
+                (start, end, due_ms)
+                for first, last, due_ms in self._recheck
+                for start, end in subtract_ranges([(first, last)], [(t, t + MINUTE)])
+            ]  # this minute came: no recheck brings it again
             return [Released(candle, source, received_at)]
         # a close for this minute means exchange time has passed its end
         self._note_exchange_time((t + MINUTE) * MS)
