@@ -38,6 +38,17 @@ def times(released: list[Released]) -> list[int]:
     return [r.candle.candle_time for r in released]
 
 
+def reconnected(live: int, into_ms: int) -> tuple[SeriesTracker, FillRequest]:
+    """A tracker headed at T0 whose new connection's first frame is minute ``live``,
+    ``into_ms`` into it (exchange time), and the reconnect fill it asks for."""
+    tr = tracker(head=T0)
+    tr.on_live_frame(live, new_connection=True)
+    tr.on_exchange_time(live * 1000 + into_ms)
+    request = tr.next_fill(now=0.0)
+    assert request == FillRequest(T0 + 60, live, "reconnect")
+    return tr, request
+
+
 def test_contiguous_closes_are_released_at_once_and_repeats_dropped() -> None:
     tr = tracker()
     bars = minutes(T0, 3)
@@ -154,12 +165,8 @@ def test_long_outages_are_fetched_in_chunks() -> None:
 def test_a_minute_rest_does_not_have_yet_is_not_called_absent_until_it_is_late() -> None:
     """Reconnect half a second into a minute: the minute that just closed may not be in
     REST yet, and no live close will come for it on the new connection."""
-    tr = tracker(head=T0)
     live = T0 + 600
-    tr.on_live_frame(live, new_connection=True)
-    tr.on_exchange_time(live * 1000 + 500)
-    request = tr.next_fill(now=0.0)
-    assert request == FillRequest(T0 + 60, live, "reconnect")
+    tr, request = reconnected(live, 500)
     bars = minutes(T0 + 60, 9)  # T0+60 .. T0+540; REST lags on the last one
     out = tr.on_fill_result(request, bars[:-1], now=0.0)
     assert times(out) == [T0 + 60 * i for i in range(1, 9)]
@@ -179,12 +186,8 @@ def test_a_minute_rest_does_not_have_yet_is_not_called_absent_until_it_is_late()
 
 
 def test_a_minute_still_missing_once_late_is_an_exchange_hole() -> None:
-    tr = tracker(head=T0)
     live = T0 + 300
-    tr.on_live_frame(live, new_connection=True)
-    tr.on_exchange_time(live * 1000 + 200)
-    request = tr.next_fill(now=0.0)
-    assert request is not None
+    tr, request = reconnected(live, 200)
     bars = minutes(T0 + 60, 4)
     # minute T0+120 is missing below one REST returned: absent, whatever its age
     tr.on_fill_result(request, [bars[0], bars[2]], now=0.0)
@@ -201,12 +204,8 @@ def test_a_minute_called_absent_on_time_alone_is_asked_for_once_more(rest_has_it
     """REST lagging longer than late_close: the minute it lacks is called absent on
     exchange time alone (a gap), and asked for once more REST_LAG_MAX_MS after its end;
     what REST has by then is released below the head (a backfill)."""
-    tr = tracker(head=T0)
     live = T0 + 300
-    tr.on_live_frame(live, new_connection=True)
-    tr.on_exchange_time(live * 1000 + 200)
-    request = tr.next_fill(now=0.0)
-    assert request == FillRequest(T0 + 60, live, "reconnect")
+    tr, request = reconnected(live, 200)
     lagged = minutes(T0 + 240, 1)[0]
     tr.on_fill_result(request, minutes(T0 + 60, 3), now=0.0)
     tr.on_exchange_time((live + 10) * 1000)
@@ -234,12 +233,8 @@ def test_a_minute_called_absent_on_time_alone_is_asked_for_once_more(rest_has_it
 def test_a_late_close_of_a_minute_called_absent_takes_it_out_of_its_recheck() -> None:
     """The recheck asks only for the minutes still missing: one whose close came late
     below the head is not released again (after _recent forgot it)."""
-    tr = tracker(head=T0)
     live = T0 + 300
-    tr.on_live_frame(live, new_connection=True)
-    tr.on_exchange_time(live * 1000 + 200)
-    request = tr.next_fill(now=0.0)
-    assert request is not None
+    tr, request = reconnected(live, 200)
     tr.on_fill_result(request, minutes(T0 + 60, 2), now=0.0)  # REST lags on 180 and 240
     tr.on_exchange_time((live + 10) * 1000)
     again = tr.next_fill(now=0.0)
