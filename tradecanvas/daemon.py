@@ -56,7 +56,7 @@ from tradecanvas.bus.roles import (
     publisher_from_flags,
     watch_dependencies,
 )
-from tradecanvas.errors import ExitCode, start_failure
+from tradecanvas.errors import ExitCode, StoreRecovered, find_in_group, start_failure
 from tradecanvas.ingest.store_outage import StoreOutage
 from tradecanvas.ingest.supervisor import IngestSupervisor
 from tradecanvas.ops.heap import freeze_startup_heap
@@ -478,7 +478,8 @@ def serve(flags: RuntimeFlags) -> int:
         if failure is None:
             raise
         code, line, traceback = failure
-        log.critical("%s", line, exc_info=raised if traceback else None)
+        level = logging.WARNING if find_in_group(raised, StoreRecovered) else logging.CRITICAL
+        log.log(level, "%s", line, exc_info=raised if traceback else None)
         return code
     sys.stderr.flush()
     return ExitCode.OK

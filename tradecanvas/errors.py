@@ -9,6 +9,7 @@
     │   ├── CandleError    a candle that is misaligned, inverted or negative
     │   └── WireError      a malformed upstream (Binance) frame or REST row
     ├── StoreError         SQLite failed (disk full, read-only, corrupt): fatal for the daemon
+    │   └── StoreRecovered the end of a store outage: exit 3 so the restart repairs the gap
     ├── PublishError       a strict publish had a failing step (candles are committed)
     ├── ListenError        a port of the daemon's cannot be listened on (in use, bad host)
     └── UpstreamError      Binance REST/WS failed in a way retries did not cure
@@ -59,6 +60,8 @@ def start_failure(raised: BaseException) -> tuple[ExitCode, str, bool] | None:
     leaf = first_leaf(group)
     if group.split(StoreError)[1] is None:
         code = ExitCode.STORE_FAILURE
+        if isinstance(leaf, StoreRecovered):
+            return code, f"store outage over, restarting (exit code {code:d}): {leaf}", False
         return code, f"store failure, stopping (exit code {code:d}): {leaf}", False
     listen = ListenError if grouped else OSError
     for refused, code in ((FlagError, ExitCode.USAGE), (listen, ExitCode.FAILED)):
@@ -119,6 +122,11 @@ class WireError(BadInputError):
 
 class StoreError(TradeCanvasError):
     """The candle store failed. The batch in flight was rolled back; the daemon stops."""
+
+
+class StoreRecovered(StoreError):
+    """The store takes writes again after an outage: the daemon exits 3 so that the
+    restart repairs what was missed (logged as a warning, not as a failure)."""
 
 
 class store_errors_from:

@@ -14,7 +14,7 @@ import trio.testing
 
 from tests.store.full_disk import on_full_disk
 from tradecanvas.bus.roles import watch_dependencies
-from tradecanvas.errors import StoreError
+from tradecanvas.errors import StoreError, StoreRecovered
 from tradecanvas.ingest.store_outage import StoreOutage, waits_out
 from tradecanvas.ops.metrics import Metrics
 from tradecanvas.store.files import ROOM_BYTES, DiskSpace, short_of_room
@@ -131,7 +131,7 @@ async def test_the_outage_waits_for_room_then_restarts_saying_it_recovers(
             space[0] = DiskSpace(free=ROOM_BYTES, size=10 * ROOM_BYTES)
             await done.wait()  # the clock jumps over the probe's wait (pytest's timeout)
             [failure] = ended
-            assert isinstance(failure, StoreError) and failure.__cause__ is FULL
+            assert isinstance(failure, StoreRecovered) and failure.__cause__ is FULL
             assert str(failure).startswith("the store takes writes again after the outage")
     finally:
         await store.aclose()

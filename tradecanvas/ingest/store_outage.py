@@ -32,7 +32,7 @@ from typing import Any, Final, final
 
 import trio
 
-from tradecanvas.errors import StoreError, find_in_group
+from tradecanvas.errors import StoreError, StoreRecovered, find_in_group
 from tradecanvas.store.files import DiskSpace, short_of_room
 from tradecanvas.store.interface import MarketStore
 from tradecanvas.store.sqlite import CandleStore
@@ -120,7 +120,7 @@ class StoreOutage:
                 self.probe_interval_s,
             )
             await self._until_writable()
-            raise StoreError(
+            raise StoreRecovered(
                 "the store takes writes again after the outage: this restart is the"
                 " recovery (it repairs the minutes missed from Binance REST)"
             ) from failure

@@ -1,0 +1,43 @@
+"""What ``serve`` says of what stopped it (:func:`start_failure`)."""
+
+from __future__ import annotations
+
+from tradecanvas.errors import (
+    ExitCode,
+    FlagError,
+    ListenError,
+    StoreError,
+    StoreRecovered,
+    start_failure,
+)
+
+
+def test_a_store_failure_is_exit_3_and_says_stopping() -> None:
+    failed = BaseExceptionGroup("", [StoreError("disk I/O error")])
+    assert start_failure(failed) == (
+        ExitCode.STORE_FAILURE,
+        "store failure, stopping (exit code 3): disk I/O error",
+        False,
+    )
+
+
+def test_the_end_of_an_outage_is_exit_3_and_says_it_restarts() -> None:
+    ended = BaseExceptionGroup("", [BaseExceptionGroup("", [StoreRecovered("writes again")])])
+    code, line, traceback = start_failure(ended) or (None, "", True)
+    assert code == ExitCode.STORE_FAILURE and not traceback
+    assert line == "store outage over, restarting (exit code 3): writes again"
+
+
+def test_flags_ports_and_bugs() -> None:
+    flag = BaseExceptionGroup("", [FlagError("TRADE_CANVAS_X", "bad")])
+    assert start_failure(flag) == (ExitCode.USAGE, "cannot start: TRADE_CANVAS_X: bad", False)
+    port = BaseExceptionGroup("", [ListenError("port 1 in use")])
+    assert start_failure(port) == (ExitCode.FAILED, "cannot start: port 1 in use", False)
+    assert start_failure(OSError("address in use")) == (
+        ExitCode.FAILED,
+        "cannot start: address in use",
+        False,
+    )
+    bug = BaseExceptionGroup("", [RuntimeError("bug")])
+    assert start_failure(bug) == (ExitCode.FAILED, "tradecanvas failed", True)
+    assert start_failure(RuntimeError("bug")) is None
