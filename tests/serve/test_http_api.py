@@ -177,6 +177,24 @@ async def test_missing_or_bad_token_is_401_with_a_bearer_challenge(
         assert api.target.closed == []
 
 
+async def test_refused_writes_are_logged_once_a_minute_with_a_count(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="tradecanvas.serve.http_api")
+    async with running_api(tmp_path) as api:
+        bad = {"Authorization": "Bearer wrong-token"}
+        for _ in range(3):
+            r = await api.client.post(INGEST, json=body_for(), headers=bad)
+            assert r.status_code == 401, r.text
+    lines = [r.getMessage() for r in caplog.records if r.name == "tradecanvas.serve.http_api"]
+    # the first is logged at once; the next two fall in the same minute
+    assert lines == [
+        "HTTP write refused from 127.0.0.1: invalid bearer token"
+        " (1 refused since the last such line)"
+    ]
+    assert "wrong-token" not in caplog.text
+
+
 async def test_good_token_commits_derives_and_publishes(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

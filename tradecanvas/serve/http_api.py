@@ -65,6 +65,7 @@ from starlette.routing import BaseRoute, Route
 
 from tradecanvas.errors import PublishError, StoreError
 from tradecanvas.model import SeriesId
+from tradecanvas.ops.logs import ThrottledCount
 from tradecanvas.ops.metrics import Metrics
 from tradecanvas.pipeline.commit import IngestBatch, IngestPipeline
 from tradecanvas.pipeline.events import SystemEvent
@@ -91,6 +92,8 @@ GZIP_MIN_BYTES: Final = 1024
 # zlib's default: a page of 5,000 real 1m candles (535 kB of JSON) becomes 95 kB in 14 ms,
 # at 9 93 kB in 36 ms; bodies over 128 KiB are compressed in a worker thread
 GZIP_LEVEL: Final = 6
+# refused writes (401) are logged in one line a minute at most, with how many came
+REFUSED_WRITE_LOG_S: Final = 60.0
 
 
 class JsonResponse(Response):
@@ -168,6 +171,7 @@ def build_http_app(
     (DESIGN §10, one origin), by the same endpoint as on the WS port. ``reads`` bounds the
     candle and event reads running at once (``tradecanvas.serve.read_slots``)."""
     slots = ReadSlots() if reads is None else reads
+    refused_writes = ThrottledCount(REFUSED_WRITE_LOG_S)
     served: frozenset[SeriesId] = frozenset(flags.all_series())
     writable: frozenset[SeriesId] = frozenset(flags.series)
     base_of = {
@@ -227,7 +231,20 @@ def build_http_app(
             )
 
     async def ingest_candle_closed(request: Request) -> Response:
-        check_bearer(request.headers.get("authorization"), flags.ingest_token)
+        try:
+            check_bearer(request.headers.get("authorization"), flags.ingest_token)
+        except RequestRefused as refused:
+            # a wrong token is a misconfigured writer or someone guessing: on the record,
+            # one line a minute at most however many come
+            count = refused_writes.add(time.monotonic()) if refused.status == 401 else None
+            if count is not None:
+                log.warning(
+                    "HTTP write refused from %s: %s (%d refused since the last such line)",
+                    request.client.host if request.client else "?",
+                    refused.message,
+                    count,
+                )
+            raise
         body = await read_body_limited(request, flags.http_body_timeout_s)
         series, candle = parse_ingest_body(body, writable, now=clock())
         sid = str(series)
