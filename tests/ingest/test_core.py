@@ -287,6 +287,22 @@ def test_a_minute_a_lagging_rest_lacked_is_stored_once_rechecked() -> None:
     assert driver.times().index(T0 + 120) > driver.times().index(T0 + 180)
 
 
+def test_a_restart_rechecks_a_minute_the_last_run_called_absent() -> None:
+    """The last run stopped between calling minute 2 absent (REST lagging) and its
+    recheck: the stored minutes around it, loaded at start-up, bring the recheck back."""
+    truth = truth_of(8)
+    core = make_core(head=None)
+    stored = [c for t, c in truth.items() if t < T0 + 240 and t != T0 + 120]
+    core.load_series(BTC, head=T0 + 180, unresolved=(), recent=stored)
+    driver = Driver(core, {BTC: truth}, rest_lag_ms=90_000)
+    for candle in list(truth.values())[4:]:
+        driver.send(close_of(BTC, candle))
+        driver.answer()
+        driver.commit()
+    assert FillRequest(T0 + 120, T0 + 180, "recheck") in driver.fills
+    assert sorted(driver.times()) == [T0 + 120, *(t for t in truth if t >= T0 + 240)]
+
+
 def test_an_empty_store_fetches_the_initial_history_first() -> None:
     truth = truth_of(10)
     driver = Driver(make_core(head=None, initial_backfill_candles="5"), {BTC: truth})

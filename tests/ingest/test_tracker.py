@@ -252,6 +252,35 @@ def test_a_late_close_of_a_minute_called_absent_takes_it_out_of_its_recheck() ->
     assert not tr.wants_fill()
 
 
+def test_a_restart_rechecks_the_minutes_missing_just_below_the_head() -> None:
+    """Rechecks die with the process: after a restart, minutes missing among the stored
+    ones within RECHECK_AT_START_S below the head are asked for once more when due; an
+    unresolved hole is retried instead, and older holes are not asked for again."""
+    head = T0 + 600
+    gone = (3, 6, 8, 9)  # minute 3 lies below the window (head - 360 s)
+    stored = [T0 + 60 * i for i in range(11) if i not in gone]
+    tr = SeriesTracker(
+        head=head,
+        initial_backfill=0,
+        late_close_ms=LATE_MS,
+        unresolved=[(T0 + 360, T0 + 420)],
+        stored=stored,
+    )
+    tr.on_exchange_time((head + 60) * 1000 + LATE_MS - 1)  # the live stream at the head
+    tr.on_exchange_time(head * 1000 + REST_LAG_MAX_MS - 1)
+    retry = tr.next_fill(now=0.0)
+    assert retry == FillRequest(T0 + 360, T0 + 420, "retry")
+    assert times(tr.on_fill_result(retry, minutes(T0 + 360, 1), now=0.0)) == [T0 + 360]
+    assert tr.next_fill(now=0.0) is None  # not due: REST may still lag on minute 9
+    tr.on_exchange_time(head * 1000 + REST_LAG_MAX_MS)
+    recheck = tr.next_fill(now=0.0)
+    assert recheck == FillRequest(T0 + 480, T0 + 600, "recheck")
+    found = minutes(T0 + 540, 1)  # REST has minute 9 now, not minute 8
+    out = tr.on_fill_result(recheck, found, now=0.0)
+    assert [(r.candle, r.source, r.reason) for r in out] == [(found[0], "rest", "recheck")]
+    assert not tr.wants_fill() and tr.head == head
+
+
 def test_a_failed_fill_is_retried_after_its_pause() -> None:
     tr = tracker()
     bars = minutes(T0, 3)

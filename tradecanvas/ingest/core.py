@@ -198,15 +198,15 @@ class IngestCore:
         return self.minutes.span_s
 
     def load_series(
-        self, sid: SeriesId, *, head: int | None, unresolved: Holes, recent: Iterable[Candle]
+        self, sid: SeriesId, *, head: int | None, unresolved: Holes, recent: Sequence[Candle]
     ) -> None:
-        """The store's state of ``sid``: its head, its unresolved holes and its minutes
-        within :attr:`recent_span_s` below the head."""
+        """The store's state of ``sid``: head, holes, minutes :attr:`recent_span_s` below it."""
         self.trackers[sid] = tracker = SeriesTracker(
             head=head,
             initial_backfill=self.initial_backfill,
             late_close_ms=self.late_close_ms,
             unresolved=unresolved,
+            stored=(c.candle_time for c in recent),
         )
         self._live[sid.stream_name] = _Live(sid, sid.timeframe.text, tracker)
         self.minutes.add(sid, recent)

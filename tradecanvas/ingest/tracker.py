@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
+from itertools import pairwise
 from typing import Final, Literal, final
 
 import attrs
@@ -33,6 +34,9 @@ FILL_CHUNK_MINUTES: Final = 10_000
 # absent on exchange time alone (no later minute in the same answer proved it) is asked for
 # once more this long after its end, and stored if REST has it by then
 REST_LAG_MAX_MS: Final = 120_000
+# rechecks die with the process: at start-up, minutes missing among the stored ones this
+# close below the head are asked for once more (one more REST request if already asked)
+RECHECK_AT_START_S: Final = 3 * REST_LAG_MAX_MS // MS
 # released candles remembered per series to drop repeated closes (renewal overlaps,
 # duplicated frames) without a store round trip; a few minutes of history is plenty
 RECENT_KEEP: Final = 64
@@ -108,7 +112,9 @@ class SeriesTracker:
         initial_backfill: int,
         late_close_ms: int,
         unresolved: Iterable[tuple[int, int]] = (),
+        stored: Iterable[int] = (),
     ) -> None:
+        """``stored``: stored minutes below ``head`` (rechecks of those missing among them)."""
         self.head = head
         self.initial_backfill = initial_backfill
         self.late_close_ms = late_close_ms
@@ -133,7 +139,10 @@ class SeriesTracker:
         self._retry_waiting: set[tuple[int, int]] = set()
         # runs called absent on exchange time alone, asked for once more (recheck) when
         # exchange time passes the third value
-        self._recheck: list[tuple[int, int, int]] = []
+        self._recheck: list[tuple[int, int, int]] = [
+            (start, end, end * MS + REST_LAG_MAX_MS)
+            for start, end in subtract_ranges(_missing_below(head, stored), self._unresolved)
+        ]
         # the minutes the last retry confirmed absent at the exchange, as [start, end) runs
         self.last_absent: tuple[tuple[int, int], ...] = ()
         # runs confirmed absent since the last take_absent(), ascending
@@ -461,6 +470,15 @@ def _runs(times: Sequence[int]) -> tuple[tuple[int, int], ...]:
         else:
             runs.append((t, t + MINUTE))
     return tuple(runs)
+
+
+def _missing_below(head: int | None, stored: Iterable[int]) -> tuple[tuple[int, int], ...]:
+    """Runs of minutes missing between the ``stored`` minutes within RECHECK_AT_START_S
+    below ``head`` (none below the first of them: that may be the series' start)."""
+    if head is None:
+        return ()
+    times = sorted(t for t in set(stored) if head - RECHECK_AT_START_S <= t <= head)
+    return tuple((a + MINUTE, b) for a, b in pairwise(times) if b > a + MINUTE)
 
 
 def subtract_ranges(
