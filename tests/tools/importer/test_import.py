@@ -289,15 +289,21 @@ async def test_ctrl_c_stops_after_a_commit_and_the_same_command_finishes(tmp_pat
     assert error is not None and "run the same command again" in error
     stored = len(await rows(db, SPOT_1M))
     assert 1440 <= stored < 4320 and stored % 1440 == 0  # whole transactions only
-    assert await events(db) == []  # the event is owed, and recorded as such
+    t0 = 1_577_836_800
+    # what was committed has changed the history: its event is logged as the run ends
+    [first] = [e for e in await events(db) if e.series_id == SPOT_1M]
+    assert (first.event, first.data["reason"]) == ("factor.rebuild", "import")
+    assert (first.data["from_time"], first.data["to_time"]) == (t0, t0 + 60 * (stored - 1))
+    assert tally.events == len(await events(db)) > 0
     code, tally, _ = await import_into(db, files)
-    assert code == ExitCode.OK and tally.pending_before
+    assert code == ExitCode.OK and not tally.pending_before
     assert tally.series[SPOT_1M].unchanged == stored
     assert len(await rows(db, SPOT_1M)) == 4320
-    [event] = [e for e in await events(db) if e.series_id == SPOT_1M]
-    assert (event.data["from_time"], event.data["to_time"]) == (
-        1_577_836_800,
-        1_577_836_800 + 3 * 86_400 - 60,
+    # the second run's event covers what it changed, the rest
+    [_, second] = [e for e in await events(db) if e.series_id == SPOT_1M]
+    assert (second.data["from_time"], second.data["to_time"]) == (
+        t0 + 60 * stored,
+        t0 + 3 * 86_400 - 60,
     )
 
 

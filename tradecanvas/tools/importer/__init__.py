@@ -21,9 +21,10 @@ ones read it from the event log (``events_after``, ``GET /api/market/events``).
 
 Idempotent and resumable: candles are upserted by (series, open time), so a second run of the
 same files stores nothing, logs no event and says so; an interrupted run (Ctrl-C, SIGTERM, a
-crash) keeps every transaction it committed and the range they changed (meta
-``import_pending``), and running the same command again goes on: the files already stored
-are read again and come out unchanged, and the one ``import`` event then covers both runs.
+crash) keeps every transaction it committed, and running the same command again goes on: the
+files already stored are read again and come out unchanged. A run stopped by a signal logs the
+``import`` event for what it committed as it ends; a crashed one leaves the range it changed
+recorded (meta ``import_pending``), and the next run's one event covers both runs.
 
 Modules: ``files`` (finding, verifying and reading files), ``commit`` (the transactions and
 the event), ``tally`` (the summary), ``cli`` (the trio shell and the command line); the pure

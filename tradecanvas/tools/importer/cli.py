@@ -250,9 +250,13 @@ async def run_import(
                         await import_files(files, committer, tally, progress, batch=batch)
                     except ArchiveFileError as exc:
                         failure = (ExitCode.FAILED, str(exc))
-                    with trio.CancelScope(shield=True):
-                        finished = await committer.finish()
-                        tally.events = committer.rebuilds_logged + len(finished)
+                    finally:
+                        # also when interrupted (Ctrl-C, SIGTERM): what was committed has
+                        # changed the history, and its consumers are told now; only a
+                        # crash leaves the event owed to the next run
+                        with trio.CancelScope(shield=True):
+                            finished = await committer.finish()
+                            tally.events = committer.rebuilds_logged + len(finished)
             except StoreError as exc:
                 failure = (ExitCode.STORE_FAILURE, f"store failure: {exc}")
             finally:

@@ -11,9 +11,9 @@ is the events: the per-transaction ``factor.rebuild`` events (``new_series``, ``
 ``revision``) are not logged; instead each transaction records, in the store's meta table,
 the range of ``candle_time`` each series changed so far (``import_pending``), and
 :meth:`finish` logs one ``factor.rebuild`` with reason ``import`` and that exact range per
-series, then clears the record. An interrupted import leaves the record, so the next run's
-single event covers what both changed. ``gap`` events and ``fingerprint`` rebuilds are
-logged as ``run`` logs them.
+series, then clears the record (also when the import is interrupted by a signal). An import
+that crashed leaves the record, so the next run's single event covers what both changed.
+``gap`` events and ``fingerprint`` rebuilds are logged as ``run`` logs them.
 """
 
 from __future__ import annotations
