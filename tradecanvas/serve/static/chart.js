@@ -29,10 +29,13 @@
   const FRESHNESS_CHECK_MS = 5_000;
   const BAR_SPACING = 6; // px a bar when a series is shown (lightweight-charts' default)
   const MAX_BAR_SPACING = 40; // a few bars fitted to the width are drawn at most this wide
+  const SCROLL_MS = 400; // an animated scroll back to the newest bars
   const UNITS = { m: 60, h: 3600, d: 86400, w: 604800 };
   const COLORS = { up: "#26a69a", down: "#ef5350", gap: "rgba(255, 152, 0, 0.22)" };
 
   const $ = (id) => document.getElementById(id);
+  // the user asked for less motion: no animated scrolling, no kinetic scroll after a swipe
+  const reducedMotion = window.matchMedia("(prefers-reduced-motion: reduce)");
 
   // --- time frames ------------------------------------------------------------------------
 
@@ -89,6 +92,7 @@
       maxBarSpacing: MAX_BAR_SPACING,
     },
     crosshair: { mode: LWC.CrosshairMode.Normal },
+    kineticScroll: { mouse: false, touch: !reducedMotion.matches },
     // a vertical swipe on the chart scrolls the page (a phone's short screen), not the prices
     handleScroll: { vertTouchDrag: false },
   });
@@ -116,6 +120,9 @@
     wickDownColor: COLORS.down,
   });
   candleSeries.priceScale().applyOptions({ scaleMargins: { top: 0.08, bottom: 0.25 } });
+  reducedMotion.addEventListener("change", () => {
+    chart.applyOptions({ kineticScroll: { mouse: false, touch: !reducedMotion.matches } });
+  });
 
   const toBar = (c) => ({
     time: c.candle_time,
@@ -176,6 +183,7 @@
     volumeSeries.setData(view.bars.map(volumePoint));
     const gaps = renderGaps();
     showLegend(hovered);
+    placeCrosshair();
     return gaps;
   }
 
@@ -200,6 +208,7 @@
     volumeSeries.update(volumePoint(bar));
     if (newHole) renderGaps();
     showLegend(hovered);
+    placeCrosshair();
   }
 
   // A forming bar the daemon went past without closing it was never stored — a derived
@@ -240,40 +249,85 @@
 
   const utc = (time) => new Date(time * 1000).toISOString().replace("T", " ").slice(0, 16);
 
-  // the legend for the bar at `time` (null: the newest), in groups that never break inside
-  // (a label stays with its value on a narrow screen); the chart's time scale holds the
-  // bars' times and the shaded holes', so a time without a bar is a hole
+  const FIELDS = [["open", "O"], ["high", "H"], ["low", "L"], ["close", "C"], ["volume", "V"]];
+
+  // The legend for the point at `time` (null: the newest bar), in groups that never break
+  // inside (a label stays with its value on a narrow screen); the chart's time scale holds
+  // the bars' times and the shaded holes', so a time without a bar is a hole. A group is a
+  // list of parts: a text, or a label {word, abbr}, shown as its letter (its word a tooltip)
+  // and read by a screen reader as its word. The timeframe comes first: the button pressed
+  // may not look pressed (forced colours).
   function legendGroups(time) {
     const bar =
       time === null
         ? view.bars[view.bars.length - 1]
         : view.bars.find((b) => b.time === time);
-    if (bar) {
-      const groups = [`${utc(bar.time)} UTC`, ...["open", "high", "low", "close", "volume"].map(
-        (k) => `${k[0].toUpperCase()} ${fmt(bar[k])}`,
-      )];
-      // a bar shaded as a hole is a derived bar some of whose minutes do not exist
-      if (view.gapTimes.has(bar.time)) groups.push("· incomplete: some of its minutes are missing");
-      if (bar === view.bars[0] && view.firstTime !== null && bar.time <= view.firstTime) {
-        groups.push("· the first stored bar");
-      }
-      return groups;
-    }
     if (!view.seriesId) return [];
-    if (time === null || view.bars.length === 0) return [`${view.seriesId} — no candles yet`];
-    return [`${utc(time)} UTC`, "no candle: a hole in the series"];
+    if (!bar && (time === null || view.bars.length === 0)) {
+      return [[`${view.seriesId} — no candles yet`]];
+    }
+    const groups = [[{ word: "timeframe", abbr: null }, view.timeframe.text]];
+    if (!bar) return [...groups, [`${utc(time)} UTC`], ["no candle: a hole in the series"]];
+    groups.push([`${utc(bar.time)} UTC`]);
+    for (const [word, abbr] of FIELDS) groups.push([{ word, abbr }, fmt(bar[word])]);
+    // a bar shaded as a hole is a derived bar some of whose minutes do not exist
+    if (view.gapTimes.has(bar.time)) groups.push(["· incomplete: some of its minutes are missing"]);
+    if (bar === view.bars[0] && view.firstTime !== null && bar.time <= view.firstTime) {
+      groups.push(["· the first stored bar"]);
+    }
+    return groups;
   }
 
-  const legendText = (time) => legendGroups(time).join("  ");
+  // the legend's text as its element holds it (each label's word, then its letter)
+  const legendText = (time) =>
+    legendGroups(time)
+      .map((parts) =>
+        parts
+          .map((p) => (typeof p === "string" ? p : `${p.word} ${p.abbr ? `${p.abbr} ` : ""}`))
+          .join(""),
+      )
+      .join("  ");
+
+  // the legend in words, as a screen reader is told it
+  const spokenText = (time) =>
+    legendGroups(time)
+      .map((parts) => parts.map((p) => (typeof p === "string" ? p : `${p.word} `)).join(""))
+      .join(", ");
+
+  function legendGroup(parts) {
+    const group = document.createElement("span");
+    for (const part of parts) {
+      if (typeof part === "string") {
+        group.append(part);
+        continue;
+      }
+      const word = document.createElement("span");
+      word.className = "visually-hidden";
+      word.textContent = `${part.word} `;
+      group.append(word);
+      if (part.abbr) {
+        const abbr = document.createElement("abbr");
+        abbr.title = part.word;
+        abbr.setAttribute("aria-hidden", "true");
+        abbr.textContent = part.abbr;
+        group.append(abbr, " ");
+      }
+    }
+    return group;
+  }
 
   function showLegend(time) {
-    $("legend").replaceChildren(
-      ...legendGroups(time).flatMap((text, i) => {
-        const group = document.createElement("span");
-        group.textContent = text;
-        return i === 0 ? [group] : ["  ", group];
-      }),
+    const el = $("legend");
+    if (el.textContent === legendText(time)) return;
+    // the double spaces between the groups are for textContent: the CSS sets them apart
+    el.replaceChildren(
+      ...legendGroups(time).flatMap((parts, i) => (i === 0 ? [] : ["  "]).concat(legendGroup(parts))),
     );
+  }
+
+  // a live region's text, left alone when it says the same (a rewrite may be announced again)
+  function say(el, text) {
+    if (el.textContent !== text) el.textContent = text;
   }
 
   // the tab's title: the newest close, then the series
@@ -288,7 +342,29 @@
     const scale = chart.timeScale();
     scale.applyOptions({ barSpacing: BAR_SPACING });
     if (view.bars.length * BAR_SPACING < scale.width()) scale.fitContent();
-    else scale.scrollToRealTime();
+    else scrollToNewest();
+  }
+
+  // The newest bars in view, the view following the live bars again: scrolled there in
+  // SCROLL_MS, or at once for a user who asked for less motion. (The library's own animated
+  // scroll, scrollToRealTime, skips its last frame and can stop bars short of the edge.)
+  let scrolling = 0; // the animation frame of a scroll under way
+  function scrollToNewest() {
+    const scale = chart.timeScale();
+    const target = scale.options().rightOffset;
+    const from = scale.scrollPosition();
+    cancelAnimationFrame(scrolling);
+    if (reducedMotion.matches || !(Math.abs(target - from) > 1)) {
+      scale.scrollToPosition(target, false);
+      return;
+    }
+    const start = performance.now();
+    const step = (now) => {
+      const t = Math.min(1, Math.max(0, now - start) / SCROLL_MS);
+      scale.scrollToPosition(from + (target - from) * (1 - (1 - t) ** 3), false);
+      if (t < 1) scrolling = requestAnimationFrame(step);
+    };
+    scrolling = requestAnimationFrame(step);
   }
   // The bar under the cursor or the finger (null: none, the legend shows the newest). While
   // the pointer rests, live bars move the bars under it: the crosshair moves without a
@@ -297,18 +373,25 @@
   // the legend shows the newest bar again, as when the mouse leaves.
   let hovered = null;
   let touching = false; // a finger (or pen) is down on the chart
+  let keyed = false; // `hovered` was chosen from the keyboard (keyboard.js)
   chart.subscribeCrosshairMove((param) => {
     const moved = param.sourceEvent !== undefined; // by the pointer, not by new bars
-    if (!moved && hovered !== null && (touching || param.time !== undefined)) return;
+    if (!moved && hovered !== null && (touching || keyed || param.time !== undefined)) return;
+    if (moved) keyed = false;
     hovered = param.time === undefined ? null : param.time;
     showLegend(hovered);
   });
   $("chart").addEventListener("pointerdown", (event) => {
     touching = event.pointerType !== "mouse";
+    cancelAnimationFrame(scrolling); // the user's own drag wins
   });
+  // the library blurs what has the focus when the chart is pressed: a click keeps the
+  // chart's keys at hand (no focus ring: it was not the keyboard)
+  $("chart").addEventListener("click", () => $("chart").focus({ preventScroll: true }));
   const lifted = (event) => {
     if (event.pointerType === "mouse") return;
     touching = false;
+    keyed = false;
     chart.clearCrosshairPosition();
     hovered = null;
     showLegend(null);
@@ -318,12 +401,47 @@
 
   // `kind` "socket": the notice of a socket that cannot connect, cleared when one opens
   let noticeKind = null;
+  // (a live region: always there, empty when there is nothing to say)
   function notice(text, kind = "page") {
-    const el = $("notice");
-    el.textContent = text || "";
-    el.hidden = !text;
+    say($("notice"), text || "");
     noticeKind = text ? kind : null;
   }
+
+  // the keyboard's reading (keyboard.js): the legend, the crosshair, and the reading in words
+  // for a screen reader
+  function readFromKeys(time) {
+    cancelAnimationFrame(scrolling);
+    keyed = true;
+    hovered = time;
+    showLegend(time);
+    placeCrosshair();
+    say($("reading"), spokenText(time));
+  }
+
+  function backToNewest() {
+    keyed = false;
+    hovered = null;
+    chart.clearCrosshairPosition();
+    showLegend(null);
+    scrollToNewest();
+    say($("reading"), view.bars.length ? `newest bar, ${spokenText(null)}` : "");
+  }
+
+  // the crosshair on the point read from the keyboard (again after new bars moved the view)
+  function placeCrosshair() {
+    if (!keyed || hovered === null) return;
+    const bar = view.bars.find((b) => b.time === hovered);
+    if (bar) chart.setCrosshairPosition(bar.close, hovered, candleSeries);
+    else if (gapSeries.data().some((p) => p.time === hovered)) {
+      chart.setCrosshairPosition(0.5, hovered, gapSeries); // a hole's slot: its shaded column
+    }
+  }
+
+  // the time scale's points, ascending: the bars' times and the shaded holes'
+  const timePoints = () =>
+    [...new Set([...view.bars.map((b) => b.time), ...gapSeries.data().map((p) => p.time)])].sort(
+      (a, b) => a - b,
+    );
 
   // --- HTTP -------------------------------------------------------------------------------
 
@@ -359,33 +477,59 @@
 
   // --- choosing a series ------------------------------------------------------------------
 
+  // a base series in the menu: the symbol first (a narrow menu cuts the end off), then the
+  // market, and the exchange when the daemon serves more than one
+  function seriesLabel(base, exchanges) {
+    const parts = base.split(":");
+    if (parts.length < 4) return base;
+    const [exchange, market] = parts;
+    const symbol = parts.slice(2, -1).join(":");
+    return `${symbol} · ${market}${exchanges > 1 ? ` · ${exchange}` : ""}`;
+  }
+
+  // the series menu and the timeframe buttons: updated in place when they stand for the same
+  // series (a rebuilt button would take the keyboard's focus with it)
   function fillPickers() {
     const picker = $("series");
     const bases = [...new Set(seriesList.map((s) => s.base_series_id))];
+    const exchanges = new Set(bases.map((b) => b.split(":")[0])).size;
     const current = seriesList.find((s) => s.series_id === view.seriesId);
-    picker.replaceChildren(
-      ...bases.map((base) => {
-        const option = document.createElement("option");
-        option.value = base;
-        option.textContent = base.slice(0, base.lastIndexOf(":"));
-        option.selected = current !== undefined && current.base_series_id === base;
-        return option;
-      }),
-    );
+    const chosenBase = current !== undefined ? current.base_series_id : null;
+    if ([...picker.options].map((o) => o.value).join("\n") !== bases.join("\n")) {
+      picker.replaceChildren(...bases.map((base) => new Option(seriesLabel(base, exchanges), base)));
+    }
+    for (const option of picker.options) {
+      option.textContent = seriesLabel(option.value, exchanges);
+      option.selected = option.value === chosenBase;
+    }
     const frames = seriesList
-      .filter((s) => current !== undefined && s.base_series_id === current.base_series_id)
+      .filter((s) => s.base_series_id === chosenBase)
       .sort((a, b) => timeframeSeconds(parseTimeframe(a.timeframe)) - timeframeSeconds(parseTimeframe(b.timeframe)));
-    $("timeframes").replaceChildren(
-      ...frames.map((s) => {
-        const button = document.createElement("button");
-        button.type = "button";
-        button.textContent = s.timeframe;
-        button.dataset.seriesId = s.series_id;
-        button.setAttribute("aria-pressed", String(s.series_id === view.seriesId));
-        button.addEventListener("click", () => select(s.series_id));
-        return button;
-      }),
-    );
+    const box = $("timeframes");
+    const held = [...box.children];
+    const same = held.map((b) => b.dataset.seriesId).join("\n") === frames.map((s) => s.series_id).join("\n");
+    if (!same) {
+      // another base series: its buttons; the focus, when on a button, on the same timeframe
+      const focused = held.includes(document.activeElement)
+        ? document.activeElement.textContent
+        : null;
+      box.replaceChildren(
+        ...frames.map((s) => {
+          const button = document.createElement("button");
+          button.type = "button";
+          button.textContent = s.timeframe;
+          button.dataset.seriesId = s.series_id;
+          button.addEventListener("click", () => select(s.series_id));
+          return button;
+        }),
+      );
+      const again = [...box.children].find((b) => b.textContent === focused);
+      if (again) again.focus();
+    }
+    for (const button of box.children) {
+      const pressed = String(button.dataset.seriesId === view.seriesId);
+      if (button.getAttribute("aria-pressed") !== pressed) button.setAttribute("aria-pressed", pressed);
+    }
   }
 
   $("series").addEventListener("change", (event) => {
@@ -420,6 +564,10 @@
       rebuilds: [],
       errors: [],
     });
+    // a reading of the series shown before means nothing now
+    hovered = null;
+    keyed = false;
+    chart.clearCrosshairPosition();
     const url = new URL(location.href);
     url.searchParams.set("series", seriesId);
     history.replaceState(null, "", url);
@@ -574,31 +722,47 @@
     offline: "This device has no network: the page reconnects when it is back.",
   };
 
-  function showBadge(shown, detail, why = EXPLAIN[shown]) {
+  // The badge shows the state and its detail (an age, a retry's count and delay) and tells a
+  // screen reader the state only when it changes: the badge is a button (its name the state,
+  // the detail aria-hidden: it changes every few seconds), and #announce, a live region, is
+  // written only when the state (or `note`, what is known of the source) changes. Nothing is
+  // rewritten that says the same.
+  function showBadge(shown, detail, why = EXPLAIN[shown], note = "") {
     const el = $("state");
-    el.dataset.state = shown;
-    el.textContent = detail ? `${shown} (${detail})` : shown;
-    el.title = why || "";
+    if (el.dataset.state !== shown) el.dataset.state = shown;
+    const rest = detail ? ` (${detail})` : "";
+    if (el.textContent !== shown + rest) {
+      let [word, more] = el.children;
+      if (el.children.length !== 2 || el.childNodes.length !== 2) {
+        word = document.createElement("span");
+        more = document.createElement("span");
+        more.setAttribute("aria-hidden", "true");
+        el.replaceChildren(word, more);
+      }
+      if (word.textContent !== shown) word.textContent = shown;
+      if (more.textContent !== rest) more.textContent = rest;
+    }
+    if (el.title !== (why || "")) el.title = why || "";
+    const spoken = `connection: ${shown}${note}`;
+    if (el.getAttribute("aria-label") !== spoken) el.setAttribute("aria-label", spoken);
+    say($("announce"), spoken);
     if (!$("why").hidden) explainBadge();
   }
 
-  // a tap on the badge (its title is a hover tooltip, which a phone cannot show) opens a
-  // line with its whole text and what it means; another tap closes it
+  // a tap or a click on the badge (its title is a hover tooltip, which a phone cannot show)
+  // opens a line with its whole text and what it means; another, or Escape, closes it
   function explainBadge() {
     const el = $("state");
-    $("why").textContent = `${el.textContent}: ${el.title}`;
+    say($("why"), `${el.textContent}: ${el.title}`);
   }
-  function toggleExplanation() {
-    const open = $("why").hidden;
+  function toggleExplanation(open = $("why").hidden) {
     $("why").hidden = !open;
     $("state").setAttribute("aria-expanded", String(open));
     if (open) explainBadge();
   }
-  $("state").addEventListener("click", toggleExplanation);
-  $("state").addEventListener("keydown", (event) => {
-    if (event.key !== "Enter" && event.key !== " ") return;
-    event.preventDefault();
-    toggleExplanation();
+  $("state").addEventListener("click", () => toggleExplanation());
+  document.addEventListener("keydown", (event) => {
+    if (event.key === "Escape" && !$("why").hidden) toggleExplanation(false);
   });
 
   // --- freshness --------------------------------------------------------------------------
@@ -669,10 +833,12 @@
       "",
       "The connection answers: a quiet market, or the daemon's source is down (see /readyz).",
     ];
+    // the age is in the badge's text only (its title is its description: no counting there)
     showBadge(
       "stale",
       `no data for ${duration(age)}${suffix}`,
-      `No market message for this series for ${duration(age)}. ${why}`,
+      `No market message for this series for ${STALE_AFTER_MS / 1000} s or more. ${why}`,
+      suffix,
     );
   }
   setInterval(checkFreshness, FRESHNESS_CHECK_MS);
@@ -754,6 +920,15 @@
     },
   });
 
+  window.tradecanvasKeyboard($("chart"), {
+    points: timePoints,
+    reading: () => hovered,
+    read: readFromKeys,
+    newest: backToNewest,
+    loadOlder,
+    timeScale: () => chart.timeScale(),
+  });
+
   // --- start ------------------------------------------------------------------------------
 
   window.tradecanvasChart = {
@@ -773,7 +948,7 @@
     badge: () => $("state").textContent,
     // the legend's text for the bar at `time` (omitted: the newest), and the notice shown
     legend: (time) => legendText(time === undefined ? null : time),
-    notice: () => ($("notice").hidden ? "" : $("notice").textContent),
+    notice: () => $("notice").textContent,
     ready: () => view.ready,
     // the times at the edges of the view ({from, to}), null before any bar
     visibleTimes: () => chart.timeScale().getVisibleRange(),
