@@ -65,7 +65,8 @@ def start_failure(raised: BaseException) -> tuple[ExitCode, str, bool] | None:
     refusals = ((StoreTooNew, ExitCode.STORE_TOO_NEW), (StoreInUse, ExitCode.STORE_FAILURE))
     for refusal, code in refusals:
         if group.split(refusal)[1] is None:
-            return code, f"cannot start (exit code {code:d}): {leaf}", False
+            what = "stopping" if getattr(leaf, "running", False) else "cannot start"
+            return code, f"{what} (exit code {code:d}): {leaf}", False
     if group.split(StoreError)[1] is None:
         code = ExitCode.STORE_FAILURE
         if isinstance(leaf, StoreRecovered):
@@ -140,7 +141,10 @@ class StoreRecovered(StoreError):
 class StoreInUse(StoreError):
     """Another daemon ingests into this store (it holds the store's single-writer lock):
     this one does not start (exit 3; systemd tries again, so a daemon started while the old
-    one still stops comes up once it is gone)."""
+    one still stops comes up once it is gone). ``running``: lost while the daemon ran (a
+    PostgreSQL restart ended its session and another daemon took the lock meanwhile)."""
+
+    running = False
 
 
 class StoreTooNew(StoreError):

@@ -18,7 +18,7 @@ import trio
 from tests.cli_rig import cli_env, exit_code_within, run_cli, wait_for_line
 from tests.conftest import flat_minutes
 from tests.store_pg.test_migrate_store import BTC, _fill, _until_copied
-from tradecanvas.errors import ExitCode, StoreError, StoreInUse, StoreTooNew
+from tradecanvas.errors import ExitCode, StoreError, StoreInUse, StoreTooNew, start_failure
 from tradecanvas.store.open import MIGRATION_MARK, open_served_store
 from tradecanvas.store.pg_schema import SCHEMA_VERSION
 from tradecanvas.store.postgres import PostgresStore
@@ -65,8 +65,10 @@ async def test_a_second_role_all_daemon_is_refused_and_the_lock_is_taken_again(
         assert await trio.to_thread.run_sync(_terminate_lock_session, pg_url, os.getpid()) == 1
         second = await PostgresStore.open(pg_url, lock=True)
         try:
-            with pytest.raises(StoreInUse):
+            with pytest.raises(StoreInUse) as lost:
                 await trio.to_thread.run_sync(first.lock.keep)
+            said = start_failure(BaseExceptionGroup("", [lost.value]))
+            assert said is not None and said[1].startswith("stopping (exit code 3): ")
         finally:
             await second.aclose()
     finally:

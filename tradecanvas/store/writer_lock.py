@@ -209,7 +209,11 @@ class PgServeLock:
             conn = self._connect()
         except psycopg.Error:
             return  # the server is away (the store says so); tried again next time
-        self._take_on(conn)
+        try:
+            self._take_on(conn)
+        except StoreInUse as exc:
+            exc.running = True
+            raise
         log.warning("candle store %s: serve lock taken again", self.where)
 
     async def hold(self, interval_s: float = KEEP_INTERVAL_S) -> None:
