@@ -35,16 +35,8 @@ SERVE_EXIT_CODES: Final[ExitCodeTable] = (
     (ExitCode.OK, "stopped by SIGTERM or SIGINT after a clean drain"),
     (ExitCode.FAILED, "could not start (such as a port in use) or failed unexpectedly"),
     (ExitCode.USAGE, "a bad flag; nothing was started"),
-    (
-        ExitCode.STORE_FAILURE,
-        "the store failed (disk full, read-only, corrupt), another daemon ingests into it,"
-        " or a migrate-store into it did not finish: restart it",
-    ),
-    (
-        ExitCode.STORE_TOO_NEW,
-        "the store's schema is newer than this release writes: run that release or restore"
-        " the pre-upgrade backup",
-    ),
+    (ExitCode.STORE_FAILURE, "the store failed, is another daemon's, or is half migrated"),
+    (ExitCode.STORE_TOO_NEW, "the store's schema is newer than this release (a rollback)"),
     (ExitCode.INTERRUPTED, "a second SIGINT during the drain: exits at once"),
     (ExitCode.TERMINATED, "a second SIGTERM during the drain: exits at once"),
 )

@@ -37,7 +37,8 @@ def _terminate_lock_session(pg_url: str, pid: int) -> int:
     """End the serve lock's session of process ``pid`` (as a server restart would)."""
     with psycopg.connect(pg_url, autocommit=True) as conn:
         rows = conn.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            # waits (up to 10 s) until the backend is gone and its locks with it
+            "SELECT pg_terminate_backend(pid, 10000) FROM pg_stat_activity"
             " WHERE application_name LIKE %s AND datname = current_database()",
             (f"tradecanvas serve pid {pid} %",),
         ).fetchall()
@@ -195,3 +196,24 @@ async def test_a_migration_refused_for_taken_event_ids_leaves_no_mark(
     store = await open_served_store(pg_url, "edge")
     assert await store.get_meta(MIGRATION_MARK) is None
     await store.aclose()
+
+
+async def test_its_own_old_session_still_holding_the_lock_is_waited_for(pg_url: str) -> None:
+    """A cut the server has not noticed yet: the daemon's old backend still holds the lock
+    when the new connection asks. That is not another daemon: tried again, then taken."""
+    store = await PostgresStore.open(pg_url, lock=True)
+    try:
+        lock = store.lock
+        assert lock is not None
+        old = lock._conn  # the client's side of the session is lost; the backend lives on
+        lock._conn = None
+        await trio.to_thread.run_sync(lock.keep)  # no StoreInUse: its own session holds it
+        assert not lock.held
+        assert old is not None
+        with psycopg.connect(pg_url, autocommit=True) as admin:  # the server notices: gone
+            admin.execute("SELECT pg_terminate_backend(%s, 10000)", (lock._backend,))
+        old.close()
+        await trio.to_thread.run_sync(lock.keep)
+        assert lock.held
+    finally:
+        await store.aclose()

@@ -130,6 +130,7 @@ class PgServeLock:
         self._url = url
         self.where = describe_url(url)
         self._conn = conn
+        self._backend: object = None  # the lock's session's backend pid
 
     @classmethod
     def take(cls, url: str) -> PgServeLock:
@@ -142,7 +143,7 @@ class PgServeLock:
             raise StoreError(
                 f"candle store open of {lock.where} failed: {first_line(exc)}"
             ) from exc
-        lock._take_on(conn)
+        lock._take_on(conn)  # no own session yet: another holder is StoreInUse
         return lock
 
     def _connect(self) -> psycopg.Connection[tuple[object, ...]]:
@@ -151,17 +152,24 @@ class PgServeLock:
             self._url, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S, **options
         )
 
-    def _take_on(self, conn: psycopg.Connection[tuple[object, ...]]) -> None:
+    def _take_on(self, conn: psycopg.Connection[tuple[object, ...]]) -> bool:
+        """Take the lock on ``conn`` (kept as the lock's connection); False when this
+        process's own earlier session still holds it (a network cut the server has not
+        noticed yet: tried again later). Raises StoreInUse when another process holds it."""
         try:
-            row = conn.execute("SELECT pg_try_advisory_lock(%s)", (SERVE_LOCK_KEY,)).fetchone()
+            row = conn.execute(
+                "SELECT pg_try_advisory_lock(%s), pg_backend_pid()", (SERVE_LOCK_KEY,)
+            ).fetchone()
             if row is not None and row[0] is True:
-                self._conn = conn
-                return
-            holder = self._holder(conn)
+                self._conn, self._backend = conn, row[1]
+                return True
+            backend, holder = self._holder(conn)
         except psycopg.Error as exc:
             conn.close()
             raise StoreError(f"candle store {self.where}: {first_line(exc)}") from exc
         conn.close()
+        if backend is not None and backend == self._backend:
+            return False
         raise StoreInUse(
             f"candle store {self.where} is in use by another tradecanvas serve of role all"
             f" ({holder}), which holds its serve lock: one such daemon ingests into a"
@@ -169,19 +177,20 @@ class PgServeLock:
         )
 
     @staticmethod
-    def _holder(conn: psycopg.Connection[tuple[object, ...]]) -> str:
+    def _holder(conn: psycopg.Connection[tuple[object, ...]]) -> tuple[object, str]:
+        """The holder's backend pid and who it is."""
         classid, objid = _key_parts(SERVE_LOCK_KEY)
         row = conn.execute(
-            "SELECT a.application_name, a.client_addr::text FROM pg_locks l"
+            "SELECT l.pid, a.application_name, a.client_addr::text FROM pg_locks l"
             " JOIN pg_stat_activity a USING (pid) WHERE l.locktype = 'advisory' AND l.granted"
             " AND l.classid = %s AND l.objid = %s AND l.objsubid = 1"
             " AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())",
             (classid, objid),
         ).fetchone()
         if row is None:
-            return "holder unknown"
-        name, addr = row
-        return f"{name or 'no application_name'} from {addr or 'a local socket'}"
+            return None, "holder unknown"
+        backend, name, addr = row
+        return backend, f"{name or 'no application_name'} from {addr or 'a local socket'}"
 
     @property
     def held(self) -> bool:
@@ -210,7 +219,8 @@ class PgServeLock:
         except psycopg.Error:
             return  # the server is away (the store says so); tried again next time
         try:
-            self._take_on(conn)
+            if not self._take_on(conn):
+                return  # our old session's backend still holds it; its end frees it
         except StoreInUse as exc:
             exc.running = True
             raise
