@@ -3,4 +3,8 @@ timeframes and re-publishes everything to local subscribers over ``/ws/market``.
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from typing import Final
+
+from tradecanvas.ops.build import VERSION
+
+__version__: Final = VERSION

@@ -16,12 +16,15 @@ from collections.abc import Sequence
 from typing import Final
 
 from tradecanvas.errors import ExitCode, FlagError
+from tradecanvas.ops.build import VERSION
 from tradecanvas.runtime_flags import (
     FLAG_SPECS,
     LoadedFlags,
     describe_flags,
     load_runtime_flags,
 )
+from tradecanvas.store.pg_schema import SCHEMA_VERSION as PG_SCHEMA
+from tradecanvas.store.schema import SCHEMA_VERSION as SQLITE_SCHEMA
 from tradecanvas.tools import archive_fetch, backfill, export, importer, migrate_store, replay
 from tradecanvas.tools import subscribe as subscribe_client
 from tradecanvas.tools.exit_codes import HELP_FORMATTER, ExitCodeTable, exit_codes_epilog
@@ -32,7 +35,8 @@ SERVE_EXIT_CODES: Final[ExitCodeTable] = (
     (ExitCode.OK, "stopped by SIGTERM or SIGINT after a clean drain"),
     (ExitCode.FAILED, "could not start (such as a port in use) or failed unexpectedly"),
     (ExitCode.USAGE, "a bad flag; nothing was started"),
-    (ExitCode.STORE_FAILURE, "the store failed (disk full, read-only, corrupt): restart it"),
+    (ExitCode.STORE_FAILURE, "the store failed, is another daemon's, or is half migrated"),
+    (ExitCode.STORE_TOO_NEW, "the store's schema is newer than this release (a rollback)"),
     (ExitCode.INTERRUPTED, "a second SIGINT during the drain: exits at once"),
     (ExitCode.TERMINATED, "a second SIGTERM during the drain: exits at once"),
 )
@@ -104,6 +108,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tradecanvas",
         description="Binance kline ingest daemon with a /ws/market re-publisher.",
+    )
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=f"tradecanvas {VERSION} (candle store schema: SQLite {SQLITE_SCHEMA},"
+        f" PostgreSQL {PG_SCHEMA})",
+        help="print the release and the candle store schema it writes, and exit",
     )
     sub = parser.add_subparsers(dest="command", required=True)
     serve = _add_command(sub, "serve", "run the daemon", SERVE_EXIT_CODES)

@@ -59,6 +59,7 @@ from tradecanvas.bus.roles import (
 from tradecanvas.errors import ExitCode, StoreRecovered, find_in_group, start_failure
 from tradecanvas.ingest.store_outage import StoreOutage
 from tradecanvas.ingest.supervisor import IngestSupervisor
+from tradecanvas.ops.build import VERSION
 from tradecanvas.ops.heap import freeze_startup_heap
 from tradecanvas.ops.logs import configure_logging
 from tradecanvas.ops.metrics import Metrics
@@ -75,7 +76,12 @@ from tradecanvas.serve.shedding import MAX_HTTP_CONNECTIONS, ClientSockets, http
 from tradecanvas.serve.ws_server import MAX_PENDING_HANDSHAKES, serve_ws_port
 from tradecanvas.serve.ws_session import MarketEndpoint
 from tradecanvas.store.interface import MarketStore
-from tradecanvas.store.open import describe_location, open_store, store_location
+from tradecanvas.store.open import (
+    describe_location,
+    open_served_store,
+    schema_change,
+    store_location,
+)
 from tradecanvas.store.postgres import PostgresStore
 from tradecanvas.store.sqlite import CandleStore
 from tradecanvas.upstream.plan import futures_ws_route_warning
@@ -208,8 +214,11 @@ async def market_runtime_builder(flags: RuntimeFlags) -> MarketRuntime:
     HTTP app."""
     metrics = Metrics()
     metrics.role_info.labels(role=flags.role).set(1)
-    # SQLite, or PostgreSQL with TRADE_CANVAS_DATABASE_URL
-    store = await open_store(store_location(flags.db_path, flags.database_url))
+    # SQLite, or PostgreSQL with TRADE_CANVAS_DATABASE_URL; locked when this daemon ingests
+    store = await open_served_store(store_location(flags.db_path, flags.database_url), flags.role)
+    change = schema_change(store)
+    schema = "-" if change is None else str(change.after)
+    metrics.build_info.labels(version=VERSION, schema=schema).set(1)
     role = flags.role
     hub: Hub | None = None
     market: MarketEndpoint | None = None
@@ -314,6 +323,8 @@ async def run_daemon(
         nursery.start_soon(wait_for_signal, stop)
         if isinstance(runtime.store, PostgresStore):
             nursery.start_soon(_watch_store, runtime.store)
+            if runtime.store.lock is not None:  # lost to another daemon: stop (exit 3)
+                nursery.start_soon(runtime.store.lock.hold)
         elif isinstance(runtime.store, CandleStore):  # deleted or replaced under it: stop
             nursery.start_soon(runtime.store.watch_file)
         if runtime.own_market is not None:
@@ -390,7 +401,8 @@ async def run_daemon(
             nursery.start_soon(_report_status, runtime)
         log.info(
             # tests and tools parse "ready ws=… http=…": new fields go at the end
-            "tradecanvas ready ws=%s http=http://%s:%d db=%s publish_path=%s role=%s bus=%s",
+            "tradecanvas ready ws=%s http=http://%s:%d db=%s publish_path=%s role=%s bus=%s"
+            " version=%s",
             "-" if ws is None else f"ws://{flags.ws_host}:{ws}/ws/market",
             flags.http_host,
             http,
@@ -398,6 +410,7 @@ async def run_daemon(
             "pipeline" if flags.enable_ingest_ws_pipeline_publish else "legacy",
             flags.role,
             "-" if runtime.bus_publisher is None else f"{flags.bus_prefix}:*",
+            VERSION,
         )
         if ws is not None:
             log.info(

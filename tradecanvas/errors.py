@@ -9,7 +9,9 @@
     │   ├── CandleError    a candle that is misaligned, inverted or negative
     │   └── WireError      a malformed upstream (Binance) frame or REST row
     ├── StoreError         SQLite failed (disk full, read-only, corrupt): fatal for the daemon
-    │   └── StoreRecovered the end of a store outage: exit 3 so the restart repairs the gap
+    │   ├── StoreRecovered the end of a store outage: exit 3 so the restart repairs the gap
+    │   ├── StoreInUse     another daemon ingests into the store (its lock): exit 3
+    │   └── StoreTooNew    the store's schema is newer than this code writes: exit 4
     ├── PublishError       a strict publish had a failing step (candles are committed)
     ├── ListenError        a port of the daemon's cannot be listened on (in use, bad host)
     └── UpstreamError      Binance REST/WS failed in a way retries did not cure
@@ -33,6 +35,7 @@ class ExitCode(enum.IntEnum):
     FAILED = 1  # the command could not do its job (Binance failed for good, a bug)
     USAGE = 2  # bad flags or arguments; nothing was changed
     STORE_FAILURE = 3  # the store failed (disk full, read-only, corrupt); systemd restarts serve
+    STORE_TOO_NEW = 4  # the store's schema is newer than this release writes (a rollback)
     INTERRUPTED = 130  # Ctrl-C (128 + SIGINT)
     TERMINATED = 143  # SIGTERM (128 + SIGTERM) for the one-shot tools
 
@@ -52,12 +55,18 @@ def first_leaf(exc: BaseException) -> BaseException:
 def start_failure(raised: BaseException) -> tuple[ExitCode, str, bool] | None:
     """What ``serve`` says of what stopped it, and its exit code: (code, one log line, whether
     the traceback goes with it); None: re-raise ``raised`` (a bug outside any task group).
-    A store failure is 3; a flag refused at start-up (:class:`FlagError`) 2; a port not
-    listened on (:class:`ListenError`, or an OSError alone) 1; anything else in a task
-    group 1 with its traceback."""
+    A store failure is 3 (a store another daemon holds: 3, said as a refusal); a store newer
+    than this release (:class:`StoreTooNew`) 4; a flag refused at start-up
+    (:class:`FlagError`) 2; a port not listened on (:class:`ListenError`, or an OSError
+    alone) 1; anything else in a task group 1 with its traceback."""
     grouped = isinstance(raised, BaseExceptionGroup)
     group = BaseExceptionGroup("", [raised])
     leaf = first_leaf(group)
+    refusals = ((StoreTooNew, ExitCode.STORE_TOO_NEW), (StoreInUse, ExitCode.STORE_FAILURE))
+    for refusal, code in refusals:
+        if group.split(refusal)[1] is None:
+            what = "stopping" if getattr(leaf, "running", False) else "cannot start"
+            return code, f"{what} (exit code {code:d}): {leaf}", False
     if group.split(StoreError)[1] is None:
         code = ExitCode.STORE_FAILURE
         if isinstance(leaf, StoreRecovered):
@@ -127,6 +136,20 @@ class StoreError(TradeCanvasError):
 class StoreRecovered(StoreError):
     """The store takes writes again after an outage: the daemon exits 3 so that the
     restart repairs what was missed (logged as a warning, not as a failure)."""
+
+
+class StoreInUse(StoreError):
+    """Another daemon ingests into this store (it holds the store's single-writer lock):
+    this one does not start (exit 3; systemd tries again, so a daemon started while the old
+    one still stops comes up once it is gone). ``running``: lost while the daemon ran (a
+    PostgreSQL restart ended its session and another daemon took the lock meanwhile)."""
+
+    running = False
+
+
+class StoreTooNew(StoreError):
+    """The store's schema is newer than this release writes (a rollback without restoring
+    the backup): exit 4, which systemd does not restart."""
 
 
 class store_errors_from:

@@ -12,7 +12,7 @@ import difflib
 import logging
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import Any, Final
 
@@ -357,13 +357,32 @@ class LoadedFlags:
     warnings: tuple[str, ...]
 
 
+SUGGEST_MAX_EDITS: Final = 3  # a suggestion is a typo's: so far apart at most, not SEND/BODY
+
+
+def _compact(name: str) -> str:  # what a mistyped prefix keeps: no case, no separators
+    return re.sub(r"[^A-Z0-9]", "", name.upper())
+
+
+def closest_variable(name: str, known: Collection[str] = KNOWN_VARIABLES) -> str | None:
+    """The known variable ``name`` is a typo of, if any (compared after the prefix)."""
+    n, edits = len(_compact(PREFIX)), []
+    for variable in sorted(known):
+        a, b = _compact(name)[n:], _compact(variable)[n:]
+        same = sum(m.size for m in difflib.SequenceMatcher(None, a, b).get_matching_blocks())
+        edits.append((len(a) + len(b) - 2 * same, variable))
+    best = min(edits, default=(SUGGEST_MAX_EDITS + 1, ""))
+    return best[1] if best[0] <= SUGGEST_MAX_EDITS else None
+
+
 def unknown_variable_warnings(environ: Mapping[str, str]) -> tuple[str, ...]:
-    """A warning per unknown ``TRADE_CANVAS_*`` variable, naming the closest known one."""
-    warnings: list[str] = []
+    """A warning per unknown or prefix-mistyped (TRADECANVAS_X, lowercase) variable of ours."""
+    by_compact, warnings = {_compact(v): v for v in KNOWN_VARIABLES}, []
     for name in sorted(environ):
-        if name.startswith(PREFIX) and name not in KNOWN_VARIABLES:
-            close = difflib.get_close_matches(name, sorted(KNOWN_VARIABLES), n=1, cutoff=0.0)
-            hint = f"; did you mean {close[0]}?" if close else ""
+        compact = _compact(name)
+        if name not in KNOWN_VARIABLES and (name.startswith(PREFIX) or compact in by_compact):
+            close = by_compact.get(compact) or closest_variable(name)
+            hint = f"; did you mean {close}?" if close else " (not a variable of this release)"
             warnings.append(f"{name}: unknown variable, ignored{hint}")
     return tuple(warnings)
 

@@ -60,7 +60,7 @@ async def test_a_schema_newer_than_the_code_is_refused(pg_url: str) -> None:
         conn.execute("INSERT INTO schema_version (version) VALUES (%s)", (SCHEMA_VERSION + 1,))
     with pytest.raises(StoreError, match="newer than this tradecanvas") as info:
         await PostgresStore.open(pg_url)
-    assert f"schema version {SCHEMA_VERSION + 1}" in str(info.value)
+    assert f"has schema {SCHEMA_VERSION + 1}, newer" in str(info.value)
     assert describe_url(pg_url) in str(info.value)
 
 

@@ -251,6 +251,13 @@ class Metrics:
             ["role"],
             registry=r,
         )
+        # 1 for the release running and the store schema it writes (the daemon sets it)
+        self.build_info = Gauge(
+            "tradecanvas_build_info",
+            "1 for this process's release (version) and its store's schema version (schema)",
+            ["version", "schema"],
+            registry=r,
+        )
         self.publish_total = Counter(
             "tradecanvas_publish",
             "Publish calls, by path (legacy loop, pipeline, HTTP strict)",

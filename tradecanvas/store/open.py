@@ -1,14 +1,23 @@
 """Which store backend a location names: a ``postgresql://`` (or ``postgres://``) URL opens
-the PostgreSQL store, anything else is the SQLite file's path (DESIGN §10)."""
+the PostgreSQL store, anything else is the SQLite file's path (DESIGN §10); and how
+``serve`` opens it (:func:`open_served_store`)."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
+from typing import Final
 
+import trio
+
+from tradecanvas.errors import StoreError
 from tradecanvas.service_urls import POSTGRES_URL_SCHEMES
 from tradecanvas.store.interface import MarketStore
 from tradecanvas.store.postgres import PostgresStore, describe_url
+from tradecanvas.store.schema import SchemaChange
 from tradecanvas.store.sqlite import CandleStore
+
+log = logging.getLogger(__name__)
 
 
 def is_database_url(location: str | Path) -> bool:
@@ -20,14 +29,60 @@ def store_location(db_path: Path, database_url: str | None) -> str | Path:
     return database_url if database_url else db_path
 
 
-async def open_store(location: str | Path, *, writes: bool = True) -> MarketStore:
+async def open_store(
+    location: str | Path, *, writes: bool = True, lock: bool = False
+) -> MarketStore:
     """Open (and migrate) the store at ``location``; ``writes=False`` for a caller that only
-    reads. Raises StoreError."""
+    reads; ``lock``: take ``serve``'s single-writer lock first (``store/writer_lock.py``,
+    only for a daemon that ingests). Raises StoreError (StoreInUse, StoreTooNew)."""
     if is_database_url(location):
-        return await PostgresStore.open(str(location).strip())
-    return await CandleStore.open(location, writes=writes)
+        return await PostgresStore.open(str(location).strip(), lock=lock)
+    return await CandleStore.open(location, writes=writes, lock=lock)
+
+
+# the meta record ``migrate-store`` keeps on its target while it copies (docs/operations.md)
+MIGRATION_MARK: Final = "migrate_store.in_progress"
+
+
+async def refuse_unfinished_migration(store: MarketStore, where: str) -> None:
+    """StoreError when a ``migrate-store`` into this store did not finish: a daemon writing
+    to the partial copy would take event ids the rerun needs."""
+    source = await store.get_meta(MIGRATION_MARK)
+    if source is not None:
+        raise StoreError(
+            f"candle store {where}: a migrate-store into this database did not finish (from"
+            f" {source}): run the same migrate-store command again"
+        )
 
 
 def describe_location(location: str | Path) -> str:
     """The store's location for log lines: the SQLite path, or the URL without its password."""
     return describe_url(str(location).strip()) if is_database_url(location) else str(location)
+
+
+def takes_writer_lock(location: str | Path, role: str) -> bool:
+    """Whether ``serve`` of ``role`` takes the store's single-writer lock: every daemon that
+    ingests (all; ingest on SQLite; ingest on PostgreSQL has the Redis lease instead)."""
+    return role == "all" or (role == "ingest" and not is_database_url(location))
+
+
+async def open_served_store(location: str | Path, role: str) -> MarketStore:
+    """``serve``'s open: the single-writer lock first (:func:`takes_writer_lock`), the
+    migration, then the refusal of an unfinished ``migrate-store``; logs what the migration
+    did (one line). Raises StoreError (StoreInUse, StoreTooNew)."""
+    store = await open_store(location, lock=takes_writer_lock(location, role))
+    try:
+        await refuse_unfinished_migration(store, describe_location(location))
+    except BaseException:
+        with trio.CancelScope(shield=True):
+            await store.aclose()
+        raise
+    change = schema_change(store)
+    if change is not None:
+        log.info("%s", change.line())
+    return store
+
+
+def schema_change(store: MarketStore) -> SchemaChange | None:
+    """What opening ``store`` did to its schema (None: a store of neither backend)."""
+    return store.schema if isinstance(store, CandleStore | PostgresStore) else None

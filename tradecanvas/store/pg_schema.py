@@ -4,7 +4,7 @@
 ones at start-up, each in its own transaction together with its version row (PostgreSQL's
 DDL is transactional: a migration is all in or all out), under a session advisory lock so
 that two processes starting at once do not both apply it. A database whose schema is newer
-than this code is refused with :class:`StoreError` before anything is written.
+than this code is refused with :class:`StoreTooNew` (exit 4) before anything is written.
 
 The tables mirror the SQLite store's (``store/schema.py``): prices and volumes are
 ``NUMERIC`` without a typmod, which keeps the scale received (``1.0`` stays ``1.0``) and
@@ -14,11 +14,12 @@ updated in the writing transaction (see ``store/pg_txn.py``).
 
 from __future__ import annotations
 
+import time
 from typing import Final
 
 import psycopg
 
-from tradecanvas.errors import StoreError
+from tradecanvas.store.schema import SchemaChange, too_new
 
 # pg_advisory_lock keys (one 64-bit namespace per database): arbitrary, fixed constants
 MIGRATION_LOCK_KEY: Final = 0x7472_6164_6563_0001  # "tradec" + 1
@@ -87,26 +88,24 @@ def current_version(conn: psycopg.Connection[tuple[object, ...]]) -> int:
     return 0 if row is None else int(str(row[0]))
 
 
-def migrate(conn: psycopg.Connection[tuple[object, ...]], where: str) -> int:
-    """Apply the migrations above the database's version; return the new version.
+def migrate(conn: psycopg.Connection[tuple[object, ...]], where: str) -> SchemaChange:
+    """Apply the migrations above the database's version; say what changed.
 
     ``conn`` must be in autocommit mode (each migration opens its own transaction).
-    Raises StoreError when the database is newer than this code; psycopg errors propagate
+    Raises StoreTooNew when the database is newer than this code; psycopg errors propagate
     (the store translates them).
     """
+    started = time.monotonic()
     conn.execute("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK_KEY,))
     try:
         version = current_version(conn)
         if version > SCHEMA_VERSION:
-            raise StoreError(
-                f"candle store {where}: schema version {version} is newer than this"
-                f" tradecanvas ({SCHEMA_VERSION}); upgrade tradecanvas"
-            )
+            raise too_new(where, version, SCHEMA_VERSION)
         for number in range(version, SCHEMA_VERSION):
             with conn.transaction():
                 conn.execute(_VERSION_TABLE)
                 conn.execute(MIGRATIONS[number])
                 conn.execute("INSERT INTO schema_version (version) VALUES (%s)", (number + 1,))
-        return SCHEMA_VERSION
+        return SchemaChange(where, version, SCHEMA_VERSION, time.monotonic() - started)
     finally:
         conn.execute("SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK_KEY,))

@@ -370,6 +370,11 @@ class PgStoreTxn:
             return self._meta.get(key)
         return get_meta(self._conn, key)
 
+    def delete_meta(self, key: str) -> None:
+        if self._meta is not None:
+            self._meta.pop(key, None)
+        self._conn.execute("DELETE FROM meta WHERE key = %s", (key,))
+
     def set_meta(self, key: str, value: str) -> None:
         if self._meta is not None:
             self._meta[key] = value

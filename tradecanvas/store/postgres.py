@@ -81,6 +81,7 @@ from tradecanvas.store.pg_txn import (
     select_candles,
     select_events,
 )
+from tradecanvas.store.schema import SchemaChange
 from tradecanvas.store.types import (
     SeriesHead,
     Source,
@@ -89,6 +90,7 @@ from tradecanvas.store.types import (
     UpsertOutcome,
 )
 from tradecanvas.store.window import WindowReads
+from tradecanvas.store.writer_lock import PgServeLock
 from tradecanvas.upstream.backoff import Backoff
 
 log = logging.getLogger(__name__)
@@ -116,7 +118,7 @@ class _Lost(Exception):
         self.result = result
 
 
-def _open_pool(url: str, size: int) -> ConnectionPool[Conn]:
+def _open_pool(url: str, size: int) -> tuple[ConnectionPool[Conn], SchemaChange]:
     where = describe_url(url)
     # One plain connection first: an unreachable server or a refused login fails at once
     # with libpq's own reason (the pool would retry quietly until its timeout), and the
@@ -125,7 +127,7 @@ def _open_pool(url: str, size: int) -> ConnectionPool[Conn]:
         translated(f"open of {where}"),
         psycopg.connect(url, autocommit=True, connect_timeout=int(CONNECT_TIMEOUT_S)) as conn,
     ):
-        migrate(conn, where)
+        change = migrate(conn, where)
     pool: ConnectionPool[Conn] = ConnectionPool(
         url,
         min_size=1,
@@ -147,7 +149,7 @@ def _open_pool(url: str, size: int) -> ConnectionPool[Conn]:
     except BaseException:
         pool.close()
         raise
-    return pool
+    return pool, change
 
 
 @attrs.frozen
@@ -180,12 +182,29 @@ class PostgresStore(WindowReads):
         # what the last write transaction left: what the next one starts from if nobody
         # else wrote in between (None: read it)
         self._last: LastWrite | None = None
+        self.schema: SchemaChange | None = None  # what opening it did to its schema
+        self.lock: PgServeLock | None = None  # serve's (role all) lock, let go by aclose
 
     @classmethod
-    async def open(cls, url: str, *, pool_size: int = POOL_SIZE) -> PostgresStore:
-        """Connect, apply the migrations, and return the open store."""
-        pool = await trio.to_thread.run_sync(_open_pool, url, pool_size)
-        return cls(url, pool, pool_size)
+    async def open(
+        cls, url: str, *, pool_size: int = POOL_SIZE, lock: bool = False
+    ) -> PostgresStore:
+        """Connect, apply the migrations, and return the open store. ``lock``: take serve's
+        lock first (``store/writer_lock.py``; StoreInUse when another daemon holds it)."""
+
+        def _open() -> tuple[ConnectionPool[Conn], SchemaChange, PgServeLock | None]:
+            held = PgServeLock.take(url) if lock else None
+            try:
+                return (*_open_pool(url, pool_size), held)
+            except BaseException:
+                if held is not None:
+                    held.close()
+                raise
+
+        pool, change, held = await trio.to_thread.run_sync(_open)
+        store = cls(url, pool, pool_size)
+        store.schema, store.lock = change, held
+        return store
 
     @property
     def closed(self) -> bool:
@@ -245,6 +264,8 @@ class PostgresStore(WindowReads):
         with trio.CancelScope(shield=True):
             async with self._write_limiter:
                 await trio.to_thread.run_sync(self._pool.close)
+                if self.lock is not None:  # after the last commit
+                    await trio.to_thread.run_sync(self.lock.close)
 
     async def write(self, fn: Callable[[PgStoreTxn], T], *, quick: bool = False) -> T:
         """Run ``fn`` in one transaction holding the store's write lock, on a worker thread

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import sqlite3
+import time
 from typing import Final
 
-from tradecanvas.errors import StoreError
+import attrs
+
+from tradecanvas.errors import StoreTooNew
 
 _MIGRATIONS: Final[tuple[str, ...]] = (
     # 1: the candle table and a key/value table for settings such as the fingerprint
@@ -44,14 +47,43 @@ _MIGRATIONS: Final[tuple[str, ...]] = (
 SCHEMA_VERSION: Final = len(_MIGRATIONS)
 
 
-def migrate(conn: sqlite3.Connection) -> int:
-    """Apply the forward migrations above ``PRAGMA user_version``; return the new version."""
+@attrs.frozen
+class SchemaChange:
+    """What opening a store did to its schema (either backend): ``before`` → ``after``
+    (0: a new store), in ``seconds``; ``serve`` logs :meth:`line` once at start-up."""
+
+    where: str
+    before: int
+    after: int
+    seconds: float
+
+    def line(self) -> str:
+        if self.before == self.after:
+            return f"candle store {self.where}: schema {self.after} (current)"
+        did = "created" if self.before == 0 else "migrated"
+        return (
+            f"candle store {self.where}: schema {self.before} → {self.after}"
+            f" ({did} in {self.seconds:.2f} s)"
+        )
+
+
+def too_new(where: str, found: int, writes: int) -> StoreTooNew:
+    """The refusal of a store whose schema is newer than this release writes: a rollback
+    that did not restore the backup taken before the upgrade (exit 4)."""
+    return StoreTooNew(
+        f"candle store {where} has schema {found}, newer than this tradecanvas writes"
+        f" ({writes}): run the release that wrote it, or restore a backup taken before the"
+        " upgrade"
+    )
+
+
+def migrate(conn: sqlite3.Connection, where: str = "") -> SchemaChange:
+    """Apply the forward migrations above ``PRAGMA user_version``; say what changed.
+    Raises StoreTooNew for a file newer than this code (``where`` names it)."""
+    started = time.monotonic()
     version = int(conn.execute("PRAGMA user_version").fetchone()[0])
     if version > SCHEMA_VERSION:
-        raise StoreError(
-            f"candle store schema version {version} is newer than this tradecanvas"
-            f" ({SCHEMA_VERSION}); upgrade tradecanvas"
-        )
+        raise too_new(where or "file", version, SCHEMA_VERSION)
     for number in range(version, SCHEMA_VERSION):
         conn.execute("BEGIN IMMEDIATE")
         try:
@@ -63,4 +95,4 @@ def migrate(conn: sqlite3.Connection) -> int:
         except BaseException:
             conn.execute("ROLLBACK")
             raise
-    return SCHEMA_VERSION
+    return SchemaChange(where, version, SCHEMA_VERSION, time.monotonic() - started)

@@ -32,7 +32,7 @@ from tradecanvas.errors import StoreError, store_errors_from
 from tradecanvas.model import Candle
 from tradecanvas.store import files
 from tradecanvas.store.checkpoint import BACKSTOP_PAGES, Checkpointer
-from tradecanvas.store.schema import SCHEMA_VERSION, migrate
+from tradecanvas.store.schema import SCHEMA_VERSION, SchemaChange, migrate
 from tradecanvas.store.txn import (
     StoreTxn,
     events_newest_id,
@@ -49,6 +49,7 @@ from tradecanvas.store.types import (
     UpsertOutcome,
 )
 from tradecanvas.store.window import WindowReads
+from tradecanvas.store.writer_lock import FileLock
 
 # Readers run in parallel threads; two cores here, and reads are short index range scans.
 log = logging.getLogger(__name__)
@@ -118,7 +119,11 @@ def _rollback(conn: sqlite3.Connection) -> None:
         conn.execute("ROLLBACK")
 
 
-def _open_writer(path: Path, *, writes: bool = True) -> sqlite3.Connection:
+def _open_writer(
+    path: Path, *, writes: bool = True, lock: bool = False
+) -> tuple[sqlite3.Connection, SchemaChange, FileLock | None]:
+    """The writer connection, what its migration did, and the single-writer lock (taken
+    with ``lock``, before anything is migrated or written)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     # SQLite opens a file it may not write (another owner, chattr +i, a read-only mount)
     # read-only without a word, and the first commit failed instead
@@ -133,13 +138,19 @@ def _open_writer(path: Path, *, writes: bool = True) -> sqlite3.Connection:
             f"candle store {path}: {part} cannot be written by this process (uid"
             f" {os.getuid()}): give the file and its folder to the user the daemon runs as"
         )
+    held = FileLock.take(path) if lock else None
     if not path.exists():
         log.warning(
             "candle store %s: no file there; created a new, empty store (history comes"
             " from the backfill; to keep older history, stop and restore a backup here)",
             path,
         )
-    conn = _connect(path)
+    try:
+        conn = _connect(path)
+    except BaseException:
+        if held is not None:
+            held.release()
+        raise
     try:
         mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
         if str(mode).lower() != "wal":
@@ -152,7 +163,7 @@ def _open_writer(path: Path, *, writes: bool = True) -> sqlite3.Connection:
         # halfway) stays in memory instead of a file in /var/tmp (docs/benchmarks.md, Commit)
         conn.execute("PRAGMA temp_store = MEMORY")
         conn.execute("PRAGMA foreign_keys = ON")
-        migrate(conn)
+        change = migrate(conn, str(path))
         # a damaged page answers a line saying where, not an error
         (verdict,) = conn.execute("PRAGMA quick_check(1)").fetchone()
         if verdict != "ok":
@@ -165,8 +176,10 @@ def _open_writer(path: Path, *, writes: bool = True) -> sqlite3.Connection:
         conn.execute("PRAGMA busy_timeout = 0")
     except BaseException:
         conn.close()
+        if held is not None:
+            held.release()
         raise
-    return conn
+    return conn, change, held
 
 
 @final
@@ -191,6 +204,8 @@ class CandleStore(WindowReads):
         self._data_version: int | None = None
         self._identity: tuple[int, int] | None = None  # the file's (device, inode)
         self._wal_identity: tuple[int, int] | None = None  # its -wal's, open with it
+        self.schema: SchemaChange | None = None  # what opening it did to its schema
+        self.lock: FileLock | None = None  # serve's single-writer lock, let go by aclose
 
     def write_running_for(self) -> float:
         """Seconds the write in flight has been running (0 when idle): the watchdog's view
@@ -203,15 +218,20 @@ class CandleStore(WindowReads):
         return self._closed
 
     @classmethod
-    async def open(cls, path: Path | str, *, writes: bool = True) -> CandleStore:
+    async def open(
+        cls, path: Path | str, *, writes: bool = True, lock: bool = False
+    ) -> CandleStore:
         """Open (and migrate) the store; ``writes=False``: the caller only reads (export),
-        so a file it may not write is not refused."""
+        so a file it may not write is not refused. ``lock``: take the single-writer lock
+        first (``serve`` when it ingests; StoreInUse when another process holds it)."""
         path = Path(path)
+        opened: list[tuple[SchemaChange, FileLock | None]] = []
 
         def _open() -> tuple[sqlite3.Connection, tuple[int, int], tuple[int, int] | None]:
             try:
                 with _translated(f"open of {path}"):
-                    conn = _open_writer(path, writes=writes)
+                    conn, change, held = _open_writer(path, writes=writes, lock=lock)
+                    opened.append((change, held))
             except (FileExistsError, NotADirectoryError) as exc:
                 # mkdir of the folder met a file on the way ("File exists")
                 blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
@@ -233,11 +253,14 @@ class CandleStore(WindowReads):
                 return conn, files.identity(path), files.identity(wal) if wal.exists() else None
             except BaseException:
                 conn.close()
+                if held is not None:
+                    held.release()
                 raise
 
         conn, identity, wal_identity = await trio.to_thread.run_sync(_open)
         store = cls(path, conn)
         store._identity, store._wal_identity = identity, wal_identity
+        store.schema, store.lock = opened[0]
         return store
 
     def checkpoint_failures(self) -> int:
@@ -296,6 +319,8 @@ class CandleStore(WindowReads):
                 self._checkpointer.close()
                 for conn in conns:
                     conn.close()
+                if self.lock is not None:  # after the last commit
+                    self.lock.release()
 
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(_close_all)

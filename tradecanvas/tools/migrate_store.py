@@ -15,6 +15,10 @@ The SQLite file is migrated forward when its schema is older, then only read (it
 may keep running: a later run copies what it added). Ctrl-C stops after the batch being
 committed; what was copied stays and the next run goes on from there.
 
+While it runs the target carries a meta record (``MIGRATION_MARK``, the SQLite file's path),
+written before the first candle and deleted in the last transaction: a run killed half-way
+leaves it, and ``serve`` refuses to open a store carrying it until a rerun completes.
+
 Exit codes: 0 copied (a second run: nothing changed); 1 the target's event log has other
 events under the same ids; 2 bad arguments (no such SQLite file, not a PostgreSQL URL); 3
 either store failed (what was committed stays: run it again); 130 Ctrl-C, 143 SIGTERM (the
@@ -39,6 +43,7 @@ import trio
 
 from tradecanvas.errors import ExitCode, StoreError
 from tradecanvas.service_urls import parse_database_url
+from tradecanvas.store.open import MIGRATION_MARK
 from tradecanvas.store.pg_txn import PgStoreTxn
 from tradecanvas.store.postgres import PostgresStore, describe_url
 from tradecanvas.store.schema import SCHEMA_VERSION
@@ -150,6 +155,10 @@ async def migrate_store(
 
     conn = await trio.to_thread.run_sync(connect)
     tally = MigrationTally()
+    # "in progress" until the last transaction: serve refuses a target carrying it (a
+    # daemon's events on a partial copy would take ids the rerun needs)
+    marked_before = await target.get_meta(MIGRATION_MARK) is not None
+    await target.write(lambda txn: txn.set_meta(MIGRATION_MARK, str(sqlite_path)))
     try:
         for sid, total in await trio.to_thread.run_sync(_series_counts, conn):
             tally.series += 1
@@ -179,11 +188,17 @@ async def migrate_store(
         def set_all(txn: PgStoreTxn) -> None:
             for key, value in entries:
                 txn.set_meta(key, value)
+            txn.delete_meta(MIGRATION_MARK)  # complete
 
         await target.write(set_all)
         tally.meta = len(entries)
     except sqlite3.Error as exc:
         raise StoreError(f"reading {sqlite_path} failed: {exc}") from exc
+    except EventIdTaken:
+        # not a copy that a rerun finishes: a database of its own, left as marked as it was
+        if not marked_before:
+            await target.write(lambda txn: txn.delete_meta(MIGRATION_MARK))
+        raise
     finally:
         conn.close()
     return tally
