@@ -19,7 +19,7 @@ from typing import Any, Final
 import attrs
 
 from tradecanvas.errors import FlagError, SeriesIdError
-from tradecanvas.model import DAY, MINUTE, SeriesId, Timeframe, derivation_sources
+from tradecanvas.model import BINANCE_INTERVALS, MINUTE, SeriesId, Timeframe, derivation_sources
 from tradecanvas.service_urls import parse_database_url, parse_redis_url
 
 log = logging.getLogger(__name__)
@@ -186,12 +186,15 @@ def _parse_timeframes(text: str) -> tuple[Timeframe, ...]:
             tf = Timeframe.parse(item)
         except SeriesIdError as exc:
             raise ValueError(str(exc)) from None
-        calendar = tf.is_week or tf.is_month or tf.text == "3d"
-        if not calendar and (tf.seconds <= MINUTE or DAY % tf.seconds):
+        if tf.text not in BINANCE_INTERVALS or tf.seconds <= MINUTE:
+            # Binance's own spelling only: 60m beside 1h would be a second series of the
+            # same bars, and 10m a series no Binance client knows
+            same = [t for t in BINANCE_INTERVALS[1:] if Timeframe.parse(t).seconds == tf.seconds]
             raise ValueError(
-                f"{item} cannot be derived from 1m bars as Binance aligns them; allowed:"
-                " minutes/hours dividing a day (3m, 5m, 15m, 30m, 1h, 2h, 4h, 6h, 8h, 12h),"
-                " 1d, 3d, 1w, 1M"
+                f"{item} is written {same[0]} (Binance's name for it)"
+                if same and same[0] != tf.text
+                else f"{item} is not a Binance interval that can be derived from 1m bars;"
+                f" allowed: {', '.join(BINANCE_INTERVALS[1:])}"
             )
         if tf in result:
             raise ValueError(f"{item} is listed twice")

@@ -163,14 +163,18 @@ async def test_the_page_has_no_write_path(tmp_path: Path) -> None:
     async with running_api(tmp_path) as api:
         assert (await api.client.post("/")).status_code == 405
         assert (await api.client.put("/assets/chart.js")).status_code == 405
-    script = (STATIC_DIR / "chart.js").read_text() + (STATIC_DIR / "connection.js").read_text()
+    script = "".join(p.read_text() for p in sorted(STATIC_DIR.glob("*.js")))
+    assert "keyboard.js" in {p.name for p in STATIC_DIR.glob("*.js")}
     assert "POST" not in script and "Authorization" not in script
     # the write endpoints (the page reads /readyz's "ingest" report, nothing else of ingest)
     assert "/api/market/ingest" not in script
 
 
 def test_the_page_refers_to_its_own_origin_only() -> None:
-    for name in ("index.html", "chart.js", "connection.js", "chart.css"):
+    # every file of the page's own (the vendored library is checked by its licence test)
+    names = sorted(p.name for p in STATIC_DIR.iterdir() if p.suffix in {".html", ".js", ".css"})
+    assert {"index.html", "chart.js", "connection.js", "keyboard.js", "chart.css"} <= set(names)
+    for name in names:
         text = (STATIC_DIR / name).read_text()
         # the only absolute URL is the attribution link (a link, never loaded)
         urls = set(re.findall(r"\b(?:https?|wss?)://[^\s\"'`)]+", text))

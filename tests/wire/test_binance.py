@@ -5,6 +5,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any, Final
 
+import attrs
 import orjson
 import pytest
 from hypothesis import given, settings
@@ -21,6 +22,7 @@ from tradecanvas.wire.binance import (
     decode_frame_reference,
     kline_frame,
 )
+from tradecanvas.wire.binance_rest import candle_from_rest_row, candle_to_rest_row
 
 M1 = Timeframe.parse("1m")
 
@@ -306,3 +308,26 @@ def _with(doc: dict[str, Any], inner: dict[str, Any], key: str, value: object) -
             inner[key] = old
         else:
             inner.pop(key, None)
+
+
+def test_replays_frames_and_rest_rows_print_decimals_as_binance_does() -> None:
+    """Binance prints 0.00000060, never 6.0E-7 (str of a Decimal) or 0E-8."""
+    tiny = attrs.evolve(
+        candle(60, "0.00000060", "0.00000061", "0.00000059", "0.00000060"),
+        volume=Decimal("0E-8"),
+        quote_volume=Decimal("1.2E-7"),
+    )
+    series = SeriesId.parse("binance:spot:BTTC/USDT:1m")
+    k = kline_frame(series, tiny, closed=True, event_time_ms=120_000)["data"]["k"]  # type: ignore[index]
+    row = candle_to_rest_row(tiny, series.timeframe)
+    for texts in ([k["o"], k["h"], k["l"], k["c"], k["v"], k["q"]], row[1:6] + row[7:8]):
+        assert texts == [
+            "0.00000060",
+            "0.00000061",
+            "0.00000059",
+            "0.00000060",
+            "0.00000000",
+            "0.00000012",
+        ]
+    # and they decode to the same values
+    assert candle_from_rest_row(row, series.timeframe).same_values(tiny)

@@ -371,6 +371,12 @@ def _fast_kline_event(doc: object) -> KlineEvent | None:
     return KlineEvent(event_ms, symbol, open_ms, close_ms, interval, closed, candle, stream)
 
 
+def plain(value: Decimal | int) -> str:
+    """A decimal as Binance prints it: plain digits, never an exponent (``str`` gives
+    ``6.0E-7`` for ``0.00000060`` and ``0E-8`` for ``0.00000000``)."""
+    return format(value, "f") if isinstance(value, Decimal) else str(value)
+
+
 def kline_frame(
     series: SeriesId, candle: Candle, *, closed: bool, event_time_ms: int
 ) -> dict[str, object]:
@@ -389,16 +395,16 @@ def kline_frame(
                 "i": series.timeframe.text,
                 "f": -1 if not candle.trades else 1,
                 "L": -1 if not candle.trades else candle.trades,
-                "o": str(candle.open),
-                "c": str(candle.close),
-                "h": str(candle.high),
-                "l": str(candle.low),
-                "v": str(candle.volume),
+                "o": plain(candle.open),
+                "c": plain(candle.close),
+                "h": plain(candle.high),
+                "l": plain(candle.low),
+                "v": plain(candle.volume),
                 "n": candle.trades or 0,
                 "x": closed,
-                "q": str(candle.quote_volume or 0),
-                "V": str(candle.taker_buy_base or 0),
-                "Q": str(candle.taker_buy_quote or 0),
+                "q": plain(candle.quote_volume or 0),
+                "V": plain(candle.taker_buy_base or 0),
+                "Q": plain(candle.taker_buy_quote or 0),
                 "B": "0",
             },
         },

@@ -10,7 +10,7 @@ from decimal import Decimal
 
 from tradecanvas.errors import CandleError, WireError
 from tradecanvas.model import MS, Candle, Timeframe, validate_candle
-from tradecanvas.wire.binance import decode_wire_json, structure_decimal, structure_int
+from tradecanvas.wire.binance import decode_wire_json, plain, structure_decimal, structure_int
 
 
 def candle_from_rest_row(row: object, timeframe: Timeframe) -> Candle:
@@ -51,15 +51,15 @@ def candle_to_rest_row(candle: Candle, timeframe: Timeframe) -> list[object]:
     open_ms = candle.candle_time * MS
     return [
         open_ms,
-        str(candle.open),
-        str(candle.high),
-        str(candle.low),
-        str(candle.close),
-        str(candle.volume),
+        plain(candle.open),
+        plain(candle.high),
+        plain(candle.low),
+        plain(candle.close),
+        plain(candle.volume),
         timeframe.next_open(candle.candle_time) * MS - 1,
-        str(candle.quote_volume or 0),
+        plain(candle.quote_volume or 0),
         candle.trades or 0,
-        str(candle.taker_buy_base or 0),
-        str(candle.taker_buy_quote or 0),
+        plain(candle.taker_buy_base or 0),
+        plain(candle.taker_buy_quote or 0),
         "0",
     ]
