@@ -19,7 +19,7 @@ from typing import Any, Final
 import attrs
 
 from tradecanvas.errors import FlagError, SeriesIdError
-from tradecanvas.model import BINANCE_INTERVALS, MINUTE, SeriesId, Timeframe, derivation_sources
+from tradecanvas.model import BINANCE_INTERVALS, SeriesId, Timeframe, derivation_sources
 from tradecanvas.service_urls import parse_database_url, parse_redis_url
 
 log = logging.getLogger(__name__)
@@ -173,8 +173,7 @@ MAX_PARTS_PER_BAR: Final = 1440
 
 
 def _parse_timeframes(text: str) -> tuple[Timeframe, ...]:
-    """The timeframes to derive; ``none`` for none. An empty value is refused: a line
-    blanked in the env file would otherwise stop every derived series without a word."""
+    """The timeframes to derive, ``none`` for none; empty is refused (a blanked line)."""
     if text.strip().lower() == "none":
         return ()
     items = [item.strip() for item in text.split(",") if item.strip()]
@@ -186,13 +185,11 @@ def _parse_timeframes(text: str) -> tuple[Timeframe, ...]:
             tf = Timeframe.parse(item)
         except SeriesIdError as exc:
             raise ValueError(str(exc)) from None
-        if tf.text not in BINANCE_INTERVALS or tf.seconds <= MINUTE:
-            # Binance's own spelling only: 60m beside 1h would be a second series of the
-            # same bars, and 10m a series no Binance client knows
+        if tf.text not in BINANCE_INTERVALS[1:]:  # 60m: a second 1h series; 10m: no Binance's
             same = [t for t in BINANCE_INTERVALS[1:] if Timeframe.parse(t).seconds == tf.seconds]
             raise ValueError(
                 f"{item} is written {same[0]} (Binance's name for it)"
-                if same and same[0] != tf.text
+                if same
                 else f"{item} is not a Binance interval that can be derived from 1m bars;"
                 f" allowed: {', '.join(BINANCE_INTERVALS[1:])}"
             )
