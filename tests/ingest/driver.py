@@ -58,6 +58,7 @@ def make_core(
     series: Sequence[SeriesId] = (BTC,),
     *,
     head: int | None = T0 - 60,
+    first: int | None = None,
     unresolved: Holes = (),
     policy: IngestPolicy | None = None,
     **env: str,
@@ -72,7 +73,9 @@ def make_core(
     flags = build_runtime_flags(environ).flags
     core = IngestCore(series, flags=flags, policy=policy or IngestPolicy())
     for sid in series:
-        core.load_series(sid, head=head, unresolved=unresolved, recent=())
+        # the store's history starts at ``first`` (default: at its head)
+        start = head if first is None else first
+        core.load_series(sid, head=head, first=start, unresolved=unresolved, recent=())
     return core
 
 

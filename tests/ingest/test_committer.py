@@ -46,7 +46,7 @@ class Rig:
 async def committer(tmp_path: Path, head: int | None = None) -> AsyncIterator[Rig]:
     flags = build_runtime_flags({"TRADE_CANVAS_DERIVED_TIMEFRAMES": "5m"}).flags
     core = IngestCore([BTC], flags=flags, policy=IngestPolicy())
-    core.load_series(BTC, head=head, unresolved=(), recent=())
+    core.load_series(BTC, head=head, first=head, unresolved=(), recent=())
     store = await CandleStore.open(tmp_path / "market.sqlite3")
     hub = RecordingHub()
     reported: list[Malformed] = []

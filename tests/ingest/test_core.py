@@ -293,7 +293,7 @@ def test_a_restart_rechecks_a_minute_the_last_run_called_absent() -> None:
     truth = truth_of(8)
     core = make_core(head=None)
     stored = [c for t, c in truth.items() if t < T0 + 240 and t != T0 + 120]
-    core.load_series(BTC, head=T0 + 180, unresolved=(), recent=stored)
+    core.load_series(BTC, head=T0 + 180, first=T0, unresolved=(), recent=stored)
     driver = Driver(core, {BTC: truth}, rest_lag_ms=90_000)
     for candle in list(truth.values())[4:]:
         driver.send(close_of(BTC, candle))

@@ -217,6 +217,11 @@ class MinuteCache:
     associative, :mod:`~tradecanvas.pipeline.derive`): a forming 1d bar costs the minutes
     added since the last one, not the 1,440 of the day. A minute stored out of order, or
     stored again with other values, starts the sums of its series over.
+
+    It also knows where each series' stored history starts (:meth:`history_start`): the
+    store's first minute, given by :meth:`start_history` at start-up, lowered by any minute
+    added below it (an empty store's initial backfill). A bucket that begins before it gets
+    no forming bar (:func:`~tradecanvas.ingest.forming.derived_forming`).
     """
 
     def __init__(self, span_s: int) -> None:
@@ -225,6 +230,7 @@ class MinuteCache:
         self._newest: dict[SeriesId, int] = {}
         self._oldest: dict[SeriesId, int] = {}
         self._versions: dict[SeriesId, int] = {}
+        self._first: dict[SeriesId, int] = {}  # the first stored (or queued) minute
         self._folds: dict[tuple[SeriesId, Timeframe, int], _Fold] = {}
 
     def add(self, series: SeriesId, candles: Iterable[Candle]) -> None:
@@ -246,6 +252,9 @@ class MinuteCache:
             self._versions[series] = self._versions.get(series, 0) + 1
         if newest is None or oldest is None:
             return
+        first = self._first.get(series)
+        if first is None or oldest < first:  # (the cached minutes are all >= the first)
+            self._first[series] = oldest
         self._newest[series] = newest
         floor = newest - self.span_s
         if oldest < floor:  # trim from the oldest up: a minute or two per add, not a scan
@@ -253,6 +262,17 @@ class MinuteCache:
                 minutes.pop(t, None)
             oldest = floor
         self._oldest[series] = oldest
+
+    def start_history(self, series: SeriesId, first: int | None) -> None:
+        """The store's first minute of ``series`` (None: nothing stored), at start-up."""
+        if first is None:
+            self._first.pop(series, None)
+        else:
+            self._first[series] = first
+
+    def history_start(self, series: SeriesId) -> int | None:
+        """The first minute of ``series`` stored or queued for the store (None: none)."""
+        return self._first.get(series)
 
     def bucket(
         self, series: SeriesId, timeframe: Timeframe, t: int, phase: int = 0

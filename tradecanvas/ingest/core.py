@@ -60,11 +60,11 @@ import attrs
 
 from tradecanvas.errors import WireError
 from tradecanvas.ingest.batcher import BatchItem, ClosedBatcher, FormingThrottle, Holes, MinuteCache
+from tradecanvas.ingest.forming import derived_forming
 from tradecanvas.ingest.ordering import FormingGate, group_settled
 from tradecanvas.ingest.policy import IngestPolicy
 from tradecanvas.ingest.tracker import REPAIR_REASONS, FillRequest, Released, SeriesTracker
 from tradecanvas.model import MINUTE, MINUTE_MS, MS, Candle, SeriesId, Timeframe
-from tradecanvas.pipeline.derive import derive_forming
 from tradecanvas.runtime_flags import RuntimeFlags
 from tradecanvas.wire.binance import ControlFrame, KlineEvent, decode_frame
 
@@ -198,9 +198,16 @@ class IngestCore:
         return self.minutes.span_s
 
     def load_series(
-        self, sid: SeriesId, *, head: int | None, unresolved: Holes, recent: Sequence[Candle]
+        self,
+        sid: SeriesId,
+        *,
+        head: int | None,
+        first: int | None,
+        unresolved: Holes,
+        recent: Sequence[Candle],
     ) -> None:
-        """The store's state of ``sid``: head, holes, minutes :attr:`recent_span_s` below it."""
+        """The store's state of ``sid``: head, first minute (where its history starts),
+        holes, minutes :attr:`recent_span_s` below the head."""
         self.trackers[sid] = tracker = SeriesTracker(
             head=head,
             initial_backfill=self.initial_backfill,
@@ -209,6 +216,7 @@ class IngestCore:
             stored=(c.candle_time for c in recent),
         )
         self._live[sid.stream_name] = _Live(sid, sid.timeframe.text, tracker)
+        self.minutes.start_history(sid, first)
         self.minutes.add(sid, recent)
 
     # --- frames --------------------------------------------------------------------------
@@ -331,18 +339,10 @@ class IngestCore:
         """The forming messages of one forming base candle: ``(series_id, candle)`` of the
         base series, then of each derived timeframe, built from the bucket's minutes
         (closed ones still waiting for their commit included). Never stored. A phased
-        timeframe (3d) needs the symbol's ``phase`` (seconds): without it, none is built."""
+        timeframe (3d) needs the symbol's ``phase`` (seconds): without it, none is built;
+        nor for a bucket begun before the series' stored history (:mod:`.forming`)."""
         yield str(sid), candle
-        for tf in self.derived:
-            tf_phase = phase if tf.phased else 0
-            if tf_phase is None:
-                continue
-            minutes, previous_close = self.minutes.bucket_part(
-                sid, tf, candle.candle_time, tf_phase
-            )
-            derived = derive_forming(tf, minutes, candle, previous_close, tf_phase)
-            if derived is not None:
-                yield str(sid.with_timeframe(tf)), derived
+        yield from derived_forming(self.minutes, sid, self.derived, candle, phase)
 
     # --- REST fills ----------------------------------------------------------------------
 

@@ -232,8 +232,8 @@ class _IngestLoop:
             raise self._fatal
 
     async def _load_state(self) -> None:
-        """Heads, unresolved holes and the recent minutes from the store (before any frame
-        is read)."""
+        """Heads, first minutes, unresolved holes and the recent minutes from the store
+        (before any frame is read)."""
         store = self.pipeline.store
         span = self.core.recent_span_s
         for sid in self.series:
@@ -242,9 +242,12 @@ class _IngestLoop:
             if unresolved:
                 log.info("%s: %d unresolved holes from before; retrying", sid, len(unresolved))
             recent: list[Candle] = []
+            first = None
             if head is not None:
                 recent = [s.candle for s in await store.range(str(sid), head - span, head + MINUTE)]
-            self.core.load_series(sid, head=head, unresolved=unresolved, recent=recent)
+                oldest = await store.since(str(sid), -1, 1)  # where its history starts
+                first = oldest[0].candle_time if oldest else head
+            self.core.load_series(sid, head=head, first=first, unresolved=unresolved, recent=recent)
 
     async def _final_flush(self) -> None:
         try:

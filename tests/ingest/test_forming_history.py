@@ -1,0 +1,126 @@
+"""Forming derived bars and where the store's history starts (pure, with the Driver of
+tests/ingest/driver.py): a bucket begun before the series' first stored minute gets no
+forming bar — Binance's bar holds minutes the store never had, and the commit path leaves
+such a bucket out too (``BatchCommit._bar``) — while every bucket inside the history, one
+whose first minutes are absent at the exchange included, keeps its forming bars."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.ingest.driver import BTC, T0, Driver, bar, close_of, forming_of, make_core, truth_of
+from tradecanvas.ingest.batcher import MinuteCache
+from tradecanvas.ingest.tracker import FillRequest
+from tradecanvas.model import Candle, Timeframe
+from tradecanvas.pipeline.derive import aggregate
+
+DAY = 86_400
+MONDAY = T0 + DAY  # 2025-07-07 00:00 UTC, a 1w bucket's open (T0 is a Sunday)
+WEDNESDAY_1430 = MONDAY + 2 * DAY + 14 * 3600 + 1800
+DERIVED = "5m,1d,1w"
+
+
+def forming_series(driver: Driver) -> set[str]:
+    """The timeframes (as in series ids) forming updates were sent for."""
+    return {series_id.rsplit(":", 1)[1] for series_id, _ in driver.forming}
+
+
+def last_forming(driver: Driver, timeframe: str) -> Candle:
+    series_id = str(BTC.with_timeframe(Timeframe.parse(timeframe)))
+    return [c for s, c in driver.forming if s == series_id][-1]
+
+
+def test_an_initial_backfill_from_mid_week_sends_no_forming_bar_of_the_day_or_week() -> None:
+    """The review's case: an empty store backfills 30 minutes before the first live one,
+    Wednesday 14:30, so its history starts at 14:00; Binance's day and week bars hold minutes
+    from before that. The 1m and 5m forming bars go out (their buckets are whole); the
+    1d and 1w ones, built from 14:00 on, would be wrong (before the fix they were sent)."""
+    live = WEDNESDAY_1430
+    truth = truth_of(40, start=live - 1800)
+    core = make_core(head=None, derived_timeframes=DERIVED, initial_backfill_candles="30")
+    driver = Driver(core, {BTC: truth})
+    driver.send(forming_of(BTC, truth[live]))
+    assert driver.fills == [FillRequest(live - 1800, live, "initial")]
+    driver.answer()
+    driver.commit()
+    assert core.minutes.history_start(BTC) == live - 1800
+    for t in range(live, live + 600, 60):  # ten more minutes, one 5m bucket ending
+        driver.send(forming_of(BTC, truth[t], 50_000))
+        driver.send(close_of(BTC, truth[t]))
+        driver.commit()
+    assert forming_series(driver) == {"1m", "5m"}
+    fives = [c.candle_time for s, c in driver.forming if s.endswith(":5m")]
+    assert fives[0] == live and fives[-1] == live + 300
+
+
+def test_an_initial_backfill_from_before_the_buckets_sends_every_forming_bar() -> None:
+    """History from Sunday 23:40 (30 minutes before Monday 00:10): the 5m, 1d and 1w buckets
+    of Monday 00:10 begin inside it, so each forming bar goes out and holds every minute
+    of its bucket."""
+    live = MONDAY + 600
+    truth = truth_of(40, start=live - 1800)
+    core = make_core(head=None, derived_timeframes=DERIVED, initial_backfill_candles="30")
+    driver = Driver(core, {BTC: truth})
+    driver.send(forming_of(BTC, truth[live]))
+    driver.answer()
+    driver.commit()
+    assert forming_series(driver) == {"1m", "5m", "1d", "1w"}
+    whole = aggregate(MONDAY, [truth[t] for t in range(MONDAY, live + 60, 60)])
+    assert last_forming(driver, "1w") == whole
+    assert last_forming(driver, "1d") == whole
+    assert last_forming(driver, "5m") == aggregate(live, [truth[live]])
+
+
+@pytest.mark.parametrize(
+    ("first", "sent"),
+    [
+        (WEDNESDAY_1430 - 1800, {"1m", "5m"}),  # the history starts this afternoon
+        (MONDAY + DAY + 12 * 3600, {"1m", "5m", "1d"}),  # Tuesday noon: inside the week
+        (MONDAY, {"1m", "5m", "1d", "1w"}),  # the week's open: every bucket is whole
+        (T0, {"1m", "5m", "1d", "1w"}),
+    ],
+)
+def test_a_restart_takes_the_history_start_from_the_store(first: int, sent: set[str]) -> None:
+    """A store that holds minutes from ``first`` up to 14:29 on Wednesday, loaded at start-up:
+    the forming bar of each bucket begun before ``first`` is left out, the others go out."""
+    live = WEDNESDAY_1430
+    core = make_core(head=live - 60, first=first, derived_timeframes=DERIVED)
+    driver = Driver(core, {BTC: {}})
+    driver.send(forming_of(BTC, bar(live)))
+    assert forming_series(driver) == sent
+
+
+def test_a_bucket_whose_first_minutes_are_absent_at_the_exchange_keeps_its_forming_bars() -> None:
+    """A real hole, not the history's start: the store holds Sunday, the exchange has no
+    minute from Sunday 23:58 to Monday 00:04. Monday's 1d and 1w buckets begin inside the
+    history, so their forming bars — of the minutes there, as their closed bars will be —
+    go out once REST has confirmed the hole."""
+    missing = range(2, 9)  # Sunday 23:58 … Monday 00:04
+    truth = truth_of(12, missing=missing, start=MONDAY - 240)
+    core = make_core(head=MONDAY - 180, first=T0, derived_timeframes=DERIVED)
+    driver = Driver(core, {BTC: truth})
+    live = MONDAY + 300
+    driver.send(forming_of(BTC, truth[live]))
+    driver.answer()
+    driver.commit()
+    assert driver.absent_runs() == [(MONDAY - 120, MONDAY + 300)]
+    assert forming_series(driver) == {"1m", "5m", "1d", "1w"}
+    alone = aggregate(MONDAY, [truth[live]])
+    assert last_forming(driver, "1w") == alone and last_forming(driver, "1d") == alone
+
+
+def test_the_minute_cache_knows_where_the_history_starts() -> None:
+    cache = MinuteCache(3600)
+    assert cache.history_start(BTC) is None
+    cache.add(BTC, [bar(T0 + 600), bar(T0 + 660)])
+    assert cache.history_start(BTC) == T0 + 600  # an empty store: its first minute added
+    cache.add(BTC, [bar(T0 + 720)])
+    cache.add(BTC, [bar(T0 + 300)])  # history fetched below it
+    assert cache.history_start(BTC) == T0 + 300
+    cache.add(BTC, [bar(T0 + 3600 * 5)])  # the old minutes are trimmed; the start stays
+    assert cache.bucket(BTC, Timeframe.parse("1h"), T0 + 600)[0] == []
+    assert cache.history_start(BTC) == T0 + 300
+    cache.start_history(BTC, T0 - 60)  # the store's, at start-up
+    assert cache.history_start(BTC) == T0 - 60
+    cache.start_history(BTC, None)
+    assert cache.history_start(BTC) is None
