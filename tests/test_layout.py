@@ -44,6 +44,7 @@ PURE_MODULES: Final = (
     "tradecanvas.pipeline.recent",
     "tradecanvas.ingest.tracker",
     "tradecanvas.ingest.batcher",
+    "tradecanvas.ingest.forming",
     "tradecanvas.ingest.ordering",
     "tradecanvas.ingest.core",
     "tradecanvas.ingest.flush_summary",
