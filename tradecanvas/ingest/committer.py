@@ -137,7 +137,7 @@ class BatchCommitter:
                 # a subscriber failed (already isolated by the hub); the candles are
                 # committed and healthy subscribers heal from the store. Never a reason
                 # to touch the upstream connection.
-                log.warning("%s: legacy publish failed: %s", self.name, exc)
+                log.info("%s: legacy publish failed: %s", self.name, exc)
 
     async def save_holes(self, sid: SeriesId, holes: Holes) -> None:
         """Store the series' unresolved holes on their own (no queued candle carries them:

@@ -40,10 +40,10 @@ class PublishOutcome:
 def run_publish_steps(steps: Iterable[PublishStep]) -> PublishOutcome:
     """Run every step in order, whatever failed before it.
 
-    A failing step (the target reports failed deliveries, or raises) is logged and counted;
-    the target has already isolated the failing subscriber. Later steps still run because
-    a skipped step would be lost for the healthy subscribers: candles could be healed from
-    the store, but system events are not stored. The caller raises for strict failures
+    A failing step (the target reports failed deliveries: INFO; or raises: ERROR) is logged
+    and counted; the target has already isolated the failing subscriber. Later steps still
+    run because a skipped step would be lost for the healthy subscribers: candles could be
+    healed from the store, but system events are not stored. The caller raises for strict failures
     (:meth:`PublishOutcome.raise_if_strict_failed`) once everything has been queued.
     """
     count = failed = 0
@@ -58,7 +58,9 @@ def run_publish_steps(steps: Iterable[PublishStep]) -> PublishOutcome:
         if not problems:
             continue
         failed += 1
-        log.warning(
+        # a subscriber whose connection broke (a phone changing network): routine, and its
+        # own line is already logged; a step that raised is logged above with its traceback
+        log.info(
             "publish step %s: %d delivery failure(s): %s", step.name, len(problems), problems[:3]
         )
         if step.strict:
