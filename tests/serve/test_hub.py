@@ -81,7 +81,6 @@ def metric(market_metrics: Metrics, line_start: str) -> float:
 # --- the shell without sockets ----------------------------------------------------------
 
 
-@final
 class MemoryReader:
     """CandleReader over a dict (no threads, so the autojump clock stays exact)."""
 

@@ -8,7 +8,7 @@ the counts (``take_*``) and this module the order.
 
 from __future__ import annotations
 
-from collections.abc import Generator, Iterable, Sequence
+from collections.abc import Generator, Iterable
 from typing import TYPE_CHECKING
 
 from tradecanvas.model import Candle
@@ -18,6 +18,7 @@ from tradecanvas.serve.outgoing import (
     EventsRead,
     EventsTruncated,
     FormingCandle,
+    Outgoing,
     Plan,
     ReadEvents,
     ReadStore,
@@ -69,9 +70,12 @@ def _flush(queue: SubscriberQueue, sub: Subscription) -> Plan:
         # a hole before a candle a store read has already covered is the store's own
         # (a gap); one before a newer candle needs another read first
         ready, carry = split_at_unverified_hole(sub, [pending[t] for t in sorted(pending)])
-        yield from _send_closed(queue, sub, ready)
-        if _stale(queue, sub):
-            return
+        messages = plan_closed(sub, ready)
+        del ready, pending
+        if messages:
+            yield _sending(messages)
+            if _stale(queue, sub):
+                return
         if not carry:
             break
     forming = queue.take_forming(sub) if sub.active else None
@@ -169,21 +173,28 @@ def _sync(queue: SubscriberQueue, sub: Subscription, carried_upto: int) -> Plan:
                 sub.anchored = True
                 raw = raw[1:]
             chunk = raw[:limit]
+            del raw
         else:
             chunk = yield from _read(ReadStore(sub.series_id, sub.cursor, limit))
             complete = len(chunk) < limit
         if _stale(queue, sub):
             return
-        yield from _send_closed(queue, sub, chunk)
-        if _stale(queue, sub):
-            return
+        read_any = bool(chunk)
+        messages = plan_closed(sub, chunk)
+        # the read's candles are in the messages now: no reference here while they are
+        # written (a client that does not read holds them for up to the send timeout)
+        del chunk
+        if messages:
+            yield _sending(messages)
+            if _stale(queue, sub):
+                return
         target = sub.heal_target
         if complete and (
             target is None
             or (sub.cursor is not None and sub.cursor >= target)
             # the store ends below a target that a read started after it was set: a
             # candle that was never committed cannot be healed (defensive; not expected)
-            or (not chunk and target == target_before_read)
+            or (not read_any and target == target_before_read)
         ):
             break
     sub.heal_target = None
@@ -191,11 +202,13 @@ def _sync(queue: SubscriberQueue, sub: Subscription, carried_upto: int) -> Plan:
     queue.end_lagging_if_healed()
 
 
-def _send_closed(queue: SubscriberQueue, sub: Subscription, candles: Sequence[Candle]) -> Plan:
-    """Send ``candles`` above the cursor (moving it); nothing to send: no yield."""
-    messages = plan_closed(sub, candles)
-    if messages:
-        yield Send(tuple(messages))
+def _sending(messages: list[Outgoing]) -> Send:
+    """A Send of ``messages``, which is emptied: the plan keeps no reference to what the
+    publish task writes (it drops them as they go out), so a catch-up held up by a client
+    that does not read holds only the bytes not yet written."""
+    send = Send(tuple(messages))
+    messages.clear()
+    return send
 
 
 def _read(read: ReadStore) -> Generator[Action, Answer, list[Candle]]:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import deque
 from collections.abc import Iterator, Sequence
 from typing import Final, Protocol, final
 
@@ -38,6 +39,7 @@ from tradecanvas.ops.metrics import Metrics
 from tradecanvas.pipeline.events import SystemEvent
 from tradecanvas.serve.encoded import Encoded, SharedEncodings
 from tradecanvas.serve.outgoing import (
+    Action,
     Answer,
     EventsRead,
     Gap,
@@ -63,7 +65,8 @@ log = logging.getLogger(__name__)
 WRITE_CHUNK_BYTES: Final = 64 * 1024
 # store reads (with the messages made of them) in progress at once, across the Hub's
 # subscribers: without a bound, clients that subscribe with a long catch-up and never read
-# each held a catch-up's candles and bytes (1.6 MB a session was measured)
+# each held a catch-up's candles and bytes (1.6 MB a session was measured); a place keeps
+# only the bytes not yet written while they wait on the socket (see Publisher._pieces)
 CATCHUPS_AT_ONCE: Final = 64
 # while a catch-up waits for a place, a holder's write of at most WRITE_CHUNK_BYTES must
 # finish within this (32 KiB/s): 64 clients that never read held every place for the whole
@@ -243,9 +246,10 @@ class Publisher:
         try:
             while True:
                 try:
-                    action = plan.send(answer)
+                    action: Action | None = plan.send(answer)
                 except StopIteration:
                     return
+                answer = None  # a read's candles: in the plan's messages now, if anywhere
                 if isinstance(action, ReadStore | ReadEvents) and not holding:
                     if self.catchups.available_tokens < 1:
                         self._hurry_holders()
@@ -256,9 +260,10 @@ class Publisher:
                     answer = await self._read(action)
                 elif isinstance(action, ReadEvents):
                     answer = await self._read_events(action)
-                else:
-                    answer = None
-                    await self._send(subscriber, self._encode(action.messages))
+                elif action is not None:
+                    pieces = self._pieces(subscriber, action.messages)
+                    action = None  # the messages and their candles: only the bytes are kept
+                    await self._send(subscriber, pieces)
                     if holding:
                         self._give_back(subscriber)
                         holding = False
@@ -301,19 +306,30 @@ class Publisher:
             encoded.extend(self.encodings.encode(message))
         return encoded
 
-    async def _send(self, subscriber: Subscriber, encoded: Sequence[Encoded]) -> None:
-        """Write ``encoded`` in order, each write within send_timeout_s (else the send
-        scope is cancelled: 4008)."""
+    def _pieces(self, subscriber: Subscriber, messages: Sequence[Outgoing]) -> deque[bytes | str]:
+        """What is written for ``messages``, in order: pre-framed writes of about
+        WRITE_CHUNK_BYTES where the connection takes frames, else one text per message.
+        Only these are kept while they go out (not the messages, candles or encodings)."""
+        encoded = self._encode(messages)
+        if subscriber.frames is not None:
+            return deque(_chunks(encoded))
+        return deque(e.text for e in encoded)
+
+    async def _send(self, subscriber: Subscriber, pieces: deque[bytes | str]) -> None:
+        """Write ``pieces`` in order, each within send_timeout_s (else the send scope is
+        cancelled: 4008), letting go of each once written."""
         frames = subscriber.frames
         scope = subscriber.send_scope
-        if frames is not None:
-            for chunk in _chunks(encoded):
-                self._start_write(subscriber)
-                await frames.write(chunk)
-        else:
-            for e in encoded:
-                self._start_write(subscriber)
-                await subscriber.socket.send_message(e.text)
+        while pieces:
+            piece = pieces.popleft()
+            self._start_write(subscriber)
+            if isinstance(piece, bytes):
+                if frames is None:
+                    raise TypeError("pre-framed bytes for a connection that takes text")
+                await frames.write(piece)
+            else:
+                await subscriber.socket.send_message(piece)
+            del piece
         scope.deadline = math.inf
 
 
