@@ -48,11 +48,15 @@ Failures and ``best_effort``
 A subscriber whose delivery fails — its socket broke under a send, or the peer vanished without
 a close handshake — is cancelled and closed by its own task. A publish step that would have
 delivered to it reports it (one description per such subscriber, from the next closed/system
-publish of one of its series) and then forgets it; an exception raised while queueing for one
-subscriber isolates that subscriber (close 1011) and is reported the same way. The caller
-(``IngestPipeline.publish``) decides between best effort and ``PublishError``. A subscriber
-is closed with 4008 when the queue decides so, or when one send does not complete within
-``send_timeout_s``. Nobody else notices: other subscribers and publishers never wait for it.
+publish of one of its series, even one with no subscribers left) and then forgets it; an
+exception raised while queueing for one subscriber isolates that subscriber (close 1011) and is
+reported the same way. The caller (``IngestPipeline.publish``) decides between best effort and
+``PublishError``. A failed connection's queue and buffers are freed at :meth:`Hub.detach`: only
+its description waits, per series, at most ``MAX_FAILURES_LISTED`` and a count of the rest (a
+counted one is counted by a publish of each of its series), so a halted series holds a few
+bytes however many clients failed on it. A subscriber is closed with 4008 when the queue
+decides so, or when one send does not complete within ``send_timeout_s``. Nobody else
+notices: other subscribers and publishers never wait for it.
 
 Errors: :class:`~tradecanvas.errors.ClientMessageError` (with a protocol ``code``) from
 :meth:`Hub.subscribe`. Nothing else is raised to publishers.
@@ -92,6 +96,32 @@ MAX_FAILURES_LISTED: Final = 20
 @attrs.frozen
 class HubStatistics:
     subscribers: int
+
+
+@attrs.define
+class _Failed:
+    """A detached failed subscriber's report, shared by its series (``reported``: by one of
+    them; the others skip it)."""
+
+    text: str
+    reported: bool = False
+
+
+@attrs.define
+class _PendingFailures:
+    """One series' detached failed subscribers not reported yet: at most
+    ``MAX_FAILURES_LISTED`` reports and how many more."""
+
+    listed: list[_Failed] = attrs.Factory(list)
+    more: int = 0
+
+    def add(self, failed: _Failed) -> None:
+        if len(self.listed) >= MAX_FAILURES_LISTED:
+            self.listed = [f for f in self.listed if not f.reported]
+        if len(self.listed) < MAX_FAILURES_LISTED:
+            self.listed.append(failed)
+        else:
+            self.more += 1
 
 
 @final
@@ -138,8 +168,10 @@ class Hub:
         self.run_publisher = self._publisher.run
         self._attached: dict[Subscriber, None] = {}
         self._attached_changed = trio.Event()
-        # series id → the subscribers holding a subscription to it (failed ones until reported)
+        # series id → the subscribers holding a subscription to it
         self._index: dict[str, dict[Subscriber, None]] = {}
+        # series id → its detached failed subscribers' reports, until its next publish
+        self._failed: dict[str, _PendingFailures] = {}
         # within corked(): the frames each subscriber got at once, not yet written
         self._held: dict[Subscriber, list[bytes]] | None = None
         metrics.subscriber_queue_high_water.set_function(self._queue_high_water)
@@ -192,8 +224,8 @@ class Hub:
         return subscriber
 
     def detach(self, subscriber: Subscriber) -> None:
-        """Forget a finished connection. A failed one stays in the series index until a
-        publish step has reported it (see the module docstring)."""
+        """Forget a finished connection. A failed one not yet reported leaves only its
+        description, for the next publish of one of its series (see the module docstring)."""
         if subscriber.detached:
             return
         subscriber.detached = True
@@ -204,8 +236,11 @@ class Hub:
         reason = subscriber.disconnect_reason or "client_closed"
         self.metrics.subscriber_disconnects_total.labels(reason=reason).inc()
         self.metrics.delivery.abandon(subscriber.take_owed())
-        if subscriber.failure is None:
-            self._unindex(subscriber)
+        if subscriber.failure is not None and subscriber.queue.subscriptions:
+            failed = _Failed(f"subscriber {subscriber.peer}: {subscriber.failure}")
+            for sid in subscriber.queue.subscriptions:
+                self._failed.setdefault(sid, _PendingFailures()).add(failed)
+        self._unindex(subscriber)
 
     def _unindex(self, subscriber: Subscriber) -> None:
         for sid in subscriber.queue.subscriptions:
@@ -321,23 +356,25 @@ class Hub:
             return ()
         subscribers = self._index.get(series_id)
         if not subscribers:
-            return []
+            return self._reported(series_id, [])
         published = self.encodings.published(series_id, candles)
         now = trio.current_time()
-        return self._fan_out(
+        failures = self._fan_out(
             subscribers,
             lambda q: q.offer_closed(series_id, candles, now),
             lambda s: self._closed_at_once(s, published),
         )
+        return self._reported(series_id, failures)
 
     def publish_system(self, event: SystemEvent) -> Sequence[str]:
         sid, event_id = event.series_id, event.event_id
         subscribers = self._index.get(sid)
         if not subscribers:
-            return []
+            return self._reported(sid, [])
         text = dumps(event.to_wire())
         now = trio.current_time()
-        return self._fan_out(subscribers, lambda q: q.offer_event(sid, event_id, text, now))
+        failures = self._fan_out(subscribers, lambda q: q.offer_event(sid, event_id, text, now))
+        return self._reported(sid, failures)
 
     def publish_forming(self, series_id: str, candle: Candle) -> None:
         subscribers = self._index.get(series_id)
@@ -428,9 +465,24 @@ class Hub:
                 continue
             if decision is not None:
                 subscriber.close_for(decision)
+        return failures
+
+    def _reported(self, series_id: str, failures: list[str]) -> list[str]:
+        """What one closed/system publish of ``series_id`` reports: its detached failed
+        subscribers' descriptions (then forgotten), then ``failures`` (the fan-out's), at
+        most ``MAX_FAILURES_LISTED`` listed and a count of the rest."""
+        pending = self._failed.pop(series_id, None)
+        more = 0
+        if pending is not None:
+            failures = [*(f.text for f in pending.listed if not f.reported), *failures]
+            for failed in pending.listed:
+                failed.reported = True  # once, by whichever of its series publishes first
+            more = pending.more
         if len(failures) > MAX_FAILURES_LISTED:
-            more = len(failures) - MAX_FAILURES_LISTED
-            failures = [*failures[:MAX_FAILURES_LISTED], f"and {more} more subscriber(s)"]
+            more += len(failures) - MAX_FAILURES_LISTED
+            failures = failures[:MAX_FAILURES_LISTED]
+        if more:
+            failures.append(f"and {more} more subscriber(s)")
         return failures
 
 
