@@ -16,6 +16,7 @@ import httpx
 import pytest
 
 from tests.cli_rig import cli_env, exit_code_within, run_cli, wait_for_line
+from tests.conftest import binance_data_dir
 from tests.store.test_writer_lock import schema_1_store
 from tradecanvas import __version__
 from tradecanvas.errors import ExitCode
@@ -88,6 +89,50 @@ def test_a_store_newer_than_this_release_is_exit_4_with_advice_for_a_rollback(
         f"cannot start (exit code 4): candle store {db} has schema {SCHEMA_VERSION + 1},"
         f" newer than this tradecanvas writes ({SCHEMA_VERSION}): run the release that wrote"
         " it, or restore a backup taken before the upgrade"
+    )
+
+
+ONE_SHOT = {
+    "import": [
+        "import",
+        "--series",
+        "binance:futures:BTC/USDT:1m",
+        "{data}/klines_1m_5m/futures_um/BTCUSDT-1m-2023-08-16.csv",
+    ],
+    "export": [
+        "export",
+        "binance:futures:BTC/USDT:1m",
+        "--from",
+        "2023-08-16T00:00Z",
+        "--to",
+        "2023-08-16T01:00Z",
+    ],
+    "backfill": ["backfill", "binance:futures:BTC/USDT:1m", "--from", "2023-08-16"],
+}
+
+
+@pytest.mark.parametrize("command", sorted(ONE_SHOT))
+def test_the_one_shot_tools_exit_4_on_a_store_newer_than_this_release(
+    tmp_path: Path, command: str
+) -> None:
+    """As ``serve``: no rerun helps, and a script can tell a rollback from a failure
+    (migrate-store: tests/store_pg/test_upgrade_pg.py)."""
+    db = tmp_path / "market.sqlite3"
+    conn = sqlite3.connect(db)
+    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    conn.close()
+    args = [a.format(db=db, data=binance_data_dir()) for a in ONE_SHOT[command]]
+    refused = subprocess.run(
+        [sys.executable, "-m", "tradecanvas", *args],
+        env=_env(db),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert refused.returncode == ExitCode.STORE_TOO_NEW, refused.stderr
+    assert f"has schema {SCHEMA_VERSION + 1}, newer than this tradecanvas writes" in (
+        refused.stderr
     )
 
 

@@ -44,6 +44,12 @@ class ExitCode(enum.IntEnum):
         """The shell's convention, 128 + the signal: SIGINT 130, SIGTERM 143."""
         return cls(128 + signum)
 
+    @classmethod
+    def for_store_error(cls, exc: BaseException) -> ExitCode:
+        """A store failure's code: 4 for a store newer than this release (a rollback: no
+        rerun helps), else 3."""
+        return cls.STORE_TOO_NEW if isinstance(exc, StoreTooNew) else cls.STORE_FAILURE
+
 
 def first_leaf(exc: BaseException) -> BaseException:
     """The first exception inside (nested) exception groups, or ``exc`` itself."""

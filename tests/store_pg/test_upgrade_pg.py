@@ -9,6 +9,7 @@ import argparse
 import io
 import os
 import signal
+import sqlite3
 from pathlib import Path
 
 import psycopg
@@ -22,6 +23,7 @@ from tradecanvas.errors import ExitCode, StoreError, StoreInUse, StoreTooNew, st
 from tradecanvas.store.open import MIGRATION_MARK, open_served_store
 from tradecanvas.store.pg_schema import SCHEMA_VERSION
 from tradecanvas.store.postgres import PostgresStore
+from tradecanvas.store.schema import SCHEMA_VERSION as SQLITE_SCHEMA_VERSION
 from tradecanvas.store.sqlite import CandleStore
 from tradecanvas.store.writer_lock import PgServeLock
 from tradecanvas.tools.migrate_store import run_migrate_store
@@ -175,6 +177,21 @@ async def test_a_completed_migration_leaves_no_mark(tmp_path: Path, pg_url: str)
     store = await open_served_store(pg_url, "edge")  # not refused
     assert await store.get_meta(MIGRATION_MARK) is None
     await store.aclose()
+
+
+async def test_migrate_store_from_a_sqlite_file_newer_than_this_release_is_exit_4(
+    tmp_path: Path, pg_url: str
+) -> None:
+    path = tmp_path / "market.sqlite3"
+    await _fill(path)
+    conn = sqlite3.connect(path)
+    conn.execute(f"PRAGMA user_version = {SQLITE_SCHEMA_VERSION + 1}")
+    conn.close()
+    out, err = io.StringIO(), io.StringIO()
+    args = argparse.Namespace(sqlite_file=path, database_url=pg_url, batch=1000)
+    code = await trio.to_thread.run_sync(lambda: run_migrate_store(args, out=out, err=err))
+    assert code == ExitCode.STORE_TOO_NEW, err.getvalue()
+    assert f"has schema {SQLITE_SCHEMA_VERSION + 1}, newer than" in err.getvalue()
 
 
 async def test_a_migration_refused_for_taken_event_ids_leaves_no_mark(

@@ -67,6 +67,7 @@ EXIT_CODES: Final[ExitCodeTable] = (
     (ExitCode.FAILED, "the target's event log has events of its own under the same ids"),
     (ExitCode.USAGE, "bad arguments: no such SQLite file (or not one), a bad PostgreSQL URL"),
     (ExitCode.STORE_FAILURE, "either store failed; what was committed stays, run it again"),
+    (ExitCode.STORE_TOO_NEW, "the store's schema is newer than this release (a rollback)"),
     (ExitCode.INTERRUPTED, "Ctrl-C: the batch being committed is finished, the rest is not"),
     (ExitCode.TERMINATED, "SIGTERM: as Ctrl-C"),
 )
@@ -314,7 +315,7 @@ def run_migrate_store(
         return ExitCode.for_signal(exc.signum)
     except StoreError as exc:
         err.write(f"tradecanvas migrate-store: {exc}\n")
-        return ExitCode.STORE_FAILURE
+        return ExitCode.for_store_error(exc)
     except EventIdTaken as exc:
         err.write(f"tradecanvas migrate-store: {exc}\n")
         return ExitCode.FAILED

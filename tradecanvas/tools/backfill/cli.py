@@ -64,6 +64,7 @@ EXIT_CODES: Final[ExitCodeTable] = (
     (ExitCode.FAILED, "Binance REST failed for good or sent data we refuse (pages done stay)"),
     (ExitCode.USAGE, "bad arguments or flags, or a range after Binance's clock (no change)"),
     (ExitCode.STORE_FAILURE, "the store failed (disk full, read-only, corrupt), as for serve"),
+    (ExitCode.STORE_TOO_NEW, "the store's schema is newer than this release (a rollback)"),
     (ExitCode.INTERRUPTED, "Ctrl-C: the page being committed is finished, the rest is not"),
     (ExitCode.TERMINATED, "SIGTERM, as Ctrl-C"),
 )
@@ -210,7 +211,7 @@ async def _open_and_import(
         # the daemon's store: PostgreSQL with TRADE_CANVAS_DATABASE_URL
         store = await open_store(store_location(flags.db_path, flags.database_url))
     except StoreError as exc:
-        return ExitCode.STORE_FAILURE, f"store failure: {exc}"
+        return ExitCode.for_store_error(exc), f"store failure: {exc}"
     try:
         async with open_rest_client(flags, policy=policy, bans=StoreBanMemory(store)) as rest:
             plan = await cap_at_exchange(tally.plan, rest)
@@ -241,7 +242,7 @@ async def _open_and_import(
     except BadInputError as exc:  # WireError, CandleError: the page was not stored
         return ExitCode.FAILED, f"Binance sent data we refuse: {exc}; {tally.committed_text()}"
     except StoreError as exc:
-        return ExitCode.STORE_FAILURE, f"store failure: {exc}; {tally.committed_text()}"
+        return ExitCode.for_store_error(exc), f"store failure: {exc}; {tally.committed_text()}"
     finally:
         with trio.CancelScope(shield=True):
             await store.aclose()

@@ -36,6 +36,7 @@ EXIT_CODES: Final[ExitCodeTable] = (
         "no store at the path, the store failed, or the output file could not be written"
         " (an existing --out file is left as it was)",
     ),
+    (ExitCode.STORE_TOO_NEW, "the store's schema is newer than this release (a rollback)"),
 )
 
 
@@ -178,6 +179,6 @@ def run_export(args: argparse.Namespace, flags: RuntimeFlags, out: TextIO, err: 
         return ExitCode.USAGE
     except (StoreError, OSError) as exc:
         err.write(f"tradecanvas export: {exc}\n")
-        return ExitCode.STORE_FAILURE
+        return ExitCode.for_store_error(exc)
     err.write(f"tradecanvas export: {written:,} candles of {series}\n")
     return ExitCode.OK

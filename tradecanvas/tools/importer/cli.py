@@ -62,6 +62,7 @@ EXIT_CODES: Final[ExitCodeTable] = (
      " files before it stay imported, nothing of it is stored"),
     (ExitCode.USAGE, "bad arguments: no such file, a bad --series, a series not inferable"),
     (ExitCode.STORE_FAILURE, "the store failed (disk full, read-only, corrupt), as for serve"),
+    (ExitCode.STORE_TOO_NEW, "the store's schema is newer than this release (a rollback)"),
     (ExitCode.INTERRUPTED, "Ctrl-C: the transaction in flight is finished; run it again"),
     (ExitCode.TERMINATED, "SIGTERM, as Ctrl-C"),
 )  # fmt: skip
@@ -227,7 +228,7 @@ async def run_import(
     try:
         store: MarketStore = await open_store(location)
     except StoreError as exc:
-        return ExitCode.STORE_FAILURE, tally, f"store failure: {exc}"
+        return ExitCode.for_store_error(exc), tally, f"store failure: {exc}"
     caught: list[int] = []
     failure: tuple[ExitCode, str] | None = None
     work = trio.CancelScope()
@@ -258,7 +259,7 @@ async def run_import(
                             finished = await committer.finish()
                             tally.events = committer.rebuilds_logged + len(finished)
             except StoreError as exc:
-                failure = (ExitCode.STORE_FAILURE, f"store failure: {exc}")
+                failure = (ExitCode.for_store_error(exc), f"store failure: {exc}")
             finally:
                 progress.finish()
                 nursery.cancel_scope.cancel()
