@@ -21,7 +21,8 @@ leaves it, and ``serve`` refuses to open a store carrying it until a rerun compl
 
 Exit codes: 0 copied (a second run: nothing changed); 1 the target's event log has other
 events under the same ids; 2 bad arguments (no such SQLite file, not a PostgreSQL URL); 3
-either store failed (what was committed stays: run it again); 130 Ctrl-C, 143 SIGTERM (the
+either store failed (what was committed stays: run it again); 4 the SQLite file's or the
+database's schema is newer than this release; 130 Ctrl-C, 143 SIGTERM (the
 batch in flight is finished; a second signal exits at once).
 """
 

@@ -35,9 +35,9 @@ pages skipped; time taken.
 Exit codes (:data:`~tradecanvas.tools.backfill.cli.EXIT_CODES`, also in ``--help``): 0 done;
 1 Binance REST failed for good (UpstreamError) or sent something we refuse (WireError,
 CandleError) — the pages committed before stay committed; 2 bad arguments or flags (nothing is
-changed); 3 the store failed (as ``serve``); 130 on Ctrl-C (143 on SIGTERM): the page being
-committed is finished, the one being fetched is dropped. A second Ctrl-C exits at once;
-SQLite rolls back a commit it interrupts.
+changed); 3 the store failed (as ``serve``); 4 the store's schema is newer than this release;
+130 on Ctrl-C (143 on SIGTERM): the page being committed is finished, the one being fetched is
+dropped. A second Ctrl-C exits at once; SQLite rolls back a commit it interrupts.
 
 The modules: ``plan`` is the pure part (arguments, pages, holes, the tally and its summary;
 the counting itself is :mod:`tradecanvas.tools.tally`'s),
