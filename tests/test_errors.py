@@ -8,6 +8,7 @@ from tradecanvas.errors import (
     ListenError,
     StoreError,
     StoreRecovered,
+    first_leaf,
     start_failure,
 )
 
@@ -41,3 +42,18 @@ def test_flags_ports_and_bugs() -> None:
     bug = BaseExceptionGroup("", [RuntimeError("bug")])
     assert start_failure(bug) == (ExitCode.FAILED, "tradecanvas failed", True)
     assert start_failure(RuntimeError("bug")) is None
+
+
+def test_a_group_says_and_is_logged_as_its_first_leaf() -> None:
+    """``serve`` logs the line at WARNING only when it is the recovery's (its first leaf):
+    a failure beside a recovery is a failure (review: diffrev)."""
+    mixed = BaseExceptionGroup("", [StoreError("disk I/O error"), StoreRecovered("writes")])
+    _, line, _ = start_failure(mixed) or (None, "", True)
+    assert line.startswith("store failure, stopping") and not isinstance(
+        first_leaf(mixed), StoreRecovered
+    )
+    recovered = BaseExceptionGroup("", [StoreRecovered("writes"), StoreError("disk I/O error")])
+    _, line, _ = start_failure(recovered) or (None, "", True)
+    assert line.startswith("store outage over") and isinstance(
+        first_leaf(recovered), StoreRecovered
+    )

@@ -56,7 +56,7 @@ from tradecanvas.bus.roles import (
     publisher_from_flags,
     watch_dependencies,
 )
-from tradecanvas.errors import ExitCode, StoreRecovered, find_in_group, start_failure
+from tradecanvas.errors import ExitCode, StoreRecovered, first_leaf, start_failure
 from tradecanvas.ingest.store_outage import StoreOutage
 from tradecanvas.ingest.supervisor import IngestSupervisor
 from tradecanvas.ops.build import VERSION
@@ -491,7 +491,10 @@ def serve(flags: RuntimeFlags) -> int:
         if failure is None:
             raise
         code, line, traceback = failure
-        level = logging.WARNING if find_in_group(raised, StoreRecovered) else logging.CRITICAL
+        # the line names the first leaf (start_failure): its level is that leaf's
+        level = (
+            logging.WARNING if isinstance(first_leaf(raised), StoreRecovered) else logging.CRITICAL
+        )
         log.log(level, "%s", line, exc_info=raised if traceback else None)
         return code
     sys.stderr.flush()

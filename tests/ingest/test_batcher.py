@@ -16,7 +16,8 @@ from tradecanvas.ingest.batcher import (
     MinuteCache,
     hole_records,
 )
-from tradecanvas.ingest.tracker import Released, subtract_ranges
+from tradecanvas.ingest.minute_ranges import subtract_ranges
+from tradecanvas.ingest.tracker import Released
 from tradecanvas.model import Candle, SeriesId, Timeframe
 from tradecanvas.pipeline.derive import derive_bucket, derive_forming
 from tradecanvas.wire.kline_csv import read_kline_csv

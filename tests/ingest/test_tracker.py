@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import flat_minutes
+from tradecanvas.ingest.minute_ranges import subtract_ranges
 from tradecanvas.ingest.tracker import (
     FILL_CHUNK_MINUTES,
     RECENT_KEEP,
@@ -18,7 +19,6 @@ from tradecanvas.ingest.tracker import (
     FillRequest,
     Released,
     SeriesTracker,
-    subtract_ranges,
 )
 from tradecanvas.model import Candle
 

@@ -18,7 +18,8 @@ from typing import Final, Generic, TypeVar, final
 
 import attrs
 
-from tradecanvas.ingest.tracker import Released, subtract_ranges
+from tradecanvas.ingest.minute_ranges import subtract_ranges
+from tradecanvas.ingest.tracker import Released
 from tradecanvas.model import MINUTE, Candle, SeriesId, Timeframe
 from tradecanvas.pipeline.derive import aggregate
 

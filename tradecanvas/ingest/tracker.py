@@ -20,11 +20,11 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
-from itertools import pairwise
 from typing import Final, Literal, final
 
 import attrs
 
+from tradecanvas.ingest.minute_ranges import missing_below, runs, subtract_ranges
 from tradecanvas.model import MINUTE, MINUTE_MS, MS, Candle
 
 # a reconnect after a long outage is fetched in chunks of this many minutes, so one REST
@@ -141,7 +141,9 @@ class SeriesTracker:
         # exchange time passes the third value
         self._recheck: list[tuple[int, int, int]] = [
             (start, end, end * MS + REST_LAG_MAX_MS)
-            for start, end in subtract_ranges(_missing_below(head, stored), self._unresolved)
+            for start, end in subtract_ranges(
+                missing_below(head, stored, RECHECK_AT_START_S), self._unresolved
+            )
         ]
         # the minutes the last retry confirmed absent at the exchange, as [start, end) runs
         self.last_absent: tuple[tuple[int, int], ...] = ()
@@ -384,7 +386,7 @@ class SeriesTracker:
         returned = {c.candle_time for c in in_range}
         absent = [t for t in range(request.start, settled, MINUTE) if t not in returned]
         self.absent_minutes += len(absent)
-        self.last_absent = _runs(absent)
+        self.last_absent = runs(absent)
         self._absent_runs.extend(self.last_absent)
         self._to_recheck(self.last_absent, in_range[-1].candle_time if in_range else 0)
         index = next(
@@ -459,42 +461,3 @@ class SeriesTracker:
     def _is_recent_duplicate(self, candle: Candle) -> bool:
         known = self._recent.get(candle.candle_time)
         return known is not None and known.same_values(candle)
-
-
-def _runs(times: Sequence[int]) -> tuple[tuple[int, int], ...]:
-    """Ascending minute times as maximal ``[start, end)`` runs."""
-    runs: list[tuple[int, int]] = []
-    for t in times:
-        if runs and runs[-1][1] == t:
-            runs[-1] = (runs[-1][0], t + MINUTE)
-        else:
-            runs.append((t, t + MINUTE))
-    return tuple(runs)
-
-
-def _missing_below(head: int | None, stored: Iterable[int]) -> tuple[tuple[int, int], ...]:
-    """Runs of minutes missing between the ``stored`` minutes within RECHECK_AT_START_S
-    below ``head`` (none below the first of them: that may be the series' start)."""
-    if head is None:
-        return ()
-    times = sorted(t for t in set(stored) if head - RECHECK_AT_START_S <= t <= head)
-    return tuple((a + MINUTE, b) for a, b in pairwise(times) if b > a + MINUTE)
-
-
-def subtract_ranges(
-    ranges: Sequence[tuple[int, int]], removed: Sequence[tuple[int, int]]
-) -> tuple[tuple[int, int], ...]:
-    """``ranges`` without ``removed`` (both ``[start, end)``), in the order of ``ranges``."""
-    cuts = sorted(removed)
-    result: list[tuple[int, int]] = []
-    for start, end in ranges:
-        lo = start  # what is left of this range starts here
-        for cut_start, cut_end in cuts:
-            if cut_end <= lo or cut_start >= end:
-                continue
-            if lo < cut_start:
-                result.append((lo, cut_start))
-            lo = cut_end
-        if lo < end:
-            result.append((lo, end))
-    return tuple(result)
