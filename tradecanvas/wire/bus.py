@@ -4,7 +4,9 @@ A closed or forming candle travels as one compact JSON array of its exact decima
 ``[t, "o", "h", "l", "c", "v", "qv"|null, trades|null, "tbb"|null, "tbq"|null]`` (``t`` in
 unix seconds), so an edge rebuilds exactly the :class:`Candle` the ingest committed; a system
 event as a JSON object of its fields, its ``event_id`` included. Every decoder raises
-:class:`~tradecanvas.errors.WireError` (reason ``bus``) for anything malformed.
+:class:`~tradecanvas.errors.WireError` (reason ``bus``) for anything malformed, and for a
+candle whose values no real bar has (not finite, negative, open or close outside
+[low, high], not on a minute: ``model.candle_problems``): the ingest commits none such.
 """
 
 from __future__ import annotations
@@ -16,12 +18,13 @@ import attrs
 import orjson
 
 from tradecanvas.errors import WireError
-from tradecanvas.model import Candle
+from tradecanvas.model import Candle, Timeframe, candle_problems, plainly_valid
 
 # the one field of a stream entry: ``c`` a closed candle, ``e`` a system event
 CANDLE_FIELD: Final = b"c"
 EVENT_FIELD: Final = b"e"
 _REASON: Final = "bus"
+ONE_MINUTE: Final = Timeframe.parse("1m")
 
 
 class EventLike(Protocol):
@@ -97,7 +100,7 @@ def candle_from_list(raw: object) -> Candle:
         raise WireError(_REASON, f"candle_time must be an integer, got {t!r}")
     if n is not None and (isinstance(n, bool) or not isinstance(n, int)):
         raise WireError(_REASON, f"trades must be an integer or null, got {n!r}")
-    return Candle(
+    candle = Candle(
         t,
         _decimal(o, "open"),
         _decimal(h, "high"),
@@ -109,6 +112,12 @@ def candle_from_list(raw: object) -> Candle:
         _optional_decimal(tbb, "taker_buy_base"),
         _optional_decimal(tbq, "taker_buy_quote"),
     )
+    if t < 0 or t % 60 or not plainly_valid(candle):
+        # the ingest commits no such candle, so it did not send it: a Redis others can
+        # write to, or a bug; it must not reach a subscriber (every bar opens on a minute)
+        problems = candle_problems(candle, ONE_MINUTE)
+        raise WireError(_REASON, problems[0][1] if problems else f"not a candle: {raw!r:.120}")
+    return candle
 
 
 def _json(raw: bytes | str) -> Any:
