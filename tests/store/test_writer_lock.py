@@ -59,17 +59,13 @@ async def test_a_second_locked_open_is_refused_naming_the_store_and_the_holder(
 
 async def test_the_lock_is_taken_before_the_migration(tmp_path: Path) -> None:
     db = tmp_path / "m.sqlite3"
-    holder_store = tmp_path / "other.sqlite3"
     schema_1_store(db)
-    # another process's lock on the file (the holder is only its lock file's flock)
-    held = await CandleStore.open(holder_store, lock=True)
-    os.link(lock_path(holder_store), lock_path(db))  # the same inode: its lock is held
-    try:
+    # another process's lock on the file (a flock of an open of its own)
+    with os.fdopen(os.open(lock_path(db), os.O_RDWR | os.O_CREAT, 0o600), "rb") as other:
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
         with pytest.raises(StoreInUse):
             await CandleStore.open(db, lock=True)
-        assert user_version(db) == 1  # refused before anything was migrated
-    finally:
-        await held.aclose()
+    assert user_version(db) == 1  # refused before anything was migrated
 
 
 def test_which_daemons_take_the_lock() -> None:

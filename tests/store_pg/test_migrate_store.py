@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import os
 import re
 import signal
 from decimal import Decimal
@@ -80,6 +81,25 @@ async def test_everything_is_copied_and_a_second_run_changes_nothing(
     assert (again.events_copied, again.events_present) == (0, 3)
     await source.aclose()
     await target.aclose()
+
+
+async def test_a_path_with_a_hash_or_question_mark_is_read_as_named(
+    tmp_path: Path, pg_url: str
+) -> None:
+    """The read-only URI was ``file:{path}?mode=ro`` unquoted: ``#`` or ``?`` ended the
+    name, and SQLite opened (made) another, empty file read-write."""
+    folder = tmp_path / "backups #2?x=1"
+    folder.mkdir()
+    path = folder / "m%41.sqlite3"
+    await _fill(path)
+    target = await PostgresStore.open(pg_url)
+    try:
+        tally = await migrate_store(path, target)
+        assert tally.candles == {UpsertOutcome.NEW: 252}
+    finally:
+        await target.aclose()
+    assert os.listdir(tmp_path) == [folder.name]  # no new file
+    assert set(os.listdir(folder)) <= {f"{path.name}{s}" for s in ("", "-wal", "-shm")}
 
 
 def test_the_command_reports_and_refuses_bad_arguments(tmp_path: Path, pg_url: str) -> None:

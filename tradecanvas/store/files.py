@@ -1,6 +1,7 @@
 """What the SQLite store checks of its files and their file system, apart from SQLite: the
-room left on the disk, which of its files or its folder this process may not write, and
-which file a path names now (its device and inode).
+room left on the disk, which of its files or its folder this process may not write, whether
+another user could replace them (:func:`exposed_folder`), and which file a path names now
+(its device and inode).
 
 SQLite's own words for these cases mislead: a clean store opened on a full disk fails with
 ``disk I/O error`` (the ``-shm`` file cannot grow), a folder it may not create the
@@ -13,6 +14,7 @@ are given or of one ``stat``.
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 from typing import Final, NamedTuple
 
@@ -79,6 +81,28 @@ def unwritable_part(path: Path) -> str | None:
     return None
 
 
+def exposed_folder(folder: Path) -> str | None:
+    """Why another user could replace or remove the store's files in ``folder``: it is owned
+    by a user other than this process's (root is trusted), or writable by every user
+    without the sticky bit. None when neither (or it cannot be asked)."""
+    try:
+        st = os.stat(folder)
+    except OSError:
+        return None
+    mode = stat.S_IMODE(st.st_mode)
+    if st.st_uid not in (os.geteuid(), 0):
+        return (
+            f"is owned by uid {st.st_uid}, not this process's (uid {os.geteuid()}): that user"
+            " can replace or remove the store's files; give the folder to the daemon's user"
+        )
+    if mode & stat.S_IWOTH and not mode & stat.S_ISVTX:
+        return (
+            f"is writable by every user (mode {mode:04o}, no sticky bit): anyone can replace"
+            " or remove the store's files; chmod o-w it"
+        )
+    return None
+
+
 def identity(path: Path | str) -> tuple[int, int]:
     """The (device, inode) ``path`` names now (raises OSError)."""
     stat = os.stat(path)
@@ -96,6 +120,7 @@ __all__ = [
     "ROOM_SHARE",
     "DiskSpace",
     "disk_space",
+    "exposed_folder",
     "full_disk",
     "identity",
     "room_needed",

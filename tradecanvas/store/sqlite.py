@@ -125,6 +125,8 @@ def _open_writer(
     """The writer connection, what its migration did, and the single-writer lock (taken
     with ``lock``, before anything is migrated or written)."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    if (exposed := files.exposed_folder(path.parent)) is not None:
+        log.warning("candle store %s: its folder %s %s", path, path.parent, exposed)
     # SQLite opens a file it may not write (another owner, chattr +i, a read-only mount)
     # read-only without a word, and the first commit failed instead
     if writes and path.exists() and not os.access(path, os.W_OK):
@@ -297,7 +299,8 @@ class CandleStore(WindowReads):
 
     async def watch_file(self, interval_s: float = FILE_CHECK_INTERVAL_S) -> None:
         """Raise StoreError once :meth:`file_problem` finds one (the daemon then stops with
-        exit code 3 before another commit is lost; a restart opens what is there now)."""
+        exit code 3 before another commit is lost; a restart opens what is there now); a
+        WARNING when the lock file was deleted or replaced (:meth:`FileLock.problem`)."""
         while not self._closed:
             problem = self.file_problem()
             if problem is not None:
@@ -305,6 +308,8 @@ class CandleStore(WindowReads):
                     f"candle store {self.path} {problem}; stopping before anything more is"
                     " committed to it"
                 )
+            if self.lock is not None:
+                self.lock.check(self.path)
             await trio.sleep(interval_s)
 
     async def aclose(self) -> None:

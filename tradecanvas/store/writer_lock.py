@@ -8,9 +8,14 @@ still stops comes up once that one is gone). The one-shot tools (import, export,
 migrate-store, fetch-archive) take no lock: they run beside a daemon.
 
 * SQLite (roles ``all`` and ``ingest``): :class:`FileLock`, an exclusive ``flock`` on
-  ``<store>.lock`` beside the file, holding the holder's pid. ``flock`` is apart from
-  SQLite's own ``fcntl`` byte locks, and the kernel lets go of it when the process dies:
-  there is no stale lock to clean up.
+  ``<store>.lock`` beside the file the store's path leads to (a symbolic link to the store
+  is the same store), holding the holder's pid. ``flock`` is apart from SQLite's own
+  ``fcntl`` byte locks, and the kernel lets go of it when the process dies: there is no
+  stale lock to clean up. The lock file is this process's own (mode 0600, a regular file
+  of one link, owned by the effective uid) or refused: a symbolic link or hard link put
+  there by another user would have the pid written over its target, and a lock file
+  another user can open lets them keep the daemon out (``flock`` needs only a read-only
+  open).
 * PostgreSQL (role ``all``): :class:`PgServeLock`, a session advisory lock
   (``pg_try_advisory_lock``) on a connection of its own, its ``application_name`` naming
   the holder. A server restart ends the session and the lock with it: :meth:`PgServeLock.hold`
@@ -22,10 +27,12 @@ migrate-store, fetch-archive) take no lock: they run beside a daemon.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import logging
 import os
 import socket
+import stat
 from pathlib import Path
 from typing import Any, Final, final
 
@@ -46,8 +53,44 @@ CONNECT_TIMEOUT_S: Final = 10
 
 
 def lock_path(store: Path) -> Path:
-    """The lock file of the SQLite store at ``store``."""
-    return Path(f"{store}{LOCK_SUFFIX}")
+    """The lock file of the SQLite store at ``store``: beside the file ``store`` leads to,
+    so that every path to one store (a symbolic link to it) takes the same lock."""
+    return Path(f"{os.path.realpath(store)}{LOCK_SUFFIX}")
+
+
+# the lock file's open: never through a symbolic link, never a terminal, never waiting (a
+# FIFO); the checks of _not_own say what is refused
+_OPEN_FLAGS: Final = (
+    os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NOCTTY | os.O_NONBLOCK | os.O_CLOEXEC
+)
+LOCK_MODE: Final = 0o600
+
+
+def _not_own(st: os.stat_result) -> str | None:
+    """Why a lock file of this ``stat`` is not this process's to lock and write; None when
+    it is (a regular file of one link, owned by the effective uid)."""
+    if stat.S_ISLNK(st.st_mode):
+        return "is a symbolic link"
+    if not stat.S_ISREG(st.st_mode):
+        return f"is not a regular file (a {_kind(st.st_mode)})"
+    if st.st_uid != os.geteuid():
+        return f"is owned by uid {st.st_uid}, not this process's (uid {os.geteuid()})"
+    if st.st_nlink != 1:
+        return f"has {st.st_nlink} hard links (a lock file has one)"
+    return None
+
+
+def _kind(mode: int) -> str:
+    for test, name in (
+        (stat.S_ISDIR, "folder"),
+        (stat.S_ISFIFO, "FIFO"),
+        (stat.S_ISSOCK, "socket"),
+        (stat.S_ISCHR, "character device"),
+        (stat.S_ISBLK, "block device"),
+    ):
+        if test(mode):
+            return name
+    return f"file of mode {mode:o}"
 
 
 @final
@@ -55,43 +98,95 @@ class FileLock:
     """An exclusive ``flock`` on a SQLite store's lock file, held until :meth:`release`
     (or the process's end)."""
 
-    def __init__(self, fd: int, path: Path) -> None:
+    def __init__(self, fd: int, path: Path, identity: tuple[int, int]) -> None:
         self._fd: int | None = fd
         self.path = path
+        self._identity = identity  # the locked file's (device, inode)
+        self._warned: str | None = None  # what check last said
 
     @classmethod
     def take(cls, store: Path) -> FileLock:
         """Take the lock of the store at ``store`` without waiting (blocking I/O: a worker
         thread). Raises StoreInUse when another process holds it, StoreError when the lock
-        file cannot be opened."""
+        file cannot be opened or is not this process's own (:func:`_not_own`)."""
         path = lock_path(store)
+        real = str(path)[: -len(LOCK_SUFFIX)]
+        where = f"candle store {store}"
+        if real != os.path.abspath(store):
+            where += f" (the file {real})"
+
+        def refused(why: str) -> StoreError:
+            return StoreError(
+                f"{where}: its lock file {path} {why}; refused (remove it: serve makes its"
+                " own, mode 0600)"
+            )
+
         try:
-            try:
-                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-            except PermissionError:  # a lock file left by another user: read-only will do
-                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            if (why := _not_own(os.lstat(path))) is not None:
+                raise refused(why)  # not opened: a FIFO or device is never touched
+        except FileNotFoundError:
+            pass
         except OSError as exc:
-            raise StoreError(
-                f"candle store {store}: cannot open its lock file {path}: {exc.strerror or exc}"
-            ) from exc
+            raise StoreError(f"{where}: cannot check its lock file {path}: {_said(exc)}") from exc
         try:
+            fd = os.open(path, _OPEN_FLAGS, LOCK_MODE)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:  # made a symbolic link since the check
+                raise refused("is a symbolic link") from None
+            raise StoreError(f"{where}: cannot open its lock file {path}: {_said(exc)}") from exc
+        try:
+            st = os.fstat(fd)
+            if (why := _not_own(st)) is not None:
+                raise refused(why)
+            if stat.S_IMODE(st.st_mode) != LOCK_MODE:  # an older release's 0644
+                os.fchmod(fd, LOCK_MODE)
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = _recorded_pid(fd)
             os.close(fd)
             pid = "" if holder is None else f" (pid {holder})"
             raise StoreInUse(
-                f"candle store {store} is in use by another tradecanvas serve{pid}, which"
-                f" holds {path}: one daemon ingests into a SQLite store at a time; stop that"
-                " one first"
+                f"{where} is in use by another tradecanvas serve{pid}, which holds {path}:"
+                " one daemon ingests into a SQLite store at a time; stop that one first"
             ) from None
+        except OSError as exc:
+            os.close(fd)
+            raise StoreError(f"{where}: cannot lock its lock file {path}: {_said(exc)}") from exc
         except BaseException:
             os.close(fd)
             raise
         with contextlib.suppress(OSError):  # the pid is for the message only
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        return cls(fd, path)
+        return cls(fd, path, _identity(st))
+
+    def check(self, store: Path) -> None:
+        """A WARNING when :meth:`problem` finds one, once for each it finds."""
+        problem = self.problem()
+        if problem is not None and problem != self._warned:
+            log.warning(
+                "candle store %s: %s while the daemon holds it: another serve could start on"
+                " this store (restart this one to make it again)",
+                store,
+                problem,
+            )
+        self._warned = problem
+
+    def problem(self) -> str | None:
+        """Why the lock file's path no longer names the file this lock holds (deleted, or
+        replaced): another daemon could then take a lock of its own there. None while it
+        does, or once released."""
+        if self._fd is None:
+            return None
+        try:
+            now = _identity(os.stat(self.path))
+        except FileNotFoundError:
+            return f"its lock file {self.path} was deleted"
+        except OSError as exc:
+            return f"its lock file {self.path} cannot be checked: {_said(exc)}"
+        if now != self._identity:
+            return f"its lock file {self.path} was replaced by another file"
+        return None
 
     @property
     def held(self) -> bool:
@@ -102,6 +197,14 @@ class FileLock:
         fd, self._fd = self._fd, None
         if fd is not None:
             os.close(fd)
+
+
+def _identity(st: os.stat_result) -> tuple[int, int]:
+    return st.st_dev, st.st_ino
+
+
+def _said(exc: OSError) -> str:
+    return exc.strerror or str(exc)
 
 
 def _recorded_pid(fd: int) -> int | None:

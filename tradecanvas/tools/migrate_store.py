@@ -149,13 +149,7 @@ async def migrate_store(
         lite = await CandleStore.open(sqlite_path)  # migrates an older file, refuses a newer
         await lite.aclose()
 
-    def connect() -> sqlite3.Connection:
-        try:
-            return sqlite3.connect(f"file:{sqlite_path}?mode=ro", uri=True, check_same_thread=False)
-        except sqlite3.Error as exc:
-            raise StoreError(f"cannot read {sqlite_path}: {exc}") from exc
-
-    conn = await trio.to_thread.run_sync(connect)
+    conn = await trio.to_thread.run_sync(_read_only, sqlite_path)
     tally = MigrationTally()
     # "in progress" until the last transaction: serve refuses a target carrying it (a
     # daemon's events on a partial copy would take ids the rerun needs)
@@ -206,16 +200,29 @@ async def migrate_store(
     return tally
 
 
-def _schema_version(path: Path) -> int:
-    """The file's schema version, read only (a copy the user may not write is fine)."""
+def read_only_uri(path: Path) -> str:
+    """SQLite's URI opening ``path`` read-only: the absolute path percent-encoded, so that a
+    ``#``, ``?`` or ``%`` in it stays part of the name (unquoted, ``a#b.sqlite3`` opened a
+    new, empty file ``a`` read-write)."""
+    return f"{path.absolute().as_uri()}?mode=ro"
+
+
+def _read_only(path: Path) -> sqlite3.Connection:
     try:
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-        try:
-            return int(conn.execute("PRAGMA user_version").fetchone()[0])
-        finally:
-            conn.close()
+        return sqlite3.connect(read_only_uri(path), uri=True, check_same_thread=False)
     except sqlite3.Error as exc:
         raise StoreError(f"cannot read {path}: {exc}") from exc
+
+
+def _schema_version(path: Path) -> int:
+    """The file's schema version, read only (a copy the user may not write is fine)."""
+    conn = _read_only(path)
+    try:
+        return int(conn.execute("PRAGMA user_version").fetchone()[0])
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot read {path}: {exc}") from exc
+    finally:
+        conn.close()
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import shutil
+import secrets
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Final, TextIO
@@ -34,7 +35,8 @@ EXIT_CODES: Final[ExitCodeTable] = (
     (
         ExitCode.STORE_FAILURE,
         "no store at the path, the store failed, or the output file could not be written"
-        " (an existing --out file is left as it was)",
+        " (an existing --out file is left as it was), or --out is a symbolic link another"
+        " user could have made",
     ),
     (ExitCode.STORE_TOO_NEW, "the store's schema is newer than this release (a rollback)"),
 )
@@ -124,31 +126,74 @@ async def _run(
             await store.aclose()
 
 
+class OutputRefused(OSError):
+    """``--out`` is a symbolic link this process should not write through."""
+
+
+def _link_problem(link: str) -> str | None:
+    """Why the symbolic link ``link`` may have been put there by another user (who could
+    point it at any file this process may write: run as root, any file): it is not owned
+    by this process's user, or its folder is writable by every user (another user could
+    swap it, or, with the sticky bit, have made it). None when neither."""
+    folder = os.path.dirname(link)
+    st = os.lstat(link)
+    if st.st_uid != os.geteuid():
+        return f"owned by uid {st.st_uid}, not this process's (uid {os.geteuid()})"
+    if os.stat(folder).st_mode & stat.S_IWOTH:
+        return f"in {folder}, a folder every user may write"
+    return None
+
+
+def _resolved(path: Path) -> Path:
+    """The file ``--out`` names, following its symbolic links only when each is this
+    process's user's own in a folder no other user may write (raises OutputRefused)."""
+    hop = os.path.abspath(path)
+    for _ in range(40):  # the kernel's own limit of links followed (ELOOP)
+        if not os.path.islink(hop):
+            return Path(os.path.realpath(hop))
+        if (why := _link_problem(hop)) is not None:
+            raise OutputRefused(
+                f"--out {path}: not written through the symbolic link {hop}, {why}: give"
+                " the file's own path"
+            )
+        hop = os.path.join(os.path.dirname(hop), os.readlink(hop))
+    raise OutputRefused(f"--out {path}: too many levels of symbolic links")
+
+
 @contextlib.contextmanager
 def _output(path: Path) -> Iterator[TextIO]:
     """Where ``--out`` writes: a regular file (or none yet) is replaced whole
-    (:func:`_replacing`); through a symbolic link, the file it points to; anything else —
-    a device, a FIFO, a terminal — is written through, never replaced."""
-    target = Path(os.path.realpath(path))
-    if target.exists() and not target.is_file():
-        with target.open("w", encoding="utf-8", newline="") as stream:
+    (:func:`_replacing`); through a symbolic link (:func:`_resolved`), the file it points
+    to; anything else — a device, a FIFO, a terminal — is written through, never
+    replaced."""
+    target = _resolved(path)
+    try:
+        st: os.stat_result | None = os.stat(target)
+    except FileNotFoundError:
+        st = None
+    if st is not None and not stat.S_ISREG(st.st_mode):
+        fd = os.open(target, os.O_WRONLY | os.O_NOFOLLOW | os.O_NOCTTY | os.O_CLOEXEC)
+        with open(fd, "w", encoding="utf-8", newline="") as stream:
             yield stream
     else:
-        with _replacing(target) as stream:
+        with _replacing(target, st) as stream:
             yield stream
 
 
 @contextlib.contextmanager
-def _replacing(path: Path) -> Iterator[TextIO]:
-    """A new file beside ``path`` (made as any new file, with its mode if it exists) that
-    replaces it only when the block ends without an error; else it is removed, and ``path``
-    stays as it was."""
-    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+def _replacing(path: Path, old: os.stat_result | None) -> Iterator[TextIO]:
+    """A new file beside ``path`` (made as any new file, with the mode of ``old``, the file
+    there now) that replaces it only when the block ends without an error; else it is
+    removed, and ``path`` stays as it was. Made with ``O_EXCL | O_NOFOLLOW`` under a name
+    nobody can guess: never another's file or link."""
+    partial = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.partial")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(partial, flags, 0o666)  # less the umask
     try:
-        with partial.open("x", encoding="utf-8", newline="") as target:
+        with open(fd, "w", encoding="utf-8", newline="") as target:
             yield target
-        if path.exists():
-            shutil.copymode(path, partial)
+            if old is not None:  # its permission bits, never set-id
+                os.fchmod(target.fileno(), stat.S_IMODE(old.st_mode) & 0o777)
         partial.replace(path)
     except BaseException:
         partial.unlink(missing_ok=True)

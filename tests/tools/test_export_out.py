@@ -1,0 +1,139 @@
+"""``tradecanvas export --out`` against another local user (security review): a symbolic
+link another user could have put there is not written through (run as root, a link to
+any file replaced that file), and the new file is made beside the target under a name
+nobody can take first, without a set-id bit. Real files, the command run in this process;
+"another user" is a link chowned away when the tests run as root, else this process
+playing another uid (its effective uid seen as one more)."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import stat
+from pathlib import Path
+
+import pytest
+import trio
+
+from tests.conftest import flat_minutes
+from tests.store.test_writer_lock_files import VICTIM, another_users
+from tradecanvas.errors import ExitCode
+from tradecanvas.runtime_flags import build_runtime_flags
+from tradecanvas.store.sqlite import CandleStore
+from tradecanvas.tools.export import cli
+
+S = "binance:spot:BTC/USDT:1m"
+T0 = 1_577_836_800  # 2020-01-01
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Path:
+    path = tmp_path / "m.sqlite3"
+
+    async def fill() -> None:
+        store = await CandleStore.open(path)
+        try:
+            await store.upsert(S, list(flat_minutes(T0, 5)), "rest")
+        finally:
+            await store.aclose()
+
+    trio.run(fill)
+    return path
+
+
+def export(db: Path, out: Path) -> tuple[int, str]:
+    """``tradecanvas export S --from … --to … --out OUT``: its exit code and stderr."""
+    parser = argparse.ArgumentParser()
+    cli.configure_parser(parser)
+    args = parser.parse_args([S, "--from", str(T0), "--to", str(T0 + 600), "--out", str(out)])
+    flags = build_runtime_flags({"TRADE_CANVAS_DB_PATH": str(db)}).flags
+    err = io.StringIO()
+    code = cli.run_export(args, flags, out=io.StringIO(), err=err)
+    return code, err.getvalue()
+
+
+def _linked(folder: Path, victim: Path) -> Path:
+    folder.mkdir(exist_ok=True)
+    link = folder / "out.csv"
+    link.symlink_to(victim)
+    return link
+
+
+def test_a_link_in_a_folder_every_user_may_write_is_not_written_through(
+    db: Path, tmp_path: Path
+) -> None:
+    """As in the system's temporary folder: another user may have made the link (sticky),
+    or swap it (not sticky)."""
+    victim = tmp_path / "victim"
+    victim.write_text(VICTIM)
+    for mode in (0o1777, 0o777):
+        shared = tmp_path / f"shared-{mode:o}"
+        link = _linked(shared, victim)
+        shared.chmod(mode)
+        code, said = export(db, link)
+        assert code == ExitCode.STORE_FAILURE
+        assert said == (
+            f"tradecanvas export: --out {link}: not written through the symbolic link {link},"
+            f" in {shared}, a folder every user may write: give the file's own path\n"
+        )
+        assert victim.read_text() == VICTIM and link.is_symlink()
+        assert os.listdir(shared) == ["out.csv"]  # no partial file left either
+
+
+def test_another_users_link_is_not_written_through(
+    db: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    victim = tmp_path / "victim"
+    victim.write_text(VICTIM)
+    link = _linked(tmp_path / "theirs", victim)
+    owner = another_users(link, monkeypatch)
+    code, said = export(db, link)
+    assert code == ExitCode.STORE_FAILURE
+    assert said.startswith(
+        f"tradecanvas export: --out {link}: not written through the symbolic link {link},"
+        f" owned by uid {owner}, not this process's (uid "
+    )
+    assert victim.read_text() == VICTIM
+
+
+def test_a_chain_of_links_is_checked_link_by_link(db: Path, tmp_path: Path) -> None:
+    """Own link → a link in a shared folder → the victim: the second one is refused."""
+    victim = tmp_path / "victim"
+    victim.write_text(VICTIM)
+    shared = tmp_path / "shared"
+    planted = _linked(shared, victim)
+    shared.chmod(0o1777)
+    mine = tmp_path / "mine.csv"
+    mine.symlink_to(planted)
+    code, said = export(db, mine)
+    assert code == ExitCode.STORE_FAILURE
+    assert f"not written through the symbolic link {planted}, in {shared}" in said
+    assert victim.read_text() == VICTIM
+
+
+def test_own_link_is_written_through_and_the_file_keeps_its_mode_without_set_id_bits(
+    db: Path, tmp_path: Path
+) -> None:
+    target = tmp_path / "data" / "btc.csv"
+    target.parent.mkdir()
+    target.write_text("old\n")
+    target.chmod(0o2640)
+    link = tmp_path / "btc.csv"
+    link.symlink_to(target)
+    code, said = export(db, link)
+    assert (code, said) == (ExitCode.OK, f"tradecanvas export: 5 candles of {S}\n")
+    assert link.is_symlink() and target.read_text().count("\n") == 5
+    assert stat.S_IMODE(target.stat().st_mode) == 0o640
+    assert sorted(os.listdir(target.parent)) == ["btc.csv"]
+
+
+def test_the_partial_file_is_never_anothers(db: Path, tmp_path: Path) -> None:
+    """The partial file's name was ``.NAME.PID.partial``: one made there first (a link to
+    a victim) failed the export. Now it has a part nobody can guess."""
+    victim, out = tmp_path / "victim", tmp_path / "out.csv"
+    victim.write_text(VICTIM)
+    (tmp_path / f".out.csv.{os.getpid()}.partial").symlink_to(victim)
+    code, said = export(db, out)
+    assert (code, said) == (ExitCode.OK, f"tradecanvas export: 5 candles of {S}\n")
+    assert out.read_text().count("\n") == 5 and victim.read_text() == VICTIM
