@@ -143,7 +143,11 @@ def test_a_port_in_use_is_one_clear_line_and_exit_1(tmp_path: Path, port_role: s
     assert proc.returncode == ExitCode.FAILED
     assert "Traceback" not in proc.stderr, proc.stderr
     what = "HTTP" if port_role == "HTTP" else "WebSocket clients"
-    expected = f"cannot start: cannot listen for {what} on 127.0.0.1:{port}: Address already in use"
+    flag = f"TRADE_CANVAS_{'HTTP' if port_role == 'HTTP' else 'WS'}_PORT"
+    expected = (
+        f"cannot start: cannot listen for {what} on 127.0.0.1:{port}: Address already in use"
+        f" (another tradecanvas serve, or another program? give this one {flag})"
+    )
     # one line, said before the store is opened: nothing written for a run that never served
     assert proc.stderr.splitlines() == [f"CRITICAL tradecanvas.daemon: {expected}"]
     assert not (tmp_path / "market.sqlite3").exists()

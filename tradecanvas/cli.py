@@ -55,6 +55,7 @@ def _add_command(
     return sub.add_parser(
         name,
         help=help_text,
+        description=f"tradecanvas {name}: {help_text}.",
         epilog=exit_codes_epilog(exit_codes),
         formatter_class=HELP_FORMATTER,
     )

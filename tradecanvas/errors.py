@@ -23,6 +23,7 @@ helpers that look inside trio's exception groups (:func:`first_leaf`, :func:`fin
 from __future__ import annotations
 
 import enum
+import errno
 from typing import Final, TypeVar
 
 E = TypeVar("E", bound=BaseException)
@@ -202,7 +203,14 @@ class ListenError(TradeCanvasError, OSError):
     @classmethod
     def of(cls, what: str, host: str, port: int, exc: OSError) -> ListenError:
         address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        return cls(f"cannot listen for {what} on {address}: {exc.strerror or exc}")
+        line = f"cannot listen for {what} on {address}: {exc.strerror or exc}"
+        flag = _PORT_FLAGS.get(what)
+        if exc.errno == errno.EADDRINUSE and flag is not None:
+            line += f" (another tradecanvas serve, or another program? give this one {flag})"
+        return cls(line)
+
+
+_PORT_FLAGS: Final = {"HTTP": "TRADE_CANVAS_HTTP_PORT", "WebSocket clients": "TRADE_CANVAS_WS_PORT"}
 
 
 class UpstreamError(TradeCanvasError):

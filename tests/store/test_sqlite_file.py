@@ -29,17 +29,22 @@ async def _filled(path: Path, minutes: int = 3000) -> None:
         await store.aclose()
 
 
-async def test_a_new_store_is_announced(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+@pytest.mark.parametrize("daemon", [True, False])
+async def test_a_new_store_is_announced(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, daemon: bool
+) -> None:
+    """A daemon (it takes the lock) warns, with advice for lost history; a one-shot tool
+    filling a new store (import, backfill) says it at INFO, without that advice."""
     path = tmp_path / "m.sqlite3"
-    with caplog.at_level(logging.WARNING):
-        store = await CandleStore.open(path)
+    with caplog.at_level(logging.INFO):
+        store = await CandleStore.open(path, lock=daemon)
         await store.aclose()
-        store = await CandleStore.open(path)  # there now: nothing said
+        store = await CandleStore.open(path, lock=daemon)  # there now: nothing said
         await store.aclose()
-    said = [
-        r.getMessage() for r in caplog.records if "created a new, empty store" in r.getMessage()
-    ]
-    assert len(said) == 1 and str(path) in said[0]
+    said = [r for r in caplog.records if "created a new, empty store" in r.getMessage()]
+    assert len(said) == 1 and str(path) in said[0].getMessage()
+    assert said[0].levelno == (logging.WARNING if daemon else logging.INFO)
+    assert ("restore a backup" in said[0].getMessage()) is daemon
 
 
 async def test_a_damaged_page_is_refused_at_open_naming_the_file(tmp_path: Path) -> None:

@@ -141,12 +141,14 @@ def _open_writer(
             f" {os.getuid()}): give the file and its folder to the user the daemon runs as"
         )
     held = FileLock.take(path) if lock else None
-    if not path.exists():
+    if not path.exists() and lock:  # a daemon: its history was expected there
         log.warning(
             "candle store %s: no file there; created a new, empty store (history comes"
             " from the backfill; to keep older history, stop and restore a backup here)",
             path,
         )
+    elif not path.exists():  # a one-shot tool (import, backfill) filling a new store
+        log.info("candle store %s: no file there; created a new, empty store", path)
     try:
         conn = _connect(path)
     except BaseException:

@@ -386,7 +386,7 @@ class BinanceRestClient:
         if base is None:
             raise UpstreamError(f"no REST base URL configured for {market}")
         url = base + path
-        what = f"GET {path}"
+        what = f"GET {url}"  # the host too: which of the configured URLs failed
         gate = self._gate(market)
         problem = "no attempt made"
         for attempt in range(self.policy.max_attempts):

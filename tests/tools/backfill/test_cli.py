@@ -230,7 +230,7 @@ async def test_run_import_reports_a_store_failure_and_a_rest_failure(tmp_path: P
     outcome = await import_in_process(tmp_path / "new.sqlite3", UNREACHABLE, "2023-08-16", None)
     assert outcome.code == ExitCode.FAILED
     assert outcome.error is not None
-    assert outcome.error.startswith("Binance REST failed: GET /fapi/v1/time")
+    assert outcome.error.startswith(f"Binance REST failed: GET {UNREACHABLE}/fapi/v1/time")
     assert outcome.error.endswith("; nothing committed")
 
 
@@ -596,7 +596,9 @@ async def test_unreachable_rest_exits_1_with_a_clear_message(tmp_path: Path) -> 
     )
     assert done.returncode == 1
     last = done.stderr.decode().splitlines()[-1]
-    assert last.startswith("tradecanvas backfill: Binance REST failed: GET /fapi/v1/time"), last
+    assert last.startswith(
+        f"tradecanvas backfill: Binance REST failed: GET {UNREACHABLE}/fapi/v1/time"
+    ), last
     assert "nothing committed" in last
     assert "0 fetched" in done.stdout.decode()
     assert await stored(db, BASE) == []
