@@ -332,6 +332,8 @@ async def test_history_behind_a_live_head_gets_whole_long_derived_bars_counted_o
     out = done.stdout.decode()
     assert "binance:futures:BTC/USDT:4h: 13 derived bars written" in out  # ceil(3100 / 240)
     assert "binance:futures:BTC/USDT:1d: 3 derived bars written" in out
+    written = [line.split(":")[3] for line in out.splitlines() if "derived bar" in line]
+    assert written == ["5m", "4h", "1d"]  # shortest first, as a chart lists them
     days = await stored(db, "binance:futures:BTC/USDT:1d")
     assert [s.complete for s in days] == [True, True, False]  # the third: 220 minutes imported
     for day in days:  # each day aggregated from exactly its own Binance minutes

@@ -355,7 +355,9 @@ class BackfillTally:
             f" {self.missing:,} missing at the exchange"
         ]
         derived = self.counts.derived
-        lines.extend(f"{sid}: {derived[sid]:,} derived bars written" for sid in sorted(derived))
+        for sid in sorted(derived, key=_by_length):
+            count = derived[sid]
+            lines.append(f"{sid}: {count:,} derived bar{'' if count == 1 else 's'} written")
         holes = self.holes()
         for kind, label in (
             ("holes", f"holes at the exchange ({self.holes_recorded:,} new gap events)"),
@@ -387,3 +389,9 @@ class BackfillTally:
             f" {iso_minute(self.plan.start)}); that stays stored, run the same command again"
             " to finish"
         )
+
+
+def _by_length(series_id: str) -> tuple[str, int]:
+    """Series in the order a chart lists them: per symbol, shortest timeframe first."""
+    sid = SeriesId.parse(series_id)
+    return str(sid.with_timeframe(BASE_TIMEFRAME)), sid.timeframe.seconds
