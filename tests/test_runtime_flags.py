@@ -125,7 +125,7 @@ PARSE_ERROR_CASES: list[tuple[str, str, str]] = [
     ("TRADE_CANVAS_ROLE", "relay", "allowed: all, ingest, edge"),
     ("TRADE_CANVAS_REDIS_URL", "http://127.0.0.1:6379", "not a Redis URL"),
     ("TRADE_CANVAS_REDIS_URL", "redis://127.0.0.1:99999/0", "a bad port"),
-    ("TRADE_CANVAS_REDIS_URL", "redis://127.0.0.1:6379/abc", "'abc' is not a number"),
+    ("TRADE_CANVAS_REDIS_URL", "redis://127.0.0.1:6379/abc", "/abc' is not a number"),
     ("TRADE_CANVAS_BUS_PREFIX", "a b", "allowed: letters"),
     ("TRADE_CANVAS_BUS_MAXLEN", "10", "out of range"),
     ("TRADE_CANVAS_INGEST_LEASE_MS", "100", "out of range"),

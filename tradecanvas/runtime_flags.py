@@ -20,7 +20,7 @@ import attrs
 
 from tradecanvas.errors import FlagError, SeriesIdError
 from tradecanvas.model import BINANCE_INTERVALS, SeriesId, Timeframe, derivation_sources
-from tradecanvas.service_urls import parse_database_url, parse_redis_url
+from tradecanvas.service_urls import parse_database_url, parse_redis_url, url_without_password
 
 log = logging.getLogger(__name__)
 
@@ -43,13 +43,6 @@ def _redacted(value: str | None) -> str:
     return "<unset>" if value is None else "<redacted>"
 
 
-def url_without_password(url: str | None) -> str:
-    """``postgresql://user:secret@host/db`` as ``postgresql://user:<redacted>@host/db``."""
-    if url is None:
-        return "<unset>"
-    return re.sub(r"(://[^/:@]*):[^/@]*@", r"\1:<redacted>@", url)
-
-
 @attrs.frozen
 class RuntimeFlags:
     """The daemon's settings (DESIGN §7). Frozen: a change means restarting the unit."""
@@ -57,17 +50,17 @@ class RuntimeFlags:
     series: tuple[SeriesId, ...]
     derived_timeframes: tuple[Timeframe, ...]
     db_path: Path
-    database_url: str | None = attrs.field(repr=lambda url: url_without_password(url))
+    database_url: str | None = attrs.field(repr=url_without_password)
     ws_host: str
     ws_port: int
     http_host: str
     http_port: int
     http_body_timeout_s: float
     http_send_timeout_s: float
-    binance_futures_ws_url: str
-    binance_spot_ws_url: str
-    binance_futures_rest_url: str
-    binance_spot_rest_url: str
+    binance_futures_ws_url: str = attrs.field(repr=url_without_password)
+    binance_spot_ws_url: str = attrs.field(repr=url_without_password)
+    binance_futures_rest_url: str = attrs.field(repr=url_without_password)
+    binance_spot_rest_url: str = attrs.field(repr=url_without_password)
     enable_ingest_ws_pipeline_publish: bool
     binance_ws_batch_max: int
     binance_ws_flush_s: float
@@ -88,7 +81,7 @@ class RuntimeFlags:
     log_format: str
     log_level: str
     role: str
-    redis_url: str | None = attrs.field(repr=lambda url: url_without_password(url))
+    redis_url: str | None = attrs.field(repr=url_without_password)
     bus_prefix: str
     bus_maxlen: int
     # the ingest lease (issue 15, two ingest nodes; bus/lease.py)
@@ -210,14 +203,16 @@ def _parse_timeframes(text: str) -> tuple[Timeframe, ...]:
 def _parse_ws_url(text: str) -> str:
     text = text.strip().rstrip("/")
     if not text.startswith(("wss://", "ws://", "https://", "http://")):
-        raise ValueError(f"{text!r} is not a WebSocket URL; allowed: wss://, ws://, http(s)://")
+        shown = url_without_password(text)
+        raise ValueError(f"{shown!r} is not a WebSocket URL; allowed: wss://, ws://, http(s)://")
     return text
 
 
 def _parse_http_url(text: str) -> str:
     text = text.strip().rstrip("/")
     if not text.startswith(("https://", "http://")):
-        raise ValueError(f"{text!r} is not an HTTP URL; allowed: https:// or http://")
+        shown = url_without_password(text)
+        raise ValueError(f"{shown!r} is not an HTTP URL; allowed: https:// or http://")
     return text
 
 
@@ -486,7 +481,7 @@ def describe_flags(flags: RuntimeFlags) -> list[tuple[str, str]]:
         value = getattr(flags, spec.field)
         if spec.field == "ingest_token":
             text = _redacted(value)
-        elif spec.field in ("database_url", "redis_url"):
+        elif spec.field.endswith("_url"):  # the services' and Binance's
             text = url_without_password(value)
         elif spec.field == "derived_timeframes" and not value:
             text = "none"  # (as it is given: an empty value is refused)

@@ -1,8 +1,16 @@
 """The service URLs of the flags (PostgreSQL, Redis), checked without I/O: each parser returns
-the URL as given, stripped, or raises ValueError saying what is wrong and the allowed form."""
+the URL as given, stripped, or raises ValueError saying what is wrong and the allowed form.
+
+A URL is shown (in a message, by ``tradecanvas flags``, in a log line) only as
+:func:`url_without_password` gives it: the password of its user information and the value
+of every query parameter whose name holds "password", "secret" or "token" (``password``,
+``sslpassword``; ``passfile`` names a file and is shown) replaced with ``<redacted>``.
+:func:`url_secrets` lists those values, for the log's redactor.
+"""
 
 from __future__ import annotations
 
+import re
 import urllib.parse
 from typing import Final
 
@@ -10,17 +18,79 @@ from typing import Final
 POSTGRES_URL_SCHEMES: Final = ("postgresql://", "postgres://")
 _DATABASE_URL_FORM: Final = "postgresql://[user[:password]@]host[:port]/dbname"
 _REDIS_URL_FORM: Final = "redis[s]://[[user]:password@]host[:port][/db]"
+REDACTED: Final = "<redacted>"
+# a query parameter whose name (any case) holds one of these carries a secret
+SECRET_PARAMETER_WORDS: Final = ("password", "secret", "token")
+# a query parameter: its separator, its name, "=", its value
+_PARAMETER_RE: Final = re.compile(r"[?&]([^=&#?]*)=([^&#]*)")
+
+
+def _secret_spans(url: str) -> list[tuple[int, int]]:
+    """Where ``url``'s secrets are: (start, end) of each, in order, overlaps merged.
+
+    The user information ends at the LAST ``@`` before the query (the query starting at
+    the first ``?`` or ``#`` after the first ``/``): a password written without
+    percent-encoding may hold ``@``, ``/``, ``?`` or ``#``, and showing a host too few is
+    better than a password's tail. Its password is what follows its first ``:``.
+    """
+    spans: list[tuple[int, int]] = []
+    start = url.find("://") + 3 if "://" in url else 0
+    slash, query = url.find("/", start), len(url)
+    if slash >= 0:
+        query = min([url.find(c, slash) for c in "?#" if c in url[slash:]], default=len(url))
+    at = url.rfind("@", start, query)
+    colon = url.find(":", start, at) if at >= 0 else -1
+    if colon >= 0:
+        spans.append((colon + 1, at))
+    for found in _PARAMETER_RE.finditer(url, start):
+        name = urllib.parse.unquote_plus(found.group(1)).lower()
+        if any(word in name for word in SECRET_PARAMETER_WORDS):
+            spans.append(found.span(2))
+    merged: list[tuple[int, int]] = []
+    for lo, hi in sorted(spans):
+        if merged and lo <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(hi, merged[-1][1]))
+        else:
+            merged.append((lo, hi))
+    return merged
+
+
+def url_without_password(url: str | None) -> str:
+    """``postgresql://user:secret@host/db?sslpassword=x`` as
+    ``postgresql://user:<redacted>@host/db?sslpassword=<redacted>`` (``<unset>`` for None)."""
+    if url is None:
+        return "<unset>"
+    shown = url
+    for lo, hi in reversed(_secret_spans(url)):
+        shown = shown[:lo] + REDACTED + shown[hi:]
+    return shown
+
+
+def url_secrets(url: str | None) -> tuple[str, ...]:
+    """The secrets :func:`url_without_password` hides, as written and percent-decoded."""
+    found: list[str] = []
+    for lo, hi in _secret_spans(url or ""):
+        raw = url[lo:hi] if url else ""
+        for text in (raw, urllib.parse.unquote(raw), urllib.parse.unquote_plus(raw)):
+            if text and text not in found:
+                found.append(text)
+    return tuple(found)
 
 
 def _url_parts(text: str, form: str) -> urllib.parse.SplitResult:
-    """``text`` split, its port checked (a number in 1..65535 when given)."""
-    parts = urllib.parse.urlsplit(text)
+    """``text`` split, its port checked (a number in 1..65535 when given). The messages quote
+    the URL without its password (urllib's own would quote the password)."""
+    shown = url_without_password(text)
+    try:
+        parts = urllib.parse.urlsplit(text)
+    except ValueError:  # a bracket left open, a character NFKC makes a separator
+        raise ValueError(f"a bad host in {shown!r}; allowed: {form}") from None
     try:
         port = parts.port
     except ValueError:
-        raise ValueError(f"a bad port in {parts.netloc!r}; allowed: {form}") from None
+        raise ValueError(f"a bad port in {shown!r}; allowed: {form}") from None
     if port == 0:
-        raise ValueError(f"port 0 in {parts.netloc!r}; allowed: {form}")
+        raise ValueError(f"port 0 in {shown!r}; allowed: {form}")
     return parts
 
 
@@ -44,8 +114,17 @@ def parse_redis_url(text: str) -> str:
     parts = _url_parts(text, _REDIS_URL_FORM)
     db = parts.path.strip("/")
     if db and not db.isdigit():
-        raise ValueError(f"database {db!r} is not a number; allowed: {_REDIS_URL_FORM}")
+        shown = url_without_password(text)
+        raise ValueError(f"database in {shown!r} is not a number; allowed: {_REDIS_URL_FORM}")
     return text
 
 
-__all__ = ["POSTGRES_URL_SCHEMES", "parse_database_url", "parse_redis_url"]
+__all__ = [
+    "POSTGRES_URL_SCHEMES",
+    "REDACTED",
+    "SECRET_PARAMETER_WORDS",
+    "parse_database_url",
+    "parse_redis_url",
+    "url_secrets",
+    "url_without_password",
+]

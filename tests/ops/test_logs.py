@@ -163,3 +163,55 @@ def test_a_throttled_count_logs_the_first_then_what_came_since_once_an_interval(
     assert count.add(110.0) == 4  # the three held back and this one
     assert count.add(115.0) is None
     assert count.add(500.0) == 2
+
+
+PG_SECRET = "pg-secret-4Xq"
+REDIS_SECRET = "redis-secret-7Yw"
+
+
+def service_flags(fmt: str) -> RuntimeFlags:
+    return build_runtime_flags(
+        {
+            "TRADE_CANVAS_LOG_FORMAT": fmt,
+            "TRADE_CANVAS_DATABASE_URL": f"postgresql://tc:{PG_SECRET}@127.0.0.1/db"
+            "?sslpassword=ssl-secret-9Zz",
+            "TRADE_CANVAS_REDIS_URL": f"redis://default:p%40{REDIS_SECRET}@127.0.0.1:6379/0",
+        }
+    ).flags
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_the_service_urls_passwords_never_appear(fmt: str) -> None:
+    """As the ingest token: the configured passwords (as written and percent-decoded), in a
+    message, its arguments, an extra field or a traceback."""
+    out = io.StringIO()
+    configure_logging(service_flags(fmt), stream=out)
+    log = logging.getLogger("tradecanvas.leaky")
+    log.info("connecting with %s", PG_SECRET)
+    log.warning("auth p@%s refused", REDIS_SECRET)  # decoded, outside a URL
+    log.info("sslpassword is ssl-secret-9Zz", extra={"copy": [PG_SECRET]})
+    try:
+        raise RuntimeError(f'password "{PG_SECRET}" refused')
+    except RuntimeError:
+        log.exception("exception text")
+    text = out.getvalue()
+    for secret in (PG_SECRET, REDIS_SECRET, "ssl-secret-9Zz"):
+        assert secret not in text
+    assert "connecting with <redacted>" in text and "refused" in text
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_the_password_of_any_url_in_a_line_is_redacted(fmt: str) -> None:
+    """A URL's password that is not configured here (a short one, another service's) is
+    taken out where it is a URL's; the line around it stays."""
+    out = io.StringIO()
+    configure_logging(flags(fmt, token=None), stream=out)
+    log = logging.getLogger("tradecanvas.leaky")
+    log.warning("Redis at redis://:ab@127.0.0.1:6379/0?password=qq failed, retrying")
+    log.warning("('postgresql://u:s@cret@h/db', 'x')")
+    text = out.getvalue()
+    assert "redis://:<redacted>@127.0.0.1:6379/0?password=<redacted> failed, retrying" in text
+    assert "'postgresql://u:<redacted>@h/db', 'x'" in text
+    assert ":ab@" not in text and "qq" not in text and "cret" not in text
+    if fmt == "json":
+        assert [orjson.loads(line)["level"] for line in text.splitlines()] == ["WARNING"] * 2

@@ -66,6 +66,7 @@ from tradecanvas.model import Candle
 from tradecanvas.ops.metrics import DeliveryTimer
 from tradecanvas.pipeline.events import SystemEvent
 from tradecanvas.pipeline.publish import MarketSink
+from tradecanvas.service_urls import url_without_password
 from tradecanvas.upstream.backoff import Backoff
 from tradecanvas.wire.bus import (
     CANDLE_FIELD,
@@ -229,7 +230,11 @@ class EdgeFeed:
         def connected(reconnect: bool) -> None:
             if reconnect:
                 self._counts["reconnects"] += 1
-                log.info("edge feed (%s): reconnected to Redis at %s", name, self.url)
+                log.info(
+                    "edge feed (%s): reconnected to Redis at %s",
+                    name,
+                    url_without_password(self.url),
+                )
             self._set_connected(name, True)
 
         def failed(failure: BaseException) -> None:

@@ -43,6 +43,7 @@ from tradecanvas.bus.lease import (
 from tradecanvas.bus.redis_io import describe, failure_or_raise, open_redis
 from tradecanvas.errors import StoreError
 from tradecanvas.ops.metrics import Metrics
+from tradecanvas.service_urls import url_without_password
 from tradecanvas.store.interface import MarketStore, WriteTxn
 from tradecanvas.store.wrapped import WrappedStore
 
@@ -198,7 +199,7 @@ class IngestLeader:
             self._connected = False
             return core.on_failure(trio.current_time())
         if not self._connected:
-            log.info("ingest lease: Redis answers at %s", self.url)
+            log.info("ingest lease: Redis answers at %s", url_without_password(self.url))
         self._connected = True
         now = trio.current_time()
         if core.leader:

@@ -65,6 +65,7 @@ from tradecanvas.bus.redis_io import (
 from tradecanvas.model import Candle
 from tradecanvas.pipeline.commit import PipelineResult
 from tradecanvas.pipeline.events import SystemEvent
+from tradecanvas.service_urls import url_without_password
 from tradecanvas.upstream.backoff import Backoff
 from tradecanvas.wire.bus import (
     CANDLE_FIELD,
@@ -295,7 +296,7 @@ class BusPublisher:
     def _on_connected(self, reconnect: bool) -> None:
         if reconnect:
             self._reconnects += 1
-            log.info("bus publisher: reconnected to Redis at %s", self.url)
+            log.info("bus publisher: reconnected to Redis at %s", url_without_password(self.url))
         self._set_connected(True)
 
     def _on_failure(self, failure: BaseException) -> None:

@@ -34,7 +34,8 @@ from tradecanvas.model import Candle
 from tradecanvas.ops.metrics import Metrics
 from tradecanvas.pipeline.commit import SERVED_SERIES_KEY
 from tradecanvas.pipeline.events import SystemEvent
-from tradecanvas.runtime_flags import RuntimeFlags, url_without_password
+from tradecanvas.runtime_flags import RuntimeFlags
+from tradecanvas.service_urls import url_without_password
 from tradecanvas.store.interface import MarketStore
 from tradecanvas.store.postgres import PostgresStore
 from tradecanvas.store.sqlite import CandleStore

@@ -5,10 +5,13 @@
 (``TRADE_CANVAS_LOG_FORMAT=json``, encoded with orjson). journald adds the timestamp, the
 unit and the PID, so the text line carries only level, logger and message.
 
-The ingest token must never reach a log line. Nothing of ours logs it, and two guards make
+The ingest token and the passwords of the service URLs must never reach a log line. Nothing
+of ours logs them (a URL is logged as ``url_without_password`` gives it), and two guards make
 sure of it anyway: :class:`RedactingFilter` rewrites every record that reaches the handler
 (message, arguments, exception text) and the formatters redact their final output, both
-replacing the configured token and anything that looks like a bearer credential.
+replacing the configured token, the passwords of ``TRADE_CANVAS_DATABASE_URL`` and
+``TRADE_CANVAS_REDIS_URL``, the password of any URL in the text and anything that looks like
+a bearer credential.
 """
 
 from __future__ import annotations
@@ -24,11 +27,17 @@ from typing import IO, Any, Final, final
 import orjson
 
 from tradecanvas.runtime_flags import RuntimeFlags
+from tradecanvas.service_urls import url_secrets, url_without_password
 
 REDACTED: Final = "<redacted>"
 TEXT_FORMAT: Final = "%(levelname)s %(name)s: %(message)s"
 # ``Authorization: Bearer abc`` or ``bearer=abc`` anywhere in a line: not ours to print
 _BEARER_RE: Final = re.compile(r"(?i)(bearer[\s=:]+)[^\s\"',;]+")
+# a URL in a line, up to a space or a quote (a JSON line's next field is not part of it)
+_URL_RE: Final = re.compile(r"(?i)\b[a-z][a-z0-9+.-]*://[^\s\"'\\]+")
+# a configured secret shorter than this is replaced only where it is a URL's password: as a
+# plain string it would take every such word out of the lines
+MIN_SECRET_CHARS: Final = 4
 # Chatty third-party loggers: httpx logs every request at INFO (one per REST backfill page),
 # Hypercorn says "Running on … (CTRL + C to quit)" (the HTTP API logs its own line)
 _QUIET_LOGGERS: Final = (
@@ -46,14 +55,28 @@ _RECORD_ATTRS: Final = frozenset(
 
 
 class Redactor:
-    """Removes the ingest token (when one is configured) and bearer credentials from text."""
+    """Removes the configured secrets (the ingest token, the service URLs' passwords: of
+    :data:`MIN_SECRET_CHARS` or more), the password of any URL and bearer credentials from
+    text."""
 
-    def __init__(self, secret: str | None) -> None:
-        self._secret = secret or None
+    def __init__(self, *secrets: str | None) -> None:
+        kept = {s for s in secrets if s and len(s) >= MIN_SECRET_CHARS}
+        kept |= {orjson.dumps(s).decode()[1:-1] for s in kept}  # as a JSON line writes it
+        # the longest first: a secret holding another is replaced whole
+        self._secrets = sorted(kept, key=len, reverse=True)
+
+    @classmethod
+    def of_flags(cls, flags: RuntimeFlags) -> Redactor:
+        return cls(
+            flags.ingest_token, *url_secrets(flags.database_url), *url_secrets(flags.redis_url)
+        )
 
     def __call__(self, text: str) -> str:
-        if self._secret is not None and self._secret in text:
-            text = text.replace(self._secret, REDACTED)
+        for secret in self._secrets:
+            if secret in text:
+                text = text.replace(secret, REDACTED)
+        if "://" in text:
+            text = _URL_RE.sub(lambda url: url_without_password(url.group()), text)
         return _BEARER_RE.sub(rf"\g<1>{REDACTED}", text)
 
 
@@ -150,7 +173,7 @@ class ThrottledCount:
 
 def build_handler(flags: RuntimeFlags, stream: IO[str] | None = None) -> logging.Handler:
     """The stderr handler ``configure_logging`` installs (``stream`` for tests)."""
-    redact = Redactor(flags.ingest_token)
+    redact = Redactor.of_flags(flags)
     handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
     formatter: logging.Formatter = (
         JsonFormatter(redact) if flags.log_format == "json" else TextFormatter(redact)

@@ -35,6 +35,10 @@ with two bad parameters learns about both at once. Codes:
                             (``Retry-After: 1``; ``tradecanvas.serve.read_slots``)
 =====  ===================  ======================================================
 
+A store failure's answer says no more than that (the exception's text, a table's name, is
+in the daemon's log: a 500 ``store_failed`` at ERROR once a minute at most, with how many
+came). Every JSON answer carries ``X-Content-Type-Options: nosniff``.
+
 The API's GET answers of ``GZIP_MIN_BYTES`` or more go gzip-compressed to a client that
 accepts it (a page of candles shrinks to about a fifth); the chart page's files are
 compressed once, when the app is built (``chart_page``).
@@ -94,12 +98,26 @@ GZIP_MIN_BYTES: Final = 1024
 GZIP_LEVEL: Final = 6
 # refused writes (401) are logged in one line a minute at most, with how many came
 REFUSED_WRITE_LOG_S: Final = 60.0
+# failed store reads (an outage: every request fails) likewise
+STORE_FAILED_LOG_S: Final = 60.0
+# what a client is told of a failed store read or write: the details are in the log
+STORE_FAILED_MESSAGE: Final = "the candle store failed; see the daemon's log"
+INGEST_FAILED_MESSAGE: Final = (
+    "the candle store refused the write; nothing was committed; see the daemon's log"
+)
+# on every JSON answer (and /metrics): a browser never takes one for a page or a script
+NOSNIFF_HEADERS: Final = {"X-Content-Type-Options": "nosniff"}
 
 
 class JsonResponse(Response):
     """JSON encoded with orjson (Decimals are never passed in; candles are floats)."""
 
     media_type = "application/json"
+
+    def __init__(
+        self, content: Any, status_code: int = 200, headers: Mapping[str, str] | None = None
+    ) -> None:
+        super().__init__(content, status_code, {**(headers or {}), **NOSNIFF_HEADERS})
 
     def render(self, content: Any) -> bytes:
         return orjson.dumps(content)
@@ -172,6 +190,7 @@ def build_http_app(
     candle and event reads running at once (``tradecanvas.serve.read_slots``)."""
     slots = ReadSlots() if reads is None else reads
     refused_writes = ThrottledCount(REFUSED_WRITE_LOG_S)
+    failed_reads = ThrottledCount(STORE_FAILED_LOG_S)
     served: frozenset[SeriesId] = frozenset(flags.all_series())
     writable: frozenset[SeriesId] = frozenset(flags.series)
     base_of = {
@@ -179,6 +198,15 @@ def build_http_app(
         for b in flags.series
         for d in (b, *(b.with_timeframe(t) for t in flags.derived_timeframes))
     }
+
+    def store_failed(what: str, exc: StoreError) -> RequestRefused:
+        """500 ``store_failed`` saying nothing of the failure, which is logged (throttled)."""
+        count = failed_reads.add(time.monotonic())
+        if count is not None:
+            log.error(
+                "GET %s: %s (%d failed store read(s) since the last such line)", what, exc, count
+            )
+        return RequestRefused(500, "store_failed", STORE_FAILED_MESSAGE)
 
     @contextlib.asynccontextmanager
     async def store_read(what: str) -> AsyncIterator[None]:
@@ -188,10 +216,7 @@ def build_http_app(
             try:
                 yield
             except StoreError as exc:
-                log.error("GET %s: %s", what, exc)
-                raise RequestRefused(
-                    500, "store_failed", f"the candle store failed: {exc}"
-                ) from None
+                raise store_failed(what, exc) from None
 
     async def candles(request: Request) -> Response:
         query = parse_candles_query(request.query_params, served)
@@ -252,11 +277,7 @@ def build_http_app(
             result = await pipeline.run(IngestBatch.of(series, [candle], "http"))
         except StoreError as exc:
             log.error("HTTP ingest of %s at %d failed: %s", sid, candle.candle_time, exc)
-            raise RequestRefused(
-                500,
-                "ingest_failed",
-                f"the candle store refused the write; nothing was committed: {exc}",
-            ) from None
+            raise RequestRefused(500, "ingest_failed", INGEST_FAILED_MESSAGE) from None
         metrics.candles_committed_total.inc(result.committed)
         metrics.publish_total.labels(path="http").inc()
         try:
@@ -299,8 +320,7 @@ def build_http_app(
         try:
             heads = await store.heads()
         except StoreError as exc:
-            log.error("GET series: %s", exc)
-            raise RequestRefused(500, "store_failed", f"the candle store failed: {exc}") from None
+            raise store_failed("series", exc) from None
         now = clock()
         out: list[dict[str, Any]] = []
         for series in flags.all_series():
@@ -342,7 +362,7 @@ def build_http_app(
         return JsonResponse(body, status_code=200 if ready else 503)
 
     async def metrics_text(request: Request) -> Response:
-        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+        return Response(metrics.render(), headers=NOSNIFF_HEADERS, media_type=CONTENT_TYPE_LATEST)
 
     async def refused(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, RequestRefused)

@@ -2,7 +2,7 @@
 each run makes a database of its own, dropped afterwards, and answers "is the service
 there?" before it starts). Shared by ``bench/scaleout.py``, ``scripts/e2e_services.py`` and
 the PostgreSQL tests; the URLs are the caller's (they read ``TEST_POSTGRES_URL`` and
-``TEST_REDIS_URL``).
+``TEST_REDIS_URL``). A message names a URL without its password (``url_without_password``).
 
 Blocking calls (psycopg's synchronous API, a socket): call them outside trio, or through
 ``trio.to_thread.run_sync``.
@@ -21,6 +21,8 @@ import psycopg
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 
+from tradecanvas.service_urls import url_without_password
+
 # how long a service may take to answer the first question
 ANSWER_TIMEOUT_S: Final = 5
 
@@ -32,23 +34,23 @@ def postgres_missing(admin_url: str) -> str | None:
             conn.execute("SELECT 1")
     except psycopg.OperationalError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        return f"PostgreSQL at {admin_url} does not answer: {first}"
+        return f"PostgreSQL at {url_without_password(admin_url)} does not answer: {first}"
     return None
 
 
 def redis_missing(redis_url: str) -> str | None:
     """Why the Redis at ``redis_url`` (``redis://host:port/db``) cannot be used (None: it
     answers PING)."""
-    where = urlsplit(redis_url)
+    where, shown = urlsplit(redis_url), url_without_password(redis_url)
     try:
         with socket.create_connection(
             (where.hostname or "127.0.0.1", where.port or 6379), timeout=ANSWER_TIMEOUT_S
         ) as sock:
             sock.sendall(b"PING\r\n")
             if not sock.recv(16).startswith(b"+PONG"):
-                return f"Redis at {redis_url} does not answer PING"
+                return f"Redis at {shown} does not answer PING"
     except OSError as exc:
-        return f"Redis at {redis_url} does not answer: {exc}"
+        return f"Redis at {shown} does not answer: {exc}"
     return None
 
 
