@@ -491,10 +491,8 @@ def serve(flags: RuntimeFlags) -> int:
         if failure is None:
             raise
         code, line, traceback = failure
-        # the line names the first leaf (start_failure): its level is that leaf's
-        level = (
-            logging.WARNING if isinstance(first_leaf(raised), StoreRecovered) else logging.CRITICAL
-        )
+        recovery = isinstance(first_leaf(raised), StoreRecovered)  # the line's leaf
+        level = logging.WARNING if recovery else logging.CRITICAL
         log.log(level, "%s", line, exc_info=raised if traceback else None)
         return code
     sys.stderr.flush()
