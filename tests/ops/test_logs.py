@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import logging
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -138,6 +139,15 @@ def test_bearer_credentials_are_redacted_even_without_a_configured_token() -> No
     assert out.getvalue() == f"WARNING x: Authorization: Bearer {REDACTED}; next\n"
 
 
+def test_words_after_bearer_are_not_taken_for_a_credential() -> None:
+    """The 401 line says "invalid bearer token" (review: newuser2): it was logged as
+    "invalid bearer <redacted>"."""
+    out = io.StringIO()
+    configure_logging(flags(token=None), stream=out)
+    logging.getLogger("x").warning("refused: invalid bearer token; send Bearer <token>")
+    assert out.getvalue() == "WARNING x: refused: invalid bearer token; send Bearer <token>\n"
+
+
 def test_stderr_is_the_default_stream() -> None:
     """In a fresh interpreter: records go to stderr, nothing to stdout."""
     code = (
@@ -215,3 +225,18 @@ def test_the_password_of_any_url_in_a_line_is_redacted(fmt: str) -> None:
     assert ":ab@" not in text and "qq" not in text and "cret" not in text
     if fmt == "json":
         assert [orjson.loads(line)["level"] for line in text.splitlines()] == ["WARNING"] * 2
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_a_terminal_gets_the_time_first_and_a_file_does_not() -> None:
+    """``make run`` in a terminal had no time on its lines (review: newuser2)."""
+    for stream, timed in ((_Terminal(), True), (io.StringIO(), False)):
+        configure_logging(flags(token=None), stream=stream)
+        logging.getLogger("x").warning("hello")
+        line = stream.getvalue()
+        assert line.endswith("WARNING x: hello\n")
+        assert bool(re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} WARNING", line)) is timed

@@ -31,8 +31,13 @@ from tradecanvas.service_urls import url_secrets, url_without_password
 
 REDACTED: Final = "<redacted>"
 TEXT_FORMAT: Final = "%(levelname)s %(name)s: %(message)s"
-# ``Authorization: Bearer abc`` or ``bearer=abc`` anywhere in a line: not ours to print
-_BEARER_RE: Final = re.compile(r"(?i)(bearer[\s=:]+)[^\s\"',;]+")
+# on a terminal (``make run``, the README's tour) each line starts with the time: journald
+# and the files tests read keep the plain format (journald stamps every line itself)
+TERMINAL_FORMAT: Final = "%(asctime)s " + TEXT_FORMAT
+# ``Authorization: Bearer abc.def-ghi`` or ``bearer=…`` anywhere in a line: not ours to
+# print. Eight characters or more: words ("invalid bearer token", "Bearer <token>") are
+# not credentials, and a configured token is 16 or more (and redacted as itself anyway)
+_BEARER_RE: Final = re.compile(r"(?i)(bearer[\s=:]+)[^\s\"',;]{8,}")
 # a URL in a line, up to a space or a quote (a JSON line's next field is not part of it)
 _URL_RE: Final = re.compile(r"(?i)\b[a-z][a-z0-9+.-]*://[^\s\"'\\]+")
 # a configured secret shorter than this is replaced only where it is a URL's password: as a
@@ -112,10 +117,11 @@ class RedactingFilter(logging.Filter):
 
 
 class TextFormatter(logging.Formatter):
-    """``LEVEL logger: message`` (plus the traceback), redacted once more at the end."""
+    """``LEVEL logger: message`` (plus the traceback), redacted once more at the end;
+    ``timed``: after the local time (``2026-12-05 08:40:12,345``)."""
 
-    def __init__(self, redact: Redactor) -> None:
-        super().__init__(TEXT_FORMAT)
+    def __init__(self, redact: Redactor, *, timed: bool = False) -> None:
+        super().__init__(TERMINAL_FORMAT if timed else TEXT_FORMAT)
         self.redact = redact
 
     def format(self, record: logging.LogRecord) -> str:
@@ -174,13 +180,23 @@ class ThrottledCount:
 def build_handler(flags: RuntimeFlags, stream: IO[str] | None = None) -> logging.Handler:
     """The stderr handler ``configure_logging`` installs (``stream`` for tests)."""
     redact = Redactor.of_flags(flags)
-    handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
+    out = stream if stream is not None else sys.stderr
+    handler = logging.StreamHandler(out)
     formatter: logging.Formatter = (
-        JsonFormatter(redact) if flags.log_format == "json" else TextFormatter(redact)
+        JsonFormatter(redact)
+        if flags.log_format == "json"
+        else TextFormatter(redact, timed=_is_terminal(out))
     )
     handler.setFormatter(formatter)
     handler.addFilter(RedactingFilter(redact))
     return handler
+
+
+def _is_terminal(out: IO[str]) -> bool:
+    try:
+        return out.isatty()
+    except (AttributeError, ValueError):  # a closed or unusual stream
+        return False
 
 
 def configure_logging(flags: RuntimeFlags, *, stream: IO[str] | None = None) -> None:
