@@ -81,6 +81,10 @@ PARSE_ERROR_CASES: list[tuple[str, str, str]] = [
     ("TRADE_CANVAS_DERIVED_TIMEFRAMES", "5m,3h", "3h is not a Binance interval"),
     ("TRADE_CANVAS_DERIVED_TIMEFRAMES", "1h,60m", "60m is written 1h"),
     ("TRADE_CANVAS_DERIVED_TIMEFRAMES", "24h", "24h is written 1d"),
+    ("TRADE_CANVAS_DERIVED_TIMEFRAMES", "72h", "72h is written 3d"),
+    # the same length, not the same bars: epoch weeks start on Thursdays, months vary
+    ("TRADE_CANVAS_DERIVED_TIMEFRAMES", "7d", "7d is not a Binance interval"),
+    ("TRADE_CANVAS_DERIVED_TIMEFRAMES", "31d", "31d is not a Binance interval"),
     ("TRADE_CANVAS_DERIVED_TIMEFRAMES", "1m", "1m is not a Binance interval that can be derived"),
     ("TRADE_CANVAS_DERIVED_TIMEFRAMES", "", "empty; list the timeframes to derive"),
     ("TRADE_CANVAS_DERIVED_TIMEFRAMES", " , ", "empty; list the timeframes to derive"),
@@ -284,6 +288,11 @@ def test_data_dir_prefers_the_new_variable_and_reads_the_old_with_a_warning(
 
 def test_the_data_dir_variable_is_not_an_unknown_flag() -> None:
     assert runtime_flags.unknown_variable_warnings({"TRADE_CANVAS_DATA_DIR": "/x"}) == ()
+    # its old name is ignored by serve, said as what it is (not "did you mean")
+    assert runtime_flags.unknown_variable_warnings({"TRADECANVAS_DATA_DIR": "/x"}) == (
+        "TRADECANVAS_DATA_DIR: unknown variable, ignored: the deprecated name of"
+        " TRADE_CANVAS_DATA_DIR",
+    )
 
 
 @pytest.mark.parametrize("role", ["ingest", "edge"])

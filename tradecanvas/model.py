@@ -113,6 +113,15 @@ class Timeframe:
         """Every bucket has the same length (all but ``1M``)."""
         return not self.is_month
 
+    def same_bars(self, other: Timeframe) -> bool:
+        """The same buckets under another name (``60m`` and ``1h``, ``72h`` and ``3d``); not
+        ``7d`` and ``1w`` (epoch weeks start on Thursdays) nor ``31d`` and ``1M``."""
+        return (self.seconds, self.is_week, self.is_month) == (
+            other.seconds,
+            other.is_week,
+            other.is_month,
+        )
+
     def floor(self, t: int, phase: int = 0) -> int:
         """The open time of the bucket holding ``t``; ``phase`` (seconds) only for
         :attr:`phased` lengths."""

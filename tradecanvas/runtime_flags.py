@@ -179,7 +179,7 @@ def _parse_timeframes(text: str) -> tuple[Timeframe, ...]:
         except SeriesIdError as exc:
             raise ValueError(str(exc)) from None
         if tf.text not in BINANCE_INTERVALS[1:]:  # 60m: a second 1h series; 10m: no Binance's
-            same = [t for t in BINANCE_INTERVALS[1:] if Timeframe.parse(t).seconds == tf.seconds]
+            same = [t for t in BINANCE_INTERVALS[1:] if Timeframe.parse(t).same_bars(tf)]
             raise ValueError(
                 f"{item} is written {same[0]} (Binance's name for it)"
                 if same
@@ -378,6 +378,8 @@ def unknown_variable_warnings(environ: Mapping[str, str]) -> tuple[str, ...]:
         if name not in KNOWN_VARIABLES and (name.startswith(PREFIX) or compact in by_compact):
             close = by_compact.get(compact) or closest_variable(name)
             hint = f"; did you mean {close}?" if close else " (not a variable of this release)"
+            old = name == OLD_DATA_DIR_VARIABLE  # still read where data is (replay, tests)
+            hint = f": the deprecated name of {DATA_DIR_VARIABLE}" if old else hint
             warnings.append(f"{name}: unknown variable, ignored{hint}")
     return tuple(warnings)
 
