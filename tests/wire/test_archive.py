@@ -16,6 +16,7 @@ from tradecanvas.wire.archive import (
     ARCHIVE_HEADER,
     _parse_plain,
     archive_lines,
+    archive_timeframe,
     market_of_path,
     missing_runs,
     parse_archive_name,
@@ -110,6 +111,49 @@ def test_file_names_give_symbol_interval_and_period() -> None:
     assert split_symbol("BTCUSDT") == "BTC/USDT"
     assert split_symbol("ETHFDUSD") == "ETH/FDUSD"
     assert split_symbol("XYZ") is None
+
+
+def test_a_file_name_bounds_its_rows_and_bytes() -> None:
+    def bound(name: str) -> tuple[int, int]:
+        parsed = parse_archive_name(name)
+        assert parsed is not None
+        return parsed.max_rows, parsed.max_csv_bytes
+
+    assert bound("BTCUSDT-1m-2020-01-01.zip") == (1440, 1440 * 512 + 4096)
+    assert bound("BTCUSDT-1m-2020-01.zip") == (44_640, 44_640 * 512 + 4096)
+    assert bound("BTCUSDT-1m-2020-02.zip")[0] == 29 * 1440
+    assert bound("BTCUSDT-5m-2020-01-01.zip")[0] == 288
+    assert bound("BTCUSDT-1s-2020-01-01.zip")[0] == 86_400
+    assert bound("BTCUSDT-3d-2020-01.zip")[0] == 11  # 31 days hold at most 11 grid openings
+    assert bound("BTCUSDT-1w-2020-01.zip")[0] == 5
+    assert bound("BTCUSDT-1mo-2020-01.zip")[0] == 2  # a month is at least 28 days
+
+
+@pytest.mark.parametrize(
+    ("interval", "opens", "closes"),
+    [
+        ("5m", [T0, T0 + 300], [T0 + 300, T0 + 600]),
+        ("1s", [T0, T0 + 1], [T0 + 1, T0 + 2]),
+        ("1w", [T0 + 5 * 86_400], [T0 + 12 * 86_400]),  # Monday 2020-01-06
+        ("1mo", [T0, T0 + 31 * 86_400], [T0 + 31 * 86_400, T0 + 60 * 86_400]),
+        ("3d", [T0, T0 + 3 * 86_400], [T0 + 3 * 86_400, T0 + 6 * 86_400]),
+    ],
+)
+def test_other_intervals_read_with_their_timeframe(
+    interval: str, opens: list[int], closes: list[int]
+) -> None:
+    timeframe = archive_timeframe(interval)
+    lines = [row(t, close=c * 1000 - 1) for t, c in zip(opens, closes, strict=True)]
+    assert [c.candle_time for c in parse_archive_rows(lines, timeframe=timeframe)] == opens
+    with pytest.raises(WireError, match=f"line 1: close time .* is not one {timeframe} bar after"):
+        parse_archive_rows([row(opens[0])], timeframe=timeframe)  # a 1m bar
+    if interval != "1s":
+        with pytest.raises(WireError, match=f"line 1: open time .* is not on a {timeframe} bar"):
+            parse_archive_rows(
+                [row(opens[0] + 60, close=closes[0] * 1000 - 1)], timeframe=timeframe
+            )
+    with pytest.raises(WireError, match="wrong_interval"):
+        archive_timeframe("7x")
 
 
 def test_the_market_comes_from_the_nearest_folder() -> None:

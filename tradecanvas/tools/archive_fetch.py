@@ -9,12 +9,21 @@ fetched as a month's zip for each whole calendar month in it and a day's zip for
 (:func:`archive_files`; ``--daily``: days only); a month the archive does not have (404: the
 current month, or one not published yet) is fetched as its days instead. A download streams
 into ``<name>.part`` in the output folder, hashing as it goes; only when the digest equals the
-``.CHECKSUM``'s (and the zip opens) is it renamed into place, the ``.CHECKSUM`` written beside
-it and, with ``--extract``, its CSV. A mismatch or a broken zip is refused and nothing of
-that file is kept. A file whose zip and ``.CHECKSUM`` are already there and agree is not
-fetched again, so a re-run (or a run after Ctrl-C) fetches only what is missing. ``--csv
-FILE`` also writes the files' candles joined into one ``open_time,open,high,low,close,volume``
-CSV, the layout ``tradecanvas replay`` and the tests read. ``make test-data`` runs this command.
+``.CHECKSUM``'s (and the zip opens and holds what its name says, within the bound of what
+such a file can hold: ``archive_layout.check_zip``) is it renamed into place, the
+``.CHECKSUM`` written beside it and, with ``--extract``, its CSV. A mismatch or a broken zip
+is refused and nothing of that file is kept. A file whose zip and ``.CHECKSUM`` are already
+there and agree is not fetched again, so a re-run (or a run after Ctrl-C) fetches only what
+is missing. ``--csv FILE`` also writes the files' candles joined into one
+``open_time,open,high,low,close,volume`` CSV, the layout ``tradecanvas replay`` and the tests
+read, each row checked as ``import`` checks it. ``make test-data`` runs this command.
+
+The checksum comes from the same server as the zip, so the sizes are bounded too: a zip
+(``ArchiveDay.max_zip_bytes``) or a ``.CHECKSUM`` (:data:`MAX_CHECKSUM_BYTES`) whose
+Content-Length says more is refused before its body is read, and a body that grows past the
+bound is cut. Files are asked for unencoded (``Accept-Encoding: identity``); a response
+encoded anyway is refused. Every file is written through a ``.part`` made afresh
+(``archive_layout.create_part``: never through a link), then renamed.
 
 Errors (each message names the URL or the file)::
 
@@ -22,6 +31,8 @@ Errors (each message names the URL or the file)::
     HTTP 404 (not in the archive)  ─────────── NotInArchive (an ArchiveError) ─▶ a month: its days
     other 4xx                      ────────────────────────────────────────▶ ArchiveError
     digest ≠ .CHECKSUM, malformed .CHECKSUM, a zip that does not open ────▶ ArchiveError
+    a body past its bound, a zip holding more or other than its CSV ─────▶ ArchiveError
+    a bad row (--csv), a .part that is a link or another user's ───────▶ ArchiveError
 
 Exit codes (:data:`EXIT_CODES`): 0 every file present and verified; 1 a file failed (those
 verified before it stay); 2 bad arguments; 130 on Ctrl-C (the file being fetched is dropped).
@@ -47,16 +58,20 @@ import trio
 from tradecanvas.errors import ExitCode
 from tradecanvas.tools.archive_layout import (
     MARKET_PATHS,
+    MAX_CHECKSUM_BYTES,
     ArchiveDay,
     ArchiveError,
     NotInArchive,
     archive_days,
     archive_files,
     check_zip,
+    create_part,
+    discard_part,
     extract_csv,
     parse_checksum,
     present,
     six_column_rows,
+    write_part,
 )
 from tradecanvas.tools.exit_codes import ExitCodeTable
 from tradecanvas.upstream.backoff import Backoff
@@ -66,7 +81,7 @@ HTTP_TIMEOUT_S: Final = 30.0
 HEADER: Final = "open_time,open,high,low,close,volume"
 EXIT_CODES: Final[ExitCodeTable] = (
     (ExitCode.OK, "every file is present and matches Binance's .CHECKSUM"),
-    (ExitCode.FAILED, "a file could not be fetched or failed its checksum (those before stay)"),
+    (ExitCode.FAILED, "a file failed: fetch, checksum, bound or bad row (those before stay)"),
     (ExitCode.USAGE, "bad arguments; nothing was fetched"),
     (ExitCode.INTERRUPTED, "Ctrl-C: the file being fetched is dropped"),
 )
@@ -128,27 +143,28 @@ class ArchiveFetcher:
 
     async def _download(self, day: ArchiveDay, zip_path: Path, checksum_path: Path) -> None:
         url = day.url(self.base_url)
-        checksum_text = (await self._get(url + ".CHECKSUM", _read_body)).decode(errors="replace")
+        body = await self._get(url + ".CHECKSUM", functools.partial(_read_body, MAX_CHECKSUM_BYTES))
+        checksum_text = body.decode(errors="replace")
         expected = parse_checksum(checksum_text, day.name, url + ".CHECKSUM")
         part = zip_path.with_name(zip_path.name + ".part")
         try:
-            actual = await self._get(url, functools.partial(_stream_into, part))
+            actual = await self._get(url, functools.partial(_stream_into, part, day.max_zip_bytes))
             if actual != expected:
                 raise ArchiveError(
                     f"{url}: SHA-256 {actual} does not match its .CHECKSUM ({expected});"
                     " nothing kept"
                 )
             try:
-                await trio.to_thread.run_sync(check_zip, part)
+                await trio.to_thread.run_sync(check_zip, part, day.name)
             except ArchiveError as exc:
                 raise ArchiveError(f"{url}: {exc}; nothing kept") from None
-            checksum_part = checksum_path.with_name(checksum_path.name + ".part")
-            await trio.Path(checksum_part).write_text(checksum_text)
+            await trio.to_thread.run_sync(
+                write_part, checksum_path, lambda f: f.write(checksum_text.encode())
+            )
             await trio.Path(part).replace(zip_path)
-            await trio.Path(checksum_part).replace(checksum_path)
         finally:
             with trio.CancelScope(shield=True):
-                await trio.Path(part).unlink(missing_ok=True)
+                await trio.to_thread.run_sync(discard_part, part)
 
     async def _get(self, url: str, read: Callable[[httpx.Response], Awaitable[T]]) -> T:
         """GET ``url`` and ``read`` its 200 response, with retries and backoff."""
@@ -178,17 +194,73 @@ class ArchiveFetcher:
         raise ArchiveError(f"{url}: {problem} (gave up after {self.policy.attempts} attempts)")
 
 
-async def _read_body(response: httpx.Response) -> bytes:
-    return await response.aread()
+def _bounded(response: httpx.Response, limit: int) -> None:
+    """Refuse, before reading its body, a response encoded (its bytes would be inflated) or
+    whose Content-Length is past ``limit``."""
+    encoding = response.headers.get("content-encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        raise ArchiveError(
+            f"{response.url}: sent with Content-Encoding {encoding[:40]!r} though asked for"
+            " none; not read"
+        )
+    declared = response.headers.get("content-length", "").strip()
+    if declared.isdigit() and int(declared) > limit:
+        raise ArchiveError(
+            f"{response.url}: {int(declared):,} bytes (Content-Length); a file of its kind is"
+            f" at most {limit:,}: not read"
+        )
 
 
-async def _stream_into(path: Path, response: httpx.Response) -> str:
-    """The body streamed into ``path``; returns its SHA-256 (hex)."""
+async def _take(
+    response: httpx.Response, limit: int, take: Callable[[bytes], Awaitable[object]]
+) -> None:
+    """Hand the body's chunks to ``take`` as they arrive (after :func:`_bounded`); once past
+    ``limit`` bytes, raise ArchiveError. The response is closed first and the loop goes on,
+    so that the next read fails at the socket: every generator of httpx's stream ends then
+    (one left behind by a ``break`` would be finalized by the garbage collector)."""
+    _bounded(response, limit)
+    size = 0
+    try:
+        async for chunk in response.aiter_raw():
+            size += len(chunk)
+            if size > limit:
+                await response.aclose()
+                continue
+            await take(chunk)
+    except (httpx.HTTPError, httpx.StreamError):  # the read after the close
+        if size <= limit:
+            raise
+    if size > limit:
+        raise ArchiveError(
+            f"{response.url}: the body grew past {limit:,} bytes, the most a file of its kind"
+            " holds: cut, nothing kept"
+        )
+
+
+async def _read_body(limit: int, response: httpx.Response) -> bytes:
+    """The body, of at most ``limit`` bytes."""
+    body = bytearray()
+
+    async def take(chunk: bytes) -> None:
+        body.extend(chunk)
+
+    await _take(response, limit, take)
+    return bytes(body)
+
+
+async def _stream_into(path: Path, limit: int, response: httpx.Response) -> str:
+    """The body, of at most ``limit`` bytes, streamed into ``path`` (created afresh:
+    :func:`create_part`); returns its SHA-256 (hex)."""
+    _bounded(response, limit)
     digest = hashlib.sha256()
-    async with await trio.open_file(path, "wb") as f:
-        async for chunk in response.aiter_bytes():  # as they arrive
+    raw = await trio.to_thread.run_sync(create_part, path)
+    async with trio.wrap_file(raw) as f:
+
+        async def take(chunk: bytes) -> None:
             digest.update(chunk)
             await f.write(chunk)
+
+        await _take(response, limit, take)
     return digest.hexdigest()
 
 
@@ -207,7 +279,8 @@ async def fetch_days(
     await trio.Path(out_dir).mkdir(parents=True, exist_ok=True)
     done: list[Fetched] = []
     async with httpx.AsyncClient(
-        timeout=httpx.Timeout(HTTP_TIMEOUT_S), headers={"user-agent": "tradecanvas"}
+        timeout=httpx.Timeout(HTTP_TIMEOUT_S),
+        headers={"user-agent": "tradecanvas", "accept-encoding": "identity"},
     ) as http:
         fetcher = ArchiveFetcher(http, base_url, policy)
         todo = list(reversed(days))
@@ -230,15 +303,19 @@ async def fetch_days(
 
 
 def write_joined_csv(fetched: Sequence[Fetched], csv_path: Path) -> int:
-    """The files' klines, in order, as one six-column CSV with a header (written atomically);
-    returns the number of rows."""
+    """The files' klines, in order, as one six-column CSV with a header (written atomically,
+    through a ``.part`` made afresh); returns the number of rows. Every row is checked as
+    ``import`` checks it: a bad one raises ArchiveError naming its file and line, and
+    nothing is written."""
     rows = [HEADER]
     for f in fetched:
-        rows.extend(six_column_rows(f.path))
+        try:
+            rows.extend(six_column_rows(f.path))
+        except ArchiveError as exc:
+            raise ArchiveError(f"{exc}; {csv_path} not written") from None
     csv_path.parent.mkdir(parents=True, exist_ok=True)
-    part = csv_path.with_name(csv_path.name + ".part")
-    part.write_text("\n".join(rows) + "\n")
-    part.replace(csv_path)
+    text = ("\n".join(rows) + "\n").encode()
+    write_part(csv_path, lambda out: out.write(text))
     return len(rows) - 1
 
 

@@ -12,7 +12,13 @@ milliseconds, except spot files from 2025 on, which are microseconds. The 6-colu
 
 Only 1m klines are imported (the base series; the store derives the rest): a row whose
 ``close_time`` is not one minute after its ``open_time`` less one unit, or whose open time is
-not on a minute, is for another interval and refused.
+not on a minute, is for another interval and refused. ``fetch-archive --csv`` reads the
+other intervals' files through the same parser (``timeframe``).
+
+A file can hold only so many rows (:attr:`ArchiveName.max_rows`: 1,440 in a daily 1m file,
+at most 44,640 in a monthly one), each short (Binance's are about 140 bytes), so its size
+is bounded (:attr:`ArchiveName.max_csv_bytes`): the readers of a zip refuse a member that
+declares or inflates to more (a zip bomb).
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from tradecanvas.model import (
     DAY,
     MINUTE,
     MS,
+    WEEK,
     Candle,
     Market,
     SeriesId,
@@ -64,6 +71,15 @@ _CHUNK: Final = 4096
 KNOWN_QUOTES: Final = (
     "FDUSD", "USDT", "USDC", "BUSD", "TUSD", "BTC", "ETH", "BNB", "EUR", "TRY",
 )  # fmt: skip
+# the bound on a row's length in bytes (Binance's longest are about 150: twelve numbers)
+MAX_ROW_BYTES: Final = 512
+# besides the rows: a header line, a last line end
+SLACK_BYTES: Final = 4096
+# the shortest bar of each interval unit (a month: February's 28 days)
+_INTERVAL_UNIT_S: Final = {
+    "s": 1, "m": MINUTE, "h": 60 * MINUTE, "d": DAY, "w": WEEK, "mo": 28 * DAY, "M": 28 * DAY,
+}  # fmt: skip
+_INTERVAL_RE: Final = re.compile(r"^([0-9]{1,2})(s|m|h|d|w|mo|M)$")
 _NAME_RE: Final = re.compile(
     r"^(?P<symbol>[A-Z0-9]{2,30})-(?P<interval>[0-9]{1,2}(?:s|m|h|d|w|mo|M))-"
     r"(?P<year>[0-9]{4})-(?P<month>[0-9]{2})(?:-(?P<day>[0-9]{2}))?\.(?:zip|csv)$"
@@ -88,6 +104,43 @@ class ArchiveName:
     def expected_rows(self) -> int:
         """Rows of a full 1m file (Binance's own holes make some shorter)."""
         return (self.end - self.start) // MINUTE
+
+    @property
+    def max_rows(self) -> int:
+        """The most rows a file of its interval and period can hold (one per bar opening in
+        it): 1,440 a day of 1m, 44,640 a 31-day month."""
+        return -(-(self.end - self.start) // interval_seconds(self.interval))
+
+    @property
+    def max_csv_bytes(self) -> int:
+        """The bound on the size of its CSV: :attr:`max_rows` rows of at most
+        :data:`MAX_ROW_BYTES`, and :data:`SLACK_BYTES` (737,280 + 4,096 a daily 1m file)."""
+        return self.max_rows * MAX_ROW_BYTES + SLACK_BYTES
+
+
+def interval_seconds(interval: str) -> int:
+    """The shortest bar of a Binance interval such as ``1m``, ``1d`` or ``1mo`` (a month: 28
+    days), in seconds; 1 for a text that is no interval."""
+    match = _INTERVAL_RE.match(interval)
+    if match is None:
+        return 1
+    return max(1, int(match[1])) * _INTERVAL_UNIT_S[match[2]]
+
+
+def archive_timeframe(interval: str) -> Timeframe:
+    """The bars of a Binance interval as a :class:`Timeframe` (``1mo`` is ``1M``; seconds,
+    which the store never holds, a Timeframe of that many seconds). Raises WireError
+    ``wrong_interval`` for a text that is no interval."""
+    match = _INTERVAL_RE.match(interval)
+    try:
+        if match is None:
+            raise SeriesIdError(f"{interval!r} is not a kline interval")
+        count, unit = int(match[1]), match[2]
+        if unit == "s" and count:
+            return Timeframe(count, interval)
+        return Timeframe.parse("1M" if unit == "mo" else interval)
+    except SeriesIdError as exc:
+        raise WireError("wrong_interval", str(exc)) from None
 
 
 def parse_archive_name(name: str) -> ArchiveName | None:
@@ -179,11 +232,16 @@ class _Decimals(dict[str, Decimal]):
 
 
 def parse_archive_rows(
-    lines: Iterable[str], *, span: tuple[int, int] | None = None
+    lines: Iterable[str],
+    *,
+    span: tuple[int, int] | None = None,
+    timeframe: Timeframe = BASE_TIMEFRAME,
 ) -> list[Candle]:
     """The 1m candles of one archive file's lines, in file order (ascending, each minute once).
 
     ``span``: the ``[start, end)`` its name says it holds; a row outside it is refused.
+    ``timeframe``: the klines of another interval instead (``fetch-archive --csv``; a 3d
+    bar's open time is checked to be on a day, its grid being the symbol's own).
     Raises WireError ``bad_archive_row`` with ``line N: why`` for the first bad row (wrong
     column count, a field that is not a number, not a 1m kline, out of order or repeated, a
     candle the store refuses such as high below low).
@@ -192,6 +250,9 @@ def parse_archive_rows(
     append = candles.append
     previous = -1
     unit = width = number = step = 0
+    # the bars of an interval that are not multiples of its length since the epoch
+    uneven = timeframe.is_month or timeframe.is_week or timeframe.phased
+    bar = "minute" if timeframe == BASE_TIMEFRAME else f"{timeframe} bar"
     low, high = span if span is not None else (0, 2**62)
     dec = Decimal
     # the four prices through a cache (they repeat); the volumes seldom do
@@ -207,15 +268,15 @@ def parse_archive_rows(
                         raise ValueError(f"not a kline header or row: {line[:80]!r}")
                     continue
                 width, unit = _first_row(row)
-                step = unit * MINUTE
+                step = unit * timeframe.seconds
             if len(row) != width:
                 if row == [""]:
                     continue
                 raise ValueError(f"{len(row)} columns where the file has {width}")
             ticks = int(row[0])
-            if ticks % step:
-                raise ValueError(f"open time {row[0]} is not on a minute (not a 1m kline)")
             t = ticks // unit
+            if _off_grid(ticks, t, unit, timeframe) if uneven else ticks % step:
+                raise ValueError(f"open time {row[0]} is not on a {bar} (not a {timeframe} kline)")
             if t <= previous:
                 raise ValueError(
                     f"open time {row[0]} is not after the previous row's (repeated or out of order)"
@@ -225,10 +286,11 @@ def parse_archive_rows(
                 raise ValueError(f"open time {row[0]} is outside the period the file name gives")
             if width == ARCHIVE_COLUMNS:
                 _, o, h, lo, c, v, close, q, n, b, bq, _ = row
-                if int(close) != ticks + step - 1:
+                closes = timeframe.next_open(t) * unit if uneven else ticks + step
+                if int(close) != closes - 1:
                     raise ValueError(
-                        f"close time {close} is not one minute after open time {row[0]}"
-                        " (not a 1m kline)"
+                        f"close time {close} is not one {bar} after open time {row[0]}"
+                        f" (not a {timeframe} kline)"
                     )
                 candle = Candle(
                     t,
@@ -246,12 +308,21 @@ def parse_archive_rows(
                 _, o, h, lo, c, v = row
                 candle = Candle(t, price[o], price[h], price[lo], price[c], dec(v))
             if not plainly_valid(candle):
-                validate_candle(candle, BASE_TIMEFRAME)
+                validate_candle(candle, timeframe)
             append(candle)
     except (ValueError, InvalidOperation) as exc:
         why = "a field is not a number" if isinstance(exc, InvalidOperation) else str(exc)
         raise WireError("bad_archive_row", f"line {number}: {why}") from None
     return candles
+
+
+def _off_grid(ticks: int, t: int, unit: int, timeframe: Timeframe) -> bool:
+    """An open time (``ticks`` in the file's unit, ``t`` in seconds) that no bar of a month,
+    a week or a grid of days opens at (a grid's phase is the symbol's: only the day is
+    checked)."""
+    if ticks % unit:
+        return True
+    return bool(t % DAY) if timeframe.phased else not timeframe.is_open_time(t)
 
 
 def parse_archive_text(text: str, *, span: tuple[int, int] | None = None) -> list[Candle]:
@@ -407,8 +478,12 @@ __all__ = [
     "ARCHIVE_COLUMNS",
     "ARCHIVE_HEADER",
     "HEADER_NAMES",
+    "MAX_ROW_BYTES",
+    "SLACK_BYTES",
     "ArchiveName",
     "archive_lines",
+    "archive_timeframe",
+    "interval_seconds",
     "market_of_path",
     "missing_runs",
     "parse_archive_columns",

@@ -260,7 +260,8 @@ async def test_a_zip_with_two_csvs_is_refused(tmp_path: Path) -> None:
         archive.writestr("a.csv", "")
         archive.writestr("b.csv", "")
     code, _, error = await import_into(tmp_path / "m.sqlite3", plan([path]))
-    assert code == ExitCode.FAILED and error is not None and "holds 2 CSV files" in error
+    assert code == ExitCode.FAILED and error is not None
+    assert "holds 2 members ('a.csv', 'b.csv')" in error
 
 
 class _InterruptOnFirstLine(io.StringIO):

@@ -4,6 +4,12 @@ candles — a zip's ``.CHECKSUM`` verified before anything of it is read.
 Everything here is synchronous (the command runs it on a worker thread). A file that cannot
 be imported raises :class:`ArchiveFileError` naming it (and the line, for a bad row); nothing
 of it has been handed on by then.
+
+A zip's ``.CHECKSUM`` comes from wherever the zip came from, so it does not stop a zip bomb:
+a zip is read as ``fetch-archive`` reads one (``tools/archive_layout.py``: one member, the CSV
+of the zip's name, declaring and inflating to no more than such a file can hold — a daily
+file 1,440 rows, a monthly one its month's minutes, a zip whose name does not say a 31-day
+month's — at :data:`~tradecanvas.wire.archive.MAX_ROW_BYTES` a row).
 """
 
 from __future__ import annotations
@@ -21,10 +27,18 @@ from typing import Final
 import attrs
 
 from tradecanvas.errors import BadInputError, WireError
-from tradecanvas.model import CLOCK_SKEW_S, MINUTE, Candle, Market, SeriesId
+from tradecanvas.model import CLOCK_SKEW_S, DAY, MINUTE, Candle, Market, SeriesId
 from tradecanvas.pipeline.commit import collector_paused
+from tradecanvas.tools.archive_layout import (
+    MAX_CHECKSUM_BYTES,
+    ArchiveError,
+    read_member,
+    zip_member,
+)
 from tradecanvas.wire.archive import (
     HEADER_NAMES,
+    MAX_ROW_BYTES,
+    SLACK_BYTES,
     ArchiveName,
     market_of_path,
     missing_runs,
@@ -36,6 +50,8 @@ from tradecanvas.wire.kline_columns import KlineColumns
 
 CHECKSUM_SUFFIX: Final = ".CHECKSUM"
 _READ_CHUNK: Final = 1 << 20
+# the bound on the CSV of a zip whose name does not give its period: a 31-day month of 1m
+UNNAMED_MAX_CSV_BYTES: Final = 31 * DAY // MINUTE * MAX_ROW_BYTES + SLACK_BYTES
 
 
 class ArchiveFileError(BadInputError):
@@ -58,6 +74,11 @@ class ImportFile:
     @property
     def expected_rows(self) -> int | None:
         return None if self.name is None else self.name.expected_rows
+
+    @property
+    def max_csv_bytes(self) -> int:
+        """The bound on the CSV of its zip: what a file of its period can hold."""
+        return UNNAMED_MAX_CSV_BYTES if self.name is None else self.name.max_csv_bytes
 
 
 @attrs.frozen
@@ -140,7 +161,8 @@ def verify_checksum(path: Path) -> bool:
     if not checksum.is_file():
         return False
     try:
-        text = checksum.read_text(encoding="ascii", errors="replace").split()
+        with checksum.open("rb") as f:  # a line: no more is read
+            text = f.read(MAX_CHECKSUM_BYTES).decode("ascii", errors="replace").split()
     except OSError as exc:
         raise ArchiveFileError(path, f"cannot read {checksum.name}: {exc}") from None
     expected = text[0].lower() if text else ""
@@ -154,16 +176,25 @@ def verify_checksum(path: Path) -> bool:
     return True
 
 
-def _zip_text(path: Path) -> tuple[str, str]:
-    """The one CSV inside a zip: (its name, its text)."""
-    with zipfile.ZipFile(path) as archive:
-        members = [m for m in archive.infolist() if not m.is_dir()]
-        csvs = [m for m in members if m.filename.lower().endswith(".csv")]
-        if len(csvs) != 1:
-            raise ArchiveFileError(
-                path, f"holds {len(csvs)} CSV files; an archive zip holds exactly one"
-            )
-        return csvs[0].filename, archive.read(csvs[0]).decode("utf-8")
+def _zip_text(file: ImportFile) -> tuple[str, str]:
+    """The one CSV inside a zip: (its name, its text). Its member is checked before it is
+    inflated, and inflated in chunks up to the bound (``zip_member``, ``read_member``): the
+    CSV of the zip's own name (with ``--series`` and another name, any ``*.csv``)."""
+    path, limit = file.path, file.max_csv_bytes
+    expected = None if file.name is None else path.name[: -len(".zip")] + ".csv"
+    try:
+        with zipfile.ZipFile(path) as archive:
+            info = zip_member(archive, expected, limit)
+            data = read_member(archive, info, limit)
+    except ArchiveError as exc:
+        raise ArchiveFileError(path, f"{exc}; nothing of this file stored") from None
+    try:
+        return info.filename, data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise ArchiveFileError(
+            path, f"{info.filename} line {line}: not UTF-8 text; nothing of this file stored"
+        ) from None
 
 
 def read_file(file: ImportFile, now: float | None = None) -> ReadFile:
@@ -176,7 +207,7 @@ def read_file(file: ImportFile, now: float | None = None) -> ReadFile:
     try:
         if path.suffix.lower() == ".zip":
             checksum = verify_checksum(path)
-            inner, text = _zip_text(path)
+            inner, text = _zip_text(file)
             where = f"{inner} "
         else:
             text = path.read_text(encoding="utf-8")
