@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import collections
 import logging
+import math
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -54,6 +55,8 @@ _SIGNALS: Final = StopOnSignal("import", "the transaction", log)
 # candles per transaction: large, yet under the pipeline's step for one derivation (4,096 source
 # bars), past which it trims its recent bars and reads its own rows back
 DEFAULT_BATCH: Final = 4_000
+# after Ctrl-C or SIGTERM, how long the owed factor.rebuild event may wait for the store
+FINISH_AFTER_SIGNAL_S: Final = 10.0
 # files read ahead of the one being committed
 READ_AHEAD: Final = 1
 EXIT_CODES: Final[ExitCodeTable] = (
@@ -214,6 +217,21 @@ async def _read_ahead(
             await send.send(read)
 
 
+async def _finish(committer: ArchiveCommitter, tally: ImportTally, *, interrupted: bool) -> None:
+    """Log the ``factor.rebuild`` events owed for what was committed: within
+    FINISH_AFTER_SIGNAL_S once interrupted (a store that is away is not waited out)."""
+    deadline = trio.current_time() + FINISH_AFTER_SIGNAL_S if interrupted else math.inf
+    with trio.CancelScope(shield=True, deadline=deadline) as finishing:
+        finished = await committer.finish()
+        tally.events = committer.rebuilds_logged + len(finished)
+    if finishing.cancelled_caught:
+        log.warning(
+            "import: the store did not take the factor.rebuild event within %g s of the"
+            " signal; the next import into it logs it",
+            FINISH_AFTER_SIGNAL_S,
+        )
+
+
 async def run_import(
     files: Sequence[ImportFile],
     location: str | Path,
@@ -253,11 +271,10 @@ async def run_import(
                         failure = (ExitCode.FAILED, str(exc))
                     finally:
                         # also when interrupted (Ctrl-C, SIGTERM): what was committed has
-                        # changed the history, and its consumers are told now; only a
-                        # crash leaves the event owed to the next run
-                        with trio.CancelScope(shield=True):
-                            finished = await committer.finish()
-                            tally.events = committer.rebuilds_logged + len(finished)
+                        # changed the history, and its consumers are told now; a crash, or
+                        # a store away for longer than FINISH_AFTER_SIGNAL_S after a
+                        # signal, leaves the event owed to the next run
+                        await _finish(committer, tally, interrupted=bool(caught))
             except StoreError as exc:
                 failure = (ExitCode.for_store_error(exc), f"store failure: {exc}")
             finally:
