@@ -48,6 +48,7 @@ import trio
 from coredis.commands.constants import CommandName
 from coredis.response._callbacks import NoopCallback
 
+from tradecanvas.bus.cork import HeldCork
 from tradecanvas.bus.cursors import CandleGap, EdgeCursors, EventGap
 from tradecanvas.bus.ids import StreamId, StreamKeys, candle_time_of, event_id_of
 from tradecanvas.bus.ingest_report import IngestReportWatch
@@ -363,31 +364,38 @@ class EdgeFeed:
         events_key = self._events_key
         limit = None if whole else self.settings.count
         cut: set[bytes] = set()
-        for key, entries in reply.items():
-            if key == events_key:
-                continue
+        # corked (bus/cork.py): a subscriber gets what it is owed of the read in one write
+        with HeldCork(sink) as cork:
+            for key, entries in reply.items():
+                if key == events_key:
+                    continue
+                if limit is not None and len(entries) >= limit:
+                    cut.add(key)
+                series_id = self._series_of.get(key) or keys.series_of(key)
+                candles = self._decoded(key, series_id, entries, _candle_of)
+                for run in self.cursors.runs(series_id, candles):
+                    if run.gap is not None:
+                        cork.release()
+                        await self._fill_candle_gap(run.gap, sink)
+                    cork.hold()
+                    accepted = self.cursors.accept(series_id, run.candles)
+                    self._publish_closed(sink, series_id, accepted)
+            entries = reply.get(events_key, ())
+            if not entries:
+                return cut
+            if cut:
+                return cut | {events_key}  # the events wait for the candles before them
             if limit is not None and len(entries) >= limit:
-                cut.add(key)
-            series_id = self._series_of.get(key) or keys.series_of(key)
-            candles = self._decoded(key, series_id, entries, _candle_of)
-            for run in self.cursors.runs(series_id, candles):
-                if run.gap is not None:
-                    await self._fill_candle_gap(run.gap, sink)
-                self._publish_closed(sink, series_id, self.cursors.accept(series_id, run.candles))
-        entries = reply.get(events_key, ())
-        if not entries:
+                cut.add(events_key)
+            events = dict(self._decoded(events_key, None, entries, _event_of))
+            for event_run in self.cursors.event_runs(sorted(events)):
+                if event_run.gap is not None:
+                    cork.release()
+                    await self._fill_event_gap(event_run.gap, sink)
+                cork.hold()
+                for event_id in self.cursors.accept_events(event_run.event_ids):
+                    self._publish_system(sink, events[event_id])
             return cut
-        if cut:
-            return cut | {events_key}  # the events wait for the candles before them
-        if limit is not None and len(entries) >= limit:
-            cut.add(events_key)
-        events = dict(self._decoded(events_key, None, entries, _event_of))
-        for event_run in self.cursors.event_runs(sorted(events)):
-            if event_run.gap is not None:
-                await self._fill_event_gap(event_run.gap, sink)
-            for event_id in self.cursors.accept_events(event_run.event_ids):
-                self._publish_system(sink, events[event_id])
-        return cut
 
     def _decoded(
         self,
