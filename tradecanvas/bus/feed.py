@@ -18,7 +18,8 @@ single process.
   for ``block_ms`` (a writer that sends none). What a notice carries is what its streams
   got, so the same cursors apply: per
   reply, the series' candles go first (``sink.publish_closed``, ascending, each exactly
-  once), then the events (``sink.publish_system``) — the events only when no series' reply
+  once; by timeframe, shortest first, each timeframe's corked: ``bus/cork.py``), then the
+  events (``sink.publish_system``) — the events only when no series' reply
   was cut by ``COUNT`` (the cut streams and the events are read again at once), so an event
   never overtakes the candles its commit published. A hole
   in a stream (trimmed away, lost in a Redis restart, dropped from a full outbox) is filled
