@@ -5,7 +5,7 @@ its pipeline to publish it through."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Final
 
@@ -48,9 +48,16 @@ class RecordingSink:
         self.closed: dict[str, list[Candle]] = {}
         self.events: list[SystemEvent] = []
         self.forming: list[tuple[str, Candle]] = []
+        # corked blocks (Hub.corked): the publishes of each; held while one is open
+        self.blocks: list[list[tuple[str, str, object]]] = []
+        self.held = False
+        # store reads an edge_feed(corks=this sink) made while a cork was held
+        self.reads_while_held = 0
         self._changed = trio.Event()
 
     def _note(self) -> None:
+        if self.held:
+            self.blocks[-1].append(self.log[-1])
         self._changed.set()
         self._changed = trio.Event()
 
@@ -72,7 +79,17 @@ class RecordingSink:
         self._note()
 
     def corked(self) -> contextlib.AbstractContextManager[None]:
-        return contextlib.nullcontext()
+        return self._corked()
+
+    @contextlib.contextmanager
+    def _corked(self) -> Iterator[None]:
+        assert not self.held, "a feed never nests corks"
+        self.held = True
+        self.blocks.append([])
+        try:
+            yield
+        finally:
+            self.held = False
 
     def times(self, series_id: str) -> list[int]:
         return [c.candle_time for c in self.closed.get(series_id, [])]
@@ -101,10 +118,14 @@ def edge_feed(
     series: dict[str, int | None],
     events_after: int = 0,
     settings: FeedSettings | None = None,
+    corks: RecordingSink | None = None,
 ) -> EdgeFeed:
-    """A feed whose holes are filled from ``store``, in small pages (a page may be short)."""
+    """A feed whose holes are filled from ``store``, in small pages (a page may be short);
+    ``corks``: counts the reads made while that sink held a cork."""
 
     async def fill_candles(series_id: str, after: int | None, before: int | None) -> list[Candle]:
+        if corks is not None:
+            corks.reads_while_held += corks.held
         got = await store.since(series_id, -1 if after is None else after, 7)
         return [c for c in got if before is None or c.candle_time < before]
 
@@ -140,8 +161,11 @@ class Publishing:
         series: dict[str, int | None],
         settings: FeedSettings | None = None,
     ) -> EdgeFeed:
-        """An :func:`edge_feed` filling holes from the pipeline's store, once it is ready."""
-        feed = edge_feed(url, self.pipeline.store, keys, series=series, settings=settings)
+        """An :func:`edge_feed` filling holes from the pipeline's store, once it is ready
+        (counting the reads made while ``sink`` held a cork)."""
+        feed = edge_feed(
+            url, self.pipeline.store, keys, series=series, settings=settings, corks=sink
+        )
         await self.nursery.start(feed.run, sink)
         await feed.wait_ready()
         return feed

@@ -174,6 +174,56 @@ async def test_a_hole_found_while_reading_is_filled_before_the_candles_after_it(
     assert feed.statistics().malformed == 2
 
 
+async def test_a_read_reaches_the_hub_corked_shortest_timeframe_first(
+    redis_url: str, keys: StreamKeys, tmp_path: Path
+) -> None:
+    """Corked, the Hub writes each subscriber's share of a block in one write: a read's
+    streams go out by timeframe, shortest first, one corked block each (the events with the
+    last), whatever their order in the notice; a hole's store read is made with the cork
+    let go, after what came before it went out."""
+    sink = RecordingSink()
+    history = minutes(T0, 8)
+    async with publishing(redis_url, tmp_path, _settings(keys)) as bus:
+        feed = await bus.start_feed(redis_url, keys, sink, series={BTC1: None, BTC5: None})
+        # one commit, one batch: five 1m bars, the 5m bar the fifth completes, the events
+        await commit_and_publish(bus.pipeline, history[:5])
+        await bus.publisher.wait_drained()
+        await sink.wait_for(lambda: sink.times(BTC5) == [T0])
+        first, second = [b for b in sink.blocks if b]
+        assert first == [("closed", BTC1, [c.candle_time for c in history[:5]])]
+        assert second[0] == ("closed", BTC5, [T0])
+        assert {kind for kind, _, _ in second[1:]} == {"system"}
+        assert first + second == sink.log
+        # committed, then one notice carrying a 5m bar, then 1m bars 5 and 7 and bar 6
+        # malformed: 5 goes out, the cork is let go, 6 comes from the store, 7, then the 5m
+        await bus.pipeline.run(IngestBatch.of(BTC, history[5:], "ws"))
+        bar5 = minutes(T0 + 300, 1)[0]
+        carried = [
+            (BTC5, bar5.candle_time, encode_candle(bar5)),
+            *((BTC1, c.candle_time, encode_candle(c)) for c in history[5:]),
+        ]
+        carried[2] = (BTC1, history[6].candle_time, b"[1]")
+        entries = b"\n".join(
+            b"%s\n%d-0\n%d\n%s" % (keys.series(sid).encode(), t * 1000, len(p), p)
+            for sid, t, p in carried
+        )
+        named = f"{keys.series(BTC5)}\n{keys.series(BTC1)}"
+        async with open_redis(redis_url) as client:
+            number = await client.incr(keys.batches_count)
+            await client.xadd(
+                keys.batches, {b"n": str(number), b"keys": named, b"entries": entries}
+            )
+        await sink.wait_for(lambda: sink.times(BTC5)[-1:] == [bar5.candle_time])
+    assert sink.times(BTC1) == [c.candle_time for c in history]
+    assert feed.statistics().filled_candles == 1 and sink.reads_while_held == 0
+    assert [b for b in sink.blocks if b][2:] == [
+        [("closed", BTC1, [history[5].candle_time])],
+        [("closed", BTC1, [history[7].candle_time])],
+        [("closed", BTC5, [bar5.candle_time])],
+    ]
+    assert not sink.held
+
+
 async def test_a_redis_restart_loses_nothing_and_doubles_nothing(
     private_redis: PrivateRedis, tmp_path: Path
 ) -> None:

@@ -4,6 +4,7 @@ hands out event ids in commit order across connections and processes, and its er
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import psycopg
 import pytest
@@ -16,7 +17,7 @@ from tradecanvas.store.interface import WriteTxn
 from tradecanvas.store.open import is_database_url, open_store, store_location
 from tradecanvas.store.pg_pool import check_idle_connection
 from tradecanvas.store.pg_schema import MIGRATIONS, SCHEMA_VERSION
-from tradecanvas.store.postgres import PostgresStore, describe_url
+from tradecanvas.store.postgres import PgStoreTxn, PostgresStore, describe_url
 from tradecanvas.store.sqlite import CandleStore
 
 SID = "binance:futures:BTC/USDT:1m"
@@ -256,3 +257,54 @@ def test_the_pool_check_works_on_descriptors_above_select_s_limit(pg_url: str) -
     finally:
         for fd in spare:
             os.close(fd)
+
+
+async def test_a_transaction_s_events_and_meta_records_go_out_as_one_statement_each(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A timeframe's first bars make an event and a meta record per series: they are held
+    back and sent as one statement each before the COMMIT, and whatever reads the same
+    tables inside the transaction (the retention, a delete) sees them first."""
+    store = await PostgresStore.open(pg_url)
+    await store.set_meta("fingerprint:1", "old")
+    sent: list[str] = []
+    execute = psycopg.Connection.execute
+
+    def counting(self: psycopg.Connection[object], query: str, *args: Any, **kw: Any) -> Any:
+        sent.append(str(query))
+        return execute(self, query, *args, **kw)
+
+    monkeypatch.setattr(psycopg.Connection, "execute", counting)
+
+    def first_bars(txn: WriteTxn) -> list[int]:
+        ids = [txn.append_event(f"s{i}", "new_series", {"n": i}, float(i)) for i in range(100)]
+        for i in range(100):
+            txn.set_meta(f"fingerprint:{i}", f"v{i}")
+        txn.set_meta("fingerprint:0", "again")  # the later value wins
+        return ids
+
+    ids = await store.write(first_bars)
+    writes = [q for q in sent if "INSERT INTO events" in q or "INSERT INTO meta" in q]
+    assert len(writes) == 2
+    assert ids == list(range(ids[0], ids[0] + 100))
+    assert [(e.event_id, e.series_id) for e in await store.events_after(0)] == [
+        (ids[i], f"s{i}") for i in range(100)
+    ]
+    assert await store.events_newest_id() == ids[-1]
+    assert (await store.get_meta("fingerprint:0"), await store.get_meta("fingerprint:99")) == (
+        "again",
+        "v99",
+    )
+
+    def then_read(txn: PgStoreTxn) -> tuple[int, int]:
+        more = [txn.append_event("s", "gap", {}, 5.0) for _ in range(3)]
+        txn.set_meta("fingerprint:1", "gone soon")
+        txn.delete_meta("fingerprint:1")
+        # the retention reads the events: the three held back are there to count
+        return txn.prune_events(2, 0.0), more[0]
+
+    pruned, first_more = await store.write(then_read)
+    assert pruned == first_more
+    assert [e.event_id for e in await store.events_after(0)] == [pruned + 1, pruned + 2]
+    assert await store.get_meta("fingerprint:1") is None
+    await store.aclose()

@@ -18,7 +18,8 @@ single process.
   for ``block_ms`` (a writer that sends none). What a notice carries is what its streams
   got, so the same cursors apply: per
   reply, the series' candles go first (``sink.publish_closed``, ascending, each exactly
-  once), then the events (``sink.publish_system``) — the events only when no series' reply
+  once; by timeframe, shortest first, each timeframe's corked: ``bus/cork.py``), then the
+  events (``sink.publish_system``) — the events only when no series' reply
   was cut by ``COUNT`` (the cut streams and the events are read again at once), so an event
   never overtakes the candles its commit published. A hole
   in a stream (trimmed away, lost in a Redis restart, dropped from a full outbox) is filled
@@ -48,15 +49,17 @@ import trio
 from coredis.commands.constants import CommandName
 from coredis.response._callbacks import NoopCallback
 
+from tradecanvas.bus.cork import HeldCork
 from tradecanvas.bus.cursors import CandleGap, EdgeCursors, EventGap
-from tradecanvas.bus.ids import StreamId, StreamKeys, candle_time_of, event_id_of
+from tradecanvas.bus.ids import StreamId, StreamKeys
 from tradecanvas.bus.ingest_report import IngestReportWatch
 from tradecanvas.bus.redis_io import BusHealth, describe, reconnecting
 from tradecanvas.bus.replies import (
     NOTICES_TOP,
     RawEntry,
-    entry_field,
+    candle_of,
     entry_id_of,
+    event_of,
     notice_of,
     notices_top,
     xread_entries,
@@ -68,13 +71,7 @@ from tradecanvas.pipeline.events import SystemEvent
 from tradecanvas.pipeline.publish import MarketSink
 from tradecanvas.service_urls import url_without_password
 from tradecanvas.upstream.backoff import Backoff
-from tradecanvas.wire.bus import (
-    CANDLE_FIELD,
-    EVENT_FIELD,
-    decode_candle,
-    decode_event,
-    decode_forming,
-)
+from tradecanvas.wire.bus import CANDLE_FIELD, EVENT_FIELD, decode_forming
 
 log = logging.getLogger(__name__)
 
@@ -120,28 +117,6 @@ class FeedStatistics:
 _T = TypeVar("_T")
 
 
-def _candle_of(entry: RawEntry, entry_id: StreamId) -> Candle:
-    candle = decode_candle(entry_field(entry, CANDLE_FIELD))
-    if candle.candle_time != candle_time_of(entry_id):
-        raise WireError("bus", f"entry {entry_id} holds {candle.candle_time}")
-    return candle
-
-
-def _event_of(entry: RawEntry, entry_id: StreamId) -> tuple[int, SystemEvent]:
-    fields = decode_event(entry_field(entry, EVENT_FIELD))
-    if fields.event_id != event_id_of(entry_id):
-        raise WireError("bus", f"entry {entry_id} holds event {fields.event_id}")
-    event = SystemEvent(
-        fields.series_id,
-        fields.reason,
-        fields.from_time,
-        fields.to_time,
-        fields.event,
-        fields.event_id,
-    )
-    return fields.event_id, event
-
-
 @final
 class EdgeFeed:
     """Owns an edge's cursors on the bus and the two reading tasks (module docstring).
@@ -166,6 +141,10 @@ class EdgeFeed:
         keys = self.settings.keys
         self._stream_of = {sid: keys.series(sid).encode() for sid in series}
         self._series_of = {key: sid for sid, key in self._stream_of.items()}
+        # a stream's timeframe length: a read is delivered shortest first (_deliver)
+        self._length_of = {
+            key: self.cursors.timeframe(sid).seconds for sid, key in self._stream_of.items()
+        }
         self._events_key = keys.events.encode()
         # every stream's read position, kept between reads: each read updates only the
         # streams that moved (EdgeCursors.moved_positions), not all of them
@@ -368,31 +347,46 @@ class EdgeFeed:
         events_key = self._events_key
         limit = None if whole else self.settings.count
         cut: set[bytes] = set()
-        for key, entries in reply.items():
-            if key == events_key:
-                continue
+        # the streams by timeframe, shortest first (a minute's 1m closes before the derived
+        # bars it completed), each timeframe's candles written out (uncorked) before the
+        # next one's are decoded; corked within one (bus/cork.py): a subscriber gets what it
+        # is owed of it in one write. Each stream's own order is kept; events come last.
+        length_of = self._length_of
+        streams = sorted((k for k in reply if k != events_key), key=lambda k: length_of.get(k, 0))
+        with HeldCork(sink) as cork:
+            length: int | None = None
+            for key in streams:
+                entries = reply[key]
+                if length != length_of.get(key, 0):
+                    cork.release()
+                    length = length_of.get(key, 0)
+                if limit is not None and len(entries) >= limit:
+                    cut.add(key)
+                series_id = self._series_of.get(key) or keys.series_of(key)
+                candles = self._decoded(key, series_id, entries, candle_of)
+                for run in self.cursors.runs(series_id, candles):
+                    if run.gap is not None:
+                        cork.release()
+                        await self._fill_candle_gap(run.gap, sink)
+                    cork.hold()
+                    accepted = self.cursors.accept(series_id, run.candles)
+                    self._publish_closed(sink, series_id, accepted)
+            entries = reply.get(events_key, ())
+            if not entries:
+                return cut
+            if cut:
+                return cut | {events_key}  # the events wait for the candles before them
             if limit is not None and len(entries) >= limit:
-                cut.add(key)
-            series_id = self._series_of.get(key) or keys.series_of(key)
-            candles = self._decoded(key, series_id, entries, _candle_of)
-            for run in self.cursors.runs(series_id, candles):
-                if run.gap is not None:
-                    await self._fill_candle_gap(run.gap, sink)
-                self._publish_closed(sink, series_id, self.cursors.accept(series_id, run.candles))
-        entries = reply.get(events_key, ())
-        if not entries:
+                cut.add(events_key)
+            events = dict(self._decoded(events_key, None, entries, event_of))
+            for event_run in self.cursors.event_runs(sorted(events)):
+                if event_run.gap is not None:
+                    cork.release()
+                    await self._fill_event_gap(event_run.gap, sink)
+                cork.hold()
+                for event_id in self.cursors.accept_events(event_run.event_ids):
+                    self._publish_system(sink, events[event_id])
             return cut
-        if cut:
-            return cut | {events_key}  # the events wait for the candles before them
-        if limit is not None and len(entries) >= limit:
-            cut.add(events_key)
-        events = dict(self._decoded(events_key, None, entries, _event_of))
-        for event_run in self.cursors.event_runs(sorted(events)):
-            if event_run.gap is not None:
-                await self._fill_event_gap(event_run.gap, sink)
-            for event_id in self.cursors.accept_events(event_run.event_ids):
-                self._publish_system(sink, events[event_id])
-        return cut
 
     def _decoded(
         self,

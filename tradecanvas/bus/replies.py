@@ -17,8 +17,13 @@ from tradecanvas.bus.ids import (
     NOTICE_KEYS_FIELD,
     NOTICE_NUMBER_FIELD,
     StreamId,
+    candle_time_of,
+    event_id_of,
 )
 from tradecanvas.errors import WireError
+from tradecanvas.model import Candle
+from tradecanvas.pipeline.events import SystemEvent
+from tradecanvas.wire.bus import CANDLE_FIELD, EVENT_FIELD, decode_candle, decode_event
 
 # where the batch notices stand (KEYS: the notices stream, its counter): the last entry's
 # ID and the counter, read together (bus/publisher.py writes both in one script)
@@ -61,6 +66,32 @@ def entry_field(entry: RawEntry, name: bytes) -> bytes | str:
     if value is None:
         raise WireError("bus", f"stream entry without field {name!r}")
     return value
+
+
+def candle_of(entry: RawEntry, entry_id: StreamId) -> Candle:
+    """The candle a series stream's entry holds; WireError when it is none, or another
+    bar than its ID says."""
+    candle = decode_candle(entry_field(entry, CANDLE_FIELD))
+    if candle.candle_time != candle_time_of(entry_id):
+        raise WireError("bus", f"entry {entry_id} holds {candle.candle_time}")
+    return candle
+
+
+def event_of(entry: RawEntry, entry_id: StreamId) -> tuple[int, SystemEvent]:
+    """The event (and its id) an events stream's entry holds; WireError when it is none,
+    or another event than its ID says."""
+    fields = decode_event(entry_field(entry, EVENT_FIELD))
+    if fields.event_id != event_id_of(entry_id):
+        raise WireError("bus", f"entry {entry_id} holds event {fields.event_id}")
+    event = SystemEvent(
+        fields.series_id,
+        fields.reason,
+        fields.from_time,
+        fields.to_time,
+        fields.event,
+        fields.event_id,
+    )
+    return fields.event_id, event
 
 
 def _field(entry: RawEntry, name: bytes) -> bytes | str | None:

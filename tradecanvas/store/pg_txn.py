@@ -19,7 +19,7 @@ make per series are made once: :meth:`PgStoreTxn.heads_of` gives the heads of al
 series a commit touches in one query (``RecentBars.learn_heads``); the meta table (the
 fence, the derivation fingerprints) and the event counter come with the transaction's start
 or from the store's copy (``store/postgres.py``), so ``get_meta`` and ``append_event`` wait
-for nothing.
+for nothing; its events and meta records go out as one statement each (:meth:`~PgStoreTxn.flush`).
 
 Deciding in Python is safe because every write transaction holds the store's write lock
 (``pg_schema.WRITE_LOCK_KEY``): no other writer can change a row between the read and the
@@ -137,8 +137,7 @@ def _row(c: Candle, source: Source, complete: bool) -> Row:
 
 @final
 class PgStoreTxn:
-    """The synchronous view of the store inside one write transaction (a worker thread);
-    the same methods as the SQLite ``StoreTxn``."""
+    """The store inside one write transaction (a worker thread), as SQLite's ``StoreTxn``."""
 
     def __init__(
         self,
@@ -156,6 +155,10 @@ class PgStoreTxn:
         self._sequence = sequence
         self._meta = meta
         self._last_event_id = last_event_id
+        # events and meta records held back: one statement each at :meth:`flush`, not one
+        # per row (a timeframe's first bars make an event and a meta record per series)
+        self._events: list[tuple[int, str, str, str, float]] = []
+        self._meta_writes: dict[str, str] = {}
 
     @property
     def sequence(self) -> int:
@@ -299,13 +302,9 @@ class PgStoreTxn:
         if self._last_event_id is not None:
             # the counter was read under the write lock: the id is known, nothing to wait for
             event_id = self._last_event_id = self._last_event_id + 1
-            self._conn.execute(
-                "WITH counter AS (UPDATE event_counter SET last_id = %s)"
-                " INSERT INTO events (event_id, series_id, event, data, created_at)"
-                " VALUES (%s, %s, %s, %s, %s)",
-                (event_id, event_id, series_id, event, data_text, created_at),
-            )
+            self._events.append((event_id, series_id, event, data_text, created_at))
             return event_id
+        self.flush()
         row = self._conn.execute(
             "WITH next AS (UPDATE event_counter SET last_id = last_id + 1 RETURNING last_id)"
             " INSERT INTO events (event_id, series_id, event, data, created_at)"
@@ -320,6 +319,7 @@ class PgStoreTxn:
         when the same event is there already; None when that id holds another event (the
         log has entries of its own: nothing is written). Later ids given by
         :meth:`append_event` stay above it."""
+        self.flush()
         cur = self._conn.execute(
             "INSERT INTO events (event_id, series_id, event, data, created_at)"
             " VALUES (%s, %s, %s, %s, %s) ON CONFLICT (event_id) DO NOTHING RETURNING event_id",
@@ -351,6 +351,7 @@ class PgStoreTxn:
         """Drop events beyond the newest ``keep`` or created before ``created_after``; return
         the highest event_id ever pruned (kept in meta: cursors at or below it are older than
         the retention)."""
+        self.flush()
         row = self._conn.execute(
             "SELECT COALESCE(MAX(event_id), 0) FROM events"
             " WHERE event_id <= (SELECT COALESCE(MAX(event_id), 0) FROM events) - %s"
@@ -368,21 +369,40 @@ class PgStoreTxn:
     def get_meta(self, key: str) -> str | None:
         if self._meta is not None:
             return self._meta.get(key)
+        if key in self._meta_writes:
+            return self._meta_writes[key]
         return get_meta(self._conn, key)
 
     def delete_meta(self, key: str) -> None:
         if self._meta is not None:
             self._meta.pop(key, None)
+        self._meta_writes.pop(key, None)
         self._conn.execute("DELETE FROM meta WHERE key = %s", (key,))
 
     def set_meta(self, key: str, value: str) -> None:
         if self._meta is not None:
             self._meta[key] = value
-        self._conn.execute(
-            "INSERT INTO meta (key, value) VALUES (%s, %s)"
-            " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-            (key, value),
-        )
+        self._meta_writes[key] = value
+
+    def flush(self) -> None:
+        """Send the events and meta records held back (the store calls it before COMMIT;
+        a method that reads the same tables first)."""
+        if self._events:
+            columns, self._events = [list(c) for c in zip(*self._events, strict=True)], []
+            self._conn.execute(
+                "WITH counter AS (UPDATE event_counter SET last_id = %s)"
+                " INSERT INTO events (event_id, series_id, event, data, created_at) SELECT *"
+                " FROM unnest(%s::bigint[], %s::text[], %s::text[], %s::text[], %s::float8[])",
+                (self._last_event_id, *columns),
+            )
+        if self._meta_writes:
+            keys, values = list(self._meta_writes), list(self._meta_writes.values())
+            self._meta_writes = {}
+            self._conn.execute(
+                "INSERT INTO meta (key, value) SELECT * FROM unnest(%s::text[], %s::text[])"
+                " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (keys, values),
+            )
 
 
 def _columns(rows: Iterable[Row]) -> list[str]:

@@ -354,6 +354,7 @@ class PostgresStore(WindowReads):
                     )
                     try:
                         done.append(fn(txn))
+                        txn.flush()
                         answers = confirm(start.result(), known)
                     except StaleStart:
                         raise
@@ -375,6 +376,7 @@ class PostgresStore(WindowReads):
                         conn, answers.sequence, meta=meta, last_event_id=answers.last_event_id
                     )
                     done.append(fn(txn))
+                    txn.flush()
                 xid = answers.xid
                 committing = True  # leaving the block commits
             assert txn.last_event_id is not None
