@@ -20,8 +20,12 @@ migrate-store, fetch-archive) take no lock: they run beside a daemon.
   (``pg_try_advisory_lock``) on a connection of its own, its ``application_name`` naming
   the holder. A server restart ends the session and the lock with it: :meth:`PgServeLock.hold`
   notices within :data:`KEEP_INTERVAL_S` once the server answers again, and takes it again,
-  or stops the daemon (StoreInUse) when another daemon took it meanwhile. Role ``ingest``
-  on PostgreSQL has the Redis lease and its fencing token instead (docs/distributed.md).
+  or stops the daemon (StoreInUse) when another daemon took it meanwhile. The session asks
+  the server for TCP keepalives of its own (:data:`SERVER_KEEPALIVES`): a host that died
+  (power loss, kernel panic, partition) sends no FIN, and without them the server kept its
+  session, and the lock, for ``tcp_keepalives_idle`` (often the OS's 2 h), refusing the
+  restarted daemon. Role ``ingest`` on PostgreSQL has the Redis lease and its fencing token
+  instead (docs/distributed.md).
 """
 
 from __future__ import annotations
@@ -50,6 +54,18 @@ SERVE_LOCK_KEY: Final = 0x7472_6164_6563_0003
 # how often the PostgreSQL lock's connection is checked (and the lock taken again)
 KEEP_INTERVAL_S: Final = 2.0
 CONNECT_TIMEOUT_S: Final = 10
+# the server's keepalives on the lock's session (settings any role may set): the server
+# ends the session of a peer that stopped answering (its host died without a FIN) within
+# idle + interval x count = 25 s, and the lock with it. The client's own keepalives
+# (CONNECTION_OPTIONS) tell this daemon of a dead server, not the server of a dead daemon.
+SERVER_KEEPALIVES: Final = {
+    "tcp_keepalives_idle": 10,
+    "tcp_keepalives_interval": 5,
+    "tcp_keepalives_count": 3,
+}
+# pg_try_advisory_lock is tried again this many times when the holder it lost to was gone
+# by the time it was looked up (its session ended between the two queries)
+TAKE_TRIES: Final = 3
 
 
 def lock_path(store: Path) -> Path:
@@ -233,7 +249,11 @@ class PgServeLock:
         self._url = url
         self.where = describe_url(url)
         self._conn = conn
-        self._backend: object = None  # the lock's session's backend pid
+        # the lock's session: its backend pid and backend_start. A pid alone is not it: after
+        # a server restart another daemon's session can get the pid this one's had.
+        self._backend: object = None
+        self._backend_start: object = None
+        self._lost = False  # an outage was logged (once) and the lock is not held again yet
 
     @classmethod
     def take(cls, url: str) -> PgServeLock:
@@ -246,11 +266,20 @@ class PgServeLock:
             raise StoreError(
                 f"candle store open of {lock.where} failed: {first_line(exc)}"
             ) from exc
-        lock._take_on(conn)  # no own session yet: another holder is StoreInUse
+        if not lock._take_on(conn):  # no own session yet: only a holder that kept vanishing
+            raise StoreInUse(
+                f"candle store {lock.where}: its serve lock was held, by a session that ended"
+                " each time it was looked up; try again"
+            )
         return lock
 
     def _connect(self) -> psycopg.Connection[tuple[object, ...]]:
-        options: dict[str, Any] = {**CONNECTION_OPTIONS, "application_name": _application_name()}
+        server = " ".join(f"-c {name}={value}" for name, value in SERVER_KEEPALIVES.items())
+        options: dict[str, Any] = {
+            **CONNECTION_OPTIONS,
+            "application_name": _application_name(),
+            "options": f"{CONNECTION_OPTIONS['options']} {server}",
+        }
         return psycopg.connect(
             self._url, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S, **options
         )
@@ -258,20 +287,30 @@ class PgServeLock:
     def _take_on(self, conn: psycopg.Connection[tuple[object, ...]]) -> bool:
         """Take the lock on ``conn`` (kept as the lock's connection); False when this
         process's own earlier session still holds it (a network cut the server has not
-        noticed yet: tried again later). Raises StoreInUse when another process holds it."""
+        noticed yet), or when the holder's session kept ending between the try and the look
+        at who holds it: tried again later. Raises StoreInUse when another session holds
+        it, StoreError when ``conn`` fails (both close ``conn``)."""
         try:
-            row = conn.execute(
-                "SELECT pg_try_advisory_lock(%s), pg_backend_pid()", (SERVE_LOCK_KEY,)
-            ).fetchone()
-            if row is not None and row[0] is True:
-                self._conn, self._backend = conn, row[1]
-                return True
-            backend, holder = self._holder(conn)
+            for _ in range(TAKE_TRIES):
+                row = conn.execute(
+                    "SELECT pg_try_advisory_lock(%s), pg_backend_pid(), (SELECT backend_start"
+                    " FROM pg_stat_activity WHERE pid = pg_backend_pid())",
+                    (SERVE_LOCK_KEY,),
+                ).fetchone()
+                if row is not None and row[0] is True:
+                    self._conn, self._backend, self._backend_start = conn, row[1], row[2]
+                    return True
+                session, holder = self._holder(conn)
+                if session is not None:
+                    break
+            else:  # freed each time before it was looked up: not another daemon's (yet)
+                conn.close()
+                return False
         except psycopg.Error as exc:
             conn.close()
             raise StoreError(f"candle store {self.where}: {first_line(exc)}") from exc
         conn.close()
-        if backend is not None and backend == self._backend:
+        if self._backend_start is not None and session == (self._backend, self._backend_start):
             return False
         raise StoreInUse(
             f"candle store {self.where} is in use by another tradecanvas serve of role all"
@@ -281,19 +320,22 @@ class PgServeLock:
 
     @staticmethod
     def _holder(conn: psycopg.Connection[tuple[object, ...]]) -> tuple[object, str]:
-        """The holder's backend pid and who it is."""
+        """The holder's session (backend pid, backend_start; None when nobody holds the
+        lock now) and who it is."""
         classid, objid = _key_parts(SERVE_LOCK_KEY)
         row = conn.execute(
-            "SELECT l.pid, a.application_name, a.client_addr::text FROM pg_locks l"
-            " JOIN pg_stat_activity a USING (pid) WHERE l.locktype = 'advisory' AND l.granted"
+            "SELECT l.pid, a.backend_start, a.application_name, a.client_addr::text"
+            " FROM pg_locks l JOIN pg_stat_activity a USING (pid)"
+            " WHERE l.locktype = 'advisory' AND l.granted"
             " AND l.classid = %s AND l.objid = %s AND l.objsubid = 1"
             " AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())",
             (classid, objid),
         ).fetchone()
         if row is None:
             return None, "holder unknown"
-        backend, name, addr = row
-        return backend, f"{name or 'no application_name'} from {addr or 'a local socket'}"
+        backend, started, name, addr = row
+        who = f"{name or 'no application_name'} from {addr or 'a local socket'}"
+        return (backend, started), who
 
     @property
     def held(self) -> bool:
@@ -301,25 +343,22 @@ class PgServeLock:
 
     def keep(self) -> None:
         """Check the lock's connection (blocking); when it broke (a server restart), take
-        the lock again once the server answers. Raises StoreInUse when another daemon
-        took it meanwhile."""
+        the lock again once the server answers: a failure on the way (no connection, a
+        session ended at once) is tried again at the next call, with one WARNING for the
+        outage. Raises StoreInUse when another daemon took it meanwhile."""
         conn = self._conn
         if conn is not None and not conn.closed:
             try:
                 conn.execute("SELECT 1")
                 return
             except psycopg.Error as exc:
-                log.warning(
-                    "candle store %s: the serve lock's connection broke (%s); taking the"
-                    " lock again once the server answers",
-                    self.where,
-                    first_line(exc),
-                )
+                self._note_lost(f"its connection broke ({first_line(exc)})")
                 conn.close()
         self._conn = None
         try:
             conn = self._connect()
-        except psycopg.Error:
+        except psycopg.Error as exc:
+            self._note_lost(f"cannot connect ({first_line(exc)})")
             return  # the server is away (the store says so); tried again next time
         try:
             if not self._take_on(conn):
@@ -327,7 +366,21 @@ class PgServeLock:
         except StoreInUse as exc:
             exc.running = True
             raise
+        except StoreError as exc:  # the session ended right after the connect (a restart)
+            self._note_lost(str(exc))
+            return
+        self._lost = False
         log.warning("candle store %s: serve lock taken again", self.where)
+
+    def _note_lost(self, why: str) -> None:
+        if not self._lost:
+            self._lost = True
+            log.warning(
+                "candle store %s: the serve lock is not held: %s; taking it again once the"
+                " server answers",
+                self.where,
+                why,
+            )
 
     async def hold(self, interval_s: float = KEEP_INTERVAL_S) -> None:
         """Keep the lock while the daemon runs (its nursery): raises StoreInUse when it was
