@@ -191,3 +191,24 @@ async def test_a_pong_received_but_not_yet_counted_does_not_close_a_healthy_clie
             assert late.in_flight.proven > 0
             assert late.subscriber.close_code is None
             assert stuck.subscriber.close_code == 4008
+
+
+async def test_a_pause_of_the_daemon_counts_against_no_client(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The daemon frozen for longer than the stall timeout (SIGSTOP, a frozen VM): no client
+    could be pinged or read meanwhile, so none is closed for it (every healthy client of an
+    edge was closed with 4008 after a 60 s SIGSTOP; review: soak2); one that stops
+    answering after the pause still is."""
+    watch = StallWatch(STALL_S)
+    async with connections(True, True) as (nursery, conns):
+        for conn in conns:
+            nursery.start_soon(session, watch, conn)
+        nursery.start_soon(writing, conns)
+        await trio.sleep(3 * STALL_S)
+        autojump_clock.jump(2.5 * STALL_S)  # nothing runs meanwhile: the whole process paused
+        await trio.sleep(3 * STALL_S)
+        assert [c.subscriber.close_code for c in conns] == [None, None]
+        conns[0].answering = False
+        await until_closed(conns[0])
+        assert [c.subscriber.close_code for c in conns] == [4008, None]

@@ -133,6 +133,12 @@ class StallClock:
         self._marks: deque[tuple[float, int]] = deque()
         self._last_sample = now
 
+    def skip(self, gap_s: float) -> None:
+        """Count ``gap_s`` just gone by as not elapsed: the daemon did not run then (paused,
+        or its loop starved), so it could neither write nor read the client's answers."""
+        self._marks = deque((t + gap_s, n) for t, n in self._marks)
+        self._last_sample += gap_s
+
     def observe(self, now: float, acked: int, unacked: int) -> float:
         """Seconds behind at ``now`` (0.0 when everything written is acknowledged)."""
         written = acked + unacked
@@ -199,6 +205,11 @@ class InFlight:
     def note_written(self, n: int) -> None:
         self._bound += n
         self.written += n
+
+    def skip(self, gap_s: float) -> None:
+        """The stall clock skips ``gap_s`` in which the daemon did not run
+        (:meth:`StallClock.skip`)."""
+        self._clock.skip(gap_s)
 
     def want_proof(self, now: float, every_s: float) -> None:
         """Ask :meth:`prove_reads` for a ping if one is due at ``now``: something written is

@@ -25,10 +25,14 @@ again :data:`SETTLE_PASSES` scheduling passes later — once every pong that had
 daemon by the tick has been read and counted — and closed only if it is still over: the
 proof is older than the timeout as of a moment when the loop had just read everything
 pending. That costs nothing at the ticks that find no one over it.
+
+Time in which the daemon itself did not run (a tick found more than a tick late) counts
+against no client: their stall clocks skip it (:meth:`InFlight.skip`).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Final, final
@@ -39,6 +43,8 @@ from tradecanvas.serve.in_flight import PINGS_PER_STALL, InFlight
 from tradecanvas.serve.subscriber import Subscriber
 from tradecanvas.serve.subscriber_queue import SLOW_CONSUMER
 from tradecanvas.serve.ws_protocol import CLOSE_SLOW_CONSUMER
+
+log = logging.getLogger(__name__)
 
 # samples of each connection's stall clock per stall timeout: the tick of the sweep
 STALL_SAMPLES: Final = 10
@@ -94,13 +100,30 @@ class StallWatch:
         while True:
             if self._next_tick is None:
                 self._next_tick = trio.current_time() + self.tick_s
-            await trio.sleep_until(self._next_tick)
+            due = self._next_tick
+            await trio.sleep_until(due)
             now = trio.current_time()
             # from when this sample was taken: a loop running late does not bunch them up
             self._next_tick = now + self.tick_s
+            if now - due > self.tick_s:
+                self._skip(now - due)
             suspects = self.sample(now)
             if suspects:
                 await self.close_stalled(suspects)
+
+    def _skip(self, gap_s: float) -> None:
+        """A tick more than a tick late: the daemon did not run for ``gap_s`` (a SIGSTOP, a
+        frozen VM or container, a loop starved): no client could be pinged or its answer
+        read then, so that time counts against none of them (else every healthy client was
+        closed as stalled after a pause of the daemon longer than two thirds of the
+        timeout)."""
+        log.warning(
+            "the daemon did not run for %.1f s (paused, or its event loop was blocked): the"
+            " clients' stall clocks skip that time",
+            gap_s,
+        )
+        for in_flight in self._watched.values():
+            in_flight.skip(gap_s)
 
     def sample(self, now: float) -> list[Subscriber]:
         """One tick of the sweep at ``now``: ask for the read proofs that are due; the
