@@ -26,7 +26,8 @@ daemon by the tick has been read and counted — and closed only if it is still 
 proof is older than the timeout as of a moment when the loop had just read everything
 pending. That costs nothing at the ticks that find no one over it.
 
-Time in which the daemon itself did not run (a tick found more than a tick late) counts
+Time in which the daemon itself did not run (a tick found a quarter of the stall timeout
+late or more) counts
 against no client: their stall clocks skip it (:meth:`InFlight.skip`).
 """
 
@@ -53,6 +54,9 @@ STALL_SAMPLES: Final = 10
 # event); in the second the read-proof tasks so woken count their proofs; the third runs
 # the check after them whatever the order of the tasks within a pass
 SETTLE_PASSES: Final = 3
+# a tick this late (a share of the stall timeout) means the daemon did not run: no loop
+# under load is that late, and a shorter pause cannot close a client that answers
+PAUSE_FRACTION: Final = 0.25
 
 
 @final
@@ -105,18 +109,18 @@ class StallWatch:
             now = trio.current_time()
             # from when this sample was taken: a loop running late does not bunch them up
             self._next_tick = now + self.tick_s
-            if now - due > self.tick_s:
+            if now - due > self.stall_timeout_s * PAUSE_FRACTION:
                 self._skip(now - due)
             suspects = self.sample(now)
             if suspects:
                 await self.close_stalled(suspects)
 
     def _skip(self, gap_s: float) -> None:
-        """A tick more than a tick late: the daemon did not run for ``gap_s`` (a SIGSTOP, a
-        frozen VM or container, a loop starved): no client could be pinged or its answer
-        read then, so that time counts against none of them (else every healthy client was
-        closed as stalled after a pause of the daemon longer than two thirds of the
-        timeout)."""
+        """A tick late by PAUSE_FRACTION of the stall timeout or more: the daemon did not run
+        for ``gap_s`` (a SIGSTOP, a frozen VM or container, a loop starved): no client could
+        be pinged or its answer read then, so that time counts against none of them (else
+        every healthy client was closed as stalled after a pause of the daemon longer than
+        two thirds of the timeout)."""
         log.warning(
             "the daemon did not run for %.1f s (paused, or its event loop was blocked): the"
             " clients' stall clocks skip that time",
