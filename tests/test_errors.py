@@ -5,9 +5,11 @@ from __future__ import annotations
 from tradecanvas.errors import (
     ExitCode,
     FlagError,
+    IngestFenced,
     ListenError,
     StoreError,
     StoreRecovered,
+    expected_restart,
     first_leaf,
     start_failure,
 )
@@ -57,3 +59,16 @@ def test_a_group_says_and_is_logged_as_its_first_leaf() -> None:
     assert line.startswith("store outage over") and isinstance(
         first_leaf(recovered), StoreRecovered
     )
+
+
+def test_a_deposed_ingest_node_says_so_and_is_an_expected_restart() -> None:
+    """Not "store failure, stopping" at CRITICAL with a healthy store (review: soak2)."""
+    deposed = BaseExceptionGroup("", [IngestFenced("node b holds the lease now")])
+    assert start_failure(deposed) == (
+        ExitCode.STORE_FAILURE,
+        "deposed, restarting to stand by (exit code 3): node b holds the lease now",
+        False,
+    )
+    assert expected_restart(deposed)
+    assert expected_restart(BaseExceptionGroup("", [StoreRecovered("writes")]))
+    assert not expected_restart(BaseExceptionGroup("", [StoreError("disk I/O error")]))

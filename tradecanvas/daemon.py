@@ -56,7 +56,7 @@ from tradecanvas.bus.roles import (
     publisher_from_flags,
     watch_dependencies,
 )
-from tradecanvas.errors import ExitCode, StoreRecovered, first_leaf, start_failure
+from tradecanvas.errors import ExitCode, expected_restart, start_failure
 from tradecanvas.ingest.store_outage import StoreOutage
 from tradecanvas.ingest.supervisor import IngestSupervisor
 from tradecanvas.ops.build import VERSION
@@ -491,8 +491,7 @@ def serve(flags: RuntimeFlags) -> int:
         if failure is None:
             raise
         code, line, traceback = failure
-        recovery = isinstance(first_leaf(raised), StoreRecovered)  # the line's leaf
-        level = logging.WARNING if recovery else logging.CRITICAL
+        level = logging.WARNING if expected_restart(raised) else logging.CRITICAL
         log.log(level, "%s", line, exc_info=raised if traceback else None)
         return code
     sys.stderr.flush()

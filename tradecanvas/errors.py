@@ -59,6 +59,13 @@ def first_leaf(exc: BaseException) -> BaseException:
     return exc
 
 
+def expected_restart(raised: BaseException) -> bool:
+    """Is what stopped ``serve`` (its first leaf, which its line names) a restart that is
+    part of normal operation — the end of a store outage, an ingest node deposed — logged
+    as a warning rather than a failure?"""
+    return isinstance(first_leaf(raised), StoreRecovered | IngestFenced)
+
+
 def start_failure(raised: BaseException) -> tuple[ExitCode, str, bool] | None:
     """What ``serve`` says of what stopped it, and its exit code: (code, one log line, whether
     the traceback goes with it); None: re-raise ``raised`` (a bug outside any task group).
@@ -78,6 +85,8 @@ def start_failure(raised: BaseException) -> tuple[ExitCode, str, bool] | None:
         code = ExitCode.STORE_FAILURE
         if isinstance(leaf, StoreRecovered):
             return code, f"store outage over, restarting (exit code {code:d}): {leaf}", False
+        if isinstance(leaf, IngestFenced):
+            return code, f"deposed, restarting to stand by (exit code {code:d}): {leaf}", False
         return code, f"store failure, stopping (exit code {code:d}): {leaf}", False
     listen = ListenError if grouped else OSError
     for refused, code in ((FlagError, ExitCode.USAGE), (listen, ExitCode.FAILED)):
@@ -143,6 +152,12 @@ class StoreError(TradeCanvasError):
 class StoreRecovered(StoreError):
     """The store takes writes again after an outage: the daemon exits 3 so that the
     restart repairs what was missed (logged as a warning, not as a failure)."""
+
+
+class IngestFenced(StoreError):
+    """Another ingest node took over (this one was told it lost the lease, or the store's
+    fence refused its write: it stalled past the lease's TTL): this one must not write any
+    more. It exits 3 and, restarted, stands by (a warning, not a failure)."""
 
 
 class StoreInUse(StoreError):

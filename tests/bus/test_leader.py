@@ -12,9 +12,10 @@ import trio
 
 from tests.conftest import candle
 from tradecanvas.bus.ids import StreamKeys
-from tradecanvas.bus.leader import FencedStore, IngestFenced, IngestLeader
+from tradecanvas.bus.leader import FencedStore, IngestLeader
 from tradecanvas.bus.lease import FENCE_KEY, FENCE_NODE_KEY, LeaseTiming, Verdict
 from tradecanvas.bus.redis_io import open_redis
+from tradecanvas.errors import IngestFenced
 from tradecanvas.ops.metrics import Metrics
 from tradecanvas.store.sqlite import CandleStore
 

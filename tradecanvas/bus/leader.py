@@ -41,7 +41,7 @@ from tradecanvas.bus.lease import (
     next_fence,
 )
 from tradecanvas.bus.redis_io import describe, failure_or_raise, open_redis
-from tradecanvas.errors import StoreError
+from tradecanvas.errors import IngestFenced
 from tradecanvas.ops.metrics import Metrics
 from tradecanvas.service_urls import url_without_password
 from tradecanvas.store.interface import MarketStore, WriteTxn
@@ -73,10 +73,6 @@ return 0
 """
 # the report is advisory: its write never holds the lease's exchange up for long
 REPORT_TIMEOUT_S: Final = 1.0
-
-
-class IngestFenced(StoreError):
-    """Another ingest node took over: this one must not write any more."""
 
 
 def node_name() -> str:
