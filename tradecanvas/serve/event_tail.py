@@ -172,11 +172,20 @@ class EventTail:
             step = next_step(self.cursor, read, self._own, self._in_flight, before=before)
             for stored in step.publish:
                 self.sink.publish_system(SystemEvent.from_stored(stored))
+            if len(step.publish) == 1:
+                stored = step.publish[0]
                 log.info(
                     "event %d from another process published: %s %s",
                     stored.event_id,
                     stored.series_id,
                     stored.event,
+                )
+            elif step.publish:  # one line a page (a standby taking over publishes its backlog)
+                log.info(
+                    "events %d..%d (%d) from another process published",
+                    step.publish[0].event_id,
+                    step.publish[-1].event_id,
+                    len(step.publish),
                 )
             self.published += len(step.publish)
             if step.cursor != self.cursor:
