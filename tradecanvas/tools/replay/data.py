@@ -8,6 +8,7 @@ the exchange does with the data is :mod:`~tradecanvas.tools.replay.core`.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Final, Literal
@@ -17,7 +18,11 @@ import orjson
 
 from tradecanvas.errors import TradeCanvasError, WireError
 from tradecanvas.model import BASE_TIMEFRAME, MS, Candle, Market, SeriesId
-from tradecanvas.runtime_flags import DATA_DIR_VARIABLE, data_dir_candidates
+from tradecanvas.runtime_flags import (
+    DATA_DIR_VARIABLE,
+    OLD_DATA_DIR_VARIABLE,
+    data_dir_candidates,
+)
 from tradecanvas.wire.binance import KlineEvent, decode_frame
 from tradecanvas.wire.kline_csv import read_kline_csv
 
@@ -134,16 +139,27 @@ def infer_series(path: Path, market: Market) -> SeriesId:
 
 
 def resolve_path(text: str) -> Path:
-    """As given, else under each folder of
+    """As given, else (a relative path) under each folder of
     :func:`~tradecanvas.runtime_flags.data_dir_candidates` (``$TRADE_CANVAS_DATA_DIR``, the
-    shared data beside the checkout, ``.cache/binance``)."""
+    shared data beside the checkout, ``.cache/binance``). Raises ReplayError naming every
+    place looked at, and ``make test-data`` (which fills ``.cache/binance``)."""
     path = Path(text)
     if path.exists():
         return path
+    tried = [str(path.absolute())]
+    if path.is_absolute():
+        raise ReplayError(f"{text}: no such file")
     for root in data_dir_candidates():
         if (root / text).exists():
             return root / text
-    raise ReplayError(f"{text}: no such file (also looked under ${DATA_DIR_VARIABLE})")
+        tried.append(str(root / text))
+    if not (os.environ.get(DATA_DIR_VARIABLE) or os.environ.get(OLD_DATA_DIR_VARIABLE)):
+        tried.append(f"(${DATA_DIR_VARIABLE} is not set)")
+    raise ReplayError(
+        f"{text}: no such file; looked at: {', '.join(tried)}. No data folder? Run"
+        " `make test-data` once in the checkout (it downloads Binance's public archive from"
+        " data.binance.vision into .cache/binance)"
+    )
 
 
 def parse_file_argument(
