@@ -55,9 +55,10 @@ def browser() -> Iterator[Browser]:
 
 
 def _lose_binance(m: Market) -> None:
-    """The exchange goes away; returns once the daemon has failed to connect to it again."""
+    """The exchange goes away: returns once the daemon has failed to connect to it again."""
     m.replay.kill()
     m.replay.wait(timeout=30)
+    assert m.serve is not None
     log = m.tmp_path / f"serve-{m.starts}.log"
     wait_for_line(log, r"connect failed \(\d+\)", m.serve)
 

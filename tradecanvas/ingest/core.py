@@ -273,9 +273,7 @@ class IngestCore:
             self.throttle.discard(sid, t)
             self.gate.drop(sid, t)
             self.behind.note(sid, t, tracker.head, received_at)  # a run of old closes: said
-            released = tracker.on_closed(
-                candle, now=received_at, received_at=received_at
-            )  # source ws
+            released = tracker.on_closed(candle, now=received_at, received_at=received_at)
             queued = self._enqueue(sid, released, now)
             return _PLAIN_OUTCOMES[wake_fills or tracker.held_count() > 0, queued]
         head = tracker.head

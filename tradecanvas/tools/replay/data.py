@@ -8,7 +8,6 @@ the exchange does with the data is :mod:`~tradecanvas.tools.replay.core`.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Final, Literal
@@ -18,11 +17,7 @@ import orjson
 
 from tradecanvas.errors import TradeCanvasError, WireError
 from tradecanvas.model import BASE_TIMEFRAME, MS, Candle, Market, SeriesId
-from tradecanvas.runtime_flags import (
-    DATA_DIR_VARIABLE,
-    OLD_DATA_DIR_VARIABLE,
-    data_dir_candidates,
-)
+from tradecanvas.runtime_flags import DATA_DIR_VARIABLE, data_dir_candidates
 from tradecanvas.wire.binance import KlineEvent, decode_frame
 from tradecanvas.wire.kline_csv import read_kline_csv
 
@@ -149,11 +144,12 @@ def resolve_path(text: str) -> Path:
     tried = [str(path.absolute())]
     if path.is_absolute():
         raise ReplayError(f"{text}: no such file")
-    for root in data_dir_candidates():
+    roots = data_dir_candidates()
+    for root in roots:
         if (root / text).exists():
             return root / text
         tried.append(str(root / text))
-    if not (os.environ.get(DATA_DIR_VARIABLE) or os.environ.get(OLD_DATA_DIR_VARIABLE)):
+    if roots == data_dir_candidates({}):  # the defaults only
         tried.append(f"(${DATA_DIR_VARIABLE} is not set)")
     raise ReplayError(
         f"{text}: no such file; looked at: {', '.join(tried)}. No data folder? Run"
