@@ -291,7 +291,15 @@ def test_every_text_has_a_contrast_of_at_least_4_5(tmp_path: Path, browser: Brow
             "#series", "h1",
         ]  # fmt: skip
         ratios = chart.call(CONTRASTS, texts)
-        for shown in ("connecting", "syncing", "live", "stale", "reconnecting", "offline"):
+        for shown in (
+            "connecting",
+            "syncing",
+            "live",
+            "waiting",
+            "stale",
+            "reconnecting",
+            "offline",
+        ):
             chart.call("(s) => { document.getElementById('state').dataset.state = s; }", shown)
             ratios[f"badge {shown}"] = chart.call(CONTRASTS, ["#state"])["#state #0"]
         low = {where: round(r, 2) for where, r in ratios.items() if r < 4.5}

@@ -35,7 +35,12 @@ from tradecanvas.serve.hub import Hub
 from tradecanvas.serve.shedding import MAX_HTTP_CONNECTIONS, ClientSockets, http_gate
 from tradecanvas.serve.ws_asgi import market_websocket_routes
 from tradecanvas.serve.ws_protocol import InboundLimits
-from tradecanvas.serve.ws_server import MAX_PENDING_HANDSHAKES, serve_ws_port
+from tradecanvas.serve.ws_server import (
+    MAX_PENDING_HANDSHAKES,
+    _HeadFirst,
+    _read_request_head,
+    serve_ws_port,
+)
 from tradecanvas.serve.ws_session import DEFAULT_STALL_TIMEOUT_S, MarketEndpoint
 from tradecanvas.store.sqlite import CandleStore
 from tradecanvas.wire.json import dumps, loads
@@ -93,6 +98,7 @@ async def running_market(
     max_pending_handshakes: int = MAX_PENDING_HANDSHAKES,
     max_http_connections: int = MAX_HTTP_CONNECTIONS,
     sockets: ClientSockets | None = None,
+    http_url: str | None = None,
 ) -> AsyncIterator[Market]:
     """A Hub and its endpoint on the WS port (127.0.0.1, ``ws_port``; 0: any) and, with
     ``over="http_port"``, on the HTTP port too; ``Market.port`` is the one ``over`` names.
@@ -127,6 +133,7 @@ async def running_market(
                 port=ws_port,
                 max_pending_handshakes=max_pending_handshakes,
                 sockets=sockets,
+                http_url=http_url,
             )
         )
         http_port: int | None = None
@@ -338,3 +345,94 @@ async def test_garbage_and_plain_http_do_not_disturb_subscribers(store: CandleSt
             assert answer == b"" or answer.startswith(b"HTTP/1.1 4"), answer
         assert await until_pong(ws) == []
         assert market.hub.statistics().subscribers == 1
+
+
+async def _answer(port: int, request: bytes) -> bytes:
+    """Everything the server sends for ``request`` until it closes the connection."""
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    try:
+        await stream.send_all(request)
+        answer = b""
+        with trio.fail_after(RECEIVE_TIMEOUT_S):
+            while chunk := await stream.receive_some(4096):
+                answer += chunk
+        return answer
+    finally:
+        await stream.aclose()
+
+
+@pytest.mark.parametrize(
+    ("http_url", "where"),
+    [
+        ("http://127.0.0.1:8766/", "http://127.0.0.1:8766/"),
+        (None, "the HTTP port (TRADE_CANVAS_HTTP_PORT, 8766 by default)"),
+    ],
+)
+async def test_a_plain_http_request_on_the_ws_port_is_told_where_the_chart_is(
+    store: CandleStore, http_url: str | None, where: str
+) -> None:
+    """A browser or curl pointed at the WS port got a bare 400 with an empty body; now a
+    426 Upgrade Required (RFC 9110: with ``Upgrade``) and a line saying where to go."""
+    text = (
+        f"this port serves WebSocket /ws/market only; the chart and the HTTP API are on {where}\n"
+    )
+    async with running_market(store, http_url=http_url) as market:
+        assert market.port == market.ws_port
+        answer = await _answer(
+            market.port, b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: text/html\r\n\r\n"
+        )
+        head, _, body = answer.partition(b"\r\n\r\n")
+        lines = head.decode().split("\r\n")
+        assert lines[0] == "HTTP/1.1 426 Upgrade Required"
+        assert {"Upgrade: websocket", "Connection: Upgrade, close"} <= set(lines)
+        assert "Content-Type: text/plain; charset=utf-8" in lines
+        assert f"Content-Length: {len(body)}" in lines
+        assert body.decode() == text
+        # HEAD: the same head, no body
+        answer = await _answer(market.port, b"HEAD /ws/market HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert answer == head + b"\r\n\r\n"
+        # an upgrade that lacks a header is still trio-websocket's to refuse (no text)
+        answer = await _answer(
+            market.port,
+            b"GET /ws/market HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\n\r\n",
+        )
+        assert answer.startswith(b"HTTP/1.1 400") and b"this port serves" not in answer
+        # and a WebSocket client is served as before
+        async with connect(market.port) as ws:
+            assert await until_pong(ws) == []
+
+
+async def test_a_request_head_read_in_pieces_reaches_trio_websocket_whole() -> None:
+    """What the WS port reads to tell plain HTTP from an upgrade is given back first:
+    trio-websocket reads the same bytes, however the client's request was cut."""
+    client, server = trio.testing.memory_stream_pair()
+    request = (
+        b"GET /ws/market HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
+    )
+    pieces = [request[:5], request[5:40], request[40:] + b"\x81\x00"]  # a frame right after
+    async with trio.open_nursery() as nursery:
+
+        async def write() -> None:
+            for piece in pieces:
+                await client.send_all(piece)
+                await trio.testing.wait_all_tasks_blocked()
+
+        nursery.start_soon(write)
+        head, parsed = await _read_request_head(server)
+    assert parsed is not None and parsed.target == b"/ws/market"
+    assert head == request + b"\x81\x00"
+    replayed = _HeadFirst(server, head)
+    assert await replayed.receive_some(10) == head[:10]
+    assert await replayed.receive_some() == head[10:]
+    await client.send_all(b"more")
+    assert await replayed.receive_some() == b"more"
+    # not HTTP: no request, and what was read is kept for trio-websocket to refuse
+    client, server = trio.testing.memory_stream_pair()
+    await client.send_all(b"\x16\x03\x01\x02\x00\r\n")
+    assert await _read_request_head(server) == (b"\x16\x03\x01\x02\x00\r\n", None)
+    # the input ends before the head does: no request
+    client, server = trio.testing.memory_stream_pair()
+    await client.send_all(b"GET / HTTP/1.1\r\n")
+    await client.send_eof()
+    assert await _read_request_head(server) == (b"GET / HTTP/1.1\r\n", None)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import signal
 import subprocess
@@ -15,6 +16,7 @@ from typing import Any, Final, Protocol, TextIO, cast, final
 import attrs
 import pytest
 import trio
+import trio_websocket
 
 from tests.pipeline.test_commit import RecordingTarget
 from tests.serve.test_ws_server import (
@@ -221,10 +223,46 @@ async def test_connection_problems_exit_1(store: CandleStore) -> None:
         port = market.port
         code, _, err = await run_client(f"ws://127.0.0.1:{port}/elsewhere", [SID_1M])
         assert code == 1 and "refused the connection: HTTP 404" in err
+        # the path to use, when another was given (the HTTP port's URL without it, say)
+        assert f"(the path is /ws/market: ws://127.0.0.1:{port}/ws/market)" in err
+        code, _, err = await run_client(f"ws://127.0.0.1:{port}", [SID_1M])
+        assert code == 1 and err.endswith(
+            f"refused the connection: HTTP 404 (the path is /ws/market:"
+            f" ws://127.0.0.1:{port}/ws/market)\n"
+        )
     code, _, err = await run_client(f"ws://127.0.0.1:{port}/ws/market", [SID_1M])
     assert code == 1 and "cannot connect" in err
     code, _, err = await run_client("http://127.0.0.1/ws/market", [SID_1M])
     assert code == 2 and "not a ws:// or wss:// URL" in err
+
+
+async def test_messages_without_a_type_are_warned_of_once() -> None:
+    """Pointed at Binance's stream (or the replay's) rather than a daemon's /ws/market,
+    every message lacks a ``type``: printed as received, and stderr says why, once."""
+    frame = '{"stream":"btcusdt@kline_1m","data":{"e":"kline","E":1751760060000}}'
+
+    async def binance_like(request: trio_websocket.WebSocketRequest) -> None:
+        ws = await request.accept()
+        await ws.get_message()  # the subscribe, which Binance's streams do not know
+        for _ in range(3):
+            await ws.send_message(frame)
+        await trio.sleep_forever()
+
+    async with trio.open_nursery() as nursery:
+        server = await nursery.start(
+            functools.partial(
+                trio_websocket.serve_websocket, binance_like, "127.0.0.1", 0, ssl_context=None
+            )
+        )
+        url = f"ws://127.0.0.1:{server.port}/market"
+        code, out, err = await run_client(url, [SID_1M], count=3)
+        nursery.cancel_scope.cancel()
+    assert code == 0 and out.splitlines() == [frame] * 3
+    assert err.count("warning") == 1
+    assert err.startswith(
+        'tradecanvas subscribe: warning: a message without a "type" ({"stream":"btcusdt@kline_1m"'
+    )
+    assert f"is {url} a tradecanvas daemon's /ws/market?" in err
 
 
 @pytest.mark.e2e

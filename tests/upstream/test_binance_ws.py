@@ -10,6 +10,8 @@ import contextlib
 import functools
 import itertools
 import logging
+import re
+import socket
 import threading
 from collections.abc import AsyncIterator, Iterator
 
@@ -25,6 +27,7 @@ from tradecanvas.ops.metrics import Metrics
 from tradecanvas.upstream.backoff import Backoff
 from tradecanvas.upstream.binance_ws import (
     BURST_MAX,
+    UNREACHABLE_AFTER,
     ConnectionCounters,
     FrameBurst,
     run_binance_ws_connections,
@@ -283,6 +286,67 @@ async def test_a_failed_connect_is_counted_as_an_error(
     )
     assert failed is not None and failed >= 5 and counters.connected == 0
     assert counters.reconnects == failed
+
+
+async def test_an_unreachable_exchange_is_said_once_and_its_return_too(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Offline, every connect fails and each failure has its line; after UNREACHABLE_AFTER
+    in a row one line more says what it means, once (not per retry), and the connection
+    that finally opens says the outage is over."""
+    with socket.socket() as probe:  # a port nothing listens on, until the test says
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    send, _receive = trio.open_memory_channel[FrameBurst](10)
+    policy = ConnectionPolicy(reconnect_base_s=1.0, reconnect_cap_s=1.0)
+    upstream = ScriptedUpstream()
+
+    def said(text: str) -> list[str]:
+        return [r.getMessage() for r in caplog.records if text in r.getMessage()]
+
+    caplog.set_level(logging.INFO, logger="tradecanvas.upstream.binance_ws")
+    with real_time_limit(WAIT_S):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(
+                functools.partial(
+                    run_binance_ws_connections,
+                    f"ws://127.0.0.1:{port}/market",
+                    send,
+                    policy=policy,
+                    stale_timeout_s=3600,
+                    metrics=Metrics(),
+                    counters=ConnectionCounters(),
+                    name="binance futures (1 streams)",
+                )
+            )
+            # a few retries past the one that was said: each of them says nothing more
+            await trio.sleep(3 * UNREACHABLE_AFTER * (policy.reconnect_cap_s + 1))
+            assert len(said("connect failed")) > UNREACHABLE_AFTER + 1
+            await nursery.start(
+                functools.partial(
+                    trio_websocket.serve_websocket,
+                    upstream.handler,
+                    "127.0.0.1",
+                    port,
+                    ssl_context=None,
+                )
+            )
+            await upstream.connected.wait()
+            await trio.testing.wait_all_tasks_blocked()  # the client's side of it too
+            nursery.cancel_scope.cancel()
+    (unreachable,) = said("Binance unreachable")
+    match = re.fullmatch(
+        r"binance futures \(1 streams\): Binance unreachable since (\d\d:\d\dZ)"
+        rf" \(127\.0\.0\.1:{port}\): no data will arrive until it answers \(offline\?"
+        r" the README's tour uses `tradecanvas replay`\)",
+        unreachable,
+    )
+    assert match is not None, unreachable
+    failed = len(said("connect failed"))
+    assert said("connected again") == [
+        f"binance futures (1 streams): connected again (unreachable since {match[1]},"
+        f" {failed} failed connects)"
+    ]
 
 
 async def test_server_shutdown_after_an_hour_rotates_at_once(

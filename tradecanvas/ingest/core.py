@@ -60,6 +60,7 @@ import attrs
 
 from tradecanvas.errors import WireError
 from tradecanvas.ingest.batcher import BatchItem, ClosedBatcher, FormingThrottle, Holes, MinuteCache
+from tradecanvas.ingest.behind_head import BehindHead
 from tradecanvas.ingest.forming import derived_forming
 from tradecanvas.ingest.ordering import FormingGate, group_settled
 from tradecanvas.ingest.policy import IngestPolicy
@@ -189,6 +190,7 @@ class IngestCore:
         self._exchange_minute = -1  # (E - late_close) // 60 s last applied to the trackers
         self._fill_minutes_in_flight = 0
         self._reported: set[str] = set()
+        self.behind = BehindHead()  # closed klines at or below a head, in runs (behind_head.py)
 
     # --- start-up ------------------------------------------------------------------------
 
@@ -270,9 +272,8 @@ class IngestCore:
         if event.closed:
             self.throttle.discard(sid, t)
             self.gate.drop(sid, t)
-            released = tracker.on_closed(
-                candle, now=received_at, source="ws", received_at=received_at
-            )
+            self.behind.note(sid, t, tracker.head, received_at)  # a run of old closes: said
+            released = tracker.on_closed(candle, now=received_at, received_at=received_at)
             queued = self._enqueue(sid, released, now)
             return _PLAIN_OUTCOMES[wake_fills or tracker.held_count() > 0, queued]
         head = tracker.head
@@ -323,8 +324,7 @@ class IngestCore:
         return self.throttle.next_due()
 
     def due_forming(self, now: float) -> list[tuple[SeriesId, Candle]]:
-        """Throttled forming updates whose interval has passed (publish them); one that
-        something was queued for since is held instead."""
+        """Throttled forming updates now due (publish them); held if something was queued since."""
         due: list[tuple[SeriesId, Candle]] = []
         for sid, candle in self.throttle.due(now):
             if self.gate.allows(sid, candle.candle_time, self.trackers[sid].head):

@@ -7,6 +7,7 @@ Task tree of one loop (one per Binance connection of at most 200 streams)::
     │  └─ reader (one per open socket)   get_message → frames channel; stale → replace
     ├─ processor     frames channel → IngestCore.on_frame → forming → hub (never stored)
     │                                                       closed → the core's batcher
+    │                (a run of closes at or below a head: a WARNING a minute, behind_head)
     ├─ forming timer IngestCore.due_forming: throttled forming updates whose time came → hub
     ├─ fills         IngestCore.next_fills → REST klines (own tasks) → on_fill_result
     └─ committer     IngestCore.take_batch → BatchCommitter: IngestPipeline.run → publish
@@ -320,6 +321,9 @@ class _IngestLoop:
                 self._batch_wakeup.set()
             if outcome.wake_fills:
                 self._fill_wakeup.set()
+        # a run of closes at or below a series' head (a source behind the store): said
+        for line in self.core.behind.take_lines():
+            log.warning("%s", line)
 
     def _count_malformed(self, malformed: Malformed) -> None:
         self.metrics.malformed_frames_total.labels(reason=malformed.reason).inc()

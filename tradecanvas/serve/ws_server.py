@@ -12,9 +12,12 @@ Task tree of :func:`serve_ws_port`::
              └─ MarketEndpoint.serve      the session: publish task and reader loop
 
 This module owns the sockets: the handshake (answered with :meth:`MarketEndpoint.admit`,
-within ``HANDSHAKE_TIMEOUT_S``), trio-websocket's 64 KiB message limit (1009), and the
-translation of trio-websocket's ``ConnectionClosed`` into ``TransportClosed``. Everything a
-connection does once accepted is the session's, the same on the HTTP port (``ws_asgi``).
+within ``HANDSHAKE_TIMEOUT_S``; a plain HTTP request, without ``Upgrade: websocket``, is
+answered ``426 Upgrade Required`` with a line of text saying where the chart and the HTTP
+API are — trio-websocket would send a bare 400), trio-websocket's 64 KiB message limit
+(1009), and the translation of trio-websocket's ``ConnectionClosed`` into
+``TransportClosed``. Everything a connection does once accepted is the session's, the same
+on the HTTP port (``ws_asgi``).
 
 Pending handshakes: a TCP connection counts as pending from its accept until its upgrade is
 admitted (it then holds a slot under ``max_connections``) or the connection ends. At most
@@ -49,6 +52,7 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Final, final
 
+import h11
 import trio
 import trio_websocket
 from wsproto.utilities import LocalProtocolError
@@ -82,6 +86,8 @@ MAX_PENDING_HANDSHAKES: Final = 1024
 # the whole drain at shutdown; longer than one ws_session.CLOSE_TIMEOUT_S so every close
 # gets its chance
 SHUTDOWN_GRACE_S: Final = 5.0
+# bytes a read of the request's head takes at most (h11 refuses a head over 16 KiB)
+HEAD_READ_BYTES: Final = 16 << 10
 
 
 # what trio-websocket raises when the client's connection ends during the handshake
@@ -180,8 +186,9 @@ class _TrioWebsocketTransport:
 class _MarketServer:
     """One /ws/market listener set: owns its connections' nursery (inside ``run``)."""
 
-    def __init__(self, endpoint: MarketEndpoint, gate: Gate) -> None:
+    def __init__(self, endpoint: MarketEndpoint, gate: Gate, http_url: str | None) -> None:
         self.endpoint = endpoint
+        self.http_url = http_url  # where a plain HTTP request is sent (None: said in words)
         self._gate = gate
         self._scope = trio.CancelScope(shield=True)
         self._accept_scope = trio.CancelScope()
@@ -266,9 +273,14 @@ class _MarketServer:
         watch: trio.CancelScope = await nursery.start(_end_at_end_of_input, stream, handshake)
         try:
             with handshake:
+                head, plain = await _read_request_head(stream)
+                if plain is not None and not _asks_for_websocket(plain):
+                    log.debug("ws %s: a plain HTTP request: answered 426", peer)
+                    await stream.send_all(plain_http_answer(plain.method, self.http_url))
+                    return
                 request = await trio_websocket.wrap_server_stream(
                     nursery,
-                    stream,
+                    _HeadFirst(stream, head),
                     message_queue_size=INBOUND_QUEUE,
                     max_message_size=MAX_MESSAGE_BYTES,
                 )
@@ -293,6 +305,85 @@ class _MarketServer:
             self._unattached.discard(handshake)
             if admission is not None:  # the accept failed or was cancelled: not attached
                 admission.release()
+
+
+async def _read_request_head(stream: trio.abc.ReceiveStream) -> tuple[bytes, h11.Request | None]:
+    """Read the client's request head: the bytes read, and the request when they hold a
+    whole HTTP/1.x one (None: the input ended first, or it is not HTTP — trio-websocket,
+    given the same bytes, refuses it as it always did)."""
+    parser = h11.Connection(h11.SERVER)
+    head = bytearray()
+    while True:
+        try:
+            event = parser.next_event()
+        except h11.RemoteProtocolError:
+            return bytes(head), None
+        if isinstance(event, h11.Request):
+            return bytes(head), event
+        if event is not h11.NEED_DATA:
+            return bytes(head), None
+        data = await stream.receive_some(HEAD_READ_BYTES)
+        head += data
+        parser.receive_data(bytes(data))  # b"": the end of the input
+
+
+def _asks_for_websocket(request: h11.Request) -> bool:
+    """``Upgrade: websocket`` among the request's headers (h11 lowercases their names)."""
+    return any(
+        name == b"upgrade" and b"websocket" in value.lower() for name, value in request.headers
+    )
+
+
+def plain_http_answer(method: bytes, http_url: str | None) -> bytes:
+    """The answer to a plain HTTP request on the WS port: 426 Upgrade Required (RFC 9110
+    §15.5.22: it names the protocol in ``Upgrade``) with one line of text saying where the
+    chart and the HTTP API are (``http_url``; None: the setting that says so). No body for
+    HEAD; the connection is closed after it."""
+    where = http_url or "the HTTP port (TRADE_CANVAS_HTTP_PORT, 8766 by default)"
+    body = (
+        f"this port serves WebSocket {WS_PATH} only; the chart and the HTTP API are on {where}\n"
+    ).encode()
+    headers = (
+        "HTTP/1.1 426 Upgrade Required\r\n"
+        "Upgrade: websocket\r\n"
+        "Connection: Upgrade, close\r\n"
+        "Content-Type: text/plain; charset=utf-8\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    return headers if method == b"HEAD" else headers + body
+
+
+@final
+class _HeadFirst(trio.abc.HalfCloseableStream):
+    """The connection's stream for trio-websocket: the request head read already
+    (:func:`_read_request_head`) comes first, then the stream's own bytes; the rest is the
+    stream's."""
+
+    __slots__ = ("_head", "stream")
+
+    def __init__(self, stream: trio.abc.HalfCloseableStream, head: bytes) -> None:
+        self.stream = stream
+        self._head = head
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        if not self._head:
+            return await self.stream.receive_some(max_bytes)
+        await trio.lowlevel.checkpoint()
+        n = len(self._head) if max_bytes is None else max_bytes
+        data, self._head = self._head[:n], self._head[n:]
+        return data
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.stream.wait_send_all_might_not_block()
+
+    async def send_eof(self) -> None:
+        await self.stream.send_eof()
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
 
 
 async def _end_at_end_of_input(
@@ -321,14 +412,16 @@ async def serve_ws_port(
     port: int,
     max_pending_handshakes: int = MAX_PENDING_HANDSHAKES,
     sockets: ClientSockets | None = None,
+    http_url: str | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``endpoint`` at ws://{host}:{port}/ws/market until cancelled; ``started(bound_port)``
-    once listening. At most ``max_pending_handshakes`` connections are in their handshake at
-    once, and with ``sockets`` (the budget shared with the HTTP port) at most its limit of
-    client sockets are open; more are reset at accept. On cancellation every session is
-    closed with 1001 within a bounded, shielded drain. Raises ListenError if the port cannot
-    be listened on."""
+    once listening. A plain HTTP request gets a 426 whose text names ``http_url`` (the
+    chart's and the HTTP API's address; None: the setting that gives it). At most
+    ``max_pending_handshakes`` connections are in their handshake at once, and with
+    ``sockets`` (the budget shared with the HTTP port) at most its limit of client sockets
+    are open; more are reset at accept. On cancellation every session is closed with 1001
+    within a bounded, shielded drain. Raises ListenError if the port cannot be listened on."""
     try:
         listeners = await trio.open_tcp_listeners(port, host=host)
     except OSError as exc:
@@ -336,7 +429,7 @@ async def serve_ws_port(
     bound_port = int(listeners[0].socket.getsockname()[1])
     sockets = ClientSockets(None) if sockets is None else sockets
     gate = ws_gate(sockets, endpoint.hub.metrics, max_pending_handshakes)
-    server = _MarketServer(endpoint, gate)
+    server = _MarketServer(endpoint, gate, http_url)
     async with trio.open_nursery() as nursery:
         await nursery.start(server.run, listeners)
         log.info("serving ws://%s:%d%s", host, bound_port, WS_PATH)

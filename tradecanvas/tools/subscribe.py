@@ -17,6 +17,10 @@ Exit codes (:data:`EXIT_CODES`, also in ``--help``): 0 after ``--count`` message
 the first time, the daemon refuses every requested series or the connection for good, or
 closes with a code no reconnect can help (the code and reason go to stderr); 2 for bad
 arguments; 130 on Ctrl-C.
+
+A refusal with 404 at a URL whose path is not ``/ws/market`` says the path to use; the first
+message without a ``type`` (the URL is Binance's stream, or ``tradecanvas replay``'s, not a
+daemon's ``/ws/market``) is warned of on stderr, once.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Final, TextIO, final
+from urllib.parse import urlsplit, urlunsplit
 
 import attrs
 import trio
@@ -39,7 +44,8 @@ from tradecanvas.upstream.backoff import Backoff
 from tradecanvas.upstream.ws_client import open_websocket_client, parse_ws_url
 from tradecanvas.wire.json import dumps, loads
 
-DEFAULT_URL: Final = "ws://127.0.0.1:8765/ws/market"
+WS_PATH: Final = "/ws/market"
+DEFAULT_URL: Final = f"ws://127.0.0.1:8765{WS_PATH}"
 CONNECT_TIMEOUT_S: Final = 10.0
 NORMAL_CLOSE_CODES: Final = (1000, 1001)
 # closes a reconnect continues from: normal, going away (a restart), lost, server error,
@@ -237,9 +243,9 @@ async def subscribe_and_print(
             async with open_websocket_client(
                 url, connect_timeout=CONNECT_TIMEOUT_S, disconnect_timeout=CONNECT_TIMEOUT_S
             ) as ws:
-                end = await _follow(ws, cursors, printer)
+                end = await _follow(ws, cursors, printer, url)
         except trio_websocket.ConnectionRejected as exc:
-            why = f"{url} refused the connection: HTTP {exc.status_code}"
+            why = f"{url} refused the connection: HTTP {exc.status_code}{_path_hint(url, exc)}"
             if not printer.connected or exc.status_code not in RETRY_STATUSES:
                 err.write(f"tradecanvas subscribe: {why}\n")
                 return ExitCode.FAILED
@@ -261,6 +267,14 @@ async def subscribe_and_print(
         err.write(f"tradecanvas subscribe: {why}; reconnecting in {delay:.1f}s\n")
         err.flush()
         await trio.sleep(delay)
+
+
+def _path_hint(url: str, rejected: trio_websocket.ConnectionRejected) -> str:
+    """After a 404 at another path: the path that serves the stream."""
+    parts = urlsplit(url)
+    if rejected.status_code != 404 or parts.path == WS_PATH:
+        return ""
+    return f" (the path is {WS_PATH}: {urlunsplit(parts._replace(path=WS_PATH))})"
 
 
 @attrs.frozen
@@ -287,6 +301,20 @@ class _Printer:
         self.err = err
         self.printed = 0
         self.connected = False  # a connection has been opened before
+        self.warned_untyped = False  # a message without a "type" was warned of
+
+    def check_type(self, message: object, text: str, url: str) -> None:
+        """Warn once of a message without a ``type``: not a /ws/market message."""
+        if self.warned_untyped or (isinstance(message, dict) and "type" in message):
+            return
+        self.warned_untyped = True
+        self.err.write(
+            f'tradecanvas subscribe: warning: a message without a "type" ({text[:100]}):'
+            f" is {url} a tradecanvas daemon's {WS_PATH}? (Binance's streams and"
+            " `tradecanvas replay` send other messages; the daemon is on"
+            f" ws://127.0.0.1:8765{WS_PATH} by default)\n"
+        )
+        self.err.flush()
 
     def print(self, text: str, message: object) -> None:
         if self.pretty:
@@ -303,7 +331,7 @@ class _Printer:
 
 
 async def _follow(
-    ws: trio_websocket.WebSocketConnection, cursors: SubscribeCursors, printer: _Printer
+    ws: trio_websocket.WebSocketConnection, cursors: SubscribeCursors, printer: _Printer, url: str
 ) -> int | _Closed:
     """One connection: send the subscribes from the cursors, print what comes back. An
     exit code, or how the connection closed."""
@@ -322,7 +350,7 @@ async def _follow(
         while True:
             raw = await ws.get_message()
             delivered = True
-            end = _take(raw, cursors, printer)
+            end = _take(raw, cursors, printer, url)
             if end is not None:
                 return end
     except trio_websocket.ConnectionClosed as exc:
@@ -332,10 +360,11 @@ async def _follow(
         return _Closed(reason.code, reason.reason or "", delivered)
 
 
-def _take(raw: str | bytes, cursors: SubscribeCursors, printer: _Printer) -> int | None:
+def _take(raw: str | bytes, cursors: SubscribeCursors, printer: _Printer, url: str) -> int | None:
     """Print one message unless it is a repeat; an exit code when the run is over."""
     text = raw.decode(errors="replace") if isinstance(raw, bytes) else raw
     message = _parse(text)
+    printer.check_type(message, text, url)
     if not cursors.take(message):
         return None  # a repeat the resubscription was bound to send (a gap)
     printer.print(text, message)

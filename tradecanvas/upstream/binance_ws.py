@@ -28,6 +28,10 @@ wrong (:func:`~tradecanvas.upstream.plan.silent_slot_warning`).
 
 Every replacement, and every connect that failed, is counted by reason
 (``tradecanvas_upstream_reconnects_total``, :data:`~tradecanvas.upstream.plan.RECONNECT_REASONS`).
+Each failed connect is logged; after :data:`UNREACHABLE_AFTER` in a row, one line more
+(once per outage) says what it means — no data until the exchange answers, and that the
+README's tour runs offline with ``tradecanvas replay`` — and the next connection that
+opens says the outage is over.
 
 Every socket is closed when the function is cancelled; it never returns otherwise and
 raises nothing but what trio raises for bugs.
@@ -37,6 +41,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+from datetime import UTC, datetime
 from typing import Final, final
 
 import attrs
@@ -73,6 +78,9 @@ READ_BYTES: Final = 64 << 10
 # the processor as one item (one hand-over, not one per frame), up to this many; so a
 # frames channel of N items holds at most N × BURST_MAX frames.
 BURST_MAX: Final = 64
+# failed connects in a row before the log says, once, that the exchange is unreachable (the
+# first ones may be a blip; each is logged on its own line anyway)
+UNREACHABLE_AFTER: Final = 3
 
 
 _PACERS: trio.lowlevel.RunVar[dict[str, ConnectPacer]] = trio.lowlevel.RunVar(
@@ -174,6 +182,8 @@ class _ConnectionSlot:
         self.pacer = pacer
         self._framed = False  # some connection of this slot delivered a frame
         self._silent_stale_ends = 0  # stale ends while none ever did
+        self._connect_failures = 0  # failed connects since the last one that opened
+        self._unreachable_since = ""  # the wall clock (HH:MMZ) of the first of them
 
     async def maintain(self) -> None:
         policy = self.policy
@@ -195,7 +205,9 @@ class _ConnectionSlot:
                     failures += 1
                     self._count_reconnect("error")
                     log.warning("%s: connect failed (%s): %s", self.name, failures, exc)
+                    self._note_connect_failed()
                     continue
+                self._note_connected()
                 if previous is not None:
                     with trio.move_on_after(policy.overlap_max_s):
                         await conn.first_frame.wait()
@@ -240,6 +252,33 @@ class _ConnectionSlot:
                         lived_s,
                         failures,
                     )
+
+    def _note_connect_failed(self) -> None:
+        """Count a failed connect; at the UNREACHABLE_AFTER-th in a row, say once what it
+        means (every failure has its own line already)."""
+        self._connect_failures += 1
+        if self._connect_failures == 1:
+            self._unreachable_since = datetime.now(UTC).strftime("%H:%MZ")
+        if self._connect_failures == UNREACHABLE_AFTER:
+            target = parse_ws_url(self.url)
+            log.warning(
+                "%s: Binance unreachable since %s (%s:%d): no data will arrive until it"
+                " answers (offline? the README's tour uses `tradecanvas replay`)",
+                self.name,
+                self._unreachable_since,
+                target.host,
+                target.port,
+            )
+
+    def _note_connected(self) -> None:
+        if self._connect_failures >= UNREACHABLE_AFTER:
+            log.info(
+                "%s: connected again (unreachable since %s, %d failed connects)",
+                self.name,
+                self._unreachable_since,
+                self._connect_failures,
+            )
+        self._connect_failures = 0
 
     def _note_stale_end(self) -> None:
         """Count a stale end of a slot that never received a frame, and say, now and then,

@@ -9,6 +9,7 @@ import pytest
 
 from tests.tools.replay.conftest import DAY, STREAM, config_for
 from tradecanvas.model import Candle
+from tradecanvas.runtime_flags import DATA_DIR_VARIABLE, OLD_DATA_DIR_VARIABLE, data_dir_candidates
 from tradecanvas.tools.replay import (
     ReplayError,
     infer_market,
@@ -44,6 +45,28 @@ def test_a_relative_name_is_found_under_the_data_dir(day_csv: Path) -> None:
     assert parse_file_argument(relative, None).path.samefile(day_csv)
     with pytest.raises(ReplayError, match=r"binance:futures:BTC/USDT:7x"):
         parse_file_argument(f"binance:futures:BTC/USDT:7x={day_csv}", None)
+
+
+def test_a_file_not_found_names_every_folder_tried_and_make_test_data(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The README's tour names its file relative to the data folder: when it is nowhere,
+    the error lists each place looked at and how to get the data."""
+    relative = "klines_1m_5m/futures_um/BTCUSDT-1m-1999-01-01.csv"
+    monkeypatch.setenv(DATA_DIR_VARIABLE, str(tmp_path))
+    with pytest.raises(ReplayError) as raised:
+        parse_file_argument(relative, None)
+    message = str(raised.value)
+    for root in [Path.cwd(), *data_dir_candidates()]:
+        assert str(root / relative) in message
+    assert str(tmp_path / relative) in message and "is not set" not in message
+    assert "`make test-data`" in message and "data.binance.vision" in message
+    monkeypatch.delenv(DATA_DIR_VARIABLE)
+    monkeypatch.delenv(OLD_DATA_DIR_VARIABLE, raising=False)
+    with pytest.raises(ReplayError, match=r"\$TRADE_CANVAS_DATA_DIR is not set"):
+        parse_file_argument(relative, None)
+    with pytest.raises(ReplayError, match=r"^/nowhere/X-1m\.csv: no such file$"):
+        parse_file_argument("/nowhere/X-1m.csv", None)
 
 
 def test_csv_bars_are_rest_bars_and_an_exchange_hole_leaves_rest_too(

@@ -264,7 +264,9 @@
         : view.bars.find((b) => b.time === time);
     if (!view.seriesId) return [];
     if (!bar && (time === null || view.bars.length === 0)) {
-      return [[`${view.seriesId} — no candles yet`]];
+      // what it waits for, when /readyz said its source does not deliver (freshness, below)
+      const lost = SOURCE_NOTE[fresh.source];
+      return [[`${view.seriesId} — no candles yet${lost ? `; ${lost.empty}` : ""}`]];
     }
     const groups = [[{ word: "timeframe", abbr: null }, view.timeframe.text]];
     if (!bar) return [...groups, [`${utc(time)} UTC`], ["no candle: a hole in the series"]];
@@ -575,6 +577,7 @@
     fillPickers();
     render();
     if (link.isOpen()) setState("syncing");
+    fresh.askOnCatchUp = true; // its first catch-up asks /readyz
     try {
       // the event log first: its cursor, and the holes it recorded (events after the cursor
       // come over the socket, subscribed with events_after)
@@ -720,6 +723,7 @@
     live: "Connected and up to date.",
     reconnecting: "The stream dropped: the page reconnects and goes on where it stopped.",
     offline: "This device has no network: the page reconnects when it is back.",
+    waiting: "Connected; the series has no candles yet and its source does not deliver.",
   };
 
   // The badge shows the state and its detail (an age, a retry's count and delay) and tells a
@@ -727,10 +731,11 @@
   // the detail aria-hidden: it changes every few seconds), and #announce, a live region, is
   // written only when the state (or `note`, what is known of the source) changes. Nothing is
   // rewritten that says the same.
-  function showBadge(shown, detail, why = EXPLAIN[shown], note = "") {
+  // `cause`: the detail is a cause, put first after a colon (a long text is cut at its end)
+  function showBadge(shown, detail, why = EXPLAIN[shown], note = "", cause = false) {
     const el = $("state");
     if (el.dataset.state !== shown) el.dataset.state = shown;
-    const rest = detail ? ` (${detail})` : "";
+    const rest = detail ? (cause ? `: ${detail}` : ` (${detail})`) : "";
     if (el.textContent !== shown + rest) {
       let [word, more] = el.children;
       if (el.children.length !== 2 || el.childNodes.length !== 2) {
@@ -774,14 +779,32 @@
   // Binance connection of its own) what the ingest node holding the lease reports, null
   // there when no ingest node runs. Times are the page's clock since the last message
   // (history may be replayed: the bars' own times say nothing of now).
+  // The page also asks /readyz when a series is shown (its first catch-up) and every
+  // FRESHNESS_CHECK_MS while the series has no candles, so an empty chart or one the source
+  // will not add to says why at once (`waiting` / `stale: Binance unreachable`) instead of
+  // a green `live` for STALE_AFTER_MS; and while the source is known lost, to see it back.
   // fromCatchUp: the sync ping awaited is a new subscription's (its catch-up resets the age)
-  const fresh = { at: Date.now(), source: null, asking: false, fromCatchUp: false };
+  // askOnCatchUp: a series was just shown (its first catch-up asks /readyz)
+  const fresh = {
+    at: Date.now(),
+    source: null,
+    asking: false,
+    fromCatchUp: false,
+    askOnCatchUp: false,
+  };
+  // a source that does not deliver: the badge's cause (put first: a long text is cut at its
+  // end), what its title adds, and what an empty chart's legend says
   const SOURCE_NOTE = {
-    lost: ["; Binance unreachable", "The daemon is not connected to Binance (/readyz)."],
-    no_ingest: [
-      "; no ingest node running",
-      "This edge hears from no ingest node: none holds the lease (/readyz: ingest null).",
-    ],
+    lost: {
+      cause: "Binance unreachable",
+      why: "The daemon is not connected to Binance (/readyz: upstream_connected false).",
+      empty: "waiting for Binance: not connected (see /readyz)",
+    },
+    no_ingest: {
+      cause: "no ingest node running",
+      why: "This edge hears from no ingest node: none holds the lease (/readyz: ingest null).",
+      empty: "waiting for an ingest node: none is running (see /readyz)",
+    },
   };
 
   // "connected", "lost", "no_ingest", or null when /readyz does not say
@@ -795,9 +818,12 @@
     return typeof connected === "boolean" ? (connected ? "connected" : "lost") : null;
   }
 
+  // a market message: the source delivers (whatever /readyz said last), and it is fresh
   function marketMessage() {
     fresh.at = Date.now();
-    if (connState === "live" && $("state").dataset.state === "stale") showBadge("live");
+    if (fresh.source !== "connected") fresh.source = null;
+    const shown = $("state").dataset.state;
+    if (connState === "live" && (shown === "stale" || shown === "waiting")) showBadge("live");
   }
 
   function duration(ms) {
@@ -818,27 +844,40 @@
     } finally {
       fresh.asking = false;
     }
+    if (view.bars.length === 0) showLegend(hovered); // an empty chart says what it waits for
     checkFreshness(false);
   }
 
   function checkFreshness(ask = true) {
     if (connState !== "live") return;
     const age = Date.now() - fresh.at;
-    if (age < STALE_AFTER_MS) {
-      if ($("state").dataset.state === "stale") showBadge("live");
+    const quiet = age >= STALE_AFTER_MS;
+    const empty = view.bars.length === 0;
+    const lost = SOURCE_NOTE[fresh.source];
+    if (ask && (quiet || empty || lost)) askUpstream();
+    if (lost) {
+      // nothing will come: said at once, the cause first, the age once it is stale
+      const what = empty ? "This series has no candles yet; none" : "No new candle";
+      showBadge(
+        empty ? "waiting" : "stale",
+        quiet ? `${lost.cause} · ${duration(age)}` : lost.cause,
+        `${lost.why} ${what} will come until that changes.`,
+        `; ${lost.cause}`,
+        true,
+      );
       return;
     }
-    if (ask) askUpstream();
-    const [suffix, why] = SOURCE_NOTE[fresh.source] || [
-      "",
-      "The connection answers: a quiet market, or the daemon's source is down (see /readyz).",
-    ];
+    if (!quiet) {
+      const shown = $("state").dataset.state;
+      if (shown === "stale" || shown === "waiting") showBadge("live");
+      return;
+    }
     // the age is in the badge's text only (its title is its description: no counting there)
     showBadge(
       "stale",
-      `no data for ${duration(age)}${suffix}`,
-      `No market message for this series for ${STALE_AFTER_MS / 1000} s or more. ${why}`,
-      suffix,
+      `no data for ${duration(age)}`,
+      `No market message for this series for ${STALE_AFTER_MS / 1000} s or more. The` +
+        " connection answers: a quiet market, or the daemon's source is down (see /readyz).",
     );
   }
   setInterval(checkFreshness, FRESHNESS_CHECK_MS);
@@ -865,6 +904,9 @@
     fresh.fromCatchUp = false;
     setState("live");
     checkFreshness();
+    // a series just shown: is its source delivering? (an empty chart asked already)
+    if (fresh.askOnCatchUp) askUpstream();
+    fresh.askOnCatchUp = false;
   }
 
   function handle(message) {
@@ -942,8 +984,9 @@
       seriesId === view.seriesId ? gapSeries.data().map((p) => p.time) : [],
     rebuilds: () => view.rebuilds.map((r) => ({ ...r })),
     errors: () => view.errors.map((e) => ({ ...e })),
-    // the badge's state: connecting, syncing, live, stale (live, no market data for
-    // STALE_AFTER_MS) or reconnecting; badge() its whole text
+    // the badge's state: connecting, syncing, live, waiting (live, an empty series whose
+    // source /readyz says is down), stale (live, no market data for STALE_AFTER_MS, or a
+    // source /readyz says is down), reconnecting or offline; badge() its whole text
     state: () => $("state").dataset.state,
     badge: () => $("state").textContent,
     // the legend's text for the bar at `time` (omitted: the newest), and the notice shown

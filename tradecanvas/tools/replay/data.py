@@ -134,16 +134,28 @@ def infer_series(path: Path, market: Market) -> SeriesId:
 
 
 def resolve_path(text: str) -> Path:
-    """As given, else under each folder of
+    """As given, else (a relative path) under each folder of
     :func:`~tradecanvas.runtime_flags.data_dir_candidates` (``$TRADE_CANVAS_DATA_DIR``, the
-    shared data beside the checkout, ``.cache/binance``)."""
+    shared data beside the checkout, ``.cache/binance``). Raises ReplayError naming every
+    place looked at, and ``make test-data`` (which fills ``.cache/binance``)."""
     path = Path(text)
     if path.exists():
         return path
-    for root in data_dir_candidates():
+    tried = [str(path.absolute())]
+    if path.is_absolute():
+        raise ReplayError(f"{text}: no such file")
+    roots = data_dir_candidates()
+    for root in roots:
         if (root / text).exists():
             return root / text
-    raise ReplayError(f"{text}: no such file (also looked under ${DATA_DIR_VARIABLE})")
+        tried.append(str(root / text))
+    if roots == data_dir_candidates({}):  # the defaults only
+        tried.append(f"(${DATA_DIR_VARIABLE} is not set)")
+    raise ReplayError(
+        f"{text}: no such file; looked at: {', '.join(tried)}. No data folder? Run"
+        " `make test-data` once in the checkout (it downloads Binance's public archive from"
+        " data.binance.vision into .cache/binance)"
+    )
 
 
 def parse_file_argument(

@@ -1,0 +1,130 @@
+"""The chart page when the daemon is up but cannot reach Binance (``make run`` offline; a
+first-time user's review, docs/chart.md): it said a green ``live`` over an empty chart for
+90 s, then a ``stale`` whose cause was cut off. Now it asks ``/readyz`` when a series is
+shown and while it has no candles, and says why at once, the cause first."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Final
+
+import pytest
+from playwright.sync_api import Browser
+
+from tests.browser.rig import (
+    BASE,
+    ChartPage,
+    Market,
+    chart_page,
+    chromium,
+    market,
+    trimmed_week,
+    wait_for_line,
+)
+from tests.browser.test_chart_page import HISTORY, STREAMED
+
+pytestmark = [pytest.mark.browser, pytest.mark.e2e]
+
+TC: Final = "window.tradecanvasChart"
+# the age counts without a heartbeat ping, whose pong a jumped clock would miss
+NO_HEARTBEAT: Final = {"heartbeatMs": 3_600_000}
+# what #announce says, and whether a change of the badge was inside its aria-hidden detail
+WATCH: Final = """() => {
+  window.said = []; window.badgeChanges = [];
+  const announce = document.getElementById('announce');
+  new MutationObserver(() => window.said.push(announce.textContent))
+    .observe(announce, {childList: true, characterData: true, subtree: true});
+  const inHidden = (n) =>
+    (n.nodeType === 1 ? n : n.parentElement).closest('[aria-hidden="true"]') !== null;
+  new MutationObserver((records) => records.forEach(
+      (r) => window.badgeChanges.push(inHidden(r.target))))
+    .observe(document.getElementById('state'),
+             {childList: true, characterData: true, subtree: true});
+}"""
+# the badge shows its whole text (a long one is cut at its end, with an ellipsis)
+WHOLE: Final = (
+    "() => { const b = document.getElementById('state'); return b.scrollWidth <= b.clientWidth; }"
+)
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    with chromium() as b:
+        yield b
+
+
+def _lose_binance(m: Market) -> None:
+    """The exchange goes away: returns once the daemon has failed to connect to it again."""
+    m.replay.kill()
+    m.replay.wait(timeout=30)
+    assert m.serve is not None
+    log = m.tmp_path / f"serve-{m.starts}.log"
+    wait_for_line(log, r"connect failed \(\d+\)", m.serve)
+
+
+def _readyz_errors_only(chart: ChartPage) -> None:
+    # the browser reports each of /readyz's 503 answers; nothing else went wrong
+    assert all("503" in e and "/readyz" in e for e in chart.console_errors), chart.console_errors
+
+
+def test_an_empty_chart_whose_daemon_cannot_reach_binance_says_so_at_once(
+    tmp_path: Path, browser: Browser
+) -> None:
+    data, _ = trimmed_week(tmp_path, HISTORY + STREAMED)
+    with market(tmp_path, data, "--start-at", str(HISTORY)) as m:
+        # offline from the start: the daemon is up, its store empty, Binance never answers
+        _lose_binance(m)
+        assert m.stop_serve() == 0
+        m.start_serve()
+        with chart_page(browser, m.http_url) as chart:
+            chart.open(BASE)
+            chart.wait_until(f"() => {TC}.state() === 'waiting'")
+            assert chart.call(f"() => {TC}.badge()") == "waiting: Binance unreachable"
+            state = chart.page.locator("#state")
+            assert state.get_attribute("aria-label") == "connection: waiting; Binance unreachable"
+            assert "not connected to Binance" in (state.get_attribute("title") or "")
+            assert chart.call(f"() => {TC}.legend()") == (
+                f"{BASE} — no candles yet; waiting for Binance: not connected (see /readyz)"
+            )
+            assert chart.page.locator("#legend").inner_text().endswith("(see /readyz)")
+            assert chart.call("() => document.getElementById('announce').textContent") == (
+                "connection: waiting; Binance unreachable"
+            )
+            assert chart.call(WHOLE)
+            _readyz_errors_only(chart)
+            chart.screenshot("chart-offline-empty")
+
+
+def test_a_chart_whose_source_is_gone_says_stale_at_load_the_cause_first(
+    tmp_path: Path, browser: Browser
+) -> None:
+    data, bars = trimmed_week(tmp_path, HISTORY + STREAMED)
+    with (
+        market(tmp_path, data, "--start-at", str(HISTORY)) as m,
+        chart_page(browser, m.http_url, timing=NO_HEARTBEAT) as chart,
+    ):
+        chart.page.clock.install()  # it runs as the real one until the test moves it
+        m.resume_replay()
+        chart.open(BASE)
+        chart.wait_until(f"(t) => {TC}.lastClosed() === t", bars[-1].time)
+        _lose_binance(m)
+        # a page opened now holds the stored bars, and none will come: said at once, not
+        # after 90 s of a green `live`
+        chart.open(BASE)
+        chart.wait_until(f"() => {TC}.state() === 'stale'")
+        assert chart.call(f"() => {TC}.badge()") == "stale: Binance unreachable"
+        assert chart.call(f"() => {TC}.data({BASE!r}).length") > 0
+        chart.call(WATCH)
+        # the age counts up once it is stale, after the cause; in the aria-hidden detail only
+        chart.page.clock.run_for(99_000)
+        chart.wait_until(f"() => {TC}.badge() === 'stale: Binance unreachable · 1 min 39 s'")
+        assert chart.call(WHOLE)  # 1280 px wide: the whole text shows
+        assert chart.call("() => window.said") == []
+        changes = chart.call("() => window.badgeChanges")
+        assert changes and all(changes), changes
+        assert chart.page.locator("#state").get_attribute("aria-label") == (
+            "connection: stale; Binance unreachable"
+        )
+        _readyz_errors_only(chart)
+        chart.screenshot("chart-offline-stale")
