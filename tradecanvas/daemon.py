@@ -71,7 +71,7 @@ from tradecanvas.serve.event_tail import EventTail
 from tradecanvas.serve.http_api import build_http_app
 from tradecanvas.serve.http_server import serve_http
 from tradecanvas.serve.hub import Hub
-from tradecanvas.serve.listening import check_listenable
+from tradecanvas.serve.listening import check_listenable, http_url_of
 from tradecanvas.serve.shedding import MAX_HTTP_CONNECTIONS, ClientSockets, http_gate
 from tradecanvas.serve.ws_server import MAX_PENDING_HANDSHAKES, serve_ws_port
 from tradecanvas.serve.ws_session import MarketEndpoint
@@ -338,6 +338,7 @@ async def run_daemon(
                     host=flags.ws_host,
                     port=flags.ws_port,
                     sockets=runtime.client_sockets,
+                    http_url=http_url_of(flags.http_host, flags.http_port),
                 ),
             )
         else:

@@ -16,6 +16,14 @@ def bind_text(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def http_url_of(host: str, port: int) -> str | None:
+    """The HTTP port's URL as a client on this machine writes it; None when the host is a
+    wildcard (which address the client reaches it by is not known) or the port is any."""
+    if not port or host in ("0.0.0.0", "::", ""):
+        return None
+    return f"http://{bind_text(host, port)}/"
+
+
 async def bind_socket(host: str, port: int) -> socket.socket:
     """A TCP socket bound to ``host:port`` (not yet listening). Raises OSError; a socket
     whose bind fails is closed (Hypercorn's own binding leaks it)."""
@@ -52,4 +60,4 @@ async def check_listenable(flags: RuntimeFlags) -> None:
                 raise ListenError.of(what, host, port, exc) from exc
 
 
-__all__ = ["bind_socket", "bind_text", "check_listenable"]
+__all__ = ["bind_socket", "bind_text", "check_listenable", "http_url_of"]
