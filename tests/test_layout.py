@@ -48,6 +48,8 @@ PURE_MODULES: Final = (
     "tradecanvas.ingest.ordering",
     "tradecanvas.ingest.core",
     "tradecanvas.ingest.flush_summary",
+    "tradecanvas.ingest.minute_ranges",
+    "tradecanvas.ingest.behind_head",
     "tradecanvas.serve.subscriber_queue",
     "tradecanvas.serve.drain",
     "tradecanvas.serve.subscription",
@@ -65,6 +67,7 @@ PURE_MODULES: Final = (
     "tradecanvas.bus.outbox",
     "tradecanvas.bus.cursors",
     "tradecanvas.bus.lease",
+    "tradecanvas.bus.replies",
 )
 IO_LIBRARIES: Final = (
     "trio",

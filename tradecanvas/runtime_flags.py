@@ -332,7 +332,7 @@ FLAG_SPECS: Final[tuple[FlagSpec, ...]] = (
     FlagSpec("event_retention_max", "100000", _parse_int(100, 100_000_000), "keep at most this many system events"),
     FlagSpec("ingest_token", None, _parse_token, "bearer token of POST /api/market/ingest/candle_closed (or $CREDENTIALS_DIRECTORY/ingest-token)"),
     FlagSpec("log_format", "text", _parse_choice(LOG_FORMATS), "text or json"),
-    FlagSpec("log_level", "INFO", _parse_choice(LOG_LEVELS, upper=True), "DEBUG, INFO, WARNING, ERROR"),
+    FlagSpec("log_level", "INFO", _parse_choice(LOG_LEVELS, upper=True), "DEBUG, INFO, WARNING, ERROR, CRITICAL"),
     FlagSpec("role", "all", _parse_choice(ROLES), "all = one process; ingest = Binance → store → Redis Streams; edge = Redis Streams + store → subscribers"),
     FlagSpec("redis_url", None, parse_redis_url, "Redis of the bus (redis://host:port/db); required by the ingest and edge roles, not used by all (but checked)"),
     FlagSpec("bus_prefix", "tradecanvas", _parse_bus_prefix, "key prefix of the bus's streams and channel in Redis (<prefix>:candles:<series>, …)"),

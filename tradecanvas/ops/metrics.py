@@ -336,7 +336,7 @@ class Metrics:
         self.http_refusals_total = Counter(
             "tradecanvas_http_refusals",
             "HTTP API requests answered with an error document, by its code"
-            " (unauthorized, ingest_disabled, body_too_large, validation_failed, …)",
+            " (unauthorized, ingest_disabled, body_too_large, bad_request, …)",
             ["code"],
             registry=r,
         )
