@@ -41,9 +41,11 @@ def minutes(start: int, count: int) -> list[Candle]:
 
 
 class RecordingSink:
-    """The Hub as the feed sees it: records every publish, in order."""
+    """The Hub as the feed sees it: records every publish, in order; ``followed``: the
+    series it has subscribers for (None: every series)."""
 
-    def __init__(self) -> None:
+    def __init__(self, followed: set[str] | None = None) -> None:
+        self.followed = followed
         self.log: list[tuple[str, str, object]] = []
         self.closed: dict[str, list[Candle]] = {}
         self.events: list[SystemEvent] = []
@@ -60,6 +62,9 @@ class RecordingSink:
             self.blocks[-1].append(self.log[-1])
         self._changed.set()
         self._changed = trio.Event()
+
+    def follows(self, series_id: str) -> bool:
+        return self.followed is None or series_id in self.followed
 
     def publish_closed(self, series_id: str, candles: Sequence[Candle]) -> Sequence[str]:
         self.closed.setdefault(series_id, []).extend(candles)

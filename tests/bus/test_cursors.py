@@ -56,6 +56,22 @@ def test_read_positions_pass_the_cursor_and_what_was_read() -> None:
     assert cursors.events_position() == StreamId(9)
 
 
+def test_pass_over_moves_by_the_id_and_owes_no_hole() -> None:
+    cursors = EdgeCursors({S1: 60, S5: None}, events_after=0)
+    cursors.moved_positions()
+    # the entries up to bar 300 (a trimmed hole among them) read, nobody following S1
+    assert cursors.pass_over(S1, StreamId(300_000))
+    assert cursors.cursor(S1) == 300 and cursors.moved_positions() == {S1: StreamId(300_000)}
+    assert cursors.runs(S1, [bar(360)]) == [Run(None, (bar(360),))]  # no gap to fill
+    assert cursors.pass_over(S5, StreamId(600_000)) and cursors.cursor(S5) == 600
+    assert cursors.pass_over(S1, StreamId(240_000)) and cursors.cursor(S1) == 300  # never back
+    # an ID that stands for no bar: nothing moves, the feed decodes the entries instead
+    assert not cursors.pass_over(S1, StreamId(420_000, 1))
+    assert not cursors.pass_over(S1, StreamId(420_500))
+    assert cursors.read_position(S1) == StreamId(300_000)
+    assert cursors.moved_positions() == {S5: StreamId(600_000)}
+
+
 def test_moved_positions_name_every_stream_once_then_only_those_that_moved() -> None:
     cursors = EdgeCursors({S1: 60, S5: None}, events_after=5)
     assert cursors.moved_positions() == {S1: StreamId(60_000), S5: StreamId(0), None: StreamId(5)}

@@ -13,6 +13,9 @@ decides, for what a read returned:
   has is a fill that finds nothing: one read, no message.
 - **Events**: the cursor is the newest ``event_id`` delivered; ids are strictly increasing,
   so a jump is an :class:`EventGap`, filled from the event log.
+- **A series nobody follows** on this edge: :meth:`EdgeCursors.pass_over` moves its cursor
+  past what was read by the last entry's ID, nothing decoded (its subscribers to come catch
+  up from the store, which holds every entry a stream got; see ``bus/feed.py``).
 - **After each (re)connect** the stream may have lost its tail with nobody left to notice
   (no later entry will reveal the hole before the next bar): :meth:`EdgeCursors.resync`
   lists an open-ended fill per series and for the events.
@@ -33,9 +36,11 @@ from tradecanvas.bus.ids import (
     StreamId,
     after_candle,
     after_event,
+    candle_time_of,
     candles_missing_between,
     events_missing_between,
 )
+from tradecanvas.errors import WireError
 from tradecanvas.model import Candle, SeriesId, Timeframe
 
 
@@ -170,6 +175,23 @@ class EdgeCursors:
             self._cursors[series_id] = fresh[-1].candle_time
             self._moved.add(series_id)
         return fresh
+
+    def pass_over(self, series_id: str, entry_id: StreamId) -> bool:
+        """The entries of ``series_id``'s stream up to ``entry_id`` (the last one read) are
+        read and not delivered: nobody on this edge follows the series (``bus/feed.py``).
+        The read position and the cursor move past them, by the ID alone (``<open_ms>-0``:
+        the bar it holds), so no hole is owed for them or for one among them. False, and
+        nothing moves, when the ID stands for no bar: the caller decodes the entries."""
+        try:
+            candle_time = candle_time_of(entry_id)
+        except WireError:
+            return False
+        self.note_read(series_id, entry_id)
+        cursor = self._cursors[series_id]
+        if cursor is None or candle_time > cursor:
+            self._cursors[series_id] = candle_time
+            self._moved.add(series_id)
+        return True
 
     def resync(self) -> list[CandleGap]:
         """After a (re)connect: read from the store whatever is after each cursor."""

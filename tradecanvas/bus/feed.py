@@ -16,16 +16,17 @@ single process.
   read once after each (re)connect, when a notice's number shows that some were missed
   (trimmed while the edge was behind, or Redis's counter reset), and when no notice came
   for ``block_ms`` (a writer that sends none). What a notice carries is what its streams
-  got, so the same cursors apply: per
-  reply, the series' candles go first (``sink.publish_closed``, ascending, each exactly
-  once; by timeframe, shortest first, each timeframe's corked: ``bus/cork.py``), then the
-  events (``sink.publish_system``) — the events only when no series' reply
+  got, so the same cursors apply: per reply, the candles of the series the sink follows
+  (``sink.follows``) go first (``sink.publish_closed``, ascending, each exactly once; by
+  timeframe, shortest first, each timeframe's corked: ``bus/cork.py``), then the events
+  (``sink.publish_system``) — the events only when no series' reply
   was cut by ``COUNT`` (the cut streams and the events are read again at once), so an event
   never overtakes the candles its commit published. A hole
   in a stream (trimmed away, lost in a Redis restart, dropped from a full outbox) is filled
   through ``fill_candles`` / ``fill_events`` — store reads — before the candles after it;
   after every (re)connect each series and the events are read from the store past their
-  cursors, since a lost tail shows no hole until the next bar.
+  cursors, since a lost tail shows no hole until the next bar. The entries of a series
+  nobody on this edge follows are passed over by their IDs, not decoded (:meth:`_deliver`).
 - **forming**: a ``get_message`` loop on the forming channel (at most once); a forming
   candle is passed on only after the closes before it (see the cursors' docstring).
 
@@ -41,19 +42,18 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from typing import Final, TypeVar, final
+from typing import Final, Protocol, TypeVar, final
 
 import attrs
 import coredis
 import trio
 from coredis.commands.constants import CommandName
-from coredis.response._callbacks import NoopCallback
 
 from tradecanvas.bus.cork import HeldCork
 from tradecanvas.bus.cursors import CandleGap, EdgeCursors, EventGap
 from tradecanvas.bus.ids import StreamId, StreamKeys
 from tradecanvas.bus.ingest_report import IngestReportWatch
-from tradecanvas.bus.redis_io import BusHealth, describe, reconnecting
+from tradecanvas.bus.redis_io import BusHealth, as_sent, describe, reconnecting
 from tradecanvas.bus.replies import (
     NOTICES_TOP,
     RawEntry,
@@ -89,9 +89,6 @@ DEFAULT_BACKOFF: Final = Backoff(base_s=0.1, cap_s=5.0)
 DEFAULT_COMMAND_TIMEOUT_S: Final = 10.0
 
 
-_AS_IS: Final = NoopCallback[object]()
-
-
 @attrs.frozen
 class FeedSettings:
     keys: StreamKeys = attrs.field(factory=StreamKeys)
@@ -112,6 +109,14 @@ class FeedStatistics:
     filled_events: int
     malformed: int
     reconnects: int
+    passed_over: int  # closed candles of series nobody followed, read and not decoded
+
+
+class EdgeSink(MarketSink, Protocol):
+    """The edge's Hub as its feed sees it: a MarketSink that says whether anyone follows a
+    series (``serve.hub.Hub.follows``)."""
+
+    def follows(self, series_id: str) -> bool: ...
 
 
 _T = TypeVar("_T")
@@ -185,7 +190,7 @@ class EdgeFeed:
 
     async def run(
         self,
-        sink: MarketSink,
+        sink: EdgeSink,
         *,
         delivery: DeliveryTimer | None = None,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
@@ -203,8 +208,8 @@ class EdgeFeed:
     async def _reconnecting(
         self,
         name: str,
-        body: Callable[[coredis.Redis[bytes], MarketSink], Awaitable[None]],
-        sink: MarketSink,
+        body: Callable[[coredis.Redis[bytes], EdgeSink], Awaitable[None]],
+        sink: EdgeSink,
     ) -> None:
         def connected(reconnect: bool) -> None:
             if reconnect:
@@ -233,7 +238,7 @@ class EdgeFeed:
 
     # --- closed candles and events -----------------------------------------------------
 
-    async def _read_closed(self, client: coredis.Redis[bytes], sink: MarketSink) -> None:
+    async def _read_closed(self, client: coredis.Redis[bytes], sink: EdgeSink) -> None:
         for gap in self.cursors.resync():
             await self._fill_candle_gap(gap, sink)
         await self._fill_event_gap(self.cursors.resync_events(), sink)
@@ -243,13 +248,8 @@ class EdgeFeed:
         # where the notices stand before the first read of every stream: a batch appended
         # after it has a notice after it, one appended before is in that read
         with trio.fail_after(self.settings.command_timeout_s):
-            top = await client.create_request(
-                CommandName.EVAL,
-                NOTICES_TOP,
-                2,
-                keys.batches,
-                keys.batches_count,
-                callback=_AS_IS,
+            top = await as_sent(
+                client, CommandName.EVAL, NOTICES_TOP, 2, keys.batches, keys.batches_count
             )
         position, last = notices_top(top)
         number: int | None = last
@@ -272,7 +272,7 @@ class EdgeFeed:
             # nothing to read: wait for the next notice (one key, whatever the streams)
             with trio.fail_after(timeout):
                 raw = await self._xread(
-                    client, {notices_key: str(position)}, block_ms=self.settings.block_ms
+                    client, {notices_key: str(position)}, self.settings.block_ms
                 )
             notices = xread_entries(raw).get(notices_key, ())
             if not notices:
@@ -315,34 +315,35 @@ class EdgeFeed:
         return self._delivery.publishing(trio.current_time(), trio.current_time)
 
     async def _xread(
-        self,
-        client: coredis.Redis[bytes],
-        streams: Mapping[bytes, str],
-        *,
-        block_ms: int | None = None,
+        self, client: coredis.Redis[bytes], streams: Mapping[bytes, str], block_ms: int = -1
     ) -> object:
-        """XREAD of ``streams`` from their positions (blocking ``block_ms`` when given),
+        """XREAD of ``streams`` from their positions (blocking ``block_ms`` if not -1),
         answered as Redis sent it: coredis's xread() checks its arguments and turns every
         entry into a StreamEntry with a dict of its fields, which cost more than the rest of
         the read (:func:`xread_entries` reads it)."""
-        block = () if block_ms is None else (b"BLOCK", block_ms)
-        return await client.create_request(
-            CommandName.XREAD,
-            *block,
-            b"COUNT",
-            self.settings.count,
-            b"STREAMS",
-            *streams.keys(),
-            *streams.values(),
-            callback=_AS_IS,
+        block = () if block_ms < 0 else (b"BLOCK", block_ms)
+        count = (b"COUNT", self.settings.count)
+        return await as_sent(
+            client, CommandName.XREAD, *block, *count, b"STREAMS", *streams, *streams.values()
         )
 
     async def _deliver(
-        self, reply: Mapping[bytes, Sequence[RawEntry]], sink: MarketSink, *, whole: bool = False
+        self, reply: Mapping[bytes, Sequence[RawEntry]], sink: EdgeSink, *, whole: bool = False
     ) -> set[bytes]:
         """Deliver what an XREAD returned (``whole``: what batch notices carried, which
         nothing cut short); the streams to read again at once: those cut short by COUNT, and
-        the events stream when its entries wait for them."""
+        the events stream when its entries wait for them.
+
+        A series nobody on this edge follows is passed over (``EdgeCursors.pass_over``):
+        its entries are not decoded nor published (the Hub drops them; the failure reports
+        ``publish_closed`` returns, which an edge has no use for, wait in the Hub for a
+        publish of the series, at most ``MAX_FAILURES_LISTED`` a series), and its cursor
+        moves past them by their IDs. A client that subscribes later still gets each of
+        them once: ``Hub.subscribe`` registers at once, and its catch-up reads the store
+        after that (the seamless catch-up, whose cursor drops what both bring); nothing is
+        awaited between ``follows`` and the pass-over, so a candle passed over was on its
+        stream before the registration, and every entry is committed to the store before
+        it is added. A followed series is decoded, its holes filled, as before."""
         keys = self.settings.keys
         events_key = self._events_key
         limit = None if whole else self.settings.count
@@ -357,12 +358,20 @@ class EdgeFeed:
             length: int | None = None
             for key in streams:
                 entries = reply[key]
-                if length != length_of.get(key, 0):
-                    cork.release()
-                    length = length_of.get(key, 0)
                 if limit is not None and len(entries) >= limit:
                     cut.add(key)
                 series_id = self._series_of.get(key) or keys.series_of(key)
+                if (
+                    entries
+                    and not sink.follows(series_id)
+                    and self.cursors.pass_over(series_id, entry_id_of(entries[-1]))
+                ):
+                    self._counts["passed_over"] += len(entries)
+                    self._publish_closed(sink, series_id, ())  # a forming candle now allowed
+                    continue
+                if length != length_of.get(key, 0):
+                    cork.release()
+                    length = length_of.get(key, 0)
                 candles = self._decoded(key, series_id, entries, candle_of)
                 for run in self.cursors.runs(series_id, candles):
                     if run.gap is not None:
@@ -413,7 +422,7 @@ class EdgeFeed:
             "edge feed: malformed entry %s in %s (%s); filled from the store", entry_id, key, exc
         )
 
-    def _publish_closed(self, sink: MarketSink, series_id: str, candles: Sequence[Candle]) -> None:
+    def _publish_closed(self, sink: EdgeSink, series_id: str, candles: Sequence[Candle]) -> None:
         if candles:
             self._counts["candles"] += len(candles)
             sink.publish_closed(series_id, candles)
@@ -422,11 +431,11 @@ class EdgeFeed:
             self._counts["forming"] += 1
             sink.publish_forming(series_id, forming)
 
-    def _publish_system(self, sink: MarketSink, event: SystemEvent) -> None:
+    def _publish_system(self, sink: EdgeSink, event: SystemEvent) -> None:
         self._counts["events"] += 1
         sink.publish_system(event)
 
-    async def _fill_candle_gap(self, gap: CandleGap, sink: MarketSink) -> None:
+    async def _fill_candle_gap(self, gap: CandleGap, sink: EdgeSink) -> None:
         """Read the hole from the store, page by page, until it gives nothing new."""
         sid = gap.series_id
         timeframe = self.cursors.timeframe(sid)
@@ -448,7 +457,7 @@ class EdgeFeed:
             self._counts["filled_candles"] += len(filled)
             self._publish_closed(sink, sid, filled)
 
-    async def _fill_event_gap(self, gap: EventGap, sink: MarketSink) -> None:
+    async def _fill_event_gap(self, gap: EventGap, sink: EdgeSink) -> None:
         if gap.before is not None:
             self._counts["event_gaps"] += 1
         while True:
@@ -465,7 +474,7 @@ class EdgeFeed:
 
     # --- forming -----------------------------------------------------------------------
 
-    async def _read_forming(self, client: coredis.Redis[bytes], sink: MarketSink) -> None:
+    async def _read_forming(self, client: coredis.Redis[bytes], sink: EdgeSink) -> None:
         async with client.pubsub(
             channels=[self.settings.keys.forming], retry_policy=None, ignore_subscribe_messages=True
         ) as pubsub:

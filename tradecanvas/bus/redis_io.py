@@ -18,7 +18,9 @@ import anyio
 import attrs
 import coredis
 import trio
+from coredis.commands.constants import CommandName
 from coredis.exceptions import RedisError, ResponseError
+from coredis.response._callbacks import NoopCallback
 from coredis.retry import NoRetryPolicy
 
 from tradecanvas.errors import find_in_group
@@ -48,6 +50,16 @@ class BusHealth:
     connected: bool
     last_error: str | None
     backlog: int
+
+
+_AS_SENT: Final = NoopCallback[object]()
+
+
+async def as_sent(
+    client: coredis.Redis[bytes], command: CommandName, *args: str | bytes | int
+) -> object:
+    """``command`` with ``args``, answered as Redis sent it (no coredis conversion)."""
+    return await client.create_request(command, *args, callback=_AS_SENT)
 
 
 def open_redis(url: str) -> coredis.Redis[bytes]:

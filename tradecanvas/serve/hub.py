@@ -188,6 +188,9 @@ class Hub:
         """The attached connections, oldest first."""
         return tuple(self._attached)
 
+    def follows(self, series_id: str) -> bool:  # bus/feed.py decodes only what one follows
+        return series_id in self._index  # any subscriber holds a subscription to it
+
     async def wait_subscribers(self, count: int) -> None:
         """Wait until exactly ``count`` connections are attached (tests, readiness probes)."""
         while len(self._attached) != count:
