@@ -68,6 +68,7 @@ PURE_MODULES: Final = (
     "tradecanvas.bus.cursors",
     "tradecanvas.bus.lease",
     "tradecanvas.bus.replies",
+    "tradecanvas.bus.outage_log",
 )
 IO_LIBRARIES: Final = (
     "trio",

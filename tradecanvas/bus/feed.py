@@ -53,6 +53,7 @@ from tradecanvas.bus.cork import HeldCork
 from tradecanvas.bus.cursors import CandleGap, EdgeCursors, EventGap
 from tradecanvas.bus.ids import StreamId, StreamKeys
 from tradecanvas.bus.ingest_report import IngestReportWatch
+from tradecanvas.bus.outage_log import OutageLog
 from tradecanvas.bus.redis_io import BusHealth, as_sent, describe, reconnecting
 from tradecanvas.bus.replies import (
     NOTICES_TOP,
@@ -211,20 +212,20 @@ class EdgeFeed:
         body: Callable[[coredis.Redis[bytes], EdgeSink], Awaitable[None]],
         sink: EdgeSink,
     ) -> None:
+        outage = OutageLog(log)
+
         def connected(reconnect: bool) -> None:
             if reconnect:
                 self._counts["reconnects"] += 1
-                log.info(
-                    "edge feed (%s): reconnected to Redis at %s",
-                    name,
-                    url_without_password(self.url),
-                )
+                url, took = url_without_password(self.url), outage.recovered(trio.current_time())
+                log.info("edge feed (%s): reconnected to Redis at %s%s", name, url, took)
             self._set_connected(name, True)
 
         def failed(failure: BaseException) -> None:
             self._last_error = describe(failure)
             self._set_connected(name, False)
-            log.warning("edge feed (%s): Redis failed (%s), retrying", name, self._last_error)
+            line = f"edge feed ({name}): Redis failed ({self._last_error}), retrying"
+            outage.failed(trio.current_time(), line)
 
         # the bodies read until a failure: they never return
         await reconnecting(

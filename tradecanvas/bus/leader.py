@@ -40,6 +40,7 @@ from tradecanvas.bus.lease import (
     fence_allows,
     next_fence,
 )
+from tradecanvas.bus.outage_log import OutageLog
 from tradecanvas.bus.redis_io import describe, failure_or_raise, open_redis
 from tradecanvas.errors import IngestFenced
 from tradecanvas.ops.metrics import Metrics
@@ -109,6 +110,7 @@ class IngestLeader:
         self.store = store
         self.core = LeaseCore(node or node_name(), timing)
         self._connected: bool | None = None  # None: Redis not asked yet
+        self._outage = OutageLog(log)
         self._became_leader = trio.Event()
         registry = metrics.registry
         Gauge(
@@ -182,20 +184,18 @@ class IngestLeader:
                             await self._report(client, ttl)
         except BaseException as exc:
             failure = failure_or_raise(exc)
-            # logged once an outage: the first failure (at start-up too: "stands by" alone
-            # read as if another node held the lease), and while holding it
-            if self._connected is not False or core.leader:
-                log.warning(
-                    "ingest lease: Redis failed (%s); %s",
-                    describe(failure),
-                    "still ingesting (the store's fence guards the writes)"
-                    if core.leader
-                    else "standing by",
-                )
+            # the first failure of an outage (at start-up too: "stands by" alone read as if
+            # another node held the lease), then a summary a minute (OutageLog)
+            doing = "still ingesting (the store's fence guards the writes)"
+            line = f"ingest lease: Redis failed ({describe(failure)}); "
+            self._outage.failed(
+                trio.current_time(), line + (doing if core.leader else "standing by")
+            )
             self._connected = False
             return core.on_failure(trio.current_time())
         if not self._connected:
-            log.info("ingest lease: Redis answers at %s", url_without_password(self.url))
+            took = self._outage.recovered(trio.current_time())
+            log.info("ingest lease: Redis answers at %s%s", url_without_password(self.url), took)
         self._connected = True
         now = trio.current_time()
         if core.leader:

@@ -48,6 +48,7 @@ from tradecanvas.bus.ids import (
     candle_entry_id,
     event_entry_id,
 )
+from tradecanvas.bus.outage_log import OutageLog
 from tradecanvas.bus.outbox import (
     DEFAULT_MAX_BACKLOG,
     Answer,
@@ -200,6 +201,7 @@ class BusPublisher:
         self._closing = False
         self._batches = 0
         self._reconnects = 0
+        self._outage = OutageLog(log)
         self._events_without_id = 0
 
     # --- the sink (pipeline.MarketSink) ------------------------------------------------
@@ -296,17 +298,21 @@ class BusPublisher:
     def _on_connected(self, reconnect: bool) -> None:
         if reconnect:
             self._reconnects += 1
-            log.info("bus publisher: reconnected to Redis at %s", url_without_password(self.url))
+            log.info(
+                "bus publisher: reconnected to Redis at %s%s",
+                url_without_password(self.url),
+                self._outage.recovered(trio.current_time()),
+            )
         self._set_connected(True)
 
     def _on_failure(self, failure: BaseException) -> None:
         self._last_error = describe(failure)
         self._set_connected(False)
-        log.warning(
-            "bus publisher: Redis failed (%s); %d entries wait, retrying",
-            self._last_error,
-            self._outbox.backlog,
+        line = (
+            f"bus publisher: Redis failed ({self._last_error});"
+            f" {self._outbox.backlog} entries wait, retrying"
         )
+        self._outage.failed(trio.current_time(), line)
 
     async def _send_until_closed(self, client: coredis.Redis[bytes]) -> None:
         while True:

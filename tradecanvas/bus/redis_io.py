@@ -116,6 +116,8 @@ def failure_or_raise(exc: BaseException) -> BaseException:
 
 
 def describe(exc: BaseException) -> str:
+    if isinstance(exc, trio.TooSlowError):  # a command's deadline (command_timeout_s)
+        return "no answer in time (TooSlowError)"
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
