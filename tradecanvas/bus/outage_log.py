@@ -13,6 +13,8 @@ from __future__ import annotations
 import logging
 from typing import Final, final
 
+from tradecanvas.ops.logs import ThrottledCount
+
 # while an outage lasts: one WARNING summary this often at most
 SUMMARY_EVERY_S: Final = 60.0
 
@@ -21,13 +23,13 @@ SUMMARY_EVERY_S: Final = 60.0
 class OutageLog:
     """The log lines of one component's outages (see the module docstring)."""
 
-    __slots__ = ("_attempts", "_last_line", "_logger", "_since")
+    __slots__ = ("_attempts", "_lines", "_logger", "_since")
 
     def __init__(self, logger: logging.Logger) -> None:
         self._logger = logger
         self._since: float | None = None  # when the outage began (None: no outage)
         self._attempts = 0
-        self._last_line = 0.0
+        self._lines = ThrottledCount(SUMMARY_EVERY_S)  # the first failure, then one a minute
 
     @property
     def ongoing(self) -> bool:
@@ -36,20 +38,20 @@ class OutageLog:
     def failed(self, now: float, line: str) -> None:
         """An attempt failed at ``now``; ``line`` says so (the first is logged as it is)."""
         if self._since is None:
-            self._since, self._attempts, self._last_line = now, 1, now
-            self._logger.warning("%s", line)
-            return
+            self._since, self._attempts = now, 0
+            self._lines = ThrottledCount(SUMMARY_EVERY_S)
         self._attempts += 1
-        if now - self._last_line >= SUMMARY_EVERY_S:
-            self._last_line = now
+        if self._lines.add(now) is None:
+            self._logger.debug("%s", line)
+        elif self._attempts == 1:
+            self._logger.warning("%s", line)
+        else:
             self._logger.warning(
                 "%s (still failing: %d attempts in %.0f s)",
                 line,
                 self._attempts,
                 now - self._since,
             )
-        else:
-            self._logger.debug("%s", line)
 
     def recovered(self, now: float) -> str:
         """The outage is over at ``now``: what the reconnect line adds (empty: none was
