@@ -77,11 +77,18 @@ def archive_server(root: Path) -> Iterator[tuple[str, type[_Handler]]]:
         (_Handler,),
         {"requests": [], "queued": {}, "__init__": _init_for(root)},
     )
+    with serving(handler) as url:
+        yield url, handler
+
+
+@contextlib.contextmanager
+def serving(handler: type[http.server.BaseHTTPRequestHandler]) -> Iterator[str]:
+    """A threaded HTTP server of ``handler`` on 127.0.0.1, port 0; yields its URL."""
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", handler
+        yield f"http://127.0.0.1:{server.server_address[1]}"
     finally:
         server.shutdown()
         server.server_close()

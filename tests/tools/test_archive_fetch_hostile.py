@@ -8,7 +8,6 @@ import contextlib
 import gzip
 import http.server
 import os
-import threading
 from collections.abc import Callable, Iterator
 from datetime import date
 from pathlib import Path
@@ -22,6 +21,7 @@ from tests.tools.test_archive_fetch import (
     archive_server,
     fetch,
     run_fetch,
+    serving,
     shared_spot,
     spot_days,
 )
@@ -119,15 +119,8 @@ def endless_server(
     handler = type(
         "Endless", (_Endless,), {"files": files, "sent": [], "asked": [], "gzipped": gzipped}
     )
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", handler
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
+    with serving(handler) as url:
+        yield url, handler
 
 
 def real_file(suffix: str) -> bytes:
