@@ -164,9 +164,12 @@ class StoreInUse(StoreError):
     """Another daemon ingests into this store (it holds the store's single-writer lock):
     this one does not start (exit 3; systemd tries again, so a daemon started while the old
     one still stops comes up once it is gone). ``running``: lost while the daemon ran (a
-    PostgreSQL restart ended its session and another daemon took the lock meanwhile)."""
+    PostgreSQL restart ended its session and another daemon took the lock meanwhile).
+    ``quiet_s``: PostgreSQL, how long the holder's session has run no statement (a running
+    daemon checks its lock every 2 s; None when not known)."""
 
     running = False
+    quiet_s: float | None = None
 
 
 class StoreTooNew(StoreError):

@@ -90,7 +90,7 @@ from tradecanvas.store.types import (
     UpsertOutcome,
 )
 from tradecanvas.store.window import WindowReads
-from tradecanvas.store.writer_lock import PgServeLock
+from tradecanvas.store.writer_lock import PgServeLock, take_pg_serve_lock
 from tradecanvas.upstream.backoff import Backoff
 
 log = logging.getLogger(__name__)
@@ -192,16 +192,13 @@ class PostgresStore(WindowReads):
         """Connect, apply the migrations, and return the open store. ``lock``: take serve's
         lock first (``store/writer_lock.py``; StoreInUse when another daemon holds it)."""
 
-        def _open() -> tuple[ConnectionPool[Conn], SchemaChange, PgServeLock | None]:
-            held = PgServeLock.take(url) if lock else None
-            try:
-                return (*_open_pool(url, pool_size), held)
-            except BaseException:
-                if held is not None:
-                    held.close()
-                raise
-
-        pool, change, held = await trio.to_thread.run_sync(_open)
+        held = await take_pg_serve_lock(url) if lock else None
+        try:
+            pool, change = await trio.to_thread.run_sync(_open_pool, url, pool_size)
+        except BaseException:
+            if held is not None:
+                held.close()
+            raise
         store = cls(url, pool, pool_size)
         store.schema, store.lock = change, held
         return store

@@ -24,7 +24,10 @@ migrate-store, fetch-archive) take no lock: they run beside a daemon.
   the server for TCP keepalives of its own (:data:`SERVER_KEEPALIVES`): a host that died
   (power loss, kernel panic, partition) sends no FIN, and without them the server kept its
   session, and the lock, for ``tcp_keepalives_idle`` (often the OS's 2 h), refusing the
-  restarted daemon. Role ``ingest`` on PostgreSQL has the Redis lease and its fencing token
+  restarted daemon. A daemon that starts while a quiet session holds the lock (no
+  statement for :data:`QUIET_HOLDER_S`: its daemon is gone, frozen or still starting) waits
+  up to :data:`HOLDER_GONE_WAIT_S` for the server to end it (:func:`take_pg_serve_lock`).
+  Role ``ingest`` on PostgreSQL has the Redis lease and its fencing token
   instead (docs/distributed.md).
 """
 
@@ -63,6 +66,13 @@ SERVER_KEEPALIVES: Final = {
     "tcp_keepalives_interval": 5,
     "tcp_keepalives_count": 3,
 }
+# a holder whose session ran no statement for this long is taken for gone (a running daemon
+# checks its lock every KEEP_INTERVAL_S): its host died and the server has not noticed yet.
+# serve then waits up to HOLDER_GONE_WAIT_S, the server's keepalives' 25 s and a margin,
+# for the server to end that session, rather than exit 3 at once (systemd's 5 restarts 2 s
+# apart ran out before the session ended, and left the unit failed)
+QUIET_HOLDER_S: Final = 3 * KEEP_INTERVAL_S
+HOLDER_GONE_WAIT_S: Final = 40.0
 # pg_try_advisory_lock is tried again this many times when the holder it lost to was gone
 # by the time it was looked up (its session ended between the two queries)
 TAKE_TRIES: Final = 3
@@ -254,6 +264,7 @@ class PgServeLock:
         self._backend: object = None
         self._backend_start: object = None
         self._lost = False  # an outage was logged (once) and the lock is not held again yet
+        self._quiet_s: float | None = None  # the last holder looked up: its session's quiet
 
     @classmethod
     def take(cls, url: str) -> PgServeLock:
@@ -312,19 +323,21 @@ class PgServeLock:
         conn.close()
         if self._backend_start is not None and session == (self._backend, self._backend_start):
             return False
-        raise StoreInUse(
+        refused = StoreInUse(
             f"candle store {self.where} is in use by another tradecanvas serve of role all"
             f" ({holder}), which holds its serve lock: one such daemon ingests into a"
             " database at a time (several nodes: roles ingest and edge); stop that one first"
         )
+        refused.quiet_s = self._quiet_s
+        raise refused
 
-    @staticmethod
-    def _holder(conn: psycopg.Connection[tuple[object, ...]]) -> tuple[object, str]:
+    def _holder(self, conn: psycopg.Connection[tuple[object, ...]]) -> tuple[object, str]:
         """The holder's session (backend pid, backend_start; None when nobody holds the
-        lock now) and who it is."""
+        lock now) and who it is; how long its session has been quiet goes to ``_quiet_s``."""
         classid, objid = _key_parts(SERVE_LOCK_KEY)
         row = conn.execute(
-            "SELECT l.pid, a.backend_start, a.application_name, a.client_addr::text"
+            "SELECT l.pid, a.backend_start, a.application_name, a.client_addr::text,"
+            " extract(epoch FROM clock_timestamp() - a.state_change)::float8"
             " FROM pg_locks l JOIN pg_stat_activity a USING (pid)"
             " WHERE l.locktype = 'advisory' AND l.granted"
             " AND l.classid = %s AND l.objid = %s AND l.objsubid = 1"
@@ -332,9 +345,13 @@ class PgServeLock:
             (classid, objid),
         ).fetchone()
         if row is None:
+            self._quiet_s = None
             return None, "holder unknown"
-        backend, started, name, addr = row
+        backend, started, name, addr, quiet = row
+        self._quiet_s = quiet if isinstance(quiet, float) else None
         who = f"{name or 'no application_name'} from {addr or 'a local socket'}"
+        if self._quiet_s is not None:
+            who += f", its session quiet for {self._quiet_s:.0f} s"
         return (backend, started), who
 
     @property
@@ -394,3 +411,42 @@ class PgServeLock:
         conn, self._conn = self._conn, None
         if conn is not None:
             conn.close()
+
+
+async def take_pg_serve_lock(
+    url: str, *, quiet_s: float | None = None, wait_s: float | None = None
+) -> PgServeLock:
+    """:meth:`PgServeLock.take`, waiting up to ``wait_s`` when the holder's session has been
+    quiet for ``quiet_s`` or more: a daemon whose host died (its session ends within about
+    25 s of the server's keepalives) or is frozen (never ended: refused after the wait, the
+    message says how to end it). A holder that answers its checks is refused at once.
+    Defaults: :data:`QUIET_HOLDER_S`, :data:`HOLDER_GONE_WAIT_S`."""
+    quiet_s = QUIET_HOLDER_S if quiet_s is None else quiet_s
+    wait_s = HOLDER_GONE_WAIT_S if wait_s is None else wait_s
+    deadline = trio.current_time() + wait_s
+    waiting = False
+    while True:
+        try:
+            return await trio.to_thread.run_sync(PgServeLock.take, url)
+        except StoreInUse as exc:
+            quiet = exc.quiet_s
+            if quiet is None or quiet < quiet_s:
+                raise
+            if trio.current_time() >= deadline:
+                exc.args = (
+                    f"{exc}; waited {wait_s:.0f} s for the server to end that session: if"
+                    " no such daemon runs (frozen, or its host is gone), end it with"
+                    " pg_terminate_backend (docs/operations.md, troubleshooting)",
+                )
+                raise
+            if not waiting:
+                waiting = True
+                log.warning(
+                    "candle store %s: its serve lock is held by a session that ran nothing"
+                    " for %.0f s (a daemon whose host died?); waiting up to %.0f s for the"
+                    " server to end it",
+                    describe_url(url),
+                    quiet,
+                    wait_s,
+                )
+        await trio.sleep(KEEP_INTERVAL_S)
