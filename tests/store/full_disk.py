@@ -76,7 +76,9 @@ async def _filled_store(folder: Path) -> CandleStore:
     for day in range(4):
         await store.upsert(S, list(flat_minutes(T0 + day * 86_400, 1440)), "ws")
     # the WAL copied into the file (as the checkpointer does between live batches): the
-    # next write goes to the WAL's start, into room the file already has
+    # next write goes to the WAL's start, into room the file already has. The store's own
+    # checkpointer may be running one after those writes: a second at once is "busy"
+    assert await trio.to_thread.run_sync(store._checkpointer.wait_idle, 60)
     await trio.to_thread.run_sync(_checkpoint, store.path)
     return store
 
