@@ -96,6 +96,10 @@ class ReferenceCommit:
         dropped_total = 0
         for key, value in batch.meta:
             txn.set_meta(key, value)
+        for series, t in batch.listed:  # a listing, unless a minute below it is stored
+            first = txn.first_time(str(series))
+            if first is None or first >= t:
+                txn.set_meta(f"listed:{series}", str(t))
         absent: dict[SeriesId, list[tuple[int, int]]] = {}
         for series, start, end in batch.absent:
             if end > start:
@@ -176,8 +180,16 @@ class ReferenceCommit:
             if not result.complete and head < end - MINUTE:
                 continue
             before = txn.last_before(source_sid, bucket)
-            if not result.complete and before is None and stored[0].candle.candle_time > bucket:
-                continue
+            first = stored[0].candle.candle_time
+            if not result.complete and before is None and first > bucket:
+                # the history starts inside the bucket: a bar only if the listing does too,
+                # of the source bars from the listing's on
+                listed = txn.get_meta(f"listed:{base}")
+                start = None if listed is None else source.floor(int(listed))
+                if start is None or not bucket <= start <= first:
+                    continue
+                result = derive_parts(bucket, (end - start) // source.seconds, parts, None)
+                assert result is not None
             if before is not None and all(s.candle.volume == 0 for s in stored):
                 result = derive_parts(
                     bucket, parts_in(source, tf, bucket), parts, before.candle.close

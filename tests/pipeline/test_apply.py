@@ -134,7 +134,9 @@ def batches(draw: st.DrawFn) -> IngestBatch:
         start = T0 + 60 * draw(st.integers(0, 130))
         absent.append((draw(symbols), start, max(start + 60, draw(ends))))
     source: Source = draw(st.sampled_from(["ws", "rest"]))
-    return IngestBatch(tuple(pairs), source, absent=tuple(absent))
+    # a listing (right, or wrong: a minute below it stored before or after)
+    listed = ((draw(symbols), T0 + 60 * draw(st.integers(-3, 20))),) if draw(st.booleans()) else ()
+    return IngestBatch(tuple(pairs), source, absent=tuple(absent), listed=listed)
 
 
 @st.composite
@@ -260,10 +262,11 @@ live_kinds = st.sampled_from("tttttttte-")
 def live_scripts(draw: st.DrawFn) -> list[IngestBatch | tuple[str, Candle]]:
     """Live minutes of two series over two hours and more (5m, 15m and 1h boundaries, the
     day's end), one minute a series a batch, now and then a revision of a recent minute or
-    a write by someone else."""
+    a write by someone else; the first minutes are the series' listing or not."""
     steps: list[IngestBatch | tuple[str, Candle]] = []
     sent: dict[int, Candle] = {}  # BTC's live minutes
     first = draw(st.integers(-20, 10))
+    listed = draw(st.booleans())  # the series' first minute is their listing
     for i in range(first, first + draw(st.integers(60, 140))):
         pairs = []
         for symbol in (BTC, ETH):
@@ -272,7 +275,9 @@ def live_scripts(draw: st.DrawFn) -> list[IngestBatch | tuple[str, Candle]]:
                 volume = 0 if kind == "e" else 1 + i % 3
                 pairs.append((symbol, minute(i, 100 + i % 4, volume, i % 7 != 0, 0)))
         if pairs:
-            steps.append(IngestBatch(tuple(pairs), "ws"))
+            listing = tuple((s, c.candle_time) for s, c in pairs) if listed else ()
+            listed = False
+            steps.append(IngestBatch(tuple(pairs), "ws", listed=listing))
             sent.update((c.candle_time, c) for s, c in pairs if s == BTC)
         aside = draw(st.integers(0, 40))
         if aside == 0:  # a revision (other values: live volumes are 0 to 3)

@@ -18,11 +18,13 @@ The fast path of issue 14, the original's rules unchanged (tests hold it to a re
   bucket nobody has seen are read (a live minute reads nothing; a batch of history reads
   nothing it holds itself);
 - the bar before a bucket is looked up only for the buckets that need it (all empty, or
-  incomplete at the start of the store's history).
+  incomplete at the start of the store's history), and the series' listing only for a
+  bucket the store's history starts inside (the rule of one bucket: :mod:`.bars`).
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import operator
 from bisect import bisect_left
@@ -30,6 +32,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Final, final
 
 from tradecanvas.model import MINUTE, Candle, SeriesId, Timeframe
+from tradecanvas.pipeline.bars import bucket_bar, read_listing, record_listings
 from tradecanvas.pipeline.batch import (
     IngestBatch,
     SeriesNames,
@@ -38,7 +41,7 @@ from tradecanvas.pipeline.batch import (
     group_by_series,
     strictly_ascending,
 )
-from tradecanvas.pipeline.derive import aggregate, parts_in, plan_bars
+from tradecanvas.pipeline.derive import plan_bars
 from tradecanvas.pipeline.events import SystemEvent, gap_event, rebuild_events_for
 from tradecanvas.pipeline.levels import (
     DerivationPlan,
@@ -99,6 +102,7 @@ class BatchCommit:
         self._grid_only = all(level.length is not None for level in plan.levels)
         self._marks: list[tuple[Level, int, int, bool]] = []
         self._marks_at: int | None = None
+        self._listings: dict[str, int | None] = {}  # by base series (bars.read_listing)
         self.reader = FlushingReader(txn, self.flush)
 
     def commit(self, batch: IngestBatch) -> tuple[list[SeriesUpdate], list[SystemEvent], int]:
@@ -111,6 +115,8 @@ class BatchCommit:
         dropped_total = 0
         for key, value in batch.meta:
             txn.set_meta(key, value)
+        if batch.listed:
+            record_listings(txn, batch.listed)
         absent: dict[SeriesId, list[tuple[int, int]]] = {}
         for series, start, end in batch.absent:
             if end > start:
@@ -347,6 +353,8 @@ class BatchCommit:
         self._touched[sid] = series
         derived: list[tuple[Candle, bool]] = []
         runs: list[tuple[int, int]] = []  # the [start, end) of each run of buckets with bars
+        before_of = functools.partial(self.recent.last_before, self.reader, source_sid)
+        listing_of = functools.partial(self._listing, base_sid)
         step = max(1, SOURCE_BARS_PER_STEP * source.seconds // tf.seconds)
         long = len(buckets) > step
         for run in bucket_runs(level, buckets, step):
@@ -365,7 +373,9 @@ class BatchCommit:
                 j = bisect_left(times, end, i)
                 if j > i:
                     complete = all_complete or all(map(_complete_of, rows[i:j]))
-                    bar = self._bar(source_sid, level, bucket, end, parts[i:j], complete, head)
+                    bar = bucket_bar(
+                        level, bucket, end, parts[i:j], complete, head, before_of, listing_of
+                    )
                     if bar is not None:
                         derived.append(bar)
                 i = j
@@ -411,36 +421,11 @@ class BatchCommit:
         update = SeriesUpdate(sid, changed, derived=True, revised=revised) if changed else None
         return update, events
 
-    def _bar(
-        self,
-        source_sid: str,
-        level: Level,
-        bucket: int,
-        end: int,
-        candles: Sequence[Candle],
-        all_complete: bool,
-        head: int,
-    ) -> tuple[Candle, bool] | None:
-        """The bar of bucket [``bucket``, ``end``) from its stored source bars (non-empty,
-        ``all_complete``: each stored complete), or None when it is not to be stored (yet)."""
-        expected = level.parts or parts_in(level.source, level.tf, bucket)
-        # the rows are the store's: distinct times, so complete means all there and complete
-        complete = all_complete and len(candles) == expected
-        if not complete and head < end - MINUTE:
-            return None  # still filling; finalised once its last minute is settled
-        all_empty = not any(map(_volume_of, candles))
-        starts_late = candles[0].candle_time > bucket
-        before = None
-        if all_empty or (not complete and starts_late):
-            before = self.recent.last_before(self.reader, source_sid, bucket)
-        if not complete and before is None and starts_late:
-            # the store's history starts inside this bucket (an initial backfill from a
-            # minute that is not bucket-aligned): Binance's bar holds minutes we never
-            # fetched, so a bar from ours would be wrong; leave it out
-            return None
-        # an all-empty bucket is flat at the previous close
-        previous_close = before.candle.close if before is not None and all_empty else None
-        return aggregate(bucket, candles, previous_close), complete
+    def _listing(self, base_sid: str) -> int | None:
+        """The base series' listing minute (:mod:`~tradecanvas.pipeline.bars`), read once."""
+        if base_sid not in self._listings:
+            self._listings[base_sid] = read_listing(self.txn, base_sid)
+        return self._listings[base_sid]
 
     def fingerprint_events(self, series_id: str, previous_head: int | None) -> list[SystemEvent]:
         """Once per series per process: does the store hold it under other settings?"""
@@ -492,7 +477,7 @@ class BatchCommit:
 
 # a StoredCandle's candle and complete, a Candle's time and volume (C calls in derive)
 _candle_of, _complete_of = operator.itemgetter(0), operator.itemgetter(2)
-_time_of, _volume_of = operator.attrgetter("candle_time"), operator.attrgetter("volume")
+_time_of = operator.attrgetter("candle_time")
 _by_order = operator.itemgetter(0)  # of an (order, update) pair
 _NO_BARS: Final[tuple[tuple[int, SeriesUpdate], ...]] = ()
 

@@ -43,6 +43,11 @@ class IngestBatch:
     # ``gap`` events, and settled: a derived bucket whose last minute they cover is
     # finalised (incomplete) in this transaction, with or without a candle above them
     absent: tuple[tuple[SeriesId, int, int], ...] = ()
+    # base series whose first minute at Binance is known, with it: Binance has none before
+    # (an empty store's first REST backfill found nothing earlier — the symbol's listing).
+    # Recorded in the transaction, it gives the series' first derived buckets their bars
+    # as Binance's own first bars of a listing are (pipeline/bars.py)
+    listed: tuple[tuple[SeriesId, int], ...] = ()
 
     @classmethod
     def of(cls, series: SeriesId, candles: Iterable[Candle], source: Source) -> IngestBatch:

@@ -183,10 +183,13 @@ def derive_series(
     *,
     complete_only: bool = True,
     phase: int = 0,
+    listed: int | None = None,
 ) -> list[DerivedCandle]:
     """Derive every bucket of a run of minutes (strictly ascending: distinct times) for tests,
     benchmarks and replays: one pass that cuts the run at bucket ends (a bisection each) and
-    aggregates each piece."""
+    aggregates each piece. ``listed``: the symbol's listing minute (Binance has none before
+    it), at or before the first minute: the bucket holding it is complete with every minute
+    from there, as Binance's first bar of a listing (``pipeline/bars.py``)."""
     result: list[DerivedCandle] = []
     previous_close: Decimal | None = None
     times = [m.candle_time for m in minutes]
@@ -204,7 +207,8 @@ def derive_series(
             bucket = t - (t - offset) % length
             end = bucket + length
         j = bisect.bisect_left(times, end, i + 1)
-        complete = j - i == (end - bucket) // MINUTE
+        start = listed if i == 0 and listed is not None and bucket <= listed <= t else bucket
+        complete = j - i == (end - start) // MINUTE
         piece = minutes[i:j]
         if complete or not complete_only:
             result.append(DerivedCandle(aggregate(bucket, piece, previous_close), complete))

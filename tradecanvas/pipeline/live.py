@@ -43,7 +43,9 @@ def due_bars(
     source bars all known, complete and not all empty — what the long way would make of
     them — or None (take the long way). A level built from 1m takes this series' minutes;
     one built from another derived timeframe takes that timeframe's known bars and the bar
-    made of the same bucket end just before in ``due`` (grids nest: it is due too)."""
+    made of the same bucket end just before in ``due`` (grids nest: it is due too). The
+    bucket a series' listing lies inside has fewer parts than ``level.parts``: the long way
+    gives it its bar (``pipeline/bars.py``), once per listing and timeframe."""
     t = candle.candle_time
     bars: list[tuple[Candle, bool]] = []
     made: dict[int, tuple[str, Candle]] = {}  # by timeframe length: its series, its bar here
