@@ -47,6 +47,7 @@ PURE_MODULES: Final = (
     "tradecanvas.ingest.forming",
     "tradecanvas.ingest.ordering",
     "tradecanvas.ingest.core",
+    "tradecanvas.ingest.outcomes",
     "tradecanvas.ingest.flush_summary",
     "tradecanvas.ingest.minute_ranges",
     "tradecanvas.ingest.behind_head",

@@ -14,7 +14,8 @@ import attrs
 
 from tradecanvas.errors import WireError
 from tradecanvas.ingest.batcher import BatchItem, Holes
-from tradecanvas.ingest.core import FrameOutcome, IngestCore
+from tradecanvas.ingest.core import IngestCore
+from tradecanvas.ingest.outcomes import FrameOutcome
 from tradecanvas.ingest.policy import IngestPolicy
 from tradecanvas.ingest.tracker import FillRequest
 from tradecanvas.model import MINUTE, Candle, SeriesId

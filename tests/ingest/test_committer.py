@@ -19,7 +19,8 @@ from tests.ingest.driver import bar, close_of, forming_of
 from tests.ingest.rig import RecordingHub
 from tradecanvas.ingest.batcher import BatchItem
 from tradecanvas.ingest.committer import BatchCommitter
-from tradecanvas.ingest.core import IngestCore, Malformed
+from tradecanvas.ingest.core import IngestCore
+from tradecanvas.ingest.outcomes import Malformed
 from tradecanvas.ingest.policy import IngestPolicy
 from tradecanvas.ingest.tracker import Released
 from tradecanvas.model import Candle, SeriesId, Timeframe

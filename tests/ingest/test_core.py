@@ -32,7 +32,7 @@ from tests.ingest.driver import (
     overtaken,
     truth_of,
 )
-from tradecanvas.ingest.core import FrameOutcome
+from tradecanvas.ingest.outcomes import FrameOutcome
 from tradecanvas.ingest.policy import IngestPolicy
 from tradecanvas.ingest.tracker import FillRequest
 from tradecanvas.model import Candle, SeriesId, Timeframe

@@ -41,8 +41,9 @@ from tests.ingest.rig import (
 )
 from tests.upstream.test_binance_ws import CLOSE_NOW, ScriptedUpstream, real_time_limit
 from tradecanvas.errors import StoreError
-from tradecanvas.ingest.core import FrameOutcome, IngestCore
+from tradecanvas.ingest.core import IngestCore
 from tradecanvas.ingest.loop import LoopCounters, _IngestLoop
+from tradecanvas.ingest.outcomes import FrameOutcome
 from tradecanvas.ingest.supervisor import IngestSupervisor
 from tradecanvas.ingest.tracker import FillRequest
 from tradecanvas.model import Candle, SeriesId

@@ -118,6 +118,24 @@ def test_minutes_before_an_empty_stores_first_bar_are_not_a_hole() -> None:
     assert tr.take_absent() == ((T0 + 420, T0 + 480),)
 
 
+@pytest.mark.parametrize(
+    ("listing_at", "listing"),
+    [(T0 + 300, T0 + 300), (None, None), (T0 + 360, None)],
+    ids=["rest-says-first", "rest-cannot-say-or-has-earlier", "another-minute"],
+)
+def test_an_empty_stores_first_minute_is_its_listing_only_when_rest_says_so(
+    listing_at: int | None, listing: int | None
+) -> None:
+    """The backfill found nothing before T0+300: a listing when REST said that minute is
+    the series' first at Binance (the loop asks), else a late start."""
+    tr = tracker(head=None, initial=10)
+    tr.on_live_frame(T0 + 600, new_connection=True)
+    request = tr.next_fill(now=0.0)
+    assert request is not None and tr.before_history
+    tr.on_fill_result(request, minutes(T0 + 300, 5), now=0.0, listing_at=listing_at)
+    assert tr.listing == listing and not tr.before_history
+
+
 def test_late_close_is_decided_by_exchange_time_never_wall_clock() -> None:
     tr = tracker()
     bar0 = minutes(T0, 1)[0]

@@ -42,6 +42,7 @@ class BatchItem:
     # candle a retry brought for it; None: no record to write
     holes: Holes | None = None
     absent: tuple[int, int] | None = None
+    listed: bool = False  # the candle is the series' listing (IngestBatch.listed)
 
     @property
     def candle(self) -> Candle | None:
@@ -232,6 +233,7 @@ class MinuteCache:
         self._oldest: dict[SeriesId, int] = {}
         self._versions: dict[SeriesId, int] = {}
         self._first: dict[SeriesId, int] = {}  # the first stored (or queued) minute
+        self._listing: dict[SeriesId, int] = {}  # the first minute at Binance, when known
         self._folds: dict[tuple[SeriesId, Timeframe, int], _Fold] = {}
 
     def add(self, series: SeriesId, candles: Iterable[Candle]) -> None:
@@ -270,6 +272,19 @@ class MinuteCache:
             self._first.pop(series, None)
         else:
             self._first[series] = first
+
+    def set_listing(self, series: SeriesId, listing: int | None) -> None:
+        """The series' listing minute (Binance has none before it), or None."""
+        if listing is None:
+            self._listing.pop(series, None)
+        else:
+            self._listing[series] = listing
+
+    def starts_at_listing(self, series: SeriesId) -> bool:
+        """The history starts at the series' listing: a bucket begun before it is Binance's
+        first bar of the listing, of the minutes there."""
+        listing = self._listing.get(series)
+        return listing is not None and listing == self._first.get(series)
 
     def history_start(self, series: SeriesId) -> int | None:
         """The first minute of ``series`` stored or queued for the store (None: none)."""

@@ -26,8 +26,9 @@ import trio
 
 from tradecanvas.errors import CandleError, PublishError, StoreError
 from tradecanvas.ingest.batcher import BatchItem, Holes, hole_records
-from tradecanvas.ingest.core import IngestCore, Malformed
+from tradecanvas.ingest.core import IngestCore
 from tradecanvas.ingest.flush_summary import FlushSummary
+from tradecanvas.ingest.outcomes import Malformed
 from tradecanvas.ingest.publish import publish_pipeline_result_from_ws
 from tradecanvas.ingest.tracker import IngestSource
 from tradecanvas.model import Candle, SeriesId
@@ -188,6 +189,9 @@ class BatchCommitter:
             source,
             meta,
             absent=tuple((i.series, *i.absent) for i in items if i.absent is not None),
+            listed=tuple(
+                (i.series, c.candle_time) for i in items if i.listed and (c := i.candle) is not None
+            ),
         )
         result = await self.pipeline.run(batch)
         for sid, value in holes.items():

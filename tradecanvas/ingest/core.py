@@ -63,6 +63,14 @@ from tradecanvas.ingest.batcher import BatchItem, ClosedBatcher, FormingThrottle
 from tradecanvas.ingest.behind_head import BehindHead
 from tradecanvas.ingest.forming import derived_forming
 from tradecanvas.ingest.ordering import FormingGate, group_settled
+from tradecanvas.ingest.outcomes import (
+    PLAIN_OUTCOMES,
+    CommitBatch,
+    FillOutcome,
+    FillPlan,
+    FrameOutcome,
+    Malformed,
+)
 from tradecanvas.ingest.policy import IngestPolicy
 from tradecanvas.ingest.tracker import REPAIR_REASONS, FillRequest, Released, SeriesTracker
 from tradecanvas.model import MINUTE, MINUTE_MS, MS, Candle, SeriesId, Timeframe
@@ -72,68 +80,6 @@ from tradecanvas.wire.binance import ControlFrame, KlineEvent, decode_frame
 # the shortest pause before a failed REST fill is asked for again (the backoff's full
 # jitter may draw 0, and a REST that fails at once must not be hammered)
 FILL_RETRY_MIN_S: Final = 0.1
-
-
-@attrs.frozen
-class Malformed:
-    """A frame dropped as malformed: count it under ``reason``; log it when ``first``."""
-
-    reason: str
-    detail: str
-    first: bool  # the first of its kind on this loop
-
-
-@attrs.frozen
-class FrameOutcome:
-    """What one frame asks of the shell."""
-
-    # publish (with forming_updates): the frame's own, or held ones it released
-    forming: tuple[tuple[SeriesId, Candle], ...] = ()
-    malformed: Malformed | None = None
-    wake_fills: bool = False  # the fill task has something new to look at
-    wake_committer: bool = False  # closed candles were queued
-
-
-# the outcomes without forming candles or a malformed frame, shared (FrameOutcome is frozen):
-# most frames end in one, and building one costs a few % of the daemon's CPU at full speed
-_PLAIN_OUTCOMES: Final = {
-    (fills, committer): FrameOutcome(wake_fills=fills, wake_committer=committer)
-    for fills in (False, True)
-    for committer in (False, True)
-}
-
-
-@attrs.frozen
-class FillPlan:
-    """What :meth:`IngestCore.next_fills` decided."""
-
-    start: tuple[tuple[SeriesId, FillRequest], ...]  # fetch these now (marked in flight)
-    wake_at: float  # look again at this monotonic time at the latest (inf: on a wake-up)
-    # held candles committed over their hole because REST kept failing: (series, count)
-    forced: tuple[tuple[SeriesId, int], ...] = ()
-
-
-@attrs.frozen
-class FillOutcome:
-    """What one REST answer released."""
-
-    rest_released: int  # candles from REST queued for commit
-    repaired: int  # of them, closes that did not arrive while connected (late_close, hole)
-    absent: int  # minutes REST confirmed missing at the exchange
-    wake_committer: bool
-    # store these unresolved holes now: a retry settled them and no queued candle of the
-    # series will carry the record (None: nothing to store)
-    save_holes: Holes | None = None
-    # held forming candles that may go out now (publish them with forming_updates)
-    forming: tuple[tuple[SeriesId, Candle], ...] = ()
-
-
-@attrs.frozen
-class CommitBatch:
-    """Closed candles for one ``IngestPipeline.run``, all of one source."""
-
-    items: tuple[BatchItem, ...]
-    wake_fills: bool  # fills paused for the commit backlog may go on once this is taken
 
 
 @final
@@ -207,9 +153,10 @@ class IngestCore:
         first: int | None,
         unresolved: Holes,
         recent: Sequence[Candle],
+        listing: int | None = None,
     ) -> None:
         """The store's state of ``sid``: head, first minute (where its history starts),
-        holes, minutes :attr:`recent_span_s` below the head."""
+        holes, minutes :attr:`recent_span_s` below the head, its recorded listing."""
         self.trackers[sid] = tracker = SeriesTracker(
             head=head,
             initial_backfill=self.initial_backfill,
@@ -219,6 +166,7 @@ class IngestCore:
         )
         self._live[sid.stream_name] = _Live(sid, sid.timeframe.text, tracker)
         self.minutes.start_history(sid, first)
+        self.minutes.set_listing(sid, listing)
         self.minutes.add(sid, recent)
 
     # --- frames --------------------------------------------------------------------------
@@ -235,7 +183,7 @@ class IngestCore:
         if isinstance(decoded, ControlFrame):
             # acks and other events change nothing; serverShutdown was acted on by the
             # connection's reader (upstream.binance_ws)
-            return _PLAIN_OUTCOMES[False, False]
+            return PLAIN_OUTCOMES[False, False]
         live = self._live.get(decoded.stream_name)
         if live is None or decoded.interval != live.interval:
             return FrameOutcome(malformed=self.malformed("unknown_stream", decoded.stream_name))
@@ -275,13 +223,13 @@ class IngestCore:
             self.behind.note(sid, t, tracker.head, received_at)  # a run of old closes: said
             released = tracker.on_closed(candle, now=received_at, received_at=received_at)
             queued = self._enqueue(sid, released, now)
-            return _PLAIN_OUTCOMES[wake_fills or tracker.held_count() > 0, queued]
+            return PLAIN_OUTCOMES[wake_fills or tracker.held_count() > 0, queued]
         head = tracker.head
         if head is None or t > head:  # never a bar already closed
             forming = self._offer_forming(sid, candle, head, received_at)
             if forming:
                 return FrameOutcome(forming=forming, wake_fills=wake_fills)
-        return _PLAIN_OUTCOMES[wake_fills, False]
+        return PLAIN_OUTCOMES[wake_fills, False]
 
     def _offer_forming(
         self, sid: SeriesId, candle: Candle, head: int | None, now: float
@@ -384,14 +332,20 @@ class IngestCore:
         tracker.on_fill_failed(request, now, max(delay, FILL_RETRY_MIN_S))
 
     def on_fill_result(
-        self, sid: SeriesId, request: FillRequest, candles: Iterable[Candle], now: float
+        self,
+        sid: SeriesId,
+        request: FillRequest,
+        candles: Iterable[Candle],
+        now: float,
+        listing_at: int | None = None,
     ) -> FillOutcome:
-        """REST answered ``request`` (from :meth:`next_fills`) with ``candles``."""
+        """REST answered ``request`` (from :meth:`next_fills`) with ``candles``;
+        ``listing_at``: SeriesTracker.on_fill_result's."""
         self._fill_minutes_in_flight -= request.minutes
         tracker = self.trackers[sid]
         absent_before = tracker.absent_minutes
         holes_before = tracker.unresolved
-        released = tracker.on_fill_result(request, candles, now=now)
+        released = tracker.on_fill_result(request, candles, now=now, listing_at=listing_at)
         save_holes = None
         if request.reason == "retry":
             # candles queued before this retry must not store the holes it settled again
@@ -485,7 +439,13 @@ class IngestCore:
         before a retry, which its candles fill). True when anything was queued."""
         tracker = self.trackers[sid]
         holes = tracker.unresolved
-        items = [BatchItem(sid, r, now, holes) for r in released]
+        listing = tracker.listing
+        items = [
+            BatchItem(sid, r, now, holes, listed=r.candle.candle_time == listing) for r in released
+        ]
+        if listing is not None and any(i.listed for i in items):
+            tracker.listing = None  # (committed with its candle)
+            self.minutes.set_listing(sid, listing)
         items += [BatchItem(sid, None, now, holes, run) for run in tracker.take_absent()]
         if not items:
             return False

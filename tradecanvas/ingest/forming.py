@@ -38,6 +38,8 @@ def derived_forming(
     t = candle.candle_time
     history = minutes.history_start(sid)
     first = t if history is None else history
+    if history is not None and minutes.starts_at_listing(sid):
+        first = 0  # the listing's buckets: Binance's bars of the minutes from it on
     for tf in timeframes:
         tf_phase = phase if tf.phased else 0
         if tf_phase is None or tf.floor(t, tf_phase) < first:

@@ -44,11 +44,13 @@ import trio
 
 from tradecanvas.errors import StoreError, UpstreamError, WireError
 from tradecanvas.ingest.committer import BatchCommitter
-from tradecanvas.ingest.core import IngestCore, Malformed
+from tradecanvas.ingest.core import IngestCore
+from tradecanvas.ingest.outcomes import Malformed
 from tradecanvas.ingest.policy import IngestPolicy
 from tradecanvas.ingest.tracker import REPAIR_REASONS, FillRequest
 from tradecanvas.model import MINUTE, Candle, SeriesId
 from tradecanvas.ops.metrics import Metrics
+from tradecanvas.pipeline.bars import listing_key
 from tradecanvas.pipeline.commit import IngestPipeline
 from tradecanvas.pipeline.publish import MarketSink
 from tradecanvas.runtime_flags import RuntimeFlags
@@ -248,7 +250,15 @@ class _IngestLoop:
                 recent = [s.candle for s in await store.range(str(sid), head - span, head + MINUTE)]
                 oldest = await store.since(str(sid), -1, 1)  # where its history starts
                 first = oldest[0].candle_time if oldest else head
-            self.core.load_series(sid, head=head, first=first, unresolved=unresolved, recent=recent)
+            listed = await store.get_meta(listing_key(str(sid))) if head is not None else None
+            self.core.load_series(
+                sid,
+                head=head,
+                first=first,
+                unresolved=unresolved,
+                recent=recent,
+                listing=None if listed is None else int(listed),
+            )
 
     async def _final_flush(self) -> None:
         try:
@@ -380,7 +390,16 @@ class _IngestLoop:
             self.core.on_fill_failed(sid, request, trio.current_time())
             log.warning("%s: REST fill %s failed: %s", sid, request, exc)
             return
-        outcome = self.core.on_fill_result(sid, request, candles, trio.current_time())
+        listing_at = None
+        if (
+            candles
+            and candles[0].candle_time > request.start
+            and self.core.trackers[sid].before_history
+        ):
+            listing_at = await self._listing(sid, candles[0].candle_time)
+        outcome = self.core.on_fill_result(
+            sid, request, candles, trio.current_time(), listing_at=listing_at
+        )
         for forming_sid, candle in outcome.forming:
             self._emit_forming(forming_sid, candle)
         self.counters.held = self.core.held_count()
@@ -408,6 +427,28 @@ class _IngestLoop:
             self._batch_wakeup.set()
         if outcome.save_holes is not None:
             await self.committer.save_holes(sid, outcome.save_holes)
+
+    async def _listing(self, sid: SeriesId, first: int) -> int | None:
+        """``first`` when it is the series' first minute at Binance (its listing: its first
+        derived buckets get Binance's bars of the minutes from it on), None when Binance
+        has earlier ones (an exchange outage where an empty store's backfill began) or
+        cannot say."""
+        try:
+            async with self._fill_limiter:
+                earliest = await self.rest.first_open_time(sid)
+        except (UpstreamError, WireError) as exc:
+            log.warning(
+                "%s: REST cannot say where the history starts (%s): its first buckets above"
+                " %d get no bars",
+                sid,
+                exc,
+                first,
+            )
+            return None
+        if earliest != first:
+            return None
+        log.info("%s: listed at %d (Binance has nothing before it)", sid, first)
+        return first
 
     # --- commit and publish ------------------------------------------------------------
 

@@ -152,6 +152,11 @@ class SeriesTracker:
         # an empty store: minutes absent before the first candle released are before the
         # series' history, not a hole in it
         self._before_history = head is None
+        # the series' first minute at Binance when an empty store's backfill found nothing
+        # before it (its listing): the candle at it is committed as the listing
+        self.listing: int | None = None
+        # a fill's first minute that REST said is the series' first ever (loop: _listing)
+        self._listing_at: int | None = None
         self._recent: OrderedDict[int, Candle] = OrderedDict()
 
     # --- inputs ------------------------------------------------------------------------
@@ -273,17 +278,30 @@ class SeriesTracker:
         self._inflight = request
         return request
 
+    @property
+    def before_history(self) -> bool:
+        """An empty store's series: nothing released yet (minutes absent now are before
+        its history, not a hole in it)."""
+        return self._before_history
+
     def on_fill_result(
-        self, request: FillRequest, candles: Iterable[Candle], *, now: float
+        self,
+        request: FillRequest,
+        candles: Iterable[Candle],
+        *,
+        now: float,
+        listing_at: int | None = None,
     ) -> list[Released]:
         """REST answered ``request``: release what is now in order.
 
         Minutes of the range REST did not return are absent at the exchange, and skipped
         (the hole is real), when REST cannot just be behind (see the class docstring);
-        the rest of the range is asked for again later.
+        the rest of the range is asked for again later. ``listing_at``: the answer's first
+        minute, which REST also said is the series' first at Binance (its listing).
         """
         assert self.head is not None
         self._inflight = None
+        self._listing_at = listing_at
         self.failures = 0
         self.retry_at = 0.0
         in_range = sorted(
@@ -444,6 +462,8 @@ class SeriesTracker:
                 if not self._before_history:  # else no hole: the history starts later
                     self.absent_minutes += (limit - nxt) // MINUTE
                     self._absent_runs.append((nxt, limit))
+                elif limit == self._listing_at:
+                    self.listing = limit  # Binance has nothing before: the listing
                 self.head = limit - MINUTE
                 continue
             break

@@ -288,6 +288,24 @@ class BinanceRestClient:
         rows = decode_rest_klines(response.content, series.timeframe)
         return rows[-1].candle_time if rows else None
 
+    async def first_open_time(self, series: SeriesId) -> int | None:
+        """The open time (seconds) of the oldest ``series`` bar Binance has (one klines
+        call from ``startTime`` 0, ``limit=1``): the series' listing; None when it has none."""
+        market = series.market
+        response = await self._get(
+            market,
+            KLINES_PATH[market],
+            {
+                "symbol": series.rest_symbol,
+                "interval": series.timeframe.text,
+                "startTime": 0,
+                "limit": 1,
+            },
+            weight=klines_weight(market, 1),
+        )
+        rows = decode_rest_klines(response.content, series.timeframe)
+        return rows[0].candle_time if rows else None
+
     async def server_time_ms(self, market: Market) -> int:
         response = await self._get(market, TIME_PATH[market], {}, weight=TIME_WEIGHT)
         doc = decode_wire_json(response.content)
