@@ -160,7 +160,7 @@ class MarketRuntime:
         if self.ingest is not None and (self.leader is None or self.leader.leader):
             checks["upstream_connected"] = self.ingest.upstream_connected()
         if self.bus_publisher is not None:
-            checks["bus_publisher_connected"] = self.bus_publisher.health().connected
+            checks.update(self.bus_publisher.readiness(streams=self.ingest is not None))
         if self.edge_feed is not None:
             checks["bus_feed_connected"] = self.edge_feed.health().connected
         return checks

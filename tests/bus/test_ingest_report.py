@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import trio
 
+from tests.bus.conftest import PrivateRedis
 from tradecanvas.bus.ids import StreamKeys
 from tradecanvas.bus.ingest_report import IngestReport, IngestReportWatch, decode
 from tradecanvas.bus.leader import FencedStore, IngestLeader
@@ -20,6 +21,7 @@ from tradecanvas.bus.redis_io import open_redis
 from tradecanvas.errors import WireError
 from tradecanvas.ops.metrics import Metrics
 from tradecanvas.store.sqlite import CandleStore
+from tradecanvas.wire.bus import MAX_PAYLOAD_BYTES
 
 WAIT_S = 30.0
 
@@ -46,11 +48,22 @@ def test_what_is_not_a_report_is_refused(raw: bytes) -> None:
         decode(raw)
 
 
-def test_the_watch_shows_nothing_until_redis_answered_then_what_it_holds(
+def test_an_oversized_report_is_refused_unparsed() -> None:
+    padded = b'{"node": "a", "upstream_connected": true' + b" " * MAX_PAYLOAD_BYTES + b"}"
+    with pytest.raises(WireError, match="over 65536"):
+        decode(padded)
+
+
+def _unknown(why: str) -> dict[str, Any]:
+    return {"ingest": {"node": None, "upstream_connected": None, "unknown": why}}
+
+
+def test_the_watch_shows_ingest_unknown_until_redis_answered_then_what_it_holds(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     watch = IngestReportWatch("redis://127.0.0.1:1/0", StreamKeys("t:"))
-    assert watch.readyz_fields() == {}  # Redis not read yet: nothing said
+    # /readyz's body has the same fields at every moment: not read yet is said, not left out
+    assert watch.readyz_fields() == _unknown("Redis not read yet")
     watch.set_raw(None)
     assert watch.readyz_fields() == {"ingest": None}  # no node holds the lease
     watch.set_raw(IngestReport("a", False).encode())
@@ -120,3 +133,29 @@ async def test_the_holder_reports_binance_and_the_report_goes_with_the_lease(
             nursery.cancel_scope.cancel()
     finally:
         await store.aclose()
+
+
+async def test_the_watch_says_why_it_knows_nothing_while_redis_is_away(
+    private_redis: PrivateRedis,
+) -> None:
+    """After a Redis failure (a restart) the watch knows nothing until its next read, a
+    backoff later: ``ingest`` is shown unknown with why, not left out of /readyz's body."""
+    await private_redis.start()
+    watch = IngestReportWatch(private_redis.url, StreamKeys("t:"), poll_s=0.02)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(watch.run)
+        with trio.fail_after(WAIT_S):
+            await watch.wait_read()
+        assert watch.readyz_fields() == {"ingest": None}
+        private_redis.stop()
+        with trio.fail_after(WAIT_S):
+            await watch.wait_failed()
+        fields = watch.readyz_fields()
+        assert list(fields) == ["ingest"], fields
+        assert fields["ingest"]["upstream_connected"] is None
+        assert fields["ingest"]["unknown"].startswith("Redis does not answer ("), fields
+        await private_redis.start()
+        with trio.fail_after(WAIT_S):
+            await watch.wait_read()
+        assert watch.readyz_fields() == {"ingest": None}
+        nursery.cancel_scope.cancel()

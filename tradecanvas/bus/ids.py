@@ -5,7 +5,8 @@ Plain data, no I/O.
   time in milliseconds, ``<open_ms>-0``. Redis refuses an XADD whose ID is not above the
   stream's top, so a candle is on a stream at most once and in time order: a refusal means
   "the stream is already past it" (published before, or a backfill below the head, which
-  edges learn from the store like single-process subscribers do).
+  edges learn from the store like single-process subscribers do) — when that top is one a
+  writer of ours made (``bus/refusals.py``: else the stream is blocked, and said so).
 - One events stream, ``{prefix}events``; the entry ID is the event log's ``event_id``,
   ``<event_id>-0``.
 - Forming candles: pub/sub channel ``{prefix}forming`` (at most once).

@@ -29,6 +29,7 @@ from tradecanvas.bus.ids import StreamKeys
 from tradecanvas.bus.redis_io import describe, reconnecting
 from tradecanvas.errors import WireError
 from tradecanvas.upstream.backoff import Backoff
+from tradecanvas.wire.bus import MAX_PAYLOAD_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,10 @@ class IngestReport:
 
 
 def decode(raw: bytes) -> IngestReport:
-    """The report in the key's value; WireError when it is not one."""
+    """The report in the key's value; WireError when it is not one (or over the bus's cap
+    on a payload, unparsed)."""
+    if len(raw) > MAX_PAYLOAD_BYTES:
+        raise WireError("ingest_report", f"{len(raw)} bytes, over {MAX_PAYLOAD_BYTES}")
     try:
         doc = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
@@ -68,9 +72,12 @@ def decode(raw: bytes) -> IngestReport:
 class IngestReportWatch:
     """An edge's copy of the ingest's report, read every :data:`POLL_S` while Redis answers.
 
-    :meth:`readyz_fields` is what ``/readyz`` adds to its body: ``ingest`` = the report, or
-    null when Redis answered that no node reports (none holds the lease); nothing while Redis
-    does not answer (the feed's check, ``bus_feed_connected``, says why)."""
+    :meth:`readyz_fields` is what ``/readyz`` adds to its body, always ``ingest``: the
+    report, null when Redis answered that no node reports (none holds the lease), or — not
+    read yet, or Redis does not answer (until the watch's next read after it is back: its
+    backoff, a few seconds) — ``{"node": null, "upstream_connected": null, "unknown": why}``,
+    so the body's shape does not depend on the moment it is asked (the feed's check,
+    ``bus_feed_connected``, says whether Redis is there)."""
 
     def __init__(self, url: str, keys: StreamKeys, *, poll_s: float = POLL_S) -> None:
         self.url = url
@@ -78,16 +85,23 @@ class IngestReportWatch:
         self.key = keys.ingest_report
         self._report: IngestReport | None = None
         self._known = False
+        self._unknown_why = "Redis not read yet"
         self._bad_logged = False
         self._read = trio.Event()
+        self._failed = trio.Event()
 
     async def wait_read(self) -> None:
         """Until the next read of the key is taken."""
         await self._read.wait()
 
+    async def wait_failed(self) -> None:
+        """Until the next Redis failure of the watch."""
+        await self._failed.wait()
+
     def readyz_fields(self) -> dict[str, Any]:
         if not self._known:
-            return {}
+            why = self._unknown_why
+            return {"ingest": {"node": None, "upstream_connected": None, "unknown": why}}
         return {"ingest": None if self._report is None else self._report.to_json()}
 
     def set_raw(self, raw: bytes | None) -> None:
@@ -119,6 +133,9 @@ class IngestReportWatch:
 
         def failed(failure: BaseException) -> None:
             self._known = False
+            self._unknown_why = f"Redis does not answer ({describe(failure)})"
+            self._failed.set()
+            self._failed = trio.Event()
             log.debug("ingest report: Redis failed (%s), retrying", describe(failure))
 
         task_status.started()

@@ -7,9 +7,12 @@ forming PUBLISHes) and reports each entry's answer back:
 - ``ok``: Redis appended it. ``refused``: Redis said the ID is at or below the stream's top,
   so the stream is already past it — published before (a retry after a lost reply, a
   restarted ingest node, an active-active twin) or a backfill below the head: settled, not an
-  error. ``failed``: any other answer for that entry: dropped and counted (edges fill it from
-  the store by the ID rule); the batch as a whole failing (connection lost) settles nothing
-  and everything is sent again after the reconnect.
+  error. ``blocked``: refused below a stream top no writer of ours made (``bus/refusals.py``):
+  not published, counted; the stream's known top stays, so the next entry is sent (and
+  appended once the stream is repaired). ``failed``: any other answer for that entry:
+  dropped and counted (edges fill it from the store by the ID rule); the batch as a whole
+  failing (connection lost) settles nothing and everything is sent again after the
+  reconnect.
 - An entry at or below what this outbox already knows the stream holds is settled at once.
 - The order of a batch is the order of arrival, except that each stream's own entries are
   put in ascending ID order (in the places its entries hold), so a candle that arrives late
@@ -39,6 +42,9 @@ class Answer(enum.Enum):
     OK = "ok"
     REFUSED = "refused"  # at or below the stream's top: already published
     FAILED = "failed"  # another error for this entry; dropped, edges fill from the store
+    # refused below a foreign top (bus/refusals.py): not published, counted; edges fill it
+    # from the store once the stream takes entries again
+    BLOCKED = "blocked"
 
 
 class Entry(NamedTuple):
@@ -67,6 +73,7 @@ class OutboxStatistics:
     dropped: int
     failed: int
     forming_sent: int
+    blocked: int
 
 
 class Outbox:
@@ -82,6 +89,7 @@ class Outbox:
         # the highest ID each stream is known to hold (appended or refused)
         self._top: dict[str, StreamId] = {}
         self._appended = self._already = self._dropped = self._failed = self._forming_sent = 0
+        self._blocked = 0
 
     def statistics(self) -> OutboxStatistics:
         return OutboxStatistics(
@@ -91,6 +99,7 @@ class Outbox:
             dropped=self._dropped,
             failed=self._failed,
             forming_sent=self._forming_sent,
+            blocked=self._blocked,
         )
 
     @property
@@ -144,6 +153,9 @@ class Outbox:
                 del self._pending[key]
             if answer is Answer.FAILED:
                 self._failed += 1
+                continue
+            if answer is Answer.BLOCKED:
+                self._blocked += 1
                 continue
             if answer is Answer.OK:
                 self._appended += 1

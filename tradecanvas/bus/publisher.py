@@ -12,7 +12,8 @@ notices stream, which is what edges wait on (``bus/ids.py``, ``bus/feed.py``); t
 same pipeline (no MULTI), a PUBLISH per forming candle. One script instead of a pipeline of
 XADDs: coredis's work per command was most of the publisher's CPU (docs/distributed.md,
 "Throughput"), and an edge wakes once per batch. Redis refusing an ID at or below a stream's
-top means "already published".
+top means "already published" when that top is one of ours; a top no writer of ours made
+blocks the stream, which is logged once at ERROR, counted and shown (``bus/refusals.py``).
 
 Faults: a Redis failure (connection refused or lost, a command not answered within
 ``command_timeout_s``) is logged, shown in :meth:`BusPublisher.health`, and followed by a
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import Sequence
 from typing import Final, final
 
@@ -44,9 +46,11 @@ from tradecanvas.bus.ids import (
     NOTICE_ENTRIES_FIELD,
     NOTICE_KEYS_FIELD,
     NOTICE_NUMBER_FIELD,
+    StreamId,
     StreamKeys,
     candle_entry_id,
     event_entry_id,
+    event_id_of,
 )
 from tradecanvas.bus.outage_log import OutageLog
 from tradecanvas.bus.outbox import (
@@ -60,9 +64,15 @@ from tradecanvas.bus.outbox import (
 from tradecanvas.bus.redis_io import (
     XADD_REFUSAL,
     BusHealth,
+    as_sent,
     describe,
+    failure_or_raise,
+    open_redis,
     reconnecting,
 )
+from tradecanvas.bus.refusals import TOP_OF, BlockedStreams, StreamTop, foreign_top
+from tradecanvas.bus.replies import entry_id_of
+from tradecanvas.errors import WireError
 from tradecanvas.model import Candle
 from tradecanvas.pipeline.commit import PipelineResult
 from tradecanvas.pipeline.events import SystemEvent
@@ -90,20 +100,25 @@ DEFAULT_BATCHES_MAXLEN: Final = 200
 DEFAULT_BATCH_MAX: Final = 2_000
 DEFAULT_BACKOFF: Final = Backoff(base_s=0.1, cap_s=5.0)
 DEFAULT_COMMAND_TIMEOUT_S: Final = 10.0
+# how long a node taking the lease over waits for the events stream's last id: its first
+# commits wait for its event tail, which waits for this (published_event_id)
+EVENTS_TOP_TIMEOUT_S: Final = 2.0
 _AS_IS: Final = NoopCallback[object]()
 # One batch's XADDs, run by Redis in one go: KEYS are the streams, then the batch notices
 # stream and its counter; ARGV the series streams' MAXLEN, the events stream's, the notices'
 # and the entries, one string: per entry ``<id>\n<field>\n<payload length>\n<payload>``
 # (the length ends a payload, which may hold any byte; one argument instead of four per
-# entry: coredis's work per argument was most of the publisher's). Per entry: 1 appended, 0
-# refused because the stream is already at or past the ID ("already published"), or the
-# error's text. Each XADD's own error is caught (pcall): one failing entry does not stop the
-# others, as in a pipeline. When anything was appended, one notice goes on the notices
+# entry: coredis's work per argument was most of the publisher's). Per entry: 1 appended,
+# what the stream's top is when it refused the ID as at or below it (bus/refusals.py:
+# already published, or a stream blocked by a foreign ID), or the error's text. Each
+# XADD's own error is caught (pcall): one failing entry does not stop the others, as in a
+# pipeline. When anything was appended, one notice goes on the notices
 # stream in the same script: its number ``n``, the streams appended to (``keys``, one per
 # line), and the entries appended (``entries``: per entry its stream, ID, payload length and
 # payload, joined by newlines), so that an edge that reads the notice has the entries
 # without reading the streams (bus/ids.py).
 _XADD_ALL: Final = """
+TOP_OF
 local answers, moved, seen, carried = {}, {}, {}, {}
 local entries, blob, at = #KEYS - 2, ARGV[4], 1
 for i = 1, entries do
@@ -122,7 +137,7 @@ for i = 1, entries do
   local r = redis.pcall('XADD', KEYS[i], 'MAXLEN', '~', maxlen, id, field, payload)
   if type(r) == 'table' and r.err then
     if string.find(r.err, 'XADD_REFUSAL', 1, true) then
-      answers[i] = 0
+      answers[i] = top_of(KEYS[i])
     else
       answers[i] = r.err
     end
@@ -148,7 +163,8 @@ end
 return answers
 """
 XADD_ALL: Final = (
-    _XADD_ALL.replace("XADD_REFUSAL", XADD_REFUSAL)
+    _XADD_ALL.replace("TOP_OF", TOP_OF)
+    .replace("XADD_REFUSAL", XADD_REFUSAL)
     .replace("NOTICE_NUMBER", NOTICE_NUMBER_FIELD.decode())
     .replace("NOTICE_KEYS", NOTICE_KEYS_FIELD.decode())
     .replace("NOTICE_ENTRIES", NOTICE_ENTRIES_FIELD.decode())
@@ -203,6 +219,7 @@ class BusPublisher:
         self._reconnects = 0
         self._outage = OutageLog(log)
         self._events_without_id = 0
+        self._blocked = BlockedStreams()
 
     # --- the sink (pipeline.MarketSink) ------------------------------------------------
 
@@ -252,6 +269,42 @@ class BusPublisher:
 
     def health(self) -> BusHealth:
         return BusHealth(self._connected, self._last_error, self._outbox.backlog)
+
+    def blocked_streams(self) -> dict[str, StreamId]:
+        """The streams blocked by a foreign top now (``bus/refusals.py``) → that top's ID."""
+        return dict(self._blocked.streams)
+
+    def readiness(self, *, streams: bool) -> dict[str, bool]:
+        """``/readyz``'s checks of the bus publisher: connected to Redis and, with
+        ``streams`` (role ingest: the bus is what it is for), no stream blocked. An edge's
+        publisher carries HTTP writes only: a blocked stream there is logged and counted,
+        but does not take the edge out of its balancer."""
+        checks = {"bus_publisher_connected": self._connected}
+        if streams:
+            checks["bus_streams_writable"] = not self._blocked.streams
+        return checks
+
+    async def published_event_id(self, timeout_s: float = EVENTS_TOP_TIMEOUT_S) -> int | None:
+        """The last event id on the events stream (0: none), asked on a connection of its own;
+        None when Redis does not answer within ``timeout_s`` or the stream's last entry is
+        no event's. An ingest node taking the lease over starts its event-log tail there
+        (``serve/event_tail.py``): what is on the stream, the previous holder published."""
+        events = self.settings.keys.events
+        try:
+            with trio.fail_after(timeout_s):
+                async with open_redis(self.url) as client:
+                    raw = await as_sent(client, CommandName.XREVRANGE, events, "+", "-", "COUNT", 1)
+        except BaseException as exc:
+            failure = describe(failure_or_raise(exc))
+            log.warning("bus publisher: the events stream's last id not read (%s)", failure)
+            return None
+        if not isinstance(raw, list) or not raw:
+            return 0
+        try:
+            return event_id_of(entry_id_of(raw[0]))
+        except WireError as exc:
+            log.warning("bus publisher: the events stream's last entry is no event's (%s)", exc)
+            return None
 
     def statistics(self) -> PublisherStatistics:
         return PublisherStatistics(
@@ -386,11 +439,16 @@ class BusPublisher:
         if not isinstance(answer, list) or len(answer) != len(keys):
             raise TimeoutError("the batch's XADDs were answered for fewer entries than sent")
         answers: list[Answer] = []
+        # per stream, why its top is foreign (None: ours), judged once a batch
+        foreign: dict[str, str | None] = {}
         for entry, one in zip(batch.entries, answer, strict=True):
             if one == 1:
+                self._blocked.appended(entry.stream)
                 answers.append(Answer.OK)
-            elif one == 0:
+            elif one == 0:  # (a refusal without the top: nothing sends that now)
                 answers.append(Answer.REFUSED)
+            elif isinstance(one, list):
+                answers.append(self._refused(entry, one, foreign))
             else:
                 text = one.decode("utf-8", "replace") if isinstance(one, bytes) else str(one)
                 self._last_error = f"XADD refused: {text}"
@@ -399,3 +457,23 @@ class BusPublisher:
                 )
                 answers.append(Answer.FAILED)
         return answers
+
+    def _refused(self, entry: Entry, raw: list[object], foreign: dict[str, str | None]) -> Answer:
+        """An entry refused at or below the stream's top (``raw``: as the script says it):
+        already published, or blocked by a top no writer of ours made (``bus/refusals.py``)."""
+        try:
+            top = StreamTop.parse(raw)
+        except WireError as exc:  # not what the script sends: as another error for it
+            self._last_error = f"XADD refused: {exc}"
+            log.warning("bus publisher: XADD %s %s: %s", entry.stream, entry.entry_id, exc)
+            return Answer.FAILED
+        if top.last_id == entry.entry_id:
+            return Answer.REFUSED
+        stream = entry.stream
+        if stream not in foreign:
+            foreign[stream] = foreign_top(self.settings.keys, stream, top, time.time())
+        why = foreign[stream]
+        if why is None:
+            return Answer.REFUSED
+        self._blocked.blocked(stream, top.last_id, why)
+        return Answer.BLOCKED

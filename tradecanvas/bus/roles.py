@@ -22,6 +22,7 @@ from typing import Final, TypeVar
 
 import orjson
 import trio
+from prometheus_client import Gauge
 
 from tradecanvas.bus.feed import EdgeFeed, FeedSettings
 from tradecanvas.bus.ids import StreamKeys
@@ -204,6 +205,18 @@ def watch_dependencies(
             lambda: float(publisher.health().connected)
         )
         metrics.bus_backlog.set_function(lambda: float(publisher.health().backlog))
+        registry = metrics.registry
+        Gauge(
+            "tradecanvas_bus_blocked_streams",
+            "Streams whose top is an ID no tradecanvas writer made, so Redis refuses every"
+            " entry of them (bus/refusals.py)",
+            registry=registry,
+        ).set_function(lambda: float(len(publisher.blocked_streams())))
+        Gauge(
+            "tradecanvas_bus_blocked_entries",
+            "Entries not published because their stream was blocked (total)",
+            registry=registry,
+        ).set_function(lambda: float(publisher.statistics().outbox.blocked))
     if feed is not None:
         up.labels(dependency="redis_feed").set_function(lambda: float(feed.health().connected))
         metrics.bus_filled_candles.set_function(lambda: float(feed.statistics().filled_candles))

@@ -16,7 +16,12 @@ same store (the SQLite file, or PostgreSQL) publishes them to its subscribers th
   every other process's event, as :class:`SystemEvent`, through the sink (the Hub; on role
   ``ingest`` the bus publisher): each once, in ``event_id`` order. The cursor starts at the
   log's last id when the daemon starts; what was appended while no daemon ran is in the log
-  for ``events_after`` cursors and ``GET /api/market/events``.
+  for ``events_after`` cursors and ``GET /api/market/events``. A sink that knows what is
+  published already (:class:`KnowsPublished`: the bus publisher, whose events stream the
+  previous lease holder wrote) moves the cursor up to that when the tail starts — an ingest
+  node taking the lease over, maybe hours after its own start, does not publish again what
+  the previous holder did — if the log holds that id (else, say a Redis that lost the
+  stream, or an id no event has, it starts where it would have).
 - **Order with its own events.** Event ids are handed out in commit order on both backends
   (SQLite has one writer; PostgreSQL's counter row is locked to the commit). When a write of
   the daemon's own appended events above ids it has not published yet, that write returns
@@ -31,7 +36,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Collection, Mapping, Sequence
-from typing import Final, TypeVar, final
+from typing import Final, Protocol, TypeVar, final, runtime_checkable
 
 import attrs
 import trio
@@ -51,6 +56,14 @@ T = TypeVar("T")
 POLL_INTERVAL_S: Final = 1.0
 # events per read
 PAGE: Final = 1000
+
+
+@runtime_checkable
+class KnowsPublished(Protocol):
+    """A sink that can say up to which event id the log is published already (None: it
+    cannot say now): ``bus.publisher.BusPublisher``."""
+
+    async def published_event_id(self) -> int | None: ...
 
 
 @attrs.frozen
@@ -139,11 +152,33 @@ class EventTail:
         """Publish other processes' events until cancelled. A failed read is logged and
         tried again at the next poll (the write path reports a broken store)."""
         self._running = True
+        async with self._lock:  # the daemon's own writes wait for where the tail starts
+            await self._skip_published()
         await self._catch_up()
         task_status.started()  # caught up with the log as it was
         while True:
             await trio.sleep(self.poll_interval_s)
             await self._catch_up()
+
+    async def _skip_published(self) -> None:
+        """Move the cursor up to what the sink says is published, if the log holds it."""
+        if not isinstance(self.sink, KnowsPublished):
+            return
+        top = await self.sink.published_event_id()
+        if top is None or top <= self.cursor:
+            return
+        try:
+            found = await self.store.events_after(top - 1, limit=1)
+        except StoreError:
+            return  # the catch-up reports it
+        if found and found[0].event_id == top:
+            log.info(
+                "event log tail: events %d..%d are published already; starting after them",
+                self.cursor + 1,
+                top,
+            )
+            self.cursor = top
+            self._own = {i for i in self._own if i > top}
 
     async def _catch_up(self, *, before: int | None = None) -> None:
         """Publish the other processes' events after the cursor (below ``before``)."""
@@ -265,4 +300,12 @@ class OwnWrites(WrappedStore):
         return await self.owner._own_write(self.inner, fn, quick=quick)
 
 
-__all__ = ["PAGE", "POLL_INTERVAL_S", "EventTail", "OwnWrites", "TailStep", "next_step"]
+__all__ = [
+    "PAGE",
+    "POLL_INTERVAL_S",
+    "EventTail",
+    "KnowsPublished",
+    "OwnWrites",
+    "TailStep",
+    "next_step",
+]

@@ -7,6 +7,9 @@ event as a JSON object of its fields, its ``event_id`` included. Every decoder r
 :class:`~tradecanvas.errors.WireError` (reason ``bus``) for anything malformed, and for a
 candle whose values no real bar has (not finite, negative, open or close outside
 [low, high], not on a minute: ``model.candle_problems``): the ingest commits none such.
+A payload over :data:`MAX_PAYLOAD_BYTES` is refused before it is parsed: the bus's own are
+a few hundred bytes, and a huge one (a Redis others can write to) would cost its parse on
+every edge.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ CANDLE_FIELD: Final = b"c"
 EVENT_FIELD: Final = b"e"
 _REASON: Final = "bus"
 ONE_MINUTE: Final = Timeframe.parse("1m")
+# the most a payload may hold: a candle's is about 150 bytes, an event's a few hundred
+MAX_PAYLOAD_BYTES: Final = 64 * 1024
 
 
 class EventLike(Protocol):
@@ -121,6 +126,10 @@ def candle_from_list(raw: object) -> Candle:
 
 
 def _json(raw: bytes | str) -> Any:
+    if len(raw) > MAX_PAYLOAD_BYTES:  # (a str: characters; the bus reads bytes)
+        raise WireError(
+            _REASON, f"payload of {len(raw)} bytes is over the cap of {MAX_PAYLOAD_BYTES}"
+        )
     try:
         return orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
