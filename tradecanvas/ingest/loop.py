@@ -431,19 +431,13 @@ class _IngestLoop:
     async def _listing(self, sid: SeriesId, first: int) -> int | None:
         """``first`` when it is the series' first minute at Binance (its listing: its first
         derived buckets get Binance's bars of the minutes from it on), None when Binance
-        has earlier ones (an exchange outage where an empty store's backfill began) or
-        cannot say."""
+        has earlier ones (an outage where an empty store's backfill began) or cannot say."""
         try:
             async with self._fill_limiter:
                 earliest = await self.rest.first_open_time(sid)
         except (UpstreamError, WireError) as exc:
-            log.warning(
-                "%s: REST cannot say where the history starts (%s): its first buckets above"
-                " %d get no bars",
-                sid,
-                exc,
-                first,
-            )
+            why = "REST cannot say where the history starts"
+            log.warning("%s: %s (%s): no bars for the buckets before %d", sid, why, exc, first)
             return None
         if earliest != first:
             return None
