@@ -25,22 +25,55 @@ SECRET_PARAMETER_WORDS: Final = ("password", "secret", "token")
 _PARAMETER_RE: Final = re.compile(r"[?&]([^=&#?]*)=([^&#]*)")
 
 
-def _secret_spans(url: str) -> list[tuple[int, int]]:
-    """Where ``url``'s secrets are: (start, end) of each, in order, overlaps merged.
+# in text (a log line), what may stand before a URL's password: a user of RFC 3986's
+# characters (and no "/", "[", ":"), and after the "@" that ends it: a host, IPv4 or
+# [IPv6] (libpq: a list of them), with a port or not
+_USER_RE: Final = re.compile(r"(?:[A-Za-z0-9._~!$&()*+,;=-]|%[0-9A-Fa-f]{2})*")
+_HOST_RE: Final = re.compile(
+    r"(?:(?:[A-Za-z0-9-]|%[0-9A-Fa-f]{2})+(?:\.(?:[A-Za-z0-9-]|%[0-9A-Fa-f]{2})+)*\.?"
+    r"|\[[0-9A-Fa-f:.]+\])?(?::[0-9]*)?"
+)
+_HOSTS_RE: Final = re.compile(rf"{_HOST_RE.pattern}(?:,{_HOST_RE.pattern})*")
 
-    The user information ends at the LAST ``@`` before the query (the query starting at
-    the first ``?`` or ``#`` after the first ``/``): a password written without
-    percent-encoding may hold ``@``, ``/``, ``?`` or ``#``, and showing a host too few is
-    better than a password's tail. Its password is what follows its first ``:``.
+
+def _part_end(url: str, start: int) -> int:
+    """Where the URL part at ``start`` ends: its first ``/``, ``?`` or ``#``, else the end."""
+    return min((i for i in (url.find(c, start) for c in "/?#") if i >= 0), default=len(url))
+
+
+def _userinfo_end(url: str, start: int, colon: int, *, in_text: bool) -> int:
+    """Where ``url``'s user information (from ``start``, its first ``:`` at ``colon``) ends:
+    its ``@``, -1 when none.
+
+    An ``@`` in the authority (before the first ``/``, ``?`` or ``#``) is the user
+    information's, and so the LAST one there (a password holding ``@``, unencoded). Past
+    it, an ``@`` may end a password holding ``/``, ``?`` or ``#`` as well as sit in a path
+    or a query (a stream ``btcusdt@kline_1m``, ``?application_name=a@b``): that cannot be
+    told apart, and hiding too much is better than showing a password's tail, so the last
+    one counts — in text only when the user before the ``:`` is one and what follows the
+    ``@`` (to the next ``/``, ``?``, ``#``) is a host with or without a port.
     """
+    authority_end = _part_end(url, start)
+    at = url.rfind("@", colon)
+    while at > colon:
+        if at < authority_end or not in_text:
+            return at
+        host_end = _part_end(url, at)
+        if _USER_RE.fullmatch(url, start, colon) and _HOSTS_RE.fullmatch(url, at + 1, host_end):
+            return at
+        at = url.rfind("@", colon, at)
+    return -1
+
+
+def _secret_spans(url: str, *, in_text: bool = False) -> list[tuple[int, int]]:
+    """Where ``url``'s secrets are: (start, end) of each, in order, overlaps merged. The
+    password is what follows the first ``:`` of the user information
+    (:func:`_userinfo_end`); ``in_text``: a URL found in free text (a log line), which
+    may well hold an ``@`` and no user information."""
     spans: list[tuple[int, int]] = []
     start = url.find("://") + 3 if "://" in url else 0
-    slash, query = url.find("/", start), len(url)
-    if slash >= 0:
-        query = min([url.find(c, slash) for c in "?#" if c in url[slash:]], default=len(url))
-    at = url.rfind("@", start, query)
-    colon = url.find(":", start, at) if at >= 0 else -1
-    if colon >= 0:
+    colon = url.find(":", start)
+    if colon >= 0 and (at := _userinfo_end(url, start, colon, in_text=in_text)) >= 0:
         spans.append((colon + 1, at))
     for found in _PARAMETER_RE.finditer(url, start):
         name = urllib.parse.unquote_plus(found.group(1)).lower()
@@ -55,13 +88,14 @@ def _secret_spans(url: str) -> list[tuple[int, int]]:
     return merged
 
 
-def url_without_password(url: str | None) -> str:
+def url_without_password(url: str | None, *, in_text: bool = False) -> str:
     """``postgresql://user:secret@host/db?sslpassword=x`` as
-    ``postgresql://user:<redacted>@host/db?sslpassword=<redacted>`` (``<unset>`` for None)."""
+    ``postgresql://user:<redacted>@host/db?sslpassword=<redacted>`` (``<unset>`` for None).
+    ``in_text``: a URL found in free text (:func:`_userinfo_end`)."""
     if url is None:
         return "<unset>"
     shown = url
-    for lo, hi in reversed(_secret_spans(url)):
+    for lo, hi in reversed(_secret_spans(url, in_text=in_text)):
         shown = shown[:lo] + REDACTED + shown[hi:]
     return shown
 

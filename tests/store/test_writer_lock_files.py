@@ -169,3 +169,24 @@ async def test_a_store_folder_of_another_user_is_warned_of(
         f"candle store {folder / 'm.sqlite3'}: its folder {folder} is owned by uid {owner},"
         " not this process's (uid "
     )
+
+
+async def test_the_folder_checked_is_the_real_store_files(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Through a symbolic link the store (its lock, -wal and -shm) is in the folder the link
+    leads to: that one was not checked, the link's own was (review rev36)."""
+    shared, safe = tmp_path / "shared", tmp_path / "safe"
+    for folder in (shared, safe):
+        folder.mkdir()
+    shared.chmod(0o777)
+    (safe / "m.sqlite3").symlink_to(shared / "m.sqlite3")
+    with caplog.at_level(logging.WARNING):
+        await (await CandleStore.open(safe / "m.sqlite3")).aclose()
+    said = [r.getMessage() for r in caplog.records if "its folder" in r.getMessage()]
+    assert said == [
+        f"candle store {safe / 'm.sqlite3'}: its folder {shared} is writable by every user"
+        " (mode 0777, no sticky bit): anyone can replace or remove the store's files; chmod"
+        " o-w it"
+    ]
+    assert (shared / "m.sqlite3").is_file() and (safe / "m.sqlite3").is_symlink()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 from collections.abc import Iterator
 from typing import Any, Final
 
@@ -250,3 +251,37 @@ def test_a_session_that_ends_right_after_the_connect_is_tried_again_with_one_war
     monkeypatch.setattr(PgServeLock, "_connect", connect_then_cut)
     a.keep()
     assert len(caplog.records) == 3
+
+
+def test_close_wins_over_a_keep_taking_the_lock_again_on_its_thread(
+    pg_url: str, lock_of: list[PgServeLock], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At shutdown hold() abandons its keep() on the worker thread: one taking the lock
+    again after an outage stored its new connection after close(), a session holding the
+    lock until the process exited (review rev36). And a keep() starting after close()
+    connects no more."""
+    a = PgServeLock.take(pg_url)
+    lock_of.append(a)
+    _terminate(pg_url, a._backend)  # an outage: the next keep() takes the lock again
+    connected, closed = threading.Event(), threading.Event()
+    real = PgServeLock._connect
+    connects: list[int] = []
+
+    def connect_then_wait(self: PgServeLock) -> psycopg.Connection[tuple[object, ...]]:
+        conn = real(self)
+        connects.append(conn.info.backend_pid)
+        connected.set()
+        assert closed.wait(timeout=60)
+        return conn
+
+    monkeypatch.setattr(PgServeLock, "_connect", connect_then_wait)
+    keeper = threading.Thread(target=a.keep)
+    keeper.start()
+    assert connected.wait(timeout=60)
+    a.close()  # the daemon stops while that keep() is on its way
+    closed.set()
+    keeper.join(timeout=60)
+    assert not keeper.is_alive() and not a.held
+    assert not _held_by_someone(pg_url)
+    a.keep()
+    assert len(connects) == 1 and not a.held

@@ -137,3 +137,64 @@ def test_the_partial_file_is_never_anothers(db: Path, tmp_path: Path) -> None:
     code, said = export(db, out)
     assert (code, said) == (ExitCode.OK, f"tradecanvas export: 5 candles of {S}\n")
     assert out.read_text().count("\n") == 5 and victim.read_text() == VICTIM
+
+
+def test_another_users_folder_link_on_the_way_is_not_written_through(
+    db: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only the last name was checked: ``--out EVIL/secret.txt`` with ``EVIL`` another
+    user's link to a private folder followed it (realpath) and replaced the file there."""
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    secret = private / "secret.txt"
+    secret.write_text(VICTIM)
+    evil = tmp_path / "evil"
+    evil.symlink_to(private)
+    owner = another_users(evil, monkeypatch)
+    code, said = export(db, evil / "secret.txt")
+    assert code == ExitCode.STORE_FAILURE
+    assert said.startswith(
+        f"tradecanvas export: --out {evil}/secret.txt: not written through the symbolic link"
+        f" {evil}, owned by uid {owner}, not this process's (uid "
+    )
+    assert secret.read_text() == VICTIM and os.listdir(private) == ["secret.txt"]
+
+
+def test_a_folder_link_in_a_folder_every_user_may_write_is_not_written_through(
+    db: Path, tmp_path: Path
+) -> None:
+    """``/tmp/evil/secret.txt``: a link to a folder in the sticky shared folder, reached
+    through an own link and a ``..`` after it (walked as the kernel walks it)."""
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    secret = private / "secret.txt"
+    secret.write_text(VICTIM)
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (shared / "evil").symlink_to(private)
+    (shared / "sub").mkdir()
+    shared.chmod(0o1777)
+    mine = tmp_path / "mine"
+    mine.symlink_to(shared / "sub")
+    code, said = export(db, mine / ".." / "evil" / "secret.txt")
+    assert code == ExitCode.STORE_FAILURE
+    assert (
+        f"not written through the symbolic link {shared}/evil, in {shared}, a folder every"
+        " user may write" in said
+    )
+    assert secret.read_text() == VICTIM and os.listdir(private) == ["secret.txt"]
+
+
+def test_own_folder_links_on_the_way_are_followed(db: Path, tmp_path: Path) -> None:
+    """Own links in own folders, relative and absolute, with ``..`` after one: the file
+    the kernel's walk reaches is the one replaced, beside it the partial file."""
+    data = tmp_path / "a" / "data"
+    data.mkdir(parents=True)
+    (tmp_path / "a" / "out.csv").write_text("old\n")
+    (tmp_path / "to-data").symlink_to("a/data")  # relative
+    (tmp_path / "abs").symlink_to(tmp_path / "to-data")  # absolute, to a link
+    code, said = export(db, tmp_path / "abs" / ".." / "out.csv")
+    assert (code, said) == (ExitCode.OK, f"tradecanvas export: 5 candles of {S}\n")
+    assert (tmp_path / "a" / "out.csv").read_text().count("\n") == 5
+    assert sorted(os.listdir(tmp_path / "a")) == ["data", "out.csv"]
+    assert not (tmp_path / "out.csv").exists()

@@ -81,7 +81,7 @@ class Redactor:
             if secret in text:
                 text = text.replace(secret, REDACTED)
         if "://" in text:
-            text = _URL_RE.sub(lambda url: url_without_password(url.group()), text)
+            text = _URL_RE.sub(lambda url: url_without_password(url.group(), in_text=True), text)
         return _BEARER_RE.sub(rf"\g<1>{REDACTED}", text)
 
 

@@ -125,8 +125,10 @@ def _open_writer(
     """The writer connection, what its migration did, and the single-writer lock (taken
     with ``lock``, before anything is migrated or written)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    if (exposed := files.exposed_folder(path.parent)) is not None:
-        log.warning("candle store %s: its folder %s %s", path, path.parent, exposed)
+    # the folder of the file ``path`` leads to: the lock and the -wal and -shm files are there
+    folder = Path(os.path.realpath(path)).parent
+    if (exposed := files.exposed_folder(folder)) is not None:
+        log.warning("candle store %s: its folder %s %s", path, folder, exposed)
     # SQLite opens a file it may not write (another owner, chattr +i, a read-only mount)
     # read-only without a word, and the first commit failed instead
     if writes and path.exists() and not os.access(path, os.W_OK):

@@ -40,6 +40,7 @@ import logging
 import os
 import socket
 import stat
+import threading
 from pathlib import Path
 from typing import Any, Final, final
 
@@ -265,6 +266,10 @@ class PgServeLock:
         self._backend_start: object = None
         self._lost = False  # an outage was logged (once) and the lock is not held again yet
         self._quiet_s: float | None = None  # the last holder looked up: its session's quiet
+        # close() wins over a keep() still running on its thread (hold() abandons it at
+        # shutdown): a connection that keep() made is kept only under this lock, not closed
+        self._guard = threading.Lock()
+        self._closed = False
 
     @classmethod
     def take(cls, url: str) -> PgServeLock:
@@ -309,8 +314,13 @@ class PgServeLock:
                     (SERVE_LOCK_KEY,),
                 ).fetchone()
                 if row is not None and row[0] is True:
-                    self._conn, self._backend, self._backend_start = conn, row[1], row[2]
-                    return True
+                    with self._guard:
+                        if not self._closed:
+                            self._conn, self._backend = conn, row[1]
+                            self._backend_start = row[2]
+                            return True
+                    conn.close()  # closed meanwhile: its session would hold the lock on
+                    return False
                 session, holder = self._holder(conn)
                 if session is not None:
                     break
@@ -364,11 +374,15 @@ class PgServeLock:
         session ended at once) is tried again at the next call, with one WARNING for the
         outage. Raises StoreInUse when another daemon took it meanwhile."""
         conn = self._conn
+        if self._stopped():
+            return
         if conn is not None and not conn.closed:
             try:
                 conn.execute("SELECT 1")
                 return
             except psycopg.Error as exc:
+                if self._stopped():  # close() closed it under this call
+                    return
                 self._note_lost(f"its connection broke ({first_line(exc)})")
                 conn.close()
         self._conn = None
@@ -389,6 +403,10 @@ class PgServeLock:
         self._lost = False
         log.warning("candle store %s: serve lock taken again", self.where)
 
+    def _stopped(self) -> bool:
+        """:meth:`close` was called (on another thread, maybe, since the last look)."""
+        return self._closed
+
     def _note_lost(self, why: str) -> None:
         if not self._lost:
             self._lost = True
@@ -407,8 +425,11 @@ class PgServeLock:
             await trio.to_thread.run_sync(self.keep, abandon_on_cancel=True)
 
     def close(self) -> None:
-        """Let go of the lock (ending its session does it)."""
-        conn, self._conn = self._conn, None
+        """Let go of the lock (ending its session does it), for good: a :meth:`keep` still
+        running (abandoned by :meth:`hold`) takes it no more."""
+        with self._guard:
+            self._closed = True
+            conn, self._conn = self._conn, None
         if conn is not None:
             conn.close()
 

@@ -92,3 +92,50 @@ async def test_ctrl_c_during_a_store_outage_returns_without_waiting_for_the_stor
     # a bounded wait for the store, then the event is left owed as after a crash
     assert took < cli.FINISH_AFTER_SIGNAL_S + 10, f"the stopped import waited {took:.0f} s"
     assert "the next import into it logs it" in caplog.text
+
+
+async def test_a_signal_while_the_finish_waits_for_the_store_bounds_that_wait(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    autojump_clock: trio.abc.Clock,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Every file imported, then the store goes away as the owed event is written, and
+    Ctrl-C comes while the finish waits: its deadline was fixed at its start (none, not
+    interrupted then), so it waited the outage out, until a second signal (review: rev36)."""
+    holder: list[_AwayAfterSignal] = []
+
+    class _SignalWhileAway(_AwayAfterSignal):
+        async def write(self, fn: Callable[..., Any], **kw: Any) -> Any:
+            if self.down_until is not None and self.attempts == 0:
+                os.kill(os.getpid(), signal.SIGINT)
+            return await super().write(fn, **kw)
+
+    async def opened(location: Any, **kw: Any) -> Any:
+        holder.append(_SignalWhileAway(await open_store(location, **kw)))
+        return holder[0]
+
+    monkeypatch.setattr(cli, "open_store", opened)
+    finish = ArchiveCommitter.finish
+    finishing_at: list[float] = []
+
+    async def finish_while_away(self: ArchiveCommitter) -> Any:
+        finishing_at.append(trio.current_time())
+        holder[0].down_until = trio.current_time() + OUTAGE_S
+        return await finish(self)
+
+    monkeypatch.setattr(ArchiveCommitter, "finish", finish_while_away)
+    files = plan(real_zips())
+    code, tally, said = await run_import(
+        files,
+        tmp_path / "m.sqlite3",
+        FLAGS.derived_timeframes,
+        FLAGS.derivation_fingerprint(),
+        Progress(io.StringIO(), log=None, verb="import", tty=False),
+        batch=1440,
+    )
+    took = trio.current_time() - finishing_at[0]
+    assert tally.files_done == len(files) and holder[0].attempts >= 1
+    assert took < cli.FINISH_AFTER_SIGNAL_S + 5, f"the finish waited {took:.0f} s"
+    assert "the next import into it logs it" in caplog.text
+    assert code == ExitCode.INTERRUPTED, said

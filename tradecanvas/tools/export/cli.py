@@ -145,19 +145,41 @@ def _link_problem(link: str) -> str | None:
 
 
 def _resolved(path: Path) -> Path:
-    """The file ``--out`` names, following its symbolic links only when each is this
-    process's user's own in a folder no other user may write (raises OutputRefused)."""
-    hop = os.path.abspath(path)
-    for _ in range(40):  # the kernel's own limit of links followed (ELOOP)
-        if not os.path.islink(hop):
-            return Path(os.path.realpath(hop))
+    """The file ``--out`` names, following its symbolic links — the last one and every
+    folder's on the way — only when each is this process's user's own in a folder no
+    other user may write (raises OutputRefused). The path is walked one name at a time
+    (as the kernel does, ``..`` after a link going up from where the link led): nothing
+    is followed unchecked."""
+    left = os.path.join(os.getcwd(), path).split("/")[::-1]  # next name last
+    here, links = "/", 0
+    while left:
+        name = left.pop()
+        if name in ("", "."):
+            continue
+        if name == "..":
+            here = os.path.dirname(here)
+            continue
+        hop = os.path.join(here, name)
+        try:
+            is_link = stat.S_ISLNK(os.lstat(hop).st_mode)
+        except FileNotFoundError:  # the new file (else writing it fails as it should)
+            return Path(os.path.join(hop, *(n for n in reversed(left) if n)))
+        if not is_link:
+            here = hop
+            continue
+        links += 1
+        if links > 40:  # the kernel's own limit of links followed (ELOOP)
+            raise OutputRefused(f"--out {path}: too many levels of symbolic links")
         if (why := _link_problem(hop)) is not None:
             raise OutputRefused(
                 f"--out {path}: not written through the symbolic link {hop}, {why}: give"
                 " the file's own path"
             )
-        hop = os.path.join(os.path.dirname(hop), os.readlink(hop))
-    raise OutputRefused(f"--out {path}: too many levels of symbolic links")
+        target = os.readlink(hop)
+        if target.startswith("/"):
+            here = "/"
+        left.extend(target.split("/")[::-1])
+    return Path(here)
 
 
 @contextlib.contextmanager

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import collections
 import logging
-import math
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -217,14 +216,54 @@ async def _read_ahead(
             await send.send(read)
 
 
-async def _finish(committer: ArchiveCommitter, tally: ImportTally, *, interrupted: bool) -> None:
+@attrs.define
+class _Finishing:
+    """The shielded scope the ``factor.rebuild`` events owed are logged in: bounded to
+    FINISH_AFTER_SIGNAL_S from its start once interrupted, or from the signal when one
+    comes while it waits (a store that is away is not waited out)."""
+
+    scope: trio.CancelScope = attrs.field(factory=lambda: trio.CancelScope(shield=True))
+    started: bool = False
+    signalled: bool = False
+
+    def start(self) -> None:
+        self.started = True
+        if self.signalled:
+            self._bound()
+
+    def signal(self) -> None:
+        self.signalled = True
+        if self.started:
+            self._bound()
+
+    def _bound(self) -> None:
+        self.scope.deadline = min(self.scope.deadline, trio.current_time() + FINISH_AFTER_SIGNAL_S)
+
+
+async def _relay(
+    signalled: trio.CancelScope,
+    work: trio.CancelScope,
+    finishing: _Finishing,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """The first signal (the watcher cancels ``signalled``) stops ``work`` and bounds the
+    finish, also one already waiting for the store."""
+    with signalled:
+        task_status.started()
+        await trio.sleep_forever()
+    work.cancel(reason="interrupted")
+    finishing.signal()
+
+
+async def _finish(committer: ArchiveCommitter, tally: ImportTally, finishing: _Finishing) -> None:
     """Log the ``factor.rebuild`` events owed for what was committed: within
-    FINISH_AFTER_SIGNAL_S once interrupted (a store that is away is not waited out)."""
-    deadline = trio.current_time() + FINISH_AFTER_SIGNAL_S if interrupted else math.inf
-    with trio.CancelScope(shield=True, deadline=deadline) as finishing:
+    FINISH_AFTER_SIGNAL_S of the signal once interrupted (:class:`_Finishing`)."""
+    finishing.start()
+    with finishing.scope:
         finished = await committer.finish()
         tally.events = committer.rebuilds_logged + len(finished)
-    if finishing.cancelled_caught:
+    if finishing.scope.cancelled_caught:
         log.warning(
             "import: the store did not take the factor.rebuild event within %g s of the"
             " signal; the next import into it logs it",
@@ -249,10 +288,11 @@ async def run_import(
         return ExitCode.for_store_error(exc), tally, f"store failure: {exc}"
     caught: list[int] = []
     failure: tuple[ExitCode, str] | None = None
-    work = trio.CancelScope()
+    work, signalled, finishing = trio.CancelScope(), trio.CancelScope(), _Finishing()
     try:
         async with trio.open_nursery() as nursery:
-            await nursery.start(_SIGNALS.watch, work, caught)
+            await nursery.start(_relay, signalled, work, finishing)
+            await nursery.start(_SIGNALS.watch, signalled, caught)
             try:
                 with work:
                     pipeline = IngestPipeline(store, _NoSubscribers(), derived, fingerprint)
@@ -273,8 +313,9 @@ async def run_import(
                         # also when interrupted (Ctrl-C, SIGTERM): what was committed has
                         # changed the history, and its consumers are told now; a crash, or
                         # a store away for longer than FINISH_AFTER_SIGNAL_S after a
-                        # signal, leaves the event owed to the next run
-                        await _finish(committer, tally, interrupted=bool(caught))
+                        # signal (before the finish or while it waits), leaves the event
+                        # owed to the next run
+                        await _finish(committer, tally, finishing)
             except StoreError as exc:
                 failure = (ExitCode.for_store_error(exc), f"store failure: {exc}")
             finally:
