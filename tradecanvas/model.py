@@ -20,6 +20,11 @@ MINUTE: Final = 60  # the base timeframe, in seconds
 CLOCK_SKEW_S: Final = 60
 MINUTE_MS: Final = MINUTE * MS
 DAY: Final = 86_400
+# no real bar's price or volume comes near this: a value at or above it is refused (1e999 is
+# a finite Decimal, but an infinite double: clients got "volume": null), and sums of a
+# month's minutes stay far inside a double's range
+MAX_VALUE: Final = Decimal("1e30")
+MAX_TRADES: Final = 2**53  # (exact in a double, as clients' JSON numbers are)
 
 EXCHANGES: Final = ("binance",)
 MARKETS: Final = ("futures", "spot")
@@ -323,6 +328,10 @@ def candle_problems(candle: Candle, timeframe: Timeframe) -> list[tuple[str, str
             finite = False
     if not finite:
         return problems  # a NaN cannot be compared
+    for name in ("open", "high", "low", "close", "volume"):
+        value = getattr(candle, name)
+        if abs(value) >= MAX_VALUE:
+            problems.append((name, f"{name} {value} is too large (a real bar's are below 1e30)"))
     if candle.high < candle.low:
         problems.append(("high", f"high {candle.high} is below low {candle.low} at {t}"))
     else:
@@ -339,8 +348,12 @@ def candle_problems(candle: Candle, timeframe: Timeframe) -> list[tuple[str, str
         value = getattr(candle, name)
         if value is not None and (not value.is_finite() or value < 0):
             problems.append((name, f"{name} must not be negative, got {value} at {t}"))
+        elif value is not None and value >= MAX_VALUE:
+            problems.append((name, f"{name} {value} is too large (a real bar's are below 1e30)"))
     if candle.trades is not None and candle.trades < 0:
         problems.append(("trades", f"trades must not be negative, got {candle.trades} at {t}"))
+    elif candle.trades is not None and candle.trades > MAX_TRADES:
+        problems.append(("trades", f"trades {candle.trades} is too large at {t}"))
     return problems
 
 
@@ -354,16 +367,16 @@ def plainly_valid(c: Candle) -> bool:
     NaN compares by raising, which counts as False."""
     try:
         return (
-            c.high.is_finite()
-            and c.volume.is_finite()
+            c.high < MAX_VALUE
+            and c.volume < MAX_VALUE
             and _ZERO <= c.low <= c.open <= c.high
             and c.low <= c.close <= c.high
             and c.volume >= _ZERO
-            and (c.trades is None or c.trades >= 0)
+            and (c.trades is None or 0 <= c.trades <= MAX_TRADES)
             # (the extras one by one: a generator per candle cost a fifth of the check)
-            and ((q := c.quote_volume) is None or (q.is_finite() and q >= _ZERO))
-            and ((b := c.taker_buy_base) is None or (b.is_finite() and b >= _ZERO))
-            and ((bq := c.taker_buy_quote) is None or (bq.is_finite() and bq >= _ZERO))
+            and ((q := c.quote_volume) is None or _ZERO <= q < MAX_VALUE)
+            and ((b := c.taker_buy_base) is None or _ZERO <= b < MAX_VALUE)
+            and ((bq := c.taker_buy_quote) is None or _ZERO <= bq < MAX_VALUE)
         )
     except ArithmeticError:
         return False

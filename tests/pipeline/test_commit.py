@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import gc
+import math
 from collections.abc import Sequence
 from decimal import Decimal
 from pathlib import Path
@@ -352,7 +353,10 @@ async def test_a_failed_commit_leaves_nothing_cached(tmp_path: Path) -> None:
 _decimals = st.sampled_from(
     [
         Decimal(x)
-        for x in ("-1", "0", "0.5", "1", "1.0", "2", "9", "NaN", "sNaN", "Infinity", "-Infinity")
+        for x in (
+            *("-1", "0", "0.5", "1", "1.0", "2", "9", "NaN", "sNaN", "Infinity", "-Infinity"),
+            *("9.99e29", "1e30", "1e999"),  # 1e999: a finite Decimal, an infinite double
+        )
     ]
 )
 
@@ -367,7 +371,7 @@ _decimals = st.sampled_from(
         _decimals,
         _decimals,
         st.none() | _decimals,
-        st.none() | st.integers(-1, 3),
+        st.none() | st.integers(-1, 3) | st.sampled_from((2**53, 2**53 + 1, 2**70)),
         st.none() | _decimals,
         st.none() | _decimals,
     )
@@ -379,6 +383,8 @@ def test_the_quick_validity_check_agrees_with_validate_candle(c: Candle) -> None
     except CandleError:
         valid = False
     assert _plainly_valid_minutes([(BTC, c)]) == valid
+    if valid and type(c.candle_time) is int:  # what clients get of a valid one is all numbers
+        assert all(math.isfinite(v) for v in c.to_wire().values())
     # a series not of minutes fails it (run then refuses the batch), as does any bad pair
     assert not _plainly_valid_minutes([(BTC, c), (BTC.with_timeframe(Timeframe.parse("5m")), c)])
     assert _plainly_valid_minutes([(BTC, c), (BTC, c)]) == valid

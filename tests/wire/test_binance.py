@@ -128,6 +128,11 @@ def _kline(**changes: object) -> bytes:
         (_kline(t=60001), "bad_kline_times"),
         (_kline(h="0.5"), "bad_kline_values"),
         (_kline(v="-1"), "bad_kline_values"),
+        # finite Decimals whose doubles are not: clients got "volume": null (soak review)
+        (_kline(v="1e999"), "bad_kline_values"),
+        (_kline(o="1e400", h="1e400", c="1e400"), "bad_kline_values"),
+        (_kline(q="1e30"), "bad_kline_values"),
+        (_kline(n=2**53 + 1), "bad_kline_values"),
         (_kline(i="7x"), "bad_kline_interval"),
     ],
 )
@@ -159,12 +164,14 @@ def _outcome(decode: Callable[[bytes], object], raw: bytes) -> tuple[object, ...
 
 _ODD_DECIMALS: tuple[str, ...] = ("NaN", "sNaN", "-Infinity", "Infinity", "-0", "0", "1e3")
 _ODD_DECIMALS += ("1E-8", " 1", "1_0", "abc", "", "-1", "-0.001", "0.00000000", "1.01000")
+_ODD_DECIMALS += ("1e999", "1e30", "9.99e29", "1e400")  # finite Decimals, some infinite doubles
 plain_decimal_texts = st.decimals(min_value=0, max_value=10**9, places=5).map(str)
 decimal_texts = st.one_of(*[plain_decimal_texts] * 4, st.sampled_from(_ODD_DECIMALS))
 _EDGE_INTEGERS = (-1, 0, -60_000, 1, True, "5", 1.5, None)
 _EDGES: dict[str, tuple[object, ...]] = {
     **{key: (*_ODD_DECIMALS, 1, 1.5, None) for key in "ohlcvqVQ"},
     **{key: _EDGE_INTEGERS for key in "tTn"},
+    "n": (*_EDGE_INTEGERS, 2**53, 2**53 + 1),
     "x": ("true", 1, None, False),
     "i": ("1w", "1M", "3d", "2m", "7x", 5, None),
 }

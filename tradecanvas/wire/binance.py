@@ -27,7 +27,16 @@ import orjson
 from cattrs.gen import make_dict_structure_fn, override
 
 from tradecanvas.errors import CandleError, WireError
-from tradecanvas.model import BINANCE_INTERVALS, MS, Candle, SeriesId, Timeframe, validate_candle
+from tradecanvas.model import (
+    BINANCE_INTERVALS,
+    MAX_TRADES,
+    MAX_VALUE,
+    MS,
+    Candle,
+    SeriesId,
+    Timeframe,
+    validate_candle,
+)
 
 
 class KlineEvent(NamedTuple):
@@ -353,11 +362,12 @@ def _fast_kline_event(doc: object) -> KlineEvent | None:
     # lies between low and high, a finite high and a low that is not signed (-Infinity is)
     # bound them all; is_signed also refuses -0, which the reference accepts (and will)
     if not (
-        high.is_finite()
-        and volume.is_finite()
-        and quote.is_finite()
-        and taker_base.is_finite()
-        and taker_quote.is_finite()
+        high < MAX_VALUE  # (also refuses a NaN and +Infinity; -Infinity is signed)
+        and volume < MAX_VALUE
+        and quote < MAX_VALUE
+        and taker_base < MAX_VALUE
+        and taker_quote < MAX_VALUE
+        and trades <= MAX_TRADES
         and not low.is_signed()
         and not volume.is_signed()
         and not quote.is_signed()
