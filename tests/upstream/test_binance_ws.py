@@ -33,6 +33,7 @@ from tradecanvas.upstream.binance_ws import (
     run_binance_ws_connections,
 )
 from tradecanvas.upstream.plan import SILENT_WARN_AFTER, ConnectionPolicy
+from tradecanvas.upstream.ws_client import MAX_MESSAGE_BYTES
 from tradecanvas.wire.binance import kline_frame
 from tradecanvas.wire.json import dumps
 
@@ -460,3 +461,45 @@ async def test_a_slot_that_got_frames_before_going_stale_blames_no_route(
                 await slot.upstream.connected.wait()
     assert slot.reconnects() == {"stale": SILENT_WARN_AFTER + 1}
     assert not [r for r in caplog.records if "no frame has ever arrived" in r.getMessage()]
+
+
+async def test_a_frame_over_the_size_limit_is_said_to_be_closed_by_this_daemon(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """trio-websocket closes a connection whose frame is over the size limit with 1009: the
+    log line blamed Binance for it ("closed by Binance: … 1009 …")."""
+    send, _receive = trio.open_memory_channel[FrameBurst](10)
+    upstream = ScriptedUpstream()
+    caplog.set_level(logging.INFO, logger="tradecanvas.upstream.binance_ws")
+    with real_time_limit(WAIT_S):
+        async with trio.open_nursery() as nursery:
+            server = await nursery.start(
+                functools.partial(
+                    trio_websocket.serve_websocket,
+                    upstream.handler,
+                    "127.0.0.1",
+                    0,
+                    ssl_context=None,
+                )
+            )
+            port = server.port
+            nursery.start_soon(
+                functools.partial(
+                    run_binance_ws_connections,
+                    f"ws://127.0.0.1:{port}/market",
+                    send,
+                    policy=ConnectionPolicy(reconnect_base_s=1.0, reconnect_cap_s=1.0),
+                    stale_timeout_s=3600,
+                    metrics=Metrics(),
+                    counters=ConnectionCounters(),
+                    name="binance futures (1 streams)",
+                )
+            )
+            await upstream.connected.wait()
+            await upstream.send.send("x" * (MAX_MESSAGE_BYTES + 1))
+            await upstream.ended[0].wait()
+            await upstream.connected.wait()  # and it reconnects
+            nursery.cancel_scope.cancel()
+    ended = [r.getMessage() for r in caplog.records if "connection ended" in r.getMessage()]
+    assert len(ended) == 1 and "closed by this daemon: a frame over the size limit" in ended[0]
+    assert "by Binance" not in ended[0]

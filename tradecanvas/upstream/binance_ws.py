@@ -350,7 +350,7 @@ class _ConnectionSlot:
                     try:
                         message = await ws.get_message()
                     except trio_websocket.ConnectionClosed as exc:
-                        return "drop", f"closed by Binance: {exc.reason}"
+                        return "drop", _closed_by(exc.reason)
                     listening_since = now = trio.current_time()
                     if not conn.first_frame.is_set():
                         conn.first_frame.set()
@@ -397,3 +397,11 @@ def _take_queued(ws: trio_websocket.WebSocketConnection, raws: list[str | bytes]
         except (trio.WouldBlock, trio_websocket.ConnectionClosed):
             return False
     return True
+
+
+def _closed_by(reason: trio_websocket.CloseReason | None) -> str:
+    """Who ended the connection, for its log line: 1009 is trio-websocket's own close of a
+    frame over the size limit (Binance sends none), anything else Binance's."""
+    if reason is not None and reason.code == 1009:
+        return f"closed by this daemon: a frame over the size limit ({reason.reason})"
+    return f"closed by Binance: {reason}"
