@@ -121,17 +121,19 @@ class Market:
     def start_serve(self) -> None:
         self.starts += 1
         log = self.tmp_path / f"serve-{self.starts}.log"
-        env = cli_env(
-            TRADE_CANVAS_DB_PATH=str(self.tmp_path / "market.sqlite3"),
-            TRADE_CANVAS_HTTP_PORT=str(self.http_port),
-            TRADE_CANVAS_BINANCE_FUTURES_WS_URL=self.replay_ws,
-            TRADE_CANVAS_BINANCE_FUTURES_REST_URL=self.replay_rest,
-            TRADE_CANVAS_ENABLE_INGEST_WS_PIPELINE_PUBLISH=self.publish,
-            TRADE_CANVAS_INITIAL_BACKFILL_CANDLES="1440",
-            TRADE_CANVAS_DERIVED_TIMEFRAMES="5m,1h",
-            TRADE_CANVAS_INGEST_TOKEN=TOKEN,
-            **self.extra_env,
-        )
+        defaults = {
+            "TRADE_CANVAS_DB_PATH": str(self.tmp_path / "market.sqlite3"),
+            "TRADE_CANVAS_HTTP_PORT": str(self.http_port),
+            "TRADE_CANVAS_BINANCE_FUTURES_WS_URL": self.replay_ws,
+            "TRADE_CANVAS_BINANCE_FUTURES_REST_URL": self.replay_rest,
+            "TRADE_CANVAS_BINANCE_SPOT_WS_URL": self.replay_ws,
+            "TRADE_CANVAS_BINANCE_SPOT_REST_URL": self.replay_rest,
+            "TRADE_CANVAS_ENABLE_INGEST_WS_PIPELINE_PUBLISH": self.publish,
+            "TRADE_CANVAS_INITIAL_BACKFILL_CANDLES": "1440",
+            "TRADE_CANVAS_DERIVED_TIMEFRAMES": "5m,1h",
+            "TRADE_CANVAS_INGEST_TOKEN": TOKEN,
+        }
+        env = cli_env(**(defaults | self.extra_env))  # a test's own settings win
         self.serve = self.stack.enter_context(run_cli(["serve"], env, log))
         ready = wait_for_line(log, r"tradecanvas ready ws=\S+ http=(\S+)", self.serve)
         self.http_url = ready.group(1)
@@ -181,10 +183,10 @@ def _ohlcv(bar: Bar) -> dict[str, str]:
 
 @contextmanager
 def market(
-    tmp_path: Path, data: Path, *replay_args: str, publish: str = "1", **serve_env: str
+    tmp_path: Path, data: Path | str, *replay_args: str, publish: str = "1", **serve_env: str
 ) -> Iterator[Market]:
     """``tradecanvas replay DATA --paused`` and ``tradecanvas serve`` against it (with
-    ``serve_env`` added to its environment)."""
+    ``serve_env`` added to its environment; DATA may be ``SERIES_ID=FILE``)."""
     with ExitStack() as stack:
         replay = stack.enter_context(
             run_cli(
