@@ -102,6 +102,15 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def free_ports() -> tuple[int, int]:
+    """Two distinct loopback ports nobody listens on, found together: the daemon's WS port
+    on 0 could otherwise be given the HTTP port picked a moment before (it was, once)."""
+    with socket.socket() as a, socket.socket() as b:
+        a.bind(("127.0.0.1", 0))
+        b.bind(("127.0.0.1", 0))
+        return int(a.getsockname()[1]), int(b.getsockname()[1])
+
+
 @attrs.define
 class Market:
     """A replay and a daemon serving it; ``http_url`` is the page's origin."""
@@ -113,6 +122,7 @@ class Market:
     replay_rest: str
     publish: str
     http_port: int
+    ws_port: int
     extra_env: dict[str, str] = attrs.Factory(dict)
     serve: subprocess.Popen[bytes] | None = None
     http_url: str = ""
@@ -124,6 +134,7 @@ class Market:
         defaults = {
             "TRADE_CANVAS_DB_PATH": str(self.tmp_path / "market.sqlite3"),
             "TRADE_CANVAS_HTTP_PORT": str(self.http_port),
+            "TRADE_CANVAS_WS_PORT": str(self.ws_port),
             "TRADE_CANVAS_BINANCE_FUTURES_WS_URL": self.replay_ws,
             "TRADE_CANVAS_BINANCE_FUTURES_REST_URL": self.replay_rest,
             "TRADE_CANVAS_BINANCE_SPOT_WS_URL": self.replay_ws,
@@ -197,7 +208,14 @@ def market(
         )
         found = wait_for_line(tmp_path / "replay.log", r"replay ws=(\S+) rest=(\S+)", replay)
         m = Market(
-            tmp_path, stack, replay, found.group(1), found.group(2), publish, free_port(), serve_env
+            tmp_path,
+            stack,
+            replay,
+            found.group(1),
+            found.group(2),
+            publish,
+            *free_ports(),
+            serve_env,
         )
         m.start_serve()
         yield m

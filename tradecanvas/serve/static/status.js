@@ -2,7 +2,10 @@
 // loaded before chart.js: the badge's text, title and explanation line, what a screen reader
 // is told of it, and whether the series is fresh.
 //
-// Freshness. The page asks `GET /healthz` every SOURCE_POLL_MS while it is live and shown:
+// Freshness. The page asks `GET /healthz` every SOURCE_POLL_MS while it is live and shown
+// and its series has been quiet for QUIET_ASK_AFTER_MS (a source that delivers needs no
+// asking: a thousand open charts of a trading market send no requests), or the source is
+// not known to be connected:
 // its `upstream` says whether the daemon is connected to Binance (on an edge, what the
 // ingest node holding the lease reports, or that no ingest node runs). So a chart whose
 // source went away says so within seconds (`stale: Binance unreachable`; an empty one
@@ -20,6 +23,7 @@ window.tradecanvasStatus = (page) => {
   const STALE_AFTER_MS = 90_000;
   const FRESHNESS_CHECK_MS = 5_000; // the age's steps
   const SOURCE_POLL_MS = 3_000;
+  const QUIET_ASK_AFTER_MS = 5_000;
   // a /healthz that does not say (blocked by a proxy, an older daemon): asked this seldom
   const SOURCE_BLOCKED_POLL_MS = 60_000;
   const SOURCE_TIMEOUT_MS = 5_000;
@@ -164,6 +168,8 @@ window.tradecanvasStatus = (page) => {
   function poll() {
     if (connState !== "live" || document.visibilityState === "hidden") return;
     if (fresh.blocked && Date.now() - fresh.askedAt < SOURCE_BLOCKED_POLL_MS) return;
+    const delivering = Date.now() - fresh.at < QUIET_ASK_AFTER_MS;
+    if (delivering && fresh.source === "connected") return;
     askUpstream();
   }
   setInterval(poll, SOURCE_POLL_MS);
