@@ -102,6 +102,15 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def free_ports() -> tuple[int, int]:
+    """Two distinct loopback ports nobody listens on, found together: the daemon's WS port
+    on 0 could otherwise be given the HTTP port picked a moment before (it was, once)."""
+    with socket.socket() as a, socket.socket() as b:
+        a.bind(("127.0.0.1", 0))
+        b.bind(("127.0.0.1", 0))
+        return int(a.getsockname()[1]), int(b.getsockname()[1])
+
+
 @attrs.define
 class Market:
     """A replay and a daemon serving it; ``http_url`` is the page's origin."""
@@ -113,6 +122,7 @@ class Market:
     replay_rest: str
     publish: str
     http_port: int
+    ws_port: int
     extra_env: dict[str, str] = attrs.Factory(dict)
     serve: subprocess.Popen[bytes] | None = None
     http_url: str = ""
@@ -121,17 +131,20 @@ class Market:
     def start_serve(self) -> None:
         self.starts += 1
         log = self.tmp_path / f"serve-{self.starts}.log"
-        env = cli_env(
-            TRADE_CANVAS_DB_PATH=str(self.tmp_path / "market.sqlite3"),
-            TRADE_CANVAS_HTTP_PORT=str(self.http_port),
-            TRADE_CANVAS_BINANCE_FUTURES_WS_URL=self.replay_ws,
-            TRADE_CANVAS_BINANCE_FUTURES_REST_URL=self.replay_rest,
-            TRADE_CANVAS_ENABLE_INGEST_WS_PIPELINE_PUBLISH=self.publish,
-            TRADE_CANVAS_INITIAL_BACKFILL_CANDLES="1440",
-            TRADE_CANVAS_DERIVED_TIMEFRAMES="5m,1h",
-            TRADE_CANVAS_INGEST_TOKEN=TOKEN,
-            **self.extra_env,
-        )
+        defaults = {
+            "TRADE_CANVAS_DB_PATH": str(self.tmp_path / "market.sqlite3"),
+            "TRADE_CANVAS_HTTP_PORT": str(self.http_port),
+            "TRADE_CANVAS_WS_PORT": str(self.ws_port),
+            "TRADE_CANVAS_BINANCE_FUTURES_WS_URL": self.replay_ws,
+            "TRADE_CANVAS_BINANCE_FUTURES_REST_URL": self.replay_rest,
+            "TRADE_CANVAS_BINANCE_SPOT_WS_URL": self.replay_ws,
+            "TRADE_CANVAS_BINANCE_SPOT_REST_URL": self.replay_rest,
+            "TRADE_CANVAS_ENABLE_INGEST_WS_PIPELINE_PUBLISH": self.publish,
+            "TRADE_CANVAS_INITIAL_BACKFILL_CANDLES": "1440",
+            "TRADE_CANVAS_DERIVED_TIMEFRAMES": "5m,1h",
+            "TRADE_CANVAS_INGEST_TOKEN": TOKEN,
+        }
+        env = cli_env(**(defaults | self.extra_env))  # a test's own settings win
         self.serve = self.stack.enter_context(run_cli(["serve"], env, log))
         ready = wait_for_line(log, r"tradecanvas ready ws=\S+ http=(\S+)", self.serve)
         self.http_url = ready.group(1)
@@ -181,10 +194,10 @@ def _ohlcv(bar: Bar) -> dict[str, str]:
 
 @contextmanager
 def market(
-    tmp_path: Path, data: Path, *replay_args: str, publish: str = "1", **serve_env: str
+    tmp_path: Path, data: Path | str, *replay_args: str, publish: str = "1", **serve_env: str
 ) -> Iterator[Market]:
     """``tradecanvas replay DATA --paused`` and ``tradecanvas serve`` against it (with
-    ``serve_env`` added to its environment)."""
+    ``serve_env`` added to its environment; DATA may be ``SERIES_ID=FILE``)."""
     with ExitStack() as stack:
         replay = stack.enter_context(
             run_cli(
@@ -195,7 +208,14 @@ def market(
         )
         found = wait_for_line(tmp_path / "replay.log", r"replay ws=(\S+) rest=(\S+)", replay)
         m = Market(
-            tmp_path, stack, replay, found.group(1), found.group(2), publish, free_port(), serve_env
+            tmp_path,
+            stack,
+            replay,
+            found.group(1),
+            found.group(2),
+            publish,
+            *free_ports(),
+            serve_env,
         )
         m.start_serve()
         yield m

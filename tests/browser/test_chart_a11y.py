@@ -104,7 +104,7 @@ def test_the_chart_is_read_and_scrolled_back_from_the_keyboard(
         at -= 1
         _reads(chart, points[at])
         bar = present[-2]
-        assert f"close {bar.close:.2f}" in chart.call(
+        assert f"close {bar.close:.1f}" in chart.call(
             "() => document.getElementById('reading').textContent"
         )
         # back over the newest bars to the hole: the legend says there is no candle there

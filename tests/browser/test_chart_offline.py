@@ -1,7 +1,9 @@
 """The chart page when the daemon is up but cannot reach Binance (``make run`` offline; a
 first-time user's review, docs/chart.md): it said a green ``live`` over an empty chart for
-90 s, then a ``stale`` whose cause was cut off. Now it asks ``/readyz`` when a series is
-shown and while it has no candles, and says why at once, the cause first."""
+90 s, then a ``stale`` whose cause was cut off; and a trader's review: a live chart whose
+source went away stayed a green ``live`` for 94 s. Now it asks ``/healthz`` (its
+``upstream``) when a series is shown and every 3 s while live, and says why within seconds,
+the cause first."""
 
 from __future__ import annotations
 
@@ -63,9 +65,9 @@ def _lose_binance(m: Market) -> None:
     wait_for_line(log, r"connect failed \(\d+\)", m.serve)
 
 
-def _readyz_errors_only(chart: ChartPage) -> None:
-    # the browser reports each of /readyz's 503 answers; nothing else went wrong
-    assert all("503" in e and "/readyz" in e for e in chart.console_errors), chart.console_errors
+def _no_errors(chart: ChartPage) -> None:
+    # /healthz answers 200 whatever it says: the browser reports nothing
+    assert chart.console_errors == []
 
 
 def test_an_empty_chart_whose_daemon_cannot_reach_binance_says_so_at_once(
@@ -85,14 +87,14 @@ def test_an_empty_chart_whose_daemon_cannot_reach_binance_says_so_at_once(
             assert state.get_attribute("aria-label") == "connection: waiting; Binance unreachable"
             assert "not connected to Binance" in (state.get_attribute("title") or "")
             assert chart.call(f"() => {TC}.legend()") == (
-                f"{BASE} — no candles yet; waiting for Binance: not connected (see /readyz)"
+                f"{BASE} — no candles yet: waiting for Binance: the daemon is not connected to it"
             )
-            assert chart.page.locator("#legend").inner_text().endswith("(see /readyz)")
+            assert chart.page.locator("#legend").inner_text().endswith("not connected to it")
             assert chart.call("() => document.getElementById('announce').textContent") == (
                 "connection: waiting; Binance unreachable"
             )
             assert chart.call(WHOLE)
-            _readyz_errors_only(chart)
+            _no_errors(chart)
             chart.screenshot("chart-offline-empty")
 
 
@@ -126,5 +128,29 @@ def test_a_chart_whose_source_is_gone_says_stale_at_load_the_cause_first(
         assert chart.page.locator("#state").get_attribute("aria-label") == (
             "connection: stale; Binance unreachable"
         )
-        _readyz_errors_only(chart)
+        _no_errors(chart)
         chart.screenshot("chart-offline-stale")
+
+
+def test_a_live_chart_whose_source_goes_away_says_so_within_seconds(
+    tmp_path: Path, browser: Browser
+) -> None:
+    """A trader's review: Binance gone, the badge stayed a green ``live`` for 94 s (the page
+    asked /readyz only after 90 s without a message). It polls ``/healthz`` now."""
+    data, bars = trimmed_week(tmp_path, HISTORY + STREAMED)
+    with (
+        market(tmp_path, data, "--start-at", str(HISTORY)) as m,
+        chart_page(browser, m.http_url) as chart,
+    ):
+        m.resume_replay()
+        chart.open(BASE)
+        chart.wait_until(f"(t) => {TC}.lastClosed() === t", bars[-1].time)
+        chart.wait_live()
+        _lose_binance(m)
+        # within seconds (the page asks every 3 s), not after 90 s of a green `live`
+        chart.page.wait_for_function(f"() => {TC}.state() === 'stale'", timeout=12_000)
+        assert chart.call(f"() => {TC}.badge()") == "stale: Binance unreachable"
+        assert any(url.endswith("/healthz") for url in chart.requests)
+        assert not any("/readyz" in url for url in chart.requests)  # kept off public proxies
+        _no_errors(chart)
+        chart.screenshot("chart-source-gone")

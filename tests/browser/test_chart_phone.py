@@ -114,7 +114,7 @@ def test_a_connection_that_died_silently_is_found_and_resumed(
         newer = _next_bar(bars[-1])
         m.ingest(BASE, newer)  # stored meanwhile: the page gets it once it has reconnected
         chart.wait_until(
-            "() => window.badges.some(([b]) => b.startsWith('reconnecting (connection lost'))"
+            "() => window.badges.some(([b]) => b.startsWith('reconnecting: connection lost'))"
         )
         _resumed_from_its_cursors(m, chart, newer)
         assert chart.call(f"{TC}.errors()") == []
@@ -128,7 +128,7 @@ def _checked_before_live(m: Market, chart: ChartPage, newer: Bar) -> None:
     first_live = next(i for i, (text, _) in enumerate(shown) if text == "live")
     texts = [text for text, _ in shown[:first_live]]
     assert texts[0] == "syncing (checking after a pause)", shown
-    assert any(t.startswith("reconnecting (connection lost") for t in texts), shown
+    assert any(t.startswith("reconnecting: connection lost") for t in texts), shown
     assert shown[first_live][1] == newer.time
 
 
@@ -163,7 +163,7 @@ def test_offline_says_so_and_reconnects_as_soon_as_the_network_is_back(
         chart.page.context.set_offline(True)
         proxy.refuse()
         chart.wait_until(f"() => {TC}.state() === 'offline'")
-        assert chart.call(f"() => {TC}.badge()").startswith("offline (")
+        assert chart.call(f"() => {TC}.badge()").startswith("offline: no network · retry ")
         assert chart.call(f"() => {TC}.notice()") == ""  # no operator's hint for a phone
         newer = _next_bar(bars[-1])
         m.ingest(BASE, newer)
@@ -203,7 +203,7 @@ def test_a_phone_shows_the_controls_within_reach_and_the_whole_chart(
         # the longest a badge says: cut short on its line, never a line of its own
         chart.call(
             "() => { document.getElementById('state').textContent ="
-            " 'reconnecting (connection lost: no answer in 10 s; retry 4 in 2.0 s)'; }"
+            " 'reconnecting: connection lost: no answer in 10 s · retry 4 in 2 s'; }"
         )
         got = _layout(chart)
         width, height = got["width"], got["height"]
@@ -259,7 +259,8 @@ def test_a_finger_reads_a_bar_while_held_and_the_newest_once_lifted(
         m.ingest(BASE, later)
         chart.wait_until(f"(t) => {TC}.lastClosed() === t", later.time)
         chart.wait_until(f"() => {shown} === {TC}.legend()")
-        assert f"C {later.close:.2f}" in chart.call(legend)
+        close = chart.call(f"(x) => {TC}.axisPrice(x)", later.close)  # as the axis writes it
+        assert f"C {close}" in chart.call(legend)
         # the badge's explanation is a tap away (a phone shows no tooltip)
         assert chart.page.locator("#why").is_hidden()
         chart.page.locator("#state").tap()

@@ -103,7 +103,7 @@ def test_the_legend_keeps_the_bar_under_the_cursor_while_bars_arrive(
         )
         chart.page.mouse.move(box["x"] + x, box["y"] + box["height"] / 2)
         hovered = chart.call("() => document.getElementById('legend').textContent")
-        assert f"C {past.close:.2f}" in hovered
+        assert f"C {past.close:.1f}" in hovered
         # a new bar arrives (the newest, not hovered): the legend stays on the past bar
         newer = attrs.evolve(bars[-1], time=bars[-1].time + 60, close=bars[-1].close + 1)
         m.ingest(BASE, newer)

@@ -5,7 +5,8 @@ Routes::
     GET  /api/market/candles?series_id=&since=&limit=   read closed candles
     POST /api/market/ingest/candle_closed               the strict write path (bearer token)
     GET  /api/market/series                             served series, head time, freshness
-    GET  /healthz                                       the process is alive
+    GET  /healthz                                       the process is alive (and what it
+                                                        knows of Binance, for the chart page)
     GET  /readyz                                        store open, listeners bound, upstream
     GET  /metrics                                       Prometheus text exposition
     WS   /ws/market                                     the subscriber protocol (``ws_asgi``),
@@ -344,8 +345,29 @@ def build_http_app(
             )
         return JsonResponse({"series": out})
 
+    def upstream() -> str | None:
+        """What this node knows of the market's source, for the chart page (docs/chart.md):
+        ``connected`` / ``disconnected`` (its own Binance connections, or on an edge what the
+        ingest node holding the lease reports), ``no_ingest`` (an edge: no node holds the
+        lease), None when it does not know (a standby, an edge before its first read)."""
+        try:
+            checks, extra = readiness(), about()
+        except Exception:
+            return None  # /readyz logs it
+        connected = checks.get("upstream_connected")
+        if connected is None and "ingest" in extra:
+            report = extra["ingest"]
+            if report is None:
+                return "no_ingest"
+            connected = report.get("upstream_connected")
+        if not isinstance(connected, bool):
+            return None
+        return "connected" if connected else "disconnected"
+
     async def healthz(request: Request) -> Response:
-        return JsonResponse({"status": "ok"})
+        # always 200: a liveness probe; `upstream` is for the chart page, which polls it
+        # (/readyz names the lease holder and is kept off a public proxy)
+        return JsonResponse({"status": "ok", "upstream": upstream()})
 
     async def readyz(request: Request) -> Response:
         checks: dict[str, bool] = {"store_open": not store.closed}

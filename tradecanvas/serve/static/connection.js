@@ -99,16 +99,38 @@ window.tradecanvasConnect = (hooks) => {
     if (answered && answered.kind === "sync" && !syncPending()) hooks.caughtUp();
   }
 
-  function scheduleRetry(why) {
+  // Why a connection closed, in plain words (the badge's cause): the daemon's close codes
+  // (docs/api.md), else the code. An attempt that never opened says why the last one
+  // closed, while that was the daemon stopping or restarting (it is still away)
+  const CLOSED = {
+    1001: "daemon stopped",
+    1006: "connection lost",
+    1008: "refused by the daemon",
+    1011: "daemon error",
+    1012: "daemon restarting",
+    4008: "too slow: the daemon dropped it",
+  };
+  let lastCause = null;
+  function closeCause(code, opened) {
+    if (!opened) {
+      return lastCause === CLOSED[1001] || lastCause === CLOSED[1012]
+        ? lastCause
+        : "cannot reach the daemon";
+    }
+    lastCause = CLOSED[code] || `connection closed (code ${code})`;
+    return lastCause;
+  }
+
+  function scheduleRetry(why, refused = false) {
     conn.attempt += 1;
     const delay = Math.min(T.reconnectMaxMs, T.reconnectMinMs * 2 ** (conn.attempt - 1));
     const offline = navigator.onLine === false;
     hooks.state(
       offline ? "offline" : "reconnecting",
-      `${why}; retry ${conn.attempt} in ${seconds(delay)}`,
+      `${offline ? "no network" : why} · retry ${conn.attempt} in ${seconds(delay)}`,
     );
     if (offline) hooks.notice("");
-    else if (conn.attempt >= 4 && why === "closed 1006") {
+    else if (conn.attempt >= 4 && refused) {
       hooks.notice(
         "cannot reach /ws/market (daemon down, or origin not in TRADE_CANVAS_WS_ALLOWED_ORIGINS)",
       );
@@ -145,8 +167,11 @@ window.tradecanvasConnect = (hooks) => {
     conn.openedAt = Date.now();
     conn.pings = [];
     outbox.length = 0; // what the last connection had not sent: the resubscribe sends it anew
+    let opened = false;
     socket.addEventListener("open", () => {
       if (conn.socket !== socket) return;
+      opened = true;
+      lastCause = null;
       conn.attempt = 0;
       conn.heardAt = Date.now();
       hooks.notice("");
@@ -163,7 +188,7 @@ window.tradecanvasConnect = (hooks) => {
     socket.addEventListener("close", (event) => {
       if (conn.socket !== socket) return;
       drop(socket);
-      scheduleRetry(event.code === 1001 ? "daemon stopped" : `closed ${event.code}`);
+      scheduleRetry(closeCause(event.code, opened), !opened);
     });
     // an error is always followed by close, which reconnects
   }
@@ -193,7 +218,7 @@ window.tradecanvasConnect = (hooks) => {
     if (socket === null) return;
     if (socket.readyState === WebSocket.CONNECTING && now - conn.openedAt > T.connectTimeoutMs) {
       drop(socket);
-      scheduleRetry(`no answer to connect in ${seconds(T.connectTimeoutMs)}`);
+      scheduleRetry(`no answer from the daemon in ${seconds(T.connectTimeoutMs)}`);
       return;
     }
     if (socket.readyState !== WebSocket.OPEN) return;

@@ -1,0 +1,129 @@
+// What the chart page reads and where its view is (docs/chart.md), loaded before chart.js:
+// the bar under the cursor, a finger or chosen from the keyboard (keyboard.js), the
+// crosshair on it, and the scroll back to the newest bars.
+"use strict";
+
+window.tradecanvasReading = (page) => {
+  const $ = (id) => document.getElementById(id);
+  const BAR_SPACING = 6; // px a bar when a series is shown (lightweight-charts' default)
+  const SCROLL_MS = 400; // an animated scroll back to the newest bars
+  const { chart, reducedMotion } = page;
+
+  // a series just loaded: its newest bars at the usual spacing, or, when they don't fill
+  // the width at it (a 1d series of a few days), all of them fitted to it
+  function showNewest() {
+    const scale = chart.timeScale();
+    scale.applyOptions({ barSpacing: BAR_SPACING });
+    if (page.view.bars.length * BAR_SPACING < scale.width()) scale.fitContent();
+    else scrollToNewest();
+  }
+
+  // The newest bars in view, the view following the live bars again: scrolled there in
+  // SCROLL_MS, or at once for a user who asked for less motion. (The library's own animated
+  // scroll, scrollToRealTime, skips its last frame and can stop bars short of the edge.)
+  let scrolling = 0; // the animation frame of a scroll under way
+  function scrollToNewest() {
+    const scale = chart.timeScale();
+    const target = scale.options().rightOffset;
+    const from = scale.scrollPosition();
+    cancelAnimationFrame(scrolling);
+    if (reducedMotion.matches || !(Math.abs(target - from) > 1)) {
+      scale.scrollToPosition(target, false);
+      return;
+    }
+    const start = performance.now();
+    const step = (now) => {
+      const t = Math.min(1, Math.max(0, now - start) / SCROLL_MS);
+      scale.scrollToPosition(from + (target - from) * (1 - (1 - t) ** 3), false);
+      if (t < 1) scrolling = requestAnimationFrame(step);
+    };
+    scrolling = requestAnimationFrame(step);
+  }
+
+  // The bar under the cursor or the finger (null: none, the legend shows the newest). While
+  // the pointer rests, live bars move the bars under it: the crosshair moves without a
+  // `sourceEvent`, and the legend stays on the bar the pointer chose. A finger lifted ends
+  // the reading: the crosshair goes (the library would leave it where the finger was) and
+  // the legend shows the newest bar again, as when the mouse leaves.
+  let hovered = null;
+  let touching = false; // a finger (or pen) is down on the chart
+  let keyed = false; // `hovered` was chosen from the keyboard (keyboard.js)
+  chart.subscribeCrosshairMove((param) => {
+    const moved = param.sourceEvent !== undefined; // by the pointer, not by new bars
+    if (!moved && hovered !== null && (touching || keyed || param.time !== undefined)) return;
+    if (moved) keyed = false;
+    hovered = param.time === undefined ? null : param.time;
+    page.showLegend(hovered);
+  });
+  $("chart").addEventListener("pointerdown", (event) => {
+    touching = event.pointerType !== "mouse";
+    cancelAnimationFrame(scrolling); // the user's own drag wins
+  });
+  // the library blurs what has the focus when the chart is pressed: a click keeps the
+  // chart's keys at hand (no focus ring: it was not the keyboard)
+  $("chart").addEventListener("click", () => $("chart").focus({ preventScroll: true }));
+  const lifted = (event) => {
+    if (event.pointerType === "mouse") return;
+    touching = false;
+    keyed = false;
+    chart.clearCrosshairPosition();
+    hovered = null;
+    page.showLegend(null);
+  };
+  $("chart").addEventListener("pointerup", lifted);
+  $("chart").addEventListener("pointercancel", lifted);
+
+  // the keyboard's reading (keyboard.js): the legend, the crosshair, and the reading in words
+  // for a screen reader
+  function readFromKeys(time) {
+    cancelAnimationFrame(scrolling);
+    keyed = true;
+    hovered = time;
+    page.showLegend(time);
+    placeCrosshair();
+    page.say($("reading"), page.spokenText(time));
+  }
+
+  function backToNewest() {
+    keyed = false;
+    hovered = null;
+    chart.clearCrosshairPosition();
+    page.showLegend(null);
+    scrollToNewest();
+    page.say($("reading"), page.view.bars.length ? `newest bar, ${page.spokenText(null)}` : "");
+  }
+
+  // the crosshair on the point read from the keyboard (again after new bars moved the view)
+  function placeCrosshair() {
+    if (!keyed || hovered === null) return;
+    const bar = page.view.bars.find((b) => b.time === hovered);
+    if (bar) chart.setCrosshairPosition(bar.close, hovered, page.candleSeries);
+    else if (page.gapSeries.data().some((p) => p.time === hovered)) {
+      chart.setCrosshairPosition(0.5, hovered, page.gapSeries); // a hole's slot: its column
+    }
+  }
+
+  // a reading of the series shown before means nothing now
+  function forget() {
+    hovered = null;
+    keyed = false;
+    chart.clearCrosshairPosition();
+  }
+
+  // the time scale's points, ascending: the bars' times and the shaded holes'
+  const timePoints = () =>
+    [
+      ...new Set([...page.view.bars.map((b) => b.time), ...page.gapSeries.data().map((p) => p.time)]),
+    ].sort((a, b) => a - b);
+
+  window.tradecanvasKeyboard($("chart"), {
+    points: timePoints,
+    reading: () => hovered,
+    read: readFromKeys,
+    newest: backToNewest,
+    loadOlder: () => page.loadOlder(),
+    timeScale: () => chart.timeScale(),
+  });
+
+  return { showNewest, hovered: () => hovered, placeCrosshair, forget, BAR_SPACING };
+};
