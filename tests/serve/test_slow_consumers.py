@@ -269,3 +269,61 @@ async def test_a_stuck_client_with_a_large_receive_buffer_is_closed_within_the_s
         times = closed_times(messages)
         assert times == published[: len(times)]
         assert len(times) >= len(published) - 1  # all but one publish racing the close
+
+
+@pytest.mark.parametrize("over", TRANSPORTS)
+async def test_a_pause_of_the_daemon_during_a_blocked_send_closes_no_client(
+    store: CandleStore, over: str, clock: trio.testing.MockClock
+) -> None:
+    """The daemon stopped (SIGSTOP, a frozen VM) for longer than the send timeout while a
+    write to a client was blocked on its full socket: the pause counts against no send
+    either (a trio deadline expired on resuming before the stall watch could tell the
+    pause, and the client was closed with 4008 ``a send took longer than …``)."""
+    async with (
+        running_market(
+            store, catchup_limit=100, send_timeout_s=STALL_S, stall_timeout_s=STALL_S, over=over
+        ) as market,
+        connect(market.port, message_queue_size=1, quick_ack=True) as pausing,
+    ):
+        await send(pausing, subscribe_msg(SID_1M, since=T0 - 60, batch=True))
+        await market.hub.wait_subscribers(1)
+        await trio.sleep(0.3 * STALL_S)  # reads nothing: a write of the catch-up blocks
+        (subscriber,) = market.hub.subscribers()
+        assert subscriber.in_flight is not None and subscriber.in_flight.behind_s > 0
+        clock.jump(3 * STALL_S)  # nothing runs meanwhile: the whole process paused
+        assert await read_all(pausing, CATCH_UP) == expected_times()
+        assert subscriber.close_code is None
+        assert sum(slow_closes(market, c) for c in ("stalled", "send_timeout")) == 0
+
+
+@pytest.mark.parametrize("over", TRANSPORTS)
+async def test_a_send_over_the_send_timeout_is_cut_by_the_sweep_within_a_tick(
+    store: CandleStore, over: str, clock: trio.testing.MockClock
+) -> None:
+    """The stall watch's sweep enforces the send timeout: a client that stops reading is
+    closed with 4008 for its blocked send, at the first tick past the timeout."""
+    send_timeout_s = STALL_S
+    stall_timeout_s = 4 * STALL_S  # far off: the send timeout is what cuts it
+    tick_s = stall_timeout_s / STALL_SAMPLES
+    async with (
+        running_market(
+            store,
+            catchup_limit=100,
+            send_timeout_s=send_timeout_s,
+            stall_timeout_s=stall_timeout_s,
+            over=over,
+        ) as market,
+        connect(market.port, message_queue_size=1, quick_ack=True) as stuck,
+    ):
+        await send(stuck, subscribe_msg(SID_1M, since=T0 - 60, batch=True))
+        await market.hub.wait_subscribers(1)
+        (subscriber,) = market.hub.subscribers()
+        started = trio.current_time()
+        await market.hub.wait_subscribers(0)
+        closed_after = trio.current_time() - started
+        assert subscriber.slow_cause == "send_timeout"
+        assert (
+            subscriber.close_reason == f"slow consumer: a send took longer than {send_timeout_s:g}s"
+        )
+        # from the blocked write's start (its buffers fill within a tick), cut within a tick
+        assert send_timeout_s <= closed_after <= send_timeout_s + 2 * tick_s

@@ -42,6 +42,7 @@ from __future__ import annotations
 import array
 import contextlib
 import fcntl
+import math
 import socket
 import struct
 import termios
@@ -178,6 +179,8 @@ class InFlight:
         "in_flight",
         "proven",
         "read_proof",
+        "send_deadline",
+        "sends_watched",
         "sock",
         "written",
     )
@@ -201,6 +204,11 @@ class InFlight:
         self._proof_wanted = trio.Event()
         self._proof_asked = now
         self._proving = False
+        # the publish task's write in progress must end by this (inf: none) — enforced by
+        # the stall watch's sweep while it watches this connection (sends_watched), which
+        # shifts it past a pause of the daemon like the stall clock (``publisher``)
+        self.send_deadline = math.inf
+        self.sends_watched = False
 
     def note_written(self, n: int) -> None:
         self._bound += n
@@ -208,8 +216,9 @@ class InFlight:
 
     def skip(self, gap_s: float) -> None:
         """The stall clock skips ``gap_s`` in which the daemon did not run
-        (:meth:`StallClock.skip`)."""
+        (:meth:`StallClock.skip`), and so does the deadline of the write in progress."""
         self._clock.skip(gap_s)
+        self.send_deadline += gap_s
 
     def want_proof(self, now: float, every_s: float) -> None:
         """Ask :meth:`prove_reads` for a ping if one is due at ``now``: something written is

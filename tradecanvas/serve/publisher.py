@@ -16,11 +16,15 @@ each write of a place's holder must finish within :data:`CONTENDED_WRITE_S` (not
 ``send_timeout_s``), else that client is closed with 4008: clients that do not read cannot
 keep the others waiting for long. Live candles written at once by the Hub take no place.
 
-Deadlines: one cancel scope per task (``Subscriber.send_scope``) whose deadline is set while
-a write is in progress — a write of at most :data:`WRITE_CHUNK_BYTES` that does not complete
-within ``send_timeout_s`` closes the subscriber with 4008 — and the queue's lag deadline on
-``Subscriber.lag_scope`` around it. Each drain settles the delivery timing of the batches
-the subscriber owed when it began (``ops.metrics.DeliveryTimer``).
+Deadlines: one cancel scope per task (``Subscriber.send_scope``), cancelled when a write in
+progress — of at most :data:`WRITE_CHUNK_BYTES` — does not complete within
+``send_timeout_s``: the subscriber is closed with 4008. Where the endpoint's stall watch
+watches the connection, the write's deadline is ``InFlight.send_deadline`` and the watch's
+sweep cancels the scope at its first tick past it (``stall_watch``: so a pause of the
+daemon counts against no write, as it counts against no stall clock); elsewhere, and for a
+hurried holder's :data:`CONTENDED_WRITE_S`, it is the scope's own deadline. The queue's lag
+deadline is on ``Subscriber.lag_scope`` around it. Each drain settles the delivery timing
+of the batches the subscriber owed when it began (``ops.metrics.DeliveryTimer``).
 """
 
 from __future__ import annotations
@@ -209,13 +213,13 @@ class Publisher:
                     # a write at once left bytes behind: they go before anything else
                     self._start_write(subscriber)
                     await frames.flush()
-                    subscriber.send_scope.deadline = math.inf
+                    self._end_write(subscriber)
                 if frames is not None and subscriber.unsent:
                     # frames held at once that the socket did not take: before anything else
                     data, subscriber.unsent = subscriber.unsent, b""
                     self._start_write(subscriber)
                     await frames.write(data)
-                    subscriber.send_scope.deadline = math.inf
+                    self._end_write(subscriber)
                 await self._carry_out(subscriber, subscriber.queue.drain())
             except BaseException:
                 delivery.abandon(owed)
@@ -224,10 +228,27 @@ class Publisher:
                 delivery.settle(owed, trio.current_time())
 
     def _start_write(self, subscriber: Subscriber) -> None:
-        timeout = self.send_timeout_s
+        """The write that begins now must end within the send timeout (see the module
+        docstring): by the stall watch's sweep where it watches the connection, else (and
+        for a hurried holder's short CONTENDED_WRITE_S) by the send scope's deadline."""
+        deadline = trio.current_time() + self.send_timeout_s
+        in_flight = subscriber.in_flight
         if subscriber in self._hurried:
-            timeout = min(timeout, CONTENDED_WRITE_S)
-        subscriber.send_scope.deadline = trio.current_time() + timeout
+            deadline = min(deadline, trio.current_time() + CONTENDED_WRITE_S)
+        elif in_flight is not None and in_flight.sends_watched:
+            in_flight.send_deadline = deadline
+            subscriber.send_scope.deadline = math.inf
+            return
+        if in_flight is not None:
+            in_flight.send_deadline = math.inf
+        subscriber.send_scope.deadline = deadline
+
+    @staticmethod
+    def _end_write(subscriber: Subscriber) -> None:
+        """No write in progress: no send deadline."""
+        subscriber.send_scope.deadline = math.inf
+        if subscriber.in_flight is not None:
+            subscriber.in_flight.send_deadline = math.inf
 
     def _hurry_holders(self) -> None:
         """A catch-up is about to wait for a place: every holder's write must finish within
@@ -319,7 +340,6 @@ class Publisher:
         """Write ``pieces`` in order, each within send_timeout_s (else the send scope is
         cancelled: 4008), letting go of each once written."""
         frames = subscriber.frames
-        scope = subscriber.send_scope
         while pieces:
             piece = pieces.popleft()
             self._start_write(subscriber)
@@ -330,7 +350,7 @@ class Publisher:
             else:
                 await subscriber.socket.send_message(piece)
             del piece
-        scope.deadline = math.inf
+        self._end_write(subscriber)
 
 
 __all__ = [

@@ -26,9 +26,17 @@ daemon by the tick has been read and counted — and closed only if it is still 
 proof is older than the timeout as of a moment when the loop had just read everything
 pending. That costs nothing at the ticks that find no one over it.
 
+The sweep also enforces the publish task's send timeout of each connection it watches
+(``InFlight.send_deadline``, set by ``publisher.Publisher`` for each write): at a tick past
+it, the send scope is cancelled and the publish task closes the subscriber with 4008 — up
+to a tick after the timeout. A trio deadline on the send scope would not do: trio's clock
+runs on while the process is stopped, so on resuming such a deadline expired in the same
+pass as the sweep's own timer, before the sweep could tell the pause, and every subscriber
+whose write was blocked then was closed for the daemon's pause.
+
 Time in which the daemon itself did not run (a tick found a quarter of the stall timeout
-late or more) counts
-against no client: their stall clocks skip it (:meth:`InFlight.skip`).
+late or more) counts against no client: their stall clocks and send deadlines skip it
+(:meth:`InFlight.skip`) before they are sampled.
 """
 
 from __future__ import annotations
@@ -93,10 +101,15 @@ class StallWatch:
     def watching(self, subscriber: Subscriber, in_flight: InFlight) -> Iterator[None]:
         """``subscriber``'s connection is among those the sweep samples, within."""
         self._watched[subscriber] = in_flight
+        in_flight.sends_watched = True
         try:
             yield
         finally:
             del self._watched[subscriber]
+            in_flight.sends_watched = False
+            # a write in progress keeps its deadline, on the send scope from here on
+            scope = subscriber.send_scope
+            scope.deadline = min(scope.deadline, in_flight.send_deadline)
             if not self._watched:
                 self._next_tick = None  # the next connection starts a schedule of its own
 
@@ -130,12 +143,17 @@ class StallWatch:
             in_flight.skip(gap_s)
 
     def sample(self, now: float) -> list[Subscriber]:
-        """One tick of the sweep at ``now``: ask for the read proofs that are due; the
-        subscribers over the stall timeout by this sample (for :meth:`close_stalled`)."""
+        """One tick of the sweep at ``now``: cancel the send scope of a write past its
+        deadline (the publish task closes that subscriber with 4008) and ask for the read
+        proofs that are due; the subscribers over the stall timeout by this sample (for
+        :meth:`close_stalled`)."""
         suspects: list[Subscriber] = []
         for subscriber, in_flight in self._watched.items():
             if subscriber.close_code is not None or subscriber.failure is not None:
                 continue  # ending already
+            if now >= in_flight.send_deadline:
+                subscriber.send_scope.cancel()
+                continue
             in_flight.want_proof(now, self._ping_every_s)
             if in_flight.behind(now) >= self.stall_timeout_s:
                 suspects.append(subscriber)
