@@ -38,6 +38,8 @@ MAX_MESSAGE: Final = 64 * 2**20
 # messages trio-websocket's reader queues for a client: the reader queues every message of
 # one socket read at once (``queue_at_once``), the client takes them all in one go
 QUEUE: Final = 64
+# a client closed before its pong connects again this many times in all (Run.client)
+READY_TRIES: Final = 5
 DONE_TIMEOUT_S: Final = 600.0
 
 
@@ -90,30 +92,37 @@ class _Run:
             self.all_done.set()
 
     async def client(self, series: list[str]) -> None:
-        async with contextlib.AsyncExitStack() as stack:
-            async with self.handshakes:
-                ws = await stack.enter_async_context(
-                    open_websocket_client(
-                        self.url,
-                        max_message_size=MAX_MESSAGE,
-                        message_queue_size=QUEUE,
-                        queue_at_once=True,
-                        fast_frames=True,
+        """One client: subscribes, pings, reads. A client closed before its pong (the
+        daemon cut it as a slow consumer while this process was busy with the others'
+        handshakes) connects again, as a real one would, at most READY_TRIES times: else
+        the whole run waited for a client that never became ready."""
+        for _ in range(READY_TRIES):
+            async with contextlib.AsyncExitStack() as stack:
+                async with self.handshakes:
+                    ws = await stack.enter_async_context(
+                        open_websocket_client(
+                            self.url,
+                            max_message_size=MAX_MESSAGE,
+                            message_queue_size=QUEUE,
+                            queue_at_once=True,
+                            fast_frames=True,
+                        )
                     )
-                )
-                for sid in series:
-                    subscribe = {"type": "subscribe", "series_id": sid, "since": self.since,
-                                 "supports_batch": True}  # fmt: skip
-                    await ws.send_message(orjson.dumps(subscribe).decode())
-                await ws.send_message('{"type":"ping"}')
-            await self._receive(ws, series, stamp_at_read(ws))
+                    for sid in series:
+                        subscribe = {"type": "subscribe", "series_id": sid, "since": self.since,
+                                     "supports_batch": True}  # fmt: skip
+                        await ws.send_message(orjson.dumps(subscribe).decode())
+                    await ws.send_message('{"type":"ping"}')
+                if await self._receive(ws, series, stamp_at_read(ws)):
+                    return
 
     async def _receive(
         self,
         ws: trio_websocket.WebSocketConnection,
         series: list[str],
         stamps: collections.deque[tuple[str, float]],
-    ) -> None:
+    ) -> bool:
+        """Read until the connection ends; False when it ended before the pong (try again)."""
         waiting = {sid: True for sid in series} if self.last_time is not None else {}
         pending = len(waiting)
         pong = False
@@ -154,8 +163,11 @@ class _Run:
                         break
         except trio_websocket.ConnectionClosed as exc:
             self.errors.append(f"closed: {exc.reason}")
+            if not pong:
+                return False
             if pending:
                 self._client_done()
+        return True
 
 
 async def _read_stop(stop: trio.Event) -> None:
