@@ -174,17 +174,15 @@ def test_a_lock_freed_between_the_try_and_the_look_at_its_holder_is_taken(
     real = PgServeLock._holder
     looked = []
 
-    def late_end(
-        self: PgServeLock, conn: psycopg.Connection[tuple[object, ...]]
-    ) -> tuple[object, str]:
+    def late_end(conn: psycopg.Connection[tuple[object, ...]]) -> tuple[object, str, float | None]:
         looked.append(True)
         if holders:
             ending = holders.pop()
             _terminate(pg_url, ending.info.backend_pid)  # its session ends now
             ending.close()
-        return real(self, conn)
+        return real(conn)
 
-    monkeypatch.setattr(PgServeLock, "_holder", late_end)
+    monkeypatch.setattr(PgServeLock, "_holder", staticmethod(late_end))
     starting = PgServeLock.take(pg_url)  # a daemon's start
     lock_of.append(starting)
     assert looked and starting.held
@@ -204,12 +202,14 @@ def test_a_holder_that_keeps_vanishing_is_tried_again_later_not_called_another_d
     _terminate(pg_url, a._backend)
     other = _advisory_holder(pg_url)  # held, its holder never found
     real = PgServeLock._holder
-    monkeypatch.setattr(PgServeLock, "_holder", lambda self, conn: (None, "holder unknown"))
+    monkeypatch.setattr(
+        PgServeLock, "_holder", staticmethod(lambda conn: (None, "holder unknown", None))
+    )
     a.keep()  # no StoreInUse: the next tick looks again
     assert not a.held
     with pytest.raises(StoreInUse, match="ended each time it was looked up; try again"):
         PgServeLock.take(pg_url)
-    monkeypatch.setattr(PgServeLock, "_holder", real)
+    monkeypatch.setattr(PgServeLock, "_holder", staticmethod(real))
     _terminate(pg_url, other.info.backend_pid)
     other.close()
     a.keep()

@@ -265,7 +265,6 @@ class PgServeLock:
         self._backend: object = None
         self._backend_start: object = None
         self._lost = False  # an outage was logged (once) and the lock is not held again yet
-        self._quiet_s: float | None = None  # the last holder looked up: its session's quiet
         # close() wins over a keep() still running on its thread (hold() abandons it at
         # shutdown): a connection that keep() made is kept only under this lock, not closed
         self._guard = threading.Lock()
@@ -321,7 +320,7 @@ class PgServeLock:
                             return True
                     conn.close()  # closed meanwhile: its session would hold the lock on
                     return False
-                session, holder = self._holder(conn)
+                session, holder, quiet_s = self._holder(conn)
                 if session is not None:
                     break
             else:  # freed each time before it was looked up: not another daemon's (yet)
@@ -338,12 +337,15 @@ class PgServeLock:
             f" ({holder}), which holds its serve lock: one such daemon ingests into a"
             " database at a time (several nodes: roles ingest and edge); stop that one first"
         )
-        refused.quiet_s = self._quiet_s
+        refused.quiet_s = quiet_s
         raise refused
 
-    def _holder(self, conn: psycopg.Connection[tuple[object, ...]]) -> tuple[object, str]:
+    @staticmethod
+    def _holder(
+        conn: psycopg.Connection[tuple[object, ...]],
+    ) -> tuple[object, str, float | None]:
         """The holder's session (backend pid, backend_start; None when nobody holds the
-        lock now) and who it is; how long its session has been quiet goes to ``_quiet_s``."""
+        lock now), who it is, and how long its session has run no statement (None: unknown)."""
         classid, objid = _key_parts(SERVE_LOCK_KEY)
         row = conn.execute(
             "SELECT l.pid, a.backend_start, a.application_name, a.client_addr::text,"
@@ -355,14 +357,13 @@ class PgServeLock:
             (classid, objid),
         ).fetchone()
         if row is None:
-            self._quiet_s = None
-            return None, "holder unknown"
+            return None, "holder unknown", None
         backend, started, name, addr, quiet = row
-        self._quiet_s = quiet if isinstance(quiet, float) else None
+        quiet_s = quiet if isinstance(quiet, float) else None
         who = f"{name or 'no application_name'} from {addr or 'a local socket'}"
-        if self._quiet_s is not None:
-            who += f", its session quiet for {self._quiet_s:.0f} s"
-        return (backend, started), who
+        if quiet_s is not None:
+            who += f", its session quiet for {quiet_s:.0f} s"
+        return (backend, started), who, quiet_s
 
     @property
     def held(self) -> bool:
