@@ -60,6 +60,15 @@ def _linked(folder: Path, victim: Path) -> Path:
     return link
 
 
+def _secret(tmp_path: Path) -> Path:
+    """``private/secret.txt``, a file in a folder only its owner may enter."""
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    secret = private / "secret.txt"
+    secret.write_text(VICTIM)
+    return secret
+
+
 def test_a_link_in_a_folder_every_user_may_write_is_not_written_through(
     db: Path, tmp_path: Path
 ) -> None:
@@ -144,10 +153,8 @@ def test_another_users_folder_link_on_the_way_is_not_written_through(
 ) -> None:
     """Only the last name was checked: ``--out EVIL/secret.txt`` with ``EVIL`` another
     user's link to a private folder followed it (realpath) and replaced the file there."""
-    private = tmp_path / "private"
-    private.mkdir(mode=0o700)
-    secret = private / "secret.txt"
-    secret.write_text(VICTIM)
+    secret = _secret(tmp_path)
+    private = secret.parent
     evil = tmp_path / "evil"
     evil.symlink_to(private)
     owner = another_users(evil, monkeypatch)
@@ -165,10 +172,8 @@ def test_a_folder_link_in_a_folder_every_user_may_write_is_not_written_through(
 ) -> None:
     """``/tmp/evil/secret.txt``: a link to a folder in the sticky shared folder, reached
     through an own link and a ``..`` after it (walked as the kernel walks it)."""
-    private = tmp_path / "private"
-    private.mkdir(mode=0o700)
-    secret = private / "secret.txt"
-    secret.write_text(VICTIM)
+    secret = _secret(tmp_path)
+    private = secret.parent
     shared = tmp_path / "shared"
     shared.mkdir()
     (shared / "evil").symlink_to(private)
@@ -198,3 +203,41 @@ def test_own_folder_links_on_the_way_are_followed(db: Path, tmp_path: Path) -> N
     assert (tmp_path / "a" / "out.csv").read_text().count("\n") == 5
     assert sorted(os.listdir(tmp_path / "a")) == ["data", "out.csv"]
     assert not (tmp_path / "out.csv").exists()
+
+
+def test_a_folder_swapped_for_a_link_after_the_walk_changes_nothing(
+    db: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The walk checked every link by its path, then the file was made by its path: a
+    folder on the way swapped for a link in between (by a user who may rename it) led
+    the new file wherever the link pointed. Now the walk holds the folder open and the
+    file is made in it: it lands in the folder that was checked."""
+    secret = _secret(tmp_path)
+    private = secret.parent
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    real_open = os.open
+    swapped: list[bool] = []
+
+    def swap_then_open(file: object, flags: int, *args: object, **kwargs: object) -> int:
+        if flags & os.O_EXCL and not swapped:  # the new file, after the walk
+            theirs.rename(tmp_path / "moved")
+            theirs.symlink_to(private)
+            swapped.append(True)
+        return real_open(file, flags, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "open", swap_then_open)
+    code, said = export(db, theirs / "secret.txt")
+    monkeypatch.undo()
+    assert swapped and (code, said) == (ExitCode.OK, f"tradecanvas export: 5 candles of {S}\n")
+    assert secret.read_text() == VICTIM and os.listdir(private) == ["secret.txt"]
+    assert (tmp_path / "moved" / "secret.txt").read_text().count("\n") == 5
+
+
+def test_a_missing_folder_on_the_way_is_named_whole(db: Path, tmp_path: Path) -> None:
+    code, said = export(db, tmp_path / "nowhere" / "out.csv")
+    assert code == ExitCode.STORE_FAILURE
+    assert said == (
+        f"tradecanvas export: [Errno 2] No such file or directory: '{tmp_path}/nowhere'\n"
+    )
+    assert os.listdir(tmp_path) == ["m.sqlite3"]

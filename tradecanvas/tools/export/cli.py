@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import os
 import secrets
 import stat
@@ -11,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Final, TextIO
 
+import attrs
 import trio
 
 from tradecanvas.errors import BadInputError, ExitCode, SeriesIdError, StoreError
@@ -130,95 +132,147 @@ class OutputRefused(OSError):
     """``--out`` is a symbolic link this process should not write through."""
 
 
-def _link_problem(link: str) -> str | None:
-    """Why the symbolic link ``link`` may have been put there by another user (who could
-    point it at any file this process may write: run as root, any file): it is not owned
-    by this process's user, or its folder is writable by every user (another user could
-    swap it, or, with the sticky bit, have made it). None when neither."""
-    folder = os.path.dirname(link)
-    st = os.lstat(link)
+_DIR_FLAGS: Final = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _link_problem(folder: str, folder_fd: int, name: str) -> str | None:
+    """Why the symbolic link ``name`` in the open folder ``folder_fd`` (``folder``, for the
+    message) may have been put there by another user (who could point it at any file this
+    process may write: run as root, any file): it is not owned by this process's user, or
+    its folder is writable by every user (another user could swap it, or, with the sticky
+    bit, have made it). None when neither."""
+    st = os.lstat(name, dir_fd=folder_fd)
     if st.st_uid != os.geteuid():
         return f"owned by uid {st.st_uid}, not this process's (uid {os.geteuid()})"
-    if os.stat(folder).st_mode & stat.S_IWOTH:
+    if os.fstat(folder_fd).st_mode & stat.S_IWOTH:
         return f"in {folder}, a folder every user may write"
     return None
 
 
-def _resolved(path: Path) -> Path:
+@attrs.define
+class _Place:
+    """Where ``--out`` writes: ``name`` (not a symbolic link when walked; maybe none yet)
+    in the folder open as ``folder_fd`` — held open, so a folder on the way renamed or
+    swapped for a link after the walk changes nothing: the file goes where the walk
+    checked. ``path`` names it in messages."""
+
+    folder_fd: int
+    name: str
+    path: str
+
+
+def _walk(path: Path) -> _Place:
     """The file ``--out`` names, following its symbolic links — the last one and every
     folder's on the way — only when each is this process's user's own in a folder no
     other user may write (raises OutputRefused). The path is walked one name at a time
-    (as the kernel does, ``..`` after a link going up from where the link led): nothing
-    is followed unchecked."""
+    (as the kernel does, ``..`` after a link going up from where the link led), each
+    folder opened from the one before without following a link: nothing is followed
+    unchecked, and nothing checked can be swapped afterwards. The caller closes
+    ``folder_fd``."""
     left = os.path.join(os.getcwd(), path).split("/")[::-1]  # next name last
-    here, links = "/", 0
-    while left:
-        name = left.pop()
-        if name in ("", "."):
-            continue
-        if name == "..":
-            here = os.path.dirname(here)
-            continue
-        hop = os.path.join(here, name)
-        try:
-            is_link = stat.S_ISLNK(os.lstat(hop).st_mode)
-        except FileNotFoundError:  # the new file (else writing it fails as it should)
-            return Path(os.path.join(hop, *(n for n in reversed(left) if n)))
-        if not is_link:
-            here = hop
-            continue
-        links += 1
-        if links > 40:  # the kernel's own limit of links followed (ELOOP)
-            raise OutputRefused(f"--out {path}: too many levels of symbolic links")
-        if (why := _link_problem(hop)) is not None:
-            raise OutputRefused(
-                f"--out {path}: not written through the symbolic link {hop}, {why}: give"
-                " the file's own path"
-            )
-        target = os.readlink(hop)
-        if target.startswith("/"):
-            here = "/"
-        left.extend(target.split("/")[::-1])
-    return Path(here)
+    here = hop = "/"
+    links = 0
+    fd = os.open("/", _DIR_FLAGS)
+    try:
+        while True:
+            while left and left[-1] in ("", "."):
+                left.pop()
+            if not left:  # the path names a folder: as writing to it would
+                raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+            name = left.pop()
+            if name == "..":
+                fd = _enter(fd, "..")
+                here = hop = os.path.dirname(here)
+                continue
+            hop = os.path.join(here, name)
+            last = not any(n not in ("", ".") for n in left)
+            try:
+                is_link = stat.S_ISLNK(os.lstat(name, dir_fd=fd).st_mode)
+            except FileNotFoundError:
+                if last:  # the new file
+                    return _Place(fd, name, hop)
+                raise
+            if not is_link:
+                if last:
+                    return _Place(fd, name, hop)
+                fd = _enter(fd, name)
+                here = hop
+                continue
+            links += 1
+            if links > 40:  # the kernel's own limit of links followed (ELOOP)
+                raise OutputRefused(f"--out {path}: too many levels of symbolic links")
+            if (why := _link_problem(here, fd, name)) is not None:
+                raise OutputRefused(
+                    f"--out {path}: not written through the symbolic link {hop}, {why}: give"
+                    " the file's own path"
+                )
+            target = os.readlink(name, dir_fd=fd)
+            if target.startswith("/"):
+                fd = _enter(fd, "/")
+                here = "/"
+            left.extend(target.split("/")[::-1])
+    except BaseException as exc:
+        os.close(fd)
+        if type(exc) is not OutputRefused and isinstance(exc, OSError) and exc.errno:
+            raise type(exc)(exc.errno, exc.strerror, hop) from None  # the path, not a name
+        raise
+
+
+def _enter(fd: int, name: str) -> int:
+    """The folder ``name`` in the open folder ``fd`` (never through a link), opened;
+    ``fd`` closed (left open when the folder could not be opened)."""
+    folder = os.open(name, _DIR_FLAGS, dir_fd=fd)
+    os.close(fd)
+    return folder
 
 
 @contextlib.contextmanager
 def _output(path: Path) -> Iterator[TextIO]:
-    """Where ``--out`` writes: a regular file (or none yet) is replaced whole
-    (:func:`_replacing`); through a symbolic link (:func:`_resolved`), the file it points
-    to; anything else — a device, a FIFO, a terminal — is written through, never
-    replaced."""
-    target = _resolved(path)
+    """Where ``--out`` writes (:func:`_walk`): a regular file (or none yet) is replaced
+    whole (:func:`_replacing`); anything else — a device, a FIFO, a terminal — is written
+    through, never replaced."""
+    place = _walk(path)
     try:
-        st: os.stat_result | None = os.stat(target)
-    except FileNotFoundError:
-        st = None
-    if st is not None and not stat.S_ISREG(st.st_mode):
-        fd = os.open(target, os.O_WRONLY | os.O_NOFOLLOW | os.O_NOCTTY | os.O_CLOEXEC)
-        with open(fd, "w", encoding="utf-8", newline="") as stream:
-            yield stream
-    else:
-        with _replacing(target, st) as stream:
-            yield stream
+        try:
+            st: os.stat_result | None = os.stat(
+                place.name, dir_fd=place.folder_fd, follow_symlinks=False
+            )
+        except FileNotFoundError:
+            st = None
+        if st is not None and not stat.S_ISREG(st.st_mode):
+            flags = os.O_WRONLY | os.O_NOFOLLOW | os.O_NOCTTY | os.O_CLOEXEC
+            fd = os.open(place.name, flags, dir_fd=place.folder_fd)
+            with open(fd, "w", encoding="utf-8", newline="") as stream:
+                yield stream
+        else:
+            with _replacing(place, st) as stream:
+                yield stream
+    finally:
+        os.close(place.folder_fd)
 
 
 @contextlib.contextmanager
-def _replacing(path: Path, old: os.stat_result | None) -> Iterator[TextIO]:
-    """A new file beside ``path`` (made as any new file, with the mode of ``old``, the file
-    there now) that replaces it only when the block ends without an error; else it is
-    removed, and ``path`` stays as it was. Made with ``O_EXCL | O_NOFOLLOW`` under a name
-    nobody can guess: never another's file or link."""
-    partial = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.partial")
+def _replacing(place: _Place, old: os.stat_result | None) -> Iterator[TextIO]:
+    """A new file beside ``place`` (made as any new file, with the mode of ``old``, the
+    file there now) that replaces it only when the block ends without an error; else it is
+    removed, and the file there stays as it was. Made with ``O_EXCL | O_NOFOLLOW`` under a
+    name nobody can guess: never another's file or link."""
+    partial = f".{place.name}.{os.getpid()}.{secrets.token_hex(4)}.partial"
+    folder = place.folder_fd
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-    fd = os.open(partial, flags, 0o666)  # less the umask
+    try:
+        fd = os.open(partial, flags, 0o666, dir_fd=folder)  # less the umask
+    except OSError as exc:  # named as the file it was made for
+        raise type(exc)(exc.errno, exc.strerror, place.path) from None
     try:
         with open(fd, "w", encoding="utf-8", newline="") as target:
             yield target
             if old is not None:  # its permission bits, never set-id
                 os.fchmod(target.fileno(), stat.S_IMODE(old.st_mode) & 0o777)
-        partial.replace(path)
+        os.replace(partial, place.name, src_dir_fd=folder, dst_dir_fd=folder)
     except BaseException:
-        partial.unlink(missing_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(partial, dir_fd=folder)
         raise
 
 
