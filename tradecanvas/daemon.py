@@ -7,10 +7,9 @@
        ├─ IngestSupervisor   one task per Binance connection       (roles all, ingest)
        ├─ BusPublisher       committed candles, events, forming → Redis  (ingest, edge)
        ├─ EdgeFeed           Redis Streams (+ store fills) → Hub          (edge)
-       ├─ EventTail          events other processes (import) log → Hub/bus (all; ingest leader)
+       ├─ EventTail          another process's events → Hub/bus, ingest (all; ingest leader)
        ├─ WS server          /ws/market on the WS port, a session per subscriber (all, edge)
-       └─ HTTP API           /api/market/*, /healthz, /readyz, /metrics, and /ws/market again
-                             (/ws/market: all, edge)
+       └─ HTTP API           /api/market/*, /healthz, /readyz, /metrics; /ws/market (all, edge)
 
 Roles (DESIGN §10, docs/distributed.md): ``all`` publishes to its own Hub; ``ingest``
 publishes to the bus only and serves no /ws/market; ``edge`` has no Binance connection, its
@@ -270,6 +269,8 @@ async def market_runtime_builder(flags: RuntimeFlags) -> MarketRuntime:
         )
         if leader is not None:  # the lease holder tells the edges of Binance
             leader.upstream_connected = supervisor.upstream_connected
+        if event_tail is not None:  # history an import stores reaches the forming bars
+            event_tail.on_foreign = supervisor.history_changes.note_events
     runtime_ref: list[MarketRuntime] = []
     http_app = build_http_app(
         store=store,

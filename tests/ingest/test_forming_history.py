@@ -124,3 +124,39 @@ def test_the_minute_cache_knows_where_the_history_starts() -> None:
     assert cache.history_start(BTC) == T0 - 60
     cache.start_history(BTC, None)
     assert cache.history_start(BTC) is None
+
+
+def test_history_another_process_stored_reaches_the_forming_bars() -> None:
+    """The store's history started Wednesday 14:00 when the daemon loaded it; ``backfill``
+    beside it stored the week from Monday 00:00 (the event tail tells the loop, which reads
+    the store again: ``ingest/history_refresh.py``). From the next forming minute the day's
+    and the week's bars go out, of every minute of their buckets."""
+    live = WEDNESDAY_1430
+    core = make_core(head=live - 60, first=live - 1800, derived_timeframes=DERIVED)
+    driver = Driver(core, {BTC: {}})
+    driver.send(forming_of(BTC, bar(live)))
+    assert forming_series(driver) == {"1m", "5m"}
+    week = [bar(t, price=100 + (t // 60) % 7) for t in range(MONDAY, live, 60)]
+    assert core.history_changed(BTC, MONDAY, week)
+    assert not core.history_changed(BTC, MONDAY, week)  # nothing new the second time
+    driver.send(forming_of(BTC, bar(live, price=90), 40_000))
+    assert forming_series(driver) == {"1m", "5m", "1d", "1w"}
+    forming = bar(live, price=90)
+    assert last_forming(driver, "1w") == aggregate(MONDAY, [*week, forming])
+    day = WEDNESDAY_1430 - (14 * 3600 + 1800)
+    assert last_forming(driver, "1d") == aggregate(
+        day, [c for c in week if c.candle_time >= day] + [forming]
+    )
+
+
+def test_history_stored_elsewhere_lowers_the_start_and_keeps_the_loops_own_minutes() -> None:
+    cache = MinuteCache(3600)
+    own = bar(T0 + 600)
+    cache.add(BTC, [own, bar(T0 + 660)])
+    stale = bar(T0 + 600, price=1)  # read from the store before the loop's own write landed
+    assert cache.extend_history(BTC, T0 + 300, [bar(T0 + 300), stale, bar(T0 - 7200)])
+    assert cache.history_start(BTC) == T0 + 300
+    minutes, _ = cache.bucket(BTC, Timeframe.parse("1h"), T0 + 720)
+    assert minutes == [bar(T0 + 300), own, bar(T0 + 660)]  # below the span: not cached
+    assert not cache.extend_history(BTC, T0 + 900, [])  # the start only moves down
+    assert cache.history_start(BTC) == T0 + 300

@@ -19,6 +19,7 @@ from tests.store_pg.conftest import Backend
 from tests.tools.importer.rig import SPOT_1M, SPOT_5M, real_zips
 from tradecanvas.store.types import StoredEvent
 from tradecanvas.tools.replay import ReplayConfig, ReplayHandle, parse_file_argument, serve_replay
+from tradecanvas.wire.kline_csv import read_kline_csv
 
 TOKEN: Final = "import-live-test-token-0123"
 DAY0: Final = 1577836800  # 2020-01-01T00:00Z, the first minute of the shared zips
@@ -160,3 +161,75 @@ async def test_a_running_daemon_publishes_a_backfills_events_once(tmp_path: Path
     assert [(m["event_id"], m["event"], m["data"]) for m in system] == [
         (e.event_id, e.event, e.data) for e in logged
     ]
+
+
+@pytest.mark.e2e
+async def test_a_backfill_beside_the_daemon_reaches_its_forming_day_bar(tmp_path: Path) -> None:
+    """The daemon starts on an empty store at 12:00 with an hour of REST history: its stored
+    history starts at 11:00, inside the day, so it sends no forming 1d bar (Binance's holds
+    minutes the store lacks). ``tradecanvas backfill`` of the day's morning beside it: the
+    forming 1d bar goes out from the next forming minute, Binance's day — its open at 00:00,
+    its high and low over every minute — without a restart (before, only from the next
+    start of the daemon)."""
+    day = WEEK + 86_400  # 2025-07-07
+    noon = day + 12 * 3600
+    week = binance_data_dir() / "klines_1m_5m/futures_um/BTCUSDT-1m-2025-07-06_2025-07-12.csv"
+    rows = {c.candle_time: c for c in read_kline_csv(week)}
+    db = tmp_path / "m.sqlite3"
+    config = ReplayConfig(
+        files=(parse_file_argument(str(week), None),),
+        speed=30.0,  # a minute every 2 s: the day goes on for the whole test
+        forming_per_bar=2,
+        start_at=(noon - WEEK) // 60,
+    )
+    futures_1d = FUTURES_1M.replace(":1m", ":1d")
+    async with trio.open_nursery() as nursery:
+        replay: ReplayHandle = await nursery.start(serve_replay, config)
+        env = cli_env(
+            TRADE_CANVAS_DB_PATH=str(db),
+            TRADE_CANVAS_SERIES=FUTURES_1M,
+            TRADE_CANVAS_DERIVED_TIMEFRAMES="5m,1d",
+            TRADE_CANVAS_INITIAL_BACKFILL_CANDLES="60",
+            TRADE_CANVAS_MARKET_FORMING_MIN_INTERVAL_MS="0",
+            TRADE_CANVAS_BINANCE_FUTURES_WS_URL=replay.ws_url,
+            TRADE_CANVAS_BINANCE_FUTURES_REST_URL=replay.rest_url,
+        )
+        serve_log = tmp_path / "serve.log"
+        with run_cli(["serve"], env, serve_log) as serve:
+            ready = await wait_for_line(serve_log, r"ready ws=ws://[\d.]+:(\d+)/ws/market", serve)
+            async with connect(int(ready.group(1))) as ws:
+                for sid in (FUTURES_1M.replace(":1m", ":5m"), futures_1d):
+                    await send(ws, {"type": "subscribe", "series_id": sid})
+                fives = 0
+                with trio.fail_after(60):
+                    while fives < 3:  # live forming bars flow; none of the day yet
+                        message = await receive(ws)
+                        assert (message["type"], message.get("series_id")) != (
+                            "candle_forming",
+                            futures_1d,
+                        ), message
+                        fives += message["type"] == "candle_forming"
+                stored = await stored_events(Backend("sqlite", db))
+                assert stored  # the daemon's own new_series events: its history is in
+                args = ["backfill", FUTURES_1M, "--from", str(day), "--to", str(noon - 3600)]
+                log = tmp_path / "backfill.log"
+                with run_cli(args, env, log) as backfill:
+                    assert await exit_code_within(backfill, within=120) == 0, log.read_text()
+                with trio.fail_after(60):
+                    while True:
+                        message = await receive(ws)
+                        if (message["type"], message.get("series_id")) == (
+                            "candle_forming",
+                            futures_1d,
+                        ):
+                            break
+        nursery.cancel_scope.cancel()
+    bar = message["candle"]
+    assert bar["candle_time"] == day
+    morning = [rows[t] for t in range(day, noon, 60)]  # the minutes before the live ones
+    assert bar["open"] == float(rows[day].open)
+    assert bar["high"] >= max(float(c.high) for c in morning)
+    assert bar["low"] <= min(float(c.low) for c in morning)
+    assert "history stored by another process taken into the forming bars" in (
+        serve_log.read_text()
+    )

@@ -273,6 +273,32 @@ class MinuteCache:
         else:
             self._first[series] = first
 
+    def extend_history(self, series: SeriesId, first: int, stored: Iterable[Candle]) -> bool:
+        """History another process stored below or among the cached minutes: ``first`` (the
+        store's first minute; lowers the start only) and ``stored``, the store's minutes of
+        the span, of which those not cached are added (a cached minute is the loop's own,
+        as new as the store's or newer). True when anything changed."""
+        current = self._first.get(series)
+        changed = current is None or first < current
+        if changed:
+            self._first[series] = first
+        newest = self._newest.get(series)
+        if newest is None:
+            self.add(series, stored)
+            return True
+        minutes = self._minutes.setdefault(series, {})
+        floor, oldest = newest - self.span_s, self._oldest.get(series, newest)
+        for c in stored:
+            t = c.candle_time
+            if floor <= t <= newest and t not in minutes:
+                minutes[t] = c
+                oldest = min(oldest, t)
+                changed = True
+        if changed:  # the sums that could include an added minute are stale
+            self._versions[series] = self._versions.get(series, 0) + 1
+            self._oldest[series] = oldest
+        return changed
+
     def set_listing(self, series: SeriesId, listing: int | None) -> None:
         """The series' listing minute (Binance has none before it), or None."""
         if listing is None:

@@ -11,7 +11,8 @@ such a bucket out for the same reason (``BatchCommit._bar`` in
 it; the next bucket is whole. The history starts at the series' first minute stored or
 queued for the store (:meth:`MinuteCache.history_start`), or at the forming minute itself
 when nothing is; history another process stores below it (``tradecanvas backfill`` or
-``import`` beside the daemon) counts from the loop's next start. A bucket whose first
+``import`` beside the daemon) counts once its ``factor.rebuild`` reaches the loop
+(:mod:`~tradecanvas.ingest.history_refresh`). A bucket whose first
 minutes are missing *inside* the history (absent at the exchange) is a bar of the minutes
 there, forming as when it closes.
 """

@@ -10,6 +10,8 @@ Task tree of one loop (one per Binance connection of at most 200 streams)::
     │                (a run of closes at or below a head: a WARNING a minute, behind_head)
     ├─ forming timer IngestCore.due_forming: throttled forming updates whose time came → hub
     ├─ fills         IngestCore.next_fills → REST klines (own tasks) → on_fill_result
+    ├─ history       another process's factor.rebuild (import, backfill) → the store's
+    │                first and recent minutes → IngestCore.history_changed (history_refresh)
     └─ committer     IngestCore.take_batch → BatchCommitter: IngestPipeline.run → publish
                      → IngestCore.on_committed → the forming candles it held → hub
 
@@ -45,6 +47,7 @@ import trio
 from tradecanvas.errors import StoreError, UpstreamError, WireError
 from tradecanvas.ingest.committer import BatchCommitter
 from tradecanvas.ingest.core import IngestCore
+from tradecanvas.ingest.history_refresh import HistoryChanges, Wakeup, refresh_history
 from tradecanvas.ingest.outcomes import Malformed
 from tradecanvas.ingest.policy import IngestPolicy
 from tradecanvas.ingest.tracker import REPAIR_REASONS, FillRequest
@@ -105,6 +108,7 @@ async def run_binance_ws_ingest_loop(
     policy: IngestPolicy | None = None,
     counters: LoopCounters | None = None,
     phases: Mapping[SeriesId, int] | None = None,
+    history_changes: HistoryChanges | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Ingest ``series`` (one market, at most 200) over one Binance combined-stream
@@ -130,23 +134,9 @@ async def run_binance_ws_ingest_loop(
         policy=policy or IngestPolicy(),
         counters=counters if counters is not None else LoopCounters(),
         phases=phases if phases is not None else {},
+        history_changes=history_changes,
     )
     await loop.run(task_status)
-
-
-class _Wakeup:
-    """A level-triggered wake-up for one waiting task: the waiter re-checks its state after
-    every wake, so a ``set()`` that lands while it is busy is never lost."""
-
-    def __init__(self) -> None:
-        self._event = trio.Event()
-
-    def set(self) -> None:
-        self._event.set()
-
-    async def wait(self) -> None:
-        await self._event.wait()
-        self._event = trio.Event()
 
 
 @final
@@ -166,9 +156,11 @@ class _IngestLoop:
         policy: IngestPolicy,
         counters: LoopCounters,
         phases: Mapping[SeriesId, int],
+        history_changes: HistoryChanges | None = None,
     ) -> None:
         self.core = IngestCore(series, flags=flags, policy=policy)
         self.phases = phases
+        self.history_changes = history_changes or HistoryChanges()
         self.series = self.core.series
         self.flags = flags
         self.rest = rest
@@ -183,9 +175,9 @@ class _IngestLoop:
             ws_base_url(flags, self.series[0].market), [s.stream_name for s in self.series]
         )
         self._frames_send, self._frames_recv = trio.open_memory_channel[FrameBurst](FRAME_BUFFER)
-        self._batch_wakeup = _Wakeup()
-        self._fill_wakeup = _Wakeup()
-        self._forming_wakeup = _Wakeup()
+        self._batch_wakeup = Wakeup()
+        self._fill_wakeup = Wakeup()
+        self._forming_wakeup = Wakeup()
         self._forming_timer_at = math.inf  # when the forming timer wakes up by itself
         self._fill_limiter = trio.CapacityLimiter(FILL_CONCURRENCY)
         # when the committer last finished a commit (a close queued before is a backlog)
@@ -213,6 +205,8 @@ class _IngestLoop:
                 nursery.start_soon(self._emit_due_forming)
                 nursery.start_soon(self._commit_batches, nursery.cancel_scope)
                 nursery.start_soon(self._run_fills)
+                changes, store = self.history_changes, self.pipeline.store
+                nursery.start_soon(refresh_history, changes, self.series, self.core, store)
                 nursery.start_soon(
                     functools.partial(
                         run_binance_ws_connections,

@@ -19,6 +19,7 @@ import attrs
 import trio
 
 from tradecanvas.errors import PublishError, StoreError, UpstreamError, WireError, find_in_group
+from tradecanvas.ingest.history_refresh import HistoryChanges
 from tradecanvas.ingest.loop import LoopCounters, run_binance_ws_ingest_loop
 from tradecanvas.ingest.policy import IngestPolicy
 from tradecanvas.ingest.publish import publish_pipeline_result_from_ws
@@ -88,6 +89,8 @@ class IngestSupervisor:
         # loops read it for their forming 3d candles
         self.phases: dict[SeriesId, int] = {}
         self.phases_learned = trio.Event()  # set once every series was tried
+        # another process's factor.rebuild (the event tail's) → the loop of its series
+        self.history_changes = HistoryChanges()
         self._fatal: StoreError | None = None
         self.rest: BinanceRestClient | None = None
         # set once exchangeInfo's weight limits were read (or could not be) for every market
@@ -188,6 +191,7 @@ class IngestSupervisor:
                     policy=self.policy,
                     counters=counters,
                     phases=self.phases,
+                    history_changes=self.history_changes,
                 )
             except StoreError as exc:
                 self._stop_on(exc, scope)

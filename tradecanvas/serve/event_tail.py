@@ -122,6 +122,8 @@ class EventTail:
         self._lock = trio.Lock()
         self._failing = False
         self._running = False  # run() started (not on a standby): own writes catch up too
+        # told of every other process's events it publishes (the ingest's HistoryChanges)
+        self.on_foreign: Callable[[Sequence[StoredEvent]], None] | None = None
 
     def own_store(self, store: MarketStore | None = None) -> MarketStore:
         """``store`` (default: the tail's) with every write's event ids noted as own."""
@@ -207,6 +209,8 @@ class EventTail:
             step = next_step(self.cursor, read, self._own, self._in_flight, before=before)
             for stored in step.publish:
                 self.sink.publish_system(SystemEvent.from_stored(stored))
+            if step.publish and self.on_foreign is not None:
+                self.on_foreign(step.publish)
             if len(step.publish) == 1:
                 stored = step.publish[0]
                 log.info(
