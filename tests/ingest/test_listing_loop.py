@@ -112,3 +112,63 @@ async def _late_start(rig: Rig) -> None:
     }
     assert first_of == {"1h": [DAY0 + 9 * HOUR], "4h": [DAY0 + 12 * HOUR], "1d": []}
     assert rig.hub.of_type("candle_forming", SID.replace(":1m", ":1d")) == []
+
+
+NOON_10 = DAY0 + 12 * HOUR + 10 * 60
+
+
+@contextlib.asynccontextmanager
+async def _live_from_listing(
+    tmp_path: Path, data_dir: Path, keep: Callable[[int], bool]
+) -> AsyncIterator[tuple[Rig, list[Candle]]]:
+    """The day up to 12:10 with only the minutes ``keep`` keeps, live from 08:33 — the daemon
+    watched the series before that minute: its first frame is the listing's — with an hour
+    of initial backfill (07:33–08:32, where Binance has nothing)."""
+    cut, rows = _day(data_dir, tmp_path, lambda t: keep(t) and t < NOON_10)
+    config = ReplayConfig(
+        files=(parse_file_argument(f"{SID}={cut}", None),),
+        start_at=next(i for i, c in enumerate(rows) if c.candle_time >= LISTED),
+        speed=1200.0,
+        forming_per_bar=1,
+    )
+    async with ingest_rig(
+        tmp_path,
+        replay=config,
+        series=SID,
+        initial_backfill_candles="60",
+        derived_timeframes="1h,4h",
+        market_forming_min_interval_ms="0",
+    ) as rig:
+        await rig.hub.wait_closed(SID, rows[-1].candle_time)
+        await rig.hub.wait_closed(SID.replace(":1m", ":1h"), DAY0 + 11 * HOUR)
+        yield rig, [c for c in rows if c.candle_time >= LISTED]
+
+
+async def test_a_listing_watched_from_its_first_minute_gets_binances_bars(
+    tmp_path: Path, data_dir: Path
+) -> None:
+    """The backfill before the first live minute found nothing at all (the review's case:
+    the listing was never asked about, and its 08:00 1h and 4h bars were never made)."""
+    async with _live_from_listing(tmp_path, data_dir, lambda t: t >= LISTED) as (rig, rows):
+        assert await rig.store.get_meta(listing_key(SID)) == str(LISTED)
+        h1 = await rig.stored(SID.replace(":1m", ":1h"))
+        h4 = await rig.stored(SID.replace(":1m", ":4h"))
+    assert [c.candle_time for c in h1] == [DAY0 + h * HOUR for h in range(8, 12)]
+    assert h1[0] == aggregate(DAY0 + 8 * HOUR, [c for c in rows if c.candle_time < DAY0 + 9 * HOUR])
+    assert [c.candle_time for c in h4] == [DAY0 + 8 * HOUR]
+    assert h4[0] == aggregate(
+        DAY0 + 8 * HOUR, [c for c in rows if c.candle_time < DAY0 + 12 * HOUR]
+    )
+
+
+async def test_a_first_minute_after_an_outage_is_not_taken_for_a_listing(
+    tmp_path: Path, data_dir: Path
+) -> None:
+    """The same empty backfill, but Binance has minutes before the outage (until 01:00):
+    a late start, and the buckets it starts inside get no bar."""
+    keep = lambda t: t < DAY0 + HOUR or t >= LISTED  # noqa: E731
+    async with _live_from_listing(tmp_path, data_dir, keep) as (rig, _):
+        assert await rig.store.get_meta(listing_key(SID)) is None
+        h1 = [c.candle_time for c in await rig.stored(SID.replace(":1m", ":1h"))]
+        h4 = await rig.stored(SID.replace(":1m", ":4h"))
+    assert h1 == [DAY0 + h * HOUR for h in range(9, 12)] and h4 == []

@@ -139,6 +139,11 @@ async def run_binance_ws_ingest_loop(
     await loop.run(task_status)
 
 
+# a listing's first minute may not be in REST's klines yet when its first frame came
+LISTING_TRIES: Final = 3
+LISTING_RETRY_S: Final = 1.0
+
+
 @final
 class _IngestLoop:
     """The tasks of one run_binance_ws_ingest_loop call around its IngestCore."""
@@ -385,12 +390,11 @@ class _IngestLoop:
             log.warning("%s: REST fill %s failed: %s", sid, request, exc)
             return
         listing_at = None
-        if (
-            candles
-            and candles[0].candle_time > request.start
-            and self.core.trackers[sid].before_history
-        ):
-            listing_at = await self._listing(sid, candles[0].candle_time)
+        # an empty store's first fill that found nothing at its start: a listing inside the
+        # range, or at its end (the first live minute: the listing watched as it happened)
+        first = candles[0].candle_time if candles else request.end
+        if first > request.start and self.core.trackers[sid].before_history:
+            listing_at = await self._listing(sid, first)
         outcome = self.core.on_fill_result(
             sid, request, candles, trio.current_time(), listing_at=listing_at
         )
@@ -427,8 +431,12 @@ class _IngestLoop:
         derived buckets get Binance's bars of the minutes from it on), None when Binance
         has earlier ones (an outage where an empty store's backfill began) or cannot say."""
         try:
-            async with self._fill_limiter:
-                earliest = await self.rest.first_open_time(sid)
+            for tries_left in range(LISTING_TRIES - 1, -1, -1):
+                async with self._fill_limiter:
+                    earliest = await self.rest.first_open_time(sid)
+                if earliest is not None or not tries_left:
+                    break
+                await trio.sleep(LISTING_RETRY_S)  # REST has no bar yet: it lags the stream
         except (UpstreamError, WireError) as exc:
             why = "REST cannot say where the history starts"
             log.warning("%s: %s (%s): no bars for the buckets before %d", sid, why, exc, first)
