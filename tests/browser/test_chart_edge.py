@@ -19,7 +19,6 @@ from tests.browser.rig import (
     BASE,
     TOKEN,
     chart_page,
-    chromium,
     trimmed_week,
     wait_for_line,
 )
@@ -31,12 +30,6 @@ pytestmark = [pytest.mark.browser, pytest.mark.e2e]
 
 HISTORY = 120
 READY = r"tradecanvas ready ws=\S+ http=(\S+)"
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    with chromium() as b:
-        yield b
 
 
 @pytest.fixture
