@@ -64,15 +64,25 @@ def redis_url() -> str:
     return SHARED_URL
 
 
-@pytest.fixture
-async def keys(redis_url: str) -> AsyncIterator[StreamKeys]:
-    """A key prefix of this test's own; its keys are deleted afterwards."""
-    prefix = f"tctest:{uuid.uuid4().hex}:"
-    yield StreamKeys(prefix)
-    async with open_redis(redis_url) as client:
+def new_prefix(kind: str = "tctest") -> str:
+    """A bus key prefix nobody else uses on the shared Redis (``delete_prefix`` it after)."""
+    return f"{kind}:{uuid.uuid4().hex}:"
+
+
+async def delete_prefix(url: str, prefix: str) -> None:
+    """Delete every key under ``prefix`` on the Redis at ``url``."""
+    async with open_redis(url) as client:
         found = [key async for key in client.scan_iter(match=f"{prefix}*")]
         if found:
             await client.delete(found)
+
+
+@pytest.fixture
+async def keys(redis_url: str) -> AsyncIterator[StreamKeys]:
+    """A key prefix of this test's own; its keys are deleted afterwards."""
+    prefix = new_prefix()
+    yield StreamKeys(prefix)
+    await delete_prefix(redis_url, prefix)
 
 
 class PrivateRedis:
