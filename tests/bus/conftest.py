@@ -19,6 +19,7 @@ import trio
 from tests.store_pg.conftest import pg_url as pg_url  # the roles' shared store (test_roles)
 from tradecanvas.bus.ids import StreamKeys
 from tradecanvas.bus.redis_io import open_redis
+from tradecanvas.store.sqlite import CandleStore
 
 SHARED_URL: Final = "redis://127.0.0.1:6379/0"
 # how long a private server may take to answer its first PING
@@ -83,6 +84,16 @@ async def keys(redis_url: str) -> AsyncIterator[StreamKeys]:
     prefix = new_prefix()
     yield StreamKeys(prefix)
     await delete_prefix(redis_url, prefix)
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[CandleStore]:
+    """A SQLite store of the test's own (``m.sqlite3`` in tmp_path), closed afterwards."""
+    opened = await CandleStore.open(tmp_path / "m.sqlite3")
+    try:
+        yield opened
+    finally:
+        await opened.aclose()
 
 
 class PrivateRedis:
