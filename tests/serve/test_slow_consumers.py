@@ -101,6 +101,15 @@ def all_slow_closes(market: Market) -> float:
     return sum(slow_closes(market, cause) for cause in ("stalled", "send_timeout"))
 
 
+async def reads_it_all_never_closed(
+    market: Market, client: trio_websocket.WebSocketConnection, subscriber: Subscriber
+) -> None:
+    """The client, reading again, gets the whole catch-up in order; it was never closed."""
+    assert await read_all(client, CATCH_UP) == expected_times()
+    assert subscriber.close_code is None
+    assert all_slow_closes(market) == 0
+
+
 @asynccontextmanager
 async def one_client_not_reading(
     store: CandleStore,
@@ -192,9 +201,7 @@ async def test_a_client_that_pauses_for_less_than_the_stall_time_is_not_closed(
         assert 'tradecanvas_subscriber_in_flight_bytes_bucket{le="0"} 0.0' in text
         assert 'tradecanvas_subscriber_behind_seconds_bucket{le="0"} 0.0' in text
         assert "tradecanvas_subscriber_behind_seconds_gcount 1.0" in text
-        assert await read_all(pausing, CATCH_UP) == expected_times()
-        assert subscriber.close_code is None
-        assert all_slow_closes(market) == 0
+        await reads_it_all_never_closed(market, pausing, subscriber)
 
 
 @pytest.mark.parametrize("over", TRANSPORTS)
@@ -319,9 +326,7 @@ async def test_a_pause_of_the_daemon_during_a_blocked_send_closes_no_client(
         await trio.sleep(0.3 * STALL_S)  # reads nothing: a write of the catch-up blocks
         assert subscriber.in_flight is not None and subscriber.in_flight.behind_s > 0
         clock.jump(3 * STALL_S)  # nothing runs meanwhile: the whole process paused
-        assert await read_all(pausing, CATCH_UP) == expected_times()
-        assert subscriber.close_code is None
-        assert all_slow_closes(market) == 0
+        await reads_it_all_never_closed(market, pausing, subscriber)
 
 
 @pytest.mark.parametrize("over", TRANSPORTS)
