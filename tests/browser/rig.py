@@ -33,6 +33,7 @@ WEEK: Final = "klines_1m_5m/futures_um/BTCUSDT-1m-2025-07-06_2025-07-12.csv"
 WEEK_5M: Final = "klines_1m_5m/futures_um/BTCUSDT-5m-2025-07-06_2025-07-12.csv"
 BASE: Final = "binance:futures:BTC/USDT:1m"
 FIVE: Final = "binance:futures:BTC/USDT:5m"
+HOUR: Final = "binance:futures:BTC/USDT:1h"
 TOKEN: Final = "browser-test-ingest-token-0123456789"
 # the distribution's Chromium (Debian: apt-get install chromium; .ci/run installs it)
 CHROMIUM: Final = os.environ.get("TRADECANVAS_TEST_CHROMIUM", "/usr/bin/chromium")
@@ -40,6 +41,26 @@ CHROMIUM: Final = os.environ.get("TRADECANVAS_TEST_CHROMIUM", "/usr/bin/chromium
 ARTIFACTS: Final = REPO / "test-artifacts"
 WAIT_S: Final = 60.0  # a wait for the daemon or the page; a healthy run needs a few seconds
 WAIT_MS: Final = WAIT_S * 1000
+HISTORY: Final = 1440  # the first UTC day: REST history the daemon backfills
+STREAMED: Final = 30  # then streamed, live to the page
+TC: Final = "window.tradecanvasChart"  # the page's test hooks (docs/chart.md)
+# what #announce says, and whether a change of the badge was inside its aria-hidden detail
+WATCH: Final = """() => {
+  window.said = []; window.badgeChanges = [];
+  const announce = document.getElementById('announce');
+  new MutationObserver(() => window.said.push(announce.textContent))
+    .observe(announce, {childList: true, characterData: true, subtree: true});
+  const inHidden = (n) =>
+    (n.nodeType === 1 ? n : n.parentElement).closest('[aria-hidden="true"]') !== null;
+  new MutationObserver((records) => records.forEach(
+      (r) => window.badgeChanges.push(inHidden(r.target))))
+    .observe(document.getElementById('state'),
+             {childList: true, characterData: true, subtree: true});
+}"""
+# the badge shows its whole text (a long one is cut at its end, with an ellipsis)
+WHOLE: Final = (
+    "() => { const b = document.getElementById('state'); return b.scrollWidth <= b.clientWidth; }"
+)
 
 
 @attrs.frozen
@@ -221,6 +242,24 @@ def market(
         yield m
 
 
+@contextmanager
+def replayed_day(
+    tmp_path: Path,
+    *replay_args: str,
+    minutes: int = HISTORY + STREAMED,
+    start_at: int | None = HISTORY,
+    publish: str = "1",
+    **serve_env: str,
+) -> Iterator[tuple[Market, list[Bar]]]:
+    """``market`` over the first ``minutes`` of the real week, the replay paused at
+    ``start_at`` (the daemon backfills the minutes before it; None: no ``--start-at``), and
+    the bars the replay holds."""
+    data, bars = trimmed_week(tmp_path, minutes)
+    start = () if start_at is None else ("--start-at", str(start_at))
+    with market(tmp_path, data, *start, *replay_args, publish=publish, **serve_env) as m:
+        yield m, bars
+
+
 @attrs.define
 class ChartPage:
     """The chart page in a browser tab, with what the tab logged and requested."""
@@ -300,3 +339,42 @@ def chart_page(
         yield chart
     finally:
         context.close()
+
+
+@contextmanager
+def live_chart(
+    tmp_path: Path,
+    browser: Browser,
+    *replay_args: str,
+    minutes: int = HISTORY + STREAMED,
+    start_at: int | None = HISTORY,
+    series: str = BASE,
+    streamed: bool = True,
+    newest: bool = False,
+    clock: bool = False,
+    timing: dict[str, int] | None = None,
+    device: dict[str, Any] | None = None,
+    serve_env: dict[str, str] | None = None,
+) -> Iterator[tuple[Market, ChartPage, list[Bar]]]:
+    """``replayed_day`` and a tab (``chart_page`` with ``timing`` and ``device``) showing
+    ``series`` live.
+
+    ``streamed``: the replay is resumed before the page opens; without it the replay stays
+    paused (no market data) and the test resumes it. ``newest``: also wait until the page
+    holds the replay's last bar. ``clock``: the page's clock is Playwright's, installed before
+    the page opens (it runs as the real one until the test moves it)."""
+    with (
+        replayed_day(
+            tmp_path, *replay_args, minutes=minutes, start_at=start_at, **(serve_env or {})
+        ) as (m, bars),
+        chart_page(browser, m.http_url, timing=timing, **(device or {})) as chart,
+    ):
+        if clock:
+            chart.page.clock.install()
+        if streamed:
+            m.resume_replay()
+        chart.open(series)
+        chart.wait_live()
+        if newest:
+            chart.wait_until(f"(t) => {TC}.lastClosed() === t", bars[-1].time)
+        yield m, chart, bars

@@ -19,19 +19,18 @@ from playwright.sync_api import Browser
 from tests.browser.rig import (
     BASE,
     FIVE,
+    HISTORY,
+    TC,
+    WATCH,
     Bar,
     ChartPage,
     Market,
     chart_page,
-    chromium,
-    market,
-    trimmed_week,
+    live_chart,
 )
-from tests.browser.test_chart_page import HISTORY, STREAMED
 
 pytestmark = [pytest.mark.browser, pytest.mark.e2e]
 
-TC: Final = "window.tradecanvasChart"
 LEGEND: Final = "document.getElementById('legend').textContent"
 NARROW: Final[dict[str, Any]] = {"viewport": {"width": 320, "height": 568}}
 # the stale badge's age counts up without a heartbeat ping (whose pong a jumped clock would
@@ -39,30 +38,19 @@ NARROW: Final[dict[str, Any]] = {"viewport": {"width": 320, "height": 568}}
 NO_HEARTBEAT: Final = {"heartbeatMs": 3_600_000}
 
 
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    with chromium() as b:
-        yield b
-
-
 @contextmanager
 def live(
-    tmp_path: Path,
-    browser: Browser,
-    *replay_args: str,
-    timing: dict[str, int] | None = None,
-    **device: Any,
+    tmp_path: Path, browser: Browser, *replay_args: str, **device: Any
 ) -> Iterator[tuple[Market, ChartPage, list[Bar]]]:
     """The replayed day and its streamed half hour stored, and a page opened on BASE after
     that (the newest 1,000 bars from the store), live."""
-    data, bars = trimmed_week(tmp_path, HISTORY + STREAMED)
-    with (
-        market(tmp_path, data, "--start-at", str(HISTORY), *replay_args) as m,
-        chart_page(browser, m.http_url, timing=timing, **device) as chart,
-    ):
-        m.resume_replay()
-        chart.open(BASE)
-        chart.wait_until(f"(t) => {TC}.lastClosed() === t", bars[-1].time)
+    with live_chart(
+        tmp_path,
+        browser,
+        *replay_args,
+        newest=True,
+        device=device,
+    ) as (m, chart, bars):
         chart.open(BASE)
         chart.wait_live()
         yield m, chart, bars
@@ -184,31 +172,18 @@ def test_a_timeframe_chosen_from_the_keyboard_keeps_the_focus(
 def test_the_badge_tells_a_screen_reader_changes_of_state_only(
     tmp_path: Path, browser: Browser
 ) -> None:
-    data, _ = trimmed_week(tmp_path, HISTORY + STREAMED)
-    with (
-        market(tmp_path, data, "--start-at", str(HISTORY)) as m,
-        chart_page(browser, m.http_url, timing=NO_HEARTBEAT) as chart,
-    ):
-        chart.page.clock.install()
-        chart.open(BASE)  # the replay stays paused: no market data
-        chart.wait_live()
+    # the replay stays paused: no market data
+    with live_chart(
+        tmp_path,
+        browser,
+        streamed=False,
+        clock=True,
+        timing=NO_HEARTBEAT,
+    ) as (m, chart, _):
         state = chart.page.locator("#state")
         # the badge is no live region: its text counts
         assert state.get_attribute("role") is None and state.get_attribute("aria-live") is None
-        chart.call(
-            """() => {
-          window.said = []; window.badgeChanges = [];
-          const announce = document.getElementById('announce');
-          new MutationObserver(() => window.said.push(announce.textContent))
-            .observe(announce, {childList: true, characterData: true, subtree: true});
-          const inHidden = (n) =>
-            (n.nodeType === 1 ? n : n.parentElement).closest('[aria-hidden="true"]') !== null;
-          new MutationObserver((records) => records.forEach(
-              (r) => window.badgeChanges.push(inHidden(r.target))))
-            .observe(document.getElementById('state'),
-                     {childList: true, characterData: true, subtree: true});
-        }"""
-        )
+        chart.call(WATCH)
         assert chart.call("() => document.getElementById('announce').getAttribute('role')") == (
             "status"
         )

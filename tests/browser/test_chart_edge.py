@@ -6,7 +6,6 @@ shared Redis under a key prefix of the test's own, a shared SQLite store."""
 from __future__ import annotations
 
 import signal
-import uuid
 from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -19,13 +18,11 @@ from tests.browser.rig import (
     BASE,
     TOKEN,
     chart_page,
-    chromium,
     trimmed_week,
     wait_for_line,
 )
-from tests.bus.conftest import SHARED_URL, require_redis
+from tests.bus.conftest import SHARED_URL, delete_prefix, new_prefix, require_redis
 from tests.cli_rig import cli_env, run_cli
-from tradecanvas.bus.redis_io import open_redis
 
 pytestmark = [pytest.mark.browser, pytest.mark.e2e]
 
@@ -33,26 +30,13 @@ HISTORY = 120
 READY = r"tradecanvas ready ws=\S+ http=(\S+)"
 
 
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    with chromium() as b:
-        yield b
-
-
 @pytest.fixture
 def prefix() -> Iterator[str]:
     """A bus prefix of this test's own on the shared Redis; its keys deleted afterwards."""
     require_redis()
-    name = f"tctest:{uuid.uuid4().hex}:"
+    name = new_prefix()
     yield name
-
-    async def delete() -> None:
-        async with open_redis(SHARED_URL) as client:
-            found = [key async for key in client.scan_iter(match=f"{name}*")]
-            if found:
-                await client.delete(found)
-
-    trio.run(delete)
+    trio.run(delete_prefix, SHARED_URL, name)
 
 
 def test_the_badge_on_an_edge_says_what_the_ingest_reports(

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Final
 
@@ -14,7 +13,7 @@ import attrs
 import pytest
 from playwright.sync_api import Browser
 
-from tests.browser.rig import BASE, Bar, chart_page, chromium, market, trimmed_week
+from tests.browser.rig import BASE, Bar, chart_page, live_chart, replayed_day
 from tests.cli_rig import cli_env
 
 pytestmark = [pytest.mark.browser, pytest.mark.e2e]
@@ -22,12 +21,6 @@ pytestmark = [pytest.mark.browser, pytest.mark.e2e]
 HISTORY: Final = 120  # the daemon's REST history: the bars the page holds
 STREAMED: Final = 10  # then streamed, live to the page
 REVISED: Final = 10  # minutes of the history the import brings again, changed
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    with chromium() as b:
-        yield b
 
 
 def import_bars(tmp_path: Path, name: str, bars: list[Bar], *, header: bool) -> None:
@@ -56,13 +49,9 @@ def import_bars(tmp_path: Path, name: str, bars: list[Bar], *, header: bool) -> 
 def test_an_import_beside_the_daemon_is_reloaded_by_the_open_page(
     tmp_path: Path, browser: Browser
 ) -> None:
-    data, bars = trimmed_week(tmp_path, HISTORY + STREAMED)
-    with (
-        market(tmp_path, data, "--start-at", str(HISTORY)) as m,
-        chart_page(browser, m.http_url) as chart,
-    ):
-        chart.open(BASE)
-        chart.wait_live()
+    with live_chart(
+        tmp_path, browser, minutes=HISTORY + STREAMED, start_at=HISTORY, streamed=False
+    ) as (m, chart, bars):
         # the archive's six-column layout: ten held minutes, each 50 higher
         changed = [
             attrs.evolve(b, high=b.high + 50, close=b.high + 50) for b in bars[50 : 50 + REVISED]
@@ -94,12 +83,11 @@ def test_an_import_beside_the_daemon_is_reloaded_by_the_open_page(
 def test_an_import_into_a_series_the_page_shows_empty_fills_the_page(
     tmp_path: Path, browser: Browser
 ) -> None:
-    data, bars = trimmed_week(tmp_path, HISTORY)
-    imported = bars[:HISTORY]
     with (
-        market(tmp_path, data, "--start-at", "0") as m,
+        replayed_day(tmp_path, minutes=HISTORY, start_at=0) as (m, bars),
         chart_page(browser, m.http_url) as chart,
     ):
+        imported = bars[:HISTORY]
         assert m.stored(BASE) == []  # the replay is paused before its first minute
         chart.open(BASE)
         chart.wait_live()

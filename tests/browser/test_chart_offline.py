@@ -7,7 +7,6 @@ the cause first."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Final
 
@@ -16,44 +15,21 @@ from playwright.sync_api import Browser
 
 from tests.browser.rig import (
     BASE,
+    TC,
+    WATCH,
+    WHOLE,
     ChartPage,
     Market,
     chart_page,
-    chromium,
-    market,
-    trimmed_week,
+    live_chart,
+    replayed_day,
     wait_for_line,
 )
-from tests.browser.test_chart_page import HISTORY, STREAMED
 
 pytestmark = [pytest.mark.browser, pytest.mark.e2e]
 
-TC: Final = "window.tradecanvasChart"
 # the age counts without a heartbeat ping, whose pong a jumped clock would miss
 NO_HEARTBEAT: Final = {"heartbeatMs": 3_600_000}
-# what #announce says, and whether a change of the badge was inside its aria-hidden detail
-WATCH: Final = """() => {
-  window.said = []; window.badgeChanges = [];
-  const announce = document.getElementById('announce');
-  new MutationObserver(() => window.said.push(announce.textContent))
-    .observe(announce, {childList: true, characterData: true, subtree: true});
-  const inHidden = (n) =>
-    (n.nodeType === 1 ? n : n.parentElement).closest('[aria-hidden="true"]') !== null;
-  new MutationObserver((records) => records.forEach(
-      (r) => window.badgeChanges.push(inHidden(r.target))))
-    .observe(document.getElementById('state'),
-             {childList: true, characterData: true, subtree: true});
-}"""
-# the badge shows its whole text (a long one is cut at its end, with an ellipsis)
-WHOLE: Final = (
-    "() => { const b = document.getElementById('state'); return b.scrollWidth <= b.clientWidth; }"
-)
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    with chromium() as b:
-        yield b
 
 
 def _lose_binance(m: Market) -> None:
@@ -73,8 +49,7 @@ def _no_errors(chart: ChartPage) -> None:
 def test_an_empty_chart_whose_daemon_cannot_reach_binance_says_so_at_once(
     tmp_path: Path, browser: Browser
 ) -> None:
-    data, _ = trimmed_week(tmp_path, HISTORY + STREAMED)
-    with market(tmp_path, data, "--start-at", str(HISTORY)) as m:
+    with replayed_day(tmp_path) as (m, _):
         # offline from the start: the daemon is up, its store empty, Binance never answers
         _lose_binance(m)
         assert m.stop_serve() == 0
@@ -101,9 +76,8 @@ def test_an_empty_chart_whose_daemon_cannot_reach_binance_says_so_at_once(
 def test_a_chart_whose_source_is_gone_says_stale_at_load_the_cause_first(
     tmp_path: Path, browser: Browser
 ) -> None:
-    data, bars = trimmed_week(tmp_path, HISTORY + STREAMED)
     with (
-        market(tmp_path, data, "--start-at", str(HISTORY)) as m,
+        replayed_day(tmp_path) as (m, bars),
         chart_page(browser, m.http_url, timing=NO_HEARTBEAT) as chart,
     ):
         chart.page.clock.install()  # it runs as the real one until the test moves it
@@ -137,15 +111,7 @@ def test_a_live_chart_whose_source_goes_away_says_so_within_seconds(
 ) -> None:
     """A trader's review: Binance gone, the badge stayed a green ``live`` for 94 s (the page
     asked /readyz only after 90 s without a message). It polls ``/healthz`` now."""
-    data, bars = trimmed_week(tmp_path, HISTORY + STREAMED)
-    with (
-        market(tmp_path, data, "--start-at", str(HISTORY)) as m,
-        chart_page(browser, m.http_url) as chart,
-    ):
-        m.resume_replay()
-        chart.open(BASE)
-        chart.wait_until(f"(t) => {TC}.lastClosed() === t", bars[-1].time)
-        chart.wait_live()
+    with live_chart(tmp_path, browser, newest=True) as (m, chart, _):
         _lose_binance(m)
         # within seconds (the page asks every 3 s), not after 90 s of a green `live`
         chart.page.wait_for_function(f"() => {TC}.state() === 'stale'", timeout=12_000)

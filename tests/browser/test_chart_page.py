@@ -4,9 +4,7 @@ own data (``window.tradecanvasChart``), never pixels, and wait on it, never on a
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Final
 
 import attrs
 import pytest
@@ -16,14 +14,16 @@ from playwright.sync_api import Browser
 from tests.browser.rig import (
     BASE,
     FIVE,
+    HISTORY,
+    HOUR,
+    STREAMED,
     WEEK_5M,
     Bar,
     ChartPage,
     chart_page,
-    chromium,
-    market,
+    live_chart,
     read_bars,
-    trimmed_week,
+    replayed_day,
     wait_for_line,
 )
 from tests.cli_rig import cli_env, run_cli
@@ -32,16 +32,6 @@ from tradecanvas.pipeline.derive import aggregate
 from tradecanvas.store.sqlite import CandleStore
 
 pytestmark = [pytest.mark.browser, pytest.mark.e2e]
-
-HOUR: Final = "binance:futures:BTC/USDT:1h"
-HISTORY: Final = 1440  # the first UTC day: REST history the daemon backfills
-STREAMED: Final = 30  # then streamed, live to the page
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    with chromium() as b:
-        yield b
 
 
 def _last_closed_is(chart: ChartPage, time_: int) -> None:
@@ -52,8 +42,7 @@ def _last_closed_is(chart: ChartPage, time_: int) -> None:
 def test_the_page_shows_the_replayed_candles_live_and_as_history(
     tmp_path: Path, browser: Browser, publish: str
 ) -> None:
-    data, bars = trimmed_week(tmp_path, HISTORY + STREAMED)
-    with market(tmp_path, data, "--start-at", str(HISTORY), publish=publish) as m:
+    with replayed_day(tmp_path, publish=publish) as (m, bars):
         with chart_page(browser, m.http_url) as chart:
             # the store is empty: the page subscribes, then the market opens
             chart.open(BASE)
@@ -93,65 +82,53 @@ def test_the_page_shows_the_replayed_candles_live_and_as_history(
 
 
 def test_the_timeframe_switcher_shows_binance_5m_bars(tmp_path: Path, browser: Browser) -> None:
-    data, bars = trimmed_week(tmp_path, HISTORY + STREAMED)
     five = {b.time: b for b in read_bars(binance_data_dir() / WEEK_5M)}
-    with market(tmp_path, data, "--start-at", str(HISTORY)) as m:
-        m.resume_replay()
-        with chart_page(browser, m.http_url) as chart:
-            chart.open(BASE)
-            chart.wait_live()
-            _last_closed_is(chart, bars[-1].time)
-            chart.page.get_by_role("button", name="5m", exact=True).click()
-            chart.wait_until(f"() => window.tradecanvasChart.seriesId() === {FIVE!r}")
-            chart.wait_until("() => window.tradecanvasChart.ready()")
-            chart.wait_live()
-            shown = chart.bars(FIVE)
-            assert len(shown) == (HISTORY + STREAMED) // 5
-            assert shown == [five[b.time] for b in shown]
-            # the address stays readable
-            assert chart.page.url.endswith("?series=binance:futures:BTC/USDT:5m")
-            # the close as Binance wrote it (tick 0.1: one decimal)
-            assert chart.call("() => document.title") == f"{shown[-1].close} · {FIVE} — tradecanvas"
-            assert chart.console_errors == []
-            chart.screenshot("chart-5m")
-            # 1h: 24 bars, fewer than the width holds at the usual spacing, are fitted to it
-            # (not left as a sliver at the right edge)
-            chart.page.get_by_role("button", name="1h", exact=True).click()
-            chart.wait_until(f"() => window.tradecanvasChart.seriesId() === {HOUR!r}")
-            chart.wait_until("() => window.tradecanvasChart.ready()")
-            hours = len(chart.bars(HOUR))
-            assert 20 <= hours <= 25
-            chart.wait_until(
-                "(n) => { const r = window.tradecanvasChart.chart.timeScale()"
-                ".getVisibleLogicalRange(); return r !== null && r.from <= 0 && r.to >= n - 1; }",
-                hours,
-            )
-            spacing = chart.call(
-                "() => window.tradecanvasChart.chart.timeScale().options().barSpacing"
-            )
-            assert spacing > 6
-            # back to 5m: the usual spacing again, the newest bars in view
-            chart.page.get_by_role("button", name="5m", exact=True).click()
-            chart.wait_until(f"() => window.tradecanvasChart.seriesId() === {FIVE!r}")
-            chart.wait_until("() => window.tradecanvasChart.ready()")
-            assert (
-                chart.call("() => window.tradecanvasChart.chart.timeScale().options().barSpacing")
-                == 6
-            )
-            chart.screenshot("chart-1h")
+    with live_chart(tmp_path, browser, newest=True) as (_, chart, _):
+        chart.page.get_by_role("button", name="5m", exact=True).click()
+        chart.wait_until(f"() => window.tradecanvasChart.seriesId() === {FIVE!r}")
+        chart.wait_until("() => window.tradecanvasChart.ready()")
+        chart.wait_live()
+        shown = chart.bars(FIVE)
+        assert len(shown) == (HISTORY + STREAMED) // 5
+        assert shown == [five[b.time] for b in shown]
+        # the address stays readable
+        assert chart.page.url.endswith("?series=binance:futures:BTC/USDT:5m")
+        # the close as Binance wrote it (tick 0.1: one decimal)
+        assert chart.call("() => document.title") == f"{shown[-1].close} · {FIVE} — tradecanvas"
+        assert chart.console_errors == []
+        chart.screenshot("chart-5m")
+        # 1h: 24 bars, fewer than the width holds at the usual spacing, are fitted to it
+        # (not left as a sliver at the right edge)
+        chart.page.get_by_role("button", name="1h", exact=True).click()
+        chart.wait_until(f"() => window.tradecanvasChart.seriesId() === {HOUR!r}")
+        chart.wait_until("() => window.tradecanvasChart.ready()")
+        hours = len(chart.bars(HOUR))
+        assert 20 <= hours <= 25
+        chart.wait_until(
+            "(n) => { const r = window.tradecanvasChart.chart.timeScale()"
+            ".getVisibleLogicalRange(); return r !== null && r.from <= 0 && r.to >= n - 1; }",
+            hours,
+        )
+        spacing = chart.call("() => window.tradecanvasChart.chart.timeScale().options().barSpacing")
+        assert spacing > 6
+        # back to 5m: the usual spacing again, the newest bars in view
+        chart.page.get_by_role("button", name="5m", exact=True).click()
+        chart.wait_until(f"() => window.tradecanvasChart.seriesId() === {FIVE!r}")
+        chart.wait_until("() => window.tradecanvasChart.ready()")
+        assert (
+            chart.call("() => window.tradecanvasChart.chart.timeScale().options().barSpacing") == 6
+        )
+        chart.screenshot("chart-1h")
 
 
 def test_an_exchange_hole_is_shaded_and_a_rebuild_redraws_the_revised_bar(
     tmp_path: Path, browser: Browser
 ) -> None:
-    data, bars = trimmed_week(tmp_path, HISTORY + STREAMED)
     # the minutes 00:12..00:16 of the second day: the 5m bars of 00:10 and 00:15 incomplete
     hole_at, hole_len = HISTORY + 12, 5
-    missing = [b.time for b in bars[hole_at : hole_at + hole_len]]
-    present = [b for b in bars if b.time not in missing]
-    with market(
-        tmp_path, data, "--start-at", str(HISTORY), "--exchange-hole", f"{hole_at}:{hole_len}"
-    ) as m:
+    with replayed_day(tmp_path, "--exchange-hole", f"{hole_at}:{hole_len}") as (m, bars):
+        missing = [b.time for b in bars[hole_at : hole_at + hole_len]]
+        present = [b for b in bars if b.time not in missing]
         with chart_page(browser, m.http_url) as chart:
             chart.open(BASE)
             chart.wait_live()
@@ -218,18 +195,12 @@ def test_scrolling_back_over_a_hole_keeps_the_bars_in_view(
     hole of 30 at the exchange. Loading it keeps the view on the same bars: the hole's
     shaded slots are points of the time scale too, and the view moved back by their number
     (90 minutes of a 1m chart for a 90-minute hole, as a user saw)."""
-    data, bars = trimmed_week(tmp_path, HISTORY + STREAMED)
     hole_at, hole_len = 150, 30
-    missing = {b.time for b in bars[hole_at : hole_at + hole_len]}
-    present = [b for b in bars if b.time not in missing]
-    with (
-        market(
-            tmp_path, data, "--start-at", str(HISTORY), "--exchange-hole", f"{hole_at}:{hole_len}"
-        ) as m,
-        chart_page(browser, m.http_url) as chart,
-    ):
-        chart.open(BASE)
-        chart.wait_live()
+    with live_chart(
+        tmp_path, browser, "--exchange-hole", f"{hole_at}:{hole_len}", streamed=False
+    ) as (m, chart, bars):
+        missing = {b.time for b in bars[hole_at : hole_at + hole_len]}
+        present = [b for b in bars if b.time not in missing]
         m.resume_replay()
         _last_closed_is(chart, bars[-1].time)
         chart.open(BASE)  # again: the newest 1,000 from the store, the rest older
@@ -248,59 +219,46 @@ def test_scrolling_back_over_a_hole_keeps_the_bars_in_view(
 
 
 def test_the_page_recovers_after_the_daemon_restarts(tmp_path: Path, browser: Browser) -> None:
-    data, bars = trimmed_week(tmp_path, HISTORY + STREAMED)
-    with market(tmp_path, data, "--start-at", str(HISTORY)) as m:
-        m.resume_replay()
-        with chart_page(browser, m.http_url) as chart:
-            chart.open(BASE)
-            chart.wait_live()
-            _last_closed_is(chart, bars[-1].time)
-            events_before = chart.call("() => window.tradecanvasChart.lastEventId()")
-            assert m.stop_serve() == 0
-            chart.wait_until("() => window.tradecanvasChart.state() === 'reconnecting'")
-            assert "reconnecting" in chart.page.locator("#state").inner_text()
-            # refused a few times in a row (0.25 + 0.5 + 1 + 2 s of backoff): the page says
-            # it cannot reach the daemon
-            chart.wait_until(
-                "() => window.tradecanvasChart.notice().startsWith('cannot reach /ws/market')"
-            )
-            errors_before_restart = len(chart.console_errors)
-            # while the page is cut off, the restarted daemon stores two more closes
-            m.start_serve()
-            later = [
-                attrs.evolve(bars[-1], time=bars[-1].time + 60 * i, volume=float(i)) for i in (1, 2)
-            ]
-            for bar in later:
-                m.ingest(BASE, bar)
-            chart.wait_live()
-            # connected again: the notice is gone
-            assert chart.call("() => window.tradecanvasChart.notice()") == ""
-            assert chart.page.locator("#notice").is_hidden()
-            _last_closed_is(chart, later[-1].time)
-            # resumed from its cursors: nothing missed, nothing doubled
-            shown = chart.bars(BASE)
-            assert len(shown) >= 1000 + 2
-            assert shown == m.stored(BASE)[-len(shown) :]
-            assert chart.bars(BASE)[-3:] == [bars[-1], *later]
-            assert chart.call("() => window.tradecanvasChart.lastEventId()") >= events_before
-            # the only console errors are the browser's own reports of refused reconnects
-            assert all("WebSocket connection to" in e for e in chart.console_errors), (
-                chart.console_errors
-            )
-            assert len(chart.console_errors) >= errors_before_restart
-            chart.screenshot("chart-after-restart")
+    with live_chart(tmp_path, browser, newest=True) as (m, chart, bars):
+        events_before = chart.call("() => window.tradecanvasChart.lastEventId()")
+        assert m.stop_serve() == 0
+        chart.wait_until("() => window.tradecanvasChart.state() === 'reconnecting'")
+        assert "reconnecting" in chart.page.locator("#state").inner_text()
+        # refused a few times in a row (0.25 + 0.5 + 1 + 2 s of backoff): the page says
+        # it cannot reach the daemon
+        chart.wait_until(
+            "() => window.tradecanvasChart.notice().startsWith('cannot reach /ws/market')"
+        )
+        errors_before_restart = len(chart.console_errors)
+        # while the page is cut off, the restarted daemon stores two more closes
+        m.start_serve()
+        later = [
+            attrs.evolve(bars[-1], time=bars[-1].time + 60 * i, volume=float(i)) for i in (1, 2)
+        ]
+        for bar in later:
+            m.ingest(BASE, bar)
+        chart.wait_live()
+        # connected again: the notice is gone
+        assert chart.call("() => window.tradecanvasChart.notice()") == ""
+        assert chart.page.locator("#notice").is_hidden()
+        _last_closed_is(chart, later[-1].time)
+        # resumed from its cursors: nothing missed, nothing doubled
+        shown = chart.bars(BASE)
+        assert len(shown) >= 1000 + 2
+        assert shown == m.stored(BASE)[-len(shown) :]
+        assert chart.bars(BASE)[-3:] == [bars[-1], *later]
+        assert chart.call("() => window.tradecanvasChart.lastEventId()") >= events_before
+        # the only console errors are the browser's own reports of refused reconnects
+        assert all("WebSocket connection to" in e for e in chart.console_errors), (
+            chart.console_errors
+        )
+        assert len(chart.console_errors) >= errors_before_restart
+        chart.screenshot("chart-after-restart")
 
 
 def test_the_badge_says_stale_when_no_market_data_comes(tmp_path: Path, browser: Browser) -> None:
-    data, bars = trimmed_week(tmp_path, HISTORY + STREAMED)
-    with (
-        market(tmp_path, data, "--start-at", str(HISTORY)) as m,
-        chart_page(browser, m.http_url) as chart,
-    ):
-        # the page's clock is Playwright's: minutes of silence without waiting for them
-        chart.page.clock.install()
-        chart.open(BASE)
-        chart.wait_live()
+    # the page's clock is Playwright's: minutes of silence without waiting for them
+    with live_chart(tmp_path, browser, streamed=False, clock=True) as (m, chart, bars):
         # the replay is paused: connected to the daemon, which is connected upstream,
         # but no market data; after 90 s the badge says so, and not that the daemon
         # lost the exchange
@@ -335,8 +293,9 @@ def test_the_badge_says_stale_when_no_market_data_comes(tmp_path: Path, browser:
 def test_a_page_origin_outside_the_allow_list_gets_no_stream(
     tmp_path: Path, browser: Browser
 ) -> None:
-    data, _ = trimmed_week(tmp_path, HISTORY + STREAMED)
-    with market(tmp_path, data, TRADE_CANVAS_WS_ALLOWED_ORIGINS="https://charts.example") as m:
+    with replayed_day(
+        tmp_path, start_at=None, TRADE_CANVAS_WS_ALLOWED_ORIGINS="https://charts.example"
+    ) as (m, _):
         with chart_page(browser, m.http_url) as chart:
             # the page and the HTTP API load; its /ws/market upgrade is refused (403)
             chart.open(BASE)

@@ -19,20 +19,18 @@ from playwright.sync_api import Browser
 
 from tests.browser.rig import (
     BASE,
+    TC,
     Bar,
     ChartPage,
     Market,
     chart_page,
-    chromium,
-    market,
-    trimmed_week,
+    live_chart,
+    replayed_day,
 )
 from tests.browser.tcp_proxy import TcpProxy
-from tests.browser.test_chart_page import HISTORY, STREAMED
 
 pytestmark = [pytest.mark.browser, pytest.mark.e2e]
 
-TC: Final = "window.tradecanvasChart"
 UPRIGHT: Final[dict[str, Any]] = {  # Playwright's "iPhone SE"
     "viewport": {"width": 320, "height": 568},
     "device_scale_factor": 2,
@@ -51,20 +49,13 @@ RECORD_BADGES: Final = """() => {
 }"""
 
 
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    with chromium() as b:
-        yield b
-
-
 @contextmanager
 def proxied_phone(
     tmp_path: Path, browser: Browser, timing: dict[str, int], *, clock: bool = False
 ) -> Iterator[tuple[Market, TcpProxy, ChartPage, list[Bar]]]:
     """The daemon serving the replayed day, and a phone showing BASE live through the proxy
     (with ``clock``, the page's clock is Playwright's)."""
-    data, bars = trimmed_week(tmp_path, HISTORY + STREAMED)
-    with market(tmp_path, data, "--start-at", str(HISTORY)) as m, TcpProxy(m.http_port) as proxy:
+    with replayed_day(tmp_path) as (m, bars), TcpProxy(m.http_port) as proxy:
         m.resume_replay()
         with chart_page(browser, proxy.origin, timing=timing, **UPRIGHT) as chart:
             if clock:
@@ -81,15 +72,7 @@ def live_phone(
     tmp_path: Path, browser: Browser, device: dict[str, Any]
 ) -> Iterator[tuple[Market, ChartPage, list[Bar]]]:
     """The daemon serving the replayed day, and ``device`` showing BASE live, every bar in."""
-    data, bars = trimmed_week(tmp_path, HISTORY + STREAMED)
-    with (
-        market(tmp_path, data, "--start-at", str(HISTORY)) as m,
-        chart_page(browser, m.http_url, **device) as chart,
-    ):
-        m.resume_replay()
-        chart.open(BASE)
-        chart.wait_live()
-        chart.wait_until(f"(t) => {TC}.lastClosed() === t", bars[-1].time)
+    with live_chart(tmp_path, browser, newest=True, device=device) as (m, chart, bars):
         yield m, chart, bars
 
 

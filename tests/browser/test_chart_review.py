@@ -8,35 +8,30 @@ badge cut short in jargon (``closed 1006``)."""
 from __future__ import annotations
 
 import csv
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Final
 
 import pytest
 from playwright.sync_api import Browser, Route
 
-from tests.browser.rig import BASE, FIVE, chart_page, chromium, market, trimmed_week
+from tests.browser.rig import (
+    BASE,
+    FIVE,
+    TC,
+    WHOLE,
+    chart_page,
+    live_chart,
+    market,
+    replayed_day,
+)
 from tests.conftest import binance_data_dir
 
 pytestmark = [pytest.mark.browser, pytest.mark.e2e]
 
-TC: Final = "window.tradecanvasChart"
 ADA: Final = "binance:spot:ADA/BTC:1m"
 ADA_CSV: Final = "klines_1m_5m/spot_octobot/ADABTC-1m-2020-04-28_octobot.csv"
 ADA_HISTORY: Final = 300  # REST history; the other 200 bars are streamed
-HISTORY: Final = 1440
-STREAMED: Final = 30
 EVERY_TIMEFRAME: Final = "3m,5m,15m,30m,1h,2h,4h,1d,1w,1M"
-# the badge shows its whole text (a long one is cut at its end, with an ellipsis)
-WHOLE: Final = (
-    "() => { const b = document.getElementById('state'); return b.scrollWidth <= b.clientWidth; }"
-)
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    with chromium() as b:
-        yield b
 
 
 def _decimals(text: str) -> int:
@@ -96,20 +91,17 @@ def test_a_month_that_began_before_the_stored_history_says_when_its_first_bar_is
 ) -> None:
     # the store starts at 2025-07-06 08:00 (a Sunday), inside a day, a week and a month; the
     # stream ends before the next day
-    data, bars = trimmed_week(tmp_path, 1260)
-    with (
-        market(
-            tmp_path,
-            data,
-            "--start-at",
-            "1200",
-            TRADE_CANVAS_INITIAL_BACKFILL_CANDLES="720",
-            TRADE_CANVAS_DERIVED_TIMEFRAMES="1d,1w,1M",
-        ) as m,
-        chart_page(browser, m.http_url) as chart,
-    ):
-        chart.open(BASE)
-        chart.wait_live()
+    with live_chart(
+        tmp_path,
+        browser,
+        minutes=1260,
+        start_at=1200,
+        streamed=False,
+        serve_env={
+            "TRADE_CANVAS_INITIAL_BACKFILL_CANDLES": "720",
+            "TRADE_CANVAS_DERIVED_TIMEFRAMES": "1d,1w,1M",
+        },
+    ) as (m, chart, bars):
         m.resume_replay()
         chart.wait_until(f"(t) => {TC}.lastClosed() === t", bars[-1].time)
         assert m.stored(BASE)[0].time == 1_751_788_800  # 2025-07-06 08:00
@@ -139,94 +131,77 @@ def test_a_month_that_began_before_the_stored_history_says_when_its_first_bar_is
 def test_a_restarted_daemon_serving_other_timeframes_shows_a_served_one(
     tmp_path: Path, browser: Browser
 ) -> None:
-    data, bars = trimmed_week(tmp_path, HISTORY + STREAMED)
-    with market(tmp_path, data, "--start-at", str(HISTORY)) as m:
-        m.resume_replay()
-        with chart_page(browser, m.http_url) as chart:
-            chart.open(FIVE)
-            chart.wait_live()
-            # every badge state shown from now on, with the series it was shown over
-            chart.call(
-                """() => { window.shown = [];
-                new MutationObserver(() => window.shown.push(
-                    [window.tradecanvasChart.state(), window.tradecanvasChart.seriesId()]))
-                  .observe(document.getElementById('state'),
-                           {attributes: true, childList: true, subtree: true}); }"""
-            )
-            assert m.stop_serve() == 0
-            chart.wait_until(f"() => {TC}.state() === 'reconnecting'")
-            m.extra_env["TRADE_CANVAS_DERIVED_TIMEFRAMES"] = "1h"  # 5m is served no more
-            m.start_serve()
-            chart.wait_until(f"(s) => {TC}.seriesId() === s && {TC}.ready()", BASE)
-            chart.wait_live()
-            assert chart.call(f"() => {TC}.notice()") == (
-                f"{FIVE} is no longer served by this daemon: showing {BASE}"
-            )
-            buttons = chart.page.locator("#timeframes button").all_text_contents()
-            assert buttons == ["1m", "1h"]
-            assert chart.bars(BASE)[-1] == bars[-1]
-            shown = chart.call("() => window.shown")
-            assert ["live", FIVE] not in shown, shown  # never `live` over the unserved series
-            assert chart.page.url.endswith(f"?series={BASE}")
-            chart.screenshot("chart-timeframe-gone")
+    with live_chart(tmp_path, browser, series=FIVE) as (m, chart, bars):
+        # every badge state shown from now on, with the series it was shown over
+        chart.call(
+            """() => { window.shown = [];
+            new MutationObserver(() => window.shown.push(
+                [window.tradecanvasChart.state(), window.tradecanvasChart.seriesId()]))
+              .observe(document.getElementById('state'),
+                       {attributes: true, childList: true, subtree: true}); }"""
+        )
+        assert m.stop_serve() == 0
+        chart.wait_until(f"() => {TC}.state() === 'reconnecting'")
+        m.extra_env["TRADE_CANVAS_DERIVED_TIMEFRAMES"] = "1h"  # 5m is served no more
+        m.start_serve()
+        chart.wait_until(f"(s) => {TC}.seriesId() === s && {TC}.ready()", BASE)
+        chart.wait_live()
+        assert chart.call(f"() => {TC}.notice()") == (
+            f"{FIVE} is no longer served by this daemon: showing {BASE}"
+        )
+        buttons = chart.page.locator("#timeframes button").all_text_contents()
+        assert buttons == ["1m", "1h"]
+        assert chart.bars(BASE)[-1] == bars[-1]
+        shown = chart.call("() => window.shown")
+        assert ["live", FIVE] not in shown, shown  # never `live` over the unserved series
+        assert chart.page.url.endswith(f"?series={BASE}")
+        chart.screenshot("chart-timeframe-gone")
 
 
 def test_a_timeframe_chosen_while_the_daemon_is_down_keeps_the_chart_until_it_loads(
     tmp_path: Path, browser: Browser
 ) -> None:
-    data, bars = trimmed_week(tmp_path, HISTORY + STREAMED)
-    with market(tmp_path, data, "--start-at", str(HISTORY)) as m:
-        m.resume_replay()
-        with chart_page(browser, m.http_url) as chart:
-            chart.open(BASE)
-            chart.wait_live()
-            chart.wait_until(f"(t) => {TC}.lastClosed() === t", bars[-1].time)
-            held = len(chart.bars(BASE))
-            assert m.stop_serve() == 0
-            chart.wait_until(f"() => {TC}.state() === 'reconnecting'")
-            chart.page.get_by_role("button", name="5m", exact=True).click()
-            chart.wait_until(f"() => {TC}.notice().startsWith('cannot load ')")
-            legend = chart.call(f"() => {TC}.legend()")
-            assert legend.startswith(f"{FIVE} — loading…"), legend
-            assert "no candles yet" not in legend
-            assert chart.call(f"() => {TC}.drawn()") == held  # the 1m chart stays
-            chart.screenshot("chart-switch-while-down")
-            m.start_serve()
-            chart.wait_until(f"(s) => {TC}.seriesId() === s && {TC}.ready()", FIVE)
-            chart.wait_live()
-            assert chart.call(f"() => {TC}.drawn()") == len(chart.bars(FIVE)) > 0
-            assert chart.call(f"() => {TC}.notice()") == ""
+    with live_chart(tmp_path, browser, newest=True) as (m, chart, _):
+        held = len(chart.bars(BASE))
+        assert m.stop_serve() == 0
+        chart.wait_until(f"() => {TC}.state() === 'reconnecting'")
+        chart.page.get_by_role("button", name="5m", exact=True).click()
+        chart.wait_until(f"() => {TC}.notice().startsWith('cannot load ')")
+        legend = chart.call(f"() => {TC}.legend()")
+        assert legend.startswith(f"{FIVE} — loading…"), legend
+        assert "no candles yet" not in legend
+        assert chart.call(f"() => {TC}.drawn()") == held  # the 1m chart stays
+        chart.screenshot("chart-switch-while-down")
+        m.start_serve()
+        chart.wait_until(f"(s) => {TC}.seriesId() === s && {TC}.ready()", FIVE)
+        chart.wait_live()
+        assert chart.call(f"() => {TC}.drawn()") == len(chart.bars(FIVE)) > 0
+        assert chart.call(f"() => {TC}.notice()") == ""
 
 
 def test_the_badge_says_in_plain_words_why_it_reconnects_and_all_of_it_shows(
     tmp_path: Path, browser: Browser
 ) -> None:
-    data, _ = trimmed_week(tmp_path, HISTORY + STREAMED)
-    with market(
-        tmp_path, data, "--start-at", str(HISTORY), TRADE_CANVAS_DERIVED_TIMEFRAMES=EVERY_TIMEFRAME
-    ) as m:
-        m.resume_replay()
-        with chart_page(browser, m.http_url) as chart:  # 1280 px wide
-            chart.open("")  # an empty ?series= is no series named: no notice
-            chart.wait_live()
-            assert chart.call(f"() => {TC}.seriesId()") == BASE
-            assert chart.call(f"() => {TC}.notice()") == ""
-            assert chart.call(f"() => {TC}.decimals()") == 1  # BTC futures: a tick of 0.1
-            assert m.stop_serve() == 0
-            # each attempt after the daemon stopped says so, not only the first
-            chart.wait_until(f"() => {TC}.badge().includes('retry 3 ')")
-            badge = chart.call(f"() => {TC}.badge()")
-            assert badge.startswith("reconnecting: daemon stopped · retry 3 in "), badge
-            assert chart.call(WHOLE)
-            chart.screenshot("chart-badge-daemon-stopped")
+    with live_chart(
+        tmp_path,
+        browser,
+        series="",  # an empty ?series= is no series named: no notice
+        serve_env={"TRADE_CANVAS_DERIVED_TIMEFRAMES": EVERY_TIMEFRAME},
+    ) as (m, chart, _):  # 1280 px wide
+        assert chart.call(f"() => {TC}.seriesId()") == BASE
+        assert chart.call(f"() => {TC}.notice()") == ""
+        assert chart.call(f"() => {TC}.decimals()") == 1  # BTC futures: a tick of 0.1
+        assert m.stop_serve() == 0
+        # each attempt after the daemon stopped says so, not only the first
+        chart.wait_until(f"() => {TC}.badge().includes('retry 3 ')")
+        badge = chart.call(f"() => {TC}.badge()")
+        assert badge.startswith("reconnecting: daemon stopped · retry 3 in "), badge
+        assert chart.call(WHOLE)
+        chart.screenshot("chart-badge-daemon-stopped")
 
 
 def test_a_series_list_that_failed_to_load_is_asked_again(tmp_path: Path, browser: Browser) -> None:
-    data, _ = trimmed_week(tmp_path, HISTORY + STREAMED)
-    with (
-        market(tmp_path, data, "--start-at", str(HISTORY)) as m,
-        chart_page(browser, m.http_url) as chart,
-    ):
+    with replayed_day(tmp_path) as (m, _), chart_page(browser, m.http_url) as chart:
         failed: list[str] = []
 
         def first_fails(route: Route) -> None:

@@ -6,46 +6,15 @@ candles; the tests wait on the page's own data, never on a sleep."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import attrs
 import pytest
 from playwright.sync_api import Browser
 
-from tests.browser.rig import (
-    BASE,
-    FIVE,
-    Bar,
-    ChartPage,
-    Market,
-    chart_page,
-    chromium,
-    market,
-    trimmed_week,
-)
-from tests.browser.test_chart_page import HISTORY, HOUR, STREAMED
+from tests.browser.rig import BASE, FIVE, HOUR, ChartPage, live_chart
 
 pytestmark = [pytest.mark.browser, pytest.mark.e2e]
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    with chromium() as b:
-        yield b
-
-
-@contextmanager
-def live_page(tmp_path: Path, browser: Browser) -> Iterator[tuple[Market, ChartPage, list[Bar]]]:
-    """The replay resumed, the daemon serving it, and the page showing BASE live."""
-    data, bars = trimmed_week(tmp_path, HISTORY + STREAMED)
-    with market(tmp_path, data, "--start-at", str(HISTORY)) as m:
-        m.resume_replay()
-        with chart_page(browser, m.http_url) as chart:
-            chart.open(BASE)
-            chart.wait_live()
-            yield m, chart, bars
 
 
 def _selected_and_live(chart: ChartPage, series_id: str) -> None:
@@ -60,7 +29,7 @@ def test_clicking_quickly_through_timeframes_ends_live_on_the_last_one(
     """Sixty switches at once — three messages each, far over the daemon's 20 a second: the
     page paces what it sends and takes back what a later switch makes needless, so nothing
     is refused and the last choice goes live with its bars."""
-    with live_page(tmp_path, browser) as (m, chart, _):
+    with live_chart(tmp_path, browser) as (m, chart, _):
         chart.call(
             "([a, b, c]) => { for (let i = 0; i < 60; i++)"
             " window.tradecanvasChart.select([a, b, c][i % 3]); }",
@@ -76,7 +45,7 @@ def test_clicking_quickly_through_timeframes_ends_live_on_the_last_one(
 def test_a_timeframe_chosen_while_the_daemon_is_down_loads_once_it_is_back(
     tmp_path: Path, browser: Browser
 ) -> None:
-    with live_page(tmp_path, browser) as (m, chart, _):
+    with live_chart(tmp_path, browser) as (m, chart, _):
         assert m.stop_serve() == 0
         chart.wait_until("() => window.tradecanvasChart.state() === 'reconnecting'")
         chart.page.get_by_role("button", name="5m", exact=True).click()
@@ -94,7 +63,7 @@ def test_a_timeframe_chosen_while_the_daemon_is_down_loads_once_it_is_back(
 def test_the_legend_keeps_the_bar_under_the_cursor_while_bars_arrive(
     tmp_path: Path, browser: Browser
 ) -> None:
-    with live_page(tmp_path, browser) as (m, chart, bars):
+    with live_chart(tmp_path, browser) as (m, chart, bars):
         past = bars[-10]
         box = chart.page.locator("#chart").bounding_box()
         assert box is not None
@@ -121,15 +90,12 @@ def test_the_legend_keeps_the_bar_under_the_cursor_while_bars_arrive(
 def test_a_narrow_window_shows_the_whole_legend_and_a_bad_link_says_so(
     tmp_path: Path, browser: Browser
 ) -> None:
-    data, _ = trimmed_week(tmp_path, HISTORY + STREAMED)
-    with (
-        market(tmp_path, data, "--start-at", str(HISTORY)) as m,
-        chart_page(browser, m.http_url) as chart,
-    ):
-        m.resume_replay()
-        chart.page.set_viewport_size({"width": 800, "height": 600})
-        chart.open("binance:futures:DOGE/USDT:5m")
-        chart.wait_live()
+    with live_chart(
+        tmp_path,
+        browser,
+        series="binance:futures:DOGE/USDT:5m",
+        device={"viewport": {"width": 800, "height": 600}},
+    ) as (_, chart, _):
         assert chart.call("() => window.tradecanvasChart.seriesId()") == BASE
         chart.wait_until("() => window.tradecanvasChart.notice().includes('is not served')")
         legend = chart.page.locator("#legend")

@@ -19,6 +19,7 @@ import trio
 from tests.store_pg.conftest import pg_url as pg_url  # the roles' shared store (test_roles)
 from tradecanvas.bus.ids import StreamKeys
 from tradecanvas.bus.redis_io import open_redis
+from tradecanvas.store.sqlite import CandleStore
 
 SHARED_URL: Final = "redis://127.0.0.1:6379/0"
 # how long a private server may take to answer its first PING
@@ -64,15 +65,35 @@ def redis_url() -> str:
     return SHARED_URL
 
 
-@pytest.fixture
-async def keys(redis_url: str) -> AsyncIterator[StreamKeys]:
-    """A key prefix of this test's own; its keys are deleted afterwards."""
-    prefix = f"tctest:{uuid.uuid4().hex}:"
-    yield StreamKeys(prefix)
-    async with open_redis(redis_url) as client:
+def new_prefix(kind: str = "tctest") -> str:
+    """A bus key prefix nobody else uses on the shared Redis (``delete_prefix`` it after)."""
+    return f"{kind}:{uuid.uuid4().hex}:"
+
+
+async def delete_prefix(url: str, prefix: str) -> None:
+    """Delete every key under ``prefix`` on the Redis at ``url``."""
+    async with open_redis(url) as client:
         found = [key async for key in client.scan_iter(match=f"{prefix}*")]
         if found:
             await client.delete(found)
+
+
+@pytest.fixture
+async def keys(redis_url: str) -> AsyncIterator[StreamKeys]:
+    """A key prefix of this test's own; its keys are deleted afterwards."""
+    prefix = new_prefix()
+    yield StreamKeys(prefix)
+    await delete_prefix(redis_url, prefix)
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[CandleStore]:
+    """A SQLite store of the test's own (``m.sqlite3`` in tmp_path), closed afterwards."""
+    opened = await CandleStore.open(tmp_path / "m.sqlite3")
+    try:
+        yield opened
+    finally:
+        await opened.aclose()
 
 
 class PrivateRedis:

@@ -110,6 +110,14 @@ async def open_pipeline(tmp_path: Path, target: PublishTarget) -> IngestPipeline
     return IngestPipeline(store, target, [Timeframe.parse("5m")], "fp")
 
 
+async def run_closed(publisher: BusPublisher) -> None:
+    """Close ``publisher`` and run it to its end: what was queued before goes out first
+    (drain by closing)."""
+    publisher.close()
+    with trio.fail_after(WAIT_S):
+        await publisher.run()
+
+
 async def commit_and_publish(pipeline: IngestPipeline, candles: Sequence[Candle]) -> None:
     result = await pipeline.run(IngestBatch.of(BTC, candles, "ws"))
     pipeline.publish(result, best_effort=True)

@@ -21,6 +21,7 @@ from tests.bus.rig import (
     BTC5,
     T0,
     WAIT_S,
+    Publishing,
     RecordingSink,
     commit_and_publish,
     edge_feed,
@@ -28,6 +29,7 @@ from tests.bus.rig import (
     publishing,
 )
 from tests.serve.test_ws_server import closed_times
+from tradecanvas.bus.feed import EdgeFeed
 from tradecanvas.bus.ids import StreamId, StreamKeys, candle_entry_id
 from tradecanvas.bus.publisher import PublisherSettings
 from tradecanvas.bus.replies import RawEntry, candle_of
@@ -196,6 +198,21 @@ class FedHub:
                 await self._changed.wait()
 
 
+async def start_fed_hub(
+    bus: Publishing, url: str, keys: StreamKeys, reader: GatedReader | MarketStore
+) -> tuple[FedHub, EdgeFeed]:
+    """A feed into a real Hub reading the store through ``reader``, started in ``bus``'s
+    nursery and ready, and a tracer connection on the Hub subscribed to 5m (so the feed
+    publishes the 5m bars :meth:`FedHub.fed` waits for)."""
+    fed = FedHub(reader)
+    feed = edge_feed(url, bus.pipeline.store, keys, series={BTC1: None, BTC5: None})
+    await bus.nursery.start(feed.run, fed)
+    await feed.wait_ready()
+    tracer = Connection(fed.hub, bus.nursery, "tracer")
+    fed.hub.subscribe(tracer.subscriber, FIVE, None, batch=True)
+    return fed, feed
+
+
 @pytest.mark.parametrize("since_earlier", [False, True], ids=["since_null", "since_earlier"])
 async def test_a_late_subscriber_gets_the_candles_passed_over_once_in_order(
     redis_url: str, keys: StreamKeys, tmp_path: Path, since_earlier: bool
@@ -203,13 +220,8 @@ async def test_a_late_subscriber_gets_the_candles_passed_over_once_in_order(
     history = minutes(T0, 40)
     async with publishing(redis_url, tmp_path, PublisherSettings(keys=keys)) as bus:
         reader = GatedReader(bus.pipeline.store)
-        fed = FedHub(reader)
+        fed, feed = await start_fed_hub(bus, redis_url, keys, reader)
         hub = fed.hub
-        feed = edge_feed(redis_url, bus.pipeline.store, keys, series={BTC1: None, BTC5: None})
-        await bus.nursery.start(feed.run, fed)
-        await feed.wait_ready()
-        tracer = Connection(hub, bus.nursery, "tracer")
-        hub.subscribe(tracer.subscriber, FIVE, None, batch=True)
         await commit_and_publish(bus.pipeline, history[:20])
         await fed.fed(T0 + 900)
         assert feed.statistics().passed_over == 20
@@ -247,13 +259,8 @@ async def test_subscribers_coming_and_going_get_each_candle_once_in_order(
     history = minutes(T0, 400)
     published = 0
     async with publishing(redis_url, tmp_path, PublisherSettings(keys=keys)) as bus:
-        fed = FedHub(bus.pipeline.store)
+        fed, feed = await start_fed_hub(bus, redis_url, keys, bus.pipeline.store)
         hub = fed.hub
-        feed = edge_feed(redis_url, bus.pipeline.store, keys, series={BTC1: None, BTC5: None})
-        await bus.nursery.start(feed.run, fed)
-        await feed.wait_ready()
-        tracer = Connection(hub, bus.nursery, "tracer")
-        hub.subscribe(tracer.subscriber, FIVE, None, batch=True)
 
         async def publish(count: int) -> None:
             nonlocal published

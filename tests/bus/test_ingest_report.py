@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -88,51 +87,47 @@ async def _until(watch: IngestReportWatch, shown: Callable[[dict[str, Any]], boo
 
 
 async def test_the_holder_reports_binance_and_the_report_goes_with_the_lease(
-    tmp_path: Path, redis_url: str, keys: StreamKeys
+    store: CandleStore, redis_url: str, keys: StreamKeys
 ) -> None:
-    store = await CandleStore.open(tmp_path / "m.sqlite3")
     connected = [False]
-    try:
-        leader = IngestLeader(
-            redis_url, keys, FencedStore(store), Metrics(), timing=LeaseTiming(400), node="a"
-        )
-        leader.upstream_connected = lambda: connected[0]
-        watch = IngestReportWatch(redis_url, keys, poll_s=0.02)
+    leader = IngestLeader(
+        redis_url, keys, FencedStore(store), Metrics(), timing=LeaseTiming(400), node="a"
+    )
+    leader.upstream_connected = lambda: connected[0]
+    watch = IngestReportWatch(redis_url, keys, poll_s=0.02)
 
-        async def nothing() -> None:
-            pass
+    async def nothing() -> None:
+        pass
 
-        async with trio.open_nursery() as nursery:
-            await nursery.start(watch.run)
-            await _until(watch, lambda f: f == {"ingest": None})  # nobody holds the lease
-            async with trio.open_nursery() as alive:
-                await alive.start(leader.run, nothing)
-                lost = {"ingest": {"node": "a", "upstream_connected": False}}
-                await _until(watch, lambda f: f == lost)
-                connected[0] = True
-                up = {"ingest": {"node": "a", "upstream_connected": True}}
-                await _until(watch, lambda f: f == up)
-                # the key expires with the lease's TTL
-                async with open_redis(redis_url) as client:
-                    ttl = await client.pttl(keys.ingest_report)
-                assert 0 < ttl <= 400
-                alive.cancel_scope.cancel()  # killed: no release, no more renewals
-            await _until(watch, lambda f: f == {"ingest": None})
+    async with trio.open_nursery() as nursery:
+        await nursery.start(watch.run)
+        await _until(watch, lambda f: f == {"ingest": None})  # nobody holds the lease
+        async with trio.open_nursery() as alive:
+            await alive.start(leader.run, nothing)
+            lost = {"ingest": {"node": "a", "upstream_connected": False}}
+            await _until(watch, lambda f: f == lost)
+            connected[0] = True
+            up = {"ingest": {"node": "a", "upstream_connected": True}}
+            await _until(watch, lambda f: f == up)
+            # the key expires with the lease's TTL
             async with open_redis(redis_url) as client:
-                assert await client.get(keys.lease) is None  # gone with the same TTL
-            # a clean stop lets both go at once (the TTL is long here: no expiry helps)
-            slow = IngestLeader(
-                redis_url, keys, FencedStore(store), Metrics(), timing=LeaseTiming(60_000)
-            )
-            async with trio.open_nursery() as alive:
-                await alive.start(slow.run, nothing)
-                await _until(watch, lambda f: f.get("ingest") is not None)
-                alive.cancel_scope.cancel()
-            await slow.release()
-            await _until(watch, lambda f: f == {"ingest": None})
-            nursery.cancel_scope.cancel()
-    finally:
-        await store.aclose()
+                ttl = await client.pttl(keys.ingest_report)
+            assert 0 < ttl <= 400
+            alive.cancel_scope.cancel()  # killed: no release, no more renewals
+        await _until(watch, lambda f: f == {"ingest": None})
+        async with open_redis(redis_url) as client:
+            assert await client.get(keys.lease) is None  # gone with the same TTL
+        # a clean stop lets both go at once (the TTL is long here: no expiry helps)
+        slow = IngestLeader(
+            redis_url, keys, FencedStore(store), Metrics(), timing=LeaseTiming(60_000)
+        )
+        async with trio.open_nursery() as alive:
+            await alive.start(slow.run, nothing)
+            await _until(watch, lambda f: f.get("ingest") is not None)
+            alive.cancel_scope.cancel()
+        await slow.release()
+        await _until(watch, lambda f: f == {"ingest": None})
+        nursery.cancel_scope.cancel()
 
 
 async def test_the_watch_says_why_it_knows_nothing_while_redis_is_away(

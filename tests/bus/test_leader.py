@@ -45,80 +45,69 @@ async def test_the_fence_refuses_a_stale_holder(tmp_path: Path) -> None:
 
 
 async def test_a_standby_takes_over_and_a_deposed_holder_stops(
-    tmp_path: Path, redis_url: str, keys: StreamKeys
+    store: CandleStore, redis_url: str, keys: StreamKeys
 ) -> None:
-    store = await CandleStore.open(tmp_path / "m.sqlite3")
     started: list[str] = []
-    try:
-        nodes = {
-            name: IngestLeader(
-                redis_url, keys, FencedStore(store), Metrics(), timing=TIMING, node=name
-            )
-            for name in ("a", "b")
-        }
+    nodes = {
+        name: IngestLeader(redis_url, keys, FencedStore(store), Metrics(), timing=TIMING, node=name)
+        for name in ("a", "b")
+    }
 
-        def on_leader(name: str) -> Callable[[], Awaitable[None]]:
-            async def start() -> None:
-                started.append(name)
+    def on_leader(name: str) -> Callable[[], Awaitable[None]]:
+        async def start() -> None:
+            started.append(name)
 
-            return start
+        return start
 
-        async with trio.open_nursery() as nursery:
-            async with trio.open_nursery() as a_alive:
-                await a_alive.start(nodes["a"].run, on_leader("a"))
-                with trio.fail_after(WAIT_S):
-                    await nodes["a"].wait_leader()
-                nursery.start_soon(nodes["b"].run, on_leader("b"))
-                # a holds it: b stands by, however often it asks
-                async with open_redis(redis_url) as client:
-                    assert await client.get(keys.lease) == b"a"
-                # a dies without letting go: b gets it once the TTL ran out
-                a_alive.cancel_scope.cancel()
+    async with trio.open_nursery() as nursery:
+        async with trio.open_nursery() as a_alive:
+            await a_alive.start(nodes["a"].run, on_leader("a"))
             with trio.fail_after(WAIT_S):
-                await nodes["b"].wait_leader()
-            assert started == ["a", "b"]
-            assert nodes["b"].store.token == 2
-            # someone else holds the lease now: b's next renewal deposes it
+                await nodes["a"].wait_leader()
+            nursery.start_soon(nodes["b"].run, on_leader("b"))
+            # a holds it: b stands by, however often it asks
             async with open_redis(redis_url) as client:
-                await client.set(keys.lease, "c")
-            nursery.cancel_scope.cancel()
-        deposed = IngestLeader(redis_url, keys, FencedStore(store), Metrics(), timing=TIMING)
-        deposed.core.on_acquire(True, None, trio.current_time())
-        with pytest.raises(IngestFenced, match="node c holds the lease now"):
-            with trio.fail_after(WAIT_S):
-                await deposed.run(on_leader("x"))
-    finally:
-        await store.aclose()
+                assert await client.get(keys.lease) == b"a"
+            # a dies without letting go: b gets it once the TTL ran out
+            a_alive.cancel_scope.cancel()
+        with trio.fail_after(WAIT_S):
+            await nodes["b"].wait_leader()
+        assert started == ["a", "b"]
+        assert nodes["b"].store.token == 2
+        # someone else holds the lease now: b's next renewal deposes it
+        async with open_redis(redis_url) as client:
+            await client.set(keys.lease, "c")
+        nursery.cancel_scope.cancel()
+    deposed = IngestLeader(redis_url, keys, FencedStore(store), Metrics(), timing=TIMING)
+    deposed.core.on_acquire(True, None, trio.current_time())
+    with pytest.raises(IngestFenced, match="node c holds the lease now"):
+        with trio.fail_after(WAIT_S):
+            await deposed.run(on_leader("x"))
 
 
 async def test_release_lets_the_standby_in_at_once(
-    redis_url: str, keys: StreamKeys, tmp_path: Path
+    store: CandleStore, redis_url: str, keys: StreamKeys
 ) -> None:
-    store = await CandleStore.open(tmp_path / "m.sqlite3")
-    try:
-        leader = IngestLeader(redis_url, keys, FencedStore(store), Metrics(), timing=TIMING)
+    leader = IngestLeader(redis_url, keys, FencedStore(store), Metrics(), timing=TIMING)
 
-        async def nothing() -> None:
-            pass
+    async def nothing() -> None:
+        pass
 
-        async with trio.open_nursery() as nursery:
-            await nursery.start(leader.run, nothing)
-            with trio.fail_after(WAIT_S):
-                await leader.wait_leader()
-            nursery.cancel_scope.cancel()
-        await leader.release()
-        async with open_redis(redis_url) as client:
-            assert await client.get(keys.lease) is None
-    finally:
-        await store.aclose()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(leader.run, nothing)
+        with trio.fail_after(WAIT_S):
+            await leader.wait_leader()
+        nursery.cancel_scope.cancel()
+    await leader.release()
+    async with open_redis(redis_url) as client:
+        assert await client.get(keys.lease) is None
 
 
 async def test_a_node_that_starts_without_redis_says_so_once(
-    tmp_path: Path, keys: StreamKeys, caplog: pytest.LogCaptureFixture
+    store: CandleStore, keys: StreamKeys, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Redis refused from the start: one 'Redis failed' line beside 'stands by' (alone it
     read as if another node held the lease), not one per attempt."""
-    store = await CandleStore.open(tmp_path / "m.sqlite3")
     node = IngestLeader(
         "redis://127.0.0.1:1/0", keys, FencedStore(store), Metrics(), timing=TIMING, node="a"
     )
@@ -139,14 +128,11 @@ async def test_a_node_that_starts_without_redis_says_so_once(
             asked.release()
 
     node._ask = counted  # type: ignore[method-assign]
-    try:
-        with caplog.at_level("INFO", logger="tradecanvas.bus.leader"):
-            async with trio.open_nursery() as nursery:
-                await nursery.start(node.run, never)
-                with trio.fail_after(WAIT_S):
-                    for _ in range(3):  # several attempts, all refused
-                        await asked.acquire()
-                nursery.cancel_scope.cancel()
-        assert len(failures()) == 1 and failures()[0].endswith("standing by")
-    finally:
-        await store.aclose()
+    with caplog.at_level("INFO", logger="tradecanvas.bus.leader"):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(node.run, never)
+            with trio.fail_after(WAIT_S):
+                for _ in range(3):  # several attempts, all refused
+                    await asked.acquire()
+            nursery.cancel_scope.cancel()
+    assert len(failures()) == 1 and failures()[0].endswith("standing by")

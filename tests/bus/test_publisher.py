@@ -11,12 +11,12 @@ from tests.bus.conftest import PrivateRedis
 from tests.bus.rig import (
     BTC1,
     T0,
-    WAIT_S,
     RecordingSink,
     commit_and_publish,
     edge_feed,
     minutes,
     open_pipeline,
+    run_closed,
     stored_events,
 )
 from tradecanvas.bus.feed import EdgeFeed, FeedSettings
@@ -32,9 +32,7 @@ from tradecanvas.wire.bus import CANDLE_FIELD
 async def test_close_drains_the_outbox_and_ends_run(redis_url: str, keys: StreamKeys) -> None:
     publisher = BusPublisher(redis_url, PublisherSettings(keys=keys, batch_max=7))
     publisher.publish_closed(BTC1, minutes(T0, 50))  # queued before it runs
-    publisher.close()
-    with trio.fail_after(WAIT_S):
-        await publisher.run()
+    await run_closed(publisher)
     async with open_redis(redis_url) as client:
         assert await client.xlen(keys.series(BTC1)) == 50
     assert publisher.statistics().batches == 8
@@ -50,9 +48,7 @@ async def test_an_entry_redis_refuses_otherwise_is_dropped_and_the_rest_go(
     publisher.publish_closed(broken, minutes(T0, 2))
     publisher.publish_closed(BTC1, minutes(T0, 3))
     publisher.publish_system(SystemEvent(BTC1, "new_series", T0, T0 + 120))  # no event_id
-    publisher.close()
-    with trio.fail_after(WAIT_S):
-        await publisher.run()
+    await run_closed(publisher)
     stats = publisher.statistics()
     assert (stats.outbox.failed, stats.outbox.appended, stats.events_without_id) == (2, 3, 1)
     assert "WRONGTYPE" in str(publisher.health().last_error)
@@ -68,9 +64,7 @@ async def test_a_batch_whose_script_fails_as_a_whole_is_counted_as_failed(
         await client.set(keys.batches, "not a stream")
     publisher = BusPublisher(redis_url, PublisherSettings(keys=keys))
     publisher.publish_closed(BTC1, minutes(T0, 3))
-    publisher.close()
-    with trio.fail_after(WAIT_S):
-        await publisher.run()
+    await run_closed(publisher)
     stats = publisher.statistics()
     assert (stats.outbox.failed, stats.outbox.appended, stats.batches) == (3, 0, 1)
     assert "wrong kind of value" in str(publisher.health().last_error)

@@ -6,11 +6,9 @@ not hold (a foreign one) is not trusted: the tail starts where it would have."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import trio
 
-from tests.bus.rig import BTC1, WAIT_S
+from tests.bus.rig import BTC1, WAIT_S, run_closed
 from tradecanvas.bus.ids import StreamId, StreamKeys
 from tradecanvas.bus.publisher import BusPublisher, PublisherSettings
 from tradecanvas.bus.redis_io import open_redis
@@ -37,56 +35,46 @@ async def _publish(url: str, keys: StreamKeys, store: MarketStore, ids: list[int
     publisher = BusPublisher(url, PublisherSettings(keys=keys))
     for event_id in ids:
         publisher.publish_system(SystemEvent.from_stored(stored[event_id]))
-    publisher.close()
-    with trio.fail_after(WAIT_S):
-        await publisher.run()
+    await run_closed(publisher)
 
 
 async def test_a_node_taking_over_does_not_publish_again_what_the_previous_holder_did(
-    redis_url: str, keys: StreamKeys, tmp_path: Path
+    store: CandleStore, redis_url: str, keys: StreamKeys
 ) -> None:
-    store = await CandleStore.open(tmp_path / "m.sqlite3")
-    try:
-        before = await _log(store, 2)  # the log when the standby started: its cursor
-        published = await _log(store, 40)  # the holder's events, published
-        unpublished = await _log(store, 3)  # committed; the holder died before publishing
-        await _publish(redis_url, keys, store, before + published)
-        publisher = BusPublisher(redis_url, PublisherSettings(keys=keys))
-        tail = EventTail(store, publisher, cursor=before[-1])
-        async with trio.open_nursery() as nursery:
-            await nursery.start(publisher.run)
-            with trio.fail_after(WAIT_S):
-                await nursery.start(tail.run)  # the lease is taken over: the tail starts
-                await publisher.wait_drained()
-            # only what the holder did not publish: nothing sent again, nothing refused
-            stats = publisher.statistics().outbox
-            assert (tail.published, stats.appended, stats.already_published) == (3, 3, 0)
-            assert tail.cursor == unpublished[-1]
-            nursery.cancel_scope.cancel()
-        async with open_redis(redis_url) as client:
-            entries = await client.xrange(keys.events)
-        ids = [StreamId.parse(e.identifier).ms for e in entries]
-        assert ids == before + published + unpublished
-    finally:
-        await store.aclose()
+    before = await _log(store, 2)  # the log when the standby started: its cursor
+    published = await _log(store, 40)  # the holder's events, published
+    unpublished = await _log(store, 3)  # committed; the holder died before publishing
+    await _publish(redis_url, keys, store, before + published)
+    publisher = BusPublisher(redis_url, PublisherSettings(keys=keys))
+    tail = EventTail(store, publisher, cursor=before[-1])
+    async with trio.open_nursery() as nursery:
+        await nursery.start(publisher.run)
+        with trio.fail_after(WAIT_S):
+            await nursery.start(tail.run)  # the lease is taken over: the tail starts
+            await publisher.wait_drained()
+        # only what the holder did not publish: nothing sent again, nothing refused
+        stats = publisher.statistics().outbox
+        assert (tail.published, stats.appended, stats.already_published) == (3, 3, 0)
+        assert tail.cursor == unpublished[-1]
+        nursery.cancel_scope.cancel()
+    async with open_redis(redis_url) as client:
+        entries = await client.xrange(keys.events)
+    ids = [StreamId.parse(e.identifier).ms for e in entries]
+    assert ids == before + published + unpublished
 
 
 async def test_a_stream_top_the_log_does_not_hold_is_not_trusted(
-    redis_url: str, keys: StreamKeys, tmp_path: Path
+    store: CandleStore, redis_url: str, keys: StreamKeys
 ) -> None:
-    store = await CandleStore.open(tmp_path / "m.sqlite3")
-    try:
-        before = await _log(store, 1)
-        later = await _log(store, 2)
-        async with open_redis(redis_url) as client:  # an id no event of the log has
-            await client.xadd(keys.events, {EVENT_FIELD: b"{}"}, identifier="999-0")
-        publisher = BusPublisher(redis_url, PublisherSettings(keys=keys))
-        assert await publisher.published_event_id() == 999
-        tail = EventTail(store, publisher, cursor=before[-1])
-        async with trio.open_nursery() as nursery:
-            with trio.fail_after(WAIT_S):
-                await nursery.start(tail.run)
-            assert tail.published == 2 and tail.cursor == later[-1]
-            nursery.cancel_scope.cancel()
-    finally:
-        await store.aclose()
+    before = await _log(store, 1)
+    later = await _log(store, 2)
+    async with open_redis(redis_url) as client:  # an id no event of the log has
+        await client.xadd(keys.events, {EVENT_FIELD: b"{}"}, identifier="999-0")
+    publisher = BusPublisher(redis_url, PublisherSettings(keys=keys))
+    assert await publisher.published_event_id() == 999
+    tail = EventTail(store, publisher, cursor=before[-1])
+    async with trio.open_nursery() as nursery:
+        with trio.fail_after(WAIT_S):
+            await nursery.start(tail.run)
+        assert tail.published == 2 and tail.cursor == later[-1]
+        nursery.cancel_scope.cancel()

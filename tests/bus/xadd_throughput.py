@@ -11,11 +11,11 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-import uuid
 
 import trio
 from coredis import PureToken
 
+from tests.bus.conftest import delete_prefix, new_prefix
 from tests.bus.rig import T0, minutes
 from tradecanvas.bus.ids import StreamKeys, candle_entry_id
 from tradecanvas.bus.publisher import DEFAULT_MAXLEN, BusPublisher, PublisherSettings
@@ -23,19 +23,12 @@ from tradecanvas.bus.redis_io import open_redis
 from tradecanvas.wire.bus import CANDLE_FIELD, encode_candle
 
 
-async def _clean(url: str, prefix: str) -> None:
-    async with open_redis(url) as client:
-        found = [key async for key in client.scan_iter(match=f"{prefix}*")]
-        if found:
-            await client.delete(found)
-
-
 async def measure(url: str, series: int, count: int) -> tuple[float, float]:
     ids = [f"binance:futures:S{i}/USDT:1m" for i in range(series)]
     bars = minutes(T0, count)
     total = series * count
     # one awaited XADD per candle, as a naive publisher does
-    keys = StreamKeys(f"tcbench:{uuid.uuid4().hex}:")
+    keys = StreamKeys(new_prefix("tcbench"))
     async with open_redis(url) as client:
         start = time.perf_counter()
         for bar in bars:
@@ -49,9 +42,9 @@ async def measure(url: str, series: int, count: int) -> tuple[float, float]:
                     threshold=DEFAULT_MAXLEN,
                 )
         single = total / (time.perf_counter() - start)
-    await _clean(url, keys.prefix)
+    await delete_prefix(url, keys.prefix)
     # the publisher: each minute's closes of every series handed over at once, as a commit does
-    keys = StreamKeys(f"tcbench:{uuid.uuid4().hex}:")
+    keys = StreamKeys(new_prefix("tcbench"))
     publisher = BusPublisher(url, PublisherSettings(keys=keys))
     async with trio.open_nursery() as nursery:
         await nursery.start(publisher.run)
@@ -65,7 +58,7 @@ async def measure(url: str, series: int, count: int) -> tuple[float, float]:
         batched = total / (time.perf_counter() - start)
         nursery.cancel_scope.cancel()
     assert publisher.statistics().outbox.appended == total
-    await _clean(url, keys.prefix)
+    await delete_prefix(url, keys.prefix)
     return single, batched
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, Final
 
@@ -34,6 +35,7 @@ from tests.serve.test_ws_server import (
     subscribe_msg,
 )
 from tradecanvas.serve.stall_watch import STALL_SAMPLES
+from tradecanvas.serve.subscriber import Subscriber
 from tradecanvas.serve.ws_session import CLOSE_TIMEOUT_S
 from tradecanvas.store.sqlite import CandleStore
 from tradecanvas.wire.json import loads
@@ -94,6 +96,52 @@ def slow_closes(market: Market, cause: str) -> float:
     return float(value)
 
 
+def all_slow_closes(market: Market) -> float:
+    """Slow-consumer closes of either cause."""
+    return sum(slow_closes(market, cause) for cause in ("stalled", "send_timeout"))
+
+
+async def reads_it_all_never_closed(
+    market: Market, client: trio_websocket.WebSocketConnection, subscriber: Subscriber
+) -> None:
+    """The client, reading again, gets the whole catch-up in order; it was never closed."""
+    assert await read_all(client, CATCH_UP) == expected_times()
+    assert subscriber.close_code is None
+    assert all_slow_closes(market) == 0
+
+
+@asynccontextmanager
+async def one_client_not_reading(
+    store: CandleStore,
+    over: str,
+    *,
+    send_timeout_s: float,
+    stall_timeout_s: float = STALL_S,
+    since: int = T0 - 60,
+    batch: bool = True,
+    receive_buffer: int | None = None,
+) -> AsyncIterator[tuple[Market, trio_websocket.WebSocketConnection, Subscriber]]:
+    """A market (catch-up limit 100) and one client with a 1-message queue, subscribed to
+    SID_1M from ``since``, that reads nothing until the test reads from it: the market, the
+    client and the daemon's subscriber for it."""
+    async with (
+        running_market(
+            store,
+            catchup_limit=100,
+            send_timeout_s=send_timeout_s,
+            stall_timeout_s=stall_timeout_s,
+            over=over,
+        ) as market,
+        connect(
+            market.port, receive_buffer=receive_buffer, message_queue_size=1, quick_ack=True
+        ) as client,
+    ):
+        await send(client, subscribe_msg(SID_1M, since=since, batch=batch))
+        await market.hub.wait_subscribers(1)
+        (subscriber,) = market.hub.subscribers()
+        yield market, client, subscriber
+
+
 @pytest.mark.parametrize("over", TRANSPORTS)
 async def test_a_stuck_client_is_closed_within_the_stall_time_and_gets_its_4008(
     store: CandleStore, over: str, clock: trio.testing.MockClock
@@ -141,25 +189,19 @@ async def test_a_stuck_client_is_closed_within_the_stall_time_and_gets_its_4008(
 async def test_a_client_that_pauses_for_less_than_the_stall_time_is_not_closed(
     store: CandleStore, over: str, clock: trio.testing.MockClock
 ) -> None:
-    async with (
-        running_market(
-            store, catchup_limit=100, send_timeout_s=STALL_S, stall_timeout_s=STALL_S, over=over
-        ) as market,
-        connect(market.port, message_queue_size=1, quick_ack=True) as pausing,
-    ):
-        await send(pausing, subscribe_msg(SID_1M, since=T0 - 60, batch=True))
-        await market.hub.wait_subscribers(1)
+    async with one_client_not_reading(
+        store,
+        over,
+        send_timeout_s=STALL_S,
+    ) as (market, pausing, subscriber):
         await trio.sleep(0.6 * STALL_S)  # reads nothing: the catch-up backs up
-        (subscriber,) = market.hub.subscribers()
         assert subscriber.in_flight is not None and subscriber.in_flight.behind_s > 0
         # /metrics shows it: bytes in flight, seconds behind
         text = market.metrics.render().decode()
         assert 'tradecanvas_subscriber_in_flight_bytes_bucket{le="0"} 0.0' in text
         assert 'tradecanvas_subscriber_behind_seconds_bucket{le="0"} 0.0' in text
         assert "tradecanvas_subscriber_behind_seconds_gcount 1.0" in text
-        assert await read_all(pausing, CATCH_UP) == expected_times()
-        assert subscriber.close_code is None
-        assert sum(slow_closes(market, c) for c in ("stalled", "send_timeout")) == 0
+        await reads_it_all_never_closed(market, pausing, subscriber)
 
 
 @pytest.mark.parametrize("over", TRANSPORTS)
@@ -222,17 +264,14 @@ async def test_a_stuck_client_with_a_large_receive_buffer_is_closed_within_the_s
     the stall time of its last read, whatever its buffers; and when it reads again it gets
     everything sent before, in order, then the 4008 close frame."""
     live_start = T0 + 60 * CATCH_UP
-    async with (
-        running_market(
-            store, catchup_limit=100, send_timeout_s=3600, stall_timeout_s=STALL_S, over=over
-        ) as market,
-        connect(
-            market.port, receive_buffer=4 * 1024 * 1024, message_queue_size=1, quick_ack=True
-        ) as stuck,
-    ):
-        await send(stuck, subscribe_msg(SID_1M, since=live_start - 60))
-        await market.hub.wait_subscribers(1)
-        (subscriber,) = market.hub.subscribers()
+    async with one_client_not_reading(
+        store,
+        over,
+        send_timeout_s=3600,
+        since=live_start - 60,
+        batch=False,
+        receive_buffer=4 * 1024 * 1024,
+    ) as (market, stuck, subscriber):
         assert subscriber.in_flight is not None
         published: list[int] = []
         # (when each candle was published, the bytes written to the client before it)
@@ -279,21 +318,15 @@ async def test_a_pause_of_the_daemon_during_a_blocked_send_closes_no_client(
     write to a client was blocked on its full socket: the pause counts against no send
     either (a trio deadline expired on resuming before the stall watch could tell the
     pause, and the client was closed with 4008 ``a send took longer than …``)."""
-    async with (
-        running_market(
-            store, catchup_limit=100, send_timeout_s=STALL_S, stall_timeout_s=STALL_S, over=over
-        ) as market,
-        connect(market.port, message_queue_size=1, quick_ack=True) as pausing,
-    ):
-        await send(pausing, subscribe_msg(SID_1M, since=T0 - 60, batch=True))
-        await market.hub.wait_subscribers(1)
+    async with one_client_not_reading(
+        store,
+        over,
+        send_timeout_s=STALL_S,
+    ) as (market, pausing, subscriber):
         await trio.sleep(0.3 * STALL_S)  # reads nothing: a write of the catch-up blocks
-        (subscriber,) = market.hub.subscribers()
         assert subscriber.in_flight is not None and subscriber.in_flight.behind_s > 0
         clock.jump(3 * STALL_S)  # nothing runs meanwhile: the whole process paused
-        assert await read_all(pausing, CATCH_UP) == expected_times()
-        assert subscriber.close_code is None
-        assert sum(slow_closes(market, c) for c in ("stalled", "send_timeout")) == 0
+        await reads_it_all_never_closed(market, pausing, subscriber)
 
 
 @pytest.mark.parametrize("over", TRANSPORTS)
@@ -305,19 +338,9 @@ async def test_a_send_over_the_send_timeout_is_cut_by_the_sweep_within_a_tick(
     send_timeout_s = STALL_S
     stall_timeout_s = 4 * STALL_S  # far off: the send timeout is what cuts it
     tick_s = stall_timeout_s / STALL_SAMPLES
-    async with (
-        running_market(
-            store,
-            catchup_limit=100,
-            send_timeout_s=send_timeout_s,
-            stall_timeout_s=stall_timeout_s,
-            over=over,
-        ) as market,
-        connect(market.port, message_queue_size=1, quick_ack=True) as stuck,
-    ):
-        await send(stuck, subscribe_msg(SID_1M, since=T0 - 60, batch=True))
-        await market.hub.wait_subscribers(1)
-        (subscriber,) = market.hub.subscribers()
+    async with one_client_not_reading(
+        store, over, send_timeout_s=send_timeout_s, stall_timeout_s=stall_timeout_s
+    ) as (market, _, subscriber):
         started = trio.current_time()
         await market.hub.wait_subscribers(0)
         closed_after = trio.current_time() - started
