@@ -164,7 +164,6 @@ async def test_a_stuck_client_is_closed_within_the_stall_time_and_gets_its_4008(
         closed_after = trio.current_time() - started
         assert stuck_subscriber.close_code == 4008
         assert stuck_subscriber.slow_cause == "stalled"
-        # the stall clock errs early, by one sample at most; never late
         # the stall clock errs early, by one sample at most; late by no more than the
         # time its buffers took to fill
         interval = STALL_S / STALL_SAMPLES
