@@ -26,6 +26,7 @@ from tradecanvas.serve.chart_page import (
     chart_page_routes,
     content_type_of,
     load_static_files,
+    versioned_page,
 )
 
 VENDOR = STATIC_DIR / "vendor"
@@ -40,7 +41,7 @@ async def test_the_page_and_its_assets_are_served_with_their_types(tmp_path: Pat
         assert page.headers["content-security-policy"] == CONTENT_SECURITY_POLICY
         assert page.headers["x-content-type-options"] == "nosniff"
         # every file the page loads is served, with its type
-        loaded = re.findall(r'(?:src|href)="(/assets/[^"]+)"', page.text)
+        loaded = re.findall(r'(?:src|href)="(/assets/[^"?]+)(?:\?v=[0-9a-f]+)?"', page.text)
         assert "/assets/chart.js" in loaded and f"/assets/vendor/{LWC}" in loaded
         for path in loaded:
             r = await api.client.get(path)
@@ -69,7 +70,7 @@ async def test_the_files_go_gzipped_when_asked_and_304_while_current(
     tmp_path: Path, path: str
 ) -> None:
     name = "index.html" if path == "/" else path.removeprefix("/assets/")
-    plain_bytes = (STATIC_DIR / name).read_bytes()
+    plain_bytes = chart_files()[name].body
     async with running_api(tmp_path) as api:
         zipped, body = await _raw(api.client, path, **{"Accept-Encoding": "gzip, deflate, br"})
         assert zipped.status_code == 200
@@ -204,3 +205,39 @@ def test_the_vendored_chart_library_matches_its_recorded_version() -> None:
     assert hashlib.sha256(body).hexdigest() == digest
     assert b"TradingView Lightweight Charts\xe2\x84\xa2 v5.2.1" in body[:300]
     assert "Apache License" in (VENDOR / "lightweight-charts.LICENSE").read_text()
+
+
+def chart_files() -> dict[str, StaticFile]:
+    """The files as the routes serve them: the page with its versioned references."""
+    files = load_static_files()
+    files["index.html"] = versioned_page(files["index.html"], files)
+    return files
+
+
+async def test_the_page_names_its_files_by_version_and_those_are_cached_for_good(
+    tmp_path: Path,
+) -> None:
+    """A reload revalidated every file (a 304 each: 13 round trips before the chart could
+    draw). The page names each file with its version; asked for with it, a file is cached
+    for a year without revalidation (its bytes never change at that URL); asked for without
+    it or with another (a page of an older release), it is revalidated as before."""
+    files = load_static_files()
+    async with running_api(tmp_path) as api:
+        page = await api.client.get("/")
+        assert page.headers["cache-control"] == "no-cache"  # an upgrade is seen at once
+        named = dict(re.findall(r'(?:src|href)="/assets/([^"?]+)\?v=([0-9a-f]+)"', page.text))
+        scripts = re.findall(r'<script src="/assets/([^"?]+)', page.text)
+        assert scripts and set(scripts) <= set(named) and "chart.css" in named
+        for name, version in named.items():
+            assert version == hashlib.sha256(files[name].body).hexdigest()[:16], name
+            current = await api.client.get(f"/assets/{name}", params={"v": version})
+            assert current.status_code == 200, name
+            assert current.headers["cache-control"] == "public, max-age=31536000, immutable"
+            for other in ({}, {"v": "0" * 16}):
+                plain = await api.client.get(f"/assets/{name}", params=other)
+                assert plain.headers["cache-control"] == "no-cache"
+                assert plain.content == current.content == files[name].body
+        # the licence link is versioned too; a reference to no file is left alone
+        assert "vendor/lightweight-charts.LICENSE" in named
+        odd = StaticFile(b'<a href="/assets/gone.js">x</a>', "text/html; charset=utf-8")
+        assert versioned_page(odd, files).body == odd.body

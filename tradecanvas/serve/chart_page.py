@@ -12,9 +12,14 @@ slash, a symlink, an absolute path — ever reaches the file system.
 
 Each file's gzip form is made then too (for the kinds that shrink), and an ETag from a
 digest of its bytes. A request whose ``Accept-Encoding`` allows gzip gets the gzip form; a
-request whose ``If-None-Match`` names the file's ETag gets 304 without a body. The answers say
-``Cache-Control: no-cache``, so a reload revalidates every file (a daemon upgrade is seen at
-once) and downloads none that did not change (docs/chart.md has the figures).
+request whose ``If-None-Match`` names the file's ETag gets 304 without a body.
+
+Caching: the page (``index.html``) says ``Cache-Control: no-cache`` — a reload revalidates it
+(a daemon upgrade is seen at once) — and names each of its files with its version, a part of
+its digest (``/assets/chart.js?v=…``, written into the page when the table is built). An
+asset asked for with its current version is sent ``immutable``, for a year: a reload asks
+for none of them again. Without it, or with another (a page of an older release still
+open), it is sent ``no-cache`` as the page is (docs/chart.md has the figures).
 
 Every answer carries a Content-Security-Policy that allows scripts, styles and connections
 to this origin only: the page makes no external request, and nothing injected into it could
@@ -27,6 +32,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Final, final
@@ -65,11 +71,15 @@ SECURITY_HEADERS: Final[Mapping[str, str]] = {
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
     # revalidated on every load (a 304 while the ETag matches), so a daemon upgrade is
-    # seen at once
+    # seen at once; an asset asked for by its version: IMMUTABLE
     "Cache-Control": "no-cache",
     # the gzip form and the plain one share a URL
     "Vary": "Accept-Encoding",
 }
+# an asset asked for with its current version (``?v=``): its bytes never change at that URL
+IMMUTABLE: Final = "public, max-age=31536000, immutable"
+# the page's references to its files (``src`` and ``href``), versioned when the table is built
+ASSET_REFERENCE: Final = re.compile(r'(?P<attr>(?:src|href)=")/assets/(?P<name>[^"?#]+)"')
 # the kinds worth compressing (text); an image is compressed already
 COMPRESSED_KINDS: Final = ("text/", "application/json", "image/svg+xml")
 # files are compressed once, when the app is built: the smallest form is worth the time
@@ -99,13 +109,23 @@ class StaticFile:
     def _digest(self) -> str:
         return '"' + hashlib.sha256(self.body).hexdigest()[:32] + '"'
 
-    def answer(self, accept_encoding: str, if_none_match: str) -> Response:
+    @property
+    def version(self) -> str:
+        """What names these bytes in a versioned URL (``?v=``): a part of the digest."""
+        return self.etag[1:17]
+
+    def answer(
+        self, accept_encoding: str, if_none_match: str, *, immutable: bool = False
+    ) -> Response:
         """The answer to a GET of this file: 304 when ``if_none_match`` names either form's
         ETag, else the gzip form when ``accept_encoding`` allows it and there is one, else
-        the bytes as they are; always with the security headers."""
+        the bytes as they are; always with the security headers (``immutable``: cached
+        for a year, not revalidated)."""
         zipped = self.gzipped is not None and accepts_gzip(accept_encoding)
         etag = self.etag[:-1] + '-gz"' if zipped else self.etag
         headers = {**SECURITY_HEADERS, "ETag": etag}
+        if immutable:
+            headers["Cache-Control"] = IMMUTABLE
         held = {tag.strip().removeprefix("W/") for tag in if_none_match.split(",")}
         if "*" in held or not held.isdisjoint({self.etag, self.etag[:-1] + '-gz"'}):
             return Response(status_code=304, headers=headers)
@@ -159,6 +179,20 @@ def load_static_files(root: Path = STATIC_DIR) -> dict[str, StaticFile]:
     return files
 
 
+def versioned_page(page: StaticFile, files: Mapping[str, StaticFile]) -> StaticFile:
+    """``page`` with each ``src``/``href`` of one of ``files`` naming its version
+    (``/assets/chart.js?v=…``); a reference to a file not among them is left as it is."""
+
+    def versioned(found: re.Match[str]) -> str:
+        asset = files.get(found["name"])
+        if asset is None:
+            return found[0]
+        return f'{found["attr"]}{ASSETS_PREFIX}{found["name"]}?v={asset.version}"'
+
+    text = ASSET_REFERENCE.sub(versioned, page.body.decode("utf-8"))
+    return StaticFile(text.encode("utf-8"), page.content_type)
+
+
 def chart_page_routes(files: Mapping[str, StaticFile] | None = None) -> list[BaseRoute]:
     """``GET /`` (the page) and ``GET /assets/{path}`` (its files) for the HTTP app; HEAD is
     answered too, a conditional GET (``If-None-Match``) with 304. An unknown asset is 404
@@ -166,10 +200,15 @@ def chart_page_routes(files: Mapping[str, StaticFile] | None = None) -> list[Bas
     table = dict(load_static_files() if files is None else files)
     if INDEX not in table:
         raise FileNotFoundError(f"the chart page is missing: no {INDEX} in {STATIC_DIR}")
+    table[INDEX] = versioned_page(table[INDEX], table)
 
-    def answer(found: StaticFile, request: Request) -> Response:
+    def answer(found: StaticFile, request: Request, *, immutable: bool = False) -> Response:
         headers = request.headers
-        return found.answer(headers.get("accept-encoding", ""), headers.get("if-none-match", ""))
+        return found.answer(
+            headers.get("accept-encoding", ""),
+            headers.get("if-none-match", ""),
+            immutable=immutable,
+        )
 
     async def page(request: Request) -> Response:
         return answer(table[INDEX], request)
@@ -181,7 +220,7 @@ def chart_page_routes(files: Mapping[str, StaticFile] | None = None) -> list[Bas
             raise RequestRefused(
                 404, "not_found", f"no such asset: {ASSETS_PREFIX}{name}"
             ) from None
-        return answer(found, request)
+        return answer(found, request, immutable=request.query_params.get("v") == found.version)
 
     return [
         Route("/", page, methods=["GET"]),
