@@ -34,6 +34,9 @@ _HOST_RE: Final = re.compile(
     r"|\[[0-9A-Fa-f:.]+\])?(?::[0-9]*)?"
 )
 _HOSTS_RE: Final = re.compile(rf"{_HOST_RE.pattern}(?:,{_HOST_RE.pattern})*")
+# ... and after the hosts at the end of a URL in text, what closes a bracket around it or
+# ends the sentence: "(redis://u:p/w@h:6379)." (a URL in text runs to a space or a quote)
+_HOSTS_IN_TEXT_RE: Final = re.compile(rf"(?:{_HOSTS_RE.pattern})[)\]}}>.,;:!`]*")
 
 
 def _part_end(url: str, start: int) -> int:
@@ -51,7 +54,8 @@ def _userinfo_end(url: str, start: int, colon: int, *, in_text: bool) -> int:
     or a query (a stream ``btcusdt@kline_1m``, ``?application_name=a@b``): that cannot be
     told apart, and hiding too much is better than showing a password's tail, so the last
     one counts — in text only when the user before the ``:`` is one and what follows the
-    ``@`` (to the next ``/``, ``?``, ``#``) is a host with or without a port.
+    ``@`` (to the next ``/``, ``?``, ``#``) is a host with or without a port (at the URL's
+    end, and then a closing bracket or a sentence's punctuation).
     """
     authority_end = _part_end(url, start)
     at = url.rfind("@", colon)
@@ -59,7 +63,8 @@ def _userinfo_end(url: str, start: int, colon: int, *, in_text: bool) -> int:
         if at < authority_end or not in_text:
             return at
         host_end = _part_end(url, at)
-        if _USER_RE.fullmatch(url, start, colon) and _HOSTS_RE.fullmatch(url, at + 1, host_end):
+        hosts = _HOSTS_IN_TEXT_RE if host_end == len(url) else _HOSTS_RE
+        if _USER_RE.fullmatch(url, start, colon) and hosts.fullmatch(url, at + 1, host_end):
             return at
         at = url.rfind("@", colon, at)
     return -1

@@ -183,3 +183,48 @@ async def test_the_ingest_is_not_ready_while_a_stream_is_blocked_and_says_so_in_
             nursery.cancel_scope.cancel()
     finally:
         await runtime.store.aclose()
+
+
+async def _output_bytes(url: str) -> int:
+    async with open_redis(url) as client:
+        stats = await client.info("stats")
+    sent = stats["total_net_output_bytes"]
+    assert isinstance(sent, int), sent
+    return sent
+
+
+async def test_a_batch_of_refusals_carries_each_stream_top_once(
+    private_redis: PrivateRedis,
+) -> None:
+    """Hundreds of entries refused below a 64 KiB foreign top, and hundreds below a top of
+    ours, in one batch: each stream's top comes back once, not once per refused entry (a
+    foreign 64 KiB top and 2,000 refusals made a 128 MB reply, RSS +250 MiB), and each
+    refusal is still judged by its own stream's top: blocked, or already published. On a
+    private server: its byte count is the publisher's alone."""
+    await private_redis.start()
+    url, keys, refused = private_redis.url, StreamKeys("tctest:tops:"), 300
+    eth1 = "binance:futures:ETH/USDT:1m"
+    async with open_redis(url) as client:
+        await client.xadd(keys.series(BTC1), {CANDLE_FIELD: b"x" * 65_536}, identifier=FUTURE)
+    history = minutes(T0, refused + 2)
+    first = BusPublisher(url, PublisherSettings(keys=keys))
+    first.publish_closed(eth1, history[:refused])
+    first.close()
+    with trio.fail_after(WAIT_S):
+        await first.run()
+    publisher = BusPublisher(url, PublisherSettings(keys=keys))
+    for i in range(refused):  # the two streams' refusals interleaved
+        publisher.publish_closed(BTC1, history[i : i + 1])
+        publisher.publish_closed(eth1, history[i : i + 1])
+    publisher.publish_closed(eth1, history[refused:])  # appended after them
+    publisher.close()
+    before = await _output_bytes(url)
+    with trio.fail_after(WAIT_S):
+        await publisher.run()
+    sent = await _output_bytes(url) - before
+    assert publisher.statistics().batches == 1
+    outbox = publisher.statistics().outbox
+    assert (outbox.blocked, outbox.already_published, outbox.appended) == (refused, refused, 2)
+    assert publisher.blocked_streams() == {keys.series(BTC1): StreamId(99999999999999)}
+    # the foreign top once (and the notice, the connection's own commands): not 300 times
+    assert 65_536 < sent < 2 * 65_536, sent

@@ -64,17 +64,40 @@ _PORT = st.one_of(st.just(""), st.integers(1, 65535).map(lambda p: f":{p}"))
 # a path and a query with no "@" (and no parameter a secret is named after)
 _REST = st.one_of(st.just(""), st.from_regex(r"[/?#][abcxyz0-9/?#&=.:_-]{0,20}", fullmatch=True))
 _SCHEME = st.sampled_from(["postgresql", "redis", "rediss", "https", "wss", "amqp"])
+# what may stand around a URL in a line: brackets, and a sentence's punctuation after it
+# ("connect failed (redis://u:pa/ss@redis:6379)." showed the password)
+_AROUND = st.tuples(
+    st.sampled_from(["", "(", "[", "<", "{", "`"]),
+    st.text(")]}>.,;:!`", max_size=3),
+)
 
 
-@given(_SCHEME, _USER, _PASSWORD, _HOST, _PORT, _REST)
+@given(_SCHEME, _USER, _PASSWORD, _HOST, _PORT, _REST, _AROUND)
 def test_no_password_survives_and_nothing_else_is_taken(
-    scheme: str, user: str, password: str, host: str, port: str, rest: str
-) -> None:
+    scheme: str, user: str, password: str, host: str, port: str, rest: str,
+    around: tuple[str, str],
+) -> None:  # fmt: skip
     url = f"{scheme}://{user}:{password}@{host}{port}{rest}"
     shown = f"{scheme}://{user}:<redacted>@{host}{port}{rest}"
-    assert REDACT(f"x {url} y") == f"x {shown} y"
+    before, after = around
+    assert REDACT(f"x {before}{url}{after} y") == f"x {before}{shown}{after} y"
     assert url_without_password(url) == shown
     assert password in url_secrets(url)
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "connect failed (redis://user:pa/ss@redis:6379).",
+        "connect failed [postgresql://u:1234/x@db.internal:5432], retrying",
+        "store <redis://:a#b/c@[::1]:6379>: refused",
+        "failed: redis://user:pa/ss@h1:5432,h2!",
+    ],
+)
+def test_a_password_before_a_closing_bracket_or_a_full_stop_is_taken_out(line: str) -> None:
+    assert REDACT(line).count("<redacted>") == 1
+    assert "pa/ss" not in REDACT(line) and "1234/x" not in REDACT(line)
+    assert "a#b/c" not in REDACT(line)
 
 
 # a path holding "@" and ":" anywhere after a host without a port, or Binance's streams
@@ -95,9 +118,11 @@ _STREAMS = st.lists(
         st.tuples(_HOST, _PORT, _STREAMS.map(lambda s: f"/ws/{s[0]}")),
         st.tuples(st.just("[::1]"), _PORT, _ANY_REST),
     ),
+    _AROUND,
 )
 def test_a_url_without_user_information_is_left_as_it_is(
-    scheme: str, parts: tuple[str, str, str]
+    scheme: str, parts: tuple[str, str, str], around: tuple[str, str]
 ) -> None:
     url = f"{scheme}://{''.join(parts)}"
-    assert REDACT(f"x {url} y") == f"x {url} y"
+    before, after = around
+    assert REDACT(f"x {before}{url}{after} y") == f"x {before}{url}{after} y"

@@ -266,6 +266,17 @@ def test_repeated_price_texts_read_as_each_text_alone(prices: list[tuple[str, ..
 # reads or refuses
 PLAIN_PRICES = ("0", "0.00", "1.5", "1.50", "2", "2.00000000", "10")
 FIELD_TEXTS = ("0", "1.5", "2", "2.00000000", "", "-1", "1e1", "NaN", " 3", "1_0", "1.2.3", "x")
+# plain digits at and about the bounds (MAX_VALUE 1e30, MAX_TRADES 2**53): the row-by-row
+# parser refuses the ones at or above, the shorter loop must too (a 1 and 400 zeros was read)
+LARGE_TEXTS = (
+    "9" * 30,
+    "9" * 30 + ".99999999",
+    "1" + "0" * 30,
+    "1" + "0" * 30 + ".00000000",
+    "1" + "0" * 400,
+    "0" * 40 + "7.5",
+)
+LARGE_TRADES = (str(2**53), str(2**53 + 1), str(2**60), "0" * 20 + "5")
 
 
 @st.composite
@@ -283,6 +294,9 @@ def archive_texts(draw: st.DrawFn) -> tuple[str, tuple[int, int] | None]:
         fields += ["1.5", "0"]
         if odd and draw(st.booleans()):
             fields[draw(st.integers(1, 10))] = draw(st.sampled_from(FIELD_TEXTS))
+        if draw(st.integers(0, 7)) == 0:  # a plain number about the bounds
+            at = draw(st.sampled_from((2, 5, 7, 8, 9, 10)))
+            fields[at] = draw(st.sampled_from(LARGE_TRADES if at == 8 else LARGE_TEXTS))
         if odd and draw(st.integers(0, 4)) == 0:
             fields = draw(st.sampled_from((fields[:6], fields[:11], [""], [*fields, "0"])))
         lines.append(",".join(fields))
@@ -360,3 +374,37 @@ def test_a_file_longer_than_a_chunk_reads_as_its_rows() -> None:
     assert _parse_plain(text, None) is None
     with pytest.raises(WireError, match=r"line 4097: .*not after the previous row"):
         parse_archive_text(text)
+
+
+@pytest.mark.parametrize(
+    ("column", "large", "below"),
+    [
+        (2, "1" + "0" * 30, "9" * 30),  # high (the other prices are at most it)
+        (5, "1" + "0" * 400, "9" * 30 + ".99999999"),  # volume
+        (7, "1" + "0" * 30 + ".0", "0" * 40 + "9" * 30),  # quote volume
+        (8, str(2**60), str(2**53)),  # trades
+        (8, str(2**53 + 1), "0" * 30 + str(2**53)),
+        (9, "1" + "0" * 30, "9" * 30),  # taker buy base
+        (10, "1" + "0" * 30, "9" * 30),  # taker buy quote
+    ],
+)
+def test_a_plain_number_too_large_is_refused(column: int, large: str, below: str) -> None:
+    """A row of digits only whose value is at or above 1e30 (trades above 2**53) is refused
+    with the row-by-row parser's words, as ``1e999`` is: the shorter loop leaves the file to
+    it. Just below the bound, the shorter loop reads it."""
+
+    def text_with(value: str) -> str:
+        rows = [row(T0 + 60 * i).split(",") for i in range(10)]
+        rows[3][column] = value
+        return "".join(",".join(fields) + "\n" for fields in rows)
+
+    text = text_with(large)
+    assert _parse_plain(text, None) is None
+    with pytest.raises(WireError) as caught:
+        parse_archive_text(text)
+    assert caught.value.detail.startswith("line 4: ")
+    assert " is too large" in caught.value.detail
+    text = text_with(below)
+    columns = _parse_plain(text, None)
+    assert columns is not None
+    assert columns.candles() == parse_archive_rows(io.StringIO(text))

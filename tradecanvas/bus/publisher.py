@@ -108,9 +108,10 @@ _AS_IS: Final = NoopCallback[object]()
 # stream and its counter; ARGV the series streams' MAXLEN, the events stream's, the notices'
 # and the entries, one string: per entry ``<id>\n<field>\n<payload length>\n<payload>``
 # (the length ends a payload, which may hold any byte; one argument instead of four per
-# entry: coredis's work per argument was most of the publisher's). Per entry: 1 appended,
-# what the stream's top is when it refused the ID as at or below it (bus/refusals.py:
-# already published, or a stream blocked by a foreign ID), or the error's text. Each
+# entry: coredis's work per argument was most of the publisher's). It answers {answers,
+# tops}: per entry 1 appended, {k} when the stream refused the ID as at or below its top,
+# ``tops[k]`` (bus/refusals.py: already published, or a stream blocked by a foreign ID; each
+# stream's top once, however many entries it refused), or the error's text. Each
 # XADD's own error is caught (pcall): one failing entry does not stop the others, as in a
 # pipeline. When anything was appended, one notice goes on the notices
 # stream in the same script: its number ``n``, the streams appended to (``keys``, one per
@@ -137,7 +138,7 @@ for i = 1, entries do
   local r = redis.pcall('XADD', KEYS[i], 'MAXLEN', '~', maxlen, id, field, payload)
   if type(r) == 'table' and r.err then
     if string.find(r.err, 'XADD_REFUSAL', 1, true) then
-      answers[i] = top_of(KEYS[i])
+      answers[i] = {top_of(KEYS[i])}
     else
       answers[i] = r.err
     end
@@ -160,7 +161,7 @@ if #moved > 0 then
     'NOTICE_NUMBER', n, 'NOTICE_KEYS', table.concat(moved, '\\n'),
     'NOTICE_ENTRIES', table.concat(carried, '\\n'))
 end
-return answers
+return {answers, tops}
 """
 XADD_ALL: Final = (
     _XADD_ALL.replace("TOP_OF", TOP_OF)
@@ -436,19 +437,20 @@ class BusPublisher:
             self._last_error = describe(answer)
             log.warning("bus publisher: %d XADDs failed: %s", len(keys), self._last_error)
             return [Answer.FAILED] * len(keys)
-        if not isinstance(answer, list) or len(answer) != len(keys):
+        per_entry, tops = answer if isinstance(answer, list) and len(answer) == 2 else (None, None)
+        if not isinstance(per_entry, list) or len(per_entry) != len(keys):
             raise TimeoutError("the batch's XADDs were answered for fewer entries than sent")
         answers: list[Answer] = []
         # per stream, why its top is foreign (None: ours), judged once a batch
         foreign: dict[str, str | None] = {}
-        for entry, one in zip(batch.entries, answer, strict=True):
+        for entry, one in zip(batch.entries, per_entry, strict=True):
             if one == 1:
                 self._blocked.appended(entry.stream)
                 answers.append(Answer.OK)
             elif one == 0:  # (a refusal without the top: nothing sends that now)
                 answers.append(Answer.REFUSED)
             elif isinstance(one, list):
-                answers.append(self._refused(entry, one, foreign))
+                answers.append(self._refused(entry, _top_named(one, tops), foreign))
             else:
                 text = one.decode("utf-8", "replace") if isinstance(one, bytes) else str(one)
                 self._last_error = f"XADD refused: {text}"
@@ -459,8 +461,9 @@ class BusPublisher:
         return answers
 
     def _refused(self, entry: Entry, raw: list[object], foreign: dict[str, str | None]) -> Answer:
-        """An entry refused at or below the stream's top (``raw``: as the script says it):
-        already published, or blocked by a top no writer of ours made (``bus/refusals.py``)."""
+        """An entry refused at or below the stream's top (``raw``: as the script says it,
+        :func:`_top_named`): already published, or blocked by a top no writer of ours made
+        (``bus/refusals.py``)."""
         try:
             top = StreamTop.parse(raw)
         except WireError as exc:  # not what the script sends: as another error for it
@@ -477,3 +480,14 @@ class BusPublisher:
             return Answer.REFUSED
         self._blocked.blocked(stream, top.last_id, why)
         return Answer.BLOCKED
+
+
+def _top_named(one: list[object], tops: object) -> list[object]:
+    """The top a refusal's answer ``{k}`` names: ``tops[k]`` (1-based, as in Lua); what is
+    not one goes to :meth:`StreamTop.parse` as it is, which refuses it."""
+    at = one[0] if len(one) == 1 else None
+    if isinstance(at, int) and isinstance(tops, list) and 1 <= at <= len(tops):
+        top = tops[at - 1]
+        if isinstance(top, list):
+            return top
+    return one

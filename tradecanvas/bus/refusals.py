@@ -9,7 +9,8 @@ hand (an operator's test with ``*``), by a bad actor, by a tool with a clock mis
 then every later entry of that series is refused too: the series stops on every edge.
 
 So the publisher's script answers a refusal with what the stream's top is
-(:data:`TOP_OF`: its last-generated ID, and its last entry's ID and payload), and
+(:data:`TOP_OF`: its last-generated ID, and its last entry's ID and payload; each top once a
+batch, however many entries it refused), and
 :func:`foreign_top` tells the two apart. The top is one of ours when it is this entry's own
 ID, or when its last entry is there under that ID and is an entry the bus writes: for a
 series stream a candle of that open time whose bar has closed (by the wall clock, give or
@@ -41,15 +42,18 @@ from tradecanvas.wire.bus import MAX_PAYLOAD_BYTES
 
 log = logging.getLogger("tradecanvas.bus.publisher")
 
-# Lua (a part of the publisher's script): what a stream's top is, as a refusal's answer —
+# Lua (a part of the publisher's script): what a stream's top is, for a refusal's answer —
 # {last-generated ID, last entry's ID, its field, its value} (the payload cut past the cap:
 # wire/bus.py's decoders refuse it unparsed), or {last-generated ID} when the stream has no
-# entry left. Cached per key for the script's run.
+# entry left. Read once per key for the script's run and kept in ``tops``; ``top_of``
+# returns its place there, which each refusal names: the script answers with ``tops`` once,
+# not a copy of a top per refused entry (a 64 KiB foreign top and 2,000 refusals made a
+# 128 MB reply).
 TOP_OF: Final = """
-local tops = {}
+local tops, top_at = {}, {}
 local function top_of(key)
-  if tops[key] then
-    return tops[key]
+  if top_at[key] then
+    return top_at[key]
   end
   local info = redis.call('XINFO', 'STREAM', key)
   local last, entry = '0-0', false
@@ -69,8 +73,9 @@ local function top_of(key)
       top[4] = string.sub(fields[2], 1, MAX_PAYLOAD + 1)
     end
   end
-  tops[key] = top
-  return top
+  tops[#tops + 1] = top
+  top_at[key] = #tops
+  return #tops
 end
 """.replace("MAX_PAYLOAD", str(MAX_PAYLOAD_BYTES))
 

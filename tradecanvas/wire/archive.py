@@ -30,7 +30,7 @@ from datetime import UTC, date, datetime
 from decimal import Decimal, InvalidOperation
 from itertools import islice, repeat
 from operator import floordiv, le, lt, mod, sub
-from typing import Final
+from typing import Final, cast
 
 import attrs
 
@@ -38,6 +38,8 @@ from tradecanvas.errors import SeriesIdError, WireError
 from tradecanvas.model import (
     BASE_TIMEFRAME,
     DAY,
+    MAX_TRADES,
+    MAX_VALUE,
     MINUTE,
     MS,
     WEEK,
@@ -352,7 +354,9 @@ def _parse_plain(
 
     Only digits, points and commas in the rows mean every number is finite and not
     negative, so :func:`~tradecanvas.model.plainly_valid` comes down to low ≤ open, close ≤
-    high; ``int`` and ``Decimal`` refuse the rest of what is not a number (an empty field,
+    high and the bounds (each value below :data:`~tradecanvas.model.MAX_VALUE`, the trades
+    at most :data:`~tradecanvas.model.MAX_TRADES`: a ``1`` and 400 zeros is digits too);
+    ``int`` and ``Decimal`` refuse the rest of what is not a number (an empty field,
     ``1.2.3``), and a row of another width the count of its commas. The rows go by column,
     ``chunk`` rows at a time (see :func:`_plain_chunk`)."""
     if not text[:1].isdigit():
@@ -391,7 +395,8 @@ def _plain_chunk(
     lines: list[str], unit: int, previous: int, price: _Decimals
 ) -> KlineColumns | None:
     """The candles of plain 12-column ``lines`` (at least one) after the open time
-    ``previous``; None when one is not a 1m kline after it or low ≤ open, close ≤ high fails.
+    ``previous``; None when one is not a 1m kline after it, low ≤ open, close ≤ high fails
+    or a value is too large (the row-by-row parser says which).
 
     Each column is converted by one ``map`` (C loops: no Python per field). In chunks, not
     a file at once: a ``map`` of ``Decimal`` holds the GIL throughout, and the commit's
@@ -419,20 +424,17 @@ def _plain_chunk(
     get = price.__getitem__
     o, h, lo, c = (list(map(get, fields[i::ARCHIVE_COLUMNS])) for i in (1, 2, 3, 4))
     if not (all(map(le, lo, o)) and all(map(le, o, h)) and all(map(le, lo, c))
-            and all(map(le, c, h))):  # fmt: skip
+            and all(map(le, c, h)) and max(h) < MAX_VALUE):  # fmt: skip
         return None
-    return KlineColumns(
-        times,
-        o,
-        h,
-        lo,
-        c,
-        list(map(Decimal, fields[5::ARCHIVE_COLUMNS])),
-        list(map(Decimal, fields[7::ARCHIVE_COLUMNS])),
-        list(map(int, fields[8::ARCHIVE_COLUMNS])),
-        list(map(Decimal, fields[9::ARCHIVE_COLUMNS])),
-        list(map(Decimal, fields[10::ARCHIVE_COLUMNS])),
-    )
+    v, q, b, bq = (list(map(Decimal, fields[i::ARCHIVE_COLUMNS])) for i in (5, 7, 9, 10))
+    trades = list(map(int, fields[8::ARCHIVE_COLUMNS]))
+    # (a column's max is a C loop: the five add a few per cent to the chunk)
+    if max(trades) > MAX_TRADES or max(map(max, (v, q, b, bq))) >= MAX_VALUE:
+        return None
+    # (the extras are known here: no None in them)
+    extras = cast("list[Decimal | None]", q), cast("list[int | None]", trades)
+    takers = cast("tuple[list[Decimal | None], ...]", (b, bq))
+    return KlineColumns(times, o, h, lo, c, v, *extras, *takers)
 
 
 def _text(value: Decimal | int | None) -> str:

@@ -137,6 +137,33 @@ async def test_a_csv_with_one_bad_row_is_refused_naming_the_line(tmp_path: Path)
     assert await rows(db, SPOT_1M) == []
 
 
+@pytest.mark.parametrize(
+    ("column", "value", "why"),
+    [
+        (5, "1" + "0" * 400, "line 4: volume 1" + "0" * 400 + " is too large"),
+        (8, str(2**60), f"line 4: trades {2**60} is too large"),
+    ],
+)
+async def test_a_plain_number_too_large_is_refused_and_nothing_stored(
+    tmp_path: Path, column: int, value: str, why: str
+) -> None:
+    # digits only, as Binance writes its numbers: the 1e30 and 2**53 bounds hold as they do
+    # for 1e999 (a volume of 401 digits was stored, served as "volume": null)
+    lines = (dump_dir() / "BTCUSDT-1m-2020-01-01.csv").read_text().splitlines()[:10]
+    fields = lines[3].split(",")
+    fields[column] = value
+    lines[3] = ",".join(fields)
+    bad = tmp_path / "spot" / "BTCUSDT-1m-2020-01-01.csv"
+    bad.parent.mkdir()
+    bad.write_text("\n".join(lines) + "\n")
+    db = tmp_path / "m.sqlite3"
+    code, _, error = await import_into(db, plan([bad]))
+    assert code == ExitCode.FAILED
+    assert error is not None and error.startswith(f"{bad}: {why}")
+    assert error.endswith("; nothing of this file stored")
+    assert await rows(db, SPOT_1M) == []
+
+
 async def test_a_kline_that_has_not_closed_yet_is_refused_naming_the_line(
     tmp_path: Path,
 ) -> None:
