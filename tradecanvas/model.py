@@ -59,6 +59,13 @@ def shown(value: object) -> str:
     return f"{text[:SHOWN_MAX]}…{length}"
 
 
+def _large(value: Decimal) -> str:
+    """A number too large for a bar, written short when its digits are many (an archive's
+    ``1`` and 400 zeros: ``1.000000E+400``)."""
+    text = str(value)
+    return text if len(text) <= 40 else f"{value:.6E}"
+
+
 @attrs.frozen(order=True, cache_hash=True)
 class Timeframe:
     """A bar length such as ``1m``, ``5m``, ``4h``, ``1d``, ``3d``, ``1w``, ``1M``, ordered by
@@ -331,7 +338,9 @@ def candle_problems(candle: Candle, timeframe: Timeframe) -> list[tuple[str, str
     for name in ("open", "high", "low", "close", "volume"):
         value = getattr(candle, name)
         if abs(value) >= MAX_VALUE:
-            problems.append((name, f"{name} {value} is too large (a real bar's are below 1e30)"))
+            problems.append(
+                (name, f"{name} {_large(value)} is too large (a real bar's are below 1e30)")
+            )
     if candle.high < candle.low:
         problems.append(("high", f"high {candle.high} is below low {candle.low} at {t}"))
     else:
@@ -349,7 +358,9 @@ def candle_problems(candle: Candle, timeframe: Timeframe) -> list[tuple[str, str
         if value is not None and (not value.is_finite() or value < 0):
             problems.append((name, f"{name} must not be negative, got {value} at {t}"))
         elif value is not None and value >= MAX_VALUE:
-            problems.append((name, f"{name} {value} is too large (a real bar's are below 1e30)"))
+            problems.append(
+                (name, f"{name} {_large(value)} is too large (a real bar's are below 1e30)")
+            )
     if candle.trades is not None and candle.trades < 0:
         problems.append(("trades", f"trades must not be negative, got {candle.trades} at {t}"))
     elif candle.trades is not None and candle.trades > MAX_TRADES:
