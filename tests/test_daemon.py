@@ -6,6 +6,7 @@ non-zero exit."""
 from __future__ import annotations
 
 import functools
+import json
 import re
 import signal
 import socket
@@ -345,3 +346,29 @@ async def test_a_write_waiting_on_another_process_lock_shows_on_readyz(tmp_path:
             assert written == [200] and await progressing()
         stop.set()
     await runtime.store.aclose()
+
+
+def test_in_json_every_line_of_serve_is_json_its_flag_warnings_too(tmp_path: Path) -> None:
+    """The warnings about the flags (an unknown variable) were written before the daemon set
+    up its log format, so `TRADE_CANVAS_LOG_FORMAT=json` still gave a plain-text line first
+    and `journalctl -o cat | jq` stopped at it."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        proc = subprocess.run(
+            [sys.executable, "-m", "tradecanvas", "serve"],
+            env=cli_env(
+                TRADE_CANVAS_DB_PATH=str(tmp_path / "market.sqlite3"),
+                TRADE_CANVAS_HTTP_PORT=str(taken.getsockname()[1]),
+                TRADE_CANVAS_LOG_FORMAT="json",
+                TRADE_CANVAS_SERIEZ="binance:futures:BTC/USDT:1m",
+            ),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    assert proc.returncode == ExitCode.FAILED
+    records = [json.loads(line) for line in proc.stderr.splitlines()]
+    assert [r["level"] for r in records] == ["WARNING", "CRITICAL"], proc.stderr
+    assert records[0]["message"].startswith("TRADE_CANVAS_SERIEZ: unknown variable, ignored")

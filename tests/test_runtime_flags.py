@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -60,7 +61,6 @@ def test_defaults_match_design() -> None:
 def test_every_design_variable_is_known() -> None:
     design = (Path(__file__).resolve().parents[2] / "shared" / "DESIGN.md").read_text()
     section = design.split("## 7.")[1].split("## 8.")[0]
-    import re
 
     names = set(re.findall(r"TRADE_CANVAS_[A-Z_]+", section))
     names |= {
@@ -331,3 +331,16 @@ def test_the_ws_and_http_ports_on_one_address_must_differ() -> None:
     apart = build_runtime_flags({**same, "TRADE_CANVAS_HTTP_HOST": "127.0.0.2"}).flags
     assert (apart.ws_port, apart.http_port) == (18997, 18997)
     assert build_runtime_flags({"TRADE_CANVAS_WS_PORT": "0", "TRADE_CANVAS_HTTP_PORT": "0"})
+
+
+def test_every_line_of_the_env_file_uncommented_as_written_starts() -> None:
+    """deploy/tradecanvas.env says each line shows its default (or, unset by default, an
+    example), to uncomment and edit; the lines of the flags unset by default were
+    ``#TRADE_CANVAS_DATABASE_URL=``, the Redis URL and the ingest token with nothing after
+    the ``=``, and uncommented as they were refused (exit 2: not a PostgreSQL URL, the token
+    too short). Every line now starts as written."""
+    text = (Path(__file__).resolve().parents[1] / "deploy" / "tradecanvas.env").read_text()
+    env = dict(re.findall(r"^#(TRADE_CANVAS_[A-Z0-9_]+)=(.*)$", text, re.M))
+    assert len(env) >= 30 and all(env.values()), [k for k, v in env.items() if not v]
+    flags = build_runtime_flags(env).flags
+    assert flags.database_url is not None and flags.ingest_token is not None

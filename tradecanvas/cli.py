@@ -17,6 +17,7 @@ from typing import Final
 
 from tradecanvas.errors import ExitCode, FlagError
 from tradecanvas.ops.build import VERSION
+from tradecanvas.ops.logs import configure_logging
 from tradecanvas.runtime_flags import (
     FLAG_SPECS,
     LoadedFlags,
@@ -210,6 +211,8 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         except FlagError as exc:
             sys.stderr.write(f"tradecanvas: {_as_typed(exc, args)}\n")
             return ExitCode.USAGE
+        if args.command == "serve":  # its warnings below in the format it logs in
+            configure_logging(loaded.flags)
         for warning in loaded.warnings:
             log.warning("%s", warning)
         if args.command == "flags":
