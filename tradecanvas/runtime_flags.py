@@ -323,7 +323,7 @@ FLAG_SPECS: Final[tuple[FlagSpec, ...]] = (
     FlagSpec("late_close_s", "10", _parse_float(0.0, 3600.0), "exchange seconds after a minute before its close is fetched from REST"),
     FlagSpec("stale_timeout_s", "60", _parse_float(1.0, 3600.0), "replace an upstream connection silent this long"),
     FlagSpec("subscriber_queue_max", "1024", _parse_int(1, 1_000_000), "messages queued per subscriber"),
-    FlagSpec("subscriber_send_timeout_s", "10", _parse_float(0.01, 3600.0), "close a subscriber whose send takes longer (4008)"),
+    FlagSpec("subscriber_send_timeout_s", "10", _parse_float(0.01, 3600.0), "close a subscriber whose send takes longer (4008), at most a tenth of this later whatever the stall timeout; time the daemon did not run does not count"),
     FlagSpec("subscriber_stall_timeout_s", "30", _parse_float(0.1, 3600.0), "close a subscriber that has read nothing sent to it for this long, by its answers to pings (4008)"),
     FlagSpec("max_subscriptions", "64", _parse_int(1, 10_000), "subscriptions per connection"),
     FlagSpec("max_connections", "10000", _parse_int(1, 1_000_000), "/ws/market connections at once, both ports together, counted from the admitted upgrade (before the 101); more are refused with 503"),

@@ -202,3 +202,37 @@ async def test_read_proofs_count_what_was_written_before_each_answered_ping(
             behind = in_flight.behind(trio.current_time())
             assert trio.current_time() - stopped <= behind
             nursery.cancel_scope.cancel()
+
+
+class Wakes:
+    """A stall watch's side of the send deadlines: the wake-ups asked for."""
+
+    def __init__(self) -> None:
+        self.asked: list[float] = []
+
+    def wake_by(self, deadline: float) -> None:
+        self.asked.append(deadline)
+
+
+async def test_a_watched_write_wakes_the_watch_by_its_deadline_and_skips_a_pause() -> None:
+    """Unwatched, a write's deadline is the caller's (start_send says so); watched, each
+    write asks the watch to wake by its deadline, a hurry only brings a deadline forward,
+    and a pause moves the write's start and deadline on alike (its timeout unchanged)."""
+    async with loopback() as (server, _):
+        in_flight = InFlight(server, 0.0)
+        assert not in_flight.start_send(1.0, 10.0)
+        assert not in_flight.hurry_send(2.0)
+        assert in_flight.send_deadline == float("inf")
+        wakes = Wakes()
+        in_flight.send_watch = wakes
+        assert in_flight.hurry_send(2.0)  # no write in progress: nothing to hurry
+        assert in_flight.start_send(1.0, 10.0)
+        assert (in_flight.send_started, in_flight.send_deadline) == (1.0, 11.0)
+        assert in_flight.hurry_send(12.0)  # later than the deadline: unchanged
+        assert in_flight.hurry_send(3.0)
+        assert in_flight.send_deadline == 3.0
+        in_flight.skip_send(100.0)
+        assert (in_flight.send_started, in_flight.send_deadline) == (101.0, 103.0)
+        in_flight.end_send()
+        assert in_flight.send_deadline == float("inf")
+        assert wakes.asked == [11.0, 3.0]

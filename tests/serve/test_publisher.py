@@ -17,12 +17,15 @@ from hypothesis import strategies as st
 
 from tests.conftest import flat_minutes
 from tests.serve.test_hub import T0, FakeSocket, MemoryReader, connected, make_hub
+from tests.serve.test_in_flight import loopback
 from tests.serve.test_ws_server import SERIES_1M, SID_1M
 from tradecanvas.model import Candle
 from tradecanvas.ops.metrics import Metrics
 from tradecanvas.pipeline.events import SystemEvent
 from tradecanvas.serve.hub import CandleReader, Hub
+from tradecanvas.serve.in_flight import InFlight
 from tradecanvas.serve.publisher import CONTENDED_WRITE_S, WRITE_CHUNK_BYTES
+from tradecanvas.serve.stall_watch import StallWatch
 from tradecanvas.serve.subscriber import Subscriber
 from tradecanvas.wire.json import loads
 
@@ -481,5 +484,84 @@ async def test_a_holder_that_does_not_read_is_cut_after_the_contended_write_time
             " while other catch-ups waited"
         )
         assert trio.current_time() - started < 30.0
+        await trio.testing.wait_all_tasks_blocked()
+        assert closed_times(reading.messages()) == [h.candle_time for h in HISTORY]
+
+
+@asynccontextmanager
+async def watched(subscriber: Subscriber, stall_timeout_s: float) -> AsyncIterator[InFlight]:
+    """``subscriber``'s connection watched by a stall watch of its own, as a session on
+    either port has it: the deadlines of its publish task's writes are the watch's sweep's
+    to enforce. (Nothing written through the fake frames is counted in flight: the stall
+    clock stays at 0.)"""
+    watch = StallWatch(stall_timeout_s)
+    async with loopback() as (server, _), trio.open_nursery() as nursery:
+        in_flight = subscriber.in_flight = InFlight(server, trio.current_time())
+        nursery.start_soon(watch.watch, subscriber, in_flight)
+        await trio.testing.wait_all_tasks_blocked()
+        yield in_flight
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_watched_holder_that_does_not_read_is_cut_by_the_sweep_after_the_contended_write_time(  # noqa: E501
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """As above where the stall watch enforces the writes' deadlines (a stall timeout of
+    600 s: its ticks a minute apart): the hurried write is cut when CONTENDED_WRITE_S has
+    passed, with the same reason."""
+    reader = CountingReader(HISTORY)
+    hub = make_hub(reader, catchups_at_once=1, send_timeout_s=30.0)
+    stuck, reading = StuckFrames(), FakeFrames()
+    reading.block = True  # everything through the publish task
+    async with framed(hub, stuck) as hog, framed(hub, reading) as other, watched(hog, 600.0):
+        hub.subscribe(hog, SERIES_1M, None, batch=False)
+        await trio.sleep(CONTENDED_WRITE_S * 2)  # alone: not cut
+        assert (hog.close_code, reader.reads) == (None, 1)
+        hub.subscribe(other, SERIES_1M, None, batch=False)
+        await trio.sleep(CONTENDED_WRITE_S - 0.01)
+        assert not hog.closing
+        await trio.sleep(0.02)
+        assert hog.close_code == 4008
+        assert hog.close_reason == (
+            f"slow consumer: a catch-up write took longer than {CONTENDED_WRITE_S:g}s"
+            " while other catch-ups waited"
+        )
+        await trio.testing.wait_all_tasks_blocked()
+        assert closed_times(reading.messages()) == [h.candle_time for h in HISTORY]
+
+
+async def test_a_pause_of_the_daemon_during_a_contended_write_closes_no_holder(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The daemon stops for 100 s while a hurried holder's write is blocked: it is not cut
+    on resuming (a trio deadline on its send scope expired then), but once its write has
+    run out the contended write time after all, with that reason."""
+    reader = CountingReader(HISTORY)
+    hub = make_hub(reader, catchups_at_once=1, send_timeout_s=30.0)
+    stuck, reading = StuckFrames(), FakeFrames()
+    reading.block = True  # everything through the publish task
+    async with (
+        framed(hub, stuck) as hog,
+        framed(hub, reading) as other,
+        watched(hog, 600.0) as in_flight,
+    ):
+        hub.subscribe(hog, SERIES_1M, None, batch=False)
+        await trio.sleep(CONTENDED_WRITE_S * 2)
+        hub.subscribe(other, SERIES_1M, None, batch=False)
+        await trio.sleep(CONTENDED_WRITE_S / 2)
+        autojump_clock.jump(100.0)  # nothing runs meanwhile: the whole process paused
+        await trio.testing.wait_all_tasks_blocked()
+        assert not hog.closing
+        # what is left: at most the write's whole (hurried) timeout again
+        left = in_flight.send_deadline - trio.current_time()
+        assert 0 < left <= in_flight.send_deadline - in_flight.send_started
+        await trio.sleep(left - 0.01)
+        assert not hog.closing
+        await trio.sleep(0.02)
+        assert hog.close_code == 4008
+        assert hog.close_reason == (
+            f"slow consumer: a catch-up write took longer than {CONTENDED_WRITE_S:g}s"
+            " while other catch-ups waited"
+        )
         await trio.testing.wait_all_tasks_blocked()
         assert closed_times(reading.messages()) == [h.candle_time for h in HISTORY]

@@ -34,7 +34,8 @@ from tests.serve.test_ws_server import (
     send,
     subscribe_msg,
 )
-from tradecanvas.serve.stall_watch import STALL_SAMPLES
+from tradecanvas.serve.in_flight import InFlight
+from tradecanvas.serve.stall_watch import SEND_SLACK, STALL_SAMPLES
 from tradecanvas.serve.subscriber import Subscriber
 from tradecanvas.serve.ws_session import CLOSE_TIMEOUT_S
 from tradecanvas.store.sqlite import CandleStore
@@ -328,24 +329,70 @@ async def test_a_pause_of_the_daemon_during_a_blocked_send_closes_no_client(
         await reads_it_all_never_closed(market, pausing, subscriber)
 
 
+# a stall timeout raised for clients on mobile links (allowed up to 3600 s): the sweep
+# samples the stall clocks every 60 s
+LONG_STALL_S: Final = 600.0
+
+
+async def blocked_write(in_flight: InFlight, step_s: float) -> None:
+    """Until a write of the publish task has been in progress for ``step_s`` (the client
+    reads nothing: one blocks soon; the daemon may read the store in a thread before it)."""
+    seen = math.inf
+    while seen == math.inf or in_flight.send_deadline != seen:
+        seen = in_flight.send_deadline
+        await trio.sleep(step_s)
+
+
 @pytest.mark.parametrize("over", TRANSPORTS)
-async def test_a_send_over_the_send_timeout_is_cut_by_the_sweep_within_a_tick(
-    store: CandleStore, over: str, clock: trio.testing.MockClock
+@pytest.mark.parametrize(
+    ("send_timeout_s", "stall_timeout_s"),
+    [(STALL_S, 4 * STALL_S), (1.0, LONG_STALL_S)],
+    ids=["default-like", "long-stall"],
+)
+async def test_a_send_over_the_send_timeout_is_cut_at_it_whatever_the_stall_timeout(
+    store: CandleStore,
+    over: str,
+    send_timeout_s: float,
+    stall_timeout_s: float,
+    clock: trio.testing.MockClock,
 ) -> None:
-    """The stall watch's sweep enforces the send timeout: a client that stops reading is
-    closed with 4008 for its blocked send, at the first tick past the timeout."""
-    send_timeout_s = STALL_S
-    stall_timeout_s = 4 * STALL_S  # far off: the send timeout is what cuts it
-    tick_s = stall_timeout_s / STALL_SAMPLES
+    """The stall watch's sweep enforces the send timeout (the stall timeout, far off, is not
+    what cuts here): a client that stops reading is closed with 4008 for its blocked send at
+    its deadline — also a send timeout of 1 s beside a stall timeout of 600 s, which was cut
+    at the sweep's next tick of the stall clocks, 60 s on."""
     async with one_client_not_reading(
         store, over, send_timeout_s=send_timeout_s, stall_timeout_s=stall_timeout_s
     ) as (market, _, subscriber):
         started = trio.current_time()
         await market.hub.wait_subscribers(0)
-        closed_after = trio.current_time() - started
+        closed_at = trio.current_time()
         assert subscriber.slow_cause == "send_timeout"
         assert (
             subscriber.close_reason == f"slow consumer: a send took longer than {send_timeout_s:g}s"
         )
-        # from the blocked write's start (its buffers fill within a tick), cut within a tick
-        assert send_timeout_s <= closed_after <= send_timeout_s + 2 * tick_s
+        assert closed_at - started <= 2 * send_timeout_s
+        # counted from the start of the write that was cut: late by SEND_SLACK of it at most
+        assert subscriber.in_flight is not None
+        took = closed_at - subscriber.in_flight.send_started
+        assert send_timeout_s <= took <= send_timeout_s * (1 + SEND_SLACK)
+        assert slow_closes(market, "send_timeout") == 1.0
+
+
+@pytest.mark.parametrize("over", TRANSPORTS)
+async def test_a_pause_of_the_daemon_during_a_blocked_send_closes_no_client_whatever_the_stall_timeout(  # noqa: E501
+    store: CandleStore, over: str, clock: trio.testing.MockClock
+) -> None:
+    """As above, and the daemon stops for 100 s while the send is blocked: longer than the
+    send timeout and than a tick of the stall clocks (60 s), shorter than what shows a pause
+    to the stall clocks (a quarter of the stall timeout). The pause counts against no send:
+    the client reads everything once the daemon runs again."""
+    send_timeout_s = 1.0
+    async with one_client_not_reading(
+        store, over, send_timeout_s=send_timeout_s, stall_timeout_s=LONG_STALL_S
+    ) as (market, pausing, subscriber):
+        assert subscriber.in_flight is not None
+        await blocked_write(subscriber.in_flight, send_timeout_s / 10)
+        clock.jump(LONG_STALL_S / 6)  # nothing runs meanwhile: the whole process paused
+        assert await read_all(pausing, CATCH_UP) == expected_times()
+        assert subscriber.close_code is None
+        assert sum(slow_closes(market, c) for c in ("stalled", "send_timeout")) == 0

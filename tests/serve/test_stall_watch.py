@@ -1,7 +1,9 @@
 """The endpoint's stall watch (DESIGN §6): one sweep samples every connection's stall clock and
 asks for its read proofs; a connection whose pings go unanswered is closed with 4008 after the
 stall timeout, the others are not; the sweep carries on when the session running it ends; a
-pong that has reached the daemon but is not yet counted does not close a healthy client.
+pong that has reached the daemon but is not yet counted does not close a healthy client. The
+sweep also cuts the publish task's writes at their deadlines, whatever the stall timeout, and
+a pause of the daemon counts against no write.
 
 Real loopback connections: the daemon's side pings with a byte and a reader task of its own
 takes the client's answers off the socket (two scheduling passes from the socket to the
@@ -15,14 +17,16 @@ import os
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Final
+from unittest import mock
 
+import pytest
 import trio
 import trio.testing
 
 from tests.serve.test_in_flight import loopback
 from tests.serve.test_subscriber import make_subscriber
 from tradecanvas.serve.in_flight import InFlight
-from tradecanvas.serve.stall_watch import STALL_SAMPLES, StallWatch
+from tradecanvas.serve.stall_watch import SEND_SLACK, STALL_SAMPLES, StallWatch
 from tradecanvas.serve.subscriber import Subscriber
 
 STALL_S: Final = 10.0
@@ -212,3 +216,118 @@ async def test_a_pause_of_the_daemon_counts_against_no_client(
         conns[0].answering = False
         await until_closed(conns[0])
         assert [c.subscriber.close_code for c in conns] == [4008, None]
+
+
+# a stall timeout raised for clients on mobile links: the stall clocks are sampled every 60 s
+LONG_STALL_S: Final = 600.0
+
+
+async def blocked_send(conn: Connection, timeout_s: float, cut: list[float]) -> None:
+    """A write of ``conn``'s publish task that never completes, in its send scope as
+    ``publisher.Publisher`` runs it; when the scope was cancelled goes into ``cut``."""
+    with conn.subscriber.send_scope:
+        assert conn.in_flight.start_send(trio.current_time(), timeout_s)
+        await trio.sleep_forever()
+    cut.append(trio.current_time())
+
+
+async def test_the_sweep_cuts_a_send_at_its_deadline_whatever_the_stall_timeout(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A send timeout of 1 s beside a stall timeout of 600 s: cut at 1 s, not at the next
+    tick of the stall clocks 60 s on; a write that ends in time is not cut."""
+    watch = StallWatch(LONG_STALL_S)
+    async with connections(True) as (nursery, (conn,)):
+        nursery.start_soon(session, watch, conn)
+        await trio.testing.wait_all_tasks_blocked()
+        assert conn.in_flight.start_send(trio.current_time(), 1.0)
+        await trio.sleep(0.9)
+        conn.in_flight.end_send()
+        await trio.sleep(0.5)  # past that write's deadline
+        assert not conn.subscriber.send_scope.cancel_called
+        cut: list[float] = []
+        started = trio.current_time()
+        await blocked_send(conn, 1.0, cut)
+        assert cut == [pytest.approx(started + 1.0)]
+
+
+async def test_writes_ending_one_after_another_wake_the_sweep_at_most_every_slack(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A hundred connections' writes, begun 5 ms apart, each ending just in time: the sweep
+    looks at the send deadlines at most every SEND_SLACK of the timeout, not at each one (a
+    look at a deadline is a pass over every connection), and cuts none of them."""
+    watch = StallWatch(LONG_STALL_S)
+    timeout_s = 1.0
+    count = 100
+    with mock.patch.object(watch, "sample", wraps=watch.sample) as sample:
+        async with loopback() as (server, _), trio.open_nursery() as nursery:
+            conns = [
+                (make_subscriber(), InFlight(server, trio.current_time())) for _ in range(count)
+            ]
+            for subscriber, in_flight in conns:
+                nursery.start_soon(watch.watch, subscriber, in_flight)
+            await trio.testing.wait_all_tasks_blocked()
+            started = trio.current_time()
+
+            async def write(i: int, subscriber: Subscriber, in_flight: InFlight) -> None:
+                await trio.sleep_until(started + i * 0.005)
+                with subscriber.send_scope:
+                    assert in_flight.start_send(trio.current_time(), timeout_s)
+                    await trio.sleep(0.99 * timeout_s)
+                    in_flight.end_send()
+
+            async with trio.open_nursery() as writers:
+                for i, (subscriber, in_flight) in enumerate(conns):
+                    writers.start_soon(write, i, subscriber, in_flight)
+            assert not any(subscriber.send_scope.cancel_called for subscriber, _ in conns)
+            nursery.cancel_scope.cancel()
+    looks = [c for c in sample.call_args_list if not c.kwargs.get("full", True)]
+    span_s = count * 0.005  # from the first deadline to the last
+    assert 1 <= len(looks) <= span_s / (SEND_SLACK * timeout_s) + 2
+
+
+async def test_a_pause_of_the_daemon_counts_against_no_send(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The daemon stops for 30 s while a write with a send timeout of 1 s is blocked (and
+    the sweep sleeps until that write's deadline): not cut on resuming, though its deadline
+    is long past by the clock; the sweep had not run since the write began, so it has its
+    whole timeout again from there."""
+    watch = StallWatch(LONG_STALL_S)
+    cut: list[float] = []
+    async with connections(True) as (nursery, (conn,)):
+        nursery.start_soon(session, watch, conn)
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(blocked_send, conn, 1.0, cut)
+        await trio.sleep(0.5)
+        autojump_clock.jump(30.0)  # nothing runs meanwhile: the whole process paused
+        resumed = trio.current_time()
+        await trio.testing.wait_all_tasks_blocked()
+        assert cut == []
+        assert conn.subscriber.close_code is None
+        await trio.sleep(2.0)
+    assert cut == [pytest.approx(resumed + 1.0)]
+
+
+async def test_a_send_skips_a_pause_from_when_the_sweep_last_ran(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A write with a send timeout of 5 s begins half a tick after the sweep ran; the sweep
+    ticks every second; the daemon stops 3 s into the write, for 100 s. The write had 2 s
+    left; it skips the pause and what went before it since the sweep last ran (0.5 s): cut
+    2.5 s after the daemon resumes."""
+    watch = StallWatch(10.0)
+    cut: list[float] = []
+    async with connections(True) as (nursery, (conn,)):
+        nursery.start_soon(session, watch, conn)
+        await trio.testing.wait_all_tasks_blocked()
+        await trio.sleep(TICK_S / 2)
+        nursery.start_soon(blocked_send, conn, 5.0, cut)
+        await trio.sleep(3.0)
+        autojump_clock.jump(100.0)  # nothing runs meanwhile: the whole process paused
+        resumed = trio.current_time()
+        await trio.sleep(2.0)
+        assert cut == []
+        await trio.sleep(1.0)
+    assert cut == [pytest.approx(resumed + 2.5)]

@@ -48,7 +48,7 @@ import struct
 import termios
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import Final, final
+from typing import Final, Protocol, final
 
 import trio
 
@@ -116,6 +116,15 @@ def acknowledged_bytes(sock: trio.socket.SocketType) -> int | None:
     return acked
 
 
+class SendWatch(Protocol):
+    """What enforces the deadlines of a connection's writes (``stall_watch.StallWatch``)."""
+
+    def wake_by(self, deadline: float) -> None:
+        """Look at the writes in progress no later than ``deadline`` (called for each write:
+        O(1))."""
+        ...
+
+
 @final
 class StallClock:
     """Seconds behind from samples, without I/O: the age of the oldest byte written and not
@@ -165,6 +174,10 @@ class InFlight:
     are bounded from above by the last measurement plus what was written since, so a
     subscriber far from its budget costs no system call per write. A transport that can
     ping runs :meth:`prove_reads` beside them, which pings when the sweep asks.
+
+    The publish task's writes: :meth:`start_send` when one begins, :meth:`end_send` when it
+    is done; while a stall watch watches the connection (``send_watch``) it cuts a write past
+    its ``send_deadline``, shifted past a pause of the daemon (:meth:`skip_send`).
     """
 
     __slots__ = (
@@ -180,7 +193,8 @@ class InFlight:
         "proven",
         "read_proof",
         "send_deadline",
-        "sends_watched",
+        "send_started",
+        "send_watch",
         "sock",
         "written",
     )
@@ -204,11 +218,12 @@ class InFlight:
         self._proof_wanted = trio.Event()
         self._proof_asked = now
         self._proving = False
-        # the publish task's write in progress must end by this (inf: none) — enforced by
-        # the stall watch's sweep while it watches this connection (sends_watched), which
-        # shifts it past a pause of the daemon like the stall clock (``publisher``)
+        # the publish task's write in progress, begun at send_started, must end by
+        # send_deadline (inf: none) — enforced by the stall watch that watches this
+        # connection (send_watch), which shifts both past a pause of the daemon
         self.send_deadline = math.inf
-        self.sends_watched = False
+        self.send_started = now
+        self.send_watch: SendWatch | None = None
 
     def note_written(self, n: int) -> None:
         self._bound += n
@@ -216,8 +231,41 @@ class InFlight:
 
     def skip(self, gap_s: float) -> None:
         """The stall clock skips ``gap_s`` in which the daemon did not run
-        (:meth:`StallClock.skip`), and so does the deadline of the write in progress."""
+        (:meth:`StallClock.skip`)."""
         self._clock.skip(gap_s)
+
+    def start_send(self, now: float, timeout_s: float) -> bool:
+        """A write of the publish task begins at ``now`` and must end within ``timeout_s``:
+        True when the stall watch enforces that (it is told to wake by the deadline), False
+        when no watch watches this connection (the caller must)."""
+        watch = self.send_watch
+        if watch is None:
+            self.send_deadline = math.inf
+            return False
+        self.send_started = now
+        self.send_deadline = now + timeout_s
+        watch.wake_by(self.send_deadline)
+        return True
+
+    def hurry_send(self, deadline: float) -> bool:
+        """The write in progress, if any, must end by ``deadline`` if not sooner: True when
+        the stall watch enforces that, False when no watch watches this connection."""
+        watch = self.send_watch
+        if watch is None:
+            return False
+        if self.send_deadline != math.inf and deadline < self.send_deadline:
+            self.send_deadline = deadline
+            watch.wake_by(deadline)
+        return True
+
+    def end_send(self) -> None:
+        """The write in progress is done."""
+        self.send_deadline = math.inf
+
+    def skip_send(self, gap_s: float) -> None:
+        """The write in progress skips ``gap_s`` in which the daemon did not run: its start
+        and deadline move on by that much."""
+        self.send_started += gap_s
         self.send_deadline += gap_s
 
     def want_proof(self, now: float, every_s: float) -> None:
@@ -328,6 +376,7 @@ __all__ = [
     "PING_FRAME_BYTES",
     "SEND_BUFFER_BYTES",
     "InFlight",
+    "SendWatch",
     "StallClock",
     "acknowledged_bytes",
     "limit_send_buffer",

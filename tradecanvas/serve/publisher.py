@@ -18,13 +18,14 @@ keep the others waiting for long. Live candles written at once by the Hub take n
 
 Deadlines: one cancel scope per task (``Subscriber.send_scope``), cancelled when a write in
 progress — of at most :data:`WRITE_CHUNK_BYTES` — does not complete within
-``send_timeout_s``: the subscriber is closed with 4008. Where the endpoint's stall watch
-watches the connection, the write's deadline is ``InFlight.send_deadline`` and the watch's
-sweep cancels the scope at its first tick past it (``stall_watch``: so a pause of the
-daemon counts against no write, as it counts against no stall clock); elsewhere, and for a
-hurried holder's :data:`CONTENDED_WRITE_S`, it is the scope's own deadline. The queue's lag
-deadline is on ``Subscriber.lag_scope`` around it. Each drain settles the delivery timing
-of the batches the subscriber owed when it began (``ops.metrics.DeliveryTimer``).
+``send_timeout_s`` (a hurried holder's: :data:`CONTENDED_WRITE_S`): the subscriber is
+closed with 4008. Where the endpoint's stall watch watches the connection, the write's
+deadline is ``InFlight.send_deadline`` (:meth:`InFlight.start_send`) and the watch's sweep,
+woken by it, cancels the scope (``stall_watch``: so a pause of the daemon counts against no
+write, as it counts against no stall clock); elsewhere it is the scope's own deadline. The
+queue's lag deadline is on ``Subscriber.lag_scope`` around it. Each drain settles the
+delivery timing of the batches the subscriber owed when it began
+(``ops.metrics.DeliveryTimer``).
 """
 
 from __future__ import annotations
@@ -228,27 +229,25 @@ class Publisher:
                 delivery.settle(owed, trio.current_time())
 
     def _start_write(self, subscriber: Subscriber) -> None:
-        """The write that begins now must end within the send timeout (see the module
-        docstring): by the stall watch's sweep where it watches the connection, else (and
-        for a hurried holder's short CONTENDED_WRITE_S) by the send scope's deadline."""
-        deadline = trio.current_time() + self.send_timeout_s
-        in_flight = subscriber.in_flight
+        """The write that begins now must end within the send timeout, a hurried holder's
+        within CONTENDED_WRITE_S (see the module docstring): by the stall watch's sweep
+        where it watches the connection, else by the send scope's deadline."""
+        timeout_s = self.send_timeout_s
         if subscriber in self._hurried:
-            deadline = min(deadline, trio.current_time() + CONTENDED_WRITE_S)
-        elif in_flight is not None and in_flight.sends_watched:
-            in_flight.send_deadline = deadline
+            timeout_s = min(timeout_s, CONTENDED_WRITE_S)
+        now = trio.current_time()
+        in_flight = subscriber.in_flight
+        if in_flight is not None and in_flight.start_send(now, timeout_s):
             subscriber.send_scope.deadline = math.inf
-            return
-        if in_flight is not None:
-            in_flight.send_deadline = math.inf
-        subscriber.send_scope.deadline = deadline
+        else:
+            subscriber.send_scope.deadline = now + timeout_s
 
     @staticmethod
     def _end_write(subscriber: Subscriber) -> None:
         """No write in progress: no send deadline."""
         subscriber.send_scope.deadline = math.inf
         if subscriber.in_flight is not None:
-            subscriber.in_flight.send_deadline = math.inf
+            subscriber.in_flight.end_send()
 
     def _hurry_holders(self) -> None:
         """A catch-up is about to wait for a place: every holder's write must finish within
@@ -256,8 +255,13 @@ class Publisher:
         soon = trio.current_time() + CONTENDED_WRITE_S
         for holder in self._holders:
             self._hurried.add(holder)
+            in_flight = holder.in_flight
+            watched = in_flight is not None and in_flight.hurry_send(soon)
             scope = holder.send_scope
-            scope.deadline = min(scope.deadline, soon)
+            # unwatched: the scope bounds what the holder does next, as before; watched, it
+            # holds a deadline only for a write begun before the watch took the connection
+            if not watched or scope.deadline != math.inf:
+                scope.deadline = min(scope.deadline, soon)
 
     async def _carry_out(self, subscriber: Subscriber, plan: Plan) -> None:
         """Run a drain plan: answer its store reads, encode and send its messages (a read

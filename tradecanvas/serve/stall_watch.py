@@ -27,21 +27,39 @@ proof is older than the timeout as of a moment when the loop had just read every
 pending. That costs nothing at the ticks that find no one over it.
 
 The sweep also enforces the publish task's send timeout of each connection it watches
-(``InFlight.send_deadline``, set by ``publisher.Publisher`` for each write): at a tick past
-it, the send scope is cancelled and the publish task closes the subscriber with 4008 — up
-to a tick after the timeout. A trio deadline on the send scope would not do: trio's clock
-runs on while the process is stopped, so on resuming such a deadline expired in the same
-pass as the sweep's own timer, before the sweep could tell the pause, and every subscriber
-whose write was blocked then was closed for the daemon's pause.
+(``InFlight.send_deadline``, set by ``publisher.Publisher`` for each write): past it, the
+send scope is cancelled and the publish task closes the subscriber with 4008. A trio
+deadline on the send scope would not do: trio's clock runs on while the process is stopped,
+so on resuming such a deadline expired in the same pass as the sweep's own timer, before
+the sweep could tell the pause, and every subscriber whose write was blocked then was closed
+for the daemon's pause. Nor would the ticks alone: they come a tenth of the stall timeout
+apart (a minute with a stall timeout raised to 600 s), so a 1 s send timeout was enforced a
+minute late. So a write that begins brings the sweep's next wake-up forward to its deadline
+when that is sooner (:meth:`StallWatch.wake_by`: a comparison, and now and then a new
+deadline for the sweep's one sleep — still no timer per connection), and a wake-up that is
+not a tick only looks at the send deadlines. After a wake-up the sweep sleeps until the
+next tick or the earliest deadline of the writes still in progress, whichever is sooner,
+but at least :data:`SEND_SLACK` of that write's timeout: a write is cut within that share
+of its timeout, whatever the stall timeout, and a thousand writes in progress wake the
+sweep at most that often.
 
-Time in which the daemon itself did not run (a tick found a quarter of the stall timeout
-late or more) counts against no client: their stall clocks and send deadlines skip it
-(:meth:`InFlight.skip`) before they are sampled.
+Time in which the daemon itself did not run counts against no client. A wake-up found late
+by a quarter of the stall timeout or more means the daemon did not run: the stall clocks
+skip that lateness (:meth:`InFlight.skip`) before they are sampled. The writes in progress
+skip the pause then too, and so does a write whose wake-up is late by a quarter of its own
+timeout (:meth:`InFlight.skip_send`). A write skips more than the lateness: all the time
+since the sweep last ran, or since the write began if that is later — the last moment the
+daemon is known to have run. The sweep often sleeps until that very write's deadline, and
+skipping only the time after the deadline would still cut the write on resuming. So a write
+that spans a pause gets at most its whole timeout again after it. A pause that ends before
+the sweep's next wake-up is not seen (as before: a tick of the stall clocks, or a send
+deadline, must fall within it).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Final, final
@@ -63,8 +81,13 @@ STALL_SAMPLES: Final = 10
 # the check after them whatever the order of the tasks within a pass
 SETTLE_PASSES: Final = 3
 # a tick this late (a share of the stall timeout) means the daemon did not run: no loop
-# under load is that late, and a shorter pause cannot close a client that answers
+# under load is that late, and a shorter pause cannot close a client that answers; a
+# wake-up this late as a share of a write's timeout means the same for that write
 PAUSE_FRACTION: Final = 0.25
+# a write is cut this share of its timeout after its deadline at most: the sweep wakes up
+# for the send deadlines no more often (a thousand writes in progress, ending at
+# different times, do not wake it a thousand times)
+SEND_SLACK: Final = 0.1
 
 
 @final
@@ -72,7 +95,8 @@ class StallWatch:
     """The stall clocks of one endpoint's connections and the sweep that samples them (see
     the module docstring). Owns no task: each session runs :meth:`watch` for its
     connection, and one of those tasks at a time runs the sweep. Raises nothing but
-    cancellation."""
+    cancellation. The connections' :class:`InFlight` call :meth:`wake_by` for the
+    deadlines of their writes (:class:`~tradecanvas.serve.in_flight.SendWatch`)."""
 
     def __init__(self, stall_timeout_s: float) -> None:
         if stall_timeout_s <= 0:
@@ -85,6 +109,12 @@ class StallWatch:
         # held by the session running the sweep; the others queue for it, oldest first
         self._turn = trio.Lock()
         self._next_tick: float | None = None
+        # the next wake-up for the send deadlines (inf: none due)
+        self._next_send = math.inf
+        # the sweep's sleep while it sleeps (wake_by brings its end forward)
+        self._sleep: trio.CancelScope | None = None
+        # when the sweep last ran: the daemon ran then
+        self._ran_at: float | None = None
 
     @property
     def watched(self) -> int:
@@ -101,62 +131,112 @@ class StallWatch:
     def watching(self, subscriber: Subscriber, in_flight: InFlight) -> Iterator[None]:
         """``subscriber``'s connection is among those the sweep samples, within."""
         self._watched[subscriber] = in_flight
-        in_flight.sends_watched = True
+        in_flight.send_watch = self
         try:
             yield
         finally:
             del self._watched[subscriber]
-            in_flight.sends_watched = False
+            in_flight.send_watch = None
             # a write in progress keeps its deadline, on the send scope from here on
             scope = subscriber.send_scope
             scope.deadline = min(scope.deadline, in_flight.send_deadline)
             if not self._watched:
-                self._next_tick = None  # the next connection starts a schedule of its own
+                # the next connection starts a schedule of its own
+                self._next_tick = None
+                self._next_send = math.inf
+                self._ran_at = None
+
+    def wake_by(self, deadline: float) -> None:
+        """Have the sweep look at the send deadlines by ``deadline`` (a write's, as it
+        begins: O(1), and the sweep's sleep gets a new deadline only when it is the
+        earliest)."""
+        if deadline < self._next_send:
+            self._next_send = deadline
+            sleep = self._sleep
+            if sleep is not None and deadline < sleep.deadline:
+                sleep.deadline = deadline
 
     async def _sweep(self) -> None:
         while True:
-            if self._next_tick is None:
-                self._next_tick = trio.current_time() + self.tick_s
-            due = self._next_tick
-            await trio.sleep_until(due)
             now = trio.current_time()
-            # from when this sample was taken: a loop running late does not bunch them up
-            self._next_tick = now + self.tick_s
-            if now - due > self.stall_timeout_s * PAUSE_FRACTION:
-                self._skip(now - due)
-            suspects = self.sample(now)
+            if self._next_tick is None:
+                self._next_tick = now + self.tick_s
+            if self._ran_at is None:
+                self._ran_at = now
+            # like trio.sleep_until, with a deadline that wake_by may bring forward
+            with trio.CancelScope(deadline=min(self._next_tick, self._next_send)) as sleep:
+                self._sleep = sleep
+                try:
+                    await trio.sleep_forever()
+                finally:
+                    self._sleep = None
+            now = trio.current_time()
+            late_s = now - sleep.deadline
+            ran_at, self._ran_at = self._ran_at, now
+            paused = late_s > self.stall_timeout_s * PAUSE_FRACTION
+            if paused:
+                self._skip(late_s)
+            tick = now >= self._next_tick
+            if tick:
+                # from when this sample was taken: a loop running late does not bunch them up
+                self._next_tick = now + self.tick_s
+            suspects = self.sample(now, late_s=late_s, ran_at=ran_at, paused=paused, full=tick)
             if suspects:
                 await self.close_stalled(suspects)
 
     def _skip(self, gap_s: float) -> None:
-        """A tick late by PAUSE_FRACTION of the stall timeout or more: the daemon did not run
-        for ``gap_s`` (a SIGSTOP, a frozen VM or container, a loop starved): no client could
-        be pinged or its answer read then, so that time counts against none of them (else
-        every healthy client was closed as stalled after a pause of the daemon longer than
-        two thirds of the timeout)."""
+        """A wake-up late by PAUSE_FRACTION of the stall timeout or more: the daemon did not
+        run for ``gap_s`` (a SIGSTOP, a frozen VM or container, a loop starved): no client
+        could be pinged or its answer read then, so that time counts against none of their
+        stall clocks (else every healthy client was closed as stalled after a pause of the
+        daemon longer than two thirds of the timeout). The writes in progress skip it in
+        :meth:`sample`."""
         log.warning(
             "the daemon did not run for %.1f s (paused, or its event loop was blocked): the"
-            " clients' stall clocks skip that time",
+            " clients' stall clocks and sends skip that time",
             gap_s,
         )
         for in_flight in self._watched.values():
             in_flight.skip(gap_s)
 
-    def sample(self, now: float) -> list[Subscriber]:
-        """One tick of the sweep at ``now``: cancel the send scope of a write past its
-        deadline (the publish task closes that subscriber with 4008) and ask for the read
-        proofs that are due; the subscribers over the stall timeout by this sample (for
+    def sample(
+        self,
+        now: float,
+        *,
+        late_s: float = 0.0,
+        ran_at: float | None = None,
+        paused: bool = False,
+        full: bool = True,
+    ) -> list[Subscriber]:
+        """One wake-up of the sweep at ``now``, ``late_s`` after it was due (``paused``: late
+        enough for the stall clocks to skip it), having last run at ``ran_at``: shift the
+        deadline of a write in progress past a pause (see the module docstring), cancel the
+        send scope of a write past its deadline (the publish task closes that subscriber
+        with 4008), and note when the sweep must wake up next for the send deadlines. At a
+        tick (``full``), also ask for the read proofs that are due and sample the stall
+        clocks: the subscribers over the stall timeout by this sample (for
         :meth:`close_stalled`)."""
         suspects: list[Subscriber] = []
+        next_send = math.inf
         for subscriber, in_flight in self._watched.items():
             if subscriber.close_code is not None or subscriber.failure is not None:
                 continue  # ending already
-            if now >= in_flight.send_deadline:
-                subscriber.send_scope.cancel()
-                continue
-            in_flight.want_proof(now, self._ping_every_s)
-            if in_flight.behind(now) >= self.stall_timeout_s:
-                suspects.append(subscriber)
+            deadline = in_flight.send_deadline
+            if deadline != math.inf:
+                started = in_flight.send_started
+                timeout_s = deadline - started
+                if ran_at is not None and (paused or late_s > timeout_s * PAUSE_FRACTION):
+                    in_flight.skip_send(now - max(ran_at, started))
+                    deadline = in_flight.send_deadline
+                if now >= deadline:
+                    subscriber.send_scope.cancel()
+                    continue
+                next_send = min(next_send, max(deadline, now + timeout_s * SEND_SLACK))
+            if full:
+                in_flight.want_proof(now, self._ping_every_s)
+                if in_flight.behind(now) >= self.stall_timeout_s:
+                    suspects.append(subscriber)
+        self._next_send = next_send
         return suspects
 
     async def close_stalled(self, suspects: list[Subscriber]) -> None:
@@ -178,4 +258,4 @@ class StallWatch:
                 )
 
 
-__all__ = ["SETTLE_PASSES", "STALL_SAMPLES", "StallWatch"]
+__all__ = ["SEND_SLACK", "SETTLE_PASSES", "STALL_SAMPLES", "StallWatch"]
