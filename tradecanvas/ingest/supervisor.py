@@ -95,6 +95,8 @@ class IngestSupervisor:
         self.rest_policy = rest_policy
         self.groups = connection_groups(flags.series)
         self._counters = [LoopCounters(streams=len(g)) for g in self.groups]
+        # each connection's series as strings, once: /healthz reads them on every poll
+        self._group_ids = [tuple(map(str, g)) for g in self.groups]
         # base series → its 3d grid phase (seconds), once its 3d history is published; the
         # loops read it for their forming 3d candles
         self.phases: dict[SeriesId, int] = {}
@@ -234,8 +236,8 @@ class IngestSupervisor:
         """Each connection's state (for /healthz: the upstream of one series, and how many
         connections of each market are open; for the ingest report the edges read)."""
         return tuple(
-            ConnectionState(group[0].market, tuple(map(str, group)), c.connection.connected > 0)
-            for group, c in zip(self.groups, self._counters, strict=True)
+            ConnectionState(group[0].market, ids, c.connection.connected > 0)
+            for group, ids, c in zip(self.groups, self._group_ids, self._counters, strict=True)
         )
 
     def statistics(self) -> IngestStatistics:

@@ -398,9 +398,8 @@ def build_http_app(
         if raw:
             series = served_series(raw)
             body["series_id"] = None if series is None else str(series)
-            body["upstream"] = (
-                None if series is None else series_upstream(whole, known, str(base_of[series]))
-            )
+            base = None if series is None else str(base_of.get(series, series))
+            body["upstream"] = None if base is None else series_upstream(whole, known, base)
         return JsonResponse(body)
 
     async def readyz(request: Request) -> Response:
