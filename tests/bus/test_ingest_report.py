@@ -88,6 +88,9 @@ def test_the_watch_shows_ingest_unknown_until_redis_answered_then_what_it_holds(
     assert len(caplog.records) == 2
 
 
+LEASE_MS = 2000
+
+
 async def _until(watch: IngestReportWatch, shown: Callable[[dict[str, Any]], bool]) -> None:
     with trio.fail_after(WAIT_S):
         while not shown(watch.readyz_fields()):
@@ -98,8 +101,10 @@ async def test_the_holder_reports_binance_and_the_report_goes_with_the_lease(
     store: CandleStore, redis_url: str, keys: StreamKeys
 ) -> None:
     connected = [False]
+    # a TTL that a loaded machine's scheduling does not outrun (at 400 ms the leader, short
+    # of a core for a third of it, lost its lease and the report never came)
     leader = IngestLeader(
-        redis_url, keys, FencedStore(store), Metrics(), timing=LeaseTiming(400), node="a"
+        redis_url, keys, FencedStore(store), Metrics(), timing=LeaseTiming(LEASE_MS), node="a"
     )
     leader.upstream_connected = lambda: connected[0]
     watch = IngestReportWatch(redis_url, keys, poll_s=0.02)
@@ -120,7 +125,7 @@ async def test_the_holder_reports_binance_and_the_report_goes_with_the_lease(
             # the key expires with the lease's TTL
             async with open_redis(redis_url) as client:
                 ttl = await client.pttl(keys.ingest_report)
-            assert 0 < ttl <= 400
+            assert 0 < ttl <= LEASE_MS
             alive.cancel_scope.cancel()  # killed: no release, no more renewals
         await _until(watch, lambda f: f == {"ingest": None})
         async with open_redis(redis_url) as client:
@@ -213,8 +218,10 @@ def test_connections_too_many_for_the_bus_are_left_out_not_the_report() -> None:
 async def test_the_holder_reports_each_connection_and_an_edge_reads_them(
     store: CandleStore, redis_url: str, keys: StreamKeys
 ) -> None:
+    # a TTL that a loaded machine's scheduling does not outrun (at 400 ms the leader, short
+    # of a core for a third of it, lost its lease and the report never came)
     leader = IngestLeader(
-        redis_url, keys, FencedStore(store), Metrics(), timing=LeaseTiming(400), node="a"
+        redis_url, keys, FencedStore(store), Metrics(), timing=LeaseTiming(LEASE_MS), node="a"
     )
     leader.connections = lambda: (SPOT_UP, FUTURES_DOWN)
     watch = IngestReportWatch(redis_url, keys, poll_s=0.02)
