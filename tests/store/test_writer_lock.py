@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tradecanvas.errors import ExitCode, StoreInUse, StoreTooNew, start_failure
-from tradecanvas.store.open import open_served_store, takes_writer_lock
+from tradecanvas.store.open import open_served_store, shares_writer_lock, takes_writer_lock
 from tradecanvas.store.schema import _MIGRATIONS, SCHEMA_VERSION
 from tradecanvas.store.sqlite import CandleStore
 from tradecanvas.store.writer_lock import lock_path
@@ -71,9 +71,12 @@ async def test_the_lock_is_taken_before_the_migration(tmp_path: Path) -> None:
 def test_which_daemons_take_the_lock() -> None:
     sqlite, pg = Path("m.sqlite3"), "postgresql://postgres@127.0.0.1/x"
     assert takes_writer_lock(sqlite, "all") and takes_writer_lock(pg, "all")
-    assert takes_writer_lock(sqlite, "ingest")
-    assert not takes_writer_lock(pg, "ingest")  # the Redis lease and its fencing instead
+    assert takes_writer_lock(sqlite, "ingest") and takes_writer_lock(pg, "ingest")
     assert not takes_writer_lock(sqlite, "edge") and not takes_writer_lock(pg, "edge")
+    # shared on PostgreSQL only: several ingest nodes (the lease picks the writer), and a
+    # role all daemon kept out; a SQLite store has one ingesting daemon
+    assert shares_writer_lock(pg, "ingest") and not shares_writer_lock(sqlite, "ingest")
+    assert not shares_writer_lock(pg, "all") and not shares_writer_lock(sqlite, "all")
 
 
 async def test_opening_says_what_it_did_to_the_schema(

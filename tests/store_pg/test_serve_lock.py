@@ -18,6 +18,7 @@ import pytest
 
 from tradecanvas.errors import StoreInUse
 from tradecanvas.store import writer_lock
+from tradecanvas.store.lock_holder import LockHolder
 from tradecanvas.store.writer_lock import SERVE_LOCK_KEY, PgServeLock
 
 TCP_REPAIR: Final = 19  # linux/tcp.h (the socket module does not name it)
@@ -31,10 +32,15 @@ def _terminate(url: str, backend: object) -> None:
         conn.execute("SELECT pg_terminate_backend(%s, 10000)", (backend,))
 
 
-def _held_by_someone(url: str) -> bool:
+def wait_until_free(url: str) -> None:
+    """Until nobody holds the serve lock. A lock's close() closes its session's connection;
+    the server's backend lets go of the lock as it exits, a moment later, so a take right
+    after a close can still meet it. Waits on the server (an exclusive take bounded by
+    lock_timeout), not a sleep; nothing may try the lock meanwhile (the waiter is queued)."""
     with psycopg.connect(url, autocommit=True) as conn:
-        row = conn.execute("SELECT pg_try_advisory_lock(%s)", (SERVE_LOCK_KEY,)).fetchone()
-    return row is None or row[0] is not True  # (a lock taken here ends with the session)
+        conn.execute(f"SET lock_timeout = {DROP_WITHIN_MS}")
+        conn.execute("SELECT pg_advisory_lock(%s)", (SERVE_LOCK_KEY,))
+        conn.execute("SELECT pg_advisory_unlock(%s)", (SERVE_LOCK_KEY,))
 
 
 def _vanish(conn: psycopg.Connection[Any]) -> None:
@@ -174,13 +180,13 @@ def test_a_lock_freed_between_the_try_and_the_look_at_its_holder_is_taken(
     real = PgServeLock._holder
     looked = []
 
-    def late_end(conn: psycopg.Connection[tuple[object, ...]]) -> tuple[object, str, float | None]:
+    def late_end(conn: psycopg.Connection[tuple[object, ...]], shared: bool) -> LockHolder | None:
         looked.append(True)
         if holders:
             ending = holders.pop()
             _terminate(pg_url, ending.info.backend_pid)  # its session ends now
             ending.close()
-        return real(conn)
+        return real(conn, shared)
 
     monkeypatch.setattr(PgServeLock, "_holder", staticmethod(late_end))
     starting = PgServeLock.take(pg_url)  # a daemon's start
@@ -202,9 +208,7 @@ def test_a_holder_that_keeps_vanishing_is_tried_again_later_not_called_another_d
     _terminate(pg_url, a._backend)
     other = _advisory_holder(pg_url)  # held, its holder never found
     real = PgServeLock._holder
-    monkeypatch.setattr(
-        PgServeLock, "_holder", staticmethod(lambda conn: (None, "holder unknown", None))
-    )
+    monkeypatch.setattr(PgServeLock, "_holder", staticmethod(lambda conn, shared: None))
     a.keep()  # no StoreInUse: the next tick looks again
     assert not a.held
     with pytest.raises(StoreInUse, match="ended each time it was looked up; try again"):
@@ -282,6 +286,6 @@ def test_close_wins_over_a_keep_taking_the_lock_again_on_its_thread(
     closed.set()
     keeper.join(timeout=60)
     assert not keeper.is_alive() and not a.held
-    assert not _held_by_someone(pg_url)
+    wait_until_free(pg_url)  # that keep()'s session let go of it (once its backend exited)
     a.keep()
     assert len(connects) == 1 and not a.held

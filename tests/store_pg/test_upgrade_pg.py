@@ -19,6 +19,7 @@ import trio
 from tests.cli_rig import cli_env, exit_code_within, run_cli, wait_for_line
 from tests.conftest import flat_minutes
 from tests.store_pg.test_migrate_store import BTC, _fill, _until_copied
+from tests.store_pg.test_serve_lock import wait_until_free
 from tradecanvas.errors import ExitCode, StoreError, StoreInUse, StoreTooNew, start_failure
 from tradecanvas.store.open import MIGRATION_MARK, open_served_store
 from tradecanvas.store.pg_schema import SCHEMA_VERSION
@@ -76,6 +77,7 @@ async def test_a_second_role_all_daemon_is_refused_and_the_lock_is_taken_again(
             await second.aclose()
     finally:
         await first.aclose()
+    await trio.to_thread.run_sync(wait_until_free, pg_url)
     again = await PostgresStore.open(pg_url, lock=True)  # closed: free again
     await again.aclose()
 
@@ -91,7 +93,8 @@ async def test_a_database_newer_than_this_release_is_refused_naming_it(pg_url: s
     assert f"has schema {SCHEMA_VERSION + 1}, newer than this tradecanvas writes" in message
     assert "restore a backup taken before the upgrade" in message
     assert pg_url.rsplit("/", 1)[1] in message
-    lock = PgServeLock.take(pg_url)  # the refused open let go of it
+    wait_until_free(pg_url)  # the refused open let go of it (its session ends on the server)
+    lock = PgServeLock.take(pg_url)
     lock.close()
 
 

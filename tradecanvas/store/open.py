@@ -16,6 +16,7 @@ from tradecanvas.store.interface import MarketStore
 from tradecanvas.store.postgres import PostgresStore, describe_url
 from tradecanvas.store.schema import SchemaChange
 from tradecanvas.store.sqlite import CandleStore
+from tradecanvas.store.writer_lock import take_pg_serve_lock
 
 log = logging.getLogger(__name__)
 
@@ -30,14 +31,26 @@ def store_location(db_path: Path, database_url: str | None) -> str | Path:
 
 
 async def open_store(
-    location: str | Path, *, writes: bool = True, lock: bool = False
+    location: str | Path, *, writes: bool = True, lock: bool = False, shared: bool = False
 ) -> MarketStore:
     """Open (and migrate) the store at ``location``; ``writes=False`` for a caller that only
     reads; ``lock``: take ``serve``'s single-writer lock first (``store/writer_lock.py``,
-    only for a daemon that ingests). Raises StoreError (StoreInUse, StoreTooNew)."""
-    if is_database_url(location):
-        return await PostgresStore.open(str(location).strip(), lock=lock)
-    return await CandleStore.open(location, writes=writes, lock=lock)
+    only for a daemon that ingests), ``shared`` on PostgreSQL (role ingest: every ingest
+    node holds it, a role ``all`` daemon is kept out; a SQLite lock is exclusive). Raises
+    StoreError (StoreInUse, StoreTooNew)."""
+    if not is_database_url(location):
+        return await CandleStore.open(location, writes=writes, lock=lock)
+    url = str(location).strip()
+    if not (lock and shared):
+        return await PostgresStore.open(url, lock=lock)
+    held = await take_pg_serve_lock(url, shared=True)
+    try:
+        store = await PostgresStore.open(url)
+    except BaseException:
+        held.close()
+        raise
+    store.lock = held  # kept by the daemon (hold), let go by the store's aclose
+    return store
 
 
 # the meta record ``migrate-store`` keeps on its target while it copies (docs/operations.md)
@@ -62,15 +75,27 @@ def describe_location(location: str | Path) -> str:
 
 def takes_writer_lock(location: str | Path, role: str) -> bool:
     """Whether ``serve`` of ``role`` takes the store's single-writer lock: every daemon that
-    ingests (all; ingest on SQLite; ingest on PostgreSQL has the Redis lease instead)."""
-    return role == "all" or (role == "ingest" and not is_database_url(location))
+    ingests (all, ingest; not edge)."""
+    return role in ("all", "ingest")
+
+
+def shares_writer_lock(location: str | Path, role: str) -> bool:
+    """Whether that lock is taken shared: role ingest on PostgreSQL, where several ingest
+    nodes run (the Redis lease and its fencing token pick the writer) and keep a role
+    ``all`` daemon out, as it keeps them out (``store/lock_holder.py``). On SQLite an
+    ingest node's lock is exclusive, as role all's."""
+    return role == "ingest" and is_database_url(location)
 
 
 async def open_served_store(location: str | Path, role: str) -> MarketStore:
     """``serve``'s open: the single-writer lock first (:func:`takes_writer_lock`), the
     migration, then the refusal of an unfinished ``migrate-store``; logs what the migration
     did (one line). Raises StoreError (StoreInUse, StoreTooNew)."""
-    store = await open_store(location, lock=takes_writer_lock(location, role))
+    store = await open_store(
+        location,
+        lock=takes_writer_lock(location, role),
+        shared=shares_writer_lock(location, role),
+    )
     try:
         await refuse_unfinished_migration(store, describe_location(location))
     except BaseException:

@@ -16,19 +16,24 @@ migrate-store, fetch-archive) take no lock: they run beside a daemon.
   there by another user would have the pid written over its target, and a lock file
   another user can open lets them keep the daemon out (``flock`` needs only a read-only
   open).
-* PostgreSQL (role ``all``): :class:`PgServeLock`, a session advisory lock
-  (``pg_try_advisory_lock``) on a connection of its own, its ``application_name`` naming
-  the holder. A server restart ends the session and the lock with it: :meth:`PgServeLock.hold`
-  notices within :data:`KEEP_INTERVAL_S` once the server answers again, and takes it again,
-  or stops the daemon (StoreInUse) when another daemon took it meanwhile. The session asks
-  the server for TCP keepalives of its own (:data:`SERVER_KEEPALIVES`): a host that died
-  (power loss, kernel panic, partition) sends no FIN, and without them the server kept its
-  session, and the lock, for ``tcp_keepalives_idle`` (often the OS's 2 h), refusing the
-  restarted daemon. A daemon that starts while a quiet session holds the lock (no
-  statement for :data:`QUIET_HOLDER_S`: its daemon is gone, frozen or still starting) waits
-  up to :data:`HOLDER_GONE_WAIT_S` for the server to end it (:func:`take_pg_serve_lock`).
-  Role ``ingest`` on PostgreSQL has the Redis lease and its fencing token
-  instead (docs/distributed.md).
+* PostgreSQL (roles ``all`` and ``ingest``): :class:`PgServeLock`, a session advisory
+  lock on a connection of its own, its ``application_name`` naming the holder. Role
+  ``all`` takes it exclusive (``pg_try_advisory_lock``): it ingests alone. Role ``ingest``
+  takes the same key shared (``pg_try_advisory_lock_shared``): every ingest node holds it,
+  leader and standby, and the Redis lease and its fencing token pick the one that writes
+  (docs/distributed.md). So a role ``all`` daemon and the split topology's ingest nodes
+  refuse each other on one database, whichever starts second (``store/lock_holder.py``
+  says who holds it and the way out). A server restart ends the session and the lock with
+  it: :meth:`PgServeLock.hold` notices within :data:`KEEP_INTERVAL_S` once the server
+  answers again, and takes it again, or stops the daemon (StoreInUse) when a daemon it
+  cannot run beside took it meanwhile. The session asks the server for TCP keepalives of
+  its own (:data:`SERVER_KEEPALIVES`): a host that died (power loss, kernel panic,
+  partition) sends no FIN, and without them the server kept its session, and the lock, for
+  ``tcp_keepalives_idle`` (often the OS's 2 h), refusing the restarted daemon. A daemon
+  that starts while quiet sessions keep it out (none ran a statement for
+  :data:`QUIET_HOLDER_S`: their daemons are gone, frozen or still starting) waits up to
+  :data:`HOLDER_GONE_WAIT_S` for the server to end them (:func:`take_pg_serve_lock`).
+  Role ``edge`` ingests nothing and takes no lock.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import functools
 import logging
 import os
 import socket
@@ -48,13 +54,22 @@ import psycopg
 import trio
 
 from tradecanvas.errors import StoreError, StoreInUse
+from tradecanvas.store.lock_holder import LockHolder, find_holder, refusal
 from tradecanvas.store.pg_pool import CONNECTION_OPTIONS, describe_url, first_line
 
 log = logging.getLogger(__name__)
 
 LOCK_SUFFIX: Final = ".lock"
-# PostgreSQL: the serve lock's advisory key (pg_schema's keys are ...0001 and ...0002)
+# PostgreSQL: the serve lock's advisory key (pg_schema's keys are ...0001 and ...0002),
+# taken exclusive by role all, shared by role ingest
 SERVE_LOCK_KEY: Final = 0x7472_6164_6563_0003
+# the try of each mode, with the session it was made on (backend pid and start)
+_TRY: Final = (
+    "SELECT {}(%s), pg_backend_pid(), (SELECT backend_start FROM pg_stat_activity"
+    " WHERE pid = pg_backend_pid())"
+)
+_TRY_EXCLUSIVE: Final = _TRY.format("pg_try_advisory_lock")
+_TRY_SHARED: Final = _TRY.format("pg_try_advisory_lock_shared")
 # how often the PostgreSQL lock's connection is checked (and the lock taken again)
 KEEP_INTERVAL_S: Final = 2.0
 CONNECT_TIMEOUT_S: Final = 10
@@ -246,18 +261,21 @@ def _application_name() -> str:
     return f"tradecanvas serve pid {os.getpid()} on {socket.gethostname()}"[:63]
 
 
-def _key_parts(key: int) -> tuple[int, int]:
-    """pg_locks' (classid, objid) of a bigint advisory key."""
-    return key >> 32, key & 0xFFFF_FFFF
-
-
 @final
 class PgServeLock:
-    """The advisory lock of ``serve`` role ``all`` on a PostgreSQL store, on a connection
-    of its own. Take with :meth:`take`, keep with :meth:`hold`, let go with :meth:`close`."""
+    """The advisory lock of ``serve`` on a PostgreSQL store, on a connection of its own:
+    exclusive for role ``all``, ``shared`` for role ``ingest`` (module docstring). Take
+    with :meth:`take`, keep with :meth:`hold`, let go with :meth:`close`."""
 
-    def __init__(self, url: str, conn: psycopg.Connection[tuple[object, ...]] | None) -> None:
+    def __init__(
+        self,
+        url: str,
+        conn: psycopg.Connection[tuple[object, ...]] | None,
+        *,
+        shared: bool = False,
+    ) -> None:
         self._url = url
+        self.shared = shared
         self.where = describe_url(url)
         self._conn = conn
         # the lock's session: its backend pid and backend_start. A pid alone is not it: after
@@ -271,10 +289,11 @@ class PgServeLock:
         self._closed = False
 
     @classmethod
-    def take(cls, url: str) -> PgServeLock:
-        """Connect and take the lock (blocking: a worker thread). Raises StoreInUse when
-        another daemon holds it, StoreError when the server cannot be reached."""
-        lock = cls(url, None)
+    def take(cls, url: str, *, shared: bool = False) -> PgServeLock:
+        """Connect and take the lock (blocking: a worker thread), ``shared`` for role
+        ingest. Raises StoreInUse when a daemon this one cannot run beside holds it,
+        StoreError when the server cannot be reached."""
+        lock = cls(url, None, shared=shared)
         try:
             conn = lock._connect()
         except psycopg.Error as exc:
@@ -304,13 +323,13 @@ class PgServeLock:
         process's own earlier session still holds it (a network cut the server has not
         noticed yet), or when the holder's session kept ending between the try and the look
         at who holds it: tried again later. Raises StoreInUse when another session holds
-        it, StoreError when ``conn`` fails (both close ``conn``)."""
+        it in a mode that keeps this one out, StoreError when ``conn`` fails (both close
+        ``conn``)."""
+        holder: LockHolder | None = None
         try:
             for _ in range(TAKE_TRIES):
                 row = conn.execute(
-                    "SELECT pg_try_advisory_lock(%s), pg_backend_pid(), (SELECT backend_start"
-                    " FROM pg_stat_activity WHERE pid = pg_backend_pid())",
-                    (SERVE_LOCK_KEY,),
+                    _TRY_SHARED if self.shared else _TRY_EXCLUSIVE, (SERVE_LOCK_KEY,)
                 ).fetchone()
                 if row is not None and row[0] is True:
                     with self._guard:
@@ -320,50 +339,29 @@ class PgServeLock:
                             return True
                     conn.close()  # closed meanwhile: its session would hold the lock on
                     return False
-                session, holder, quiet_s = self._holder(conn)
-                if session is not None:
+                holder = self._holder(conn, self.shared)
+                if holder is not None:
                     break
-            else:  # freed each time before it was looked up: not another daemon's (yet)
-                conn.close()
-                return False
         except psycopg.Error as exc:
             conn.close()
             raise StoreError(f"candle store {self.where}: {first_line(exc)}") from exc
         conn.close()
-        if self._backend_start is not None and session == (self._backend, self._backend_start):
+        if holder is None:  # freed each time before it was looked up: not another daemon's
             return False
-        refused = StoreInUse(
-            f"candle store {self.where} is in use by another tradecanvas serve of role all"
-            f" ({holder}), which holds its serve lock: one such daemon ingests into a"
-            " database at a time (several nodes: roles ingest and edge); stop that one first"
-        )
-        refused.quiet_s = quiet_s
+        if self._backend_start is not None and holder.session == (
+            self._backend,
+            self._backend_start,
+        ):
+            return False
+        refused = StoreInUse(refusal(self.where, holder, shared=self.shared))
+        refused.quiet_s = holder.quiet_s
         raise refused
 
     @staticmethod
-    def _holder(
-        conn: psycopg.Connection[tuple[object, ...]],
-    ) -> tuple[object, str, float | None]:
-        """The holder's session (backend pid, backend_start; None when nobody holds the
-        lock now), who it is, and how long its session has run no statement (None: unknown)."""
-        classid, objid = _key_parts(SERVE_LOCK_KEY)
-        row = conn.execute(
-            "SELECT l.pid, a.backend_start, a.application_name, a.client_addr::text,"
-            " extract(epoch FROM clock_timestamp() - a.state_change)::float8"
-            " FROM pg_locks l JOIN pg_stat_activity a USING (pid)"
-            " WHERE l.locktype = 'advisory' AND l.granted"
-            " AND l.classid = %s AND l.objid = %s AND l.objsubid = 1"
-            " AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())",
-            (classid, objid),
-        ).fetchone()
-        if row is None:
-            return None, "holder unknown", None
-        backend, started, name, addr, quiet = row
-        quiet_s = quiet if isinstance(quiet, float) else None
-        who = f"{name or 'no application_name'} from {addr or 'a local socket'}"
-        if quiet_s is not None:
-            who += f", its session quiet for {quiet_s:.0f} s"
-        return (backend, started), who, quiet_s
+    def _holder(conn: psycopg.Connection[tuple[object, ...]], shared: bool) -> LockHolder | None:
+        """The session that keeps a taker (``shared`` or not) out, the least quiet of them;
+        None when nobody does now (``store/lock_holder.py``)."""
+        return find_holder(conn, SERVE_LOCK_KEY, shared=shared)
 
     @property
     def held(self) -> bool:
@@ -436,20 +434,27 @@ class PgServeLock:
 
 
 async def take_pg_serve_lock(
-    url: str, *, quiet_s: float | None = None, wait_s: float | None = None
+    url: str,
+    *,
+    shared: bool = False,
+    quiet_s: float | None = None,
+    wait_s: float | None = None,
 ) -> PgServeLock:
-    """:meth:`PgServeLock.take`, waiting up to ``wait_s`` when the holder's session has been
-    quiet for ``quiet_s`` or more: a daemon whose host died (its session ends within about
-    25 s of the server's keepalives) or is frozen (never ended: refused after the wait, the
-    message says how to end it). A holder that answers its checks is refused at once.
-    Defaults: :data:`QUIET_HOLDER_S`, :data:`HOLDER_GONE_WAIT_S`."""
+    """:meth:`PgServeLock.take` (``shared``: role ingest), waiting up to ``wait_s`` when
+    every session keeping it out has been quiet for ``quiet_s`` or more: a daemon whose
+    host died (its session ends within about 25 s of the server's keepalives) or is frozen
+    (never ended: refused after the wait, the message says how to end it). A holder that
+    answers its checks is refused at once. Defaults: :data:`QUIET_HOLDER_S`,
+    :data:`HOLDER_GONE_WAIT_S`."""
     quiet_s = QUIET_HOLDER_S if quiet_s is None else quiet_s
     wait_s = HOLDER_GONE_WAIT_S if wait_s is None else wait_s
     deadline = trio.current_time() + wait_s
     waiting = False
     while True:
         try:
-            return await trio.to_thread.run_sync(PgServeLock.take, url)
+            return await trio.to_thread.run_sync(
+                functools.partial(PgServeLock.take, url, shared=shared)
+            )
         except StoreInUse as exc:
             quiet = exc.quiet_s
             if quiet is None or quiet < quiet_s:
