@@ -346,6 +346,9 @@
     ready: () => view.ready,
     // the times at the edges of the view ({from, to}), null before any bar
     visibleTimes: () => chart.timeScale().getVisibleRange(),
+    // the point the legend reads (null: the newest bar) and the time the crosshair is on
+    // (null: none shown)
+    reading: () => ({ legend: page.hovered(), crosshair: page.crosshairAt() }),
     select,
     loadOlder: page.loadOlder,
   };

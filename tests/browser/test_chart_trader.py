@@ -1,0 +1,66 @@
+"""What a trader's second review of the chart page found (docs/chart.md), each against a real
+``tradecanvas serve`` fed by ``tradecanvas replay`` of real Binance candles: the crosshair
+leaving the bar the legend reads when live bars move the chart under a resting mouse, a tab
+title with a price over a dead connection, an empty 3d chart without its reason, links that
+lost their timeframe or their case, the price axis' label on the last bar in view instead of
+the last price, and a time axis in the browser's locale. The tests read the chart's own
+state (``window.tradecanvasChart``), never pixels, and wait on it, never on a sleep."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Final
+
+import attrs
+import pytest
+from playwright.sync_api import Browser
+
+from tests.browser.rig import BASE, TC, ChartPage, live_chart
+
+pytestmark = [pytest.mark.browser, pytest.mark.e2e]
+
+# the library draws (and moves its crosshair) in animation frames: two of them and what the
+# chart shows is what it holds
+FRAMES: Final = "() => new Promise((r) => requestAnimationFrame(() => requestAnimationFrame(r)))"
+LEGEND: Final = "document.getElementById('legend').textContent"
+
+
+def _point_at(chart: ChartPage, time_: int) -> tuple[float, float]:
+    """The page coordinates of the bar at ``time_``, halfway up the chart."""
+    box = chart.page.locator("#chart").bounding_box()
+    assert box is not None
+    x = chart.call(f"(t) => {TC}.chart.timeScale().timeToCoordinate(t)", time_)
+    return box["x"] + x, box["y"] + box["height"] / 2
+
+
+def test_the_crosshair_stays_on_the_bar_the_legend_reads_while_bars_arrive(
+    tmp_path: Path, browser: Browser
+) -> None:
+    with live_chart(tmp_path, browser, newest=True) as (m, chart, bars):
+        past = bars[-10]
+        x, y = _point_at(chart, past.time)
+        chart.page.mouse.move(x, y)
+        chart.wait_until(
+            f"(t) => {TC}.reading().legend === t && {TC}.reading().crosshair === t", past.time
+        )
+        newest = bars[-1]
+        for n in range(1, 4):
+            # a new bar: the view follows the live edge, another bar slides under the mouse
+            newest = attrs.evolve(newest, time=newest.time + 60, close=newest.close + n)
+            m.ingest(BASE, newest)
+            chart.wait_until(f"(t) => {TC}.lastClosed() === t", newest.time)
+            chart.call(FRAMES)
+            under = chart.call(
+                f"(x) => {TC}.chart.timeScale().coordinateToTime(x - "
+                "document.getElementById('chart').getBoundingClientRect().left)",
+                x,
+            )
+            assert under != past.time  # the bars did move under the resting mouse
+            # the legend and the crosshair name the same bar: the one the mouse chose
+            assert chart.call(f"() => {TC}.reading()") == {
+                "legend": past.time,
+                "crosshair": past.time,
+            }
+            assert chart.call(f"() => {LEGEND}") == chart.call(f"(t) => {TC}.legend(t)", past.time)
+        chart.screenshot("chart-crosshair-kept")
+        assert chart.console_errors == []
