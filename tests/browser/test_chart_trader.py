@@ -64,3 +64,23 @@ def test_the_crosshair_stays_on_the_bar_the_legend_reads_while_bars_arrive(
             assert chart.call(f"() => {LEGEND}") == chart.call(f"(t) => {TC}.legend(t)", past.time)
         chart.screenshot("chart-crosshair-kept")
         assert chart.console_errors == []
+
+
+def test_the_price_axis_labels_the_last_price_when_scrolled_back(
+    tmp_path: Path, browser: Browser
+) -> None:
+    with live_chart(tmp_path, browser, newest=True) as (m, chart, bars):
+        assert chart.call(f"() => {TC}.priceLabel()") == bars[-1].close
+        chart.call(f"() => {TC}.chart.timeScale().scrollToPosition(-300, false)")
+        chart.wait_until(f"(t) => {TC}.visibleTimes().to < t", bars[-200].time)
+        chart.call(FRAMES)
+        in_view = chart.call(f"() => {TC}.visibleTimes().to")
+        assert next(b for b in bars if b.time == in_view).close != bars[-1].close
+        # the label marks the last price, as the dashed line does, not the last bar in view
+        assert chart.call(f"() => {TC}.priceLabel()") == bars[-1].close
+        newer = attrs.evolve(bars[-1], time=bars[-1].time + 60, close=bars[-1].close + 7)
+        m.ingest(BASE, newer)
+        chart.wait_until(f"(t) => {TC}.lastClosed() === t", newer.time)
+        assert chart.call(f"() => {TC}.priceLabel()") == newer.close
+        assert chart.call(f"() => {TC}.visibleTimes().to") == in_view  # still scrolled back
+        chart.screenshot("chart-last-price-scrolled-back")

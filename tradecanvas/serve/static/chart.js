@@ -343,6 +343,8 @@
     // the prices' decimals, and a price as the price axis writes it
     decimals: () => view.decimals,
     axisPrice: page.axisPrice,
+    // the price the price axis' coloured label marks (null: none)
+    priceLabel: page.priceLabel,
     ready: () => view.ready,
     // the times at the edges of the view ({from, to}), null before any bar
     visibleTimes: () => chart.timeScale().getVisibleRange(),
