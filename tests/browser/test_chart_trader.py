@@ -8,6 +8,7 @@ state (``window.tradecanvasChart``), never pixels, and wait on it, never on a sl
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Final
 
@@ -84,3 +85,40 @@ def test_the_price_axis_labels_the_last_price_when_scrolled_back(
         assert chart.call(f"() => {TC}.priceLabel()") == newer.close
         assert chart.call(f"() => {TC}.visibleTimes().to") == in_view  # still scrolled back
         chart.screenshot("chart-last-price-scrolled-back")
+
+
+def test_the_time_axis_is_in_utc_and_english_whatever_the_browsers_locale(
+    tmp_path: Path, browser: Browser
+) -> None:
+    japan = {"locale": "ja-JP", "timezone_id": "Asia/Tokyo"}
+    with live_chart(tmp_path, browser, newest=True, device=japan) as (_, chart, bars):
+        assert chart.call("() => Intl.DateTimeFormat().resolvedOptions().timeZone") == "Asia/Tokyo"
+        bar = bars[-1]
+        when = datetime.fromtimestamp(bar.time, UTC)
+        # the crosshair's time label: the bar's time as the legend writes it
+        label = chart.call(f"(t) => {TC}.chart.options().localization.timeFormatter(t)", bar.time)
+        assert label == when.strftime("%Y-%m-%d %H:%M UTC")
+        assert f"  {label}  " in chart.call(f"() => {TC}.legend()")
+        # the tick marks: Year, Month, DayOfMonth, Time, TimeWithSeconds (TickMarkType)
+        ticks = chart.call(
+            f"(t) => [0, 1, 2, 3, 4].map((k) => {TC}.chart.options().timeScale"
+            ".tickMarkFormatter(t, k, navigator.language))",
+            bar.time,
+        )
+        assert ticks == [
+            str(when.year),
+            when.strftime("%b"),
+            f"{when.day} {when:%b}",
+            when.strftime("%H:%M"),
+            when.strftime("%H:%M:%S"),
+        ]
+        # the axis says its zone: `UTC` in the corner right of it, under the price axis
+        zone = chart.page.locator("#utc")
+        assert zone.text_content() == "UTC"
+        box, plot = zone.bounding_box(), chart.page.locator("#chart").bounding_box()
+        assert box is not None and plot is not None
+        assert box["width"] >= 30 and box["height"] >= 20
+        assert abs(box["x"] + box["width"] - (plot["x"] + plot["width"])) < 1
+        assert abs(box["y"] + box["height"] - (plot["y"] + plot["height"])) < 1
+        chart.screenshot("chart-time-axis-ja-jp")
+        assert chart.console_errors == []

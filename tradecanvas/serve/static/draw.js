@@ -18,6 +18,13 @@ window.tradecanvasDraw = (page) => {
       textColor: "#d1d4dc",
       attributionLogo: false, // the footer carries the attribution (and the CSP stays strict)
     },
+    // the times in UTC, written as the legend writes them whatever the browser's locale and
+    // time zone (a ja-JP browser showed `06 7月 '25`): the crosshair's label is the bar's
+    // time as the legend says it (`2025-07-06 16:46 UTC`), the tick marks `Jul`, `6 Jul`, `16:45`
+    localization: {
+      locale: "en-US",
+      timeFormatter: (time) => F.barTime(time, view.timeframe),
+    },
     grid: { vertLines: { color: "#1f2430" }, horzLines: { color: "#1f2430" } },
     timeScale: {
       timeVisible: true,
@@ -25,11 +32,19 @@ window.tradecanvasDraw = (page) => {
       rightOffset: 5,
       barSpacing: 6,
       maxBarSpacing: MAX_BAR_SPACING,
+      tickMarkFormatter: (time, type) => F.tickMark(time, type),
     },
     crosshair: { mode: LWC.CrosshairMode.Normal },
     kineticScroll: { mouse: false, touch: !reducedMotion.matches },
     // a vertical swipe on the chart scrolls the page (a phone's short screen), not the prices
     handleScroll: { vertTouchDrag: false },
+  });
+  // `UTC` in the corner under the price axis, right of the time axis: the axis' hours are UTC
+  const zone = document.getElementById("utc");
+  chart.timeScale().subscribeSizeChange((width, height) => {
+    zone.style.width = `${Math.max(0, document.getElementById("chart").clientWidth - width)}px`;
+    zone.style.height = `${height}px`;
+    zone.style.lineHeight = `${height}px`;
   });
   // a full-height column behind each missing (or incomplete) bar
   const gapSeries = chart.addSeries(LWC.HistogramSeries, {
