@@ -122,3 +122,15 @@ def test_the_time_axis_is_in_utc_and_english_whatever_the_browsers_locale(
         assert abs(box["y"] + box["height"] - (plot["y"] + plot["height"])) < 1
         chart.screenshot("chart-time-axis-ja-jp")
         assert chart.console_errors == []
+
+
+def test_the_tab_title_says_when_its_price_may_be_old(tmp_path: Path, browser: Browser) -> None:
+    with live_chart(tmp_path, browser, newest=True) as (m, chart, bars):
+        live = f"{bars[-1].close:.1f} · {BASE} — tradecanvas"
+        assert chart.call("() => document.title") == live
+        assert m.stop_serve() == 0
+        chart.wait_until(f"() => {TC}.state() === 'reconnecting'")
+        assert chart.call("() => document.title") == f"⚠ reconnecting · {live}"
+        m.start_serve()
+        chart.wait_live()
+        assert chart.call("() => document.title") == live

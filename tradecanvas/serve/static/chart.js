@@ -115,12 +115,24 @@
     if (dropped) render();
   }
 
-  // the tab's title: the newest close, then the series
+  // The tab's title: the newest close, then the series; while not live the badge's state
+  // first, with a warning sign when the price may be old (a trader glancing at the tab sees
+  // that the number stopped): `⚠ reconnecting · 108208.7 · …`
+  const WARN_STATES = new Set(["reconnecting", "offline", "stale"]);
   function showTitle() {
+    if (view.seriesId === null) return;
     const last = view.bars[view.bars.length - 1];
-    document.title = `${last ? page.price(last.close) + " · " : ""}${view.seriesId} — tradecanvas`;
+    const state = $("state").dataset.state;
+    const mark = state === "live" ? "" : `${WARN_STATES.has(state) ? "⚠ " : ""}${state} · `;
+    const title = `${mark}${last ? page.price(last.close) + " · " : ""}${view.seriesId} — tradecanvas`;
+    if (document.title !== title) document.title = title;
   }
   page.showTitle = showTitle;
+  // the badge's state (status.js writes it): every change, the socket's or the source's
+  new MutationObserver(showTitle).observe($("state"), {
+    attributes: true,
+    attributeFilter: ["data-state"],
+  });
 
   // --- choosing a series ------------------------------------------------------------------
 
