@@ -16,7 +16,16 @@ import attrs
 import pytest
 from playwright.sync_api import Browser
 
-from tests.browser.rig import BASE, TC, ChartPage, live_chart
+from tests.browser.rig import (
+    BASE,
+    FIVE,
+    HOUR,
+    TC,
+    ChartPage,
+    chart_page,
+    live_chart,
+    replayed_day,
+)
 
 pytestmark = [pytest.mark.browser, pytest.mark.e2e]
 
@@ -134,3 +143,37 @@ def test_the_tab_title_says_when_its_price_may_be_old(tmp_path: Path, browser: B
         m.start_serve()
         chart.wait_live()
         assert chart.call("() => document.title") == live
+
+
+def test_a_link_keeps_its_timeframe_and_is_read_in_any_case(
+    tmp_path: Path, browser: Browser
+) -> None:
+    with replayed_day(tmp_path) as (m, _), chart_page(browser, m.http_url) as chart:
+        # a symbol not served: another symbol, in the timeframe asked for (it is served)
+        eth = "binance:futures:ETH/USDT:1h"
+        chart.open(eth)
+        assert chart.call(f"() => {TC}.seriesId()") == HOUR
+        chart.wait_until(f"() => {TC}.notice() !== ''")
+        assert chart.call(f"() => {TC}.notice()") == (
+            f"{eth} is not served by this daemon: showing {HOUR}"
+        )
+        # another case: the series it names, without a notice, the address as served
+        for link in ("binance:futures:btc/usdt:1H", "BINANCE:FUTURES:BTC/USDT:1h"):
+            chart.open(link)
+            assert chart.call(f"() => {TC}.seriesId()") == HOUR
+            chart.wait_live()
+            assert chart.call(f"() => {TC}.notice()") == ""
+            assert chart.page.url.endswith(f"?series={HOUR}")
+        # 1M is a month, never the minute: not served, the nearest served (1h), said so
+        month = "binance:futures:BTC/USDT:1M"
+        chart.open(month)
+        assert chart.call(f"() => {TC}.seriesId()") == HOUR
+        chart.wait_until(f"() => {TC}.notice() !== ''")
+        assert chart.call(f"() => {TC}.notice()").startswith(f"{month} is not served")
+        # a timeframe chosen is in the address: a reload shows it again
+        chart.page.get_by_role("button", name="5m", exact=True).click()
+        chart.wait_until(f"(s) => {TC}.seriesId() === s && {TC}.ready()", FIVE)
+        assert chart.page.url.endswith(f"?series={FIVE}")
+        chart.page.reload()
+        chart.wait_until(f"(s) => {TC} && {TC}.seriesId() === s && {TC}.ready()", FIVE)
+        assert chart.console_errors == []

@@ -380,8 +380,10 @@
     }
     notice("");
     const wanted = new URL(location.href).searchParams.get("series") || null;
-    const served = page.served(wanted);
-    const first = served ? wanted : page.fallbackFor(wanted);
+    // the series named, also in another case (`btc/usdt`, `1H`), else the nearest served
+    const named = page.served(wanted) ? wanted : page.matching(wanted);
+    const served = named !== null;
+    const first = served ? named : page.fallbackFor(wanted);
     link.start();
     if (first === null) {
       notice("this daemon serves no series");
