@@ -177,3 +177,35 @@ def test_a_link_keeps_its_timeframe_and_is_read_in_any_case(
         chart.page.reload()
         chart.wait_until(f"(s) => {TC} && {TC}.seriesId() === s && {TC}.ready()", FIVE)
         assert chart.console_errors == []
+
+
+def test_an_empty_3d_chart_says_by_when_its_first_bar_opens(
+    tmp_path: Path, browser: Browser
+) -> None:
+    # the store starts at 2025-07-06 08:00, inside a 3-day bar of any phase
+    with live_chart(
+        tmp_path,
+        browser,
+        minutes=1260,
+        start_at=1200,
+        streamed=False,
+        serve_env={
+            "TRADE_CANVAS_INITIAL_BACKFILL_CANDLES": "720",
+            "TRADE_CANVAS_DERIVED_TIMEFRAMES": "1d,3d",
+        },
+    ) as (m, chart, bars):
+        m.resume_replay()
+        chart.wait_until(f"(t) => {TC}.lastClosed() === t", bars[-1].time)
+        assert m.stored(BASE)[0].time == 1_751_788_800  # 2025-07-06 08:00
+        sid = BASE.replace(":1m", ":3d")
+        chart.page.get_by_role("button", name="3d", exact=True).click()
+        chart.wait_until(f"(s) => {TC}.seriesId() === s && {TC}.ready()", sid)
+        chart.wait_live()
+        assert chart.bars(sid) == []
+        # its phase is the symbol's own (2025-07-07 for BTC/USDT futures): within three days
+        assert chart.call(f"() => {TC}.legend()") == (
+            f"{sid} — no candles yet: the first 3d bar opens by 2025-07-09"
+            " (this 3-day period began before the stored history)"
+        )
+        chart.screenshot("chart-3d-before-history")
+        assert chart.console_errors == []
