@@ -65,6 +65,11 @@ window.tradecanvasReading = (page) => {
       hovered === null || !param.point ? null : page.candleSeries.coordinateToPrice(param.point.y);
     page.showLegend(hovered);
   });
+  // (the library's clearCrosshairPosition reports no move)
+  function clearCrosshair() {
+    chart.clearCrosshairPosition();
+    crosshairAt = null;
+  }
   $("chart").addEventListener("pointerdown", (event) => {
     touching = event.pointerType !== "mouse";
     cancelAnimationFrame(scrolling); // the user's own drag wins
@@ -76,7 +81,7 @@ window.tradecanvasReading = (page) => {
     if (event.pointerType === "mouse") return;
     touching = false;
     keyed = false;
-    chart.clearCrosshairPosition();
+    clearCrosshair();
     hovered = null;
     page.showLegend(null);
   };
@@ -98,7 +103,7 @@ window.tradecanvasReading = (page) => {
   function backToNewest() {
     keyed = false;
     hovered = null;
-    chart.clearCrosshairPosition();
+    clearCrosshair();
     page.showLegend(null);
     scrollToNewest();
     page.say($("reading"), page.view.bars.length ? `newest bar, ${page.spokenText(null)}` : "");
@@ -121,7 +126,7 @@ window.tradecanvasReading = (page) => {
   function forget() {
     hovered = null;
     keyed = false;
-    chart.clearCrosshairPosition();
+    clearCrosshair();
   }
 
   // the time scale's points, ascending: the bars' times and the shaded holes'
