@@ -72,6 +72,7 @@ from tradecanvas.serve.http_server import serve_http
 from tradecanvas.serve.hub import Hub
 from tradecanvas.serve.listening import check_listenable, http_url_of
 from tradecanvas.serve.shedding import MAX_HTTP_CONNECTIONS, ClientSockets, http_gate
+from tradecanvas.serve.upstream_view import connections_of
 from tradecanvas.serve.ws_server import MAX_PENDING_HANDSHAKES, serve_ws_port
 from tradecanvas.serve.ws_session import MarketEndpoint
 from tradecanvas.store.interface import MarketStore
@@ -269,6 +270,7 @@ async def market_runtime_builder(flags: RuntimeFlags) -> MarketRuntime:
         )
         if leader is not None:  # the lease holder tells the edges of Binance
             leader.upstream_connected = supervisor.upstream_connected
+            leader.connections = supervisor.connection_states
         if event_tail is not None:  # history an import stores reaches the forming bars
             event_tail.on_foreign = supervisor.history_changes.note_events
     runtime_ref: list[MarketRuntime] = []
@@ -279,6 +281,7 @@ async def market_runtime_builder(flags: RuntimeFlags) -> MarketRuntime:
         metrics=metrics,
         readiness=lambda: runtime_ref[0].readiness(),
         about=lambda: {} if feed is None else feed.ingest_report.readyz_fields(),
+        connections=connections_of(supervisor, feed),
         market=market,
     )
     notifier = SdNotifier.from_flags(flags)
@@ -415,11 +418,8 @@ async def run_daemon(
             VERSION,
         )
         if ws is not None:
-            log.info(
-                "/ws/market is served on the HTTP port too: ws://%s:%d/ws/market",
-                flags.http_host,
-                http,
-            )
+            ws_on_http = f"ws://{flags.http_host}:{http}/ws/market"
+            log.info("/ws/market is served on the HTTP port too: %s", ws_on_http)
         watchdog_interval_s = runtime.notifier.watchdog_interval_s
         if watchdog_interval_s is not None:
             nursery.start_soon(

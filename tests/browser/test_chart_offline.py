@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Final
+from urllib.parse import quote
 
 import pytest
 from playwright.sync_api import Browser
@@ -116,7 +117,9 @@ def test_a_live_chart_whose_source_goes_away_says_so_within_seconds(
         # within seconds (the page asks every 3 s), not after 90 s of a green `live`
         chart.page.wait_for_function(f"() => {TC}.state() === 'stale'", timeout=12_000)
         assert chart.call(f"() => {TC}.badge()") == "stale: Binance unreachable"
-        assert any(url.endswith("/healthz") for url in chart.requests)
+        # asked for its own series' connection (docs/api.md)
+        asked = f"/healthz?series_id={quote(BASE, safe='')}"
+        assert any(url.endswith(asked) for url in chart.requests), chart.requests
         assert not any("/readyz" in url for url in chart.requests)  # kept off public proxies
         _no_errors(chart)
         chart.screenshot("chart-source-gone")

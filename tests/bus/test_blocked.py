@@ -84,6 +84,7 @@ async def test_a_foreign_top_blocks_loudly_and_the_series_resumes_once_the_strea
         assert publisher.readiness(streams=True) == {
             "bus_publisher_connected": True,
             "bus_streams_writable": False,
+            "bus_events_match_store": True,
         }
         # an edge's publisher (HTTP writes) does not take its edge out for it
         assert publisher.readiness(streams=False) == {"bus_publisher_connected": True}

@@ -5,24 +5,32 @@ including the report going away with the lease."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, Final
 
+import attrs
+import orjson
 import pytest
 import trio
 
-from tests.bus.conftest import PrivateRedis
+from tests.browser.rig import wait_for_line
+from tests.bus.conftest import SHARED_URL, PrivateRedis, delete_prefix, new_prefix, require_redis
+from tests.cli_rig import cli_env, run_cli
+from tests.serve.test_healthz_upstream import ADA, ETH, spot_up_futures_down, wait_healthz
 from tradecanvas.bus.ids import StreamKeys
 from tradecanvas.bus.ingest_report import IngestReport, IngestReportWatch, decode
 from tradecanvas.bus.leader import FencedStore, IngestLeader
 from tradecanvas.bus.lease import LeaseTiming
 from tradecanvas.bus.redis_io import open_redis
 from tradecanvas.errors import WireError
+from tradecanvas.ingest.supervisor import ConnectionState
 from tradecanvas.ops.metrics import Metrics
 from tradecanvas.store.sqlite import CandleStore
 from tradecanvas.wire.bus import MAX_PAYLOAD_BYTES
 
 WAIT_S = 30.0
+EDGE_READY: Final = r"tradecanvas ready ws=\S+ http=(\S+)"
 
 
 def test_a_report_round_trips() -> None:
@@ -154,3 +162,124 @@ async def test_the_watch_says_why_it_knows_nothing_while_redis_is_away(
             await watch.wait_read()
         assert watch.readyz_fields() == {"ingest": None}
         nursery.cancel_scope.cancel()
+
+
+# --- each connection, for an edge's /healthz?series_id= ------------------------------------
+
+SPOT_UP = ConnectionState("spot", ("binance:spot:ADA/BTC:1m",), True)
+FUTURES_DOWN = ConnectionState("futures", ("binance:futures:ETH/USDT:1m",), False)
+
+
+def test_a_report_carries_each_connection_and_an_older_one_none() -> None:
+    report = IngestReport("a", False, (SPOT_UP, FUTURES_DOWN))
+    assert decode(report.encode()) == report
+    assert orjson.loads(report.encode())["connections"] == [
+        {"market": "spot", "series": ["binance:spot:ADA/BTC:1m"], "connected": True},
+        {"market": "futures", "series": ["binance:futures:ETH/USDT:1m"], "connected": False},
+    ]
+    # /readyz's `ingest` keeps its shape
+    assert report.to_json() == {"node": "a", "upstream_connected": False}
+    # an older ingest's report (a rolling upgrade): no connections, the rest as before
+    assert decode(b'{"node": "a", "upstream_connected": false}').connections is None
+
+
+@pytest.mark.parametrize(
+    "connections",
+    [
+        b"7",
+        b'[{"market": "spot", "series": "x", "connected": true}]',
+        b'[{"market": "spot", "series": ["x"], "connected": "yes"}]',
+        b'[{"market": "spot", "series": [1], "connected": true}]',
+        b"[[]]",
+    ],
+)
+def test_connections_an_edge_cannot_read_leave_the_rest_of_the_report(connections: bytes) -> None:
+    """A newer ingest's format: the edge answers by ``upstream_connected``, as for an older
+    one, rather than taking the whole report for garbage (no report: "no ingest")."""
+    raw = b'{"node": "a", "upstream_connected": true, "connections": ' + connections + b"}"
+    assert decode(raw) == IngestReport("a", True, None)
+
+
+def test_connections_too_many_for_the_bus_are_left_out_not_the_report() -> None:
+    many = tuple(
+        ConnectionState("spot", tuple(f"binance:spot:S{i}{j}/USDT:1m" for j in range(200)), True)
+        for i in range(20)
+    )
+    raw = IngestReport("a", True, many).encode()
+    assert len(raw) <= MAX_PAYLOAD_BYTES
+    assert decode(raw) == IngestReport("a", True, None)
+
+
+async def test_the_holder_reports_each_connection_and_an_edge_reads_them(
+    store: CandleStore, redis_url: str, keys: StreamKeys
+) -> None:
+    leader = IngestLeader(
+        redis_url, keys, FencedStore(store), Metrics(), timing=LeaseTiming(400), node="a"
+    )
+    leader.connections = lambda: (SPOT_UP, FUTURES_DOWN)
+    watch = IngestReportWatch(redis_url, keys, poll_s=0.02)
+    assert watch.connections() is None  # nothing read yet
+
+    async def nothing() -> None:
+        pass
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(watch.run)
+        await nursery.start(leader.run, nothing)
+        with trio.fail_after(WAIT_S):
+            while watch.connections() is None:
+                await watch.wait_read()
+        assert watch.connections() == (SPOT_UP, FUTURES_DOWN)
+        nursery.cancel_scope.cancel()
+    # an older ingest's report, as it writes it: the edge has no connections to go by
+    async with open_redis(redis_url) as client:
+        await client.set(keys.ingest_report, b'{"node": "old", "upstream_connected": true}')
+    async with trio.open_nursery() as nursery:
+        await nursery.start(watch.run)
+        with trio.fail_after(WAIT_S):
+            while watch.readyz_fields()["ingest"]["node"] != "old":
+                await watch.wait_read()
+        assert watch.connections() is None
+        nursery.cancel_scope.cancel()
+
+
+@pytest.fixture
+def prefix() -> Iterator[str]:
+    """A bus prefix of this test's own on the shared Redis; its keys deleted afterwards
+    (for the tests that run the CLI: no trio fixture)."""
+    require_redis()
+    name = new_prefix()
+    yield name
+    trio.run(delete_prefix, SHARED_URL, name)
+
+
+@pytest.mark.e2e
+def test_an_edge_answers_each_series_for_the_ingest_connection_that_carries_it(
+    tmp_path: Path, prefix: str
+) -> None:
+    """Role ingest with spot replayed and futures unreachable, an edge beside it on the same
+    Redis and store: the edge's /healthz?series_id= says spot connected, futures not."""
+    bus = {
+        "TRADE_CANVAS_REDIS_URL": SHARED_URL,
+        "TRADE_CANVAS_BUS_PREFIX": prefix,
+        "TRADE_CANVAS_INGEST_LEASE_MS": "1000",
+    }
+    with spot_up_futures_down(tmp_path, TRADE_CANVAS_ROLE="ingest", **bus) as ingest:
+        env = cli_env(
+            TRADE_CANVAS_ROLE="edge",
+            TRADE_CANVAS_SERIES=f"{ADA},{ETH}",
+            TRADE_CANVAS_DERIVED_TIMEFRAMES="5m",
+            TRADE_CANVAS_DB_PATH=str(tmp_path / "market.sqlite3"),
+            **bus,
+        )
+        edge_proc = ingest.stack.enter_context(run_cli(["serve"], env, tmp_path / "edge.log"))
+        edge = attrs.evolve(ingest, serve=edge_proc)
+        edge.http_url = wait_for_line(tmp_path / "edge.log", EDGE_READY, edge_proc).group(1)
+        body = wait_healthz(edge, lambda b: b["upstream"] == "connected", series_id=ADA)
+        assert body["connections"] == {
+            "futures": {"open": 0, "total": 1},
+            "spot": {"open": 1, "total": 1},
+        }
+        assert wait_healthz(edge, lambda b: True, series_id=ETH)["upstream"] == "disconnected"
+        # the whole node's meaning: not every connection of the ingest is open
+        assert edge.get("/healthz")["upstream"] == "disconnected"

@@ -56,6 +56,8 @@ async def test_a_node_taking_over_does_not_publish_again_what_the_previous_holde
         stats = publisher.statistics().outbox
         assert (tail.published, stats.appended, stats.already_published) == (3, 3, 0)
         assert tail.cursor == unpublished[-1]
+        # a stream the log holds is not ahead of it (bus/events_ahead.py)
+        assert publisher.readiness(streams=True)["bus_events_match_store"] is True
         nursery.cancel_scope.cancel()
     async with open_redis(redis_url) as client:
         entries = await client.xrange(keys.events)

@@ -573,7 +573,8 @@ async def test_series_lists_base_and_derived_with_head_and_lag(tmp_path: Path) -
 async def test_healthz_and_readyz(tmp_path: Path) -> None:
     async with running_api(tmp_path) as api:
         r = await api.client.get("/healthz")
-        assert (r.status_code, r.json()) == (200, {"status": "ok", "upstream": "connected"})
+        body = {"status": "ok", "upstream": "connected", "connections": None}
+        assert (r.status_code, r.json()) == (200, body)
         r = await api.client.get("/readyz")
         assert r.status_code == 200
         assert r.json() == {

@@ -505,6 +505,7 @@ OPS: Final = st.one_of(
     catchup_limit=st.sampled_from([1, 3, 50]),
     groups=st.lists(st.lists(OPS, max_size=3), max_size=6),
     tail=st.lists(OPS, max_size=6),
+    forming_first=st.booleans(),
 )
 async def test_subscribing_while_candles_flow_is_exactly_once_and_contiguous(
     history: int,
@@ -514,6 +515,7 @@ async def test_subscribing_while_candles_flow_is_exactly_once_and_contiguous(
     catchup_limit: int,
     groups: list[list[tuple[str, int]]],
     tail: list[tuple[str, int]],
+    forming_first: bool,
 ) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         store = await CandleStore.open(Path(tmp) / "market.sqlite3")
@@ -542,6 +544,8 @@ async def test_subscribing_while_candles_flow_is_exactly_once_and_contiguous(
                 connect(market.port) as ws,
             ):
                 feed.hub = market.hub
+                if forming_first:  # the subscribe's snapshot (tests/serve/test_hub_forming.py)
+                    await feed.run(("forming", 0))
                 await send(ws, subscribe_msg(SID_1M, since=since, batch=batch))
                 received: list[dict[str, Any]] = []
 
@@ -585,6 +589,12 @@ async def test_subscribing_while_candles_flow_is_exactly_once_and_contiguous(
         if m["type"] == "candle_forming":
             assert m["candle"]["candle_time"] > cursor
         cursor = max([cursor, *closed_times([m])])
+    # and never ahead of a close: no close comes after a forming update of a later bar
+    newest_forming = -1
+    for m in received:
+        if m["type"] == "candle_forming":
+            newest_forming = max(newest_forming, m["candle"]["candle_time"])
+        assert all(t >= newest_forming for t in closed_times([m])), "overtaken"
 
 
 @pytest.mark.parametrize("over", TRANSPORTS)

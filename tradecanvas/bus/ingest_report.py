@@ -4,8 +4,15 @@ an edge's view of it.
 An edge has no Binance connection of its own, so on its own it cannot tell a quiet market
 from an ingest that lost Binance, or from no ingest at all. The lease holder writes, with
 every renewal (a third of the lease's TTL; ``bus/leader.py``), the key ``<prefix>ingest_report``
-= ``{"node": …, "upstream_connected": …}``, expiring with the lease's TTL: the key is there
-exactly while some node holds the lease and renews it. An edge reads it every second
+= ``{"node": …, "upstream_connected": …, "connections": […]}``, expiring with the lease's TTL:
+the key is there exactly while some node holds the lease and renews it. ``upstream_connected``
+is true only while every Binance connection of the node is open; ``connections`` (an older
+ingest writes none) says each connection's market, base series and state
+(``[{"market": "spot", "series": ["binance:spot:BTC/USDT:1m"], "connected": true}, …]``),
+so an edge's ``/healthz?series_id=`` answers for the connection that carries that series
+rather than for all of them. An edge reading a report without it (an older ingest during
+a rolling upgrade), or with one it cannot read, falls back to ``upstream_connected``; an
+older edge ignores the field. An edge reads it every second
 (:class:`IngestReportWatch`) and shows it in its ``/readyz`` body as ``ingest`` — not as a
 check: an edge with its store and Redis serves history and reconnects whatever Binance
 does, and a balancer must not take every edge out at once because Binance is away. The
@@ -28,6 +35,7 @@ import trio
 from tradecanvas.bus.ids import StreamKeys
 from tradecanvas.bus.redis_io import describe, reconnecting
 from tradecanvas.errors import WireError
+from tradecanvas.ingest.supervisor import ConnectionState
 from tradecanvas.upstream.backoff import Backoff
 from tradecanvas.wire.bus import MAX_PAYLOAD_BYTES
 
@@ -43,17 +51,52 @@ _BACKOFF: Final = Backoff(base_s=0.5, cap_s=10.0)
 class IngestReport:
     node: str
     upstream_connected: bool
+    # each Binance connection (None: not told, an older ingest's report)
+    connections: tuple[ConnectionState, ...] | None = None
 
     def encode(self) -> bytes:
-        return orjson.dumps({"node": self.node, "upstream_connected": self.upstream_connected})
+        doc: dict[str, Any] = self.to_json()
+        if self.connections is not None:
+            doc["connections"] = [
+                {"market": c.market, "series": list(c.series), "connected": c.connected}
+                for c in self.connections
+            ]
+        raw = orjson.dumps(doc)
+        if len(raw) > MAX_PAYLOAD_BYTES:
+            # thousands of series: an edge would refuse the whole report; without the
+            # connections it still says whether every one is open
+            raw = orjson.dumps(self.to_json())
+        return raw
 
     def to_json(self) -> dict[str, Any]:
+        """What an edge's /readyz shows of it (the connections are /healthz's)."""
         return {"node": self.node, "upstream_connected": self.upstream_connected}
+
+
+def _connections(doc: object) -> tuple[ConnectionState, ...] | None:
+    """The report's ``connections``, or None when it has none or none this edge can read (a
+    newer format): the edge then answers as for an older ingest, by ``upstream_connected``."""
+    if not isinstance(doc, list):
+        return None
+    found: list[ConnectionState] = []
+    for item in doc:
+        if not isinstance(item, dict):
+            return None
+        market, series, connected = item.get("market"), item.get("series"), item.get("connected")
+        if not (
+            isinstance(market, str)
+            and isinstance(connected, bool)
+            and isinstance(series, list)
+            and all(isinstance(s, str) for s in series)
+        ):
+            return None
+        found.append(ConnectionState(market, tuple(series), connected))
+    return tuple(found)
 
 
 def decode(raw: bytes) -> IngestReport:
     """The report in the key's value; WireError when it is not one (or over the bus's cap
-    on a payload, unparsed)."""
+    on a payload, unparsed). A ``connections`` it cannot read is left out, not an error."""
     if len(raw) > MAX_PAYLOAD_BYTES:
         raise WireError("ingest_report", f"{len(raw)} bytes, over {MAX_PAYLOAD_BYTES}")
     try:
@@ -65,7 +108,7 @@ def decode(raw: bytes) -> IngestReport:
     node, connected = doc.get("node"), doc.get("upstream_connected")
     if not isinstance(node, str) or not isinstance(connected, bool):
         raise WireError("ingest_report", "needs node (a string) and upstream_connected (a bool)")
-    return IngestReport(node, connected)
+    return IngestReport(node, connected, _connections(doc.get("connections")))
 
 
 @final
@@ -97,6 +140,13 @@ class IngestReportWatch:
     async def wait_failed(self) -> None:
         """Until the next Redis failure of the watch."""
         await self._failed.wait()
+
+    def connections(self) -> tuple[ConnectionState, ...] | None:
+        """The reporting node's connections, for ``/healthz?series_id=``; None when no report
+        is known or it has none (an older ingest: ``upstream_connected`` is all there is)."""
+        if not self._known or self._report is None:
+            return None
+        return self._report.connections
 
     def readyz_fields(self) -> dict[str, Any]:
         if not self._known:

@@ -43,6 +43,7 @@ from tradecanvas.bus.lease import (
 from tradecanvas.bus.outage_log import OutageLog
 from tradecanvas.bus.redis_io import describe, failure_or_raise, open_redis
 from tradecanvas.errors import IngestFenced
+from tradecanvas.ingest.supervisor import ConnectionState
 from tradecanvas.ops.metrics import Metrics
 from tradecanvas.service_urls import url_without_password
 from tradecanvas.store.interface import MarketStore, WriteTxn
@@ -107,6 +108,8 @@ class IngestLeader:
         # whether Binance is connected, for the report written with each renewal (the
         # daemon sets it once the supervisor exists; bus/ingest_report.py)
         self.upstream_connected: Callable[[], bool] = lambda: False
+        # and each connection, for an edge's /healthz?series_id= (None: not told)
+        self.connections: Callable[[], tuple[ConnectionState, ...] | None] = lambda: None
         self.store = store
         self.core = LeaseCore(node or node_name(), timing)
         self._connected: bool | None = None  # None: Redis not asked yet
@@ -211,7 +214,7 @@ class IngestLeader:
     async def _report(self, client: Redis[bytes], ttl_ms: int) -> None:
         """The holder's report to the edges, expiring with the lease (bus/ingest_report.py).
         Advisory: a failure is logged, never taken for the lease's (its verdict stands)."""
-        report = IngestReport(self.node, self.upstream_connected())
+        report = IngestReport(self.node, self.upstream_connected(), self.connections())
         try:
             with trio.move_on_after(REPORT_TIMEOUT_S) as scope:
                 await client.set(self.report_key, report.encode(), px=ttl_ms)

@@ -42,6 +42,7 @@ from coredis.commands.constants import CommandName
 from coredis.exceptions import ResponseError
 from coredis.response._callbacks import NoopCallback
 
+from tradecanvas.bus.events_ahead import EventsAhead
 from tradecanvas.bus.ids import (
     NOTICE_ENTRIES_FIELD,
     NOTICE_KEYS_FIELD,
@@ -221,6 +222,7 @@ class BusPublisher:
         self._outage = OutageLog(log)
         self._events_without_id = 0
         self._blocked = BlockedStreams()
+        self.events_ahead = EventsAhead(self.settings.keys)  # checked by the event tail
 
     # --- the sink (pipeline.MarketSink) ------------------------------------------------
 
@@ -277,12 +279,14 @@ class BusPublisher:
 
     def readiness(self, *, streams: bool) -> dict[str, bool]:
         """``/readyz``'s checks of the bus publisher: connected to Redis and, with
-        ``streams`` (role ingest: the bus is what it is for), no stream blocked. An edge's
+        ``streams`` (role ingest: the bus is what it is for), no stream blocked and the
+        events stream not ahead of the store's log (``bus/events_ahead.py``). An edge's
         publisher carries HTTP writes only: a blocked stream there is logged and counted,
         but does not take the edge out of its balancer."""
         checks = {"bus_publisher_connected": self._connected}
         if streams:
             checks["bus_streams_writable"] = not self._blocked.streams
+            checks["bus_events_match_store"] = self.events_ahead.found is None
         return checks
 
     async def published_event_id(self, timeout_s: float = EVENTS_TOP_TIMEOUT_S) -> int | None:

@@ -23,7 +23,9 @@ logs each blocked top once at ERROR (the stream, the offending ID and why), and 
 that takes an entry again once at INFO.
 
 Limit: an events stream whose top is a well-formed event with an id above the event log's
-is taken as published (event ids are no times; the publisher has no store to ask).
+is taken as published here (event ids are no times; the publisher has no store to ask);
+the ingest finds such a stream when its event tail starts and flags it
+(``bus/events_ahead.py``: a store restored under a bus that kept its keys).
 """
 
 from __future__ import annotations

@@ -205,6 +205,9 @@ def watch_dependencies(
             lambda: float(publisher.health().connected)
         )
         metrics.bus_backlog.set_function(lambda: float(publisher.health().backlog))
+        metrics.bus_events_stream_ahead.set_function(
+            lambda: float(publisher.events_ahead.ids_ahead())
+        )
         registry = metrics.registry
         Gauge(
             "tradecanvas_bus_blocked_streams",

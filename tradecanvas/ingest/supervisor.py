@@ -50,6 +50,16 @@ class IngestStatistics:
     loops_enable_pipeline_publish: tuple[bool | None, ...]
 
 
+@attrs.frozen
+class ConnectionState:
+    """One Binance connection as /healthz and the ingest report tell of it: its market, the
+    base series it carries (as ``series_id`` strings) and whether its socket is open."""
+
+    market: str
+    series: tuple[str, ...]
+    connected: bool
+
+
 @final
 class IngestSupervisor:
     """Owns the Binance connections of ``flags.series``: one run_binance_ws_ingest_loop per
@@ -85,6 +95,8 @@ class IngestSupervisor:
         self.rest_policy = rest_policy
         self.groups = connection_groups(flags.series)
         self._counters = [LoopCounters(streams=len(g)) for g in self.groups]
+        # each connection's series as strings, once: /healthz reads them on every poll
+        self._group_ids = [tuple(map(str, g)) for g in self.groups]
         # base series → its 3d grid phase (seconds), once its 3d history is published; the
         # loops read it for their forming 3d candles
         self.phases: dict[SeriesId, int] = {}
@@ -219,6 +231,14 @@ class IngestSupervisor:
     def upstream_connected(self) -> bool:
         """True when every connection has an open socket (for /readyz)."""
         return bool(self._counters) and all(c.connection.connected > 0 for c in self._counters)
+
+    def connection_states(self) -> tuple[ConnectionState, ...]:
+        """Each connection's state (for /healthz: the upstream of one series, and how many
+        connections of each market are open; for the ingest report the edges read)."""
+        return tuple(
+            ConnectionState(group[0].market, ids, c.connection.connected > 0)
+            for group, ids, c in zip(self.groups, self._group_ids, self._counters, strict=True)
+        )
 
     def statistics(self) -> IngestStatistics:
         cs = self._counters

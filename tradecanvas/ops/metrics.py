@@ -427,6 +427,13 @@ class Metrics:
             "Committed entries waiting for Redis in the bus publisher's outbox",
             registry=r,
         )
+        self.bus_events_stream_ahead = Gauge(
+            "tradecanvas_bus_events_stream_ahead",
+            "Role ingest: by how many ids the events stream's last entry was above the store's"
+            " newest event when found (a restored store, or another store's bus: new events"
+            " are refused as published); 0 when not (bus/events_ahead.py)",
+            registry=r,
+        )
         self.bus_filled_candles = Gauge(
             "tradecanvas_bus_filled_candles",
             "Closed candles an edge read from the store to fill holes in the streams (total)",

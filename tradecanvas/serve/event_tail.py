@@ -22,6 +22,13 @@ same store (the SQLite file, or PostgreSQL) publishes them to its subscribers th
   node taking the lease over, maybe hours after its own start, does not publish again what
   the previous holder did — if the log holds that id (else, say a Redis that lost the
   stream, or an id no event has, it starts where it would have).
+- **A restored store.** When the tail starts it also compares the events stream's last id
+  (read first) with the store's event counter (read after it): a stream ahead of the log
+  means the store was restored from an older backup, or the bus is another store's — the
+  log hands out the stream's ids again and Redis refuses them as published. The sink's
+  :class:`~tradecanvas.bus.events_ahead.EventsAhead` logs it at ERROR and takes the
+  ingest's ``/readyz`` down; while it stands the tail reads the top again every
+  :data:`~tradecanvas.bus.events_ahead.RECHECK_S` to see the repair.
 - **Order with its own events.** Event ids are handed out in commit order on both backends
   (SQLite has one writer; PostgreSQL's counter row is locked to the commit). When a write of
   the daemon's own appended events above ids it has not published yet, that write returns
@@ -41,6 +48,7 @@ from typing import Final, Protocol, TypeVar, final, runtime_checkable
 import attrs
 import trio
 
+from tradecanvas.bus.events_ahead import RECHECK_S, EventsAhead
 from tradecanvas.errors import StoreError
 from tradecanvas.model import Candle
 from tradecanvas.pipeline.events import SystemEvent
@@ -61,7 +69,10 @@ PAGE: Final = 1000
 @runtime_checkable
 class KnowsPublished(Protocol):
     """A sink that can say up to which event id the log is published already (None: it
-    cannot say now): ``bus.publisher.BusPublisher``."""
+    cannot say now), and keeps whether that runs ahead of the log:
+    ``bus.publisher.BusPublisher``."""
+
+    events_ahead: EventsAhead
 
     async def published_event_id(self) -> int | None: ...
 
@@ -158,15 +169,35 @@ class EventTail:
             await self._skip_published()
         await self._catch_up()
         task_status.started()  # caught up with the log as it was
+        recheck_at = trio.current_time() + RECHECK_S
         while True:
             await trio.sleep(self.poll_interval_s)
+            sink = self.sink
+            ahead = isinstance(sink, KnowsPublished) and sink.events_ahead.found is not None
+            if ahead and trio.current_time() >= recheck_at:
+                recheck_at = trio.current_time() + RECHECK_S
+                await self._stream_top()  # the repair clears it
             await self._catch_up()
+
+    async def _stream_top(self) -> int | None:
+        """The events stream's last event id (None: not known now), checked against the
+        store's event counter, read after it (module docstring, "A restored store")."""
+        if not isinstance(self.sink, KnowsPublished):
+            return None
+        top = await self.sink.published_event_id()
+        if top is None:
+            return None
+        try:
+            newest = await self.store.events_newest_id()
+        except StoreError:
+            return None  # the catch-up reports it
+        if self.sink.events_ahead.check(top, newest):
+            return None  # the log does not hold it: start where the tail would have
+        return top
 
     async def _skip_published(self) -> None:
         """Move the cursor up to what the sink says is published, if the log holds it."""
-        if not isinstance(self.sink, KnowsPublished):
-            return
-        top = await self.sink.published_event_id()
+        top = await self._stream_top()
         if top is None or top <= self.cursor:
             return
         try:

@@ -5,8 +5,10 @@ Routes::
     GET  /api/market/candles?series_id=&since=&limit=   read closed candles
     POST /api/market/ingest/candle_closed               the strict write path (bearer token)
     GET  /api/market/series                             served series, head time, freshness
-    GET  /healthz                                       the process is alive (and what it
-                                                        knows of Binance, for the chart page)
+    GET  /healthz?series_id=                            the process is alive (and what it
+                                                        knows of Binance: of the connection
+                                                        carrying that series, for the chart
+                                                        page; ``upstream_view``)
     GET  /readyz                                        store open, listeners bound, upstream
     GET  /metrics                                       Prometheus text exposition
     WS   /ws/market                                     the subscriber protocol (``ws_asgi``),
@@ -54,7 +56,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any, Final
 
 import orjson
@@ -68,7 +70,8 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from tradecanvas.errors import PublishError, StoreError
+from tradecanvas.errors import PublishError, SeriesIdError, StoreError
+from tradecanvas.ingest.supervisor import ConnectionState
 from tradecanvas.model import SeriesId
 from tradecanvas.ops.logs import ThrottledCount
 from tradecanvas.ops.metrics import Metrics
@@ -84,6 +87,7 @@ from tradecanvas.serve.http_validation import (
     parse_ingest_body,
 )
 from tradecanvas.serve.read_slots import ReadSlots
+from tradecanvas.serve.upstream_view import connection_counts, series_upstream
 from tradecanvas.serve.ws_asgi import market_websocket_routes
 from tradecanvas.serve.ws_session import MarketEndpoint
 from tradecanvas.store.interface import MarketStore
@@ -178,17 +182,20 @@ def build_http_app(
     metrics: Metrics,
     readiness: Callable[[], Mapping[str, bool]],
     about: Callable[[], Mapping[str, Any]] = dict,
+    connections: Callable[[], Sequence[ConnectionState] | None] = lambda: None,
     clock: Callable[[], float] = time.time,
     market: MarketEndpoint | None = None,
     reads: ReadSlots | None = None,
 ) -> Starlette:
     """The Starlette app for DESIGN §5. ``readiness()`` names each readiness check (e.g.
-    ``listeners_bound``, ``upstream_connected``) with its state; ``store_open`` is added
-    here; ``about()`` adds fields to /readyz's body that are not checks (an edge's ``ingest``).
-    ``clock`` is the wall clock for ``lag_seconds`` (freshness is a wall-clock
-    notion; nothing else here reads it). With ``market``, /ws/market is served here too
-    (DESIGN §10, one origin), by the same endpoint as on the WS port. ``reads`` bounds the
-    candle and event reads running at once (``tradecanvas.serve.read_slots``)."""
+        ``listeners_bound``, ``upstream_connected``) with its state; ``store_open`` is added
+        here; ``about()`` adds fields to /readyz's body that are not checks (an edge's ``ingest``).
+    ``connections()`` are the Binance connections behind ``upstream_connected`` (or behind an
+    edge's ``ingest`` report; None when not told), for /healthz's per-series answer.
+        ``clock`` is the wall clock for ``lag_seconds`` (freshness is a wall-clock
+        notion; nothing else here reads it). With ``market``, /ws/market is served here too
+        (DESIGN §10, one origin), by the same endpoint as on the WS port. ``reads`` bounds the
+        candle and event reads running at once (``tradecanvas.serve.read_slots``)."""
     slots = ReadSlots() if reads is None else reads
     refused_writes = ThrottledCount(REFUSED_WRITE_LOG_S)
     failed_reads = ThrottledCount(STORE_FAILED_LOG_S)
@@ -364,10 +371,36 @@ def build_http_app(
             return None
         return "connected" if connected else "disconnected"
 
+    def served_series(raw: str) -> SeriesId | None:
+        """The served series ``raw`` names, or None (not a series id, or not served here)."""
+        try:
+            series = SeriesId.parse(raw)
+        except SeriesIdError:
+            return None
+        return series if series in served else None
+
     async def healthz(request: Request) -> Response:
         # always 200: a liveness probe; `upstream` is for the chart page, which polls it
-        # (/readyz names the lease holder and is kept off a public proxy)
-        return JsonResponse({"status": "ok", "upstream": upstream()})
+        # with its series (/readyz names the lease holder and is kept off a public proxy).
+        # A series_id that is not a served series is answered null, never refused: the
+        # probe stays a probe whatever a page or a person adds to it
+        whole = upstream()
+        try:
+            known = connections()
+        except Exception:
+            known = None  # as readiness() failing: not known (/readyz logs what fails)
+        body: dict[str, Any] = {
+            "status": "ok",
+            "upstream": whole,
+            "connections": connection_counts(whole, known),
+        }
+        raw = request.query_params.get("series_id")
+        if raw:
+            series = served_series(raw)
+            body["series_id"] = None if series is None else str(series)
+            base = None if series is None else str(base_of.get(series, series))
+            body["upstream"] = None if base is None else series_upstream(whole, known, base)
+        return JsonResponse(body)
 
     async def readyz(request: Request) -> Response:
         checks: dict[str, bool] = {"store_open": not store.closed}

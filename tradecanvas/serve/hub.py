@@ -43,6 +43,17 @@ the closes before it, system events in their place). The delivery of each publis
 is timed (``ops.metrics.DeliveryTimer``), and the deepest any queue has been is on
 ``tradecanvas_subscriber_queue_high_water``.
 
+The forming snapshot
+--------------------
+The Hub remembers each series' newest forming candle (the last ``publish_forming``, one per
+series it serves), and forgets it when a close at or above its time is published. A new or
+replaced subscription is offered it at once, through its queue like any forming candle: it
+goes out once the catch-up is sent, only above the cursor and after every close owed before
+it (``drain``), or not at all when a newer one replaced it first. So a chart shows the bar in
+progress as soon as it is live, not at the next trade. A remembered bar whose close was stored
+but not published here (an edge passes over a series nobody follows; a strict publish that
+failed) is never sent: the catch-up reads that close first, and the cursor is past it.
+
 Failures and ``best_effort``
 ----------------------------
 A subscriber whose delivery fails — its socket broke under a send, or the peer vanished without
@@ -53,10 +64,10 @@ exception raised while queueing for one subscriber isolates that subscriber (clo
 reported the same way. The caller (``IngestPipeline.publish``) decides between best effort and
 ``PublishError``. A failed connection's queue and buffers are freed at :meth:`Hub.detach`: only
 its description waits, per series, at most ``MAX_FAILURES_LISTED`` and a count of the rest (a
-counted one is counted by a publish of each of its series), so a halted series holds a few
-bytes however many clients failed on it. A subscriber is closed with 4008 when the queue
-decides so, or when one send does not complete within ``send_timeout_s``. Nobody else
-notices: other subscribers and publishers never wait for it.
+counted one is counted by a publish of each of its series; ``serve.failure_reports``), so a
+halted series holds a few bytes however many clients failed on it. A subscriber is closed
+with 4008 when the queue decides so, or when one send does not complete within
+``send_timeout_s``. Nobody else notices: other subscribers and publishers never wait for it.
 
 Errors: :class:`~tradecanvas.errors.ClientMessageError` (with a protocol ``code``) from
 :meth:`Hub.subscribe`. Nothing else is raised to publishers.
@@ -77,6 +88,7 @@ from tradecanvas.model import Candle, SeriesId
 from tradecanvas.ops.metrics import DeliveryBatch, Metrics
 from tradecanvas.pipeline.events import SystemEvent
 from tradecanvas.serve.encoded import Published, SharedEncodings
+from tradecanvas.serve.failure_reports import MAX_FAILURES_LISTED, FailureReports
 from tradecanvas.serve.publisher import CATCHUPS_AT_ONCE, CandleReader, Publisher
 from tradecanvas.serve.served import describe_served
 from tradecanvas.serve.subscriber import FrameWriter, MessageSocket, Subscriber, TransportClosed
@@ -89,39 +101,11 @@ log = logging.getLogger(__name__)
 
 # a lagging subscriber gets this many send timeouts' worth of time to heal before 4008
 DEFAULT_MAX_LAG_FACTOR: Final = 3.0
-# failure descriptions returned by one publish call at most (the rest are summarised)
-MAX_FAILURES_LISTED: Final = 20
 
 
 @attrs.frozen
 class HubStatistics:
     subscribers: int
-
-
-@attrs.define
-class _Failed:
-    """A detached failed subscriber's report, shared by its series (``reported``: by one of
-    them; the others skip it)."""
-
-    text: str
-    reported: bool = False
-
-
-@attrs.define
-class _PendingFailures:
-    """One series' detached failed subscribers not reported yet: at most
-    ``MAX_FAILURES_LISTED`` reports and how many more."""
-
-    listed: list[_Failed] = attrs.Factory(list)
-    more: int = 0
-
-    def add(self, failed: _Failed) -> None:
-        if len(self.listed) >= MAX_FAILURES_LISTED:
-            self.listed = [f for f in self.listed if not f.reported]
-        if len(self.listed) < MAX_FAILURES_LISTED:
-            self.listed.append(failed)
-        else:
-            self.more += 1
 
 
 @final
@@ -170,8 +154,10 @@ class Hub:
         self._attached_changed = trio.Event()
         # series id → the subscribers holding a subscription to it
         self._index: dict[str, dict[Subscriber, None]] = {}
-        # series id → its detached failed subscribers' reports, until its next publish
-        self._failed: dict[str, _PendingFailures] = {}
+        # detached failed subscribers' reports, per series, until its next publish
+        self._failed = FailureReports()
+        # series id → its newest forming candle, the snapshot a new subscription gets
+        self._forming: dict[str, Candle] = {}
         # within corked(): the frames each subscriber got at once, not yet written
         self._held: dict[Subscriber, list[bytes]] | None = None
         metrics.subscriber_queue_high_water.set_function(self._queue_high_water)
@@ -240,9 +226,8 @@ class Hub:
         self.metrics.subscriber_disconnects_total.labels(reason=reason).inc()
         self.metrics.delivery.abandon(subscriber.take_owed())
         if subscriber.failure is not None and subscriber.queue.subscriptions:
-            failed = _Failed(f"subscriber {subscriber.peer}: {subscriber.failure}")
-            for sid in subscriber.queue.subscriptions:
-                self._failed.setdefault(sid, _PendingFailures()).add(failed)
+            text = f"subscriber {subscriber.peer}: {subscriber.failure}"
+            self._failed.add(text, subscriber.queue.subscriptions)
         self._unindex(subscriber)
 
     def _unindex(self, subscriber: Subscriber) -> None:
@@ -297,6 +282,9 @@ class Hub:
         self._remove_from_index(sid, subscriber)
         subscriber.queue.subscribe(sid, series.timeframe.seconds, since, batch, events_after)
         self._index.setdefault(sid, {})[subscriber] = None
+        forming = self._forming.get(sid)
+        if forming is not None:  # the bar in progress, after the catch-up if above it
+            subscriber.queue.offer_forming(sid, forming)
 
     def unsubscribe(self, subscriber: Subscriber, series: SeriesId) -> bool:
         """Drop a subscription; False when there was none (not an error)."""
@@ -357,9 +345,12 @@ class Hub:
     def publish_closed(self, series_id: str, candles: Sequence[Candle]) -> Sequence[str]:
         if not candles:
             return ()
+        forming = self._forming.get(series_id)
+        if forming is not None and max(c.candle_time for c in candles) >= forming.candle_time:
+            del self._forming[series_id]  # its bar closed (or a later one did): stale now
         subscribers = self._index.get(series_id)
         if not subscribers:
-            return self._reported(series_id, [])
+            return self._failed.reported(series_id, [])
         published = self.encodings.published(series_id, candles)
         now = trio.current_time()
         failures = self._fan_out(
@@ -367,19 +358,21 @@ class Hub:
             lambda q: q.offer_closed(series_id, candles, now),
             lambda s: self._closed_at_once(s, published),
         )
-        return self._reported(series_id, failures)
+        return self._failed.reported(series_id, failures)
 
     def publish_system(self, event: SystemEvent) -> Sequence[str]:
         sid, event_id = event.series_id, event.event_id
         subscribers = self._index.get(sid)
         if not subscribers:
-            return self._reported(sid, [])
+            return self._failed.reported(sid, [])
         text = dumps(event.to_wire())
         now = trio.current_time()
         failures = self._fan_out(subscribers, lambda q: q.offer_event(sid, event_id, text, now))
-        return self._reported(sid, failures)
+        return self._failed.reported(sid, failures)
 
     def publish_forming(self, series_id: str, candle: Candle) -> None:
+        if series_id in self.series:
+            self._forming[series_id] = candle
         subscribers = self._index.get(series_id)
         if not subscribers:
             return
@@ -470,26 +463,9 @@ class Hub:
                 subscriber.close_for(decision)
         return failures
 
-    def _reported(self, series_id: str, failures: list[str]) -> list[str]:
-        """What one closed/system publish of ``series_id`` reports: its detached failed
-        subscribers' descriptions (then forgotten), then ``failures`` (the fan-out's), at
-        most ``MAX_FAILURES_LISTED`` listed and a count of the rest."""
-        pending = self._failed.pop(series_id, None)
-        more = 0
-        if pending is not None:
-            failures = [*(f.text for f in pending.listed if not f.reported), *failures]
-            for failed in pending.listed:
-                failed.reported = True  # once, by whichever of its series publishes first
-            more = pending.more
-        if len(failures) > MAX_FAILURES_LISTED:
-            more += len(failures) - MAX_FAILURES_LISTED
-            failures = failures[:MAX_FAILURES_LISTED]
-        if more:
-            failures.append(f"and {more} more subscriber(s)")
-        return failures
-
 
 __all__ = [
+    "MAX_FAILURES_LISTED",
     "CandleReader",
     "FrameWriter",
     "Hub",

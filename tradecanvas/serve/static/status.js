@@ -2,14 +2,17 @@
 // loaded before chart.js: the badge's text, title and explanation line, what a screen reader
 // is told of it, and whether the series is fresh.
 //
-// Freshness. The page asks `GET /healthz` every SOURCE_POLL_MS while it is live and shown
-// and its series has been quiet for QUIET_ASK_AFTER_MS (a source that delivers needs no
-// asking: a thousand open charts of a trading market send no requests), or the source is
-// not known to be connected:
-// its `upstream` says whether the daemon is connected to Binance (on an edge, what the
-// ingest node holding the lease reports, or that no ingest node runs). So a chart whose
-// source went away says so within seconds (`stale: Binance unreachable`; an empty one
-// `waiting: …`) instead of a green `live` over bars that no longer come. (/readyz says it
+// Freshness. The page asks `GET /healthz?series_id=` (its series) every SOURCE_POLL_MS
+// while it is live and shown and its series has been quiet for QUIET_ASK_AFTER_MS (a
+// source that delivers needs no asking: a thousand open charts of a trading market send
+// no requests): its `upstream` says whether the Binance connection that carries this
+// series is open (on an edge, what the ingest node holding the lease reports, or that no
+// ingest node runs) — not whether every connection of the daemon is: a futures connection
+// down says nothing of a spot chart. So a chart whose source went away says so within
+// seconds (`stale: Binance unreachable`; an empty one `waiting: …`) instead of a green
+// `live` over bars that no longer come. A series that delivered a market message within
+// QUIET_ASK_AFTER_MS is never called unreachable, whatever an answer said (an older daemon
+// answers for all its connections; an answer may be a moment old). (/readyz says it
 // too, but it names the lease holder and is kept off a public proxy.) A /healthz that does
 // not say (a proxy that blocks it) is asked once a minute only, and the page falls back on
 // the data's age: a live series with no market message for STALE_AFTER_MS — Binance closes
@@ -22,8 +25,12 @@ window.tradecanvasStatus = (page) => {
   const $ = (id) => document.getElementById(id);
   const STALE_AFTER_MS = 90_000;
   const FRESHNESS_CHECK_MS = 5_000; // the age's steps
-  const SOURCE_POLL_MS = 3_000;
-  const QUIET_ASK_AFTER_MS = 5_000;
+  // (both can be lowered for tests, as connection.js's: window.tradecanvasTiming)
+  const { sourcePollMs: SOURCE_POLL_MS, quietAskAfterMs: QUIET_ASK_AFTER_MS } = {
+    sourcePollMs: 3_000,
+    quietAskAfterMs: 5_000,
+    ...(window.tradecanvasTiming || {}),
+  };
   // a /healthz that does not say (blocked by a proxy, an older daemon): asked this seldom
   const SOURCE_BLOCKED_POLL_MS = 60_000;
   const SOURCE_TIMEOUT_MS = 5_000;
@@ -97,6 +104,9 @@ window.tradecanvasStatus = (page) => {
   const fresh = {
     at: Date.now(),
     source: null, // "connected", "lost", "no_ingest", or null: not known
+    sourceFor: null, // the series `source` was answered for
+    messageAt: 0, // the last market message's time, and its series
+    messageFor: null,
     asking: false,
     askedAt: 0,
     blocked: false, // /healthz did not say: the data's age only
@@ -119,9 +129,17 @@ window.tradecanvasStatus = (page) => {
   // /healthz's `upstream` (docs/api.md)
   const SOURCE_OF = { connected: "connected", disconnected: "lost", no_ingest: "no_ingest" };
 
+  // what is known of the shown series' source (an answer for another series is not)
+  const sourceNow = () => (fresh.sourceFor === page.view.seriesId ? fresh.source : null);
+  // the shown series delivered a market message within QUIET_ASK_AFTER_MS
+  const delivering = () =>
+    fresh.messageFor === page.view.seriesId && Date.now() - fresh.messageAt < QUIET_ASK_AFTER_MS;
+
   // a market message: the source delivers (whatever /healthz said last), and it is fresh
   function marketMessage() {
     fresh.at = Date.now();
+    fresh.messageAt = fresh.at;
+    fresh.messageFor = page.view.seriesId;
     if (fresh.source !== "connected") fresh.source = null;
     const shown = $("state").dataset.state;
     if (connState === "live" && (shown === "stale" || shown === "waiting")) showBadge("live");
@@ -138,11 +156,13 @@ window.tradecanvasStatus = (page) => {
     if (fresh.asking) return;
     fresh.asking = true;
     fresh.askedAt = Date.now();
+    const asked = page.view.seriesId;
     let source = null;
     try {
       // a connection that died without a word would hold the request for minutes
       const signal = AbortSignal.timeout(SOURCE_TIMEOUT_MS);
-      const response = await fetch("/healthz", { cache: "no-store", signal });
+      const query = asked ? `?series_id=${encodeURIComponent(asked)}` : "";
+      const response = await fetch(`/healthz${query}`, { cache: "no-store", signal });
       let body = null;
       try {
         body = response.ok ? await response.json() : null;
@@ -155,12 +175,13 @@ window.tradecanvasStatus = (page) => {
     } catch (error) {
       // no answer (the daemon went away: the socket says so; a dead connection): what was
       // known stays
-      source = fresh.source;
+      source = fresh.sourceFor === asked ? fresh.source : null;
     } finally {
       fresh.asking = false;
     }
-    const was = fresh.source;
+    const was = sourceNow();
     fresh.source = source;
+    fresh.sourceFor = asked;
     if (was !== source && page.bars().length === 0) page.showLegend(); // says what it waits for
     checkFreshness();
   }
@@ -168,8 +189,9 @@ window.tradecanvasStatus = (page) => {
   function poll() {
     if (connState !== "live" || document.visibilityState === "hidden") return;
     if (fresh.blocked && Date.now() - fresh.askedAt < SOURCE_BLOCKED_POLL_MS) return;
-    const delivering = Date.now() - fresh.at < QUIET_ASK_AFTER_MS;
-    if (delivering && fresh.source === "connected") return;
+    if (delivering()) return; // its source is there
+    const recent = Date.now() - fresh.at < QUIET_ASK_AFTER_MS; // (a catch-up, just now)
+    if (recent && sourceNow() === "connected") return;
     askUpstream();
   }
   setInterval(poll, SOURCE_POLL_MS);
@@ -179,7 +201,8 @@ window.tradecanvasStatus = (page) => {
     const age = Date.now() - fresh.at;
     const quiet = age >= STALE_AFTER_MS;
     const empty = page.bars().length === 0;
-    const lost = SOURCE_NOTE[fresh.source];
+    // a series that delivers is not cut off, whatever the last answer said
+    const lost = delivering() ? undefined : SOURCE_NOTE[sourceNow()];
     if (lost) {
       // nothing will come: said at once, the cause first, the age once it is stale
       const what = empty ? "This series has no candles yet; none" : "No new candle";
@@ -213,7 +236,7 @@ window.tradecanvasStatus = (page) => {
     state: () => connState,
     marketMessage,
     // what is known of a source that does not deliver (SOURCE_NOTE), or undefined
-    sourceNote: () => SOURCE_NOTE[fresh.source],
+    sourceNote: () => SOURCE_NOTE[sourceNow()],
     // a subscription was sent with its sync ping: its catch-up resets the age
     subscribed: () => {
       fresh.fromCatchUp = true;
