@@ -96,7 +96,8 @@ def test_a_narrow_window_shows_the_whole_legend_and_a_bad_link_says_so(
         series="binance:futures:DOGE/USDT:5m",
         device={"viewport": {"width": 800, "height": 600}},
     ) as (_, chart, _):
-        assert chart.call("() => window.tradecanvasChart.seriesId()") == BASE
+        # another symbol in the timeframe the link asked for (served)
+        assert chart.call("() => window.tradecanvasChart.seriesId()") == FIVE
         chart.wait_until("() => window.tradecanvasChart.notice().includes('is not served')")
         legend = chart.page.locator("#legend")
         assert "V " in legend.inner_text()

@@ -115,12 +115,24 @@
     if (dropped) render();
   }
 
-  // the tab's title: the newest close, then the series
+  // The tab's title: the newest close, then the series; while not live the badge's state
+  // first, with a warning sign when the price may be old (a trader glancing at the tab sees
+  // that the number stopped): `⚠ reconnecting · 108208.7 · …`
+  const WARN_STATES = new Set(["reconnecting", "offline", "stale"]);
   function showTitle() {
+    if (view.seriesId === null) return;
     const last = view.bars[view.bars.length - 1];
-    document.title = `${last ? page.price(last.close) + " · " : ""}${view.seriesId} — tradecanvas`;
+    const state = $("state").dataset.state;
+    const mark = state === "live" ? "" : `${WARN_STATES.has(state) ? "⚠ " : ""}${state} · `;
+    const title = `${mark}${last ? page.price(last.close) + " · " : ""}${view.seriesId} — tradecanvas`;
+    if (document.title !== title) document.title = title;
   }
   page.showTitle = showTitle;
+  // the badge's state (status.js writes it): every change, the socket's or the source's
+  new MutationObserver(showTitle).observe($("state"), {
+    attributes: true,
+    attributeFilter: ["data-state"],
+  });
 
   // --- choosing a series ------------------------------------------------------------------
 
@@ -343,9 +355,14 @@
     // the prices' decimals, and a price as the price axis writes it
     decimals: () => view.decimals,
     axisPrice: page.axisPrice,
+    // the price the price axis' coloured label marks (null: none)
+    priceLabel: page.priceLabel,
     ready: () => view.ready,
     // the times at the edges of the view ({from, to}), null before any bar
     visibleTimes: () => chart.timeScale().getVisibleRange(),
+    // the point the legend reads (null: the newest bar) and the time the crosshair is on
+    // (null: none shown)
+    reading: () => ({ legend: page.hovered(), crosshair: page.crosshairAt() }),
     select,
     loadOlder: page.loadOlder,
   };
@@ -363,8 +380,10 @@
     }
     notice("");
     const wanted = new URL(location.href).searchParams.get("series") || null;
-    const served = page.served(wanted);
-    const first = served ? wanted : page.fallbackFor(wanted);
+    // the series named, also in another case (`btc/usdt`, `1H`), else the nearest served
+    const named = page.served(wanted) ? wanted : page.matching(wanted);
+    const served = named !== null;
+    const first = served ? named : page.fallbackFor(wanted);
     link.start();
     if (first === null) {
       notice("this daemon serves no series");

@@ -18,6 +18,13 @@ window.tradecanvasDraw = (page) => {
       textColor: "#d1d4dc",
       attributionLogo: false, // the footer carries the attribution (and the CSP stays strict)
     },
+    // the times in UTC, written as the legend writes them whatever the browser's locale and
+    // time zone (a ja-JP browser showed `06 7月 '25`): the crosshair's label is the bar's
+    // time as the legend says it (`2025-07-06 16:46 UTC`), the tick marks `Jul`, `6 Jul`, `16:45`
+    localization: {
+      locale: "en-US",
+      timeFormatter: (time) => F.barTime(time, view.timeframe),
+    },
     grid: { vertLines: { color: "#1f2430" }, horzLines: { color: "#1f2430" } },
     timeScale: {
       timeVisible: true,
@@ -25,11 +32,19 @@ window.tradecanvasDraw = (page) => {
       rightOffset: 5,
       barSpacing: 6,
       maxBarSpacing: MAX_BAR_SPACING,
+      tickMarkFormatter: (time, type) => F.tickMark(time, type),
     },
     crosshair: { mode: LWC.CrosshairMode.Normal },
     kineticScroll: { mouse: false, touch: !reducedMotion.matches },
     // a vertical swipe on the chart scrolls the page (a phone's short screen), not the prices
     handleScroll: { vertTouchDrag: false },
+  });
+  // `UTC` in the corner under the price axis, right of the time axis: the axis' hours are UTC
+  const zone = document.getElementById("utc");
+  chart.timeScale().subscribeSizeChange((width, height) => {
+    zone.style.width = `${Math.max(0, document.getElementById("chart").clientWidth - width)}px`;
+    zone.style.height = `${height}px`;
+    zone.style.lineHeight = `${height}px`;
   });
   // a full-height column behind each missing (or incomplete) bar
   const gapSeries = chart.addSeries(LWC.HistogramSeries, {
@@ -53,6 +68,17 @@ window.tradecanvasDraw = (page) => {
     borderVisible: false,
     wickUpColor: COLORS.up,
     wickDownColor: COLORS.down,
+    // the library labels the close of the newest bar in view, not the last price (in 5.2.1
+    // whatever priceLineSource says): the label is `lastPrice`'s, below
+    lastValueVisible: false,
+  });
+  // the price axis' coloured label: the last price, also with the chart scrolled back (the
+  // series' dashed line marks it across the chart)
+  const lastPrice = candleSeries.createPriceLine({
+    price: 0,
+    lineVisible: false,
+    axisLabelVisible: false,
+    title: "",
   });
   candleSeries.priceScale().applyOptions({ scaleMargins: { top: 0.08, bottom: 0.25 } });
   reducedMotion.addEventListener("change", () => {
@@ -107,6 +133,29 @@ window.tradecanvasDraw = (page) => {
     });
   }
 
+  // the last price's label on the price axis, coloured as the newest bar (none: no bar)
+  function showLastPrice() {
+    const last = view.bars[view.bars.length - 1];
+    if (!last) {
+      lastPrice.applyOptions({ axisLabelVisible: false });
+      return;
+    }
+    const color = last.close >= last.open ? COLORS.up : COLORS.down;
+    lastPrice.applyOptions({ price: last.close, color, axisLabelVisible: true });
+  }
+
+  // the price the axis' coloured label marks (for tests): the series' own label, when shown,
+  // is the close of the newest bar in view
+  function priceLabel() {
+    if (candleSeries.options().lastValueVisible) {
+      const range = chart.timeScale().getVisibleRange();
+      const inView = range ? view.bars.filter((b) => b.time <= range.to) : [];
+      return inView.length ? inView[inView.length - 1].close : null;
+    }
+    const options = lastPrice.options();
+    return options.axisLabelVisible ? options.price : null;
+  }
+
   function render() {
     if (view.bars.length) showPrecision(F.priceDecimals(view.bars), F.volumeDecimals(view.bars));
     candleSeries.setData(view.bars.map(candlePoint));
@@ -116,6 +165,7 @@ window.tradecanvasDraw = (page) => {
     if (candleSeries.priceScale().options().visible !== axis) {
       candleSeries.priceScale().applyOptions({ visible: axis });
     }
+    showLastPrice();
     const gaps = renderGaps();
     page.showLegend();
     page.placeCrosshair();
@@ -147,6 +197,7 @@ window.tradecanvasDraw = (page) => {
     showPrecision(decimals, Math.max(view.volumeDecimals, F.volumeDecimals([bar])));
     candleSeries.update(candlePoint(bar));
     volumeSeries.update(volumePoint(bar));
+    showLastPrice();
     if (newHole) renderGaps();
     page.showLegend();
     page.placeCrosshair();
@@ -161,6 +212,7 @@ window.tradecanvasDraw = (page) => {
     upsert,
     shade,
     drawn: () => candleSeries.data().length,
+    priceLabel,
     axisPrice: (x) => candleSeries.priceFormatter().format(x),
   };
 };

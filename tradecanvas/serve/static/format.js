@@ -89,6 +89,23 @@ window.tradecanvasFormat = (() => {
   // a day, `2025-08-01`
   const day = (time) => iso(time).slice(0, 10);
 
+  const MONTHS = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
+  // lightweight-charts' TickMarkType: Year, Month, DayOfMonth, Time, TimeWithSeconds
+  const TICK_MARK = [
+    (d) => String(d.getUTCFullYear()),
+    (d) => MONTHS[d.getUTCMonth()],
+    (d) => `${d.getUTCDate()} ${MONTHS[d.getUTCMonth()]}`,
+    (d) => d.toISOString().slice(11, 16),
+    (d) => d.toISOString().slice(11, 19),
+  ];
+
+  // a tick mark of the time axis, in UTC with English month names whatever the browser's
+  // locale and time zone (`2025`, `Jul`, `6 Jul`, `16:45`), as the legend writes times
+  function tickMark(time, type) {
+    const format = TICK_MARK[type];
+    return format ? format(new Date(time * 1000)) : iso(time);
+  }
+
   return {
     parseTimeframe,
     timeframeSeconds,
@@ -100,5 +117,6 @@ window.tradecanvasFormat = (() => {
     volumeDecimals,
     barTime,
     day,
+    tickMark,
   };
 })();

@@ -7,6 +7,7 @@ window.tradecanvasLegend = (page) => {
   const F = window.tradecanvasFormat;
   const FIELDS = [["open", "O"], ["high", "H"], ["low", "L"], ["close", "C"], ["volume", "V"]];
   const PERIOD = { m: "bar", h: "bar", d: "day", w: "week", M: "month" };
+  const DAY = 86400;
 
   // a price as the chart's axis shows it: the decimals the series' prices need
   const price = (x) => x.toFixed(page.view.decimals);
@@ -20,11 +21,30 @@ window.tradecanvasLegend = (page) => {
     const { view } = page;
     if (view.baseFirstTime === null || view.timeframe === null) return null;
     const first = F.firstBucketFrom(view.baseFirstTime, view.timeframe);
-    if (first === null || first === view.baseFirstTime) return null;
+    if (first === null) return phasedFirstBarNote();
+    if (first === view.baseFirstTime) return null;
     const when = F.intraday(view.timeframe) ? F.barTime(first, view.timeframe) : F.day(first);
     return (
       `the first ${view.timeframe.text} bar is ${when} ` +
       `(this ${PERIOD[view.timeframe.unit]} began before the stored history)`
+    );
+  }
+
+  // A grid of several days (3d) opens at a midnight (UTC) of the symbol's own phase, which
+  // the series list does not say: the first bar opens within its length of the stored
+  // history's start, so by the last midnight of that span; and a start that is not a
+  // midnight is inside a bucket that began before it.
+  function phasedFirstBarNote() {
+    const { view } = page;
+    const tf = view.timeframe;
+    if (tf.unit !== "d") return null;
+    const by = F.day(view.baseFirstTime + F.timeframeSeconds(tf) - 1);
+    const inside = view.baseFirstTime % DAY !== 0;
+    return (
+      `the first ${tf.text} bar opens by ${by} ` +
+      (inside
+        ? `(this ${tf.count}-day period began before the stored history)`
+        : `(${tf.text} bars open on the symbol's own ${tf.count}-day grid)`)
     );
   }
 

@@ -22,19 +22,43 @@ window.tradecanvasPicker = (page) => {
     }
   }
 
-  // a served series in place of `seriesId` (no longer served): the same base series in the
-  // nearest timeframe, else the first series served; null when none is
-  function fallbackFor(seriesId) {
+  // a timeframe as the daemon writes it: `1H` is `1h` (and D, W), but `1M` (a month) and `1m`
+  // (a minute) are two timeframes, never folded
+  const foldTimeframe = (text) => text.replace(/[HDW]$/, (unit) => unit.toLowerCase());
+  // a series id's parts: its base (exchange, market, symbol: any case) and its timeframe
+  function partsOf(seriesId) {
     const parts = (seriesId || "").split(":");
-    const base = `${parts.slice(0, -1).join(":")}:1m`;
-    const tf = F.parseTimeframe(parts[parts.length - 1] || "");
+    return {
+      head: parts.slice(0, -1).join(":").toLowerCase(),
+      timeframe: foldTimeframe(parts[parts.length - 1] || ""),
+    };
+  }
+
+  // the served series `seriesId` names but for its case (`btc/usdt`, `1H`), when just one
+  // is; else null
+  function matching(seriesId) {
+    const wanted = partsOf(seriesId);
+    const found = seriesList.filter((s) => {
+      const served = partsOf(s.series_id);
+      return served.head === wanted.head && s.timeframe === wanted.timeframe;
+    });
+    return found.length === 1 ? found[0].series_id : null;
+  }
+
+  // a served series in place of `seriesId` (not served, or no longer): its symbol (any case),
+  // else the first one served, in the timeframe nearest its own (the same when served);
+  // null when none is
+  function fallbackFor(seriesId) {
+    if (seriesList.length === 0) return null;
+    const wanted = partsOf(seriesId);
+    const bases = [...new Set(seriesList.map((s) => s.base_series_id))];
+    const base = bases.find((b) => partsOf(b).head === wanted.head) || bases[0];
     const same = seriesList.filter((s) => s.base_series_id === base);
-    if (same.length && tf) {
-      const want = Math.log(F.timeframeSeconds(tf));
-      const distance = (s) => Math.abs(Math.log(seconds(s)) - want);
-      return same.reduce((a, b) => (distance(b) < distance(a) ? b : a)).series_id;
-    }
-    return seriesList.length ? seriesList[0].series_id : null;
+    const tf = F.parseTimeframe(wanted.timeframe);
+    if (!tf) return same[0].series_id; // (the list has each base series before the derived)
+    const want = Math.log(F.timeframeSeconds(tf));
+    const distance = (s) => Math.abs(Math.log(seconds(s)) - want);
+    return same.reduce((a, b) => (distance(b) < distance(a) ? b : a)).series_id;
   }
 
   // the address of a series, readable (`:` and `/` are allowed in a query)
@@ -111,6 +135,7 @@ window.tradecanvasPicker = (page) => {
     seriesList: () => seriesList,
     entry,
     served: (seriesId) => entry(seriesId) !== undefined,
+    matching,
     refreshSeriesList,
     fallbackFor,
     showInAddress,

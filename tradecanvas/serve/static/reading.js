@@ -41,20 +41,35 @@ window.tradecanvasReading = (page) => {
   }
 
   // The bar under the cursor or the finger (null: none, the legend shows the newest). While
-  // the pointer rests, live bars move the bars under it: the crosshair moves without a
-  // `sourceEvent`, and the legend stays on the bar the pointer chose. A finger lifted ends
-  // the reading: the crosshair goes (the library would leave it where the finger was) and
-  // the legend shows the newest bar again, as when the mouse leaves.
+  // the pointer rests, live bars move the bars under it: the library moves the crosshair
+  // with them (a move without a `sourceEvent`), and the legend stays on the bar the pointer
+  // chose — so the crosshair is put back on that bar, at the price the pointer was at: the
+  // legend and the crosshair always name the same bar. A finger lifted ends the reading:
+  // the crosshair goes (the library would leave it where the finger was) and the legend
+  // shows the newest bar again, as when the mouse leaves.
   let hovered = null;
+  let hoveredPrice = null; // the price at the pointer when it chose `hovered` (null: keys)
+  let crosshairAt = null; // the time the crosshair is on (null: none shown)
   let touching = false; // a finger (or pen) is down on the chart
   let keyed = false; // `hovered` was chosen from the keyboard (keyboard.js)
   chart.subscribeCrosshairMove((param) => {
+    crosshairAt = param.time === undefined ? null : param.time;
     const moved = param.sourceEvent !== undefined; // by the pointer, not by new bars
-    if (!moved && hovered !== null && (touching || keyed || param.time !== undefined)) return;
+    if (!moved && hovered !== null && (touching || keyed || param.time !== undefined)) {
+      if (param.time !== hovered) placeCrosshair(); // (its own move comes back on `hovered`)
+      return;
+    }
     if (moved) keyed = false;
     hovered = param.time === undefined ? null : param.time;
+    hoveredPrice =
+      hovered === null || !param.point ? null : page.candleSeries.coordinateToPrice(param.point.y);
     page.showLegend(hovered);
   });
+  // (the library's clearCrosshairPosition reports no move)
+  function clearCrosshair() {
+    chart.clearCrosshairPosition();
+    crosshairAt = null;
+  }
   $("chart").addEventListener("pointerdown", (event) => {
     touching = event.pointerType !== "mouse";
     cancelAnimationFrame(scrolling); // the user's own drag wins
@@ -66,7 +81,7 @@ window.tradecanvasReading = (page) => {
     if (event.pointerType === "mouse") return;
     touching = false;
     keyed = false;
-    chart.clearCrosshairPosition();
+    clearCrosshair();
     hovered = null;
     page.showLegend(null);
   };
@@ -79,6 +94,7 @@ window.tradecanvasReading = (page) => {
     cancelAnimationFrame(scrolling);
     keyed = true;
     hovered = time;
+    hoveredPrice = null;
     page.showLegend(time);
     placeCrosshair();
     page.say($("reading"), page.spokenText(time));
@@ -87,18 +103,21 @@ window.tradecanvasReading = (page) => {
   function backToNewest() {
     keyed = false;
     hovered = null;
-    chart.clearCrosshairPosition();
+    clearCrosshair();
     page.showLegend(null);
     scrollToNewest();
     page.say($("reading"), page.view.bars.length ? `newest bar, ${page.spokenText(null)}` : "");
   }
 
-  // the crosshair on the point read from the keyboard (again after new bars moved the view)
+  // the crosshair on the point read (again after new bars moved the view): at the pointer's
+  // price for a pointer's reading, at the bar's close for the keys'
   function placeCrosshair() {
-    if (!keyed || hovered === null) return;
+    if (hovered === null) return;
     const bar = page.view.bars.find((b) => b.time === hovered);
-    if (bar) chart.setCrosshairPosition(bar.close, hovered, page.candleSeries);
-    else if (page.gapSeries.data().some((p) => p.time === hovered)) {
+    if (bar) {
+      const price = !keyed && hoveredPrice !== null ? hoveredPrice : bar.close;
+      chart.setCrosshairPosition(price, hovered, page.candleSeries);
+    } else if (page.gapSeries.data().some((p) => p.time === hovered)) {
       chart.setCrosshairPosition(0.5, hovered, page.gapSeries); // a hole's slot: its column
     }
   }
@@ -107,7 +126,7 @@ window.tradecanvasReading = (page) => {
   function forget() {
     hovered = null;
     keyed = false;
-    chart.clearCrosshairPosition();
+    clearCrosshair();
   }
 
   // the time scale's points, ascending: the bars' times and the shaded holes'
@@ -125,5 +144,12 @@ window.tradecanvasReading = (page) => {
     timeScale: () => chart.timeScale(),
   });
 
-  return { showNewest, hovered: () => hovered, placeCrosshair, forget, BAR_SPACING };
+  return {
+    showNewest,
+    hovered: () => hovered,
+    crosshairAt: () => crosshairAt,
+    placeCrosshair,
+    forget,
+    BAR_SPACING,
+  };
 };
