@@ -183,7 +183,7 @@ class PostgresStore(WindowReads):
         # else wrote in between (None: read it)
         self._last: LastWrite | None = None
         self.schema: SchemaChange | None = None  # what opening it did to its schema
-        self.lock: PgServeLock | None = None  # serve's (role all) lock, let go by aclose
+        self.lock: PgServeLock | None = None  # serve's lock (all; ingest: shared), by aclose
 
     @classmethod
     async def open(
