@@ -33,9 +33,10 @@ with capped backoff, until the server answers: the transaction was rolled back, 
 of it is in. A write whose connection broke *during its COMMIT* may or may not have
 committed; its transaction id, taken at its start (``pg_current_xact_id()``), is asked about
 (``pg_xact_status``) once the server answers again: committed, the write's result stands;
-aborted, it is tried again. A retry numbers its transaction three above the last one
-(``StoreTxn.sequence``), so a caller's cache of the store (``pipeline/recent.py``) forgets
-what the failed attempt put in. Reads are not retried: they raise StoreError at once (a
+aborted — or beyond the server's next id, a crash restart having lost it — it is tried
+again. A retry numbers its transaction three above the last one (``StoreTxn.sequence``), so
+a caller's cache of the store (``pipeline/recent.py``) forgets what the failed attempt put
+in. Reads are not retried: they raise StoreError at once (a
 subscriber's catch-up ends, an HTTP read answers 500; both are read again later).
 :attr:`PostgresStore.reachable` says whether the last statement, or the last :meth:`ping`,
 reached the server: /readyz and ``tradecanvas_dependency_up{dependency="store"}``. Each
@@ -396,6 +397,11 @@ class PostgresStore(WindowReads):
 
             try:
                 status = await trio.to_thread.run_sync(_status, limiter=self._limiter)
+            except psycopg.errors.InvalidParameterValue as exc:
+                # beyond the server's next id: it crashed and recovered without it (a commit
+                # is in the WAL before it is answered): rolled back
+                log.warning("candle store: the write's transaction was lost (%s)", first_line(exc))
+                return False
             except psycopg.Error as exc:
                 if not connection_lost(exc):
                     raise StoreError(f"candle store write failed: {first_line(exc)}") from exc
