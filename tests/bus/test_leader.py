@@ -45,8 +45,9 @@ async def test_the_fence_refuses_a_stale_holder(tmp_path: Path) -> None:
 
 
 async def test_a_standby_takes_over_and_a_deposed_holder_stops(
-    store: CandleStore, redis_url: str, keys: StreamKeys
+    store: CandleStore, redis_url: str, keys: StreamKeys, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level("INFO", logger="tradecanvas.bus.leader")
     started: list[str] = []
     nodes = {
         name: IngestLeader(redis_url, keys, FencedStore(store), Metrics(), timing=TIMING, node=name)
@@ -74,6 +75,12 @@ async def test_a_standby_takes_over_and_a_deposed_holder_stops(
             await nodes["b"].wait_leader()
         assert started == ["a", "b"]
         assert nodes["b"].store.token == 2
+        # the store's first holder is no news (INFO); a takeover from another is (WARNING)
+        took = [(r.levelname, r.getMessage()) for r in caplog.records if "took the" in r.msg]
+        assert [(level, message.split(";")[0]) for level, message in took] == [
+            ("INFO", "ingest lease: node a took the lease over (fence 1, previous holder none)"),
+            ("WARNING", "ingest lease: node b took the lease over (fence 2, previous holder a)"),
+        ]
         # someone else holds the lease now: b's next renewal deposes it
         async with open_redis(redis_url) as client:
             await client.set(keys.lease, "c")

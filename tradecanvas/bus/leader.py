@@ -227,7 +227,9 @@ class IngestLeader:
     async def _take_over(self, on_leader: Callable[[], Awaitable[None]]) -> None:
         token, previous = await self.store.take_fence(self.node)
         self._takeovers.inc()
-        log.warning(
+        # a takeover from another node is worth a look; the store's first holder is not
+        log.log(
+            logging.WARNING if previous else logging.INFO,
             "ingest lease: node %s took the lease over (fence %d, previous holder %s); "
             "ingesting, repairing from the store's last candles",
             self.node,
