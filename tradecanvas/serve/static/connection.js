@@ -121,6 +121,24 @@ window.tradecanvasConnect = (hooks) => {
     return lastCause;
   }
 
+  // An attempt that never opened, while the daemon answers over HTTP at this same origin:
+  // it refused the socket itself (this page's origin is not allowed), or a proxy between
+  // does not pass WebSocket upgrades. Asked of /healthz, which reads nothing.
+  const REFUSED =
+    "the daemon refused /ws/market: this page's origin is not allowed" +
+    " (TRADE_CANVAS_WS_ALLOWED_ORIGINS), or a proxy does not pass WebSocket upgrades";
+  async function answersOverHttp() {
+    try {
+      const controller = new AbortController();
+      const timer = setTimeout(() => controller.abort(), T.connectTimeoutMs);
+      const answer = await fetch("/healthz", { cache: "no-store", signal: controller.signal });
+      clearTimeout(timer);
+      return answer.ok;
+    } catch (error) {
+      return false;
+    }
+  }
+
   function scheduleRetry(why, refused = false) {
     conn.attempt += 1;
     const delay = Math.min(T.reconnectMaxMs, T.reconnectMinMs * 2 ** (conn.attempt - 1));
@@ -130,11 +148,7 @@ window.tradecanvasConnect = (hooks) => {
       `${offline ? "no network" : why} · retry ${conn.attempt} in ${seconds(delay)}`,
     );
     if (offline) hooks.notice("");
-    else if (conn.attempt >= 4 && refused) {
-      hooks.notice(
-        "cannot reach /ws/market (daemon down, or origin not in TRADE_CANVAS_WS_ALLOWED_ORIGINS)",
-      );
-    }
+    else if (refused) hooks.notice(REFUSED);
     conn.retry = setTimeout(connect, delay);
   }
 
@@ -185,10 +199,16 @@ window.tradecanvasConnect = (hooks) => {
       if (message.type === "pong") pong();
       else hooks.message(message);
     });
-    socket.addEventListener("close", (event) => {
+    socket.addEventListener("close", async (event) => {
       if (conn.socket !== socket) return;
       drop(socket);
-      scheduleRetry(closeCause(event.code, opened), !opened);
+      const cause = closeCause(event.code, opened);
+      // never opened, and not while the daemon is known to be stopping or restarting: ask
+      // whether it answers over HTTP (then the socket itself was refused)
+      const away = cause === CLOSED[1001] || cause === CLOSED[1012];
+      const refused = !opened && !away && (await answersOverHttp());
+      if (conn.socket !== null || conn.retry !== null) return; // a check reconnected meanwhile
+      scheduleRetry(refused ? "refused by the daemon" : cause, refused);
     });
     // an error is always followed by close, which reconnects
   }
