@@ -378,3 +378,30 @@ def live_chart(
         if newest:
             chart.wait_until(f"(t) => {TC}.lastClosed() === t", bars[-1].time)
         yield m, chart, bars
+
+
+# the first minute a chart opened by ``late_history_chart`` has stored: 2025-07-06 08:00, a
+# Sunday, inside a day, a week, a month and a 3-day bar of any phase
+LATE_HISTORY_START: Final = 1_751_788_800
+
+
+@contextmanager
+def late_history_chart(tmp_path: Path, browser: Browser, derived: str) -> Iterator[ChartPage]:
+    """``live_chart`` of a store whose history starts at 08:00 (12 hours of REST history
+    before 20:00), deriving ``derived``, once the day's last streamed bar is shown (the
+    stream ends before the next day)."""
+    with live_chart(
+        tmp_path,
+        browser,
+        minutes=1260,
+        start_at=1200,
+        streamed=False,
+        serve_env={
+            "TRADE_CANVAS_INITIAL_BACKFILL_CANDLES": "720",
+            "TRADE_CANVAS_DERIVED_TIMEFRAMES": derived,
+        },
+    ) as (m, chart, bars):
+        m.resume_replay()
+        chart.wait_until(f"(t) => {TC}.lastClosed() === t", bars[-1].time)
+        assert m.stored(BASE)[0].time == LATE_HISTORY_START
+        yield chart

@@ -20,6 +20,7 @@ from tests.browser.rig import (
     TC,
     WHOLE,
     chart_page,
+    late_history_chart,
     live_chart,
     market,
     replayed_day,
@@ -91,20 +92,7 @@ def test_a_month_that_began_before_the_stored_history_says_when_its_first_bar_is
 ) -> None:
     # the store starts at 2025-07-06 08:00 (a Sunday), inside a day, a week and a month; the
     # stream ends before the next day
-    with live_chart(
-        tmp_path,
-        browser,
-        minutes=1260,
-        start_at=1200,
-        streamed=False,
-        serve_env={
-            "TRADE_CANVAS_INITIAL_BACKFILL_CANDLES": "720",
-            "TRADE_CANVAS_DERIVED_TIMEFRAMES": "1d,1w,1M",
-        },
-    ) as (m, chart, bars):
-        m.resume_replay()
-        chart.wait_until(f"(t) => {TC}.lastClosed() === t", bars[-1].time)
-        assert m.stored(BASE)[0].time == 1_751_788_800  # 2025-07-06 08:00
+    with late_history_chart(tmp_path, browser, "1d,1w,1M") as chart:
         scale = f"{TC}.chart.priceScale('right').options()"
         assert chart.call(f"() => {scale}.visible")
         for tf, first, period in (

@@ -23,6 +23,7 @@ from tests.browser.rig import (
     TC,
     ChartPage,
     chart_page,
+    late_history_chart,
     live_chart,
     replayed_day,
 )
@@ -183,20 +184,7 @@ def test_an_empty_3d_chart_says_by_when_its_first_bar_opens(
     tmp_path: Path, browser: Browser
 ) -> None:
     # the store starts at 2025-07-06 08:00, inside a 3-day bar of any phase
-    with live_chart(
-        tmp_path,
-        browser,
-        minutes=1260,
-        start_at=1200,
-        streamed=False,
-        serve_env={
-            "TRADE_CANVAS_INITIAL_BACKFILL_CANDLES": "720",
-            "TRADE_CANVAS_DERIVED_TIMEFRAMES": "1d,3d",
-        },
-    ) as (m, chart, bars):
-        m.resume_replay()
-        chart.wait_until(f"(t) => {TC}.lastClosed() === t", bars[-1].time)
-        assert m.stored(BASE)[0].time == 1_751_788_800  # 2025-07-06 08:00
+    with late_history_chart(tmp_path, browser, "1d,3d") as chart:
         sid = BASE.replace(":1m", ":3d")
         chart.page.get_by_role("button", name="3d", exact=True).click()
         chart.wait_until(f"(s) => {TC}.seriesId() === s && {TC}.ready()", sid)
