@@ -11,6 +11,8 @@ import argparse
 import io
 import os
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -241,3 +243,29 @@ def test_a_missing_folder_on_the_way_is_named_whole(db: Path, tmp_path: Path) ->
         f"tradecanvas export: [Errno 2] No such file or directory: '{tmp_path}/nowhere'\n"
     )
     assert os.listdir(tmp_path) == ["m.sqlite3"]
+
+
+def test_a_folder_the_user_may_pass_through_but_not_list_is_written_into(
+    db: Path, tmp_path: Path
+) -> None:
+    """Mode 0311 on the way (search and write, no read): the kernel's own walk lets this
+    user write there, and so does ``--out`` (the walk opened each folder to read it, and
+    was refused). The real command in a subprocess; as root, without the capabilities that
+    pass over permission bits."""
+    passage = tmp_path / "passage"
+    passage.mkdir()
+    out = passage / "out.csv"
+    command = [sys.executable, "-m", "tradecanvas", "export", S, "--from", str(T0)]
+    command += ["--to", str(T0 + 600), "--db-path", str(db), "--out", str(out)]
+    if os.geteuid() == 0:
+        command = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search", *command]
+    passage.chmod(0o311)
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    finally:
+        passage.chmod(0o755)
+    assert (done.returncode, done.stderr) == (
+        ExitCode.OK,
+        f"tradecanvas export: 5 candles of {S}\n",
+    )
+    assert out.read_text().count("\n") == 5

@@ -132,7 +132,10 @@ class OutputRefused(OSError):
     """``--out`` is a symbolic link this process should not write through."""
 
 
-_DIR_FLAGS: Final = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+# O_PATH: a folder is held as a place to walk from, which asks for search permission only,
+# as the kernel's own path walk does (O_RDONLY also asked to list it: a folder the user may
+# pass through but not list, mode 0711, was refused)
+_DIR_FLAGS: Final = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 def _link_problem(folder: str, folder_fd: int, name: str) -> str | None:
