@@ -35,6 +35,14 @@ def _bindir() -> Path | None:
     return Path(candidates[-1]).parent if candidates else None
 
 
+def _has_user(name: str) -> bool:
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        return False
+    return True
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -70,11 +78,15 @@ class PrivateCluster:
 @contextlib.contextmanager
 def private_cluster() -> Iterator[PrivateCluster]:
     bindir = _bindir()
+    reason = None
     if bindir is None or not (bindir / "pg_ctl").exists():
         reason = "no PostgreSQL server binaries (initdb, pg_ctl) for a private cluster"
+    elif os.geteuid() == 0 and (shutil.which("runuser") is None or not _has_user("postgres")):
+        reason = "as root, a private cluster needs runuser and a postgres user"
+    if reason is not None or bindir is None:
         if os.environ.get("CI") == "true":
-            pytest.fail(reason + " (CI=true: a missing service is a failure)")
-        pytest.skip(reason)
+            pytest.fail(f"{reason} (CI=true: a missing service is a failure)")
+        pytest.skip(str(reason))
     folder = Path(tempfile.mkdtemp(prefix="tc-pg-"))
     as_user: list[str] = []
     if os.geteuid() == 0:
