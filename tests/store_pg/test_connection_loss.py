@@ -89,26 +89,17 @@ async def test_terminated_backends_cost_one_retry(pg_url: str) -> None:
 
 
 async def test_a_lost_commit_answer_is_resolved_from_the_server(pg_url: str) -> None:
+    """By the commit token the write recorded, not its transaction id (which a server that
+    crashed can give to another transaction: tests/store_pg/test_commit_token.py)."""
     store = await PostgresStore.open(pg_url)
     try:
-        with psycopg.connect(pg_url, autocommit=True) as conn:
-            with conn.transaction():
-                row = conn.execute("SELECT pg_current_xact_id()::text").fetchone()
-            assert row is not None
-            committed = str(row[0])
-            try:
-                with conn.transaction():
-                    row = conn.execute("SELECT pg_current_xact_id()::text").fetchone()
-                    raise RuntimeError("roll back")
-            except RuntimeError:
-                pass
-            assert row is not None
-            aborted = str(row[0])
-        assert await store._committed(committed)
-        assert not await store._committed(aborted)
-        # a server that crashed and recovered hands out ids again from before the write's:
-        # "transaction ID … is in the future" — it never committed (it is not in the WAL);
-        # the soak saw the ingest stop with exit 3 on that answer
-        assert not await store._committed(str(int(committed) + 1_000_000))
+        await store.upsert(S, [candle(T0, "1", "2", "1", "2", "3")], "ws")  # token 1
+        other = await PostgresStore.open(pg_url)
+        try:
+            await other.upsert(S, [candle(T0 + 60, "1", "2", "1", "2", "3")], "ws")
+        finally:
+            await other.aclose()
+        assert await store._committed(1)
+        assert not await store._committed(2)  # never sent: as a COMMIT that never arrived
     finally:
         await store.aclose()

@@ -1,13 +1,14 @@
 """The PostgreSQL store's connection pool settings (``store/postgres.py``): what each
 connection is opened with, how the pool checks a connection it hands out, which of
-psycopg_pool's log records the store's own lines make redundant, and how the store tells
-a lost connection from a failed statement.
+psycopg's and psycopg_pool's log records the store's own lines make redundant, how the store
+logs an outage, and how the store tells a lost connection from a failed statement.
 """
 
 from __future__ import annotations
 
 import logging
 import select
+import time
 from typing import Final
 
 import psycopg
@@ -84,6 +85,74 @@ _POOL_LOG: Final = logging.getLogger("psycopg.pool")
 _POOL_LOG.addFilter(_QuietReconnects())
 
 
+class _QuietBrokenPipelines(logging.Filter):
+    """A write whose connection breaks leaves psycopg's pipeline and transaction blocks
+    unable to end cleanly: on the way out of each (three nested in a write transaction)
+    psycopg logs a WARNING ``error ignored terminating <psycopg.Pipeline [BAD] …>: the
+    connection is lost`` (or ``error ignored in rollback of …``, ``error ignored exiting
+    …``) and re-raises the first error, which the store handles (the write is tried again,
+    or its COMMIT looked up) and reports itself. Those records, when the error ignored is
+    a lost connection, are lowered to DEBUG; any other stays a WARNING."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if (
+            record.levelno == logging.WARNING
+            and str(record.msg).startswith("error ignored")
+            and isinstance(record.args, tuple)
+            and record.args
+            and isinstance(record.args[-1], BaseException)
+            and connection_lost(record.args[-1])
+        ):
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+        return True
+
+
+logging.getLogger("psycopg").addFilter(_QuietBrokenPipelines())
+
+# an outage of the store that lasts this long is logged again at ERROR (its start is a
+# WARNING: a server restart the store rides out takes a few seconds)
+OUTAGE_ERROR_AFTER_S: Final = 30.0
+
+
+class OutageLog:
+    """The store's lines about reaching its server: WARNING ``… unreachable: <why>`` when a
+    statement or a ping first fails to reach it, ERROR ``… still unreachable after N s`` at
+    the first failure :data:`OUTAGE_ERROR_AFTER_S` after that (a real outage is not hidden),
+    WARNING ``… answers again after N s`` when one reaches it again."""
+
+    def __init__(self, where: str, log: logging.Logger) -> None:
+        self._where = where
+        self._log = log
+        self._since: float | None = None  # when the outage began (None: reachable)
+        self._escalated = False
+
+    def note(self, reachable: bool, error: str | None) -> None:
+        now = time.monotonic()
+        if reachable:
+            if self._since is not None:
+                self._log.warning(
+                    "candle store: %s answers again after %.1f s", self._where, now - self._since
+                )
+            self._since, self._escalated = None, False
+        elif self._since is None:
+            self._since = now
+            self._log.warning(
+                "candle store: %s unreachable: %s; retrying (an ERROR if it lasts %.0f s)",
+                self._where,
+                error,
+                OUTAGE_ERROR_AFTER_S,
+            )
+        elif not self._escalated and now - self._since >= OUTAGE_ERROR_AFTER_S:
+            self._escalated = True
+            self._log.error(
+                "candle store: %s still unreachable after %.0f s: %s",
+                self._where,
+                now - self._since,
+                error,
+            )
+
+
 def translated(what: str) -> store_errors_from:
     """Translate psycopg errors into StoreError at the store's edge."""
     return store_errors_from(psycopg.Error, what)
@@ -100,6 +169,10 @@ def connection_lost(exc: BaseException) -> bool:
 
 
 def first_line(exc: BaseException) -> str:
+    if isinstance(exc, PoolTimeout):
+        # psycopg_pool's "couldn't get a connection after 2.00 sec": its reconnection to
+        # the server has not succeeded yet
+        return f"PoolTimeout: {exc} (the pool's reconnection has not got through yet)"
     text = str(exc).strip()
     return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
 

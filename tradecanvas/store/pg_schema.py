@@ -6,6 +6,11 @@ DDL is transactional: a migration is all in or all out), under a session advisor
 that two processes starting at once do not both apply it. A database whose schema is newer
 than this code is refused with :class:`StoreTooNew` (exit 4) before anything is written.
 
+Beside the versioned migrations, tables that a release which does not know them never reads
+are made when missing, under the same lock, without a version of their own (an older
+release runs on, or rolls back to, a database that has them): ``commit_tokens``
+(``store/pg_commit_token.py``).
+
 The tables mirror the SQLite store's (``store/schema.py``): prices and volumes are
 ``NUMERIC`` without a typmod, which keeps the scale received (``1.0`` stays ``1.0``) and
 compares numerically (``1.0 = 1.00``); the event log's ids come from a one-row counter
@@ -19,6 +24,7 @@ from typing import Final
 
 import psycopg
 
+from tradecanvas.store.pg_commit_token import ensure_table
 from tradecanvas.store.schema import SchemaChange, too_new
 
 # pg_advisory_lock keys (one 64-bit namespace per database): arbitrary, fixed constants
@@ -106,6 +112,8 @@ def migrate(conn: psycopg.Connection[tuple[object, ...]], where: str) -> SchemaC
                 conn.execute(_VERSION_TABLE)
                 conn.execute(MIGRATIONS[number])
                 conn.execute("INSERT INTO schema_version (version) VALUES (%s)", (number + 1,))
+        with conn.transaction():
+            ensure_table(conn)
         return SchemaChange(where, version, SCHEMA_VERSION, time.monotonic() - started)
     finally:
         conn.execute("SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK_KEY,))

@@ -1,6 +1,7 @@
 """The start of a PostgreSQL write transaction (``store/postgres.py``), sent in one go on a
-connection in pipeline mode: take the store's write lock, number the transaction, read the
-event counter, and the meta table unless the number says that nobody else wrote.
+connection in pipeline mode: take the store's write lock, record the transaction's commit
+token (``store/pg_commit_token.py``), number the transaction, read the event counter, and the
+meta table unless the number says that nobody else wrote.
 
 :func:`send_start` only sends it; :meth:`Start.result` waits for the answers. The store
 sends the start and, when it knows what the answers will be (its own last transaction was
@@ -20,9 +21,10 @@ import attrs
 if TYPE_CHECKING:
     from psycopg import Cursor
 
+    from tradecanvas.store.pg_commit_token import CommitTokens
     from tradecanvas.store.pg_txn import Conn
 
-_LOCK: Final = "SELECT pg_advisory_xact_lock(%s), pg_current_xact_id()::text"
+_LOCK: Final = "SELECT pg_advisory_xact_lock(%s)"
 _NUMBER: Final = (
     "UPDATE write_counter SET last_sequence = last_sequence + %s RETURNING last_sequence"
 )
@@ -39,11 +41,10 @@ class StaleStart(Exception):
 
 @attrs.frozen
 class StartAnswers:
-    """What a write transaction's start found: its id (``pg_current_xact_id``), its number,
-    the event counter, and the meta table (None: the number was the one expected, so the
-    table is as the caller's last transaction left it)."""
+    """What a write transaction's start found: its number, the event counter, and the meta
+    table (None: the number was the one expected, so the table is as the caller's last
+    transaction left it)."""
 
-    xid: str
     sequence: int
     last_event_id: int
     meta: dict[str, str] | None
@@ -69,12 +70,18 @@ def confirm(answers: StartAnswers, last: LastWrite) -> StartAnswers:
 
 @final
 class Start:
-    """A start sent and not yet answered (its four statements' cursors)."""
+    """A start sent and not yet answered (its four statements' cursors); ``token``: the
+    commit token it recorded (known at once)."""
 
-    def __init__(self, conn: Conn, lock_key: int, step: int, expected: int) -> None:
+    def __init__(
+        self, conn: Conn, lock_key: int, step: int, expected: int, tokens: CommitTokens
+    ) -> None:
         self._expected = expected
         self._answers: StartAnswers | None = None
         self._lock = conn.execute(_LOCK, (lock_key,))
+        # after the lock: the row is this writer's, but a pruning writer deletes stale
+        # rows under the lock (a row lock taken before it could deadlock with that)
+        self.token = tokens.record(conn)
         self._number = conn.execute(_NUMBER, (step,))
         self._events = conn.execute(_EVENTS)
         self._meta: Cursor[tuple[object, ...]] = conn.execute(_META_UNLESS, (expected,))
@@ -97,11 +104,12 @@ class Start:
         assert got is not None and number is not None and last is not None
         sequence = int(str(number[0]))
         meta = None if sequence == self._expected else {str(k): str(v) for k, v in meta_rows}
-        return StartAnswers(str(got[1]), sequence, int(str(last[0])), meta)
+        return StartAnswers(sequence, int(str(last[0])), meta)
 
 
-def send_start(conn: Conn, lock_key: int, step: int, expected: int) -> Start:
+def send_start(conn: Conn, lock_key: int, step: int, expected: int, tokens: CommitTokens) -> Start:
     """Send the start of a write transaction (``conn`` in pipeline mode, in a transaction):
-    the write lock, the number ``step`` above the last one, the event counter, and the meta
-    table unless the number is ``expected``. Nothing is waited for."""
-    return Start(conn, lock_key, step, expected)
+    the write lock, the next of ``tokens``, the number ``step`` above the last one, the
+    event counter, and the meta table unless the number is ``expected``. Nothing is waited
+    for."""
+    return Start(conn, lock_key, step, expected, tokens)

@@ -31,15 +31,17 @@ Connection loss (docs/operations.md, "Faults and what they look like"). A write 
 connection — the server restarting, a network cut, its backend terminated — is tried again,
 with capped backoff, until the server answers: the transaction was rolled back, so nothing
 of it is in. A write whose connection broke *during its COMMIT* may or may not have
-committed; its transaction id, taken at its start (``pg_current_xact_id()``), is asked about
-(``pg_xact_status``) once the server answers again: committed, the write's result stands;
-aborted — or beyond the server's next id, a crash restart having lost it — it is tried
-again. A retry numbers its transaction three above the last one (``StoreTxn.sequence``), so
-a caller's cache of the store (``pipeline/recent.py``) forgets what the failed attempt put
-in. Reads are not retried: they raise StoreError at once (a
-subscriber's catch-up ends, an HTTP read answers 500; both are read again later).
+committed: the commit token it recorded in the same transaction (``store/pg_commit_token.py``;
+not its transaction id, which a server that crashed can give to another transaction) is
+looked up under the write lock once the server answers again, before this store writes
+anything else: there, the write's result stands; not there, it is tried again. A retry
+numbers its transaction three above the last one (``StoreTxn.sequence``), so a caller's cache
+of the store (``pipeline/recent.py``) forgets what the failed attempt put in. Reads are not
+retried: they raise StoreError at once (a subscriber's catch-up ends, an HTTP read answers
+500; both are read again later).
 :attr:`PostgresStore.reachable` says whether the last statement, or the last :meth:`ping`,
-reached the server: /readyz and ``tradecanvas_dependency_up{dependency="store"}``. Each
+reached the server: /readyz and ``tradecanvas_dependency_up{dependency="store"}`` (its log
+lines: ``pg_pool.OutageLog``). Each
 connection has TCP keepalives and ``idle_in_transaction_session_timeout``, so a backend whose
 client vanished mid-transaction lets go of the write lock.
 
@@ -61,9 +63,11 @@ from psycopg_pool import ConnectionPool
 
 from tradecanvas.errors import StoreError
 from tradecanvas.model import Candle
+from tradecanvas.store.pg_commit_token import CommitTokens
 from tradecanvas.store.pg_pool import (
     CONNECTION_OPTIONS,
     RECONNECT_WINDOW_S,
+    OutageLog,
     check_idle_connection,
     connection_lost,
     describe_url,
@@ -111,11 +115,11 @@ T = TypeVar("T")
 
 
 class _Lost(Exception):
-    """A write's connection broke; ``xid`` is set when it broke during the COMMIT."""
+    """A write's connection broke; ``token`` (its commit token): it broke during the COMMIT."""
 
-    def __init__(self, cause: psycopg.Error, xid: str | None, result: list[Any]) -> None:
+    def __init__(self, cause: psycopg.Error, token: int | None, result: list[Any]) -> None:
         super().__init__(first_line(cause))
-        self.xid = xid
+        self.token = token
         self.result = result
 
 
@@ -179,7 +183,9 @@ class PostgresStore(WindowReads):
         self._closed = False
         self._write_started: float | None = None
         self._reachable = True
+        self._outage = OutageLog(self.location, log)
         self.last_error: str | None = None
+        self._tokens = CommitTokens()  # this store's commit tokens (one row: its writer id)
         # what the last write transaction left: what the next one starts from if nobody
         # else wrote in between (None: read it)
         self._last: LastWrite | None = None
@@ -214,10 +220,7 @@ class PostgresStore(WindowReads):
         return self._reachable and not self._closed
 
     def _note(self, reachable: bool, error: str | None = None) -> None:
-        if reachable and not self._reachable:
-            log.warning("candle store: %s answers again", self.location)
-        elif not reachable and self._reachable:
-            log.error("candle store: %s unreachable: %s", self.location, error)
+        self._outage.note(reachable, error)
         self._reachable = reachable
         if error is not None:
             self.last_error = error
@@ -283,9 +286,6 @@ class PostgresStore(WindowReads):
             try:
                 result = await self._write_once(fn, step)
             except _Lost as lost:
-                if lost.xid is not None and await self._committed(lost.xid):
-                    log.warning("candle store: the write's COMMIT lost its answer but went in")
-                    return lost.result[0]  # type: ignore[no-any-return]
                 attempt += 1
                 delay = RETRY_BACKOFF.ceiling(attempt)
                 log.warning(
@@ -317,16 +317,27 @@ class PostgresStore(WindowReads):
         # Shielded from the wait for the writer on, as the SQLite store: a caller that took
         # candles out of its buffer must not lose them to a cancellation.
         with trio.CancelScope(shield=True):
-            async with self._write_limiter:
+            await self._write_limiter.acquire()
+        try:
+            with trio.CancelScope(shield=True):
                 self._write_started = trio.current_time()
                 try:
-                    result = await trio.to_thread.run_sync(_run, limiter=self._limiter)
+                    return await trio.to_thread.run_sync(_run, limiter=self._limiter)
                 except _Lost as lost:
                     self._note(False, str(lost))
-                    raise
+                    if lost.token is None:
+                        raise
+                    ambiguous, token = lost, lost.token
                 finally:
                     self._write_started = None
-        return result
+            # its COMMIT lost its answer: asked holding the writer (a write of ours would change
+            # the row asked about), not shielded (a cancelled caller does not learn the answer)
+            if await self._committed(token):
+                log.warning("candle store: the write's COMMIT lost its answer but went in")
+                return ambiguous.result[0]  # type: ignore[no-any-return]
+            raise ambiguous
+        finally:
+            self._write_limiter.release()
 
     def _transact(
         self, fn: Callable[[PgStoreTxn], T], step: int, known: LastWrite | None, *, guess: bool
@@ -334,7 +345,7 @@ class PostgresStore(WindowReads):
         """One attempt of a write, in a worker thread. ``guess``: run ``fn`` on what the
         previous write left (``known``) while the start's answers are on their way
         (``store/pg_start.py``), and roll back with StaleStart if they differ."""
-        xid: str | None = None
+        token: int | None = None
         committing = False
         done: list[T] = []
         expected = -1 if known is None else known.sequence + step
@@ -344,7 +355,7 @@ class PostgresStore(WindowReads):
             # trip per read it makes, plus the start's (overlapping fn when guessing) and
             # the COMMIT's
             with self._pool.connection() as conn, conn.pipeline(), conn.transaction():
-                start = send_start(conn, WRITE_LOCK_KEY, step, expected)
+                start = send_start(conn, WRITE_LOCK_KEY, step, expected, self._tokens)
                 if guess:
                     assert known is not None
                     txn = PgStoreTxn(
@@ -375,41 +386,39 @@ class PostgresStore(WindowReads):
                     )
                     done.append(fn(txn))
                     txn.flush()
-                xid = answers.xid
+                token = start.token
                 committing = True  # leaving the block commits
             assert txn.last_event_id is not None
             self._last = LastWrite(answers.sequence, meta, txn.last_event_id)
             return done[0]
         except psycopg.Error as exc:
             if connection_lost(exc):
-                raise _Lost(exc, xid if committing else None, done) from exc
+                raise _Lost(exc, token if committing else None, done) from exc
             raise StoreError(f"candle store write failed: {first_line(exc)}") from exc
 
-    async def _committed(self, xid: str) -> bool:
-        """Did transaction ``xid`` commit? Asked until the server answers and knows."""
+    async def _committed(self, token: int) -> bool:
+        """Did the transaction that recorded commit token ``token`` commit? Asked until the
+        server answers and that transaction is over (``store/pg_commit_token.py``)."""
         attempt = 0
         while True:
+            if self._closed:  # aclose waits for this writer
+                raise StoreError("candle store closed before a write's COMMIT was confirmed")
 
-            def _status() -> str | None:
+            def _ask() -> bool | None:
                 with self._pool.connection() as conn:
-                    row = conn.execute("SELECT pg_xact_status(%s::xid8)", (xid,)).fetchone()
-                return None if row is None or row[0] is None else str(row[0])
+                    return self._tokens.committed(conn, token, WRITE_LOCK_KEY)
 
             try:
-                status = await trio.to_thread.run_sync(_status, limiter=self._limiter)
-            except psycopg.errors.InvalidParameterValue as exc:
-                # beyond the server's next id: it crashed and recovered without it (a commit
-                # is in the WAL before it is answered): rolled back
-                log.warning("candle store: the write's transaction was lost (%s)", first_line(exc))
-                return False
+                answer = await trio.to_thread.run_sync(_ask, limiter=self._limiter)
             except psycopg.Error as exc:
                 if not connection_lost(exc):
                     raise StoreError(f"candle store write failed: {first_line(exc)}") from exc
                 self._note(False, first_line(exc))
-                status = "unknown"
-            if status in ("committed", "aborted", None):
-                return status == "committed"
-            attempt += 1  # in progress (its backend has not noticed yet), or no answer
+                answer = None
+            if answer is not None:
+                self._note(True)
+                return answer
+            attempt += 1  # no answer, or the write lock still held (its backend lingers)
             await trio.sleep(RETRY_BACKOFF.ceiling(attempt))
 
     async def _read(self, fn: Callable[[Conn], T]) -> T:
