@@ -48,6 +48,7 @@ from tradecanvas.bus.feed import EdgeFeed
 from tradecanvas.bus.leader import FencedStore, IngestLeader
 from tradecanvas.bus.publisher import BusPublisher
 from tradecanvas.bus.roles import (
+    bus_readiness,
     check_redis_settings,
     edge_feed_from_store,
     last_event_id,
@@ -159,10 +160,7 @@ class MarketRuntime:
             checks["store_writable"] = self.outage.writable()
         if self.ingest is not None and (self.leader is None or self.leader.leader):
             checks["upstream_connected"] = self.ingest.upstream_connected()
-        if self.bus_publisher is not None:
-            checks.update(self.bus_publisher.readiness(streams=self.ingest is not None))
-        if self.edge_feed is not None:
-            checks["bus_feed_connected"] = self.edge_feed.health().connected
+        checks.update(bus_readiness(self.bus_publisher, self.edge_feed, self.leader))
         return checks
 
     def pipeline_progressing(self) -> bool:

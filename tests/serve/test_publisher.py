@@ -22,6 +22,7 @@ from tests.serve.test_ws_server import SERIES_1M, SID_1M
 from tradecanvas.model import Candle
 from tradecanvas.ops.metrics import Metrics
 from tradecanvas.pipeline.events import SystemEvent
+from tradecanvas.serve.high_water import WINDOW_S
 from tradecanvas.serve.hub import CandleReader, Hub
 from tradecanvas.serve.in_flight import InFlight
 from tradecanvas.serve.publisher import CONTENDED_WRITE_S, WRITE_CHUNK_BYTES
@@ -378,7 +379,9 @@ async def test_delivery_latency_is_timed_to_the_last_subscriber_of_a_batch(
         assert histogram(hub.metrics, name)[0] == 2
 
 
-async def test_queue_high_water_is_the_deepest_connected_queue() -> None:
+async def test_queue_high_water_is_the_deepest_queue_of_the_last_minute_or_two(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     hub = make_hub(MemoryReader(HISTORY))
     frames = FakeFrames()
     gauge = "tradecanvas_subscriber_queue_high_water"
@@ -398,8 +401,22 @@ async def test_queue_high_water_is_the_deepest_connected_queue() -> None:
         assert value() == 5
         frames.block = False
         await trio.testing.wait_all_tasks_blocked()
-        assert value() == 5  # a high-water mark: it stays
-    assert value() == 0  # its subscriber is gone
+        assert subscriber.queue.idle
+        assert value() == 5  # a peak: it stays a while, for scrapes that come later
+        await trio.sleep(WINDOW_S)
+        assert value() == 5
+        # caught up for two windows: the gauge tells the present, not that slow moment
+        # (a peak since the subscriber connected stayed at 5 as long as it did)
+        await trio.sleep(WINDOW_S)
+        assert value() == 0
+        # a slow moment again, and the subscriber leaves before any scrape
+        frames.block = True
+        for candle in LIVE[5:8]:
+            hub.publish_closed(SID_1M, [candle])
+    assert hub.statistics().subscribers == 0
+    assert value() == 3  # its peak is not lost with it
+    await trio.sleep(2 * WINDOW_S)
+    assert value() == 0
 
 
 async def test_a_long_catch_up_goes_out_in_chunks_of_whole_frames() -> None:

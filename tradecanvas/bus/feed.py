@@ -336,9 +336,7 @@ class EdgeFeed:
         the events stream when its entries wait for them.
 
         A series nobody on this edge follows is passed over (``EdgeCursors.pass_over``):
-        its entries are not decoded nor published (the Hub drops them; the failure reports
-        ``publish_closed`` returns, which an edge has no use for, wait in the Hub for a
-        publish of the series, at most ``MAX_FAILURES_LISTED`` a series), and its cursor
+        its entries are not decoded nor published (the Hub would drop them), and its cursor
         moves past them by their IDs. A client that subscribes later still gets each of
         them once: ``Hub.subscribe`` registers at once, and its catch-up reads the store
         after that (the seamless catch-up, whose cursor drops what both bring); nothing is

@@ -127,7 +127,7 @@ class IngestLeader:
             registry=registry,
         )
         metrics.dependency_up.labels(dependency="redis_lease").set_function(
-            lambda: float(bool(self._connected))
+            lambda: float(self.redis_answers)
         )
 
     @property
@@ -137,6 +137,12 @@ class IngestLeader:
     @property
     def leader(self) -> bool:
         return self.core.leader
+
+    @property
+    def redis_answers(self) -> bool:
+        """Redis answered the lease's last exchange (False before the first):
+        ``/readyz``'s ``bus_lease_connected`` (``bus/roles.py``)."""
+        return bool(self._connected)
 
     async def wait_leader(self) -> None:
         await self._became_leader.wait()

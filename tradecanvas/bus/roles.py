@@ -177,6 +177,23 @@ async def edge_feed_from_store(
     )
 
 
+def bus_readiness(
+    publisher: BusPublisher | None, feed: EdgeFeed | None, leader: IngestLeader | None
+) -> dict[str, bool]:
+    """``/readyz``'s checks of the bus: the publisher's (with the streams' on role ingest,
+    the bus is what it is for), the edge feed's connection, and the ingest lease's —
+    holder and standby alike: a standby whose Redis does not answer cannot take over, and
+    its idle publisher does not notice (it talks to Redis only with something to send)."""
+    checks: dict[str, bool] = {}
+    if leader is not None:
+        checks["bus_lease_connected"] = leader.redis_answers
+    if publisher is not None:
+        checks.update(publisher.readiness(streams=leader is not None))
+    if feed is not None:
+        checks["bus_feed_connected"] = feed.health().connected
+    return checks
+
+
 def watch_dependencies(
     metrics: Metrics,
     store: MarketStore,

@@ -403,8 +403,8 @@ class Metrics:
         self.delivery = DeliveryTimer(self.delivery_latency_seconds)
         self.subscriber_queue_high_water = Gauge(
             "tradecanvas_subscriber_queue_high_water",
-            "The deepest any connected subscriber's queue has been since it connected"
-            " (messages; the bound is subscriber_queue_max)",
+            "The deepest any subscriber's queue has been in the last one to two minutes"
+            " (messages; the bound is subscriber_queue_max; serve/high_water.py)",
             registry=r,
         )
         self.watchdog_last_ping_age_seconds = Gauge(

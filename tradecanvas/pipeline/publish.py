@@ -58,8 +58,9 @@ def run_publish_steps(steps: Iterable[PublishStep]) -> PublishOutcome:
         if not problems:
             continue
         failed += 1
-        # a subscriber whose connection broke (a phone changing network): routine, and its
-        # own line is already logged; a step that raised is logged above with its traceback
+        # a subscriber the target failed (logged there: the Hub's queueing error, with its
+        # traceback; a client gone is no failure and not reported); a step that raised is
+        # logged above with its traceback
         log.info(
             "publish step %s: %d delivery failure(s): %s", step.name, len(problems), problems[:3]
         )

@@ -31,8 +31,9 @@ with two bad parameters learns about both at once. Codes:
                             body names something that does not)
  500   ``ingest_failed``    the store refused the write (nothing was committed)
  500   ``store_failed``     the store could not be read
- 503   ``publish_failed``   committed, but a subscriber delivery failed (they heal from the
-                            store); the body says ``"committed": true``
+ 503   ``publish_failed``   committed, but queueing for a subscriber failed (it is closed
+                            with 1011 and heals from the store; a client gone is no failure);
+                            the body says ``"committed": true``
  503   ``not_ready``        ``/readyz`` with a failing check
  503   ``busy``             every candle/event read slot taken and the queue full
                             (``Retry-After: 1``; ``tradecanvas.serve.read_slots``)

@@ -40,8 +40,8 @@ writes before anything else.
 A message goes at once only when nothing for that subscriber is queued ahead of it, so both
 paths keep each subscription's order (closed candles in time order, a forming candle after
 the closes before it, system events in their place). The delivery of each published batch
-is timed (``ops.metrics.DeliveryTimer``), and the deepest any queue has been is on
-``tradecanvas_subscriber_queue_high_water``.
+is timed (``ops.metrics.DeliveryTimer``), and the deepest any queue has been lately is on
+``tradecanvas_subscriber_queue_high_water`` (``serve/high_water.py``).
 
 The forming snapshot
 --------------------
@@ -56,18 +56,19 @@ failed) is never sent: the catch-up reads that close first, and the cursor is pa
 
 Failures and ``best_effort``
 ----------------------------
-A subscriber whose delivery fails — its socket broke under a send, or the peer vanished without
-a close handshake — is cancelled and closed by its own task. A publish step that would have
-delivered to it reports it (one description per such subscriber, from the next closed/system
-publish of one of its series, even one with no subscribers left) and then forgets it; an
-exception raised while queueing for one subscriber isolates that subscriber (close 1011) and is
-reported the same way. The caller (``IngestPipeline.publish``) decides between best effort and
-``PublishError``. A failed connection's queue and buffers are freed at :meth:`Hub.detach`: only
-its description waits, per series, at most ``MAX_FAILURES_LISTED`` and a count of the rest (a
-counted one is counted by a publish of each of its series; ``serve.failure_reports``), so a
-halted series holds a few bytes however many clients failed on it. A subscriber is closed
-with 4008 when the queue decides so, or when one send does not complete within
-``send_timeout_s``. Nobody else notices: other subscribers and publishers never wait for it.
+A client that goes away — its socket broke under a send, or the peer vanished without a close
+handshake — is cancelled and closed by its own task, logged once at INFO (``subscriber …
+went away: …``) and counted in ``tradecanvas_subscriber_disconnects_total`` (``send_failed``,
+``connection_lost``); its queue and buffers are freed at :meth:`Hub.detach`. That is a client
+leaving, as a close frame is, not a failed delivery: no publish reports it, so it neither
+counts as a failed publish step nor fails a strict publish (a chart's tab closing, a phone
+changing network, must not turn an HTTP write into a 503). What a publish reports is the
+daemon's own failure: an exception raised while queueing for one subscriber, which isolates
+that subscriber (close 1011); one description per such subscriber, at most
+``MAX_FAILURES_LISTED`` and a count of the rest. The caller (``IngestPipeline.publish``)
+decides between best effort and ``PublishError``. A subscriber is closed with 4008 when the
+queue decides so, or when one send does not complete within ``send_timeout_s``. Nobody else
+notices: other subscribers and publishers never wait for it.
 
 Errors: :class:`~tradecanvas.errors.ClientMessageError` (with a protocol ``code``) from
 :meth:`Hub.subscribe`. Nothing else is raised to publishers.
@@ -88,7 +89,7 @@ from tradecanvas.model import Candle, SeriesId
 from tradecanvas.ops.metrics import DeliveryBatch, Metrics
 from tradecanvas.pipeline.events import SystemEvent
 from tradecanvas.serve.encoded import Published, SharedEncodings
-from tradecanvas.serve.failure_reports import MAX_FAILURES_LISTED, FailureReports
+from tradecanvas.serve.high_water import RecentHighWater
 from tradecanvas.serve.publisher import CATCHUPS_AT_ONCE, CandleReader, Publisher
 from tradecanvas.serve.served import describe_served
 from tradecanvas.serve.subscriber import FrameWriter, MessageSocket, Subscriber, TransportClosed
@@ -101,6 +102,8 @@ log = logging.getLogger(__name__)
 
 # a lagging subscriber gets this many send timeouts' worth of time to heal before 4008
 DEFAULT_MAX_LAG_FACTOR: Final = 3.0
+# failure descriptions returned by one publish call at most (the rest are counted)
+MAX_FAILURES_LISTED: Final = 20
 
 
 @attrs.frozen
@@ -154,16 +157,18 @@ class Hub:
         self._attached_changed = trio.Event()
         # series id → the subscribers holding a subscription to it
         self._index: dict[str, dict[Subscriber, None]] = {}
-        # detached failed subscribers' reports, per series, until its next publish
-        self._failed = FailureReports()
         # series id → its newest forming candle, the snapshot a new subscription gets
         self._forming: dict[str, Candle] = {}
         # within corked(): the frames each subscriber got at once, not yet written
         self._held: dict[Subscriber, list[bytes]] | None = None
+        self._high_water = RecentHighWater()  # the queues' peaks of the last minute or two
         metrics.subscriber_queue_high_water.set_function(self._queue_high_water)
 
     def _queue_high_water(self) -> float:
-        return float(max((s.queue.high_water for s in self._attached), default=0))
+        now = trio.current_time()
+        for subscriber in self._attached:
+            self._high_water.note(subscriber.queue.take_high_water(), now)
+        return float(self._high_water.peak(now))
 
     # --- registry --------------------------------------------------------------------
 
@@ -213,8 +218,8 @@ class Hub:
         return subscriber
 
     def detach(self, subscriber: Subscriber) -> None:
-        """Forget a finished connection. A failed one not yet reported leaves only its
-        description, for the next publish of one of its series (see the module docstring)."""
+        """Forget a finished connection (a client gone is no publish's failure: see the
+        module docstring)."""
         if subscriber.detached:
             return
         subscriber.detached = True
@@ -225,9 +230,8 @@ class Hub:
         reason = subscriber.disconnect_reason or "client_closed"
         self.metrics.subscriber_disconnects_total.labels(reason=reason).inc()
         self.metrics.delivery.abandon(subscriber.take_owed())
-        if subscriber.failure is not None and subscriber.queue.subscriptions:
-            text = f"subscriber {subscriber.peer}: {subscriber.failure}"
-            self._failed.add(text, subscriber.queue.subscriptions)
+        # its peak stays on the gauge for its window (a 4008 with a full queue, say)
+        self._high_water.note(subscriber.queue.take_high_water(), trio.current_time())
         self._unindex(subscriber)
 
     def _unindex(self, subscriber: Subscriber) -> None:
@@ -350,7 +354,7 @@ class Hub:
             del self._forming[series_id]  # its bar closed (or a later one did): stale now
         subscribers = self._index.get(series_id)
         if not subscribers:
-            return self._failed.reported(series_id, [])
+            return []
         published = self.encodings.published(series_id, candles)
         now = trio.current_time()
         failures = self._fan_out(
@@ -358,17 +362,17 @@ class Hub:
             lambda q: q.offer_closed(series_id, candles, now),
             lambda s: self._closed_at_once(s, published),
         )
-        return self._failed.reported(series_id, failures)
+        return _listed(failures)
 
     def publish_system(self, event: SystemEvent) -> Sequence[str]:
         sid, event_id = event.series_id, event.event_id
         subscribers = self._index.get(sid)
         if not subscribers:
-            return self._failed.reported(sid, [])
+            return []
         text = dumps(event.to_wire())
         now = trio.current_time()
         failures = self._fan_out(subscribers, lambda q: q.offer_event(sid, event_id, text, now))
-        return self._failed.reported(sid, failures)
+        return _listed(failures)
 
     def publish_forming(self, series_id: str, candle: Candle) -> None:
         if series_id in self.series:
@@ -443,8 +447,7 @@ class Hub:
         batch: DeliveryBatch | None = self.metrics.delivery.current
         for subscriber in list(subscribers):
             if subscriber.failure is not None:
-                failures.append(f"subscriber {subscriber.peer}: {subscriber.failure}")
-                self._unindex(subscriber)  # reported once: forget it
+                self._unindex(subscriber)  # gone (logged, counted): no failure of this publish
                 continue
             try:
                 if at_once is not None and at_once(subscriber):
@@ -462,6 +465,14 @@ class Hub:
             if decision is not None:
                 subscriber.close_for(decision)
         return failures
+
+
+def _listed(failures: list[str]) -> list[str]:
+    """At most ``MAX_FAILURES_LISTED`` of a publish's failures, and a count of the rest."""
+    if len(failures) <= MAX_FAILURES_LISTED:
+        return failures
+    more = len(failures) - MAX_FAILURES_LISTED
+    return [*failures[:MAX_FAILURES_LISTED], f"and {more} more subscriber(s)"]
 
 
 __all__ = [

@@ -229,11 +229,12 @@ class Subscriber:
         )
 
     def fail(self, description: str, *, disconnect_reason: str) -> None:
-        """The connection broke: isolate this subscriber; the next publish step reports it."""
+        """The connection broke (the client went away without a close frame): end this
+        subscriber, logged here once; no publish reports it (``serve/hub.py``)."""
         if self.failure is None and self.close_code is None:
             self.failure = description
             self.disconnect_reason = disconnect_reason
-            log.info("subscriber %s failed: %s", self.peer, description)
+            log.info("subscriber %s went away: %s", self.peer, description)
         self.queue.mark_closing()
         self.cancel_scope.cancel()
 

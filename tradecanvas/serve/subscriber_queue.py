@@ -166,13 +166,19 @@ class SubscriberQueue:
         self.subscriptions: dict[str, Subscription] = {}
         self._ready: dict[Subscription | WholeMessage, None] = {}
         self._queued = 0
-        # the most messages held at once so far (tradecanvas_subscriber_queue_high_water)
+        # the most messages held at once since the Hub last took it (take_high_water)
         self.high_water = 0
         self.lagging_since: float | None = None
         # set by a close decision here or the shell's (a closing queue takes nothing more)
         self.closing = False
 
     # --- state ----------------------------------------------------------------------
+
+    def take_high_water(self) -> int:
+        """The most messages held at once since the last take; from now on, counted from
+        what is held now (``serve/high_water.py``)."""
+        peak, self.high_water = self.high_water, self._queued
+        return peak
 
     @property
     def idle(self) -> bool:
