@@ -150,13 +150,42 @@ def test_history_another_process_stored_reaches_the_forming_bars() -> None:
 
 
 def test_history_stored_elsewhere_lowers_the_start_and_keeps_the_loops_own_minutes() -> None:
+    """The minutes read back replace the cached ones — a revision counts — except those the
+    loop added while the read ran (noting_adds): the store may have answered before the
+    loop's own write of them landed."""
     cache = MinuteCache(3600)
-    own = bar(T0 + 600)
-    cache.add(BTC, [own, bar(T0 + 660)])
+    cache.add(BTC, [bar(T0 + 540), bar(T0 + 600)])
+    with cache.noting_adds(BTC) as own:
+        cache.add(BTC, [mine := bar(T0 + 600, price=3), bar(T0 + 660)])  # during the read
+    assert own == {T0 + 600, T0 + 660}
     stale = bar(T0 + 600, price=1)  # read from the store before the loop's own write landed
-    assert cache.extend_history(BTC, T0 + 300, [bar(T0 + 300), stale, bar(T0 - 7200)])
+    revised = bar(T0 + 540, price=2)  # another process's revision of a cached minute
+    stored = [bar(T0 + 300), revised, stale, bar(T0 - 7200)]
+    assert cache.extend_history(BTC, T0 + 300, stored, own)
     assert cache.history_start(BTC) == T0 + 300
     minutes, _ = cache.bucket(BTC, Timeframe.parse("1h"), T0 + 720)
-    assert minutes == [bar(T0 + 300), own, bar(T0 + 660)]  # below the span: not cached
-    assert not cache.extend_history(BTC, T0 + 900, [])  # the start only moves down
+    assert minutes == [bar(T0 + 300), revised, mine, bar(T0 + 660)]  # below the span: not cached
+    assert not cache.extend_history(BTC, T0 + 900, [], own)  # the start only moves down
+    assert not cache.extend_history(BTC, None, [revised])  # nothing new the second time
     assert cache.history_start(BTC) == T0 + 300
+
+
+def test_a_revision_read_while_the_loops_close_waits_for_its_commit() -> None:
+    """The refresh read the store while the loop's own close of 00:10 was still queued: the
+    store answered another process's older 00:10 and its revision of 00:05. The revision
+    counts; the stale 00:10 replaces the loop's only until that close is committed (it is
+    added again then), and no forming bar goes out in between (the series owes a commit)."""
+    core = make_core(head=T0 + 540, first=T0, derived_timeframes="5m,1h")
+    core.minutes.add(BTC, [bar(t) for t in range(T0, T0 + 600, 60)])  # loaded at start-up
+    driver = Driver(core, {BTC: {}})
+    own = bar(T0 + 600, volume="5")
+    driver.send(close_of(BTC, own))  # queued, not committed yet
+    revised, stale = bar(T0 + 300, price=50), bar(T0 + 600, price=1)
+    assert core.minutes.extend_history(BTC, T0, [revised, stale])
+    driver.send(forming_of(BTC, bar(T0 + 660)))
+    assert driver.forming == []  # held: the series owes the commit of 00:10
+    driver.commit()  # the loop's 00:10 is in the store now, and in the cache again
+    hourly = last_forming(driver, "1h")
+    minutes = [revised if t == T0 + 300 else bar(t) for t in range(T0, T0 + 600, 60)]
+    assert hourly == aggregate(T0, [*minutes, own, bar(T0 + 660)])
+    assert hourly.low == 49 and hourly.volume == 10 + 5 + 1

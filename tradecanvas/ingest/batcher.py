@@ -12,7 +12,8 @@ is used only for timeouts (batch age, the forming throttle).
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterable, Sequence
+import contextlib
+from collections.abc import Collection, Hashable, Iterable, Iterator, Sequence
 from decimal import Decimal
 from typing import Final, Generic, TypeVar, final
 
@@ -224,6 +225,10 @@ class MinuteCache:
     store's first minute, given by :meth:`start_history` at start-up, lowered by any minute
     added below it (an empty store's initial backfill). A bucket that begins before it gets
     no forming bar (:func:`~tradecanvas.ingest.forming.derived_forming`).
+
+    History another process stored or revised comes in by :meth:`extend_history`; while the
+    store is read for it, :meth:`noting_adds` notes the minutes the loop adds itself, which
+    may be newer than what that read returns.
     """
 
     def __init__(self, span_s: int) -> None:
@@ -235,13 +240,18 @@ class MinuteCache:
         self._first: dict[SeriesId, int] = {}  # the first stored (or queued) minute
         self._listing: dict[SeriesId, int] = {}  # the first minute at Binance, when known
         self._folds: dict[tuple[SeriesId, Timeframe, int], _Fold] = {}
+        self._noting: dict[SeriesId, list[set[int]]] = {}  # noting_adds blocks open
 
     def add(self, series: SeriesId, candles: Iterable[Candle]) -> None:
         minutes = self._minutes.setdefault(series, {})
         newest, oldest = self._newest.get(series), self._oldest.get(series)
         changed = False
+        noting = self._noting.get(series)
         for c in candles:
             t = c.candle_time
+            if noting is not None:
+                for noted in noting:
+                    noted.add(t)
             if newest is not None and t <= newest:
                 old = minutes.get(t)
                 if old is not c and old != c:
@@ -273,28 +283,65 @@ class MinuteCache:
         else:
             self._first[series] = first
 
-    def extend_history(self, series: SeriesId, first: int, stored: Iterable[Candle]) -> bool:
-        """History another process stored below or among the cached minutes: ``first`` (the
-        store's first minute; lowers the start only) and ``stored``, the store's minutes of
-        the span, of which those not cached are added (a cached minute is the loop's own,
-        as new as the store's or newer). True when anything changed."""
+    @contextlib.contextmanager
+    def noting_adds(self, series: SeriesId) -> Iterator[set[int]]:
+        """The times of the minutes of ``series`` :meth:`add` is given while the block runs
+        (the loop's own: enqueued, or committed and added again)."""
+        noted: set[int] = set()
+        noting = self._noting.setdefault(series, [])
+        noting.append(noted)
+        try:
+            yield noted
+        finally:
+            noting.remove(noted)
+            if not noting:
+                del self._noting[series]
+
+    def newest(self, series: SeriesId) -> int | None:
+        """The newest cached minute of ``series`` (None: none)."""
+        return self._newest.get(series)
+
+    def extend_history(
+        self,
+        series: SeriesId,
+        first: int | None,
+        stored: Iterable[Candle],
+        own: Collection[int] = (),
+    ) -> bool:
+        """History another process stored or revised: ``first``, the store's first minute
+        (lowers the start only; None: not read), and ``stored``, minutes of the span read
+        back from the store because that process changed them. They replace the cached ones
+        — except ``own``, the minutes the loop added itself since the read began
+        (:meth:`noting_adds`): the read may have been answered before the loop's own write
+        of them landed, so the cached one is the newer.
+
+        A minute that was still waiting for the loop's commit when the read began is
+        replaced too, although the loop's commit will overwrite the store's: that commit
+        adds it here again (:meth:`~tradecanvas.ingest.core.IngestCore.on_committed`), and
+        no forming bar of the series goes out before it does
+        (:class:`~tradecanvas.ingest.ordering.FormingGate` holds them while anything of the
+        series is owed). True when anything changed."""
         current = self._first.get(series)
-        changed = current is None or first < current
-        if changed:
+        changed = first is not None and (current is None or first < current)
+        if first is not None and changed:
             self._first[series] = first
         newest = self._newest.get(series)
         if newest is None:
+            stored = list(stored)
             self.add(series, stored)
-            return True
+            return changed or bool(stored)
         minutes = self._minutes.setdefault(series, {})
         floor, oldest = newest - self.span_s, self._oldest.get(series, newest)
         for c in stored:
             t = c.candle_time
-            if floor <= t <= newest and t not in minutes:
+            if t < floor or t > newest or t in own:
+                continue
+            cached = minutes.get(t)
+            if cached is None or cached != c:
                 minutes[t] = c
                 oldest = min(oldest, t)
                 changed = True
-        if changed:  # the sums that could include an added minute are stale
+        if changed:  # the sums that could include a minute added or revised are stale
             self._versions[series] = self._versions.get(series, 0) + 1
             self._oldest[series] = oldest
         return changed
