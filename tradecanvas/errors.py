@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import enum
 import errno
+from collections.abc import Callable
 from typing import Final, TypeVar
 
 E = TypeVar("E", bound=BaseException)
@@ -149,6 +150,12 @@ class StoreError(TradeCanvasError):
     """The candle store failed. The batch in flight was rolled back; the daemon stops."""
 
 
+class StoreUnreachable(StoreError):
+    """The store's server did not answer (PostgreSQL restarting, a network cut): a read
+    raising it may succeed when tried again later. Logged as a warning by readers, whose
+    failure the store's own lines about the outage already explain."""
+
+
 class StoreRecovered(StoreError):
     """The store takes writes again after an outage: the daemon exits 3 so that the
     restart repairs what was missed (logged as a warning, not as a failure)."""
@@ -180,13 +187,20 @@ class StoreTooNew(StoreError):
 class store_errors_from:
     """Translate a backend's errors (``kind``: ``sqlite3.Error``, ``psycopg.Error``) raised
     inside the ``with`` into :class:`StoreError` naming ``what`` was done (the message's
-    first line: libpq's run on over several)."""
+    first line: libpq's run on over several); :class:`StoreUnreachable` when ``lost``
+    says the error is the connection's, not the statement's."""
 
-    __slots__ = ("kind", "what")
+    __slots__ = ("kind", "lost", "what")
 
-    def __init__(self, kind: type[BaseException], what: str) -> None:
+    def __init__(
+        self,
+        kind: type[BaseException],
+        what: str,
+        lost: Callable[[BaseException], bool] | None = None,
+    ) -> None:
         self.kind = kind
         self.what = what
+        self.lost = lost
 
     def __enter__(self) -> None:
         return None
@@ -197,9 +211,9 @@ class store_errors_from:
         if isinstance(exc, self.kind):
             text = str(exc).strip()
             message = text.splitlines()[0] if text else ""
-            raise StoreError(
-                f"candle store {self.what} failed: {type(exc).__name__}: {message}"
-            ) from exc
+            error = StoreUnreachable if self.lost is not None and self.lost(exc) else StoreError
+            what = f"candle store {self.what} failed"
+            raise error(f"{what}: {type(exc).__name__}: {message}") from exc
 
 
 class PublishError(TradeCanvasError):

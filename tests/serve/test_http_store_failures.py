@@ -18,7 +18,7 @@ import trio
 from tests.serve.test_http_api import AUTH, CANDLES, INGEST, TOKEN, RecordingTarget, running_api
 from tests.serve.test_http_validation import BTC, ETH, body_for
 from tests.store_pg.conftest import pg_url as pg_url  # a fresh PostgreSQL database
-from tradecanvas.errors import StoreError
+from tradecanvas.errors import StoreError, StoreUnreachable
 from tradecanvas.ops.metrics import Metrics
 from tradecanvas.pipeline.commit import IngestPipeline
 from tradecanvas.runtime_flags import build_runtime_flags
@@ -29,6 +29,7 @@ from tradecanvas.serve.http_api import (
 )
 from tradecanvas.serve.http_server import serve_http
 from tradecanvas.store.open import open_store
+from tradecanvas.store.pg_pool import translated
 
 INTERNALS = 'candle store read failed: UndefinedTable: relation "candles" does not exist'
 STORE_FAILED = {"error": "store_failed", "message": STORE_FAILED_MESSAGE}
@@ -141,3 +142,36 @@ async def test_every_json_answer_says_nosniff_and_the_page_keeps_its_headers(
         page = await get("/")
         assert page.headers.get_list("x-content-type-options") == ["nosniff"]
         assert page.headers["content-security-policy"].startswith("default-src 'none';")
+
+
+async def test_a_read_during_a_store_outage_is_a_warning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """PostgreSQL restarting: the store's own lines report the outage (an ERROR only if it
+    lasts), so a read it failed is a WARNING, not one more ERROR per minute."""
+    lost = "candle store read failed: PoolTimeout: couldn't get a connection after 2.00 sec"
+
+    async def unreachable(*args: Any, **kwargs: Any) -> NoReturn:
+        raise StoreUnreachable(lost)
+
+    async with running_api(tmp_path) as api:
+        monkeypatch.setattr(api.store, "window", unreachable)
+        with caplog.at_level(logging.WARNING, logger="tradecanvas.serve.http_api"):
+            r = await api.client.get(CANDLES, params={"series_id": BTC})
+    assert (r.status_code, r.json()) == (500, STORE_FAILED)
+    said = [(x.levelno, x.getMessage()) for x in caplog.records if x.name.endswith("http_api")]
+    assert said == [
+        (
+            logging.WARNING,
+            f"GET candles {BTC}: {lost} (1 failed store read(s) since the last such line)",
+        )
+    ]
+
+
+def test_a_lost_connection_is_unreachable_and_a_broken_statement_is_not() -> None:
+    lost = pytest.raises(StoreUnreachable, match="candle store read failed: OperationalError")
+    with lost, translated("read"):
+        raise psycopg.OperationalError("server closed the connection unexpectedly")
+    with pytest.raises(StoreError) as broken, translated("read"):
+        raise psycopg.errors.UndefinedTable('relation "candles" does not exist')
+    assert type(broken.value) is StoreError

@@ -71,7 +71,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from tradecanvas.errors import PublishError, SeriesIdError, StoreError
+from tradecanvas.errors import PublishError, SeriesIdError, StoreError, StoreUnreachable
 from tradecanvas.ingest.supervisor import ConnectionState
 from tradecanvas.model import SeriesId
 from tradecanvas.ops.logs import ThrottledCount
@@ -211,9 +211,14 @@ def build_http_app(
     def store_failed(what: str, exc: StoreError) -> RequestRefused:
         """500 ``store_failed`` saying nothing of the failure, which is logged (throttled)."""
         count = failed_reads.add(time.monotonic())
-        if count is not None:
-            log.error(
-                "GET %s: %s (%d failed store read(s) since the last such line)", what, exc, count
+        if count is not None:  # an outage the store's own lines report: a warning
+            level = logging.WARNING if isinstance(exc, StoreUnreachable) else logging.ERROR
+            log.log(
+                level,
+                "GET %s: %s (%d failed store read(s) since the last such line)",
+                what,
+                exc,
+                count,
             )
         return RequestRefused(500, "store_failed", STORE_FAILED_MESSAGE)
 

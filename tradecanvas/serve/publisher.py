@@ -38,7 +38,7 @@ from typing import Final, Protocol, final
 
 import trio
 
-from tradecanvas.errors import StoreError
+from tradecanvas.errors import StoreError, StoreUnreachable
 from tradecanvas.model import Candle
 from tradecanvas.ops.metrics import Metrics
 from tradecanvas.pipeline.events import SystemEvent
@@ -189,7 +189,9 @@ class Publisher:
                 )
         except StoreError as exc:
             # the ingest side stops the daemon on a store failure; here only this one ends
-            log.error("subscriber %s: store read failed: %s", subscriber.peer, exc)
+            # (an outage the store's own lines report: a warning; the client comes back)
+            level = logging.WARNING if isinstance(exc, StoreUnreachable) else logging.ERROR
+            log.log(level, "subscriber %s: store read failed: %s", subscriber.peer, exc)
             subscriber.close(
                 CLOSE_INTERNAL_ERROR, "store unavailable", disconnect_reason="internal_error"
             )

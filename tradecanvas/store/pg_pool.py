@@ -155,7 +155,7 @@ class OutageLog:
 
 def translated(what: str) -> store_errors_from:
     """Translate psycopg errors into StoreError at the store's edge."""
-    return store_errors_from(psycopg.Error, what)
+    return store_errors_from(psycopg.Error, what, connection_lost)
 
 
 def connection_lost(exc: BaseException) -> bool:
