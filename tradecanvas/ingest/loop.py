@@ -10,8 +10,8 @@ Task tree of one loop (one per Binance connection of at most 200 streams)::
     │                (a run of closes at or below a head: a WARNING a minute, behind_head)
     ├─ forming timer IngestCore.due_forming: throttled forming updates whose time came → hub
     ├─ fills         IngestCore.next_fills → REST klines (own tasks) → on_fill_result
-    ├─ history       another process's factor.rebuild (import, backfill) → the store's
-    │                first and recent minutes → IngestCore.history_changed (history_refresh)
+    ├─ history       another process's factor.rebuild (import, backfill) → the minutes its
+    │                range touches, read back → the core's minute cache (history_refresh)
     └─ committer     IngestCore.take_batch → BatchCommitter: IngestPipeline.run → publish
                      → IngestCore.on_committed → the forming candles it held → hub
 
