@@ -155,6 +155,56 @@ def test_offline_says_so_and_reconnects_as_soon_as_the_network_is_back(
         _resumed_from_its_cursors(m, chart, newer)
 
 
+# the badge and the tab's title just after the page's own `offline` handler ran (this
+# listener, added after the page's scripts, runs after theirs; the title is written by a
+# MutationObserver, whose callback was queued before this microtask)
+AFTER_OFFLINE: Final = """() => {
+  window.afterOffline = null;
+  window.addEventListener('offline', () => {
+    const badge = window.tradecanvasChart.badge();
+    queueMicrotask(() => { window.afterOffline = [badge, document.title]; });
+  }, {once: true});
+}"""
+
+
+def test_the_badge_doubts_at_once_when_the_network_goes(tmp_path: Path, browser: Browser) -> None:
+    """A trader review (2026-12-05): the badge said `live` for 10 s after the browser said the
+    network was gone (an 8 s outage never showed). It says `offline` at once; a socket that
+    still works (a daemon on this machine) answers the check and the page is `live` again
+    without reconnecting; one that does not is dropped and retried."""
+    with proxied_phone(tmp_path, browser, QUICK) as (m, proxy, chart, bars):
+        # the event alone (navigator.onLine still true, the socket fine): the check's pong
+        # comes, and the page is live again on the same connection
+        chart.call(AFTER_OFFLINE)
+        chart.call("() => window.dispatchEvent(new Event('offline'))")
+        chart.wait_until("() => window.afterOffline !== null")
+        badge, title = chart.call("() => window.afterOffline")
+        assert badge == "offline: no network · checking", badge
+        assert title.startswith("⚠ offline · "), title
+        chart.wait_live()
+        shown = [text for text, _ in chart.call("() => window.badges.splice(0)")]
+        assert shown == ["offline: no network · checking", "live"], shown
+        # the browser offline, nothing passing: `offline` at once, in the badge and the title
+        chart.call(AFTER_OFFLINE)
+        proxy.blackhole()
+        chart.page.context.set_offline(True)
+        chart.wait_until("() => window.afterOffline !== null")
+        badge, title = chart.call("() => window.afterOffline")
+        assert badge == "offline: no network · checking", badge
+        assert title.startswith("⚠ offline · "), title
+        # the check unanswered: dropped, retried, still `offline` until the network is back
+        chart.wait_until(f"() => {TC}.badge().startsWith('offline: no network · retry ')")
+        newer = _next_bar(bars[-1])
+        m.ingest(BASE, newer)
+        chart.page.context.set_offline(False)
+        _resumed_from_its_cursors(m, chart, newer)
+        shown = [text for text, _ in chart.call("() => window.badges.splice(0)")]
+        first_sync = shown.index("syncing")
+        assert shown[0] == "offline: no network · checking", shown
+        assert all(t.startswith("offline: ") for t in shown[:first_sync]), shown
+        assert shown[first_sync:] == ["syncing", "live"], shown
+
+
 def _layout(chart: ChartPage) -> Any:
     return chart.call(
         """() => {
@@ -252,3 +302,64 @@ def test_a_finger_reads_a_bar_while_held_and_the_newest_once_lifted(
         chart.page.locator("#state").tap()
         assert why.is_hidden()
         assert chart.console_errors == []
+
+
+# every interval Binance has (with 1m): fifteen timeframe buttons
+EVERY_BINANCE_TIMEFRAME: Final = "3m,5m,15m,30m,1h,2h,4h,6h,8h,12h,1d,3d,1w,1M"
+
+
+@pytest.mark.parametrize(("device", "most_header"), [(ON_ITS_SIDE, 95), (UPRIGHT, 160)])
+def test_fifteen_timeframes_stay_on_one_line_and_the_chart_on_the_screen(
+    tmp_path: Path, browser: Browser, device: dict[str, Any], most_header: int
+) -> None:
+    """A trader review (2026-12-05): on its side with all fifteen timeframes the buttons took
+    two lines and the badge a third, the time axis was below the screen and the page
+    scrolled (upright, 6 px too tall). The timeframes are a strip that scrolls sideways,
+    the chosen one in view, each reachable from the keyboard."""
+    with live_chart(
+        tmp_path,
+        browser,
+        series="binance:futures:BTC/USDT:1d",
+        device=device,
+        serve_env={"TRADE_CANVAS_DERIVED_TIMEFRAMES": EVERY_BINANCE_TIMEFRAME},
+    ) as (_, chart, _):
+        got = _layout(chart)
+        width, height = got["width"], got["height"]
+        assert chart.call("() => document.documentElement.scrollHeight") <= height, got
+        assert got["scrollWidth"] <= width
+        assert got["chart"]["top"] >= 0 and got["chart"]["bottom"] <= height, got
+        assert got["chart"]["height"] >= 140, got
+        assert got["header"]["height"] <= most_header, got
+        buttons = got["buttons"]
+        assert len(buttons) == 15
+        assert {b["top"] for b in buttons} == {buttons[0]["top"]}, buttons  # one line
+        for b in buttons:
+            assert b["width"] >= 44 and b["height"] >= 40, buttons
+        state, series = got["state"], got["series"]
+        assert state["right"] <= width and state["top"] < series["bottom"], got
+        if device is ON_ITS_SIDE:  # the menu, the timeframes and the badge share a line
+            assert buttons[0]["top"] < series["bottom"] and series["top"] < buttons[0]["bottom"]
+
+        def in_strip(selector: str) -> bool:
+            return bool(
+                chart.call(
+                    """(sel) => { const strip = document.getElementById('timeframes')
+                          .getBoundingClientRect();
+                        const b = document.querySelector(sel).getBoundingClientRect();
+                        return b.left >= strip.left - 0.5 && b.right <= strip.right + 0.5; }""",
+                    selector,
+                )
+            )
+
+        assert in_strip('#timeframes [aria-pressed="true"]')
+        assert not in_strip("#timeframes button:last-child")  # the strip scrolls
+        # Tab reaches every button, and the focused one is scrolled into view
+        chart.page.locator('#timeframes [aria-pressed="true"]').focus()
+        for _ in range(4):  # 1d → 3d, 1w, 1M, then out of the strip
+            chart.page.keyboard.press("Tab")
+            if chart.call("() => document.activeElement.parentElement.id") != "timeframes":
+                break
+            assert in_strip("#timeframes button:focus"), chart.call(
+                "() => document.activeElement.textContent"
+            )
+        chart.screenshot(f"chart-phone-15-timeframes-{width}x{height}")

@@ -6,7 +6,10 @@
 // other message comes within PONG_TIMEOUT_MS it drops the socket and connects again at once
 // (chart.js resubscribes from its cursors). A page that wakes — shown again after being
 // hidden, thawed after being frozen, its timers late by seconds (a laptop that slept), the
-// network back (`online`) — checks at once rather than at the next heartbeat.
+// network back (`online`) — checks at once rather than at the next heartbeat; so does a
+// page whose browser says the network is gone (`offline`), and its badge says `offline` at
+// once: `live` again only when the check's pong comes (the socket may still work: a
+// daemon on this machine, another interface).
 //
 // The timings can be lowered for tests: window.tradecanvasTiming = {heartbeatMs: 500, …},
 // set before the page's scripts run (Playwright's add_init_script).
@@ -87,10 +90,10 @@ window.tradecanvasConnect = (hooks) => {
     conn.pings.some((p) => p.kind === "sync") || outbox.some((m) => m.kind === "sync");
 
   // a ping whose pong says the page has everything sent before it: the badge says
-  // `syncing` until it comes
-  function sync(detail = "") {
+  // `syncing` (or `state`: `offline`, the network gone) until it comes
+  function sync(detail = "", state = "syncing") {
     if (!send({ type: "ping" }, "sync")) return false;
-    hooks.state("syncing", detail);
+    hooks.state(state, detail);
     return true;
   }
 
@@ -214,9 +217,9 @@ window.tradecanvasConnect = (hooks) => {
   }
 
   // now: a connection waiting to retry tries at once; an open one checks it is alive —
-  // with `syncing` on the badge when the page may have missed messages (it was live, and
-  // it slept: `quiet` false), else with a heartbeat
-  function checkNow(why, quiet = false) {
+  // with `state` on the badge (`syncing`; `offline` when the network went away) when the
+  // page was live (it may have missed messages, or be cut off), else with a heartbeat
+  function checkNow(why, state = "syncing") {
     if (conn.socket === null) {
       if (conn.retry !== null) {
         conn.attempt = 0;
@@ -224,8 +227,13 @@ window.tradecanvasConnect = (hooks) => {
       }
       return;
     }
-    if (!isOpen() || syncPending()) return;
-    if (quiet || !(hooks.live() && sync(why))) send({ type: "ping" }, "beat");
+    if (!isOpen()) return;
+    if (syncPending()) {
+      // a check (or a catch-up) already waits for its pong: the badge says what is known now
+      hooks.state(state, why);
+      return;
+    }
+    if (!(hooks.live() && sync(why, state))) send({ type: "ping" }, "beat");
   }
 
   function tick() {
@@ -263,8 +271,10 @@ window.tradecanvasConnect = (hooks) => {
   // a frozen page (a phone's background tab) thawed: its socket may be long dead
   document.addEventListener("resume", () => checkNow("checking after a pause"));
   window.addEventListener("online", () => checkNow("network back"));
-  // the socket may still work (another interface): a heartbeat finds out
-  window.addEventListener("offline", () => checkNow("network gone", true));
+  // `offline` on the badge at once, not `live` until the pong's timeout; the socket may
+  // still work (a daemon on this machine, another interface): the pong says so, and the
+  // page is `live` again without reconnecting
+  window.addEventListener("offline", () => checkNow("no network · checking", "offline"));
 
   return {
     // open the first connection

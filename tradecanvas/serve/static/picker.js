@@ -122,7 +122,24 @@ window.tradecanvasPicker = (page) => {
       const pressed = String(button.dataset.seriesId === page.view.seriesId);
       if (button.getAttribute("aria-pressed") !== pressed) button.setAttribute("aria-pressed", pressed);
     }
+    showPressed();
   }
+
+  // a strip that scrolls sideways (a small screen, docs/chart.md): the chosen timeframe in
+  // view, and the one the keyboard's focus is on, each with half a neighbour beside it
+  // (there are more that way); the strip alone is scrolled, never the page
+  function showPressed(shown = $("timeframes").querySelector('[aria-pressed="true"]')) {
+    const box = $("timeframes");
+    if (!shown || box.scrollWidth <= box.clientWidth) return;
+    const strip = box.getBoundingClientRect();
+    const button = shown.getBoundingClientRect();
+    const room = Math.min(button.width / 2, (strip.width - button.width) / 2);
+    if (button.left - room < strip.left) box.scrollLeft -= strip.left - button.left + room;
+    else if (button.right + room > strip.right) box.scrollLeft += button.right + room - strip.right;
+  }
+  // turned on its side, or a window resized: the strip's width changed
+  window.addEventListener("resize", () => showPressed());
+  $("timeframes").addEventListener("focusin", (event) => showPressed(event.target));
 
   $("series").addEventListener("change", (event) => {
     const base = event.target.value;
