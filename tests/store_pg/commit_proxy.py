@@ -21,6 +21,8 @@ import attrs
 import trio
 from psycopg.conninfo import conninfo_to_dict
 
+from tests.store_pg.proxy import through
+
 CHUNK: Final = 65_536
 _READY_FOR_QUERY: Final = b"Z\x00\x00\x00\x05"
 
@@ -47,9 +49,7 @@ class CommitProxy:
 
     @property
     def url(self) -> str:
-        parts = conninfo_to_dict(self.pg_url)
-        user = f"{parts['user']}@" if parts.get("user") else ""
-        return f"postgresql://{user}127.0.0.1:{self.port}/{parts.get('dbname', '')}"
+        return through(self.pg_url, self.port)
 
     def arm(self, *, forward: bool) -> None:
         """The next COMMIT through the proxy loses its answer (module docstring)."""

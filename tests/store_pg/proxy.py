@@ -13,6 +13,13 @@ from psycopg.conninfo import conninfo_to_dict
 CHUNK: Final = 65_536
 
 
+def through(pg_url: str, port: int) -> str:
+    """The database of ``pg_url`` through a proxy on 127.0.0.1:``port``."""
+    parts = conninfo_to_dict(pg_url)
+    user = f"{parts['user']}@" if parts.get("user") else ""
+    return f"postgresql://{user}127.0.0.1:{port}/{parts.get('dbname', '')}"
+
+
 @final
 class TcpProxy:
     def __init__(self, pg_url: str) -> None:
@@ -27,9 +34,7 @@ class TcpProxy:
     @property
     def url(self) -> str:
         """The database's URL, through the proxy."""
-        parts = conninfo_to_dict(self.pg_url)
-        user = f"{parts['user']}@" if parts.get("user") else ""
-        return f"postgresql://{user}127.0.0.1:{self.port}/{parts.get('dbname', '')}"
+        return through(self.pg_url, self.port)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")

@@ -6,30 +6,18 @@ must be tried again: the old store asked ``pg_xact_status`` about the id, heard
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import psycopg
 import pytest
 import trio
 
-from tests.conftest import candle
 from tests.store_pg.commit_proxy import CommitProxy
 from tests.store_pg.private_cluster import PrivateCluster, private_cluster
-from tradecanvas.store.pg_txn import PgStoreTxn
+from tests.store_pg.test_commit_token import T0, S, _write
 from tradecanvas.store.postgres import PostgresStore
 
 pytestmark = pytest.mark.slow  # initdb and two server starts: a few seconds
-
-S = "binance:futures:BTC/USDT:1m"
-T0 = 1_751_760_000
-
-
-def _write(t: int) -> Callable[[PgStoreTxn], int]:
-    def fn(txn: PgStoreTxn) -> int:
-        txn.upsert(S, [candle(t, "1", "2", "1", "2", "3")], "ws")
-        return txn.append_event(S, "candle_closed", {"t": t}, 0.0)
-
-    return fn
 
 
 @pytest.fixture
