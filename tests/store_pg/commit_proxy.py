@@ -19,9 +19,8 @@ from typing import Final, final
 
 import attrs
 import trio
-from psycopg.conninfo import conninfo_to_dict
 
-from tests.store_pg.proxy import through
+from tests.store_pg.proxy import PgProxy
 
 CHUNK: Final = 65_536
 _READY_FOR_QUERY: Final = b"Z\x00\x00\x00\x05"
@@ -34,22 +33,14 @@ class _Link:
 
 
 @final
-class CommitProxy:
+class CommitProxy(PgProxy):
     def __init__(self, pg_url: str) -> None:
-        parts = conninfo_to_dict(pg_url)
-        self.pg_url = pg_url
-        self.target_host = str(parts.get("host", "127.0.0.1"))
-        self.target_port = int(str(parts.get("port", 5432)))
-        self.port = 0
+        super().__init__(pg_url)
         self._armed: bool | None = None
         self._hold = False
         self.held = trio.Event()  # a COMMIT is held back (hold)
         self._released = trio.Event()
         self.cut = 0  # COMMITs whose answer was lost so far
-
-    @property
-    def url(self) -> str:
-        return through(self.pg_url, self.port)
 
     def arm(self, *, forward: bool) -> None:
         """The next COMMIT through the proxy loses its answer (module docstring)."""
@@ -62,13 +53,6 @@ class CommitProxy:
 
     def release(self) -> None:
         self._released.set()
-
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-        self.port = listeners[0].socket.getsockname()[1]
-        async with trio.open_nursery() as nursery:
-            task_status.started()
-            await trio.serve_listeners(self._handle, listeners, handler_nursery=nursery)
 
     async def _handle(self, client: trio.SocketStream) -> None:
         async with client:

@@ -13,28 +13,23 @@ from psycopg.conninfo import conninfo_to_dict
 CHUNK: Final = 65_536
 
 
-def through(pg_url: str, port: int) -> str:
-    """The database of ``pg_url`` through a proxy on 127.0.0.1:``port``."""
-    parts = conninfo_to_dict(pg_url)
-    user = f"{parts['user']}@" if parts.get("user") else ""
-    return f"postgresql://{user}127.0.0.1:{port}/{parts.get('dbname', '')}"
+class PgProxy:
+    """A proxy on 127.0.0.1 (a port of its own, once :meth:`run` started) in front of the
+    server of ``pg_url``; :meth:`_handle` serves each connection."""
 
-
-@final
-class TcpProxy:
     def __init__(self, pg_url: str) -> None:
         parts = conninfo_to_dict(pg_url)
         self.pg_url = pg_url
         self.target_host = str(parts.get("host", "127.0.0.1"))
         self.target_port = int(str(parts.get("port", 5432)))
         self.port = 0
-        self.up = True
-        self._scopes: set[trio.CancelScope] = set()
 
     @property
     def url(self) -> str:
         """The database's URL, through the proxy."""
-        return through(self.pg_url, self.port)
+        parts = conninfo_to_dict(self.pg_url)
+        user = f"{parts['user']}@" if parts.get("user") else ""
+        return f"postgresql://{user}127.0.0.1:{self.port}/{parts.get('dbname', '')}"
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
@@ -42,6 +37,17 @@ class TcpProxy:
         async with trio.open_nursery() as nursery:
             task_status.started()
             await trio.serve_listeners(self._handle, listeners, handler_nursery=nursery)
+
+    async def _handle(self, client: trio.SocketStream) -> None:
+        raise NotImplementedError
+
+
+@final
+class TcpProxy(PgProxy):
+    def __init__(self, pg_url: str) -> None:
+        super().__init__(pg_url)
+        self.up = True
+        self._scopes: set[trio.CancelScope] = set()
 
     def cut(self) -> None:
         self.up = False
