@@ -229,7 +229,7 @@ def _a_5m_close(lines: list[str]) -> None:
 @pytest.mark.parametrize(
     ("spoil", "why"),
     [
-        (_bad_open_time, "invalid literal for int() with base 10: '1x77923200000'"),
+        (_bad_open_time, "open time '1x77923200000' is not an integer"),
         (_formula, "a field is not a number"),
         (_outside_the_day, "open time 1577923200000 is outside the period the file name gives"),
         (_a_5m_close, "close time 1577837219999 is not one minute after open time"),

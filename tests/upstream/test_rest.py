@@ -389,3 +389,23 @@ async def test_a_429s_retry_after_is_remembered_across_a_restart(
         assert asked_again_at - rate_limited_at >= 59
         nursery.cancel_scope.cancel()
     await store.aclose()
+
+
+async def test_klines_drop_the_bar_still_forming_at_the_answers_time(
+    autojump_clock: trio.testing.MockClock, http: httpx.AsyncClient
+) -> None:
+    """Binance's answer ends with the bar still forming when the range reaches it (its
+    partial values): it is no closed candle, and a fill must never store it as one. Its
+    ``Date`` (Binance's clock) tells: a bar that ends after it is dropped."""
+    day = 1692144000
+    forming = "Wed, 16 Aug 2023 00:01:30 GMT"  # the second bar ends at 00:02:00
+    ended = "Wed, 16 Aug 2023 00:02:00 GMT"
+    binance = ScriptedBinance([rows_reply(date=forming), rows_reply(date=ended)])
+    async with trio.open_nursery() as nursery:
+        base = await binance.start(nursery)
+        client = BinanceRestClient(http, {"futures": base}, policy=FAST)
+        got = await client.klines(FUTURES, day, day + 120)
+        assert [c.candle_time for c in got] == [day]
+        got = await client.klines(FUTURES, day, day + 120)
+        assert [c.candle_time for c in got] == [day, day + 60]
+        nursery.cancel_scope.cancel()

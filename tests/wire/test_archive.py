@@ -78,12 +78,22 @@ def test_the_six_column_layout_with_header_is_read() -> None:
         ([f"{T0 * 1000 + 30_000},1,1,1,1,1,{T0 * 1000 + 89_999},1,1,1,1,0"], "not on a minute"),
         (["hello,world"], "line 1: not a kline header or row"),
         (["1,2,3"], "line 1: 3 columns; a kline row has 12"),
+        ([row(T0), row(T0 + 60).replace(",4,", ",1.5,")], "line 2: trade count '1.5' is not an"),
+        ([row(T0).replace("59999,", "59999.0,")], "line 1: close time '1577836859999.0' is not"),
     ],
 )
 def test_a_bad_row_is_refused_naming_its_line(lines: list[str], why: str) -> None:
     with pytest.raises(WireError, match="bad_archive_row") as caught:
         parse_archive_rows(lines)
     assert why in str(caught.value)
+
+
+def test_a_non_integer_in_an_integer_column_is_named_by_the_whole_file_parse() -> None:
+    """``tradecanvas import`` said a bare ``invalid literal for int() with base 10: '1.5'``."""
+    text = "\n".join([row(T0), row(T0 + 60).replace(",4,", ",1.5,")]) + "\n"
+    with pytest.raises(WireError) as caught:
+        parse_archive_text(text)
+    assert str(caught.value) == "bad_archive_row: line 2: trade count '1.5' is not an integer"
 
 
 def test_a_row_outside_the_named_period_is_refused() -> None:

@@ -134,6 +134,9 @@ def _kline(**changes: object) -> bytes:
         (_kline(q="1e30"), "bad_kline_values"),
         (_kline(n=2**53 + 1), "bad_kline_values"),
         (_kline(i="7x"), "bad_kline_interval"),
+        # k.s is s's copy: a frame whose two symbols differ is no frame of either
+        (_kline(s="ETHUSDT"), "symbol_mismatch"),
+        (_kline(s=None), "symbol_mismatch"),
     ],
 )
 def test_malformed_frames_raise_one_wire_error(raw: bytes, reason: str) -> None:
@@ -264,6 +267,7 @@ def test_fast_decoder_equals_the_reference_on_every_captured_frame(data_dir: Pat
         _kline(i="7x"),
         _kline(i="1w"),
         _kline(q=None),
+        _kline(s="ETHUSDT"),
         b'{"stream":"x","data":{"e":"kline","result":null,"id":3}}',
     ],
 )

@@ -19,7 +19,11 @@ One candle's path through the core::
                                                          ─▶ held forming candles to publish
 
 The frames of all series on one connection share one exchange clock, so a quiet symbol's
-late close is noticed from the other streams' frames.
+late close is noticed from the other streams' frames. A frame is dropped as malformed before
+it changes anything (that clock included) when it does not decode, when its stream is not
+ours, when it carries another symbol than its stream's, or when it is ahead of this
+machine's clock (:mod:`~tradecanvas.ingest.frame_bounds`: one ``E`` of the year 2100 would
+make every minute up to 2100 late).
 
 **Order per subscription** (DESIGN §10, :mod:`~tradecanvas.ingest.ordering`): a forming
 candle of bar ``t`` is held (the newest only) while anything before ``t`` of its series is
@@ -53,7 +57,8 @@ for the rest of its minute's closes. Either way at most ``batch_max`` go in one 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator, Sequence
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Final, final
 
 import attrs
@@ -62,6 +67,7 @@ from tradecanvas.errors import WireError
 from tradecanvas.ingest.batcher import BatchItem, ClosedBatcher, FormingThrottle, Holes, MinuteCache
 from tradecanvas.ingest.behind_head import BehindHead
 from tradecanvas.ingest.forming import derived_forming
+from tradecanvas.ingest.frame_bounds import ClockBound
 from tradecanvas.ingest.ordering import FormingGate, group_settled
 from tradecanvas.ingest.outcomes import (
     PLAIN_OUTCOMES,
@@ -90,6 +96,7 @@ class _Live:
 
     sid: SeriesId
     interval: str
+    symbol: str  # Binance's (``BTCUSDT``): a frame of its stream carrying another is refused
     tracker: SeriesTracker
     generation: int = 0  # the newest connection a frame of it came on
     last_open: int | None = None  # the newest kline open time seen
@@ -102,7 +109,8 @@ class IngestCore:
 
     Serves one market, 1m series only (ValueError otherwise). Call :meth:`load_series`
     for every series before the first frame. Raises nothing else: bad frames come back as
-    :class:`Malformed`.
+    :class:`Malformed`, and so do frames ahead of ``wall_clock`` (unix seconds; the only
+    clock the core reads itself, rarely: :class:`~tradecanvas.ingest.frame_bounds.ClockBound`).
     """
 
     def __init__(
@@ -111,6 +119,7 @@ class IngestCore:
         *,
         flags: RuntimeFlags,
         policy: IngestPolicy,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         markets = {s.market for s in series}
         if len(markets) != 1:
@@ -132,6 +141,7 @@ class IngestCore:
         self.minutes = MinuteCache(span)
         self.gate = FormingGate()
         self._live: dict[str, _Live] = {}  # stream name → its series (load_series)
+        self.clock_bound = ClockBound(wall_clock)
         self._exchange_time_ms = 0
         self._exchange_minute = -1  # (E - late_close) // 60 s last applied to the trackers
         self._fill_minutes_in_flight = 0
@@ -164,7 +174,7 @@ class IngestCore:
             unresolved=unresolved,
             stored=(c.candle_time for c in recent),
         )
-        self._live[sid.stream_name] = _Live(sid, sid.timeframe.text, tracker)
+        self._live[sid.stream_name] = _Live(sid, sid.timeframe.text, sid.rest_symbol, tracker)
         self.minutes.start_history(sid, first)
         self.minutes.set_listing(sid, listing)
         self.minutes.add(sid, recent)
@@ -193,6 +203,12 @@ class IngestCore:
         live = self._live.get(decoded.stream_name)
         if live is None or decoded.interval != live.interval:
             return FrameOutcome(malformed=self.malformed("unknown_stream", decoded.stream_name))
+        if decoded.symbol != live.symbol:  # a combined frame of another symbol's stream
+            detail = f"stream {decoded.stream_name} carries a kline of {decoded.symbol!r}"
+            return FrameOutcome(malformed=self.malformed("symbol_mismatch", detail))
+        bound = self.clock_bound  # refused before it moves any clock
+        if bound.may_refuse(decoded) and (ahead := bound.problem(decoded)) is not None:
+            return FrameOutcome(malformed=self.malformed("ahead_of_clock", ahead))
         return self._on_kline(live, decoded, generation, received_at, now)
 
     def malformed(self, reason: str, detail: str) -> Malformed:

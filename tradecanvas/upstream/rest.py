@@ -31,7 +31,7 @@ import httpx
 import trio
 
 from tradecanvas.errors import TradeCanvasError, UpstreamError, WireError
-from tradecanvas.model import MS, Candle, Market, SeriesId
+from tradecanvas.model import CLOCK_SKEW_S, MS, Candle, Market, SeriesId
 from tradecanvas.ops.metrics import Metrics
 from tradecanvas.runtime_flags import RuntimeFlags
 from tradecanvas.upstream.backoff import Backoff
@@ -118,6 +118,21 @@ def _seconds_left_in_minute(date_header: str | None) -> float:
             return 60.0
         return float(60 - second) + 1.0
     return 60.0
+
+
+def closed_by(response: httpx.Response) -> float:
+    """Unix seconds a kline must have ended by to be closed, for rows of ``response``:
+    Binance's clock, its ``Date`` header (whole seconds, rounded down; bars end on whole
+    seconds, so one that had ended when Binance answered has ended by it). Without a
+    usable ``Date``, this machine's clock plus CLOCK_SKEW_S (only bars ahead of it are
+    then told apart)."""
+    date = response.headers.get("date")
+    if date:
+        try:
+            return email.utils.parsedate_to_datetime(date).timestamp()
+        except (TypeError, ValueError, OverflowError):
+            pass
+    return time.time() + CLOCK_SKEW_S
 
 
 def _retry_after(response: httpx.Response) -> float:
@@ -243,7 +258,10 @@ class BinanceRestClient:
     async def klines(self, series: SeriesId, start: int, end: int) -> list[Candle]:
         """Closed candles of ``series`` with ``start <= open time < end`` (seconds), paged
         (futures 1500, spot 1000 per call), ascending and unique. Minutes missing from the
-        answer are missing at the exchange."""
+        answer are missing at the exchange — but for the newest: Binance's answer ends with
+        the bar still forming when the range reaches it, which is dropped here (a row that
+        ends after the answer's time, :func:`closed_by`), so a fill never stores an open
+        bar as closed."""
         market = series.market
         tf = series.timeframe
         page_max = KLINES_LIMIT[market]
@@ -264,8 +282,12 @@ class BinanceRestClient:
                 weight=klines_weight(market, limit),
             )
             rows = decode_rest_klines(response.content, tf)
+            ended_by = closed_by(response)
             for candle in rows:
-                if cursor <= candle.candle_time < end:
+                if (
+                    cursor <= candle.candle_time < end
+                    and tf.next_open(candle.candle_time) <= ended_by
+                ):
                     by_time[candle.candle_time] = candle
             if len(rows) < limit:
                 break  # the range is exhausted

@@ -62,21 +62,19 @@ OHLCV_COLUMNS: Final = 6
 # a timestamp above this is in microseconds (spot files from 2025 on); ms reach it in 33658
 US_THRESHOLD: Final = 10**15
 US: Final = 1_000_000
-# the first field of a header line
-HEADER_NAMES: Final = frozenset({"open_time", "open time", "timestamp"})
+HEADER_NAMES: Final = frozenset({"open_time", "open time", "timestamp"})  # a header's first field
+INTEGER_COLUMNS: Final = {0: "open time", 6: "close time", 8: "trade count"}  # (by index)
 # the characters of a plain archive file's rows: digits, the decimal point, the commas and
 # the line ends (no sign, exponent, NaN, infinity, space or ``\r``)
 _PLAIN: Final = b"0123456789.,\n"
-# rows of a plain file converted at a time (see _plain_chunk)
-_CHUNK: Final = 4096
+_CHUNK: Final = 4096  # rows of a plain file converted at a time (see _plain_chunk)
 # quote assets, longest match first where one ends another (FDUSD before USD…)
 KNOWN_QUOTES: Final = (
     "FDUSD", "USDT", "USDC", "BUSD", "TUSD", "BTC", "ETH", "BNB", "EUR", "TRY",
 )  # fmt: skip
 # the bound on a row's length in bytes (Binance's longest are about 150: twelve numbers)
 MAX_ROW_BYTES: Final = 512
-# besides the rows: a header line, a last line end
-SLACK_BYTES: Final = 4096
+SLACK_BYTES: Final = 4096  # besides the rows: a header line, a last line end
 # the shortest bar of each interval unit (a month: February's 28 days)
 _INTERVAL_UNIT_S: Final = {
     "s": 1, "m": MINUTE, "h": 60 * MINUTE, "d": DAY, "w": WEEK, "mo": 28 * DAY, "M": 28 * DAY,
@@ -314,6 +312,10 @@ def parse_archive_rows(
             append(candle)
     except (ValueError, InvalidOperation) as exc:
         why = "a field is not a number" if isinstance(exc, InvalidOperation) else str(exc)
+        if why.startswith("invalid literal for int()"):  # name the column ('…: '1.5'')
+            text = why.rsplit(": ", 1)[-1]
+            names = [n for i, n in INTEGER_COLUMNS.items() if i < len(row) and repr(row[i]) == text]
+            why = f"{(names or ['a column'])[0]} {text} is not an integer"
         raise WireError("bad_archive_row", f"line {number}: {why}") from None
     return candles
 

@@ -43,8 +43,9 @@ class KlineEvent(NamedTuple):
     """A decoded kline frame: the event time and symbol, the bar of its ``k`` object as a
     :class:`Candle` (open time in seconds, exact decimals) with what only the frame says
     about it, and ``stream`` for a combined-stream frame (None for a raw one). Of the
-    ``k`` keys, the trade ids (``f``, ``L``), the symbol's copy (``s``) and ``B`` are not
-    read.
+    ``k`` keys, the trade ids (``f``, ``L``) and ``B`` are not read, and the symbol's copy
+    (``s``) only checked: a frame whose ``k.s`` is not its ``s`` is refused
+    (``symbol_mismatch``; whether ``s`` is its stream's symbol is the ingest's check).
 
     A NamedTuple, not a frozen attrs class like the rest: one is built for every frame
     received, and it builds in about a third of the time (0.15 against 0.45 µs), which is
@@ -238,6 +239,9 @@ def _decode_document(doc: object) -> KlineEvent | ControlFrame:
         raise WireError("bad_kline_values", str(exc)) from None
     except Exception as exc:
         raise WireError("bad_kline_interval", str(exc)) from None
+    kline_symbol = doc["k"].get("s", wire.symbol)
+    if kline_symbol != wire.symbol:
+        raise WireError("symbol_mismatch", f"s={wire.symbol!r} but k.s={kline_symbol!r}")
     return KlineEvent(
         wire.event_time_ms,
         wire.symbol,
@@ -341,6 +345,7 @@ def _fast_kline_event(doc: object) -> KlineEvent | None:
         or t < 0
         or (alignment and t % alignment)
         or trades < 0
+        or k.get("s", symbol) != symbol
     ):
         return None
     prices = _PRICES
