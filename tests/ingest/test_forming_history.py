@@ -137,8 +137,8 @@ def test_history_another_process_stored_reaches_the_forming_bars() -> None:
     driver.send(forming_of(BTC, bar(live)))
     assert forming_series(driver) == {"1m", "5m"}
     week = [bar(t, price=100 + (t // 60) % 7) for t in range(MONDAY, live, 60)]
-    assert core.history_changed(BTC, MONDAY, week)
-    assert not core.history_changed(BTC, MONDAY, week)  # nothing new the second time
+    assert core.minutes.extend_history(BTC, MONDAY, week)
+    assert not core.minutes.extend_history(BTC, MONDAY, week)  # nothing new the second time
     driver.send(forming_of(BTC, bar(live, price=90), 40_000))
     assert forming_series(driver) == {"1m", "5m", "1d", "1w"}
     forming = bar(live, price=90)

@@ -179,12 +179,6 @@ class IngestCore:
         self.minutes.set_listing(sid, listing)
         self.minutes.add(sid, recent)
 
-    def history_changed(self, sid: SeriesId, first: int, stored: Sequence[Candle]) -> bool:
-        """Another process stored history of ``sid``: the store's first minute now and its
-        minutes of :attr:`recent_span_s` below the head (``ingest/history_refresh.py``).
-        True when the forming bars will count something new."""
-        return self.minutes.extend_history(sid, first, stored)
-
     # --- frames --------------------------------------------------------------------------
 
     def on_frame(
