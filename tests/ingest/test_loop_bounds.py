@@ -9,26 +9,16 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import orjson
 import pytest
 import trio
 
 from tests.ingest.rig import BTC, WAIT_S, day_rows, frame, ingest_rig, metric, same_bars
+from tests.ingest.test_frame_bounds import with_data
 from tests.upstream.test_binance_ws import ScriptedUpstream, real_time_limit
 from tradecanvas.model import Candle
 from tradecanvas.tools.replay import ReplayConfig, ReplayHandle, parse_file_argument, serve_replay
 
 YEAR_2100 = 4_102_444_800
-
-
-def _with(raw: str, **changes: object) -> str:
-    doc = orjson.loads(raw)
-    for key, value in changes.items():
-        if key.startswith("k_"):
-            doc["data"]["k"][key[2:]] = value
-        else:
-            doc["data"][key] = value
-    return orjson.dumps(doc).decode()
 
 
 def _closed(bar: Candle) -> str:
@@ -52,11 +42,13 @@ async def _poisoned_scenario(
     prices = dict.fromkeys(("k_o", "k_h", "k_l", "k_c"), "2500.00")
     poisons = [
         # D1: a forming frame whose event time is 2100
-        _with(frame(bars[2], closed=False, event_time_ms=t2 * 1000 + 30_000), E=YEAR_2100 * 1000),
+        with_data(
+            frame(bars[2], closed=False, event_time_ms=t2 * 1000 + 30_000), E=YEAR_2100 * 1000
+        ),
         # D2: a closed bar of 2100, its T and E consistent
         frame(far, closed=True, event_time_ms=YEAR_2100 * 1000 + 60_050),
         # D3: btcusdt@kline_1m carrying ETHUSDT
-        _with(_closed(bars[2]), s="ETHUSDT", k_s="ETHUSDT", **prices),
+        with_data(_closed(bars[2]), s="ETHUSDT", k_s="ETHUSDT", **prices),
     ]
     upstream = ScriptedUpstream()
     csv = data_dir / "klines_1m_5m" / "futures_um" / "BTCUSDT-1m-2023-08-16.csv"
