@@ -12,14 +12,18 @@ and the server says its id did."""
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import AsyncIterator, Callable
 
 import psycopg
 import pytest
 import trio
+from psycopg.conninfo import conninfo_to_dict
 
 from tests.conftest import candle
 from tests.store_pg.commit_proxy import CommitProxy
+from tradecanvas.errors import StoreError
+from tradecanvas.store.open import open_store
 from tradecanvas.store.pg_schema import SCHEMA_VERSION, WRITE_LOCK_KEY
 from tradecanvas.store.pg_txn import PgStoreTxn
 from tradecanvas.store.postgres import PostgresStore
@@ -202,6 +206,44 @@ async def test_a_database_without_the_table_gets_it_without_a_schema_version(
             SCHEMA_VERSION,
         )
         assert conn.execute("SELECT count(*) FROM commit_tokens").fetchone() == (1,)
+
+
+async def test_a_login_that_may_not_create_the_table_reads_and_a_writer_is_told_why(
+    pg_url: str,
+) -> None:
+    """PostgreSQL 15 gives no login but the owner CREATE on schema public: ``export`` (a
+    reader) with such a login, on a database no writer of this release has opened yet,
+    reads as before (it was refused: 'permission denied for schema public'); a writer is
+    refused with what to do."""
+    store = await PostgresStore.open(pg_url)
+    await store.aclose()
+    role = f"tc_reader_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute("DROP TABLE commit_tokens")  # as a release before it left the database
+        conn.execute(f"CREATE ROLE {role} LOGIN")
+        conn.execute(
+            f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {role}"
+        )
+        conn.execute(f"REVOKE CREATE ON SCHEMA public FROM {role}, PUBLIC")
+    parts = conninfo_to_dict(pg_url)
+    limited = f"postgresql://{role}@{parts['host']}:{parts['port']}/{parts['dbname']}"
+    try:
+        reader = await open_store(limited, writes=False)
+        try:
+            assert await reader.head_time(S) is None
+        finally:
+            await reader.aclose()
+        with pytest.raises(StoreError) as refused:
+            await open_store(limited)
+        assert "commit_tokens, which is missing, and this login may not create it" in str(
+            refused.value
+        )
+        assert "grant it CREATE on that schema" in str(refused.value)
+    finally:
+        with psycopg.connect(pg_url, autocommit=True) as conn:
+            conn.execute(f"REASSIGN OWNED BY {role} TO CURRENT_USER")
+            conn.execute(f"DROP OWNED BY {role}")
+            conn.execute(f"DROP ROLE {role}")
 
 
 def test_the_answer_is_the_token_not_what_else_committed(

@@ -42,7 +42,7 @@ async def open_store(
         return await CandleStore.open(location, writes=writes, lock=lock)
     url = str(location).strip()
     if not (lock and shared):
-        return await PostgresStore.open(url, lock=lock)
+        return await PostgresStore.open(url, lock=lock, writes=writes)
     held = await take_pg_serve_lock(url, shared=True)
     try:
         store = await PostgresStore.open(url)

@@ -41,6 +41,8 @@ from typing import TYPE_CHECKING, Final
 
 import psycopg
 
+from tradecanvas.errors import StoreError
+
 if TYPE_CHECKING:
     from tradecanvas.store.pg_txn import Conn
 
@@ -67,12 +69,22 @@ _PRUNE: Final = "DELETE FROM commit_tokens WHERE written_at < now() - make_inter
 _ASK: Final = "SELECT token FROM commit_tokens WHERE writer = %s"
 
 
-def ensure_table(conn: psycopg.Connection[tuple[object, ...]]) -> bool:
-    """Make ``commit_tokens`` unless it is there (in the caller's transaction); True: made."""
+def ensure_table(conn: psycopg.Connection[tuple[object, ...]], where: str) -> bool:
+    """Make ``commit_tokens`` unless it is there (in the caller's transaction); True: made.
+    Raises StoreError, saying what to do, when this login may not make it (a writer needs
+    it; a reader never asks: ``migrate``)."""
     row = conn.execute("SELECT to_regclass('commit_tokens') IS NOT NULL").fetchone()
     if row is not None and row[0]:
         return False
-    conn.execute(CREATE)
+    try:
+        conn.execute(CREATE)
+    except psycopg.errors.InsufficientPrivilege as exc:
+        raise StoreError(
+            f"candle store {where}: this release records each write's commit token in a table"
+            f" commit_tokens, which is missing, and this login may not create it ({exc}):"
+            " start the daemon once with a login that may create tables in the store's"
+            " schema (its owner), or grant it CREATE on that schema"
+        ) from exc
     return True
 
 

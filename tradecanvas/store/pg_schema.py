@@ -94,8 +94,12 @@ def current_version(conn: psycopg.Connection[tuple[object, ...]]) -> int:
     return 0 if row is None else int(str(row[0]))
 
 
-def migrate(conn: psycopg.Connection[tuple[object, ...]], where: str) -> SchemaChange:
-    """Apply the migrations above the database's version; say what changed.
+def migrate(
+    conn: psycopg.Connection[tuple[object, ...]], where: str, *, writes: bool = True
+) -> SchemaChange:
+    """Apply the migrations above the database's version; say what changed. ``writes``:
+    also make the table of commit tokens when missing (a reader never needs it, and its
+    login may not be allowed to make it).
 
     ``conn`` must be in autocommit mode (each migration opens its own transaction).
     Raises StoreTooNew when the database is newer than this code; psycopg errors propagate
@@ -112,8 +116,9 @@ def migrate(conn: psycopg.Connection[tuple[object, ...]], where: str) -> SchemaC
                 conn.execute(_VERSION_TABLE)
                 conn.execute(MIGRATIONS[number])
                 conn.execute("INSERT INTO schema_version (version) VALUES (%s)", (number + 1,))
-        with conn.transaction():
-            ensure_table(conn)
+        if writes:
+            with conn.transaction():
+                ensure_table(conn, where)
         return SchemaChange(where, version, SCHEMA_VERSION, time.monotonic() - started)
     finally:
         conn.execute("SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK_KEY,))

@@ -123,7 +123,7 @@ class _Lost(Exception):
         self.result = result
 
 
-def _open_pool(url: str, size: int) -> tuple[ConnectionPool[Conn], SchemaChange]:
+def _open_pool(url: str, size: int, writes: bool) -> tuple[ConnectionPool[Conn], SchemaChange]:
     where = describe_url(url)
     # One plain connection first: an unreachable server or a refused login fails at once
     # with libpq's own reason (the pool would retry quietly until its timeout), and the
@@ -132,7 +132,7 @@ def _open_pool(url: str, size: int) -> tuple[ConnectionPool[Conn], SchemaChange]
         translated(f"open of {where}"),
         psycopg.connect(url, autocommit=True, connect_timeout=int(CONNECT_TIMEOUT_S)) as conn,
     ):
-        change = migrate(conn, where)
+        change = migrate(conn, where, writes=writes)
     pool: ConnectionPool[Conn] = ConnectionPool(
         url,
         min_size=1,
@@ -194,14 +194,14 @@ class PostgresStore(WindowReads):
 
     @classmethod
     async def open(
-        cls, url: str, *, pool_size: int = POOL_SIZE, lock: bool = False
+        cls, url: str, *, pool_size: int = POOL_SIZE, lock: bool = False, writes: bool = True
     ) -> PostgresStore:
         """Connect, apply the migrations, and return the open store. ``lock``: take serve's
-        lock first (``store/writer_lock.py``; StoreInUse when another daemon holds it)."""
-
+        lock first (``store/writer_lock.py``; StoreInUse when another daemon holds it);
+        ``writes=False``: a reader's (``export``), which never writes."""
         held = await take_pg_serve_lock(url) if lock else None
         try:
-            pool, change = await trio.to_thread.run_sync(_open_pool, url, pool_size)
+            pool, change = await trio.to_thread.run_sync(_open_pool, url, pool_size, writes)
         except BaseException:
             if held is not None:
                 held.close()
