@@ -192,6 +192,10 @@ def test_the_badge_doubts_at_once_when_the_network_goes(tmp_path: Path, browser:
         badge, title = chart.call("() => window.afterOffline")
         assert badge == "offline: no network · checking", badge
         assert title.startswith("⚠ offline · "), title
+        # a thawed page (or a late tick) checks again meanwhile: still `offline`, not
+        # `syncing`, while the browser says there is no network (code review)
+        chart.call("() => document.dispatchEvent(new Event('resume'))")
+        assert chart.call(f"() => {TC}.badge()") == "offline: no network · checking"
         # the check unanswered: dropped, retried, still `offline` until the network is back
         chart.wait_until(f"() => {TC}.badge().startsWith('offline: no network · retry ')")
         newer = _next_bar(bars[-1])

@@ -220,6 +220,7 @@ window.tradecanvasConnect = (hooks) => {
   // with `state` on the badge (`syncing`; `offline` when the network went away) when the
   // page was live (it may have missed messages, or be cut off), else with a heartbeat
   function checkNow(why, state = "syncing") {
+    if (navigator.onLine === false) [why, state] = ["no network · checking", "offline"];
     if (conn.socket === null) {
       if (conn.retry !== null) {
         conn.attempt = 0;
