@@ -313,7 +313,8 @@ class MinuteCache:
         back from the store because that process changed them. They replace the cached ones
         — except ``own``, the minutes the loop added itself since the read began
         (:meth:`noting_adds`): the read may have been answered before the loop's own write
-        of them landed, so the cached one is the newer.
+        of them landed, so the cached one may be the newer (or, the loop told of its write
+        late, the older: ``history_refresh`` reads such minutes again).
 
         A minute that was still waiting for the loop's commit when the read began is
         replaced too, although the loop's commit will overwrite the store's: that commit

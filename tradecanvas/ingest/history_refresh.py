@@ -226,8 +226,9 @@ async def refresh_history(
     below, where its stored history starts, and give them to ``core``'s
     :class:`~tradecanvas.ingest.batcher.MinuteCache` (the first minute only ever moves
     down; a minute read replaces the cached one unless the loop added that minute itself
-    while the read ran). A failed read is logged; the series' forming bars then count that
-    change from the next start, as before."""
+    while the read ran, and such a minute is read again: the store, which the loop's write
+    has reached by then, has the last word). A failed read is logged; the series' forming
+    bars then count that change from the next start, as before."""
     cache = core.minutes
     with changes.watching(series) as watch:
         while True:
@@ -240,7 +241,17 @@ async def refresh_history(
                         log.warning("%s: reading the history another process stored: %s", sid, exc)
                         continue
                 # (no checkpoint since the read: ``own`` is every minute the loop added)
-                if read is not None and cache.extend_history(sid, *read, own):
+                if read is None:
+                    continue
+                if kept := sorted(own.intersection(c.candle_time for c in read[1])):
+                    # the loop's write of these may have landed before the read (its
+                    # on_committed is late: an ambiguous COMMIT, a one-by-one fallback), and
+                    # the other process's after it: read them again, once the loop's is in
+                    again = watch.due.setdefault(sid, Changed())
+                    for t in kept:
+                        again.note((t, t))
+                    watch.wakeup.set()
+                if cache.extend_history(sid, *read, own):
                     start = cache.history_start(sid)
                     log.info(
                         "%s: history stored by another process taken into the forming bars"
