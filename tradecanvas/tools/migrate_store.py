@@ -8,8 +8,17 @@ stay above them); then the meta records (derivation fingerprint, unresolved hole
 Binance ban, the retention's mark). Running it again changes nothing (every candle
 UNCHANGED, every event already there). Candles PostgreSQL holds with other values are
 replaced by the SQLite file's (REVISED in the summary). An event whose id PostgreSQL holds
-already is counted "already there" when it is the same event; another event there (a daemon
-wrote to the database first) stops the run with exit 1, the candles copied.
+already is counted "already there" when it is the same event.
+
+Before anything is written the target's event log is checked: an event the SQLite file does
+not hold identically under the same id (the database has events of its own: a daemon or an
+``import`` wrote to it) refuses the run with exit 1, the target unchanged. An event the file
+no longer holds, under an id at or below the file's retention mark, is accepted when the
+target also holds events the file still holds (an earlier run copied it, the file's retention
+dropped it since). A target with candles but no events is merged into: the SQLite file's
+candle wins where both hold one (REVISED), the others stay.
+A daemon writing to the target while the run goes on is still caught at the event log, then
+with the candles copied (the message says so).
 
 The SQLite file is migrated forward when its schema is older, then only read (its daemon
 may keep running: a later run copies what it added). Ctrl-C stops after the batch being
@@ -19,11 +28,12 @@ While it runs the target carries a meta record (``MIGRATION_MARK``, the SQLite f
 written before the first candle and deleted in the last transaction: a run killed half-way
 leaves it, and ``serve`` refuses to open a store carrying it until a rerun completes.
 
-Exit codes: 0 copied (a second run: nothing changed); 1 the target's event log has other
-events under the same ids; 2 bad arguments (no such SQLite file, not a PostgreSQL URL); 3
-either store failed (what was committed stays: run it again); 4 the SQLite file's or the
-database's schema is newer than this release; 130 Ctrl-C, 143 SIGTERM (the
-batch in flight is finished; a second signal exits at once).
+Exit codes: 0 copied (a second run: nothing changed); 1 the target's event log has events
+of its own (nothing written, unless a daemon wrote them during the run); 2 bad arguments
+(no such SQLite file, not a PostgreSQL URL); 3 either store failed (what was committed
+stays: run it again); 4 the SQLite file's or the database's schema is newer than this
+release; 130 Ctrl-C, 143 SIGTERM (the batch in flight is finished; a second signal exits
+at once).
 """
 
 from __future__ import annotations
@@ -40,6 +50,7 @@ from pathlib import Path
 from typing import Final, TextIO
 
 import attrs
+import orjson
 import trio
 
 from tradecanvas.errors import ExitCode, StoreError
@@ -49,7 +60,7 @@ from tradecanvas.store.pg_txn import PgStoreTxn
 from tradecanvas.store.postgres import PostgresStore, describe_url
 from tradecanvas.store.schema import SCHEMA_VERSION
 from tradecanvas.store.sqlite import CandleStore
-from tradecanvas.store.txn import select_candles, select_events
+from tradecanvas.store.txn import events_pruned_upto, select_candles, select_events
 from tradecanvas.store.types import StoredCandle, StoredEvent, UpsertOutcome
 from tradecanvas.tools.exit_codes import ExitCodeTable
 from tradecanvas.tools.progress import Progress
@@ -65,7 +76,7 @@ SQLITE_HEADER: Final = b"SQLite format 3\x00"
 
 EXIT_CODES: Final[ExitCodeTable] = (
     (ExitCode.OK, "everything was copied (again: nothing changed)"),
-    (ExitCode.FAILED, "the target's event log has events of its own under the same ids"),
+    (ExitCode.FAILED, "the target's event log has events of its own: nothing was written"),
     (ExitCode.USAGE, "bad arguments: no such SQLite file (or not one), a bad PostgreSQL URL"),
     (ExitCode.STORE_FAILURE, "either store failed; what was committed stays, run it again"),
     (ExitCode.STORE_TOO_NEW, "the store's schema is newer than this release (a rollback)"),
@@ -105,15 +116,31 @@ def _upsert_as_stored(
 
 
 class EventIdTaken(Exception):
-    """The target's event log holds another event under an id the SQLite file uses."""
+    """The target's event log holds another event under an id: it has events of its own.
 
-    def __init__(self, event: StoredEvent) -> None:
+    ``theirs`` is the SQLite file's event under that id (None: it has none there);
+    ``written`` says whether the run had copied candles before it found it (only when a
+    daemon wrote to the target while the run went on: the check before the first write
+    finds any other)."""
+
+    def __init__(self, event_id: int, theirs: StoredEvent | None, *, written: bool) -> None:
+        self.event_id, self.written = event_id, written
+        source = (
+            "the SQLite file has none under it"
+            if theirs is None
+            else f"the SQLite file's is {theirs.event} of {theirs.series_id}"
+        )
+        outcome = (
+            "its candles were copied before a daemon wrote this event to the target;"
+            " nothing of the event log was copied in this batch"
+            if written
+            else "nothing was written to the target"
+        )
         super().__init__(
-            f"the target's event log holds another event under event_id {event.event_id}"
-            f" (the SQLite file's is {event.event} of {event.series_id}): it has events of its"
-            " own, so copying under the same ids would lose some and moving the ids would"
-            " break subscribers' events_after cursors. Migrate into a new database, before"
-            " any daemon writes to it; nothing of the event log was copied in this batch"
+            f"the target's event log holds another event under event_id {event_id}"
+            f" ({source}): it has events of its own, so copying under the same ids would"
+            " lose some and moving the ids would break subscribers' events_after cursors."
+            f" Migrate into a new database, before any daemon writes to it; {outcome}"
         )
 
 
@@ -122,9 +149,56 @@ def _import_events(events: Sequence[StoredEvent], txn: PgStoreTxn) -> int:
     for event in events:
         outcome = txn.import_event(event)
         if outcome is None:
-            raise EventIdTaken(event)
+            raise EventIdTaken(event.event_id, event, written=True)
         copied += outcome
     return copied
+
+
+def _same(a: StoredEvent, b: StoredEvent) -> bool:
+    """The same event, as :meth:`PgStoreTxn.import_event` compares them."""
+    return (a.series_id, a.event, dict(a.data)) == (b.series_id, b.event, dict(b.data))
+
+
+def _source_events(conn: sqlite3.Connection, ids: Sequence[int]) -> dict[int, StoredEvent]:
+    """The SQLite file's events under ``ids`` (those it holds)."""
+    found: dict[int, StoredEvent] = {}
+    for start in range(0, len(ids), 500):  # well below SQLite's limit of bound parameters
+        chunk = ids[start : start + 500]
+        cur = conn.execute(
+            "SELECT event_id, series_id, event, data, created_at FROM events"  # noqa: S608
+            f" WHERE event_id IN ({', '.join('?' * len(chunk))})",
+            chunk,
+        )
+        for i, sid, name, data, created in cur:
+            found[int(i)] = StoredEvent(
+                int(i), str(sid), str(name), orjson.loads(data), float(created)
+            )
+    return found
+
+
+async def _check_event_log(conn: sqlite3.Connection, target: PostgresStore, batch: int) -> None:
+    """Raise :class:`EventIdTaken` (before anything is written) when the target's event
+    log holds an event the SQLite file does not hold identically under the same id. An
+    event the file no longer holds, under an id at or below the file's retention mark, is
+    one an earlier run copied before the file's retention dropped it: accepted when the
+    target also holds events the file still holds (the same log); with none, the target's
+    log cannot be told from another database's and is refused."""
+    pruned = await trio.to_thread.run_sync(events_pruned_upto, conn)
+    after, unverified, shared = 0, None, False
+    while ours := await target.events_after(after, None, batch):
+        ids = [e.event_id for e in ours]
+        theirs = await trio.to_thread.run_sync(_source_events, conn, ids)
+        for event in ours:
+            source = theirs.get(event.event_id)
+            if source is None and event.event_id <= pruned:
+                unverified = event.event_id if unverified is None else unverified
+            elif source is None or not _same(event, source):
+                raise EventIdTaken(event.event_id, source, written=False)
+            else:
+                shared = True
+        after = ours[-1].event_id
+    if unverified is not None and not shared:
+        raise EventIdTaken(unverified, None, written=False)
 
 
 def _series_counts(conn: sqlite3.Connection) -> list[tuple[str, int]]:
@@ -150,6 +224,15 @@ async def migrate_store(
         await lite.aclose()
 
     conn = await trio.to_thread.run_sync(_read_only, sqlite_path)
+    try:
+        # a database with events of its own is refused before anything is written to it
+        await _check_event_log(conn, target, batch)
+    except sqlite3.Error as exc:
+        conn.close()
+        raise StoreError(f"reading {sqlite_path} failed: {exc}") from exc
+    except BaseException:
+        conn.close()
+        raise
     tally = MigrationTally()
     # "in progress" until the last transaction: serve refuses a target carrying it (a
     # daemon's events on a partial copy would take ids the rerun needs)
