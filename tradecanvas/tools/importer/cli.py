@@ -390,7 +390,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "--market",
         choices=("spot", "futures"),
         default=None,
-        help="the market of files named by symbol (default: from the path, e.g. …/spot/…)",
+        help="the market of files named by symbol whose path names none (default: from the"
+        " path, e.g. …/spot/…, …/um/…; one the path contradicts is refused)",
     )
     parser.add_argument(
         "--rebuild-derived",
