@@ -10,8 +10,10 @@ minutes. The series comes from each file's name (``BTCUSDT-1m-2020-01-01.zip`` â
 
 A zip's SHA-256 is checked against its ``.CHECKSUM`` before anything of it is read; a
 mismatch, a corrupt or truncated zip, a malformed row (the file and line are named), a row
-outside the file's day or month, or a file of another interval than 1m is refused: nothing
-of that file is stored, the files before it stay imported, and the command exits 1.
+outside the file's day or month is refused: nothing of that file is stored, the files before
+it stay imported, and the command exits 1; a file of another interval than 1m is refused
+before any file is read (exit 1, nothing imported). The derived timeframes are the store's
+recorded ones unless given (``settings``).
 
 Events: one ``factor.rebuild`` with reason ``import`` per series whose stored history changed,
 with the exact ``candle_time`` range changed, logged at the end (see
@@ -26,7 +28,8 @@ files already stored are read again and come out unchanged. A run stopped by a s
 ``import`` event for what it committed as it ends; a crashed one leaves the range it changed
 recorded (meta ``import_pending``), and the next run's one event covers both runs.
 
-Modules: ``files`` (finding, verifying and reading files), ``commit`` (the transactions and
+Modules: ``files`` (finding, planning, verifying and reading files), ``settings`` (the
+derived timeframes against the store's recorded ones), ``commit`` (the transactions and
 the event), ``tally`` (the summary), ``cli`` (the trio shell and the command line); the pure
 parser is :mod:`tradecanvas.wire.archive`.
 """

@@ -17,7 +17,6 @@ from tradecanvas.errors import (
     BadInputError,
     CandleError,
     ExitCode,
-    SeriesIdError,
     StoreError,
     TradeCanvasError,
     find_in_group,
@@ -37,9 +36,16 @@ from tradecanvas.tools.importer.files import (
     ArchiveFileError,
     ImportFile,
     ReadFile,
-    find_files,
-    plan_file,
+    WrongFileError,
+    plan_import,
     read_file,
+)
+from tradecanvas.tools.importer.settings import (
+    Derivation,
+    DerivationConflict,
+    choose,
+    from_flags,
+    recorded_fingerprints,
 )
 from tradecanvas.tools.importer.tally import ImportTally
 from tradecanvas.tools.progress import Progress
@@ -60,9 +66,11 @@ FINISH_AFTER_SIGNAL_S: Final = 10.0
 READ_AHEAD: Final = 1
 EXIT_CODES: Final[ExitCodeTable] = (
     (ExitCode.OK, "every file imported (again: nothing changed, and the summary says so)"),
-    (ExitCode.FAILED, "a file refused (checksum, corrupt zip, bad row, wrong interval): the"
-     " files before it stay imported, nothing of it is stored"),
-    (ExitCode.USAGE, "bad arguments: no such file, a bad --series, a series not inferable"),
+    (ExitCode.FAILED, "a file refused (checksum, corrupt zip, bad row): the files before it"
+     " stay imported, nothing of it is stored; a file of another interval than 1m is refused"
+     " before any file is read: nothing imported"),
+    (ExitCode.USAGE, "bad arguments: no such file, a bad --series, a series not inferable,"
+     " --market against the path, derived timeframes other than the store's (nothing imported)"),
     (ExitCode.STORE_FAILURE, "the store failed (disk full, read-only, corrupt), as for serve"),
     (ExitCode.STORE_TOO_NEW, "the store's schema is newer than this release (a rollback)"),
     (ExitCode.INTERRUPTED, "Ctrl-C: the transaction in flight is finished; run it again"),
@@ -170,7 +178,13 @@ async def import_files(
             done[sid] = done.get(sid, 0) + len(chunk)
             progress.update(sid, done[sid])
             for read in queue.finished():
-                tally.record_file(sid, verified=read.checksum, holes=read.holes)
+                tally.record_file(
+                    sid,
+                    verified=read.checksum,
+                    holes=read.holes,
+                    candles=len(read.columns),
+                    cut=read.cut,
+                )
         for read in queue.finished():  # a file of no candle
             tally.record_file(sid, verified=read.checksum, holes=read.holes)
 
@@ -194,11 +208,14 @@ async def import_files(
         if failure is None:
             raise
         raise failure from None
+    # the files are read: the total is what they held; a file refused: the bars on a terminal
+    # end at what was committed (the log lines say no 100% then)
+    for sid in totals if refused is None or progress.tty else ():
+        count = done.get(sid, 0)
+        progress.start(sid, count)
+        progress.update(sid, count)
     if refused is not None:
         raise refused
-    for sid, count in done.items():
-        progress.start(sid, count)  # the files are read: the total is what they held
-        progress.update(sid, count)
 
 
 async def _read_ahead(
@@ -279,8 +296,14 @@ async def run_import(
     progress: Progress,
     *,
     batch: int = DEFAULT_BATCH,
+    explicit: bool = True,
+    rebuild: bool = True,
 ) -> tuple[ExitCode, ImportTally, str | None]:
-    """Import ``files`` into the store at ``location``: (exit code, tally, error line)."""
+    """Import ``files`` into the store at ``location``: (exit code, tally, error line).
+    ``derived``/``fingerprint`` are checked against the store's recorded ones
+    (:mod:`~tradecanvas.tools.importer.settings`): with ``rebuild`` (as a caller that means
+    them) they are used whatever the store records; else not ``explicit`` ones give way to the
+    store's, and explicit ones that differ are refused (exit 2, nothing imported)."""
     tally = ImportTally(files_total=len(files))
     try:
         store: MarketStore = await open_store(location)
@@ -295,7 +318,14 @@ async def run_import(
             await nursery.start(_SIGNALS.watch, signalled, caught)
             try:
                 with work:
-                    pipeline = IngestPipeline(store, _NoSubscribers(), derived, fingerprint)
+                    given = Derivation(tuple(derived), fingerprint, explicit, rebuild)
+                    own, others = await recorded_fingerprints(
+                        store, sorted({f.series for f in files})
+                    )
+                    chosen = choose(given, own, others)  # DerivationConflict: nothing done
+                    pipeline = IngestPipeline(
+                        store, _NoSubscribers(), chosen.timeframes, chosen.fingerprint
+                    )
                     committer = ArchiveCommitter(pipeline)
                     tally.pending_before = bool(await committer.load_pending())
                     await _learn_phases(pipeline, sorted({f.series for f in files}))
@@ -316,6 +346,8 @@ async def run_import(
                         # signal (before the finish or while it waits), leaves the event
                         # owed to the next run
                         await _finish(committer, tally, finishing)
+            except DerivationConflict as exc:
+                failure = (ExitCode.USAGE, str(exc))
             except StoreError as exc:
                 failure = (ExitCode.for_store_error(exc), f"store failure: {exc}")
             finally:
@@ -358,7 +390,15 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "--market",
         choices=("spot", "futures"),
         default=None,
-        help="the market of files named by symbol (default: from the path, e.g. …/spot/…)",
+        help="the market of files named by symbol whose path names none (default: from the"
+        " path, e.g. …/spot/…, …/um/…; one the path contradicts is refused)",
+    )
+    parser.add_argument(
+        "--rebuild-derived",
+        action="store_true",
+        help="derive the flags' timeframes even where the store records others: every derived"
+        " bar of the series' whole history is rebuilt (default: refused, exit 2; with no"
+        " --derived-timeframes or TRADE_CANVAS_DERIVED_TIMEFRAMES the store's are used)",
     )
     parser.add_argument(
         "--batch",
@@ -370,21 +410,6 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def plan_import(args: argparse.Namespace) -> list[ImportFile]:
-    """The files to import and their series; raises BadInputError."""
-    if args.batch < 1:
-        raise BadInputError("--batch must be at least 1")
-    series: SeriesId | None = None
-    if args.series is not None:
-        try:
-            series = SeriesId.parse(args.series)
-        except SeriesIdError as exc:
-            raise BadInputError(f"--series: {exc}") from None
-        if series.timeframe.text != "1m":
-            raise BadInputError(f"--series: {series} is not a base (1m) series")
-    return [plan_file(path, series, args.market) for path in find_files(args.paths)]
-
-
 @FlagCommand
 def run_import_command(
     args: argparse.Namespace, flags: RuntimeFlags, out: TextIO, err: TextIO
@@ -394,21 +419,31 @@ def run_import_command(
     started = time.monotonic()
     try:
         files = plan_import(args)
+    except WrongFileError as exc:  # a file refused (exit 1), found before anything is read
+        err.write(f"tradecanvas import: {exc}\n")
+        return ExitCode.FAILED
     except BadInputError as exc:
         err.write(f"tradecanvas import: {exc}\n")
         return ExitCode.USAGE
     progress = Progress(err, log=log, verb="import")
     location = store_location(flags.db_path, flags.database_url)
+    given = from_flags(
+        flags,
+        option_given=getattr(args, "flag_derived_timeframes", None) is not None,
+        rebuild=args.rebuild_derived,
+    )
     try:
         with progress.capture_logs():
             code, tally, error = trio.run(
                 lambda: run_import(
                     files,
                     location,
-                    flags.derived_timeframes,
-                    flags.derivation_fingerprint(),
+                    given.timeframes,
+                    given.fingerprint,
                     progress,
                     batch=args.batch,
+                    explicit=given.explicit,
+                    rebuild=given.rebuild,
                 )
             )
     except KeyboardInterrupt:

@@ -14,6 +14,7 @@ month's — at :data:`~tradecanvas.wire.archive.MAX_ROW_BYTES` a row).
 
 from __future__ import annotations
 
+import argparse
 import bisect
 import hashlib
 import time
@@ -26,7 +27,7 @@ from typing import Final
 
 import attrs
 
-from tradecanvas.errors import BadInputError, WireError
+from tradecanvas.errors import BadInputError, SeriesIdError, WireError
 from tradecanvas.model import CLOCK_SKEW_S, DAY, MINUTE, Candle, Market, SeriesId
 from tradecanvas.pipeline.commit import collector_paused
 from tradecanvas.tools.archive_layout import (
@@ -62,6 +63,11 @@ class ArchiveFileError(BadInputError):
         self.path = path
 
 
+class WrongFileError(ArchiveFileError):
+    """A file refused while planning, before anything is read or stored: the wrong interval
+    (exit 1, a file refused: nothing of the run imported)."""
+
+
 @attrs.frozen
 class ImportFile:
     """One file to import and the series it holds; ``name`` None when its name is not in the
@@ -95,6 +101,16 @@ class ReadFile:
     def candles(self) -> list[Candle]:
         return self.columns.candles()
 
+    @property
+    def cut(self) -> tuple[int, int] | None:
+        """The minutes from the last row to the end of the file's period when they are a day
+        or more: a file cut short (a truncated download, a copy) is likelier than a hole at
+        Binance (whose maintenance lasts hours), so the summary says so."""
+        if self.file.name is None or not self.holes or not len(self.columns):
+            return None
+        start, end = self.holes[-1]
+        return (start, end) if end == self.file.name.end and end - start >= DAY else None
+
 
 def find_files(arguments: Sequence[Path]) -> list[Path]:
     """The files named, and the ``.zip``/``.csv`` files under the folders named (sorted). In a
@@ -124,18 +140,31 @@ def find_files(arguments: Sequence[Path]) -> list[Path]:
 
 def plan_file(path: Path, series: SeriesId | None, market: Market | None) -> ImportFile:
     """Which series ``path`` holds: ``series`` when given, else from its name and ``market``
-    (else the path's folders). Raises ArchiveFileError."""
+    (else the path's folders). Raises ArchiveFileError: WrongFileError for a file of another
+    interval than 1m; a ``market`` the path's folders contradict is refused."""
     name = parse_archive_name(path.name)
+    if name is not None and name.interval != "1m":
+        raise WrongFileError(
+            path,
+            f"holds {name.interval} klines; only 1m is imported (the store derives the rest):"
+            " move it out of the files given; nothing imported",
+        )
+    named = market_of_path(path.resolve().parts)
+    if market is not None and named is not None and market != named and series is None:
+        raise ArchiveFileError(
+            path,
+            f"--market {market} contradicts the path, which names {named} (a …/{named}/… or"
+            f" …/{'um' if named == 'futures' else 'spot'}/… folder): drop --market to take the"
+            " path's, or give --series if the folder is misnamed; nothing imported",
+        )
     if series is not None:
-        if name is not None and name.interval != "1m":
-            raise ArchiveFileError(path, f"holds {name.interval} klines; only 1m is imported")
         return ImportFile(path, series, name)
     if name is None:
         raise ArchiveFileError(
             path,
             "the name is not SYMBOL-INTERVAL-YYYY-MM(-DD).zip|csv: give the series with --series",
         )
-    market = market or market_of_path(path.resolve().parts)
+    market = market or named
     if market is None:
         raise ArchiveFileError(
             path, "cannot tell spot from futures by its path: give --market or --series"
@@ -144,6 +173,35 @@ def plan_file(path: Path, series: SeriesId | None, market: Market | None) -> Imp
         return ImportFile(path, series_for(name, market), name)
     except WireError as exc:
         raise ArchiveFileError(path, exc.detail or str(exc)) from None
+
+
+def plan_import(args: argparse.Namespace) -> list[ImportFile]:
+    """The files to import and their series; raises BadInputError."""
+    if args.batch < 1:
+        raise BadInputError("--batch must be at least 1")
+    series: SeriesId | None = None
+    if args.series is not None:
+        try:
+            series = SeriesId.parse(args.series)
+        except SeriesIdError as exc:
+            raise BadInputError(f"--series: {exc}") from None
+        if series.timeframe.text != "1m":
+            raise BadInputError(f"--series: {series} is not a base (1m) series")
+    named = set(args.paths)
+    planned: list[ImportFile] = []
+    for path in find_files(args.paths):
+        try:
+            planned.append(plan_file(path, series, args.market))
+        except ArchiveFileError as exc:
+            if path in named or parse_archive_name(path.name) is not None:
+                raise
+            raise BadInputError(
+                f"{path}: found in a folder given, and its name is not an archive file's"
+                " (SYMBOL-1m-YYYY-MM(-DD).zip|csv) — such as the joined CSV `fetch-archive"
+                " --csv` writes; nothing imported: move it out of the folder, or name the"
+                " archive files to import instead of the folder"
+            ) from exc
+    return planned
 
 
 def _sha256(path: Path) -> str:
@@ -255,8 +313,10 @@ __all__ = [
     "ArchiveFileError",
     "ImportFile",
     "ReadFile",
+    "WrongFileError",
     "find_files",
     "plan_file",
+    "plan_import",
     "read_file",
     "verify_checksum",
 ]

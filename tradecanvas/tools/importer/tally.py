@@ -21,7 +21,9 @@ class SeriesTally:
     revised: int = 0
     files: int = 0
     verified: int = 0  # zips whose .CHECKSUM matched
+    filed: int = 0  # candles of the files committed whole (read - filed: a file's part)
     holes: list[tuple[int, int]] = attrs.field(factory=list)
+    cuts: list[tuple[int, int]] = attrs.field(factory=list)  # a file's last day(s) missing
 
     @property
     def unchanged(self) -> int:
@@ -62,9 +64,21 @@ class ImportTally:
             found = self.series[sid] = SeriesTally(derived)
         return found
 
-    def record_file(self, sid: str, *, verified: bool, holes: Sequence[tuple[int, int]]) -> None:
+    def record_file(
+        self,
+        sid: str,
+        *,
+        verified: bool,
+        holes: Sequence[tuple[int, int]],
+        candles: int = 0,
+        cut: tuple[int, int] | None = None,
+    ) -> None:
         tally = self._of(sid, False)
         tally.files += 1
+        tally.filed += candles
+        if cut is not None:  # reported on its own line, not as a hole at Binance
+            holes = [h for h in holes if h != cut]
+            tally.cuts.append(cut)
         tally.verified += verified
         tally.holes = merge_holes([*tally.holes, *holes])
         self.files_done += 1
@@ -88,19 +102,39 @@ class ImportTally:
             if t.derived:
                 lines.append(f"{sid}: {t.new:,} new, {t.revised:,} revised (derived)")
                 continue
-            lines.append(
-                f"{sid}: {t.read:,} candles from {t.files} file{'s' if t.files != 1 else ''}"
-                f" ({t.verified} checksum{'s' if t.verified != 1 else ''} verified):"
-                f" {t.new:,} new, {t.unchanged:,} unchanged, {t.revised:,} revised"
+            files = (
+                f"{t.files} file{'s' if t.files != 1 else ''}"
+                f" ({t.verified} checksum{'s' if t.verified != 1 else ''} verified)"
             )
+            partial = t.read - t.filed
+            if partial > 0:  # interrupted: a file committed in part (its rest on the next run)
+                files = (
+                    f"{t.filed:,} from {files} and {partial:,} of the next file, committed in part"
+                )
+                lines.append(
+                    f"{sid}: {t.read:,} candles: {files}: {t.new:,} new, {t.unchanged:,}"
+                    f" unchanged, {t.revised:,} revised"
+                )
+            else:
+                lines.append(
+                    f"{sid}: {t.read:,} candles from {files}:"
+                    f" {t.new:,} new, {t.unchanged:,} unchanged, {t.revised:,} revised"
+                )
             if t.holes:
                 total = sum((b - a) // MINUTE for a, b in t.holes)
                 lines.append(
                     f"{sid}: {total:,} minutes missing in the files (holes at Binance): "
                     + ", ".join(describe_hole(a, b) for a, b in t.holes)
                 )
-            else:
+            elif not t.cuts:
                 lines.append(f"{sid}: no holes")
+            if t.cuts:
+                total = sum((b - a) // MINUTE for a, b in t.cuts)
+                lines.append(
+                    f"{sid}: {total:,} minutes missing after a file's last row to its period's"
+                    " end (a file cut short? check it, fetch it again): "
+                    + ", ".join(describe_hole(a, b) for a, b in t.cuts)
+                )
         if not self.changed:
             # "already stored" only when every file was read: a refused file stored nothing
             complete = self.files_done == self.files_total
