@@ -132,15 +132,24 @@ class IngestPipeline:
 
     @classmethod
     def from_flags(
-        cls, store: MarketStore, target: PublishTarget, flags: RuntimeFlags
+        cls,
+        store: MarketStore,
+        target: PublishTarget,
+        flags: RuntimeFlags,
+        derived: tuple[Sequence[Timeframe], str] | None = None,
     ) -> IngestPipeline:
         """The pipeline ``serve`` and ``backfill`` use: the flags' derived timeframes and
-        derivation fingerprint."""
+        derivation fingerprint (``derived``: the timeframes and fingerprint to use instead,
+        the store's recorded ones ``backfill`` chose)."""
+        timeframes, fingerprint = derived or (
+            flags.derived_timeframes,
+            flags.derivation_fingerprint(),
+        )
         return cls(
             store,
             target,
-            flags.derived_timeframes,
-            flags.derivation_fingerprint(),
+            timeframes,
+            fingerprint,
             retention=EventRetention(
                 flags.event_retention_max, flags.event_retention_days * 86_400
             ),

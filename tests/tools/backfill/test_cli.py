@@ -792,3 +792,60 @@ def test_backfill_takes_its_own_flags_as_options_not_serves() -> None:
     for serve_only in ("--ws-port", "--max-connections", "--redis-url", "--role"):
         with pytest.raises(SystemExit), contextlib.redirect_stderr(io.StringIO()):
             parser.parse_args(["backfill", BASE, "--from", "2025-07-06", serve_only, "1"])
+
+
+@pytest.mark.e2e
+async def test_a_backfill_derives_what_the_store_records_unless_told_to_rebuild(
+    tmp_path: Path,
+) -> None:
+    """As import does (tools/importer/settings.py): a backfill run without the daemon's
+    TRADE_CANVAS_DERIVED_TIMEFRAMES derives what the store records (it rebuilt every
+    derived bar of the whole history under its own set, factor.rebuild to every
+    subscriber, and the daemon rebuilt them back at its next start); a different set given
+    is refused (exit 2), unless --rebuild-derived."""
+    db = tmp_path / "market.sqlite3"
+
+    def fingerprints() -> tuple[list[tuple[object, ...]], int]:
+        with sqlite3.connect(db) as conn:
+            meta = list(
+                conn.execute("SELECT value FROM meta WHERE key = ?", (f"fingerprint:{BASE}",))
+            )
+            rebuilt = conn.execute(
+                'SELECT COUNT(*) FROM events WHERE data LIKE \'%"reason":"fingerprint"%\''
+            ).fetchone()[0]
+        return meta, int(rebuilt)
+
+    async with binance_replay(
+        replay_config("BTCUSDT-1m-2025-07-06_2025-07-12.csv", start_at=600)
+    ) as replay:
+        daemon = cli_env(db, replay.rest_url, TRADE_CANVAS_DERIVED_TIMEFRAMES="5m,1h")
+        first = await run_backfill(daemon, BASE, "--from", "2025-07-06", "--to", str(WEEK + 300))
+        assert first.returncode == 0, first.stderr.decode()
+        recorded = fingerprints()
+        assert recorded == ([("binance-exact-v1;derived=5m,1h",)], 0)
+
+        forgot = cli_env(db, replay.rest_url)
+        del forgot["TRADE_CANVAS_DERIVED_TIMEFRAMES"]  # the default set, not given
+        args = (BASE, "--from", str(WEEK + 300), "--to", str(WEEK + 600))
+        second = await run_backfill(forgot, *args)
+        assert second.returncode == 0, second.stderr.decode()
+        assert "backfill: deriving 5m,1h as the store records" in second.stderr.decode()
+        assert fingerprints() == recorded
+
+        other = cli_env(db, replay.rest_url, TRADE_CANVAS_DERIVED_TIMEFRAMES="5m")
+        before = table_dump(db)
+        refused = await run_backfill(
+            other, BASE, "--from", str(WEEK + 600), "--to", str(WEEK + 900)
+        )
+        assert refused.returncode == ExitCode.USAGE, refused.stderr.decode()
+        said = refused.stderr.decode()
+        assert "the store records other derived timeframes than this backfill's 5m" in said
+        assert f"{BASE}: 5m,1h" in said and "--rebuild-derived" in said
+        assert table_dump(db) == before
+
+        rebuilt = await run_backfill(
+            other, BASE, "--from", str(WEEK + 600), "--to", str(WEEK + 900), "--rebuild-derived"
+        )
+        assert rebuilt.returncode == 0, rebuilt.stderr.decode()
+        meta, events = fingerprints()
+        assert meta == [("binance-exact-v1;derived=5m",)] and events >= 1

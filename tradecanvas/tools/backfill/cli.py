@@ -46,6 +46,13 @@ from tradecanvas.tools.backfill.plan import (
 from tradecanvas.tools.backfill.progress import ClearProgressFilter, Progress
 from tradecanvas.tools.command import FlagCommand
 from tradecanvas.tools.exit_codes import ExitCodeTable
+from tradecanvas.tools.importer.settings import (
+    Derivation,
+    DerivationConflict,
+    choose,
+    from_flags,
+    recorded_fingerprints,
+)
 from tradecanvas.tools.signals import StopOnSignal
 from tradecanvas.tools.tally import iso_minute
 from tradecanvas.upstream.phases import learn_phase
@@ -62,7 +69,11 @@ BACKFILL_WEIGHT_BUDGET: Final = 0.5
 EXIT_CODES: Final[ExitCodeTable] = (
     (ExitCode.OK, "done"),
     (ExitCode.FAILED, "Binance REST failed for good or sent data we refuse (pages done stay)"),
-    (ExitCode.USAGE, "bad arguments or flags, or a range after Binance's clock (no change)"),
+    (
+        ExitCode.USAGE,
+        "bad arguments or flags, a range after Binance's clock, or derived timeframes other"
+        " than the store records without --rebuild-derived (no change)",
+    ),
     (ExitCode.STORE_FAILURE, "the store failed (disk full, read-only, corrupt), as for serve"),
     (ExitCode.STORE_TOO_NEW, "the store's schema is newer than this release (a rollback)"),
     (ExitCode.INTERRUPTED, "Ctrl-C: the page being committed is finished, the rest is not"),
@@ -204,6 +215,7 @@ async def _open_and_import(
     progress: Progress,
     *,
     refetch: bool,
+    given: Derivation,
 ) -> tuple[ExitCode, str] | None:
     """The import proper; returns (exit code, error line) for the failures the exit codes
     cover, None when it is done (or was cancelled)."""
@@ -220,12 +232,16 @@ async def _open_and_import(
                     f"--from: {iso_minute(tally.plan.start)} is not before Binance's current"
                     " minute (its /time); nothing to import"
                 )
+            # the store's recorded derived timeframes, as import (tools/importer/settings.py)
+            own, others = await recorded_fingerprints(store, [plan.series])
+            chosen = choose(given, own, others, "backfill")
             plan = attrs.evolve(
-                plan, align=page_alignment(flags.derived_timeframes, plan.page_minutes * MINUTE)
+                plan, align=page_alignment(chosen.timeframes, plan.page_minutes * MINUTE)
             )
             tally.plan = plan
             await _load_rate_limits(rest, plan)
-            pipeline = IngestPipeline.from_flags(store, _NoSubscribers(), flags)
+            derived = (chosen.timeframes, chosen.fingerprint)
+            pipeline = IngestPipeline.from_flags(store, _NoSubscribers(), flags, derived)
             await learn_phases(plan, pipeline, rest)
             pages = len(list(plan.chunks()))
             log.info(
@@ -237,6 +253,8 @@ async def _open_and_import(
                 describe_location(store_location(flags.db_path, flags.database_url)),
             )
             await import_history(plan, pipeline, rest, tally, progress, refetch=refetch)
+    except DerivationConflict as exc:
+        return ExitCode.USAGE, str(exc)
     except UpstreamError as exc:
         return ExitCode.FAILED, f"Binance REST failed: {exc}; {tally.committed_text()}"
     except BadInputError as exc:  # WireError, CandleError: the page was not stored
@@ -256,6 +274,7 @@ async def run_import(
     progress: Progress,
     *,
     refetch: bool = False,
+    given: Derivation | None = None,
 ) -> BackfillOutcome:
     """Import ``plan`` with Ctrl-C/SIGTERM handled (``refetch``: see :func:`import_history`);
     raises nothing the exit codes cover. The tally says how long it took."""
@@ -268,7 +287,14 @@ async def run_import(
         await nursery.start(_SIGNALS.watch, work, caught)
         try:
             with work:
-                failure = await _open_and_import(tally, flags, policy, progress, refetch=refetch)
+                failure = await _open_and_import(
+                    tally,
+                    flags,
+                    policy,
+                    progress,
+                    refetch=refetch,
+                    given=given or from_flags(flags, option_given=True, rebuild=True),
+                )
         finally:
             tally.elapsed_s = trio.current_time() - began
             progress.finish()
@@ -332,6 +358,13 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         help="fetch every page, even one the store holds whole (by default such a page is"
         " skipped: that is how a run resumes); picks up candles Binance revised",
     )
+    parser.add_argument(
+        "--rebuild-derived",
+        action="store_true",
+        help="derive the flags' timeframes even where the store records others: every derived"
+        " bar of the series' whole history is rebuilt (default: refused, exit 2; with no"
+        " --derived-timeframes or TRADE_CANVAS_DERIVED_TIMEFRAMES the store's are used)",
+    )
 
 
 @FlagCommand
@@ -354,9 +387,16 @@ def run_backfill(args: argparse.Namespace, flags: RuntimeFlags, out: TextIO, err
         for handler in logging.getLogger().handlers:
             handler.addFilter(ClearProgressFilter(progress))
     policy = RestPolicy(max_attempts=args.attempts, weight_budget=BACKFILL_WEIGHT_BUDGET)
+    given = from_flags(
+        flags,
+        option_given=getattr(args, "flag_derived_timeframes", None) is not None,
+        rebuild=args.rebuild_derived,
+    )
     try:
         outcome = trio.run(
-            functools.partial(run_import, plan, flags, policy, progress, refetch=args.refetch)
+            functools.partial(
+                run_import, plan, flags, policy, progress, refetch=args.refetch, given=given
+            )
         )
     except KeyboardInterrupt:  # before the signal handler was installed: nothing started
         progress.finish()

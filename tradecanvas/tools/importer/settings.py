@@ -108,14 +108,18 @@ async def recorded_fingerprints(
     return own, others
 
 
-def choose(given: Derivation, own: dict[str, str], others: set[str]) -> Derivation:
-    """The derivation to import with; raises DerivationConflict (see the module)."""
+def choose(
+    given: Derivation, own: dict[str, str], others: set[str], command: str = "import"
+) -> Derivation:
+    """The derivation ``command`` (``import``, ``backfill``) commits with; raises
+    DerivationConflict (see the module)."""
     if given.rebuild:
         changed = sorted(sid for sid, fp in own.items() if fp != given.fingerprint)
         if changed:
             log.warning(
-                "import: --rebuild-derived: every derived bar of %s is rebuilt under %s"
+                "%s: --rebuild-derived: every derived bar of %s is rebuilt under %s"
                 " (factor.rebuild, reason fingerprint, for the whole history)",
+                command,
                 ", ".join(changed),
                 _timeframes_text(given.timeframes),
             )
@@ -127,8 +131,9 @@ def choose(given: Derivation, own: dict[str, str], others: set[str]) -> Derivati
         parsed = parse_fingerprint(stored, given)
         if not given.explicit and len(set(own.values())) == 1 and parsed is not None:
             log.info(
-                "import: deriving %s as the store records for %s (not %s: no"
+                "%s: deriving %s as the store records for %s (not %s: no"
                 " --derived-timeframes or TRADE_CANVAS_DERIVED_TIMEFRAMES given)",
+                command,
                 _timeframes_text(parsed),
                 ", ".join(sorted(own)),
                 _timeframes_text(given.timeframes),
@@ -142,12 +147,12 @@ def choose(given: Derivation, own: dict[str, str], others: set[str]) -> Derivati
             else "import these series in separate runs, with no --derived-timeframes"
         )
         raise DerivationConflict(
-            f"the store records other derived timeframes than this import's"
-            f" {_timeframes_text(given.timeframes)} — {names}; importing with"
+            f"the store records other derived timeframes than this {command}'s"
+            f" {_timeframes_text(given.timeframes)} — {names}; committing with"
             " them would rebuild every derived bar of the whole history (factor.rebuild"
             " events to every subscriber), and a daemon still running with the store's"
             f" settings would rebuild them back at its next start. Nothing imported: {how},"
-            " or add --rebuild-derived to rebuild under this import's timeframes"
+            f" or add --rebuild-derived to rebuild under this {command}'s timeframes"
         )
     if own or given.explicit or len(others) != 1 or given.fingerprint in others:
         return given
@@ -156,8 +161,9 @@ def choose(given: Derivation, own: dict[str, str], others: set[str]) -> Derivati
     if parsed is None:
         return given
     log.info(
-        "import: deriving %s, as the store's other series record (not %s: no"
+        "%s: deriving %s, as the store's other series record (not %s: no"
         " --derived-timeframes or TRADE_CANVAS_DERIVED_TIMEFRAMES given)",
+        command,
         _timeframes_text(parsed),
         _timeframes_text(given.timeframes),
     )
