@@ -49,6 +49,7 @@ from tradecanvas.tools.exit_codes import ExitCodeTable
 from tradecanvas.tools.importer.settings import (
     Derivation,
     DerivationConflict,
+    add_rebuild_option,
     choose,
     from_flags,
     recorded_fingerprints,
@@ -358,13 +359,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         help="fetch every page, even one the store holds whole (by default such a page is"
         " skipped: that is how a run resumes); picks up candles Binance revised",
     )
-    parser.add_argument(
-        "--rebuild-derived",
-        action="store_true",
-        help="derive the flags' timeframes even where the store records others: every derived"
-        " bar of the series' whole history is rebuilt (default: refused, exit 2; with no"
-        " --derived-timeframes or TRADE_CANVAS_DERIVED_TIMEFRAMES the store's are used)",
-    )
+    add_rebuild_option(parser)
 
 
 @FlagCommand

@@ -43,6 +43,7 @@ from tradecanvas.tools.importer.files import (
 from tradecanvas.tools.importer.settings import (
     Derivation,
     DerivationConflict,
+    add_rebuild_option,
     choose,
     from_flags,
     recorded_fingerprints,
@@ -393,13 +394,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         help="the market of files named by symbol whose path names none (default: from the"
         " path, e.g. …/spot/…, …/um/…; one the path contradicts is refused)",
     )
-    parser.add_argument(
-        "--rebuild-derived",
-        action="store_true",
-        help="derive the flags' timeframes even where the store records others: every derived"
-        " bar of the series' whole history is rebuilt (default: refused, exit 2; with no"
-        " --derived-timeframes or TRADE_CANVAS_DERIVED_TIMEFRAMES the store's are used)",
-    )
+    add_rebuild_option(parser)
     parser.add_argument(
         "--batch",
         type=int,

@@ -16,6 +16,7 @@ start. So an import derives what the store records unless the operator said othe
 
 from __future__ import annotations
 
+import argparse
 import logging
 from collections.abc import Iterable, Sequence
 
@@ -55,6 +56,17 @@ def from_flags(flags: RuntimeFlags, *, option_given: bool, rebuild: bool) -> Der
     explicit = option_given or tuple(sorted(flags.derived_timeframes)) != tuple(sorted(default))
     return Derivation(
         tuple(flags.derived_timeframes), flags.derivation_fingerprint(), explicit, rebuild
+    )
+
+
+def add_rebuild_option(parser: argparse.ArgumentParser) -> None:
+    """``--rebuild-derived`` (``import``, ``backfill``)."""
+    parser.add_argument(
+        "--rebuild-derived",
+        action="store_true",
+        help="derive the flags' timeframes even where the store records others: every derived"
+        " bar of the series' whole history is rebuilt (default: refused, exit 2; with no"
+        " --derived-timeframes or TRADE_CANVAS_DERIVED_TIMEFRAMES the store's are used)",
     )
 
 
@@ -173,6 +185,7 @@ def choose(
 __all__ = [
     "Derivation",
     "DerivationConflict",
+    "add_rebuild_option",
     "choose",
     "from_flags",
     "parse_fingerprint",
