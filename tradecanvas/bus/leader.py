@@ -184,6 +184,8 @@ class IngestLeader:
                         answer, holder = int(str(got[0])), _text(got[1])
                         if answer != HELD_BY_OTHER:  # still ours: tell the edges of Binance
                             await self._report(client, ttl)
+                    elif core.probing:  # after a failure: look only (LeaseCore.on_failure)
+                        taken, holder = False, _text(await client.get(self.key))
                     else:
                         taken = await client.set(
                             self.key, self.node, condition=PureToken.NX, px=ttl
@@ -212,7 +214,10 @@ class IngestLeader:
                 log.warning("ingest lease: the lease was gone (Redis restarted?); set it again")
             return core.on_renew(answer, holder, now)
         previous = core.holder
-        verdict = core.on_acquire(bool(taken), holder, now)
+        if core.probing:
+            verdict = core.on_probe(holder, now)
+        else:
+            verdict = core.on_acquire(bool(taken), holder, now)
         if verdict is Verdict.STANDBY and holder != previous:
             log.info("ingest lease: node %s ingests; this node stands by", holder)
         return verdict
