@@ -70,11 +70,7 @@ BACKFILL_WEIGHT_BUDGET: Final = 0.5
 EXIT_CODES: Final[ExitCodeTable] = (
     (ExitCode.OK, "done"),
     (ExitCode.FAILED, "Binance REST failed for good or sent data we refuse (pages done stay)"),
-    (
-        ExitCode.USAGE,
-        "bad arguments or flags, a range after Binance's clock, or derived timeframes other"
-        " than the store records without --rebuild-derived (no change)",
-    ),
+    (ExitCode.USAGE, "bad arguments or flags, a range after Binance's clock (no change)"),
     (ExitCode.STORE_FAILURE, "the store failed (disk full, read-only, corrupt), as for serve"),
     (ExitCode.STORE_TOO_NEW, "the store's schema is newer than this release (a rollback)"),
     (ExitCode.INTERRUPTED, "Ctrl-C: the page being committed is finished, the rest is not"),
