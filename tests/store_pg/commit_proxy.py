@@ -15,12 +15,15 @@ before the server's side is closed, so the server has finished the COMMIT by the
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
 from typing import Final, final
 
 import attrs
 import trio
 
 from tests.store_pg.proxy import PgProxy
+from tradecanvas.store.postgres import PostgresStore
 
 CHUNK: Final = 65_536
 _READY_FOR_QUERY: Final = b"Z\x00\x00\x00\x05"
@@ -112,3 +115,18 @@ class CommitProxy(PgProxy):
             pass
         if not link.held:
             scope.cancel()
+
+
+@contextlib.asynccontextmanager
+async def proxied_store(url: str) -> AsyncIterator[tuple[CommitProxy, PostgresStore]]:
+    """A :class:`CommitProxy` in front of the database ``url`` and a store opened through
+    it; the store closed and the proxy stopped afterwards."""
+    proxy = CommitProxy(url)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(proxy.run)
+        store = await PostgresStore.open(proxy.url)
+        try:
+            yield proxy, store
+        finally:
+            await store.aclose()
+            nursery.cancel_scope.cancel()

@@ -21,7 +21,7 @@ import trio
 from psycopg.conninfo import conninfo_to_dict
 
 from tests.conftest import candle
-from tests.store_pg.commit_proxy import CommitProxy
+from tests.store_pg.commit_proxy import CommitProxy, proxied_store
 from tradecanvas.errors import StoreError
 from tradecanvas.store.open import open_store
 from tradecanvas.store.pg_schema import SCHEMA_VERSION, WRITE_LOCK_KEY
@@ -52,13 +52,8 @@ async def through_proxy(pg_url: str) -> AsyncIterator[tuple[CommitProxy, Postgre
     store = await PostgresStore.open(pg_url)
     await store.write(_write(T0))
     await store.aclose()
-    proxy = CommitProxy(pg_url)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(proxy.run)
-        try:
-            yield proxy, await PostgresStore.open(proxy.url)
-        finally:
-            nursery.cancel_scope.cancel()
+    async with proxied_store(pg_url) as opened:
+        yield opened
 
 
 def _give_our_xid_to_a_committed_transaction(pg_url: str) -> str:
@@ -86,24 +81,17 @@ async def test_a_lost_commit_whose_xid_another_transaction_committed_is_tried_ag
 ) -> None:
     caplog.set_level(logging.DEBUG)
     _give_our_xid_to_a_committed_transaction(pg_url)
-    proxy = CommitProxy(pg_url)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(proxy.run)
-        store = await PostgresStore.open(proxy.url)
-        try:
-            await store.write(_write(T0))
-            proxy.arm(forward=False)  # the COMMIT never reaches the server
-            with trio.fail_after(30):
-                event_id = await store.write(_write(T0 + 60))
-            assert proxy.cut == 1
-            # the write is in, once: the old store took the other transaction's
-            # "committed" for its own and returned with nothing of it stored
-            assert [c.candle_time for c in await store.since(S, -1, 10)] == [T0, T0 + 60]
-            assert await _event_ids(store) == [1, 2]
-            assert event_id == 2
-        finally:
-            await store.aclose()
-            nursery.cancel_scope.cancel()
+    async with proxied_store(pg_url) as (proxy, store):
+        await store.write(_write(T0))
+        proxy.arm(forward=False)  # the COMMIT never reaches the server
+        with trio.fail_after(30):
+            event_id = await store.write(_write(T0 + 60))
+        assert proxy.cut == 1
+        # the write is in, once: the old store took the other transaction's
+        # "committed" for its own and returned with nothing of it stored
+        assert [c.candle_time for c in await store.since(S, -1, 10)] == [T0, T0 + 60]
+        assert await _event_ids(store) == [1, 2]
+        assert event_id == 2
     said = [r.getMessage() for r in caplog.records if r.name == "tradecanvas.store.postgres"]
     assert any("write lost its connection" in m for m in said), said
     assert not any("went in" in m for m in said), said

@@ -12,10 +12,9 @@ import psycopg
 import pytest
 import trio
 
-from tests.store_pg.commit_proxy import CommitProxy
+from tests.store_pg.commit_proxy import proxied_store
 from tests.store_pg.private_cluster import PrivateCluster, private_cluster
 from tests.store_pg.test_commit_token import T0, S, _write
-from tradecanvas.store.postgres import PostgresStore
 
 pytestmark = pytest.mark.slow  # initdb and two server starts: a few seconds
 
@@ -48,35 +47,28 @@ async def test_a_write_lost_in_a_crash_is_tried_again_though_its_xid_was_reused(
     with psycopg.connect(cluster.url(), autocommit=True) as admin:
         admin.execute("CREATE DATABASE crash")
     url = cluster.url("crash")
-    proxy = CommitProxy(url)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(proxy.run)
-        store = await PostgresStore.open(proxy.url)
-        try:
-            await store.write(_write(T0))
-            lost_xid = _next_xid(url)  # the id the next write's transaction takes
-            proxy.hold()
-            written: list[int] = []
-            done = trio.Event()
+    written: list[int] = []
+    async with proxied_store(url) as (proxy, store), trio.open_nursery() as nursery:
+        await store.write(_write(T0))
+        lost_xid = _next_xid(url)  # the id the next write's transaction takes
+        proxy.hold()
+        done = trio.Event()
 
-            async def write() -> None:
-                written.append(await store.write(_write(T0 + 60)))
-                done.set()
+        async def write() -> None:
+            written.append(await store.write(_write(T0 + 60)))
+            done.set()
 
-            nursery.start_soon(write)
-            with trio.fail_after(30):
-                await proxy.held.wait()  # its COMMIT never reaches the server
-            await trio.to_thread.run_sync(cluster.crash)
-            await trio.to_thread.run_sync(cluster.start)
-            other_xid = await trio.to_thread.run_sync(_another_writer_commits, url)
-            proxy.release()  # the write learns that its connection broke in the COMMIT
-            with trio.fail_after(60):
-                await done.wait()
-            candles = [c.candle_time for c in await store.since(S, -1, 10)]
-            events = [e.event_id for e in await store.events_after(0)]
-        finally:
-            await store.aclose()
-            nursery.cancel_scope.cancel()
+        nursery.start_soon(write)
+        with trio.fail_after(30):
+            await proxy.held.wait()  # its COMMIT never reaches the server
+        await trio.to_thread.run_sync(cluster.crash)
+        await trio.to_thread.run_sync(cluster.start)
+        other_xid = await trio.to_thread.run_sync(_another_writer_commits, url)
+        proxy.release()  # the write learns that its connection broke in the COMMIT
+        with trio.fail_after(60):
+            await done.wait()
+        candles = [c.candle_time for c in await store.since(S, -1, 10)]
+        events = [e.event_id for e in await store.events_after(0)]
     # the premise: the crash gave the lost transaction's id to the other writer
     assert other_xid == lost_xid
     assert candles == [T0, T0 + 60]  # the old store: [T0], the write lost
